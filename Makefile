@@ -1,0 +1,127 @@
+# Every experiment of the paper is one command; see README.md ("Reproducing the paper").
+#   make xgqa-suf MODEL=cclm NPROC=4 DATA=~/iglue IMAGES=~/images CKPT=~/cclm_x2vlm_base.th
+# Variables: MODEL=uc2|cclm, NPROC (torchrun processes), DATA (folder holding datasets/),
+# FEATURES (UC2 region-feature LMDB folder), IMAGES (CCLM image folder), CKPT (pre-trained
+# checkpoint), TOKENIZER (xlm-roberta-base folder or cached hub id), OUT (runs folder).
+PYTHON    ?= python3
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+MODEL     ?= uc2
+NPROC     ?= 1
+DATA      ?= data/iglue
+FEATURES  ?= data/features
+IMAGES    ?= data/images
+CKPT      ?= checkpoints/$(MODEL)_pretrained
+TOKENIZER ?= xlm-roberta-base
+OUT       ?= runs
+RUN       ?=
+EXTRA     ?=
+LANG_FS   ?= de
+SHOTS     ?= 48
+
+ifeq ($(NPROC),1)
+LAUNCH := $(PY)
+else
+LAUNCH := $(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC)
+endif
+
+# what each model reads besides the annotations
+ifeq ($(MODEL),uc2)
+VISUAL_ARG := --features $(FEATURES)
+VISUAL     := $(FEATURES)
+else ifeq ($(MODEL),cclm)
+VISUAL_ARG := --images $(IMAGES)
+VISUAL     := $(IMAGES)
+else
+$(error MODEL must be uc2 or cclm, not '$(MODEL)')
+endif
+
+COMMON = --data-root $(DATA) $(VISUAL_ARG) --checkpoint $(CKPT) --tokenizer $(TOKENIZER)
+# Fails before any training starts, naming every missing input.
+require = @missing=""; for p in $(1); do [ -e "$$p" ] || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "error: missing input(s):$$missing (set DATA=, FEATURES=, IMAGES=, CKPT=, TOKENIZER= or RUN=; see README)" >&2; exit 2; fi
+INPUTS = $(DATA)/datasets $(VISUAL) $(CKPT)
+
+.PHONY: install test demo bench help table1 figures eval translate-test \
+	xgqa-full xgqa-suf xvnli-full xvnli-suf xflickrco-full xflickrco-suf \
+	xgqa-llrd-sweep xgqa-llrd-0.98 xgqa-llrd-0.95 xgqa-llrd-0.88 xgqa-llrd-0.75 xgqa-top6 \
+	fewshot-xgqa-full fewshot-xgqa-suf
+
+help:
+	@grep -E '^## ' Makefile | sed 's/^## //'
+
+install: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+## test            the whole test suite (CPU, tiny models, shipped fixtures)
+test: install
+	$(PY) -m pytest -q tests
+
+## demo            SUF vs standard fine-tuning of a tiny random UC2 on the shipped xGQA sample
+demo: install
+	$(PY) demo.py --out demo_out
+
+## bench           every bench/ script, one table in bench/results/TABLE.md
+bench: install
+	$(PY) bench/suf_step.py --out bench/results/suf_step.json
+	$(PY) bench/retrieval.py --out bench/results/retrieval.json
+	$(PY) bench/data_throughput.py --out bench/results/data_throughput.json
+	$(PY) bench/table.py bench/results
+
+# ---- Table 1: standard fine-tuning vs SUF, both models, three tasks ----
+define TRAIN_RULE
+## $(1)-$(2)  train $$(MODEL) on English $(1) with policy $(2), evaluate all languages after every epoch
+$(1)-$(2):
+	$$(call require,$$(INPUTS))
+	$$(LAUNCH) train_$$(MODEL).py --task $(1) --policy $(2) $$(COMMON) --output-dir $$(OUT)/$$(MODEL)-$(1)-$(2) $$(EXTRA)
+endef
+$(foreach t,xgqa xvnli xflickrco,$(foreach p,full suf,$(eval $(call TRAIN_RULE,$(t),$(p)))))
+
+# ---- Figure 5: layer-wise learning-rate decay on xGQA (the paper ran it with CCLM) ----
+define LLRD_RULE
+xgqa-llrd-$(1):
+	$$(call require,$$(INPUTS))
+	$$(LAUNCH) train_$$(MODEL).py --task xgqa --policy llrd --llrd-decay $(1) $$(COMMON) --output-dir $$(OUT)/$$(MODEL)-xgqa-llrd$(1) $$(EXTRA)
+endef
+$(foreach d,0.98 0.95 0.88 0.75,$(eval $(call LLRD_RULE,$(d))))
+## xgqa-llrd-sweep  layer-wise LR decay d = 0.98, 0.95, 0.88, 0.75 (Figure 5)
+xgqa-llrd-sweep: xgqa-llrd-0.98 xgqa-llrd-0.95 xgqa-llrd-0.88 xgqa-llrd-0.75
+
+# ---- Table 2: CCLM, only the 6 cross-modal layers train ----
+## xgqa-top6       train only the top 6 layers (CCLM: its cross-modal layers, "CM only")
+xgqa-top6:
+	$(call require,$(INPUTS))
+	$(LAUNCH) train_$(MODEL).py --task xgqa --policy top --top-layers 6 $(COMMON) --output-dir $(OUT)/$(MODEL)-xgqa-top6 $(EXTRA)
+
+# ---- Table 3: few-shot (48 shots, standard fine-tuning) after English full / SUF training ----
+define FEWSHOT_RULE
+## fewshot-xgqa-$(1)  continue $(OUT)/$$(MODEL)-xgqa-$(1) on LANG_FS=$$(LANG_FS)'s SHOTS=$$(SHOTS)-shot split
+fewshot-xgqa-$(1):
+	$$(call require,$$(DATA)/datasets $$(VISUAL) $$(OUT)/$$(MODEL)-xgqa-$(1)/model_final.pt)
+	$$(LAUNCH) eval_zeroshot.py fewshot --checkpoint $$(OUT)/$$(MODEL)-xgqa-$(1)/model_final.pt --lang $$(LANG_FS) --shots $$(SHOTS) --data-root $$(DATA) $$(VISUAL_ARG) --tokenizer $$(TOKENIZER) --output-dir $$(OUT)/$$(MODEL)-xgqa-$(1)-fewshot$$(SHOTS)-$$(LANG_FS) $$(EXTRA)
+endef
+$(foreach p,full suf,$(eval $(call FEWSHOT_RULE,$(p))))
+
+# ---- evaluation of one run ----
+## eval            zero-shot evaluation of RUN= in every language of its task
+eval:
+	$(call require,$(RUN) $(DATA)/datasets $(VISUAL))
+	$(LAUNCH) eval_zeroshot.py evaluate --run $(RUN) --data-root $(DATA) $(VISUAL_ARG) --tokenizer $(TOKENIZER) $(EXTRA)
+
+## translate-test  the same on IGLUE's machine-translated test files
+translate-test:
+	$(call require,$(RUN) $(DATA)/datasets $(VISUAL))
+	$(LAUNCH) eval_zeroshot.py evaluate --run $(RUN) --translate-test --data-root $(DATA) $(VISUAL_ARG) --tokenizer $(TOKENIZER) $(EXTRA)
+
+## table1          Table 1 (and 2/3 where runs exist) from every run under OUT=, beside the paper's numbers
+table1:
+	$(call require,$(OUT))
+	$(PY) eval_zeroshot.py table $(OUT)/*/
+
+## figures         Figures 2, 3 (per-epoch curves) and 4 (CLS similarity) for every run under OUT=
+figures:
+	$(call require,$(OUT))
+	$(PY) eval_zeroshot.py figures $(OUT)/*/

@@ -1,0 +1,1472 @@
+"""IGLUE data for UC2 (region features) and CCLM (images): annotations, features, images, text, batches.
+
+Public API (everything else is private):
+
+Annotations
+  TASKS, Example                    task names; one uniform record per question / pair / caption
+  dataset_dir(data_root)            the IGLUE `datasets/` folder (one-line error naming what is missing)
+  available_splits(root, task, translate_test=False) / available_langs(root, task, split, translate_test=False)
+  select_langs(requested, available) parse `--langs` ("de,ko" / list / None = all) against what exists
+  split_file(root, task, split, lang, translate_test=False) -> Path of the annotation file
+  load_split(root, task, split, lang, translate_test=False) -> list[Example]
+  load_answer_vocab(root) -> (ans2label, label2ans)   the 1,842 GQA answers
+  XVNLI_LABELS_UC2 / XVNLI_LABELS_CCLM  class order of each model (VOLTA / X2-VLM)
+Region features (UC2)
+  open_features(path) -> reader     per-image LMDB (h5_to_lmdb or X101 base64) or the H5 file; opened lazily in
+                                    each process (read-only, no lock, no readahead); reader.keys(), key in reader,
+                                    reader.get(key) -> (features, boxes, w, h), reader.regions(key, R) -> padded tensors
+  is_serialized_lmdb(path)          True for IGLUE's per-question GQA LMDB (tensorpack format)
+  box_locations(boxes, w, h) / pad_regions(features, locations, max_regions)   VOLTA's 7-value boxes + padding
+  SerializedGQA(path)               tensorpack/msgpack per-question LMDB (GQA train/val), no tensorpack needed
+  decode_serialized(buf)            msgpack + msgpack_numpy value decoder
+  write_synthetic_features(path, image_ids, num_boxes=36, seed=0)   h5_to_lmdb-format LMDB for tests/demo
+Images (CCLM)
+  CLIP_MEAN, CLIP_STD, load_image(path), eval_transform(img, res), train_transform(img, res, rng, flip)
+  write_synthetic_images(folder, relpaths, size=(128, 96), seed=0)
+Text
+  pre_caption(text, max_words) / pre_question(text, max_words)   X2-VLM text cleaning
+  load_tokenizer(path_or_hub_id), make_tiny_tokenizer(texts, out_dir, vocab_size=1000)
+  encode_texts(tokenizer, texts, max_len) -> (ids, mask)   pad to longest, truncation keeps </s>
+  MAX_TEXT_LEN                      {(model, task, train): max tokens or None}
+Datasets and batches (contract keys)
+  UC2Dataset, SerializedGQADataset, CCLMDataset       training/eval datasets with set_epoch(epoch); item i is
+                                    always example i (stable order and ids, for sharded evaluation)
+  RetrievalImages, RetrievalCaptions                   retrieval eval: each image / caption once; image item i
+                                    is the image with index i (== Example.label of its captions)
+  make_dataset(model, task, examples, ...), make_retrieval_eval(model, examples, ...)
+  UC2Collate(task, tokenizer, train) / CCLMCollate(task, tokenizer, train), make_collate(model, task, tokenizer, train)
+                                    dataset items -> contract batches (tokenising here, i.e. in the workers);
+                                    retrieval eval batches: images (+ image_index, id = image key) or captions
+                                    (input_ids/attention_mask or text_ids/text_atts + image_index = gold image)
+  Retrieval negatives: UC2 training items never pair a caption with its own image as a negative (by
+  construction); CCLM batches may hold two captions of one image: `idx` (image index) lets the loss treat
+  them as positives, as X2-VLM does.
+  load_hard_negatives(path)         IGLUE/VOLTA hard_negative.pkl (train_image_list, train_hard_pool)
+CLI
+  inventory(root, features=(), images=None) and `python data.py --data-root DIR [--features ...] [--images DIR] [--json]`
+
+Image folder layout expected by CCLM (`--images ROOT`; symlink your downloads into it):
+  ROOT/gqa/<imageId>.jpg                         GQA images (images.zip), used by GQA/xGQA
+  ROOT/flickr30k/<flickr id>.jpg                 Flickr30k images, used by XVNLI, Flickr30k, xFlickr&CO
+  ROOT/coco/COCO_val2014_<12 digits>.jpg         COCO val2014, used by the COCO half of xFlickr&CO
+(or pass images={"gqa": DIR, "flickr30k": DIR, "coco": DIR} to the datasets).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import math
+import os
+import pickle
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import Dataset
+
+ImageFile.LOAD_TRUNCATED_IMAGES = True  # as the X2-VLM loaders do
+Image.MAX_IMAGE_PIXELS = None
+
+TASKS = ("xgqa", "xvnli", "xflickrco")
+BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+NUM_ANSWERS = 1842
+FEATURE_DIM = 2048
+XVNLI_LABELS_UC2 = ("contradiction", "neutral", "entailment")   # VOLTA LABEL_MAP order
+XVNLI_LABELS_CCLM = ("contradiction", "entailment", "neutral")  # X2-VLM label_mapper order
+XVNLI_NO_GOLD = "-"  # SNLI-style "no consensus" label present in the real files (VOLTA: zero target)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_SUBDIRS = {"gqa": "gqa", "flickr30k": "flickr30k", "coco": "coco"}
+
+# Max text lengths in tokens incl. <s>/</s> (None = no truncation), as each reference tokenises.
+MAX_TEXT_LEN = {
+    ("uc2", "xgqa", True): 40, ("uc2", "xgqa", False): 40,
+    ("uc2", "xvnli", True): 80, ("uc2", "xvnli", False): 80,
+    ("uc2", "xflickrco", True): 80, ("uc2", "xflickrco", False): 80,
+    ("cclm", "xgqa", True): 40, ("cclm", "xgqa", False): None,
+    ("cclm", "xvnli", True): 80, ("cclm", "xvnli", False): None,
+    ("cclm", "xflickrco", True): 80, ("cclm", "xflickrco", False): 80,
+}
+# X2-VLM word limits of pre_question / pre_caption.
+CCLM_MAX_WORDS = {("xgqa", True): 30, ("xgqa", False): 50, ("xvnli", True): 80, ("xvnli", False): 80,
+                  ("xflickrco", True): 80, ("xflickrco", False): 80}
+
+
+# ----------------------------------------------------------------------------------------------
+# Annotation files
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Example:
+    """One question (xgqa), premise-image/hypothesis pair (xvnli) or caption (xflickrco)."""
+    task: str
+    lang: str
+    id: str                 # question_id / pairID / "<image id>#<caption number>"
+    image: str              # region-feature key exactly as VOLTA looks it up
+    image_file: str         # image path relative to the images root (see module docstring)
+    text: str               # raw question / hypothesis (sentence2) / caption
+    label: int = -1         # xgqa: answer index (-1 = gold answer outside the 1,842); xvnli: index in
+                            # XVNLI_LABELS_UC2 (-1 for "-"); xflickrco: index of the image in the split
+    gold: str = ""          # xgqa: gold answer string; xvnli: gold_label
+    scores: dict = field(default_factory=dict)   # xgqa: {answer index: soft score} (in-vocabulary only)
+    answers: dict = field(default_factory=dict)  # xgqa: {answer string: score} as in the file
+    qtype: str = ""         # xgqa: types.structural (verify/query/choose/logical/compare) when given
+    source: str = ""        # "<file>:<line>" or "<file> question <id>" for error messages
+
+
+def dataset_dir(data_root: str | os.PathLike) -> Path:
+    """The folder holding gqa/, xGQA/, XVNLI/, flickr30k/, xFlickrCO/ (data_root/datasets or data_root)."""
+    root = Path(data_root)
+    if not root.is_dir():
+        raise ValueError(f"data root {root} does not exist (expected an IGLUE checkout holding datasets/)")
+    for cand in (root / "datasets", root):
+        if any((cand / d).is_dir() for d in ("gqa", "xGQA", "XVNLI", "flickr30k", "xFlickrCO")):
+            return cand
+    raise ValueError(f"data root {root}: expected folder {root / 'datasets'} (with gqa/, xGQA/, XVNLI/, "
+                     f"flickr30k/, xFlickrCO/ inside, as in an IGLUE checkout) is missing")
+
+
+def _task_dirs(ds: Path, task: str, translate_test: bool) -> list[Path]:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    sub = "annotations_machine-translate" if translate_test else "annotations"
+    return {"xgqa": [ds / "gqa" / "annotations", ds / "xGQA" / sub],
+            "xvnli": [ds / "XVNLI" / sub],
+            "xflickrco": [ds / "flickr30k" / "annotations", ds / "xFlickrCO" / sub]}[task]
+
+
+def _require_task_dir(ds: Path, task: str, translate_test: bool) -> None:
+    dirs = _task_dirs(ds, task, translate_test)
+    if translate_test and task != "xvnli":
+        dirs = dirs[1:]
+    if not any(d.is_dir() for d in dirs):
+        raise ValueError(f"{task}: expected folder {dirs[-1]} is missing under data root {ds}")
+
+
+def _lang_dirs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
+def _candidates(ds: Path, task: str, split: str, lang: str, translate_test: bool) -> list[Path]:
+    """Annotation file locations for (task, split, lang), most likely first."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    mt = "annotations_machine-translate"
+    if task == "xgqa":
+        if split in ("train", "valid", "testdev"):  # English GQA, LXMERT list format
+            return [] if translate_test or lang != "en" else [ds / "gqa" / "annotations" / f"{split}.json"]
+        if split == "testdev_zs":  # the original xGQA paper's zero-shot test split
+            name = f"testdev_balanced_questions_{lang}"
+            if translate_test:
+                return [ds / "xGQA" / mt / "zero_shot" / f"{name}.json", ds / "xGQA" / mt / "zero_shot" / f"{name}_gmt.json"]
+            return [ds / "xGQA" / "annotations" / "zero_shot" / f"{name}.json"]
+        if translate_test:
+            return [ds / "xGQA" / mt / "few_shot" / lang / f"{split}.json", ds / "xGQA" / mt / "few_shot" / lang / f"{split}_gmt.json"]
+        return [ds / "xGQA" / "annotations" / "few_shot" / lang / f"{split}.json"]
+    if task == "xvnli":
+        sub = mt if translate_test else "annotations"
+        return [ds / "XVNLI" / sub / lang / f"{split}.jsonl", ds / "XVNLI" / sub / lang / f"{split}_gmt.jsonl"]
+    if split in ("train", "valid") and not translate_test:  # English Flickr30k (5 captions per image)
+        return [ds / "flickr30k" / "annotations" / f"{split}_ann.jsonl"] if lang == "en" else []
+    sub = mt if translate_test else "annotations"
+    return [ds / "xFlickrCO" / sub / lang / f"{split}_gmt.jsonl", ds / "xFlickrCO" / sub / lang / f"{split}.jsonl"]
+
+
+def _split_name(path: Path) -> str:
+    stem = path.name.split(".")[0]
+    return stem[:-4] if stem.endswith("_gmt") else stem
+
+
+def available_splits(data_root, task: str, translate_test: bool = False) -> list[str]:
+    """Split names that have at least one annotation file (discovered from the files present)."""
+    ds = dataset_dir(data_root)
+    found: set[str] = set()
+    mt = "annotations_machine-translate"
+    if task == "xgqa":
+        for s in ("train", "valid", "testdev"):
+            if not translate_test and (ds / "gqa" / "annotations" / f"{s}.json").is_file():
+                found.add(s)
+        base = ds / "xGQA" / (mt if translate_test else "annotations")
+        found |= {_split_name(p) for p in (base / "few_shot").glob("*/*.json")}
+        if any((base / "zero_shot").glob("testdev_balanced_questions_*.json")):
+            found.add("testdev_zs")
+    elif task == "xvnli":
+        found |= {_split_name(p) for p in (ds / "XVNLI" / (mt if translate_test else "annotations")).glob("*/*.jsonl")}
+    elif task == "xflickrco":
+        for s in ("train", "valid"):
+            if not translate_test and (ds / "flickr30k" / "annotations" / f"{s}_ann.jsonl").is_file():
+                found.add(s)
+        found |= {_split_name(p) for p in (ds / "xFlickrCO" / (mt if translate_test else "annotations")).glob("*/*.jsonl")}
+    else:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    return sorted(found, key=_split_sort_key)
+
+
+def _split_sort_key(s: str):
+    order = {"train": 0, "valid": 1, "dev": 2, "testdev": 3, "test": 4, "testdev_zs": 5}
+    m = re.fullmatch(r"train_(\d+)(x\d+)?", s)
+    return (order.get(s, 6), int(m.group(1)) if m else 0, s)
+
+
+def available_langs(data_root, task: str, split: str, translate_test: bool = False) -> list[str]:
+    """Languages whose annotation file for (task, split) exists."""
+    ds = dataset_dir(data_root)
+    langs = set()
+    folders = {"xgqa": [ds / "xGQA" / "annotations" / "few_shot"],
+               "xvnli": [ds / "XVNLI" / "annotations", ds / "XVNLI" / "annotations_machine-translate"],
+               "xflickrco": [ds / "xFlickrCO" / "annotations", ds / "xFlickrCO" / "annotations_machine-translate"]}
+    if task not in folders:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    candidates = {"en"} | {l for f in folders[task] for l in _lang_dirs(f)}
+    if task == "xgqa":
+        for base in (ds / "xGQA" / "annotations" / "zero_shot", ds / "xGQA" / "annotations_machine-translate" / "zero_shot"):
+            candidates |= {p.stem.split("_")[-1] for p in base.glob("testdev_balanced_questions_*.json")} if base.is_dir() else set()
+        candidates |= set(_lang_dirs(ds / "xGQA" / "annotations_machine-translate" / "few_shot"))
+    for lang in candidates:
+        if any(p.is_file() for p in _candidates(ds, task, split, lang, translate_test)):
+            langs.add(lang)
+    return sorted(langs)
+
+
+def select_langs(requested: str | Sequence[str] | None, available: Sequence[str]) -> list[str]:
+    """`--langs` value ("de,ko", ["de", "ko"], "all" or None) -> languages, checked against `available`."""
+    if requested is None or requested == "all" or requested == ["all"]:
+        return list(available)
+    wanted = [l for item in ([requested] if isinstance(requested, str) else requested) for l in item.split(",") if l]
+    unknown = [l for l in wanted if l not in available]
+    if unknown:
+        raise ValueError(f"language(s) {', '.join(unknown)} not available; found: {', '.join(available) or 'none'}")
+    return wanted
+
+
+def split_file(data_root, task: str, split: str, lang: str, translate_test: bool = False) -> Path:
+    ds = dataset_dir(data_root)
+    _require_task_dir(ds, task, translate_test)
+    for path in _candidates(ds, task, split, lang, translate_test):
+        if path.is_file():
+            return path
+    splits = available_splits(ds, task, translate_test)
+    if split not in splits:
+        raise ValueError(f"{task}: no {'translate-test ' if translate_test else ''}split {split!r} under {ds}; "
+                         f"found: {', '.join(splits) or 'none'}")
+    langs = available_langs(ds, task, split, translate_test)
+    raise ValueError(f"{task} {split}: no {'translate-test ' if translate_test else ''}file for language {lang!r} "
+                     f"under {ds}; languages found: {', '.join(langs) or 'none'}")
+
+
+def read_json(path: Path) -> Any:
+    """Whole-file JSON with one-line errors naming file and line."""
+    text = Path(path).read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"{path}: annotation file is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+    if not data:
+        raise ValueError(f"{path}: annotation file holds no examples")
+    return data
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """JSON lines as (line number, object); blank lines skipped; one-line errors naming file and line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg}, column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
+            out.append((n, obj))
+    if not out:
+        raise ValueError(f"{path}: annotation file is empty")
+    return out
+
+
+def _field(obj: dict, key: str, where: str):
+    if key not in obj:
+        raise ValueError(f"{where}: missing field {key!r}")
+    return obj[key]
+
+
+def load_answer_vocab(data_root) -> tuple[dict[str, int], list[str]]:
+    """GQA answer vocabulary (trainval_ans2label/label2ans .json, or VOLTA's .pkl) -> (ans2label, label2ans)."""
+    folder = dataset_dir(data_root) / "gqa" / "annotations"
+    for ext, load in ((".json", read_json), (".pkl", lambda p: pickle.load(open(p, "rb")))):
+        a2l, l2a = folder / f"trainval_ans2label{ext}", folder / f"trainval_label2ans{ext}"
+        if a2l.is_file() and l2a.is_file():
+            ans2label, label2ans = load(a2l), load(l2a)
+            bad = [a for a, i in ans2label.items() if not (0 <= i < len(label2ans) and label2ans[i] == a)]
+            if bad or len(ans2label) != len(label2ans):
+                raise ValueError(f"{a2l} and {l2a} disagree (e.g. answer {bad[:1]}); re-download them")
+            return dict(ans2label), list(label2ans)
+    raise ValueError(f"answer vocabulary not found: expected {folder / 'trainval_ans2label.json'} and "
+                     f"{folder / 'trainval_label2ans.json'}")
+
+
+def _rel(path: Path, ds: Path) -> str:
+    try:
+        return str(path.relative_to(ds))
+    except ValueError:
+        return str(path)
+
+
+def load_split(data_root, task: str, split: str, lang: str, translate_test: bool = False) -> list[Example]:
+    """All examples of one annotation file, in file order."""
+    ds = dataset_dir(data_root)
+    path = split_file(ds, task, split, lang, translate_test)
+    rel = _rel(path, ds)
+    if task == "xgqa":
+        return _load_gqa(path, rel, lang, ds)
+    if task == "xvnli":
+        return _load_xvnli(path, rel, lang)
+    return _load_retrieval(path, rel, lang, xflickrco_keys=path.parent.parent.parent.name == "xFlickrCO")
+
+
+def _load_gqa(path: Path, rel: str, lang: str, ds: Path) -> list[Example]:
+    data = read_json(path)
+    ans2label, _ = load_answer_vocab(ds)
+    out = []
+    if isinstance(data, list):  # LXMERT/IGLUE training format: img_id, label {answer: score}, question_id, sent
+        for i, q in enumerate(data):
+            where = f"{path} item {i}"
+            if not isinstance(q, dict):
+                raise ValueError(f"{where}: expected an object, got {type(q).__name__}")
+            answers = dict(_field(q, "label", where))
+            gold = max(answers, key=answers.get) if answers else ""
+            out.append(_gqa_example(lang, str(_field(q, "question_id", where)), str(_field(q, "img_id", where)),
+                                    _field(q, "sent", where), answers, gold, "", f"{rel} item {i}", ans2label))
+    elif isinstance(data, dict):  # GQA native format: question_id -> {question, imageId, answer, types, ...}
+        for qid, q in data.items():
+            where = f"{path} question {qid}"
+            if not isinstance(q, dict):
+                raise ValueError(f"{where}: expected an object, got {type(q).__name__}")
+            gold = _field(q, "answer", where)
+            qtype = (q.get("types") or {}).get("structural", "")
+            out.append(_gqa_example(lang, str(qid), str(_field(q, "imageId", where)), _field(q, "question", where),
+                                    {gold: 1.0}, gold, qtype, f"{rel} question {qid}", ans2label))
+    else:
+        raise ValueError(f"{path}: expected a JSON list (GQA training format) or dict (GQA native format)")
+    return out
+
+
+def _gqa_example(lang, qid, image_id, question, answers, gold, qtype, source, ans2label) -> Example:
+    scores = {ans2label[a]: float(s) for a, s in answers.items() if a in ans2label}
+    return Example(task="xgqa", lang=lang, id=qid, image=image_id, image_file=f"{IMAGE_SUBDIRS['gqa']}/{image_id}.jpg",
+                   text=str(question), label=ans2label.get(gold, -1), gold=gold, scores=scores, answers=answers,
+                   qtype=qtype, source=source)
+
+
+def _load_xvnli(path: Path, rel: str, lang: str) -> list[Example]:
+    out = []
+    for n, obj in read_jsonl(path):
+        where = f"{path}:{n}"
+        gold = _field(obj, "gold_label", where)
+        if gold not in XVNLI_LABELS_UC2 and gold != XVNLI_NO_GOLD:
+            raise ValueError(f"{where}: unknown gold_label {gold!r} (expected entailment, neutral, contradiction or -)")
+        flickr_id = str(_field(obj, "Flikr30kID", where))
+        try:
+            key = str(int(flickr_id.split(".")[0]))  # VOLTA: int(Flikr30kID.split(".")[0])
+        except ValueError:
+            raise ValueError(f"{where}: Flikr30kID {flickr_id!r} is not a Flickr30k image number") from None
+        out.append(Example(task="xvnli", lang=lang, id=str(_field(obj, "pairID", where)), image=key,
+                           image_file=f"{IMAGE_SUBDIRS['flickr30k']}/{flickr_id}.jpg",
+                           text=str(_field(obj, "sentence2", where)),
+                           label=XVNLI_LABELS_UC2.index(gold) if gold != XVNLI_NO_GOLD else -1, gold=gold,
+                           source=f"{rel}:{n}"))
+    return out
+
+
+def _load_retrieval(path: Path, rel: str, lang: str, xflickrco_keys: bool) -> list[Example]:
+    """One Example per caption; label = index of its image in the split (first-appearance order)."""
+    out, image_index = [], {}
+    for n, obj in read_jsonl(path):
+        where = f"{path}:{n}"
+        img_path = str(_field(obj, "img_path", where))
+        sentences = _field(obj, "sentences", where)
+        if not isinstance(sentences, list):
+            raise ValueError(f"{where}: 'sentences' must be a list of captions")
+        image_id = str(_field(obj, "id", where))
+        if xflickrco_keys:  # xFlickr&CO features are keyed by img_path verbatim (IGLUE's boxes36 H5)
+            key = img_path
+            sub = IMAGE_SUBDIRS["coco"] if "COCO" in img_path else IMAGE_SUBDIRS["flickr30k"]
+        else:  # Flickr30k: VOLTA uses int(img_path.split(".")[0])
+            try:
+                key = str(int(img_path.split(".")[0]))
+            except ValueError:
+                raise ValueError(f"{where}: img_path {img_path!r} is not a Flickr30k image number") from None
+            sub = IMAGE_SUBDIRS["flickr30k"]
+        idx = image_index.setdefault(key, len(image_index))
+        for k, caption in enumerate(sentences):
+            out.append(Example(task="xflickrco", lang=lang, id=f"{image_id}#{k}", image=key,
+                               image_file=f"{sub}/{img_path}", text=str(caption), label=idx, source=f"{rel}:{n}"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Region features (UC2)
+# ----------------------------------------------------------------------------------------------
+
+def box_locations(boxes: np.ndarray, img_w: int, img_h: int) -> np.ndarray:
+    """VOLTA's 7-value location per box, float32: x1/W, y1/H, x2/W, y2/H, w/W, h/H, relative area."""
+    loc = np.zeros((boxes.shape[0], 7), dtype=np.float32)
+    loc[:, :4] = boxes
+    # same float32 operation order as VOLTA's ImageFeaturesH5Reader, so results are bit-identical
+    loc[:, -1] = (loc[:, 3] - loc[:, 1]) * (loc[:, 2] - loc[:, 0]) / (float(img_w) * float(img_h))
+    loc[:, 0] = loc[:, 0] / float(img_w)
+    loc[:, 1] = loc[:, 1] / float(img_h)
+    loc[:, 2] = loc[:, 2] / float(img_w)
+    loc[:, 3] = loc[:, 3] / float(img_h)
+    loc[:, 4] = loc[:, 2] - loc[:, 0]
+    loc[:, 5] = loc[:, 3] - loc[:, 1]
+    return loc
+
+
+def pad_regions(features: np.ndarray, locations: np.ndarray, max_regions: int) -> dict[str, torch.Tensor]:
+    """First min(N, R) regions in file order, zero padding after; image_mask 1 on kept regions."""
+    return _batch_regions([(features, locations)], max_regions, ())
+
+
+def _alloc(shape: tuple, dtype) -> torch.Tensor:
+    """Uninitialised tensor; inside a DataLoader worker it lives in shared memory already, so sending the
+    batch to the main process costs no extra copy (what torch's default_collate does)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    proto = torch.empty(0, dtype=dtype)
+    storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return proto.new(storage).view(shape)
+
+
+def _batch_regions(regions: Sequence[tuple[np.ndarray, np.ndarray]], max_regions: int, lead: tuple) -> dict:
+    """(features [n,2048], locations [n,7]) per image -> padded lead+[R,2048], lead+[R,7], lead+[R] tensors,
+    written once into the batch buffers (rows after n are zero, image_mask 1 on the first n)."""
+    shape = (len(regions), max_regions)
+    feats = _alloc(shape + (FEATURE_DIM,), torch.float32)
+    spatials = _alloc(shape + (7,), torch.float32)
+    mask = _alloc(shape, torch.long)
+    f, sp, m = feats.numpy(), spatials.numpy(), mask.numpy()  # numpy copies: sources may be read-only buffers
+    for i, (feat, loc) in enumerate(regions):
+        n = min(len(feat), max_regions)
+        f[i, :n], f[i, n:] = feat[:n], 0
+        sp[i, :n], sp[i, n:] = loc[:n], 0
+        m[i, :n], m[i, n:] = 1, 0
+    out = lead or (len(regions),)
+    return {"features": feats.view(*out, max_regions, FEATURE_DIM) if lead else feats[0],
+            "spatials": spatials.view(*out, max_regions, 7) if lead else spatials[0],
+            "image_mask": mask.view(*out, max_regions) if lead else mask[0]}
+
+
+class _LazyHandle:
+    """Opens its file on first use in each process (DataLoader workers never share a parent's handle)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self._handle, self._pid = None, None
+
+    def _open(self):
+        raise NotImplementedError
+
+    @property
+    def handle(self):
+        if self._handle is None or self._pid != os.getpid():
+            self._handle, self._pid = self._open(), os.getpid()
+        return self._handle
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handle"], state["_pid"] = None, None
+        return state
+
+
+_LMDB_ENVS: dict[str, tuple[int, Any]] = {}
+
+
+def _open_lmdb(path: str):
+    """Read-only, lock-free, no-readahead LMDB environment, opened once per (path, process)."""
+    import lmdb
+    key = os.path.abspath(path)
+    pid, env = _LMDB_ENVS.get(key, (None, None))
+    if env is not None and pid == os.getpid():
+        return env
+    if env is not None:  # inherited through fork: never use the parent's handle, release the child's copy
+        try:
+            env.close()
+        except lmdb.Error:
+            pass
+    if not os.path.exists(path):
+        raise ValueError(f"feature file {path} does not exist")
+    try:
+        env = lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False, readahead=False,
+                        meminit=False, max_readers=2048)
+    except lmdb.Error as e:
+        raise ValueError(f"{path}: cannot open as LMDB ({e})") from None
+    _LMDB_ENVS[key] = (os.getpid(), env)
+    return env
+
+
+def _close_lmdb(path: str) -> None:
+    pid, env = _LMDB_ENVS.pop(os.path.abspath(path), (None, None))
+    if env is not None:
+        env.close()
+
+
+class LMDBRegionFeatures(_LazyHandle):
+    """Per-image LMDB as VOLTA reads it: `keys` entry + pickled dict per image id, with numpy arrays
+    (h5_to_lmdb.py, boxes36) or base64 float32 bytes (npy_to_lmdb.py, X101)."""
+
+    def _open(self):
+        return _open_lmdb(self.path)
+
+    def keys(self) -> set[str]:
+        if getattr(self, "_keys", None) is None:
+            with self.handle.begin() as txn:
+                raw = txn.get(b"keys")
+            if raw is None:
+                raise ValueError(f"{self.path}: no 'keys' entry; not an image-keyed feature LMDB "
+                                 f"(a per-question GQA serialized LMDB is read with SerializedGQA)")
+            self._keys = {k.decode() if isinstance(k, bytes) else str(k) for k in pickle.loads(raw)}
+        return self._keys
+
+    def __contains__(self, key) -> bool:
+        return str(key) in self.keys()
+
+    def get(self, key) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """(features [N,2048] f32, boxes [N,4] f32 pixels, img_w, img_h); KeyError if absent."""
+        with self.handle.begin(buffers=True) as txn:
+            raw = txn.get(str(key).encode())
+            if raw is None:
+                raise KeyError(str(key))
+            item = pickle.loads(raw)
+        return (_as_rows(item["features"], FEATURE_DIM), _as_rows(item["boxes"], 4),
+                int(item["img_w"]), int(item["img_h"]))
+
+    def regions(self, key, max_regions: int) -> dict[str, torch.Tensor]:
+        return pad_regions(*self.kept_regions(key, max_regions), max_regions)
+
+    def kept_regions(self, key, max_regions: int) -> tuple[np.ndarray, np.ndarray]:
+        """(features [n,2048], locations [n,7]) of the first n = min(N, max_regions) boxes."""
+        feats, boxes, w, h = self.get(key)
+        n = min(len(feats), max_regions)
+        return feats[:n], box_locations(boxes[:n], w, h)
+
+
+def _as_rows(value, width: int) -> np.ndarray:
+    # X101 LMDBs store base64 text of raw float32; h5_to_lmdb stores the arrays themselves (used directly,
+    # as the reference README advises, instead of VOLTA's try-b64decode-then-fall-back).
+    if isinstance(value, (bytes, str)):
+        return np.frombuffer(base64.b64decode(value), dtype=np.float32).reshape(-1, width)
+    return np.asarray(value, dtype=np.float32).reshape(-1, width)
+
+
+class H5RegionFeatures(_LazyHandle):
+    """IGLUE's distributed boxes36 H5: one group per image id (features, boxes, img_w, img_h, ...)."""
+
+    def _open(self):
+        import h5py
+        if not os.path.isfile(self.path):
+            raise ValueError(f"feature file {self.path} does not exist")
+        return h5py.File(self.path, "r")
+
+    def keys(self) -> set[str]:
+        if getattr(self, "_keys", None) is None:
+            self._keys = set(self.handle.keys())
+        return self._keys
+
+    def __contains__(self, key) -> bool:
+        return str(key) in self.keys()
+
+    def get(self, key):
+        key = str(key)
+        if key not in self.keys():
+            raise KeyError(key)
+        g = self.handle[key]
+        return (np.asarray(g["features"][()], dtype=np.float32).reshape(-1, FEATURE_DIM),
+                np.asarray(g["boxes"][()], dtype=np.float32).reshape(-1, 4), int(g["img_w"][()]), int(g["img_h"][()]))
+
+    regions = LMDBRegionFeatures.regions
+    kept_regions = LMDBRegionFeatures.kept_regions
+
+
+def open_features(path: str | os.PathLike) -> LMDBRegionFeatures | H5RegionFeatures:
+    """Image-keyed region-feature reader for an LMDB (folder or file) or an .h5/.hdf5 file; opened lazily."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise ValueError(f"feature path {path} does not exist")
+    if path.endswith((".h5", ".hdf5")):
+        return H5RegionFeatures(path)
+    return LMDBRegionFeatures(path)
+
+
+def is_serialized_lmdb(path: str | os.PathLike) -> bool:
+    """True for a tensorpack per-question LMDB (has `__keys__`, no `keys`)."""
+    path = str(path)
+    if path.endswith((".h5", ".hdf5")) or not os.path.exists(path):
+        return False
+    was_open = _LMDB_ENVS.get(os.path.abspath(path), (None,))[0] == os.getpid()
+    with _open_lmdb(path).begin() as txn:
+        serialized = txn.get(b"__keys__") is not None and txn.get(b"keys") is None
+    if not was_open:  # keep the main process free of LMDB handles: workers open their own
+        _close_lmdb(path)
+    return serialized
+
+
+def _msgpack_numpy_hook(obj: dict):
+    # msgpack_numpy (0.4.x) writes arrays as {b"nd": True, b"type", b"kind", b"shape", b"data"} and numpy
+    # scalars as {b"nd": False, b"type", b"data"}; the maps have bytes keys, so plain dicts never match.
+    if b"nd" not in obj:
+        return obj
+    if obj.get(b"kind") not in (None, b""):
+        raise ValueError(f"structured numpy dtype (kind {obj[b'kind']!r}) is not supported")
+    dtype = np.dtype(obj[b"type"])
+    if obj[b"nd"]:
+        return np.frombuffer(obj[b"data"], dtype=dtype).reshape(obj[b"shape"])
+    return np.frombuffer(obj[b"data"], dtype=dtype)[0]
+
+
+def decode_serialized(buf: bytes) -> Any:
+    """tensorpack 0.9.4 `loads`: msgpack with msgpack_numpy maps, decoded with the plain msgpack package."""
+    import msgpack
+    big = 10 ** 9
+    return msgpack.unpackb(buf, raw=False, object_hook=_msgpack_numpy_hook, strict_map_key=False,
+                           max_bin_len=big, max_array_len=big, max_map_len=big, max_str_len=big)
+
+
+class SerializedGQA(_LazyHandle):
+    """IGLUE's GQA train/val LMDB: one record per question (image arrays + `img_id` + `entry`), keys
+    b"%08d", plus `__keys__`. Record i = i-th key in LMDB order (VOLTA's shuffle=False cursor order)."""
+
+    def _open(self):
+        return _open_lmdb(self.path)
+
+    def keys(self) -> list[bytes]:
+        if getattr(self, "_keys", None) is None:
+            with self.handle.begin() as txn:
+                raw = txn.get(b"__keys__")
+            if raw is None:
+                raise ValueError(f"{self.path}: no '__keys__' entry; not a tensorpack serialized LMDB")
+            self._keys = sorted(decode_serialized(raw))
+        return self._keys
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def record(self, i: int) -> dict:
+        key = self.keys()[i]
+        with self.handle.begin() as txn:
+            raw = txn.get(key)
+        if raw is None:
+            raise ValueError(f"{self.path}: record {key!r} listed in __keys__ is missing")
+        rec = decode_serialized(raw)
+        rec["key"] = key.decode()
+        return rec
+
+
+def write_synthetic_features(path: str | os.PathLike, image_ids: Iterable, num_boxes: int = 36, seed: int = 0,
+                             feature_dim: int = FEATURE_DIM) -> Path:
+    """Random features in the real h5_to_lmdb.py format (pickled dict per image id + `keys` entry)."""
+    import lmdb
+    ids = sorted({str(i) for i in image_ids})
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    per_image = num_boxes * (feature_dim * 4 + 64) + 4096
+    env = lmdb.open(str(path), map_size=max(1 << 24, 2 * per_image * len(ids) + (1 << 20)))
+    rng = np.random.default_rng(seed)
+    with env.begin(write=True) as txn:
+        for image_id in ids:
+            w, h = int(rng.integers(200, 640)), int(rng.integers(200, 640))
+            x1 = rng.uniform(0, w * 0.6, num_boxes).astype(np.float32)
+            y1 = rng.uniform(0, h * 0.6, num_boxes).astype(np.float32)
+            x2 = np.minimum(x1 + rng.uniform(8, w * 0.4, num_boxes), w - 1).astype(np.float32)
+            y2 = np.minimum(y1 + rng.uniform(8, h * 0.4, num_boxes), h - 1).astype(np.float32)
+            item = {"attr_conf": rng.random(num_boxes, dtype=np.float32),
+                    "attr_id": rng.integers(0, 400, num_boxes).astype(np.int64),
+                    "boxes": np.stack([x1, y1, x2, y2], 1),
+                    "features": np.maximum(rng.standard_normal((num_boxes, feature_dim), dtype=np.float32), 0),
+                    "img_h": np.int64(h), "img_w": np.int64(w),
+                    "obj_conf": rng.random(num_boxes, dtype=np.float32),
+                    "obj_id": rng.integers(0, 1600, num_boxes).astype(np.int64), "img_id": image_id}
+            txn.put(image_id.encode(), pickle.dumps(item))
+        txn.put(b"keys", pickle.dumps([i.encode() for i in ids]))
+    env.close()
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Images (CCLM)
+# ----------------------------------------------------------------------------------------------
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Decoded RGB image (Image.open + convert("RGB"); already-RGB files skip the copy convert makes)."""
+    with Image.open(path) as img:
+        if img.mode == "RGB":
+            img.load()
+            return img
+        return img.convert("RGB")
+
+
+def _pixels(img: Image.Image) -> torch.Tensor:
+    """uint8 [3, H, W] view of an RGB image (ToTensor's layout, before its float conversion)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+
+
+def _normalize_into(out: torch.Tensor, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """out[i] = Normalize(ToTensor(pixels[i])) with torchvision's elementwise float32 ops in its order
+    (x / 255, - mean, / std), written straight into the (batch) buffer: bit-identical, fewer copies."""
+    for i, p in enumerate(pixels):
+        out[i].copy_(p)
+    return out.div_(255).sub_(_MEAN).div_(_STD)
+
+
+_MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None, None]
+_STD = torch.tensor(CLIP_STD, dtype=torch.float32)[:, None, None]
+
+
+def _eval_pixels(img: Image.Image, res: int) -> torch.Tensor:
+    return _pixels(img.resize((res, res), Image.Resampling.BICUBIC))
+
+
+def eval_transform(img: Image.Image, res: int = 384) -> torch.Tensor:
+    """X2-VLM test transform: Resize((res, res)) bicubic (PIL, antialiased), ToTensor, CLIP Normalize."""
+    return _normalize_into(torch.empty(1, 3, res, res), [_eval_pixels(img, res)])[0]
+
+
+def _random_resized_crop_box(rng: np.random.Generator, width: int, height: int, scale=(0.5, 1.0),
+                             ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop.get_params with our generator -> (top, left, h, w)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+# RandomAugment(2, 7) of X2-VLM with its 10 ops. Same op list, level (7/10), probabilities (each of the 2
+# sampled ops applied with p=0.5) and parameters; pixel ops written in numpy with the reference's formulas,
+# geometric ops with PIL's bilinear affine (the reference uses cv2.warpAffine: sub-pixel results may differ).
+_AUG_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
+            "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+_AUG_LEVEL, _AUG_MAX_LEVEL, _AUG_FILL = 7, 10, (128, 128, 128)
+
+
+def _autocontrast(arr: np.ndarray) -> np.ndarray:
+    out = arr.copy()
+    for c in range(arr.shape[2]):
+        ch = arr[:, :, c]
+        lo, hi = int(ch.min()), int(ch.max())
+        if hi > lo:
+            scale = 255.0 / (hi - lo)
+            table = np.clip(np.arange(256) * scale - lo * scale, 0, 255).astype(np.uint8)
+            out[:, :, c] = table[ch]
+    return out
+
+
+def _equalize(arr: np.ndarray) -> np.ndarray:
+    out = arr.copy()
+    for c in range(arr.shape[2]):
+        ch = arr[:, :, c]
+        hist = np.bincount(ch.ravel(), minlength=256).astype(np.float32)
+        nonzero = hist[hist != 0]
+        step = np.sum(nonzero[:-1]) // 255
+        if step == 0:
+            continue
+        n = np.empty_like(hist)
+        n[0] = step // 2
+        n[1:] = hist[:-1]
+        out[:, :, c] = (np.cumsum(n) // step).clip(0, 255).astype(np.uint8)[ch]
+    return out
+
+
+def _sharpness(arr: np.ndarray, factor: float) -> np.ndarray:
+    if arr.shape[0] < 3 or arr.shape[1] < 3:
+        return arr
+    x = arr.astype(np.float32)
+    win = sum(x[i:i + x.shape[0] - 2, j:j + x.shape[1] - 2] for i in range(3) for j in range(3))
+    centre = x[1:-1, 1:-1]
+    degenerate = np.clip(np.rint((win + 4 * centre) / 13), 0, 255)  # 3x3 kernel of ones, centre 5, /13
+    out = arr.copy()
+    # the reference casts without clipping (platform-dependent wrap-around); we clip to [0, 255]
+    out[1:-1, 1:-1] = np.clip(degenerate + factor * (centre - degenerate), 0, 255).astype(np.uint8)
+    return out
+
+
+def _random_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    mag = _AUG_LEVEL / _AUG_MAX_LEVEL
+    for name in rng.choice(_AUG_OPS, 2):
+        if rng.random() > 0.5:
+            continue
+        if name == "Identity":
+            continue
+        if name in ("AutoContrast", "Equalize", "Brightness", "Sharpness"):
+            arr = np.asarray(img)
+            if name == "AutoContrast":
+                arr = _autocontrast(arr)
+            elif name == "Equalize":
+                arr = _equalize(arr)
+            elif name == "Brightness":
+                table = (np.arange(256, dtype=np.float32) * (mag * 1.8 + 0.1)).clip(0, 255).astype(np.uint8)
+                arr = table[arr]
+            else:
+                arr = _sharpness(arr, mag * 1.8 + 0.1)
+            img = Image.fromarray(arr)
+            continue
+        if name in ("ShearX", "ShearY"):
+            s = mag * 0.3 * (-1 if rng.random() > 0.5 else 1)
+            data = (1, -s, 0, 0, 1, 0) if name == "ShearX" else (1, 0, 0, -s, 1, 0)
+        elif name in ("TranslateX", "TranslateY"):
+            t = mag * 10.0 * (-1 if rng.random() > 0.5 else 1)  # translate_const 10 pixels
+            data = (1, 0, t, 0, 1, 0) if name == "TranslateX" else (1, 0, 0, 0, 1, t)
+        else:  # Rotate
+            deg = mag * 30 * (-1 if rng.random() < 0.5 else 1)
+            img = img.rotate(deg, resample=Image.Resampling.BILINEAR, center=(img.width / 2, img.height / 2),
+                             fillcolor=_AUG_FILL)
+            continue
+        img = img.transform(img.size, Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR,
+                            fillcolor=_AUG_FILL)
+    return img
+
+
+def _train_pixels(img: Image.Image, res: int, rng: np.random.Generator, flip: bool) -> torch.Tensor:
+    top, left, h, w = _random_resized_crop_box(rng, img.width, img.height)
+    img = img.crop((left, top, left + w, top + h)).resize((res, res), Image.Resampling.BICUBIC)
+    if flip and rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return _pixels(_random_augment(img, rng))
+
+
+def train_transform(img: Image.Image, res: int, rng: np.random.Generator, flip: bool) -> torch.Tensor:
+    """X2-VLM train transform: RandomResizedCrop(res, scale (0.5, 1)) bicubic, horizontal flip p=0.5 when
+    `flip` (XVNLI, xFlickr&CO; xGQA flips before, in the dataset), RandomAugment(2, 7), ToTensor, Normalize."""
+    return _normalize_into(torch.empty(1, 3, res, res), [_train_pixels(img, res, rng, flip)])[0]
+
+
+def write_synthetic_images(folder: str | os.PathLike, relpaths: Iterable[str], size=(128, 96), seed: int = 0) -> list[Path]:
+    """Smooth random RGB images (JPEG or PNG by extension) at folder/relpath; size int or (W, H)."""
+    w, h = (size, size) if isinstance(size, int) else size
+    out = []
+    for i, rel in enumerate(relpaths):
+        rng = np.random.default_rng([seed, i])
+        small = rng.integers(0, 256, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR)
+        path = Path(folder) / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, quality=90) if path.suffix.lower() in (".jpg", ".jpeg") else img.save(path)
+        out.append(path)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Text
+# ----------------------------------------------------------------------------------------------
+
+_PUNCT = re.compile(r"([,.'!?\"()*#:;~])")
+
+
+def pre_caption(caption: str, max_words: int) -> str:
+    """X2-VLM caption/hypothesis cleaning: lower, punctuation -> space, '-' '/' -> space, <person> -> person,
+    collapse whitespace, strip, keep the first `max_words` words."""
+    text = _PUNCT.sub(" ", caption.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+    text = re.sub(r"\s{2,}", " ", text).rstrip("\n").strip(" ")
+    words = text.split(" ")
+    if len(words) > max_words:
+        text = " ".join(words[:max_words])
+    if not text:
+        raise ValueError(f"text is empty after cleaning (raw: {caption!r})")
+    return text
+
+
+def pre_question(question: str, max_words: int) -> str:
+    """X2-VLM question cleaning: lower, punctuation -> space, '-' '/' -> space, right-strip spaces, keep the
+    first `max_words` space-separated pieces (whitespace runs are not collapsed, as in the reference)."""
+    text = _PUNCT.sub(" ", question.lower()).replace("-", " ").replace("/", " ").rstrip(" ")
+    words = text.split(" ")
+    if len(words) > max_words:
+        text = " ".join(words[:max_words])
+    return text
+
+
+def _check_special_ids(tok, name: str) -> None:
+    got = {"<s>": tok.convert_tokens_to_ids("<s>"), "<pad>": tok.pad_token_id, "</s>": tok.convert_tokens_to_ids("</s>"),
+           "<unk>": tok.unk_token_id}
+    want = {"<s>": BOS_ID, "<pad>": PAD_ID, "</s>": EOS_ID, "<unk>": UNK_ID}
+    if got != want:
+        raise ValueError(f"tokenizer {name}: special ids {got} differ from XLM-R's {want}")
+
+
+def load_tokenizer(path_or_hub_id: str | os.PathLike):
+    """XLM-R tokenizer from a local folder or the local Hugging Face cache (never downloads)."""
+    from transformers import AutoTokenizer
+    name = str(path_or_hub_id)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except Exception:
+        raise ValueError(f"tokenizer {name!r} not found locally: give a folder with tokenizer files (e.g. a saved "
+                         f"xlm-roberta-base tokenizer) or a hub id already in the local HF cache") from None
+    _check_special_ids(tok, name)
+    return tok
+
+
+def make_tiny_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 1000):
+    """Small sentencepiece-style (Unigram + Metaspace) tokenizer with XLM-R's special ids, saved as a
+    PreTrainedTokenizerFast folder that load_tokenizer(out_dir) loads."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>",
+                                      show_progress=False)
+    tok.train_from_iterator([t for t in texts if t], trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", BOS_ID), ("</s>", EOS_ID)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", cls_token="<s>", sep_token="</s>", mask_token="<mask>",
+                                   model_max_length=512)
+    _check_special_ids(fast, "tiny")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if hasattr(backend, "encode_batch"):  # HF fast tokenizer: call its Rust backend directly (same ids, faster)
+        if backend.truncation is not None:  # state left by an earlier HF call with truncation
+            backend.no_truncation()
+        if backend.padding is not None:
+            backend.no_padding()
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
+    return tokenizer(texts, add_special_tokens=True)["input_ids"]
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, L] (L = longest in the batch, right-padded with the pad id) and attention mask [B, L].
+    Sequences longer than max_len keep <s>, the first max_len-2 ids and </s> (VOLTA / HF truncation)."""
+    ids = _token_ids(tokenizer, list(texts)) if len(texts) else []
+    if max_len is not None:
+        ids = [x if len(x) <= max_len else x[:max_len - 1] + x[-1:] for x in ids]
+    length = max((len(x) for x in ids), default=1)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else PAD_ID
+    out = torch.full((len(ids), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), length), dtype=torch.long)
+    for i, x in enumerate(ids):
+        out[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, :len(x)] = 1
+    return out, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------
+
+def _rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """All dataset randomness: a generator seeded by (seed, epoch, index), never the global RNG."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+def _missing_feature_error(key: str, ex: Example, where: str) -> ValueError:
+    return ValueError(f"feature key {key!r} not found in {where} (referenced by {ex.source}, example {ex.id})")
+
+
+def _read_regions(reader, ex: Example, max_regions: int, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    key = ex.image if key is None else key
+    try:
+        return reader.kept_regions(key, max_regions)
+    except KeyError:
+        raise _missing_feature_error(key, ex, reader.path) from None
+
+
+def _as_reader(features):
+    if features is None:
+        raise ValueError("region features are required for UC2 (give --features)")
+    if isinstance(features, (str, os.PathLike)):
+        if is_serialized_lmdb(features):
+            raise ValueError(f"{features} is a per-question GQA serialized LMDB: use SerializedGQADataset "
+                             f"(GQA train/val only), not an image-keyed reader")
+        return open_features(features)
+    return features
+
+
+def _image_path(images, rel: str) -> str:
+    if images is None:
+        raise ValueError("an images root is required for CCLM (give --images)")
+    if isinstance(images, dict):
+        sub, _, name = rel.partition("/")
+        return os.path.join(images[sub], name)
+    return os.path.join(str(images), rel)
+
+
+def _open_image(images, ex: Example) -> Image.Image:
+    path = _image_path(images, ex.image_file)
+    try:
+        return load_image(path)
+    except FileNotFoundError:
+        raise ValueError(f"image file {path} not found (referenced by {ex.source}, example {ex.id})") from None
+
+
+class _EpochDataset(Dataset):
+    seed: int = 0
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+
+class UC2Dataset(_EpochDataset):
+    """Region-feature examples. xgqa/xvnli items: one (text, image) pair. xflickrco training items: VOLTA's
+    4 pairs per caption: (image, caption), (image, caption of another image), (another image, caption),
+    (image, caption of a hard-negative image, or of a random other image without a hard-negative pool).
+    Negatives never use the positive's own image, so no pair of an item is a false negative."""
+
+    def __init__(self, examples: Sequence[Example], features, task: str, *, train: bool = False,
+                 max_regions: int = 36, seed: int = 0, hard_negatives: dict | str | None = None):
+        if not examples:
+            raise ValueError(f"{task}: no examples")
+        self.examples, self.task, self.train = list(examples), task, train
+        self.reader, self.max_regions, self.seed = _as_reader(features), max_regions, seed
+        self.retrieval_train = task == "xflickrco" and train
+        if self.retrieval_train:
+            self._setup_retrieval(hard_negatives)
+
+    def _setup_retrieval(self, hard_negatives) -> None:
+        index_of: dict[str, int] = {}
+        self.image_of: list[int] = []          # our image index of each caption
+        self.captions_of: list[list[int]] = []  # caption indices of each image
+        for i, ex in enumerate(self.examples):
+            j = index_of.setdefault(ex.image, len(index_of))
+            if j == len(self.captions_of):
+                self.captions_of.append([])
+            self.captions_of[j].append(i)
+            self.image_of.append(j)
+        self.image_keys = list(index_of)
+        if len(self.image_keys) < 2:
+            raise ValueError("retrieval training needs captions of at least 2 images")
+        self.hard_pool = None
+        if hard_negatives is not None:
+            hn = load_hard_negatives(hard_negatives) if isinstance(hard_negatives, (str, os.PathLike)) else hard_negatives
+            ours = {k: i for i, k in enumerate(self.image_keys)}
+            pool_ids = [str(x) for x in hn["train_image_list"]]
+            # pool row of each of our images, with pool entries translated to our image indices (-1 = unknown)
+            to_ours = np.array([ours.get(k, -1) for k in pool_ids])
+            self.hard_pool = {ours[k]: to_ours[np.asarray(hn["train_hard_pool"][r], dtype=np.int64)]
+                              for r, k in enumerate(pool_ids) if k in ours}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        ex = self.examples[index]
+        if not self.retrieval_train:
+            return {"kind": "example", "example": ex, "text": ex.text, "max_regions": self.max_regions,
+                    "regions": _read_regions(self.reader, ex, self.max_regions)}
+        rng = _rng(self.seed, self.epoch, index)
+        img = self.image_of[index]
+        other = self._other_image(rng, img)
+        rand_img = self._other_image(rng, img)
+        hard = self._hard_negative(rng, img)
+        cap_other = self.examples[rng.choice(self.captions_of[other])].text
+        cap_hard = self.examples[rng.choice(self.captions_of[hard])].text
+        pos = _read_regions(self.reader, ex, self.max_regions)
+        neg = _read_regions(self.reader, ex, self.max_regions, key=self.image_keys[rand_img])
+        return {"kind": "retrieval_train", "example": ex, "texts": [ex.text, cap_other, ex.text, cap_hard],
+                "image_indices": [img, img, rand_img, img], "caption_images": [img, other, img, hard],
+                "regions": [pos, pos, neg, pos], "max_regions": self.max_regions}
+
+    def _other_image(self, rng, img: int) -> int:
+        j = int(rng.integers(0, len(self.image_keys) - 1))
+        return j + (j >= img)  # uniform over all images except img
+
+    def _hard_negative(self, rng, img: int) -> int:
+        pool = None if self.hard_pool is None else self.hard_pool.get(img)
+        if pool is not None and len(pool) > 1:
+            # VOLTA draws from positions 1..end of the image's pool (position 0 is the image itself)
+            cand = pool[1:][(pool[1:] >= 0) & (pool[1:] != img)]
+            if len(cand):
+                return int(cand[rng.integers(0, len(cand))])
+        return self._other_image(rng, img)
+
+
+def load_hard_negatives(path: str | os.PathLike) -> dict:
+    """VOLTA's hard_negative.pkl: {"train_image_list": [image ids], "train_hard_pool": [[pool indices]], ...}."""
+    with open(path, "rb") as f:
+        try:
+            hn = pickle.load(f)
+        except UnicodeDecodeError:
+            f.seek(0)
+            hn = pickle.load(f, encoding="latin1")
+    for key in ("train_image_list", "train_hard_pool"):
+        if key not in hn:
+            raise ValueError(f"{path}: missing {key!r} (expected VOLTA's hard_negative.pkl)")
+    return hn
+
+
+class SerializedGQADataset(_EpochDataset):
+    """UC2 GQA training/validation straight from IGLUE's per-question serialized LMDB (questions, answers
+    and features all come from the records; no annotation file). Items match UC2Dataset's xgqa items.
+    Images with more than max_regions boxes are truncated like the image-keyed path (VOLTA's serialized
+    loader raises instead; IGLUE's files always have 36 = max_regions boxes)."""
+
+    def __init__(self, path: str | os.PathLike, max_regions: int = 36, lang: str = "en"):
+        self.db, self.max_regions, self.lang = SerializedGQA(path), max_regions, lang
+
+    def __len__(self) -> int:
+        return len(self.db)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.db.record(index)
+        entry = rec["entry"]
+        scores = {int(l): float(s) for l, s in zip(entry["labels"], entry["scores"])}
+        ex = Example(task="xgqa", lang=self.lang, id=str(entry["question_id"]), image=str(rec["img_id"]),
+                     image_file=f"{IMAGE_SUBDIRS['gqa']}/{rec['img_id']}.jpg", text=str(entry["question"]),
+                     label=max(scores, key=scores.get) if scores else -1, scores=scores,
+                     source=f"{self.db.path} record {rec['key']}")
+        n = min(len(rec["boxes"]), self.max_regions)
+        feats = np.asarray(rec["features"], dtype=np.float32).reshape(-1, FEATURE_DIM)[:n]
+        boxes = np.asarray(rec["boxes"], dtype=np.float32).reshape(-1, 4)[:n]
+        return {"kind": "example", "example": ex, "text": ex.text, "max_regions": self.max_regions,
+                "regions": (feats, box_locations(boxes, int(rec["img_w"]), int(rec["img_h"])))}
+
+
+def _left_or_right_in(question: str, answers: Iterable[str]) -> bool:
+    # X2-VLM's careful_hflip test: plain case-sensitive substring match on the raw question and answers
+    return any("left" in s or "right" in s for s in [question, *answers])
+
+
+class CCLMDataset(_EpochDataset):
+    """Image examples for CCLM. Eval: reference test transform. Training: reference augmentation, seeded by
+    (seed, epoch, index). XVNLI examples without a gold label ("-") are dropped, as X2-VLM's loader does."""
+
+    def __init__(self, examples: Sequence[Example], images, task: str, *, train: bool = False,
+                 image_res: int = 384, seed: int = 0):
+        self.examples = [ex for ex in examples if not (task == "xvnli" and ex.gold == XVNLI_NO_GOLD)]
+        self.dropped = len(examples) - len(self.examples)
+        if not self.examples:
+            raise ValueError(f"{task}: no examples")
+        self.images, self.task, self.train, self.image_res, self.seed = images, task, train, image_res, seed
+        self.max_words = CCLM_MAX_WORDS[(task, train)]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        ex = self.examples[index]
+        img = _open_image(self.images, ex)
+        item = {"kind": "example", "example": ex}
+        try:
+            item["text"] = (pre_question if self.task == "xgqa" else pre_caption)(ex.text, self.max_words)
+        except ValueError as e:
+            raise ValueError(f"{ex.source} (example {ex.id}): {e}") from None
+        if not self.train:
+            item["pixels"] = _eval_pixels(img, self.image_res)  # normalised in the collate, into the batch
+            return item
+        rng = _rng(self.seed, self.epoch, index)
+        if self.task == "xgqa":
+            # xGQA flips in the dataset (p=0.5) unless 'left'/'right' occurs in question or answers
+            if rng.random() < 0.5 and not _left_or_right_in(ex.text, ex.answers):
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            answers = list(ex.answers)
+            item["answers"], item["weights"] = answers, [1.0 / len(answers)] * len(answers)
+        item["pixels"] = _train_pixels(img, self.image_res, rng, flip=self.task != "xgqa")
+        return item
+
+
+def _distinct_images(examples: Sequence[Example]) -> list[Example]:
+    """First example of each image, in first-appearance order (its position == Example.label)."""
+    seen, out = set(), []
+    for ex in examples:
+        if ex.image not in seen:
+            seen.add(ex.image)
+            out.append(ex)
+    return out
+
+
+class RetrievalImages(Dataset):
+    """Retrieval eval: each image of a split once, item i = image index i (Example.label of its captions)."""
+
+    def __init__(self, examples: Sequence[Example], model: str, *, features=None, images=None,
+                 max_regions: int = 36, image_res: int = 384):
+        self.items = _distinct_images(examples)
+        self.model, self.max_regions, self.image_res = model, max_regions, image_res
+        self.reader = _as_reader(features) if model == "uc2" else None
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        ex = self.items[index]
+        item = {"kind": "image", "example": ex, "image_index": index}
+        if self.model == "uc2":
+            item["regions"], item["max_regions"] = _read_regions(self.reader, ex, self.max_regions), self.max_regions
+        else:
+            item["pixels"] = _eval_pixels(_open_image(self.images, ex), self.image_res)
+        return item
+
+
+class RetrievalCaptions(Dataset):
+    """Retrieval eval: each caption once, with the index of its gold image."""
+
+    def __init__(self, examples: Sequence[Example], model: str):
+        self.examples, self.model = list(examples), model
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        ex = self.examples[index]
+        text = ex.text
+        if self.model == "cclm":
+            try:
+                text = pre_caption(text, CCLM_MAX_WORDS[("xflickrco", False)])
+            except ValueError as e:
+                raise ValueError(f"{ex.source} (example {ex.id}): {e}") from None
+        return {"kind": "caption", "example": ex, "text": text, "image_index": ex.label}
+
+
+def make_dataset(model: str, task: str, examples: Sequence[Example] | None, *, features=None, images=None,
+                 train: bool = False, max_regions: int = 36, image_res: int = 384, seed: int = 0,
+                 hard_negatives=None) -> Dataset:
+    """UC2Dataset / CCLMDataset for (model, task). UC2 xgqa with a serialized LMDB as `features` returns a
+    SerializedGQADataset (the LMDB holds the questions; `examples` is then ignored)."""
+    if model == "uc2":
+        if task == "xgqa" and isinstance(features, (str, os.PathLike)) and is_serialized_lmdb(features):
+            return SerializedGQADataset(features, max_regions=max_regions)
+        return UC2Dataset(examples, features, task, train=train, max_regions=max_regions, seed=seed,
+                          hard_negatives=hard_negatives)
+    if model == "cclm":
+        return CCLMDataset(examples, images, task, train=train, image_res=image_res, seed=seed)
+    raise ValueError(f"unknown model {model!r}; expected uc2 or cclm")
+
+
+def make_retrieval_eval(model: str, examples: Sequence[Example], *, features=None, images=None,
+                        max_regions: int = 36, image_res: int = 384) -> tuple[RetrievalImages, RetrievalCaptions]:
+    return (RetrievalImages(examples, model, features=features, images=images, max_regions=max_regions,
+                            image_res=image_res), RetrievalCaptions(examples, model))
+
+
+# ----------------------------------------------------------------------------------------------
+# Collate (runs in DataLoader workers: tokenising happens here)
+# ----------------------------------------------------------------------------------------------
+
+def _batch_lang(examples: Sequence[Example]) -> str:
+    return ",".join(sorted({ex.lang for ex in examples}))
+
+
+def _common(items) -> dict:
+    """`id` (example ids; image keys for retrieval image batches) and `lang` ("de"; "de,ko" if mixed)."""
+    exs = [it["example"] for it in items]
+    ids = [ex.image for ex in exs] if items[0]["kind"] == "image" else [ex.id for ex in exs]
+    return {"id": ids, "lang": _batch_lang(exs)}
+
+
+def _xgqa_labels(exs: Sequence[Example], num_answers: int | None = None) -> dict:
+    out = {"label": torch.tensor([ex.label for ex in exs], dtype=torch.long), "qtype": [ex.qtype for ex in exs]}
+    if num_answers is not None:  # UC2 soft targets (all zero when no answer is in the vocabulary)
+        out["target"] = torch.zeros(len(exs), num_answers, dtype=torch.float32)
+        for i, ex in enumerate(exs):
+            for a, s in ex.scores.items():
+                out["target"][i, a] = s
+    return out
+
+
+def _item_images(items) -> torch.Tensor:
+    pixels = [it["pixels"] for it in items]
+    return _normalize_into(_alloc((len(pixels), *pixels[0].shape), torch.float32), pixels)
+
+
+def _item_regions(items) -> dict:
+    return _batch_regions([it["regions"] for it in items], items[0]["max_regions"], (len(items),))
+
+
+class UC2Collate:
+    """Items of UC2Dataset / SerializedGQADataset / RetrievalImages / RetrievalCaptions -> contract batch."""
+
+    def __init__(self, task: str, tokenizer, train: bool = False, max_len: int | None = -1,
+                 num_answers: int = NUM_ANSWERS):
+        self.task, self.tokenizer, self.train, self.num_answers = task, tokenizer, train, num_answers
+        self.max_len = MAX_TEXT_LEN[("uc2", task, train)] if max_len == -1 else max_len
+
+    def __call__(self, items: list[dict]) -> dict:
+        kind = items[0]["kind"]
+        batch = _common(items)
+        exs = [it["example"] for it in items]
+        if kind == "image":
+            batch.update(_item_regions(items))
+            batch["image_index"] = torch.tensor([it["image_index"] for it in items], dtype=torch.long)
+            batch["image_key"] = [ex.image for ex in exs]
+            return batch
+        if kind == "retrieval_train":
+            ids, mask = encode_texts(self.tokenizer, [t for it in items for t in it["texts"]], self.max_len)
+            batch["input_ids"], batch["attention_mask"] = ids.view(len(items), 4, -1), mask.view(len(items), 4, -1)
+            regions = [r for it in items for r in it["regions"]]
+            batch.update(_batch_regions(regions, items[0]["max_regions"], (len(items), 4)))  # [B, 4, ...]
+            return batch
+        batch["input_ids"], batch["attention_mask"] = encode_texts(self.tokenizer, [it["text"] for it in items], self.max_len)
+        if kind == "caption":
+            batch["image_index"] = torch.tensor([it["image_index"] for it in items], dtype=torch.long)
+            return batch
+        batch.update(_item_regions(items))
+        if self.task == "xgqa":
+            batch.update(_xgqa_labels(exs, self.num_answers))
+        elif self.task == "xvnli":
+            label = torch.tensor([ex.label for ex in exs], dtype=torch.long)
+            target = torch.zeros(len(exs), 3, dtype=torch.float32)
+            has = label >= 0
+            target[has, label[has]] = 1.0  # "-" (label -1): all-zero target, as VOLTA
+            batch["target"], batch["label"] = target, label
+        return batch
+
+
+class CCLMCollate:
+    """Items of CCLMDataset / RetrievalImages / RetrievalCaptions -> contract batch."""
+
+    def __init__(self, task: str, tokenizer, train: bool = False, max_len: int | None = -1):
+        self.task, self.tokenizer, self.train = task, tokenizer, train
+        self.max_len = MAX_TEXT_LEN[("cclm", task, train)] if max_len == -1 else max_len
+
+    def __call__(self, items: list[dict]) -> dict:
+        kind = items[0]["kind"]
+        batch = _common(items)
+        exs = [it["example"] for it in items]
+        if kind == "image":
+            batch["images"] = _item_images(items)
+            batch["image_index"] = torch.tensor([it["image_index"] for it in items], dtype=torch.long)
+            batch["image_key"] = [ex.image for ex in exs]
+            return batch
+        batch["text_ids"], batch["text_atts"] = encode_texts(self.tokenizer, [it["text"] for it in items], self.max_len)
+        if kind == "caption":
+            batch["image_index"] = torch.tensor([it["image_index"] for it in items], dtype=torch.long)
+            return batch
+        batch["images"] = _item_images(items)
+        if self.task == "xgqa":
+            if self.train:
+                answers = [a for it in items for a in it["answers"]]
+                batch["answer_ids"], batch["answer_atts"] = encode_texts(self.tokenizer, answers, None)
+                batch["weights"] = torch.tensor([w for it in items for w in it["weights"]], dtype=torch.float32)
+                batch["k"] = [len(it["answers"]) for it in items]
+            else:
+                batch.update(_xgqa_labels(exs))
+        elif self.task == "xvnli":
+            batch["label"] = torch.tensor([XVNLI_LABELS_CCLM.index(ex.gold) for ex in exs], dtype=torch.long)
+        elif self.task == "xflickrco":
+            batch["idx"] = torch.tensor([ex.label for ex in exs], dtype=torch.long)
+        return batch
+
+
+def make_collate(model: str, task: str, tokenizer, train: bool = False) -> UC2Collate | CCLMCollate:
+    if model == "uc2":
+        return UC2Collate(task, tokenizer, train)
+    if model == "cclm":
+        return CCLMCollate(task, tokenizer, train)
+    raise ValueError(f"unknown model {model!r}; expected uc2 or cclm")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inventory CLI
+# ----------------------------------------------------------------------------------------------
+
+def _feature_keys(paths: Sequence[str]) -> tuple[set[str], list[str]]:
+    keys, notes = set(), []
+    for p in paths:
+        if is_serialized_lmdb(p):
+            notes.append(f"{p}: per-question serialized GQA LMDB ({len(SerializedGQA(p))} records; holds its own "
+                         f"questions, so annotation image ids are not checked against it)")
+            continue
+        keys |= open_features(p).keys()
+    return keys, notes
+
+
+def inventory(data_root, features: Sequence[str] = (), images=None) -> dict:
+    """task -> split -> lang -> {"examples", "images", "missing"} (translate-test splits get the suffix
+    "_translate_test"); "missing" lists absent feature keys / image files (relative paths), or is None
+    when neither features nor images were given. A file that fails to load gets {"error": message}."""
+    ds = dataset_dir(data_root)
+    keys, notes = _feature_keys(features) if features else (None, [])
+    out: dict = {}
+    for task in TASKS:
+        for mt in (False, True):
+            for split in available_splits(ds, task, mt):
+                name = f"{split}_translate_test" if mt else split
+                for lang in available_langs(ds, task, split, mt):
+                    try:
+                        exs = load_split(ds, task, split, lang, mt)
+                    except ValueError as e:
+                        out.setdefault(task, {}).setdefault(name, {})[lang] = {"error": str(e)}
+                        continue
+                    distinct = _distinct_images(exs)
+                    missing = None if keys is None and images is None else []
+                    if keys is not None:
+                        missing += sorted(ex.image for ex in distinct if ex.image not in keys)
+                    if images is not None:
+                        missing += sorted(ex.image_file for ex in distinct
+                                          if not os.path.isfile(_image_path(images, ex.image_file)))
+                    out.setdefault(task, {}).setdefault(name, {})[lang] = {
+                        "examples": len(exs), "images": len(distinct), "missing": missing}
+    if notes:
+        out["notes"] = notes
+    return out
+
+
+def _print_inventory(inv: dict) -> None:
+    for task, splits in inv.items():
+        if task == "notes":
+            continue
+        print(task)
+        for split, langs in splits.items():
+            for lang, info in langs.items():
+                if "error" in info:
+                    print(f"  {split:<24} {lang:<4} ERROR {info['error']}")
+                    continue
+                miss = info["missing"]
+                more = "" if miss is None else f"  missing {len(miss)}"
+                if miss:
+                    more += f" ({', '.join(miss[:5])}{', ...' if len(miss) > 5 else ''})"
+                print(f"  {split:<24} {lang:<4} examples {info['examples']:>7}  images {info['images']:>6}{more}")
+    for note in inv.get("notes", []):
+        print(f"note: {note}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Inventory of an IGLUE checkout: examples, images and missing "
+                                            "feature keys / image files per task, split and language.")
+    p.add_argument("--data-root", required=True, help="folder holding datasets/ (an IGLUE checkout)")
+    p.add_argument("--features", nargs="+", default=[], help="region-feature LMDB(s) / H5 file(s) to check keys against")
+    p.add_argument("--images", default=None, help="images root (gqa/, flickr30k/, coco/ inside) to check files against")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = p.parse_args(argv)
+    try:
+        inv = inventory(args.data_root, args.features, args.images)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if args.json:
+        print(json.dumps(inv, indent=1, ensure_ascii=False))
+    else:
+        _print_inventory(inv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,748 @@
+"""Training loop shared by train_uc2.py and train_cclm.py: common CLI, distributed setup, data order,
+AdamW + warm-up/decay, AMP, gradient accumulation, scheduled unfreezing with DDP re-wrapping,
+non-finite-loss guard, per-epoch evaluation, metrics.jsonl, atomic checkpoints and exact resume.
+
+A trainer's main() is:
+    args = parser.parse_args()            # after engine.add_common_args(parser, DEFAULTS)
+    dist = engine.setup_distributed()
+    engine.seed_everything(args.seed)     # identical model init on every rank
+    model = build_model(...); layout = LAYOUT(task); schedule = freeze.schedule_from_args(args, layout.num_layers)
+    loader = engine.build_train_loader(dataset, args, dist, collate_fn)
+    engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist, module_lr=...)
+    engine.cleanup_distributed()
+
+Run folder (--output-dir): args.json, metrics.jsonl, checkpoint_last.pt (resume state, written
+atomically after every epoch), model_final.pt ({"model": state_dict, "meta": ...}).
+
+Environment: SUF_DIST_TIMEOUT (seconds, default 600) for collectives; SUF_DEVICE=cpu forces CPU;
+SUF_FAULT injects failures for tests (see fault_point; inert unless set).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+import freeze
+
+TASKS = ("xgqa", "xvnli", "xflickrco")
+RECIPES = ("paper", "iglue")
+CHECKPOINT, FINAL, METRICS, ARGS = "checkpoint_last.pt", "model_final.pt", "metrics.jsonl", "args.json"
+RUN_FILES = (CHECKPOINT, FINAL, METRICS, ARGS)
+
+# Paper section 4: same epochs for both models; AdamW, weight decay 0.01, 10% linear warm-up.
+TASK_DEFAULTS = {"xgqa": {"epochs": 5}, "xvnli": {"epochs": 10}, "xflickrco": {"epochs": 10}}
+ENGINE_DEFAULTS = {
+    "weight_decay": 0.01,
+    "adam_eps": 1e-8,             # paper silent: torch/HF AdamW default
+    "adam_betas": [0.9, 0.999],   # paper silent: torch/HF AdamW default
+    "clip_grad": 0.0,             # paper silent (mentions no clipping): off; IGLUE's UC2 recipe uses 1.0
+    "warmup_ratio": 0.1,
+}
+# Arguments that must not change between a run and its --resume (they change the result).
+RESUME_KEYS = ("task", "seed", "epochs", "lr", "batch_size", "weight_decay", "adam_eps", "adam_betas",
+               "clip_grad", "warmup_ratio", "max_steps_per_epoch", "policy", "suf_k", "unfreeze_every",
+               "unfreeze_unit", "top_layers", "llrd_decay", "freeze_embeddings")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def add_common_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    """Adds the run/optimizer/AMP/data arguments and freeze.add_policy_args.
+
+    defaults: {"<task>": {"lr": ..., "batch_size": ..., "epochs": ...}, "recipes": {"iglue": {...}},
+    "model": "uc2" (run-folder prefix), any other key: default of that argument}. Arguments left at
+    None by the user are filled after parsing: --recipe values, then the task's, then the other keys,
+    then the engine's (paper) defaults.
+    """
+    g = parser.add_argument_group("run (engine.py)")
+    g.add_argument("--task", choices=TASKS, required=True)
+    g.add_argument("--data-root", default=None, help="IGLUE data folder (see data.py)")
+    g.add_argument("--langs", nargs="+", default=None, help="evaluation languages, e.g. en de or en,de (default: all of the task)")
+    g.add_argument("--eval-split", default="test", help="split evaluated after every epoch (paper's per-epoch curves: test)")
+    g.add_argument("--output-dir", default=None, help="run folder (default runs/<model>_<task>_<policy>_seed<seed>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from checkpoint_last.pt")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--recipe", choices=RECIPES, default="paper", help="paper: the paper's stated settings; iglue: IGLUE's released scripts' values")
+    o = parser.add_argument_group("optimisation (engine.py)")
+    o.add_argument("--epochs", type=int, default=None, help="default per task: 5/10/10 (xgqa/xvnli/xflickrco)")
+    o.add_argument("--lr", type=float, default=None, help="peak learning rate (default per task)")
+    o.add_argument("--batch-size", type=int, default=None, help="effective (global) batch size (default per task)")
+    o.add_argument("--micro-batch-size", type=int, default=None, help="per-process batch per forward pass; accumulation = batch / (micro x processes)")
+    o.add_argument("--grad-accum", type=int, default=None, help="alternative to --micro-batch-size: accumulation steps")
+    o.add_argument("--weight-decay", type=float, default=None, help="AdamW decoupled weight decay (paper: 0.01)")
+    o.add_argument("--adam-eps", type=float, default=None, help="AdamW eps (default 1e-8)")
+    o.add_argument("--adam-betas", type=float, nargs=2, default=None, help="AdamW betas (default 0.9 0.999)")
+    o.add_argument("--clip-grad", type=float, default=None, help="max gradient norm, 0 = off (default off)")
+    o.add_argument("--warmup-ratio", type=float, default=None, help="linear warm-up fraction of all optimizer steps (paper: 0.1)")
+    o.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                   help="auto: bf16 on GPUs that support it, else off (always off on CPU); fp16 uses a GradScaler")
+    o.add_argument("--dropout", type=float, default=None, help="override the model config's dropout probabilities")
+    o.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many non-finite losses in a row")
+    o.add_argument("--ddp-find-unused", action="store_true", help="DDP find_unused_parameters (models with unused trainable params)")
+    r = parser.add_argument_group("loop control (engine.py)")
+    r.add_argument("--num-workers", type=int, default=2)
+    r.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap optimizer steps per epoch (tests, demo)")
+    r.add_argument("--log-every", type=int, default=50, help="train record in metrics.jsonl every N optimizer steps (and at epoch end)")
+    r.add_argument("--print-schedule", action="store_true", help="print what trains when, then exit")
+    r.add_argument("--json", action="store_true", help="machine-readable (JSON) output for --print-schedule")
+    freeze.add_policy_args(parser)
+
+    # argparse has no post-parse hook: fill the task-dependent defaults whenever this parser parses.
+    parse_known = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, rest = parse_known(args, namespace)
+        return resolve_args(ns, defaults), rest
+
+    parser.parse_known_args = parse_known_args
+
+
+def resolve_args(args: argparse.Namespace, defaults: dict) -> argparse.Namespace:
+    """Fill arguments the user left at None (see add_common_args); idempotent."""
+    recipes = defaults.get("recipes", {})
+    if args.recipe != "paper" and args.recipe not in recipes:
+        raise SystemExit(f"error: --recipe {args.recipe} is not defined for this model (have: paper{''.join(', ' + r for r in recipes)})")
+    recipe = recipes.get(args.recipe, {})
+    general = {k: v for k, v in defaults.items() if k not in TASKS and k not in ("recipes", "model")}
+    layers = [recipe.get(args.task, {}), {k: v for k, v in recipe.items() if k not in TASKS},
+              defaults.get(args.task, {}), TASK_DEFAULTS[args.task], general, ENGINE_DEFAULTS]
+    for layer in layers:
+        for key, value in layer.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+    for key in ("epochs", "lr", "batch_size"):
+        if getattr(args, key) is None:
+            raise SystemExit(f"error: --{key.replace('_', '-')} has no default for task {args.task}; pass it")
+    if args.langs:
+        args.langs = [lang for item in args.langs for lang in item.split(",") if lang]
+    if args.output_dir is None:
+        args.output_dir = f"runs/{defaults.get('model', 'run')}_{args.task}_{args.policy}_seed{args.seed}"
+    args.adam_betas = list(args.adam_betas)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> DistInfo:
+    """torchrun environment -> process group (nccl on CUDA, gloo on CPU); plain single process otherwise.
+
+    Collectives time out after SUF_DIST_TIMEOUT seconds (default 600) so that a rank that died or hangs
+    makes the others fail (and torchrun exit non-zero) instead of waiting forever. SUF_DEVICE=cpu
+    forces CPU on a GPU machine."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available() and os.environ.get("SUF_DEVICE", "") != "cpu"
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not tdist.is_initialized():
+        timeout = timedelta(seconds=float(os.environ.get("SUF_DIST_TIMEOUT", 600)))
+        tdist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, device_id=device if cuda else None)
+    return DistInfo(rank, world, local_rank, device)
+
+
+def cleanup_distributed() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def barrier(dist: DistInfo) -> None:
+    if dist.distributed:
+        tdist.barrier()
+
+
+def shard(n: int, dist: DistInfo | None) -> range:
+    """This rank's contiguous slice of range(n); the first n % world ranks get one extra item."""
+    if dist is None or not dist.distributed:
+        return range(n)
+    base, extra = divmod(n, dist.world)
+    start = dist.rank * base + min(dist.rank, extra)
+    return range(start, start + base + (dist.rank < extra))
+
+
+def gather(items: list, dist: DistInfo | None) -> list:
+    """Every rank's list concatenated in rank order (on every rank): with shard() each item once, in order."""
+    if dist is None or not dist.distributed:
+        return list(items)
+    parts: list = [None] * dist.world
+    tdist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
+def broadcast_object(obj, dist: DistInfo):
+    """rank 0's obj on every rank."""
+    if not dist.distributed:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- data order
+
+def micro_and_accum(args: argparse.Namespace, dist: DistInfo) -> tuple[int, int]:
+    """(per-process micro-batch, accumulation steps) with batch_size == micro * accum * world."""
+    batch, world = args.batch_size, dist.world
+    if args.micro_batch_size:
+        micro = args.micro_batch_size
+        accum = args.grad_accum or max(1, batch // (micro * world))
+    elif args.grad_accum:
+        accum = args.grad_accum
+        micro = max(1, batch // (accum * world))
+    else:
+        accum, micro = 1, max(1, batch // world)
+    if micro * accum * world != batch:
+        raise SystemExit(f"error: --batch-size {batch} must equal micro-batch {micro} x accumulation {accum} x "
+                         f"{world} process(es); choose --micro-batch-size/--grad-accum that divide it")
+    return micro, accum
+
+
+class GlobalBatchSampler(Sampler):
+    """Yields this rank's micro-batches (lists of indices).
+
+    The data is shuffled globally by (seed, epoch) and cut into global batches of batch_size (the
+    incomplete last one is dropped, so every optimizer step sees a full global batch); each global
+    batch into accum global micro-batches of micro * world; rank r takes the r-th contiguous slice of
+    each. So N processes see exactly the global batches of 1 process with the same --batch-size."""
+
+    def __init__(self, n: int, batch_size: int, micro_batch_size: int, dist: DistInfo, seed: int, shuffle: bool = True):
+        if batch_size % (micro_batch_size * dist.world):
+            raise ValueError(f"batch size {batch_size} is not a multiple of micro-batch {micro_batch_size} x {dist.world} processes")
+        self.n, self.batch_size, self.micro, self.dist = n, batch_size, micro_batch_size, dist
+        self.seed, self.shuffle, self.epoch = seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (self.n // self.batch_size) * (self.batch_size // (self.micro * self.dist.world))
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        chunk = self.micro * self.dist.world
+        for start in range(0, (self.n // self.batch_size) * self.batch_size, chunk):
+            lo = start + self.dist.rank * self.micro
+            yield order[lo:lo + self.micro].tolist()
+
+
+def build_train_loader(dataset, args: argparse.Namespace, dist: DistInfo, collate_fn: Callable | None = None) -> DataLoader:
+    micro, _ = micro_and_accum(args, dist)
+    sampler = GlobalBatchSampler(len(dataset), args.batch_size, micro, dist, args.seed)
+    # Non-persistent workers: each epoch's workers copy the dataset after set_epoch(epoch).
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, collate_fn=collate_fn,
+                      pin_memory=dist.device.type == "cuda", persistent_workers=False)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Epoch-dependent order (sampler) and randomness (dataset: negatives, augmentation)."""
+    for obj in (loader.batch_sampler, loader.sampler, loader.dataset):
+        if hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+
+
+def to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------- optimizer, AMP
+
+def linear_warmup_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR factor: 0 -> 1 linearly over warmup_steps, then linearly to 0 at total_steps. As in
+    VOLTA/X2-VLM/HF, step 0 has factor 0 when there is a warm-up."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return factor
+
+
+def build_optimizer(model: nn.Module, layout: freeze.LayerLayout, schedule: freeze.Schedule, args: argparse.Namespace,
+                    module_lr: dict[str, float] | None = None, *, total_steps: int | None = None):
+    """AdamW over ALL parameters (frozen ones get no grad, hence no update/decay/state), built once;
+    LambdaLR: linear warm-up over warmup_ratio of total_steps (HF: ceil), then linear decay to 0.
+    total_steps None (benches, tools): constant LR."""
+    groups = freeze.param_groups(model, layout, schedule, args.lr, args.weight_decay, module_lr)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps,
+                                  weight_decay=args.weight_decay)
+    if total_steps is None:
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    warmup = math.ceil(args.warmup_ratio * total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(warmup, total_steps))
+
+
+def setup_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """(autocast dtype or None, GradScaler or None)."""
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    if mode == "off":
+        return None, None
+    if mode == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise SystemExit("error: --amp bf16: this GPU has no bfloat16 support; use --amp fp16 or off")
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler(device.type)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """Atomic: write <path>.tmp in the same folder, fsync, os.replace. A crash leaves the old file intact."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            # Test hook: a SIGKILL mid-write leaves a partial tmp file; model that before dying.
+            fault_point("save_mid", before=lambda: f.truncate(f.tell() // 2))
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise ValueError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """torch.load(weights_only=True); a missing, truncated or corrupt file is a one-line ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for damaged files (RuntimeError, EOFError, UnpicklingError...)
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {detail})") from None
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states (CUDA: its own device only), in types torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ---------------------------------------------------------------------------------------------- run folder, metrics
+
+def check_run_dir(args: argparse.Namespace, dist: DistInfo) -> Path:
+    """One-line SystemExit (on every rank) if --output-dir holds a run and --resume is not given,
+    holds nothing to resume, or is not writable. Writes nothing; call it as early as you like.
+    With --print-schedule nothing will be written, so nothing is checked."""
+    run_dir = Path(args.output_dir)
+    if getattr(args, "print_schedule", False):
+        return run_dir
+    problem = _run_dir_problem(run_dir, args.resume) if dist.is_main else None
+    problem = broadcast_object(problem, dist)
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    return run_dir
+
+
+def _run_dir_problem(run_dir: Path, resume: bool) -> str | None:
+    existing = [f for f in RUN_FILES if (run_dir / f).exists()]
+    if existing and not resume:
+        return f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it or choose another --output-dir"
+    if resume and not existing:
+        return f"--resume: {run_dir} holds no run to resume (no {CHECKPOINT} or {ARGS})"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return f"cannot write to --output-dir {run_dir}: {e.strerror or e}"
+    return None
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object per line, written by rank 0 only."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+
+    def size(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def truncate(self, size: int) -> None:
+        """Drop what a killed run logged after its last checkpoint (and any half-written line)."""
+        if self.enabled and self.size() > size:
+            os.truncate(self.path, size)
+
+
+# ---------------------------------------------------------------------------------------------- fault injection (tests)
+
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(name: str, before: Callable[[], object] | None = None) -> None:
+    """Test hook, inert unless SUF_FAULT="<kill|raise|hang>:<point>:<n>[:<rank>]" is set: act the n-th
+    time this process reaches `point` (step: after an optimizer step; unfreeze: after the trainable set
+    changed; save_mid: inside save_checkpoint before the tmp file is complete; epoch_end: after the
+    epoch's checkpoint)."""
+    spec = os.environ.get("SUF_FAULT")
+    if not spec:
+        return
+    action, point, n, *rank = spec.split(":")
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if point != name or _fault_counts[name] != int(n) or (rank and int(rank[0]) != int(os.environ.get("RANK", 0))):
+        return
+    if before is not None:
+        before()
+    print(f"SUF_FAULT: {action} at {name} #{n}", file=sys.stderr, flush=True)
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "raise":
+        raise RuntimeError(f"SUF_FAULT: injected failure at {name} #{n}")
+    elif action == "hang":
+        time.sleep(3600)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+@dataclass
+class Progress:
+    """Loop counters; saved in the checkpoint and restored by --resume."""
+    epoch: int = 0               # epochs completed
+    step: int = 0                # optimizer steps done = global 0-based index of the next step
+    nonfinite_steps: int = 0     # steps skipped for a non-finite loss or gradient
+    nonfinite_in_a_row: int = 0
+    amp_skipped_steps: int = 0   # fp16 GradScaler overflow skips (scale lowered; not an error)
+    metrics_offset: int = 0      # metrics.jsonl size at the checkpoint
+
+
+class LossOf(nn.Module):
+    """DDP syncs gradients only for work done inside its forward(): route model.loss(batch) through it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.loss(batch)
+
+
+def wrap_for_training(model: nn.Module, dist: DistInfo, find_unused: bool) -> nn.Module:
+    """(Re-)build the DDP wrapper over the parameters that require grad NOW."""
+    net = LossOf(model)
+    if not dist.distributed:
+        return net
+    trainable = "\n".join(n for n, p in model.named_parameters() if p.requires_grad)
+    digests = gather([hashlib.sha1(trainable.encode()).hexdigest()[:12]], dist)
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"ranks disagree on the trainable parameters (per-rank digests {digests}); "
+                           "the schedule must depend only on (epoch, step)")
+    return DDP(net, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
+               forward_sync_buffers=False, find_unused_parameters=find_unused)
+
+
+def forward_backward(net: nn.Module, batches, accum: int, amp_dtype, scaler, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """accum micro-batches into .grad (DDP all-reduces on the last one only). Returns (sum of the
+    finite micro-batch losses, number of non-finite ones) as tensors, so nothing syncs here."""
+    loss_sum = torch.zeros((), device=device)
+    n_bad = torch.zeros((), device=device)
+    for i in range(accum):
+        batch = to_device(next(batches), device)
+        last = i == accum - 1
+        with nullcontext() if last or not isinstance(net, DDP) else net.no_sync():
+            with autocast(device, amp_dtype):
+                loss = net(batch).float()
+            scaled = loss / accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        finite = torch.isfinite(loss.detach())
+        loss_sum += torch.where(finite, loss.detach(), 0.0)
+        n_bad += (~finite).float()
+    return loss_sum, n_bad
+
+
+def optimizer_step(model, optimizer, lr_sched, scaler, clip: float, n_bad: torch.Tensor,
+                   dist: DistInfo) -> tuple[bool, bool, float, float]:
+    """Clip + step + zero_grad(set_to_none) + scheduler step. A non-finite loss on any rank, or a
+    non-finite gradient norm, skips the update (all ranks agree: gradients are all-reduced).
+    Returns (updated, amp_skipped, lr used, gradient norm before clipping)."""
+    if dist.distributed:
+        tdist.all_reduce(n_bad)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if clip > 0:
+        torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], clip, norm)
+    grad_norm = norm.item()
+    # fp16: an overflow (inf gradient, finite loss) is the GradScaler's business: it skips and lowers the scale.
+    ok = n_bad.item() == 0 and (scaler is not None or math.isfinite(grad_norm))
+    lr = max(g["lr"] for g in optimizer.param_groups)
+    amp_skipped = False
+    if scaler is not None:
+        scale = scaler.get_scale()
+        if ok:
+            scaler.step(optimizer)  # skips by itself on inf/nan gradients
+        scaler.update()
+        amp_skipped = ok and scaler.get_scale() < scale
+    elif ok:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # Skipped steps still advance the LR schedule: it stays tied to the data seen (paper silent).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")  # first step skipped
+        lr_sched.step()
+    return ok, amp_skipped, lr, grad_norm
+
+
+def mean_loss(loss_sum: torch.Tensor, n: torch.Tensor, dist: DistInfo) -> float | None:
+    total = torch.stack([loss_sum, n]).double()
+    if dist.distributed:
+        tdist.all_reduce(total)
+    return (total[0] / total[1]).item() if total[1] > 0 else None
+
+
+def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout, schedule: freeze.Schedule,
+          train_loader: DataLoader, evaluate_fn: Callable | None, meta: dict, dist: DistInfo, *,
+          module_lr: dict[str, float] | None = None, on_step: Callable[[nn.Module, int], None] | None = None) -> None:
+    """The epoch loop (see module docstring). evaluate_fn(model, epoch 1-based) -> {lang: {metric: value}}
+    is called on every rank after every epoch; on_step(model, steps_done) after every optimizer step."""
+    run_dir = check_run_dir(args, dist)
+    _, accum = micro_and_accum(args, dist)
+    steps_per_epoch = len(train_loader) // accum
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: the training set gives no full global batch of {args.batch_size} examples")
+    if args.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
+    if args.print_schedule:
+        return print_schedule(model, layout, schedule, args, steps_per_epoch, dist)
+
+    model.to(dist.device)
+    optimizer, lr_sched = build_optimizer(model, layout, schedule, args, module_lr, total_steps=args.epochs * steps_per_epoch)
+    amp_dtype, scaler = setup_amp(args.amp, dist.device)
+    log = MetricsLog(run_dir / METRICS, dist.is_main)
+    _fault_counts.clear()
+    if args.resume and (run_dir / CHECKPOINT).exists():
+        prog = resume(run_dir / CHECKPOINT, model, optimizer, lr_sched, scaler, args, dist, log)
+    else:
+        prog = start_fresh(run_dir, args, dist, log)
+
+    net = None
+    for epoch in range(prog.epoch, args.epochs):
+        set_epoch(train_loader, epoch)
+        model.train()
+        batches = iter(train_loader)
+        loss_sum, n_finite = torch.zeros((), device=dist.device), torch.zeros((), device=dist.device)  # since last record
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist.is_main, dynamic_ncols=True)
+        for i in range(steps_per_epoch):
+            # Cheap, and covers --unfreeze-unit epoch and step alike.
+            changed = freeze.apply_schedule(model, layout, schedule, epoch, prog.step)
+            if changed or net is None:
+                net = None  # frees the old DDP (refcount) and its reducer's autograd hooks before a new one registers
+                net = wrap_for_training(model, dist, args.ddp_find_unused)
+                if changed:
+                    fault_point("unfreeze")
+            step_loss, n_bad = forward_backward(net, batches, accum, amp_dtype, scaler, dist.device)
+            loss_sum += step_loss
+            n_finite += accum - n_bad  # before optimizer_step sums n_bad over ranks
+            ok, amp_skipped, lr, grad_norm = optimizer_step(model, optimizer, lr_sched, scaler, args.clip_grad, n_bad, dist)
+            count_step(prog, ok, amp_skipped, epoch, args, run_dir, dist)  # stops after too many non-finite in a row
+            if on_step is not None:
+                on_step(model, prog.step)
+            fault_point("step")
+            bar.update(1)
+            if (args.log_every and prog.step % args.log_every == 0) or i == steps_per_epoch - 1:
+                loss = mean_loss(loss_sum, n_finite, dist)
+                log.write(train_record(epoch, prog, loss, lr, grad_norm, model, schedule))
+                bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "nan", lr=f"{lr:.2e}")
+                loss_sum.zero_(), n_finite.zero_()
+        bar.close()
+        del batches
+
+        if evaluate_fn is not None:
+            log_eval(log, evaluate(evaluate_fn, model, epoch), epoch, prog.step, args.eval_split, dist)
+        prog.epoch = epoch + 1
+        prog.metrics_offset = log.size()
+        save_training_state(run_dir / CHECKPOINT, model, optimizer, lr_sched, scaler, prog, args, meta, schedule, dist)
+        fault_point("epoch_end")
+
+    if dist.is_main:
+        save_checkpoint(run_dir / FINAL, {"model": model.state_dict(), "meta": run_meta(meta, schedule, prog, args)})
+        print(f"done: {run_dir / FINAL}", flush=True)
+    barrier(dist)
+
+
+def count_step(prog: Progress, ok: bool, amp_skipped: bool, epoch: int, args, run_dir: Path, dist: DistInfo) -> None:
+    prog.step += 1
+    prog.amp_skipped_steps += amp_skipped
+    if ok:
+        prog.nonfinite_in_a_row = 0
+        return
+    prog.nonfinite_steps += 1
+    prog.nonfinite_in_a_row += 1
+    if dist.is_main:
+        print(f"warning: non-finite loss or gradient at epoch {epoch + 1}, step {prog.step}: update skipped "
+              f"({prog.nonfinite_in_a_row} in a row, {prog.nonfinite_steps} in total)", file=sys.stderr, flush=True)
+    if prog.nonfinite_in_a_row >= args.max_nonfinite:
+        last = f"{run_dir / CHECKPOINT} (after epoch {prog.epoch})" if prog.epoch else "none (no epoch completed)"
+        raise SystemExit(f"error: stopping: {prog.nonfinite_in_a_row} non-finite losses in a row at epoch {epoch + 1}, "
+                         f"step {prog.step} (--max-nonfinite {args.max_nonfinite}); last good checkpoint: {last}")
+
+
+def train_record(epoch: int, prog: Progress, loss: float | None, lr: float, grad_norm: float, model: nn.Module,
+                 schedule: freeze.Schedule) -> dict:
+    last = prog.step - 1  # the step just taken
+    return {"type": "train", "epoch": epoch + 1, "step": prog.step, "loss": loss, "lr": lr,
+            "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+            "stage": schedule.stage(epoch, last), "trainable_layers": schedule.trainable_layers(epoch, last),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "nonfinite_steps": prog.nonfinite_steps, "amp_skipped_steps": prog.amp_skipped_steps}
+
+
+def evaluate(evaluate_fn: Callable, model: nn.Module, epoch: int) -> dict:
+    """evaluate_fn runs on every rank (it shards with shard/gather itself), in eval mode, no grad;
+    its precision is its own choice."""
+    model.eval()
+    with torch.no_grad():
+        results = evaluate_fn(model, epoch + 1)
+    model.train()
+    return results or {}
+
+
+def log_eval(log: MetricsLog, results: dict, epoch: int, step: int, split: str, dist: DistInfo) -> None:
+    for lang, metrics in results.items():
+        log.write({"type": "eval", "epoch": epoch + 1, "step": step, "lang": lang, "split": split, **metrics})
+    if dist.is_main and results:
+        print(f"epoch {epoch + 1} {split}: " + "; ".join(
+            f"{lang} " + " ".join(f"{k}={v:.2f}" for k, v in m.items() if isinstance(v, float))
+            for lang, m in results.items()), flush=True)
+
+
+def run_meta(meta: dict, schedule: freeze.Schedule, prog: Progress, args) -> dict:
+    return {**meta, "policy": schedule.policy, "schedule": schedule.to_dict(), "epoch": prog.epoch, "step": prog.step,
+            "stage": schedule.stage(max(prog.epoch - 1, 0), max(prog.step - 1, 0)), "task": meta.get("task", args.task),
+            "langs": meta.get("langs", args.langs)}
+
+
+def save_training_state(path: Path, model, optimizer, lr_sched, scaler, prog: Progress, args, meta: dict,
+                        schedule: freeze.Schedule, dist: DistInfo) -> None:
+    rngs = gather([rng_state(dist.device)], dist)  # every rank's, so a resumed rank continues its own stream
+    if dist.is_main:
+        save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scheduler": lr_sched.state_dict(),
+                               "scaler": scaler.state_dict() if scaler is not None else None,
+                               "rng": rngs, "progress": asdict(prog), "args": json_safe(vars(args)),
+                               "meta": run_meta(meta, schedule, prog, args)})
+    barrier(dist)
+
+
+def json_safe(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def start_fresh(run_dir: Path, args, dist: DistInfo, log: MetricsLog) -> Progress:
+    seed_everything(args.seed + dist.rank)  # dropout etc.; per rank, as is usual
+    if dist.is_main:
+        log.truncate(0)  # --resume of a run killed before its first checkpoint
+        (run_dir / ARGS).write_text(json.dumps(json_safe(vars(args)), indent=1) + "\n")
+    barrier(dist)
+    return Progress()
+
+
+def resume(path: Path, model, optimizer, lr_sched, scaler, args, dist: DistInfo, log: MetricsLog) -> Progress:
+    try:
+        ckpt = load_checkpoint(path)
+    except ValueError as e:
+        raise SystemExit(f"error: --resume: {e}") from None
+    saved = ckpt["args"]
+    for key in RESUME_KEYS:
+        if key in saved and json_safe(getattr(args, key, None)) != saved[key]:
+            raise SystemExit(f"error: --resume: --{key.replace('_', '-')} is {getattr(args, key, None)!r} but the run in "
+                             f"{path} used {saved[key]!r}; resume with the same settings")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    lr_sched.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt["scaler"] is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    prog = Progress(**ckpt["progress"])
+    if len(ckpt["rng"]) == dist.world:
+        set_rng_state(ckpt["rng"][dist.rank], dist.device)
+    else:
+        seed_everything(args.seed + dist.rank + 1000 * prog.epoch)
+        if dist.is_main:
+            print(f"warning: --resume with {dist.world} processes, the run used {len(ckpt['rng'])}: "
+                  "random streams re-seeded (not bitwise equal to an uninterrupted run)", file=sys.stderr)
+    log.truncate(prog.metrics_offset)
+    if dist.is_main:
+        print(f"resumed {path} after epoch {prog.epoch} (step {prog.step})", flush=True)
+    return prog
+
+
+def print_schedule(model, layout, schedule, args, steps_per_epoch: int | None = None, dist: DistInfo | None = None) -> None:
+    rows = freeze.describe_schedule(model, layout, schedule, args.epochs, steps_per_epoch)
+    if dist is None or dist.is_main:
+        print(json.dumps(rows, indent=1) if args.json else freeze.format_schedule(rows), flush=True)

@@ -1,0 +1,148 @@
+"""CCLM checkpoint layout and mapping: the full-size models (built on the meta device, nothing
+allocated) against the reference manifests, and the pretrained -> fine-tuning mapping on small models."""
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_cclm  # noqa: E402
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "cclm"
+TASKS = ("xgqa", "xvnli", "xflickrco")
+
+
+def read_keys(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    out = {}
+    for line in (FIX / name).read_text().splitlines():
+        key, shape, dtype = line.split("\t")
+        out[key] = (tuple(int(s) for s in shape.strip("[]").split(",") if s), dtype)
+    return out
+
+
+def meta_model(task: str):
+    with torch.device("meta"):
+        return train_cclm.build_model(task, train_cclm.CONFIGS["base"])
+
+
+def layout_of(model) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_base_layout_equals_reference(task: str) -> None:
+    model = meta_model(task)
+    assert layout_of(model) == read_keys(f"ft_{task}.keys.tsv")
+    if task == "xgqa":  # tied exactly like the reference's BertLMHeadModel
+        dec = model.text_decoder
+        assert dec.cls.predictions.decoder.weight is dec.bert.embeddings.word_embeddings.weight
+        assert dec.cls.predictions.decoder.bias is dec.cls.predictions.bias
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_pretrained_mapping_equals_reference(task: str) -> None:
+    model = meta_model(task)
+    pre = {k: s for k, (s, _) in read_keys("pretrain_cclm_x2vlm_base.keys.tsv").items()}
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    buffers = {n for n, _ in model.named_buffers() if n in own}
+    plan = train_cclm.pretrained_load_plan(pre, own, buffers, task)
+    lines = (FIX / f"ft_{task}.init_from_pretrain.tsv").read_text().splitlines()
+    want = [tuple(line.split("\t")) for line in lines[1:]]
+    assert Counter(a for _, a, _ in plan) == Counter(a for _, a, _ in want)
+    assert sorted(plan) == sorted(want)
+
+
+def test_mapping_errors_name_the_key() -> None:
+    model = meta_model("xvnli")
+    pre = {k: s for k, (s, _) in read_keys("pretrain_cclm_x2vlm_base.keys.tsv").items()}
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="surprise.weight"):
+        train_cclm.pretrained_load_plan({**pre, "surprise.weight": (3,)}, own, set(), "xvnli")
+    missing = dict(pre)
+    del missing["cross_encoder.encoder.layer.5.output.dense.bias"]
+    with pytest.raises(ValueError, match=r"cross_encoder\.encoder\.layer\.5\.output\.dense\.bias"):
+        train_cclm.pretrained_load_plan(missing, own, set(), "xvnli")
+    bad = {**pre, "text_encoder.embeddings.word_embeddings.weight": (10, 768)}
+    with pytest.raises(ValueError, match="word_embeddings"):
+        train_cclm.pretrained_load_plan(bad, own, set(), "xvnli")
+
+
+def small(image_res: int) -> dict:
+    return {**train_cclm.CONFIGS["tiny"], "image_res": image_res, "text_layers": 2, "cross_layers": 2,
+            "dec_layers": 2, "vocab_size": 50}
+
+
+def fake_pretraining_state(tmp_path: Path) -> tuple[Path, dict]:
+    """A CrossViewLM-shaped state dict at a smaller image size (3x3 grid standing in for 224),
+    wrapped like the pretraining script saves it."""
+    torch.manual_seed(0)
+    ret = train_cclm.build_model("xflickrco", small(48))
+    state = {k: v.clone() for k, v in ret.state_dict().items()}
+    for k, v in state.items():
+        if v.is_floating_point():
+            v.normal_()
+    h = small(48)["hidden_size"]
+    state.update({"bbox_head.0.weight": torch.randn(2 * h, h), "mlm_head.predictions.bias": torch.randn(50)})
+    path = tmp_path / "pre.th"
+    torch.save({"model": state, "config": {"image_res": 48}}, path)
+    return path, state
+
+
+def test_load_pretrained_values(tmp_path: Path) -> None:
+    path, pre = fake_pretraining_state(tmp_path)
+    model = train_cclm.build_model("xgqa", small(64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = train_cclm.load_checkpoint(model, str(path))
+    assert "interpolate_224_to_384 2" in report and "copy_renamed" in report and "bbox_head.0.weight" in report
+    after = model.state_dict()
+    for k, v in after.items():
+        if k.startswith("text_decoder.bert.encoder."):
+            assert torch.equal(v, pre["cross_encoder." + k[len("text_decoder.bert."):]]), k
+        elif "relative_position_bias_table" in k:
+            assert v.shape[0] == 7 * 7 + 3
+            assert torch.equal(v, train_cclm.resize_rel_pos_bias_table(pre[k], 4)), k
+            assert torch.equal(v[-3:], pre[k][-3:])
+        elif "relative_position_index" in k or k.startswith(("text_decoder.bert.embeddings.", "text_decoder.cls.")):
+            assert torch.equal(v, before[k]), k  # the model's own buffer / fresh init
+        else:
+            assert torch.equal(v, pre[k]), k
+
+
+def test_finetuned_roundtrip_and_errors(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    a = train_cclm.build_model("xvnli", small(32))
+    torch.save({"model": a.state_dict(), "meta": {"model": "cclm"}}, tmp_path / "ft.pt")
+    torch.save(a.state_dict(), tmp_path / "bare.pt")
+    for name in ("ft.pt", "bare.pt"):
+        torch.manual_seed(2)
+        b = train_cclm.build_model("xvnli", small(32))
+        train_cclm.load_checkpoint(b, str(tmp_path / name))
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    c = train_cclm.build_model("xflickrco", small(32))
+    with pytest.raises(ValueError, match="lacks .temp. .11 missing, 6 unexpected"):
+        train_cclm.load_checkpoint(c, str(tmp_path / "ft.pt"))
+    with pytest.raises(ValueError, match="nope.pt"):
+        train_cclm.load_checkpoint(c, str(tmp_path / "nope.pt"))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_layout_18_layers(task: str) -> None:
+    model = meta_model(task)
+    layout = train_cclm.LAYOUT(task)
+    assert layout.num_layers == 18
+    per_layer, modules = Counter(), Counter()
+    for name, p in model.named_parameters():
+        layer = layout.layer_of(name)
+        if layer is None:
+            modules[layout.module_of(name)] += 1
+        else:
+            per_layer[layer] += 1
+    assert [per_layer[i] for i in range(18)] == [16] * 12 + [26] * 6
+    expected = {"embeddings", "vision_encoder", "answer_decoder" if task == "xgqa" else "head"}
+    assert set(modules) == expected
+    assert layout.module_of("text_decoder.cls.predictions.bias") == "answer_decoder"
+    assert layout.module_of("vision_encoder.blocks.3.attn.qkv.weight") == "vision_encoder"

@@ -1,0 +1,495 @@
+"""Tests of data.py on the real IGLUE sample and the UC2/CCLM reference fixtures (tests/fixtures only)."""
+import io
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+
+FIX = Path(__file__).parent / "fixtures"
+ROOT = FIX / "iglue"
+FEAT = FIX / "features"
+XGQA_LANGS = ["bn", "de", "en", "id", "ko", "pt", "ru", "zh"]
+XVNLI_LANGS = ["ar", "en", "es", "fr", "ru"]
+XFLICKRCO_LANGS = ["de", "en", "es", "id", "ja", "ru", "tr", "zh"]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+class FakeTokenizer:
+    """Maps known texts to fixed ids (the reference fixtures' stand-in tokenizer output)."""
+    pad_token_id = 1
+
+    def __init__(self, table):
+        self.table = table
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [list(self.table[t]) for t in texts]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    texts = [ex.text for t, s, l in [("xgqa", "dev", "en"), ("xgqa", "dev", "de"), ("xvnli", "test", "en"),
+                                      ("xflickrco", "valid", "en"), ("xflickrco", "test", "zh")]
+             for ex in data.load_split(ROOT, t, s, l)]
+    out = tmp_path_factory.mktemp("tok")
+    data.make_tiny_tokenizer(texts, out, vocab_size=400)
+    return data.load_tokenizer(out)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """Synthetic features and images for every image the sample references."""
+    base = tmp_path_factory.mktemp("synthetic")
+    keys, files = set(), set()
+    for task in data.TASKS:
+        for split in data.available_splits(ROOT, task):
+            for lang in data.available_langs(ROOT, task, split):
+                for ex in data.load_split(ROOT, task, split, lang):
+                    keys.add(ex.image)
+                    files.add(ex.image_file)
+    data.write_synthetic_features(base / "feats.lmdb", keys, num_boxes=5, seed=1)
+    data.write_synthetic_images(base / "images", sorted(files), size=(40, 30))
+    return {"features": base / "feats.lmdb", "images": base / "images", "keys": keys, "files": files}
+
+
+def ids(task, split, lang, **kw):
+    return [ex.id for ex in data.load_split(ROOT, task, split, lang, **kw)]
+
+
+# --------------------------------------------------------------------------------------------- annotations
+
+def test_discovery():
+    assert data.available_splits(ROOT, "xgqa") == ["dev", "testdev", "train_5"]
+    assert data.available_splits(ROOT, "xvnli") == ["test", "train_48"]
+    assert data.available_splits(ROOT, "xvnli", translate_test=True) == ["test"]
+    assert data.available_splits(ROOT, "xflickrco") == ["valid", "test"]
+    assert data.available_langs(ROOT, "xgqa", "dev") == XGQA_LANGS
+    assert data.available_langs(ROOT, "xgqa", "testdev") == ["en"]
+    assert data.available_langs(ROOT, "xvnli", "test") == XVNLI_LANGS
+    assert data.available_langs(ROOT, "xvnli", "test", translate_test=True) == ["ar", "es", "fr", "ru"]
+    assert data.available_langs(ROOT, "xflickrco", "test") == XFLICKRCO_LANGS
+    assert data.select_langs("de,ko", XGQA_LANGS) == ["de", "ko"]
+    assert data.select_langs(None, XGQA_LANGS) == XGQA_LANGS
+    with pytest.raises(ValueError, match="xx"):
+        data.select_langs(["de", "xx"], XGQA_LANGS)
+
+
+def test_answer_vocab():
+    ans2label, label2ans = data.load_answer_vocab(ROOT)
+    assert len(ans2label) == len(label2ans) == data.NUM_ANSWERS == 1842
+    assert all(label2ans[i] == a for a, i in ans2label.items())
+
+
+def test_xgqa_dev_and_few_shot_parallel():
+    ans2label, _ = data.load_answer_vocab(ROOT)
+    for split, n, n_img in (("dev", 120, 42), ("train_5", 155, 5)):
+        per_lang = {l: data.load_split(ROOT, "xgqa", split, l) for l in XGQA_LANGS}
+        ref = per_lang["en"]
+        assert len(ref) == n and len({ex.image for ex in ref}) == n_img
+        for lang, exs in per_lang.items():
+            assert [ex.id for ex in exs] == [ex.id for ex in ref], (split, lang)
+            assert [ex.image for ex in exs] == [ex.image for ex in ref]
+            assert [ex.gold for ex in exs] == [ex.gold for ex in ref]
+            assert all(ex.lang == lang and ex.label == ans2label[ex.gold] and ex.scores == {ex.label: 1.0} for ex in exs)
+            assert {ex.qtype for ex in exs} <= {"verify", "query", "choose", "logical", "compare"}
+        assert sum(ex.qtype == "query" for ex in ref) == (62 if split == "dev" else 86)
+    de = data.load_split(ROOT, "xgqa", "dev", "de")[0]
+    assert (de.id, de.image, de.image_file, de.text) == ("201640614", "n235859", "gqa/n235859.jpg", "Wer trägt das Kleid?")
+
+
+def test_gqa_testdev_list_format():
+    exs = data.load_split(ROOT, "xgqa", "testdev", "en")
+    assert len(exs) == 300 and len({ex.image for ex in exs}) == 175
+    assert (exs[0].id, exs[0].image, exs[0].text, exs[0].gold) == ("201307251", "n161313", "Is it overcast?", "no")
+    assert all(ex.label >= 0 and sum(ex.scores.values()) == 1.0 and ex.qtype == "" for ex in exs)
+
+
+def test_xvnli_parallel_and_translate_test():
+    ref = data.load_split(ROOT, "xvnli", "test", "en")
+    assert len(ref) == 90 and len({ex.image for ex in ref}) == 30
+    assert (ref[0].id, ref[0].image, ref[0].image_file, ref[0].text, ref[0].gold, ref[0].label) == (
+        "759822302.jpg#2r1c", "759822302", "flickr30k/759822302.jpg", "He is wearing the newspaper on his head.",
+        "contradiction", 0)
+    assert sum(ex.gold == "-" for ex in ref) == 1 and all((ex.label == -1) == (ex.gold == "-") for ex in ref)
+    for lang in XVNLI_LANGS:
+        exs = data.load_split(ROOT, "xvnli", "test", lang)
+        assert [ex.id for ex in exs] == [ex.id for ex in ref] and [ex.gold for ex in exs] == [ex.gold for ex in ref]
+        assert len(ids("xvnli", "train_48", lang)) == 60 and ids("xvnli", "train_48", lang) == ids("xvnli", "train_48", "en")
+    for lang in ["ar", "es", "fr", "ru"]:
+        mt = data.load_split(ROOT, "xvnli", "test", lang, translate_test=True)
+        assert [ex.id for ex in mt] == [ex.id for ex in ref] and [ex.gold for ex in mt] == [ex.gold for ex in ref]
+        assert "annotations_machine-translate" in mt[0].source
+
+
+def test_xflickrco_and_flickr30k():
+    ref = data.load_split(ROOT, "xflickrco", "test", "en")
+    assert len(ref) == 40 and [ex.label for ex in ref] == list(range(40))
+    assert all(ex.image_file == f"flickr30k/{ex.image}" and ex.image[:-4].isdigit() for ex in ref[:20])
+    assert all(ex.image.startswith("COCO_val2014_") and ex.image_file == f"coco/{ex.image}" for ex in ref[20:])
+    for lang in XFLICKRCO_LANGS:
+        exs = data.load_split(ROOT, "xflickrco", "test", lang)
+        assert [(ex.id, ex.image) for ex in exs] == [(ex.id, ex.image) for ex in ref]
+    valid = data.load_split(ROOT, "xflickrco", "valid", "en")
+    assert len(valid) == 300 and len({ex.image for ex in valid}) == 60
+    assert all(sum(e.image == ex.image for e in valid) == 5 for ex in valid[::5])
+    assert (valid[0].id, valid[0].image, valid[0].image_file) == ("1018148011#0", "1018148011", "flickr30k/1018148011.jpg")
+
+
+def test_oov_answer_is_label_minus_one(tmp_path, tokenizer):
+    root = tmp_path / "datasets"
+    shutil.copytree(ROOT / "datasets" / "gqa", root / "gqa")
+    q = json.loads((ROOT / "datasets/xGQA/annotations/few_shot/en/dev.json").read_text())
+    qid = next(iter(q))
+    q[qid]["answer"] = "not-an-answer-in-the-vocabulary"
+    (root / "xGQA/annotations/few_shot/en").mkdir(parents=True)
+    (root / "xGQA/annotations/few_shot/en/test.json").write_text(json.dumps(q))
+    exs = data.load_split(tmp_path, "xgqa", "test", "en")
+    assert exs[0].label == -1 and exs[0].scores == {} and exs[1].label >= 0
+    data.write_synthetic_features(tmp_path / "f.lmdb", [ex.image for ex in exs[:2]], num_boxes=2)
+    ds = data.UC2Dataset(exs[:2], str(tmp_path / "f.lmdb"), "xgqa")
+    batch = data.UC2Collate("xgqa", tokenizer)([ds[0], ds[1]])
+    assert batch["label"][0] == -1 and batch["target"][0].sum() == 0 and batch["target"][1].sum() == 1
+
+
+# --------------------------------------------------------------------------------------------- region features
+
+@pytest.mark.parametrize("path,expected", [("features_fixture.lmdb", "features_fixture_expected.pt"),
+                                           ("features_fixture.h5", "features_fixture_expected.pt"),
+                                           ("features_fixture_x101.lmdb", "features_fixture_x101_expected.pt")])
+def test_region_features_match_volta(path, expected):
+    exp = torch.load(FEAT / expected)
+    meta = json.loads((FEAT / "features_fixture_meta.json").read_text())
+    kind = "x101" if "x101" in path else "h5"
+    sizes = {k: (tuple(s), n) for k, s, n in zip(meta[f"ids_{kind}"], meta[f"sizes_wh_{kind}"],
+                                                 meta["num_rows_x101" if kind == "x101" else "num_boxes_h5"])}
+    reader = data.open_features(FEAT / path)
+    assert reader.keys() == set(exp["order"]) == set(sizes)
+    for key, e in exp["images"].items():
+        feats, boxes, w, h = reader.get(key)
+        assert len(feats) == e["reader_num_boxes"] and sizes[key] == ((w, h), len(feats))
+        assert torch.equal(torch.from_numpy(data.box_locations(boxes, w, h)), e["reader_image_location"])
+        for r in (36, 100):
+            out = reader.regions(key, r)
+            n = e[f"num_boxes_{r}"]
+            assert out["features"].shape == (r, 2048) and out["features"].dtype == torch.float32
+            assert torch.equal(out["features"][:n], e["features"][:n]) and not out["features"][n:].any()
+            assert torch.equal(out["spatials"], e[f"spatials_{r}"])
+            assert torch.equal(out["image_mask"], e[f"image_mask_{r}"])
+
+
+def test_serialized_gqa_matches_volta():
+    exp = torch.load(FEAT / "gqa_serialized_fixture_expected.pt")
+    feats_exp = torch.load(FEAT / "features_fixture_expected.pt")["images"]
+    recs = exp["records"]
+    tok = FakeTokenizer({r["question"]: r["token_ids"] for r in recs})
+    assert data.is_serialized_lmdb(FEAT / "gqa_serialized_fixture.lmdb")
+    for r, b in ((100, exp["batch_100"]), (36, exp["batch_36"])):
+        ds = data.SerializedGQADataset(FEAT / "gqa_serialized_fixture.lmdb", max_regions=r)
+        assert len(ds) == 12
+        rows = list(range(12)) if r == 100 else exp["batch_36_record_index"].tolist()
+        batch = data.UC2Collate("xgqa", tok)([ds[i] for i in rows])
+        assert batch["id"] == [recs[i]["question_id_str"] for i in rows]
+        assert torch.equal(batch["input_ids"], b["input_ids"]) and torch.equal(batch["attention_mask"], b["input_mask"])
+        assert torch.equal(batch["target"], b["target"]) and torch.equal(batch["spatials"], b["spatials"])
+        assert torch.equal(batch["image_mask"], b["image_mask"])
+        assert batch["label"].tolist() == [recs[i]["labels"][0] for i in rows]
+        for j, i in enumerate(rows):
+            f = feats_exp[recs[i]["image_id"]]["features"]
+            n = min(len(f), r)
+            assert torch.equal(batch["features"][j, :n], f[:n]) and not batch["features"][j, n:].any()
+    # records VOLTA cannot process at 36 boxes are truncated like the image-keyed reader
+    ds36 = data.SerializedGQADataset(FEAT / "gqa_serialized_fixture.lmdb", max_regions=36)
+    for i, rec in enumerate(recs):
+        if not rec["ok_36"]:
+            assert torch.equal(data.pad_regions(*ds36[i]["regions"], 36)["spatials"], feats_exp[rec["image_id"]]["spatials_36"])
+    assert data.make_dataset("uc2", "xgqa", None, features=str(FEAT / "gqa_serialized_fixture.lmdb")).__class__ \
+        is data.SerializedGQADataset
+
+
+def test_lmdb_opened_lazily_per_worker(synthetic):
+    exs = data.load_split(ROOT, "xvnli", "test", "en")[:8]
+    ds = data.UC2Dataset(exs, str(synthetic["features"]), "xvnli")
+    state = pickle.loads(pickle.dumps(ds.reader))
+    assert state._handle is None
+    loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=data.UC2Collate("xvnli", FakeTokenizer(
+        {ex.text: [0, 5, 2] for ex in exs})), multiprocessing_context="fork")
+    batches = list(loader)
+    assert [b["image_mask"].sum(1).tolist() for b in batches] == [[5] * 4] * 2
+    serial = [data.UC2Collate("xvnli", FakeTokenizer({ex.text: [0, 5, 2] for ex in exs}))([ds[i] for i in range(4, 8)])]
+    assert all(torch.equal(batches[1][k], serial[0][k]) for k in ("features", "spatials", "image_mask", "input_ids"))
+
+
+def test_synthetic_features_format(tmp_path):
+    import lmdb
+    data.write_synthetic_features(tmp_path / "f.lmdb", ["b", "a", 3], num_boxes=4, seed=0)
+    env = lmdb.open(str(tmp_path / "f.lmdb"), readonly=True, lock=False)
+    with env.begin() as txn:
+        assert pickle.loads(txn.get(b"keys")) == [b"3", b"a", b"b"]
+        item = pickle.loads(txn.get(b"a"))
+    assert item["features"].shape == (4, 2048) and item["boxes"].dtype == np.float32 and item["img_id"] == "a"
+    assert isinstance(item["img_w"], np.int64)
+    env.close()
+
+
+# --------------------------------------------------------------------------------------------- images and text
+
+def test_cclm_eval_transform_matches_reference(tmp_path):
+    ref = torch.load(FEAT / "cclm_preprocess.pt")
+    for i, raw in enumerate(ref["raw_images_uint8_hwc"]):
+        path = tmp_path / f"{i}.png"  # stored losslessly and read back, as the reference did
+        Image.fromarray(raw.numpy()).save(path)
+        out = data.eval_transform(data.load_image(path), ref["image_res"])
+        assert out.shape == ref["images"][i].shape
+        assert (out - ref["images"][i]).abs().max() <= 1e-5
+    assert torch.allclose(torch.tensor(data.CLIP_MEAN), ref["mean"]) and torch.allclose(torch.tensor(data.CLIP_STD), ref["std"])
+
+
+def test_train_transform_seeded():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    a = data.train_transform(img, 32, np.random.default_rng([0, 1, 2]), flip=True)
+    b = data.train_transform(img, 32, np.random.default_rng([0, 1, 2]), flip=True)
+    c = data.train_transform(img, 32, np.random.default_rng([0, 2, 2]), flip=True)
+    assert a.shape == (3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    for seed in range(30):  # every augmentation op runs on odd sizes without error
+        data.train_transform(img, 17, np.random.default_rng(seed), flip=True)
+
+
+def test_text_cleaning():
+    assert data.pre_caption("A <person> in a Red-Shirt, runs!!  Fast.", 80) == "a person in a red shirt runs fast"
+    assert data.pre_caption("one two three four", 2) == "one two"
+    assert data.pre_question("Is the man to the LEFT of the car?", 50) == "is the man to the left of the car"
+    assert data.pre_question("a  b c d", 3) == "a  b"  # whitespace runs are not collapsed in questions
+    with pytest.raises(ValueError, match="empty"):
+        data.pre_caption("...", 80)
+
+
+def test_tokenizer_padding_and_truncation(tokenizer, tmp_path):
+    assert (tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<s>"), tokenizer.convert_tokens_to_ids("</s>"),
+            tokenizer.unk_token_id) == (1, 0, 2, 3)
+    texts = ["a cat", "a man rides a bicycle down the road next to a red car"]
+    ids, mask = data.encode_texts(tokenizer, texts)
+    full = tokenizer(texts)["input_ids"]
+    assert ids.shape == (2, len(full[1])) and ids.dtype == mask.dtype == torch.long
+    assert ids[0, :len(full[0])].tolist() == full[0] and (ids[0, len(full[0]):] == 1).all()
+    assert mask.sum(1).tolist() == [len(full[0]), len(full[1])]
+    tokenizer(texts, truncation=True, max_length=4)  # an HF call leaves truncation state in the fast backend
+    assert torch.equal(data.encode_texts(tokenizer, texts)[0], ids)
+    short, smask = data.encode_texts(tokenizer, texts, max_len=6)
+    assert short.shape == (2, 6) and short[1].tolist() == full[1][:5] + [2] and smask[1].all()
+    with pytest.raises(ValueError, match="no-such-tokenizer"):
+        data.load_tokenizer(tmp_path / "no-such-tokenizer")
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+def _check(batch, spec):
+    for key, (shape, dtype) in spec.items():
+        assert key in batch, key
+        assert tuple(batch[key].shape) == shape and batch[key].dtype == dtype, (key, batch[key].shape, batch[key].dtype)
+
+
+def test_uc2_batches(synthetic, tokenizer):
+    f, i64, f32 = str(synthetic["features"]), torch.long, torch.float32
+    for task, split, lang in (("xgqa", "dev", "de"), ("xvnli", "test", "en")):
+        exs = data.load_split(ROOT, task, split, lang)[:3]
+        ds = data.make_dataset("uc2", task, exs, features=f)
+        b = data.make_collate("uc2", task, tokenizer)([ds[i] for i in range(3)])
+        L = b["input_ids"].shape[1]
+        _check(b, {"input_ids": ((3, L), i64), "attention_mask": ((3, L), i64), "features": ((3, 36, 2048), f32),
+                   "spatials": ((3, 36, 7), f32), "image_mask": ((3, 36), i64), "label": ((3,), i64)})
+        assert b["id"] == [ex.id for ex in exs] and b["lang"] == lang and b["image_mask"].sum(1).tolist() == [5] * 3
+        if task == "xgqa":
+            _check(b, {"target": ((3, 1842), f32)})
+            assert b["qtype"] == [ex.qtype for ex in exs] and (b["target"].argmax(1) == b["label"]).all()
+        else:
+            _check(b, {"target": ((3, 3), f32)})
+            assert b["label"].tolist() == [data.XVNLI_LABELS_UC2.index(ex.gold) for ex in exs]
+            assert (b["target"].argmax(1) == b["label"]).all()
+    gold_dash = [ex for ex in data.load_split(ROOT, "xvnli", "test", "en") if ex.gold == "-"]
+    b = data.UC2Collate("xvnli", tokenizer)([data.UC2Dataset(gold_dash, f, "xvnli")[0]])
+    assert b["label"].tolist() == [-1] and b["target"].sum() == 0
+    # retrieval training: [B, 4, ...]
+    exs = data.load_split(ROOT, "xflickrco", "valid", "en")
+    ds = data.make_dataset("uc2", "xflickrco", exs, features=f, train=True, seed=3)
+    b = data.make_collate("uc2", "xflickrco", tokenizer, train=True)([ds[i] for i in range(2)])
+    L = b["input_ids"].shape[2]
+    _check(b, {"input_ids": ((2, 4, L), i64), "attention_mask": ((2, 4, L), i64), "features": ((2, 4, 36, 2048), f32),
+               "spatials": ((2, 4, 36, 7), f32), "image_mask": ((2, 4, 36), i64)})
+    assert L <= 80
+    # retrieval eval: images and captions separately, each once
+    images, captions = data.make_retrieval_eval("uc2", data.load_split(ROOT, "xflickrco", "test", "ja"), features=f)
+    assert len(images) == 40 and len(captions) == 40
+    col = data.make_collate("uc2", "xflickrco", tokenizer)
+    bi, bc = col([images[i] for i in range(3)]), col([captions[i] for i in (5, 6)])
+    _check(bi, {"features": ((3, 36, 2048), f32), "image_index": ((3,), i64)})
+    assert bi["image_key"][0] == "1007129816.jpg" and bi["lang"] == "ja"
+    _check(bc, {"input_ids": ((2, bc["input_ids"].shape[1]), i64), "image_index": ((2,), i64)})
+    assert bc["image_index"].tolist() == [5, 6]
+
+
+def test_cclm_batches(synthetic, tokenizer):
+    im, i64, f32 = str(synthetic["images"]), torch.long, torch.float32
+    q = data.load_split(ROOT, "xgqa", "dev", "en")[:3]
+    train = data.make_dataset("cclm", "xgqa", q, images=im, train=True, image_res=32)
+    b = data.make_collate("cclm", "xgqa", tokenizer, train=True)([train[i] for i in range(3)])
+    _check(b, {"images": ((3, 3, 32, 32), f32), "text_ids": ((3, b["text_ids"].shape[1]), i64),
+               "answer_ids": ((3, b["answer_ids"].shape[1]), i64), "answer_atts": ((3, b["answer_ids"].shape[1]), i64),
+               "weights": ((3,), f32)})
+    assert b["k"] == [1, 1, 1] and b["text_ids"].shape[1] <= 40
+    ev = data.make_dataset("cclm", "xgqa", q, images=im, image_res=32)
+    b = data.make_collate("cclm", "xgqa", tokenizer)([ev[i] for i in range(3)])
+    assert b["label"].tolist() == [ex.label for ex in q] and b["qtype"] == [ex.qtype for ex in q] and "target" not in b
+    nli = data.load_split(ROOT, "xvnli", "test", "en")
+    ds = data.make_dataset("cclm", "xvnli", nli, images=im, image_res=32)
+    assert len(ds) == 89 and ds.dropped == 1  # X2-VLM skips the gold label "-"
+    b = data.make_collate("cclm", "xvnli", tokenizer)([ds[i] for i in range(4)])
+    assert b["label"].tolist() == [data.XVNLI_LABELS_CCLM.index(ex.gold) for ex in ds.examples[:4]]
+    assert b["label"][0] == 0 and b["id"][0] == "759822302.jpg#2r1c"
+    ret = data.load_split(ROOT, "xflickrco", "valid", "en")
+    ds = data.make_dataset("cclm", "xflickrco", ret, images=im, train=True, image_res=32)
+    b = data.make_collate("cclm", "xflickrco", tokenizer, train=True)([ds[i] for i in (0, 1, 5)])
+    assert b["idx"].tolist() == [0, 0, 1] and b["images"].shape == (3, 3, 32, 32)
+    images, captions = data.make_retrieval_eval("cclm", data.load_split(ROOT, "xflickrco", "test", "de"), images=im,
+                                                image_res=32)
+    col = data.make_collate("cclm", "xflickrco", tokenizer)
+    bi, bc = col([images[i] for i in (19, 20)]), col([captions[i] for i in (0, 39)])
+    assert bi["images"].shape == (2, 3, 32, 32) and bi["image_index"].tolist() == [19, 20]
+    for row, i in enumerate((19, 20)):  # batched normalisation == the per-image reference transform, bit for bit
+        ex = images.items[i]
+        assert torch.equal(bi["images"][row], data.eval_transform(data.load_image(Path(im) / ex.image_file), 32))
+    assert bi["image_key"] == ["1131056918.jpg", "COCO_val2014_000000391895.jpg"]
+    assert bc["text_ids"].dtype == i64 and bc["image_index"].tolist() == [0, 39] and bc["text_ids"].shape[1] <= 80
+
+
+def test_retrieval_negatives_never_the_positive_image(synthetic, tmp_path):
+    exs = data.load_split(ROOT, "xflickrco", "valid", "en")
+    keys = list(dict.fromkeys(ex.image for ex in exs))
+    # hard-negative pool: for image i, itself first then its 3 neighbours (one is i again: must be skipped)
+    pool = np.array([[i, i, (i + 1) % 60, (i + 2) % 60] for i in range(60)])
+    with open(tmp_path / "hard_negative.pkl", "wb") as fh:
+        pickle.dump({"train_image_list": [int(k) for k in keys], "train_hard_pool": pool}, fh)
+    ds = data.UC2Dataset(exs, str(synthetic["features"]), "xflickrco", train=True, hard_negatives=tmp_path / "hard_negative.pkl")
+    for i in range(0, len(exs), 7):
+        it = ds[i]
+        img = keys.index(exs[i].image)
+        assert it["image_indices"][0] == it["image_indices"][1] == it["image_indices"][3] == img
+        assert it["image_indices"][2] != img and it["caption_images"][0] == img
+        assert it["caption_images"][1] != img and it["caption_images"][3] in ((img + 1) % 60, (img + 2) % 60)
+        assert it["texts"][0] == it["texts"][2] == exs[i].text
+        assert it["regions"][0] is it["regions"][1] is it["regions"][3]
+        assert not np.array_equal(it["regions"][0][0], it["regions"][2][0])
+
+
+def test_set_epoch_determinism(synthetic):
+    exs = data.load_split(ROOT, "xflickrco", "valid", "en")
+    ds = data.UC2Dataset(exs, str(synthetic["features"]), "xflickrco", train=True, seed=5)
+    first = [ds[i]["caption_images"] for i in range(20)]
+    assert first == [ds[i]["caption_images"] for i in range(20)]
+    ds.set_epoch(1)
+    assert first != [ds[i]["caption_images"] for i in range(20)]
+    ds.set_epoch(0)
+    assert first == [ds[i]["caption_images"] for i in range(20)]
+    cd = data.CCLMDataset(exs[:2], str(synthetic["images"]), "xflickrco", train=True, image_res=16, seed=5)
+    a = cd[1]["pixels"]
+    cd.set_epoch(3)
+    b = cd[1]["pixels"]
+    cd.set_epoch(0)
+    assert torch.equal(a, cd[1]["pixels"]) and not torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------- inventory and errors
+
+def test_inventory_reports_removed_image(synthetic, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(synthetic["images"], images)
+    os.remove(images / "coco/COCO_val2014_000000560623.jpg")
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert data.main(["--data-root", str(ROOT), "--images", str(images), "--features", str(synthetic["features"]),
+                          "--json"]) == 0
+    inv = json.loads(out.getvalue())
+    assert inv["xflickrco"]["test"]["de"] == {"examples": 40, "images": 40,
+                                              "missing": ["coco/COCO_val2014_000000560623.jpg"]}
+    assert inv["xgqa"]["dev"]["ko"] == {"examples": 120, "images": 42, "missing": []}
+    assert inv["xvnli"]["test_translate_test"]["ar"]["examples"] == 90
+    assert inv["xflickrco"]["valid"]["en"] == {"examples": 300, "images": 60, "missing": []}
+    inv = data.inventory(ROOT, features=[str(FEAT / "features_fixture.lmdb")])
+    assert "759822302" not in inv["xvnli"]["test"]["en"]["missing"] and len(inv["xvnli"]["test"]["en"]["missing"]) == 29
+    assert data.inventory(ROOT)["xgqa"]["testdev"]["en"] == {"examples": 300, "images": 175, "missing": None}
+
+
+def test_cli_exit_code():
+    res = subprocess.run([sys.executable, str(Path(data.__file__)), "--data-root", str(ROOT)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "xflickrco" in res.stdout and "examples" in res.stdout
+
+
+def test_missing_image_and_feature_errors(synthetic, tmp_path):
+    exs = data.load_split(ROOT, "xvnli", "test", "en")[:2]
+    with pytest.raises(ValueError, match=r"759822302\.jpg.*XVNLI/annotations/en/test\.jsonl:1.*759822302\.jpg#2r1c"):
+        data.CCLMDataset(exs, str(tmp_path), "xvnli")[0]
+    data.write_synthetic_features(tmp_path / "f.lmdb", ["1"], num_boxes=2)
+    with pytest.raises(ValueError, match=r"'759822302'.*f\.lmdb.*test\.jsonl:1.*759822302\.jpg#2r1c"):
+        data.UC2Dataset(exs, str(tmp_path / "f.lmdb"), "xvnli")[0]
+
+
+def _root_with(tmp_path, rel, text):
+    path = tmp_path / "datasets" / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return tmp_path
+
+
+def test_bad_annotation_errors(tmp_path):
+    good = (ROOT / "datasets/XVNLI/annotations/en/test.jsonl").read_text().splitlines()
+    root = _root_with(tmp_path / "a", "XVNLI/annotations/en/test.jsonl", "\n".join(good[:2] + ['{"gold_label": ']))
+    with pytest.raises(ValueError, match=r"test\.jsonl:3: malformed JSON"):
+        data.load_split(root, "xvnli", "test", "en")
+    bad = json.loads(good[1])
+    bad["gold_label"] = "maybe"
+    root = _root_with(tmp_path / "b", "XVNLI/annotations/en/test.jsonl", "\n".join([good[0], json.dumps(bad)]))
+    with pytest.raises(ValueError, match=r"test\.jsonl:2: unknown gold_label 'maybe'"):
+        data.load_split(root, "xvnli", "test", "en")
+    root = _root_with(tmp_path / "c", "XVNLI/annotations/en/test.jsonl", "\n\n")
+    with pytest.raises(ValueError, match=r"test\.jsonl: annotation file is empty"):
+        data.load_split(root, "xvnli", "test", "en")
+    root = _root_with(tmp_path / "d", "xFlickrCO/annotations/de/test.jsonl", '{"sentences": ["x"], "id": 1}\n')
+    with pytest.raises(ValueError, match=r"test\.jsonl:1: missing field 'img_path'"):
+        data.load_split(root, "xflickrco", "test", "de")
+    shutil.copytree(ROOT / "datasets/gqa", tmp_path / "e/datasets/gqa")
+    root = _root_with(tmp_path / "e", "xGQA/annotations/few_shot/de/dev.json", '{"1": {"question": "q",\n "imageId": }}')
+    with pytest.raises(ValueError, match=r"dev\.json:2: malformed JSON"):
+        data.load_split(root, "xgqa", "dev", "de")
+    root = _root_with(tmp_path / "f", "xGQA/annotations/few_shot/de/dev.json", "")
+    with pytest.raises(ValueError, match="empty"):
+        data.load_split(root, "xgqa", "dev", "de")
+
+
+def test_wrong_data_root_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        data.dataset_dir(tmp_path / "nope")
+    with pytest.raises(ValueError, match=r"expected folder .*datasets .*is missing"):
+        data.dataset_dir(tmp_path)
+    root = _root_with(tmp_path, "XVNLI/annotations/en/test.jsonl", (ROOT / "datasets/XVNLI/annotations/en/test.jsonl").read_text())
+    with pytest.raises(ValueError, match=r"xflickrco: expected folder .*xFlickrCO/annotations is missing"):
+        data.load_split(root, "xflickrco", "test", "de")
+    with pytest.raises(ValueError, match=r"no split 'dev'.*found: test"):
+        data.load_split(root, "xvnli", "dev", "en")
+    with pytest.raises(ValueError, match=r"language 'de'.*found: en"):
+        data.load_split(root, "xvnli", "test", "de")
+    with pytest.raises(SystemExit, match="expected folder"):
+        data.main(["--data-root", str(tmp_path / "datasets" / "XVNLI")])

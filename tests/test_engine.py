@@ -1,0 +1,348 @@
+"""engine.py: exact resume (incl. SIGKILL mid-epoch / mid-save / after an unfreeze), non-finite guard,
+run-folder safety, data order, shard/gather, and torchrun (gloo, 2 and 3 processes) through every
+schedule change of every policy. The toy trainer tests/_toy_train.py drives the real engine.train.
+
+The subprocess runs (killed runs, torchrun) start together in the `launches` fixture and run while
+the in-process tests do, to keep the file fast on 2 cores."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import engine  # noqa: E402
+
+TOY = ROOT / "tests" / "_toy_train.py"
+_spec = importlib.util.spec_from_file_location("_toy_train", TOY)
+toy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(toy)
+
+# SUF: 4 toy layers, k=1 -> the trainable set changes at every epoch; dropout on so RNG state matters.
+RESUME_ARGS = ["--task", "xvnli", "--policy", "suf", "--suf-k", "1", "--epochs", "3", "--batch-size", "12",
+               "--micro-batch-size", "4", "--num-workers", "0", "--dropout", "0.1", "--n-train", "48"]
+# torchrun: global batch 12 = 2 x 3 x 2 = 2 x 2 x 3; 11 eval items shard unevenly over 2 and 3 ranks.
+DIST_ARGS = ["--task", "xvnli", "--suf-k", "1", "--top-layers", "2", "--epochs", "2",
+             "--batch-size", "12", "--micro-batch-size", "2", "--max-steps-per-epoch", "3", "--num-workers", "0",
+             "--dropout", "0", "--n-eval", "11"]
+VARIANTS = ["full", "suf", "suf-step", "llrd", "top"]
+KILLS = {"mid_epoch": "kill:step:6", "mid_save": "kill:save_mid:2", "after_unfreeze": "kill:unfreeze:2"}
+FAIL = {2: "hang", 3: "raise"}
+DIST_TIMEOUT = 5
+ENV = {**os.environ, "SUF_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _cpu_env(monkeypatch):
+    monkeypatch.setenv("SUF_DEVICE", "cpu")
+    monkeypatch.delenv("SUF_FAULT", raising=False)
+
+
+def run(out: Path, *extra: str, base=RESUME_ARGS) -> None:
+    toy.main([*base, "--output-dir", str(out), *extra])
+
+
+def weights(run_dir: Path) -> dict:
+    return engine.load_checkpoint(run_dir / "model_final.pt")["model"]
+
+
+def assert_bitwise(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    # metrics.jsonl too: what the killed run logged after its checkpoint was dropped on resume
+    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+
+
+class Launch:
+    """A subprocess whose output and end time are collected by a thread (tests may look much later)."""
+
+    def __init__(self, cmd: list[str], env: dict):
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.thread = threading.Thread(target=self._collect, daemon=True)
+        self.thread.start()
+
+    def _collect(self) -> None:
+        self.out = self.proc.stdout.read()
+        self.proc.wait()
+        self.end = time.time()
+
+    def finish(self, timeout: float = 240) -> tuple[int, str, float]:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.proc.kill()
+            pytest.fail(f"{self.proc.args} still running after {timeout}s")
+        return self.proc.returncode, self.out, self.end
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """Start every subprocess at once; tests wait for their own."""
+    base = tmp_path_factory.mktemp("launch")
+    procs = {}
+    for name, fault in KILLS.items():
+        procs[name] = Launch([sys.executable, str(TOY), *RESUME_ARGS, "--output-dir", str(base / name)],
+                             {**ENV, "SUF_FAULT": fault})
+    for n, fail in FAIL.items():
+        procs[n] = Launch([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(TOY),
+                           *DIST_ARGS, "--output-dir", str(base / f"torchrun{n}"), "--variants", *VARIANTS, "--fail", fail],
+                          {**ENV, "SUF_DIST_TIMEOUT": str(DIST_TIMEOUT)})
+    yield base, procs
+    for launch in procs.values():
+        if launch.proc.poll() is None:
+            launch.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, launches) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+def test_metrics_jsonl_and_final_checkpoint(reference):
+    records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["epoch"] for r in train] == [1, 2, 3] and [r["step"] for r in train] == [4, 8, 12]
+    assert [r["trainable_layers"] for r in train] == [[3], [2, 3], [1, 2, 3]]
+    assert train[0]["trainable_params"] < train[1]["trainable_params"] < train[2]["trainable_params"]
+    assert all(r["nonfinite_steps"] == 0 and r["loss"] > 0 and r["lr"] > 0 and r["grad_norm"] > 0 for r in train)
+    assert {(r["epoch"], r["lang"]) for r in evals} == {(e, lang) for e in (1, 2, 3) for lang in ("en", "de")}
+    assert all(r["split"] == "test" and r["n"] == 10 and 0 <= r["accuracy"] <= 100 for r in evals)
+    final = engine.load_checkpoint(reference / "model_final.pt")
+    assert final["meta"]["policy"] == "suf" and final["meta"]["epoch"] == 3 and final["meta"]["config"] == {"layers": 4, "dim": 8}
+    assert json.loads((reference / "args.json").read_text())["lr"] == 1e-2
+
+
+def test_resume_after_epoch_1_is_bitwise_equal(tmp_path, reference, monkeypatch):
+    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
+    with pytest.raises(RuntimeError, match="SUF_FAULT"):
+        run(tmp_path)
+    assert engine.load_checkpoint(tmp_path / "checkpoint_last.pt")["progress"]["epoch"] == 1
+    monkeypatch.delenv("SUF_FAULT")
+    run(tmp_path, "--resume")
+    assert_bitwise(reference, tmp_path)
+
+
+@pytest.mark.parametrize("case", list(KILLS))
+def test_sigkill_then_resume_is_bitwise_equal(case, launches, reference):
+    base, procs = launches
+    rc, out, _ = procs[case].finish()
+    assert rc == -signal.SIGKILL, out
+    run_dir = base / case
+    assert not (run_dir / "model_final.pt").exists()
+    last = engine.load_checkpoint(run_dir / "checkpoint_last.pt")  # the last complete one always loads
+    assert last["progress"]["epoch"] == 1
+    if case == "mid_save":  # died writing epoch 2's checkpoint: only the tmp file is damaged
+        with pytest.raises(ValueError, match=r"checkpoint_last\.pt\.tmp is truncated or corrupt"):
+            engine.load_checkpoint(run_dir / "checkpoint_last.pt.tmp")
+    run(run_dir, "--resume")
+    assert_bitwise(reference, run_dir)
+
+
+def test_resume_from_corrupt_checkpoint_is_one_line_error(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    ckpt = run_dir / "checkpoint_last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    before = ckpt.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run(run_dir, "--resume")
+    msg = str(e.value)
+    assert "\n" not in msg and str(ckpt) in msg and "truncated or corrupt" in msg
+    assert ckpt.read_bytes() == before
+
+
+def test_resume_with_changed_settings_errors(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    with pytest.raises(SystemExit, match="--lr is 0.02 but the run .* used 0.01"):
+        run(run_dir, "--resume", "--lr", "0.02")
+
+
+# ------------------------------------------------------------------------------------------ run folder
+
+def test_existing_run_folder_without_resume_errors(reference):
+    before = {p.name: p.read_bytes() for p in reference.iterdir()}
+    with pytest.raises(SystemExit, match="already holds a run .*pass --resume"):
+        run(reference)
+    assert {p.name: p.read_bytes() for p in reference.iterdir()} == before
+
+
+def test_unwritable_output_folder_errors_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        run(blocker / "run")
+    assert str(e.value).startswith("error: cannot write to --output-dir") and "\n" not in str(e.value)
+
+
+def test_resume_without_a_run_errors(tmp_path):
+    with pytest.raises(SystemExit, match="holds no run to resume"):
+        run(tmp_path / "nothing", "--resume")
+
+
+# ------------------------------------------------------------------------------------------ non-finite loss
+
+def test_nonfinite_loss_is_skipped_and_counted(tmp_path, capsys):
+    run(tmp_path, "--policy", "full", "--epochs", "2", "--nan-index", "5")
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    assert [r["nonfinite_steps"] for r in train] == [1, 2]  # example 5 is in one global batch per epoch
+    assert all(r["loss"] is not None and r["loss"] == r["loss"] for r in train)
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path).values())
+    assert "non-finite loss or gradient" in capsys.readouterr().err
+
+
+def test_many_nonfinite_in_a_row_stop_with_checkpoint_intact(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--nan-from-epoch", "1", "--max-nonfinite", "3")
+    msg = str(e.value)
+    assert "3 non-finite losses in a row at epoch 2" in msg and "checkpoint_last.pt (after epoch 1)" in msg
+    ckpt = engine.load_checkpoint(tmp_path / "checkpoint_last.pt")
+    assert ckpt["progress"]["epoch"] == 1 and not (tmp_path / "model_final.pt").exists()
+    assert all(torch.isfinite(w).all() for w in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_modes_train(tmp_path, amp):
+    run(tmp_path, "--amp", amp, "--epochs", "1", "--clip-grad", "1.0")
+    ckpt = engine.load_checkpoint(tmp_path / "checkpoint_last.pt")
+    assert (ckpt["scaler"] is not None) == (amp == "fp16")
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path).values())
+
+
+# ------------------------------------------------------------------------------------------ distributed
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory, launches) -> Path:
+    out = tmp_path_factory.mktemp("single")
+    run(out, "--variants", *VARIANTS, base=DIST_ARGS)
+    return out
+
+
+@pytest.mark.parametrize("world", sorted(FAIL))
+def test_torchrun_ranks_agree_match_single_process_and_fail_fast(world, launches, single_process):
+    base, procs = launches
+    rc, out, end = procs[world].finish()
+    runs = base / f"torchrun{world}"
+    for variant in VARIANTS:
+        rank_hashes = [json.loads((runs / variant / f"hashes.rank{r}.json").read_text()) for r in range(world)]
+        assert len(rank_hashes[0]) == 6 and all(h == rank_hashes[0] for h in rank_hashes), variant  # after every step
+        one, many = weights(single_process / variant), weights(runs / variant)
+        for k in one:
+            torch.testing.assert_close(many[k], one[k], rtol=1e-5, atol=1e-6, msg=f"{variant} {k}")
+        for epoch in (1, 2):  # uneven shards: every eval item exactly once, in order
+            assert json.loads((runs / variant / f"eval_ids.epoch{epoch}.json").read_text()) == list(range(11))
+        evals = [line for line in (runs / variant / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+        assert evals == [line for line in (single_process / variant / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    def trained_layers(variant):
+        return [r["trainable_layers"] for r in map(json.loads, (runs / variant / "metrics.jsonl").read_text().splitlines())
+                if r["type"] == "train"]
+    assert trained_layers("suf") == [[3], [2, 3]]                 # changed between epochs
+    assert trained_layers("suf-step") == [[1, 2, 3], [0, 1, 2, 3]]  # changed at steps 1, 2, 3
+    # then rank 1 raised (or hung): the whole run must exit non-zero, within the collective timeout
+    assert rc != 0, out
+    started = float(out.split("toy: failure phase ")[1].split()[0])
+    assert end - started < DIST_TIMEOUT + 30, out
+    assert ("injected failure" in out) if FAIL[world] == "raise" else ("Timed out" in out or "timed out" in out.lower()), out
+
+
+# ------------------------------------------------------------------------------------------ units
+
+def test_shard_covers_every_index_once():
+    for world in range(1, 5):
+        for n in range(12):
+            parts = [engine.shard(n, engine.DistInfo(rank=r, world=world)) for r in range(world)]
+            assert [i for p in parts for i in p] == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_global_batches_identical_for_any_world_size():
+    def global_batches(world: int, micro: int, epoch: int) -> list[list[int]]:
+        per_rank = []
+        for r in range(world):
+            s = engine.GlobalBatchSampler(50, 12, micro, engine.DistInfo(rank=r, world=world), seed=3)
+            s.set_epoch(epoch)
+            per_rank.append(list(s))
+            assert len(per_rank[-1]) == len(s)
+        accum = 12 // (micro * world)
+        steps = [[i for a in range(k * accum, (k + 1) * accum) for r in range(world) for i in per_rank[r][a]]
+                 for k in range(len(per_rank[0]) // accum)]
+        return steps
+
+    ref = global_batches(1, 12, 0)
+    assert len(ref) == 4 and len({i for b in ref for i in b}) == 48  # incomplete last batch dropped
+    for world, micro in ((1, 3), (2, 2), (3, 4), (3, 1)):
+        assert global_batches(world, micro, 0) == ref
+    assert global_batches(1, 12, 1) != ref
+
+
+def test_set_epoch_reaches_sampler_and_dataset():
+    data = toy.ToyData(24, 0)
+    args = argparse.Namespace(batch_size=12, micro_batch_size=None, grad_accum=None, seed=0, num_workers=0)
+    loader = engine.build_train_loader(data, args, engine.DistInfo())
+    engine.set_epoch(loader, 2)
+    assert data.epoch == 2 and loader.batch_sampler.epoch == 2
+
+
+def test_micro_and_accum():
+    ns = lambda **kw: argparse.Namespace(**{"batch_size": 12, "micro_batch_size": None, "grad_accum": None, **kw})  # noqa: E731
+    world2 = engine.DistInfo(rank=0, world=2)
+    assert engine.micro_and_accum(ns(), world2) == (6, 1)
+    assert engine.micro_and_accum(ns(micro_batch_size=2), world2) == (2, 3)
+    assert engine.micro_and_accum(ns(grad_accum=2), world2) == (3, 2)
+    with pytest.raises(SystemExit, match="must equal micro-batch 5"):
+        engine.micro_and_accum(ns(micro_batch_size=5), world2)
+
+
+def test_linear_warmup_then_decay():
+    f = engine.linear_warmup_decay(2, 10)
+    assert [f(s) for s in range(11)] == [0.0, 0.5, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8, 0.0]
+
+
+def test_args_defaults_recipe_and_user_values():
+    defaults = {"model": "m", "xgqa": {"lr": 4e-5, "batch_size": 256}, "xvnli": {"lr": 2e-5, "batch_size": 128},
+                "recipes": {"iglue": {"weight_decay": 1e-4, "adam_eps": 1e-6, "clip_grad": 1.0}}}
+    parser = argparse.ArgumentParser()
+    engine.add_common_args(parser, defaults)
+    a = parser.parse_args(["--task", "xgqa", "--langs", "en,de", "id"])
+    assert (a.epochs, a.lr, a.batch_size, a.weight_decay, a.clip_grad, a.warmup_ratio) == (5, 4e-5, 256, 0.01, 0.0, 0.1)
+    assert a.langs == ["en", "de", "id"] and a.output_dir == "runs/m_xgqa_full_seed42"
+    b = parser.parse_args(["--task", "xvnli", "--recipe", "iglue", "--weight-decay", "0.05", "--epochs", "2"])
+    assert (b.epochs, b.lr, b.weight_decay, b.adam_eps, b.clip_grad) == (2, 2e-5, 0.05, 1e-6, 1.0)
+    with pytest.raises(SystemExit, match="--lr has no default for task xflickrco"):
+        parser.parse_args(["--task", "xflickrco"])
+
+
+def test_print_schedule_writes_nothing(tmp_path, capsys):
+    run(tmp_path / "run", "--print-schedule", "--json")
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["trainable_layers"] for r in rows] == [[3], [2, 3], [1, 2, 3]]
+    assert not (tmp_path / "run").exists()
+
+
+def test_loader_workers_do_not_change_the_result(tmp_path):
+    """Workers copy the dataset after set_epoch: per-epoch randomness and order as with no workers."""
+    for workers in ("0", "2"):
+        run(tmp_path / workers, "--policy", "full", "--epochs", "2", "--num-workers", workers, "--log-every", "3")
+    assert_bitwise(tmp_path / "0", tmp_path / "2")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "2" / "metrics.jsonl").read_text().splitlines()
+             if '"train"' in line]
+    assert steps == [3, 4, 6, 8]  # every --log-every steps and at each epoch end

@@ -1,0 +1,343 @@
+"""freeze.py: the paper's schedules, LLRD rates, argument errors, and what the optimizer does to
+frozen / newly unfrozen parameters. Tiny synthetic models with UC2's and CCLM's layer layouts."""
+import argparse
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import freeze
+from freeze import Schedule
+
+W = 4
+
+
+def block() -> nn.ModuleDict:
+    return nn.ModuleDict({"dense": nn.Linear(W, W), "LayerNorm": nn.LayerNorm(W)})
+
+
+def run_blocks(blocks, x):
+    for b in blocks:
+        x = x + torch.tanh(b["dense"](b["LayerNorm"](x)))
+    return x
+
+
+class TinyUC2(nn.Module):
+    """VOLTA naming: 24 blocks bert.encoder.layer.0..23 = 12 layers (attention, FFN)."""
+
+    def __init__(self, vocab: int = 11):
+        super().__init__()
+        self.bert = nn.Module()
+        self.bert.embeddings = nn.ModuleDict({"word_embeddings": nn.Embedding(vocab, W), "LayerNorm": nn.LayerNorm(W)})
+        self.bert.v_embeddings = nn.ModuleDict({"image_embeddings": nn.Linear(6, W)})
+        self.bert.encoder = nn.Module()
+        self.bert.encoder.layer = nn.ModuleList(block() for _ in range(24))
+        self.bert.t_pooler = nn.Linear(W, W)
+        self.clfs = nn.Linear(W, 3)
+
+    def forward(self, ids, feats):
+        e = self.bert.embeddings
+        x = torch.cat([e["LayerNorm"](e["word_embeddings"](ids)), self.bert.v_embeddings["image_embeddings"](feats)], 1)
+        x = run_blocks(self.bert.encoder.layer, x)
+        return self.clfs(torch.relu(self.bert.t_pooler(x[:, 0])))
+
+
+UC2_LAYOUT = freeze.layout_from_rules(
+    12, [("bert.encoder.layer.", 0, 2)],
+    [("bert.embeddings.", "embeddings"), ("bert.v_embeddings.", "image_embeddings"), ("bert.t_pooler.", "pooler")],
+    default_module="head", embedding_modules=("embeddings", "image_embeddings"))
+
+
+class TinyCCLM(nn.Module):
+    """X2-VLM naming: 12 text layers, then 6 cross-modal layers (ids 12..17), ViT, answer decoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.vision_encoder = nn.ModuleDict({"patch_embed": nn.Linear(6, W), "blocks": nn.ModuleList(block() for _ in range(2))})
+        self.text_encoder = nn.Module()
+        self.text_encoder.embeddings = nn.ModuleDict({"word_embeddings": nn.Embedding(11, W), "LayerNorm": nn.LayerNorm(W)})
+        self.text_encoder.encoder = nn.Module()
+        self.text_encoder.encoder.layer = nn.ModuleList(block() for _ in range(12))
+        self.cross_encoder = nn.Module()
+        self.cross_encoder.encoder = nn.Module()
+        self.cross_encoder.encoder.layer = nn.ModuleList(block() for _ in range(6))
+        self.text_decoder = nn.ModuleDict({"bert": nn.ModuleDict({"encoder": nn.ModuleDict({"layer": nn.ModuleList([block()])})})})
+        self.cls_head = nn.Linear(W, 3)
+
+
+CCLM_LAYOUT = freeze.layout_from_rules(
+    18, [("text_encoder.encoder.layer.", 0, 1), ("cross_encoder.encoder.layer.", 12, 1)],
+    [("text_encoder.embeddings.", "embeddings"), ("vision_encoder.", "vision_encoder"),
+     ("text_decoder.", "answer_decoder"), ("cls_head.", "head")])
+
+
+def layers_by_epoch(model, layout, schedule, epochs):
+    return [r["trainable_layers"] for r in freeze.describe_schedule(model, layout, schedule, epochs)]
+
+
+# ------------------------------------------------------------------ the paper's schedules
+
+def test_layouts_map_names():
+    assert UC2_LAYOUT.layer_of("bert.encoder.layer.23.dense.weight") == 11
+    assert UC2_LAYOUT.layer_of("bert.encoder.layer.1.dense.weight") == 0
+    assert UC2_LAYOUT.layer_of("bert.embeddings.LayerNorm.weight") is None
+    assert CCLM_LAYOUT.layer_of("cross_encoder.encoder.layer.0.dense.bias") == 12
+    assert CCLM_LAYOUT.layer_of("text_decoder.bert.encoder.layer.0.dense.bias") is None
+    assert CCLM_LAYOUT.module_of("text_decoder.bert.encoder.layer.0.dense.bias") == "answer_decoder"
+
+
+def test_uc2_suf_k3():
+    got = layers_by_epoch(TinyUC2(), UC2_LAYOUT, Schedule("suf", 12), 5)
+    assert got == [list(range(9, 12)), list(range(6, 12)), list(range(3, 12)), list(range(12)), list(range(12))]
+
+
+def test_cclm_suf_k3_bottom_layers_never_train_in_5_epochs():
+    rows = freeze.describe_schedule(TinyCCLM(), CCLM_LAYOUT, Schedule("suf", 18), 10)
+    assert rows[0]["trainable_layers"] == [15, 16, 17]
+    assert [len(r["trainable_layers"]) for r in rows] == [3, 6, 9, 12, 15, 18, 18, 18, 18, 18]
+    assert all(i not in r["trainable_layers"] for r in rows[:5] for i in (0, 1, 2))  # xGQA: 5 epochs
+    assert rows[0]["always_trainable"] == ["answer_decoder", "embeddings", "head", "vision_encoder"]
+    assert all(r["embeddings_trainable"] for r in rows)
+
+
+def test_top6_cclm_is_exactly_the_cross_modal_layers():
+    rows = freeze.describe_schedule(TinyCCLM(), CCLM_LAYOUT, Schedule("top", 18, top_layers=6), 5)
+    assert all(r["trainable_layers"] == list(range(12, 18)) for r in rows)
+    m = TinyCCLM()
+    freeze.apply_schedule(m, CCLM_LAYOUT, Schedule("top", 18, top_layers=6), 0)
+    assert all(p.requires_grad for p in m.cross_encoder.parameters())
+    assert not any(p.requires_grad for p in m.text_encoder.encoder.parameters())
+    assert all(p.requires_grad for p in m.vision_encoder.parameters())
+
+
+def test_full_and_llrd_train_everything():
+    for policy in ("full", "llrd"):
+        rows = freeze.describe_schedule(TinyUC2(), UC2_LAYOUT, Schedule(policy, 12), 3)
+        assert all(r["trainable_layers"] == list(range(12)) and r["frozen_params"] == 0 for r in rows)
+
+
+def test_unfreeze_every_two_epochs():
+    got = layers_by_epoch(TinyUC2(), UC2_LAYOUT, Schedule("suf", 12, unfreeze_every=2), 4)
+    assert [len(g) for g in got] == [3, 3, 6, 6]
+
+
+def test_step_unit_schedule():
+    s = Schedule("suf", 12, suf_k=3, unfreeze_every=5, unfreeze_unit="step")
+    assert [len(s.trainable_layers(0, step)) for step in (0, 4, 5, 9, 10, 15, 100)] == [3, 3, 6, 6, 9, 12, 12]
+    rows = freeze.describe_schedule(TinyUC2(), UC2_LAYOUT, s, epochs=3, steps_per_epoch=8)
+    spans = [(r["epoch"], r["first_step"], r["last_step"], len(r["trainable_layers"])) for r in rows]
+    assert spans == [(1, 0, 4, 3), (1, 5, 7, 6), (2, 8, 9, 6), (2, 10, 14, 9), (2, 15, 15, 12), (3, 16, 23, 12)]
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        freeze.describe_schedule(TinyUC2(), UC2_LAYOUT, s, epochs=3)
+
+
+def test_describe_counts_params_and_embeddings_choice():
+    m = TinyUC2()
+    total = sum(p.numel() for p in m.parameters())
+    rows = freeze.describe_schedule(m, UC2_LAYOUT, Schedule("suf", 12, freeze_embeddings=True), 4)
+    json.dumps(rows)
+    assert all(r["trainable_params"] + r["frozen_params"] == total for r in rows)
+    assert rows[0]["frozen_modules"] == ["embeddings", "image_embeddings"]
+    assert not rows[-1]["embeddings_trainable"]
+    emb = sum(p.numel() for p in m.bert.embeddings.parameters()) + sum(p.numel() for p in m.bert.v_embeddings.parameters())
+    assert rows[-1]["frozen_params"] == emb
+    assert "embeddings FROZEN" in freeze.format_schedule(rows)
+    m2 = copy.deepcopy(m)
+    assert freeze.apply_schedule(m2, UC2_LAYOUT, Schedule("suf", 12, freeze_embeddings=True), 3)
+    assert not any(p.requires_grad for p in m2.bert.embeddings.parameters())
+
+
+def test_apply_schedule_reports_changes_only():
+    m, s = TinyUC2(), Schedule("suf", 12)
+    assert freeze.apply_schedule(m, UC2_LAYOUT, s, 0)  # from all-trainable
+    assert not freeze.apply_schedule(m, UC2_LAYOUT, s, 0)
+    assert freeze.apply_schedule(m, UC2_LAYOUT, s, 1)
+    assert freeze.apply_schedule(m, UC2_LAYOUT, s, 3)
+    assert not freeze.apply_schedule(m, UC2_LAYOUT, s, 4)
+    assert all(p.requires_grad for p in m.parameters())
+
+
+# ------------------------------------------------------------------ LLRD
+
+def test_llrd_exact_rates_cclm():
+    lr, d = 3e-5, 0.88
+    groups = freeze.param_groups(TinyCCLM(), CCLM_LAYOUT, Schedule("llrd", 18, llrd_decay=d), lr, 0.01,
+                                 module_lr={"vision_encoder": 2e-5})
+    by = {g["name"]: g["lr"] for g in groups}
+    for j in range(18):
+        assert by[f"layer_{j:02d}.decay"] == pytest.approx(lr * d ** (17 - j), rel=1e-12)
+        assert by[f"layer_{j:02d}.no_decay"] == by[f"layer_{j:02d}.decay"]
+    assert by["layer_17.decay"] == lr
+    assert by["layer_00.decay"] == pytest.approx(lr * 0.88 ** 17)
+    assert by["embeddings.decay"] == pytest.approx(lr * d ** 18)
+    assert by["vision_encoder.decay"] == 2e-5 and by["answer_decoder.decay"] == lr and by["head.decay"] == lr
+
+
+def test_non_llrd_groups_use_base_lr():
+    groups = freeze.param_groups(TinyCCLM(), CCLM_LAYOUT, Schedule("suf", 18), 3e-5, 0.01, module_lr={"vision_encoder": 2e-5})
+    assert {g["name"]: g["lr"] for g in groups if g["lr"] != 3e-5} == {"vision_encoder.decay": 2e-5, "vision_encoder.no_decay": 2e-5}
+
+
+def test_groups_cover_every_parameter_once_and_no_decay_on_1d():
+    m = TinyUC2()
+    freeze.apply_schedule(m, UC2_LAYOUT, Schedule("suf", 12), 0)  # frozen params must still be grouped
+    groups = freeze.param_groups(m, UC2_LAYOUT, Schedule("suf", 12), 1e-3, 0.1)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(m.parameters()))
+    for g in groups:
+        assert set(g) == {"params", "lr", "weight_decay", "name"}
+        assert all((p.ndim <= 1) == (g["weight_decay"] == 0.0) for p in g["params"])
+
+
+def test_lambdalr_keeps_group_ratios():
+    m = TinyCCLM()
+    opt = torch.optim.AdamW(freeze.param_groups(m, CCLM_LAYOUT, Schedule("llrd", 18), 1e-3, 0.01, {"vision_encoder": 5e-4}))
+    base = [g["lr"] for g in opt.param_groups]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 * (s + 1))
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    f = opt.param_groups[0]["lr"] / base[0]
+    assert f == pytest.approx(0.4)
+    assert all(g["lr"] == pytest.approx(b * f) for g, b in zip(opt.param_groups, base))
+
+
+# ------------------------------------------------------------------ argument errors
+
+def parse(*argv):
+    p = argparse.ArgumentParser()
+    freeze.add_policy_args(p)
+    return p.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (("--policy", "suf", "--suf-k", "0"), "--suf-k"),
+    (("--policy", "suf", "--suf-k", "-2"), "--suf-k"),
+    (("--policy", "llrd", "--llrd-decay", "0"), "--llrd-decay"),
+    (("--policy", "llrd", "--llrd-decay", "1.5"), "--llrd-decay"),
+    (("--policy", "top", "--top-layers", "13"), "--top-layers 13 exceeds"),
+    (("--policy", "top", "--top-layers", "0"), "--top-layers"),
+    (("--policy", "suf", "--unfreeze-every", "0"), "--unfreeze-every"),
+])
+def test_bad_arguments_one_line_error(argv, msg):
+    with pytest.raises(SystemExit) as e:
+        freeze.schedule_from_args(parse(*argv), 12)
+    assert msg in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_unknown_policy_rejected(capsys):
+    with pytest.raises(SystemExit):
+        parse("--policy", "gradual")
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown policy"):
+        Schedule("gradual", 12)
+
+
+def test_good_arguments_and_d_equal_one():
+    s = freeze.schedule_from_args(parse("--policy", "llrd", "--llrd-decay", "1"), 12)
+    assert s.layer_lr_scale(0, None) == 1.0
+    assert freeze.schedule_from_args(parse("--policy", "suf", "--suf-k", "20"), 12).trainable_layers(0) == list(range(12))
+
+
+def test_layout_errors():
+    bad = freeze.LayerLayout(12, lambda n: 12 if n.startswith("clfs") else UC2_LAYOUT.layer_of(n), UC2_LAYOUT.module_of)
+    with pytest.raises(ValueError, match="clfs.weight.*layer 12"):
+        freeze.param_groups(TinyUC2(), bad, Schedule("full", 12), 1e-3, 0.0)
+    with pytest.raises(ValueError, match="13 layers"):
+        freeze.apply_schedule(TinyUC2(), UC2_LAYOUT, Schedule("full", 13), 0)
+    strict = freeze.layout_from_rules(12, [("bert.encoder.layer.", 0, 2)], [("bert.", "embeddings")])
+    with pytest.raises(ValueError, match="clfs.weight"):
+        freeze.describe_schedule(TinyUC2(), strict, Schedule("full", 12), 1)
+
+
+# ------------------------------------------------------------------ what the optimizer does
+
+def batch(step):
+    g = torch.Generator().manual_seed(step)
+    return torch.randint(0, 11, (3, 5), generator=g), torch.randn(3, 2, 6, generator=g), torch.randint(0, 3, (3,), generator=g)
+
+
+def train_step(model, opt, step):
+    ids, feats, y = batch(step)
+    opt.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(ids, feats), y).backward()
+    opt.step()
+
+
+def make(schedule, seed=0):
+    torch.manual_seed(seed)
+    m = TinyUC2()
+    opt = torch.optim.AdamW(freeze.param_groups(m, UC2_LAYOUT, schedule, 1e-2, 0.1), weight_decay=0.1)
+    return m, opt
+
+
+STEP_SUF = Schedule("suf", 12, suf_k=3, unfreeze_every=2, unfreeze_unit="step")
+
+
+def layer_params(m, layer):
+    return [p for n, p in m.named_parameters() if UC2_LAYOUT.layer_of(n) == layer]
+
+
+def test_frozen_params_untouched_no_state_no_decay():
+    m, opt = make(STEP_SUF)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for step in range(2):
+        freeze.apply_schedule(m, UC2_LAYOUT, STEP_SUF, 0, step)
+        train_step(m, opt, step)
+    for n, p in m.named_parameters():
+        layer = UC2_LAYOUT.layer_of(n)
+        if layer is not None and layer < 9:
+            assert torch.equal(p, before[n]), n  # bitwise: no update, no weight decay
+            assert p not in opt.state and p.grad is None, n
+        else:
+            assert p.requires_grad and p in opt.state, n
+
+
+def test_newly_unfrozen_layer_trains_at_next_step():
+    m, opt = make(STEP_SUF)
+    for step in range(2):
+        freeze.apply_schedule(m, UC2_LAYOUT, STEP_SUF, 0, step)
+        train_step(m, opt, step)
+    snap = {n: p.detach().clone() for n, p in m.named_parameters()}
+    assert freeze.apply_schedule(m, UC2_LAYOUT, STEP_SUF, 0, 2)  # stage 1: layers 6..11
+    train_step(m, opt, 2)
+    for n, p in m.named_parameters():
+        layer = UC2_LAYOUT.layer_of(n)
+        if layer in (6, 7, 8):
+            assert not torch.equal(p, snap[n]), n
+        elif layer is not None and layer < 6:
+            assert torch.equal(p, snap[n]), n
+
+
+def test_weight_decay_only_on_matrices():
+    m, opt = make(Schedule("full", 12))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)  # Adam update is 0, only decoupled weight decay acts
+    opt.step()
+    for n, p in m.named_parameters():
+        if p.ndim <= 1:
+            assert torch.equal(p, before[n]), n
+        else:
+            assert torch.allclose(p, before[n] * (1 - 1e-2 * 0.1)), n
+
+
+def test_optimizer_state_saved_before_unfreeze_resumes_exactly():
+    def run(m, opt, steps):
+        for step in steps:
+            freeze.apply_schedule(m, UC2_LAYOUT, STEP_SUF, 0, step)
+            train_step(m, opt, step)
+
+    m, opt = make(STEP_SUF)
+    run(m, opt, range(2))
+    saved_model, saved_opt = copy.deepcopy(m.state_dict()), copy.deepcopy(opt.state_dict())
+    run(m, opt, range(2, 5))
+
+    m2, opt2 = make(STEP_SUF, seed=1)  # built the same way, different init; state comes from the save
+    m2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    run(m2, opt2, range(2, 5))
+    for (n, a), b in zip(m.named_parameters(), m2.parameters()):
+        assert torch.equal(a, b), n

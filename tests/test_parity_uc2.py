@@ -1,0 +1,124 @@
+"""UC2 parity with VOLTA/IGLUE: outputs.pt of every fixture folder reproduced within 1e-5.
+
+Fixture folders: $PARITY_FIXTURES (os.pathsep-separated) or tests/fixtures/uc2/parity_a. Every
+dimension comes from the folder's own volta_config.json / model_dims.json.
+"""
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import eval_zeroshot as ez  # noqa: E402
+import train_uc2 as U  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+TASK_DIRS = {"gqa": "xgqa", "xvnli": "xvnli", "retrieval": "xflickrco"}
+ATOL = 1e-5
+
+
+def _folders() -> list[Path]:
+    env = os.environ.get("PARITY_FIXTURES")
+    if env:
+        return [Path(p) for p in env.split(os.pathsep) if p]
+    return [HERE / "fixtures" / "uc2" / "parity_a"]
+
+
+def _cases():
+    cases = []
+    for folder in _folders():
+        dirs = [d for d in TASK_DIRS if (folder / d).is_dir()] or ["(no task folders)"]
+        cases += [pytest.param(folder, d, id=f"{folder.name}-{d}") for d in dirs]
+    return cases
+
+
+def _config(folder: Path) -> dict:
+    cfg = U.config_from_volta(json.loads((folder / "volta_config.json").read_text()))
+    dims = folder / "model_dims.json"
+    if dims.is_file():
+        d = json.loads(dims.read_text())
+        cfg["num_answers"] = d.get("tasks", {}).get("gqa", {}).get("num_labels", cfg["num_answers"])
+        assert cfg["hidden_size"] == d["hidden_size"] and cfg["num_layers"] == d["num_layers"]
+    return cfg
+
+
+def _close(name, ours, ref):
+    ref = ref.to(ours.dtype) if torch.is_tensor(ref) else torch.tensor(ref, dtype=ours.dtype)
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} vs reference {tuple(ref.shape)}"
+    err = (ours - ref).abs().max().item() if ours.numel() else 0.0
+    assert err <= ATOL, f"{name}: max abs error {err:.3g} > {ATOL}"
+
+
+def _recall_metrics(scores: np.ndarray) -> dict:
+    """IGLUE eval_retrieval.py semantics, 1 caption per image: captions x images score matrix."""
+    n_cap, n_img = scores.shape
+    ir = np.array([int(np.where(np.argsort(scores[c])[::-1] == c)[0][0]) for c in range(n_cap)])
+    tr = np.array([int(np.where(np.argsort(scores[:, i])[::-1] == i)[0][0]) for i in range(n_img)])
+
+    def stats(r):
+        return {"r1": 100 * np.mean(r < 1), "r5": 100 * np.mean(r < 5), "r10": 100 * np.mean(r < 10),
+                "medr": math.floor(np.median(r)) + 1, "meanr": r.mean() + 1}
+    return {"image_retrieval": stats(ir), "text_retrieval": stats(tr), "ir_ranks": ir.tolist(), "tr_ranks": tr.tolist()}
+
+
+@pytest.mark.parametrize("folder,task_dir", _cases())
+def test_parity_uc2(folder: Path, task_dir: str):
+    assert (folder / task_dir).is_dir(), f"fixture folder {folder} has no task folders {sorted(TASK_DIRS)}"
+    task = TASK_DIRS[task_dir]
+    inp = torch.load(folder / task_dir / "inputs.pt")
+    out = torch.load(folder / task_dir / "outputs.pt")
+    for attn in ("sdpa", "eager"):
+        model = U.build_model(task, {**_config(folder), "attn_implementation": attn}).eval()
+        plan = U.load_into(model, str(folder / task_dir / "pytorch_model.bin"))
+        assert plan.fmt == "volta" and plan.ok and not plan.initialised, plan.report()
+        trace = {}
+        with torch.no_grad():
+            logits = model._run(inp, trace=trace)
+            _close(f"{attn} logits", logits, out["logits"])
+            for k in ("pooled_output_t", "embedding_t", "embedding_v"):
+                _close(f"{attn} {k}", trace[k], out[k])
+            for k in ("sublayer_outputs_t", "sublayer_outputs_v"):
+                assert len(trace[k]) == len(out[k])
+                for i, (a, b) in enumerate(zip(trace[k], out[k])):
+                    _close(f"{attn} {k}[{i}]", a, b)
+            b = inp["input_ids"].shape[0]
+            if task in ("xgqa", "xvnli"):
+                batch = {**inp, "target": inp["target"]}
+                _close("loss_train", model.loss(batch), out["loss_train"])
+                _close("loss_val", model.loss(batch), out["loss_val"])
+                # VOLTA's score: target value at the argmax (train: mean over the batch, val: sum)
+                hit = inp["target"].gather(1, model.predict(batch)[:, None]).sum()
+                _close("batch_score_train", hit / b, out["batch_score_train"])
+                _close("batch_score_val", hit, out["batch_score_val"])
+            else:
+                scores = model.pair_scores(inp)
+                _close("scores_grouped", scores, out["scores_grouped"])
+                for kind, ref in (("ce", "loss_ce"), ("triplet", "loss_triplet")):
+                    _close(ref, U.retrieval_loss(scores, kind), out[ref])
+                model.config["retrieval_loss"] = "triplet"
+                _close("loss (default triplet)", model.loss(inp), out["loss_triplet"])
+                _close("batch_score_train", (scores.argmax(1) == 0).float().mean(), out["batch_score_train"])
+                caps, imgs = inp["eval_captions"], inp["eval_images"]
+                nc, ni = caps["input_ids"].shape[0], imgs["features"].shape[0]
+                pairs = {k: caps[k].repeat_interleave(ni, 0) for k in ("input_ids", "attention_mask")}
+                pairs.update({k: imgs[k].repeat(nc, *[1] * (imgs[k].dim() - 1)) for k in ("features", "spatials", "image_mask")})
+                matrix = model.pair_scores(pairs).view(nc, ni)
+                _close("eval_score_matrix", matrix, out["eval_score_matrix"])
+                # the evaluation code path (eval_zeroshot.uc2_score_matrix trims common padding)
+                ez_matrix = ez.uc2_score_matrix(model, imgs, caps, pair_batch=4)
+                _close("eval_zeroshot.uc2_score_matrix", ez_matrix, out["eval_score_matrix"])
+    metrics_file = folder / task_dir / "eval_retrieval_metrics.json"
+    if task == "xflickrco" and metrics_file.is_file():
+        ref = json.loads(metrics_file.read_text())
+        got = _recall_metrics(matrix.numpy())
+        assert got["ir_ranks"] == ref["ir_ranks_from_matrix"] and got["tr_ranks"] == ref["tr_ranks_from_matrix"]
+        ez_got = ez.recall_metrics(matrix.T, matrix, list(range(matrix.shape[0])))
+        for side, prefix in (("image_retrieval", "ir"), ("text_retrieval", "tr")):
+            for k, v in ref[side].items():
+                assert abs(got[side][k] - v) < 1e-3, f"{side} {k}: {got[side][k]} vs {v}"
+                assert abs(ez_got[f"{prefix}_{k}"] - v) < 1e-3, f"eval_zeroshot {prefix}_{k}: {ez_got[f'{prefix}_{k}']} vs {v}"

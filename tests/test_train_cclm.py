@@ -1,0 +1,182 @@
+"""train_cclm.py on CPU with the tiny config, the shipped IGLUE sample and synthetic images:
+every task under every policy learns a fixed batch, the real pipeline runs per task, 2-process
+gloo == 1 process through a schedule change, stop + --resume is bitwise exact, and
+--print-schedule pins CCLM's 18-layer schedules."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import engine  # noqa: E402
+import freeze  # noqa: E402
+import train_cclm  # noqa: E402
+
+IGLUE = ROOT / "tests" / "fixtures" / "iglue"
+TRAIN = {"xgqa": "train_5", "xvnli": "train_48", "xflickrco": "valid"}
+EVAL = {"xgqa": ("dev", ["en"]), "xvnli": ("test", ["en", "ar"]), "xflickrco": ("test", ["en"])}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Synthetic images for every example used here and a tiny XLM-R-id tokenizer."""
+    root = tmp_path_factory.mktemp("cclm")
+    examples = []
+    for task, split in TRAIN.items():
+        examples += data.load_split(IGLUE, task, split, "en")
+        eval_split, langs = EVAL[task]
+        for lang in langs:
+            examples += data.load_split(IGLUE, task, eval_split, lang)
+    data.write_synthetic_images(root / "images", sorted({ex.image_file for ex in examples}), size=(48, 40))
+    _, answers = data.load_answer_vocab(IGLUE)
+    data.make_tiny_tokenizer([ex.text for ex in examples] + answers, root / "tok", vocab_size=1000)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: intra-op threads only add contention at this size
+    yield root
+    torch.set_num_threads(threads)
+
+
+def cli(env: Path, task: str, out: Path, *extra: str) -> list[str]:
+    return ["--task", task, "--data-root", str(IGLUE), "--images", str(env / "images"), "--tokenizer", str(env / "tok"),
+            "--model-config", "tiny", "--train-split", TRAIN[task], "--num-workers", "0", "--seed", "0",
+            "--output-dir", str(out), *extra]
+
+
+def final_state(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / engine.FINAL, map_location="cpu", weights_only=True)["model"]
+
+
+def records(run: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / engine.METRICS).read_text().splitlines()) if r["type"] == kind]
+
+
+# ---------------------------------------------------------------- schedules
+
+def schedule_rows(capsys, task: str, *extra: str) -> list[dict]:
+    train_cclm.main(["--task", task, "--print-schedule", "--json", *extra])  # base on the meta device
+    return json.loads(capsys.readouterr().out)
+
+
+def test_print_schedule_pins_cclm_schedules(capsys) -> None:
+    rows = schedule_rows(capsys, "xvnli", "--policy", "suf")
+    assert len(rows) == 10
+    assert rows[0]["trainable_layers"] == [15, 16, 17]
+    assert [len(r["trainable_layers"]) for r in rows] == [3, 6, 9, 12, 15, 18, 18, 18, 18, 18]  # all 18 from epoch 6
+    assert rows[0]["always_trainable"] == ["embeddings", "head", "vision_encoder"]
+    assert rows[5]["frozen_params"] == 0
+    gqa = schedule_rows(capsys, "xgqa", "--policy", "suf")
+    assert len(gqa) == 5 and gqa[-1]["trainable_layers"] == list(range(3, 18))  # 5 epochs: layers 0-2 never train
+    assert "answer_decoder" in gqa[0]["always_trainable"]
+    top = schedule_rows(capsys, "xgqa", "--policy", "top")
+    assert all(r["trainable_layers"] == list(range(12, 18)) for r in top)  # m=6: the cross-modal layers
+    llrd = schedule_rows(capsys, "xflickrco", "--policy", "llrd")
+    assert llrd[0]["layer_lr_scale"][-1] == 1.0 and llrd[0]["layer_lr_scale"][0] == pytest.approx(0.88 ** 17)
+
+
+# ---------------------------------------------------------------- every task x policy learns
+
+def fixed_batch(env: Path, task: str, n: int = 6) -> dict:
+    tok = data.load_tokenizer(env / "tok")
+    examples = data.load_split(IGLUE, task, TRAIN[task], "en")
+    # xflickrco: 5 captions per image in the file; take n-1 images and a 2nd caption of the first
+    examples = examples[0::5][:n - 1] + examples[1:2] if task == "xflickrco" else examples[:n]
+    ds = data.make_dataset("cclm", task, examples, images=env / "images", train=True, image_res=32, seed=0)
+    return data.CCLMCollate(task, tok, train=True)([ds[i] for i in range(len(ds))])
+
+
+@pytest.mark.parametrize("policy", freeze.POLICIES)
+@pytest.mark.parametrize("task", train_cclm.TASKS)
+def test_fixed_batch_loss_falls(env: Path, task: str, policy: str) -> None:
+    batch = fixed_batch(env, task)
+    lr = 1e-4 if task == "xflickrco" else 2e-3  # ITC at temperature 0.07 overshoots at larger steps
+    args = train_cclm.build_parser().parse_args(["--task", task, "--policy", policy, "--lr", str(lr), "--warmup-ratio", "0"])
+    config = {**train_cclm.CONFIGS["tiny"], "dropout": 0.0, "attn_dropout": 0.0, "vision_drop_path": 0.0}
+    torch.manual_seed(0)
+    model = train_cclm.build_model(task, config)
+    layout = train_cclm.LAYOUT(task, config)
+    schedule = freeze.schedule_from_args(args, layout.num_layers)
+    freeze.apply_schedule(model, layout, schedule, epoch=0)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt, sched = engine.build_optimizer(model, layout, schedule, args, {"vision_encoder": lr}, total_steps=6)
+    losses = []
+    for _ in range(6):
+        torch.manual_seed(1)  # xflickrco: the same sampled hard negatives every step (a fixed objective)
+        loss = model.loss(batch)
+        loss.backward()
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.95 * losses[0] and min(losses) == losses[-1], losses
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert bool(frozen) == (policy in ("suf", "top"))
+
+
+# ---------------------------------------------------------------- the real pipeline
+
+def test_xgqa_pipeline_with_eval(env: Path, tmp_path: Path) -> None:
+    out = tmp_path / "xgqa"
+    train_cclm.main(cli(env, "xgqa", out, "--policy", "suf", "--epochs", "2", "--batch-size", "4",
+                        "--micro-batch-size", "2", "--max-steps-per-epoch", "2", "--eval-split", "dev", "--langs", "en"))
+    evals = records(out, "eval")
+    assert [(r["epoch"], r["lang"]) for r in evals] == [(1, "en"), (2, "en")]
+    assert 0.0 <= evals[-1]["accuracy"] <= 100.0
+    train = records(out, "train")
+    assert [r["trainable_layers"][0] for r in train] == [15, 12]
+    meta = torch.load(out / engine.FINAL, map_location="cpu", weights_only=True)["meta"]
+    assert meta["model"] == "cclm" and meta["task"] == "xgqa" and meta["config"]["image_res"] == 32
+    # the final checkpoint rebuilds a model that predicts
+    model = train_cclm.build_model("xgqa", meta["config"]).eval()
+    train_cclm.load_checkpoint(model, str(out / engine.FINAL))
+    import eval_zeroshot
+    eval_zeroshot.prepare_model(model, IGLUE, data.load_tokenizer(env / "tok"))
+    assert model.answer_ids.shape[0] == data.NUM_ANSWERS
+    batch = fixed_batch(env, "xgqa", 2)
+    with torch.no_grad():
+        assert model.predict(batch).shape == (2,)
+
+
+def test_ddp_two_processes_match_one(env: Path, tmp_path: Path) -> None:
+    """xvnli (no sampled negatives), dropout 0, SUF: the trainable set changes at epoch 2."""
+    common = ("--policy", "suf", "--epochs", "2", "--batch-size", "8", "--micro-batch-size", "4",
+              "--max-steps-per-epoch", "2", "--dropout", "0")
+    one = tmp_path / "one"
+    train_cclm.main(cli(env, "xvnli", one, *common, "--eval-split", "test", "--langs", "en", "ar"))
+    assert {r["lang"] for r in records(one, "eval")} == {"en", "ar"}
+    two = tmp_path / "two"
+    envvars = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "train_cclm.py"), *cli(env, "xvnli", two, *common, "--no-eval")],
+                          env=envvars, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = final_state(one), final_state(two)
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=2e-5, rtol=0), k
+    la = [r["loss"] for r in records(one, "train")]
+    lb = [r["loss"] for r in records(two, "train")]
+    assert la == pytest.approx(lb, abs=1e-5)
+    assert [r["trainable_layers"][0] for r in records(two, "train")] == [15, 12]
+
+
+def test_stop_and_resume_is_bitwise_exact(env: Path, tmp_path: Path, monkeypatch) -> None:
+    """xflickrco: dropout on and hard negatives drawn from the torch RNG, both restored by --resume."""
+    common = ("--policy", "suf", "--epochs", "2", "--batch-size", "6", "--micro-batch-size", "3",
+              "--max-steps-per-epoch", "2", "--no-eval")
+    full = tmp_path / "full"
+    train_cclm.main(cli(env, "xflickrco", full, *common))
+    cut = tmp_path / "cut"
+    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
+    with pytest.raises(RuntimeError, match="SUF_FAULT"):
+        train_cclm.main(cli(env, "xflickrco", cut, *common))
+    assert not (cut / engine.FINAL).exists()
+    monkeypatch.delenv("SUF_FAULT")
+    train_cclm.main(cli(env, "xflickrco", cut, *common, "--resume"))
+    a, b = final_state(full), final_state(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert records(full, "train") == records(cut, "train")

@@ -1,0 +1,152 @@
+"""train_uc2.py on CPU with the tiny config: every task x policy learns, torchrun (gloo) equals one
+process, resume is bitwise exact, and --print-schedule pins UC2's schedule.
+
+Data: the IGLUE annotation sample in tests/fixtures/iglue, a tiny tokenizer trained on it and
+synthetic region features (data.write_synthetic_features) for every image it references.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import engine  # noqa: E402
+import freeze  # noqa: E402
+import train_uc2 as U  # noqa: E402
+
+IGLUE = ROOT / "tests" / "fixtures" / "iglue"
+SPLITS = {"xgqa": ("testdev", "dev"), "xvnli": ("train_48", "test"), "xflickrco": ("valid", "test")}
+EVAL_LANGS = {"xgqa": ["en", "de"], "xvnli": ["en", "ar"], "xflickrco": ["en", "de"]}
+REGIONS = 10
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # 2 shared cores: a second intra-op thread makes tiny steps 10x slower under contention
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uc2_sample")
+    texts, ids = [], set()
+    for task, (train, test) in SPLITS.items():
+        for split, langs in ((train, ["en"]), (test, EVAL_LANGS[task])):
+            for lang in langs:
+                exs = data.load_split(IGLUE, task, split, lang)
+                texts += [e.text for e in exs]
+                ids |= {e.image for e in exs}
+    data.make_tiny_tokenizer(texts, out / "tok", vocab_size=1000)
+    data.write_synthetic_features(out / "feats", ids, num_boxes=REGIONS)
+    return out
+
+
+def cli(task, sample, out, *extra):
+    train, test = SPLITS[task]
+    return ["--task", task, "--model-config", "tiny", "--data-root", str(IGLUE), "--features", str(sample / "feats"),
+            "--tokenizer", str(sample / "tok"), "--train-split", train, "--eval-split", test,
+            "--max-regions", str(REGIONS), "--num-workers", "0", "--output-dir", str(out), *extra]
+
+
+def fixed_batch(task, sample, n=4):
+    tok = data.load_tokenizer(sample / "tok")
+    exs = data.load_split(IGLUE, task, SPLITS[task][0], "en")
+    ds = data.make_dataset("uc2", task, exs, features=str(sample / "feats"), train=True, max_regions=REGIONS)
+    return data.UC2Collate(task, tok, train=True)([ds[i] for i in range(n)])
+
+
+@pytest.mark.parametrize("policy", freeze.POLICIES)
+@pytest.mark.parametrize("task", U.TASKS)
+def test_loss_falls_on_a_fixed_batch(task, policy, sample):
+    torch.manual_seed(0)
+    config = {**U.CONFIGS["tiny"], "hidden_dropout": 0.0, "attention_dropout": 0.0, "classifier_dropout": 0.0}
+    model = U.build_model(task, config)
+    layout = U.LAYOUT(task, config)
+    schedule = freeze.Schedule(policy=policy, num_layers=layout.num_layers)
+    args = argparse.Namespace(lr=1e-3, weight_decay=0.01, adam_eps=1e-8, adam_betas=[0.9, 0.999], warmup_ratio=0.0)
+    opt, sched = engine.build_optimizer(model, layout, schedule, args, total_steps=1000)
+    freeze.apply_schedule(model, layout, schedule, epoch=0)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    batch = fixed_batch(task, sample)
+    losses = []
+    for _ in range(6):
+        loss = model.loss(batch)
+        loss.backward()
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    assert bool(frozen) == (policy in ("suf", "top"))
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"frozen {n} changed"
+
+
+def final_weights(run: Path) -> dict:
+    return torch.load(run / "model_final.pt", weights_only=True)["model"]
+
+
+def test_torchrun_two_processes_equal_one(sample, tmp_path):
+    common = ["--policy", "suf", "--epochs", "2", "--batch-size", "8", "--max-steps-per-epoch", "2",
+              "--dropout", "0", "--no-eval", "--seed", "3"]
+    U.main(cli("xgqa", sample, tmp_path / "one", *common))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "train_uc2.py"), *cli("xgqa", sample, tmp_path / "two", *common)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    start = U.build_model("xgqa", U.CONFIGS["tiny"]).state_dict()
+    moved = [k for k in one if not torch.equal(one[k], start[k])]
+    assert any(k.startswith("encoder.layer.6.") for k in moved), "the second SUF stage never trained"
+    for k in one:
+        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-6), k
+    trained = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["trainable_layers"] for r in trained if r["type"] == "train"] == [[9, 10, 11], [6, 7, 8, 9, 10, 11]]
+
+
+def test_resume_after_epoch_one_is_bitwise_equal(sample, tmp_path, monkeypatch):
+    common = ["--policy", "suf", "--epochs", "2", "--batch-size", "4", "--max-steps-per-epoch", "2",
+              "--eval-batch-size", "400", "--langs", "de", "--seed", "5"]
+    U.main(cli("xflickrco", sample, tmp_path / "full", *common))
+    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
+    with pytest.raises(RuntimeError, match="SUF_FAULT"):
+        U.main(cli("xflickrco", sample, tmp_path / "cut", *common))
+    assert not (tmp_path / "cut" / "model_final.pt").exists()
+    monkeypatch.delenv("SUF_FAULT")
+    U.main(cli("xflickrco", sample, tmp_path / "cut", *common, "--resume"))
+    a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs = [(tmp_path / r / "metrics.jsonl").read_text() for r in ("full", "cut")]
+    assert logs[0] == logs[1]
+    evals = [json.loads(line) for line in logs[0].splitlines() if '"eval"' in line]
+    assert [(r["epoch"], r["lang"]) for r in evals] == [(1, "de"), (2, "de")]
+    assert all(0 <= r["tr_r1"] <= 100 and r["n_images"] == 40 for r in evals)
+    meta = torch.load(tmp_path / "cut" / "model_final.pt", weights_only=True)["meta"]
+    assert meta["model"] == "uc2" and meta["config"]["hidden_size"] == 32 and meta["task"] == "xflickrco"
+    rebuilt = U.build_model(meta["task"], meta["config"])
+    assert U.load_into(rebuilt, str(tmp_path / "cut" / "model_final.pt")).ok
+
+
+@pytest.mark.parametrize("config", ["base", "tiny"])
+def test_print_schedule_pins_uc2_suf(config, capsys):
+    U.main(["--task", "xgqa", "--policy", "suf", "--model-config", config, "--print-schedule", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["trainable_layers"] for r in rows] == [list(range(9, 12)), list(range(6, 12)), list(range(3, 12)),
+                                                     list(range(12)), list(range(12))]
+    assert all(r["always_trainable"] == ["embeddings", "head"] and r["embeddings_trainable"] for r in rows)
+    if config == "base":
+        assert rows[-1]["trainable_params"] == 281_637_426 and rows[0]["frozen_params"] == 9 * 7_087_872
+    U.main(["--task", "xflickrco", "--policy", "full", "--model-config", config, "--print-schedule", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 10 and all(r["trainable_layers"] == list(range(12)) for r in rows)

@@ -1,0 +1,808 @@
+"""CCLM (CCLM-X2VLM base, X2-VLM code base) fine-tuning on IGLUE with scheduled unfreezing.
+
+Model, heads, losses and checkpoint mapping reproduce the reference (zengyan-97/X2-VLM, facts in
+/work/shared/reference/cclm/README.md, "README" below): a BEiT-2 ViT (timm) encodes the image,
+12 XLM-R layers (transformers) the text, 6 BERT layers with cross-attention fuse both.
+SUF covers the 18 text + cross layers (text 0-11, cross 12-17); the ViT, the text embeddings,
+the heads and the xGQA answer decoder always train.
+
+    python train_cclm.py --task xgqa --policy suf --data-root DATA --images IMAGES \
+        --checkpoint cclm_x2vlm_base.th --tokenizer xlm-roberta-base --output-dir runs/cclm-xgqa-suf
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.beit import Beit
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertLMPredictionHead
+from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaEmbeddings
+
+import freeze
+
+TASKS = ("xgqa", "xvnli", "xflickrco")
+
+CONFIGS: dict[str, dict] = {
+    "base": {  # CCLM-X2VLM base fine-tuned at 384 (README §1-2)
+        "image_res": 384, "patch_size": 16, "vision_width": 768, "vision_depth": 12, "vision_heads": 12,
+        "vision_mlp_ratio": 4.0, "vision_init_values": 0.1, "vision_drop_path": 0.1,
+        "vocab_size": 250002, "hidden_size": 768, "pad_token_id": 1,
+        "text_layers": 12, "text_heads": 12, "text_intermediate": 3072, "text_max_positions": 514,
+        "text_type_vocab": 1, "text_ln_eps": 1e-5,
+        "cross_layers": 6, "cross_heads": 12, "cross_intermediate": 3072, "cross_ln_eps": 1e-12,
+        "dec_layers": 6, "dec_max_positions": 512, "dec_type_vocab": 2,
+        "dropout": 0.1, "attn_dropout": 0.1,
+        "embed_dim": 256, "temp": 0.07, "k_test": 128, "num_labels": 3,
+    },
+}
+# CPU-seconds size shared by tests, demo and Makefile: real layer counts (12 text + 6 cross, 6
+# decoder layers) so schedules are the paper's; tiny widths, a 2x2 patch grid, small vocabulary.
+CONFIGS["tiny"] = {**CONFIGS["base"],
+                   "image_res": 32, "vision_width": 32, "vision_depth": 2, "vision_heads": 2,
+                   "vocab_size": 1000, "hidden_size": 32, "text_heads": 2, "text_intermediate": 64,
+                   "text_max_positions": 130, "cross_heads": 2, "cross_intermediate": 64,
+                   "dec_max_positions": 64, "embed_dim": 16, "k_test": 16}
+
+
+# ---------------------------------------------------------------- encoders
+
+class VisionEncoder(Beit):
+    """BEiT-2 ViT as X2-VLM uses it: relative position bias per block, layer scale, q/v biases, no
+    absolute position embedding; output [mean(fc_norm(patches)), fc_norm(patches)] (CLS dropped)."""
+
+    def __init__(self, cfg: dict):
+        super().__init__(img_size=cfg["image_res"], patch_size=cfg["patch_size"], num_classes=0, global_pool="avg",
+                         embed_dim=cfg["vision_width"], depth=cfg["vision_depth"], num_heads=cfg["vision_heads"],
+                         qkv_bias=True, mlp_ratio=cfg["vision_mlp_ratio"], drop_path_rate=cfg["vision_drop_path"],
+                         init_values=cfg["vision_init_values"], use_abs_pos_emb=False, use_rel_pos_bias=True)
+        for blk in self.blocks:  # the reference state_dict holds the index buffers: keep them persistent
+            blk.attn.register_buffer("relative_position_index", blk.attn.relative_position_index, persistent=True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        patches = self.fc_norm(x[:, 1:])
+        return torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)
+
+
+def _bert_config(cfg: dict, layers: int, heads: int, intermediate: int, eps: float, max_pos: int,
+                 type_vocab: int, cross: bool) -> BertConfig:
+    c = BertConfig(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], num_hidden_layers=layers,
+                   num_attention_heads=heads, intermediate_size=intermediate, hidden_act="gelu",
+                   hidden_dropout_prob=cfg["dropout"], attention_probs_dropout_prob=cfg["attn_dropout"],
+                   max_position_embeddings=max_pos, type_vocab_size=type_vocab, layer_norm_eps=eps,
+                   pad_token_id=cfg["pad_token_id"], is_decoder=cross, add_cross_attention=cross)
+    # eager: masks are built here with the reference's additive constants; causality comes only from
+    # the masks we pass (BertLayer's is_causal flag is unused by the eager path)
+    c._attn_implementation = "eager"
+    return c
+
+
+def _text_config(cfg: dict) -> BertConfig:
+    return _bert_config(cfg, cfg["text_layers"], cfg["text_heads"], cfg["text_intermediate"], cfg["text_ln_eps"],
+                        cfg["text_max_positions"], cfg["text_type_vocab"], cross=False)
+
+
+def _cross_config(cfg: dict, decoder: bool = False) -> BertConfig:
+    return _bert_config(cfg, cfg["dec_layers"] if decoder else cfg["cross_layers"], cfg["cross_heads"],
+                        cfg["cross_intermediate"], cfg["cross_ln_eps"], cfg["dec_max_positions"],
+                        cfg["dec_type_vocab"], cross=True)
+
+
+def _persistent_position_ids(embeddings: nn.Module) -> None:
+    embeddings.register_buffer("position_ids", embeddings.position_ids, persistent=True)  # in the reference state_dict
+
+
+def self_attention_mask(atts: torch.Tensor, dtype: torch.dtype, causal: bool = False) -> torch.Tensor:
+    """Additive [B,1,Lq,Lk] mask, -10000 on padded (and, causal, future) keys (transformers 4.12 / xbert)."""
+    m = atts[:, None, None, :].to(dtype)
+    if causal:
+        L = atts.shape[1]
+        m = m * torch.tril(torch.ones(L, L, device=atts.device, dtype=dtype))[None, None]
+    return (1.0 - m) * -10000.0
+
+
+def cross_attention_mask(atts: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive [B,1,1,Lk] mask, -1e9 on padded keys (xbert invert_attention_mask in float32)."""
+    return None if atts is None else (1.0 - atts[:, None, None, :].to(dtype)) * -1e9
+
+
+class _Layers(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+
+
+class TextEncoder(nn.Module):
+    """XLM-R: RoBERTa position ids (pads 1, tokens 2, 3, ...), post-LN layers, no pooler."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        c = _text_config(cfg)
+        self.embeddings = XLMRobertaEmbeddings(c)
+        _persistent_position_ids(self.embeddings)
+        self.encoder = _Layers(c)
+
+    def forward(self, ids: torch.Tensor, atts: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings(input_ids=ids)
+        mask = self_attention_mask(atts, x.dtype)
+        for layer in self.encoder.layer:
+            x = layer(x, attention_mask=mask)
+        return x
+
+
+class CrossEncoder(nn.Module):
+    """Fusion layers over the text-encoder states: self-attn, cross-attn to the image, FFN."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.encoder = _Layers(_cross_config(cfg))
+
+    def forward(self, text_embeds: torch.Tensor, text_atts: torch.Tensor, vision_embeds: torch.Tensor,
+                vision_atts: torch.Tensor | None = None) -> torch.Tensor:
+        x, mask = text_embeds, self_attention_mask(text_atts, text_embeds.dtype)
+        vmask = cross_attention_mask(vision_atts, text_embeds.dtype)  # None = all ones (image tokens never pad)
+        for layer in self.encoder.layer:
+            x = layer(x, attention_mask=mask, encoder_hidden_states=vision_embeds, encoder_attention_mask=vmask)
+        return x
+
+
+class AnswerDecoder(nn.Module):
+    """xGQA answer decoder (xbert BertLMHeadModel): BERT embeddings (positions 0..L-1), causal layers
+    with cross-attention to the question states, LM head tied to its own word embeddings."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        c = _cross_config(cfg, decoder=True)
+        self.bert = nn.Module()
+        self.bert.embeddings = BertEmbeddings(c)
+        _persistent_position_ids(self.bert.embeddings)
+        self.bert.encoder = _Layers(c)
+        self.cls = nn.Module()
+        self.cls.predictions = BertLMPredictionHead(c)
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        self.cls.predictions.decoder.bias = self.cls.predictions.bias
+
+    def forward(self, ids: torch.Tensor, atts: torch.Tensor | None, states: torch.Tensor,
+                state_atts: torch.Tensor) -> torch.Tensor:
+        x = self.bert.embeddings(input_ids=ids)
+        atts = torch.ones_like(ids) if atts is None else atts
+        mask = self_attention_mask(atts, x.dtype, causal=True)
+        smask = cross_attention_mask(state_atts, x.dtype)
+        for layer in self.bert.encoder.layer:
+            x = layer(x, attention_mask=mask, encoder_hidden_states=states, encoder_attention_mask=smask)
+        return self.cls.predictions(x)
+
+
+def build_mlp(dim: int, out: int) -> nn.Sequential:
+    """X2-VLM head MLP: Linear(d, 2d), LayerNorm(2d, eps 1e-5), GELU, Linear(2d, out)."""
+    return nn.Sequential(nn.Linear(dim, 2 * dim), nn.LayerNorm(2 * dim), nn.GELU(), nn.Linear(2 * dim, out))
+
+
+def _init_bert(module: nn.Module, std: float = 0.02) -> None:
+    """transformers' BERT init (reference's random init of text/cross/decoder parts)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+            if m.padding_idx is not None and m.weight.device.type != "meta":
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for name, p in module.named_parameters():
+        if name.endswith("predictions.bias"):
+            nn.init.zeros_(p)
+
+
+# ---------------------------------------------------------------- task models
+
+class CCLM(nn.Module):
+    """Shared trunk. State-dict keys equal the reference's (vision_encoder., text_encoder., cross_encoder.)."""
+
+    def __init__(self, task: str, config: dict):
+        super().__init__()
+        if config["vision_width"] != config["hidden_size"]:
+            # choice: the reference allows a different vision width (K/V projections of that width); the
+            # CCLM checkpoint has 768 = 768, so we require equality and use BertLayer's projections as is
+            raise ValueError(f"config: vision_width {config['vision_width']} must equal hidden_size {config['hidden_size']}")
+        self.task, self.config = task, dict(config)
+        self.vision_encoder = VisionEncoder(config)
+        self.text_encoder = TextEncoder(config)
+        self.cross_encoder = CrossEncoder(config)
+        _init_bert(self.text_encoder)
+        _init_bert(self.cross_encoder)
+
+    def cross_embeds(self, vision_embeds: torch.Tensor, text_embeds: torch.Tensor, text_atts: torch.Tensor) -> torch.Tensor:
+        return self.cross_encoder(text_embeds, text_atts, vision_embeds)
+
+    def fuse(self, batch: dict) -> torch.Tensor:
+        v = self.vision_encoder(batch["images"])
+        return self.cross_embeds(v, self.text_encoder(batch["text_ids"], batch["text_atts"]), batch["text_atts"])
+
+    def cls_features(self, batch: dict) -> torch.Tensor:
+        """Cross-encoder output at position 0 (input to the heads; Figure 4 analysis)."""
+        return self.fuse(batch)[:, 0]
+
+
+class CCLMForXVNLI(CCLM):
+    def __init__(self, task: str, config: dict):
+        super().__init__(task, config)
+        self.cls_head = build_mlp(config["hidden_size"], config["num_labels"])
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        return self.cls_head(self.cls_features(batch))
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(self.logits(batch), batch["label"])
+
+    @torch.no_grad()
+    def predict(self, batch: dict) -> torch.Tensor:
+        return self.logits(batch).argmax(dim=1)
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows in rank order (row counts may differ: padded to the largest, then cut).
+    Backward sums every rank's gradient of the gathered tensor and returns this rank's rows: the
+    ranks compute the same loss, so after DDP's averaging the gradient equals the 1-process one."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        n = torch.tensor([x.shape[0]], device=x.device)
+        sizes = [torch.zeros_like(n) for _ in range(_world())]
+        dist.all_gather(sizes, n)
+        sizes = [int(s) for s in sizes]
+        pad = max(sizes) - x.shape[0]
+        xp = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x.contiguous()
+        parts = [torch.empty_like(xp) for _ in sizes]
+        dist.all_gather(parts, xp)
+        ctx.start, ctx.n = sum(sizes[:dist.get_rank()]), x.shape[0]
+        return torch.cat([t[:s] for t, s in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.start:ctx.start + ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """In-batch negatives from every rank (X2-VLM's allgather; see _GatherRows for the gradient)."""
+    return x if _world() == 1 else _GatherRows.apply(x)
+
+
+class CCLMForRetrieval(CCLM):
+    def __init__(self, task: str, config: dict):
+        super().__init__(task, config)
+        self.vision_proj = nn.Linear(config["vision_width"], config["embed_dim"])
+        self.text_proj = nn.Linear(config["hidden_size"], config["embed_dim"])
+        self.temp = nn.Parameter(torch.ones([]) * config["temp"])
+        self.itm_head = build_mlp(config["hidden_size"], 2)
+
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v = self.vision_encoder(images)
+        return v, F.normalize(self.vision_proj(v[:, 0]), dim=-1)
+
+    def encode_texts(self, text_ids: torch.Tensor, text_atts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITC text features come from the text encoder alone (README §3)."""
+        t = self.text_encoder(text_ids, text_atts)
+        return t, F.normalize(self.text_proj(t[:, 0]), dim=-1)
+
+    def itm_logits(self, vision_embeds: torch.Tensor, text_embeds: torch.Tensor, text_atts: torch.Tensor) -> torch.Tensor:
+        return self.itm_head(self.cross_embeds(vision_embeds, text_embeds, text_atts)[:, 0])
+
+    def itm_scores(self, vision_embeds: torch.Tensor, text_embeds: torch.Tensor, text_atts: torch.Tensor) -> torch.Tensor:
+        """Raw class-1 ITM logit per (image, text) pair (no softmax, as xFlickrCO.evaluation)."""
+        return self.itm_logits(vision_embeds, text_embeds, text_atts)[:, 1]
+
+    def contrastive_loss(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """In-batch (all ranks) ITC; targets spread uniformly over pairs sharing an image id."""
+        image_all, text_all = gather_with_grad(image_feat), gather_with_grad(text_feat)
+        idx_all = gather_with_grad(idx.view(-1, 1))
+        logits = image_all @ text_all.t() / self.temp
+        pos = torch.eq(idx_all, idx_all.t()).float()
+        targets = pos / pos.sum(dim=1, keepdim=True)
+        loss_i2t = -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+        loss_t2i = -(F.log_softmax(logits.t(), dim=1) * targets).sum(dim=1).mean()
+        return (loss_i2t + loss_t2i) / 2
+
+    def matching_loss(self, vision_embeds, image_feat, text_embeds, text_atts, text_feat, idx) -> torch.Tensor:
+        """ITM with the reference's hard negatives: per pair, one negative image and one negative text
+        drawn (global torch RNG, this rank's batch only) with probability softmax(sim / temp) + 1e-5,
+        zeroed for pairs sharing the image id; CE over [pos, (neg img, text), (img, neg text)]."""
+        bs = image_feat.shape[0]
+        with torch.no_grad():
+            sim_i2t = image_feat @ text_feat.t() / self.temp
+            sim_t2i = text_feat @ image_feat.t() / self.temp
+            same = torch.eq(idx.view(-1, 1), idx.view(1, -1))
+            w_i2t = (F.softmax(sim_i2t.float(), dim=1) + 1e-5).masked_fill(same, 0)
+            w_t2i = (F.softmax(sim_t2i.float(), dim=1) + 1e-5).masked_fill(same, 0)
+            # a row without any allowed negative (whole batch one image) would make multinomial fail;
+            # the reference crashes there, we fall back to uniform over the batch (choice)
+            w_i2t[w_i2t.sum(1) == 0] = 1.0
+            w_t2i[w_t2i.sum(1) == 0] = 1.0
+            image_neg = torch.multinomial(w_t2i, 1).squeeze(1)
+            text_neg = torch.multinomial(w_i2t, 1).squeeze(1)
+        v_all = torch.cat([vision_embeds, vision_embeds[image_neg], vision_embeds])
+        t_all = torch.cat([text_embeds, text_embeds, text_embeds[text_neg]])
+        a_all = torch.cat([text_atts, text_atts, text_atts[text_neg]])
+        logits = self.itm_logits(v_all, t_all, a_all)
+        labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(logits.device)
+        return F.cross_entropy(logits, labels)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        v, image_feat = self.encode_images(batch["images"])
+        t, text_feat = self.encode_texts(batch["text_ids"], batch["text_atts"])
+        itc = self.contrastive_loss(image_feat, text_feat, batch["idx"])
+        itm = self.matching_loss(v, image_feat, t, batch["text_atts"], text_feat, batch["idx"])
+        return itc + itm
+
+    @torch.no_grad()
+    def rerank_scores(self, vision_embeds: torch.Tensor, image_feat: torch.Tensor, text_embeds: torch.Tensor,
+                      text_atts: torch.Tensor, text_feat: torch.Tensor, k: int | None = None,
+                      image_rows=None, text_rows=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """xFlickrCO.evaluation: sims = image_feat @ text_feat.T (no temperature); for each image row
+        (image_rows, default all) ITM-score its top-k texts by sims, for each text row its top-k images;
+        unscored entries stay -100. Returns (sims [I,T], score_i2t [I,T], score_t2i [T,I])."""
+        k = self.config["k_test"] if k is None else k
+        sims = image_feat @ text_feat.t()
+        n_img, n_txt = sims.shape
+        i2t = torch.full((n_img, n_txt), -100.0, device=sims.device)
+        t2i = torch.full((n_txt, n_img), -100.0, device=sims.device)
+        ki, kt = min(k, n_txt), min(k, n_img)
+        for i in (range(n_img) if image_rows is None else image_rows):
+            top = sims[i].topk(ki).indices
+            v = vision_embeds[i:i + 1].expand(ki, -1, -1)
+            i2t[i, top] = self.itm_scores(v, text_embeds[top], text_atts[top]).float()
+        for j in (range(n_txt) if text_rows is None else text_rows):
+            top = sims[:, j].topk(kt).indices
+            t, a = text_embeds[j:j + 1].expand(kt, -1, -1), text_atts[j:j + 1].expand(kt, -1)
+            t2i[j, top] = self.itm_scores(vision_embeds[top], t, a).float()
+        return sims, i2t, t2i
+
+
+class CCLMForXGQA(CCLM):
+    """VQA as answer generation, evaluated by ranking a fixed answer list (README §3, §3.1)."""
+    RANK_SEQUENCES = 512  # candidate sequences decoded at once by predict
+
+    def __init__(self, task: str, config: dict):
+        super().__init__(task, config)
+        self.text_decoder = AnswerDecoder(config)
+        _init_bert(self.text_decoder)
+        # candidate answers (tokenised "<s> answer </s>", padding longest): set_answer_list before predict
+        self.register_buffer("answer_ids", torch.zeros(0, 0, dtype=torch.long), persistent=False)
+        self.register_buffer("answer_atts", torch.zeros(0, 0, dtype=torch.long), persistent=False)
+
+    def set_answer_list(self, answer_ids: torch.Tensor, answer_atts: torch.Tensor) -> None:
+        self.answer_ids = answer_ids.to(self.answer_ids.device)
+        self.answer_atts = answer_atts.to(self.answer_atts.device)
+
+    def question_states(self, batch: dict) -> torch.Tensor:
+        return self.fuse(batch)
+
+    def answer_nll(self, answer_ids: torch.Tensor, answer_atts: torch.Tensor, states: torch.Tensor,
+                   state_atts: torch.Tensor) -> torch.Tensor:
+        """Per answer: SUM of token NLLs of the shifted targets (answer tokens and </s>; pads ignored)."""
+        logits = self.text_decoder(answer_ids, answer_atts, states, state_atts)
+        targets = answer_ids.masked_fill(answer_ids == self.config["pad_token_id"], -100)[:, 1:]
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                              reduction="none")
+        return nll.view(answer_ids.shape[0], -1).sum(dim=1)
+
+    def per_answer_loss(self, batch: dict) -> torch.Tensor:
+        states = self.question_states(batch)
+        k = torch.as_tensor(batch["k"], device=states.device)
+        return self.answer_nll(batch["answer_ids"], batch["answer_atts"], states.repeat_interleave(k, dim=0),
+                               batch["text_atts"].repeat_interleave(k, dim=0))
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """sum(weights * per-answer NLL) / number of questions (XVLMPlusForVQA.forward(train=True))."""
+        return (batch["weights"] * self.per_answer_loss(batch)).sum() / batch["images"].shape[0]
+
+    @torch.no_grad()
+    def rank_answers(self, states: torch.Tensor, state_atts: torch.Tensor, answer_ids: torch.Tensor,
+                     answer_atts: torch.Tensor, k: int, details: bool = False):
+        """rank_answer (README §3.1): prune candidates to the top k by first-token probability, then
+        score = log p(first token) - summed NLL of the whole answer (first token counted twice)."""
+        n = states.shape[0]
+        k = min(k, answer_ids.shape[0])
+        start = answer_ids[0, 0].repeat(n, 1)  # <s>
+        first_logits = self.text_decoder(start, None, states, state_atts)[:, 0].float()
+        prob_first = F.softmax(first_logits, dim=1).index_select(1, answer_ids[:, 1])
+        top_probs, top_ids = prob_first.topk(k, dim=1)
+        ids = answer_ids[top_ids.reshape(-1)]
+        atts = answer_atts[top_ids.reshape(-1)]
+        nll = self.answer_nll(ids, atts, states.repeat_interleave(k, dim=0),
+                              state_atts.repeat_interleave(k, dim=0)).view(n, k)
+        seq_logprob = top_probs.log() - nll
+        probs, rerank = F.softmax(seq_logprob, dim=-1).topk(k, dim=1)
+        ranked = torch.gather(top_ids, 1, rerank)
+        if not details:
+            return ranked, probs
+        return ranked, probs, {"first_token_logits": first_logits, "prob_first_token_all": prob_first,
+                               "topk_ids_before_rerank": top_ids, "answer_loss_topk": nll,
+                               "seq_logprob_topk": seq_logprob}
+
+    @torch.no_grad()
+    def predict(self, batch: dict) -> torch.Tensor:
+        """Index into the answer list of the first-ranked candidate (XGQA.py)."""
+        if self.answer_ids.numel() == 0:
+            raise ValueError("xgqa predict: call model.set_answer_list(answer_ids, answer_atts) first")
+        states, atts, k = self.question_states(batch), batch["text_atts"], self.config["k_test"]
+        preds = []
+        # a few questions at a time: k candidates x answer length x vocabulary logits each (choice;
+        # the reference evaluates 4 questions per batch); per-question results do not depend on it
+        step = max(1, self.RANK_SEQUENCES // k)
+        for s in range(0, states.shape[0], step):
+            ranked, probs = self.rank_answers(states[s:s + step], atts[s:s + step], self.answer_ids, self.answer_atts, k)
+            preds.append(ranked.gather(1, probs.argmax(dim=1, keepdim=True)).squeeze(1))
+        return torch.cat(preds)
+
+
+MODEL_CLASSES = {"xvnli": CCLMForXVNLI, "xflickrco": CCLMForRetrieval, "xgqa": CCLMForXGQA}
+
+
+def build_model(task: str, config: dict) -> CCLM:
+    if task not in MODEL_CLASSES:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return MODEL_CLASSES[task](task, config)
+
+
+def LAYOUT(task: str, config: dict | None = None) -> freeze.LayerLayout:
+    """18 SUF layers: text 0-11 then cross 12-17 (counts from config, default the paper's)."""
+    cfg = config or CONFIGS["base"]
+    return freeze.layout_from_rules(
+        cfg["text_layers"] + cfg["cross_layers"],
+        layer_rules=[("text_encoder.encoder.layer.", 0, 1), ("cross_encoder.encoder.layer.", cfg["text_layers"], 1)],
+        module_rules=[("text_encoder.embeddings.", "embeddings"), ("vision_encoder.", "vision_encoder"),
+                      ("text_decoder.", "answer_decoder")],
+        default_module="head")  # cls_head / itm_head / vision_proj / text_proj / temp
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def resize_rel_pos_bias_table(table: torch.Tensor, dst_grid: int, num_extra: int = 3) -> torch.Tensor:
+    """X2-VLM beit2.interpolate_pos_embed for one [(2G-1)^2+3, heads] table: bicubic spline through the
+    source grid placed at geometric-progression coordinates, sampled at integer offsets; float64
+    (scipy interp2d 'cubic' == RectBivariateSpline(kx=ky=3, s=0) on a regular grid), cast to float32."""
+    from scipy.interpolate import RectBivariateSpline
+    src_size = int((table.shape[0] - num_extra) ** 0.5)
+    dst_size = 2 * dst_grid - 1
+    if src_size == dst_size:
+        return table.clone()
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:  # q with 1 + q + ... + q^(src//2 - 1) ~ dst//2 (reference bisection)
+        q = (left + right) / 2.0
+        if (1.0 - q ** (src_size // 2)) / (1.0 - q) > dst_size // 2:
+            right = q
+        else:
+            left = q
+    dis, cur = [], 1.0
+    for i in range(src_size // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    coords = np.array([-d for d in reversed(dis)] + [0.0] + dis)
+    t = dst_size // 2
+    target = np.arange(-t, t + 0.1, 1.0)
+    grid = table[:-num_extra].detach().float().cpu().numpy().astype(np.float64)
+    heads = [torch.from_numpy(RectBivariateSpline(coords, coords, grid[:, h].reshape(src_size, src_size),
+                                                  kx=3, ky=3, s=0)(target, target).astype(np.float32)).reshape(-1, 1)
+             for h in range(table.shape[1])]
+    return torch.cat([torch.cat(heads, dim=1).to(table.device, table.dtype), table[-num_extra:]], dim=0)
+
+
+NEW_KEYS = {"xvnli": ("cls_head.",), "xgqa": ("text_decoder.bert.embeddings.", "text_decoder.cls."), "xflickrco": ()}
+PRETRAIN_ONLY = ("bbox_head.", "mlm_head.")
+RETRIEVAL_KEYS = ("temp", "vision_proj.", "text_proj.", "itm_head.")
+
+
+def _starts(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p) for p in prefixes)
+
+
+def pretrained_load_plan(ckpt_shapes: dict[str, tuple], model_shapes: dict[str, tuple], buffers: set[str],
+                         task: str) -> list[tuple[str, str, str]]:
+    """How each fine-tuning key gets its value from the CCLM pretraining checkpoint (README §2.1):
+    rows (finetune_key, action, pretrain_key) with the actions of ft_<task>.init_from_pretrain.tsv,
+    model keys first (in model order), then ("-", "unused_pretrain_key", key). Shapes only, so it
+    runs on meta tensors. Raises ValueError naming the first key that fits none of the rules."""
+    rows, used = [], set()
+    for key, shape in model_shapes.items():
+        src = key
+        if task == "xgqa" and key.startswith("text_decoder.bert.encoder.layer."):
+            src = "cross_encoder." + key[len("text_decoder.bert."):]  # decoder = copy of the cross encoder
+        if "relative_position_index" in key:
+            action = "drop_from_ckpt_keep_model_buffer" if key in ckpt_shapes else "model_buffer_not_in_ckpt"
+        elif src in ckpt_shapes:
+            same = tuple(ckpt_shapes[src]) == tuple(shape)
+            if "relative_position_bias_table" in key and not same and ckpt_shapes[src][1:] == shape[1:]:
+                action = "interpolate_224_to_384"
+            elif not same:
+                raise ValueError(f"checkpoint key {src!r} has shape {list(ckpt_shapes[src])}, model key {key!r} needs {list(shape)}")
+            else:
+                action = "load_same_name" if src == key else "copy_renamed"
+        elif key in buffers:
+            action = "model_buffer_not_in_ckpt"
+        elif _starts(key, NEW_KEYS[task]):
+            action = "new_random_init"
+        else:
+            raise ValueError(f"pretrained checkpoint lacks {key!r} (not a key this task initialises randomly)")
+        if action != "model_buffer_not_in_ckpt" and action != "new_random_init":
+            used.add(src)
+        rows.append((key, action, src if action not in ("model_buffer_not_in_ckpt", "new_random_init") else "-"))
+    allowed_unused = PRETRAIN_ONLY + (() if task == "xflickrco" else RETRIEVAL_KEYS)
+    for key in sorted(set(ckpt_shapes) - used):
+        if not _starts(key, allowed_unused):
+            raise ValueError(f"pretrained checkpoint key {key!r} is not used by the {task} model and not a known pretraining-only key")
+        rows.append(("-", "unused_pretrain_key", key))
+    return rows
+
+
+def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state_dict, our run meta or None) from {'model': state_dict, 'meta' | 'config': ...} (ours /
+    the reference's) or a bare state_dict."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {path}: no such file") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling problem: one line naming the file
+        raise ValueError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    state = ck["model"] if isinstance(ck, dict) and "model" in ck else ck
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path}: expected a state_dict or {{'model': state_dict, ...}}")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    meta = ck.get("meta") if isinstance(ck, dict) and isinstance(ck.get("meta"), dict) else None
+    return state, meta
+
+
+def is_pretraining_state(state: dict) -> bool:
+    return any(_starts(k, PRETRAIN_ONLY) for k in state)
+
+
+def load_pretrained(model: CCLM, state: dict[str, torch.Tensor]) -> str:
+    """Initialise a fine-tuning model from the CCLM pretraining state_dict exactly as the reference's
+    load_pretrained(is_eval=False) does; returns a readable report."""
+    own = model.state_dict()
+    buffers = {n for n, _ in model.named_buffers() if n in own}
+    plan = pretrained_load_plan({k: tuple(v.shape) for k, v in state.items()},
+                                {k: tuple(v.shape) for k, v in own.items()}, buffers, model.task)
+    grid = model.config["image_res"] // model.config["patch_size"]
+    new_state = {}
+    for key, action, src in plan:
+        if action in ("load_same_name", "copy_renamed"):
+            new_state[key] = state[src]
+        elif action == "interpolate_224_to_384":
+            new_state[key] = resize_rel_pos_bias_table(state[src].float(), grid)
+    missing, unexpected = model.load_state_dict(new_state, strict=False)
+    expected_missing = {k for k, a, _ in plan if a in ("new_random_init", "model_buffer_not_in_ckpt",
+                                                       "drop_from_ckpt_keep_model_buffer")}
+    assert not unexpected and set(missing) == expected_missing, (missing, unexpected)
+    counts: dict[str, int] = {}
+    for _, a, _ in plan:
+        counts[a] = counts.get(a, 0) + 1
+    new = [k for k, a, _ in plan if a == "new_random_init"]
+    unused = [s for _, a, s in plan if a == "unused_pretrain_key"]
+    return (f"loaded pretrained CCLM into {model.task}: " + ", ".join(f"{a} {n}" for a, n in counts.items())
+            + f"\n  new (random init): {', '.join(new) or 'none'}\n  unused checkpoint keys: {', '.join(unused) or 'none'}")
+
+
+def load_finetuned(model: CCLM, state: dict[str, torch.Tensor], source: str = "checkpoint") -> str:
+    """A fine-tuned state_dict of the reference layout (or ours): loaded as is (reference is_eval=True)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        what = f"lacks {missing[0]!r}" if missing else f"has unexpected key {unexpected[0]!r}"
+        raise ValueError(f"{source} {what} ({len(missing)} missing, {len(unexpected)} unexpected for a {model.task} model)")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"{source}: {k!r} has shape {list(v.shape)}, the model needs {list(own[k].shape)}")
+    model.load_state_dict(state, strict=True)
+    return f"loaded fine-tuned {model.task} weights from {source}: {len(state)} entries"
+
+
+def load_checkpoint(model: CCLM, path: str) -> str:
+    """The released pretraining checkpoint (mapped, README §2.1) or a fine-tuned one (as is)."""
+    return load_state(model, read_checkpoint(path)[0], f"checkpoint {path}")
+
+
+def load_state(model: CCLM, state: dict[str, torch.Tensor], source: str) -> str:
+    if is_pretraining_state(state):
+        try:
+            return load_pretrained(model, state)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+    return load_finetuned(model, state, source=source)
+
+
+# ---------------------------------------------------------------- training entry point
+
+# Paper §4: lr 2e-5 for the ViT and 3e-5 for the rest; effective batch 256/144/128 (xGQA/XVNLI/
+# xFlickrCo) via gradient accumulation; epochs 5/10/10, AdamW wd 0.01, 10% warm-up (engine defaults).
+DEFAULTS = {
+    "model": "cclm",
+    "xgqa": {"lr": 3e-5, "batch_size": 256},
+    "xvnli": {"lr": 3e-5, "batch_size": 144},
+    "xflickrco": {"lr": 3e-5, "batch_size": 128},
+    # paper silent: AdamW betas of X2-VLM's create_optimizer (the CCLM fine-tuning code); eps 1e-8 (same)
+    "adam_betas": [0.9, 0.98],
+}
+VISION_LR = 2e-5
+TRAIN_SPLIT = "train"  # English training split of each task (IGLUE: GQA train, XVNLI train, Flickr30k train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import engine
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    engine.add_common_args(p, DEFAULTS)
+    c = p.add_argument_group("CCLM (train_cclm.py)")
+    c.add_argument("--checkpoint", default=None,
+                   help="initial weights: the released cclm_x2vlm_base.th (pretraining layout, mapped as X2-VLM does), "
+                        "a fine-tuned reference checkpoint of this task, or a model_final.pt of ours")
+    c.add_argument("--images", default=None, help="image root (gqa/, flickr30k/, coco/ below it; see data.py)")
+    c.add_argument("--model-config", default=None,
+                   help="tiny | base | a config json (default: the --checkpoint's own config if it is ours, else base)")
+    c.add_argument("--tokenizer", default="xlm-roberta-base", help="XLM-R tokenizer folder or cached hub id")
+    c.add_argument("--image-res", type=int, default=None, help="override the config's image resolution (paper: 384)")
+    c.add_argument("--vision-lr", type=float, default=VISION_LR, help="peak lr of the ViT (paper: 2e-5)")
+    c.add_argument("--train-split", default=TRAIN_SPLIT, help="English training split")
+    c.add_argument("--eval-batch-size", type=int, default=32, help="examples per evaluation forward")
+    c.add_argument("--no-eval", action="store_true", help="skip the per-epoch evaluation")
+    return p
+
+
+def resolve_config(name: str | None, meta: dict | None = None) -> dict:
+    if name is None:
+        return dict(meta["config"]) if meta and "config" in meta else dict(CONFIGS["base"])
+    if name in CONFIGS:
+        return dict(CONFIGS[name])
+    if not os.path.isfile(name):
+        raise SystemExit(f"error: --model-config {name!r}: not one of {', '.join(CONFIGS)} and no such file")
+    try:
+        cfg = json.loads(open(name).read())
+    except ValueError as e:
+        raise SystemExit(f"error: --model-config {name}: invalid JSON ({e})") from None
+    unknown = sorted(set(cfg) - set(CONFIGS["base"]))
+    if unknown:
+        raise SystemExit(f"error: --model-config {name}: unknown key {unknown[0]!r}")
+    return {**CONFIGS["base"], **cfg}
+
+
+def model_config_from_args(args, meta: dict | None = None) -> dict:
+    config = resolve_config(args.model_config, meta)
+    if args.image_res is not None:
+        config["image_res"] = args.image_res
+    if args.dropout is not None:  # all three stochastic parts (the reference's ViT uses drop path only)
+        config.update(dropout=args.dropout, attn_dropout=args.dropout, vision_drop_path=args.dropout)
+    if config["image_res"] % config["patch_size"]:
+        raise SystemExit(f"error: image resolution {config['image_res']} is not a multiple of the patch size {config['patch_size']}")
+    return config
+
+
+def build_train_dataset(args, config: dict):
+    import data
+    examples = data.load_split(args.data_root, args.task, args.train_split, "en")
+    return data.make_dataset("cclm", args.task, examples, images=args.images, train=True,
+                             image_res=config["image_res"], seed=args.seed)
+
+
+def make_evaluate_fn(args, config: dict, tokenizer, dist):
+    """evaluate_fn(model, epoch) -> {lang: metrics}: eval_zeroshot's protocols on --eval-split, sharded."""
+    import eval_zeroshot as ez
+    sets = ez.build_eval_sets("cclm", args.task, args.data_root, tokenizer, langs=args.langs, split=args.eval_split,
+                              images=args.images, image_res=config["image_res"])
+
+    def evaluate_fn(model, epoch: int) -> dict:
+        return ez.evaluate_task(model, args.task, sets, dist, batch_size=args.eval_batch_size, num_workers=args.num_workers)
+    return evaluate_fn
+
+
+def _steps_per_epoch(args, config: dict) -> int | None:
+    """Only needed by --print-schedule with --unfreeze-unit step (reads the annotations, no images)."""
+    import data
+    if not args.data_root:
+        raise SystemExit("error: --print-schedule with --unfreeze-unit step needs --data-root (steps per epoch)")
+    n = len(data.load_split(args.data_root, args.task, args.train_split, "en"))
+    steps = n // args.batch_size
+    return min(steps, args.max_steps_per_epoch) if args.max_steps_per_epoch else steps
+
+
+def main(argv: list[str] | None = None) -> None:
+    import data
+    import engine
+    args = build_parser().parse_args(argv)
+    state, meta = None, None
+    if args.print_schedule:  # no data, no weights: the model is built on the meta device, instantly
+        config = model_config_from_args(args)
+        layout = LAYOUT(args.task, config)
+        schedule = freeze.schedule_from_args(args, layout.num_layers)
+        steps = _steps_per_epoch(args, config) if schedule.policy == "suf" and schedule.unfreeze_unit == "step" else None
+        with torch.device("meta"):
+            model = build_model(args.task, config)
+        engine.print_schedule(model, layout, schedule, args, steps)
+        return
+
+    dist = engine.setup_distributed()
+    try:
+        run_dir = engine.check_run_dir(args, dist)
+        resuming = args.resume and (run_dir / engine.CHECKPOINT).exists()
+        if not args.data_root:
+            raise SystemExit("error: --data-root is required (folder holding IGLUE's datasets/)")
+        if not args.images or not os.path.isdir(args.images):
+            raise SystemExit(f"error: --images {args.images!r} is not a folder (image root with gqa/, flickr30k/, coco/)")
+        if resuming:  # the run's own config (its checkpoint's meta) unless --model-config says otherwise
+            meta = torch.load(run_dir / engine.CHECKPOINT, map_location="cpu", weights_only=True, mmap=True).get("meta")
+        elif args.checkpoint:
+            try:
+                state, meta = read_checkpoint(args.checkpoint)
+            except ValueError as e:
+                raise SystemExit(f"error: --checkpoint: {e}") from None
+        config = model_config_from_args(args, meta)
+        layout = LAYOUT(args.task, config)
+        schedule = freeze.schedule_from_args(args, layout.num_layers)
+        try:
+            tokenizer = data.load_tokenizer(args.tokenizer)
+        except ValueError as e:
+            raise SystemExit(f"error: --tokenizer: {e}") from None
+        if len(tokenizer) > config["vocab_size"]:
+            raise SystemExit(f"error: tokenizer {args.tokenizer} has {len(tokenizer)} ids but the model config only "
+                             f"{config['vocab_size']} embeddings")
+
+        engine.seed_everything(args.seed)  # identical initial weights on every rank
+        model = build_model(args.task, config)
+        if state is not None:
+            try:
+                report = load_state(model, state, f"--checkpoint {args.checkpoint}")
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
+            del state
+            if dist.is_main:
+                print(report, flush=True)
+                (run_dir / "load_report.txt").write_text(report + "\n")
+        elif not args.checkpoint and dist.is_main:
+            print("warning: no --checkpoint: training from random initialisation", file=sys.stderr, flush=True)
+        if args.task == "xgqa":  # the 1,842 candidate answers predict() ranks
+            import eval_zeroshot
+            try:
+                eval_zeroshot.prepare_model(model, args.data_root, tokenizer)
+            except ValueError as e:
+                raise SystemExit(f"error: data: {e}") from None
+
+        try:
+            train_ds = build_train_dataset(args, config)
+            evaluate_fn = None if args.no_eval else make_evaluate_fn(args, config, tokenizer, dist)
+        except ValueError as e:
+            raise SystemExit(f"error: data: {e}") from None
+        loader = engine.build_train_loader(train_ds, args, dist, data.CCLMCollate(args.task, tokenizer, train=True))
+        meta = {"model": "cclm", "task": args.task, "config": config, "tokenizer": args.tokenizer,
+                "checkpoint": args.checkpoint, "recipe": args.recipe, "langs": args.langs,
+                "vision_lr": args.vision_lr}
+        engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist,
+                     module_lr={"vision_encoder": args.vision_lr})
+    finally:
+        engine.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
