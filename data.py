@@ -42,6 +42,8 @@ Datasets and batches (contract keys)
   construction); CCLM batches may hold two captions of one image: `idx` (image index) lets the loss treat
   them as positives, as X2-VLM does.
   load_hard_negatives(path)         IGLUE/VOLTA hard_negative.pkl (train_image_list, train_hard_pool)
+  check_inputs(examples, features=None, images=None)   fail fast before training: one-line ValueError naming
+                                    the first missing feature key / image file, its annotation line, and the count
 CLI
   inventory(root, features=(), images=None) and `python data.py --data-root DIR [--features ...] [--images DIR] [--json]`
 
@@ -510,8 +512,21 @@ def _open_lmdb(path: str):
                         meminit=False, max_readers=2048)
     except lmdb.Error as e:
         raise ValueError(f"{path}: cannot open as LMDB ({e})") from None
+    _check_lmdb_size(env, path)
     _LMDB_ENVS[key] = (os.getpid(), env)
     return env
+
+
+def _check_lmdb_size(env, path: str) -> None:
+    """A truncated data.mdb (interrupted copy/download) is mmapped and would kill the process with SIGBUS
+    on the first read past its end: compare the file size with the last page its header says is in use."""
+    data_file = os.path.join(path, "data.mdb") if os.path.isdir(path) else path
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = os.path.getsize(data_file)
+    if size < need:
+        env.close()
+        raise ValueError(f"{data_file}: LMDB file is truncated ({size:,} bytes, its header needs {need:,}); "
+                         f"copy or download it again")
 
 
 def _close_lmdb(path: str) -> None:
@@ -1010,6 +1025,22 @@ def _as_reader(features):
     return features
 
 
+def check_inputs(examples: Sequence[Example], *, features=None, images=None) -> None:
+    """Fail fast, before any training: ValueError naming the first example whose region features (key not in
+    `features`, a reader/path/FeatureSet) or image file (under `images`) is missing, with its annotation
+    line and how many distinct images are missing (`python data.py ... --features/--images` lists them)."""
+    reader = _as_reader(features) if features is not None else None
+    distinct = _distinct_images(examples)
+    missing = []
+    for ex in distinct:
+        if reader is not None and ex.image not in reader:
+            missing.append(str(_missing_feature_error(ex.image, ex, reader.path)))
+        elif images is not None and not os.path.isfile(path := _image_path(images, ex.image_file)):
+            missing.append(f"image file {path} not found (referenced by {ex.source}, example {ex.id})")
+    if missing:
+        raise ValueError(f"{missing[0]}; {len(missing)} of {len(distinct)} images missing")
+
+
 def _image_path(images, rel: str) -> str:
     if images is None:
         raise ValueError("an images root is required for CCLM (give --images)")
@@ -1025,6 +1056,9 @@ def _open_image(images, ex: Example) -> Image.Image:
         return load_image(path)
     except FileNotFoundError:
         raise ValueError(f"image file {path} not found (referenced by {ex.source}, example {ex.id})") from None
+    except OSError as e:  # PIL: not an image / header cut off ("Truncated File Read" names no file)
+        raise ValueError(f"image file {path} is corrupt or not an image ({e.__class__.__name__}: "
+                         f"{str(e).replace(str(path), '').strip(' :')}) (referenced by {ex.source}, example {ex.id})") from None
 
 
 class _EpochDataset(Dataset):

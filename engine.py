@@ -61,8 +61,8 @@ ENGINE_DEFAULTS = {
 }
 # Arguments that must not change between a run and its --resume (they change the result).
 RESUME_KEYS = ("task", "seed", "epochs", "lr", "batch_size", "weight_decay", "adam_eps", "adam_betas",
-               "clip_grad", "warmup_ratio", "max_steps_per_epoch", "policy", "suf_k", "unfreeze_every",
-               "unfreeze_unit", "top_layers", "llrd_decay", "freeze_embeddings")
+               "clip_grad", "warmup_ratio", "schedule_epochs", "recipe", "max_steps_per_epoch", "policy", "suf_k",
+               "unfreeze_every", "unfreeze_unit", "top_layers", "llrd_decay", "freeze_embeddings")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -95,6 +95,9 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     o.add_argument("--adam-betas", type=float, nargs=2, default=None, help="AdamW betas (default 0.9 0.999)")
     o.add_argument("--clip-grad", type=float, default=None, help="max gradient norm, 0 = off (default off)")
     o.add_argument("--warmup-ratio", type=float, default=None, help="linear warm-up fraction of all optimizer steps (paper: 0.1)")
+    o.add_argument("--schedule-epochs", type=int, default=None,
+                   help="length of the warm-up/decay LR schedule in epochs (default: --epochs, the paper's; IGLUE's "
+                        "UC2 runs use 20 while training stops at 5/10/10, so their LR never reaches 0)")
     o.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                    help="auto: bf16 on GPUs that support it, else off (always off on CPU); fp16 uses a GradScaler")
     o.add_argument("--dropout", type=float, default=None, help="override the model config's dropout probabilities")
@@ -134,6 +137,11 @@ def resolve_args(args: argparse.Namespace, defaults: dict) -> argparse.Namespace
     for key in ("epochs", "lr", "batch_size"):
         if getattr(args, key) is None:
             raise SystemExit(f"error: --{key.replace('_', '-')} has no default for task {args.task}; pass it")
+    if args.schedule_epochs is None:
+        args.schedule_epochs = args.epochs
+    if args.schedule_epochs < args.epochs:
+        raise SystemExit(f"error: --schedule-epochs {args.schedule_epochs} is shorter than --epochs {args.epochs} "
+                         f"(the learning rate would sit at 0 for the last epochs); pass --schedule-epochs >= --epochs")
     if args.langs:
         args.langs = [lang for item in args.langs for lang in item.split(",") if lang]
     if args.output_dir is None:
@@ -306,11 +314,12 @@ def linear_warmup_decay(warmup_steps: int, total_steps: int) -> Callable[[int], 
 
 
 def build_optimizer(model: nn.Module, layout: freeze.LayerLayout, schedule: freeze.Schedule, args: argparse.Namespace,
-                    module_lr: dict[str, float] | None = None, *, total_steps: int | None = None):
+                    module_lr: dict[str, float] | None = None, *, total_steps: int | None = None,
+                    no_decay: Callable[[str, nn.Parameter], bool] | None = None):
     """AdamW over ALL parameters (frozen ones get no grad, hence no update/decay/state), built once;
     LambdaLR: linear warm-up over warmup_ratio of total_steps (HF: ceil), then linear decay to 0.
-    total_steps None (benches, tools): constant LR."""
-    groups = freeze.param_groups(model, layout, schedule, args.lr, args.weight_decay, module_lr)
+    total_steps None (benches, tools): constant LR. no_decay(name, param): see freeze.param_groups."""
+    groups = freeze.param_groups(model, layout, schedule, args.lr, args.weight_decay, module_lr, no_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
     if total_steps is None:
@@ -337,6 +346,22 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
+
+def check_tokenizer_vocab(tokenizer, embedding_rows: int, tokenizer_name: str, checkpoint: str | None = None,
+                          checkpoint_ids: int | None = None) -> None:
+    """One-line SystemExit when the tokenizer cannot belong to the model: more ids than embedding rows
+    (out of range), or a different size than the tokenizer `checkpoint` was trained with (checkpoint_ids:
+    250,002 for XLM-R-based released weights, the size recorded in our checkpoints' meta; None = unknown).
+    A different vocabulary would silently map tokens to the wrong pre-trained rows. Random-init models
+    (tiny config, tests) may have spare rows. Both trainers call it after loading weights."""
+    n = len(tokenizer)
+    if checkpoint_ids is not None and n != checkpoint_ids:
+        raise SystemExit(f"error: --tokenizer {tokenizer_name} has {n} ids but checkpoint {checkpoint} was trained with "
+                         f"a {checkpoint_ids}-id tokenizer; use the tokenizer the checkpoint was trained with")
+    if n > embedding_rows:
+        raise SystemExit(f"error: --tokenizer {tokenizer_name} has {n} ids but the model config's vocab_size is "
+                         f"{embedding_rows} (ids >= {embedding_rows} have no embedding); use a matching tokenizer or config")
+
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """Atomic: write <path>.tmp in the same folder, fsync, os.replace. A crash leaves the old file intact."""
@@ -568,9 +593,11 @@ def mean_loss(loss_sum: torch.Tensor, n: torch.Tensor, dist: DistInfo) -> float 
 
 def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout, schedule: freeze.Schedule,
           train_loader: DataLoader, evaluate_fn: Callable | None, meta: dict, dist: DistInfo, *,
-          module_lr: dict[str, float] | None = None, on_step: Callable[[nn.Module, int], None] | None = None) -> None:
+          module_lr: dict[str, float] | None = None, on_step: Callable[[nn.Module, int], None] | None = None,
+          no_decay: Callable[[str, nn.Parameter], bool] | None = None) -> None:
     """The epoch loop (see module docstring). evaluate_fn(model, epoch 1-based) -> {lang: {metric: value}}
-    is called on every rank after every epoch; on_step(model, steps_done) after every optimizer step."""
+    is called on every rank after every epoch; on_step(model, steps_done) after every optimizer step;
+    no_decay(name, param): the recipe's weight-decay exemption rule (default: freeze.no_decay_ndim)."""
     run_dir = check_run_dir(args, dist)
     _, accum = micro_and_accum(args, dist)
     steps_per_epoch = len(train_loader) // accum
@@ -582,7 +609,10 @@ def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout
         return print_schedule(model, layout, schedule, args, steps_per_epoch, dist)
 
     model.to(dist.device)
-    optimizer, lr_sched = build_optimizer(model, layout, schedule, args, module_lr, total_steps=args.epochs * steps_per_epoch)
+    # The LR schedule spans --schedule-epochs (default --epochs); IGLUE's longer one stops before reaching 0.
+    schedule_epochs = getattr(args, "schedule_epochs", None) or args.epochs
+    optimizer, lr_sched = build_optimizer(model, layout, schedule, args, module_lr, no_decay=no_decay,
+                                          total_steps=schedule_epochs * steps_per_epoch)
     amp_dtype, scaler = setup_amp(args.amp, dist.device)
     log = MetricsLog(run_dir / METRICS, dist.is_main)
     _fault_counts.clear()
@@ -723,7 +753,12 @@ def resume(path: Path, model, optimizer, lr_sched, scaler, args, dist: DistInfo,
         if key in saved and json_safe(getattr(args, key, None)) != saved[key]:
             raise SystemExit(f"error: --resume: --{key.replace('_', '-')} is {getattr(args, key, None)!r} but the run in "
                              f"{path} used {saved[key]!r}; resume with the same settings")
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # torch lists every key over many lines: name the first, keep it one line
+        detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise SystemExit(f"error: --resume: {path} does not fit this model ({detail}); "
+                         f"resume with the run's own model settings") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_sched.load_state_dict(ckpt["scheduler"])
     if scaler is not None and ckpt["scaler"] is not None:

@@ -42,6 +42,9 @@ MAIN_METRICS = {"xgqa": ("accuracy",), "xvnli": ("accuracy",), "xflickrco": ("tr
 UNSCORED = -100.0   # CCLM reference: retrieval matrix entries outside the k_test prefilter
 # IGLUE's results/ file stems (model,en,<langs>,avg rows); "_ir"/"_tr" for retrieval.
 CSV_STEM = {"xgqa": "xGQA", "xvnli": "XVNLI", "xflickrco": "xFlickrCO"}
+# IGLUE's target languages (test sets; the paper's ZS-XLT averages run over all of them)
+TARGET_LANGS = {"xgqa": ("bn", "de", "id", "ko", "pt", "ru", "zh"), "xvnli": ("ar", "es", "fr", "ru"),
+                "xflickrco": ("de", "es", "id", "ja", "ru", "tr", "zh")}
 
 # ---------------------------------------------------------------------------------------------
 # The paper's reported numbers (Reinhardt et al., "Improving Vision-Language Cross-Lingual Transfer
@@ -286,6 +289,32 @@ def cclm_score_matrices(model: torch.nn.Module, image_batches: Iterable[dict], t
     for direction, rows, cols, vals in engine.gather(triples, dist):
         (score_i2t if direction == "i2t" else score_t2i)[rows, cols] = vals
     return score_i2t, score_t2i
+
+
+class CallCounter(torch.nn.Module):
+    """Wraps a retrieval model and counts, per method, the calls and the rows (images / captions /
+    pairs) that went through it: bench/retrieval.py and the tests check the protocols with it."""
+    METHODS = ("encode_images", "encode_texts", "itm_scores", "pair_scores")
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = getattr(model, "config", {})
+        self.calls = {m: 0 for m in self.METHODS}
+        self.rows = {m: 0 for m in self.METHODS}
+        for m in self.METHODS:
+            if hasattr(model, m):
+                setattr(self, m, self._counted(m))
+
+    def _counted(self, name: str) -> Callable:
+        fn = getattr(self.model, name)
+
+        def counted(*args, **kwargs):
+            self.calls[name] += 1
+            first = args[0] if args else next(iter(kwargs.values()))
+            self.rows[name] += first["input_ids"].shape[0] if isinstance(first, dict) else first.shape[0]
+            return fn(*args, **kwargs)
+        return counted
 
 
 @torch.no_grad()
@@ -573,6 +602,7 @@ def plot_curves(runs: Sequence[str | Path], out_dir: str | Path, tag: str = "") 
                 style = {"en": dict(lw=2.5, color="black"), "avg": dict(lw=2, ls="--", color="gray")}.get(lang, {})
                 ax.plot(d["epochs"], vals, marker="o", ms=3, label=lang if lang != "avg" else "avg (non-en)", **style)
             ax.set_title(d["label"], fontsize=9)
+            ax.set_xticks(d["epochs"])
             ax.set_xlabel("epoch")
             ax.set_ylabel(m)
             ax.grid(alpha=0.3)
@@ -596,6 +626,7 @@ def plot_curves(runs: Sequence[str | Path], out_dir: str | Path, tag: str = "") 
                 if "en" in d["series"][m]:
                     ax.plot(d["epochs"], d["series"][m]["en"], ls=":", color=color)
             ax.set_title(d["label"], fontsize=9)
+            ax.set_xticks(d["epochs"])
             ax.set_xlabel("epoch")
             ax.set_ylabel("accuracy (solid: non-en avg, dotted: en)")
             ax.grid(alpha=0.3)
@@ -651,8 +682,8 @@ def _mean(vals: list[float]) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def _cell(ours: float | None, paper: float | None) -> str:
-    o = "-" if ours is None or ours != ours else f"{ours:.1f}"
+def _cell(ours: float | None, paper: float | None, partial: bool = False) -> str:
+    o = "-" if ours is None or ours != ours else f"{ours:.1f}" + ("*" if partial else "")
     return o if paper is None else f"{o} ({paper:.1f})"
 
 
@@ -680,6 +711,10 @@ def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
         return (_mean([r["langs"].get("en", {}).get(metric, float("nan")) for r in rs]),
                 _mean([zs_average(r["langs"], metric) for r in rs]))
 
+    def partial(rs: list[dict], task: str) -> bool:
+        """True when a run's average misses some of IGLUE's target languages (marked * in the table)."""
+        return any(set(TARGET_LANGS[task]) - set(r["langs"]) for r in rs if r.get("task") == task)
+
     cols = [("xgqa", "accuracy"), ("xvnli", "accuracy"), ("xflickrco", "tr_r1"), ("xflickrco", "ir_r1")]
     table1 = []
     order = sorted(groups, key=lambda k: (str(k[0]), ["full", "suf", "top", "llrd"].index(k[1])
@@ -692,7 +727,7 @@ def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
             en, avg = en_avg(rs, task, metric)
             p = (paper or {}).get(task if metric == "accuracy" else metric)
             row["cells"][f"{task}:{metric}"] = {"en": en, "avg": avg, "paper_en": p[0] if p else None,
-                                                 "paper_avg": p[1] if p else None}
+                                                 "paper_avg": p[1] if p else None, "partial": partial(rs, task)}
         table1.append(row)
     table2 = []
     for key in order:
@@ -702,6 +737,7 @@ def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
         paper = PAPER_TABLE2.get(key[1]) if (key[1] != "top" or key[3] == 6) and key[2] is None else None
         if en == en or avg == avg:
             table2.append({"setup": _setup_name(groups[key][0]), "en": en, "avg": avg,
+                           "partial": partial(groups[key], "xgqa"),
                            "paper_en": paper[0] if paper else None, "paper_avg": paper[1] if paper else None})
     table3 = []
     for pol in ("full", "suf"):
@@ -730,18 +766,19 @@ def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
 
 
 def format_tables(t: dict, per_language: bool = False) -> str:
-    out = ["Table 1: ours (paper). EN and ZS-XLT = mean over non-English languages; accuracy / R@1.",
+    out = ["Table 1: ours (paper). EN and ZS-XLT = mean over non-English languages; accuracy / R@1; "
+           "* = not all of IGLUE's target languages were evaluated.",
            f"{'setup':<20}" + "".join(f"{h:>15}" for h in (
                "xGQA EN", "xGQA ZS", "XVNLI EN", "XVNLI ZS", "TR EN", "TR ZS", "IR EN", "IR ZS"))]
     for row in t["table1"]:
         cells = []
         for c in ("xgqa:accuracy", "xvnli:accuracy", "xflickrco:tr_r1", "xflickrco:ir_r1"):
             v = row["cells"][c]
-            cells += [_cell(v["en"], v["paper_en"]), _cell(v["avg"], v["paper_avg"])]
+            cells += [_cell(v["en"], v["paper_en"]), _cell(v["avg"], v["paper_avg"], v["partial"])]
         out.append(f"{row['setup']:<20}" + "".join(f"{c:>15}" for c in cells))
     if t["table2"]:
         out += ["", "Table 2: CCLM on xGQA, ours (paper); top6 = CM only.", f"{'setup':<20}{'en':>15}{'avg':>15}"]
-        out += [f"{r['setup']:<20}{_cell(r['en'], r['paper_en']):>15}{_cell(r['avg'], r['paper_avg']):>15}"
+        out += [f"{r['setup']:<20}{_cell(r['en'], r['paper_en']):>15}{_cell(r['avg'], r['paper_avg'], r['partial']):>15}"
                 for r in t["table2"]]
     if any(r["few_shot"] == r["few_shot"] or r["zero_shot"] == r["zero_shot"] for r in t["table3"]):
         out += ["", "Table 3: UC2 on xGQA, target-language mean, ours (paper); few-shot = standard fine-tuning "
@@ -794,6 +831,7 @@ def build_eval_sets(model_name: str, task: str, data_root, tokenizer, langs=None
     """{lang: EvalSet} for every language of (task, split) under data_root (or `langs`)."""
     import data
     collate = data.make_collate(model_name, task, tokenizer, train=False)
+    features = feature_reader(features) if model_name == "uc2" else None
     sets = {}
     for lang in eval_langs(data_root, task, split, langs, translate_test):
         mt = translate_test and lang != "en"
@@ -808,6 +846,18 @@ def build_eval_sets(model_name: str, task: str, data_root, tokenizer, langs=None
                                    max_regions=max_regions, image_res=image_res)
             sets[lang] = EvalSet(lang, split, mt, collate, dataset=ds, source=source)
     return sets
+
+
+def feature_reader(features):
+    """--features as the trainers take it (one path or several): the image-keyed files (a per-question
+    serialized GQA LMDB holds no test images), several searched in order (train_uc2.FeatureSet)."""
+    if features is None or not isinstance(features, (list, tuple)):
+        return features
+    import data
+    keyed = [str(p) for p in features if not data.is_serialized_lmdb(p)]
+    if len(keyed) <= 1:
+        return keyed[0] if keyed else None
+    return importlib.import_module("train_uc2").FeatureSet(keyed)
 
 
 def _loader(dataset, indices, collate, batch_size: int, num_workers: int):
@@ -924,7 +974,7 @@ def _run_checkpoint(run: Path) -> Path:
 def _data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (default: the run's args.json)")
     g.add_argument("--data-root", default=None, help="IGLUE folder holding datasets/")
-    g.add_argument("--features", default=None, help="UC2 region-feature LMDB/H5 of the test images")
+    g.add_argument("--features", nargs="+", default=None, help="UC2 region-feature LMDB/H5 file(s) holding the test images")
     g.add_argument("--images", default=None, help="CCLM image root (gqa/, flickr30k/, coco/)")
     g.add_argument("--tokenizer", default=None, help="XLM-R tokenizer folder or cached hub id (default: checkpoint meta)")
     g.add_argument("--max-regions", type=int, default=None, help="UC2 regions per image (default: run's, else 36)")
@@ -949,11 +999,11 @@ def _resolve_data(args, run_args: dict, meta: dict) -> None:
     """Fill data arguments left unset from the run's args.json / the checkpoint meta."""
     for key in ("data_root", "features", "images", "max_regions"):
         if getattr(args, key) is None:
-            setattr(args, key, run_args.get(key))
+            setattr(args, key, run_args.get(key, meta.get(key)))
     if args.tokenizer is None:
         args.tokenizer = meta.get("tokenizer") or run_args.get("tokenizer")
-    if isinstance(args.features, list):   # a trainer may take several feature files: the test images' last
-        args.features = args.features[-1] if args.features else None
+    if isinstance(args.features, str):
+        args.features = [args.features]
     if args.max_regions is None:
         args.max_regions = 36
     if not args.data_root:
@@ -1164,19 +1214,30 @@ def cmd_fewshot(args) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     script = importlib.import_module(f"train_{model_name}")
+    options = {o for a in script.build_parser()._actions for o in a.option_strings}
+    if "--train-lang" not in options:
+        raise SystemExit(f"error: train_{model_name}.py has no --train-lang option: few-shot training needs it to "
+                         f"read the {args.lang} split {train_split} (see eval_zeroshot.cmd_fewshot)")
+    config_file = out / "model_config.json"   # the English run's architecture, whatever its config name
+    atomic_write_text(config_file, json.dumps(meta["config"], indent=1) + "\n")
     trials = []
     for lr in args.lrs:
         run_dir = out / f"lr{lr:g}"
-        argv = ["--task", task, "--init-from", str(init), "--train-split", train_split, "--train-lang", args.lang,
-                "--policy", "full", "--lr", str(lr), "--epochs", str(args.epochs), "--batch-size", str(args.fs_batch_size),
-                "--data-root", str(args.data_root), "--tokenizer", str(args.tokenizer), "--output-dir", str(run_dir)]
-        argv += ["--features", str(args.features)] if args.features else []
-        argv += ["--images", str(args.images)] if args.images else []
-        argv += (["--eval-split", sel_split, "--langs", sel_lang] if sel_split else [])
+        argv = ["--task", task, "--checkpoint", str(init), "--model-config", str(config_file),
+                "--train-split", train_split, "--train-lang", args.lang, "--policy", "full", "--lr", str(lr),
+                "--epochs", str(args.epochs), "--batch-size", str(args.fs_batch_size), "--data-root", str(args.data_root),
+                "--tokenizer", str(args.tokenizer), "--output-dir", str(run_dir)]
+        if model_name == "uc2":
+            argv += ["--features", *map(str, args.features or []), "--max-regions", str(args.max_regions)]
+        else:
+            argv += ["--images", str(args.images)] if args.images else []
+        argv += (["--eval-split", sel_split, "--langs", sel_lang] if sel_split else ["--no-eval"])
         argv += list(args.trainer_args)
         if (run_dir / engine.FINAL).is_file():
             print(f"few-shot lr {lr:g}: {run_dir} already finished, reusing it", flush=True)
         else:
+            if (run_dir / engine.CHECKPOINT).is_file():
+                argv.append("--resume")
             print(f"few-shot lr {lr:g}: train_{model_name}.py " + " ".join(argv), flush=True)
             with keep_best_checkpoint(run_dir, task, sel_lang, meta, {"shots": args.shots, "fewshot_lang": args.lang}):
                 script.main(argv)
@@ -1212,7 +1273,10 @@ class keep_best_checkpoint:
 
     def __init__(self, run_dir: Path, task: str, lang: str | None, meta: dict, fewshot: dict):
         self.run_dir, self.task, self.lang, self.meta, self.fewshot = run_dir, task, lang, meta, fewshot
-        self.best = -math.inf
+        self.best = -math.inf   # a resumed run: the best epoch logged so far
+        if lang and (run_dir / engine.METRICS).is_file() and (run_dir / "model_best.pt").is_file():
+            self.best = max([selection_score(task, ev[lang]) for _, ev in read_epoch_metrics(run_dir) if lang in ev],
+                            default=-math.inf)
 
     def __enter__(self):
         self.original = engine.evaluate

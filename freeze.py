@@ -183,22 +183,31 @@ def schedule_from_args(args: argparse.Namespace, num_layers: int) -> Schedule:
 
 # ---------------------------------------------------------------- optimizer / freezing
 
+def no_decay_ndim(name: str, p: nn.Parameter) -> bool:
+    """The paper-recipe rule: no weight decay on biases, LayerNorm weights, layer scales, cls tokens."""
+    return p.ndim <= 1
+
+
 def param_groups(model: nn.Module, layout: LayerLayout, schedule: Schedule, lr: float, weight_decay: float,
-                 module_lr: dict[str, float] | None = None) -> list[dict]:
+                 module_lr: dict[str, float] | None = None,
+                 no_decay: Callable[[str, nn.Parameter], bool] | None = None) -> list[dict]:
     """Param groups over EVERY parameter (frozen ones included), one per (layer/module, decay),
     in order of first appearance. lr is absolute per group (a LambdaLR scales all groups alike).
-    module_lr overrides the base lr of a non-layer module, e.g. CCLM {"vision_encoder": 2e-5}."""
+    module_lr overrides the base lr of a non-layer module, e.g. CCLM {"vision_encoder": 2e-5}.
+    no_decay(name, param) -> True exempts a parameter from weight decay (default no_decay_ndim;
+    e.g. IGLUE/VOLTA's name-based rule for --recipe iglue)."""
     _check(layout, schedule)
     module_lr = module_lr or {}
+    rule = no_decay or no_decay_ndim
     groups: dict[str, dict] = {}
     for name, p, layer, module in _locate(model, layout):
-        no_decay = p.ndim <= 1  # biases, LayerNorm weights, layer scales, cls tokens
-        key = (f"layer_{layer:02d}" if layer is not None else module) + (".no_decay" if no_decay else ".decay")
+        exempt = bool(rule(name, p))
+        key = (f"layer_{layer:02d}" if layer is not None else module) + (".no_decay" if exempt else ".decay")
         if key not in groups:
             base = lr if layer is not None else module_lr.get(module, lr)
             groups[key] = {"params": [], "name": key,
                            "lr": base * schedule.layer_lr_scale(layer, module, layout.embedding_modules),
-                           "weight_decay": 0.0 if no_decay else weight_decay}
+                           "weight_decay": 0.0 if exempt else weight_decay}
         groups[key]["params"].append(p)
     return list(groups.values())
 

@@ -654,17 +654,21 @@ DEFAULTS = {
     "xgqa": {"epochs": 5, "lr": 4e-5, "batch_size": 256},
     "xvnli": {"epochs": 10, "lr": 2e-5, "batch_size": 128},
     "xflickrco": {"epochs": 10, "lr": 2e-5, "batch_size": 64},
-    # IGLUE's UC2 scripts/configs (VOLTA train_task.py): AdamW eps 1e-6, weight decay 1e-4, clip 1.0.
-    "recipes": {"iglue": {"weight_decay": 1e-4, "adam_eps": 1e-6, "clip_grad": 1.0}},
+    # IGLUE's UC2 scripts/configs (VOLTA train_task.py): AdamW eps 1e-6, weight decay 1e-4, clip 1.0,
+    # LR schedule length 20 epochs (optim_train_epochs); no-decay rule: iglue_no_decay (wired in main).
+    "recipes": {"iglue": {"weight_decay": 1e-4, "adam_eps": 1e-6, "clip_grad": 1.0, "schedule_epochs": 20}},
 }
 
 
 def iglue_no_decay(name: str) -> bool:
     """IGLUE/VOLTA's no-decay rule (VOLTA name contains "bias", "LayerNorm.bias" or "LayerNorm.weight"),
     on our names: unlike freeze.param_groups' ndim<=1 rule it DOES decay image_layer_norm.weight,
-    image_location_layer_norm.weight and the GQA head's LayerNorm weight (head.2.weight). Not wired:
-    engine.build_optimizer takes no per-parameter rule yet, so --recipe iglue uses the ndim rule."""
+    image_location_layer_norm.weight and the GQA head's LayerNorm weight (head.2.weight). Used by --recipe iglue
+    (NO_DECAY_RULES); the paper recipe keeps freeze.param_groups' ndim<=1 rule."""
     return name.endswith(".bias") or ".LayerNorm." in name or "v_LayerNorm." in name
+
+
+NO_DECAY_RULES = {"paper": None, "iglue": lambda name, p: iglue_no_decay(name)}  # --recipe -> engine.train(no_decay=)
 
 
 # English training split per task (IGLUE): GQA train (LXMERT json) or its serialized LMDB, XVNLI
@@ -748,6 +752,8 @@ def make_evaluate_fn(args, tokenizer, features: FeatureSet, dist) -> Callable:
 
     langs = data.select_langs(args.langs, data.available_langs(args.data_root, args.task, args.eval_split))
     sets = {lang: data.load_split(args.data_root, args.task, args.eval_split, lang) for lang in langs}
+    for examples in sets.values():  # a missing key must stop the run now, not after its first epoch
+        data.check_inputs(examples, features=features)
     collate = data.UC2Collate(args.task, tokenizer, train=False)
 
     def loader(ds):
@@ -811,30 +817,45 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = engine.check_run_dir(args, dist)
         if not args.data_root:
             raise SystemExit("error: --data-root is required (folder holding IGLUE's datasets/)")
-        serialized, keyed = _split_features(args.features)
-        features = FeatureSet(keyed) if keyed else None
+        try:
+            serialized, keyed = _split_features(args.features)
+            features = FeatureSet(keyed) if keyed else None
+        except ValueError as e:  # unreadable / truncated LMDB or H5
+            raise SystemExit(f"error: --features: {e}") from None
         try:
             tokenizer = data.load_tokenizer(args.tokenizer)
         except ValueError as e:
             raise SystemExit(f"error: --tokenizer: {e}") from None
-        if len(tokenizer) > config["vocab_size"]:
-            raise SystemExit(f"error: tokenizer {args.tokenizer} has {len(tokenizer)} ids but the model config only "
-                             f"{config['vocab_size']} embeddings")
+        engine.check_tokenizer_vocab(tokenizer, config["vocab_size"], args.tokenizer)
 
         engine.seed_everything(args.seed)  # identical initial weights on every rank
         model = build_model(args.task, config)
         if args.checkpoint and not args.resume:
             try:
-                plan = load_into(model, args.checkpoint)
-            except ValueError as e:
-                raise SystemExit(f"error: --checkpoint: {e}") from None
+                state, extra = read_checkpoint(args.checkpoint)
+                plan = load_into(model, state)
+            except ValueError as e:  # first line to the user last; the key-by-key report above it
+                first, _, report = str(e).partition("\n")
+                if report and dist.is_main:
+                    print(report, file=sys.stderr, flush=True)
+                named = "" if args.checkpoint in first else f"{args.checkpoint}: "
+                raise SystemExit(f"error: --checkpoint: {named}{first}") from None
+            plan.source = args.checkpoint
+            # Released (VOLTA/original/XLM-R) weights: XLM-R's full vocabulary; ours: the size we recorded.
+            trained_ids = config["vocab_size"] if plan.fmt != "ours" else extra.get("meta", {}).get("tokenizer_size")
+            engine.check_tokenizer_vocab(tokenizer, config["vocab_size"], args.tokenizer, args.checkpoint, trained_ids)
             if dist.is_main:
                 print(plan.report(), flush=True)
                 (run_dir / "load_report.txt").write_text(plan.report(verbose=True) + "\n")
         elif not args.checkpoint and dist.is_main:
             print("warning: no --checkpoint: training from random initialisation", file=sys.stderr, flush=True)
 
-        train_ds = build_train_dataset(args, features, serialized)
+        try:
+            train_ds = build_train_dataset(args, features, serialized)
+            if isinstance(train_ds, data.UC2Dataset):  # fail before training, not mid-epoch
+                data.check_inputs(train_ds.examples, features=features)
+        except ValueError as e:
+            raise SystemExit(f"error: training data: {e}") from None
         loader = engine.build_train_loader(train_ds, args, dist, data.UC2Collate(args.task, tokenizer, train=True))
         evaluate_fn = None
         if not args.no_eval:
@@ -845,9 +866,10 @@ def main(argv: list[str] | None = None) -> None:
             except ValueError as e:
                 raise SystemExit(f"error: evaluation data: {e}") from None
         meta = {"model": "uc2", "task": args.task, "config": config, "tokenizer": args.tokenizer,
-                "checkpoint": args.checkpoint, "max_regions": args.max_regions, "recipe": args.recipe,
-                "langs": args.langs}
-        engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist)
+                "tokenizer_size": len(tokenizer), "checkpoint": args.checkpoint, "max_regions": args.max_regions,
+                "recipe": args.recipe, "langs": args.langs}
+        engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist,
+                     no_decay=NO_DECAY_RULES[args.recipe])
     finally:
         engine.cleanup_distributed()
 

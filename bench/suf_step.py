@@ -110,16 +110,17 @@ def count_work(model: nn.Module, loss_fn, batch) -> dict:
 # ---------------------------------------------------------------- timing
 
 
-def timed_step(model, opt, loss_fn, batch) -> tuple[float, float, float]:
+def timed_step(model, opt, loss_fn, batch) -> tuple[float, float, float, float]:
+    """(forward, backward, optimizer) CPU seconds of this process, and the step's wall seconds."""
     opt.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
+    w0, t0 = time.perf_counter(), time.process_time()
     loss = loss_fn(model, batch)
-    t1 = time.perf_counter()
+    t1 = time.process_time()
     loss.backward()
-    t2 = time.perf_counter()
+    t2 = time.process_time()
     opt.step()
-    t3 = time.perf_counter()
-    return t1 - t0, t2 - t1, t3 - t2
+    t3 = time.process_time()
+    return t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - w0
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -137,9 +138,9 @@ def embedding_grad_seconds_per_elem(model: nn.Module, tokens: int, reps: int) ->
     times = []
     for _ in range(reps):
         out = nn.functional.embedding(ids, w)
-        t = time.perf_counter()
+        t = time.process_time()
         out.backward(g)
-        times.append(time.perf_counter() - t)
+        times.append(time.process_time() - t)
         w.grad = None
     return statistics.median(times) / w.numel()
 
@@ -157,30 +158,34 @@ def bench_model(name: str, model: nn.Module, layout: freeze.LayerLayout, loss_fn
     opt = torch.optim.AdamW(freeze.param_groups(model, layout, configs[0][1], lr, weight_decay))
 
     rows = []
-    for label, sched, epoch in configs:  # count work, measure state bytes with a fresh optimizer, warm up
+    for label, sched, epoch in configs:  # count the work; optimizer-state bytes from a fresh optimizer
         freeze.apply_schedule(model, layout, sched, epoch)
         work = count_work(model, loss_fn, batch)
         fresh = torch.optim.AdamW(freeze.param_groups(model, layout, sched, lr, weight_decay))
         timed_step(model, fresh, loss_fn, batch)
         rows.append({"model": name, "config": label, "trainable_layers": sched.trainable_layers(epoch),
                      "embeddings_trainable": not sched.freeze_embeddings, "optimizer_state_bytes": state_bytes(fresh),
-                     **work, "_times": []})
+                     **work})
         del fresh
-        timed_step(model, opt, loss_fn, batch)  # warm-up of the shared optimizer's state for this set
-    for r in range(reps):  # interleaved: every repetition runs every configuration once, order rotated
+    times = [[] for _ in configs]
+    for r in range(reps + 1):  # interleaved: each repetition runs every configuration once, order rotated
         order = list(range(len(configs)))
         order = order[r % len(order):] + order[:r % len(order)]
         for i in order:
             label, sched, epoch = configs[i]
             freeze.apply_schedule(model, layout, sched, epoch)
-            rows[i]["_times"].append(timed_step(model, opt, loss_fn, batch))
+            t = timed_step(model, opt, loss_fn, batch)
+            if r > 0:  # repetition 0 warms up (first touch of the shared optimizer's state)
+                times[i].append(t)
     freeze.apply_schedule(model, layout, configs[0][1], 0)
 
     c_emb = embedding_grad_seconds_per_elem(model, tokens, reps)
-    for row in rows:
-        t = row.pop("_times")
-        row["fwd_s"], row["bwd_s"], row["opt_s"] = (statistics.median(x[i] for x in t) for i in range(3))
-        row["step_s"] = statistics.median(sum(x) for x in t)
+    for row, t in zip(rows, times):
+        row["fwd_s"], row["bwd_s"], row["opt_s"], row["wall_s"] = (statistics.median(x[i] for x in t) for i in range(4))
+        row["step_s"] = statistics.median(sum(x[:3]) for x in t)
+        # side by side: ratio to the full step of the same repetition, then the median
+        row["measured_ratio"] = statistics.median(sum(x[:3]) / sum(f[:3]) for x, f in zip(t, times[0]))
+        row["wall_ratio"] = statistics.median(x[3] / f[3] for x, f in zip(t, times[0]))
     full = rows[0]
     bwd_flops = lambda r: r["input_grad_flops"] + r["weight_grad_flops"]  # noqa: E731
     c_flop = max(full["bwd_s"] - c_emb * full["embedding_grad_elems"], 0.0) / max(bwd_flops(full), 1)
@@ -189,7 +194,6 @@ def bench_model(name: str, model: nn.Module, layout: freeze.LayerLayout, loss_fn
     for row in rows:
         row["predicted_s"] = fwd + c_flop * bwd_flops(row) + c_emb * row["embedding_grad_elems"] + c_opt * row["trainable_params"]
     for row in rows:
-        row["measured_ratio"] = row["step_s"] / full["step_s"]
         row["predicted_ratio"] = row["predicted_s"] / full["predicted_s"]
         row["deviation"] = row["measured_ratio"] / row["predicted_ratio"] - 1
     return {"rows": rows, "calibration": {"s_per_gflop": c_flop * 1e9, "s_per_mparam_adamw": c_opt * 1e6,
@@ -209,3 +213,144 @@ def print_table(rows: list[dict], tolerance: float) -> None:
         print(f"{r['model']:5} {r['config']:26} {len(r['trainable_layers']):>6} {'yes' if r['embeddings_trainable'] else 'no':>4} "
               f"{r['trainable_params'] / 1e6:>10.1f}M {r['optimizer_state_bytes'] / 2**20:>7.0f}MB "
               f"{r['step_s']:>7.3f} {r['measured_ratio']:>8.3f} {r['predicted_ratio']:>9.3f} {r['deviation']:>+6.1%}{flag}")
+
+
+# ---------------------------------------------------------------- the real models
+
+
+def keep_heap_memory() -> None:
+    """Ask glibc to keep freed memory and to serve allocations up to 32 MiB (every layer tensor) from
+    the heap: otherwise gradients and AdamW temporaries freed each step go back to the OS and are
+    page-faulted in again, a cost that depends on the allocator's history, not on the work."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (glibc's maximum on 64-bit)
+    except (OSError, AttributeError):
+        pass
+
+
+def mem_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 8 << 30
+
+
+def fit_vocab(build, cfg: dict, budget: int) -> int:
+    """Largest vocabulary (<= the config's) whose training state fits `budget` bytes: about 20 bytes
+    per parameter (weights, gradients, AdamW's two moments, foreach temporaries) + 2 GiB activations."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build(cfg).parameters())
+    per_token = cfg["hidden_size"]  # one vocabulary-sized table (the text word embeddings)
+    fixed = params - cfg["vocab_size"] * per_token
+    fit = int((budget - (2 << 30)) / 20 - fixed) // per_token
+    return max(1000, min(cfg["vocab_size"], fit))
+
+
+def uc2_setup(quick: bool, batch: int, vocab: int | None, budget: int):
+    import train_uc2
+    task, L, R = "xgqa", 24, 37  # 36 regions + the global image feature, as IGLUE's UC2 features
+    cfg = dict(train_uc2.CONFIGS["tiny" if quick else "base"])
+    cfg["vocab_size"] = vocab or fit_vocab(lambda c: train_uc2.build_model(task, c), cfg, budget)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, cfg["vocab_size"], (batch, L), generator=g)
+    ids[:, 0], ids[:, -1] = 0, 2
+    b = {"input_ids": ids, "attention_mask": torch.ones(batch, L, dtype=torch.long),
+         "features": torch.randn(batch, R, cfg["v_feature_size"], generator=g),
+         "spatials": torch.rand(batch, R, cfg["num_locs"], generator=g), "image_mask": torch.ones(batch, R, dtype=torch.long),
+         "target": (torch.rand(batch, cfg["num_answers"], generator=g) > 0.999).float(),
+         "label": torch.zeros(batch, dtype=torch.long)}
+    reduced = {"config": "tiny" if quick else "base", "task": task, "vocab_size": cfg["vocab_size"],
+               "batch": f"{batch} (paper 256)", "text_tokens": L, "regions": R}
+    return train_uc2.build_model(task, cfg), train_uc2.LAYOUT(task, cfg), b, batch * L, reduced
+
+
+def cclm_setup(quick: bool, batch: int, vocab: int | None, budget: int, image_res: int):
+    import train_cclm
+    task, L = "xvnli", 24  # xGQA would add its always-trainable 6-layer answer decoder: ratios only nearer 1
+    cfg = dict(train_cclm.CONFIGS["tiny" if quick else "base"])
+    if not quick:
+        cfg["image_res"] = image_res
+    cfg["vocab_size"] = vocab or fit_vocab(lambda c: train_cclm.build_model(task, c), cfg, budget)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, cfg["vocab_size"], (batch, L), generator=g)
+    ids[:, 0], ids[:, -1] = 0, 2
+    b = {"images": torch.randn(batch, 3, cfg["image_res"], cfg["image_res"], generator=g), "text_ids": ids,
+         "text_atts": torch.ones(batch, L, dtype=torch.long), "label": torch.randint(0, 3, (batch,), generator=g)}
+    reduced = {"config": "tiny" if quick else "base", "task": task, "vocab_size": cfg["vocab_size"],
+               "batch": f"{batch} (paper 144)", "text_tokens": L, "image_res": f"{cfg['image_res']} (paper 384)"}
+    return train_cclm.build_model(task, cfg), train_cclm.LAYOUT(task, cfg), b, batch * L, reduced
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny configs, 2 repetitions, not gated")
+    p.add_argument("--models", nargs="+", choices=("uc2", "cclm"), default=["uc2", "cclm"])
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per configuration (default 5, quick 2)")
+    p.add_argument("--uc2-batch", type=int, default=4)
+    p.add_argument("--cclm-batch", type=int, default=2)
+    p.add_argument("--cclm-image-res", type=int, default=128, help="CCLM image size (paper 384; ViT cost grows with its square)")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the largest <= 250002 that fits memory)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; steps are timed in process CPU seconds, which other jobs on a shared "
+                        "machine barely disturb when single-threaded")
+    p.add_argument("--suf-k", type=int, default=3)
+    p.add_argument("--tolerance", type=float, default=0.10)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "suf_step.json"))
+    args = p.parse_args(argv)
+    if args.suf_k <= 0 or (args.reps is not None and args.reps <= 0) or args.threads <= 0:
+        p.error("--suf-k, --reps and --threads must be > 0")
+    reps = args.reps or (2 if args.quick else 5)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    keep_heap_memory()
+    budget = int(0.6 * mem_available_bytes())  # the machine is shared: leave the rest to others
+
+    rows, setups, calibration = [], {}, {}
+    load_start = list(os.getloadavg())
+    for name in args.models:
+        t0 = time.perf_counter()
+        if name == "uc2":
+            model, layout, batch, tokens, reduced = uc2_setup(args.quick, args.uc2_batch, args.vocab, budget)
+        else:
+            model, layout, batch, tokens, reduced = cclm_setup(args.quick, args.cclm_batch, args.vocab, budget, args.cclm_image_res)
+        print(f"{name}: {reduced}", flush=True)
+        res = bench_model(name, model, layout, lambda m, b: m.loss(b), batch, tokens=tokens, suf_k=args.suf_k, reps=reps)
+        del model
+        reduced["seconds"] = round(time.perf_counter() - t0, 1)
+        rows += res["rows"]
+        setups[name], calibration[name] = reduced, res["calibration"]
+
+    print()
+    print_table(rows, args.tolerance)
+    bad = [r for r in rows if abs(r["deviation"]) > args.tolerance]
+    gated = not args.quick
+    ok = not (bad and gated)
+    print(f"\nstep time = process CPU seconds with {args.threads} torch thread(s), median of {reps} interleaved repetitions; "
+          f"measured = median of per-repetition ratios to full fine-tuning; predicted = counted work (see --help).")
+    if bad:
+        print(f"{len(bad)} configuration(s) off the prediction by more than {args.tolerance:.0%}"
+              + ("" if gated else " (--quick: not gated)"))
+    result = {"bench": "suf_step", "ok": ok, "gated": gated, "tolerance": args.tolerance,
+              "config": {"quick": args.quick, "reps": reps, "torch_threads": args.threads, "suf_k": args.suf_k,
+                         "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+                         "torch": torch.__version__, "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()),
+                         "models": setups, "calibration": calibration},
+              "columns": ["model", "config", "layers", "embeddings", "trainable_params", "optimizer_state_MB",
+                          "step_s", "measured_ratio", "predicted_ratio", "deviation"],
+              "table": [[r["model"], r["config"], len(r["trainable_layers"]), r["embeddings_trainable"], r["trainable_params"],
+                         round(r["optimizer_state_bytes"] / 2**20, 1), round(r["step_s"], 4), round(r["measured_ratio"], 3),
+                         round(r["predicted_ratio"], 3), round(r["deviation"], 3)] for r in rows],
+              "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import engine  # noqa: E402
+import freeze  # noqa: E402
 
 TOY = ROOT / "tests" / "_toy_train.py"
 _spec = importlib.util.spec_from_file_location("_toy_train", TOY)
@@ -191,6 +192,7 @@ def test_unwritable_output_folder_errors_before_training(tmp_path):
     with pytest.raises(SystemExit) as e:
         run(blocker / "run")
     assert str(e.value).startswith("error: cannot write to --output-dir") and "\n" not in str(e.value)
+    assert blocker.read_text() == "not a folder"  # nothing written, nothing replaced
 
 
 def test_resume_without_a_run_errors(tmp_path):
@@ -346,3 +348,39 @@ def test_loader_workers_do_not_change_the_result(tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "2" / "metrics.jsonl").read_text().splitlines()
              if '"train"' in line]
     assert steps == [3, 4, 6, 8]  # every --log-every steps and at each epoch end
+
+
+# ------------------------------------------------------------------------------------------ recipe hooks
+
+def test_no_decay_rule_hook_reaches_the_optimizer():
+    model, lay = toy.ToyModel(), toy.layout(4)
+    args = argparse.Namespace(lr=1e-2, weight_decay=0.1, adam_eps=1e-8, adam_betas=[0.9, 0.999], warmup_ratio=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def exempt(opt) -> set[str]:
+        return {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+
+    default, _ = engine.build_optimizer(model, lay, freeze.Schedule("full", 4), args)
+    assert exempt(default) == {n for n, p in model.named_parameters() if p.ndim <= 1}  # paper: every 1-d param
+    by_name = lambda name, p: name.endswith(".bias")  # noqa: E731  a name rule, like IGLUE/VOLTA's
+    hooked, _ = engine.build_optimizer(model, lay, freeze.Schedule("full", 4), args, no_decay=by_name)
+    assert exempt(hooked) == {n for n in names.values() if n.endswith(".bias")}
+    assert "layers.0.3.weight" not in exempt(hooked)  # a LayerNorm weight, decayed by the name rule
+    assert sum(len(g["params"]) for g in hooked.param_groups) == len(names)
+
+
+def test_schedule_epochs_stretches_the_lr_schedule(tmp_path):
+    # 48 examples / batch 12 = 4 steps per epoch; 2 epochs trained, schedule for 5: 20 steps, 2 warm-up
+    run(tmp_path / "long", "--policy", "full", "--epochs", "2", "--schedule-epochs", "5", "--log-every", "1")
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()
+           if '"train"' in line]
+    factor = engine.linear_warmup_decay(2, 20)
+    assert lrs == pytest.approx([1e-2 * factor(s) for s in range(8)]) and lrs[-1] > 0.5e-2
+    assert json.loads((tmp_path / "long" / "args.json").read_text())["schedule_epochs"] == 5
+    parser = argparse.ArgumentParser()
+    engine.add_common_args(parser, toy.DEFAULTS)
+    assert parser.parse_args(["--task", "xgqa", "--epochs", "3"]).schedule_epochs == 3  # default: --epochs
+    with pytest.raises(SystemExit, match="--schedule-epochs 1 is shorter than --epochs 3"):
+        parser.parse_args(["--task", "xgqa", "--epochs", "3", "--schedule-epochs", "1"])
+    with pytest.raises(SystemExit, match="--resume: --schedule-epochs is 6 but the run .* used 5"):
+        run(tmp_path / "long", "--policy", "full", "--epochs", "2", "--schedule-epochs", "6", "--log-every", "1", "--resume")

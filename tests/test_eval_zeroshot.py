@@ -89,26 +89,6 @@ def test_uc2_all_pairs_matches_volta_eval_retrieval():
             assert m[f"{prefix}_{key}"] == pytest.approx(val, abs=1e-3), (side, key)
 
 
-class CountingCCLM(torch.nn.Module):
-    """Wraps a CCLM retrieval model, counting rows through each encoder and the ITM head."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.calls = model, {"images": 0, "texts": 0, "itm": 0}
-
-    def encode_images(self, images):
-        self.calls["images"] += images.shape[0]
-        return self.model.encode_images(images)
-
-    def encode_texts(self, ids, atts):
-        self.calls["texts"] += ids.shape[0]
-        return self.model.encode_texts(ids, atts)
-
-    def itm_scores(self, v, t, a):
-        self.calls["itm"] += v.shape[0]
-        return self.model.itm_scores(v, t, a)
-
-
 def _cclm_parity_model():
     sys.path.insert(0, str(ROOT / "tests"))
     import test_parity_cclm   # the CCLM owner's fixture loader (config from model_config.json)
@@ -121,13 +101,13 @@ def test_cclm_prefilter_rerank_matches_reference(k):
     """X2-VLM's xFlickrCO.evaluation on the parity model: same -100/ITM matrices, and each image /
     caption encoded once, the ITM head run exactly k times per query in each direction."""
     model, x, out = _cclm_parity_model()
-    counted = CountingCCLM(model).eval()
+    counted = E.CallCounter(model).eval()
     imgs = [{"images": x["images"][:2]}, {"images": x["images"][2:]}]
     txts = [{"text_ids": x["text_ids"][i:i + 4], "text_atts": x["text_atts"][i:i + 4]} for i in (0, 4)]
     i2t, t2i = E.cclm_score_matrices(counted, imgs, txts, 0, 3, 6, k=k, itm_batch=5)
     assert (i2t - out[f"eval_k{k}_score_matrix_i2t"]).abs().max() < 1e-5
     assert (t2i - out[f"eval_k{k}_score_matrix_t2i"]).abs().max() < 1e-5
-    assert counted.calls == {"images": 3, "texts": 6, "itm": k * (3 + 6)}
+    assert counted.rows == {"encode_images": 3, "encode_texts": 6, "itm_scores": k * (3 + 6), "pair_scores": 0}
 
 
 # ------------------------------------------------------------------ [CLS] similarity
@@ -164,13 +144,33 @@ def _save_run(run: Path, model_name: str, task: str, config: dict, env: dict, se
     script = __import__(f"train_{model_name}")
     torch.manual_seed(seed)
     model = script.build_model(task, config)
+    if model_name == "uc2" and task == "xgqa":   # a random model answers nothing right; make it say "yes"
+        import data
+        yes = data.load_answer_vocab(env["data_root"])[0]["yes"]
+        with torch.no_grad():
+            model.head[-1].bias[yes] = 10.0
     run.mkdir(parents=True, exist_ok=True)
     meta = {"model": model_name, "task": task, "config": config, "policy": policy,
             "schedule": {"policy": policy, "suf_k": 3}, "tokenizer": env["tokenizer"], "epoch": 1}
     engine.save_checkpoint(run / "model_final.pt", {"model": model.state_dict(), "meta": meta})
     (run / "args.json").write_text(json.dumps({"data_root": env["data_root"], "features": env["features"],
-                                               "images": env["images"], "task": task, "policy": policy}))
+                                               "images": env["images"], "max_regions": env["max_regions"],
+                                               "task": task, "policy": policy}))
     return run
+
+
+TRIM = {"xgqa": 40, "xvnli": 44, "xflickrco": 20}   # examples kept per test file: sizes not divisible by 3
+
+
+def _trim_sample(ds: Path) -> None:
+    """Keep the first TRIM[task] examples of every dev/test file (all languages, same parallel ids): the
+    sample's real files, made small enough for CPU tests on a busy machine."""
+    for f in ds.glob("xGQA/annotations*/few_shot/*/dev.json"):
+        d = json.loads(f.read_text())
+        f.write_text(json.dumps({k: d[k] for k in list(d)[:TRIM["xgqa"]]}))
+    for task, pattern in (("xvnli", "XVNLI/annotations*/*/test*.jsonl"), ("xflickrco", "xFlickrCO/annotations*/*/test*.jsonl")):
+        for f in ds.glob(pattern):
+            f.write_text("".join(f.read_text().splitlines(keepends=True)[:TRIM[task]]))
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +188,7 @@ def env(tmp_path_factory):
             for lang in ("de", "zh"):
                 (ds / dst.format(lang)).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(ds / src, ds / dst.format(lang))
+    _trim_sample(ds)
     keys, files, texts = set(), set(), []
     for task in E.TASKS:
         for split in data.available_splits(root, task):
@@ -196,12 +197,12 @@ def env(tmp_path_factory):
                     keys.add(ex.image)
                     files.add(ex.image_file)
                     texts += [ex.text] if lang == "en" else []   # a 1000-id vocabulary cannot hold every script
-    features = data.write_synthetic_features(tmp / "features.lmdb", keys, num_boxes=8)
+    features = data.write_synthetic_features(tmp / "features.lmdb", keys, num_boxes=6)
     data.write_synthetic_images(tmp / "images", sorted(files), size=(40, 32))
     _, label2ans = data.load_answer_vocab(root)
     data.make_tiny_tokenizer(texts + label2ans, tmp / "tokenizer", vocab_size=800)
     e = {"data_root": str(root), "features": str(features), "images": str(tmp / "images"),
-         "tokenizer": str(tmp / "tokenizer"), "tmp": tmp}
+         "tokenizer": str(tmp / "tokenizer"), "max_regions": 6, "tmp": tmp}
     e["runs"] = {(m, t): _save_run(tmp / "runs" / f"{m}-{t}", m, t, dict(s.CONFIGS["tiny"]), e)
                  for m, s in (("uc2", train_uc2), ("cclm", train_cclm)) for t in E.TASKS}
     return e
@@ -253,3 +254,181 @@ def test_evaluate_every_language_and_translate_test(env, model_name, task, capsy
                 assert total / lm["n"] == pytest.approx(lm["accuracy"], abs=1e-9)
     # the translate-test evaluation did not replace the plain one
     assert set(json.loads((run / "results.json").read_text())) == {split, split + ".mt"}
+
+
+# ------------------------------------------------------------------ distributed exactness (torchrun, gloo)
+
+# Languages whose captions the English-trained tiny tokenizer keeps apart: scripts it cannot encode
+# become runs of <unk>, i.e. identical captions with exactly tied scores, ranked by float noise.
+DIST_RUNS = [("uc2", "xgqa", ["en", "ko"]), ("uc2", "xflickrco", ["en"]), ("cclm", "xflickrco", ["en", "de"]),
+             ("cclm", "xvnli", ["ar"])]
+
+
+def _evaluate_runs(env: dict, dist=None) -> dict:
+    """The library path the trainers use: load, build the sets, evaluate_task; plus Figure 4 features."""
+    import data
+    out = {}
+    for model_name, task, langs in DIST_RUNS:
+        model, meta = E.load_model(env["runs"][(model_name, task)] / "model_final.pt")
+        tok = data.load_tokenizer(env["tokenizer"])
+        E.prepare_model(model, env["data_root"], tok)
+        sets = E.build_eval_sets(model_name, task, env["data_root"], tok, langs, TASK_SPLIT[task],
+                                 features=env["features"], images=env["images"], max_regions=env["max_regions"],
+                                 image_res=meta["config"].get("image_res", 384))
+        out[f"{model_name}-{task}"] = E.evaluate_task(model, task, sets, dist, batch_size=5, k_test=7)
+        if task == "xgqa":
+            sets = E.build_eval_sets(model_name, task, env["data_root"], tok, ["en", "de", "zh"], "dev", True,
+                                     features=env["features"], max_regions=env["max_regions"])
+            out["similarity"] = E.similarity_for(model, sets, dist, batch_size=5)
+    return out
+
+
+def _dist_worker(spec_file: str, out_file: str) -> None:
+    import engine
+    spec = json.loads(Path(spec_file).read_text())
+    spec["runs"] = {tuple(k.split("|")): Path(v) for k, v in spec["runs"].items()}
+    dist = engine.setup_distributed()
+    res = _evaluate_runs(spec, dist)
+    if dist.is_main:
+        Path(out_file).write_text(json.dumps(res))
+    engine.cleanup_distributed()
+
+
+def test_three_process_gloo_evaluation_equals_single_process(env, tmp_path):
+    """Uneven shards (40, 20, 44 examples over 3 ranks), classification, both retrieval protocols and the
+    [CLS] features: torchrun -np 3 on gloo gives exactly the single-process numbers."""
+    spec = {k: v for k, v in env.items() if k not in ("runs", "tmp")}
+    spec["runs"] = {"|".join(k): str(v) for k, v in env["runs"].items()}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3",
+           __file__, "--dist-worker", str(tmp_path / "spec.json"), str(tmp_path / "out.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "SUF_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "SUF_DIST_TIMEOUT": "240"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    multi = json.loads((tmp_path / "out.json").read_text())
+    single = json.loads(json.dumps(_evaluate_runs(env)))
+    for key in single:   # metrics exactly equal
+        if key != "similarity":
+            assert multi[key] == single[key], key
+    # similarities are float means of features computed in other batches: equal to rounding
+    assert torch.allclose(torch.tensor(multi["similarity"]["matrix"]), torch.tensor(single["similarity"]["matrix"]), atol=1e-9)
+    assert multi["similarity"]["unpaired"] == pytest.approx(single["similarity"]["unpaired"], abs=1e-9)
+    sim = single["similarity"]   # de/zh translate-test files = the English file: identical inputs
+    assert sim["langs"] == ["de", "en", "zh"]
+    assert torch.allclose(torch.tensor(sim["matrix"], dtype=torch.float64), torch.ones(3, 3, dtype=torch.float64), atol=1e-6)
+
+
+def test_similarity_cli_writes_json_and_heatmap(env, capsys):
+    run = env["runs"][("uc2", "xvnli")]
+    assert E.main(["similarity", "--run", str(run), "--num-workers", "0", "--batch-size", "16"]) == 0
+    sim = json.loads((run / "fig4_cls_similarity.json").read_text())
+    assert sim["langs"] == ["ar", "en", "es", "fr", "ru"] and (run / "fig4_cls_similarity.png").stat().st_size > 0
+    assert all(abs(sim["matrix"][i][i] - 1) < 1e-6 for i in range(5)) and -1 <= sim["unpaired"] <= 1
+    assert sim["n_pairs"][0][1] == TRIM["xvnli"]
+
+
+# ------------------------------------------------------------------ figures 2/3 and tables from run folders
+
+def _fake_run(folder: Path, model: str, task: str, policy: str, langs: list[str], epochs: int, seed: int, **extra) -> Path:
+    """A run folder as engine.train leaves it: args.json + metrics.jsonl (one eval line per epoch and language)."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True)
+    (folder / "args.json").write_text(json.dumps({"task": task, "policy": policy, "model": model, **extra}))
+    lines = [json.dumps({"type": "train", "epoch": 1, "step": 3, "loss": 1.0})]
+    for e in range(1, epochs + 1):
+        for lang in langs:
+            if task == "xflickrco":
+                m = {f"{d}_r{k}": rng.uniform(0, 100) for d in ("tr", "ir") for k in (1, 5, 10)}
+            else:
+                counts = {t: rng.randint(1, 30) for t in E.QTYPES}
+                correct = {t: rng.randint(0, counts[t]) for t in E.QTYPES}
+                n = sum(counts.values())
+                m = {"accuracy": 100 * sum(correct.values()) / n, "n": n}
+                if task == "xgqa":
+                    m.update({f"accuracy_{t}": 100 * correct[t] / counts[t] for t in E.QTYPES})
+                    m.update({f"n_{t}": counts[t] for t in E.QTYPES})
+            lines.append(json.dumps({"type": "eval", "epoch": e, "step": 3 * e, "lang": lang, "split": "test", **m}))
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+XGQA_LANGS = ["en", "bn", "de", "id", "ko", "pt", "ru", "zh"]
+
+
+def test_plots_written_with_their_numbers(tmp_path, capsys):
+    full = _fake_run(tmp_path / "cclm-xgqa-full", "cclm", "xgqa", "full", XGQA_LANGS, 5, 1)
+    suf = _fake_run(tmp_path / "cclm-xgqa-suf", "cclm", "xgqa", "suf", XGQA_LANGS, 5, 2)
+    ret = _fake_run(tmp_path / "uc2-xflickrco-suf", "uc2", "xflickrco", "suf", ["en", "de", "ja"], 3, 3)
+    assert E.main(["plot", str(full), str(suf), "--out", str(tmp_path / "fig")]) == 0
+    for name in ("fig2_per_language", "fig3_per_qtype"):
+        assert (tmp_path / "fig" / f"{name}.png").stat().st_size > 0
+    numbers = json.loads((tmp_path / "fig" / "fig2_per_language.json").read_text())
+    logged = E.read_epoch_metrics(suf)
+    assert numbers[str(suf)]["series"]["accuracy"]["ko"] == [ev["ko"]["accuracy"] for _, ev in logged]
+    assert numbers[str(suf)]["series"]["accuracy"]["avg"][-1] == pytest.approx(E.zs_average(logged[-1][1], "accuracy"))
+    rows = (tmp_path / "fig" / "fig3_per_qtype.csv").read_text().splitlines()
+    assert rows[0] == "run,epoch,lang,metric,value" and len(rows) == 1 + 2 * 5 * 5 * 9   # runs x types x epochs x (8 langs + avg)
+    assert E.main(["plot", str(ret)]) == 0   # retrieval: TR and IR rows, no question types
+    assert (ret / "fig2_per_language.png").is_file() and not (ret / "fig3_per_qtype.png").exists()
+
+
+def test_table_layout_with_paper_numbers(tmp_path, capsys):
+    runs = [_fake_run(tmp_path / f"{m}-{t}-{p}", m, t, p, langs, 2, i)
+            for i, (m, t, p, langs) in enumerate([("uc2", "xgqa", "full", XGQA_LANGS), ("uc2", "xgqa", "suf", XGQA_LANGS),
+                                                  ("cclm", "xvnli", "suf", ["en", "ar", "es", "fr", "ru"]),
+                                                  ("cclm", "xgqa", "top", XGQA_LANGS),
+                                                  ("cclm", "xflickrco", "full", ["en", "de", "es"])])]
+    runs[3].joinpath("args.json").write_text(json.dumps({"task": "xgqa", "policy": "top", "model": "cclm", "top_layers": 6}))
+    # a few-shot run (results.json as `fewshot` writes it) after UC2 + SUF
+    fs = tmp_path / "uc2-xgqa-suf-fewshot48-de"
+    fs.mkdir()
+    (fs / "results.json").write_text(json.dumps({"test": {"model": "uc2", "task": "xgqa", "policy": "full", "shots": "48",
+                                                          "fewshot_lang": "de", "init_policy": "suf",
+                                                          "split": "test", "translate_test": False,
+                                                          "langs": {"de": {"accuracy": 47.0, "n": 10}}}}))
+    assert E.main(["table", *map(str, runs), str(fs), "--per-language", "--out", str(tmp_path / "t.json")]) == 0
+    out = capsys.readouterr().out
+    t = json.loads((tmp_path / "t.json").read_text())
+    row = {r["setup"]: r for r in t["table1"]}
+    last = E.read_epoch_metrics(runs[1])[-1][1]
+    cell = row["UC2+SUF"]["cells"]["xgqa:accuracy"]
+    assert cell["avg"] == pytest.approx(E.zs_average(last, "accuracy")) and cell["paper_avg"] == 41.3
+    assert row["CCLM"]["cells"]["xflickrco:ir_r1"]["paper_en"] == 78.0
+    assert f"{cell['avg']:.1f} (41.3)" in out and "UC2+SUF" in out
+    assert {r["setup"]: r["paper_avg"] for r in t["table2"]} == {"CCLM+top6": 49.7}
+    t3 = {r["setup"]: r for r in t["table3"]}
+    assert t3["SUF"]["few_shot"] == 47.0 and t3["SUF"]["few_shot_langs"] == ["de"] and t3["SUF"]["paper_few_shot"] == 46.7
+    assert "Per language (xgqa:accuracy)" in out
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--dist-worker"]:
+    _dist_worker(sys.argv[2], sys.argv[3])
+
+
+# ------------------------------------------------------------------ few-shot (Table 3)
+
+def test_fewshot_from_english_checkpoint(env, tmp_path, capsys):
+    """Standard fine-tuning of the English run on German's IGLUE few-shot split, checkpoint selected on
+    German dev, German results reported the usual way (results.json, IGLUE CSV, Table 3)."""
+    import engine
+    init = env["runs"][("uc2", "xgqa")]
+    out = tmp_path / "uc2-xgqa-full-fewshot5-de"
+    argv = ["fewshot", "--run", str(init), "--lang", "de", "--shots", "5", "--output-dir", str(out), "--lrs", "1e-3",
+            "--epochs", "2", "--fs-batch-size", "4", "--split", "dev", "--num-workers", "0",
+            "--trainer-args", "--max-steps-per-epoch", "2", "--num-workers", "0", "--eval-batch-size", "16"]
+    assert E.main(argv) == 0
+    info = json.loads((out / "fewshot.json").read_text())
+    assert info["selection"] == {"split": "dev", "lang": "de", "metric": "accuracy"} and info["init_policy"] == "full"
+    best = info["best"]
+    assert Path(best["checkpoint"]).name == "model_best.pt" and best["epoch"] in (1, 2)
+    logged = {e: ev["de"]["accuracy"] for e, ev in E.read_epoch_metrics(out / "lr0.001")}
+    assert best["score"] == max(logged.values()) == logged[best["epoch"]]
+    res = json.loads((out / "results.json").read_text())["dev"]
+    assert set(res["langs"]) == {"de"} and res["shots"] == "5" and res["fewshot_lang"] == "de"
+    assert res["langs"]["de"]["accuracy"] == pytest.approx(best["score"])   # selected on the same split here
+    assert (out / "xGQA_5.csv").is_file()
+    trained = engine.load_checkpoint(best["checkpoint"])["model"]
+    start = engine.load_checkpoint(init / "model_final.pt")["model"]
+    assert any(not torch.equal(trained[k], start[k]) for k in start)   # it did train
+    t3 = {r["setup"]: r for r in E.build_tables([init, out], split="dev")["table3"]}
+    assert t3["Standard"]["few_shot_langs"] == ["de"]

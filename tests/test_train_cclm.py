@@ -38,10 +38,7 @@ def env(tmp_path_factory):
     data.write_synthetic_images(root / "images", sorted({ex.image_file for ex in examples}), size=(48, 40))
     _, answers = data.load_answer_vocab(IGLUE)
     data.make_tiny_tokenizer([ex.text for ex in examples] + answers, root / "tok", vocab_size=1000)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: intra-op threads only add contention at this size
-    yield root
-    torch.set_num_threads(threads)
+    return root
 
 
 def cli(env: Path, task: str, out: Path, *extra: str) -> list[str]:
@@ -150,7 +147,7 @@ def test_ddp_two_processes_match_one(env: Path, tmp_path: Path) -> None:
     train_cclm.main(cli(env, "xvnli", one, *common, "--eval-split", "test", "--langs", "en", "ar"))
     assert {r["lang"] for r in records(one, "eval")} == {"en", "ar"}
     two = tmp_path / "two"
-    envvars = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    envvars = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "train_cclm.py"), *cli(env, "xvnli", two, *common, "--no-eval")],
                           env=envvars, capture_output=True, text=True, timeout=240)
@@ -180,3 +177,15 @@ def test_stop_and_resume_is_bitwise_exact(env: Path, tmp_path: Path, monkeypatch
     a, b = final_state(full), final_state(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert records(full, "train") == records(cut, "train")
+
+
+def test_cli_errors_are_one_line(env: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--images"):
+        train_cclm.main(cli(env, "xvnli", tmp_path / "a", "--no-eval")[:4] + ["--images", str(tmp_path / "none"),
+                                                                               "--output-dir", str(tmp_path / "a")])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"hidden_size": 32, "vision_widht": 32}))
+    with pytest.raises(SystemExit, match="unknown key 'vision_widht'"):
+        train_cclm.main(cli(env, "xvnli", tmp_path / "b", "--no-eval") + ["--model-config", str(bad)])
+    with pytest.raises(SystemExit, match="nope.th"):
+        train_cclm.main(cli(env, "xvnli", tmp_path / "c", "--no-eval", "--checkpoint", str(tmp_path / "nope.th")))

@@ -1,0 +1,173 @@
+"""Retrieval evaluation cost: the optimized protocols of eval_zeroshot against a naive per-pair loop.
+
+On randomly initialised tiny UC2 and CCLM models (train_uc2/train_cclm CONFIGS["tiny"]) and random
+images/captions, measured side by side in one run (same process, same inputs):
+  UC2   every (caption, image) pair scored (the protocol): eval_zeroshot.uc2_score_matrix with
+        --pair-batch pairs per forward vs one pair_scores forward per pair.
+  CCLM  eval_zeroshot.cclm_score_matrices: each image and caption encoded once, ITC top-k prefilter,
+        ITM head on k candidates per query in both directions; vs the same candidates scored by a
+        per-pair loop that re-encodes the image and the caption of every pair.
+Prints how many times each encoder / head ran (calls and rows) and the time of both paths, checks
+the counts (CCLM: image encoder once per image, text encoder once per caption, ITM exactly k per
+query and direction) and that both paths give the same scores; exits 1 otherwise.
+
+    python bench/retrieval.py [--quick] [--out bench/results/retrieval.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import eval_zeroshot as E  # noqa: E402
+import train_cclm  # noqa: E402
+import train_uc2  # noqa: E402
+
+
+def random_captions(n: int, vocab: int, gen: torch.Generator, max_len: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """<s> ids </s> + padding (id 1), lengths 6..max_len."""
+    lengths = torch.randint(6, max_len + 1, (n,), generator=gen)
+    ids = torch.full((n, max_len), 1, dtype=torch.long)
+    mask = torch.zeros(n, max_len, dtype=torch.long)
+    for i, length in enumerate(lengths.tolist()):
+        ids[i, :length] = torch.randint(5, vocab, (length,), generator=gen)
+        ids[i, 0], ids[i, length - 1] = 0, 2
+        mask[i, :length] = 1
+    return ids, mask
+
+
+def uc2_inputs(n: int, regions: int, vocab: int, gen: torch.Generator) -> tuple[dict, dict]:
+    feats = torch.relu(torch.randn(n, regions, 2048, generator=gen))
+    xy = torch.rand(n, regions, 2, generator=gen) * 0.5
+    wh = torch.rand(n, regions, 2, generator=gen) * 0.5
+    spatials = torch.cat([xy, xy + wh, wh, (wh[..., :1] * wh[..., 1:])], -1)
+    images = {"features": feats, "spatials": spatials, "image_mask": torch.ones(n, regions, dtype=torch.long)}
+    ids, mask = random_captions(n, vocab, gen)
+    return images, {"input_ids": ids, "attention_mask": mask}
+
+
+def bench_uc2(n: int, pair_batch: int, regions: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = E.CallCounter(train_uc2.build_model("xflickrco", dict(train_uc2.CONFIGS["tiny"])).eval())
+    images, texts = uc2_inputs(n, regions, model.config["vocab_size"], gen)
+    t0 = time.perf_counter()
+    fast = E.uc2_score_matrix(model, images, texts, pair_batch=pair_batch)
+    t_fast = time.perf_counter() - t0
+    fast_counts = dict(model.calls), dict(model.rows)
+    model.calls = dict.fromkeys(model.calls, 0)
+    model.rows = dict.fromkeys(model.rows, 0)
+    t0 = time.perf_counter()
+    naive = torch.empty(n, n)
+    with torch.no_grad():
+        for t in range(n):
+            length = int(texts["attention_mask"][t].sum())
+            for i in range(n):
+                pair = {"input_ids": texts["input_ids"][t:t + 1, :length],
+                        "attention_mask": texts["attention_mask"][t:t + 1, :length],
+                        **{k: v[i:i + 1] for k, v in images.items()}}
+                naive[t, i] = model.pair_scores(pair).reshape(())
+    t_naive = time.perf_counter() - t0
+    return {"images": n, "captions": n, "pairs": n * n, "pair_batch": pair_batch, "regions": regions,
+            "optimized": {"seconds": t_fast, "pair_scores_calls": fast_counts[0]["pair_scores"],
+                          "pairs_scored": fast_counts[1]["pair_scores"]},
+            "naive": {"seconds": t_naive, "pair_scores_calls": model.calls["pair_scores"],
+                      "pairs_scored": model.rows["pair_scores"]},
+            "speedup": t_naive / t_fast, "max_abs_score_diff": (fast - naive).abs().max().item(),
+            "counts_ok": fast_counts[1]["pair_scores"] == n * n}
+
+
+def bench_cclm(n: int, k: int, itm_batch: int) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    cfg = dict(train_cclm.CONFIGS["tiny"])
+    model = E.CallCounter(train_cclm.build_model("xflickrco", cfg).eval())
+    images = torch.randn(n, 3, cfg["image_res"], cfg["image_res"], generator=gen)
+    ids, atts = random_captions(n, cfg["vocab_size"], gen)
+    batch = 16
+    image_batches = [{"images": images[s:s + batch]} for s in range(0, n, batch)]
+    text_batches = [{"text_ids": ids[s:s + batch], "text_atts": atts[s:s + batch]} for s in range(0, n, batch)]
+    t0 = time.perf_counter()
+    i2t, t2i = E.cclm_score_matrices(model, image_batches, text_batches, 0, n, n, k=k, itm_batch=itm_batch)
+    t_fast = time.perf_counter() - t0
+    fast = {"calls": dict(model.calls), "rows": dict(model.rows)}
+    model.calls = dict.fromkeys(model.calls, 0)
+    model.rows = dict.fromkeys(model.rows, 0)
+    t0 = time.perf_counter()
+    with torch.no_grad():   # naive: the same candidates (same ITC prefilter), every pair re-encoded
+        image_feat = torch.cat([model.encode_images(images[i:i + 1])[1] for i in range(n)])
+        text_feat = torch.cat([model.encode_texts(ids[t:t + 1], atts[t:t + 1])[1] for t in range(n)])
+        sims = image_feat @ text_feat.t()
+        n_i2t = torch.full((n, n), E.UNSCORED)
+        n_t2i = torch.full((n, n), E.UNSCORED)
+
+        def pair_score(i: int, t: int) -> float:
+            length = int(atts[t].sum())
+            v, _ = model.encode_images(images[i:i + 1])
+            s, _ = model.encode_texts(ids[t:t + 1, :length], atts[t:t + 1, :length])
+            return model.itm_scores(v, s, atts[t:t + 1, :length]).item()
+
+        for i in range(n):
+            for t in sims[i].topk(k).indices.tolist():
+                n_i2t[i, t] = pair_score(i, t)
+        for t in range(n):
+            for i in sims[:, t].topk(k).indices.tolist():
+                n_t2i[t, i] = pair_score(i, t)
+    t_naive = time.perf_counter() - t0
+    naive = {"calls": dict(model.calls), "rows": dict(model.rows)}
+    expected = {"encode_images": n, "encode_texts": n, "itm_scores": k * (n + n)}
+    return {"images": n, "captions": n, "k": k, "itm_batch": itm_batch,
+            "optimized": {"seconds": t_fast, **fast}, "naive": {"seconds": t_naive, **naive},
+            "expected_rows": expected, "speedup": t_naive / t_fast,
+            "max_abs_score_diff": max((i2t - n_i2t).abs().max().item(), (t2i - n_t2i).abs().max().item()),
+            "counts_ok": all(fast["rows"][m] == v for m, v in expected.items()),
+            "itm_per_query": fast["rows"]["itm_scores"] / (2 * n)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "retrieval.json"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: tiny models are dominated by per-call overhead, which extra "
+                        "threads on a shared machine only inflate)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    uc2_n, cclm_n, k = (12, 24, 8) if args.quick else (40, 64, 16)
+    uc2 = bench_uc2(uc2_n, pair_batch=256, regions=36)
+    cclm = bench_cclm(cclm_n, k=k, itm_batch=128)
+    out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(), "cpu": platform.processor(),
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick,
+           "uc2": uc2, "cclm": cclm}
+    print(f"UC2 all pairs ({uc2_n} images x {uc2_n} captions = {uc2['pairs']} pairs, tiny model):")
+    print(f"  optimized: {uc2['optimized']['pair_scores_calls']:5d} forwards ({uc2['pair_batch']} pairs each), "
+          f"{uc2['optimized']['pairs_scored']} pairs, {uc2['optimized']['seconds']:.2f} s")
+    print(f"  naive:     {uc2['naive']['pair_scores_calls']:5d} forwards (1 pair each), "
+          f"{uc2['naive']['pairs_scored']} pairs, {uc2['naive']['seconds']:.2f} s   speed-up x{uc2['speedup']:.1f}, "
+          f"max |score diff| {uc2['max_abs_score_diff']:.1e}")
+    o, nv = cclm["optimized"], cclm["naive"]
+    print(f"CCLM prefilter + re-rank ({cclm_n} images, {cclm_n} captions, k={k}, tiny model):")
+    for name, r in (("optimized", o), ("naive", nv)):
+        print(f"  {name + ':':10s} image encoder {r['rows']['encode_images']:5d} images in {r['calls']['encode_images']:4d} calls, "
+              f"text encoder {r['rows']['encode_texts']:5d} captions in {r['calls']['encode_texts']:4d} calls, "
+              f"ITM head {r['rows']['itm_scores']:5d} pairs in {r['calls']['itm_scores']:4d} calls, {r['seconds']:.2f} s")
+    print(f"  optimized ITM pairs per query: {cclm['itm_per_query']:g} (k = {k}); expected rows {cclm['expected_rows']}; "
+          f"speed-up x{cclm['speedup']:.1f}, max |score diff| {cclm['max_abs_score_diff']:.1e}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    E.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    ok = uc2["counts_ok"] and cclm["counts_ok"] and uc2["max_abs_score_diff"] < 1e-4 and cclm["max_abs_score_diff"] < 1e-4
+    if not ok:
+        print("FAILED: counts or scores differ from the protocol", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""Bad-input catalogue (docs/bad_input.md, pasted into the README): every way the inputs can be wrong, what
+the user sees (one line naming the file / line / key) and proof that nothing already written was lost or
+overwritten. Rows already covered elsewhere (tests/test_data.py, tests/test_engine.py) are listed in the
+table with those tests; test_catalogue_matches_the_tests keeps the table and the tests in sync.
+
+The trainer rows run train_uc2's real CLI (in-process main(argv); the real script in a subprocess where a
+crash would take pytest down, or where the exact terminal output matters) with the tiny config, the IGLUE
+sample, a tiny tokenizer and synthetic region features. Most of them resume a "paused" run (epoch 1 of 2
+done) with the bad input, and check that its folder is byte-identical afterwards.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import engine  # noqa: E402
+import train_uc2 as U  # noqa: E402
+
+IGLUE = ROOT / "tests" / "fixtures" / "iglue"
+CATALOGUE = ROOT / "docs" / "bad_input.md"
+XVNLI_EN = "XVNLI/annotations/en"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cli(env: dict, out: Path, *extra: str, features=None, root=IGLUE, tokenizer=None) -> list[str]:
+    return ["--task", "xvnli", "--model-config", "tiny", "--data-root", str(root),
+            "--features", str(features or env["feats"]), "--tokenizer", str(tokenizer or env["tok"]),
+            "--train-split", "train_48", "--eval-split", "test", "--langs", "en", "--max-regions", "4",
+            "--num-workers", "0", "--batch-size", "8", "--epochs", "2", "--max-steps-per-epoch", "1",
+            "--output-dir", str(out), *extra]
+
+
+def fails(argv: list[str]) -> str:
+    """train_uc2.main(argv) must stop with a one-line 'error: ...' (SystemExit, no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        U.main(argv)
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+def resume_fails(env: dict, **kw) -> str:
+    """Resume the paused run with a bad input: one-line error, and the run folder byte-identical."""
+    msg = fails(cli(env, env["paused"], "--resume", **kw))
+    assert snapshot(env["paused"]) == env["paused_files"]
+    return msg
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not any((out / f).exists() for f in engine.RUN_FILES), sorted(os.listdir(out))
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("bad_input")
+    train = data.load_split(IGLUE, "xvnli", "train_48", "en")
+    test = data.load_split(IGLUE, "xvnli", "test", "en")
+    data.make_tiny_tokenizer([e.text for e in train + test], base / "tok", vocab_size=300)
+    data.write_synthetic_features(base / "feats", {e.image for e in train + test}, num_boxes=4)
+    env = {"base": base, "tok": base / "tok", "feats": base / "feats", "paused": base / "paused",
+           "train": train, "test": test}
+    os.environ["SUF_FAULT"] = "raise:epoch_end:1"  # stop after epoch 1's checkpoint, as a killed run would
+    try:
+        with pytest.raises(RuntimeError, match="SUF_FAULT"):
+            U.main(cli(env, env["paused"], "--no-eval"))
+    finally:
+        del os.environ["SUF_FAULT"]
+    env["paused_files"] = snapshot(env["paused"])
+    assert sorted(env["paused_files"]) == ["args.json", "checkpoint_last.pt", "metrics.jsonl"]
+
+    truncated = base / "feats_truncated"  # an interrupted copy: data.mdb cut in half
+    shutil.copytree(base / "feats", truncated)
+    os.truncate(truncated / "data.mdb", (truncated / "data.mdb").stat().st_size // 2)
+    env["truncated"], env["truncated_files"] = truncated, snapshot(truncated)
+
+    # The real CLIs in subprocesses, started now and collected by their tests (torch start-up is slow here).
+    # A resuming process writes a probe file into its run folder: give it its own copy of the paused run.
+    shutil.copytree(env["paused"], base / "paused_lmdb")
+    sub_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    script = [sys.executable, str(ROOT / "train_uc2.py")]
+    env["procs"] = {
+        "truncated_lmdb": subprocess.Popen(script + cli(env, base / "paused_lmdb", "--resume", features=truncated), env=sub_env,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        "truncated_lmdb_inventory": subprocess.Popen(
+            [sys.executable, str(ROOT / "data.py"), "--data-root", str(IGLUE), "--features", str(truncated)],
+            env=sub_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        "existing_run": subprocess.Popen(script + cli(env, env["paused"]), env=sub_env,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+    }
+    yield env
+    for p in env["procs"].values():
+        if p.poll() is None:
+            p.kill()
+
+
+def finished(env: dict, name: str) -> tuple[int, str]:
+    proc = env["procs"][name]
+    _, err = proc.communicate(timeout=240)
+    return proc.returncode, err
+
+
+# ------------------------------------------------------------------------------------------ images (CCLM)
+
+def test_missing_image_fails_fast(env, tmp_path):
+    images = tmp_path / "images"
+    files = [e.image_file for e in env["test"]]
+    data.write_synthetic_images(images, files, size=(16, 12))
+    gone = images / env["test"][3].image_file
+    gone.unlink()
+    before = snapshot(images)
+    with pytest.raises(ValueError) as e:
+        data.check_inputs(env["test"], images=images)
+    msg = str(e.value)
+    assert "\n" not in msg and f"image file {gone} not found (referenced by {XVNLI_EN}/test.jsonl:" in msg
+    assert msg.endswith(f"1 of {len(set(files))} images missing")
+    assert snapshot(images) == before
+
+
+def test_corrupt_image_names_the_file(env, tmp_path):
+    images = tmp_path / "images"
+    first = env["test"][0]
+    exs = [first] + [next(e for e in env["test"] if e.image != first.image)] * 2  # two images
+    paths = data.write_synthetic_images(images, [e.image_file for e in exs[:2]], size=(160, 120))
+    jpeg = paths[1].read_bytes()
+    paths[0].write_bytes(b"this is not a JPEG")
+    for case, (path, content) in {"not_an_image": (paths[0], None), "header_cut": (paths[1], jpeg[:150]),
+                                  "body_cut": (paths[1], jpeg[: len(jpeg) * 3 // 4])}.items():
+        if content is not None:
+            path.write_bytes(content)
+        before = snapshot(images)
+        ds = data.CCLMDataset(exs, images, "xvnli", image_res=32)
+        if case == "body_cut":  # decodes, the missing part grey (ImageFile.LOAD_TRUNCATED_IMAGES, as X2-VLM)
+            assert ds[1]["pixels"].shape[-2:] == (32, 32)
+        else:
+            with pytest.raises(ValueError) as e:
+                ds[0 if case == "not_an_image" else 1]
+            msg = str(e.value)
+            assert "\n" not in msg and msg.startswith(f"image file {path} is corrupt or not an image (") and \
+                f"(referenced by {XVNLI_EN}/test.jsonl:" in msg, (case, msg)
+        assert snapshot(images) == before
+
+
+# ------------------------------------------------------------------------------------------ region features (UC2)
+
+def test_truncated_lmdb_is_one_line_error_not_a_crash(env):
+    data_mdb = env["truncated"] / "data.mdb"
+    for name, prefix in (("truncated_lmdb", "error: --features: "), ("truncated_lmdb_inventory", "error: ")):
+        rc, err = finished(env, name)
+        assert rc == 1, (name, rc, err[-2000:])  # not -7 (SIGBUS from reading the mmap past its end)
+        assert re.fullmatch(re.escape(f"{prefix}{data_mdb}: LMDB file is truncated (") + r".* bytes, its header needs .*\)"
+                            r"; copy or download it again", last_line(err)), err[-2000:]
+    assert snapshot(env["truncated"]) == env["truncated_files"]  # opened read-only, lock-free
+    assert snapshot(env["base"] / "paused_lmdb") == env["paused_files"]
+
+
+def test_missing_feature_key_fails_before_training(env, tmp_path):
+    train_keys = {e.image for e in env["train"]}
+    eval_only = sorted({e.image for e in env["test"]} - train_keys)
+    for name, drop, where, split in (("train", sorted(train_keys)[0], "training data", "train_48"),
+                                     ("eval", eval_only[0], "evaluation data", "test")):
+        feats = data.write_synthetic_features(tmp_path / name, ({e.image for e in env["train"] + env["test"]} - {drop}),
+                                              num_boxes=4)
+        msg = resume_fails(env, features=feats)
+        assert re.fullmatch(re.escape(f"error: {where}: feature key '{drop}' not found in {feats} (referenced by "
+                                      f"{XVNLI_EN}/{split}.jsonl:") + r"\d+, example .*\); 1 of \d+ images missing", msg), msg
+
+
+# ------------------------------------------------------------------------------------------ annotations
+
+def _annotation_root(tmp_path: Path, text: str) -> Path:
+    root = tmp_path / "iglue"
+    shutil.copytree(IGLUE / "datasets" / "XVNLI", root / "datasets" / "XVNLI")
+    (root / "datasets" / XVNLI_EN / "train_48.jsonl").write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("case", ["malformed_line", "empty_file", "unknown_label"])
+def test_bad_annotation_file(env, tmp_path, case):
+    lines = (IGLUE / "datasets" / XVNLI_EN / "train_48.jsonl").read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["gold_label"] = "maybe"
+    text, expected = {
+        "malformed_line": ("\n".join(lines[:2] + ['{"gold_label": ']), r"train_48\.jsonl:3: malformed JSON line"),
+        "empty_file": ("\n", r"train_48\.jsonl: annotation file is empty"),
+        "unknown_label": ("\n".join([lines[0], json.dumps(bad)]), r"train_48\.jsonl:2: unknown gold_label 'maybe'"),
+    }[case]
+    root = _annotation_root(tmp_path, text)
+    before = snapshot(root)
+    msg = resume_fails(env, root=root)
+    assert msg.startswith("error: training data: ") and re.search(expected, msg), msg
+    assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("case", ["missing_root", "no_datasets_folder", "missing_features"])
+def test_wrong_data_root(env, tmp_path, case):
+    if case == "missing_root":
+        msg = resume_fails(env, root=tmp_path / "nope")
+        assert msg == f"error: training data: data root {tmp_path / 'nope'} does not exist (expected an IGLUE checkout holding datasets/)"
+    elif case == "no_datasets_folder":
+        msg = resume_fails(env, root=tmp_path)
+        assert msg.startswith(f"error: training data: data root {tmp_path}: expected folder {tmp_path / 'datasets'}"), msg
+    else:
+        msg = resume_fails(env, features=tmp_path / "feats.lmdb")
+        assert msg == f"error: --features {tmp_path / 'feats.lmdb'} does not exist"
+
+
+# ------------------------------------------------------------------------------------------ checkpoints, tokenizer
+
+def _cclm_state_dict() -> dict:
+    keys = [line.split("\t")[0] for line in (ROOT / "tests/fixtures/cclm/ft_xvnli.keys.tsv").read_text().splitlines()[:40]]
+    return {k: torch.zeros(2) for k in keys}
+
+
+@pytest.mark.parametrize("case", ["cclm_state_dict", "other_task"])
+def test_checkpoint_of_the_wrong_model(env, tmp_path, case):
+    out = tmp_path / "run"
+    if case == "cclm_state_dict":  # e.g. X2-VLM/CCLM weights given to the UC2 trainer
+        ckpt = tmp_path / "cclm_xvnli.th"
+        torch.save(_cclm_state_dict(), ckpt)
+        expected = re.escape(f"error: --checkpoint: {ckpt}: unrecognised checkpoint layout (first keys: ['vision_encoder.")
+        argv = cli(env, out, "--checkpoint", str(ckpt))
+    else:  # our xvnli checkpoint given to an xgqa run: heads differ
+        ckpt = env["paused"] / "checkpoint_last.pt"
+        expected = re.escape(f"error: --checkpoint: {ckpt}: checkpoint (ours): missing key 'head.0.weight' (")
+        argv = [a if a != "xvnli" else "xgqa" for a in cli(env, out, "--checkpoint", str(ckpt))]
+    before = ckpt.read_bytes()
+    msg = fails(argv)
+    assert re.match(expected, msg), msg
+    assert ckpt.read_bytes() == before
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("case", ["missing_file", "truncated_file"])
+def test_unreadable_checkpoint(env, tmp_path, case):
+    ckpt = tmp_path / "model_final.pt"
+    if case == "truncated_file":
+        ckpt.write_bytes((env["paused"] / "checkpoint_last.pt").read_bytes()[:5000])
+    msg = fails(cli(env, tmp_path / "run", "--checkpoint", str(ckpt)))
+    assert msg.startswith(f"error: --checkpoint: {ckpt}: ") and ("not found" if case == "missing_file" else "cannot read") in msg
+    assert_nothing_written(tmp_path / "run")
+
+
+@pytest.mark.parametrize("case", ["checkpoint", "resume"])
+def test_checkpoint_with_mismatched_shapes(env, tmp_path, capsys, case):
+    other = {**U.CONFIGS["tiny"], "intermediate_size": 48}
+    if case == "checkpoint":
+        ckpt = tmp_path / "model_final.pt"
+        torch.save({"model": U.build_model("xvnli", other).state_dict(), "meta": {"model": "uc2", "config": other}}, ckpt)
+        before = ckpt.read_bytes()
+        msg = fails(cli(env, tmp_path / "run", "--checkpoint", str(ckpt)))
+        assert msg.startswith(f"error: --checkpoint: {ckpt}: checkpoint (ours): encoder.layer.0.intermediate.dense.weight "
+                              "[48, 32] -> encoder.layer.0.intermediate.dense.weight [64, 32] (0 missing, 0 unexpected, "), msg
+        assert "  SHAPE    encoder.layer.11.output.dense.weight [32, 48]" in capsys.readouterr().err  # the full report
+        assert ckpt.read_bytes() == before
+        assert_nothing_written(tmp_path / "run")
+    else:  # --resume with another architecture than the run's
+        config = tmp_path / "other.json"
+        config.write_text(json.dumps(other))
+        ckpt = env["paused"] / "checkpoint_last.pt"
+        msg = fails(cli(env, env["paused"], "--resume", "--model-config", str(config)))
+        assert msg.startswith(f"error: --resume: {ckpt} does not fit this model (size mismatch for "
+                              "encoder.layer.0.intermediate.dense.weight"), msg
+        assert snapshot(env["paused"]) == env["paused_files"]
+
+
+@pytest.mark.parametrize("case", ["checkpoint", "config"])
+def test_tokenizer_vocabulary_mismatch(env, tmp_path, case):
+    if case == "checkpoint":  # the paused run's weights were trained with env["tok"]; give another vocabulary
+        other = tmp_path / "tok"
+        data.make_tiny_tokenizer([e.text for e in env["train"]], other, vocab_size=200)
+        n, trained = len(data.load_tokenizer(other)), len(data.load_tokenizer(env["tok"]))
+        assert n != trained
+        ckpt = env["paused"] / "checkpoint_last.pt"
+        msg = fails(cli(env, tmp_path / "run", "--checkpoint", str(ckpt), tokenizer=other))
+        assert msg == (f"error: --tokenizer {other} has {n} ids but checkpoint {ckpt} was trained with a {trained}-id "
+                       "tokenizer; use the tokenizer the checkpoint was trained with")
+    else:  # more ids than the model has embedding rows
+        config = tmp_path / "small_vocab.json"
+        config.write_text(json.dumps({**U.CONFIGS["tiny"], "vocab_size": 100}))
+        n = len(data.load_tokenizer(env["tok"]))
+        msg = fails(cli(env, tmp_path / "run", "--model-config", str(config)))
+        assert msg == (f"error: --tokenizer {env['tok']} has {n} ids but the model config's vocab_size is 100 "
+                       "(ids >= 100 have no embedding); use a matching tokenizer or config")
+    assert_nothing_written(tmp_path / "run")
+
+
+# ------------------------------------------------------------------------------------------ run folder
+
+def test_existing_run_folder_without_resume(env):
+    rc, err = finished(env, "existing_run")
+    assert rc == 1, err[-2000:]
+    assert last_line(err) == (f"error: {env['paused']} already holds a run (checkpoint_last.pt, metrics.jsonl, args.json); "
+                              "pass --resume to continue it or choose another --output-dir")
+    assert snapshot(env["paused"]) == env["paused_files"]
+
+
+# ------------------------------------------------------------------------------------------ the catalogue itself
+
+def test_catalogue_matches_the_tests():
+    """Every test named in docs/bad_input.md exists (function, and parameter id when given), and every
+    test of this file is named in the catalogue."""
+    table = [line for line in CATALOGUE.read_text().splitlines() if line.startswith("|")][2:]
+    assert len(table) >= 12, "catalogue table missing or too short"
+    named = set()
+    for row in table:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 4 and all(cells), row
+        refs = re.findall(r"`(tests/test_\w+\.py)::(\w+)(?:\[(\w+)\])?`", cells[3])
+        assert refs, f"no test named in row: {row}"
+        for path, func, param in refs:
+            src = (ROOT / path).read_text()
+            assert re.search(rf"^def {func}\(", src, re.M), f"{path}::{func} does not exist"
+            assert param is None or param == "" or f'"{param}"' in src, f"{path}::{func}[{param}]: no such parameter"
+            if path == "tests/test_bad_input.py":
+                named.add(func)
+    here = set(re.findall(r"^def (test_\w+)\(", Path(__file__).read_text(), re.M)) - {"test_catalogue_matches_the_tests"}
+    assert here <= named, f"tests missing from the catalogue: {sorted(here - named)}"
