@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import itertools
 import json
 import math
 import os
@@ -736,10 +737,11 @@ def _pixels(img: Image.Image) -> torch.Tensor:
 
 def _normalize_into(out: torch.Tensor, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
     """out[i] = Normalize(ToTensor(pixels[i])) with torchvision's elementwise float32 ops in its order
-    (x / 255, - mean, / std), written straight into the (batch) buffer: bit-identical, fewer copies."""
+    (x / 255, - mean, / std), written straight into the (batch) buffer: bit-identical, fewer copies.
+    Image by image, so each image is normalised while in cache (a batch is ~100 MB)."""
     for i, p in enumerate(pixels):
-        out[i].copy_(p)
-    return out.div_(255).sub_(_MEAN).div_(_STD)
+        out[i].copy_(p).div_(255).sub_(_MEAN).div_(_STD)
+    return out
 
 
 _MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None, None]
@@ -983,14 +985,14 @@ def encode_texts(tokenizer, texts: Sequence[str], max_len: int | None = None) ->
     ids = _token_ids(tokenizer, list(texts)) if len(texts) else []
     if max_len is not None:
         ids = [x if len(x) <= max_len else x[:max_len - 1] + x[-1:] for x in ids]
-    length = max((len(x) for x in ids), default=1)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    length = int(lengths.max()) if len(ids) else 1
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else PAD_ID
-    out = torch.full((len(ids), length), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), length), dtype=torch.long)
-    for i, x in enumerate(ids):
-        out[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, :len(x)] = 1
-    return out, mask
+    # one vectorised fill instead of a tensor per row (the per-row loop cost as much as the tokenizer)
+    mask = np.arange(length) < lengths[:, None]
+    out = np.full((len(ids), length), pad, dtype=np.int64)
+    out[mask] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(out), torch.from_numpy(mask.astype(np.int64))
 
 
 # ----------------------------------------------------------------------------------------------

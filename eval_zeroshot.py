@@ -4,7 +4,7 @@ analyses (Figures 2-4, Tables 1-3), for UC2 and CCLM checkpoints written by trai
 
   python eval_zeroshot.py evaluate --run RUN [--langs en de] [--split test] [--translate-test]
   python eval_zeroshot.py --run RUN                  (same as `evaluate`)
-  torchrun --nproc_per_node N eval_zeroshot.py evaluate --run RUN
+  torchrun --nproc_per_node N eval_zeroshot.py evaluate --run-dir RUN   (torchrun would take --run as its own)
   python eval_zeroshot.py fewshot --checkpoint RUN/model_final.pt --lang de --shots 48 --output-dir OUT
   python eval_zeroshot.py plot RUN [RUN ...]         Figure 2 (per language) / 3 (per question type)
   python eval_zeroshot.py similarity --run RUN       Figure 4 ([CLS] similarity of parallel examples)
@@ -25,14 +25,14 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+import data
 import engine
 
 TASKS = ("xgqa", "xvnli", "xflickrco")
@@ -99,8 +99,11 @@ PAPER_FIG4_UNPAIRED = {("xgqa", "full"): 20, ("xgqa", "suf"): 22, ("xvnli", "ful
 
 def classification_metrics(preds: Sequence[int], labels: Sequence[int],
                            qtypes: Sequence[str] | None = None) -> dict[str, float]:
-    """Accuracy in percent. A label < 0 (xGQA answer outside the 1,842-answer vocabulary, XVNLI
-    gold "-") can never be predicted and counts as wrong, as in IGLUE's string-match evaluation.
+    """Accuracy in percent = 100 * n_correct / n. A label < 0 (xGQA answer outside the 1,842-answer
+    vocabulary, XVNLI gold "-" in UC2's data; CCLM's loader drops those pairs as X2-VLM does) can
+    never be predicted and counts as wrong, as in IGLUE's string-match evaluation.
+    XVNLI: X2-VLM's XVNLI.py prints n_correct / (n + 1) (its SmoothedValue starts with a dummy 0
+    update; 1 of 3 correct prints 0.25); we report the correct n_correct / n.
     With qtypes (xGQA): accuracy_<type> and n_<type> per structural type, so that
     sum(n_t * accuracy_t) / n == accuracy exactly (same counts)."""
     if len(preds) != len(labels):
@@ -168,16 +171,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def to_device(batch: dict, device: torch.device | str) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast_for(device: torch.device | str, amp: str = "off"):
-    """Evaluation precision: float32 unless asked (--amp bf16|fp16): numbers then match across runs."""
-    if amp == "off":
-        return nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+    """Evaluation precision: float32 unless asked (--amp bf16|fp16; our choice: exact numbers by default)."""
+    return engine.autocast(torch.device(device), AMP_DTYPES[amp])
 
 
 def _pad_cat(tensors: Sequence[torch.Tensor], value: float = 0) -> torch.Tensor:
@@ -194,7 +193,7 @@ def predict_records(model: torch.nn.Module, batches: Iterable[dict], device, amp
     records = []
     for batch in batches:
         with autocast_for(device, amp):
-            pred = model.predict(to_device(batch, device)).cpu().tolist()
+            pred = model.predict(engine.to_device(batch, device)).cpu().tolist()
         labels = batch["label"].tolist()
         qtypes = batch.get("qtype") or [""] * len(labels)
         records += [(str(i), int(p), int(l), str(q)) for i, p, l, q in zip(batch["id"], pred, labels, qtypes)]
@@ -207,8 +206,8 @@ def uc2_score_matrix(model: torch.nn.Module, images: dict[str, torch.Tensor], te
     """UC2/VOLTA protocol: the VL logit of EVERY (caption, image) pair, scored `pair_batch` pairs
     per forward. images: stacked features/spatials/image_mask [n_img, R, ...]; texts: stacked
     input_ids/attention_mask [n_txt, L]. Returns [n_txt, n_img] (on CPU, float32)."""
-    images = to_device(images, device)
-    texts = to_device(texts, device)
+    images = engine.to_device(images, device)
+    texts = engine.to_device(texts, device)
     n_img, n_txt = images["features"].shape[0], texts["input_ids"].shape[0]
     total = n_img * n_txt
     out = torch.empty(total)
@@ -323,7 +322,7 @@ def cls_records(model: torch.nn.Module, batches: Iterable[dict], device, amp: st
     records = []
     for batch in batches:
         with autocast_for(device, amp):
-            feats = model.cls_features(to_device(batch, device)).float().cpu()
+            feats = model.cls_features(engine.to_device(batch, device)).float().cpu()
         records += [(str(i), f) for i, f in zip(batch["id"], feats)]
     return records
 
@@ -494,7 +493,7 @@ def run_info(run: str | Path) -> dict:
 def load_meta(path: str | Path) -> dict:
     """The metadata dict of a checkpoint, memory-mapped so the weights are not read."""
     try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:   # noqa: BLE001 - any unreadable file: one clear line
         raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
     meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
@@ -511,12 +510,15 @@ def read_epoch_metrics(run: str | Path) -> list[tuple[int, dict[str, dict]]]:
     if not path.exists():
         raise ValueError(f"{path}: not found (no per-epoch metrics log in this run folder)")
     by_epoch: dict[int, dict] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
+            if n == len(lines):   # a run killed mid-write leaves half a last line: the epochs before it stand
+                break
             raise ValueError(f"{path}:{n}: not valid JSON") from None
         if rec.get("type") == "eval" and "lang" in rec and "epoch" in rec:
             metrics = {k: v for k, v in rec.items() if k not in ("type", "epoch", "step", "lang", "split")
@@ -815,7 +817,6 @@ class EvalSet:
 def eval_langs(data_root, task: str, split: str = "test", langs=None, translate_test: bool = False) -> list[str]:
     """Languages of (task, split) found under data_root (`langs` selects). With translate_test the
     English test set is the original one (IGLUE's .mt results keep the English column)."""
-    import data
     found = set(data.available_langs(data_root, task, split, translate_test))
     if translate_test:
         found = (found - {"en"}) | ({"en"} & set(data.available_langs(data_root, task, split)))
@@ -829,7 +830,6 @@ def build_eval_sets(model_name: str, task: str, data_root, tokenizer, langs=None
                     translate_test: bool = False, features=None, images=None, max_regions: int = 36,
                     image_res: int = 384) -> dict[str, EvalSet]:
     """{lang: EvalSet} for every language of (task, split) under data_root (or `langs`)."""
-    import data
     collate = data.make_collate(model_name, task, tokenizer, train=False)
     features = feature_reader(features) if model_name == "uc2" else None
     sets = {}
@@ -853,7 +853,6 @@ def feature_reader(features):
     serialized GQA LMDB holds no test images), several searched in order (train_uc2.FeatureSet)."""
     if features is None or not isinstance(features, (list, tuple)):
         return features
-    import data
     keyed = [str(p) for p in features if not data.is_serialized_lmdb(p)]
     if len(keyed) <= 1:
         return keyed[0] if keyed else None
@@ -893,12 +892,12 @@ def evaluate_task(model: torch.nn.Module, task: str, sets: dict[str, EvalSet], d
                                                     k_test, pair_batch, itm_batch)
                 continue
             n = len(s.dataset)
-            loader = _loader(s.dataset, engine.shard(n, dist), s.collate, batch_size, num_workers)
-            records = engine.gather(predict_records(model, loader, device, amp), dist)
-            if len(records) != n or len({r[0] for r in records}) != n:
-                raise RuntimeError(f"{task} {lang}: gathered {len(records)} predictions "
-                                   f"({len({r[0] for r in records})} distinct ids) for {n} examples")
-            _, preds, labels, qtypes = zip(*records)
+            mine = engine.shard(n, dist)
+            local = predict_records(model, _loader(s.dataset, mine, s.collate, batch_size, num_workers), device, amp)
+            records = engine.gather(list(zip(mine, local, strict=True)), dist)
+            if sorted(i for i, _ in records) != list(range(n)):   # every example exactly once
+                raise RuntimeError(f"{task} {lang}: gathered {len(records)} predictions for {n} examples")
+            _, preds, labels, qtypes = zip(*(r for _, r in records))
             results[lang] = classification_metrics(preds, labels, qtypes if task == "xgqa" else None)
     finally:
         model.train(was_training)
@@ -956,7 +955,6 @@ def prepare_model(model: torch.nn.Module, data_root, tokenizer) -> None:
     """CCLM xGQA ranks the 1,842 GQA answers: give the model the tokenised answer list
     (X2-VLM: tokenizer(answer_list, padding='longest'): <s> answer </s>)."""
     if hasattr(model, "set_answer_list"):
-        import data
         _, label2ans = data.load_answer_vocab(data_root)
         model.set_answer_list(*data.encode_texts(tokenizer, label2ans, None))
 
@@ -1013,7 +1011,6 @@ def _resolve_data(args, run_args: dict, meta: dict) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    import data
     dist = engine.setup_distributed()
     if bool(args.run) == bool(args.checkpoint):
         raise SystemExit("error: give exactly one of --run RUN_DIR or --checkpoint FILE")
@@ -1032,8 +1029,11 @@ def cmd_evaluate(args) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     start = time.time()
-    results = evaluate_task(model, task, sets, dist, batch_size=args.batch_size, num_workers=args.num_workers,
-                            amp=args.amp, k_test=args.k_test, pair_batch=args.pair_batch, itm_batch=args.itm_batch)
+    try:   # bad data found while evaluating (e.g. a missing feature key or image): one line, nothing written
+        results = evaluate_task(model, task, sets, dist, batch_size=args.batch_size, num_workers=args.num_workers,
+                                amp=args.amp, k_test=args.k_test, pair_batch=args.pair_batch, itm_batch=args.itm_batch)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if dist.is_main:
         fewshot = read_json(out_dir / "fewshot.json") if (out_dir / "fewshot.json").is_file() else {}
         sched = meta.get("schedule") or {}
@@ -1059,14 +1059,13 @@ def cmd_evaluate(args) -> int:
 
 def cmd_similarity(args) -> int:
     """Figure 4 for one run: [CLS] features of every test language, pairwise parallel similarity."""
-    import data
     dist = engine.setup_distributed()
     run = Path(args.run)
-    model, meta = load_model(_run_checkpoint(run), dist.device)
-    if meta["task"] not in ("xgqa", "xvnli"):
-        raise SystemExit(f"error: similarity needs an xgqa or xvnli run (translation-parallel examples), "
-                         f"{run} is {meta['task']}")
     try:
+        model, meta = load_model(_run_checkpoint(run), dist.device)
+        if meta["task"] not in ("xgqa", "xvnli"):
+            raise SystemExit(f"error: similarity needs an xgqa or xvnli run (translation-parallel examples), "
+                             f"{run} is {meta['task']}")
         _resolve_data(args, _run_args(run), meta)
         tokenizer = data.load_tokenizer(args.tokenizer)
         sets = build_eval_sets(meta["model"], meta["task"], args.data_root, tokenizer, args.langs, args.split,
@@ -1104,7 +1103,18 @@ def similarity_for(model: torch.nn.Module, sets: dict[str, EvalSet], dist=None, 
 
 
 def cmd_plot(args) -> int:
-    runs = [Path(r) for r in args.runs]
+    try:
+        return _plot(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _plot(args) -> int:
+    runs = [Path(r) for r in args.runs if (Path(r) / engine.METRICS).is_file()]
+    for r in sorted(set(map(Path, args.runs)) - set(runs)):
+        print(f"note: {r} has no {engine.METRICS}: no curves", file=sys.stderr)
+    if not runs:
+        raise SystemExit(f"error: none of the folders given holds a {engine.METRICS}")
     groups: dict[tuple, list] = {}
     for r in runs:
         info = run_info(r)
@@ -1112,11 +1122,8 @@ def cmd_plot(args) -> int:
     for (model, task), rs in groups.items():
         out = Path(args.out) if args.out else (rs[0] if len(rs) == 1 else rs[0].parent / "figures")
         tag = "" if len(groups) == 1 and (args.out or len(rs) == 1) else f"_{model}_{task}"
-        try:
-            for f in plot_curves(rs, out, tag):
-                print(f"wrote {f} (+ .json, .csv)")
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
+        for f in plot_curves(rs, out, tag):
+            print(f"wrote {f} (+ .json, .csv)")
     return 0
 
 
@@ -1124,6 +1131,8 @@ def cmd_figures(args) -> int:
     """plot for all runs; similarity for every xgqa/xvnli run whose data is reachable."""
     cmd_plot(args)
     for r in args.runs:
+        if not (Path(r) / engine.FINAL).is_file() and not (Path(r) / engine.CHECKPOINT).is_file():
+            continue
         info = run_info(r)
         if info.get("task") not in ("xgqa", "xvnli"):
             continue
@@ -1150,15 +1159,17 @@ def cmd_table(args) -> int:
 # ---------------------------------------------------------------------------------------------
 # Few-shot cross-lingual transfer (paper Table 3; IGLUE few-shot protocol)
 
-# IGLUE's few-shot scripts: 20 epochs, batch 64, lr grid {1e-4, 5e-5, 1e-5}, the best checkpoint
-# on the validation split kept (xGQA: the target language's dev; XVNLI: English dev; xFlickrCo:
-# English Flickr30k valid). The paper only says it follows IGLUE for xGQA with UC2, 48 shots.
+# IGLUE's few-shot scripts: 20 epochs, batch 64, lr grid {1e-4, 5e-5, 1e-5}, UC2 with IGLUE's
+# optimizer recipe, the best checkpoint on the validation split kept (xGQA: the target language's
+# dev; XVNLI: English dev). The paper only says it follows IGLUE for xGQA with UC2, 48 shots, and
+# that few-shot training is standard fine-tuning (policy full) whatever the English policy was.
 FEWSHOT_DEFAULTS = {"epochs": 20, "batch_size": 64, "lrs": (1e-4, 5e-5, 1e-5)}
 
 
 def add_fewshot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="English-trained checkpoint (model_final.pt)")
-    p.add_argument("--run", default=None, help="English run folder instead of --checkpoint")
+    p.add_argument("--run", "--run-dir", dest="run", default=None,
+                   help="English run folder instead of --checkpoint (--run-dir under torchrun)")
     p.add_argument("--lang", required=True, help="target language of the few-shot split")
     p.add_argument("--shots", default="48", help="IGLUE shot count: train_<shots> (xFlickrCo also e.g. 100x5)")
     p.add_argument("--output-dir", required=True, help="few-shot run folder (one sub-folder per learning rate)")
@@ -1175,15 +1186,19 @@ def add_fewshot_args(p: argparse.ArgumentParser) -> None:
 
 
 def selection_split(data_root, task: str, lang: str, requested: str | None) -> tuple[str | None, str | None]:
-    """(split, lang) the few-shot checkpoints are selected on; (None, None) = take the last epoch."""
-    import data
+    """(split, lang) the few-shot checkpoints are selected on; (None, None) = take the last epoch.
+    Default: the target language's dev split (xGQA); else English dev (what IGLUE's XVNLI few-shot
+    scripts validate on). xFlickrCo: last epoch unless --select-split (our choice: IGLUE validates
+    on a 4-way proxy of Flickr30k valid; full retrieval on it every epoch would cost more than the
+    training)."""
     if requested:
         return requested, lang if lang in data.available_langs(data_root, task, requested) else "en"
+    if task == "xflickrco":
+        return None, None
     if lang in data.available_langs(data_root, task, "dev"):
         return "dev", lang
-    for split in ("dev", "valid"):   # what IGLUE's XVNLI / xFlickrCo few-shot scripts validate on
-        if "en" in data.available_langs(data_root, task, split):
-            return split, "en"
+    if "en" in data.available_langs(data_root, task, "dev"):
+        return "dev", "en"
     return None, None
 
 
@@ -1195,7 +1210,6 @@ def selection_score(task: str, metrics: dict) -> float:
 
 
 def cmd_fewshot(args) -> int:
-    import data
     if bool(args.run) == bool(args.checkpoint):
         raise SystemExit("error: give exactly one of --run RUN_DIR or --checkpoint FILE")
     init = _run_checkpoint(Path(args.run)) if args.run else Path(args.checkpoint)
@@ -1227,8 +1241,8 @@ def cmd_fewshot(args) -> int:
                 "--train-split", train_split, "--train-lang", args.lang, "--policy", "full", "--lr", str(lr),
                 "--epochs", str(args.epochs), "--batch-size", str(args.fs_batch_size), "--data-root", str(args.data_root),
                 "--tokenizer", str(args.tokenizer), "--output-dir", str(run_dir)]
-        if model_name == "uc2":
-            argv += ["--features", *map(str, args.features or []), "--max-regions", str(args.max_regions)]
+        if model_name == "uc2":   # the paper follows IGLUE's few-shot setup for UC2: its optimizer recipe too
+            argv += ["--recipe", "iglue", "--features", *map(str, args.features or []), "--max-regions", str(args.max_regions)]
         else:
             argv += ["--images", str(args.images)] if args.images else []
         argv += (["--eval-split", sel_split, "--langs", sel_lang] if sel_split else ["--no-eval"])
@@ -1287,7 +1301,7 @@ class keep_best_checkpoint:
                 score = selection_score(self.task, results[self.lang])
                 if score > self.best:   # strictly better: the earliest best epoch is kept
                     self.best = score
-                    if not tdist_initialized() or torch.distributed.get_rank() == 0:
+                    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
                         meta = {**self.meta, "policy": "full", "epoch": epoch + 1, "fewshot": self.fewshot,
                                 "selection_score": score}
                         engine.save_checkpoint(self.run_dir / "model_best.pt",
@@ -1302,10 +1316,6 @@ class keep_best_checkpoint:
         return False
 
 
-def tdist_initialized() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 COMMANDS = ("evaluate", "fewshot", "plot", "similarity", "figures", "table")
 
 
@@ -1313,13 +1323,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("evaluate", help="zero-shot / translate-test evaluation of a run in every language")
-    ev.add_argument("--run", default=None, help="run folder (model_final.pt, else checkpoint_last.pt)")
+    ev.add_argument("--run", "--run-dir", dest="run", default=None,
+                    help="run folder (model_final.pt, else checkpoint_last.pt); under torchrun write --run-dir "
+                         "(torchrun's parser takes --run as an abbreviation of its --run-path)")
     ev.add_argument("--checkpoint", default=None, help="a checkpoint file instead of --run")
     ev.add_argument("--output-dir", default=None, help="where results.json/CSV go (default: the run folder)")
     ev.add_argument("--model-name", default=None, help="model column of the IGLUE CSV (default: run folder name)")
     _data_args(ev)
     sim = sub.add_parser("similarity", help="Figure 4: [CLS] similarity of translation-parallel examples")
-    sim.add_argument("--run", required=True)
+    sim.add_argument("--run", "--run-dir", dest="run", required=True, help="run folder (--run-dir under torchrun)")
     sim.add_argument("--out", default=None, help="output folder (default: the run folder)")
     _data_args(sim)
     pl = sub.add_parser("plot", help="Figures 2/3: per-epoch curves from metrics.jsonl")

@@ -14,6 +14,12 @@ The optimizer is built ONCE over every parameter (frozen ones included, see para
 only flips requires_grad (apply_schedule). Frozen parameters then get no .grad, and torch's AdamW
 skips parameters without a gradient: no update, no weight decay, no optimizer state. Adding param
 groups later would break LR schedulers and make optimizer checkpoints unloadable.
+
+Choices where the paper is silent: LLRD gives the embedding modules lr*d^N (timm/BEiT) and every
+other non-layer module its undecayed base lr; --freeze-embeddings applies under every policy;
+suf_k > num_layers trains everything from the start; with --unfreeze-unit step, stages count
+GLOBAL optimizer steps from the start of training; a stage that would pass the bottom layer
+simply trains all layers.
 """
 from __future__ import annotations
 

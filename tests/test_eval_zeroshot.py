@@ -96,18 +96,21 @@ def _cclm_parity_model():
     return model, inputs, outputs
 
 
-@pytest.mark.parametrize("k", [3, 2])
+@pytest.mark.parametrize("k", [3, 2, 10])
 def test_cclm_prefilter_rerank_matches_reference(k):
     """X2-VLM's xFlickrCO.evaluation on the parity model: same -100/ITM matrices, and each image /
-    caption encoded once, the ITM head run exactly k times per query in each direction."""
+    caption encoded once, the ITM head run exactly k times per query in each direction (k = 10 >
+    3 images / 6 captions: capped at the candidate count, every pair scored)."""
     model, x, out = _cclm_parity_model()
     counted = E.CallCounter(model).eval()
     imgs = [{"images": x["images"][:2]}, {"images": x["images"][2:]}]
     txts = [{"text_ids": x["text_ids"][i:i + 4], "text_atts": x["text_atts"][i:i + 4]} for i in (0, 4)]
     i2t, t2i = E.cclm_score_matrices(counted, imgs, txts, 0, 3, 6, k=k, itm_batch=5)
-    assert (i2t - out[f"eval_k{k}_score_matrix_i2t"]).abs().max() < 1e-5
-    assert (t2i - out[f"eval_k{k}_score_matrix_t2i"]).abs().max() < 1e-5
-    assert counted.rows == {"encode_images": 3, "encode_texts": 6, "itm_scores": k * (3 + 6), "pair_scores": 0}
+    want_i2t = out[f"eval_k{k}_score_matrix_i2t"] if k < 10 else out["itm_score_all_pairs"]
+    want_t2i = out[f"eval_k{k}_score_matrix_t2i"] if k < 10 else out["itm_score_all_pairs"].t()
+    assert (i2t - want_i2t).abs().max() < 1e-5 and (t2i - want_t2i).abs().max() < 1e-5
+    assert counted.rows == {"encode_images": 3, "encode_texts": 6, "itm_scores": min(k, 6) * 3 + min(k, 3) * 6,
+                            "pair_scores": 0}
 
 
 # ------------------------------------------------------------------ [CLS] similarity
@@ -175,11 +178,16 @@ def _trim_sample(ds: Path) -> None:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
+    return make_env(tmp_path_factory.mktemp("sample"))
+
+
+def make_env(tmp: Path) -> dict:
+    """Trimmed copy of the shipped sample (+ translate-test files), synthetic features/images, a tiny
+    tokenizer, and one run folder per (model, task) holding a random tiny model (model_final.pt)."""
     import shutil
     import data
     import train_cclm
     import train_uc2
-    tmp = tmp_path_factory.mktemp("sample")
     root = tmp / "iglue"
     shutil.copytree(FIX / "iglue", root)
     ds = root / "datasets"
@@ -254,6 +262,24 @@ def test_evaluate_every_language_and_translate_test(env, model_name, task, capsy
                 assert total / lm["n"] == pytest.approx(lm["accuracy"], abs=1e-9)
     # the translate-test evaluation did not replace the plain one
     assert set(json.loads((run / "results.json").read_text())) == {split, split + ".mt"}
+
+
+def test_failed_evaluation_keeps_the_good_result(env, tmp_path, capsys):
+    """--checkpoint + --output-dir; a run that fails midway (feature file lacking an image) exits with one
+    line naming the key and leaves the earlier results.json and CSV byte for byte."""
+    import data
+    ckpt = env["runs"][("uc2", "xvnli")] / "model_final.pt"
+    out = tmp_path / "eval"
+    out.mkdir()
+    base = ["--checkpoint", str(ckpt), "--output-dir", str(out), "--langs", "en", "ar", "--num-workers", "0"]
+    assert E.main(base) == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert set(before) == {"results.json", "XVNLI_0.csv"}
+    keys = {ex.image for ex in data.load_split(env["data_root"], "xvnli", "test", "en")}
+    partial = data.write_synthetic_features(tmp_path / "partial.lmdb", sorted(keys)[:-1], num_boxes=6)
+    with pytest.raises(SystemExit, match="not found in"):
+        E.main(base + ["--features", str(partial)])
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
 # ------------------------------------------------------------------ distributed exactness (torchrun, gloo)
@@ -372,6 +398,30 @@ def test_plots_written_with_their_numbers(tmp_path, capsys):
     assert (ret / "fig2_per_language.png").is_file() and not (ret / "fig3_per_qtype.png").exists()
 
 
+def test_real_training_run_curves_evaluation_and_table(env, tmp_path, capsys):
+    """A real (tiny) SUF run of train_uc2.py logs per-epoch evaluations through evaluate-style metrics;
+    plot turns them into Figures 2/3, evaluate + table read the same run folder."""
+    import train_uc2
+    run = tmp_path / "uc2-xgqa-suf"
+    train_uc2.main(["--task", "xgqa", "--policy", "suf", "--model-config", "tiny", "--data-root", env["data_root"],
+                    "--features", env["features"], "--max-regions", str(env["max_regions"]), "--tokenizer", env["tokenizer"],
+                    "--train-split", "train_5", "--epochs", "2", "--batch-size", "4", "--max-steps-per-epoch", "1",
+                    "--eval-split", "dev", "--langs", "en,de,ko", "--output-dir", str(run), "--num-workers", "0"])
+    logged = E.read_epoch_metrics(run)
+    assert [e for e, _ in logged] == [1, 2] and set(logged[0][1]) == {"en", "de", "ko"}
+    assert E.main(["plot", str(run)]) == 0
+    fig3 = json.loads((run / "fig3_per_qtype.json").read_text())[str(run)]
+    assert fig3["series"]["accuracy_verify"]["de"] == [ev["de"]["accuracy_verify"] for _, ev in logged]
+    assert (run / "fig2_per_language.png").is_file() and (run / "fig3_per_qtype.png").is_file()
+    assert E.main(["--run", str(run), "--split", "dev", "--langs", "en", "de", "ko", "--num-workers", "0"]) == 0
+    res = json.loads((run / "results.json").read_text())["dev"]
+    assert res["policy"] == "suf" and res["epoch"] == 2
+    for lang in ("en", "de", "ko"):   # the final checkpoint's evaluation = the trainer's last-epoch one
+        assert res["langs"][lang]["accuracy"] == pytest.approx(logged[-1][1][lang]["accuracy"])
+    t = E.build_tables([run], split="dev")
+    assert t["table1"][0]["setup"] == "UC2+SUF" and t["table1"][0]["cells"]["xgqa:accuracy"]["paper_avg"] == 41.3
+
+
 def test_table_layout_with_paper_numbers(tmp_path, capsys):
     runs = [_fake_run(tmp_path / f"{m}-{t}-{p}", m, t, p, langs, 2, i)
             for i, (m, t, p, langs) in enumerate([("uc2", "xgqa", "full", XGQA_LANGS), ("uc2", "xgqa", "suf", XGQA_LANGS),
@@ -401,10 +451,6 @@ def test_table_layout_with_paper_numbers(tmp_path, capsys):
     assert "Per language (xgqa:accuracy)" in out
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--dist-worker"]:
-    _dist_worker(sys.argv[2], sys.argv[3])
-
-
 # ------------------------------------------------------------------ few-shot (Table 3)
 
 def test_fewshot_from_english_checkpoint(env, tmp_path, capsys):
@@ -432,3 +478,7 @@ def test_fewshot_from_english_checkpoint(env, tmp_path, capsys):
     assert any(not torch.equal(trained[k], start[k]) for k in start)   # it did train
     t3 = {r["setup"]: r for r in E.build_tables([init, out], split="dev")["table3"]}
     assert t3["Standard"]["few_shot_langs"] == ["de"]
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--dist-worker"]:
+    _dist_worker(sys.argv[2], sys.argv[3])

@@ -341,3 +341,37 @@ def test_optimizer_state_saved_before_unfreeze_resumes_exactly():
     run(m2, opt2, range(2, 5))
     for (n, a), b in zip(m.named_parameters(), m2.parameters()):
         assert torch.equal(a, b), n
+
+
+def test_no_decay_rule_hook():
+    rule = lambda name, p: name.endswith("bias") or "LayerNorm" in name  # noqa: E731
+    m = TinyUC2()
+    groups = freeze.param_groups(m, UC2_LAYOUT, Schedule("full", 12), 1e-3, 0.1, no_decay=rule)
+    names = {id(p): n for n, p in m.named_parameters()}
+    exempt = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert exempt == {n for n, p in m.named_parameters() if rule(n, p)}
+    assert all((g["weight_decay"] == 0.0) == g["name"].endswith(".no_decay") for g in groups)
+
+
+# ------------------------------------------------------------------ bench smoke run (no timing assertions)
+
+def test_bench_suf_step_quick_smoke(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "suf_step.json"
+    proc = subprocess.run([sys.executable, str(root / "bench" / "suf_step.py"), "--quick", "--reps", "1", "--out", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "measured" in proc.stdout and "predicted" in proc.stdout
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert {r["model"] for r in rows} == {"uc2", "cclm"}
+    assert len(rows) == 1 + 3 + 4 + 1 + 5 + 6  # full + SUF stages (+ frozen embeddings), UC2 then CCLM
+    for r in rows:
+        assert r["measured_ratio"] > 0 and r["predicted_ratio"] > 0
+        assert r["scheduled_params"] == r["trainable_params"] == r["updated_params"]
+    frozen = [r for r in rows if not r["embeddings_trainable"]]
+    assert all(r["optimizer_state_bytes"] < next(f for f in rows if f["model"] == r["model"])["optimizer_state_bytes"]
+               for r in frozen)
