@@ -69,6 +69,7 @@ bench: install
 	$(PY) bench/suf_step.py --out bench/results/suf_step.json
 	$(PY) bench/retrieval.py --out bench/results/retrieval.json
 	$(PY) bench/data_throughput.py --out bench/results/data_throughput.json
+	$(PY) bench/padding.py --out bench/results/padding.json
 	$(PY) bench/table.py bench/results
 
 # ---- Table 1: standard fine-tuning vs SUF, both models, three tasks ----
@@ -109,12 +110,12 @@ $(foreach p,full suf,$(eval $(call FEWSHOT_RULE,$(p))))
 ## eval            zero-shot evaluation of RUN= in every language of its task
 eval:
 	$(call require,$(RUN) $(DATA)/datasets $(VISUAL))
-	$(LAUNCH) eval_zeroshot.py evaluate --run $(RUN) --data-root $(DATA) $(VISUAL_ARG) --tokenizer $(TOKENIZER) $(EXTRA)
+	$(LAUNCH) eval_zeroshot.py evaluate --run-dir $(RUN) --data-root $(DATA) $(VISUAL_ARG) --tokenizer $(TOKENIZER) $(EXTRA)
 
 ## translate-test  the same on IGLUE's machine-translated test files
 translate-test:
 	$(call require,$(RUN) $(DATA)/datasets $(VISUAL))
-	$(LAUNCH) eval_zeroshot.py evaluate --run $(RUN) --translate-test --data-root $(DATA) $(VISUAL_ARG) --tokenizer $(TOKENIZER) $(EXTRA)
+	$(LAUNCH) eval_zeroshot.py evaluate --run-dir $(RUN) --translate-test --data-root $(DATA) $(VISUAL_ARG) --tokenizer $(TOKENIZER) $(EXTRA)
 
 ## table1          Table 1 (and 2/3 where runs exist) from every run under OUT=, beside the paper's numbers
 table1:

@@ -80,6 +80,8 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--data-root", default=None, help="IGLUE data folder (see data.py)")
     g.add_argument("--langs", nargs="+", default=None, help="evaluation languages, e.g. en de or en,de (default: all of the task)")
     g.add_argument("--eval-split", default="test", help="split evaluated after every epoch (paper's per-epoch curves: test)")
+    g.add_argument("--train-split", default="train", help="training split (IGLUE: train; few-shot: train_<shots>)")
+    g.add_argument("--train-lang", default="en", help="language of the training split (zero-shot: en; few-shot: the target)")
     g.add_argument("--output-dir", default=None, help="run folder (default runs/<model>_<task>_<policy>_seed<seed>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from checkpoint_last.pt")
     g.add_argument("--seed", type=int, default=42)
@@ -361,6 +363,17 @@ def check_tokenizer_vocab(tokenizer, embedding_rows: int, tokenizer_name: str, c
     if n > embedding_rows:
         raise SystemExit(f"error: --tokenizer {tokenizer_name} has {n} ids but the model config's vocab_size is "
                          f"{embedding_rows} (ids >= {embedding_rows} have no embedding); use a matching tokenizer or config")
+
+
+def load_tokenizer(args: argparse.Namespace, embedding_rows: int):
+    """--tokenizer (data.load_tokenizer), checked against the model's embedding rows; one-line SystemExit."""
+    import data  # here only: the rest of the engine does not depend on data.py
+    try:
+        tokenizer = data.load_tokenizer(args.tokenizer)
+    except ValueError as e:
+        raise SystemExit(f"error: --tokenizer: {e}") from None
+    check_tokenizer_vocab(tokenizer, embedding_rows, args.tokenizer)
+    return tokenizer
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -781,3 +794,26 @@ def print_schedule(model, layout, schedule, args, steps_per_epoch: int | None = 
     rows = freeze.describe_schedule(model, layout, schedule, args.epochs, steps_per_epoch)
     if dist is None or dist.is_main:
         print(json.dumps(rows, indent=1) if args.json else freeze.format_schedule(rows), flush=True)
+
+
+def print_schedule_only(build_model: Callable[[str, dict], nn.Module], config: dict, layout: freeze.LayerLayout,
+                        schedule: freeze.Schedule, args: argparse.Namespace, count_train: Callable[[], int],
+                        data_hint: str = "--data-root") -> None:
+    """The trainers' --print-schedule: no weights, the model built on the meta device (instant even for
+    base). Only a step-unit SUF schedule needs the data: count_train() = training examples."""
+    steps = None
+    if schedule.policy == "suf" and schedule.unfreeze_unit == "step":
+        if not args.data_root:
+            raise SystemExit(f"error: --print-schedule with --unfreeze-unit step needs {data_hint} (steps per epoch)")
+        steps = count_train() // args.batch_size
+        steps = min(steps, args.max_steps_per_epoch) if args.max_steps_per_epoch else steps
+    with torch.device("meta"):
+        model = build_model(args.task, config)
+    print_schedule(model, layout, schedule, args, steps)
+
+
+def base_meta(model_name: str, args: argparse.Namespace, config: dict, tokenizer) -> dict:
+    """Checkpoint meta both trainers record (engine.train adds policy/schedule/epoch/...). tokenizer_size:
+    the vocabulary the weights are trained with, checked when the checkpoint is loaded again."""
+    return {"model": model_name, "task": args.task, "config": config, "tokenizer": args.tokenizer,
+            "tokenizer_size": len(tokenizer), "checkpoint": args.checkpoint, "recipe": args.recipe, "langs": args.langs}

@@ -812,6 +812,7 @@ class EvalSet:
     images: Any = None
     captions: Any = None
     source: str = ""
+    examples: Sequence = ()   # the annotations read (data.check_inputs)
 
 
 def eval_langs(data_root, task: str, split: str = "test", langs=None, translate_test: bool = False) -> list[str]:
@@ -840,12 +841,28 @@ def build_eval_sets(model_name: str, task: str, data_root, tokenizer, langs=None
         if task == "xflickrco":
             imgs, caps = data.make_retrieval_eval(model_name, examples, features=features, images=images,
                                                   max_regions=max_regions, image_res=image_res)
-            sets[lang] = EvalSet(lang, split, mt, collate, images=imgs, captions=caps, source=source)
+            sets[lang] = EvalSet(lang, split, mt, collate, images=imgs, captions=caps, source=source, examples=examples)
         else:
             ds = data.make_dataset(model_name, task, examples, features=features, images=images, train=False,
                                    max_regions=max_regions, image_res=image_res)
-            sets[lang] = EvalSet(lang, split, mt, collate, dataset=ds, source=source)
+            sets[lang] = EvalSet(lang, split, mt, collate, dataset=ds, source=source, examples=examples)
     return sets
+
+
+def trainer_evaluate_fn(model_name: str, args: argparse.Namespace, tokenizer, dist, *, features=None, images=None,
+                        max_regions: int = 36, image_res: int = 384, pair_batch: int = 1024) -> Callable:
+    """The trainers' per-epoch evaluate_fn(model, epoch) -> {lang: metrics}: evaluate_task on --eval-split of
+    --langs, sharded over ranks. Every feature key / image file is checked now (ValueError): a missing
+    one stops the run before training, not after its first epoch."""
+    sets = build_eval_sets(model_name, args.task, args.data_root, tokenizer, langs=args.langs, split=args.eval_split,
+                           features=features, images=images, max_regions=max_regions, image_res=image_res)
+    for s in sets.values():
+        data.check_inputs(s.examples, features=feature_reader(features), images=images)
+
+    def evaluate_fn(model: torch.nn.Module, epoch: int) -> dict:
+        return evaluate_task(model, args.task, sets, dist, batch_size=args.eval_batch_size,
+                             num_workers=args.num_workers, pair_batch=pair_batch)
+    return evaluate_fn
 
 
 def feature_reader(features):

@@ -649,7 +649,6 @@ DEFAULTS = {
     "adam_betas": [0.9, 0.98],
 }
 VISION_LR = 2e-5
-TRAIN_SPLIT = "train"  # English training split of each task (IGLUE: GQA train, XVNLI train, Flickr30k train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -666,7 +665,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", default="xlm-roberta-base", help="XLM-R tokenizer folder or cached hub id")
     c.add_argument("--image-res", type=int, default=None, help="override the config's image resolution (paper: 384)")
     c.add_argument("--vision-lr", type=float, default=VISION_LR, help="peak lr of the ViT (paper: 2e-5)")
-    c.add_argument("--train-split", default=TRAIN_SPLIT, help="English training split")
     c.add_argument("--eval-batch-size", type=int, default=32, help="examples per evaluation forward")
     c.add_argument("--no-eval", action="store_true", help="skip the per-epoch evaluation")
     return p
@@ -701,47 +699,27 @@ def model_config_from_args(args, meta: dict | None = None) -> dict:
 
 
 def build_train_dataset(args, config: dict):
+    """The --train-split of --train-lang (engine's defaults: IGLUE's English train split of each task:
+    GQA train, XVNLI train, Flickr30k train); every image file is checked first (ValueError)."""
     import data
-    examples = data.load_split(args.data_root, args.task, args.train_split, "en")
+    examples = data.load_split(args.data_root, args.task, args.train_split, args.train_lang)
+    data.check_inputs(examples, images=args.images)  # fail before training, not mid-epoch
     return data.make_dataset("cclm", args.task, examples, images=args.images, train=True,
                              image_res=config["image_res"], seed=args.seed)
-
-
-def make_evaluate_fn(args, config: dict, tokenizer, dist):
-    """evaluate_fn(model, epoch) -> {lang: metrics}: eval_zeroshot's protocols on --eval-split, sharded."""
-    import eval_zeroshot as ez
-    sets = ez.build_eval_sets("cclm", args.task, args.data_root, tokenizer, langs=args.langs, split=args.eval_split,
-                              images=args.images, image_res=config["image_res"])
-
-    def evaluate_fn(model, epoch: int) -> dict:
-        return ez.evaluate_task(model, args.task, sets, dist, batch_size=args.eval_batch_size, num_workers=args.num_workers)
-    return evaluate_fn
-
-
-def _steps_per_epoch(args, config: dict) -> int | None:
-    """Only needed by --print-schedule with --unfreeze-unit step (reads the annotations, no images)."""
-    import data
-    if not args.data_root:
-        raise SystemExit("error: --print-schedule with --unfreeze-unit step needs --data-root (steps per epoch)")
-    n = len(data.load_split(args.data_root, args.task, args.train_split, "en"))
-    steps = n // args.batch_size
-    return min(steps, args.max_steps_per_epoch) if args.max_steps_per_epoch else steps
 
 
 def main(argv: list[str] | None = None) -> None:
     import data
     import engine
+    import eval_zeroshot
     args = build_parser().parse_args(argv)
     state, meta = None, None
-    if args.print_schedule:  # no data, no weights: the model is built on the meta device, instantly
+    if args.print_schedule:
         config = model_config_from_args(args)
         layout = LAYOUT(args.task, config)
         schedule = freeze.schedule_from_args(args, layout.num_layers)
-        steps = _steps_per_epoch(args, config) if schedule.policy == "suf" and schedule.unfreeze_unit == "step" else None
-        with torch.device("meta"):
-            model = build_model(args.task, config)
-        engine.print_schedule(model, layout, schedule, args, steps)
-        return
+        count_train = lambda: len(data.load_split(args.data_root, args.task, args.train_split, args.train_lang))  # noqa: E731
+        return engine.print_schedule_only(build_model, config, layout, schedule, args, count_train)
 
     dist = engine.setup_distributed()
     try:
@@ -761,13 +739,7 @@ def main(argv: list[str] | None = None) -> None:
         config = model_config_from_args(args, meta)
         layout = LAYOUT(args.task, config)
         schedule = freeze.schedule_from_args(args, layout.num_layers)
-        try:
-            tokenizer = data.load_tokenizer(args.tokenizer)
-        except ValueError as e:
-            raise SystemExit(f"error: --tokenizer: {e}") from None
-        if len(tokenizer) > config["vocab_size"]:
-            raise SystemExit(f"error: tokenizer {args.tokenizer} has {len(tokenizer)} ids but the model config only "
-                             f"{config['vocab_size']} embeddings")
+        tokenizer = engine.load_tokenizer(args, config["vocab_size"])
 
         engine.seed_everything(args.seed)  # identical initial weights on every rank
         model = build_model(args.task, config)
@@ -777,13 +749,15 @@ def main(argv: list[str] | None = None) -> None:
             except ValueError as e:
                 raise SystemExit(f"error: {e}") from None
             del state
+            # Released / reference checkpoints: XLM-R's full vocabulary; ours: the size we recorded (None: unknown).
+            trained_ids = config["vocab_size"] if meta is None else meta.get("tokenizer_size")
+            engine.check_tokenizer_vocab(tokenizer, config["vocab_size"], args.tokenizer, args.checkpoint, trained_ids)
             if dist.is_main:
                 print(report, flush=True)
                 (run_dir / "load_report.txt").write_text(report + "\n")
         elif not args.checkpoint and dist.is_main:
             print("warning: no --checkpoint: training from random initialisation", file=sys.stderr, flush=True)
         if args.task == "xgqa":  # the 1,842 candidate answers predict() ranks
-            import eval_zeroshot
             try:
                 eval_zeroshot.prepare_model(model, args.data_root, tokenizer)
             except ValueError as e:
@@ -791,13 +765,12 @@ def main(argv: list[str] | None = None) -> None:
 
         try:
             train_ds = build_train_dataset(args, config)
-            evaluate_fn = None if args.no_eval else make_evaluate_fn(args, config, tokenizer, dist)
+            evaluate_fn = None if args.no_eval else eval_zeroshot.trainer_evaluate_fn(
+                "cclm", args, tokenizer, dist, images=args.images, image_res=config["image_res"])
         except ValueError as e:
             raise SystemExit(f"error: data: {e}") from None
         loader = engine.build_train_loader(train_ds, args, dist, data.CCLMCollate(args.task, tokenizer, train=True))
-        meta = {"model": "cclm", "task": args.task, "config": config, "tokenizer": args.tokenizer,
-                "checkpoint": args.checkpoint, "recipe": args.recipe, "langs": args.langs,
-                "vision_lr": args.vision_lr}
+        meta = {**engine.base_meta("cclm", args, config, tokenizer), "vision_lr": args.vision_lr}
         engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist,
                      module_lr={"vision_encoder": args.vision_lr})
     finally:

@@ -18,7 +18,6 @@ import pickle
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -671,11 +670,6 @@ def iglue_no_decay(name: str) -> bool:
 NO_DECAY_RULES = {"paper": None, "iglue": lambda name, p: iglue_no_decay(name)}  # --recipe -> engine.train(no_decay=)
 
 
-# English training split per task (IGLUE): GQA train (LXMERT json) or its serialized LMDB, XVNLI
-# en/train.jsonl, Flickr30k train_ann.jsonl.
-TRAIN_SPLIT = {"xgqa": "train", "xvnli": "train", "xflickrco": "train"}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     engine.add_common_args(p, DEFAULTS)
@@ -692,7 +686,6 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--retrieval-loss", choices=("triplet", "ce"), default="triplet",
                    help="xflickrco: triplet on sigmoid scores, margin 0.2 (IGLUE's UC2 runs) or VOLTA's task-config cross-entropy")
     u.add_argument("--tokenizer", default="xlm-roberta-base", help="XLM-R tokenizer folder or cached hub id")
-    u.add_argument("--train-split", default=None, help="English training split (default: train)")
     u.add_argument("--eval-batch-size", type=int, default=128, help="examples (retrieval: caption-image pairs) per eval forward")
     u.add_argument("--no-eval", action="store_true", help="skip the per-epoch evaluation")
     return p
@@ -739,49 +732,11 @@ def build_train_dataset(args, features: FeatureSet | None, serialized: list[str]
         return data.make_dataset("uc2", "xgqa", None, features=serialized[0], max_regions=args.max_regions)
     if features is None:
         raise SystemExit("error: --features is required (image-keyed region-feature LMDB/H5)")
-    examples = data.load_split(args.data_root, args.task, args.train_split or TRAIN_SPLIT[args.task], "en")
+    # IGLUE's training split (engine's --train-split default "train"): GQA train (LXMERT json) or its serialized
+    # LMDB, XVNLI en/train.jsonl, Flickr30k train_ann.jsonl
+    examples = data.load_split(args.data_root, args.task, args.train_split, args.train_lang)
     return data.make_dataset("uc2", args.task, examples, features=features, train=True, max_regions=args.max_regions,
                              seed=args.seed, hard_negatives=args.hard_negatives)
-
-
-def make_evaluate_fn(args, tokenizer, features: FeatureSet, dist) -> Callable:
-    """evaluate_fn(model, epoch) -> {lang: metrics} on --eval-split for every language, sharded over ranks.
-    Built from eval_zeroshot's metric and scoring functions."""
-    import eval_zeroshot as ez  # imported here: it loads the trainers itself
-    from torch.utils.data import DataLoader, Subset
-
-    langs = data.select_langs(args.langs, data.available_langs(args.data_root, args.task, args.eval_split))
-    sets = {lang: data.load_split(args.data_root, args.task, args.eval_split, lang) for lang in langs}
-    for examples in sets.values():  # a missing key must stop the run now, not after its first epoch
-        data.check_inputs(examples, features=features)
-    collate = data.UC2Collate(args.task, tokenizer, train=False)
-
-    def loader(ds):
-        part = Subset(ds, list(engine.shard(len(ds), dist)))
-        return DataLoader(part, batch_size=args.eval_batch_size, collate_fn=collate, num_workers=args.num_workers)
-
-    def stack(ds) -> dict:
-        batches = list(DataLoader(ds, batch_size=args.eval_batch_size, collate_fn=collate, num_workers=args.num_workers))
-        return {k: torch.cat([b[k] for b in batches]) for k in batches[0] if torch.is_tensor(batches[0][k])} if batches else {}
-
-    def evaluate_fn(model, epoch: int) -> dict:
-        results = {}
-        for lang, examples in sets.items():
-            if args.task == "xflickrco":
-                images_ds, captions_ds = data.make_retrieval_eval("uc2", examples, features=features, max_regions=args.max_regions)
-                images = stack(images_ds)
-                mine = list(engine.shard(len(captions_ds), dist))
-                texts = stack(Subset(captions_ds, mine)) if mine else None
-                rows = ez.uc2_score_matrix(model, images, texts, args.eval_batch_size, dist.device) if texts else torch.zeros(0, len(images_ds))
-                matrix = torch.cat(engine.gather([rows], dist))  # captions x images, rank order = caption order
-                results[lang] = ez.recall_metrics(matrix.T, matrix, [ex.label for ex in examples])
-            else:
-                ds = data.make_dataset("uc2", args.task, examples, features=features, max_regions=args.max_regions)
-                records = engine.gather(ez.predict_records(model, loader(ds), dist.device), dist)
-                results[lang] = ez.classification_metrics([r[1] for r in records], [r[2] for r in records],
-                                                          [r[3] for r in records] if args.task == "xgqa" else None)
-        return results
-    return evaluate_fn
 
 
 def model_config_from_args(args) -> dict:
@@ -798,19 +753,12 @@ def main(argv: list[str] | None = None) -> None:
     layout = LAYOUT(args.task, config)
     schedule = freeze.schedule_from_args(args, layout.num_layers)
 
-    if args.print_schedule:  # no data, no weights: the base model is built on the meta device, instantly
-        steps = None
-        if schedule.policy == "suf" and schedule.unfreeze_unit == "step":
-            if not args.data_root:
-                raise SystemExit("error: --print-schedule with --unfreeze-unit step needs --data-root/--features (steps per epoch)")
+    if args.print_schedule:
+        def count_train() -> int:
             serialized, keyed = _split_features(args.features)
-            n = len(build_train_dataset(args, FeatureSet(keyed) if keyed else None, serialized))
-            steps = n // args.batch_size
-            steps = min(steps, args.max_steps_per_epoch) if args.max_steps_per_epoch else steps
-        with torch.device("meta"):
-            model = build_model(args.task, config)
-        engine.print_schedule(model, layout, schedule, args, steps)
-        return
+            return len(build_train_dataset(args, FeatureSet(keyed) if keyed else None, serialized))
+        return engine.print_schedule_only(build_model, config, layout, schedule, args, count_train,
+                                          "--data-root/--features")
 
     dist = engine.setup_distributed()
     try:
@@ -822,11 +770,7 @@ def main(argv: list[str] | None = None) -> None:
             features = FeatureSet(keyed) if keyed else None
         except ValueError as e:  # unreadable / truncated LMDB or H5
             raise SystemExit(f"error: --features: {e}") from None
-        try:
-            tokenizer = data.load_tokenizer(args.tokenizer)
-        except ValueError as e:
-            raise SystemExit(f"error: --tokenizer: {e}") from None
-        engine.check_tokenizer_vocab(tokenizer, config["vocab_size"], args.tokenizer)
+        tokenizer = engine.load_tokenizer(args, config["vocab_size"])
 
         engine.seed_everything(args.seed)  # identical initial weights on every rank
         model = build_model(args.task, config)
@@ -861,13 +805,14 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_eval:
             if features is None:
                 raise SystemExit("error: evaluation needs image-keyed --features for the test images (or pass --no-eval)")
+            import eval_zeroshot  # imported here: it imports the trainers itself
             try:
-                evaluate_fn = make_evaluate_fn(args, tokenizer, features, dist)
+                evaluate_fn = eval_zeroshot.trainer_evaluate_fn("uc2", args, tokenizer, dist, features=features,
+                                                                max_regions=args.max_regions,
+                                                                pair_batch=args.eval_batch_size)
             except ValueError as e:
                 raise SystemExit(f"error: evaluation data: {e}") from None
-        meta = {"model": "uc2", "task": args.task, "config": config, "tokenizer": args.tokenizer,
-                "tokenizer_size": len(tokenizer), "checkpoint": args.checkpoint, "max_regions": args.max_regions,
-                "recipe": args.recipe, "langs": args.langs}
+        meta = {**engine.base_meta("uc2", args, config, tokenizer), "max_regions": args.max_regions}
         engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist,
                      no_decay=NO_DECAY_RULES[args.recipe])
     finally:

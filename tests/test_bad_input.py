@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import engine  # noqa: E402
+import train_cclm  # noqa: E402
 import train_uc2 as U  # noqa: E402
 
 IGLUE = ROOT / "tests" / "fixtures" / "iglue"
@@ -287,9 +288,21 @@ def test_checkpoint_with_mismatched_shapes(env, tmp_path, capsys, case):
         assert snapshot(env["paused"]) == env["paused_files"]
 
 
-@pytest.mark.parametrize("case", ["checkpoint", "config"])
+@pytest.mark.parametrize("case", ["checkpoint", "config", "cclm_checkpoint"])
 def test_tokenizer_vocabulary_mismatch(env, tmp_path, case):
-    if case == "checkpoint":  # the paused run's weights were trained with env["tok"]; give another vocabulary
+    if case == "cclm_checkpoint":  # train_cclm: a checkpoint of ours records the size of the tokenizer it was trained with
+        config = train_cclm.CONFIGS["tiny"]
+        ckpt = tmp_path / "cclm.pt"
+        trained = len(data.load_tokenizer(env["tok"]))
+        torch.save({"model": train_cclm.build_model("xvnli", config).state_dict(),
+                    "meta": {"model": "cclm", "config": config, "tokenizer_size": trained + 1}}, ckpt)
+        (tmp_path / "images").mkdir()
+        with pytest.raises(SystemExit) as e:
+            train_cclm.main(["--task", "xvnli", "--data-root", str(IGLUE), "--images", str(tmp_path / "images"),
+                             "--tokenizer", str(env["tok"]), "--checkpoint", str(ckpt), "--output-dir", str(tmp_path / "run")])
+        assert str(e.value) == (f"error: --tokenizer {env['tok']} has {trained} ids but checkpoint {ckpt} was trained with "
+                                f"a {trained + 1}-id tokenizer; use the tokenizer the checkpoint was trained with")
+    elif case == "checkpoint":  # the paused run's weights were trained with env["tok"]; give another vocabulary
         other = tmp_path / "tok"
         data.make_tiny_tokenizer([e.text for e in env["train"]], other, vocab_size=200)
         n, trained = len(data.load_tokenizer(other)), len(data.load_tokenizer(env["tok"]))

@@ -1,0 +1,56 @@
+"""Every experiment of the paper is one make target: `make -n` shows the exact command, and a
+target whose inputs are missing stops before training, naming them."""
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE1 = [f"{t}-{p}" for t in ("xgqa", "xvnli", "xflickrco") for p in ("full", "suf")]
+
+
+def make(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("model", ["uc2", "cclm"])
+@pytest.mark.parametrize("target", TABLE1)
+def test_table1_target_prints_the_training_command(model, target):
+    task, policy = target.split("-")
+    out = make("-n", target, f"MODEL={model}", "NPROC=4", "DATA=/d", "CKPT=/c")
+    assert out.returncode == 0, out.stderr
+    cmd = out.stdout.strip().splitlines()[-1]
+    visual = "--features data/features" if model == "uc2" else "--images data/images"
+    assert cmd == (f".venv/bin/python -m torch.distributed.run --standalone --nproc_per_node 4 train_{model}.py "
+                   f"--task {task} --policy {policy} --data-root /d {visual} --checkpoint /c "
+                   f"--tokenizer xlm-roberta-base --output-dir runs/{model}-{target}")
+
+
+def test_llrd_sweep_runs_the_papers_four_decays():
+    out = make("-n", "xgqa-llrd-sweep", "MODEL=cclm")
+    cmds = [l for l in out.stdout.splitlines() if "train_cclm.py" in l]
+    assert [c.split("--llrd-decay ")[1].split()[0] for c in cmds] == ["0.98", "0.95", "0.88", "0.75"]
+    assert all("--policy llrd" in c and "--task xgqa" in c for c in cmds)
+
+
+def test_other_paper_targets_print_their_commands():
+    single = make("-n", "xgqa-top6", "MODEL=cclm").stdout.splitlines()[-1].strip()
+    assert single.endswith("--output-dir runs/cclm-xgqa-top6") and "--policy top --top-layers 6" in single
+    fewshot = make("-n", "fewshot-xgqa-suf", "LANG_FS=bn").stdout.splitlines()[-1]
+    assert "eval_zeroshot.py fewshot --checkpoint runs/uc2-xgqa-suf/model_final.pt --lang bn --shots 48" in fewshot
+    assert "--translate-test" in make("-n", "translate-test", "RUN=runs/r").stdout
+    assert "eval_zeroshot.py table runs/*/" in make("-n", "table1").stdout
+    assert "eval_zeroshot.py figures runs/*/" in make("-n", "figures").stdout
+
+
+def test_target_with_missing_inputs_fails_before_training_naming_them(tmp_path):
+    out = make("xgqa-suf", f"DATA={tmp_path}/iglue", f"FEATURES={tmp_path}/feats", f"CKPT={tmp_path}/c.bin",
+               f"OUT={tmp_path}/runs")
+    assert out.returncode != 0
+    assert f"{tmp_path}/iglue/datasets" in out.stderr and f"{tmp_path}/feats" in out.stderr
+    assert "train_uc2.py" not in out.stdout and not (tmp_path / "runs").exists()
+
+
+def test_unknown_model_is_refused():
+    out = make("-n", "xgqa-suf", "MODEL=lxmert")
+    assert out.returncode != 0 and "MODEL must be uc2 or cclm" in out.stderr
