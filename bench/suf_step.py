@@ -145,14 +145,21 @@ def embedding_grad_seconds_per_elem(model: nn.Module, tokens: int, reps: int) ->
 BIG_TENSOR_BYTES = 32 << 20  # above glibc's largest mmap threshold: AdamW temporaries are fresh pages
 
 
-def big_tensor_adamw_seconds_per_elem(model: nn.Module, reps: int, lr: float, weight_decay: float) -> float:
+def adamw(params, lr: float, weight_decay: float, fused: bool) -> torch.optim.AdamW:
+    # fused: one in-place kernel per tensor. The default CPU AdamW allocates parameter-sized
+    # temporaries every step; for the 768 MB word-embedding table they are fresh pages whose
+    # page faults cost 1-5 s per step on a shared machine, varying from step to step.
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def big_tensor_adamw_seconds_per_elem(model: nn.Module, reps: int, lr: float, weight_decay: float, fused: bool) -> float:
     """Isolated AdamW update of the largest parameter (the word-embedding table) with a fresh dense
     gradient each step, as in training; 0 when no tensor is that big."""
     big = max(model.parameters(), key=lambda p: p.numel())
     if big.numel() * big.element_size() <= BIG_TENSOR_BYTES:
         return 0.0
     w = big.detach().requires_grad_()  # same storage: a tiny-lr update of the real table
-    opt = torch.optim.AdamW([w], lr=lr, weight_decay=weight_decay)
+    opt = adamw([w], lr, weight_decay, fused)
     times = []
     for r in range(reps + 1):
         w.grad = torch.zeros_like(w)
@@ -166,7 +173,7 @@ def big_tensor_adamw_seconds_per_elem(model: nn.Module, reps: int, lr: float, we
 
 
 def bench_model(name: str, model: nn.Module, layout: freeze.LayerLayout, loss_fn, batch, *, tokens: int,
-                suf_k: int = 3, reps: int = 5, lr: float = 1e-6, weight_decay: float = 0.01) -> dict:
+                suf_k: int = 3, reps: int = 5, lr: float = 1e-6, weight_decay: float = 0.01, fused: bool = True) -> dict:
     n = layout.num_layers
     stages = math.ceil(n / suf_k)
     configs = [("full", freeze.Schedule("full", n), 0)]
@@ -183,11 +190,10 @@ def bench_model(name: str, model: nn.Module, layout: freeze.LayerLayout, loss_fn
                      "embeddings_trainable": not sched.freeze_embeddings,
                      "scheduled_params": freeze.describe_schedule(model, layout, sched, epoch + 1)[-1]["trainable_params"],
                      **count_work(model, loss_fn, batch)})
-    c_opt_big = big_tensor_adamw_seconds_per_elem(model, reps, lr, weight_decay)
+    c_opt_big = big_tensor_adamw_seconds_per_elem(model, reps, lr, weight_decay, fused)
 
     # one optimizer over every parameter, built once, as in training (engine.build_optimizer)
-    opt = torch.optim.AdamW(freeze.param_groups(model, layout, configs[0][1], lr, weight_decay), lr=lr,
-                            weight_decay=weight_decay)
+    opt = adamw(freeze.param_groups(model, layout, configs[0][1], lr, weight_decay), lr, weight_decay, fused)
     times = [[] for _ in configs]
     for r in range(reps + 1):  # interleaved: each repetition runs every configuration once, order rotated
         order = list(range(len(configs)))
@@ -326,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; steps are timed in process CPU seconds, which other jobs on a shared "
                         "machine barely disturb when single-threaded")
+    p.add_argument("--adamw", choices=("fused", "default"), default="fused",
+                   help="AdamW implementation (default = torch's per-tensor CPU loop with temporaries)")
     p.add_argument("--suf-k", type=int, default=3)
     p.add_argument("--tolerance", type=float, default=0.10)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "suf_step.json"))
@@ -347,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model, layout, batch, tokens, reduced = cclm_setup(args.quick, args.cclm_batch, args.vocab, budget, args.cclm_image_res)
         print(f"{name}: {reduced}", flush=True)
-        res = bench_model(name, model, layout, lambda m, b: m.loss(b), batch, tokens=tokens, suf_k=args.suf_k, reps=reps)
+        res = bench_model(name, model, layout, lambda m, b: m.loss(b), batch, tokens=tokens, suf_k=args.suf_k, reps=reps,
+                          fused=args.adamw == "fused")
         del model
         reduced["seconds"] = round(time.perf_counter() - t0, 1)
         rows += res["rows"]
@@ -369,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(bad)} configuration(s) off the prediction by more than {args.tolerance:.0%}"
               + ("" if gated else " (--quick: not gated)"))
     result = {"bench": "suf_step", "ok": ok, "gated": gated, "tolerance": args.tolerance,
-              "config": {"quick": args.quick, "reps": reps, "torch_threads": args.threads, "suf_k": args.suf_k,
+              "config": {"quick": args.quick, "reps": reps, "torch_threads": args.threads, "suf_k": args.suf_k, "adamw": args.adamw,
                          "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
                          "torch": torch.__version__, "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()),
                          "models": setups, "calibration": calibration},
