@@ -195,16 +195,18 @@ def bench_model(name: str, model: nn.Module, layout: freeze.LayerLayout, loss_fn
     # one optimizer over every parameter, built once, as in training (engine.build_optimizer)
     opt = adamw(freeze.param_groups(model, layout, configs[0][1], lr, weight_decay), lr, weight_decay, fused)
     times = [[] for _ in configs]
+    full_again = []  # full fine-tuning runs twice per repetition: every ratio's denominator is the mean
     for r in range(reps + 1):  # interleaved: each repetition runs every configuration once, order rotated
         order = list(range(len(configs)))
         order = order[r % len(order):] + order[:r % len(order)]
+        order.insert((order.index(0) + len(order) // 2) % len(order), -1)  # half a cycle from the first
         for i in order:
-            label, sched, epoch = configs[i]
+            label, sched, epoch = configs[max(i, 0)]
             freeze.apply_schedule(model, layout, sched, epoch)
             t = timed_step(model, opt, loss_fn, batch)
             if r > 0:
-                times[i].append(t)
-            else:  # warm-up repetition (allocates the state); the state this configuration updates:
+                (full_again if i < 0 else times[i]).append(t)
+            elif i >= 0:  # warm-up repetition (allocates the state); the state this configuration updates:
                 updated = [p for p in model.parameters() if p.grad is not None]
                 rows[i]["updated_params"] = sum(p.numel() for p in updated)
                 rows[i]["optimizer_state_bytes"] = sum(v.numel() * v.element_size() for p in updated
@@ -212,12 +214,14 @@ def bench_model(name: str, model: nn.Module, layout: freeze.LayerLayout, loss_fn
     freeze.apply_schedule(model, layout, configs[0][1], 0)
 
     c_emb = embedding_grad_seconds_per_elem(model, tokens, reps)
+    full_pairs = list(zip(times[0], full_again))
+    times[0] = times[0] + full_again
     for row, t in zip(rows, times):
         row["fwd_s"], row["bwd_s"], row["opt_s"], row["wall_s"] = (statistics.median(x[i] for x in t) for i in range(4))
         row["step_s"] = statistics.median(sum(x[:3]) for x in t)
-        # side by side: ratio to the full step of the same repetition, then the median
-        row["measured_ratio"] = statistics.median(sum(x[:3]) / sum(f[:3]) for x, f in zip(t, times[0]))
-        row["wall_ratio"] = statistics.median(x[3] / f[3] for x, f in zip(t, times[0]))
+        # side by side: ratio to the full steps of the same repetition, then the median
+        row["measured_ratio"] = statistics.median(2 * sum(x[:3]) / (sum(f[:3]) + sum(g[:3])) for x, (f, g) in zip(t, full_pairs))
+        row["wall_ratio"] = statistics.median(2 * x[3] / (f[3] + g[3]) for x, (f, g) in zip(t, full_pairs))
     full = rows[0]
     bwd_flops = lambda r: r["input_grad_flops"] + r["weight_grad_flops"]  # noqa: E731
     c_flop = max(full["bwd_s"] - c_emb * full["embedding_grad_elems"], 0.0) / max(bwd_flops(full), 1)

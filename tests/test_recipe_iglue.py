@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -18,13 +17,6 @@ IGLUE = ROOT / "tests" / "fixtures" / "iglue"
 DECAYED_BY_IGLUE_ONLY = {"embeddings.image_layer_norm.weight", "embeddings.image_location_layer_norm.weight",
                          "head.2.weight"}  # the GQA head's LayerNorm
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def train(tmp_path, recipe: str) -> Path:

@@ -27,14 +27,6 @@ EVAL_LANGS = {"xgqa": ["en", "de"], "xvnli": ["en", "ar"], "xflickrco": ["en", "
 REGIONS = 10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: a second intra-op thread makes tiny steps 10x slower under contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
