@@ -322,8 +322,11 @@ def build_optimizer(model: nn.Module, layout: freeze.LayerLayout, schedule: free
     LambdaLR: linear warm-up over warmup_ratio of total_steps (HF: ceil), then linear decay to 0.
     total_steps None (benches, tools): constant LR. no_decay(name, param): see freeze.param_groups."""
     groups = freeze.param_groups(model, layout, schedule, args.lr, args.weight_decay, module_lr, no_decay)
+    # fused: the default CPU AdamW allocates parameter-sized temporaries every step, which for XLM-R's
+    # 768 MB embedding table costs seconds per step (bench/suf_step.py); fused kernels exist on CPU and CUDA.
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps,
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, fused=fused)
     if total_steps is None:
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     warmup = math.ceil(args.warmup_ratio * total_steps)
