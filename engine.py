@@ -62,7 +62,8 @@ ENGINE_DEFAULTS = {
 # Arguments that must not change between a run and its --resume (they change the result).
 RESUME_KEYS = ("task", "seed", "epochs", "lr", "batch_size", "weight_decay", "adam_eps", "adam_betas",
                "clip_grad", "warmup_ratio", "schedule_epochs", "recipe", "max_steps_per_epoch", "policy", "suf_k",
-               "unfreeze_every", "unfreeze_unit", "top_layers", "llrd_decay", "freeze_embeddings")
+               "unfreeze_every", "unfreeze_unit", "top_layers", "llrd_decay", "freeze_embeddings",
+               "train_split", "train_lang")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
