@@ -365,6 +365,7 @@ def cls_similarity(features: dict[str, dict[str, torch.Tensor]]) -> dict:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """tmp + os.replace: a crash mid-write never leaves a truncated file in place of a good one."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)

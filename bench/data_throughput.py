@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import eval_zeroshot  # noqa: E402
 
 TARGET = 0.9
 
@@ -186,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{TARGET:.0%} target), {r['per_worker_ratio_vs_raw_plus_tokenize']:.2f} x raw read+decode+tokenize"
                   f"{extra}{' [contended: fewer cores than workers + main]' if r['contended'] else ''}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    eval_zeroshot.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

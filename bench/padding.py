@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import eval_zeroshot  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "iglue"
 EVAL_SPLIT = {"xgqa": "dev", "xvnli": "test", "xflickrco": "test"}
@@ -94,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['batch_size']:>5} {r['model']:5} {r['task']:9} {str(r['max_len']):>7} {r['examples']:>8} {r['real_tokens']:>8} "
               f"{r['dynamic_tokens']:>8} {r['fixed_tokens']:>8} {r['saving']:>7.1%}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    eval_zeroshot.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

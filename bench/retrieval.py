@@ -160,7 +160,6 @@ def main(argv=None) -> int:
               f"ITM head {r['rows']['itm_scores']:5d} pairs in {r['calls']['itm_scores']:4d} calls, {r['seconds']:.2f} s")
     print(f"  optimized ITM pairs per query: {cclm['itm_per_query']:g} (k = {k}); expected rows {cclm['expected_rows']}; "
           f"speed-up x{cclm['speedup']:.1f}, max |score diff| {cclm['max_abs_score_diff']:.1e}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     E.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
     ok = uc2["counts_ok"] and cclm["counts_ok"] and uc2["max_abs_score_diff"] < 1e-4 and cclm["max_abs_score_diff"] < 1e-4

@@ -44,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import freeze  # noqa: E402
+import eval_zeroshot  # noqa: E402
 
 # ---------------------------------------------------------------- counting the work
 
@@ -418,8 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                          round(r["predicted_ratio"], 3), round(r["deviation"], 3)] for r in rows],
               "rows": rows}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    eval_zeroshot.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return 0 if ok else 1
 
