@@ -22,6 +22,7 @@ Region features (UC2)
   write_synthetic_features(path, image_ids, num_boxes=36, seed=0)   h5_to_lmdb-format LMDB for tests/demo
 Images (CCLM)
   CLIP_MEAN, CLIP_STD, load_image(path), eval_transform(img, res), train_transform(img, res, rng, flip)
+  normalize_images(uint8 batch images) -> float32 model input (CCLM batches carry uint8 pixels)
   write_synthetic_images(folder, relpaths, size=(128, 96), seed=0)
 Text
   pre_caption(text, max_words) / pre_question(text, max_words)   X2-VLM text cleaning
@@ -42,6 +43,8 @@ Datasets and batches (contract keys)
   construction); CCLM batches may hold two captions of one image: `idx` (image index) lets the loss treat
   them as positives, as X2-VLM does.
   load_hard_negatives(path)         IGLUE/VOLTA hard_negative.pkl (train_image_list, train_hard_pool)
+  BatchLoader(dataset, collate_fn=..., **DataLoader arguments)   a DataLoader whose batches travel through
+                                    reused shared-memory slabs (see "Batch memory"); used by training and eval
   check_inputs(examples, features=None, images=None)   fail fast before training: one-line ValueError naming
                                     the first missing feature key / image file, its annotation line, and the count
 CLI
@@ -64,6 +67,8 @@ import os
 import pickle
 import re
 import sys
+import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -71,7 +76,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageFile
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 ImageFile.LOAD_TRUNCATED_IMAGES = True  # as the X2-VLM loaders do
 Image.MAX_IMAGE_PIXELS = None
@@ -422,16 +427,13 @@ def _load_retrieval(path: Path, rel: str, lang: str, xflickrco_keys: bool) -> li
 
 def box_locations(boxes: np.ndarray, img_w: int, img_h: int) -> np.ndarray:
     """VOLTA's 7-value location per box, float32: x1/W, y1/H, x2/W, y2/H, w/W, h/H, relative area."""
-    loc = np.zeros((boxes.shape[0], 7), dtype=np.float32)
+    loc = np.empty((boxes.shape[0], 7), dtype=np.float32)
     loc[:, :4] = boxes
-    # same float32 operation order as VOLTA's ImageFeaturesH5Reader, so results are bit-identical
-    loc[:, -1] = (loc[:, 3] - loc[:, 1]) * (loc[:, 2] - loc[:, 0]) / (float(img_w) * float(img_h))
-    loc[:, 0] = loc[:, 0] / float(img_w)
-    loc[:, 1] = loc[:, 1] / float(img_h)
-    loc[:, 2] = loc[:, 2] / float(img_w)
-    loc[:, 3] = loc[:, 3] / float(img_h)
-    loc[:, 4] = loc[:, 2] - loc[:, 0]
-    loc[:, 5] = loc[:, 3] - loc[:, 1]
+    # the float32 operations of VOLTA's ImageFeaturesH5Reader, element by element, so results are bit-identical
+    # (x1/W, y1/H, x2/W, y2/H in one division by float32 [W, H, W, H]: W and H are exact in float32)
+    loc[:, 6] = (loc[:, 3] - loc[:, 1]) * (loc[:, 2] - loc[:, 0]) / (float(img_w) * float(img_h))
+    np.divide(loc[:, :4], np.array([img_w, img_h, img_w, img_h], dtype=np.float32), out=loc[:, :4])
+    np.subtract(loc[:, 2:4], loc[:, 0:2], out=loc[:, 4:6])
     return loc
 
 
@@ -441,10 +443,19 @@ def pad_regions(features: np.ndarray, locations: np.ndarray, max_regions: int) -
 
 
 def _alloc(shape: tuple, dtype) -> torch.Tensor:
-    """Uninitialised tensor; inside a DataLoader worker it lives in shared memory already, so sending the
-    batch to the main process costs no extra copy (what torch's default_collate does)."""
+    """Uninitialised batch tensor: in the current batch slab when a BatchLoader is collating (see "Batch
+    memory"); otherwise, inside a DataLoader worker, in fresh shared memory, so sending the batch to the main
+    process costs no extra copy (what torch's default_collate does)."""
+    if _ARENA is not None:
+        t = _ARENA.take(shape, dtype)
+        if t is not None:
+            return t
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
+    return _shared_empty(shape, dtype)
+
+
+def _shared_empty(shape: tuple, dtype) -> torch.Tensor:
     proto = torch.empty(0, dtype=dtype)
     storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
     return proto.new(storage).view(shape)
@@ -556,14 +567,16 @@ class LMDBRegionFeatures(_LazyHandle):
     def __contains__(self, key) -> bool:
         return str(key) in self.keys()
 
-    def get(self, key) -> tuple[np.ndarray, np.ndarray, int, int]:
-        """(features [N,2048] f32, boxes [N,4] f32 pixels, img_w, img_h); KeyError if absent."""
+    def get(self, key, max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """(features [N,2048] f32, boxes [N,4] f32 pixels, img_w, img_h), the first max_rows rows only if given;
+        KeyError if absent."""
         with self.handle.begin(buffers=True) as txn:
             raw = txn.get(str(key).encode())
             if raw is None:
                 raise KeyError(str(key))
             item = pickle.loads(raw)
-        return (_as_rows(item["features"], FEATURE_DIM), _as_rows(item["boxes"], 4),
+        rows = slice(None, max_rows)
+        return (_as_rows(item["features"], FEATURE_DIM)[rows], _as_rows(item["boxes"], 4)[rows],
                 int(item["img_w"]), int(item["img_h"]))
 
     def regions(self, key, max_regions: int) -> dict[str, torch.Tensor]:
@@ -571,9 +584,8 @@ class LMDBRegionFeatures(_LazyHandle):
 
     def kept_regions(self, key, max_regions: int) -> tuple[np.ndarray, np.ndarray]:
         """(features [n,2048], locations [n,7]) of the first n = min(N, max_regions) boxes."""
-        feats, boxes, w, h = self.get(key)
-        n = min(len(feats), max_regions)
-        return feats[:n], box_locations(boxes[:n], w, h)
+        feats, boxes, w, h = self.get(key, max_regions)
+        return feats, box_locations(boxes, w, h)
 
 
 def _as_rows(value, width: int) -> np.ndarray:
@@ -601,13 +613,14 @@ class H5RegionFeatures(_LazyHandle):
     def __contains__(self, key) -> bool:
         return str(key) in self.keys()
 
-    def get(self, key):
+    def get(self, key, max_rows: int | None = None):
         key = str(key)
         if key not in self.keys():
             raise KeyError(key)
         g = self.handle[key]
-        return (np.asarray(g["features"][()], dtype=np.float32).reshape(-1, FEATURE_DIM),
-                np.asarray(g["boxes"][()], dtype=np.float32).reshape(-1, 4), int(g["img_w"][()]), int(g["img_h"][()]))
+        rows = slice(None, max_rows)  # h5py reads only these rows
+        return (np.asarray(g["features"][rows], dtype=np.float32).reshape(-1, FEATURE_DIM),
+                np.asarray(g["boxes"][rows], dtype=np.float32).reshape(-1, 4), int(g["img_w"][()]), int(g["img_h"][()]))
 
     regions = LMDBRegionFeatures.regions
     kept_regions = LMDBRegionFeatures.kept_regions
@@ -731,21 +744,24 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 
 def _pixels(img: Image.Image) -> torch.Tensor:
-    """uint8 [3, H, W] view of an RGB image (ToTensor's layout, before its float conversion)."""
-    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)
-
-
-def _normalize_into(out: torch.Tensor, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
-    """out[i] = Normalize(ToTensor(pixels[i])) with torchvision's elementwise float32 ops in its order
-    (x / 255, - mean, / std), written straight into the (batch) buffer: bit-identical, fewer copies.
-    Image by image, so each image is normalised while in cache (a batch is ~100 MB)."""
-    for i, p in enumerate(pixels):
-        out[i].copy_(p).div_(255).sub_(_MEAN).div_(_STD)
-    return out
+    """uint8 [H, W, 3] of an RGB image (PIL's layout; normalize_images makes ToTensor's [3, H, W] floats)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
 
 
 _MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None, None]
 _STD = torch.tensor(CLIP_STD, dtype=torch.float32)[:, None, None]
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [..., H, W, 3], as CCLM batches carry them, -> ToTensor + CLIP Normalize: float32
+    [..., 3, H, W] with torchvision's float32 ops in its order (x / 255, - mean, / std), on the pixels' device.
+    Float input is already normalised and returned as it is. Batches stay uint8 and in PIL's layout until the
+    model (train_cclm.VisionEncoder) normalises them: the loader copies a quarter of the bytes, with plain
+    memcpy, and the transpose and float work run on the accelerator."""
+    if images.dtype != torch.uint8:
+        return images
+    x = images.movedim(-1, -3).to(torch.float32, memory_format=torch.contiguous_format)
+    return x.div_(255).sub_(_MEAN.to(x.device)).div_(_STD.to(x.device))
 
 
 def _eval_pixels(img: Image.Image, res: int) -> torch.Tensor:
@@ -754,7 +770,7 @@ def _eval_pixels(img: Image.Image, res: int) -> torch.Tensor:
 
 def eval_transform(img: Image.Image, res: int = 384) -> torch.Tensor:
     """X2-VLM test transform: Resize((res, res)) bicubic (PIL, antialiased), ToTensor, CLIP Normalize."""
-    return _normalize_into(torch.empty(1, 3, res, res), [_eval_pixels(img, res)])[0]
+    return normalize_images(_eval_pixels(img, res))
 
 
 def _random_resized_crop_box(rng: np.random.Generator, width: int, height: int, scale=(0.5, 1.0),
@@ -875,7 +891,7 @@ def _train_pixels(img: Image.Image, res: int, rng: np.random.Generator, flip: bo
 def train_transform(img: Image.Image, res: int, rng: np.random.Generator, flip: bool) -> torch.Tensor:
     """X2-VLM train transform: RandomResizedCrop(res, scale (0.5, 1)) bicubic, horizontal flip p=0.5 when
     `flip` (XVNLI, xFlickr&CO; xGQA flips before, in the dataset), RandomAugment(2, 7), ToTensor, Normalize."""
-    return _normalize_into(torch.empty(1, 3, res, res), [_train_pixels(img, res, rng, flip)])[0]
+    return normalize_images(_train_pixels(img, res, rng, flip))
 
 
 def write_synthetic_images(folder: str | os.PathLike, relpaths: Iterable[str], size=(128, 96), seed: int = 0) -> list[Path]:
@@ -975,7 +991,9 @@ def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
             backend.no_truncation()
         if backend.padding is not None:
             backend.no_padding()
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
+        # encode_batch_fast: the same ids without computing character offsets (~30% of the tokenizer's time)
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=True)]
     return tokenizer(texts, add_special_tokens=True)["input_ids"]
 
 
@@ -1216,7 +1234,7 @@ class CCLMDataset(_EpochDataset):
         except ValueError as e:
             raise ValueError(f"{ex.source} (example {ex.id}): {e}") from None
         if not self.train:
-            item["pixels"] = _eval_pixels(img, self.image_res)  # normalised in the collate, into the batch
+            item["pixels"] = _eval_pixels(img, self.image_res)  # uint8; the model normalises (normalize_images)
             return item
         rng = _rng(self.seed, self.epoch, index)
         if self.task == "xgqa":
@@ -1329,8 +1347,12 @@ def _xgqa_labels(exs: Sequence[Example], num_answers: int | None = None) -> dict
 
 
 def _item_images(items) -> torch.Tensor:
+    """uint8 [B, H, W, 3] (normalize_images turns them into the model's input)."""
     pixels = [it["pixels"] for it in items]
-    return _normalize_into(_alloc((len(pixels), *pixels[0].shape), torch.float32), pixels)
+    out = _alloc((len(pixels), *pixels[0].shape), torch.uint8)
+    for row, p in zip(out, pixels):
+        row.copy_(p)
+    return out
 
 
 def _item_regions(items) -> dict:
@@ -1418,6 +1440,193 @@ def make_collate(model: str, task: str, tokenizer, train: bool = False) -> UC2Co
     if model == "cclm":
         return CCLMCollate(task, tokenizer, train)
     raise ValueError(f"unknown model {model!r}; expected uc2 or cclm")
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch memory: batches reach the main process through a few reused slabs of shared memory
+# ----------------------------------------------------------------------------------------------
+# torch's own worker transport builds every batch in a new shared-memory file, allocated and zeroed in full
+# (~8 ms for one 19 MB region-feature batch on a 2-core VM), and passes each tensor with a file-descriptor
+# round trip (~0.3 ms each): more than reading the batch costs (bench/data_throughput.py).
+# A BatchLoader gives each producing process (a worker; the main process with 0 workers) a few slabs that it
+# keeps: the collate writes the batch's tensors straight into a free slab (_alloc), the main process maps
+# each slab once and rebuilds the tensors as views of it. A slab is written again only after every tensor of
+# the batch it held is gone in the main process (a finalizer on the batch's base array clears the slab's
+# in-use flag), so a batch that is kept (in a list, in autograd's saved tensors) is never overwritten: the
+# producer then takes another slab or, with all of them in use, falls back to torch's transport.
+
+_ARENA: "_Arena | None" = None  # the slab the collate running in this process is filling
+_SLAB_HEADER = 64  # bytes before a slab's data; its in-use flag is the int64 at offset 0
+_MAPPED: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}  # main process: slab key -> (slab, in-use flag)
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _in_use_flag(slab: torch.Tensor) -> np.ndarray:
+    return slab[:8].numpy().view(np.int64)
+
+
+class _Arena:
+    """Bump allocation of 64-byte aligned tensors in one slab (None: only counts) while one batch is collated."""
+
+    def __init__(self, slab: torch.Tensor | None):
+        self.slab, self.pos, self.requested = slab, _SLAB_HEADER, 0
+
+    def take(self, shape: tuple, dtype) -> torch.Tensor | None:
+        nbytes = math.prod(shape) * dtype.itemsize
+        self.requested += _round_up(nbytes, 64)
+        if self.slab is None or self.pos + nbytes > len(self.slab):
+            return None
+        t = self.slab[self.pos:self.pos + nbytes].view(dtype).view(shape)
+        self.pos = _round_up(self.pos + nbytes, 64)
+        return t
+
+
+class _SlabBatch:
+    """A collated batch on its way to the main process: tensors in the slab as (dtype, shape, stride, offset),
+    other tensors as numpy arrays (pickled inline: no file descriptor per tensor). Unpickled, it is the batch."""
+
+    def __init__(self, key: tuple, batch: dict, refs: dict, arrays: dict, slab: torch.Tensor | None, retired: list):
+        self.args = (key, batch, refs, arrays, slab, retired)
+
+    def __reduce__(self):
+        return _rebuild_batch, self.args
+
+    def decode(self) -> dict:
+        return _rebuild_batch(*self.args)
+
+
+def _rebuild_batch(key: tuple, batch: dict, refs: dict, arrays: dict, slab: torch.Tensor | None,
+                   retired: list) -> dict:
+    """Main process: the batch's tensors as views of the slab, through a base array whose finalizer frees the
+    slab when the last of them is gone (views, numpy views and autograd's saved tensors all hold the base)."""
+    token, pid, _ = key
+    for n in retired:
+        _MAPPED.pop((token, pid, n), None)
+    if slab is not None:
+        _MAPPED[key] = (slab, _in_use_flag(slab))
+    slab, flag = _MAPPED[key]
+    base = slab.numpy()  # a new array object over the slab, owned by this batch's tensors only
+    weakref.finalize(base, flag.__setitem__, 0, 0)
+    base_t = torch.from_numpy(base)
+    out = dict(batch)
+    for k, (dtype, shape, stride, offset) in refs.items():
+        out[k] = base_t.view(dtype).as_strided(shape, stride, offset)
+    for k, a in arrays.items():
+        out[k] = torch.from_numpy(a)
+    return out
+
+
+def _forget_slabs(collate: "_SlabCollate") -> None:
+    """Main process: drop the mappings of the slabs made for `collate`'s current token (kept batches keep theirs)."""
+    for key in [k for k in _MAPPED if k[0] == collate.token]:
+        del _MAPPED[key]
+
+
+class _SlabCollate:
+    """The collate a BatchLoader gives its DataLoader: runs `collate` with _alloc placing tensors in a free slab
+    of this process and returns a _SlabBatch. Slabs are sized by the largest batch seen (+25%); the first batch,
+    and any batch when all slabs are in use, goes the ordinary way."""
+
+    def __init__(self, collate, token: str, max_slabs: int):
+        self.collate, self.token, self.max_slabs = collate, token, max_slabs
+        self._pid = None
+
+    def _own_slabs(self) -> list:
+        if self._pid != os.getpid():  # a new worker: its slabs are its own, never a parent's or a dead worker's
+            self._slabs, self._need, self._made, self._retired, self._pid = [], 0, 0, [], os.getpid()
+        return self._slabs
+
+    def _claim(self) -> tuple | None:
+        slabs = self._own_slabs()
+        for i, (n, slab, flag, sent) in enumerate(slabs):
+            if flag[0] == 0:
+                if len(slab) - _SLAB_HEADER >= self._need:
+                    flag[0] = 1
+                    return slabs[i]
+                del slabs[i]  # free but too small for the batches now: the main process forgets it
+                self._retired.append(n)
+                break
+        if self._need == 0 or len(slabs) >= self.max_slabs:
+            return None
+        size = _SLAB_HEADER + _round_up(self._need * 5 // 4, 1 << 20)
+        in_worker = torch.utils.data.get_worker_info() is not None
+        slab = _shared_empty((size,), torch.uint8) if in_worker else torch.empty(size, dtype=torch.uint8)
+        self._made += 1
+        entry = [self._made, slab, _in_use_flag(slab), False]
+        entry[2][0] = 1
+        slabs.append(entry)
+        return entry
+
+    def __call__(self, items: list) -> Any:
+        global _ARENA
+        entry = self._claim()
+        _ARENA = arena = _Arena(entry[1] if entry else None)
+        try:
+            batch = self.collate(items)
+        except BaseException:
+            if entry is not None:
+                entry[2][0] = 0
+            raise
+        finally:
+            _ARENA = None
+        self._need = max(self._need, arena.requested)
+        if entry is None:
+            return batch
+        n, slab, flag, sent = entry
+        if not isinstance(batch, dict):
+            flag[0] = 0
+            return batch
+        ptr = slab.untyped_storage().data_ptr()
+        in_worker = torch.utils.data.get_worker_info() is not None
+        refs, arrays, rest = {}, {}, {}
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() == ptr:
+                refs[k] = (v.dtype, tuple(v.shape), v.stride(), v.storage_offset())
+            elif isinstance(v, torch.Tensor) and in_worker and not v.is_shared() and v.dtype != torch.bfloat16:
+                arrays[k] = v.numpy()
+            else:
+                rest[k] = v
+        if not refs:
+            flag[0] = 0
+            return batch
+        entry[3] = in_worker  # sent once to the main process; with 0 workers the slab object itself is passed
+        retired, self._retired = self._retired, []
+        return _SlabBatch((self.token, self._pid, n), rest, refs, arrays, None if sent else slab, retired)
+
+
+class BatchLoader(DataLoader):
+    """torch DataLoader (same arguments) whose batches come through reused slabs of shared memory instead of a
+    new shared-memory file per batch. `collate_fn` must return a dict; its tensors from data._alloc go in the
+    slab. Iterating gives ordinary batches (dicts of tensors); keeping them is safe."""
+
+    def __init__(self, dataset, *, collate_fn=None, num_workers: int = 0, prefetch_factor: int | None = None, **kwargs):
+        if collate_fn is None:
+            collate_fn = torch.utils.data.default_collate
+        # in flight per producer: the prefetched batches (+1 being collated), plus the 2 the loop may hold
+        slabs = (prefetch_factor or 2) + 2 if num_workers else 3
+        collate = _SlabCollate(collate_fn, uuid.uuid4().hex, slabs)
+        super().__init__(dataset, collate_fn=collate, num_workers=num_workers, prefetch_factor=prefetch_factor,
+                         **kwargs)
+        weakref.finalize(self, _forget_slabs, collate)
+
+    def __iter__(self):
+        collate = self.collate_fn
+        per_iteration = not (self.persistent_workers and self.num_workers)
+        if per_iteration:  # new workers (or the main process) this time: slab keys of their own
+            collate.token = uuid.uuid4().hex
+        try:
+            for batch in super().__iter__():
+                if isinstance(batch, _SlabBatch):  # 0 workers: nothing was pickled
+                    batch = batch.decode()
+                    if self.pin_memory:
+                        batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                yield batch
+        finally:
+            if per_iteration:
+                _forget_slabs(collate)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+import data
 import freeze
 
 TASKS = ("xgqa", "xvnli", "xflickrco")
@@ -283,8 +284,8 @@ def build_train_loader(dataset, args: argparse.Namespace, dist: DistInfo, collat
     micro, _ = micro_and_accum(args, dist)
     sampler = GlobalBatchSampler(len(dataset), args.batch_size, micro, dist, args.seed)
     # Non-persistent workers: each epoch's workers copy the dataset after set_epoch(epoch).
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, collate_fn=collate_fn,
-                      pin_memory=dist.device.type == "cuda", persistent_workers=False)
+    return data.BatchLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, collate_fn=collate_fn,
+                            pin_memory=dist.device.type == "cuda", persistent_workers=False)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
@@ -371,7 +372,6 @@ def check_tokenizer_vocab(tokenizer, embedding_rows: int, tokenizer_name: str, c
 
 def load_tokenizer(args: argparse.Namespace, embedding_rows: int):
     """--tokenizer (data.load_tokenizer), checked against the model's embedding rows; one-line SystemExit."""
-    import data  # here only: the rest of the engine does not depend on data.py
     try:
         tokenizer = data.load_tokenizer(args.tokenizer)
     except ValueError as e:

@@ -878,9 +878,9 @@ def feature_reader(features):
 
 
 def _loader(dataset, indices, collate, batch_size: int, num_workers: int):
-    from torch.utils.data import DataLoader, Subset
-    return DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False, collate_fn=collate,
-                      num_workers=num_workers, persistent_workers=False)
+    from torch.utils.data import Subset
+    return data.BatchLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False, collate_fn=collate,
+                            num_workers=num_workers, persistent_workers=False)
 
 
 def _device_of(model: torch.nn.Module, dist) -> torch.device:

@@ -26,6 +26,7 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertLMPredictionHead
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaEmbeddings
 
+import data
 import freeze
 
 TASKS = ("xgqa", "xvnli", "xflickrco")
@@ -67,7 +68,7 @@ class VisionEncoder(Beit):
             blk.attn.register_buffer("relative_position_index", blk.attn.relative_position_index, persistent=True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(images)
+        x = self.patch_embed(data.normalize_images(images))  # batches carry uint8 pixels
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         for blk in self.blocks:
             x = blk(x)
@@ -701,7 +702,6 @@ def model_config_from_args(args, meta: dict | None = None) -> dict:
 def build_train_dataset(args, config: dict):
     """The --train-split of --train-lang (engine's defaults: IGLUE's English train split of each task:
     GQA train, XVNLI train, Flickr30k train); every image file is checked first (ValueError)."""
-    import data
     examples = data.load_split(args.data_root, args.task, args.train_split, args.train_lang)
     data.check_inputs(examples, images=args.images)  # fail before training, not mid-epoch
     return data.make_dataset("cclm", args.task, examples, images=args.images, train=True,
@@ -709,7 +709,6 @@ def build_train_dataset(args, config: dict):
 
 
 def main(argv: list[str] | None = None) -> None:
-    import data
     import engine
     import eval_zeroshot
     args = build_parser().parse_args(argv)

@@ -93,6 +93,8 @@ def data_throughput(res: dict) -> list[Row]:
         if "in_process_loader" in us:
             parts.append(f"in-process loader {us['in_process_loader']:.0f} us/sample (tokenizer "
                          f"{r['tokenizer_share_of_in_process_loader']:.0%} of it)")
+        if "ceiling_ratio" in r:
+            parts.append(f"ceiling for a loader that reads as raw and tokenises {r['ceiling_ratio']:.2f}x")
         out.append(("Data loader", f"{name}, batch {cfg.get('batch_size', '?')}", "; ".join(parts)))
         for w, lw in r.get("loader", {}).items():
             result = (f"{lw['samples_per_s']:,.0f} samples/s; per worker {lw['per_worker_ratio']:.2f}x raw read+decode "

@@ -148,7 +148,7 @@ def test_corrupt_image_names_the_file(env, tmp_path):
         before = snapshot(images)
         ds = data.CCLMDataset(exs, images, "xvnli", image_res=32)
         if case == "body_cut":  # decodes, the missing part grey (ImageFile.LOAD_TRUNCATED_IMAGES, as X2-VLM)
-            assert ds[1]["pixels"].shape[-2:] == (32, 32)
+            assert ds[1]["pixels"].shape == (32, 32, 3)
         else:
             with pytest.raises(ValueError) as e:
                 ds[0 if case == "not_an_image" else 1]

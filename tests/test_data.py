@@ -341,11 +341,11 @@ def test_uc2_batches(synthetic, tokenizer):
 
 
 def test_cclm_batches(synthetic, tokenizer):
-    im, i64, f32 = str(synthetic["images"]), torch.long, torch.float32
+    im, i64, f32, u8 = str(synthetic["images"]), torch.long, torch.float32, torch.uint8
     q = data.load_split(ROOT, "xgqa", "dev", "en")[:3]
     train = data.make_dataset("cclm", "xgqa", q, images=im, train=True, image_res=32)
     b = data.make_collate("cclm", "xgqa", tokenizer, train=True)([train[i] for i in range(3)])
-    _check(b, {"images": ((3, 3, 32, 32), f32), "text_ids": ((3, b["text_ids"].shape[1]), i64),
+    _check(b, {"images": ((3, 32, 32, 3), u8), "text_ids": ((3, b["text_ids"].shape[1]), i64),
                "answer_ids": ((3, b["answer_ids"].shape[1]), i64), "answer_atts": ((3, b["answer_ids"].shape[1]), i64),
                "weights": ((3,), f32)})
     assert b["k"] == [1, 1, 1] and b["text_ids"].shape[1] <= 40
@@ -361,15 +361,19 @@ def test_cclm_batches(synthetic, tokenizer):
     ret = data.load_split(ROOT, "xflickrco", "valid", "en")
     ds = data.make_dataset("cclm", "xflickrco", ret, images=im, train=True, image_res=32)
     b = data.make_collate("cclm", "xflickrco", tokenizer, train=True)([ds[i] for i in (0, 1, 5)])
-    assert b["idx"].tolist() == [0, 0, 1] and b["images"].shape == (3, 3, 32, 32)
+    assert b["idx"].tolist() == [0, 0, 1] and b["images"].shape == (3, 32, 32, 3)
     images, captions = data.make_retrieval_eval("cclm", data.load_split(ROOT, "xflickrco", "test", "de"), images=im,
                                                 image_res=32)
     col = data.make_collate("cclm", "xflickrco", tokenizer)
     bi, bc = col([images[i] for i in (19, 20)]), col([captions[i] for i in (0, 39)])
-    assert bi["images"].shape == (2, 3, 32, 32) and bi["image_index"].tolist() == [19, 20]
-    for row, i in enumerate((19, 20)):  # batched normalisation == the per-image reference transform, bit for bit
+    assert bi["images"].shape == (2, 32, 32, 3) and bi["image_index"].tolist() == [19, 20]
+    assert bi["images"].dtype == u8  # normalised by the model (normalize_images), on its device
+    normalised = data.normalize_images(bi["images"])
+    assert normalised.shape == (2, 3, 32, 32) and normalised.dtype == f32 and normalised.is_contiguous()
+    assert data.normalize_images(normalised) is normalised
+    for row, i in enumerate((19, 20)):  # batch + normalize_images == the per-image reference transform, bit for bit
         ex = images.items[i]
-        assert torch.equal(bi["images"][row], data.eval_transform(data.load_image(Path(im) / ex.image_file), 32))
+        assert torch.equal(normalised[row], data.eval_transform(data.load_image(Path(im) / ex.image_file), 32))
     assert bi["image_key"] == ["1131056918.jpg", "COCO_val2014_000000391895.jpg"]
     assert bc["text_ids"].dtype == i64 and bc["image_index"].tolist() == [0, 39] and bc["text_ids"].shape[1] <= 80
 
@@ -408,6 +412,70 @@ def test_set_epoch_determinism(synthetic):
     b = cd[1]["pixels"]
     cd.set_epoch(0)
     assert torch.equal(a, cd[1]["pixels"]) and not torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------- batch memory
+
+def _batch_sources(synthetic, tokenizer):
+    """(dataset, collate) of UC2 region-feature batches and of CCLM image batches (xGQA training: answer lists)."""
+    exs = data.load_split(ROOT, "xvnli", "test", "en")[:24]
+    uc2 = data.UC2Dataset(exs, str(synthetic["features"]), "xvnli"), data.UC2Collate("xvnli", tokenizer)
+    q = data.load_split(ROOT, "xgqa", "dev", "en")[:24]
+    cclm = (data.CCLMDataset(q, str(synthetic["images"]), "xgqa", train=True, image_res=16),
+            data.CCLMCollate("xgqa", tokenizer, train=True))
+    return {"uc2": uc2, "cclm": cclm}
+
+
+def _assert_same_batch(want: dict, got: dict):
+    assert want.keys() == got.keys()
+    for k, v in want.items():
+        if isinstance(v, torch.Tensor):
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+        else:
+            assert got[k] == v, k
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_loader_gives_the_dataloader_batches(synthetic, tokenizer, workers):
+    for ds, collate in _batch_sources(synthetic, tokenizer).values():
+        want = list(DataLoader(ds, batch_size=4, collate_fn=collate))
+        got = data.BatchLoader(ds, batch_size=4, collate_fn=collate, num_workers=workers)
+        for _ in range(2):  # a second epoch reuses the slabs of the first (0 workers) or starts new workers
+            batches = list(got)
+            assert len(batches) == len(want)
+            for w, g in zip(want, batches):
+                _assert_same_batch(w, g)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_kept_batches_and_views_are_never_overwritten(synthetic, tokenizer, workers):
+    ds, collate = _batch_sources(synthetic, tokenizer)["uc2"]
+    want = list(DataLoader(ds, batch_size=2, collate_fn=collate))
+    kept = {}
+    for i, b in enumerate(data.BatchLoader(ds, batch_size=2, collate_fn=collate, num_workers=workers)):
+        if i % 3 == 0:  # the whole batch
+            kept[i] = b
+        elif i % 3 == 1:  # only a view and a numpy view: they hold the slab as well
+            kept[i] = {"features": b["features"][1:], "spatials": b["spatials"].numpy()}
+        # i % 3 == 2: dropped, so its slab is written again by a later batch
+    assert len(kept) == 8  # 12 batches, far more than the 3-4 slabs of a producer
+    for i, b in kept.items():
+        if i % 3 == 0:
+            _assert_same_batch(want[i], b)
+        else:
+            assert torch.equal(b["features"], want[i]["features"][1:])
+            assert np.array_equal(b["spatials"], want[i]["spatials"].numpy())
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_dropped_batches_free_their_slab_for_reuse(synthetic, tokenizer, workers):
+    ds, collate = _batch_sources(synthetic, tokenizer)["uc2"]
+    storages = set()
+    for b in data.BatchLoader(ds, batch_size=2, collate_fn=collate, num_workers=workers):
+        storages.add(b["features"].untyped_storage().data_ptr())
+    # the first batch goes torch's way (the slab size is not known yet); then 12 batches cycle through the
+    # producer's slabs: 3 in the main process, prefetch (2) + 2 in a worker
+    assert 2 <= len(storages) <= (4 if workers == 0 else 5)
 
 
 # --------------------------------------------------------------------------------------------- inventory and errors
