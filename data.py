@@ -603,7 +603,10 @@ class H5RegionFeatures(_LazyHandle):
         import h5py
         if not os.path.isfile(self.path):
             raise ValueError(f"feature file {self.path} does not exist")
-        return h5py.File(self.path, "r")
+        try:
+            return h5py.File(self.path, "r")
+        except OSError as e:  # truncated (interrupted copy) or not HDF5 at all
+            raise ValueError(f"{self.path}: cannot open as HDF5 ({e}); copy or download it again") from None
 
     def keys(self) -> set[str]:
         if getattr(self, "_keys", None) is None:

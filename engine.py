@@ -354,17 +354,30 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """12 hex digits of sha1 over the vocabulary (id, token): tells two tokenizers of the same size apart."""
+    h = hashlib.sha1()
+    for token, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        h.update(f"{i}\t{token}\n".encode())
+    return h.hexdigest()[:12]
+
+
 def check_tokenizer_vocab(tokenizer, embedding_rows: int, tokenizer_name: str, checkpoint: str | None = None,
-                          checkpoint_ids: int | None = None) -> None:
+                          checkpoint_ids: int | None = None, checkpoint_vocab: str | None = None) -> None:
     """One-line SystemExit when the tokenizer cannot belong to the model: more ids than embedding rows
-    (out of range), or a different size than the tokenizer `checkpoint` was trained with (checkpoint_ids:
-    250,002 for XLM-R-based released weights, the size recorded in our checkpoints' meta; None = unknown).
+    (out of range), or not the tokenizer `checkpoint` was trained with: a different size (checkpoint_ids:
+    250,002 for XLM-R-based released weights, the size recorded in our checkpoints' meta; None = unknown)
+    or, for our checkpoints, a different vocabulary (checkpoint_vocab: tokenizer_fingerprint in the meta).
     A different vocabulary would silently map tokens to the wrong pre-trained rows. Random-init models
     (tiny config, tests) may have spare rows. Both trainers call it after loading weights."""
     n = len(tokenizer)
     if checkpoint_ids is not None and n != checkpoint_ids:
         raise SystemExit(f"error: --tokenizer {tokenizer_name} has {n} ids but checkpoint {checkpoint} was trained with "
                          f"a {checkpoint_ids}-id tokenizer; use the tokenizer the checkpoint was trained with")
+    if checkpoint_vocab is not None and tokenizer_fingerprint(tokenizer) != checkpoint_vocab:
+        raise SystemExit(f"error: --tokenizer {tokenizer_name} is not the tokenizer checkpoint {checkpoint} was trained "
+                         f"with (same size, different vocabulary: fingerprint {tokenizer_fingerprint(tokenizer)} vs "
+                         f"{checkpoint_vocab}); use the tokenizer the checkpoint was trained with")
     if n > embedding_rows:
         raise SystemExit(f"error: --tokenizer {tokenizer_name} has {n} ids but the model config's vocab_size is "
                          f"{embedding_rows} (ids >= {embedding_rows} have no embedding); use a matching tokenizer or config")
@@ -622,8 +635,8 @@ def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout
         raise SystemExit(f"error: the training set gives no full global batch of {args.batch_size} examples")
     if args.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
-    if args.print_schedule:
-        return print_schedule(model, layout, schedule, args, steps_per_epoch, dist)
+    if getattr(args, "print_schedule", False):  # the trainers print it before building anything
+        raise ValueError("engine.train with --print-schedule: call engine.print_schedule_only instead")
 
     model.to(dist.device)
     # The LR schedule spans --schedule-epochs (default --epochs); IGLUE's longer one stops before reaching 0.
@@ -634,7 +647,7 @@ def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout
     log = MetricsLog(run_dir / METRICS, dist.is_main)
     _fault_counts.clear()
     if args.resume and (run_dir / CHECKPOINT).exists():
-        prog = resume(run_dir / CHECKPOINT, model, optimizer, lr_sched, scaler, args, dist, log)
+        prog = resume(run_dir / CHECKPOINT, model, optimizer, lr_sched, scaler, args, dist, log, meta)
     else:
         prog = start_fresh(run_dir, args, dist, log)
 
@@ -760,7 +773,8 @@ def start_fresh(run_dir: Path, args, dist: DistInfo, log: MetricsLog) -> Progres
     return Progress()
 
 
-def resume(path: Path, model, optimizer, lr_sched, scaler, args, dist: DistInfo, log: MetricsLog) -> Progress:
+def resume(path: Path, model, optimizer, lr_sched, scaler, args, dist: DistInfo, log: MetricsLog,
+           meta: dict | None = None) -> Progress:
     try:
         ckpt = load_checkpoint(path)
     except ValueError as e:
@@ -770,6 +784,10 @@ def resume(path: Path, model, optimizer, lr_sched, scaler, args, dist: DistInfo,
         if key in saved and json_safe(getattr(args, key, None)) != saved[key]:
             raise SystemExit(f"error: --resume: --{key.replace('_', '-')} is {getattr(args, key, None)!r} but the run in "
                              f"{path} used {saved[key]!r}; resume with the same settings")
+    was, now = (ckpt.get("meta") or {}).get("tokenizer_vocab"), (meta or {}).get("tokenizer_vocab")
+    if was is not None and now is not None and was != now:  # the path may differ (moved folder); the vocabulary not
+        raise SystemExit(f"error: --resume: --tokenizer {getattr(args, 'tokenizer', None)} is not the tokenizer the run "
+                         f"in {path} was trained with (vocabulary fingerprint {now} vs {was}); resume with that tokenizer")
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:  # torch lists every key over many lines: name the first, keep it one line
@@ -794,10 +812,9 @@ def resume(path: Path, model, optimizer, lr_sched, scaler, args, dist: DistInfo,
     return prog
 
 
-def print_schedule(model, layout, schedule, args, steps_per_epoch: int | None = None, dist: DistInfo | None = None) -> None:
+def print_schedule(model, layout, schedule, args, steps_per_epoch: int | None = None) -> None:
     rows = freeze.describe_schedule(model, layout, schedule, args.epochs, steps_per_epoch)
-    if dist is None or dist.is_main:
-        print(json.dumps(rows, indent=1) if args.json else freeze.format_schedule(rows), flush=True)
+    print(json.dumps(rows, indent=1) if args.json else freeze.format_schedule(rows), flush=True)
 
 
 def print_schedule_only(build_model: Callable[[str, dict], nn.Module], config: dict, layout: freeze.LayerLayout,
@@ -817,7 +834,9 @@ def print_schedule_only(build_model: Callable[[str, dict], nn.Module], config: d
 
 
 def base_meta(model_name: str, args: argparse.Namespace, config: dict, tokenizer) -> dict:
-    """Checkpoint meta both trainers record (engine.train adds policy/schedule/epoch/...). tokenizer_size:
-    the vocabulary the weights are trained with, checked when the checkpoint is loaded again."""
+    """Checkpoint meta both trainers record (engine.train adds policy/schedule/epoch/...). tokenizer_size and
+    tokenizer_vocab (fingerprint): the vocabulary the weights are trained with, checked on --resume and when
+    the checkpoint is loaded again."""
     return {"model": model_name, "task": args.task, "config": config, "tokenizer": args.tokenizer,
-            "tokenizer_size": len(tokenizer), "checkpoint": args.checkpoint, "recipe": args.recipe, "langs": args.langs}
+            "tokenizer_size": len(tokenizer), "tokenizer_vocab": tokenizer_fingerprint(tokenizer),
+            "checkpoint": args.checkpoint, "recipe": args.recipe, "langs": args.langs}

@@ -698,6 +698,8 @@ class FeatureSet:
     def __init__(self, paths: list[str]):
         self.readers = [data.open_features(p) for p in paths]
         self.path = ", ".join(paths)
+        for r in self.readers:  # open each now: an unreadable file is an error here, not in the first batch
+            r.keys()
 
     def keys(self) -> set[str]:
         return set().union(*(r.keys() for r in self.readers))
@@ -785,9 +787,10 @@ def main(argv: list[str] | None = None) -> None:
                 named = "" if args.checkpoint in first else f"{args.checkpoint}: "
                 raise SystemExit(f"error: --checkpoint: {named}{first}") from None
             plan.source = args.checkpoint
-            # Released (VOLTA/original/XLM-R) weights: XLM-R's full vocabulary; ours: the size we recorded.
-            trained_ids = config["vocab_size"] if plan.fmt != "ours" else extra.get("meta", {}).get("tokenizer_size")
-            engine.check_tokenizer_vocab(tokenizer, config["vocab_size"], args.tokenizer, args.checkpoint, trained_ids)
+            # Released (VOLTA/original/XLM-R) weights: XLM-R's full vocabulary; ours: the size and vocabulary we recorded.
+            trained = {"tokenizer_size": config["vocab_size"]} if plan.fmt != "ours" else extra.get("meta", {})
+            engine.check_tokenizer_vocab(tokenizer, config["vocab_size"], args.tokenizer, args.checkpoint,
+                                         trained.get("tokenizer_size"), trained.get("tokenizer_vocab"))
             if dist.is_main:
                 print(plan.report(), flush=True)
                 (run_dir / "load_report.txt").write_text(plan.report(verbose=True) + "\n")

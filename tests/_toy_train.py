@@ -98,11 +98,14 @@ def make_evaluate(data: ToyData, dist: engine.DistInfo, out: Path):
 
 
 def run_one(args: argparse.Namespace, dist: engine.DistInfo) -> None:
+    schedule = freeze.schedule_from_args(args, args.layers)
+    if args.print_schedule:  # as the trainers do it
+        return engine.print_schedule_only(lambda task, config: ToyModel(args.layers), {}, layout(args.layers), schedule,
+                                          args, lambda: args.n_train)
     engine.check_run_dir(args, dist)
     out = Path(args.output_dir)
     engine.seed_everything(args.seed)
     model = ToyModel(args.layers, args.dropout or 0.0)
-    schedule = freeze.schedule_from_args(args, args.layers)
     train_set = ToyData(args.n_train, args.seed, args.nan_index, args.nan_from_epoch)
     loader = engine.build_train_loader(train_set, args, dist)
     hashes: list[str] = []

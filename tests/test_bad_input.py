@@ -171,6 +171,19 @@ def test_truncated_lmdb_is_one_line_error_not_a_crash(env):
     assert snapshot(env["base"] / "paused_lmdb") == env["paused_files"]
 
 
+@pytest.mark.parametrize("case", ["truncated_h5", "not_h5"])
+def test_corrupt_h5_features_are_one_line_error(env, tmp_path, case):
+    h5 = tmp_path / "features.h5"
+    real = (ROOT / "tests" / "fixtures" / "features" / "features_fixture.h5").read_bytes()
+    h5.write_bytes(real[:5000] if case == "truncated_h5" else b"not an HDF5 file")
+    before = h5.read_bytes()
+    msg = fails(cli(env, tmp_path / "run", features=h5))
+    assert re.fullmatch(re.escape(f"error: --features: {h5}: cannot open as HDF5 (") + r".+\); copy or download it again",
+                        msg), msg
+    assert h5.read_bytes() == before
+    assert_nothing_written(tmp_path / "run")
+
+
 def test_missing_feature_key_fails_before_training(env, tmp_path):
     train_keys = {e.image for e in env["train"]}
     eval_only = sorted({e.image for e in env["test"]} - train_keys)
@@ -279,6 +292,38 @@ def test_checkpoint_with_mismatched_shapes(env, tmp_path, capsys, case):
         assert msg.startswith(f"error: --resume: {ckpt} does not fit this model (size mismatch for "
                               "encoder.layer.0.intermediate.dense.weight"), msg
         assert snapshot(env["paused"]) == env["paused_files"]
+
+
+def same_size_other_vocabulary(tok: Path, out: Path) -> Path:
+    """A copy of the tokenizer with two pieces swapped: same size, other ids for those pieces."""
+    shutil.copytree(tok, out)
+    spec = json.loads((out / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab[10], vocab[11] = vocab[11], vocab[10]
+    (out / "tokenizer.json").write_text(json.dumps(spec))
+    return out
+
+
+@pytest.mark.parametrize("case", ["same_size_checkpoint", "same_size_resume"])
+def test_tokenizer_with_the_same_size_but_another_vocabulary(env, tmp_path, case):
+    other = same_size_other_vocabulary(env["tok"], tmp_path / "tok")
+    assert len(data.load_tokenizer(other)) == len(data.load_tokenizer(env["tok"]))
+    was = engine.tokenizer_fingerprint(data.load_tokenizer(env["tok"]))
+    now = engine.tokenizer_fingerprint(data.load_tokenizer(other))
+    if case == "same_size_checkpoint":
+        ckpt = env["paused"] / "checkpoint_last.pt"
+        msg = fails(cli(env, tmp_path / "run", "--checkpoint", str(ckpt), tokenizer=other))
+        assert msg == (f"error: --tokenizer {other} is not the tokenizer checkpoint {ckpt} was trained with (same size, "
+                       f"different vocabulary: fingerprint {now} vs {was}); use the tokenizer the checkpoint was trained with")
+        assert_nothing_written(tmp_path / "run")
+    else:
+        run = tmp_path / "paused"
+        shutil.copytree(env["paused"], run)
+        before = snapshot(run)
+        msg = fails(cli(env, run, "--resume", tokenizer=other))
+        assert msg == (f"error: --resume: --tokenizer {other} is not the tokenizer the run in {run / 'checkpoint_last.pt'} "
+                       f"was trained with (vocabulary fingerprint {now} vs {was}); resume with that tokenizer")
+        assert snapshot(run) == before
 
 
 @pytest.mark.parametrize("case", ["checkpoint", "config", "cclm_checkpoint"])

@@ -140,7 +140,8 @@ def test_xgqa_pipeline_with_eval(env: Path, tmp_path: Path) -> None:
 
 
 def test_ddp_two_processes_match_one(env: Path, tmp_path: Path) -> None:
-    """xvnli (no sampled negatives), dropout 0, SUF: the trainable set changes at epoch 2."""
+    """xvnli (no sampled negatives), dropout 0, SUF: the trainable set changes at epoch 2. The 2-process run
+    loads with a worker per rank (batches through BatchLoader slabs), the 1-process run in the main process."""
     common = ("--policy", "suf", "--epochs", "2", "--batch-size", "8", "--micro-batch-size", "4",
               "--max-steps-per-epoch", "2", "--dropout", "0")
     one = tmp_path / "one"
@@ -149,7 +150,7 @@ def test_ddp_two_processes_match_one(env: Path, tmp_path: Path) -> None:
     two = tmp_path / "two"
     envvars = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "train_cclm.py"), *cli(env, "xvnli", two, *common, "--no-eval")],
+                           str(ROOT / "train_cclm.py"), *cli(env, "xvnli", two, *common, "--no-eval", "--num-workers", "1")],
                           env=envvars, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = final_state(one), final_state(two)
