@@ -478,6 +478,43 @@ def test_dropped_batches_free_their_slab_for_reuse(synthetic, tokenizer, workers
     assert 2 <= len(storages) <= (4 if workers == 0 else 5)
 
 
+class _GrowingBatches(torch.utils.data.Dataset):
+    """Item i asks for an i-row tensor in the batch: batches outgrow the slabs sized by the earlier ones."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return i
+
+
+def _growing_collate(items):
+    rows = max(items) + 1
+    out = data._alloc((len(items), rows, 100_000), torch.float32)  # 0.4 MB a row: slabs of MBs
+    for k, i in enumerate(items):
+        out[k] = float(i)
+    return {"x": out, "items": list(items)}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batches_that_outgrow_the_slabs_stay_correct(workers):
+    def check(b, j):
+        assert b["items"] == [2 * j, 2 * j + 1]
+        want = torch.tensor(b["items"], dtype=torch.float32)[:, None, None].expand(2, 2 * j + 2, 100_000)
+        assert torch.equal(b["x"], want)
+
+    loader = data.BatchLoader(_GrowingBatches(), batch_size=2, collate_fn=_growing_collate, num_workers=workers)
+    kept = list(loader)  # all kept: every later batch needs a new slab or torch's path
+    for j, b in enumerate(kept):
+        check(b, j)
+    for j, b in enumerate(loader):  # dropped one by one: too-small free slabs are replaced by larger ones
+        check(b, j)
+    storages = set()
+    for j, b in enumerate(data.BatchLoader(_GrowingBatches(), batch_size=2, collate_fn=_growing_collate)):
+        storages.add(b["x"].untyped_storage().data_ptr())
+    assert len(storages) > 1  # slabs were made (the first batch alone goes torch's way)
+
+
 # --------------------------------------------------------------------------------------------- inventory and errors
 
 def test_inventory_reports_removed_image(synthetic, tmp_path):

@@ -480,5 +480,31 @@ def test_fewshot_from_english_checkpoint(env, tmp_path, capsys):
     assert t3["Standard"]["few_shot_langs"] == ["de"]
 
 
+def test_fewshot_under_torchrun_matches_one_process(env, tmp_path):
+    """`eval_zeroshot.py fewshot` under torchrun (2 gloo ranks): the trainer's process group ends with its
+    main() and evaluation starts its own; the result equals the one-process run's."""
+    import engine
+    init = env["runs"][("uc2", "xgqa")]
+    args = ["--run-dir", str(init), "--lang", "de",  # --run-dir: torchrun takes a bare --run for its --run-path
+            "--shots", "5", "--lrs", "1e-3", "--epochs", "2", "--fs-batch-size", "4",
+            "--split", "dev", "--num-workers", "0", "--trainer-args", "--max-steps-per-epoch", "2", "--num-workers", "0",
+            "--eval-batch-size", "16", "--dropout", "0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert E.main(["fewshot", *args[:10], "--output-dir", str(one), *args[10:]]) == 0
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "eval_zeroshot.py"), "fewshot", *args[:10], "--output-dir", str(two), *args[10:]],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "SUF_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "SUF_DIST_TIMEOUT": "240"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (json.loads((d / "fewshot.json").read_text()) for d in (one, two))
+    assert [t["epoch"] for t in a["trials"]] == [t["epoch"] for t in b["trials"]]
+    assert [t["score"] for t in a["trials"]] == pytest.approx([t["score"] for t in b["trials"]])
+    wa, wb = (engine.load_checkpoint(x["best"]["checkpoint"])["model"] for x in (a, b))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-5, msg=k)
+    ra, rb = (json.loads((d / "results.json").read_text())["dev"]["langs"] for d in (one, two))
+    assert ra.keys() == rb.keys() == {"de"} and ra["de"]["accuracy"] == pytest.approx(rb["de"]["accuracy"])
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--dist-worker"]:
     _dist_worker(sys.argv[2], sys.argv[3])
