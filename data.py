@@ -1524,8 +1524,9 @@ def _rebuild_batch(key: tuple, batch: dict, refs: dict, arrays: dict, slab: torc
 
 def _forget_slabs(collate: "_SlabCollate") -> None:
     """Main process: drop the mappings of the slabs made for `collate`'s current token (kept batches keep theirs)."""
-    for key in [k for k in _MAPPED if k[0] == collate.token]:
-        del _MAPPED[key]
+    for key in list(_MAPPED):  # a copy: a pin-memory thread may still be adding to it
+        if key[0] == collate.token:
+            _MAPPED.pop(key, None)
 
 
 class _SlabCollate:
@@ -1536,6 +1537,9 @@ class _SlabCollate:
     def __init__(self, collate, token: str, max_slabs: int):
         self.collate, self.token, self.max_slabs = collate, token, max_slabs
         self._pid = None
+
+    def __getstate__(self) -> dict:  # to a spawned worker: not this process's slabs
+        return {"collate": self.collate, "token": self.token, "max_slabs": self.max_slabs, "_pid": None}
 
     def _own_slabs(self) -> list:
         if self._pid != os.getpid():  # a new worker: its slabs are its own, never a parent's or a dead worker's

@@ -435,11 +435,15 @@ def _assert_same_batch(want: dict, got: dict):
             assert got[k] == v, k
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, 2, "spawn"])
 def test_batch_loader_gives_the_dataloader_batches(synthetic, tokenizer, workers):
-    for ds, collate in _batch_sources(synthetic, tokenizer).values():
+    sources = _batch_sources(synthetic, tokenizer)
+    if workers == "spawn":  # a worker started fresh (macOS/Windows default), not forked: UC2 only, start-up is slow
+        sources = {"uc2": sources["uc2"]}
+    kwargs = {"num_workers": 1, "multiprocessing_context": "spawn"} if workers == "spawn" else {"num_workers": workers}
+    for ds, collate in sources.values():
         want = list(DataLoader(ds, batch_size=4, collate_fn=collate))
-        got = data.BatchLoader(ds, batch_size=4, collate_fn=collate, num_workers=workers)
+        got = data.BatchLoader(ds, batch_size=4, collate_fn=collate, **kwargs)
         for _ in range(2):  # a second epoch reuses the slabs of the first (0 workers) or starts new workers
             batches = list(got)
             assert len(batches) == len(want)
