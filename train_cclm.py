@@ -68,7 +68,9 @@ class VisionEncoder(Beit):
             blk.attn.register_buffer("relative_position_index", blk.attn.relative_position_index, persistent=True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(data.normalize_images(images))  # batches carry uint8 pixels
+        """images: a batch's uint8 pixels [B, H, W, 3] (normalised here, on their device) or normalised float
+        [B, 3, H, W] (data.eval_transform, the parity fixtures)."""
+        x = self.patch_embed(data.normalize_images(images))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         for blk in self.blocks:
             x = blk(x)
