@@ -61,10 +61,11 @@ ENGINE_DEFAULTS = {
     "warmup_ratio": 0.1,
 }
 # Arguments that must not change between a run and its --resume (they change the result).
+# (A key a trainer lacks is skipped: max_regions and retrieval_loss are UC2's. Data paths may move: not here.)
 RESUME_KEYS = ("task", "seed", "epochs", "lr", "batch_size", "weight_decay", "adam_eps", "adam_betas",
                "clip_grad", "warmup_ratio", "schedule_epochs", "recipe", "max_steps_per_epoch", "policy", "suf_k",
                "unfreeze_every", "unfreeze_unit", "top_layers", "llrd_decay", "freeze_embeddings",
-               "train_split", "train_lang")
+               "train_split", "train_lang", "dropout", "amp", "max_regions", "retrieval_loss")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -184,14 +185,24 @@ def setup_distributed() -> DistInfo:
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
+    global _GROUP_USERS
     if world > 1 and not tdist.is_initialized():
         timeout = timedelta(seconds=float(os.environ.get("SUF_DIST_TIMEOUT", 600)))
         tdist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, device_id=device if cuda else None)
+    _GROUP_USERS += 1
     return DistInfo(rank, world, local_rank, device)
 
 
+# setup_distributed calls not yet cleaned up. Nested users (eval_zeroshot fewshot: the trainer's main(), then the
+# evaluation) share the one process group: under torchrun a second group on the same store can read the first
+# group's addresses and fail to connect, so the group ends only with the outermost user.
+_GROUP_USERS = 0
+
+
 def cleanup_distributed() -> None:
-    if tdist.is_initialized():
+    global _GROUP_USERS
+    _GROUP_USERS = max(0, _GROUP_USERS - 1)
+    if _GROUP_USERS == 0 and tdist.is_initialized():
         tdist.destroy_process_group()
 
 
@@ -354,6 +365,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
+def check_checkpoint_model(meta: dict | None, model_name: str, path) -> None:
+    """Our checkpoints name their model: one of another model is refused (ValueError) before keys are compared."""
+    if meta and meta.get("model") not in (None, model_name):
+        raise ValueError(f"checkpoint {path} holds a {meta['model']} model, not {model_name}; "
+                         f"give a {model_name} checkpoint")
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """12 hex digits of sha1 over the vocabulary (id, token): tells two tokenizers of the same size apart."""
     h = hashlib.sha1()
@@ -444,6 +462,12 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- run folder, metrics
+
+def resuming(args: argparse.Namespace, run_dir: Path) -> bool:
+    """--resume with a checkpoint to resume from. --resume of a run killed before its first checkpoint starts
+    afresh (engine.train), so the trainer must load --checkpoint as for a new run."""
+    return bool(args.resume) and (Path(run_dir) / CHECKPOINT).exists()
+
 
 def check_run_dir(args: argparse.Namespace, dist: DistInfo) -> Path:
     """One-line SystemExit (on every rank) if --output-dir holds a run and --resume is not given,
@@ -646,7 +670,7 @@ def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout
     amp_dtype, scaler = setup_amp(args.amp, dist.device)
     log = MetricsLog(run_dir / METRICS, dist.is_main)
     _fault_counts.clear()
-    if args.resume and (run_dir / CHECKPOINT).exists():
+    if resuming(args, run_dir):
         prog = resume(run_dir / CHECKPOINT, model, optimizer, lr_sched, scaler, args, dist, log, meta)
     else:
         prog = start_fresh(run_dir, args, dist, log)

@@ -123,26 +123,36 @@ def classification_metrics(preds: Sequence[int], labels: Sequence[int],
     return out
 
 
-def retrieval_ranks(score_i2t: torch.Tensor, score_t2i: torch.Tensor,
-                    txt2img: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _ranks(scores: torch.Tensor, gold: torch.Tensor, unscored: float | None) -> torch.Tensor:
+    """Per row: candidates scored strictly higher than the gold [n, 1]; a gold the prefilter left at the
+    `unscored` value ranks behind every candidate tied with it as well (it was never scored)."""
+    above = (scores > gold).sum(1)
+    if unscored is None:
+        return above
+    return torch.where(gold[:, 0] == unscored, (scores >= gold).sum(1) - 1, above)
+
+
+def retrieval_ranks(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: Sequence[int],
+                    unscored: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """0-based ranks as VOLTA's eval_retrieval.py / X2-VLM's itm_eval compute them.
     score_i2t [n_img, n_txt], score_t2i [n_txt, n_img] (UC2: both views of one caption x image matrix).
     Text retrieval (image -> captions): rank of the best-ranked caption of each image.
     Image retrieval (caption -> images): rank of the caption's image.
     Rank = number of candidates scored strictly higher (the references take the position in an
     argsort, whose order among exactly tied scores is arbitrary; we resolve ties in favour of the
-    gold item -- our choice, it only matters for exact ties such as two unscored -100 entries)."""
+    gold item -- our choice). `unscored` (CCLM: UNSCORED, the value of entries outside the top-k
+    prefilter): such a gold ranks behind all its ties, so it never counts as retrieved within the
+    top k (X2-VLM would place it anywhere among them; with k >= 10 R@1/5/10 are the same either way)."""
     txt2img = torch.as_tensor(list(txt2img), dtype=torch.long)
     n_img, n_txt = score_i2t.shape
     if score_t2i.shape != (n_txt, n_img) or txt2img.numel() != n_txt:
         raise ValueError(f"score shapes {tuple(score_i2t.shape)} / {tuple(score_t2i.shape)} do not fit "
                          f"{txt2img.numel()} captions")
     s_t2i = score_t2i.double()
-    gold = s_t2i.gather(1, txt2img[:, None])
-    ir_ranks = (s_t2i > gold).sum(1)
+    ir_ranks = _ranks(s_t2i, s_t2i.gather(1, txt2img[:, None]), unscored)
     s_i2t = score_i2t.double()
     gold_i = s_i2t[txt2img, torch.arange(n_txt)]                         # score of (own image, caption)
-    caption_ranks = (s_i2t[txt2img] > gold_i[:, None]).sum(1)            # rank within its image's row
+    caption_ranks = _ranks(s_i2t[txt2img], gold_i[:, None], unscored)   # rank within its image's row
     tr_ranks = torch.full((n_img,), n_txt, dtype=torch.long)
     tr_ranks = tr_ranks.scatter_reduce(0, txt2img, caption_ranks, reduce="amin")
     if (tr_ranks == n_txt).any():
@@ -150,9 +160,10 @@ def retrieval_ranks(score_i2t: torch.Tensor, score_t2i: torch.Tensor,
     return tr_ranks, ir_ranks
 
 
-def recall_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: Sequence[int]) -> dict[str, float]:
+def recall_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: Sequence[int],
+                   unscored: float | None = None) -> dict[str, float]:
     """tr_r1/5/10, ir_r1/5/10 (percent), medr/meanr as VOLTA prints them (floor(median)+1, mean+1)."""
-    tr, ir = retrieval_ranks(score_i2t, score_t2i, txt2img)
+    tr, ir = retrieval_ranks(score_i2t, score_t2i, txt2img, unscored)
     out: dict[str, float] = {}
     for name, ranks in (("tr", tr), ("ir", ir)):
         for k in RECALL_KS:
@@ -433,10 +444,12 @@ def iglue_csv(task: str, per_lang: dict[str, dict], model_name: str, metric: str
     return buf.getvalue()
 
 
-def csv_name(task: str, metric: str, shots: int, translate_test: bool) -> str:
-    """IGLUE's file names: xGQA_0.csv, XVNLI_0.mt.csv, xFlickrCO_ir_0.csv, xGQA_48.csv (few-shot)."""
+def csv_name(task: str, metric: str, shots: int, translate_test: bool, split: str = "test") -> str:
+    """IGLUE's file names for the test split: xGQA_0.csv, XVNLI_0.mt.csv, xFlickrCO_ir_0.csv, xGQA_48.csv
+    (few-shot); another split is named in the file (xGQA_0.dev.csv), so it never replaces the test numbers."""
     part = {"tr_r1": "_tr", "ir_r1": "_ir"}.get(metric, "")
-    return f"{CSV_STEM[task]}{part}_{shots}{'.mt' if translate_test else ''}.csv"
+    other = "" if split == "test" else f".{split}"
+    return f"{CSV_STEM[task]}{part}_{shots}{other}{'.mt' if translate_test else ''}.csv"
 
 
 def eval_key(split: str, translate_test: bool) -> str:
@@ -446,17 +459,29 @@ def eval_key(split: str, translate_test: bool) -> str:
 def write_results(out_dir: str | Path, record: dict, model_name: str) -> Path:
     """Merge one evaluation into out_dir/results.json under its key (split[.mt]) and write the
     IGLUE CSV(s). Called only after the evaluation finished, so a failed run never replaces a good
-    result; other keys (e.g. translate-test next to test) are kept."""
+    result; other keys (e.g. translate-test next to test) are kept, and so are the other languages of
+    an earlier evaluation of the same checkpoint file (`--langs de` after a full evaluation)."""
     out_dir = Path(out_dir)
     path = out_dir / "results.json"
     results = read_json(path) if path.exists() else {}
     key = eval_key(record["split"], record["translate_test"])
+    prev = results.get(key)
+    if prev and prev.get("checkpoint_file") == record.get("checkpoint_file") and record.get("checkpoint_file"):
+        langs = {**prev["langs"], **record["langs"]}
+        record = {**record, "langs": langs, "summary": summarize(record["task"], langs),
+                  "files": {**prev.get("files", {}), **record.get("files", {})}}
     results[key] = record
     atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
     for metric in MAIN_METRICS[record["task"]]:
-        name = csv_name(record["task"], metric, record.get("shots", 0), record["translate_test"])
+        name = csv_name(record["task"], metric, record.get("shots", 0), record["translate_test"], record["split"])
         atomic_write_text(out_dir / name, iglue_csv(record["task"], record["langs"], model_name, metric))
     return path
+
+
+def checkpoint_file_id(path: str | Path) -> str:
+    """Which checkpoint file an evaluation used: path, size and modification time (a re-trained run differs)."""
+    st = Path(path).stat()
+    return f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,10 +528,11 @@ def load_meta(path: str | Path) -> dict:
     return meta
 
 
-def read_epoch_metrics(run: str | Path) -> list[tuple[int, dict[str, dict]]]:
+def read_epoch_metrics(run: str | Path, split: str | None = None) -> list[tuple[int, dict[str, dict]]]:
     """[(epoch, {lang: metrics})] from the run's metrics.jsonl (engine.train writes one line per
-    epoch and language: {"type": "eval", "epoch", "step", "lang", "split", <metric>: value, ...}).
-    A later line for the same epoch and language wins (a resumed run re-logs its epoch)."""
+    epoch and language: {"type": "eval", "epoch", "step", "lang", "split", <metric>: value, ...}),
+    only the lines of `split` if given. A later line for the same epoch and language wins (a resumed
+    run re-logs its epoch)."""
     path = Path(run) / "metrics.jsonl"
     if not path.exists():
         raise ValueError(f"{path}: not found (no per-epoch metrics log in this run folder)")
@@ -521,7 +547,7 @@ def read_epoch_metrics(run: str | Path) -> list[tuple[int, dict[str, dict]]]:
             if n == len(lines):   # a run killed mid-write leaves half a last line: the epochs before it stand
                 break
             raise ValueError(f"{path}:{n}: not valid JSON") from None
-        if rec.get("type") == "eval" and "lang" in rec and "epoch" in rec:
+        if rec.get("type") == "eval" and "lang" in rec and "epoch" in rec and split in (None, rec.get("split")):
             metrics = {k: v for k, v in rec.items() if k not in ("type", "epoch", "step", "lang", "split")
                        and isinstance(v, (int, float))}
             by_epoch.setdefault(int(rec["epoch"]), {})[rec["lang"]] = metrics
@@ -666,17 +692,17 @@ def plot_similarity(sim: dict, path: str | Path, title: str = "") -> None:
 
 def run_results(run: str | Path, split: str = "test") -> dict | None:
     """The run's evaluation for the table: results.json[split] (written by `evaluate`), else the last
-    epoch of metrics.jsonl (the evaluation the trainer ran after its final epoch)."""
+    epoch of metrics.jsonl evaluated on that split (the evaluation the trainer ran after its final epoch)."""
     run = Path(run)
     info = run_info(run)
     res = read_json(run / "results.json") if (run / "results.json").exists() else {}
     if split in res:
         return {**info, "langs": res[split]["langs"], "source": f"results.json[{split}]"}
     if (run / "metrics.jsonl").exists():
-        epochs = read_epoch_metrics(run)
+        epochs = read_epoch_metrics(run, split)
         if epochs:
             e, ev = epochs[-1]
-            return {**info, "langs": ev, "source": f"metrics.jsonl epoch {e}"}
+            return {**info, "langs": ev, "source": f"metrics.jsonl epoch {e} ({split})"}
     return None
 
 
@@ -946,7 +972,7 @@ def _evaluate_retrieval(model, s: EvalSet, dist, device, batch_size, num_workers
     k = k_test if k_test is not None else int(getattr(model, "config", {}).get("k_test", 128))
     i2t, t2i = cclm_score_matrices(model, images, captions, img_shard.start, n_img, n_txt, k=k,
                                    itm_batch=itm_batch, dist=dist, device=device, amp=amp)
-    return recall_metrics(i2t, t2i, txt2img)
+    return recall_metrics(i2t, t2i, txt2img, unscored=UNSCORED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1030,6 +1056,13 @@ def _resolve_data(args, run_args: dict, meta: dict) -> None:
 
 def cmd_evaluate(args) -> int:
     dist = engine.setup_distributed()
+    try:
+        return _evaluate(args, dist)
+    finally:
+        engine.cleanup_distributed()
+
+
+def _evaluate(args, dist) -> int:
     if bool(args.run) == bool(args.checkpoint):
         raise SystemExit("error: give exactly one of --run RUN_DIR or --checkpoint FILE")
     run = Path(args.run) if args.run else None
@@ -1060,6 +1093,7 @@ def cmd_evaluate(args) -> int:
                   "suf_k": sched.get("suf_k"), "split": args.split, "translate_test": args.translate_test,
                   "shots": fewshot.get("shots", 0), "fewshot_lang": fewshot.get("fewshot_lang"),
                   "init_policy": fewshot.get("init_policy"), "checkpoint": str(ckpt), "epoch": meta.get("epoch"),
+                  "checkpoint_file": checkpoint_file_id(ckpt),
                   "langs": results, "summary": summarize(task, results),
                   "files": {l: s.source for l, s in sets.items()}, "processes": dist.world,
                   "seconds": round(time.time() - start, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -1069,9 +1103,9 @@ def cmd_evaluate(args) -> int:
         print(format_table(task, results, title), flush=True)
         path = write_results(out_dir, record, name)
         print(f"wrote {path} [{eval_key(args.split, args.translate_test)}] and "
-              + ", ".join(csv_name(task, m, record['shots'], args.translate_test) for m in MAIN_METRICS[task]), flush=True)
+              + ", ".join(csv_name(task, m, record['shots'], args.translate_test, args.split) for m in MAIN_METRICS[task]),
+              flush=True)
     engine.barrier(dist)
-    engine.cleanup_distributed()
     return 0
 
 
@@ -1228,6 +1262,14 @@ def selection_score(task: str, metrics: dict) -> float:
 
 
 def cmd_fewshot(args) -> int:
+    engine.setup_distributed()  # one process group for the trainings and the evaluation (see engine._GROUP_USERS)
+    try:
+        return _fewshot(args)
+    finally:
+        engine.cleanup_distributed()
+
+
+def _fewshot(args) -> int:
     if bool(args.run) == bool(args.checkpoint):
         raise SystemExit("error: give exactly one of --run RUN_DIR or --checkpoint FILE")
     init = _run_checkpoint(Path(args.run)) if args.run else Path(args.checkpoint)

@@ -190,7 +190,8 @@ def schedule_from_args(args: argparse.Namespace, num_layers: int) -> Schedule:
 # ---------------------------------------------------------------- optimizer / freezing
 
 def no_decay_ndim(name: str, p: nn.Parameter) -> bool:
-    """The paper-recipe rule: no weight decay on biases, LayerNorm weights, layer scales, cls tokens."""
+    """The paper-recipe rule: no weight decay on 1-D (and 0-D) tensors: biases, LayerNorm weights, layer scales,
+    temperatures. (CCLM's cls token and relative-position tables are not 1-D: decayed, as in X2-VLM.)"""
     return p.ndim <= 1
 
 

@@ -725,7 +725,7 @@ def main(argv: list[str] | None = None) -> None:
     dist = engine.setup_distributed()
     try:
         run_dir = engine.check_run_dir(args, dist)
-        resuming = args.resume and (run_dir / engine.CHECKPOINT).exists()
+        resuming = engine.resuming(args, run_dir)
         if not args.data_root:
             raise SystemExit("error: --data-root is required (folder holding IGLUE's datasets/)")
         if not args.images or not os.path.isdir(args.images):
@@ -735,6 +735,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.checkpoint:
             try:
                 state, meta = read_checkpoint(args.checkpoint)
+                engine.check_checkpoint_model(meta, "cclm", args.checkpoint)
             except ValueError as e:
                 raise SystemExit(f"error: --checkpoint: {e}") from None
         config = model_config_from_args(args, meta)

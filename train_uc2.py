@@ -610,6 +610,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # ours (engine)
         extra = {k: v for k, v in obj.items() if k != "model"}
         obj = obj["model"]
+        engine.check_checkpoint_model(extra.get("meta"), "uc2", path)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: no state dict found (top-level keys: {list(obj)[:6] if isinstance(obj, dict) else type(obj)})")
     if obj and all(k.startswith("module.") for k in obj):
@@ -682,7 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="region-feature files: image-keyed LMDB/H5 (all are searched per image id); for xgqa a GQA "
                         "serialized (per-question) LMDB is the training set")
     u.add_argument("--max-regions", type=int, default=36, help="regions per image (IGLUE's UC2 runs: 36)")
-    u.add_argument("--hard-negatives", default=None, help="xflickrco: IGLUE/VOLTA hard_negative.pkl for the 4th pair")
+    u.add_argument("--hard-negatives", default=None,
+                   help="xflickrco: VOLTA's hard_negative.pkl for the 4th pair (default: <datasets>/flickr30k/hard_negative.pkl "
+                        "if present; without it the 4th pair uses a random image, with a warning)")
     u.add_argument("--retrieval-loss", choices=("triplet", "ce"), default="triplet",
                    help="xflickrco: triplet on sigmoid scores, margin 0.2 (IGLUE's UC2 runs) or VOLTA's task-config cross-entropy")
     u.add_argument("--tokenizer", default="xlm-roberta-base", help="XLM-R tokenizer folder or cached hub id")
@@ -725,6 +728,18 @@ def _split_features(paths: list[str]) -> tuple[list[str], list[str]]:
             raise SystemExit(f"error: --features {p} does not exist")
     serialized = [p for p in paths if data.is_serialized_lmdb(p)]
     return serialized, [p for p in paths if p not in serialized]
+
+
+def find_hard_negatives(args) -> str | None:
+    """xflickrco training: --hard-negatives, else VOLTA's place for it, <datasets>/flickr30k/hard_negative.pkl
+    (VOLTA reads it for every retrieval training run; IGLUE's UC2 numbers used it). None: not found."""
+    if args.hard_negatives or args.task != "xflickrco":
+        return args.hard_negatives
+    try:
+        found = data.dataset_dir(args.data_root) / "flickr30k" / "hard_negative.pkl"
+    except ValueError:
+        return None
+    return str(found) if found.is_file() else None
 
 
 def build_train_dataset(args, features: FeatureSet | None, serialized: list[str]):
@@ -776,7 +791,7 @@ def main(argv: list[str] | None = None) -> None:
 
         engine.seed_everything(args.seed)  # identical initial weights on every rank
         model = build_model(args.task, config)
-        if args.checkpoint and not args.resume:
+        if args.checkpoint and not engine.resuming(args, run_dir):  # a run killed before epoch 1 ended starts anew
             try:
                 state, extra = read_checkpoint(args.checkpoint)
                 plan = load_into(model, state)
@@ -797,6 +812,12 @@ def main(argv: list[str] | None = None) -> None:
         elif not args.checkpoint and dist.is_main:
             print("warning: no --checkpoint: training from random initialisation", file=sys.stderr, flush=True)
 
+        if args.task == "xflickrco":
+            args.hard_negatives = find_hard_negatives(args)  # recorded in args.json
+            if args.hard_negatives is None and dist.is_main:
+                print("warning: no hard_negative.pkl (give --hard-negatives, or put it in <datasets>/flickr30k/): "
+                      "the 4th pair of each caption uses a random other image, not VOLTA's hard negatives",
+                      file=sys.stderr, flush=True)
         try:
             train_ds = build_train_dataset(args, features, serialized)
             if isinstance(train_ds, data.UC2Dataset):  # fail before training, not mid-epoch

@@ -261,6 +261,24 @@ def test_checkpoint_of_the_wrong_model(env, tmp_path, case):
     assert_nothing_written(out)
 
 
+@pytest.mark.parametrize("case", ["uc2_run_to_cclm", "cclm_run_to_uc2"])
+def test_checkpoint_of_our_other_model_is_named(env, tmp_path, case):
+    out = tmp_path / "run"
+    if case == "uc2_run_to_cclm":
+        ckpt = env["paused"] / "checkpoint_last.pt"
+        (tmp_path / "images").mkdir()
+        with pytest.raises(SystemExit) as e:
+            train_cclm.main(["--task", "xvnli", "--data-root", str(IGLUE), "--images", str(tmp_path / "images"),
+                             "--tokenizer", str(env["tok"]), "--checkpoint", str(ckpt), "--output-dir", str(out)])
+        msg, want = str(e.value), (ckpt, "uc2", "cclm")
+    else:
+        ckpt = tmp_path / "cclm_run.pt"
+        torch.save({"model": _cclm_state_dict(), "meta": {"model": "cclm"}}, ckpt)
+        msg, want = fails(cli(env, out, "--checkpoint", str(ckpt))), (ckpt, "cclm", "uc2")
+    assert msg == f"error: --checkpoint: checkpoint {want[0]} holds a {want[1]} model, not {want[2]}; give a {want[2]} checkpoint"
+    assert_nothing_written(out)
+
+
 @pytest.mark.parametrize("case", ["missing_file", "truncated_file"])
 def test_unreadable_checkpoint(env, tmp_path, case):
     ckpt = tmp_path / "model_final.pt"

@@ -170,11 +170,13 @@ def test_resume_from_corrupt_checkpoint_is_one_line_error(tmp_path, reference):
     assert ckpt.read_bytes() == before
 
 
-def test_resume_with_changed_settings_errors(tmp_path, reference):
+@pytest.mark.parametrize("flag,value,saved", [("--lr", "0.02", "0.01"), ("--dropout", "0.2", "0.1"),
+                                              ("--amp", "bf16", "'auto'")])
+def test_resume_with_changed_settings_errors(tmp_path, reference, flag, value, saved):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
-    with pytest.raises(SystemExit, match="--lr is 0.02 but the run .* used 0.01"):
-        run(run_dir, "--resume", "--lr", "0.02")
+    with pytest.raises(SystemExit, match=f"{flag} is '?{value}'? but the run .* used {saved}"):
+        run(run_dir, "--resume", flag, value)
 
 
 # ------------------------------------------------------------------------------------------ run folder

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,22 @@ def test_recall_at_k_hand_made():
     t2i = torch.tensor([[-100.0, 3.0], [4.0, -100.0]])
     tr, ir = E.retrieval_ranks(i2t, t2i, [0, 1])
     assert tr.tolist() == [1, 1] and ir.tolist() == [1, 1]
+
+
+def test_gold_outside_the_top_k_prefilter_is_never_retrieved():
+    """CCLM with k_test < 10: a gold the prefilter did not keep must not count for R@5/R@10 by winning
+    its ties with the other unscored entries."""
+    n, k = 20, 3
+    S = torch.full((n, n), E.UNSCORED)
+    for i in range(n):   # the k kept candidates of every caption / image are never its gold
+        for j in range(k):
+            S[i, (i + 1 + j) % n] = 1.0 + j
+    m = E.recall_metrics(S.t(), S, list(range(n)), unscored=E.UNSCORED)
+    assert all(m[f"{side}_r{r}"] == 0.0 for side in ("tr", "ir") for r in E.RECALL_KS)
+    tr, ir = E.retrieval_ranks(S.t(), S, list(range(n)), unscored=E.UNSCORED)
+    assert ir.tolist() == [n - 1] * n and tr.tolist() == [n - 1] * n
+    S[0, 0] = 5.0   # a kept gold scored above the others: rank 0 as before
+    assert E.retrieval_ranks(S.t(), S, list(range(n)), unscored=E.UNSCORED)[1][0] == 0
 
 
 def _uc2_parity_model():
@@ -230,6 +248,40 @@ def _parse_printed(text: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def test_table_falls_back_only_to_epoch_metrics_of_the_same_split(env, tmp_path):
+    run = tmp_path / "uc2-xvnli"
+    run.mkdir()
+    for name in ("args.json", "model_final.pt"):
+        shutil.copy(env["runs"][("uc2", "xvnli")] / name, run / name)
+    lines = [{"type": "eval", "epoch": 1, "step": 3, "lang": "de", "split": "dev", "accuracy": 80.0},
+             {"type": "eval", "epoch": 2, "step": 6, "lang": "de", "split": "dev", "accuracy": 90.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert E.run_results(run, "test") is None   # dev numbers never stand in for test numbers
+    dev = E.run_results(run, "dev")
+    assert dev["langs"] == {"de": {"accuracy": 90.0}} and dev["source"] == "metrics.jsonl epoch 2 (dev)"
+
+
+def test_partial_and_dev_evaluations_keep_the_test_results(env, tmp_path):
+    run = tmp_path / "uc2-xvnli"
+    shutil.copytree(env["runs"][("uc2", "xvnli")], run)
+    base = ["--run", str(run), "--num-workers", "0", "--batch-size", "16"]
+    assert E.main(base + ["--split", "test"]) == 0
+    full = json.loads((run / "results.json").read_text())["test"]
+    csv = (run / "XVNLI_0.csv").read_text()
+    assert len(full["langs"]) > 2
+    assert E.main(base + ["--split", "test", "--langs", "ar"]) == 0  # one language again: the others stay
+    again = json.loads((run / "results.json").read_text())["test"]
+    assert again["langs"] == full["langs"] and again["summary"] == full["summary"]
+    assert (run / "XVNLI_0.csv").read_text() == csv
+    assert E.main(base + ["--split", "train_48", "--langs", "en"]) == 0  # another split: its own entry and CSV
+    assert (run / "XVNLI_0.csv").read_text() == csv and (run / "XVNLI_0.train_48.csv").is_file()
+    assert json.loads((run / "results.json").read_text())["test"]["langs"] == full["langs"]
+    time.sleep(0.01)
+    (run / "model_final.pt").write_bytes((run / "model_final.pt").read_bytes())  # "re-trained": another file
+    assert E.main(base + ["--split", "test", "--langs", "ar"]) == 0  # numbers of another checkpoint are not mixed in
+    assert set(json.loads((run / "results.json").read_text())["test"]["langs"]) == {"ar"}
+
+
 @pytest.mark.parametrize("model_name", ["uc2", "cclm"])
 @pytest.mark.parametrize("task", E.TASKS)
 def test_evaluate_every_language_and_translate_test(env, model_name, task, capsys):
@@ -251,7 +303,7 @@ def test_evaluate_every_language_and_translate_test(env, model_name, task, capsy
                 assert value == pytest.approx(want, abs=0.0051), (metric, lang)
         for m in E.MAIN_METRICS[task]:
             assert res["summary"][m]["avg"] == pytest.approx(E.zs_average(res["langs"], m))
-            csv_file = run / E.csv_name(task, m, 0, mt)
+            csv_file = run / E.csv_name(task, m, 0, mt, split)
             header, row = csv_file.read_text().splitlines()
             assert header.split(",") == ["model"] + E.ordered_langs(res["langs"]) + ["avg"]
             assert float(row.split(",")[-1]) == pytest.approx(E.zs_average(res["langs"], m))
@@ -472,7 +524,7 @@ def test_fewshot_from_english_checkpoint(env, tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())["dev"]
     assert set(res["langs"]) == {"de"} and res["shots"] == "5" and res["fewshot_lang"] == "de"
     assert res["langs"]["de"]["accuracy"] == pytest.approx(best["score"])   # selected on the same split here
-    assert (out / "xGQA_5.csv").is_file()
+    assert (out / "xGQA_5.dev.csv").is_file() and not (out / "xGQA_5.csv").exists()  # dev numbers, named so
     trained = engine.load_checkpoint(best["checkpoint"])["model"]
     start = engine.load_checkpoint(init / "model_final.pt")["model"]
     assert any(not torch.equal(trained[k], start[k]) for k in start)   # it did train

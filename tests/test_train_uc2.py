@@ -7,10 +7,12 @@ synthetic region features (data.write_synthetic_features) for every image it ref
 import argparse
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,6 +129,47 @@ def test_resume_after_epoch_one_is_bitwise_equal(sample, tmp_path, monkeypatch):
     assert meta["model"] == "uc2" and meta["config"]["hidden_size"] == 32 and meta["task"] == "xflickrco"
     rebuilt = U.build_model(meta["task"], meta["config"])
     assert U.load_into(rebuilt, str(tmp_path / "cut" / "model_final.pt")).ok
+
+
+def test_resume_before_the_first_checkpoint_loads_the_checkpoint(sample, tmp_path, monkeypatch):
+    """A run killed in epoch 1 has no checkpoint_last.pt: --resume starts it anew, from --checkpoint."""
+    common = ["--policy", "suf", "--epochs", "1", "--batch-size", "4", "--max-steps-per-epoch", "2", "--no-eval",
+              "--seed", "3"]
+    U.main(cli("xvnli", sample, tmp_path / "init", *common, "--seed", "4"))  # weights to start from
+    start = ["--checkpoint", str(tmp_path / "init" / "model_final.pt")]
+    U.main(cli("xvnli", sample, tmp_path / "whole", *common, *start))
+    monkeypatch.setenv("SUF_FAULT", "raise:step:1")
+    with pytest.raises(RuntimeError, match="SUF_FAULT"):
+        U.main(cli("xvnli", sample, tmp_path / "cut", *common, *start))
+    assert not (tmp_path / "cut" / engine.CHECKPOINT).exists()
+    monkeypatch.delenv("SUF_FAULT")
+    U.main(cli("xvnli", sample, tmp_path / "cut", *common, *start, "--resume"))
+    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_xflickrco_training_finds_volta_hard_negatives(sample, tmp_path, capsys):
+    """hard_negative.pkl where VOLTA keeps it (<datasets>/flickr30k/) is used and recorded; without it, a warning."""
+    root = tmp_path / "iglue" / "datasets"
+    root.mkdir(parents=True)
+    for d in (IGLUE / "datasets").iterdir():
+        (root / d.name).symlink_to(d)
+    (root / "flickr30k").unlink()
+    (root / "flickr30k").mkdir()
+    for d in (IGLUE / "datasets" / "flickr30k").iterdir():
+        (root / "flickr30k" / d.name).symlink_to(d)
+    common = ["--data-root", str(root.parent), "--policy", "full", "--epochs", "1", "--batch-size", "4",
+              "--max-steps-per-epoch", "1", "--no-eval"]
+    U.main(cli("xflickrco", sample, tmp_path / "without", *common))
+    assert "warning: no hard_negative.pkl" in capsys.readouterr().err
+    assert json.loads((tmp_path / "without" / "args.json").read_text())["hard_negatives"] is None
+    keys = list(dict.fromkeys(e.image for e in data.load_split(IGLUE, "xflickrco", SPLITS["xflickrco"][0], "en")))
+    pkl = root / "flickr30k" / "hard_negative.pkl"
+    pkl.write_bytes(pickle.dumps({"train_image_list": [int(k) for k in keys],
+                                  "train_hard_pool": np.array([[i, (i + 1) % len(keys)] for i in range(len(keys))])}))
+    U.main(cli("xflickrco", sample, tmp_path / "with", *common))
+    assert "hard_negative.pkl" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "with" / "args.json").read_text())["hard_negatives"] == str(pkl)
 
 
 @pytest.mark.parametrize("config", ["base", "tiny"])
