@@ -48,7 +48,9 @@ INPUTS = $(DATA)/datasets $(VISUAL) $(CKPT)
 	fewshot-xgqa-full fewshot-xgqa-suf
 
 help:
-	@grep -E '^## ' Makefile | sed 's/^## //'
+	@grep -E '^## ' Makefile | grep -v '\$$(' | sed 's/^## //'
+	@echo "{xgqa,xvnli,xflickrco}-{full,suf}  train MODEL= on English with the policy, evaluate every language each epoch"
+	@echo "fewshot-xgqa-{full,suf}  continue OUT/MODEL-xgqa-<policy> on LANG_FS=<lang>'s SHOTS=48-shot split"
 
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -117,10 +119,10 @@ translate-test:
 	$(call require,$(RUN) $(DATA)/datasets $(VISUAL))
 	$(LAUNCH) eval_zeroshot.py evaluate --run-dir $(RUN) --translate-test --data-root $(DATA) $(VISUAL_ARG) --tokenizer $(TOKENIZER) $(EXTRA)
 
-## table1          Table 1 (and 2/3 where runs exist) from every run under OUT=, beside the paper's numbers
+## table1          Tables 1 (2/3 where runs exist) and the per-language Tables 4-6 from every run under OUT=, beside the paper's numbers
 table1:
 	$(call require,$(OUT))
-	$(PY) eval_zeroshot.py table $(OUT)/*/
+	$(PY) eval_zeroshot.py table --per-language $(OUT)/*/ $(EXTRA)
 
 ## figures         Figures 2, 3 (per-epoch curves) and 4 (CLS similarity) for every run under OUT=
 figures:

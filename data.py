@@ -69,7 +69,7 @@ import re
 import sys
 import uuid
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -1320,8 +1320,24 @@ def make_dataset(model: str, task: str, examples: Sequence[Example] | None, *, f
 
 def make_retrieval_eval(model: str, examples: Sequence[Example], *, features=None, images=None,
                         max_regions: int = 36, image_res: int = 384) -> tuple[RetrievalImages, RetrievalCaptions]:
+    """Images and captions of a retrieval split. CCLM: an annotation line whose captions are all empty is
+    skipped, as X2-VLM's xflickrco_eval_dataset does (IGLUE's de and id test files have one each: 1,999
+    images there); UC2 keeps it (VOLTA scores the empty caption as <s></s>)."""
+    if model == "cclm":
+        examples = _without_empty_lines(examples)
     return (RetrievalImages(examples, model, features=features, images=images, max_regions=max_regions,
                             image_res=image_res), RetrievalCaptions(examples, model))
+
+
+def _without_empty_lines(examples: Sequence[Example]) -> list[Example]:
+    """Examples of annotation lines with at least one non-empty caption; image indices (Example.label)
+    renumbered in first-appearance order when a line was skipped."""
+    keep = {ex.source for ex in examples if ex.text}
+    kept = [ex for ex in examples if ex.source in keep]
+    if len(kept) == len(examples):
+        return list(examples)
+    index: dict[str, int] = {}
+    return [replace(ex, label=index.setdefault(ex.image, len(index))) for ex in kept]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1522,10 +1538,10 @@ def _rebuild_batch(key: tuple, batch: dict, refs: dict, arrays: dict, slab: torc
     return out
 
 
-def _forget_slabs(collate: "_SlabCollate") -> None:
-    """Main process: drop the mappings of the slabs made for `collate`'s current token (kept batches keep theirs)."""
+def _forget_slabs(token: str) -> None:
+    """Main process: drop the mappings of the slabs made under `token` (kept batches keep theirs)."""
     for key in list(_MAPPED):  # a copy: a pin-memory thread may still be adding to it
-        if key[0] == collate.token:
+        if key[0] == token:
             _MAPPED.pop(key, None)
 
 
@@ -1617,23 +1633,25 @@ class BatchLoader(DataLoader):
         collate = _SlabCollate(collate_fn, uuid.uuid4().hex, slabs)
         super().__init__(dataset, collate_fn=collate, num_workers=num_workers, prefetch_factor=prefetch_factor,
                          **kwargs)
-        weakref.finalize(self, _forget_slabs, collate)
+        weakref.finalize(self, _forget_slabs, collate.token)  # persistent workers' slabs
 
     def __iter__(self):
         collate = self.collate_fn
         per_iteration = not (self.persistent_workers and self.num_workers)
         if per_iteration:  # new workers (or the main process) this time: slab keys of their own
             collate.token = uuid.uuid4().hex
+        token = collate.token  # this iteration's, even if another iteration of this loader starts meanwhile
+        pin = self.pin_memory and torch.accelerator.is_available()  # as DataLoader decides it
         try:
             for batch in super().__iter__():
                 if isinstance(batch, _SlabBatch):  # 0 workers: nothing was pickled
                     batch = batch.decode()
-                    if self.pin_memory:
+                    if pin:
                         batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 yield batch
         finally:
             if per_iteration:
-                _forget_slabs(collate)
+                _forget_slabs(token)
 
 
 # ----------------------------------------------------------------------------------------------

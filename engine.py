@@ -97,7 +97,9 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     o.add_argument("--grad-accum", type=int, default=None, help="alternative to --micro-batch-size: accumulation steps")
     o.add_argument("--weight-decay", type=float, default=None, help="AdamW decoupled weight decay (paper: 0.01)")
     o.add_argument("--adam-eps", type=float, default=None, help="AdamW eps (default 1e-8)")
-    o.add_argument("--adam-betas", type=float, nargs=2, default=None, help="AdamW betas (default 0.9 0.999)")
+    betas = defaults.get("adam_betas", ENGINE_DEFAULTS["adam_betas"])
+    o.add_argument("--adam-betas", type=float, nargs=2, default=None,
+                   help=f"AdamW betas (default {betas[0]:g} {betas[1]:g})")
     o.add_argument("--clip-grad", type=float, default=None, help="max gradient norm, 0 = off (default off)")
     o.add_argument("--warmup-ratio", type=float, default=None, help="linear warm-up fraction of all optimizer steps (paper: 0.1)")
     o.add_argument("--schedule-epochs", type=int, default=None,

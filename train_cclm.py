@@ -567,9 +567,9 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ValueError(f"checkpoint {path}: no such file") from None
+        raise ValueError(f"{path}: checkpoint file not found") from None
     except Exception as e:  # noqa: BLE001 - any unpickling problem: one line naming the file
-        raise ValueError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise ValueError(f"{path}: cannot read checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     state = ck["model"] if isinstance(ck, dict) and "model" in ck else ck
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path}: expected a state_dict or {{'model': state_dict, ...}}")

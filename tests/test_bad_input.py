@@ -279,13 +279,21 @@ def test_checkpoint_of_our_other_model_is_named(env, tmp_path, case):
     assert_nothing_written(out)
 
 
-@pytest.mark.parametrize("case", ["missing_file", "truncated_file"])
+@pytest.mark.parametrize("case", ["missing_file", "truncated_file", "cclm_missing_file", "cclm_truncated_file"])
 def test_unreadable_checkpoint(env, tmp_path, case):
     ckpt = tmp_path / "model_final.pt"
-    if case == "truncated_file":
+    if case.endswith("truncated_file"):
         ckpt.write_bytes((env["paused"] / "checkpoint_last.pt").read_bytes()[:5000])
-    msg = fails(cli(env, tmp_path / "run", "--checkpoint", str(ckpt)))
-    assert msg.startswith(f"error: --checkpoint: {ckpt}: ") and ("not found" if case == "missing_file" else "cannot read") in msg
+    if case.startswith("cclm"):
+        (tmp_path / "images").mkdir()
+        with pytest.raises(SystemExit) as e:
+            train_cclm.main(["--task", "xvnli", "--data-root", str(IGLUE), "--images", str(tmp_path / "images"),
+                             "--tokenizer", str(env["tok"]), "--checkpoint", str(ckpt), "--output-dir", str(tmp_path / "run")])
+        msg = str(e.value)
+    else:
+        msg = fails(cli(env, tmp_path / "run", "--checkpoint", str(ckpt)))
+    assert "\n" not in msg and msg.startswith(f"error: --checkpoint: {ckpt}: ")
+    assert ("checkpoint file not found" if "missing" in case else "cannot read checkpoint: ") in msg
     assert_nothing_written(tmp_path / "run")
 
 

@@ -1,5 +1,6 @@
 """Tests of data.py on the real IGLUE sample and the UC2/CCLM reference fixtures (tests/fixtures only)."""
 import io
+import itertools
 import json
 import os
 import pickle
@@ -7,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from contextlib import redirect_stdout
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -378,6 +380,23 @@ def test_cclm_batches(synthetic, tokenizer):
     assert bc["text_ids"].dtype == i64 and bc["image_index"].tolist() == [0, 39] and bc["text_ids"].shape[1] <= 80
 
 
+def test_cclm_retrieval_skips_a_line_of_empty_captions_as_x2vlm(synthetic, tokenizer):
+    """IGLUE's de and id xFlickrCo test files each hold one line with an empty caption: X2-VLM skips it
+    (1,999 images); UC2 (VOLTA) scores the empty caption."""
+    exs = data.load_split(ROOT, "xflickrco", "test", "de")
+    empty = 5
+    exs = [replace(ex, text="") if ex.label == empty else ex for ex in exs]
+    images, captions = data.make_retrieval_eval("cclm", exs, images=str(synthetic["images"]), image_res=16)
+    assert len(images) == len(captions) == 39
+    assert [ex.label for ex in captions.examples] == list(range(39))  # renumbered: gold indices stay aligned
+    assert [it.image for it in images.items] == [ex.image for ex in exs if ex.label != empty]
+    col = data.make_collate("cclm", "xflickrco", tokenizer)
+    col([captions[i] for i in range(len(captions))])  # every caption cleans to text
+    images, captions = data.make_retrieval_eval("uc2", exs, features=str(synthetic["features"]))
+    assert len(images) == len(captions) == 40
+    assert data.make_collate("uc2", "xflickrco", tokenizer)([captions[empty]])["input_ids"].tolist() == [[0, 2]]
+
+
 def test_retrieval_negatives_never_the_positive_image(synthetic, tmp_path):
     exs = data.load_split(ROOT, "xflickrco", "valid", "en")
     keys = list(dict.fromkeys(ex.image for ex in exs))
@@ -480,6 +499,27 @@ def test_dropped_batches_free_their_slab_for_reuse(synthetic, tokenizer, workers
     # the first batch goes torch's way (the slab size is not known yet); then 12 batches cycle through the
     # producer's slabs: 3 in the main process, prefetch (2) + 2 in a worker
     assert 2 <= len(storages) <= (4 if workers == 0 else 5)
+
+
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_live_iterations_of_one_loader_and_pin_memory_without_accelerator(synthetic, tokenizer, workers):
+    ds, collate = _batch_sources(synthetic, tokenizer)["uc2"]
+    want = list(DataLoader(ds, batch_size=2, collate_fn=collate))
+    loader = data.BatchLoader(ds, batch_size=2, collate_fn=collate, num_workers=workers, pin_memory=True)
+    first, second = iter(loader), iter(loader)  # pin_memory: ignored without an accelerator, as DataLoader does
+    seen = {"first": 0, "second": 0}
+
+    def check(name, batches, n=None):  # batches are dropped as they are checked: their slabs are reused
+        for b in itertools.islice(batches, n):
+            _assert_same_batch(want[seen[name]], b)
+            seen[name] += 1
+
+    check("first", first, 1)
+    check("second", second, 5)  # the second iteration has mapped slabs ...
+    check("first", first)  # ... when the first ends: it must forget only its own
+    check("second", second)
+    assert seen == {"first": len(want), "second": len(want)}
 
 
 class _GrowingBatches(torch.utils.data.Dataset):
