@@ -414,6 +414,8 @@ def _load_retrieval(path: Path, rel: str, lang: str, xflickrco_keys: bool) -> li
             except ValueError:
                 raise ValueError(f"{where}: img_path {img_path!r} is not a Flickr30k image number") from None
             sub = IMAGE_SUBDIRS["flickr30k"]
+        if not sentences:  # no caption: nothing to retrieve it by (X2-VLM skips such a line too)
+            continue
         idx = image_index.setdefault(key, len(image_index))
         for k, caption in enumerate(sentences):
             out.append(Example(task="xflickrco", lang=lang, id=f"{image_id}#{k}", image=key,

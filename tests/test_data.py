@@ -150,6 +150,16 @@ def test_xflickrco_and_flickr30k():
     assert (valid[0].id, valid[0].image, valid[0].image_file) == ("1018148011#0", "1018148011", "flickr30k/1018148011.jpg")
 
 
+def test_retrieval_line_without_captions_takes_no_image_index(tmp_path):
+    folder = tmp_path / "datasets" / "xFlickrCO" / "annotations" / "de"
+    folder.mkdir(parents=True)
+    lines = [{"sentences": [], "id": "A", "img_path": "A.jpg"}, {"sentences": ["ein hund"], "id": "B", "img_path": "B.jpg"},
+             {"sentences": ["eine katze"], "id": "C", "img_path": "C.jpg"}]
+    (folder / "test.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    exs = data.load_split(tmp_path, "xflickrco", "test", "de")
+    assert [(ex.image, ex.label) for ex in exs] == [("B.jpg", 0), ("C.jpg", 1)]  # gold indices = image items
+
+
 def test_oov_answer_is_label_minus_one(tmp_path, tokenizer):
     root = tmp_path / "datasets"
     shutil.copytree(ROOT / "datasets" / "gqa", root / "gqa")
