@@ -175,30 +175,30 @@ class DistInfo:
         return self.rank == 0
 
 
+# setup_distributed calls not yet cleaned up. Nested users (eval_zeroshot fewshot: the trainer's main(), then the
+# evaluation) share the one process group: under torchrun a second group on the same store can read the first
+# group's addresses and fail to connect, so the group ends only with the outermost user.
+_GROUP_USERS = 0
+
+
 def setup_distributed() -> DistInfo:
     """torchrun environment -> process group (nccl on CUDA, gloo on CPU); plain single process otherwise.
 
     Collectives time out after SUF_DIST_TIMEOUT seconds (default 600) so that a rank that died or hangs
     makes the others fail (and torchrun exit non-zero) instead of waiting forever. SUF_DEVICE=cpu
     forces CPU on a GPU machine."""
+    global _GROUP_USERS
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available() and os.environ.get("SUF_DEVICE", "") != "cpu"
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    global _GROUP_USERS
     if world > 1 and not tdist.is_initialized():
         timeout = timedelta(seconds=float(os.environ.get("SUF_DIST_TIMEOUT", 600)))
         tdist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, device_id=device if cuda else None)
     _GROUP_USERS += 1
     return DistInfo(rank, world, local_rank, device)
-
-
-# setup_distributed calls not yet cleaned up. Nested users (eval_zeroshot fewshot: the trainer's main(), then the
-# evaluation) share the one process group: under torchrun a second group on the same store can read the first
-# group's addresses and fail to connect, so the group ends only with the outermost user.
-_GROUP_USERS = 0
 
 
 def cleanup_distributed() -> None:

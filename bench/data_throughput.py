@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             loaders.clear()
 
     result = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "config": {"quick": args.quick, "batch_size": args.batch_size, "repeats": repeats, "workers": workers,
                    "feature_images": n_feat, "boxes": 36, "images": n_img, "image_size": [500, 375],
                    "image_res": args.image_res, "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),

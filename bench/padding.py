@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -55,7 +56,10 @@ def summarize(tok, model: str, task: str, splits: dict, batch_size: int) -> dict
     per_lang = {lang: padding_counts(tok, model_texts(model, task, exs), max_len, batch_size)
                 for (t, lang), exs in splits.items() if t == task}
     total = {k: sum(r[k] for r in per_lang.values()) for k in ("examples", "real_tokens", "dynamic_tokens", "fixed_tokens")}
-    return {"model": model, "task": task, "split": EVAL_SPLIT[task], "batch_size": batch_size, "langs": sorted(per_lang),
+    # batches never mix languages: a batch size >= every language's example count is one batch per language
+    one_batch = batch_size >= max(r["examples"] for r in per_lang.values())
+    return {"model": model, "task": task, "split": EVAL_SPLIT[task], "batch_size": batch_size, "one_batch_per_lang": one_batch,
+            "langs": sorted(per_lang),
             "max_len": max_len, **total,
             "saving": 1 - total["dynamic_tokens"] / total["fixed_tokens"],
             "padding_share_dynamic": 1 - total["real_tokens"] / total["dynamic_tokens"],
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         for model in ("uc2", "cclm"):
             for task in data.TASKS:
                 rows.append(summarize(tok, model, task, splits, batch_size))
-    result = {"config": {"tokenizer": tok_name, "batch_sizes": args.batch_size, "data_root": str(args.data_root),
+    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": {"tokenizer": tok_name, "batch_sizes": args.batch_size, "data_root": str(args.data_root),
                          "order": "file order (evaluation loaders do not shuffle)",
                          "fixed_len": "data.MAX_TEXT_LEN; None (no truncation) -> the split's longest sequence"},
               "rows": rows}

@@ -81,6 +81,7 @@ def bench_uc2(n: int, pair_batch: int, regions: int) -> dict:
             "naive": {"seconds": t_naive, "pair_scores_calls": model.calls["pair_scores"],
                       "pairs_scored": model.rows["pair_scores"]},
             "speedup": t_naive / t_fast, "max_abs_score_diff": (fast - naive).abs().max().item(),
+            "score_std": naive.std().item(),  # a tiny random model's scores are close: the gate is relative to this
             "counts_ok": fast_counts[1]["pair_scores"] == n * n}
 
 
@@ -162,7 +163,10 @@ def main(argv=None) -> int:
           f"speed-up x{cclm['speedup']:.1f}, max |score diff| {cclm['max_abs_score_diff']:.1e}")
     E.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
-    ok = uc2["counts_ok"] and cclm["counts_ok"] and uc2["max_abs_score_diff"] < 1e-4 and cclm["max_abs_score_diff"] < 1e-4
+    # UC2: within 1e-3 of the scores' spread (a pair misaligned by one image moves them by ~1x the spread);
+    # CCLM: unscored entries are -100 in both, so a different candidate set would differ by ~100
+    ok = (uc2["counts_ok"] and cclm["counts_ok"] and uc2["max_abs_score_diff"] < 1e-3 * uc2["score_std"]
+          and cclm["max_abs_score_diff"] < 1e-4)
     if not ok:
         print("FAILED: counts or scores differ from the protocol", file=sys.stderr)
     return 0 if ok else 1

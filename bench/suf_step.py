@@ -407,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"{len(bad)} configuration(s) off the prediction by more than {args.tolerance:.0%}"
               + ("" if gated else " (--quick: not gated)"))
-    result = {"bench": "suf_step", "ok": ok, "gated": gated, "tolerance": args.tolerance,
+    result = {"bench": "suf_step", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "ok": ok, "gated": gated,
+              "tolerance": args.tolerance,
               "config": {"quick": args.quick, "reps": reps, "torch_threads": args.threads, "suf_k": args.suf_k, "adamw": args.adamw,
                          "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
                          "torch": torch.__version__, "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()),

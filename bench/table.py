@@ -112,8 +112,11 @@ def data_throughput(res: dict) -> list[Row]:
 def padding(res: dict) -> list[Row]:
     out = []
     for r in res.get("rows", []):
+        batch = f"batch {r.get('batch_size', res.get('config', {}).get('batch_size', '?'))}"
+        if r.get("one_batch_per_lang"):
+            batch += ": one batch per language, the sample has fewer examples"
         out.append(("Dynamic padding", f"{r['model'].upper()} {r['task']} {r['split']} text ({r['examples']:,} examples, "
-                    f"batch {r.get('batch_size', res.get('config', {}).get('batch_size', '?'))})",
+                    f"{batch})",
                     f"{r['dynamic_tokens']:,} tokens vs {r['fixed_tokens']:,} padded to "
                     f"{r['max_len'] if r['max_len'] is not None else 'the longest'} ({r['saving']:.0%} fewer; "
                     f"real tokens {r['real_tokens']:,})"))
