@@ -809,6 +809,8 @@ _AUG_LEVEL, _AUG_MAX_LEVEL, _AUG_FILL = 7, 10, (128, 128, 128)
 
 
 def _autocontrast(arr: np.ndarray) -> np.ndarray:
+    # the intended per-channel stretch; the reference negates the channel minimum as a uint8 (-low wraps to
+    # 256 - low), which turns any channel whose minimum is above 0 almost white: a bug we do not copy (README)
     out = arr.copy()
     for c in range(arr.shape[2]):
         ch = arr[:, :, c]
