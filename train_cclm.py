@@ -751,10 +751,7 @@ def main(argv: list[str] | None = None) -> None:
             except ValueError as e:
                 raise SystemExit(f"error: {e}") from None
             del state
-            # Released / reference checkpoints: XLM-R's full vocabulary; ours: the size and vocabulary we recorded.
-            trained = {"tokenizer_size": config["vocab_size"]} if meta is None else meta
-            engine.check_tokenizer_vocab(tokenizer, config["vocab_size"], args.tokenizer, args.checkpoint,
-                                         trained.get("tokenizer_size"), trained.get("tokenizer_vocab"))
+            engine.check_tokenizer_vocab(tokenizer, config["vocab_size"], args.tokenizer, args.checkpoint, meta)
             if dist.is_main:
                 print(report, flush=True)
                 (run_dir / "load_report.txt").write_text(report + "\n")

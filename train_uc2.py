@@ -802,10 +802,8 @@ def main(argv: list[str] | None = None) -> None:
                 named = "" if args.checkpoint in first else f"{args.checkpoint}: "
                 raise SystemExit(f"error: --checkpoint: {named}{first}") from None
             plan.source = args.checkpoint
-            # Released (VOLTA/original/XLM-R) weights: XLM-R's full vocabulary; ours: the size and vocabulary we recorded.
-            trained = {"tokenizer_size": config["vocab_size"]} if plan.fmt != "ours" else extra.get("meta", {})
             engine.check_tokenizer_vocab(tokenizer, config["vocab_size"], args.tokenizer, args.checkpoint,
-                                         trained.get("tokenizer_size"), trained.get("tokenizer_vocab"))
+                                         extra.get("meta", {}) if plan.fmt == "ours" else None)  # None: released weights
             if dist.is_main:
                 print(plan.report(), flush=True)
                 (run_dir / "load_report.txt").write_text(plan.report(verbose=True) + "\n")
