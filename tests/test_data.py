@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+from parity import assert_matches_reference  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures"
 ROOT = FIX / "iglue"
@@ -265,7 +266,7 @@ def test_cclm_eval_transform_matches_reference(tmp_path):
         Image.fromarray(raw.numpy()).save(path)
         out = data.eval_transform(data.load_image(path), ref["image_res"])
         assert out.shape == ref["images"][i].shape
-        assert (out - ref["images"][i]).abs().max() <= 1e-5
+        assert_matches_reference(f"image {i}", out, ref["images"][i])
     assert torch.allclose(torch.tensor(data.CLIP_MEAN), ref["mean"]) and torch.allclose(torch.tensor(data.CLIP_STD), ref["std"])
 
 

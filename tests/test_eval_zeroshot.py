@@ -17,6 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import eval_zeroshot as E  # noqa: E402
+from parity import assert_matches_reference  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures"
 UC2_PARITY = FIX / "uc2" / "parity_a"
@@ -97,7 +98,7 @@ def test_uc2_all_pairs_matches_volta_eval_retrieval():
     caps = {k: inp["eval_captions"][k] for k in ("input_ids", "attention_mask")}
     for pair_batch in (1, 4, 1024):   # batching must not matter
         S = E.uc2_score_matrix(model, imgs, caps, pair_batch=pair_batch)
-        assert (S - out["eval_score_matrix"]).abs().max() < 1e-5
+        assert_matches_reference(f"score matrix (pair_batch {pair_batch})", S, out["eval_score_matrix"])
     ref = json.loads((UC2_PARITY / "retrieval" / "eval_retrieval_metrics.json").read_text())
     tr, ir = E.retrieval_ranks(S.t(), S, [0, 1, 2])
     assert ir.tolist() == ref["ir_ranks_from_matrix"] and tr.tolist() == ref["tr_ranks_from_matrix"]
@@ -126,7 +127,8 @@ def test_cclm_prefilter_rerank_matches_reference(k):
     i2t, t2i = E.cclm_score_matrices(counted, imgs, txts, 0, 3, 6, k=k, itm_batch=5)
     want_i2t = out[f"eval_k{k}_score_matrix_i2t"] if k < 10 else out["itm_score_all_pairs"]
     want_t2i = out[f"eval_k{k}_score_matrix_t2i"] if k < 10 else out["itm_score_all_pairs"].t()
-    assert (i2t - want_i2t).abs().max() < 1e-5 and (t2i - want_t2i).abs().max() < 1e-5
+    assert_matches_reference("i2t", i2t, want_i2t)
+    assert_matches_reference("t2i", t2i, want_t2i)
     assert counted.rows == {"encode_images": 3, "encode_texts": 6, "itm_scores": min(k, 6) * 3 + min(k, 3) * 6,
                             "pair_scores": 0}
 

@@ -1,4 +1,4 @@
-"""UC2 parity with VOLTA/IGLUE: outputs.pt of every fixture folder reproduced within 1e-5.
+"""UC2 parity with VOLTA/IGLUE: outputs.pt of every fixture folder reproduced within tests/parity.py's tolerance.
 
 Fixture folders: $PARITY_FIXTURES (os.pathsep-separated) or tests/fixtures/uc2/parity_a. Every
 dimension comes from the folder's own volta_config.json / model_dims.json.
@@ -16,10 +16,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval_zeroshot as ez  # noqa: E402
 import train_uc2 as U  # noqa: E402
+from parity import assert_matches_reference  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TASK_DIRS = {"gqa": "xgqa", "xvnli": "xvnli", "retrieval": "xflickrco"}
-ATOL = 1e-5
 
 
 def _folders() -> list[Path]:
@@ -50,10 +50,8 @@ def _config(folder: Path) -> dict:
 
 
 def _close(name, ours, ref):
-    ref = ref.to(ours.dtype) if torch.is_tensor(ref) else torch.tensor(ref, dtype=ours.dtype)
-    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} vs reference {tuple(ref.shape)}"
-    err = (ours - ref).abs().max().item() if ours.numel() else 0.0
-    assert err <= ATOL, f"{name}: max abs error {err:.3g} > {ATOL}"
+    ref = ref if torch.is_tensor(ref) else torch.tensor(ref, dtype=ours.dtype)
+    assert_matches_reference(name, ours, ref)
 
 
 def _recall_metrics(scores: np.ndarray) -> dict:
