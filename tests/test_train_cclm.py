@@ -74,6 +74,9 @@ def test_print_schedule_pins_cclm_schedules(capsys) -> None:
     assert "answer_decoder" in gqa[0]["always_trainable"]
     top = schedule_rows(capsys, "xgqa", "--policy", "top")
     assert all(r["trainable_layers"] == list(range(12, 18)) for r in top)  # m=6: the cross-modal layers
+    assert top[0]["frozen_modules"] == ["embeddings", "vision_encoder"] and top[0]["always_trainable"] == ["answer_decoder"]
+    vnli_top = schedule_rows(capsys, "xvnli", "--policy", "top")
+    assert vnli_top[0]["always_trainable"] == vnli_top[0]["task_head_modules"] == ["head"]
     llrd = schedule_rows(capsys, "xflickrco", "--policy", "llrd")
     assert llrd[0]["layer_lr_scale"][-1] == 1.0 and llrd[0]["layer_lr_scale"][0] == pytest.approx(0.88 ** 17)
 
