@@ -97,6 +97,8 @@ def fixed_batch(env: Path, task: str, n: int = 6) -> dict:
 def test_fixed_batch_loss_falls(env: Path, task: str, policy: str) -> None:
     batch = fixed_batch(env, task)
     lr = 1e-4 if task == "xflickrco" else 2e-3  # ITC at temperature 0.07 overshoots at larger steps
+    if task == "xflickrco" and policy == "top":
+        lr = 3e-4  # only projections, temp and the cross layers move (encoders frozen): larger steps stay stable
     args = train_cclm.build_parser().parse_args(["--task", task, "--policy", policy, "--lr", str(lr), "--warmup-ratio", "0"])
     config = {**train_cclm.CONFIGS["tiny"], "dropout": 0.0, "attn_dropout": 0.0, "vision_drop_path": 0.0}
     torch.manual_seed(0)
