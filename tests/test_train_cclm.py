@@ -144,6 +144,21 @@ def test_xgqa_pipeline_with_eval(env: Path, tmp_path: Path) -> None:
         assert model.predict(batch).shape == (2,)
 
 
+def assert_x2vlm_optimizer_groups(run: Path, task: str) -> None:
+    """The trainer's optimizer is built with X2-VLM's rules (train_cclm.x2vlm_no_decay, lr_mult 2 for the new
+    head; tests/test_ckpt_cclm.py checks those rules on the released layout): group names, sizes, peak lrs."""
+    config = {**train_cclm.CONFIGS["tiny"], "image_res": 32}
+    model, layout = train_cclm.build_model(task, config), train_cclm.LAYOUT(task, config)
+    args = json.loads((run / engine.ARGS).read_text())
+    want = freeze.param_groups(model, layout, freeze.Schedule("suf", layout.num_layers), args["lr"], args["weight_decay"],
+                               {"vision_encoder": args["vision_lr"]}, train_cclm.x2vlm_no_decay,
+                               train_cclm.lr_mult_rule(("cls_head.",), 2.0))
+    got = engine.load_checkpoint(run / engine.CHECKPOINT)["optimizer"]["param_groups"]
+    assert [(g["name"], len(g["params"]), g["initial_lr"], g["weight_decay"]) for g in got] == \
+        [(g["name"], len(g["params"]), g["lr"], g["weight_decay"]) for g in want]
+    assert {g["name"] for g in got} >= {"head.lr_x2.decay", "head.lr_x2.no_decay"}
+
+
 def test_ddp_two_processes_match_one(env: Path, tmp_path: Path) -> None:
     """xvnli (no sampled negatives), dropout 0, SUF: the trainable set changes at epoch 2. The 2-process run
     loads with a worker per rank (batches through BatchLoader slabs), the 1-process run in the main process."""
@@ -152,6 +167,7 @@ def test_ddp_two_processes_match_one(env: Path, tmp_path: Path) -> None:
     one = tmp_path / "one"
     train_cclm.main(cli(env, "xvnli", one, *common, "--eval-split", "test", "--langs", "en", "ar"))
     assert {r["lang"] for r in records(one, "eval")} == {"en", "ar"}
+    assert_x2vlm_optimizer_groups(one, "xvnli")
     two = tmp_path / "two"
     envvars = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
