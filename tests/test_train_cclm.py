@@ -199,6 +199,10 @@ def test_stop_and_resume_is_bitwise_exact(env: Path, tmp_path: Path, monkeypatch
     a, b = final_state(full), final_state(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert records(full, "train") == records(cut, "train")
+    # the optimizer's groups and lrs come from the checkpoint: a changed X2-VLM lr_mult / ViT lr is refused
+    for flag in ("--lr-mult", "--vision-lr"):
+        with pytest.raises(SystemExit, match=f"{flag} is 1.0 but the run"):
+            train_cclm.main(cli(env, "xflickrco", cut, *common, "--resume", flag, "1"))
 
 
 def test_cli_errors_are_one_line(env: Path, tmp_path: Path) -> None:
