@@ -61,11 +61,12 @@ ENGINE_DEFAULTS = {
     "warmup_ratio": 0.1,
 }
 # Arguments that must not change between a run and its --resume (they change the result).
-# (A key a trainer lacks is skipped: max_regions and retrieval_loss are UC2's. Data paths may move: not here.)
+# (A key a trainer lacks is skipped: max_regions and retrieval_loss are UC2's, vision_lr and lr_mult CCLM's.
+# Data paths may move: not here.)
 RESUME_KEYS = ("task", "seed", "epochs", "lr", "batch_size", "weight_decay", "adam_eps", "adam_betas",
                "clip_grad", "warmup_ratio", "schedule_epochs", "recipe", "max_steps_per_epoch", "policy", "suf_k",
                "unfreeze_every", "unfreeze_unit", "top_layers", "llrd_decay", "freeze_embeddings",
-               "train_split", "train_lang", "dropout", "amp", "max_regions", "retrieval_loss")
+               "train_split", "train_lang", "dropout", "amp", "max_regions", "retrieval_loss", "vision_lr", "lr_mult")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -332,11 +333,12 @@ def linear_warmup_decay(warmup_steps: int, total_steps: int) -> Callable[[int], 
 
 def build_optimizer(model: nn.Module, layout: freeze.LayerLayout, schedule: freeze.Schedule, args: argparse.Namespace,
                     module_lr: dict[str, float] | None = None, *, total_steps: int | None = None,
-                    no_decay: Callable[[str, nn.Parameter], bool] | None = None):
+                    no_decay: Callable[[str, nn.Parameter], bool] | None = None,
+                    lr_mult: Callable[[str], float] | None = None):
     """AdamW over ALL parameters (frozen ones get no grad, hence no update/decay/state), built once;
     LambdaLR: linear warm-up over warmup_ratio of total_steps (HF: ceil), then linear decay to 0.
-    total_steps None (benches, tools): constant LR. no_decay(name, param): see freeze.param_groups."""
-    groups = freeze.param_groups(model, layout, schedule, args.lr, args.weight_decay, module_lr, no_decay)
+    total_steps None (benches, tools): constant LR. no_decay(name, param), lr_mult(name): see freeze.param_groups."""
+    groups = freeze.param_groups(model, layout, schedule, args.lr, args.weight_decay, module_lr, no_decay, lr_mult)
     # fused: the default CPU AdamW allocates parameter-sized temporaries every step, which for XLM-R's
     # 768 MB embedding table costs seconds per step (bench/suf_step.py); fused kernels exist on CPU and CUDA.
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
@@ -657,10 +659,12 @@ def mean_loss(loss_sum: torch.Tensor, n: torch.Tensor, dist: DistInfo) -> float 
 def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout, schedule: freeze.Schedule,
           train_loader: DataLoader, evaluate_fn: Callable | None, meta: dict, dist: DistInfo, *,
           module_lr: dict[str, float] | None = None, on_step: Callable[[nn.Module, int], None] | None = None,
-          no_decay: Callable[[str, nn.Parameter], bool] | None = None) -> None:
+          no_decay: Callable[[str, nn.Parameter], bool] | None = None,
+          lr_mult: Callable[[str], float] | None = None) -> None:
     """The epoch loop (see module docstring). evaluate_fn(model, epoch 1-based) -> {lang: {metric: value}}
     is called on every rank after every epoch; on_step(model, steps_done) after every optimizer step;
-    no_decay(name, param): the recipe's weight-decay exemption rule (default: freeze.no_decay_ndim)."""
+    no_decay(name, param): the recipe's weight-decay exemption rule (default: freeze.no_decay_ndim);
+    lr_mult(name): per-parameter LR factor (default 1; see freeze.param_groups)."""
     run_dir = check_run_dir(args, dist)
     _, accum = micro_and_accum(args, dist)
     steps_per_epoch = len(train_loader) // accum
@@ -674,7 +678,7 @@ def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout
     model.to(dist.device)
     # The LR schedule spans --schedule-epochs (default --epochs); IGLUE's longer one stops before reaching 0.
     schedule_epochs = getattr(args, "schedule_epochs", None) or args.epochs
-    optimizer, lr_sched = build_optimizer(model, layout, schedule, args, module_lr, no_decay=no_decay,
+    optimizer, lr_sched = build_optimizer(model, layout, schedule, args, module_lr, no_decay=no_decay, lr_mult=lr_mult,
                                           total_steps=schedule_epochs * steps_per_epoch)
     amp_dtype, scaler = setup_amp(args.amp, dist.device)
     log = MetricsLog(run_dir / METRICS, dist.is_main)

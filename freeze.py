@@ -6,8 +6,9 @@ Policies (paper sections 3 and 5):
         in every later stage; a stage lasts `unfreeze_every` epochs or optimizer steps.
   llrd  everything trains; layer j (0 = bottom) gets lr * d^(N-1-j) (top layer: lr), the embedding
         modules lr * d^N (timm/BEiT: embeddings are "layer -1"), other modules lr undecayed.
-  top   only the top m encoder layers train, for the whole run.
-Under every policy, parameters outside the encoder layers (heads, embeddings, CCLM's ViT and answer
+  top   only the top m encoder layers and the layout's task head train, for the whole run; everything
+        else (embeddings, CCLM's ViT, ...) is frozen: the paper's "CM only" (Table 2) with CCLM and m=6.
+Under full/suf/llrd, parameters outside the encoder layers (heads, embeddings, CCLM's ViT and answer
 decoder, ...) always train, except the layout's embedding modules under --freeze-embeddings.
 
 The optimizer is built ONCE over every parameter (frozen ones included, see param_groups); freezing
@@ -19,7 +20,9 @@ Choices where the paper is silent: LLRD gives the embedding modules lr*d^N (timm
 other non-layer module its undecayed base lr; --freeze-embeddings applies under every policy;
 suf_k > num_layers trains everything from the start; with --unfreeze-unit step, stages count
 GLOBAL optimizer steps from the start of training; a stage that would pass the bottom layer
-simply trains all layers.
+simply trains all layers. Under top, the task head (LayerLayout.task_head_modules: what must train
+for the task to have an output, e.g. CCLM's randomly initialised XVNLI head or its xGQA answer
+decoder) trains although the paper says only "the top 6 cross-modal layers" train.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ class LayerLayout:
     layer_of: Callable[[str], int | None]    # param name -> encoder layer id, None if not in a layer
     module_of: Callable[[str], str]          # param name (not in a layer) -> always-trainable module
     embedding_modules: tuple[str, ...] = ("embeddings",)  # frozen by --freeze-embeddings (ablation)
+    task_head_modules: tuple[str, ...] = ("head",)        # the only non-layer modules policy top trains
 
 
 @dataclass(frozen=True)
@@ -107,13 +111,16 @@ class Schedule:
 
 def layout_from_rules(num_layers: int, layer_rules: Sequence[tuple[str, int, int]],
                       module_rules: Sequence[tuple[str, str]], default_module: str | None = None,
-                      embedding_modules: tuple[str, ...] = ("embeddings",)) -> LayerLayout:
+                      embedding_modules: tuple[str, ...] = ("embeddings",),
+                      task_head_modules: tuple[str, ...] = ("head",)) -> LayerLayout:
     """Build a LayerLayout from name prefixes.
 
     layer_rules: (prefix, offset, blocks_per_layer): a name `prefix + "<i>." + ...` belongs to layer
       offset + i // blocks_per_layer (blocks_per_layer=2 for VOLTA's split attention/FFN blocks).
     module_rules: (prefix, module): first matching prefix names the module of a non-layer parameter;
       default_module for the rest (None: an unmatched name is an error, so layouts stay complete).
+    task_head_modules: modules the task needs to produce an output; under policy top nothing else
+      outside the top layers trains.
     """
     compiled = [(re.compile(re.escape(p) + r"(\d+)\."), off, per) for p, off, per in layer_rules]
 
@@ -132,7 +139,7 @@ def layout_from_rules(num_layers: int, layer_rules: Sequence[tuple[str, int, int
             raise ValueError(f"freeze layout: parameter {name!r} is in no encoder layer and matches no module rule")
         return default_module
 
-    return LayerLayout(num_layers, layer_of, module_of, tuple(embedding_modules))
+    return LayerLayout(num_layers, layer_of, module_of, tuple(embedding_modules), tuple(task_head_modules))
 
 
 def _locate(model: nn.Module, layout: LayerLayout) -> list[tuple[str, nn.Parameter, int | None, str | None]]:
@@ -159,6 +166,8 @@ def _check(layout: LayerLayout, schedule: Schedule) -> None:
 def _trains(layer: int | None, module: str | None, layers: set[int], layout: LayerLayout, schedule: Schedule) -> bool:
     if layer is not None:
         return layer in layers
+    if schedule.policy == "top":
+        return module in layout.task_head_modules
     return not (schedule.freeze_embeddings and module in layout.embedding_modules)
 
 
@@ -167,7 +176,8 @@ def _trains(layer: int | None, module: str | None, layers: set[int], layout: Lay
 def add_policy_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("fine-tuning policy (freeze.py)")
     g.add_argument("--policy", choices=POLICIES, default="full",
-                   help="full: standard fine-tuning; suf: scheduled unfreezing; llrd: layer-wise LR decay; top: top m layers only")
+                   help="full: standard fine-tuning; suf: scheduled unfreezing; llrd: layer-wise LR decay; "
+                        "top: only the top m layers and the task head train (CCLM m=6: the paper's 'CM only')")
     g.add_argument("--suf-k", type=int, default=3, help="suf: layers trainable at start and unfrozen per stage (paper: 3)")
     g.add_argument("--unfreeze-every", type=int, default=1, help="suf: stage length, in --unfreeze-unit (paper: 1 epoch)")
     g.add_argument("--unfreeze-unit", choices=UNITS, default="epoch", help="suf: unit of --unfreeze-every")
@@ -197,23 +207,28 @@ def no_decay_ndim(name: str, p: nn.Parameter) -> bool:
 
 def param_groups(model: nn.Module, layout: LayerLayout, schedule: Schedule, lr: float, weight_decay: float,
                  module_lr: dict[str, float] | None = None,
-                 no_decay: Callable[[str, nn.Parameter], bool] | None = None) -> list[dict]:
-    """Param groups over EVERY parameter (frozen ones included), one per (layer/module, decay),
-    in order of first appearance. lr is absolute per group (a LambdaLR scales all groups alike).
+                 no_decay: Callable[[str, nn.Parameter], bool] | None = None,
+                 lr_mult: Callable[[str], float] | None = None) -> list[dict]:
+    """Param groups over EVERY parameter (frozen ones included), one per (layer/module, lr multiplier,
+    decay), in order of first appearance. lr is absolute per group (a LambdaLR scales all groups alike).
     module_lr overrides the base lr of a non-layer module, e.g. CCLM {"vision_encoder": 2e-5}.
     no_decay(name, param) -> True exempts a parameter from weight decay (default no_decay_ndim;
-    e.g. IGLUE/VOLTA's name-based rule for --recipe iglue)."""
+    e.g. IGLUE/VOLTA's name-based rule for --recipe iglue, X2-VLM's for CCLM).
+    lr_mult(name) -> factor on top of the (LLRD-scaled) base lr, e.g. X2-VLM's lr_mult 2 for newly
+    initialised parameters; a parameter with factor != 1 gets its own group ("<unit>.lr_x2.decay")."""
     _check(layout, schedule)
     module_lr = module_lr or {}
     rule = no_decay or no_decay_ndim
     groups: dict[str, dict] = {}
     for name, p, layer, module in _locate(model, layout):
         exempt = bool(rule(name, p))
-        key = (f"layer_{layer:02d}" if layer is not None else module) + (".no_decay" if exempt else ".decay")
+        mult = float(lr_mult(name)) if lr_mult is not None else 1.0
+        key = ((f"layer_{layer:02d}" if layer is not None else module) + (f".lr_x{mult:g}" if mult != 1.0 else "")
+               + (".no_decay" if exempt else ".decay"))
         if key not in groups:
             base = lr if layer is not None else module_lr.get(module, lr)
             groups[key] = {"params": [], "name": key,
-                           "lr": base * schedule.layer_lr_scale(layer, module, layout.embedding_modules),
+                           "lr": base * mult * schedule.layer_lr_scale(layer, module, layout.embedding_modules),
                            "weight_decay": 0.0 if exempt else weight_decay}
         groups[key]["params"].append(p)
     return list(groups.values())
@@ -249,6 +264,8 @@ def _row(located, layout: LayerLayout, schedule: Schedule, epoch: int, step: int
            "always_trainable": sorted(train_modules), "frozen_modules": sorted(frozen_modules),
            "embeddings_trainable": not any(m in frozen_modules for m in layout.embedding_modules),
            "trainable_params": counts[True], "frozen_params": counts[False]}
+    if schedule.policy == "top":
+        row["task_head_modules"] = sorted(m for m in layout.task_head_modules if m in train_modules)
     if schedule.policy == "llrd":
         row["layer_lr_scale"] = [schedule.layer_lr_scale(i, None) for i in range(schedule.num_layers)]
         row["embedding_lr_scale"] = schedule.llrd_decay ** schedule.num_layers
@@ -290,6 +307,11 @@ def format_schedule(rows: list[dict]) -> str:
     def span(ls: list[int]) -> str:
         return "none" if not ls else (f"{ls[0]}-{ls[-1]}" if ls == list(range(ls[0], ls[-1] + 1)) else ",".join(map(str, ls)))
     lines = []
+    head = next((r["task_head_modules"] for r in rows if "task_head_modules" in r), None)
+    if head is not None:
+        lines.append(f"policy top: only the top layers and the task head ({', '.join(head) or 'none'}) train; "
+                     "everything else is frozen. The task head trains so that the task has an output (our choice: "
+                     "the paper says only the top layers train)")
     for r in rows:
         steps = f" steps {r['first_step']}-{r['last_step']}" if "first_step" in r else ""
         line = (f"epoch {r['epoch']}{steps}: layers {span(r['trainable_layers'])} + "

@@ -4,7 +4,8 @@ Model, heads, losses and checkpoint mapping reproduce the reference (zengyan-97/
 /work/shared/reference/cclm/README.md, "README" below): a BEiT-2 ViT (timm) encodes the image,
 12 XLM-R layers (transformers) the text, 6 BERT layers with cross-attention fuse both.
 SUF covers the 18 text + cross layers (text 0-11, cross 12-17); the ViT, the text embeddings,
-the heads and the xGQA answer decoder always train.
+the heads and the xGQA answer decoder always train (under --policy top only the heads and the answer
+decoder do: Table 2's "CM only").
 
     python train_cclm.py --task xgqa --policy suf --data-root DATA --images IMAGES \
         --checkpoint cclm_x2vlm_base.th --tokenizer xlm-roberta-base --output-dir runs/cclm-xgqa-suf
@@ -472,14 +473,18 @@ def build_model(task: str, config: dict) -> CCLM:
 
 
 def LAYOUT(task: str, config: dict | None = None) -> freeze.LayerLayout:
-    """18 SUF layers: text 0-11 then cross 12-17 (counts from config, default the paper's)."""
+    """18 SUF layers: text 0-11 then cross 12-17 (counts from config, default the paper's).
+    Task head (what policy top trains besides its layers): the heads and, for xGQA, the whole answer
+    decoder (choice: its embeddings and LM head start random, so the task has no output unless they
+    train; its 6 layers, copies of the cross encoder, train with them as the task's generation head)."""
     cfg = config or CONFIGS["base"]
     return freeze.layout_from_rules(
         cfg["text_layers"] + cfg["cross_layers"],
         layer_rules=[("text_encoder.encoder.layer.", 0, 1), ("cross_encoder.encoder.layer.", cfg["text_layers"], 1)],
         module_rules=[("text_encoder.embeddings.", "embeddings"), ("vision_encoder.", "vision_encoder"),
                       ("text_decoder.", "answer_decoder")],
-        default_module="head")  # cls_head / itm_head / vision_proj / text_proj / temp
+        default_module="head",  # cls_head / itm_head / vision_proj / text_proj / temp
+        task_head_modules=("head", "answer_decoder"))
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -639,6 +644,35 @@ def load_state(model: CCLM, state: dict[str, torch.Tensor], source: str) -> str:
     return load_finetuned(model, state, source=source)
 
 
+# ---------------------------------------------------------------- optimizer (X2-VLM's create_optimizer)
+
+# X2-VLM's create_optimizer exempts a parameter from weight decay when one of its no-decay strings occurs
+# ANYWHERE in the name ("bias", "LayerNorm.weight", "norm.weight", "norm1.weight", "norm2.weight"; its
+# "*.bias" entries add nothing to "bias"). So the ViT's q_bias / v_bias and relative_position_bias_table and
+# its fc_norm are exempt, while the layer-scale gammas, `temp`, the cls token and the heads' LayerNorm weights
+# (cls_head.1.weight, itm_head.1.weight: no "norm" in the name) are decayed.
+X2VLM_NO_DECAY_SUBSTRINGS = ("bias", "LayerNorm.weight", "norm.weight", "norm1.weight", "norm2.weight")
+
+
+def x2vlm_no_decay(name: str, param: nn.Parameter | None = None) -> bool:
+    return any(s in name for s in X2VLM_NO_DECAY_SUBSTRINGS)
+
+
+def lr_mult_prefixes(task: str, from_pretraining: bool) -> tuple[str, ...]:
+    """Parameters X2-VLM trains at lr * lr_mult (its model.init_params after loading): XVNLI's cls_head always
+    (set when the model is built); xGQA's decoder embeddings and LM head when the loaded checkpoint lacks them,
+    i.e. from the pretraining checkpoint (or no checkpoint), not from a fine-tuned one; retrieval none (its
+    heads come from pretraining). Tied names count once: xGQA has 10 such parameters, XVNLI 6."""
+    if task == "xvnli":
+        return NEW_KEYS["xvnli"]
+    return NEW_KEYS[task] if from_pretraining else ()
+
+
+def lr_mult_rule(prefixes: tuple[str, ...], mult: float):
+    """name -> LR factor for freeze.param_groups: mult for the given prefixes, 1 elsewhere."""
+    return lambda name: mult if _starts(name, prefixes) else 1.0
+
+
 # ---------------------------------------------------------------- training entry point
 
 # Paper §4: lr 2e-5 for the ViT and 3e-5 for the rest; effective batch 256/144/128 (xGQA/XVNLI/
@@ -648,7 +682,8 @@ DEFAULTS = {
     "xgqa": {"lr": 3e-5, "batch_size": 256},
     "xvnli": {"lr": 3e-5, "batch_size": 144},
     "xflickrco": {"lr": 3e-5, "batch_size": 128},
-    # paper silent: AdamW betas of X2-VLM's create_optimizer (the CCLM fine-tuning code); eps 1e-8 (same)
+    # paper silent: AdamW betas of X2-VLM's create_optimizer (the CCLM fine-tuning code); eps 1e-8 (same);
+    # its no-decay rule (x2vlm_no_decay) and lr_mult 2 (--lr-mult) are wired in main
     "adam_betas": [0.9, 0.98],
 }
 VISION_LR = 2e-5
@@ -668,6 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", default="xlm-roberta-base", help="XLM-R tokenizer folder or cached hub id")
     c.add_argument("--image-res", type=int, default=None, help="override the config's image resolution (paper: 384)")
     c.add_argument("--vision-lr", type=float, default=VISION_LR, help="peak lr of the ViT (paper: 2e-5)")
+    c.add_argument("--lr-mult", type=float, default=2.0,
+                   help="LR factor of the newly initialised parameters (X2-VLM's lr_mult 2: XVNLI cls_head; xGQA decoder "
+                        "embeddings and LM head when starting from the pretraining checkpoint); 1 = off")
     c.add_argument("--eval-batch-size", type=int, default=32, help="examples per evaluation forward")
     c.add_argument("--no-eval", action="store_true", help="skip the per-epoch evaluation")
     return p
@@ -742,6 +780,10 @@ def main(argv: list[str] | None = None) -> None:
         layout = LAYOUT(args.task, config)
         schedule = freeze.schedule_from_args(args, layout.num_layers)
         tokenizer = engine.load_tokenizer(args, config["vocab_size"])
+        if resuming:  # the optimizer groups of the run itself (its checkpoint holds their state)
+            large_lr = tuple((meta or {}).get("lr_mult_prefixes", ()))
+        else:
+            large_lr = lr_mult_prefixes(args.task, from_pretraining=state is None or is_pretraining_state(state))
 
         engine.seed_everything(args.seed)  # identical initial weights on every rank
         model = build_model(args.task, config)
@@ -770,9 +812,14 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             raise SystemExit(f"error: data: {e}") from None
         loader = engine.build_train_loader(train_ds, args, dist, data.CCLMCollate(args.task, tokenizer, train=True))
-        meta = {**engine.base_meta("cclm", args, config, tokenizer), "vision_lr": args.vision_lr}
+        meta = {**engine.base_meta("cclm", args, config, tokenizer), "vision_lr": args.vision_lr,
+                "lr_mult": args.lr_mult, "lr_mult_prefixes": list(large_lr)}
+        if dist.is_main:
+            print(f"optimizer (X2-VLM's rules): lr x{args.lr_mult:g} for {', '.join(large_lr) or 'no parameters'}; "
+                  f"no weight decay on names containing {', '.join(X2VLM_NO_DECAY_SUBSTRINGS)}", flush=True)
         engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist,
-                     module_lr={"vision_encoder": args.vision_lr})
+                     module_lr={"vision_encoder": args.vision_lr}, no_decay=x2vlm_no_decay,
+                     lr_mult=lr_mult_rule(large_lr, args.lr_mult))
     finally:
         engine.cleanup_distributed()
 

@@ -1,7 +1,8 @@
 """Toy trainer for tests/test_engine.py: a 4-layer residual MLP "encoder" with embeddings and a head,
 trained by the real engine.train loop. Runs in-process (main(argv)) or as a script / under torchrun.
 
-Extra flags: --variants full suf suf-step llrd top  (each into <output-dir>/<variant>, one process group),
+Extra flags: --variants full suf suf-step llrd top dropout  (each into <output-dir>/<variant>, one process
+group; "dropout" = full with --dropout 0.1),
 --fail raise|hang  (after the variants, rank 1 raises / hangs at its 2nd step of one more run; prints
 "toy: failure phase <time>" first), --n-train/--n-eval sizes, --nan-index / --nan-from-epoch
 (non-finite inputs), --layers.
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
             a = copy.deepcopy(args)
             a.policy, _, unit = variant.partition("-")
             a.unfreeze_unit = unit or "epoch"
+            if variant == "dropout":
+                a.policy, a.dropout = "full", 0.1
             a.output_dir = str(Path(args.output_dir) / variant)
             if variant == "fail":
                 a.policy = "full"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import freeze  # noqa: E402
 import train_cclm  # noqa: E402
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "cclm"
@@ -146,3 +147,61 @@ def test_layout_18_layers(task: str) -> None:
     assert set(modules) == expected
     assert layout.module_of("text_decoder.cls.predictions.bias") == "answer_decoder"
     assert layout.module_of("vision_encoder.blocks.3.attn.qkv.weight") == "vision_encoder"
+
+
+# ---------------------------------------------------------------- X2-VLM's optimizer groups on the released layout
+
+# X2-VLM optim.create_optimizer, as written there: no weight decay when any of these strings occurs in the name;
+# lr * lr_mult (2, the CCLM fine-tuning configs) for model.init_params; the ViT at the paper's 2e-5.
+X2VLM_NO_DECAY = {"bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight",
+                  "norm1.bias", "norm1.weight", "norm2.bias", "norm2.weight"}
+# The second name of each tied tensor (reference README: decoder weight/bias tied to the decoder's
+# word embeddings / predictions.bias); named_parameters() and so create_optimizer see the first only.
+TIED_SECOND_NAMES = {"text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.decoder.bias"}
+LR, VISION_LR, WD, LR_MULT = 3e-5, 2e-5, 0.01, 2.0
+
+
+def x2vlm_expected_groups(task: str) -> dict[str, tuple[float, float]]:
+    """name -> (lr, weight decay) by X2-VLM's rules over the manifest's parameters. init_params = the keys
+    its loader reports missing from the pretraining checkpoint (new_random_init) that are parameter names."""
+    params = [k for k, (_, dtype) in read_keys(f"ft_{task}.keys.tsv").items()
+              if dtype == "float32" and k not in TIED_SECOND_NAMES]
+    rows = [line.split("\t") for line in (FIX / f"ft_{task}.init_from_pretrain.tsv").read_text().splitlines()[1:]]
+    init_params = {key for key, action, _ in rows if action == "new_random_init"} & set(params)
+    out = {}
+    for name in params:
+        wd = 0.0 if any(s in name for s in X2VLM_NO_DECAY) else WD
+        lr = VISION_LR if "vision_encoder" in name else LR * LR_MULT if name in init_params else LR
+        out[name] = (lr, wd)
+    return out
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_optimizer_groups_follow_x2vlm_rules_on_the_released_layout(task: str) -> None:
+    model = meta_model(task)
+    layout = train_cclm.LAYOUT(task)
+    groups = freeze.param_groups(model, layout, freeze.Schedule("full", layout.num_layers), LR, WD,
+                                 {"vision_encoder": VISION_LR}, no_decay=train_cclm.x2vlm_no_decay,
+                                 lr_mult=train_cclm.lr_mult_rule(train_cclm.lr_mult_prefixes(task, True), LR_MULT))
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {names[id(p)]: (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    want = x2vlm_expected_groups(task)
+    assert got.keys() == want.keys()
+    assert {n for n in got if got[n] != want[n]} == set()
+    doubled = sum(lr == LR * LR_MULT for lr, _ in want.values())
+    assert doubled == {"xgqa": 10, "xvnli": 6, "xflickrco": 0}[task]  # reference README §2.1
+    # the four reversals of the former ndim rule, named
+    assert got["vision_encoder.blocks.0.attn.relative_position_bias_table"][1] == 0.0
+    assert got["vision_encoder.blocks.0.gamma_1"][1] == WD
+    if task == "xflickrco":
+        assert got["temp"][1] == WD and got["itm_head.1.weight"][1] == WD
+    if task == "xvnli":
+        assert got["cls_head.1.weight"] == (LR * LR_MULT, WD)
+
+
+def test_xgqa_from_a_finetuned_checkpoint_has_no_large_lr_parameters() -> None:
+    """X2-VLM's xGQA init_params are the keys missing when loading: none from a fine-tuned checkpoint;
+    XVNLI sets its cls_head when the model is built, whatever is loaded."""
+    assert train_cclm.lr_mult_prefixes("xgqa", from_pretraining=False) == ()
+    assert train_cclm.lr_mult_prefixes("xvnli", from_pretraining=False) == ("cls_head.",)
+    assert train_cclm.lr_mult_prefixes("xflickrco", from_pretraining=True) == ()
