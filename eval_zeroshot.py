@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -123,47 +124,172 @@ def classification_metrics(preds: Sequence[int], labels: Sequence[int],
     return out
 
 
-def _ranks(scores: torch.Tensor, gold: torch.Tensor, unscored: float | None) -> torch.Tensor:
-    """Per row: candidates scored strictly higher than the gold [n, 1]; a gold the prefilter left at the
-    `unscored` value ranks behind every candidate tied with it as well (it was never scored)."""
-    above = (scores > gold).sum(1)
-    if unscored is None:
-        return above
-    return torch.where(gold[:, 0] == unscored, (scores >= gold).sum(1) - 1, above)
+# Retrieval ranks. Both references rank the gold at its position in a numpy argsort with the default kind:
+# VOLTA/IGLUE's eval_retrieval.py in np.argsort(-s) (s: float64 copy of the float32 logits), X2-VLM's itm_eval in
+# np.argsort(s)[::-1] (float32). Among exactly equal scores (duplicate captions tie for a model that scores text)
+# that order decides the rank, and the two orders differ. The references ran numpy's portable introsort (numpy
+# < 1.25 had no other); numpy >= 1.25 sends float argsort to AVX-512 / AVX2 kernels whose order among equal values
+# depends on the CPU, so np.argsort today would not give one answer on every machine. numpy_argsort below is the
+# portable introsort's order, step for step (numpy's npysort/quicksort aquicksort_ and aheapsort_, BSD licence;
+# written here), tested against np.argsort with numpy's SIMD dispatch switched off.
+TIE_ORDERS = ("volta", "x2vlm")
+TIE_ORDER_OF_MODEL = {"uc2": "volta", "cclm": "x2vlm"}
+SMALL_SORT = 15   # numpy: partitions spanning at most 16 elements are insertion-sorted
+
+
+def _less(a: float, b: float) -> bool:
+    return a < b or (b != b and a == a)   # numpy's float order: NaN after every number
+
+
+def numpy_argsort(values: Sequence[float]) -> list[int]:
+    """np.argsort(values) (default kind) in the order of numpy's portable introsort: median-of-3 quicksort,
+    insertion sort for partitions of at most 16 elements, heapsort for a partition popped below depth
+    2 * floor(log2 n). Equal to np.argsort on every CPU where numpy has no SIMD argsort (and always before 1.25)."""
+    v = [float(x) for x in values]
+    a = list(range(len(v)))
+    if len(a) < 2:
+        return a
+    stack: list[tuple[int, int, int]] = []
+    pl, pr, depth = 0, len(a) - 1, 2 * (len(a).bit_length() - 1)
+    while True:
+        if depth < 0:
+            _heapsort(v, a, pl, pr)
+        else:
+            while pr - pl > SMALL_SORT:
+                pi = _partition(v, a, pl, pr)
+                depth -= 1
+                if pi - pl < pr - pi:   # the larger side waits on the stack, with the depth reached so far
+                    stack.append((pi + 1, pr, depth))
+                    pr = pi - 1
+                else:
+                    stack.append((pl, pi - 1, depth))
+                    pl = pi + 1
+            _insertion_sort(v, a, pl, pr)
+        if not stack:
+            return a
+        pl, pr, depth = stack.pop()
+
+
+def _partition(v, a, pl, pr):
+    pm = pl + ((pr - pl) >> 1)
+    if _less(v[a[pm]], v[a[pl]]):
+        a[pm], a[pl] = a[pl], a[pm]
+    if _less(v[a[pr]], v[a[pm]]):
+        a[pr], a[pm] = a[pm], a[pr]
+    if _less(v[a[pm]], v[a[pl]]):
+        a[pm], a[pl] = a[pl], a[pm]
+    vp = v[a[pm]]
+    pi, pj = pl, pr - 1
+    a[pm], a[pj] = a[pj], a[pm]
+    while True:
+        pi += 1
+        while _less(v[a[pi]], vp):
+            pi += 1
+        pj -= 1
+        while _less(vp, v[a[pj]]):
+            pj -= 1
+        if pi >= pj:
+            break
+        a[pi], a[pj] = a[pj], a[pi]
+    a[pi], a[pr - 1] = a[pr - 1], a[pi]
+    return pi
+
+
+def _insertion_sort(v, a, pl, pr):
+    for pi in range(pl + 1, pr + 1):
+        vi = a[pi]
+        vp = v[vi]
+        pj = pi
+        while pj > pl and _less(vp, v[a[pj - 1]]):
+            a[pj] = a[pj - 1]
+            pj -= 1
+        a[pj] = vi
+
+
+def _heapsort(v, a, pl, pr):
+    n = pr - pl + 1
+    base = pl - 1  # 1-based heap positions: a[base + 1] .. a[base + n]
+
+    def sift(tmp, i, n):
+        j = 2 * i
+        while j <= n:
+            if j < n and _less(v[a[base + j]], v[a[base + j + 1]]):
+                j += 1
+            if _less(v[tmp], v[a[base + j]]):
+                a[base + i] = a[base + j]
+                i, j = j, 2 * j
+            else:
+                break
+        a[base + i] = tmp
+
+    for l in range(n >> 1, 0, -1):
+        sift(a[base + l], l, n)
+    while n > 1:
+        tmp = a[base + n]
+        a[base + n] = a[base + 1]
+        n -= 1
+        sift(tmp, 1, n)
+
+
+def reference_order(row: np.ndarray, order: str) -> list[int]:
+    """Candidates of one score row, best first, in the reference's order (see TIE_ORDERS)."""
+    if order == "volta":
+        return numpy_argsort(-row)           # eval_retrieval.py: np.argsort(-score_matrix[i])
+    if order == "x2vlm":
+        return numpy_argsort(row)[::-1]      # itm_eval: np.argsort(score)[::-1]
+    raise ValueError(f"unknown tie order {order!r}; expected one of {TIE_ORDERS}")
+
+
+def _gold_ranks(scores: np.ndarray, rows: np.ndarray, golds: np.ndarray, unscored: float | None,
+                order: str) -> np.ndarray:
+    """0-based position of candidate golds[i] in row rows[i] of `scores`, in the reference's order. A gold that
+    ties with no other candidate ranks after the strictly higher ones in any order (no sort needed); a tied one
+    (or a row with NaN) takes its position in reference_order. `unscored` (CCLM: UNSCORED, entries outside the
+    top-k prefilter): such a gold ranks behind all its ties (never scored; X2-VLM would place it anywhere
+    among them: only with k_test < 10, not a reference setting, can that change R@1/5/10)."""
+    vals = scores[rows]
+    gold = vals[np.arange(len(rows)), golds][:, None]
+    ranks = (vals > gold).sum(1)
+    positions: dict[int, np.ndarray] = {}
+    for i in np.flatnonzero(((vals == gold).sum(1) > 1) | np.isnan(vals).any(1)):
+        r = int(rows[i])
+        if r not in positions:
+            positions[r] = np.argsort(np.asarray(reference_order(scores[r], order)), kind="stable")
+        ranks[i] = positions[r][golds[i]]
+    if unscored is not None:
+        out = gold[:, 0] == unscored
+        ranks[out] = (vals[out] >= gold[out]).sum(1) - 1
+    return ranks
 
 
 def retrieval_ranks(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: Sequence[int],
-                    unscored: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """0-based ranks as VOLTA's eval_retrieval.py / X2-VLM's itm_eval compute them.
-    score_i2t [n_img, n_txt], score_t2i [n_txt, n_img] (UC2: both views of one caption x image matrix).
-    Text retrieval (image -> captions): rank of the best-ranked caption of each image.
-    Image retrieval (caption -> images): rank of the caption's image.
-    Rank = number of candidates scored strictly higher (the references take the position in an
-    argsort, whose order among exactly tied scores is arbitrary; we resolve ties in favour of the
-    gold item -- our choice). `unscored` (CCLM: UNSCORED, the value of entries outside the top-k
-    prefilter): such a gold ranks behind all its ties, so it never counts as retrieved within the
-    top k (X2-VLM would place it anywhere among them; with k >= 10 R@1/5/10 are the same either way)."""
-    txt2img = torch.as_tensor(list(txt2img), dtype=torch.long)
+                    unscored: float | None = None, ties: str = "volta") -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based ranks as VOLTA's eval_retrieval.py (ties="volta", UC2) / X2-VLM's itm_eval (ties="x2vlm", CCLM)
+    compute them. score_i2t [n_img, n_txt], score_t2i [n_txt, n_img] (UC2: both views of one caption x image
+    matrix). Text retrieval (image -> captions): rank of the best-ranked caption of each image. Image retrieval
+    (caption -> images): rank of the caption's image. Exactly tied scores are ordered as the reference's argsort
+    orders them (see TIE_ORDERS); `unscored`: see _gold_ranks."""
+    if ties not in TIE_ORDERS:
+        raise ValueError(f"unknown tie order {ties!r}; expected one of {TIE_ORDERS}")
+    txt2img = np.asarray(list(txt2img), dtype=np.int64)
     n_img, n_txt = score_i2t.shape
-    if score_t2i.shape != (n_txt, n_img) or txt2img.numel() != n_txt:
+    if score_t2i.shape != (n_txt, n_img) or txt2img.size != n_txt:
         raise ValueError(f"score shapes {tuple(score_i2t.shape)} / {tuple(score_t2i.shape)} do not fit "
-                         f"{txt2img.numel()} captions")
-    s_t2i = score_t2i.double()
-    ir_ranks = _ranks(s_t2i, s_t2i.gather(1, txt2img[:, None]), unscored)
-    s_i2t = score_i2t.double()
-    gold_i = s_i2t[txt2img, torch.arange(n_txt)]                         # score of (own image, caption)
-    caption_ranks = _ranks(s_i2t[txt2img], gold_i[:, None], unscored)   # rank within its image's row
-    tr_ranks = torch.full((n_img,), n_txt, dtype=torch.long)
-    tr_ranks = tr_ranks.scatter_reduce(0, txt2img, caption_ranks, reduce="amin")
+                         f"{txt2img.size} captions")
+    captions = np.arange(n_txt)
+    ir_ranks = _gold_ranks(score_t2i.double().numpy(), captions, txt2img, unscored, ties)
+    caption_ranks = _gold_ranks(score_i2t.double().numpy(), txt2img, captions, unscored, ties)  # within its image's row
+    tr_ranks = np.full(n_img, n_txt, dtype=np.int64)
+    np.minimum.at(tr_ranks, txt2img, caption_ranks)
     if (tr_ranks == n_txt).any():
         raise ValueError(f"{int((tr_ranks == n_txt).sum())} images have no caption")
-    return tr_ranks, ir_ranks
+    return torch.from_numpy(tr_ranks), torch.from_numpy(ir_ranks.astype(np.int64))
 
 
 def recall_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: Sequence[int],
-                   unscored: float | None = None) -> dict[str, float]:
+                   unscored: float | None = None, ties: str = "volta") -> dict[str, float]:
     """tr_r1/5/10, ir_r1/5/10 (percent), medr/meanr as VOLTA prints them (floor(median)+1, mean+1)."""
-    tr, ir = retrieval_ranks(score_i2t, score_t2i, txt2img, unscored)
+    tr, ir = retrieval_ranks(score_i2t, score_t2i, txt2img, unscored, ties)
     out: dict[str, float] = {}
     for name, ranks in (("tr", tr), ("ir", ir)):
         for k in RECALL_KS:
@@ -171,6 +297,7 @@ def recall_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: Se
         out[f"{name}_medr"] = math.floor(ranks.double().quantile(0.5).item()) + 1.0   # = numpy median
         out[f"{name}_meanr"] = ranks.double().mean().item() + 1.0
     out["n_images"], out["n_captions"] = score_i2t.shape
+    out["ties"] = ties
     return out
 
 
@@ -966,13 +1093,13 @@ def _evaluate_retrieval(model, s: EvalSet, dist, device, batch_size, num_workers
         if scores.shape != (n_txt, n_img):
             raise RuntimeError(f"xflickrco {s.lang}: gathered a {tuple(scores.shape)} score matrix for "
                                f"{n_txt} captions x {n_img} images")
-        return recall_metrics(scores.t(), scores, txt2img)
+        return recall_metrics(scores.t(), scores, txt2img, ties=TIE_ORDER_OF_MODEL["uc2"])
     img_shard = engine.shard(n_img, dist)
     images = _loader(s.images, img_shard, s.collate, batch_size, num_workers)
     k = k_test if k_test is not None else int(getattr(model, "config", {}).get("k_test", 128))
     i2t, t2i = cclm_score_matrices(model, images, captions, img_shard.start, n_img, n_txt, k=k,
                                    itm_batch=itm_batch, dist=dist, device=device, amp=amp)
-    return recall_metrics(i2t, t2i, txt2img, unscored=UNSCORED)
+    return recall_metrics(i2t, t2i, txt2img, unscored=UNSCORED, ties=TIE_ORDER_OF_MODEL["cclm"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,9 +51,10 @@ def test_recall_at_k_hand_made():
     m = E.recall_metrics(S.t(), S, txt2img)
     tr, ir = E.retrieval_ranks(S.t(), S, txt2img)
     assert ir.tolist() == [0, 1, 2, 1]
-    # img0: captions sorted 0.9 (cap0) ...: best caption rank 0; img1: 0.8 cap1, 0.5 cap3, 0.1, 0.1 -> cap2 rank 2
-    # (ties at 0.1 resolved in the gold's favour); img2: 0.4 cap3 best -> 0
-    assert tr.tolist() == [0, 2, 0]
+    # img0: captions sorted 0.9 (cap0) ...: best caption rank 0; img1: 0.8 cap1, 0.5 cap3, then the tie at 0.1:
+    # VOLTA's np.argsort(-s) = [1, 3, 0, 2] puts cap2 4th (rank 3); X2-VLM's argsort(s)[::-1] = [1, 3, 2, 0]: rank 2
+    assert tr.tolist() == [0, 3, 0]
+    assert E.retrieval_ranks(S.t(), S, txt2img, ties="x2vlm")[0].tolist() == [0, 2, 0]
     assert m["ir_r1"] == pytest.approx(25.0) and m["ir_r5"] == 100.0
     assert m["tr_r1"] == pytest.approx(200 / 3) and m["tr_r10"] == 100.0
     assert m["ir_medr"] == 2.0 and m["ir_meanr"] == pytest.approx(2.0)   # floor(median [0,1,1,2])+1, mean+1
@@ -62,6 +63,147 @@ def test_recall_at_k_hand_made():
     t2i = torch.tensor([[-100.0, 3.0], [4.0, -100.0]])
     tr, ir = E.retrieval_ranks(i2t, t2i, [0, 1])
     assert tr.tolist() == [1, 1] and ir.tolist() == [1, 1]
+
+
+# The references' own scoring, run with numpy's SIMD sort dispatch switched off (the portable introsort the
+# references ran on; numpy >= 1.25 orders ties differently per CPU otherwise). VOLTA: eval_retrieval.py's rank
+# formulas; X2-VLM: itm_eval's. Reads <dir>/cases.npz, writes <dir>/ranks.json.
+_REFERENCE_SCORING = """
+import json, sys
+import numpy as np
+d = sys.argv[1]
+cases = np.load(d + "/cases.npz")
+out = {"argsort": [np.argsort(cases[k]).tolist() for k in sorted(cases) if k.startswith("sort")]}
+for name in sorted(k[4:] for k in cases if k.startswith("t2i_")):
+    t2i, i2t, txt2img = cases["t2i_" + name], cases["i2t_" + name], cases["txt2img_" + name]
+    score_matrix = t2i.astype(np.float64)            # VOLTA: captions x images, float64
+    ir = [int(np.where(np.argsort(-score_matrix[c]) == txt2img[c])[0][0]) for c in range(len(txt2img))]
+    tr = [min(int(np.where(np.argsort(-score_matrix[:, i]) == c)[0][0]) for c in np.where(txt2img == i)[0])
+          for i in range(score_matrix.shape[1])]
+    x_ir = [int(np.where(np.argsort(t2i[c])[::-1] == txt2img[c])[0][0]) for c in range(len(txt2img))]
+    x_tr = [min(int(np.where(np.argsort(i2t[i])[::-1] == c)[0][0]) for c in np.where(txt2img == i)[0])
+            for i in range(i2t.shape[0])]
+    out[name] = {"volta": [tr, ir], "x2vlm": [x_tr, x_ir]}
+json.dump(out, open(d + "/ranks.json", "w"))
+"""
+
+
+def _reference_scoring(tmp_path, **cases) -> dict:
+    import numpy as np
+    from numpy._core._multiarray_umath import __cpu_dispatch__
+    np.savez(tmp_path / "cases.npz", **cases)
+    env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": " ".join(__cpu_dispatch__)}
+    subprocess.run([sys.executable, "-c", _REFERENCE_SCORING, str(tmp_path)], check=True, env=env)
+    return json.loads((tmp_path / "ranks.json").read_text())
+
+
+def test_numpy_argsort_is_numpys_portable_introsort(tmp_path):
+    import numpy as np
+    rng = np.random.default_rng(3)
+    arrays = [rng.integers(0, int(rng.integers(1, 40)), size=int(n)).astype(dt)
+              for n in rng.integers(1, 700, size=60) for dt in (np.float32, np.float64)]
+    arrays[5][::7] = np.nan
+    arrays += [np.zeros(100), np.arange(300, 0, -1.0), np.tile([2.0, 1.0, 1.0], 90)]
+    # McIlroy's adversary against median-of-3 quicksort: drives a partition below the depth limit (heapsort path)
+    arrays.append(_median_of_3_killer(1024))
+    cases = {f"sort{i:03d}": a for i, a in enumerate(arrays)}
+    got = [E.numpy_argsort(cases[k]) for k in sorted(cases)]
+    assert got == _reference_scoring(tmp_path, **cases)["argsort"]
+
+
+def _median_of_3_killer(n: int):
+    """Values on which the introsort's quicksort degrades (McIlroy, "A killer adversary for quicksort"): the
+    comparisons are answered lazily while E.numpy_argsort runs, freezing values only when needed."""
+    import numpy as np
+    gas = n
+    val = [gas] * n
+    nsolid = [0]
+    candidate = [0]
+    calls = {"heap": 0}
+
+    def less(a, b):
+        x, y = a, b
+        if val[x] == gas and val[y] == gas:
+            if x == candidate[0]:
+                val[x] = nsolid[0]; nsolid[0] += 1
+            else:
+                val[y] = nsolid[0]; nsolid[0] += 1
+        if val[x] == gas:
+            candidate[0] = x
+        elif val[y] == gas:
+            candidate[0] = y
+        return val[x] < val[y]
+
+    real_less, real_heap = E._less, E._heapsort
+    idx = list(range(n))
+
+    def heap(v, a, pl, pr):
+        calls["heap"] += 1
+        return real_heap(v, a, pl, pr)
+    E._less, E._heapsort = (lambda p, q: less(int(p), int(q))), heap
+    try:
+        E.numpy_argsort(idx)
+    finally:
+        E._less, E._heapsort = real_less, real_heap
+    assert calls["heap"] > 0   # the heapsort branch is exercised
+    out = np.array(val, dtype=np.float64)
+    out[out == gas] = gas   # never compared: the largest
+    return out
+
+
+def _real_retrieval_cases():
+    """Synthetic scores over IGLUE's real xFlickrCo test captions (tests/fixtures/iglue): a model that scores the
+    caption text gives duplicate captions equal scores; coarse score levels add ties across captions."""
+    import numpy as np
+    import data
+    rng = np.random.default_rng(11)
+    cases = {}
+    for lang in ("en", "de", "ja"):
+        exs = data.load_split(FIX / "iglue", "xflickrco", "test", lang)
+        exs = exs + exs[:9]   # repeat captions of 9 images as captions of further images: duplicate texts
+        txt2img = np.array([ex.label for ex in exs[:40]] + list(range(40, 49)))
+        texts = [ex.text for ex in exs]
+        level = {t: rng.integers(0, 4, size=49) for t in dict.fromkeys(texts)}
+        t2i = np.stack([level[t] for t in texts]).astype(np.float32)   # [captions, images]
+        cases[f"t2i_{lang}"], cases[f"i2t_{lang}"], cases[f"txt2img_{lang}"] = t2i, t2i.T.copy(), txt2img
+        pre = t2i.copy()   # CCLM: k=20 prefilter, the rest UNSCORED (-100), scored independently per direction
+        i2t = t2i.T.copy() + 0.5
+        for m in (pre, i2t):
+            cut = np.argsort(-m, axis=1, kind="stable")[:, 20:]
+            np.put_along_axis(m, cut, E.UNSCORED, axis=1)
+        cases[f"t2i_{lang}k"], cases[f"i2t_{lang}k"], cases[f"txt2img_{lang}k"] = pre, i2t, txt2img
+    return cases
+
+
+def test_retrieval_ties_are_ranked_as_each_reference_ranks_them(tmp_path):
+    import numpy as np
+    cases = _real_retrieval_cases()
+    ref = _reference_scoring(tmp_path, **cases)
+    differ = 0
+    for name in sorted(k[4:] for k in cases if k.startswith("t2i_")):
+        t2i, i2t = torch.from_numpy(cases["t2i_" + name]), torch.from_numpy(cases["i2t_" + name])
+        txt2img = cases["txt2img_" + name].tolist()
+        unscored = E.UNSCORED if name.endswith("k") else None
+        # VOLTA has one caption x image matrix (both directions read it); CCLM's prefiltered pair is X2-VLM's only
+        for ties in (E.TIE_ORDERS if unscored is None else ["x2vlm"]):
+            tr, ir = E.retrieval_ranks(i2t, t2i, txt2img, unscored=unscored, ties=ties)
+            want_tr, want_ir = ref[name][ties]
+            if unscored is None:
+                assert tr.tolist() == want_tr and ir.tolist() == want_ir, (name, ties)
+            else:   # golds the prefilter dropped rank behind their ties (ours), anywhere among them (X2-VLM)
+                gold_ir = t2i[torch.arange(len(txt2img)), torch.tensor(txt2img)]
+                kept = gold_ir != E.UNSCORED
+                assert ir[kept].tolist() == np.asarray(want_ir)[kept.numpy()].tolist(), (name, ties)
+                gold_tr = i2t[torch.tensor(txt2img), torch.arange(len(txt2img))]
+                kept = [i for i in range(len(tr)) if all(gold_tr[c] != E.UNSCORED
+                                                          for c in range(len(txt2img)) if txt2img[c] == i)]
+                assert len(kept) > 5 and [tr[i].item() for i in kept] == [want_tr[i] for i in kept], (name, ties)
+                m = E.recall_metrics(i2t, t2i, txt2img, unscored=unscored, ties=ties)
+                for k in E.RECALL_KS:   # k_test = 20 >= 10: every recall is the reference's
+                    assert m[f"ir_r{k}"] == pytest.approx(100 * np.mean(np.asarray(want_ir) < k), abs=1e-9)
+                    assert m[f"tr_r{k}"] == pytest.approx(100 * np.mean(np.asarray(want_tr) < k), abs=1e-9)
+        differ += ref[name]["volta"] != ref[name]["x2vlm"]
+    assert differ   # the two references' tie orders differ on these cases: the choice of order matters
 
 
 def test_gold_outside_the_top_k_prefilter_is_never_retrieved():
