@@ -561,13 +561,43 @@ def format_table(task: str, per_lang: dict[str, dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def iglue_csv(task: str, per_lang: dict[str, dict], model_name: str, metric: str) -> str:
-    """One results row in IGLUE's results/ format: header model,en,<langs>,avg then the row."""
-    langs = ordered_langs(per_lang)
+MISSING = -1.0   # IGLUE's results/ scripts write -1.0 for a language without a result and keep its column
+N_ROW = "n"      # second CSV row: how many examples each number is over
+
+
+def csv_langs(task: str, shots: int | str = 0) -> list[str]:
+    """IGLUE's results/ columns: en + the target languages (zero-shot); the target languages only (few-shot)."""
+    return (["en"] if not _is_fewshot(shots) else []) + list(TARGET_LANGS[task])
+
+
+def _is_fewshot(shots: int | str) -> bool:
+    return str(shots) not in ("0", "")
+
+
+def csv_n(task: str, metrics: dict, metric: str) -> int:
+    """Examples a number is over: questions / pairs (xgqa, xvnli), images (text retrieval), captions (image
+    retrieval)."""
+    if task == "xflickrco":
+        return int(metrics["n_images" if metric.startswith("tr_") else "n_captions"])
+    return int(metrics["n"])
+
+
+def iglue_csv(task: str, per_lang: dict[str, dict], model_name: str, metric: str, shots: int | str = 0,
+              extra_langs: Sequence[str] = ()) -> str:
+    """IGLUE's results/ CSV: header model,<IGLUE's languages>,avg (get_<task>_zero.py / _few.py column order),
+    the model's row, and a row "n" with the number of examples of each language (-1 where missing). A language
+    without a result is -1.0, as IGLUE writes it; avg is IGLUE's mean over the target languages when all of them
+    have a result, else -1.0 (IGLUE's formula would average the -1.0s in). Languages outside IGLUE's list
+    (extra_langs, e.g. a dev split's) are appended before avg."""
+    langs = csv_langs(task, shots) + [l for l in extra_langs if l not in csv_langs(task, shots)]
+    targets = [l for l in TARGET_LANGS[task] if l in langs]
+    values = {l: float(per_lang[l][metric]) if l in per_lang and metric in per_lang[l] else MISSING for l in langs}
+    avg = sum(values[l] for l in targets) / len(targets) if all(l in per_lang for l in targets) else MISSING
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["model"] + langs + ["avg"])
-    w.writerow([model_name] + [per_lang[l][metric] for l in langs] + [zs_average(per_lang, metric)])
+    w.writerow([model_name] + [values[l] for l in langs] + [avg])
+    w.writerow([N_ROW] + [csv_n(task, per_lang[l], metric) if l in per_lang else -1 for l in langs] + [""])
     return buf.getvalue()
 
 
@@ -581,6 +611,32 @@ def csv_name(task: str, metric: str, shots: int, translate_test: bool, split: st
 
 def eval_key(split: str, translate_test: bool) -> str:
     return split + (".mt" if translate_test else "")
+
+
+def predictions_name(record: dict, lang: str) -> str:
+    """IGLUE's per-language result file: <split>_<lang>_<shots>_result.json (VOLTA's eval_task.py writes
+    <split>_result.json; IGLUE's analysis notebooks read results/xgqa/<zero|few>_shot/<model>/
+    test_<lang>_<shots>_result.json). Translate-test: <split>_<lang>_mt_<shots>_result.json."""
+    mt = "_mt" if record["translate_test"] and lang != "en" else ""
+    return f"{record['split']}_{lang}{mt}_{record.get('shots', 0)}_result.json"
+
+
+def predictions_json(task: str, preds: Sequence[tuple[str, int]], names: Sequence[str]) -> str:
+    """One language's per-example predictions as VOLTA's eval_task.py writes them: xGQA (VL-classifier-GQA)
+    [{"questionId", "prediction": answer}], the input of GQA_score.py and of IGLUE's xGQA analysis notebook;
+    XVNLI (VL-classifier) [{"question_id": pairID, "answer": entailment|neutral|contradiction}]. names[label]:
+    the answer / class name of each label id of the model (see label_names)."""
+    if task not in ("xgqa", "xvnli"):
+        raise ValueError(f"no per-example predictions file for {task}")
+    key, value = ("questionId", "prediction") if task == "xgqa" else ("question_id", "answer")
+    return json.dumps([{key: str(i), value: names[p] if 0 <= p < len(names) else ""} for i, p in preds]) + "\n"
+
+
+def label_names(model_name: str, task: str, data_root) -> list[str]:
+    """Name of each label id the model predicts: the GQA answers (label2ans) or the model's XVNLI class order."""
+    if task == "xgqa":
+        return data.load_answer_vocab(data_root)[1]
+    return list(data.XVNLI_LABELS_UC2 if model_name == "uc2" else data.XVNLI_LABELS_CCLM)
 
 
 def write_results(out_dir: str | Path, record: dict, model_name: str) -> Path:
@@ -601,7 +657,9 @@ def write_results(out_dir: str | Path, record: dict, model_name: str) -> Path:
     atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
     for metric in MAIN_METRICS[record["task"]]:
         name = csv_name(record["task"], metric, record.get("shots", 0), record["translate_test"], record["split"])
-        atomic_write_text(out_dir / name, iglue_csv(record["task"], record["langs"], model_name, metric))
+        extra = [l for l in ordered_langs(record["langs"]) if l not in ("en",) + TARGET_LANGS[record["task"]]]
+        atomic_write_text(out_dir / name, iglue_csv(record["task"], record["langs"], model_name, metric,
+                                                    record.get("shots", 0), extra))
     return path
 
 
@@ -921,6 +979,40 @@ def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
     return {"table1": table1, "table2": table2, "table3": table3, "per_language": per_lang}
 
 
+def merged_iglue_csvs(runs: Sequence[str | Path], split: str = "test") -> dict[str, str]:
+    """{file name: CSV text}: IGLUE's results/ files over several runs, one row per run (named by its folder, as
+    `evaluate` names it) and the row "n" of each (see iglue_csv). A few-shot run adapts to one language, so the
+    few-shot runs that start from one English run (one folder per target language) are merged into one row,
+    named by that English run: xGQA_48.csv with IGLUE's few-shot columns (target languages, avg over them;
+    -1.0 where a language has no run yet)."""
+    rows: dict[str, dict[str, dict]] = {}   # file name -> {setup name -> {lang: metrics}}
+    for run in runs:
+        r = run_results(run, split)
+        if r is None or r.get("task") not in TASKS:
+            continue
+        shots = r.get("shots") or 0
+        fewshot = _is_fewshot(shots)
+        setup = Path(run).name
+        if fewshot and (Path(run) / "fewshot.json").is_file():
+            setup = Path(read_json(Path(run) / "fewshot.json").get("init_checkpoint", run)).parent.name
+        langs = {r["fewshot_lang"]: r["langs"][r["fewshot_lang"]]} if fewshot and r.get("fewshot_lang") in r["langs"] \
+            else r["langs"]
+        for metric in MAIN_METRICS[r["task"]]:
+            merged = rows.setdefault(csv_name(r["task"], metric, shots, False, split), {}).setdefault(setup, {})
+            merged.update(langs)
+            merged.setdefault("_task", {"task": r["task"], "metric": metric, "shots": shots})
+    out = {}
+    for name, setups in rows.items():
+        lines = []
+        for setup, langs in setups.items():
+            spec = langs["_task"]
+            per_lang = {l: m for l, m in langs.items() if l != "_task"}
+            text = iglue_csv(spec["task"], per_lang, setup, spec["metric"], spec["shots"]).splitlines()
+            lines += ([text[0]] if not lines else []) + text[1:]
+        out[name] = "\n".join(lines) + "\n"
+    return out
+
+
 def format_tables(t: dict, per_language: bool = False) -> str:
     out = ["Table 1: ours (paper). EN and ZS-XLT = mean over non-English languages; accuracy / R@1; "
            "* = not all of IGLUE's target languages were evaluated.",
@@ -1046,10 +1138,12 @@ def _device_of(model: torch.nn.Module, dist) -> torch.device:
 @torch.no_grad()
 def evaluate_task(model: torch.nn.Module, task: str, sets: dict[str, EvalSet], dist=None, *, batch_size: int = 64,
                   num_workers: int = 0, amp: str = "off", k_test: int | None = None, pair_batch: int = 1024,
-                  itm_batch: int = 128, langs: Sequence[str] | None = None) -> dict[str, dict]:
+                  itm_batch: int = 128, langs: Sequence[str] | None = None,
+                  predictions: dict | None = None) -> dict[str, dict]:
     """{lang: metrics} on every rank. Each rank runs its engine.shard of every test set; engine.gather
     assembles the predictions (retrieval: the score matrices), so every example counts exactly once and
-    the numbers equal a single-process run. The model is put in eval mode and restored afterwards."""
+    the numbers equal a single-process run. The model is put in eval mode and restored afterwards.
+    `predictions` (xgqa/xvnli): filled with {lang: [(example id, predicted label), ...]} in file order."""
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -1068,8 +1162,10 @@ def evaluate_task(model: torch.nn.Module, task: str, sets: dict[str, EvalSet], d
             records = engine.gather(list(zip(mine, local, strict=True)), dist)
             if sorted(i for i, _ in records) != list(range(n)):   # every example exactly once
                 raise RuntimeError(f"{task} {lang}: gathered {len(records)} predictions for {n} examples")
-            _, preds, labels, qtypes = zip(*(r for _, r in records))
+            ids, preds, labels, qtypes = zip(*(r for _, r in sorted(records)))
             results[lang] = classification_metrics(preds, labels, qtypes if task == "xgqa" else None)
+            if predictions is not None:
+                predictions[lang] = list(zip(ids, preds))
     finally:
         model.train(was_training)
     return results
@@ -1123,11 +1219,15 @@ def load_model(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
 
 
 def prepare_model(model: torch.nn.Module, data_root, tokenizer) -> None:
-    """CCLM xGQA ranks the 1,842 GQA answers: give the model the tokenised answer list
-    (X2-VLM: tokenizer(answer_list, padding='longest'): <s> answer </s>)."""
+    """CCLM xGQA ranks the 1,842 GQA answers: give the model the tokenised answer list in X2-VLM's order
+    (tokenizer(answer_list, padding='longest'): <s> answer </s>)."""
     if hasattr(model, "set_answer_list"):
-        _, label2ans = data.load_answer_vocab(data_root)
-        model.set_answer_list(*data.encode_texts(tokenizer, label2ans, None))
+        # X2-VLM's xgqa_dataset: answer_list = list(json.load(trainval_ans2label.json).keys()), the candidate order
+        # that decides first-token ties at the top-k prune; predictions map back to our label ids
+        ans2label, _ = data.load_answer_vocab(data_root)
+        answers = list(ans2label)
+        model.set_answer_list(*data.encode_texts(tokenizer, answers, None),
+                              labels=torch.tensor([ans2label[a] for a in answers]))
 
 
 def _run_checkpoint(run: Path) -> Path:
@@ -1207,9 +1307,11 @@ def _evaluate(args, dist) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     start = time.time()
+    preds: dict[str, list] = {}
     try:   # bad data found while evaluating (e.g. a missing feature key or image): one line, nothing written
         results = evaluate_task(model, task, sets, dist, batch_size=args.batch_size, num_workers=args.num_workers,
-                                amp=args.amp, k_test=args.k_test, pair_batch=args.pair_batch, itm_batch=args.itm_batch)
+                                amp=args.amp, k_test=args.k_test, pair_batch=args.pair_batch, itm_batch=args.itm_batch,
+                                predictions=preds)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if dist.is_main:
@@ -1229,6 +1331,9 @@ def _evaluate(args, dist) -> int:
                  f"{' translate-test' if args.translate_test else ''} ({ckpt}, epoch {meta.get('epoch')})")
         print(format_table(task, results, title), flush=True)
         path = write_results(out_dir, record, name)
+        names = label_names(meta["model"], task, args.data_root) if preds else []
+        for lang, rows in preds.items():
+            atomic_write_text(out_dir / predictions_name(record, lang), predictions_json(task, rows, names))
         print(f"wrote {path} [{eval_key(args.split, args.translate_test)}] and "
               + ", ".join(csv_name(task, m, record['shots'], args.translate_test, args.split) for m in MAIN_METRICS[task]),
               flush=True)
@@ -1332,6 +1437,10 @@ def cmd_table(args) -> int:
     if args.out:
         atomic_write_text(args.out, json.dumps(tables, indent=1) + "\n")
         print(f"wrote {args.out}")
+    if args.iglue_csv:
+        for name, text in merged_iglue_csvs([Path(r) for r in args.runs], args.split).items():
+            atomic_write_text(Path(args.iglue_csv) / name, text)
+            print(f"wrote {Path(args.iglue_csv) / name}")
     return 0
 
 
@@ -1533,6 +1642,9 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--split", default="test", help="results.json entry to use (default test)")
     tb.add_argument("--per-language", action="store_true", help="also per-language tables (paper Tables 4-6)")
     tb.add_argument("--out", default=None, help="also write the tables as JSON here")
+    tb.add_argument("--iglue-csv", default=None, metavar="DIR",
+                    help="also write IGLUE's results/ CSVs here, one row per setup (few-shot: the per-language runs "
+                         "of a setup merged into one row, e.g. xGQA_48.csv)")
     fs = sub.add_parser("fewshot", help="few-shot fine-tuning of an English-trained checkpoint on one language")
     add_fewshot_args(fs)
     return p

@@ -446,9 +446,27 @@ def test_evaluate_every_language_and_translate_test(env, model_name, task, capsy
         for m in E.MAIN_METRICS[task]:
             assert res["summary"][m]["avg"] == pytest.approx(E.zs_average(res["langs"], m))
             csv_file = run / E.csv_name(task, m, 0, mt, split)
-            header, row = csv_file.read_text().splitlines()
-            assert header.split(",") == ["model"] + E.ordered_langs(res["langs"]) + ["avg"]
-            assert float(row.split(",")[-1]) == pytest.approx(E.zs_average(res["langs"], m))
+            header, row, n_row = (line.split(",") for line in csv_file.read_text().splitlines())
+            assert header == ["model"] + E.csv_langs(task) + ["avg"]   # IGLUE's columns, whatever was evaluated
+            complete = set(E.TARGET_LANGS[task]) <= set(res["langs"])
+            assert float(row[-1]) == (pytest.approx(E.zs_average(res["langs"], m)) if complete else -1.0)
+            for lang, value, n in zip(header[1:-1], row[1:-1], n_row[1:-1]):
+                want = res["langs"].get(lang)
+                assert float(value) == (pytest.approx(want[m]) if want else -1.0)
+                assert int(n) == (E.csv_n(task, want, m) if want else -1)
+        if task != "xflickrco":   # per-example predictions, as VOLTA's eval_task.py writes them
+            rec = {"split": split, "translate_test": mt, "shots": 0}
+            names = E.label_names(model_name, task, env["data_root"])
+            for lang in res["langs"]:
+                rows = json.loads((run / E.predictions_name(rec, lang)).read_text())
+                key, value = ("questionId", "prediction") if task == "xgqa" else ("question_id", "answer")
+                exs = data.load_split(env["data_root"], task, split, lang, translate_test=mt and lang != "en")
+                exs = [ex for ex in exs if model_name == "uc2" or ex.gold != data.XVNLI_NO_GOLD]  # X2-VLM drops "-"
+                assert [r[key] for r in rows] == [ex.id for ex in exs] and all(r[value] in names for r in rows)
+                if task == "xgqa":   # GQA_score.py's rule on its own inputs reproduces our accuracy
+                    gold = {ex.id: ex.gold for ex in exs}
+                    score = 100 * sum(r["prediction"] == gold[r["questionId"]] for r in rows) / len(rows)
+                    assert score == pytest.approx(res["langs"][lang]["accuracy"], abs=1e-9)
         if task == "xgqa":
             for lm in res["langs"].values():
                 assert sum(lm[f"n_{t}"] for t in E.QTYPES) + lm.get("n_other", 0) == lm["n"]
@@ -456,6 +474,22 @@ def test_evaluate_every_language_and_translate_test(env, model_name, task, capsy
                 assert total / lm["n"] == pytest.approx(lm["accuracy"], abs=1e-9)
     # the translate-test evaluation did not replace the plain one
     assert set(json.loads((run / "results.json").read_text())) == {split, split + ".mt"}
+
+
+def test_xvnli_counts_every_pair_for_uc2_and_drops_unlabelled_pairs_for_cclm(env):
+    """IGLUE's UC2 numbers are k / 1,164 (all pairs of a real test file, 14 labelled "-", counted wrong);
+    X2-VLM scores the 1,150 labelled ones. The trimmed sample: 44 pairs per language, one labelled "-"."""
+    import data
+    n_dash = {lang: sum(ex.gold == data.XVNLI_NO_GOLD for ex in data.load_split(env["data_root"], "xvnli", "test", lang))
+              for lang in ("en", "ar")}
+    assert n_dash == {"en": 1, "ar": 1}
+    for model_name, want in (("uc2", 44), ("cclm", 43)):
+        run = env["runs"][(model_name, "xvnli")]
+        assert E.main(["--run", str(run), "--langs", "en", "ar", "--num-workers", "0", "--batch-size", "16"]) == 0
+        res = json.loads((run / "results.json").read_text())["test"]["langs"]
+        assert res["en"]["n"] == res["ar"]["n"] == want
+        n_row = (run / "XVNLI_0.csv").read_text().splitlines()[2].split(",")
+        assert n_row[:3] == ["n", str(want), str(want)]   # columns en, ar
 
 
 def test_failed_evaluation_keeps_the_good_result(env, tmp_path, capsys):
@@ -643,6 +677,72 @@ def test_table_layout_with_paper_numbers(tmp_path, capsys):
     t3 = {r["setup"]: r for r in t["table3"]}
     assert t3["SUF"]["few_shot"] == 47.0 and t3["SUF"]["few_shot_langs"] == ["de"] and t3["SUF"]["paper_few_shot"] == 46.7
     assert "Per language (xgqa:accuracy)" in out
+
+
+def test_iglue_csv_keeps_iglues_columns_and_writes_minus_one_for_missing_languages():
+    """IGLUE's results/get_<task>_zero.py: columns model,en,<LANGS>,avg; a language without a result is -1.0."""
+    per_lang = {"en": {"accuracy": 60.0, "n": 1164}, "de": {"accuracy": 40.0, "n": 1164}}
+    header, row, n_row = (line.split(",") for line in E.iglue_csv("xgqa", per_lang, "m", "accuracy").splitlines())
+    assert header == ["model", "en", "bn", "de", "id", "ko", "pt", "ru", "zh", "avg"]   # get_xgqa_zero.py's LANGS
+    assert row == ["m", "60.0", "-1.0", "40.0", "-1.0", "-1.0", "-1.0", "-1.0", "-1.0", "-1.0"]
+    assert n_row == ["n", "1164", "-1", "1164", "-1", "-1", "-1", "-1", "-1", ""]
+    full = {l: {"tr_r1": float(i), "ir_r1": 0.0, "n_images": 2000 - (l == "de"), "n_captions": 2000}
+            for i, l in enumerate(E.csv_langs("xflickrco"))}
+    header, row, n_row = (line.split(",") for line in E.iglue_csv("xflickrco", full, "m", "tr_r1").splitlines())
+    assert header[1:-1] == ["en", "de", "es", "id", "ja", "ru", "tr", "zh"]            # get_xflickrco_zero.py's
+    assert float(row[-1]) == pytest.approx(sum(range(1, 8)) / 7) and n_row[2] == "1999"
+    few = E.iglue_csv("xvnli", {"fr": {"accuracy": 50.0, "n": 1164}}, "m", "accuracy", shots="48").splitlines()
+    assert few[0] == "model,ar,es,fr,ru,avg" and few[1] == "m,-1.0,-1.0,50.0,-1.0,-1.0"   # get_xvnli_few.py's
+
+
+def test_fewshot_runs_of_one_english_run_merge_into_one_iglue_row(tmp_path):
+    runs = []
+    for i, (init, lang, acc) in enumerate([("uc2-xgqa-suf", "de", 47.0), ("uc2-xgqa-suf", "ko", 41.0),
+                                           ("uc2-xgqa-full", "de", 45.0)]):
+        fs = tmp_path / f"{init}-fewshot48-{lang}"
+        fs.mkdir()
+        (fs / "fewshot.json").write_text(json.dumps({"init_checkpoint": str(tmp_path / init / "model_final.pt")}))
+        (fs / "results.json").write_text(json.dumps({"test": {
+            "model": "uc2", "task": "xgqa", "policy": "full", "shots": "48", "fewshot_lang": lang,
+            "init_policy": init.split("-")[-1], "split": "test", "translate_test": False,
+            "langs": {lang: {"accuracy": acc, "n": 9666}}}}))
+        runs.append(fs)
+    zs = _fake_run(tmp_path / "uc2-xgqa-suf", "uc2", "xgqa", "suf", XGQA_LANGS, 2, 0)
+    assert E.main(["table", *map(str, runs + [zs]), "--iglue-csv", str(tmp_path / "csv")]) == 0
+    lines = (tmp_path / "csv" / "xGQA_48.csv").read_text().splitlines()
+    assert lines[0] == "model,bn,de,id,ko,pt,ru,zh,avg"
+    assert lines[1] == "uc2-xgqa-suf,-1.0,47.0,-1.0,41.0,-1.0,-1.0,-1.0,-1.0"
+    assert lines[2] == "n,-1,9666,-1,9666,-1,-1,-1,"
+    assert lines[3] == "uc2-xgqa-full,-1.0,45.0,-1.0,-1.0,-1.0,-1.0,-1.0,-1.0" and len(lines) == 5
+    zero = (tmp_path / "csv" / "xGQA_0.csv").read_text().splitlines()
+    last = E.read_epoch_metrics(zs)[-1][1]
+    assert zero[0].startswith("model,en,bn") and zero[1].split(",")[0] == "uc2-xgqa-suf"
+    assert float(zero[1].split(",")[-1]) == pytest.approx(E.zs_average(last, "accuracy"))
+
+
+def test_cclm_answer_candidates_in_x2vlms_order_predictions_are_label_ids(env):
+    """X2-VLM's xgqa_dataset ranks list(json.load(trainval_ans2label.json).keys()); the key order (not the
+    label2ans order) decides which candidates survive first-token ties at the top-k prune."""
+    import data
+    import train_cclm
+    model = train_cclm.build_model("xgqa", dict(train_cclm.CONFIGS["tiny"]))
+    tok = data.load_tokenizer(env["tokenizer"])
+    E.prepare_model(model, env["data_root"], tok)
+    ans2label, label2ans = data.load_answer_vocab(env["data_root"])
+    keys = json.loads((Path(env["data_root"]) / "datasets/gqa/annotations/trainval_ans2label.json").read_text())
+    assert list(keys) != label2ans   # the two orders differ in the real files
+    want_ids, _ = data.encode_texts(tok, list(keys), None)
+    assert torch.equal(model.answer_ids, want_ids)
+    assert model.answer_labels.tolist() == [ans2label[a] for a in keys]
+
+    def first_candidate(states, atts, ids, att, k):   # rank position 0 of the list first for every question
+        n = states.shape[0]
+        return torch.zeros(n, k, dtype=torch.long), torch.eye(k)[0].repeat(n, 1)
+    model.rank_answers = first_candidate
+    batch = {"images": torch.zeros(2, 3, 32, 32), "text_ids": torch.tensor([[0, 5, 2], [0, 6, 2]]),
+             "text_atts": torch.ones(2, 3, dtype=torch.long)}
+    model.question_states = lambda b: torch.zeros(2, 3, model.config["hidden_size"])
+    assert model.predict(batch).tolist() == [ans2label[next(iter(keys))]] * 2
 
 
 # ------------------------------------------------------------------ few-shot (Table 3)
