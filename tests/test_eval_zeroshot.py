@@ -502,7 +502,7 @@ def test_failed_evaluation_keeps_the_good_result(env, tmp_path, capsys):
     base = ["--checkpoint", str(ckpt), "--output-dir", str(out), "--langs", "en", "ar", "--num-workers", "0"]
     assert E.main(base) == 0
     before = {f.name: f.read_bytes() for f in out.iterdir()}
-    assert set(before) == {"results.json", "XVNLI_0.csv"}
+    assert set(before) == {"results.json", "XVNLI_0.csv", "test_en_0_result.json", "test_ar_0_result.json"}
     keys = {ex.image for ex in data.load_split(env["data_root"], "xvnli", "test", "en")}
     partial = data.write_synthetic_features(tmp_path / "partial.lmdb", sorted(keys)[:-1], num_boxes=6)
     with pytest.raises(SystemExit, match="not found in"):
