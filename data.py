@@ -1206,9 +1206,9 @@ class UC2Dataset(_EpochDataset):
     def _volta_negatives(self, py: random.Random, nprs: np.random.RandomState,
                          img: int) -> tuple[int, int, int, int, int]:
         """(image drawn for pair 2, caption index of pair 2, image of pair 3, image drawn for pair 4, caption
-        index of pair 4) by VOLTA's RetrievalDataset
-        __getitem__ calls, in its order (random.choice over the image list / over range(n); np.random.randint
-        for the pool position): the same generator states give the same indices as VOLTA's code."""
+        index of pair 4) by the calls of VOLTA's RetrievalDataset.__getitem__, in its order (random.choice over
+        the image list / over range(n); np.random.randint for the pool position): the same generator states
+        give the same indices as VOLTA's code (tests/fixtures/volta_negatives)."""
         img2 = self._volta_other_image(py, img)
         cap2 = py.choice(range(self.volta_count[img2]))  # VOLTA's bug: an index into the global caption list
         img3 = self._volta_other_image(py, img)

@@ -687,9 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="xflickrco: VOLTA's hard_negative.pkl for the 4th pair (default: <datasets>/flickr30k/hard_negative.pkl "
                         "if present; without it the 4th pair uses a random image, with a warning)")
     u.add_argument("--retrieval-negatives", choices=data.RETRIEVAL_NEGATIVES, default="volta",
-                   help="xflickrco: volta = VOLTA's RetrievalDataset exactly, as IGLUE's UC2 runs (both negative captions "
-                        "are among the file's first 5, a VOLTA bug); corrected = captions of the drawn random / "
-                        "hard-pool images, never the positive's own image")
+                   help="xflickrco: volta = VOLTA's RetrievalDataset exactly, as IGLUE's UC2 runs (both negative "
+                        "captions are among the file's first 5, a VOLTA bug); corrected = captions of the drawn "
+                        "random / hard-pool images, never the positive's own image")
     u.add_argument("--retrieval-loss", choices=("triplet", "ce"), default="triplet",
                    help="xflickrco: triplet on sigmoid scores, margin 0.2 (IGLUE's UC2 runs) or VOLTA's task-config cross-entropy")
     u.add_argument("--tokenizer", default="xlm-roberta-base", help="XLM-R tokenizer folder or cached hub id")

@@ -480,8 +480,8 @@ def test_xvnli_counts_every_pair_for_uc2_and_drops_unlabelled_pairs_for_cclm(env
     """IGLUE's UC2 numbers are k / 1,164 (all pairs of a real test file, 14 labelled "-", counted wrong);
     X2-VLM scores the 1,150 labelled ones. The trimmed sample: 44 pairs per language, one labelled "-"."""
     import data
-    n_dash = {lang: sum(ex.gold == data.XVNLI_NO_GOLD for ex in data.load_split(env["data_root"], "xvnli", "test", lang))
-              for lang in ("en", "ar")}
+    n_dash = {lang: sum(ex.gold == data.XVNLI_NO_GOLD
+                        for ex in data.load_split(env["data_root"], "xvnli", "test", lang)) for lang in ("en", "ar")}
     assert n_dash == {"en": 1, "ar": 1}
     for model_name, want in (("uc2", 44), ("cclm", 43)):
         run = env["runs"][(model_name, "xvnli")]
