@@ -90,7 +90,10 @@ json.dump(out, open(d + "/ranks.json", "w"))
 
 def _reference_scoring(tmp_path, **cases) -> dict:
     import numpy as np
-    from numpy._core._multiarray_umath import __cpu_dispatch__
+    try:
+        from numpy._core._multiarray_umath import __cpu_dispatch__
+    except ImportError:   # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_dispatch__
     np.savez(tmp_path / "cases.npz", **cases)
     env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": " ".join(__cpu_dispatch__)}
     subprocess.run([sys.executable, "-c", _REFERENCE_SCORING, str(tmp_path)], check=True, env=env)
