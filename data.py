@@ -39,9 +39,10 @@ Datasets and batches (contract keys)
                                     dataset items -> contract batches (tokenising here, i.e. in the workers);
                                     retrieval eval batches: images (+ image_index, id = image key) or captions
                                     (input_ids/attention_mask or text_ids/text_atts + image_index = gold image)
-  Retrieval negatives: UC2 training items never pair a caption with its own image as a negative (by
-  construction); CCLM batches may hold two captions of one image: `idx` (image index) lets the loss treat
-  them as positives, as X2-VLM does.
+  Retrieval negatives: UC2 training items draw them as VOLTA's RetrievalDataset does (negatives="volta",
+  the default: captions are always among the file's first few, see UC2Dataset) or as VOLTA meant to
+  (negatives="corrected": never the positive's own image); CCLM batches may hold two captions of one image:
+  `idx` (image index) lets the loss treat them as positives, as X2-VLM does.
   load_hard_negatives(path)         IGLUE/VOLTA hard_negative.pkl (train_image_list, train_hard_pool)
   BatchLoader(dataset, collate_fn=..., **DataLoader arguments)   a DataLoader whose batches travel through
                                     reused shared-memory slabs (see "Batch memory"); used by training and eval
@@ -65,6 +66,7 @@ import json
 import math
 import os
 import pickle
+import random
 import re
 import sys
 import uuid
@@ -1096,18 +1098,42 @@ class _EpochDataset(Dataset):
         self.epoch = int(epoch)
 
 
+RETRIEVAL_NEGATIVES = ("volta", "corrected")
+
+
+def _volta_rngs(seed: int, epoch: int, index: int) -> tuple[random.Random, np.random.RandomState]:
+    """The two generators VOLTA's sampler draws from (python's random, numpy's legacy RandomState), seeded per
+    (seed, epoch, index) like every other dataset draw, never the global ones (exact resume, any worker count)."""
+    py_seed, np_seed = np.random.SeedSequence([seed, epoch, index]).generate_state(2)
+    return random.Random(int(py_seed)), np.random.RandomState(int(np_seed))
+
+
 class UC2Dataset(_EpochDataset):
     """Region-feature examples. xgqa/xvnli items: one (text, image) pair. xflickrco training items: VOLTA's
-    4 pairs per caption: (image, caption), (image, caption of another image), (another image, caption),
-    (image, caption of a hard-negative image, or of a random other image without a hard-negative pool).
-    Negatives never use the positive's own image, so no pair of an item is a false negative."""
+    4 pairs per caption: (image, caption), (image, a "random" caption), (another image, caption),
+    (image, a "hard" caption), drawn by one of RETRIEVAL_NEGATIVES:
+
+    * "volta" (default; what IGLUE's UC2 numbers were trained with): VOLTA's RetrievalDataset exactly. It keeps,
+      per image, the list 0..n-1 (n = captions on the image's annotation line) and uses an entry of it as an
+      index into the *global* caption list, so both negative captions are always among the file's first n
+      (Flickr30k: 5) captions, whatever image was drawn; the drawn image (random, or from the hard pool) only
+      decides how many of those first captions are candidates. Pair 2 and 4 can therefore be the positive
+      itself. The draws are VOLTA's calls in VOLTA's order on a python random.Random and a numpy RandomState
+      (_volta_negatives); VOLTA uses the global generators of each DataLoader worker, we seed both per
+      (seed, epoch, index). Without a hard-negative pool, pair 4 is drawn as VOLTA's non-train branch does.
+    * "corrected": captions of the drawn images themselves (a random other image; a hard-pool image, an entry
+      equal to the image itself skipped, else a random other image), so no pair is a false negative."""
 
     def __init__(self, examples: Sequence[Example], features, task: str, *, train: bool = False,
-                 max_regions: int = 36, seed: int = 0, hard_negatives: dict | str | None = None):
+                 max_regions: int = 36, seed: int = 0, hard_negatives: dict | str | None = None,
+                 negatives: str = "volta"):
         if not examples:
             raise ValueError(f"{task}: no examples")
+        if negatives not in RETRIEVAL_NEGATIVES:
+            raise ValueError(f"unknown retrieval negatives {negatives!r}; expected one of {RETRIEVAL_NEGATIVES}")
         self.examples, self.task, self.train = list(examples), task, train
         self.reader, self.max_regions, self.seed = _as_reader(features), max_regions, seed
+        self.negatives = negatives
         self.retrieval_train = task == "xflickrco" and train
         if self.retrieval_train:
             self._setup_retrieval(hard_negatives)
@@ -1116,17 +1142,24 @@ class UC2Dataset(_EpochDataset):
         index_of: dict[str, int] = {}
         self.image_of: list[int] = []          # our image index of each caption
         self.captions_of: list[list[int]] = []  # caption indices of each image
+        last_line: dict[int, str] = {}
+        self.volta_count: list[int] = []      # VOLTA's len(imgid2entry[image]): captions on the image's last line
         for i, ex in enumerate(self.examples):
             j = index_of.setdefault(ex.image, len(index_of))
             if j == len(self.captions_of):
                 self.captions_of.append([])
+                self.volta_count.append(0)
             self.captions_of[j].append(i)
             self.image_of.append(j)
+            if last_line.get(j) != ex.source:  # a new line of the same image restarts VOLTA's count at 0
+                last_line[j], self.volta_count[j] = ex.source, 0
+            self.volta_count[j] += 1
         self.image_keys = list(index_of)
         if len(self.image_keys) < 2:
             raise ValueError("retrieval training needs captions of at least 2 images")
         self.hard_pool = None
         if hard_negatives is not None:
+            where = hard_negatives if isinstance(hard_negatives, (str, os.PathLike)) else "hard_negatives"
             hn = load_hard_negatives(hard_negatives) if isinstance(hard_negatives, (str, os.PathLike)) else hard_negatives
             ours = {k: i for i, k in enumerate(self.image_keys)}
             pool_ids = [str(x) for x in hn["train_image_list"]]
@@ -1134,6 +1167,19 @@ class UC2Dataset(_EpochDataset):
             to_ours = np.array([ours.get(k, -1) for k in pool_ids])
             self.hard_pool = {ours[k]: to_ours[np.asarray(hn["train_hard_pool"][r], dtype=np.int64)]
                               for r, k in enumerate(pool_ids) if k in ours}
+            if self.negatives == "volta":
+                self._check_volta_pool(where)
+
+    def _check_volta_pool(self, where) -> None:
+        """VOLTA looks up every training image's pool row and every drawn pool image's captions (KeyError
+        mid-epoch otherwise) and draws from positions 1.. of a row: refuse such a file before training."""
+        for j, key in enumerate(self.image_keys):
+            row = self.hard_pool.get(j)
+            if row is None:
+                raise ValueError(f"{where}: training image {key} has no row in train_hard_pool")
+            if len(row) < 2 or (row[1:] < 0).any():
+                raise ValueError(f"{where}: the train_hard_pool row of image {key} has fewer than 2 entries or "
+                                 f"names an image that is not in the training annotations")
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -1143,18 +1189,49 @@ class UC2Dataset(_EpochDataset):
         if not self.retrieval_train:
             return {"kind": "example", "example": ex, "text": ex.text, "max_regions": self.max_regions,
                     "regions": _read_regions(self.reader, ex, self.max_regions)}
-        rng = _rng(self.seed, self.epoch, index)
         img = self.image_of[index]
+        if self.negatives == "volta":
+            _, cap_other, rand_img, _, cap_hard = self._volta_negatives(*_volta_rngs(self.seed, self.epoch, index), img)
+        else:
+            cap_other, rand_img, cap_hard = self._corrected_negatives(_rng(self.seed, self.epoch, index), img)
+        pos = _read_regions(self.reader, ex, self.max_regions)
+        neg = _read_regions(self.reader, ex, self.max_regions, key=self.image_keys[rand_img])
+        other, hard = self.examples[cap_other], self.examples[cap_hard]
+        return {"kind": "retrieval_train", "example": ex, "texts": [ex.text, other.text, ex.text, hard.text],
+                "image_indices": [img, img, rand_img, img],
+                "caption_images": [img, self.image_of[cap_other], img, self.image_of[cap_hard]],
+                "caption_indices": [index, cap_other, index, cap_hard],
+                "regions": [pos, pos, neg, pos], "max_regions": self.max_regions}
+
+    def _volta_negatives(self, py: random.Random, nprs: np.random.RandomState,
+                         img: int) -> tuple[int, int, int, int, int]:
+        """(image drawn for pair 2, caption index of pair 2, image of pair 3, image drawn for pair 4, caption
+        index of pair 4) by the calls of VOLTA's RetrievalDataset.__getitem__, in its order (random.choice over
+        the image list / over range(n); np.random.randint for the pool position): the same generator states
+        give the same indices as VOLTA's code (tests/fixtures/volta_negatives)."""
+        img2 = self._volta_other_image(py, img)
+        cap2 = py.choice(range(self.volta_count[img2]))  # VOLTA's bug: an index into the global caption list
+        img3 = self._volta_other_image(py, img)
+        if self.hard_pool is not None:
+            row = self.hard_pool[img]
+            img4 = int(row[nprs.randint(1, len(row))])     # no check against img, as VOLTA
+        else:
+            img4 = self._volta_other_image(py, img)
+        cap4 = py.choice(range(self.volta_count[img4]))
+        return img2, cap2, img3, img4, cap4
+
+    def _volta_other_image(self, py: random.Random, img: int) -> int:
+        """VOLTA: random.choice(image_id_list) again until it is not the positive's image."""
+        while True:
+            j = py.choice(range(len(self.image_keys)))
+            if j != img:
+                return j
+
+    def _corrected_negatives(self, rng: np.random.Generator, img: int) -> tuple[int, int, int]:
         other = self._other_image(rng, img)
         rand_img = self._other_image(rng, img)
         hard = self._hard_negative(rng, img)
-        cap_other = self.examples[rng.choice(self.captions_of[other])].text
-        cap_hard = self.examples[rng.choice(self.captions_of[hard])].text
-        pos = _read_regions(self.reader, ex, self.max_regions)
-        neg = _read_regions(self.reader, ex, self.max_regions, key=self.image_keys[rand_img])
-        return {"kind": "retrieval_train", "example": ex, "texts": [ex.text, cap_other, ex.text, cap_hard],
-                "image_indices": [img, img, rand_img, img], "caption_images": [img, other, img, hard],
-                "regions": [pos, pos, neg, pos], "max_regions": self.max_regions}
+        return int(rng.choice(self.captions_of[other])), rand_img, int(rng.choice(self.captions_of[hard]))
 
     def _other_image(self, rng, img: int) -> int:
         j = int(rng.integers(0, len(self.image_keys) - 1))
@@ -1309,14 +1386,14 @@ class RetrievalCaptions(Dataset):
 
 def make_dataset(model: str, task: str, examples: Sequence[Example] | None, *, features=None, images=None,
                  train: bool = False, max_regions: int = 36, image_res: int = 384, seed: int = 0,
-                 hard_negatives=None) -> Dataset:
+                 hard_negatives=None, negatives: str = "volta") -> Dataset:
     """UC2Dataset / CCLMDataset for (model, task). UC2 xgqa with a serialized LMDB as `features` returns a
     SerializedGQADataset (the LMDB holds the questions; `examples` is then ignored)."""
     if model == "uc2":
         if task == "xgqa" and isinstance(features, (str, os.PathLike)) and is_serialized_lmdb(features):
             return SerializedGQADataset(features, max_regions=max_regions)
         return UC2Dataset(examples, features, task, train=train, max_regions=max_regions, seed=seed,
-                          hard_negatives=hard_negatives)
+                          hard_negatives=hard_negatives, negatives=negatives)
     if model == "cclm":
         return CCLMDataset(examples, images, task, train=train, image_res=image_res, seed=seed)
     raise ValueError(f"unknown model {model!r}; expected uc2 or cclm")

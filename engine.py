@@ -61,12 +61,13 @@ ENGINE_DEFAULTS = {
     "warmup_ratio": 0.1,
 }
 # Arguments that must not change between a run and its --resume (they change the result).
-# (A key a trainer lacks is skipped: max_regions and retrieval_loss are UC2's, vision_lr and lr_mult CCLM's.
-# Data paths may move: not here.)
+# (A key a trainer lacks is skipped: max_regions, retrieval_loss/_negatives are UC2's, vision_lr and lr_mult
+# CCLM's. Data paths may move: not here.)
 RESUME_KEYS = ("task", "seed", "epochs", "lr", "batch_size", "weight_decay", "adam_eps", "adam_betas",
                "clip_grad", "warmup_ratio", "schedule_epochs", "recipe", "max_steps_per_epoch", "policy", "suf_k",
                "unfreeze_every", "unfreeze_unit", "top_layers", "llrd_decay", "freeze_embeddings",
-               "train_split", "train_lang", "dropout", "amp", "max_regions", "retrieval_loss", "vision_lr", "lr_mult")
+               "train_split", "train_lang", "dropout", "amp", "max_regions", "retrieval_loss",
+               "retrieval_negatives", "vision_lr", "lr_mult")
 
 
 # ---------------------------------------------------------------------------------------------- CLI

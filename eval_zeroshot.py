@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -123,47 +124,172 @@ def classification_metrics(preds: Sequence[int], labels: Sequence[int],
     return out
 
 
-def _ranks(scores: torch.Tensor, gold: torch.Tensor, unscored: float | None) -> torch.Tensor:
-    """Per row: candidates scored strictly higher than the gold [n, 1]; a gold the prefilter left at the
-    `unscored` value ranks behind every candidate tied with it as well (it was never scored)."""
-    above = (scores > gold).sum(1)
-    if unscored is None:
-        return above
-    return torch.where(gold[:, 0] == unscored, (scores >= gold).sum(1) - 1, above)
+# Retrieval ranks. Both references rank the gold at its position in a numpy argsort with the default kind:
+# VOLTA/IGLUE's eval_retrieval.py in np.argsort(-s) (s: float64 copy of the float32 logits), X2-VLM's itm_eval in
+# np.argsort(s)[::-1] (float32). Among exactly equal scores (duplicate captions tie for a model that scores text)
+# that order decides the rank, and the two orders differ. The references ran numpy's portable introsort (numpy
+# < 1.25 had no other); numpy >= 1.25 sends float argsort to AVX-512 / AVX2 kernels whose order among equal values
+# depends on the CPU, so np.argsort today would not give one answer on every machine. numpy_argsort below is the
+# portable introsort's order, step for step (numpy's npysort/quicksort aquicksort_ and aheapsort_, BSD licence;
+# written here), tested against np.argsort with numpy's SIMD dispatch switched off.
+TIE_ORDERS = ("volta", "x2vlm")
+TIE_ORDER_OF_MODEL = {"uc2": "volta", "cclm": "x2vlm"}
+SMALL_SORT = 15   # numpy: partitions spanning at most 16 elements are insertion-sorted
+
+
+def _less(a: float, b: float) -> bool:
+    return a < b or (b != b and a == a)   # numpy's float order: NaN after every number
+
+
+def numpy_argsort(values: Sequence[float]) -> list[int]:
+    """np.argsort(values) (default kind) in the order of numpy's portable introsort: median-of-3 quicksort,
+    insertion sort for partitions of at most 16 elements, heapsort for a partition popped below depth
+    2 * floor(log2 n). Equal to np.argsort on every CPU where numpy has no SIMD argsort (and always before 1.25)."""
+    v = [float(x) for x in values]
+    a = list(range(len(v)))
+    if len(a) < 2:
+        return a
+    stack: list[tuple[int, int, int]] = []
+    pl, pr, depth = 0, len(a) - 1, 2 * (len(a).bit_length() - 1)
+    while True:
+        if depth < 0:
+            _heapsort(v, a, pl, pr)
+        else:
+            while pr - pl > SMALL_SORT:
+                pi = _partition(v, a, pl, pr)
+                depth -= 1
+                if pi - pl < pr - pi:   # the larger side waits on the stack, with the depth reached so far
+                    stack.append((pi + 1, pr, depth))
+                    pr = pi - 1
+                else:
+                    stack.append((pl, pi - 1, depth))
+                    pl = pi + 1
+            _insertion_sort(v, a, pl, pr)
+        if not stack:
+            return a
+        pl, pr, depth = stack.pop()
+
+
+def _partition(v, a, pl, pr):
+    pm = pl + ((pr - pl) >> 1)
+    if _less(v[a[pm]], v[a[pl]]):
+        a[pm], a[pl] = a[pl], a[pm]
+    if _less(v[a[pr]], v[a[pm]]):
+        a[pr], a[pm] = a[pm], a[pr]
+    if _less(v[a[pm]], v[a[pl]]):
+        a[pm], a[pl] = a[pl], a[pm]
+    vp = v[a[pm]]
+    pi, pj = pl, pr - 1
+    a[pm], a[pj] = a[pj], a[pm]
+    while True:
+        pi += 1
+        while _less(v[a[pi]], vp):
+            pi += 1
+        pj -= 1
+        while _less(vp, v[a[pj]]):
+            pj -= 1
+        if pi >= pj:
+            break
+        a[pi], a[pj] = a[pj], a[pi]
+    a[pi], a[pr - 1] = a[pr - 1], a[pi]
+    return pi
+
+
+def _insertion_sort(v, a, pl, pr):
+    for pi in range(pl + 1, pr + 1):
+        vi = a[pi]
+        vp = v[vi]
+        pj = pi
+        while pj > pl and _less(vp, v[a[pj - 1]]):
+            a[pj] = a[pj - 1]
+            pj -= 1
+        a[pj] = vi
+
+
+def _heapsort(v, a, pl, pr):
+    n = pr - pl + 1
+    base = pl - 1  # 1-based heap positions: a[base + 1] .. a[base + n]
+
+    def sift(tmp, i, n):
+        j = 2 * i
+        while j <= n:
+            if j < n and _less(v[a[base + j]], v[a[base + j + 1]]):
+                j += 1
+            if _less(v[tmp], v[a[base + j]]):
+                a[base + i] = a[base + j]
+                i, j = j, 2 * j
+            else:
+                break
+        a[base + i] = tmp
+
+    for l in range(n >> 1, 0, -1):
+        sift(a[base + l], l, n)
+    while n > 1:
+        tmp = a[base + n]
+        a[base + n] = a[base + 1]
+        n -= 1
+        sift(tmp, 1, n)
+
+
+def reference_order(row: np.ndarray, order: str) -> list[int]:
+    """Candidates of one score row, best first, in the reference's order (see TIE_ORDERS)."""
+    if order == "volta":
+        return numpy_argsort(-row)           # eval_retrieval.py: np.argsort(-score_matrix[i])
+    if order == "x2vlm":
+        return numpy_argsort(row)[::-1]      # itm_eval: np.argsort(score)[::-1]
+    raise ValueError(f"unknown tie order {order!r}; expected one of {TIE_ORDERS}")
+
+
+def _gold_ranks(scores: np.ndarray, rows: np.ndarray, golds: np.ndarray, unscored: float | None,
+                order: str) -> np.ndarray:
+    """0-based position of candidate golds[i] in row rows[i] of `scores`, in the reference's order. A gold that
+    ties with no other candidate ranks after the strictly higher ones in any order (no sort needed); a tied one
+    (or a row with NaN) takes its position in reference_order. `unscored` (CCLM: UNSCORED, entries outside the
+    top-k prefilter): such a gold ranks behind all its ties (never scored; X2-VLM would place it anywhere
+    among them: only with k_test < 10, not a reference setting, can that change R@1/5/10)."""
+    vals = scores[rows]
+    gold = vals[np.arange(len(rows)), golds][:, None]
+    ranks = (vals > gold).sum(1)
+    positions: dict[int, np.ndarray] = {}
+    for i in np.flatnonzero(((vals == gold).sum(1) > 1) | np.isnan(vals).any(1)):
+        r = int(rows[i])
+        if r not in positions:
+            positions[r] = np.argsort(np.asarray(reference_order(scores[r], order)), kind="stable")
+        ranks[i] = positions[r][golds[i]]
+    if unscored is not None:
+        out = gold[:, 0] == unscored
+        ranks[out] = (vals[out] >= gold[out]).sum(1) - 1
+    return ranks
 
 
 def retrieval_ranks(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: Sequence[int],
-                    unscored: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """0-based ranks as VOLTA's eval_retrieval.py / X2-VLM's itm_eval compute them.
-    score_i2t [n_img, n_txt], score_t2i [n_txt, n_img] (UC2: both views of one caption x image matrix).
-    Text retrieval (image -> captions): rank of the best-ranked caption of each image.
-    Image retrieval (caption -> images): rank of the caption's image.
-    Rank = number of candidates scored strictly higher (the references take the position in an
-    argsort, whose order among exactly tied scores is arbitrary; we resolve ties in favour of the
-    gold item -- our choice). `unscored` (CCLM: UNSCORED, the value of entries outside the top-k
-    prefilter): such a gold ranks behind all its ties, so it never counts as retrieved within the
-    top k (X2-VLM would place it anywhere among them; with k >= 10 R@1/5/10 are the same either way)."""
-    txt2img = torch.as_tensor(list(txt2img), dtype=torch.long)
+                    unscored: float | None = None, ties: str = "volta") -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based ranks as VOLTA's eval_retrieval.py (ties="volta", UC2) / X2-VLM's itm_eval (ties="x2vlm", CCLM)
+    compute them. score_i2t [n_img, n_txt], score_t2i [n_txt, n_img] (UC2: both views of one caption x image
+    matrix). Text retrieval (image -> captions): rank of the best-ranked caption of each image. Image retrieval
+    (caption -> images): rank of the caption's image. Exactly tied scores are ordered as the reference's argsort
+    orders them (see TIE_ORDERS); `unscored`: see _gold_ranks."""
+    if ties not in TIE_ORDERS:
+        raise ValueError(f"unknown tie order {ties!r}; expected one of {TIE_ORDERS}")
+    txt2img = np.asarray(list(txt2img), dtype=np.int64)
     n_img, n_txt = score_i2t.shape
-    if score_t2i.shape != (n_txt, n_img) or txt2img.numel() != n_txt:
+    if score_t2i.shape != (n_txt, n_img) or txt2img.size != n_txt:
         raise ValueError(f"score shapes {tuple(score_i2t.shape)} / {tuple(score_t2i.shape)} do not fit "
-                         f"{txt2img.numel()} captions")
-    s_t2i = score_t2i.double()
-    ir_ranks = _ranks(s_t2i, s_t2i.gather(1, txt2img[:, None]), unscored)
-    s_i2t = score_i2t.double()
-    gold_i = s_i2t[txt2img, torch.arange(n_txt)]                         # score of (own image, caption)
-    caption_ranks = _ranks(s_i2t[txt2img], gold_i[:, None], unscored)   # rank within its image's row
-    tr_ranks = torch.full((n_img,), n_txt, dtype=torch.long)
-    tr_ranks = tr_ranks.scatter_reduce(0, txt2img, caption_ranks, reduce="amin")
+                         f"{txt2img.size} captions")
+    captions = np.arange(n_txt)
+    ir_ranks = _gold_ranks(score_t2i.double().numpy(), captions, txt2img, unscored, ties)
+    caption_ranks = _gold_ranks(score_i2t.double().numpy(), txt2img, captions, unscored, ties)  # within its image's row
+    tr_ranks = np.full(n_img, n_txt, dtype=np.int64)
+    np.minimum.at(tr_ranks, txt2img, caption_ranks)
     if (tr_ranks == n_txt).any():
         raise ValueError(f"{int((tr_ranks == n_txt).sum())} images have no caption")
-    return tr_ranks, ir_ranks
+    return torch.from_numpy(tr_ranks), torch.from_numpy(ir_ranks.astype(np.int64))
 
 
 def recall_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: Sequence[int],
-                   unscored: float | None = None) -> dict[str, float]:
+                   unscored: float | None = None, ties: str = "volta") -> dict[str, float]:
     """tr_r1/5/10, ir_r1/5/10 (percent), medr/meanr as VOLTA prints them (floor(median)+1, mean+1)."""
-    tr, ir = retrieval_ranks(score_i2t, score_t2i, txt2img, unscored)
+    tr, ir = retrieval_ranks(score_i2t, score_t2i, txt2img, unscored, ties)
     out: dict[str, float] = {}
     for name, ranks in (("tr", tr), ("ir", ir)):
         for k in RECALL_KS:
@@ -171,6 +297,7 @@ def recall_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: Se
         out[f"{name}_medr"] = math.floor(ranks.double().quantile(0.5).item()) + 1.0   # = numpy median
         out[f"{name}_meanr"] = ranks.double().mean().item() + 1.0
     out["n_images"], out["n_captions"] = score_i2t.shape
+    out["ties"] = ties
     return out
 
 
@@ -434,13 +561,43 @@ def format_table(task: str, per_lang: dict[str, dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def iglue_csv(task: str, per_lang: dict[str, dict], model_name: str, metric: str) -> str:
-    """One results row in IGLUE's results/ format: header model,en,<langs>,avg then the row."""
-    langs = ordered_langs(per_lang)
+MISSING = -1.0   # IGLUE's results/ scripts write -1.0 for a language without a result and keep its column
+N_ROW = "n"      # second CSV row: how many examples each number is over
+
+
+def csv_langs(task: str, shots: int | str = 0) -> list[str]:
+    """IGLUE's results/ columns: en + the target languages (zero-shot); the target languages only (few-shot)."""
+    return (["en"] if not _is_fewshot(shots) else []) + list(TARGET_LANGS[task])
+
+
+def _is_fewshot(shots: int | str) -> bool:
+    return str(shots) not in ("0", "")
+
+
+def csv_n(task: str, metrics: dict, metric: str) -> int:
+    """Examples a number is over: questions / pairs (xgqa, xvnli), images (text retrieval), captions (image
+    retrieval)."""
+    if task == "xflickrco":
+        return int(metrics["n_images" if metric.startswith("tr_") else "n_captions"])
+    return int(metrics["n"])
+
+
+def iglue_csv(task: str, per_lang: dict[str, dict], model_name: str, metric: str, shots: int | str = 0,
+              extra_langs: Sequence[str] = ()) -> str:
+    """IGLUE's results/ CSV: header model,<IGLUE's languages>,avg (get_<task>_zero.py / _few.py column order),
+    the model's row, and a row "n" with the number of examples of each language (-1 where missing). A language
+    without a result is -1.0, as IGLUE writes it; avg is IGLUE's mean over the target languages when all of them
+    have a result, else -1.0 (IGLUE's formula would average the -1.0s in). Languages outside IGLUE's list
+    (extra_langs, e.g. a dev split's) are appended before avg."""
+    langs = csv_langs(task, shots) + [l for l in extra_langs if l not in csv_langs(task, shots)]
+    targets = [l for l in TARGET_LANGS[task] if l in langs]
+    values = {l: float(per_lang[l][metric]) if l in per_lang and metric in per_lang[l] else MISSING for l in langs}
+    avg = sum(values[l] for l in targets) / len(targets) if all(l in per_lang for l in targets) else MISSING
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["model"] + langs + ["avg"])
-    w.writerow([model_name] + [per_lang[l][metric] for l in langs] + [zs_average(per_lang, metric)])
+    w.writerow([model_name] + [values[l] for l in langs] + [avg])
+    w.writerow([N_ROW] + [csv_n(task, per_lang[l], metric) if l in per_lang else -1 for l in langs] + [""])
     return buf.getvalue()
 
 
@@ -454,6 +611,32 @@ def csv_name(task: str, metric: str, shots: int, translate_test: bool, split: st
 
 def eval_key(split: str, translate_test: bool) -> str:
     return split + (".mt" if translate_test else "")
+
+
+def predictions_name(record: dict, lang: str) -> str:
+    """IGLUE's per-language result file: <split>_<lang>_<shots>_result.json (VOLTA's eval_task.py writes
+    <split>_result.json; IGLUE's analysis notebooks read results/xgqa/<zero|few>_shot/<model>/
+    test_<lang>_<shots>_result.json). Translate-test: <split>_<lang>_mt_<shots>_result.json."""
+    mt = "_mt" if record["translate_test"] and lang != "en" else ""
+    return f"{record['split']}_{lang}{mt}_{record.get('shots', 0)}_result.json"
+
+
+def predictions_json(task: str, preds: Sequence[tuple[str, int]], names: Sequence[str]) -> str:
+    """One language's per-example predictions as VOLTA's eval_task.py writes them: xGQA (VL-classifier-GQA)
+    [{"questionId", "prediction": answer}], the input of GQA_score.py and of IGLUE's xGQA analysis notebook;
+    XVNLI (VL-classifier) [{"question_id": pairID, "answer": entailment|neutral|contradiction}]. names[label]:
+    the answer / class name of each label id of the model (see label_names)."""
+    if task not in ("xgqa", "xvnli"):
+        raise ValueError(f"no per-example predictions file for {task}")
+    key, value = ("questionId", "prediction") if task == "xgqa" else ("question_id", "answer")
+    return json.dumps([{key: str(i), value: names[p] if 0 <= p < len(names) else ""} for i, p in preds]) + "\n"
+
+
+def label_names(model_name: str, task: str, data_root) -> list[str]:
+    """Name of each label id the model predicts: the GQA answers (label2ans) or the model's XVNLI class order."""
+    if task == "xgqa":
+        return data.load_answer_vocab(data_root)[1]
+    return list(data.XVNLI_LABELS_UC2 if model_name == "uc2" else data.XVNLI_LABELS_CCLM)
 
 
 def write_results(out_dir: str | Path, record: dict, model_name: str) -> Path:
@@ -474,7 +657,9 @@ def write_results(out_dir: str | Path, record: dict, model_name: str) -> Path:
     atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
     for metric in MAIN_METRICS[record["task"]]:
         name = csv_name(record["task"], metric, record.get("shots", 0), record["translate_test"], record["split"])
-        atomic_write_text(out_dir / name, iglue_csv(record["task"], record["langs"], model_name, metric))
+        extra = [l for l in ordered_langs(record["langs"]) if l not in ("en",) + TARGET_LANGS[record["task"]]]
+        atomic_write_text(out_dir / name, iglue_csv(record["task"], record["langs"], model_name, metric,
+                                                    record.get("shots", 0), extra))
     return path
 
 
@@ -794,6 +979,40 @@ def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
     return {"table1": table1, "table2": table2, "table3": table3, "per_language": per_lang}
 
 
+def merged_iglue_csvs(runs: Sequence[str | Path], split: str = "test") -> dict[str, str]:
+    """{file name: CSV text}: IGLUE's results/ files over several runs, one row per run (named by its folder, as
+    `evaluate` names it) and the row "n" of each (see iglue_csv). A few-shot run adapts to one language, so the
+    few-shot runs that start from one English run (one folder per target language) are merged into one row,
+    named by that English run: xGQA_48.csv with IGLUE's few-shot columns (target languages, avg over them;
+    -1.0 where a language has no run yet)."""
+    rows: dict[str, dict[str, dict]] = {}   # file name -> {setup name -> {lang: metrics}}
+    for run in runs:
+        r = run_results(run, split)
+        if r is None or r.get("task") not in TASKS:
+            continue
+        shots = r.get("shots") or 0
+        fewshot = _is_fewshot(shots)
+        setup = Path(run).name
+        if fewshot and (Path(run) / "fewshot.json").is_file():
+            setup = Path(read_json(Path(run) / "fewshot.json").get("init_checkpoint", run)).parent.name
+        langs = {r["fewshot_lang"]: r["langs"][r["fewshot_lang"]]} if fewshot and r.get("fewshot_lang") in r["langs"] \
+            else r["langs"]
+        for metric in MAIN_METRICS[r["task"]]:
+            merged = rows.setdefault(csv_name(r["task"], metric, shots, False, split), {}).setdefault(setup, {})
+            merged.update(langs)
+            merged.setdefault("_task", {"task": r["task"], "metric": metric, "shots": shots})
+    out = {}
+    for name, setups in rows.items():
+        lines = []
+        for setup, langs in setups.items():
+            spec = langs["_task"]
+            per_lang = {l: m for l, m in langs.items() if l != "_task"}
+            text = iglue_csv(spec["task"], per_lang, setup, spec["metric"], spec["shots"]).splitlines()
+            lines += ([text[0]] if not lines else []) + text[1:]
+        out[name] = "\n".join(lines) + "\n"
+    return out
+
+
 def format_tables(t: dict, per_language: bool = False) -> str:
     out = ["Table 1: ours (paper). EN and ZS-XLT = mean over non-English languages; accuracy / R@1; "
            "* = not all of IGLUE's target languages were evaluated.",
@@ -919,10 +1138,12 @@ def _device_of(model: torch.nn.Module, dist) -> torch.device:
 @torch.no_grad()
 def evaluate_task(model: torch.nn.Module, task: str, sets: dict[str, EvalSet], dist=None, *, batch_size: int = 64,
                   num_workers: int = 0, amp: str = "off", k_test: int | None = None, pair_batch: int = 1024,
-                  itm_batch: int = 128, langs: Sequence[str] | None = None) -> dict[str, dict]:
+                  itm_batch: int = 128, langs: Sequence[str] | None = None,
+                  predictions: dict | None = None) -> dict[str, dict]:
     """{lang: metrics} on every rank. Each rank runs its engine.shard of every test set; engine.gather
     assembles the predictions (retrieval: the score matrices), so every example counts exactly once and
-    the numbers equal a single-process run. The model is put in eval mode and restored afterwards."""
+    the numbers equal a single-process run. The model is put in eval mode and restored afterwards.
+    `predictions` (xgqa/xvnli): filled with {lang: [(example id, predicted label), ...]} in file order."""
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -941,8 +1162,10 @@ def evaluate_task(model: torch.nn.Module, task: str, sets: dict[str, EvalSet], d
             records = engine.gather(list(zip(mine, local, strict=True)), dist)
             if sorted(i for i, _ in records) != list(range(n)):   # every example exactly once
                 raise RuntimeError(f"{task} {lang}: gathered {len(records)} predictions for {n} examples")
-            _, preds, labels, qtypes = zip(*(r for _, r in records))
+            ids, preds, labels, qtypes = zip(*(r for _, r in sorted(records)))
             results[lang] = classification_metrics(preds, labels, qtypes if task == "xgqa" else None)
+            if predictions is not None:
+                predictions[lang] = list(zip(ids, preds))
     finally:
         model.train(was_training)
     return results
@@ -966,13 +1189,13 @@ def _evaluate_retrieval(model, s: EvalSet, dist, device, batch_size, num_workers
         if scores.shape != (n_txt, n_img):
             raise RuntimeError(f"xflickrco {s.lang}: gathered a {tuple(scores.shape)} score matrix for "
                                f"{n_txt} captions x {n_img} images")
-        return recall_metrics(scores.t(), scores, txt2img)
+        return recall_metrics(scores.t(), scores, txt2img, ties=TIE_ORDER_OF_MODEL["uc2"])
     img_shard = engine.shard(n_img, dist)
     images = _loader(s.images, img_shard, s.collate, batch_size, num_workers)
     k = k_test if k_test is not None else int(getattr(model, "config", {}).get("k_test", 128))
     i2t, t2i = cclm_score_matrices(model, images, captions, img_shard.start, n_img, n_txt, k=k,
                                    itm_batch=itm_batch, dist=dist, device=device, amp=amp)
-    return recall_metrics(i2t, t2i, txt2img, unscored=UNSCORED)
+    return recall_metrics(i2t, t2i, txt2img, unscored=UNSCORED, ties=TIE_ORDER_OF_MODEL["cclm"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -996,11 +1219,15 @@ def load_model(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
 
 
 def prepare_model(model: torch.nn.Module, data_root, tokenizer) -> None:
-    """CCLM xGQA ranks the 1,842 GQA answers: give the model the tokenised answer list
-    (X2-VLM: tokenizer(answer_list, padding='longest'): <s> answer </s>)."""
+    """CCLM xGQA ranks the 1,842 GQA answers: give the model the tokenised answer list in X2-VLM's order
+    (tokenizer(answer_list, padding='longest'): <s> answer </s>)."""
     if hasattr(model, "set_answer_list"):
-        _, label2ans = data.load_answer_vocab(data_root)
-        model.set_answer_list(*data.encode_texts(tokenizer, label2ans, None))
+        # X2-VLM's xgqa_dataset: answer_list = list(json.load(trainval_ans2label.json).keys()), the candidate order
+        # that decides first-token ties at the top-k prune; predictions map back to our label ids
+        ans2label, _ = data.load_answer_vocab(data_root)
+        answers = list(ans2label)
+        model.set_answer_list(*data.encode_texts(tokenizer, answers, None),
+                              labels=torch.tensor([ans2label[a] for a in answers]))
 
 
 def _run_checkpoint(run: Path) -> Path:
@@ -1080,9 +1307,11 @@ def _evaluate(args, dist) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     start = time.time()
+    preds: dict[str, list] = {}
     try:   # bad data found while evaluating (e.g. a missing feature key or image): one line, nothing written
         results = evaluate_task(model, task, sets, dist, batch_size=args.batch_size, num_workers=args.num_workers,
-                                amp=args.amp, k_test=args.k_test, pair_batch=args.pair_batch, itm_batch=args.itm_batch)
+                                amp=args.amp, k_test=args.k_test, pair_batch=args.pair_batch, itm_batch=args.itm_batch,
+                                predictions=preds)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if dist.is_main:
@@ -1102,6 +1331,9 @@ def _evaluate(args, dist) -> int:
                  f"{' translate-test' if args.translate_test else ''} ({ckpt}, epoch {meta.get('epoch')})")
         print(format_table(task, results, title), flush=True)
         path = write_results(out_dir, record, name)
+        names = label_names(meta["model"], task, args.data_root) if preds else []
+        for lang, rows in preds.items():
+            atomic_write_text(out_dir / predictions_name(record, lang), predictions_json(task, rows, names))
         print(f"wrote {path} [{eval_key(args.split, args.translate_test)}] and "
               + ", ".join(csv_name(task, m, record['shots'], args.translate_test, args.split) for m in MAIN_METRICS[task]),
               flush=True)
@@ -1205,6 +1437,10 @@ def cmd_table(args) -> int:
     if args.out:
         atomic_write_text(args.out, json.dumps(tables, indent=1) + "\n")
         print(f"wrote {args.out}")
+    if args.iglue_csv:
+        for name, text in merged_iglue_csvs([Path(r) for r in args.runs], args.split).items():
+            atomic_write_text(Path(args.iglue_csv) / name, text)
+            print(f"wrote {Path(args.iglue_csv) / name}")
     return 0
 
 
@@ -1406,6 +1642,9 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--split", default="test", help="results.json entry to use (default test)")
     tb.add_argument("--per-language", action="store_true", help="also per-language tables (paper Tables 4-6)")
     tb.add_argument("--out", default=None, help="also write the tables as JSON here")
+    tb.add_argument("--iglue-csv", default=None, metavar="DIR",
+                    help="also write IGLUE's results/ CSVs here, one row per setup (few-shot: the per-language runs "
+                         "of a setup merged into one row, e.g. xGQA_48.csv)")
     fs = sub.add_parser("fewshot", help="few-shot fine-tuning of an English-trained checkpoint on one language")
     add_fewshot_args(fs)
     return p

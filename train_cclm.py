@@ -396,10 +396,18 @@ class CCLMForXGQA(CCLM):
         # candidate answers (tokenised "<s> answer </s>", padding longest): set_answer_list before predict
         self.register_buffer("answer_ids", torch.zeros(0, 0, dtype=torch.long), persistent=False)
         self.register_buffer("answer_atts", torch.zeros(0, 0, dtype=torch.long), persistent=False)
+        self.register_buffer("answer_labels", torch.zeros(0, dtype=torch.long), persistent=False)
 
-    def set_answer_list(self, answer_ids: torch.Tensor, answer_atts: torch.Tensor) -> None:
+    def set_answer_list(self, answer_ids: torch.Tensor, answer_atts: torch.Tensor,
+                        labels: torch.Tensor | None = None) -> None:
+        """Candidates in ranking order (X2-VLM: trainval_ans2label.json's key order); labels[i]: the label id
+        predict() returns for candidate i (default: i)."""
         self.answer_ids = answer_ids.to(self.answer_ids.device)
         self.answer_atts = answer_atts.to(self.answer_atts.device)
+        labels = torch.arange(answer_ids.shape[0]) if labels is None else torch.as_tensor(labels)
+        if labels.shape != (answer_ids.shape[0],):
+            raise ValueError(f"{labels.shape[0]} labels for {answer_ids.shape[0]} candidate answers")
+        self.answer_labels = labels.to(self.answer_labels.device, torch.long)
 
     def question_states(self, batch: dict) -> torch.Tensor:
         return self.fuse(batch)
@@ -449,7 +457,7 @@ class CCLMForXGQA(CCLM):
 
     @torch.no_grad()
     def predict(self, batch: dict) -> torch.Tensor:
-        """Index into the answer list of the first-ranked candidate (XGQA.py)."""
+        """Label id (set_answer_list's labels) of the first-ranked candidate (XGQA.py)."""
         if self.answer_ids.numel() == 0:
             raise ValueError("xgqa predict: call model.set_answer_list(answer_ids, answer_atts) first")
         states, atts, k = self.question_states(batch), batch["text_atts"], self.config["k_test"]
@@ -460,7 +468,7 @@ class CCLMForXGQA(CCLM):
         for s in range(0, states.shape[0], step):
             ranked, probs = self.rank_answers(states[s:s + step], atts[s:s + step], self.answer_ids, self.answer_atts, k)
             preds.append(ranked.gather(1, probs.argmax(dim=1, keepdim=True)).squeeze(1))
-        return torch.cat(preds)
+        return self.answer_labels[torch.cat(preds)]
 
 
 MODEL_CLASSES = {"xvnli": CCLMForXVNLI, "xflickrco": CCLMForRetrieval, "xgqa": CCLMForXGQA}

@@ -686,6 +686,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--hard-negatives", default=None,
                    help="xflickrco: VOLTA's hard_negative.pkl for the 4th pair (default: <datasets>/flickr30k/hard_negative.pkl "
                         "if present; without it the 4th pair uses a random image, with a warning)")
+    u.add_argument("--retrieval-negatives", choices=data.RETRIEVAL_NEGATIVES, default="volta",
+                   help="xflickrco: volta = VOLTA's RetrievalDataset exactly, as IGLUE's UC2 runs (both negative "
+                        "captions are among the file's first 5, a VOLTA bug); corrected = captions of the drawn "
+                        "random / hard-pool images, never the positive's own image")
     u.add_argument("--retrieval-loss", choices=("triplet", "ce"), default="triplet",
                    help="xflickrco: triplet on sigmoid scores, margin 0.2 (IGLUE's UC2 runs) or VOLTA's task-config cross-entropy")
     u.add_argument("--tokenizer", default="xlm-roberta-base", help="XLM-R tokenizer folder or cached hub id")
@@ -753,7 +757,7 @@ def build_train_dataset(args, features: FeatureSet | None, serialized: list[str]
     # LMDB, XVNLI en/train.jsonl, Flickr30k train_ann.jsonl
     examples = data.load_split(args.data_root, args.task, args.train_split, args.train_lang)
     return data.make_dataset("uc2", args.task, examples, features=features, train=True, max_regions=args.max_regions,
-                             seed=args.seed, hard_negatives=args.hard_negatives)
+                             seed=args.seed, hard_negatives=args.hard_negatives, negatives=args.retrieval_negatives)
 
 
 def model_config_from_args(args) -> dict:

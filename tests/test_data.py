@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import pickle
+import random
 import shutil
 import subprocess
 import sys
@@ -415,7 +416,8 @@ def test_retrieval_negatives_never_the_positive_image(synthetic, tmp_path):
     pool = np.array([[i, i, (i + 1) % 60, (i + 2) % 60] for i in range(60)])
     with open(tmp_path / "hard_negative.pkl", "wb") as fh:
         pickle.dump({"train_image_list": [int(k) for k in keys], "train_hard_pool": pool}, fh)
-    ds = data.UC2Dataset(exs, str(synthetic["features"]), "xflickrco", train=True, hard_negatives=tmp_path / "hard_negative.pkl")
+    ds = data.UC2Dataset(exs, str(synthetic["features"]), "xflickrco", train=True, negatives="corrected",
+                         hard_negatives=tmp_path / "hard_negative.pkl")
     for i in range(0, len(exs), 7):
         it = ds[i]
         img = keys.index(exs[i].image)
@@ -427,15 +429,95 @@ def test_retrieval_negatives_never_the_positive_image(synthetic, tmp_path):
         assert not np.array_equal(it["regions"][0][0], it["regions"][2][0])
 
 
+VOLTA_DRAWS = json.loads((FIX / "volta_negatives" / "draws.json").read_text())
+
+
+def _volta_fixture_dataset(synthetic, with_pool: bool) -> data.UC2Dataset:
+    exs = data.load_split(ROOT, "xflickrco", "valid", "en")  # the annotation file VOLTA read for the fixture
+    hn = {k: VOLTA_DRAWS[k] for k in ("train_image_list", "train_hard_pool")} if with_pool else None
+    return data.UC2Dataset(exs, str(synthetic["features"]), "xflickrco", train=True, hard_negatives=hn)
+
+
+@pytest.mark.parametrize("branch", ["train", "no_pool"])
+def test_volta_negatives_equal_voltas_own_draws_for_the_same_generator_states(synthetic, branch):
+    ds = _volta_fixture_dataset(synthetic, with_pool=branch == "train")
+    assert ds.negatives == "volta"  # the default: what IGLUE's UC2 runs trained with
+    keys = ds.image_keys
+    for d in VOLTA_DRAWS["draws"][branch]:
+        i = d["index"]
+        img = ds.image_of[i]
+        img2, cap2, img3, img4, cap4 = ds._volta_negatives(random.Random(d["py_seed"]),
+                                                           np.random.RandomState(d["np_seed"]), img)
+        assert [i, cap2, i, cap4] == d["captions"], d
+        assert [keys[j] for j in (img, img, img3, img)] == [str(x) for x in d["images"]], d
+        assert [keys[img2], keys[img4]] == [str(x) for x in d["caption_images_drawn"]], d
+
+
+def test_volta_negative_captions_are_always_among_the_files_first_five(synthetic):
+    ds = _volta_fixture_dataset(synthetic, with_pool=True)
+    ds.set_epoch(2)
+    seen = set()
+    for i in range(len(ds)):
+        it = ds[i]
+        assert it["caption_indices"][0] == it["caption_indices"][2] == i
+        seen.update(it["caption_indices"][1::2])
+        assert it["texts"][1::2] == [ds.examples[c].text for c in it["caption_indices"][1::2]]
+        assert it["caption_images"][1::2] == [0, 0]  # entries 0..4 are the first image's captions
+        assert it["image_indices"][2] != ds.image_of[i]
+    assert seen == {0, 1, 2, 3, 4}
+    corrected = data.UC2Dataset(ds.examples, ds.reader, "xflickrco", train=True, negatives="corrected",
+                                hard_negatives={k: VOLTA_DRAWS[k] for k in ("train_image_list", "train_hard_pool")})
+    assert max(c for i in range(len(ds)) for c in corrected[i]["caption_indices"][1::2]) > 4
+
+
+def test_volta_negatives_maps_one_draw_sequence_to_global_caption_indices(synthetic):
+    """The exact index mapping for given draws: random.choice over the image list (redrawn while equal to the
+    positive's image), random.choice(range(5)) used as a global caption index, the pool position from numpy."""
+    ds = _volta_fixture_dataset(synthetic, with_pool=True)
+
+    class Scripted(random.Random):
+        def __init__(self, picks):
+            super().__init__(0)
+            self.picks = list(picks)
+
+        def choice(self, seq):
+            return seq[self.picks.pop(0)]
+
+    class Pos:
+        def randint(self, lo, hi):
+            assert (lo, hi) == (1, 6)
+            return 3
+
+    img = ds.image_of[40]  # image 8; draws: image 8 again (redrawn), image 20, caption 4, image 8, image 31, caption 2
+    img2, cap2, img3, img4, cap4 = ds._volta_negatives(Scripted([8, 20, 4, 8, 31, 2]), Pos(), img)
+    assert (img2, cap2, img3, cap4) == (20, 4, 31, 2)
+    pool_image = VOLTA_DRAWS["train_image_list"][VOLTA_DRAWS["train_hard_pool"][
+        [int(k) for k in VOLTA_DRAWS["train_image_list"]].index(int(ds.image_keys[img]))][3]]
+    assert ds.image_keys[img4] == str(pool_image)  # pool position 3 of the image's row
+    assert ds.volta_count[img4] == 5  # range(5) is what the last choice saw
+
+
+def test_volta_negatives_refuse_a_pool_without_the_training_images(synthetic):
+    hn = {"train_image_list": VOLTA_DRAWS["train_image_list"][1:], "train_hard_pool": [[0, 1]] * 59}
+    exs = data.load_split(ROOT, "xflickrco", "valid", "en")
+    with pytest.raises(ValueError, match="has no row in train_hard_pool"):
+        data.UC2Dataset(exs, str(synthetic["features"]), "xflickrco", train=True, hard_negatives=hn)
+    data.UC2Dataset(exs, str(synthetic["features"]), "xflickrco", train=True, hard_negatives=hn, negatives="corrected")
+
+
 def test_set_epoch_determinism(synthetic):
     exs = data.load_split(ROOT, "xflickrco", "valid", "en")
-    ds = data.UC2Dataset(exs, str(synthetic["features"]), "xflickrco", train=True, seed=5)
-    first = [ds[i]["caption_images"] for i in range(20)]
-    assert first == [ds[i]["caption_images"] for i in range(20)]
-    ds.set_epoch(1)
-    assert first != [ds[i]["caption_images"] for i in range(20)]
-    ds.set_epoch(0)
-    assert first == [ds[i]["caption_images"] for i in range(20)]
+    for negatives in data.RETRIEVAL_NEGATIVES:
+        ds = data.UC2Dataset(exs, str(synthetic["features"]), "xflickrco", train=True, seed=5, negatives=negatives)
+
+        def draws():
+            return [ds[i]["caption_indices"] + ds[i]["image_indices"] for i in range(20)]
+        first = draws()
+        assert first == draws()
+        ds.set_epoch(1)
+        assert first != draws()
+        ds.set_epoch(0)
+        assert first == draws()
     cd = data.CCLMDataset(exs[:2], str(synthetic["images"]), "xflickrco", train=True, image_res=16, seed=5)
     a = cd[1]["pixels"]
     cd.set_epoch(3)

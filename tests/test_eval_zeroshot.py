@@ -52,9 +52,10 @@ def test_recall_at_k_hand_made():
     m = E.recall_metrics(S.t(), S, txt2img)
     tr, ir = E.retrieval_ranks(S.t(), S, txt2img)
     assert ir.tolist() == [0, 1, 2, 1]
-    # img0: captions sorted 0.9 (cap0) ...: best caption rank 0; img1: 0.8 cap1, 0.5 cap3, 0.1, 0.1 -> cap2 rank 2
-    # (ties at 0.1 resolved in the gold's favour); img2: 0.4 cap3 best -> 0
-    assert tr.tolist() == [0, 2, 0]
+    # img0: captions sorted 0.9 (cap0) ...: best caption rank 0; img1: 0.8 cap1, 0.5 cap3, then the tie at 0.1:
+    # VOLTA's np.argsort(-s) = [1, 3, 0, 2] puts cap2 4th (rank 3); X2-VLM's argsort(s)[::-1] = [1, 3, 2, 0]: rank 2
+    assert tr.tolist() == [0, 3, 0]
+    assert E.retrieval_ranks(S.t(), S, txt2img, ties="x2vlm")[0].tolist() == [0, 2, 0]
     assert m["ir_r1"] == pytest.approx(25.0) and m["ir_r5"] == 100.0
     assert m["tr_r1"] == pytest.approx(200 / 3) and m["tr_r10"] == 100.0
     assert m["ir_medr"] == 2.0 and m["ir_meanr"] == pytest.approx(2.0)   # floor(median [0,1,1,2])+1, mean+1
@@ -63,6 +64,150 @@ def test_recall_at_k_hand_made():
     t2i = torch.tensor([[-100.0, 3.0], [4.0, -100.0]])
     tr, ir = E.retrieval_ranks(i2t, t2i, [0, 1])
     assert tr.tolist() == [1, 1] and ir.tolist() == [1, 1]
+
+
+# The references' own scoring, run with numpy's SIMD sort dispatch switched off (the portable introsort the
+# references ran on; numpy >= 1.25 orders ties differently per CPU otherwise). VOLTA: eval_retrieval.py's rank
+# formulas; X2-VLM: itm_eval's. Reads <dir>/cases.npz, writes <dir>/ranks.json.
+_REFERENCE_SCORING = """
+import json, sys
+import numpy as np
+d = sys.argv[1]
+cases = np.load(d + "/cases.npz")
+out = {"argsort": [np.argsort(cases[k]).tolist() for k in sorted(cases) if k.startswith("sort")]}
+for name in sorted(k[4:] for k in cases if k.startswith("t2i_")):
+    t2i, i2t, txt2img = cases["t2i_" + name], cases["i2t_" + name], cases["txt2img_" + name]
+    score_matrix = t2i.astype(np.float64)            # VOLTA: captions x images, float64
+    ir = [int(np.where(np.argsort(-score_matrix[c]) == txt2img[c])[0][0]) for c in range(len(txt2img))]
+    tr = [min(int(np.where(np.argsort(-score_matrix[:, i]) == c)[0][0]) for c in np.where(txt2img == i)[0])
+          for i in range(score_matrix.shape[1])]
+    x_ir = [int(np.where(np.argsort(t2i[c])[::-1] == txt2img[c])[0][0]) for c in range(len(txt2img))]
+    x_tr = [min(int(np.where(np.argsort(i2t[i])[::-1] == c)[0][0]) for c in np.where(txt2img == i)[0])
+            for i in range(i2t.shape[0])]
+    out[name] = {"volta": [tr, ir], "x2vlm": [x_tr, x_ir]}
+json.dump(out, open(d + "/ranks.json", "w"))
+"""
+
+
+def _reference_scoring(tmp_path, **cases) -> dict:
+    import numpy as np
+    try:
+        from numpy._core._multiarray_umath import __cpu_dispatch__
+    except ImportError:   # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_dispatch__
+    np.savez(tmp_path / "cases.npz", **cases)
+    env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": " ".join(__cpu_dispatch__)}
+    subprocess.run([sys.executable, "-c", _REFERENCE_SCORING, str(tmp_path)], check=True, env=env)
+    return json.loads((tmp_path / "ranks.json").read_text())
+
+
+def test_numpy_argsort_is_numpys_portable_introsort(tmp_path):
+    import numpy as np
+    rng = np.random.default_rng(3)
+    arrays = [rng.integers(0, int(rng.integers(1, 40)), size=int(n)).astype(dt)
+              for n in rng.integers(1, 700, size=60) for dt in (np.float32, np.float64)]
+    arrays[5][::7] = np.nan
+    arrays += [np.zeros(100), np.arange(300, 0, -1.0), np.tile([2.0, 1.0, 1.0], 90)]
+    # McIlroy's adversary against median-of-3 quicksort: drives a partition below the depth limit (heapsort path)
+    arrays.append(_median_of_3_killer(1024))
+    cases = {f"sort{i:03d}": a for i, a in enumerate(arrays)}
+    got = [E.numpy_argsort(cases[k]) for k in sorted(cases)]
+    assert got == _reference_scoring(tmp_path, **cases)["argsort"]
+
+
+def _median_of_3_killer(n: int):
+    """Values on which the introsort's quicksort degrades (McIlroy, "A killer adversary for quicksort"): the
+    comparisons are answered lazily while E.numpy_argsort runs, freezing values only when needed."""
+    import numpy as np
+    gas = n
+    val = [gas] * n
+    nsolid = [0]
+    candidate = [0]
+    calls = {"heap": 0}
+
+    def less(a, b):
+        x, y = a, b
+        if val[x] == gas and val[y] == gas:
+            if x == candidate[0]:
+                val[x] = nsolid[0]; nsolid[0] += 1
+            else:
+                val[y] = nsolid[0]; nsolid[0] += 1
+        if val[x] == gas:
+            candidate[0] = x
+        elif val[y] == gas:
+            candidate[0] = y
+        return val[x] < val[y]
+
+    real_less, real_heap = E._less, E._heapsort
+    idx = list(range(n))
+
+    def heap(v, a, pl, pr):
+        calls["heap"] += 1
+        return real_heap(v, a, pl, pr)
+    E._less, E._heapsort = (lambda p, q: less(int(p), int(q))), heap
+    try:
+        E.numpy_argsort(idx)
+    finally:
+        E._less, E._heapsort = real_less, real_heap
+    assert calls["heap"] > 0   # the heapsort branch is exercised
+    out = np.array(val, dtype=np.float64)
+    out[out == gas] = gas   # never compared: the largest
+    return out
+
+
+def _real_retrieval_cases():
+    """Synthetic scores over IGLUE's real xFlickrCo test captions (tests/fixtures/iglue): a model that scores the
+    caption text gives duplicate captions equal scores; coarse score levels add ties across captions."""
+    import numpy as np
+    import data
+    rng = np.random.default_rng(11)
+    cases = {}
+    for lang in ("en", "de", "ja"):
+        exs = data.load_split(FIX / "iglue", "xflickrco", "test", lang)
+        exs = exs + exs[:9]   # repeat captions of 9 images as captions of further images: duplicate texts
+        txt2img = np.array([ex.label for ex in exs[:40]] + list(range(40, 49)))
+        texts = [ex.text for ex in exs]
+        level = {t: rng.integers(0, 4, size=49) for t in dict.fromkeys(texts)}
+        t2i = np.stack([level[t] for t in texts]).astype(np.float32)   # [captions, images]
+        cases[f"t2i_{lang}"], cases[f"i2t_{lang}"], cases[f"txt2img_{lang}"] = t2i, t2i.T.copy(), txt2img
+        pre = t2i.copy()   # CCLM: k=20 prefilter, the rest UNSCORED (-100), scored independently per direction
+        i2t = t2i.T.copy() + 0.5
+        for m in (pre, i2t):
+            cut = np.argsort(-m, axis=1, kind="stable")[:, 20:]
+            np.put_along_axis(m, cut, E.UNSCORED, axis=1)
+        cases[f"t2i_{lang}k"], cases[f"i2t_{lang}k"], cases[f"txt2img_{lang}k"] = pre, i2t, txt2img
+    return cases
+
+
+def test_retrieval_ties_are_ranked_as_each_reference_ranks_them(tmp_path):
+    import numpy as np
+    cases = _real_retrieval_cases()
+    ref = _reference_scoring(tmp_path, **cases)
+    differ = 0
+    for name in sorted(k[4:] for k in cases if k.startswith("t2i_")):
+        t2i, i2t = torch.from_numpy(cases["t2i_" + name]), torch.from_numpy(cases["i2t_" + name])
+        txt2img = cases["txt2img_" + name].tolist()
+        unscored = E.UNSCORED if name.endswith("k") else None
+        # VOLTA has one caption x image matrix (both directions read it); CCLM's prefiltered pair is X2-VLM's only
+        for ties in (E.TIE_ORDERS if unscored is None else ["x2vlm"]):
+            tr, ir = E.retrieval_ranks(i2t, t2i, txt2img, unscored=unscored, ties=ties)
+            want_tr, want_ir = ref[name][ties]
+            if unscored is None:
+                assert tr.tolist() == want_tr and ir.tolist() == want_ir, (name, ties)
+            else:   # golds the prefilter dropped rank behind their ties (ours), anywhere among them (X2-VLM)
+                gold_ir = t2i[torch.arange(len(txt2img)), torch.tensor(txt2img)]
+                kept = gold_ir != E.UNSCORED
+                assert ir[kept].tolist() == np.asarray(want_ir)[kept.numpy()].tolist(), (name, ties)
+                gold_tr = i2t[torch.tensor(txt2img), torch.arange(len(txt2img))]
+                kept = [i for i in range(len(tr)) if all(gold_tr[c] != E.UNSCORED
+                                                          for c in range(len(txt2img)) if txt2img[c] == i)]
+                assert len(kept) > 5 and [tr[i].item() for i in kept] == [want_tr[i] for i in kept], (name, ties)
+                m = E.recall_metrics(i2t, t2i, txt2img, unscored=unscored, ties=ties)
+                for k in E.RECALL_KS:   # k_test = 20 >= 10: every recall is the reference's
+                    assert m[f"ir_r{k}"] == pytest.approx(100 * np.mean(np.asarray(want_ir) < k), abs=1e-9)
+                    assert m[f"tr_r{k}"] == pytest.approx(100 * np.mean(np.asarray(want_tr) < k), abs=1e-9)
+        differ += ref[name]["volta"] != ref[name]["x2vlm"]
+    assert differ   # the two references' tie orders differ on these cases: the choice of order matters
 
 
 def test_gold_outside_the_top_k_prefilter_is_never_retrieved():
@@ -306,9 +451,27 @@ def test_evaluate_every_language_and_translate_test(env, model_name, task, capsy
         for m in E.MAIN_METRICS[task]:
             assert res["summary"][m]["avg"] == pytest.approx(E.zs_average(res["langs"], m))
             csv_file = run / E.csv_name(task, m, 0, mt, split)
-            header, row = csv_file.read_text().splitlines()
-            assert header.split(",") == ["model"] + E.ordered_langs(res["langs"]) + ["avg"]
-            assert float(row.split(",")[-1]) == pytest.approx(E.zs_average(res["langs"], m))
+            header, row, n_row = (line.split(",") for line in csv_file.read_text().splitlines())
+            assert header == ["model"] + E.csv_langs(task) + ["avg"]   # IGLUE's columns, whatever was evaluated
+            complete = set(E.TARGET_LANGS[task]) <= set(res["langs"])
+            assert float(row[-1]) == (pytest.approx(E.zs_average(res["langs"], m)) if complete else -1.0)
+            for lang, value, n in zip(header[1:-1], row[1:-1], n_row[1:-1]):
+                want = res["langs"].get(lang)
+                assert float(value) == (pytest.approx(want[m]) if want else -1.0)
+                assert int(n) == (E.csv_n(task, want, m) if want else -1)
+        if task != "xflickrco":   # per-example predictions, as VOLTA's eval_task.py writes them
+            rec = {"split": split, "translate_test": mt, "shots": 0}
+            names = E.label_names(model_name, task, env["data_root"])
+            for lang in res["langs"]:
+                rows = json.loads((run / E.predictions_name(rec, lang)).read_text())
+                key, value = ("questionId", "prediction") if task == "xgqa" else ("question_id", "answer")
+                exs = data.load_split(env["data_root"], task, split, lang, translate_test=mt and lang != "en")
+                exs = [ex for ex in exs if model_name == "uc2" or ex.gold != data.XVNLI_NO_GOLD]  # X2-VLM drops "-"
+                assert [r[key] for r in rows] == [ex.id for ex in exs] and all(r[value] in names for r in rows)
+                if task == "xgqa":   # GQA_score.py's rule on its own inputs reproduces our accuracy
+                    gold = {ex.id: ex.gold for ex in exs}
+                    score = 100 * sum(r["prediction"] == gold[r["questionId"]] for r in rows) / len(rows)
+                    assert score == pytest.approx(res["langs"][lang]["accuracy"], abs=1e-9)
         if task == "xgqa":
             for lm in res["langs"].values():
                 assert sum(lm[f"n_{t}"] for t in E.QTYPES) + lm.get("n_other", 0) == lm["n"]
@@ -316,6 +479,22 @@ def test_evaluate_every_language_and_translate_test(env, model_name, task, capsy
                 assert total / lm["n"] == pytest.approx(lm["accuracy"], abs=1e-9)
     # the translate-test evaluation did not replace the plain one
     assert set(json.loads((run / "results.json").read_text())) == {split, split + ".mt"}
+
+
+def test_xvnli_counts_every_pair_for_uc2_and_drops_unlabelled_pairs_for_cclm(env):
+    """IGLUE's UC2 numbers are k / 1,164 (all pairs of a real test file, 14 labelled "-", counted wrong);
+    X2-VLM scores the 1,150 labelled ones. The trimmed sample: 44 pairs per language, one labelled "-"."""
+    import data
+    n_dash = {lang: sum(ex.gold == data.XVNLI_NO_GOLD
+                        for ex in data.load_split(env["data_root"], "xvnli", "test", lang)) for lang in ("en", "ar")}
+    assert n_dash == {"en": 1, "ar": 1}
+    for model_name, want in (("uc2", 44), ("cclm", 43)):
+        run = env["runs"][(model_name, "xvnli")]
+        assert E.main(["--run", str(run), "--langs", "en", "ar", "--num-workers", "0", "--batch-size", "16"]) == 0
+        res = json.loads((run / "results.json").read_text())["test"]["langs"]
+        assert res["en"]["n"] == res["ar"]["n"] == want
+        n_row = (run / "XVNLI_0.csv").read_text().splitlines()[2].split(",")
+        assert n_row[:3] == ["n", str(want), str(want)]   # columns en, ar
 
 
 def test_failed_evaluation_keeps_the_good_result(env, tmp_path, capsys):
@@ -328,7 +507,7 @@ def test_failed_evaluation_keeps_the_good_result(env, tmp_path, capsys):
     base = ["--checkpoint", str(ckpt), "--output-dir", str(out), "--langs", "en", "ar", "--num-workers", "0"]
     assert E.main(base) == 0
     before = {f.name: f.read_bytes() for f in out.iterdir()}
-    assert set(before) == {"results.json", "XVNLI_0.csv"}
+    assert set(before) == {"results.json", "XVNLI_0.csv", "test_en_0_result.json", "test_ar_0_result.json"}
     keys = {ex.image for ex in data.load_split(env["data_root"], "xvnli", "test", "en")}
     partial = data.write_synthetic_features(tmp_path / "partial.lmdb", sorted(keys)[:-1], num_boxes=6)
     with pytest.raises(SystemExit, match="not found in"):
@@ -503,6 +682,72 @@ def test_table_layout_with_paper_numbers(tmp_path, capsys):
     t3 = {r["setup"]: r for r in t["table3"]}
     assert t3["SUF"]["few_shot"] == 47.0 and t3["SUF"]["few_shot_langs"] == ["de"] and t3["SUF"]["paper_few_shot"] == 46.7
     assert "Per language (xgqa:accuracy)" in out
+
+
+def test_iglue_csv_keeps_iglues_columns_and_writes_minus_one_for_missing_languages():
+    """IGLUE's results/get_<task>_zero.py: columns model,en,<LANGS>,avg; a language without a result is -1.0."""
+    per_lang = {"en": {"accuracy": 60.0, "n": 1164}, "de": {"accuracy": 40.0, "n": 1164}}
+    header, row, n_row = (line.split(",") for line in E.iglue_csv("xgqa", per_lang, "m", "accuracy").splitlines())
+    assert header == ["model", "en", "bn", "de", "id", "ko", "pt", "ru", "zh", "avg"]   # get_xgqa_zero.py's LANGS
+    assert row == ["m", "60.0", "-1.0", "40.0", "-1.0", "-1.0", "-1.0", "-1.0", "-1.0", "-1.0"]
+    assert n_row == ["n", "1164", "-1", "1164", "-1", "-1", "-1", "-1", "-1", ""]
+    full = {l: {"tr_r1": float(i), "ir_r1": 0.0, "n_images": 2000 - (l == "de"), "n_captions": 2000}
+            for i, l in enumerate(E.csv_langs("xflickrco"))}
+    header, row, n_row = (line.split(",") for line in E.iglue_csv("xflickrco", full, "m", "tr_r1").splitlines())
+    assert header[1:-1] == ["en", "de", "es", "id", "ja", "ru", "tr", "zh"]            # get_xflickrco_zero.py's
+    assert float(row[-1]) == pytest.approx(sum(range(1, 8)) / 7) and n_row[2] == "1999"
+    few = E.iglue_csv("xvnli", {"fr": {"accuracy": 50.0, "n": 1164}}, "m", "accuracy", shots="48").splitlines()
+    assert few[0] == "model,ar,es,fr,ru,avg" and few[1] == "m,-1.0,-1.0,50.0,-1.0,-1.0"   # get_xvnli_few.py's
+
+
+def test_fewshot_runs_of_one_english_run_merge_into_one_iglue_row(tmp_path):
+    runs = []
+    for i, (init, lang, acc) in enumerate([("uc2-xgqa-suf", "de", 47.0), ("uc2-xgqa-suf", "ko", 41.0),
+                                           ("uc2-xgqa-full", "de", 45.0)]):
+        fs = tmp_path / f"{init}-fewshot48-{lang}"
+        fs.mkdir()
+        (fs / "fewshot.json").write_text(json.dumps({"init_checkpoint": str(tmp_path / init / "model_final.pt")}))
+        (fs / "results.json").write_text(json.dumps({"test": {
+            "model": "uc2", "task": "xgqa", "policy": "full", "shots": "48", "fewshot_lang": lang,
+            "init_policy": init.split("-")[-1], "split": "test", "translate_test": False,
+            "langs": {lang: {"accuracy": acc, "n": 9666}}}}))
+        runs.append(fs)
+    zs = _fake_run(tmp_path / "uc2-xgqa-suf", "uc2", "xgqa", "suf", XGQA_LANGS, 2, 0)
+    assert E.main(["table", *map(str, runs + [zs]), "--iglue-csv", str(tmp_path / "csv")]) == 0
+    lines = (tmp_path / "csv" / "xGQA_48.csv").read_text().splitlines()
+    assert lines[0] == "model,bn,de,id,ko,pt,ru,zh,avg"
+    assert lines[1] == "uc2-xgqa-suf,-1.0,47.0,-1.0,41.0,-1.0,-1.0,-1.0,-1.0"
+    assert lines[2] == "n,-1,9666,-1,9666,-1,-1,-1,"
+    assert lines[3] == "uc2-xgqa-full,-1.0,45.0,-1.0,-1.0,-1.0,-1.0,-1.0,-1.0" and len(lines) == 5
+    zero = (tmp_path / "csv" / "xGQA_0.csv").read_text().splitlines()
+    last = E.read_epoch_metrics(zs)[-1][1]
+    assert zero[0].startswith("model,en,bn") and zero[1].split(",")[0] == "uc2-xgqa-suf"
+    assert float(zero[1].split(",")[-1]) == pytest.approx(E.zs_average(last, "accuracy"))
+
+
+def test_cclm_answer_candidates_in_x2vlms_order_predictions_are_label_ids(env):
+    """X2-VLM's xgqa_dataset ranks list(json.load(trainval_ans2label.json).keys()); the key order (not the
+    label2ans order) decides which candidates survive first-token ties at the top-k prune."""
+    import data
+    import train_cclm
+    model = train_cclm.build_model("xgqa", dict(train_cclm.CONFIGS["tiny"]))
+    tok = data.load_tokenizer(env["tokenizer"])
+    E.prepare_model(model, env["data_root"], tok)
+    ans2label, label2ans = data.load_answer_vocab(env["data_root"])
+    keys = json.loads((Path(env["data_root"]) / "datasets/gqa/annotations/trainval_ans2label.json").read_text())
+    assert list(keys) != label2ans   # the two orders differ in the real files
+    want_ids, _ = data.encode_texts(tok, list(keys), None)
+    assert torch.equal(model.answer_ids, want_ids)
+    assert model.answer_labels.tolist() == [ans2label[a] for a in keys]
+
+    def first_candidate(states, atts, ids, att, k):   # rank position 0 of the list first for every question
+        n = states.shape[0]
+        return torch.zeros(n, k, dtype=torch.long), torch.eye(k)[0].repeat(n, 1)
+    model.rank_answers = first_candidate
+    batch = {"images": torch.zeros(2, 3, 32, 32), "text_ids": torch.tensor([[0, 5, 2], [0, 6, 2]]),
+             "text_atts": torch.ones(2, 3, dtype=torch.long)}
+    model.question_states = lambda b: torch.zeros(2, 3, model.config["hidden_size"])
+    assert model.predict(batch).tolist() == [ans2label[next(iter(keys))]] * 2
 
 
 # ------------------------------------------------------------------ few-shot (Table 3)

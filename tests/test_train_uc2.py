@@ -169,7 +169,10 @@ def test_xflickrco_training_finds_volta_hard_negatives(sample, tmp_path, capsys)
                                   "train_hard_pool": np.array([[i, (i + 1) % len(keys)] for i in range(len(keys))])}))
     U.main(cli("xflickrco", sample, tmp_path / "with", *common))
     assert "hard_negative.pkl" not in capsys.readouterr().err
-    assert json.loads((tmp_path / "with" / "args.json").read_text())["hard_negatives"] == str(pkl)
+    args = json.loads((tmp_path / "with" / "args.json").read_text())
+    assert args["hard_negatives"] == str(pkl) and args["retrieval_negatives"] == "volta"  # IGLUE's sampler by default
+    with pytest.raises(SystemExit, match="--resume: --retrieval-negatives is 'corrected' but the run .* used 'volta'"):
+        U.main(cli("xflickrco", sample, tmp_path / "with", *common, "--retrieval-negatives", "corrected", "--resume"))
 
 
 @pytest.mark.parametrize("config", ["base", "tiny"])
