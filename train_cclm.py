@@ -145,12 +145,24 @@ class TextEncoder(nn.Module):
         return x
 
 
+def _cross_attention_kv_width(layers: _Layers, width: int) -> None:
+    """X2-VLM's xbert builds cross-attention key/value as Linear(config.encoder_width, hidden): the
+    attended states may be wider or narrower than the queries (BertLayer's take hidden_size inputs)."""
+    for layer in layers.layer:
+        att = layer.crossattention.self
+        if att.key.in_features != width:
+            att.key = nn.Linear(width, att.all_head_size)
+            att.value = nn.Linear(width, att.all_head_size)
+
+
 class CrossEncoder(nn.Module):
-    """Fusion layers over the text-encoder states: self-attn, cross-attn to the image, FFN."""
+    """Fusion layers over the text-encoder states: self-attn, cross-attn to the image (key/value
+    projections take vision_width inputs, X2-VLM's encoder_width), FFN."""
 
     def __init__(self, cfg: dict):
         super().__init__()
         self.encoder = _Layers(_cross_config(cfg))
+        _cross_attention_kv_width(self.encoder, cfg["vision_width"])
 
     def forward(self, text_embeds: torch.Tensor, text_atts: torch.Tensor, vision_embeds: torch.Tensor,
                 vision_atts: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,7 +175,8 @@ class CrossEncoder(nn.Module):
 
 class AnswerDecoder(nn.Module):
     """xGQA answer decoder (xbert BertLMHeadModel): BERT embeddings (positions 0..L-1), causal layers
-    with cross-attention to the question states, LM head tied to its own word embeddings."""
+    with cross-attention to the question states (cross-encoder output, so key/value inputs are
+    hidden_size wide whatever vision_width is), LM head tied to its own word embeddings."""
 
     def __init__(self, cfg: dict):
         super().__init__()
@@ -220,10 +233,6 @@ class CCLM(nn.Module):
 
     def __init__(self, task: str, config: dict):
         super().__init__()
-        if config["vision_width"] != config["hidden_size"]:
-            # choice: the reference allows a different vision width (K/V projections of that width); the
-            # CCLM checkpoint has 768 = 768, so we require equality and use BertLayer's projections as is
-            raise ValueError(f"config: vision_width {config['vision_width']} must equal hidden_size {config['hidden_size']}")
         self.task, self.config = task, dict(config)
         self.vision_encoder = VisionEncoder(config)
         self.text_encoder = TextEncoder(config)
@@ -536,6 +545,11 @@ def _starts(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(p) for p in prefixes)
 
 
+def _is_decoder_cross_kv(key: str) -> bool:
+    return key.startswith("text_decoder.bert.encoder.layer.") and (
+        ".crossattention.self.key." in key or ".crossattention.self.value." in key)
+
+
 def pretrained_load_plan(ckpt_shapes: dict[str, tuple], model_shapes: dict[str, tuple], buffers: set[str],
                          task: str) -> list[tuple[str, str, str]]:
     """How each fine-tuning key gets its value from the CCLM pretraining checkpoint (README §2.1):
@@ -543,11 +557,17 @@ def pretrained_load_plan(ckpt_shapes: dict[str, tuple], model_shapes: dict[str, 
     model keys first (in model order), then ("-", "unused_pretrain_key", key). Shapes only, so it
     runs on meta tensors. Raises ValueError naming the first key that fits none of the rules."""
     rows, used = [], set()
+    # XVLMPlusForVQA.load_pretrained copies no cross-attention key/value (weights and biases) into the
+    # decoder when its K/V input width (hidden) differs from the cross encoder's (vision_width)
+    kv = "encoder.layer.0.crossattention.self.key.weight"
+    fresh_kv = task == "xgqa" and model_shapes.get("text_decoder.bert." + kv) != model_shapes.get("cross_encoder." + kv)
     for key, shape in model_shapes.items():
         src = key
         if task == "xgqa" and key.startswith("text_decoder.bert.encoder.layer."):
             src = "cross_encoder." + key[len("text_decoder.bert."):]  # decoder = copy of the cross encoder
-        if "relative_position_index" in key:
+        if fresh_kv and _is_decoder_cross_kv(key):
+            action = "new_random_init"
+        elif "relative_position_index" in key:
             action = "drop_from_ckpt_keep_model_buffer" if key in ckpt_shapes else "model_buffer_not_in_ckpt"
         elif src in ckpt_shapes:
             same = tuple(ckpt_shapes[src]) == tuple(shape)

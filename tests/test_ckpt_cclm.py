@@ -72,16 +72,16 @@ def test_mapping_errors_name_the_key() -> None:
         train_cclm.pretrained_load_plan(bad, own, set(), "xvnli")
 
 
-def small(image_res: int) -> dict:
+def small(image_res: int, vision_width: int = 32) -> dict:
     return {**train_cclm.CONFIGS["tiny"], "image_res": image_res, "text_layers": 2, "cross_layers": 2,
-            "dec_layers": 2, "vocab_size": 50}
+            "dec_layers": 2, "vocab_size": 50, "vision_width": vision_width}
 
 
-def fake_pretraining_state(tmp_path: Path) -> tuple[Path, dict]:
+def fake_pretraining_state(tmp_path: Path, vision_width: int = 32) -> tuple[Path, dict]:
     """A CrossViewLM-shaped state dict at a smaller image size (3x3 grid standing in for 224),
     wrapped like the pretraining script saves it."""
     torch.manual_seed(0)
-    ret = train_cclm.build_model("xflickrco", small(48))
+    ret = train_cclm.build_model("xflickrco", small(48, vision_width))
     state = {k: v.clone() for k, v in ret.state_dict().items()}
     for k, v in state.items():
         if v.is_floating_point():
@@ -93,15 +93,30 @@ def fake_pretraining_state(tmp_path: Path) -> tuple[Path, dict]:
     return path, state
 
 
-def test_load_pretrained_values(tmp_path: Path) -> None:
-    path, pre = fake_pretraining_state(tmp_path)
-    model = train_cclm.build_model("xgqa", small(64))
+def test_cross_attention_reads_vision_width_and_decoder_reads_hidden() -> None:
+    model = train_cclm.build_model("xgqa", small(32, vision_width=24))
+    cross = model.cross_encoder.encoder.layer[0].crossattention.self
+    dec = model.text_decoder.bert.encoder.layer[0].crossattention.self
+    assert (cross.key.in_features, cross.value.in_features, cross.query.in_features) == (24, 24, 32)
+    assert (dec.key.in_features, dec.value.in_features) == (32, 32)
+
+
+@pytest.mark.parametrize("vision_width", [32, 24], ids=["vision_width_eq_hidden", "vision_width_ne_hidden"])
+def test_load_pretrained_values(tmp_path: Path, vision_width: int) -> None:
+    """With vision_width != hidden the reference does not copy the cross encoder's cross-attention
+    key/value (vision-width inputs) into the decoder (hidden-width inputs): they keep their fresh init."""
+    path, pre = fake_pretraining_state(tmp_path, vision_width)
+    model = train_cclm.build_model("xgqa", small(64, vision_width))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = train_cclm.load_checkpoint(model, str(path))
     assert "interpolate_224_to_384 2" in report and "copy_renamed" in report and "bbox_head.0.weight" in report
     after = model.state_dict()
+    fresh_kv = vision_width != small(64)["hidden_size"]
+    assert (f"new_random_init {12 + 8 * fresh_kv}" in report), report
     for k, v in after.items():
-        if k.startswith("text_decoder.bert.encoder."):
+        if fresh_kv and train_cclm._is_decoder_cross_kv(k):
+            assert torch.equal(v, before[k]), k
+        elif k.startswith("text_decoder.bert.encoder."):
             assert torch.equal(v, pre["cross_encoder." + k[len("text_decoder.bert."):]]), k
         elif "relative_position_bias_table" in k:
             assert v.shape[0] == 7 * 7 + 3

@@ -1,10 +1,11 @@
 """CCLM parity with the reference (X2-VLM run with random weights, README §5): every float output within
-tests/parity.py's tolerance, integers exact. Fixture folders: $PARITY_FIXTURES (os.pathsep-separated) or the
-shipped tests/fixtures/cclm/parity_a; all dimensions come from each folder's model_config.json."""
+tests/parity.py's tolerance, integers exact. Fixture folders: $PARITY_FIXTURES (os.pathsep-separated) or every
+shipped tests/fixtures/cclm/parity_* set; all dimensions come from each folder's model_config.json."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -22,7 +23,9 @@ def fixture_dirs() -> list[Path]:
     env = os.environ.get("PARITY_FIXTURES")
     # UC2 sets (VOLTA's config file) in the same list are tests/test_parity_uc2.py's; any other folder is ours.
     if not env:
-        return [HERE / "fixtures" / "cclm" / "parity_a"]
+        shipped = sorted(p for p in (HERE / "fixtures" / "cclm").glob("parity_*") if p.is_dir())
+        assert shipped, "no tests/fixtures/cclm/parity_* fixture set"
+        return shipped
     return [Path(p) for p in env.split(os.pathsep) if p and not (Path(p) / "volta_config.json").is_file()]
 
 
@@ -91,7 +94,9 @@ def check_xflickrco(folder: Path) -> None:
     close("itm_logits_all_pairs", logits, out["itm_logits_all_pairs"])
     scores = torch.stack([model.itm_scores(v[i:i + 1].expand(n_txt, -1, -1), t, x["text_atts"]) for i in range(n_img)])
     close("itm_score_all_pairs", scores, out["itm_score_all_pairs"])
-    for k in (3, 2):
+    ks = [int(m.group(1)) for m in map(re.compile(r"eval_k(\d+)_score_matrix_i2t$").match, out) if m]
+    assert ks, "fixture has no eval_k<k>_score_matrix_i2t output"
+    for k in ks:
         sims, i2t, t2i = model.rerank_scores(v, image_feat, t, x["text_atts"], text_feat, k=k)
         close("sims_matrix", sims, out["sims_matrix"])
         close(f"eval_k{k}_score_matrix_i2t", i2t, out[f"eval_k{k}_score_matrix_i2t"])
