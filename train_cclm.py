@@ -686,14 +686,22 @@ def x2vlm_no_decay(name: str, param: nn.Parameter | None = None) -> bool:
     return any(s in name for s in X2VLM_NO_DECAY_SUBSTRINGS)
 
 
-def lr_mult_prefixes(task: str, from_pretraining: bool) -> tuple[str, ...]:
+def lr_mult_prefixes(task: str, from_pretraining: bool, config: dict | None = None) -> tuple[str, ...]:
     """Parameters X2-VLM trains at lr * lr_mult (its model.init_params after loading): XVNLI's cls_head always
     (set when the model is built); xGQA's decoder embeddings and LM head when the loaded checkpoint lacks them,
-    i.e. from the pretraining checkpoint (or no checkpoint), not from a fine-tuned one; retrieval none (its
-    heads come from pretraining). Tied names count once: xGQA has 10 such parameters, XVNLI 6."""
+    i.e. from the pretraining checkpoint (or no checkpoint), not from a fine-tuned one, and then also the
+    decoder's cross-attention key/value where vision_width != hidden_size (not copied from the checkpoint, see
+    pretrained_load_plan); retrieval none (its heads come from pretraining). Tied names count once: xGQA has 10
+    such parameters at equal widths, XVNLI 6."""
     if task == "xvnli":
         return NEW_KEYS["xvnli"]
-    return NEW_KEYS[task] if from_pretraining else ()
+    if not from_pretraining:
+        return ()
+    cfg = config or CONFIGS["base"]
+    fresh_kv = () if task != "xgqa" or cfg["vision_width"] == cfg["hidden_size"] else tuple(
+        f"text_decoder.bert.encoder.layer.{i}.crossattention.self.{kv}."
+        for i in range(cfg["dec_layers"]) for kv in ("key", "value"))
+    return NEW_KEYS[task] + fresh_kv
 
 
 def lr_mult_rule(prefixes: tuple[str, ...], mult: float):
@@ -811,7 +819,7 @@ def main(argv: list[str] | None = None) -> None:
         if resuming:  # the optimizer groups of the run itself (its checkpoint holds their state)
             large_lr = tuple((meta or {}).get("lr_mult_prefixes", ()))
         else:
-            large_lr = lr_mult_prefixes(args.task, from_pretraining=state is None or is_pretraining_state(state))
+            large_lr = lr_mult_prefixes(args.task, state is None or is_pretraining_state(state), config)
 
         engine.seed_everything(args.seed)  # identical initial weights on every rank
         model = build_model(args.task, config)

@@ -220,3 +220,23 @@ def test_xgqa_from_a_finetuned_checkpoint_has_no_large_lr_parameters() -> None:
     assert train_cclm.lr_mult_prefixes("xgqa", from_pretraining=False) == ()
     assert train_cclm.lr_mult_prefixes("xvnli", from_pretraining=False) == ("cls_head.",)
     assert train_cclm.lr_mult_prefixes("xflickrco", from_pretraining=True) == ()
+
+
+@pytest.mark.parametrize("vision_width", [32, 24], ids=["vision_width_eq_hidden", "vision_width_ne_hidden"])
+def test_lr_mult_covers_exactly_the_parameters_loading_leaves_fresh(vision_width: int) -> None:
+    """X2-VLM's init_params (trained at lr * lr_mult) are the keys its loader leaves randomly initialised:
+    with vision_width != hidden that includes the xGQA decoder's cross-attention key/value."""
+    cfg = small(64, vision_width)
+    with torch.device("meta"):
+        model = train_cclm.build_model("xgqa", cfg)
+        pre = train_cclm.build_model("xflickrco", small(48, vision_width))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    pre_shapes = {k: tuple(v.shape) for k, v in pre.state_dict().items()}
+    buffers = {k for k, _ in model.named_buffers()}
+    fresh = {k for k, action, _ in train_cclm.pretrained_load_plan(pre_shapes, shapes, buffers, "xgqa")
+             if action == "new_random_init"}
+    rule = train_cclm.lr_mult_rule(train_cclm.lr_mult_prefixes("xgqa", True, cfg), 2.0)
+    params = {k for k, _ in model.named_parameters()}  # optimizer's view: no buffers, tied tensors once
+    doubled = {k for k in params if rule(k) == 2.0}
+    assert doubled == fresh & params
+    assert any(train_cclm._is_decoder_cross_kv(k) for k in doubled) == (vision_width != cfg["hidden_size"])
