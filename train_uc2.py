@@ -185,7 +185,7 @@ def _xlmr_layer_config(c: dict, layer: int = 0) -> XLMRobertaConfig:
 
 
 def _set_attention_width(layer: XLMRobertaLayer, hidden: int, width: int, heads: int) -> None:
-    """VOLTA's sublayer2attn_hidden_size: Q/K/V project hidden -> width (heads of width/heads), output width -> hidden."""
+    """VOLTA's sublayer2attn_hidden_size: Q/K/V map hidden -> width (heads of width/heads), output width -> hidden."""
     if width % heads:
         raise ValueError(f"config: attention width {width} is not a multiple of its {heads} heads")
     att = layer.attention.self
