@@ -50,13 +50,50 @@ CONFIGS: dict[str, dict] = {
 }
 
 
+# Config keys VOLTA's UC2 config space needs beyond CONFIGS (absent = the uc2_base value): the FFN activation
+# (VOLTA hidden_act: gelu | relu | swish), the pooler activation (VOLTA fusion_act: relu, anything else tanh) and
+# per-layer attention width / head count / FFN width (VOLTA's sublayer2* overrides), as lists over layers.
+OPTIONAL_CONFIG_KEYS = ("hidden_act", "pooler_act", "layer_attn_sizes", "layer_num_heads", "layer_intermediate_sizes")
+VOLTA_ACTS = ("gelu", "relu", "swish")
+
+
+def _check_volta_uc2_layout(volta: dict, n: int) -> None:
+    """UC2 = every sublayer shared by text and image with one LayerNorm, attention at 2k and FFN at 2k+1."""
+    attn, ffn, every = list(range(0, 2 * n, 2)), list(range(1, 2 * n, 2)), list(range(2 * n))
+    want = {**{k: attn for k in ("tt_attn_sublayers", "tv_attn_sublayers", "vt_attn_sublayers", "vv_attn_sublayers")},
+            "t_ff_sublayers": ffn, "v_ff_sublayers": ffn, "shared_sublayers": every, "single_ln_sublayers": every}
+    for key, value in want.items():
+        if sorted(volta.get(key, value)) != value:
+            raise ValueError(f"VOLTA config: {key} = {volta[key]} is not UC2's single-stream layout {value}")
+    # VOLTA asserts these text/image sizes equal in shared sublayers (v_hidden_act is unused there: no check)
+    for key, subs in (("attn_hidden_size", attn), ("num_attention_heads", attn), ("intermediate_size", ffn)):
+        base = "hidden_size" if key == "attn_hidden_size" else key
+        text, image = volta.get(f"sublayer2{key}") or {}, volta.get(f"sublayer2v_{key}") or {}
+        for s in subs:
+            t, v = text.get(str(s), volta.get(base)), image.get(str(s), volta.get(f"v_{base}", volta.get(base)))
+            if t != v:
+                raise ValueError(f"VOLTA config: sublayer {s}: {key} {t} (text) != {v} (image); "
+                                 "UC2 shares every weight between text and image")
+
+
+def _volta_per_layer(volta: dict, key: str, sublayers: list[int], default: int) -> list[int] | None:
+    """VOLTA's per-sublayer override dict (keys = sublayer numbers as strings) as a list over our layers."""
+    table = volta.get(key) or {}
+    values = [int(table.get(str(s), default)) for s in sublayers]
+    return None if all(v == default for v in values) else values
+
+
 def config_from_volta(volta: dict, **overrides) -> dict:
     """Our config dict from a VOLTA BertConfig json (e.g. config/uc2_base.json, parity_a/volta_config.json)."""
     sublayers = volta.get("bert_layer2attn_sublayer") or {str(i): s for i, s in enumerate(volta["tt_attn_sublayers"])}
     if volta.get("fusion_method", "text") != "text" or volta.get("image_embeddings", "uc2") != "uc2":
         raise ValueError("VOLTA config is not a UC2 config (need fusion_method 'text', image_embeddings 'uc2')")
+    n = len(sublayers)
+    _check_volta_uc2_layout(volta, n)
+    if volta.get("hidden_act", "gelu") not in VOLTA_ACTS:
+        raise ValueError(f"VOLTA config: hidden_act {volta['hidden_act']!r} is none of VOLTA's {VOLTA_ACTS}")
     cfg = dict(CONFIGS["base"])
-    cfg.update(vocab_size=volta["vocab_size"], hidden_size=volta["hidden_size"], num_layers=len(sublayers),
+    cfg.update(vocab_size=volta["vocab_size"], hidden_size=volta["hidden_size"], num_layers=n,
                num_heads=volta["num_attention_heads"], intermediate_size=volta["intermediate_size"],
                max_position_embeddings=volta["max_position_embeddings"], type_vocab_size=volta["type_vocab_size"],
                pad_token_id=volta.get("pad_token_id", 1), layer_norm_eps=volta["layer_norm_eps"],
@@ -64,6 +101,18 @@ def config_from_volta(volta: dict, **overrides) -> dict:
                clf_hidden_size=volta["clf_hidden_size"], hidden_dropout=volta["hidden_dropout_prob"],
                attention_dropout=volta["attention_probs_dropout_prob"],
                initializer_range=volta.get("initializer_range", 0.02))
+    if volta.get("hidden_act", "gelu") != "gelu":
+        cfg["hidden_act"] = volta["hidden_act"]
+    if volta.get("fusion_act", "relu") != "relu":
+        cfg["pooler_act"] = "tanh"  # VOLTA's text pooler: ReLU for "relu", Tanh for any other value
+    attn, ffn = list(range(0, 2 * n, 2)), list(range(1, 2 * n, 2))
+    for ours, theirs, subs, default in (("layer_attn_sizes", "sublayer2attn_hidden_size", attn, cfg["hidden_size"]),
+                                        ("layer_num_heads", "sublayer2num_attention_heads", attn, cfg["num_heads"]),
+                                        ("layer_intermediate_sizes", "sublayer2intermediate_size", ffn,
+                                         cfg["intermediate_size"])):
+        per_layer = _volta_per_layer(volta, theirs, subs, default)
+        if per_layer is not None:
+            cfg[ours] = per_layer
     cfg.update(overrides)
     return cfg
 
@@ -78,7 +127,7 @@ def resolve_config(name_or_path: str) -> dict:
         d = json.load(f)
     if "tt_attn_sublayers" in d or "bert_layer2attn_sublayer" in d:
         return config_from_volta(d)
-    unknown = sorted(set(d) - set(CONFIGS["base"]))
+    unknown = sorted(set(d) - set(CONFIGS["base"]) - set(OPTIONAL_CONFIG_KEYS))
     if unknown:
         raise SystemExit(f"error: {name_or_path}: unknown config key(s) {unknown}")
     return {**CONFIGS["base"], **d}
@@ -118,13 +167,32 @@ class UC2Embeddings(nn.Module):
         return text, image
 
 
-def _xlmr_layer_config(c: dict) -> XLMRobertaConfig:
+def _layer_value(c: dict, key: str, layer: int, default_key: str) -> int:
+    per_layer = c.get(key)
+    return per_layer[layer] if per_layer else c[default_key]
+
+
+def _xlmr_layer_config(c: dict, layer: int = 0) -> XLMRobertaConfig:
+    heads = _layer_value(c, "layer_num_heads", layer, "num_heads")
     xc = XLMRobertaConfig(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_hidden_layers=c["num_layers"],
-                          num_attention_heads=c["num_heads"], intermediate_size=c["intermediate_size"],
-                          hidden_act="gelu", hidden_dropout_prob=c["hidden_dropout"],
+                          # HF checks hidden % heads; a width that differs from hidden is set by _set_attention_width
+                          num_attention_heads=heads if c["hidden_size"] % heads == 0 else 1,
+                          intermediate_size=_layer_value(c, "layer_intermediate_sizes", layer, "intermediate_size"),
+                          hidden_act=c.get("hidden_act", "gelu"), hidden_dropout_prob=c["hidden_dropout"],
                           attention_probs_dropout_prob=c["attention_dropout"], layer_norm_eps=c["layer_norm_eps"])
     xc._attn_implementation = c.get("attn_implementation", "sdpa")
     return xc
+
+
+def _set_attention_width(layer: XLMRobertaLayer, hidden: int, width: int, heads: int) -> None:
+    """VOLTA's sublayer2attn_hidden_size: Q/K/V map hidden -> width (heads of width/heads), output width -> hidden."""
+    if width % heads:
+        raise ValueError(f"config: attention width {width} is not a multiple of its {heads} heads")
+    att = layer.attention.self
+    att.num_attention_heads, att.attention_head_size, att.all_head_size = heads, width // heads, width
+    att.scaling = att.attention_head_size ** -0.5
+    att.query, att.key, att.value = (nn.Linear(hidden, width) for _ in range(3))
+    layer.attention.output.dense = nn.Linear(width, hidden)
 
 
 class UC2Encoder(nn.Module):
@@ -133,8 +201,14 @@ class UC2Encoder(nn.Module):
 
     def __init__(self, c: dict):
         super().__init__()
-        xc = _xlmr_layer_config(c)
-        self.layer = nn.ModuleList([XLMRobertaLayer(xc, layer_idx=i) for i in range(c["num_layers"])])
+        self.layer = nn.ModuleList()
+        for k in range(c["num_layers"]):
+            layer = XLMRobertaLayer(_xlmr_layer_config(c, k), layer_idx=k)
+            width = _layer_value(c, "layer_attn_sizes", k, "hidden_size")
+            heads = _layer_value(c, "layer_num_heads", k, "num_heads")
+            if width != c["hidden_size"] or layer.attention.self.num_attention_heads != heads:
+                _set_attention_width(layer, c["hidden_size"], width, heads)
+            self.layer.append(layer)
 
     def forward(self, hidden, additive_mask, sublayer_outputs: list | None = None):
         for layer in self.layer:
@@ -202,7 +276,8 @@ class UC2(nn.Module):
         additive = ((1.0 - keep) * -10000.0)[:, None, None, :]  # VOLTA's mask over keys
         subs = [] if trace is not None else None
         hidden = self.encoder(hidden, additive, subs)
-        pooled = F.relu(self.pooler(hidden[:, 0]))  # VOLTA fusion_act relu (original UC2: tanh)
+        pooled = self.pooler(hidden[:, 0])  # VOLTA fusion_act relu (uc2_base; original UC2: tanh)
+        pooled = torch.tanh(pooled) if self.config.get("pooler_act", "relu") == "tanh" else F.relu(pooled)
         if trace is not None:
             n = text.shape[1]
             trace.update(embedding_t=text, embedding_v=image, pooled_output_t=pooled,
@@ -762,6 +837,11 @@ def build_train_dataset(args, features: FeatureSet | None, serialized: list[str]
 
 def model_config_from_args(args) -> dict:
     config = resolve_config(args.model_config)
+    # data.py reads IGLUE's region files: 2048-d features, 7 location values (VOLTA's datasets pad to 2048 too)
+    for key, have in (("v_feature_size", data.FEATURE_DIM), ("num_locs", 7)):
+        if config[key] != have:
+            raise SystemExit(f"error: --model-config {args.model_config}: {key} = {config[key]}, but the region "
+                             f"features this script reads have {have}")
     config["retrieval_loss"] = args.retrieval_loss
     if args.dropout is not None:
         config.update(hidden_dropout=args.dropout, attention_dropout=args.dropout, classifier_dropout=args.dropout)

@@ -1,7 +1,7 @@
 """UC2 parity with VOLTA/IGLUE: outputs.pt of every fixture folder reproduced within tests/parity.py's tolerance.
 
-Fixture folders: $PARITY_FIXTURES (os.pathsep-separated) or tests/fixtures/uc2/parity_a. Every
-dimension comes from the folder's own volta_config.json / model_dims.json.
+Fixture folders: $PARITY_FIXTURES (os.pathsep-separated) or every tests/fixtures/uc2/parity_* folder (set A,
+set B with other dimensions, ...). Every dimension comes from the folder's own volta_config.json / model_dims.json.
 """
 import json
 import math
@@ -28,7 +28,7 @@ def _folders() -> list[Path]:
     env = os.environ.get("PARITY_FIXTURES")
     if env:
         return [Path(p) for p in env.split(os.pathsep) if p and (Path(p) / "volta_config.json").is_file()]
-    return [HERE / "fixtures" / "uc2" / "parity_a"]
+    return sorted(d for d in (HERE / "fixtures" / "uc2").glob("parity_*") if d.is_dir())
 
 
 def _cases():
