@@ -93,6 +93,9 @@ ImageFile.LOAD_TRUNCATED_IMAGES = True  # as the X2-VLM loaders do
 # most 640 px a side, Flickr30k's at most 500 px, GQA's Visual Genome images are web-sized photos.
 IMAGE_MAX_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = IMAGE_MAX_PIXELS
+# Photo formats only: PIL would hand an EPS file to Ghostscript (an external program) and parses many exotic
+# formats nobody downloads for these datasets (all JPEG), so load_image does not even try those.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG includes multi-picture (MPO) files
 
 TASKS = ("xgqa", "xvnli", "xflickrco")
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -991,7 +994,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     with warnings.catch_warnings():  # PIL warns above its limit (ours) and refuses above twice it
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            img = Image.open(path)
+            img = Image.open(path, formats=IMAGE_FORMATS)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ValueError(f"image file {path}: refused as a decompression bomb ({e})") from None
     if img.width * img.height > IMAGE_MAX_PIXELS:

@@ -475,6 +475,9 @@ class VoltaTbLogger(ForeignState):
 FOREIGN_CHECKPOINT_CLASSES = [(VoltaTbLogger, "volta.train_utils.tbLogger")]
 
 
+_TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+
+
 class UnsafeCheckpointError(ValueError):
     """A torch file asks for a function or class outside the weights-only allowlist; nothing of it was run."""
 
@@ -494,6 +497,8 @@ def read_torch_file(path: str | Path, map_location="cpu", mmap: bool = False):
     X2-VLM .th, Hugging Face pytorch_model.bin): torch.load(weights_only=True), i.e. tensors and plain data
     only, plus FOREIGN_CHECKPOINT_CLASSES as inert stand-ins. A file that asks for anything else raises
     UnsafeCheckpointError naming it; other failures (missing, truncated) propagate for the caller to word."""
+    if _TORCH_VERSION < (2, 6):  # weights_only could be escaped before 2.6 (CVE-2025-32434)
+        raise RuntimeError(f"torch {torch.__version__} cannot read checkpoints safely; install requirements.txt's torch")
     try:
         with torch.serialization.safe_globals(FOREIGN_CHECKPOINT_CLASSES), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # torch's note for protocol > 2

@@ -367,9 +367,11 @@ def test_checkpoint_cli_refuses_a_payload_before_writing(tmp_path):
         assert not any((out / f).exists() for f in engine.RUN_FILES)
 
 
-def test_iglue_training_checkpoint_loads_with_volta_state(tmp_path):
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
+def test_iglue_training_checkpoint_loads_with_volta_state(tmp_path, layout):
     """pytorch_ckpt_latest.tar as VOLTA's train_utils.save writes it (tbLogger's __getstate__ dict, AdamW state
-    after a step, the warm-up scheduler's state), read without VOLTA installed; the logger stays inert data."""
+    after a step, the warm-up scheduler's state), read without VOLTA installed; the logger stays inert data.
+    "legacy": the pre-1.6 torch file layout, in case a released file predates the zip format."""
     sd = _volta_state_dict()
     params = [torch.nn.Parameter(torch.ones(2))]
     opt = torch.optim.AdamW(params, lr=2e-5, eps=1e-6, betas=(0.9, 0.999))
@@ -385,7 +387,8 @@ def test_iglue_training_checkpoint_loads_with_volta_state(tmp_path):
         logger.__dict__.update(tb_state, logger="SummaryWriter", txt_f="file")
         torch.save({"model_state_dict": sd, "optimizer_state_dict": opt.state_dict(),
                     "scheduler_state_dict": sched.state_dict(), "global_step": 10, "epoch_id": 3,
-                    "tb_logger": logger, "score": 0.5}, tmp_path / "pytorch_ckpt_latest.tar")
+                    "tb_logger": logger, "score": 0.5}, tmp_path / "pytorch_ckpt_latest.tar",
+                   _use_new_zipfile_serialization=layout == "zip")
     finally:
         del sys.modules["volta"], sys.modules["volta.train_utils"]
     with pytest.raises(pickle.UnpicklingError):  # what plain weights-only torch.load says about it
@@ -491,3 +494,20 @@ def test_image_paths_from_annotations_stay_inside_the_image_root(tmp_path, how):
             assert msg.startswith(f"image path {bad.image_file.partition('/')[2]!r} is not a file inside the image "
                                   f"folder ") and f"(referenced by {rel}, example {bad.id})" in msg, msg
         assert data.CCLMDataset(exs, images, task, image_res=32)[0]["pixels"].shape == (32, 32, 3)
+
+
+def test_images_in_non_photo_formats_are_not_parsed(tmp_path):
+    """PIL hands EPS to Ghostscript (an external program): load_image opens photo formats only."""
+    (tmp_path / "images" / "flickr30k").mkdir(parents=True)
+    ex = data.load_split(IGLUE, "xvnli", "test", "en")[0]
+    path = tmp_path / "images" / ex.image_file
+    Image.new("RGB", (8, 8)).save(path, "EPS")
+    with Image.open(path) as img:
+        assert img.format == "EPS"  # plain PIL would take it (and run Ghostscript to decode it)
+    with pytest.raises(ValueError) as e:
+        data.CCLMDataset([ex], tmp_path / "images", "xvnli", image_res=32)[0]
+    msg = str(e.value)
+    assert msg.startswith(f"image file {path} is corrupt or not an image (UnidentifiedImageError: ") and "\n" not in msg
+    for fmt in ("JPEG", "PNG"):
+        Image.new("RGB", (8, 8)).save(path, fmt)
+        assert data.CCLMDataset([ex], tmp_path / "images", "xvnli", image_res=32)[0]["pixels"].shape == (32, 32, 3)
