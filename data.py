@@ -20,8 +20,13 @@ Region features (UC2)
   SerializedGQA(path)               tensorpack/msgpack per-question LMDB (GQA train/val), no tensorpack needed
   decode_serialized(buf)            msgpack + msgpack_numpy value decoder
   write_synthetic_features(path, image_ids, num_boxes=36, seed=0)   h5_to_lmdb-format LMDB for tests/demo
+Pickles in downloaded files (README "Trust model")
+  unpickle_data(buf, where) / read_pickle(path)   plain data and numpy arrays only; any other name in the pickle
+                                    is refused (UnsafePickleError, a ValueError naming `where`), nothing is called
+  plain_dtype(spec)                 np.dtype of a plain numeric/bytes/str type, else ValueError
 Images (CCLM)
   CLIP_MEAN, CLIP_STD, load_image(path), eval_transform(img, res), train_transform(img, res, rng, flip)
+  IMAGE_MAX_PIXELS                  decompression-bomb limit: load_image refuses larger images before decoding
   normalize_images(uint8 batch images) -> float32 model input (CCLM batches carry uint8 pixels)
   write_synthetic_images(folder, relpaths, size=(128, 96), seed=0)
 Text
@@ -61,6 +66,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
+import io
 import itertools
 import json
 import math
@@ -70,6 +77,7 @@ import random
 import re
 import sys
 import uuid
+import warnings
 import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -81,7 +89,15 @@ from PIL import Image, ImageFile
 from torch.utils.data import DataLoader, Dataset
 
 ImageFile.LOAD_TRUNCATED_IMAGES = True  # as the X2-VLM loaders do
-Image.MAX_IMAGE_PIXELS = None
+# Decompression-bomb guard: a sub-MB PNG can declare 30,000 x 30,000 pixels (GBs once decoded). load_image
+# refuses anything above this many pixels before decoding; PIL's own check stays on as a backstop for other
+# readers (it warns above the limit and refuses above twice it). Real inputs are far below: COCO images are at
+# most 640 px a side, Flickr30k's at most 500 px, GQA's Visual Genome images are web-sized photos.
+IMAGE_MAX_PIXELS = 40_000_000
+Image.MAX_IMAGE_PIXELS = IMAGE_MAX_PIXELS
+# Photo formats only: PIL would hand an EPS file to Ghostscript (an external program) and parses many exotic
+# formats nobody downloads for these datasets (all JPEG), so load_image does not even try those.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG includes multi-picture (MPO) files
 
 TASKS = ("xgqa", "xvnli", "xflickrco")
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -312,11 +328,14 @@ def _field(obj: dict, key: str, where: str):
 def load_answer_vocab(data_root) -> tuple[dict[str, int], list[str]]:
     """GQA answer vocabulary (trainval_ans2label/label2ans .json, or VOLTA's .pkl) -> (ans2label, label2ans)."""
     folder = dataset_dir(data_root) / "gqa" / "annotations"
-    for ext, load in ((".json", read_json), (".pkl", lambda p: pickle.load(open(p, "rb")))):
+    for ext, load in ((".json", read_json), (".pkl", read_pickle)):
         a2l, l2a = folder / f"trainval_ans2label{ext}", folder / f"trainval_label2ans{ext}"
         if a2l.is_file() and l2a.is_file():
             ans2label, label2ans = load(a2l), load(l2a)
-            bad = [a for a, i in ans2label.items() if not (0 <= i < len(label2ans) and label2ans[i] == a)]
+            if not isinstance(ans2label, dict) or not isinstance(label2ans, list):
+                raise ValueError(f"{a2l} / {l2a}: expected a dict of answer -> index and a list of answers")
+            bad = [a for a, i in ans2label.items()
+                   if not (type(i) is int and 0 <= i < len(label2ans) and label2ans[i] == a)]
             if bad or len(ans2label) != len(label2ans):
                 raise ValueError(f"{a2l} and {l2a} disagree (e.g. answer {bad[:1]}); re-download them")
             return dict(ans2label), list(label2ans)
@@ -565,7 +584,8 @@ class LMDBRegionFeatures(_LazyHandle):
             if raw is None:
                 raise ValueError(f"{self.path}: no 'keys' entry; not an image-keyed feature LMDB "
                                  f"(a per-question GQA serialized LMDB is read with SerializedGQA)")
-            self._keys = {k.decode() if isinstance(k, bytes) else str(k) for k in pickle.loads(raw)}
+            keys = unpickle_data(raw, f"{self.path} entry 'keys'")
+            self._keys = {k.decode() if isinstance(k, bytes) else str(k) for k in keys}
         return self._keys
 
     def __contains__(self, key) -> bool:
@@ -578,7 +598,7 @@ class LMDBRegionFeatures(_LazyHandle):
             raw = txn.get(str(key).encode())
             if raw is None:
                 raise KeyError(str(key))
-            item = pickle.loads(raw)
+            item = unpickle_data(raw, f"{self.path} record {str(key)!r}")
         rows = slice(None, max_rows)
         return (_as_rows(item["features"], FEATURE_DIM)[rows], _as_rows(item["boxes"], 4)[rows],
                 int(item["img_w"]), int(item["img_h"]))
@@ -663,7 +683,7 @@ def _msgpack_numpy_hook(obj: dict):
         return obj
     if obj.get(b"kind") not in (None, b""):
         raise ValueError(f"structured numpy dtype (kind {obj[b'kind']!r}) is not supported")
-    dtype = np.dtype(obj[b"type"])
+    dtype = plain_dtype(obj[b"type"], "msgpack_numpy array")  # never an object dtype from a file
     if obj[b"nd"]:
         return np.frombuffer(obj[b"data"], dtype=dtype).reshape(obj[b"shape"])
     return np.frombuffer(obj[b"data"], dtype=dtype)[0]
@@ -738,12 +758,252 @@ def write_synthetic_features(path: str | os.PathLike, image_ids: Iterable, num_b
 
 
 # ----------------------------------------------------------------------------------------------
+# Pickles inside downloaded files (feature LMDB records and `keys`, hard_negative.pkl, vocabularies)
+# ----------------------------------------------------------------------------------------------
+# Unpickling calls whatever function the file names. These files need none beyond numpy's array, dtype and
+# scalar rebuilders and a few builtin containers, so the unpickler below resolves exactly those (numpy 1.x
+# and 2.x module names, Python 2 names) to our own checking functions, and refuses every other name. numpy's
+# dtype.__setstate__ would accept a forged state (object fields on a float type: raw bytes read as pointers),
+# so dtypes and arrays are rebuilt by us from validated parts, never by numpy's setstate on forged input.
+
+class UnsafePickleError(ValueError):
+    """A downloaded pickle names a function or class that no data file needs; nothing was called."""
+
+
+PLAIN_DTYPE_KINDS = "biufcSU"  # bool, ints, floats, complex, bytes and str: no objects, no structs
+
+
+def plain_dtype(spec: str, where: str = "dtype") -> np.dtype:
+    """np.dtype(spec) if it is a plain numeric/bytes/str type (no object, struct, sub-array); else ValueError."""
+    if type(spec) is not str:
+        raise ValueError(f"{where}: dtype spec must be a string, got {type(spec).__name__}")
+    dt = _PLAIN_DTYPES.get(spec)
+    if dt is None:
+        dt = np.dtype(spec)
+        if dt.kind not in PLAIN_DTYPE_KINDS or dt.fields is not None or dt.subdtype is not None or dt.hasobject:
+            raise ValueError(f"{where}: dtype {spec!r} is not a plain numeric or string type")
+        if len(_PLAIN_DTYPES) < 1024:
+            _PLAIN_DTYPES[spec] = dt
+    return dt
+
+
+_PLAIN_DTYPES: dict[str, np.dtype] = {}  # spec -> checked dtype (a feature file repeats the same few)
+_NATIVE_ORDER = "<" if sys.byteorder == "little" else ">"
+
+
+class _NdarrayMarker:
+    """Stands for numpy.ndarray, the class argument of _reconstruct; not callable, holds no state."""
+    __slots__ = ()
+
+
+_NDARRAY = _NdarrayMarker()
+
+
+class _PickledDtype:
+    """A dtype being unpickled: built from its spec, then its pickled state may only set the byte order."""
+    __slots__ = ("dtype", "_built")
+
+    def __init__(self, spec, align=False, copy=True):
+        self.dtype, self._built = plain_dtype(spec, "pickled dtype"), False
+
+    def __setstate__(self, state):
+        if self._built or not isinstance(state, tuple) or len(state) not in (8, 9) or state[0] not in (3, 4):
+            raise ValueError("malformed dtype state")
+        endian, subarray, names, fields, elsize, alignment = state[1:7]
+        if (subarray, names, fields) != (None, None, None) or (len(state) == 9 and state[8] is not None):
+            raise ValueError("dtype state with fields, sub-arrays or metadata")
+        if elsize not in (-1, self.dtype.itemsize) or alignment not in (-1, self.dtype.alignment):
+            raise ValueError(f"dtype state with item size {elsize} / alignment {alignment} for {self.dtype}")
+        if endian not in ("<", ">", "=", "|"):
+            raise ValueError(f"dtype state with byte order {endian!r}")
+        if endian in "<>" and endian != _NATIVE_ORDER and self.dtype.byteorder != "|":
+            self.dtype = self.dtype.newbyteorder(endian)
+        self._built = True
+
+
+def _shape(shape) -> tuple[int, ...]:
+    if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"array shape {shape!r} is not a tuple of non-negative ints")
+    return shape
+
+
+def _raw_bytes(raw) -> bytes | bytearray:
+    if isinstance(raw, str):  # Python 2 pickles read with encoding="latin1"
+        return raw.encode("latin1")
+    if not isinstance(raw, (bytes, bytearray)):
+        raise ValueError(f"array data must be bytes, got {type(raw).__name__}")
+    return raw
+
+
+class _PickledArray:
+    """An ndarray being unpickled (numpy's _reconstruct + BUILD); replaced by `array` once loading ends."""
+    __slots__ = ("array",)
+
+    def __init__(self):
+        self.array = None
+
+    def __setstate__(self, state):
+        # numpy's setstate checks shape and data size itself; what it must not see is a forged dtype
+        if self.array is not None or type(state) is not tuple or len(state) not in (4, 5):
+            raise ValueError("malformed array state")
+        if len(state) == 5 and state[0] != 1:
+            raise ValueError(f"array state version {state[0]!r}")
+        shape, dtype, fortran, raw = state[-4:]
+        if type(dtype) is not _PickledDtype or type(shape) is not tuple or type(raw) not in (bytes, bytearray, str):
+            raise ValueError("malformed array state")
+        arr = np.empty(0, np.uint8)
+        arr.__setstate__((1, shape, dtype.dtype, fortran, raw))
+        self.array = arr
+
+
+def _pickle_reconstruct(cls, shape, typecode):
+    if not isinstance(cls, _NdarrayMarker):
+        raise ValueError("_reconstruct of a class other than numpy.ndarray")
+    return _PickledArray()
+
+
+def _pickle_scalar(dtype, raw):
+    if not isinstance(dtype, _PickledDtype):
+        raise ValueError("numpy scalar without a dtype")
+    raw = _raw_bytes(raw)
+    if len(raw) != dtype.dtype.itemsize:
+        raise ValueError(f"numpy scalar of {len(raw)} bytes for {dtype.dtype}")
+    return np.frombuffer(raw, dtype.dtype)[0]
+
+
+def _pickle_frombuffer(buf, dtype, shape, order):  # numpy's pickle protocol 5 path for contiguous arrays
+    if not isinstance(dtype, _PickledDtype) or not isinstance(buf, (bytes, bytearray)) or order not in ("C", "F"):
+        raise ValueError("malformed protocol-5 array")
+    shape = _shape(shape)
+    if len(buf) != math.prod(shape) * dtype.dtype.itemsize:
+        raise ValueError(f"array data of {len(buf)} bytes for shape {shape} of {dtype.dtype}")
+    arr = np.frombuffer(buf, dtype.dtype)
+    return arr.reshape(shape[::-1]).T if order == "F" else arr.reshape(shape)
+
+
+def _pickle_latin1(text, encoding):  # how protocols 0-2 store bytes: _codecs.encode(str, "latin1")
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise ValueError(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+def _pickle_empty_bytes(*args):  # protocols 0-2 store b"" as bytes()
+    if args:
+        raise ValueError("bytes() with arguments")
+    return b""
+
+
+def _pickle_container(kind):
+    def build(*args):
+        if len(args) > 1 or (args and not isinstance(args[0], (list, tuple, dict, set, frozenset))):
+            raise ValueError(f"{kind.__name__}() with arguments {type(args).__name__}")
+        return kind(*args)
+    return build
+
+
+_NUMPY_CORE = ("numpy.core", "numpy._core")  # numpy 1.x / 2.x module names in pickles
+_PICKLE_GLOBALS = {
+    **{(f"{m}.multiarray", "_reconstruct"): _pickle_reconstruct for m in _NUMPY_CORE},
+    **{(f"{m}.multiarray", "scalar"): _pickle_scalar for m in _NUMPY_CORE},
+    **{(f"{m}.numeric", "_frombuffer"): _pickle_frombuffer for m in _NUMPY_CORE},
+    ("numpy", "dtype"): _PickledDtype,
+    ("_codecs", "encode"): _pickle_latin1,
+    **{(b, "bytes"): _pickle_empty_bytes for b in ("builtins", "__builtin__")},
+    **{(b, k.__name__): _pickle_container(k) for b in ("builtins", "__builtin__") for k in (set, frozenset)},
+    ("collections", "OrderedDict"): _pickle_container(collections.OrderedDict),
+}
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only _PICKLE_GLOBALS (exact module and name) and numpy.ndarray."""
+
+    numpy_seen = False  # set once a numpy name is resolved: only then can placeholders need replacing
+
+    def find_class(self, module: str, name: str):
+        self.numpy_seen = self.numpy_seen or module.startswith("numpy")
+        if (module, name) == ("numpy", "ndarray"):
+            return _NDARRAY
+        fn = _PICKLE_GLOBALS.get((module, name))
+        if fn is None:
+            raise UnsafePickleError(f"{module}.{name}")
+        # a fresh function per lookup: a BUILD on it (setattr) cannot alter the shared checking functions
+        return lambda *args: fn(*args)
+
+
+def _resolve_pickled(obj, seen: set):
+    """obj with every _PickledArray / _PickledDtype replaced by its ndarray / dtype (containers in place)."""
+    kind = type(obj)
+    if kind is _PickledArray:
+        if obj.array is None:
+            raise ValueError("array without its data")
+        return obj.array
+    if kind is _PickledDtype:
+        return obj.dtype
+    if kind in (list, dict, collections.OrderedDict):
+        if id(obj) in seen:
+            return obj
+        seen.add(id(obj))
+        if kind is list:
+            obj[:] = [_resolve_pickled(x, seen) for x in obj]
+        else:
+            if any(type(k) in (_PickledArray, _PickledDtype) for k in obj):
+                raise ValueError("numpy object as a dict key")
+            for k, v in obj.items():
+                obj[k] = _resolve_pickled(v, seen)
+        return obj
+    if kind is tuple:
+        new = tuple(_resolve_pickled(x, seen) for x in obj)
+        return obj if all(a is b for a, b in zip(new, obj)) else new
+    if kind in (set, frozenset) and any(type(x) in (_PickledArray, _PickledDtype) for x in obj):
+        raise ValueError("numpy object in a set")
+    return obj
+
+
+def unpickle_data(buf: bytes | memoryview, where: str) -> Any:
+    """Plain data (builtin containers, numbers, strings, bytes, numpy arrays/scalars) from a pickle found in a
+    downloaded file; anything else is a one-line ValueError naming `where` (UnsafePickleError when the pickle
+    asks for a function or class: nothing named in it is called). Python 2 pickles whose str are not ASCII
+    are read as latin-1, as numpy advises for them."""
+    try:
+        try:
+            unpickler = _DataUnpickler(io.BytesIO(buf))
+            obj = unpickler.load()
+        except UnicodeDecodeError:
+            unpickler = _DataUnpickler(io.BytesIO(buf), encoding="latin1")
+            obj = unpickler.load()
+        return _resolve_pickled(obj, set()) if unpickler.numpy_seen else obj
+    except UnsafePickleError as e:
+        raise UnsafePickleError(f"{where}: refused to unpickle: it asks for {e}, which no data file needs (only "
+                                f"containers, numbers, strings and numpy arrays are read; nothing was run)") from None
+    except (pickle.UnpicklingError, ValueError, TypeError, EOFError, AttributeError, IndexError, KeyError,
+            OverflowError, MemoryError, RecursionError) as e:
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{where}: not a readable pickle of plain data ({type(e).__name__}: {detail})") from None
+
+
+def read_pickle(path: str | os.PathLike) -> Any:
+    """unpickle_data of a whole file."""
+    return unpickle_data(Path(path).read_bytes(), str(path))
+
+
+# ----------------------------------------------------------------------------------------------
 # Images (CCLM)
 # ----------------------------------------------------------------------------------------------
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decoded RGB image (Image.open + convert("RGB"); already-RGB files skip the copy convert makes)."""
-    with Image.open(path) as img:
+    """Decoded RGB image (Image.open + convert("RGB"); already-RGB files skip the copy convert makes).
+    An image of more than IMAGE_MAX_PIXELS pixels is a ValueError naming the file, raised before decoding."""
+    with warnings.catch_warnings():  # PIL warns above its limit (ours) and refuses above twice it
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path, formats=IMAGE_FORMATS)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"image file {path}: refused as a decompression bomb ({e})") from None
+    if img.width * img.height > IMAGE_MAX_PIXELS:
+        img.close()
+        raise ValueError(f"image file {path}: refused as a decompression bomb ({img.width} x {img.height} = "
+                         f"{img.width * img.height:,} pixels; limit data.IMAGE_MAX_PIXELS = {IMAGE_MAX_PIXELS:,})")
+    with img:
         if img.mode == "RGB":
             img.load()
             return img
@@ -961,7 +1221,7 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike):
     from transformers import AutoTokenizer
     name = str(path_or_hub_id)
     try:
-        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
     except Exception:
         raise ValueError(f"tokenizer {name!r} not found locally: give a folder with tokenizer files (e.g. a saved "
                          f"xlm-roberta-base tokenizer) or a hub id already in the local HF cache") from None
@@ -1059,32 +1319,44 @@ def check_inputs(examples: Sequence[Example], *, features=None, images=None) -> 
     `features`, a reader/path/FeatureSet) or image file (under `images`) is missing, with its annotation
     line and how many distinct images are missing (`python data.py ... --features/--images` lists them)."""
     reader = _as_reader(features) if features is not None else None
+    if images is not None:  # every example's own path (two may share an image key but name different files)
+        for ex in examples:
+            _image_path(images, ex.image_file, ex)
     distinct = _distinct_images(examples)
     missing = []
     for ex in distinct:
         if reader is not None and ex.image not in reader:
             missing.append(str(_missing_feature_error(ex.image, ex, reader.path)))
-        elif images is not None and not os.path.isfile(path := _image_path(images, ex.image_file)):
+        elif images is not None and not os.path.isfile(path := _image_path(images, ex.image_file, ex)):
             missing.append(f"image file {path} not found (referenced by {ex.source}, example {ex.id})")
     if missing:
         raise ValueError(f"{missing[0]}; {len(missing)} of {len(distinct)} images missing")
 
 
-def _image_path(images, rel: str) -> str:
+def _image_path(images, rel: str, ex: Example | None = None) -> str:
+    """<images root>/<subfolder>/<name> for an Example's image_file "<subfolder>/<name>". The name comes from
+    the annotation file, so it must stay inside its subfolder: absolute names and ".." that climb out are an
+    error naming the annotation line. (Resolved lexically: folders or files the user symlinked in are read
+    where they point.)"""
     if images is None:
         raise ValueError("an images root is required for CCLM (give --images)")
-    if isinstance(images, dict):
-        sub, _, name = rel.partition("/")
-        return os.path.join(images[sub], name)
-    return os.path.join(str(images), rel)
+    sub, _, name = rel.partition("/")
+    folder = images[sub] if isinstance(images, dict) else os.path.join(str(images), sub)
+    clean = os.path.normpath(name) if name and "\0" not in name else ""
+    if not clean or os.path.isabs(clean) or clean == "." or clean.split(os.sep)[0] == "..":
+        where = f" (referenced by {ex.source}, example {ex.id})" if ex is not None else ""
+        raise ValueError(f"image path {name!r} is not a file inside the image folder {folder}{where}")
+    return os.path.join(folder, clean)
 
 
 def _open_image(images, ex: Example) -> Image.Image:
-    path = _image_path(images, ex.image_file)
+    path = _image_path(images, ex.image_file, ex)
     try:
         return load_image(path)
     except FileNotFoundError:
         raise ValueError(f"image file {path} not found (referenced by {ex.source}, example {ex.id})") from None
+    except ValueError as e:  # load_image's own one-line refusals
+        raise ValueError(f"{e} (referenced by {ex.source}, example {ex.id})") from None
     except OSError as e:  # PIL: not an image / header cut off ("Truncated File Read" names no file)
         raise ValueError(f"image file {path} is corrupt or not an image ({e.__class__.__name__}: "
                          f"{str(e).replace(str(path), '').strip(' :')}) (referenced by {ex.source}, example {ex.id})") from None
@@ -1249,12 +1521,9 @@ class UC2Dataset(_EpochDataset):
 
 def load_hard_negatives(path: str | os.PathLike) -> dict:
     """VOLTA's hard_negative.pkl: {"train_image_list": [image ids], "train_hard_pool": [[pool indices]], ...}."""
-    with open(path, "rb") as f:
-        try:
-            hn = pickle.load(f)
-        except UnicodeDecodeError:
-            f.seek(0)
-            hn = pickle.load(f, encoding="latin1")
+    hn = read_pickle(path)
+    if not isinstance(hn, dict):
+        raise ValueError(f"{path}: expected a dict (VOLTA's hard_negative.pkl), got {type(hn).__name__}")
     for key in ("train_image_list", "train_hard_pool"):
         if key not in hn:
             raise ValueError(f"{path}: missing {key!r} (expected VOLTA's hard_negative.pkl)")
@@ -1773,7 +2042,7 @@ def inventory(data_root, features: Sequence[str] = (), images=None) -> dict:
                         missing += sorted(ex.image for ex in distinct if ex.image not in keys)
                     if images is not None:
                         missing += sorted(ex.image_file for ex in distinct
-                                          if not os.path.isfile(_image_path(images, ex.image_file)))
+                                          if not os.path.isfile(_image_path(images, ex.image_file, ex)))
                     out.setdefault(task, {}).setdefault(name, {})[lang] = {
                         "examples": len(exs), "images": len(distinct), "missing": missing}
     if notes:

@@ -704,7 +704,9 @@ def run_info(run: str | Path) -> dict:
 def load_meta(path: str | Path) -> dict:
     """The metadata dict of a checkpoint, memory-mapped so the weights are not read."""
     try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        ckpt = engine.read_torch_file(path, mmap=True)
+    except engine.UnsafeCheckpointError:
+        raise
     except Exception as e:   # noqa: BLE001 - any unreadable file: one clear line
         raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
     meta = ckpt.get("meta") if isinstance(ckpt, dict) else None

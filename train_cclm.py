@@ -597,10 +597,13 @@ def pretrained_load_plan(ckpt_shapes: dict[str, tuple], model_shapes: dict[str, 
 def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(state_dict, our run meta or None) from {'model': state_dict, 'meta' | 'config': ...} (ours /
     the reference's) or a bare state_dict."""
+    import engine
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = engine.read_torch_file(path)
     except FileNotFoundError:
         raise ValueError(f"{path}: checkpoint file not found") from None
+    except engine.UnsafeCheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unpickling problem: one line naming the file
         raise ValueError(f"{path}: cannot read checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     state = ck["model"] if isinstance(ck, dict) and "model" in ck else ck
@@ -805,7 +808,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.images or not os.path.isdir(args.images):
             raise SystemExit(f"error: --images {args.images!r} is not a folder (image root with gqa/, flickr30k/, coco/)")
         if resuming:  # the run's own config (its checkpoint's meta) unless --model-config says otherwise
-            meta = torch.load(run_dir / engine.CHECKPOINT, map_location="cpu", weights_only=True, mmap=True).get("meta")
+            meta = engine.read_torch_file(run_dir / engine.CHECKPOINT, mmap=True).get("meta")
         elif args.checkpoint:
             try:
                 state, meta = read_checkpoint(args.checkpoint)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import re
 import sys
 from dataclasses import dataclass, field
@@ -622,40 +621,6 @@ def _plan_xlmr(plan: LoadPlan, source: dict) -> None:
 
 # ---- reading files
 
-class _Stub:
-    """Stand-in for a class that is not importable here (e.g. volta.train_utils.tbLogger)."""
-
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-# Globals a checkpoint may need besides torch's own tensor/storage rebuild functions.
-_SAFE_GLOBALS = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-                 ("builtins", "slice"), ("builtins", "complex"), ("numpy.core.multiarray", "scalar"),
-                 ("numpy._core.multiarray", "scalar"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-                 ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("torch", "Size"),
-                 ("torch", "device"), ("torch", "float16"), ("torch", "float32"), ("torch", "bfloat16")}
-
-
-class _StubbingUnpickler(pickle.Unpickler):
-    """Loads tensors and plain data; every other class (VOLTA's tbLogger, ...) becomes a harmless stub,
-    so IGLUE's pytorch_ckpt_latest.tar opens without VOLTA installed and runs no foreign code."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in _SAFE_GLOBALS or (module == "torch._utils" and name.startswith("_rebuild_")) \
-                or (module == "torch" and name.endswith("Storage")):
-            return super().find_class(module, name)
-        return type(name, (_Stub,), {"__module__": "stub." + module})
-
-
-class _StubbingPickleModule:
-    Unpickler = _StubbingUnpickler
-    load = staticmethod(lambda f, **kw: _StubbingUnpickler(f, **kw).load())
-
-
 def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict in file order, extra) from any supported file or folder (HF folders: model.safetensors
     or pytorch_model.bin). extra holds our checkpoint metadata ("meta") when present."""
@@ -670,12 +635,9 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         from safetensors.torch import load_file
         return dict(load_file(path)), {}
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # a pickled foreign object (IGLUE's tbLogger): stub it, keep tensors
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_StubbingPickleModule)
-        except Exception as e:
-            raise ValueError(f"{path}: cannot read checkpoint: {e}") from None
+        obj = engine.read_torch_file(path)  # weights only; IGLUE's pickled tbLogger becomes an inert stand-in
+    except engine.UnsafeCheckpointError:
+        raise
     except Exception as e:
         raise ValueError(f"{path}: cannot read checkpoint: {e}") from None
     extra: dict = {}
