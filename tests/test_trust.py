@@ -9,6 +9,7 @@ import collections
 import io
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import warnings
@@ -183,13 +184,15 @@ def test_plain_data_pickles_load_exactly_as_pickle_does(proto):
     assert got[0] is got[1]
 
 
-def test_numpy_1x_module_names_load():
+def test_numpy_1x_module_names_load(tmp_path):
     """Files written under numpy 1.x name numpy.core.multiarray (IGLUE's LMDBs; the fixture LMDBs are such files)."""
     blob = pickle.dumps({"a": np.arange(3.0), "s": np.int64(7)}, protocol=2)
     assert b"numpy._core" in blob
     got = data.unpickle_data(blob.replace(b"numpy._core", b"numpy.core"), "x")
     assert np.array_equal(got["a"], np.arange(3.0)) and got["s"] == 7
-    env = lmdb.open(str(ROOT / "tests/fixtures/features/features_fixture.lmdb"), readonly=True, lock=False)
+    # a copy: py-lmdb refuses a second handle on an environment another test of this process still holds
+    copy = shutil.copytree(ROOT / "tests/fixtures/features/features_fixture.lmdb", tmp_path / "copy.lmdb")
+    env = lmdb.open(str(copy), readonly=True, lock=False)
     with env.begin() as txn:
         raw = txn.get(b"1000092795")
     env.close()
