@@ -61,8 +61,7 @@ def load(folder: Path, task: str):
     return model, inputs, outputs
 
 
-def close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
-    assert_matches_reference(name, got, want)
+close = assert_matches_reference  # the short name the checks below use
 
 
 def check_xvnli(folder: Path) -> None:
