@@ -163,6 +163,10 @@ def retrieval_ranks(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: S
 def recall_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: Sequence[int],
                    unscored: float | None = None) -> dict[str, float]:
     """tr_r1/5/10, ir_r1/5/10 (percent), medr/meanr as VOLTA prints them (floor(median)+1, mean+1)."""
+    for scores in (score_i2t, score_t2i):
+        if torch.isnan(scores).any() or torch.isposinf(scores).any():  # would rank arbitrarily, not fail
+            raise FloatingPointError(f"non-finite retrieval scores (NaN or inf) in {int((~torch.isfinite(scores)).sum())}"
+                                     f" of {scores.numel()} caption-image pairs")
     tr, ir = retrieval_ranks(score_i2t, score_t2i, txt2img, unscored)
     out: dict[str, float] = {}
     for name, ranks in (("tr", tr), ("ir", ir)):
@@ -885,6 +889,9 @@ def trainer_evaluate_fn(model_name: str, args: argparse.Namespace, tokenizer, di
                            features=features, images=images, max_regions=max_regions, image_res=image_res)
     for s in sets.values():
         data.check_inputs(s.examples, features=feature_reader(features), images=images)
+    # every evaluation image decoded once (languages share them): a corrupt one stops the run now, not after epoch 1
+    data.check_inputs([ex for s in sets.values() for ex in s.examples], features=feature_reader(features),
+                      images=images, sample=None)
 
     def evaluate_fn(model: torch.nn.Module, epoch: int) -> dict:
         return evaluate_task(model, args.task, sets, dist, batch_size=args.eval_batch_size,
@@ -1083,7 +1090,7 @@ def _evaluate(args, dist) -> int:
     try:   # bad data found while evaluating (e.g. a missing feature key or image): one line, nothing written
         results = evaluate_task(model, task, sets, dist, batch_size=args.batch_size, num_workers=args.num_workers,
                                 amp=args.amp, k_test=args.k_test, pair_batch=args.pair_batch, itm_batch=args.itm_batch)
-    except ValueError as e:
+    except (ValueError, FloatingPointError) as e:  # FloatingPointError: NaN logits/scores are not an accuracy
         raise SystemExit(f"error: {e}") from None
     if dist.is_main:
         fewshot = read_json(out_dir / "fewshot.json") if (out_dir / "fewshot.json").is_file() else {}

@@ -237,7 +237,7 @@ class UC2(nn.Module):
     def predict(self, batch: dict) -> torch.Tensor:
         if self.task == "xflickrco":
             raise ValueError("predict() is for xgqa/xvnli; retrieval uses pair_scores()")
-        return self._run(batch).argmax(-1)
+        return engine.require_finite(self._run(batch), "logits").argmax(-1)
 
     def cls_features(self, batch: dict) -> torch.Tensor:
         """Pooled output (VOLTA's pooled_output_t, before dropout): the classifier's input."""
@@ -758,6 +758,7 @@ def build_train_dataset(args, features: FeatureSet | None, serialized: list[str]
 
 def model_config_from_args(args) -> dict:
     config = resolve_config(args.model_config)
+    engine.check_heads(config, [("hidden_size", "num_heads")], args.model_config)
     config["retrieval_loss"] = args.retrieval_loss
     if args.dropout is not None:
         config.update(hidden_dropout=args.dropout, attention_dropout=args.dropout, classifier_dropout=args.dropout)
@@ -819,7 +820,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             train_ds = build_train_dataset(args, features, serialized)
             if isinstance(train_ds, data.UC2Dataset):  # fail before training, not mid-epoch
-                data.check_inputs(train_ds.examples, features=features)
+                data.check_inputs(train_ds.examples, features=features, sample=data.VERIFY_SAMPLE)
         except ValueError as e:
             raise SystemExit(f"error: training data: {e}") from None
         loader = engine.build_train_loader(train_ds, args, dist, data.UC2Collate(args.task, tokenizer, train=True))
