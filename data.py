@@ -1210,8 +1210,8 @@ def _image_problem(path: str, ex: Example | None = None) -> str | None:
     except FileNotFoundError:
         return f"image file {path} not found{_referenced(ex)}"
     except Exception as e:  # noqa: BLE001 - PIL raises many types for damaged headers
-        return f"image file {path} is corrupt or not an image ({type(e).__name__}: " \
-               f"{str(e).replace(str(path), '').strip(' :')}){_referenced(ex)}"
+        reason = str(e).replace(f"'{path}'", "").replace(str(path), "").strip(" :")
+        return f"image file {path} is corrupt or not an image ({type(e).__name__}: {reason}){_referenced(ex)}"
     cap = Image.MAX_IMAGE_PIXELS
     if fmt is None or w < 1 or h < 1 or (cap and w * h > cap):
         return f"image file {path}: {fmt} image of {w}x{h} pixels is empty or over the {cap} pixel cap{_referenced(ex)}"
