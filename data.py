@@ -1169,7 +1169,7 @@ def check_inputs(examples: Sequence[Example], *, features=None, images=None, sam
             missing.append(f"image file {path} not found (referenced by {ex.source}, example {ex.id})")
     if missing:
         raise ValueError(f"{missing[0]}; {len(missing)} of {len(distinct)} images missing")
-    if sample != 0:
+    if sample != 0 and (reader is not None or images is not None):
         chosen = _spread(distinct, sample)
         bad = [problem for ex in chosen
                if (problem := _record_problem(reader, ex.image, ex) if reader is not None
@@ -1896,26 +1896,29 @@ def verify(data_root, features: Sequence[str] = (), images=None) -> tuple[list[s
             counts["feature records"] += 1
             if problem := _record_problem(reader, key):
                 bad.append(problem)
-    if images is not None:
-        ds = dataset_dir(data_root)
-        seen: set[str] = set()
-        for task in TASKS:
-            for mt in (False, True):
-                for split in available_splits(ds, task, mt):
-                    for lang in available_langs(ds, task, split, mt):
-                        try:
-                            exs = load_split(ds, task, split, lang, mt)
-                        except ValueError:
-                            continue  # reported by the inventory
-                        for ex in _distinct_images(exs):
-                            path = _image_path(images, ex.image_file)
-                            if path in seen or not os.path.isfile(path):
-                                continue
-                            seen.add(path)
-                            counts["images"] += 1
-                            if problem := _image_problem(path, ex):
-                                bad.append(problem)
+    seen: set[str] = set()
+    for ex in _referenced_images(data_root) if images is not None else ():
+        path = _image_path(images, ex.image_file)
+        if path in seen or not os.path.isfile(path):  # missing files: the inventory's
+            continue
+        seen.add(path)
+        counts["images"] += 1
+        if problem := _image_problem(path, ex):
+            bad.append(problem)
     return bad, counts
+
+
+def _referenced_images(data_root) -> Iterable[Example]:
+    """The first example of each image of every annotation file that loads (the inventory reports the others)."""
+    ds = dataset_dir(data_root)
+    for task in TASKS:
+        for mt in (False, True):
+            for split in available_splits(ds, task, mt):
+                for lang in available_langs(ds, task, split, mt):
+                    try:
+                        yield from _distinct_images(load_split(ds, task, split, lang, mt))
+                    except ValueError:
+                        continue
 
 
 def _print_verify(bad: list[str], counts: dict[str, int]) -> int:
