@@ -330,7 +330,8 @@ def _field(obj: dict, key: str, where: str):
 def _text(value, where: str, key: str) -> str:
     """A text field must be a JSON string: null, a number or a list would be trained on as "None", "12345"..."""
     if not isinstance(value, str):
-        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__} {json.dumps(value)[:60]}")
+        shown = json.dumps(value)[:60]
+        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__} {shown}")
     return value
 
 
@@ -643,7 +644,8 @@ def _record_arrays(path: str, key, item, rows: slice) -> tuple[np.ndarray, np.nd
     boxes = _as_rows(item["boxes"], 4, where, "boxes")
     if len(feats) != len(boxes):
         raise BadInput(f"{where}: {len(feats)} feature rows of {FEATURE_DIM} but {len(boxes)} boxes")
-    return feats[rows], boxes[rows], _image_side(item["img_w"], where, "img_w"), _image_side(item["img_h"], where, "img_h")
+    width, height = _image_side(item["img_w"], where, "img_w"), _image_side(item["img_h"], where, "img_h")
+    return feats[rows], boxes[rows], width, height
 
 
 def _as_rows(value, width: int, where: str = "", name: str = "") -> np.ndarray:

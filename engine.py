@@ -862,7 +862,8 @@ def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout
                      (amp_dtype, scaler), steps_per_epoch, accum, log, prog, run_dir, on_step)
         check_made_progress(prog, run_dir)  # on every rank: the counters are the same everywhere
         if dist.is_main:
-            save_checkpoint(run_dir / FINAL, {"model": model.state_dict(), "meta": run_meta(meta, schedule, prog, args)})
+            final = {"model": model.state_dict(), "meta": run_meta(meta, schedule, prog, args)}
+            save_checkpoint(run_dir / FINAL, final)
             print(f"done: {run_dir / FINAL}", flush=True)
         barrier(dist)
     except CheckpointWriteError as e:  # disk full, ...: the previous checkpoint is intact

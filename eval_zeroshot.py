@@ -165,8 +165,9 @@ def recall_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: Se
     """tr_r1/5/10, ir_r1/5/10 (percent), medr/meanr as VOLTA prints them (floor(median)+1, mean+1)."""
     for scores in (score_i2t, score_t2i):
         if torch.isnan(scores).any() or torch.isposinf(scores).any():  # would rank arbitrarily, not fail
-            raise FloatingPointError(f"non-finite retrieval scores (NaN or inf) in {int((~torch.isfinite(scores)).sum())}"
-                                     f" of {scores.numel()} caption-image pairs")
+            bad = int((~torch.isfinite(scores)).sum())
+            raise FloatingPointError(f"non-finite retrieval scores (NaN or inf) in {bad} of {scores.numel()} "
+                                     "caption-image pairs")
     tr, ir = retrieval_ranks(score_i2t, score_t2i, txt2img, unscored)
     out: dict[str, float] = {}
     for name, ranks in (("tr", tr), ("ir", ir)):

@@ -450,6 +450,7 @@ class CCLMForXGQA(CCLM):
     @torch.no_grad()
     def predict(self, batch: dict) -> torch.Tensor:
         """Index into the answer list of the first-ranked candidate (XGQA.py)."""
+        import engine  # (this module imports engine lazily, as its main() does)
         if self.answer_ids.numel() == 0:
             raise ValueError("xgqa predict: call model.set_answer_list(answer_ids, answer_atts) first")
         states, atts, k = self.question_states(batch), batch["text_atts"], self.config["k_test"]
@@ -459,7 +460,6 @@ class CCLMForXGQA(CCLM):
         step = max(1, self.RANK_SEQUENCES // k)
         for s in range(0, states.shape[0], step):
             ranked, probs = self.rank_answers(states[s:s + step], atts[s:s + step], self.answer_ids, self.answer_atts, k)
-            import engine
             engine.require_finite(probs, "answer scores")
             preds.append(ranked.gather(1, probs.argmax(dim=1, keepdim=True)).squeeze(1))
         return torch.cat(preds)

@@ -419,8 +419,8 @@ def test_heads_not_dividing_the_hidden_size(env, tmp_path, case):
     if case == "uc2_heads":
         config.write_text(json.dumps({**U.CONFIGS["tiny"], "num_heads": 3}))
         msg = fails(cli(env, tmp_path / "run", "--model-config", str(config)))
-        assert msg == (f"error: --model-config {config}: hidden_size 32 is not divisible by num_heads 3 (each attention "
-                       "head takes hidden_size / num_heads dimensions)"), msg
+        assert msg == (f"error: --model-config {config}: hidden_size 32 is not divisible by num_heads 3 (each "
+                       "attention head takes hidden_size / num_heads dimensions)"), msg
         assert not (tmp_path / "run").exists()
     else:
         config.write_text(json.dumps({**train_cclm.CONFIGS["tiny"], "cross_heads": 5}))
@@ -537,7 +537,8 @@ def test_bad_record_in_a_loader_worker_is_one_line(env, tmp_path):
                               batch_size=1, num_workers=1, collate_fn=lambda items: {"n": len(items)})
     with pytest.raises(data.BadInput) as e:
         next(iter(loader))
-    assert "\n" not in str(e.value) and str(e.value).startswith(f"{feats}: feature record {key!r}: {tail}"), str(e.value)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{feats}: feature record {key!r}: {tail}"), msg
 
 
 def test_verify_reports_every_bad_record_and_image(env, tmp_path, capsys):

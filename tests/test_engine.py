@@ -388,7 +388,7 @@ def test_schedule_epochs_stretches_the_lr_schedule(tmp_path):
         run(tmp_path / "long", "--policy", "full", "--epochs", "2", "--schedule-epochs", "6", "--log-every", "1", "--resume")
 
 
-# ------------------------------------------------------------------------------------------ a run folder is never destroyed
+# ------------------------------------------------------------------------------------- a run folder is never destroyed
 
 def run_files(run_dir: Path) -> dict[str, bytes]:
     return {f: (run_dir / f).read_bytes() for f in engine.RUN_FILES if (run_dir / f).exists()}
@@ -469,8 +469,9 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, reference, capsys):
 
 def test_run_without_a_finite_step_fails_and_writes_no_final_model(tmp_path):
     msg = one_line_exit(tmp_path, "--epochs", "1", "--nan-from-epoch", "0", "--max-nonfinite", "100")
-    assert msg == ("error: the run made no finite optimizer step (4 steps: 4 non-finite, 0 skipped by the fp16 scaler); "
-                   "model_final.pt not written (its weights would be the initial ones); check the data, --lr and --amp")
+    assert msg == ("error: the run made no finite optimizer step (4 steps: 4 non-finite, 0 skipped by the fp16 "
+                   "scaler); model_final.pt not written (its weights would be the initial ones); check the data, "
+                   "--lr and --amp")
     assert not (tmp_path / "model_final.pt").exists()
 
 
