@@ -15,6 +15,7 @@ Region features (UC2)
   open_features(path) -> reader     per-image LMDB (h5_to_lmdb or X101 base64) or the H5 file; opened lazily in
                                     each process (read-only, no lock, no readahead); reader.keys(), key in reader,
                                     reader.get(key) -> (features, boxes, w, h), reader.regions(key, R) -> padded tensors
+  feature_keys(reader)              reader.keys(), an undecodable `keys` entry a one-line BadInput naming the file
   is_serialized_lmdb(path)          True for IGLUE's per-question GQA LMDB (tensorpack format)
   box_locations(boxes, w, h) / pad_regions(features, locations, max_regions)   VOLTA's 7-value boxes + padding
   SerializedGQA(path)               tensorpack/msgpack per-question LMDB (GQA train/val), no tensorpack needed
@@ -715,6 +716,18 @@ class H5RegionFeatures(_LazyHandle):
     kept_regions = LMDBRegionFeatures.kept_regions
 
 
+def feature_keys(reader) -> set[str]:
+    """reader.keys(); a `keys` entry that does not decode (bit rot) is a one-line BadInput naming the file."""
+    try:
+        return reader.keys()
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - undecodable bytes: pickle raises many types
+        detail = (str(e).strip().splitlines() or [""])[0][:160]
+        raise BadInput(f"{reader.path}: its 'keys' entry cannot be decoded ({type(e).__name__}: {detail}); "
+                       "copy or download the features again") from None
+
+
 def open_features(path: str | os.PathLike) -> LMDBRegionFeatures | H5RegionFeatures:
     """Image-keyed region-feature reader for an LMDB (folder or file) or an .h5/.hdf5 file; opened lazily."""
     path = str(path)
@@ -1162,6 +1175,8 @@ def check_inputs(examples: Sequence[Example], *, features=None, images=None, sam
     sample: also decode that many distinct records / image headers (None: all; 0: none), BadInput naming the
     first bad one and the count (`python data.py --verify` lists every one)."""
     reader = _as_reader(features) if features is not None else None
+    if reader is not None:
+        feature_keys(reader)  # a keys entry that does not decode: one line naming the file
     distinct = _distinct_images(examples)
     missing = []
     for ex in distinct:
@@ -1831,7 +1846,7 @@ def _feature_keys(paths: Sequence[str]) -> tuple[set[str], list[str]]:
             notes.append(f"{p}: per-question serialized GQA LMDB ({len(SerializedGQA(p))} records; holds its own "
                          f"questions, so annotation image ids are not checked against it)")
             continue
-        keys |= open_features(p).keys()
+        keys |= feature_keys(open_features(p))
     return keys, notes
 
 
@@ -1894,7 +1909,7 @@ def verify(data_root, features: Sequence[str] = (), images=None) -> tuple[list[s
         if is_serialized_lmdb(path):
             continue  # per-question GQA records: read by SerializedGQA, not checked here
         reader = open_features(path)
-        for key in sorted(reader.keys()):
+        for key in sorted(feature_keys(reader)):
             counts["feature records"] += 1
             if problem := _record_problem(reader, key):
                 bad.append(problem)

@@ -702,7 +702,7 @@ class FeatureSet:
         self.readers = [data.open_features(p) for p in paths]
         self.path = ", ".join(paths)
         for r in self.readers:  # open each now: an unreadable file is an error here, not in the first batch
-            r.keys()
+            data.feature_keys(r)
 
     def keys(self) -> set[str]:
         return set().union(*(r.keys() for r in self.readers))

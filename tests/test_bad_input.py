@@ -530,6 +530,15 @@ def test_bad_feature_record_is_one_line_error_naming_the_key(env, tmp_path, case
         assert tail in str(e.value) and f"{key!r}" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_keys_entry_that_does_not_decode(env, tmp_path):
+    feats = tmp_path / "feats"
+    shutil.copytree(env["feats"], feats)
+    _lmdb_put(feats, "keys", b"\x80\x04\x95\x00rotten")
+    msg = resume_fails(env, features=feats)
+    assert re.fullmatch(re.escape(f"error: --features: {feats}: its 'keys' entry cannot be decoded (") + r"\w+: .*"
+                        r"\); copy or download the features again", msg), msg
+
+
 def test_bad_record_in_a_loader_worker_is_one_line(env, tmp_path):
     feats, key, tail = _damaged_features(env, tmp_path, "wrong_width")
     exs = [e for e in env["train"] if e.image == key][:1]
