@@ -497,3 +497,22 @@ def test_second_process_on_a_run_folder_is_refused_and_a_killed_ones_lock_is_not
     run(run_dir, "--resume")
     assert engine.load_checkpoint(run_dir / "model_final.pt")["meta"]["epoch"] == 3
 
+
+
+def test_bad_training_record_mid_epoch_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    """A bad record the start-up sample missed, met in epoch 2: one line (the loader's data.BadInput), and
+    epoch 1's checkpoint is the one to resume from."""
+    import data
+    read = toy.ToyData.__getitem__
+
+    def getitem(self, i):
+        if self.epoch == 1 and i == 7 and len(self) == 48:
+            raise data.BadInput("feats.lmdb: feature record '7': features is a float32 array of shape [4, 1024]; "
+                                "expected a float array of shape [N, 2048]")
+        return read(self, i)
+    monkeypatch.setattr(toy.ToyData, "__getitem__", getitem)
+    msg = one_line_exit(tmp_path)
+    assert msg == ("error: training data: feats.lmdb: feature record '7': features is a float32 array of shape "
+                   "[4, 1024]; expected a float array of shape [N, 2048]; last good checkpoint: "
+                   f"{tmp_path / 'checkpoint_last.pt'} (after epoch 1)"), msg
+    assert engine.load_checkpoint(tmp_path / "checkpoint_last.pt")["progress"]["epoch"] == 1
