@@ -15,6 +15,7 @@ Region features (UC2)
   open_features(path) -> reader     per-image LMDB (h5_to_lmdb or X101 base64) or the H5 file; opened lazily in
                                     each process (read-only, no lock, no readahead); reader.keys(), key in reader,
                                     reader.get(key) -> (features, boxes, w, h), reader.regions(key, R) -> padded tensors
+  feature_keys(reader)              reader.keys(), an undecodable `keys` entry a one-line BadInput naming the file
   is_serialized_lmdb(path)          True for IGLUE's per-question GQA LMDB (tensorpack format)
   box_locations(boxes, w, h) / pad_regions(features, locations, max_regions)   VOLTA's 7-value boxes + padding
   SerializedGQA(path)               tensorpack/msgpack per-question LMDB (GQA train/val), no tensorpack needed
@@ -51,10 +52,13 @@ Datasets and batches (contract keys)
   load_hard_negatives(path)         IGLUE/VOLTA hard_negative.pkl (train_image_list, train_hard_pool)
   BatchLoader(dataset, collate_fn=..., **DataLoader arguments)   a DataLoader whose batches travel through
                                     reused shared-memory slabs (see "Batch memory"); used by training and eval
-  check_inputs(examples, features=None, images=None)   fail fast before training: one-line ValueError naming
-                                    the first missing feature key / image file, its annotation line, and the count
+  check_inputs(examples, features=None, images=None, sample=0)   fail fast before training: one-line ValueError
+                                    naming the first missing feature key / image file, its annotation line, and the
+                                    count; sample: decode that many records / image headers too (None: all)
 CLI
   inventory(root, features=(), images=None) and `python data.py --data-root DIR [--features ...] [--images DIR] [--json]`
+  verify(root, features=(), images=None) and `... --verify`: decode every feature record and image header
+  BadInput                          ValueError of a bad record / image / annotation line (one line, also from workers)
 
 Image folder layout expected by CCLM (`--images ROOT`; symlink your downloads into it):
   ROOT/gqa/<imageId>.jpg                         GQA images (images.zip), used by GQA/xGQA
@@ -127,6 +131,12 @@ CCLM_MAX_WORDS = {("xgqa", True): 30, ("xgqa", False): 50, ("xvnli", True): 80, 
 # ----------------------------------------------------------------------------------------------
 # Annotation files
 # ----------------------------------------------------------------------------------------------
+
+class BadInput(ValueError):
+    """An input file is bad (record, image, annotation): the message is one line naming the file and the key
+    or annotation line. Raised in a DataLoader worker, it reaches the main process as one line too
+    (BatchLoader), so the trainers can stop with that line instead of a worker traceback."""
+
 
 @dataclass(slots=True)
 class Example:
@@ -286,9 +296,19 @@ def split_file(data_root, task: str, split: str, lang: str, translate_test: bool
                      f"under {ds}; languages found: {', '.join(langs) or 'none'}")
 
 
+def _decode_utf8(raw: bytes, path, line: int | None = None) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        n = line if line is not None else raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1)
+        raise BadInput(f"{path}:{n}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {col + 1}); "
+                       "the file must be UTF-8 encoded") from None
+
+
 def read_json(path: Path) -> Any:
     """Whole-file JSON with one-line errors naming file and line."""
-    text = Path(path).read_text(encoding="utf-8")
+    text = _decode_utf8(Path(path).read_bytes(), path)
     if not text.strip():
         raise ValueError(f"{path}: annotation file is empty")
     try:
@@ -303,8 +323,9 @@ def read_json(path: Path) -> Any:
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """JSON lines as (line number, object); blank lines skipped; one-line errors naming file and line."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            line = _decode_utf8(raw, path, n)
             if not line.strip():
                 continue
             try:
@@ -323,6 +344,23 @@ def _field(obj: dict, key: str, where: str):
     if key not in obj:
         raise ValueError(f"{where}: missing field {key!r}")
     return obj[key]
+
+
+def _text(value, where: str, key: str) -> str:
+    """A text field must be a JSON string: null, a number or a list would be trained on as "None", "12345"..."""
+    if not isinstance(value, str):
+        shown = json.dumps(value)[:60]
+        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__} {shown}")
+    return value
+
+
+def _require_known_labels(examples: list, path: Path, what: str) -> list:
+    """A split none of whose labels is known (every answer outside the vocabulary, every gold label '-') would
+    train on all-zero targets / score 0: wrong vocabulary or file."""
+    if examples and all(ex.label < 0 for ex in examples):
+        raise ValueError(f"{path}: none of the {len(examples)} examples has a known label ({what}); "
+                         "wrong file or answer vocabulary?")
+    return examples
 
 
 def load_answer_vocab(data_root) -> tuple[dict[str, int], list[str]]:
@@ -356,9 +394,10 @@ def load_split(data_root, task: str, split: str, lang: str, translate_test: bool
     path = split_file(ds, task, split, lang, translate_test)
     rel = _rel(path, ds)
     if task == "xgqa":
-        return _load_gqa(path, rel, lang, ds)
+        return _require_known_labels(_load_gqa(path, rel, lang, ds), path, "every answer is outside the 1,842-answer "
+                                     "vocabulary")
     if task == "xvnli":
-        return _load_xvnli(path, rel, lang)
+        return _require_known_labels(_load_xvnli(path, rel, lang), path, "every gold_label is '-'")
     return _load_retrieval(path, rel, lang, xflickrco_keys=path.parent.parent.parent.name == "xFlickrCO")
 
 
@@ -374,7 +413,8 @@ def _load_gqa(path: Path, rel: str, lang: str, ds: Path) -> list[Example]:
             answers = dict(_field(q, "label", where))
             gold = max(answers, key=answers.get) if answers else ""
             out.append(_gqa_example(lang, str(_field(q, "question_id", where)), str(_field(q, "img_id", where)),
-                                    _field(q, "sent", where), answers, gold, "", f"{rel} item {i}", ans2label))
+                                    _text(_field(q, "sent", where), where, "sent"), answers, gold, "",
+                                    f"{rel} item {i}", ans2label))
     elif isinstance(data, dict):  # GQA native format: question_id -> {question, imageId, answer, types, ...}
         for qid, q in data.items():
             where = f"{path} question {qid}"
@@ -382,7 +422,8 @@ def _load_gqa(path: Path, rel: str, lang: str, ds: Path) -> list[Example]:
                 raise ValueError(f"{where}: expected an object, got {type(q).__name__}")
             gold = _field(q, "answer", where)
             qtype = (q.get("types") or {}).get("structural", "")
-            out.append(_gqa_example(lang, str(qid), str(_field(q, "imageId", where)), _field(q, "question", where),
+            out.append(_gqa_example(lang, str(qid), str(_field(q, "imageId", where)),
+                                    _text(_field(q, "question", where), where, "question"),
                                     {gold: 1.0}, gold, qtype, f"{rel} question {qid}", ans2label))
     else:
         raise ValueError(f"{path}: expected a JSON list (GQA training format) or dict (GQA native format)")
@@ -410,7 +451,7 @@ def _load_xvnli(path: Path, rel: str, lang: str) -> list[Example]:
             raise ValueError(f"{where}: Flikr30kID {flickr_id!r} is not a Flickr30k image number") from None
         out.append(Example(task="xvnli", lang=lang, id=str(_field(obj, "pairID", where)), image=key,
                            image_file=f"{IMAGE_SUBDIRS['flickr30k']}/{flickr_id}.jpg",
-                           text=str(_field(obj, "sentence2", where)),
+                           text=_text(_field(obj, "sentence2", where), where, "sentence2"),
                            label=XVNLI_LABELS_UC2.index(gold) if gold != XVNLI_NO_GOLD else -1, gold=gold,
                            source=f"{rel}:{n}"))
     return out
@@ -440,7 +481,8 @@ def _load_retrieval(path: Path, rel: str, lang: str, xflickrco_keys: bool) -> li
         idx = image_index.setdefault(key, len(image_index))
         for k, caption in enumerate(sentences):
             out.append(Example(task="xflickrco", lang=lang, id=f"{image_id}#{k}", image=key,
-                               image_file=f"{sub}/{img_path}", text=str(caption), label=idx, source=f"{rel}:{n}"))
+                               image_file=f"{sub}/{img_path}", text=_text(caption, where, f"sentences[{k}]"),
+                               label=idx, source=f"{rel}:{n}"))
     return out
 
 
@@ -600,8 +642,7 @@ class LMDBRegionFeatures(_LazyHandle):
                 raise KeyError(str(key))
             item = unpickle_data(raw, f"{self.path} record {str(key)!r}")
         rows = slice(None, max_rows)
-        return (_as_rows(item["features"], FEATURE_DIM)[rows], _as_rows(item["boxes"], 4)[rows],
-                int(item["img_w"]), int(item["img_h"]))
+        return _record_arrays(self.path, key, item, rows)
 
     def regions(self, key, max_regions: int) -> dict[str, torch.Tensor]:
         return pad_regions(*self.kept_regions(key, max_regions), max_regions)
@@ -612,12 +653,48 @@ class LMDBRegionFeatures(_LazyHandle):
         return feats, box_locations(boxes, w, h)
 
 
-def _as_rows(value, width: int) -> np.ndarray:
+_RECORD_FIELDS = ("features", "boxes", "img_w", "img_h")
+
+
+def _record_arrays(path: str, key, item, rows: slice) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(features [N,2048], boxes [N,4] float32, img_w, img_h) of a decoded record, checked: a record of another
+    width (4x1024 is not 2x2048), dtype or row count, or without its fields, is a BadInput naming file and key."""
+    where = f"{path}: feature record {str(key)!r}"
+    if not isinstance(item, dict) or not all(k in item for k in _RECORD_FIELDS):
+        have = sorted(map(str, item))[:8] if isinstance(item, dict) else type(item).__name__
+        raise BadInput(f"{where}: expected a dict with {', '.join(_RECORD_FIELDS)}; got {have}")
+    feats = _as_rows(item["features"], FEATURE_DIM, where, "features")
+    boxes = _as_rows(item["boxes"], 4, where, "boxes")
+    if len(feats) != len(boxes):
+        raise BadInput(f"{where}: {len(feats)} feature rows of {FEATURE_DIM} but {len(boxes)} boxes")
+    width, height = _image_side(item["img_w"], where, "img_w"), _image_side(item["img_h"], where, "img_h")
+    return feats[rows], boxes[rows], width, height
+
+
+def _as_rows(value, width: int, where: str = "", name: str = "") -> np.ndarray:
     # X101 LMDBs store base64 text of raw float32; h5_to_lmdb stores the arrays themselves (used directly,
     # as the reference README advises, instead of VOLTA's try-b64decode-then-fall-back).
     if isinstance(value, (bytes, str)):
-        return np.frombuffer(base64.b64decode(value), dtype=np.float32).reshape(-1, width)
-    return np.asarray(value, dtype=np.float32).reshape(-1, width)
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except ValueError as e:
+            raise BadInput(f"{where}: {name} is not valid base64 ({e})") from None
+        if len(raw) % (4 * width):
+            raise BadInput(f"{where}: {name} holds {len(raw)} bytes, not whole float32 rows of {width}")
+        return np.frombuffer(raw, dtype=np.float32).reshape(-1, width)
+    if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.ndim != 2 or value.shape[1] != width:
+        shown = (f"{value.dtype} array of shape {list(value.shape)}" if isinstance(value, np.ndarray)
+                 else type(value).__name__)
+        raise BadInput(f"{where}: {name} is a {shown}; expected a float array of shape [N, {width}]")
+    return np.asarray(value, dtype=np.float32)
+
+
+def _image_side(value, where: str, name: str) -> int:
+    ok = isinstance(value, (int, np.integer)) or (isinstance(value, np.ndarray) and value.shape == ()
+                                                  and value.dtype.kind in "iu")
+    if not ok or isinstance(value, bool) or int(value) < 1:
+        raise BadInput(f"{where}: {name} is {value!r}; expected a positive integer (pixels)")
+    return int(value)
 
 
 class H5RegionFeatures(_LazyHandle):
@@ -645,12 +722,32 @@ class H5RegionFeatures(_LazyHandle):
         if key not in self.keys():
             raise KeyError(key)
         g = self.handle[key]
+        where = f"{self.path}: feature record {key!r}"
+        if not all(k in g for k in _RECORD_FIELDS):
+            raise BadInput(f"{where}: expected datasets {', '.join(_RECORD_FIELDS)}; got {sorted(g)[:8]}")
+        shapes = (g["features"].shape, g["boxes"].shape)
+        if any(len(shape) != 2 for shape in shapes) or shapes[0][0] != shapes[1][0]:
+            raise BadInput(f"{where}: features of shape {list(shapes[0])} and boxes of shape {list(shapes[1])}; "
+                           f"expected [N, {FEATURE_DIM}] and [N, 4]")
         rows = slice(None, max_rows)  # h5py reads only these rows
-        return (np.asarray(g["features"][rows], dtype=np.float32).reshape(-1, FEATURE_DIM),
-                np.asarray(g["boxes"][rows], dtype=np.float32).reshape(-1, 4), int(g["img_w"][()]), int(g["img_h"][()]))
+        item = {"features": g["features"][rows], "boxes": g["boxes"][rows], "img_w": g["img_w"][()],
+                "img_h": g["img_h"][()]}
+        return _record_arrays(self.path, key, item, slice(None))
 
     regions = LMDBRegionFeatures.regions
     kept_regions = LMDBRegionFeatures.kept_regions
+
+
+def feature_keys(reader) -> set[str]:
+    """reader.keys(); a `keys` entry that does not decode (bit rot) is a one-line BadInput naming the file."""
+    try:
+        return reader.keys()
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - undecodable bytes: pickle raises many types
+        detail = (str(e).strip().splitlines() or [""])[0][:160]
+        raise BadInput(f"{reader.path}: its 'keys' entry cannot be decoded ({type(e).__name__}: {detail}); "
+                       "copy or download the features again") from None
 
 
 def open_features(path: str | os.PathLike) -> LMDBRegionFeatures | H5RegionFeatures:
@@ -1292,15 +1389,34 @@ def _rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 
 
 def _missing_feature_error(key: str, ex: Example, where: str) -> ValueError:
-    return ValueError(f"feature key {key!r} not found in {where} (referenced by {ex.source}, example {ex.id})")
+    return BadInput(f"feature key {key!r} not found in {where} (referenced by {ex.source}, example {ex.id})")
+
+
+def _referenced(ex: Example | None) -> str:
+    return f" (referenced by {ex.source}, example {ex.id})" if ex is not None else ""
+
+
+def _read_record(reader, key: str, ex: Example | None, read: str = "kept_regions", *args):
+    """reader.<read>(key, *args) with every failure of the record a one-line BadInput naming file, key and
+    (ex) annotation line: a key listed in the `keys` entry without a record, a record of the wrong
+    shape, or one that does not decode at all (bit rot: pickle raises many types)."""
+    try:
+        return getattr(reader, read)(key, *args)
+    except KeyError:
+        if key in reader:
+            raise BadInput(f"{reader.path}: feature key {key!r} is listed in its keys but has no record (a damaged "
+                           f"or incomplete copy); copy or download the features again{_referenced(ex)}") from None
+        raise _missing_feature_error(key, ex, reader.path) from None
+    except BadInput as e:
+        raise BadInput(f"{e}{_referenced(ex)}") from None
+    except Exception as e:  # noqa: BLE001 - undecodable bytes
+        detail = (str(e).strip().splitlines() or [""])[0][:160]
+        raise BadInput(f"{reader.path}: feature record {key!r} cannot be decoded ({type(e).__name__}: {detail}); "
+                       f"copy or download the features again{_referenced(ex)}") from None
 
 
 def _read_regions(reader, ex: Example, max_regions: int, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    key = ex.image if key is None else key
-    try:
-        return reader.kept_regions(key, max_regions)
-    except KeyError:
-        raise _missing_feature_error(key, ex, reader.path) from None
+    return _read_record(reader, ex.image if key is None else key, ex, "kept_regions", max_regions)
 
 
 def _as_reader(features):
@@ -1314,14 +1430,18 @@ def _as_reader(features):
     return features
 
 
-def check_inputs(examples: Sequence[Example], *, features=None, images=None) -> None:
+def check_inputs(examples: Sequence[Example], *, features=None, images=None, sample: int | None = 0) -> None:
     """Fail fast, before any training: ValueError naming the first example whose region features (key not in
     `features`, a reader/path/FeatureSet) or image file (under `images`) is missing, with its annotation
-    line and how many distinct images are missing (`python data.py ... --features/--images` lists them)."""
+    line and how many distinct images are missing (`python data.py ... --features/--images` lists them).
+    sample: also decode that many distinct records / image headers (None: all; 0: none), BadInput naming the
+    first bad one and the count (`python data.py --verify` lists every one)."""
     reader = _as_reader(features) if features is not None else None
     if images is not None:  # every example's own path (two may share an image key but name different files)
         for ex in examples:
             _image_path(images, ex.image_file, ex)
+    if reader is not None:
+        feature_keys(reader)  # a keys entry that does not decode: one line naming the file
     distinct = _distinct_images(examples)
     missing = []
     for ex in distinct:
@@ -1331,6 +1451,53 @@ def check_inputs(examples: Sequence[Example], *, features=None, images=None) -> 
             missing.append(f"image file {path} not found (referenced by {ex.source}, example {ex.id})")
     if missing:
         raise ValueError(f"{missing[0]}; {len(missing)} of {len(distinct)} images missing")
+    if sample != 0 and (reader is not None or images is not None):
+        chosen = _spread(distinct, sample)
+        bad = [problem for ex in chosen
+               if (problem := _record_problem(reader, ex.image, ex) if reader is not None
+                   else _image_problem(_image_path(images, ex.image_file), ex))]
+        if bad:
+            raise BadInput(f"{bad[0]}; {len(bad)} of {len(chosen)} {'feature records' if reader else 'images'} "
+                           f"checked are bad (python data.py --verify lists them all)")
+
+
+# Start-up check of the trainers: distinct training images decoded (a spread sample; all for evaluation).
+VERIFY_SAMPLE = 1000
+
+
+def _spread(items: Sequence, sample: int | None) -> Sequence:
+    """All items (sample None or >= len), else `sample` of them evenly spread (no random state touched)."""
+    if sample is None or sample >= len(items):
+        return items
+    return [items[i] for i in np.linspace(0, len(items) - 1, sample).round().astype(int)]
+
+
+def _record_problem(reader, key: str, ex: Example | None = None) -> str | None:
+    """None if the feature record decodes (shape, dtype, sizes) to finite values, else a one-line reason."""
+    try:
+        feats, boxes, _, _ = _read_record(reader, key, ex, "get")
+    except BadInput as e:
+        return str(e)
+    if not (np.isfinite(feats).all() and np.isfinite(boxes).all()):
+        return f"{reader.path}: feature record {key!r} holds NaN or inf values{_referenced(ex)}"
+    return None
+
+
+def _image_problem(path: str, ex: Example | None = None) -> str | None:
+    """None if the file's header reads as an image of positive size within PIL's pixel cap, else a reason.
+    (The pixels are not decoded: a cut-off body still loads, grey, as in X2-VLM.)"""
+    try:
+        with Image.open(path) as img:
+            fmt, (w, h) = img.format, img.size
+    except FileNotFoundError:
+        return f"image file {path} not found{_referenced(ex)}"
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for damaged headers
+        reason = str(e).replace(f"'{path}'", "").replace(str(path), "").strip(" :")
+        return f"image file {path} is corrupt or not an image ({type(e).__name__}: {reason}){_referenced(ex)}"
+    cap = Image.MAX_IMAGE_PIXELS
+    if fmt is None or w < 1 or h < 1 or (cap and w * h > cap):
+        return f"image file {path}: {fmt} image of {w}x{h} pixels is empty or over the {cap} pixel cap{_referenced(ex)}"
+    return None
 
 
 def _image_path(images, rel: str, ex: Example | None = None) -> str:
@@ -1354,11 +1521,11 @@ def _open_image(images, ex: Example) -> Image.Image:
     try:
         return load_image(path)
     except FileNotFoundError:
-        raise ValueError(f"image file {path} not found (referenced by {ex.source}, example {ex.id})") from None
+        raise BadInput(f"image file {path} not found (referenced by {ex.source}, example {ex.id})") from None
     except ValueError as e:  # load_image's own one-line refusals
-        raise ValueError(f"{e} (referenced by {ex.source}, example {ex.id})") from None
+        raise BadInput(f"{e} (referenced by {ex.source}, example {ex.id})") from None
     except OSError as e:  # PIL: not an image / header cut off ("Truncated File Read" names no file)
-        raise ValueError(f"image file {path} is corrupt or not an image ({e.__class__.__name__}: "
+        raise BadInput(f"image file {path} is corrupt or not an image ({e.__class__.__name__}: "
                          f"{str(e).replace(str(path), '').strip(' :')}) (referenced by {ex.source}, example {ex.id})") from None
 
 
@@ -1970,6 +2137,14 @@ class _SlabCollate:
         return _SlabBatch((self.token, self._pid, n), rest, refs, arrays, None if sent else slab, retired)
 
 
+def _worker_error_line(message: str) -> str:
+    """BadInput's own message out of torch's 'Caught BadInput in DataLoader worker ... Traceback ...' text."""
+    if "Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return last.split(f"{BadInput.__name__}: ", 1)[-1]
+
+
 class BatchLoader(DataLoader):
     """torch DataLoader (same arguments) whose batches come through reused slabs of shared memory instead of a
     new shared-memory file per batch. `collate_fn` must return a dict; its tensors from data._alloc go in the
@@ -1999,6 +2174,8 @@ class BatchLoader(DataLoader):
                     if pin:
                         batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 yield batch
+        except BadInput as e:  # from a worker, the message is its whole traceback: keep the error's own line
+            raise BadInput(_worker_error_line(str(e))) from None
         finally:
             if per_iteration:
                 _forget_slabs(token)
@@ -2015,7 +2192,7 @@ def _feature_keys(paths: Sequence[str]) -> tuple[set[str], list[str]]:
             notes.append(f"{p}: per-question serialized GQA LMDB ({len(SerializedGQA(p))} records; holds its own "
                          f"questions, so annotation image ids are not checked against it)")
             continue
-        keys |= open_features(p).keys()
+        keys |= feature_keys(open_features(p))
     return keys, notes
 
 
@@ -2069,9 +2246,61 @@ def _print_inventory(inv: dict) -> None:
         print(f"note: {note}")
 
 
+def verify(data_root, features: Sequence[str] = (), images=None) -> tuple[list[str], dict[str, int]]:
+    """Decode every record of each image-keyed feature file (shape, dtype, finite values) and the header of every
+    image file the annotations under data_root reference (format, size, pixel cap). Returns (one line per bad
+    record / image, {"feature records": checked, "images": checked}). Missing files are the inventory's."""
+    bad, counts = [], {"feature records": 0, "images": 0}
+    for path in features:
+        if is_serialized_lmdb(path):
+            continue  # per-question GQA records: read by SerializedGQA, not checked here
+        reader = open_features(path)
+        for key in sorted(feature_keys(reader)):
+            counts["feature records"] += 1
+            if problem := _record_problem(reader, key):
+                bad.append(problem)
+    seen: set[str] = set()
+    for ex in _referenced_images(data_root) if images is not None else ():
+        path = _image_path(images, ex.image_file)
+        if path in seen or not os.path.isfile(path):  # missing files: the inventory's
+            continue
+        seen.add(path)
+        counts["images"] += 1
+        if problem := _image_problem(path, ex):
+            bad.append(problem)
+    return bad, counts
+
+
+def _referenced_images(data_root) -> Iterable[Example]:
+    """The first example of each image of every annotation file that loads (the inventory reports the others)."""
+    ds = dataset_dir(data_root)
+    for task in TASKS:
+        for mt in (False, True):
+            for split in available_splits(ds, task, mt):
+                for lang in available_langs(ds, task, split, mt):
+                    try:
+                        yield from _distinct_images(load_split(ds, task, split, lang, mt))
+                    except ValueError:
+                        continue
+
+
+def _print_verify(bad: list[str], counts: dict[str, int]) -> int:
+    for line in bad:
+        print(f"bad: {line}")
+    checked = " and ".join(f"{n} {what}" for what, n in counts.items() if n) or "nothing"
+    if bad:
+        print(f"error: --verify: {len(bad)} bad of {checked} checked (listed above)", file=sys.stderr)
+        return 1
+    print(f"verify: all {checked} are good")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Inventory of an IGLUE checkout: examples, images and missing "
                                             "feature keys / image files per task, split and language.")
+    p.add_argument("--verify", action="store_true",
+                   help="also decode every feature record (shape, dtype, finite values) and every referenced image's "
+                        "header (format, size); lists every bad one, exit status 1 if any")
     p.add_argument("--data-root", required=True, help="folder holding datasets/ (an IGLUE checkout)")
     p.add_argument("--features", nargs="+", default=[], help="region-feature LMDB(s) / H5 file(s) to check keys against")
     p.add_argument("--images", default=None, help="images root (gqa/, flickr30k/, coco/ inside) to check files against")
@@ -2085,6 +2314,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(inv, indent=1, ensure_ascii=False))
     else:
         _print_inventory(inv)
+    if args.verify:
+        try:
+            return _print_verify(*verify(args.data_root, args.features, args.images))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
     return 0
 
 

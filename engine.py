@@ -12,7 +12,8 @@ A trainer's main() is:
     engine.cleanup_distributed()
 
 Run folder (--output-dir): args.json, metrics.jsonl, checkpoint_last.pt (resume state, written
-atomically after every epoch), model_final.pt ({"model": state_dict, "meta": ...}).
+atomically after every epoch, before its evaluation), model_final.pt ({"model": state_dict, "meta": ...}).
+Rank 0 holds an flock on the folder while it runs: a second process on the same folder is refused.
 
 Environment: SUF_DIST_TIMEOUT (seconds, default 600) for collectives; SUF_DEVICE=cpu forces CPU;
 SUF_FAULT injects failures for tests (see fault_point; inert unless set).
@@ -20,6 +21,8 @@ SUF_FAULT injects failures for tests (see fault_point; inert unless set).
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -69,6 +72,51 @@ RESUME_KEYS = ("task", "seed", "epochs", "lr", "batch_size", "weight_decay", "ad
                "unfreeze_every", "unfreeze_unit", "top_layers", "llrd_decay", "freeze_embeddings",
                "train_split", "train_lang", "dropout", "amp", "max_regions", "retrieval_loss",
                "retrieval_negatives", "vision_lr", "lr_mult")
+
+
+# Ranges of numeric arguments, checked right after parsing (before anything is written). A key the parser
+# lacks, or left at None (optional), is skipped: max_regions is UC2's, image_res / vision_lr CCLM's.
+ARG_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "epochs": (lambda v: v >= 1, ">= 1"),
+    "schedule_epochs": (lambda v: v >= 1, ">= 1"),
+    "lr": (lambda v: v >= 0 and math.isfinite(v), ">= 0"),
+    "vision_lr": (lambda v: v >= 0 and math.isfinite(v), ">= 0"),
+    "weight_decay": (lambda v: v >= 0 and math.isfinite(v), ">= 0"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "adam_eps": (lambda v: v > 0 and math.isfinite(v), "> 0"),
+    "adam_betas": (lambda v: all(0 <= b < 1 for b in v), "each in [0, 1)"),
+    "clip_grad": (lambda v: v >= 0 and math.isfinite(v), ">= 0 (0 = off)"),
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "micro_batch_size": (lambda v: v >= 1, ">= 1"),
+    "grad_accum": (lambda v: v >= 1, ">= 1"),
+    "eval_batch_size": (lambda v: v >= 1, ">= 1"),
+    "max_regions": (lambda v: v >= 1, ">= 1"),
+    "image_res": (lambda v: v >= 1, ">= 1"),
+    "num_workers": (lambda v: v >= 0, ">= 0"),
+    "max_steps_per_epoch": (lambda v: v >= 1, ">= 1"),
+    "max_nonfinite": (lambda v: v >= 1, ">= 1"),
+    "log_every": (lambda v: v >= 0, ">= 0 (0 = only at epoch ends)"),
+}
+
+
+def check_arg_ranges(args: argparse.Namespace) -> None:
+    """One-line SystemExit naming the first numeric argument outside its range (ARG_RULES)."""
+    for key, (ok, rule) in ARG_RULES.items():
+        value = getattr(args, key, None)
+        if value is not None and not ok(value):
+            shown = " ".join(f"{v:g}" for v in value) if isinstance(value, (list, tuple)) else f"{value:g}"
+            raise SystemExit(f"error: --{key.replace('_', '-')} {shown} is out of range: must be {rule}")
+
+
+def check_heads(config: dict, pairs: list[tuple[str, str]], source: str) -> None:
+    """One-line SystemExit when a width of the model config is not divisible by its number of attention heads
+    (torch would fail later, deep in the first forward pass). pairs: (width key, heads key)."""
+    for width, heads in pairs:
+        w, h = config.get(width), config.get(heads)
+        if not (isinstance(w, int) and isinstance(h, int) and w >= 1 and h >= 1 and w % h == 0):
+            raise SystemExit(f"error: --model-config {source}: {width} {w} is not divisible by {heads} {h} "
+                             f"(each attention head takes {width} / {heads} dimensions)")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -149,6 +197,7 @@ def resolve_args(args: argparse.Namespace, defaults: dict) -> argparse.Namespace
             raise SystemExit(f"error: --{key.replace('_', '-')} has no default for task {args.task}; pass it")
     if args.schedule_epochs is None:
         args.schedule_epochs = args.epochs
+    check_arg_ranges(args)
     if args.schedule_epochs < args.epochs:
         raise SystemExit(f"error: --schedule-epochs {args.schedule_epochs} is shorter than --epochs {args.epochs} "
                          f"(the learning rate would sit at 0 for the last epochs); pass --schedule-epochs >= --epochs")
@@ -205,7 +254,10 @@ def setup_distributed() -> DistInfo:
 
 
 def cleanup_distributed() -> None:
+    """Ends the process group (with its outermost user) and releases this process's run-folder locks
+    (the trainers call it in `finally`, so a failed run never keeps its folder locked in-process)."""
     global _GROUP_USERS
+    release_run_dirs()
     _GROUP_USERS = max(0, _GROUP_USERS - 1)
     if _GROUP_USERS == 0 and tdist.is_initialized():
         tdist.destroy_process_group()
@@ -424,6 +476,10 @@ def load_tokenizer(args: argparse.Namespace, embedding_rows: int):
     return tokenizer
 
 
+class CheckpointWriteError(ValueError):
+    """save_checkpoint could not write (disk full, ...); one line naming the file."""
+
+
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """Atomic: write <path>.tmp in the same folder, fsync, os.replace. A crash leaves the old file intact."""
     path = Path(path)
@@ -441,8 +497,16 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
             os.fsync(dir_fd)  # make the rename itself durable
         finally:
             os.close(dir_fd)
-    except OSError as e:
-        raise ValueError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+    except OSError as e:  # e.g. disk full: the partial tmp file would only fill it further
+        removed = ""
+        try:
+            tmp.unlink()
+            removed = f"; removed the partial {tmp.name}"
+        except FileNotFoundError:
+            pass
+        except OSError as e2:
+            removed = f"; could not remove the partial {tmp} ({e2.strerror or e2}): delete it"
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {e.strerror or e}{removed}") from None
 
 
 def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
@@ -540,9 +604,10 @@ def resuming(args: argparse.Namespace, run_dir: Path) -> bool:
 
 
 def check_run_dir(args: argparse.Namespace, dist: DistInfo) -> Path:
-    """One-line SystemExit (on every rank) if --output-dir holds a run and --resume is not given,
-    holds nothing to resume, or is not writable. Writes nothing; call it as early as you like.
-    With --print-schedule nothing will be written, so nothing is checked."""
+    """One-line SystemExit (on every rank) if --output-dir is in use by another process, holds a run and
+    --resume is not given, holds nothing to resume (or a run whose checkpoint is gone), or is not writable.
+    Rank 0 then holds the folder's lock until release_run_dirs() (engine.train and cleanup_distributed call
+    it). Writes no file; call it as early as you like. With --print-schedule nothing is checked."""
     run_dir = Path(args.output_dir)
     if getattr(args, "print_schedule", False):
         return run_dir
@@ -554,19 +619,104 @@ def check_run_dir(args: argparse.Namespace, dist: DistInfo) -> Path:
 
 
 def _run_dir_problem(run_dir: Path, resume: bool) -> str | None:
+    problem = _lock_run_dir(run_dir) if run_dir.is_dir() else None  # first: another process may be writing it
     existing = [f for f in RUN_FILES if (run_dir / f).exists()]
+    if problem:
+        return problem
     if existing and not resume:
-        return f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it or choose another --output-dir"
-    if resume and not existing:
-        return f"--resume: {run_dir} holds no run to resume (no {CHECKPOINT} or {ARGS})"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        return f"cannot write to --output-dir {run_dir}: {e.strerror or e}"
+        problem = (f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it or "
+                   "choose another --output-dir")
+    elif resume and not existing:
+        problem = f"--resume: {run_dir} holds no run to resume (no {CHECKPOINT} or {ARGS})"
+    elif resume:
+        problem = _no_checkpoint_problem(run_dir, existing)
+    if problem is None:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / f".write_test.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            problem = f"cannot write to --output-dir {run_dir}: {e.strerror or e}"
+    problem = problem or _lock_run_dir(run_dir)
+    if problem:
+        release_run_dirs(run_dir)
+    return problem
+
+
+def _no_checkpoint_problem(run_dir: Path, existing: list[str]) -> str | None:
+    """--resume without checkpoint_last.pt: a run killed before its first checkpoint starts afresh (nothing of
+    it is worth keeping); a finished run, or one that completed an epoch, is refused: starting afresh would
+    truncate its metrics and replace its model."""
+    if CHECKPOINT in existing:
+        return None
+    have = ", ".join(existing)
+    if FINAL in existing:
+        return (f"--resume: {run_dir} holds a finished run ({have}) but no {CHECKPOINT} to continue from; "
+                f"nothing was changed: its model is {run_dir / FINAL}; to train again choose another --output-dir")
+    done = _epochs_logged(run_dir / METRICS)
+    if done:
+        return (f"--resume: {run_dir} holds a run that completed {done} epoch(s) ({have}) but its {CHECKPOINT} "
+                f"is gone; nothing was changed: restore {CHECKPOINT} to continue, or choose another --output-dir")
     return None
+
+
+def _epochs_logged(path: Path) -> int:
+    """Epochs metrics.jsonl shows completed: an eval record of epoch e, or a train record of epoch e + 1."""
+    done = 0
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+                done = max(done, int(rec["epoch"]) - (rec.get("type") == "train"))
+            except (ValueError, KeyError, TypeError):
+                continue  # a half-written last line
+    return done
+
+
+# Run folders this process holds the lock of: resolved path -> fd of the folder (flock on the folder itself,
+# so no lock file joins the run's files). The kernel drops the lock when the process dies: never stale.
+_RUN_LOCKS: dict[str, int] = {}
+
+
+def _lock_run_dir(run_dir: Path) -> str | None:
+    key = str(run_dir.resolve())
+    if key in _RUN_LOCKS:  # this process already holds it (the trainer checked, engine.train checks again)
+        return None
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None  # a file system without flock: run unlocked rather than not at all
+        return (f"{run_dir} is in use by another process ({_lock_holder(run_dir)}); wait for it to end, or "
+                "choose another --output-dir")
+    _RUN_LOCKS[key] = fd
+    return None
+
+
+def _lock_holder(run_dir: Path) -> str:
+    """'pid N' of the process holding the folder's flock (Linux /proc/locks), else 'pid unknown'."""
+    st = os.stat(run_dir)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and "->" not in fields and inode in fields:
+                return f"pid {fields[fields.index(inode) - 1]}"
+    except OSError:
+        pass
+    return "pid unknown"
+
+
+def release_run_dirs(run_dir: Path | None = None) -> None:
+    """Release this process's lock on run_dir (None: on every run folder it holds)."""
+    keys = list(_RUN_LOCKS) if run_dir is None else [str(Path(run_dir).resolve())]
+    for key in keys:
+        fd = _RUN_LOCKS.pop(key, None)
+        if fd is not None:
+            os.close(fd)
 
 
 class MetricsLog:
@@ -595,10 +745,11 @@ _fault_counts: dict[str, int] = {}
 
 
 def fault_point(name: str, before: Callable[[], object] | None = None) -> None:
-    """Test hook, inert unless SUF_FAULT="<kill|raise|hang>:<point>:<n>[:<rank>]" is set: act the n-th
+    """Test hook, inert unless SUF_FAULT="<kill|raise|hang|enospc>:<point>:<n>[:<rank>]" is set: act the n-th
     time this process reaches `point` (step: after an optimizer step; unfreeze: after the trainable set
-    changed; save_mid: inside save_checkpoint before the tmp file is complete; epoch_end: after the
-    epoch's checkpoint)."""
+    changed; save_mid: inside save_checkpoint before the tmp file is complete; evaluate: after the epoch's
+    checkpoint, before its evaluation; epoch_end: after the epoch's checkpoint and evaluation). enospc
+    raises OSError(ENOSPC) (save_mid: a disk that filled up mid-write)."""
     spec = os.environ.get("SUF_FAULT")
     if not spec:
         return
@@ -615,6 +766,8 @@ def fault_point(name: str, before: Callable[[], object] | None = None) -> None:
         raise RuntimeError(f"SUF_FAULT: injected failure at {name} #{n}")
     elif action == "hang":
         time.sleep(3600)
+    elif action == "enospc":  # a full disk, as the write would see it
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -628,6 +781,9 @@ class Progress:
     nonfinite_in_a_row: int = 0
     amp_skipped_steps: int = 0   # fp16 GradScaler overflow skips (scale lowered; not an error)
     metrics_offset: int = 0      # metrics.jsonl size at the checkpoint
+    # The checkpoint is written before the epoch's evaluation: True when that evaluation is still to log (a
+    # resume re-runs it first). Older checkpoints, written after it, lack the field: False.
+    eval_pending: bool = False
 
 
 class LossOf(nn.Module):
@@ -708,6 +864,17 @@ def optimizer_step(model, optimizer, lr_sched, scaler, clip: float, n_bad: torch
     return ok, amp_skipped, lr, grad_norm
 
 
+def require_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    """t, or FloatingPointError when it holds NaN/inf: at evaluation a NaN logit must not become an accuracy
+    (argmax of NaN is an arbitrary class). Rows = examples."""
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        rows = bad.reshape(bad.shape[0], -1).any(1) if t.dim() else bad.reshape(1)
+        raise FloatingPointError(f"non-finite {what} (NaN or inf) for {int(rows.sum())} of {rows.numel()} examples "
+                                 "of a batch")
+    return t
+
+
 def mean_loss(loss_sum: torch.Tensor, n: torch.Tensor, dist: DistInfo) -> float | None:
     total = torch.stack([loss_sum, n]).double()
     if dist.distributed:
@@ -725,28 +892,56 @@ def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout
     no_decay(name, param): the recipe's weight-decay exemption rule (default: freeze.no_decay_ndim);
     lr_mult(name): per-parameter LR factor (default 1; see freeze.param_groups)."""
     run_dir = check_run_dir(args, dist)
-    _, accum = micro_and_accum(args, dist)
-    steps_per_epoch = len(train_loader) // accum
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: the training set gives no full global batch of {args.batch_size} examples")
-    if args.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
-    if getattr(args, "print_schedule", False):  # the trainers print it before building anything
-        raise ValueError("engine.train with --print-schedule: call engine.print_schedule_only instead")
+    try:
+        _, accum = micro_and_accum(args, dist)
+        steps_per_epoch = len(train_loader) // accum
+        if steps_per_epoch == 0:
+            raise SystemExit(f"error: the training set gives no full global batch of {args.batch_size} examples")
+        if args.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
+        if getattr(args, "print_schedule", False):  # the trainers print it before building anything
+            raise ValueError("engine.train with --print-schedule: call engine.print_schedule_only instead")
 
-    model.to(dist.device)
-    # The LR schedule spans --schedule-epochs (default --epochs); IGLUE's longer one stops before reaching 0.
-    schedule_epochs = getattr(args, "schedule_epochs", None) or args.epochs
-    optimizer, lr_sched = build_optimizer(model, layout, schedule, args, module_lr, no_decay=no_decay, lr_mult=lr_mult,
-                                          total_steps=schedule_epochs * steps_per_epoch)
-    amp_dtype, scaler = setup_amp(args.amp, dist.device)
-    log = MetricsLog(run_dir / METRICS, dist.is_main)
-    _fault_counts.clear()
-    if resuming(args, run_dir):
-        prog = resume(run_dir / CHECKPOINT, model, optimizer, lr_sched, scaler, args, dist, log, meta)
-    else:
-        prog = start_fresh(run_dir, args, dist, log)
+        model.to(dist.device)
+        # The LR schedule spans --schedule-epochs (default --epochs); IGLUE's longer one stops before reaching 0.
+        schedule_epochs = getattr(args, "schedule_epochs", None) or args.epochs
+        optimizer, lr_sched = build_optimizer(model, layout, schedule, args, module_lr, no_decay=no_decay,
+                                              lr_mult=lr_mult,
+                                              total_steps=schedule_epochs * steps_per_epoch)
+        amp_dtype, scaler = setup_amp(args.amp, dist.device)
+        log = MetricsLog(run_dir / METRICS, dist.is_main)
+        _fault_counts.clear()
+        if resuming(args, run_dir):
+            prog = resume(run_dir / CHECKPOINT, model, optimizer, lr_sched, scaler, args, dist, log, meta)
+            if prog.epoch >= args.epochs and (run_dir / FINAL).exists():  # finished: keep every file as it is
+                if dist.is_main:
+                    print(f"nothing to do: {run_dir} finished its {args.epochs} epochs ({run_dir / FINAL})", flush=True)
+                return
+            log.truncate(prog.metrics_offset)  # what a killed run logged after its checkpoint
+            if prog.eval_pending:  # stopped between the checkpoint and the end of its evaluation
+                run_evaluation(evaluate_fn, model, prog.epoch - 1, prog.step, args, log, run_dir, dist, resumed=True)
+        else:
+            prog = start_fresh(run_dir, args, dist, log)
+        train_epochs(args, model, layout, schedule, train_loader, evaluate_fn, meta, dist, optimizer, lr_sched,
+                     (amp_dtype, scaler), steps_per_epoch, accum, log, prog, run_dir, on_step)
+        check_made_progress(prog, run_dir)  # on every rank: the counters are the same everywhere
+        if dist.is_main:
+            final = {"model": model.state_dict(), "meta": run_meta(meta, schedule, prog, args)}
+            save_checkpoint(run_dir / FINAL, final)
+            print(f"done: {run_dir / FINAL}", flush=True)
+        barrier(dist)
+    except CheckpointWriteError as e:  # disk full, ...: the previous checkpoint is intact
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        release_run_dirs(run_dir)
 
+
+def train_epochs(args, model, layout, schedule, train_loader, evaluate_fn, meta, dist: DistInfo, optimizer, lr_sched,
+                 amp: tuple, steps_per_epoch: int, accum: int, log: MetricsLog, prog: Progress, run_dir: Path,
+                 on_step) -> None:
+    """Epochs prog.epoch .. args.epochs - 1: train, checkpoint, then evaluate (a crash in the evaluation loses
+    no training: --resume re-runs it)."""
+    amp_dtype, scaler = amp
     net = None
     for epoch in range(prog.epoch, args.epochs):
         set_epoch(train_loader, epoch)
@@ -762,7 +957,10 @@ def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout
                 net = wrap_for_training(model, dist, args.ddp_find_unused)
                 if changed:
                     fault_point("unfreeze")
-            step_loss, n_bad = forward_backward(net, batches, accum, amp_dtype, scaler, dist.device)
+            try:
+                step_loss, n_bad = forward_backward(net, batches, accum, amp_dtype, scaler, dist.device)
+            except data.BadInput as e:
+                raise SystemExit(f"error: training data: {e}; {_last_checkpoint(prog, run_dir)}") from None
             loss_sum += step_loss
             n_finite += accum - n_bad  # before optimizer_step sums n_bad over ranks
             ok, amp_skipped, lr, grad_norm = optimizer_step(model, optimizer, lr_sched, scaler, args.clip_grad, n_bad, dist)
@@ -779,17 +977,46 @@ def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout
         bar.close()
         del batches
 
-        if evaluate_fn is not None:
-            log_eval(log, evaluate(evaluate_fn, model, epoch), epoch, prog.step, args.eval_split, dist)
         prog.epoch = epoch + 1
         prog.metrics_offset = log.size()
+        prog.eval_pending = evaluate_fn is not None
         save_training_state(run_dir / CHECKPOINT, model, optimizer, lr_sched, scaler, prog, args, meta, schedule, dist)
+        run_evaluation(evaluate_fn, model, epoch, prog.step, args, log, run_dir, dist)
         fault_point("epoch_end")
 
-    if dist.is_main:
-        save_checkpoint(run_dir / FINAL, {"model": model.state_dict(), "meta": run_meta(meta, schedule, prog, args)})
-        print(f"done: {run_dir / FINAL}", flush=True)
-    barrier(dist)
+
+def run_evaluation(evaluate_fn: Callable | None, model: nn.Module, epoch: int, step: int, args, log: MetricsLog,
+                   run_dir: Path, dist: DistInfo, resumed: bool = False) -> None:
+    """Epoch `epoch` (0-based)'s evaluation, logged; its checkpoint is already written. Bad evaluation data
+    or a non-finite model output is a one-line error (the checkpoint stays; --resume re-runs it)."""
+    if evaluate_fn is None:
+        if resumed and dist.is_main:
+            print(f"warning: epoch {epoch + 1}'s evaluation was not run (the run stopped before it; resumed with "
+                  "--no-eval)", file=sys.stderr, flush=True)
+        return
+    if resumed and dist.is_main:
+        print(f"re-running epoch {epoch + 1}'s evaluation (the run stopped after the epoch's checkpoint)", flush=True)
+    fault_point("evaluate")
+    try:
+        results = evaluate(evaluate_fn, model, epoch)
+    except (data.BadInput, FloatingPointError) as e:
+        raise SystemExit(f"error: evaluation after epoch {epoch + 1}: {e}; the epoch's checkpoint "
+                         f"{run_dir / CHECKPOINT} is kept: fix it and --resume (the evaluation is run again)") from None
+    log_eval(log, results, epoch, step, args.eval_split, dist)
+
+
+def _last_checkpoint(prog: Progress, run_dir: Path) -> str:
+    return (f"last good checkpoint: {run_dir / CHECKPOINT} (after epoch {prog.epoch})" if prog.epoch
+            else "last good checkpoint: none (no epoch completed)")
+
+
+def check_made_progress(prog: Progress, run_dir: Path) -> None:
+    """A run none of whose optimizer steps updated the weights ends with an error and no model_final.pt."""
+    updates = prog.step - prog.nonfinite_steps - prog.amp_skipped_steps
+    if updates <= 0:
+        raise SystemExit(f"error: the run made no finite optimizer step ({prog.step} steps: {prog.nonfinite_steps} "
+                         f"non-finite, {prog.amp_skipped_steps} skipped by the fp16 scaler); {FINAL} not written "
+                         f"(its weights would be the initial ones); check the data, --lr and --amp")
 
 
 def count_step(prog: Progress, ok: bool, amp_skipped: bool, epoch: int, args, run_dir: Path, dist: DistInfo) -> None:
@@ -804,9 +1031,8 @@ def count_step(prog: Progress, ok: bool, amp_skipped: bool, epoch: int, args, ru
         print(f"warning: non-finite loss or gradient at epoch {epoch + 1}, step {prog.step}: update skipped "
               f"({prog.nonfinite_in_a_row} in a row, {prog.nonfinite_steps} in total)", file=sys.stderr, flush=True)
     if prog.nonfinite_in_a_row >= args.max_nonfinite:
-        last = f"{run_dir / CHECKPOINT} (after epoch {prog.epoch})" if prog.epoch else "none (no epoch completed)"
         raise SystemExit(f"error: stopping: {prog.nonfinite_in_a_row} non-finite losses in a row at epoch {epoch + 1}, "
-                         f"step {prog.step} (--max-nonfinite {args.max_nonfinite}); last good checkpoint: {last}")
+                         f"step {prog.step} (--max-nonfinite {args.max_nonfinite}); {_last_checkpoint(prog, run_dir)}")
 
 
 def train_record(epoch: int, prog: Progress, loss: float | None, lr: float, grad_norm: float, model: nn.Module,
@@ -902,7 +1128,6 @@ def resume(path: Path, model, optimizer, lr_sched, scaler, args, dist: DistInfo,
         if dist.is_main:
             print(f"warning: --resume with {dist.world} processes, the run used {len(ckpt['rng'])}: "
                   "random streams re-seeded (not bitwise equal to an uninterrupted run)", file=sys.stderr)
-    log.truncate(prog.metrics_offset)
     if dist.is_main:
         print(f"resumed {path} after epoch {prog.epoch} (step {prog.step})", flush=True)
     return prog

@@ -289,6 +289,11 @@ def retrieval_ranks(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: S
 def recall_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: Sequence[int],
                    unscored: float | None = None, ties: str = "volta") -> dict[str, float]:
     """tr_r1/5/10, ir_r1/5/10 (percent), medr/meanr as VOLTA prints them (floor(median)+1, mean+1)."""
+    for scores in (score_i2t, score_t2i):
+        if torch.isnan(scores).any() or torch.isposinf(scores).any():  # would rank arbitrarily, not fail
+            bad = int((~torch.isfinite(scores)).sum())
+            raise FloatingPointError(f"non-finite retrieval scores (NaN or inf) in {bad} of {scores.numel()} "
+                                     "caption-image pairs")
     tr, ir = retrieval_ranks(score_i2t, score_t2i, txt2img, unscored, ties)
     out: dict[str, float] = {}
     for name, ranks in (("tr", tr), ("ir", ir)):
@@ -884,12 +889,26 @@ def run_results(run: str | Path, split: str = "test") -> dict | None:
     info = run_info(run)
     res = read_json(run / "results.json") if (run / "results.json").exists() else {}
     if split in res:
-        return {**info, "langs": res[split]["langs"], "source": f"results.json[{split}]"}
+        ckpt = str(res[split].get("checkpoint", ""))
+        unfinished = f"evaluated {ckpt} (epoch {res[split].get('epoch')})" if ckpt.endswith(engine.CHECKPOINT) else None
+        return {**info, "langs": res[split]["langs"], "source": f"results.json[{split}]", "unfinished": unfinished}
     if (run / "metrics.jsonl").exists():
         epochs = read_epoch_metrics(run, split)
         if epochs:
             e, ev = epochs[-1]
-            return {**info, "langs": ev, "source": f"metrics.jsonl epoch {e} ({split})"}
+            return {**info, "langs": ev, "source": f"metrics.jsonl epoch {e} ({split})",
+                    "unfinished": _unfinished(run, e)}
+    return None
+
+
+def _unfinished(run: Path, last_epoch: int) -> str | None:
+    """Why a run's last evaluated epoch is not its final result (None: finished): no model_final.pt while a
+    checkpoint_last.pt shows it stopped (or paused), or fewer epochs evaluated than args.json planned."""
+    if (run / engine.FINAL).exists():
+        return None
+    planned = (read_json(run / "args.json") if (run / "args.json").exists() else {}).get("epochs")
+    if (run / engine.CHECKPOINT).exists() or (planned and last_epoch < planned):
+        return f"epoch {last_epoch} of {planned or '?'}, no {engine.FINAL}"
     return None
 
 
@@ -898,8 +917,8 @@ def _mean(vals: list[float]) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def _cell(ours: float | None, paper: float | None, partial: bool = False) -> str:
-    o = "-" if ours is None or ours != ours else f"{ours:.1f}" + ("*" if partial else "")
+def _cell(ours: float | None, paper: float | None, partial: bool = False, unfinished: bool = False) -> str:
+    o = "-" if ours is None or ours != ours else f"{ours:.1f}" + ("*" if partial else "") + ("!" if unfinished else "")
     return o if paper is None else f"{o} ({paper:.1f})"
 
 
@@ -913,7 +932,7 @@ def _setup_name(r: dict) -> str:
 
 def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
     """Rows of Tables 1-3 (ours beside the paper's). Several runs of one setup are averaged."""
-    recs = [r for r in (run_results(run, split) for run in runs) if r is not None]
+    recs = [{**r, "run": str(run)} for run in runs if (r := run_results(run, split)) is not None]
     zs = [r for r in recs if not r.get("shots")]
     fs = [r for r in recs if r.get("shots")]
     groups: dict[tuple, list] = {}
@@ -926,6 +945,10 @@ def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
         rs = [r for r in rs if r.get("task") == task]
         return (_mean([r["langs"].get("en", {}).get(metric, float("nan")) for r in rs]),
                 _mean([zs_average(r["langs"], metric) for r in rs]))
+
+    def unfinished(rs: list[dict], task: str) -> bool:
+        """True when a number comes from a run that has not finished (marked ! in the table)."""
+        return any(r.get("unfinished") for r in rs if r.get("task") == task)
 
     def partial(rs: list[dict], task: str) -> bool:
         """True when a run's average misses some of IGLUE's target languages (marked * in the table)."""
@@ -943,7 +966,8 @@ def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
             en, avg = en_avg(rs, task, metric)
             p = (paper or {}).get(task if metric == "accuracy" else metric)
             row["cells"][f"{task}:{metric}"] = {"en": en, "avg": avg, "paper_en": p[0] if p else None,
-                                                 "paper_avg": p[1] if p else None, "partial": partial(rs, task)}
+                                                 "paper_avg": p[1] if p else None, "partial": partial(rs, task),
+                                                 "unfinished": unfinished(rs, task)}
         table1.append(row)
     table2 = []
     for key in order:
@@ -953,7 +977,7 @@ def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
         paper = PAPER_TABLE2.get(key[1]) if (key[1] != "top" or key[3] == 6) and key[2] is None else None
         if en == en or avg == avg:
             table2.append({"setup": _setup_name(groups[key][0]), "en": en, "avg": avg,
-                           "partial": partial(groups[key], "xgqa"),
+                           "partial": partial(groups[key], "xgqa"), "unfinished": unfinished(groups[key], "xgqa"),
                            "paper_en": paper[0] if paper else None, "paper_avg": paper[1] if paper else None})
     table3 = []
     for pol in ("full", "suf"):
@@ -978,7 +1002,9 @@ def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
                 {"setup": _setup_name(rs[0]),
                  "ours": {l: _mean([r["langs"].get(l, {}).get(metric, float("nan")) for r in rs]) for l in langs},
                  "paper": paper})
-    return {"table1": table1, "table2": table2, "table3": table3, "per_language": per_lang}
+    unfinished_runs = [f"{r['source']} of {r['run']}: {r['unfinished']}" for r in recs if r.get("unfinished")]
+    return {"table1": table1, "table2": table2, "table3": table3, "per_language": per_lang,
+            "unfinished": unfinished_runs}
 
 
 def merged_iglue_csvs(runs: Sequence[str | Path], split: str = "test") -> dict[str, str]:
@@ -1017,19 +1043,20 @@ def merged_iglue_csvs(runs: Sequence[str | Path], split: str = "test") -> dict[s
 
 def format_tables(t: dict, per_language: bool = False) -> str:
     out = ["Table 1: ours (paper). EN and ZS-XLT = mean over non-English languages; accuracy / R@1; "
-           "* = not all of IGLUE's target languages were evaluated.",
+           "* = not all of IGLUE's target languages were evaluated; ! = from a run that has not finished.",
            f"{'setup':<20}" + "".join(f"{h:>15}" for h in (
                "xGQA EN", "xGQA ZS", "XVNLI EN", "XVNLI ZS", "TR EN", "TR ZS", "IR EN", "IR ZS"))]
     for row in t["table1"]:
         cells = []
         for c in ("xgqa:accuracy", "xvnli:accuracy", "xflickrco:tr_r1", "xflickrco:ir_r1"):
             v = row["cells"][c]
-            cells += [_cell(v["en"], v["paper_en"]), _cell(v["avg"], v["paper_avg"], v["partial"])]
+            cells += [_cell(v["en"], v["paper_en"], unfinished=v["unfinished"]),
+                      _cell(v["avg"], v["paper_avg"], v["partial"], v["unfinished"])]
         out.append(f"{row['setup']:<20}" + "".join(f"{c:>15}" for c in cells))
     if t["table2"]:
         out += ["", "Table 2: CCLM on xGQA, ours (paper); top6 = CM only.", f"{'setup':<20}{'en':>15}{'avg':>15}"]
-        out += [f"{r['setup']:<20}{_cell(r['en'], r['paper_en']):>15}{_cell(r['avg'], r['paper_avg'], r['partial']):>15}"
-                for r in t["table2"]]
+        out += [f"{r['setup']:<20}{_cell(r['en'], r['paper_en'], unfinished=r['unfinished']):>15}"
+                f"{_cell(r['avg'], r['paper_avg'], r['partial'], r['unfinished']):>15}" for r in t["table2"]]
     if any(r["few_shot"] == r["few_shot"] or r["zero_shot"] == r["zero_shot"] for r in t["table3"]):
         out += ["", "Table 3: UC2 on xGQA, target-language mean, ours (paper); few-shot = standard fine-tuning "
                 "on the target language after English training with the row's policy.",
@@ -1037,6 +1064,8 @@ def format_tables(t: dict, per_language: bool = False) -> str:
         out += [f"{r['setup']:<20}{_cell(r['zero_shot'], r['paper_zero_shot']):>15}"
                 f"{_cell(r['few_shot'], r['paper_few_shot']):>15}  {','.join(r['few_shot_langs']) or '-'}"
                 for r in t["table3"]]
+    if t.get("unfinished"):
+        out += ["", "! unfinished runs (their last evaluated epoch is shown):"] + [f"  {u}" for u in t["unfinished"]]
     if per_language:
         for name, rows in t["per_language"].items():
             langs = ordered_langs({l for r in rows for l in r["ours"]})
@@ -1106,6 +1135,9 @@ def trainer_evaluate_fn(model_name: str, args: argparse.Namespace, tokenizer, di
                            features=features, images=images, max_regions=max_regions, image_res=image_res)
     for s in sets.values():
         data.check_inputs(s.examples, features=feature_reader(features), images=images)
+    # every evaluation image decoded once (languages share them): a corrupt one stops the run now, not after epoch 1
+    data.check_inputs([ex for s in sets.values() for ex in s.examples], features=feature_reader(features),
+                      images=images, sample=None)
 
     def evaluate_fn(model: torch.nn.Module, epoch: int) -> dict:
         return evaluate_task(model, args.task, sets, dist, batch_size=args.eval_batch_size,
@@ -1314,7 +1346,7 @@ def _evaluate(args, dist) -> int:
         results = evaluate_task(model, task, sets, dist, batch_size=args.batch_size, num_workers=args.num_workers,
                                 amp=args.amp, k_test=args.k_test, pair_batch=args.pair_batch, itm_batch=args.itm_batch,
                                 predictions=preds)
-    except ValueError as e:
+    except (ValueError, FloatingPointError) as e:  # FloatingPointError: NaN logits/scores are not an accuracy
         raise SystemExit(f"error: {e}") from None
     if dist.is_main:
         fewshot = read_json(out_dir / "fewshot.json") if (out_dir / "fewshot.json").is_file() else {}

@@ -265,7 +265,8 @@ class CCLMForXVNLI(CCLM):
 
     @torch.no_grad()
     def predict(self, batch: dict) -> torch.Tensor:
-        return self.logits(batch).argmax(dim=1)
+        import engine
+        return engine.require_finite(self.logits(batch), "logits").argmax(dim=1)
 
 
 def _world() -> int:
@@ -467,6 +468,7 @@ class CCLMForXGQA(CCLM):
     @torch.no_grad()
     def predict(self, batch: dict) -> torch.Tensor:
         """Label id (set_answer_list's labels) of the first-ranked candidate (XGQA.py)."""
+        import engine  # (this module imports engine lazily, as its main() does)
         if self.answer_ids.numel() == 0:
             raise ValueError("xgqa predict: call model.set_answer_list(answer_ids, answer_atts) first")
         states, atts, k = self.question_states(batch), batch["text_atts"], self.config["k_test"]
@@ -476,6 +478,7 @@ class CCLMForXGQA(CCLM):
         step = max(1, self.RANK_SEQUENCES // k)
         for s in range(0, states.shape[0], step):
             ranked, probs = self.rank_answers(states[s:s + step], atts[s:s + step], self.answer_ids, self.answer_atts, k)
+            engine.require_finite(probs, "answer scores")
             preds.append(ranked.gather(1, probs.argmax(dim=1, keepdim=True)).squeeze(1))
         return self.answer_labels[torch.cat(preds)]
 
@@ -775,6 +778,9 @@ def model_config_from_args(args, meta: dict | None = None) -> dict:
         config.update(dropout=args.dropout, attn_dropout=args.dropout, vision_drop_path=args.dropout)
     if config["image_res"] % config["patch_size"]:
         raise SystemExit(f"error: image resolution {config['image_res']} is not a multiple of the patch size {config['patch_size']}")
+    import engine
+    engine.check_heads(config, [("hidden_size", "text_heads"), ("hidden_size", "cross_heads"),
+                                ("vision_width", "vision_heads")], args.model_config or "(the checkpoint's config)")
     return config
 
 
@@ -782,7 +788,7 @@ def build_train_dataset(args, config: dict):
     """The --train-split of --train-lang (engine's defaults: IGLUE's English train split of each task:
     GQA train, XVNLI train, Flickr30k train); every image file is checked first (ValueError)."""
     examples = data.load_split(args.data_root, args.task, args.train_split, args.train_lang)
-    data.check_inputs(examples, images=args.images)  # fail before training, not mid-epoch
+    data.check_inputs(examples, images=args.images, sample=data.VERIFY_SAMPLE)  # fail before training, not mid-epoch
     return data.make_dataset("cclm", args.task, examples, images=args.images, train=True,
                              image_res=config["image_res"], seed=args.seed)
 

@@ -311,7 +311,7 @@ class UC2(nn.Module):
     def predict(self, batch: dict) -> torch.Tensor:
         if self.task == "xflickrco":
             raise ValueError("predict() is for xgqa/xvnli; retrieval uses pair_scores()")
-        return self._run(batch).argmax(-1)
+        return engine.require_finite(self._run(batch), "logits").argmax(-1)
 
     def cls_features(self, batch: dict) -> torch.Tensor:
         """Pooled output (VOLTA's pooled_output_t, before dropout): the classifier's input."""
@@ -743,7 +743,7 @@ class FeatureSet:
         self.readers = [data.open_features(p) for p in paths]
         self.path = ", ".join(paths)
         for r in self.readers:  # open each now: an unreadable file is an error here, not in the first batch
-            r.keys()
+            data.feature_keys(r)
 
     def keys(self) -> set[str]:
         return set().union(*(r.keys() for r in self.readers))
@@ -804,6 +804,7 @@ def model_config_from_args(args) -> dict:
         if config[key] != have:
             raise SystemExit(f"error: --model-config {args.model_config}: {key} = {config[key]}, but the region "
                              f"features this script reads have {have}")
+    engine.check_heads(config, [("hidden_size", "num_heads")], args.model_config)
     config["retrieval_loss"] = args.retrieval_loss
     if args.dropout is not None:
         config.update(hidden_dropout=args.dropout, attention_dropout=args.dropout, classifier_dropout=args.dropout)
@@ -865,7 +866,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             train_ds = build_train_dataset(args, features, serialized)
             if isinstance(train_ds, data.UC2Dataset):  # fail before training, not mid-epoch
-                data.check_inputs(train_ds.examples, features=features)
+                data.check_inputs(train_ds.examples, features=features, sample=data.VERIFY_SAMPLE)
         except ValueError as e:
             raise SystemExit(f"error: training data: {e}") from None
         loader = engine.build_train_loader(train_ds, args, dist, data.UC2Collate(args.task, tokenizer, train=True))

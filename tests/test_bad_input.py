@@ -8,14 +8,17 @@ crash would take pytest down, or where the exact terminal output matters) with t
 sample, a tiny tokenizer and synthetic region features. Most of them resume a "paused" run (epoch 1 of 2
 done) with the bad input, and check that its folder is byte-identical afterwards.
 """
+import base64
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -393,6 +396,233 @@ def test_existing_run_folder_without_resume(env):
     assert last_line(err) == (f"error: {env['paused']} already holds a run (checkpoint_last.pt, metrics.jsonl, args.json); "
                               "pass --resume to continue it or choose another --output-dir")
     assert snapshot(env["paused"]) == env["paused_files"]
+
+
+# ------------------------------------------------------------------------------------------ CLI numbers, model config
+
+@pytest.mark.parametrize("case", ["epochs_0", "negative_lr", "negative_weight_decay", "warmup_above_1", "max_regions_0",
+                                  "negative_workers", "nan_lr"])
+def test_cli_number_out_of_range_is_refused_before_anything_is_written(env, tmp_path, case):
+    flag, value, rule = {"epochs_0": ("--epochs", "0", ">= 1"), "negative_lr": ("--lr", "-1", ">= 0"),
+                         "negative_weight_decay": ("--weight-decay", "-5", ">= 0"),
+                         "warmup_above_1": ("--warmup-ratio", "2", "in [0, 1]"),
+                         "max_regions_0": ("--max-regions", "0", ">= 1"),
+                         "negative_workers": ("--num-workers", "-1", ">= 0"), "nan_lr": ("--lr", "nan", ">= 0")}[case]
+    msg = fails(cli(env, tmp_path / "run", flag, value))
+    assert msg == f"error: {flag} {value} is out of range: must be {rule}", msg
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["uc2_heads", "cclm_heads"])
+def test_heads_not_dividing_the_hidden_size(env, tmp_path, case):
+    config = tmp_path / "config.json"
+    if case == "uc2_heads":
+        config.write_text(json.dumps({**U.CONFIGS["tiny"], "num_heads": 3}))
+        msg = fails(cli(env, tmp_path / "run", "--model-config", str(config)))
+        assert msg == (f"error: --model-config {config}: hidden_size 32 is not divisible by num_heads 3 (each "
+                       "attention head takes hidden_size / num_heads dimensions)"), msg
+        assert not (tmp_path / "run").exists()
+    else:
+        config.write_text(json.dumps({**train_cclm.CONFIGS["tiny"], "cross_heads": 5}))
+        (tmp_path / "images").mkdir()
+        with pytest.raises(SystemExit) as e:
+            train_cclm.main(["--task", "xvnli", "--data-root", str(IGLUE), "--images", str(tmp_path / "images"),
+                             "--tokenizer", str(env["tok"]), "--model-config", str(config),
+                             "--output-dir", str(tmp_path / "run")])
+        assert str(e.value) == (f"error: --model-config {config}: hidden_size 32 is not divisible by cross_heads 5 "
+                                "(each attention head takes hidden_size / cross_heads dimensions)")
+        assert_nothing_written(tmp_path / "run")
+
+
+# ------------------------------------------------------------------------------------------ annotation values
+
+@pytest.mark.parametrize("case", ["null_text", "list_text", "number_text"])
+def test_text_field_that_is_not_a_string(env, tmp_path, case):
+    lines = (IGLUE / "datasets" / XVNLI_EN / "train_48.jsonl").read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["sentence2"], shown = {"null_text": (None, "NoneType null"), "list_text": (["a", "b"], 'list ["a", "b"]'),
+                               "number_text": (12345, "int 12345")}[case]
+    root = _annotation_root(tmp_path, "\n".join([lines[0], json.dumps(bad)] + lines[2:]))
+    msg = resume_fails(env, root=root)
+    assert msg.startswith("error: training data: ") and msg.endswith(
+        f"train_48.jsonl:2: field 'sentence2' must be a string, got {shown}"), msg
+
+
+def test_split_whose_labels_are_all_unknown(env, tmp_path):
+    lines = [json.loads(line) for line in (IGLUE / "datasets" / XVNLI_EN / "train_48.jsonl").read_text().splitlines()]
+    root = _annotation_root(tmp_path, "\n".join(json.dumps({**obj, "gold_label": "-"}) for obj in lines))
+    msg = resume_fails(env, root=root)
+    path = root / "datasets" / XVNLI_EN / "train_48.jsonl"
+    assert msg == (f"error: training data: {path}: none of the {len(lines)} examples has a known label (every "
+                   "gold_label is '-'); wrong file or answer vocabulary?"), msg
+
+
+def test_invalid_utf8_names_file_and_line(env, tmp_path):
+    lines = (IGLUE / "datasets" / XVNLI_EN / "train_48.jsonl").read_text().splitlines()
+    root = _annotation_root(tmp_path, "")
+    path = root / "datasets" / XVNLI_EN / "train_48.jsonl"
+    path.write_bytes("\n".join(lines[:2]).encode() + b'\n{"sentence2": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    msg = resume_fails(env, root=root)
+    assert msg == (f"error: training data: {path}:3: invalid UTF-8 (byte 0xe9 at column 19); the file must be UTF-8 "
+                   "encoded"), msg
+
+
+# ------------------------------------------------------------------------------------------ feature records
+
+def _lmdb_put(feats: Path, key: str, value: bytes | None) -> None:
+    """Overwrite (None: delete) one record of a feature LMDB, keeping its `keys` entry."""
+    import lmdb
+    lmdb_env = lmdb.open(str(feats), map_size=1 << 28)
+    with lmdb_env.begin(write=True) as txn:
+        if value is None:
+            txn.delete(key.encode())
+        else:
+            txn.put(key.encode(), value)
+    lmdb_env.close()
+
+
+def _record_of(feats: Path, key: str) -> dict:
+    import lmdb
+    lmdb_env = lmdb.open(str(feats), readonly=True, lock=False)
+    with lmdb_env.begin() as txn:
+        record = pickle.loads(txn.get(key.encode()))
+    lmdb_env.close()
+    return record
+
+
+def _damaged_features(env, tmp_path: Path, case: str) -> tuple[Path, str, str]:
+    """A copy of the features with one training image's record damaged: (folder, key, expected message tail)."""
+    feats = tmp_path / "feats"
+    shutil.copytree(env["feats"], feats)
+    key = sorted({e.image for e in env["train"]})[0]
+    rec = _record_of(feats, key)
+    four_by_1024 = rec["features"][:2].reshape(4, 1024)
+    value, tail = {
+        "wrong_width": ({**rec, "features": four_by_1024},
+                        "features is a float32 array of shape [4, 1024]; expected a float array of shape [N, 2048]"),
+        "wrong_width_base64": ({**rec, "features": base64.b64encode(four_by_1024.tobytes()),
+                                "boxes": base64.b64encode(rec["boxes"].tobytes())},
+                               "2 feature rows of 2048 but 4 boxes"),
+        "integer_dtype": ({**rec, "features": rec["features"].astype("int64")},
+                          "features is a int64 array of shape [4, 2048]; expected a float array of shape [N, 2048]"),
+        "no_record": (None, "is listed in its keys but has no record (a damaged or incomplete copy); copy or download "
+                            "the features again"),
+        "bit_rot": (b"\x80\x04\x95\x00garbage", "cannot be decoded"),
+        "nan_values": ({**rec, "features": np.full_like(rec["features"], np.nan)}, "holds NaN or inf values"),
+    }[case]
+    _lmdb_put(feats, key, value if value is None or isinstance(value, bytes) else pickle.dumps(value))
+    return feats, key, tail
+
+
+@pytest.mark.parametrize("case", ["wrong_width", "wrong_width_base64", "integer_dtype", "no_record", "bit_rot",
+                                  "nan_values"])
+def test_bad_feature_record_is_one_line_error_naming_the_key(env, tmp_path, case):
+    feats, key, tail = _damaged_features(env, tmp_path, case)
+    msg = resume_fails(env, features=feats)  # the start-up check decodes the training records
+    assert msg.startswith(f"error: training data: {feats}: feature ") and f"{key!r}" in msg and tail in msg, msg
+    assert re.search(rf"\(referenced by {XVNLI_EN}/train_48\.jsonl:\d+, example .*\); 1 of \d+ feature records "
+                     r"checked are bad \(python data\.py --verify lists them all\)$", msg), msg
+    if case != "nan_values":  # reading it for a batch (in a worker, mid-epoch) is the same one line
+        ds = data.make_dataset("uc2", "xvnli", [e for e in env["train"] if e.image == key], features=str(feats),
+                               max_regions=4)
+        with pytest.raises(data.BadInput) as e:
+            ds[0]
+        assert tail in str(e.value) and f"{key!r}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_keys_entry_that_does_not_decode(env, tmp_path):
+    feats = tmp_path / "feats"
+    shutil.copytree(env["feats"], feats)
+    _lmdb_put(feats, "keys", b"\x80\x04\x95\x00rotten")
+    msg = resume_fails(env, features=feats)
+    assert re.fullmatch(re.escape(f"error: --features: {feats}: its 'keys' entry cannot be decoded (") + r"\w+: .*"
+                        r"\); copy or download the features again", msg), msg
+
+
+def test_bad_record_in_a_loader_worker_is_one_line(env, tmp_path):
+    feats, key, tail = _damaged_features(env, tmp_path, "wrong_width")
+    exs = [e for e in env["train"] if e.image == key][:1]
+    loader = data.BatchLoader(data.make_dataset("uc2", "xvnli", exs, features=str(feats), max_regions=4),
+                              batch_size=1, num_workers=1, collate_fn=lambda items: {"n": len(items)})
+    with pytest.raises(data.BadInput) as e:
+        next(iter(loader))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{feats}: feature record {key!r}: {tail}"), msg
+
+
+def test_verify_reports_every_bad_record_and_image(env, tmp_path, capsys):
+    feats, key, _ = _damaged_features(env, tmp_path, "wrong_width")
+    other = sorted({e.image for e in env["train"]})[1]
+    rec = _record_of(feats, other)
+    _lmdb_put(feats, other, pickle.dumps({**rec, "features": np.full_like(rec["features"], np.inf)}))
+    images = tmp_path / "images"
+    files = sorted({e.image_file for e in env["train"] + env["test"]})
+    paths = data.write_synthetic_images(images, files, size=(16, 12))
+    paths[0].write_bytes(b"this is not a JPEG")
+    before = snapshot(tmp_path)
+    rc = data.main(["--data-root", str(IGLUE), "--features", str(feats), "--images", str(images), "--verify"])
+    out, err = capsys.readouterr()
+    bad = [line for line in out.splitlines() if line.startswith("bad: ")]
+    assert rc == 1 and len(bad) == 3, out
+    assert any(f"feature record {key!r}: features is a float32 array of shape [4, 1024]" in b for b in bad)
+    assert any(f"feature record {other!r} holds NaN or inf values" in b for b in bad)
+    assert any(f"image file {paths[0]} is corrupt or not an image (UnidentifiedImageError" in b for b in bad)
+    n_keys = len(data.open_features(feats).keys())
+    assert last_line(err) == (f"error: --verify: 3 bad of {n_keys} feature records and {len(files)} images checked "
+                              "(listed above)"), err
+    assert snapshot(tmp_path) == before
+
+
+def test_corrupt_test_image_stops_the_run_before_training(env, tmp_path):
+    """CCLM: a test-split image that is not an image is found by the start-up check, not after an epoch
+    (and if it were read in a loader worker, the error would still be one line: BadInput)."""
+    images = tmp_path / "images"
+    train = data.load_split(IGLUE, "xvnli", "train_48", "en")
+    files = sorted({e.image_file for e in train + env["test"]})
+    paths = dict(zip(files, data.write_synthetic_images(images, files, size=(16, 12))))
+    test_only = sorted({e.image_file for e in env["test"]} - {e.image_file for e in train})[0]
+    paths[test_only].write_bytes(b"this is not a JPEG")
+    with pytest.raises(SystemExit) as e:
+        train_cclm.main(["--task", "xvnli", "--data-root", str(IGLUE), "--images", str(images), "--tokenizer",
+                         str(env["tok"]), "--model-config", "tiny", "--train-split", "train_48", "--langs", "en",
+                         "--num-workers", "0", "--output-dir", str(tmp_path / "run")])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"error: data: image file {paths[test_only]} is corrupt or not an image ("
+                                              "UnidentifiedImageError"), msg
+    assert re.search(rf"\(referenced by {XVNLI_EN}/test\.jsonl:\d+, example .*\); 1 of \d+ images checked are bad", msg)
+    assert_nothing_written(tmp_path / "run")
+
+
+# ------------------------------------------------------------------------------------------ evaluation results
+
+def test_nan_logits_at_evaluation_are_an_error_not_an_accuracy(env, tmp_path):
+    import eval_zeroshot
+    run = tmp_path / "paused"
+    shutil.copytree(env["paused"], run)
+    ckpt = engine.load_checkpoint(run / "checkpoint_last.pt")
+    ckpt["model"] = {k: v * float("nan") if k.startswith("head.") else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, run / "checkpoint_last.pt")
+    before = snapshot(run)
+    with pytest.raises(SystemExit) as e:
+        eval_zeroshot.main(["--run", str(run), "--langs", "en", "--num-workers", "0"])
+    assert str(e.value).startswith("error: non-finite logits (NaN or inf) for ") and "\n" not in str(e.value)
+    assert snapshot(run) == before  # no results.json, no CSV
+    with pytest.raises(FloatingPointError, match="non-finite retrieval scores"):
+        eval_zeroshot.recall_metrics(torch.tensor([[1.0, float("nan")]]), torch.tensor([[1.0], [2.0]]), [0])
+
+
+def test_table_marks_an_unfinished_run(env, capsys):
+    import eval_zeroshot
+    lines = [{"type": "eval", "epoch": 1, "step": 1, "lang": lang, "split": "test", "accuracy": 50.0}
+             for lang in ("en", "ar")]
+    paused = env["base"] / "paused_with_eval"
+    shutil.copytree(env["paused"], paused)
+    with open(paused / "metrics.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in lines))
+    assert eval_zeroshot.main(["table", str(paused)]) == 0
+    out = capsys.readouterr().out
+    assert "50.0! " in out and "! = from a run that has not finished" in out
+    assert f"metrics.jsonl epoch 1 (test) of {paused}: epoch 1 of 2, no model_final.pt" in out
 
 
 # ------------------------------------------------------------------------------------------ the catalogue itself

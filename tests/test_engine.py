@@ -419,3 +419,133 @@ def test_schedule_epochs_stretches_the_lr_schedule(tmp_path):
         parser.parse_args(["--task", "xgqa", "--epochs", "3", "--schedule-epochs", "1"])
     with pytest.raises(SystemExit, match="--resume: --schedule-epochs is 6 but the run .* used 5"):
         run(tmp_path / "long", "--policy", "full", "--epochs", "2", "--schedule-epochs", "6", "--log-every", "1", "--resume")
+
+
+# ------------------------------------------------------------------------------------- a run folder is never destroyed
+
+def run_files(run_dir: Path) -> dict[str, bytes]:
+    return {f: (run_dir / f).read_bytes() for f in engine.RUN_FILES if (run_dir / f).exists()}
+
+
+def one_line_exit(*argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        run(*argv)
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+def test_crash_in_evaluation_loses_no_training_and_resume_reruns_it(tmp_path, reference, monkeypatch):
+    monkeypatch.setenv("SUF_FAULT", "raise:evaluate:2")  # epoch 2's evaluation fails (a corrupt test image, ...)
+    with pytest.raises(RuntimeError, match="SUF_FAULT"):
+        run(tmp_path)
+    progress = engine.load_checkpoint(tmp_path / "checkpoint_last.pt")["progress"]
+    assert progress["epoch"] == 2 and progress["eval_pending"]  # epoch 2's training is kept
+    monkeypatch.delenv("SUF_FAULT")
+    run(tmp_path, "--resume")
+    assert_bitwise(reference, tmp_path)  # weights and metrics.jsonl (epoch 2's evaluation logged once)
+
+
+def test_evaluation_error_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    def nan_eval(model, epoch):
+        raise FloatingPointError("non-finite logits (NaN or inf) for 2 of 4 examples of a batch")
+    monkeypatch.setattr(toy, "make_evaluate", lambda *a: nan_eval)
+    msg = one_line_exit(tmp_path, "--epochs", "1")
+    assert msg.startswith("error: evaluation after epoch 1: non-finite logits") and "--resume" in msg, msg
+    assert engine.load_checkpoint(tmp_path / "checkpoint_last.pt")["progress"]["epoch"] == 1
+    assert not (tmp_path / "model_final.pt").exists()
+
+
+def test_failed_checkpoint_write_removes_its_tmp_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUF_FAULT", "enospc:save_mid:2")  # the disk fills up writing epoch 2's checkpoint
+    msg = one_line_exit(tmp_path)
+    ckpt = tmp_path / "checkpoint_last.pt"
+    assert msg == (f"error: cannot write checkpoint {ckpt}: No space left on device; removed the partial "
+                   "checkpoint_last.pt.tmp"), msg
+    assert not (tmp_path / "checkpoint_last.pt.tmp").exists()
+    assert engine.load_checkpoint(ckpt)["progress"]["epoch"] == 1  # the previous one is intact
+    assert not (tmp_path / "model_final.pt").exists()
+
+
+@pytest.mark.parametrize("case", ["finished", "started"])
+def test_resume_without_checkpoint_of_a_run_with_results_is_refused(tmp_path, reference, monkeypatch, case):
+    run_dir = tmp_path / "run"
+    if case == "finished":  # checkpoint_last.pt deleted to save space
+        shutil.copytree(reference, run_dir)
+    else:  # killed in epoch 3: two epochs done, then its checkpoint deleted
+        monkeypatch.setenv("SUF_FAULT", "raise:step:10")
+        with pytest.raises(RuntimeError, match="SUF_FAULT"):
+            run(run_dir)
+        monkeypatch.delenv("SUF_FAULT")
+    (run_dir / "checkpoint_last.pt").unlink()
+    before = run_files(run_dir)
+    msg = one_line_exit(run_dir, "--resume", "--lr", "0.02")
+    if case == "finished":
+        assert msg == (f"error: --resume: {run_dir} holds a finished run (model_final.pt, metrics.jsonl, args.json) "
+                       f"but no checkpoint_last.pt to continue from; nothing was changed: its model is "
+                       f"{run_dir / 'model_final.pt'}; to train again choose another --output-dir")
+    else:
+        assert msg == (f"error: --resume: {run_dir} holds a run that completed 2 epoch(s) (metrics.jsonl, args.json) "
+                       f"but its checkpoint_last.pt is gone; nothing was changed: restore checkpoint_last.pt to "
+                       f"continue, or choose another --output-dir")
+    assert run_files(run_dir) == before
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, reference, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    before = run_files(run_dir)
+    run(run_dir, "--resume")
+    assert f"nothing to do: {run_dir} finished its 3 epochs" in capsys.readouterr().out
+    assert run_files(run_dir) == before
+
+
+def test_run_without_a_finite_step_fails_and_writes_no_final_model(tmp_path):
+    msg = one_line_exit(tmp_path, "--epochs", "1", "--nan-from-epoch", "0", "--max-nonfinite", "100")
+    assert msg == ("error: the run made no finite optimizer step (4 steps: 4 non-finite, 0 skipped by the fp16 "
+                   "scaler); model_final.pt not written (its weights would be the initial ones); check the data, "
+                   "--lr and --amp")
+    assert not (tmp_path / "model_final.pt").exists()
+
+
+def test_second_process_on_a_run_folder_is_refused_and_a_killed_ones_lock_is_not_stale(tmp_path):
+    """A real run holds the folder: a second one (fresh or --resume) is refused with the holder's pid; once the
+    holder is SIGKILLed, the kernel has dropped its lock and --resume continues."""
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, str(TOY), *RESUME_ARGS, "--output-dir", str(run_dir)],
+                              env={**ENV, "SUF_FAULT": "hang:step:6"}, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in holder.stderr:  # epoch 1 checkpointed, hanging in epoch 2
+            if "SUF_FAULT: hang" in line:
+                break
+        before = run_files(run_dir)
+        for extra in ((), ("--resume",)):
+            msg = one_line_exit(run_dir, *extra)
+            assert msg == (f"error: {run_dir} is in use by another process (pid {holder.pid}); wait for it to end, "
+                           "or choose another --output-dir"), msg
+        assert run_files(run_dir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    run(run_dir, "--resume")
+    assert engine.load_checkpoint(run_dir / "model_final.pt")["meta"]["epoch"] == 3
+
+
+
+def test_bad_training_record_mid_epoch_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    """A bad record the start-up sample missed, met in epoch 2: one line (the loader's data.BadInput), and
+    epoch 1's checkpoint is the one to resume from."""
+    import data
+    read = toy.ToyData.__getitem__
+
+    def getitem(self, i):
+        if self.epoch == 1 and i == 7 and len(self) == 48:
+            raise data.BadInput("feats.lmdb: feature record '7': features is a float32 array of shape [4, 1024]; "
+                                "expected a float array of shape [N, 2048]")
+        return read(self, i)
+    monkeypatch.setattr(toy.ToyData, "__getitem__", getitem)
+    msg = one_line_exit(tmp_path)
+    assert msg == ("error: training data: feats.lmdb: feature record '7': features is a float32 array of shape "
+                   "[4, 1024]; expected a float array of shape [N, 2048]; last good checkpoint: "
+                   f"{tmp_path / 'checkpoint_last.pt'} (after epoch 1)"), msg
+    assert engine.load_checkpoint(tmp_path / "checkpoint_last.pt")["progress"]["epoch"] == 1
