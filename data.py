@@ -640,7 +640,7 @@ class LMDBRegionFeatures(_LazyHandle):
             raw = txn.get(str(key).encode())
             if raw is None:
                 raise KeyError(str(key))
-            item = unpickle_data(raw, f"{self.path} record {str(key)!r}")
+            item = unpickle_data(raw, f"{self.path}: feature record {str(key)!r}")
         rows = slice(None, max_rows)
         return _record_arrays(self.path, key, item, rows)
 
@@ -1075,7 +1075,7 @@ def unpickle_data(buf: bytes | memoryview, where: str) -> Any:
     except (pickle.UnpicklingError, ValueError, TypeError, EOFError, AttributeError, IndexError, KeyError,
             OverflowError, MemoryError, RecursionError) as e:
         detail = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"{where}: not a readable pickle of plain data ({type(e).__name__}: {detail})") from None
+        raise BadInput(f"{where}: not a readable pickle of plain data ({type(e).__name__}: {detail})") from None
 
 
 def read_pickle(path: str | os.PathLike) -> Any:

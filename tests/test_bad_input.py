@@ -507,7 +507,7 @@ def _damaged_features(env, tmp_path: Path, case: str) -> tuple[Path, str, str]:
                           "features is a int64 array of shape [4, 2048]; expected a float array of shape [N, 2048]"),
         "no_record": (None, "is listed in its keys but has no record (a damaged or incomplete copy); copy or download "
                             "the features again"),
-        "bit_rot": (b"\x80\x04\x95\x00garbage", "cannot be decoded"),
+        "bit_rot": (b"\x80\x04\x95\x00garbage", "not a readable pickle of plain data"),
         "nan_values": ({**rec, "features": np.full_like(rec["features"], np.nan)}, "holds NaN or inf values"),
     }[case]
     _lmdb_put(feats, key, value if value is None or isinstance(value, bytes) else pickle.dumps(value))
@@ -535,8 +535,8 @@ def test_keys_entry_that_does_not_decode(env, tmp_path):
     shutil.copytree(env["feats"], feats)
     _lmdb_put(feats, "keys", b"\x80\x04\x95\x00rotten")
     msg = resume_fails(env, features=feats)
-    assert re.fullmatch(re.escape(f"error: --features: {feats}: its 'keys' entry cannot be decoded (") + r"\w+: .*"
-                        r"\); copy or download the features again", msg), msg
+    assert re.fullmatch(re.escape(f"error: --features: {feats} entry 'keys': not a readable pickle of plain data (")
+                        + r"\w+: .*\)", msg), msg
 
 
 def test_bad_record_in_a_loader_worker_is_one_line(env, tmp_path):

@@ -247,7 +247,7 @@ def test_feature_lmdb_payloads_never_run(tmp_path, entry):
         reader = data.open_features(path)
         if entry == "record":
             assert "1" in reader
-            refused(lambda: reader.get("1"), f"{path} record '1': refused to unpickle", marker)
+            refused(lambda: reader.get("1"), f"{path}: feature record '1': refused to unpickle", marker)
         else:
             refused(lambda: "1" in reader, f"{path} entry 'keys': refused to unpickle", marker)
         data._close_lmdb(str(path))
