@@ -247,8 +247,12 @@ def cclm_score_matrices(model: torch.nn.Module, image_batches: Iterable[dict], t
     reference would fail for k > n; the sample has 40 images)."""
     vis, img_feat = [], []
     for b in image_batches:
-        with autocast_for(device, amp):
-            v, f = model.encode_images(b["images"].to(device))
+        if "encoded" in b:   # encoded for another language's test set of the same images (evaluate_task)
+            v, f = b["encoded"]
+        else:
+            with autocast_for(device, amp):
+                v, f = model.encode_images(b["images"].to(device))
+            b["encoded"] = (v, f)
         vis.append(v)
         img_feat.append(f.float())
     txt_states, txt_atts, txt_feat = [], [], []
@@ -970,12 +974,13 @@ def evaluate_task(model: torch.nn.Module, task: str, sets: dict[str, EvalSet], d
     model.eval()
     device = _device_of(model, dist)
     results = {}
+    encoded: dict = {}   # CCLM retrieval: the last language's encoded images, reused by the next with the same ones
     try:
         for lang in (langs or ordered_langs(sets)):
             s = sets[lang]
             if task == "xflickrco":
                 results[lang] = _evaluate_retrieval(model, s, dist, device, batch_size, num_workers, amp,
-                                                    k_test, pair_batch, itm_batch)
+                                                    k_test, pair_batch, itm_batch, encoded=encoded)
                 continue
             n = len(s.dataset)
             mine = engine.shard(n, dist)
@@ -991,7 +996,16 @@ def evaluate_task(model: torch.nn.Module, task: str, sets: dict[str, EvalSet], d
     return results
 
 
-def _evaluate_retrieval(model, s: EvalSet, dist, device, batch_size, num_workers, amp, k_test, pair_batch, itm_batch):
+def _recorded(batches, kept: list):
+    """Yield the batches, keeping each (cclm_score_matrices stores its encoding in it; pixels dropped after)."""
+    for b in batches:
+        kept.append(b)
+        yield b
+        b.pop("images", None)
+
+
+def _evaluate_retrieval(model, s: EvalSet, dist, device, batch_size, num_workers, amp, k_test, pair_batch, itm_batch,
+                        encoded: dict | None = None):
     n_img, n_txt = len(s.images), len(s.captions)
     txt2img = [ex.label for ex in s.captions.examples]
     cap_shard = engine.shard(n_txt, dist)
@@ -1012,7 +1026,15 @@ def _evaluate_retrieval(model, s: EvalSet, dist, device, batch_size, num_workers
                                f"{n_txt} captions x {n_img} images")
         return recall_metrics(scores.t(), scores, txt2img)
     img_shard = engine.shard(n_img, dist)
-    images = _progress(_loader(s.images, img_shard, s.collate, batch_size, num_workers), f"xflickrco {s.lang} images", dist)
+    key = (tuple(s.images.items[i].image for i in img_shard), getattr(s.images, "image_res", None))
+    if encoded is not None and key in encoded:   # xFlickrCo's languages share their test images
+        images = encoded[key]
+    else:
+        images = _recorded(_progress(_loader(s.images, img_shard, s.collate, batch_size, num_workers),
+                                     f"xflickrco {s.lang} images", dist), kept := [])
+        if encoded is not None:
+            encoded.clear()   # one language's images at a time: the memory a single evaluation holds anyway
+            encoded[key] = kept
     k = k_test if k_test is not None else int(getattr(model, "config", {}).get("k_test", 128))
     i2t, t2i = cclm_score_matrices(model, images, captions, img_shard.start, n_img, n_txt, k=k,
                                    itm_batch=itm_batch, dist=dist, device=device, amp=amp)

@@ -587,3 +587,20 @@ def test_fewshot_under_torchrun_matches_one_process(env, tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--dist-worker"]:
     _dist_worker(sys.argv[2], sys.argv[3])
+
+
+def test_cclm_retrieval_encodes_shared_test_images_once_across_languages(env):
+    """xFlickrCo's languages caption the same images: the second language reuses the first's image encodings
+    and gets the numbers it gets when evaluated alone."""
+    import data
+    model, meta = E.load_model(env["runs"][("cclm", "xflickrco")] / "model_final.pt")
+    tok = data.load_tokenizer(env["tokenizer"])
+    E.prepare_model(model, env["data_root"], tok)
+    sets = E.build_eval_sets("cclm", "xflickrco", env["data_root"], tok, ["en", "de"], "test", images=env["images"],
+                             image_res=meta["config"]["image_res"])
+    assert [e.image for e in sets["en"].images.items] == [e.image for e in sets["de"].images.items]
+    counted = E.CallCounter(model).eval()
+    both = E.evaluate_task(counted, "xflickrco", sets, batch_size=5, k_test=7)
+    assert counted.rows["encode_images"] == len(sets["en"].images)   # once, not once per language
+    alone = E.evaluate_task(model, "xflickrco", {"de": sets["de"]}, batch_size=5, k_test=7)
+    assert both["de"] == alone["de"]
