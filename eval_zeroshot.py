@@ -1061,6 +1061,22 @@ def load_model(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     return model.to(device).eval(), meta
 
 
+def load_released_uc2(path: str | Path, task: str, config: str = "base", device="cpu") -> tuple[torch.nn.Module, dict]:
+    """A released fine-tuned UC2 checkpoint (IGLUE's VOLTA-format pytorch_model_best.bin / .tar, no meta of
+    ours) as a task model, with the meta evaluate needs (policy "released")."""
+    train_uc2 = importlib.import_module("train_uc2")
+    cfg = train_uc2.resolve_config(config)
+    model = train_uc2.build_model(task, cfg)
+    try:
+        plan = train_uc2.load_into(model, str(path))
+    except ValueError as e:   # its first line names the file and the first bad key; the plan follows
+        raise ValueError(f"{str(e).splitlines()[0]} (is it a fine-tuned UC2 {task} checkpoint?)") from None
+    if plan.initialised:
+        raise ValueError(f"{path}: not a fine-tuned UC2 {task} checkpoint (no weights for "
+                         f"{', '.join(k for k, _ in plan.initialised[:3])})")
+    return model.to(device).eval(), {"model": "uc2", "task": task, "config": cfg, "policy": "released"}
+
+
 def prepare_model(model: torch.nn.Module, data_root, tokenizer) -> None:
     """CCLM xGQA ranks the 1,842 GQA answers: give the model the tokenised answer list
     (X2-VLM: tokenizer(answer_list, padding='longest'): <s> answer </s>)."""
@@ -1142,7 +1158,10 @@ def _evaluate(args, dist) -> int:
     ckpt = _run_checkpoint(run) if run else Path(args.checkpoint)
     out_dir = Path(args.output_dir) if args.output_dir else (run or ckpt.parent)
     try:
-        model, meta = load_model(ckpt, dist.device)
+        if getattr(args, "released_task", None):
+            model, meta = load_released_uc2(ckpt, args.released_task, args.released_config, dist.device)
+        else:
+            model, meta = load_model(ckpt, dist.device)
         _resolve_data(args, _run_args(run or ckpt.parent), meta)
         tokenizer = data.load_tokenizer(args.tokenizer)
         prepare_model(model, args.data_root, tokenizer)
@@ -1469,6 +1488,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", default=None, help="a checkpoint file instead of --run")
     ev.add_argument("--output-dir", default=None, help="where results.json/CSV go (default: the run folder)")
     ev.add_argument("--model-name", default=None, help="model column of the IGLUE CSV (default: run folder name)")
+    ev.add_argument("--released-task", choices=engine.TASKS, default=None,
+                    help="--checkpoint is a released fine-tuned UC2 checkpoint for this task (IGLUE's VOLTA format)")
+    ev.add_argument("--released-config", default="base", help="its UC2 config (train_uc2.py --model-config)")
     _data_args(ev)
     sim = sub.add_parser("similarity", help="Figure 4: [CLS] similarity of translation-parallel examples")
     sim.add_argument("--run", "--run-dir", dest="run", required=True, help="run folder (--run-dir under torchrun)")

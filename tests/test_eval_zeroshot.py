@@ -604,3 +604,20 @@ def test_cclm_retrieval_encodes_shared_test_images_once_across_languages(env):
     assert counted.rows["encode_images"] == len(sets["en"].images)   # once, not once per language
     alone = E.evaluate_task(model, "xflickrco", {"de": sets["de"]}, batch_size=5, k_test=7)
     assert both["de"] == alone["de"]
+
+
+def test_released_uc2_checkpoint_evaluates_without_our_meta(env, tmp_path):
+    """`make sanity`'s path: IGLUE's VOLTA-format fine-tuned UC2 xGQA file (here at tiny widths) is evaluated
+    as it is; results.json records policy "released"."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import test_ckpt_uc2
+    ckpt = tmp_path / "pytorch_model_best.bin"
+    torch.save(test_ckpt_uc2.tiny_tensors("uc2_volta_ft_gqa"), ckpt)
+    args = ["evaluate", "--checkpoint", str(ckpt), "--released-task", "xgqa", "--released-config", "tiny",
+            "--data-root", env["data_root"], "--features", env["features"], "--max-regions", str(env["max_regions"]),
+            "--tokenizer", env["tokenizer"], "--split", "dev", "--langs", "en", "--num-workers", "0"]
+    assert E.main(args) == 0
+    record = json.loads((tmp_path / "results.json").read_text())["dev"]
+    assert record["policy"] == "released" and record["model"] == "uc2" and 0 <= record["langs"]["en"]["accuracy"] <= 100
+    with pytest.raises(SystemExit, match=r"unexpected key 'clfs_dict.TASK15.* fine-tuned UC2 xvnli checkpoint\?\)$"):
+        E.main([*args[:4], "xvnli", *args[5:]])

@@ -82,3 +82,11 @@ def test_targets_run_with_your_own_python_and_pass_extra(tmp_path):
 def test_missing_python_is_named_with_the_way_out(tmp_path):
     out = make("eval", f"RUN={tmp_path}", "PY=/nonexistent/python")
     assert out.returncode != 0 and "no Python at /nonexistent/python" in out.stderr and "PY=" in out.stderr
+
+
+def test_sanity_evaluates_the_released_uc2_xgqa_checkpoint_beside_iglues_row():
+    out = make("-n", "sanity", "CKPT_FT=/ft/pytorch_model_best.bin", "DATA=/d", "FEATURES=/f")
+    assert out.returncode == 0, out.stderr
+    assert ("eval_zeroshot.py evaluate --checkpoint /ft/pytorch_model_best.bin --released-task xgqa --data-root /d "
+            "--features /f") in out.stdout
+    assert "en 55.19, avg 29.35" in out.stdout
