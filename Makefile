@@ -84,6 +84,8 @@ bench: $(INSTALL)
 	$(PY) bench/retrieval.py --out bench/results/retrieval.json
 	$(PY) bench/data_throughput.py --out bench/results/data_throughput.json
 	$(PY) bench/padding.py --out bench/results/padding.json
+	$(PY) bench/eval_precision.py --out bench/results/eval_precision.json
+	$(PY) bench/run_cost.py --out bench/results/run_cost.json
 	$(PY) bench/table.py bench/results
 
 # ---- Table 1: standard fine-tuning vs SUF, both models, three tasks ----
