@@ -576,3 +576,12 @@ def test_run_main_prints_an_error_exit_once(capsys, monkeypatch):
         with pytest.raises(SystemExit) as e:
             engine.run_main(main)
         assert e.value.code == 1 and capsys.readouterr().err == printed
+
+
+def test_trainable_summary_names_frozen_modules_and_full_training():
+    model, lay = toy.ToyModel(), toy.layout(4)
+    total = sum(p.numel() for p in model.parameters())
+    assert freeze.trainable_summary(model, lay, freeze.Schedule("full", 4), 0) == \
+        f"all layers + embeddings, head train; {total} trainable of {total}"
+    top = freeze.trainable_summary(model, lay, freeze.Schedule("top", 4, top_layers=2), 0)
+    assert top.startswith("layers 2–3 + head train (embeddings frozen); ")

@@ -621,3 +621,20 @@ def test_released_uc2_checkpoint_evaluates_without_our_meta(env, tmp_path):
     assert record["policy"] == "released" and record["model"] == "uc2" and 0 <= record["langs"]["en"]["accuracy"] <= 100
     with pytest.raises(SystemExit, match=r"unexpected key 'clfs_dict.TASK15.* fine-tuned UC2 xvnli checkpoint\?\)$"):
         E.main([*args[:4], "xvnli", *args[5:]])
+
+
+def test_trainer_per_epoch_evaluation_takes_eval_langs(env):
+    """The trainers' evaluate_fn evaluates only the languages engine.train asks for (--eval-langs) and
+    refuses, before training, a language outside --langs."""
+    import argparse
+    import data
+    model, _ = E.load_model(env["runs"][("uc2", "xvnli")] / "model_final.pt")
+    tok = data.load_tokenizer(env["tokenizer"])
+    args = argparse.Namespace(task="xvnli", data_root=env["data_root"], langs=["en", "ar"], eval_split="test",
+                              eval_langs=["ar"], eval_batch_size=16, num_workers=0)
+    fn = E.trainer_evaluate_fn("uc2", args, tok, None, features=env["features"], max_regions=env["max_regions"])
+    assert list(fn(model, 1, langs=["ar"])) == ["ar"]
+    assert list(fn(model, 1)) == ["en", "ar"]
+    args.eval_langs = ["ko"]
+    with pytest.raises(ValueError, match="--eval-langs ko: not among the evaluated languages"):
+        E.trainer_evaluate_fn("uc2", args, tok, None, features=env["features"], max_regions=env["max_regions"])
