@@ -154,6 +154,14 @@ def data_throughput(res: dict) -> list[Row]:
             if lw.get("contended"):
                 result += " (contended: fewer cores than workers + main)"
             out.append(("Data loader", f"{name}, {w} worker{'s' if w != '1' else ''}", result))
+    feed = res.get("feeding", {})
+    for key in ("region_features", "images_eval", "images_train"):
+        if key in feed:
+            f = feed[key]
+            out.append(("Data loader", f"feeding one GPU: {key} (consumer rate modelled from counted FLOPs)",
+                        f"{f['per_worker_samples_per_s']:,.0f} samples/s per worker here; " + "; ".join(
+                            f"{g} consumes {f[g]['consumer_samples_per_s']:,.0f}/s: {f[g]['workers_needed']} workers "
+                            f"for 1.5x" for g in ("A100", "H100") if g in f)))
     return out
 
 
