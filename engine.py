@@ -123,7 +123,7 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     r = parser.add_argument_group("loop control (engine.py)")
     r.add_argument("--num-workers", type=int, default=None,
                    help="data-loader workers per process (default: the CPUs this process may use divided by the "
-                        "processes per node, minus one for the training loop, at most 8)")
+                        "processes per node, minus one for the training loop, at most 16)")
     r.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap optimizer steps per epoch (tests, demo)")
     r.add_argument("--log-every", type=int, default=50, help="train record in metrics.jsonl every N optimizer steps (and at epoch end)")
     r.add_argument("--print-schedule", action="store_true", help="print what trains when, then exit")
@@ -188,7 +188,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def default_num_workers(cpus: int | None = None, procs_per_node: int | None = None, cap: int = 8) -> int:
+def default_num_workers(cpus: int | None = None, procs_per_node: int | None = None, cap: int = 16) -> int:
     """Loader workers per process: the CPUs this process may use shared among the node's processes, one
     left for the training loop itself. Our choice: one slow core decodes ~5k UC2 samples/s (~4.4k/s feed an
     A100) but only ~100-130 CCLM training images/s (~340/s feed an A100), so CCLM wants every core it can

@@ -536,7 +536,7 @@ def test_evaluation_runs_under_the_runs_amp_dtype(tmp_path, monkeypatch):
 def test_default_workers_share_the_cpus_among_the_nodes_processes():
     assert engine.default_num_workers(cpus=2, procs_per_node=1) == 1
     assert engine.default_num_workers(cpus=32, procs_per_node=4) == 7
-    assert engine.default_num_workers(cpus=96, procs_per_node=1) == 8     # capped
+    assert engine.default_num_workers(cpus=96, procs_per_node=1) == 16    # capped
     assert engine.default_num_workers(cpus=4, procs_per_node=8) == 0
     parser = argparse.ArgumentParser()
     engine.add_common_args(parser, toy.DEFAULTS)
