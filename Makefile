@@ -2,10 +2,14 @@
 #   make xgqa-suf MODEL=cclm NPROC=4 DATA=~/iglue IMAGES=~/images CKPT=~/cclm_x2vlm_base.th
 # Variables: MODEL=uc2|cclm, NPROC (torchrun processes), DATA (folder holding datasets/),
 # FEATURES (UC2 region-feature LMDB folder), IMAGES (CCLM image folder), CKPT (pre-trained
-# checkpoint), TOKENIZER (xlm-roberta-base folder or cached hub id), OUT (runs folder).
+# checkpoint), TOKENIZER (xlm-roberta-base folder or cached hub id), OUT (runs folder),
+# EXTRA (more options for the command a target runs), PY (your own Python environment instead of
+# .venv: `make test PY=python3` uses it as it is, installs nothing).
 PYTHON    ?= python3
 VENV      ?= .venv
-PY        := $(VENV)/bin/python
+PY        ?= $(VENV)/bin/python
+# the venv is installed only when PY is ours
+INSTALL   := $(if $(filter file,$(origin PY)),install)
 MODEL     ?= uc2
 NPROC     ?= 1
 DATA      ?= data/iglue
@@ -15,6 +19,7 @@ CKPT      ?= checkpoints/$(MODEL)_pretrained
 TOKENIZER ?= xlm-roberta-base
 OUT       ?= runs
 RUN       ?=
+CKPT_FT   ?= checkpoints/uc2_iglue_xgqa/pytorch_model_best.bin
 EXTRA     ?=
 LANG_FS   ?= de
 SHOTS     ?= 48
@@ -37,12 +42,19 @@ $(error MODEL must be uc2 or cclm, not '$(MODEL)')
 endif
 
 COMMON = --data-root $(DATA) $(VISUAL_ARG) --checkpoint $(CKPT) --tokenizer $(TOKENIZER)
-# Fails before any training starts, naming every missing input.
+# Fails before any training starts, naming every missing input (and a missing Python).
 require = @missing=""; for p in $(1); do [ -e "$$p" ] || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then echo "error: missing input(s):$$missing (set DATA=, FEATURES=, IMAGES=, CKPT=, TOKENIZER= or RUN=; see README)" >&2; exit 2; fi
+	if [ -n "$$missing" ]; then echo "error: missing input(s):$$missing (set DATA=, FEATURES=, IMAGES=, CKPT=, TOKENIZER= or RUN=; see README)" >&2; exit 2; fi; \
+	command -v $(PY) >/dev/null 2>&1 || { echo "error: no Python at $(PY): run 'make install', or use your own environment with PY= (e.g. PY=python3)" >&2; exit 2; }
+# Evaluating RUN=: the run's own inputs (its args.json), each replaced only where given (make eval RUN=r DATA=d).
+given = $(if $(filter command line environment override,$(origin $(1))),$(2))
+RUN_INPUTS = $(call given,DATA,--data-root $(DATA)) $(call given,FEATURES,--features $(FEATURES)) \
+	$(call given,IMAGES,--images $(IMAGES)) $(call given,TOKENIZER,--tokenizer $(TOKENIZER))
+need_run = @[ -n "$(RUN)" ] || { echo "error: RUN= names the run folder to evaluate (e.g. RUN=runs/uc2-xgqa-suf)" >&2; exit 2; }
+RUN_PATHS = $(RUN) $(call given,DATA,$(DATA)/datasets) $(call given,FEATURES,$(FEATURES)) $(call given,IMAGES,$(IMAGES))
 INPUTS = $(DATA)/datasets $(VISUAL) $(CKPT)
 
-.PHONY: install test demo bench help table1 figures eval translate-test \
+.PHONY: install test demo bench help table1 figures eval translate-test sanity \
 	xgqa-full xgqa-suf xvnli-full xvnli-suf xflickrco-full xflickrco-suf \
 	xgqa-llrd-sweep xgqa-llrd-0.98 xgqa-llrd-0.95 xgqa-llrd-0.88 xgqa-llrd-0.75 xgqa-top6 \
 	fewshot-xgqa-full fewshot-xgqa-suf
@@ -59,19 +71,21 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 ## test            the whole test suite (CPU, tiny models, shipped fixtures)
-test: install
-	$(PY) -m pytest -q tests
+test: $(INSTALL)
+	$(PY) -m pytest -q tests $(EXTRA)
 
 ## demo            SUF vs standard fine-tuning of a tiny random UC2 on the shipped xGQA sample
-demo: install
-	$(PY) demo.py --out demo_out
+demo: $(INSTALL)
+	$(PY) demo.py --out demo_out $(EXTRA)
 
 ## bench           every bench/ script, one table in bench/results/TABLE.md
-bench: install
+bench: $(INSTALL)
 	$(PY) bench/suf_step.py --out bench/results/suf_step.json
 	$(PY) bench/retrieval.py --out bench/results/retrieval.json
 	$(PY) bench/data_throughput.py --out bench/results/data_throughput.json
 	$(PY) bench/padding.py --out bench/results/padding.json
+	$(PY) bench/eval_precision.py --out bench/results/eval_precision.json
+	$(PY) bench/run_cost.py --out bench/results/run_cost.json
 	$(PY) bench/table.py bench/results
 
 # ---- Table 1: standard fine-tuning vs SUF, both models, three tasks ----
@@ -79,7 +93,7 @@ define TRAIN_RULE
 ## $(1)-$(2)  train $$(MODEL) on English $(1) with policy $(2), evaluate all languages after every epoch
 $(1)-$(2):
 	$$(call require,$$(INPUTS))
-	$$(LAUNCH) train_$$(MODEL).py --task $(1) --policy $(2) $$(COMMON) --output-dir $$(OUT)/$$(MODEL)-$(1)-$(2) $$(EXTRA)
+	$$(LAUNCH) train_$$(MODEL).py --task $(1) --policy $(2) $$(COMMON) --eval-every 1 --output-dir $$(OUT)/$$(MODEL)-$(1)-$(2) $$(EXTRA)
 endef
 $(foreach t,xgqa xvnli xflickrco,$(foreach p,full suf,$(eval $(call TRAIN_RULE,$(t),$(p)))))
 
@@ -109,22 +123,30 @@ endef
 $(foreach p,full suf,$(eval $(call FEWSHOT_RULE,$(p))))
 
 # ---- evaluation of one run ----
-## eval            zero-shot evaluation of RUN= in every language of its task
+## eval            zero-shot evaluation of RUN= in every language of its task (inputs: the run's args.json unless DATA=/FEATURES=/IMAGES=/TOKENIZER= given)
 eval:
-	$(call require,$(RUN) $(DATA)/datasets $(VISUAL))
-	$(LAUNCH) eval_zeroshot.py evaluate --run-dir $(RUN) --data-root $(DATA) $(VISUAL_ARG) --tokenizer $(TOKENIZER) $(EXTRA)
+	$(need_run)
+	$(call require,$(RUN_PATHS))
+	$(LAUNCH) eval_zeroshot.py evaluate --run-dir $(RUN) $(strip $(RUN_INPUTS)) $(EXTRA)
 
 ## translate-test  the same on IGLUE's machine-translated test files
 translate-test:
-	$(call require,$(RUN) $(DATA)/datasets $(VISUAL))
-	$(LAUNCH) eval_zeroshot.py evaluate --run-dir $(RUN) --translate-test --data-root $(DATA) $(VISUAL_ARG) --tokenizer $(TOKENIZER) $(EXTRA)
+	$(need_run)
+	$(call require,$(RUN_PATHS))
+	$(LAUNCH) eval_zeroshot.py evaluate --run-dir $(RUN) --translate-test $(strip $(RUN_INPUTS)) $(EXTRA)
+
+## sanity          before training: evaluate IGLUE's released fine-tuned UC2 xGQA checkpoint (CKPT_FT=) beside IGLUE's published row
+sanity:
+	$(call require,$(CKPT_FT) $(DATA)/datasets $(FEATURES))
+	$(LAUNCH) eval_zeroshot.py evaluate --checkpoint $(CKPT_FT) --released-task xgqa --data-root $(DATA) --features $(FEATURES) --tokenizer $(TOKENIZER) --output-dir $(OUT)/sanity-uc2-xgqa $(EXTRA)
+	@echo "IGLUE's published UC2 xGQA zero-shot row (test): en 55.19, avg 29.35. Yours (the table above) should be close: a clear gap points at the set-up (features, tokenizer, split)."
 
 ## table1          Tables 1 (2/3 where runs exist) and the per-language Tables 4-6 from every run under OUT=, beside the paper's numbers
 table1:
 	$(call require,$(OUT))
 	$(PY) eval_zeroshot.py table --per-language $(OUT)/*/ $(EXTRA)
 
-## figures         Figures 2, 3 (per-epoch curves) and 4 (CLS similarity) for every run under OUT=
+## figures         Figures 2, 3 (per-epoch curves) and 4 (CLS similarity) for every run under OUT= (inputs: each run's args.json)
 figures:
 	$(call require,$(OUT))
-	$(PY) eval_zeroshot.py figures $(OUT)/*/
+	$(PY) eval_zeroshot.py figures $(OUT)/*/ $(strip $(RUN_INPUTS)) $(EXTRA)

@@ -85,7 +85,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -2322,5 +2322,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def exit_quietly_on_broken_pipe(main: Callable[[], object]) -> object:
+    """main() for a command-line tool whose output may be cut short (`python data.py --json | head`): the
+    reader closing the pipe ends the program quietly (exit 141 = 128 + SIGPIPE, as a shell reports it)."""
+    try:
+        return main()
+    except BrokenPipeError:
+        # stdout points at devnull from here, so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_quietly_on_broken_pipe(main))

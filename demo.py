@@ -45,7 +45,8 @@ def train(policy: str, out: Path, tokenizer: Path, features: Path, epochs: int) 
     train_uc2.main(["--task", "xgqa", "--policy", policy, "--model-config", "tiny",
                     "--data-root", str(SAMPLE), "--features", str(features), "--tokenizer", str(tokenizer),
                     "--train-split", TRAIN_SPLIT, "--eval-split", EVAL_SPLIT, "--epochs", str(epochs),
-                    "--batch-size", "32", "--lr", "3e-3", "--num-workers", "0", "--output-dir", str(run)])
+                    "--batch-size", "32", "--lr", "3e-3", "--num-workers", "0", "--eval-every", "1",
+                    "--output-dir", str(run)])
     return run
 
 

@@ -133,12 +133,21 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--task", choices=TASKS, required=True)
     g.add_argument("--data-root", default=None, help="IGLUE data folder (see data.py)")
     g.add_argument("--langs", nargs="+", default=None, help="evaluation languages, e.g. en de or en,de (default: all of the task)")
-    g.add_argument("--eval-split", default="test", help="split evaluated after every epoch (paper's per-epoch curves: test)")
+    g.add_argument("--eval-split", default="test", help="split evaluated (per epoch with --eval-every, and at the end)")
+    g.add_argument("--eval-every", type=int, default=0,
+                   help="also evaluate after every N-th epoch (1: the paper's per-epoch curves, Figures 2-3); "
+                        "0: only after the last epoch, which always evaluates every language")
+    g.add_argument("--eval-fp32", action="store_true",
+                   help="evaluate in float32 although --amp trains in bf16/fp16 (default: the run's AMP dtype; "
+                        "bench/eval_precision.py measures the difference)")
+    g.add_argument("--eval-langs", nargs="+", default=None,
+                   help="languages of the per-epoch evaluations (default: those of --langs); the last epoch's "
+                        "evaluation always covers every --langs language")
     g.add_argument("--train-split", default="train", help="training split (IGLUE: train; few-shot: train_<shots>)")
     g.add_argument("--train-lang", default="en", help="language of the training split (zero-shot: en; few-shot: the target)")
     g.add_argument("--output-dir", default=None, help="run folder (default runs/<model>_<task>_<policy>_seed<seed>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from checkpoint_last.pt")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=int, default=42, help="model initialisation, data order, dropout, negatives")
     g.add_argument("--recipe", choices=RECIPES, default="paper", help="paper: the paper's stated settings; iglue: IGLUE's released scripts' values")
     o = parser.add_argument_group("optimisation (engine.py)")
     o.add_argument("--epochs", type=int, default=None, help="default per task: 5/10/10 (xgqa/xvnli/xflickrco)")
@@ -162,12 +171,16 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     o.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many non-finite losses in a row")
     o.add_argument("--ddp-find-unused", action="store_true", help="DDP find_unused_parameters (models with unused trainable params)")
     r = parser.add_argument_group("loop control (engine.py)")
-    r.add_argument("--num-workers", type=int, default=2)
+    r.add_argument("--num-workers", type=int, default=None,
+                   help="data-loader workers per process (default: the CPUs this process may use divided by the "
+                        "processes per node, minus one for the training loop, at most 16)")
     r.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap optimizer steps per epoch (tests, demo)")
     r.add_argument("--log-every", type=int, default=50, help="train record in metrics.jsonl every N optimizer steps (and at epoch end)")
     r.add_argument("--print-schedule", action="store_true", help="print what trains when, then exit")
     r.add_argument("--json", action="store_true", help="machine-readable (JSON) output for --print-schedule")
     freeze.add_policy_args(parser)
+    parser.formatter_class = HelpFormatter
+    one_line_errors(parser)
 
     # argparse has no post-parse hook: fill the task-dependent defaults whenever this parser parses.
     parse_known = parser.parse_known_args
@@ -203,10 +216,70 @@ def resolve_args(args: argparse.Namespace, defaults: dict) -> argparse.Namespace
                          f"(the learning rate would sit at 0 for the last epochs); pass --schedule-epochs >= --epochs")
     if args.langs:
         args.langs = [lang for item in args.langs for lang in item.split(",") if lang]
+    if getattr(args, "eval_langs", None):
+        args.eval_langs = [lang for item in args.eval_langs for lang in item.split(",") if lang]
+    if getattr(args, "eval_every", 0) < 0:
+        raise SystemExit(f"error: --eval-every must be >= 0, got {args.eval_every}")
+    if getattr(args, "num_workers", 0) is None:
+        args.num_workers = default_num_workers()
     if args.output_dir is None:
         args.output_dir = f"runs/{defaults.get('model', 'run')}_{args.task}_{args.policy}_seed{args.seed}"
     args.adam_betas = list(args.adam_betas)
     return args
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with each option's default (unless the help text already states it, or it is resolved later)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or "default" in text.lower()):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def default_num_workers(cpus: int | None = None, procs_per_node: int | None = None, cap: int = 16) -> int:
+    """Loader workers per process: the CPUs this process may use shared among the node's processes, one
+    left for the training loop itself. Our choice: one slow core decodes ~5k UC2 samples/s (~4.4k/s feed an
+    A100) but only ~100-130 CCLM training images/s (~340/s feed an A100), so CCLM wants every core it can
+    get; the cap bounds the shared memory the workers' batches hold (data.BatchLoader)."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if procs_per_node is None:
+        procs_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(cap, cpus // max(procs_per_node, 1) - 1))
+
+
+def is_rank0_process() -> bool:
+    """True in a single process and in torchrun's rank 0 (usable before the process group exists)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Command-line errors as one line, printed by rank 0 only (torchrun starts the script once per rank:
+    without this every rank prints the whole usage)."""
+    def error(message: str):
+        if is_rank0_process():
+            print(f"{parser.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    parser.error = error
+    return parser
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """A script's entry point: an "error: ..." exit is printed once (rank 0), not by every torchrun rank;
+    a closed stdout (`... | head`) ends the program quietly."""
+    try:
+        code = data.exit_quietly_on_broken_pipe(main)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            if is_rank0_process():
+                print(e.code, file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        raise
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -919,7 +992,8 @@ def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout
                 return
             log.truncate(prog.metrics_offset)  # what a killed run logged after its checkpoint
             if prog.eval_pending:  # stopped between the checkpoint and the end of its evaluation
-                run_evaluation(evaluate_fn, model, prog.epoch - 1, prog.step, args, log, run_dir, dist, resumed=True)
+                run_evaluation(evaluate_fn, model, prog.epoch - 1, prog.step, args, log, run_dir, dist, amp_dtype,
+                               resumed=True)
         else:
             prog = start_fresh(run_dir, args, dist, log)
         train_epochs(args, model, layout, schedule, train_loader, evaluate_fn, meta, dist, optimizer, lr_sched,
@@ -942,16 +1016,24 @@ def train_epochs(args, model, layout, schedule, train_loader, evaluate_fn, meta,
     """Epochs prog.epoch .. args.epochs - 1: train, checkpoint, then evaluate (a crash in the evaluation loses
     no training: --resume re-runs it)."""
     amp_dtype, scaler = amp
-    net = None
+    net, applied = None, None
     for epoch in range(prog.epoch, args.epochs):
         set_epoch(train_loader, epoch)
         model.train()
-        batches = iter(train_loader)
+        batches = DataWait(iter(train_loader))
         loss_sum, n_finite = torch.zeros((), device=dist.device), torch.zeros((), device=dist.device)  # since last record
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist.is_main, dynamic_ncols=True)
         for i in range(steps_per_epoch):
-            # Cheap, and covers --unfreeze-unit epoch and step alike.
-            changed = freeze.apply_schedule(model, layout, schedule, epoch, prog.step)
+            step_start = time.perf_counter()
+            # requires_grad is set once per stage (the trainable layers fully determine it): --unfreeze-unit
+            # epoch and step alike; a resumed run applies its stage on its first step.
+            stage = tuple(schedule.trainable_layers(epoch, prog.step))
+            changed = False
+            if stage != applied:
+                changed = freeze.apply_schedule(model, layout, schedule, epoch, prog.step)
+                if dist.is_main and (changed or applied is None):
+                    tqdm.write(trainable_line(model, layout, schedule, epoch, prog.step, steps_per_epoch))
+                applied = stage
             if changed or net is None:
                 net = None  # frees the old DDP (refcount) and its reducer's autograd hooks before a new one registers
                 net = wrap_for_training(model, dist, args.ddp_find_unused)
@@ -969,25 +1051,29 @@ def train_epochs(args, model, layout, schedule, train_loader, evaluate_fn, meta,
                 on_step(model, prog.step)
             fault_point("step")
             bar.update(1)
+            batches.end_step(step_start)
             if (args.log_every and prog.step % args.log_every == 0) or i == steps_per_epoch - 1:
                 loss = mean_loss(loss_sum, n_finite, dist)
-                log.write(train_record(epoch, prog, loss, lr, grad_norm, model, schedule))
-                bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "nan", lr=f"{lr:.2e}")
+                log.write({**train_record(epoch, prog, loss, lr, grad_norm, model, schedule), **batches.record()})
+                bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "nan", lr=f"{lr:.2e}",
+                                data_wait=f"{batches.last_fraction:.0%}")
                 loss_sum.zero_(), n_finite.zero_()
         bar.close()
         del batches
 
         prog.epoch = epoch + 1
         prog.metrics_offset = log.size()
-        prog.eval_pending = evaluate_fn is not None
+        prog.eval_pending = evaluate_fn is not None and evaluation_due(args, epoch)
         save_training_state(run_dir / CHECKPOINT, model, optimizer, lr_sched, scaler, prog, args, meta, schedule, dist)
-        run_evaluation(evaluate_fn, model, epoch, prog.step, args, log, run_dir, dist)
+        if prog.eval_pending:
+            run_evaluation(evaluate_fn, model, epoch, prog.step, args, log, run_dir, dist, amp_dtype)
         fault_point("epoch_end")
 
 
 def run_evaluation(evaluate_fn: Callable | None, model: nn.Module, epoch: int, step: int, args, log: MetricsLog,
-                   run_dir: Path, dist: DistInfo, resumed: bool = False) -> None:
-    """Epoch `epoch` (0-based)'s evaluation, logged; its checkpoint is already written. Bad evaluation data
+                   run_dir: Path, dist: DistInfo, amp_dtype: torch.dtype | None, resumed: bool = False) -> None:
+    """Epoch `epoch` (0-based)'s evaluation (under the run's AMP dtype unless --eval-fp32; --eval-langs before
+    the last epoch), logged; its checkpoint is already written. Bad evaluation data
     or a non-finite model output is a one-line error (the checkpoint stays; --resume re-runs it)."""
     if evaluate_fn is None:
         if resumed and dist.is_main:
@@ -998,7 +1084,8 @@ def run_evaluation(evaluate_fn: Callable | None, model: nn.Module, epoch: int, s
         print(f"re-running epoch {epoch + 1}'s evaluation (the run stopped after the epoch's checkpoint)", flush=True)
     fault_point("evaluate")
     try:
-        results = evaluate(evaluate_fn, model, epoch)
+        eval_dtype = None if getattr(args, "eval_fp32", False) else amp_dtype
+        results = evaluate(evaluate_fn, model, epoch, amp_dtype=eval_dtype, langs=epoch_eval_langs(args, epoch))
     except (data.BadInput, FloatingPointError) as e:
         raise SystemExit(f"error: evaluation after epoch {epoch + 1}: {e}; the epoch's checkpoint "
                          f"{run_dir / CHECKPOINT} is kept: fix it and --resume (the evaluation is run again)") from None
@@ -1045,12 +1132,26 @@ def train_record(epoch: int, prog: Progress, loss: float | None, lr: float, grad
             "nonfinite_steps": prog.nonfinite_steps, "amp_skipped_steps": prog.amp_skipped_steps}
 
 
-def evaluate(evaluate_fn: Callable, model: nn.Module, epoch: int) -> dict:
-    """evaluate_fn runs on every rank (it shards with shard/gather itself), in eval mode, no grad;
-    its precision is its own choice."""
+def evaluation_due(args, epoch: int) -> bool:
+    """After the last epoch always; before it every --eval-every epochs (0: never)."""
+    every = getattr(args, "eval_every", 1)
+    return epoch == args.epochs - 1 or (every > 0 and (epoch + 1) % every == 0)
+
+
+def epoch_eval_langs(args, epoch: int) -> list[str] | None:
+    """--eval-langs for the per-epoch evaluations; None (every language) for the last epoch's."""
+    return None if epoch == args.epochs - 1 else getattr(args, "eval_langs", None)
+
+
+def evaluate(evaluate_fn: Callable, model: nn.Module, epoch: int, amp_dtype: torch.dtype | None = None,
+             langs: list[str] | None = None) -> dict:
+    """evaluate_fn runs on every rank (it shards with shard/gather itself), in eval mode, no grad, under the
+    run's autocast dtype (--amp; the difference to float32 is measured in bench/eval_precision.py). langs,
+    when given, is passed on as evaluate_fn(model, epoch, langs=langs)."""
     model.eval()
-    with torch.no_grad():
-        results = evaluate_fn(model, epoch + 1)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.no_grad(), autocast(device, amp_dtype):
+        results = evaluate_fn(model, epoch + 1, langs=langs) if langs else evaluate_fn(model, epoch + 1)
     model.train()
     return results or {}
 
@@ -1059,9 +1160,60 @@ def log_eval(log: MetricsLog, results: dict, epoch: int, step: int, split: str, 
     for lang, metrics in results.items():
         log.write({"type": "eval", "epoch": epoch + 1, "step": step, "lang": lang, "split": split, **metrics})
     if dist.is_main and results:
-        print(f"epoch {epoch + 1} {split}: " + "; ".join(
-            f"{lang} " + " ".join(f"{k}={v:.2f}" for k, v in m.items() if isinstance(v, float))
-            for lang, m in results.items()), flush=True)
+        print(epoch_line(results, epoch, split), flush=True)
+
+
+# The console's per-epoch metric(s) of a task; everything else is in metrics.jsonl.
+CONSOLE_METRICS = (("accuracy",), ("ir_r1", "tr_r1"))
+
+
+def epoch_line(results: dict, epoch: int, split: str) -> str:
+    """"epoch 2 test accuracy: en 55.19 de 30.12 ..." (the task's metric per language)."""
+    first = next(iter(results.values()))
+    names = next((m for m in CONSOLE_METRICS if all(k in first for k in m)), None)
+    if names is None:   # an unknown task: its first float metric
+        names = tuple(k for k, v in first.items() if isinstance(v, float))[:1]
+    parts = [f"{name}: " + " ".join(f"{lang} {m.get(name, float('nan')):.2f}" for lang, m in results.items())
+             for name in names]
+    return f"epoch {epoch + 1} {split} " + "; ".join(parts)
+
+
+def trainable_line(model: nn.Module, layout: freeze.LayerLayout, schedule: freeze.Schedule, epoch: int, step: int,
+                   steps_per_epoch: int) -> str:
+    """"epoch 2: layers 6-11 + embeddings, head train; 97.3M trainable" (printed when the trainable set changes)."""
+    where = f"epoch {epoch + 1}" + (f", step {step}" if step % steps_per_epoch else "")
+    return f"{where}: {freeze.trainable_summary(model, layout, schedule, epoch, step)}"
+
+
+class DataWait:
+    """The training batches' iterator, timing how long the loop waits for each batch. record() -> the
+    fraction of step time since the last record spent waiting (data_wait_frac; near 0: the loader keeps up)."""
+    KEYS = ("data_wait_frac", "step_s")
+
+    def __init__(self, batches):
+        self.batches, self.wait_time, self.step_time, self.steps, self.last_fraction = batches, 0.0, 0.0, 0, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.wait_time += time.perf_counter() - start
+
+    def end_step(self, started: float) -> None:
+        self.step_time += time.perf_counter() - started
+        self.steps += 1
+
+    def record(self) -> dict:
+        steps = max(self.steps, 1)
+        self.last_fraction = self.wait_time / self.step_time if self.step_time > 0 else 0.0
+        out = {"data_wait_frac": round(self.last_fraction, 4), "step_s": round(self.step_time / steps, 6)}
+        self.wait_time = self.step_time = 0.0
+        self.steps = 0
+        return out
 
 
 def run_meta(meta: dict, schedule: freeze.Schedule, prog: Progress, args) -> dict:

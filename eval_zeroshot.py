@@ -379,8 +379,12 @@ def cclm_score_matrices(model: torch.nn.Module, image_batches: Iterable[dict], t
     reference would fail for k > n; the sample has 40 images)."""
     vis, img_feat = [], []
     for b in image_batches:
-        with autocast_for(device, amp):
-            v, f = model.encode_images(b["images"].to(device))
+        if "encoded" in b:   # encoded for another language's test set of the same images (evaluate_task)
+            v, f = b["encoded"]
+        else:
+            with autocast_for(device, amp):
+                v, f = model.encode_images(b["images"].to(device))
+            b["encoded"] = (v, f)
         vis.append(v)
         img_feat.append(f.float())
     txt_states, txt_atts, txt_feat = [], [], []
@@ -419,13 +423,19 @@ def cclm_score_matrices(model: torch.nn.Module, image_batches: Iterable[dict], t
         top_t = sims[image_offset:image_offset + n_local].topk(k_i2t, dim=1).indices    # [n_local, k]
         li = torch.arange(n_local, device=device).repeat_interleave(k_i2t)
         t = top_t.reshape(-1)
-        triples.append(("i2t", (li + image_offset).cpu(), t.cpu(), itm(li, t)))
         k_t2i = min(k, n_images)
         top_i = sims.t().topk(k_t2i, dim=1).indices                                      # [n_texts, k]
         t_all = torch.arange(n_texts, device=device).repeat_interleave(k_t2i)
         img = top_i.reshape(-1)
         mine = (img >= image_offset) & (img < image_offset + n_local)
-        triples.append(("t2i", t_all[mine].cpu(), img[mine].cpu(), itm(img[mine] - image_offset, t_all[mine])))
+        if hasattr(model, "itm_scores_with_image_kv"):
+            both = itm_by_image(model, vis, torch.cat([li, img[mine] - image_offset]), torch.cat([t, t_all[mine]]),
+                                text_states, text_atts, itm_batch, device, amp)
+            s_i2t, s_t2i = both[:len(li)], both[len(li):]
+        else:   # X2-VLM's way: every pair's fusion from the image's tokens
+            s_i2t, s_t2i = itm(li, t), itm(img[mine] - image_offset, t_all[mine])
+        triples.append(("i2t", (li + image_offset).cpu(), t.cpu(), s_i2t))
+        triples.append(("t2i", t_all[mine].cpu(), img[mine].cpu(), s_t2i))
     score_i2t = torch.full((n_images, n_texts), UNSCORED)
     score_t2i = torch.full((n_texts, n_images), UNSCORED)
     for direction, rows, cols, vals in engine.gather(triples, dist):
@@ -433,10 +443,36 @@ def cclm_score_matrices(model: torch.nn.Module, image_batches: Iterable[dict], t
     return score_i2t, score_t2i
 
 
+def itm_by_image(model: torch.nn.Module, vis: torch.Tensor, img: torch.Tensor, txt: torch.Tensor,
+                 text_states: torch.Tensor, text_atts: torch.Tensor, itm_batch: int, device, amp: str) -> torch.Tensor:
+    """ITM scores (CPU, float32) of the pairs (vis[img[j]], text txt[j]), as model.itm_scores gives them, but
+    each image's cross-attention keys/values are computed once (model.itm_image_kv) for all its candidate
+    captions, and a pair asked for twice (both directions' top-k) is scored once. X2-VLM recomputes the
+    keys/values over the image's tokens for every pair: most of the re-rank's work (bench/retrieval.py)."""
+    n_txt = text_states.shape[0]
+    pairs, where = torch.unique(img * n_txt + txt, return_inverse=True)   # sorted: grouped by image
+    p_img, p_txt = pairs // n_txt, pairs % n_txt
+    scores = torch.empty(len(pairs))
+    images, counts = torch.unique_consecutive(p_img, return_counts=True)
+    start = 0
+    for i, c in zip(images.tolist(), counts.tolist()):
+        with autocast_for(device, amp):
+            kv = model.itm_image_kv(vis[i:i + 1])
+        for s in range(start, start + c, itm_batch):
+            t = p_txt[s:min(s + itm_batch, start + c)]
+            atts = text_atts[t]
+            length = int(atts.sum(1).max())
+            with autocast_for(device, amp):
+                scores[s:s + len(t)] = model.itm_scores_with_image_kv(text_states[t, :length], atts[:, :length],
+                                                                      kv).float().cpu()
+        start += c
+    return scores[where.cpu()]
+
+
 class CallCounter(torch.nn.Module):
     """Wraps a retrieval model and counts, per method, the calls and the rows (images / captions /
     pairs) that went through it: bench/retrieval.py and the tests check the protocols with it."""
-    METHODS = ("encode_images", "encode_texts", "itm_scores", "pair_scores")
+    METHODS = ("encode_images", "encode_texts", "itm_scores", "pair_scores", "itm_image_kv", "itm_scores_with_image_kv")
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -1138,10 +1174,14 @@ def trainer_evaluate_fn(model_name: str, args: argparse.Namespace, tokenizer, di
     # every evaluation image decoded once (languages share them): a corrupt one stops the run now, not after epoch 1
     data.check_inputs([ex for s in sets.values() for ex in s.examples], features=feature_reader(features),
                       images=images, sample=None)
+    unknown = [lang for lang in getattr(args, "eval_langs", None) or [] if lang not in sets]
+    if unknown:
+        raise ValueError(f"--eval-langs {' '.join(unknown)}: not among the evaluated languages "
+                         f"({' '.join(ordered_langs(sets))}; see --langs)")
 
-    def evaluate_fn(model: torch.nn.Module, epoch: int) -> dict:
+    def evaluate_fn(model: torch.nn.Module, epoch: int, langs: Sequence[str] | None = None) -> dict:
         return evaluate_task(model, args.task, sets, dist, batch_size=args.eval_batch_size,
-                             num_workers=args.num_workers, pair_batch=pair_batch)
+                             num_workers=args.num_workers, pair_batch=pair_batch, langs=langs)
     return evaluate_fn
 
 
@@ -1160,6 +1200,12 @@ def _loader(dataset, indices, collate, batch_size: int, num_workers: int):
     from torch.utils.data import Subset
     return data.BatchLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False, collate_fn=collate,
                             num_workers=num_workers, persistent_workers=False)
+
+
+def _progress(batches, desc: str, dist):
+    """A progress bar over evaluation batches, on rank 0 only (it goes away when done)."""
+    from tqdm import tqdm
+    return tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=dist is not None and not dist.is_main)
 
 
 def _device_of(model: torch.nn.Module, dist) -> torch.device:
@@ -1183,16 +1229,18 @@ def evaluate_task(model: torch.nn.Module, task: str, sets: dict[str, EvalSet], d
     model.eval()
     device = _device_of(model, dist)
     results = {}
+    encoded: dict = {}   # CCLM retrieval: the last language's encoded images, reused by the next with the same ones
     try:
         for lang in (langs or ordered_langs(sets)):
             s = sets[lang]
             if task == "xflickrco":
                 results[lang] = _evaluate_retrieval(model, s, dist, device, batch_size, num_workers, amp,
-                                                    k_test, pair_batch, itm_batch)
+                                                    k_test, pair_batch, itm_batch, encoded=encoded)
                 continue
             n = len(s.dataset)
             mine = engine.shard(n, dist)
-            local = predict_records(model, _loader(s.dataset, mine, s.collate, batch_size, num_workers), device, amp)
+            batches = _progress(_loader(s.dataset, mine, s.collate, batch_size, num_workers), f"{task} {lang}", dist)
+            local = predict_records(model, batches, device, amp)
             records = engine.gather(list(zip(mine, local, strict=True)), dist)
             if sorted(i for i, _ in records) != list(range(n)):   # every example exactly once
                 raise RuntimeError(f"{task} {lang}: gathered {len(records)} predictions for {n} examples")
@@ -1205,11 +1253,21 @@ def evaluate_task(model: torch.nn.Module, task: str, sets: dict[str, EvalSet], d
     return results
 
 
-def _evaluate_retrieval(model, s: EvalSet, dist, device, batch_size, num_workers, amp, k_test, pair_batch, itm_batch):
+def _recorded(batches, kept: list):
+    """Yield the batches, keeping each (cclm_score_matrices stores its encoding in it; pixels dropped after)."""
+    for b in batches:
+        kept.append(b)
+        yield b
+        b.pop("images", None)
+
+
+def _evaluate_retrieval(model, s: EvalSet, dist, device, batch_size, num_workers, amp, k_test, pair_batch, itm_batch,
+                        encoded: dict | None = None):
     n_img, n_txt = len(s.images), len(s.captions)
     txt2img = [ex.label for ex in s.captions.examples]
     cap_shard = engine.shard(n_txt, dist)
-    captions = _loader(s.captions, cap_shard, s.collate, batch_size, num_workers)
+    captions = _progress(_loader(s.captions, cap_shard, s.collate, batch_size, num_workers),
+                         f"xflickrco {s.lang} captions", dist)
     if hasattr(model, "pair_scores"):   # UC2: every pair; images on every rank, captions sharded
         img_batches = list(_loader(s.images, range(n_img), s.collate, batch_size, num_workers))
         images = {k: torch.cat([b[k] for b in img_batches]) for k in ("features", "spatials", "image_mask")}
@@ -1225,7 +1283,15 @@ def _evaluate_retrieval(model, s: EvalSet, dist, device, batch_size, num_workers
                                f"{n_txt} captions x {n_img} images")
         return recall_metrics(scores.t(), scores, txt2img, ties=TIE_ORDER_OF_MODEL["uc2"])
     img_shard = engine.shard(n_img, dist)
-    images = _loader(s.images, img_shard, s.collate, batch_size, num_workers)
+    key = (tuple(s.images.items[i].image for i in img_shard), getattr(s.images, "image_res", None))
+    if encoded is not None and key in encoded:   # xFlickrCo's languages share their test images
+        images = encoded[key]
+    else:
+        images = _recorded(_progress(_loader(s.images, img_shard, s.collate, batch_size, num_workers),
+                                     f"xflickrco {s.lang} images", dist), kept := [])
+        if encoded is not None:
+            encoded.clear()   # one language's images at a time: the memory a single evaluation holds anyway
+            encoded[key] = kept
     k = k_test if k_test is not None else int(getattr(model, "config", {}).get("k_test", 128))
     i2t, t2i = cclm_score_matrices(model, images, captions, img_shard.start, n_img, n_txt, k=k,
                                    itm_batch=itm_batch, dist=dist, device=device, amp=amp)
@@ -1252,6 +1318,22 @@ def load_model(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     return model.to(device).eval(), meta
 
 
+def load_released_uc2(path: str | Path, task: str, config: str = "base", device="cpu") -> tuple[torch.nn.Module, dict]:
+    """A released fine-tuned UC2 checkpoint (IGLUE's VOLTA-format pytorch_model_best.bin / .tar, no meta of
+    ours) as a task model, with the meta evaluate needs (policy "released")."""
+    train_uc2 = importlib.import_module("train_uc2")
+    cfg = train_uc2.resolve_config(config)
+    model = train_uc2.build_model(task, cfg)
+    try:
+        plan = train_uc2.load_into(model, str(path))
+    except ValueError as e:   # its first line names the file and the first bad key; the plan follows
+        raise ValueError(f"{str(e).splitlines()[0]} (is it a fine-tuned UC2 {task} checkpoint?)") from None
+    if plan.initialised:
+        raise ValueError(f"{path}: not a fine-tuned UC2 {task} checkpoint (no weights for "
+                         f"{', '.join(k for k, _ in plan.initialised[:3])})")
+    return model.to(device).eval(), {"model": "uc2", "task": task, "config": cfg, "policy": "released"}
+
+
 def prepare_model(model: torch.nn.Module, data_root, tokenizer) -> None:
     """CCLM xGQA ranks the 1,842 GQA answers: give the model the tokenised answer list in X2-VLM's order
     (tokenizer(answer_list, padding='longest'): <s> answer </s>)."""
@@ -1274,7 +1356,10 @@ def _run_checkpoint(run: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # CLI
 
-def _data_args(p: argparse.ArgumentParser) -> None:
+def _data_args(p: argparse.ArgumentParser, *, langs: bool = True, translate_test: bool = True,
+               retrieval: bool = True) -> None:
+    """Data and evaluation options; a command that would ignore one of them does not offer it
+    (similarity: no translate-test or retrieval options; fewshot: --eval-langs instead of --langs)."""
     g = p.add_argument_group("data (default: the run's args.json)")
     g.add_argument("--data-root", default=None, help="IGLUE folder holding datasets/")
     g.add_argument("--features", nargs="+", default=None, help="UC2 region-feature LMDB/H5 file(s) holding the test images")
@@ -1282,15 +1367,19 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", default=None, help="XLM-R tokenizer folder or cached hub id (default: checkpoint meta)")
     g.add_argument("--max-regions", type=int, default=None, help="UC2 regions per image (default: run's, else 36)")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--langs", nargs="+", default=None, help="languages (default: all found)")
+    if langs:
+        e.add_argument("--langs", nargs="+", default=None, help="languages (default: all found)")
     e.add_argument("--split", default="test", help="IGLUE split (xGQA's IGLUE test = few_shot/<lang>/test.json)")
-    e.add_argument("--translate-test", action="store_true", help="IGLUE's machine-translated test files (English: original)")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--num-workers", type=int, default=2)
+    if translate_test:
+        e.add_argument("--translate-test", action="store_true",
+                       help="IGLUE's machine-translated test files (English: original)")
+    e.add_argument("--batch-size", type=int, default=64, help="examples per forward")
+    e.add_argument("--num-workers", type=int, default=2, help="data-loader workers")
     e.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="evaluation precision (default float32)")
-    e.add_argument("--k-test", type=int, default=None, help="CCLM retrieval prefilter size (default: model config, 128)")
-    e.add_argument("--pair-batch", type=int, default=1024, help="UC2 retrieval: (caption, image) pairs per forward")
-    e.add_argument("--itm-batch", type=int, default=128, help="CCLM retrieval: pairs per ITM forward")
+    if retrieval:
+        e.add_argument("--k-test", type=int, default=None, help="CCLM retrieval prefilter size (default: model config, 128)")
+        e.add_argument("--pair-batch", type=int, default=1024, help="UC2 retrieval: (caption, image) pairs per forward")
+        e.add_argument("--itm-batch", type=int, default=128, help="CCLM retrieval: pairs per ITM forward")
 
 
 def _run_args(run: Path | None) -> dict:
@@ -1330,7 +1419,10 @@ def _evaluate(args, dist) -> int:
     ckpt = _run_checkpoint(run) if run else Path(args.checkpoint)
     out_dir = Path(args.output_dir) if args.output_dir else (run or ckpt.parent)
     try:
-        model, meta = load_model(ckpt, dist.device)
+        if getattr(args, "released_task", None):
+            model, meta = load_released_uc2(ckpt, args.released_task, args.released_config, dist.device)
+        else:
+            model, meta = load_model(ckpt, dist.device)
         _resolve_data(args, _run_args(run or ckpt.parent), meta)
         tokenizer = data.load_tokenizer(args.tokenizer)
         prepare_model(model, args.data_root, tokenizer)
@@ -1463,8 +1555,15 @@ def cmd_figures(args) -> int:
 
 
 def cmd_table(args) -> int:
+    runs = [Path(r) for r in args.runs]
     try:
-        tables = build_tables([Path(r) for r in args.runs], args.split)
+        missing = [r for r in runs if run_results(r, args.split) is None]
+        if len(missing) == len(runs):
+            raise SystemExit(f"error: none of the {len(runs)} run folder(s) has {args.split} results (results.json "
+                             f"or {args.split} evaluations in {engine.METRICS}); evaluate them first (make eval RUN=...)")
+        for r in missing:
+            print(f"note: {r} has no {args.split} results: not in the tables", file=sys.stderr)
+        tables = build_tables(runs, args.split)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     print(format_tables(tables, args.per_language))
@@ -1504,7 +1603,7 @@ def add_fewshot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=None)
     p.add_argument("--trainer-args", nargs=argparse.REMAINDER, default=[],
                    help="anything after this goes to train_<model>.py unchanged (e.g. --micro-batch-size 16)")
-    _data_args(p)
+    _data_args(p, langs=False)
 
 
 def selection_split(data_root, task: str, lang: str, requested: str | None) -> tuple[str | None, str | None]:
@@ -1575,7 +1674,7 @@ def _fewshot(args) -> int:
             argv += ["--recipe", "iglue", "--features", *map(str, args.features or []), "--max-regions", str(args.max_regions)]
         else:
             argv += ["--images", str(args.images)] if args.images else []
-        argv += (["--eval-split", sel_split, "--langs", sel_lang] if sel_split else ["--no-eval"])
+        argv += (["--eval-split", sel_split, "--langs", sel_lang, "--eval-every", "1"] if sel_split else ["--no-eval"])
         argv += list(args.trainer_args)
         if (run_dir / engine.FINAL).is_file():
             print(f"few-shot lr {lr:g}: {run_dir} already finished, reusing it", flush=True)
@@ -1625,8 +1724,8 @@ class keep_best_checkpoint:
     def __enter__(self):
         self.original = engine.evaluate
 
-        def evaluate(fn, model, epoch):
-            results = self.original(fn, model, epoch)
+        def evaluate(fn, model, epoch, **kwargs):
+            results = self.original(fn, model, epoch, **kwargs)
             if self.lang and self.lang in (results or {}):
                 score = selection_score(self.task, results[self.lang])
                 if score > self.best:   # strictly better: the earliest best epoch is kept
@@ -1659,18 +1758,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", default=None, help="a checkpoint file instead of --run")
     ev.add_argument("--output-dir", default=None, help="where results.json/CSV go (default: the run folder)")
     ev.add_argument("--model-name", default=None, help="model column of the IGLUE CSV (default: run folder name)")
+    ev.add_argument("--released-task", choices=engine.TASKS, default=None,
+                    help="--checkpoint is a released fine-tuned UC2 checkpoint for this task (IGLUE's VOLTA format)")
+    ev.add_argument("--released-config", default="base", help="its UC2 config (train_uc2.py --model-config)")
     _data_args(ev)
     sim = sub.add_parser("similarity", help="Figure 4: [CLS] similarity of translation-parallel examples")
     sim.add_argument("--run", "--run-dir", dest="run", required=True, help="run folder (--run-dir under torchrun)")
     sim.add_argument("--out", default=None, help="output folder (default: the run folder)")
-    _data_args(sim)
+    _data_args(sim, translate_test=False, retrieval=False)
     pl = sub.add_parser("plot", help="Figures 2/3: per-epoch curves from metrics.jsonl")
     pl.add_argument("runs", nargs="+")
     pl.add_argument("--out", default=None, help="output folder (default: the run, or <parent>/figures for several)")
     fg = sub.add_parser("figures", help="plot + similarity for every run given")
     fg.add_argument("runs", nargs="+")
-    fg.add_argument("--out", default=None)
-    _data_args(fg)
+    fg.add_argument("--out", default=None, help="output folder of the curves (default: beside the runs)")
+    _data_args(fg, translate_test=False, retrieval=False)
     tb = sub.add_parser("table", help="Tables 1-3 from run folders, the paper's numbers beside ours")
     tb.add_argument("runs", nargs="+")
     tb.add_argument("--split", default="test", help="results.json entry to use (default test)")
@@ -1681,6 +1783,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "of a setup merged into one row, e.g. xGQA_48.csv)")
     fs = sub.add_parser("fewshot", help="few-shot fine-tuning of an English-trained checkpoint on one language")
     add_fewshot_args(fs)
+    for parser in (p, ev, sim, pl, fg, tb, fs):
+        parser.formatter_class = engine.HelpFormatter
+        engine.one_line_errors(parser)
     return p
 
 
@@ -1694,4 +1799,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    engine.run_main(main)

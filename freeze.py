@@ -302,6 +302,30 @@ def describe_schedule(model: nn.Module, layout: LayerLayout, schedule: Schedule,
     return rows
 
 
+def _span(ls: list[int]) -> str:
+    if len(ls) <= 1:
+        return str(ls[0]) if ls else "none"
+    return f"{ls[0]}\u2013{ls[-1]}" if ls == list(range(ls[0], ls[-1] + 1)) else ",".join(map(str, ls))
+
+
+def trainable_summary(model: nn.Module, layout: LayerLayout, schedule: Schedule, epoch: int, step: int = 0) -> str:
+    """One line for the console: "layers 6\u201311 + embeddings, head train; 97.3M trainable" (what trains at
+    epoch/step by the schedule, whether or not apply_schedule has run)."""
+    _check(layout, schedule)
+    r = _row(_locate(model, layout), layout, schedule, epoch, step)
+    layers = r["trainable_layers"]
+    what = ("all layers" if len(layers) == schedule.num_layers
+            else f"layer{'s' if len(layers) > 1 else ''} {_span(layers)}")
+    others = ", ".join(r["always_trainable"])
+    frozen = f" ({', '.join(r['frozen_modules'])} frozen)" if r["frozen_modules"] else ""
+    return (f"{what}{' + ' + others if others else ''} train{frozen}; "
+            f"{_count(r['trainable_params'])} trainable of {_count(r['trainable_params'] + r['frozen_params'])}")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e3 else str(n))
+
+
 def format_schedule(rows: list[dict]) -> str:
     """Human-readable table of describe_schedule rows (for --print-schedule)."""
     def span(ls: list[int]) -> str:

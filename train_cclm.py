@@ -24,7 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.beit import Beit
 from transformers import BertConfig
-from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertLMPredictionHead
+from transformers.models.bert.modeling_bert import (BertEmbeddings, BertLayer, BertLMPredictionHead,
+                                                    eager_attention_forward)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaEmbeddings
 
 import data
@@ -171,6 +173,36 @@ class CrossEncoder(nn.Module):
         for layer in self.encoder.layer:
             x = layer(x, attention_mask=mask, encoder_hidden_states=vision_embeds, encoder_attention_mask=vmask)
         return x
+
+
+def image_keys_values(encoder: "CrossEncoder", vision_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per fusion layer, the cross-attention keys and values [n, heads, tokens, head_dim] over the image
+    tokens: they depend on the image only, so retrieval computes them once per image (image_kv_fusion)."""
+    out = []
+    for layer in encoder.encoder.layer:
+        attn = layer.crossattention.self
+        shape = (*vision_embeds.shape[:-1], -1, attn.attention_head_size)
+        out.append((attn.key(vision_embeds).view(shape).transpose(1, 2),
+                    attn.value(vision_embeds).view(shape).transpose(1, 2)))
+    return out
+
+
+def image_kv_fusion(encoder: "CrossEncoder", text_embeds: torch.Tensor, text_atts: torch.Tensor,
+                    kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """CrossEncoder.forward (no image mask) with image_keys_values of ONE image (batch 1) given: the same
+    BertLayer modules and attention function per step, the image's keys/values shared by every text."""
+    x, mask = text_embeds, self_attention_mask(text_atts, text_embeds.dtype)
+    for layer, (k, v) in zip(encoder.encoder.layer, kv):
+        h, _ = layer.attention(x, mask)
+        attn = layer.crossattention.self
+        q = attn.query(h).view(*h.shape[:-1], -1, attn.attention_head_size).transpose(1, 2)
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+        n = q.shape[0]
+        ctx, _ = fn(attn, q, k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), None,
+                    dropout=0.0 if not attn.training else attn.dropout.p, scaling=attn.scaling)
+        h = layer.crossattention.output(ctx.reshape(*h.shape[:-1], -1).contiguous(), h)
+        x = layer.feed_forward_chunk(h)
+    return x
 
 
 class AnswerDecoder(nn.Module):
@@ -322,6 +354,16 @@ class CCLMForRetrieval(CCLM):
 
     def itm_logits(self, vision_embeds: torch.Tensor, text_embeds: torch.Tensor, text_atts: torch.Tensor) -> torch.Tensor:
         return self.itm_head(self.cross_embeds(vision_embeds, text_embeds, text_atts)[:, 0])
+
+    def itm_image_kv(self, vision_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The ITM fusion's per-image part (cross-attention keys/values), for itm_scores_with_image_kv."""
+        return image_keys_values(self.cross_encoder, vision_embeds)
+
+    def itm_scores_with_image_kv(self, text_embeds: torch.Tensor, text_atts: torch.Tensor,
+                                 kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """itm_scores of one image (its itm_image_kv, batch 1) with every text given: same scores, without
+        recomputing the image's 2 x layers projections of its tokens for each pair as X2-VLM does."""
+        return self.itm_head(image_kv_fusion(self.cross_encoder, text_embeds, text_atts, kv)[:, 0])[:, 1]
 
     def itm_scores(self, vision_embeds: torch.Tensor, text_embeds: torch.Tensor, text_atts: torch.Tensor) -> torch.Tensor:
         """Raw class-1 ITM logit per (image, text) pair (no softmax, as xFlickrCO.evaluation)."""
@@ -870,4 +912,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import engine  # noqa: E402  (imported where used, as in main())
+    engine.run_main(main)

@@ -18,12 +18,22 @@ worker plus one for the main process (flagged "contended" otherwise). Workers ar
 so start-up is not timed. Repeats are interleaved (raw, tokenize, loaders, raw, ...) and medians reported.
 All data is synthetic, in a temp dir.
 
+What matters beside a GPU is whether the loader keeps it fed. The bench also runs CCLM's TRAINING pipeline
+(CCLMDataset(train=True): X2-VLM's augmentation) and compares each pipeline's per-worker rate with the rate
+one GPU consumes: training FLOPs per sample counted with torch's FlopCounterMode on the base-size models (meta
+device: CCLM XVNLI at 384 px, 40 text tokens; UC2 XVNLI 36 regions, 40 tokens; forward + backward), and an
+assumed sustained rate of 40% of the bf16 dense peak (A100 312, H100 989 TFLOP/s): a stated model, not a
+measurement. Reported: workers per GPU needed for 1.5x the consumer rate, and engine.default_num_workers
+for one process per GPU on an 8-GPU node of this many cores. The engine logs the real wait
+(data_wait_frac in metrics.jsonl).
+
     .venv/bin/python bench/data_throughput.py [--quick] [--workers 0 1] [--batch-size 64] [--out bench/results/data_throughput.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pickle
 import platform
@@ -39,6 +49,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import engine  # noqa: E402
 import eval_zeroshot  # noqa: E402
 
 TARGET = 0.9
@@ -108,6 +119,50 @@ def summarize(raw: list[float], tok: list[float], loaders: dict[int, list[float]
     return out
 
 
+GPUS = {"A100": 312e12, "H100": 989e12}   # bf16 dense peak FLOP/s
+MFU = 0.4                                   # assumed sustained fraction of the peak in training
+FEED_MARGIN = 1.5                           # loader rate / consumer rate asked for
+
+
+def train_flops_per_sample(model_name: str) -> float:
+    """Forward + backward FLOPs of one XVNLI training sample of the base-size model (meta device)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import train_cclm
+    import train_uc2
+    n, length = 2, 40
+    text = {"input_ids": torch.ones(n, length, dtype=torch.long, device="meta"),
+            "attention_mask": torch.ones(n, length, dtype=torch.long, device="meta")}
+    with torch.device("meta"):
+        if model_name == "cclm":
+            model = train_cclm.build_model("xvnli", dict(train_cclm.CONFIGS["base"]))
+            batch = {"images": torch.empty(n, 3, 384, 384), "text_ids": text["input_ids"],
+                     "text_atts": text["attention_mask"], "label": torch.zeros(n, dtype=torch.long)}
+        else:
+            model = train_uc2.build_model("xvnli", dict(train_uc2.CONFIGS["base"]))
+            batch = {**text, "features": torch.empty(n, 37, 2048), "spatials": torch.empty(n, 37, 7),
+                     "image_mask": torch.ones(n, 37, dtype=torch.long), "label": torch.zeros(n, dtype=torch.long),
+                     "target": torch.zeros(n, 3)}
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        model.loss(batch).backward()
+    return counter.get_total_flops() / n
+
+
+def feeding(per_worker: dict[str, float], cpus: int) -> dict:
+    """Per pipeline: modelled GPU consumer rates, workers needed for FEED_MARGIN x that, and the default."""
+    flops = {"uc2": train_flops_per_sample("uc2"), "cclm": train_flops_per_sample("cclm")}
+    out = {"assumptions": {"mfu": MFU, "peak_bf16_flops": GPUS, "feed_margin": FEED_MARGIN,
+                           "train_flops_per_sample": flops},
+           "default_num_workers_8_gpus": engine.default_num_workers(cpus=cpus, procs_per_node=8)}
+    for pipeline, rate in per_worker.items():
+        model = "uc2" if pipeline == "region_features" else "cclm"
+        out[pipeline] = {"per_worker_samples_per_s": rate, **{
+            gpu: {"consumer_samples_per_s": peak * MFU / flops[model],
+                  "workers_needed": math.ceil(FEED_MARGIN * peak * MFU / flops[model] / rate)}
+            for gpu, peak in GPUS.items()}}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small data, 2 repeats")
@@ -136,9 +191,11 @@ def main(argv: list[str] | None = None) -> int:
 
         feat_ds = data.UC2Dataset(exs_feat, str(tmp / "feats.lmdb"), "xvnli")
         img_ds = data.CCLMDataset(exs_img, str(tmp / "images"), "xvnli", image_res=args.image_res)
+        train_ds = data.CCLMDataset(exs_img, str(tmp / "images"), "xvnli", image_res=args.image_res, train=True)
         feat_col, img_col = data.UC2Collate("xvnli", tok), data.CCLMCollate("xvnli", tok)
         feat_loaders = {w: make_loader(feat_ds, feat_col, w, args.batch_size) for w in workers}
         img_loaders = {w: make_loader(img_ds, img_col, w, args.batch_size) for w in workers}
+        train_loader = make_loader(train_ds, data.CCLMCollate("xvnli", tok), 0, args.batch_size)
         keys, files = [ex.image for ex in exs_feat], [ex.image_file for ex in exs_img]
         feat_texts = [ex.text for ex in exs_feat]
         img_texts = [data.pre_caption(ex.text, data.CCLM_MAX_WORDS[("xvnli", False)]) for ex in exs_img]
@@ -150,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             "img_raw": (n_img, lambda: raw_images(tmp / "images", files, args.image_res)),
             "img_tok": (n_img, lambda: tokenize(tok, img_texts, args.batch_size, img_col.max_len)),
             **{f"img_w{w}": (n_img, lambda w=w: drain(img_loaders[w], n_img)) for w in workers},
+            "img_train_w0": (n_img, lambda: drain(train_loader, n_img)),
         }
         for n, fn in cases.values():  # warm-up: page cache, worker start-up, tokenizer caches
             fn()
@@ -177,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
                                      {w: rates[f"feat_w{w}"] for w in workers}, args.batch_size),
         "images": summarize(rates["img_raw"], rates["img_tok"], {w: rates[f"img_w{w}"] for w in workers}, args.batch_size),
     }
+    result["cclm_train_transform"] = {"in_process_samples_per_s": statistics.median(rates["img_train_w0"]),
+                                      "eval_in_process_samples_per_s": statistics.median(rates["img_w0"])}
+    result["feeding"] = feeding({"region_features": statistics.median(rates["feat_w0"]),
+                                 "images_eval": statistics.median(rates["img_w0"]),
+                                 "images_train": statistics.median(rates["img_train_w0"])}, os.cpu_count() or 1)
     for name in ("region_features", "images"):
         res = result[name]
         us = res["us_per_sample"]
@@ -190,6 +253,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['per_worker_ratio']:.2f} x raw read+decode ({'meets' if r['meets_target'] else 'MISSES'} the "
                   f"{TARGET:.0%} target), {r['per_worker_ratio_vs_raw_plus_tokenize']:.2f} x raw read+decode+tokenize"
                   f"{extra}{' [contended: fewer cores than workers + main]' if r['contended'] else ''}")
+    feed = result["feeding"]
+    print(f"feeding one GPU (modelled: {MFU:.0%} of bf16 peak; loader rate per worker measured here in-process):")
+    for pipeline in ("region_features", "images_eval", "images_train"):
+        r = feed[pipeline]
+        print(f"  {pipeline}: {r['per_worker_samples_per_s']:.0f} samples/s per worker; "
+              + "; ".join(f"{gpu} consumes {r[gpu]['consumer_samples_per_s']:.0f}/s -> {r[gpu]['workers_needed']} "
+                          f"workers for {FEED_MARGIN}x" for gpu in GPUS))
+    print(f"  default --num-workers with 8 processes on these {os.cpu_count()} CPUs: "
+          f"{feed['default_num_workers_8_gpus']} per process")
     out = Path(args.out)
     eval_zeroshot.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

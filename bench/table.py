@@ -99,10 +99,33 @@ def retrieval(res: dict) -> list[Row]:
         opt, naive = c["optimized"]["rows"], c["naive"]["rows"]
         out.append(("Retrieval", f"CCLM, {c['images']} images x {c['captions']} captions, top k={c['k']}",
                     f"image encoder {opt['encode_images']:,} / text encoder {opt['encode_texts']:,} / matching head "
-                    f"{opt['itm_scores']:,} rows (naive {naive['encode_images']:,} / {naive['encode_texts']:,} / "
+                    f"{opt['itm_scores'] + opt.get('itm_scores_with_image_kv', 0):,} rows, image keys/values "
+                    f"{opt.get('itm_image_kv', 0):,} (naive {naive['encode_images']:,} / {naive['encode_texts']:,} / "
                     f"{naive['itm_scores']:,}); {c['speedup']:.1f}x faster; counts as expected: "
                     f"{'yes' if c.get('counts_ok') else 'NO'}"))
+    b = res.get("cclm_itm_base")
+    if b:
+        out.append(("Retrieval", f"CCLM ITM re-rank at base size, {b['pairs_per_image_counted']} candidate pairs per "
+                                 f"image, vs X2-VLM's per-pair procedure",
+                    f"{b['flop_reduction']:.2f}x fewer FLOPs (counted); {b['time_reduction']:.2f}x faster on "
+                    f"{b['pairs_timed']} pairs; max difference {b['max_abs_diff']:.1e}"))
     return out or generic(res, "Retrieval")
+
+
+def eval_precision(res: dict) -> list[Row]:
+    return [("Eval precision", f"{name.upper()} tiny random, {r['images']} images: bf16 autocast vs float32",
+             f"max score change {r['rel_max_diff']:.0%} of the range; best image kept for {r['top1_agree']:.0%} of "
+             f"captions; largest R@k change {max(abs(v) for v in r['recall_delta'].values()):.1f} points")
+            for name, r in ((n, res[n]) for n in ("uc2", "cclm") if n in res)]
+
+
+def run_cost(res: dict) -> list[Row]:
+    return [("Run cost (estimate)", r["model"],
+             f"{r['train_flops_per_sample'] / 1e9:.0f} GFLOP per training sample; per 100k samples "
+             + ", ".join(f"{g} {h * 60:.1f} min" for g, h in r["hours_per_100k_samples"].items())
+             + f" at {res['mfu']:.0%} of bf16 peak; weights+grads+AdamW {r['memory_gib_weights_grads_adamw']['full']:.1f} "
+             f"GiB (full) / {r['memory_gib_weights_grads_adamw']['suf']:.1f} GiB (SUF stage 1), activations not included")
+            for r in res["estimates"]]
 
 
 def data_throughput(res: dict) -> list[Row]:
@@ -131,6 +154,14 @@ def data_throughput(res: dict) -> list[Row]:
             if lw.get("contended"):
                 result += " (contended: fewer cores than workers + main)"
             out.append(("Data loader", f"{name}, {w} worker{'s' if w != '1' else ''}", result))
+    feed = res.get("feeding", {})
+    for key in ("region_features", "images_eval", "images_train"):
+        if key in feed:
+            f = feed[key]
+            out.append(("Data loader", f"feeding one GPU: {key} (consumer rate modelled from counted FLOPs)",
+                        f"{f['per_worker_samples_per_s']:,.0f} samples/s per worker here; " + "; ".join(
+                            f"{g} consumes {f[g]['consumer_samples_per_s']:,.0f}/s: {f[g]['workers_needed']} workers "
+                            f"for 1.5x" for g in ("A100", "H100") if g in f)))
     return out
 
 
@@ -161,7 +192,8 @@ def generic(res, bench: str, prefix: str = "", limit: int = 30) -> list[Row]:
     return out[:limit]
 
 
-RENDER = {"suf_step": suf_step, "retrieval": retrieval, "data_throughput": data_throughput, "padding": padding}
+RENDER = {"suf_step": suf_step, "retrieval": retrieval, "data_throughput": data_throughput, "padding": padding,
+          "eval_precision": eval_precision, "run_cost": run_cost}
 
 
 def source_date(path: Path, res) -> str:

@@ -86,15 +86,16 @@ def param_hash(model: nn.Module) -> str:
 
 
 def make_evaluate(data: ToyData, dist: engine.DistInfo, out: Path):
-    def evaluate(model, epoch):
+    def evaluate(model, epoch, langs=None):
         idx = list(engine.shard(len(data), dist))
         pred = model(data.x[idx]).argmax(1) if idx else torch.zeros(0, dtype=torch.long)
         rows = engine.gather([(i, int(p == data.y[i])) for i, p in zip(idx, pred.tolist())], dist)
         if dist.is_main:
             (out / f"eval_ids.epoch{epoch}.json").write_text(json.dumps([i for i, _ in rows]))
         correct = sum(c for _, c in rows)
-        return {"en": {"accuracy": 100.0 * correct / len(rows), "n": len(rows)},
-                "de": {"accuracy": 100.0 * (len(rows) - correct) / len(rows), "n": len(rows)}}
+        results = {"en": {"accuracy": 100.0 * correct / len(rows), "n": len(rows)},
+                   "de": {"accuracy": 100.0 * (len(rows) - correct) / len(rows), "n": len(rows)}}
+        return {lang: m for lang, m in results.items() if langs is None or lang in langs}
     return evaluate
 
 

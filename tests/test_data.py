@@ -735,3 +735,13 @@ def test_wrong_data_root_errors(tmp_path):
         data.load_split(root, "xvnli", "test", "de")
     with pytest.raises(SystemExit, match="expected folder"):
         data.main(["--data-root", str(tmp_path / "datasets" / "XVNLI")])
+
+
+def test_inventory_cli_into_a_closed_pipe_ends_quietly():
+    """`python data.py --json | head`: the reader going away is not a traceback."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, str(root / "data.py"), "--data-root", str(root / "tests/fixtures/iglue"),
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=root)
+    proc.stdout.close()   # before it writes: its first print meets a pipe without a reader
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""

@@ -33,11 +33,12 @@ _spec.loader.exec_module(toy)
 
 # SUF: 4 toy layers, k=1 -> the trainable set changes at every epoch; dropout on so RNG state matters.
 RESUME_ARGS = ["--task", "xvnli", "--policy", "suf", "--suf-k", "1", "--epochs", "3", "--batch-size", "12",
-               "--micro-batch-size", "4", "--num-workers", "0", "--dropout", "0.1", "--n-train", "48"]
+               "--micro-batch-size", "4", "--num-workers", "0", "--dropout", "0.1", "--n-train", "48",
+               "--eval-every", "1"]
 # torchrun: global batch 12 = 2 x 3 x 2 = 2 x 2 x 3; 11 eval items shard unevenly over 2 and 3 ranks.
 DIST_ARGS = ["--task", "xvnli", "--suf-k", "1", "--top-layers", "2", "--epochs", "2",
              "--batch-size", "12", "--micro-batch-size", "2", "--max-steps-per-epoch", "3", "--num-workers", "0",
-             "--dropout", "0", "--n-eval", "11"]
+             "--dropout", "0", "--n-eval", "11", "--eval-every", "1"]
 VARIANTS = ["full", "suf", "suf-step", "llrd", "top"]
 DROPOUT = "dropout"  # variant: full fine-tuning with --dropout 0.1 (masks drawn per rank)
 KILLS = {"mid_epoch": "kill:step:6", "mid_save": "kill:save_mid:2", "after_unfreeze": "kill:unfreeze:2"}
@@ -66,7 +67,13 @@ def assert_bitwise(a: Path, b: Path) -> None:
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     # metrics.jsonl too: what the killed run logged after its checkpoint was dropped on resume
-    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+    assert logged(a) == logged(b)
+
+
+def logged(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock measurements (data wait, step time), which no two runs share."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in engine.DataWait.KEYS} for r in records]
 
 
 class Launch:
@@ -549,3 +556,162 @@ def test_bad_training_record_mid_epoch_is_one_line_and_keeps_the_checkpoint(tmp_
                    "[4, 1024]; expected a float array of shape [N, 2048]; last good checkpoint: "
                    f"{tmp_path / 'checkpoint_last.pt'} (after epoch 1)"), msg
     assert engine.load_checkpoint(tmp_path / "checkpoint_last.pt")["progress"]["epoch"] == 1
+
+
+# ------------------------------------------------------------------------------------------ schedule once per stage, console
+
+def count_calls(monkeypatch, module, name: str) -> list:
+    calls, original = [], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args[3:])   # (epoch, step)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("unit, stages", [("epoch", [(0, 0), (1, 4), (2, 8)]), ("step", [(0, 0), (0, 1), (0, 2), (0, 3)])])
+def test_schedule_is_applied_once_per_stage_not_every_step(tmp_path, monkeypatch, unit, stages):
+    """12 optimizer steps; SUF k=1 over 4 layers changes the trainable set 3 times per epoch unit, 4 per step unit
+    (--unfreeze-every 1 step: layers join at steps 0-3, then everything trains)."""
+    calls = count_calls(monkeypatch, freeze, "apply_schedule")
+    run(tmp_path, "--unfreeze-unit", unit, "--dropout", "0")
+    assert calls == stages
+
+
+def test_resumed_run_applies_its_stage_on_its_first_step(tmp_path, reference, monkeypatch):
+    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:2")
+    with pytest.raises(RuntimeError, match="SUF_FAULT"):
+        run(tmp_path)
+    monkeypatch.delenv("SUF_FAULT")
+    calls = count_calls(monkeypatch, freeze, "apply_schedule")
+    run(tmp_path, "--resume")
+    assert calls == [(2, 8)]
+    assert_bitwise(reference, tmp_path)
+
+
+def test_console_names_each_trainable_set_once_and_one_metric_per_language(tmp_path, capsys):
+    run(tmp_path, "--log-every", "1")
+    out = capsys.readouterr().out.splitlines()
+    changes = [line for line in out if " train; " in line]
+    total = sum(p.numel() for p in toy.ToyModel().parameters())
+    per_layer = sum(p.numel() for p in toy.ToyModel().layers[0].parameters())
+    assert changes == [f"epoch {e}: {'layers' if e > 1 else 'layer'} {3 - e + 1}{'–3' if e > 1 else ''} + embeddings, head train; "
+                       f"{total - (4 - e) * per_layer} trainable of {total}" for e in (1, 2, 3)]
+    epochs = [line for line in out if line.startswith("epoch ") and " test accuracy: " in line]
+    assert len(epochs) == 3 and all(line.split(": ", 1)[1].count(" ") == 3 for line in epochs)  # "en x de y"
+
+
+def test_console_shows_mid_epoch_stage_changes_with_their_step(tmp_path, capsys):
+    run(tmp_path, "--unfreeze-unit", "step", "--unfreeze-every", "2", "--epochs", "2", "--dropout", "0")
+    changes = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if " train; " in line]
+    assert changes == ["epoch 1", "epoch 1, step 2", "epoch 2", "epoch 2, step 6"]
+
+
+def test_metrics_log_the_fraction_of_step_time_spent_waiting_for_data(reference):
+    train = [r for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
+    assert all(0.0 <= r["data_wait_frac"] <= 1.0 and r["step_s"] > 0 for r in train)
+
+
+def test_data_wait_counts_only_time_inside_next():
+    waits = engine.DataWait(iter([1, 2]))
+    start = time.perf_counter()
+    assert next(waits) == 1
+    time.sleep(0.01)   # the "step": not waiting
+    waits.end_step(start)
+    record = waits.record()
+    assert record["data_wait_frac"] < 0.5 and record["step_s"] >= 0.01
+    assert waits.wait_time == waits.step_time == 0.0 and waits.steps == 0   # reset for the next record
+
+
+# ------------------------------------------------------------------------------------------ evaluation cost
+
+def eval_epochs(run_dir: Path) -> list[tuple[int, str]]:
+    return [(r["epoch"], r["lang"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["type"] == "eval"]
+
+
+def test_default_evaluates_only_after_the_last_epoch(tmp_path):
+    run(tmp_path, "--eval-every", "0")
+    assert eval_epochs(tmp_path) == [(3, "en"), (3, "de")]
+    parser = argparse.ArgumentParser()
+    engine.add_common_args(parser, toy.DEFAULTS)
+    assert parser.parse_args(["--task", "xgqa"]).eval_every == 0
+
+
+def test_eval_every_and_eval_langs_the_last_epoch_is_complete(tmp_path):
+    run(tmp_path, "--eval-every", "2", "--eval-langs", "de", "--epochs", "5")
+    assert eval_epochs(tmp_path) == [(2, "de"), (4, "de"), (5, "en"), (5, "de")]
+
+
+def test_evaluation_runs_under_the_runs_amp_dtype(tmp_path, monkeypatch):
+    seen = []
+
+    def evaluate_fn(model, epoch):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.is_grad_enabled()))
+        return {}
+    engine.evaluate(evaluate_fn, toy.ToyModel(), 0, amp_dtype=torch.bfloat16)
+    engine.evaluate(evaluate_fn, toy.ToyModel(), 0)
+    assert seen == [(True, torch.bfloat16, False), (False, torch.get_autocast_dtype("cpu"), False)]
+    passed = []
+    original = engine.evaluate
+    monkeypatch.setattr(engine, "evaluate", lambda fn, model, epoch, **kw: passed.append(kw) or original(fn, model, epoch, **kw))
+    run(tmp_path / "amp", "--amp", "bf16", "--epochs", "1")
+    run(tmp_path / "fp32", "--amp", "bf16", "--epochs", "1", "--eval-fp32")
+    assert passed == [{"amp_dtype": torch.bfloat16, "langs": None}, {"amp_dtype": None, "langs": None}]
+
+
+# ------------------------------------------------------------------------------------------ loader workers, CLI
+
+def test_default_workers_share_the_cpus_among_the_nodes_processes():
+    assert engine.default_num_workers(cpus=2, procs_per_node=1) == 1
+    assert engine.default_num_workers(cpus=32, procs_per_node=4) == 7
+    assert engine.default_num_workers(cpus=96, procs_per_node=1) == 16    # capped
+    assert engine.default_num_workers(cpus=4, procs_per_node=8) == 0
+    parser = argparse.ArgumentParser()
+    engine.add_common_args(parser, toy.DEFAULTS)
+    assert parser.parse_args(["--task", "xgqa"]).num_workers == engine.default_num_workers()
+    assert parser.parse_args(["--task", "xgqa", "--num-workers", "3"]).num_workers == 3
+
+
+def test_help_shows_defaults_and_argument_errors_are_one_line_on_rank_0_only(capsys, monkeypatch):
+    parser = argparse.ArgumentParser(prog="t")
+    engine.add_common_args(parser, toy.DEFAULTS)
+    text = parser.format_help()
+    assert "(default: 42)" in text and "(default: full)" in text
+    for rank, lines in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(["--policy", "suf"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.splitlines()) == lines
+        assert rank == "1" or err.startswith("t: error: the following arguments are required: --task")
+
+
+def test_design_card_command_under_torchrun_prints_one_error_line():
+    """`torchrun --nproc_per_node 4 train_cclm.py --policy suf` (2 ranks here): one line naming --task."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "train_cclm.py"), "--policy", "suf"], env=ENV, capture_output=True, text=True,
+                          timeout=240)
+    mine = [line for line in (proc.stdout + proc.stderr).splitlines() if "train_cclm.py: error" in line]
+    assert proc.returncode != 0 and len(mine) == 1 and "--task" in mine[0]
+    assert "usage:" not in proc.stdout + proc.stderr
+
+
+def test_run_main_prints_an_error_exit_once(capsys, monkeypatch):
+    def main():
+        raise SystemExit("error: --data-root x: no such folder")
+    for rank, printed in (("0", "error: --data-root x: no such folder\n"), ("1", "")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            engine.run_main(main)
+        assert e.value.code == 1 and capsys.readouterr().err == printed
+
+
+def test_trainable_summary_names_frozen_modules_and_full_training():
+    model, lay = toy.ToyModel(), toy.layout(4)
+    total = sum(p.numel() for p in model.parameters())
+    assert freeze.trainable_summary(model, lay, freeze.Schedule("full", 4), 0) == \
+        f"all layers + embeddings, head train; {total} trainable of {total}"
+    top = freeze.trainable_summary(model, lay, freeze.Schedule("top", 4, top_layers=2), 0)
+    assert top.startswith("layers 2–3 + head train (embeddings frozen); ")

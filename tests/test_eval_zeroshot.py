@@ -260,12 +260,17 @@ def _cclm_parity_model():
     return model, inputs, outputs
 
 
+@pytest.mark.parametrize("cached", [True, False], ids=["image-kv-once", "x2vlm-per-pair"])
 @pytest.mark.parametrize("k", [3, 2, 10])
-def test_cclm_prefilter_rerank_matches_reference(k):
+def test_cclm_prefilter_rerank_matches_reference(k, cached, monkeypatch):
     """X2-VLM's xFlickrCO.evaluation on the parity model: same -100/ITM matrices, and each image /
     caption encoded once, the ITM head run exactly k times per query in each direction (k = 10 >
-    3 images / 6 captions: capped at the candidate count, every pair scored)."""
+    3 images / 6 captions: capped at the candidate count, every pair scored). Cached (our default): each
+    image's cross-attention keys/values computed once, each distinct pair scored once; per-pair: X2-VLM's way
+    (a model without itm_image_kv)."""
     model, x, out = _cclm_parity_model()
+    if not cached:
+        monkeypatch.setattr(E.CallCounter, "METHODS", ("encode_images", "encode_texts", "itm_scores", "pair_scores"))
     counted = E.CallCounter(model).eval()
     imgs = [{"images": x["images"][:2]}, {"images": x["images"][2:]}]
     txts = [{"text_ids": x["text_ids"][i:i + 4], "text_atts": x["text_atts"][i:i + 4]} for i in (0, 4)]
@@ -274,8 +279,15 @@ def test_cclm_prefilter_rerank_matches_reference(k):
     want_t2i = out[f"eval_k{k}_score_matrix_t2i"] if k < 10 else out["itm_score_all_pairs"].t()
     assert_matches_reference("i2t", i2t, want_i2t)
     assert_matches_reference("t2i", t2i, want_t2i)
-    assert counted.rows == {"encode_images": 3, "encode_texts": 6, "itm_scores": min(k, 6) * 3 + min(k, 3) * 6,
-                            "pair_scores": 0}
+    per_query = min(k, 6) * 3 + min(k, 3) * 6
+    if not cached:
+        assert counted.rows == {"encode_images": 3, "encode_texts": 6, "itm_scores": per_query, "pair_scores": 0}
+        return
+    distinct = int(((i2t != E.UNSCORED) | (t2i.t() != E.UNSCORED)).sum())
+    assert distinct < per_query   # the two directions' candidates overlap
+    assert counted.rows == {"encode_images": 3, "encode_texts": 6, "itm_scores": 0, "pair_scores": 0,
+                            "itm_image_kv": 3, "itm_scores_with_image_kv": distinct}
+    assert counted.calls["itm_image_kv"] == 3   # once per image, both directions together
 
 
 # ------------------------------------------------------------------ [CLS] similarity
@@ -406,6 +418,18 @@ def test_table_falls_back_only_to_epoch_metrics_of_the_same_split(env, tmp_path)
     assert E.run_results(run, "test") is None   # dev numbers never stand in for test numbers
     dev = E.run_results(run, "dev")
     assert dev["langs"] == {"de": {"accuracy": 90.0}} and dev["source"] == "metrics.jsonl epoch 2 (dev)"
+    with pytest.raises(SystemExit, match="none of the 1 run folder.s. has test results"):
+        E.main(["table", str(run)])   # an empty table is not a success
+    assert E.main(["table", "--split", "dev", str(run)]) == 0
+
+
+@pytest.mark.parametrize("command, flag", [("similarity", "--translate-test"), ("similarity", "--k-test"),
+                                           ("similarity", "--pair-batch"), ("similarity", "--itm-batch"),
+                                           ("figures", "--itm-batch"), ("fewshot", "--langs")])
+def test_commands_offer_no_flag_they_would_ignore(command, flag, capsys):
+    helps = E.build_parser()._subparsers._group_actions[0].choices[command].format_help()
+    assert flag + " " not in helps and flag + "\n" not in helps
+    assert "(default: 64)" in helps   # --batch-size: --help shows defaults
 
 
 def test_partial_and_dev_evaluations_keep_the_test_results(env, tmp_path):
@@ -639,7 +663,8 @@ def test_real_training_run_curves_evaluation_and_table(env, tmp_path, capsys):
     train_uc2.main(["--task", "xgqa", "--policy", "suf", "--model-config", "tiny", "--data-root", env["data_root"],
                     "--features", env["features"], "--max-regions", str(env["max_regions"]), "--tokenizer", env["tokenizer"],
                     "--train-split", "train_5", "--epochs", "2", "--batch-size", "4", "--max-steps-per-epoch", "1",
-                    "--eval-split", "dev", "--langs", "en,de,ko", "--output-dir", str(run), "--num-workers", "0"])
+                    "--eval-split", "dev", "--langs", "en,de,ko", "--output-dir", str(run), "--num-workers", "0",
+                    "--eval-every", "1"])
     logged = E.read_epoch_metrics(run)
     assert [e for e, _ in logged] == [1, 2] and set(logged[0][1]) == {"en", "de", "ko"}
     assert E.main(["plot", str(run)]) == 0
@@ -807,3 +832,54 @@ def test_fewshot_under_torchrun_matches_one_process(env, tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--dist-worker"]:
     _dist_worker(sys.argv[2], sys.argv[3])
+
+
+def test_cclm_retrieval_encodes_shared_test_images_once_across_languages(env):
+    """xFlickrCo's languages caption the same images: the second language reuses the first's image encodings
+    and gets the numbers it gets when evaluated alone."""
+    import data
+    model, meta = E.load_model(env["runs"][("cclm", "xflickrco")] / "model_final.pt")
+    tok = data.load_tokenizer(env["tokenizer"])
+    E.prepare_model(model, env["data_root"], tok)
+    sets = E.build_eval_sets("cclm", "xflickrco", env["data_root"], tok, ["en", "de"], "test", images=env["images"],
+                             image_res=meta["config"]["image_res"])
+    assert [e.image for e in sets["en"].images.items] == [e.image for e in sets["de"].images.items]
+    counted = E.CallCounter(model).eval()
+    both = E.evaluate_task(counted, "xflickrco", sets, batch_size=5, k_test=7)
+    assert counted.rows["encode_images"] == len(sets["en"].images)   # once, not once per language
+    alone = E.evaluate_task(model, "xflickrco", {"de": sets["de"]}, batch_size=5, k_test=7)
+    assert both["de"] == alone["de"]
+
+
+def test_released_uc2_checkpoint_evaluates_without_our_meta(env, tmp_path):
+    """`make sanity`'s path: IGLUE's VOLTA-format fine-tuned UC2 xGQA file (here at tiny widths) is evaluated
+    as it is; results.json records policy "released"."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import test_ckpt_uc2
+    ckpt = tmp_path / "pytorch_model_best.bin"
+    torch.save(test_ckpt_uc2.tiny_tensors("uc2_volta_ft_gqa"), ckpt)
+    args = ["evaluate", "--checkpoint", str(ckpt), "--released-task", "xgqa", "--released-config", "tiny",
+            "--data-root", env["data_root"], "--features", env["features"], "--max-regions", str(env["max_regions"]),
+            "--tokenizer", env["tokenizer"], "--split", "dev", "--langs", "en", "--num-workers", "0"]
+    assert E.main(args) == 0
+    record = json.loads((tmp_path / "results.json").read_text())["dev"]
+    assert record["policy"] == "released" and record["model"] == "uc2" and 0 <= record["langs"]["en"]["accuracy"] <= 100
+    with pytest.raises(SystemExit, match=r"unexpected key 'clfs_dict.TASK15.* fine-tuned UC2 xvnli checkpoint\?\)$"):
+        E.main([*args[:4], "xvnli", *args[5:]])
+
+
+def test_trainer_per_epoch_evaluation_takes_eval_langs(env):
+    """The trainers' evaluate_fn evaluates only the languages engine.train asks for (--eval-langs) and
+    refuses, before training, a language outside --langs."""
+    import argparse
+    import data
+    model, _ = E.load_model(env["runs"][("uc2", "xvnli")] / "model_final.pt")
+    tok = data.load_tokenizer(env["tokenizer"])
+    args = argparse.Namespace(task="xvnli", data_root=env["data_root"], langs=["en", "ar"], eval_split="test",
+                              eval_langs=["ar"], eval_batch_size=16, num_workers=0)
+    fn = E.trainer_evaluate_fn("uc2", args, tok, None, features=env["features"], max_regions=env["max_regions"])
+    assert list(fn(model, 1, langs=["ar"])) == ["ar"]
+    assert list(fn(model, 1)) == ["en", "ar"]
+    args.eval_langs = ["ko"]
+    with pytest.raises(ValueError, match="--eval-langs ko: not among the evaluated languages"):
+        E.trainer_evaluate_fn("uc2", args, tok, None, features=env["features"], max_regions=env["max_regions"])

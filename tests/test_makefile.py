@@ -1,6 +1,7 @@
 """Every experiment of the paper is one make target: `make -n` shows the exact command, and a
 target whose inputs are missing stops before training, naming them."""
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ def test_table1_target_prints_the_training_command(model, target):
     visual = "--features data/features" if model == "uc2" else "--images data/images"
     assert cmd == (f".venv/bin/python -m torch.distributed.run --standalone --nproc_per_node 4 train_{model}.py "
                    f"--task {task} --policy {policy} --data-root /d {visual} --checkpoint /c "
-                   f"--tokenizer xlm-roberta-base --output-dir runs/{model}-{target}")
+                   f"--tokenizer xlm-roberta-base --eval-every 1 --output-dir runs/{model}-{target}")
 
 
 def test_llrd_sweep_runs_the_papers_four_decays():
@@ -54,3 +55,38 @@ def test_target_with_missing_inputs_fails_before_training_naming_them(tmp_path):
 def test_unknown_model_is_refused():
     out = make("-n", "xgqa-suf", "MODEL=lxmert")
     assert out.returncode != 0 and "MODEL must be uc2 or cclm" in out.stderr
+
+
+def test_eval_takes_the_runs_own_inputs_unless_given():
+    assert make("-n", "eval", "RUN=runs/r").stdout.splitlines()[-1].split() == [
+        ".venv/bin/python", "eval_zeroshot.py", "evaluate", "--run-dir", "runs/r"]
+    given = make("-n", "translate-test", "RUN=runs/r", "DATA=/d", "TOKENIZER=/t", "EXTRA=--amp bf16").stdout
+    assert given.splitlines()[-1].split()[-7:] == ["--translate-test", "--data-root", "/d", "--tokenizer", "/t",
+                                                   "--amp", "bf16"]
+    assert "--features" not in given and "--images" not in given
+    out = make("eval")
+    assert out.returncode != 0 and "RUN= names the run folder" in out.stderr
+
+
+def test_targets_run_with_your_own_python_and_pass_extra(tmp_path):
+    """PY= uses that interpreter and installs nothing; EXTRA= reaches the command (here: --help)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    out = make("eval", f"RUN={run}", f"PY={sys.executable}", "EXTRA=--help")
+    assert out.returncode == 0, out.stderr
+    assert "--run-dir" in out.stdout and "(default: 64)" in out.stdout
+    assert not make("-n", "test", "PY=python3").stdout.count("venv")
+    assert "figures runs/*/ --dpi 10" in make("-n", "figures", "EXTRA=--dpi 10").stdout.replace("  ", " ")
+
+
+def test_missing_python_is_named_with_the_way_out(tmp_path):
+    out = make("eval", f"RUN={tmp_path}", "PY=/nonexistent/python")
+    assert out.returncode != 0 and "no Python at /nonexistent/python" in out.stderr and "PY=" in out.stderr
+
+
+def test_sanity_evaluates_the_released_uc2_xgqa_checkpoint_beside_iglues_row():
+    out = make("-n", "sanity", "CKPT_FT=/ft/pytorch_model_best.bin", "DATA=/d", "FEATURES=/f")
+    assert out.returncode == 0, out.stderr
+    assert ("eval_zeroshot.py evaluate --checkpoint /ft/pytorch_model_best.bin --released-task xgqa --data-root /d "
+            "--features /f") in out.stdout
+    assert "en 55.19, avg 29.35" in out.stdout

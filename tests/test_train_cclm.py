@@ -52,7 +52,9 @@ def final_state(run: Path) -> dict[str, torch.Tensor]:
 
 
 def records(run: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (run / engine.METRICS).read_text().splitlines()) if r["type"] == kind]
+    """metrics.jsonl records of a kind, without the wall-clock measurements (no two runs share those)."""
+    return [{k: v for k, v in r.items() if k not in engine.DataWait.KEYS}
+            for r in map(json.loads, (run / engine.METRICS).read_text().splitlines()) if r["type"] == kind]
 
 
 # ---------------------------------------------------------------- schedules
@@ -125,7 +127,7 @@ def test_fixed_batch_loss_falls(env: Path, task: str, policy: str) -> None:
 def test_xgqa_pipeline_with_eval(env: Path, tmp_path: Path) -> None:
     out = tmp_path / "xgqa"
     train_cclm.main(cli(env, "xgqa", out, "--policy", "suf", "--epochs", "2", "--batch-size", "4",
-                        "--micro-batch-size", "2", "--max-steps-per-epoch", "2", "--eval-split", "dev", "--langs", "en"))
+                        "--micro-batch-size", "2", "--max-steps-per-epoch", "2", "--eval-split", "dev", "--langs", "en", "--eval-every", "1"))
     evals = records(out, "eval")
     assert [(r["epoch"], r["lang"]) for r in evals] == [(1, "en"), (2, "en")]
     assert 0.0 <= evals[-1]["accuracy"] <= 100.0
