@@ -35,7 +35,7 @@ TRAINERS = {"uc2": train_uc2.main, "cclm": train_cclm.main}
 # Every run: 2 epochs (SUF's trainable set changes at epoch 2) x 3 steps, a loss record per step, the
 # model's own dropout on, no per-epoch evaluation, random initialisation from --seed.
 COMMON = ["--model-config", "tiny", "--epochs", "2", "--max-steps-per-epoch", "3", "--log-every", "1", "--seed", "0",
-          "--no-eval", "--num-workers", "0"]
+          "--no-eval", "--num-workers", "0", "--amp", "off"]
 # name -> (model, flags). lr larger than the paper's so that 6 steps move a random tiny model measurably
 # (a 1% lr change must leave the tolerance: test_a_one_percent_lr_change_fails_the_pin); UC2 xflickrco's
 # triplet loss sits at its margin (0.2) from a random start and needs 3e-2 for that.
@@ -86,7 +86,16 @@ def step_losses(run: Path) -> list[tuple[int, float]]:
 
 
 def run(name: str, workdir: Path, out: Path, *extra: str) -> list[tuple[int, float]]:
-    TRAINERS[RECIPES[name][0]](argv(name, workdir, out, *extra))
+    """The recipe on the CPU (the pins are CPU float32 numbers, also on a machine with a GPU)."""
+    before = os.environ.get("SUF_DEVICE")
+    os.environ["SUF_DEVICE"] = "cpu"
+    try:
+        TRAINERS[RECIPES[name][0]](argv(name, workdir, out, *extra))
+    finally:
+        if before is None:
+            del os.environ["SUF_DEVICE"]
+        else:
+            os.environ["SUF_DEVICE"] = before
     return step_losses(out)
 
 
@@ -97,7 +106,8 @@ def regenerate(workdir: Path) -> dict:
     import torch
     write_inputs(workdir)
     pins = {name: {"flags": RECIPES[name][1], "steps": run(name, workdir, workdir / name)} for name in RECIPES}
-    return {"regenerate": "python tests/_recipes.py --regen (only when behaviour changes on purpose: tests/fixtures/recipes/README.md)",
+    why = "only when behaviour changes on purpose: tests/fixtures/recipes/README.md"
+    return {"regenerate": f"python tests/_recipes.py --regen ({why})",
             "produced_with": {"torch": torch.__version__, "numpy": numpy.__version__, "Pillow": PIL.__version__,
                               "tokenizers": tokenizers.__version__, "python": platform.python_version(),
                               "cpu_capability": torch.backends.cpu.get_cpu_capability()},
