@@ -8,8 +8,10 @@ change of behaviour is intended, regenerate (tests/fixtures/recipes/README.md) a
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -29,13 +31,9 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(workdir: Path) -> dict:
-    """name -> the recipe's (step, loss) records, each recipe run once per module, on first use."""
-    class Runs(dict):
-        def __missing__(self, name: str):
-            self[name] = R.run(name, workdir, workdir / name)
-            return self[name]
-    return Runs()
+def uninterrupted(workdir: Path) -> Callable[[str], list[tuple[int, float]]]:
+    """name -> the recipe's (step, loss) records; each recipe runs once per module, on first use."""
+    return functools.cache(lambda name: R.run(name, workdir, workdir / name))
 
 
 def assert_matches_pin(name: str, got: list[tuple[int, float]]) -> None:
@@ -46,11 +44,11 @@ def assert_matches_pin(name: str, got: list[tuple[int, float]]) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(R.RECIPES))
-def test_per_step_losses_match_the_pinned_values(name: str, uninterrupted: dict) -> None:
+def test_per_step_losses_match_the_pinned_values(name: str, uninterrupted: Callable) -> None:
     pin = PINS["recipes"].get(name)
     assert pin is not None and pin["flags"] == R.RECIPES[name][1] and PINS["common_flags"] == R.COMMON, \
         f"{name}: the recipe differs from the one pinned: regenerate (tests/fixtures/recipes/README.md)"
-    assert_matches_pin(name, uninterrupted[name])
+    assert_matches_pin(name, uninterrupted(name))
 
 
 @pytest.mark.parametrize("name", sorted(R.RECIPES))
@@ -64,7 +62,7 @@ def test_a_one_percent_lr_change_fails_the_pin(name: str, workdir: Path) -> None
 
 
 @pytest.mark.parametrize("name", RESUMED)
-def test_resume_mid_run_logs_the_same_per_step_losses_bitwise(name: str, workdir: Path, uninterrupted: dict,
+def test_resume_mid_run_logs_the_same_per_step_losses_bitwise(name: str, workdir: Path, uninterrupted: Callable,
                                                                monkeypatch) -> None:
     """Stopped after step 5 (mid epoch 2), resumed from the epoch-1 checkpoint: steps 4-6 are redone and every
     logged loss equals the uninterrupted run's exactly (dropout, sampled negatives and data order restored)."""
@@ -74,4 +72,4 @@ def test_resume_mid_run_logs_the_same_per_step_losses_bitwise(name: str, workdir
         R.run(name, workdir, cut)
     assert [step for step, _ in R.step_losses(cut)] == [1, 2, 3, 4]
     monkeypatch.delenv("SUF_FAULT")
-    assert R.run(name, workdir, cut, "--resume") == uninterrupted[name]
+    assert R.run(name, workdir, cut, "--resume") == uninterrupted(name)
