@@ -572,7 +572,8 @@ def _close_lmdb(path: str) -> None:
 
 class LMDBRegionFeatures(_LazyHandle):
     """Per-image LMDB as VOLTA reads it: `keys` entry + pickled dict per image id, with numpy arrays
-    (h5_to_lmdb.py, boxes36) or base64 float32 bytes (npy_to_lmdb.py, X101)."""
+    (h5_to_lmdb.py, boxes36) or base64 float32 bytes (npy_to_lmdb.py, X101):
+    docs/reference_facts.md#F-uc2-feature-files."""
 
     def _open(self):
         return _open_lmdb(self.path)
