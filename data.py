@@ -614,7 +614,8 @@ def _close_lmdb(path: str) -> None:
 
 class LMDBRegionFeatures(_LazyHandle):
     """Per-image LMDB as VOLTA reads it: `keys` entry + pickled dict per image id, with numpy arrays
-    (h5_to_lmdb.py, boxes36) or base64 float32 bytes (npy_to_lmdb.py, X101)."""
+    (h5_to_lmdb.py, boxes36) or base64 float32 bytes (npy_to_lmdb.py, X101):
+    docs/reference_facts.md#F-uc2-feature-files."""
 
     def _open(self):
         return _open_lmdb(self.path)
@@ -673,7 +674,7 @@ def _record_arrays(path: str, key, item, rows: slice) -> tuple[np.ndarray, np.nd
 
 def _as_rows(value, width: int, where: str = "", name: str = "") -> np.ndarray:
     # X101 LMDBs store base64 text of raw float32; h5_to_lmdb stores the arrays themselves (used directly,
-    # as the reference README advises, instead of VOLTA's try-b64decode-then-fall-back).
+    # instead of VOLTA's try-b64decode-then-fall-back: docs/reference_facts.md#F-uc2-feature-b64).
     if isinstance(value, (bytes, str)):
         try:
             raw = base64.b64decode(value, validate=True)
@@ -1162,6 +1163,7 @@ def _random_resized_crop_box(rng: np.random.Generator, width: int, height: int, 
 # RandomAugment(2, 7) of X2-VLM with its 10 ops. Same op list, level (7/10), probabilities (each of the 2
 # sampled ops applied with p=0.5) and parameters; pixel ops written in numpy with the reference's formulas,
 # geometric ops with PIL's bilinear affine (the reference uses cv2.warpAffine: sub-pixel results may differ).
+# What the reference does: docs/reference_facts.md#F-cclm-randaugment
 _AUG_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
             "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 _AUG_LEVEL, _AUG_MAX_LEVEL, _AUG_FILL = 7, 10, (128, 128, 128)
@@ -1169,7 +1171,8 @@ _AUG_LEVEL, _AUG_MAX_LEVEL, _AUG_FILL = 7, 10, (128, 128, 128)
 
 def _autocontrast(arr: np.ndarray) -> np.ndarray:
     # the intended per-channel stretch; the reference negates the channel minimum as a uint8 (-low wraps to
-    # 256 - low), which turns any channel whose minimum is above 0 almost white: a bug we do not copy (README)
+    # 256 - low), which turns any channel whose minimum is above 0 almost white: a bug we do not copy
+    # (docs/reference_facts.md#F-cclm-randaugment, README)
     out = arr.copy()
     for c in range(arr.shape[2]):
         ch = arr[:, :, c]

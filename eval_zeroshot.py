@@ -40,7 +40,7 @@ TASKS = ("xgqa", "xvnli", "xflickrco")
 QTYPES = ("verify", "query", "choose", "logical", "compare")   # GQA structural types
 RECALL_KS = (1, 5, 10)
 MAIN_METRICS = {"xgqa": ("accuracy",), "xvnli": ("accuracy",), "xflickrco": ("tr_r1", "ir_r1")}
-UNSCORED = -100.0   # CCLM reference: retrieval matrix entries outside the k_test prefilter
+UNSCORED = -100.0   # entries outside the k_test prefilter (docs/reference_facts.md#F-cclm-retrieval-eval)
 # IGLUE's results/ file stems (model,en,<langs>,avg rows); "_ir"/"_tr" for retrieval.
 CSV_STEM = {"xgqa": "xGQA", "xvnli": "XVNLI", "xflickrco": "xFlickrCO"}
 # IGLUE's target languages (test sets; the paper's ZS-XLT averages run over all of them)
@@ -104,7 +104,8 @@ def classification_metrics(preds: Sequence[int], labels: Sequence[int],
     vocabulary, XVNLI gold "-" in UC2's data; CCLM's loader drops those pairs as X2-VLM does) can
     never be predicted and counts as wrong, as in IGLUE's string-match evaluation.
     XVNLI: X2-VLM's XVNLI.py prints n_correct / (n + 1) (its SmoothedValue starts with a dummy 0
-    update; 1 of 3 correct prints 0.25); we report the correct n_correct / n.
+    update; 1 of 3 correct prints 0.25; docs/reference_facts.md#F-cclm-xvnli-accuracy); we report the
+    correct n_correct / n.
     With qtypes (xGQA): accuracy_<type> and n_<type> per structural type, so that
     sum(n_t * accuracy_t) / n == accuracy exactly (same counts)."""
     if len(preds) != len(labels):
@@ -131,7 +132,8 @@ def classification_metrics(preds: Sequence[int], labels: Sequence[int],
 # < 1.25 had no other); numpy >= 1.25 sends float argsort to AVX-512 / AVX2 kernels whose order among equal values
 # depends on the CPU, so np.argsort today would not give one answer on every machine. numpy_argsort below is the
 # portable introsort's order, step for step (numpy's npysort/quicksort aquicksort_ and aheapsort_, BSD licence;
-# written here), tested against np.argsort with numpy's SIMD dispatch switched off.
+# written here), tested against np.argsort with numpy's SIMD dispatch switched off. The references' lines:
+# docs/reference_facts.md#F-retrieval-ranks
 TIE_ORDERS = ("volta", "x2vlm")
 TIE_ORDER_OF_MODEL = {"uc2": "volta", "cclm": "x2vlm"}
 SMALL_SORT = 15   # numpy: partitions spanning at most 16 elements are insertion-sorted
@@ -370,9 +372,10 @@ def uc2_score_matrix(model: torch.nn.Module, images: dict[str, torch.Tensor], te
 def cclm_score_matrices(model: torch.nn.Module, image_batches: Iterable[dict], text_batches: Iterable[dict],
                         image_offset: int, n_images: int, n_texts: int, k: int = 128, itm_batch: int = 128,
                         dist=None, device="cpu", amp: str = "off") -> tuple[torch.Tensor, torch.Tensor]:
-    """CCLM/X2-VLM protocol: every image and every caption is encoded once (this rank: its shard of
-    each); ITC similarity image_feat @ text_feat.T; for every image the top-k captions and for every
-    caption the top-k images are re-scored with the ITM head; all other entries are -100.
+    """CCLM/X2-VLM protocol (docs/reference_facts.md#F-cclm-retrieval-eval): every image and every caption is
+    encoded once (this rank: its shard of each); ITC similarity image_feat @ text_feat.T; for every image the
+    top-k captions and for every caption the top-k images are re-scored with the ITM head; all other entries
+    are -100.
     Returns score_i2t [n_images, n_texts], score_t2i [n_texts, n_images] (CPU, float32), identical
     on every rank. Only ITC features and text states travel between ranks; a pair is ITM-scored on
     the rank that holds its image's encoder states. k is capped at the candidate count (the
@@ -625,7 +628,7 @@ def csv_n(task: str, metrics: dict, metric: str) -> int:
 
 def iglue_csv(task: str, per_lang: dict[str, dict], model_name: str, metric: str, shots: int | str = 0,
               extra_langs: Sequence[str] = ()) -> str:
-    """IGLUE's results/ CSV: header model,<IGLUE's languages>,avg (get_<task>_zero.py / _few.py column order),
+    """IGLUE's results/ CSV (docs/reference_facts.md#F-iglue-results-csv): header model,<IGLUE's languages>,avg,
     the model's row, and a row "n" with the number of examples of each language (-1 where missing). A language
     without a result is -1.0, as IGLUE writes it; avg is IGLUE's mean over the target languages when all of them
     have a result, else -1.0 (IGLUE's formula would average the -1.0s in). Languages outside IGLUE's list
@@ -663,7 +666,8 @@ def predictions_name(record: dict, lang: str) -> str:
 
 
 def predictions_json(task: str, preds: Sequence[tuple[str, int]], names: Sequence[str]) -> str:
-    """One language's per-example predictions as VOLTA's eval_task.py writes them: xGQA (VL-classifier-GQA)
+    """One language's per-example predictions as VOLTA's eval_task.py writes them
+    (docs/reference_facts.md#F-uc2-eval-outputs): xGQA (VL-classifier-GQA)
     [{"questionId", "prediction": answer}], the input of GQA_score.py and of IGLUE's xGQA analysis notebook;
     XVNLI (VL-classifier) [{"question_id": pairID, "answer": entailment|neutral|contradiction}]. names[label]:
     the answer / class name of each label id of the model (see label_names)."""
@@ -1338,8 +1342,8 @@ def prepare_model(model: torch.nn.Module, data_root, tokenizer) -> None:
     """CCLM xGQA ranks the 1,842 GQA answers: give the model the tokenised answer list in X2-VLM's order
     (tokenizer(answer_list, padding='longest'): <s> answer </s>)."""
     if hasattr(model, "set_answer_list"):
-        # X2-VLM's xgqa_dataset: answer_list = list(json.load(trainval_ans2label.json).keys()), the candidate order
-        # that decides first-token ties at the top-k prune; predictions map back to our label ids
+        # X2-VLM's candidates: trainval_ans2label.json's keys in order (docs/reference_facts.md#F-cclm-answer-list),
+        # the order that decides first-token ties at the top-k prune; predictions map back to our label ids
         ans2label, _ = data.load_answer_vocab(data_root)
         answers = list(ans2label)
         model.set_answer_list(*data.encode_texts(tokenizer, answers, None),

@@ -1,7 +1,7 @@
 """CCLM (CCLM-X2VLM base, X2-VLM code base) fine-tuning on IGLUE with scheduled unfreezing.
 
-Model, heads, losses and checkpoint mapping reproduce the reference (zengyan-97/X2-VLM, facts in
-/work/shared/reference/cclm/README.md, "README" below): a BEiT-2 ViT (timm) encodes the image,
+Model, heads, losses and checkpoint mapping reproduce the reference (zengyan-97/X2-VLM; what it does is in
+docs/reference_facts.md, F-cclm-*, cited below): a BEiT-2 ViT (timm) encodes the image,
 12 XLM-R layers (transformers) the text, 6 BERT layers with cross-attention fuse both.
 SUF covers the 18 text + cross layers (text 0-11, cross 12-17); the ViT, the text embeddings,
 the heads and the xGQA answer decoder always train (under --policy top only the heads and the answer
@@ -35,7 +35,7 @@ import freeze
 TASKS = ("xgqa", "xvnli", "xflickrco")
 
 CONFIGS: dict[str, dict] = {
-    "base": {  # CCLM-X2VLM base fine-tuned at 384 (README §1-2)
+    "base": {  # CCLM-X2VLM base fine-tuned at 384 (docs/reference_facts.md#F-cclm-config)
         "image_res": 384, "patch_size": 16, "vision_width": 768, "vision_depth": 12, "vision_heads": 12,
         "vision_mlp_ratio": 4.0, "vision_init_values": 0.1, "vision_drop_path": 0.1,
         "vocab_size": 250002, "hidden_size": 768, "pad_token_id": 1,
@@ -348,7 +348,7 @@ class CCLMForRetrieval(CCLM):
         return v, F.normalize(self.vision_proj(v[:, 0]), dim=-1)
 
     def encode_texts(self, text_ids: torch.Tensor, text_atts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ITC text features come from the text encoder alone (README §3)."""
+        """ITC text features come from the text encoder alone (docs/reference_facts.md#F-cclm-itc-text)."""
         t = self.text_encoder(text_ids, text_atts)
         return t, F.normalize(self.text_proj(t[:, 0]), dim=-1)
 
@@ -381,9 +381,10 @@ class CCLMForRetrieval(CCLM):
         return (loss_i2t + loss_t2i) / 2
 
     def matching_loss(self, vision_embeds, image_feat, text_embeds, text_atts, text_feat, idx) -> torch.Tensor:
-        """ITM with the reference's hard negatives: per pair, one negative image and one negative text
-        drawn (global torch RNG, this rank's batch only) with probability softmax(sim / temp) + 1e-5,
-        zeroed for pairs sharing the image id; CE over [pos, (neg img, text), (img, neg text)]."""
+        """ITM with the reference's hard negatives (docs/reference_facts.md#F-cclm-hard-negatives): per pair,
+        one negative image and one negative text drawn (global torch RNG, this rank's batch only) with
+        probability softmax(sim / temp) + 1e-5, zeroed for pairs sharing the image id; CE over
+        [pos, (neg img, text), (img, neg text)]."""
         bs = image_feat.shape[0]
         with torch.no_grad():
             sim_i2t = image_feat @ text_feat.t() / self.temp
@@ -438,7 +439,7 @@ class CCLMForRetrieval(CCLM):
 
 
 class CCLMForXGQA(CCLM):
-    """VQA as answer generation, evaluated by ranking a fixed answer list (README §3, §3.1)."""
+    """VQA as answer generation, evaluated by ranking a fixed answer list (docs/reference_facts.md#F-cclm-xgqa-rank)."""
     RANK_SEQUENCES = 512  # candidate sequences decoded at once by predict
 
     def __init__(self, task: str, config: dict):
@@ -452,7 +453,7 @@ class CCLMForXGQA(CCLM):
 
     def set_answer_list(self, answer_ids: torch.Tensor, answer_atts: torch.Tensor,
                         labels: torch.Tensor | None = None) -> None:
-        """Candidates in ranking order (X2-VLM: trainval_ans2label.json's key order); labels[i]: the label id
+        """Candidates in ranking order (docs/reference_facts.md#F-cclm-answer-list); labels[i]: the label id
         predict() returns for candidate i (default: i)."""
         self.answer_ids = answer_ids.to(self.answer_ids.device)
         self.answer_atts = answer_atts.to(self.answer_atts.device)
@@ -486,8 +487,9 @@ class CCLMForXGQA(CCLM):
     @torch.no_grad()
     def rank_answers(self, states: torch.Tensor, state_atts: torch.Tensor, answer_ids: torch.Tensor,
                      answer_atts: torch.Tensor, k: int, details: bool = False):
-        """rank_answer (README §3.1): prune candidates to the top k by first-token probability, then
-        score = log p(first token) - summed NLL of the whole answer (first token counted twice)."""
+        """X2-VLM's rank_answer (docs/reference_facts.md#F-cclm-xgqa-rank): prune candidates to the top k by
+        first-token probability, then score = log p(first token) - summed NLL of the whole answer (first
+        token counted twice)."""
         n = states.shape[0]
         k = min(k, answer_ids.shape[0])
         start = answer_ids[0, 0].repeat(n, 1)  # <s>
@@ -509,7 +511,8 @@ class CCLMForXGQA(CCLM):
 
     @torch.no_grad()
     def predict(self, batch: dict) -> torch.Tensor:
-        """Label id (set_answer_list's labels) of the first-ranked candidate (XGQA.py)."""
+        """Label id (set_answer_list's labels) of the first-ranked candidate (XGQA.py;
+        docs/reference_facts.md#F-cclm-xgqa-rank)."""
         import engine  # (this module imports engine lazily, as its main() does)
         if self.answer_ids.numel() == 0:
             raise ValueError("xgqa predict: call model.set_answer_list(answer_ids, answer_atts) first")
@@ -552,9 +555,10 @@ def LAYOUT(task: str, config: dict | None = None) -> freeze.LayerLayout:
 # ---------------------------------------------------------------- checkpoints
 
 def resize_rel_pos_bias_table(table: torch.Tensor, dst_grid: int, num_extra: int = 3) -> torch.Tensor:
-    """X2-VLM beit2.interpolate_pos_embed for one [(2G-1)^2+3, heads] table: bicubic spline through the
-    source grid placed at geometric-progression coordinates, sampled at integer offsets; float64
-    (scipy interp2d 'cubic' == RectBivariateSpline(kx=ky=3, s=0) on a regular grid), cast to float32."""
+    """X2-VLM beit2.interpolate_pos_embed (docs/reference_facts.md#F-cclm-relpos-resize) for one [(2G-1)^2+3, heads]
+    table: bicubic spline through the source grid placed at geometric-progression coordinates, sampled at
+    integer offsets; float64 (scipy interp2d 'cubic' == RectBivariateSpline(kx=ky=3, s=0) on a regular
+    grid), cast to float32."""
     from scipy.interpolate import RectBivariateSpline
     src_size = int((table.shape[0] - num_extra) ** 0.5)
     dst_size = 2 * dst_grid - 1
@@ -597,10 +601,11 @@ def _is_decoder_cross_kv(key: str) -> bool:
 
 def pretrained_load_plan(ckpt_shapes: dict[str, tuple], model_shapes: dict[str, tuple], buffers: set[str],
                          task: str) -> list[tuple[str, str, str]]:
-    """How each fine-tuning key gets its value from the CCLM pretraining checkpoint (README §2.1):
-    rows (finetune_key, action, pretrain_key) with the actions of ft_<task>.init_from_pretrain.tsv,
-    model keys first (in model order), then ("-", "unused_pretrain_key", key). Shapes only, so it
-    runs on meta tensors. Raises ValueError naming the first key that fits none of the rules."""
+    """How each fine-tuning key gets its value from the CCLM pretraining checkpoint
+    (docs/reference_facts.md#F-cclm-load-pretrained): rows (finetune_key, action, pretrain_key) with the actions of
+    ft_<task>.init_from_pretrain.tsv, model keys first (in model order), then ("-", "unused_pretrain_key",
+    key). Shapes only, so it runs on meta tensors. Raises ValueError naming the first key that fits none
+    of the rules."""
     rows, used = [], set()
     # XVLMPlusForVQA.load_pretrained copies no cross-attention key/value (weights and biases) into the
     # decoder when its K/V input width (hidden) differs from the cross encoder's (vision_width)
@@ -707,7 +712,8 @@ def load_finetuned(model: CCLM, state: dict[str, torch.Tensor], source: str = "c
 
 
 def load_checkpoint(model: CCLM, path: str) -> str:
-    """The released pretraining checkpoint (mapped, README §2.1) or a fine-tuned one (as is)."""
+    """The released pretraining checkpoint (mapped: docs/reference_facts.md#F-cclm-load-pretrained) or a
+    fine-tuned one (as is)."""
     return load_state(model, read_checkpoint(path)[0], f"checkpoint {path}")
 
 
@@ -726,7 +732,7 @@ def load_state(model: CCLM, state: dict[str, torch.Tensor], source: str) -> str:
 # ANYWHERE in the name ("bias", "LayerNorm.weight", "norm.weight", "norm1.weight", "norm2.weight"; its
 # "*.bias" entries add nothing to "bias"). So the ViT's q_bias / v_bias and relative_position_bias_table and
 # its fc_norm are exempt, while the layer-scale gammas, `temp`, the cls token and the heads' LayerNorm weights
-# (cls_head.1.weight, itm_head.1.weight: no "norm" in the name) are decayed.
+# (cls_head.1.weight, itm_head.1.weight: no "norm" in the name) are decayed (docs/reference_facts.md#F-cclm-optimizer).
 X2VLM_NO_DECAY_SUBSTRINGS = ("bias", "LayerNorm.weight", "norm.weight", "norm1.weight", "norm2.weight")
 
 
@@ -766,7 +772,7 @@ DEFAULTS = {
     "xgqa": {"lr": 3e-5, "batch_size": 256},
     "xvnli": {"lr": 3e-5, "batch_size": 144},
     "xflickrco": {"lr": 3e-5, "batch_size": 128},
-    # paper silent: AdamW betas of X2-VLM's create_optimizer (the CCLM fine-tuning code); eps 1e-8 (same);
+    # paper silent: AdamW betas and eps 1e-8 of X2-VLM's create_optimizer (docs/reference_facts.md#F-cclm-optimizer);
     # its no-decay rule (x2vlm_no_decay) and lr_mult 2 (--lr-mult) are wired in main
     "adam_betas": [0.9, 0.98],
 }

@@ -2,8 +2,8 @@
 
 The model is UC2 exactly as IGLUE ran it through VOLTA (config `uc2_base`): a single-stream
 XLM-R-base encoder over [text tokens ; projected region features], a ReLU pooler on the first text
-token, and VOLTA's task heads and losses. Facts: tests/fixtures/uc2/README.md and
-../shared/reference/uc2/README.md (sections 2, 3, 5, 7).
+token, and VOLTA's task heads and losses. Facts: docs/reference_facts.md (F-uc2-*, F-retrieval-ranks)
+and tests/fixtures/uc2/README.md.
 
   python train_uc2.py --task xgqa --policy suf --data-root DATA --features FEATS \
       --checkpoint uc2_checkpoint_200000.bin --tokenizer xlm-roberta-base --output-dir runs/uc2-xgqa-suf
@@ -33,7 +33,7 @@ TASKS = ("xgqa", "xvnli", "xflickrco")
 VOLTA_TASK_KEY = {"xgqa": "TASK15", "xvnli": "TASK19", "xflickrco": "TASK8"}
 
 CONFIGS: dict[str, dict] = {
-    # config/uc2_base.json of VOLTA (IGLUE's UC2).
+    # VOLTA's config/uc2_base.json, which IGLUE's UC2 runs use (docs/reference_facts.md#F-uc2-config).
     "base": dict(vocab_size=250002, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
                  max_position_embeddings=514, type_vocab_size=2, pad_token_id=1, layer_norm_eps=1e-5,
                  v_feature_size=2048, num_locs=7, pooler_size=768, clf_hidden_size=768, num_answers=1842,
@@ -235,7 +235,8 @@ def _make_head(task: str, c: dict) -> nn.Module:
 
 
 def triplet_loss(scores: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
-    """IGLUE's UC2 retrieval loss: hinge on sigmoid scores, positive in column 0, mean over negatives and batch."""
+    """IGLUE's UC2 retrieval loss: hinge on sigmoid scores, positive in column 0, mean over negatives and batch
+    (docs/reference_facts.md#F-uc2-losses)."""
     p = torch.sigmoid(scores)
     return torch.clamp(margin + p[:, 1:] - p[:, :1], min=0).mean()
 
@@ -349,7 +350,7 @@ def LAYOUT(task: str, config: dict | None = None) -> freeze.LayerLayout:
 #   volta     IGLUE's VOLTA files: pre-trained uc2_checkpoint_200000.bin, fine-tuned pytorch_model_*.bin
 #             (plain state dicts, alias keys), pytorch_ckpt_latest.tar (wrapped, with a pickled tbLogger)
 #   original  UC2's own model_step_200000.pt (VLXLMRForPretraining, fp16 or fp32), renamed exactly as
-#             VOLTA's conversions/convert_uc2.py does, collision included (see _original_to_volta)
+#             VOLTA's convert_uc2.py does, collision included (docs/reference_facts.md#F-uc2-convert)
 #   xlmr      a Hugging Face xlm-roberta-base folder/file: text side only
 #   ours      checkpoints written by this script (engine format, or a plain state dict of our names)
 
@@ -410,7 +411,8 @@ def volta_key(key: str, task: str) -> tuple[str, str]:
 
 
 def _original_to_volta(key: str) -> str:
-    """UC2 original key -> the name VOLTA's convert_uc2.py gives it (its rename rules, in its order)."""
+    """UC2 original key -> the name VOLTA's convert_uc2.py gives it (its rename rules, in its order:
+    docs/reference_facts.md#F-uc2-convert)."""
     for a, b in (("roberta", "bert"), ("img_embeddings", "embeddings"), ("img_linear", "image_embeddings"),
                  ("pos_linear", "image_location_embeddings"), ("img_layer_norm", "image_layer_norm"),
                  ("pos_layer_norm", "image_location_layer_norm"), ("attention.self", "attention_self"),
@@ -691,7 +693,7 @@ DEFAULTS = {
     "xgqa": {"epochs": 5, "lr": 4e-5, "batch_size": 256},
     "xvnli": {"epochs": 10, "lr": 2e-5, "batch_size": 128},
     "xflickrco": {"epochs": 10, "lr": 2e-5, "batch_size": 64},
-    # IGLUE's UC2 scripts/configs (VOLTA train_task.py): AdamW eps 1e-6, weight decay 1e-4, clip 1.0,
+    # IGLUE's UC2 scripts/configs (docs/reference_facts.md#F-uc2-iglue-optim): AdamW eps 1e-6, wd 1e-4, clip 1.0,
     # LR schedule length 20 epochs (optim_train_epochs); no-decay rule: iglue_no_decay (wired in main).
     "recipes": {"iglue": {"weight_decay": 1e-4, "adam_eps": 1e-6, "clip_grad": 1.0, "schedule_epochs": 20}},
 }

@@ -170,8 +170,9 @@ def test_layout_18_layers(task: str) -> None:
 # lr * lr_mult (2, the CCLM fine-tuning configs) for model.init_params; the ViT at the paper's 2e-5.
 X2VLM_NO_DECAY = {"bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight",
                   "norm1.bias", "norm1.weight", "norm2.bias", "norm2.weight"}
-# The second name of each tied tensor (reference README: decoder weight/bias tied to the decoder's
-# word embeddings / predictions.bias); named_parameters() and so create_optimizer see the first only.
+# The second name of each tied tensor (decoder weight/bias tied to the decoder's word embeddings /
+# predictions.bias: docs/reference_facts.md#F-cclm-xgqa-decoder-tied); named_parameters() and so create_optimizer
+# see the first only.
 TIED_SECOND_NAMES = {"text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.decoder.bias"}
 LR, VISION_LR, WD, LR_MULT = 3e-5, 2e-5, 0.01, 2.0
 
@@ -204,7 +205,7 @@ def test_optimizer_groups_follow_x2vlm_rules_on_the_released_layout(task: str) -
     assert got.keys() == want.keys()
     assert {n for n in got if got[n] != want[n]} == set()
     doubled = sum(lr == LR * LR_MULT for lr, _ in want.values())
-    assert doubled == {"xgqa": 10, "xvnli": 6, "xflickrco": 0}[task]  # reference README §2.1
+    assert doubled == {"xgqa": 10, "xvnli": 6, "xflickrco": 0}[task]  # docs/reference_facts.md#F-cclm-load-pretrained
     # the four reversals of the former ndim rule, named
     assert got["vision_encoder.blocks.0.attn.relative_position_bias_table"][1] == 0.0
     assert got["vision_encoder.blocks.0.gamma_1"][1] == WD

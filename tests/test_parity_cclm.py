@@ -1,4 +1,4 @@
-"""CCLM parity with the reference (X2-VLM run with random weights, README §5): every float output within
+"""CCLM parity with the reference (X2-VLM run with random weights, fixtures/cclm/README.md): every float output within
 tests/parity.py's tolerance, integers exact. Fixture folders: $PARITY_FIXTURES (os.pathsep-separated) or every
 shipped tests/fixtures/cclm/parity_* set; all dimensions come from each folder's model_config.json."""
 from __future__ import annotations
