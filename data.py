@@ -1607,7 +1607,7 @@ class UC2Dataset(_EpochDataset):
             pool_ids = [str(x) for x in hn["train_image_list"]]
             # pool row of each of our images, with pool entries translated to our image indices (-1 = unknown)
             to_ours = np.array([ours.get(k, -1) for k in pool_ids])
-            self.hard_pool = {ours[k]: to_ours[np.asarray(hn["train_hard_pool"][r], dtype=np.int64)]
+            self.hard_pool = {ours[k]: _pool_row(to_ours, hn["train_hard_pool"], r, where)
                               for r, k in enumerate(pool_ids) if k in ours}
             if self.negatives == "volta":
                 self._check_volta_pool(where)
@@ -1687,6 +1687,17 @@ class UC2Dataset(_EpochDataset):
             if len(cand):
                 return int(cand[rng.integers(0, len(cand))])
         return self._other_image(rng, img)
+
+
+def _pool_row(to_ours: np.ndarray, pool: Sequence, r: int, where) -> np.ndarray:
+    """Row r of train_hard_pool as our image indices; a position outside train_image_list is -1 (unknown)."""
+    try:
+        row = np.asarray(pool[r], dtype=np.int64).reshape(-1)
+    except (IndexError, TypeError, ValueError):
+        raise ValueError(f"{where}: train_hard_pool has no row {r} of integer image positions "
+                         f"(train_image_list has {len(to_ours)} images)") from None
+    inside = (row >= 0) & (row < len(to_ours))
+    return np.where(inside, to_ours[np.where(inside, row, 0)], -1)
 
 
 def load_hard_negatives(path: str | os.PathLike) -> dict:

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -503,6 +504,27 @@ def test_volta_negatives_refuse_a_pool_without_the_training_images(synthetic):
     with pytest.raises(ValueError, match="has no row in train_hard_pool"):
         data.UC2Dataset(exs, str(synthetic["features"]), "xflickrco", train=True, hard_negatives=hn)
     data.UC2Dataset(exs, str(synthetic["features"]), "xflickrco", train=True, hard_negatives=hn, negatives="corrected")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("short_row", "the train_hard_pool row of image .* has fewer than 2 entries"),
+    ("unknown_image", "names an image that is not in the training annotations"),
+    ("not_a_dict", r"expected a dict \(VOLTA's hard_negative.pkl\), got list"),
+    ("missing_key", "missing 'train_hard_pool'"),
+])
+def test_malformed_hard_negative_file_is_refused_naming_it(synthetic, tmp_path, case, message):
+    n = len(VOLTA_DRAWS["train_image_list"])
+    hn = {"train_image_list": VOLTA_DRAWS["train_image_list"], "train_hard_pool": [[0, 1]] * n}
+    if case == "short_row":
+        hn["train_hard_pool"] = [[0]] * n
+    elif case == "unknown_image":
+        hn["train_hard_pool"] = [[0, n + 5]] * n  # pool index past the list: no training image
+    hn = {"not_a_dict": [hn], "missing_key": {"train_image_list": hn["train_image_list"]}}.get(case, hn)
+    path = tmp_path / "hard_negative.pkl"
+    path.write_bytes(pickle.dumps(hn))
+    exs = data.load_split(ROOT, "xflickrco", "valid", "en")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: .*{message}"):
+        data.UC2Dataset(exs, str(synthetic["features"]), "xflickrco", train=True, hard_negatives=str(path))
 
 
 def test_set_epoch_determinism(synthetic):
