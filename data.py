@@ -354,6 +354,18 @@ def _text(value, where: str, key: str) -> str:
     return value
 
 
+def _answer_scores(value, where: str) -> dict[str, float]:
+    """GQA's training-format label {answer: score}: anything else (a list would become {'n': 'o'} through dict(),
+    a string score a late float() error) is an error naming the item."""
+    ok = isinstance(value, dict) and all(
+        isinstance(a, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for a, v in value.items())
+    if not ok:
+        raise ValueError(f"{where}: field 'label' must be an object of answer: score (number), "
+                         f"got {json.dumps(value)[:60]}")
+    return {a: float(v) for a, v in value.items()}
+
+
 def _require_known_labels(examples: list, path: Path, what: str) -> list:
     """A split none of whose labels is known (every answer outside the vocabulary, every gold label '-') would
     train on all-zero targets / score 0: wrong vocabulary or file."""
@@ -410,7 +422,7 @@ def _load_gqa(path: Path, rel: str, lang: str, ds: Path) -> list[Example]:
             where = f"{path} item {i}"
             if not isinstance(q, dict):
                 raise ValueError(f"{where}: expected an object, got {type(q).__name__}")
-            answers = dict(_field(q, "label", where))
+            answers = _answer_scores(_field(q, "label", where), where)
             gold = max(answers, key=answers.get) if answers else ""
             out.append(_gqa_example(lang, str(_field(q, "question_id", where)), str(_field(q, "img_id", where)),
                                     _text(_field(q, "sent", where), where, "sent"), answers, gold, "",
@@ -420,7 +432,7 @@ def _load_gqa(path: Path, rel: str, lang: str, ds: Path) -> list[Example]:
             where = f"{path} question {qid}"
             if not isinstance(q, dict):
                 raise ValueError(f"{where}: expected an object, got {type(q).__name__}")
-            gold = _field(q, "answer", where)
+            gold = _text(_field(q, "answer", where), where, "answer")
             qtype = (q.get("types") or {}).get("structural", "")
             out.append(_gqa_example(lang, str(qid), str(_field(q, "imageId", where)),
                                     _text(_field(q, "question", where), where, "question"),

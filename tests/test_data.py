@@ -527,6 +527,18 @@ def test_malformed_hard_negative_file_is_refused_naming_it(synthetic, tmp_path, 
         data.UC2Dataset(exs, str(synthetic["features"]), "xflickrco", train=True, hard_negatives=str(path))
 
 
+@pytest.mark.parametrize("label", [["no"], {"no": "x"}, {"no": True}, {"no": float("inf")}, "no", None])
+def test_gqa_label_that_is_not_answer_scores_is_refused_naming_the_item(tmp_path, label):
+    ds = tmp_path / "datasets"
+    shutil.copytree(ROOT / "datasets", ds)
+    path = ds / "gqa" / "annotations" / "testdev.json"
+    items = json.loads(path.read_text())
+    items[3]["label"] = label
+    path.write_text(json.dumps(items))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))} item 3: field 'label' must be an object of answer"):
+        data.load_split(tmp_path, "xgqa", "testdev", "en")
+
+
 def test_set_epoch_determinism(synthetic):
     exs = data.load_split(ROOT, "xflickrco", "valid", "en")
     for negatives in data.RETRIEVAL_NEGATIVES:
