@@ -5,10 +5,11 @@ non-finite-loss guard, per-epoch evaluation, metrics.jsonl, atomic checkpoints a
 A trainer's main() is:
     args = parser.parse_args()            # after engine.add_common_args(parser, DEFAULTS)
     dist = engine.setup_distributed()
+    run_dir = engine.check_run_dir(args, dist)  # before anything is built: a bad --output-dir costs nothing
     engine.seed_everything(args.seed)     # identical model init on every rank
     model = build_model(...); layout = LAYOUT(task); schedule = freeze.schedule_from_args(args, layout.num_layers)
     loader = engine.build_train_loader(dataset, args, dist, collate_fn)
-    engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist, module_lr=...)
+    engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist, module_lr=..., run_dir=run_dir)
     engine.cleanup_distributed()
 
 Run folder (--output-dir): args.json, metrics.jsonl, checkpoint_last.pt (resume state, written
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -33,7 +35,7 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -265,6 +267,34 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         raise SystemExit(2)
     parser.error = error
     return parser
+
+
+def exits_on_bad_input(main: Callable) -> Callable:
+    """Decorator for a script's main(argv): a ValueError (how this project reports bad input: data.BadInput,
+    checkpoint, config and annotation errors) ends it as SystemExit("error: <first line>"), so main() reads top to
+    bottom with no try/except. Lines after the first (a load plan's key-by-key report) go to stderr first, from
+    rank 0. Where the message must say which input it is about, raise it inside `about(flag)`."""
+    @functools.wraps(main)
+    def one_line(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except ValueError as e:
+            first, _, details = str(e).partition("\n")
+            if details and is_rank0_process():
+                print(details, file=sys.stderr, flush=True)
+            raise SystemExit(f"error: {first}") from None
+    return one_line
+
+
+@contextmanager
+def about(what: str, value: object = None):
+    """ValueErrors raised inside say which input they are about: "what: value: message" ("what: message" when
+    value is None or the message names it already), e.g. about("--checkpoint", args.checkpoint)."""
+    try:
+        yield
+    except ValueError as e:
+        named = "" if value is None or str(value) in str(e).partition("\n")[0] else f"{value}: "
+        raise ValueError(f"{what}: {named}{e}") from None
 
 
 def run_main(main: Callable[[], object]) -> None:
@@ -680,7 +710,8 @@ def check_run_dir(args: argparse.Namespace, dist: DistInfo) -> Path:
     """One-line SystemExit (on every rank) if --output-dir is in use by another process, holds a run and
     --resume is not given, holds nothing to resume (or a run whose checkpoint is gone), or is not writable.
     Rank 0 then holds the folder's lock until release_run_dirs() (engine.train and cleanup_distributed call
-    it). Writes no file; call it as early as you like. With --print-schedule nothing is checked."""
+    it). Writes no file; call it once, as early as you like, and give its result to train(run_dir=).
+    With --print-schedule nothing is checked."""
     run_dir = Path(args.output_dir)
     if getattr(args, "print_schedule", False):
         return run_dir
@@ -959,12 +990,13 @@ def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout
           train_loader: DataLoader, evaluate_fn: Callable | None, meta: dict, dist: DistInfo, *,
           module_lr: dict[str, float] | None = None, on_step: Callable[[nn.Module, int], None] | None = None,
           no_decay: Callable[[str, nn.Parameter], bool] | None = None,
-          lr_mult: Callable[[str], float] | None = None) -> None:
+          lr_mult: Callable[[str], float] | None = None, run_dir: Path | None = None) -> None:
     """The epoch loop (see module docstring). evaluate_fn(model, epoch 1-based) -> {lang: {metric: value}}
     is called on every rank after every epoch; on_step(model, steps_done) after every optimizer step;
     no_decay(name, param): the recipe's weight-decay exemption rule (default: freeze.no_decay_ndim);
-    lr_mult(name): per-parameter LR factor (default 1; see freeze.param_groups)."""
-    run_dir = check_run_dir(args, dist)
+    lr_mult(name): per-parameter LR factor (default 1; see freeze.param_groups); run_dir: what the caller's
+    check_run_dir returned (the trainers check before building anything), None: checked here."""
+    run_dir = check_run_dir(args, dist) if run_dir is None else run_dir
     try:
         _, accum = micro_and_accum(args, dist)
         steps_per_epoch = len(train_loader) // accum

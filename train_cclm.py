@@ -30,6 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaEmbeddings
 
 import data
+import engine
 import freeze
 
 TASKS = ("xgqa", "xvnli", "xflickrco")
@@ -642,7 +643,6 @@ def pretrained_load_plan(ckpt_shapes: dict[str, tuple], model_shapes: dict[str, 
 def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(state_dict, our run meta or None) from {'model': state_dict, 'meta' | 'config': ...} (ours /
     the reference's) or a bare state_dict."""
-    import engine
     try:
         ck = engine.read_torch_file(path)
     except FileNotFoundError:
@@ -774,7 +774,6 @@ VISION_LR = 2e-5
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import engine
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     engine.add_common_args(p, DEFAULTS)
     c = p.add_argument_group("CCLM (train_cclm.py)")
@@ -820,7 +819,6 @@ def model_config_from_args(args, meta: dict | None = None) -> dict:
         config.update(dropout=args.dropout, attn_dropout=args.dropout, vision_drop_path=args.dropout)
     if config["image_res"] % config["patch_size"]:
         raise SystemExit(f"error: image resolution {config['image_res']} is not a multiple of the patch size {config['patch_size']}")
-    import engine
     engine.check_heads(config, [("hidden_size", "text_heads"), ("hidden_size", "cross_heads"),
                                 ("vision_width", "vision_heads")], args.model_config or "(the checkpoint's config)")
     return config
@@ -835,8 +833,22 @@ def build_train_dataset(args, config: dict):
                              image_res=config["image_res"], seed=args.seed)
 
 
+def read_checkpoint_arg(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """--checkpoint's (state_dict, our run meta or None); a checkpoint of our other model is refused."""
+    with engine.about("--checkpoint", path):
+        state, meta = read_checkpoint(path)
+        engine.check_checkpoint_model(meta, "cclm", path)
+    return state, meta
+
+
+def load_checkpoint_arg(model: CCLM, state: dict[str, torch.Tensor], path: str) -> str:
+    """--checkpoint's state into `model` (load_state); returns the report."""
+    with engine.about("--checkpoint", path):
+        return load_state(model, state, f"checkpoint {path}")
+
+
+@engine.exits_on_bad_input
 def main(argv: list[str] | None = None) -> None:
-    import engine
     import eval_zeroshot
     args = build_parser().parse_args(argv)
     state, meta = None, None
@@ -858,11 +870,7 @@ def main(argv: list[str] | None = None) -> None:
         if resuming:  # the run's own config (its checkpoint's meta) unless --model-config says otherwise
             meta = engine.read_torch_file(run_dir / engine.CHECKPOINT, mmap=True).get("meta")
         elif args.checkpoint:
-            try:
-                state, meta = read_checkpoint(args.checkpoint)
-                engine.check_checkpoint_model(meta, "cclm", args.checkpoint)
-            except ValueError as e:
-                raise SystemExit(f"error: --checkpoint: {e}") from None
+            state, meta = read_checkpoint_arg(args.checkpoint)
         config = model_config_from_args(args, meta)
         layout = LAYOUT(args.task, config)
         schedule = freeze.schedule_from_args(args, layout.num_layers)
@@ -875,10 +883,7 @@ def main(argv: list[str] | None = None) -> None:
         engine.seed_everything(args.seed)  # identical initial weights on every rank
         model = build_model(args.task, config)
         if state is not None:
-            try:
-                report = load_state(model, state, f"--checkpoint {args.checkpoint}")
-            except ValueError as e:
-                raise SystemExit(f"error: {e}") from None
+            report = load_checkpoint_arg(model, state, args.checkpoint)
             del state
             engine.check_tokenizer_vocab(tokenizer, config["vocab_size"], args.tokenizer, args.checkpoint, meta)
             if dist.is_main:
@@ -886,18 +891,12 @@ def main(argv: list[str] | None = None) -> None:
                 (run_dir / "load_report.txt").write_text(report + "\n")
         elif not args.checkpoint and dist.is_main:
             print("warning: no --checkpoint: training from random initialisation", file=sys.stderr, flush=True)
-        if args.task == "xgqa":  # the 1,842 candidate answers predict() ranks
-            try:
+        with engine.about("data"):
+            if args.task == "xgqa":  # the 1,842 candidate answers predict() ranks
                 eval_zeroshot.prepare_model(model, args.data_root, tokenizer)
-            except ValueError as e:
-                raise SystemExit(f"error: data: {e}") from None
-
-        try:
             train_ds = build_train_dataset(args, config)
             evaluate_fn = None if args.no_eval else eval_zeroshot.trainer_evaluate_fn(
                 "cclm", args, tokenizer, dist, images=args.images, image_res=config["image_res"])
-        except ValueError as e:
-            raise SystemExit(f"error: data: {e}") from None
         loader = engine.build_train_loader(train_ds, args, dist, data.CCLMCollate(args.task, tokenizer, train=True))
         meta = {**engine.base_meta("cclm", args, config, tokenizer), "vision_lr": args.vision_lr,
                 "lr_mult": args.lr_mult, "lr_mult_prefixes": list(large_lr)}
@@ -906,11 +905,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"no weight decay on names containing {', '.join(X2VLM_NO_DECAY_SUBSTRINGS)}", flush=True)
         engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist,
                      module_lr={"vision_encoder": args.vision_lr}, no_decay=x2vlm_no_decay,
-                     lr_mult=lr_mult_rule(large_lr, args.lr_mult))
+                     lr_mult=lr_mult_rule(large_lr, args.lr_mult), run_dir=run_dir)
     finally:
         engine.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    import engine  # noqa: E402  (imported where used, as in main())
     engine.run_main(main)

@@ -771,6 +771,13 @@ def _split_features(paths: list[str]) -> tuple[list[str], list[str]]:
     return serialized, [p for p in paths if p not in serialized]
 
 
+def open_feature_files(paths: list[str]) -> tuple[FeatureSet | None, list[str]]:
+    """--features: the image-keyed files as one FeatureSet (None: there are none) and the serialized GQA LMDBs."""
+    with engine.about("--features"):  # unreadable / truncated LMDB or H5
+        serialized, keyed = _split_features(paths)
+        return (FeatureSet(keyed) if keyed else None), serialized
+
+
 def find_hard_negatives(args) -> str | None:
     """xflickrco training: --hard-negatives, else VOLTA's place for it, <datasets>/flickr30k/hard_negative.pkl
     (VOLTA reads it for every retrieval training run; IGLUE's UC2 numbers used it). None: not found."""
@@ -797,6 +804,25 @@ def build_train_dataset(args, features: FeatureSet | None, serialized: list[str]
                              seed=args.seed, hard_negatives=args.hard_negatives, negatives=args.retrieval_negatives)
 
 
+def checked_train_dataset(args, features: FeatureSet | None, serialized: list[str]):
+    """build_train_dataset with its examples' region features checked now, before training, not mid-epoch."""
+    with engine.about("training data"):
+        train_ds = build_train_dataset(args, features, serialized)
+        if isinstance(train_ds, data.UC2Dataset):
+            data.check_inputs(train_ds.examples, features=features, sample=data.VERIFY_SAMPLE)
+        return train_ds
+
+
+def load_checkpoint_arg(model: UC2, path: str) -> tuple[LoadPlan, dict]:
+    """--checkpoint into `model`: (the plan, the file's extra). A bad plan's key-by-key report follows the
+    error's first line (engine.exits_on_bad_input prints it above the error)."""
+    with engine.about("--checkpoint", path):
+        state, extra = read_checkpoint(path)
+        plan = load_into(model, state)
+    plan.source = path
+    return plan, extra
+
+
 def model_config_from_args(args) -> dict:
     config = resolve_config(args.model_config)
     # data.py reads IGLUE's region files: 2048-d features, 7 location values (VOLTA's datasets pad to 2048 too)
@@ -811,6 +837,7 @@ def model_config_from_args(args) -> dict:
     return config
 
 
+@engine.exits_on_bad_input
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     config = model_config_from_args(args)
@@ -819,8 +846,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.print_schedule:
         def count_train() -> int:
-            serialized, keyed = _split_features(args.features)
-            return len(build_train_dataset(args, FeatureSet(keyed) if keyed else None, serialized))
+            return len(build_train_dataset(args, *open_feature_files(args.features)))
         return engine.print_schedule_only(build_model, config, layout, schedule, args, count_train,
                                           "--data-root/--features")
 
@@ -829,26 +855,13 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = engine.check_run_dir(args, dist)
         if not args.data_root:
             raise SystemExit("error: --data-root is required (folder holding IGLUE's datasets/)")
-        try:
-            serialized, keyed = _split_features(args.features)
-            features = FeatureSet(keyed) if keyed else None
-        except ValueError as e:  # unreadable / truncated LMDB or H5
-            raise SystemExit(f"error: --features: {e}") from None
+        features, serialized = open_feature_files(args.features)
         tokenizer = engine.load_tokenizer(args, config["vocab_size"])
 
         engine.seed_everything(args.seed)  # identical initial weights on every rank
         model = build_model(args.task, config)
         if args.checkpoint and not engine.resuming(args, run_dir):  # a run killed before epoch 1 ended starts anew
-            try:
-                state, extra = read_checkpoint(args.checkpoint)
-                plan = load_into(model, state)
-            except ValueError as e:  # first line to the user last; the key-by-key report above it
-                first, _, report = str(e).partition("\n")
-                if report and dist.is_main:
-                    print(report, file=sys.stderr, flush=True)
-                named = "" if args.checkpoint in first else f"{args.checkpoint}: "
-                raise SystemExit(f"error: --checkpoint: {named}{first}") from None
-            plan.source = args.checkpoint
+            plan, extra = load_checkpoint_arg(model, args.checkpoint)
             engine.check_tokenizer_vocab(tokenizer, config["vocab_size"], args.tokenizer, args.checkpoint,
                                          extra.get("meta", {}) if plan.fmt == "ours" else None)  # None: released weights
             if dist.is_main:
@@ -863,27 +876,20 @@ def main(argv: list[str] | None = None) -> None:
                 print("warning: no hard_negative.pkl (give --hard-negatives, or put it in <datasets>/flickr30k/): "
                       "the 4th pair of each caption uses a random other image, not VOLTA's hard negatives",
                       file=sys.stderr, flush=True)
-        try:
-            train_ds = build_train_dataset(args, features, serialized)
-            if isinstance(train_ds, data.UC2Dataset):  # fail before training, not mid-epoch
-                data.check_inputs(train_ds.examples, features=features, sample=data.VERIFY_SAMPLE)
-        except ValueError as e:
-            raise SystemExit(f"error: training data: {e}") from None
+        train_ds = checked_train_dataset(args, features, serialized)
         loader = engine.build_train_loader(train_ds, args, dist, data.UC2Collate(args.task, tokenizer, train=True))
         evaluate_fn = None
         if not args.no_eval:
             if features is None:
                 raise SystemExit("error: evaluation needs image-keyed --features for the test images (or pass --no-eval)")
             import eval_zeroshot  # imported here: it imports the trainers itself
-            try:
+            with engine.about("evaluation data"):
                 evaluate_fn = eval_zeroshot.trainer_evaluate_fn("uc2", args, tokenizer, dist, features=features,
                                                                 max_regions=args.max_regions,
                                                                 pair_batch=args.eval_batch_size)
-            except ValueError as e:
-                raise SystemExit(f"error: evaluation data: {e}") from None
         meta = {**engine.base_meta("uc2", args, config, tokenizer), "max_regions": args.max_regions}
         engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist,
-                     no_decay=NO_DECAY_RULES[args.recipe])
+                     no_decay=NO_DECAY_RULES[args.recipe], run_dir=run_dir)
     finally:
         engine.cleanup_distributed()
 
