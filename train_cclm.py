@@ -1,7 +1,8 @@
 """CCLM (CCLM-X2VLM base, X2-VLM code base) fine-tuning on IGLUE with scheduled unfreezing.
 
-Model, heads, losses and checkpoint mapping reproduce the reference (zengyan-97/X2-VLM, facts in
-/work/shared/reference/cclm/README.md, "README" below): a BEiT-2 ViT (timm) encodes the image,
+Model, heads, losses and checkpoint mapping reproduce the reference (zengyan-97/X2-VLM; its checkpoint layouts
+and parity fixtures: tests/fixtures/cclm/README.md; where to get the data and weights: README.md, "Data and
+checkpoints"): a BEiT-2 ViT (timm) encodes the image,
 12 XLM-R layers (transformers) the text, 6 BERT layers with cross-attention fuse both.
 SUF covers the 18 text + cross layers (text 0-11, cross 12-17); the ViT, the text embeddings,
 the heads and the xGQA answer decoder always train (under --policy top only the heads and the answer
@@ -36,7 +37,7 @@ import freeze
 TASKS = ("xgqa", "xvnli", "xflickrco")
 
 CONFIGS: dict[str, dict] = {
-    "base": {  # CCLM-X2VLM base fine-tuned at 384 (README §1-2)
+    "base": {  # CCLM-X2VLM base fine-tuned at 384 (X2-VLM's config_beit2_base.json, CCLM's configs/cclm-base-ft/)
         "image_res": 384, "patch_size": 16, "vision_width": 768, "vision_depth": 12, "vision_heads": 12,
         "vision_mlp_ratio": 4.0, "vision_init_values": 0.1, "vision_drop_path": 0.1,
         "vocab_size": 250002, "hidden_size": 768, "pad_token_id": 1,
@@ -596,13 +597,22 @@ def _is_decoder_cross_kv(key: str) -> bool:
         ".crossattention.self.key." in key or ".crossattention.self.value." in key)
 
 
-def pretrained_load_plan(ckpt_shapes: dict[str, tuple], model_shapes: dict[str, tuple], buffers: set[str],
-                         task: str) -> list[tuple[str, str, str]]:
-    """How each fine-tuning key gets its value from the CCLM pretraining checkpoint (README §2.1):
-    rows (finetune_key, action, pretrain_key) with the actions of ft_<task>.init_from_pretrain.tsv,
-    model keys first (in model order), then ("-", "unused_pretrain_key", key). Shapes only, so it
-    runs on meta tensors. Raises ValueError naming the first key that fits none of the rules."""
-    rows, used = [], set()
+PRETRAINING = "CCLM pretraining"  # the plan's format name for the released cclm_x2vlm_base.th
+# X2-VLM's names (ft_<task>.init_from_pretrain.tsv) for the model keys a pretraining plan leaves as they are
+NEW_RANDOM_INIT, OWN_BUFFER = "new_random_init", "model_buffer_not_in_ckpt"
+KEEP_BUFFER = "drop_from_ckpt_keep_model_buffer"  # the checkpoint's (224) index buffer is dropped, the model's kept
+UNUSED = "unused_pretrain_key"  # ... and for a checkpoint key the model does not use
+INTERPOLATE = "interpolate_224_to_384"  # a copy through resize_rel_pos_bias_table
+
+
+def plan_pretrained(ckpt_shapes: dict[str, tuple], model_shapes: dict[str, tuple], buffers: set[str], task: str,
+                    source: str = "") -> engine.LoadPlan:
+    """How each fine-tuning key gets its value from the CCLM pretraining checkpoint, as the reference's
+    load_pretrained(is_eval=False) does (tests/fixtures/cclm/README.md): copies under the same name, the xGQA
+    decoder's layers from the cross encoder, the ViT's relative position tables interpolated to the new grid;
+    the task's new keys and the model's buffers keep their values (reasons: X2-VLM's action names); the
+    pretraining-only keys are dropped. Shapes only, so it runs on meta tensors; check with raise_if_bad."""
+    plan = engine.LoadPlan(PRETRAINING, source)
     # XVLMPlusForVQA.load_pretrained copies no cross-attention key/value (weights and biases) into the
     # decoder when its K/V input width (hidden) differs from the cross encoder's (vision_width)
     kv = "encoder.layer.0.crossattention.self.key.weight"
@@ -612,32 +622,45 @@ def pretrained_load_plan(ckpt_shapes: dict[str, tuple], model_shapes: dict[str, 
         if task == "xgqa" and key.startswith("text_decoder.bert.encoder.layer."):
             src = "cross_encoder." + key[len("text_decoder.bert."):]  # decoder = copy of the cross encoder
         if fresh_kv and _is_decoder_cross_kv(key):
-            action = "new_random_init"
+            plan.initialised.append((key, NEW_RANDOM_INIT))
         elif "relative_position_index" in key:
-            action = "drop_from_ckpt_keep_model_buffer" if key in ckpt_shapes else "model_buffer_not_in_ckpt"
+            plan.initialised.append((key, KEEP_BUFFER if key in ckpt_shapes else OWN_BUFFER))
         elif src in ckpt_shapes:
-            same = tuple(ckpt_shapes[src]) == tuple(shape)
-            if "relative_position_bias_table" in key and not same and ckpt_shapes[src][1:] == shape[1:]:
-                action = "interpolate_224_to_384"
-            elif not same:
-                raise ValueError(f"checkpoint key {src!r} has shape {list(ckpt_shapes[src])}, model key {key!r} needs {list(shape)}")
-            else:
-                action = "load_same_name" if src == key else "copy_renamed"
+            resized = "relative_position_bias_table" in key and tuple(ckpt_shapes[src]) != tuple(shape)
+            plan.copy[key] = (src, INTERPOLATE if resized else "full")
         elif key in buffers:
-            action = "model_buffer_not_in_ckpt"
+            plan.initialised.append((key, OWN_BUFFER))
         elif _starts(key, NEW_KEYS[task]):
-            action = "new_random_init"
-        else:
-            raise ValueError(f"pretrained checkpoint lacks {key!r} (not a key this task initialises randomly)")
-        if action != "model_buffer_not_in_ckpt" and action != "new_random_init":
-            used.add(src)
-        rows.append((key, action, src if action not in ("model_buffer_not_in_ckpt", "new_random_init") else "-"))
+            plan.initialised.append((key, NEW_RANDOM_INIT))
+        # else: no rule places it: finish_load_plan reports it missing
+    used = {src for src, _ in plan.copy.values()} | {key for key, why in plan.initialised if why == KEEP_BUFFER}
     allowed_unused = PRETRAIN_ONLY + (() if task == "xflickrco" else RETRIEVAL_KEYS)
     for key in sorted(set(ckpt_shapes) - used):
-        if not _starts(key, allowed_unused):
-            raise ValueError(f"pretrained checkpoint key {key!r} is not used by the {task} model and not a known pretraining-only key")
-        rows.append(("-", "unused_pretrain_key", key))
-    return rows
+        (plan.dropped.append((key, UNUSED)) if _starts(key, allowed_unused) else plan.unexpected.append(key))
+    return engine.finish_load_plan(plan, ckpt_shapes, model_shapes, fits={INTERPOLATE: lambda s, t: s[1:] == t[1:]})
+
+
+def x2vlm_rows(plan: engine.LoadPlan, model_keys) -> list[tuple[str, str, str]]:
+    """A pretraining plan as X2-VLM's rows (finetune_key, action, pretrain_key) of ft_<task>.init_from_pretrain.tsv:
+    model keys first (in model order), then ("-", "unused_pretrain_key", key)."""
+    kept = dict(plan.initialised)
+    rows = []
+    for key in model_keys:
+        if key in plan.copy:
+            src, how = plan.copy[key]
+            rows.append((key, how if how != "full" else "load_same_name" if src == key else "copy_renamed", src))
+        else:
+            rows.append((key, kept[key], key if kept[key] == KEEP_BUFFER else "-"))
+    return rows + [("-", why, key) for key, why in plan.dropped]
+
+
+def pretrained_load_plan(ckpt_shapes: dict[str, tuple], model_shapes: dict[str, tuple], buffers: set[str],
+                         task: str) -> list[tuple[str, str, str]]:
+    """plan_pretrained as X2-VLM's rows (x2vlm_rows). Raises ValueError naming the first key that fits none of
+    the rules."""
+    plan = plan_pretrained(ckpt_shapes, model_shapes, buffers, task)
+    plan.raise_if_bad()
+    return x2vlm_rows(plan, model_shapes)
 
 
 def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -664,59 +687,43 @@ def is_pretraining_state(state: dict) -> bool:
     return any(_starts(k, PRETRAIN_ONLY) for k in state)
 
 
-def load_pretrained(model: CCLM, state: dict[str, torch.Tensor]) -> str:
+def load_pretrained(model: CCLM, state: dict[str, torch.Tensor], source: str = "") -> str:
     """Initialise a fine-tuning model from the CCLM pretraining state_dict exactly as the reference's
     load_pretrained(is_eval=False) does; returns a readable report."""
     own = model.state_dict()
     buffers = {n for n, _ in model.named_buffers() if n in own}
-    plan = pretrained_load_plan({k: tuple(v.shape) for k, v in state.items()},
-                                {k: tuple(v.shape) for k, v in own.items()}, buffers, model.task)
+    plan = plan_pretrained({k: tuple(v.shape) for k, v in state.items()}, {k: tuple(v.shape) for k, v in own.items()},
+                           buffers, model.task, source)
     grid = model.config["image_res"] // model.config["patch_size"]
-    new_state = {}
-    for key, action, src in plan:
-        if action in ("load_same_name", "copy_renamed"):
-            new_state[key] = state[src]
-        elif action == "interpolate_224_to_384":
-            new_state[key] = resize_rel_pos_bias_table(state[src].float(), grid)
-    missing, unexpected = model.load_state_dict(new_state, strict=False)
-    expected_missing = {k for k, a, _ in plan if a in ("new_random_init", "model_buffer_not_in_ckpt",
-                                                       "drop_from_ckpt_keep_model_buffer")}
-    assert not unexpected and set(missing) == expected_missing, (missing, unexpected)
+    engine.apply_load_plan(model, state, plan, {
+        INTERPOLATE: lambda ours, src: ours.copy_(resize_rel_pos_bias_table(src.float(), grid))})
+    rows = x2vlm_rows(plan, own)
     counts: dict[str, int] = {}
-    for _, a, _ in plan:
+    for _, a, _ in rows:
         counts[a] = counts.get(a, 0) + 1
-    new = [k for k, a, _ in plan if a == "new_random_init"]
-    unused = [s for _, a, s in plan if a == "unused_pretrain_key"]
+    new = [k for k, a, _ in rows if a == NEW_RANDOM_INIT]
+    unused = [s for _, a, s in rows if a == UNUSED]
     return (f"loaded pretrained CCLM into {model.task}: " + ", ".join(f"{a} {n}" for a, n in counts.items())
             + f"\n  new (random init): {', '.join(new) or 'none'}\n  unused checkpoint keys: {', '.join(unused) or 'none'}")
 
 
 def load_finetuned(model: CCLM, state: dict[str, torch.Tensor], source: str = "checkpoint") -> str:
     """A fine-tuned state_dict of the reference layout (or ours): loaded as is (reference is_eval=True)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        what = f"lacks {missing[0]!r}" if missing else f"has unexpected key {unexpected[0]!r}"
-        raise ValueError(f"{source} {what} ({len(missing)} missing, {len(unexpected)} unexpected for a {model.task} model)")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{source}: {k!r} has shape {list(v.shape)}, the model needs {list(own[k].shape)}")
-    model.load_state_dict(state, strict=True)
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    plan = engine.plan_same_names({k: tuple(v.shape) for k, v in state.items()}, own, f"{model.task} model layout",
+                                  source)
+    engine.apply_load_plan(model, state, plan)
     return f"loaded fine-tuned {model.task} weights from {source}: {len(state)} entries"
 
 
 def load_checkpoint(model: CCLM, path: str) -> str:
-    """The released pretraining checkpoint (mapped, README §2.1) or a fine-tuned one (as is)."""
+    """The released pretraining checkpoint (mapped as X2-VLM maps it) or a fine-tuned one (as is)."""
     return load_state(model, read_checkpoint(path)[0], f"checkpoint {path}")
 
 
 def load_state(model: CCLM, state: dict[str, torch.Tensor], source: str) -> str:
     if is_pretraining_state(state):
-        try:
-            return load_pretrained(model, state)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+        return load_pretrained(model, state, source)
     return load_finetuned(model, state, source=source)
 
 
