@@ -1,14 +1,16 @@
 """Training loop shared by train_uc2.py and train_cclm.py: common CLI, distributed setup, data order,
 AdamW + warm-up/decay, AMP, gradient accumulation, scheduled unfreezing with DDP re-wrapping,
-non-finite-loss guard, per-epoch evaluation, metrics.jsonl, atomic checkpoints and exact resume.
+non-finite-loss guard, per-epoch evaluation, metrics.jsonl, atomic checkpoints, load plans (a reference
+checkpoint's keys onto a model) and exact resume.
 
-A trainer's main() is:
+A trainer's main() is (decorated with engine.exits_on_bad_input: bad input ends it as one "error: ..." line):
     args = parser.parse_args()            # after engine.add_common_args(parser, DEFAULTS)
     dist = engine.setup_distributed()
+    run_dir = engine.check_run_dir(args, dist)  # before anything is built: a bad --output-dir costs nothing
     engine.seed_everything(args.seed)     # identical model init on every rank
     model = build_model(...); layout = LAYOUT(task); schedule = freeze.schedule_from_args(args, layout.num_layers)
     loader = engine.build_train_loader(dataset, args, dist, collate_fn)
-    engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist, module_lr=...)
+    engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist, module_lr=..., run_dir=run_dir)
     engine.cleanup_distributed()
 
 Run folder (--output-dir): args.json, metrics.jsonl, checkpoint_last.pt (resume state, written
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -33,8 +36,8 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -265,6 +268,34 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         raise SystemExit(2)
     parser.error = error
     return parser
+
+
+def exits_on_bad_input(main: Callable) -> Callable:
+    """Decorator for a script's main(argv): a ValueError (how this project reports bad input: data.BadInput,
+    checkpoint, config and annotation errors) ends it as SystemExit("error: <first line>"), so main() reads top to
+    bottom with no try/except. Lines after the first (a load plan's key-by-key report) go to stderr first, from
+    rank 0. Where the message must say which input it is about, raise it inside `about(flag)`."""
+    @functools.wraps(main)
+    def one_line(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except ValueError as e:
+            first, _, details = str(e).partition("\n")
+            if details and is_rank0_process():
+                print(details, file=sys.stderr, flush=True)
+            raise SystemExit(f"error: {first}") from None
+    return one_line
+
+
+@contextmanager
+def about(what: str, value: object = None):
+    """ValueErrors raised inside say which input they are about: "what: value: message" ("what: message" when
+    value is None or the message names it already), e.g. about("--checkpoint", args.checkpoint)."""
+    try:
+        yield
+    except ValueError as e:
+        named = "" if value is None or str(value) in str(e).partition("\n")[0] else f"{value}: "
+        raise ValueError(f"{what}: {named}{e}") from None
 
 
 def run_main(main: Callable[[], object]) -> None:
@@ -651,6 +682,108 @@ def read_torch_file(path: str | Path, map_location="cpu", mmap: bool = False):
             f"tensors and plain data only; nothing in this file was run)") from None
 
 
+# ---------------------------------------------------------------------------------------------- load plans
+
+@dataclass
+class LoadPlan:
+    """How a checkpoint's keys become a model's state. A trainer's rule table fills it (train_uc2.plan_load,
+    train_cclm.plan_pretrained), finish_load_plan completes it, apply_load_plan carries it out, report() says
+    what happened to every key. `copy`: our key -> (source key, how); how "full" = the tensor as it is, any other
+    name = a transform the trainer gives apply_load_plan (and, for its shape check, finish_load_plan)."""
+    fmt: str
+    source: str = ""
+    copy: dict[str, tuple[str, str]] = field(default_factory=dict)
+    aliases: list[tuple[str, str]] = field(default_factory=list)      # (source key, key it duplicates)
+    dropped: list[tuple[str, str]] = field(default_factory=list)      # (source key, reason)
+    initialised: list[tuple[str, str]] = field(default_factory=list)  # (our key, how/why): keeps the model's value
+    constant: dict[str, float] = field(default_factory=dict)          # our key -> fill value
+    missing: list[str] = field(default_factory=list)                  # our keys with no source: error
+    unexpected: list[str] = field(default_factory=list)               # source keys we cannot place: error
+    mismatched: list[str] = field(default_factory=list)               # shape errors, readable
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def report(self, verbose: bool = False) -> str:
+        lines = [f"checkpoint {self.source or '(in memory)'}: format {self.fmt}; {len(self.copy)} parameters loaded, "
+                 f"{len(self.aliases)} alias keys, {len(self.dropped)} dropped, {len(self.initialised)} initialised "
+                 f"fresh, {len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.mismatched)} "
+                 "shape mismatches"]
+        lines += [f"  note: {n}" for n in self.notes]
+        if verbose:
+            lines += [f"  loaded   {dst} <- {src}{'' if how == 'full' else ' [' + how + ']'}"
+                      for dst, (src, how) in self.copy.items()]
+            lines += [f"  alias    {src} (same tensor as {of})" for src, of in self.aliases]
+        lines += [f"  dropped  {k}: {why}" for k, why in self.dropped]
+        lines += [f"  init     {k}: {why}" for k, why in self.initialised]
+        lines += [f"  MISSING  {k}" for k in self.missing]
+        lines += [f"  UNEXPECTED {k}" for k in self.unexpected]
+        lines += [f"  SHAPE    {m}" for m in self.mismatched]
+        return "\n".join(lines)
+
+    def raise_if_bad(self) -> None:
+        """ValueError naming the first missing / unexpected / mis-shaped key; the report follows its first line."""
+        if not self.ok:
+            first = (self.missing and f"missing key {self.missing[0]!r}") or \
+                    (self.unexpected and f"unexpected key {self.unexpected[0]!r}") or self.mismatched[0]
+            raise ValueError(f"{self.source or 'checkpoint'} ({self.fmt}): {first} "
+                             f"({len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+                             f"{len(self.mismatched)} shape mismatches)\n{self.report()}")
+
+
+ShapeFits = Callable[[tuple, tuple], bool]  # (source shape, our shape) -> can `how` copy it
+
+
+def finish_load_plan(plan: LoadPlan, source: dict[str, tuple], target: dict[str, tuple],
+                     fresh: Callable[[str], str | None] = lambda key: None,
+                     fits: dict[str, ShapeFits] | None = None) -> LoadPlan:
+    """Complete a plan of `source` (key -> shape) into a model of `target` (key -> shape): an our-key the rules
+    placed nowhere keeps its initial value if fresh(key) gives the reason, else it is missing; every copy is
+    checked by shape (fits[how]; "full": equal shapes) and a copy to no key of ours is unexpected."""
+    placed = set(plan.copy) | set(plan.constant) | {k for k, _ in plan.initialised}
+    for k in target:
+        if k not in placed:
+            why = fresh(k)
+            (plan.missing.append(k) if why is None else plan.initialised.append((k, why)))
+    fits = {"full": lambda s, t: s == t, **(fits or {})}
+    for dst, (src, how) in plan.copy.items():
+        if dst not in target:
+            plan.unexpected.append(src)
+            continue
+        s, t = tuple(source[src]), tuple(target[dst])
+        if not fits[how](s, t):
+            plan.mismatched.append(f"{src} {list(s)} -> {dst} {list(t)}")
+    plan.copy = {d: v for d, v in plan.copy.items() if d in target}
+    return plan
+
+
+def plan_same_names(source: dict[str, tuple], target: dict[str, tuple], fmt: str, name: str = "") -> LoadPlan:
+    """A checkpoint of the model's own layout (ours, or a fine-tuned reference one): every key copied as it is."""
+    plan = LoadPlan(fmt, name)
+    for k in source:
+        (plan.copy.__setitem__(k, (k, "full")) if k in target else plan.unexpected.append(k))
+    return finish_load_plan(plan, source, target)
+
+
+Transform = Callable[[torch.Tensor, torch.Tensor], None]  # (our tensor, source tensor): writes ours in place
+
+
+def apply_load_plan(model: nn.Module, state: dict[str, torch.Tensor], plan: LoadPlan,
+                    transforms: dict[str, Transform] | None = None) -> None:
+    """Carry out a checked plan in place: copies (cast to our dtype; how != "full" through transforms[how]) and
+    constants. Keys the plan initialises keep the model's values."""
+    plan.raise_if_bad()
+    ours = model.state_dict()
+    transforms = {"full": lambda dst, src: dst.copy_(src), **(transforms or {})}
+    with torch.no_grad():
+        for dst, (src, how) in plan.copy.items():
+            transforms[how](ours[dst], state[src])
+        for dst, value in plan.constant.items():
+            ours[dst].fill_(value)
+
+
 def rng_state(device: torch.device) -> dict:
     """This process's RNG states (CUDA: its own device only), in types torch.load(weights_only=True) accepts."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -680,7 +813,8 @@ def check_run_dir(args: argparse.Namespace, dist: DistInfo) -> Path:
     """One-line SystemExit (on every rank) if --output-dir is in use by another process, holds a run and
     --resume is not given, holds nothing to resume (or a run whose checkpoint is gone), or is not writable.
     Rank 0 then holds the folder's lock until release_run_dirs() (engine.train and cleanup_distributed call
-    it). Writes no file; call it as early as you like. With --print-schedule nothing is checked."""
+    it). Writes no file; call it once, as early as you like, and give its result to train(run_dir=).
+    With --print-schedule nothing is checked."""
     run_dir = Path(args.output_dir)
     if getattr(args, "print_schedule", False):
         return run_dir
@@ -959,12 +1093,13 @@ def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout
           train_loader: DataLoader, evaluate_fn: Callable | None, meta: dict, dist: DistInfo, *,
           module_lr: dict[str, float] | None = None, on_step: Callable[[nn.Module, int], None] | None = None,
           no_decay: Callable[[str, nn.Parameter], bool] | None = None,
-          lr_mult: Callable[[str], float] | None = None) -> None:
+          lr_mult: Callable[[str], float] | None = None, run_dir: Path | None = None) -> None:
     """The epoch loop (see module docstring). evaluate_fn(model, epoch 1-based) -> {lang: {metric: value}}
     is called on every rank after every epoch; on_step(model, steps_done) after every optimizer step;
     no_decay(name, param): the recipe's weight-decay exemption rule (default: freeze.no_decay_ndim);
-    lr_mult(name): per-parameter LR factor (default 1; see freeze.param_groups)."""
-    run_dir = check_run_dir(args, dist)
+    lr_mult(name): per-parameter LR factor (default 1; see freeze.param_groups); run_dir: what the caller's
+    check_run_dir returned (the trainers check before building anything), None: checked here."""
+    run_dir = check_run_dir(args, dist) if run_dir is None else run_dir
     try:
         _, accum = micro_and_accum(args, dist)
         steps_per_epoch = len(train_loader) // accum

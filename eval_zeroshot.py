@@ -1793,6 +1793,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@engine.exits_on_bad_input
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):

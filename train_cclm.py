@@ -1,7 +1,9 @@
 """CCLM (CCLM-X2VLM base, X2-VLM code base) fine-tuning on IGLUE with scheduled unfreezing.
 
 Model, heads, losses and checkpoint mapping reproduce the reference (zengyan-97/X2-VLM; what it does is in
-docs/reference_facts.md, F-cclm-*, cited below): a BEiT-2 ViT (timm) encodes the image,
+docs/reference_facts.md, F-cclm-*, cited below; checkpoint layouts and parity fixtures:
+tests/fixtures/cclm/README.md; data and weights: README.md, "Data and checkpoints"): a BEiT-2 ViT (timm)
+encodes the image,
 12 XLM-R layers (transformers) the text, 6 BERT layers with cross-attention fuse both.
 SUF covers the 18 text + cross layers (text 0-11, cross 12-17); the ViT, the text embeddings,
 the heads and the xGQA answer decoder always train (under --policy top only the heads and the answer
@@ -30,6 +32,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaEmbeddings
 
 import data
+import engine
 import freeze
 
 TASKS = ("xgqa", "xvnli", "xflickrco")
@@ -599,14 +602,22 @@ def _is_decoder_cross_kv(key: str) -> bool:
         ".crossattention.self.key." in key or ".crossattention.self.value." in key)
 
 
-def pretrained_load_plan(ckpt_shapes: dict[str, tuple], model_shapes: dict[str, tuple], buffers: set[str],
-                         task: str) -> list[tuple[str, str, str]]:
-    """How each fine-tuning key gets its value from the CCLM pretraining checkpoint
-    (docs/reference_facts.md#F-cclm-load-pretrained): rows (finetune_key, action, pretrain_key) with the actions of
-    ft_<task>.init_from_pretrain.tsv, model keys first (in model order), then ("-", "unused_pretrain_key",
-    key). Shapes only, so it runs on meta tensors. Raises ValueError naming the first key that fits none
-    of the rules."""
-    rows, used = [], set()
+PRETRAINING = "CCLM pretraining"  # the plan's format name for the released cclm_x2vlm_base.th
+# X2-VLM's names (ft_<task>.init_from_pretrain.tsv) for the model keys a pretraining plan leaves as they are
+NEW_RANDOM_INIT, OWN_BUFFER = "new_random_init", "model_buffer_not_in_ckpt"
+KEEP_BUFFER = "drop_from_ckpt_keep_model_buffer"  # the checkpoint's (224) index buffer is dropped, the model's kept
+UNUSED = "unused_pretrain_key"  # ... and for a checkpoint key the model does not use
+INTERPOLATE = "interpolate_224_to_384"  # a copy through resize_rel_pos_bias_table
+
+
+def plan_pretrained(ckpt_shapes: dict[str, tuple], model_shapes: dict[str, tuple], buffers: set[str], task: str,
+                    source: str = "") -> engine.LoadPlan:
+    """How each fine-tuning key gets its value from the CCLM pretraining checkpoint, as the reference's
+    load_pretrained(is_eval=False) does (docs/reference_facts.md#F-cclm-load-pretrained): copies under the same name, the xGQA
+    decoder's layers from the cross encoder, the ViT's relative position tables interpolated to the new grid;
+    the task's new keys and the model's buffers keep their values (reasons: X2-VLM's action names); the
+    pretraining-only keys are dropped. Shapes only, so it runs on meta tensors; check with raise_if_bad."""
+    plan = engine.LoadPlan(PRETRAINING, source)
     # XVLMPlusForVQA.load_pretrained copies no cross-attention key/value (weights and biases) into the
     # decoder when its K/V input width (hidden) differs from the cross encoder's (vision_width)
     kv = "encoder.layer.0.crossattention.self.key.weight"
@@ -616,38 +627,50 @@ def pretrained_load_plan(ckpt_shapes: dict[str, tuple], model_shapes: dict[str, 
         if task == "xgqa" and key.startswith("text_decoder.bert.encoder.layer."):
             src = "cross_encoder." + key[len("text_decoder.bert."):]  # decoder = copy of the cross encoder
         if fresh_kv and _is_decoder_cross_kv(key):
-            action = "new_random_init"
+            plan.initialised.append((key, NEW_RANDOM_INIT))
         elif "relative_position_index" in key:
-            action = "drop_from_ckpt_keep_model_buffer" if key in ckpt_shapes else "model_buffer_not_in_ckpt"
+            plan.initialised.append((key, KEEP_BUFFER if key in ckpt_shapes else OWN_BUFFER))
         elif src in ckpt_shapes:
-            same = tuple(ckpt_shapes[src]) == tuple(shape)
-            if "relative_position_bias_table" in key and not same and ckpt_shapes[src][1:] == shape[1:]:
-                action = "interpolate_224_to_384"
-            elif not same:
-                raise ValueError(f"checkpoint key {src!r} has shape {list(ckpt_shapes[src])}, model key {key!r} needs {list(shape)}")
-            else:
-                action = "load_same_name" if src == key else "copy_renamed"
+            resized = "relative_position_bias_table" in key and tuple(ckpt_shapes[src]) != tuple(shape)
+            plan.copy[key] = (src, INTERPOLATE if resized else "full")
         elif key in buffers:
-            action = "model_buffer_not_in_ckpt"
+            plan.initialised.append((key, OWN_BUFFER))
         elif _starts(key, NEW_KEYS[task]):
-            action = "new_random_init"
-        else:
-            raise ValueError(f"pretrained checkpoint lacks {key!r} (not a key this task initialises randomly)")
-        if action != "model_buffer_not_in_ckpt" and action != "new_random_init":
-            used.add(src)
-        rows.append((key, action, src if action not in ("model_buffer_not_in_ckpt", "new_random_init") else "-"))
+            plan.initialised.append((key, NEW_RANDOM_INIT))
+        # else: no rule places it: finish_load_plan reports it missing
+    used = {src for src, _ in plan.copy.values()} | {key for key, why in plan.initialised if why == KEEP_BUFFER}
     allowed_unused = PRETRAIN_ONLY + (() if task == "xflickrco" else RETRIEVAL_KEYS)
     for key in sorted(set(ckpt_shapes) - used):
-        if not _starts(key, allowed_unused):
-            raise ValueError(f"pretrained checkpoint key {key!r} is not used by the {task} model and not a known pretraining-only key")
-        rows.append(("-", "unused_pretrain_key", key))
-    return rows
+        (plan.dropped.append((key, UNUSED)) if _starts(key, allowed_unused) else plan.unexpected.append(key))
+    return engine.finish_load_plan(plan, ckpt_shapes, model_shapes, fits={INTERPOLATE: lambda s, t: s[1:] == t[1:]})
+
+
+def x2vlm_rows(plan: engine.LoadPlan, model_keys) -> list[tuple[str, str, str]]:
+    """A pretraining plan as X2-VLM's rows (finetune_key, action, pretrain_key) of ft_<task>.init_from_pretrain.tsv:
+    model keys first (in model order), then ("-", "unused_pretrain_key", key)."""
+    kept = dict(plan.initialised)
+    rows = []
+    for key in model_keys:
+        if key in plan.copy:
+            src, how = plan.copy[key]
+            rows.append((key, how if how != "full" else "load_same_name" if src == key else "copy_renamed", src))
+        else:
+            rows.append((key, kept[key], key if kept[key] == KEEP_BUFFER else "-"))
+    return rows + [("-", why, key) for key, why in plan.dropped]
+
+
+def pretrained_load_plan(ckpt_shapes: dict[str, tuple], model_shapes: dict[str, tuple], buffers: set[str],
+                         task: str) -> list[tuple[str, str, str]]:
+    """plan_pretrained as X2-VLM's rows (x2vlm_rows). Raises ValueError naming the first key that fits none of
+    the rules."""
+    plan = plan_pretrained(ckpt_shapes, model_shapes, buffers, task)
+    plan.raise_if_bad()
+    return x2vlm_rows(plan, model_shapes)
 
 
 def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(state_dict, our run meta or None) from {'model': state_dict, 'meta' | 'config': ...} (ours /
     the reference's) or a bare state_dict."""
-    import engine
     try:
         ck = engine.read_torch_file(path)
     except FileNotFoundError:
@@ -669,45 +692,32 @@ def is_pretraining_state(state: dict) -> bool:
     return any(_starts(k, PRETRAIN_ONLY) for k in state)
 
 
-def load_pretrained(model: CCLM, state: dict[str, torch.Tensor]) -> str:
+def load_pretrained(model: CCLM, state: dict[str, torch.Tensor], source: str = "") -> str:
     """Initialise a fine-tuning model from the CCLM pretraining state_dict exactly as the reference's
     load_pretrained(is_eval=False) does; returns a readable report."""
     own = model.state_dict()
     buffers = {n for n, _ in model.named_buffers() if n in own}
-    plan = pretrained_load_plan({k: tuple(v.shape) for k, v in state.items()},
-                                {k: tuple(v.shape) for k, v in own.items()}, buffers, model.task)
+    plan = plan_pretrained({k: tuple(v.shape) for k, v in state.items()}, {k: tuple(v.shape) for k, v in own.items()},
+                           buffers, model.task, source)
     grid = model.config["image_res"] // model.config["patch_size"]
-    new_state = {}
-    for key, action, src in plan:
-        if action in ("load_same_name", "copy_renamed"):
-            new_state[key] = state[src]
-        elif action == "interpolate_224_to_384":
-            new_state[key] = resize_rel_pos_bias_table(state[src].float(), grid)
-    missing, unexpected = model.load_state_dict(new_state, strict=False)
-    expected_missing = {k for k, a, _ in plan if a in ("new_random_init", "model_buffer_not_in_ckpt",
-                                                       "drop_from_ckpt_keep_model_buffer")}
-    assert not unexpected and set(missing) == expected_missing, (missing, unexpected)
+    engine.apply_load_plan(model, state, plan, {
+        INTERPOLATE: lambda ours, src: ours.copy_(resize_rel_pos_bias_table(src.float(), grid))})
+    rows = x2vlm_rows(plan, own)
     counts: dict[str, int] = {}
-    for _, a, _ in plan:
+    for _, a, _ in rows:
         counts[a] = counts.get(a, 0) + 1
-    new = [k for k, a, _ in plan if a == "new_random_init"]
-    unused = [s for _, a, s in plan if a == "unused_pretrain_key"]
+    new = [k for k, a, _ in rows if a == NEW_RANDOM_INIT]
+    unused = [s for _, a, s in rows if a == UNUSED]
     return (f"loaded pretrained CCLM into {model.task}: " + ", ".join(f"{a} {n}" for a, n in counts.items())
             + f"\n  new (random init): {', '.join(new) or 'none'}\n  unused checkpoint keys: {', '.join(unused) or 'none'}")
 
 
 def load_finetuned(model: CCLM, state: dict[str, torch.Tensor], source: str = "checkpoint") -> str:
     """A fine-tuned state_dict of the reference layout (or ours): loaded as is (reference is_eval=True)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        what = f"lacks {missing[0]!r}" if missing else f"has unexpected key {unexpected[0]!r}"
-        raise ValueError(f"{source} {what} ({len(missing)} missing, {len(unexpected)} unexpected for a {model.task} model)")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{source}: {k!r} has shape {list(v.shape)}, the model needs {list(own[k].shape)}")
-    model.load_state_dict(state, strict=True)
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    plan = engine.plan_same_names({k: tuple(v.shape) for k, v in state.items()}, own, f"{model.task} model layout",
+                                  source)
+    engine.apply_load_plan(model, state, plan)
     return f"loaded fine-tuned {model.task} weights from {source}: {len(state)} entries"
 
 
@@ -719,10 +729,7 @@ def load_checkpoint(model: CCLM, path: str) -> str:
 
 def load_state(model: CCLM, state: dict[str, torch.Tensor], source: str) -> str:
     if is_pretraining_state(state):
-        try:
-            return load_pretrained(model, state)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+        return load_pretrained(model, state, source)
     return load_finetuned(model, state, source=source)
 
 
@@ -780,7 +787,6 @@ VISION_LR = 2e-5
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import engine
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     engine.add_common_args(p, DEFAULTS)
     c = p.add_argument_group("CCLM (train_cclm.py)")
@@ -826,7 +832,6 @@ def model_config_from_args(args, meta: dict | None = None) -> dict:
         config.update(dropout=args.dropout, attn_dropout=args.dropout, vision_drop_path=args.dropout)
     if config["image_res"] % config["patch_size"]:
         raise SystemExit(f"error: image resolution {config['image_res']} is not a multiple of the patch size {config['patch_size']}")
-    import engine
     engine.check_heads(config, [("hidden_size", "text_heads"), ("hidden_size", "cross_heads"),
                                 ("vision_width", "vision_heads")], args.model_config or "(the checkpoint's config)")
     return config
@@ -841,8 +846,22 @@ def build_train_dataset(args, config: dict):
                              image_res=config["image_res"], seed=args.seed)
 
 
+def read_checkpoint_arg(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """--checkpoint's (state_dict, our run meta or None); a checkpoint of our other model is refused."""
+    with engine.about("--checkpoint", path):
+        state, meta = read_checkpoint(path)
+        engine.check_checkpoint_model(meta, "cclm", path)
+    return state, meta
+
+
+def load_checkpoint_arg(model: CCLM, state: dict[str, torch.Tensor], path: str) -> str:
+    """--checkpoint's state into `model` (load_state); returns the report."""
+    with engine.about("--checkpoint", path):
+        return load_state(model, state, f"checkpoint {path}")
+
+
+@engine.exits_on_bad_input
 def main(argv: list[str] | None = None) -> None:
-    import engine
     import eval_zeroshot
     args = build_parser().parse_args(argv)
     state, meta = None, None
@@ -864,11 +883,7 @@ def main(argv: list[str] | None = None) -> None:
         if resuming:  # the run's own config (its checkpoint's meta) unless --model-config says otherwise
             meta = engine.read_torch_file(run_dir / engine.CHECKPOINT, mmap=True).get("meta")
         elif args.checkpoint:
-            try:
-                state, meta = read_checkpoint(args.checkpoint)
-                engine.check_checkpoint_model(meta, "cclm", args.checkpoint)
-            except ValueError as e:
-                raise SystemExit(f"error: --checkpoint: {e}") from None
+            state, meta = read_checkpoint_arg(args.checkpoint)
         config = model_config_from_args(args, meta)
         layout = LAYOUT(args.task, config)
         schedule = freeze.schedule_from_args(args, layout.num_layers)
@@ -881,10 +896,7 @@ def main(argv: list[str] | None = None) -> None:
         engine.seed_everything(args.seed)  # identical initial weights on every rank
         model = build_model(args.task, config)
         if state is not None:
-            try:
-                report = load_state(model, state, f"--checkpoint {args.checkpoint}")
-            except ValueError as e:
-                raise SystemExit(f"error: {e}") from None
+            report = load_checkpoint_arg(model, state, args.checkpoint)
             del state
             engine.check_tokenizer_vocab(tokenizer, config["vocab_size"], args.tokenizer, args.checkpoint, meta)
             if dist.is_main:
@@ -892,18 +904,12 @@ def main(argv: list[str] | None = None) -> None:
                 (run_dir / "load_report.txt").write_text(report + "\n")
         elif not args.checkpoint and dist.is_main:
             print("warning: no --checkpoint: training from random initialisation", file=sys.stderr, flush=True)
-        if args.task == "xgqa":  # the 1,842 candidate answers predict() ranks
-            try:
+        with engine.about("data"):
+            if args.task == "xgqa":  # the 1,842 candidate answers predict() ranks
                 eval_zeroshot.prepare_model(model, args.data_root, tokenizer)
-            except ValueError as e:
-                raise SystemExit(f"error: data: {e}") from None
-
-        try:
             train_ds = build_train_dataset(args, config)
             evaluate_fn = None if args.no_eval else eval_zeroshot.trainer_evaluate_fn(
                 "cclm", args, tokenizer, dist, images=args.images, image_res=config["image_res"])
-        except ValueError as e:
-            raise SystemExit(f"error: data: {e}") from None
         loader = engine.build_train_loader(train_ds, args, dist, data.CCLMCollate(args.task, tokenizer, train=True))
         meta = {**engine.base_meta("cclm", args, config, tokenizer), "vision_lr": args.vision_lr,
                 "lr_mult": args.lr_mult, "lr_mult_prefixes": list(large_lr)}
@@ -912,11 +918,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"no weight decay on names containing {', '.join(X2VLM_NO_DECAY_SUBSTRINGS)}", flush=True)
         engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist,
                      module_lr={"vision_encoder": args.vision_lr}, no_decay=x2vlm_no_decay,
-                     lr_mult=lr_mult_rule(large_lr, args.lr_mult))
+                     lr_mult=lr_mult_rule(large_lr, args.lr_mult), run_dir=run_dir)
     finally:
         engine.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    import engine  # noqa: E402  (imported where used, as in main())
     engine.run_main(main)

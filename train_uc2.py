@@ -2,8 +2,9 @@
 
 The model is UC2 exactly as IGLUE ran it through VOLTA (config `uc2_base`): a single-stream
 XLM-R-base encoder over [text tokens ; projected region features], a ReLU pooler on the first text
-token, and VOLTA's task heads and losses. Facts: docs/reference_facts.md (F-uc2-*, F-retrieval-ranks)
-and tests/fixtures/uc2/README.md.
+token, and VOLTA's task heads and losses. Facts: docs/reference_facts.md (F-uc2-*, F-retrieval-ranks);
+checkpoint layouts and parity fixtures: tests/fixtures/uc2/README.md; data and weights: README.md, "Data and
+checkpoints"; choices: README.md, "Choices where the paper and the references are silent".
 
   python train_uc2.py --task xgqa --policy suf --data-root DATA --features FEATS \
       --checkpoint uc2_checkpoint_200000.bin --tokenizer xlm-roberta-base --output-dir runs/uc2-xgqa-suf
@@ -16,7 +17,6 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -430,50 +430,6 @@ def _original_to_volta(key: str) -> str:
     return key
 
 
-@dataclass
-class LoadPlan:
-    """Where every source key goes. `copy`: our key -> (source key, how); how = "full" or "row0"
-    (XLM-R's 1-row token-type table into row 0 of ours)."""
-    fmt: str
-    source: str = ""
-    copy: dict[str, tuple[str, str]] = field(default_factory=dict)
-    aliases: list[tuple[str, str]] = field(default_factory=list)      # (source key, key it duplicates)
-    dropped: list[tuple[str, str]] = field(default_factory=list)      # (source key, reason)
-    initialised: list[tuple[str, str]] = field(default_factory=list)  # (our key, how/why)
-    constant: dict[str, float] = field(default_factory=dict)          # our key -> fill value
-    missing: list[str] = field(default_factory=list)                  # our keys with no source: error
-    unexpected: list[str] = field(default_factory=list)               # source keys we cannot place: error
-    mismatched: list[str] = field(default_factory=list)               # shape errors, readable
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def report(self, verbose: bool = False) -> str:
-        lines = [f"checkpoint {self.source or '(in memory)'}: format {self.fmt}; {len(self.copy)} parameters loaded, "
-                 f"{len(self.aliases)} alias keys, {len(self.dropped)} dropped, {len(self.initialised)} initialised fresh, "
-                 f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.mismatched)} shape mismatches"]
-        lines += [f"  note: {n}" for n in self.notes]
-        if verbose:
-            lines += [f"  loaded   {dst} <- {src}{'' if how == 'full' else ' [' + how + ']'}" for dst, (src, how) in self.copy.items()]
-            lines += [f"  alias    {src} (same tensor as {of})" for src, of in self.aliases]
-        lines += [f"  dropped  {k}: {why}" for k, why in self.dropped]
-        lines += [f"  init     {k}: {why}" for k, why in self.initialised]
-        lines += [f"  MISSING  {k}" for k in self.missing]
-        lines += [f"  UNEXPECTED {k}" for k in self.unexpected]
-        lines += [f"  SHAPE    {m}" for m in self.mismatched]
-        return "\n".join(lines)
-
-    def raise_if_bad(self) -> None:
-        if not self.ok:
-            first = (self.missing and f"missing key {self.missing[0]!r}") or \
-                    (self.unexpected and f"unexpected key {self.unexpected[0]!r}") or self.mismatched[0]
-            raise ValueError(f"{self.source or 'checkpoint'} ({self.fmt}): {first} "
-                             f"({len(self.missing)} missing, {len(self.unexpected)} unexpected, "
-                             f"{len(self.mismatched)} shape mismatches)\n{self.report()}")
-
-
 def detect_format(keys: list[str]) -> str:
     if any(k.startswith("bert.") for k in keys):
         return "volta"
@@ -487,15 +443,14 @@ def detect_format(keys: list[str]) -> str:
 
 
 def plan_load(source: dict[str, tuple], target: dict[str, tuple], task: str, fmt: str | None = None,
-              name: str = "") -> LoadPlan:
+              name: str = "") -> engine.LoadPlan:
     """Plan loading a state dict with key->shape `source` (file order) into a model with `target`
     key->shape. Shapes are tuples; -1 entries (unknown sizes in manifests) only appear in dropped keys."""
     fmt = fmt or detect_format(list(source))
-    plan = LoadPlan(fmt, name)
     if fmt == "ours":
-        for k in source:
-            (plan.copy.__setitem__(k, (k, "full")) if k in target else plan.unexpected.append(k))
-    elif fmt == "volta":
+        return engine.plan_same_names(source, target, fmt, name)
+    plan = engine.LoadPlan(fmt, name)
+    if fmt == "volta":
         _plan_volta(plan, source, task)
     elif fmt == "original":
         _plan_original(plan, source, task)
@@ -503,33 +458,32 @@ def plan_load(source: dict[str, tuple], target: dict[str, tuple], task: str, fmt
         _plan_xlmr(plan, source)
     else:
         raise ValueError(f"unknown checkpoint format {fmt!r}")
-    # fresh-init bookkeeping and completeness
-    placed = set(plan.copy) | set(plan.constant)
     head_from_file = any(dst.startswith("head.") for dst in plan.copy)
-    for k in target:
-        if k in placed:
-            continue
-        if fmt in ("volta", "original", "xlmr") and not head_from_file and k.startswith("head."):
-            plan.initialised.append((k, "task head, VOLTA init (N(0,0.02) weights, zero bias, LayerNorm 1/0)"))
-        elif fmt == "xlmr" and k.startswith(("embeddings.image", "embeddings.v_LayerNorm")):
-            plan.initialised.append((k, "image side: not in XLM-R, VOLTA init"))
-        elif fmt == "xlmr" and k.startswith("pooler."):  # XLMRobertaForMaskedLM files have no pooler
-            plan.initialised.append((k, "pooler: not in this XLM-R file, VOLTA init"))
-        else:
-            plan.missing.append(k)
-    for dst, (src, how) in plan.copy.items():
-        if dst not in target:
-            plan.unexpected.append(src)
-            continue
-        s, t = tuple(source[src]), tuple(target[dst])
-        ok = s == t if how == "full" else (len(s) == 2 and s[1] == t[1] and s[0] <= t[0])
-        if not ok:
-            plan.mismatched.append(f"{src} {list(s)} -> {dst} {list(t)}")
-    plan.copy = {d: v for d, v in plan.copy.items() if d in target}
-    return plan
+    return engine.finish_load_plan(plan, source, target, fresh=lambda key: _fresh_reason(fmt, key, head_from_file),
+                                   fits={"row0": _row0_fits})
 
 
-def _plan_volta(plan: LoadPlan, source: dict, task: str) -> None:
+def _fresh_reason(fmt: str, key: str, head_from_file: bool) -> str | None:
+    """Why our `key`, which the released file lacks, keeps its VOLTA initialisation (None: it must not lack it)."""
+    if not head_from_file and key.startswith("head."):
+        return "task head, VOLTA init (N(0,0.02) weights, zero bias, LayerNorm 1/0)"
+    if fmt == "xlmr" and key.startswith(("embeddings.image", "embeddings.v_LayerNorm")):
+        return "image side: not in XLM-R, VOLTA init"
+    if fmt == "xlmr" and key.startswith("pooler."):  # XLMRobertaForMaskedLM files have no pooler
+        return "pooler: not in this XLM-R file, VOLTA init"
+    return None
+
+
+def _row0_fits(source: tuple, ours: tuple) -> bool:
+    """XLM-R's token-type table (1 row) fits the first rows of ours (2)."""
+    return len(source) == 2 and source[1] == ours[1] and source[0] <= ours[0]
+
+
+def _copy_row0(ours: torch.Tensor, source: torch.Tensor) -> None:
+    ours[: source.shape[0]].copy_(source)
+
+
+def _plan_volta(plan: engine.LoadPlan, source: dict, task: str) -> None:
     heads = sorted({k.split(".")[1] for k in source if k.startswith("clfs_dict.")})
     if len(heads) > 1:
         plan.notes.append(f"file holds several task heads {heads}; using {VOLTA_TASK_KEY[task]}")
@@ -560,7 +514,7 @@ def _plan_volta(plan: LoadPlan, source: dict, task: str) -> None:
     plan.notes[:] = sorted(set(plan.notes))
 
 
-def _plan_original(plan: LoadPlan, source: dict, task: str) -> None:
+def _plan_original(plan: engine.LoadPlan, source: dict, task: str) -> None:
     """UC2's model_step_200000.pt, mapped as VOLTA's convert_uc2.py maps it (then VOLTA -> ours).
 
     Faithful, not fixed: the converter renames both roberta.embeddings.LayerNorm.* (UC2's text
@@ -602,7 +556,7 @@ def _plan_original(plan: LoadPlan, source: dict, task: str) -> None:
                           "reproduced on purpose); embeddings.v_LayerNorm is 1/0")
 
 
-def _plan_xlmr(plan: LoadPlan, source: dict) -> None:
+def _plan_xlmr(plan: engine.LoadPlan, source: dict) -> None:
     """Hugging Face xlm-roberta-base (XLMRobertaModel or ...ForMaskedLM): text embeddings, layers, pooler."""
     for k in source:
         s = k[len("roberta."):] if k.startswith("roberta.") else k
@@ -657,7 +611,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     return dict(obj), extra
 
 
-def load_into(model: UC2, path_or_sd: str | dict, fmt: str | None = None) -> LoadPlan:
+def load_into(model: UC2, path_or_sd: str | dict, fmt: str | None = None) -> engine.LoadPlan:
     """Load a checkpoint into `model` (in place); returns the plan (print plan.report()).
     Raises ValueError naming the first missing/unexpected/mis-shaped key."""
     if isinstance(path_or_sd, str):
@@ -671,16 +625,8 @@ def load_into(model: UC2, path_or_sd: str | dict, fmt: str | None = None) -> Loa
     for alias, of in plan.aliases:  # VOLTA files store aliases as one tensor; differing values = not a VOLTA file
         if not torch.equal(sd[alias], sd[of]):
             raise ValueError(f"{name or 'checkpoint'}: alias key {alias!r} differs from {of!r}")
-    params = dict(model.state_dict())
-    with torch.no_grad():
-        for dst, (src, how) in plan.copy.items():
-            t = sd[src].to(torch.float32)  # original UC2 is fp16: cast to fp32 as VOLTA's converter does
-            if how == "row0":
-                params[dst][: t.shape[0]].copy_(t)
-            else:
-                params[dst].copy_(t)
-        for dst, val in plan.constant.items():
-            params[dst].fill_(val)
+    # original UC2 is fp16: the copy casts to fp32 as VOLTA's converter does
+    engine.apply_load_plan(model, sd, plan, {"row0": _copy_row0})
     return plan
 
 
@@ -773,6 +719,13 @@ def _split_features(paths: list[str]) -> tuple[list[str], list[str]]:
     return serialized, [p for p in paths if p not in serialized]
 
 
+def open_feature_files(paths: list[str]) -> tuple[FeatureSet | None, list[str]]:
+    """--features: the image-keyed files as one FeatureSet (None: there are none) and the serialized GQA LMDBs."""
+    with engine.about("--features"):  # unreadable / truncated LMDB or H5
+        serialized, keyed = _split_features(paths)
+        return (FeatureSet(keyed) if keyed else None), serialized
+
+
 def find_hard_negatives(args) -> str | None:
     """xflickrco training: --hard-negatives, else VOLTA's place for it, <datasets>/flickr30k/hard_negative.pkl
     (VOLTA reads it for every retrieval training run; IGLUE's UC2 numbers used it). None: not found."""
@@ -799,6 +752,25 @@ def build_train_dataset(args, features: FeatureSet | None, serialized: list[str]
                              seed=args.seed, hard_negatives=args.hard_negatives, negatives=args.retrieval_negatives)
 
 
+def checked_train_dataset(args, features: FeatureSet | None, serialized: list[str]):
+    """build_train_dataset with its examples' region features checked now, before training, not mid-epoch."""
+    with engine.about("training data"):
+        train_ds = build_train_dataset(args, features, serialized)
+        if isinstance(train_ds, data.UC2Dataset):
+            data.check_inputs(train_ds.examples, features=features, sample=data.VERIFY_SAMPLE)
+        return train_ds
+
+
+def load_checkpoint_arg(model: UC2, path: str) -> tuple[engine.LoadPlan, dict]:
+    """--checkpoint into `model`: (the plan, the file's extra). A bad plan's key-by-key report follows the
+    error's first line (engine.exits_on_bad_input prints it above the error)."""
+    with engine.about("--checkpoint", path):
+        state, extra = read_checkpoint(path)
+        plan = load_into(model, state)
+    plan.source = path
+    return plan, extra
+
+
 def model_config_from_args(args) -> dict:
     config = resolve_config(args.model_config)
     # data.py reads IGLUE's region files: 2048-d features, 7 location values (VOLTA's datasets pad to 2048 too)
@@ -813,6 +785,7 @@ def model_config_from_args(args) -> dict:
     return config
 
 
+@engine.exits_on_bad_input
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     config = model_config_from_args(args)
@@ -821,8 +794,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.print_schedule:
         def count_train() -> int:
-            serialized, keyed = _split_features(args.features)
-            return len(build_train_dataset(args, FeatureSet(keyed) if keyed else None, serialized))
+            return len(build_train_dataset(args, *open_feature_files(args.features)))
         return engine.print_schedule_only(build_model, config, layout, schedule, args, count_train,
                                           "--data-root/--features")
 
@@ -831,26 +803,13 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = engine.check_run_dir(args, dist)
         if not args.data_root:
             raise SystemExit("error: --data-root is required (folder holding IGLUE's datasets/)")
-        try:
-            serialized, keyed = _split_features(args.features)
-            features = FeatureSet(keyed) if keyed else None
-        except ValueError as e:  # unreadable / truncated LMDB or H5
-            raise SystemExit(f"error: --features: {e}") from None
+        features, serialized = open_feature_files(args.features)
         tokenizer = engine.load_tokenizer(args, config["vocab_size"])
 
         engine.seed_everything(args.seed)  # identical initial weights on every rank
         model = build_model(args.task, config)
         if args.checkpoint and not engine.resuming(args, run_dir):  # a run killed before epoch 1 ended starts anew
-            try:
-                state, extra = read_checkpoint(args.checkpoint)
-                plan = load_into(model, state)
-            except ValueError as e:  # first line to the user last; the key-by-key report above it
-                first, _, report = str(e).partition("\n")
-                if report and dist.is_main:
-                    print(report, file=sys.stderr, flush=True)
-                named = "" if args.checkpoint in first else f"{args.checkpoint}: "
-                raise SystemExit(f"error: --checkpoint: {named}{first}") from None
-            plan.source = args.checkpoint
+            plan, extra = load_checkpoint_arg(model, args.checkpoint)
             engine.check_tokenizer_vocab(tokenizer, config["vocab_size"], args.tokenizer, args.checkpoint,
                                          extra.get("meta", {}) if plan.fmt == "ours" else None)  # None: released weights
             if dist.is_main:
@@ -865,27 +824,20 @@ def main(argv: list[str] | None = None) -> None:
                 print("warning: no hard_negative.pkl (give --hard-negatives, or put it in <datasets>/flickr30k/): "
                       "the 4th pair of each caption uses a random other image, not VOLTA's hard negatives",
                       file=sys.stderr, flush=True)
-        try:
-            train_ds = build_train_dataset(args, features, serialized)
-            if isinstance(train_ds, data.UC2Dataset):  # fail before training, not mid-epoch
-                data.check_inputs(train_ds.examples, features=features, sample=data.VERIFY_SAMPLE)
-        except ValueError as e:
-            raise SystemExit(f"error: training data: {e}") from None
+        train_ds = checked_train_dataset(args, features, serialized)
         loader = engine.build_train_loader(train_ds, args, dist, data.UC2Collate(args.task, tokenizer, train=True))
         evaluate_fn = None
         if not args.no_eval:
             if features is None:
                 raise SystemExit("error: evaluation needs image-keyed --features for the test images (or pass --no-eval)")
             import eval_zeroshot  # imported here: it imports the trainers itself
-            try:
+            with engine.about("evaluation data"):
                 evaluate_fn = eval_zeroshot.trainer_evaluate_fn("uc2", args, tokenizer, dist, features=features,
                                                                 max_regions=args.max_regions,
                                                                 pair_batch=args.eval_batch_size)
-            except ValueError as e:
-                raise SystemExit(f"error: evaluation data: {e}") from None
         meta = {**engine.base_meta("uc2", args, config, tokenizer), "max_regions": args.max_regions}
         engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist,
-                     no_decay=NO_DECAY_RULES[args.recipe])
+                     no_decay=NO_DECAY_RULES[args.recipe], run_dir=run_dir)
     finally:
         engine.cleanup_distributed()
 

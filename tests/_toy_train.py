@@ -104,8 +104,7 @@ def run_one(args: argparse.Namespace, dist: engine.DistInfo) -> None:
     if args.print_schedule:  # as the trainers do it
         return engine.print_schedule_only(lambda task, config: ToyModel(args.layers), {}, layout(args.layers), schedule,
                                           args, lambda: args.n_train)
-    engine.check_run_dir(args, dist)
-    out = Path(args.output_dir)
+    out = engine.check_run_dir(args, dist)
     engine.seed_everything(args.seed)
     model = ToyModel(args.layers, args.dropout or 0.0)
     train_set = ToyData(args.n_train, args.seed, args.nan_index, args.nan_from_epoch)
@@ -115,7 +114,7 @@ def run_one(args: argparse.Namespace, dist: engine.DistInfo) -> None:
     try:
         engine.train(args, model, layout(args.layers), schedule, loader,
                      make_evaluate(ToyData(args.n_eval, args.seed + 1), dist, out), meta, dist,
-                     on_step=lambda m, step: hashes.append(param_hash(m)))
+                     on_step=lambda m, step: hashes.append(param_hash(m)), run_dir=out)
     finally:
         if out.is_dir():
             (out / f"hashes.rank{dist.rank}.json").write_text(json.dumps(hashes))

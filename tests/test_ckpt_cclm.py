@@ -139,7 +139,7 @@ def test_finetuned_roundtrip_and_errors(tmp_path: Path) -> None:
         train_cclm.load_checkpoint(b, str(tmp_path / name))
         assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     c = train_cclm.build_model("xflickrco", small(32))
-    with pytest.raises(ValueError, match="lacks .temp. .11 missing, 6 unexpected"):
+    with pytest.raises(ValueError, match="missing key .temp. .11 missing, 6 unexpected"):
         train_cclm.load_checkpoint(c, str(tmp_path / "ft.pt"))
     with pytest.raises(ValueError, match="nope.pt"):
         train_cclm.load_checkpoint(c, str(tmp_path / "nope.pt"))

@@ -708,6 +708,28 @@ def test_run_main_prints_an_error_exit_once(capsys, monkeypatch):
         assert e.value.code == 1 and capsys.readouterr().err == printed
 
 
+def test_bad_input_ends_main_as_one_line_naming_the_input_once(capsys, monkeypatch):
+    @engine.exits_on_bad_input
+    def main(path: str):
+        with engine.about("--checkpoint", path):
+            raise ValueError(f"{path}: missing key 'head.0.weight'\n  MISSING  head.0.weight")
+
+    @engine.exits_on_bad_input
+    def main_unnamed(path: str):
+        with engine.about("--checkpoint", path):
+            raise ValueError("checkpoint (ours): missing key 'x'")
+
+    for rank, details in (("0", "  MISSING  head.0.weight\n"), ("1", "")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            main("a.pt")
+        assert e.value.code == "error: --checkpoint: a.pt: missing key 'head.0.weight'"
+        assert capsys.readouterr().err == details  # the report above the error, from rank 0 only
+    with pytest.raises(SystemExit) as e:
+        main_unnamed("a.pt")
+    assert e.value.code == "error: --checkpoint: a.pt: checkpoint (ours): missing key 'x'"
+
+
 def test_trainable_summary_names_frozen_modules_and_full_training():
     model, lay = toy.ToyModel(), toy.layout(4)
     total = sum(p.numel() for p in model.parameters())
