@@ -613,8 +613,9 @@ INTERPOLATE = "interpolate_224_to_384"  # a copy through resize_rel_pos_bias_tab
 def plan_pretrained(ckpt_shapes: dict[str, tuple], model_shapes: dict[str, tuple], buffers: set[str], task: str,
                     source: str = "") -> engine.LoadPlan:
     """How each fine-tuning key gets its value from the CCLM pretraining checkpoint, as the reference's
-    load_pretrained(is_eval=False) does (docs/reference_facts.md#F-cclm-load-pretrained): copies under the same name, the xGQA
-    decoder's layers from the cross encoder, the ViT's relative position tables interpolated to the new grid;
+    load_pretrained(is_eval=False) does (docs/reference_facts.md#F-cclm-load-pretrained): copies under the same
+    name, the xGQA decoder's layers from the cross encoder, the ViT's relative position tables interpolated to the
+    new grid;
     the task's new keys and the model's buffers keep their values (reasons: X2-VLM's action names); the
     pretraining-only keys are dropped. Shapes only, so it runs on meta tensors; check with raise_if_bad."""
     plan = engine.LoadPlan(PRETRAINING, source)
