@@ -307,6 +307,24 @@ def test_tokenizer_padding_and_truncation(tokenizer, tmp_path):
         data.load_tokenizer(tmp_path / "no-such-tokenizer")
 
 
+def test_encode_texts_ids_equal_the_fast_backend_on_every_fixture_text(tokenizer):
+    """encode_texts tokenises through the tokenizer's public call; its ids are those the Rust backend gives
+    directly (what data.py used before), on every text of every fixture file, with and without truncation."""
+    texts = [ex.text for task in data.TASKS for split in data.available_splits(ROOT, task)
+             for lang in data.available_langs(ROOT, task, split) for ex in data.load_split(ROOT, task, split, lang)]
+    backend = tokenizer._tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    want = [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
+    tokenizer(texts[:2], truncation=True, max_length=4, padding="max_length")  # leaves state in the backend
+    assert len(texts) > 300
+    for max_len in (None, 40, 6):
+        for i in range(0, len(texts), 64):
+            ids, mask = data.encode_texts(tokenizer, texts[i:i + 64], max_len)
+            rows = [w if max_len is None or len(w) <= max_len else w[:max_len - 1] + w[-1:] for w in want[i:i + 64]]
+            assert [row[m.bool()].tolist() for row, m in zip(ids, mask)] == rows
+
+
 # --------------------------------------------------------------------------------------------- batches
 
 def _check(batch, spec):
