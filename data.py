@@ -80,9 +80,7 @@ import pickle
 import random
 import re
 import sys
-import uuid
 import warnings
-import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -90,7 +88,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageFile
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+import fastload
 
 ImageFile.LOAD_TRUNCATED_IMAGES = True  # as the X2-VLM loaders do
 # Decompression-bomb guard: a sub-MB PNG can declare 30,000 x 30,000 pixels (GBs once decoded). load_image
@@ -507,32 +507,13 @@ def pad_regions(features: np.ndarray, locations: np.ndarray, max_regions: int) -
     return _batch_regions([(features, locations)], max_regions, ())
 
 
-def _alloc(shape: tuple, dtype) -> torch.Tensor:
-    """Uninitialised batch tensor: in the current batch slab when a BatchLoader is collating (see "Batch
-    memory"); otherwise, inside a DataLoader worker, in fresh shared memory, so sending the batch to the main
-    process costs no extra copy (what torch's default_collate does)."""
-    if _ARENA is not None:
-        t = _ARENA.take(shape, dtype)
-        if t is not None:
-            return t
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    return _shared_empty(shape, dtype)
-
-
-def _shared_empty(shape: tuple, dtype) -> torch.Tensor:
-    proto = torch.empty(0, dtype=dtype)
-    storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
-    return proto.new(storage).view(shape)
-
-
 def _batch_regions(regions: Sequence[tuple[np.ndarray, np.ndarray]], max_regions: int, lead: tuple) -> dict:
     """(features [n,2048], locations [n,7]) per image -> padded lead+[R,2048], lead+[R,7], lead+[R] tensors,
     written once into the batch buffers (rows after n are zero, image_mask 1 on the first n)."""
     shape = (len(regions), max_regions)
-    feats = _alloc(shape + (FEATURE_DIM,), torch.float32)
-    spatials = _alloc(shape + (7,), torch.float32)
-    mask = _alloc(shape, torch.long)
+    feats = fastload.batch_empty(shape + (FEATURE_DIM,), torch.float32)
+    spatials = fastload.batch_empty(shape + (7,), torch.float32)
+    mask = fastload.batch_empty(shape, torch.long)
     f, sp, m = feats.numpy(), spatials.numpy(), mask.numpy()  # numpy copies: sources may be read-only buffers
     for i, (feat, loc) in enumerate(regions):
         n = min(len(feat), max_regions)
@@ -1873,7 +1854,7 @@ def _xgqa_labels(exs: Sequence[Example], num_answers: int | None = None) -> dict
 def _item_images(items) -> torch.Tensor:
     """uint8 [B, H, W, 3] (normalize_images turns them into the model's input)."""
     pixels = [it["pixels"] for it in items]
-    out = _alloc((len(pixels), *pixels[0].shape), torch.uint8)
+    out = fastload.batch_empty((len(pixels), *pixels[0].shape), torch.uint8)
     for row, p in zip(out, pixels):
         row.copy_(p)
     return out
@@ -1967,163 +1948,8 @@ def make_collate(model: str, task: str, tokenizer, train: bool = False) -> UC2Co
 
 
 # ----------------------------------------------------------------------------------------------
-# Batch memory: batches reach the main process through a few reused slabs of shared memory
+# Loader
 # ----------------------------------------------------------------------------------------------
-# torch's own worker transport builds every batch in a new shared-memory file, allocated and zeroed in full
-# (~8 ms for one 19 MB region-feature batch on a 2-core VM), and passes each tensor with a file-descriptor
-# round trip (~0.3 ms each): more than reading the batch costs (bench/data_throughput.py).
-# A BatchLoader gives each producing process (a worker; the main process with 0 workers) a few slabs that it
-# keeps: the collate writes the batch's tensors straight into a free slab (_alloc), the main process maps
-# each slab once and rebuilds the tensors as views of it. A slab is written again only after every tensor of
-# the batch it held is gone in the main process (a finalizer on the batch's base array clears the slab's
-# in-use flag), so a batch that is kept (in a list, in autograd's saved tensors) is never overwritten: the
-# producer then takes another slab or, with all of them in use, falls back to torch's transport.
-
-_ARENA: "_Arena | None" = None  # the slab the collate running in this process is filling
-_SLAB_HEADER = 64  # bytes before a slab's data; its in-use flag is the int64 at offset 0
-_MAPPED: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}  # main process: slab key -> (slab, in-use flag)
-
-
-def _round_up(n: int, to: int) -> int:
-    return -(-n // to) * to
-
-
-def _in_use_flag(slab: torch.Tensor) -> np.ndarray:
-    return slab[:8].numpy().view(np.int64)
-
-
-class _Arena:
-    """Bump allocation of 64-byte aligned tensors in one slab (None: only counts) while one batch is collated."""
-
-    def __init__(self, slab: torch.Tensor | None):
-        self.slab, self.pos, self.requested = slab, _SLAB_HEADER, 0
-
-    def take(self, shape: tuple, dtype) -> torch.Tensor | None:
-        nbytes = math.prod(shape) * dtype.itemsize
-        self.requested += _round_up(nbytes, 64)
-        if self.slab is None or self.pos + nbytes > len(self.slab):
-            return None
-        t = self.slab[self.pos:self.pos + nbytes].view(dtype).view(shape)
-        self.pos = _round_up(self.pos + nbytes, 64)
-        return t
-
-
-class _SlabBatch:
-    """A collated batch on its way to the main process: tensors in the slab as (dtype, shape, stride, offset),
-    other tensors as numpy arrays (pickled inline: no file descriptor per tensor). Unpickled, it is the batch."""
-
-    def __init__(self, key: tuple, batch: dict, refs: dict, arrays: dict, slab: torch.Tensor | None, retired: list):
-        self.args = (key, batch, refs, arrays, slab, retired)
-
-    def __reduce__(self):
-        return _rebuild_batch, self.args
-
-    def decode(self) -> dict:
-        return _rebuild_batch(*self.args)
-
-
-def _rebuild_batch(key: tuple, batch: dict, refs: dict, arrays: dict, slab: torch.Tensor | None,
-                   retired: list) -> dict:
-    """Main process: the batch's tensors as views of the slab, through a base array whose finalizer frees the
-    slab when the last of them is gone (views, numpy views and autograd's saved tensors all hold the base)."""
-    token, pid, _ = key
-    for n in retired:
-        _MAPPED.pop((token, pid, n), None)
-    if slab is not None:
-        _MAPPED[key] = (slab, _in_use_flag(slab))
-    slab, flag = _MAPPED[key]
-    base = slab.numpy()  # a new array object over the slab, owned by this batch's tensors only
-    weakref.finalize(base, flag.__setitem__, 0, 0)
-    base_t = torch.from_numpy(base)
-    out = dict(batch)
-    for k, (dtype, shape, stride, offset) in refs.items():
-        out[k] = base_t.view(dtype).as_strided(shape, stride, offset)
-    for k, a in arrays.items():
-        out[k] = torch.from_numpy(a)
-    return out
-
-
-def _forget_slabs(token: str) -> None:
-    """Main process: drop the mappings of the slabs made under `token` (kept batches keep theirs)."""
-    for key in list(_MAPPED):  # a copy: a pin-memory thread may still be adding to it
-        if key[0] == token:
-            _MAPPED.pop(key, None)
-
-
-class _SlabCollate:
-    """The collate a BatchLoader gives its DataLoader: runs `collate` with _alloc placing tensors in a free slab
-    of this process and returns a _SlabBatch. Slabs are sized by the largest batch seen (+25%); the first batch,
-    and any batch when all slabs are in use, goes the ordinary way."""
-
-    def __init__(self, collate, token: str, max_slabs: int):
-        self.collate, self.token, self.max_slabs = collate, token, max_slabs
-        self._pid = None
-
-    def __getstate__(self) -> dict:  # to a spawned worker: not this process's slabs
-        return {"collate": self.collate, "token": self.token, "max_slabs": self.max_slabs, "_pid": None}
-
-    def _own_slabs(self) -> list:
-        if self._pid != os.getpid():  # a new worker: its slabs are its own, never a parent's or a dead worker's
-            self._slabs, self._need, self._made, self._retired, self._pid = [], 0, 0, [], os.getpid()
-        return self._slabs
-
-    def _claim(self) -> tuple | None:
-        slabs = self._own_slabs()
-        for i, (n, slab, flag, sent) in enumerate(slabs):
-            if flag[0] == 0:
-                if len(slab) - _SLAB_HEADER >= self._need:
-                    flag[0] = 1
-                    return slabs[i]
-                del slabs[i]  # free but too small for the batches now: the main process forgets it
-                self._retired.append(n)
-                break
-        if self._need == 0 or len(slabs) >= self.max_slabs:
-            return None
-        size = _SLAB_HEADER + _round_up(self._need * 5 // 4, 1 << 20)
-        in_worker = torch.utils.data.get_worker_info() is not None
-        slab = _shared_empty((size,), torch.uint8) if in_worker else torch.empty(size, dtype=torch.uint8)
-        self._made += 1
-        entry = [self._made, slab, _in_use_flag(slab), False]
-        entry[2][0] = 1
-        slabs.append(entry)
-        return entry
-
-    def __call__(self, items: list) -> Any:
-        global _ARENA
-        entry = self._claim()
-        _ARENA = arena = _Arena(entry[1] if entry else None)
-        try:
-            batch = self.collate(items)
-        except BaseException:
-            if entry is not None:
-                entry[2][0] = 0
-            raise
-        finally:
-            _ARENA = None
-        self._need = max(self._need, arena.requested)
-        if entry is None:
-            return batch
-        n, slab, flag, sent = entry
-        if not isinstance(batch, dict):
-            flag[0] = 0
-            return batch
-        ptr = slab.untyped_storage().data_ptr()
-        in_worker = torch.utils.data.get_worker_info() is not None
-        refs, arrays, rest = {}, {}, {}
-        for k, v in batch.items():
-            if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() == ptr:
-                refs[k] = (v.dtype, tuple(v.shape), v.stride(), v.storage_offset())
-            elif isinstance(v, torch.Tensor) and in_worker and not v.is_shared() and v.dtype != torch.bfloat16:
-                arrays[k] = v.numpy()
-            else:
-                rest[k] = v
-        if not refs:
-            flag[0] = 0
-            return batch
-        entry[3] = in_worker  # sent once to the main process; with 0 workers the slab object itself is passed
-        retired, self._retired = self._retired, []
-        return _SlabBatch((self.token, self._pid, n), rest, refs, arrays, None if sent else slab, retired)
-
 
 def _worker_error_line(message: str) -> str:
     """BadInput's own message out of torch's 'Caught BadInput in DataLoader worker ... Traceback ...' text."""
@@ -2133,40 +1959,16 @@ def _worker_error_line(message: str) -> str:
     return last.split(f"{BadInput.__name__}: ", 1)[-1]
 
 
-class BatchLoader(DataLoader):
-    """torch DataLoader (same arguments) whose batches come through reused slabs of shared memory instead of a
-    new shared-memory file per batch. `collate_fn` must return a dict; its tensors from data._alloc go in the
-    slab. Iterating gives ordinary batches (dicts of tensors); keeping them is safe."""
-
-    def __init__(self, dataset, *, collate_fn=None, num_workers: int = 0, prefetch_factor: int | None = None, **kwargs):
-        if collate_fn is None:
-            collate_fn = torch.utils.data.default_collate
-        # in flight per producer: the prefetched batches (+1 being collated), plus the 2 the loop may hold
-        slabs = (prefetch_factor or 2) + 2 if num_workers else 3
-        collate = _SlabCollate(collate_fn, uuid.uuid4().hex, slabs)
-        super().__init__(dataset, collate_fn=collate, num_workers=num_workers, prefetch_factor=prefetch_factor,
-                         **kwargs)
-        weakref.finalize(self, _forget_slabs, collate.token)  # persistent workers' slabs
+class BatchLoader(fastload.BatchLoader):
+    """The loader of training and evaluation: a torch DataLoader (same arguments, same batches) whose batches
+    travel through reused shared-memory slabs (fastload.py says why), and whose BadInput raised in a worker
+    reaches the caller as its own one line, not torch's worker traceback."""
 
     def __iter__(self):
-        collate = self.collate_fn
-        per_iteration = not (self.persistent_workers and self.num_workers)
-        if per_iteration:  # new workers (or the main process) this time: slab keys of their own
-            collate.token = uuid.uuid4().hex
-        token = collate.token  # this iteration's, even if another iteration of this loader starts meanwhile
-        pin = self.pin_memory and torch.accelerator.is_available()  # as DataLoader decides it
         try:
-            for batch in super().__iter__():
-                if isinstance(batch, _SlabBatch):  # 0 workers: nothing was pickled
-                    batch = batch.decode()
-                    if pin:
-                        batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                yield batch
-        except BadInput as e:  # from a worker, the message is its whole traceback: keep the error's own line
+            yield from super().__iter__()
+        except BadInput as e:
             raise BadInput(_worker_error_line(str(e))) from None
-        finally:
-            if per_iteration:
-                _forget_slabs(token)
 
 
 # ----------------------------------------------------------------------------------------------

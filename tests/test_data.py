@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import fastload  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures"
@@ -645,7 +646,7 @@ class _GrowingBatches(torch.utils.data.Dataset):
 
 def _growing_collate(items):
     rows = max(items) + 1
-    out = data._alloc((len(items), rows, 100_000), torch.float32)  # 0.4 MB a row: slabs of MBs
+    out = fastload.batch_empty((len(items), rows, 100_000), torch.float32)  # 0.4 MB a row: slabs of MBs
     for k, i in enumerate(items):
         out[k] = float(i)
     return {"x": out, "items": list(items)}
