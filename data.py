@@ -71,6 +71,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import functools
 import io
 import itertools
 import json
@@ -1747,33 +1748,26 @@ def _distinct_images(examples: Sequence[Example]) -> list[Example]:
 
 
 class RetrievalImages(Dataset):
-    """Retrieval eval: each image of a split once, item i = image index i (Example.label of its captions)."""
+    """Retrieval eval: each image of a split once, item i = image index i (Example.label of its captions).
+    fields(example) -> the item's visual fields (a ModelInputs' image_fields: regions or pixels)."""
 
-    def __init__(self, examples: Sequence[Example], model: str, *, features=None, images=None,
-                 max_regions: int = 36, image_res: int = 384):
-        self.items = _distinct_images(examples)
-        self.model, self.max_regions, self.image_res = model, max_regions, image_res
-        self.reader = _as_reader(features) if model == "uc2" else None
-        self.images = images
+    def __init__(self, examples: Sequence[Example], fields: Callable[[Example], dict], image_res: int = 384):
+        self.items, self.fields, self.image_res = _distinct_images(examples), fields, image_res
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
         ex = self.items[index]
-        item = {"kind": "image", "example": ex, "image_index": index}
-        if self.model == "uc2":
-            item["regions"], item["max_regions"] = _read_regions(self.reader, ex, self.max_regions), self.max_regions
-        else:
-            item["pixels"] = _eval_pixels(_open_image(self.images, ex), self.image_res)
-        return item
+        return {"kind": "image", "example": ex, "image_index": index, **self.fields(ex)}
 
 
 class RetrievalCaptions(Dataset):
-    """Retrieval eval: each caption once, with the index of its gold image."""
+    """Retrieval eval: each caption once, with the index of its gold image; clean(text): the model's text
+    cleaning (None: the raw caption)."""
 
-    def __init__(self, examples: Sequence[Example], model: str):
-        self.examples, self.model = list(examples), model
+    def __init__(self, examples: Sequence[Example], clean: Callable[[str], str] | None = None):
+        self.examples, self.clean = list(examples), clean
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -1781,38 +1775,12 @@ class RetrievalCaptions(Dataset):
     def __getitem__(self, index: int) -> dict:
         ex = self.examples[index]
         text = ex.text
-        if self.model == "cclm":
+        if self.clean is not None:
             try:
-                text = pre_caption(text, CCLM_MAX_WORDS[("xflickrco", False)])
+                text = self.clean(text)
             except ValueError as e:
                 raise ValueError(f"{ex.source} (example {ex.id}): {e}") from None
         return {"kind": "caption", "example": ex, "text": text, "image_index": ex.label}
-
-
-def make_dataset(model: str, task: str, examples: Sequence[Example] | None, *, features=None, images=None,
-                 train: bool = False, max_regions: int = 36, image_res: int = 384, seed: int = 0,
-                 hard_negatives=None, negatives: str = "volta") -> Dataset:
-    """UC2Dataset / CCLMDataset for (model, task). UC2 xgqa with a serialized LMDB as `features` returns a
-    SerializedGQADataset (the LMDB holds the questions; `examples` is then ignored)."""
-    if model == "uc2":
-        if task == "xgqa" and isinstance(features, (str, os.PathLike)) and is_serialized_lmdb(features):
-            return SerializedGQADataset(features, max_regions=max_regions)
-        return UC2Dataset(examples, features, task, train=train, max_regions=max_regions, seed=seed,
-                          hard_negatives=hard_negatives, negatives=negatives)
-    if model == "cclm":
-        return CCLMDataset(examples, images, task, train=train, image_res=image_res, seed=seed)
-    raise ValueError(f"unknown model {model!r}; expected uc2 or cclm")
-
-
-def make_retrieval_eval(model: str, examples: Sequence[Example], *, features=None, images=None,
-                        max_regions: int = 36, image_res: int = 384) -> tuple[RetrievalImages, RetrievalCaptions]:
-    """Images and captions of a retrieval split. CCLM: an annotation line whose captions are all empty is
-    skipped, as X2-VLM's xflickrco_eval_dataset does (IGLUE's de and id test files have one each: 1,999
-    images there); UC2 keeps it (VOLTA scores the empty caption as <s></s>)."""
-    if model == "cclm":
-        examples = _without_empty_lines(examples)
-    return (RetrievalImages(examples, model, features=features, images=images, max_regions=max_regions,
-                            image_res=image_res), RetrievalCaptions(examples, model))
 
 
 def _without_empty_lines(examples: Sequence[Example]) -> list[Example]:
@@ -1939,12 +1907,90 @@ class CCLMCollate:
         return batch
 
 
-def make_collate(model: str, task: str, tokenizer, train: bool = False) -> UC2Collate | CCLMCollate:
-    if model == "uc2":
+# ----------------------------------------------------------------------------------------------
+# Model inputs: what each model reads beside text, behind one interface
+# ----------------------------------------------------------------------------------------------
+
+class RegionFeatureInputs:
+    """UC2 (VOLTA): region features (`features`: a path, reader or FeatureSet), VOLTA's text as it is in the file,
+    UC2Dataset / SerializedGQADataset items, UC2Collate batches."""
+    model = "uc2"
+
+    def dataset(self, task: str, examples: Sequence[Example] | None, *, features=None, images=None,
+                train: bool = False, max_regions: int = 36, image_res: int = 384, seed: int = 0,
+                hard_negatives=None, negatives: str = "volta") -> Dataset:
+        """UC2Dataset; for xgqa with a serialized LMDB as `features`, a SerializedGQADataset (the LMDB holds
+        the questions; `examples` is then ignored)."""
+        if task == "xgqa" and isinstance(features, (str, os.PathLike)) and is_serialized_lmdb(features):
+            return SerializedGQADataset(features, max_regions=max_regions)
+        return UC2Dataset(examples, features, task, train=train, max_regions=max_regions, seed=seed,
+                          hard_negatives=hard_negatives, negatives=negatives)
+
+    def retrieval_eval(self, examples: Sequence[Example], *, features=None, images=None, max_regions: int = 36,
+                       image_res: int = 384) -> tuple[RetrievalImages, RetrievalCaptions]:
+        """Every image and caption of the split, an empty caption included (VOLTA scores it as <s></s>)."""
+        fields = functools.partial(_region_fields, _as_reader(features), max_regions)
+        return RetrievalImages(examples, fields, image_res), RetrievalCaptions(examples)
+
+    def collate(self, task: str, tokenizer, train: bool = False) -> UC2Collate:
         return UC2Collate(task, tokenizer, train)
-    if model == "cclm":
+
+
+class ImageInputs:
+    """CCLM (X2-VLM): image files (`images`: the images root, see the module docstring), X2-VLM's text cleaning,
+    CCLMDataset items, CCLMCollate batches."""
+    model = "cclm"
+
+    def dataset(self, task: str, examples: Sequence[Example] | None, *, features=None, images=None,
+                train: bool = False, max_regions: int = 36, image_res: int = 384, seed: int = 0,
+                hard_negatives=None, negatives: str = "volta") -> Dataset:
+        return CCLMDataset(examples, images, task, train=train, image_res=image_res, seed=seed)
+
+    def retrieval_eval(self, examples: Sequence[Example], *, features=None, images=None, max_regions: int = 36,
+                       image_res: int = 384) -> tuple[RetrievalImages, RetrievalCaptions]:
+        """An annotation line whose captions are all empty is skipped, as X2-VLM's xflickrco_eval_dataset does
+        (IGLUE's de and id test files have one each: 1,999 images there)."""
+        examples = _without_empty_lines(examples)
+        clean = functools.partial(pre_caption, max_words=CCLM_MAX_WORDS[("xflickrco", False)])
+        fields = functools.partial(_pixel_fields, images, image_res)
+        return RetrievalImages(examples, fields, image_res), RetrievalCaptions(examples, clean)
+
+    def collate(self, task: str, tokenizer, train: bool = False) -> CCLMCollate:
         return CCLMCollate(task, tokenizer, train)
-    raise ValueError(f"unknown model {model!r}; expected uc2 or cclm")
+
+
+def _region_fields(reader, max_regions: int, ex: Example) -> dict:
+    return {"regions": _read_regions(reader, ex, max_regions), "max_regions": max_regions}
+
+
+def _pixel_fields(images, image_res: int, ex: Example) -> dict:
+    return {"pixels": _eval_pixels(_open_image(images, ex), image_res)}  # uint8; the model normalises
+
+
+REGION_FEATURES, IMAGES = RegionFeatureInputs(), ImageInputs()
+MODEL_INPUTS = {inputs.model: inputs for inputs in (REGION_FEATURES, IMAGES)}
+
+
+def model_inputs(model: str) -> RegionFeatureInputs | ImageInputs:
+    """The inputs of a model by its name ("uc2" / "cclm"), for callers that hold only the name."""
+    if model not in MODEL_INPUTS:
+        raise ValueError(f"unknown model {model!r}; expected {' or '.join(MODEL_INPUTS)}")
+    return MODEL_INPUTS[model]
+
+
+def make_dataset(model: str, task: str, examples: Sequence[Example] | None, **kwargs) -> Dataset:
+    """model_inputs(model).dataset(task, examples, **kwargs)."""
+    return model_inputs(model).dataset(task, examples, **kwargs)
+
+
+def make_retrieval_eval(model: str, examples: Sequence[Example], **kwargs) -> tuple[RetrievalImages, RetrievalCaptions]:
+    """model_inputs(model).retrieval_eval(examples, **kwargs)."""
+    return model_inputs(model).retrieval_eval(examples, **kwargs)
+
+
+def make_collate(model: str, task: str, tokenizer, train: bool = False) -> UC2Collate | CCLMCollate:
+    """model_inputs(model).collate(task, tokenizer, train)."""
+    return model_inputs(model).collate(task, tokenizer, train)
 
 
 # ----------------------------------------------------------------------------------------------
