@@ -1,5 +1,10 @@
 """IGLUE data for UC2 (region features) and CCLM (images): annotations, features, images, text, batches.
 
+Sections, in file order: annotation files; region features (UC2); pickles inside downloaded files (what the
+feature and vocabulary readers unpickle); images (CCLM); text; datasets (and the fail-fast input checks);
+collate; model inputs (one interface per model); loader; inventory CLI. The batch transport the loader uses
+lives in fastload.py.
+
 Public API (everything else is private):
 
 Annotations
@@ -40,8 +45,7 @@ Datasets and batches (contract keys)
                                     always example i (stable order and ids, for sharded evaluation)
   RetrievalImages, RetrievalCaptions                   retrieval eval: each image / caption once; image item i
                                     is the image with index i (== Example.label of its captions)
-  make_dataset(model, task, examples, ...), make_retrieval_eval(model, examples, ...)
-  UC2Collate(task, tokenizer, train) / CCLMCollate(task, tokenizer, train), make_collate(model, task, tokenizer, train)
+  UC2Collate(task, tokenizer, train) / CCLMCollate(task, tokenizer, train)
                                     dataset items -> contract batches (tokenising here, i.e. in the workers);
                                     retrieval eval batches: images (+ image_index, id = image key) or captions
                                     (input_ids/attention_mask or text_ids/text_atts + image_index = gold image)
@@ -50,11 +54,17 @@ Datasets and batches (contract keys)
   (negatives="corrected": never the positive's own image); CCLM batches may hold two captions of one image:
   `idx` (image index) lets the loss treat them as positives, as X2-VLM does.
   load_hard_negatives(path)         IGLUE/VOLTA hard_negative.pkl (train_image_list, train_hard_pool)
-  BatchLoader(dataset, collate_fn=..., **DataLoader arguments)   a DataLoader whose batches travel through
-                                    reused shared-memory slabs (see "Batch memory"); used by training and eval
   check_inputs(examples, features=None, images=None, sample=0)   fail fast before training: one-line ValueError
                                     naming the first missing feature key / image file, its annotation line, and the
                                     count; sample: decode that many records / image headers too (None: all)
+Model inputs (what a model reads beside text; no model-name branches anywhere else in this file)
+  REGION_FEATURES (UC2) / IMAGES (CCLM), each with .dataset(task, examples, ...), .retrieval_eval(examples, ...),
+                                    .collate(task, tokenizer, train); model_inputs("uc2" / "cclm") -> one of them
+  make_dataset(model, task, examples, ...), make_retrieval_eval(model, examples, ...),
+  make_collate(model, task, tokenizer, train)   the same, for callers that hold the model's name
+Loader
+  BatchLoader(dataset, collate_fn=..., **DataLoader arguments)   a DataLoader (batches through fastload's reused
+                                    shared-memory slabs) whose worker BadInput reaches the caller as one line
 CLI
   inventory(root, features=(), images=None) and `python data.py --data-root DIR [--features ...] [--images DIR] [--json]`
   verify(root, features=(), images=None) and `... --verify`: decode every feature record and image header
@@ -2039,25 +2049,21 @@ def inventory(data_root, features: Sequence[str] = (), images=None) -> dict:
     ds = dataset_dir(data_root)
     keys, notes = _feature_keys(features) if features else (None, [])
     out: dict = {}
-    for task in TASKS:
-        for mt in (False, True):
-            for split in available_splits(ds, task, mt):
-                name = f"{split}_translate_test" if mt else split
-                for lang in available_langs(ds, task, split, mt):
-                    try:
-                        exs = load_split(ds, task, split, lang, mt)
-                    except ValueError as e:
-                        out.setdefault(task, {}).setdefault(name, {})[lang] = {"error": str(e)}
-                        continue
-                    distinct = _distinct_images(exs)
-                    missing = None if keys is None and images is None else []
-                    if keys is not None:
-                        missing += sorted(ex.image for ex in distinct if ex.image not in keys)
-                    if images is not None:
-                        missing += sorted(ex.image_file for ex in distinct
-                                          if not os.path.isfile(_image_path(images, ex.image_file, ex)))
-                    out.setdefault(task, {}).setdefault(name, {})[lang] = {
-                        "examples": len(exs), "images": len(distinct), "missing": missing}
+    for task, split, lang, mt in _annotation_files(ds):
+        entry = out.setdefault(task, {}).setdefault(f"{split}_translate_test" if mt else split, {})
+        try:
+            exs = load_split(ds, task, split, lang, mt)
+        except ValueError as e:
+            entry[lang] = {"error": str(e)}
+            continue
+        distinct = _distinct_images(exs)
+        missing = None if keys is None and images is None else []
+        if keys is not None:
+            missing += sorted(ex.image for ex in distinct if ex.image not in keys)
+        if images is not None:
+            missing += sorted(ex.image_file for ex in distinct
+                              if not os.path.isfile(_image_path(images, ex.image_file, ex)))
+        entry[lang] = {"examples": len(exs), "images": len(distinct), "missing": missing}
     if notes:
         out["notes"] = notes
     return out
@@ -2107,17 +2113,23 @@ def verify(data_root, features: Sequence[str] = (), images=None) -> tuple[list[s
     return bad, counts
 
 
-def _referenced_images(data_root) -> Iterable[Example]:
-    """The first example of each image of every annotation file that loads (the inventory reports the others)."""
-    ds = dataset_dir(data_root)
+def _annotation_files(ds: Path) -> Iterable[tuple[str, str, str, bool]]:
+    """(task, split, lang, translate_test) of every annotation file under the datasets folder ds."""
     for task in TASKS:
         for mt in (False, True):
             for split in available_splits(ds, task, mt):
                 for lang in available_langs(ds, task, split, mt):
-                    try:
-                        yield from _distinct_images(load_split(ds, task, split, lang, mt))
-                    except ValueError:
-                        continue
+                    yield task, split, lang, mt
+
+
+def _referenced_images(data_root) -> Iterable[Example]:
+    """The first example of each image of every annotation file that loads (the inventory reports the others)."""
+    ds = dataset_dir(data_root)
+    for task, split, lang, mt in _annotation_files(ds):
+        try:
+            yield from _distinct_images(load_split(ds, task, split, lang, mt))
+        except ValueError:
+            continue
 
 
 def _print_verify(bad: list[str], counts: dict[str, int]) -> int:
@@ -2144,18 +2156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         inv = inventory(args.data_root, args.features, args.images)
+        if args.json:
+            print(json.dumps(inv, indent=1, ensure_ascii=False))
+        else:
+            _print_inventory(inv)
+        return _print_verify(*verify(args.data_root, args.features, args.images)) if args.verify else 0
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    if args.json:
-        print(json.dumps(inv, indent=1, ensure_ascii=False))
-    else:
-        _print_inventory(inv)
-    if args.verify:
-        try:
-            return _print_verify(*verify(args.data_root, args.features, args.images))
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
-    return 0
 
 
 def exit_quietly_on_broken_pipe(main: Callable[[], object]) -> object:

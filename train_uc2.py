@@ -875,7 +875,8 @@ def main(argv: list[str] | None = None) -> None:
                 data.check_inputs(train_ds.examples, features=features, sample=data.VERIFY_SAMPLE)
         except ValueError as e:
             raise SystemExit(f"error: training data: {e}") from None
-        loader = engine.build_train_loader(train_ds, args, dist, data.REGION_FEATURES.collate(args.task, tokenizer, train=True))
+        collate = data.REGION_FEATURES.collate(args.task, tokenizer, train=True)
+        loader = engine.build_train_loader(train_ds, args, dist, collate)
         evaluate_fn = None
         if not args.no_eval:
             if features is None:

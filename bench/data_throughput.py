@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                           + (f", transport {pl['transport_us_per_sample']:.0f} us/sample" if "transport_us_per_sample"
                              in pl else "")
                           + f": slabs {r['slab_over_plain']:.2f}x plain; main-thread CPU per batch "
-                          f"{r['main_thread_cpu_us_per_batch']:.0f} us (slabs) vs {pl['main_thread_cpu_us_per_batch']:.0f} us")
+                          f"{r['main_thread_cpu_us_per_batch']:.0f} us (slabs) vs "
+                          f"{pl['main_thread_cpu_us_per_batch']:.0f} us")
             print(f"  workers={w}: {r['batches_per_s']:.2f} batches/s ({r['samples_per_s']:.0f} samples/s), per worker "
                   f"{r['per_worker_ratio']:.2f} x raw read+decode ({'meets' if r['meets_target'] else 'MISSES'} the "
                   f"{TARGET:.0%} target), {r['per_worker_ratio_vs_raw_plus_tokenize']:.2f} x raw read+decode+tokenize"

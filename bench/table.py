@@ -153,8 +153,9 @@ def data_throughput(res: dict) -> list[Row]:
                 result += f"; worker transport {lw['transport_us_per_sample']:.0f} us/sample"
             if "plain_dataloader" in lw:  # the same pipeline through torch's own transport, same run
                 pl = lw["plain_dataloader"]
-                result += (f"; plain DataLoader {pl['samples_per_s']:,.0f} samples/s (slabs {lw['slab_over_plain']:.2f}x"
-                           f" plain); main-thread CPU per batch {lw['main_thread_cpu_us_per_batch']:,.0f} us (slabs) vs "
+                result += (f"; plain DataLoader {pl['samples_per_s']:,.0f} samples/s "
+                           f"(slabs {lw['slab_over_plain']:.2f}x plain); main-thread CPU per batch "
+                           f"{lw['main_thread_cpu_us_per_batch']:,.0f} us (slabs) vs "
                            f"{pl['main_thread_cpu_us_per_batch']:,.0f} us (plain)")
             if lw.get("contended"):
                 result += " (contended: fewer cores than workers + main)"
