@@ -6,9 +6,9 @@
 Why it exists (bench/data_throughput.py runs both transports side by side; bench/results/data_throughput.json):
 torch's own worker transport builds every batch in a new shared-memory file, allocated and zeroed in full,
 and passes each tensor with a file-descriptor round trip. For a 64-sample batch of UC2 region features
-(19 MB) one worker delivered 2.9x more samples/s through the slabs than through a plain DataLoader, and the
-main process (the training loop's thread) spent 0.8 ms of CPU per batch receiving it instead of 5.3 ms
-(images: 1.1x, 0.8 vs 6.3 ms). A GPU consumes a 64-sample UC2 batch in ~6.5 ms (H100) to ~20 ms (A100)
+(19 MB) one worker delivered 2.5-2.9x more samples/s through the slabs than through a plain DataLoader, and
+the main process (the training loop's thread) spent 0.8-0.9 ms of CPU per batch receiving it instead of
+5.3-6.3 ms (images: 1.1x, 0.8 vs 6.3-6.5 ms; two runs on a busy 2-core machine). A GPU consumes a 64-sample UC2 batch in ~6.5 ms (H100) to ~20 ms (A100)
 at 40% of bf16 peak (the bench's FLOP model): the plain transport's main-thread cost alone is most of an
 H100 step, and more workers cannot take it off that thread. Everything here is transport: a collate_fn that
 allocates with batch_empty gives the same batches through a plain DataLoader (tests/test_data.py checks it).

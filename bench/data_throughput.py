@@ -7,7 +7,8 @@ files. Issue target: per worker, the loader delivers >= 90% of the raw rate.
 
 The raw side only reads and decodes; the loader must also do work no raw read includes, so besides the
 issue's ratio the bench measures, side by side, the parts of the loader's per-sample time:
-  tokenize   data.encode_texts on the same texts in the same batches (the collate's tokenising),
+  tokenize   data.encode_texts on the same texts in the same batches (the collate's tokenising; beside it the
+             tokenizer's Rust backend called directly, the faster private path data.py no longer takes),
   in-process the whole pipeline with workers=0 (read + decode + tokenize + padded batch tensors),
   transport  per-worker time minus in-process time: what handing batches from a worker to the main process
              costs, for data.BatchLoader (fastload.py: a small pickle per batch, the tensors stay in reused
@@ -83,6 +84,16 @@ def raw_images(root: Path, files: list[str], res: int) -> None:
     for f in files:
         with Image.open(root / f) as img:
             (img if img.mode == "RGB" else img.convert("RGB")).resize((res, res), Image.Resampling.BICUBIC)
+
+
+def tokenize_backend(tok, texts: list[str], batch: int) -> None:
+    """What data.encode_texts did before it used the tokenizer's public call: the fast tokenizer's Rust backend
+    directly (encode_batch_fast: no character offsets). Same ids (tests/test_data.py); measured for the cost."""
+    backend = tok._tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    for i in range(0, len(texts), batch):
+        [e.ids for e in backend.encode_batch_fast(texts[i:i + batch], add_special_tokens=True)]
 
 
 def tokenize(tok, texts: list[str], batch: int, max_len: int | None) -> None:
@@ -223,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = {  # name -> (samples, callable); each repeat runs every case once, in this order
             "feat_raw": (n_feat, lambda: raw_lmdb(str(tmp / "feats.lmdb"), keys)),
             "feat_tok": (n_feat, lambda: tokenize(tok, feat_texts, args.batch_size, feat_col.max_len)),
+            "feat_tok_backend": (n_feat, lambda: tokenize_backend(tok, feat_texts, args.batch_size)),
             **{f"feat_w{w}": (n_feat, lambda w=w: drain(feat_loaders[w], n_feat)) for w in workers},
             **{f"feat_plain_w{w}": (n_feat, lambda w=w: drain(feat_plain[w], n_feat)) for w in with_workers},
             "img_raw": (n_img, lambda: raw_images(tmp / "images", files, args.image_res)),
@@ -261,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
                            {k[len(pre) + 1:]: v for k, v in cpu.items() if k.startswith(pre + "_")}, n)
            for name, pre, n in (("region_features", "feat", n_feat), ("images", "img", n_img))},
     }
+    tok_call, tok_backend = statistics.median(rates["feat_tok"]), statistics.median(rates["feat_tok_backend"])
+    result["tokenizer_public_call"] = {
+        "encode_texts_per_s": tok_call, "backend_encode_batch_fast_per_s": tok_backend,
+        "call_over_backend": tok_call / tok_backend,
+        "share_of_in_process_uc2_loader": statistics.median(rates["feat_w0"]) / tok_call,
+        "share_of_in_process_uc2_loader_backend": statistics.median(rates["feat_w0"]) / tok_backend}
     result["cclm_train_transform"] = {"in_process_samples_per_s": statistics.median(rates["img_train_w0"]),
                                       "eval_in_process_samples_per_s": statistics.median(rates["img_w0"])}
     per_worker = {"region_features": statistics.median(rates["feat_w0"]),
@@ -292,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['per_worker_ratio']:.2f} x raw read+decode ({'meets' if r['meets_target'] else 'MISSES'} the "
                   f"{TARGET:.0%} target), {r['per_worker_ratio_vs_raw_plus_tokenize']:.2f} x raw read+decode+tokenize"
                   f"{extra}{' [contended: fewer cores than workers + main]' if r['contended'] else ''}")
+    t = result["tokenizer_public_call"]
+    print(f"tokenizer: encode_texts (public call) {t['encode_texts_per_s']:.0f} texts/s, the Rust backend directly "
+          f"{t['backend_encode_batch_fast_per_s']:.0f}/s ({t['call_over_backend']:.2f}x); share of the in-process UC2 "
+          f"loader {t['share_of_in_process_uc2_loader']:.0%} (backend: {t['share_of_in_process_uc2_loader_backend']:.0%})")
     feed = result["feeding"]
     print(f"feeding one GPU (modelled: {MFU:.0%} of bf16 peak; loader rate per worker measured here in-process):")
     for pipeline in feed:

@@ -160,6 +160,12 @@ def data_throughput(res: dict) -> list[Row]:
             if lw.get("contended"):
                 result += " (contended: fewer cores than workers + main)"
             out.append(("Data loader", f"{name}, {w} worker{'s' if w != '1' else ''}", result))
+    tok = res.get("tokenizer_public_call")
+    if tok:
+        out.append(("Data loader", "tokenising: the tokenizer's public call (data.encode_texts) vs its Rust backend",
+                    f"{tok['call_over_backend']:.2f}x the backend's texts/s; tokenising is "
+                    f"{tok['share_of_in_process_uc2_loader']:.0%} of the in-process UC2 loader "
+                    f"({tok['share_of_in_process_uc2_loader_backend']:.0%} with the backend)"))
     feed = res.get("feeding", {})
     for key in ("region_features", "region_features_plain", "images_eval", "images_eval_plain", "images_train"):
         if key in feed:
