@@ -1,5 +1,10 @@
 """IGLUE data for UC2 (region features) and CCLM (images): annotations, features, images, text, batches.
 
+Sections, in file order: annotation files; region features (UC2); pickles inside downloaded files (what the
+feature and vocabulary readers unpickle); images (CCLM); text; datasets (and the fail-fast input checks);
+collate; model inputs (one interface per model); loader; inventory CLI. The batch transport the loader uses
+lives in fastload.py.
+
 Public API (everything else is private):
 
 Annotations
@@ -40,8 +45,7 @@ Datasets and batches (contract keys)
                                     always example i (stable order and ids, for sharded evaluation)
   RetrievalImages, RetrievalCaptions                   retrieval eval: each image / caption once; image item i
                                     is the image with index i (== Example.label of its captions)
-  make_dataset(model, task, examples, ...), make_retrieval_eval(model, examples, ...)
-  UC2Collate(task, tokenizer, train) / CCLMCollate(task, tokenizer, train), make_collate(model, task, tokenizer, train)
+  UC2Collate(task, tokenizer, train) / CCLMCollate(task, tokenizer, train)
                                     dataset items -> contract batches (tokenising here, i.e. in the workers);
                                     retrieval eval batches: images (+ image_index, id = image key) or captions
                                     (input_ids/attention_mask or text_ids/text_atts + image_index = gold image)
@@ -50,11 +54,17 @@ Datasets and batches (contract keys)
   (negatives="corrected": never the positive's own image); CCLM batches may hold two captions of one image:
   `idx` (image index) lets the loss treat them as positives, as X2-VLM does.
   load_hard_negatives(path)         IGLUE/VOLTA hard_negative.pkl (train_image_list, train_hard_pool)
-  BatchLoader(dataset, collate_fn=..., **DataLoader arguments)   a DataLoader whose batches travel through
-                                    reused shared-memory slabs (see "Batch memory"); used by training and eval
   check_inputs(examples, features=None, images=None, sample=0)   fail fast before training: one-line ValueError
                                     naming the first missing feature key / image file, its annotation line, and the
                                     count; sample: decode that many records / image headers too (None: all)
+Model inputs (what a model reads beside text; no model-name branches anywhere else in this file)
+  REGION_FEATURES (UC2) / IMAGES (CCLM), each with .dataset(task, examples, ...), .retrieval_eval(examples, ...),
+                                    .collate(task, tokenizer, train); model_inputs("uc2" / "cclm") -> one of them
+  make_dataset(model, task, examples, ...), make_retrieval_eval(model, examples, ...),
+  make_collate(model, task, tokenizer, train)   the same, for callers that hold the model's name
+Loader
+  BatchLoader(dataset, collate_fn=..., **DataLoader arguments)   a DataLoader (batches through fastload's reused
+                                    shared-memory slabs) whose worker BadInput reaches the caller as one line
 CLI
   inventory(root, features=(), images=None) and `python data.py --data-root DIR [--features ...] [--images DIR] [--json]`
   verify(root, features=(), images=None) and `... --verify`: decode every feature record and image header
@@ -71,6 +81,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import functools
 import io
 import itertools
 import json
@@ -80,9 +91,7 @@ import pickle
 import random
 import re
 import sys
-import uuid
 import warnings
-import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -90,7 +99,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageFile
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+import fastload
 
 ImageFile.LOAD_TRUNCATED_IMAGES = True  # as the X2-VLM loaders do
 # Decompression-bomb guard: a sub-MB PNG can declare 30,000 x 30,000 pixels (GBs once decoded). load_image
@@ -519,32 +530,13 @@ def pad_regions(features: np.ndarray, locations: np.ndarray, max_regions: int) -
     return _batch_regions([(features, locations)], max_regions, ())
 
 
-def _alloc(shape: tuple, dtype) -> torch.Tensor:
-    """Uninitialised batch tensor: in the current batch slab when a BatchLoader is collating (see "Batch
-    memory"); otherwise, inside a DataLoader worker, in fresh shared memory, so sending the batch to the main
-    process costs no extra copy (what torch's default_collate does)."""
-    if _ARENA is not None:
-        t = _ARENA.take(shape, dtype)
-        if t is not None:
-            return t
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    return _shared_empty(shape, dtype)
-
-
-def _shared_empty(shape: tuple, dtype) -> torch.Tensor:
-    proto = torch.empty(0, dtype=dtype)
-    storage = proto._typed_storage()._new_shared(math.prod(shape), device="cpu")
-    return proto.new(storage).view(shape)
-
-
 def _batch_regions(regions: Sequence[tuple[np.ndarray, np.ndarray]], max_regions: int, lead: tuple) -> dict:
     """(features [n,2048], locations [n,7]) per image -> padded lead+[R,2048], lead+[R,7], lead+[R] tensors,
     written once into the batch buffers (rows after n are zero, image_mask 1 on the first n)."""
     shape = (len(regions), max_regions)
-    feats = _alloc(shape + (FEATURE_DIM,), torch.float32)
-    spatials = _alloc(shape + (7,), torch.float32)
-    mask = _alloc(shape, torch.long)
+    feats = fastload.batch_empty(shape + (FEATURE_DIM,), torch.float32)
+    spatials = fastload.batch_empty(shape + (7,), torch.float32)
+    mask = fastload.batch_empty(shape, torch.long)
     f, sp, m = feats.numpy(), spatials.numpy(), mask.numpy()  # numpy copies: sources may be read-only buffers
     for i, (feat, loc) in enumerate(regions):
         n = min(len(feat), max_regions)
@@ -1365,23 +1357,11 @@ def make_tiny_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_
     return fast
 
 
-def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if hasattr(backend, "encode_batch"):  # HF fast tokenizer: call its Rust backend directly (same ids, faster)
-        if backend.truncation is not None:  # state left by an earlier HF call with truncation
-            backend.no_truncation()
-        if backend.padding is not None:
-            backend.no_padding()
-        # encode_batch_fast: the same ids without computing character offsets (~30% of the tokenizer's time)
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        return [e.ids for e in encode(texts, add_special_tokens=True)]
-    return tokenizer(texts, add_special_tokens=True)["input_ids"]
-
-
 def encode_texts(tokenizer, texts: Sequence[str], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids [B, L] (L = longest in the batch, right-padded with the pad id) and attention mask [B, L].
     Sequences longer than max_len keep <s>, the first max_len-2 ids and </s> (VOLTA / HF truncation)."""
-    ids = _token_ids(tokenizer, list(texts)) if len(texts) else []
+    # the tokenizer's public call: it also clears truncation/padding state an earlier call left in its backend
+    ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"] if len(texts) else []
     if max_len is not None:
         ids = [x if len(x) <= max_len else x[:max_len - 1] + x[-1:] for x in ids]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
@@ -1804,33 +1784,26 @@ def _distinct_images(examples: Sequence[Example]) -> list[Example]:
 
 
 class RetrievalImages(Dataset):
-    """Retrieval eval: each image of a split once, item i = image index i (Example.label of its captions)."""
+    """Retrieval eval: each image of a split once, item i = image index i (Example.label of its captions).
+    fields(example) -> the item's visual fields (a ModelInputs' image_fields: regions or pixels)."""
 
-    def __init__(self, examples: Sequence[Example], model: str, *, features=None, images=None,
-                 max_regions: int = 36, image_res: int = 384):
-        self.items = _distinct_images(examples)
-        self.model, self.max_regions, self.image_res = model, max_regions, image_res
-        self.reader = _as_reader(features) if model == "uc2" else None
-        self.images = images
+    def __init__(self, examples: Sequence[Example], fields: Callable[[Example], dict], image_res: int = 384):
+        self.items, self.fields, self.image_res = _distinct_images(examples), fields, image_res
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
         ex = self.items[index]
-        item = {"kind": "image", "example": ex, "image_index": index}
-        if self.model == "uc2":
-            item["regions"], item["max_regions"] = _read_regions(self.reader, ex, self.max_regions), self.max_regions
-        else:
-            item["pixels"] = _eval_pixels(_open_image(self.images, ex), self.image_res)
-        return item
+        return {"kind": "image", "example": ex, "image_index": index, **self.fields(ex)}
 
 
 class RetrievalCaptions(Dataset):
-    """Retrieval eval: each caption once, with the index of its gold image."""
+    """Retrieval eval: each caption once, with the index of its gold image; clean(text): the model's text
+    cleaning (None: the raw caption)."""
 
-    def __init__(self, examples: Sequence[Example], model: str):
-        self.examples, self.model = list(examples), model
+    def __init__(self, examples: Sequence[Example], clean: Callable[[str], str] | None = None):
+        self.examples, self.clean = list(examples), clean
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -1838,38 +1811,12 @@ class RetrievalCaptions(Dataset):
     def __getitem__(self, index: int) -> dict:
         ex = self.examples[index]
         text = ex.text
-        if self.model == "cclm":
+        if self.clean is not None:
             try:
-                text = pre_caption(text, CCLM_MAX_WORDS[("xflickrco", False)])
+                text = self.clean(text)
             except ValueError as e:
                 raise ValueError(f"{ex.source} (example {ex.id}): {e}") from None
         return {"kind": "caption", "example": ex, "text": text, "image_index": ex.label}
-
-
-def make_dataset(model: str, task: str, examples: Sequence[Example] | None, *, features=None, images=None,
-                 train: bool = False, max_regions: int = 36, image_res: int = 384, seed: int = 0,
-                 hard_negatives=None, negatives: str = "volta") -> Dataset:
-    """UC2Dataset / CCLMDataset for (model, task). UC2 xgqa with a serialized LMDB as `features` returns a
-    SerializedGQADataset (the LMDB holds the questions; `examples` is then ignored)."""
-    if model == "uc2":
-        if task == "xgqa" and isinstance(features, (str, os.PathLike)) and is_serialized_lmdb(features):
-            return SerializedGQADataset(features, max_regions=max_regions)
-        return UC2Dataset(examples, features, task, train=train, max_regions=max_regions, seed=seed,
-                          hard_negatives=hard_negatives, negatives=negatives)
-    if model == "cclm":
-        return CCLMDataset(examples, images, task, train=train, image_res=image_res, seed=seed)
-    raise ValueError(f"unknown model {model!r}; expected uc2 or cclm")
-
-
-def make_retrieval_eval(model: str, examples: Sequence[Example], *, features=None, images=None,
-                        max_regions: int = 36, image_res: int = 384) -> tuple[RetrievalImages, RetrievalCaptions]:
-    """Images and captions of a retrieval split. CCLM: an annotation line whose captions are all empty is
-    skipped, as X2-VLM's xflickrco_eval_dataset does (IGLUE's de and id test files have one each: 1,999
-    images there); UC2 keeps it (VOLTA scores the empty caption as <s></s>)."""
-    if model == "cclm":
-        examples = _without_empty_lines(examples)
-    return (RetrievalImages(examples, model, features=features, images=images, max_regions=max_regions,
-                            image_res=image_res), RetrievalCaptions(examples, model))
 
 
 def _without_empty_lines(examples: Sequence[Example]) -> list[Example]:
@@ -1911,7 +1858,7 @@ def _xgqa_labels(exs: Sequence[Example], num_answers: int | None = None) -> dict
 def _item_images(items) -> torch.Tensor:
     """uint8 [B, H, W, 3] (normalize_images turns them into the model's input)."""
     pixels = [it["pixels"] for it in items]
-    out = _alloc((len(pixels), *pixels[0].shape), torch.uint8)
+    out = fastload.batch_empty((len(pixels), *pixels[0].shape), torch.uint8)
     for row, p in zip(out, pixels):
         row.copy_(p)
     return out
@@ -1996,172 +1943,95 @@ class CCLMCollate:
         return batch
 
 
-def make_collate(model: str, task: str, tokenizer, train: bool = False) -> UC2Collate | CCLMCollate:
-    if model == "uc2":
+# ----------------------------------------------------------------------------------------------
+# Model inputs: what each model reads beside text, behind one interface
+# ----------------------------------------------------------------------------------------------
+
+class RegionFeatureInputs:
+    """UC2 (VOLTA): region features (`features`: a path, reader or FeatureSet), VOLTA's text as it is in the file,
+    UC2Dataset / SerializedGQADataset items, UC2Collate batches."""
+    model = "uc2"
+
+    def dataset(self, task: str, examples: Sequence[Example] | None, *, features=None, images=None,
+                train: bool = False, max_regions: int = 36, image_res: int = 384, seed: int = 0,
+                hard_negatives=None, negatives: str = "volta") -> Dataset:
+        """UC2Dataset; for xgqa with a serialized LMDB as `features`, a SerializedGQADataset (the LMDB holds
+        the questions; `examples` is then ignored)."""
+        if task == "xgqa" and isinstance(features, (str, os.PathLike)) and is_serialized_lmdb(features):
+            return SerializedGQADataset(features, max_regions=max_regions)
+        return UC2Dataset(examples, features, task, train=train, max_regions=max_regions, seed=seed,
+                          hard_negatives=hard_negatives, negatives=negatives)
+
+    def retrieval_eval(self, examples: Sequence[Example], *, features=None, images=None, max_regions: int = 36,
+                       image_res: int = 384) -> tuple[RetrievalImages, RetrievalCaptions]:
+        """Every image and caption of the split, an empty caption included (VOLTA scores it as <s></s>)."""
+        fields = functools.partial(_region_fields, _as_reader(features), max_regions)
+        return RetrievalImages(examples, fields, image_res), RetrievalCaptions(examples)
+
+    def collate(self, task: str, tokenizer, train: bool = False) -> UC2Collate:
         return UC2Collate(task, tokenizer, train)
-    if model == "cclm":
+
+
+class ImageInputs:
+    """CCLM (X2-VLM): image files (`images`: the images root, see the module docstring), X2-VLM's text cleaning,
+    CCLMDataset items, CCLMCollate batches."""
+    model = "cclm"
+
+    def dataset(self, task: str, examples: Sequence[Example] | None, *, features=None, images=None,
+                train: bool = False, max_regions: int = 36, image_res: int = 384, seed: int = 0,
+                hard_negatives=None, negatives: str = "volta") -> Dataset:
+        return CCLMDataset(examples, images, task, train=train, image_res=image_res, seed=seed)
+
+    def retrieval_eval(self, examples: Sequence[Example], *, features=None, images=None, max_regions: int = 36,
+                       image_res: int = 384) -> tuple[RetrievalImages, RetrievalCaptions]:
+        """An annotation line whose captions are all empty is skipped, as X2-VLM's xflickrco_eval_dataset does
+        (IGLUE's de and id test files have one each: 1,999 images there)."""
+        examples = _without_empty_lines(examples)
+        clean = functools.partial(pre_caption, max_words=CCLM_MAX_WORDS[("xflickrco", False)])
+        fields = functools.partial(_pixel_fields, images, image_res)
+        return RetrievalImages(examples, fields, image_res), RetrievalCaptions(examples, clean)
+
+    def collate(self, task: str, tokenizer, train: bool = False) -> CCLMCollate:
         return CCLMCollate(task, tokenizer, train)
-    raise ValueError(f"unknown model {model!r}; expected uc2 or cclm")
+
+
+def _region_fields(reader, max_regions: int, ex: Example) -> dict:
+    return {"regions": _read_regions(reader, ex, max_regions), "max_regions": max_regions}
+
+
+def _pixel_fields(images, image_res: int, ex: Example) -> dict:
+    return {"pixels": _eval_pixels(_open_image(images, ex), image_res)}  # uint8; the model normalises
+
+
+REGION_FEATURES, IMAGES = RegionFeatureInputs(), ImageInputs()
+MODEL_INPUTS = {inputs.model: inputs for inputs in (REGION_FEATURES, IMAGES)}
+
+
+def model_inputs(model: str) -> RegionFeatureInputs | ImageInputs:
+    """The inputs of a model by its name ("uc2" / "cclm"), for callers that hold only the name."""
+    if model not in MODEL_INPUTS:
+        raise ValueError(f"unknown model {model!r}; expected {' or '.join(MODEL_INPUTS)}")
+    return MODEL_INPUTS[model]
+
+
+def make_dataset(model: str, task: str, examples: Sequence[Example] | None, **kwargs) -> Dataset:
+    """model_inputs(model).dataset(task, examples, **kwargs)."""
+    return model_inputs(model).dataset(task, examples, **kwargs)
+
+
+def make_retrieval_eval(model: str, examples: Sequence[Example], **kwargs) -> tuple[RetrievalImages, RetrievalCaptions]:
+    """model_inputs(model).retrieval_eval(examples, **kwargs)."""
+    return model_inputs(model).retrieval_eval(examples, **kwargs)
+
+
+def make_collate(model: str, task: str, tokenizer, train: bool = False) -> UC2Collate | CCLMCollate:
+    """model_inputs(model).collate(task, tokenizer, train)."""
+    return model_inputs(model).collate(task, tokenizer, train)
 
 
 # ----------------------------------------------------------------------------------------------
-# Batch memory: batches reach the main process through a few reused slabs of shared memory
+# Loader
 # ----------------------------------------------------------------------------------------------
-# torch's own worker transport builds every batch in a new shared-memory file, allocated and zeroed in full
-# (~8 ms for one 19 MB region-feature batch on a 2-core VM), and passes each tensor with a file-descriptor
-# round trip (~0.3 ms each): more than reading the batch costs (bench/data_throughput.py).
-# A BatchLoader gives each producing process (a worker; the main process with 0 workers) a few slabs that it
-# keeps: the collate writes the batch's tensors straight into a free slab (_alloc), the main process maps
-# each slab once and rebuilds the tensors as views of it. A slab is written again only after every tensor of
-# the batch it held is gone in the main process (a finalizer on the batch's base array clears the slab's
-# in-use flag), so a batch that is kept (in a list, in autograd's saved tensors) is never overwritten: the
-# producer then takes another slab or, with all of them in use, falls back to torch's transport.
-
-_ARENA: "_Arena | None" = None  # the slab the collate running in this process is filling
-_SLAB_HEADER = 64  # bytes before a slab's data; its in-use flag is the int64 at offset 0
-_MAPPED: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}  # main process: slab key -> (slab, in-use flag)
-
-
-def _round_up(n: int, to: int) -> int:
-    return -(-n // to) * to
-
-
-def _in_use_flag(slab: torch.Tensor) -> np.ndarray:
-    return slab[:8].numpy().view(np.int64)
-
-
-class _Arena:
-    """Bump allocation of 64-byte aligned tensors in one slab (None: only counts) while one batch is collated."""
-
-    def __init__(self, slab: torch.Tensor | None):
-        self.slab, self.pos, self.requested = slab, _SLAB_HEADER, 0
-
-    def take(self, shape: tuple, dtype) -> torch.Tensor | None:
-        nbytes = math.prod(shape) * dtype.itemsize
-        self.requested += _round_up(nbytes, 64)
-        if self.slab is None or self.pos + nbytes > len(self.slab):
-            return None
-        t = self.slab[self.pos:self.pos + nbytes].view(dtype).view(shape)
-        self.pos = _round_up(self.pos + nbytes, 64)
-        return t
-
-
-class _SlabBatch:
-    """A collated batch on its way to the main process: tensors in the slab as (dtype, shape, stride, offset),
-    other tensors as numpy arrays (pickled inline: no file descriptor per tensor). Unpickled, it is the batch."""
-
-    def __init__(self, key: tuple, batch: dict, refs: dict, arrays: dict, slab: torch.Tensor | None, retired: list):
-        self.args = (key, batch, refs, arrays, slab, retired)
-
-    def __reduce__(self):
-        return _rebuild_batch, self.args
-
-    def decode(self) -> dict:
-        return _rebuild_batch(*self.args)
-
-
-def _rebuild_batch(key: tuple, batch: dict, refs: dict, arrays: dict, slab: torch.Tensor | None,
-                   retired: list) -> dict:
-    """Main process: the batch's tensors as views of the slab, through a base array whose finalizer frees the
-    slab when the last of them is gone (views, numpy views and autograd's saved tensors all hold the base)."""
-    token, pid, _ = key
-    for n in retired:
-        _MAPPED.pop((token, pid, n), None)
-    if slab is not None:
-        _MAPPED[key] = (slab, _in_use_flag(slab))
-    slab, flag = _MAPPED[key]
-    base = slab.numpy()  # a new array object over the slab, owned by this batch's tensors only
-    weakref.finalize(base, flag.__setitem__, 0, 0)
-    base_t = torch.from_numpy(base)
-    out = dict(batch)
-    for k, (dtype, shape, stride, offset) in refs.items():
-        out[k] = base_t.view(dtype).as_strided(shape, stride, offset)
-    for k, a in arrays.items():
-        out[k] = torch.from_numpy(a)
-    return out
-
-
-def _forget_slabs(token: str) -> None:
-    """Main process: drop the mappings of the slabs made under `token` (kept batches keep theirs)."""
-    for key in list(_MAPPED):  # a copy: a pin-memory thread may still be adding to it
-        if key[0] == token:
-            _MAPPED.pop(key, None)
-
-
-class _SlabCollate:
-    """The collate a BatchLoader gives its DataLoader: runs `collate` with _alloc placing tensors in a free slab
-    of this process and returns a _SlabBatch. Slabs are sized by the largest batch seen (+25%); the first batch,
-    and any batch when all slabs are in use, goes the ordinary way."""
-
-    def __init__(self, collate, token: str, max_slabs: int):
-        self.collate, self.token, self.max_slabs = collate, token, max_slabs
-        self._pid = None
-
-    def __getstate__(self) -> dict:  # to a spawned worker: not this process's slabs
-        return {"collate": self.collate, "token": self.token, "max_slabs": self.max_slabs, "_pid": None}
-
-    def _own_slabs(self) -> list:
-        if self._pid != os.getpid():  # a new worker: its slabs are its own, never a parent's or a dead worker's
-            self._slabs, self._need, self._made, self._retired, self._pid = [], 0, 0, [], os.getpid()
-        return self._slabs
-
-    def _claim(self) -> tuple | None:
-        slabs = self._own_slabs()
-        for i, (n, slab, flag, sent) in enumerate(slabs):
-            if flag[0] == 0:
-                if len(slab) - _SLAB_HEADER >= self._need:
-                    flag[0] = 1
-                    return slabs[i]
-                del slabs[i]  # free but too small for the batches now: the main process forgets it
-                self._retired.append(n)
-                break
-        if self._need == 0 or len(slabs) >= self.max_slabs:
-            return None
-        size = _SLAB_HEADER + _round_up(self._need * 5 // 4, 1 << 20)
-        in_worker = torch.utils.data.get_worker_info() is not None
-        slab = _shared_empty((size,), torch.uint8) if in_worker else torch.empty(size, dtype=torch.uint8)
-        self._made += 1
-        entry = [self._made, slab, _in_use_flag(slab), False]
-        entry[2][0] = 1
-        slabs.append(entry)
-        return entry
-
-    def __call__(self, items: list) -> Any:
-        global _ARENA
-        entry = self._claim()
-        _ARENA = arena = _Arena(entry[1] if entry else None)
-        try:
-            batch = self.collate(items)
-        except BaseException:
-            if entry is not None:
-                entry[2][0] = 0
-            raise
-        finally:
-            _ARENA = None
-        self._need = max(self._need, arena.requested)
-        if entry is None:
-            return batch
-        n, slab, flag, sent = entry
-        if not isinstance(batch, dict):
-            flag[0] = 0
-            return batch
-        ptr = slab.untyped_storage().data_ptr()
-        in_worker = torch.utils.data.get_worker_info() is not None
-        refs, arrays, rest = {}, {}, {}
-        for k, v in batch.items():
-            if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() == ptr:
-                refs[k] = (v.dtype, tuple(v.shape), v.stride(), v.storage_offset())
-            elif isinstance(v, torch.Tensor) and in_worker and not v.is_shared() and v.dtype != torch.bfloat16:
-                arrays[k] = v.numpy()
-            else:
-                rest[k] = v
-        if not refs:
-            flag[0] = 0
-            return batch
-        entry[3] = in_worker  # sent once to the main process; with 0 workers the slab object itself is passed
-        retired, self._retired = self._retired, []
-        return _SlabBatch((self.token, self._pid, n), rest, refs, arrays, None if sent else slab, retired)
-
 
 def _worker_error_line(message: str) -> str:
     """BadInput's own message out of torch's 'Caught BadInput in DataLoader worker ... Traceback ...' text."""
@@ -2171,40 +2041,16 @@ def _worker_error_line(message: str) -> str:
     return last.split(f"{BadInput.__name__}: ", 1)[-1]
 
 
-class BatchLoader(DataLoader):
-    """torch DataLoader (same arguments) whose batches come through reused slabs of shared memory instead of a
-    new shared-memory file per batch. `collate_fn` must return a dict; its tensors from data._alloc go in the
-    slab. Iterating gives ordinary batches (dicts of tensors); keeping them is safe."""
-
-    def __init__(self, dataset, *, collate_fn=None, num_workers: int = 0, prefetch_factor: int | None = None, **kwargs):
-        if collate_fn is None:
-            collate_fn = torch.utils.data.default_collate
-        # in flight per producer: the prefetched batches (+1 being collated), plus the 2 the loop may hold
-        slabs = (prefetch_factor or 2) + 2 if num_workers else 3
-        collate = _SlabCollate(collate_fn, uuid.uuid4().hex, slabs)
-        super().__init__(dataset, collate_fn=collate, num_workers=num_workers, prefetch_factor=prefetch_factor,
-                         **kwargs)
-        weakref.finalize(self, _forget_slabs, collate.token)  # persistent workers' slabs
+class BatchLoader(fastload.BatchLoader):
+    """The loader of training and evaluation: a torch DataLoader (same arguments, same batches) whose batches
+    travel through reused shared-memory slabs (fastload.py says why), and whose BadInput raised in a worker
+    reaches the caller as its own one line, not torch's worker traceback."""
 
     def __iter__(self):
-        collate = self.collate_fn
-        per_iteration = not (self.persistent_workers and self.num_workers)
-        if per_iteration:  # new workers (or the main process) this time: slab keys of their own
-            collate.token = uuid.uuid4().hex
-        token = collate.token  # this iteration's, even if another iteration of this loader starts meanwhile
-        pin = self.pin_memory and torch.accelerator.is_available()  # as DataLoader decides it
         try:
-            for batch in super().__iter__():
-                if isinstance(batch, _SlabBatch):  # 0 workers: nothing was pickled
-                    batch = batch.decode()
-                    if pin:
-                        batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                yield batch
-        except BadInput as e:  # from a worker, the message is its whole traceback: keep the error's own line
+            yield from super().__iter__()
+        except BadInput as e:
             raise BadInput(_worker_error_line(str(e))) from None
-        finally:
-            if per_iteration:
-                _forget_slabs(token)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2229,25 +2075,21 @@ def inventory(data_root, features: Sequence[str] = (), images=None) -> dict:
     ds = dataset_dir(data_root)
     keys, notes = _feature_keys(features) if features else (None, [])
     out: dict = {}
-    for task in TASKS:
-        for mt in (False, True):
-            for split in available_splits(ds, task, mt):
-                name = f"{split}_translate_test" if mt else split
-                for lang in available_langs(ds, task, split, mt):
-                    try:
-                        exs = load_split(ds, task, split, lang, mt)
-                    except ValueError as e:
-                        out.setdefault(task, {}).setdefault(name, {})[lang] = {"error": str(e)}
-                        continue
-                    distinct = _distinct_images(exs)
-                    missing = None if keys is None and images is None else []
-                    if keys is not None:
-                        missing += sorted(ex.image for ex in distinct if ex.image not in keys)
-                    if images is not None:
-                        missing += sorted(ex.image_file for ex in distinct
-                                          if not os.path.isfile(_image_path(images, ex.image_file, ex)))
-                    out.setdefault(task, {}).setdefault(name, {})[lang] = {
-                        "examples": len(exs), "images": len(distinct), "missing": missing}
+    for task, split, lang, mt in _annotation_files(ds):
+        entry = out.setdefault(task, {}).setdefault(f"{split}_translate_test" if mt else split, {})
+        try:
+            exs = load_split(ds, task, split, lang, mt)
+        except ValueError as e:
+            entry[lang] = {"error": str(e)}
+            continue
+        distinct = _distinct_images(exs)
+        missing = None if keys is None and images is None else []
+        if keys is not None:
+            missing += sorted(ex.image for ex in distinct if ex.image not in keys)
+        if images is not None:
+            missing += sorted(ex.image_file for ex in distinct
+                              if not os.path.isfile(_image_path(images, ex.image_file, ex)))
+        entry[lang] = {"examples": len(exs), "images": len(distinct), "missing": missing}
     if notes:
         out["notes"] = notes
     return out
@@ -2297,17 +2139,23 @@ def verify(data_root, features: Sequence[str] = (), images=None) -> tuple[list[s
     return bad, counts
 
 
-def _referenced_images(data_root) -> Iterable[Example]:
-    """The first example of each image of every annotation file that loads (the inventory reports the others)."""
-    ds = dataset_dir(data_root)
+def _annotation_files(ds: Path) -> Iterable[tuple[str, str, str, bool]]:
+    """(task, split, lang, translate_test) of every annotation file under the datasets folder ds."""
     for task in TASKS:
         for mt in (False, True):
             for split in available_splits(ds, task, mt):
                 for lang in available_langs(ds, task, split, mt):
-                    try:
-                        yield from _distinct_images(load_split(ds, task, split, lang, mt))
-                    except ValueError:
-                        continue
+                    yield task, split, lang, mt
+
+
+def _referenced_images(data_root) -> Iterable[Example]:
+    """The first example of each image of every annotation file that loads (the inventory reports the others)."""
+    ds = dataset_dir(data_root)
+    for task, split, lang, mt in _annotation_files(ds):
+        try:
+            yield from _distinct_images(load_split(ds, task, split, lang, mt))
+        except ValueError:
+            continue
 
 
 def _print_verify(bad: list[str], counts: dict[str, int]) -> int:
@@ -2334,18 +2182,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         inv = inventory(args.data_root, args.features, args.images)
+        if args.json:
+            print(json.dumps(inv, indent=1, ensure_ascii=False))
+        else:
+            _print_inventory(inv)
+        return _print_verify(*verify(args.data_root, args.features, args.images)) if args.verify else 0
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    if args.json:
-        print(json.dumps(inv, indent=1, ensure_ascii=False))
-    else:
-        _print_inventory(inv)
-    if args.verify:
-        try:
-            return _print_verify(*verify(args.data_root, args.features, args.images))
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
-    return 0
 
 
 def exit_quietly_on_broken_pipe(main: Callable[[], object]) -> object:

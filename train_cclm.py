@@ -843,8 +843,8 @@ def build_train_dataset(args, config: dict):
     GQA train, XVNLI train, Flickr30k train); every image file is checked first (ValueError)."""
     examples = data.load_split(args.data_root, args.task, args.train_split, args.train_lang)
     data.check_inputs(examples, images=args.images, sample=data.VERIFY_SAMPLE)  # fail before training, not mid-epoch
-    return data.make_dataset("cclm", args.task, examples, images=args.images, train=True,
-                             image_res=config["image_res"], seed=args.seed)
+    return data.IMAGES.dataset(args.task, examples, images=args.images, train=True, image_res=config["image_res"],
+                               seed=args.seed)
 
 
 def read_checkpoint_arg(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -911,7 +911,7 @@ def main(argv: list[str] | None = None) -> None:
             train_ds = build_train_dataset(args, config)
             evaluate_fn = None if args.no_eval else eval_zeroshot.trainer_evaluate_fn(
                 "cclm", args, tokenizer, dist, images=args.images, image_res=config["image_res"])
-        loader = engine.build_train_loader(train_ds, args, dist, data.CCLMCollate(args.task, tokenizer, train=True))
+        loader = engine.build_train_loader(train_ds, args, dist, data.IMAGES.collate(args.task, tokenizer, train=True))
         meta = {**engine.base_meta("cclm", args, config, tokenizer), "vision_lr": args.vision_lr,
                 "lr_mult": args.lr_mult, "lr_mult_prefixes": list(large_lr)}
         if dist.is_main:

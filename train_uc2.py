@@ -685,7 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 class FeatureSet:
     """Several image-keyed readers (data.open_features) searched in order, e.g. Flickr30k train +
-    xFlickr&CO test features. Per-image reader methods (regions, get, ...) go to the reader holding the key."""
+    xFlickr&CO test features. The per-image reader methods (get, kept_regions, regions) go to the reader
+    holding the key."""
 
     def __init__(self, paths: list[str]):
         self.readers = [data.open_features(p) for p in paths]
@@ -705,10 +706,14 @@ class FeatureSet:
                 return r
         raise KeyError(key)
 
-    def __getattr__(self, name: str):
-        if name.startswith("_") or name in ("readers", "path"):
-            raise AttributeError(name)
-        return lambda key, *a, **kw: getattr(self._reader_for(key), name)(key, *a, **kw)
+    def get(self, key, max_rows: int | None = None) -> tuple:  # (features, boxes, img_w, img_h)
+        return self._reader_for(key).get(key, max_rows)
+
+    def kept_regions(self, key, max_regions: int) -> tuple:  # (features, locations)
+        return self._reader_for(key).kept_regions(key, max_regions)
+
+    def regions(self, key, max_regions: int) -> dict[str, torch.Tensor]:
+        return self._reader_for(key).regions(key, max_regions)
 
 
 def _split_features(paths: list[str]) -> tuple[list[str], list[str]]:
@@ -742,14 +747,15 @@ def build_train_dataset(args, features: FeatureSet | None, serialized: list[str]
     if args.task == "xgqa" and serialized:
         if len(serialized) > 1:
             raise SystemExit(f"error: several serialized GQA LMDBs given ({serialized}); give the training one")
-        return data.make_dataset("uc2", "xgqa", None, features=serialized[0], max_regions=args.max_regions)
+        return data.REGION_FEATURES.dataset("xgqa", None, features=serialized[0], max_regions=args.max_regions)
     if features is None:
         raise SystemExit("error: --features is required (image-keyed region-feature LMDB/H5)")
     # IGLUE's training split (engine's --train-split default "train"): GQA train (LXMERT json) or its serialized
     # LMDB, XVNLI en/train.jsonl, Flickr30k train_ann.jsonl
     examples = data.load_split(args.data_root, args.task, args.train_split, args.train_lang)
-    return data.make_dataset("uc2", args.task, examples, features=features, train=True, max_regions=args.max_regions,
-                             seed=args.seed, hard_negatives=args.hard_negatives, negatives=args.retrieval_negatives)
+    return data.REGION_FEATURES.dataset(args.task, examples, features=features, train=True,
+                                        max_regions=args.max_regions, seed=args.seed,
+                                        hard_negatives=args.hard_negatives, negatives=args.retrieval_negatives)
 
 
 def checked_train_dataset(args, features: FeatureSet | None, serialized: list[str]):
@@ -825,7 +831,7 @@ def main(argv: list[str] | None = None) -> None:
                       "the 4th pair of each caption uses a random other image, not VOLTA's hard negatives",
                       file=sys.stderr, flush=True)
         train_ds = checked_train_dataset(args, features, serialized)
-        loader = engine.build_train_loader(train_ds, args, dist, data.UC2Collate(args.task, tokenizer, train=True))
+        loader = engine.build_train_loader(train_ds, args, dist, data.REGION_FEATURES.collate(args.task, tokenizer, train=True))
         evaluate_fn = None
         if not args.no_eval:
             if features is None:

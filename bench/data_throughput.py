@@ -7,10 +7,14 @@ files. Issue target: per worker, the loader delivers >= 90% of the raw rate.
 
 The raw side only reads and decodes; the loader must also do work no raw read includes, so besides the
 issue's ratio the bench measures, side by side, the parts of the loader's per-sample time:
-  tokenize   data.encode_texts on the same texts in the same batches (the collate's tokenising),
+  tokenize   data.encode_texts on the same texts in the same batches (the collate's tokenising; beside it the
+             tokenizer's Rust backend called directly, the faster private path data.py no longer takes),
   in-process the whole pipeline with workers=0 (read + decode + tokenize + padded batch tensors),
   transport  per-worker time minus in-process time: what handing batches from a worker to the main process
-             costs (BatchLoader: a small pickle per batch, the tensors stay in reused shared-memory slabs),
+             costs, for data.BatchLoader (fastload.py: a small pickle per batch, the tensors stay in reused
+             shared-memory slabs) and, side by side, for torch's plain DataLoader with the same arguments
+             (a new shared-memory file per batch, a file descriptor per tensor); also the main thread's CPU time
+             per batch of each (what the training loop itself pays to receive a batch),
 and reports the ratio to raw read+decode+tokenize (the work any loader that tokenises must do) next to the
 issue's ratio; `ceiling_ratio` = raw read+decode+tokenize / raw read+decode is the most a loader that reads
 like the raw side and tokenises in the worker can reach. Per-worker rates are only meaningful with a core per
@@ -62,10 +66,11 @@ def synthetic_examples(n: int) -> list[data.Example]:
                          gold=data.XVNLI_LABELS_UC2[i % 3], source=f"synthetic:{i}") for i in range(n)]
 
 
-def rate(n: int, fn) -> float:
-    t = time.perf_counter()
+def rate(n: int, fn) -> tuple[float, float]:
+    """(samples/s, CPU seconds the calling (main) thread spent) of one call of fn."""
+    t, cpu = time.perf_counter(), time.thread_time()
     fn()
-    return n / (time.perf_counter() - t)
+    return n / (time.perf_counter() - t), time.thread_time() - cpu
 
 
 def raw_lmdb(path: str, keys: list[str]) -> None:
@@ -81,6 +86,16 @@ def raw_images(root: Path, files: list[str], res: int) -> None:
             (img if img.mode == "RGB" else img.convert("RGB")).resize((res, res), Image.Resampling.BICUBIC)
 
 
+def tokenize_backend(tok, texts: list[str], batch: int) -> None:
+    """What data.encode_texts did before it used the tokenizer's public call: the fast tokenizer's Rust backend
+    directly (encode_batch_fast: no character offsets). Same ids (tests/test_data.py); measured for the cost."""
+    backend = tok._tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    for i in range(0, len(texts), batch):
+        [e.ids for e in backend.encode_batch_fast(texts[i:i + batch], add_special_tokens=True)]
+
+
 def tokenize(tok, texts: list[str], batch: int, max_len: int | None) -> None:
     for i in range(0, len(texts), batch):
         data.encode_texts(tok, texts[i:i + batch], max_len)
@@ -91,13 +106,17 @@ def drain(loader: DataLoader, n: int) -> None:
     assert seen == n, (seen, n)
 
 
-def make_loader(ds, collate, workers: int, batch: int) -> DataLoader:
-    return data.BatchLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate, persistent_workers=workers > 0,
-                            prefetch_factor=4 if workers > 0 else None)
+def make_loader(ds, collate, workers: int, batch: int, plain: bool = False) -> DataLoader:
+    """data.BatchLoader (batches through fastload's slabs) or, plain, torch's DataLoader with the same arguments."""
+    kind = DataLoader if plain else data.BatchLoader
+    return kind(ds, batch_size=batch, num_workers=workers, collate_fn=collate, persistent_workers=workers > 0,
+                prefetch_factor=4 if workers > 0 else None)
 
 
-def summarize(raw: list[float], tok: list[float], loaders: dict[int, list[float]], batch: int) -> dict:
-    """Medians; per-sample times in microseconds; ratios per worker."""
+def summarize(raw: list[float], tok: list[float], loaders: dict[int, list[float]], batch: int,
+              plain: dict[int, list[float]], main_cpu: dict[str, list[float]], n: int) -> dict:
+    """Medians; per-sample times in microseconds; ratios per worker; `plain`: torch DataLoader rates by workers,
+    `main_cpu`: main-thread CPU seconds per drain by loader ("w1", "plain_w1", ...)."""
     raw_med, tok_med = statistics.median(raw), statistics.median(tok)
     must = 1 / (1 / raw_med + 1 / tok_med)  # read + decode + tokenize, back to back
     inproc = statistics.median(loaders[0]) if 0 in loaders else None
@@ -115,6 +134,14 @@ def summarize(raw: list[float], tok: list[float], loaders: dict[int, list[float]
                "meets_target": per_worker / raw_med >= TARGET, "contended": w + 1 > (os.cpu_count() or 1)}
         if w and inproc:
             row["transport_us_per_sample"] = 1e6 / per_worker - 1e6 / inproc
+        row["main_thread_cpu_us_per_batch"] = 1e6 * statistics.median(main_cpu[f"w{w}"]) / (n / batch)
+        if w in plain:
+            p_med = statistics.median(plain[w]) / w
+            row["plain_dataloader"] = {
+                "samples_per_s": statistics.median(plain[w]), "repeats": plain[w], "per_worker_samples_per_s": p_med,
+                "main_thread_cpu_us_per_batch": 1e6 * statistics.median(main_cpu[f"plain_w{w}"]) / (n / batch),
+                **({"transport_us_per_sample": 1e6 / p_med - 1e6 / inproc} if inproc else {})}
+            row["slab_over_plain"] = per_worker / p_med
         out["loader"][str(w)] = row
     return out
 
@@ -149,13 +176,14 @@ def train_flops_per_sample(model_name: str) -> float:
 
 
 def feeding(per_worker: dict[str, float], cpus: int) -> dict:
-    """Per pipeline: modelled GPU consumer rates, workers needed for FEED_MARGIN x that, and the default."""
+    """Per pipeline: modelled GPU consumer rates, workers needed for FEED_MARGIN x that, and the default.
+    per_worker: pipeline -> samples/s of one worker (pipelines named "<pipeline>_plain": torch's transport)."""
     flops = {"uc2": train_flops_per_sample("uc2"), "cclm": train_flops_per_sample("cclm")}
     out = {"assumptions": {"mfu": MFU, "peak_bf16_flops": GPUS, "feed_margin": FEED_MARGIN,
                            "train_flops_per_sample": flops},
            "default_num_workers_8_gpus": engine.default_num_workers(cpus=cpus, procs_per_node=8)}
     for pipeline, rate in per_worker.items():
-        model = "uc2" if pipeline == "region_features" else "cclm"
+        model = "uc2" if pipeline.startswith("region_features") else "cclm"
         out[pipeline] = {"per_worker_samples_per_s": rate, **{
             gpu: {"consumer_samples_per_s": peak * MFU / flops[model],
                   "workers_needed": math.ceil(FEED_MARGIN * peak * MFU / flops[model] / rate)}
@@ -195,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         feat_col, img_col = data.UC2Collate("xvnli", tok), data.CCLMCollate("xvnli", tok)
         feat_loaders = {w: make_loader(feat_ds, feat_col, w, args.batch_size) for w in workers}
         img_loaders = {w: make_loader(img_ds, img_col, w, args.batch_size) for w in workers}
+        with_workers = [w for w in workers if w]
+        feat_plain = {w: make_loader(feat_ds, feat_col, w, args.batch_size, plain=True) for w in with_workers}
+        img_plain = {w: make_loader(img_ds, img_col, w, args.batch_size, plain=True) for w in with_workers}
         train_loader = make_loader(train_ds, data.CCLMCollate("xvnli", tok), 0, args.batch_size)
         keys, files = [ex.image for ex in exs_feat], [ex.image_file for ex in exs_img]
         feat_texts = [ex.text for ex in exs_feat]
@@ -203,20 +234,26 @@ def main(argv: list[str] | None = None) -> int:
         cases = {  # name -> (samples, callable); each repeat runs every case once, in this order
             "feat_raw": (n_feat, lambda: raw_lmdb(str(tmp / "feats.lmdb"), keys)),
             "feat_tok": (n_feat, lambda: tokenize(tok, feat_texts, args.batch_size, feat_col.max_len)),
+            "feat_tok_backend": (n_feat, lambda: tokenize_backend(tok, feat_texts, args.batch_size)),
             **{f"feat_w{w}": (n_feat, lambda w=w: drain(feat_loaders[w], n_feat)) for w in workers},
+            **{f"feat_plain_w{w}": (n_feat, lambda w=w: drain(feat_plain[w], n_feat)) for w in with_workers},
             "img_raw": (n_img, lambda: raw_images(tmp / "images", files, args.image_res)),
             "img_tok": (n_img, lambda: tokenize(tok, img_texts, args.batch_size, img_col.max_len)),
             **{f"img_w{w}": (n_img, lambda w=w: drain(img_loaders[w], n_img)) for w in workers},
+            **{f"img_plain_w{w}": (n_img, lambda w=w: drain(img_plain[w], n_img)) for w in with_workers},
             "img_train_w0": (n_img, lambda: drain(train_loader, n_img)),
         }
         for n, fn in cases.values():  # warm-up: page cache, worker start-up, tokenizer caches
             fn()
         rates: dict[str, list[float]] = {name: [] for name in cases}
+        cpu: dict[str, list[float]] = {name: [] for name in cases}
         for r in range(repeats):
             for name, (n, fn) in cases.items():
-                rates[name].append(rate(n, fn))
+                samples_per_s, main_cpu = rate(n, fn)
+                rates[name].append(samples_per_s)
+                cpu[name].append(main_cpu)
             print(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in rates.items()), flush=True)
-        for loaders in (feat_loaders, img_loaders):
+        for loaders in (feat_loaders, img_loaders, feat_plain, img_plain):
             loaders.clear()
 
     result = {
@@ -231,15 +268,27 @@ def main(argv: list[str] | None = None) -> int:
                    "tokenize": "data.encode_texts of the collate's texts, same batches and max length (one process)",
                    "loader": "data.BatchLoader(Dataset + collate incl. tokenising), persistent workers, warmed up, samples/s; "
                              "workers=0 = same pipeline in the main process (per-worker rate = rate / max(1, workers))"},
-        "region_features": summarize(rates["feat_raw"], rates["feat_tok"],
-                                     {w: rates[f"feat_w{w}"] for w in workers}, args.batch_size),
-        "images": summarize(rates["img_raw"], rates["img_tok"], {w: rates[f"img_w{w}"] for w in workers}, args.batch_size),
+        **{name: summarize(rates[f"{pre}_raw"], rates[f"{pre}_tok"], {w: rates[f"{pre}_w{w}"] for w in workers},
+                           args.batch_size, {w: rates[f"{pre}_plain_w{w}"] for w in with_workers},
+                           {k[len(pre) + 1:]: v for k, v in cpu.items() if k.startswith(pre + "_")}, n)
+           for name, pre, n in (("region_features", "feat", n_feat), ("images", "img", n_img))},
     }
+    tok_call, tok_backend = statistics.median(rates["feat_tok"]), statistics.median(rates["feat_tok_backend"])
+    result["tokenizer_public_call"] = {
+        "encode_texts_per_s": tok_call, "backend_encode_batch_fast_per_s": tok_backend,
+        "call_over_backend": tok_call / tok_backend,
+        "share_of_in_process_uc2_loader": statistics.median(rates["feat_w0"]) / tok_call,
+        "share_of_in_process_uc2_loader_backend": statistics.median(rates["feat_w0"]) / tok_backend}
     result["cclm_train_transform"] = {"in_process_samples_per_s": statistics.median(rates["img_train_w0"]),
                                       "eval_in_process_samples_per_s": statistics.median(rates["img_w0"])}
-    result["feeding"] = feeding({"region_features": statistics.median(rates["feat_w0"]),
-                                 "images_eval": statistics.median(rates["img_w0"]),
-                                 "images_train": statistics.median(rates["img_train_w0"])}, os.cpu_count() or 1)
+    per_worker = {"region_features": statistics.median(rates["feat_w0"]),
+                  "images_eval": statistics.median(rates["img_w0"]),
+                  "images_train": statistics.median(rates["img_train_w0"])}
+    if 1 in with_workers:  # one worker through torch's own transport: the in-process rate minus its transport cost
+        for name, pre in (("region_features", "feat"), ("images_eval", "img")):
+            plain_us = 1e6 / statistics.median(rates[f"{pre}_plain_w1"]) - 1e6 / statistics.median(rates[f"{pre}_w1"])
+            per_worker[f"{name}_plain"] = 1 / (1 / per_worker[name] + max(0.0, plain_us) / 1e6)
+    result["feeding"] = feeding(per_worker, os.cpu_count() or 1)
     for name in ("region_features", "images"):
         res = result[name]
         us = res["us_per_sample"]
@@ -249,13 +298,27 @@ def main(argv: list[str] | None = None) -> int:
               f"loader that reads as raw and tokenises: {res['ceiling_ratio']:.2f} x raw read+decode")
         for w, r in res["loader"].items():
             extra = f", transport {r['transport_us_per_sample']:.0f} us/sample" if "transport_us_per_sample" in r else ""
+            if "plain_dataloader" in r:
+                pl = r["plain_dataloader"]
+                extra += (f"; plain DataLoader {pl['samples_per_s']:.0f} samples/s"
+                          + (f", transport {pl['transport_us_per_sample']:.0f} us/sample" if "transport_us_per_sample"
+                             in pl else "")
+                          + f": slabs {r['slab_over_plain']:.2f}x plain; main-thread CPU per batch "
+                          f"{r['main_thread_cpu_us_per_batch']:.0f} us (slabs) vs "
+                          f"{pl['main_thread_cpu_us_per_batch']:.0f} us")
             print(f"  workers={w}: {r['batches_per_s']:.2f} batches/s ({r['samples_per_s']:.0f} samples/s), per worker "
                   f"{r['per_worker_ratio']:.2f} x raw read+decode ({'meets' if r['meets_target'] else 'MISSES'} the "
                   f"{TARGET:.0%} target), {r['per_worker_ratio_vs_raw_plus_tokenize']:.2f} x raw read+decode+tokenize"
                   f"{extra}{' [contended: fewer cores than workers + main]' if r['contended'] else ''}")
+    t = result["tokenizer_public_call"]
+    print(f"tokenizer: encode_texts (public call) {t['encode_texts_per_s']:.0f} texts/s, the Rust backend directly "
+          f"{t['backend_encode_batch_fast_per_s']:.0f}/s ({t['call_over_backend']:.2f}x); share of the in-process UC2 "
+          f"loader {t['share_of_in_process_uc2_loader']:.0%} (backend: {t['share_of_in_process_uc2_loader_backend']:.0%})")
     feed = result["feeding"]
     print(f"feeding one GPU (modelled: {MFU:.0%} of bf16 peak; loader rate per worker measured here in-process):")
-    for pipeline in ("region_features", "images_eval", "images_train"):
+    for pipeline in feed:
+        if pipeline in ("assumptions", "default_num_workers_8_gpus"):
+            continue
         r = feed[pipeline]
         print(f"  {pipeline}: {r['per_worker_samples_per_s']:.0f} samples/s per worker; "
               + "; ".join(f"{gpu} consumes {r[gpu]['consumer_samples_per_s']:.0f}/s -> {r[gpu]['workers_needed']} "

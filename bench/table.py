@@ -151,11 +151,23 @@ def data_throughput(res: dict) -> list[Row]:
                 result += f", {lw['per_worker_ratio_vs_raw_plus_tokenize']:.2f}x read+decode+tokenize"
             if "transport_us_per_sample" in lw:
                 result += f"; worker transport {lw['transport_us_per_sample']:.0f} us/sample"
+            if "plain_dataloader" in lw:  # the same pipeline through torch's own transport, same run
+                pl = lw["plain_dataloader"]
+                result += (f"; plain DataLoader {pl['samples_per_s']:,.0f} samples/s "
+                           f"(slabs {lw['slab_over_plain']:.2f}x plain); main-thread CPU per batch "
+                           f"{lw['main_thread_cpu_us_per_batch']:,.0f} us (slabs) vs "
+                           f"{pl['main_thread_cpu_us_per_batch']:,.0f} us (plain)")
             if lw.get("contended"):
                 result += " (contended: fewer cores than workers + main)"
             out.append(("Data loader", f"{name}, {w} worker{'s' if w != '1' else ''}", result))
+    tok = res.get("tokenizer_public_call")
+    if tok:
+        out.append(("Data loader", "tokenising: the tokenizer's public call (data.encode_texts) vs its Rust backend",
+                    f"{tok['call_over_backend']:.2f}x the backend's texts/s; tokenising is "
+                    f"{tok['share_of_in_process_uc2_loader']:.0%} of the in-process UC2 loader "
+                    f"({tok['share_of_in_process_uc2_loader_backend']:.0%} with the backend)"))
     feed = res.get("feeding", {})
-    for key in ("region_features", "images_eval", "images_train"):
+    for key in ("region_features", "region_features_plain", "images_eval", "images_eval_plain", "images_train"):
         if key in feed:
             f = feed[key]
             out.append(("Data loader", f"feeding one GPU: {key} (consumer rate modelled from counted FLOPs)",

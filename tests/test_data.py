@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import fastload  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures"
@@ -306,6 +307,24 @@ def test_tokenizer_padding_and_truncation(tokenizer, tmp_path):
     assert short.shape == (2, 6) and short[1].tolist() == full[1][:5] + [2] and smask[1].all()
     with pytest.raises(ValueError, match="no-such-tokenizer"):
         data.load_tokenizer(tmp_path / "no-such-tokenizer")
+
+
+def test_encode_texts_ids_equal_the_fast_backend_on_every_fixture_text(tokenizer):
+    """encode_texts tokenises through the tokenizer's public call; its ids are those the Rust backend gives
+    directly (what data.py used before), on every text of every fixture file, with and without truncation."""
+    texts = [ex.text for task in data.TASKS for split in data.available_splits(ROOT, task)
+             for lang in data.available_langs(ROOT, task, split) for ex in data.load_split(ROOT, task, split, lang)]
+    backend = tokenizer._tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    want = [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
+    tokenizer(texts[:2], truncation=True, max_length=4, padding="max_length")  # leaves state in the backend
+    assert len(texts) > 300
+    for max_len in (None, 40, 6):
+        for i in range(0, len(texts), 64):
+            ids, mask = data.encode_texts(tokenizer, texts[i:i + 64], max_len)
+            rows = [w if max_len is None or len(w) <= max_len else w[:max_len - 1] + w[-1:] for w in want[i:i + 64]]
+            assert [row[m.bool()].tolist() for row, m in zip(ids, mask)] == rows
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -661,7 +680,7 @@ class _GrowingBatches(torch.utils.data.Dataset):
 
 def _growing_collate(items):
     rows = max(items) + 1
-    out = data._alloc((len(items), rows, 100_000), torch.float32)  # 0.4 MB a row: slabs of MBs
+    out = fastload.batch_empty((len(items), rows, 100_000), torch.float32)  # 0.4 MB a row: slabs of MBs
     for k, i in enumerate(items):
         out[k] = float(i)
     return {"x": out, "items": list(items)}

@@ -10,6 +10,7 @@ import os
 import pickle
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,27 @@ def test_print_schedule_pins_uc2_suf(config, capsys):
     U.main(["--task", "xflickrco", "--policy", "full", "--model-config", config, "--print-schedule", "--json"])
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 10 and all(r["trainable_layers"] == list(range(12)) for r in rows)
+
+
+def test_feature_set_reads_each_key_from_the_file_holding_it(tmp_path):
+    """FeatureSet (several --features files): keys, `in`, get / kept_regions / regions go to the file that holds
+    the key, an unknown key is a KeyError, and datasets and the start-up check read through it."""
+    data.write_synthetic_features(tmp_path / "a", ["1", "2"], num_boxes=4, seed=1)
+    data.write_synthetic_features(tmp_path / "b", ["3"], num_boxes=6, seed=2)
+    fs = U.FeatureSet([str(tmp_path / "a"), str(tmp_path / "b")])
+    a, b = data.open_features(tmp_path / "a"), data.open_features(tmp_path / "b")
+    assert fs.keys() == {"1", "2", "3"} and "3" in fs and "4" not in fs
+    for key, reader in (("2", a), ("3", b)):
+        want, got = reader.get(key), fs.get(key)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2:] == want[2:]
+        assert all(np.array_equal(g, w) for g, w in zip(fs.kept_regions(key, 5), reader.kept_regions(key, 5)))
+        assert all(torch.equal(fs.regions(key, 8)[k], v) for k, v in reader.regions(key, 8).items())
+    assert fs.get("3", max_rows=2)[0].shape == (2, 2048)
+    with pytest.raises(KeyError):
+        fs.get("4")
+    exs = [data.Example(task="xvnli", lang="en", id=f"p{k}", image=k, image_file=f"flickr30k/{k}.jpg", text="a dog",
+                        label=0, source=f"t:{k}") for k in ("1", "3")]
+    data.check_inputs(exs, features=fs, sample=None)
+    assert data.REGION_FEATURES.dataset("xvnli", exs, features=fs, max_regions=8)[1]["regions"][0].shape == (6, 2048)
+    with pytest.raises(data.BadInput, match="'4' not found"):
+        data.REGION_FEATURES.dataset("xvnli", [replace(exs[0], image="4")], features=fs)[0]
