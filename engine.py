@@ -50,7 +50,7 @@ from tqdm import tqdm
 import data
 import freeze
 
-TASKS = ("xgqa", "xvnli", "xflickrco")
+TASKS = data.TASKS   # the one task table (data.py)
 RECIPES = ("paper", "iglue")
 CHECKPOINT, FINAL, METRICS, ARGS = "checkpoint_last.pt", "model_final.pt", "metrics.jsonl", "args.json"
 RUN_FILES = (CHECKPOINT, FINAL, METRICS, ARGS)
@@ -547,6 +547,15 @@ def load_tokenizer(args: argparse.Namespace, embedding_rows: int):
         raise SystemExit(f"error: --tokenizer: {e}") from None
     check_tokenizer_vocab(tokenizer, embedding_rows, args.tokenizer)
     return tokenizer
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """tmp + os.replace: a crash mid-write never leaves a truncated file in place of a good one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class CheckpointWriteError(ValueError):

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import data
 import engine
 
-TASKS = ("xgqa", "xvnli", "xflickrco")
+TASKS = data.TASKS
 QTYPES = ("verify", "query", "choose", "logical", "compare")   # GQA structural types
 RECALL_KS = (1, 5, 10)
 MAIN_METRICS = {"xgqa": ("accuracy",), "xvnli": ("accuracy",), "xflickrco": ("tr_r1", "ir_r1")}
@@ -541,22 +541,6 @@ def cls_similarity(features: dict[str, dict[str, torch.Tensor]]) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Results files, printed tables
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """tmp + os.replace: a crash mid-write never leaves a truncated file in place of a good one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def read_json(path: str | Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
 def ordered_langs(langs: Iterable[str]) -> list[str]:
     """English first, then the target languages alphabetically (IGLUE's results/ column order)."""
     langs = set(langs)
@@ -687,7 +671,7 @@ def write_results(out_dir: str | Path, record: dict, model_name: str) -> Path:
     an earlier evaluation of the same checkpoint file (`--langs de` after a full evaluation)."""
     out_dir = Path(out_dir)
     path = out_dir / "results.json"
-    results = read_json(path) if path.exists() else {}
+    results = data.read_json(path, annotations=False) if path.exists() else {}
     key = eval_key(record["split"], record["translate_test"])
     prev = results.get(key)
     if prev and prev.get("checkpoint_file") == record.get("checkpoint_file") and record.get("checkpoint_file"):
@@ -695,11 +679,11 @@ def write_results(out_dir: str | Path, record: dict, model_name: str) -> Path:
         record = {**record, "langs": langs, "summary": summarize(record["task"], langs),
                   "files": {**prev.get("files", {}), **record.get("files", {})}}
     results[key] = record
-    atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
+    engine.atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
     for metric in MAIN_METRICS[record["task"]]:
         name = csv_name(record["task"], metric, record.get("shots", 0), record["translate_test"], record["split"])
         extra = [l for l in ordered_langs(record["langs"]) if l not in ("en",) + TARGET_LANGS[record["task"]]]
-        atomic_write_text(out_dir / name, iglue_csv(record["task"], record["langs"], model_name, metric,
+        engine.atomic_write_text(out_dir / name, iglue_csv(record["task"], record["langs"], model_name, metric,
                                                     record.get("shots", 0), extra))
     return path
 
@@ -721,12 +705,12 @@ def run_info(run: str | Path) -> dict:
     info: dict = {}
     res = run / "results.json"
     if res.exists():
-        for rec in read_json(res).values():
+        for rec in data.read_json(res, annotations=False).values():
             info.update({k: rec.get(k) for k in ("model", "task", "policy", "llrd_decay", "top_layers",
                                                   "shots", "fewshot_lang", "init_policy") if rec.get(k) is not None})
             break
     if not {"model", "task", "policy"} <= set(info):
-        args = read_json(run / "args.json") if (run / "args.json").exists() else {}
+        args = data.read_json(run / "args.json", annotations=False) if (run / "args.json").exists() else {}
         meta = {}
         for name in ("model_final.pt", "checkpoint_last.pt"):
             if (run / name).exists() and "model" not in args:
@@ -734,7 +718,7 @@ def run_info(run: str | Path) -> dict:
                 break
         for k in ("model", "task", "policy", "llrd_decay", "top_layers"):
             info.setdefault(k, args.get(k, meta.get(k)))
-        fs = (read_json(run / "fewshot.json") if (run / "fewshot.json").exists() else {})
+        fs = (data.read_json(run / "fewshot.json", annotations=False) if (run / "fewshot.json").exists() else {})
         for k in ("shots", "fewshot_lang", "init_policy"):
             if fs.get(k) is not None:
                 info.setdefault(k, fs[k])
@@ -820,7 +804,7 @@ def curves(runs: Sequence[str | Path]) -> dict:
 
 
 def _write_curve_numbers(data: dict, metrics: Sequence[str], stem: Path) -> None:
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(
+    engine.atomic_write_text(stem.with_suffix(".json"), json.dumps(
         {r: {"label": d["label"], "epochs": d["epochs"], "series": {m: d["series"][m] for m in metrics if m in d["series"]}}
          for r, d in data.items()}, indent=1) + "\n")
     buf = io.StringIO()
@@ -831,7 +815,7 @@ def _write_curve_numbers(data: dict, metrics: Sequence[str], stem: Path) -> None
             for lang, vals in d["series"].get(m, {}).items():
                 for e, v in zip(d["epochs"], vals):
                     w.writerow([Path(r).name, e, lang, m, v])
-    atomic_write_text(stem.with_suffix(".csv"), buf.getvalue())
+    engine.atomic_write_text(stem.with_suffix(".csv"), buf.getvalue())
 
 
 def plot_curves(runs: Sequence[str | Path], out_dir: str | Path, tag: str = "") -> list[Path]:
@@ -923,7 +907,7 @@ def run_results(run: str | Path, split: str = "test") -> dict | None:
     epoch of metrics.jsonl evaluated on that split (the evaluation the trainer ran after its final epoch)."""
     run = Path(run)
     info = run_info(run)
-    res = read_json(run / "results.json") if (run / "results.json").exists() else {}
+    res = data.read_json(run / "results.json", annotations=False) if (run / "results.json").exists() else {}
     if split in res:
         ckpt = str(res[split].get("checkpoint", ""))
         unfinished = f"evaluated {ckpt} (epoch {res[split].get('epoch')})" if ckpt.endswith(engine.CHECKPOINT) else None
@@ -942,7 +926,8 @@ def _unfinished(run: Path, last_epoch: int) -> str | None:
     checkpoint_last.pt shows it stopped (or paused), or fewer epochs evaluated than args.json planned."""
     if (run / engine.FINAL).exists():
         return None
-    planned = (read_json(run / "args.json") if (run / "args.json").exists() else {}).get("epochs")
+    args = data.read_json(run / "args.json", annotations=False) if (run / "args.json").exists() else {}
+    planned = args.get("epochs")
     if (run / engine.CHECKPOINT).exists() or (planned and last_epoch < planned):
         return f"epoch {last_epoch} of {planned or '?'}, no {engine.FINAL}"
     return None
@@ -1058,7 +1043,8 @@ def merged_iglue_csvs(runs: Sequence[str | Path], split: str = "test") -> dict[s
         fewshot = _is_fewshot(shots)
         setup = Path(run).name
         if fewshot and (Path(run) / "fewshot.json").is_file():
-            setup = Path(read_json(Path(run) / "fewshot.json").get("init_checkpoint", run)).parent.name
+            info = data.read_json(Path(run) / "fewshot.json", annotations=False)
+            setup = Path(info.get("init_checkpoint", run)).parent.name
         langs = {r["fewshot_lang"]: r["langs"][r["fewshot_lang"]]} if fewshot and r.get("fewshot_lang") in r["langs"] \
             else r["langs"]
         for metric in MAIN_METRICS[r["task"]]:
@@ -1384,7 +1370,7 @@ def _data_args(p: argparse.ArgumentParser, *, langs: bool = True, translate_test
 
 def _run_args(run: Path | None) -> dict:
     path = run / engine.ARGS if run is not None else None
-    return read_json(path) if path is not None and path.is_file() else {}
+    return data.read_json(path, annotations=False) if path is not None and path.is_file() else {}
 
 
 def _resolve_data(args, run_args: dict, meta: dict) -> None:
@@ -1441,7 +1427,8 @@ def _evaluate(args, dist) -> int:
     except (ValueError, FloatingPointError) as e:  # FloatingPointError: NaN logits/scores are not an accuracy
         raise SystemExit(f"error: {e}") from None
     if dist.is_main:
-        fewshot = read_json(out_dir / "fewshot.json") if (out_dir / "fewshot.json").is_file() else {}
+        fewshot_file = out_dir / "fewshot.json"
+        fewshot = data.read_json(fewshot_file, annotations=False) if fewshot_file.is_file() else {}
         sched = meta.get("schedule") or {}
         record = {"model": meta["model"], "task": task, "policy": meta.get("policy"),
                   "llrd_decay": sched.get("llrd_decay"), "top_layers": sched.get("top_layers"),
@@ -1459,7 +1446,7 @@ def _evaluate(args, dist) -> int:
         path = write_results(out_dir, record, name)
         names = label_names(meta["model"], task, args.data_root) if preds else []
         for lang, rows in preds.items():
-            atomic_write_text(out_dir / predictions_name(record, lang), predictions_json(task, rows, names))
+            engine.atomic_write_text(out_dir / predictions_name(record, lang), predictions_json(task, rows, names))
         print(f"wrote {path} [{eval_key(args.split, args.translate_test)}] and "
               + ", ".join(csv_name(task, m, record['shots'], args.translate_test, args.split) for m in MAIN_METRICS[task]),
               flush=True)
@@ -1489,7 +1476,7 @@ def cmd_similarity(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         sim.update(model=meta["model"], task=meta["task"], policy=meta.get("policy"), split=args.split,
                    checkpoint=str(_run_checkpoint(run)))
-        atomic_write_text(out / "fig4_cls_similarity.json", json.dumps(sim, indent=1) + "\n")
+        engine.atomic_write_text(out / "fig4_cls_similarity.json", json.dumps(sim, indent=1) + "\n")
         plot_similarity(sim, out / "fig4_cls_similarity.png",
                         f"{meta['task']} {meta['model']} {meta.get('policy')}: [CLS] similarity x100")
         print("\n".join([" " * 4 + "".join(f"{l:>6}" for l in sim["langs"])] +
@@ -1568,11 +1555,11 @@ def cmd_table(args) -> int:
         raise SystemExit(f"error: {e}") from None
     print(format_tables(tables, args.per_language))
     if args.out:
-        atomic_write_text(args.out, json.dumps(tables, indent=1) + "\n")
+        engine.atomic_write_text(args.out, json.dumps(tables, indent=1) + "\n")
         print(f"wrote {args.out}")
     if args.iglue_csv:
         for name, text in merged_iglue_csvs([Path(r) for r in args.runs], args.split).items():
-            atomic_write_text(Path(args.iglue_csv) / name, text)
+            engine.atomic_write_text(Path(args.iglue_csv) / name, text)
             print(f"wrote {Path(args.iglue_csv) / name}")
     return 0
 
@@ -1662,7 +1649,7 @@ def _fewshot(args) -> int:
         raise SystemExit(f"error: train_{model_name}.py has no --train-lang option: few-shot training needs it to "
                          f"read the {args.lang} split {train_split} (see eval_zeroshot.cmd_fewshot)")
     config_file = out / "model_config.json"   # the English run's architecture, whatever its config name
-    atomic_write_text(config_file, json.dumps(meta["config"], indent=1) + "\n")
+    engine.atomic_write_text(config_file, json.dumps(meta["config"], indent=1) + "\n")
     trials = []
     for lr in args.lrs:
         run_dir = out / f"lr{lr:g}"
@@ -1691,7 +1678,7 @@ def _fewshot(args) -> int:
             "selection": {"split": sel_split, "lang": sel_lang,
                           "metric": "mean(tr_r1, ir_r1)" if task == "xflickrco" else "accuracy"},
             "trials": trials, "best": best}
-    atomic_write_text(out / "fewshot.json", json.dumps(info, indent=1) + "\n")
+    engine.atomic_write_text(out / "fewshot.json", json.dumps(info, indent=1) + "\n")
     print(f"few-shot: best lr {best['lr']:g}, epoch {best['epoch']} ({best['checkpoint']})", flush=True)
     eargs = argparse.Namespace(**{**vars(args), "run": None, "checkpoint": best["checkpoint"], "output_dir": str(out),
                                   "langs": args.eval_langs or [args.lang], "translate_test": False})

@@ -32,7 +32,7 @@ from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaEmbed
 import data
 import freeze
 
-TASKS = ("xgqa", "xvnli", "xflickrco")
+TASKS = data.TASKS
 
 CONFIGS: dict[str, dict] = {
     "base": {  # CCLM-X2VLM base fine-tuned at 384 (README §1-2)

@@ -28,7 +28,7 @@ import data
 import engine
 import freeze
 
-TASKS = ("xgqa", "xvnli", "xflickrco")
+TASKS = data.TASKS
 # VOLTA task keys of IGLUE's task configs (GQA, XVNLI, Flickr30k retrieval).
 VOLTA_TASK_KEY = {"xgqa": "TASK15", "xvnli": "TASK19", "xflickrco": "TASK8"}
 

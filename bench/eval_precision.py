@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+import engine  # noqa: E402
 import eval_zeroshot as E  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2  # noqa: E402
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
               f"largest recall change {worst:.2f} points; time fp32 {r['seconds_off']:.2f} s, bf16 {r['seconds_bf16']:.2f} s")
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "quick": args.quick, **res}
-    E.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
+    engine.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

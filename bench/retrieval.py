@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import engine  # noqa: E402
 import eval_zeroshot as E  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2  # noqa: E402
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
           f"x{itm['flop_reduction']:.2f} fewer FLOPs; timed on {itm['pairs_timed']} pairs: "
           f"{itm['seconds_x2vlm']:.2f} s vs {itm['seconds_ours']:.2f} s (x{itm['time_reduction']:.2f}), "
           f"max |diff| {itm['max_abs_diff']:.1e}")
-    E.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
+    engine.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
     # UC2: within 1e-3 of the scores' spread (a pair misaligned by one image moves them by ~1x the spread);
     # CCLM: unscored entries are -100 in both, so a different candidate set would differ by ~100
