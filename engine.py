@@ -8,6 +8,7 @@ A trainer's main() is:
     engine.seed_everything(args.seed)     # identical model init on every rank
     model = build_model(...); layout = LAYOUT(task); schedule = freeze.schedule_from_args(args, layout.num_layers)
     loader = engine.build_train_loader(dataset, args, dist, collate_fn)
+    evaluate_fn = engine.trainer_evaluate_fn(model_name, args, tokenizer, dist, ...)   # the per-epoch evaluation
     engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist, module_lr=...)
     engine.cleanup_distributed()
 
@@ -108,6 +109,29 @@ def check_arg_ranges(args: argparse.Namespace) -> None:
         if value is not None and not ok(value):
             shown = " ".join(f"{v:g}" for v in value) if isinstance(value, (list, tuple)) else f"{value:g}"
             raise SystemExit(f"error: --{key.replace('_', '-')} {shown} is out of range: must be {rule}")
+
+
+def read_model_config(name: str, configs: dict[str, dict], optional: Sequence[str] = (),
+                      foreign: Callable[[dict], dict | None] | None = None) -> dict:
+    """--model-config NAME|FILE: a copy of configs[NAME], or a JSON file whose keys override configs["base"];
+    foreign(d) converts a file in another format (UC2: VOLTA's config) and returns None for one of ours."""
+    if name in configs:
+        return dict(configs[name])
+    if not os.path.isfile(name):
+        raise SystemExit(f"error: --model-config {name!r}: not one of {', '.join(configs)} and no such file")
+    try:
+        cfg = data.read_json(name, annotations=False)
+    except ValueError as e:
+        raise SystemExit(f"error: --model-config {e}") from None
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"error: --model-config {name}: expected a JSON object of config keys")
+    converted = foreign(cfg) if foreign is not None else None
+    if converted is not None:
+        return converted
+    unknown = sorted(set(cfg) - set(configs["base"]) - set(optional))
+    if unknown:
+        raise SystemExit(f"error: --model-config {name}: unknown key {unknown[0]!r}")
+    return {**configs["base"], **cfg}
 
 
 def check_heads(config: dict, pairs: list[tuple[str, str]], source: str) -> None:

@@ -315,12 +315,7 @@ def run_info(run: str | Path) -> dict:
 
 def load_meta(path: str | Path) -> dict:
     """The metadata dict of a checkpoint, memory-mapped so the weights are not read."""
-    try:
-        ckpt = engine.read_torch_file(path, mmap=True)
-    except engine.UnsafeCheckpointError:
-        raise
-    except Exception as e:   # noqa: BLE001 - any unreadable file: one clear line
-        raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+    ckpt = engine.load_checkpoint(path, mmap=True)
     meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: no 'meta' dict in the checkpoint (not written by train_uc2/train_cclm?)")

@@ -13,7 +13,6 @@ decoder do: Table 2's "CM only").
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Callable, Iterable
@@ -911,20 +910,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(name: str | None, meta: dict | None = None) -> dict:
+    """'tiny' | 'base' | a config json of ours; None: the checkpoint meta's config, else base."""
     if name is None:
         return dict(meta["config"]) if meta and "config" in meta else dict(CONFIGS["base"])
-    if name in CONFIGS:
-        return dict(CONFIGS[name])
-    if not os.path.isfile(name):
-        raise SystemExit(f"error: --model-config {name!r}: not one of {', '.join(CONFIGS)} and no such file")
-    try:
-        cfg = json.loads(open(name).read())
-    except ValueError as e:
-        raise SystemExit(f"error: --model-config {name}: invalid JSON ({e})") from None
-    unknown = sorted(set(cfg) - set(CONFIGS["base"]))
-    if unknown:
-        raise SystemExit(f"error: --model-config {name}: unknown key {unknown[0]!r}")
-    return {**CONFIGS["base"], **cfg}
+    return engine.read_model_config(name, CONFIGS)
 
 
 def model_config_from_args(args, meta: dict | None = None) -> dict:

@@ -12,7 +12,6 @@ token, and VOLTA's task heads and losses. Facts: tests/fixtures/uc2/README.md an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -117,20 +116,14 @@ def config_from_volta(volta: dict, **overrides) -> dict:
     return cfg
 
 
+def _volta_config(d: dict) -> dict | None:
+    """Our config from a VOLTA UC2 config json; None for a config json of ours."""
+    return config_from_volta(d) if "tt_attn_sublayers" in d or "bert_layer2attn_sublayer" in d else None
+
+
 def resolve_config(name_or_path: str) -> dict:
     """'tiny' | 'base' | path to our config json or to a VOLTA UC2 config json."""
-    if name_or_path in CONFIGS:
-        return dict(CONFIGS[name_or_path])
-    if not os.path.isfile(name_or_path):
-        raise SystemExit(f"error: --model-config {name_or_path!r} is neither one of {sorted(CONFIGS)} nor a file")
-    with open(name_or_path) as f:
-        d = json.load(f)
-    if "tt_attn_sublayers" in d or "bert_layer2attn_sublayer" in d:
-        return config_from_volta(d)
-    unknown = sorted(set(d) - set(CONFIGS["base"]) - set(OPTIONAL_CONFIG_KEYS))
-    if unknown:
-        raise SystemExit(f"error: {name_or_path}: unknown config key(s) {unknown}")
-    return {**CONFIGS["base"], **d}
+    return engine.read_model_config(name_or_path, CONFIGS, OPTIONAL_CONFIG_KEYS, foreign=_volta_config)
 
 
 # ============================================================================ model
