@@ -317,16 +317,17 @@ def _decode_utf8(raw: bytes, path, line: int | None = None) -> str:
                        "the file must be UTF-8 encoded") from None
 
 
-def read_json(path: Path) -> Any:
-    """Whole-file JSON with one-line errors naming file and line."""
+def read_json(path: Path, annotations: bool = True) -> Any:
+    """Whole-file JSON with one-line errors naming file and line. annotations: an empty file or an empty
+    top-level value is an error (an annotation file without examples); False for results/args/meta files."""
     text = _decode_utf8(Path(path).read_bytes(), path)
-    if not text.strip():
+    if annotations and not text.strip():
         raise ValueError(f"{path}: annotation file is empty")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
-    if not data:
+    if annotations and not data:
         raise ValueError(f"{path}: annotation file holds no examples")
     return data
 

@@ -4,12 +4,13 @@ non-finite-loss guard, per-epoch evaluation, metrics.jsonl, atomic checkpoints, 
 checkpoint's keys onto a model) and exact resume.
 
 A trainer's main() is (decorated with engine.exits_on_bad_input: bad input ends it as one "error: ..." line):
-    args = parser.parse_args()            # after engine.add_common_args(parser, DEFAULTS)
+    args = engine.parse_args(parser, argv, DEFAULTS)   # after engine.add_common_args(parser, DEFAULTS)
     dist = engine.setup_distributed()
     run_dir = engine.check_run_dir(args, dist)  # before anything is built: a bad --output-dir costs nothing
     engine.seed_everything(args.seed)     # identical model init on every rank
     model = build_model(...); layout = LAYOUT(task); schedule = freeze.schedule_from_args(args, layout.num_layers)
     loader = engine.build_train_loader(dataset, args, dist, collate_fn)
+    evaluate_fn = engine.trainer_evaluate_fn(model_name, args, tokenizer, dist, ...)   # the per-epoch evaluation
     engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist, module_lr=..., run_dir=run_dir)
     engine.cleanup_distributed()
 
@@ -40,20 +41,21 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
 import data
 import freeze
 
-TASKS = ("xgqa", "xvnli", "xflickrco")
+TASKS = data.TASKS   # the one task table (data.py)
 RECIPES = ("paper", "iglue")
 CHECKPOINT, FINAL, METRICS, ARGS = "checkpoint_last.pt", "model_final.pt", "metrics.jsonl", "args.json"
 RUN_FILES = (CHECKPOINT, FINAL, METRICS, ARGS)
@@ -112,6 +114,29 @@ def check_arg_ranges(args: argparse.Namespace) -> None:
             raise SystemExit(f"error: --{key.replace('_', '-')} {shown} is out of range: must be {rule}")
 
 
+def read_model_config(name: str, configs: dict[str, dict], optional: Sequence[str] = (),
+                      foreign: Callable[[dict], dict | None] | None = None) -> dict:
+    """--model-config NAME|FILE: a copy of configs[NAME], or a JSON file whose keys override configs["base"];
+    foreign(d) converts a file in another format (UC2: VOLTA's config) and returns None for one of ours."""
+    if name in configs:
+        return dict(configs[name])
+    if not os.path.isfile(name):
+        raise SystemExit(f"error: --model-config {name!r}: not one of {', '.join(configs)} and no such file")
+    try:
+        cfg = data.read_json(name, annotations=False)
+    except ValueError as e:
+        raise SystemExit(f"error: --model-config {e}") from None
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"error: --model-config {name}: expected a JSON object of config keys")
+    converted = foreign(cfg) if foreign is not None else None
+    if converted is not None:
+        return converted
+    unknown = sorted(set(cfg) - set(configs["base"]) - set(optional))
+    if unknown:
+        raise SystemExit(f"error: --model-config {name}: unknown key {unknown[0]!r}")
+    return {**configs["base"], **cfg}
+
+
 def check_heads(config: dict, pairs: list[tuple[str, str]], source: str) -> None:
     """One-line SystemExit when a width of the model config is not divisible by its number of attention heads
     (torch would fail later, deep in the first forward pass). pairs: (width key, heads key)."""
@@ -129,8 +154,8 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
 
     defaults: {"<task>": {"lr": ..., "batch_size": ..., "epochs": ...}, "recipes": {"iglue": {...}},
     "model": "uc2" (run-folder prefix), any other key: default of that argument}. Arguments left at
-    None by the user are filled after parsing: --recipe values, then the task's, then the other keys,
-    then the engine's (paper) defaults.
+    None by the user are filled by parse_args (the second stage): --recipe values, then the task's, then the
+    other keys, then the engine's (paper) defaults.
     """
     g = parser.add_argument_group("run (engine.py)")
     g.add_argument("--task", choices=TASKS, required=True)
@@ -185,14 +210,11 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.formatter_class = HelpFormatter
     one_line_errors(parser)
 
-    # argparse has no post-parse hook: fill the task-dependent defaults whenever this parser parses.
-    parse_known = parser.parse_known_args
 
-    def parse_known_args(args=None, namespace=None):
-        ns, rest = parse_known(args, namespace)
-        return resolve_args(ns, defaults), rest
-
-    parser.parse_known_args = parse_known_args
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, defaults: dict) -> argparse.Namespace:
+    """Two stages: argparse reads the command line, then resolve_args fills what the user left at None from
+    `defaults` (add_common_args: the defaults depend on --task and --recipe, which argparse cannot express)."""
+    return resolve_args(parser.parse_args(argv), defaults)
 
 
 def resolve_args(args: argparse.Namespace, defaults: dict) -> argparse.Namespace:
@@ -331,19 +353,12 @@ class DistInfo:
         return self.rank == 0
 
 
-# setup_distributed calls not yet cleaned up. Nested users (eval_zeroshot fewshot: the trainer's main(), then the
-# evaluation) share the one process group: under torchrun a second group on the same store can read the first
-# group's addresses and fail to connect, so the group ends only with the outermost user.
-_GROUP_USERS = 0
-
-
 def setup_distributed() -> DistInfo:
     """torchrun environment -> process group (nccl on CUDA, gloo on CPU); plain single process otherwise.
 
     Collectives time out after SUF_DIST_TIMEOUT seconds (default 600) so that a rank that died or hangs
     makes the others fail (and torchrun exit non-zero) instead of waiting forever. SUF_DEVICE=cpu
     forces CPU on a GPU machine."""
-    global _GROUP_USERS
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available() and os.environ.get("SUF_DEVICE", "") != "cpu"
@@ -353,17 +368,15 @@ def setup_distributed() -> DistInfo:
     if world > 1 and not tdist.is_initialized():
         timeout = timedelta(seconds=float(os.environ.get("SUF_DIST_TIMEOUT", 600)))
         tdist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, device_id=device if cuda else None)
-    _GROUP_USERS += 1
     return DistInfo(rank, world, local_rank, device)
 
 
-def cleanup_distributed() -> None:
-    """Ends the process group (with its outermost user) and releases this process's run-folder locks
-    (the trainers call it in `finally`, so a failed run never keeps its folder locked in-process)."""
-    global _GROUP_USERS
+def cleanup_distributed(end_group: bool = True) -> None:
+    """Releases this process's run-folder locks (the trainers call it in `finally`, so a failed run never keeps
+    its folder locked in-process) and ends the process group, unless end_group is False: a caller that set the
+    group up and runs more in it (eval_zeroshot fewshot: several trainings, then the evaluation) ends it itself."""
     release_run_dirs()
-    _GROUP_USERS = max(0, _GROUP_USERS - 1)
-    if _GROUP_USERS == 0 and tdist.is_initialized():
+    if end_group and tdist.is_initialized():
         tdist.destroy_process_group()
 
 
@@ -578,6 +591,15 @@ def load_tokenizer(args: argparse.Namespace, embedding_rows: int):
         raise SystemExit(f"error: --tokenizer: {e}") from None
     check_tokenizer_vocab(tokenizer, embedding_rows, args.tokenizer)
     return tokenizer
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """tmp + os.replace: a crash mid-write never leaves a truncated file in place of a good one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class CheckpointWriteError(ValueError):
@@ -1093,12 +1115,15 @@ def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout
           train_loader: DataLoader, evaluate_fn: Callable | None, meta: dict, dist: DistInfo, *,
           module_lr: dict[str, float] | None = None, on_step: Callable[[nn.Module, int], None] | None = None,
           no_decay: Callable[[str, nn.Parameter], bool] | None = None,
-          lr_mult: Callable[[str], float] | None = None, run_dir: Path | None = None) -> None:
+          lr_mult: Callable[[str], float] | None = None, on_evaluated: Callable | None = None,
+          run_dir: Path | None = None) -> None:
     """The epoch loop (see module docstring). evaluate_fn(model, epoch 1-based) -> {lang: {metric: value}}
     is called on every rank after every epoch; on_step(model, steps_done) after every optimizer step;
     no_decay(name, param): the recipe's weight-decay exemption rule (default: freeze.no_decay_ndim);
-    lr_mult(name): per-parameter LR factor (default 1; see freeze.param_groups); run_dir: what the caller's
-    check_run_dir returned (the trainers check before building anything), None: checked here."""
+    lr_mult(name): per-parameter LR factor (default 1; see freeze.param_groups); on_evaluated(model, epoch
+    0-based, results, dist) on every rank after each evaluation (eval_zeroshot fewshot keeps the best epoch
+    with it); run_dir: what the caller's check_run_dir returned (the trainers check before building
+    anything), None: checked here."""
     run_dir = check_run_dir(args, dist) if run_dir is None else run_dir
     try:
         _, accum = micro_and_accum(args, dist)
@@ -1128,11 +1153,11 @@ def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout
             log.truncate(prog.metrics_offset)  # what a killed run logged after its checkpoint
             if prog.eval_pending:  # stopped between the checkpoint and the end of its evaluation
                 run_evaluation(evaluate_fn, model, prog.epoch - 1, prog.step, args, log, run_dir, dist, amp_dtype,
-                               resumed=True)
+                               resumed=True, on_evaluated=on_evaluated)
         else:
             prog = start_fresh(run_dir, args, dist, log)
         train_epochs(args, model, layout, schedule, train_loader, evaluate_fn, meta, dist, optimizer, lr_sched,
-                     (amp_dtype, scaler), steps_per_epoch, accum, log, prog, run_dir, on_step)
+                     (amp_dtype, scaler), steps_per_epoch, accum, log, prog, run_dir, on_step, on_evaluated)
         check_made_progress(prog, run_dir)  # on every rank: the counters are the same everywhere
         if dist.is_main:
             final = {"model": model.state_dict(), "meta": run_meta(meta, schedule, prog, args)}
@@ -1147,7 +1172,7 @@ def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout
 
 def train_epochs(args, model, layout, schedule, train_loader, evaluate_fn, meta, dist: DistInfo, optimizer, lr_sched,
                  amp: tuple, steps_per_epoch: int, accum: int, log: MetricsLog, prog: Progress, run_dir: Path,
-                 on_step) -> None:
+                 on_step, on_evaluated=None) -> None:
     """Epochs prog.epoch .. args.epochs - 1: train, checkpoint, then evaluate (a crash in the evaluation loses
     no training: --resume re-runs it)."""
     amp_dtype, scaler = amp
@@ -1201,12 +1226,14 @@ def train_epochs(args, model, layout, schedule, train_loader, evaluate_fn, meta,
         prog.eval_pending = evaluate_fn is not None and evaluation_due(args, epoch)
         save_training_state(run_dir / CHECKPOINT, model, optimizer, lr_sched, scaler, prog, args, meta, schedule, dist)
         if prog.eval_pending:
-            run_evaluation(evaluate_fn, model, epoch, prog.step, args, log, run_dir, dist, amp_dtype)
+            run_evaluation(evaluate_fn, model, epoch, prog.step, args, log, run_dir, dist, amp_dtype,
+                           on_evaluated=on_evaluated)
         fault_point("epoch_end")
 
 
 def run_evaluation(evaluate_fn: Callable | None, model: nn.Module, epoch: int, step: int, args, log: MetricsLog,
-                   run_dir: Path, dist: DistInfo, amp_dtype: torch.dtype | None, resumed: bool = False) -> None:
+                   run_dir: Path, dist: DistInfo, amp_dtype: torch.dtype | None, resumed: bool = False,
+                   on_evaluated: Callable | None = None) -> None:
     """Epoch `epoch` (0-based)'s evaluation (under the run's AMP dtype unless --eval-fp32; --eval-langs before
     the last epoch), logged; its checkpoint is already written. Bad evaluation data
     or a non-finite model output is a one-line error (the checkpoint stays; --resume re-runs it)."""
@@ -1224,6 +1251,8 @@ def run_evaluation(evaluate_fn: Callable | None, model: nn.Module, epoch: int, s
     except (data.BadInput, FloatingPointError) as e:
         raise SystemExit(f"error: evaluation after epoch {epoch + 1}: {e}; the epoch's checkpoint "
                          f"{run_dir / CHECKPOINT} is kept: fix it and --resume (the evaluation is run again)") from None
+    if on_evaluated is not None:
+        on_evaluated(model, epoch, results, dist)
     log_eval(log, results, epoch, step, args.eval_split, dist)
 
 
@@ -1448,3 +1477,428 @@ def base_meta(model_name: str, args: argparse.Namespace, config: dict, tokenizer
     return {"model": model_name, "task": args.task, "config": config, "tokenizer": args.tokenizer,
             "tokenizer_size": len(tokenizer), "tokenizer_vocab": tokenizer_fingerprint(tokenizer),
             "checkpoint": args.checkpoint, "recipe": args.recipe, "langs": args.langs}
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+# The per-epoch evaluation the trainers run (trainer_evaluate_fn -> evaluate_task) and its metrics; eval_zeroshot.py
+# runs the same functions from its command line. Each rank runs its shard of every test set, gather assembles.
+# A model answers through its own methods: predict(batch) (xgqa, xvnli), retrieval_scores(...) (xflickrco).
+
+QTYPES = ("verify", "query", "choose", "logical", "compare")   # GQA structural types
+RECALL_KS = (1, 5, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics (pure)
+
+def classification_metrics(preds: Sequence[int], labels: Sequence[int],
+                           qtypes: Sequence[str] | None = None) -> dict[str, float]:
+    """Accuracy in percent = 100 * n_correct / n. A label < 0 (xGQA answer outside the 1,842-answer
+    vocabulary, XVNLI gold "-" in UC2's data; CCLM's loader drops those pairs as X2-VLM does) can
+    never be predicted and counts as wrong, as in IGLUE's string-match evaluation.
+    XVNLI: X2-VLM's XVNLI.py prints n_correct / (n + 1) (its SmoothedValue starts with a dummy 0
+    update; 1 of 3 correct prints 0.25); we report the correct n_correct / n.
+    With qtypes (xGQA): accuracy_<type> and n_<type> per structural type, so that
+    sum(n_t * accuracy_t) / n == accuracy exactly (same counts)."""
+    if len(preds) != len(labels):
+        raise ValueError(f"{len(preds)} predictions for {len(labels)} labels")
+    n = len(labels)
+    correct = [int(p) == int(l) and int(l) >= 0 for p, l in zip(preds, labels)]
+    out = {"accuracy": 100.0 * sum(correct) / n if n else float("nan"), "n": n}
+    if qtypes is not None:
+        for t in QTYPES:
+            idx = [i for i, q in enumerate(qtypes) if q == t]
+            out[f"n_{t}"] = len(idx)
+            out[f"accuracy_{t}"] = 100.0 * sum(correct[i] for i in idx) / len(idx) if idx else float("nan")
+        other = [i for i, q in enumerate(qtypes) if q not in QTYPES]
+        if other:   # keeps the per-type counts adding up to n even for unexpected type strings
+            out["n_other"] = len(other)
+            out["accuracy_other"] = 100.0 * sum(correct[i] for i in other) / len(other)
+    return out
+
+
+# Retrieval ranks. Both references rank the gold at its position in a numpy argsort with the default kind:
+# VOLTA/IGLUE's eval_retrieval.py in np.argsort(-s) (s: float64 copy of the float32 logits), X2-VLM's itm_eval in
+# np.argsort(s)[::-1] (float32). Among exactly equal scores (duplicate captions tie for a model that scores text)
+# that order decides the rank, and the two orders differ. The references ran numpy's portable introsort (numpy
+# < 1.25 had no other); numpy >= 1.25 sends float argsort to AVX-512 / AVX2 kernels whose order among equal values
+# depends on the CPU, so np.argsort today would not give one answer on every machine. numpy_argsort below is the
+# portable introsort's order, step for step (numpy's npysort/quicksort aquicksort_ and aheapsort_, BSD licence;
+# written here), tested against np.argsort with numpy's SIMD dispatch switched off.
+TIE_ORDERS = ("volta", "x2vlm")
+SMALL_SORT = 15   # numpy: partitions spanning at most 16 elements are insertion-sorted
+
+
+def _less(a: float, b: float) -> bool:
+    return a < b or (b != b and a == a)   # numpy's float order: NaN after every number
+
+
+def numpy_argsort(values: Sequence[float]) -> list[int]:
+    """np.argsort(values) (default kind) in the order of numpy's portable introsort: median-of-3 quicksort,
+    insertion sort for partitions of at most 16 elements, heapsort for a partition popped below depth
+    2 * floor(log2 n). Equal to np.argsort on every CPU where numpy has no SIMD argsort (and always before 1.25)."""
+    v = [float(x) for x in values]
+    a = list(range(len(v)))
+    if len(a) < 2:
+        return a
+    stack: list[tuple[int, int, int]] = []
+    pl, pr, depth = 0, len(a) - 1, 2 * (len(a).bit_length() - 1)
+    while True:
+        if depth < 0:
+            _heapsort(v, a, pl, pr)
+        else:
+            while pr - pl > SMALL_SORT:
+                pi = _partition(v, a, pl, pr)
+                depth -= 1
+                if pi - pl < pr - pi:   # the larger side waits on the stack, with the depth reached so far
+                    stack.append((pi + 1, pr, depth))
+                    pr = pi - 1
+                else:
+                    stack.append((pl, pi - 1, depth))
+                    pl = pi + 1
+            _insertion_sort(v, a, pl, pr)
+        if not stack:
+            return a
+        pl, pr, depth = stack.pop()
+
+
+def _partition(v, a, pl, pr):
+    pm = pl + ((pr - pl) >> 1)
+    if _less(v[a[pm]], v[a[pl]]):
+        a[pm], a[pl] = a[pl], a[pm]
+    if _less(v[a[pr]], v[a[pm]]):
+        a[pr], a[pm] = a[pm], a[pr]
+    if _less(v[a[pm]], v[a[pl]]):
+        a[pm], a[pl] = a[pl], a[pm]
+    vp = v[a[pm]]
+    pi, pj = pl, pr - 1
+    a[pm], a[pj] = a[pj], a[pm]
+    while True:
+        pi += 1
+        while _less(v[a[pi]], vp):
+            pi += 1
+        pj -= 1
+        while _less(vp, v[a[pj]]):
+            pj -= 1
+        if pi >= pj:
+            break
+        a[pi], a[pj] = a[pj], a[pi]
+    a[pi], a[pr - 1] = a[pr - 1], a[pi]
+    return pi
+
+
+def _insertion_sort(v, a, pl, pr):
+    for pi in range(pl + 1, pr + 1):
+        vi = a[pi]
+        vp = v[vi]
+        pj = pi
+        while pj > pl and _less(vp, v[a[pj - 1]]):
+            a[pj] = a[pj - 1]
+            pj -= 1
+        a[pj] = vi
+
+
+def _heapsort(v, a, pl, pr):
+    n = pr - pl + 1
+    base = pl - 1  # 1-based heap positions: a[base + 1] .. a[base + n]
+
+    def sift(tmp, i, n):
+        j = 2 * i
+        while j <= n:
+            if j < n and _less(v[a[base + j]], v[a[base + j + 1]]):
+                j += 1
+            if _less(v[tmp], v[a[base + j]]):
+                a[base + i] = a[base + j]
+                i, j = j, 2 * j
+            else:
+                break
+        a[base + i] = tmp
+
+    for l in range(n >> 1, 0, -1):
+        sift(a[base + l], l, n)
+    while n > 1:
+        tmp = a[base + n]
+        a[base + n] = a[base + 1]
+        n -= 1
+        sift(tmp, 1, n)
+
+
+def reference_order(row: np.ndarray, order: str) -> list[int]:
+    """Candidates of one score row, best first, in the reference's order (see TIE_ORDERS)."""
+    if order == "volta":
+        return numpy_argsort(-row)           # eval_retrieval.py: np.argsort(-score_matrix[i])
+    if order == "x2vlm":
+        return numpy_argsort(row)[::-1]      # itm_eval: np.argsort(score)[::-1]
+    raise ValueError(f"unknown tie order {order!r}; expected one of {TIE_ORDERS}")
+
+
+def _gold_ranks(scores: np.ndarray, rows: np.ndarray, golds: np.ndarray, unscored: float | None,
+                order: str) -> np.ndarray:
+    """0-based position of candidate golds[i] in row rows[i] of `scores`, in the reference's order. A gold that
+    ties with no other candidate ranks after the strictly higher ones in any order (no sort needed); a tied one
+    (or a row with NaN) takes its position in reference_order. `unscored` (CCLM: UNSCORED, entries outside the
+    top-k prefilter): such a gold ranks behind all its ties (never scored; X2-VLM would place it anywhere
+    among them: only with k_test < 10, not a reference setting, can that change R@1/5/10)."""
+    vals = scores[rows]
+    gold = vals[np.arange(len(rows)), golds][:, None]
+    ranks = (vals > gold).sum(1)
+    positions: dict[int, np.ndarray] = {}
+    for i in np.flatnonzero(((vals == gold).sum(1) > 1) | np.isnan(vals).any(1)):
+        r = int(rows[i])
+        if r not in positions:
+            positions[r] = np.argsort(np.asarray(reference_order(scores[r], order)), kind="stable")
+        ranks[i] = positions[r][golds[i]]
+    if unscored is not None:
+        out = gold[:, 0] == unscored
+        ranks[out] = (vals[out] >= gold[out]).sum(1) - 1
+    return ranks
+
+
+def retrieval_ranks(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: Sequence[int],
+                    unscored: float | None = None, ties: str = "volta") -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based ranks as VOLTA's eval_retrieval.py (ties="volta", UC2) / X2-VLM's itm_eval (ties="x2vlm", CCLM)
+    compute them. score_i2t [n_img, n_txt], score_t2i [n_txt, n_img] (UC2: both views of one caption x image
+    matrix). Text retrieval (image -> captions): rank of the best-ranked caption of each image. Image retrieval
+    (caption -> images): rank of the caption's image. Exactly tied scores are ordered as the reference's argsort
+    orders them (see TIE_ORDERS); `unscored`: see _gold_ranks."""
+    if ties not in TIE_ORDERS:
+        raise ValueError(f"unknown tie order {ties!r}; expected one of {TIE_ORDERS}")
+    txt2img = np.asarray(list(txt2img), dtype=np.int64)
+    n_img, n_txt = score_i2t.shape
+    if score_t2i.shape != (n_txt, n_img) or txt2img.size != n_txt:
+        raise ValueError(f"score shapes {tuple(score_i2t.shape)} / {tuple(score_t2i.shape)} do not fit "
+                         f"{txt2img.size} captions")
+    captions = np.arange(n_txt)
+    ir_ranks = _gold_ranks(score_t2i.double().numpy(), captions, txt2img, unscored, ties)
+    caption_ranks = _gold_ranks(score_i2t.double().numpy(), txt2img, captions, unscored, ties)  # within its image's row
+    tr_ranks = np.full(n_img, n_txt, dtype=np.int64)
+    np.minimum.at(tr_ranks, txt2img, caption_ranks)
+    if (tr_ranks == n_txt).any():
+        raise ValueError(f"{int((tr_ranks == n_txt).sum())} images have no caption")
+    return torch.from_numpy(tr_ranks), torch.from_numpy(ir_ranks.astype(np.int64))
+
+
+def recall_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: Sequence[int],
+                   unscored: float | None = None, ties: str = "volta") -> dict[str, float]:
+    """tr_r1/5/10, ir_r1/5/10 (percent), medr/meanr as VOLTA prints them (floor(median)+1, mean+1)."""
+    for scores in (score_i2t, score_t2i):
+        if torch.isnan(scores).any() or torch.isposinf(scores).any():  # would rank arbitrarily, not fail
+            bad = int((~torch.isfinite(scores)).sum())
+            raise FloatingPointError(f"non-finite retrieval scores (NaN or inf) in {bad} of {scores.numel()} "
+                                     "caption-image pairs")
+    tr, ir = retrieval_ranks(score_i2t, score_t2i, txt2img, unscored, ties)
+    out: dict[str, float] = {}
+    for name, ranks in (("tr", tr), ("ir", ir)):
+        for k in RECALL_KS:
+            out[f"{name}_r{k}"] = 100.0 * (ranks < k).double().mean().item()
+        out[f"{name}_medr"] = math.floor(ranks.double().quantile(0.5).item()) + 1.0   # = numpy median
+        out[f"{name}_meanr"] = ranks.double().mean().item() + 1.0
+    out["n_images"], out["n_captions"] = score_i2t.shape
+    out["ties"] = ties
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a model over examples (distributed: each rank its shard, gather after)
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The task model behind a DDP (or similar) wrapper: predict/retrieval_scores live there."""
+    return getattr(model, "module", model)
+
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_for(device: torch.device | str, amp: str = "off"):
+    """Evaluation precision: float32 unless asked (--amp bf16|fp16; our choice: exact numbers by default)."""
+    return autocast(torch.device(device), AMP_DTYPES[amp])
+
+
+def pad_cat(tensors: Sequence[torch.Tensor], value: float = 0) -> torch.Tensor:
+    """Concatenate along dim 0, right-padding dim 1 to the longest (text lengths differ by batch/rank)."""
+    if tensors and tensors[0].dim() >= 2:
+        width = max(t.shape[1] for t in tensors)
+        tensors = [F.pad(t, [0, 0] * (t.dim() - 2) + [0, width - t.shape[1]], value=value) for t in tensors]
+    return torch.cat(list(tensors), 0)
+
+
+@torch.no_grad()
+def predict_records(model: torch.nn.Module, batches: Iterable[dict], device, amp: str = "off") -> list[tuple]:
+    """(id, predicted index, gold label, question type or "") for every example in `batches`."""
+    records = []
+    for batch in batches:
+        with autocast_for(device, amp):
+            pred = model.predict(to_device(batch, device)).cpu().tolist()
+        labels = batch["label"].tolist()
+        qtypes = batch.get("qtype") or [""] * len(labels)
+        records += [(str(i), int(p), int(l), str(q)) for i, p, l, q in zip(batch["id"], pred, labels, qtypes)]
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Results files, printed tables
+
+def ordered_langs(langs: Iterable[str]) -> list[str]:
+    """English first, then the target languages alphabetically (IGLUE's results/ column order)."""
+    langs = set(langs)
+    return (["en"] if "en" in langs else []) + sorted(langs - {"en"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation sets (data.py) and evaluate_task (the trainers' per-epoch evaluate_fn)
+
+@dataclass
+class EvalSet:
+    """One language's test data: `dataset` (xgqa/xvnli) or `images` + `captions` (xflickrco)."""
+    lang: str
+    split: str
+    translate_test: bool
+    collate: Callable
+    dataset: Any = None
+    images: Any = None
+    captions: Any = None
+    source: str = ""
+    examples: Sequence = ()   # the annotations read (data.check_inputs)
+
+
+def eval_langs(data_root, task: str, split: str = "test", langs=None, translate_test: bool = False) -> list[str]:
+    """Languages of (task, split) found under data_root (`langs` selects). With translate_test the
+    English test set is the original one (IGLUE's .mt results keep the English column)."""
+    found = set(data.available_langs(data_root, task, split, translate_test))
+    if translate_test:
+        found = (found - {"en"}) | ({"en"} & set(data.available_langs(data_root, task, split)))
+    if not found:
+        splits = ", ".join(data.available_splits(data_root, task, translate_test)) or "none"
+        raise ValueError(f"{task}: no {'translate-test ' if translate_test else ''}{split!r} files under "
+                         f"{data_root}; splits found: {splits}")
+    return ordered_langs(data.select_langs(langs, ordered_langs(found)))
+
+
+def build_eval_sets(model_name: str, task: str, data_root, tokenizer, langs=None, split: str = "test",
+                    translate_test: bool = False, features=None, images=None, max_regions: int = 36,
+                    image_res: int = 384) -> dict[str, EvalSet]:
+    """{lang: EvalSet} for every language of (task, split) under data_root (or `langs`). features: the
+    image-keyed region-feature reader UC2 reads the test images from (a path or train_uc2.FeatureSet)."""
+    collate = data.make_collate(model_name, task, tokenizer, train=False)
+    sets = {}
+    for lang in eval_langs(data_root, task, split, langs, translate_test):
+        mt = translate_test and lang != "en"
+        examples = data.load_split(data_root, task, split, lang, translate_test=mt)
+        source = str(data.split_file(data_root, task, split, lang, translate_test=mt))
+        if task == "xflickrco":
+            imgs, caps = data.make_retrieval_eval(model_name, examples, features=features, images=images,
+                                                  max_regions=max_regions, image_res=image_res)
+            sets[lang] = EvalSet(lang, split, mt, collate, images=imgs, captions=caps, source=source, examples=examples)
+        else:
+            ds = data.make_dataset(model_name, task, examples, features=features, images=images, train=False,
+                                   max_regions=max_regions, image_res=image_res)
+            sets[lang] = EvalSet(lang, split, mt, collate, dataset=ds, source=source, examples=examples)
+    return sets
+
+
+def trainer_evaluate_fn(model_name: str, args: argparse.Namespace, tokenizer, dist, *, features=None, images=None,
+                        max_regions: int = 36, image_res: int = 384, pair_batch: int = 1024) -> Callable:
+    """The trainers' per-epoch evaluate_fn(model, epoch) -> {lang: metrics}: evaluate_task on --eval-split of
+    --langs, sharded over ranks. Every feature key / image file is checked now (ValueError): a missing
+    one stops the run before training, not after its first epoch."""
+    sets = build_eval_sets(model_name, args.task, args.data_root, tokenizer, langs=args.langs, split=args.eval_split,
+                           features=features, images=images, max_regions=max_regions, image_res=image_res)
+    for s in sets.values():
+        data.check_inputs(s.examples, features=features, images=images)
+    # every evaluation image decoded once (languages share them): a corrupt one stops the run now, not after epoch 1
+    data.check_inputs([ex for s in sets.values() for ex in s.examples], features=features, images=images,
+                      sample=None)
+    unknown = [lang for lang in getattr(args, "eval_langs", None) or [] if lang not in sets]
+    if unknown:
+        raise ValueError(f"--eval-langs {' '.join(unknown)}: not among the evaluated languages "
+                         f"({' '.join(ordered_langs(sets))}; see --langs)")
+
+    def evaluate_fn(model: torch.nn.Module, epoch: int, langs: Sequence[str] | None = None) -> dict:
+        return evaluate_task(model, args.task, sets, dist, batch_size=args.eval_batch_size,
+                             num_workers=args.num_workers, pair_batch=pair_batch, langs=langs)
+    return evaluate_fn
+
+
+def eval_loader(dataset, indices, collate, batch_size: int, num_workers: int):
+    return data.BatchLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False, collate_fn=collate,
+                            num_workers=num_workers, persistent_workers=False)
+
+
+def _progress(batches, desc: str, dist):
+    """A progress bar over evaluation batches, on rank 0 only (it goes away when done)."""
+    return tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=dist is not None and not dist.is_main)
+
+
+def model_device(model: torch.nn.Module, dist) -> torch.device:
+    if dist is not None:
+        return dist.device
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate_task(model: torch.nn.Module, task: str, sets: dict[str, EvalSet], dist=None, *, batch_size: int = 64,
+                  num_workers: int = 0, amp: str = "off", k_test: int | None = None, pair_batch: int = 1024,
+                  itm_batch: int = 128, langs: Sequence[str] | None = None,
+                  predictions: dict | None = None) -> dict[str, dict]:
+    """{lang: metrics} on every rank. Each rank runs its shard of every test set; gather
+    assembles the predictions (retrieval: the score matrices), so every example counts exactly once and
+    the numbers equal a single-process run. The model is put in eval mode and restored afterwards.
+    `predictions` (xgqa/xvnli): filled with {lang: [(example id, predicted label), ...]} in file order."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    device = model_device(model, dist)
+    results = {}
+    encoded: dict = {}   # retrieval: the model's cache across languages (CCLM: the last language's encoded images)
+    try:
+        for lang in (langs or ordered_langs(sets)):
+            s = sets[lang]
+            if task == "xflickrco":
+                opts = RetrievalOptions(amp, pair_batch, k_test, itm_batch)
+                results[lang] = _evaluate_retrieval(model, s, dist, device, batch_size, num_workers, opts, encoded)
+                continue
+            n = len(s.dataset)
+            mine = shard(n, dist)
+            loader = eval_loader(s.dataset, mine, s.collate, batch_size, num_workers)
+            batches = _progress(loader, f"{task} {lang}", dist)
+            local = predict_records(model, batches, device, amp)
+            records = gather(list(zip(mine, local, strict=True)), dist)
+            if sorted(i for i, _ in records) != list(range(n)):   # every example exactly once
+                raise RuntimeError(f"{task} {lang}: gathered {len(records)} predictions for {n} examples")
+            ids, preds, labels, qtypes = zip(*(r for _, r in sorted(records)))
+            results[lang] = classification_metrics(preds, labels, qtypes if task == "xgqa" else None)
+            if predictions is not None:
+                predictions[lang] = list(zip(ids, preds))
+    finally:
+        model.train(was_training)
+    return results
+
+
+@dataclass(frozen=True)
+class RetrievalOptions:
+    """How a model scores a retrieval test set (each model reads the fields its protocol uses):
+    amp: evaluation precision; pair_batch: UC2 (caption, image) pairs per forward; k_test: CCLM's ITC
+    prefilter size (None: the model config's); itm_batch: CCLM pairs per ITM forward."""
+    amp: str = "off"
+    pair_batch: int = 1024
+    k_test: int | None = None
+    itm_batch: int = 128
+
+
+def _evaluate_retrieval(model, s: EvalSet, dist, device, batch_size: int, num_workers: int, opts: RetrievalOptions,
+                        encoded: dict | None = None) -> dict:
+    """The model's own retrieval protocol (model.retrieval_scores), then R@K with its reference's tie order
+    (model.tie_order) and unscored value (model.unscored)."""
+    n_img, n_txt = len(s.images), len(s.captions)
+
+    def batches(dataset, indices, what: str | None):
+        loader = eval_loader(dataset, indices, s.collate, batch_size, num_workers)
+        return loader if what is None else _progress(loader, f"xflickrco {s.lang} {what}", dist)
+
+    i2t, t2i = model.retrieval_scores(s.images, s.captions, batches, dist, device, opts, encoded)
+    if i2t.shape != (n_img, n_txt) or t2i.shape != (n_txt, n_img):
+        raise RuntimeError(f"xflickrco {s.lang}: gathered {tuple(i2t.shape)} / {tuple(t2i.shape)} score matrices for "
+                           f"{n_img} images x {n_txt} captions")
+    txt2img = [ex.label for ex in s.captions.examples]
+    return recall_metrics(i2t, t2i, txt2img, unscored=model.unscored, ties=model.tie_order)

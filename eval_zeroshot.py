@@ -11,36 +11,32 @@ analyses (Figures 2-4, Tables 1-3), for UC2 and CCLM checkpoints written by trai
   python eval_zeroshot.py figures RUN [RUN ...]      plot + similarity
   python eval_zeroshot.py table RUN [RUN ...]        Tables 1-3 layout, the paper's numbers beside ours
 
-Metrics are percentages, as IGLUE and the paper report them. `evaluate_task` is the library entry
-point the trainers call after every epoch; its {lang: {metric: value}} goes to metrics.jsonl.
+Metrics are percentages, as IGLUE and the paper report them. The evaluation itself (engine.evaluate_task, each
+model answering through its own predict / retrieval_scores) is the one the trainers run after every epoch.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import io
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import data
 import engine
+import train_cclm
+import train_uc2
 
-TASKS = ("xgqa", "xvnli", "xflickrco")
-QTYPES = ("verify", "query", "choose", "logical", "compare")   # GQA structural types
-RECALL_KS = (1, 5, 10)
+TASKS = data.TASKS
+MODEL_SCRIPTS = {"uc2": train_uc2, "cclm": train_cclm}   # meta["model"] -> the script that builds it
 MAIN_METRICS = {"xgqa": ("accuracy",), "xvnli": ("accuracy",), "xflickrco": ("tr_r1", "ir_r1")}
-UNSCORED = -100.0   # entries outside the k_test prefilter (docs/reference_facts.md#F-cclm-retrieval-eval)
 # IGLUE's results/ file stems (model,en,<langs>,avg rows); "_ir"/"_tr" for retrieval.
 CSV_STEM = {"xgqa": "xGQA", "xvnli": "XVNLI", "xflickrco": "xFlickrCO"}
 # IGLUE's target languages (test sets; the paper's ZS-XLT averages run over all of them)
@@ -95,415 +91,12 @@ PAPER_PER_LANG = {
 PAPER_FIG4_UNPAIRED = {("xgqa", "full"): 20, ("xgqa", "suf"): 22, ("xvnli", "full"): 17, ("xvnli", "suf"): 62}
 
 
-# ---------------------------------------------------------------------------------------------
-# Metrics (pure)
-
-def classification_metrics(preds: Sequence[int], labels: Sequence[int],
-                           qtypes: Sequence[str] | None = None) -> dict[str, float]:
-    """Accuracy in percent = 100 * n_correct / n. A label < 0 (xGQA answer outside the 1,842-answer
-    vocabulary, XVNLI gold "-" in UC2's data; CCLM's loader drops those pairs as X2-VLM does) can
-    never be predicted and counts as wrong, as in IGLUE's string-match evaluation.
-    XVNLI: X2-VLM's XVNLI.py prints n_correct / (n + 1) (its SmoothedValue starts with a dummy 0
-    update; 1 of 3 correct prints 0.25; docs/reference_facts.md#F-cclm-xvnli-accuracy); we report the
-    correct n_correct / n.
-    With qtypes (xGQA): accuracy_<type> and n_<type> per structural type, so that
-    sum(n_t * accuracy_t) / n == accuracy exactly (same counts)."""
-    if len(preds) != len(labels):
-        raise ValueError(f"{len(preds)} predictions for {len(labels)} labels")
-    n = len(labels)
-    correct = [int(p) == int(l) and int(l) >= 0 for p, l in zip(preds, labels)]
-    out = {"accuracy": 100.0 * sum(correct) / n if n else float("nan"), "n": n}
-    if qtypes is not None:
-        for t in QTYPES:
-            idx = [i for i, q in enumerate(qtypes) if q == t]
-            out[f"n_{t}"] = len(idx)
-            out[f"accuracy_{t}"] = 100.0 * sum(correct[i] for i in idx) / len(idx) if idx else float("nan")
-        other = [i for i, q in enumerate(qtypes) if q not in QTYPES]
-        if other:   # keeps the per-type counts adding up to n even for unexpected type strings
-            out["n_other"] = len(other)
-            out["accuracy_other"] = 100.0 * sum(correct[i] for i in other) / len(other)
-    return out
-
-
-# Retrieval ranks. Both references rank the gold at its position in a numpy argsort with the default kind:
-# VOLTA/IGLUE's eval_retrieval.py in np.argsort(-s) (s: float64 copy of the float32 logits), X2-VLM's itm_eval in
-# np.argsort(s)[::-1] (float32). Among exactly equal scores (duplicate captions tie for a model that scores text)
-# that order decides the rank, and the two orders differ. The references ran numpy's portable introsort (numpy
-# < 1.25 had no other); numpy >= 1.25 sends float argsort to AVX-512 / AVX2 kernels whose order among equal values
-# depends on the CPU, so np.argsort today would not give one answer on every machine. numpy_argsort below is the
-# portable introsort's order, step for step (numpy's npysort/quicksort aquicksort_ and aheapsort_, BSD licence;
-# written here), tested against np.argsort with numpy's SIMD dispatch switched off. The references' lines:
-# docs/reference_facts.md#F-retrieval-ranks
-TIE_ORDERS = ("volta", "x2vlm")
-TIE_ORDER_OF_MODEL = {"uc2": "volta", "cclm": "x2vlm"}
-SMALL_SORT = 15   # numpy: partitions spanning at most 16 elements are insertion-sorted
-
-
-def _less(a: float, b: float) -> bool:
-    return a < b or (b != b and a == a)   # numpy's float order: NaN after every number
-
-
-def numpy_argsort(values: Sequence[float]) -> list[int]:
-    """np.argsort(values) (default kind) in the order of numpy's portable introsort: median-of-3 quicksort,
-    insertion sort for partitions of at most 16 elements, heapsort for a partition popped below depth
-    2 * floor(log2 n). Equal to np.argsort on every CPU where numpy has no SIMD argsort (and always before 1.25)."""
-    v = [float(x) for x in values]
-    a = list(range(len(v)))
-    if len(a) < 2:
-        return a
-    stack: list[tuple[int, int, int]] = []
-    pl, pr, depth = 0, len(a) - 1, 2 * (len(a).bit_length() - 1)
-    while True:
-        if depth < 0:
-            _heapsort(v, a, pl, pr)
-        else:
-            while pr - pl > SMALL_SORT:
-                pi = _partition(v, a, pl, pr)
-                depth -= 1
-                if pi - pl < pr - pi:   # the larger side waits on the stack, with the depth reached so far
-                    stack.append((pi + 1, pr, depth))
-                    pr = pi - 1
-                else:
-                    stack.append((pl, pi - 1, depth))
-                    pl = pi + 1
-            _insertion_sort(v, a, pl, pr)
-        if not stack:
-            return a
-        pl, pr, depth = stack.pop()
-
-
-def _partition(v, a, pl, pr):
-    pm = pl + ((pr - pl) >> 1)
-    if _less(v[a[pm]], v[a[pl]]):
-        a[pm], a[pl] = a[pl], a[pm]
-    if _less(v[a[pr]], v[a[pm]]):
-        a[pr], a[pm] = a[pm], a[pr]
-    if _less(v[a[pm]], v[a[pl]]):
-        a[pm], a[pl] = a[pl], a[pm]
-    vp = v[a[pm]]
-    pi, pj = pl, pr - 1
-    a[pm], a[pj] = a[pj], a[pm]
-    while True:
-        pi += 1
-        while _less(v[a[pi]], vp):
-            pi += 1
-        pj -= 1
-        while _less(vp, v[a[pj]]):
-            pj -= 1
-        if pi >= pj:
-            break
-        a[pi], a[pj] = a[pj], a[pi]
-    a[pi], a[pr - 1] = a[pr - 1], a[pi]
-    return pi
-
-
-def _insertion_sort(v, a, pl, pr):
-    for pi in range(pl + 1, pr + 1):
-        vi = a[pi]
-        vp = v[vi]
-        pj = pi
-        while pj > pl and _less(vp, v[a[pj - 1]]):
-            a[pj] = a[pj - 1]
-            pj -= 1
-        a[pj] = vi
-
-
-def _heapsort(v, a, pl, pr):
-    n = pr - pl + 1
-    base = pl - 1  # 1-based heap positions: a[base + 1] .. a[base + n]
-
-    def sift(tmp, i, n):
-        j = 2 * i
-        while j <= n:
-            if j < n and _less(v[a[base + j]], v[a[base + j + 1]]):
-                j += 1
-            if _less(v[tmp], v[a[base + j]]):
-                a[base + i] = a[base + j]
-                i, j = j, 2 * j
-            else:
-                break
-        a[base + i] = tmp
-
-    for l in range(n >> 1, 0, -1):
-        sift(a[base + l], l, n)
-    while n > 1:
-        tmp = a[base + n]
-        a[base + n] = a[base + 1]
-        n -= 1
-        sift(tmp, 1, n)
-
-
-def reference_order(row: np.ndarray, order: str) -> list[int]:
-    """Candidates of one score row, best first, in the reference's order (see TIE_ORDERS)."""
-    if order == "volta":
-        return numpy_argsort(-row)           # eval_retrieval.py: np.argsort(-score_matrix[i])
-    if order == "x2vlm":
-        return numpy_argsort(row)[::-1]      # itm_eval: np.argsort(score)[::-1]
-    raise ValueError(f"unknown tie order {order!r}; expected one of {TIE_ORDERS}")
-
-
-def _gold_ranks(scores: np.ndarray, rows: np.ndarray, golds: np.ndarray, unscored: float | None,
-                order: str) -> np.ndarray:
-    """0-based position of candidate golds[i] in row rows[i] of `scores`, in the reference's order. A gold that
-    ties with no other candidate ranks after the strictly higher ones in any order (no sort needed); a tied one
-    (or a row with NaN) takes its position in reference_order. `unscored` (CCLM: UNSCORED, entries outside the
-    top-k prefilter): such a gold ranks behind all its ties (never scored; X2-VLM would place it anywhere
-    among them: only with k_test < 10, not a reference setting, can that change R@1/5/10)."""
-    vals = scores[rows]
-    gold = vals[np.arange(len(rows)), golds][:, None]
-    ranks = (vals > gold).sum(1)
-    positions: dict[int, np.ndarray] = {}
-    for i in np.flatnonzero(((vals == gold).sum(1) > 1) | np.isnan(vals).any(1)):
-        r = int(rows[i])
-        if r not in positions:
-            positions[r] = np.argsort(np.asarray(reference_order(scores[r], order)), kind="stable")
-        ranks[i] = positions[r][golds[i]]
-    if unscored is not None:
-        out = gold[:, 0] == unscored
-        ranks[out] = (vals[out] >= gold[out]).sum(1) - 1
-    return ranks
-
-
-def retrieval_ranks(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: Sequence[int],
-                    unscored: float | None = None, ties: str = "volta") -> tuple[torch.Tensor, torch.Tensor]:
-    """0-based ranks as VOLTA's eval_retrieval.py (ties="volta", UC2) / X2-VLM's itm_eval (ties="x2vlm", CCLM)
-    compute them. score_i2t [n_img, n_txt], score_t2i [n_txt, n_img] (UC2: both views of one caption x image
-    matrix). Text retrieval (image -> captions): rank of the best-ranked caption of each image. Image retrieval
-    (caption -> images): rank of the caption's image. Exactly tied scores are ordered as the reference's argsort
-    orders them (see TIE_ORDERS); `unscored`: see _gold_ranks."""
-    if ties not in TIE_ORDERS:
-        raise ValueError(f"unknown tie order {ties!r}; expected one of {TIE_ORDERS}")
-    txt2img = np.asarray(list(txt2img), dtype=np.int64)
-    n_img, n_txt = score_i2t.shape
-    if score_t2i.shape != (n_txt, n_img) or txt2img.size != n_txt:
-        raise ValueError(f"score shapes {tuple(score_i2t.shape)} / {tuple(score_t2i.shape)} do not fit "
-                         f"{txt2img.size} captions")
-    captions = np.arange(n_txt)
-    ir_ranks = _gold_ranks(score_t2i.double().numpy(), captions, txt2img, unscored, ties)
-    caption_ranks = _gold_ranks(score_i2t.double().numpy(), txt2img, captions, unscored, ties)  # within its image's row
-    tr_ranks = np.full(n_img, n_txt, dtype=np.int64)
-    np.minimum.at(tr_ranks, txt2img, caption_ranks)
-    if (tr_ranks == n_txt).any():
-        raise ValueError(f"{int((tr_ranks == n_txt).sum())} images have no caption")
-    return torch.from_numpy(tr_ranks), torch.from_numpy(ir_ranks.astype(np.int64))
-
-
-def recall_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: Sequence[int],
-                   unscored: float | None = None, ties: str = "volta") -> dict[str, float]:
-    """tr_r1/5/10, ir_r1/5/10 (percent), medr/meanr as VOLTA prints them (floor(median)+1, mean+1)."""
-    for scores in (score_i2t, score_t2i):
-        if torch.isnan(scores).any() or torch.isposinf(scores).any():  # would rank arbitrarily, not fail
-            bad = int((~torch.isfinite(scores)).sum())
-            raise FloatingPointError(f"non-finite retrieval scores (NaN or inf) in {bad} of {scores.numel()} "
-                                     "caption-image pairs")
-    tr, ir = retrieval_ranks(score_i2t, score_t2i, txt2img, unscored, ties)
-    out: dict[str, float] = {}
-    for name, ranks in (("tr", tr), ("ir", ir)):
-        for k in RECALL_KS:
-            out[f"{name}_r{k}"] = 100.0 * (ranks < k).double().mean().item()
-        out[f"{name}_medr"] = math.floor(ranks.double().quantile(0.5).item()) + 1.0   # = numpy median
-        out[f"{name}_meanr"] = ranks.double().mean().item() + 1.0
-    out["n_images"], out["n_captions"] = score_i2t.shape
-    out["ties"] = ties
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Running a model over examples (distributed: each rank its engine.shard, engine.gather after)
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The task model behind a DDP (or similar) wrapper: predict/pair_scores live there."""
-    return getattr(model, "module", model)
-
-
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast_for(device: torch.device | str, amp: str = "off"):
-    """Evaluation precision: float32 unless asked (--amp bf16|fp16; our choice: exact numbers by default)."""
-    return engine.autocast(torch.device(device), AMP_DTYPES[amp])
-
-
-def _pad_cat(tensors: Sequence[torch.Tensor], value: float = 0) -> torch.Tensor:
-    """Concatenate along dim 0, right-padding dim 1 to the longest (text lengths differ by batch/rank)."""
-    if tensors and tensors[0].dim() >= 2:
-        width = max(t.shape[1] for t in tensors)
-        tensors = [F.pad(t, [0, 0] * (t.dim() - 2) + [0, width - t.shape[1]], value=value) for t in tensors]
-    return torch.cat(list(tensors), 0)
-
-
-@torch.no_grad()
-def predict_records(model: torch.nn.Module, batches: Iterable[dict], device, amp: str = "off") -> list[tuple]:
-    """(id, predicted index, gold label, question type or "") for every example in `batches`."""
-    records = []
-    for batch in batches:
-        with autocast_for(device, amp):
-            pred = model.predict(engine.to_device(batch, device)).cpu().tolist()
-        labels = batch["label"].tolist()
-        qtypes = batch.get("qtype") or [""] * len(labels)
-        records += [(str(i), int(p), int(l), str(q)) for i, p, l, q in zip(batch["id"], pred, labels, qtypes)]
-    return records
-
-
-@torch.no_grad()
-def uc2_score_matrix(model: torch.nn.Module, images: dict[str, torch.Tensor], texts: dict[str, torch.Tensor],
-                     pair_batch: int = 1024, device="cpu", amp: str = "off") -> torch.Tensor:
-    """UC2/VOLTA protocol: the VL logit of EVERY (caption, image) pair, scored `pair_batch` pairs
-    per forward. images: stacked features/spatials/image_mask [n_img, R, ...]; texts: stacked
-    input_ids/attention_mask [n_txt, L]. Returns [n_txt, n_img] (on CPU, float32)."""
-    images = engine.to_device(images, device)
-    texts = engine.to_device(texts, device)
-    n_img, n_txt = images["features"].shape[0], texts["input_ids"].shape[0]
-    total = n_img * n_txt
-    out = torch.empty(total)
-    for start in range(0, total, pair_batch):
-        pair = torch.arange(start, min(start + pair_batch, total), device=device)
-        t, i = pair // n_img, pair % n_img
-        length = int(texts["attention_mask"][t].sum(1).max())   # trim padding common to the batch
-        batch = {"input_ids": texts["input_ids"][t, :length], "attention_mask": texts["attention_mask"][t, :length],
-                 "features": images["features"][i], "spatials": images["spatials"][i],
-                 "image_mask": images["image_mask"][i]}
-        with autocast_for(device, amp):
-            out[start:start + len(pair)] = model.pair_scores(batch).float().reshape(-1).cpu()
-    return out.view(n_txt, n_img)
-
-
-@torch.no_grad()
-def cclm_score_matrices(model: torch.nn.Module, image_batches: Iterable[dict], text_batches: Iterable[dict],
-                        image_offset: int, n_images: int, n_texts: int, k: int = 128, itm_batch: int = 128,
-                        dist=None, device="cpu", amp: str = "off") -> tuple[torch.Tensor, torch.Tensor]:
-    """CCLM/X2-VLM protocol (docs/reference_facts.md#F-cclm-retrieval-eval): every image and every caption is
-    encoded once (this rank: its shard of each); ITC similarity image_feat @ text_feat.T; for every image the
-    top-k captions and for every caption the top-k images are re-scored with the ITM head; all other entries
-    are -100.
-    Returns score_i2t [n_images, n_texts], score_t2i [n_texts, n_images] (CPU, float32), identical
-    on every rank. Only ITC features and text states travel between ranks; a pair is ITM-scored on
-    the rank that holds its image's encoder states. k is capped at the candidate count (the
-    reference would fail for k > n; the sample has 40 images)."""
-    vis, img_feat = [], []
-    for b in image_batches:
-        if "encoded" in b:   # encoded for another language's test set of the same images (evaluate_task)
-            v, f = b["encoded"]
-        else:
-            with autocast_for(device, amp):
-                v, f = model.encode_images(b["images"].to(device))
-            b["encoded"] = (v, f)
-        vis.append(v)
-        img_feat.append(f.float())
-    txt_states, txt_atts, txt_feat = [], [], []
-    for b in text_batches:
-        ids, atts = b["text_ids"].to(device), b["text_atts"].to(device)
-        with autocast_for(device, amp):
-            s, f = model.encode_texts(ids, atts)
-        txt_states.append(s.cpu())
-        txt_atts.append(atts.cpu())
-        txt_feat.append(f.float().cpu())
-    n_local = sum(v.shape[0] for v in vis)
-    vis = torch.cat(vis) if vis else None
-    local_feat = torch.cat(img_feat).cpu() if img_feat else torch.empty(0, 0)
-    image_feat = torch.cat([t for t in engine.gather([local_feat], dist) if t.numel()]).to(device)
-    text_states = _pad_cat([t for t in engine.gather([_pad_cat(txt_states)] if txt_states else [], dist)]).to(device)
-    text_atts = _pad_cat([t for t in engine.gather([_pad_cat(txt_atts)] if txt_atts else [], dist)]).to(device)
-    text_feat = torch.cat(engine.gather([torch.cat(txt_feat)] if txt_feat else [], dist)).to(device)
-    if image_feat.shape[0] != n_images or text_feat.shape[0] != n_texts:
-        raise ValueError(f"encoded {image_feat.shape[0]} images / {text_feat.shape[0]} captions, "
-                         f"expected {n_images} / {n_texts}")
-    sims = image_feat @ text_feat.t()
-
-    def itm(local_img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-        scores = []
-        for s in range(0, len(txt), itm_batch):
-            li, t = local_img[s:s + itm_batch], txt[s:s + itm_batch]
-            atts = text_atts[t]
-            length = int(atts.sum(1).max())
-            with autocast_for(device, amp):
-                scores.append(model.itm_scores(vis[li], text_states[t, :length], atts[:, :length]).float().cpu())
-        return torch.cat(scores) if scores else torch.empty(0)
-
-    triples = []   # (direction, row, col, score) computed on this rank
-    if n_local:
-        k_i2t = min(k, n_texts)
-        top_t = sims[image_offset:image_offset + n_local].topk(k_i2t, dim=1).indices    # [n_local, k]
-        li = torch.arange(n_local, device=device).repeat_interleave(k_i2t)
-        t = top_t.reshape(-1)
-        k_t2i = min(k, n_images)
-        top_i = sims.t().topk(k_t2i, dim=1).indices                                      # [n_texts, k]
-        t_all = torch.arange(n_texts, device=device).repeat_interleave(k_t2i)
-        img = top_i.reshape(-1)
-        mine = (img >= image_offset) & (img < image_offset + n_local)
-        if hasattr(model, "itm_scores_with_image_kv"):
-            both = itm_by_image(model, vis, torch.cat([li, img[mine] - image_offset]), torch.cat([t, t_all[mine]]),
-                                text_states, text_atts, itm_batch, device, amp)
-            s_i2t, s_t2i = both[:len(li)], both[len(li):]
-        else:   # X2-VLM's way: every pair's fusion from the image's tokens
-            s_i2t, s_t2i = itm(li, t), itm(img[mine] - image_offset, t_all[mine])
-        triples.append(("i2t", (li + image_offset).cpu(), t.cpu(), s_i2t))
-        triples.append(("t2i", t_all[mine].cpu(), img[mine].cpu(), s_t2i))
-    score_i2t = torch.full((n_images, n_texts), UNSCORED)
-    score_t2i = torch.full((n_texts, n_images), UNSCORED)
-    for direction, rows, cols, vals in engine.gather(triples, dist):
-        (score_i2t if direction == "i2t" else score_t2i)[rows, cols] = vals
-    return score_i2t, score_t2i
-
-
-def itm_by_image(model: torch.nn.Module, vis: torch.Tensor, img: torch.Tensor, txt: torch.Tensor,
-                 text_states: torch.Tensor, text_atts: torch.Tensor, itm_batch: int, device, amp: str) -> torch.Tensor:
-    """ITM scores (CPU, float32) of the pairs (vis[img[j]], text txt[j]), as model.itm_scores gives them, but
-    each image's cross-attention keys/values are computed once (model.itm_image_kv) for all its candidate
-    captions, and a pair asked for twice (both directions' top-k) is scored once. X2-VLM recomputes the
-    keys/values over the image's tokens for every pair: most of the re-rank's work (bench/retrieval.py)."""
-    n_txt = text_states.shape[0]
-    pairs, where = torch.unique(img * n_txt + txt, return_inverse=True)   # sorted: grouped by image
-    p_img, p_txt = pairs // n_txt, pairs % n_txt
-    scores = torch.empty(len(pairs))
-    images, counts = torch.unique_consecutive(p_img, return_counts=True)
-    start = 0
-    for i, c in zip(images.tolist(), counts.tolist()):
-        with autocast_for(device, amp):
-            kv = model.itm_image_kv(vis[i:i + 1])
-        for s in range(start, start + c, itm_batch):
-            t = p_txt[s:min(s + itm_batch, start + c)]
-            atts = text_atts[t]
-            length = int(atts.sum(1).max())
-            with autocast_for(device, amp):
-                scores[s:s + len(t)] = model.itm_scores_with_image_kv(text_states[t, :length], atts[:, :length],
-                                                                      kv).float().cpu()
-        start += c
-    return scores[where.cpu()]
-
-
-class CallCounter(torch.nn.Module):
-    """Wraps a retrieval model and counts, per method, the calls and the rows (images / captions /
-    pairs) that went through it: bench/retrieval.py and the tests check the protocols with it."""
-    METHODS = ("encode_images", "encode_texts", "itm_scores", "pair_scores", "itm_image_kv", "itm_scores_with_image_kv")
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-        self.config = getattr(model, "config", {})
-        self.calls = {m: 0 for m in self.METHODS}
-        self.rows = {m: 0 for m in self.METHODS}
-        for m in self.METHODS:
-            if hasattr(model, m):
-                setattr(self, m, self._counted(m))
-
-    def _counted(self, name: str) -> Callable:
-        fn = getattr(self.model, name)
-
-        def counted(*args, **kwargs):
-            self.calls[name] += 1
-            first = args[0] if args else next(iter(kwargs.values()))
-            self.rows[name] += first["input_ids"].shape[0] if isinstance(first, dict) else first.shape[0]
-            return fn(*args, **kwargs)
-        return counted
-
-
 @torch.no_grad()
 def cls_records(model: torch.nn.Module, batches: Iterable[dict], device, amp: str = "off") -> list[tuple]:
     """(id, final [CLS] vector) per example: model.cls_features, the classifier's input."""
     records = []
     for batch in batches:
-        with autocast_for(device, amp):
+        with engine.autocast_for(device, amp):
             feats = model.cls_features(engine.to_device(batch, device)).float().cpu()
         records += [(str(i), f) for i, f in zip(batch["id"], feats)]
     return records
@@ -541,31 +134,6 @@ def cls_similarity(features: dict[str, dict[str, torch.Tensor]]) -> dict:
     return {"langs": langs, "matrix": matrix, "n_pairs": n_pairs, "unpaired": unpaired}
 
 
-# ---------------------------------------------------------------------------------------------
-# Results files, printed tables
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """tmp + os.replace: a crash mid-write never leaves a truncated file in place of a good one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def read_json(path: str | Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def ordered_langs(langs: Iterable[str]) -> list[str]:
-    """English first, then the target languages alphabetically (IGLUE's results/ column order)."""
-    langs = set(langs)
-    return (["en"] if "en" in langs else []) + sorted(langs - {"en"})
-
-
 def zs_average(per_lang: dict[str, dict], metric: str) -> float:
     """The paper's ZS-XLT number: the mean over the non-English languages."""
     vals = [m[metric] for l, m in per_lang.items() if l != "en" and metric in m]
@@ -574,7 +142,7 @@ def zs_average(per_lang: dict[str, dict], metric: str) -> float:
 
 def summarize(task: str, per_lang: dict[str, dict]) -> dict[str, dict]:
     """{main metric: {"en": .., "avg": .., "langs": [non-English languages averaged]}}."""
-    targets = [l for l in ordered_langs(per_lang) if l != "en"]
+    targets = [l for l in engine.ordered_langs(per_lang) if l != "en"]
     return {m: {"en": per_lang.get("en", {}).get(m, float("nan")), "avg": zs_average(per_lang, m),
                 "langs": targets} for m in MAIN_METRICS[task]}
 
@@ -582,15 +150,15 @@ def summarize(task: str, per_lang: dict[str, dict]) -> dict[str, dict]:
 def table_rows(task: str, per_lang: dict[str, dict]) -> list[str]:
     """Metrics shown by `evaluate` (the same numbers results.json holds, 2 decimals)."""
     if task == "xflickrco":
-        return [f"{d}_r{k}" for d in ("tr", "ir") for k in RECALL_KS]
+        return [f"{d}_r{k}" for d in ("tr", "ir") for k in engine.RECALL_KS]
     rows = ["accuracy"]
     if task == "xgqa":
-        rows += [f"accuracy_{t}" for t in QTYPES]
+        rows += [f"accuracy_{t}" for t in engine.QTYPES]
     return rows
 
 
 def format_table(task: str, per_lang: dict[str, dict], title: str = "") -> str:
-    langs = ordered_langs(per_lang)
+    langs = engine.ordered_langs(per_lang)
     rows = table_rows(task, per_lang)
     head = ["metric"] + langs + ["avg"]
     lines = [title] if title else []
@@ -691,7 +259,7 @@ def write_results(out_dir: str | Path, record: dict, model_name: str) -> Path:
     an earlier evaluation of the same checkpoint file (`--langs de` after a full evaluation)."""
     out_dir = Path(out_dir)
     path = out_dir / "results.json"
-    results = read_json(path) if path.exists() else {}
+    results = data.read_json(path, annotations=False) if path.exists() else {}
     key = eval_key(record["split"], record["translate_test"])
     prev = results.get(key)
     if prev and prev.get("checkpoint_file") == record.get("checkpoint_file") and record.get("checkpoint_file"):
@@ -699,11 +267,11 @@ def write_results(out_dir: str | Path, record: dict, model_name: str) -> Path:
         record = {**record, "langs": langs, "summary": summarize(record["task"], langs),
                   "files": {**prev.get("files", {}), **record.get("files", {})}}
     results[key] = record
-    atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
+    engine.atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
     for metric in MAIN_METRICS[record["task"]]:
         name = csv_name(record["task"], metric, record.get("shots", 0), record["translate_test"], record["split"])
-        extra = [l for l in ordered_langs(record["langs"]) if l not in ("en",) + TARGET_LANGS[record["task"]]]
-        atomic_write_text(out_dir / name, iglue_csv(record["task"], record["langs"], model_name, metric,
+        extra = [l for l in engine.ordered_langs(record["langs"]) if l not in ("en",) + TARGET_LANGS[record["task"]]]
+        engine.atomic_write_text(out_dir / name, iglue_csv(record["task"], record["langs"], model_name, metric,
                                                     record.get("shots", 0), extra))
     return path
 
@@ -725,12 +293,12 @@ def run_info(run: str | Path) -> dict:
     info: dict = {}
     res = run / "results.json"
     if res.exists():
-        for rec in read_json(res).values():
+        for rec in data.read_json(res, annotations=False).values():
             info.update({k: rec.get(k) for k in ("model", "task", "policy", "llrd_decay", "top_layers",
                                                   "shots", "fewshot_lang", "init_policy") if rec.get(k) is not None})
             break
     if not {"model", "task", "policy"} <= set(info):
-        args = read_json(run / "args.json") if (run / "args.json").exists() else {}
+        args = data.read_json(run / "args.json", annotations=False) if (run / "args.json").exists() else {}
         meta = {}
         for name in ("model_final.pt", "checkpoint_last.pt"):
             if (run / name).exists() and "model" not in args:
@@ -738,7 +306,7 @@ def run_info(run: str | Path) -> dict:
                 break
         for k in ("model", "task", "policy", "llrd_decay", "top_layers"):
             info.setdefault(k, args.get(k, meta.get(k)))
-        fs = (read_json(run / "fewshot.json") if (run / "fewshot.json").exists() else {})
+        fs = (data.read_json(run / "fewshot.json", annotations=False) if (run / "fewshot.json").exists() else {})
         for k in ("shots", "fewshot_lang", "init_policy"):
             if fs.get(k) is not None:
                 info.setdefault(k, fs[k])
@@ -748,12 +316,7 @@ def run_info(run: str | Path) -> dict:
 
 def load_meta(path: str | Path) -> dict:
     """The metadata dict of a checkpoint, memory-mapped so the weights are not read."""
-    try:
-        ckpt = engine.read_torch_file(path, mmap=True)
-    except engine.UnsafeCheckpointError:
-        raise
-    except Exception as e:   # noqa: BLE001 - any unreadable file: one clear line
-        raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+    ckpt = engine.load_checkpoint(path, mmap=True)
     meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: no 'meta' dict in the checkpoint (not written by train_uc2/train_cclm?)")
@@ -813,7 +376,7 @@ def curves(runs: Sequence[str | Path]) -> dict:
         epochs = read_epoch_metrics(run)
         if not epochs:
             raise ValueError(f"{Path(run) / 'metrics.jsonl'}: no per-epoch evaluation lines")
-        langs = ordered_langs({l for _, ev in epochs for l in ev})
+        langs = engine.ordered_langs({l for _, ev in epochs for l in ev})
         metrics = sorted({m for _, ev in epochs for lm in ev.values() for m in lm})
         series = {m: {l: [ev.get(l, {}).get(m, float("nan")) for _, ev in epochs] for l in langs} for m in metrics}
         for m in metrics:
@@ -824,7 +387,7 @@ def curves(runs: Sequence[str | Path]) -> dict:
 
 
 def _write_curve_numbers(data: dict, metrics: Sequence[str], stem: Path) -> None:
-    atomic_write_text(stem.with_suffix(".json"), json.dumps(
+    engine.atomic_write_text(stem.with_suffix(".json"), json.dumps(
         {r: {"label": d["label"], "epochs": d["epochs"], "series": {m: d["series"][m] for m in metrics if m in d["series"]}}
          for r, d in data.items()}, indent=1) + "\n")
     buf = io.StringIO()
@@ -835,7 +398,7 @@ def _write_curve_numbers(data: dict, metrics: Sequence[str], stem: Path) -> None
             for lang, vals in d["series"].get(m, {}).items():
                 for e, v in zip(d["epochs"], vals):
                     w.writerow([Path(r).name, e, lang, m, v])
-    atomic_write_text(stem.with_suffix(".csv"), buf.getvalue())
+    engine.atomic_write_text(stem.with_suffix(".csv"), buf.getvalue())
 
 
 def plot_curves(runs: Sequence[str | Path], out_dir: str | Path, tag: str = "") -> list[Path]:
@@ -875,7 +438,7 @@ def plot_curves(runs: Sequence[str | Path], out_dir: str | Path, tag: str = "") 
     written.append(stem.with_suffix(".png"))
     if task == "xgqa":
         stem = out_dir / f"fig3_per_qtype{tag}"
-        metrics = [f"accuracy_{t}" for t in QTYPES]
+        metrics = [f"accuracy_{t}" for t in engine.QTYPES]
         fig, axes = plt.subplots(1, len(data), figsize=(5 * len(data), 3.6), squeeze=False, sharey="row")
         for col, d in enumerate(data.values()):
             ax = axes[0][col]
@@ -927,7 +490,7 @@ def run_results(run: str | Path, split: str = "test") -> dict | None:
     epoch of metrics.jsonl evaluated on that split (the evaluation the trainer ran after its final epoch)."""
     run = Path(run)
     info = run_info(run)
-    res = read_json(run / "results.json") if (run / "results.json").exists() else {}
+    res = data.read_json(run / "results.json", annotations=False) if (run / "results.json").exists() else {}
     if split in res:
         ckpt = str(res[split].get("checkpoint", ""))
         unfinished = f"evaluated {ckpt} (epoch {res[split].get('epoch')})" if ckpt.endswith(engine.CHECKPOINT) else None
@@ -946,7 +509,8 @@ def _unfinished(run: Path, last_epoch: int) -> str | None:
     checkpoint_last.pt shows it stopped (or paused), or fewer epochs evaluated than args.json planned."""
     if (run / engine.FINAL).exists():
         return None
-    planned = (read_json(run / "args.json") if (run / "args.json").exists() else {}).get("epochs")
+    args = data.read_json(run / "args.json", annotations=False) if (run / "args.json").exists() else {}
+    planned = args.get("epochs")
     if (run / engine.CHECKPOINT).exists() or (planned and last_epoch < planned):
         return f"epoch {last_epoch} of {planned or '?'}, no {engine.FINAL}"
     return None
@@ -1036,7 +600,7 @@ def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
             rs = [r for r in groups[key] if r.get("task") == task]
             if not rs:
                 continue
-            langs = ordered_langs({l for r in rs for l in r["langs"]})
+            langs = engine.ordered_langs({l for r in rs for l in r["langs"]})
             paper = paper_rows.get((key[0], key[1])) if key[2] is None and key[3] is None else None
             per_lang.setdefault(f"{task}:{metric}", []).append(
                 {"setup": _setup_name(rs[0]),
@@ -1062,7 +626,8 @@ def merged_iglue_csvs(runs: Sequence[str | Path], split: str = "test") -> dict[s
         fewshot = _is_fewshot(shots)
         setup = Path(run).name
         if fewshot and (Path(run) / "fewshot.json").is_file():
-            setup = Path(read_json(Path(run) / "fewshot.json").get("init_checkpoint", run)).parent.name
+            info = data.read_json(Path(run) / "fewshot.json", annotations=False)
+            setup = Path(info.get("init_checkpoint", run)).parent.name
         langs = {r["fewshot_lang"]: r["langs"][r["fewshot_lang"]]} if fewshot and r.get("fewshot_lang") in r["langs"] \
             else r["langs"]
         for metric in MAIN_METRICS[r["task"]]:
@@ -1108,85 +673,11 @@ def format_tables(t: dict, per_language: bool = False) -> str:
         out += ["", "! unfinished runs (their last evaluated epoch is shown):"] + [f"  {u}" for u in t["unfinished"]]
     if per_language:
         for name, rows in t["per_language"].items():
-            langs = ordered_langs({l for r in rows for l in r["ours"]})
+            langs = engine.ordered_langs({l for r in rows for l in r["ours"]})
             out += ["", f"Per language ({name}), ours (paper):", f"{'setup':<20}" + "".join(f"{l:>13}" for l in langs)]
             out += [f"{r['setup']:<20}" + "".join(
                 f"{_cell(r['ours'].get(l), (r['paper'] or {}).get(l)):>13}" for l in langs) for r in rows]
     return "\n".join(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation sets (data.py) and evaluate_task (the trainers' per-epoch evaluate_fn)
-
-@dataclass
-class EvalSet:
-    """One language's test data: `dataset` (xgqa/xvnli) or `images` + `captions` (xflickrco)."""
-    lang: str
-    split: str
-    translate_test: bool
-    collate: Callable
-    dataset: Any = None
-    images: Any = None
-    captions: Any = None
-    source: str = ""
-    examples: Sequence = ()   # the annotations read (data.check_inputs)
-
-
-def eval_langs(data_root, task: str, split: str = "test", langs=None, translate_test: bool = False) -> list[str]:
-    """Languages of (task, split) found under data_root (`langs` selects). With translate_test the
-    English test set is the original one (IGLUE's .mt results keep the English column)."""
-    found = set(data.available_langs(data_root, task, split, translate_test))
-    if translate_test:
-        found = (found - {"en"}) | ({"en"} & set(data.available_langs(data_root, task, split)))
-    if not found:
-        raise ValueError(f"{task}: no {'translate-test ' if translate_test else ''}{split!r} files under "
-                         f"{data_root}; splits found: {', '.join(data.available_splits(data_root, task, translate_test)) or 'none'}")
-    return ordered_langs(data.select_langs(langs, ordered_langs(found)))
-
-
-def build_eval_sets(model_name: str, task: str, data_root, tokenizer, langs=None, split: str = "test",
-                    translate_test: bool = False, features=None, images=None, max_regions: int = 36,
-                    image_res: int = 384) -> dict[str, EvalSet]:
-    """{lang: EvalSet} for every language of (task, split) under data_root (or `langs`)."""
-    collate = data.make_collate(model_name, task, tokenizer, train=False)
-    features = feature_reader(features) if model_name == "uc2" else None
-    sets = {}
-    for lang in eval_langs(data_root, task, split, langs, translate_test):
-        mt = translate_test and lang != "en"
-        examples = data.load_split(data_root, task, split, lang, translate_test=mt)
-        source = str(data.split_file(data_root, task, split, lang, translate_test=mt))
-        if task == "xflickrco":
-            imgs, caps = data.make_retrieval_eval(model_name, examples, features=features, images=images,
-                                                  max_regions=max_regions, image_res=image_res)
-            sets[lang] = EvalSet(lang, split, mt, collate, images=imgs, captions=caps, source=source, examples=examples)
-        else:
-            ds = data.make_dataset(model_name, task, examples, features=features, images=images, train=False,
-                                   max_regions=max_regions, image_res=image_res)
-            sets[lang] = EvalSet(lang, split, mt, collate, dataset=ds, source=source, examples=examples)
-    return sets
-
-
-def trainer_evaluate_fn(model_name: str, args: argparse.Namespace, tokenizer, dist, *, features=None, images=None,
-                        max_regions: int = 36, image_res: int = 384, pair_batch: int = 1024) -> Callable:
-    """The trainers' per-epoch evaluate_fn(model, epoch) -> {lang: metrics}: evaluate_task on --eval-split of
-    --langs, sharded over ranks. Every feature key / image file is checked now (ValueError): a missing
-    one stops the run before training, not after its first epoch."""
-    sets = build_eval_sets(model_name, args.task, args.data_root, tokenizer, langs=args.langs, split=args.eval_split,
-                           features=features, images=images, max_regions=max_regions, image_res=image_res)
-    for s in sets.values():
-        data.check_inputs(s.examples, features=feature_reader(features), images=images)
-    # every evaluation image decoded once (languages share them): a corrupt one stops the run now, not after epoch 1
-    data.check_inputs([ex for s in sets.values() for ex in s.examples], features=feature_reader(features),
-                      images=images, sample=None)
-    unknown = [lang for lang in getattr(args, "eval_langs", None) or [] if lang not in sets]
-    if unknown:
-        raise ValueError(f"--eval-langs {' '.join(unknown)}: not among the evaluated languages "
-                         f"({' '.join(ordered_langs(sets))}; see --langs)")
-
-    def evaluate_fn(model: torch.nn.Module, epoch: int, langs: Sequence[str] | None = None) -> dict:
-        return evaluate_task(model, args.task, sets, dist, batch_size=args.eval_batch_size,
-                             num_workers=args.num_workers, pair_batch=pair_batch, langs=langs)
-    return evaluate_fn
 
 
 def feature_reader(features):
@@ -1197,109 +688,7 @@ def feature_reader(features):
     keyed = [str(p) for p in features if not data.is_serialized_lmdb(p)]
     if len(keyed) <= 1:
         return keyed[0] if keyed else None
-    return importlib.import_module("train_uc2").FeatureSet(keyed)
-
-
-def _loader(dataset, indices, collate, batch_size: int, num_workers: int):
-    from torch.utils.data import Subset
-    return data.BatchLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False, collate_fn=collate,
-                            num_workers=num_workers, persistent_workers=False)
-
-
-def _progress(batches, desc: str, dist):
-    """A progress bar over evaluation batches, on rank 0 only (it goes away when done)."""
-    from tqdm import tqdm
-    return tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=dist is not None and not dist.is_main)
-
-
-def _device_of(model: torch.nn.Module, dist) -> torch.device:
-    if dist is not None:
-        return dist.device
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-@torch.no_grad()
-def evaluate_task(model: torch.nn.Module, task: str, sets: dict[str, EvalSet], dist=None, *, batch_size: int = 64,
-                  num_workers: int = 0, amp: str = "off", k_test: int | None = None, pair_batch: int = 1024,
-                  itm_batch: int = 128, langs: Sequence[str] | None = None,
-                  predictions: dict | None = None) -> dict[str, dict]:
-    """{lang: metrics} on every rank. Each rank runs its engine.shard of every test set; engine.gather
-    assembles the predictions (retrieval: the score matrices), so every example counts exactly once and
-    the numbers equal a single-process run. The model is put in eval mode and restored afterwards.
-    `predictions` (xgqa/xvnli): filled with {lang: [(example id, predicted label), ...]} in file order."""
-    model = unwrap(model)
-    was_training = model.training
-    model.eval()
-    device = _device_of(model, dist)
-    results = {}
-    encoded: dict = {}   # CCLM retrieval: the last language's encoded images, reused by the next with the same ones
-    try:
-        for lang in (langs or ordered_langs(sets)):
-            s = sets[lang]
-            if task == "xflickrco":
-                results[lang] = _evaluate_retrieval(model, s, dist, device, batch_size, num_workers, amp,
-                                                    k_test, pair_batch, itm_batch, encoded=encoded)
-                continue
-            n = len(s.dataset)
-            mine = engine.shard(n, dist)
-            batches = _progress(_loader(s.dataset, mine, s.collate, batch_size, num_workers), f"{task} {lang}", dist)
-            local = predict_records(model, batches, device, amp)
-            records = engine.gather(list(zip(mine, local, strict=True)), dist)
-            if sorted(i for i, _ in records) != list(range(n)):   # every example exactly once
-                raise RuntimeError(f"{task} {lang}: gathered {len(records)} predictions for {n} examples")
-            ids, preds, labels, qtypes = zip(*(r for _, r in sorted(records)))
-            results[lang] = classification_metrics(preds, labels, qtypes if task == "xgqa" else None)
-            if predictions is not None:
-                predictions[lang] = list(zip(ids, preds))
-    finally:
-        model.train(was_training)
-    return results
-
-
-def _recorded(batches, kept: list):
-    """Yield the batches, keeping each (cclm_score_matrices stores its encoding in it; pixels dropped after)."""
-    for b in batches:
-        kept.append(b)
-        yield b
-        b.pop("images", None)
-
-
-def _evaluate_retrieval(model, s: EvalSet, dist, device, batch_size, num_workers, amp, k_test, pair_batch, itm_batch,
-                        encoded: dict | None = None):
-    n_img, n_txt = len(s.images), len(s.captions)
-    txt2img = [ex.label for ex in s.captions.examples]
-    cap_shard = engine.shard(n_txt, dist)
-    captions = _progress(_loader(s.captions, cap_shard, s.collate, batch_size, num_workers),
-                         f"xflickrco {s.lang} captions", dist)
-    if hasattr(model, "pair_scores"):   # UC2: every pair; images on every rank, captions sharded
-        img_batches = list(_loader(s.images, range(n_img), s.collate, batch_size, num_workers))
-        images = {k: torch.cat([b[k] for b in img_batches]) for k in ("features", "spatials", "image_mask")}
-        cap_batches = list(captions)
-        texts = {"input_ids": _pad_cat([b["input_ids"] for b in cap_batches], value=1) if cap_batches
-                 else torch.ones(0, 1, dtype=torch.long),
-                 "attention_mask": _pad_cat([b["attention_mask"] for b in cap_batches]) if cap_batches
-                 else torch.zeros(0, 1, dtype=torch.long)}
-        rows = uc2_score_matrix(model, images, texts, pair_batch, device, amp)
-        scores = torch.cat([r for r in engine.gather([rows], dist)])
-        if scores.shape != (n_txt, n_img):
-            raise RuntimeError(f"xflickrco {s.lang}: gathered a {tuple(scores.shape)} score matrix for "
-                               f"{n_txt} captions x {n_img} images")
-        return recall_metrics(scores.t(), scores, txt2img, ties=TIE_ORDER_OF_MODEL["uc2"])
-    img_shard = engine.shard(n_img, dist)
-    key = (tuple(s.images.items[i].image for i in img_shard), getattr(s.images, "image_res", None))
-    if encoded is not None and key in encoded:   # xFlickrCo's languages share their test images
-        images = encoded[key]
-    else:
-        images = _recorded(_progress(_loader(s.images, img_shard, s.collate, batch_size, num_workers),
-                                     f"xflickrco {s.lang} images", dist), kept := [])
-        if encoded is not None:
-            encoded.clear()   # one language's images at a time: the memory a single evaluation holds anyway
-            encoded[key] = kept
-    k = k_test if k_test is not None else int(getattr(model, "config", {}).get("k_test", 128))
-    i2t, t2i = cclm_score_matrices(model, images, captions, img_shard.start, n_img, n_txt, k=k,
-                                   itm_batch=itm_batch, dist=dist, device=device, amp=amp)
-    return recall_metrics(i2t, t2i, txt2img, unscored=UNSCORED, ties=TIE_ORDER_OF_MODEL["cclm"])
+    return train_uc2.FeatureSet(keyed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1307,13 +696,12 @@ def _evaluate_retrieval(model, s: EvalSet, dist, device, batch_size, num_workers
 
 def load_model(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the task model from a checkpoint written by train_uc2/train_cclm ({"model", "meta"}):
-    meta["model"] picks the script (imported lazily), build_model(meta["task"], meta["config"])."""
+    meta["model"] picks the script (MODEL_SCRIPTS), build_model(meta["task"], meta["config"])."""
     state = engine.load_checkpoint(path)
     meta = state.get("meta") if isinstance(state, dict) else None
     if not isinstance(meta, dict) or meta.get("model") not in ("uc2", "cclm") or "config" not in meta:
         raise ValueError(f"{path}: no meta with model uc2|cclm and config (not a train_uc2/train_cclm checkpoint)")
-    script = importlib.import_module(f"train_{meta['model']}")
-    model = script.build_model(meta["task"], meta["config"])
+    model = MODEL_SCRIPTS[meta["model"]].build_model(meta["task"], meta["config"])
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
@@ -1325,7 +713,6 @@ def load_model(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
 def load_released_uc2(path: str | Path, task: str, config: str = "base", device="cpu") -> tuple[torch.nn.Module, dict]:
     """A released fine-tuned UC2 checkpoint (IGLUE's VOLTA-format pytorch_model_best.bin / .tar, no meta of
     ours) as a task model, with the meta evaluate needs (policy "released")."""
-    train_uc2 = importlib.import_module("train_uc2")
     cfg = train_uc2.resolve_config(config)
     model = train_uc2.build_model(task, cfg)
     try:
@@ -1336,18 +723,6 @@ def load_released_uc2(path: str | Path, task: str, config: str = "base", device=
         raise ValueError(f"{path}: not a fine-tuned UC2 {task} checkpoint (no weights for "
                          f"{', '.join(k for k, _ in plan.initialised[:3])})")
     return model.to(device).eval(), {"model": "uc2", "task": task, "config": cfg, "policy": "released"}
-
-
-def prepare_model(model: torch.nn.Module, data_root, tokenizer) -> None:
-    """CCLM xGQA ranks the 1,842 GQA answers: give the model the tokenised answer list in X2-VLM's order
-    (tokenizer(answer_list, padding='longest'): <s> answer </s>)."""
-    if hasattr(model, "set_answer_list"):
-        # X2-VLM's candidates: trainval_ans2label.json's keys in order (docs/reference_facts.md#F-cclm-answer-list),
-        # the order that decides first-token ties at the top-k prune; predictions map back to our label ids
-        ans2label, _ = data.load_answer_vocab(data_root)
-        answers = list(ans2label)
-        model.set_answer_list(*data.encode_texts(tokenizer, answers, None),
-                              labels=torch.tensor([ans2label[a] for a in answers]))
 
 
 def _run_checkpoint(run: Path) -> Path:
@@ -1388,7 +763,7 @@ def _data_args(p: argparse.ArgumentParser, *, langs: bool = True, translate_test
 
 def _run_args(run: Path | None) -> dict:
     path = run / engine.ARGS if run is not None else None
-    return read_json(path) if path is not None and path.is_file() else {}
+    return data.read_json(path, annotations=False) if path is not None and path.is_file() else {}
 
 
 def _resolve_data(args, run_args: dict, meta: dict) -> None:
@@ -1429,23 +804,24 @@ def _evaluate(args, dist) -> int:
             model, meta = load_model(ckpt, dist.device)
         _resolve_data(args, _run_args(run or ckpt.parent), meta)
         tokenizer = data.load_tokenizer(args.tokenizer)
-        prepare_model(model, args.data_root, tokenizer)
+        model.prepare_task(args.data_root, tokenizer)
         task = meta["task"]
-        sets = build_eval_sets(meta["model"], task, args.data_root, tokenizer, args.langs, args.split,
-                               args.translate_test, features=args.features, images=args.images,
-                               max_regions=args.max_regions, image_res=meta["config"].get("image_res", 384))
+        sets = engine.build_eval_sets(meta["model"], task, args.data_root, tokenizer, args.langs, args.split,
+                                      args.translate_test, features=feature_reader(args.features), images=args.images,
+                                      max_regions=args.max_regions, image_res=meta["config"].get("image_res", 384))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     start = time.time()
     preds: dict[str, list] = {}
     try:   # bad data found while evaluating (e.g. a missing feature key or image): one line, nothing written
-        results = evaluate_task(model, task, sets, dist, batch_size=args.batch_size, num_workers=args.num_workers,
-                                amp=args.amp, k_test=args.k_test, pair_batch=args.pair_batch, itm_batch=args.itm_batch,
-                                predictions=preds)
+        results = engine.evaluate_task(model, task, sets, dist, batch_size=args.batch_size,
+                                       num_workers=args.num_workers, amp=args.amp, k_test=args.k_test,
+                                       pair_batch=args.pair_batch, itm_batch=args.itm_batch, predictions=preds)
     except (ValueError, FloatingPointError) as e:  # FloatingPointError: NaN logits/scores are not an accuracy
         raise SystemExit(f"error: {e}") from None
     if dist.is_main:
-        fewshot = read_json(out_dir / "fewshot.json") if (out_dir / "fewshot.json").is_file() else {}
+        fewshot_file = out_dir / "fewshot.json"
+        fewshot = data.read_json(fewshot_file, annotations=False) if fewshot_file.is_file() else {}
         sched = meta.get("schedule") or {}
         record = {"model": meta["model"], "task": task, "policy": meta.get("policy"),
                   "llrd_decay": sched.get("llrd_decay"), "top_layers": sched.get("top_layers"),
@@ -1463,7 +839,7 @@ def _evaluate(args, dist) -> int:
         path = write_results(out_dir, record, name)
         names = label_names(meta["model"], task, args.data_root) if preds else []
         for lang, rows in preds.items():
-            atomic_write_text(out_dir / predictions_name(record, lang), predictions_json(task, rows, names))
+            engine.atomic_write_text(out_dir / predictions_name(record, lang), predictions_json(task, rows, names))
         print(f"wrote {path} [{eval_key(args.split, args.translate_test)}] and "
               + ", ".join(csv_name(task, m, record['shots'], args.translate_test, args.split) for m in MAIN_METRICS[task]),
               flush=True)
@@ -1482,9 +858,9 @@ def cmd_similarity(args) -> int:
                              f"{run} is {meta['task']}")
         _resolve_data(args, _run_args(run), meta)
         tokenizer = data.load_tokenizer(args.tokenizer)
-        sets = build_eval_sets(meta["model"], meta["task"], args.data_root, tokenizer, args.langs, args.split,
-                               features=args.features, images=args.images, max_regions=args.max_regions,
-                               image_res=meta["config"].get("image_res", 384))
+        sets = engine.build_eval_sets(meta["model"], meta["task"], args.data_root, tokenizer, args.langs, args.split,
+                                      features=feature_reader(args.features), images=args.images,
+                                      max_regions=args.max_regions, image_res=meta["config"].get("image_res", 384))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     sim = similarity_for(model, sets, dist, batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp)
@@ -1493,7 +869,7 @@ def cmd_similarity(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         sim.update(model=meta["model"], task=meta["task"], policy=meta.get("policy"), split=args.split,
                    checkpoint=str(_run_checkpoint(run)))
-        atomic_write_text(out / "fig4_cls_similarity.json", json.dumps(sim, indent=1) + "\n")
+        engine.atomic_write_text(out / "fig4_cls_similarity.json", json.dumps(sim, indent=1) + "\n")
         plot_similarity(sim, out / "fig4_cls_similarity.png",
                         f"{meta['task']} {meta['model']} {meta.get('policy')}: [CLS] similarity x100")
         print("\n".join([" " * 4 + "".join(f"{l:>6}" for l in sim["langs"])] +
@@ -1504,14 +880,14 @@ def cmd_similarity(args) -> int:
 
 
 @torch.no_grad()
-def similarity_for(model: torch.nn.Module, sets: dict[str, EvalSet], dist=None, *, batch_size: int = 64,
+def similarity_for(model: torch.nn.Module, sets: dict[str, engine.EvalSet], dist=None, *, batch_size: int = 64,
                    num_workers: int = 0, amp: str = "off") -> dict:
     """cls_similarity over the [CLS] features of every language's test set (sharded + gathered)."""
-    model = unwrap(model).eval()
-    device = _device_of(model, dist)
+    model = engine.unwrap(model).eval()
+    device = engine.model_device(model, dist)
     feats = {}
     for lang, s in sets.items():
-        loader = _loader(s.dataset, engine.shard(len(s.dataset), dist), s.collate, batch_size, num_workers)
+        loader = engine.eval_loader(s.dataset, engine.shard(len(s.dataset), dist), s.collate, batch_size, num_workers)
         feats[lang] = dict(engine.gather(cls_records(model, loader, device, amp), dist))
     return cls_similarity(feats)
 
@@ -1572,11 +948,11 @@ def cmd_table(args) -> int:
         raise SystemExit(f"error: {e}") from None
     print(format_tables(tables, args.per_language))
     if args.out:
-        atomic_write_text(args.out, json.dumps(tables, indent=1) + "\n")
+        engine.atomic_write_text(args.out, json.dumps(tables, indent=1) + "\n")
         print(f"wrote {args.out}")
     if args.iglue_csv:
         for name, text in merged_iglue_csvs([Path(r) for r in args.runs], args.split).items():
-            atomic_write_text(Path(args.iglue_csv) / name, text)
+            engine.atomic_write_text(Path(args.iglue_csv) / name, text)
             print(f"wrote {Path(args.iglue_csv) / name}")
     return 0
 
@@ -1635,14 +1011,16 @@ def selection_score(task: str, metrics: dict) -> float:
 
 
 def cmd_fewshot(args) -> int:
-    engine.setup_distributed()  # one process group for the trainings and the evaluation (see engine._GROUP_USERS)
+    # one process group for every learning rate's training and the evaluation: under torchrun a second group on
+    # the same store can read the first group's addresses and fail to connect
+    dist = engine.setup_distributed()
     try:
-        return _fewshot(args)
+        return _fewshot(args, dist)
     finally:
         engine.cleanup_distributed()
 
 
-def _fewshot(args) -> int:
+def _fewshot(args, dist: engine.DistInfo) -> int:
     if bool(args.run) == bool(args.checkpoint):
         raise SystemExit("error: give exactly one of --run RUN_DIR or --checkpoint FILE")
     init = _run_checkpoint(Path(args.run)) if args.run else Path(args.checkpoint)
@@ -1660,13 +1038,9 @@ def _fewshot(args) -> int:
     sel_split, sel_lang = selection_split(args.data_root, task, args.lang, args.select_split)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    script = importlib.import_module(f"train_{model_name}")
-    options = {o for a in script.build_parser()._actions for o in a.option_strings}
-    if "--train-lang" not in options:
-        raise SystemExit(f"error: train_{model_name}.py has no --train-lang option: few-shot training needs it to "
-                         f"read the {args.lang} split {train_split} (see eval_zeroshot.cmd_fewshot)")
+    script = MODEL_SCRIPTS[model_name]
     config_file = out / "model_config.json"   # the English run's architecture, whatever its config name
-    atomic_write_text(config_file, json.dumps(meta["config"], indent=1) + "\n")
+    engine.atomic_write_text(config_file, json.dumps(meta["config"], indent=1) + "\n")
     trials = []
     for lr in args.lrs:
         run_dir = out / f"lr{lr:g}"
@@ -1686,8 +1060,8 @@ def _fewshot(args) -> int:
             if (run_dir / engine.CHECKPOINT).is_file():
                 argv.append("--resume")
             print(f"few-shot lr {lr:g}: train_{model_name}.py " + " ".join(argv), flush=True)
-            with keep_best_checkpoint(run_dir, task, sel_lang, meta, {"shots": args.shots, "fewshot_lang": args.lang}):
-                script.main(argv)
+            keep_best = BestCheckpoint(run_dir, task, sel_lang, meta, {"shots": args.shots, "fewshot_lang": args.lang})
+            script.main(argv, dist=dist, on_evaluated=keep_best)
         trials.append(_fewshot_trial(run_dir, task, sel_lang, lr))
     best = max(trials, key=lambda t: t["score"] if t["score"] == t["score"] else -math.inf)
     info = {"shots": args.shots, "fewshot_lang": args.lang, "init_checkpoint": str(init),
@@ -1695,11 +1069,11 @@ def _fewshot(args) -> int:
             "selection": {"split": sel_split, "lang": sel_lang,
                           "metric": "mean(tr_r1, ir_r1)" if task == "xflickrco" else "accuracy"},
             "trials": trials, "best": best}
-    atomic_write_text(out / "fewshot.json", json.dumps(info, indent=1) + "\n")
+    engine.atomic_write_text(out / "fewshot.json", json.dumps(info, indent=1) + "\n")
     print(f"few-shot: best lr {best['lr']:g}, epoch {best['epoch']} ({best['checkpoint']})", flush=True)
     eargs = argparse.Namespace(**{**vars(args), "run": None, "checkpoint": best["checkpoint"], "output_dir": str(out),
                                   "langs": args.eval_langs or [args.lang], "translate_test": False})
-    return cmd_evaluate(eargs)
+    return _evaluate(eargs, dist)
 
 
 def _fewshot_trial(run_dir: Path, task: str, sel_lang: str | None, lr: float) -> dict:
@@ -1713,10 +1087,9 @@ def _fewshot_trial(run_dir: Path, task: str, sel_lang: str | None, lr: float) ->
             "checkpoint": str(run_dir / engine.FINAL)}
 
 
-class keep_best_checkpoint:
-    """While a trainer's main() runs in this process, save <run_dir>/model_best.pt whenever the
-    per-epoch evaluation (on the selection split) improves. engine.train calls the module-level
-    engine.evaluate after every epoch; we wrap it for the duration (no trainer option needed)."""
+class BestCheckpoint:
+    """The trainer's on_evaluated hook (engine.train) for one few-shot run: saves <run_dir>/model_best.pt whenever
+    the per-epoch evaluation on the selection split improves."""
 
     def __init__(self, run_dir: Path, task: str, lang: str | None, meta: dict, fewshot: dict):
         self.run_dir, self.task, self.lang, self.meta, self.fewshot = run_dir, task, lang, meta, fewshot
@@ -1725,28 +1098,18 @@ class keep_best_checkpoint:
             self.best = max([selection_score(task, ev[lang]) for _, ev in read_epoch_metrics(run_dir) if lang in ev],
                             default=-math.inf)
 
-    def __enter__(self):
-        self.original = engine.evaluate
-
-        def evaluate(fn, model, epoch, **kwargs):
-            results = self.original(fn, model, epoch, **kwargs)
-            if self.lang and self.lang in (results or {}):
-                score = selection_score(self.task, results[self.lang])
-                if score > self.best:   # strictly better: the earliest best epoch is kept
-                    self.best = score
-                    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-                        meta = {**self.meta, "policy": "full", "epoch": epoch + 1, "fewshot": self.fewshot,
-                                "selection_score": score}
-                        engine.save_checkpoint(self.run_dir / "model_best.pt",
-                                               {"model": unwrap(model).state_dict(), "meta": meta})
-            return results
-
-        engine.evaluate = evaluate
-        return self
-
-    def __exit__(self, *exc):
-        engine.evaluate = self.original
-        return False
+    def __call__(self, model: torch.nn.Module, epoch: int, results: dict, dist: engine.DistInfo) -> None:
+        """epoch: 0-based; called on every rank after the epoch's evaluation, rank 0 writes."""
+        if not self.lang or self.lang not in results:
+            return
+        score = selection_score(self.task, results[self.lang])
+        if score > self.best:   # strictly better: the earliest best epoch is kept
+            self.best = score
+            if dist.is_main:
+                meta = {**self.meta, "policy": "full", "epoch": epoch + 1, "fewshot": self.fewshot,
+                        "selection_score": score}
+                engine.save_checkpoint(self.run_dir / "model_best.pt",
+                                       {"model": engine.unwrap(model).state_dict(), "meta": meta})
 
 
 COMMANDS = ("evaluate", "fewshot", "plot", "similarity", "figures", "table")

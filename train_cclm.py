@@ -15,9 +15,9 @@ decoder do: Table 2's "CM only").
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -35,7 +35,8 @@ import data
 import engine
 import freeze
 
-TASKS = ("xgqa", "xvnli", "xflickrco")
+TASKS = data.TASKS
+UNSCORED = -100.0   # X2-VLM: retrieval matrix entries outside the k_test prefilter
 
 CONFIGS: dict[str, dict] = {
     "base": {  # CCLM-X2VLM base fine-tuned at 384 (docs/reference_facts.md#F-cclm-config)
@@ -286,6 +287,9 @@ class CCLM(nn.Module):
         """Cross-encoder output at position 0 (input to the heads; Figure 4 analysis)."""
         return self.fuse(batch)[:, 0]
 
+    def prepare_task(self, data_root, tokenizer) -> None:
+        """Task data the model needs before predicting (engine.evaluate_task): none, but see CCLMForXGQA."""
+
 
 class CCLMForXVNLI(CCLM):
     def __init__(self, task: str, config: dict):
@@ -300,7 +304,6 @@ class CCLMForXVNLI(CCLM):
 
     @torch.no_grad()
     def predict(self, batch: dict) -> torch.Tensor:
-        import engine
         return engine.require_finite(self.logits(batch), "logits").argmax(dim=1)
 
 
@@ -417,28 +420,131 @@ class CCLMForRetrieval(CCLM):
         itm = self.matching_loss(v, image_feat, t, batch["text_atts"], text_feat, batch["idx"])
         return itc + itm
 
+    # ---- evaluation protocol (engine.evaluate_task)
+    tie_order = "x2vlm"   # X2-VLM's itm_eval ranks in np.argsort(s)[::-1] order (engine.reference_order)
+    unscored = UNSCORED
+
     @torch.no_grad()
-    def rerank_scores(self, vision_embeds: torch.Tensor, image_feat: torch.Tensor, text_embeds: torch.Tensor,
-                      text_atts: torch.Tensor, text_feat: torch.Tensor, k: int | None = None,
-                      image_rows=None, text_rows=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """xFlickrCO.evaluation: sims = image_feat @ text_feat.T (no temperature); for each image row
-        (image_rows, default all) ITM-score its top-k texts by sims, for each text row its top-k images;
-        unscored entries stay -100. Returns (sims [I,T], score_i2t [I,T], score_t2i [T,I])."""
-        k = self.config["k_test"] if k is None else k
+    def retrieval_scores(self, images, captions, batches: Callable, dist, device, opts, encoded: dict | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """X2-VLM's protocol on a retrieval test set (data.RetrievalImages / RetrievalCaptions): rerank_scores over
+        this rank's shard of the images and of the captions. batches(dataset, indices, progress label or None)
+        iterates collated batches; opts: engine.RetrievalOptions (k_test, itm_batch, amp). `encoded`: a cache
+        kept across the languages of one evaluation (xFlickrCo's languages share their test images: each
+        image is encoded once). Returns (score_i2t [n_img, n_txt], score_t2i [n_txt, n_img]), on every rank."""
+        n_img, n_txt = len(images), len(captions)
+        caption_batches = batches(captions, engine.shard(n_txt, dist), "captions")
+        img_shard = engine.shard(n_img, dist)
+        key = (tuple(images.items[i].image for i in img_shard), getattr(images, "image_res", None))
+        if encoded is not None and key in encoded:
+            image_batches = encoded[key]
+        else:
+            image_batches = _recorded(batches(images, img_shard, "images"), kept := [])
+            if encoded is not None:
+                encoded.clear()   # one language's images at a time: the memory a single evaluation holds anyway
+                encoded[key] = kept
+        k = opts.k_test if opts.k_test is not None else int(self.config.get("k_test", 128))
+        return self.rerank_scores(image_batches, caption_batches, img_shard.start, n_img, n_txt, k=k,
+                                  itm_batch=opts.itm_batch, dist=dist, device=device, amp=opts.amp)
+
+    @torch.no_grad()
+    def rerank_scores(self, image_batches: Iterable[dict], text_batches: Iterable[dict], image_offset: int,
+                      n_images: int, n_texts: int, k: int = 128, itm_batch: int = 128, dist=None, device="cpu",
+                      amp: str = "off") -> tuple[torch.Tensor, torch.Tensor]:
+        """CCLM/X2-VLM protocol: every image and every caption is encoded once (this rank: its shard of
+        each); ITC similarity image_feat @ text_feat.T; for every image the top-k captions and for every
+        caption the top-k images are re-scored with the ITM head; all other entries are -100.
+        Returns score_i2t [n_images, n_texts], score_t2i [n_texts, n_images] (CPU, float32), identical
+        on every rank. Only ITC features and text states travel between ranks; a pair is ITM-scored on
+        the rank that holds its image's encoder states. k is capped at the candidate count (the
+        reference would fail for k > n; the sample has 40 images). Each image's cross-attention keys/values
+        are computed once for all its candidates (_itm_by_image; X2-VLM recomputes them per pair)."""
+        vis, img_feat = [], []
+        for b in image_batches:
+            if "encoded" in b:   # encoded for another language's test set of the same images (evaluate_task)
+                v, f = b["encoded"]
+            else:
+                with engine.autocast_for(device, amp):
+                    v, f = self.encode_images(b["images"].to(device))
+                b["encoded"] = (v, f)
+            vis.append(v)
+            img_feat.append(f.float())
+        txt_states, txt_atts, txt_feat = [], [], []
+        for b in text_batches:
+            ids, atts = b["text_ids"].to(device), b["text_atts"].to(device)
+            with engine.autocast_for(device, amp):
+                s, f = self.encode_texts(ids, atts)
+            txt_states.append(s.cpu())
+            txt_atts.append(atts.cpu())
+            txt_feat.append(f.float().cpu())
+        n_local = sum(v.shape[0] for v in vis)
+        vis = torch.cat(vis) if vis else None
+        local_feat = torch.cat(img_feat).cpu() if img_feat else torch.empty(0, 0)
+        image_feat = torch.cat([t for t in engine.gather([local_feat], dist) if t.numel()]).to(device)
+        text_states = engine.pad_cat(engine.gather([engine.pad_cat(txt_states)] if txt_states else [], dist)).to(device)
+        text_atts = engine.pad_cat(engine.gather([engine.pad_cat(txt_atts)] if txt_atts else [], dist)).to(device)
+        text_feat = torch.cat(engine.gather([torch.cat(txt_feat)] if txt_feat else [], dist)).to(device)
+        if image_feat.shape[0] != n_images or text_feat.shape[0] != n_texts:
+            raise ValueError(f"encoded {image_feat.shape[0]} images / {text_feat.shape[0]} captions, "
+                             f"expected {n_images} / {n_texts}")
         sims = image_feat @ text_feat.t()
-        n_img, n_txt = sims.shape
-        i2t = torch.full((n_img, n_txt), -100.0, device=sims.device)
-        t2i = torch.full((n_txt, n_img), -100.0, device=sims.device)
-        ki, kt = min(k, n_txt), min(k, n_img)
-        for i in (range(n_img) if image_rows is None else image_rows):
-            top = sims[i].topk(ki).indices
-            v = vision_embeds[i:i + 1].expand(ki, -1, -1)
-            i2t[i, top] = self.itm_scores(v, text_embeds[top], text_atts[top]).float()
-        for j in (range(n_txt) if text_rows is None else text_rows):
-            top = sims[:, j].topk(kt).indices
-            t, a = text_embeds[j:j + 1].expand(kt, -1, -1), text_atts[j:j + 1].expand(kt, -1)
-            t2i[j, top] = self.itm_scores(vision_embeds[top], t, a).float()
-        return sims, i2t, t2i
+
+        triples = []   # (direction, row, col, score) computed on this rank
+        if n_local:
+            k_i2t = min(k, n_texts)
+            top_t = sims[image_offset:image_offset + n_local].topk(k_i2t, dim=1).indices    # [n_local, k]
+            li = torch.arange(n_local, device=device).repeat_interleave(k_i2t)
+            t = top_t.reshape(-1)
+            k_t2i = min(k, n_images)
+            top_i = sims.t().topk(k_t2i, dim=1).indices                                      # [n_texts, k]
+            t_all = torch.arange(n_texts, device=device).repeat_interleave(k_t2i)
+            img = top_i.reshape(-1)
+            mine = (img >= image_offset) & (img < image_offset + n_local)
+            both = self._itm_by_image(vis, torch.cat([li, img[mine] - image_offset]), torch.cat([t, t_all[mine]]),
+                                      text_states, text_atts, itm_batch, device, amp)
+            s_i2t, s_t2i = both[:len(li)], both[len(li):]
+            triples.append(("i2t", (li + image_offset).cpu(), t.cpu(), s_i2t))
+            triples.append(("t2i", t_all[mine].cpu(), img[mine].cpu(), s_t2i))
+        score_i2t = torch.full((n_images, n_texts), UNSCORED)
+        score_t2i = torch.full((n_texts, n_images), UNSCORED)
+        for direction, rows, cols, vals in engine.gather(triples, dist):
+            (score_i2t if direction == "i2t" else score_t2i)[rows, cols] = vals
+        return score_i2t, score_t2i
+
+
+
+    def _itm_by_image(self, vis: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, text_states: torch.Tensor,
+                      text_atts: torch.Tensor, itm_batch: int, device, amp: str) -> torch.Tensor:
+        """ITM scores (CPU, float32) of the pairs (vis[img[j]], text txt[j]), as self.itm_scores gives them, but
+        each image's cross-attention keys/values are computed once (self.itm_image_kv) for all its candidate
+        captions, and a pair asked for twice (both directions' top-k) is scored once. X2-VLM recomputes the
+        keys/values over the image's tokens for every pair: most of the re-rank's work (bench/retrieval.py)."""
+        n_txt = text_states.shape[0]
+        pairs, where = torch.unique(img * n_txt + txt, return_inverse=True)   # sorted: grouped by image
+        p_img, p_txt = pairs // n_txt, pairs % n_txt
+        scores = torch.empty(len(pairs))
+        images, counts = torch.unique_consecutive(p_img, return_counts=True)
+        start = 0
+        for i, c in zip(images.tolist(), counts.tolist()):
+            with engine.autocast_for(device, amp):
+                kv = self.itm_image_kv(vis[i:i + 1])
+            for s in range(start, start + c, itm_batch):
+                t = p_txt[s:min(s + itm_batch, start + c)]
+                atts = text_atts[t]
+                length = int(atts.sum(1).max())
+                with engine.autocast_for(device, amp):
+                    scores[s:s + len(t)] = self.itm_scores_with_image_kv(text_states[t, :length], atts[:, :length],
+                                                                          kv).float().cpu()
+            start += c
+        return scores[where.cpu()]
+
+
+def _recorded(batches: Iterable[dict], kept: list):
+    """Yield the batches, keeping each (rerank_scores stores its encoding in it; the pixels are dropped after)."""
+    for b in batches:
+        kept.append(b)
+        yield b
+        b.pop("images", None)
 
 
 class CCLMForXGQA(CCLM):
@@ -464,6 +570,16 @@ class CCLMForXGQA(CCLM):
         if labels.shape != (answer_ids.shape[0],):
             raise ValueError(f"{labels.shape[0]} labels for {answer_ids.shape[0]} candidate answers")
         self.answer_labels = labels.to(self.answer_labels.device, torch.long)
+
+    def prepare_task(self, data_root, tokenizer) -> None:
+        """The 1,842 GQA answers predict() ranks, tokenised in X2-VLM's order (tokenizer(answer_list,
+        padding='longest'): <s> answer </s>)."""
+        # X2-VLM's xgqa_dataset: answer_list = list(json.load(trainval_ans2label.json).keys()), the candidate order
+        # that decides first-token ties at the top-k prune; predictions map back to our label ids
+        ans2label, _ = data.load_answer_vocab(data_root)
+        answers = list(ans2label)
+        self.set_answer_list(*data.encode_texts(tokenizer, answers, None),
+                             labels=torch.tensor([ans2label[a] for a in answers]))
 
     def question_states(self, batch: dict) -> torch.Tensor:
         return self.fuse(batch)
@@ -516,7 +632,6 @@ class CCLMForXGQA(CCLM):
     def predict(self, batch: dict) -> torch.Tensor:
         """Label id (set_answer_list's labels) of the first-ranked candidate (XGQA.py;
         docs/reference_facts.md#F-cclm-xgqa-rank)."""
-        import engine  # (this module imports engine lazily, as its main() does)
         if self.answer_ids.numel() == 0:
             raise ValueError("xgqa predict: call model.set_answer_list(answer_ids, answer_atts) first")
         states, atts, k = self.question_states(batch), batch["text_atts"], self.config["k_test"]
@@ -809,20 +924,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(name: str | None, meta: dict | None = None) -> dict:
+    """'tiny' | 'base' | a config json of ours; None: the checkpoint meta's config, else base."""
     if name is None:
         return dict(meta["config"]) if meta and "config" in meta else dict(CONFIGS["base"])
-    if name in CONFIGS:
-        return dict(CONFIGS[name])
-    if not os.path.isfile(name):
-        raise SystemExit(f"error: --model-config {name!r}: not one of {', '.join(CONFIGS)} and no such file")
-    try:
-        cfg = json.loads(open(name).read())
-    except ValueError as e:
-        raise SystemExit(f"error: --model-config {name}: invalid JSON ({e})") from None
-    unknown = sorted(set(cfg) - set(CONFIGS["base"]))
-    if unknown:
-        raise SystemExit(f"error: --model-config {name}: unknown key {unknown[0]!r}")
-    return {**CONFIGS["base"], **cfg}
+    return engine.read_model_config(name, CONFIGS)
 
 
 def model_config_from_args(args, meta: dict | None = None) -> dict:
@@ -862,9 +967,11 @@ def load_checkpoint_arg(model: CCLM, state: dict[str, torch.Tensor], path: str) 
 
 
 @engine.exits_on_bad_input
-def main(argv: list[str] | None = None) -> None:
-    import eval_zeroshot
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, dist: engine.DistInfo | None = None,
+         on_evaluated: Callable | None = None) -> None:
+    """train_cclm.py's command line (argv: its arguments). dist: a process group the caller set up and ends itself
+    (eval_zeroshot fewshot runs several trainings and an evaluation in one); on_evaluated: engine.train's hook."""
+    args = engine.parse_args(build_parser(), argv, DEFAULTS)
     state, meta = None, None
     if args.print_schedule:
         config = model_config_from_args(args)
@@ -873,7 +980,8 @@ def main(argv: list[str] | None = None) -> None:
         count_train = lambda: len(data.load_split(args.data_root, args.task, args.train_split, args.train_lang))  # noqa: E731
         return engine.print_schedule_only(build_model, config, layout, schedule, args, count_train)
 
-    dist = engine.setup_distributed()
+    owns_group = dist is None
+    dist = engine.setup_distributed() if owns_group else dist
     try:
         run_dir = engine.check_run_dir(args, dist)
         resuming = engine.resuming(args, run_dir)
@@ -906,10 +1014,9 @@ def main(argv: list[str] | None = None) -> None:
         elif not args.checkpoint and dist.is_main:
             print("warning: no --checkpoint: training from random initialisation", file=sys.stderr, flush=True)
         with engine.about("data"):
-            if args.task == "xgqa":  # the 1,842 candidate answers predict() ranks
-                eval_zeroshot.prepare_model(model, args.data_root, tokenizer)
+            model.prepare_task(args.data_root, tokenizer)  # xgqa: the 1,842 candidate answers predict() ranks
             train_ds = build_train_dataset(args, config)
-            evaluate_fn = None if args.no_eval else eval_zeroshot.trainer_evaluate_fn(
+            evaluate_fn = None if args.no_eval else engine.trainer_evaluate_fn(
                 "cclm", args, tokenizer, dist, images=args.images, image_res=config["image_res"])
         loader = engine.build_train_loader(train_ds, args, dist, data.IMAGES.collate(args.task, tokenizer, train=True))
         meta = {**engine.base_meta("cclm", args, config, tokenizer), "vision_lr": args.vision_lr,
@@ -919,9 +1026,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"no weight decay on names containing {', '.join(X2VLM_NO_DECAY_SUBSTRINGS)}", flush=True)
         engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist,
                      module_lr={"vision_encoder": args.vision_lr}, no_decay=x2vlm_no_decay,
-                     lr_mult=lr_mult_rule(large_lr, args.lr_mult), run_dir=run_dir)
+                     lr_mult=lr_mult_rule(large_lr, args.lr_mult), on_evaluated=on_evaluated, run_dir=run_dir)
     finally:
-        engine.cleanup_distributed()
+        engine.cleanup_distributed(end_group=owns_group)
 
 
 if __name__ == "__main__":

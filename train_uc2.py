@@ -13,10 +13,11 @@ checkpoints"; choices: README.md, "Choices where the paper and the references ar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -28,7 +29,7 @@ import data
 import engine
 import freeze
 
-TASKS = ("xgqa", "xvnli", "xflickrco")
+TASKS = data.TASKS
 # VOLTA task keys of IGLUE's task configs (GQA, XVNLI, Flickr30k retrieval).
 VOLTA_TASK_KEY = {"xgqa": "TASK15", "xvnli": "TASK19", "xflickrco": "TASK8"}
 
@@ -116,20 +117,14 @@ def config_from_volta(volta: dict, **overrides) -> dict:
     return cfg
 
 
+def _volta_config(d: dict) -> dict | None:
+    """Our config from a VOLTA UC2 config json; None for a config json of ours."""
+    return config_from_volta(d) if "tt_attn_sublayers" in d or "bert_layer2attn_sublayer" in d else None
+
+
 def resolve_config(name_or_path: str) -> dict:
     """'tiny' | 'base' | path to our config json or to a VOLTA UC2 config json."""
-    if name_or_path in CONFIGS:
-        return dict(CONFIGS[name_or_path])
-    if not os.path.isfile(name_or_path):
-        raise SystemExit(f"error: --model-config {name_or_path!r} is neither one of {sorted(CONFIGS)} nor a file")
-    with open(name_or_path) as f:
-        d = json.load(f)
-    if "tt_attn_sublayers" in d or "bert_layer2attn_sublayer" in d:
-        return config_from_volta(d)
-    unknown = sorted(set(d) - set(CONFIGS["base"]) - set(OPTIONAL_CONFIG_KEYS))
-    if unknown:
-        raise SystemExit(f"error: {name_or_path}: unknown config key(s) {unknown}")
-    return {**CONFIGS["base"], **d}
+    return engine.read_model_config(name_or_path, CONFIGS, OPTIONAL_CONFIG_KEYS, foreign=_volta_config)
 
 
 # ============================================================================ model
@@ -323,6 +318,53 @@ class UC2(nn.Module):
         if self.task != "xflickrco":
             raise ValueError(f"pair_scores() needs the xflickrco model, this one is {self.task}")
         return self._run(batch).view(batch["input_ids"].shape[:-1])
+
+    # ---- evaluation protocol (engine.evaluate_task)
+    tie_order = "volta"   # VOLTA's eval_retrieval.py ranks in np.argsort(-s) order (engine.reference_order)
+    unscored = None       # every (caption, image) pair is scored
+
+    def prepare_task(self, data_root, tokenizer) -> None:
+        """Task data the model needs before predicting: none (UC2's heads classify over fixed label sets)."""
+
+    @torch.no_grad()
+    def retrieval_scores(self, images, captions, batches: Callable, dist, device, opts, encoded: dict | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """VOLTA's protocol on a retrieval test set (data.RetrievalImages / RetrievalCaptions): the VL logit of
+        every (caption, image) pair; every rank holds all images and scores its shard of the captions.
+        batches(dataset, indices, progress label or None) iterates collated batches; opts: engine.RetrievalOptions
+        (pair_batch, amp). Returns (score_i2t [n_img, n_txt], score_t2i [n_txt, n_img]), on every rank."""
+        img_batches = list(batches(images, range(len(images)), None))
+        feats = {k: torch.cat([b[k] for b in img_batches]) for k in ("features", "spatials", "image_mask")}
+        cap_batches = list(batches(captions, engine.shard(len(captions), dist), "captions"))
+        texts = {"input_ids": engine.pad_cat([b["input_ids"] for b in cap_batches], value=1) if cap_batches
+                 else torch.ones(0, 1, dtype=torch.long),
+                 "attention_mask": engine.pad_cat([b["attention_mask"] for b in cap_batches]) if cap_batches
+                 else torch.zeros(0, 1, dtype=torch.long)}
+        rows = self.score_all_pairs(feats, texts, opts.pair_batch, device, opts.amp)
+        scores = torch.cat(list(engine.gather([rows], dist)))
+        return scores.t(), scores
+
+    @torch.no_grad()
+    def score_all_pairs(self, images: dict[str, torch.Tensor], texts: dict[str, torch.Tensor], pair_batch: int = 1024,
+                        device="cpu", amp: str = "off") -> torch.Tensor:
+        """The VL logit of EVERY (caption, image) pair, scored `pair_batch` pairs per forward. images: stacked
+        features/spatials/image_mask [n_img, R, ...]; texts: stacked input_ids/attention_mask [n_txt, L].
+        Returns [n_txt, n_img] (on CPU, float32)."""
+        images = engine.to_device(images, device)
+        texts = engine.to_device(texts, device)
+        n_img, n_txt = images["features"].shape[0], texts["input_ids"].shape[0]
+        total = n_img * n_txt
+        out = torch.empty(total)
+        for start in range(0, total, pair_batch):
+            pair = torch.arange(start, min(start + pair_batch, total), device=device)
+            t, i = pair // n_img, pair % n_img
+            length = int(texts["attention_mask"][t].sum(1).max())   # trim padding common to the batch
+            batch = {"input_ids": texts["input_ids"][t, :length], "attention_mask": texts["attention_mask"][t, :length],
+                     "features": images["features"][i], "spatials": images["spatials"][i],
+                     "image_mask": images["image_mask"][i]}
+            with engine.autocast_for(device, amp):
+                out[start:start + len(pair)] = self.pair_scores(batch).float().reshape(-1).cpu()
+        return out.view(n_txt, n_img)
 
 
 def retrieval_loss(scores: torch.Tensor, kind: str) -> torch.Tensor:
@@ -792,8 +834,11 @@ def model_config_from_args(args) -> dict:
 
 
 @engine.exits_on_bad_input
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, dist: engine.DistInfo | None = None,
+         on_evaluated: Callable | None = None) -> None:
+    """train_uc2.py's command line (argv: its arguments). dist: a process group the caller set up and ends itself
+    (eval_zeroshot fewshot runs several trainings and an evaluation in one); on_evaluated: engine.train's hook."""
+    args = engine.parse_args(build_parser(), argv, DEFAULTS)
     config = model_config_from_args(args)
     layout = LAYOUT(args.task, config)
     schedule = freeze.schedule_from_args(args, layout.num_layers)
@@ -804,7 +849,8 @@ def main(argv: list[str] | None = None) -> None:
         return engine.print_schedule_only(build_model, config, layout, schedule, args, count_train,
                                           "--data-root/--features")
 
-    dist = engine.setup_distributed()
+    owns_group = dist is None
+    dist = engine.setup_distributed() if owns_group else dist
     try:
         run_dir = engine.check_run_dir(args, dist)
         if not args.data_root:
@@ -836,16 +882,15 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_eval:
             if features is None:
                 raise SystemExit("error: evaluation needs image-keyed --features for the test images (or pass --no-eval)")
-            import eval_zeroshot  # imported here: it imports the trainers itself
             with engine.about("evaluation data"):
-                evaluate_fn = eval_zeroshot.trainer_evaluate_fn("uc2", args, tokenizer, dist, features=features,
-                                                                max_regions=args.max_regions,
-                                                                pair_batch=args.eval_batch_size)
+                evaluate_fn = engine.trainer_evaluate_fn("uc2", args, tokenizer, dist, features=features,
+                                                         max_regions=args.max_regions,
+                                                         pair_batch=args.eval_batch_size)
         meta = {**engine.base_meta("uc2", args, config, tokenizer), "max_regions": args.max_regions}
         engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist,
-                     no_decay=NO_DECAY_RULES[args.recipe], run_dir=run_dir)
+                     no_decay=NO_DECAY_RULES[args.recipe], on_evaluated=on_evaluated, run_dir=run_dir)
     finally:
-        engine.cleanup_distributed()
+        engine.cleanup_distributed(end_group=owns_group)
 
 
 if __name__ == "__main__":

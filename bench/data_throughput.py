@@ -54,7 +54,6 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import engine  # noqa: E402
-import eval_zeroshot  # noqa: E402
 
 TARGET = 0.9
 
@@ -326,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  default --num-workers with 8 processes on these {os.cpu_count()} CPUs: "
           f"{feed['default_num_workers_8_gpus']} per process")
     out = Path(args.out)
-    eval_zeroshot.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    engine.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-import eval_zeroshot as E  # noqa: E402
+import engine  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2  # noqa: E402
 from retrieval import random_captions, uc2_inputs  # noqa: E402
@@ -35,11 +35,11 @@ from retrieval import random_captions, uc2_inputs  # noqa: E402
 def compare(fp32: tuple[torch.Tensor, torch.Tensor], low: tuple[torch.Tensor, torch.Tensor], unscored=None) -> dict:
     """fp32/low: (score_i2t [n_img, n_txt], score_t2i [n_txt, n_img]); caption i belongs to image i."""
     n = fp32[0].shape[0]
-    scored = fp32[1] != E.UNSCORED if unscored is not None else torch.ones_like(fp32[1], dtype=torch.bool)
+    scored = fp32[1] != train_cclm.UNSCORED if unscored is not None else torch.ones_like(fp32[1], dtype=torch.bool)
     ref = fp32[1][scored]
     diff = (low[1][scored] - ref).abs().max().item()
-    a = E.recall_metrics(*fp32, range(n), unscored=unscored)
-    b = E.recall_metrics(*low, range(n), unscored=unscored)
+    a = engine.recall_metrics(*fp32, range(n), unscored=unscored)
+    b = engine.recall_metrics(*low, range(n), unscored=unscored)
     return {"rel_max_diff": diff / max((ref.max() - ref.min()).item(), 1e-12),
             "top1_agree": (fp32[1].argmax(1) == low[1].argmax(1)).double().mean().item(),
             "recall_delta": {k: b[k] - a[k] for k in a if k.endswith(("_r1", "_r5", "_r10"))}}
@@ -58,7 +58,7 @@ def bench_uc2(n: int) -> dict:
     images, texts = uc2_inputs(n, 36, model.config["vocab_size"], gen)
     out = {}
     for amp in ("off", "bf16"):
-        s, out[f"seconds_{amp}"] = timed(lambda: E.uc2_score_matrix(model, images, texts, pair_batch=256, amp=amp))
+        s, out[f"seconds_{amp}"] = timed(lambda: model.score_all_pairs(images, texts, pair_batch=256, amp=amp))
         out[amp] = (s.t(), s)
     return {"images": n, **compare(out.pop("off"), out.pop("bf16")), **out}
 
@@ -74,8 +74,8 @@ def bench_cclm(n: int, k: int) -> dict:
     txt = [{"text_ids": ids[s:s + 16], "text_atts": atts[s:s + 16]} for s in range(0, n, 16)]
     out = {}
     for amp in ("off", "bf16"):
-        out[amp], out[f"seconds_{amp}"] = timed(lambda: E.cclm_score_matrices(model, img, txt, 0, n, n, k=k, amp=amp))
-    return {"images": n, "k": k, **compare(out.pop("off"), out.pop("bf16"), unscored=E.UNSCORED), **out}
+        out[amp], out[f"seconds_{amp}"] = timed(lambda: model.rerank_scores(img, txt, 0, n, n, k=k, amp=amp))
+    return {"images": n, "k": k, **compare(out.pop("off"), out.pop("bf16"), unscored=train_cclm.UNSCORED), **out}
 
 
 def main(argv=None) -> int:
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
               f"largest recall change {worst:.2f} points; time fp32 {r['seconds_off']:.2f} s, bf16 {r['seconds_bf16']:.2f} s")
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "quick": args.quick, **res}
-    E.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
+    engine.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import eval_zeroshot  # noqa: E402
+import engine  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "iglue"
 EVAL_SPLIT = {"xgqa": "dev", "xvnli": "test", "xflickrco": "test"}
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['batch_size']:>5} {r['model']:5} {r['task']:9} {str(r['max_len']):>7} {r['examples']:>8} {r['real_tokens']:>8} "
               f"{r['dynamic_tokens']:>8} {r['fixed_tokens']:>8} {r['saving']:>7.1%}")
     out = Path(args.out)
-    eval_zeroshot.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    engine.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -1,10 +1,10 @@
-"""Retrieval evaluation cost: the optimized protocols of eval_zeroshot against a naive per-pair loop.
+"""Retrieval evaluation cost: the optimized protocols of the models against a naive per-pair loop.
 
 On randomly initialised tiny UC2 and CCLM models (train_uc2/train_cclm CONFIGS["tiny"]) and random
 images/captions, measured side by side in one run (same process, same inputs):
-  UC2   every (caption, image) pair scored (the protocol): eval_zeroshot.uc2_score_matrix with
+  UC2   every (caption, image) pair scored (the protocol): UC2.score_all_pairs with
         --pair-batch pairs per forward vs one pair_scores forward per pair.
-  CCLM  eval_zeroshot.cclm_score_matrices: each image and caption encoded once, ITC top-k prefilter,
+  CCLM  CCLMForRetrieval.rerank_scores: each image and caption encoded once, ITC top-k prefilter,
         ITM head on k candidates per query in both directions; vs the same candidates scored by a
         per-pair loop that re-encodes the image and the caption of every pair.
 Prints how many times each encoder / head ran (calls and rows) and the time of both paths, checks
@@ -15,7 +15,7 @@ otherwise.
 CCLM ITM re-rank at base size (CONFIGS["base"]: 6 fusion layers, width 768, 577 image tokens at 384 px):
 X2-VLM's own evaluation procedure (xFlickrCO.evaluation: the image's states repeated for its k candidate
 captions, the fusion run on every pair: cross-attention keys/values recomputed per pair) against ours
-(eval_zeroshot.itm_by_image: keys/values once per image). FLOPs counted with torch's FlopCounterMode
+(CCLMForRetrieval._itm_by_image: keys/values once per image). FLOPs counted with torch's FlopCounterMode
 for the pairs one image gets in the protocol (k = 128 per direction: 2k = 256 pairs, overlap between the
 directions not deducted; caption length 30 tokens: stated assumptions), and both timed side by side on
 --itm-time-pairs pairs. Exits 1 if the two differ by more than the parity tolerance.
@@ -36,9 +36,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import eval_zeroshot as E  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))
+import engine  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2  # noqa: E402
+from call_counter import CallCounter  # noqa: E402
 
 
 def random_captions(n: int, vocab: int, gen: torch.Generator, max_len: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,14 +68,14 @@ def uc2_inputs(n: int, regions: int, vocab: int, gen: torch.Generator) -> tuple[
 def bench_uc2(n: int, pair_batch: int, regions: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = E.CallCounter(train_uc2.build_model("xflickrco", dict(train_uc2.CONFIGS["tiny"])).eval())
+    model = train_uc2.build_model("xflickrco", dict(train_uc2.CONFIGS["tiny"])).eval()
+    counter = CallCounter(model)
     images, texts = uc2_inputs(n, regions, model.config["vocab_size"], gen)
     t0 = time.perf_counter()
-    fast = E.uc2_score_matrix(model, images, texts, pair_batch=pair_batch)
+    fast = model.score_all_pairs(images, texts, pair_batch=pair_batch)
     t_fast = time.perf_counter() - t0
-    fast_counts = dict(model.calls), dict(model.rows)
-    model.calls = dict.fromkeys(model.calls, 0)
-    model.rows = dict.fromkeys(model.rows, 0)
+    fast_counts = dict(counter.calls), dict(counter.rows)
+    counter.reset()
     t0 = time.perf_counter()
     naive = torch.empty(n, n)
     with torch.no_grad():
@@ -88,8 +90,8 @@ def bench_uc2(n: int, pair_batch: int, regions: int) -> dict:
     return {"images": n, "captions": n, "pairs": n * n, "pair_batch": pair_batch, "regions": regions,
             "optimized": {"seconds": t_fast, "pair_scores_calls": fast_counts[0]["pair_scores"],
                           "pairs_scored": fast_counts[1]["pair_scores"]},
-            "naive": {"seconds": t_naive, "pair_scores_calls": model.calls["pair_scores"],
-                      "pairs_scored": model.rows["pair_scores"]},
+            "naive": {"seconds": t_naive, "pair_scores_calls": counter.calls["pair_scores"],
+                      "pairs_scored": counter.rows["pair_scores"]},
             "speedup": t_naive / t_fast, "max_abs_score_diff": (fast - naive).abs().max().item(),
             "score_std": naive.std().item(),  # a tiny random model's scores are close: the gate is relative to this
             "counts_ok": fast_counts[1]["pair_scores"] == n * n}
@@ -99,25 +101,25 @@ def bench_cclm(n: int, k: int, itm_batch: int) -> dict:
     gen = torch.Generator().manual_seed(1)
     torch.manual_seed(1)
     cfg = dict(train_cclm.CONFIGS["tiny"])
-    model = E.CallCounter(train_cclm.build_model("xflickrco", cfg).eval())
+    model = train_cclm.build_model("xflickrco", cfg).eval()
+    counter = CallCounter(model)
     images = torch.randn(n, 3, cfg["image_res"], cfg["image_res"], generator=gen)
     ids, atts = random_captions(n, cfg["vocab_size"], gen)
     batch = 16
     image_batches = [{"images": images[s:s + batch]} for s in range(0, n, batch)]
     text_batches = [{"text_ids": ids[s:s + batch], "text_atts": atts[s:s + batch]} for s in range(0, n, batch)]
     t0 = time.perf_counter()
-    i2t, t2i = E.cclm_score_matrices(model, image_batches, text_batches, 0, n, n, k=k, itm_batch=itm_batch)
+    i2t, t2i = model.rerank_scores(image_batches, text_batches, 0, n, n, k=k, itm_batch=itm_batch)
     t_fast = time.perf_counter() - t0
-    fast = {"calls": dict(model.calls), "rows": dict(model.rows)}
-    model.calls = dict.fromkeys(model.calls, 0)
-    model.rows = dict.fromkeys(model.rows, 0)
+    fast = {"calls": dict(counter.calls), "rows": dict(counter.rows)}
+    counter.reset()
     t0 = time.perf_counter()
     with torch.no_grad():   # naive: the same candidates (same ITC prefilter), every pair re-encoded
         image_feat = torch.cat([model.encode_images(images[i:i + 1])[1] for i in range(n)])
         text_feat = torch.cat([model.encode_texts(ids[t:t + 1], atts[t:t + 1])[1] for t in range(n)])
         sims = image_feat @ text_feat.t()
-        n_i2t = torch.full((n, n), E.UNSCORED)
-        n_t2i = torch.full((n, n), E.UNSCORED)
+        n_i2t = torch.full((n, n), train_cclm.UNSCORED)
+        n_t2i = torch.full((n, n), train_cclm.UNSCORED)
 
         def pair_score(i: int, t: int) -> float:
             length = int(atts[t].sum())
@@ -132,8 +134,9 @@ def bench_cclm(n: int, k: int, itm_batch: int) -> dict:
             for i in sims[:, t].topk(k).indices.tolist():
                 n_t2i[t, i] = pair_score(i, t)
     t_naive = time.perf_counter() - t0
-    naive = {"calls": dict(model.calls), "rows": dict(model.rows)}
-    distinct = int(((i2t != E.UNSCORED) | (t2i.t() != E.UNSCORED)).sum())   # pairs in either direction's top k
+    naive = {"calls": dict(counter.calls), "rows": dict(counter.rows)}
+    unscored = train_cclm.UNSCORED
+    distinct = int(((i2t != unscored) | (t2i.t() != unscored)).sum())   # pairs in either direction's top k
     expected = {"encode_images": n, "encode_texts": n, "itm_image_kv": n, "itm_scores_with_image_kv": distinct}
     return {"images": n, "captions": n, "k": k, "itm_batch": itm_batch,
             "optimized": {"seconds": t_fast, **fast}, "naive": {"seconds": t_naive, **naive},
@@ -232,7 +235,7 @@ def main(argv=None) -> int:
           f"x{itm['flop_reduction']:.2f} fewer FLOPs; timed on {itm['pairs_timed']} pairs: "
           f"{itm['seconds_x2vlm']:.2f} s vs {itm['seconds_ours']:.2f} s (x{itm['time_reduction']:.2f}), "
           f"max |diff| {itm['max_abs_diff']:.1e}")
-    E.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
+    engine.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
     # UC2: within 1e-3 of the scores' spread (a pair misaligned by one image moves them by ~1x the spread);
     # CCLM: unscored entries are -100 in both, so a different candidate set would differ by ~100

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import eval_zeroshot as E  # noqa: E402
+import engine  # noqa: E402
 import freeze  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2  # noqa: E402
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
               f"({r['parameters'] / 1e6:.0f}M parameters)")
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__, "mfu": MFU, "peak": GPUS,
            "estimates": rows}
-    E.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
+    engine.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -49,7 +49,7 @@ from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import freeze  # noqa: E402
-import eval_zeroshot  # noqa: E402
+import engine  # noqa: E402
 
 # ---------------------------------------------------------------- counting the work
 
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                          [round(a["deviation"], 3) for a in r["attempts"]]] for r in rows],
               "rows": rows}
     out = Path(args.out)
-    eval_zeroshot.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    engine.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return 0 if ok else 1
 

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-eval", type=int, default=10)
     parser.add_argument("--nan-index", type=int, nargs="*", default=())
     parser.add_argument("--nan-from-epoch", type=int, default=None)
-    args = parser.parse_args(argv)
+    args = engine.parse_args(parser, argv, DEFAULTS)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # same float results in-process and in subprocesses; 2 shared cores
     try:

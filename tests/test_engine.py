@@ -366,13 +366,14 @@ def test_args_defaults_recipe_and_user_values():
                 "recipes": {"iglue": {"weight_decay": 1e-4, "adam_eps": 1e-6, "clip_grad": 1.0}}}
     parser = argparse.ArgumentParser()
     engine.add_common_args(parser, defaults)
-    a = parser.parse_args(["--task", "xgqa", "--langs", "en,de", "id"])
+    a = engine.parse_args(parser, ["--task", "xgqa", "--langs", "en,de", "id"], defaults)
     assert (a.epochs, a.lr, a.batch_size, a.weight_decay, a.clip_grad, a.warmup_ratio) == (5, 4e-5, 256, 0.01, 0.0, 0.1)
     assert a.langs == ["en", "de", "id"] and a.output_dir == "runs/m_xgqa_full_seed42"
-    b = parser.parse_args(["--task", "xvnli", "--recipe", "iglue", "--weight-decay", "0.05", "--epochs", "2"])
+    b = engine.parse_args(parser, ["--task", "xvnli", "--recipe", "iglue", "--weight-decay", "0.05", "--epochs", "2"],
+                          defaults)
     assert (b.epochs, b.lr, b.weight_decay, b.adam_eps, b.clip_grad) == (2, 2e-5, 0.05, 1e-6, 1.0)
     with pytest.raises(SystemExit, match="--lr has no default for task xflickrco"):
-        parser.parse_args(["--task", "xflickrco"])
+        engine.parse_args(parser, ["--task", "xflickrco"], defaults)
 
 
 def test_print_schedule_writes_nothing(tmp_path, capsys):
@@ -421,9 +422,9 @@ def test_schedule_epochs_stretches_the_lr_schedule(tmp_path):
     assert json.loads((tmp_path / "long" / "args.json").read_text())["schedule_epochs"] == 5
     parser = argparse.ArgumentParser()
     engine.add_common_args(parser, toy.DEFAULTS)
-    assert parser.parse_args(["--task", "xgqa", "--epochs", "3"]).schedule_epochs == 3  # default: --epochs
+    assert engine.parse_args(parser, ["--task", "xgqa", "--epochs", "3"], toy.DEFAULTS).schedule_epochs == 3  # --epochs
     with pytest.raises(SystemExit, match="--schedule-epochs 1 is shorter than --epochs 3"):
-        parser.parse_args(["--task", "xgqa", "--epochs", "3", "--schedule-epochs", "1"])
+        engine.parse_args(parser, ["--task", "xgqa", "--epochs", "3", "--schedule-epochs", "1"], toy.DEFAULTS)
     with pytest.raises(SystemExit, match="--resume: --schedule-epochs is 6 but the run .* used 5"):
         run(tmp_path / "long", "--policy", "full", "--epochs", "2", "--schedule-epochs", "6", "--log-every", "1", "--resume")
 
@@ -636,7 +637,7 @@ def test_default_evaluates_only_after_the_last_epoch(tmp_path):
     assert eval_epochs(tmp_path) == [(3, "en"), (3, "de")]
     parser = argparse.ArgumentParser()
     engine.add_common_args(parser, toy.DEFAULTS)
-    assert parser.parse_args(["--task", "xgqa"]).eval_every == 0
+    assert engine.parse_args(parser, ["--task", "xgqa"], toy.DEFAULTS).eval_every == 0
 
 
 def test_eval_every_and_eval_langs_the_last_epoch_is_complete(tmp_path):
@@ -670,8 +671,8 @@ def test_default_workers_share_the_cpus_among_the_nodes_processes():
     assert engine.default_num_workers(cpus=4, procs_per_node=8) == 0
     parser = argparse.ArgumentParser()
     engine.add_common_args(parser, toy.DEFAULTS)
-    assert parser.parse_args(["--task", "xgqa"]).num_workers == engine.default_num_workers()
-    assert parser.parse_args(["--task", "xgqa", "--num-workers", "3"]).num_workers == 3
+    assert engine.parse_args(parser, ["--task", "xgqa"], toy.DEFAULTS).num_workers == engine.default_num_workers()
+    assert engine.parse_args(parser, ["--task", "xgqa", "--num-workers", "3"], toy.DEFAULTS).num_workers == 3
 
 
 def test_help_shows_defaults_and_argument_errors_are_one_line_on_rank_0_only(capsys, monkeypatch):

@@ -16,7 +16,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import engine  # noqa: E402
 import eval_zeroshot as E  # noqa: E402
+import train_cclm  # noqa: E402
+from call_counter import CallCounter  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures"
@@ -32,14 +35,14 @@ def test_accuracy_per_type_adds_up_and_oov_counts_wrong():
     labels = [rng.choice([-1, 0, 1, 2, 3]) for _ in range(n)]
     preds = [l if rng.random() < 0.5 and l >= 0 else rng.choice([0, 1, 2, 3]) for l in labels]
     preds[labels.index(-1)] = -1       # even a "-1 prediction" never matches an OOV gold answer
-    qtypes = [rng.choice(E.QTYPES) for _ in range(n)]
-    m = E.classification_metrics(preds, labels, qtypes)
+    qtypes = [rng.choice(engine.QTYPES) for _ in range(n)]
+    m = engine.classification_metrics(preds, labels, qtypes)
     correct = sum(p == l and l >= 0 for p, l in zip(preds, labels))
     assert m["n"] == n and m["accuracy"] == pytest.approx(100 * correct / n, abs=1e-12)
-    assert sum(m[f"n_{t}"] for t in E.QTYPES) == n
-    weighted = sum(m[f"n_{t}"] * m[f"accuracy_{t}"] for t in E.QTYPES) / n
+    assert sum(m[f"n_{t}"] for t in engine.QTYPES) == n
+    weighted = sum(m[f"n_{t}"] * m[f"accuracy_{t}"] for t in engine.QTYPES) / n
     assert weighted == pytest.approx(m["accuracy"], abs=1e-9)
-    assert E.classification_metrics([0, 1], [-1, -1])["accuracy"] == 0.0
+    assert engine.classification_metrics([0, 1], [-1, -1])["accuracy"] == 0.0
 
 
 def test_recall_at_k_hand_made():
@@ -49,20 +52,20 @@ def test_recall_at_k_hand_made():
                       [0.3, 0.1, 0.2],    # cap2 -> img1 rank 2
                       [0.0, 0.5, 0.4]])   # cap3 -> img2 rank 1
     txt2img = [0, 0, 1, 2]
-    m = E.recall_metrics(S.t(), S, txt2img)
-    tr, ir = E.retrieval_ranks(S.t(), S, txt2img)
+    m = engine.recall_metrics(S.t(), S, txt2img)
+    tr, ir = engine.retrieval_ranks(S.t(), S, txt2img)
     assert ir.tolist() == [0, 1, 2, 1]
     # img0: captions sorted 0.9 (cap0) ...: best caption rank 0; img1: 0.8 cap1, 0.5 cap3, then the tie at 0.1:
     # VOLTA's np.argsort(-s) = [1, 3, 0, 2] puts cap2 4th (rank 3); X2-VLM's argsort(s)[::-1] = [1, 3, 2, 0]: rank 2
     assert tr.tolist() == [0, 3, 0]
-    assert E.retrieval_ranks(S.t(), S, txt2img, ties="x2vlm")[0].tolist() == [0, 2, 0]
+    assert engine.retrieval_ranks(S.t(), S, txt2img, ties="x2vlm")[0].tolist() == [0, 2, 0]
     assert m["ir_r1"] == pytest.approx(25.0) and m["ir_r5"] == 100.0
     assert m["tr_r1"] == pytest.approx(200 / 3) and m["tr_r10"] == 100.0
     assert m["ir_medr"] == 2.0 and m["ir_meanr"] == pytest.approx(2.0)   # floor(median [0,1,1,2])+1, mean+1
     # unscored (-100) gold entries rank after every scored candidate
     i2t = torch.tensor([[-100.0, 1.0], [2.0, -100.0]])
     t2i = torch.tensor([[-100.0, 3.0], [4.0, -100.0]])
-    tr, ir = E.retrieval_ranks(i2t, t2i, [0, 1])
+    tr, ir = engine.retrieval_ranks(i2t, t2i, [0, 1])
     assert tr.tolist() == [1, 1] and ir.tolist() == [1, 1]
 
 
@@ -111,13 +114,13 @@ def test_numpy_argsort_is_numpys_portable_introsort(tmp_path):
     # McIlroy's adversary against median-of-3 quicksort: drives a partition below the depth limit (heapsort path)
     arrays.append(_median_of_3_killer(1024))
     cases = {f"sort{i:03d}": a for i, a in enumerate(arrays)}
-    got = [E.numpy_argsort(cases[k]) for k in sorted(cases)]
+    got = [engine.numpy_argsort(cases[k]) for k in sorted(cases)]
     assert got == _reference_scoring(tmp_path, **cases)["argsort"]
 
 
 def _median_of_3_killer(n: int):
     """Values on which the introsort's quicksort degrades (McIlroy, "A killer adversary for quicksort"): the
-    comparisons are answered lazily while E.numpy_argsort runs, freezing values only when needed."""
+    comparisons are answered lazily while engine.numpy_argsort runs, freezing values only when needed."""
     import numpy as np
     gas = n
     val = [gas] * n
@@ -138,17 +141,17 @@ def _median_of_3_killer(n: int):
             candidate[0] = y
         return val[x] < val[y]
 
-    real_less, real_heap = E._less, E._heapsort
+    real_less, real_heap = engine._less, engine._heapsort
     idx = list(range(n))
 
     def heap(v, a, pl, pr):
         calls["heap"] += 1
         return real_heap(v, a, pl, pr)
-    E._less, E._heapsort = (lambda p, q: less(int(p), int(q))), heap
+    engine._less, engine._heapsort = (lambda p, q: less(int(p), int(q))), heap
     try:
-        E.numpy_argsort(idx)
+        engine.numpy_argsort(idx)
     finally:
-        E._less, E._heapsort = real_less, real_heap
+        engine._less, engine._heapsort = real_less, real_heap
     assert calls["heap"] > 0   # the heapsort branch is exercised
     out = np.array(val, dtype=np.float64)
     out[out == gas] = gas   # never compared: the largest
@@ -174,7 +177,7 @@ def _real_retrieval_cases():
         i2t = t2i.T.copy() + 0.5
         for m in (pre, i2t):
             cut = np.argsort(-m, axis=1, kind="stable")[:, 20:]
-            np.put_along_axis(m, cut, E.UNSCORED, axis=1)
+            np.put_along_axis(m, cut, train_cclm.UNSCORED, axis=1)
         cases[f"t2i_{lang}k"], cases[f"i2t_{lang}k"], cases[f"txt2img_{lang}k"] = pre, i2t, txt2img
     return cases
 
@@ -187,23 +190,23 @@ def test_retrieval_ties_are_ranked_as_each_reference_ranks_them(tmp_path):
     for name in sorted(k[4:] for k in cases if k.startswith("t2i_")):
         t2i, i2t = torch.from_numpy(cases["t2i_" + name]), torch.from_numpy(cases["i2t_" + name])
         txt2img = cases["txt2img_" + name].tolist()
-        unscored = E.UNSCORED if name.endswith("k") else None
+        unscored = train_cclm.UNSCORED if name.endswith("k") else None
         # VOLTA has one caption x image matrix (both directions read it); CCLM's prefiltered pair is X2-VLM's only
-        for ties in (E.TIE_ORDERS if unscored is None else ["x2vlm"]):
-            tr, ir = E.retrieval_ranks(i2t, t2i, txt2img, unscored=unscored, ties=ties)
+        for ties in (engine.TIE_ORDERS if unscored is None else ["x2vlm"]):
+            tr, ir = engine.retrieval_ranks(i2t, t2i, txt2img, unscored=unscored, ties=ties)
             want_tr, want_ir = ref[name][ties]
             if unscored is None:
                 assert tr.tolist() == want_tr and ir.tolist() == want_ir, (name, ties)
             else:   # golds the prefilter dropped rank behind their ties (ours), anywhere among them (X2-VLM)
                 gold_ir = t2i[torch.arange(len(txt2img)), torch.tensor(txt2img)]
-                kept = gold_ir != E.UNSCORED
+                kept = gold_ir != train_cclm.UNSCORED
                 assert ir[kept].tolist() == np.asarray(want_ir)[kept.numpy()].tolist(), (name, ties)
                 gold_tr = i2t[torch.tensor(txt2img), torch.arange(len(txt2img))]
-                kept = [i for i in range(len(tr)) if all(gold_tr[c] != E.UNSCORED
+                kept = [i for i in range(len(tr)) if all(gold_tr[c] != train_cclm.UNSCORED
                                                           for c in range(len(txt2img)) if txt2img[c] == i)]
                 assert len(kept) > 5 and [tr[i].item() for i in kept] == [want_tr[i] for i in kept], (name, ties)
-                m = E.recall_metrics(i2t, t2i, txt2img, unscored=unscored, ties=ties)
-                for k in E.RECALL_KS:   # k_test = 20 >= 10: every recall is the reference's
+                m = engine.recall_metrics(i2t, t2i, txt2img, unscored=unscored, ties=ties)
+                for k in engine.RECALL_KS:   # k_test = 20 >= 10: every recall is the reference's
                     assert m[f"ir_r{k}"] == pytest.approx(100 * np.mean(np.asarray(want_ir) < k), abs=1e-9)
                     assert m[f"tr_r{k}"] == pytest.approx(100 * np.mean(np.asarray(want_tr) < k), abs=1e-9)
         differ += ref[name]["volta"] != ref[name]["x2vlm"]
@@ -214,16 +217,16 @@ def test_gold_outside_the_top_k_prefilter_is_never_retrieved():
     """CCLM with k_test < 10: a gold the prefilter did not keep must not count for R@5/R@10 by winning
     its ties with the other unscored entries."""
     n, k = 20, 3
-    S = torch.full((n, n), E.UNSCORED)
+    S = torch.full((n, n), train_cclm.UNSCORED)
     for i in range(n):   # the k kept candidates of every caption / image are never its gold
         for j in range(k):
             S[i, (i + 1 + j) % n] = 1.0 + j
-    m = E.recall_metrics(S.t(), S, list(range(n)), unscored=E.UNSCORED)
-    assert all(m[f"{side}_r{r}"] == 0.0 for side in ("tr", "ir") for r in E.RECALL_KS)
-    tr, ir = E.retrieval_ranks(S.t(), S, list(range(n)), unscored=E.UNSCORED)
+    m = engine.recall_metrics(S.t(), S, list(range(n)), unscored=train_cclm.UNSCORED)
+    assert all(m[f"{side}_r{r}"] == 0.0 for side in ("tr", "ir") for r in engine.RECALL_KS)
+    tr, ir = engine.retrieval_ranks(S.t(), S, list(range(n)), unscored=train_cclm.UNSCORED)
     assert ir.tolist() == [n - 1] * n and tr.tolist() == [n - 1] * n
     S[0, 0] = 5.0   # a kept gold scored above the others: rank 0 as before
-    assert E.retrieval_ranks(S.t(), S, list(range(n)), unscored=E.UNSCORED)[1][0] == 0
+    assert engine.retrieval_ranks(S.t(), S, list(range(n)), unscored=train_cclm.UNSCORED)[1][0] == 0
 
 
 def _uc2_parity_model():
@@ -242,12 +245,12 @@ def test_uc2_all_pairs_matches_volta_eval_retrieval():
     imgs = {k: inp["eval_images"][k] for k in ("features", "spatials", "image_mask")}
     caps = {k: inp["eval_captions"][k] for k in ("input_ids", "attention_mask")}
     for pair_batch in (1, 4, 1024):   # batching must not matter
-        S = E.uc2_score_matrix(model, imgs, caps, pair_batch=pair_batch)
+        S = model.score_all_pairs(imgs, caps, pair_batch=pair_batch)
         assert_matches_reference(f"score matrix (pair_batch {pair_batch})", S, out["eval_score_matrix"])
     ref = json.loads((UC2_PARITY / "retrieval" / "eval_retrieval_metrics.json").read_text())
-    tr, ir = E.retrieval_ranks(S.t(), S, [0, 1, 2])
+    tr, ir = engine.retrieval_ranks(S.t(), S, [0, 1, 2])
     assert ir.tolist() == ref["ir_ranks_from_matrix"] and tr.tolist() == ref["tr_ranks_from_matrix"]
-    m = E.recall_metrics(S.t(), S, [0, 1, 2])
+    m = engine.recall_metrics(S.t(), S, [0, 1, 2])
     for side, prefix in (("image_retrieval", "ir"), ("text_retrieval", "tr")):
         for key, val in ref[side].items():
             assert m[f"{prefix}_{key}"] == pytest.approx(val, abs=1e-3), (side, key)
@@ -260,30 +263,22 @@ def _cclm_parity_model():
     return model, inputs, outputs
 
 
-@pytest.mark.parametrize("cached", [True, False], ids=["image-kv-once", "x2vlm-per-pair"])
 @pytest.mark.parametrize("k", [3, 2, 10])
-def test_cclm_prefilter_rerank_matches_reference(k, cached, monkeypatch):
-    """X2-VLM's xFlickrCO.evaluation on the parity model: same -100/ITM matrices, and each image /
-    caption encoded once, the ITM head run exactly k times per query in each direction (k = 10 >
-    3 images / 6 captions: capped at the candidate count, every pair scored). Cached (our default): each
-    image's cross-attention keys/values computed once, each distinct pair scored once; per-pair: X2-VLM's way
-    (a model without itm_image_kv)."""
+def test_cclm_prefilter_rerank_matches_reference(k):
+    """X2-VLM's xFlickrCO.evaluation on the parity model: same -100/ITM matrices, each image / caption encoded
+    once (k = 10 > 3 images / 6 captions: capped at the candidate count, every pair scored), each image's
+    cross-attention keys/values computed once for both directions and each distinct pair scored once."""
     model, x, out = _cclm_parity_model()
-    if not cached:
-        monkeypatch.setattr(E.CallCounter, "METHODS", ("encode_images", "encode_texts", "itm_scores", "pair_scores"))
-    counted = E.CallCounter(model).eval()
+    counted = CallCounter(model.eval())
     imgs = [{"images": x["images"][:2]}, {"images": x["images"][2:]}]
     txts = [{"text_ids": x["text_ids"][i:i + 4], "text_atts": x["text_atts"][i:i + 4]} for i in (0, 4)]
-    i2t, t2i = E.cclm_score_matrices(counted, imgs, txts, 0, 3, 6, k=k, itm_batch=5)
+    i2t, t2i = model.rerank_scores(imgs, txts, 0, 3, 6, k=k, itm_batch=5)
     want_i2t = out[f"eval_k{k}_score_matrix_i2t"] if k < 10 else out["itm_score_all_pairs"]
     want_t2i = out[f"eval_k{k}_score_matrix_t2i"] if k < 10 else out["itm_score_all_pairs"].t()
     assert_matches_reference("i2t", i2t, want_i2t)
     assert_matches_reference("t2i", t2i, want_t2i)
     per_query = min(k, 6) * 3 + min(k, 3) * 6
-    if not cached:
-        assert counted.rows == {"encode_images": 3, "encode_texts": 6, "itm_scores": per_query, "pair_scores": 0}
-        return
-    distinct = int(((i2t != E.UNSCORED) | (t2i.t() != E.UNSCORED)).sum())
+    distinct = int(((i2t != train_cclm.UNSCORED) | (t2i.t() != train_cclm.UNSCORED)).sum())
     assert distinct < per_query   # the two directions' candidates overlap
     assert counted.rows == {"encode_images": 3, "encode_texts": 6, "itm_scores": 0, "pair_scores": 0,
                             "itm_image_kv": 3, "itm_scores_with_image_kv": distinct}
@@ -498,8 +493,8 @@ def test_evaluate_every_language_and_translate_test(env, model_name, task, capsy
                     assert score == pytest.approx(res["langs"][lang]["accuracy"], abs=1e-9)
         if task == "xgqa":
             for lm in res["langs"].values():
-                assert sum(lm[f"n_{t}"] for t in E.QTYPES) + lm.get("n_other", 0) == lm["n"]
-                total = sum(lm[f"n_{t}"] * lm[f"accuracy_{t}"] for t in E.QTYPES if lm[f"n_{t}"])
+                assert sum(lm[f"n_{t}"] for t in engine.QTYPES) + lm.get("n_other", 0) == lm["n"]
+                total = sum(lm[f"n_{t}"] * lm[f"accuracy_{t}"] for t in engine.QTYPES if lm[f"n_{t}"])
                 assert total / lm["n"] == pytest.approx(lm["accuracy"], abs=1e-9)
     # the translate-test evaluation did not replace the plain one
     assert set(json.loads((run / "results.json").read_text())) == {split, split + ".mt"}
@@ -554,14 +549,14 @@ def _evaluate_runs(env: dict, dist=None) -> dict:
     for model_name, task, langs in DIST_RUNS:
         model, meta = E.load_model(env["runs"][(model_name, task)] / "model_final.pt")
         tok = data.load_tokenizer(env["tokenizer"])
-        E.prepare_model(model, env["data_root"], tok)
-        sets = E.build_eval_sets(model_name, task, env["data_root"], tok, langs, TASK_SPLIT[task],
-                                 features=env["features"], images=env["images"], max_regions=env["max_regions"],
-                                 image_res=meta["config"].get("image_res", 384))
-        out[f"{model_name}-{task}"] = E.evaluate_task(model, task, sets, dist, batch_size=5, k_test=7)
+        model.prepare_task(env["data_root"], tok)
+        sets = engine.build_eval_sets(model_name, task, env["data_root"], tok, langs, TASK_SPLIT[task],
+                                      features=env["features"], images=env["images"], max_regions=env["max_regions"],
+                                      image_res=meta["config"].get("image_res", 384))
+        out[f"{model_name}-{task}"] = engine.evaluate_task(model, task, sets, dist, batch_size=5, k_test=7)
         if task == "xgqa":
-            sets = E.build_eval_sets(model_name, task, env["data_root"], tok, ["en", "de", "zh"], "dev", True,
-                                     features=env["features"], max_regions=env["max_regions"])
+            sets = engine.build_eval_sets(model_name, task, env["data_root"], tok, ["en", "de", "zh"], "dev", True,
+                                          features=env["features"], max_regions=env["max_regions"])
             out["similarity"] = E.similarity_for(model, sets, dist, batch_size=5)
     return out
 
@@ -623,13 +618,13 @@ def _fake_run(folder: Path, model: str, task: str, policy: str, langs: list[str]
             if task == "xflickrco":
                 m = {f"{d}_r{k}": rng.uniform(0, 100) for d in ("tr", "ir") for k in (1, 5, 10)}
             else:
-                counts = {t: rng.randint(1, 30) for t in E.QTYPES}
-                correct = {t: rng.randint(0, counts[t]) for t in E.QTYPES}
+                counts = {t: rng.randint(1, 30) for t in engine.QTYPES}
+                correct = {t: rng.randint(0, counts[t]) for t in engine.QTYPES}
                 n = sum(counts.values())
                 m = {"accuracy": 100 * sum(correct.values()) / n, "n": n}
                 if task == "xgqa":
-                    m.update({f"accuracy_{t}": 100 * correct[t] / counts[t] for t in E.QTYPES})
-                    m.update({f"n_{t}": counts[t] for t in E.QTYPES})
+                    m.update({f"accuracy_{t}": 100 * correct[t] / counts[t] for t in engine.QTYPES})
+                    m.update({f"n_{t}": counts[t] for t in engine.QTYPES})
             lines.append(json.dumps({"type": "eval", "epoch": e, "step": 3 * e, "lang": lang, "split": "test", **m}))
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return folder
@@ -757,7 +752,7 @@ def test_cclm_answer_candidates_in_x2vlms_order_predictions_are_label_ids(env):
     import train_cclm
     model = train_cclm.build_model("xgqa", dict(train_cclm.CONFIGS["tiny"]))
     tok = data.load_tokenizer(env["tokenizer"])
-    E.prepare_model(model, env["data_root"], tok)
+    model.prepare_task(env["data_root"], tok)
     ans2label, label2ans = data.load_answer_vocab(env["data_root"])
     keys = json.loads((Path(env["data_root"]) / "datasets/gqa/annotations/trainval_ans2label.json").read_text())
     assert list(keys) != label2ans   # the two orders differ in the real files
@@ -805,8 +800,9 @@ def test_fewshot_from_english_checkpoint(env, tmp_path, capsys):
 
 
 def test_fewshot_under_torchrun_matches_one_process(env, tmp_path):
-    """`eval_zeroshot.py fewshot` under torchrun (2 gloo ranks): the trainer's process group ends with its
-    main() and evaluation starts its own; the result equals the one-process run's."""
+    """`eval_zeroshot.py fewshot` under torchrun (2 gloo ranks): the trainings and the evaluation run in the one
+    process group fewshot sets up (the trainer's main(dist=...) leaves it open); the result equals the one-process
+    run's."""
     import engine
     init = env["runs"][("uc2", "xgqa")]
     args = ["--run-dir", str(init), "--lang", "de",  # --run-dir: torchrun takes a bare --run for its --run-path
@@ -840,14 +836,14 @@ def test_cclm_retrieval_encodes_shared_test_images_once_across_languages(env):
     import data
     model, meta = E.load_model(env["runs"][("cclm", "xflickrco")] / "model_final.pt")
     tok = data.load_tokenizer(env["tokenizer"])
-    E.prepare_model(model, env["data_root"], tok)
-    sets = E.build_eval_sets("cclm", "xflickrco", env["data_root"], tok, ["en", "de"], "test", images=env["images"],
-                             image_res=meta["config"]["image_res"])
+    model.prepare_task(env["data_root"], tok)
+    sets = engine.build_eval_sets("cclm", "xflickrco", env["data_root"], tok, ["en", "de"], "test",
+                                  images=env["images"], image_res=meta["config"]["image_res"])
     assert [e.image for e in sets["en"].images.items] == [e.image for e in sets["de"].images.items]
-    counted = E.CallCounter(model).eval()
-    both = E.evaluate_task(counted, "xflickrco", sets, batch_size=5, k_test=7)
+    counted = CallCounter(model.eval())
+    both = engine.evaluate_task(model, "xflickrco", sets, batch_size=5, k_test=7)
     assert counted.rows["encode_images"] == len(sets["en"].images)   # once, not once per language
-    alone = E.evaluate_task(model, "xflickrco", {"de": sets["de"]}, batch_size=5, k_test=7)
+    alone = engine.evaluate_task(model, "xflickrco", {"de": sets["de"]}, batch_size=5, k_test=7)
     assert both["de"] == alone["de"]
 
 
@@ -877,9 +873,9 @@ def test_trainer_per_epoch_evaluation_takes_eval_langs(env):
     tok = data.load_tokenizer(env["tokenizer"])
     args = argparse.Namespace(task="xvnli", data_root=env["data_root"], langs=["en", "ar"], eval_split="test",
                               eval_langs=["ar"], eval_batch_size=16, num_workers=0)
-    fn = E.trainer_evaluate_fn("uc2", args, tok, None, features=env["features"], max_regions=env["max_regions"])
+    fn = engine.trainer_evaluate_fn("uc2", args, tok, None, features=env["features"], max_regions=env["max_regions"])
     assert list(fn(model, 1, langs=["ar"])) == ["ar"]
     assert list(fn(model, 1)) == ["en", "ar"]
     args.eval_langs = ["ko"]
     with pytest.raises(ValueError, match="--eval-langs ko: not among the evaluated languages"):
-        E.trainer_evaluate_fn("uc2", args, tok, None, features=env["features"], max_regions=env["max_regions"])
+        engine.trainer_evaluate_fn("uc2", args, tok, None, features=env["features"], max_regions=env["max_regions"])

@@ -95,9 +95,10 @@ def check_xflickrco(folder: Path) -> None:
     close("itm_score_all_pairs", scores, out["itm_score_all_pairs"])
     ks = [int(m.group(1)) for m in map(re.compile(r"eval_k(\d+)_score_matrix_i2t$").match, out) if m]
     assert ks, "fixture has no eval_k<k>_score_matrix_i2t output"
+    close("sims_matrix", image_feat @ text_feat.t(), out["sims_matrix"])
     for k in ks:
-        sims, i2t, t2i = model.rerank_scores(v, image_feat, t, x["text_atts"], text_feat, k=k)
-        close("sims_matrix", sims, out["sims_matrix"])
+        texts = [{"text_ids": x["text_ids"], "text_atts": x["text_atts"]}]
+        i2t, t2i = model.rerank_scores([{"images": x["images"]}], texts, 0, n_img, n_txt, k=k)
         close(f"eval_k{k}_score_matrix_i2t", i2t, out[f"eval_k{k}_score_matrix_i2t"])
         close(f"eval_k{k}_score_matrix_t2i", t2i, out[f"eval_k{k}_score_matrix_t2i"])
     _, tr_img = model.encode_images(x["images"][x["train_image_index"]])

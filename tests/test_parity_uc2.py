@@ -14,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eval_zeroshot as ez  # noqa: E402
+import engine  # noqa: E402
 import train_uc2 as U  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
@@ -109,16 +109,16 @@ def test_parity_uc2(folder: Path, task_dir: str):
                 pairs.update({k: imgs[k].repeat(nc, *[1] * (imgs[k].dim() - 1)) for k in ("features", "spatials", "image_mask")})
                 matrix = model.pair_scores(pairs).view(nc, ni)
                 _close("eval_score_matrix", matrix, out["eval_score_matrix"])
-                # the evaluation code path (eval_zeroshot.uc2_score_matrix trims common padding)
-                ez_matrix = ez.uc2_score_matrix(model, imgs, caps, pair_batch=4)
-                _close("eval_zeroshot.uc2_score_matrix", ez_matrix, out["eval_score_matrix"])
+                # the evaluation code path (UC2.score_all_pairs trims common padding)
+                ez_matrix = model.score_all_pairs(imgs, caps, pair_batch=4)
+                _close("UC2.score_all_pairs", ez_matrix, out["eval_score_matrix"])
     metrics_file = folder / task_dir / "eval_retrieval_metrics.json"
     if task == "xflickrco" and metrics_file.is_file():
         ref = json.loads(metrics_file.read_text())
         got = _recall_metrics(matrix.numpy())
         assert got["ir_ranks"] == ref["ir_ranks_from_matrix"] and got["tr_ranks"] == ref["tr_ranks_from_matrix"]
-        ez_got = ez.recall_metrics(matrix.T, matrix, list(range(matrix.shape[0])))
+        ez_got = engine.recall_metrics(matrix.T, matrix, list(range(matrix.shape[0])))
         for side, prefix in (("image_retrieval", "ir"), ("text_retrieval", "tr")):
             for k, v in ref[side].items():
                 assert abs(got[side][k] - v) < 1e-3, f"{side} {k}: {got[side][k]} vs {v}"
-                assert abs(ez_got[f"{prefix}_{k}"] - v) < 1e-3, f"eval_zeroshot {prefix}_{k}: {ez_got[f'{prefix}_{k}']} vs {v}"
+                assert abs(ez_got[f"{prefix}_{k}"] - v) < 1e-3, f"recall_metrics {prefix}_{k}: {ez_got[f'{prefix}_{k}']} vs {v}"

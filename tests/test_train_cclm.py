@@ -101,7 +101,8 @@ def test_fixed_batch_loss_falls(env: Path, task: str, policy: str) -> None:
     lr = 1e-4 if task == "xflickrco" else 2e-3  # ITC at temperature 0.07 overshoots at larger steps
     if task == "xflickrco" and policy == "top":
         lr = 3e-4  # only projections, temp and the cross layers move (encoders frozen): larger steps stay stable
-    args = train_cclm.build_parser().parse_args(["--task", task, "--policy", policy, "--lr", str(lr), "--warmup-ratio", "0"])
+    argv = ["--task", task, "--policy", policy, "--lr", str(lr), "--warmup-ratio", "0"]
+    args = engine.parse_args(train_cclm.build_parser(), argv, train_cclm.DEFAULTS)
     config = {**train_cclm.CONFIGS["tiny"], "dropout": 0.0, "attn_dropout": 0.0, "vision_drop_path": 0.0}
     torch.manual_seed(0)
     model = train_cclm.build_model(task, config)
@@ -138,8 +139,7 @@ def test_xgqa_pipeline_with_eval(env: Path, tmp_path: Path) -> None:
     # the final checkpoint rebuilds a model that predicts
     model = train_cclm.build_model("xgqa", meta["config"]).eval()
     train_cclm.load_checkpoint(model, str(out / engine.FINAL))
-    import eval_zeroshot
-    eval_zeroshot.prepare_model(model, IGLUE, data.load_tokenizer(env / "tok"))
+    model.prepare_task(IGLUE, data.load_tokenizer(env / "tok"))
     assert model.answer_ids.shape[0] == data.NUM_ANSWERS
     batch = fixed_batch(env, "xgqa", 2)
     with torch.no_grad():
