@@ -1,0 +1,729 @@
+"""Multilingual-CLIP with translation-based alignment and parameter-efficient tuning (PET) on XTD10 / Multi30K.
+
+The third system of our comparison (Zhang et al., arXiv 2305.03510; reference code eric-ai-lab/PECTVLM,
+align_from_to_en/, "the reference" below). One run adapts the M-CLIP text tower to one target language:
+
+- text tower: XLM-R (transformers XLMRobertaModel), mean-pooled over the attention mask, then
+  ``LinearTransformation`` (1024 -> 768 for M-CLIP/XLM-Roberta-Large-Vit-L-14): the attribute names of
+  Multilingual-CLIP's pt_multilingual_clip.MultilingualCLIP, so its released state dict loads as it is;
+- image tower: OpenAI CLIP's vision transformer + projection (transformers CLIPVisionModelWithProjection), frozen.
+  It has no dropout, so train and eval mode give the same features: they are computed once and cached;
+- loss: symmetric cross-entropy of 100 x cosine similarities (fixed scale), image features without gradient,
+  plus ratio x an alignment term between the routine's text and its partner (MSE on the unnormalised
+  embeddings, neither side detached; or the alternatives ``contrastive`` / ``contrastive_with_image``);
+- routines: baseline1 (target text), method1 (target <-> English), method2 (target <-> MT en->target),
+  baseline2 (MT target->en), method3 (MT target->en <-> English); each is tested on the text it trains on;
+- PET: full fine-tuning, LoRA (peft), bottleneck adapters, soft prompts (after <s>), hard prompts (a text prefix);
+- training: Adam (weight decay 0), cosine schedule without warm-up, validation every --eval-steps optimizer steps,
+  the best validation state (``>=``, as the reference: the latest of equal scores) is tested.
+
+    python train_mclip.py --dataset xtd --data-root XTD10 --lang de --routine method3 --pet lora \
+        --text-checkpoint M-CLIP-XLM-Roberta-Large-Vit-L-14 --tokenizer M-CLIP-XLM-Roberta-Large-Vit-L-14 \
+        --image-features xtd_vitl14.pt --output-dir runs/mclip-xtd-de-method3-lora
+    python train_mclip.py table runs/mclip-xtd-*      # per-language R@1, average, range, std
+
+Run folder: args.json, metrics.jsonl (train / val / test records), checkpoint_last.pt (resume state after every
+epoch), model_final.pt ({"model": the best validation state of the trainable parameters only, i.e. the
+language's PET module, "meta": ...}), results.json (test R@1 of the best state).
+Single process only (no DDP).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from transformers import XLMRobertaConfig, XLMRobertaModel
+
+import data
+
+LOGIT_SCALE = 100.0  # the reference's fixed scale (trainer.py), not CLIP's learned one
+ROUTINES = {  # routine: (text kind trained and tested on, alignment partner kind or None)
+    "baseline1": ("native", None),
+    "method1": ("native", "en"),
+    "method2": ("native", "from_en"),
+    "baseline2": ("to_en", None),
+    "method3": ("to_en", "en"),
+}
+ALIGN_LOSSES = ("mse", "contrastive", "contrastive_with_image")
+PETS = ("full", "lora", "adapter", "prompt", "none")
+XTD_LANGS = ("en", "de", "fr", "es", "it", "jp", "ko", "pl", "ru", "tr", "zh")
+MULTI30K_LANGS = ("en", "de", "fr", "cs")
+TEXT_KINDS = ("native", "from_en", "to_en")
+
+TEXT_CONFIGS = {
+    # xlm-roberta-large's config.json: the text tower of M-CLIP/XLM-Roberta-Large-Vit-L-14 (out_dim 768)
+    "large": {"vocab_size": 250002, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+              "intermediate_size": 4096, "max_position_embeddings": 514, "type_vocab_size": 1,
+              "layer_norm_eps": 1e-5, "out_dim": 768},
+    "tiny": {"vocab_size": 1000, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64, "max_position_embeddings": 66, "type_vocab_size": 1,
+             "layer_norm_eps": 1e-5, "out_dim": 16},
+}
+# The reference's settings (run_XTD.py and the paper): Adam lr 1e-3 (its default; the paper grid-searches),
+# weight decay 0, no warm-up, 50 epochs, batch 5 and validation every 5 steps (the issue's reading of the
+# published runs; run_XTD.py's argparse defaults are 4 and 4), XTD split seed 42 and n_shot 50.
+DEFAULTS = {"lr": 1e-3, "epochs": 50, "batch_size": 5, "eval_steps": 5, "eval_batch_size": 200, "split_seed": 42,
+            "seed": 1, "align_ratio": 1.0, "lora_r": 8, "lora_alpha": 16, "adapter_dim": 24, "soft_tokens": 4}
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def text_config(name_or_dict: str | dict) -> tuple[XLMRobertaConfig, int]:
+    """(XLMRobertaConfig, output dim) of a named config or a dict of TEXT_CONFIGS' keys."""
+    cfg = dict(TEXT_CONFIGS[name_or_dict] if isinstance(name_or_dict, str) else name_or_dict)
+    out_dim = cfg.pop("out_dim")
+    return XLMRobertaConfig(pad_token_id=data.PAD_ID, bos_token_id=data.BOS_ID, eos_token_id=data.EOS_ID,
+                            **cfg), out_dim
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Average of the token states the mask keeps, in the reference's order of operations."""
+    return (hidden * mask.unsqueeze(2)).sum(dim=1) / mask.sum(dim=1)[:, None]
+
+
+class SoftPrompt(nn.Module):
+    """Trainable embeddings inserted right after <s> (the reference's soft_prompt.py; peft's prompt tuning puts
+    them before <s>, hence our own). The attention mask is extended with ones, so mean pooling covers them."""
+
+    def __init__(self, init: torch.Tensor):
+        super().__init__()
+        self.embeds = nn.Parameter(init.detach().clone())
+
+    def forward(self, token_embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = token_embeds.shape[0]
+        soft = self.embeds.unsqueeze(0).expand(b, -1, -1).to(token_embeds.dtype)
+        embeds = torch.cat([token_embeds[:, :1], soft, token_embeds[:, 1:]], dim=1)
+        ones = mask.new_ones(b, self.embeds.shape[0])
+        return embeds, torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
+
+
+class MCLIPText(nn.Module):
+    """M-CLIP's text tower (Multilingual-CLIP pt_multilingual_clip.MultilingualCLIP, same state-dict keys)."""
+
+    def __init__(self, config: XLMRobertaConfig, out_dim: int):
+        super().__init__()
+        self.transformer = XLMRobertaModel(config)  # with its pooler, unused: the released checkpoint has it
+        self.LinearTransformation = nn.Linear(config.hidden_size, out_dim)
+        self.prompt: SoftPrompt | None = None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.prompt is None:
+            hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            embeds = self.transformer.embeddings.word_embeddings(input_ids)
+            embeds, attention_mask = self.prompt(embeds, attention_mask)
+            hidden = self.transformer(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        return self.LinearTransformation(mean_pool(hidden, attention_mask))
+
+
+def build_text_model(config: str | dict) -> MCLIPText:
+    cfg, out_dim = text_config(config)
+    return MCLIPText(cfg, out_dim)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file or a torch file (weights only); a folder means its model.safetensors or
+    pytorch_model.bin (the Hugging Face layout of M-CLIP's and OpenAI CLIP's releases)."""
+    import engine
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+        if not found:
+            raise ValueError(f"{path}: holds neither model.safetensors nor pytorch_model.bin")
+        path = found[0]
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    state = engine.load_checkpoint(path)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def load_text_weights(model: MCLIPText, state: dict[str, torch.Tensor], source: str) -> None:
+    """Released M-CLIP weights (keys transformer.* and LinearTransformation.*); any other key set is an error."""
+    state = {k: v for k, v in state.items() if not k.endswith("embeddings.position_ids")}  # old buffer, not a weight
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source}: not an M-CLIP text state dict of this config (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the model {tuple(own[k].shape)}")
+    model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------- PET
+
+def output_layer_norms(model: MCLIPText) -> list[nn.Module]:
+    """The encoder's attention.output.LayerNorm and output.LayerNorm of every layer: what the reference's
+    unfrozen_modules=['output.LayerNorm'] matches (OpenDelta matches by name suffix; not the embeddings' one)."""
+    return [m for n, m in model.transformer.encoder.named_modules() if n.endswith("output.LayerNorm")]
+
+
+class BottleneckAdapter(nn.Module):
+    """y + up(gelu_new(down(y))) after a linear layer (OpenDelta's AdapterLayer: weights N(0, 0.01), biases 0).
+    Written here: peft has no sequential bottleneck adapter, and the `adapters` package pins transformers 4."""
+
+    def __init__(self, dim: int, bottleneck: int):
+        super().__init__()
+        self.down_proj = nn.Linear(dim, bottleneck)
+        self.up_proj = nn.Linear(bottleneck, dim)
+        for lin in (self.down_proj, self.up_proj):
+            nn.init.normal_(lin.weight, mean=0.0, std=0.01)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y + self.up_proj(F.gelu(self.down_proj(y), approximate="tanh"))  # gelu_new = tanh approximation
+
+
+def _run_adapter(module: nn.Linear, inputs, output: torch.Tensor) -> torch.Tensor:
+    return module.adapter(output)
+
+
+def add_adapters(model: MCLIPText, bottleneck: int) -> None:
+    """An adapter after every layer's output.dense and attention.output.dense (the reference's modified_modules).
+    The adapter is a submodule of the linear layer, so the base weights keep their released names."""
+    for name, module in model.transformer.encoder.named_modules():
+        if name.endswith("output.dense") and isinstance(module, nn.Linear):
+            module.adapter = BottleneckAdapter(module.out_features, bottleneck).to(module.weight.device)
+            module.register_forward_hook(_run_adapter)
+
+
+def add_lora(model: MCLIPText, r: int, alpha: int) -> None:
+    """peft LoRA on every query and value projection (the reference: OpenDelta LoRA r 8, alpha 16, dropout 0;
+    A Kaiming-uniform, B zero, as peft's default)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["query", "value"], bias="none")
+    inject_adapter_in_model(cfg, model.transformer)
+
+
+def add_soft_prompt(model: MCLIPText, tokenizer, prefix: str | None, n_tokens: int, std: float = 0.02) -> None:
+    """Soft prompt initialised from the prefix's token embeddings (without <s> and </s>), else N(0, std^2) with
+    n_tokens rows (the reference: soft_token_num 4, std 0.02)."""
+    emb = model.transformer.embeddings.word_embeddings.weight
+    if prefix:
+        ids = torch.tensor(data.encode_texts(tokenizer, [prefix])[0][0, 1:-1])
+        init = emb.detach()[ids]
+    else:
+        init = torch.empty(n_tokens, emb.shape[1]).normal_(mean=0.0, std=std)
+    model.prompt = SoftPrompt(init.to(emb.device))
+
+
+def apply_pet(model: MCLIPText, pet: str, args, tokenizer=None) -> None:
+    """Freeze and extend the model for --pet. full: every parameter trains (the reference without
+    --delta_tuning); none: nothing trains (zero-shot); lora/adapter: the modules + the output LayerNorms;
+    prompt: the soft prompt only. The projection LinearTransformation stays frozen under PET, as the reference."""
+    if pet == "full":
+        model.requires_grad_(True)
+        return
+    model.requires_grad_(False)
+    if pet == "lora":
+        add_lora(model, args.lora_r, args.lora_alpha)
+    elif pet == "adapter":
+        add_adapters(model, args.adapter_dim)
+    elif pet == "prompt":
+        add_soft_prompt(model, tokenizer, args.soft_prefix, args.soft_tokens)
+    if pet in ("lora", "adapter"):
+        for ln in output_layer_norms(model):
+            ln.requires_grad_(True)
+    for name, p in model.named_parameters():  # peft marks its own modules trainable; keep exactly ours
+        p.requires_grad_(_is_pet_param(name, pet) or (pet in ("lora", "adapter") and _is_output_ln(name)))
+
+
+def _is_output_ln(name: str) -> bool:
+    return name.startswith("transformer.encoder.") and ".output.LayerNorm." in name
+
+
+def _is_pet_param(name: str, pet: str) -> bool:
+    return {"lora": ".lora_" in name, "adapter": ".adapter." in name,
+            "prompt": name.startswith("prompt.")}.get(pet, False)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters (a language's PET module, or the whole tower under --pet full), cloned."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def is_added_by_pet(name: str) -> bool:
+    return ".lora_" in name or ".adapter." in name or name.startswith("prompt.")
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, base): base counts the text tower's own parameters, not those PET added."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for n, p in model.named_parameters() if not is_added_by_pet(n))
+
+
+# ---------------------------------------------------------------------------------------------- loss and metric
+
+def l2_normalise(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)  # the reference's form (no epsilon)
+
+
+def symmetric_ce(a_n: torch.Tensor, b_n: torch.Tensor, scale: float = LOGIT_SCALE) -> torch.Tensor:
+    """(CE(scale a b^T, diag) + CE(scale b a^T, diag)) / 2 of L2-normalised rows a_n, b_n."""
+    logits = scale * a_n @ b_n.T
+    labels = torch.arange(len(a_n), device=a_n.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def routine_loss(image: torch.Tensor, text: torch.Tensor, partner: torch.Tensor | None, align: str,
+                 ratio: float) -> torch.Tensor:
+    """The reference's loss (trainer.py): image-text symmetric CE on the routine's text, plus ratio x the
+    alignment term between the text and its partner (routines with one)."""
+    image_n, text_n = l2_normalise(image.float()), l2_normalise(text)
+    loss = symmetric_ce(image_n, text_n)
+    if partner is None:
+        return loss
+    if align == "mse":
+        return loss + ratio * F.mse_loss(text, partner)
+    if align == "contrastive":
+        return loss + ratio * symmetric_ce(l2_normalise(partner), text_n)
+    if align == "contrastive_with_image":
+        return loss + ratio * symmetric_ce(image_n, l2_normalise(partner))
+    raise ValueError(f"unknown alignment loss {align!r} (have {', '.join(ALIGN_LOSSES)})")
+
+
+def recall_at_1(image: torch.Tensor, text: torch.Tensor) -> dict[str, float]:
+    """Image i matches text i. i2t / t2i R@1 and their mean (the paper's metric), in percent. A tie with the
+    match counts as a hit (the reference's topk leaves ties to the kernel; with float scores they do not occur)."""
+    sim = l2_normalise(image.float()) @ l2_normalise(text.float()).T
+    diag = sim.diagonal()
+    i2t = (sim > diag[:, None]).sum(1).eq(0).double().mean().item() * 100
+    t2i = (sim > diag[None, :]).sum(0).eq(0).double().mean().item() * 100
+    return {"i2t_r1": i2t, "t2i_r1": t2i, "mean_r1": (i2t + t2i) / 2}
+
+
+def disparity(scores: dict[str, float]) -> dict[str, float]:
+    """Average, range (max - min) and population standard deviation across languages (paper silent on ddof)."""
+    v = np.array(list(scores.values()), dtype=np.float64)
+    return {"avg": float(v.mean()), "range": float(v.max() - v.min()), "std": float(v.std())}
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+@dataclass
+class RetrievalSplit:
+    """Images (paths relative to the image root) and, per text kind and language, one caption per image."""
+    images: list[str]
+    texts: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+    def subset(self, idx: Sequence[int]) -> "RetrievalSplit":
+        return RetrievalSplit([self.images[i] for i in idx],
+                              {k: {l: [t[i] for i in idx] for l, t in d.items()} for k, d in self.texts.items()})
+
+    def captions(self, kind: str, lang: str) -> list[str]:
+        if kind == "en":
+            return self.texts["native"]["en"]
+        return self.texts[kind][lang]
+
+
+def read_lines(path: Path, expect: int | None = None) -> list[str]:
+    """Stripped lines of a UTF-8 text file; an empty line, a wrong count or bad bytes is a one-line ValueError."""
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    try:
+        lines = [s.strip() for s in path.read_text(encoding="utf-8").strip("\n").split("\n")]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for i, s in enumerate(lines, 1):
+        if not s:
+            raise ValueError(f"{path}:{i}: empty line")
+    if expect is not None and len(lines) != expect:
+        raise ValueError(f"{path}: {len(lines)} lines, expected {expect} (one per image)")
+    return lines
+
+
+def xtd_image_path(name: str) -> str:
+    """XTD10 image names are COCO 2014 file names: COCO_train2014_x.jpg -> train2014/COCO_train2014_x.jpg."""
+    parts = name.split("#")[0].split("_")
+    if len(parts) < 3 or not parts[1].startswith(("train", "val")):
+        raise ValueError(f"XTD10 image name {name!r} is not a COCO 2014 file name")
+    return f"{parts[1]}/{name.split('#')[0]}"
+
+
+def load_xtd(root: str | Path, langs: Sequence[str] = XTD_LANGS) -> RetrievalSplit:
+    """XTD10 in PECTVLM's layout: all/test_image_names.txt, all/test_1kcaptions_<lang>.txt and the machine
+    translations translated_from_en/<lang>.txt (English captions into lang), translated_to_en/<lang>.txt."""
+    root = Path(root)
+    names = read_lines(root / "all" / "test_image_names.txt")
+    images = [xtd_image_path(n) for n in names]
+    files = {"native": "all/test_1kcaptions_{}.txt", "from_en": "translated_from_en/{}.txt",
+             "to_en": "translated_to_en/{}.txt"}
+    texts = {k: {l: read_lines(root / f.format(l), len(images)) for l in langs} for k, f in files.items()}
+    if "en" not in langs:
+        texts["native"]["en"] = read_lines(root / files["native"].format("en"), len(images))
+    return RetrievalSplit(images, texts)
+
+
+MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
+
+
+def load_multi30k(root: str | Path, split: str, langs: Sequence[str] = MULTI30K_LANGS) -> RetrievalSplit:
+    """Multi30K task 1 in PECTVLM's layout under data/task1/: image_splits/<split>.txt, raw/<split>.<lang> and
+    translated_from_en/<split>.<lang>, translated_to_en/<split>.<lang>; images are flickr30k-images/<name>."""
+    base = Path(root) / "data" / "task1"
+    name = MULTI30K_SPLITS[split]
+    images = [f"flickr30k-images/{n}" for n in read_lines(base / "image_splits" / f"{name}.txt")]
+    kinds = {"native": "raw", "from_en": "translated_from_en", "to_en": "translated_to_en"}
+    texts = {k: {l: read_lines(base / d / f"{name}.{l}", len(images)) for l in langs} for k, d in kinds.items()}
+    return RetrievalSplit(images, texts)
+
+
+def xtd_splits(full: RetrievalSplit, n_shot: int, seed: int) -> dict[str, RetrievalSplit]:
+    """run_XTD.py's split: a permutation by torch.Generator(seed); train = first n_shot, val = next n_shot,
+    test = the rest, in permutation order (50-shot: 50 / 50 / 900). n_shot 0: everything is test."""
+    perm = torch.randperm(len(full.images), generator=torch.Generator().manual_seed(seed)).tolist()
+    if 2 * n_shot >= len(perm):
+        raise ValueError(f"--n-shot {n_shot}: XTD10 has {len(perm)} images, too few for train + val + test")
+    return {"train": full.subset(perm[:n_shot]), "val": full.subset(perm[n_shot:2 * n_shot]),
+            "test": full.subset(perm[2 * n_shot:])}
+
+
+def multi30k_splits(root, langs: Sequence[str], n_shot: int | None, seed: int) -> dict[str, RetrievalSplit]:
+    """train / val / test_2016_flickr; with n_shot, train is subsampled as PECTVLM's load_file_from_task
+    (first n of a permutation by torch.Generator(seed)). Our choice: val stays whole (reference silent)."""
+    splits = {s: load_multi30k(root, s, langs) for s in MULTI30K_SPLITS}
+    if n_shot:
+        perm = torch.randperm(len(splits["train"].images), generator=torch.Generator().manual_seed(seed)).tolist()
+        splits["train"] = splits["train"].subset(perm[:n_shot])
+    return splits
+
+
+def clip_preprocess(img: Image.Image, size: int) -> torch.Tensor:
+    """OpenAI CLIP's transform: resize the short side to size (bicubic), centre crop, ToTensor, CLIP Normalize."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    new = (size, new_long) if w <= h else (new_long, size)
+    img = img.resize(new, Image.Resampling.BICUBIC)
+    left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
+    img = img.crop((left, top, left + size, top + size))
+    return data.normalize_images(torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)))
+
+
+@torch.no_grad()
+def encode_images(vision, paths: Sequence[Path], batch_size: int = 64, device: str = "cpu") -> torch.Tensor:
+    """Projected CLIP image embeddings [N, D] (CLIPVisionModelWithProjection.image_embeds), float32."""
+    size = vision.config.image_size
+    out = []
+    for i in range(0, len(paths), batch_size):
+        pix = torch.stack([clip_preprocess(data.load_image(p), size) for p in paths[i:i + batch_size]])
+        out.append(vision(pixel_values=pix.to(device)).image_embeds.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, vision.config.projection_dim)
+
+
+def read_image_features(path: str | Path) -> dict[str, torch.Tensor]:
+    """A features file {"names": [image path, ...], "features": FloatTensor [N, D]} -> {name: row}."""
+    import engine
+    obj = engine.load_checkpoint(path)
+    if not isinstance(obj, dict) or "names" not in obj or "features" not in obj:
+        raise ValueError(f"{path}: expected a dict with 'names' and 'features'")
+    names, feats = list(obj["names"]), obj["features"]
+    if not torch.is_tensor(feats) or feats.dim() != 2 or len(names) != len(feats):
+        raise ValueError(f"{path}: 'features' must be [len(names), D], got {getattr(feats, 'shape', type(feats))}")
+    return {n: feats[i].float() for i, n in enumerate(names)}
+
+
+def image_feature_table(splits: dict[str, RetrievalSplit], args) -> dict[str, torch.Tensor]:
+    """Every split's image features, from --image-features or computed once with --clip-vision over --images
+    (and then cached in the run folder as image_features.pt)."""
+    needed = sorted({p for s in splits.values() for p in s.images})
+    if args.image_features:
+        table = read_image_features(args.image_features)
+        missing = [p for p in needed if p not in table]
+        if missing:
+            raise ValueError(f"{args.image_features}: no features for {len(missing)} image(s), e.g. {missing[0]!r}")
+        return table
+    if not (args.images and args.clip_vision):
+        raise ValueError("give --image-features, or --images with --clip-vision")
+    paths = [Path(args.images) / p for p in needed]
+    absent = [p for p in paths if not p.is_file()]
+    if absent:
+        raise ValueError(f"image file {absent[0]} not found ({len(absent)} missing under --images)")
+    from transformers import CLIPVisionModelWithProjection
+    vision = CLIPVisionModelWithProjection.from_pretrained(args.clip_vision, local_files_only=True).eval()
+    feats = encode_images(vision, paths)
+    return {n: feats[i] for i, n in enumerate(needed)}
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def batch_texts(texts: Sequence[str], prompt: str | None) -> list[str]:
+    """A hard prompt is the prefix text before each caption (the paper's English hard prompt)."""
+    return [f"{prompt} {t}" for t in texts] if prompt else list(texts)
+
+
+def encode(model: MCLIPText, tokenizer, texts: Sequence[str], device) -> torch.Tensor:
+    """The reference's MultilingualCLIP.forward(txt, tokenizer): pad to the longest, no truncation."""
+    ids, mask = data.encode_texts(tokenizer, texts)
+    return model(ids.to(device), mask.to(device))
+
+
+@torch.no_grad()
+def evaluate(model: MCLIPText, tokenizer, split: RetrievalSplit, images: dict[str, torch.Tensor], kind: str,
+             lang: str, args, device) -> dict[str, float]:
+    """R@1 of the split's images against its captions of (kind, lang), texts in chunks of --eval-batch-size."""
+    was_training = model.training
+    model.eval()
+    texts = batch_texts(split.captions(kind, lang), args.hard_prompt)
+    feats = [encode(model, tokenizer, texts[i:i + args.eval_batch_size], device).float().cpu()
+             for i in range(0, len(texts), args.eval_batch_size)]
+    model.train(was_training)
+    image = torch.stack([images[p] for p in split.images])
+    return recall_at_1(image, torch.cat(feats))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Shuffled training order of an epoch, from (seed, epoch) only: a resumed run sees the same batches."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def cosine_no_warmup(total_steps: int) -> Callable[[int], float]:
+    """transformers.get_cosine_schedule_with_warmup with 0 warm-up steps and half a cycle."""
+    return lambda step: max(0.0, 0.5 * (1.0 + math.cos(math.pi * step / max(1, total_steps))))
+
+
+def train_step(model, tokenizer, split: RetrievalSplit, idx: list[int], images, args, device) -> torch.Tensor:
+    main_kind, partner_kind = ROUTINES[args.routine]
+    image = torch.stack([images[split.images[i]] for i in idx]).to(device)
+    texts = lambda kind: batch_texts([split.captions(kind, args.lang)[i] for i in idx], args.hard_prompt)  # noqa
+    text = encode(model, tokenizer, texts(main_kind), device)
+    partner = encode(model, tokenizer, texts(partner_kind), device) if partner_kind else None
+    return routine_loss(image, text, partner, args.align_loss, args.align_ratio)
+
+
+@dataclass
+class Progress:
+    epoch: int = 0           # epochs completed
+    step: int = 0            # optimizer steps done
+    best: float = -1.0       # best validation mean R@1
+    best_step: int = -1
+    metrics_size: int = 0    # bytes of metrics.jsonl at the last checkpoint
+
+
+def fit(model, tokenizer, splits, images, args, run_dir: Path, log, device) -> dict[str, torch.Tensor]:
+    """The reference's loop (trainer.train): step, validate every --eval-steps steps, keep the best state."""
+    import engine
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=0.0)
+    n = len(splits["train"].images)
+    steps_per_epoch = math.ceil(n / args.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_no_warmup(steps_per_epoch * args.epochs))
+    prog, best_state = Progress(), trainable_state(model)
+    ckpt = run_dir / engine.CHECKPOINT
+    if args.resume and ckpt.is_file():
+        prog, best_state = resume_from(ckpt, model, optimizer, sched, log, device)
+    main_kind = ROUTINES[args.routine][0]
+    model.train()
+    for epoch in range(prog.epoch, args.epochs):
+        order = epoch_order(n, args.seed, epoch)
+        for b in range(0, n, args.batch_size):
+            loss = train_step(model, tokenizer, splits["train"], order[b:b + args.batch_size], images, args, device)
+            loss.backward()
+            optimizer.step()
+            sched.step()
+            optimizer.zero_grad(set_to_none=True)
+            prog.step += 1
+            log.write({"type": "train", "epoch": epoch, "step": prog.step, "loss": loss.item(),
+                       "lr": sched.get_last_lr()[0]})
+            if prog.step % args.eval_steps == 0:
+                val = evaluate(model, tokenizer, splits["val"], images, main_kind, args.lang, args, device)
+                log.write({"type": "val", "epoch": epoch, "step": prog.step, **val})
+                if val["mean_r1"] >= prog.best:
+                    prog.best, prog.best_step, best_state = val["mean_r1"], prog.step, trainable_state(model)
+        prog.epoch = epoch + 1
+        prog.metrics_size = log.size()
+        engine.save_checkpoint(ckpt, {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                                      "scheduler": sched.state_dict(), "rng": engine.rng_state(device),
+                                      "progress": vars(prog), "best_state": best_state})
+        engine.fault_point("epoch_end")
+    return best_state
+
+
+def resume_from(ckpt: Path, model, optimizer, sched, log, device) -> tuple[Progress, dict]:
+    import engine
+    state = engine.load_checkpoint(ckpt)
+    load_trainable(model, state["model"], str(ckpt))
+    optimizer.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    engine.set_rng_state(state["rng"], device)
+    prog = Progress(**state["progress"])
+    log.truncate(prog.metrics_size)
+    return prog, state["best_state"]
+
+
+def load_trainable(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy a trainable-parameter state (a PET module) into the model; names must be exactly its trainable ones."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        diff = sorted(set(params) ^ set(state))
+        raise ValueError(f"{source}: trainable parameters differ from this --pet setting (e.g. {diff[0]!r})")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state[n])
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = DEFAULTS
+    p.add_argument("--dataset", choices=("xtd", "multi30k"), required=True)
+    p.add_argument("--data-root", required=True, help="XTD10 or multi30k-dataset folder (PECTVLM layout)")
+    p.add_argument("--lang", required=True, help="target language of this run")
+    p.add_argument("--routine", choices=tuple(ROUTINES), default="method3")
+    p.add_argument("--align-loss", choices=ALIGN_LOSSES, default="mse")
+    p.add_argument("--align-ratio", type=float, default=d["align_ratio"], help="weight of the alignment term")
+    p.add_argument("--pet", choices=PETS, default="lora", help="none = zero-shot (no training)")
+    p.add_argument("--n-shot", type=int, default=50, help="XTD: train/val images (50: 50/50/900); Multi30K: train "
+                                                          "subsample (0 = full data)")
+    p.add_argument("--split-seed", type=int, default=d["split_seed"])
+    p.add_argument("--hard-prompt", default=None, help="text put before every caption, e.g. 'a photo of'")
+    p.add_argument("--soft-prefix", default=None, help="--pet prompt: initialise from this text's token embeddings")
+    p.add_argument("--soft-tokens", type=int, default=d["soft_tokens"], help="--pet prompt without --soft-prefix")
+    p.add_argument("--lora-r", type=int, default=d["lora_r"])
+    p.add_argument("--lora-alpha", type=int, default=d["lora_alpha"])
+    p.add_argument("--adapter-dim", type=int, default=d["adapter_dim"])
+    p.add_argument("--text-config", default="large", help="large | tiny | a json of TEXT_CONFIGS keys")
+    p.add_argument("--text-checkpoint", default=None, help="M-CLIP text weights (folder or file); none = random")
+    p.add_argument("--tokenizer", required=True, help="XLM-R tokenizer folder (M-CLIP's release ships one)")
+    p.add_argument("--image-features", default=None, help="{'names', 'features'} torch file of CLIP image embeddings")
+    p.add_argument("--images", default=None, help="image root (XTD: train2014/ val2014/; Multi30K: flickr30k-images/)")
+    p.add_argument("--clip-vision", default=None, help="CLIPVisionModelWithProjection folder (openai/clip-vit-large-patch14)")
+    p.add_argument("--epochs", type=int, default=d["epochs"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--eval-steps", type=int, default=d["eval_steps"])
+    p.add_argument("--eval-batch-size", type=int, default=d["eval_batch_size"])
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--resume", action="store_true")
+    return p
+
+
+def check_args(args) -> None:
+    langs = XTD_LANGS if args.dataset == "xtd" else MULTI30K_LANGS
+    if args.lang not in langs:
+        raise SystemExit(f"error: --lang {args.lang}: {args.dataset} has {', '.join(langs)}")
+    for name in ("epochs", "batch_size", "eval_steps", "eval_batch_size"):
+        if getattr(args, name) < (0 if name == "epochs" else 1):
+            raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)} is out of range")
+    if args.pet != "none" and args.n_shot == 0 and args.dataset == "xtd":
+        raise SystemExit("error: XTD10 has no training split without --n-shot; use --pet none for zero-shot")
+
+
+def resolve_text_config(name: str) -> str | dict:
+    if name in TEXT_CONFIGS:
+        return name
+    try:
+        cfg = json.loads(Path(name).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --text-config {name}: not {' / '.join(TEXT_CONFIGS)} nor a readable json ({e})")
+    unknown = sorted(set(cfg) ^ set(TEXT_CONFIGS["large"]))
+    if unknown:
+        raise SystemExit(f"error: --text-config {name}: key {unknown[0]!r} missing or unknown")
+    return cfg
+
+
+def load_splits(args) -> dict[str, RetrievalSplit]:
+    langs = sorted({args.lang, "en"})
+    if args.dataset == "xtd":
+        return xtd_splits(load_xtd(args.data_root, langs), args.n_shot, args.split_seed)
+    return multi30k_splits(args.data_root, langs, args.n_shot, args.split_seed)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import engine
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["table"]:
+        return print_table(argv[1:])
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    run_dir = engine.check_run_dir(args, engine.DistInfo())
+    cuda = torch.cuda.is_available() and os.environ.get("SUF_DEVICE", "") != "cpu"
+    device = torch.device("cuda" if cuda else "cpu")
+    try:
+        splits = load_splits(args)
+        images = image_feature_table(splits, args)
+        tokenizer = data.load_tokenizer(args.tokenizer)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    config = resolve_text_config(args.text_config)
+    engine.seed_everything(args.seed)
+    model = build_text_model(config)
+    if args.text_checkpoint:
+        try:
+            load_text_weights(model, read_state_dict(args.text_checkpoint), args.text_checkpoint)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    apply_pet(model, args.pet, args, tokenizer)
+    model.to(device)
+    trainable, base = count_params(model)
+    log = engine.MetricsLog(run_dir / engine.METRICS, True)
+    if not args.resume or not (run_dir / engine.CHECKPOINT).is_file():
+        log.truncate(0)
+        (run_dir / engine.ARGS).write_text(json.dumps(engine.json_safe(vars(args)), indent=1) + "\n")
+    log.write({"type": "params", "trainable": trainable, "base": base, "share_pct": 100 * trainable / base})
+    best = trainable_state(model)
+    if args.pet != "none" and args.epochs > 0:
+        best = fit(model, tokenizer, splits, images, args, run_dir, log, device)
+        load_trainable(model, best, "best validation state")
+    test = evaluate(model, tokenizer, splits["test"], images, ROUTINES[args.routine][0], args.lang, args, device)
+    log.write({"type": "test", **test})
+    meta = {"model": "mclip", "text_config": config, "pet": args.pet, "routine": args.routine, "lang": args.lang,
+            "dataset": args.dataset, "n_shot": args.n_shot, "trainable": trainable, "base": base}
+    engine.save_checkpoint(run_dir / engine.FINAL, {"model": best, "meta": meta})
+    result = {**meta, "test": test}
+    write_json_atomic(run_dir / "results.json", result)
+    print(json.dumps({"lang": args.lang, "routine": args.routine, "pet": args.pet, **test}))
+    return result
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+def print_table(run_dirs: Sequence[str]) -> dict:
+    """Per-language test mean R@1 of each (dataset, routine, pet, n_shot) group, with average, range and std.
+    XTD10 numbers: 800 of its 1,000 images are COCO train images, on which M-CLIP was trained."""
+    groups: dict[tuple, dict[str, float]] = {}
+    for d in run_dirs:
+        path = Path(d) / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"error: {path}: no results (run unfinished?)")
+        r = json.loads(path.read_text())
+        groups.setdefault((r["dataset"], r["routine"], r["pet"], r["n_shot"]), {})[r["lang"]] = r["test"]["mean_r1"]
+    out = {}
+    for key, scores in sorted(groups.items()):
+        stats = disparity(scores)
+        out["/".join(map(str, key))] = {**scores, **stats}
+        cells = " ".join(f"{l}={v:.1f}" for l, v in sorted(scores.items()))
+        note = "  (XTD10: 800/1000 images are COCO train, seen by M-CLIP)" if key[0] == "xtd" else ""
+        print(f"{'/'.join(map(str, key))}: {cells} | avg {stats['avg']:.2f} range {stats['range']:.2f} "
+              f"std {stats['std']:.2f}{note}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
