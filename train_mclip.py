@@ -220,7 +220,7 @@ def add_soft_prompt(model: MCLIPText, tokenizer, prefix: str | None, n_tokens: i
     n_tokens rows (the reference: soft_token_num 4, std 0.02)."""
     emb = model.transformer.embeddings.word_embeddings.weight
     if prefix:
-        ids = torch.tensor(data.encode_texts(tokenizer, [prefix])[0][0, 1:-1])
+        ids = data.encode_texts(tokenizer, [prefix])[0][0, 1:-1]
         init = emb.detach()[ids]
     else:
         init = torch.empty(n_tokens, emb.shape[1]).normal_(mean=0.0, std=std)
@@ -289,7 +289,7 @@ def routine_loss(image: torch.Tensor, text: torch.Tensor, partner: torch.Tensor 
                  ratio: float) -> torch.Tensor:
     """The reference's loss (trainer.py): image-text symmetric CE on the routine's text, plus ratio x the
     alignment term between the text and its partner (routines with one)."""
-    image_n, text_n = l2_normalise(image.float()), l2_normalise(text)
+    image_n, text_n = l2_normalise(image.to(text.dtype)), l2_normalise(text)  # the reference: .float()
     loss = symmetric_ce(image_n, text_n)
     if partner is None:
         return loss
@@ -504,7 +504,8 @@ def cosine_no_warmup(total_steps: int) -> Callable[[int], float]:
 
 def train_step(model, tokenizer, split: RetrievalSplit, idx: list[int], images, args, device) -> torch.Tensor:
     main_kind, partner_kind = ROUTINES[args.routine]
-    image = torch.stack([images[split.images[i]] for i in idx]).to(device)
+    # the reference computes image features under no_grad: the image tower is frozen and gets no gradient
+    image = torch.stack([images[split.images[i]] for i in idx]).detach().to(device)
     texts = lambda kind: batch_texts([split.captions(kind, args.lang)[i] for i in idx], args.hard_prompt)  # noqa
     text = encode(model, tokenizer, texts(main_kind), device)
     partner = encode(model, tokenizer, texts(partner_kind), device) if partner_kind else None

@@ -1,0 +1,387 @@
+"""train_mclip.py: M-CLIP text tower parity with the reference MultilingualCLIP, the reference loss and its
+gradients, mean pooling, PET (LoRA / adapter / soft and hard prompts) freezing and identities, trainable shares
+on the real shapes, the loaders' errors, a tiny end-to-end run and bitwise resume."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+import data  # noqa: E402
+import engine  # noqa: E402
+import train_mclip as M  # noqa: E402
+from parity import assert_matches_reference  # noqa: E402
+
+FIX = ROOT / "tests" / "fixtures" / "mclip"
+PET_ARGS = argparse.Namespace(lora_r=8, lora_alpha=16, adapter_dim=4, soft_prefix=None, soft_tokens=3)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    inputs = json.loads((FIX / "inputs.json").read_text())
+    model = M.build_text_model(inputs["text_config"]).eval()
+    M.load_text_weights(model, load_file(str(FIX / "weights.safetensors")), "fixture")
+    return model, data.load_tokenizer(FIX / "tokenizer"), inputs["texts"], load_file(str(FIX / "outputs.safetensors"))
+
+
+def tiny_model(seed: int = 0, pet: str | None = None, tokenizer=None, **over) -> M.MCLIPText:
+    torch.manual_seed(seed)
+    model = M.build_text_model("tiny")
+    if pet:
+        M.apply_pet(model, pet, argparse.Namespace(**{**vars(PET_ARGS), **over}), tokenizer)
+    return model
+
+
+def ids(*rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    x = torch.full((len(rows), width), data.PAD_ID)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        x[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    return x, mask
+
+
+# ---------------------------------------------------------------- parity with the reference
+
+def test_text_tower_matches_reference_multilingual_clip(ref):
+    model, tok, texts, want = ref
+    got_ids, got_mask = data.encode_texts(tok, texts)
+    assert_matches_reference("input_ids", got_ids, want["input_ids"])
+    assert_matches_reference("attention_mask", got_mask, want["attention_mask"])
+    with torch.no_grad():
+        assert_matches_reference("embeddings", M.encode(model, tok, texts, "cpu"), want["embeddings"])
+        one = torch.cat([M.encode(model, tok, [t], "cpu") for t in texts])
+    assert_matches_reference("embeddings_one_by_one", one, want["embeddings_one_by_one"])
+
+
+def test_text_weights_of_another_layout_are_a_one_line_error(ref):
+    model = ref[0]
+    state = dict(model.state_dict())
+    state["LinearTransformation.weight"] = state["LinearTransformation.weight"][:, :3]
+    with pytest.raises(ValueError, match=r"w\.bin: LinearTransformation\.weight has shape"):
+        M.load_text_weights(model, state, "w.bin")
+    state.pop("LinearTransformation.bias")
+    with pytest.raises(ValueError, match="missing .'LinearTransformation.bias'"):
+        M.load_text_weights(model, state, "w.bin")
+
+
+# ---------------------------------------------------------------- trainable shares on the real shapes
+
+@pytest.mark.parametrize("pet,trainable,pct", [("lora", 884_736, 0.158), ("adapter", 2_507_904, 0.447)])
+def test_trainable_share_on_real_xlmr_large_shapes(pet, trainable, pct):
+    with torch.device("meta"):
+        model = M.build_text_model("large")
+        M.apply_pet(model, pet, argparse.Namespace(**{**vars(PET_ARGS), "adapter_dim": 24}))
+    got, base = M.count_params(model)
+    assert (got, base) == (trainable, 560_677_632)
+    assert round(100 * got / base, 3) == pct
+
+
+def test_lora_trains_query_value_and_output_layer_norms_only():
+    names = [n for n, p in tiny_model(pet="lora").named_parameters() if p.requires_grad]
+    kinds = {n.split("layer.")[1].split(".", 1)[1].replace(".default", "") for n in names}
+    assert kinds == {"attention.self.query.lora_A.weight", "attention.self.query.lora_B.weight",
+                     "attention.self.value.lora_A.weight", "attention.self.value.lora_B.weight",
+                     "attention.output.LayerNorm.weight", "attention.output.LayerNorm.bias",
+                     "output.LayerNorm.weight", "output.LayerNorm.bias"}
+    assert len(names) == 2 * len(kinds)  # both tiny layers; never the embeddings' LayerNorm or the projection
+
+
+# ---------------------------------------------------------------- loss, metric
+
+def test_symmetric_loss_on_hand_computed_case():
+    image = torch.tensor([[3.0, 4.0], [0.0, 2.0]], dtype=torch.float64)  # normalised: [.6, .8], [0, 1]
+    text = torch.tensor([[1.0, 0.0], [0.0, 5.0]], dtype=torch.float64)   # normalised: [1, 0], [0, 1]
+    # logits = 100 * [[60, 80], [0, 100]] / 100; rows: CE(60 vs 80), CE(100 vs 0); columns: CE(60 vs 0), CE(100 vs 80)
+    lse = lambda a, b: max(a, b) + math.log1p(math.exp(-abs(a - b)))  # noqa: E731
+    rows = (lse(60, 80) - 60) + (lse(0, 100) - 100)
+    cols = (lse(60, 0) - 60) + (lse(80, 100) - 100)
+    want = (rows / 2 + cols / 2) / 2
+    got = M.routine_loss(image, text, None, "mse", 1.0)
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    partner = torch.tensor([[1.0, 1.0], [2.0, 3.0]], dtype=torch.float64)
+    mse = ((1 - 1) ** 2 + (0 - 1) ** 2 + (0 - 2) ** 2 + (5 - 3) ** 2) / 4  # on the unnormalised embeddings
+    assert M.routine_loss(image, text, partner, "mse", 0.5).item() == pytest.approx(want + 0.5 * mse, rel=1e-12)
+
+
+def test_alignment_terms_send_gradient_to_the_branches_the_reference_does():
+    torch.manual_seed(0)
+    image, text, partner = (torch.randn(4, 6, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    M.routine_loss(image, text, partner, "mse", 2.0).backward()
+    # MSE: the English (partner) branch is not detached, its gradient is exactly d(2 * mean((t - p)^2)) / dp
+    assert torch.allclose(partner.grad, 2.0 * 2 * (partner - text).detach() / text.numel(), rtol=0, atol=1e-15)
+    for align, partner_gets, image_term in [("contrastive", True, False), ("contrastive_with_image", True, True)]:
+        t, p = text.detach().clone().requires_grad_(), partner.detach().clone().requires_grad_()
+        M.routine_loss(image.detach(), t, p, align, 1.0).backward()
+        assert p.grad.abs().sum() > 0
+        # contrastive_with_image: the partner's gradient is that of its own image-partner CE alone
+        if image_term:
+            p2 = partner.detach().clone().requires_grad_()
+            M.symmetric_ce(M.l2_normalise(image.detach()), M.l2_normalise(p2)).backward()
+            assert torch.allclose(p.grad, p2.grad, rtol=1e-12, atol=1e-15)
+    t = text.detach().clone().requires_grad_()
+    M.routine_loss(image.detach(), t, None, "mse", 1.0).backward()
+    assert t.grad.abs().sum() > 0  # baselines: the image-text term only
+
+
+def test_image_features_get_no_gradient_through_the_loss_in_training(tmp_path):
+    model = tiny_model(pet="adapter")
+    split = M.RetrievalSplit(["a.jpg", "b.jpg"], {"native": {"en": ["a b", "c d"], "de": ["e f", "g h"]},
+                                                  "to_en": {"de": ["a c", "b d"]}})
+    tok = data.make_tiny_tokenizer(["a b c d e f g h"] * 5, tmp_path / "tok", vocab_size=40)
+    feats = {n: torch.randn(16, requires_grad=True) for n in split.images}
+    args = argparse.Namespace(routine="method3", lang="de", hard_prompt=None, align_loss="mse", align_ratio=1.0)
+    M.train_step(model, tok, split, [0, 1], feats, args, "cpu").backward()
+    assert all(f.grad is None for f in feats.values())
+    assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_recall_at_1_and_disparity_on_hand_cases():
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    text = torch.tensor([[1.0, 0.1], [1.0, 0.0], [0.9, 1.0]])
+    # cosines: image0 [.995, 1, .669], image1 [.0995, 0, .743], image2 [.774, .707, .999] (rows: texts 0-2)
+    # i2t: image0 -> text1 miss, image1 -> text2 miss, image2 -> text2 hit; t2i: text0 -> image0 hit,
+    # text1 -> image0 miss, text2 -> image2 hit
+    got = M.recall_at_1(image, text)
+    assert got["i2t_r1"] == pytest.approx(100 / 3) and got["t2i_r1"] == pytest.approx(200 / 3)
+    assert got["mean_r1"] == pytest.approx(50.0)
+    d = M.disparity({"en": 50.0, "de": 40.0, "ja": 30.0})
+    assert d == pytest.approx({"avg": 40.0, "range": 20.0, "std": math.sqrt(200 / 3)})
+
+
+# ---------------------------------------------------------------- pooling, PET identities and freezing
+
+def test_mean_pooling_ignores_padding():
+    model = tiny_model().eval()
+    x, mask = ids([0, 7, 8, 2], [0, 9, 10, 11, 12, 13, 2])
+    with torch.no_grad():
+        batch = model(x, mask)
+        alone = model(*ids([0, 7, 8, 2]))
+        hidden = torch.randn(2, 7, 5)
+        garbage = hidden.clone()
+        garbage[0, 4:] = 1e6
+    assert_matches_reference("padded row", batch[:1], alone)
+    assert torch.equal(M.mean_pool(hidden, mask), M.mean_pool(garbage, mask))
+
+
+def _train_a_little(model: M.MCLIPText, steps: int = 3) -> None:
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, mask = ids([0, 5, 6, 7, 2], [0, 8, 9, 2])
+    for _ in range(steps):
+        model(x, mask).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("pet", ["lora", "adapter", "prompt"])
+def test_pet_freezes_everything_else_bitwise(pet):
+    model = tiny_model(pet=pet)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trained = M.trainable_state(model)
+    assert "LinearTransformation.weight" in frozen and trained
+    _train_a_little(model)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    changed = [n for n, p in model.named_parameters() if n in trained and not torch.equal(p, trained[n])]
+    assert changed, "no trainable parameter moved"
+
+
+def test_lora_with_zero_B_equals_base_bitwise_and_merged_equals_unmerged():
+    from peft.tuners.lora import LoraLayer
+    base = tiny_model(seed=1).eval()
+    lora = tiny_model(seed=1, pet="lora").eval()
+    x, mask = ids([0, 5, 6, 7, 2], [0, 8, 2])
+    with torch.no_grad():
+        assert torch.equal(lora(x, mask), base(x, mask))
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+        unmerged = lora(x, mask)
+        assert not torch.allclose(unmerged, base(x, mask))
+        for m in lora.modules():
+            if isinstance(m, LoraLayer):
+                m.merge()
+        assert_matches_reference("merged LoRA", lora(x, mask), unmerged)
+
+
+def test_adapter_with_zero_up_projection_equals_base_bitwise():
+    base = tiny_model(seed=2).eval()
+    adapted = tiny_model(seed=2, pet="adapter").eval()
+    x, mask = ids([0, 5, 6, 7, 2], [0, 8, 2])
+    with torch.no_grad():
+        assert not torch.equal(adapted(x, mask), base(x, mask))  # N(0, 0.01) up-projection: a real change
+        for n, p in adapted.named_parameters():
+            if "up_proj" in n:
+                p.zero_()
+        assert torch.equal(adapted(x, mask), base(x, mask))
+
+
+def test_soft_prompt_goes_after_bos_and_extends_the_mask():
+    prompt = M.SoftPrompt(torch.full((2, 3), 7.0))
+    embeds = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    out, out_mask = prompt(embeds, mask)
+    assert torch.equal(out[:, 0], embeds[:, 0]) and torch.equal(out[:, 3:], embeds[:, 1:])
+    assert (out[:, 1:3] == 7.0).all()
+    assert out_mask.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
+
+
+def test_soft_prompt_from_prefix_equals_the_hard_prompt_on_unpadded_input(tmp_path):
+    tok = data.make_tiny_tokenizer(["a photo of a dog on the beach"] * 5, tmp_path / "tok", vocab_size=40)
+    prefix_ids = data.encode_texts(tok, ["a photo of"])[0][0, 1:-1].tolist()
+    text_ids = data.encode_texts(tok, ["a dog"])[0][0].tolist()
+    base = tiny_model(seed=3).eval()
+    soft = tiny_model(seed=3, pet="prompt", tokenizer=tok, soft_prefix="a photo of").eval()
+    assert soft.prompt.embeds.shape[0] == len(prefix_ids)
+    with torch.no_grad():
+        hard = base(*ids(text_ids[:1] + prefix_ids + text_ids[1:]))
+        assert_matches_reference("soft prompt = hard prompt ids", soft(*ids(text_ids)), hard)
+
+
+def test_clip_image_tower_is_the_same_in_train_and_eval_mode(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8, projection_dim=12)
+    vision = CLIPVisionModelWithProjection(cfg)
+    paths = data.write_synthetic_images(tmp_path, ["a.jpg", "b.png"], size=(50, 40))
+    with torch.no_grad():
+        vision.train()
+        train = M.encode_images(vision, paths)
+        vision.eval()
+        assert torch.equal(M.encode_images(vision, paths), train)
+    assert train.shape == (2, 12)
+    assert M.clip_preprocess(data.load_image(paths[0]), 32).shape == (3, 32, 32)
+
+
+# ---------------------------------------------------------------- data
+
+LANG_WORDS = {"en": "dog cat red blue runs sits on grass", "de": "hund katze rot blau läuft sitzt auf gras"}
+
+
+def write_xtd(root: Path, n: int = 12) -> list[str]:
+    names = [f"COCO_val2014_{i:012d}.jpg" for i in range(n)]
+    (root / "all").mkdir(parents=True)
+    (root / "all" / "test_image_names.txt").write_text("\n".join(names) + "\n")
+    for kind, pattern in [("native", "all/test_1kcaptions_{}.txt"), ("from_en", "translated_from_en/{}.txt"),
+                          ("to_en", "translated_to_en/{}.txt")]:
+        for lang, words in LANG_WORDS.items():
+            w = words.split()
+            lines = [" ".join(w[(i * k) % len(w)] for k in range(1, 5)) + f" {kind[:2]}" for i in range(n)]
+            path = root / pattern.format(lang)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("\n".join(lines) + "\n")
+    return [M.xtd_image_path(x) for x in names]
+
+
+def test_xtd_loader_reads_pectvlm_layout_and_splits_like_run_xtd(tmp_path):
+    images = write_xtd(tmp_path)
+    full = M.load_xtd(tmp_path, ["de", "en"])
+    assert full.images == images and images[0] == "val2014/COCO_val2014_000000000000.jpg"
+    splits = M.xtd_splits(full, 3, 42)
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(42)).tolist()
+    assert splits["train"].images == [images[i] for i in perm[:3]]
+    assert [len(s.images) for s in splits.values()] == [3, 3, 6]
+    assert splits["test"].captions("to_en", "de")[0] == full.texts["to_en"]["de"][perm[6]]
+    assert splits["val"].captions("en", "de") == [full.texts["native"]["en"][i] for i in perm[3:6]]
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda p: p.write_text("a\nb\n"), r"test_1kcaptions_de\.txt: 2 lines, expected 12"),
+    (lambda p: p.write_text("a\n\nb\n" + "c\n" * 9), r"test_1kcaptions_de\.txt:2: empty line"),
+    (lambda p: p.write_bytes(b"\xff\xfe\n" * 12), r"test_1kcaptions_de\.txt: not UTF-8"),
+    (lambda p: p.unlink(), r"test_1kcaptions_de\.txt: file not found"),
+])
+def test_bad_xtd_caption_file_is_a_one_line_error_naming_it(tmp_path, damage, match):
+    write_xtd(tmp_path)
+    damage(tmp_path / "all" / "test_1kcaptions_de.txt")
+    with pytest.raises(ValueError, match=match):
+        M.load_xtd(tmp_path, ["de", "en"])
+
+
+def test_multi30k_loader_reads_task1_layout(tmp_path):
+    base = tmp_path / "data" / "task1"
+    for split, name in M.MULTI30K_SPLITS.items():
+        (base / "image_splits").mkdir(parents=True, exist_ok=True)
+        (base / "image_splits" / f"{name}.txt").write_text("1.jpg\n2.jpg\n")
+        for d in ("raw", "translated_from_en", "translated_to_en"):
+            (base / d).mkdir(exist_ok=True)
+            for lang in ("en", "cs"):
+                (base / d / f"{name}.{lang}").write_text(f"{d} {lang} one\n{d} {lang} two\n")
+    splits = M.multi30k_splits(tmp_path, ["cs", "en"], None, 42)
+    assert splits["test"].images == ["flickr30k-images/1.jpg", "flickr30k-images/2.jpg"]
+    assert splits["val"].captions("to_en", "cs") == ["translated_to_en cs one", "translated_to_en cs two"]
+    assert len(M.multi30k_splits(tmp_path, ["cs", "en"], 1, 42)["train"].images) == 1
+
+
+# ---------------------------------------------------------------- end to end, resume
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("xtd")
+    images = write_xtd(root / "XTD10")
+    texts = [l for p in (root / "XTD10").rglob("*.txt") for l in p.read_text().splitlines()]
+    data.make_tiny_tokenizer(texts * 3 + ["a photo of"], root / "tok", vocab_size=60)
+    torch.manual_seed(0)
+    torch.save({"names": images, "features": torch.randn(len(images), 16)}, root / "feats.pt")
+    return root
+
+
+def cli(world: Path, out: Path, *extra: str) -> list[str]:
+    return ["--dataset", "xtd", "--data-root", str(world / "XTD10"), "--lang", "de", "--routine", "method3",
+            "--pet", "lora", "--n-shot", "3", "--text-config", "tiny", "--tokenizer", str(world / "tok"),
+            "--image-features", str(world / "feats.pt"), "--epochs", "2", "--batch-size", "2", "--eval-steps", "2",
+            "--lr", "1e-2", "--seed", "0", "--output-dir", str(out), *extra]
+
+
+def lines(run: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / engine.METRICS).read_text().splitlines()) if r["type"] == kind]
+
+
+def test_tiny_run_trains_validates_and_tests_the_best_state(world, tmp_path):
+    result = M.main(cli(world, tmp_path / "run"))
+    run = tmp_path / "run"
+    train, val = lines(run, "train"), lines(run, "val")
+    assert len(train) == 4 and [v["step"] for v in val] == [2, 4]  # 2 epochs x ceil(3 / 2) steps
+    assert train[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to zero, no warm-up
+    final = torch.load(run / engine.FINAL, weights_only=True)
+    assert all(".lora_" in k or "LayerNorm" in k for k in final["model"])  # the language's PET module only
+    test = {k: v for k, v in lines(run, "test")[0].items() if k != "type"}
+    assert result["test"] == test and set(test) == {"i2t_r1", "t2i_r1", "mean_r1"}
+    assert json.loads((run / "results.json").read_text())["lang"] == "de"
+    with pytest.raises(SystemExit, match="already holds a run"):
+        M.main(cli(world, run))
+
+
+def test_zero_shot_with_a_hard_prompt_trains_nothing(world, tmp_path):
+    result = M.main(cli(world, tmp_path / "zs", "--pet", "none", "--hard-prompt", "a photo of"))
+    assert lines(tmp_path / "zs", "train") == [] and result["trainable"] == 0
+
+
+def test_resume_after_a_failure_is_bitwise_exact(world, tmp_path, monkeypatch):
+    M.main(cli(world, tmp_path / "whole", "--epochs", "3"))
+    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:2")
+    monkeypatch.setattr(engine, "_fault_counts", {})
+    with pytest.raises(RuntimeError, match="injected failure"):
+        M.main(cli(world, tmp_path / "cut", "--epochs", "3"))
+    monkeypatch.delenv("SUF_FAULT")
+    M.main(cli(world, tmp_path / "cut", "--epochs", "3", "--resume"))
+    a = torch.load(tmp_path / "whole" / engine.FINAL, weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / engine.FINAL, weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "whole" / engine.METRICS).read_text() == (tmp_path / "cut" / engine.METRICS).read_text()
+
+
+def test_missing_image_features_are_named_before_training(world, tmp_path):
+    torch.save({"names": ["val2014/x.jpg"], "features": torch.zeros(1, 16)}, tmp_path / "f.pt")
+    with pytest.raises(SystemExit, match=r"f\.pt: no features for 12 image\(s\), e\.g\. 'val2014/COCO_val2014_"):
+        M.main(cli(world, tmp_path / "run", "--image-features", str(tmp_path / "f.pt")))
