@@ -355,6 +355,11 @@ def test_tiny_run_trains_validates_and_tests_the_best_state(world, tmp_path):
     assert train[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to zero, no warm-up
     final = torch.load(run / engine.FINAL, weights_only=True)
     assert all(".lora_" in k or "LayerNorm" in k for k in final["model"])  # the language's PET module only
+    # the tested state is the best validation one (ties: the latest), a trained one (LoRA B starts at zero)
+    last = torch.load(run / engine.CHECKPOINT, weights_only=True)["model"]
+    best_is_last = val[-1]["mean_r1"] >= max(v["mean_r1"] for v in val)
+    assert all(torch.equal(final["model"][k], last[k]) for k in last) == best_is_last
+    assert any(v.any() for k, v in final["model"].items() if "lora_B" in k)
     test = {k: v for k, v in lines(run, "test")[0].items() if k != "type"}
     assert result["test"] == test and set(test) == {"i2t_r1", "t2i_r1", "mean_r1"}
     assert json.loads((run / "results.json").read_text())["lang"] == "de"
