@@ -21,6 +21,8 @@ align_from_to_en/, "the reference" below). One run adapts the M-CLIP text tower 
         --text-checkpoint M-CLIP-XLM-Roberta-Large-Vit-L-14 --tokenizer M-CLIP-XLM-Roberta-Large-Vit-L-14 \
         --image-features xtd_vitl14.pt --output-dir runs/mclip-xtd-de-method3-lora
     python train_mclip.py table runs/mclip-xtd-*      # per-language R@1, average, range, std
+    python train_mclip.py features --dataset xtd --data-root XTD10 --images COCO2014 \
+        --clip-vision clip-vit-large-patch14 --out xtd_vitl14.pt   # the frozen image tower, once
 
 Run folder: args.json, metrics.jsonl (train / val / test records), checkpoint_last.pt (resume state after every
 epoch), model_final.pt ({"model": the best validation state of the trainable parameters only, i.e. the
@@ -444,8 +446,7 @@ def read_image_features(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def image_feature_table(splits: dict[str, RetrievalSplit], args) -> dict[str, torch.Tensor]:
-    """Every split's image features, from --image-features or computed once with --clip-vision over --images
-    (and then cached in the run folder as image_features.pt)."""
+    """Every split's image features, from --image-features, or computed once with --clip-vision over --images."""
     needed = sorted({p for s in splits.values() for p in s.images})
     if args.image_features:
         table = read_image_features(args.image_features)
@@ -455,14 +456,57 @@ def image_feature_table(splits: dict[str, RetrievalSplit], args) -> dict[str, to
         return table
     if not (args.images and args.clip_vision):
         raise ValueError("give --image-features, or --images with --clip-vision")
-    paths = [Path(args.images) / p for p in needed]
+    return compute_image_features(needed, args.images, args.clip_vision)
+
+
+def compute_image_features(names: Sequence[str], image_root: str | Path, clip_vision: str | Path,
+                           device: str = "cpu") -> dict[str, torch.Tensor]:
+    """CLIP image embeddings of image_root/name for every name; every file is checked before any compute.
+    clip_vision: a CLIPVisionModelWithProjection folder or OpenAI's full CLIP release (openai/clip-vit-large-patch14,
+    CLIPModel weights: transformers takes its vision tower and projection)."""
+    paths = [Path(image_root) / p for p in names]
     absent = [p for p in paths if not p.is_file()]
     if absent:
         raise ValueError(f"image file {absent[0]} not found ({len(absent)} missing under --images)")
-    from transformers import CLIPVisionModelWithProjection
-    vision = CLIPVisionModelWithProjection.from_pretrained(args.clip_vision, local_files_only=True).eval()
-    feats = encode_images(vision, paths)
-    return {n: feats[i] for i, n in enumerate(needed)}
+    vision = load_clip_vision(clip_vision)
+    feats = encode_images(vision.to(device), paths, device=device)
+    return {n: feats[i] for i, n in enumerate(names)}
+
+
+def load_clip_vision(folder: str | Path):
+    """CLIPVisionModelWithProjection from a CLIP release folder (config.json + weights), in eval mode.
+    Loaded here rather than by from_pretrained: from a whole-CLIPModel release (OpenAI's layout) it takes the
+    projection width from the vision sub-config instead of CLIPConfig.projection_dim and silently re-initialises
+    a projection of the wrong shape. Every vision key must be present with its shape."""
+    from transformers import AutoConfig, CLIPConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--clip-vision {folder}: no readable config.json ({str(e).splitlines()[0]})") from None
+    if isinstance(config, CLIPConfig):
+        vcfg = config.vision_config
+        vcfg.projection_dim = config.projection_dim
+    elif isinstance(config, CLIPVisionConfig):
+        vcfg = config
+    else:
+        raise ValueError(f"--clip-vision {folder}: config is {type(config).__name__}, not a CLIP config")
+    model = CLIPVisionModelWithProjection(vcfg)
+    own = model.state_dict()
+    state = {k: v for k, v in read_state_dict(folder).items() if k in own}
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ValueError(f"--clip-vision {folder}: weights lack {len(missing)} vision key(s), e.g. {missing[0]!r}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"--clip-vision {folder}: {k} has shape {tuple(v.shape)}, the config {tuple(own[k].shape)}")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def write_image_features(path: str | Path, table: dict[str, torch.Tensor]) -> None:
+    import engine
+    names = sorted(table)
+    engine.save_checkpoint(path, {"names": names, "features": torch.stack([table[n] for n in names])})
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -657,6 +701,8 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["table"]:
         return print_table(argv[1:])
+    if argv[:1] == ["features"]:
+        return features_main(argv[1:])
     args = build_parser().parse_args(argv)
     check_args(args)
     run_dir = engine.check_run_dir(args, engine.DistInfo())
@@ -697,6 +743,32 @@ def main(argv: list[str] | None = None) -> dict:
     write_json_atomic(run_dir / "results.json", result)
     print(json.dumps({"lang": args.lang, "routine": args.routine, "pet": args.pet, **test}))
     return result
+
+
+def features_main(argv: Sequence[str]) -> dict:
+    """`train_mclip.py features`: the --image-features file of every image of a dataset's splits (the image tower
+    is frozen and dropout-free, so one file serves every run, language, routine and PET method)."""
+    p = argparse.ArgumentParser(prog="train_mclip.py features")
+    p.add_argument("--dataset", choices=("xtd", "multi30k"), required=True)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--clip-vision", required=True)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    if Path(a.out).exists():
+        raise SystemExit(f"error: --out {a.out} exists; remove it or choose another path")
+    try:
+        if a.dataset == "xtd":
+            names = load_xtd(a.data_root, ["en"]).images
+        else:
+            names = sorted({n for s in MULTI30K_SPLITS for n in load_multi30k(a.data_root, s, ["en"]).images})
+        cuda = torch.cuda.is_available() and os.environ.get("SUF_DEVICE", "") != "cpu"
+        table = compute_image_features(names, a.images, a.clip_vision, "cuda" if cuda else "cpu")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    write_image_features(a.out, table)
+    print(f"{len(table)} image features -> {a.out}")
+    return table
 
 
 def write_json_atomic(path: Path, obj) -> None:

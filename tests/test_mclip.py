@@ -390,3 +390,34 @@ def test_missing_image_features_are_named_before_training(world, tmp_path):
     torch.save({"names": ["val2014/x.jpg"], "features": torch.zeros(1, 16)}, tmp_path / "f.pt")
     with pytest.raises(SystemExit, match=r"f\.pt: no features for 12 image\(s\), e\.g\. 'val2014/COCO_val2014_"):
         M.main(cli(world, tmp_path / "run", "--image-features", str(tmp_path / "f.pt")))
+
+
+def test_features_command_reads_openai_clip_release_layout_and_feeds_a_run(world, tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config={"vocab_size": 50, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "max_position_embeddings": 20},
+                     vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                                    "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                     projection_dim=16)
+    clip = CLIPModel(cfg).eval()
+    clip.save_pretrained(tmp_path / "clip")  # the layout of openai/clip-vit-large-patch14: the whole CLIPModel
+    names = M.load_xtd(world / "XTD10", ["en"]).images
+    paths = data.write_synthetic_images(tmp_path / "coco", names, size=(40, 36))
+    M.main(["features", "--dataset", "xtd", "--data-root", str(world / "XTD10"), "--images", str(tmp_path / "coco"),
+            "--clip-vision", str(tmp_path / "clip"), "--out", str(tmp_path / "f.pt")])
+    table = M.read_image_features(tmp_path / "f.pt")
+    with torch.no_grad():
+        pix = torch.stack([M.clip_preprocess(data.load_image(p), 32) for p in paths[:2]])
+        want = clip.get_image_features(pixel_values=pix)
+    want = getattr(want, "pooler_output", want)
+    assert_matches_reference("CLIP image embeddings", torch.stack([table[n] for n in names[:2]]), want)
+    result = M.main(cli(world, tmp_path / "run", "--image-features", str(tmp_path / "f.pt"), "--epochs", "1"))
+    assert result["test"]["mean_r1"] >= 0
+    with pytest.raises(SystemExit, match="exists"):
+        M.main(["features", "--dataset", "xtd", "--data-root", str(world / "XTD10"), "--images", "x",
+                "--clip-vision", "y", "--out", str(tmp_path / "f.pt")])
+    cfg_file = tmp_path / "clip" / "config.json"
+    cfg_file.write_text(cfg_file.read_text().replace('"projection_dim": 16', '"projection_dim": 8'))
+    with pytest.raises(ValueError, match=r"clip: visual_projection\.weight has shape \(16, 16\), the config \(8, 16\)"):
+        M.load_clip_vision(tmp_path / "clip")
