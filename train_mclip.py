@@ -766,6 +766,7 @@ def features_main(argv: Sequence[str]) -> dict:
         table = compute_image_features(names, a.images, a.clip_vision, "cuda" if cuda else "cpu")
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     write_image_features(a.out, table)
     print(f"{len(table)} image features -> {a.out}")
     return table

@@ -421,3 +421,27 @@ def test_features_command_reads_openai_clip_release_layout_and_feeds_a_run(world
     cfg_file.write_text(cfg_file.read_text().replace('"projection_dim": 16', '"projection_dim": 8'))
     with pytest.raises(ValueError, match=r"clip: visual_projection\.weight has shape \(16, 16\), the config \(8, 16\)"):
         M.load_clip_vision(tmp_path / "clip")
+
+
+# ---------------------------------------------------------------- make targets
+
+def make(*args: str, env_lang: str = "C.UTF-8"):
+    import os
+    import subprocess
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "LANG": env_lang})
+
+
+def test_pet_xtd_target_prints_the_run_and_ignores_the_locale_lang():
+    cmd = make("-n", "pet-xtd", "LANG=fr", "ROUTINE=method1", "PET=adapter", "MCLIP=/m", "XTD=/x").stdout.splitlines()[-1]
+    assert cmd.strip() == (".venv/bin/python train_mclip.py --dataset xtd --data-root /x --lang fr --routine method1 "
+                           "--align-loss mse --pet adapter --text-checkpoint /m --tokenizer /m --n-shot 50 "
+                           "--image-features runs/features/xtd-clip-vitl14.pt --output-dir runs/mclip-xtd50-fr-method1-adapter")
+    assert "--lang de " in make("-n", "pet-xtd", env_lang="fr_FR.UTF-8").stdout  # the locale is not a language
+    grid = [l for l in make("-n", "pet-xtd-grid").stdout.splitlines() if "train_mclip.py" in l]
+    assert [l.split("--lang ")[1].split()[0] for l in grid] == list(M.XTD_LANGS)
+
+
+def test_pet_target_with_missing_inputs_fails_naming_them(tmp_path):
+    out = make("pet-multi30k", f"MULTI30K={tmp_path}/m", f"OUT={tmp_path}/runs")
+    assert out.returncode != 0 and f"{tmp_path}/m " in out.stderr and "train_mclip.py" not in out.stdout
