@@ -13,7 +13,8 @@ align_from_to_en/, "the reference" below). One run adapts the M-CLIP text tower 
   embeddings, neither side detached; or the alternatives ``contrastive`` / ``contrastive_with_image``);
 - routines: baseline1 (target text), method1 (target <-> English), method2 (target <-> MT en->target),
   baseline2 (MT target->en), method3 (MT target->en <-> English); each is tested on the text it trains on;
-- PET: full fine-tuning, LoRA (peft), bottleneck adapters, soft prompts (after <s>), hard prompts (a text prefix);
+- PET: full fine-tuning, LoRA (peft), bottleneck adapters, Compacter, soft prompts (after <s>), hard prompts (a text
+  prefix);
 - training: Adam (weight decay 0), cosine schedule without warm-up, validation every --eval-steps optimizer steps,
   the best validation state (``>=``, as the reference: the latest of equal scores) is tested.
 
@@ -58,7 +59,7 @@ ROUTINES = {  # routine: (text kind trained and tested on, alignment partner kin
     "method3": ("to_en", "en"),
 }
 ALIGN_LOSSES = ("mse", "contrastive", "contrastive_with_image")
-PETS = ("full", "lora", "adapter", "prompt", "none")
+PETS = ("full", "lora", "adapter", "compacter", "prompt", "none")
 XTD_LANGS = ("en", "de", "fr", "es", "it", "jp", "ko", "pl", "ru", "tr", "zh")
 MULTI30K_LANGS = ("en", "de", "fr", "cs")
 TEXT_KINDS = ("native", "from_en", "to_en")
@@ -76,7 +77,8 @@ TEXT_CONFIGS = {
 # weight decay 0, no warm-up, 50 epochs, batch 5 and validation every 5 steps (the issue's reading of the
 # published runs; run_XTD.py's argparse defaults are 4 and 4), XTD split seed 42 and n_shot 50.
 DEFAULTS = {"lr": 1e-3, "epochs": 50, "batch_size": 5, "eval_steps": 5, "eval_batch_size": 200, "split_seed": 42,
-            "seed": 1, "align_ratio": 1.0, "lora_r": 8, "lora_alpha": 16, "adapter_dim": 24, "soft_tokens": 4}
+            "seed": 1, "align_ratio": 1.0, "lora_r": 8, "lora_alpha": 16, "adapter_dim": 24, "soft_tokens": 4,
+            "compacter_reduction": 16, "phm_dim": 4}
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -174,12 +176,6 @@ def load_text_weights(model: MCLIPText, state: dict[str, torch.Tensor], source: 
 
 # ---------------------------------------------------------------------------------------------- PET
 
-def output_layer_norms(model: MCLIPText) -> list[nn.Module]:
-    """The encoder's attention.output.LayerNorm and output.LayerNorm of every layer: what the reference's
-    unfrozen_modules=['output.LayerNorm'] matches (OpenDelta matches by name suffix; not the embeddings' one)."""
-    return [m for n, m in model.transformer.encoder.named_modules() if n.endswith("output.LayerNorm")]
-
-
 class BottleneckAdapter(nn.Module):
     """y + up(gelu_new(down(y))) after a linear layer (OpenDelta's AdapterLayer: weights N(0, 0.01), biases 0).
     Written here: peft has no sequential bottleneck adapter, and the `adapters` package pins transformers 4."""
@@ -196,16 +192,57 @@ class BottleneckAdapter(nn.Module):
         return y + self.up_proj(F.gelu(self.down_proj(y), approximate="tanh"))  # gelu_new = tanh approximation
 
 
+class PHMLinear(nn.Module):
+    """Parameterised hypercomplex linear layer of Compacter (OpenDelta's PHMLinear with the reference's settings:
+    factorised rank-1 weights, an unfactorised learned rule): H = sum_i kron(C_i, A_i B_i), y = x H + b.
+    C [n, n, n] ~ N(0, 0.01^2); A_i [in/n, rank], B_i [rank, out/n] Xavier-uniform with gain sqrt(2) (the
+    Compacter code base's glorot_uniform); b = 0."""
+
+    def __init__(self, in_features: int, out_features: int, n: int = 4, rank: int = 1):
+        super().__init__()
+        if in_features % n or out_features % n:
+            raise ValueError(f"PHMLinear {in_features} -> {out_features}: both must be multiples of phm_dim {n}")
+        self.phm_rule = nn.Parameter(torch.empty(n, n, n).normal_(mean=0.0, std=0.01))
+        self.W_left = nn.Parameter(torch.empty(n, in_features // n, rank))
+        self.W_right = nn.Parameter(torch.empty(n, rank, out_features // n))
+        for i in range(n):
+            nn.init.xavier_uniform_(self.W_left.data[i], gain=math.sqrt(2))
+            nn.init.xavier_uniform_(self.W_right.data[i], gain=math.sqrt(2))
+        self.b = nn.Parameter(torch.zeros(out_features))
+
+    def weight(self) -> torch.Tensor:
+        """H [in, out] = sum_i kron(phm_rule[i], W_left[i] @ W_right[i])."""
+        w = torch.bmm(self.W_left, self.W_right)
+        n, (a, c), (k, p) = w.shape[0], self.phm_rule.shape[1:], w.shape[1:]
+        return torch.einsum("bac,bkp->bakcp", self.phm_rule, w).reshape(n, a * k, c * p).sum(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight() + self.b
+
+
+class Compacter(nn.Module):
+    """y + up(gelu_new(down(y))) with PHM down (dim -> dim / reduction) and up projections (OpenDelta's
+    HyperComplexAdapterLayer; written here: neither peft nor a transformers-5 package has it)."""
+
+    def __init__(self, dim: int, reduction: int = 16, n: int = 4):
+        super().__init__()
+        self.down_sampler = PHMLinear(dim, dim // reduction, n)
+        self.up_sampler = PHMLinear(dim // reduction, dim, n)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return y + self.up_sampler(F.gelu(self.down_sampler(y), approximate="tanh"))
+
+
 def _run_adapter(module: nn.Linear, inputs, output: torch.Tensor) -> torch.Tensor:
     return module.adapter(output)
 
 
-def add_adapters(model: MCLIPText, bottleneck: int) -> None:
-    """An adapter after every layer's output.dense and attention.output.dense (the reference's modified_modules).
+def add_adapters(model: MCLIPText, make: Callable[[int], nn.Module]) -> None:
+    """make(width) after every layer's output.dense and attention.output.dense (the reference's modified_modules).
     The adapter is a submodule of the linear layer, so the base weights keep their released names."""
     for name, module in model.transformer.encoder.named_modules():
         if name.endswith("output.dense") and isinstance(module, nn.Linear):
-            module.adapter = BottleneckAdapter(module.out_features, bottleneck).to(module.weight.device)
+            module.adapter = make(module.out_features).to(module.weight.device)
             module.register_forward_hook(_run_adapter)
 
 
@@ -231,7 +268,7 @@ def add_soft_prompt(model: MCLIPText, tokenizer, prefix: str | None, n_tokens: i
 
 def apply_pet(model: MCLIPText, pet: str, args, tokenizer=None) -> None:
     """Freeze and extend the model for --pet. full: every parameter trains (the reference without
-    --delta_tuning); none: nothing trains (zero-shot); lora/adapter: the modules + the output LayerNorms;
+    --delta_tuning); none: nothing trains (zero-shot); lora/adapter/compacter: the modules + the output LayerNorms;
     prompt: the soft prompt only. The projection LinearTransformation stays frozen under PET, as the reference."""
     if pet == "full":
         model.requires_grad_(True)
@@ -240,22 +277,23 @@ def apply_pet(model: MCLIPText, pet: str, args, tokenizer=None) -> None:
     if pet == "lora":
         add_lora(model, args.lora_r, args.lora_alpha)
     elif pet == "adapter":
-        add_adapters(model, args.adapter_dim)
+        add_adapters(model, lambda width: BottleneckAdapter(width, args.adapter_dim))
+    elif pet == "compacter":
+        add_adapters(model, lambda width: Compacter(width, args.compacter_reduction, args.phm_dim))
     elif pet == "prompt":
         add_soft_prompt(model, tokenizer, args.soft_prefix, args.soft_tokens)
-    if pet in ("lora", "adapter"):
-        for ln in output_layer_norms(model):
-            ln.requires_grad_(True)
     for name, p in model.named_parameters():  # peft marks its own modules trainable; keep exactly ours
-        p.requires_grad_(_is_pet_param(name, pet) or (pet in ("lora", "adapter") and _is_output_ln(name)))
+        p.requires_grad_(_is_pet_param(name, pet) or (pet in ("lora", "adapter", "compacter") and _is_output_ln(name)))
 
 
 def _is_output_ln(name: str) -> bool:
+    """The encoder's attention.output.LayerNorm and output.LayerNorm of every layer: what the reference's
+    unfrozen_modules=['output.LayerNorm'] matches (OpenDelta matches by name suffix; not the embeddings' one)."""
     return name.startswith("transformer.encoder.") and ".output.LayerNorm." in name
 
 
 def _is_pet_param(name: str, pet: str) -> bool:
-    return {"lora": ".lora_" in name, "adapter": ".adapter." in name,
+    return {"lora": ".lora_" in name, "adapter": ".adapter." in name, "compacter": ".adapter." in name,
             "prompt": name.startswith("prompt.")}.get(pet, False)
 
 
@@ -498,7 +536,8 @@ def load_clip_vision(folder: str | Path):
         raise ValueError(f"--clip-vision {folder}: weights lack {len(missing)} vision key(s), e.g. {missing[0]!r}")
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"--clip-vision {folder}: {k} has shape {tuple(v.shape)}, the config {tuple(own[k].shape)}")
+            raise ValueError(f"--clip-vision {folder}: {k} has shape {tuple(v.shape)}, "
+                             f"the config {tuple(own[k].shape)}")
     model.load_state_dict(state)
     return model.eval()
 
@@ -648,12 +687,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, default=d["lora_r"])
     p.add_argument("--lora-alpha", type=int, default=d["lora_alpha"])
     p.add_argument("--adapter-dim", type=int, default=d["adapter_dim"])
+    p.add_argument("--compacter-reduction", type=int, default=d["compacter_reduction"],
+                   help="Compacter bottleneck = width / this")
+    p.add_argument("--phm-dim", type=int, default=d["phm_dim"], help="Compacter's n (hypercomplex division)")
     p.add_argument("--text-config", default="large", help="large | tiny | a json of TEXT_CONFIGS keys")
     p.add_argument("--text-checkpoint", default=None, help="M-CLIP text weights (folder or file); none = random")
     p.add_argument("--tokenizer", required=True, help="XLM-R tokenizer folder (M-CLIP's release ships one)")
     p.add_argument("--image-features", default=None, help="{'names', 'features'} torch file of CLIP image embeddings")
     p.add_argument("--images", default=None, help="image root (XTD: train2014/ val2014/; Multi30K: flickr30k-images/)")
-    p.add_argument("--clip-vision", default=None, help="CLIPVisionModelWithProjection folder (openai/clip-vit-large-patch14)")
+    p.add_argument("--clip-vision", default=None,
+                   help="CLIP release folder (openai/clip-vit-large-patch14) or a CLIPVisionModelWithProjection one")
     p.add_argument("--epochs", type=int, default=d["epochs"])
     p.add_argument("--batch-size", type=int, default=d["batch_size"])
     p.add_argument("--lr", type=float, default=d["lr"])
@@ -722,7 +765,10 @@ def main(argv: list[str] | None = None) -> dict:
             load_text_weights(model, read_state_dict(args.text_checkpoint), args.text_checkpoint)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
-    apply_pet(model, args.pet, args, tokenizer)
+    try:
+        apply_pet(model, args.pet, args, tokenizer)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     model.to(device)
     trainable, base = count_params(model)
     log = engine.MetricsLog(run_dir / engine.METRICS, True)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +22,8 @@ import train_mclip as M  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures" / "mclip"
-PET_ARGS = argparse.Namespace(lora_r=8, lora_alpha=16, adapter_dim=4, soft_prefix=None, soft_tokens=3)
+PET_ARGS = argparse.Namespace(lora_r=8, lora_alpha=16, adapter_dim=4, soft_prefix=None, soft_tokens=3,
+                              compacter_reduction=2, phm_dim=4)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def _train_a_little(model: M.MCLIPText, steps: int = 3) -> None:
         opt.zero_grad()
 
 
-@pytest.mark.parametrize("pet", ["lora", "adapter", "prompt"])
+@pytest.mark.parametrize("pet", ["lora", "adapter", "compacter", "prompt"])
 def test_pet_freezes_everything_else_bitwise(pet):
     model = tiny_model(pet=pet)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -367,6 +367,11 @@ def test_tiny_run_trains_validates_and_tests_the_best_state(world, tmp_path):
         M.main(cli(world, run))
 
 
+def test_compacter_that_does_not_fit_the_width_is_a_one_line_error(world, tmp_path):
+    with pytest.raises(SystemExit, match=r"error: PHMLinear 32 -> 2: both must be multiples of phm_dim 4"):
+        M.main(cli(world, tmp_path / "run", "--pet", "compacter"))
+
+
 def test_zero_shot_with_a_hard_prompt_trains_nothing(world, tmp_path):
     result = M.main(cli(world, tmp_path / "zs", "--pet", "none", "--hard-prompt", "a photo of"))
     assert lines(tmp_path / "zs", "train") == [] and result["trainable"] == 0
@@ -433,10 +438,11 @@ def make(*args: str, env_lang: str = "C.UTF-8"):
 
 
 def test_pet_xtd_target_prints_the_run_and_ignores_the_locale_lang():
-    cmd = make("-n", "pet-xtd", "LANG=fr", "ROUTINE=method1", "PET=adapter", "MCLIP=/m", "XTD=/x").stdout.splitlines()[-1]
-    assert cmd.strip() == (".venv/bin/python train_mclip.py --dataset xtd --data-root /x --lang fr --routine method1 "
-                           "--align-loss mse --pet adapter --text-checkpoint /m --tokenizer /m --n-shot 50 "
-                           "--image-features runs/features/xtd-clip-vitl14.pt --output-dir runs/mclip-xtd50-fr-method1-adapter")
+    out = make("-n", "pet-xtd", "LANG=fr", "ROUTINE=method1", "PET=adapter", "MCLIP=/m", "XTD=/x")
+    assert out.stdout.splitlines()[-1].strip() == (
+        ".venv/bin/python train_mclip.py --dataset xtd --data-root /x --lang fr --routine method1 --align-loss mse "
+        "--pet adapter --text-checkpoint /m --tokenizer /m --n-shot 50 "
+        "--image-features runs/features/xtd-clip-vitl14.pt --output-dir runs/mclip-xtd50-fr-method1-adapter")
     assert "--lang de " in make("-n", "pet-xtd", env_lang="fr_FR.UTF-8").stdout  # the locale is not a language
     grid = [l for l in make("-n", "pet-xtd-grid").stdout.splitlines() if "train_mclip.py" in l]
     assert [l.split("--lang ")[1].split()[0] for l in grid] == list(M.XTD_LANGS)
@@ -445,3 +451,40 @@ def test_pet_xtd_target_prints_the_run_and_ignores_the_locale_lang():
 def test_pet_target_with_missing_inputs_fails_naming_them(tmp_path):
     out = make("pet-multi30k", f"MULTI30K={tmp_path}/m", f"OUT={tmp_path}/runs")
     assert out.returncode != 0 and f"{tmp_path}/m " in out.stderr and "train_mclip.py" not in out.stdout
+
+
+# ---------------------------------------------------------------- Compacter
+
+def test_phm_weight_is_the_sum_of_kronecker_products():
+    torch.manual_seed(0)
+    phm = M.PHMLinear(8, 12, n=4)
+    w = torch.bmm(phm.W_left, phm.W_right)
+    want = sum(torch.kron(phm.phm_rule[i], w[i]) for i in range(4))
+    assert phm.weight().shape == (8, 12)
+    assert_matches_reference("PHM weight", phm.weight(), want)
+    x = torch.randn(3, 8)
+    assert_matches_reference("PHM forward", phm(x), x @ want + phm.b)
+
+
+def test_compacter_with_zero_up_rule_equals_base_bitwise():
+    over = {"compacter_reduction": 2, "phm_dim": 4}
+    base = tiny_model(seed=4).eval()
+    comp = tiny_model(seed=4, pet="compacter", **over).eval()
+    x, mask = ids([0, 5, 6, 7, 2], [0, 8, 2])
+    with torch.no_grad():
+        assert not torch.equal(comp(x, mask), base(x, mask))
+        for n, p in comp.named_parameters():
+            if "up_sampler.phm_rule" in n:
+                p.zero_()
+        assert torch.equal(comp(x, mask), base(x, mask))
+
+
+def test_compacter_share_on_real_shapes():
+    # the reference's settings (reduction 16, n 4, rank 1, biases): per layer pair down 1024->64 (64 + 1024 + 64 + 64)
+    # and up 64->1024 (64 + 64 + 1024 + 1024) = 3,392 x 48 = 162,816, + 98,304 LayerNorm = 261,120 (the paper's 0.05%)
+    with torch.device("meta"):
+        model = M.build_text_model("large")
+        M.apply_pet(model, "compacter", argparse.Namespace(**{**vars(PET_ARGS), "compacter_reduction": 16,
+                                                              "phm_dim": 4}))
+    got, base = M.count_params(model)
+    assert (got, base) == (261_120, 560_677_632) and round(100 * got / base, 3) == 0.047
