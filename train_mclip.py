@@ -49,6 +49,7 @@ from PIL import Image
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
 import data
+import freeze
 
 LOGIT_SCALE = 100.0  # the reference's fixed scale (trainer.py), not CLIP's learned one
 ROUTINES = {  # routine: (text kind trained and tested on, alignment partner kind or None)
@@ -270,10 +271,10 @@ def apply_pet(model: MCLIPText, pet: str, args, tokenizer=None) -> None:
     """Freeze and extend the model for --pet. full: every parameter trains (the reference without
     --delta_tuning); none: nothing trains (zero-shot); lora/adapter/compacter: the modules + the output LayerNorms;
     prompt: the soft prompt only. The projection LinearTransformation stays frozen under PET, as the reference."""
+    model.requires_grad_(pet == "full")
     if pet == "full":
-        model.requires_grad_(True)
+        model.tuned = [n for n, _ in model.named_parameters()]
         return
-    model.requires_grad_(False)
     if pet == "lora":
         add_lora(model, args.lora_r, args.lora_alpha)
     elif pet == "adapter":
@@ -284,6 +285,7 @@ def apply_pet(model: MCLIPText, pet: str, args, tokenizer=None) -> None:
         add_soft_prompt(model, tokenizer, args.soft_prefix, args.soft_tokens)
     for name, p in model.named_parameters():  # peft marks its own modules trainable; keep exactly ours
         p.requires_grad_(_is_pet_param(name, pet) or (pet in ("lora", "adapter", "compacter") and _is_output_ln(name)))
+    model.tuned = [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def _is_output_ln(name: str) -> bool:
@@ -297,9 +299,15 @@ def _is_pet_param(name: str, pet: str) -> bool:
             "prompt": name.startswith("prompt.")}.get(pet, False)
 
 
+def tuned_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters --pet tunes (fixed by apply_pet: a freeze policy's changing requires_grad does not alter it)."""
+    names = set(getattr(model, "tuned", ()))
+    return {n: p for n, p in model.named_parameters() if n in names}
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters (a language's PET module, or the whole tower under --pet full), cloned."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """The tuned parameters (a language's PET module, or the whole tower under --pet full), cloned."""
+    return {n: p.detach().clone() for n, p in tuned_params(model).items()}
 
 
 def is_added_by_pet(name: str) -> bool:
@@ -607,8 +615,11 @@ class Progress:
 def fit(model, tokenizer, splits, images, args, run_dir: Path, log, device) -> dict[str, torch.Tensor]:
     """The reference's loop (trainer.train): step, validate every --eval-steps steps, keep the best state."""
     import engine
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=0.0)
+    layout, schedule = freeze_plan(model, args)
+    if schedule is None:
+        optimizer = torch.optim.Adam(tuned_params(model).values(), lr=args.lr, weight_decay=0.0)
+    else:  # every parameter in fixed groups; frozen ones get no gradient, so Adam skips them
+        optimizer = torch.optim.Adam(freeze.param_groups(model, layout, schedule, args.lr, 0.0), weight_decay=0.0)
     n = len(splits["train"].images)
     steps_per_epoch = math.ceil(n / args.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_no_warmup(steps_per_epoch * args.epochs))
@@ -621,6 +632,8 @@ def fit(model, tokenizer, splits, images, args, run_dir: Path, log, device) -> d
     for epoch in range(prog.epoch, args.epochs):
         order = epoch_order(n, args.seed, epoch)
         for b in range(0, n, args.batch_size):
+            if schedule is not None:
+                freeze.apply_schedule(model, layout, schedule, epoch, prog.step)
             loss = train_step(model, tokenizer, splits["train"], order[b:b + args.batch_size], images, args, device)
             loss.backward()
             optimizer.step()
@@ -643,6 +656,24 @@ def fit(model, tokenizer, splits, images, args, run_dir: Path, log, device) -> d
     return best_state
 
 
+def mclip_layout(model: MCLIPText) -> "freeze.LayerLayout":
+    """The text tower's layers for freeze.py: XLM-R's encoder layers; embeddings, pooler and the projection
+    (the "head") outside them."""
+    return freeze.layout_from_rules(
+        model.transformer.config.num_hidden_layers, [("transformer.encoder.layer.", 0, 1)],
+        [("transformer.embeddings.", "embeddings"), ("transformer.pooler.", "pooler"),
+         ("LinearTransformation.", "head")], task_head_modules=("head",))
+
+
+def freeze_plan(model: MCLIPText, args) -> tuple["freeze.LayerLayout | None", "freeze.Schedule | None"]:
+    """--policy on the whole text tower (--pet full only): SUF, LLRD or top-m next to the PET methods, a comparison
+    none of the papers has. The policy full is the reference's full fine-tuning; no schedule is then needed."""
+    if getattr(args, "policy", "full") == "full":
+        return None, None
+    layout = mclip_layout(model)
+    return layout, freeze.schedule_from_args(args, layout.num_layers)
+
+
 def resume_from(ckpt: Path, model, optimizer, sched, log, device) -> tuple[Progress, dict]:
     import engine
     state = engine.load_checkpoint(ckpt)
@@ -657,7 +688,7 @@ def resume_from(ckpt: Path, model, optimizer, sched, log, device) -> tuple[Progr
 
 def load_trainable(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy a trainable-parameter state (a PET module) into the model; names must be exactly its trainable ones."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = tuned_params(model)
     if set(params) != set(state):
         diff = sorted(set(params) ^ set(state))
         raise ValueError(f"{source}: trainable parameters differ from this --pet setting (e.g. {diff[0]!r})")
@@ -705,6 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--output-dir", required=True)
     p.add_argument("--resume", action="store_true")
+    freeze.add_policy_args(p)
     return p
 
 
@@ -715,6 +747,8 @@ def check_args(args) -> None:
     for name in ("epochs", "batch_size", "eval_steps", "eval_batch_size"):
         if getattr(args, name) < (0 if name == "epochs" else 1):
             raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)} is out of range")
+    if args.policy != "full" and args.pet != "full":
+        raise SystemExit(f"error: --policy {args.policy} schedules the whole text tower: it needs --pet full")
     if args.pet != "none" and args.n_shot == 0 and args.dataset == "xtd":
         raise SystemExit("error: XTD10 has no training split without --n-shot; use --pet none for zero-shot")
 

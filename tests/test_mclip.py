@@ -488,3 +488,22 @@ def test_compacter_share_on_real_shapes():
                                                               "phm_dim": 4}))
     got, base = M.count_params(model)
     assert (got, base) == (261_120, 560_677_632) and round(100 * got / base, 3) == 0.047
+
+
+# ---------------------------------------------------------------- freeze policies on the text tower
+
+def test_suf_on_the_text_tower_keeps_lower_layers_frozen_in_the_first_stage(world, tmp_path):
+    M.main(cli(world, tmp_path / "suf", "--pet", "full", "--policy", "suf", "--suf-k", "1", "--epochs", "1"))
+    best = torch.load(tmp_path / "suf" / engine.FINAL, weights_only=True)["model"]
+    engine.seed_everything(0)
+    init = M.build_text_model("tiny").state_dict()
+    assert best.keys() == dict(M.build_text_model("tiny").named_parameters()).keys()  # --pet full: the whole tower
+    same = lambda prefix: all(torch.equal(best[k], init[k]) for k in best if k.startswith(prefix))  # noqa: E731
+    assert same("transformer.encoder.layer.0.")  # stage 0 trains the top k = 1 of 2 layers only
+    assert not same("transformer.encoder.layer.1.") and not same("transformer.embeddings.")
+    assert not same("LinearTransformation.")
+
+
+def test_a_freeze_policy_needs_full_tuning(world, tmp_path):
+    with pytest.raises(SystemExit, match="--policy suf schedules the whole text tower: it needs --pet full"):
+        M.main(cli(world, tmp_path / "run", "--policy", "suf"))
