@@ -736,6 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--output-dir", required=True)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--load-pet", default=None, help="model_final.pt of an earlier run: start from its module "
+                                                      "(with --epochs 0: evaluate it)")
     freeze.add_policy_args(p)
     return p
 
@@ -803,13 +805,17 @@ def main(argv: list[str] | None = None) -> dict:
         apply_pet(model, args.pet, args, tokenizer)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if args.load_pet:
+        load_pet_file(model, args.load_pet, args.pet)
     model.to(device)
     trainable, base = count_params(model)
     log = engine.MetricsLog(run_dir / engine.METRICS, True)
-    if not args.resume or not (run_dir / engine.CHECKPOINT).is_file():
+    if engine.resuming(args, run_dir):
+        check_resume_args(args, run_dir)
+    else:
         log.truncate(0)
         (run_dir / engine.ARGS).write_text(json.dumps(engine.json_safe(vars(args)), indent=1) + "\n")
-    log.write({"type": "params", "trainable": trainable, "base": base, "share_pct": 100 * trainable / base})
+        log.write({"type": "params", "trainable": trainable, "base": base, "share_pct": 100 * trainable / base})
     best = trainable_state(model)
     if args.pet != "none" and args.epochs > 0:
         best = fit(model, tokenizer, splits, images, args, run_dir, log, device)
@@ -817,12 +823,48 @@ def main(argv: list[str] | None = None) -> dict:
     test = evaluate(model, tokenizer, splits["test"], images, ROUTINES[args.routine][0], args.lang, args, device)
     log.write({"type": "test", **test})
     meta = {"model": "mclip", "text_config": config, "pet": args.pet, "routine": args.routine, "lang": args.lang,
-            "dataset": args.dataset, "n_shot": args.n_shot, "trainable": trainable, "base": base}
+            "dataset": args.dataset, "n_shot": args.n_shot, "trainable": trainable, "base": base,
+            "args": engine.json_safe(vars(args))}
     engine.save_checkpoint(run_dir / engine.FINAL, {"model": best, "meta": meta})
-    result = {**meta, "test": test}
+    result = {**{k: v for k, v in meta.items() if k != "args"}, "test": test}
     write_json_atomic(run_dir / "results.json", result)
     print(json.dumps({"lang": args.lang, "routine": args.routine, "pet": args.pet, **test}))
     return result
+
+
+# Arguments that must not change between a run and its --resume (they change the result; paths may move).
+RESUME_KEYS = ("dataset", "lang", "routine", "align_loss", "align_ratio", "pet", "n_shot", "split_seed", "hard_prompt",
+               "soft_prefix", "soft_tokens", "lora_r", "lora_alpha", "adapter_dim", "compacter_reduction", "phm_dim",
+               "text_config", "epochs", "batch_size", "lr", "eval_steps", "eval_batch_size", "seed", "policy",
+               "suf_k", "unfreeze_every", "unfreeze_unit", "llrd_decay", "top_layers", "freeze_embeddings")
+
+
+def check_resume_args(args, run_dir: Path) -> None:
+    """One-line SystemExit if --resume changes an argument the interrupted run was started with."""
+    import engine
+    try:
+        saved = json.loads((run_dir / engine.ARGS).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --resume: cannot read {run_dir / engine.ARGS} ({e})") from None
+    for key in RESUME_KEYS:
+        if key in saved and saved[key] != engine.json_safe(getattr(args, key)):
+            flag = "--" + key.replace("_", "-")
+            raise SystemExit(f"error: --resume: {flag} was {saved[key]!r} in {run_dir / engine.ARGS}, "
+                             f"now {getattr(args, key)!r}")
+
+
+def load_pet_file(model: MCLIPText, path: str, pet: str) -> None:
+    """Start from a saved language module (model_final.pt of an earlier run with the same --pet)."""
+    import engine
+    try:
+        obj = engine.load_checkpoint(path)
+        meta = obj.get("meta", {}) if isinstance(obj, dict) else {}
+        if meta.get("model") != "mclip" or meta.get("pet") != pet:
+            raise ValueError(f"{path}: not a train_mclip.py --pet {pet} module (meta: model {meta.get('model')!r}, "
+                             f"pet {meta.get('pet')!r})")
+        load_trainable(model, obj["model"], path)
+    except ValueError as e:
+        raise SystemExit(f"error: --load-pet {e}") from None
 
 
 def features_main(argv: Sequence[str]) -> dict:

@@ -507,3 +507,23 @@ def test_suf_on_the_text_tower_keeps_lower_layers_frozen_in_the_first_stage(worl
 def test_a_freeze_policy_needs_full_tuning(world, tmp_path):
     with pytest.raises(SystemExit, match="--policy suf schedules the whole text tower: it needs --pet full"):
         M.main(cli(world, tmp_path / "run", "--policy", "suf"))
+
+
+def test_resume_with_a_changed_argument_is_refused(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
+    monkeypatch.setattr(engine, "_fault_counts", {})
+    with pytest.raises(RuntimeError, match="injected failure"):
+        M.main(cli(world, tmp_path / "cut"))
+    monkeypatch.delenv("SUF_FAULT")
+    with pytest.raises(SystemExit, match=r"--resume: --lr was 0\.01 in .*args\.json, now 0\.02"):
+        M.main(cli(world, tmp_path / "cut", "--resume", "--lr", "0.02"))
+
+
+def test_a_saved_language_module_reloads_and_reproduces_its_test_score(world, tmp_path):
+    trained = M.main(cli(world, tmp_path / "a"))
+    again = M.main(cli(world, tmp_path / "b", "--epochs", "0", "--load-pet", str(tmp_path / "a" / engine.FINAL)))
+    assert again["test"] == trained["test"]
+    a, b = (torch.load(tmp_path / r / engine.FINAL, weights_only=True)["model"] for r in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match=r"--load-pet .*model_final\.pt: not a train_mclip\.py --pet adapter module"):
+        M.main(cli(world, tmp_path / "c", "--pet", "adapter", "--load-pet", str(tmp_path / "a" / engine.FINAL)))
