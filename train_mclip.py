@@ -7,7 +7,8 @@ align_from_to_en/, "the reference" below). One run adapts the M-CLIP text tower 
   ``LinearTransformation`` (1024 -> 768 for M-CLIP/XLM-Roberta-Large-Vit-L-14): the attribute names of
   Multilingual-CLIP's pt_multilingual_clip.MultilingualCLIP, so its released state dict loads as it is;
 - image tower: OpenAI CLIP's vision transformer + projection (transformers CLIPVisionModelWithProjection), frozen.
-  It has no dropout, so train and eval mode give the same features: they are computed once and cached;
+  It has no dropout, so train and eval mode give the same features: `train_mclip.py features` computes them once
+  into a file every run shares (or a run computes them itself from --images and --clip-vision);
 - loss: symmetric cross-entropy of 100 x cosine similarities (fixed scale), image features without gradient,
   plus ratio x an alignment term between the routine's text and its partner (MSE on the unnormalised
   embeddings, neither side detached; or the alternatives ``contrastive`` / ``contrastive_with_image``);
@@ -63,7 +64,6 @@ ALIGN_LOSSES = ("mse", "contrastive", "contrastive_with_image")
 PETS = ("full", "lora", "adapter", "compacter", "prompt", "none")
 XTD_LANGS = ("en", "de", "fr", "es", "it", "jp", "ko", "pl", "ru", "tr", "zh")
 MULTI30K_LANGS = ("en", "de", "fr", "cs")
-TEXT_KINDS = ("native", "from_en", "to_en")
 
 TEXT_CONFIGS = {
     # xlm-roberta-large's config.json: the text tower of M-CLIP/XLM-Roberta-Large-Vit-L-14 (out_dim 768)

@@ -527,3 +527,10 @@ def test_a_saved_language_module_reloads_and_reproduces_its_test_score(world, tm
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SystemExit, match=r"--load-pet .*model_final\.pt: not a train_mclip\.py --pet adapter module"):
         M.main(cli(world, tmp_path / "c", "--pet", "adapter", "--load-pet", str(tmp_path / "a" / engine.FINAL)))
+
+
+def test_image_features_file_that_pickles_an_object_is_refused_unrun(world, tmp_path):
+    torch.save({"names": ["val2014/x.jpg"], "features": torch.zeros(1, 16), "extra": argparse.Namespace(a=1)},
+               tmp_path / "evil.pt")
+    with pytest.raises(SystemExit, match=r"evil\.pt: refused to load: .*nothing in this file was run"):
+        M.main(cli(world, tmp_path / "run", "--image-features", str(tmp_path / "evil.pt")))
