@@ -801,6 +801,10 @@ def main(argv: list[str] | None = None) -> dict:
             load_text_weights(model, read_state_dict(args.text_checkpoint), args.text_checkpoint)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
+    width = next(iter(images.values())).shape[0]
+    if width != model.LinearTransformation.out_features:
+        raise SystemExit(f"error: image features are {width}-d, the text tower's output "
+                         f"{model.LinearTransformation.out_features}-d (another CLIP than this M-CLIP was made for?)")
     try:
         apply_pet(model, args.pet, args, tokenizer)
     except ValueError as e:

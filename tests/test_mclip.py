@@ -534,3 +534,20 @@ def test_image_features_file_that_pickles_an_object_is_refused_unrun(world, tmp_
                tmp_path / "evil.pt")
     with pytest.raises(SystemExit, match=r"evil\.pt: refused to load: .*nothing in this file was run"):
         M.main(cli(world, tmp_path / "run", "--image-features", str(tmp_path / "evil.pt")))
+
+
+@pytest.mark.parametrize("size", [(50, 40), (37, 61), (32, 32), (225, 224)])
+def test_clip_preprocess_equals_openai_clips_torchvision_transform(tmp_path, size):
+    from torchvision import transforms as T
+    openai = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
+                        T.Normalize(data.CLIP_MEAN, data.CLIP_STD)])  # clip/clip.py _transform(n_px), RGB input
+    img = data.load_image(data.write_synthetic_images(tmp_path, ["a.png"], size=size)[0])
+    assert torch.equal(M.clip_preprocess(img, 32), openai(img))
+
+
+def test_image_features_of_another_width_are_refused_before_training(world, tmp_path):
+    names = M.load_xtd(world / "XTD10", ["en"]).images
+    torch.save({"names": names, "features": torch.zeros(len(names), 12)}, tmp_path / "f.pt")
+    with pytest.raises(SystemExit, match="image features are 12-d, the text tower's output 16-d"):
+        M.main(cli(world, tmp_path / "run", "--image-features", str(tmp_path / "f.pt")))
+    assert not (tmp_path / "run" / engine.METRICS).exists()
