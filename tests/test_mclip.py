@@ -551,3 +551,30 @@ def test_image_features_of_another_width_are_refused_before_training(world, tmp_
     with pytest.raises(SystemExit, match="image features are 12-d, the text tower's output 16-d"):
         M.main(cli(world, tmp_path / "run", "--image-features", str(tmp_path / "f.pt")))
     assert not (tmp_path / "run" / engine.METRICS).exists()
+
+
+@pytest.mark.parametrize("routine,main,partner", [
+    ("baseline1", "native-de", None), ("method1", "native-de", "native-en"), ("method2", "native-de", "from_en-de"),
+    ("baseline2", "to_en-de", None), ("method3", "to_en-de", "native-en")])
+def test_each_routine_trains_on_its_text_and_aligns_with_its_partner(routine, main, partner, monkeypatch):
+    kinds = {"native": ("en", "de"), "from_en": ("de",), "to_en": ("de",)}
+    split = M.RetrievalSplit(["a", "b", "c"], {k: {l: [f"{k}-{l}-{i}" for i in range(3)] for l in ls}
+                                               for k, ls in kinds.items()})
+    seen = []
+    fake_encode = lambda model, tok, texts, device: seen.append(list(texts)) or torch.randn(2, 4)  # noqa: E731
+    monkeypatch.setattr(M, "encode", fake_encode)
+    args = argparse.Namespace(routine=routine, lang="de", hard_prompt=None, align_loss="mse", align_ratio=1.0)
+    M.train_step(None, None, split, [2, 0], {n: torch.randn(4) for n in "abc"}, args, "cpu")
+    assert seen == [[f"{main}-2", f"{main}-0"]] + ([[f"{partner}-2", f"{partner}-0"]] if partner else [])
+
+
+@pytest.mark.parametrize("routine,kind", [("method2", "native"), ("method3", "to_en")])
+def test_validation_and_test_use_the_text_the_routine_trains_on(world, tmp_path, monkeypatch, routine, kind):
+    kinds, evaluate = [], M.evaluate
+
+    def spy(model, tok, split, images, k, lang, args, device):
+        kinds.append((k, lang))
+        return evaluate(model, tok, split, images, k, lang, args, device)
+    monkeypatch.setattr(M, "evaluate", spy)
+    M.main(cli(world, tmp_path / "run", "--routine", routine, "--epochs", "1"))
+    assert kinds == [(kind, "de")] * 2  # one validation (step 2), then the test
