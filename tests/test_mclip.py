@@ -578,3 +578,19 @@ def test_validation_and_test_use_the_text_the_routine_trains_on(world, tmp_path,
     monkeypatch.setattr(M, "evaluate", spy)
     M.main(cli(world, tmp_path / "run", "--routine", routine, "--epochs", "1"))
     assert kinds == [(kind, "de")] * 2  # one validation (step 2), then the test
+
+
+def test_table_prints_per_language_scores_with_disparity_and_the_xtd_caveat(tmp_path, capsys):
+    for lang, score in [("en", 60.0), ("de", 50.0), ("ja", 40.0)]:
+        (tmp_path / lang).mkdir()
+        M.write_json_atomic(tmp_path / lang / "results.json", {
+            "dataset": "xtd", "routine": "method3", "pet": "lora", "n_shot": 50, "lang": lang,
+            "test": {"mean_r1": score}})
+    out = M.main(["table", *(str(tmp_path / l) for l in ("en", "de", "ja"))])
+    row = out["xtd/method3/lora/50"]
+    assert row["avg"] == pytest.approx(50.0) and row["range"] == pytest.approx(20.0)
+    assert row["std"] == pytest.approx(math.sqrt(200 / 3))
+    printed = capsys.readouterr().out
+    assert "de=50.0 en=60.0 ja=40.0 | avg 50.00 range 20.00 std 8.16" in printed and "COCO train" in printed
+    with pytest.raises(SystemExit, match="no results"):
+        M.main(["table", str(tmp_path)])
