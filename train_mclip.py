@@ -755,6 +755,18 @@ def check_args(args) -> None:
         raise SystemExit("error: XTD10 has no training split without --n-shot; use --pet none for zero-shot")
 
 
+def check_schedule(args, n_train: int) -> None:
+    """A run must validate at least once: the state it tests is the best validated one (the reference would fail
+    loading a best checkpoint it never wrote)."""
+    if args.pet == "none" or args.epochs == 0:
+        return
+    steps = math.ceil(n_train / args.batch_size) * args.epochs
+    if steps < args.eval_steps:
+        raise ValueError(f"{steps} optimizer steps ({n_train} training examples, --batch-size {args.batch_size}, "
+                         f"--epochs {args.epochs}) never reach --eval-steps {args.eval_steps}: nothing would be "
+                         f"validated")
+
+
 def resolve_text_config(name: str) -> str | dict:
     if name in TEXT_CONFIGS:
         return name
@@ -789,6 +801,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     try:
         splits = load_splits(args)
+        check_schedule(args, len(splits["train"].images))
         images = image_feature_table(splits, args)
         tokenizer = data.load_tokenizer(args.tokenizer)
     except ValueError as e:

@@ -594,3 +594,9 @@ def test_table_prints_per_language_scores_with_disparity_and_the_xtd_caveat(tmp_
     assert "de=50.0 en=60.0 ja=40.0 | avg 50.00 range 20.00 std 8.16" in printed and "COCO train" in printed
     with pytest.raises(SystemExit, match="no results"):
         M.main(["table", str(tmp_path)])
+
+
+def test_a_run_that_would_never_validate_is_refused_before_training(world, tmp_path):
+    with pytest.raises(SystemExit, match=r"2 optimizer steps \(3 training examples, --batch-size 2, --epochs 1\) "
+                                         r"never reach --eval-steps 5"):
+        M.main(cli(world, tmp_path / "run", "--epochs", "1", "--eval-steps", "5"))
