@@ -600,3 +600,16 @@ def test_a_run_that_would_never_validate_is_refused_before_training(world, tmp_p
     with pytest.raises(SystemExit, match=r"2 optimizer steps \(3 training examples, --batch-size 2, --epochs 1\) "
                                          r"never reach --eval-steps 5"):
         M.main(cli(world, tmp_path / "run", "--epochs", "1", "--eval-steps", "5"))
+
+
+@pytest.mark.parametrize("extra,key", [
+    (["--pet", "adapter", "--adapter-dim", "4"], "transformer.encoder.layer.1.output.dense.adapter.up_proj.weight"),
+    (["--pet", "compacter", "--compacter-reduction", "2"],
+     "transformer.encoder.layer.0.output.dense.adapter.up_sampler.b"),
+    (["--pet", "prompt", "--soft-prefix", "dog cat"], "prompt.embeds"),
+    (["--pet", "full", "--policy", "llrd"], "transformer.embeddings.word_embeddings.weight"),
+    (["--pet", "full", "--policy", "top", "--top-layers", "1"], "LinearTransformation.weight")])
+def test_every_tuning_method_runs_end_to_end_and_saves_its_module(world, tmp_path, extra, key):
+    M.main(cli(world, tmp_path / "run", "--epochs", "1", *extra))
+    saved = torch.load(tmp_path / "run" / engine.FINAL, weights_only=True)
+    assert key in saved["model"] and saved["meta"]["pet"] == extra[1]
