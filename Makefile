@@ -162,7 +162,7 @@ pet-features-multi30k:
 	$(call mclip_require,$(MULTI30K) $(FLICKR) $(CLIP_VISION))
 	$(PY) train_mclip.py features --dataset multi30k --data-root $(MULTI30K) --images $(FLICKR) --clip-vision $(CLIP_VISION) --out $(M30K_FEATS)
 
-## pet-xtd            one XTD10 run: LANG= ROUTINE=baseline1..method3 PET=lora|adapter|prompt|full|none NSHOT=50
+## pet-xtd            one XTD10 run: LANG= ROUTINE=baseline1..method3 PET=lora|lora_cross|adapter|compacter|prompt|full|none NSHOT=50
 pet-xtd:
 	$(call mclip_require,$(XTD) $(MCLIP) $(XTD_FEATS))
 	$(PY) train_mclip.py --dataset xtd --data-root $(XTD) --lang $(PET_LANG) $(MCLIP_ARGS) --n-shot $(NSHOT) --image-features $(XTD_FEATS) --output-dir $(OUT)/mclip-xtd$(NSHOT)-$(PET_LANG)-$(ROUTINE)-$(PET) $(EXTRA)

@@ -61,7 +61,9 @@ ROUTINES = {  # routine: (text kind trained and tested on, alignment partner kin
     "method3": ("to_en", "en"),
 }
 ALIGN_LOSSES = ("mse", "contrastive", "contrastive_with_image")
-PETS = ("full", "lora", "adapter", "compacter", "prompt", "none")
+PETS = ("full", "lora", "lora_cross", "adapter", "compacter", "prompt", "none")
+# LoRA targets: run_XTD.py's (the paper's 0.16%) and run_cross.py's, the script PECTVLM's published run scripts call
+LORA_TARGETS = {"lora": ["query", "value"], "lora_cross": ["query", "key", "value", "attention.output.dense"]}
 XTD_LANGS = ("en", "de", "fr", "es", "it", "jp", "ko", "pl", "ru", "tr", "zh")
 MULTI30K_LANGS = ("en", "de", "fr", "cs")
 
@@ -249,11 +251,11 @@ def add_adapters(model: MCLIPText, make: Callable[[int], nn.Module]) -> None:
             module.register_forward_hook(_run_adapter)
 
 
-def add_lora(model: MCLIPText, r: int, alpha: int) -> None:
-    """peft LoRA on every query and value projection (the reference: OpenDelta LoRA r 8, alpha 16, dropout 0;
+def add_lora(model: MCLIPText, r: int, alpha: int, targets: Sequence[str] = ("query", "value")) -> None:
+    """peft LoRA on every layer's modules named by targets (the reference: OpenDelta LoRA r 8, alpha 16, dropout 0;
     A Kaiming-uniform, B zero, as peft's default)."""
     from peft import LoraConfig, inject_adapter_in_model
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["query", "value"], bias="none")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias="none")
     inject_adapter_in_model(cfg, model.transformer)
 
 
@@ -272,13 +274,15 @@ def add_soft_prompt(model: MCLIPText, tokenizer, prefix: str | None, n_tokens: i
 def apply_pet(model: MCLIPText, pet: str, args, tokenizer=None) -> None:
     """Freeze and extend the model for --pet. full: every parameter trains (the reference without
     --delta_tuning); none: nothing trains (zero-shot); lora/adapter/compacter: the modules + the output LayerNorms;
-    prompt: the soft prompt only. The projection LinearTransformation stays frozen under PET, as the reference."""
+    prompt: the soft prompt only. The projection LinearTransformation stays frozen under PET, as run_XTD.py, except
+    lora_cross: run_cross.py's LoRA (query, key, value, attention.output.dense) + the output LayerNorms + the
+    pooler + LinearTransformation (the configuration PECTVLM's published run scripts use, with --lora_r 1)."""
     model.requires_grad_(pet == "full")
     if pet == "full":
         model.tuned = [n for n, _ in model.named_parameters()]
         return
-    if pet == "lora":
-        add_lora(model, args.lora_r, args.lora_alpha)
+    if pet in LORA_TARGETS:
+        add_lora(model, args.lora_r, args.lora_alpha, LORA_TARGETS[pet])
     elif pet == "adapter":
         add_adapters(model, lambda width: BottleneckAdapter(width, args.adapter_dim))
     elif pet == "compacter":
@@ -286,7 +290,9 @@ def apply_pet(model: MCLIPText, pet: str, args, tokenizer=None) -> None:
     elif pet == "prompt":
         add_soft_prompt(model, tokenizer, args.soft_prefix, args.soft_tokens)
     for name, p in model.named_parameters():  # peft marks its own modules trainable; keep exactly ours
-        p.requires_grad_(_is_pet_param(name, pet) or (pet in ("lora", "adapter", "compacter") and _is_output_ln(name)))
+        with_ln = pet in ("lora", "lora_cross", "adapter", "compacter") and _is_output_ln(name)
+        p.requires_grad_(_is_pet_param(name, pet) or with_ln
+                         or (pet == "lora_cross" and name.startswith(("LinearTransformation.", "transformer.pooler."))))
     model.tuned = [n for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -297,7 +303,8 @@ def _is_output_ln(name: str) -> bool:
 
 
 def _is_pet_param(name: str, pet: str) -> bool:
-    return {"lora": ".lora_" in name, "adapter": ".adapter." in name, "compacter": ".adapter." in name,
+    return {"lora": ".lora_" in name, "lora_cross": ".lora_" in name, "adapter": ".adapter." in name,
+            "compacter": ".adapter." in name,
             "prompt": name.startswith("prompt.")}.get(pet, False)
 
 

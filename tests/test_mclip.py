@@ -613,3 +613,15 @@ def test_every_tuning_method_runs_end_to_end_and_saves_its_module(world, tmp_pat
     M.main(cli(world, tmp_path / "run", "--epochs", "1", *extra))
     saved = torch.load(tmp_path / "run" / engine.FINAL, weights_only=True)
     assert key in saved["model"] and saved["meta"]["pet"] == extra[1]
+
+
+def test_run_cross_lora_variant_trains_its_modules_and_share_on_real_shapes():
+    names = [n for n, p in tiny_model(pet="lora_cross").named_parameters() if p.requires_grad]
+    lora = {n.split(".lora_A")[0].split("layer.")[1].split(".", 1)[1] for n in names if ".lora_A." in n}
+    assert lora == {"attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"}
+    assert "LinearTransformation.weight" in names and "transformer.pooler.dense.weight" in names
+    with torch.device("meta"):
+        model = M.build_text_model("large")
+        M.apply_pet(model, "lora_cross", argparse.Namespace(**{**vars(PET_ARGS), "lora_r": 1}))
+    # r 1 on 4 x 24 projections of 1024 x 1024 (2,048 each) + LayerNorms 98,304 + pooler 1,049,600 + projection 787,200
+    assert M.count_params(model) == (196_608 + 98_304 + 1_049_600 + 787_200, 560_677_632)
