@@ -172,9 +172,10 @@ pet-multi30k:
 	$(call mclip_require,$(MULTI30K) $(MCLIP) $(M30K_FEATS))
 	$(PY) train_mclip.py --dataset multi30k --data-root $(MULTI30K) --lang $(PET_LANG) $(MCLIP_ARGS) --n-shot $(M30K_SHOT) --image-features $(M30K_FEATS) --output-dir $(OUT)/mclip-multi30k$(M30K_SHOT)-$(PET_LANG)-$(ROUTINE)-$(PET) $(EXTRA)
 
-## pet-xtd-grid       pet-xtd for all 11 XTD10 languages (same ROUTINE= PET=), then pet-multi30k-grid: its 4
+## pet-xtd-grid       pet-xtd for all 11 XTD10 languages (same ROUTINE= PET=)
 pet-xtd-grid:
 	@for l in $(XTD_LANGS); do $(MAKE) --no-print-directory pet-xtd LANG=$$l || exit 1; done
+## pet-multi30k-grid  pet-multi30k for its 4 languages
 pet-multi30k-grid:
 	@for l in $(M30K_LANGS); do $(MAKE) --no-print-directory pet-multi30k LANG=$$l || exit 1; done
 
