@@ -752,6 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # N copies would train alike and write one folder
+        raise SystemExit("error: train_mclip.py runs in one process (the reference's batch of 5 fits one GPU); "
+                         "launch it without torchrun")
     langs = XTD_LANGS if args.dataset == "xtd" else MULTI30K_LANGS
     if args.lang not in langs:
         raise SystemExit(f"error: --lang {args.lang}: {args.dataset} has {', '.join(langs)}")

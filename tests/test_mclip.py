@@ -625,3 +625,10 @@ def test_run_cross_lora_variant_trains_its_modules_and_share_on_real_shapes():
         M.apply_pet(model, "lora_cross", argparse.Namespace(**{**vars(PET_ARGS), "lora_r": 1}))
     # r 1 on 4 x 24 projections of 1024 x 1024 (2,048 each) + LayerNorms 98,304 + pooler 1,049,600 + projection 787,200
     assert M.count_params(model) == (196_608 + 98_304 + 1_049_600 + 787_200, 560_677_632)
+
+
+def test_a_multi_process_launch_is_refused_before_anything_is_written(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="runs in one process"):
+        M.main(cli(world, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
