@@ -649,6 +649,7 @@ def fit(model, tokenizer, splits, images, args, run_dir: Path, log, device) -> d
             sched.step()
             optimizer.zero_grad(set_to_none=True)
             prog.step += 1
+            engine.fault_point("step")
             log.write({"type": "train", "epoch": epoch, "step": prog.step, "loss": loss.item(),
                        "lr": sched.get_last_lr()[0]})
             if prog.step % args.eval_steps == 0:
