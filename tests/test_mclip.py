@@ -377,7 +377,7 @@ def test_zero_shot_with_a_hard_prompt_trains_nothing(world, tmp_path):
     assert lines(tmp_path / "zs", "train") == [] and result["trainable"] == 0
 
 
-@pytest.mark.parametrize("fault", ["raise:epoch_end:2", "raise:step:5"])  # after a checkpoint; mid-epoch 3
+@pytest.mark.parametrize("fault", ["raise:epoch_end:2", "raise:step:6"])  # after a checkpoint; mid-epoch 3
 def test_resume_after_a_failure_is_bitwise_exact(world, tmp_path, monkeypatch, fault):
     M.main(cli(world, tmp_path / "whole", "--epochs", "3"))
     monkeypatch.setenv("SUF_FAULT", fault)
