@@ -633,3 +633,18 @@ def test_a_multi_process_launch_is_refused_before_anything_is_written(world, tmp
     with pytest.raises(SystemExit, match="runs in one process"):
         M.main(cli(world, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_released_mclip_folder_layout_loads(tmp_path, ref):
+    """M-CLIP's release: a folder with pytorch_model.bin (saved by transformers 4, with the position_ids buffer)."""
+    model, tok, texts, want = ref
+    state = dict(load_file(str(FIX / "weights.safetensors")))
+    state["transformer.embeddings.position_ids"] = torch.arange(80)[None]
+    (tmp_path / "mclip").mkdir()
+    torch.save(state, tmp_path / "mclip" / "pytorch_model.bin")
+    fresh = M.build_text_model(json.loads((FIX / "inputs.json").read_text())["text_config"]).eval()
+    M.load_text_weights(fresh, M.read_state_dict(tmp_path / "mclip"), "mclip")
+    with torch.no_grad():
+        assert_matches_reference("released layout", M.encode(fresh, tok, texts, "cpu"), want["embeddings"])
+    with pytest.raises(ValueError, match="holds neither model.safetensors nor pytorch_model.bin"):
+        M.read_state_dict(tmp_path)
