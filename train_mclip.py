@@ -60,6 +60,11 @@ ROUTINES = {  # routine: (text kind trained and tested on, alignment partner kin
     "baseline2": ("to_en", None),
     "method3": ("to_en", "en"),
 }
+# Test text of PECTVLM's run_cross.py, the script its published run scripts call: validation follows the routine
+# (trainer.py) but the final test swaps the text of baselines/method1 and method2/3 (an older trainer's naming).
+# Reproduced only under --test-text run_cross; the default tests on the text the routine trains and validates on.
+RUN_CROSS_TEST_TEXT = {"baseline1": "to_en", "method1": "to_en", "method2": "native", "baseline2": "native",
+                       "method3": "native"}
 ALIGN_LOSSES = ("mse", "contrastive", "contrastive_with_image")
 PETS = ("full", "lora", "lora_cross", "adapter", "compacter", "prompt", "none")
 # LoRA targets: run_XTD.py's (the paper's 0.16%) and run_cross.py's, the script PECTVLM's published run scripts call
@@ -722,6 +727,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-shot", type=int, default=50, help="XTD: train/val images (50: 50/50/900); Multi30K: train "
                                                           "subsample (0 = full data)")
     p.add_argument("--split-seed", type=int, default=d["split_seed"])
+    p.add_argument("--test-text", choices=("routine", "run_cross"), default="routine",
+                   help="routine: test on the text the routine trains on; run_cross: PECTVLM run_cross.py's mapping "
+                        "(baseline1/method1 tested on MT->en, baseline2/method2/method3 on the native text)")
     p.add_argument("--hard-prompt", default=None, help="text put before every caption, e.g. 'a photo of'")
     p.add_argument("--soft-prefix", default=None, help="--pet prompt: initialise from this text's token embeddings")
     p.add_argument("--soft-tokens", type=int, default=d["soft_tokens"], help="--pet prompt without --soft-prefix")
@@ -850,10 +858,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.pet != "none" and args.epochs > 0:
         best = fit(model, tokenizer, splits, images, args, run_dir, log, device)
         load_trainable(model, best, "best validation state")
-    test = evaluate(model, tokenizer, splits["test"], images, ROUTINES[args.routine][0], args.lang, args, device)
+    test_kind = ROUTINES[args.routine][0] if args.test_text == "routine" else RUN_CROSS_TEST_TEXT[args.routine]
+    test = evaluate(model, tokenizer, splits["test"], images, test_kind, args.lang, args, device)
     log.write({"type": "test", **test})
     meta = {"model": "mclip", "text_config": config, "pet": args.pet, "routine": args.routine, "lang": args.lang,
-            "dataset": args.dataset, "n_shot": args.n_shot, "trainable": trainable, "base": base,
+            "dataset": args.dataset, "n_shot": args.n_shot, "test_text": test_kind, "trainable": trainable,
+            "base": base,
             "args": engine.json_safe(vars(args))}
     engine.save_checkpoint(run_dir / engine.FINAL, {"model": best, "meta": meta})
     result = {**{k: v for k, v in meta.items() if k != "args"}, "test": test}
@@ -939,7 +949,9 @@ def print_table(run_dirs: Sequence[str]) -> dict:
         if not path.is_file():
             raise SystemExit(f"error: {path}: no results (run unfinished?)")
         r = json.loads(path.read_text())
-        groups.setdefault((r["dataset"], r["routine"], r["pet"], r["n_shot"]), {})[r["lang"]] = r["test"]["mean_r1"]
+        key = (r["dataset"], r["routine"], r["pet"], r["n_shot"])
+        key += (f"test:{r['test_text']}",) if "test_text" in r else ()
+        groups.setdefault(key, {})[r["lang"]] = r["test"]["mean_r1"]
     out = {}
     for key, scores in sorted(groups.items()):
         stats = disparity(scores)

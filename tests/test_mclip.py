@@ -569,16 +569,20 @@ def test_each_routine_trains_on_its_text_and_aligns_with_its_partner(routine, ma
     assert seen == [[f"{main}-2", f"{main}-0"]] + ([[f"{partner}-2", f"{partner}-0"]] if partner else [])
 
 
-@pytest.mark.parametrize("routine,kind", [("method2", "native"), ("method3", "to_en")])
-def test_validation_and_test_use_the_text_the_routine_trains_on(world, tmp_path, monkeypatch, routine, kind):
+@pytest.mark.parametrize("routine,extra,kinds_seen", [
+    ("method2", [], ["native", "native"]), ("method3", [], ["to_en", "to_en"]),
+    ("method3", ["--test-text", "run_cross"], ["to_en", "native"]),      # PECTVLM run_cross.py's test text
+    ("baseline1", ["--test-text", "run_cross"], ["native", "to_en"])])
+def test_validation_and_test_use_the_text_the_routine_trains_on(world, tmp_path, monkeypatch, routine, extra,
+                                                                kinds_seen):
     kinds, evaluate = [], M.evaluate
 
     def spy(model, tok, split, images, k, lang, args, device):
         kinds.append((k, lang))
         return evaluate(model, tok, split, images, k, lang, args, device)
     monkeypatch.setattr(M, "evaluate", spy)
-    M.main(cli(world, tmp_path / "run", "--routine", routine, "--epochs", "1"))
-    assert kinds == [(kind, "de")] * 2  # one validation (step 2), then the test
+    M.main(cli(world, tmp_path / "run", "--routine", routine, "--epochs", "1", *extra))
+    assert kinds == [(k, "de") for k in kinds_seen]  # one validation (step 2), then the test
 
 
 def test_table_prints_per_language_scores_with_disparity_and_the_xtd_caveat(tmp_path, capsys):
