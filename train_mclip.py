@@ -320,8 +320,9 @@ def tuned_params(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tuned parameters (a language's PET module, or the whole tower under --pet full), cloned."""
-    return {n: p.detach().clone() for n, p in tuned_params(model).items()}
+    """The tuned parameters (a language's PET module, or the whole tower under --pet full), copied to the CPU
+    (the best state of a full fine-tuning run would otherwise hold a second tower in accelerator memory)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in tuned_params(model).items()}
 
 
 def is_added_by_pet(name: str) -> bool:
