@@ -50,6 +50,7 @@ from PIL import Image
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
 import data
+import engine
 import freeze
 
 LOGIT_SCALE = 100.0  # the reference's fixed scale (trainer.py), not CLIP's learned one
@@ -149,7 +150,6 @@ def build_text_model(config: str | dict) -> MCLIPText:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file or a torch file (weights only); a folder means its model.safetensors or
     pytorch_model.bin (the Hugging Face layout of M-CLIP's and OpenAI CLIP's releases)."""
-    import engine
     path = Path(path)
     if path.is_dir():
         found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
@@ -496,7 +496,6 @@ def encode_images(vision, paths: Sequence[Path], batch_size: int = 64, device: s
 
 def read_image_features(path: str | Path) -> dict[str, torch.Tensor]:
     """A features file {"names": [image path, ...], "features": FloatTensor [N, D]} -> {name: row}."""
-    import engine
     obj = engine.load_checkpoint(path)
     if not isinstance(obj, dict) or "names" not in obj or "features" not in obj:
         raise ValueError(f"{path}: expected a dict with 'names' and 'features'")
@@ -566,7 +565,6 @@ def load_clip_vision(folder: str | Path):
 
 
 def write_image_features(path: str | Path, table: dict[str, torch.Tensor]) -> None:
-    import engine
     names = sorted(table)
     engine.save_checkpoint(path, {"names": names, "features": torch.stack([table[n] for n in names])})
 
@@ -629,7 +627,6 @@ class Progress:
 
 def fit(model, tokenizer, splits, images, args, run_dir: Path, log, device) -> dict[str, torch.Tensor]:
     """The reference's loop (trainer.train): step, validate every --eval-steps steps, keep the best state."""
-    import engine
     layout, schedule = freeze_plan(model, args)
     if schedule is None:
         optimizer = torch.optim.Adam(tuned_params(model).values(), lr=args.lr, weight_decay=0.0)
@@ -691,7 +688,6 @@ def freeze_plan(model: MCLIPText, args) -> tuple["freeze.LayerLayout | None", "f
 
 
 def resume_from(ckpt: Path, model, optimizer, sched, log, device) -> tuple[Progress, dict]:
-    import engine
     state = engine.load_checkpoint(ckpt)
     load_trainable(model, state["model"], str(ckpt))
     optimizer.load_state_dict(state["optimizer"])
@@ -716,7 +712,7 @@ def load_trainable(model: nn.Module, state: dict[str, torch.Tensor], source: str
 # ---------------------------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = engine.ArgumentParser(description=__doc__)
     d = DEFAULTS
     p.add_argument("--dataset", choices=("xtd", "multi30k"), required=True)
     p.add_argument("--data-root", required=True, help="XTD10 or multi30k-dataset folder (PECTVLM layout)")
@@ -810,7 +806,6 @@ def load_splits(args) -> dict[str, RetrievalSplit]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import engine
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["table"]:
         return print_table(argv[1:])
@@ -882,7 +877,6 @@ RESUME_KEYS = ("dataset", "lang", "routine", "align_loss", "align_ratio", "pet",
 
 def check_resume_args(args, run_dir: Path) -> None:
     """One-line SystemExit if --resume changes an argument the interrupted run was started with."""
-    import engine
     try:
         saved = json.loads((run_dir / engine.ARGS).read_text())
     except (OSError, ValueError) as e:
@@ -896,7 +890,6 @@ def check_resume_args(args, run_dir: Path) -> None:
 
 def load_pet_file(model: MCLIPText, path: str, pet: str) -> None:
     """Start from a saved language module (model_final.pt of an earlier run with the same --pet)."""
-    import engine
     try:
         obj = engine.load_checkpoint(path)
         meta = obj.get("meta", {}) if isinstance(obj, dict) else {}
