@@ -107,6 +107,9 @@ $(foreach d,0.98 0.95 0.88 0.75,$(eval $(call LLRD_RULE,$(d))))
 ## xgqa-llrd-sweep  layer-wise LR decay d = 0.98, 0.95, 0.88, 0.75 (Figure 5)
 xgqa-llrd-sweep: xgqa-llrd-0.98 xgqa-llrd-0.95 xgqa-llrd-0.88 xgqa-llrd-0.75
 
+# Multilingual-CLIP + translation-based alignment + PET (train_mclip.py): its targets live in mclip.mk
+include mclip.mk
+
 # ---- Table 2: CCLM, only the 6 cross-modal layers train (+ the answer decoder, the task's output), the rest frozen ----
 ## xgqa-top6       train only the top 6 layers + task head, rest frozen (CCLM: "CM only", Table 2)
 xgqa-top6:

@@ -207,8 +207,6 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     r.add_argument("--print-schedule", action="store_true", help="print what trains when, then exit")
     r.add_argument("--json", action="store_true", help="machine-readable (JSON) output for --print-schedule")
     freeze.add_policy_args(parser)
-    parser.formatter_class = HelpFormatter
-    one_line_errors(parser)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, defaults: dict) -> argparse.Namespace:
@@ -281,15 +279,19 @@ def is_rank0_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Command-line errors as one line, printed by rank 0 only (torchrun starts the script once per rank:
-    without this every rank prints the whole usage)."""
-    def error(message: str):
+class ArgumentParser(argparse.ArgumentParser):
+    """Our scripts' parser: --help with defaults (HelpFormatter), and command-line errors as one line printed by
+    rank 0 only (torchrun starts the script once per rank: argparse would print the whole usage from every rank).
+    Subcommand parsers are of this class too (argparse makes them with the parent's class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
         if is_rank0_process():
-            print(f"{parser.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
+            print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
         raise SystemExit(2)
-    parser.error = error
-    return parser
 
 
 def exits_on_bad_input(main: Callable) -> Callable:

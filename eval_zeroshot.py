@@ -1116,7 +1116,7 @@ COMMANDS = ("evaluate", "fewshot", "plot", "similarity", "figures", "table")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = engine.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("evaluate", help="zero-shot / translate-test evaluation of a run in every language")
     ev.add_argument("--run", "--run-dir", dest="run", default=None,
@@ -1150,9 +1150,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "of a setup merged into one row, e.g. xGQA_48.csv)")
     fs = sub.add_parser("fewshot", help="few-shot fine-tuning of an English-trained checkpoint on one language")
     add_fewshot_args(fs)
-    for parser in (p, ev, sim, pl, fg, tb, fs):
-        parser.formatter_class = engine.HelpFormatter
-        engine.one_line_errors(parser)
     return p
 
 

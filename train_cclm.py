@@ -903,7 +903,7 @@ VISION_LR = 2e-5
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = engine.ArgumentParser(description=__doc__)
     engine.add_common_args(p, DEFAULTS)
     c = p.add_argument_group("CCLM (train_cclm.py)")
     c.add_argument("--checkpoint", default=None,

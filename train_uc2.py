@@ -699,7 +699,7 @@ NO_DECAY_RULES = {"paper": None, "iglue": lambda name, p: iglue_no_decay(name)} 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = engine.ArgumentParser(description=__doc__)
     engine.add_common_args(p, DEFAULTS)
     u = p.add_argument_group("UC2 (train_uc2.py)")
     u.add_argument("--model-config", default="base", help="tiny | base | our config json | a VOLTA UC2 config json")

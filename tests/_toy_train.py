@@ -121,7 +121,7 @@ def run_one(args: argparse.Namespace, dist: engine.DistInfo) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = engine.ArgumentParser(description=__doc__)
     engine.add_common_args(parser, DEFAULTS)
     parser.add_argument("--variants", nargs="+", default=None)
     parser.add_argument("--fail", choices=("raise", "hang"), default=None)

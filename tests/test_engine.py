@@ -364,7 +364,7 @@ def test_linear_warmup_then_decay():
 def test_args_defaults_recipe_and_user_values():
     defaults = {"model": "m", "xgqa": {"lr": 4e-5, "batch_size": 256}, "xvnli": {"lr": 2e-5, "batch_size": 128},
                 "recipes": {"iglue": {"weight_decay": 1e-4, "adam_eps": 1e-6, "clip_grad": 1.0}}}
-    parser = argparse.ArgumentParser()
+    parser = engine.ArgumentParser()
     engine.add_common_args(parser, defaults)
     a = engine.parse_args(parser, ["--task", "xgqa", "--langs", "en,de", "id"], defaults)
     assert (a.epochs, a.lr, a.batch_size, a.weight_decay, a.clip_grad, a.warmup_ratio) == (5, 4e-5, 256, 0.01, 0.0, 0.1)
@@ -420,7 +420,7 @@ def test_schedule_epochs_stretches_the_lr_schedule(tmp_path):
     factor = engine.linear_warmup_decay(2, 20)
     assert lrs == pytest.approx([1e-2 * factor(s) for s in range(8)]) and lrs[-1] > 0.5e-2
     assert json.loads((tmp_path / "long" / "args.json").read_text())["schedule_epochs"] == 5
-    parser = argparse.ArgumentParser()
+    parser = engine.ArgumentParser()
     engine.add_common_args(parser, toy.DEFAULTS)
     assert engine.parse_args(parser, ["--task", "xgqa", "--epochs", "3"], toy.DEFAULTS).schedule_epochs == 3  # --epochs
     with pytest.raises(SystemExit, match="--schedule-epochs 1 is shorter than --epochs 3"):
@@ -635,7 +635,7 @@ def eval_epochs(run_dir: Path) -> list[tuple[int, str]]:
 def test_default_evaluates_only_after_the_last_epoch(tmp_path):
     run(tmp_path, "--eval-every", "0")
     assert eval_epochs(tmp_path) == [(3, "en"), (3, "de")]
-    parser = argparse.ArgumentParser()
+    parser = engine.ArgumentParser()
     engine.add_common_args(parser, toy.DEFAULTS)
     assert engine.parse_args(parser, ["--task", "xgqa"], toy.DEFAULTS).eval_every == 0
 
@@ -669,14 +669,14 @@ def test_default_workers_share_the_cpus_among_the_nodes_processes():
     assert engine.default_num_workers(cpus=32, procs_per_node=4) == 7
     assert engine.default_num_workers(cpus=96, procs_per_node=1) == 16    # capped
     assert engine.default_num_workers(cpus=4, procs_per_node=8) == 0
-    parser = argparse.ArgumentParser()
+    parser = engine.ArgumentParser()
     engine.add_common_args(parser, toy.DEFAULTS)
     assert engine.parse_args(parser, ["--task", "xgqa"], toy.DEFAULTS).num_workers == engine.default_num_workers()
     assert engine.parse_args(parser, ["--task", "xgqa", "--num-workers", "3"], toy.DEFAULTS).num_workers == 3
 
 
 def test_help_shows_defaults_and_argument_errors_are_one_line_on_rank_0_only(capsys, monkeypatch):
-    parser = argparse.ArgumentParser(prog="t")
+    parser = engine.ArgumentParser(prog="t")
     engine.add_common_args(parser, toy.DEFAULTS)
     text = parser.format_help()
     assert "(default: 42)" in text and "(default: full)" in text

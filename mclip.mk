@@ -1,0 +1,60 @@
+# Multilingual-CLIP: translation-based alignment + parameter-efficient tuning (train_mclip.py; README section).
+# Included by the Makefile after its common variables (PY, OUT, EXTRA).
+# LANG= is read from the command line only (the environment's LANG is the locale).
+XTD         ?= data/XTD10
+MULTI30K    ?= data/multi30k-dataset
+COCO        ?= data/coco2014
+FLICKR      ?= data/multi30k-dataset
+MCLIP       ?= checkpoints/M-CLIP-XLM-Roberta-Large-Vit-L-14
+CLIP_VISION ?= checkpoints/clip-vit-large-patch14
+XTD_FEATS   ?= $(OUT)/features/xtd-clip-vitl14.pt
+M30K_FEATS  ?= $(OUT)/features/multi30k-clip-vitl14.pt
+PET_LANG    := $(if $(filter command line,$(origin LANG)),$(LANG),de)
+ROUTINE     ?= method3
+PET         ?= lora
+ALIGN       ?= mse
+NSHOT       ?= 50
+M30K_SHOT   ?= 0
+XTD_LANGS   := en de fr es it jp ko pl ru tr zh
+M30K_LANGS  := en de fr cs
+mclip_require = @missing=""; for p in $(1); do [ -e "$$p" ] || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "error: missing input(s):$$missing (set XTD=, MULTI30K=, COCO=, FLICKR=, MCLIP=, CLIP_VISION=, XTD_FEATS= or M30K_FEATS=; see README)" >&2; exit 2; fi
+MCLIP_ARGS   = --routine $(ROUTINE) --align-loss $(ALIGN) --pet $(PET) --text-checkpoint $(MCLIP) --tokenizer $(MCLIP)
+.PHONY: mclip-help pet-features-xtd pet-features-multi30k pet-xtd pet-multi30k pet-xtd-grid pet-multi30k-grid pet-table
+
+## pet-features-xtd   CLIP ViT-L/14 image features of XTD10 (COCO=train2014/ val2014/ folder), once for all runs
+pet-features-xtd:
+	$(call mclip_require,$(XTD) $(COCO) $(CLIP_VISION))
+	$(PY) train_mclip.py features --dataset xtd --data-root $(XTD) --images $(COCO) --clip-vision $(CLIP_VISION) --out $(XTD_FEATS)
+
+## pet-features-multi30k  the same for Multi30K (FLICKR= folder holding flickr30k-images/)
+pet-features-multi30k:
+	$(call mclip_require,$(MULTI30K) $(FLICKR) $(CLIP_VISION))
+	$(PY) train_mclip.py features --dataset multi30k --data-root $(MULTI30K) --images $(FLICKR) --clip-vision $(CLIP_VISION) --out $(M30K_FEATS)
+
+## pet-xtd            one XTD10 run: LANG= ROUTINE=baseline1..method3 PET=lora|lora_cross|adapter|compacter|prompt|full|none NSHOT=50
+pet-xtd:
+	$(call mclip_require,$(XTD) $(MCLIP) $(XTD_FEATS))
+	$(PY) train_mclip.py --dataset xtd --data-root $(XTD) --lang $(PET_LANG) $(MCLIP_ARGS) --n-shot $(NSHOT) --image-features $(XTD_FEATS) --output-dir $(OUT)/mclip-xtd$(NSHOT)-$(PET_LANG)-$(ROUTINE)-$(PET) $(EXTRA)
+
+## pet-multi30k       one Multi30K run (M30K_SHOT=0: full data)
+pet-multi30k:
+	$(call mclip_require,$(MULTI30K) $(MCLIP) $(M30K_FEATS))
+	$(PY) train_mclip.py --dataset multi30k --data-root $(MULTI30K) --lang $(PET_LANG) $(MCLIP_ARGS) --n-shot $(M30K_SHOT) --image-features $(M30K_FEATS) --output-dir $(OUT)/mclip-multi30k$(M30K_SHOT)-$(PET_LANG)-$(ROUTINE)-$(PET) $(EXTRA)
+
+## pet-xtd-grid       pet-xtd for all 11 XTD10 languages (same ROUTINE= PET=)
+pet-xtd-grid:
+	@for l in $(XTD_LANGS); do $(MAKE) --no-print-directory pet-xtd LANG=$$l || exit 1; done
+## pet-multi30k-grid  pet-multi30k for its 4 languages
+pet-multi30k-grid:
+	@for l in $(M30K_LANGS); do $(MAKE) --no-print-directory pet-multi30k LANG=$$l || exit 1; done
+
+## pet-table          per-language R@1, average, range and std of every mclip run under OUT=
+pet-table:
+	$(call mclip_require,$(OUT))
+	$(PY) train_mclip.py table $(OUT)/mclip-*/
+
+# `make help` lists these targets too (an extra prerequisite of the Makefile's help target)
+help: mclip-help
+mclip-help:
+	@grep -E '^## ' mclip.mk | sed 's/^## //'
