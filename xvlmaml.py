@@ -427,11 +427,11 @@ def train(args) -> Path:
         check_args(args, dist)
         meta0 = resolve_init(args)
         run_dir = engine.check_run_dir(args, dist)
-        check_resume_args(args, run_dir)
         if not args.data_root:
             raise SystemExit("error: --data-root is required (folder holding IGLUE's datasets/)")
         args.max_regions = args.max_regions or 36
         args.aux_split = aux_split(args)
+        check_resume_args(args, run_dir)   # after the defaults derived from the data are filled in
         cfg = maml_config(args)
         args.recipe, args.langs = "paper", args.eval_langs   # what engine.base_meta / run_meta record
         net, config, tokenizer = build_model(args, meta0, dist)
