@@ -518,8 +518,12 @@ def evaluate(args, run_dir: Path) -> int:
 
 
 def cmd_train(args) -> int:
-    run_dir = train(args)
-    return 0 if args.no_eval else evaluate(args, run_dir)
+    engine.setup_distributed()   # one process group for the training and the evaluation (see engine._GROUP_USERS)
+    try:
+        run_dir = train(args)
+        return 0 if args.no_eval else evaluate(args, run_dir)
+    finally:
+        engine.cleanup_distributed()
 
 
 # ============================================================================ auxiliary x target matrix
@@ -556,26 +560,42 @@ def format_matrix(t: dict) -> str:
 
 
 def cmd_matrix(args) -> int:
+    dist = engine.setup_distributed()
+    try:
+        return _matrix(args, dist)
+    finally:
+        engine.cleanup_distributed()
+
+
+def _matrix(args, dist: engine.DistInfo) -> int:
     out = Path(args.output_dir)
-    results = {}
+    results, task = {}, args.task
     for aux in args.aux_langs:
         sub = argparse.Namespace(**{**vars(args), "aux_lang": aux, "output_dir": str(out / f"aux-{aux}")})
         run = Path(sub.output_dir)
         done = run / "results.json"
+        if done.is_file() and dist.is_main:
+            print(f"matrix: {run} already evaluated, reusing it", flush=True)
         if not done.is_file():
             if (run / engine.CHECKPOINT).is_file() or (run / engine.FINAL).is_file():
                 sub.resume = True
             if not (run / engine.FINAL).is_file():
                 train(sub)
-            evaluate(sub, run)
-        results[aux] = Z.read_json(done)["test"]["langs"]
+            if not sub.no_eval:
+                evaluate(sub, run)
+        engine.barrier(dist)
+        if not done.is_file():
+            raise SystemExit(f"error: {run}: no results.json (run without --no-eval to fill the matrix)")
+        record = Z.read_json(done)["test"]
+        results[aux], task = record["langs"], record["task"]
     baseline = None
     if args.run and (Path(args.run) / "results.json").is_file():
         baseline = Z.read_json(Path(args.run) / "results.json").get("test", {}).get("langs")
-    table = matrix_table(args.task, results, baseline)
-    Z.atomic_write_text(out / "matrix.json", json.dumps(table, indent=1) + "\n")
-    Z.atomic_write_text(out / "matrix.md", format_matrix(table) + "\n")
-    print(format_matrix(table), flush=True)
+    table = matrix_table(task, results, baseline)
+    if dist.is_main:
+        Z.atomic_write_text(out / "matrix.json", json.dumps(table, indent=1) + "\n")
+        Z.atomic_write_text(out / "matrix.md", format_matrix(table) + "\n")
+        print(format_matrix(table), flush=True)
     return 0
 
 
