@@ -100,6 +100,14 @@ class XVLModel(nn.Module):
         self.model, self.cl_head = model, cl_head
         self.cl_embed, self.mask_same_image = cl_embed, mask_same_image
 
+    # parameters each loss term reads (by name prefix): the contrastive loss never reaches UC2's pooler
+    # and task head, the task losses never reach the contrastive head
+    TERM_PREFIXES = {"cl": ("model.embeddings.", "model.encoder.", "cl_head."), "task_aux": ("model.",),
+                     "task_en": ("model.",)}
+
+    def used_by(self, name: str, terms: Sequence[str]) -> bool:
+        return any(name.startswith(p) for t in terms for p in self.TERM_PREFIXES[t])
+
     def cl_loss(self, batch: dict) -> torch.Tensor:
         pairs = positive_pairs(batch)
         image, text = pair_embeddings(self.model, pairs, self.cl_embed)
@@ -180,10 +188,14 @@ class Episodes:
 
 def meta_step(net: XVLModel, cfg: M.MamlConfig, episodes: Iterator[tuple[dict, dict]], n_total: int,
               adapt_names: Sequence[str], dist: engine.DistInfo, device: torch.device) -> tuple[list[float], int]:
-    """Meta-gradients of this rank's episodes into p.grad of the trainable parameters, summed over ranks
-    and divided by the iteration's episode count (n_total). Returns (this rank's episode losses, number of
-    non-finite ones). Under torch.random.fork_rng: the global torch stream is untouched."""
-    trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    """Meta-gradients of this rank's episodes into p.grad of the trainable parameters the losses read,
+    summed over ranks and divided by the iteration's episode count (n_total). Returns (this rank's episode
+    losses, number of non-finite ones). Under torch.random.fork_rng: the global torch stream is untouched.
+    A trainable parameter no loss reads (the task head under variant unsupervised) gets no .grad at all:
+    AdamW then skips it (a zero gradient would still apply weight decay to it)."""
+    terms = tuple(cfg.inner) + tuple(cfg.outer)
+    trainable = {n: p for n, p in net.named_parameters() if p.requires_grad and net.used_by(n, terms)}
+    adapt_names = [n for n in adapt_names if n in trainable]
     inner = M.module_objective(net, terms=cfg.inner, cl_weight=cfg.cl_weight)
     outer = M.module_objective(net, terms=cfg.outer, cl_weight=cfg.cl_weight)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _attention_for(cfg):

@@ -229,6 +229,17 @@ def test_frozen_parameters_stay_bitwise_unchanged_and_trainable_ones_move(sample
     assert any(not torch.equal(init[k], final[k]) for k in init if k.startswith(top))
 
 
+def test_unsupervised_variant_leaves_the_task_head_bitwise_unchanged(sample, tmp_path):
+    """No loss of variant unsupervised reads the pooler and task head: they get no gradient, so AdamW's
+    weight decay must not touch them either."""
+    X.main(train_argv(sample, tmp_path / "r", "--variant", "unsupervised"))
+    init = engine.load_checkpoint(sample / "init.pt")["model"]
+    final = engine.load_checkpoint(tmp_path / "r" / engine.FINAL)["model"]
+    head = [k for k in init if k.startswith(("pooler.", "head."))]
+    assert head and all(torch.equal(init[k], final[k]) for k in head)
+    assert not torch.equal(init["encoder.layer.11.output.dense.weight"], final["encoder.layer.11.output.dense.weight"])
+
+
 def test_resume_after_a_crash_is_bitwise_exact(sample, tmp_path, monkeypatch):
     X.main(train_argv(sample, tmp_path / "whole"))
     monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
