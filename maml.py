@@ -97,7 +97,8 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, temperature: float
     text->image cross-entropies (else image->text only). groups [N] (optional): pairs with equal ids
     share an image and are then not each other's negatives (masked out, not counted as positives)."""
     if image.shape != text.shape or image.dim() != 2:
-        raise ValueError(f"contrastive_loss: image {tuple(image.shape)} and text {tuple(text.shape)} must both be [N, d]")
+        raise ValueError(f"contrastive_loss: image {tuple(image.shape)} and text {tuple(text.shape)} "
+                         "must both be [N, d]")
     logits = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T / temperature
     if groups is not None:
         same = groups[:, None] == groups[None, :]

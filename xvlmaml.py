@@ -353,6 +353,12 @@ def resolve_init(args) -> dict:
     return meta
 
 
+def _shot_count(split: str) -> tuple[int, str]:
+    """train_48 -> 48, train_100x5 -> 100 (IGLUE's few-shot names); the name breaks ties."""
+    head = split.split("_", 1)[1].split("x")[0]
+    return (int(head) if head.isdigit() else 0, split)
+
+
 def aux_split(args) -> str:
     """--aux-split, else dev when the auxiliary language has it, else its largest few-shot train_<n>."""
     if args.aux_split:
@@ -365,11 +371,12 @@ def aux_split(args) -> str:
         if not shots:
             raise SystemExit(f"error: {args.task}: language {args.aux_lang!r} has no dev or few-shot train_<n> split "
                              f"under {args.data_root}")
-        split = max(shots, key=lambda s: (int(s.split("_")[1].split("x")[0]) if s.split("_")[1][:1].isdigit() else 0, s))
+        split = max(shots, key=_shot_count)
     if "test" in split:
         raise SystemExit(f"error: --aux-split {split}: test data is never meta-trained on (use dev or train_<n>)")
     if args.aux_lang not in data.available_langs(args.data_root, args.task, split):
-        raise SystemExit(f"error: {args.task}: no split {split!r} for language {args.aux_lang!r} under {args.data_root}")
+        raise SystemExit(f"error: {args.task}: no split {split!r} for language {args.aux_lang!r} "
+                         f"under {args.data_root}")
     return split
 
 
@@ -567,7 +574,8 @@ def format_matrix(t: dict) -> str:
             cells.append(cell)
         lines.append(f"| {aux} | " + " | ".join(cells) + " |")
     if t["baseline"]:
-        lines.append("| (initial) | " + " | ".join(f"{t['baseline'].get(x, float('nan')):.2f}" for x in t["targets"]) + " |")
+        base = t["baseline"]
+        lines.append("| (initial) | " + " | ".join(f"{base.get(x, float('nan')):.2f}" for x in t["targets"]) + " |")
     return "\n".join(lines)
 
 

@@ -208,7 +208,8 @@ def sample(tmp_path_factory):
 
 def train_argv(sample, out, *extra):
     return ["train", "--checkpoint", str(sample / "init.pt"), "--task", "xvnli", "--model-config", "tiny",
-            "--aux-lang", "fr", "--en-split", "train_48", "--data-root", str(IGLUE), "--features", str(sample / "feats"),
+            "--aux-lang", "fr", "--en-split", "train_48", "--data-root", str(IGLUE),
+            "--features", str(sample / "feats"),
             "--tokenizer", str(sample / "tok"), "--max-regions", str(REGIONS), "--support-size", "3",
             "--query-size", "3", "--en-batch-size", "3", "--iters-per-epoch", "2", "--epochs", "2", "--lr", "1e-3",
             "--inner-lr", "1e-2", "--output-dir", str(out), "--no-eval", *extra]
@@ -216,7 +217,8 @@ def train_argv(sample, out, *extra):
 
 def final_state(run):
     ck = engine.load_checkpoint(Path(run) / engine.FINAL)
-    return {**{f"model.{k}": v for k, v in ck["model"].items()}, **{f"cl_head.{k}": v for k, v in ck["cl_head"].items()}}
+    return {**{f"model.{k}": v for k, v in ck["model"].items()},
+            **{f"cl_head.{k}": v for k, v in ck["cl_head"].items()}}
 
 
 def test_frozen_parameters_stay_bitwise_unchanged_and_trainable_ones_move(sample, tmp_path):
@@ -309,7 +311,8 @@ def test_matrix_from_an_english_run_folder_trains_evaluates_and_tabulates(sample
             "--output-dir", str(out)])
     run = out / "aux-fr"
     model, meta = Z.load_model(run / engine.FINAL)
-    assert meta["task"] == "xvnli" and meta["xvlmaml"]["aux_lang"] == "fr" and meta["xvlmaml"]["aux_split"] == "train_48"
+    assert meta["task"] == "xvnli"
+    assert meta["xvlmaml"]["aux_lang"] == "fr" and meta["xvlmaml"]["aux_split"] == "train_48"
     assert meta["xvlmaml"]["init"] == str(en / engine.FINAL)
     res = Z.read_json(run / "results.json")["test"]
     assert set(res["langs"]) == {"en", "fr", "ar"} and res["langs"]["fr"]["n"] == 90
