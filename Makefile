@@ -72,6 +72,7 @@ bench: install
 	$(PY) bench/retrieval.py --out bench/results/retrieval.json
 	$(PY) bench/data_throughput.py --out bench/results/data_throughput.json
 	$(PY) bench/padding.py --out bench/results/padding.json
+	$(PY) bench/xvlmaml_step.py --out bench/results/xvlmaml_step.json
 	$(PY) bench/table.py bench/results
 
 # ---- Table 1: standard fine-tuning vs SUF, both models, three tasks ----
