@@ -392,6 +392,9 @@ def build_model(args, meta: dict, dist) -> tuple[XVLModel, dict, object]:
         plan = U.load_into(model, state)
     except ValueError as e:
         raise SystemExit(f"error: {args.init}: {str(e).splitlines()[0]}") from None
+    # released weights: XLM-R's vocabulary; ours (an English run): the tokenizer recorded in its meta
+    engine.check_tokenizer_vocab(tokenizer, config["vocab_size"], args.tokenizer, args.init,
+                                 extra.get("meta", {}) if plan.fmt == "ours" else None)
     if dist.is_main:
         print(plan.report(), flush=True)
     head = M.ContrastiveHead(config["hidden_size"], args.cl_dim, args.cl_temperature, not args.cl_asymmetric)

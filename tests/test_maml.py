@@ -189,6 +189,54 @@ def test_contrastive_loss_of_identical_embeddings_is_log_n(n):
     assert head(v, v).item() == pytest.approx(math.log(n), rel=1e-12)   # projections of identical rows: identical
 
 
+# ---------------------------------------------------------------- UC2 wiring (xvlmaml.py), no data files
+
+def synthetic_pairs(n=4, tokens=5, regions=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(5, 100, (n, tokens), generator=g), "attention_mask": torch.ones(n, tokens),
+            "features": torch.randn(n, regions, 2048, generator=g), "spatials": torch.rand(n, regions, 7, generator=g),
+            "image_mask": torch.ones(n, regions)}
+
+
+def tiny_uc2():
+    torch.manual_seed(0)
+    config = {**U.CONFIGS["tiny"], "hidden_dropout": 0.0, "attention_dropout": 0.0, "classifier_dropout": 0.0}
+    return U.build_model("xflickrco", config).eval()
+
+
+def test_separate_text_embedding_never_sees_the_image_and_joint_does():
+    model, pairs = tiny_uc2(), synthetic_pairs()
+    other = {**pairs, "features": pairs["features"] + 1.0}
+    img_s, txt_s = X.pair_embeddings(model, pairs, "separate")
+    img_s2, txt_s2 = X.pair_embeddings(model, other, "separate")
+    assert torch.equal(txt_s, txt_s2) and not torch.allclose(img_s, img_s2)
+    _, txt_j = X.pair_embeddings(model, pairs, "joint")
+    _, txt_j2 = X.pair_embeddings(model, other, "joint")
+    assert not torch.allclose(txt_j, txt_j2)
+
+
+def test_contrastive_loss_of_a_grouped_retrieval_batch_uses_its_positive_pairs():
+    """xFlickrCo training batches are [B, 4, ...] (positive first, then 3 negatives): the contrastive loss
+    must pair each caption with its own image, slot 0, and ignore the negatives."""
+    net = X.XVLModel(tiny_uc2(), M.ContrastiveHead(32, 8), "separate")
+    pos = synthetic_pairs(seed=1)
+    neg = synthetic_pairs(n=12, seed=2)
+    grouped = {k: torch.cat([pos[k][:, None], neg[k].view(4, 3, *neg[k].shape[1:])], 1) for k in pos}
+    assert torch.equal(net(({"aux": grouped}), ("cl",)), net({"aux": pos}, ("cl",)))
+
+
+def test_inner_params_top_adapts_the_top_layers_and_heads_but_not_the_embeddings():
+    net = X.XVLModel(tiny_uc2(), M.ContrastiveHead(32, 8), "separate")
+    layout = X.xvl_layout(U.LAYOUT("xflickrco", U.CONFIGS["tiny"]))
+    names = [n for n, _ in net.named_parameters()]
+    emb = lambda n: layout.layer_of(n) is None and layout.module_of(n) in layout.embedding_modules  # noqa: E731
+    top = M.adapt_names_for(names, layout.layer_of, layout.num_layers, "top", 2, emb)
+    expected = [n for n in names if n.startswith(("model.encoder.layer.10.", "model.encoder.layer.11.", "model.pooler.",
+                                                  "model.head.", "cl_head."))]
+    assert top == expected and not any(n.startswith("model.embeddings.") for n in top)
+    assert M.adapt_names_for(names, layout.layer_of, layout.num_layers, "all", 2, emb) == names
+
+
 # ---------------------------------------------------------------- on UC2 and the IGLUE fixtures
 
 @pytest.fixture(scope="module")
