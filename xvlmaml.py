@@ -288,7 +288,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--eval-langs", nargs="+", default=None, help="final zero-shot evaluation (default: every language)")
     r.add_argument("--eval-batch-size", type=int, default=64)
     r.add_argument("--num-workers", type=int, default=0, help="evaluation loader workers")
-    r.add_argument("--no-eval", action="store_true", help="skip the final zero-shot evaluation")
+    r.add_argument("--no-eval", action="store_true", help="skip every evaluation (per epoch and final)")
+    r.add_argument("--epoch-eval-split", default="test",
+                   help="split evaluated in --eval-langs after every epoch, into metrics.jsonl (the per-epoch curves "
+                        "of eval_zeroshot plot/figures; the last epoch's is repeated by the final evaluation, which "
+                        "writes results.json); none: only the final evaluation")
     freeze.add_policy_args(p)
 
 
@@ -428,7 +432,7 @@ def build_data(args, tokenizer):
                          f"{len(aux_ds)} examples of {args.aux_lang} {args.aux_split}")
     if en_ds is not None and args.en_batch_size > len(en_ds):
         raise SystemExit(f"error: --en-batch-size {args.en_batch_size} exceeds the {len(en_ds)} English examples")
-    return aux_ds, en_ds, data.UC2Collate(args.task, tokenizer, train=True)
+    return aux_ds, en_ds, data.UC2Collate(args.task, tokenizer, train=True), features
 
 
 def check_resume_args(args, run_dir: Path) -> None:
@@ -457,7 +461,8 @@ def train(args) -> Path:
         cfg = maml_config(args)
         args.recipe, args.langs = "paper", args.eval_langs   # what engine.base_meta / run_meta record
         net, config, tokenizer = build_model(args, meta0, dist)
-        aux_ds, en_ds, collate = build_data(args, tokenizer)
+        aux_ds, en_ds, collate, features = build_data(args, tokenizer)
+        evaluate_fn = epoch_evaluate_fn(args, tokenizer, features, dist)
         layout = xvl_layout(U.LAYOUT(args.task, config))
         schedule = freeze.schedule_from_args(args, layout.num_layers)
         meta = {**engine.base_meta("uc2", args, config, tokenizer), "max_regions": args.max_regions,
@@ -465,14 +470,28 @@ def train(args) -> Path:
                             "init": args.init, "init_policy": meta0.get("policy"), "cl_embed": args.cl_embed,
                             "inner_params": args.inner_params}}
         _meta_train(args, net, layout, schedule, cfg, Episodes(args, aux_ds, en_ds, collate, dist.device),
-                    meta, dist, run_dir)
+                    meta, dist, run_dir, evaluate_fn)
         return run_dir
     finally:
         engine.cleanup_distributed()
 
 
+def epoch_evaluate_fn(args, tokenizer, features, dist):
+    """The trainers' per-epoch evaluation (eval_zeroshot.trainer_evaluate_fn) on --epoch-eval-split; None when off.
+    Every feature key of the evaluated languages is checked now, before meta-training."""
+    if args.no_eval or args.epoch_eval_split == "none":
+        return None
+    ns = argparse.Namespace(task=args.task, data_root=args.data_root, langs=args.eval_langs,
+                            eval_split=args.epoch_eval_split, eval_batch_size=args.eval_batch_size,
+                            num_workers=args.num_workers)
+    try:
+        return Z.trainer_evaluate_fn("uc2", ns, tokenizer, dist, features=features, max_regions=args.max_regions)
+    except ValueError as e:
+        raise SystemExit(f"error: evaluation data: {e}") from None
+
+
 def _meta_train(args, net: XVLModel, layout, schedule, cfg: M.MamlConfig, episodes: Episodes, meta: dict,
-                dist: engine.DistInfo, run_dir: Path) -> None:
+                dist: engine.DistInfo, run_dir: Path, evaluate_fn=None) -> None:
     net.to(dist.device)
     optimizer, lr_sched = engine.build_optimizer(net, layout, schedule, args,
                                                  total_steps=args.epochs * args.iters_per_epoch)
@@ -509,17 +528,27 @@ def _meta_train(args, net: XVLModel, layout, schedule, cfg: M.MamlConfig, episod
                 bar.set_postfix(meta_loss=f"{loss:.4f}" if loss is not None else "nan", lr=f"{lr:.2e}")
                 window = []
         bar.close()
+        if evaluate_fn is not None:   # the UC2 task model, as the trainers evaluate it
+            results = engine.evaluate(evaluate_fn, net.model, epoch)
+            engine.log_eval(log, results, epoch, prog.step, args.epoch_eval_split, dist)
         prog.epoch = epoch + 1
         prog.metrics_offset = log.size()
         engine.save_training_state(run_dir / engine.CHECKPOINT, net, optimizer, lr_sched, None, prog, args, meta,
                                    schedule, dist)
         engine.fault_point("epoch_end")
     if dist.is_main:
-        final_meta = engine.run_meta(meta, schedule, prog, args)
+        final_meta = {**engine.run_meta(meta, schedule, prog, args), "policy": setup_name(args, schedule)}
         engine.save_checkpoint(run_dir / engine.FINAL, {"model": net.model.state_dict(),
                                                         "cl_head": net.cl_head.state_dict(), "meta": final_meta})
         print(f"done: {run_dir / engine.FINAL}", flush=True)
     engine.barrier(dist)
+
+
+def setup_name(args, schedule: freeze.Schedule) -> str:
+    """meta["policy"] of the final model, which eval_zeroshot records and groups its tables by: an XVL-MAML
+    run is its own setup per auxiliary language and freeze policy (xvlmaml-de, xvlmaml-de+suf), never
+    averaged into the rows of plainly fine-tuned runs (meta["schedule"] keeps the freeze policy)."""
+    return f"xvlmaml-{args.aux_lang}" + ("" if schedule.policy == "full" else f"+{schedule.policy}")
 
 
 def _mean_over_ranks(values: list[float], dist: engine.DistInfo) -> float | None:
