@@ -135,11 +135,11 @@ figures:
 .PHONY: xvlmaml-xgqa xvlmaml-xvnli xvlmaml-xflickrco
 AUX  ?=
 FROM ?= full
+## xvlmaml-{xgqa,xvnli,xflickrco}  XVL-MAML continuing OUT/uc2-<task>-FROM (default full) with auxiliary language AUX=<lang>
 define XVLMAML_RULE
-## xvlmaml-$(1)  XVL-MAML continuing $$(OUT)/uc2-$(1)-$$(FROM) with auxiliary language AUX=<lang> (UC2)
 xvlmaml-$(1):
 	@[ -n "$$(AUX)" ] || { echo "error: set AUX=<auxiliary language>, e.g. make xvlmaml-$(1) AUX=de" >&2; exit 2; }
 	$$(call require,$$(DATA)/datasets $$(FEATURES) $$(OUT)/uc2-$(1)-$$(FROM)/model_final.pt)
-	$$(LAUNCH) xvlmaml.py train --run $$(OUT)/uc2-$(1)-$$(FROM) --aux-lang $$(AUX) --data-root $$(DATA) --features $$(FEATURES) --tokenizer $$(TOKENIZER) --output-dir $$(OUT)/uc2-$(1)-xvlmaml-$$(AUX) $$(EXTRA)
+	$$(LAUNCH) xvlmaml.py train --run $$(OUT)/uc2-$(1)-$$(FROM) --aux-lang $$(AUX) --data-root $$(DATA) --features $$(FEATURES) --tokenizer $$(TOKENIZER) --output-dir $$(OUT)/uc2-$(1)-$$(FROM)-xvlmaml-$$(AUX) $$(EXTRA)
 endef
 $(foreach t,xgqa xvnli xflickrco,$(eval $(call XVLMAML_RULE,$(t))))

@@ -384,4 +384,4 @@ def test_make_targets_print_the_xvlmaml_command():
     assert out.returncode == 0, out.stderr
     cmd = out.stdout.strip().splitlines()[-1]
     assert "xvlmaml.py train --run runs/uc2-xgqa-full --aux-lang de" in cmd
-    assert cmd.endswith("--output-dir runs/uc2-xgqa-xvlmaml-de")
+    assert cmd.endswith("--output-dir runs/uc2-xgqa-full-xvlmaml-de")
