@@ -467,8 +467,8 @@ def train(args) -> Path:
         schedule = freeze.schedule_from_args(args, layout.num_layers)
         meta = {**engine.base_meta("uc2", args, config, tokenizer), "max_regions": args.max_regions,
                 "xvlmaml": {**cfg.to_dict(), "aux_lang": args.aux_lang, "aux_split": args.aux_split,
-                            "init": args.init, "init_policy": meta0.get("policy"), "cl_embed": args.cl_embed,
-                            "inner_params": args.inner_params}}
+                            "init": args.init, "init_policy": meta0.get("policy") if args.run else None,
+                            "cl_embed": args.cl_embed, "inner_params": args.inner_params}}
         _meta_train(args, net, layout, schedule, cfg, Episodes(args, aux_ds, en_ds, collate, dist.device),
                     meta, dist, run_dir, evaluate_fn)
         return run_dir
@@ -537,18 +537,21 @@ def _meta_train(args, net: XVLModel, layout, schedule, cfg: M.MamlConfig, episod
                                    schedule, dist)
         engine.fault_point("epoch_end")
     if dist.is_main:
-        final_meta = {**engine.run_meta(meta, schedule, prog, args), "policy": setup_name(args, schedule)}
+        final_meta = {**engine.run_meta(meta, schedule, prog, args), "policy": setup_name(meta["xvlmaml"], schedule)}
         engine.save_checkpoint(run_dir / engine.FINAL, {"model": net.model.state_dict(),
                                                         "cl_head": net.cl_head.state_dict(), "meta": final_meta})
         print(f"done: {run_dir / engine.FINAL}", flush=True)
     engine.barrier(dist)
 
 
-def setup_name(args, schedule: freeze.Schedule) -> str:
+def setup_name(xvl: dict, schedule: freeze.Schedule) -> str:
     """meta["policy"] of the final model, which eval_zeroshot records and groups its tables by: an XVL-MAML
-    run is its own setup per auxiliary language and freeze policy (xvlmaml-de, xvlmaml-de+suf), never
-    averaged into the rows of plainly fine-tuned runs (meta["schedule"] keeps the freeze policy)."""
-    return f"xvlmaml-{args.aux_lang}" + ("" if schedule.policy == "full" else f"+{schedule.policy}")
+    run is its own setup per auxiliary language, freeze policy and starting point (xvlmaml-de: from an
+    English run fine-tuned with policy full; xvlmaml-de+suf/from-suf; .../from-pretrained), never averaged
+    into the rows of plainly fine-tuned runs (meta["schedule"] keeps the freeze policy)."""
+    init = xvl.get("init_policy") or "pretrained"
+    return (f"xvlmaml-{xvl['aux_lang']}" + ("" if schedule.policy == "full" else f"+{schedule.policy}")
+            + ("" if init == "full" else f"/from-{init}"))
 
 
 def _mean_over_ranks(values: list[float], dist: engine.DistInfo) -> float | None:
