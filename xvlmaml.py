@@ -414,14 +414,15 @@ def build_data(args, tokenizer):
             raise SystemExit("error: --features is required (image-keyed region-feature LMDB/H5)")
         aux = data.load_split(args.data_root, args.task, args.aux_split, args.aux_lang)
         data.check_inputs(aux, features=features)
-        kw = dict(features=features, train=True, max_regions=args.max_regions, seed=args.seed,
-                  hard_negatives=U.find_hard_negatives(argparse.Namespace(**{**vars(args), "hard_negatives": None})),
-                  negatives="volta")
-        aux_ds = data.make_dataset("uc2", args.task, aux, **kw)
+        # xFlickrCo: VOLTA's hard negatives exist for Flickr30k's training images only, so the auxiliary pool
+        # draws random negatives (read only by a task_aux retrieval loss; the contrastive loss uses the positives)
+        aux_ds = data.make_dataset("uc2", args.task, aux, features=features, train=True, max_regions=args.max_regions,
+                                   seed=args.seed, hard_negatives=None, negatives="volta")
         en_ds = None
         if "task_en" in maml_config(args).outer + maml_config(args).inner:
+            hard = U.find_hard_negatives(argparse.Namespace(**{**vars(args), "hard_negatives": None}))
             en_args = argparse.Namespace(**{**vars(args), "train_split": args.en_split, "train_lang": "en",
-                                            "hard_negatives": kw["hard_negatives"], "retrieval_negatives": "volta"})
+                                            "hard_negatives": hard, "retrieval_negatives": "volta"})
             en_ds = U.build_train_dataset(en_args, features, serialized)
             if isinstance(en_ds, data.UC2Dataset):
                 data.check_inputs(en_ds.examples, features=features)

@@ -8,6 +8,7 @@ tokenizer trained on it and synthetic region features (data.write_synthetic_feat
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -240,18 +241,32 @@ def test_inner_params_top_adapts_the_top_layers_and_heads_but_not_the_embeddings
 
 # ---------------------------------------------------------------- on UC2 and the IGLUE fixtures
 
+SAMPLE_SPLITS = {"xvnli": (("train_48", "en"), ("train_48", "fr"), ("test", "en"), ("test", "fr"), ("test", "ar")),
+                 "xgqa": (("testdev", "en"), ("dev", "de")),
+                 "xflickrco": (("valid", "en"), ("train_10", "de"), ("test", "en"), ("test", "de"))}
+
+
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
+    """Tokenizer, synthetic features and a random tiny UC2 (init.pt: xvnli, init-<task>.pt) for the IGLUE
+    sample; root/: a copy of it in which German xFlickrCo has a few-shot split (its test captions as
+    train_10.jsonl: the sample ships no xFlickrCo few-shot file)."""
     out = tmp_path_factory.mktemp("xvlmaml")
+    shutil.copytree(IGLUE / "datasets", out / "root" / "datasets")
+    fl = out / "root" / "datasets" / "xFlickrCO" / "annotations" / "de"
+    shutil.copy(fl / "test.jsonl", fl / "train_10.jsonl")
     texts, ids = [], set()
-    for split, lang in (("train_48", "en"), ("train_48", "fr"), ("test", "en"), ("test", "fr")):
-        exs = data.load_split(IGLUE, "xvnli", split, lang)
-        texts += [e.text for e in exs]
-        ids |= {e.image for e in exs}
+    for task, splits in SAMPLE_SPLITS.items():
+        for split, lang in splits:
+            exs = data.load_split(out / "root", task, split, lang)
+            texts += [e.text for e in exs]
+            ids |= {e.image for e in exs}
     data.make_tiny_tokenizer(texts, out / "tok", vocab_size=500)
     data.write_synthetic_features(out / "feats", ids, num_boxes=REGIONS)
-    torch.manual_seed(0)
-    engine.save_checkpoint(out / "init.pt", {"model": U.build_model("xvnli", U.CONFIGS["tiny"]).state_dict()})
+    for task in SAMPLE_SPLITS:
+        torch.manual_seed(0)
+        engine.save_checkpoint(out / f"init-{task}.pt", {"model": U.build_model(task, U.CONFIGS["tiny"]).state_dict()})
+    shutil.copy(out / "init-xvnli.pt", out / "init.pt")
     return out
 
 
@@ -376,6 +391,24 @@ def test_matrix_from_an_english_run_folder_trains_evaluates_and_tabulates(sample
     # its own setup in the paper's tables, never averaged into plainly fine-tuned UC2 rows
     assert res["policy"] == "xvlmaml-fr"
     assert [row["setup"] for row in Z.build_tables([run])["table1"]] == ["UC2+xvlmaml-fr"]
+
+
+@pytest.mark.parametrize("task,en_split,variant", [("xflickrco", "valid", "supervised"), ("xgqa", "testdev", "full")])
+def test_other_tasks_meta_train_from_their_auxiliary_split(sample, tmp_path, task, en_split, variant):
+    """xFlickrCo: grouped [B,4] retrieval batches (the contrastive loss on the positives, the supervised
+    variant's retrieval loss on all four); xGQA: the auxiliary pool defaults to the language's dev split
+    and many questions share an image (masked out of each other's negatives)."""
+    out = tmp_path / task
+    X.main(["train", "--checkpoint", str(sample / f"init-{task}.pt"), "--task", task, "--model-config", "tiny",
+            "--aux-lang", "de", "--en-split", en_split, "--variant", variant, "--data-root", str(sample / "root"),
+            "--features", str(sample / "feats"), "--tokenizer", str(sample / "tok"), "--max-regions", str(REGIONS),
+            "--support-size", "4", "--query-size", "4", "--en-batch-size", "4", "--iters-per-epoch", "2",
+            "--output-dir", str(out), "--no-eval"])
+    meta = engine.load_checkpoint(out / engine.FINAL)["meta"]
+    assert meta["xvlmaml"]["aux_split"] == {"xflickrco": "train_10", "xgqa": "dev"}[task]
+    assert meta["xvlmaml"]["outer_terms"] == (["task_aux", "cl"] if variant == "supervised" else ["task_en", "cl"])
+    losses = [json.loads(line)["meta_loss"] for line in (out / engine.METRICS).read_text().splitlines()]
+    assert losses and all(math.isfinite(x) for x in losses)
 
 
 def test_make_targets_print_the_xvlmaml_command():
