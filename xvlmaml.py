@@ -43,6 +43,15 @@ import maml as M
 import train_uc2 as U
 
 CL_EMBEDS = ("separate", "joint")
+
+
+def _house(name: str):
+    """A helper of the house that issue 14 (concurrent) moves from eval_zeroshot to engine: either home."""
+    return getattr(engine, name, None) or getattr(Z, name)
+
+
+def _read_json(path: Path):
+    return json.loads(Path(path).read_text())
 INNER_PARAMS = ("all", "top")
 # Arguments that change the result: a --resume must repeat them (engine.RESUME_KEYS covers the rest).
 MAML_RESUME_KEYS = ("variant", "inner_lr", "inner_steps", "first_order", "cl_weight", "inner_terms", "outer_terms",
@@ -447,34 +456,30 @@ def check_resume_args(args, run_dir: Path) -> None:
                              f"in {run_dir} used {saved[key]!r}; resume with the same settings")
 
 
-def train(args) -> Path:
-    """Meta-train (resumable); returns the run folder holding model_final.pt."""
-    dist = engine.setup_distributed()
-    try:
-        check_args(args, dist)
-        meta0 = resolve_init(args)
-        run_dir = engine.check_run_dir(args, dist)
-        if not args.data_root:
-            raise SystemExit("error: --data-root is required (folder holding IGLUE's datasets/)")
-        args.max_regions = args.max_regions or 36
-        args.aux_split = aux_split(args)
-        check_resume_args(args, run_dir)   # after the defaults derived from the data are filled in
-        cfg = maml_config(args)
-        args.recipe, args.langs = "paper", args.eval_langs   # what engine.base_meta / run_meta record
-        net, config, tokenizer = build_model(args, meta0, dist)
-        aux_ds, en_ds, collate, features = build_data(args, tokenizer)
-        evaluate_fn = epoch_evaluate_fn(args, tokenizer, features, dist)
-        layout = xvl_layout(U.LAYOUT(args.task, config))
-        schedule = freeze.schedule_from_args(args, layout.num_layers)
-        meta = {**engine.base_meta("uc2", args, config, tokenizer), "max_regions": args.max_regions,
-                "xvlmaml": {**cfg.to_dict(), "aux_lang": args.aux_lang, "aux_split": args.aux_split,
-                            "init": args.init, "init_policy": meta0.get("policy") if args.run else None,
-                            "cl_embed": args.cl_embed, "inner_params": args.inner_params}}
-        _meta_train(args, net, layout, schedule, cfg, Episodes(args, aux_ds, en_ds, collate, dist.device),
-                    meta, dist, run_dir, evaluate_fn)
-        return run_dir
-    finally:
-        engine.cleanup_distributed()
+def train(args, dist: engine.DistInfo) -> Path:
+    """Meta-train (resumable) in the caller's process group; returns the run folder holding model_final.pt."""
+    check_args(args, dist)
+    meta0 = resolve_init(args)
+    run_dir = engine.check_run_dir(args, dist)
+    if not args.data_root:
+        raise SystemExit("error: --data-root is required (folder holding IGLUE's datasets/)")
+    args.max_regions = args.max_regions or 36
+    args.aux_split = aux_split(args)
+    check_resume_args(args, run_dir)   # after the defaults derived from the data are filled in
+    cfg = maml_config(args)
+    args.recipe, args.langs = "paper", args.eval_langs   # what engine.base_meta / run_meta record
+    net, config, tokenizer = build_model(args, meta0, dist)
+    aux_ds, en_ds, collate, features = build_data(args, tokenizer)
+    evaluate_fn = epoch_evaluate_fn(args, tokenizer, features, dist)
+    layout = xvl_layout(U.LAYOUT(args.task, config))
+    schedule = freeze.schedule_from_args(args, layout.num_layers)
+    meta = {**engine.base_meta("uc2", args, config, tokenizer), "max_regions": args.max_regions,
+            "xvlmaml": {**cfg.to_dict(), "aux_lang": args.aux_lang, "aux_split": args.aux_split,
+                        "init": args.init, "init_policy": meta0.get("policy") if args.run else None,
+                        "cl_embed": args.cl_embed, "inner_params": args.inner_params}}
+    _meta_train(args, net, layout, schedule, cfg, Episodes(args, aux_ds, en_ds, collate, dist.device),
+                meta, dist, run_dir, evaluate_fn)
+    return run_dir
 
 
 def epoch_evaluate_fn(args, tokenizer, features, dist):
@@ -486,7 +491,8 @@ def epoch_evaluate_fn(args, tokenizer, features, dist):
                             eval_split=args.epoch_eval_split, eval_batch_size=args.eval_batch_size,
                             num_workers=args.num_workers)
     try:
-        return Z.trainer_evaluate_fn("uc2", ns, tokenizer, dist, features=features, max_regions=args.max_regions)
+        return _house("trainer_evaluate_fn")("uc2", ns, tokenizer, dist, features=features,
+                                             max_regions=args.max_regions)
     except ValueError as e:
         raise SystemExit(f"error: evaluation data: {e}") from None
 
@@ -562,23 +568,19 @@ def _mean_over_ranks(values: list[float], dist: engine.DistInfo) -> float | None
     return (total[0] / total[1]).item() if total[1] > 0 else None
 
 
-def evaluate(args, run_dir: Path) -> int:
+def evaluate(args, run_dir: Path, dist: engine.DistInfo) -> int:
     """The existing zero-shot evaluation of model_final.pt in every language (results.json, IGLUE CSVs)."""
     eargs = argparse.Namespace(run=str(run_dir), checkpoint=None, output_dir=None, model_name=None,
                                data_root=args.data_root, features=args.features, images=None,
                                tokenizer=args.tokenizer, max_regions=args.max_regions, langs=args.eval_langs,
                                split="test", translate_test=False, batch_size=args.eval_batch_size,
                                num_workers=args.num_workers, amp="off", k_test=None, pair_batch=1024, itm_batch=128)
-    return Z.cmd_evaluate(eargs)
+    return Z._evaluate(eargs, dist)
 
 
-def cmd_train(args) -> int:
-    engine.setup_distributed()   # one process group for the training and the evaluation (see engine._GROUP_USERS)
-    try:
-        run_dir = train(args)
-        return 0 if args.no_eval else evaluate(args, run_dir)
-    finally:
-        engine.cleanup_distributed()
+def cmd_train(args, dist: engine.DistInfo) -> int:
+    run_dir = train(args, dist)
+    return 0 if args.no_eval else evaluate(args, run_dir, dist)
 
 
 # ============================================================================ auxiliary x target matrix
@@ -588,7 +590,7 @@ def matrix_table(task: str, results: dict[str, dict], baseline: dict | None = No
     accuracy (retrieval: mean of tr_r1 and ir_r1)."""
     def score(m: dict) -> float:
         return Z.selection_score(task, m)
-    targets = Z.ordered_langs({t for langs in results.values() for t in langs})
+    targets = _house("ordered_langs")({t for langs in results.values() for t in langs})
     rows = {aux: {t: score(langs[t]) for t in targets if t in langs} for aux, langs in results.items()}
     base = {t: score(m) for t, m in baseline.items()} if baseline else None
     return {"task": task, "metric": "mean(tr_r1, ir_r1)" if task == "xflickrco" else "accuracy",
@@ -615,15 +617,7 @@ def format_matrix(t: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_matrix(args) -> int:
-    dist = engine.setup_distributed()
-    try:
-        return _matrix(args, dist)
-    finally:
-        engine.cleanup_distributed()
-
-
-def _matrix(args, dist: engine.DistInfo) -> int:
+def cmd_matrix(args, dist: engine.DistInfo) -> int:
     out = Path(args.output_dir)
     results, task = {}, args.task
     for aux in args.aux_langs:
@@ -636,28 +630,38 @@ def _matrix(args, dist: engine.DistInfo) -> int:
             if (run / engine.CHECKPOINT).is_file() or (run / engine.FINAL).is_file():
                 sub.resume = True
             if not (run / engine.FINAL).is_file():
-                train(sub)
+                train(sub, dist)
             if not sub.no_eval:
-                evaluate(sub, run)
+                evaluate(sub, run, dist)
         engine.barrier(dist)
         if not done.is_file():
             raise SystemExit(f"error: {run}: no results.json (run without --no-eval to fill the matrix)")
-        record = Z.read_json(done)["test"]
+        record = _read_json(done)["test"]
         results[aux], task = record["langs"], record["task"]
     baseline = None
     if args.run and (Path(args.run) / "results.json").is_file():
-        baseline = Z.read_json(Path(args.run) / "results.json").get("test", {}).get("langs")
+        baseline = _read_json(Path(args.run) / "results.json").get("test", {}).get("langs")
     table = matrix_table(task, results, baseline)
     if dist.is_main:
-        Z.atomic_write_text(out / "matrix.json", json.dumps(table, indent=1) + "\n")
-        Z.atomic_write_text(out / "matrix.md", format_matrix(table) + "\n")
+        _house("atomic_write_text")(out / "matrix.json", json.dumps(table, indent=1) + "\n")
+        _house("atomic_write_text")(out / "matrix.md", format_matrix(table) + "\n")
         print(format_matrix(table), flush=True)
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, dist: engine.DistInfo | None = None) -> int:
+    """dist: the caller's process group (several commands in one group); None: set up and end one here.
+    Under torchrun every training and evaluation of a command shares ONE group: a second group on the
+    same store can read the first one's addresses and fail to connect."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    return {"train": cmd_train, "matrix": cmd_matrix}[args.command](args)
+    command = {"train": cmd_train, "matrix": cmd_matrix}[args.command]
+    if dist is not None:
+        return command(args, dist)
+    dist = engine.setup_distributed()
+    try:
+        return command(args, dist)
+    finally:
+        engine.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Runner for tests/test_maml.py under torchrun: several `xvlmaml.py train` runs in one process group
-(engine's group is shared by nested users, so it outlives each run).
+"""Runner for tests/test_maml.py under torchrun: several `xvlmaml.py` commands in ONE process group (a second
+group on the same store can read the first one's addresses and fail to connect).
 
   python -m torch.distributed.run --nproc_per_node 2 tests/_xvlmaml_runs.py :: ARGS1 :: ARGS2 ...
 """
@@ -22,9 +22,9 @@ def split_runs(argv: list[str]) -> list[list[str]]:
 
 
 if __name__ == "__main__":
-    engine.setup_distributed()
+    dist = engine.setup_distributed()
     try:
         for run in split_runs(sys.argv[1:]):
-            xvlmaml.main(run)
+            xvlmaml.main(run, dist=dist)
     finally:
         engine.cleanup_distributed()
