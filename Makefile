@@ -86,6 +86,7 @@ bench: $(INSTALL)
 	$(PY) bench/padding.py --out bench/results/padding.json
 	$(PY) bench/eval_precision.py --out bench/results/eval_precision.json
 	$(PY) bench/run_cost.py --out bench/results/run_cost.json
+	$(PY) bench/xvlmaml_step.py --out bench/results/xvlmaml_step.json
 	$(PY) bench/table.py bench/results
 
 # ---- Table 1: standard fine-tuning vs SUF, both models, three tasks ----
@@ -153,3 +154,17 @@ table1:
 figures:
 	$(call require,$(OUT))
 	$(PY) eval_zeroshot.py figures $(OUT)/*/ $(strip $(RUN_INPUTS)) $(EXTRA)
+
+# ---- XVL-MAML (Hu et al. 2023; README "XVL-MAML"), UC2 only: meta-train the English run OUT/uc2-<task>-FROM
+# with auxiliary language AUX's IGLUE dev/few-shot data, then zero-shot in every language ----
+.PHONY: xvlmaml-xgqa xvlmaml-xvnli xvlmaml-xflickrco
+AUX  ?=
+FROM ?= full
+## xvlmaml-{xgqa,xvnli,xflickrco}  XVL-MAML continuing OUT/uc2-<task>-FROM (default full) with auxiliary language AUX=<lang>
+define XVLMAML_RULE
+xvlmaml-$(1):
+	@[ -n "$$(AUX)" ] || { echo "error: set AUX=<auxiliary language>, e.g. make xvlmaml-$(1) AUX=de" >&2; exit 2; }
+	$$(call require,$$(DATA)/datasets $$(FEATURES) $$(OUT)/uc2-$(1)-$$(FROM)/model_final.pt)
+	$$(LAUNCH) xvlmaml.py train --run $$(OUT)/uc2-$(1)-$$(FROM) --aux-lang $$(AUX) --data-root $$(DATA) --features $$(FEATURES) --tokenizer $$(TOKENIZER) --output-dir $$(OUT)/uc2-$(1)-$$(FROM)-xvlmaml-$$(AUX) $$(EXTRA)
+endef
+$(foreach t,xgqa xvnli xflickrco,$(eval $(call XVLMAML_RULE,$(t))))

@@ -1,0 +1,663 @@
+"""XVL-MAML (Hu et al., arXiv 2305.14843) on UC2 and the IGLUE tasks: meta-train with one auxiliary
+language's IGLUE few-shot/dev data, then evaluate zero-shot in every language (eval_zeroshot evaluate).
+The algorithm itself is maml.py; this file wires it to UC2, IGLUE data, freeze policies and run folders.
+
+  # continue an English-fine-tuned run (as `eval_zeroshot.py fewshot` does), auxiliary language German
+  python xvlmaml.py train --run runs/uc2-xgqa-full --aux-lang de --features FEATS --output-dir runs/uc2-xgqa-xvlmaml-de
+  # or start from the pre-trained checkpoint
+  python xvlmaml.py train --task xvnli --checkpoint uc2_checkpoint_200000.bin --aux-lang fr --data-root DATA ...
+  # auxiliary x target matrix (one run per auxiliary language, a table of target-language scores)
+  python xvlmaml.py matrix --run runs/uc2-xgqa-full --aux-langs de pt ru --output-dir runs/uc2-xgqa-xvlmaml
+
+Data: the auxiliary pool is --aux-split of --aux-lang (default: its dev split if it has one, else its
+largest few-shot train_<n>); a test split is refused (the target's test data is never trained on).
+Each meta-iteration has --meta-batch episodes; episode e of iteration t draws its support and query
+(disjoint) from np.random.default_rng([seed, t, e]) and seeds dropout from the same triple, so a run
+is a function of (seed, iteration) only: bitwise-exact resume, and N processes (each takes its share of
+the episodes whole, meta-gradients all-reduced) equal one process.
+
+Run folder: args.json, metrics.jsonl, checkpoint_last.pt (engine's resume state, with the contrastive
+head), model_final.pt (the UC2 task model as train_uc2 writes it, "cl_head" beside it, meta["xvlmaml"]),
+results.json / IGLUE CSVs of the final zero-shot evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+import torch.nn as nn
+from tqdm import tqdm
+
+import data
+import engine
+import eval_zeroshot as Z
+import freeze
+import maml as M
+import train_uc2 as U
+
+CL_EMBEDS = ("separate", "joint")
+
+
+def _read_json(path: Path):
+    return json.loads(Path(path).read_text())
+INNER_PARAMS = ("all", "top")
+# Arguments that change the result: a --resume must repeat them (engine.RESUME_KEYS covers the rest).
+MAML_RESUME_KEYS = ("variant", "inner_lr", "inner_steps", "first_order", "cl_weight", "inner_terms", "outer_terms",
+                    "cl_embed", "cl_dim", "cl_temperature", "cl_asymmetric", "cl_keep_same_image", "inner_params",
+                    "inner_top_layers", "aux_lang", "aux_split", "support_size", "query_size", "en_batch_size",
+                    "en_split", "meta_batch", "iters_per_epoch", "init")
+DEFAULTS = {"epochs": 1, "iters_per_epoch": 500, "lr": 1e-5, "inner_lr": 1e-4, "support_size": 16, "query_size": 16,
+            "en_batch_size": 32, "meta_batch": 1}
+
+
+# ============================================================================ model
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return ((1.0 - mask.to(dtype)) * -10000.0)[:, None, None, :]   # UC2.encode's (VOLTA's) key mask
+
+
+def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(hidden.dtype)[..., None]
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def positive_pairs(batch: dict) -> dict:
+    """The (text, image) pairs of a batch: a grouped retrieval batch [B,4,...] keeps slot 0 (the positive)."""
+    keys = ("input_ids", "attention_mask", "features", "spatials", "image_mask")
+    if batch["input_ids"].dim() == 3:
+        return {k: batch[k][:, 0] for k in keys}
+    return {k: batch[k] for k in keys}
+
+
+def pair_embeddings(model: U.UC2, pairs: dict, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, text) embeddings [N, hidden] from single-stream UC2 (the seed is silent on how; our choice).
+    separate (default): a text-only and an image-only pass through the shared encoder, text = the first
+      token's final state, image = the mean of the valid regions' final states (no cross-modal leak, as
+      the separate encoders of the contrastive models the seed describes); two extra encoder passes.
+    joint: one joint pass over [text ; regions], the same two poolings of its states (cheaper; each
+      embedding has already seen its own pair's other modality)."""
+    text, image = model.embeddings(pairs["input_ids"], pairs["features"], pairs["spatials"])
+    if mode == "separate":
+        ht = model.encoder(text, _additive(pairs["attention_mask"], text.dtype))
+        hi = model.encoder(image, _additive(pairs["image_mask"], image.dtype))
+        return _masked_mean(hi, pairs["image_mask"]), ht[:, 0]
+    if mode == "joint":
+        keep = torch.cat([pairs["attention_mask"], pairs["image_mask"]], 1)
+        h = model.encoder(torch.cat([text, image], 1), _additive(keep, text.dtype))
+        return _masked_mean(h[:, text.shape[1]:], pairs["image_mask"]), h[:, 0]
+    raise ValueError(f"--cl-embed must be one of {', '.join(CL_EMBEDS)}, got {mode!r}")
+
+
+class XVLModel(nn.Module):
+    """UC2 task model + contrastive head. forward(batch, terms, cl_weight) -> the sum of the named loss
+    terms: cl (contrastive, batch["aux"]), task_aux (task loss, batch["aux"]), task_en (batch["en"])."""
+
+    def __init__(self, model: U.UC2, cl_head: M.ContrastiveHead, cl_embed: str, mask_same_image: bool = True):
+        super().__init__()
+        self.model, self.cl_head = model, cl_head
+        self.cl_embed, self.mask_same_image = cl_embed, mask_same_image
+
+    # parameters each loss term reads (by name prefix): the contrastive loss never reaches UC2's pooler
+    # and task head, the task losses never reach the contrastive head
+    TERM_PREFIXES = {"cl": ("model.embeddings.", "model.encoder.", "cl_head."), "task_aux": ("model.",),
+                     "task_en": ("model.",)}
+
+    def used_by(self, name: str, terms: Sequence[str]) -> bool:
+        return any(name.startswith(p) for t in terms for p in self.TERM_PREFIXES[t])
+
+    def cl_loss(self, batch: dict) -> torch.Tensor:
+        pairs = positive_pairs(batch)
+        image, text = pair_embeddings(self.model, pairs, self.cl_embed)
+        groups = M.groups_of(pairs["features"]) if self.mask_same_image else None
+        return self.cl_head(image.float(), text.float(), groups)
+
+    def forward(self, batch: dict, terms: Sequence[str] = ("cl",), cl_weight: float = 1.0) -> torch.Tensor:
+        total = None
+        for term in terms:
+            loss = {"cl": lambda: cl_weight * self.cl_loss(batch["aux"]),
+                    "task_aux": lambda: self.model.loss(batch["aux"]),
+                    "task_en": lambda: self.model.loss(batch["en"])}[term]()
+            total = loss if total is None else total + loss
+        return total
+
+
+def xvl_layout(base: freeze.LayerLayout) -> freeze.LayerLayout:
+    """UC2's layout under the "model." prefix; the contrastive head is a task head (it trains under every
+    policy, top included: without it the contrastive loss has no output)."""
+    def layer_of(name: str) -> int | None:
+        return base.layer_of(name[len("model."):]) if name.startswith("model.") else None
+
+    def module_of(name: str) -> str:
+        return base.module_of(name[len("model."):]) if name.startswith("model.") else "cl_head"
+    return freeze.LayerLayout(base.num_layers, layer_of, module_of, base.embedding_modules,
+                              tuple(base.task_head_modules) + ("cl_head",))
+
+
+# ============================================================================ episodes
+
+def episode_rng(seed: int, iteration: int, episode: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, iteration, episode, stream])
+
+
+def episode_indices(seed: int, iteration: int, episode: int, pool: int, support: int, query: int,
+                    en_pool: int = 0, en_batch: int = 0) -> tuple[list[int], list[int], list[int]]:
+    """(support, query, English) example indices of one episode: support and query disjoint draws from
+    the auxiliary pool, the English batch (variant full) from the English training set; a function of
+    (seed, iteration, episode) only."""
+    idx = episode_rng(seed, iteration, episode, 0).choice(pool, support + query, replace=False).tolist()
+    en = episode_rng(seed, iteration, episode, 1).choice(en_pool, en_batch, replace=False).tolist() if en_batch else []
+    return idx[:support], idx[support:], en
+
+
+def episode_seed(seed: int, iteration: int, episode: int) -> int:
+    return int(episode_rng(seed, iteration, episode, 2).integers(2**62))
+
+
+def my_episodes(meta_batch: int, dist: engine.DistInfo) -> range:
+    """This rank's episodes of an iteration: a contiguous share, each episode whole on one rank."""
+    per = meta_batch // dist.world
+    return range(dist.rank * per, (dist.rank + 1) * per)
+
+
+class Episodes:
+    """Batches of the episodes of one iteration, on the device; re-seeds torch (dropout) per episode."""
+
+    def __init__(self, args, aux_ds, en_ds, collate, device: torch.device):
+        self.args, self.aux_ds, self.en_ds, self.collate, self.device = args, aux_ds, en_ds, collate, device
+
+    def _batch(self, ds, idx: list[int]) -> dict:
+        return engine.to_device(self.collate([ds[i] for i in idx]), self.device)
+
+    def __call__(self, iteration: int, episodes: range) -> Iterator[tuple[dict, dict]]:
+        a = self.args
+        for e in episodes:
+            s, q, en = episode_indices(a.seed, iteration, e, len(self.aux_ds), a.support_size, a.query_size,
+                                       len(self.en_ds) if self.en_ds is not None else 0,
+                                       a.en_batch_size if self.en_ds is not None else 0)
+            support, query = {"aux": self._batch(self.aux_ds, s)}, {"aux": self._batch(self.aux_ds, q)}
+            if en:
+                query["en"] = self._batch(self.en_ds, en)
+            torch.manual_seed(episode_seed(a.seed, iteration, e))   # dropout of this episode (inside fork_rng)
+            yield support, query
+
+
+# ============================================================================ one meta-step
+
+def meta_step(net: XVLModel, cfg: M.MamlConfig, episodes: Iterator[tuple[dict, dict]], n_total: int,
+              adapt_names: Sequence[str], dist: engine.DistInfo, device: torch.device) -> tuple[list[float], int]:
+    """Meta-gradients of this rank's episodes into p.grad of the trainable parameters the losses read,
+    summed over ranks and divided by the iteration's episode count (n_total). Returns (this rank's episode
+    losses, number of non-finite ones). Under torch.random.fork_rng: the global torch stream is untouched.
+    A trainable parameter no loss reads (the task head under variant unsupervised) gets no .grad at all:
+    AdamW then skips it (a zero gradient would still apply weight decay to it)."""
+    terms = tuple(cfg.inner) + tuple(cfg.outer)
+    trainable = {n: p for n, p in net.named_parameters() if p.requires_grad and net.used_by(n, terms)}
+    adapt_names = [n for n in adapt_names if n in trainable]
+    inner = M.module_objective(net, terms=cfg.inner, cl_weight=cfg.cl_weight)
+    outer = M.module_objective(net, terms=cfg.outer, cl_weight=cfg.cl_weight)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _attention_for(cfg):
+        grads, losses = M.meta_gradient(inner, outer, trainable, episodes, adapt_names, cfg, scale=1.0 / n_total)
+    M.accumulate_grads(trainable, grads)
+    if dist.distributed:
+        all_reduce_grads([p for p in trainable.values()])
+    return losses, sum(not math.isfinite(x) for x in losses)
+
+
+def _attention_for(cfg: M.MamlConfig):
+    """Second order differentiates attention twice; torch's fused SDPA kernels have no double backward,
+    the math one has (same result up to rounding)."""
+    from contextlib import nullcontext
+    if cfg.first_order or cfg.inner_steps == 0:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def all_reduce_grads(params: list[nn.Parameter]) -> None:
+    """Sum every rank's p.grad (one flat buffer, one collective)."""
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    tdist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+
+
+# ============================================================================ CLI
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    i = p.add_argument_group("initial weights (one of)")
+    i.add_argument("--run", "--run-dir", dest="run", default=None,
+                   help="English-fine-tuned run folder of train_uc2.py (model_final.pt): task and config from it")
+    i.add_argument("--checkpoint", default=None,
+                   help="pre-trained UC2 checkpoint (any format train_uc2 reads); needs --task and --model-config")
+    i.add_argument("--task", choices=engine.TASKS, default=None)
+    i.add_argument("--model-config", default="base", help="with --checkpoint: tiny | base | config json")
+    a = p.add_argument_group("auxiliary language")
+    a.add_argument("--aux-lang", required=True, help="auxiliary language whose IGLUE data the meta-training reads")
+    a.add_argument("--aux-split", default=None,
+                   help="its split (default: dev if it has one, else its largest few-shot train_<n>; never test)")
+    a.add_argument("--en-split", default="train", help="variant full: the English training split of the task loss")
+    m = p.add_argument_group("XVL-MAML (maml.py)")
+    m.add_argument("--variant", choices=M.VARIANTS, default="full")
+    m.add_argument("--inner-lr", type=float, default=DEFAULTS["inner_lr"], help="alpha, plain SGD")
+    m.add_argument("--inner-steps", type=int, default=1)
+    m.add_argument("--first-order", action="store_true", help="FOMAML: no gradient through the inner gradient")
+    m.add_argument("--cl-weight", type=float, default=1.0, help="lambda on the contrastive loss")
+    m.add_argument("--inner-terms", nargs="+", choices=M.TERMS, default=None, help="override the variant's inner loss")
+    m.add_argument("--outer-terms", nargs="+", choices=M.TERMS, default=None, help="override the variant's outer loss")
+    m.add_argument("--cl-embed", choices=CL_EMBEDS, default="separate",
+                   help="UC2 image/text embeddings: separate text-only/image-only passes, or the joint pass")
+    m.add_argument("--cl-dim", type=int, default=256, help="projection size of the contrastive head")
+    m.add_argument("--cl-temperature", type=float, default=0.07)
+    m.add_argument("--cl-asymmetric", action="store_true", help="image->text InfoNCE only (default: symmetric)")
+    m.add_argument("--cl-keep-same-image", action="store_true",
+                   help="count pairs sharing an image as negatives (default: masked out)")
+    m.add_argument("--inner-params", choices=INNER_PARAMS, default="all",
+                   help="all trainable parameters adapt in the inner loop, or only the top layers + heads")
+    m.add_argument("--inner-top-layers", type=int, default=3, help="--inner-params top: encoder layers adapted")
+    m.add_argument("--support-size", type=int, default=DEFAULTS["support_size"])
+    m.add_argument("--query-size", type=int, default=DEFAULTS["query_size"])
+    m.add_argument("--en-batch-size", type=int, default=DEFAULTS["en_batch_size"], help="variant full: English batch")
+    m.add_argument("--meta-batch", type=int, default=DEFAULTS["meta_batch"],
+                   help="episodes per meta-update (a multiple of the process count)")
+    o = p.add_argument_group("outer optimisation")
+    o.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="blocks of --iters-per-epoch meta-updates")
+    o.add_argument("--iters-per-epoch", type=int, default=DEFAULTS["iters_per_epoch"])
+    o.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="beta: AdamW's peak learning rate")
+    o.add_argument("--weight-decay", type=float, default=engine.ENGINE_DEFAULTS["weight_decay"])
+    o.add_argument("--adam-eps", type=float, default=engine.ENGINE_DEFAULTS["adam_eps"])
+    o.add_argument("--adam-betas", type=float, nargs=2, default=engine.ENGINE_DEFAULTS["adam_betas"])
+    o.add_argument("--warmup-ratio", type=float, default=engine.ENGINE_DEFAULTS["warmup_ratio"])
+    o.add_argument("--clip-grad", type=float, default=engine.ENGINE_DEFAULTS["clip_grad"])
+    o.add_argument("--max-nonfinite", type=int, default=20)
+    o.add_argument("--dropout", type=float, default=None, help="override the model config's dropout")
+    r = p.add_argument_group("run")
+    r.add_argument("--output-dir", required=True)
+    r.add_argument("--resume", action="store_true")
+    r.add_argument("--seed", type=int, default=42)
+    r.add_argument("--log-every", type=int, default=50)
+    r.add_argument("--data-root", default=None, help="IGLUE folder holding datasets/ (default: the run's)")
+    r.add_argument("--features", nargs="+", default=None, help="region-feature files (default: the run's)")
+    r.add_argument("--tokenizer", default=None, help="default: the run's")
+    r.add_argument("--max-regions", type=int, default=None, help="default: the run's, else 36")
+    r.add_argument("--eval-langs", nargs="+", default=None, help="final zero-shot evaluation (default: every language)")
+    r.add_argument("--eval-batch-size", type=int, default=64)
+    r.add_argument("--num-workers", type=int, default=0, help="evaluation loader workers")
+    r.add_argument("--no-eval", action="store_true", help="skip every evaluation (per epoch and final)")
+    r.add_argument("--epoch-eval-split", default="test",
+                   help="split evaluated in --eval-langs after every epoch, into metrics.jsonl (the per-epoch curves "
+                        "of eval_zeroshot plot/figures; the last epoch's is repeated by the final evaluation, which "
+                        "writes results.json); none: only the final evaluation")
+    freeze.add_policy_args(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    add_train_args(sub.add_parser("train", help="meta-train with one auxiliary language, then evaluate"))
+    mx = sub.add_parser("matrix", help="one run per auxiliary language; auxiliary x target table")
+    add_train_args(mx)
+    mx.set_defaults(aux_lang=None)
+    for action in mx._actions:
+        if action.dest == "aux_lang":
+            action.required = False
+    mx.add_argument("--aux-langs", nargs="+", required=True, help="auxiliary languages, one run each")
+    return p
+
+
+def maml_config(args) -> M.MamlConfig:
+    try:
+        return M.MamlConfig(variant=args.variant, inner_lr=args.inner_lr, inner_steps=args.inner_steps,
+                            first_order=args.first_order, cl_weight=args.cl_weight,
+                            inner_terms=tuple(args.inner_terms) if args.inner_terms else None,
+                            outer_terms=tuple(args.outer_terms) if args.outer_terms else None)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def check_args(args, dist: engine.DistInfo) -> None:
+    for name in ("support_size", "query_size", "meta_batch", "iters_per_epoch", "epochs", "en_batch_size"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.meta_batch % dist.world:
+        raise SystemExit(f"error: --meta-batch {args.meta_batch} must be a multiple of the {dist.world} processes "
+                         "(each episode runs whole on one process)")
+    if bool(args.run) == bool(args.checkpoint):
+        raise SystemExit("error: give exactly one of --run RUN_DIR (English-fine-tuned) or --checkpoint FILE")
+    if args.checkpoint and not args.task:
+        raise SystemExit("error: --checkpoint needs --task")
+    if args.aux_lang == "en":
+        raise SystemExit("error: --aux-lang en: the auxiliary language must differ from the source language English")
+
+
+def resolve_init(args) -> dict:
+    """Fill task / config / data arguments from the English run (args.json, checkpoint meta)."""
+    if not args.run:
+        args.init = str(args.checkpoint)
+        return {}
+    init = Z._run_checkpoint(Path(args.run))
+    try:
+        meta = Z.load_meta(init)
+    except ValueError as e:
+        raise SystemExit(f"error: --run: {e}") from None
+    if meta.get("model") != "uc2":
+        raise SystemExit(f"error: --run {args.run}: a {meta.get('model')} run; XVL-MAML is wired for UC2 only")
+    if args.task and args.task != meta["task"]:
+        raise SystemExit(f"error: --task {args.task} but the run {args.run} is {meta['task']}")
+    args.task, args.init = meta["task"], str(init)
+    run_args = Z._run_args(Path(args.run))
+    for key in ("data_root", "features", "tokenizer", "max_regions"):
+        if getattr(args, key) is None:
+            setattr(args, key, run_args.get(key, meta.get(key)))
+    return meta
+
+
+def _shot_count(split: str) -> tuple[int, str]:
+    """train_48 -> 48, train_100x5 -> 100 (IGLUE's few-shot names); the name breaks ties."""
+    head = split.split("_", 1)[1].split("x")[0]
+    return (int(head) if head.isdigit() else 0, split)
+
+
+def aux_split(args) -> str:
+    """--aux-split, else dev when the auxiliary language has it, else its largest few-shot train_<n>."""
+    if args.aux_split:
+        split = args.aux_split
+    elif args.aux_lang in data.available_langs(args.data_root, args.task, "dev"):
+        split = "dev"
+    else:
+        shots = [s for s in data.available_splits(args.data_root, args.task)
+                 if s.startswith("train_") and args.aux_lang in data.available_langs(args.data_root, args.task, s)]
+        if not shots:
+            raise SystemExit(f"error: {args.task}: language {args.aux_lang!r} has no dev or few-shot train_<n> split "
+                             f"under {args.data_root}")
+        split = max(shots, key=_shot_count)
+    if "test" in split:
+        raise SystemExit(f"error: --aux-split {split}: test data is never meta-trained on (use dev or train_<n>)")
+    if args.aux_lang not in data.available_langs(args.data_root, args.task, split):
+        raise SystemExit(f"error: {args.task}: no split {split!r} for language {args.aux_lang!r} "
+                         f"under {args.data_root}")
+    return split
+
+
+def build_model(args, meta: dict, dist) -> tuple[XVLModel, dict, object]:
+    config = dict(meta["config"]) if meta else U.resolve_config(args.model_config)
+    if args.dropout is not None:
+        config.update(hidden_dropout=args.dropout, attention_dropout=args.dropout, classifier_dropout=args.dropout)
+    tokenizer = engine.load_tokenizer(args, config["vocab_size"])
+    engine.seed_everything(args.seed)   # identical contrastive-head init on every rank
+    model = U.build_model(args.task, config)
+    try:
+        state, extra = U.read_checkpoint(args.init)
+        plan = U.load_into(model, state)
+    except ValueError as e:
+        raise SystemExit(f"error: {args.init}: {str(e).splitlines()[0]}") from None
+    # released weights: XLM-R's vocabulary; ours (an English run): the tokenizer recorded in its meta
+    engine.check_tokenizer_vocab(tokenizer, config["vocab_size"], args.tokenizer, args.init,
+                                 extra.get("meta", {}) if plan.fmt == "ours" else None)
+    if dist.is_main:
+        print(plan.report(), flush=True)
+    head = M.ContrastiveHead(config["hidden_size"], args.cl_dim, args.cl_temperature, not args.cl_asymmetric)
+    return XVLModel(model, head, args.cl_embed, not args.cl_keep_same_image), config, tokenizer
+
+
+def build_data(args, tokenizer):
+    """(auxiliary pool, English training set or None, collate); every feature key checked now."""
+    try:
+        serialized, keyed = U._split_features(args.features or [])
+        features = U.FeatureSet(keyed) if keyed else None
+        if features is None:
+            raise SystemExit("error: --features is required (image-keyed region-feature LMDB/H5)")
+        aux = data.load_split(args.data_root, args.task, args.aux_split, args.aux_lang)
+        data.check_inputs(aux, features=features)
+        # xFlickrCo: VOLTA's hard negatives exist for Flickr30k's training images only, so the auxiliary pool
+        # draws random negatives (read only by a task_aux retrieval loss; the contrastive loss uses the positives)
+        aux_ds = data.make_dataset("uc2", args.task, aux, features=features, train=True, max_regions=args.max_regions,
+                                   seed=args.seed, hard_negatives=None, negatives="volta")
+        en_ds = None
+        if "task_en" in maml_config(args).outer + maml_config(args).inner:
+            hard = U.find_hard_negatives(argparse.Namespace(**{**vars(args), "hard_negatives": None}))
+            en_args = argparse.Namespace(**{**vars(args), "train_split": args.en_split, "train_lang": "en",
+                                            "hard_negatives": hard, "retrieval_negatives": "volta"})
+            en_ds = U.build_train_dataset(en_args, features, serialized)
+            if isinstance(en_ds, data.UC2Dataset):
+                data.check_inputs(en_ds.examples, features=features)
+    except ValueError as e:
+        raise SystemExit(f"error: training data: {e}") from None
+    if args.support_size + args.query_size > len(aux_ds):
+        raise SystemExit(f"error: --support-size {args.support_size} + --query-size {args.query_size} exceed the "
+                         f"{len(aux_ds)} examples of {args.aux_lang} {args.aux_split}")
+    if en_ds is not None and args.en_batch_size > len(en_ds):
+        raise SystemExit(f"error: --en-batch-size {args.en_batch_size} exceeds the {len(en_ds)} English examples")
+    return aux_ds, en_ds, data.UC2Collate(args.task, tokenizer, train=True), features
+
+
+def check_resume_args(args, run_dir: Path) -> None:
+    saved_path = run_dir / engine.ARGS
+    if not (args.resume and saved_path.is_file()):
+        return
+    saved = json.loads(saved_path.read_text())
+    for key in MAML_RESUME_KEYS:
+        if key in saved and engine.json_safe(getattr(args, key, None)) != saved[key]:
+            raise SystemExit(f"error: --resume: --{key.replace('_', '-')} is {getattr(args, key, None)!r} but the run "
+                             f"in {run_dir} used {saved[key]!r}; resume with the same settings")
+
+
+def train(args, dist: engine.DistInfo) -> Path:
+    """Meta-train (resumable) in the caller's process group; returns the run folder holding model_final.pt."""
+    check_args(args, dist)
+    meta0 = resolve_init(args)
+    run_dir = engine.check_run_dir(args, dist)
+    if not args.data_root:
+        raise SystemExit("error: --data-root is required (folder holding IGLUE's datasets/)")
+    args.max_regions = args.max_regions or 36
+    args.aux_split = aux_split(args)
+    check_resume_args(args, run_dir)   # after the defaults derived from the data are filled in
+    cfg = maml_config(args)
+    args.recipe, args.langs = "paper", args.eval_langs   # what engine.base_meta / run_meta record
+    net, config, tokenizer = build_model(args, meta0, dist)
+    aux_ds, en_ds, collate, features = build_data(args, tokenizer)
+    evaluate_fn = epoch_evaluate_fn(args, tokenizer, features, dist)
+    layout = xvl_layout(U.LAYOUT(args.task, config))
+    schedule = freeze.schedule_from_args(args, layout.num_layers)
+    meta = {**engine.base_meta("uc2", args, config, tokenizer), "max_regions": args.max_regions,
+            "xvlmaml": {**cfg.to_dict(), "aux_lang": args.aux_lang, "aux_split": args.aux_split,
+                        "init": args.init, "init_policy": meta0.get("policy") if args.run else None,
+                        "cl_embed": args.cl_embed, "inner_params": args.inner_params}}
+    _meta_train(args, net, layout, schedule, cfg, Episodes(args, aux_ds, en_ds, collate, dist.device),
+                meta, dist, run_dir, evaluate_fn)
+    return run_dir
+
+
+def epoch_evaluate_fn(args, tokenizer, features, dist):
+    """The trainers' per-epoch evaluation (engine.trainer_evaluate_fn) on --epoch-eval-split; None when off.
+    Every feature key of the evaluated languages is checked now, before meta-training."""
+    if args.no_eval or args.epoch_eval_split == "none":
+        return None
+    ns = argparse.Namespace(task=args.task, data_root=args.data_root, langs=args.eval_langs,
+                            eval_split=args.epoch_eval_split, eval_batch_size=args.eval_batch_size,
+                            num_workers=args.num_workers)
+    try:
+        return engine.trainer_evaluate_fn("uc2", ns, tokenizer, dist, features=features,
+                                             max_regions=args.max_regions)
+    except ValueError as e:
+        raise SystemExit(f"error: evaluation data: {e}") from None
+
+
+def _meta_train(args, net: XVLModel, layout, schedule, cfg: M.MamlConfig, episodes: Episodes, meta: dict,
+                dist: engine.DistInfo, run_dir: Path, evaluate_fn=None) -> None:
+    net.to(dist.device)
+    optimizer, lr_sched = engine.build_optimizer(net, layout, schedule, args,
+                                                 total_steps=args.epochs * args.iters_per_epoch)
+    log = engine.MetricsLog(run_dir / engine.METRICS, dist.is_main)
+    engine._fault_counts.clear()
+    if engine.resuming(args, run_dir):
+        prog = engine.resume(run_dir / engine.CHECKPOINT, net, optimizer, lr_sched, None, args, dist, log, meta)
+    else:
+        prog = engine.start_fresh(run_dir, args, dist, log)
+    names = [n for n, _ in net.named_parameters()]
+    for epoch in range(prog.epoch, args.epochs):
+        net.train()
+        bar = tqdm(total=args.iters_per_epoch, desc=f"xvl-maml epoch {epoch + 1}/{args.epochs}",
+                   disable=not dist.is_main, dynamic_ncols=True)
+        window: list[float] = []
+        for i in range(args.iters_per_epoch):
+            freeze.apply_schedule(net, layout, schedule, epoch, prog.step)
+            trainable = [n for n in names if net.get_parameter(n).requires_grad]
+            adapt = M.adapt_names_for(trainable, layout.layer_of, layout.num_layers, args.inner_params,
+                                      args.inner_top_layers, lambda n: layout.layer_of(n) is None
+                                      and layout.module_of(n) in layout.embedding_modules)
+            losses, n_bad = meta_step(net, cfg, episodes(prog.step, my_episodes(args.meta_batch, dist)),
+                                      args.meta_batch, adapt, dist, dist.device)
+            window += [x for x in losses if math.isfinite(x)]
+            ok, _, lr, grad_norm = engine.optimizer_step(net, optimizer, lr_sched, None, args.clip_grad,
+                                                         torch.tensor(float(n_bad), device=dist.device), dist)
+            engine.count_step(prog, ok, False, epoch, args, run_dir, dist)
+            engine.fault_point("step")
+            bar.update(1)
+            if (args.log_every and prog.step % args.log_every == 0) or i == args.iters_per_epoch - 1:
+                loss = _mean_over_ranks(window, dist)
+                log.write({**engine.train_record(epoch, prog, loss, lr, grad_norm, net, schedule),
+                           "meta_loss": loss, "adapted_params": sum(net.get_parameter(n).numel() for n in adapt)})
+                bar.set_postfix(meta_loss=f"{loss:.4f}" if loss is not None else "nan", lr=f"{lr:.2e}")
+                window = []
+        bar.close()
+        if evaluate_fn is not None:   # the UC2 task model, as the trainers evaluate it
+            results = engine.evaluate(evaluate_fn, net.model, epoch)
+            engine.log_eval(log, results, epoch, prog.step, args.epoch_eval_split, dist)
+        prog.epoch = epoch + 1
+        prog.metrics_offset = log.size()
+        engine.save_training_state(run_dir / engine.CHECKPOINT, net, optimizer, lr_sched, None, prog, args, meta,
+                                   schedule, dist)
+        engine.fault_point("epoch_end")
+    if dist.is_main:
+        final_meta = {**engine.run_meta(meta, schedule, prog, args), "policy": setup_name(meta["xvlmaml"], schedule)}
+        engine.save_checkpoint(run_dir / engine.FINAL, {"model": net.model.state_dict(),
+                                                        "cl_head": net.cl_head.state_dict(), "meta": final_meta})
+        print(f"done: {run_dir / engine.FINAL}", flush=True)
+    engine.barrier(dist)
+
+
+def setup_name(xvl: dict, schedule: freeze.Schedule) -> str:
+    """meta["policy"] of the final model, which eval_zeroshot records and groups its tables by: an XVL-MAML
+    run is its own setup per auxiliary language, freeze policy and starting point (xvlmaml-de: from an
+    English run fine-tuned with policy full; xvlmaml-de+suf/from-suf; .../from-pretrained), never averaged
+    into the rows of plainly fine-tuned runs (meta["schedule"] keeps the freeze policy)."""
+    init = xvl.get("init_policy") or "pretrained"
+    return (f"xvlmaml-{xvl['aux_lang']}" + ("" if schedule.policy == "full" else f"+{schedule.policy}")
+            + ("" if init == "full" else f"/from-{init}"))
+
+
+def _mean_over_ranks(values: list[float], dist: engine.DistInfo) -> float | None:
+    total = torch.tensor([sum(values), len(values)], dtype=torch.float64)
+    if dist.distributed:
+        tdist.all_reduce(total)
+    return (total[0] / total[1]).item() if total[1] > 0 else None
+
+
+def evaluate(args, run_dir: Path, dist: engine.DistInfo) -> int:
+    """The existing zero-shot evaluation of model_final.pt in every language (results.json, IGLUE CSVs)."""
+    eargs = argparse.Namespace(run=str(run_dir), checkpoint=None, output_dir=None, model_name=None,
+                               data_root=args.data_root, features=args.features, images=None,
+                               tokenizer=args.tokenizer, max_regions=args.max_regions, langs=args.eval_langs,
+                               split="test", translate_test=False, batch_size=args.eval_batch_size,
+                               num_workers=args.num_workers, amp="off", k_test=None, pair_batch=1024, itm_batch=128)
+    return Z._evaluate(eargs, dist)
+
+
+def cmd_train(args, dist: engine.DistInfo) -> int:
+    run_dir = train(args, dist)
+    return 0 if args.no_eval else evaluate(args, run_dir, dist)
+
+
+# ============================================================================ auxiliary x target matrix
+
+def matrix_table(task: str, results: dict[str, dict], baseline: dict | None = None) -> dict:
+    """{"metric", "targets", "rows": {aux: {target: score}}, "baseline": {target: score} | None}; the score is
+    accuracy (retrieval: mean of tr_r1 and ir_r1)."""
+    def score(m: dict) -> float:
+        return Z.selection_score(task, m)
+    targets = engine.ordered_langs({t for langs in results.values() for t in langs})
+    rows = {aux: {t: score(langs[t]) for t in targets if t in langs} for aux, langs in results.items()}
+    base = {t: score(m) for t, m in baseline.items()} if baseline else None
+    return {"task": task, "metric": "mean(tr_r1, ir_r1)" if task == "xflickrco" else "accuracy",
+            "targets": targets, "rows": rows, "baseline": base}
+
+
+def format_matrix(t: dict) -> str:
+    head = "| aux \\ target | " + " | ".join(t["targets"]) + " |"
+    lines = [f"{t['task']} XVL-MAML, {t['metric']} (rows: auxiliary language; * = the auxiliary language itself"
+             + ("; in brackets: minus the initial model" if t["baseline"] else "") + ")", "", head,
+             "|" + "---|" * (len(t["targets"]) + 1)]
+    for aux, row in t["rows"].items():
+        cells = []
+        for target in t["targets"]:
+            v = row.get(target)
+            cell = "" if v is None else f"{v:.2f}{'*' if target == aux else ''}"
+            if v is not None and t["baseline"] and target in t["baseline"]:
+                cell += f" ({v - t['baseline'][target]:+.2f})"
+            cells.append(cell)
+        lines.append(f"| {aux} | " + " | ".join(cells) + " |")
+    if t["baseline"]:
+        base = t["baseline"]
+        lines.append("| (initial) | " + " | ".join(f"{base.get(x, float('nan')):.2f}" for x in t["targets"]) + " |")
+    return "\n".join(lines)
+
+
+def cmd_matrix(args, dist: engine.DistInfo) -> int:
+    out = Path(args.output_dir)
+    results, task = {}, args.task
+    for aux in args.aux_langs:
+        sub = argparse.Namespace(**{**vars(args), "aux_lang": aux, "output_dir": str(out / f"aux-{aux}")})
+        run = Path(sub.output_dir)
+        done = run / "results.json"
+        if done.is_file() and dist.is_main:
+            print(f"matrix: {run} already evaluated, reusing it", flush=True)
+        if not done.is_file():
+            if (run / engine.CHECKPOINT).is_file() or (run / engine.FINAL).is_file():
+                sub.resume = True
+            if not (run / engine.FINAL).is_file():
+                train(sub, dist)
+            if not sub.no_eval:
+                evaluate(sub, run, dist)
+        engine.barrier(dist)
+        if not done.is_file():
+            raise SystemExit(f"error: {run}: no results.json (run without --no-eval to fill the matrix)")
+        record = _read_json(done)["test"]
+        results[aux], task = record["langs"], record["task"]
+    baseline = None
+    if args.run and (Path(args.run) / "results.json").is_file():
+        baseline = _read_json(Path(args.run) / "results.json").get("test", {}).get("langs")
+    table = matrix_table(task, results, baseline)
+    if dist.is_main:
+        engine.atomic_write_text(out / "matrix.json", json.dumps(table, indent=1) + "\n")
+        engine.atomic_write_text(out / "matrix.md", format_matrix(table) + "\n")
+        print(format_matrix(table), flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, *, dist: engine.DistInfo | None = None) -> int:
+    """dist: the caller's process group (several commands in one group); None: set up and end one here.
+    Under torchrun every training and evaluation of a command shares ONE group: a second group on the
+    same store can read the first one's addresses and fail to connect."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    command = {"train": cmd_train, "matrix": cmd_matrix}[args.command]
+    if dist is not None:
+        return command(args, dist)
+    dist = engine.setup_distributed()
+    try:
+        return command(args, dist)
+    finally:
+        engine.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
