@@ -301,7 +301,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = engine.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     add_train_args(sub.add_parser("train", help="meta-train with one auxiliary language, then evaluate"))
     mx = sub.add_parser("matrix", help="one run per auxiliary language; auxiliary x target table")
