@@ -38,7 +38,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -69,8 +69,6 @@ ALIGN_LOSSES = ("mse", "contrastive", "contrastive_with_image")
 PETS = ("full", "lora", "lora_cross", "adapter", "compacter", "prompt", "none")
 # LoRA targets: run_XTD.py's (the paper's 0.16%) and run_cross.py's, the script PECTVLM's published run scripts call
 LORA_TARGETS = {"lora": ["query", "value"], "lora_cross": ["query", "key", "value", "attention.output.dense"]}
-XTD_LANGS = ("en", "de", "fr", "es", "it", "jp", "ko", "pl", "ru", "tr", "zh")
-MULTI30K_LANGS = ("en", "de", "fr", "cs")
 
 TEXT_CONFIGS = {
     # xlm-roberta-large's config.json: the text tower of M-CLIP/XLM-Roberta-Large-Vit-L-14 (out_dim 768)
@@ -381,95 +379,7 @@ def disparity(scores: dict[str, float]) -> dict[str, float]:
     return {"avg": float(v.mean()), "range": float(v.max() - v.min()), "std": float(v.std())}
 
 
-# ---------------------------------------------------------------------------------------------- data
-
-@dataclass
-class RetrievalSplit:
-    """Images (paths relative to the image root) and, per text kind and language, one caption per image."""
-    images: list[str]
-    texts: dict[str, dict[str, list[str]]] = field(default_factory=dict)
-
-    def subset(self, idx: Sequence[int]) -> "RetrievalSplit":
-        return RetrievalSplit([self.images[i] for i in idx],
-                              {k: {l: [t[i] for i in idx] for l, t in d.items()} for k, d in self.texts.items()})
-
-    def captions(self, kind: str, lang: str) -> list[str]:
-        if kind == "en":
-            return self.texts["native"]["en"]
-        return self.texts[kind][lang]
-
-
-def read_lines(path: Path, expect: int | None = None) -> list[str]:
-    """Stripped lines of a UTF-8 text file; an empty line, a wrong count or bad bytes is a one-line ValueError."""
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
-    try:
-        lines = [s.strip() for s in path.read_text(encoding="utf-8").strip("\n").split("\n")]
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for i, s in enumerate(lines, 1):
-        if not s:
-            raise ValueError(f"{path}:{i}: empty line")
-    if expect is not None and len(lines) != expect:
-        raise ValueError(f"{path}: {len(lines)} lines, expected {expect} (one per image)")
-    return lines
-
-
-def xtd_image_path(name: str) -> str:
-    """XTD10 image names are COCO 2014 file names: COCO_train2014_x.jpg -> train2014/COCO_train2014_x.jpg."""
-    parts = name.split("#")[0].split("_")
-    if len(parts) < 3 or not parts[1].startswith(("train", "val")):
-        raise ValueError(f"XTD10 image name {name!r} is not a COCO 2014 file name")
-    return f"{parts[1]}/{name.split('#')[0]}"
-
-
-def load_xtd(root: str | Path, langs: Sequence[str] = XTD_LANGS) -> RetrievalSplit:
-    """XTD10 in PECTVLM's layout: all/test_image_names.txt, all/test_1kcaptions_<lang>.txt and the machine
-    translations translated_from_en/<lang>.txt (English captions into lang), translated_to_en/<lang>.txt."""
-    root = Path(root)
-    names = read_lines(root / "all" / "test_image_names.txt")
-    images = [xtd_image_path(n) for n in names]
-    files = {"native": "all/test_1kcaptions_{}.txt", "from_en": "translated_from_en/{}.txt",
-             "to_en": "translated_to_en/{}.txt"}
-    texts = {k: {l: read_lines(root / f.format(l), len(images)) for l in langs} for k, f in files.items()}
-    if "en" not in langs:
-        texts["native"]["en"] = read_lines(root / files["native"].format("en"), len(images))
-    return RetrievalSplit(images, texts)
-
-
-MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
-
-
-def load_multi30k(root: str | Path, split: str, langs: Sequence[str] = MULTI30K_LANGS) -> RetrievalSplit:
-    """Multi30K task 1 in PECTVLM's layout under data/task1/: image_splits/<split>.txt, raw/<split>.<lang> and
-    translated_from_en/<split>.<lang>, translated_to_en/<split>.<lang>; images are flickr30k-images/<name>."""
-    base = Path(root) / "data" / "task1"
-    name = MULTI30K_SPLITS[split]
-    images = [f"flickr30k-images/{n}" for n in read_lines(base / "image_splits" / f"{name}.txt")]
-    kinds = {"native": "raw", "from_en": "translated_from_en", "to_en": "translated_to_en"}
-    texts = {k: {l: read_lines(base / d / f"{name}.{l}", len(images)) for l in langs} for k, d in kinds.items()}
-    return RetrievalSplit(images, texts)
-
-
-def xtd_splits(full: RetrievalSplit, n_shot: int, seed: int) -> dict[str, RetrievalSplit]:
-    """run_XTD.py's split: a permutation by torch.Generator(seed); train = first n_shot, val = next n_shot,
-    test = the rest, in permutation order (50-shot: 50 / 50 / 900). n_shot 0: everything is test."""
-    perm = torch.randperm(len(full.images), generator=torch.Generator().manual_seed(seed)).tolist()
-    if 2 * n_shot >= len(perm):
-        raise ValueError(f"--n-shot {n_shot}: XTD10 has {len(perm)} images, too few for train + val + test")
-    return {"train": full.subset(perm[:n_shot]), "val": full.subset(perm[n_shot:2 * n_shot]),
-            "test": full.subset(perm[2 * n_shot:])}
-
-
-def multi30k_splits(root, langs: Sequence[str], n_shot: int | None, seed: int) -> dict[str, RetrievalSplit]:
-    """train / val / test_2016_flickr; with n_shot, train is subsampled as PECTVLM's load_file_from_task
-    (first n of a permutation by torch.Generator(seed)). Our choice: val stays whole (reference silent)."""
-    splits = {s: load_multi30k(root, s, langs) for s in MULTI30K_SPLITS}
-    if n_shot:
-        perm = torch.randperm(len(splits["train"].images), generator=torch.Generator().manual_seed(seed)).tolist()
-        splits["train"] = splits["train"].subset(perm[:n_shot])
-    return splits
-
+# ---------------------------------------------------------------------------------------------- images
 
 def clip_preprocess(img: Image.Image, size: int) -> torch.Tensor:
     """OpenAI CLIP's transform: resize the short side to size (bicubic), centre crop, ToTensor, CLIP Normalize."""
@@ -506,7 +416,7 @@ def read_image_features(path: str | Path) -> dict[str, torch.Tensor]:
     return {n: feats[i].float() for i, n in enumerate(names)}
 
 
-def image_feature_table(splits: dict[str, RetrievalSplit], args) -> dict[str, torch.Tensor]:
+def image_feature_table(splits: dict[str, data.RetrievalSplit], args) -> dict[str, torch.Tensor]:
     """Every split's image features, from --image-features, or computed once with --clip-vision over --images."""
     needed = sorted({p for s in splits.values() for p in s.images})
     if args.image_features:
@@ -585,7 +495,7 @@ def encode(model: MCLIPText, tokenizer, texts: Sequence[str], device) -> torch.T
 
 
 @torch.no_grad()
-def evaluate(model: MCLIPText, tokenizer, split: RetrievalSplit, images: dict[str, torch.Tensor], kind: str,
+def evaluate(model: MCLIPText, tokenizer, split: data.RetrievalSplit, images: dict[str, torch.Tensor], kind: str,
              lang: str, args, device) -> dict[str, float]:
     """R@1 of the split's images against its captions of (kind, lang), texts in chunks of --eval-batch-size."""
     was_training = model.training
@@ -608,7 +518,7 @@ def cosine_no_warmup(total_steps: int) -> Callable[[int], float]:
     return lambda step: max(0.0, 0.5 * (1.0 + math.cos(math.pi * step / max(1, total_steps))))
 
 
-def train_step(model, tokenizer, split: RetrievalSplit, idx: list[int], images, args, device) -> torch.Tensor:
+def train_step(model, tokenizer, split: data.RetrievalSplit, idx: list[int], images, args, device) -> torch.Tensor:
     main_kind, partner_kind = ROUTINES[args.routine]
     # the reference computes image features under no_grad: the image tower is frozen and gets no gradient
     image = torch.stack([images[split.images[i]] for i in idx]).detach().to(device)
@@ -765,7 +675,7 @@ def check_args(args) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # N copies would train alike and write one folder
         raise SystemExit("error: train_mclip.py runs in one process (the reference's batch of 5 fits one GPU); "
                          "launch it without torchrun")
-    langs = XTD_LANGS if args.dataset == "xtd" else MULTI30K_LANGS
+    langs = data.XTD_LANGS if args.dataset == "xtd" else data.MULTI30K_LANGS
     if args.lang not in langs:
         raise SystemExit(f"error: --lang {args.lang}: {args.dataset} has {', '.join(langs)}")
     for name in ("epochs", "batch_size", "eval_steps", "eval_batch_size"):
@@ -802,11 +712,11 @@ def resolve_text_config(name: str) -> str | dict:
     return cfg
 
 
-def load_splits(args) -> dict[str, RetrievalSplit]:
+def load_splits(args) -> dict[str, data.RetrievalSplit]:
     langs = sorted({args.lang, "en"})
     if args.dataset == "xtd":
-        return xtd_splits(load_xtd(args.data_root, langs), args.n_shot, args.split_seed)
-    return multi30k_splits(args.data_root, langs, args.n_shot, args.split_seed)
+        return data.xtd_splits(data.load_xtd(args.data_root, langs), args.n_shot, args.split_seed)
+    return data.multi30k_splits(args.data_root, langs, args.n_shot, args.split_seed)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -922,9 +832,9 @@ def features_main(argv: Sequence[str]) -> dict:
         raise SystemExit(f"error: --out {a.out} exists; remove it or choose another path")
     try:
         if a.dataset == "xtd":
-            names = load_xtd(a.data_root, ["en"]).images
+            names = data.load_xtd(a.data_root, ["en"]).images
         else:
-            names = sorted({n for s in MULTI30K_SPLITS for n in load_multi30k(a.data_root, s, ["en"]).images})
+            names = sorted({n for s in data.MULTI30K_SPLITS for n in data.load_multi30k(a.data_root, s, ["en"]).images})
         cuda = torch.cuda.is_available() and os.environ.get("SUF_DEVICE", "") != "cpu"
         table = compute_image_features(names, a.images, a.clip_vision, "cuda" if cuda else "cpu")
     except ValueError as e:
