@@ -29,7 +29,13 @@ align_from_to_en/, "the reference" below). One run adapts the M-CLIP text tower 
 Run folder: args.json, metrics.jsonl (train / val / test records), checkpoint_last.pt (resume state after every
 epoch), model_final.pt ({"model": the best validation state of the trainable parameters only, i.e. the
 language's PET module, "meta": ...}), results.json (test R@1 of the best state).
-Single process only (no DDP).
+Under torchrun (`python -m torch.distributed.run --nproc_per_node N train_mclip.py ...`) --batch-size is the global
+batch: each rank encodes its shard, the text embeddings are gathered with gradient for the in-batch negatives and
+the alignment term, gradients are summed over the ranks, rank 0 writes the run folder. With --dropout 0, N processes
+take the steps of one process over the same global batch within float rounding (tests/test_mclip.py checks 2 gloo
+ranks against 1 within tests/parity.py's tolerance; validation and test R@1 are exactly the one-process ones).
+With dropout each rank draws its own masks, so the runs differ as two seeds do. --resume is bitwise exact with the
+same number of processes (each rank's RNG is in the checkpoint) and refused with another.
 """
 from __future__ import annotations
 
@@ -91,10 +97,13 @@ DEFAULTS = {"lr": 1e-4, "epochs": 50, "batch_size": 5, "eval_steps": 5, "eval_ba
 
 # ---------------------------------------------------------------------------------------------- model
 
-def text_config(name_or_dict: str | dict) -> tuple[XLMRobertaConfig, int]:
-    """(XLMRobertaConfig, output dim) of a named config or a dict of TEXT_CONFIGS' keys."""
+def text_config(name_or_dict: str | dict, dropout: float | None = None) -> tuple[XLMRobertaConfig, int]:
+    """(XLMRobertaConfig, output dim) of a named config or a dict of TEXT_CONFIGS' keys. dropout None: XLM-R's
+    0.1 (hidden and attention), what the reference trains with; 0 makes training deterministic."""
     cfg = dict(TEXT_CONFIGS[name_or_dict] if isinstance(name_or_dict, str) else name_or_dict)
     out_dim = cfg.pop("out_dim")
+    if dropout is not None:
+        cfg.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     return XLMRobertaConfig(pad_token_id=data.PAD_ID, bos_token_id=data.BOS_ID, eos_token_id=data.EOS_ID,
                             **cfg), out_dim
 
@@ -139,8 +148,8 @@ class MCLIPText(nn.Module):
         return self.LinearTransformation(mean_pool(hidden, attention_mask))
 
 
-def build_text_model(config: str | dict) -> MCLIPText:
-    cfg, out_dim = text_config(config)
+def build_text_model(config: str | dict, dropout: float | None = None) -> MCLIPText:
+    cfg, out_dim = text_config(config, dropout)
     return MCLIPText(cfg, out_dim)
 
 
@@ -496,13 +505,18 @@ def encode(model: MCLIPText, tokenizer, texts: Sequence[str], device) -> torch.T
 
 @torch.no_grad()
 def evaluate(model: MCLIPText, tokenizer, split: data.RetrievalSplit, images: dict[str, torch.Tensor], kind: str,
-             lang: str, args, device) -> dict[str, float]:
-    """R@1 of the split's images against its captions of (kind, lang), texts in chunks of --eval-batch-size."""
+             lang: str, args, device, dist: "engine.DistInfo | None" = None) -> dict[str, float]:
+    """R@1 of the split's images against its captions of (kind, lang), texts in chunks of --eval-batch-size.
+    Under torchrun each rank encodes its share of the chunks: the chunks (and so their padding) are those of one
+    process, so every rank gets the one-process result exactly."""
+    import engine
     was_training = model.training
     model.eval()
     texts = batch_texts(split.captions(kind, lang), args.hard_prompt)
-    feats = [encode(model, tokenizer, texts[i:i + args.eval_batch_size], device).float().cpu()
-             for i in range(0, len(texts), args.eval_batch_size)]
+    starts = range(0, len(texts), args.eval_batch_size)
+    mine = [starts[c] for c in engine.shard(len(starts), dist)]
+    feats = [encode(model, tokenizer, texts[i:i + args.eval_batch_size], device).float().cpu() for i in mine]
+    feats = engine.gather(feats, dist)
     model.train(was_training)
     image = torch.stack([images[p] for p in split.images])
     return recall_at_1(image, torch.cat(feats))
@@ -518,14 +532,83 @@ def cosine_no_warmup(total_steps: int) -> Callable[[int], float]:
     return lambda step: max(0.0, 0.5 * (1.0 + math.cos(math.pi * step / max(1, total_steps))))
 
 
-def train_step(model, tokenizer, split: data.RetrievalSplit, idx: list[int], images, args, device) -> torch.Tensor:
+def train_step(model, tokenizer, split: data.RetrievalSplit, idx: list[int], images, args, device,
+               dist: "engine.DistInfo | None" = None) -> torch.Tensor:
+    """The loss of the global batch idx. Under torchrun each rank encodes its shard of idx (engine.shard) and the
+    text embeddings of all ranks are gathered with gradient (GatherRows), so every rank computes the loss of the
+    whole batch (its in-batch negatives included): the one-process loss. Image features are cached, so each rank
+    takes the whole batch's from its table."""
     main_kind, partner_kind = ROUTINES[args.routine]
     # the reference computes image features under no_grad: the image tower is frozen and gets no gradient
     image = torch.stack([images[split.images[i]] for i in idx]).detach().to(device)
-    texts = lambda kind: batch_texts([split.captions(kind, args.lang)[i] for i in idx], args.hard_prompt)  # noqa
-    text = encode(model, tokenizer, texts(main_kind), device)
-    partner = encode(model, tokenizer, texts(partner_kind), device) if partner_kind else None
+    sizes = shard_sizes(len(idx), dist)
+    start = sum(sizes[:dist.rank]) if sizes else 0
+    mine = idx[start:start + sizes[dist.rank]] if sizes else idx
+    texts = lambda kind: batch_texts([split.captions(kind, args.lang)[i] for i in mine], args.hard_prompt)  # noqa
+
+    def embed(kind: str) -> torch.Tensor:
+        if not mine:  # a last batch smaller than the world leaves this rank without rows
+            return torch.zeros(0, model.LinearTransformation.out_features, device=device, requires_grad=True)
+        return encode(model, tokenizer, texts(kind), device)
+    text = embed(main_kind) if not sizes else GatherRows.apply(embed(main_kind), sizes, dist.rank)
+    partner = None
+    if partner_kind:
+        partner = embed(partner_kind) if not sizes else GatherRows.apply(embed(partner_kind), sizes, dist.rank)
     return routine_loss(image, text, partner, args.align_loss, args.align_ratio)
+
+
+def shard_sizes(n: int, dist: "engine.DistInfo | None") -> list[int]:
+    """Rows of each rank's shard of a batch of n (engine.shard's split); [] in one process."""
+    import engine
+    if dist is None or not dist.distributed:
+        return []
+    return [len(engine.shard(n, engine.DistInfo(rank=r, world=dist.world))) for r in range(dist.world)]
+
+
+class GatherRows(torch.autograd.Function):
+    """Every rank's rows [n_r, D] in rank order (shards may differ by one row: padded to the largest, then cut).
+    Backward returns this rank's slice of the gradient of the gathered tensor, without communication: every rank
+    computes the same loss of the whole batch, so that slice is the full gradient w.r.t. this rank's rows, and
+    sum_gradients (a sum, not DDP's mean) then gives the parameters the one-process gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
+        import torch.distributed as tdist
+        width = max(sizes)
+        padded = x.new_zeros((width, *x.shape[1:]))
+        padded[:len(x)] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        tdist.all_gather(parts, padded)
+        ctx.start, ctx.n = sum(sizes[:rank]), len(x)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad[ctx.start:ctx.start + ctx.n], None, None
+
+
+def sum_gradients(params: Sequence[nn.Parameter], dist: "engine.DistInfo | None") -> None:
+    """Sum each trainable parameter's gradient over the ranks (one flat all-reduce). A parameter with a gradient
+    on some rank gets the sum (zeros standing in where a rank has none, e.g. an empty shard); one with a gradient
+    on no rank keeps None, as in one process (Adam then skips it)."""
+    import torch.distributed as tdist
+    if dist is None or not dist.distributed:
+        return
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    device = params[0].device
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+    tdist.all_reduce(has)
+    params = [p for p, h in zip(params, has.tolist()) if h]
+    if not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    tdist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
 
 
 @dataclass
@@ -537,9 +620,14 @@ class Progress:
     metrics_size: int = 0    # bytes of metrics.jsonl at the last checkpoint
 
 
-def fit(model, tokenizer, splits, images, args, run_dir: Path, log, device) -> dict[str, torch.Tensor]:
-    """The reference's loop (trainer.train): step, validate every --eval-steps steps, keep the best state."""
+def fit(model, tokenizer, splits, images, args, run_dir: Path, log, device,
+        dist: "engine.DistInfo | None" = None) -> dict[str, torch.Tensor]:
+    """The reference's loop (trainer.train): step, validate every --eval-steps steps, keep the best state.
+    Under torchrun: --batch-size is the global batch, sharded over the ranks (train_step); gradients are summed
+    over the ranks (sum_gradients), so every rank takes the one-process step and the ranks stay equal; rank 0
+    writes metrics and checkpoints, which hold every rank's RNG state."""
     import engine
+    dist = dist or engine.DistInfo()
     layout, schedule = freeze_plan(model, args)
     if schedule is None:
         optimizer = torch.optim.Adam(tuned_params(model).values(), lr=args.lr, weight_decay=0.0)
@@ -551,7 +639,7 @@ def fit(model, tokenizer, splits, images, args, run_dir: Path, log, device) -> d
     prog, best_state = Progress(), trainable_state(model)
     ckpt = run_dir / engine.CHECKPOINT
     if args.resume and ckpt.is_file():
-        prog, best_state = resume_from(ckpt, model, optimizer, sched, log, device)
+        prog, best_state = resume_from(ckpt, model, optimizer, sched, log, device, dist)
     main_kind = ROUTINES[args.routine][0]
     model.train()
     for epoch in range(prog.epoch, args.epochs):
@@ -559,8 +647,10 @@ def fit(model, tokenizer, splits, images, args, run_dir: Path, log, device) -> d
         for b in range(0, n, args.batch_size):
             if schedule is not None:
                 freeze.apply_schedule(model, layout, schedule, epoch, prog.step)
-            loss = train_step(model, tokenizer, splits["train"], order[b:b + args.batch_size], images, args, device)
+            idx = order[b:b + args.batch_size]
+            loss = train_step(model, tokenizer, splits["train"], idx, images, args, device, dist)
             loss.backward()
+            sum_gradients(list(tuned_params(model).values()), dist)
             optimizer.step()
             sched.step()
             optimizer.zero_grad(set_to_none=True)
@@ -569,15 +659,18 @@ def fit(model, tokenizer, splits, images, args, run_dir: Path, log, device) -> d
             log.write({"type": "train", "epoch": epoch, "step": prog.step, "loss": loss.item(),
                        "lr": sched.get_last_lr()[0]})
             if prog.step % args.eval_steps == 0:
-                val = evaluate(model, tokenizer, splits["val"], images, main_kind, args.lang, args, device)
+                val = evaluate(model, tokenizer, splits["val"], images, main_kind, args.lang, args, device, dist)
                 log.write({"type": "val", "epoch": epoch, "step": prog.step, **val})
                 if val["mean_r1"] >= prog.best:
                     prog.best, prog.best_step, best_state = val["mean_r1"], prog.step, trainable_state(model)
         prog.epoch = epoch + 1
         prog.metrics_size = log.size()
-        engine.save_checkpoint(ckpt, {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                                      "scheduler": sched.state_dict(), "rng": engine.rng_state(device),
-                                      "progress": vars(prog), "best_state": best_state})
+        rngs = engine.gather([engine.rng_state(device)], dist)  # every rank's: each has its own dropout stream
+        if dist.is_main:
+            engine.save_checkpoint(ckpt, {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                                          "scheduler": sched.state_dict(), "rng": rngs, "world": dist.world,
+                                          "progress": vars(prog), "best_state": best_state})
+        engine.barrier(dist)  # no rank runs ahead of a checkpoint it might have to resume from
         engine.fault_point("epoch_end")
     return best_state
 
@@ -600,13 +693,18 @@ def freeze_plan(model: MCLIPText, args) -> tuple["freeze.LayerLayout | None", "f
     return layout, freeze.schedule_from_args(args, layout.num_layers)
 
 
-def resume_from(ckpt: Path, model, optimizer, sched, log, device) -> tuple[Progress, dict]:
+def resume_from(ckpt: Path, model, optimizer, sched, log, device, dist) -> tuple[Progress, dict]:
+    """Every rank reads the checkpoint and takes its own RNG state. Another number of processes is refused: each
+    rank's dropout stream is part of the state, so the result would not be the uninterrupted run's."""
     import engine
     state = engine.load_checkpoint(ckpt)
+    if state.get("world", 1) != dist.world:
+        raise ValueError(f"{ckpt}: saved by {state.get('world', 1)} process(es), resumed with {dist.world}; "
+                         f"--resume with the same number of processes")
     load_trainable(model, state["model"], str(ckpt))
     optimizer.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    engine.set_rng_state(state["rng"], device)
+    engine.set_rng_state(state["rng"][dist.rank], device)
     prog = Progress(**state["progress"])
     log.truncate(prog.metrics_size)
     return prog, state["best_state"]
@@ -663,6 +761,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-steps", type=int, default=d["eval_steps"])
     p.add_argument("--eval-batch-size", type=int, default=d["eval_batch_size"])
     p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--dropout", type=float, default=None,
+                   help="text tower dropout (hidden and attention); default: XLM-R's 0.1, as the reference trains. "
+                        "0: torchrun over N processes takes the one-process steps (within float rounding)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--load-pet", default=None, help="model_final.pt of an earlier run: start from its module "
@@ -672,15 +773,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # N copies would train alike and write one folder
-        raise SystemExit("error: train_mclip.py runs in one process (the reference's batch of 5 fits one GPU); "
-                         "launch it without torchrun")
     langs = data.XTD_LANGS if args.dataset == "xtd" else data.MULTI30K_LANGS
     if args.lang not in langs:
         raise SystemExit(f"error: --lang {args.lang}: {args.dataset} has {', '.join(langs)}")
     for name in ("epochs", "batch_size", "eval_steps", "eval_batch_size"):
         if getattr(args, name) < (0 if name == "epochs" else 1):
             raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)} is out of range")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise SystemExit(f"error: --dropout {args.dropout} is out of range [0, 1)")
     if args.policy != "full" and args.pet != "full":
         raise SystemExit(f"error: --policy {args.policy} schedules the whole text tower: it needs --pet full")
     if args.pet != "none" and args.n_shot == 0 and args.dataset == "xtd":
@@ -726,11 +826,21 @@ def main(argv: list[str] | None = None) -> dict:
         return print_table(argv[1:])
     if argv[:1] == ["features"]:
         return features_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = engine.one_line_errors(build_parser()).parse_args(argv)
     check_args(args)
-    run_dir = engine.check_run_dir(args, engine.DistInfo())
-    cuda = torch.cuda.is_available() and os.environ.get("SUF_DEVICE", "") != "cpu"
-    device = torch.device("cuda" if cuda else "cpu")
+    dist = engine.setup_distributed()
+    try:
+        return run(args, dist)
+    finally:
+        engine.cleanup_distributed()
+
+
+def run(args, dist: "engine.DistInfo") -> dict:
+    """One language's run, in one process or as one of torchrun's ranks (each holds the whole model and the
+    image-feature table; --batch-size is the global batch)."""
+    import engine
+    run_dir = engine.check_run_dir(args, dist)
+    device = dist.device
     try:
         splits = load_splits(args)
         check_schedule(args, len(splits["train"].images))
@@ -739,8 +849,8 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     config = resolve_text_config(args.text_config)
-    engine.seed_everything(args.seed)
-    model = build_text_model(config)
+    engine.seed_everything(args.seed)  # the same on every rank: the ranks start from the same weights
+    model = build_text_model(config, args.dropout)
     if args.text_checkpoint:
         try:
             load_text_weights(model, read_state_dict(args.text_checkpoint), args.text_checkpoint)
@@ -757,37 +867,46 @@ def main(argv: list[str] | None = None) -> dict:
     if args.load_pet:
         load_pet_file(model, args.load_pet, args.pet)
     model.to(device)
+    if dist.distributed:  # each rank its own dropout stream (a resumed run restores each; see resume_from)
+        engine.seed_everything(args.seed * 1_000_003 + 7919 * (dist.rank + 1))
     trainable, base = count_params(model)
-    log = engine.MetricsLog(run_dir / engine.METRICS, True)
+    log = engine.MetricsLog(run_dir / engine.METRICS, dist.is_main)
     if engine.resuming(args, run_dir):
         check_resume_args(args, run_dir)
-    else:
+    elif dist.is_main:
         log.truncate(0)
         (run_dir / engine.ARGS).write_text(json.dumps(engine.json_safe(vars(args)), indent=1) + "\n")
-        log.write({"type": "params", "trainable": trainable, "base": base, "share_pct": 100 * trainable / base})
+        log.write({"type": "params", "trainable": trainable, "base": base, "share_pct": 100 * trainable / base,
+                   "world": dist.world})
     best = trainable_state(model)
     if args.pet != "none" and args.epochs > 0:
-        best = fit(model, tokenizer, splits, images, args, run_dir, log, device)
+        try:
+            best = fit(model, tokenizer, splits, images, args, run_dir, log, device, dist)
+        except ValueError as e:
+            raise SystemExit(f"error: --resume: {e}") from None
         load_trainable(model, best, "best validation state")
     test_kind = ROUTINES[args.routine][0] if args.test_text == "routine" else RUN_CROSS_TEST_TEXT[args.routine]
-    test = evaluate(model, tokenizer, splits["test"], images, test_kind, args.lang, args, device)
+    test = evaluate(model, tokenizer, splits["test"], images, test_kind, args.lang, args, device, dist)
     log.write({"type": "test", **test})
     meta = {"model": "mclip", "text_config": config, "pet": args.pet, "routine": args.routine, "lang": args.lang,
             "dataset": args.dataset, "n_shot": args.n_shot, "test_text": test_kind, "trainable": trainable,
             "base": base,
             "args": engine.json_safe(vars(args))}
-    engine.save_checkpoint(run_dir / engine.FINAL, {"model": best, "meta": meta})
     result = {**{k: v for k, v in meta.items() if k != "args"}, "test": test}
-    write_json_atomic(run_dir / "results.json", result)
-    print(json.dumps({"lang": args.lang, "routine": args.routine, "pet": args.pet, **test}))
+    if dist.is_main:
+        engine.save_checkpoint(run_dir / engine.FINAL, {"model": best, "meta": meta})
+        write_json_atomic(run_dir / "results.json", result)
+        print(json.dumps({"lang": args.lang, "routine": args.routine, "pet": args.pet, **test}))
+    engine.barrier(dist)
     return result
 
 
 # Arguments that must not change between a run and its --resume (they change the result; paths may move).
-RESUME_KEYS = ("dataset", "lang", "routine", "align_loss", "align_ratio", "pet", "n_shot", "split_seed", "hard_prompt",
-               "soft_prefix", "soft_tokens", "lora_r", "lora_alpha", "adapter_dim", "compacter_reduction", "phm_dim",
-               "text_config", "epochs", "batch_size", "lr", "eval_steps", "eval_batch_size", "seed", "policy",
-               "suf_k", "unfreeze_every", "unfreeze_unit", "llrd_decay", "top_layers", "freeze_embeddings")
+RESUME_KEYS = ("dataset", "lang", "routine", "align_loss", "align_ratio", "pet", "n_shot", "split_seed",
+               "hard_prompt", "soft_prefix", "soft_tokens", "lora_r", "lora_alpha", "adapter_dim",
+               "compacter_reduction", "phm_dim", "text_config", "epochs", "batch_size", "lr", "eval_steps",
+               "eval_batch_size", "seed", "dropout", "policy", "suf_k", "unfreeze_every", "unfreeze_unit",
+               "llrd_decay", "top_layers", "freeze_embeddings")
 
 
 def check_resume_args(args, run_dir: Path) -> None:
@@ -875,4 +994,5 @@ def print_table(run_dirs: Sequence[str]) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import engine
+    engine.run_main(main)

@@ -577,9 +577,9 @@ def test_validation_and_test_use_the_text_the_routine_trains_on(world, tmp_path,
                                                                 kinds_seen):
     kinds, evaluate = [], M.evaluate
 
-    def spy(model, tok, split, images, k, lang, args, device):
+    def spy(model, tok, split, images, k, lang, args, device, dist=None):
         kinds.append((k, lang))
-        return evaluate(model, tok, split, images, k, lang, args, device)
+        return evaluate(model, tok, split, images, k, lang, args, device, dist)
     monkeypatch.setattr(M, "evaluate", spy)
     M.main(cli(world, tmp_path / "run", "--routine", routine, "--epochs", "1", *extra))
     assert kinds == [(k, "de") for k in kinds_seen]  # one validation (step 2), then the test
@@ -632,11 +632,53 @@ def test_run_cross_lora_variant_trains_its_modules_and_share_on_real_shapes():
     assert M.count_params(model) == (196_608 + 98_304 + 1_049_600 + 787_200, 560_677_632)
 
 
-def test_a_multi_process_launch_is_refused_before_anything_is_written(world, tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="runs in one process"):
-        M.main(cli(world, tmp_path / "run"))
-    assert not (tmp_path / "run").exists()
+def test_torchrun_two_processes_take_the_one_process_steps(world, tmp_path):
+    """2 gloo ranks, --dropout 0, a global batch of 3 (shards of 2 + 1, then a last batch of 1: 1 + an empty one),
+    method3 (text and English partner both gathered), run_cross's LoRA (its pooler gets no gradient on any rank):
+    the weights after every step equal one process's within tests/parity.py's tolerance; rank 0 alone writes."""
+    import os
+    import subprocess
+    common = ("--n-shot", "4", "--batch-size", "3", "--eval-steps", "2", "--dropout", "0", "--pet", "lora_cross",
+              "--lora-r", "2")
+    one = M.main(cli(world, tmp_path / "one", *common))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "train_mclip.py"), *cli(world, tmp_path / "two", *common)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"mean_r1"') == 1  # one result line: rank 0's
+    for name in (engine.CHECKPOINT, engine.FINAL):  # the last state and the best validated one
+        a, b = (torch.load(tmp_path / r / name, weights_only=True)["model"] for r in ("one", "two"))
+        assert a.keys() == b.keys() and any(".lora_B" in k for k in a)
+        for k in a:
+            assert_matches_reference(f"{name} {k}", b[k], a[k])
+    start = tiny_model(seed=0, pet="lora_cross", lora_r=2).state_dict()
+    last = torch.load(tmp_path / "one" / engine.CHECKPOINT, weights_only=True)
+    pooler = "transformer.pooler.dense.weight"  # unused by the loss: no gradient on any rank, as in one process
+    assert torch.equal(last["model"][pooler], start[pooler])
+    assert [r["step"] for r in lines(tmp_path / "two", "train")] == [1, 2, 3, 4]
+    for kind in ("val", "test"):
+        assert lines(tmp_path / "two", kind) == lines(tmp_path / "one", kind)
+    losses = [[r["loss"] for r in lines(tmp_path / r, "train")] for r in ("one", "two")]
+    assert losses[1] == pytest.approx(losses[0], rel=RTOL_LOSS)
+    state = torch.load(tmp_path / "two" / engine.CHECKPOINT, weights_only=True)
+    assert state["world"] == 2 and len(state["rng"]) == 2 and len(last["rng"]) == 1
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["test"] == one["test"]
+
+
+RTOL_LOSS = 1e-5  # a float32 loss summed in another order (shards padded to their own longest caption)
+
+
+def test_resume_with_another_number_of_processes_is_refused(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
+    monkeypatch.setattr(engine, "_fault_counts", {})
+    with pytest.raises(RuntimeError, match="injected failure"):
+        M.main(cli(world, tmp_path / "cut"))
+    monkeypatch.delenv("SUF_FAULT")
+    state = torch.load(tmp_path / "cut" / engine.CHECKPOINT, weights_only=True)
+    engine.save_checkpoint(tmp_path / "cut" / engine.CHECKPOINT, {**state, "world": 2, "rng": state["rng"] * 2})
+    with pytest.raises(SystemExit, match=r"checkpoint_last\.pt: saved by 2 process\(es\), resumed with 1"):
+        M.main(cli(world, tmp_path / "cut", "--resume"))
 
 
 def test_released_mclip_folder_layout_loads(tmp_path, ref):
