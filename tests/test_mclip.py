@@ -449,6 +449,14 @@ def test_pet_xtd_target_prints_the_run_and_ignores_the_locale_lang():
     assert [l.split("--lang ")[1].split()[0] for l in grid] == list(data.XTD_LANGS)
 
 
+def test_pet_table_target_passes_a_named_baseline(tmp_path):
+    (tmp_path / "runs").mkdir()
+    plain = make("-n", "pet-table", f"OUT={tmp_path}/runs").stdout.splitlines()[-1].rstrip()
+    assert plain.endswith(f"train_mclip.py table {tmp_path}/runs/mclip-*/")
+    named = make("-n", "pet-table", f"OUT={tmp_path}/runs", "BASELINE=xtd/baseline1/none/50").stdout.splitlines()[-1]
+    assert named.endswith(f"train_mclip.py table {tmp_path}/runs/mclip-*/ --baseline xtd/baseline1/none/50")
+
+
 def test_pet_target_with_missing_inputs_fails_naming_them(tmp_path):
     out = make("pet-multi30k", f"MULTI30K={tmp_path}/m", f"OUT={tmp_path}/runs")
     assert out.returncode != 0 and f"{tmp_path}/m " in out.stderr and "train_mclip.py" not in out.stdout
@@ -599,6 +607,43 @@ def test_table_prints_per_language_scores_with_disparity_and_the_xtd_caveat(tmp_
     assert "de=50.0 en=60.0 ja=40.0 | avg 50.00 range 20.00 std 8.16" in printed and "COCO train" in printed
     with pytest.raises(SystemExit, match="no results"):
         M.main(["table", str(tmp_path)])
+
+
+def _write_results(folder: Path, routine: str, scores: dict[str, float]) -> list[str]:
+    runs = []
+    for lang, score in scores.items():
+        run = folder / f"{routine}-{lang}"
+        run.mkdir(parents=True)
+        M.write_json_atomic(run / "results.json", {"dataset": "xtd", "routine": routine, "pet": "lora", "n_shot": 50,
+                                                   "test_text": "to_en", "lang": lang, "test": {"mean_r1": score}})
+        runs.append(str(run))
+    return runs
+
+
+def test_table_prints_the_reported_drops_and_each_groups_change_against_a_named_baseline(tmp_path, capsys):
+    base = _write_results(tmp_path, "baseline2", {"en": 60.0, "de": 40.0, "fr": 50.0})  # range 20, std 8.165
+    ours = _write_results(tmp_path, "method3", {"en": 60.0, "de": 52.0, "fr": 56.0})    # range 8, std 3.266
+    small = _write_results(tmp_path, "method1", {"en": 60.0, "de": 44.0, "fr": 52.0})   # range 16, std 6.532
+    out = M.main(["table", *base, *ours, *small, "--baseline", "xtd/baseline2/lora/50/test:to_en"])
+    vs = out["xtd/method3/lora/50/test:to_en"]["vs_baseline"]
+    assert vs["range_change"] == pytest.approx(-12.0)
+    assert vs["std_change"] == pytest.approx(math.sqrt(32 / 3) - math.sqrt(200 / 3))
+    assert vs["range_drop_exceeds_reported"] and vs["std_drop_exceeds_reported"]
+    weak = out["xtd/method1/lora/50/test:to_en"]["vs_baseline"]  # range -4 (not > 5), std -1.633 (> 1.5)
+    assert (weak["range_drop_exceeds_reported"], weak["std_drop_exceeds_reported"]) == (False, True)
+    assert "vs_baseline" not in out["xtd/baseline2/lora/50/test:to_en"]
+    printed = capsys.readouterr().out
+    assert printed.startswith("paper (arXiv 2305.03510") and "no per-language numbers" in printed
+    assert ("  vs xtd/baseline2/lora/50/test:to_en: range -12.00 (exceeds the reported drop of 5), "
+            "std -4.90 (exceeds the reported drop of 1.5)") in printed
+    assert "range -4.00 (does not exceed the reported drop of 5)" in printed
+    with pytest.raises(SystemExit, match="--baseline xtd/x: no such group among the runs"):
+        M.main(["table", *ours, "--baseline", "xtd/x"])
+    two_langs = _write_results(tmp_path / "b", "baseline2", {"en": 60.0, "de": 40.0})
+    out = M.main(["table", *two_langs, *ours, "--baseline", "xtd/baseline2/lora/50/test:to_en"])
+    assert out["xtd/method3/lora/50/test:to_en"]["vs_baseline"]["error"] == "languages differ (de,en,fr vs de,en)"
+    with pytest.raises(SystemExit, match="a second de run of group xtd/method3"):
+        M.main(["table", *ours, *_write_results(tmp_path / "again", "method3", {"de": 1.0})])
 
 
 def test_a_run_that_would_never_validate_is_refused_before_training(world, tmp_path):
