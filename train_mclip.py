@@ -947,6 +947,8 @@ def features_main(argv: Sequence[str]) -> dict:
     p.add_argument("--clip-vision", required=True)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # N ranks would all compute the table and write one file
+        raise SystemExit("error: train_mclip.py features runs in one process; launch it without torchrun")
     if Path(a.out).exists():
         raise SystemExit(f"error: --out {a.out} exists; remove it or choose another path")
     try:

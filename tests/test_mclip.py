@@ -730,6 +730,14 @@ def test_torchrun_resume_with_dropout_is_bitwise_exact(world, tmp_path):
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # two dropout streams
 
 
+def test_features_command_under_torchrun_is_refused_before_anything_is_written(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="features runs in one process"):
+        M.main(["features", "--dataset", "xtd", "--data-root", str(world / "XTD10"), "--images", "x",
+                "--clip-vision", "y", "--out", str(tmp_path / "f.pt")])
+    assert not (tmp_path / "f.pt").exists()
+
+
 RTOL_LOSS = 1e-5  # a float32 loss summed in another order (shards padded to their own longest caption)
 
 
