@@ -308,6 +308,14 @@ def test_bad_xtd_caption_file_is_a_one_line_error_naming_it(tmp_path, damage, ma
         data.load_xtd(tmp_path, ["de", "en"])
 
 
+def test_xtd_image_name_that_is_not_a_coco_file_name_is_an_error_naming_its_line(tmp_path):
+    write_xtd(tmp_path)
+    names = tmp_path / "all" / "test_image_names.txt"
+    names.write_text(names.read_text().replace("COCO_val2014_000000000002.jpg", "dog.jpg"))
+    with pytest.raises(ValueError, match=r"test_image_names\.txt:3: XTD10 image name 'dog\.jpg' is not a COCO 2014"):
+        data.load_xtd(tmp_path, ["de", "en"])
+
+
 def test_multi30k_loader_reads_task1_layout(tmp_path):
     base = tmp_path / "data" / "task1"
     for split, name in data.MULTI30K_SPLITS.items():
