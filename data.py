@@ -2,8 +2,8 @@
 
 Sections, in file order: annotation files; translation retrieval sets (XTD10, Multi30K); region features (UC2);
 pickles inside downloaded files (what the feature and vocabulary readers unpickle); images (CCLM); text; datasets
-(and the fail-fast input checks); collate; model inputs (one interface per model); loader; inventory CLI. The batch transport the loader uses
-lives in fastload.py.
+(and the fail-fast input checks); collate; model inputs (one interface per model); loader; inventory CLI. The
+batch transport the loader uses lives in fastload.py.
 
 Public API (everything else is private):
 
