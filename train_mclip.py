@@ -704,7 +704,8 @@ def resume_from(ckpt: Path, model, optimizer, sched, log, device, dist) -> tuple
     load_trainable(model, state["model"], str(ckpt))
     optimizer.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    engine.set_rng_state(state["rng"][dist.rank], device)
+    rngs = [state["rng"]] if isinstance(state["rng"], dict) else state["rng"]  # one process's, before torchrun
+    engine.set_rng_state(rngs[dist.rank], device)
     prog = Progress(**state["progress"])
     log.truncate(prog.metrics_size)
     return prog, state["best_state"]

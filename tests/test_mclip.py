@@ -749,7 +749,7 @@ def test_features_command_under_torchrun_is_refused_before_anything_is_written(w
 RTOL_LOSS = 1e-5  # a float32 loss summed in another order (shards padded to their own longest caption)
 
 
-def test_resume_with_another_number_of_processes_is_refused(world, tmp_path, monkeypatch):
+def test_resume_with_another_number_of_processes_is_refused_and_the_older_one_rng_format_resumes(world, tmp_path, monkeypatch):
     monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
     monkeypatch.setattr(engine, "_fault_counts", {})
     with pytest.raises(RuntimeError, match="injected failure"):
@@ -759,6 +759,12 @@ def test_resume_with_another_number_of_processes_is_refused(world, tmp_path, mon
     engine.save_checkpoint(tmp_path / "cut" / engine.CHECKPOINT, {**state, "world": 2, "rng": state["rng"] * 2})
     with pytest.raises(SystemExit, match=r"checkpoint_last\.pt: saved by 2 process\(es\), resumed with 1"):
         M.main(cli(world, tmp_path / "cut", "--resume"))
+    older = {k: v for k, v in state.items() if k != "world"}  # this trainer's format before torchrun: one RNG state
+    engine.save_checkpoint(tmp_path / "cut" / engine.CHECKPOINT, {**older, "rng": state["rng"][0]})
+    M.main(cli(world, tmp_path / "cut", "--resume"))
+    M.main(cli(world, tmp_path / "whole"))
+    a, b = (torch.load(tmp_path / r / engine.FINAL, weights_only=True)["model"] for r in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_released_mclip_folder_layout_loads(tmp_path, ref):
