@@ -749,7 +749,7 @@ def test_features_command_under_torchrun_is_refused_before_anything_is_written(w
 RTOL_LOSS = 1e-5  # a float32 loss summed in another order (shards padded to their own longest caption)
 
 
-def test_resume_with_another_number_of_processes_is_refused_and_the_older_one_rng_format_resumes(world, tmp_path, monkeypatch):
+def test_resume_with_another_world_size_is_refused_and_the_older_rng_format_resumes(world, tmp_path, monkeypatch):
     monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
     monkeypatch.setattr(engine, "_fault_counts", {})
     with pytest.raises(RuntimeError, match="injected failure"):
