@@ -1,9 +1,9 @@
 """IGLUE data for UC2 (region features) and CCLM (images): annotations, features, images, text, batches.
 
-Sections, in file order: annotation files; region features (UC2); pickles inside downloaded files (what the
-feature and vocabulary readers unpickle); images (CCLM); text; datasets (and the fail-fast input checks);
-collate; model inputs (one interface per model); loader; inventory CLI. The batch transport the loader uses
-lives in fastload.py.
+Sections, in file order: annotation files; translation retrieval sets (XTD10, Multi30K); region features (UC2);
+pickles inside downloaded files (what the feature and vocabulary readers unpickle); images (CCLM); text; datasets
+(and the fail-fast input checks); collate; model inputs (one interface per model); loader; inventory CLI. The
+batch transport the loader uses lives in fastload.py.
 
 Public API (everything else is private):
 
@@ -16,6 +16,13 @@ Annotations
   load_split(root, task, split, lang, translate_test=False) -> list[Example]
   load_answer_vocab(root) -> (ans2label, label2ans)   the 1,842 GQA answers
   XVNLI_LABELS_UC2 / XVNLI_LABELS_CCLM  class order of each model (VOLTA / X2-VLM)
+Translation retrieval sets (train_mclip.py: XTD10, Multi30K with PECTVLM's machine translations)
+  RetrievalSplit(images, texts)     images + {text kind: {lang: one caption per image}}; kinds native, from_en
+                                    (English captions MT into lang), to_en (lang's captions MT into English)
+  load_xtd(root, langs) / xtd_splits(full, n_shot, seed)   XTD10 and run_XTD.py's 50 / 50 / 900 split
+  load_multi30k(root, split, langs) / multi30k_splits(root, langs, n_shot, seed)   Multi30K task 1
+  read_lines(path, expect)          caption file lines; one-line ValueError naming file:line
+  XTD_LANGS, MULTI30K_LANGS, MULTI30K_SPLITS
 Region features (UC2)
   open_features(path) -> reader     per-image LMDB (h5_to_lmdb or X101 base64) or the H5 file; opened lazily in
                                     each process (read-only, no lock, no readahead); reader.keys(), key in reader,
@@ -508,6 +515,168 @@ def _load_retrieval(path: Path, rel: str, lang: str, xflickrco_keys: bool) -> li
                                image_file=f"{sub}/{img_path}", text=_text(caption, where, f"sentences[{k}]"),
                                label=idx, source=f"{rel}:{n}"))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Translation retrieval sets: XTD10 and Multi30K with PECTVLM's machine translations (train_mclip.py)
+# ----------------------------------------------------------------------------------------------
+
+XTD_LANGS = ("en", "de", "fr", "es", "it", "jp", "ko", "pl", "ru", "tr", "zh")
+MULTI30K_LANGS = ("en", "de", "fr", "cs")
+MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
+# Folder names the inventory looks for under --data-root (mclip.mk's defaults XTD=data/XTD10,
+# MULTI30K=data/multi30k-dataset).
+RETRIEVAL_SET_DIRS = {"xtd10": "XTD10", "multi30k": "multi30k-dataset"}
+# text kind -> XTD10 file pattern (PECTVLM layout): captions, English captions machine-translated into the
+# language, the language's captions machine-translated into English
+XTD_FILES = {"native": "all/test_1kcaptions_{}.txt", "from_en": "translated_from_en/{}.txt",
+             "to_en": "translated_to_en/{}.txt"}
+MULTI30K_DIRS = {"native": "raw", "from_en": "translated_from_en", "to_en": "translated_to_en"}
+
+
+@dataclass
+class RetrievalSplit:
+    """Images (paths relative to the image root) and, per text kind and language, one caption per image."""
+    images: list[str]
+    texts: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+    def subset(self, idx: Sequence[int]) -> "RetrievalSplit":
+        return RetrievalSplit([self.images[i] for i in idx],
+                              {k: {l: [t[i] for i in idx] for l, t in d.items()} for k, d in self.texts.items()})
+
+    def captions(self, kind: str, lang: str) -> list[str]:
+        """kind "en": the English captions (the alignment partner of method1 / method3)."""
+        if kind == "en":
+            return self.texts["native"]["en"]
+        return self.texts[kind][lang]
+
+
+def read_lines(path: Path, expect: int | None = None) -> list[str]:
+    """Stripped lines of a UTF-8 text file; an empty line, a wrong count or bad bytes is a one-line ValueError
+    naming the file (and the line)."""
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    raw = path.read_bytes()
+    try:
+        lines = [s.strip() for s in raw.decode("utf-8").strip("\n").split("\n")]
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for i, s in enumerate(lines, 1):
+        if not s:
+            raise ValueError(f"{path}:{i}: empty line")
+    if expect is not None and len(lines) != expect:
+        raise ValueError(f"{path}: {len(lines)} lines, expected {expect} (one per image)")
+    return lines
+
+
+def xtd_image_path(name: str) -> str:
+    """XTD10 image names are COCO 2014 file names: COCO_train2014_x.jpg -> train2014/COCO_train2014_x.jpg."""
+    parts = name.split("#")[0].split("_")
+    if len(parts) < 3 or not parts[1].startswith(("train", "val")):
+        raise ValueError(f"XTD10 image name {name!r} is not a COCO 2014 file name")
+    return f"{parts[1]}/{name.split('#')[0]}"
+
+
+def _xtd_images(root: Path) -> list[str]:
+    path = root / "all" / "test_image_names.txt"
+    names = read_lines(path)
+    images = []
+    for i, n in enumerate(names, 1):
+        try:
+            images.append(xtd_image_path(n))
+        except ValueError as e:
+            raise ValueError(f"{path}:{i}: {e}") from None
+    return images
+
+
+def load_xtd(root: str | os.PathLike, langs: Sequence[str] = XTD_LANGS) -> RetrievalSplit:
+    """XTD10 in PECTVLM's layout: all/test_image_names.txt, all/test_1kcaptions_<lang>.txt and the machine
+    translations translated_from_en/<lang>.txt (English captions into lang), translated_to_en/<lang>.txt."""
+    root = Path(root)
+    images = _xtd_images(root)
+    texts = {k: {l: read_lines(root / f.format(l), len(images)) for l in langs} for k, f in XTD_FILES.items()}
+    if "en" not in langs:
+        texts["native"]["en"] = read_lines(root / XTD_FILES["native"].format("en"), len(images))
+    return RetrievalSplit(images, texts)
+
+
+def load_multi30k(root: str | os.PathLike, split: str, langs: Sequence[str] = MULTI30K_LANGS) -> RetrievalSplit:
+    """Multi30K task 1 in PECTVLM's layout under data/task1/: image_splits/<split>.txt, raw/<split>.<lang> and
+    translated_from_en/<split>.<lang>, translated_to_en/<split>.<lang>; images are flickr30k-images/<name>."""
+    base = Path(root) / "data" / "task1"
+    name = MULTI30K_SPLITS[split]
+    images = [f"flickr30k-images/{n}" for n in read_lines(base / "image_splits" / f"{name}.txt")]
+    texts = {k: {l: read_lines(base / d / f"{name}.{l}", len(images)) for l in langs}
+             for k, d in MULTI30K_DIRS.items()}
+    return RetrievalSplit(images, texts)
+
+
+def xtd_splits(full: RetrievalSplit, n_shot: int, seed: int) -> dict[str, RetrievalSplit]:
+    """run_XTD.py's split: a permutation by torch.Generator(seed); train = first n_shot, val = next n_shot,
+    test = the rest, in permutation order (50-shot: 50 / 50 / 900). n_shot 0: everything is test."""
+    perm = torch.randperm(len(full.images), generator=torch.Generator().manual_seed(seed)).tolist()
+    if 2 * n_shot >= len(perm):
+        raise ValueError(f"--n-shot {n_shot}: XTD10 has {len(perm)} images, too few for train + val + test")
+    return {"train": full.subset(perm[:n_shot]), "val": full.subset(perm[n_shot:2 * n_shot]),
+            "test": full.subset(perm[2 * n_shot:])}
+
+
+def multi30k_splits(root, langs: Sequence[str], n_shot: int | None, seed: int) -> dict[str, RetrievalSplit]:
+    """train / val / test_2016_flickr; with n_shot, train is subsampled as PECTVLM's load_file_from_task
+    (first n of a permutation by torch.Generator(seed)). Our choice: val stays whole (reference silent)."""
+    splits = {s: load_multi30k(root, s, langs) for s in MULTI30K_SPLITS}
+    if n_shot:
+        perm = torch.randperm(len(splits["train"].images), generator=torch.Generator().manual_seed(seed)).tolist()
+        splits["train"] = splits["train"].subset(perm[:n_shot])
+    return splits
+
+
+def _retrieval_entry(path: Path, images: list[str]) -> dict:
+    try:
+        return {"examples": len(read_lines(path, len(images))), "images": len(images), "missing": None}
+    except ValueError as e:
+        return {"error": str(e)}
+
+
+def _suffixed(split: str, kind: str) -> str:
+    return split if kind == "native" else f"{split}_translated_{kind}"
+
+
+def retrieval_set_inventory(name: str, root: Path) -> dict:
+    """split[_translated_from_en | _translated_to_en] -> lang -> {"examples", "images", "missing": None} of an
+    XTD10 ("xtd10", one split "all") or Multi30K folder; a file that fails to load gets {"error": message}."""
+    out: dict = {}
+    if name == "xtd10":
+        try:
+            images = _xtd_images(root)
+        except ValueError as e:
+            return {"all": {"*": {"error": str(e)}}}
+        langs = sorted(p.name[len("test_1kcaptions_"):-4] for p in (root / "all").glob("test_1kcaptions_*.txt"))
+        for kind, pattern in XTD_FILES.items():
+            for lang in langs:
+                path = root / pattern.format(lang)
+                if kind == "native" or path.exists():
+                    out.setdefault(_suffixed("all", kind), {})[lang] = _retrieval_entry(path, images)
+        return out
+    base = root / "data" / "task1"
+    for split, file_name in MULTI30K_SPLITS.items():
+        try:
+            images = [f"flickr30k-images/{n}" for n in read_lines(base / "image_splits" / f"{file_name}.txt")]
+        except ValueError as e:
+            out[split] = {"*": {"error": str(e)}}
+            continue
+        for kind, folder in MULTI30K_DIRS.items():
+            for path in sorted((base / folder).glob(f"{file_name}.*")):
+                lang = path.name[len(file_name) + 1:]
+                out.setdefault(_suffixed(split, kind), {})[lang] = _retrieval_entry(path, images)
+    return out
+
+
+def retrieval_set_roots(data_root) -> dict[str, Path]:
+    """{"xtd10" / "multi30k": folder} of the translation retrieval sets present under data_root."""
+    root = Path(data_root)
+    return {name: root / d for name, d in RETRIEVAL_SET_DIRS.items() if (root / d).is_dir()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2072,11 +2241,20 @@ def _feature_keys(paths: Sequence[str]) -> tuple[set[str], list[str]]:
 def inventory(data_root, features: Sequence[str] = (), images=None) -> dict:
     """task -> split -> lang -> {"examples", "images", "missing"} (translate-test splits get the suffix
     "_translate_test"); "missing" lists absent feature keys / image files (relative paths), or is None
-    when neither features nor images were given. A file that fails to load gets {"error": message}."""
-    ds = dataset_dir(data_root)
+    when neither features nor images were given. A file that fails to load gets {"error": message}.
+    XTD10/ and multi30k-dataset/ under data_root are listed too ("xtd10", "multi30k": their caption and
+    machine-translation files; "missing" None: their images are train_mclip.py features' to check); a data_root
+    holding only those needs no IGLUE datasets/ folder."""
+    retrieval = retrieval_set_roots(data_root)
+    try:
+        ds = dataset_dir(data_root)
+    except ValueError:
+        if not retrieval:
+            raise
+        ds = None
     keys, notes = _feature_keys(features) if features else (None, [])
     out: dict = {}
-    for task, split, lang, mt in _annotation_files(ds):
+    for task, split, lang, mt in _annotation_files(ds) if ds is not None else ():
         entry = out.setdefault(task, {}).setdefault(f"{split}_translate_test" if mt else split, {})
         try:
             exs = load_split(ds, task, split, lang, mt)
@@ -2091,6 +2269,7 @@ def inventory(data_root, features: Sequence[str] = (), images=None) -> dict:
             missing += sorted(ex.image_file for ex in distinct
                               if not os.path.isfile(_image_path(images, ex.image_file, ex)))
         entry[lang] = {"examples": len(exs), "images": len(distinct), "missing": missing}
+    out.update({name: retrieval_set_inventory(name, root) for name, root in retrieval.items()})
     if notes:
         out["notes"] = notes
     return out
@@ -2172,11 +2351,13 @@ def _print_verify(bad: list[str], counts: dict[str, int]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Inventory of an IGLUE checkout: examples, images and missing "
-                                            "feature keys / image files per task, split and language.")
+                                            "feature keys / image files per task, split and language; XTD10/ "
+                                            "and multi30k-dataset/ under --data-root are listed too.")
     p.add_argument("--verify", action="store_true",
                    help="also decode every feature record (shape, dtype, finite values) and every referenced image's "
                         "header (format, size); lists every bad one, exit status 1 if any")
-    p.add_argument("--data-root", required=True, help="folder holding datasets/ (an IGLUE checkout)")
+    p.add_argument("--data-root", required=True, help="folder holding datasets/ (an IGLUE checkout) and/or XTD10/, "
+                                                      "multi30k-dataset/ (train_mclip.py's sets)")
     p.add_argument("--features", nargs="+", default=[], help="region-feature LMDB(s) / H5 file(s) to check keys against")
     p.add_argument("--images", default=None, help="images root (gqa/, flickr30k/, coco/ inside) to check files against")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -49,10 +49,10 @@ pet-xtd-grid:
 pet-multi30k-grid:
 	@for l in $(M30K_LANGS); do $(MAKE) --no-print-directory pet-multi30k LANG=$$l || exit 1; done
 
-## pet-table          per-language R@1, average, range and std of every mclip run under OUT=
+## pet-table          per-language R@1, average, range and std of every mclip run under OUT=, the paper's reported drops; BASELINE=<group> adds each group's change of range and std against it
 pet-table:
 	$(call mclip_require,$(OUT))
-	$(PY) train_mclip.py table $(OUT)/mclip-*/
+	$(PY) train_mclip.py table $(OUT)/mclip-*/ $(if $(BASELINE),--baseline $(BASELINE))
 
 # `make help` lists these targets too (an extra prerequisite of the Makefile's help target)
 help: mclip-help

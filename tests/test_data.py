@@ -726,6 +726,52 @@ def test_inventory_reports_removed_image(synthetic, tmp_path):
     assert data.inventory(ROOT)["xgqa"]["testdev"]["en"] == {"examples": 300, "images": 175, "missing": None}
 
 
+def _write_translation_sets(root: Path) -> None:
+    """XTD10 (3 images; en, de with both translation directions; fr captions only) and Multi30K (2 images a split;
+    en, cs; the cs test caption file one line short) in PECTVLM's layouts, as mclip.mk's default folder names."""
+    xtd = root / "XTD10"
+    (xtd / "all").mkdir(parents=True)
+    (xtd / "all" / "test_image_names.txt").write_text("".join(f"COCO_val2014_{i:012d}.jpg\n" for i in range(3)))
+    for lang in ("en", "de", "fr"):
+        (xtd / "all" / f"test_1kcaptions_{lang}.txt").write_text(f"{lang} a\n{lang} b\n{lang} c\n")
+    for folder in ("translated_from_en", "translated_to_en"):
+        (xtd / folder).mkdir()
+        (xtd / folder / "de.txt").write_text("x\ny\nz\n")
+    base = root / "multi30k-dataset" / "data" / "task1"
+    for name in data.MULTI30K_SPLITS.values():
+        (base / "image_splits").mkdir(parents=True, exist_ok=True)
+        (base / "image_splits" / f"{name}.txt").write_text("1.jpg\n2.jpg\n")
+        for folder in ("raw", "translated_to_en"):
+            (base / folder).mkdir(exist_ok=True)
+            for lang in ("en", "cs"):
+                short = folder == "raw" and lang == "cs" and name == "test_2016_flickr"
+                (base / folder / f"{name}.{lang}").write_text("one\n" if short else "one\ntwo\n")
+
+
+def test_inventory_lists_xtd10_and_multi30k_beside_iglue(tmp_path):
+    shutil.copytree(ROOT / "datasets", tmp_path / "datasets")
+    _write_translation_sets(tmp_path)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert data.main(["--data-root", str(tmp_path), "--json"]) == 0
+    inv = json.loads(out.getvalue())
+    assert inv["xgqa"]["testdev"]["en"] == {"examples": 300, "images": 175, "missing": None}  # IGLUE still there
+    assert set(inv["xtd10"]) == {"all", "all_translated_from_en", "all_translated_to_en"}
+    assert inv["xtd10"]["all"] == {lang: {"examples": 3, "images": 3, "missing": None} for lang in ("de", "en", "fr")}
+    assert set(inv["xtd10"]["all_translated_to_en"]) == {"de"}
+    assert inv["multi30k"]["val_translated_to_en"]["cs"] == {"examples": 2, "images": 2, "missing": None}
+    assert "multi30k" not in inv["xgqa"] and "train_translated_from_en" not in inv["multi30k"]
+    bad = inv["multi30k"]["test"]["cs"]["error"]
+    assert bad.endswith("test_2016_flickr.cs: 1 lines, expected 2 (one per image)")
+    shutil.rmtree(tmp_path / "datasets")  # the translation sets alone: no IGLUE folder needed
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert data.main(["--data-root", str(tmp_path)]) == 0
+    printed = out.getvalue()
+    assert "xtd10\n  all                      de   examples       3  images      3\n" in printed
+    assert "ERROR " in printed and "xgqa" not in printed
+
+
 def test_cli_exit_code():
     res = subprocess.run([sys.executable, str(Path(data.__file__)), "--data-root", str(ROOT)], capture_output=True,
                          text=True, timeout=120)

@@ -136,7 +136,7 @@ def test_alignment_terms_send_gradient_to_the_branches_the_reference_does():
 
 def test_image_features_get_no_gradient_through_the_loss_in_training(tmp_path):
     model = tiny_model(pet="adapter")
-    split = M.RetrievalSplit(["a.jpg", "b.jpg"], {"native": {"en": ["a b", "c d"], "de": ["e f", "g h"]},
+    split = data.RetrievalSplit(["a.jpg", "b.jpg"], {"native": {"en": ["a b", "c d"], "de": ["e f", "g h"]},
                                                   "to_en": {"de": ["a c", "b d"]}})
     tok = data.make_tiny_tokenizer(["a b c d e f g h"] * 5, tmp_path / "tok", vocab_size=40)
     feats = {n: torch.randn(16, requires_grad=True) for n in split.images}
@@ -280,14 +280,14 @@ def write_xtd(root: Path, n: int = 12) -> list[str]:
             path = root / pattern.format(lang)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("\n".join(lines) + "\n")
-    return [M.xtd_image_path(x) for x in names]
+    return [data.xtd_image_path(x) for x in names]
 
 
 def test_xtd_loader_reads_pectvlm_layout_and_splits_like_run_xtd(tmp_path):
     images = write_xtd(tmp_path)
-    full = M.load_xtd(tmp_path, ["de", "en"])
+    full = data.load_xtd(tmp_path, ["de", "en"])
     assert full.images == images and images[0] == "val2014/COCO_val2014_000000000000.jpg"
-    splits = M.xtd_splits(full, 3, 42)
+    splits = data.xtd_splits(full, 3, 42)
     perm = torch.randperm(12, generator=torch.Generator().manual_seed(42)).tolist()
     assert splits["train"].images == [images[i] for i in perm[:3]]
     assert [len(s.images) for s in splits.values()] == [3, 3, 6]
@@ -298,29 +298,37 @@ def test_xtd_loader_reads_pectvlm_layout_and_splits_like_run_xtd(tmp_path):
 @pytest.mark.parametrize("damage,match", [
     (lambda p: p.write_text("a\nb\n"), r"test_1kcaptions_de\.txt: 2 lines, expected 12"),
     (lambda p: p.write_text("a\n\nb\n" + "c\n" * 9), r"test_1kcaptions_de\.txt:2: empty line"),
-    (lambda p: p.write_bytes(b"\xff\xfe\n" * 12), r"test_1kcaptions_de\.txt: not UTF-8"),
+    (lambda p: p.write_bytes(b"a\n\xff\xfe\n" * 6), r"test_1kcaptions_de\.txt:2: not UTF-8"),
     (lambda p: p.unlink(), r"test_1kcaptions_de\.txt: file not found"),
 ])
 def test_bad_xtd_caption_file_is_a_one_line_error_naming_it(tmp_path, damage, match):
     write_xtd(tmp_path)
     damage(tmp_path / "all" / "test_1kcaptions_de.txt")
     with pytest.raises(ValueError, match=match):
-        M.load_xtd(tmp_path, ["de", "en"])
+        data.load_xtd(tmp_path, ["de", "en"])
+
+
+def test_xtd_image_name_that_is_not_a_coco_file_name_is_an_error_naming_its_line(tmp_path):
+    write_xtd(tmp_path)
+    names = tmp_path / "all" / "test_image_names.txt"
+    names.write_text(names.read_text().replace("COCO_val2014_000000000002.jpg", "dog.jpg"))
+    with pytest.raises(ValueError, match=r"test_image_names\.txt:3: XTD10 image name 'dog\.jpg' is not a COCO 2014"):
+        data.load_xtd(tmp_path, ["de", "en"])
 
 
 def test_multi30k_loader_reads_task1_layout(tmp_path):
     base = tmp_path / "data" / "task1"
-    for split, name in M.MULTI30K_SPLITS.items():
+    for split, name in data.MULTI30K_SPLITS.items():
         (base / "image_splits").mkdir(parents=True, exist_ok=True)
         (base / "image_splits" / f"{name}.txt").write_text("1.jpg\n2.jpg\n")
         for d in ("raw", "translated_from_en", "translated_to_en"):
             (base / d).mkdir(exist_ok=True)
             for lang in ("en", "cs"):
                 (base / d / f"{name}.{lang}").write_text(f"{d} {lang} one\n{d} {lang} two\n")
-    splits = M.multi30k_splits(tmp_path, ["cs", "en"], None, 42)
+    splits = data.multi30k_splits(tmp_path, ["cs", "en"], None, 42)
     assert splits["test"].images == ["flickr30k-images/1.jpg", "flickr30k-images/2.jpg"]
     assert splits["val"].captions("to_en", "cs") == ["translated_to_en cs one", "translated_to_en cs two"]
-    assert len(M.multi30k_splits(tmp_path, ["cs", "en"], 1, 42)["train"].images) == 1
+    assert len(data.multi30k_splits(tmp_path, ["cs", "en"], 1, 42)["train"].images) == 1
 
 
 # ---------------------------------------------------------------- end to end, resume
@@ -408,7 +416,7 @@ def test_features_command_reads_openai_clip_release_layout_and_feeds_a_run(world
                      projection_dim=16)
     clip = CLIPModel(cfg).eval()
     clip.save_pretrained(tmp_path / "clip")  # the layout of openai/clip-vit-large-patch14: the whole CLIPModel
-    names = M.load_xtd(world / "XTD10", ["en"]).images
+    names = data.load_xtd(world / "XTD10", ["en"]).images
     paths = data.write_synthetic_images(tmp_path / "coco", names, size=(40, 36))
     M.main(["features", "--dataset", "xtd", "--data-root", str(world / "XTD10"), "--images", str(tmp_path / "coco"),
             "--clip-vision", str(tmp_path / "clip"), "--out", str(tmp_path / "f.pt")])
@@ -446,7 +454,15 @@ def test_pet_xtd_target_prints_the_run_and_ignores_the_locale_lang():
         "--image-features runs/features/xtd-clip-vitl14.pt --output-dir runs/mclip-xtd50-fr-method1-adapter")
     assert "--lang de " in make("-n", "pet-xtd", env_lang="fr_FR.UTF-8").stdout  # the locale is not a language
     grid = [l for l in make("-n", "pet-xtd-grid").stdout.splitlines() if "train_mclip.py" in l]
-    assert [l.split("--lang ")[1].split()[0] for l in grid] == list(M.XTD_LANGS)
+    assert [l.split("--lang ")[1].split()[0] for l in grid] == list(data.XTD_LANGS)
+
+
+def test_pet_table_target_passes_a_named_baseline(tmp_path):
+    (tmp_path / "runs").mkdir()
+    plain = make("-n", "pet-table", f"OUT={tmp_path}/runs").stdout.splitlines()[-1].rstrip()
+    assert plain.endswith(f"train_mclip.py table {tmp_path}/runs/mclip-*/")
+    named = make("-n", "pet-table", f"OUT={tmp_path}/runs", "BASELINE=xtd/baseline1/none/50").stdout.splitlines()[-1]
+    assert named.endswith(f"train_mclip.py table {tmp_path}/runs/mclip-*/ --baseline xtd/baseline1/none/50")
 
 
 def test_pet_target_with_missing_inputs_fails_naming_them(tmp_path):
@@ -547,7 +563,7 @@ def test_clip_preprocess_equals_openai_clips_torchvision_transform(tmp_path, siz
 
 
 def test_image_features_of_another_width_are_refused_before_training(world, tmp_path):
-    names = M.load_xtd(world / "XTD10", ["en"]).images
+    names = data.load_xtd(world / "XTD10", ["en"]).images
     torch.save({"names": names, "features": torch.zeros(len(names), 12)}, tmp_path / "f.pt")
     with pytest.raises(SystemExit, match="image features are 12-d, the text tower's output 16-d"):
         M.main(cli(world, tmp_path / "run", "--image-features", str(tmp_path / "f.pt")))
@@ -559,7 +575,7 @@ def test_image_features_of_another_width_are_refused_before_training(world, tmp_
     ("baseline2", "to_en-de", None), ("method3", "to_en-de", "native-en")])
 def test_each_routine_trains_on_its_text_and_aligns_with_its_partner(routine, main, partner, monkeypatch):
     kinds = {"native": ("en", "de"), "from_en": ("de",), "to_en": ("de",)}
-    split = M.RetrievalSplit(["a", "b", "c"], {k: {l: [f"{k}-{l}-{i}" for i in range(3)] for l in ls}
+    split = data.RetrievalSplit(["a", "b", "c"], {k: {l: [f"{k}-{l}-{i}" for i in range(3)] for l in ls}
                                                for k, ls in kinds.items()})
     seen = []
     fake_encode = lambda model, tok, texts, device: seen.append(list(texts)) or torch.randn(2, 4)  # noqa: E731
@@ -577,9 +593,9 @@ def test_validation_and_test_use_the_text_the_routine_trains_on(world, tmp_path,
                                                                 kinds_seen):
     kinds, evaluate = [], M.evaluate
 
-    def spy(model, tok, split, images, k, lang, args, device):
+    def spy(model, tok, split, images, k, lang, args, device, dist=None):
         kinds.append((k, lang))
-        return evaluate(model, tok, split, images, k, lang, args, device)
+        return evaluate(model, tok, split, images, k, lang, args, device, dist)
     monkeypatch.setattr(M, "evaluate", spy)
     M.main(cli(world, tmp_path / "run", "--routine", routine, "--epochs", "1", *extra))
     assert kinds == [(k, "de") for k in kinds_seen]  # one validation (step 2), then the test
@@ -599,6 +615,43 @@ def test_table_prints_per_language_scores_with_disparity_and_the_xtd_caveat(tmp_
     assert "de=50.0 en=60.0 ja=40.0 | avg 50.00 range 20.00 std 8.16" in printed and "COCO train" in printed
     with pytest.raises(SystemExit, match="no results"):
         M.main(["table", str(tmp_path)])
+
+
+def _write_results(folder: Path, routine: str, scores: dict[str, float]) -> list[str]:
+    runs = []
+    for lang, score in scores.items():
+        run = folder / f"{routine}-{lang}"
+        run.mkdir(parents=True)
+        M.write_json_atomic(run / "results.json", {"dataset": "xtd", "routine": routine, "pet": "lora", "n_shot": 50,
+                                                   "test_text": "to_en", "lang": lang, "test": {"mean_r1": score}})
+        runs.append(str(run))
+    return runs
+
+
+def test_table_prints_the_reported_drops_and_each_groups_change_against_a_named_baseline(tmp_path, capsys):
+    base = _write_results(tmp_path, "baseline2", {"en": 60.0, "de": 40.0, "fr": 50.0})  # range 20, std 8.165
+    ours = _write_results(tmp_path, "method3", {"en": 60.0, "de": 52.0, "fr": 56.0})    # range 8, std 3.266
+    small = _write_results(tmp_path, "method1", {"en": 60.0, "de": 44.0, "fr": 52.0})   # range 16, std 6.532
+    out = M.main(["table", *base, *ours, *small, "--baseline", "xtd/baseline2/lora/50/test:to_en"])
+    vs = out["xtd/method3/lora/50/test:to_en"]["vs_baseline"]
+    assert vs["range_change"] == pytest.approx(-12.0)
+    assert vs["std_change"] == pytest.approx(math.sqrt(32 / 3) - math.sqrt(200 / 3))
+    assert vs["range_drop_exceeds_reported"] and vs["std_drop_exceeds_reported"]
+    weak = out["xtd/method1/lora/50/test:to_en"]["vs_baseline"]  # range -4 (not > 5), std -1.633 (> 1.5)
+    assert (weak["range_drop_exceeds_reported"], weak["std_drop_exceeds_reported"]) == (False, True)
+    assert "vs_baseline" not in out["xtd/baseline2/lora/50/test:to_en"]
+    printed = capsys.readouterr().out
+    assert printed.startswith("paper (arXiv 2305.03510") and "no per-language numbers" in printed
+    assert ("  vs xtd/baseline2/lora/50/test:to_en: range -12.00 (exceeds the reported drop of 5), "
+            "std -4.90 (exceeds the reported drop of 1.5)") in printed
+    assert "range -4.00 (does not exceed the reported drop of 5)" in printed
+    with pytest.raises(SystemExit, match="--baseline xtd/x: no such group among the runs"):
+        M.main(["table", *ours, "--baseline", "xtd/x"])
+    two_langs = _write_results(tmp_path / "b", "baseline2", {"en": 60.0, "de": 40.0})
+    out = M.main(["table", *two_langs, *ours, "--baseline", "xtd/baseline2/lora/50/test:to_en"])
+    assert out["xtd/method3/lora/50/test:to_en"]["vs_baseline"]["error"] == "languages differ (de,en,fr vs de,en)"
+    with pytest.raises(SystemExit, match="a second de run of group xtd/method3"):
+        M.main(["table", *ours, *_write_results(tmp_path / "again", "method3", {"de": 1.0})])
 
 
 def test_a_run_that_would_never_validate_is_refused_before_training(world, tmp_path):
@@ -632,11 +685,86 @@ def test_run_cross_lora_variant_trains_its_modules_and_share_on_real_shapes():
     assert M.count_params(model) == (196_608 + 98_304 + 1_049_600 + 787_200, 560_677_632)
 
 
-def test_a_multi_process_launch_is_refused_before_anything_is_written(world, tmp_path, monkeypatch):
+def test_torchrun_two_processes_take_the_one_process_steps(world, tmp_path):
+    """2 gloo ranks, --dropout 0, a global batch of 3 (shards of 2 + 1, then a last batch of 1: 1 + an empty one),
+    method3 (text and English partner both gathered), run_cross's LoRA (its pooler gets no gradient on any rank):
+    the weights after every step equal one process's within tests/parity.py's tolerance; rank 0 alone writes."""
+    import os
+    import subprocess
+    common = ("--n-shot", "4", "--batch-size", "3", "--eval-steps", "2", "--dropout", "0", "--pet", "lora_cross",
+              "--lora-r", "2")
+    one = M.main(cli(world, tmp_path / "one", *common))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "train_mclip.py"), *cli(world, tmp_path / "two", *common)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"mean_r1"') == 1  # one result line: rank 0's
+    for name in (engine.CHECKPOINT, engine.FINAL):  # the last state and the best validated one
+        a, b = (torch.load(tmp_path / r / name, weights_only=True)["model"] for r in ("one", "two"))
+        assert a.keys() == b.keys() and any(".lora_B" in k for k in a)
+        for k in a:
+            assert_matches_reference(f"{name} {k}", b[k], a[k])
+    start = tiny_model(seed=0, pet="lora_cross", lora_r=2).state_dict()
+    last = torch.load(tmp_path / "one" / engine.CHECKPOINT, weights_only=True)
+    pooler = "transformer.pooler.dense.weight"  # unused by the loss: no gradient on any rank, as in one process
+    assert torch.equal(last["model"][pooler], start[pooler])
+    assert [r["step"] for r in lines(tmp_path / "two", "train")] == [1, 2, 3, 4]
+    for kind in ("val", "test"):
+        assert lines(tmp_path / "two", kind) == lines(tmp_path / "one", kind)
+    losses = [[r["loss"] for r in lines(tmp_path / r, "train")] for r in ("one", "two")]
+    assert losses[1] == pytest.approx(losses[0], rel=RTOL_LOSS)
+    state = torch.load(tmp_path / "two" / engine.CHECKPOINT, weights_only=True)
+    assert state["world"] == 2 and len(state["rng"]) == 2 and len(last["rng"]) == 1
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["test"] == one["test"]
+
+
+def test_torchrun_resume_with_dropout_is_bitwise_exact(world, tmp_path):
+    """2 gloo ranks with dropout on (each rank its own masks): a run cut after its first epoch and resumed ends
+    bitwise equal to the uninterrupted one (every rank's RNG restored), metrics.jsonl included."""
+    import os
+    import subprocess
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "tests" / "_mclip_resume_torchrun.py"),
+                           *cli(world, tmp_path, "--n-shot", "4", "--batch-size", "3", "--epochs", "3")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in (engine.CHECKPOINT, engine.FINAL):
+        a, b = (torch.load(tmp_path / r / name, weights_only=True)["model"] for r in ("whole", "cut"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert (tmp_path / "whole" / engine.METRICS).read_text() == (tmp_path / "cut" / engine.METRICS).read_text()
+    rng = torch.load(tmp_path / "cut" / engine.CHECKPOINT, weights_only=True)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # two dropout streams
+
+
+def test_features_command_under_torchrun_is_refused_before_anything_is_written(world, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="runs in one process"):
-        M.main(cli(world, tmp_path / "run"))
-    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit, match="features runs in one process"):
+        M.main(["features", "--dataset", "xtd", "--data-root", str(world / "XTD10"), "--images", "x",
+                "--clip-vision", "y", "--out", str(tmp_path / "f.pt")])
+    assert not (tmp_path / "f.pt").exists()
+
+
+RTOL_LOSS = 1e-5  # a float32 loss summed in another order (shards padded to their own longest caption)
+
+
+def test_resume_with_another_world_size_is_refused_and_the_older_rng_format_resumes(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
+    monkeypatch.setattr(engine, "_fault_counts", {})
+    with pytest.raises(RuntimeError, match="injected failure"):
+        M.main(cli(world, tmp_path / "cut"))
+    monkeypatch.delenv("SUF_FAULT")
+    state = torch.load(tmp_path / "cut" / engine.CHECKPOINT, weights_only=True)
+    engine.save_checkpoint(tmp_path / "cut" / engine.CHECKPOINT, {**state, "world": 2, "rng": state["rng"] * 2})
+    with pytest.raises(SystemExit, match=r"checkpoint_last\.pt: saved by 2 process\(es\), resumed with 1"):
+        M.main(cli(world, tmp_path / "cut", "--resume"))
+    older = {k: v for k, v in state.items() if k != "world"}  # this trainer's format before torchrun: one RNG state
+    engine.save_checkpoint(tmp_path / "cut" / engine.CHECKPOINT, {**older, "rng": state["rng"][0]})
+    M.main(cli(world, tmp_path / "cut", "--resume"))
+    M.main(cli(world, tmp_path / "whole"))
+    a, b = (torch.load(tmp_path / r / engine.FINAL, weights_only=True)["model"] for r in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_released_mclip_folder_layout_loads(tmp_path, ref):
