@@ -1,0 +1,354 @@
+"""The synthetic-world study of docs/synthetic.md: premise checks, then full / SUF / LLRD / top fine-tuned on
+English through the real train_uc2.py, evaluated zero-shot in every language after every epoch; paired
+differences of the non-English average with two-level bootstrap 95% intervals; figures through the real
+eval_zeroshot.py.
+
+  python synth_study.py --out synth_out                      # make synth: world, pretraining, checks, study
+  python synth_study.py --out synth_out --pretrain-seeds 0 --finetune-seeds 0 --policies full suf   # smaller
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import synth_pretrain as sp
+import synth_world as sw
+import train_uc2
+
+ROOT = Path(__file__).resolve().parent
+POLICY_ARGS = {"full": [], "suf": ["--suf-k", "3", "--unfreeze-every", "1"], "llrd": ["--llrd-decay", "0.88"],
+               "top": ["--top-layers", "6"]}
+LR_GRID = (1e-4, 3e-4, 1e-3)
+FT = {"epochs": 5, "batch_size": 64, "max_regions": 3}  # protocol 1.4
+PRETRAIN_STEPS = 3000  # fixed on pretraining seed 0's grounding checks before any policy ran (docs/synthetic.md log)
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+def run_job(cmd: list[str], log: Path) -> None:
+    """One subprocess, one thread; its output to `log`; a failure stops the study naming the log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT).returncode
+    if rc:
+        raise SystemExit(f"error: {' '.join(cmd[:3])} ... failed (exit {rc}); see {log}")
+
+
+def parallel(jobs: list[tuple[list[str], Path]], workers: int) -> None:
+    with ThreadPoolExecutor(workers) as pool:
+        for fut in [pool.submit(run_job, cmd, log) for cmd, log in jobs]:
+            fut.result()
+
+
+def pretrain_job(world: Path, seed: int, steps: int, ckpt: Path) -> tuple[list[str], Path]:
+    return ([sys.executable, str(ROOT / "synth_pretrain.py"), "--world", str(world), "--seed", str(seed),
+             "--steps", str(steps), "--eval-every", str(max(steps // 6, 1)), "--out", str(ckpt)],
+            ckpt.with_suffix(".log"))
+
+
+def finetune_job(world: Path, ckpt: Path | None, policy: str, seed: int, lr: float, run: Path, *,
+                 split: str = "test", features: str = "features.lmdb", max_steps: int | None = None) -> tuple[list[str], Path]:
+    cmd = [sys.executable, str(ROOT / "train_uc2.py"), "--task", "xgqa", "--policy", policy, *POLICY_ARGS[policy],
+           "--model-config", str(world / "model_config.json"), "--data-root", str(world),
+           "--features", str(world / features), "--tokenizer", str(world / "tokenizer"), "--eval-split", split,
+           "--epochs", str(FT["epochs"]), "--batch-size", str(FT["batch_size"]), "--lr", str(lr),
+           "--max-regions", str(FT["max_regions"]), "--num-workers", "0", "--seed", str(seed), "--amp", "off",
+           "--output-dir", str(run)]
+    if ckpt is not None:
+        cmd += ["--checkpoint", str(ckpt)]
+    if max_steps:
+        cmd += ["--max-steps-per-epoch", str(max_steps)]
+    return cmd, run.with_name(run.name + ".log")
+
+
+def evals(run: Path) -> dict[int, dict[str, dict]]:
+    """epoch -> lang -> eval record of metrics.jsonl."""
+    out: dict = defaultdict(dict)
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("type") == "eval":
+            out[rec["epoch"]][rec["lang"]] = rec
+    return dict(out)
+
+
+def final_accuracy(run: Path) -> dict[str, float]:
+    ev = evals(run)
+    return {lang: rec["accuracy"] for lang, rec in ev[max(ev)].items()}
+
+
+# ---------------------------------------------------------------------------------------------- premise checks
+
+def mean_pool(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    keep = keep.unsqueeze(-1).to(states.dtype)
+    return (states * keep).sum(1) / keep.sum(1)
+
+
+@torch.no_grad()
+def layer_text_states(model: sp.PretrainUC2, tok, texts: list[str], regions: dict | None) -> list[torch.Tensor]:
+    """Mean-pooled word states per layer (0 = embeddings), [N, h] each; regions None = text-only input."""
+    enc = tok(texts, padding=True, return_tensors="pt")
+    n = len(texts)
+    if regions is None:  # no region attended: every region masked out
+        regions = {"features": torch.zeros(n, 1, 2048), "spatials": torch.zeros(n, 1, 7),
+                   "image_mask": torch.zeros(n, 1, dtype=torch.long)}
+    st = model.states({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **regions}, layers=True)
+    words = enc["input_ids"] >= len(sw.SPECIALS)
+    return [mean_pool(h, words) for h in st["layers"]]
+
+
+def language_id_probe(model, corpus: sp.Corpus, n: int = 200) -> list[float]:
+    """Per layer: held-out accuracy of a logistic regression predicting the language of a caption/statement
+    (with its image) from its mean-pooled states; 5 languages, chance 0.2."""
+    per_lang = []
+    for lang in sw.LANGS:
+        b = corpus.batch("probe-lid", sw.LANGS.index(lang), n, lang=lang)
+        texts = corpus.tok.batch_decode(b["input_ids"], skip_special_tokens=True)
+        regions = {k: b[k] for k in ("features", "spatials", "image_mask")}
+        per_lang.append(layer_text_states(model, corpus.tok, texts, regions))
+    accs = []
+    for layer in range(len(per_lang[0])):
+        x = torch.cat([p[layer] for p in per_lang])
+        y = torch.arange(len(sw.LANGS)).repeat_interleave(n)
+        accs.append(_probe_accuracy(x, y, len(sw.LANGS)))
+    return accs
+
+
+def _probe_accuracy(x: torch.Tensor, y: torch.Tensor, classes: int) -> float:
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(y), generator=g)
+    tr, te = perm[: len(y) // 2], perm[len(y) // 2:]
+    mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-6
+    x = (x - mu) / sd
+    w = torch.zeros(x.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=100)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x[tr] @ w + b, y[tr]) + 1e-3 * (w ** 2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    with torch.no_grad():
+        return float(((x[te] @ w + b).argmax(1) == y[te]).float().mean())
+
+
+def translation_retrieval(model, world: Path, tok) -> dict[str, list[float]]:
+    """Per language X != en, per layer: top-1 retrieval of the exact translation of each English test question
+    among all X test questions, cosine of mean-pooled text-only states centred per language (pitfall 8)."""
+    import data
+    texts = {lang: [e.text for e in data.load_split(world, "xgqa", "test", lang)] for lang in sw.LANGS}
+    states = {lang: layer_text_states(model, tok, t, None) for lang, t in texts.items()}
+    out = {}
+    for lang in sw.LANGS[1:]:
+        accs = []
+        for layer in range(len(states["en"])):
+            a = F.normalize(states["en"][layer] - states["en"][layer].mean(0), dim=1)
+            b = F.normalize(states[lang][layer] - states[lang][layer].mean(0), dim=1)
+            accs.append(float(((a @ b.T).argmax(1) == torch.arange(len(a))).float().mean()))
+        out[lang] = accs
+    return out
+
+
+def majority_floor(world: Path) -> dict:
+    """Answer priors alone: the English-train majority answer of each question template, on the test set
+    (identical in every language: the test sets are exact translations)."""
+    cfg = sw.load_config(world)
+    train = sw.task_questions(cfg, "train", cfg.train_scenes, cfg.train_questions_per_scene)
+    test = sw.task_questions(cfg, "test", cfg.test_scenes, cfg.test_questions_per_scene)
+    best = {k: Counter(q["answer"] for q in train if q["kind"] == k).most_common(1)[0][0] for k in sw.QTYPES}
+    overall = Counter(q["answer"] for q in train).most_common(1)[0][0]
+    return {"per_template_majority": 100.0 * np.mean([best[q["kind"]] == q["answer"] for q in test]),
+            "global_majority": 100.0 * np.mean([overall == q["answer"] for q in test])}
+
+
+def premise_checks(world: Path, ckpt: Path) -> dict:
+    torch.set_num_threads(1)
+    config = train_uc2.resolve_config(str(world / "model_config.json"))
+    model = sp.load_pretrained(ckpt, config)
+    corpus = sp.Corpus(world, 0)
+    meta = json.loads(ckpt.with_suffix(".json").read_text())
+    return {"grounding": meta["final"], "pretrain_seconds": meta["seconds"], "lid_probe": language_id_probe(model, corpus),
+            "translation_retrieval": translation_retrieval(model, world, corpus.tok)}
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+def paired_bootstrap(diffs: dict[int, dict[int, float]], n: int = 10_000, seed: int = 0) -> dict:
+    """diffs: pretraining seed -> fine-tuning seed -> paired difference. Mean and a two-level bootstrap 95%
+    interval (resample pretraining seeds, then fine-tuning seeds within each)."""
+    rng = np.random.default_rng(seed)
+    groups = [np.array(list(v.values())) for _, v in sorted(diffs.items())]
+    mean = float(np.mean([x for g in groups for x in g]))
+    stats = np.empty(n)
+    for i in range(n):
+        picked = [groups[j] for j in rng.integers(0, len(groups), len(groups))]
+        stats[i] = np.mean([g[rng.integers(0, len(g), len(g))].mean() for g in picked])
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return {"mean": mean, "lo": float(lo), "hi": float(hi), "n_pairs": sum(len(g) for g in groups)}
+
+
+def non_en_avg(acc: dict[str, float]) -> float:
+    return float(np.mean([v for k, v in acc.items() if k != "en"]))
+
+
+def compare(results: dict, policies: Sequence[str]) -> dict:
+    """results: policy -> pseed -> fseed -> {lang: acc}. Paired differences policy - full."""
+    out = {}
+    for pol in policies:
+        if pol == "full":
+            continue
+        table = {"avg": {}, **{lang: {} for lang in sw.LANGS}}
+        for ps, by_f in results[pol].items():
+            for fs, acc in by_f.items():
+                base = results["full"][ps][fs]
+                table["avg"].setdefault(ps, {})[fs] = non_en_avg(acc) - non_en_avg(base)
+                for lang in sw.LANGS:
+                    table[lang].setdefault(ps, {})[fs] = acc[lang] - base[lang]
+        out[pol] = {k: paired_bootstrap(v) for k, v in table.items()}
+    return out
+
+
+def summary_rows(results: dict) -> dict:
+    rows = {}
+    for pol, by_p in results.items():
+        accs = [acc for by_f in by_p.values() for acc in by_f.values()]
+        rows[pol] = {"en": float(np.mean([a["en"] for a in accs])), "avg": float(np.mean([non_en_avg(a) for a in accs])),
+                     **{lang: float(np.mean([a[lang] for a in accs])) for lang in sw.LANGS[1:]}, "runs": len(accs)}
+    return rows
+
+
+def format_report(study: dict) -> str:
+    lines = ["# Synthetic-world study results", "",
+             f"world {study['world']['version']} (seed {study['world']['seed']}); pretraining seeds "
+             f"{study['pretrain_seeds']}, fine-tuning seeds {study['finetune_seeds']}, lr {study['lr']}, "
+             f"pretraining steps {study['pretrain_steps']}; accuracy after the last epoch.", "",
+             "## Accuracy (mean over runs)", "", "| policy | en | non-en avg | " + " | ".join(sw.LANGS[1:]) + " | runs |",
+             "|---|---|---|" + "---|" * len(sw.LANGS[1:]) + "---|"]
+    for pol, r in study["summary"].items():
+        lines.append(f"| {pol} | {r['en']:.1f} | {r['avg']:.1f} | " + " | ".join(f"{r[l]:.1f}" for l in sw.LANGS[1:])
+                     + f" | {r['runs']} |")
+    lines += ["", "## Paired differences vs full (mean [bootstrap 95% interval])", "",
+              "| policy | non-en avg | en | " + " | ".join(sw.LANGS[1:]) + " | effect? |",
+              "|---|---|---|" + "---|" * len(sw.LANGS[1:]) + "---|"]
+    for pol, c in study["comparisons"].items():
+        cell = lambda d: f"{d['mean']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]"
+        effect = "yes" if c["avg"]["lo"] > 0 or c["avg"]["hi"] < 0 else "no detectable difference"
+        lines.append(f"| {pol} − full | {cell(c['avg'])} | {cell(c['en'])} | "
+                     + " | ".join(cell(c[l]) for l in sw.LANGS[1:]) + f" | {effect} |")
+    lines += ["", "## Premise checks", ""]
+    for ps, chk in study["premise"].items():
+        g = chk["grounding"]
+        lines.append(f"- pretraining seed {ps}: ITM {g['itm_acc']:.2f}, MRM {g['mrm_acc']:.2f}, masked-attribute "
+                     + ", ".join(f"{l} {g['attr_' + l]:.2f}" for l in sw.LANGS) + " (chance 0.17)")
+        lines.append("  - language-ID probe by layer (0 = embeddings; chance 0.20): "
+                     + " ".join(f"{a:.2f}" for a in chk["lid_probe"]))
+        for lang, accs in chk["translation_retrieval"].items():
+            lines.append(f"  - en→{lang} translation retrieval by layer: " + " ".join(f"{a:.2f}" for a in accs))
+        if "blind" in chk:
+            lines.append("  - blind (question-only) fine-tuning, accuracy: "
+                         + ", ".join(f"{l} {v:.1f}" for l, v in chk["blind"].items()))
+    f = study["floors"]
+    lines.append(f"- answer-prior floor (English-train majority per template, every language): "
+                 f"{f['per_template_majority']:.1f}; single majority answer: {f['global_majority']:.1f}")
+    if "random_init" in study:
+        lines.append("- random initialisation (no pretraining), full: "
+                     + ", ".join(f"{l} {v:.1f}" for l, v in study["random_init"].items()))
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="synth_out", help="study folder (world/, pretrain/, runs/, results)")
+    p.add_argument("--pretrain-seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--finetune-seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--policies", nargs="+", default=list(POLICY_ARGS), choices=list(POLICY_ARGS))
+    p.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS)
+    p.add_argument("--checkpoint", default=None, help="use this pretraining checkpoint for seed 0 (e.g. the shipped one)")
+    p.add_argument("--lr", type=float, default=None, help="skip the English-dev selection and use this lr")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="demo-sized runs")
+    p.add_argument("--no-floors", action="store_true", help="skip the blind and random-init runs")
+    p.add_argument("--workers", type=int, default=2, help="parallel one-thread jobs (2 cores: 2)")
+    args = p.parse_args(argv)
+    start, out = time.time(), Path(args.out)
+    world = out / "world"
+    if not (world / "world.json").exists():
+        sw.build_world(world)
+    ckpts = {s: out / "pretrain" / f"seed{s}.bin" for s in args.pretrain_seeds}
+    if args.checkpoint:
+        ckpts[0] = Path(args.checkpoint)
+    todo = [pretrain_job(world, s, args.pretrain_steps, c) for s, c in ckpts.items() if not c.exists()]
+    print(f"pretraining {len(todo)} seed(s) ...", flush=True)
+    parallel(todo, args.workers)
+    premise = {s: premise_checks(world, c) for s, c in ckpts.items()}
+    runs = out / "runs"
+    lr = args.lr
+    if lr is None:  # protocol: full, pretraining seed 0, fine-tuning seed 0, English dev only
+        sel = {x: runs / f"lrsel-full-p0-f0-lr{x:g}" for x in LR_GRID}
+        parallel([finetune_job(world, ckpts[args.pretrain_seeds[0]], "full", 0, x, r, split="valid",
+                               max_steps=args.max_steps_per_epoch) for x, r in sel.items() if not (r / "model_final.pt").exists()],
+                 args.workers)
+        dev = {x: final_accuracy(r)["en"] for x, r in sel.items()}
+        lr = max(dev, key=dev.get)
+        print(f"lr selected on English dev: {lr} ({dev})", flush=True)
+    jobs, where = [], {}
+    for pol in args.policies:
+        for ps, c in ckpts.items():
+            for fs in args.finetune_seeds:
+                r = runs / f"{pol}-p{ps}-f{fs}"
+                where[(pol, ps, fs)] = r
+                if not (r / "model_final.pt").exists():
+                    jobs.append(finetune_job(world, c, pol, fs, lr, r, max_steps=args.max_steps_per_epoch))
+    if not args.no_floors:
+        for ps, c in ckpts.items():
+            r = runs / f"blind-full-p{ps}-f0"
+            if not (r / "model_final.pt").exists():
+                jobs.append(finetune_job(world, c, "full", 0, lr, r, features="features_blind.lmdb",
+                                         max_steps=args.max_steps_per_epoch))
+        if not (runs / "randinit-full-f0" / "model_final.pt").exists():
+            jobs.append(finetune_job(world, None, "full", 0, lr, runs / "randinit-full-f0", max_steps=args.max_steps_per_epoch))
+    print(f"fine-tuning {len(jobs)} run(s) ...", flush=True)
+    parallel(jobs, args.workers)
+    results: dict = {pol: defaultdict(dict) for pol in args.policies}
+    for (pol, ps, fs), r in where.items():
+        results[pol][ps][fs] = final_accuracy(r)
+    if not args.no_floors:
+        for ps in ckpts:
+            premise[ps]["blind"] = final_accuracy(runs / f"blind-full-p{ps}-f0")
+    study = {"world": sw.load_config(world).to_dict(), "pretrain_seeds": args.pretrain_seeds,
+             "finetune_seeds": args.finetune_seeds, "lr": lr, "pretrain_steps": args.pretrain_steps,
+             "max_steps_per_epoch": args.max_steps_per_epoch, "premise": premise, "floors": majority_floor(world),
+             "summary": summary_rows(results), "results": results,
+             "comparisons": compare(results, args.policies) if "full" in args.policies else {}}
+    if not args.no_floors:
+        study["random_init"] = final_accuracy(runs / "randinit-full-f0")
+    (out / "study.json").write_text(json.dumps(study, indent=1, default=dict) + "\n")
+    report = format_report(study)
+    (out / "RESULTS.md").write_text(report)
+    import eval_zeroshot  # the real Figure 2/3/4 commands on seed (first, first)'s full and SUF runs
+    figs = [str(where[(pol, args.pretrain_seeds[0], args.finetune_seeds[0])]) for pol in ("full", "suf") if pol in args.policies]
+    eval_zeroshot.main(["figures", *figs, "--out", str(out / "figures"), "--num-workers", "0"])
+    print(report)
+    print(f"study finished in {time.time() - start:.0f} s; {out / 'RESULTS.md'}, {out / 'study.json'}, {out / 'figures'}")
+
+
+if __name__ == "__main__":
+    main()
