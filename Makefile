@@ -42,7 +42,7 @@ require = @missing=""; for p in $(1); do [ -e "$$p" ] || missing="$$missing $$p"
 	if [ -n "$$missing" ]; then echo "error: missing input(s):$$missing (set DATA=, FEATURES=, IMAGES=, CKPT=, TOKENIZER= or RUN=; see README)" >&2; exit 2; fi
 INPUTS = $(DATA)/datasets $(VISUAL) $(CKPT)
 
-.PHONY: install test demo bench help table1 figures eval translate-test \
+.PHONY: install test demo bench help synth synth-world synth-pretrain table1 figures eval translate-test \
 	xgqa-full xgqa-suf xvnli-full xvnli-suf xflickrco-full xflickrco-suf \
 	xgqa-llrd-sweep xgqa-llrd-0.98 xgqa-llrd-0.95 xgqa-llrd-0.88 xgqa-llrd-0.75 xgqa-top6 \
 	fewshot-xgqa-full fewshot-xgqa-suf
@@ -62,9 +62,22 @@ $(VENV)/.installed: requirements.txt
 test: install
 	$(PY) -m pytest -q tests
 
-## demo            SUF vs standard fine-tuning of a tiny random UC2 on the shipped xGQA sample
+## demo            SUF vs standard fine-tuning of a small pretrained UC2 in the synthetic world (< 3 min)
 demo: install
 	$(PY) demo.py --out demo_out
+
+# ---- the synthetic multilingual world (docs/synthetic.md) ----
+SYNTH ?= synth_out
+## synth-world     write the synthetic world (IGLUE layout, features, tokenizer) to SYNTH=synth_out/world
+synth-world: install
+	$(PY) synth_world.py --out $(SYNTH)/world
+## synth-pretrain  regenerate the shipped world checkpoint tests/fixtures/synth/pretrain_seed0.bin (one core)
+synth-pretrain: install
+	@[ -e $(SYNTH)/world/world.json ] || $(PY) synth_world.py --out $(SYNTH)/world
+	$(PY) synth_pretrain.py --world $(SYNTH)/world --seed 0 --steps 3000 --eval-every 500 --out tests/fixtures/synth/pretrain_seed0.bin
+## synth           the whole study: premise checks, 4 policies x 3 pretraining x 2 fine-tuning seeds (< 1 h, 2 cores)
+synth: install
+	$(PY) synth_study.py --out $(SYNTH) --record
 
 ## bench           every bench/ script, one table in bench/results/TABLE.md
 bench: install
