@@ -123,3 +123,37 @@ def test_pretraining_is_deterministic_and_train_uc2_loads_it(world, tmp_path):
     assert len(plan.dropped) == len(train_uc2.VOLTA_PRETRAIN_HEADS)
     back = synth_pretrain.volta_state_dict(synth_pretrain.load_pretrained(tmp_path / "a.bin", config))
     assert back.keys() == sd_a.keys() and all(torch.equal(back[k], sd_a[k]) for k in sd_a)
+
+
+def test_tiny_end_to_end_pretrain_finetune_two_policies_evaluate_table(world, tmp_path):
+    """pretrain (3 steps) -> the real train_uc2 with full and suf -> per-epoch evaluation in every language ->
+    the study's paired comparison and report."""
+    import synth_study
+    ckpt = tmp_path / "p.bin"
+    synth_pretrain.pretrain(world, 0, 3, ckpt, batch_size=8, eval_every=0, log=lambda s: None, probe_n=8)
+    runs = {}
+    for policy in ("full", "suf"):
+        cmd, _ = synth_study.finetune_job(world, ckpt, policy, 0, 1e-3, tmp_path / policy, max_steps=2)
+        train_uc2.main(cmd[2:] + ["--epochs", "2", "--batch-size", "8"])
+        runs[policy] = synth_study.final_accuracy(tmp_path / policy)
+        assert set(runs[policy]) == set(sw.LANGS)
+        assert sorted(synth_study.evals(tmp_path / policy)) == [1, 2]
+    results = {pol: {0: {0: acc}} for pol, acc in runs.items()}
+    cmp = synth_study.compare(results, ["full", "suf"])["suf"]
+    want = synth_study.non_en_avg(runs["suf"]) - synth_study.non_en_avg(runs["full"])
+    assert cmp["avg"]["mean"] == pytest.approx(want) and cmp["avg"]["lo"] == pytest.approx(want)
+    study = {"world": TINY.to_dict(), "pretrain_seeds": [0], "finetune_seeds": [0], "lr": 1e-3, "pretrain_steps": 3,
+             "summary": synth_study.summary_rows(results), "comparisons": {"suf": cmp}, "premise": {},
+             "floors": synth_study.majority_floor(world)}
+    report = synth_study.format_report(study)
+    assert "| suf − full |" in report and "| full |" in report
+
+
+def test_paired_bootstrap_interval_covers_the_spread_of_seeds():
+    import synth_study
+    diffs = {0: {0: 1.0, 1: 3.0}, 1: {0: 5.0, 1: 7.0}, 2: {0: 2.0, 1: 4.0}}
+    got = synth_study.paired_bootstrap(diffs, n=2000)
+    assert got["mean"] == pytest.approx(22 / 6) and got["n_pairs"] == 6
+    assert 1.0 <= got["lo"] < got["mean"] < got["hi"] <= 7.0
+    same = synth_study.paired_bootstrap({0: {0: 2.0}, 1: {0: 2.0}}, n=100)
+    assert same["lo"] == same["hi"] == 2.0
