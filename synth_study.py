@@ -321,9 +321,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         lr = max(dev, key=dev.get)
         print(f"lr selected on English dev: {lr} ({dev})", flush=True)
     jobs, where = [], {}
-    for pol in args.policies:
-        for ps, c in ckpts.items():
-            for fs in args.finetune_seeds:
+    for ps, c in ckpts.items():  # seed-major: an interrupted study leaves whole (pretraining, fine-tuning) pairs
+        for fs in args.finetune_seeds:
+            for pol in args.policies:
                 r = runs / f"{pol}-p{ps}-f{fs}"
                 where[(pol, ps, fs)] = r
                 if not (r / "model_final.pt").exists():

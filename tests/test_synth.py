@@ -157,3 +157,23 @@ def test_paired_bootstrap_interval_covers_the_spread_of_seeds():
     assert 1.0 <= got["lo"] < got["mean"] < got["hi"] <= 7.0
     same = synth_study.paired_bootstrap({0: {0: 2.0}, 1: {0: 2.0}}, n=100)
     assert same["lo"] == same["hi"] == 2.0
+
+
+def test_shipped_world_checkpoint_is_what_make_synth_pretrain_writes():
+    """tests/fixtures/synth/pretrain_seed0.bin: its record names the default world, seed 0 and the study's step
+    count, `make synth-pretrain` writes it with those, and it fits the default world's tokenizer and config."""
+    import subprocess
+
+    import synth_study
+    root = Path(__file__).resolve().parents[1]
+    ckpt = root / "tests" / "fixtures" / "synth" / "pretrain_seed0.bin"
+    meta = json.loads(ckpt.with_suffix(".json").read_text())
+    assert meta["world"] == sw.WorldConfig().to_dict()
+    assert (meta["seed"], meta["steps"]) == (0, synth_study.PRETRAIN_STEPS)
+    make = subprocess.run(["make", "-n", "--no-print-directory", "synth-pretrain"], cwd=root, capture_output=True,
+                          text=True).stdout
+    assert f"--seed 0 --steps {synth_study.PRETRAIN_STEPS} " in make and str(ckpt.relative_to(root)) in make
+    vocab = len(sw.SPECIALS) + len(sw.all_words(sw.lexicons(sw.WorldConfig())))
+    config = {**train_uc2.CONFIGS["base"], **sw.model_config(vocab)}
+    model = train_uc2.build_model("xgqa", config)
+    assert train_uc2.load_into(model, str(ckpt)).ok
