@@ -33,7 +33,7 @@ POLICY_ARGS = {"full": [], "suf": ["--suf-k", "3", "--unfreeze-every", "1"], "ll
 LR_GRID = (1e-4, 3e-4, 1e-3)
 FT = {"epochs": 5, "batch_size": 64, "max_regions": 3}  # protocol 1.4
 PRETRAIN_STEPS = 3000  # fixed on pretraining seed 0's grounding checks before any policy ran (docs/synthetic.md log)
-STUDY_LR = 1e-3  # what the English-dev selection of `make synth` chose (docs/synthetic.md log); the demo uses it
+STUDY_LR = 3e-4  # fixed in advance (docs/synthetic.md amendment A2: the middle of LR_GRID, no selection run)
 DEMO_STEPS_PER_EPOCH = 40  # the demo's runs: 40 of the ~94 optimizer steps of an epoch (3-minute budget)
 RECORD = ROOT / "docs" / "synthetic_results.json"
 
@@ -212,6 +212,15 @@ def paired_bootstrap(diffs: dict[int, dict[int, float]], n: int = 10_000, seed: 
     return {"mean": mean, "lo": float(lo), "hi": float(hi), "n_pairs": sum(len(g) for g in groups)}
 
 
+def collect(where: dict, policies: Sequence[str]) -> dict:
+    """policy -> pseed -> fseed -> final accuracies, for the finished runs only (compare() pairs them)."""
+    results: dict = {pol: defaultdict(dict) for pol in policies}
+    for (pol, ps, fs), r in where.items():
+        if (r / "model_final.pt").exists():
+            results[pol][ps][fs] = final_accuracy(r)
+    return results
+
+
 def non_en_avg(acc: dict[str, float]) -> float:
     return float(np.mean([v for k, v in acc.items() if k != "en"]))
 
@@ -225,11 +234,14 @@ def compare(results: dict, policies: Sequence[str]) -> dict:
         table = {"avg": {}, **{lang: {} for lang in sw.LANGS}}
         for ps, by_f in results[pol].items():
             for fs, acc in by_f.items():
-                base = results["full"][ps][fs]
+                base = results["full"].get(ps, {}).get(fs)
+                if base is None:  # not finished: no pair
+                    continue
                 table["avg"].setdefault(ps, {})[fs] = non_en_avg(acc) - non_en_avg(base)
                 for lang in sw.LANGS:
                     table[lang].setdefault(ps, {})[fs] = acc[lang] - base[lang]
-        out[pol] = {k: paired_bootstrap(v) for k, v in table.items()}
+        if table["avg"]:
+            out[pol] = {k: paired_bootstrap(v) for k, v in table.items()}
     return out
 
 
@@ -237,6 +249,8 @@ def summary_rows(results: dict) -> dict:
     rows = {}
     for pol, by_p in results.items():
         accs = [acc for by_f in by_p.values() for acc in by_f.values()]
+        if not accs:
+            continue
         rows[pol] = {"en": float(np.mean([a["en"] for a in accs])), "avg": float(np.mean([non_en_avg(a) for a in accs])),
                      **{lang: float(np.mean([a[lang] for a in accs])) for lang in sw.LANGS[1:]}, "runs": len(accs)}
     return rows
@@ -257,9 +271,15 @@ def format_report(study: dict) -> str:
               "|---|---|---|" + "---|" * len(sw.LANGS[1:]) + "---|"]
     for pol, c in study["comparisons"].items():
         cell = lambda d: f"{d['mean']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]"
-        effect = "yes" if c["avg"]["lo"] > 0 or c["avg"]["hi"] < 0 else "no detectable difference"
-        lines.append(f"| {pol} − full | {cell(c['avg'])} | {cell(c['en'])} | "
+        if c["avg"]["n_pairs"] < 2:
+            effect = "too few pairs for an interval"
+        else:
+            effect = "yes" if c["avg"]["lo"] > 0 or c["avg"]["hi"] < 0 else "no detectable difference"
+        lines.append(f"| {pol} − full (n={c['avg']['n_pairs']}) | {cell(c['avg'])} | {cell(c['en'])} | "
                      + " | ".join(cell(c[l]) for l in sw.LANGS[1:]) + f" | {effect} |")
+    if len(study["pretrain_seeds"]) < 2:
+        lines += ["", "One pretraining seed: the intervals cover fine-tuning-seed variation only, not the (larger, "
+                  "pitfall 3) pretraining-seed variation."]
     lines += ["", "## Premise checks", ""]
     for ps, chk in study["premise"].items():
         g = chk["grounding"]
@@ -297,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="demo-sized runs")
     p.add_argument("--no-floors", action="store_true", help="skip the blind and random-init runs")
     p.add_argument("--workers", type=int, default=2, help="parallel one-thread jobs (2 cores: 2)")
+    p.add_argument("--report-only", action="store_true",
+                   help="no training: report the finished runs (pairs where both policies finished)")
     p.add_argument("--record", action="store_true", help=f"also write the headline to {RECORD.relative_to(ROOT)} (demo prints it)")
     args = p.parse_args(argv)
     start, out = time.time(), Path(args.out)
@@ -306,12 +328,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     ckpts = {s: out / "pretrain" / f"seed{s}.bin" for s in args.pretrain_seeds}
     if args.checkpoint:
         ckpts[0] = Path(args.checkpoint)
+    if args.report_only:
+        ckpts = {s: c for s, c in ckpts.items() if c.exists()}
     todo = [pretrain_job(world, s, args.pretrain_steps, c) for s, c in ckpts.items() if not c.exists()]
     print(f"pretraining {len(todo)} seed(s) ...", flush=True)
     parallel(todo, args.workers)
     premise = {s: premise_checks(world, c) for s, c in ckpts.items()}
     runs = out / "runs"
     lr = args.lr
+    if lr is None and args.report_only:
+        raise SystemExit("error: --report-only needs the --lr the runs used")
     if lr is None:  # protocol: full, pretraining seed 0, fine-tuning seed 0, English dev only
         sel = {x: runs / f"lrsel-full-p0-f0-lr{x:g}" for x in LR_GRID}
         parallel([finetune_job(world, ckpts[args.pretrain_seeds[0]], "full", 0, x, r, split="valid",
@@ -321,13 +347,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         lr = max(dev, key=dev.get)
         print(f"lr selected on English dev: {lr} ({dev})", flush=True)
     jobs, where = [], {}
-    for ps, c in ckpts.items():  # seed-major: an interrupted study leaves whole (pretraining, fine-tuning) pairs
-        for fs in args.finetune_seeds:
-            for pol in args.policies:
-                r = runs / f"{pol}-p{ps}-f{fs}"
-                where[(pol, ps, fs)] = r
-                if not (r / "model_final.pt").exists():
-                    jobs.append(finetune_job(world, c, pol, fs, lr, r, max_steps=args.max_steps_per_epoch))
+    # seed-major, full and SUF first: an interrupted study leaves whole (pretraining, fine-tuning) pairs of the
+    # headline comparison (docs/synthetic.md, amendment A1)
+    groups = [[p for p in args.policies if p in ("full", "suf")], [p for p in args.policies if p not in ("full", "suf")]]
+    for ps, c in ckpts.items():
+        for group in groups:
+            for fs in args.finetune_seeds:
+                for pol in group:
+                    r = runs / f"{pol}-p{ps}-f{fs}"
+                    where[(pol, ps, fs)] = r
+                    if not (r / "model_final.pt").exists():
+                        jobs.append(finetune_job(world, c, pol, fs, lr, r, max_steps=args.max_steps_per_epoch))
     if not args.no_floors:
         for ps, c in ckpts.items():
             r = runs / f"blind-full-p{ps}-f0"
@@ -336,20 +366,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                                          max_steps=args.max_steps_per_epoch))
         if not (runs / "randinit-full-f0" / "model_final.pt").exists():
             jobs.append(finetune_job(world, None, "full", 0, lr, runs / "randinit-full-f0", max_steps=args.max_steps_per_epoch))
-    print(f"fine-tuning {len(jobs)} run(s) ...", flush=True)
-    parallel(jobs, args.workers)
-    results: dict = {pol: defaultdict(dict) for pol in args.policies}
-    for (pol, ps, fs), r in where.items():
-        results[pol][ps][fs] = final_accuracy(r)
+    if not args.report_only:
+        print(f"fine-tuning {len(jobs)} run(s) ...", flush=True)
+        parallel(jobs, args.workers)
+    results = collect(where, args.policies)
     if not args.no_floors:
         for ps in ckpts:
-            premise[ps]["blind"] = final_accuracy(runs / f"blind-full-p{ps}-f0")
+            if (runs / f"blind-full-p{ps}-f0" / "model_final.pt").exists():
+                premise[ps]["blind"] = final_accuracy(runs / f"blind-full-p{ps}-f0")
     study = {"world": sw.load_config(world).to_dict(), "pretrain_seeds": args.pretrain_seeds,
              "finetune_seeds": args.finetune_seeds, "lr": lr, "pretrain_steps": args.pretrain_steps,
              "max_steps_per_epoch": args.max_steps_per_epoch, "premise": premise, "floors": majority_floor(world),
              "summary": summary_rows(results), "results": results,
              "comparisons": compare(results, args.policies) if "full" in args.policies else {}}
-    if not args.no_floors:
+    if not args.no_floors and (runs / "randinit-full-f0" / "model_final.pt").exists():
         study["random_init"] = final_accuracy(runs / "randinit-full-f0")
     (out / "study.json").write_text(json.dumps(study, indent=1, default=dict) + "\n")
     if args.record:

@@ -146,7 +146,7 @@ def test_tiny_end_to_end_pretrain_finetune_two_policies_evaluate_table(world, tm
              "summary": synth_study.summary_rows(results), "comparisons": {"suf": cmp}, "premise": {},
              "floors": synth_study.majority_floor(world)}
     report = synth_study.format_report(study)
-    assert "| suf − full |" in report and "| full |" in report
+    assert "| suf − full (n=1) |" in report and "too few pairs" in report and "| full |" in report
 
 
 def test_paired_bootstrap_interval_covers_the_spread_of_seeds():
