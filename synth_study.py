@@ -358,14 +358,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                     where[(pol, ps, fs)] = r
                     if not (r / "model_final.pt").exists():
                         jobs.append(finetune_job(world, c, pol, fs, lr, r, max_steps=args.max_steps_per_epoch))
-    if not args.no_floors:
+    if not args.no_floors:  # the floors run right after the first (full, suf) pair
+        floors = []
         for ps, c in ckpts.items():
             r = runs / f"blind-full-p{ps}-f0"
             if not (r / "model_final.pt").exists():
-                jobs.append(finetune_job(world, c, "full", 0, lr, r, features="features_blind.lmdb",
-                                         max_steps=args.max_steps_per_epoch))
+                floors.append(finetune_job(world, c, "full", 0, lr, r, features="features_blind.lmdb",
+                                           max_steps=args.max_steps_per_epoch))
         if not (runs / "randinit-full-f0" / "model_final.pt").exists():
-            jobs.append(finetune_job(world, None, "full", 0, lr, runs / "randinit-full-f0", max_steps=args.max_steps_per_epoch))
+            floors.append(finetune_job(world, None, "full", 0, lr, runs / "randinit-full-f0",
+                                       max_steps=args.max_steps_per_epoch))
+        first = min(len(jobs), len(groups[0]))
+        jobs = jobs[:first] + floors + jobs[first:]
     if not args.report_only:
         print(f"fine-tuning {len(jobs)} run(s) ...", flush=True)
         parallel(jobs, args.workers)
