@@ -365,8 +365,11 @@ def write_tokenizer(lex: dict[str, dict[str, str]], out_dir: Path):
 
 def model_config(vocab_size: int) -> dict:
     """train_uc2 config of the world's model (a --model-config json): 12 layers so SUF's schedule is the paper's."""
+    # num_answers: the head as wide as the world's answer vocabulary, as IGLUE's is GQA's 1,842 (log, run r1: with
+    # 1,842 outputs of which 14 are ever a target, 125 steps left every language at 0.00, English included)
     return {"vocab_size": vocab_size, "hidden_size": 64, "num_layers": 12, "num_heads": 4, "intermediate_size": 128,
-            "max_position_embeddings": 128, "pooler_size": 64, "clf_hidden_size": 64}
+            "max_position_embeddings": 128, "pooler_size": 64, "clf_hidden_size": 64,
+            "num_answers": len(answer_vocabulary())}
 
 
 # ---------------------------------------------------------------------------------------------- main

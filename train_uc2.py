@@ -822,7 +822,8 @@ def main(argv: list[str] | None = None) -> None:
                 data.check_inputs(train_ds.examples, features=features)
         except ValueError as e:
             raise SystemExit(f"error: training data: {e}") from None
-        loader = engine.build_train_loader(train_ds, args, dist, data.UC2Collate(args.task, tokenizer, train=True))
+        collate = data.UC2Collate(args.task, tokenizer, train=True, num_answers=config["num_answers"])  # head width
+        loader = engine.build_train_loader(train_ds, args, dist, collate)
         evaluate_fn = None
         if not args.no_eval:
             if features is None:
