@@ -28,11 +28,16 @@ CHECKPOINT = ROOT / "tests" / "fixtures" / "synth" / "pretrain_seed0.bin"
 HEADLINE = ROOT / "docs" / "synthetic_results.json"  # written by `make synth` (synth_study.py --record)
 
 
-def train(policy: str, out: Path, world: Path, lr: float, steps: int) -> Path:
-    run = out / f"uc2-synth-{policy}"
-    cmd, _ = synth_study.finetune_job(world, CHECKPOINT, policy, 0, lr, run, max_steps=steps)
-    train_uc2.main(cmd[2:])
-    return run
+def print_epochs(runs: dict[str, Path]) -> None:
+    """Per-epoch, per-language test accuracy of each run (from its metrics.jsonl)."""
+    langs = synth_world.LANGS
+    print("\n=== zero-shot test accuracy after every epoch (trained on English only) ===")
+    print("policy epoch " + " ".join(f"{l:>6}" for l in langs) + "  non-en avg")
+    for policy, run in runs.items():
+        for epoch, recs in sorted(synth_study.evals(run).items()):
+            acc = {l: recs[l]["accuracy"] for l in langs}
+            print(f"{policy:>6} {epoch:>5} " + " ".join(f"{acc[l]:6.1f}" for l in langs)
+                  + f"  {synth_study.non_en_avg(acc):10.1f}")
 
 
 def print_headline() -> None:
@@ -43,15 +48,18 @@ def print_headline() -> None:
     print(f"\nThe study ({rec['design']}): paired difference vs full of the non-English average accuracy, "
           "mean [bootstrap 95% interval]:")
     for pol, c in rec["comparisons"].items():
-        print(f"  {pol} - full: {c['avg']['mean']:+.1f} [{c['avg']['lo']:+.1f}, {c['avg']['hi']:+.1f}]   "
-              f"(English: {c['en']['mean']:+.1f} [{c['en']['lo']:+.1f}, {c['en']['hi']:+.1f}])")
+        n = c["avg"]["n_pairs"]
+        interval = lambda d: f"[{d['lo']:+.1f}, {d['hi']:+.1f}]" if n > 1 else "(no interval: one pair)"
+        print(f"  {pol} - full over {n} pair(s): {c['avg']['mean']:+.1f} {interval(c['avg'])}   "
+              f"(English: {c['en']['mean']:+.1f} {interval(c['en'])})")
+    print(f"  {rec.get('note', '')}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="demo folder (replaced on every run: it is scratch)")
-    p.add_argument("--steps-per-epoch", type=int, default=synth_study.DEMO_STEPS_PER_EPOCH,
-                   help="optimizer steps per epoch (the study: a whole epoch)")
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="cap on optimizer steps per epoch (default: "
+                   "whole epochs, as the study; 25 steps/epoch learned only the answer prior, docs/synthetic.md)")
     args = p.parse_args()
     start, out = time.time(), Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -59,16 +67,19 @@ def main() -> None:
     print(__doc__)
     world = out / "world"
     synth_world.build_world(world)
-    lr = synth_study.STUDY_LR
-    runs = []
+    lr, steps = synth_study.STUDY_LR, args.steps_per_epoch
     for policy in ("full", "suf"):
         print(f"\n=== {policy}: what trains when ===", flush=True)
-        cmd, _ = synth_study.finetune_job(world, CHECKPOINT, policy, 0, lr, out / "schedule", max_steps=args.steps_per_epoch)
+        cmd, _ = synth_study.finetune_job(world, CHECKPOINT, policy, 0, lr, out / "schedule", max_steps=steps)
         train_uc2.main(cmd[2:] + ["--print-schedule"])
-        runs.append(train(policy, out, world, lr, args.steps_per_epoch))
+    runs = {policy: out / f"uc2-synth-{policy}" for policy in ("full", "suf")}
+    jobs = [synth_study.finetune_job(world, CHECKPOINT, policy, 0, lr, run, max_steps=steps) for policy, run in runs.items()]
+    print(f"\ntraining full and SUF side by side (one core each; logs: {jobs[0][1]}, {jobs[1][1]}) ...", flush=True)
+    synth_study.parallel(jobs, workers=2)
+    print_epochs(runs)
     print("\n=== accuracy after the last epoch (real eval_zeroshot.py table) ===", flush=True)
-    eval_zeroshot.main(["table", "--per-language", *map(str, runs)])
-    eval_zeroshot.main(["figures", *map(str, runs), "--out", str(out / "figures"), "--num-workers", "0"])
+    eval_zeroshot.main(["table", "--per-language", *map(str, runs.values())])
+    eval_zeroshot.main(["figures", *map(str, runs.values()), "--out", str(out / "figures"), "--num-workers", "0"])
     print_headline()
     print(f"\nfigures: {out / 'figures'}; demo finished in {time.time() - start:.0f} s")
 

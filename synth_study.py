@@ -33,8 +33,7 @@ POLICY_ARGS = {"full": [], "suf": ["--suf-k", "3", "--unfreeze-every", "1"], "ll
 LR_GRID = (1e-4, 3e-4, 1e-3)
 FT = {"epochs": 5, "batch_size": 64, "max_regions": 3}  # protocol 1.4
 PRETRAIN_STEPS = 3000  # fixed on pretraining seed 0's grounding checks before any policy ran (docs/synthetic.md log)
-STUDY_LR = 3e-4  # fixed in advance (docs/synthetic.md amendment A2: the middle of LR_GRID, no selection run)
-DEMO_STEPS_PER_EPOCH = 40  # the demo's runs: 40 of the ~94 optimizer steps of an epoch (3-minute budget)
+STUDY_LR = 3e-4  # the English-dev selection (docs/synthetic.md run r2); the demo uses it
 RECORD = ROOT / "docs" / "synthetic_results.json"
 
 
