@@ -73,7 +73,8 @@ def main() -> None:
         cmd, _ = synth_study.finetune_job(world, CHECKPOINT, policy, 0, lr, out / "schedule", max_steps=steps)
         train_uc2.main(cmd[2:] + ["--print-schedule"])
     runs = {policy: out / f"uc2-synth-{policy}" for policy in ("full", "suf")}
-    jobs = [synth_study.finetune_job(world, CHECKPOINT, policy, 0, lr, run, max_steps=steps) for policy, run in runs.items()]
+    jobs = [synth_study.finetune_job(world, CHECKPOINT, policy, 0, lr, run, max_steps=steps)
+            for policy, run in runs.items()]
     print(f"\ntraining full and SUF side by side (one core each; logs: {jobs[0][1]}, {jobs[1][1]}) ...", flush=True)
     synth_study.parallel(jobs, workers=2)
     print_epochs(runs)

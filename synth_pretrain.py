@@ -34,7 +34,8 @@ MASK_PROB = 0.15
 # Grounding curriculum (docs/synthetic.md log, w1 attempt 1: without it nothing was grounded after 500 steps):
 # the first SINGLE_FRAC of the steps use one-object scenes, where a masked colour word can only come from the
 # one region. Its steps cycle OBJECTIVES_SINGLE (w1 attempt 2, single stage with the full cycle: MRM/ITM still at
-# chance after 400 steps, while MRM alone on one-object scenes learned within ~100 steps at lr 1e-3). Dropout is off in pretraining (our choice: a deterministic toy corpus; it also costs ~17% of a step).
+# chance after 400 steps, while MRM alone on one-object scenes learned within ~100 steps at lr 1e-3). Dropout is
+# off in pretraining (our choice: a deterministic toy corpus; it also costs ~17% of a step).
 SINGLE_FRAC = 0.3
 PRETRAIN_DROPOUT = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "classifier_dropout": 0.0}
 
@@ -90,7 +91,8 @@ def volta_name(our_key: str) -> str:
     raise ValueError(f"no VOLTA name for {our_key}")
 
 
-HEAD_NAMES = {"mlm_transform.0": "cls.predictions.transform.dense", "mlm_transform.2": "cls.predictions.transform.LayerNorm",
+HEAD_NAMES = {"mlm_transform.0": "cls.predictions.transform.dense",
+              "mlm_transform.2": "cls.predictions.transform.LayerNorm",
               "itm": "cls.bi_seq_relationship", "mrm_transform.0": "cls.imagePredictions.transform.dense",
               "mrm_transform.2": "cls.imagePredictions.transform.LayerNorm",
               "mrm_decoder": "cls.imagePredictions.decoder_dict.0"}
@@ -259,7 +261,8 @@ def grounding(model: PretrainUC2, corpus: Corpus, n: int = 256) -> dict:
     b = corpus.batch("heldout-itm", 0, n, lang="en")
     perm = torch.roll(torch.arange(n), 1)
     swap = torch.arange(n) % 2 == 1
-    mixed = {k: torch.where(swap.view(-1, *[1] * (b[k].dim() - 1)), b[k][perm], b[k]) for k in ("features", "spatials", "image_mask")}
+    mixed = {k: torch.where(swap.view(-1, *[1] * (b[k].dim() - 1)), b[k][perm], b[k])
+             for k in ("features", "spatials", "image_mask")}
     same = torch.tensor([b["scenes"][i] == b["scenes"][int(perm[i])] for i in range(n)])
     pred = model.itm(model.states({**b, **mixed})["pooled"]).argmax(-1)
     out["itm_acc"] = float((pred == (~swap | same).long()).float().mean())
@@ -348,7 +351,8 @@ def pretrain(world: Path, seed: int, steps: int, out: Path, batch_size: int = 64
     torch.save(volta_state_dict(model), tmp)
     tmp.replace(out)
     meta = {"world": sw.load_config(world).to_dict(), "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
-            "objectives": OBJECTIVES, "objectives_single": OBJECTIVES_SINGLE, "seconds": round(time.time() - start, 1), "history": history,
+            "objectives": OBJECTIVES, "objectives_single": OBJECTIVES_SINGLE,
+            "seconds": round(time.time() - start, 1), "history": history,
             "single_frac": single_frac, "dropout": 0.0, "final": grounding(model, corpus, probe_n)}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
@@ -361,9 +365,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--single-frac", type=float, default=SINGLE_FRAC, help="fraction of steps on one-object scenes first")
+    p.add_argument("--single-frac", type=float, default=SINGLE_FRAC,
+                   help="fraction of steps on one-object scenes first")
     p.add_argument("--eval-every", type=int, default=500, help="grounding checks every N steps (0: only at the end)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: bitwise deterministic across machines' core counts)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: the same bits whatever the machine's core count)")
     p.add_argument("--out", required=True, help="checkpoint file (VOLTA layout); <out>.json gets the grounding record")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

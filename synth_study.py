@@ -65,7 +65,8 @@ def pretrain_job(world: Path, seed: int, steps: int, ckpt: Path) -> tuple[list[s
 
 
 def finetune_job(world: Path, ckpt: Path | None, policy: str, seed: int, lr: float, run: Path, *,
-                 split: str = "test", features: str = "features.lmdb", max_steps: int | None = None) -> tuple[list[str], Path]:
+                 split: str = "test", features: str = "features.lmdb",
+                 max_steps: int | None = None) -> tuple[list[str], Path]:
     cmd = [sys.executable, str(ROOT / "train_uc2.py"), "--task", "xgqa", "--policy", policy, *POLICY_ARGS[policy],
            "--model-config", str(world / "model_config.json"), "--data-root", str(world),
            "--features", str(world / features), "--tokenizer", str(world / "tokenizer"), "--eval-split", split,
@@ -191,7 +192,8 @@ def premise_checks(world: Path, ckpt: Path) -> dict:
     model = sp.load_pretrained(ckpt, config)
     corpus = sp.Corpus(world, 0)
     meta = json.loads(ckpt.with_suffix(".json").read_text())
-    return {"grounding": meta["final"], "pretrain_seconds": meta["seconds"], "lid_probe": language_id_probe(model, corpus),
+    return {"grounding": meta["final"], "pretrain_seconds": meta["seconds"],
+            "lid_probe": language_id_probe(model, corpus),
             "translation_retrieval": translation_retrieval(model, world, corpus.tok)}
 
 
@@ -250,7 +252,8 @@ def summary_rows(results: dict) -> dict:
         accs = [acc for by_f in by_p.values() for acc in by_f.values()]
         if not accs:
             continue
-        rows[pol] = {"en": float(np.mean([a["en"] for a in accs])), "avg": float(np.mean([non_en_avg(a) for a in accs])),
+        rows[pol] = {"en": float(np.mean([a["en"] for a in accs])),
+                     "avg": float(np.mean([non_en_avg(a) for a in accs])),
                      **{lang: float(np.mean([a[lang] for a in accs])) for lang in sw.LANGS[1:]}, "runs": len(accs)}
     return rows
 
@@ -260,7 +263,8 @@ def format_report(study: dict) -> str:
              f"world {study['world']['version']} (seed {study['world']['seed']}); pretraining seeds "
              f"{study['pretrain_seeds']}, fine-tuning seeds {study['finetune_seeds']}, lr {study['lr']}, "
              f"pretraining steps {study['pretrain_steps']}; accuracy after the last epoch.", "",
-             "## Accuracy (mean over runs)", "", "| policy | en | non-en avg | " + " | ".join(sw.LANGS[1:]) + " | runs |",
+             "## Accuracy (mean over runs)", "",
+             "| policy | en | non-en avg | " + " | ".join(sw.LANGS[1:]) + " | runs |",
              "|---|---|---|" + "---|" * len(sw.LANGS[1:]) + "---|"]
     for pol, r in study["summary"].items():
         lines.append(f"| {pol} | {r['en']:.1f} | {r['avg']:.1f} | " + " | ".join(f"{r[l]:.1f}" for l in sw.LANGS[1:])
@@ -311,14 +315,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--finetune-seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--policies", nargs="+", default=list(POLICY_ARGS), choices=list(POLICY_ARGS))
     p.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS)
-    p.add_argument("--checkpoint", default=None, help="use this pretraining checkpoint for seed 0 (e.g. the shipped one)")
+    p.add_argument("--checkpoint", default=None,
+                   help="use this pretraining checkpoint for seed 0 (e.g. the shipped one)")
     p.add_argument("--lr", type=float, default=None, help="skip the English-dev selection and use this lr")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="demo-sized runs")
     p.add_argument("--no-floors", action="store_true", help="skip the blind and random-init runs")
     p.add_argument("--workers", type=int, default=2, help="parallel one-thread jobs (2 cores: 2)")
     p.add_argument("--report-only", action="store_true",
                    help="no training: report the finished runs (pairs where both policies finished)")
-    p.add_argument("--record", action="store_true", help=f"also write the headline to {RECORD.relative_to(ROOT)} (demo prints it)")
+    p.add_argument("--record", action="store_true",
+                   help=f"also write the headline to {RECORD.relative_to(ROOT)} (demo prints it)")
     args = p.parse_args(argv)
     start, out = time.time(), Path(args.out)
     world = out / "world"
@@ -340,7 +346,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if lr is None:  # protocol: full, pretraining seed 0, fine-tuning seed 0, English dev only
         sel = {x: runs / f"lrsel-full-p0-f0-lr{x:g}" for x in LR_GRID}
         parallel([finetune_job(world, ckpts[args.pretrain_seeds[0]], "full", 0, x, r, split="valid",
-                               max_steps=args.max_steps_per_epoch) for x, r in sel.items() if not (r / "model_final.pt").exists()],
+                               max_steps=args.max_steps_per_epoch)
+                  for x, r in sel.items() if not (r / "model_final.pt").exists()],
                  args.workers)
         dev = {x: final_accuracy(r)["en"] for x, r in sel.items()}
         lr = max(dev, key=dev.get)
@@ -348,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     jobs, where = [], {}
     # seed-major, full and SUF first: an interrupted study leaves whole (pretraining, fine-tuning) pairs of the
     # headline comparison (docs/synthetic.md, amendment A1)
-    groups = [[p for p in args.policies if p in ("full", "suf")], [p for p in args.policies if p not in ("full", "suf")]]
+    groups = [[p for p in args.policies if p in ("full", "suf")],
+              [p for p in args.policies if p not in ("full", "suf")]]
     for ps, c in ckpts.items():
         for group in groups:
             for fs in args.finetune_seeds:
@@ -393,10 +401,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     report = format_report(study)
     (out / "RESULTS.md").write_text(report)
     import eval_zeroshot  # the real Figure 2/3/4 commands on seed (first, first)'s full and SUF runs
-    figs = [str(where[(pol, args.pretrain_seeds[0], args.finetune_seeds[0])]) for pol in ("full", "suf") if pol in args.policies]
+    first = (args.pretrain_seeds[0], args.finetune_seeds[0])
+    figs = [str(where[(pol, *first)]) for pol in ("full", "suf") if pol in args.policies]
     eval_zeroshot.main(["figures", *figs, "--out", str(out / "figures"), "--num-workers", "0"])
     print(report)
-    print(f"study finished in {time.time() - start:.0f} s; {out / 'RESULTS.md'}, {out / 'study.json'}, {out / 'figures'}")
+    print(f"study finished in {time.time() - start:.0f} s; {out / 'RESULTS.md'}, {out / 'study.json'}, "
+          f"{out / 'figures'}")
 
 
 if __name__ == "__main__":

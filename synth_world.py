@@ -91,7 +91,8 @@ def codebooks(cfg: WorldConfig) -> dict[str, np.ndarray]:
             "size": rng.standard_normal((len(SIZES), dim), dtype=np.float32)}
 
 
-def scene_regions(scene: Sequence[Obj], books: dict, rng: np.random.Generator, noise: float) -> tuple[np.ndarray, np.ndarray]:
+def scene_regions(scene: Sequence[Obj], books: dict, rng: np.random.Generator,
+                  noise: float) -> tuple[np.ndarray, np.ndarray]:
     """(features [n, 2048] float32, boxes [n, 4] float32 pixels x1 y1 x2 y2) of one scene."""
     feats = np.stack([books["shape"][o.shape] + books["colour"][o.colour] + books["size"][o.size] for o in scene])
     feats = feats + noise * rng.standard_normal(feats.shape, dtype=np.float32)
@@ -141,7 +142,8 @@ def statements(scene: Sequence[Obj]) -> list[Sentence]:
     for a, b in zip(scene, scene[1:]):
         if a.size != b.size:
             cmp = "bigger" if a.size > b.size else "smaller"
-            out.append(Sentence(((np_("the", [], SHAPES[a.shape]),), ("is", cmp, "than"), (np_("the", [], SHAPES[b.shape]),)),
+            out.append(Sentence(((np_("the", [], SHAPES[a.shape]),), ("is", cmp, "than"),
+                                 (np_("the", [], SHAPES[b.shape]),)),
                                 (2, 1, 0), "."))
     return out
 
@@ -162,17 +164,20 @@ def question(kind: str, scene: Sequence[Obj], rng: np.random.Generator) -> tuple
         if not cands:
             return None
         o = cands[int(rng.integers(len(cands)))]
-        return Sentence((("what", "shape"), ("is",), (np_("the", [COLOURS[o.colour]], "object"),)), (2, 0, 1), "?"), SHAPES[o.shape]
+        the_object = np_("the", [COLOURS[o.colour]], "object")
+        return Sentence((("what", "shape"), ("is",), (the_object,)), (2, 0, 1), "?"), SHAPES[o.shape]
     if kind == "where":
         return Sentence((("what",), ("is",), ("on", "the", SLOTS[o.slot])), (2, 0, 1), "?"), SHAPES[o.shape]
     if kind == "verify":
         yes = bool(rng.integers(2))
         shape, colour = (o.shape, o.colour) if yes else _absent(scene, rng)
-        return Sentence((("is",), ("there",), (np_("a", [COLOURS[colour]], SHAPES[shape]),)), (2, 1, 0), "?"), "yes" if yes else "no"
+        a_thing = np_("a", [COLOURS[colour]], SHAPES[shape])
+        return Sentence((("is",), ("there",), (a_thing,)), (2, 1, 0), "?"), "yes" if yes else "no"
     if kind == "choose":
         other = int(rng.choice([c for c in range(len(COLOURS)) if c != o.colour]))
         pair = (o.colour, other) if rng.integers(2) else (other, o.colour)
-        return Sentence((("is",), (the_shape,), (COLOURS[pair[0]], "or", COLOURS[pair[1]])), (1, 2, 0), "?"), COLOURS[o.colour]
+        alternatives = (COLOURS[pair[0]], "or", COLOURS[pair[1]])
+        return Sentence((("is",), (the_shape,), alternatives), (1, 2, 0), "?"), COLOURS[o.colour]
     if kind == "logical":
         yes = bool(rng.integers(2))
         a = o
@@ -229,7 +234,8 @@ def lexicons(cfg: WorldConfig) -> dict[str, dict[str, str]]:
         for w in english:
             while True:
                 n = int(rng.integers(2, 4))
-                cand = "".join(consonants[rng.integers(len(consonants))] + vowels[rng.integers(len(vowels))] for _ in range(n))
+                cand = "".join(consonants[rng.integers(len(consonants))] + vowels[rng.integers(len(vowels))]
+                               for _ in range(n))
                 if cand not in used:
                     used.add(cand)
                     lex[w] = cand
@@ -297,7 +303,8 @@ def write_task(cfg: WorldConfig, out: Path, lex: dict) -> dict[str, list[dict]]:
                      "sent": render(q["sentence"], "en", lex)} for q in sets[split]])
     for lang in LANGS:
         _dump_json(ds / "xGQA" / "annotations" / "few_shot" / lang / "test.json",
-                   {q["qid"]: {"question": render(q["sentence"], lang, lex), "imageId": q["image"], "answer": q["answer"],
+                   {q["qid"]: {"question": render(q["sentence"], lang, lex), "imageId": q["image"],
+                               "answer": q["answer"],
                                "types": {"structural": QTYPES[q["kind"]], "semantic": "attr", "detailed": q["kind"]}}
                     for q in sets["test"]})
     return sets
@@ -307,7 +314,8 @@ def task_scenes(cfg: WorldConfig) -> Iterator[tuple[str, list[Obj], np.random.Ge
     for stream, n in (("train", cfg.train_scenes), ("valid", cfg.valid_scenes), ("test", cfg.test_scenes)):
         for i in range(n):
             rng = scene_rng(cfg, stream, i)
-            yield f"{stream}{i:05d}", sample_scene(rng, cfg), np.random.default_rng([cfg.seed, 13, zlib.crc32(stream.encode()), i])
+            feature_rng = np.random.default_rng([cfg.seed, 13, zlib.crc32(stream.encode()), i])
+            yield f"{stream}{i:05d}", sample_scene(rng, cfg), feature_rng
 
 
 def write_features(cfg: WorldConfig, path: Path, blind: bool = False) -> Path:
