@@ -62,7 +62,7 @@ $(VENV)/.installed: requirements.txt
 test: install
 	$(PY) -m pytest -q tests
 
-## demo            SUF vs standard fine-tuning of a small pretrained UC2 in the synthetic world (< 3 min)
+## demo            SUF vs standard fine-tuning of a small pretrained UC2 in the synthetic world (docs/synthetic.md)
 demo: install
 	$(PY) demo.py --out demo_out
 
