@@ -103,39 +103,49 @@ def mean_pool(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def layer_text_states(model: sp.PretrainUC2, tok, texts: list[str], regions: dict | None) -> list[torch.Tensor]:
-    """Mean-pooled word states per layer (0 = embeddings), [N, h] each; regions None = text-only input."""
+def layer_text_states(model: sp.PretrainUC2, tok, texts: list[str], regions: dict | None,
+                      pool: str = "words") -> list[torch.Tensor]:
+    """Text states per layer (0 = embeddings), [N, h] each; regions None = text-only input.
+    pool "words": mean over word tokens; "cls": the <s> state (what UC2's pooler reads)."""
     enc = tok(texts, padding=True, return_tensors="pt")
     n = len(texts)
     if regions is None:  # no region attended: every region masked out
         regions = {"features": torch.zeros(n, 1, 2048), "spatials": torch.zeros(n, 1, 7),
                    "image_mask": torch.zeros(n, 1, dtype=torch.long)}
     st = model.states({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **regions}, layers=True)
+    if pool == "cls":
+        return [h[:, 0] for h in st["layers"]]
     words = enc["input_ids"] >= len(sw.SPECIALS)
     return [mean_pool(h, words) for h in st["layers"]]
 
 
-def language_id_probe(model, corpus: sp.Corpus, n: int = 200) -> list[float]:
-    """Per layer: held-out accuracy of a logistic regression predicting the language of a caption/statement
-    (with its image) from its mean-pooled states; 5 languages, chance 0.2."""
-    per_lang = []
-    for lang in sw.LANGS:
-        b = corpus.batch("probe-lid", sw.LANGS.index(lang), n, lang=lang)
-        texts = corpus.tok.batch_decode(b["input_ids"], skip_special_tokens=True)
-        regions = {k: b[k] for k in ("features", "spatials", "image_mask")}
-        per_lang.append(layer_text_states(model, corpus.tok, texts, regions))
-    accs = []
-    for layer in range(len(per_lang[0])):
-        x = torch.cat([p[layer] for p in per_lang])
-        y = torch.arange(len(sw.LANGS)).repeat_interleave(n)
-        accs.append(_probe_accuracy(x, y, len(sw.LANGS)))
-    return accs
+def language_id_probe(model, corpus: sp.Corpus, n: int = 200, pool: str = "cls") -> list[float]:
+    """Per layer: held-out accuracy of a logistic regression predicting the language (5, chance 0.2) of a
+    caption/statement/question, with its image. The n texts are rendered in every language (parallel: content
+    and length are the same in each), and train/test split by text, so only language identity can be learned.
+    pool "cls" probes the <s> state, whose input embedding is the same token at the same position in every
+    language: whatever language identity it carries arrived through attention (contextual), so layer 0 is at
+    chance by construction. pool "words" (mean word state) reads token identity directly, and the languages'
+    vocabularies are disjoint: it is 1.0 at every layer whatever the model does (reported as that, not a check)."""
+    rng = corpus.rng("probe-lid", 0)
+    scenes, regions = corpus.scenes(rng, n)
+    sents = [corpus.sentence(s, rng) for s in scenes]
+    reg = sp.regions_batch(regions, corpus.cfg.max_objects)
+    per_lang = [layer_text_states(model, corpus.tok, [sw.render(s, lang, corpus.lex) for s in sents], reg, pool)
+                for lang in sw.LANGS]
+    y = torch.arange(len(sw.LANGS)).repeat_interleave(n)
+    text = torch.arange(n).repeat(len(sw.LANGS))
+    return [_probe_accuracy(torch.cat([p[layer] for p in per_lang]), y, len(sw.LANGS), text)
+            for layer in range(len(per_lang[0]))]
 
 
-def _probe_accuracy(x: torch.Tensor, y: torch.Tensor, classes: int) -> float:
+def _probe_accuracy(x: torch.Tensor, y: torch.Tensor, classes: int, group: torch.Tensor) -> float:
+    """Logistic regression (L-BFGS, small L2) trained on half of the groups, accuracy on the other half."""
     g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(y), generator=g)
-    tr, te = perm[: len(y) // 2], perm[len(y) // 2:]
+    ids = torch.unique(group)
+    held = ids[torch.randperm(len(ids), generator=g)[: len(ids) // 2]]
+    te_mask = torch.isin(group, held)
+    tr, te = (~te_mask).nonzero().flatten(), te_mask.nonzero().flatten()
     mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-6
     x = (x - mu) / sd
     w = torch.zeros(x.shape[1], classes, requires_grad=True)
@@ -193,7 +203,8 @@ def premise_checks(world: Path, ckpt: Path) -> dict:
     corpus = sp.Corpus(world, 0)
     meta = json.loads(ckpt.with_suffix(".json").read_text())
     return {"grounding": meta["final"], "pretrain_seconds": meta["seconds"],
-            "lid_probe": language_id_probe(model, corpus),
+            "lid_probe": language_id_probe(model, corpus, pool="cls"),
+            "lid_probe_words": language_id_probe(model, corpus, pool="words"),
             "translation_retrieval": translation_retrieval(model, world, corpus.tok)}
 
 
@@ -288,8 +299,11 @@ def format_report(study: dict) -> str:
         g = chk["grounding"]
         lines.append(f"- pretraining seed {ps}: ITM {g['itm_acc']:.2f}, MRM {g['mrm_acc']:.2f}, masked-attribute "
                      + ", ".join(f"{l} {g['attr_' + l]:.2f}" for l in sw.LANGS) + " (chance 0.17)")
-        lines.append("  - language-ID probe by layer (0 = embeddings; chance 0.20): "
-                     + " ".join(f"{a:.2f}" for a in chk["lid_probe"]))
+        lines.append("  - language-ID probe on the <s> state by layer (0 = embeddings, chance by construction; chance "
+                     "0.20): " + " ".join(f"{a:.2f}" for a in chk["lid_probe"]))
+        if "lid_probe_words" in chk:
+            lines.append("  - language-ID probe on mean word states (token identity, disjoint vocabularies: 1.0 by "
+                         "construction, not a check): " + " ".join(f"{a:.2f}" for a in chk["lid_probe_words"]))
         tr = chk["translation_retrieval"]
         lines.append(f"  - translation retrieval chance: {tr['chance']:.3f}")
         for lang, accs in ((l, a) for l, a in tr.items() if l != "chance"):

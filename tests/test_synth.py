@@ -178,3 +178,19 @@ def test_shipped_world_checkpoint_is_what_make_synth_pretrain_writes():
     config = {**train_uc2.CONFIGS["base"], **sw.model_config(vocab)}
     model = train_uc2.build_model("xgqa", config)
     assert train_uc2.load_into(model, str(ckpt)).ok
+
+
+def test_language_id_probe_on_s_state_has_no_token_identity_shortcut(world):
+    """Parallel texts: the <s> input is the same token at the same position in every language, so the <s> probe
+    is exactly at chance (0.2) at the embeddings and can only rise through attention; the mean-word-state probe
+    reads the disjoint vocabularies and is near perfect from the embeddings on, even untrained."""
+    import synth_study
+    torch.manual_seed(0)
+    config = train_uc2.resolve_config(str(world / "model_config.json"))
+    model = synth_pretrain.PretrainUC2(config).eval()
+    corpus = synth_pretrain.Corpus(world, 0)
+    cls = synth_study.language_id_probe(model, corpus, n=20, pool="cls")
+    words = synth_study.language_id_probe(model, corpus, n=20, pool="words")
+    assert len(cls) == len(words) == config["num_layers"] + 1
+    assert cls[0] == pytest.approx(0.2, abs=1e-6) and words[0] > 0.9
+    assert max(cls[1:]) > 0.2  # a random encoder already mixes word identity into <s>
