@@ -75,7 +75,7 @@ synth-world: install
 synth-pretrain: install
 	@[ -e $(SYNTH)/world/world.json ] || $(PY) synth_world.py --out $(SYNTH)/world
 	$(PY) synth_pretrain.py --world $(SYNTH)/world --seed 0 --steps 3000 --eval-every 300 --out tests/fixtures/synth/pretrain_seed0.bin
-## synth           the whole study: premise checks, 4 policies x 3 pretraining x 2 fine-tuning seeds (< 1 h, 2 cores)
+## synth           the whole study: premise checks, 4 policies x 2 pretraining x 2 fine-tuning seeds (< 1 h, 2 cores)
 synth: install
 	$(PY) synth_study.py --out $(SYNTH) --checkpoint tests/fixtures/synth/pretrain_seed0.bin --lr 3e-4 --record
 
