@@ -338,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=None, help="skip the English-dev selection and use this lr")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="demo-sized runs")
     p.add_argument("--no-floors", action="store_true", help="skip the blind and random-init runs")
+    p.add_argument("--no-random-init", action="store_true",
+                   help="skip the random-init run (another invocation on the same --out runs it)")
     p.add_argument("--workers", type=int, default=2, help="parallel one-thread jobs (2 cores: 2)")
     p.add_argument("--report-only", action="store_true",
                    help="no training: report the finished runs (pairs where both policies finished)")
@@ -390,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if not (r / "model_final.pt").exists():
                 floors.append(finetune_job(world, c, "full", 0, lr, r, features="features_blind.lmdb",
                                            max_steps=args.max_steps_per_epoch))
-        if not (runs / "randinit-full-f0" / "model_final.pt").exists():
+        if not args.no_random_init and not (runs / "randinit-full-f0" / "model_final.pt").exists():
             floors.append(finetune_job(world, None, "full", 0, lr, runs / "randinit-full-f0",
                                        max_steps=args.max_steps_per_epoch))
         first = min(len(jobs), len(groups[0]))
