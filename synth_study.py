@@ -273,11 +273,40 @@ def summary_rows(results: dict) -> dict:
     return rows
 
 
+PREMISE_MARGIN = 15.0  # protocol 1.3: English of full fine-tuning at least this far above the blind floor
+
+
+def english_premise(study: dict) -> dict:
+    """Protocol 1.3's English check per pretraining seed: English test accuracy of every finished full run minus
+    that seed's blind (question-only) floor; holds when every margin is >= PREMISE_MARGIN."""
+    out = {}
+    for ps, chk in study["premise"].items():
+        if "blind" not in chk:
+            continue
+        full = study["results"].get("full", {}).get(ps, {})
+        margins = [acc["en"] - chk["blind"]["en"] for acc in full.values()]
+        if margins:
+            out[ps] = {"margins": margins, "holds": min(margins) >= PREMISE_MARGIN}
+    return out
+
+
+def premise_note(study: dict) -> str:
+    checks = english_premise(study)
+    if not checks:
+        return "English premise not checked (no blind floor or no full run)"
+    text = "; ".join(f"pretraining seed {ps}: full − blind in English " + ", ".join(f"{m:+.1f}" for m in c["margins"])
+                     for ps, c in checks.items())
+    ok = all(c["holds"] for c in checks.values())
+    return (f"English premise {'HOLDS' if ok else 'FAILS'} (≥ {PREMISE_MARGIN:g} points required): {text}"
+            + ("" if ok else "; the differences are not evidence about cross-lingual transfer"))
+
+
 def format_report(study: dict) -> str:
     lines = ["# Synthetic-world study results", "",
              f"world {study['world']['version']} (seed {study['world']['seed']}); pretraining seeds "
              f"{study['pretrain_seeds']}, fine-tuning seeds {study['finetune_seeds']}, lr {study['lr']}, "
-             f"pretraining steps {study['pretrain_steps']}; accuracy after the last epoch.", "",
+             f"pretraining steps {study['pretrain_steps']}, fine-tuning batch {study.get('batch_size', '?')}; "
+             "accuracy after the last epoch.", "", premise_note(study), "",
              "## Accuracy (mean over runs)", "",
              "| policy | en | non-en avg | " + " | ".join(sw.LANGS[1:]) + " | runs |",
              "|---|---|---|" + "---|" * len(sw.LANGS[1:]) + "---|"]
@@ -407,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 premise[ps]["blind"] = final_accuracy(runs / f"blind-full-p{ps}-f0")
     study = {"world": sw.load_config(world).to_dict(), "pretrain_seeds": args.pretrain_seeds,
              "finetune_seeds": args.finetune_seeds, "lr": lr, "pretrain_steps": args.pretrain_steps,
+             "batch_size": FT["batch_size"],
              "max_steps_per_epoch": args.max_steps_per_epoch, "premise": premise, "floors": majority_floor(world),
              "summary": summary_rows(results), "results": results,
              "comparisons": compare(results, args.policies) if "full" in args.policies else {}}
@@ -415,8 +445,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     (out / "study.json").write_text(json.dumps(study, indent=1, default=dict) + "\n")
     if args.record:
         design = (f"world {study['world']['version']}, {len(args.pretrain_seeds)} pretraining x "
-                  f"{len(args.finetune_seeds)} fine-tuning seeds, lr {lr}")
-        RECORD.write_text(json.dumps({"design": design, "summary": study["summary"],
+                  f"{len(args.finetune_seeds)} fine-tuning seeds, lr {lr}, batch {FT['batch_size']}")
+        RECORD.write_text(json.dumps({"design": design, "note": premise_note(study), "summary": study["summary"],
                                       "comparisons": study["comparisons"]}, indent=1) + "\n")
     report = format_report(study)
     (out / "RESULTS.md").write_text(report)

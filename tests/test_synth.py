@@ -194,3 +194,15 @@ def test_language_id_probe_on_s_state_has_no_token_identity_shortcut(world):
     assert len(cls) == len(words) == config["num_layers"] + 1
     assert cls[0] == pytest.approx(0.2, abs=1e-6) and words[0] > 0.9
     assert max(cls[1:]) > 0.2  # a random encoder already mixes word identity into <s>
+
+
+def test_english_premise_needs_every_full_run_15_points_above_its_blind_floor():
+    import synth_study
+    study = {"premise": {0: {"blind": {"en": 40.0}}, 1: {"blind": {"en": 38.0}}},
+             "results": {"full": {0: {0: {"en": 80.0}, 1: {"en": 56.0}}, 1: {0: {"en": 70.0}}}}}
+    assert synth_study.english_premise(study) == {0: {"margins": [40.0, 16.0], "holds": True},
+                                                  1: {"margins": [32.0], "holds": True}}
+    assert synth_study.premise_note(study).startswith("English premise HOLDS")
+    study["results"]["full"][0][1]["en"] = 54.0
+    assert not synth_study.english_premise(study)[0]["holds"]
+    assert "FAILS" in synth_study.premise_note(study) and "not evidence" in synth_study.premise_note(study)
