@@ -54,7 +54,7 @@ need_run = @[ -n "$(RUN)" ] || { echo "error: RUN= names the run folder to evalu
 RUN_PATHS = $(RUN) $(call given,DATA,$(DATA)/datasets) $(call given,FEATURES,$(FEATURES)) $(call given,IMAGES,$(IMAGES))
 INPUTS = $(DATA)/datasets $(VISUAL) $(CKPT)
 
-.PHONY: install test demo bench help table1 figures eval translate-test sanity \
+.PHONY: install test demo bench help synth synth-world synth-pretrain table1 figures eval translate-test sanity \
 	xgqa-full xgqa-suf xvnli-full xvnli-suf xflickrco-full xflickrco-suf \
 	xgqa-llrd-sweep xgqa-llrd-0.98 xgqa-llrd-0.95 xgqa-llrd-0.88 xgqa-llrd-0.75 xgqa-top6 \
 	fewshot-xgqa-full fewshot-xgqa-suf
@@ -74,9 +74,22 @@ $(VENV)/.installed: requirements.txt
 test: $(INSTALL)
 	$(PY) -m pytest -q tests $(EXTRA)
 
-## demo            SUF vs standard fine-tuning of a tiny random UC2 on the shipped xGQA sample
+## demo            SUF vs standard fine-tuning of a small pretrained UC2 in the synthetic world (docs/synthetic.md)
 demo: $(INSTALL)
 	$(PY) demo.py --out demo_out $(EXTRA)
+
+# ---- the synthetic multilingual world (docs/synthetic.md) ----
+SYNTH ?= synth_out
+## synth-world     write the synthetic world (IGLUE layout, features, tokenizer) to SYNTH=synth_out/world
+synth-world: $(INSTALL)
+	$(PY) synth_world.py --out $(SYNTH)/world
+## synth-pretrain  regenerate the shipped world checkpoint tests/fixtures/synth/pretrain_seed0.bin (one core)
+synth-pretrain: $(INSTALL)
+	@[ -e $(SYNTH)/world/world.json ] || $(PY) synth_world.py --out $(SYNTH)/world
+	$(PY) synth_pretrain.py --world $(SYNTH)/world --seed 0 --steps 3000 --eval-every 300 --out tests/fixtures/synth/pretrain_seed0.bin
+## synth           the whole study: premise checks, 4 policies x 2 pretraining x 2 fine-tuning seeds (< 1 h, 2 cores)
+synth: $(INSTALL)
+	$(PY) synth_study.py --out $(SYNTH) --checkpoint tests/fixtures/synth/pretrain_seed0.bin --lr 3e-4 --record
 
 ## bench           every bench/ script, one table in bench/results/TABLE.md
 bench: $(INSTALL)

@@ -877,7 +877,8 @@ def main(argv: list[str] | None = None, *, dist: engine.DistInfo | None = None,
                       "the 4th pair of each caption uses a random other image, not VOLTA's hard negatives",
                       file=sys.stderr, flush=True)
         train_ds = checked_train_dataset(args, features, serialized)
-        loader = engine.build_train_loader(train_ds, args, dist, data.REGION_FEATURES.collate(args.task, tokenizer, train=True))
+        loader = engine.build_train_loader(train_ds, args, dist, data.UC2Collate(args.task, tokenizer, train=True,
+                                                                          num_answers=config["num_answers"]))
         evaluate_fn = None
         if not args.no_eval:
             if features is None:

@@ -1,0 +1,208 @@
+"""The synthetic multilingual world (synth_world.py) and its UC2-style pretraining (synth_pretrain.py)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import synth_pretrain
+import synth_world as sw
+import train_uc2
+
+TINY = sw.WorldConfig(train_scenes=24, valid_scenes=6, test_scenes=10)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world") / "w"
+    sw.build_world(out, TINY)
+    return out
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith("lock.mdb")}
+
+
+def test_generator_writes_identical_files_from_the_same_config(world, tmp_path):
+    again = tmp_path / "w"
+    sw.build_world(again, TINY)
+    assert _digest(again) == _digest(world)
+    other = tmp_path / "other"
+    sw.build_world(other, sw.WorldConfig(**{**TINY.to_dict(), "seed": 1}))
+    train = "datasets/gqa/annotations/train.json"
+    assert _digest(other)[train] != _digest(world)[train]
+
+
+def test_build_world_refuses_an_existing_world(world):
+    with pytest.raises(SystemExit, match="already holds a world"):
+        sw.build_world(world, TINY)
+
+
+def test_test_sets_are_exact_translations_in_every_language(world):
+    lex = json.loads((world / "lexicon.json").read_text())
+    back = {lang: {v: k for k, v in table.items()} for lang, table in lex.items()}
+    en = data.load_split(world, "xgqa", "test", "en")
+    for lang in sw.LANGS:
+        got = data.load_split(world, "xgqa", "test", lang)
+        assert [(e.id, e.image, e.gold, e.qtype) for e in got] == [(e.id, e.image, e.gold, e.qtype) for e in en]
+        for e_en, e in zip(en, got):
+            words = [w if w in sw.SHARED else back[lang][w] for w in e.text.split()]
+            assert Counter(words) == Counter(e_en.text.split())  # the same words, in that language's order
+            if lang in ("rl", "lo"):
+                assert words == e_en.text.split()
+
+
+def test_languages_share_only_specials_digits_and_punctuation(world):
+    lex = json.loads((world / "lexicon.json").read_text())
+    vocab = {lang: set(table.values()) for lang, table in lex.items()}
+    for a in sw.LANGS:
+        for b in sw.LANGS:
+            if a < b:
+                assert not vocab[a] & vocab[b], (a, b)
+    tok = data.load_tokenizer(world / "tokenizer")
+    for lang in sw.LANGS:  # every word of every language is one token, none unknown
+        text = " ".join(sorted(vocab[lang]))
+        ids = tok(text)["input_ids"][1:-1]
+        assert len(ids) == len(vocab[lang]) and data.UNK_ID not in ids
+
+
+def test_data_reads_the_world_as_iglue(world):
+    assert data.available_splits(world, "xgqa") == ["train", "valid", "test"]
+    assert data.available_langs(world, "xgqa", "test") == sorted(sw.LANGS)
+    train = data.load_split(world, "xgqa", "train", "en")
+    assert len(train) == TINY.train_scenes * TINY.train_questions_per_scene
+    assert all(e.label >= 0 and e.scores == {e.label: 1.0} for e in train)  # every answer in the vocabulary
+    test = data.load_split(world, "xgqa", "test", "sw")
+    assert {e.qtype for e in test} <= {"query", "verify", "choose", "logical", "compare"}
+    feats = data.open_features(world / "features.lmdb")
+    assert feats.keys() == {e.image for e in train} | {e.image for e in test} | \
+        {e.image for e in data.load_split(world, "xgqa", "valid", "en")}
+    data.check_inputs(train, features=feats)
+    tok = data.load_tokenizer(world / "tokenizer")
+    ds = data.make_dataset("uc2", "xgqa", test, features=feats, max_regions=3)
+    batch = data.UC2Collate("xgqa", tok)([ds[i] for i in range(4)])
+    assert batch["features"].shape == (4, 3, data.FEATURE_DIM) and batch["spatials"].shape == (4, 3, 7)
+    assert batch["target"].sum(1).tolist() == [1.0] * 4
+
+
+def test_region_features_encode_the_scene(world):
+    """Each region is its object's codebook sum plus noise: the nearest codebook sum is the object itself."""
+    cfg, books = TINY, sw.codebooks(TINY)
+    feats = data.open_features(world / "features.lmdb")
+    scenes = {key: scene for key, scene, _ in sw.task_scenes(cfg)}
+    protos = {(s, c, z): books["shape"][s] + books["colour"][c] + books["size"][z]
+              for s in range(len(sw.SHAPES)) for c in range(len(sw.COLOURS)) for z in range(len(sw.SIZES))}
+    keys, mat = list(protos), torch.from_numpy(np.stack(list(protos.values())))
+    for key in ["test00000", "train00003"]:
+        f, boxes, w, h = feats.get(key)
+        got = [keys[int(i)] for i in torch.cdist(torch.tensor(f), mat).argmin(1)]
+        assert got == [(o.shape, o.colour, o.size) for o in scenes[key]]
+        assert (w, h) == (sw.IMG_W, sw.IMG_H) and (boxes[:, 2] > boxes[:, 0]).all()
+
+
+def test_pretraining_is_deterministic_and_train_uc2_loads_it(world, tmp_path):
+    """A few steps twice from one seed: identical checkpoints; train_uc2 reads it as a VOLTA file (fresh task
+    head, pre-training heads dropped) and synth_pretrain reads back every tensor."""
+    kw = dict(batch_size=8, eval_every=0, log=lambda s: None, probe_n=8)
+    a = synth_pretrain.pretrain(world, 0, 5, tmp_path / "a.bin", **kw)
+    synth_pretrain.pretrain(world, 0, 5, tmp_path / "b.bin", **kw)
+    sd_a, sd_b = torch.load(tmp_path / "a.bin"), torch.load(tmp_path / "b.bin")
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert set(a["final"]) >= {"itm_acc", "mrm_acc", "attr_en", "attr_lo"}
+    config = train_uc2.resolve_config(str(world / "model_config.json"))
+    model = train_uc2.build_model("xgqa", config)
+    plan = train_uc2.load_into(model, str(tmp_path / "a.bin"))
+    assert plan.fmt == "volta" and plan.ok
+    assert {k for k, _ in plan.initialised} == {k for k in model.state_dict() if k.startswith("head.")}
+    assert len(plan.dropped) == len(train_uc2.VOLTA_PRETRAIN_HEADS)
+    back = synth_pretrain.volta_state_dict(synth_pretrain.load_pretrained(tmp_path / "a.bin", config))
+    assert back.keys() == sd_a.keys() and all(torch.equal(back[k], sd_a[k]) for k in sd_a)
+
+
+def test_tiny_end_to_end_pretrain_finetune_two_policies_evaluate_table(world, tmp_path):
+    """pretrain (3 steps) -> the real train_uc2 with full and suf -> per-epoch evaluation in every language ->
+    the study's paired comparison and report."""
+    import synth_study
+    ckpt = tmp_path / "p.bin"
+    synth_pretrain.pretrain(world, 0, 3, ckpt, batch_size=8, eval_every=0, log=lambda s: None, probe_n=8)
+    runs = {}
+    for policy in ("full", "suf"):
+        cmd, _ = synth_study.finetune_job(world, ckpt, policy, 0, 1e-3, tmp_path / policy, max_steps=2)
+        train_uc2.main(cmd[2:] + ["--epochs", "2", "--batch-size", "8"])
+        runs[policy] = synth_study.final_accuracy(tmp_path / policy)
+        assert set(runs[policy]) == set(sw.LANGS)
+        assert sorted(synth_study.evals(tmp_path / policy)) == [1, 2]
+    results = {pol: {0: {0: acc}} for pol, acc in runs.items()}
+    cmp = synth_study.compare(results, ["full", "suf"])["suf"]
+    want = synth_study.non_en_avg(runs["suf"]) - synth_study.non_en_avg(runs["full"])
+    assert cmp["avg"]["mean"] == pytest.approx(want) and cmp["avg"]["lo"] == pytest.approx(want)
+    study = {"world": TINY.to_dict(), "pretrain_seeds": [0], "finetune_seeds": [0], "lr": 1e-3, "pretrain_steps": 3,
+             "summary": synth_study.summary_rows(results), "comparisons": {"suf": cmp}, "premise": {},
+             "floors": synth_study.majority_floor(world)}
+    report = synth_study.format_report(study)
+    assert "| suf − full (n=1) |" in report and "too few pairs" in report and "| full |" in report
+
+
+def test_paired_bootstrap_interval_covers_the_spread_of_seeds():
+    import synth_study
+    diffs = {0: {0: 1.0, 1: 3.0}, 1: {0: 5.0, 1: 7.0}, 2: {0: 2.0, 1: 4.0}}
+    got = synth_study.paired_bootstrap(diffs, n=2000)
+    assert got["mean"] == pytest.approx(22 / 6) and got["n_pairs"] == 6
+    assert 1.0 <= got["lo"] < got["mean"] < got["hi"] <= 7.0
+    same = synth_study.paired_bootstrap({0: {0: 2.0}, 1: {0: 2.0}}, n=100)
+    assert same["lo"] == same["hi"] == 2.0
+
+
+def test_shipped_world_checkpoint_is_what_make_synth_pretrain_writes():
+    """tests/fixtures/synth/pretrain_seed0.bin: its record names the default world, seed 0 and the study's step
+    count, `make synth-pretrain` writes it with those, and it fits the default world's tokenizer and config."""
+    import subprocess
+
+    import synth_study
+    root = Path(__file__).resolve().parents[1]
+    ckpt = root / "tests" / "fixtures" / "synth" / "pretrain_seed0.bin"
+    meta = json.loads(ckpt.with_suffix(".json").read_text())
+    assert meta["world"] == sw.WorldConfig().to_dict()
+    assert (meta["seed"], meta["steps"]) == (0, synth_study.PRETRAIN_STEPS)
+    make = subprocess.run(["make", "-n", "--no-print-directory", "synth-pretrain"], cwd=root, capture_output=True,
+                          text=True).stdout
+    assert f"--seed 0 --steps {synth_study.PRETRAIN_STEPS} " in make and str(ckpt.relative_to(root)) in make
+    vocab = len(sw.SPECIALS) + len(sw.all_words(sw.lexicons(sw.WorldConfig())))
+    config = {**train_uc2.CONFIGS["base"], **sw.model_config(vocab)}
+    model = train_uc2.build_model("xgqa", config)
+    assert train_uc2.load_into(model, str(ckpt)).ok
+
+
+def test_language_id_probe_on_s_state_has_no_token_identity_shortcut(world):
+    """Parallel texts: the <s> input is the same token at the same position in every language, so the <s> probe
+    is exactly at chance (0.2) at the embeddings and can only rise through attention; the mean-word-state probe
+    reads the disjoint vocabularies and is near perfect from the embeddings on, even untrained."""
+    import synth_study
+    torch.manual_seed(0)
+    config = train_uc2.resolve_config(str(world / "model_config.json"))
+    model = synth_pretrain.PretrainUC2(config).eval()
+    corpus = synth_pretrain.Corpus(world, 0)
+    cls = synth_study.language_id_probe(model, corpus, n=20, pool="cls")
+    words = synth_study.language_id_probe(model, corpus, n=20, pool="words")
+    assert len(cls) == len(words) == config["num_layers"] + 1
+    assert cls[0] == pytest.approx(0.2, abs=1e-6) and words[0] > 0.9
+    assert max(cls[1:]) > 0.2  # a random encoder already mixes word identity into <s>
+
+
+def test_english_premise_needs_every_full_run_15_points_above_its_blind_floor():
+    import synth_study
+    study = {"premise": {0: {"blind": {"en": 40.0}}, 1: {"blind": {"en": 38.0}}},
+             "results": {"full": {0: {0: {"en": 80.0}, 1: {"en": 56.0}}, 1: {0: {"en": 70.0}}}}}
+    assert synth_study.english_premise(study) == {0: {"margins": [40.0, 16.0], "holds": True},
+                                                  1: {"margins": [32.0], "holds": True}}
+    assert synth_study.premise_note(study).startswith("English premise HOLDS")
+    study["results"]["full"][0][1]["en"] = 54.0
+    assert not synth_study.english_premise(study)[0]["holds"]
+    assert "FAILS" in synth_study.premise_note(study) and "not evidence" in synth_study.premise_note(study)
