@@ -8,7 +8,7 @@ A trainer's main() is (decorated with engine.exits_on_bad_input: bad input ends 
     dist = engine.setup_distributed()
     run_dir = engine.check_run_dir(args, dist)  # before anything is built: a bad --output-dir costs nothing
     engine.seed_everything(args.seed)     # identical model init on every rank
-    model = build_model(...); layout = LAYOUT(task); schedule = freeze.schedule_from_args(args, layout.num_layers)
+    model = build_model(...); layout = layer_layout(task); schedule = freeze.schedule_from_args(args, layout.num_layers)
     loader = engine.build_train_loader(dataset, args, dist, collate_fn)
     evaluate_fn = engine.trainer_evaluate_fn(model_name, args, tokenizer, dist, ...)   # the per-epoch evaluation
     engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist, module_lr=..., run_dir=run_dir)

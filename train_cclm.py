@@ -655,7 +655,7 @@ def build_model(task: str, config: dict) -> CCLM:
     return MODEL_CLASSES[task](task, config)
 
 
-def LAYOUT(task: str, config: dict | None = None) -> freeze.LayerLayout:
+def layer_layout(task: str, config: dict | None = None) -> freeze.LayerLayout:
     """18 SUF layers: text 0-11 then cross 12-17 (counts from config, default the paper's).
     Task head (what policy top trains besides its layers): the heads and, for xGQA, the whole answer
     decoder (choice: its embeddings and LM head start random, so the task has no output unless they
@@ -975,7 +975,7 @@ def main(argv: list[str] | None = None, *, dist: engine.DistInfo | None = None,
     state, meta = None, None
     if args.print_schedule:
         config = model_config_from_args(args)
-        layout = LAYOUT(args.task, config)
+        layout = layer_layout(args.task, config)
         schedule = freeze.schedule_from_args(args, layout.num_layers)
         count_train = lambda: len(data.load_split(args.data_root, args.task, args.train_split, args.train_lang))  # noqa: E731
         return engine.print_schedule_only(build_model, config, layout, schedule, args, count_train)
@@ -994,7 +994,7 @@ def main(argv: list[str] | None = None, *, dist: engine.DistInfo | None = None,
         elif args.checkpoint:
             state, meta = read_checkpoint_arg(args.checkpoint)
         config = model_config_from_args(args, meta)
-        layout = LAYOUT(args.task, config)
+        layout = layer_layout(args.task, config)
         schedule = freeze.schedule_from_args(args, layout.num_layers)
         tokenizer = engine.load_tokenizer(args, config["vocab_size"])
         if resuming:  # the optimizer groups of the run itself (its checkpoint holds their state)

@@ -379,7 +379,7 @@ def build_model(task: str, config: dict) -> UC2:
     return UC2(task, config)
 
 
-def LAYOUT(task: str, config: dict | None = None) -> freeze.LayerLayout:
+def layer_layout(task: str, config: dict | None = None) -> freeze.LayerLayout:
     """12 XLM-R layers; text+image embeddings = "embeddings"; pooler and task head = "head" (always trainable)."""
     n = (config or CONFIGS["base"])["num_layers"]
     return freeze.layout_from_rules(n, [("encoder.layer.", 0, 1)],
@@ -840,7 +840,7 @@ def main(argv: list[str] | None = None, *, dist: engine.DistInfo | None = None,
     (eval_zeroshot fewshot runs several trainings and an evaluation in one); on_evaluated: engine.train's hook."""
     args = engine.parse_args(build_parser(), argv, DEFAULTS)
     config = model_config_from_args(args)
-    layout = LAYOUT(args.task, config)
+    layout = layer_layout(args.task, config)
     schedule = freeze.schedule_from_args(args, layout.num_layers)
 
     if args.print_schedule:

@@ -466,7 +466,7 @@ def train(args, dist: engine.DistInfo) -> Path:
     net, config, tokenizer = build_model(args, meta0, dist)
     aux_ds, en_ds, collate, features = build_data(args, tokenizer)
     evaluate_fn = epoch_evaluate_fn(args, tokenizer, features, dist)
-    layout = xvl_layout(U.LAYOUT(args.task, config))
+    layout = xvl_layout(U.layer_layout(args.task, config))
     schedule = freeze.schedule_from_args(args, layout.num_layers)
     meta = {**engine.base_meta("uc2", args, config, tokenizer), "max_regions": args.max_regions,
             "xvlmaml": {**cfg.to_dict(), "aux_lang": args.aux_lang, "aux_split": args.aux_split,

@@ -44,7 +44,7 @@ def uc2_model_and_batch():
              "features": torch.empty(N, 37, cfg["v_feature_size"]), "spatials": torch.empty(N, 37, cfg["num_locs"]),
              "image_mask": torch.ones(N, 37, dtype=torch.long), "target": torch.zeros(N, cfg["num_answers"]),
              "label": torch.zeros(N, dtype=torch.long)}
-    return model, train_uc2.LAYOUT("xgqa", cfg), batch
+    return model, train_uc2.layer_layout("xgqa", cfg), batch
 
 
 def cclm_model_and_batch():
@@ -52,7 +52,7 @@ def cclm_model_and_batch():
     model = train_cclm.build_model("xvnli", cfg)
     batch = {"images": torch.empty(N, 3, cfg["image_res"], cfg["image_res"]), "text_ids": torch.ones(N, L, dtype=torch.long),
              "text_atts": torch.ones(N, L, dtype=torch.long), "label": torch.zeros(N, dtype=torch.long)}
-    return model, train_cclm.LAYOUT("xvnli", cfg), batch
+    return model, train_cclm.layer_layout("xvnli", cfg), batch
 
 
 def memory_bytes(model: torch.nn.Module, layout: freeze.LayerLayout, policy: str) -> int:

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/suf_step.py [--quick] [--models uc2 cclm] [--out bench/results/suf_step.json]
 
-Real models (train_uc2 / train_cclm build_model + LAYOUT) at base widths; what is reduced to fit a
+Real models (train_uc2 / train_cclm build_model + layer_layout) at base widths; what is reduced to fit a
 shared 2-core machine in a few minutes (batch, text length, CCLM image size, vocabulary only if memory
 is short) is printed and written to the JSON. For each configuration (full fine-tuning; SUF stage s =
 epoch s+1, k=3; each stage with --freeze-embeddings) ONE model and ONE fused AdamW built over
@@ -345,7 +345,7 @@ def uc2_setup(quick: bool, batch: int, vocab: int | None, budget: int):
          "label": torch.zeros(batch, dtype=torch.long)}
     reduced = {"config": "tiny" if quick else "base", "task": task, "vocab_size": cfg["vocab_size"],
                "batch": f"{batch} (paper 256)", "text_tokens": L, "regions": R}
-    return train_uc2.build_model(task, cfg), train_uc2.LAYOUT(task, cfg), b, batch * L, reduced
+    return train_uc2.build_model(task, cfg), train_uc2.layer_layout(task, cfg), b, batch * L, reduced
 
 
 def cclm_setup(quick: bool, batch: int, vocab: int | None, budget: int, image_res: int):
@@ -362,7 +362,7 @@ def cclm_setup(quick: bool, batch: int, vocab: int | None, budget: int, image_re
          "text_atts": torch.ones(batch, L, dtype=torch.long), "label": torch.randint(0, 3, (batch,), generator=g)}
     reduced = {"config": "tiny" if quick else "base", "task": task, "vocab_size": cfg["vocab_size"],
                "batch": f"{batch} (paper 144)", "text_tokens": L, "image_res": f"{cfg['image_res']} (paper 384)"}
-    return train_cclm.build_model(task, cfg), train_cclm.LAYOUT(task, cfg), b, batch * L, reduced
+    return train_cclm.build_model(task, cfg), train_cclm.layer_layout(task, cfg), b, batch * L, reduced
 
 
 def main(argv: list[str] | None = None) -> int:

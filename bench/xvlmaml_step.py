@@ -76,7 +76,7 @@ class Setup:
         spec = CONFIGS[name] or {}
         head = M.ContrastiveHead(hidden, 256)
         self.net = X.XVLModel(U.build_model("xvnli", c), head, spec.get("cl_embed", "separate"))
-        self.layout = X.xvl_layout(U.LAYOUT("xvnli", c))
+        self.layout = X.xvl_layout(U.layer_layout("xvnli", c))
         schedule = freeze.Schedule("full", self.layout.num_layers)
         args = argparse.Namespace(lr=1e-5, weight_decay=0.01, adam_eps=1e-8, adam_betas=[0.9, 0.999], warmup_ratio=0.0)
         self.opt, self.sched = engine.build_optimizer(self.net, self.layout, schedule, args, total_steps=10**6)

@@ -148,7 +148,7 @@ def test_finetuned_roundtrip_and_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize("task", TASKS)
 def test_layout_18_layers(task: str) -> None:
     model = meta_model(task)
-    layout = train_cclm.LAYOUT(task)
+    layout = train_cclm.layer_layout(task)
     assert layout.num_layers == 18
     per_layer, modules = Counter(), Counter()
     for name, p in model.named_parameters():
@@ -195,7 +195,7 @@ def x2vlm_expected_groups(task: str) -> dict[str, tuple[float, float]]:
 @pytest.mark.parametrize("task", TASKS)
 def test_optimizer_groups_follow_x2vlm_rules_on_the_released_layout(task: str) -> None:
     model = meta_model(task)
-    layout = train_cclm.LAYOUT(task)
+    layout = train_cclm.layer_layout(task)
     groups = freeze.param_groups(model, layout, freeze.Schedule("full", layout.num_layers), LR, WD,
                                  {"vision_encoder": VISION_LR}, no_decay=train_cclm.x2vlm_no_decay,
                                  lr_mult=train_cclm.lr_mult_rule(train_cclm.lr_mult_prefixes(task, True), LR_MULT))

@@ -229,7 +229,7 @@ def test_contrastive_loss_of_a_grouped_retrieval_batch_uses_its_positive_pairs()
 
 def test_inner_params_top_adapts_the_top_layers_and_heads_but_not_the_embeddings():
     net = X.XVLModel(tiny_uc2(), M.ContrastiveHead(32, 8), "separate")
-    layout = X.xvl_layout(U.LAYOUT("xflickrco", U.CONFIGS["tiny"]))
+    layout = X.xvl_layout(U.layer_layout("xflickrco", U.CONFIGS["tiny"]))
     names = [n for n, _ in net.named_parameters()]
     emb = lambda n: layout.layer_of(n) is None and layout.module_of(n) in layout.embedding_modules  # noqa: E731
     top = M.adapt_names_for(names, layout.layer_of, layout.num_layers, "top", 2, emb)

@@ -37,7 +37,7 @@ def exempt_names(run: Path, rule) -> set[str]:
     exactly freeze.param_groups(..., no_decay=rule)'s (checkpoints keep group names/sizes, not param names)."""
     model = U.build_model("xgqa", U.CONFIGS["tiny"])
     names = {id(p): n for n, p in model.named_parameters()}
-    want = freeze.param_groups(model, U.LAYOUT("xgqa", U.CONFIGS["tiny"]), freeze.Schedule("full", 12), 1.0, 1.0,
+    want = freeze.param_groups(model, U.layer_layout("xgqa", U.CONFIGS["tiny"]), freeze.Schedule("full", 12), 1.0, 1.0,
                                no_decay=rule)
     got = engine.load_checkpoint(run / "checkpoint_last.pt")["optimizer"]["param_groups"]
     assert [(g["name"], len(g["params"])) for g in got] == [(g["name"], len(g["params"])) for g in want]

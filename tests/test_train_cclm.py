@@ -106,7 +106,7 @@ def test_fixed_batch_loss_falls(env: Path, task: str, policy: str) -> None:
     config = {**train_cclm.CONFIGS["tiny"], "dropout": 0.0, "attn_dropout": 0.0, "vision_drop_path": 0.0}
     torch.manual_seed(0)
     model = train_cclm.build_model(task, config)
-    layout = train_cclm.LAYOUT(task, config)
+    layout = train_cclm.layer_layout(task, config)
     schedule = freeze.schedule_from_args(args, layout.num_layers)
     freeze.apply_schedule(model, layout, schedule, epoch=0)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -150,7 +150,7 @@ def assert_x2vlm_optimizer_groups(run: Path, task: str) -> None:
     """The trainer's optimizer is built with X2-VLM's rules (train_cclm.x2vlm_no_decay, lr_mult 2 for the new
     head; tests/test_ckpt_cclm.py checks those rules on the released layout): group names, sizes, peak lrs."""
     config = {**train_cclm.CONFIGS["tiny"], "image_res": 32}
-    model, layout = train_cclm.build_model(task, config), train_cclm.LAYOUT(task, config)
+    model, layout = train_cclm.build_model(task, config), train_cclm.layer_layout(task, config)
     args = json.loads((run / engine.ARGS).read_text())
     want = freeze.param_groups(model, layout, freeze.Schedule("suf", layout.num_layers), args["lr"], args["weight_decay"],
                                {"vision_encoder": args["vision_lr"]}, train_cclm.x2vlm_no_decay,

@@ -66,7 +66,7 @@ def test_loss_falls_on_a_fixed_batch(task, policy, sample):
     torch.manual_seed(0)
     config = {**U.CONFIGS["tiny"], "hidden_dropout": 0.0, "attention_dropout": 0.0, "classifier_dropout": 0.0}
     model = U.build_model(task, config)
-    layout = U.LAYOUT(task, config)
+    layout = U.layer_layout(task, config)
     schedule = freeze.Schedule(policy=policy, num_layers=layout.num_layers)
     args = argparse.Namespace(lr=1e-3, weight_decay=0.01, adam_eps=1e-8, adam_betas=[0.9, 0.999], warmup_ratio=0.0)
     opt, sched = engine.build_optimizer(model, layout, schedule, args, total_steps=1000)
