@@ -73,7 +73,8 @@ Loader
   BatchLoader(dataset, collate_fn=..., **DataLoader arguments)   a DataLoader (batches through fastload's reused
                                     shared-memory slabs) whose worker BadInput reaches the caller as one line
 CLI
-  inventory(root, features=(), images=None) and `python data.py --data-root DIR [--features ...] [--images DIR] [--json]`
+  inventory(root, features=(), images=None) and
+      `python data.py --data-root DIR [--features ...] [--images DIR] [--json]`
   verify(root, features=(), images=None) and `... --verify`: decode every feature record and image header
   BadInput                          ValueError of a bad record / image / annotation line (one line, also from workers)
 
@@ -83,6 +84,7 @@ Image folder layout expected by CCLM (`--images ROOT`; symlink your downloads in
   ROOT/coco/COCO_val2014_<12 digits>.jpg         COCO val2014, used by the COCO half of xFlickr&CO
 (or pass images={"gqa": DIR, "flickr30k": DIR, "coco": DIR} to the datasets).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -125,7 +127,7 @@ TASKS = ("xgqa", "xvnli", "xflickrco")
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 NUM_ANSWERS = 1842
 FEATURE_DIM = 2048
-XVNLI_LABELS_UC2 = ("contradiction", "neutral", "entailment")   # VOLTA LABEL_MAP order
+XVNLI_LABELS_UC2 = ("contradiction", "neutral", "entailment")  # VOLTA LABEL_MAP order
 XVNLI_LABELS_CCLM = ("contradiction", "entailment", "neutral")  # X2-VLM label_mapper order
 XVNLI_NO_GOLD = "-"  # SNLI-style "no consensus" label present in the real files (VOLTA: zero target)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -134,21 +136,34 @@ IMAGE_SUBDIRS = {"gqa": "gqa", "flickr30k": "flickr30k", "coco": "coco"}
 
 # Max text lengths in tokens incl. <s>/</s> (None = no truncation), as each reference tokenises.
 MAX_TEXT_LEN = {
-    ("uc2", "xgqa", True): 40, ("uc2", "xgqa", False): 40,
-    ("uc2", "xvnli", True): 80, ("uc2", "xvnli", False): 80,
-    ("uc2", "xflickrco", True): 80, ("uc2", "xflickrco", False): 80,
-    ("cclm", "xgqa", True): 40, ("cclm", "xgqa", False): None,
-    ("cclm", "xvnli", True): 80, ("cclm", "xvnli", False): None,
-    ("cclm", "xflickrco", True): 80, ("cclm", "xflickrco", False): 80,
+    ("uc2", "xgqa", True): 40,
+    ("uc2", "xgqa", False): 40,
+    ("uc2", "xvnli", True): 80,
+    ("uc2", "xvnli", False): 80,
+    ("uc2", "xflickrco", True): 80,
+    ("uc2", "xflickrco", False): 80,
+    ("cclm", "xgqa", True): 40,
+    ("cclm", "xgqa", False): None,
+    ("cclm", "xvnli", True): 80,
+    ("cclm", "xvnli", False): None,
+    ("cclm", "xflickrco", True): 80,
+    ("cclm", "xflickrco", False): 80,
 }
 # X2-VLM word limits of pre_question / pre_caption.
-CCLM_MAX_WORDS = {("xgqa", True): 30, ("xgqa", False): 50, ("xvnli", True): 80, ("xvnli", False): 80,
-                  ("xflickrco", True): 80, ("xflickrco", False): 80}
+CCLM_MAX_WORDS = {
+    ("xgqa", True): 30,
+    ("xgqa", False): 50,
+    ("xvnli", True): 80,
+    ("xvnli", False): 80,
+    ("xflickrco", True): 80,
+    ("xflickrco", False): 80,
+}
 
 
 # ----------------------------------------------------------------------------------------------
 # Annotation files
 # ----------------------------------------------------------------------------------------------
+
 
 class BadInput(ValueError):
     """An input file is bad (record, image, annotation): the message is one line naming the file and the key
@@ -159,19 +174,20 @@ class BadInput(ValueError):
 @dataclass(slots=True)
 class Example:
     """One question (xgqa), premise-image/hypothesis pair (xvnli) or caption (xflickrco)."""
+
     task: str
     lang: str
-    id: str                 # question_id / pairID / "<image id>#<caption number>"
-    image: str              # region-feature key exactly as VOLTA looks it up
-    image_file: str         # image path relative to the images root (see module docstring)
-    text: str               # raw question / hypothesis (sentence2) / caption
-    label: int = -1         # xgqa: answer index (-1 = gold answer outside the 1,842); xvnli: index in
-                            # XVNLI_LABELS_UC2 (-1 for "-"); xflickrco: index of the image in the split
-    gold: str = ""          # xgqa: gold answer string; xvnli: gold_label
-    scores: dict = field(default_factory=dict)   # xgqa: {answer index: soft score} (in-vocabulary only)
+    id: str  # question_id / pairID / "<image id>#<caption number>"
+    image: str  # region-feature key exactly as VOLTA looks it up
+    image_file: str  # image path relative to the images root (see module docstring)
+    text: str  # raw question / hypothesis (sentence2) / caption
+    label: int = -1  # xgqa: answer index (-1 = gold answer outside the 1,842); xvnli: index in
+    # XVNLI_LABELS_UC2 (-1 for "-"); xflickrco: index of the image in the split
+    gold: str = ""  # xgqa: gold answer string; xvnli: gold_label
+    scores: dict = field(default_factory=dict)  # xgqa: {answer index: soft score} (in-vocabulary only)
     answers: dict = field(default_factory=dict)  # xgqa: {answer string: score} as in the file
-    qtype: str = ""         # xgqa: types.structural (verify/query/choose/logical/compare) when given
-    source: str = ""        # "<file>:<line>" or "<file> question <id>" for error messages
+    qtype: str = ""  # xgqa: types.structural (verify/query/choose/logical/compare) when given
+    source: str = ""  # "<file>:<line>" or "<file> question <id>" for error messages
 
 
 def dataset_dir(data_root: str | os.PathLike) -> Path:
@@ -182,17 +198,21 @@ def dataset_dir(data_root: str | os.PathLike) -> Path:
     for cand in (root / "datasets", root):
         if any((cand / d).is_dir() for d in ("gqa", "xGQA", "XVNLI", "flickr30k", "xFlickrCO")):
             return cand
-    raise ValueError(f"data root {root}: expected folder {root / 'datasets'} (with gqa/, xGQA/, XVNLI/, "
-                     f"flickr30k/, xFlickrCO/ inside, as in an IGLUE checkout) is missing")
+    raise ValueError(
+        f"data root {root}: expected folder {root / 'datasets'} (with gqa/, xGQA/, XVNLI/, "
+        f"flickr30k/, xFlickrCO/ inside, as in an IGLUE checkout) is missing"
+    )
 
 
 def _task_dirs(ds: Path, task: str, translate_test: bool) -> list[Path]:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     sub = "annotations_machine-translate" if translate_test else "annotations"
-    return {"xgqa": [ds / "gqa" / "annotations", ds / "xGQA" / sub],
-            "xvnli": [ds / "XVNLI" / sub],
-            "xflickrco": [ds / "flickr30k" / "annotations", ds / "xFlickrCO" / sub]}[task]
+    return {
+        "xgqa": [ds / "gqa" / "annotations", ds / "xGQA" / sub],
+        "xvnli": [ds / "XVNLI" / sub],
+        "xflickrco": [ds / "flickr30k" / "annotations", ds / "xFlickrCO" / sub],
+    }[task]
 
 
 def _require_task_dir(ds: Path, task: str, translate_test: bool) -> None:
@@ -218,10 +238,16 @@ def _candidates(ds: Path, task: str, split: str, lang: str, translate_test: bool
         if split == "testdev_zs":  # the original xGQA paper's zero-shot test split
             name = f"testdev_balanced_questions_{lang}"
             if translate_test:
-                return [ds / "xGQA" / mt / "zero_shot" / f"{name}.json", ds / "xGQA" / mt / "zero_shot" / f"{name}_gmt.json"]
+                return [
+                    ds / "xGQA" / mt / "zero_shot" / f"{name}.json",
+                    ds / "xGQA" / mt / "zero_shot" / f"{name}_gmt.json",
+                ]
             return [ds / "xGQA" / "annotations" / "zero_shot" / f"{name}.json"]
         if translate_test:
-            return [ds / "xGQA" / mt / "few_shot" / lang / f"{split}.json", ds / "xGQA" / mt / "few_shot" / lang / f"{split}_gmt.json"]
+            return [
+                ds / "xGQA" / mt / "few_shot" / lang / f"{split}.json",
+                ds / "xGQA" / mt / "few_shot" / lang / f"{split}_gmt.json",
+            ]
         return [ds / "xGQA" / "annotations" / "few_shot" / lang / f"{split}.json"]
     if task == "xvnli":
         sub = mt if translate_test else "annotations"
@@ -256,7 +282,9 @@ def available_splits(data_root, task: str, translate_test: bool = False) -> list
         for s in ("train", "valid"):
             if not translate_test and (ds / "flickr30k" / "annotations" / f"{s}_ann.jsonl").is_file():
                 found.add(s)
-        found |= {_split_name(p) for p in (ds / "xFlickrCO" / (mt if translate_test else "annotations")).glob("*/*.jsonl")}
+        found |= {
+            _split_name(p) for p in (ds / "xFlickrCO" / (mt if translate_test else "annotations")).glob("*/*.jsonl")
+        }
     else:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     return sorted(found, key=_split_sort_key)
@@ -272,15 +300,24 @@ def available_langs(data_root, task: str, split: str, translate_test: bool = Fal
     """Languages whose annotation file for (task, split) exists."""
     ds = dataset_dir(data_root)
     langs = set()
-    folders = {"xgqa": [ds / "xGQA" / "annotations" / "few_shot"],
-               "xvnli": [ds / "XVNLI" / "annotations", ds / "XVNLI" / "annotations_machine-translate"],
-               "xflickrco": [ds / "xFlickrCO" / "annotations", ds / "xFlickrCO" / "annotations_machine-translate"]}
+    folders = {
+        "xgqa": [ds / "xGQA" / "annotations" / "few_shot"],
+        "xvnli": [ds / "XVNLI" / "annotations", ds / "XVNLI" / "annotations_machine-translate"],
+        "xflickrco": [ds / "xFlickrCO" / "annotations", ds / "xFlickrCO" / "annotations_machine-translate"],
+    }
     if task not in folders:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     candidates = {"en"} | {l for f in folders[task] for l in _lang_dirs(f)}
     if task == "xgqa":
-        for base in (ds / "xGQA" / "annotations" / "zero_shot", ds / "xGQA" / "annotations_machine-translate" / "zero_shot"):
-            candidates |= {p.stem.split("_")[-1] for p in base.glob("testdev_balanced_questions_*.json")} if base.is_dir() else set()
+        for base in (
+            ds / "xGQA" / "annotations" / "zero_shot",
+            ds / "xGQA" / "annotations_machine-translate" / "zero_shot",
+        ):
+            candidates |= (
+                {p.stem.split("_")[-1] for p in base.glob("testdev_balanced_questions_*.json")}
+                if base.is_dir()
+                else set()
+            )
         candidates |= set(_lang_dirs(ds / "xGQA" / "annotations_machine-translate" / "few_shot"))
     for lang in candidates:
         if any(p.is_file() for p in _candidates(ds, task, split, lang, translate_test)):
@@ -307,11 +344,15 @@ def split_file(data_root, task: str, split: str, lang: str, translate_test: bool
             return path
     splits = available_splits(ds, task, translate_test)
     if split not in splits:
-        raise ValueError(f"{task}: no {'translate-test ' if translate_test else ''}split {split!r} under {ds}; "
-                         f"found: {', '.join(splits) or 'none'}")
+        raise ValueError(
+            f"{task}: no {'translate-test ' if translate_test else ''}split {split!r} under {ds}; "
+            f"found: {', '.join(splits) or 'none'}"
+        )
     langs = available_langs(ds, task, split, translate_test)
-    raise ValueError(f"{task} {split}: no {'translate-test ' if translate_test else ''}file for language {lang!r} "
-                     f"under {ds}; languages found: {', '.join(langs) or 'none'}")
+    raise ValueError(
+        f"{task} {split}: no {'translate-test ' if translate_test else ''}file for language {lang!r} "
+        f"under {ds}; languages found: {', '.join(langs) or 'none'}"
+    )
 
 
 def _decode_utf8(raw: bytes, path, line: int | None = None) -> str:
@@ -320,8 +361,9 @@ def _decode_utf8(raw: bytes, path, line: int | None = None) -> str:
     except UnicodeDecodeError as e:
         n = line if line is not None else raw.count(b"\n", 0, e.start) + 1
         col = e.start - (raw.rfind(b"\n", 0, e.start) + 1)
-        raise BadInput(f"{path}:{n}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {col + 1}); "
-                       "the file must be UTF-8 encoded") from None
+        raise BadInput(
+            f"{path}:{n}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {col + 1}); the file must be UTF-8 encoded"
+        ) from None
 
 
 def read_json(path: Path, annotations: bool = True) -> Any:
@@ -378,10 +420,12 @@ def _answer_scores(value, where: str) -> dict[str, float]:
     a string score a late float() error) is an error naming the item."""
     ok = isinstance(value, dict) and all(
         isinstance(a, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        for a, v in value.items())
+        for a, v in value.items()
+    )
     if not ok:
-        raise ValueError(f"{where}: field 'label' must be an object of answer: score (number), "
-                         f"got {json.dumps(value)[:60]}")
+        raise ValueError(
+            f"{where}: field 'label' must be an object of answer: score (number), got {json.dumps(value)[:60]}"
+        )
     return {a: float(v) for a, v in value.items()}
 
 
@@ -389,8 +433,9 @@ def _require_known_labels(examples: list, path: Path, what: str) -> list:
     """A split none of whose labels is known (every answer outside the vocabulary, every gold label '-') would
     train on all-zero targets / score 0: wrong vocabulary or file."""
     if examples and all(ex.label < 0 for ex in examples):
-        raise ValueError(f"{path}: none of the {len(examples)} examples has a known label ({what}); "
-                         "wrong file or answer vocabulary?")
+        raise ValueError(
+            f"{path}: none of the {len(examples)} examples has a known label ({what}); wrong file or answer vocabulary?"
+        )
     return examples
 
 
@@ -403,13 +448,18 @@ def load_answer_vocab(data_root) -> tuple[dict[str, int], list[str]]:
             ans2label, label2ans = load(a2l), load(l2a)
             if not isinstance(ans2label, dict) or not isinstance(label2ans, list):
                 raise ValueError(f"{a2l} / {l2a}: expected a dict of answer -> index and a list of answers")
-            bad = [a for a, i in ans2label.items()
-                   if not (type(i) is int and 0 <= i < len(label2ans) and label2ans[i] == a)]
+            bad = [
+                a
+                for a, i in ans2label.items()
+                if not (type(i) is int and 0 <= i < len(label2ans) and label2ans[i] == a)
+            ]
             if bad or len(ans2label) != len(label2ans):
                 raise ValueError(f"{a2l} and {l2a} disagree (e.g. answer {bad[:1]}); re-download them")
             return dict(ans2label), list(label2ans)
-    raise ValueError(f"answer vocabulary not found: expected {folder / 'trainval_ans2label.json'} and "
-                     f"{folder / 'trainval_label2ans.json'}")
+    raise ValueError(
+        f"answer vocabulary not found: expected {folder / 'trainval_ans2label.json'} and "
+        f"{folder / 'trainval_label2ans.json'}"
+    )
 
 
 def _rel(path: Path, ds: Path) -> str:
@@ -425,8 +475,9 @@ def load_split(data_root, task: str, split: str, lang: str, translate_test: bool
     path = split_file(ds, task, split, lang, translate_test)
     rel = _rel(path, ds)
     if task == "xgqa":
-        return _require_known_labels(_load_gqa(path, rel, lang, ds), path, "every answer is outside the 1,842-answer "
-                                     "vocabulary")
+        return _require_known_labels(
+            _load_gqa(path, rel, lang, ds), path, "every answer is outside the 1,842-answer vocabulary"
+        )
     if task == "xvnli":
         return _require_known_labels(_load_xvnli(path, rel, lang), path, "every gold_label is '-'")
     return _load_retrieval(path, rel, lang, xflickrco_keys=path.parent.parent.parent.name == "xFlickrCO")
@@ -443,9 +494,19 @@ def _load_gqa(path: Path, rel: str, lang: str, ds: Path) -> list[Example]:
                 raise ValueError(f"{where}: expected an object, got {type(q).__name__}")
             answers = _answer_scores(_field(q, "label", where), where)
             gold = max(answers, key=answers.get) if answers else ""
-            out.append(_gqa_example(lang, str(_field(q, "question_id", where)), str(_field(q, "img_id", where)),
-                                    _text(_field(q, "sent", where), where, "sent"), answers, gold, "",
-                                    f"{rel} item {i}", ans2label))
+            out.append(
+                _gqa_example(
+                    lang,
+                    str(_field(q, "question_id", where)),
+                    str(_field(q, "img_id", where)),
+                    _text(_field(q, "sent", where), where, "sent"),
+                    answers,
+                    gold,
+                    "",
+                    f"{rel} item {i}",
+                    ans2label,
+                )
+            )
     elif isinstance(data, dict):  # GQA native format: question_id -> {question, imageId, answer, types, ...}
         for qid, q in data.items():
             where = f"{path} question {qid}"
@@ -453,9 +514,19 @@ def _load_gqa(path: Path, rel: str, lang: str, ds: Path) -> list[Example]:
                 raise ValueError(f"{where}: expected an object, got {type(q).__name__}")
             gold = _text(_field(q, "answer", where), where, "answer")
             qtype = (q.get("types") or {}).get("structural", "")
-            out.append(_gqa_example(lang, str(qid), str(_field(q, "imageId", where)),
-                                    _text(_field(q, "question", where), where, "question"),
-                                    {gold: 1.0}, gold, qtype, f"{rel} question {qid}", ans2label))
+            out.append(
+                _gqa_example(
+                    lang,
+                    str(qid),
+                    str(_field(q, "imageId", where)),
+                    _text(_field(q, "question", where), where, "question"),
+                    {gold: 1.0},
+                    gold,
+                    qtype,
+                    f"{rel} question {qid}",
+                    ans2label,
+                )
+            )
     else:
         raise ValueError(f"{path}: expected a JSON list (GQA training format) or dict (GQA native format)")
     return out
@@ -463,9 +534,20 @@ def _load_gqa(path: Path, rel: str, lang: str, ds: Path) -> list[Example]:
 
 def _gqa_example(lang, qid, image_id, question, answers, gold, qtype, source, ans2label) -> Example:
     scores = {ans2label[a]: float(s) for a, s in answers.items() if a in ans2label}
-    return Example(task="xgqa", lang=lang, id=qid, image=image_id, image_file=f"{IMAGE_SUBDIRS['gqa']}/{image_id}.jpg",
-                   text=str(question), label=ans2label.get(gold, -1), gold=gold, scores=scores, answers=answers,
-                   qtype=qtype, source=source)
+    return Example(
+        task="xgqa",
+        lang=lang,
+        id=qid,
+        image=image_id,
+        image_file=f"{IMAGE_SUBDIRS['gqa']}/{image_id}.jpg",
+        text=str(question),
+        label=ans2label.get(gold, -1),
+        gold=gold,
+        scores=scores,
+        answers=answers,
+        qtype=qtype,
+        source=source,
+    )
 
 
 def _load_xvnli(path: Path, rel: str, lang: str) -> list[Example]:
@@ -480,11 +562,19 @@ def _load_xvnli(path: Path, rel: str, lang: str) -> list[Example]:
             key = str(int(flickr_id.split(".")[0]))  # VOLTA: int(Flikr30kID.split(".")[0])
         except ValueError:
             raise ValueError(f"{where}: Flikr30kID {flickr_id!r} is not a Flickr30k image number") from None
-        out.append(Example(task="xvnli", lang=lang, id=str(_field(obj, "pairID", where)), image=key,
-                           image_file=f"{IMAGE_SUBDIRS['flickr30k']}/{flickr_id}.jpg",
-                           text=_text(_field(obj, "sentence2", where), where, "sentence2"),
-                           label=XVNLI_LABELS_UC2.index(gold) if gold != XVNLI_NO_GOLD else -1, gold=gold,
-                           source=f"{rel}:{n}"))
+        out.append(
+            Example(
+                task="xvnli",
+                lang=lang,
+                id=str(_field(obj, "pairID", where)),
+                image=key,
+                image_file=f"{IMAGE_SUBDIRS['flickr30k']}/{flickr_id}.jpg",
+                text=_text(_field(obj, "sentence2", where), where, "sentence2"),
+                label=XVNLI_LABELS_UC2.index(gold) if gold != XVNLI_NO_GOLD else -1,
+                gold=gold,
+                source=f"{rel}:{n}",
+            )
+        )
     return out
 
 
@@ -511,9 +601,18 @@ def _load_retrieval(path: Path, rel: str, lang: str, xflickrco_keys: bool) -> li
             continue
         idx = image_index.setdefault(key, len(image_index))
         for k, caption in enumerate(sentences):
-            out.append(Example(task="xflickrco", lang=lang, id=f"{image_id}#{k}", image=key,
-                               image_file=f"{sub}/{img_path}", text=_text(caption, where, f"sentences[{k}]"),
-                               label=idx, source=f"{rel}:{n}"))
+            out.append(
+                Example(
+                    task="xflickrco",
+                    lang=lang,
+                    id=f"{image_id}#{k}",
+                    image=key,
+                    image_file=f"{sub}/{img_path}",
+                    text=_text(caption, where, f"sentences[{k}]"),
+                    label=idx,
+                    source=f"{rel}:{n}",
+                )
+            )
     return out
 
 
@@ -529,20 +628,26 @@ MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
 RETRIEVAL_SET_DIRS = {"xtd10": "XTD10", "multi30k": "multi30k-dataset"}
 # text kind -> XTD10 file pattern (PECTVLM layout): captions, English captions machine-translated into the
 # language, the language's captions machine-translated into English
-XTD_FILES = {"native": "all/test_1kcaptions_{}.txt", "from_en": "translated_from_en/{}.txt",
-             "to_en": "translated_to_en/{}.txt"}
+XTD_FILES = {
+    "native": "all/test_1kcaptions_{}.txt",
+    "from_en": "translated_from_en/{}.txt",
+    "to_en": "translated_to_en/{}.txt",
+}
 MULTI30K_DIRS = {"native": "raw", "from_en": "translated_from_en", "to_en": "translated_to_en"}
 
 
 @dataclass
 class RetrievalSplit:
     """Images (paths relative to the image root) and, per text kind and language, one caption per image."""
+
     images: list[str]
     texts: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     def subset(self, idx: Sequence[int]) -> "RetrievalSplit":
-        return RetrievalSplit([self.images[i] for i in idx],
-                              {k: {l: [t[i] for i in idx] for l, t in d.items()} for k, d in self.texts.items()})
+        return RetrievalSplit(
+            [self.images[i] for i in idx],
+            {k: {l: [t[i] for i in idx] for l, t in d.items()} for k, d in self.texts.items()},
+        )
 
     def captions(self, kind: str, lang: str) -> list[str]:
         """kind "en": the English captions (the alignment partner of method1 / method3)."""
@@ -560,7 +665,7 @@ def read_lines(path: Path, expect: int | None = None) -> list[str]:
     try:
         lines = [s.strip() for s in raw.decode("utf-8").strip("\n").split("\n")]
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
+        line = raw[: e.start].count(b"\n") + 1
         raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     for i, s in enumerate(lines, 1):
         if not s:
@@ -607,8 +712,7 @@ def load_multi30k(root: str | os.PathLike, split: str, langs: Sequence[str] = MU
     base = Path(root) / "data" / "task1"
     name = MULTI30K_SPLITS[split]
     images = [f"flickr30k-images/{n}" for n in read_lines(base / "image_splits" / f"{name}.txt")]
-    texts = {k: {l: read_lines(base / d / f"{name}.{l}", len(images)) for l in langs}
-             for k, d in MULTI30K_DIRS.items()}
+    texts = {k: {l: read_lines(base / d / f"{name}.{l}", len(images)) for l in langs} for k, d in MULTI30K_DIRS.items()}
     return RetrievalSplit(images, texts)
 
 
@@ -618,8 +722,11 @@ def xtd_splits(full: RetrievalSplit, n_shot: int, seed: int) -> dict[str, Retrie
     perm = torch.randperm(len(full.images), generator=torch.Generator().manual_seed(seed)).tolist()
     if 2 * n_shot >= len(perm):
         raise ValueError(f"--n-shot {n_shot}: XTD10 has {len(perm)} images, too few for train + val + test")
-    return {"train": full.subset(perm[:n_shot]), "val": full.subset(perm[n_shot:2 * n_shot]),
-            "test": full.subset(perm[2 * n_shot:])}
+    return {
+        "train": full.subset(perm[:n_shot]),
+        "val": full.subset(perm[n_shot : 2 * n_shot]),
+        "test": full.subset(perm[2 * n_shot :]),
+    }
 
 
 def multi30k_splits(root, langs: Sequence[str], n_shot: int | None, seed: int) -> dict[str, RetrievalSplit]:
@@ -652,7 +759,7 @@ def retrieval_set_inventory(name: str, root: Path) -> dict:
             images = _xtd_images(root)
         except ValueError as e:
             return {"all": {"*": {"error": str(e)}}}
-        langs = sorted(p.name[len("test_1kcaptions_"):-4] for p in (root / "all").glob("test_1kcaptions_*.txt"))
+        langs = sorted(p.name[len("test_1kcaptions_") : -4] for p in (root / "all").glob("test_1kcaptions_*.txt"))
         for kind, pattern in XTD_FILES.items():
             for lang in langs:
                 path = root / pattern.format(lang)
@@ -668,7 +775,7 @@ def retrieval_set_inventory(name: str, root: Path) -> dict:
             continue
         for kind, folder in MULTI30K_DIRS.items():
             for path in sorted((base / folder).glob(f"{file_name}.*")):
-                lang = path.name[len(file_name) + 1:]
+                lang = path.name[len(file_name) + 1 :]
                 out.setdefault(_suffixed(split, kind), {})[lang] = _retrieval_entry(path, images)
     return out
 
@@ -682,6 +789,7 @@ def retrieval_set_roots(data_root) -> dict[str, Path]:
 # ----------------------------------------------------------------------------------------------
 # Region features (UC2)
 # ----------------------------------------------------------------------------------------------
+
 
 def box_locations(boxes: np.ndarray, img_w: int, img_h: int) -> np.ndarray:
     """VOLTA's 7-value location per box, float32: x1/W, y1/H, x2/W, y2/H, w/W, h/H, relative area."""
@@ -714,9 +822,11 @@ def _batch_regions(regions: Sequence[tuple[np.ndarray, np.ndarray]], max_regions
         sp[i, :n], sp[i, n:] = loc[:n], 0
         m[i, :n], m[i, n:] = 1, 0
     out = lead or (len(regions),)
-    return {"features": feats.view(*out, max_regions, FEATURE_DIM) if lead else feats[0],
-            "spatials": spatials.view(*out, max_regions, 7) if lead else spatials[0],
-            "image_mask": mask.view(*out, max_regions) if lead else mask[0]}
+    return {
+        "features": feats.view(*out, max_regions, FEATURE_DIM) if lead else feats[0],
+        "spatials": spatials.view(*out, max_regions, 7) if lead else spatials[0],
+        "image_mask": mask.view(*out, max_regions) if lead else mask[0],
+    }
 
 
 class _LazyHandle:
@@ -747,6 +857,7 @@ _LMDB_ENVS: dict[str, tuple[int, Any]] = {}
 def _open_lmdb(path: str):
     """Read-only, lock-free, no-readahead LMDB environment, opened once per (path, process)."""
     import lmdb
+
     key = os.path.abspath(path)
     pid, env = _LMDB_ENVS.get(key, (None, None))
     if env is not None and pid == os.getpid():
@@ -759,8 +870,15 @@ def _open_lmdb(path: str):
     if not os.path.exists(path):
         raise ValueError(f"feature file {path} does not exist")
     try:
-        env = lmdb.open(path, subdir=os.path.isdir(path), readonly=True, lock=False, readahead=False,
-                        meminit=False, max_readers=2048)
+        env = lmdb.open(
+            path,
+            subdir=os.path.isdir(path),
+            readonly=True,
+            lock=False,
+            readahead=False,
+            meminit=False,
+            max_readers=2048,
+        )
     except lmdb.Error as e:
         raise ValueError(f"{path}: cannot open as LMDB ({e})") from None
     _check_lmdb_size(env, path)
@@ -776,8 +894,10 @@ def _check_lmdb_size(env, path: str) -> None:
     size = os.path.getsize(data_file)
     if size < need:
         env.close()
-        raise ValueError(f"{data_file}: LMDB file is truncated ({size:,} bytes, its header needs {need:,}); "
-                         f"copy or download it again")
+        raise ValueError(
+            f"{data_file}: LMDB file is truncated ({size:,} bytes, its header needs {need:,}); "
+            f"copy or download it again"
+        )
 
 
 def _close_lmdb(path: str) -> None:
@@ -799,8 +919,10 @@ class LMDBRegionFeatures(_LazyHandle):
             with self.handle.begin() as txn:
                 raw = txn.get(b"keys")
             if raw is None:
-                raise ValueError(f"{self.path}: no 'keys' entry; not an image-keyed feature LMDB "
-                                 f"(a per-question GQA serialized LMDB is read with SerializedGQA)")
+                raise ValueError(
+                    f"{self.path}: no 'keys' entry; not an image-keyed feature LMDB "
+                    f"(a per-question GQA serialized LMDB is read with SerializedGQA)"
+                )
             keys = unpickle_data(raw, f"{self.path} entry 'keys'")
             self._keys = {k.decode() if isinstance(k, bytes) else str(k) for k in keys}
         return self._keys
@@ -858,15 +980,19 @@ def _as_rows(value, width: int, where: str = "", name: str = "") -> np.ndarray:
             raise BadInput(f"{where}: {name} holds {len(raw)} bytes, not whole float32 rows of {width}")
         return np.frombuffer(raw, dtype=np.float32).reshape(-1, width)
     if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.ndim != 2 or value.shape[1] != width:
-        shown = (f"{value.dtype} array of shape {list(value.shape)}" if isinstance(value, np.ndarray)
-                 else type(value).__name__)
+        shown = (
+            f"{value.dtype} array of shape {list(value.shape)}"
+            if isinstance(value, np.ndarray)
+            else type(value).__name__
+        )
         raise BadInput(f"{where}: {name} is a {shown}; expected a float array of shape [N, {width}]")
     return np.asarray(value, dtype=np.float32)
 
 
 def _image_side(value, where: str, name: str) -> int:
-    ok = isinstance(value, (int, np.integer)) or (isinstance(value, np.ndarray) and value.shape == ()
-                                                  and value.dtype.kind in "iu")
+    ok = isinstance(value, (int, np.integer)) or (
+        isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind in "iu"
+    )
     if not ok or isinstance(value, bool) or int(value) < 1:
         raise BadInput(f"{where}: {name} is {value!r}; expected a positive integer (pixels)")
     return int(value)
@@ -877,6 +1003,7 @@ class H5RegionFeatures(_LazyHandle):
 
     def _open(self):
         import h5py
+
         if not os.path.isfile(self.path):
             raise ValueError(f"feature file {self.path} does not exist")
         try:
@@ -902,11 +1029,17 @@ class H5RegionFeatures(_LazyHandle):
             raise BadInput(f"{where}: expected datasets {', '.join(_RECORD_FIELDS)}; got {sorted(g)[:8]}")
         shapes = (g["features"].shape, g["boxes"].shape)
         if any(len(shape) != 2 for shape in shapes) or shapes[0][0] != shapes[1][0]:
-            raise BadInput(f"{where}: features of shape {list(shapes[0])} and boxes of shape {list(shapes[1])}; "
-                           f"expected [N, {FEATURE_DIM}] and [N, 4]")
+            raise BadInput(
+                f"{where}: features of shape {list(shapes[0])} and boxes of shape {list(shapes[1])}; "
+                f"expected [N, {FEATURE_DIM}] and [N, 4]"
+            )
         rows = slice(None, max_rows)  # h5py reads only these rows
-        item = {"features": g["features"][rows], "boxes": g["boxes"][rows], "img_w": g["img_w"][()],
-                "img_h": g["img_h"][()]}
+        item = {
+            "features": g["features"][rows],
+            "boxes": g["boxes"][rows],
+            "img_w": g["img_w"][()],
+            "img_h": g["img_h"][()],
+        }
         return _record_arrays(self.path, key, item, slice(None))
 
     regions = LMDBRegionFeatures.regions
@@ -921,8 +1054,10 @@ def feature_keys(reader) -> set[str]:
         raise
     except Exception as e:  # noqa: BLE001 - undecodable bytes: pickle raises many types
         detail = (str(e).strip().splitlines() or [""])[0][:160]
-        raise BadInput(f"{reader.path}: its 'keys' entry cannot be decoded ({type(e).__name__}: {detail}); "
-                       "copy or download the features again") from None
+        raise BadInput(
+            f"{reader.path}: its 'keys' entry cannot be decoded ({type(e).__name__}: {detail}); "
+            "copy or download the features again"
+        ) from None
 
 
 def open_features(path: str | os.PathLike) -> LMDBRegionFeatures | H5RegionFeatures:
@@ -964,9 +1099,18 @@ def _msgpack_numpy_hook(obj: dict):
 def decode_serialized(buf: bytes) -> Any:
     """tensorpack 0.9.4 `loads`: msgpack with msgpack_numpy maps, decoded with the plain msgpack package."""
     import msgpack
-    big = 10 ** 9
-    return msgpack.unpackb(buf, raw=False, object_hook=_msgpack_numpy_hook, strict_map_key=False,
-                           max_bin_len=big, max_array_len=big, max_map_len=big, max_str_len=big)
+
+    big = 10**9
+    return msgpack.unpackb(
+        buf,
+        raw=False,
+        object_hook=_msgpack_numpy_hook,
+        strict_map_key=False,
+        max_bin_len=big,
+        max_array_len=big,
+        max_map_len=big,
+        max_str_len=big,
+    )
 
 
 class SerializedGQA(_LazyHandle):
@@ -999,10 +1143,12 @@ class SerializedGQA(_LazyHandle):
         return rec
 
 
-def write_synthetic_features(path: str | os.PathLike, image_ids: Iterable, num_boxes: int = 36, seed: int = 0,
-                             feature_dim: int = FEATURE_DIM) -> Path:
+def write_synthetic_features(
+    path: str | os.PathLike, image_ids: Iterable, num_boxes: int = 36, seed: int = 0, feature_dim: int = FEATURE_DIM
+) -> Path:
     """Random features in the real h5_to_lmdb.py format (pickled dict per image id + `keys` entry)."""
     import lmdb
+
     ids = sorted({str(i) for i in image_ids})
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -1016,13 +1162,17 @@ def write_synthetic_features(path: str | os.PathLike, image_ids: Iterable, num_b
             y1 = rng.uniform(0, h * 0.6, num_boxes).astype(np.float32)
             x2 = np.minimum(x1 + rng.uniform(8, w * 0.4, num_boxes), w - 1).astype(np.float32)
             y2 = np.minimum(y1 + rng.uniform(8, h * 0.4, num_boxes), h - 1).astype(np.float32)
-            item = {"attr_conf": rng.random(num_boxes, dtype=np.float32),
-                    "attr_id": rng.integers(0, 400, num_boxes).astype(np.int64),
-                    "boxes": np.stack([x1, y1, x2, y2], 1),
-                    "features": np.maximum(rng.standard_normal((num_boxes, feature_dim), dtype=np.float32), 0),
-                    "img_h": np.int64(h), "img_w": np.int64(w),
-                    "obj_conf": rng.random(num_boxes, dtype=np.float32),
-                    "obj_id": rng.integers(0, 1600, num_boxes).astype(np.int64), "img_id": image_id}
+            item = {
+                "attr_conf": rng.random(num_boxes, dtype=np.float32),
+                "attr_id": rng.integers(0, 400, num_boxes).astype(np.int64),
+                "boxes": np.stack([x1, y1, x2, y2], 1),
+                "features": np.maximum(rng.standard_normal((num_boxes, feature_dim), dtype=np.float32), 0),
+                "img_h": np.int64(h),
+                "img_w": np.int64(w),
+                "obj_conf": rng.random(num_boxes, dtype=np.float32),
+                "obj_id": rng.integers(0, 1600, num_boxes).astype(np.int64),
+                "img_id": image_id,
+            }
             txn.put(image_id.encode(), pickle.dumps(item))
         txn.put(b"keys", pickle.dumps([i.encode() for i in ids]))
     env.close()
@@ -1037,6 +1187,7 @@ def write_synthetic_features(path: str | os.PathLike, image_ids: Iterable, num_b
 # and 2.x module names, Python 2 names) to our own checking functions, and refuses every other name. numpy's
 # dtype.__setstate__ would accept a forged state (object fields on a float type: raw bytes read as pointers),
 # so dtypes and arrays are rebuilt by us from validated parts, never by numpy's setstate on forged input.
+
 
 class UnsafePickleError(ValueError):
     """A downloaded pickle names a function or class that no data file needs; nothing was called."""
@@ -1065,6 +1216,7 @@ _NATIVE_ORDER = "<" if sys.byteorder == "little" else ">"
 
 class _NdarrayMarker:
     """Stands for numpy.ndarray, the class argument of _reconstruct; not callable, holds no state."""
+
     __slots__ = ()
 
 
@@ -1073,6 +1225,7 @@ _NDARRAY = _NdarrayMarker()
 
 class _PickledDtype:
     """A dtype being unpickled: built from its spec, then its pickled state may only set the byte order."""
+
     __slots__ = ("dtype", "_built")
 
     def __init__(self, spec, align=False, copy=True):
@@ -1109,6 +1262,7 @@ def _raw_bytes(raw) -> bytes | bytearray:
 
 class _PickledArray:
     """An ndarray being unpickled (numpy's _reconstruct + BUILD); replaced by `array` once loading ends."""
+
     __slots__ = ("array",)
 
     def __init__(self):
@@ -1170,6 +1324,7 @@ def _pickle_container(kind):
         if len(args) > 1 or (args and not isinstance(args[0], (list, tuple, dict, set, frozenset))):
             raise ValueError(f"{kind.__name__}() with arguments {type(args).__name__}")
         return kind(*args)
+
     return build
 
 
@@ -1245,10 +1400,22 @@ def unpickle_data(buf: bytes | memoryview, where: str) -> Any:
             obj = unpickler.load()
         return _resolve_pickled(obj, set()) if unpickler.numpy_seen else obj
     except UnsafePickleError as e:
-        raise UnsafePickleError(f"{where}: refused to unpickle: it asks for {e}, which no data file needs (only "
-                                f"containers, numbers, strings and numpy arrays are read; nothing was run)") from None
-    except (pickle.UnpicklingError, ValueError, TypeError, EOFError, AttributeError, IndexError, KeyError,
-            OverflowError, MemoryError, RecursionError) as e:
+        raise UnsafePickleError(
+            f"{where}: refused to unpickle: it asks for {e}, which no data file needs (only "
+            f"containers, numbers, strings and numpy arrays are read; nothing was run)"
+        ) from None
+    except (
+        pickle.UnpicklingError,
+        ValueError,
+        TypeError,
+        EOFError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        OverflowError,
+        MemoryError,
+        RecursionError,
+    ) as e:
         detail = (str(e).strip().splitlines() or [""])[0][:200]
         raise BadInput(f"{where}: not a readable pickle of plain data ({type(e).__name__}: {detail})") from None
 
@@ -1262,6 +1429,7 @@ def read_pickle(path: str | os.PathLike) -> Any:
 # Images (CCLM)
 # ----------------------------------------------------------------------------------------------
 
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Decoded RGB image (Image.open + convert("RGB"); already-RGB files skip the copy convert makes).
     An image of more than IMAGE_MAX_PIXELS pixels is a ValueError naming the file, raised before decoding."""
@@ -1273,8 +1441,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             raise ValueError(f"image file {path}: refused as a decompression bomb ({e})") from None
     if img.width * img.height > IMAGE_MAX_PIXELS:
         img.close()
-        raise ValueError(f"image file {path}: refused as a decompression bomb ({img.width} x {img.height} = "
-                         f"{img.width * img.height:,} pixels; limit data.IMAGE_MAX_PIXELS = {IMAGE_MAX_PIXELS:,})")
+        raise ValueError(
+            f"image file {path}: refused as a decompression bomb ({img.width} x {img.height} = "
+            f"{img.width * img.height:,} pixels; limit data.IMAGE_MAX_PIXELS = {IMAGE_MAX_PIXELS:,})"
+        )
     with img:
         if img.mode == "RGB":
             img.load()
@@ -1312,8 +1482,9 @@ def eval_transform(img: Image.Image, res: int = 384) -> torch.Tensor:
     return normalize_images(_eval_pixels(img, res))
 
 
-def _random_resized_crop_box(rng: np.random.Generator, width: int, height: int, scale=(0.5, 1.0),
-                             ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def _random_resized_crop_box(
+    rng: np.random.Generator, width: int, height: int, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """torchvision RandomResizedCrop.get_params with our generator -> (top, left, h, w)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -1338,8 +1509,18 @@ def _random_resized_crop_box(rng: np.random.Generator, width: int, height: int, 
 # sampled ops applied with p=0.5) and parameters; pixel ops written in numpy with the reference's formulas,
 # geometric ops with PIL's bilinear affine (the reference uses cv2.warpAffine: sub-pixel results may differ).
 # What the reference does: docs/reference_facts.md#F-cclm-randaugment
-_AUG_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
-            "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+_AUG_OPS = (
+    "Identity",
+    "AutoContrast",
+    "Equalize",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+)
 _AUG_LEVEL, _AUG_MAX_LEVEL, _AUG_FILL = 7, 10, (128, 128, 128)
 
 
@@ -1378,7 +1559,7 @@ def _sharpness(arr: np.ndarray, factor: float) -> np.ndarray:
     if arr.shape[0] < 3 or arr.shape[1] < 3:
         return arr
     x = arr.astype(np.float32)
-    win = sum(x[i:i + x.shape[0] - 2, j:j + x.shape[1] - 2] for i in range(3) for j in range(3))
+    win = sum(x[i : i + x.shape[0] - 2, j : j + x.shape[1] - 2] for i in range(3) for j in range(3))
     centre = x[1:-1, 1:-1]
     degenerate = np.clip(np.rint((win + 4 * centre) / 13), 0, 255)  # 3x3 kernel of ones, centre 5, /13
     out = arr.copy()
@@ -1415,11 +1596,13 @@ def _random_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
             data = (1, 0, t, 0, 1, 0) if name == "TranslateX" else (1, 0, 0, 0, 1, t)
         else:  # Rotate
             deg = mag * 30 * (-1 if rng.random() < 0.5 else 1)
-            img = img.rotate(deg, resample=Image.Resampling.BILINEAR, center=(img.width / 2, img.height / 2),
-                             fillcolor=_AUG_FILL)
+            img = img.rotate(
+                deg, resample=Image.Resampling.BILINEAR, center=(img.width / 2, img.height / 2), fillcolor=_AUG_FILL
+            )
             continue
-        img = img.transform(img.size, Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR,
-                            fillcolor=_AUG_FILL)
+        img = img.transform(
+            img.size, Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR, fillcolor=_AUG_FILL
+        )
     return img
 
 
@@ -1437,7 +1620,9 @@ def train_transform(img: Image.Image, res: int, rng: np.random.Generator, flip: 
     return normalize_images(_train_pixels(img, res, rng, flip))
 
 
-def write_synthetic_images(folder: str | os.PathLike, relpaths: Iterable[str], size=(128, 96), seed: int = 0) -> list[Path]:
+def write_synthetic_images(
+    folder: str | os.PathLike, relpaths: Iterable[str], size=(128, 96), seed: int = 0
+) -> list[Path]:
     """Smooth random RGB images (JPEG or PNG by extension) at folder/relpath; size int or (W, H)."""
     w, h = (size, size) if isinstance(size, int) else size
     out = []
@@ -1483,8 +1668,12 @@ def pre_question(question: str, max_words: int) -> str:
 
 
 def _check_special_ids(tok, name: str) -> None:
-    got = {"<s>": tok.convert_tokens_to_ids("<s>"), "<pad>": tok.pad_token_id, "</s>": tok.convert_tokens_to_ids("</s>"),
-           "<unk>": tok.unk_token_id}
+    got = {
+        "<s>": tok.convert_tokens_to_ids("<s>"),
+        "<pad>": tok.pad_token_id,
+        "</s>": tok.convert_tokens_to_ids("</s>"),
+        "<unk>": tok.unk_token_id,
+    }
     want = {"<s>": BOS_ID, "<pad>": PAD_ID, "</s>": EOS_ID, "<unk>": UNK_ID}
     if got != want:
         raise ValueError(f"tokenizer {name}: special ids {got} differ from XLM-R's {want}")
@@ -1493,12 +1682,15 @@ def _check_special_ids(tok, name: str) -> None:
 def load_tokenizer(path_or_hub_id: str | os.PathLike):
     """XLM-R tokenizer from a local folder or the local Hugging Face cache (never downloads)."""
     from transformers import AutoTokenizer
+
     name = str(path_or_hub_id)
     try:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
     except Exception:
-        raise ValueError(f"tokenizer {name!r} not found locally: give a folder with tokenizer files (e.g. a saved "
-                         f"xlm-roberta-base tokenizer) or a hub id already in the local HF cache") from None
+        raise ValueError(
+            f"tokenizer {name!r} not found locally: give a folder with tokenizer files (e.g. a saved "
+            f"xlm-roberta-base tokenizer) or a hub id already in the local HF cache"
+        ) from None
     _check_special_ids(tok, name)
     return tok
 
@@ -1508,19 +1700,30 @@ def make_tiny_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_
     PreTrainedTokenizerFast folder that load_tokenizer(out_dir) loads."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
+
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>",
-                                      show_progress=False)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False
+    )
     tok.train_from_iterator([t for t in texts if t], trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", BOS_ID), ("</s>", EOS_ID)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", cls_token="<s>", sep_token="</s>", mask_token="<mask>",
-                                   model_max_length=512)
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", BOS_ID), ("</s>", EOS_ID)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        cls_token="<s>",
+        sep_token="</s>",
+        mask_token="<mask>",
+        model_max_length=512,
+    )
     _check_special_ids(fast, "tiny")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))
@@ -1533,7 +1736,7 @@ def encode_texts(tokenizer, texts: Sequence[str], max_len: int | None = None) ->
     # the tokenizer's public call: it also clears truncation/padding state an earlier call left in its backend
     ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"] if len(texts) else []
     if max_len is not None:
-        ids = [x if len(x) <= max_len else x[:max_len - 1] + x[-1:] for x in ids]
+        ids = [x if len(x) <= max_len else x[: max_len - 1] + x[-1:] for x in ids]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     length = int(lengths.max()) if len(ids) else 1
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else PAD_ID
@@ -1547,6 +1750,7 @@ def encode_texts(tokenizer, texts: Sequence[str], max_len: int | None = None) ->
 # ----------------------------------------------------------------------------------------------
 # Datasets
 # ----------------------------------------------------------------------------------------------
+
 
 def _rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """All dataset randomness: a generator seeded by (seed, epoch, index), never the global RNG."""
@@ -1569,15 +1773,19 @@ def _read_record(reader, key: str, ex: Example | None, read: str = "kept_regions
         return getattr(reader, read)(key, *args)
     except KeyError:
         if key in reader:
-            raise BadInput(f"{reader.path}: feature key {key!r} is listed in its keys but has no record (a damaged "
-                           f"or incomplete copy); copy or download the features again{_referenced(ex)}") from None
+            raise BadInput(
+                f"{reader.path}: feature key {key!r} is listed in its keys but has no record (a damaged "
+                f"or incomplete copy); copy or download the features again{_referenced(ex)}"
+            ) from None
         raise _missing_feature_error(key, ex, reader.path) from None
     except BadInput as e:
         raise BadInput(f"{e}{_referenced(ex)}") from None
     except Exception as e:  # noqa: BLE001 - undecodable bytes
         detail = (str(e).strip().splitlines() or [""])[0][:160]
-        raise BadInput(f"{reader.path}: feature record {key!r} cannot be decoded ({type(e).__name__}: {detail}); "
-                       f"copy or download the features again{_referenced(ex)}") from None
+        raise BadInput(
+            f"{reader.path}: feature record {key!r} cannot be decoded ({type(e).__name__}: {detail}); "
+            f"copy or download the features again{_referenced(ex)}"
+        ) from None
 
 
 def _read_regions(reader, ex: Example, max_regions: int, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -1589,8 +1797,10 @@ def _as_reader(features):
         raise ValueError("region features are required for UC2 (give --features)")
     if isinstance(features, (str, os.PathLike)):
         if is_serialized_lmdb(features):
-            raise ValueError(f"{features} is a per-question GQA serialized LMDB: use SerializedGQADataset "
-                             f"(GQA train/val only), not an image-keyed reader")
+            raise ValueError(
+                f"{features} is a per-question GQA serialized LMDB: use SerializedGQADataset "
+                f"(GQA train/val only), not an image-keyed reader"
+            )
         return open_features(features)
     return features
 
@@ -1618,12 +1828,20 @@ def check_inputs(examples: Sequence[Example], *, features=None, images=None, sam
         raise ValueError(f"{missing[0]}; {len(missing)} of {len(distinct)} images missing")
     if sample != 0 and (reader is not None or images is not None):
         chosen = _spread(distinct, sample)
-        bad = [problem for ex in chosen
-               if (problem := _record_problem(reader, ex.image, ex) if reader is not None
-                   else _image_problem(_image_path(images, ex.image_file), ex))]
+        bad = [
+            problem
+            for ex in chosen
+            if (
+                problem := _record_problem(reader, ex.image, ex)
+                if reader is not None
+                else _image_problem(_image_path(images, ex.image_file), ex)
+            )
+        ]
         if bad:
-            raise BadInput(f"{bad[0]}; {len(bad)} of {len(chosen)} {'feature records' if reader else 'images'} "
-                           f"checked are bad (python data.py --verify lists them all)")
+            raise BadInput(
+                f"{bad[0]}; {len(bad)} of {len(chosen)} {'feature records' if reader else 'images'} "
+                f"checked are bad (python data.py --verify lists them all)"
+            )
 
 
 # Start-up check of the trainers: distinct training images decoded (a spread sample; all for evaluation).
@@ -1690,8 +1908,10 @@ def _open_image(images, ex: Example) -> Image.Image:
     except ValueError as e:  # load_image's own one-line refusals
         raise BadInput(f"{e} (referenced by {ex.source}, example {ex.id})") from None
     except OSError as e:  # PIL: not an image / header cut off ("Truncated File Read" names no file)
-        raise BadInput(f"image file {path} is corrupt or not an image ({e.__class__.__name__}: "
-                         f"{str(e).replace(str(path), '').strip(' :')}) (referenced by {ex.source}, example {ex.id})") from None
+        raise BadInput(
+            f"image file {path} is corrupt or not an image ({e.__class__.__name__}: "
+            f"{str(e).replace(str(path), '').strip(' :')}) (referenced by {ex.source}, example {ex.id})"
+        ) from None
 
 
 class _EpochDataset(Dataset):
@@ -1728,9 +1948,18 @@ class UC2Dataset(_EpochDataset):
     * "corrected": captions of the drawn images themselves (a random other image; a hard-pool image, an entry
       equal to the image itself skipped, else a random other image), so no pair is a false negative."""
 
-    def __init__(self, examples: Sequence[Example], features, task: str, *, train: bool = False,
-                 max_regions: int = 36, seed: int = 0, hard_negatives: dict | str | None = None,
-                 negatives: str = "volta"):
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        features,
+        task: str,
+        *,
+        train: bool = False,
+        max_regions: int = 36,
+        seed: int = 0,
+        hard_negatives: dict | str | None = None,
+        negatives: str = "volta",
+    ):
         if not examples:
             raise ValueError(f"{task}: no examples")
         if negatives not in RETRIEVAL_NEGATIVES:
@@ -1744,10 +1973,10 @@ class UC2Dataset(_EpochDataset):
 
     def _setup_retrieval(self, hard_negatives) -> None:
         index_of: dict[str, int] = {}
-        self.image_of: list[int] = []          # our image index of each caption
+        self.image_of: list[int] = []  # our image index of each caption
         self.captions_of: list[list[int]] = []  # caption indices of each image
         last_line: dict[int, str] = {}
-        self.volta_count: list[int] = []      # VOLTA's len(imgid2entry[image]): captions on the image's last line
+        self.volta_count: list[int] = []  # VOLTA's len(imgid2entry[image]): captions on the image's last line
         for i, ex in enumerate(self.examples):
             j = index_of.setdefault(ex.image, len(index_of))
             if j == len(self.captions_of):
@@ -1764,13 +1993,20 @@ class UC2Dataset(_EpochDataset):
         self.hard_pool = None
         if hard_negatives is not None:
             where = hard_negatives if isinstance(hard_negatives, (str, os.PathLike)) else "hard_negatives"
-            hn = load_hard_negatives(hard_negatives) if isinstance(hard_negatives, (str, os.PathLike)) else hard_negatives
+            hn = (
+                load_hard_negatives(hard_negatives)
+                if isinstance(hard_negatives, (str, os.PathLike))
+                else hard_negatives
+            )
             ours = {k: i for i, k in enumerate(self.image_keys)}
             pool_ids = [str(x) for x in hn["train_image_list"]]
             # pool row of each of our images, with pool entries translated to our image indices (-1 = unknown)
             to_ours = np.array([ours.get(k, -1) for k in pool_ids])
-            self.hard_pool = {ours[k]: _pool_row(to_ours, hn["train_hard_pool"], r, where)
-                              for r, k in enumerate(pool_ids) if k in ours}
+            self.hard_pool = {
+                ours[k]: _pool_row(to_ours, hn["train_hard_pool"], r, where)
+                for r, k in enumerate(pool_ids)
+                if k in ours
+            }
             if self.negatives == "volta":
                 self._check_volta_pool(where)
 
@@ -1782,8 +2018,10 @@ class UC2Dataset(_EpochDataset):
             if row is None:
                 raise ValueError(f"{where}: training image {key} has no row in train_hard_pool")
             if len(row) < 2 or (row[1:] < 0).any():
-                raise ValueError(f"{where}: the train_hard_pool row of image {key} has fewer than 2 entries or "
-                                 f"names an image that is not in the training annotations")
+                raise ValueError(
+                    f"{where}: the train_hard_pool row of image {key} has fewer than 2 entries or "
+                    f"names an image that is not in the training annotations"
+                )
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -1791,8 +2029,13 @@ class UC2Dataset(_EpochDataset):
     def __getitem__(self, index: int) -> dict:
         ex = self.examples[index]
         if not self.retrieval_train:
-            return {"kind": "example", "example": ex, "text": ex.text, "max_regions": self.max_regions,
-                    "regions": _read_regions(self.reader, ex, self.max_regions)}
+            return {
+                "kind": "example",
+                "example": ex,
+                "text": ex.text,
+                "max_regions": self.max_regions,
+                "regions": _read_regions(self.reader, ex, self.max_regions),
+            }
         img = self.image_of[index]
         if self.negatives == "volta":
             _, cap_other, rand_img, _, cap_hard = self._volta_negatives(*_volta_rngs(self.seed, self.epoch, index), img)
@@ -1801,14 +2044,20 @@ class UC2Dataset(_EpochDataset):
         pos = _read_regions(self.reader, ex, self.max_regions)
         neg = _read_regions(self.reader, ex, self.max_regions, key=self.image_keys[rand_img])
         other, hard = self.examples[cap_other], self.examples[cap_hard]
-        return {"kind": "retrieval_train", "example": ex, "texts": [ex.text, other.text, ex.text, hard.text],
-                "image_indices": [img, img, rand_img, img],
-                "caption_images": [img, self.image_of[cap_other], img, self.image_of[cap_hard]],
-                "caption_indices": [index, cap_other, index, cap_hard],
-                "regions": [pos, pos, neg, pos], "max_regions": self.max_regions}
+        return {
+            "kind": "retrieval_train",
+            "example": ex,
+            "texts": [ex.text, other.text, ex.text, hard.text],
+            "image_indices": [img, img, rand_img, img],
+            "caption_images": [img, self.image_of[cap_other], img, self.image_of[cap_hard]],
+            "caption_indices": [index, cap_other, index, cap_hard],
+            "regions": [pos, pos, neg, pos],
+            "max_regions": self.max_regions,
+        }
 
-    def _volta_negatives(self, py: random.Random, nprs: np.random.RandomState,
-                         img: int) -> tuple[int, int, int, int, int]:
+    def _volta_negatives(
+        self, py: random.Random, nprs: np.random.RandomState, img: int
+    ) -> tuple[int, int, int, int, int]:
         """(image drawn for pair 2, caption index of pair 2, image of pair 3, image drawn for pair 4, caption
         index of pair 4) by the calls of VOLTA's RetrievalDataset.__getitem__, in its order (random.choice over
         the image list / over range(n); np.random.randint for the pool position): the same generator states
@@ -1818,7 +2067,7 @@ class UC2Dataset(_EpochDataset):
         img3 = self._volta_other_image(py, img)
         if self.hard_pool is not None:
             row = self.hard_pool[img]
-            img4 = int(row[nprs.randint(1, len(row))])     # no check against img, as VOLTA
+            img4 = int(row[nprs.randint(1, len(row))])  # no check against img, as VOLTA
         else:
             img4 = self._volta_other_image(py, img)
         cap4 = py.choice(range(self.volta_count[img4]))
@@ -1856,8 +2105,10 @@ def _pool_row(to_ours: np.ndarray, pool: Sequence, r: int, where) -> np.ndarray:
     try:
         row = np.asarray(pool[r], dtype=np.int64).reshape(-1)
     except (IndexError, TypeError, ValueError):
-        raise ValueError(f"{where}: train_hard_pool has no row {r} of integer image positions "
-                         f"(train_image_list has {len(to_ours)} images)") from None
+        raise ValueError(
+            f"{where}: train_hard_pool has no row {r} of integer image positions "
+            f"(train_image_list has {len(to_ours)} images)"
+        ) from None
     inside = (row >= 0) & (row < len(to_ours))
     return np.where(inside, to_ours[np.where(inside, row, 0)], -1)
 
@@ -1889,15 +2140,27 @@ class SerializedGQADataset(_EpochDataset):
         rec = self.db.record(index)
         entry = rec["entry"]
         scores = {int(l): float(s) for l, s in zip(entry["labels"], entry["scores"])}
-        ex = Example(task="xgqa", lang=self.lang, id=str(entry["question_id"]), image=str(rec["img_id"]),
-                     image_file=f"{IMAGE_SUBDIRS['gqa']}/{rec['img_id']}.jpg", text=str(entry["question"]),
-                     label=max(scores, key=scores.get) if scores else -1, scores=scores,
-                     source=f"{self.db.path} record {rec['key']}")
+        ex = Example(
+            task="xgqa",
+            lang=self.lang,
+            id=str(entry["question_id"]),
+            image=str(rec["img_id"]),
+            image_file=f"{IMAGE_SUBDIRS['gqa']}/{rec['img_id']}.jpg",
+            text=str(entry["question"]),
+            label=max(scores, key=scores.get) if scores else -1,
+            scores=scores,
+            source=f"{self.db.path} record {rec['key']}",
+        )
         n = min(len(rec["boxes"]), self.max_regions)
         feats = np.asarray(rec["features"], dtype=np.float32).reshape(-1, FEATURE_DIM)[:n]
         boxes = np.asarray(rec["boxes"], dtype=np.float32).reshape(-1, 4)[:n]
-        return {"kind": "example", "example": ex, "text": ex.text, "max_regions": self.max_regions,
-                "regions": (feats, box_locations(boxes, int(rec["img_w"]), int(rec["img_h"])))}
+        return {
+            "kind": "example",
+            "example": ex,
+            "text": ex.text,
+            "max_regions": self.max_regions,
+            "regions": (feats, box_locations(boxes, int(rec["img_w"]), int(rec["img_h"]))),
+        }
 
 
 def _left_or_right_in(question: str, answers: Iterable[str]) -> bool:
@@ -1909,8 +2172,16 @@ class CCLMDataset(_EpochDataset):
     """Image examples for CCLM. Eval: reference test transform. Training: reference augmentation, seeded by
     (seed, epoch, index). XVNLI examples without a gold label ("-") are dropped, as X2-VLM's loader does."""
 
-    def __init__(self, examples: Sequence[Example], images, task: str, *, train: bool = False,
-                 image_res: int = 384, seed: int = 0):
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        images,
+        task: str,
+        *,
+        train: bool = False,
+        image_res: int = 384,
+        seed: int = 0,
+    ):
         self.examples = [ex for ex in examples if not (task == "xvnli" and ex.gold == XVNLI_NO_GOLD)]
         self.dropped = len(examples) - len(self.examples)
         if not self.examples:
@@ -2004,6 +2275,7 @@ def _without_empty_lines(examples: Sequence[Example]) -> list[Example]:
 # Collate (runs in DataLoader workers: tokenising happens here)
 # ----------------------------------------------------------------------------------------------
 
+
 def _batch_lang(examples: Sequence[Example]) -> str:
     return ",".join(sorted({ex.lang for ex in examples}))
 
@@ -2041,8 +2313,9 @@ def _item_regions(items) -> dict:
 class UC2Collate:
     """Items of UC2Dataset / SerializedGQADataset / RetrievalImages / RetrievalCaptions -> contract batch."""
 
-    def __init__(self, task: str, tokenizer, train: bool = False, max_len: int | None = -1,
-                 num_answers: int = NUM_ANSWERS):
+    def __init__(
+        self, task: str, tokenizer, train: bool = False, max_len: int | None = -1, num_answers: int = NUM_ANSWERS
+    ):
         self.task, self.tokenizer, self.train, self.num_answers = task, tokenizer, train, num_answers
         self.max_len = MAX_TEXT_LEN[("uc2", task, train)] if max_len == -1 else max_len
 
@@ -2061,7 +2334,9 @@ class UC2Collate:
             regions = [r for it in items for r in it["regions"]]
             batch.update(_batch_regions(regions, items[0]["max_regions"], (len(items), 4)))  # [B, 4, ...]
             return batch
-        batch["input_ids"], batch["attention_mask"] = encode_texts(self.tokenizer, [it["text"] for it in items], self.max_len)
+        batch["input_ids"], batch["attention_mask"] = encode_texts(
+            self.tokenizer, [it["text"] for it in items], self.max_len
+        )
         if kind == "caption":
             batch["image_index"] = torch.tensor([it["image_index"] for it in items], dtype=torch.long)
             return batch
@@ -2117,23 +2392,45 @@ class CCLMCollate:
 # Model inputs: what each model reads beside text, behind one interface
 # ----------------------------------------------------------------------------------------------
 
+
 class RegionFeatureInputs:
     """UC2 (VOLTA): region features (`features`: a path, reader or FeatureSet), VOLTA's text as it is in the file,
     UC2Dataset / SerializedGQADataset items, UC2Collate batches."""
+
     model = "uc2"
 
-    def dataset(self, task: str, examples: Sequence[Example] | None, *, features=None, images=None,
-                train: bool = False, max_regions: int = 36, image_res: int = 384, seed: int = 0,
-                hard_negatives=None, negatives: str = "volta") -> Dataset:
+    def dataset(
+        self,
+        task: str,
+        examples: Sequence[Example] | None,
+        *,
+        features=None,
+        images=None,
+        train: bool = False,
+        max_regions: int = 36,
+        image_res: int = 384,
+        seed: int = 0,
+        hard_negatives=None,
+        negatives: str = "volta",
+    ) -> Dataset:
         """UC2Dataset; for xgqa with a serialized LMDB as `features`, a SerializedGQADataset (the LMDB holds
         the questions; `examples` is then ignored)."""
         if task == "xgqa" and isinstance(features, (str, os.PathLike)) and is_serialized_lmdb(features):
             return SerializedGQADataset(features, max_regions=max_regions)
-        return UC2Dataset(examples, features, task, train=train, max_regions=max_regions, seed=seed,
-                          hard_negatives=hard_negatives, negatives=negatives)
+        return UC2Dataset(
+            examples,
+            features,
+            task,
+            train=train,
+            max_regions=max_regions,
+            seed=seed,
+            hard_negatives=hard_negatives,
+            negatives=negatives,
+        )
 
-    def retrieval_eval(self, examples: Sequence[Example], *, features=None, images=None, max_regions: int = 36,
-                       image_res: int = 384) -> tuple[RetrievalImages, RetrievalCaptions]:
+    def retrieval_eval(
+        self, examples: Sequence[Example], *, features=None, images=None, max_regions: int = 36, image_res: int = 384
+    ) -> tuple[RetrievalImages, RetrievalCaptions]:
         """Every image and caption of the split, an empty caption included (VOLTA scores it as <s></s>)."""
         fields = functools.partial(_region_fields, _as_reader(features), max_regions)
         return RetrievalImages(examples, fields, image_res), RetrievalCaptions(examples)
@@ -2145,15 +2442,28 @@ class RegionFeatureInputs:
 class ImageInputs:
     """CCLM (X2-VLM): image files (`images`: the images root, see the module docstring), X2-VLM's text cleaning,
     CCLMDataset items, CCLMCollate batches."""
+
     model = "cclm"
 
-    def dataset(self, task: str, examples: Sequence[Example] | None, *, features=None, images=None,
-                train: bool = False, max_regions: int = 36, image_res: int = 384, seed: int = 0,
-                hard_negatives=None, negatives: str = "volta") -> Dataset:
+    def dataset(
+        self,
+        task: str,
+        examples: Sequence[Example] | None,
+        *,
+        features=None,
+        images=None,
+        train: bool = False,
+        max_regions: int = 36,
+        image_res: int = 384,
+        seed: int = 0,
+        hard_negatives=None,
+        negatives: str = "volta",
+    ) -> Dataset:
         return CCLMDataset(examples, images, task, train=train, image_res=image_res, seed=seed)
 
-    def retrieval_eval(self, examples: Sequence[Example], *, features=None, images=None, max_regions: int = 36,
-                       image_res: int = 384) -> tuple[RetrievalImages, RetrievalCaptions]:
+    def retrieval_eval(
+        self, examples: Sequence[Example], *, features=None, images=None, max_regions: int = 36, image_res: int = 384
+    ) -> tuple[RetrievalImages, RetrievalCaptions]:
         """An annotation line whose captions are all empty is skipped, as X2-VLM's xflickrco_eval_dataset does
         (IGLUE's de and id test files have one each: 1,999 images there)."""
         examples = _without_empty_lines(examples)
@@ -2203,6 +2513,7 @@ def make_collate(model: str, task: str, tokenizer, train: bool = False) -> UC2Co
 # Loader
 # ----------------------------------------------------------------------------------------------
 
+
 def _worker_error_line(message: str) -> str:
     """BadInput's own message out of torch's 'Caught BadInput in DataLoader worker ... Traceback ...' text."""
     if "Traceback" not in message:
@@ -2227,12 +2538,15 @@ class BatchLoader(fastload.BatchLoader):
 # Inventory CLI
 # ----------------------------------------------------------------------------------------------
 
+
 def _feature_keys(paths: Sequence[str]) -> tuple[set[str], list[str]]:
     keys, notes = set(), []
     for p in paths:
         if is_serialized_lmdb(p):
-            notes.append(f"{p}: per-question serialized GQA LMDB ({len(SerializedGQA(p))} records; holds its own "
-                         f"questions, so annotation image ids are not checked against it)")
+            notes.append(
+                f"{p}: per-question serialized GQA LMDB ({len(SerializedGQA(p))} records; holds its own "
+                f"questions, so annotation image ids are not checked against it)"
+            )
             continue
         keys |= feature_keys(open_features(p))
     return keys, notes
@@ -2266,8 +2580,9 @@ def inventory(data_root, features: Sequence[str] = (), images=None) -> dict:
         if keys is not None:
             missing += sorted(ex.image for ex in distinct if ex.image not in keys)
         if images is not None:
-            missing += sorted(ex.image_file for ex in distinct
-                              if not os.path.isfile(_image_path(images, ex.image_file, ex)))
+            missing += sorted(
+                ex.image_file for ex in distinct if not os.path.isfile(_image_path(images, ex.image_file, ex))
+            )
         entry[lang] = {"examples": len(exs), "images": len(distinct), "missing": missing}
     out.update({name: retrieval_set_inventory(name, root) for name, root in retrieval.items()})
     if notes:
@@ -2350,15 +2665,25 @@ def _print_verify(bad: list[str], counts: dict[str, int]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Inventory of an IGLUE checkout: examples, images and missing "
-                                            "feature keys / image files per task, split and language; XTD10/ "
-                                            "and multi30k-dataset/ under --data-root are listed too.")
-    p.add_argument("--verify", action="store_true",
-                   help="also decode every feature record (shape, dtype, finite values) and every referenced image's "
-                        "header (format, size); lists every bad one, exit status 1 if any")
-    p.add_argument("--data-root", required=True, help="folder holding datasets/ (an IGLUE checkout) and/or XTD10/, "
-                                                      "multi30k-dataset/ (train_mclip.py's sets)")
-    p.add_argument("--features", nargs="+", default=[], help="region-feature LMDB(s) / H5 file(s) to check keys against")
+    p = argparse.ArgumentParser(
+        description="Inventory of an IGLUE checkout: examples, images and missing "
+        "feature keys / image files per task, split and language; XTD10/ "
+        "and multi30k-dataset/ under --data-root are listed too."
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also decode every feature record (shape, dtype, finite values) and every referenced image's "
+        "header (format, size); lists every bad one, exit status 1 if any",
+    )
+    p.add_argument(
+        "--data-root",
+        required=True,
+        help="folder holding datasets/ (an IGLUE checkout) and/or XTD10/, multi30k-dataset/ (train_mclip.py's sets)",
+    )
+    p.add_argument(
+        "--features", nargs="+", default=[], help="region-feature LMDB(s) / H5 file(s) to check keys against"
+    )
     p.add_argument("--images", default=None, help="images root (gqa/, flickr30k/, coco/ inside) to check files against")
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)

@@ -12,6 +12,7 @@ fine-tuning seed at a smaller budget: differences between the two runs printed h
 either way; the study's paired differences with their intervals (`make synth`, docs/synthetic.md) are
 printed at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,11 @@ def print_epochs(runs: dict[str, Path]) -> None:
     for policy, run in runs.items():
         for epoch, recs in sorted(synth_study.evals(run).items()):
             acc = {l: recs[l]["accuracy"] for l in langs}
-            print(f"{policy:>6} {epoch:>5} " + " ".join(f"{acc[l]:6.1f}" for l in langs)
-                  + f"  {synth_study.non_en_avg(acc):10.1f}")
+            print(
+                f"{policy:>6} {epoch:>5} "
+                + " ".join(f"{acc[l]:6.1f}" for l in langs)
+                + f"  {synth_study.non_en_avg(acc):10.1f}"
+            )
 
 
 def print_headline() -> None:
@@ -50,22 +54,30 @@ def print_headline() -> None:
         print("\nno study results recorded yet: run `make synth` for the paired differences with intervals")
         return
     rec = json.loads(HEADLINE.read_text())
-    print(f"\nThe study ({rec['design']}): paired difference vs full of the non-English average accuracy, "
-          "mean [bootstrap 95% interval]:")
+    print(
+        f"\nThe study ({rec['design']}): paired difference vs full of the non-English average accuracy, "
+        "mean [bootstrap 95% interval]:"
+    )
     for pol, c in rec["comparisons"].items():
         n = c["avg"]["n_pairs"]
         interval = lambda d: f"[{d['lo']:+.1f}, {d['hi']:+.1f}]" if n > 1 else "(no interval: one pair)"
-        print(f"  {pol} - full over {n} pair(s): {c['avg']['mean']:+.1f} {interval(c['avg'])}   "
-              f"(English: {c['en']['mean']:+.1f} {interval(c['en'])})")
+        print(
+            f"  {pol} - full over {n} pair(s): {c['avg']['mean']:+.1f} {interval(c['avg'])}   "
+            f"(English: {c['en']['mean']:+.1f} {interval(c['en'])})"
+        )
     print(f"  {rec.get('note', '')}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="demo folder (replaced on every run: it is scratch)")
-    p.add_argument("--steps-per-epoch", type=int, default=DEMO_STEPS,
-                   help=f"cap on optimizer steps per epoch (default {DEMO_STEPS}: the 3-minute budget; 0: whole "
-                   "epochs, 375 steps, as the study)")
+    p.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=DEMO_STEPS,
+        help=f"cap on optimizer steps per epoch (default {DEMO_STEPS}: the 3-minute budget; 0: whole "
+        "epochs, 375 steps, as the study)",
+    )
     args = p.parse_args()
     start, out = time.time(), Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -79,8 +91,9 @@ def main() -> None:
         cmd, _ = synth_study.finetune_job(world, CHECKPOINT, policy, 0, lr, out / "schedule", max_steps=steps)
         train_uc2.main(cmd[2:] + ["--print-schedule"])
     runs = {policy: out / f"uc2-synth-{policy}" for policy in ("full", "suf")}
-    jobs = [synth_study.finetune_job(world, CHECKPOINT, policy, 0, lr, run, max_steps=steps)
-            for policy, run in runs.items()]
+    jobs = [
+        synth_study.finetune_job(world, CHECKPOINT, policy, 0, lr, run, max_steps=steps) for policy, run in runs.items()
+    ]
     print(f"\ntraining full and SUF side by side (one core each; logs: {jobs[0][1]}, {jobs[1][1]}) ...", flush=True)
     synth_study.parallel(jobs, workers=2)
     print_epochs(runs)

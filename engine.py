@@ -21,6 +21,7 @@ Rank 0 holds an flock on the folder while it runs: a second process on the same 
 Environment: SUF_DIST_TIMEOUT (seconds, default 600) for collectives; SUF_DEVICE=cpu forces CPU;
 SUF_FAULT injects failures for tests (see fault_point; inert unless set).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,7 @@ from tqdm import tqdm
 import data
 import freeze
 
-TASKS = data.TASKS   # the one task table (data.py)
+TASKS = data.TASKS  # the one task table (data.py)
 RECIPES = ("paper", "iglue")
 CHECKPOINT, FINAL, METRICS, ARGS = "checkpoint_last.pt", "model_final.pt", "metrics.jsonl", "args.json"
 RUN_FILES = (CHECKPOINT, FINAL, METRICS, ARGS)
@@ -64,19 +65,45 @@ RUN_FILES = (CHECKPOINT, FINAL, METRICS, ARGS)
 TASK_DEFAULTS = {"xgqa": {"epochs": 5}, "xvnli": {"epochs": 10}, "xflickrco": {"epochs": 10}}
 ENGINE_DEFAULTS = {
     "weight_decay": 0.01,
-    "adam_eps": 1e-8,             # paper silent: torch/HF AdamW default
-    "adam_betas": [0.9, 0.999],   # paper silent: torch/HF AdamW default
-    "clip_grad": 0.0,             # paper silent (mentions no clipping): off; IGLUE's UC2 recipe uses 1.0
+    "adam_eps": 1e-8,  # paper silent: torch/HF AdamW default
+    "adam_betas": [0.9, 0.999],  # paper silent: torch/HF AdamW default
+    "clip_grad": 0.0,  # paper silent (mentions no clipping): off; IGLUE's UC2 recipe uses 1.0
     "warmup_ratio": 0.1,
 }
 # Arguments that must not change between a run and its --resume (they change the result).
 # (A key a trainer lacks is skipped: max_regions, retrieval_loss/_negatives are UC2's, vision_lr and lr_mult
 # CCLM's. Data paths may move: not here.)
-RESUME_KEYS = ("task", "seed", "epochs", "lr", "batch_size", "weight_decay", "adam_eps", "adam_betas",
-               "clip_grad", "warmup_ratio", "schedule_epochs", "recipe", "max_steps_per_epoch", "policy", "suf_k",
-               "unfreeze_every", "unfreeze_unit", "top_layers", "llrd_decay", "freeze_embeddings",
-               "train_split", "train_lang", "dropout", "amp", "max_regions", "retrieval_loss",
-               "retrieval_negatives", "vision_lr", "lr_mult")
+RESUME_KEYS = (
+    "task",
+    "seed",
+    "epochs",
+    "lr",
+    "batch_size",
+    "weight_decay",
+    "adam_eps",
+    "adam_betas",
+    "clip_grad",
+    "warmup_ratio",
+    "schedule_epochs",
+    "recipe",
+    "max_steps_per_epoch",
+    "policy",
+    "suf_k",
+    "unfreeze_every",
+    "unfreeze_unit",
+    "top_layers",
+    "llrd_decay",
+    "freeze_embeddings",
+    "train_split",
+    "train_lang",
+    "dropout",
+    "amp",
+    "max_regions",
+    "retrieval_loss",
+    "retrieval_negatives",
+    "vision_lr",
+    "lr_mult",
+)
 
 
 # Ranges of numeric arguments, checked right after parsing (before anything is written). A key the parser
@@ -114,8 +141,12 @@ def check_arg_ranges(args: argparse.Namespace) -> None:
             raise SystemExit(f"error: --{key.replace('_', '-')} {shown} is out of range: must be {rule}")
 
 
-def read_model_config(name: str, configs: dict[str, dict], optional: Sequence[str] = (),
-                      foreign: Callable[[dict], dict | None] | None = None) -> dict:
+def read_model_config(
+    name: str,
+    configs: dict[str, dict],
+    optional: Sequence[str] = (),
+    foreign: Callable[[dict], dict | None] | None = None,
+) -> dict:
     """--model-config NAME|FILE: a copy of configs[NAME], or a JSON file whose keys override configs["base"];
     foreign(d) converts a file in another format (UC2: VOLTA's config) and returns None for one of ours."""
     if name in configs:
@@ -143,11 +174,14 @@ def check_heads(config: dict, pairs: list[tuple[str, str]], source: str) -> None
     for width, heads in pairs:
         w, h = config.get(width), config.get(heads)
         if not (isinstance(w, int) and isinstance(h, int) and w >= 1 and h >= 1 and w % h == 0):
-            raise SystemExit(f"error: --model-config {source}: {width} {w} is not divisible by {heads} {h} "
-                             f"(each attention head takes {width} / {heads} dimensions)")
+            raise SystemExit(
+                f"error: --model-config {source}: {width} {w} is not divisible by {heads} {h} "
+                f"(each attention head takes {width} / {heads} dimensions)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+
 
 def add_common_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     """Adds the run/optimizer/AMP/data arguments and freeze.add_policy_args.
@@ -160,50 +194,99 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     g = parser.add_argument_group("run (engine.py)")
     g.add_argument("--task", choices=TASKS, required=True)
     g.add_argument("--data-root", default=None, help="IGLUE data folder (see data.py)")
-    g.add_argument("--langs", nargs="+", default=None, help="evaluation languages, e.g. en de or en,de (default: all of the task)")
+    g.add_argument(
+        "--langs", nargs="+", default=None, help="evaluation languages, e.g. en de or en,de (default: all of the task)"
+    )
     g.add_argument("--eval-split", default="test", help="split evaluated (per epoch with --eval-every, and at the end)")
-    g.add_argument("--eval-every", type=int, default=0,
-                   help="also evaluate after every N-th epoch (1: the paper's per-epoch curves, Figures 2-3); "
-                        "0: only after the last epoch, which always evaluates every language")
-    g.add_argument("--eval-fp32", action="store_true",
-                   help="evaluate in float32 although --amp trains in bf16/fp16 (default: the run's AMP dtype; "
-                        "bench/eval_precision.py measures the difference)")
-    g.add_argument("--eval-langs", nargs="+", default=None,
-                   help="languages of the per-epoch evaluations (default: those of --langs); the last epoch's "
-                        "evaluation always covers every --langs language")
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="also evaluate after every N-th epoch (1: the paper's per-epoch curves, Figures 2-3); "
+        "0: only after the last epoch, which always evaluates every language",
+    )
+    g.add_argument(
+        "--eval-fp32",
+        action="store_true",
+        help="evaluate in float32 although --amp trains in bf16/fp16 (default: the run's AMP dtype; "
+        "bench/eval_precision.py measures the difference)",
+    )
+    g.add_argument(
+        "--eval-langs",
+        nargs="+",
+        default=None,
+        help="languages of the per-epoch evaluations (default: those of --langs); the last epoch's "
+        "evaluation always covers every --langs language",
+    )
     g.add_argument("--train-split", default="train", help="training split (IGLUE: train; few-shot: train_<shots>)")
-    g.add_argument("--train-lang", default="en", help="language of the training split (zero-shot: en; few-shot: the target)")
+    g.add_argument(
+        "--train-lang", default="en", help="language of the training split (zero-shot: en; few-shot: the target)"
+    )
     g.add_argument("--output-dir", default=None, help="run folder (default runs/<model>_<task>_<policy>_seed<seed>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from checkpoint_last.pt")
     g.add_argument("--seed", type=int, default=42, help="model initialisation, data order, dropout, negatives")
-    g.add_argument("--recipe", choices=RECIPES, default="paper", help="paper: the paper's stated settings; iglue: IGLUE's released scripts' values")
+    g.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        default="paper",
+        help="paper: the paper's stated settings; iglue: IGLUE's released scripts' values",
+    )
     o = parser.add_argument_group("optimisation (engine.py)")
     o.add_argument("--epochs", type=int, default=None, help="default per task: 5/10/10 (xgqa/xvnli/xflickrco)")
     o.add_argument("--lr", type=float, default=None, help="peak learning rate (default per task)")
     o.add_argument("--batch-size", type=int, default=None, help="effective (global) batch size (default per task)")
-    o.add_argument("--micro-batch-size", type=int, default=None, help="per-process batch per forward pass; accumulation = batch / (micro x processes)")
+    o.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=None,
+        help="per-process batch per forward pass; accumulation = batch / (micro x processes)",
+    )
     o.add_argument("--grad-accum", type=int, default=None, help="alternative to --micro-batch-size: accumulation steps")
     o.add_argument("--weight-decay", type=float, default=None, help="AdamW decoupled weight decay (paper: 0.01)")
     o.add_argument("--adam-eps", type=float, default=None, help="AdamW eps (default 1e-8)")
     betas = defaults.get("adam_betas", ENGINE_DEFAULTS["adam_betas"])
-    o.add_argument("--adam-betas", type=float, nargs=2, default=None,
-                   help=f"AdamW betas (default {betas[0]:g} {betas[1]:g})")
+    o.add_argument(
+        "--adam-betas", type=float, nargs=2, default=None, help=f"AdamW betas (default {betas[0]:g} {betas[1]:g})"
+    )
     o.add_argument("--clip-grad", type=float, default=None, help="max gradient norm, 0 = off (default off)")
-    o.add_argument("--warmup-ratio", type=float, default=None, help="linear warm-up fraction of all optimizer steps (paper: 0.1)")
-    o.add_argument("--schedule-epochs", type=int, default=None,
-                   help="length of the warm-up/decay LR schedule in epochs (default: --epochs, the paper's; IGLUE's "
-                        "UC2 runs use 20 while training stops at 5/10/10, so their LR never reaches 0)")
-    o.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                   help="auto: bf16 on GPUs that support it, else off (always off on CPU); fp16 uses a GradScaler")
+    o.add_argument(
+        "--warmup-ratio", type=float, default=None, help="linear warm-up fraction of all optimizer steps (paper: 0.1)"
+    )
+    o.add_argument(
+        "--schedule-epochs",
+        type=int,
+        default=None,
+        help="length of the warm-up/decay LR schedule in epochs (default: --epochs, the paper's; IGLUE's "
+        "UC2 runs use 20 while training stops at 5/10/10, so their LR never reaches 0)",
+    )
+    o.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "off"),
+        default="auto",
+        help="auto: bf16 on GPUs that support it, else off (always off on CPU); fp16 uses a GradScaler",
+    )
     o.add_argument("--dropout", type=float, default=None, help="override the model config's dropout probabilities")
     o.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many non-finite losses in a row")
-    o.add_argument("--ddp-find-unused", action="store_true", help="DDP find_unused_parameters (models with unused trainable params)")
+    o.add_argument(
+        "--ddp-find-unused",
+        action="store_true",
+        help="DDP find_unused_parameters (models with unused trainable params)",
+    )
     r = parser.add_argument_group("loop control (engine.py)")
-    r.add_argument("--num-workers", type=int, default=None,
-                   help="data-loader workers per process (default: the CPUs this process may use divided by the "
-                        "processes per node, minus one for the training loop, at most 16)")
+    r.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="data-loader workers per process (default: the CPUs this process may use divided by the "
+        "processes per node, minus one for the training loop, at most 16)",
+    )
     r.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap optimizer steps per epoch (tests, demo)")
-    r.add_argument("--log-every", type=int, default=50, help="train record in metrics.jsonl every N optimizer steps (and at epoch end)")
+    r.add_argument(
+        "--log-every",
+        type=int,
+        default=50,
+        help="train record in metrics.jsonl every N optimizer steps (and at epoch end)",
+    )
     r.add_argument("--print-schedule", action="store_true", help="print what trains when, then exit")
     r.add_argument("--json", action="store_true", help="machine-readable (JSON) output for --print-schedule")
     freeze.add_policy_args(parser)
@@ -219,11 +302,20 @@ def resolve_args(args: argparse.Namespace, defaults: dict) -> argparse.Namespace
     """Fill arguments the user left at None (see add_common_args); idempotent."""
     recipes = defaults.get("recipes", {})
     if args.recipe != "paper" and args.recipe not in recipes:
-        raise SystemExit(f"error: --recipe {args.recipe} is not defined for this model (have: paper{''.join(', ' + r for r in recipes)})")
+        raise SystemExit(
+            f"error: --recipe {args.recipe} is not defined for this model (have: "
+            f"paper{''.join(', ' + r for r in recipes)})"
+        )
     recipe = recipes.get(args.recipe, {})
     general = {k: v for k, v in defaults.items() if k not in TASKS and k not in ("recipes", "model")}
-    layers = [recipe.get(args.task, {}), {k: v for k, v in recipe.items() if k not in TASKS},
-              defaults.get(args.task, {}), TASK_DEFAULTS[args.task], general, ENGINE_DEFAULTS]
+    layers = [
+        recipe.get(args.task, {}),
+        {k: v for k, v in recipe.items() if k not in TASKS},
+        defaults.get(args.task, {}),
+        TASK_DEFAULTS[args.task],
+        general,
+        ENGINE_DEFAULTS,
+    ]
     for layer in layers:
         for key, value in layer.items():
             if getattr(args, key, None) is None:
@@ -235,8 +327,10 @@ def resolve_args(args: argparse.Namespace, defaults: dict) -> argparse.Namespace
         args.schedule_epochs = args.epochs
     check_arg_ranges(args)
     if args.schedule_epochs < args.epochs:
-        raise SystemExit(f"error: --schedule-epochs {args.schedule_epochs} is shorter than --epochs {args.epochs} "
-                         f"(the learning rate would sit at 0 for the last epochs); pass --schedule-epochs >= --epochs")
+        raise SystemExit(
+            f"error: --schedule-epochs {args.schedule_epochs} is shorter than --epochs {args.epochs} "
+            f"(the learning rate would sit at 0 for the last epochs); pass --schedule-epochs >= --epochs"
+        )
     if args.langs:
         args.langs = [lang for item in args.langs for lang in item.split(",") if lang]
     if getattr(args, "eval_langs", None):
@@ -256,8 +350,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
-                or "default" in text.lower()):
+        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) or "default" in text.lower():
             return text
         return text + " (default: %(default)s)"
 
@@ -299,6 +392,7 @@ def exits_on_bad_input(main: Callable) -> Callable:
     checkpoint, config and annotation errors) ends it as SystemExit("error: <first line>"), so main() reads top to
     bottom with no try/except. Lines after the first (a load plan's key-by-key report) go to stderr first, from
     rank 0. Where the message must say which input it is about, raise it inside `about(flag)`."""
+
     @functools.wraps(main)
     def one_line(*args, **kwargs):
         try:
@@ -308,6 +402,7 @@ def exits_on_bad_input(main: Callable) -> Callable:
             if details and is_rank0_process():
                 print(details, file=sys.stderr, flush=True)
             raise SystemExit(f"error: {first}") from None
+
     return one_line
 
 
@@ -338,6 +433,7 @@ def run_main(main: Callable[[], object]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- distributed
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -422,6 +518,7 @@ def seed_everything(seed: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- data order
 
+
 def micro_and_accum(args: argparse.Namespace, dist: DistInfo) -> tuple[int, int]:
     """(per-process micro-batch, accumulation steps) with batch_size == micro * accum * world."""
     batch, world = args.batch_size, dist.world
@@ -434,8 +531,10 @@ def micro_and_accum(args: argparse.Namespace, dist: DistInfo) -> tuple[int, int]
     else:
         accum, micro = 1, max(1, batch // world)
     if micro * accum * world != batch:
-        raise SystemExit(f"error: --batch-size {batch} must equal micro-batch {micro} x accumulation {accum} x "
-                         f"{world} process(es); choose --micro-batch-size/--grad-accum that divide it")
+        raise SystemExit(
+            f"error: --batch-size {batch} must equal micro-batch {micro} x accumulation {accum} x "
+            f"{world} process(es); choose --micro-batch-size/--grad-accum that divide it"
+        )
     return micro, accum
 
 
@@ -449,7 +548,9 @@ class GlobalBatchSampler(Sampler):
 
     def __init__(self, n: int, batch_size: int, micro_batch_size: int, dist: DistInfo, seed: int, shuffle: bool = True):
         if batch_size % (micro_batch_size * dist.world):
-            raise ValueError(f"batch size {batch_size} is not a multiple of micro-batch {micro_batch_size} x {dist.world} processes")
+            raise ValueError(
+                f"batch size {batch_size} is not a multiple of micro-batch {micro_batch_size} x {dist.world} processes"
+            )
         self.n, self.batch_size, self.micro, self.dist = n, batch_size, micro_batch_size, dist
         self.seed, self.shuffle, self.epoch = seed, shuffle, 0
 
@@ -460,19 +561,29 @@ class GlobalBatchSampler(Sampler):
         return (self.n // self.batch_size) * (self.batch_size // (self.micro * self.dist.world))
 
     def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        order = (
+            np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        )
         chunk = self.micro * self.dist.world
         for start in range(0, (self.n // self.batch_size) * self.batch_size, chunk):
             lo = start + self.dist.rank * self.micro
-            yield order[lo:lo + self.micro].tolist()
+            yield order[lo : lo + self.micro].tolist()
 
 
-def build_train_loader(dataset, args: argparse.Namespace, dist: DistInfo, collate_fn: Callable | None = None) -> DataLoader:
+def build_train_loader(
+    dataset, args: argparse.Namespace, dist: DistInfo, collate_fn: Callable | None = None
+) -> DataLoader:
     micro, _ = micro_and_accum(args, dist)
     sampler = GlobalBatchSampler(len(dataset), args.batch_size, micro, dist, args.seed)
     # Non-persistent workers: each epoch's workers copy the dataset after set_epoch(epoch).
-    return data.BatchLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, collate_fn=collate_fn,
-                            pin_memory=dist.device.type == "cuda", persistent_workers=False)
+    return data.BatchLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=args.num_workers,
+        collate_fn=collate_fn,
+        pin_memory=dist.device.type == "cuda",
+        persistent_workers=False,
+    )
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
@@ -494,20 +605,30 @@ def to_device(batch, device: torch.device):
 
 # ---------------------------------------------------------------------------------------------- optimizer, AMP
 
+
 def linear_warmup_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """LR factor: 0 -> 1 linearly over warmup_steps, then linearly to 0 at total_steps. As in
     VOLTA/X2-VLM/HF, step 0 has factor 0 when there is a warm-up."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return step / max(1, warmup_steps)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
     return factor
 
 
-def build_optimizer(model: nn.Module, layout: freeze.LayerLayout, schedule: freeze.Schedule, args: argparse.Namespace,
-                    module_lr: dict[str, float] | None = None, *, total_steps: int | None = None,
-                    no_decay: Callable[[str, nn.Parameter], bool] | None = None,
-                    lr_mult: Callable[[str], float] | None = None):
+def build_optimizer(
+    model: nn.Module,
+    layout: freeze.LayerLayout,
+    schedule: freeze.Schedule,
+    args: argparse.Namespace,
+    module_lr: dict[str, float] | None = None,
+    *,
+    total_steps: int | None = None,
+    no_decay: Callable[[str, nn.Parameter], bool] | None = None,
+    lr_mult: Callable[[str], float] | None = None,
+):
     """AdamW over ALL parameters (frozen ones get no grad, hence no update/decay/state), built once;
     LambdaLR: linear warm-up over warmup_ratio of total_steps (HF: ceil), then linear decay to 0.
     total_steps None (benches, tools): constant LR. no_decay(name, param), lr_mult(name): see freeze.param_groups."""
@@ -515,8 +636,9 @@ def build_optimizer(model: nn.Module, layout: freeze.LayerLayout, schedule: free
     # fused: the default CPU AdamW allocates parameter-sized temporaries every step, which for XLM-R's
     # 768 MB embedding table costs seconds per step (bench/suf_step.py); fused kernels exist on CPU and CUDA.
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps,
-                                  weight_decay=args.weight_decay, fused=fused)
+    optimizer = torch.optim.AdamW(
+        groups, lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps, weight_decay=args.weight_decay, fused=fused
+    )
     if total_steps is None:
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     warmup = math.ceil(args.warmup_ratio * total_steps)
@@ -542,11 +664,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
+
 def check_checkpoint_model(meta: dict | None, model_name: str, path) -> None:
     """Our checkpoints name their model: one of another model is refused (ValueError) before keys are compared."""
     if meta and meta.get("model") not in (None, model_name):
-        raise ValueError(f"checkpoint {path} holds a {meta['model']} model, not {model_name}; "
-                         f"give a {model_name} checkpoint")
+        raise ValueError(
+            f"checkpoint {path} holds a {meta['model']} model, not {model_name}; give a {model_name} checkpoint"
+        )
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -557,8 +681,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:12]
 
 
-def check_tokenizer_vocab(tokenizer, embedding_rows: int, tokenizer_name: str, checkpoint: str | None = None,
-                          checkpoint_meta: dict | None = None) -> None:
+def check_tokenizer_vocab(
+    tokenizer,
+    embedding_rows: int,
+    tokenizer_name: str,
+    checkpoint: str | None = None,
+    checkpoint_meta: dict | None = None,
+) -> None:
     """One-line SystemExit when the tokenizer cannot belong to the model: more ids than embedding rows
     (out of range), or not the tokenizer `checkpoint` was trained with: released / reference weights
     (checkpoint_meta None) were trained with XLM-R's full vocabulary (embedding_rows ids); ours record its
@@ -573,16 +702,22 @@ def check_tokenizer_vocab(tokenizer, embedding_rows: int, tokenizer_name: str, c
         trained = checkpoint_meta
     n, trained_ids, trained_vocab = len(tokenizer), trained.get("tokenizer_size"), trained.get("tokenizer_vocab")
     if trained_ids is not None and n != trained_ids:
-        raise SystemExit(f"error: --tokenizer {tokenizer_name} has {n} ids but checkpoint {checkpoint} was trained with "
-                         f"a {trained_ids}-id tokenizer; use the tokenizer the checkpoint was trained with")
+        raise SystemExit(
+            f"error: --tokenizer {tokenizer_name} has {n} ids but checkpoint {checkpoint} was trained with "
+            f"a {trained_ids}-id tokenizer; use the tokenizer the checkpoint was trained with"
+        )
     vocab = tokenizer_fingerprint(tokenizer) if trained_vocab is not None else None
     if vocab != trained_vocab:
-        raise SystemExit(f"error: --tokenizer {tokenizer_name} is not the tokenizer checkpoint {checkpoint} was trained "
-                         f"with (same size, different vocabulary: fingerprint {vocab} vs {trained_vocab}); "
-                         f"use the tokenizer the checkpoint was trained with")
+        raise SystemExit(
+            f"error: --tokenizer {tokenizer_name} is not the tokenizer checkpoint {checkpoint} was trained "
+            f"with (same size, different vocabulary: fingerprint {vocab} vs {trained_vocab}); "
+            f"use the tokenizer the checkpoint was trained with"
+        )
     if n > embedding_rows:
-        raise SystemExit(f"error: --tokenizer {tokenizer_name} has {n} ids but the model config's vocab_size is "
-                         f"{embedding_rows} (ids >= {embedding_rows} have no embedding); use a matching tokenizer or config")
+        raise SystemExit(
+            f"error: --tokenizer {tokenizer_name} has {n} ids but the model config's vocab_size is "
+            f"{embedding_rows} (ids >= {embedding_rows} have no embedding); use a matching tokenizer or config"
+        )
 
 
 def load_tokenizer(args: argparse.Namespace, embedding_rows: int):
@@ -654,6 +789,7 @@ def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) ->
 class ForeignState:
     """Inert stand-in for an object whose class a released checkpoint pickles but this project does not have:
     the pickled state is kept as plain data (`.state`); none of the original class's code exists here to run."""
+
     __slots__ = ("state",)
 
     def __setstate__(self, state) -> None:
@@ -663,6 +799,7 @@ class ForeignState:
 class VoltaTbLogger(ForeignState):
     """volta.train_utils.tbLogger, pickled into IGLUE/VOLTA's pytorch_ckpt_latest.tar by train_utils.save (its
     __getstate__ keeps counters, task names and paths: ints, floats, strings, dicts)."""
+
     __slots__ = ()
 
 
@@ -693,7 +830,9 @@ def read_torch_file(path: str | Path, map_location="cpu", mmap: bool = False):
     only, plus FOREIGN_CHECKPOINT_CLASSES as inert stand-ins. A file that asks for anything else raises
     UnsafeCheckpointError naming it; other failures (missing, truncated) propagate for the caller to word."""
     if _TORCH_VERSION < (2, 6):  # weights_only could be escaped before 2.6 (CVE-2025-32434)
-        raise RuntimeError(f"torch {torch.__version__} cannot read checkpoints safely; install requirements.txt's torch")
+        raise RuntimeError(
+            f"torch {torch.__version__} cannot read checkpoints safely; install requirements.txt's torch"
+        )
     try:
         with torch.serialization.safe_globals(FOREIGN_CHECKPOINT_CLASSES), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # torch's note for protocol > 2
@@ -703,10 +842,12 @@ def read_torch_file(path: str | Path, map_location="cpu", mmap: bool = False):
             raise
         raise UnsafeCheckpointError(
             f"{path}: refused to load: {_weights_only_reason(e)} (torch files are read with weights_only=True: "
-            f"tensors and plain data only; nothing in this file was run)") from None
+            f"tensors and plain data only; nothing in this file was run)"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------- load plans
+
 
 @dataclass
 class LoadPlan:
@@ -714,16 +855,17 @@ class LoadPlan:
     train_cclm.plan_pretrained), finish_load_plan completes it, apply_load_plan carries it out, report() says
     what happened to every key. `copy`: our key -> (source key, how); how "full" = the tensor as it is, any other
     name = a transform the trainer gives apply_load_plan (and, for its shape check, finish_load_plan)."""
+
     fmt: str
     source: str = ""
     copy: dict[str, tuple[str, str]] = field(default_factory=dict)
-    aliases: list[tuple[str, str]] = field(default_factory=list)      # (source key, key it duplicates)
-    dropped: list[tuple[str, str]] = field(default_factory=list)      # (source key, reason)
+    aliases: list[tuple[str, str]] = field(default_factory=list)  # (source key, key it duplicates)
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (source key, reason)
     initialised: list[tuple[str, str]] = field(default_factory=list)  # (our key, how/why): keeps the model's value
-    constant: dict[str, float] = field(default_factory=dict)          # our key -> fill value
-    missing: list[str] = field(default_factory=list)                  # our keys with no source: error
-    unexpected: list[str] = field(default_factory=list)               # source keys we cannot place: error
-    mismatched: list[str] = field(default_factory=list)               # shape errors, readable
+    constant: dict[str, float] = field(default_factory=dict)  # our key -> fill value
+    missing: list[str] = field(default_factory=list)  # our keys with no source: error
+    unexpected: list[str] = field(default_factory=list)  # source keys we cannot place: error
+    mismatched: list[str] = field(default_factory=list)  # shape errors, readable
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -731,14 +873,18 @@ class LoadPlan:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def report(self, verbose: bool = False) -> str:
-        lines = [f"checkpoint {self.source or '(in memory)'}: format {self.fmt}; {len(self.copy)} parameters loaded, "
-                 f"{len(self.aliases)} alias keys, {len(self.dropped)} dropped, {len(self.initialised)} initialised "
-                 f"fresh, {len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.mismatched)} "
-                 "shape mismatches"]
+        lines = [
+            f"checkpoint {self.source or '(in memory)'}: format {self.fmt}; {len(self.copy)} parameters loaded, "
+            f"{len(self.aliases)} alias keys, {len(self.dropped)} dropped, {len(self.initialised)} initialised "
+            f"fresh, {len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.mismatched)} "
+            "shape mismatches"
+        ]
         lines += [f"  note: {n}" for n in self.notes]
         if verbose:
-            lines += [f"  loaded   {dst} <- {src}{'' if how == 'full' else ' [' + how + ']'}"
-                      for dst, (src, how) in self.copy.items()]
+            lines += [
+                f"  loaded   {dst} <- {src}{'' if how == 'full' else ' [' + how + ']'}"
+                for dst, (src, how) in self.copy.items()
+            ]
             lines += [f"  alias    {src} (same tensor as {of})" for src, of in self.aliases]
         lines += [f"  dropped  {k}: {why}" for k, why in self.dropped]
         lines += [f"  init     {k}: {why}" for k, why in self.initialised]
@@ -750,19 +896,28 @@ class LoadPlan:
     def raise_if_bad(self) -> None:
         """ValueError naming the first missing / unexpected / mis-shaped key; the report follows its first line."""
         if not self.ok:
-            first = (self.missing and f"missing key {self.missing[0]!r}") or \
-                    (self.unexpected and f"unexpected key {self.unexpected[0]!r}") or self.mismatched[0]
-            raise ValueError(f"{self.source or 'checkpoint'} ({self.fmt}): {first} "
-                             f"({len(self.missing)} missing, {len(self.unexpected)} unexpected, "
-                             f"{len(self.mismatched)} shape mismatches)\n{self.report()}")
+            first = (
+                (self.missing and f"missing key {self.missing[0]!r}")
+                or (self.unexpected and f"unexpected key {self.unexpected[0]!r}")
+                or self.mismatched[0]
+            )
+            raise ValueError(
+                f"{self.source or 'checkpoint'} ({self.fmt}): {first} "
+                f"({len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+                f"{len(self.mismatched)} shape mismatches)\n{self.report()}"
+            )
 
 
 ShapeFits = Callable[[tuple, tuple], bool]  # (source shape, our shape) -> can `how` copy it
 
 
-def finish_load_plan(plan: LoadPlan, source: dict[str, tuple], target: dict[str, tuple],
-                     fresh: Callable[[str], str | None] = lambda key: None,
-                     fits: dict[str, ShapeFits] | None = None) -> LoadPlan:
+def finish_load_plan(
+    plan: LoadPlan,
+    source: dict[str, tuple],
+    target: dict[str, tuple],
+    fresh: Callable[[str], str | None] = lambda key: None,
+    fits: dict[str, ShapeFits] | None = None,
+) -> LoadPlan:
     """Complete a plan of `source` (key -> shape) into a model of `target` (key -> shape): an our-key the rules
     placed nowhere keeps its initial value if fresh(key) gives the reason, else it is missing; every copy is
     checked by shape (fits[how]; "full": equal shapes) and a copy to no key of ours is unexpected."""
@@ -794,8 +949,9 @@ def plan_same_names(source: dict[str, tuple], target: dict[str, tuple], fmt: str
 Transform = Callable[[torch.Tensor, torch.Tensor], None]  # (our tensor, source tensor): writes ours in place
 
 
-def apply_load_plan(model: nn.Module, state: dict[str, torch.Tensor], plan: LoadPlan,
-                    transforms: dict[str, Transform] | None = None) -> None:
+def apply_load_plan(
+    model: nn.Module, state: dict[str, torch.Tensor], plan: LoadPlan, transforms: dict[str, Transform] | None = None
+) -> None:
     """Carry out a checked plan in place: copies (cast to our dtype; how != "full" through transforms[how]) and
     constants. Keys the plan initialises keep the model's values."""
     plan.raise_if_bad()
@@ -811,9 +967,12 @@ def apply_load_plan(model: nn.Module, state: dict[str, torch.Tensor], plan: Load
 def rng_state(device: torch.device) -> dict:
     """This process's RNG states (CUDA: its own device only), in types torch.load(weights_only=True) accepts."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    return {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
@@ -826,6 +985,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- run folder, metrics
+
 
 def resuming(args: argparse.Namespace, run_dir: Path) -> bool:
     """--resume with a checkpoint to resume from. --resume of a run killed before its first checkpoint starts
@@ -855,8 +1015,10 @@ def _run_dir_problem(run_dir: Path, resume: bool) -> str | None:
     if problem:
         return problem
     if existing and not resume:
-        problem = (f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it or "
-                   "choose another --output-dir")
+        problem = (
+            f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it or "
+            "choose another --output-dir"
+        )
     elif resume and not existing:
         problem = f"--resume: {run_dir} holds no run to resume (no {CHECKPOINT} or {ARGS})"
     elif resume:
@@ -883,12 +1045,16 @@ def _no_checkpoint_problem(run_dir: Path, existing: list[str]) -> str | None:
         return None
     have = ", ".join(existing)
     if FINAL in existing:
-        return (f"--resume: {run_dir} holds a finished run ({have}) but no {CHECKPOINT} to continue from; "
-                f"nothing was changed: its model is {run_dir / FINAL}; to train again choose another --output-dir")
+        return (
+            f"--resume: {run_dir} holds a finished run ({have}) but no {CHECKPOINT} to continue from; "
+            f"nothing was changed: its model is {run_dir / FINAL}; to train again choose another --output-dir"
+        )
     done = _epochs_logged(run_dir / METRICS)
     if done:
-        return (f"--resume: {run_dir} holds a run that completed {done} epoch(s) ({have}) but its {CHECKPOINT} "
-                f"is gone; nothing was changed: restore {CHECKPOINT} to continue, or choose another --output-dir")
+        return (
+            f"--resume: {run_dir} holds a run that completed {done} epoch(s) ({have}) but its {CHECKPOINT} "
+            f"is gone; nothing was changed: restore {CHECKPOINT} to continue, or choose another --output-dir"
+        )
     return None
 
 
@@ -921,8 +1087,10 @@ def _lock_run_dir(run_dir: Path) -> str | None:
         os.close(fd)
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
             return None  # a file system without flock: run unlocked rather than not at all
-        return (f"{run_dir} is in use by another process ({_lock_holder(run_dir)}); wait for it to end, or "
-                "choose another --output-dir")
+        return (
+            f"{run_dir} is in use by another process ({_lock_holder(run_dir)}); wait for it to end, or "
+            "choose another --output-dir"
+        )
     _RUN_LOCKS[key] = fd
     return None
 
@@ -1003,15 +1171,17 @@ def fault_point(name: str, before: Callable[[], object] | None = None) -> None:
 
 # ---------------------------------------------------------------------------------------------- the loop
 
+
 @dataclass
 class Progress:
     """Loop counters; saved in the checkpoint and restored by --resume."""
-    epoch: int = 0               # epochs completed
-    step: int = 0                # optimizer steps done = global 0-based index of the next step
-    nonfinite_steps: int = 0     # steps skipped for a non-finite loss or gradient
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps done = global 0-based index of the next step
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient
     nonfinite_in_a_row: int = 0
-    amp_skipped_steps: int = 0   # fp16 GradScaler overflow skips (scale lowered; not an error)
-    metrics_offset: int = 0      # metrics.jsonl size at the checkpoint
+    amp_skipped_steps: int = 0  # fp16 GradScaler overflow skips (scale lowered; not an error)
+    metrics_offset: int = 0  # metrics.jsonl size at the checkpoint
     # The checkpoint is written before the epoch's evaluation: True when that evaluation is still to log (a
     # resume re-runs it first). Older checkpoints, written after it, lack the field: False.
     eval_pending: bool = False
@@ -1036,13 +1206,21 @@ def wrap_for_training(model: nn.Module, dist: DistInfo, find_unused: bool) -> nn
     trainable = "\n".join(n for n, p in model.named_parameters() if p.requires_grad)
     digests = gather([hashlib.sha1(trainable.encode()).hexdigest()[:12]], dist)
     if len(set(digests)) > 1:
-        raise RuntimeError(f"ranks disagree on the trainable parameters (per-rank digests {digests}); "
-                           "the schedule must depend only on (epoch, step)")
-    return DDP(net, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
-               forward_sync_buffers=False, find_unused_parameters=find_unused)
+        raise RuntimeError(
+            f"ranks disagree on the trainable parameters (per-rank digests {digests}); "
+            "the schedule must depend only on (epoch, step)"
+        )
+    return DDP(
+        net,
+        device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
+        forward_sync_buffers=False,
+        find_unused_parameters=find_unused,
+    )
 
 
-def forward_backward(net: nn.Module, batches, accum: int, amp_dtype, scaler, device) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_backward(
+    net: nn.Module, batches, accum: int, amp_dtype, scaler, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """accum micro-batches into .grad (DDP all-reduces on the last one only). Returns (sum of the
     finite micro-batch losses, number of non-finite ones) as tensors, so nothing syncs here."""
     loss_sum = torch.zeros((), device=device)
@@ -1061,8 +1239,9 @@ def forward_backward(net: nn.Module, batches, accum: int, amp_dtype, scaler, dev
     return loss_sum, n_bad
 
 
-def optimizer_step(model, optimizer, lr_sched, scaler, clip: float, n_bad: torch.Tensor,
-                   dist: DistInfo) -> tuple[bool, bool, float, float]:
+def optimizer_step(
+    model, optimizer, lr_sched, scaler, clip: float, n_bad: torch.Tensor, dist: DistInfo
+) -> tuple[bool, bool, float, float]:
     """Clip + step + zero_grad(set_to_none) + scheduler step. A non-finite loss on any rank, or a
     non-finite gradient norm, skips the update (all ranks agree: gradients are all-reduced).
     Returns (updated, amp_skipped, lr used, gradient norm before clipping)."""
@@ -1101,8 +1280,9 @@ def require_finite(t: torch.Tensor, what: str) -> torch.Tensor:
     bad = ~torch.isfinite(t)
     if bad.any():
         rows = bad.reshape(bad.shape[0], -1).any(1) if t.dim() else bad.reshape(1)
-        raise FloatingPointError(f"non-finite {what} (NaN or inf) for {int(rows.sum())} of {rows.numel()} examples "
-                                 "of a batch")
+        raise FloatingPointError(
+            f"non-finite {what} (NaN or inf) for {int(rows.sum())} of {rows.numel()} examples of a batch"
+        )
     return t
 
 
@@ -1113,12 +1293,23 @@ def mean_loss(loss_sum: torch.Tensor, n: torch.Tensor, dist: DistInfo) -> float 
     return (total[0] / total[1]).item() if total[1] > 0 else None
 
 
-def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout, schedule: freeze.Schedule,
-          train_loader: DataLoader, evaluate_fn: Callable | None, meta: dict, dist: DistInfo, *,
-          module_lr: dict[str, float] | None = None, on_step: Callable[[nn.Module, int], None] | None = None,
-          no_decay: Callable[[str, nn.Parameter], bool] | None = None,
-          lr_mult: Callable[[str], float] | None = None, on_evaluated: Callable | None = None,
-          run_dir: Path | None = None) -> None:
+def train(
+    args: argparse.Namespace,
+    model: nn.Module,
+    layout: freeze.LayerLayout,
+    schedule: freeze.Schedule,
+    train_loader: DataLoader,
+    evaluate_fn: Callable | None,
+    meta: dict,
+    dist: DistInfo,
+    *,
+    module_lr: dict[str, float] | None = None,
+    on_step: Callable[[nn.Module, int], None] | None = None,
+    no_decay: Callable[[str, nn.Parameter], bool] | None = None,
+    lr_mult: Callable[[str], float] | None = None,
+    on_evaluated: Callable | None = None,
+    run_dir: Path | None = None,
+) -> None:
     """The epoch loop (see module docstring). evaluate_fn(model, epoch 1-based) -> {lang: {metric: value}}
     is called on every rank after every epoch; on_step(model, steps_done) after every optimizer step;
     no_decay(name, param): the recipe's weight-decay exemption rule (default: freeze.no_decay_ndim);
@@ -1140,9 +1331,16 @@ def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout
         model.to(dist.device)
         # The LR schedule spans --schedule-epochs (default --epochs); IGLUE's longer one stops before reaching 0.
         schedule_epochs = getattr(args, "schedule_epochs", None) or args.epochs
-        optimizer, lr_sched = build_optimizer(model, layout, schedule, args, module_lr, no_decay=no_decay,
-                                              lr_mult=lr_mult,
-                                              total_steps=schedule_epochs * steps_per_epoch)
+        optimizer, lr_sched = build_optimizer(
+            model,
+            layout,
+            schedule,
+            args,
+            module_lr,
+            no_decay=no_decay,
+            lr_mult=lr_mult,
+            total_steps=schedule_epochs * steps_per_epoch,
+        )
         amp_dtype, scaler = setup_amp(args.amp, dist.device)
         log = MetricsLog(run_dir / METRICS, dist.is_main)
         _fault_counts.clear()
@@ -1154,12 +1352,41 @@ def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout
                 return
             log.truncate(prog.metrics_offset)  # what a killed run logged after its checkpoint
             if prog.eval_pending:  # stopped between the checkpoint and the end of its evaluation
-                run_evaluation(evaluate_fn, model, prog.epoch - 1, prog.step, args, log, run_dir, dist, amp_dtype,
-                               resumed=True, on_evaluated=on_evaluated)
+                run_evaluation(
+                    evaluate_fn,
+                    model,
+                    prog.epoch - 1,
+                    prog.step,
+                    args,
+                    log,
+                    run_dir,
+                    dist,
+                    amp_dtype,
+                    resumed=True,
+                    on_evaluated=on_evaluated,
+                )
         else:
             prog = start_fresh(run_dir, args, dist, log)
-        train_epochs(args, model, layout, schedule, train_loader, evaluate_fn, meta, dist, optimizer, lr_sched,
-                     (amp_dtype, scaler), steps_per_epoch, accum, log, prog, run_dir, on_step, on_evaluated)
+        train_epochs(
+            args,
+            model,
+            layout,
+            schedule,
+            train_loader,
+            evaluate_fn,
+            meta,
+            dist,
+            optimizer,
+            lr_sched,
+            (amp_dtype, scaler),
+            steps_per_epoch,
+            accum,
+            log,
+            prog,
+            run_dir,
+            on_step,
+            on_evaluated,
+        )
         check_made_progress(prog, run_dir)  # on every rank: the counters are the same everywhere
         if dist.is_main:
             final = {"model": model.state_dict(), "meta": run_meta(meta, schedule, prog, args)}
@@ -1172,9 +1399,26 @@ def train(args: argparse.Namespace, model: nn.Module, layout: freeze.LayerLayout
         release_run_dirs(run_dir)
 
 
-def train_epochs(args, model, layout, schedule, train_loader, evaluate_fn, meta, dist: DistInfo, optimizer, lr_sched,
-                 amp: tuple, steps_per_epoch: int, accum: int, log: MetricsLog, prog: Progress, run_dir: Path,
-                 on_step, on_evaluated=None) -> None:
+def train_epochs(
+    args,
+    model,
+    layout,
+    schedule,
+    train_loader,
+    evaluate_fn,
+    meta,
+    dist: DistInfo,
+    optimizer,
+    lr_sched,
+    amp: tuple,
+    steps_per_epoch: int,
+    accum: int,
+    log: MetricsLog,
+    prog: Progress,
+    run_dir: Path,
+    on_step,
+    on_evaluated=None,
+) -> None:
     """Epochs prog.epoch .. args.epochs - 1: train, checkpoint, then evaluate (a crash in the evaluation loses
     no training: --resume re-runs it)."""
     amp_dtype, scaler = amp
@@ -1183,8 +1427,13 @@ def train_epochs(args, model, layout, schedule, train_loader, evaluate_fn, meta,
         set_epoch(train_loader, epoch)
         model.train()
         batches = DataWait(iter(train_loader))
-        loss_sum, n_finite = torch.zeros((), device=dist.device), torch.zeros((), device=dist.device)  # since last record
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist.is_main, dynamic_ncols=True)
+        loss_sum, n_finite = (
+            torch.zeros((), device=dist.device),
+            torch.zeros((), device=dist.device),
+        )  # since last record
+        bar = tqdm(
+            total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist.is_main, dynamic_ncols=True
+        )
         for i in range(steps_per_epoch):
             step_start = time.perf_counter()
             # requires_grad is set once per stage (the trainable layers fully determine it): --unfreeze-unit
@@ -1207,7 +1456,9 @@ def train_epochs(args, model, layout, schedule, train_loader, evaluate_fn, meta,
                 raise SystemExit(f"error: training data: {e}; {_last_checkpoint(prog, run_dir)}") from None
             loss_sum += step_loss
             n_finite += accum - n_bad  # before optimizer_step sums n_bad over ranks
-            ok, amp_skipped, lr, grad_norm = optimizer_step(model, optimizer, lr_sched, scaler, args.clip_grad, n_bad, dist)
+            ok, amp_skipped, lr, grad_norm = optimizer_step(
+                model, optimizer, lr_sched, scaler, args.clip_grad, n_bad, dist
+            )
             count_step(prog, ok, amp_skipped, epoch, args, run_dir, dist)  # stops after too many non-finite in a row
             if on_step is not None:
                 on_step(model, prog.step)
@@ -1217,8 +1468,11 @@ def train_epochs(args, model, layout, schedule, train_loader, evaluate_fn, meta,
             if (args.log_every and prog.step % args.log_every == 0) or i == steps_per_epoch - 1:
                 loss = mean_loss(loss_sum, n_finite, dist)
                 log.write({**train_record(epoch, prog, loss, lr, grad_norm, model, schedule), **batches.record()})
-                bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "nan", lr=f"{lr:.2e}",
-                                data_wait=f"{batches.last_fraction:.0%}")
+                bar.set_postfix(
+                    loss=f"{loss:.4f}" if loss is not None else "nan",
+                    lr=f"{lr:.2e}",
+                    data_wait=f"{batches.last_fraction:.0%}",
+                )
                 loss_sum.zero_(), n_finite.zero_()
         bar.close()
         del batches
@@ -1228,21 +1482,36 @@ def train_epochs(args, model, layout, schedule, train_loader, evaluate_fn, meta,
         prog.eval_pending = evaluate_fn is not None and evaluation_due(args, epoch)
         save_training_state(run_dir / CHECKPOINT, model, optimizer, lr_sched, scaler, prog, args, meta, schedule, dist)
         if prog.eval_pending:
-            run_evaluation(evaluate_fn, model, epoch, prog.step, args, log, run_dir, dist, amp_dtype,
-                           on_evaluated=on_evaluated)
+            run_evaluation(
+                evaluate_fn, model, epoch, prog.step, args, log, run_dir, dist, amp_dtype, on_evaluated=on_evaluated
+            )
         fault_point("epoch_end")
 
 
-def run_evaluation(evaluate_fn: Callable | None, model: nn.Module, epoch: int, step: int, args, log: MetricsLog,
-                   run_dir: Path, dist: DistInfo, amp_dtype: torch.dtype | None, resumed: bool = False,
-                   on_evaluated: Callable | None = None) -> None:
+def run_evaluation(
+    evaluate_fn: Callable | None,
+    model: nn.Module,
+    epoch: int,
+    step: int,
+    args,
+    log: MetricsLog,
+    run_dir: Path,
+    dist: DistInfo,
+    amp_dtype: torch.dtype | None,
+    resumed: bool = False,
+    on_evaluated: Callable | None = None,
+) -> None:
     """Epoch `epoch` (0-based)'s evaluation (under the run's AMP dtype unless --eval-fp32; --eval-langs before
     the last epoch), logged; its checkpoint is already written. Bad evaluation data
     or a non-finite model output is a one-line error (the checkpoint stays; --resume re-runs it)."""
     if evaluate_fn is None:
         if resumed and dist.is_main:
-            print(f"warning: epoch {epoch + 1}'s evaluation was not run (the run stopped before it; resumed with "
-                  "--no-eval)", file=sys.stderr, flush=True)
+            print(
+                f"warning: epoch {epoch + 1}'s evaluation was not run (the run stopped before it; resumed with "
+                "--no-eval)",
+                file=sys.stderr,
+                flush=True,
+            )
         return
     if resumed and dist.is_main:
         print(f"re-running epoch {epoch + 1}'s evaluation (the run stopped after the epoch's checkpoint)", flush=True)
@@ -1251,25 +1520,32 @@ def run_evaluation(evaluate_fn: Callable | None, model: nn.Module, epoch: int, s
         eval_dtype = None if getattr(args, "eval_fp32", False) else amp_dtype
         results = evaluate(evaluate_fn, model, epoch, amp_dtype=eval_dtype, langs=epoch_eval_langs(args, epoch))
     except (data.BadInput, FloatingPointError) as e:
-        raise SystemExit(f"error: evaluation after epoch {epoch + 1}: {e}; the epoch's checkpoint "
-                         f"{run_dir / CHECKPOINT} is kept: fix it and --resume (the evaluation is run again)") from None
+        raise SystemExit(
+            f"error: evaluation after epoch {epoch + 1}: {e}; the epoch's checkpoint "
+            f"{run_dir / CHECKPOINT} is kept: fix it and --resume (the evaluation is run again)"
+        ) from None
     if on_evaluated is not None:
         on_evaluated(model, epoch, results, dist)
     log_eval(log, results, epoch, step, args.eval_split, dist)
 
 
 def _last_checkpoint(prog: Progress, run_dir: Path) -> str:
-    return (f"last good checkpoint: {run_dir / CHECKPOINT} (after epoch {prog.epoch})" if prog.epoch
-            else "last good checkpoint: none (no epoch completed)")
+    return (
+        f"last good checkpoint: {run_dir / CHECKPOINT} (after epoch {prog.epoch})"
+        if prog.epoch
+        else "last good checkpoint: none (no epoch completed)"
+    )
 
 
 def check_made_progress(prog: Progress, run_dir: Path) -> None:
     """A run none of whose optimizer steps updated the weights ends with an error and no model_final.pt."""
     updates = prog.step - prog.nonfinite_steps - prog.amp_skipped_steps
     if updates <= 0:
-        raise SystemExit(f"error: the run made no finite optimizer step ({prog.step} steps: {prog.nonfinite_steps} "
-                         f"non-finite, {prog.amp_skipped_steps} skipped by the fp16 scaler); {FINAL} not written "
-                         f"(its weights would be the initial ones); check the data, --lr and --amp")
+        raise SystemExit(
+            f"error: the run made no finite optimizer step ({prog.step} steps: {prog.nonfinite_steps} "
+            f"non-finite, {prog.amp_skipped_steps} skipped by the fp16 scaler); {FINAL} not written "
+            f"(its weights would be the initial ones); check the data, --lr and --amp"
+        )
 
 
 def count_step(prog: Progress, ok: bool, amp_skipped: bool, epoch: int, args, run_dir: Path, dist: DistInfo) -> None:
@@ -1281,21 +1557,42 @@ def count_step(prog: Progress, ok: bool, amp_skipped: bool, epoch: int, args, ru
     prog.nonfinite_steps += 1
     prog.nonfinite_in_a_row += 1
     if dist.is_main:
-        print(f"warning: non-finite loss or gradient at epoch {epoch + 1}, step {prog.step}: update skipped "
-              f"({prog.nonfinite_in_a_row} in a row, {prog.nonfinite_steps} in total)", file=sys.stderr, flush=True)
+        print(
+            f"warning: non-finite loss or gradient at epoch {epoch + 1}, step {prog.step}: update skipped "
+            f"({prog.nonfinite_in_a_row} in a row, {prog.nonfinite_steps} in total)",
+            file=sys.stderr,
+            flush=True,
+        )
     if prog.nonfinite_in_a_row >= args.max_nonfinite:
-        raise SystemExit(f"error: stopping: {prog.nonfinite_in_a_row} non-finite losses in a row at epoch {epoch + 1}, "
-                         f"step {prog.step} (--max-nonfinite {args.max_nonfinite}); {_last_checkpoint(prog, run_dir)}")
+        raise SystemExit(
+            f"error: stopping: {prog.nonfinite_in_a_row} non-finite losses in a row at epoch {epoch + 1}, "
+            f"step {prog.step} (--max-nonfinite {args.max_nonfinite}); {_last_checkpoint(prog, run_dir)}"
+        )
 
 
-def train_record(epoch: int, prog: Progress, loss: float | None, lr: float, grad_norm: float, model: nn.Module,
-                 schedule: freeze.Schedule) -> dict:
+def train_record(
+    epoch: int,
+    prog: Progress,
+    loss: float | None,
+    lr: float,
+    grad_norm: float,
+    model: nn.Module,
+    schedule: freeze.Schedule,
+) -> dict:
     last = prog.step - 1  # the step just taken
-    return {"type": "train", "epoch": epoch + 1, "step": prog.step, "loss": loss, "lr": lr,
-            "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-            "stage": schedule.stage(epoch, last), "trainable_layers": schedule.trainable_layers(epoch, last),
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "nonfinite_steps": prog.nonfinite_steps, "amp_skipped_steps": prog.amp_skipped_steps}
+    return {
+        "type": "train",
+        "epoch": epoch + 1,
+        "step": prog.step,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+        "stage": schedule.stage(epoch, last),
+        "trainable_layers": schedule.trainable_layers(epoch, last),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "nonfinite_steps": prog.nonfinite_steps,
+        "amp_skipped_steps": prog.amp_skipped_steps,
+    }
 
 
 def evaluation_due(args, epoch: int) -> bool:
@@ -1309,8 +1606,13 @@ def epoch_eval_langs(args, epoch: int) -> list[str] | None:
     return None if epoch == args.epochs - 1 else getattr(args, "eval_langs", None)
 
 
-def evaluate(evaluate_fn: Callable, model: nn.Module, epoch: int, amp_dtype: torch.dtype | None = None,
-             langs: list[str] | None = None) -> dict:
+def evaluate(
+    evaluate_fn: Callable,
+    model: nn.Module,
+    epoch: int,
+    amp_dtype: torch.dtype | None = None,
+    langs: list[str] | None = None,
+) -> dict:
     """evaluate_fn runs on every rank (it shards with shard/gather itself), in eval mode, no grad, under the
     run's autocast dtype (--amp; the difference to float32 is measured in bench/eval_precision.py). langs,
     when given, is passed on as evaluate_fn(model, epoch, langs=langs)."""
@@ -1334,19 +1636,22 @@ CONSOLE_METRICS = (("accuracy",), ("ir_r1", "tr_r1"))
 
 
 def epoch_line(results: dict, epoch: int, split: str) -> str:
-    """"epoch 2 test accuracy: en 55.19 de 30.12 ..." (the task's metric per language)."""
+    """ "epoch 2 test accuracy: en 55.19 de 30.12 ..." (the task's metric per language)."""
     first = next(iter(results.values()))
     names = next((m for m in CONSOLE_METRICS if all(k in first for k in m)), None)
-    if names is None:   # an unknown task: its first float metric
+    if names is None:  # an unknown task: its first float metric
         names = tuple(k for k, v in first.items() if isinstance(v, float))[:1]
-    parts = [f"{name}: " + " ".join(f"{lang} {m.get(name, float('nan')):.2f}" for lang, m in results.items())
-             for name in names]
+    parts = [
+        f"{name}: " + " ".join(f"{lang} {m.get(name, float('nan')):.2f}" for lang, m in results.items())
+        for name in names
+    ]
     return f"epoch {epoch + 1} {split} " + "; ".join(parts)
 
 
-def trainable_line(model: nn.Module, layout: freeze.LayerLayout, schedule: freeze.Schedule, epoch: int, step: int,
-                   steps_per_epoch: int) -> str:
-    """"epoch 2: layers 6-11 + embeddings, head train; 97.3M trainable" (printed when the trainable set changes)."""
+def trainable_line(
+    model: nn.Module, layout: freeze.LayerLayout, schedule: freeze.Schedule, epoch: int, step: int, steps_per_epoch: int
+) -> str:
+    """ "epoch 2: layers 6-11 + embeddings, head train; 97.3M trainable" (printed when the trainable set changes)."""
     where = f"epoch {epoch + 1}" + (f", step {step}" if step % steps_per_epoch else "")
     return f"{where}: {freeze.trainable_summary(model, layout, schedule, epoch, step)}"
 
@@ -1354,6 +1659,7 @@ def trainable_line(model: nn.Module, layout: freeze.LayerLayout, schedule: freez
 class DataWait:
     """The training batches' iterator, timing how long the loop waits for each batch. record() -> the
     fraction of step time since the last record spent waiting (data_wait_frac; near 0: the loader keeps up)."""
+
     KEYS = ("data_wait_frac", "step_s")
 
     def __init__(self, batches):
@@ -1383,20 +1689,45 @@ class DataWait:
 
 
 def run_meta(meta: dict, schedule: freeze.Schedule, prog: Progress, args) -> dict:
-    return {**meta, "policy": schedule.policy, "schedule": schedule.to_dict(), "epoch": prog.epoch, "step": prog.step,
-            "stage": schedule.stage(max(prog.epoch - 1, 0), max(prog.step - 1, 0)), "task": meta.get("task", args.task),
-            "langs": meta.get("langs", args.langs)}
+    return {
+        **meta,
+        "policy": schedule.policy,
+        "schedule": schedule.to_dict(),
+        "epoch": prog.epoch,
+        "step": prog.step,
+        "stage": schedule.stage(max(prog.epoch - 1, 0), max(prog.step - 1, 0)),
+        "task": meta.get("task", args.task),
+        "langs": meta.get("langs", args.langs),
+    }
 
 
-def save_training_state(path: Path, model, optimizer, lr_sched, scaler, prog: Progress, args, meta: dict,
-                        schedule: freeze.Schedule, dist: DistInfo) -> None:
+def save_training_state(
+    path: Path,
+    model,
+    optimizer,
+    lr_sched,
+    scaler,
+    prog: Progress,
+    args,
+    meta: dict,
+    schedule: freeze.Schedule,
+    dist: DistInfo,
+) -> None:
     rngs = gather([rng_state(dist.device)], dist)  # every rank's, so a resumed rank continues its own stream
     if dist.is_main:
-        save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": lr_sched.state_dict(),
-                               "scaler": scaler.state_dict() if scaler is not None else None,
-                               "rng": rngs, "progress": asdict(prog), "args": json_safe(vars(args)),
-                               "meta": run_meta(meta, schedule, prog, args)})
+        save_checkpoint(
+            path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": lr_sched.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rngs,
+                "progress": asdict(prog),
+                "args": json_safe(vars(args)),
+                "meta": run_meta(meta, schedule, prog, args),
+            },
+        )
     barrier(dist)
 
 
@@ -1413,8 +1744,9 @@ def start_fresh(run_dir: Path, args, dist: DistInfo, log: MetricsLog) -> Progres
     return Progress()
 
 
-def resume(path: Path, model, optimizer, lr_sched, scaler, args, dist: DistInfo, log: MetricsLog,
-           meta: dict | None = None) -> Progress:
+def resume(
+    path: Path, model, optimizer, lr_sched, scaler, args, dist: DistInfo, log: MetricsLog, meta: dict | None = None
+) -> Progress:
     try:
         ckpt = load_checkpoint(path)
     except ValueError as e:
@@ -1422,18 +1754,23 @@ def resume(path: Path, model, optimizer, lr_sched, scaler, args, dist: DistInfo,
     saved = ckpt["args"]
     for key in RESUME_KEYS:
         if key in saved and json_safe(getattr(args, key, None)) != saved[key]:
-            raise SystemExit(f"error: --resume: --{key.replace('_', '-')} is {getattr(args, key, None)!r} but the run in "
-                             f"{path} used {saved[key]!r}; resume with the same settings")
+            raise SystemExit(
+                f"error: --resume: --{key.replace('_', '-')} is {getattr(args, key, None)!r} but the run in "
+                f"{path} used {saved[key]!r}; resume with the same settings"
+            )
     was, now = (ckpt.get("meta") or {}).get("tokenizer_vocab"), (meta or {}).get("tokenizer_vocab")
     if was is not None and now is not None and was != now:  # the path may differ (moved folder); the vocabulary not
-        raise SystemExit(f"error: --resume: --tokenizer {getattr(args, 'tokenizer', None)} is not the tokenizer the run "
-                         f"in {path} was trained with (vocabulary fingerprint {now} vs {was}); resume with that tokenizer")
+        raise SystemExit(
+            f"error: --resume: --tokenizer {getattr(args, 'tokenizer', None)} is not the tokenizer the run "
+            f"in {path} was trained with (vocabulary fingerprint {now} vs {was}); resume with that tokenizer"
+        )
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:  # torch lists every key over many lines: name the first, keep it one line
         detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
-        raise SystemExit(f"error: --resume: {path} does not fit this model ({detail}); "
-                         f"resume with the run's own model settings") from None
+        raise SystemExit(
+            f"error: --resume: {path} does not fit this model ({detail}); resume with the run's own model settings"
+        ) from None
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_sched.load_state_dict(ckpt["scheduler"])
     if scaler is not None and ckpt["scaler"] is not None:
@@ -1444,8 +1781,11 @@ def resume(path: Path, model, optimizer, lr_sched, scaler, args, dist: DistInfo,
     else:
         seed_everything(args.seed + dist.rank + 1000 * prog.epoch)
         if dist.is_main:
-            print(f"warning: --resume with {dist.world} processes, the run used {len(ckpt['rng'])}: "
-                  "random streams re-seeded (not bitwise equal to an uninterrupted run)", file=sys.stderr)
+            print(
+                f"warning: --resume with {dist.world} processes, the run used {len(ckpt['rng'])}: "
+                "random streams re-seeded (not bitwise equal to an uninterrupted run)",
+                file=sys.stderr,
+            )
     if dist.is_main:
         print(f"resumed {path} after epoch {prog.epoch} (step {prog.step})", flush=True)
     return prog
@@ -1456,9 +1796,15 @@ def print_schedule(model, layout, schedule, args, steps_per_epoch: int | None = 
     print(json.dumps(rows, indent=1) if args.json else freeze.format_schedule(rows), flush=True)
 
 
-def print_schedule_only(build_model: Callable[[str, dict], nn.Module], config: dict, layout: freeze.LayerLayout,
-                        schedule: freeze.Schedule, args: argparse.Namespace, count_train: Callable[[], int],
-                        data_hint: str = "--data-root") -> None:
+def print_schedule_only(
+    build_model: Callable[[str, dict], nn.Module],
+    config: dict,
+    layout: freeze.LayerLayout,
+    schedule: freeze.Schedule,
+    args: argparse.Namespace,
+    count_train: Callable[[], int],
+    data_hint: str = "--data-root",
+) -> None:
     """The trainers' --print-schedule: no weights, the model built on the meta device (instant even for
     base). Only a step-unit SUF schedule needs the data: count_train() = training examples."""
     steps = None
@@ -1476,9 +1822,17 @@ def base_meta(model_name: str, args: argparse.Namespace, config: dict, tokenizer
     """Checkpoint meta both trainers record (engine.train adds policy/schedule/epoch/...). tokenizer_size and
     tokenizer_vocab (fingerprint): the vocabulary the weights are trained with, checked on --resume and when
     the checkpoint is loaded again."""
-    return {"model": model_name, "task": args.task, "config": config, "tokenizer": args.tokenizer,
-            "tokenizer_size": len(tokenizer), "tokenizer_vocab": tokenizer_fingerprint(tokenizer),
-            "checkpoint": args.checkpoint, "recipe": args.recipe, "langs": args.langs}
+    return {
+        "model": model_name,
+        "task": args.task,
+        "config": config,
+        "tokenizer": args.tokenizer,
+        "tokenizer_size": len(tokenizer),
+        "tokenizer_vocab": tokenizer_fingerprint(tokenizer),
+        "checkpoint": args.checkpoint,
+        "recipe": args.recipe,
+        "langs": args.langs,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -1486,15 +1840,17 @@ def base_meta(model_name: str, args: argparse.Namespace, config: dict, tokenizer
 # runs the same functions from its command line. Each rank runs its shard of every test set, gather assembles.
 # A model answers through its own methods: predict(batch) (xgqa, xvnli), retrieval_scores(...) (xflickrco).
 
-QTYPES = ("verify", "query", "choose", "logical", "compare")   # GQA structural types
+QTYPES = ("verify", "query", "choose", "logical", "compare")  # GQA structural types
 RECALL_KS = (1, 5, 10)
 
 
 # ---------------------------------------------------------------------------------------------
 # Metrics (pure)
 
-def classification_metrics(preds: Sequence[int], labels: Sequence[int],
-                           qtypes: Sequence[str] | None = None) -> dict[str, float]:
+
+def classification_metrics(
+    preds: Sequence[int], labels: Sequence[int], qtypes: Sequence[str] | None = None
+) -> dict[str, float]:
     """Accuracy in percent = 100 * n_correct / n. A label < 0 (xGQA answer outside the 1,842-answer
     vocabulary, XVNLI gold "-" in UC2's data; CCLM's loader drops those pairs as X2-VLM does) can
     never be predicted and counts as wrong, as in IGLUE's string-match evaluation.
@@ -1513,7 +1869,7 @@ def classification_metrics(preds: Sequence[int], labels: Sequence[int],
             out[f"n_{t}"] = len(idx)
             out[f"accuracy_{t}"] = 100.0 * sum(correct[i] for i in idx) / len(idx) if idx else float("nan")
         other = [i for i, q in enumerate(qtypes) if q not in QTYPES]
-        if other:   # keeps the per-type counts adding up to n even for unexpected type strings
+        if other:  # keeps the per-type counts adding up to n even for unexpected type strings
             out["n_other"] = len(other)
             out["accuracy_other"] = 100.0 * sum(correct[i] for i in other) / len(other)
     return out
@@ -1528,11 +1884,11 @@ def classification_metrics(preds: Sequence[int], labels: Sequence[int],
 # portable introsort's order, step for step (numpy's npysort/quicksort aquicksort_ and aheapsort_, BSD licence;
 # written here), tested against np.argsort with numpy's SIMD dispatch switched off.
 TIE_ORDERS = ("volta", "x2vlm")
-SMALL_SORT = 15   # numpy: partitions spanning at most 16 elements are insertion-sorted
+SMALL_SORT = 15  # numpy: partitions spanning at most 16 elements are insertion-sorted
 
 
 def _less(a: float, b: float) -> bool:
-    return a < b or (b != b and a == a)   # numpy's float order: NaN after every number
+    return a < b or (b != b and a == a)  # numpy's float order: NaN after every number
 
 
 def numpy_argsort(values: Sequence[float]) -> list[int]:
@@ -1552,7 +1908,7 @@ def numpy_argsort(values: Sequence[float]) -> list[int]:
             while pr - pl > SMALL_SORT:
                 pi = _partition(v, a, pl, pr)
                 depth -= 1
-                if pi - pl < pr - pi:   # the larger side waits on the stack, with the depth reached so far
+                if pi - pl < pr - pi:  # the larger side waits on the stack, with the depth reached so far
                     stack.append((pi + 1, pr, depth))
                     pr = pi - 1
                 else:
@@ -1628,14 +1984,15 @@ def _heapsort(v, a, pl, pr):
 def reference_order(row: np.ndarray, order: str) -> list[int]:
     """Candidates of one score row, best first, in the reference's order (see TIE_ORDERS)."""
     if order == "volta":
-        return numpy_argsort(-row)           # eval_retrieval.py: np.argsort(-score_matrix[i])
+        return numpy_argsort(-row)  # eval_retrieval.py: np.argsort(-score_matrix[i])
     if order == "x2vlm":
-        return numpy_argsort(row)[::-1]      # itm_eval: np.argsort(score)[::-1]
+        return numpy_argsort(row)[::-1]  # itm_eval: np.argsort(score)[::-1]
     raise ValueError(f"unknown tie order {order!r}; expected one of {TIE_ORDERS}")
 
 
-def _gold_ranks(scores: np.ndarray, rows: np.ndarray, golds: np.ndarray, unscored: float | None,
-                order: str) -> np.ndarray:
+def _gold_ranks(
+    scores: np.ndarray, rows: np.ndarray, golds: np.ndarray, unscored: float | None, order: str
+) -> np.ndarray:
     """0-based position of candidate golds[i] in row rows[i] of `scores`, in the reference's order. A gold that
     ties with no other candidate ranks after the strictly higher ones in any order (no sort needed); a tied one
     (or a row with NaN) takes its position in reference_order. `unscored` (CCLM: UNSCORED, entries outside the
@@ -1656,8 +2013,13 @@ def _gold_ranks(scores: np.ndarray, rows: np.ndarray, golds: np.ndarray, unscore
     return ranks
 
 
-def retrieval_ranks(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: Sequence[int],
-                    unscored: float | None = None, ties: str = "volta") -> tuple[torch.Tensor, torch.Tensor]:
+def retrieval_ranks(
+    score_i2t: torch.Tensor,
+    score_t2i: torch.Tensor,
+    txt2img: Sequence[int],
+    unscored: float | None = None,
+    ties: str = "volta",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """0-based ranks as VOLTA's eval_retrieval.py (ties="volta", UC2) / X2-VLM's itm_eval (ties="x2vlm", CCLM)
     compute them. score_i2t [n_img, n_txt], score_t2i [n_txt, n_img] (UC2: both views of one caption x image
     matrix). Text retrieval (image -> captions): rank of the best-ranked caption of each image. Image retrieval
@@ -1668,8 +2030,9 @@ def retrieval_ranks(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: S
     txt2img = np.asarray(list(txt2img), dtype=np.int64)
     n_img, n_txt = score_i2t.shape
     if score_t2i.shape != (n_txt, n_img) or txt2img.size != n_txt:
-        raise ValueError(f"score shapes {tuple(score_i2t.shape)} / {tuple(score_t2i.shape)} do not fit "
-                         f"{txt2img.size} captions")
+        raise ValueError(
+            f"score shapes {tuple(score_i2t.shape)} / {tuple(score_t2i.shape)} do not fit {txt2img.size} captions"
+        )
     captions = np.arange(n_txt)
     ir_ranks = _gold_ranks(score_t2i.double().numpy(), captions, txt2img, unscored, ties)
     caption_ranks = _gold_ranks(score_i2t.double().numpy(), txt2img, captions, unscored, ties)  # within its image's row
@@ -1680,20 +2043,26 @@ def retrieval_ranks(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: S
     return torch.from_numpy(tr_ranks), torch.from_numpy(ir_ranks.astype(np.int64))
 
 
-def recall_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: Sequence[int],
-                   unscored: float | None = None, ties: str = "volta") -> dict[str, float]:
+def recall_metrics(
+    score_i2t: torch.Tensor,
+    score_t2i: torch.Tensor,
+    txt2img: Sequence[int],
+    unscored: float | None = None,
+    ties: str = "volta",
+) -> dict[str, float]:
     """tr_r1/5/10, ir_r1/5/10 (percent), medr/meanr as VOLTA prints them (floor(median)+1, mean+1)."""
     for scores in (score_i2t, score_t2i):
         if torch.isnan(scores).any() or torch.isposinf(scores).any():  # would rank arbitrarily, not fail
             bad = int((~torch.isfinite(scores)).sum())
-            raise FloatingPointError(f"non-finite retrieval scores (NaN or inf) in {bad} of {scores.numel()} "
-                                     "caption-image pairs")
+            raise FloatingPointError(
+                f"non-finite retrieval scores (NaN or inf) in {bad} of {scores.numel()} caption-image pairs"
+            )
     tr, ir = retrieval_ranks(score_i2t, score_t2i, txt2img, unscored, ties)
     out: dict[str, float] = {}
     for name, ranks in (("tr", tr), ("ir", ir)):
         for k in RECALL_KS:
             out[f"{name}_r{k}"] = 100.0 * (ranks < k).double().mean().item()
-        out[f"{name}_medr"] = math.floor(ranks.double().quantile(0.5).item()) + 1.0   # = numpy median
+        out[f"{name}_medr"] = math.floor(ranks.double().quantile(0.5).item()) + 1.0  # = numpy median
         out[f"{name}_meanr"] = ranks.double().mean().item() + 1.0
     out["n_images"], out["n_captions"] = score_i2t.shape
     out["ties"] = ties
@@ -1702,6 +2071,7 @@ def recall_metrics(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: Se
 
 # ---------------------------------------------------------------------------------------------
 # Running a model over examples (distributed: each rank its shard, gather after)
+
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The task model behind a DDP (or similar) wrapper: predict/retrieval_scores live there."""
@@ -1740,6 +2110,7 @@ def predict_records(model: torch.nn.Module, batches: Iterable[dict], device, amp
 # ---------------------------------------------------------------------------------------------
 # Results files, printed tables
 
+
 def ordered_langs(langs: Iterable[str]) -> list[str]:
     """English first, then the target languages alphabetically (IGLUE's results/ column order)."""
     langs = set(langs)
@@ -1749,9 +2120,11 @@ def ordered_langs(langs: Iterable[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Evaluation sets (data.py) and evaluate_task (the trainers' per-epoch evaluate_fn)
 
+
 @dataclass
 class EvalSet:
     """One language's test data: `dataset` (xgqa/xvnli) or `images` + `captions` (xflickrco)."""
+
     lang: str
     split: str
     translate_test: bool
@@ -1760,7 +2133,7 @@ class EvalSet:
     images: Any = None
     captions: Any = None
     source: str = ""
-    examples: Sequence = ()   # the annotations read (data.check_inputs)
+    examples: Sequence = ()  # the annotations read (data.check_inputs)
 
 
 def eval_langs(data_root, task: str, split: str = "test", langs=None, translate_test: bool = False) -> list[str]:
@@ -1771,14 +2144,26 @@ def eval_langs(data_root, task: str, split: str = "test", langs=None, translate_
         found = (found - {"en"}) | ({"en"} & set(data.available_langs(data_root, task, split)))
     if not found:
         splits = ", ".join(data.available_splits(data_root, task, translate_test)) or "none"
-        raise ValueError(f"{task}: no {'translate-test ' if translate_test else ''}{split!r} files under "
-                         f"{data_root}; splits found: {splits}")
+        raise ValueError(
+            f"{task}: no {'translate-test ' if translate_test else ''}{split!r} files under "
+            f"{data_root}; splits found: {splits}"
+        )
     return ordered_langs(data.select_langs(langs, ordered_langs(found)))
 
 
-def build_eval_sets(model_name: str, task: str, data_root, tokenizer, langs=None, split: str = "test",
-                    translate_test: bool = False, features=None, images=None, max_regions: int = 36,
-                    image_res: int = 384) -> dict[str, EvalSet]:
+def build_eval_sets(
+    model_name: str,
+    task: str,
+    data_root,
+    tokenizer,
+    langs=None,
+    split: str = "test",
+    translate_test: bool = False,
+    features=None,
+    images=None,
+    max_regions: int = 36,
+    image_res: int = 384,
+) -> dict[str, EvalSet]:
     """{lang: EvalSet} for every language of (task, split) under data_root (or `langs`). features: the
     image-keyed region-feature reader UC2 reads the test images from (a path or train_uc2.FeatureSet)."""
     collate = data.make_collate(model_name, task, tokenizer, train=False)
@@ -1788,42 +2173,87 @@ def build_eval_sets(model_name: str, task: str, data_root, tokenizer, langs=None
         examples = data.load_split(data_root, task, split, lang, translate_test=mt)
         source = str(data.split_file(data_root, task, split, lang, translate_test=mt))
         if task == "xflickrco":
-            imgs, caps = data.make_retrieval_eval(model_name, examples, features=features, images=images,
-                                                  max_regions=max_regions, image_res=image_res)
+            imgs, caps = data.make_retrieval_eval(
+                model_name, examples, features=features, images=images, max_regions=max_regions, image_res=image_res
+            )
             sets[lang] = EvalSet(lang, split, mt, collate, images=imgs, captions=caps, source=source, examples=examples)
         else:
-            ds = data.make_dataset(model_name, task, examples, features=features, images=images, train=False,
-                                   max_regions=max_regions, image_res=image_res)
+            ds = data.make_dataset(
+                model_name,
+                task,
+                examples,
+                features=features,
+                images=images,
+                train=False,
+                max_regions=max_regions,
+                image_res=image_res,
+            )
             sets[lang] = EvalSet(lang, split, mt, collate, dataset=ds, source=source, examples=examples)
     return sets
 
 
-def trainer_evaluate_fn(model_name: str, args: argparse.Namespace, tokenizer, dist, *, features=None, images=None,
-                        max_regions: int = 36, image_res: int = 384, pair_batch: int = 1024) -> Callable:
+def trainer_evaluate_fn(
+    model_name: str,
+    args: argparse.Namespace,
+    tokenizer,
+    dist,
+    *,
+    features=None,
+    images=None,
+    max_regions: int = 36,
+    image_res: int = 384,
+    pair_batch: int = 1024,
+) -> Callable:
     """The trainers' per-epoch evaluate_fn(model, epoch) -> {lang: metrics}: evaluate_task on --eval-split of
     --langs, sharded over ranks. Every feature key / image file is checked now (ValueError): a missing
     one stops the run before training, not after its first epoch."""
-    sets = build_eval_sets(model_name, args.task, args.data_root, tokenizer, langs=args.langs, split=args.eval_split,
-                           features=features, images=images, max_regions=max_regions, image_res=image_res)
+    sets = build_eval_sets(
+        model_name,
+        args.task,
+        args.data_root,
+        tokenizer,
+        langs=args.langs,
+        split=args.eval_split,
+        features=features,
+        images=images,
+        max_regions=max_regions,
+        image_res=image_res,
+    )
     for s in sets.values():
         data.check_inputs(s.examples, features=features, images=images)
     # every evaluation image decoded once (languages share them): a corrupt one stops the run now, not after epoch 1
-    data.check_inputs([ex for s in sets.values() for ex in s.examples], features=features, images=images,
-                      sample=None)
+    data.check_inputs([ex for s in sets.values() for ex in s.examples], features=features, images=images, sample=None)
     unknown = [lang for lang in getattr(args, "eval_langs", None) or [] if lang not in sets]
     if unknown:
-        raise ValueError(f"--eval-langs {' '.join(unknown)}: not among the evaluated languages "
-                         f"({' '.join(ordered_langs(sets))}; see --langs)")
+        raise ValueError(
+            f"--eval-langs {' '.join(unknown)}: not among the evaluated languages "
+            f"({' '.join(ordered_langs(sets))}; see --langs)"
+        )
 
     def evaluate_fn(model: torch.nn.Module, epoch: int, langs: Sequence[str] | None = None) -> dict:
-        return evaluate_task(model, args.task, sets, dist, batch_size=args.eval_batch_size,
-                             num_workers=args.num_workers, pair_batch=pair_batch, langs=langs)
+        return evaluate_task(
+            model,
+            args.task,
+            sets,
+            dist,
+            batch_size=args.eval_batch_size,
+            num_workers=args.num_workers,
+            pair_batch=pair_batch,
+            langs=langs,
+        )
+
     return evaluate_fn
 
 
 def eval_loader(dataset, indices, collate, batch_size: int, num_workers: int):
-    return data.BatchLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False, collate_fn=collate,
-                            num_workers=num_workers, persistent_workers=False)
+    return data.BatchLoader(
+        Subset(dataset, list(indices)),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate,
+        num_workers=num_workers,
+        persistent_workers=False,
+    )
 
 
 def _progress(batches, desc: str, dist):
@@ -1839,10 +2269,21 @@ def model_device(model: torch.nn.Module, dist) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate_task(model: torch.nn.Module, task: str, sets: dict[str, EvalSet], dist=None, *, batch_size: int = 64,
-                  num_workers: int = 0, amp: str = "off", k_test: int | None = None, pair_batch: int = 1024,
-                  itm_batch: int = 128, langs: Sequence[str] | None = None,
-                  predictions: dict | None = None) -> dict[str, dict]:
+def evaluate_task(
+    model: torch.nn.Module,
+    task: str,
+    sets: dict[str, EvalSet],
+    dist=None,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    amp: str = "off",
+    k_test: int | None = None,
+    pair_batch: int = 1024,
+    itm_batch: int = 128,
+    langs: Sequence[str] | None = None,
+    predictions: dict | None = None,
+) -> dict[str, dict]:
     """{lang: metrics} on every rank. Each rank runs its shard of every test set; gather
     assembles the predictions (retrieval: the score matrices), so every example counts exactly once and
     the numbers equal a single-process run. The model is put in eval mode and restored afterwards.
@@ -1852,9 +2293,9 @@ def evaluate_task(model: torch.nn.Module, task: str, sets: dict[str, EvalSet], d
     model.eval()
     device = model_device(model, dist)
     results = {}
-    encoded: dict = {}   # retrieval: the model's cache across languages (CCLM: the last language's encoded images)
+    encoded: dict = {}  # retrieval: the model's cache across languages (CCLM: the last language's encoded images)
     try:
-        for lang in (langs or ordered_langs(sets)):
+        for lang in langs or ordered_langs(sets):
             s = sets[lang]
             if task == "xflickrco":
                 opts = RetrievalOptions(amp, pair_batch, k_test, itm_batch)
@@ -1866,7 +2307,7 @@ def evaluate_task(model: torch.nn.Module, task: str, sets: dict[str, EvalSet], d
             batches = _progress(loader, f"{task} {lang}", dist)
             local = predict_records(model, batches, device, amp)
             records = gather(list(zip(mine, local, strict=True)), dist)
-            if sorted(i for i, _ in records) != list(range(n)):   # every example exactly once
+            if sorted(i for i, _ in records) != list(range(n)):  # every example exactly once
                 raise RuntimeError(f"{task} {lang}: gathered {len(records)} predictions for {n} examples")
             ids, preds, labels, qtypes = zip(*(r for _, r in sorted(records)))
             results[lang] = classification_metrics(preds, labels, qtypes if task == "xgqa" else None)
@@ -1882,14 +2323,23 @@ class RetrievalOptions:
     """How a model scores a retrieval test set (each model reads the fields its protocol uses):
     amp: evaluation precision; pair_batch: UC2 (caption, image) pairs per forward; k_test: CCLM's ITC
     prefilter size (None: the model config's); itm_batch: CCLM pairs per ITM forward."""
+
     amp: str = "off"
     pair_batch: int = 1024
     k_test: int | None = None
     itm_batch: int = 128
 
 
-def _evaluate_retrieval(model, s: EvalSet, dist, device, batch_size: int, num_workers: int, opts: RetrievalOptions,
-                        encoded: dict | None = None) -> dict:
+def _evaluate_retrieval(
+    model,
+    s: EvalSet,
+    dist,
+    device,
+    batch_size: int,
+    num_workers: int,
+    opts: RetrievalOptions,
+    encoded: dict | None = None,
+) -> dict:
     """The model's own retrieval protocol (model.retrieval_scores), then R@K with its reference's tie order
     (model.tie_order) and unscored value (model.unscored)."""
     n_img, n_txt = len(s.images), len(s.captions)
@@ -1900,7 +2350,9 @@ def _evaluate_retrieval(model, s: EvalSet, dist, device, batch_size: int, num_wo
 
     i2t, t2i = model.retrieval_scores(s.images, s.captions, batches, dist, device, opts, encoded)
     if i2t.shape != (n_img, n_txt) or t2i.shape != (n_txt, n_img):
-        raise RuntimeError(f"xflickrco {s.lang}: gathered {tuple(i2t.shape)} / {tuple(t2i.shape)} score matrices for "
-                           f"{n_img} images x {n_txt} captions")
+        raise RuntimeError(
+            f"xflickrco {s.lang}: gathered {tuple(i2t.shape)} / {tuple(t2i.shape)} score matrices for "
+            f"{n_img} images x {n_txt} captions"
+        )
     txt2img = [ex.label for ex in s.captions.examples]
     return recall_metrics(i2t, t2i, txt2img, unscored=model.unscored, ties=model.tie_order)

@@ -14,6 +14,7 @@ analyses (Figures 2-4, Tables 1-3), for UC2 and CCLM checkpoints written by trai
 Metrics are percentages, as IGLUE and the paper report them. The evaluation itself (engine.evaluate_task, each
 model answering through its own predict / retrieval_scores) is the one the trainers run after every epoch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,16 @@ import train_cclm
 import train_uc2
 
 TASKS = data.TASKS
-MODEL_SCRIPTS = {"uc2": train_uc2, "cclm": train_cclm}   # meta["model"] -> the script that builds it
+MODEL_SCRIPTS = {"uc2": train_uc2, "cclm": train_cclm}  # meta["model"] -> the script that builds it
 MAIN_METRICS = {"xgqa": ("accuracy",), "xvnli": ("accuracy",), "xflickrco": ("tr_r1", "ir_r1")}
 # IGLUE's results/ file stems (model,en,<langs>,avg rows); "_ir"/"_tr" for retrieval.
 CSV_STEM = {"xgqa": "xGQA", "xvnli": "XVNLI", "xflickrco": "xFlickrCO"}
 # IGLUE's target languages (test sets; the paper's ZS-XLT averages run over all of them)
-TARGET_LANGS = {"xgqa": ("bn", "de", "id", "ko", "pt", "ru", "zh"), "xvnli": ("ar", "es", "fr", "ru"),
-                "xflickrco": ("de", "es", "id", "ja", "ru", "tr", "zh")}
+TARGET_LANGS = {
+    "xgqa": ("bn", "de", "id", "ko", "pt", "ru", "zh"),
+    "xvnli": ("ar", "es", "fr", "ru"),
+    "xflickrco": ("de", "es", "id", "ja", "ru", "tr", "zh"),
+}
 
 # ---------------------------------------------------------------------------------------------
 # The paper's reported numbers (Reinhardt et al., "Improving Vision-Language Cross-Lingual Transfer
@@ -69,22 +73,112 @@ PAPER_PER_LANG = {
         ("cclm", "suf"): {"en": 80.6, "ar": 63.6, "es": 70.9, "fr": 77.6, "ru": 70.4},
     },
     ("xgqa", "accuracy"): {  # Table 5
-        ("uc2", "full"): {"en": 57.1, "de": 44.4, "bn": 20.8, "id": 30.7, "ko": 25.3, "pt": 34.1, "ru": 35.4, "zh": 32.8},
-        ("uc2", "suf"): {"en": 57.1, "de": 51.6, "bn": 26.5, "id": 40.5, "ko": 38.6, "pt": 41.2, "ru": 43.8, "zh": 47.0},
-        ("cclm", "full"): {"en": 62.0, "de": 57.2, "bn": 33.7, "id": 49.8, "ko": 29.1, "pt": 46.4, "ru": 39.9, "zh": 43.3},
-        ("cclm", "suf"): {"en": 62.8, "de": 59.0, "bn": 49.5, "id": 52.5, "ko": 42.2, "pt": 51.7, "ru": 48.2, "zh": 57.5},
+        ("uc2", "full"): {
+            "en": 57.1,
+            "de": 44.4,
+            "bn": 20.8,
+            "id": 30.7,
+            "ko": 25.3,
+            "pt": 34.1,
+            "ru": 35.4,
+            "zh": 32.8,
+        },
+        ("uc2", "suf"): {
+            "en": 57.1,
+            "de": 51.6,
+            "bn": 26.5,
+            "id": 40.5,
+            "ko": 38.6,
+            "pt": 41.2,
+            "ru": 43.8,
+            "zh": 47.0,
+        },
+        ("cclm", "full"): {
+            "en": 62.0,
+            "de": 57.2,
+            "bn": 33.7,
+            "id": 49.8,
+            "ko": 29.1,
+            "pt": 46.4,
+            "ru": 39.9,
+            "zh": 43.3,
+        },
+        ("cclm", "suf"): {
+            "en": 62.8,
+            "de": 59.0,
+            "bn": 49.5,
+            "id": 52.5,
+            "ko": 42.2,
+            "pt": 51.7,
+            "ru": 48.2,
+            "zh": 57.5,
+        },
     },
     ("xflickrco", "tr_r1"): {  # Table 6, text retrieval
-        ("uc2", "full"): {"en": 36.8, "de": 25.8, "es": 16.0, "id": 12.8, "ja": 21.6, "ru": 16.9, "tr": 7.3, "zh": 25.8},
+        ("uc2", "full"): {
+            "en": 36.8,
+            "de": 25.8,
+            "es": 16.0,
+            "id": 12.8,
+            "ja": 21.6,
+            "ru": 16.9,
+            "tr": 7.3,
+            "zh": 25.8,
+        },
         ("uc2", "suf"): {"en": 36.4, "de": 26.0, "es": 17.8, "id": 16.3, "ja": 23.5, "ru": 19.7, "tr": 8.2, "zh": 29.0},
-        ("cclm", "full"): {"en": 77.7, "de": 68.8, "es": 66.4, "id": 55.3, "ja": 69.6, "ru": 64.5, "tr": 45.6, "zh": 73.6},
-        ("cclm", "suf"): {"en": 78.5, "de": 71.0, "es": 69.5, "id": 58.1, "ja": 71.1, "ru": 68.9, "tr": 50.7, "zh": 73.2},
+        ("cclm", "full"): {
+            "en": 77.7,
+            "de": 68.8,
+            "es": 66.4,
+            "id": 55.3,
+            "ja": 69.6,
+            "ru": 64.5,
+            "tr": 45.6,
+            "zh": 73.6,
+        },
+        ("cclm", "suf"): {
+            "en": 78.5,
+            "de": 71.0,
+            "es": 69.5,
+            "id": 58.1,
+            "ja": 71.1,
+            "ru": 68.9,
+            "tr": 50.7,
+            "zh": 73.2,
+        },
     },
     ("xflickrco", "ir_r1"): {  # Table 6, image retrieval
-        ("uc2", "full"): {"en": 43.0, "de": 39.3, "es": 15.9, "id": 12.7, "ja": 26.3, "ru": 19.7, "tr": 6.4, "zh": 33.4},
+        ("uc2", "full"): {
+            "en": 43.0,
+            "de": 39.3,
+            "es": 15.9,
+            "id": 12.7,
+            "ja": 26.3,
+            "ru": 19.7,
+            "tr": 6.4,
+            "zh": 33.4,
+        },
         ("uc2", "suf"): {"en": 41.8, "de": 30.2, "es": 18.7, "id": 15.1, "ja": 28.1, "ru": 22.8, "tr": 8.0, "zh": 33.5},
-        ("cclm", "full"): {"en": 78.0, "de": 69.2, "es": 68.6, "id": 54.8, "ja": 72.7, "ru": 64.8, "tr": 45.7, "zh": 73.7},
-        ("cclm", "suf"): {"en": 78.6, "de": 70.5, "es": 70.9, "id": 60.0, "ja": 74.3, "ru": 68.7, "tr": 50.4, "zh": 74.6},
+        ("cclm", "full"): {
+            "en": 78.0,
+            "de": 69.2,
+            "es": 68.6,
+            "id": 54.8,
+            "ja": 72.7,
+            "ru": 64.8,
+            "tr": 45.7,
+            "zh": 73.7,
+        },
+        ("cclm", "suf"): {
+            "en": 78.6,
+            "de": 70.5,
+            "es": 70.9,
+            "id": 60.0,
+            "ja": 74.3,
+            "ru": 68.7,
+            "tr": 50.4,
+            "zh": 74.6,
+        },
     },
 }
 # Figure 4 (UC2, last epoch): unpaired-baseline similarity in percentage points.
@@ -105,8 +199,8 @@ def cls_records(model: torch.nn.Module, batches: Iterable[dict], device, amp: st
 def cls_similarity(features: dict[str, dict[str, torch.Tensor]]) -> dict:
     """Figure 4. features: lang -> {example id -> [CLS] vector}; the same id in two languages is a
     translation pair. Returns {"langs", "matrix" (mean cosine similarity over the ids both languages
-    have; the paper prints it x100), "n_pairs", "unpaired"}. The paper's baseline samples non-parallel pairs at random; we
-    compute its expectation exactly (our choice): the mean cosine over ALL pairs of examples with
+    have; the paper prints it x100), "n_pairs", "unpaired"}. The paper's baseline samples non-parallel pairs at
+    random; we compute its expectation exactly (our choice): the mean cosine over ALL pairs of examples with
     different ids, from every language (same and different), via sums of unit vectors:
     sum_{x,y} cos(x,y) = |sum x^|^2, minus the same-id blocks."""
     langs = sorted(features)
@@ -143,8 +237,10 @@ def zs_average(per_lang: dict[str, dict], metric: str) -> float:
 def summarize(task: str, per_lang: dict[str, dict]) -> dict[str, dict]:
     """{main metric: {"en": .., "avg": .., "langs": [non-English languages averaged]}}."""
     targets = [l for l in engine.ordered_langs(per_lang) if l != "en"]
-    return {m: {"en": per_lang.get("en", {}).get(m, float("nan")), "avg": zs_average(per_lang, m),
-                "langs": targets} for m in MAIN_METRICS[task]}
+    return {
+        m: {"en": per_lang.get("en", {}).get(m, float("nan")), "avg": zs_average(per_lang, m), "langs": targets}
+        for m in MAIN_METRICS[task]
+    }
 
 
 def table_rows(task: str, per_lang: dict[str, dict]) -> list[str]:
@@ -167,14 +263,16 @@ def format_table(task: str, per_lang: dict[str, dict], title: str = "") -> str:
     for r in rows:
         vals = [per_lang[l].get(r, float("nan")) for l in langs] + [zs_average(per_lang, r)]
         lines.append(f"{r:<{width}} " + " ".join(f"{v:7.2f}" for v in vals))
-    lines.append(f"{'n':<{width}} " + " ".join(f"{int(per_lang[l].get('n', per_lang[l].get('n_captions', 0))):>7d}"
-                                             for l in langs))
+    lines.append(
+        f"{'n':<{width}} "
+        + " ".join(f"{int(per_lang[l].get('n', per_lang[l].get('n_captions', 0))):>7d}" for l in langs)
+    )
     lines.append("avg = mean over the non-English languages (the paper's ZS-XLT number)")
     return "\n".join(lines)
 
 
-MISSING = -1.0   # IGLUE's results/ scripts write -1.0 for a language without a result and keep its column
-N_ROW = "n"      # second CSV row: how many examples each number is over
+MISSING = -1.0  # IGLUE's results/ scripts write -1.0 for a language without a result and keep its column
+N_ROW = "n"  # second CSV row: how many examples each number is over
 
 
 def csv_langs(task: str, shots: int | str = 0) -> list[str]:
@@ -194,8 +292,14 @@ def csv_n(task: str, metrics: dict, metric: str) -> int:
     return int(metrics["n"])
 
 
-def iglue_csv(task: str, per_lang: dict[str, dict], model_name: str, metric: str, shots: int | str = 0,
-              extra_langs: Sequence[str] = ()) -> str:
+def iglue_csv(
+    task: str,
+    per_lang: dict[str, dict],
+    model_name: str,
+    metric: str,
+    shots: int | str = 0,
+    extra_langs: Sequence[str] = (),
+) -> str:
     """IGLUE's results/ CSV (docs/reference_facts.md#F-iglue-results-csv): header model,<IGLUE's languages>,avg,
     the model's row, and a row "n" with the number of examples of each language (-1 where missing). A language
     without a result is -1.0, as IGLUE writes it; avg is IGLUE's mean over the target languages when all of them
@@ -264,15 +368,21 @@ def write_results(out_dir: str | Path, record: dict, model_name: str) -> Path:
     prev = results.get(key)
     if prev and prev.get("checkpoint_file") == record.get("checkpoint_file") and record.get("checkpoint_file"):
         langs = {**prev["langs"], **record["langs"]}
-        record = {**record, "langs": langs, "summary": summarize(record["task"], langs),
-                  "files": {**prev.get("files", {}), **record.get("files", {})}}
+        record = {
+            **record,
+            "langs": langs,
+            "summary": summarize(record["task"], langs),
+            "files": {**prev.get("files", {}), **record.get("files", {})},
+        }
     results[key] = record
     engine.atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
     for metric in MAIN_METRICS[record["task"]]:
         name = csv_name(record["task"], metric, record.get("shots", 0), record["translate_test"], record["split"])
         extra = [l for l in engine.ordered_langs(record["langs"]) if l not in ("en",) + TARGET_LANGS[record["task"]]]
-        engine.atomic_write_text(out_dir / name, iglue_csv(record["task"], record["langs"], model_name, metric,
-                                                    record.get("shots", 0), extra))
+        engine.atomic_write_text(
+            out_dir / name,
+            iglue_csv(record["task"], record["langs"], model_name, metric, record.get("shots", 0), extra),
+        )
     return path
 
 
@@ -285,6 +395,7 @@ def checkpoint_file_id(path: str | Path) -> str:
 # ---------------------------------------------------------------------------------------------
 # Runs: identity, per-epoch metrics log
 
+
 def run_info(run: str | Path) -> dict:
     """model/task/policy/... of a run folder: results.json (what `evaluate` recorded), else
     args.json + the checkpoint's meta. Keys: model, task, policy, llrd_decay, top_layers, shots,
@@ -294,8 +405,22 @@ def run_info(run: str | Path) -> dict:
     res = run / "results.json"
     if res.exists():
         for rec in data.read_json(res, annotations=False).values():
-            info.update({k: rec.get(k) for k in ("model", "task", "policy", "llrd_decay", "top_layers",
-                                                  "shots", "fewshot_lang", "init_policy") if rec.get(k) is not None})
+            info.update(
+                {
+                    k: rec.get(k)
+                    for k in (
+                        "model",
+                        "task",
+                        "policy",
+                        "llrd_decay",
+                        "top_layers",
+                        "shots",
+                        "fewshot_lang",
+                        "init_policy",
+                    )
+                    if rec.get(k) is not None
+                }
+            )
             break
     if not {"model", "task", "policy"} <= set(info):
         args = data.read_json(run / "args.json", annotations=False) if (run / "args.json").exists() else {}
@@ -306,7 +431,7 @@ def run_info(run: str | Path) -> dict:
                 break
         for k in ("model", "task", "policy", "llrd_decay", "top_layers"):
             info.setdefault(k, args.get(k, meta.get(k)))
-        fs = (data.read_json(run / "fewshot.json", annotations=False) if (run / "fewshot.json").exists() else {})
+        fs = data.read_json(run / "fewshot.json", annotations=False) if (run / "fewshot.json").exists() else {}
         for k in ("shots", "fewshot_lang", "init_policy"):
             if fs.get(k) is not None:
                 info.setdefault(k, fs[k])
@@ -339,12 +464,15 @@ def read_epoch_metrics(run: str | Path, split: str | None = None) -> list[tuple[
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            if n == len(lines):   # a run killed mid-write leaves half a last line: the epochs before it stand
+            if n == len(lines):  # a run killed mid-write leaves half a last line: the epochs before it stand
                 break
             raise ValueError(f"{path}:{n}: not valid JSON") from None
         if rec.get("type") == "eval" and "lang" in rec and "epoch" in rec and split in (None, rec.get("split")):
-            metrics = {k: v for k, v in rec.items() if k not in ("type", "epoch", "step", "lang", "split")
-                       and isinstance(v, (int, float))}
+            metrics = {
+                k: v
+                for k, v in rec.items()
+                if k not in ("type", "epoch", "step", "lang", "split") and isinstance(v, (int, float))
+            }
             by_epoch.setdefault(int(rec["epoch"]), {})[rec["lang"]] = metrics
     return sorted(by_epoch.items())
 
@@ -352,10 +480,13 @@ def read_epoch_metrics(run: str | Path, split: str | None = None) -> list[tuple[
 # ---------------------------------------------------------------------------------------------
 # Figures 2-4
 
+
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -381,15 +512,32 @@ def curves(runs: Sequence[str | Path]) -> dict:
         series = {m: {l: [ev.get(l, {}).get(m, float("nan")) for _, ev in epochs] for l in langs} for m in metrics}
         for m in metrics:
             series[m]["avg"] = [zs_average(ev, m) for _, ev in epochs]
-        out[str(run)] = {"label": run_label(run, info), "info": info, "epochs": [e for e, _ in epochs],
-                         "langs": langs, "series": series}
+        out[str(run)] = {
+            "label": run_label(run, info),
+            "info": info,
+            "epochs": [e for e, _ in epochs],
+            "langs": langs,
+            "series": series,
+        }
     return out
 
 
 def _write_curve_numbers(data: dict, metrics: Sequence[str], stem: Path) -> None:
-    engine.atomic_write_text(stem.with_suffix(".json"), json.dumps(
-        {r: {"label": d["label"], "epochs": d["epochs"], "series": {m: d["series"][m] for m in metrics if m in d["series"]}}
-         for r, d in data.items()}, indent=1) + "\n")
+    engine.atomic_write_text(
+        stem.with_suffix(".json"),
+        json.dumps(
+            {
+                r: {
+                    "label": d["label"],
+                    "epochs": d["epochs"],
+                    "series": {m: d["series"][m] for m in metrics if m in d["series"]},
+                }
+                for r, d in data.items()
+            },
+            indent=1,
+        )
+        + "\n",
+    )
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["run", "epoch", "lang", "metric", "value"])
@@ -414,8 +562,9 @@ def plot_curves(runs: Sequence[str | Path], out_dir: str | Path, tag: str = "") 
     main = list(MAIN_METRICS.get(task, ("accuracy",)))
     written = []
     stem = out_dir / f"fig2_per_language{tag}"
-    fig, axes = plt.subplots(len(main), len(data), figsize=(5 * len(data), 3.6 * len(main)),
-                             squeeze=False, sharey="row")
+    fig, axes = plt.subplots(
+        len(main), len(data), figsize=(5 * len(data), 3.6 * len(main)), squeeze=False, sharey="row"
+    )
     for col, d in enumerate(data.values()):
         for row, m in enumerate(main):
             ax = axes[row][col]
@@ -474,8 +623,15 @@ def plot_similarity(sim: dict, path: str | Path, title: str = "") -> None:
     ax.set_yticks(range(len(langs)), langs)
     for i in range(len(langs)):
         for j in range(len(langs)):
-            ax.text(j, i, f"{mat[i][j]:.0f}", ha="center", va="center", fontsize=8,
-                    color="white" if mat[i][j] < 60 else "black")
+            ax.text(
+                j,
+                i,
+                f"{mat[i][j]:.0f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if mat[i][j] < 60 else "black",
+            )
     ax.set_title(f"{title}\n(unpaired similarity: {100 * sim['unpaired']:.0f})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -484,6 +640,7 @@ def plot_similarity(sim: dict, path: str | Path, title: str = "") -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Tables 1-3 from run folders
+
 
 def run_results(run: str | Path, split: str = "test") -> dict | None:
     """The run's evaluation for the table: results.json[split] (written by `evaluate`), else the last
@@ -499,8 +656,12 @@ def run_results(run: str | Path, split: str = "test") -> dict | None:
         epochs = read_epoch_metrics(run, split)
         if epochs:
             e, ev = epochs[-1]
-            return {**info, "langs": ev, "source": f"metrics.jsonl epoch {e} ({split})",
-                    "unfinished": _unfinished(run, e)}
+            return {
+                **info,
+                "langs": ev,
+                "source": f"metrics.jsonl epoch {e} ({split})",
+                "unfinished": _unfinished(run, e),
+            }
     return None
 
 
@@ -529,8 +690,12 @@ def _cell(ours: float | None, paper: float | None, partial: bool = False, unfini
 def _setup_name(r: dict) -> str:
     name = {"uc2": "UC2", "cclm": "CCLM"}.get(r.get("model"), str(r.get("model")))
     pol = r.get("policy")
-    extra = {"full": "", "suf": "+SUF", "llrd": f"+LLRD(d={r.get('llrd_decay')})",
-             "top": f"+top{r.get('top_layers')}"}.get(pol, f"+{pol}")
+    extra = {
+        "full": "",
+        "suf": "+SUF",
+        "llrd": f"+LLRD(d={r.get('llrd_decay')})",
+        "top": f"+top{r.get('top_layers')}",
+    }.get(pol, f"+{pol}")
     return name + extra
 
 
@@ -541,14 +706,20 @@ def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
     fs = [r for r in recs if r.get("shots")]
     groups: dict[tuple, list] = {}
     for r in zs:
-        key = (r.get("model"), r.get("policy"), r.get("llrd_decay") if r.get("policy") == "llrd" else None,
-               r.get("top_layers") if r.get("policy") == "top" else None)
+        key = (
+            r.get("model"),
+            r.get("policy"),
+            r.get("llrd_decay") if r.get("policy") == "llrd" else None,
+            r.get("top_layers") if r.get("policy") == "top" else None,
+        )
         groups.setdefault(key, []).append(r)
 
     def en_avg(rs: list[dict], task: str, metric: str) -> tuple[float, float]:
         rs = [r for r in rs if r.get("task") == task]
-        return (_mean([r["langs"].get("en", {}).get(metric, float("nan")) for r in rs]),
-                _mean([zs_average(r["langs"], metric) for r in rs]))
+        return (
+            _mean([r["langs"].get("en", {}).get(metric, float("nan")) for r in rs]),
+            _mean([zs_average(r["langs"], metric) for r in rs]),
+        )
 
     def unfinished(rs: list[dict], task: str) -> bool:
         """True when a number comes from a run that has not finished (marked ! in the table)."""
@@ -560,8 +731,15 @@ def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
 
     cols = [("xgqa", "accuracy"), ("xvnli", "accuracy"), ("xflickrco", "tr_r1"), ("xflickrco", "ir_r1")]
     table1 = []
-    order = sorted(groups, key=lambda k: (str(k[0]), ["full", "suf", "top", "llrd"].index(k[1])
-                                           if k[1] in ("full", "suf", "top", "llrd") else 9, str(k[2]), str(k[3])))
+    order = sorted(
+        groups,
+        key=lambda k: (
+            str(k[0]),
+            ["full", "suf", "top", "llrd"].index(k[1]) if k[1] in ("full", "suf", "top", "llrd") else 9,
+            str(k[2]),
+            str(k[3]),
+        ),
+    )
     for key in order:
         rs = groups[key]
         paper = PAPER_TABLE1.get((key[0], key[1])) if key[2] is None and key[3] is None else None
@@ -569,9 +747,14 @@ def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
         for task, metric in cols:
             en, avg = en_avg(rs, task, metric)
             p = (paper or {}).get(task if metric == "accuracy" else metric)
-            row["cells"][f"{task}:{metric}"] = {"en": en, "avg": avg, "paper_en": p[0] if p else None,
-                                                 "paper_avg": p[1] if p else None, "partial": partial(rs, task),
-                                                 "unfinished": unfinished(rs, task)}
+            row["cells"][f"{task}:{metric}"] = {
+                "en": en,
+                "avg": avg,
+                "paper_en": p[0] if p else None,
+                "paper_avg": p[1] if p else None,
+                "partial": partial(rs, task),
+                "unfinished": unfinished(rs, task),
+            }
         table1.append(row)
     table2 = []
     for key in order:
@@ -580,20 +763,38 @@ def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
         en, avg = en_avg(groups[key], "xgqa", "accuracy")
         paper = PAPER_TABLE2.get(key[1]) if (key[1] != "top" or key[3] == 6) and key[2] is None else None
         if en == en or avg == avg:
-            table2.append({"setup": _setup_name(groups[key][0]), "en": en, "avg": avg,
-                           "partial": partial(groups[key], "xgqa"), "unfinished": unfinished(groups[key], "xgqa"),
-                           "paper_en": paper[0] if paper else None, "paper_avg": paper[1] if paper else None})
+            table2.append(
+                {
+                    "setup": _setup_name(groups[key][0]),
+                    "en": en,
+                    "avg": avg,
+                    "partial": partial(groups[key], "xgqa"),
+                    "unfinished": unfinished(groups[key], "xgqa"),
+                    "paper_en": paper[0] if paper else None,
+                    "paper_avg": paper[1] if paper else None,
+                }
+            )
     table3 = []
     for pol in ("full", "suf"):
         zs_avg = en_avg(groups.get(("uc2", pol, None, None), []), "xgqa", "accuracy")[1]
         fs_runs = [r for r in fs if r.get("model") == "uc2" and r.get("task") == "xgqa" and r.get("init_policy") == pol]
         # each few-shot run adapts to one language: the few-shot number is the mean of those languages
-        fs_vals = {r["fewshot_lang"]: r["langs"].get(r["fewshot_lang"], {}).get("accuracy", float("nan"))
-                   for r in fs_runs if r.get("fewshot_lang")}
-        table3.append({"setup": {"full": "Standard", "suf": "SUF"}[pol], "zero_shot": zs_avg,
-                       "few_shot": _mean(list(fs_vals.values())), "few_shot_langs": sorted(fs_vals),
-                       "shots": sorted({r["shots"] for r in fs_runs}), "paper_zero_shot": PAPER_TABLE3[pol][0],
-                       "paper_few_shot": PAPER_TABLE3[pol][1]})
+        fs_vals = {
+            r["fewshot_lang"]: r["langs"].get(r["fewshot_lang"], {}).get("accuracy", float("nan"))
+            for r in fs_runs
+            if r.get("fewshot_lang")
+        }
+        table3.append(
+            {
+                "setup": {"full": "Standard", "suf": "SUF"}[pol],
+                "zero_shot": zs_avg,
+                "few_shot": _mean(list(fs_vals.values())),
+                "few_shot_langs": sorted(fs_vals),
+                "shots": sorted({r["shots"] for r in fs_runs}),
+                "paper_zero_shot": PAPER_TABLE3[pol][0],
+                "paper_few_shot": PAPER_TABLE3[pol][1],
+            }
+        )
     per_lang = {}
     for (task, metric), paper_rows in PAPER_PER_LANG.items():
         for key in order:
@@ -603,12 +804,20 @@ def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
             langs = engine.ordered_langs({l for r in rs for l in r["langs"]})
             paper = paper_rows.get((key[0], key[1])) if key[2] is None and key[3] is None else None
             per_lang.setdefault(f"{task}:{metric}", []).append(
-                {"setup": _setup_name(rs[0]),
-                 "ours": {l: _mean([r["langs"].get(l, {}).get(metric, float("nan")) for r in rs]) for l in langs},
-                 "paper": paper})
+                {
+                    "setup": _setup_name(rs[0]),
+                    "ours": {l: _mean([r["langs"].get(l, {}).get(metric, float("nan")) for r in rs]) for l in langs},
+                    "paper": paper,
+                }
+            )
     unfinished_runs = [f"{r['source']} of {r['run']}: {r['unfinished']}" for r in recs if r.get("unfinished")]
-    return {"table1": table1, "table2": table2, "table3": table3, "per_language": per_lang,
-            "unfinished": unfinished_runs}
+    return {
+        "table1": table1,
+        "table2": table2,
+        "table3": table3,
+        "per_language": per_lang,
+        "unfinished": unfinished_runs,
+    }
 
 
 def merged_iglue_csvs(runs: Sequence[str | Path], split: str = "test") -> dict[str, str]:
@@ -617,7 +826,7 @@ def merged_iglue_csvs(runs: Sequence[str | Path], split: str = "test") -> dict[s
     few-shot runs that start from one English run (one folder per target language) are merged into one row,
     named by that English run: xGQA_48.csv with IGLUE's few-shot columns (target languages, avg over them;
     -1.0 where a language has no run yet)."""
-    rows: dict[str, dict[str, dict]] = {}   # file name -> {setup name -> {lang: metrics}}
+    rows: dict[str, dict[str, dict]] = {}  # file name -> {setup name -> {lang: metrics}}
     for run in runs:
         r = run_results(run, split)
         if r is None or r.get("task") not in TASKS:
@@ -628,8 +837,11 @@ def merged_iglue_csvs(runs: Sequence[str | Path], split: str = "test") -> dict[s
         if fewshot and (Path(run) / "fewshot.json").is_file():
             info = data.read_json(Path(run) / "fewshot.json", annotations=False)
             setup = Path(info.get("init_checkpoint", run)).parent.name
-        langs = {r["fewshot_lang"]: r["langs"][r["fewshot_lang"]]} if fewshot and r.get("fewshot_lang") in r["langs"] \
+        langs = (
+            {r["fewshot_lang"]: r["langs"][r["fewshot_lang"]]}
+            if fewshot and r.get("fewshot_lang") in r["langs"]
             else r["langs"]
+        )
         for metric in MAIN_METRICS[r["task"]]:
             merged = rows.setdefault(csv_name(r["task"], metric, shots, False, split), {}).setdefault(setup, {})
             merged.update(langs)
@@ -647,36 +859,53 @@ def merged_iglue_csvs(runs: Sequence[str | Path], split: str = "test") -> dict[s
 
 
 def format_tables(t: dict, per_language: bool = False) -> str:
-    out = ["Table 1: ours (paper). EN and ZS-XLT = mean over non-English languages; accuracy / R@1; "
-           "* = not all of IGLUE's target languages were evaluated; ! = from a run that has not finished.",
-           f"{'setup':<20}" + "".join(f"{h:>15}" for h in (
-               "xGQA EN", "xGQA ZS", "XVNLI EN", "XVNLI ZS", "TR EN", "TR ZS", "IR EN", "IR ZS"))]
+    out = [
+        "Table 1: ours (paper). EN and ZS-XLT = mean over non-English languages; accuracy / R@1; "
+        "* = not all of IGLUE's target languages were evaluated; ! = from a run that has not finished.",
+        f"{'setup':<20}"
+        + "".join(
+            f"{h:>15}" for h in ("xGQA EN", "xGQA ZS", "XVNLI EN", "XVNLI ZS", "TR EN", "TR ZS", "IR EN", "IR ZS")
+        ),
+    ]
     for row in t["table1"]:
         cells = []
         for c in ("xgqa:accuracy", "xvnli:accuracy", "xflickrco:tr_r1", "xflickrco:ir_r1"):
             v = row["cells"][c]
-            cells += [_cell(v["en"], v["paper_en"], unfinished=v["unfinished"]),
-                      _cell(v["avg"], v["paper_avg"], v["partial"], v["unfinished"])]
+            cells += [
+                _cell(v["en"], v["paper_en"], unfinished=v["unfinished"]),
+                _cell(v["avg"], v["paper_avg"], v["partial"], v["unfinished"]),
+            ]
         out.append(f"{row['setup']:<20}" + "".join(f"{c:>15}" for c in cells))
     if t["table2"]:
         out += ["", "Table 2: CCLM on xGQA, ours (paper); top6 = CM only.", f"{'setup':<20}{'en':>15}{'avg':>15}"]
-        out += [f"{r['setup']:<20}{_cell(r['en'], r['paper_en'], unfinished=r['unfinished']):>15}"
-                f"{_cell(r['avg'], r['paper_avg'], r['partial'], r['unfinished']):>15}" for r in t["table2"]]
+        out += [
+            f"{r['setup']:<20}{_cell(r['en'], r['paper_en'], unfinished=r['unfinished']):>15}"
+            f"{_cell(r['avg'], r['paper_avg'], r['partial'], r['unfinished']):>15}"
+            for r in t["table2"]
+        ]
     if any(r["few_shot"] == r["few_shot"] or r["zero_shot"] == r["zero_shot"] for r in t["table3"]):
-        out += ["", "Table 3: UC2 on xGQA, target-language mean, ours (paper); few-shot = standard fine-tuning "
-                "on the target language after English training with the row's policy.",
-                f"{'setup':<20}{'zero-shot':>15}{'few-shot':>15}  few-shot languages"]
-        out += [f"{r['setup']:<20}{_cell(r['zero_shot'], r['paper_zero_shot']):>15}"
-                f"{_cell(r['few_shot'], r['paper_few_shot']):>15}  {','.join(r['few_shot_langs']) or '-'}"
-                for r in t["table3"]]
+        out += [
+            "",
+            "Table 3: UC2 on xGQA, target-language mean, ours (paper); few-shot = standard fine-tuning "
+            "on the target language after English training with the row's policy.",
+            f"{'setup':<20}{'zero-shot':>15}{'few-shot':>15}  few-shot languages",
+        ]
+        out += [
+            f"{r['setup']:<20}{_cell(r['zero_shot'], r['paper_zero_shot']):>15}"
+            f"{_cell(r['few_shot'], r['paper_few_shot']):>15}  {','.join(r['few_shot_langs']) or '-'}"
+            for r in t["table3"]
+        ]
     if t.get("unfinished"):
         out += ["", "! unfinished runs (their last evaluated epoch is shown):"] + [f"  {u}" for u in t["unfinished"]]
     if per_language:
         for name, rows in t["per_language"].items():
             langs = engine.ordered_langs({l for r in rows for l in r["ours"]})
             out += ["", f"Per language ({name}), ours (paper):", f"{'setup':<20}" + "".join(f"{l:>13}" for l in langs)]
-            out += [f"{r['setup']:<20}" + "".join(
-                f"{_cell(r['ours'].get(l), (r['paper'] or {}).get(l)):>13}" for l in langs) for r in rows]
+            out += [
+                f"{r['setup']:<20}"
+                + "".join(f"{_cell(r['ours'].get(l), (r['paper'] or {}).get(l)):>13}" for l in langs)
+                for r in rows
+            ]
     return "\n".join(out)
 
 
@@ -694,6 +923,7 @@ def feature_reader(features):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints -> models
 
+
 def load_model(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the task model from a checkpoint written by train_uc2/train_cclm ({"model", "meta"}):
     meta["model"] picks the script (MODEL_SCRIPTS), build_model(meta["task"], meta["config"])."""
@@ -705,8 +935,9 @@ def load_model(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit a {meta['model']} {meta['task']} model "
-                         f"({str(e).splitlines()[0]})") from None
+        raise ValueError(
+            f"{path}: weights do not fit a {meta['model']} {meta['task']} model ({str(e).splitlines()[0]})"
+        ) from None
     return model.to(device).eval(), meta
 
 
@@ -717,11 +948,13 @@ def load_released_uc2(path: str | Path, task: str, config: str = "base", device=
     model = train_uc2.build_model(task, cfg)
     try:
         plan = train_uc2.load_into(model, str(path))
-    except ValueError as e:   # its first line names the file and the first bad key; the plan follows
+    except ValueError as e:  # its first line names the file and the first bad key; the plan follows
         raise ValueError(f"{str(e).splitlines()[0]} (is it a fine-tuned UC2 {task} checkpoint?)") from None
     if plan.initialised:
-        raise ValueError(f"{path}: not a fine-tuned UC2 {task} checkpoint (no weights for "
-                         f"{', '.join(k for k, _ in plan.initialised[:3])})")
+        raise ValueError(
+            f"{path}: not a fine-tuned UC2 {task} checkpoint (no weights for "
+            f"{', '.join(k for k, _ in plan.initialised[:3])})"
+        )
     return model.to(device).eval(), {"model": "uc2", "task": task, "config": cfg, "policy": "released"}
 
 
@@ -735,28 +968,39 @@ def _run_checkpoint(run: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # CLI
 
-def _data_args(p: argparse.ArgumentParser, *, langs: bool = True, translate_test: bool = True,
-               retrieval: bool = True) -> None:
+
+def _data_args(
+    p: argparse.ArgumentParser, *, langs: bool = True, translate_test: bool = True, retrieval: bool = True
+) -> None:
     """Data and evaluation options; a command that would ignore one of them does not offer it
     (similarity: no translate-test or retrieval options; fewshot: --eval-langs instead of --langs)."""
     g = p.add_argument_group("data (default: the run's args.json)")
     g.add_argument("--data-root", default=None, help="IGLUE folder holding datasets/")
-    g.add_argument("--features", nargs="+", default=None, help="UC2 region-feature LMDB/H5 file(s) holding the test images")
+    g.add_argument(
+        "--features", nargs="+", default=None, help="UC2 region-feature LMDB/H5 file(s) holding the test images"
+    )
     g.add_argument("--images", default=None, help="CCLM image root (gqa/, flickr30k/, coco/)")
-    g.add_argument("--tokenizer", default=None, help="XLM-R tokenizer folder or cached hub id (default: checkpoint meta)")
+    g.add_argument(
+        "--tokenizer", default=None, help="XLM-R tokenizer folder or cached hub id (default: checkpoint meta)"
+    )
     g.add_argument("--max-regions", type=int, default=None, help="UC2 regions per image (default: run's, else 36)")
     e = p.add_argument_group("evaluation")
     if langs:
         e.add_argument("--langs", nargs="+", default=None, help="languages (default: all found)")
     e.add_argument("--split", default="test", help="IGLUE split (xGQA's IGLUE test = few_shot/<lang>/test.json)")
     if translate_test:
-        e.add_argument("--translate-test", action="store_true",
-                       help="IGLUE's machine-translated test files (English: original)")
+        e.add_argument(
+            "--translate-test", action="store_true", help="IGLUE's machine-translated test files (English: original)"
+        )
     e.add_argument("--batch-size", type=int, default=64, help="examples per forward")
     e.add_argument("--num-workers", type=int, default=2, help="data-loader workers")
-    e.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="evaluation precision (default float32)")
+    e.add_argument(
+        "--amp", choices=("off", "bf16", "fp16"), default="off", help="evaluation precision (default float32)"
+    )
     if retrieval:
-        e.add_argument("--k-test", type=int, default=None, help="CCLM retrieval prefilter size (default: model config, 128)")
+        e.add_argument(
+            "--k-test", type=int, default=None, help="CCLM retrieval prefilter size (default: model config, 128)"
+        )
         e.add_argument("--pair-batch", type=int, default=1024, help="UC2 retrieval: (caption, image) pairs per forward")
         e.add_argument("--itm-batch", type=int, default=128, help="CCLM retrieval: pairs per ITM forward")
 
@@ -806,43 +1050,82 @@ def _evaluate(args, dist) -> int:
         tokenizer = data.load_tokenizer(args.tokenizer)
         model.prepare_task(args.data_root, tokenizer)
         task = meta["task"]
-        sets = engine.build_eval_sets(meta["model"], task, args.data_root, tokenizer, args.langs, args.split,
-                                      args.translate_test, features=feature_reader(args.features), images=args.images,
-                                      max_regions=args.max_regions, image_res=meta["config"].get("image_res", 384))
+        sets = engine.build_eval_sets(
+            meta["model"],
+            task,
+            args.data_root,
+            tokenizer,
+            args.langs,
+            args.split,
+            args.translate_test,
+            features=feature_reader(args.features),
+            images=args.images,
+            max_regions=args.max_regions,
+            image_res=meta["config"].get("image_res", 384),
+        )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     start = time.time()
     preds: dict[str, list] = {}
-    try:   # bad data found while evaluating (e.g. a missing feature key or image): one line, nothing written
-        results = engine.evaluate_task(model, task, sets, dist, batch_size=args.batch_size,
-                                       num_workers=args.num_workers, amp=args.amp, k_test=args.k_test,
-                                       pair_batch=args.pair_batch, itm_batch=args.itm_batch, predictions=preds)
+    try:  # bad data found while evaluating (e.g. a missing feature key or image): one line, nothing written
+        results = engine.evaluate_task(
+            model,
+            task,
+            sets,
+            dist,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            amp=args.amp,
+            k_test=args.k_test,
+            pair_batch=args.pair_batch,
+            itm_batch=args.itm_batch,
+            predictions=preds,
+        )
     except (ValueError, FloatingPointError) as e:  # FloatingPointError: NaN logits/scores are not an accuracy
         raise SystemExit(f"error: {e}") from None
     if dist.is_main:
         fewshot_file = out_dir / "fewshot.json"
         fewshot = data.read_json(fewshot_file, annotations=False) if fewshot_file.is_file() else {}
         sched = meta.get("schedule") or {}
-        record = {"model": meta["model"], "task": task, "policy": meta.get("policy"),
-                  "llrd_decay": sched.get("llrd_decay"), "top_layers": sched.get("top_layers"),
-                  "suf_k": sched.get("suf_k"), "split": args.split, "translate_test": args.translate_test,
-                  "shots": fewshot.get("shots", 0), "fewshot_lang": fewshot.get("fewshot_lang"),
-                  "init_policy": fewshot.get("init_policy"), "checkpoint": str(ckpt), "epoch": meta.get("epoch"),
-                  "checkpoint_file": checkpoint_file_id(ckpt),
-                  "langs": results, "summary": summarize(task, results),
-                  "files": {l: s.source for l, s in sets.items()}, "processes": dist.world,
-                  "seconds": round(time.time() - start, 1), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        record = {
+            "model": meta["model"],
+            "task": task,
+            "policy": meta.get("policy"),
+            "llrd_decay": sched.get("llrd_decay"),
+            "top_layers": sched.get("top_layers"),
+            "suf_k": sched.get("suf_k"),
+            "split": args.split,
+            "translate_test": args.translate_test,
+            "shots": fewshot.get("shots", 0),
+            "fewshot_lang": fewshot.get("fewshot_lang"),
+            "init_policy": fewshot.get("init_policy"),
+            "checkpoint": str(ckpt),
+            "epoch": meta.get("epoch"),
+            "checkpoint_file": checkpoint_file_id(ckpt),
+            "langs": results,
+            "summary": summarize(task, results),
+            "files": {l: s.source for l, s in sets.items()},
+            "processes": dist.world,
+            "seconds": round(time.time() - start, 1),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         name = args.model_name or (run.name if run else ckpt.parent.name)
-        title = (f"{task} {meta['model']} policy={meta.get('policy')} split={args.split}"
-                 f"{' translate-test' if args.translate_test else ''} ({ckpt}, epoch {meta.get('epoch')})")
+        title = (
+            f"{task} {meta['model']} policy={meta.get('policy')} split={args.split}"
+            f"{' translate-test' if args.translate_test else ''} ({ckpt}, epoch {meta.get('epoch')})"
+        )
         print(format_table(task, results, title), flush=True)
         path = write_results(out_dir, record, name)
         names = label_names(meta["model"], task, args.data_root) if preds else []
         for lang, rows in preds.items():
             engine.atomic_write_text(out_dir / predictions_name(record, lang), predictions_json(task, rows, names))
-        print(f"wrote {path} [{eval_key(args.split, args.translate_test)}] and "
-              + ", ".join(csv_name(task, m, record['shots'], args.translate_test, args.split) for m in MAIN_METRICS[task]),
-              flush=True)
+        print(
+            f"wrote {path} [{eval_key(args.split, args.translate_test)}] and "
+            + ", ".join(
+                csv_name(task, m, record['shots'], args.translate_test, args.split) for m in MAIN_METRICS[task]
+            ),
+            flush=True,
+        )
     engine.barrier(dist)
     return 0
 
@@ -854,34 +1137,63 @@ def cmd_similarity(args) -> int:
     try:
         model, meta = load_model(_run_checkpoint(run), dist.device)
         if meta["task"] not in ("xgqa", "xvnli"):
-            raise SystemExit(f"error: similarity needs an xgqa or xvnli run (translation-parallel examples), "
-                             f"{run} is {meta['task']}")
+            raise SystemExit(
+                f"error: similarity needs an xgqa or xvnli run (translation-parallel examples), {run} is {meta['task']}"
+            )
         _resolve_data(args, _run_args(run), meta)
         tokenizer = data.load_tokenizer(args.tokenizer)
-        sets = engine.build_eval_sets(meta["model"], meta["task"], args.data_root, tokenizer, args.langs, args.split,
-                                      features=feature_reader(args.features), images=args.images,
-                                      max_regions=args.max_regions, image_res=meta["config"].get("image_res", 384))
+        sets = engine.build_eval_sets(
+            meta["model"],
+            meta["task"],
+            args.data_root,
+            tokenizer,
+            args.langs,
+            args.split,
+            features=feature_reader(args.features),
+            images=args.images,
+            max_regions=args.max_regions,
+            image_res=meta["config"].get("image_res", 384),
+        )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     sim = similarity_for(model, sets, dist, batch_size=args.batch_size, num_workers=args.num_workers, amp=args.amp)
     if dist.is_main:
         out = Path(args.out or run)
         out.mkdir(parents=True, exist_ok=True)
-        sim.update(model=meta["model"], task=meta["task"], policy=meta.get("policy"), split=args.split,
-                   checkpoint=str(_run_checkpoint(run)))
+        sim.update(
+            model=meta["model"],
+            task=meta["task"],
+            policy=meta.get("policy"),
+            split=args.split,
+            checkpoint=str(_run_checkpoint(run)),
+        )
         engine.atomic_write_text(out / "fig4_cls_similarity.json", json.dumps(sim, indent=1) + "\n")
-        plot_similarity(sim, out / "fig4_cls_similarity.png",
-                        f"{meta['task']} {meta['model']} {meta.get('policy')}: [CLS] similarity x100")
-        print("\n".join([" " * 4 + "".join(f"{l:>6}" for l in sim["langs"])] +
-                        [f"{a:>4}" + "".join(f"{100 * v:6.0f}" for v in row) for a, row in zip(sim["langs"], sim["matrix"])]))
+        plot_similarity(
+            sim,
+            out / "fig4_cls_similarity.png",
+            f"{meta['task']} {meta['model']} {meta.get('policy')}: [CLS] similarity x100",
+        )
+        print(
+            "\n".join(
+                [" " * 4 + "".join(f"{l:>6}" for l in sim["langs"])]
+                + [f"{a:>4}" + "".join(f"{100 * v:6.0f}" for v in row) for a, row in zip(sim["langs"], sim["matrix"])]
+            )
+        )
         print(f"unpaired similarity: {100 * sim['unpaired']:.1f}\nwrote {out / 'fig4_cls_similarity.json'}, .png")
     engine.cleanup_distributed()
     return 0
 
 
 @torch.no_grad()
-def similarity_for(model: torch.nn.Module, sets: dict[str, engine.EvalSet], dist=None, *, batch_size: int = 64,
-                   num_workers: int = 0, amp: str = "off") -> dict:
+def similarity_for(
+    model: torch.nn.Module,
+    sets: dict[str, engine.EvalSet],
+    dist=None,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    amp: str = "off",
+) -> dict:
     """cls_similarity over the [CLS] features of every language's test set (sharded + gathered)."""
     model = engine.unwrap(model).eval()
     device = engine.model_device(model, dist)
@@ -939,8 +1251,10 @@ def cmd_table(args) -> int:
     try:
         missing = [r for r in runs if run_results(r, args.split) is None]
         if len(missing) == len(runs):
-            raise SystemExit(f"error: none of the {len(runs)} run folder(s) has {args.split} results (results.json "
-                             f"or {args.split} evaluations in {engine.METRICS}); evaluate them first (make eval RUN=...)")
+            raise SystemExit(
+                f"error: none of the {len(runs)} run folder(s) has {args.split} results (results.json "
+                f"or {args.split} evaluations in {engine.METRICS}); evaluate them first (make eval RUN=...)"
+            )
         for r in missing:
             print(f"note: {r} has no {args.split} results: not in the tables", file=sys.stderr)
         tables = build_tables(runs, args.split)
@@ -969,20 +1283,34 @@ FEWSHOT_DEFAULTS = {"epochs": 20, "batch_size": 64, "lrs": (1e-4, 5e-5, 1e-5)}
 
 def add_fewshot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="English-trained checkpoint (model_final.pt)")
-    p.add_argument("--run", "--run-dir", dest="run", default=None,
-                   help="English run folder instead of --checkpoint (--run-dir under torchrun)")
+    p.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        default=None,
+        help="English run folder instead of --checkpoint (--run-dir under torchrun)",
+    )
     p.add_argument("--lang", required=True, help="target language of the few-shot split")
     p.add_argument("--shots", default="48", help="IGLUE shot count: train_<shots> (xFlickrCo also e.g. 100x5)")
     p.add_argument("--output-dir", required=True, help="few-shot run folder (one sub-folder per learning rate)")
     p.add_argument("--lrs", type=float, nargs="+", default=list(FEWSHOT_DEFAULTS["lrs"]), help="learning-rate grid")
     p.add_argument("--epochs", type=int, default=FEWSHOT_DEFAULTS["epochs"])
     p.add_argument("--fs-batch-size", type=int, default=FEWSHOT_DEFAULTS["batch_size"], help="training batch size")
-    p.add_argument("--select-split", default=None,
-                   help="validation split (default: the target language's dev, else English dev/valid, else none: last epoch)")
-    p.add_argument("--eval-langs", nargs="+", default=None, help="test languages reported (default: the target language)")
+    p.add_argument(
+        "--select-split",
+        default=None,
+        help="validation split (default: the target language's dev, else English dev/valid, else none: last epoch)",
+    )
+    p.add_argument(
+        "--eval-langs", nargs="+", default=None, help="test languages reported (default: the target language)"
+    )
     p.add_argument("--model-name", default=None)
-    p.add_argument("--trainer-args", nargs=argparse.REMAINDER, default=[],
-                   help="anything after this goes to train_<model>.py unchanged (e.g. --micro-batch-size 16)")
+    p.add_argument(
+        "--trainer-args",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="anything after this goes to train_<model>.py unchanged (e.g. --micro-batch-size 16)",
+    )
     _data_args(p, langs=False)
 
 
@@ -1032,27 +1360,58 @@ def _fewshot(args, dist: engine.DistInfo) -> int:
     _resolve_data(args, _run_args(init.parent), meta)
     train_split = f"train_{args.shots}"
     if args.lang not in data.available_langs(args.data_root, task, train_split):
-        raise SystemExit(f"error: {task}: no few-shot split {train_split!r} for language {args.lang!r} under "
-                         f"{args.data_root}; languages with it: "
-                         f"{', '.join(data.available_langs(args.data_root, task, train_split)) or 'none'}")
+        raise SystemExit(
+            f"error: {task}: no few-shot split {train_split!r} for language {args.lang!r} under "
+            f"{args.data_root}; languages with it: "
+            f"{', '.join(data.available_langs(args.data_root, task, train_split)) or 'none'}"
+        )
     sel_split, sel_lang = selection_split(args.data_root, task, args.lang, args.select_split)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     script = MODEL_SCRIPTS[model_name]
-    config_file = out / "model_config.json"   # the English run's architecture, whatever its config name
+    config_file = out / "model_config.json"  # the English run's architecture, whatever its config name
     engine.atomic_write_text(config_file, json.dumps(meta["config"], indent=1) + "\n")
     trials = []
     for lr in args.lrs:
         run_dir = out / f"lr{lr:g}"
-        argv = ["--task", task, "--checkpoint", str(init), "--model-config", str(config_file),
-                "--train-split", train_split, "--train-lang", args.lang, "--policy", "full", "--lr", str(lr),
-                "--epochs", str(args.epochs), "--batch-size", str(args.fs_batch_size), "--data-root", str(args.data_root),
-                "--tokenizer", str(args.tokenizer), "--output-dir", str(run_dir)]
-        if model_name == "uc2":   # the paper follows IGLUE's few-shot setup for UC2: its optimizer recipe too
-            argv += ["--recipe", "iglue", "--features", *map(str, args.features or []), "--max-regions", str(args.max_regions)]
+        argv = [
+            "--task",
+            task,
+            "--checkpoint",
+            str(init),
+            "--model-config",
+            str(config_file),
+            "--train-split",
+            train_split,
+            "--train-lang",
+            args.lang,
+            "--policy",
+            "full",
+            "--lr",
+            str(lr),
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.fs_batch_size),
+            "--data-root",
+            str(args.data_root),
+            "--tokenizer",
+            str(args.tokenizer),
+            "--output-dir",
+            str(run_dir),
+        ]
+        if model_name == "uc2":  # the paper follows IGLUE's few-shot setup for UC2: its optimizer recipe too
+            argv += [
+                "--recipe",
+                "iglue",
+                "--features",
+                *map(str, args.features or []),
+                "--max-regions",
+                str(args.max_regions),
+            ]
         else:
             argv += ["--images", str(args.images)] if args.images else []
-        argv += (["--eval-split", sel_split, "--langs", sel_lang, "--eval-every", "1"] if sel_split else ["--no-eval"])
+        argv += ["--eval-split", sel_split, "--langs", sel_lang, "--eval-every", "1"] if sel_split else ["--no-eval"]
         argv += list(args.trainer_args)
         if (run_dir / engine.FINAL).is_file():
             print(f"few-shot lr {lr:g}: {run_dir} already finished, reusing it", flush=True)
@@ -1064,15 +1423,34 @@ def _fewshot(args, dist: engine.DistInfo) -> int:
             script.main(argv, dist=dist, on_evaluated=keep_best)
         trials.append(_fewshot_trial(run_dir, task, sel_lang, lr))
     best = max(trials, key=lambda t: t["score"] if t["score"] == t["score"] else -math.inf)
-    info = {"shots": args.shots, "fewshot_lang": args.lang, "init_checkpoint": str(init),
-            "init_policy": meta.get("policy"), "model": model_name, "task": task, "train_split": train_split,
-            "selection": {"split": sel_split, "lang": sel_lang,
-                          "metric": "mean(tr_r1, ir_r1)" if task == "xflickrco" else "accuracy"},
-            "trials": trials, "best": best}
+    info = {
+        "shots": args.shots,
+        "fewshot_lang": args.lang,
+        "init_checkpoint": str(init),
+        "init_policy": meta.get("policy"),
+        "model": model_name,
+        "task": task,
+        "train_split": train_split,
+        "selection": {
+            "split": sel_split,
+            "lang": sel_lang,
+            "metric": "mean(tr_r1, ir_r1)" if task == "xflickrco" else "accuracy",
+        },
+        "trials": trials,
+        "best": best,
+    }
     engine.atomic_write_text(out / "fewshot.json", json.dumps(info, indent=1) + "\n")
     print(f"few-shot: best lr {best['lr']:g}, epoch {best['epoch']} ({best['checkpoint']})", flush=True)
-    eargs = argparse.Namespace(**{**vars(args), "run": None, "checkpoint": best["checkpoint"], "output_dir": str(out),
-                                  "langs": args.eval_langs or [args.lang], "translate_test": False})
+    eargs = argparse.Namespace(
+        **{
+            **vars(args),
+            "run": None,
+            "checkpoint": best["checkpoint"],
+            "output_dir": str(out),
+            "langs": args.eval_langs or [args.lang],
+            "translate_test": False,
+        }
+    )
     return _evaluate(eargs, dist)
 
 
@@ -1081,10 +1459,14 @@ def _fewshot_trial(run_dir: Path, task: str, sel_lang: str | None, lr: float) ->
     epochs = read_epoch_metrics(run_dir) if (run_dir / engine.METRICS).is_file() else []
     scored = [(selection_score(task, ev[sel_lang]), e) for e, ev in epochs if sel_lang and sel_lang in ev]
     if scored and (run_dir / "model_best.pt").is_file():
-        score, epoch = max(scored, key=lambda t: (t[0], -t[1]))   # earliest epoch among equal scores
+        score, epoch = max(scored, key=lambda t: (t[0], -t[1]))  # earliest epoch among equal scores
         return {"lr": lr, "epoch": epoch, "score": score, "checkpoint": str(run_dir / "model_best.pt")}
-    return {"lr": lr, "epoch": epochs[-1][0] if epochs else None, "score": float("nan"),
-            "checkpoint": str(run_dir / engine.FINAL)}
+    return {
+        "lr": lr,
+        "epoch": epochs[-1][0] if epochs else None,
+        "score": float("nan"),
+        "checkpoint": str(run_dir / engine.FINAL),
+    }
 
 
 class BestCheckpoint:
@@ -1093,23 +1475,31 @@ class BestCheckpoint:
 
     def __init__(self, run_dir: Path, task: str, lang: str | None, meta: dict, fewshot: dict):
         self.run_dir, self.task, self.lang, self.meta, self.fewshot = run_dir, task, lang, meta, fewshot
-        self.best = -math.inf   # a resumed run: the best epoch logged so far
+        self.best = -math.inf  # a resumed run: the best epoch logged so far
         if lang and (run_dir / engine.METRICS).is_file() and (run_dir / "model_best.pt").is_file():
-            self.best = max([selection_score(task, ev[lang]) for _, ev in read_epoch_metrics(run_dir) if lang in ev],
-                            default=-math.inf)
+            self.best = max(
+                [selection_score(task, ev[lang]) for _, ev in read_epoch_metrics(run_dir) if lang in ev],
+                default=-math.inf,
+            )
 
     def __call__(self, model: torch.nn.Module, epoch: int, results: dict, dist: engine.DistInfo) -> None:
         """epoch: 0-based; called on every rank after the epoch's evaluation, rank 0 writes."""
         if not self.lang or self.lang not in results:
             return
         score = selection_score(self.task, results[self.lang])
-        if score > self.best:   # strictly better: the earliest best epoch is kept
+        if score > self.best:  # strictly better: the earliest best epoch is kept
             self.best = score
             if dist.is_main:
-                meta = {**self.meta, "policy": "full", "epoch": epoch + 1, "fewshot": self.fewshot,
-                        "selection_score": score}
-                engine.save_checkpoint(self.run_dir / "model_best.pt",
-                                       {"model": engine.unwrap(model).state_dict(), "meta": meta})
+                meta = {
+                    **self.meta,
+                    "policy": "full",
+                    "epoch": epoch + 1,
+                    "fewshot": self.fewshot,
+                    "selection_score": score,
+                }
+                engine.save_checkpoint(
+                    self.run_dir / "model_best.pt", {"model": engine.unwrap(model).state_dict(), "meta": meta}
+                )
 
 
 COMMANDS = ("evaluate", "fewshot", "plot", "similarity", "figures", "table")
@@ -1119,14 +1509,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = engine.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("evaluate", help="zero-shot / translate-test evaluation of a run in every language")
-    ev.add_argument("--run", "--run-dir", dest="run", default=None,
-                    help="run folder (model_final.pt, else checkpoint_last.pt); under torchrun write --run-dir "
-                         "(torchrun's parser takes --run as an abbreviation of its --run-path)")
+    ev.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        default=None,
+        help="run folder (model_final.pt, else checkpoint_last.pt); under torchrun write --run-dir "
+        "(torchrun's parser takes --run as an abbreviation of its --run-path)",
+    )
     ev.add_argument("--checkpoint", default=None, help="a checkpoint file instead of --run")
     ev.add_argument("--output-dir", default=None, help="where results.json/CSV go (default: the run folder)")
     ev.add_argument("--model-name", default=None, help="model column of the IGLUE CSV (default: run folder name)")
-    ev.add_argument("--released-task", choices=engine.TASKS, default=None,
-                    help="--checkpoint is a released fine-tuned UC2 checkpoint for this task (IGLUE's VOLTA format)")
+    ev.add_argument(
+        "--released-task",
+        choices=engine.TASKS,
+        default=None,
+        help="--checkpoint is a released fine-tuned UC2 checkpoint for this task (IGLUE's VOLTA format)",
+    )
     ev.add_argument("--released-config", default="base", help="its UC2 config (train_uc2.py --model-config)")
     _data_args(ev)
     sim = sub.add_parser("similarity", help="Figure 4: [CLS] similarity of translation-parallel examples")
@@ -1145,9 +1544,13 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--split", default="test", help="results.json entry to use (default test)")
     tb.add_argument("--per-language", action="store_true", help="also per-language tables (paper Tables 4-6)")
     tb.add_argument("--out", default=None, help="also write the tables as JSON here")
-    tb.add_argument("--iglue-csv", default=None, metavar="DIR",
-                    help="also write IGLUE's results/ CSVs here, one row per setup (few-shot: the per-language runs "
-                         "of a setup merged into one row, e.g. xGQA_48.csv)")
+    tb.add_argument(
+        "--iglue-csv",
+        default=None,
+        metavar="DIR",
+        help="also write IGLUE's results/ CSVs here, one row per setup (few-shot: the per-language runs "
+        "of a setup merged into one row, e.g. xGQA_48.csv)",
+    )
     fs = sub.add_parser("fewshot", help="few-shot fine-tuning of an English-trained checkpoint on one language")
     add_fewshot_args(fs)
     return p
@@ -1157,10 +1560,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
-        argv = ["evaluate"] + argv   # `eval_zeroshot.py --run RUN` = evaluate
+        argv = ["evaluate"] + argv  # `eval_zeroshot.py --run RUN` = evaluate
     args = build_parser().parse_args(argv)
-    return {"evaluate": cmd_evaluate, "fewshot": cmd_fewshot, "plot": cmd_plot, "similarity": cmd_similarity,
-            "figures": cmd_figures, "table": cmd_table}[args.command](args)
+    return {
+        "evaluate": cmd_evaluate,
+        "fewshot": cmd_fewshot,
+        "plot": cmd_plot,
+        "similarity": cmd_similarity,
+        "figures": cmd_figures,
+        "table": cmd_table,
+    }[args.command](args)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ torch's own worker transport builds every batch in a new shared-memory file, all
 and passes each tensor with a file-descriptor round trip. For a 64-sample batch of UC2 region features
 (19 MB) one worker delivered 2.5-2.9x more samples/s through the slabs than through a plain DataLoader, and
 the main process (the training loop's thread) spent 0.8-0.9 ms of CPU per batch receiving it instead of
-5.3-6.3 ms (images: 1.1x, 0.8 vs 6.3-6.5 ms; two runs on a busy 2-core machine). A GPU consumes a 64-sample UC2 batch in ~6.5 ms (H100) to ~20 ms (A100)
+5.3-6.3 ms (images: 1.1x, 0.8 vs 6.3-6.5 ms; two runs on a busy 2-core machine). A GPU consumes a 64-sample UC2
+batch in ~6.5 ms (H100) to ~20 ms (A100)
 at 40% of bf16 peak (the bench's FLOP model): the plain transport's main-thread cost alone is most of an
 H100 step, and more workers cannot take it off that thread. Everything here is transport: a collate_fn that
 allocates with batch_empty gives the same batches through a plain DataLoader (tests/test_data.py checks it).
@@ -20,6 +21,7 @@ the batch it held is gone in the main process (a finalizer on the batch's base a
 in-use flag), so a batch that is kept (in a list, in autograd's saved tensors) is never overwritten: the
 producer then takes another slab or, with all of them in use, falls back to torch's transport.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -79,7 +81,7 @@ class _Arena:
         self.requested += _round_up(nbytes, 64)
         if self.slab is None or self.pos + nbytes > len(self.slab):
             return None
-        t = self.slab[self.pos:self.pos + nbytes].view(dtype).view(shape)
+        t = self.slab[self.pos : self.pos + nbytes].view(dtype).view(shape)
         self.pos = _round_up(self.pos + nbytes, 64)
         return t
 
@@ -98,8 +100,7 @@ class _SlabBatch:
         return _rebuild_batch(*self.args)
 
 
-def _rebuild_batch(key: tuple, batch: dict, refs: dict, arrays: dict, slab: torch.Tensor | None,
-                   retired: list) -> dict:
+def _rebuild_batch(key: tuple, batch: dict, refs: dict, arrays: dict, slab: torch.Tensor | None, retired: list) -> dict:
     """Main process: the batch's tensors as views of the slab, through a base array whose finalizer frees the
     slab when the last of them is gone (views, numpy views and autograd's saved tensors all hold the base)."""
     token, pid, _ = key
@@ -212,8 +213,9 @@ class BatchLoader(DataLoader):
         # in flight per producer: the prefetched batches (+1 being collated), plus the 2 the loop may hold
         slabs = (prefetch_factor or 2) + 2 if num_workers else 3
         collate = _SlabCollate(collate_fn, uuid.uuid4().hex, slabs)
-        super().__init__(dataset, collate_fn=collate, num_workers=num_workers, prefetch_factor=prefetch_factor,
-                         **kwargs)
+        super().__init__(
+            dataset, collate_fn=collate, num_workers=num_workers, prefetch_factor=prefetch_factor, **kwargs
+        )
         weakref.finalize(self, _forget_slabs, collate.token)  # persistent workers' slabs
 
     def __iter__(self):

@@ -24,6 +24,7 @@ simply trains all layers. Under top, the task head (LayerLayout.task_head_module
 for the task to have an output, e.g. CCLM's randomly initialised XVNLI head or its xGQA answer
 decoder) trains although the paper says only "the top 6 cross-modal layers" train.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,22 +40,22 @@ UNITS = ("epoch", "step")
 
 @dataclass(frozen=True)
 class LayerLayout:
-    num_layers: int                          # encoder layers, 0 = bottom
-    layer_of: Callable[[str], int | None]    # param name -> encoder layer id, None if not in a layer
-    module_of: Callable[[str], str]          # param name (not in a layer) -> always-trainable module
+    num_layers: int  # encoder layers, 0 = bottom
+    layer_of: Callable[[str], int | None]  # param name -> encoder layer id, None if not in a layer
+    module_of: Callable[[str], str]  # param name (not in a layer) -> always-trainable module
     embedding_modules: tuple[str, ...] = ("embeddings",)  # frozen by --freeze-embeddings (ablation)
-    task_head_modules: tuple[str, ...] = ("head",)        # the only non-layer modules policy top trains
+    task_head_modules: tuple[str, ...] = ("head",)  # the only non-layer modules policy top trains
 
 
 @dataclass(frozen=True)
 class Schedule:
-    policy: str                  # full | suf | llrd | top
+    policy: str  # full | suf | llrd | top
     num_layers: int
-    suf_k: int = 3               # layers unfrozen at start and per stage
-    unfreeze_every: int = 1      # stage length ...
-    unfreeze_unit: str = "epoch" # ... in "epoch" or "step" (optimizer steps)
-    top_layers: int = 6          # for policy top
-    llrd_decay: float = 0.88     # for policy llrd
+    suf_k: int = 3  # layers unfrozen at start and per stage
+    unfreeze_every: int = 1  # stage length ...
+    unfreeze_unit: str = "epoch"  # ... in "epoch" or "step" (optimizer steps)
+    top_layers: int = 6  # for policy top
+    llrd_decay: float = 0.88  # for policy llrd
     freeze_embeddings: bool = False
 
     def __post_init__(self) -> None:
@@ -92,15 +93,16 @@ class Schedule:
             n = self.top_layers
         return list(range(self.num_layers - n, self.num_layers))
 
-    def layer_lr_scale(self, layer: int | None, module: str | None,
-                       embedding_modules: Sequence[str] = ("embeddings",)) -> float:
+    def layer_lr_scale(
+        self, layer: int | None, module: str | None, embedding_modules: Sequence[str] = ("embeddings",)
+    ) -> float:
         """LR multiplier of a parameter in encoder `layer`, or (layer None) in module `module`."""
         if self.policy != "llrd":
             return 1.0
         if layer is not None:
             return self.llrd_decay ** (self.num_layers - 1 - layer)
         if module in embedding_modules:
-            return self.llrd_decay ** self.num_layers
+            return self.llrd_decay**self.num_layers
         return 1.0  # heads, ViT, answer decoder, pooler: undecayed
 
     def to_dict(self) -> dict:
@@ -109,10 +111,15 @@ class Schedule:
 
 # ---------------------------------------------------------------- layouts
 
-def layout_from_rules(num_layers: int, layer_rules: Sequence[tuple[str, int, int]],
-                      module_rules: Sequence[tuple[str, str]], default_module: str | None = None,
-                      embedding_modules: tuple[str, ...] = ("embeddings",),
-                      task_head_modules: tuple[str, ...] = ("head",)) -> LayerLayout:
+
+def layout_from_rules(
+    num_layers: int,
+    layer_rules: Sequence[tuple[str, int, int]],
+    module_rules: Sequence[tuple[str, str]],
+    default_module: str | None = None,
+    embedding_modules: tuple[str, ...] = ("embeddings",),
+    task_head_modules: tuple[str, ...] = ("head",),
+) -> LayerLayout:
     """Build a LayerLayout from name prefixes.
 
     layer_rules: (prefix, offset, blocks_per_layer): a name `prefix + "<i>." + ...` belongs to layer
@@ -148,7 +155,9 @@ def _locate(model: nn.Module, layout: LayerLayout) -> list[tuple[str, nn.Paramet
     for name, p in model.named_parameters():
         layer = layout.layer_of(name)
         if layer is not None and not 0 <= layer < layout.num_layers:
-            raise ValueError(f"freeze layout: parameter {name!r} maps to layer {layer}, outside 0..{layout.num_layers - 1}")
+            raise ValueError(
+                f"freeze layout: parameter {name!r} maps to layer {layer}, outside 0..{layout.num_layers - 1}"
+            )
         module = None if layer is not None else layout.module_of(name)
         seen.add(layer)
         out.append((name, p, layer, module))
@@ -173,31 +182,52 @@ def _trains(layer: int | None, module: str | None, layers: set[int], layout: Lay
 
 # ---------------------------------------------------------------- CLI
 
+
 def add_policy_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("fine-tuning policy (freeze.py)")
-    g.add_argument("--policy", choices=POLICIES, default="full",
-                   help="full: standard fine-tuning; suf: scheduled unfreezing; llrd: layer-wise LR decay; "
-                        "top: only the top m layers and the task head train (CCLM m=6: the paper's 'CM only')")
-    g.add_argument("--suf-k", type=int, default=3, help="suf: layers trainable at start and unfrozen per stage (paper: 3)")
-    g.add_argument("--unfreeze-every", type=int, default=1, help="suf: stage length, in --unfreeze-unit (paper: 1 epoch)")
+    g.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="full",
+        help="full: standard fine-tuning; suf: scheduled unfreezing; llrd: layer-wise LR decay; "
+        "top: only the top m layers and the task head train (CCLM m=6: the paper's 'CM only')",
+    )
+    g.add_argument(
+        "--suf-k", type=int, default=3, help="suf: layers trainable at start and unfrozen per stage (paper: 3)"
+    )
+    g.add_argument(
+        "--unfreeze-every", type=int, default=1, help="suf: stage length, in --unfreeze-unit (paper: 1 epoch)"
+    )
     g.add_argument("--unfreeze-unit", choices=UNITS, default="epoch", help="suf: unit of --unfreeze-every")
     g.add_argument("--llrd-decay", type=float, default=0.88, help="llrd: decay factor d in (0, 1] (paper's best: 0.88)")
-    g.add_argument("--top-layers", type=int, default=6, help="top: number m of top encoder layers that train (CCLM cross-modal: 6)")
-    g.add_argument("--freeze-embeddings", action="store_true",
-                   help="ablation: also freeze the embedding modules (the paper keeps them trainable)")
+    g.add_argument(
+        "--top-layers", type=int, default=6, help="top: number m of top encoder layers that train (CCLM cross-modal: 6)"
+    )
+    g.add_argument(
+        "--freeze-embeddings",
+        action="store_true",
+        help="ablation: also freeze the embedding modules (the paper keeps them trainable)",
+    )
 
 
 def schedule_from_args(args: argparse.Namespace, num_layers: int) -> Schedule:
     try:
-        return Schedule(policy=args.policy, num_layers=num_layers, suf_k=args.suf_k,
-                        unfreeze_every=args.unfreeze_every, unfreeze_unit=args.unfreeze_unit,
-                        top_layers=args.top_layers, llrd_decay=args.llrd_decay,
-                        freeze_embeddings=args.freeze_embeddings)
+        return Schedule(
+            policy=args.policy,
+            num_layers=num_layers,
+            suf_k=args.suf_k,
+            unfreeze_every=args.unfreeze_every,
+            unfreeze_unit=args.unfreeze_unit,
+            top_layers=args.top_layers,
+            llrd_decay=args.llrd_decay,
+            freeze_embeddings=args.freeze_embeddings,
+        )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
 
 # ---------------------------------------------------------------- optimizer / freezing
+
 
 def no_decay_ndim(name: str, p: nn.Parameter) -> bool:
     """The paper-recipe rule: no weight decay on 1-D (and 0-D) tensors: biases, LayerNorm weights, layer scales,
@@ -205,10 +235,16 @@ def no_decay_ndim(name: str, p: nn.Parameter) -> bool:
     return p.ndim <= 1
 
 
-def param_groups(model: nn.Module, layout: LayerLayout, schedule: Schedule, lr: float, weight_decay: float,
-                 module_lr: dict[str, float] | None = None,
-                 no_decay: Callable[[str, nn.Parameter], bool] | None = None,
-                 lr_mult: Callable[[str], float] | None = None) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    layout: LayerLayout,
+    schedule: Schedule,
+    lr: float,
+    weight_decay: float,
+    module_lr: dict[str, float] | None = None,
+    no_decay: Callable[[str, nn.Parameter], bool] | None = None,
+    lr_mult: Callable[[str], float] | None = None,
+) -> list[dict]:
     """Param groups over EVERY parameter (frozen ones included), one per (layer/module, lr multiplier,
     decay), in order of first appearance. lr is absolute per group (a LambdaLR scales all groups alike).
     module_lr overrides the base lr of a non-layer module, e.g. CCLM {"vision_encoder": 2e-5}.
@@ -223,13 +259,19 @@ def param_groups(model: nn.Module, layout: LayerLayout, schedule: Schedule, lr: 
     for name, p, layer, module in _locate(model, layout):
         exempt = bool(rule(name, p))
         mult = float(lr_mult(name)) if lr_mult is not None else 1.0
-        key = ((f"layer_{layer:02d}" if layer is not None else module) + (f".lr_x{mult:g}" if mult != 1.0 else "")
-               + (".no_decay" if exempt else ".decay"))
+        key = (
+            (f"layer_{layer:02d}" if layer is not None else module)
+            + (f".lr_x{mult:g}" if mult != 1.0 else "")
+            + (".no_decay" if exempt else ".decay")
+        )
         if key not in groups:
             base = lr if layer is not None else module_lr.get(module, lr)
-            groups[key] = {"params": [], "name": key,
-                           "lr": base * mult * schedule.layer_lr_scale(layer, module, layout.embedding_modules),
-                           "weight_decay": 0.0 if exempt else weight_decay}
+            groups[key] = {
+                "params": [],
+                "name": key,
+                "lr": base * mult * schedule.layer_lr_scale(layer, module, layout.embedding_modules),
+                "weight_decay": 0.0 if exempt else weight_decay,
+            }
         groups[key]["params"].append(p)
     return list(groups.values())
 
@@ -259,21 +301,28 @@ def _row(located, layout: LayerLayout, schedule: Schedule, epoch: int, step: int
         if layer is None:
             (train_modules if t else frozen_modules).add(module)
         counts[t] += p.numel()
-    row = {"epoch": epoch + 1, "stage": schedule.stage(epoch, step), "trainable_layers": layers,
-           "frozen_layers": [i for i in range(schedule.num_layers) if i not in layers],
-           "always_trainable": sorted(train_modules), "frozen_modules": sorted(frozen_modules),
-           "embeddings_trainable": not any(m in frozen_modules for m in layout.embedding_modules),
-           "trainable_params": counts[True], "frozen_params": counts[False]}
+    row = {
+        "epoch": epoch + 1,
+        "stage": schedule.stage(epoch, step),
+        "trainable_layers": layers,
+        "frozen_layers": [i for i in range(schedule.num_layers) if i not in layers],
+        "always_trainable": sorted(train_modules),
+        "frozen_modules": sorted(frozen_modules),
+        "embeddings_trainable": not any(m in frozen_modules for m in layout.embedding_modules),
+        "trainable_params": counts[True],
+        "frozen_params": counts[False],
+    }
     if schedule.policy == "top":
         row["task_head_modules"] = sorted(m for m in layout.task_head_modules if m in train_modules)
     if schedule.policy == "llrd":
         row["layer_lr_scale"] = [schedule.layer_lr_scale(i, None) for i in range(schedule.num_layers)]
-        row["embedding_lr_scale"] = schedule.llrd_decay ** schedule.num_layers
+        row["embedding_lr_scale"] = schedule.llrd_decay**schedule.num_layers
     return row
 
 
-def describe_schedule(model: nn.Module, layout: LayerLayout, schedule: Schedule, epochs: int,
-                      steps_per_epoch: int | None = None) -> list[dict]:
+def describe_schedule(
+    model: nn.Module, layout: LayerLayout, schedule: Schedule, epochs: int, steps_per_epoch: int | None = None
+) -> list[dict]:
     """What trains when, without touching the model. One row per epoch (1-based "epoch").
 
     With unfreeze_unit == "step" (needs steps_per_epoch) an epoch in which the trainable set changes
@@ -314,12 +363,15 @@ def trainable_summary(model: nn.Module, layout: LayerLayout, schedule: Schedule,
     _check(layout, schedule)
     r = _row(_locate(model, layout), layout, schedule, epoch, step)
     layers = r["trainable_layers"]
-    what = ("all layers" if len(layers) == schedule.num_layers
-            else f"layer{'s' if len(layers) > 1 else ''} {_span(layers)}")
+    what = (
+        "all layers" if len(layers) == schedule.num_layers else f"layer{'s' if len(layers) > 1 else ''} {_span(layers)}"
+    )
     others = ", ".join(r["always_trainable"])
     frozen = f" ({', '.join(r['frozen_modules'])} frozen)" if r["frozen_modules"] else ""
-    return (f"{what}{' + ' + others if others else ''} train{frozen}; "
-            f"{_count(r['trainable_params'])} trainable of {_count(r['trainable_params'] + r['frozen_params'])}")
+    return (
+        f"{what}{' + ' + others if others else ''} train{frozen}; "
+        f"{_count(r['trainable_params'])} trainable of {_count(r['trainable_params'] + r['frozen_params'])}"
+    )
 
 
 def _count(n: int) -> str:
@@ -328,22 +380,35 @@ def _count(n: int) -> str:
 
 def format_schedule(rows: list[dict]) -> str:
     """Human-readable table of describe_schedule rows (for --print-schedule)."""
+
     def span(ls: list[int]) -> str:
-        return "none" if not ls else (f"{ls[0]}-{ls[-1]}" if ls == list(range(ls[0], ls[-1] + 1)) else ",".join(map(str, ls)))
+        return (
+            "none"
+            if not ls
+            else (f"{ls[0]}-{ls[-1]}" if ls == list(range(ls[0], ls[-1] + 1)) else ",".join(map(str, ls)))
+        )
+
     lines = []
     head = next((r["task_head_modules"] for r in rows if "task_head_modules" in r), None)
     if head is not None:
-        lines.append(f"policy top: only the top layers and the task head ({', '.join(head) or 'none'}) train; "
-                     "everything else is frozen. The task head trains so that the task has an output (our choice: "
-                     "the paper says only the top layers train)")
+        lines.append(
+            f"policy top: only the top layers and the task head ({', '.join(head) or 'none'}) train; "
+            "everything else is frozen. The task head trains so that the task has an output (our choice: "
+            "the paper says only the top layers train)"
+        )
     for r in rows:
         steps = f" steps {r['first_step']}-{r['last_step']}" if "first_step" in r else ""
-        line = (f"epoch {r['epoch']}{steps}: layers {span(r['trainable_layers'])} + "
-                f"{', '.join(r['always_trainable']) or 'nothing else'}"
-                f"{' (frozen: ' + ', '.join(r['frozen_modules']) + ')' if r['frozen_modules'] else ''}; "
-                f"embeddings {'train' if r['embeddings_trainable'] else 'FROZEN'}; "
-                f"{r['trainable_params']:,} trainable / {r['frozen_params']:,} frozen params")
+        line = (
+            f"epoch {r['epoch']}{steps}: layers {span(r['trainable_layers'])} + "
+            f"{', '.join(r['always_trainable']) or 'nothing else'}"
+            f"{' (frozen: ' + ', '.join(r['frozen_modules']) + ')' if r['frozen_modules'] else ''}; "
+            f"embeddings {'train' if r['embeddings_trainable'] else 'FROZEN'}; "
+            f"{r['trainable_params']:,} trainable / {r['frozen_params']:,} frozen params"
+        )
         if "layer_lr_scale" in r:
-            line += f"; lr scale bottom..top {r['layer_lr_scale'][0]:.4g}..{r['layer_lr_scale'][-1]:.4g}, embeddings {r['embedding_lr_scale']:.4g}"
+            line += (
+                f"; lr scale bottom..top {r['layer_lr_scale'][0]:.4g}..{r['layer_lr_scale'][-1]:.4g}, "
+                f"embeddings {r['embedding_lr_scale']:.4g}"
+            )
         lines.append(line)
     return "\n".join(lines)

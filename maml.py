@@ -26,6 +26,7 @@ the symmetric (image->text and text->image) InfoNCE over in-batch pairs, with co
 fixed temperature 0.07 and 256-d projections (ALBEF/CLIP's usual values); pairs sharing an image are
 not used as each other's negatives (mask_same_image).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad
 
 Params = dict[str, torch.Tensor]
-Objective = Callable[[Params, object], torch.Tensor]   # (params by name, batch) -> scalar loss
+Objective = Callable[[Params, object], torch.Tensor]  # (params by name, batch) -> scalar loss
 
 VARIANTS = ("unsupervised", "full", "supervised")
 TERMS = ("cl", "task_aux", "task_en")
@@ -52,11 +53,11 @@ VARIANT_TERMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 @dataclass(frozen=True)
 class MamlConfig:
     variant: str = "full"
-    inner_lr: float = 1e-4          # alpha (seed silent; our choice)
-    inner_steps: int = 1            # seed silent; MAML's and X-MAML's usual single step
-    first_order: bool = False       # seed silent; MAML proper is second order
-    cl_weight: float = 1.0          # lambda on the contrastive loss ("adding them together": 1)
-    inner_terms: tuple[str, ...] | None = None   # None: the variant's (VARIANT_TERMS)
+    inner_lr: float = 1e-4  # alpha (seed silent; our choice)
+    inner_steps: int = 1  # seed silent; MAML's and X-MAML's usual single step
+    first_order: bool = False  # seed silent; MAML proper is second order
+    cl_weight: float = 1.0  # lambda on the contrastive loss ("adding them together": 1)
+    inner_terms: tuple[str, ...] | None = None  # None: the variant's (VARIANT_TERMS)
     outer_terms: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -69,8 +70,9 @@ class MamlConfig:
         for name in ("inner_terms", "outer_terms"):
             terms = getattr(self, name)
             if terms is not None and (not terms or any(t not in TERMS for t in terms)):
-                raise ValueError(f"--{name.replace('_', '-')} must be a non-empty subset of {', '.join(TERMS)}, "
-                                 f"got {terms}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be a non-empty subset of {', '.join(TERMS)}, got {terms}"
+                )
         if self.variant == "unsupervised" and any(t.startswith("task") for t in self.inner + self.outer):
             raise ValueError("variant unsupervised uses no task labels; a task term needs variant full or supervised")
         if "task_aux" in self.inner + self.outer and self.variant != "supervised":
@@ -90,15 +92,22 @@ class MamlConfig:
 
 # ---------------------------------------------------------------- contrastive head and loss
 
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, temperature: float,
-                     groups: torch.Tensor | None = None, symmetric: bool = True) -> torch.Tensor:
+
+def contrastive_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    temperature: float,
+    groups: torch.Tensor | None = None,
+    symmetric: bool = True,
+) -> torch.Tensor:
     """InfoNCE over a batch of N (image, text) pairs: pair i is the positive of row/column i, every other
     pair in the batch a negative. Cosine similarity / temperature; symmetric: mean of the image->text and
     text->image cross-entropies (else image->text only). groups [N] (optional): pairs with equal ids
     share an image and are then not each other's negatives (masked out, not counted as positives)."""
     if image.shape != text.shape or image.dim() != 2:
-        raise ValueError(f"contrastive_loss: image {tuple(image.shape)} and text {tuple(text.shape)} "
-                         "must both be [N, d]")
+        raise ValueError(
+            f"contrastive_loss: image {tuple(image.shape)} and text {tuple(text.shape)} must both be [N, d]"
+        )
     logits = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T / temperature
     if groups is not None:
         same = groups[:, None] == groups[None, :]
@@ -132,16 +141,20 @@ def groups_of(rows: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- inner update and meta-gradient
 
+
 def module_objective(module: nn.Module, **kwargs) -> Objective:
     """(params, batch) -> module(batch, **kwargs) with `params` (a subset of its parameters, by name)
     swapped in; parameters not given (frozen ones) are used as they are."""
+
     def objective(params: Params, batch) -> torch.Tensor:
         return functional_call(module, params, (batch,), kwargs)
+
     return objective
 
 
-def adapt(inner: Objective, params: Params, support, adapt_names: Sequence[str], lr: float, steps: int,
-          first_order: bool) -> Params:
+def adapt(
+    inner: Objective, params: Params, support, adapt_names: Sequence[str], lr: float, steps: int, first_order: bool
+) -> Params:
     """The inner loop: `steps` SGD steps of `inner` on `support`, on the parameters named in adapt_names
     (the rest of `params` enter unchanged). Returns the temporary parameters theta' (all of `params`).
     Under an enclosing torch.func.grad the result stays differentiable in params: second order through
@@ -155,16 +168,24 @@ def adapt(inner: Objective, params: Params, support, adapt_names: Sequence[str],
     return fast
 
 
-def episode_meta_loss(inner: Objective, outer: Objective, params: Params, support, query,
-                      adapt_names: Sequence[str], cfg: MamlConfig) -> torch.Tensor:
+def episode_meta_loss(
+    inner: Objective, outer: Objective, params: Params, support, query, adapt_names: Sequence[str], cfg: MamlConfig
+) -> torch.Tensor:
     """L_outer(query; theta') with theta' = adapt(...) from params: a function of params whose
     torch.func.grad is the episode's meta-gradient."""
     fast = adapt(inner, params, support, adapt_names, cfg.inner_lr, cfg.inner_steps, cfg.first_order)
     return outer(fast, query)
 
 
-def meta_gradient(inner: Objective, outer: Objective, params: Params, episodes: Iterable[tuple[object, object]],
-                  adapt_names: Sequence[str], cfg: MamlConfig, scale: float = 1.0) -> tuple[Params, list[float]]:
+def meta_gradient(
+    inner: Objective,
+    outer: Objective,
+    params: Params,
+    episodes: Iterable[tuple[object, object]],
+    adapt_names: Sequence[str],
+    cfg: MamlConfig,
+    scale: float = 1.0,
+) -> tuple[Params, list[float]]:
     """Sum over episodes of scale * d L_outer(query; theta'(theta)) / d theta, one episode at a time (only
     one episode's graph alive), and each episode's meta-loss. params: the meta-parameters (trainable),
     detached or not; the result holds one gradient per name in params."""
@@ -194,9 +215,14 @@ def accumulate_grads(named: Mapping[str, nn.Parameter], grads: Params) -> None:
         p.grad = g.clone() if p.grad is None else p.grad + g
 
 
-def adapt_names_for(names: Sequence[str], layer_of: Callable[[str], int | None], num_layers: int,
-                    inner_params: str, top_layers: int,
-                    is_embedding: Callable[[str], bool] = lambda name: False) -> list[str]:
+def adapt_names_for(
+    names: Sequence[str],
+    layer_of: Callable[[str], int | None],
+    num_layers: int,
+    inner_params: str,
+    top_layers: int,
+    is_embedding: Callable[[str], bool] = lambda name: False,
+) -> list[str]:
     """Which meta-parameters the inner loop adapts. all: every trainable one (MAML proper; our default);
     top: only those in the top `top_layers` encoder layers and the non-layer modules that are not
     embeddings (heads, pooler, contrastive projections): a cheaper inner loop; the others enter theta'

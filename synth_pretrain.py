@@ -8,6 +8,7 @@ region). The checkpoint is written in VOLTA's key layout with VOLTA's pre-traini
 
   python synth_pretrain.py --world synth_out/world --seed 0 --steps 3000 --out synth_out/pretrain-s0.bin
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,14 @@ class PretrainUC2(nn.Module):
     def states(self, batch: dict, layers: bool = False) -> dict:
         """Final text/region states and pooled output; with layers, every layer's text states (0 = embeddings)."""
         trace: dict = {}
-        pooled = self.uc2.encode(batch["input_ids"], batch["attention_mask"], batch["features"], batch["spatials"],
-                                 batch["image_mask"], trace=trace)
+        pooled = self.uc2.encode(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["features"],
+            batch["spatials"],
+            batch["image_mask"],
+            trace=trace,
+        )
         out = {"text": trace["sublayer_outputs_t"][-1], "regions": trace["sublayer_outputs_v"][-1], "pooled": pooled}
         if layers:
             out["layers"] = [trace["embedding_t"]] + trace["sublayer_outputs_t"][1::2]  # after each FFN block
@@ -73,6 +80,7 @@ class PretrainUC2(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- VOLTA layout
+
 
 def volta_name(our_key: str) -> str:
     """Our UC2 key -> the VOLTA key train_uc2.volta_key maps back to it (checked by the caller)."""
@@ -91,11 +99,14 @@ def volta_name(our_key: str) -> str:
     raise ValueError(f"no VOLTA name for {our_key}")
 
 
-HEAD_NAMES = {"mlm_transform.0": "cls.predictions.transform.dense",
-              "mlm_transform.2": "cls.predictions.transform.LayerNorm",
-              "itm": "cls.bi_seq_relationship", "mrm_transform.0": "cls.imagePredictions.transform.dense",
-              "mrm_transform.2": "cls.imagePredictions.transform.LayerNorm",
-              "mrm_decoder": "cls.imagePredictions.decoder_dict.0"}
+HEAD_NAMES = {
+    "mlm_transform.0": "cls.predictions.transform.dense",
+    "mlm_transform.2": "cls.predictions.transform.LayerNorm",
+    "itm": "cls.bi_seq_relationship",
+    "mrm_transform.0": "cls.imagePredictions.transform.dense",
+    "mrm_transform.2": "cls.imagePredictions.transform.LayerNorm",
+    "mrm_decoder": "cls.imagePredictions.decoder_dict.0",
+}
 
 
 def volta_state_dict(model: PretrainUC2) -> dict[str, torch.Tensor]:
@@ -132,6 +143,7 @@ def load_pretrained(path: str | Path, config: dict) -> PretrainUC2:
 
 # ---------------------------------------------------------------------------------------------- corpus
 
+
 class Corpus:
     """Pretraining scenes and texts, every draw a function of (world, pretraining seed, stream, step)."""
 
@@ -167,21 +179,31 @@ class Corpus:
         regions = [sw.scene_regions(s, self.books, rng, self.cfg.noise) for s in scenes]
         return scenes, regions
 
-    def batch(self, stream: str, step: int, size: int, parallel: bool = False, lang: str | None = None,
-              single: bool = False) -> dict:
+    def batch(
+        self, stream: str, step: int, size: int, parallel: bool = False, lang: str | None = None, single: bool = False
+    ) -> dict:
         """single: one-object scenes (the grounding curriculum's first stage)."""
         rng = self.rng(stream, step)
         scenes, regions = self.scenes(rng, size, single)
         sents = [self.sentence(s, rng) for s in scenes]
         if parallel:  # en + exact translation into a (weighted) foreign language
             langs = rng.choice(self.foreign, size, p=self.foreign_weights)
-            enc = self.tok([sw.render(s, "en", self.lex) for s in sents],
-                           [sw.render(s, l, self.lex) for s, l in zip(sents, langs)], padding=True, return_tensors="pt")
+            enc = self.tok(
+                [sw.render(s, "en", self.lex) for s in sents],
+                [sw.render(s, l, self.lex) for s, l in zip(sents, langs)],
+                padding=True,
+                return_tensors="pt",
+            )
         else:
             langs = [lang] * size if lang else rng.choice(self.langs, size, p=self.weights)
             enc = self.tok([sw.render(s, l, self.lex) for s, l in zip(sents, langs)], padding=True, return_tensors="pt")
-        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "langs": list(langs),
-                 "scenes": scenes, "rng": rng}
+        batch = {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "langs": list(langs),
+            "scenes": scenes,
+            "rng": rng,
+        }
         batch.update(regions_batch(regions, self.cfg.max_objects))
         return batch
 
@@ -202,6 +224,7 @@ def region_classes(scenes, max_regions: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- objectives
+
 
 def mask_tokens(ids: torch.Tensor, rng: np.random.Generator, vocab: int, mask_id: int, first_word: int) -> tuple:
     """BERT masking of word tokens (ids >= first_word): 15%, at least one per row; 80% <mask>, 10% random, 10% kept."""
@@ -230,8 +253,10 @@ def objective_loss(model: PretrainUC2, obj: str, batch: dict, tok) -> torch.Tens
         n = batch["input_ids"].shape[0]
         swap = torch.from_numpy(rng.random(n) < 0.5)
         perm = torch.roll(torch.arange(n), 1)
-        mixed = {k: torch.where(swap.view(-1, *[1] * (batch[k].dim() - 1)), batch[k][perm], batch[k])
-                 for k in ("features", "spatials", "image_mask")}
+        mixed = {
+            k: torch.where(swap.view(-1, *[1] * (batch[k].dim() - 1)), batch[k][perm], batch[k])
+            for k in ("features", "spatials", "image_mask")
+        }
         same = torch.tensor([batch["scenes"][i] == batch["scenes"][int(perm[i])] for i in range(n)])
         target = (~swap | same).long()
         st = model.states({**batch, **mixed})
@@ -252,6 +277,7 @@ def objective_loss(model: PretrainUC2, obj: str, batch: dict, tok) -> torch.Tens
 
 # ---------------------------------------------------------------------------------------------- grounding checks
 
+
 @torch.no_grad()
 def grounding(model: PretrainUC2, corpus: Corpus, n: int = 256) -> dict:
     """Held-out scenes: ITM accuracy, MRM accuracy, masked-attribute probe per language (colour and shape
@@ -261,8 +287,10 @@ def grounding(model: PretrainUC2, corpus: Corpus, n: int = 256) -> dict:
     b = corpus.batch("heldout-itm", 0, n, lang="en")
     perm = torch.roll(torch.arange(n), 1)
     swap = torch.arange(n) % 2 == 1
-    mixed = {k: torch.where(swap.view(-1, *[1] * (b[k].dim() - 1)), b[k][perm], b[k])
-             for k in ("features", "spatials", "image_mask")}
+    mixed = {
+        k: torch.where(swap.view(-1, *[1] * (b[k].dim() - 1)), b[k][perm], b[k])
+        for k in ("features", "spatials", "image_mask")
+    }
     same = torch.tensor([b["scenes"][i] == b["scenes"][int(perm[i])] for i in range(n)])
     pred = model.itm(model.states({**b, **mixed})["pooled"]).argmax(-1)
     out["itm_acc"] = float((pred == (~swap | same).long()).float().mean())
@@ -286,8 +314,10 @@ def attribute_probe(model: PretrainUC2, corpus: Corpus, lang: str, n: int) -> fl
     texts = [sw.render(sw.caption(s), lang, corpus.lex) for s in scenes]
     enc = corpus.tok(texts, padding=True, return_tensors="pt")
     reg = regions_batch(regions, corpus.cfg.max_objects)
-    groups = {a: torch.tensor(corpus.tok.convert_tokens_to_ids([corpus.lex[lang][w] for w in words]))
-              for a, words in (("colour", sw.COLOURS), ("shape", sw.SHAPES))}
+    groups = {
+        a: torch.tensor(corpus.tok.convert_tokens_to_ids([corpus.lex[lang][w] for w in words]))
+        for a, words in (("colour", sw.COLOURS), ("shape", sw.SHAPES))
+    }
     correct = total = 0
     for attr, ids in groups.items():
         is_attr = torch.isin(enc["input_ids"], ids)
@@ -309,13 +339,24 @@ def attribute_probe(model: PretrainUC2, corpus: Corpus, lang: str, n: int) -> fl
 
 # ---------------------------------------------------------------------------------------------- training
 
+
 def lr_at(step: int, steps: int, lr: float, warmup: float = 0.1) -> float:
     w = max(1, int(steps * warmup))
     return lr * (step + 1) / w if step < w else lr * max(0.0, (steps - step) / max(1, steps - w))
 
 
-def pretrain(world: Path, seed: int, steps: int, out: Path, batch_size: int = 64, lr: float = 1e-3,
-             eval_every: int = 0, log=print, single_frac: float = SINGLE_FRAC, probe_n: int = 256) -> dict:
+def pretrain(
+    world: Path,
+    seed: int,
+    steps: int,
+    out: Path,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    eval_every: int = 0,
+    log=print,
+    single_frac: float = SINGLE_FRAC,
+    probe_n: int = 256,
+) -> dict:
     torch.manual_seed(seed)
     corpus = Corpus(world, seed)
     config = {**train_uc2.resolve_config(str(world / "model_config.json")), **PRETRAIN_DROPOUT}
@@ -339,9 +380,12 @@ def pretrain(world: Path, seed: int, steps: int, out: Path, batch_size: int = 64
         opt.step()
         running.setdefault(obj, []).append(float(loss.detach()))
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            rec = {"step": step + 1, "s": round(time.time() - start, 1),
-                   **{f"loss_{k}": round(float(np.mean(v)), 4) for k, v in running.items()},
-                   **{k: round(v, 4) for k, v in grounding(model, corpus, probe_n).items()}}
+            rec = {
+                "step": step + 1,
+                "s": round(time.time() - start, 1),
+                **{f"loss_{k}": round(float(np.mean(v)), 4) for k, v in running.items()},
+                **{k: round(v, 4) for k, v in grounding(model, corpus, probe_n).items()},
+            }
             running = {}
             history.append(rec)
             log(json.dumps(rec))
@@ -350,10 +394,20 @@ def pretrain(world: Path, seed: int, steps: int, out: Path, batch_size: int = 64
     tmp = out.with_name(out.name + ".tmp")
     torch.save(volta_state_dict(model), tmp)
     tmp.replace(out)
-    meta = {"world": sw.load_config(world).to_dict(), "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
-            "objectives": OBJECTIVES, "objectives_single": OBJECTIVES_SINGLE,
-            "seconds": round(time.time() - start, 1), "history": history,
-            "single_frac": single_frac, "dropout": 0.0, "final": grounding(model, corpus, probe_n)}
+    meta = {
+        "world": sw.load_config(world).to_dict(),
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "objectives": OBJECTIVES,
+        "objectives_single": OBJECTIVES_SINGLE,
+        "seconds": round(time.time() - start, 1),
+        "history": history,
+        "single_frac": single_frac,
+        "dropout": 0.0,
+        "final": grounding(model, corpus, probe_n),
+    }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
@@ -365,16 +419,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--single-frac", type=float, default=SINGLE_FRAC,
-                   help="fraction of steps on one-object scenes first")
+    p.add_argument(
+        "--single-frac", type=float, default=SINGLE_FRAC, help="fraction of steps on one-object scenes first"
+    )
     p.add_argument("--eval-every", type=int, default=500, help="grounding checks every N steps (0: only at the end)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1: the same bits whatever the machine's core count)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: the same bits whatever the machine's core count)"
+    )
     p.add_argument("--out", required=True, help="checkpoint file (VOLTA layout); <out>.json gets the grounding record")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    meta = pretrain(Path(args.world), args.seed, args.steps, Path(args.out), args.batch_size, args.lr, args.eval_every,
-                    single_frac=args.single_frac)
+    meta = pretrain(
+        Path(args.world),
+        args.seed,
+        args.steps,
+        Path(args.out),
+        args.batch_size,
+        args.lr,
+        args.eval_every,
+        single_frac=args.single_frac,
+    )
     print(json.dumps({"final": meta["final"], "seconds": meta["seconds"]}))
 
 

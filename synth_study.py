@@ -6,6 +6,7 @@ eval_zeroshot.py.
   python synth_study.py --out synth_out                      # make synth: world, pretraining, checks, study
   python synth_study.py --out synth_out --pretrain-seeds 0 --finetune-seeds 0 --policies full suf   # smaller
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,12 @@ import synth_world as sw
 import train_uc2
 
 ROOT = Path(__file__).resolve().parent
-POLICY_ARGS = {"full": [], "suf": ["--suf-k", "3", "--unfreeze-every", "1"], "llrd": ["--llrd-decay", "0.88"],
-               "top": ["--top-layers", "6"]}
+POLICY_ARGS = {
+    "full": [],
+    "suf": ["--suf-k", "3", "--unfreeze-every", "1"],
+    "llrd": ["--llrd-decay", "0.88"],
+    "top": ["--top-layers", "6"],
+}
 LR_GRID = (1e-4, 3e-4, 1e-3)
 FT = {"epochs": 5, "batch_size": 16, "max_regions": 3}  # protocol 1.4; batch 16: amendment A7 (English dev, run r5)
 PRETRAIN_STEPS = 3000  # fixed on pretraining seed 0's grounding checks before any policy ran (docs/synthetic.md log)
@@ -38,6 +43,7 @@ RECORD = ROOT / "docs" / "synthetic_results.json"
 
 
 # ---------------------------------------------------------------------------------------------- jobs
+
 
 def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
@@ -63,21 +69,74 @@ def parallel(jobs: list[tuple[list[str], Path]], workers: int) -> None:
 
 
 def pretrain_job(world: Path, seed: int, steps: int, ckpt: Path) -> tuple[list[str], Path]:
-    return ([sys.executable, str(ROOT / "synth_pretrain.py"), "--world", str(world), "--seed", str(seed),
-             "--steps", str(steps), "--eval-every", str(max(steps // 6, 1)), "--out", str(ckpt)],
-            ckpt.with_suffix(".log"))
+    return (
+        [
+            sys.executable,
+            str(ROOT / "synth_pretrain.py"),
+            "--world",
+            str(world),
+            "--seed",
+            str(seed),
+            "--steps",
+            str(steps),
+            "--eval-every",
+            str(max(steps // 6, 1)),
+            "--out",
+            str(ckpt),
+        ],
+        ckpt.with_suffix(".log"),
+    )
 
 
-def finetune_job(world: Path, ckpt: Path | None, policy: str, seed: int, lr: float, run: Path, *,
-                 split: str = "test", features: str = "features.lmdb",
-                 max_steps: int | None = None) -> tuple[list[str], Path]:
-    cmd = [sys.executable, str(ROOT / "train_uc2.py"), "--task", "xgqa", "--policy", policy, *POLICY_ARGS[policy],
-           "--model-config", str(world / "model_config.json"), "--data-root", str(world),
-           "--features", str(world / features), "--tokenizer", str(world / "tokenizer"), "--eval-split", split,
-           "--epochs", str(FT["epochs"]), "--batch-size", str(FT["batch_size"]), "--lr", str(lr),
-           "--max-regions", str(FT["max_regions"]), "--num-workers", "0", "--seed", str(seed), "--amp", "off",
-           "--eval-every", "1",  # every epoch (the Figure 2 analogue); the trainers' default is the last only
-           "--output-dir", str(run)]
+def finetune_job(
+    world: Path,
+    ckpt: Path | None,
+    policy: str,
+    seed: int,
+    lr: float,
+    run: Path,
+    *,
+    split: str = "test",
+    features: str = "features.lmdb",
+    max_steps: int | None = None,
+) -> tuple[list[str], Path]:
+    cmd = [
+        sys.executable,
+        str(ROOT / "train_uc2.py"),
+        "--task",
+        "xgqa",
+        "--policy",
+        policy,
+        *POLICY_ARGS[policy],
+        "--model-config",
+        str(world / "model_config.json"),
+        "--data-root",
+        str(world),
+        "--features",
+        str(world / features),
+        "--tokenizer",
+        str(world / "tokenizer"),
+        "--eval-split",
+        split,
+        "--epochs",
+        str(FT["epochs"]),
+        "--batch-size",
+        str(FT["batch_size"]),
+        "--lr",
+        str(lr),
+        "--max-regions",
+        str(FT["max_regions"]),
+        "--num-workers",
+        "0",
+        "--seed",
+        str(seed),
+        "--amp",
+        "off",
+        "--eval-every",
+        "1",  # every epoch (the Figure 2 analogue); the trainers' default is the last only
+        "--output-dir",
+        str(run),
+    ]
     if ckpt is not None:
         cmd += ["--checkpoint", str(ckpt)]
     if max_steps:
@@ -102,21 +161,26 @@ def final_accuracy(run: Path) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------- premise checks
 
+
 def mean_pool(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     keep = keep.unsqueeze(-1).to(states.dtype)
     return (states * keep).sum(1) / keep.sum(1)
 
 
 @torch.no_grad()
-def layer_text_states(model: sp.PretrainUC2, tok, texts: list[str], regions: dict | None,
-                      pool: str = "words") -> list[torch.Tensor]:
+def layer_text_states(
+    model: sp.PretrainUC2, tok, texts: list[str], regions: dict | None, pool: str = "words"
+) -> list[torch.Tensor]:
     """Text states per layer (0 = embeddings), [N, h] each; regions None = text-only input.
     pool "words": mean over word tokens; "cls": the <s> state (what UC2's pooler reads)."""
     enc = tok(texts, padding=True, return_tensors="pt")
     n = len(texts)
     if regions is None:  # no region attended: every region masked out
-        regions = {"features": torch.zeros(n, 1, 2048), "spatials": torch.zeros(n, 1, 7),
-                   "image_mask": torch.zeros(n, 1, dtype=torch.long)}
+        regions = {
+            "features": torch.zeros(n, 1, 2048),
+            "spatials": torch.zeros(n, 1, 7),
+            "image_mask": torch.zeros(n, 1, dtype=torch.long),
+        }
     st = model.states({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **regions}, layers=True)
     if pool == "cls":
         return [h[:, 0] for h in st["layers"]]
@@ -136,12 +200,16 @@ def language_id_probe(model, corpus: sp.Corpus, n: int = 200, pool: str = "cls")
     scenes, regions = corpus.scenes(rng, n)
     sents = [corpus.sentence(s, rng) for s in scenes]
     reg = sp.regions_batch(regions, corpus.cfg.max_objects)
-    per_lang = [layer_text_states(model, corpus.tok, [sw.render(s, lang, corpus.lex) for s in sents], reg, pool)
-                for lang in sw.LANGS]
+    per_lang = [
+        layer_text_states(model, corpus.tok, [sw.render(s, lang, corpus.lex) for s in sents], reg, pool)
+        for lang in sw.LANGS
+    ]
     y = torch.arange(len(sw.LANGS)).repeat_interleave(n)
     text = torch.arange(n).repeat(len(sw.LANGS))
-    return [_probe_accuracy(torch.cat([p[layer] for p in per_lang]), y, len(sw.LANGS), text)
-            for layer in range(len(per_lang[0]))]
+    return [
+        _probe_accuracy(torch.cat([p[layer] for p in per_lang]), y, len(sw.LANGS), text)
+        for layer in range(len(per_lang[0]))
+    ]
 
 
 def _probe_accuracy(x: torch.Tensor, y: torch.Tensor, classes: int, group: torch.Tensor) -> float:
@@ -159,9 +227,10 @@ def _probe_accuracy(x: torch.Tensor, y: torch.Tensor, classes: int, group: torch
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(x[tr] @ w + b, y[tr]) + 1e-3 * (w ** 2).sum()
+        loss = F.cross_entropy(x[tr] @ w + b, y[tr]) + 1e-3 * (w**2).sum()
         loss.backward()
         return loss
+
     opt.step(closure)
     with torch.no_grad():
         return float(((x[te] @ w + b).argmax(1) == y[te]).float().mean())
@@ -173,6 +242,7 @@ def translation_retrieval(model, world: Path, tok) -> dict[str, list[float]]:
     question is a translation of the same English text (many questions share a text across scenes).
     "chance": the hit rate of a random pick."""
     import data
+
     texts = {lang: [e.text for e in data.load_split(world, "xgqa", "test", lang)] for lang in sw.LANGS}
     states = {lang: layer_text_states(model, tok, t, None) for lang, t in texts.items()}
     en = np.array(texts["en"])
@@ -197,8 +267,10 @@ def majority_floor(world: Path) -> dict:
     test = sw.task_questions(cfg, "test", cfg.test_scenes, cfg.test_questions_per_scene)
     best = {k: Counter(q["answer"] for q in train if q["kind"] == k).most_common(1)[0][0] for k in sw.QTYPES}
     overall = Counter(q["answer"] for q in train).most_common(1)[0][0]
-    return {"per_template_majority": 100.0 * np.mean([best[q["kind"]] == q["answer"] for q in test]),
-            "global_majority": 100.0 * np.mean([overall == q["answer"] for q in test])}
+    return {
+        "per_template_majority": 100.0 * np.mean([best[q["kind"]] == q["answer"] for q in test]),
+        "global_majority": 100.0 * np.mean([overall == q["answer"] for q in test]),
+    }
 
 
 def premise_checks(world: Path, ckpt: Path) -> dict:
@@ -207,13 +279,17 @@ def premise_checks(world: Path, ckpt: Path) -> dict:
     model = sp.load_pretrained(ckpt, config)
     corpus = sp.Corpus(world, 0)
     meta = json.loads(ckpt.with_suffix(".json").read_text())
-    return {"grounding": meta["final"], "pretrain_seconds": meta["seconds"],
-            "lid_probe": language_id_probe(model, corpus, pool="cls"),
-            "lid_probe_words": language_id_probe(model, corpus, pool="words"),
-            "translation_retrieval": translation_retrieval(model, world, corpus.tok)}
+    return {
+        "grounding": meta["final"],
+        "pretrain_seconds": meta["seconds"],
+        "lid_probe": language_id_probe(model, corpus, pool="cls"),
+        "lid_probe_words": language_id_probe(model, corpus, pool="words"),
+        "translation_retrieval": translation_retrieval(model, world, corpus.tok),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- statistics
+
 
 def paired_bootstrap(diffs: dict[int, dict[int, float]], n: int = 10_000, seed: int = 0) -> dict:
     """diffs: pretraining seed -> fine-tuning seed -> paired difference. Mean and a two-level bootstrap 95%
@@ -268,9 +344,12 @@ def summary_rows(results: dict) -> dict:
         accs = [acc for by_f in by_p.values() for acc in by_f.values()]
         if not accs:
             continue
-        rows[pol] = {"en": float(np.mean([a["en"] for a in accs])),
-                     "avg": float(np.mean([non_en_avg(a) for a in accs])),
-                     **{lang: float(np.mean([a[lang] for a in accs])) for lang in sw.LANGS[1:]}, "runs": len(accs)}
+        rows[pol] = {
+            "en": float(np.mean([a["en"] for a in accs])),
+            "avg": float(np.mean([non_en_avg(a) for a in accs])),
+            **{lang: float(np.mean([a[lang] for a in accs])) for lang in sw.LANGS[1:]},
+            "runs": len(accs),
+        }
     return rows
 
 
@@ -295,66 +374,103 @@ def premise_note(study: dict) -> str:
     checks = english_premise(study)
     if not checks:
         return "English premise not checked (no blind floor or no full run)"
-    text = "; ".join(f"pretraining seed {ps}: full − blind in English " + ", ".join(f"{m:+.1f}" for m in c["margins"])
-                     for ps, c in checks.items())
+    text = "; ".join(
+        f"pretraining seed {ps}: full − blind in English " + ", ".join(f"{m:+.1f}" for m in c["margins"])
+        for ps, c in checks.items()
+    )
     ok = all(c["holds"] for c in checks.values())
-    return (f"English premise {'HOLDS' if ok else 'FAILS'} (≥ {PREMISE_MARGIN:g} points required): {text}"
-            + ("" if ok else "; the differences are not evidence about cross-lingual transfer"))
+    return f"English premise {'HOLDS' if ok else 'FAILS'} (≥ {PREMISE_MARGIN:g} points required): {text}" + (
+        "" if ok else "; the differences are not evidence about cross-lingual transfer"
+    )
 
 
 def format_report(study: dict) -> str:
-    lines = ["# Synthetic-world study results", "",
-             f"world {study['world']['version']} (seed {study['world']['seed']}); pretraining seeds "
-             f"{study['pretrain_seeds']}, fine-tuning seeds {study['finetune_seeds']}, lr {study['lr']}, "
-             f"pretraining steps {study['pretrain_steps']}, fine-tuning batch {study.get('batch_size', '?')}; "
-             "accuracy after the last epoch.", "", premise_note(study), "",
-             "## Accuracy (mean over runs)", "",
-             "| policy | en | non-en avg | " + " | ".join(sw.LANGS[1:]) + " | runs |",
-             "|---|---|---|" + "---|" * len(sw.LANGS[1:]) + "---|"]
+    lines = [
+        "# Synthetic-world study results",
+        "",
+        f"world {study['world']['version']} (seed {study['world']['seed']}); pretraining seeds "
+        f"{study['pretrain_seeds']}, fine-tuning seeds {study['finetune_seeds']}, lr {study['lr']}, "
+        f"pretraining steps {study['pretrain_steps']}, fine-tuning batch {study.get('batch_size', '?')}; "
+        "accuracy after the last epoch.",
+        "",
+        premise_note(study),
+        "",
+        "## Accuracy (mean over runs)",
+        "",
+        "| policy | en | non-en avg | " + " | ".join(sw.LANGS[1:]) + " | runs |",
+        "|---|---|---|" + "---|" * len(sw.LANGS[1:]) + "---|",
+    ]
     for pol, r in study["summary"].items():
-        lines.append(f"| {pol} | {r['en']:.1f} | {r['avg']:.1f} | " + " | ".join(f"{r[l]:.1f}" for l in sw.LANGS[1:])
-                     + f" | {r['runs']} |")
-    lines += ["", "## Paired differences vs full (mean [bootstrap 95% interval])", "",
-              "| policy | non-en avg | en | " + " | ".join(sw.LANGS[1:]) + " | effect? |",
-              "|---|---|---|" + "---|" * len(sw.LANGS[1:]) + "---|"]
+        lines.append(
+            f"| {pol} | {r['en']:.1f} | {r['avg']:.1f} | "
+            + " | ".join(f"{r[l]:.1f}" for l in sw.LANGS[1:])
+            + f" | {r['runs']} |"
+        )
+    lines += [
+        "",
+        "## Paired differences vs full (mean [bootstrap 95% interval])",
+        "",
+        "| policy | non-en avg | en | " + " | ".join(sw.LANGS[1:]) + " | effect? |",
+        "|---|---|---|" + "---|" * len(sw.LANGS[1:]) + "---|",
+    ]
     for pol, c in study["comparisons"].items():
         cell = lambda d: f"{d['mean']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]"
         if c["avg"]["n_pairs"] < 2:
             effect = "too few pairs for an interval"
         else:
             effect = "yes" if c["avg"]["lo"] > 0 or c["avg"]["hi"] < 0 else "no detectable difference"
-        lines.append(f"| {pol} − full (n={c['avg']['n_pairs']}) | {cell(c['avg'])} | {cell(c['en'])} | "
-                     + " | ".join(cell(c[l]) for l in sw.LANGS[1:]) + f" | {effect} |")
+        lines.append(
+            f"| {pol} − full (n={c['avg']['n_pairs']}) | {cell(c['avg'])} | {cell(c['en'])} | "
+            + " | ".join(cell(c[l]) for l in sw.LANGS[1:])
+            + f" | {effect} |"
+        )
     if len(study["pretrain_seeds"]) < 2:
-        lines += ["", "One pretraining seed: the intervals cover fine-tuning-seed variation only, not the (larger, "
-                  "pitfall 3) pretraining-seed variation."]
+        lines += [
+            "",
+            "One pretraining seed: the intervals cover fine-tuning-seed variation only, not the (larger, "
+            "pitfall 3) pretraining-seed variation.",
+        ]
     lines += ["", "## Premise checks", ""]
     for ps, chk in study["premise"].items():
         g = chk["grounding"]
-        lines.append(f"- pretraining seed {ps}: ITM {g['itm_acc']:.2f}, MRM {g['mrm_acc']:.2f}, masked-attribute "
-                     + ", ".join(f"{l} {g['attr_' + l]:.2f}" for l in sw.LANGS) + " (chance 0.17)")
-        lines.append("  - language-ID probe on the <s> state by layer (0 = embeddings, chance by construction; chance "
-                     "0.20): " + " ".join(f"{a:.2f}" for a in chk["lid_probe"]))
+        lines.append(
+            f"- pretraining seed {ps}: ITM {g['itm_acc']:.2f}, MRM {g['mrm_acc']:.2f}, masked-attribute "
+            + ", ".join(f"{l} {g['attr_' + l]:.2f}" for l in sw.LANGS)
+            + " (chance 0.17)"
+        )
+        lines.append(
+            "  - language-ID probe on the <s> state by layer (0 = embeddings, chance by construction; chance "
+            "0.20): " + " ".join(f"{a:.2f}" for a in chk["lid_probe"])
+        )
         if "lid_probe_words" in chk:
-            lines.append("  - language-ID probe on mean word states (token identity, disjoint vocabularies: 1.0 by "
-                         "construction, not a check): " + " ".join(f"{a:.2f}" for a in chk["lid_probe_words"]))
+            lines.append(
+                "  - language-ID probe on mean word states (token identity, disjoint vocabularies: 1.0 by "
+                "construction, not a check): " + " ".join(f"{a:.2f}" for a in chk["lid_probe_words"])
+            )
         tr = chk["translation_retrieval"]
         lines.append(f"  - translation retrieval chance: {tr['chance']:.3f}")
         for lang, accs in ((l, a) for l, a in tr.items() if l != "chance"):
             lines.append(f"  - en→{lang} translation retrieval by layer: " + " ".join(f"{a:.2f}" for a in accs))
         if "blind" in chk:
-            lines.append("  - blind (question-only) fine-tuning, accuracy: "
-                         + ", ".join(f"{l} {v:.1f}" for l, v in chk["blind"].items()))
+            lines.append(
+                "  - blind (question-only) fine-tuning, accuracy: "
+                + ", ".join(f"{l} {v:.1f}" for l, v in chk["blind"].items())
+            )
     f = study["floors"]
-    lines.append(f"- answer-prior floor (English-train majority per template, every language): "
-                 f"{f['per_template_majority']:.1f}; single majority answer: {f['global_majority']:.1f}")
+    lines.append(
+        f"- answer-prior floor (English-train majority per template, every language): "
+        f"{f['per_template_majority']:.1f}; single majority answer: {f['global_majority']:.1f}"
+    )
     if "random_init" in study:
-        lines.append("- random initialisation (no pretraining), full: "
-                     + ", ".join(f"{l} {v:.1f}" for l, v in study["random_init"].items()))
+        lines.append(
+            "- random initialisation (no pretraining), full: "
+            + ", ".join(f"{l} {v:.1f}" for l, v in study["random_init"].items())
+        )
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------- main
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -363,18 +479,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--finetune-seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--policies", nargs="+", default=list(POLICY_ARGS), choices=list(POLICY_ARGS))
     p.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS)
-    p.add_argument("--checkpoint", default=None,
-                   help="use this pretraining checkpoint for seed 0 (e.g. the shipped one)")
+    p.add_argument(
+        "--checkpoint", default=None, help="use this pretraining checkpoint for seed 0 (e.g. the shipped one)"
+    )
     p.add_argument("--lr", type=float, default=None, help="skip the English-dev selection and use this lr")
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="demo-sized runs")
     p.add_argument("--no-floors", action="store_true", help="skip the blind and random-init runs")
-    p.add_argument("--no-random-init", action="store_true",
-                   help="skip the random-init run (another invocation on the same --out runs it)")
+    p.add_argument(
+        "--no-random-init",
+        action="store_true",
+        help="skip the random-init run (another invocation on the same --out runs it)",
+    )
     p.add_argument("--workers", type=int, default=2, help="parallel one-thread jobs (2 cores: 2)")
-    p.add_argument("--report-only", action="store_true",
-                   help="no training: report the finished runs (pairs where both policies finished)")
-    p.add_argument("--record", action="store_true",
-                   help=f"also write the headline to {RECORD.relative_to(ROOT)} (demo prints it)")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="no training: report the finished runs (pairs where both policies finished)",
+    )
+    p.add_argument(
+        "--record", action="store_true", help=f"also write the headline to {RECORD.relative_to(ROOT)} (demo prints it)"
+    )
     args = p.parse_args(argv)
     start, out = time.time(), Path(args.out)
     world = out / "world"
@@ -395,18 +519,33 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("error: --report-only needs the --lr the runs used")
     if lr is None:  # protocol: full, pretraining seed 0, fine-tuning seed 0, English dev only
         sel = {x: runs / f"lrsel-full-p0-f0-lr{x:g}" for x in LR_GRID}
-        parallel([finetune_job(world, ckpts[args.pretrain_seeds[0]], "full", 0, x, r, split="valid",
-                               max_steps=args.max_steps_per_epoch)
-                  for x, r in sel.items() if not (r / "model_final.pt").exists()],
-                 args.workers)
+        parallel(
+            [
+                finetune_job(
+                    world,
+                    ckpts[args.pretrain_seeds[0]],
+                    "full",
+                    0,
+                    x,
+                    r,
+                    split="valid",
+                    max_steps=args.max_steps_per_epoch,
+                )
+                for x, r in sel.items()
+                if not (r / "model_final.pt").exists()
+            ],
+            args.workers,
+        )
         dev = {x: final_accuracy(r)["en"] for x, r in sel.items()}
         lr = max(dev, key=dev.get)
         print(f"lr selected on English dev: {lr} ({dev})", flush=True)
     jobs, where = [], {}
     # seed-major, full and SUF first: an interrupted study leaves whole (pretraining, fine-tuning) pairs of the
     # headline comparison (docs/synthetic.md, amendment A1)
-    groups = [[p for p in args.policies if p in ("full", "suf")],
-              [p for p in args.policies if p not in ("full", "suf")]]
+    groups = [
+        [p for p in args.policies if p in ("full", "suf")],
+        [p for p in args.policies if p not in ("full", "suf")],
+    ]
     for ps, c in ckpts.items():
         for group in groups:
             for fs in args.finetune_seeds:
@@ -420,11 +559,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         for ps, c in ckpts.items():
             r = runs / f"blind-full-p{ps}-f0"
             if not (r / "model_final.pt").exists():
-                floors.append(finetune_job(world, c, "full", 0, lr, r, features="features_blind.lmdb",
-                                           max_steps=args.max_steps_per_epoch))
+                floors.append(
+                    finetune_job(
+                        world, c, "full", 0, lr, r, features="features_blind.lmdb", max_steps=args.max_steps_per_epoch
+                    )
+                )
         if not args.no_random_init and not (runs / "randinit-full-f0" / "model_final.pt").exists():
-            floors.append(finetune_job(world, None, "full", 0, lr, runs / "randinit-full-f0",
-                                       max_steps=args.max_steps_per_epoch))
+            floors.append(
+                finetune_job(world, None, "full", 0, lr, runs / "randinit-full-f0", max_steps=args.max_steps_per_epoch)
+            )
         first = min(len(jobs), len(groups[0]))
         jobs = jobs[:first] + floors + jobs[first:]
     if not args.report_only:
@@ -435,29 +578,51 @@ def main(argv: Sequence[str] | None = None) -> None:
         for ps in ckpts:
             if (runs / f"blind-full-p{ps}-f0" / "model_final.pt").exists():
                 premise[ps]["blind"] = final_accuracy(runs / f"blind-full-p{ps}-f0")
-    study = {"world": sw.load_config(world).to_dict(), "pretrain_seeds": args.pretrain_seeds,
-             "finetune_seeds": args.finetune_seeds, "lr": lr, "pretrain_steps": args.pretrain_steps,
-             "batch_size": FT["batch_size"],
-             "max_steps_per_epoch": args.max_steps_per_epoch, "premise": premise, "floors": majority_floor(world),
-             "summary": summary_rows(results), "results": results,
-             "comparisons": compare(results, args.policies) if "full" in args.policies else {}}
+    study = {
+        "world": sw.load_config(world).to_dict(),
+        "pretrain_seeds": args.pretrain_seeds,
+        "finetune_seeds": args.finetune_seeds,
+        "lr": lr,
+        "pretrain_steps": args.pretrain_steps,
+        "batch_size": FT["batch_size"],
+        "max_steps_per_epoch": args.max_steps_per_epoch,
+        "premise": premise,
+        "floors": majority_floor(world),
+        "summary": summary_rows(results),
+        "results": results,
+        "comparisons": compare(results, args.policies) if "full" in args.policies else {},
+    }
     if not args.no_floors and (runs / "randinit-full-f0" / "model_final.pt").exists():
         study["random_init"] = final_accuracy(runs / "randinit-full-f0")
     (out / "study.json").write_text(json.dumps(study, indent=1, default=dict) + "\n")
     if args.record:
-        design = (f"world {study['world']['version']}, {len(args.pretrain_seeds)} pretraining x "
-                  f"{len(args.finetune_seeds)} fine-tuning seeds, lr {lr}, batch {FT['batch_size']}")
-        RECORD.write_text(json.dumps({"design": design, "note": premise_note(study), "summary": study["summary"],
-                                      "comparisons": study["comparisons"]}, indent=1) + "\n")
+        design = (
+            f"world {study['world']['version']}, {len(args.pretrain_seeds)} pretraining x "
+            f"{len(args.finetune_seeds)} fine-tuning seeds, lr {lr}, batch {FT['batch_size']}"
+        )
+        RECORD.write_text(
+            json.dumps(
+                {
+                    "design": design,
+                    "note": premise_note(study),
+                    "summary": study["summary"],
+                    "comparisons": study["comparisons"],
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     report = format_report(study)
     (out / "RESULTS.md").write_text(report)
     import eval_zeroshot  # the real Figure 2/3/4 commands on seed (first, first)'s full and SUF runs
+
     first = (args.pretrain_seeds[0], args.finetune_seeds[0])
     figs = [str(where[(pol, *first)]) for pol in ("full", "suf") if pol in args.policies]
     eval_zeroshot.main(["figures", *figs, "--out", str(out / "figures"), "--num-workers", "0"])
     print(report)
-    print(f"study finished in {time.time() - start:.0f} s; {out / 'RESULTS.md'}, {out / 'study.json'}, "
-          f"{out / 'figures'}")
+    print(
+        f"study finished in {time.time() - start:.0f} s; {out / 'RESULTS.md'}, {out / 'study.json'}, {out / 'figures'}"
+    )
 
 
 if __name__ == "__main__":

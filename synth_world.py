@@ -11,6 +11,7 @@ eval_zeroshot.py read it unchanged:
 
 Everything is a function of WorldConfig (seed included): the same config writes byte-identical files.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,44 @@ SIZES = ("small", "big")
 SLOTS = ("left", "middle", "right")
 LANGS = ("en", "rl", "sw", "cr", "lo")
 # how each language is derived from English: (relabelled vocabulary, adjective after noun, clause order)
-LANG_RULES = {"en": (False, False, False), "rl": (True, False, False), "sw": (True, True, False),
-              "cr": (True, False, True), "lo": (True, False, False)}
-FUNCTION_WORDS = ("there", "is", "a", "the", "on", "and", "what", "colour", "shape", "object", "of", "or",
-                  "bigger", "smaller", "than", "yes", "no")
+LANG_RULES = {
+    "en": (False, False, False),
+    "rl": (True, False, False),
+    "sw": (True, True, False),
+    "cr": (True, False, True),
+    "lo": (True, False, False),
+}
+FUNCTION_WORDS = (
+    "there",
+    "is",
+    "a",
+    "the",
+    "on",
+    "and",
+    "what",
+    "colour",
+    "shape",
+    "object",
+    "of",
+    "or",
+    "bigger",
+    "smaller",
+    "than",
+    "yes",
+    "no",
+)
 SHARED = ("?", ".", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9")  # the only surface forms all languages share
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # XLM-R's ids 0-3, then <mask>
 IMG_W, IMG_H = 600, 400
-QTYPES = {"colour": "query", "shape": "query", "where": "query", "verify": "verify", "choose": "choose",
-          "logical": "logical", "compare": "compare"}
+QTYPES = {
+    "colour": "query",
+    "shape": "query",
+    "where": "query",
+    "verify": "verify",
+    "choose": "choose",
+    "logical": "logical",
+    "compare": "compare",
+}
 
 
 @dataclass(frozen=True)
@@ -47,7 +77,7 @@ class WorldConfig:
     seed: int = 0
     min_objects: int = 2
     max_objects: int = 3
-    noise: float = 0.5              # std of the per-region noise added to the codebook sum
+    noise: float = 0.5  # std of the per-region noise added to the codebook sum
     train_scenes: int = 2000
     train_questions_per_scene: int = 3
     valid_scenes: int = 200
@@ -70,6 +100,7 @@ class Obj:
 
 # ---------------------------------------------------------------------------------------------- scenes
 
+
 def scene_rng(cfg: WorldConfig, stream: str, index: int) -> np.random.Generator:
     """Every random draw of the world comes from (world seed, stream, index): order-independent."""
     return np.random.default_rng([cfg.seed, zlib.crc32(stream.encode()), index])
@@ -79,26 +110,31 @@ def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> list[Obj]:
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     shapes = rng.choice(len(SHAPES), n, replace=False)
     slots = rng.choice(len(SLOTS), n, replace=False)
-    return [Obj(int(s), int(rng.integers(len(COLOURS))), int(rng.integers(len(SIZES))), int(p))
-            for s, p in sorted(zip(shapes, slots), key=lambda sp: sp[1])]  # objects left to right
+    return [
+        Obj(int(s), int(rng.integers(len(COLOURS))), int(rng.integers(len(SIZES))), int(p))
+        for s, p in sorted(zip(shapes, slots), key=lambda sp: sp[1])
+    ]  # objects left to right
 
 
 def codebooks(cfg: WorldConfig) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([cfg.seed, 7])
     dim = data.FEATURE_DIM
-    return {"shape": rng.standard_normal((len(SHAPES), dim), dtype=np.float32),
-            "colour": rng.standard_normal((len(COLOURS), dim), dtype=np.float32),
-            "size": rng.standard_normal((len(SIZES), dim), dtype=np.float32)}
+    return {
+        "shape": rng.standard_normal((len(SHAPES), dim), dtype=np.float32),
+        "colour": rng.standard_normal((len(COLOURS), dim), dtype=np.float32),
+        "size": rng.standard_normal((len(SIZES), dim), dtype=np.float32),
+    }
 
 
-def scene_regions(scene: Sequence[Obj], books: dict, rng: np.random.Generator,
-                  noise: float) -> tuple[np.ndarray, np.ndarray]:
+def scene_regions(
+    scene: Sequence[Obj], books: dict, rng: np.random.Generator, noise: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(features [n, 2048] float32, boxes [n, 4] float32 pixels x1 y1 x2 y2) of one scene."""
     feats = np.stack([books["shape"][o.shape] + books["colour"][o.colour] + books["size"][o.size] for o in scene])
     feats = feats + noise * rng.standard_normal(feats.shape, dtype=np.float32)
     boxes = []
     for o in scene:
-        half = (rng.uniform(30, 45) if o.size == 0 else rng.uniform(60, 80))
+        half = rng.uniform(30, 45) if o.size == 0 else rng.uniform(60, 80)
         cx, cy = 100 + 200 * o.slot + rng.uniform(-20, 20), IMG_H / 2 + rng.uniform(-60, 60)
         boxes.append([max(cx - half, 0), max(cy - half, 0), min(cx + half, IMG_W - 1), min(cy + half, IMG_H - 1)])
     return feats.astype(np.float32), np.asarray(boxes, dtype=np.float32)
@@ -108,15 +144,16 @@ def scene_regions(scene: Sequence[Obj], books: dict, rng: np.random.Generator,
 # A sentence is a list of parts; a part is a list of words and NPs. An NP is ("NP", det, adjectives, noun).
 # English joins the parts in order; `cr` uses the template's own part order (clause reordering).
 
+
 def np_(det: str, adjs: Sequence[str], noun: str) -> tuple:
     return ("NP", det, tuple(adjs), noun)
 
 
 @dataclass(frozen=True)
 class Sentence:
-    parts: tuple              # tuple of parts (tuples of words / NPs)
-    cr_order: tuple           # permutation of part indices for the clause-reordered language
-    end: str                  # "?" or "."
+    parts: tuple  # tuple of parts (tuples of words / NPs)
+    cr_order: tuple  # permutation of part indices for the clause-reordered language
+    end: str  # "?" or "."
 
 
 def _obj_np(o: Obj, det: str = "a", size: bool = True, colour: bool = True) -> tuple:
@@ -137,14 +174,21 @@ def statements(scene: Sequence[Obj]) -> list[Sentence]:
     out = []
     for o in scene:
         out.append(Sentence(((np_("the", [], SHAPES[o.shape]),), ("is",), (COLOURS[o.colour],)), (0, 2, 1), "."))
-        out.append(Sentence((("the", "colour", "of"), (np_("the", [], SHAPES[o.shape]),), ("is", COLOURS[o.colour])),
-                            (1, 0, 2), "."))
+        out.append(
+            Sentence(
+                (("the", "colour", "of"), (np_("the", [], SHAPES[o.shape]),), ("is", COLOURS[o.colour])), (1, 0, 2), "."
+            )
+        )
     for a, b in zip(scene, scene[1:]):
         if a.size != b.size:
             cmp = "bigger" if a.size > b.size else "smaller"
-            out.append(Sentence(((np_("the", [], SHAPES[a.shape]),), ("is", cmp, "than"),
-                                 (np_("the", [], SHAPES[b.shape]),)),
-                                (2, 1, 0), "."))
+            out.append(
+                Sentence(
+                    ((np_("the", [], SHAPES[a.shape]),), ("is", cmp, "than"), (np_("the", [], SHAPES[b.shape]),)),
+                    (2, 1, 0),
+                    ".",
+                )
+            )
     return out
 
 
@@ -193,8 +237,11 @@ def question(kind: str, scene: Sequence[Obj], rng: np.random.Generator) -> tuple
         a, b = (scene[i] for i in rng.choice(len(scene), 2, replace=False))
         cmp = "bigger" if rng.integers(2) else "smaller"
         truth = a.size > b.size if cmp == "bigger" else a.size < b.size
-        return Sentence((("is",), (np_("the", [], SHAPES[a.shape]),), (cmp, "than", np_("the", [], SHAPES[b.shape]))),
-                        (1, 2, 0), "?"), "yes" if truth else "no"
+        return Sentence(
+            (("is",), (np_("the", [], SHAPES[a.shape]),), (cmp, "than", np_("the", [], SHAPES[b.shape]))),
+            (1, 2, 0),
+            "?",
+        ), "yes" if truth else "no"
     raise ValueError(f"unknown question kind {kind!r}")
 
 
@@ -218,6 +265,7 @@ def balanced_question(scene: Sequence[Obj], rng: np.random.Generator) -> tuple[s
 
 # ---------------------------------------------------------------------------------------------- languages
 
+
 def english_vocabulary() -> list[str]:
     return sorted(set(SHAPES + COLOURS + SIZES + SLOTS + FUNCTION_WORDS))
 
@@ -234,8 +282,9 @@ def lexicons(cfg: WorldConfig) -> dict[str, dict[str, str]]:
         for w in english:
             while True:
                 n = int(rng.integers(2, 4))
-                cand = "".join(consonants[rng.integers(len(consonants))] + vowels[rng.integers(len(vowels))]
-                               for _ in range(n))
+                cand = "".join(
+                    consonants[rng.integers(len(consonants))] + vowels[rng.integers(len(vowels))] for _ in range(n)
+                )
                 if cand not in used:
                     used.add(cand)
                     lex[w] = cand
@@ -265,6 +314,7 @@ def render_answer(answer: str, lang: str, lex: dict[str, dict[str, str]]) -> str
 
 # ---------------------------------------------------------------------------------------------- task files
 
+
 def task_questions(cfg: WorldConfig, stream: str, scenes: int, per_scene: int) -> list[dict]:
     """[{qid, image, kind, sentence, answer}] for `scenes` scenes of `stream` (train / valid / test)."""
     out = []
@@ -273,8 +323,16 @@ def task_questions(cfg: WorldConfig, stream: str, scenes: int, per_scene: int) -
         scene = sample_scene(rng, cfg)
         for j in range(per_scene):
             kind, sent, ans = balanced_question(scene, rng)
-            out.append({"qid": f"{stream}{i:05d}_{j}", "image": f"{stream}{i:05d}", "kind": kind, "sentence": sent,
-                        "answer": ans, "scene": scene})
+            out.append(
+                {
+                    "qid": f"{stream}{i:05d}_{j}",
+                    "image": f"{stream}{i:05d}",
+                    "kind": kind,
+                    "sentence": sent,
+                    "answer": ans,
+                    "scene": scene,
+                }
+            )
     return out
 
 
@@ -294,19 +352,37 @@ def write_task(cfg: WorldConfig, out: Path, lex: dict) -> dict[str, list[dict]]:
     answers = answer_vocabulary()
     _dump_json(ds / "gqa" / "annotations" / "trainval_label2ans.json", answers)
     _dump_json(ds / "gqa" / "annotations" / "trainval_ans2label.json", {a: i for i, a in enumerate(answers)})
-    sets = {"train": task_questions(cfg, "train", cfg.train_scenes, cfg.train_questions_per_scene),
-            "valid": task_questions(cfg, "valid", cfg.valid_scenes, cfg.train_questions_per_scene),
-            "test": task_questions(cfg, "test", cfg.test_scenes, cfg.test_questions_per_scene)}
+    sets = {
+        "train": task_questions(cfg, "train", cfg.train_scenes, cfg.train_questions_per_scene),
+        "valid": task_questions(cfg, "valid", cfg.valid_scenes, cfg.train_questions_per_scene),
+        "test": task_questions(cfg, "test", cfg.test_scenes, cfg.test_questions_per_scene),
+    }
     for split in ("train", "valid"):
-        _dump_json(ds / "gqa" / "annotations" / f"{split}.json",
-                   [{"img_id": q["image"], "label": {q["answer"]: 1.0}, "question_id": q["qid"],
-                     "sent": render(q["sentence"], "en", lex)} for q in sets[split]])
+        _dump_json(
+            ds / "gqa" / "annotations" / f"{split}.json",
+            [
+                {
+                    "img_id": q["image"],
+                    "label": {q["answer"]: 1.0},
+                    "question_id": q["qid"],
+                    "sent": render(q["sentence"], "en", lex),
+                }
+                for q in sets[split]
+            ],
+        )
     for lang in LANGS:
-        _dump_json(ds / "xGQA" / "annotations" / "few_shot" / lang / "test.json",
-                   {q["qid"]: {"question": render(q["sentence"], lang, lex), "imageId": q["image"],
-                               "answer": q["answer"],
-                               "types": {"structural": QTYPES[q["kind"]], "semantic": "attr", "detailed": q["kind"]}}
-                    for q in sets["test"]})
+        _dump_json(
+            ds / "xGQA" / "annotations" / "few_shot" / lang / "test.json",
+            {
+                q["qid"]: {
+                    "question": render(q["sentence"], lang, lex),
+                    "imageId": q["image"],
+                    "answer": q["answer"],
+                    "types": {"structural": QTYPES[q["kind"]], "semantic": "attr", "detailed": q["kind"]},
+                }
+                for q in sets["test"]
+            },
+        )
     return sets
 
 
@@ -322,6 +398,7 @@ def write_features(cfg: WorldConfig, path: Path, blind: bool = False) -> Path:
     """Region-feature LMDB in IGLUE's h5_to_lmdb.py layout (pickled dict per image id + `keys`).
     blind: every region's features are zero (boxes kept): the question-only floor's input."""
     import lmdb
+
     books = codebooks(cfg)
     items = list(task_scenes(cfg))
     path.mkdir(parents=True, exist_ok=True)
@@ -332,9 +409,15 @@ def write_features(cfg: WorldConfig, path: Path, blind: bool = False) -> Path:
             feats, boxes = scene_regions(scene, books, rng, cfg.noise)
             if blind:
                 feats = np.zeros_like(feats)
-            item = {"features": feats, "boxes": boxes, "img_w": np.int64(IMG_W), "img_h": np.int64(IMG_H),
-                    "num_boxes": np.int64(len(scene)), "img_id": key,
-                    "obj_id": np.array([o.shape for o in scene], dtype=np.int64)}
+            item = {
+                "features": feats,
+                "boxes": boxes,
+                "img_w": np.int64(IMG_W),
+                "img_h": np.int64(IMG_H),
+                "num_boxes": np.int64(len(scene)),
+                "img_id": key,
+                "obj_id": np.array([o.shape for o in scene], dtype=np.int64),
+            }
             txn.put(key.encode(), pickle.dumps(item, protocol=4))
         txn.put(b"keys", pickle.dumps([k.encode() for k, _, _ in items], protocol=4))
     env.close()
@@ -342,6 +425,7 @@ def write_features(cfg: WorldConfig, path: Path, blind: bool = False) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
+
 
 def all_words(lex: dict[str, dict[str, str]]) -> list[str]:
     words = set(SHARED)
@@ -355,17 +439,28 @@ def write_tokenizer(lex: dict[str, dict[str, str]], out_dir: Path):
     transformers tokenizer folder (data.load_tokenizer reads it)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
+
     vocab = {t: i for i, t in enumerate(SPECIALS)}
     for w in all_words(lex):
         vocab[w] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
-        special_tokens=[("<s>", data.BOS_ID), ("</s>", data.EOS_ID)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", cls_token="<s>", sep_token="</s>", mask_token="<mask>",
-                                   model_max_length=512)
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", data.BOS_ID), ("</s>", data.EOS_ID)],
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        cls_token="<s>",
+        sep_token="</s>",
+        mask_token="<mask>",
+        model_max_length=512,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))
     return data.load_tokenizer(out_dir)
@@ -375,12 +470,21 @@ def model_config(vocab_size: int) -> dict:
     """train_uc2 config of the world's model (a --model-config json): 12 layers so SUF's schedule is the paper's."""
     # num_answers: the head as wide as the world's answer vocabulary, as IGLUE's is GQA's 1,842 (log, run r1: with
     # 1,842 outputs of which 14 are ever a target, 125 steps left every language at 0.00, English included)
-    return {"vocab_size": vocab_size, "hidden_size": 64, "num_layers": 12, "num_heads": 4, "intermediate_size": 128,
-            "max_position_embeddings": 128, "pooler_size": 64, "clf_hidden_size": 64,
-            "num_answers": len(answer_vocabulary())}
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "num_layers": 12,
+        "num_heads": 4,
+        "intermediate_size": 128,
+        "max_position_embeddings": 128,
+        "pooler_size": 64,
+        "clf_hidden_size": 64,
+        "num_answers": len(answer_vocabulary()),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- main
+
 
 def build_world(out: Path, cfg: WorldConfig = WorldConfig()) -> dict:
     """Write the whole world under `out`; returns {'lex', 'sets', 'tokenizer'}."""

@@ -12,6 +12,7 @@ decoder do: Table 2's "CM only").
     python train_cclm.py --task xgqa --policy suf --data-root DATA --images IMAGES \
         --checkpoint cclm_x2vlm_base.th --tokenizer xlm-roberta-base --output-dir runs/cclm-xgqa-suf
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.beit import Beit
 from transformers import BertConfig
-from transformers.models.bert.modeling_bert import (BertEmbeddings, BertLayer, BertLMPredictionHead,
-                                                    eager_attention_forward)
+from transformers.models.bert.modeling_bert import (
+    BertEmbeddings,
+    BertLayer,
+    BertLMPredictionHead,
+    eager_attention_forward,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaEmbeddings
 
@@ -36,41 +41,86 @@ import engine
 import freeze
 
 TASKS = data.TASKS
-UNSCORED = -100.0   # X2-VLM: retrieval matrix entries outside the k_test prefilter
+UNSCORED = -100.0  # X2-VLM: retrieval matrix entries outside the k_test prefilter
 
 CONFIGS: dict[str, dict] = {
     "base": {  # CCLM-X2VLM base fine-tuned at 384 (docs/reference_facts.md#F-cclm-config)
-        "image_res": 384, "patch_size": 16, "vision_width": 768, "vision_depth": 12, "vision_heads": 12,
-        "vision_mlp_ratio": 4.0, "vision_init_values": 0.1, "vision_drop_path": 0.1,
-        "vocab_size": 250002, "hidden_size": 768, "pad_token_id": 1,
-        "text_layers": 12, "text_heads": 12, "text_intermediate": 3072, "text_max_positions": 514,
-        "text_type_vocab": 1, "text_ln_eps": 1e-5,
-        "cross_layers": 6, "cross_heads": 12, "cross_intermediate": 3072, "cross_ln_eps": 1e-12,
-        "dec_layers": 6, "dec_max_positions": 512, "dec_type_vocab": 2,
-        "dropout": 0.1, "attn_dropout": 0.1,
-        "embed_dim": 256, "temp": 0.07, "k_test": 128, "num_labels": 3,
+        "image_res": 384,
+        "patch_size": 16,
+        "vision_width": 768,
+        "vision_depth": 12,
+        "vision_heads": 12,
+        "vision_mlp_ratio": 4.0,
+        "vision_init_values": 0.1,
+        "vision_drop_path": 0.1,
+        "vocab_size": 250002,
+        "hidden_size": 768,
+        "pad_token_id": 1,
+        "text_layers": 12,
+        "text_heads": 12,
+        "text_intermediate": 3072,
+        "text_max_positions": 514,
+        "text_type_vocab": 1,
+        "text_ln_eps": 1e-5,
+        "cross_layers": 6,
+        "cross_heads": 12,
+        "cross_intermediate": 3072,
+        "cross_ln_eps": 1e-12,
+        "dec_layers": 6,
+        "dec_max_positions": 512,
+        "dec_type_vocab": 2,
+        "dropout": 0.1,
+        "attn_dropout": 0.1,
+        "embed_dim": 256,
+        "temp": 0.07,
+        "k_test": 128,
+        "num_labels": 3,
     },
 }
 # CPU-seconds size shared by tests, demo and Makefile: real layer counts (12 text + 6 cross, 6
 # decoder layers) so schedules are the paper's; tiny widths, a 2x2 patch grid, small vocabulary.
-CONFIGS["tiny"] = {**CONFIGS["base"],
-                   "image_res": 32, "vision_width": 32, "vision_depth": 2, "vision_heads": 2,
-                   "vocab_size": 1000, "hidden_size": 32, "text_heads": 2, "text_intermediate": 64,
-                   "text_max_positions": 130, "cross_heads": 2, "cross_intermediate": 64,
-                   "dec_max_positions": 64, "embed_dim": 16, "k_test": 16}
+CONFIGS["tiny"] = {
+    **CONFIGS["base"],
+    "image_res": 32,
+    "vision_width": 32,
+    "vision_depth": 2,
+    "vision_heads": 2,
+    "vocab_size": 1000,
+    "hidden_size": 32,
+    "text_heads": 2,
+    "text_intermediate": 64,
+    "text_max_positions": 130,
+    "cross_heads": 2,
+    "cross_intermediate": 64,
+    "dec_max_positions": 64,
+    "embed_dim": 16,
+    "k_test": 16,
+}
 
 
 # ---------------------------------------------------------------- encoders
+
 
 class VisionEncoder(Beit):
     """BEiT-2 ViT as X2-VLM uses it: relative position bias per block, layer scale, q/v biases, no
     absolute position embedding; output [mean(fc_norm(patches)), fc_norm(patches)] (CLS dropped)."""
 
     def __init__(self, cfg: dict):
-        super().__init__(img_size=cfg["image_res"], patch_size=cfg["patch_size"], num_classes=0, global_pool="avg",
-                         embed_dim=cfg["vision_width"], depth=cfg["vision_depth"], num_heads=cfg["vision_heads"],
-                         qkv_bias=True, mlp_ratio=cfg["vision_mlp_ratio"], drop_path_rate=cfg["vision_drop_path"],
-                         init_values=cfg["vision_init_values"], use_abs_pos_emb=False, use_rel_pos_bias=True)
+        super().__init__(
+            img_size=cfg["image_res"],
+            patch_size=cfg["patch_size"],
+            num_classes=0,
+            global_pool="avg",
+            embed_dim=cfg["vision_width"],
+            depth=cfg["vision_depth"],
+            num_heads=cfg["vision_heads"],
+            qkv_bias=True,
+            mlp_ratio=cfg["vision_mlp_ratio"],
+            drop_path_rate=cfg["vision_drop_path"],
+            init_values=cfg["vision_init_values"],
+            use_abs_pos_emb=False,
+            use_rel_pos_bias=True,
+        )
         for blk in self.blocks:  # the reference state_dict holds the index buffers: keep them persistent
             blk.attn.register_buffer("relative_position_index", blk.attn.relative_position_index, persistent=True)
 
@@ -85,13 +135,25 @@ class VisionEncoder(Beit):
         return torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)
 
 
-def _bert_config(cfg: dict, layers: int, heads: int, intermediate: int, eps: float, max_pos: int,
-                 type_vocab: int, cross: bool) -> BertConfig:
-    c = BertConfig(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], num_hidden_layers=layers,
-                   num_attention_heads=heads, intermediate_size=intermediate, hidden_act="gelu",
-                   hidden_dropout_prob=cfg["dropout"], attention_probs_dropout_prob=cfg["attn_dropout"],
-                   max_position_embeddings=max_pos, type_vocab_size=type_vocab, layer_norm_eps=eps,
-                   pad_token_id=cfg["pad_token_id"], is_decoder=cross, add_cross_attention=cross)
+def _bert_config(
+    cfg: dict, layers: int, heads: int, intermediate: int, eps: float, max_pos: int, type_vocab: int, cross: bool
+) -> BertConfig:
+    c = BertConfig(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        hidden_act="gelu",
+        hidden_dropout_prob=cfg["dropout"],
+        attention_probs_dropout_prob=cfg["attn_dropout"],
+        max_position_embeddings=max_pos,
+        type_vocab_size=type_vocab,
+        layer_norm_eps=eps,
+        pad_token_id=cfg["pad_token_id"],
+        is_decoder=cross,
+        add_cross_attention=cross,
+    )
     # eager: masks are built here with the reference's additive constants; causality comes only from
     # the masks we pass (BertLayer's is_causal flag is unused by the eager path)
     c._attn_implementation = "eager"
@@ -99,14 +161,29 @@ def _bert_config(cfg: dict, layers: int, heads: int, intermediate: int, eps: flo
 
 
 def _text_config(cfg: dict) -> BertConfig:
-    return _bert_config(cfg, cfg["text_layers"], cfg["text_heads"], cfg["text_intermediate"], cfg["text_ln_eps"],
-                        cfg["text_max_positions"], cfg["text_type_vocab"], cross=False)
+    return _bert_config(
+        cfg,
+        cfg["text_layers"],
+        cfg["text_heads"],
+        cfg["text_intermediate"],
+        cfg["text_ln_eps"],
+        cfg["text_max_positions"],
+        cfg["text_type_vocab"],
+        cross=False,
+    )
 
 
 def _cross_config(cfg: dict, decoder: bool = False) -> BertConfig:
-    return _bert_config(cfg, cfg["dec_layers"] if decoder else cfg["cross_layers"], cfg["cross_heads"],
-                        cfg["cross_intermediate"], cfg["cross_ln_eps"], cfg["dec_max_positions"],
-                        cfg["dec_type_vocab"], cross=True)
+    return _bert_config(
+        cfg,
+        cfg["dec_layers"] if decoder else cfg["cross_layers"],
+        cfg["cross_heads"],
+        cfg["cross_intermediate"],
+        cfg["cross_ln_eps"],
+        cfg["dec_max_positions"],
+        cfg["dec_type_vocab"],
+        cross=True,
+    )
 
 
 def _persistent_position_ids(embeddings: nn.Module) -> None:
@@ -170,8 +247,13 @@ class CrossEncoder(nn.Module):
         self.encoder = _Layers(_cross_config(cfg))
         _cross_attention_kv_width(self.encoder, cfg["vision_width"])
 
-    def forward(self, text_embeds: torch.Tensor, text_atts: torch.Tensor, vision_embeds: torch.Tensor,
-                vision_atts: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        text_embeds: torch.Tensor,
+        text_atts: torch.Tensor,
+        vision_embeds: torch.Tensor,
+        vision_atts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x, mask = text_embeds, self_attention_mask(text_atts, text_embeds.dtype)
         vmask = cross_attention_mask(vision_atts, text_embeds.dtype)  # None = all ones (image tokens never pad)
         for layer in self.encoder.layer:
@@ -186,13 +268,18 @@ def image_keys_values(encoder: "CrossEncoder", vision_embeds: torch.Tensor) -> l
     for layer in encoder.encoder.layer:
         attn = layer.crossattention.self
         shape = (*vision_embeds.shape[:-1], -1, attn.attention_head_size)
-        out.append((attn.key(vision_embeds).view(shape).transpose(1, 2),
-                    attn.value(vision_embeds).view(shape).transpose(1, 2)))
+        out.append(
+            (attn.key(vision_embeds).view(shape).transpose(1, 2), attn.value(vision_embeds).view(shape).transpose(1, 2))
+        )
     return out
 
 
-def image_kv_fusion(encoder: "CrossEncoder", text_embeds: torch.Tensor, text_atts: torch.Tensor,
-                    kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def image_kv_fusion(
+    encoder: "CrossEncoder",
+    text_embeds: torch.Tensor,
+    text_atts: torch.Tensor,
+    kv: list[tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
     """CrossEncoder.forward (no image mask) with image_keys_values of ONE image (batch 1) given: the same
     BertLayer modules and attention function per step, the image's keys/values shared by every text."""
     x, mask = text_embeds, self_attention_mask(text_atts, text_embeds.dtype)
@@ -202,8 +289,15 @@ def image_kv_fusion(encoder: "CrossEncoder", text_embeds: torch.Tensor, text_att
         q = attn.query(h).view(*h.shape[:-1], -1, attn.attention_head_size).transpose(1, 2)
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
         n = q.shape[0]
-        ctx, _ = fn(attn, q, k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), None,
-                    dropout=0.0 if not attn.training else attn.dropout.p, scaling=attn.scaling)
+        ctx, _ = fn(
+            attn,
+            q,
+            k.expand(n, -1, -1, -1),
+            v.expand(n, -1, -1, -1),
+            None,
+            dropout=0.0 if not attn.training else attn.dropout.p,
+            scaling=attn.scaling,
+        )
         h = layer.crossattention.output(ctx.reshape(*h.shape[:-1], -1).contiguous(), h)
         x = layer.feed_forward_chunk(h)
     return x
@@ -226,8 +320,9 @@ class AnswerDecoder(nn.Module):
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
         self.cls.predictions.decoder.bias = self.cls.predictions.bias
 
-    def forward(self, ids: torch.Tensor, atts: torch.Tensor | None, states: torch.Tensor,
-                state_atts: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, atts: torch.Tensor | None, states: torch.Tensor, state_atts: torch.Tensor
+    ) -> torch.Tensor:
         x = self.bert.embeddings(input_ids=ids)
         atts = torch.ones_like(ids) if atts is None else atts
         mask = self_attention_mask(atts, x.dtype, causal=True)
@@ -264,6 +359,7 @@ def _init_bert(module: nn.Module, std: float = 0.02) -> None:
 
 # ---------------------------------------------------------------- task models
 
+
 class CCLM(nn.Module):
     """Shared trunk. State-dict keys equal the reference's (vision_encoder., text_encoder., cross_encoder.)."""
 
@@ -276,7 +372,9 @@ class CCLM(nn.Module):
         _init_bert(self.text_encoder)
         _init_bert(self.cross_encoder)
 
-    def cross_embeds(self, vision_embeds: torch.Tensor, text_embeds: torch.Tensor, text_atts: torch.Tensor) -> torch.Tensor:
+    def cross_embeds(
+        self, vision_embeds: torch.Tensor, text_embeds: torch.Tensor, text_atts: torch.Tensor
+    ) -> torch.Tensor:
         return self.cross_encoder(text_embeds, text_atts, vision_embeds)
 
     def fuse(self, batch: dict) -> torch.Tensor:
@@ -326,14 +424,14 @@ class _GatherRows(torch.autograd.Function):
         xp = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x.contiguous()
         parts = [torch.empty_like(xp) for _ in sizes]
         dist.all_gather(parts, xp)
-        ctx.start, ctx.n = sum(sizes[:dist.get_rank()]), x.shape[0]
+        ctx.start, ctx.n = sum(sizes[: dist.get_rank()]), x.shape[0]
         return torch.cat([t[:s] for t, s in zip(parts, sizes)])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
-        return grad[ctx.start:ctx.start + ctx.n]
+        return grad[ctx.start : ctx.start + ctx.n]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -358,20 +456,25 @@ class CCLMForRetrieval(CCLM):
         t = self.text_encoder(text_ids, text_atts)
         return t, F.normalize(self.text_proj(t[:, 0]), dim=-1)
 
-    def itm_logits(self, vision_embeds: torch.Tensor, text_embeds: torch.Tensor, text_atts: torch.Tensor) -> torch.Tensor:
+    def itm_logits(
+        self, vision_embeds: torch.Tensor, text_embeds: torch.Tensor, text_atts: torch.Tensor
+    ) -> torch.Tensor:
         return self.itm_head(self.cross_embeds(vision_embeds, text_embeds, text_atts)[:, 0])
 
     def itm_image_kv(self, vision_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The ITM fusion's per-image part (cross-attention keys/values), for itm_scores_with_image_kv."""
         return image_keys_values(self.cross_encoder, vision_embeds)
 
-    def itm_scores_with_image_kv(self, text_embeds: torch.Tensor, text_atts: torch.Tensor,
-                                 kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def itm_scores_with_image_kv(
+        self, text_embeds: torch.Tensor, text_atts: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
         """itm_scores of one image (its itm_image_kv, batch 1) with every text given: same scores, without
         recomputing the image's 2 x layers projections of its tokens for each pair as X2-VLM does."""
         return self.itm_head(image_kv_fusion(self.cross_encoder, text_embeds, text_atts, kv)[:, 0])[:, 1]
 
-    def itm_scores(self, vision_embeds: torch.Tensor, text_embeds: torch.Tensor, text_atts: torch.Tensor) -> torch.Tensor:
+    def itm_scores(
+        self, vision_embeds: torch.Tensor, text_embeds: torch.Tensor, text_atts: torch.Tensor
+    ) -> torch.Tensor:
         """Raw class-1 ITM logit per (image, text) pair (no softmax, as xFlickrCO.evaluation)."""
         return self.itm_logits(vision_embeds, text_embeds, text_atts)[:, 1]
 
@@ -421,12 +524,13 @@ class CCLMForRetrieval(CCLM):
         return itc + itm
 
     # ---- evaluation protocol (engine.evaluate_task)
-    tie_order = "x2vlm"   # X2-VLM's itm_eval ranks in np.argsort(s)[::-1] order (engine.reference_order)
+    tie_order = "x2vlm"  # X2-VLM's itm_eval ranks in np.argsort(s)[::-1] order (engine.reference_order)
     unscored = UNSCORED
 
     @torch.no_grad()
-    def retrieval_scores(self, images, captions, batches: Callable, dist, device, opts, encoded: dict | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    def retrieval_scores(
+        self, images, captions, batches: Callable, dist, device, opts, encoded: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """X2-VLM's protocol on a retrieval test set (data.RetrievalImages / RetrievalCaptions): rerank_scores over
         this rank's shard of the images and of the captions. batches(dataset, indices, progress label or None)
         iterates collated batches; opts: engine.RetrievalOptions (k_test, itm_batch, amp). `encoded`: a cache
@@ -441,16 +545,36 @@ class CCLMForRetrieval(CCLM):
         else:
             image_batches = _recorded(batches(images, img_shard, "images"), kept := [])
             if encoded is not None:
-                encoded.clear()   # one language's images at a time: the memory a single evaluation holds anyway
+                encoded.clear()  # one language's images at a time: the memory a single evaluation holds anyway
                 encoded[key] = kept
         k = opts.k_test if opts.k_test is not None else int(self.config.get("k_test", 128))
-        return self.rerank_scores(image_batches, caption_batches, img_shard.start, n_img, n_txt, k=k,
-                                  itm_batch=opts.itm_batch, dist=dist, device=device, amp=opts.amp)
+        return self.rerank_scores(
+            image_batches,
+            caption_batches,
+            img_shard.start,
+            n_img,
+            n_txt,
+            k=k,
+            itm_batch=opts.itm_batch,
+            dist=dist,
+            device=device,
+            amp=opts.amp,
+        )
 
     @torch.no_grad()
-    def rerank_scores(self, image_batches: Iterable[dict], text_batches: Iterable[dict], image_offset: int,
-                      n_images: int, n_texts: int, k: int = 128, itm_batch: int = 128, dist=None, device="cpu",
-                      amp: str = "off") -> tuple[torch.Tensor, torch.Tensor]:
+    def rerank_scores(
+        self,
+        image_batches: Iterable[dict],
+        text_batches: Iterable[dict],
+        image_offset: int,
+        n_images: int,
+        n_texts: int,
+        k: int = 128,
+        itm_batch: int = 128,
+        dist=None,
+        device="cpu",
+        amp: str = "off",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """CCLM/X2-VLM protocol: every image and every caption is encoded once (this rank: its shard of
         each); ITC similarity image_feat @ text_feat.T; for every image the top-k captions and for every
         caption the top-k images are re-scored with the ITM head; all other entries are -100.
@@ -461,7 +585,7 @@ class CCLMForRetrieval(CCLM):
         are computed once for all its candidates (_itm_by_image; X2-VLM recomputes them per pair)."""
         vis, img_feat = [], []
         for b in image_batches:
-            if "encoded" in b:   # encoded for another language's test set of the same images (evaluate_task)
+            if "encoded" in b:  # encoded for another language's test set of the same images (evaluate_task)
                 v, f = b["encoded"]
             else:
                 with engine.autocast_for(device, amp):
@@ -485,24 +609,33 @@ class CCLMForRetrieval(CCLM):
         text_atts = engine.pad_cat(engine.gather([engine.pad_cat(txt_atts)] if txt_atts else [], dist)).to(device)
         text_feat = torch.cat(engine.gather([torch.cat(txt_feat)] if txt_feat else [], dist)).to(device)
         if image_feat.shape[0] != n_images or text_feat.shape[0] != n_texts:
-            raise ValueError(f"encoded {image_feat.shape[0]} images / {text_feat.shape[0]} captions, "
-                             f"expected {n_images} / {n_texts}")
+            raise ValueError(
+                f"encoded {image_feat.shape[0]} images / {text_feat.shape[0]} captions, expected {n_images} / {n_texts}"
+            )
         sims = image_feat @ text_feat.t()
 
-        triples = []   # (direction, row, col, score) computed on this rank
+        triples = []  # (direction, row, col, score) computed on this rank
         if n_local:
             k_i2t = min(k, n_texts)
-            top_t = sims[image_offset:image_offset + n_local].topk(k_i2t, dim=1).indices    # [n_local, k]
+            top_t = sims[image_offset : image_offset + n_local].topk(k_i2t, dim=1).indices  # [n_local, k]
             li = torch.arange(n_local, device=device).repeat_interleave(k_i2t)
             t = top_t.reshape(-1)
             k_t2i = min(k, n_images)
-            top_i = sims.t().topk(k_t2i, dim=1).indices                                      # [n_texts, k]
+            top_i = sims.t().topk(k_t2i, dim=1).indices  # [n_texts, k]
             t_all = torch.arange(n_texts, device=device).repeat_interleave(k_t2i)
             img = top_i.reshape(-1)
             mine = (img >= image_offset) & (img < image_offset + n_local)
-            both = self._itm_by_image(vis, torch.cat([li, img[mine] - image_offset]), torch.cat([t, t_all[mine]]),
-                                      text_states, text_atts, itm_batch, device, amp)
-            s_i2t, s_t2i = both[:len(li)], both[len(li):]
+            both = self._itm_by_image(
+                vis,
+                torch.cat([li, img[mine] - image_offset]),
+                torch.cat([t, t_all[mine]]),
+                text_states,
+                text_atts,
+                itm_batch,
+                device,
+                amp,
+            )
+            s_i2t, s_t2i = both[: len(li)], both[len(li) :]
             triples.append(("i2t", (li + image_offset).cpu(), t.cpu(), s_i2t))
             triples.append(("t2i", t_all[mine].cpu(), img[mine].cpu(), s_t2i))
         score_i2t = torch.full((n_images, n_texts), UNSCORED)
@@ -511,30 +644,38 @@ class CCLMForRetrieval(CCLM):
             (score_i2t if direction == "i2t" else score_t2i)[rows, cols] = vals
         return score_i2t, score_t2i
 
-
-
-    def _itm_by_image(self, vis: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, text_states: torch.Tensor,
-                      text_atts: torch.Tensor, itm_batch: int, device, amp: str) -> torch.Tensor:
+    def _itm_by_image(
+        self,
+        vis: torch.Tensor,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        text_states: torch.Tensor,
+        text_atts: torch.Tensor,
+        itm_batch: int,
+        device,
+        amp: str,
+    ) -> torch.Tensor:
         """ITM scores (CPU, float32) of the pairs (vis[img[j]], text txt[j]), as self.itm_scores gives them, but
         each image's cross-attention keys/values are computed once (self.itm_image_kv) for all its candidate
         captions, and a pair asked for twice (both directions' top-k) is scored once. X2-VLM recomputes the
         keys/values over the image's tokens for every pair: most of the re-rank's work (bench/retrieval.py)."""
         n_txt = text_states.shape[0]
-        pairs, where = torch.unique(img * n_txt + txt, return_inverse=True)   # sorted: grouped by image
+        pairs, where = torch.unique(img * n_txt + txt, return_inverse=True)  # sorted: grouped by image
         p_img, p_txt = pairs // n_txt, pairs % n_txt
         scores = torch.empty(len(pairs))
         images, counts = torch.unique_consecutive(p_img, return_counts=True)
         start = 0
         for i, c in zip(images.tolist(), counts.tolist()):
             with engine.autocast_for(device, amp):
-                kv = self.itm_image_kv(vis[i:i + 1])
+                kv = self.itm_image_kv(vis[i : i + 1])
             for s in range(start, start + c, itm_batch):
-                t = p_txt[s:min(s + itm_batch, start + c)]
+                t = p_txt[s : min(s + itm_batch, start + c)]
                 atts = text_atts[t]
                 length = int(atts.sum(1).max())
                 with engine.autocast_for(device, amp):
-                    scores[s:s + len(t)] = self.itm_scores_with_image_kv(text_states[t, :length], atts[:, :length],
-                                                                          kv).float().cpu()
+                    scores[s : s + len(t)] = (
+                        self.itm_scores_with_image_kv(text_states[t, :length], atts[:, :length], kv).float().cpu()
+                    )
             start += c
         return scores[where.cpu()]
 
@@ -549,6 +690,7 @@ def _recorded(batches: Iterable[dict], kept: list):
 
 class CCLMForXGQA(CCLM):
     """VQA as answer generation, evaluated by ranking a fixed answer list (docs/reference_facts.md#F-cclm-xgqa-rank)."""
+
     RANK_SEQUENCES = 512  # candidate sequences decoded at once by predict
 
     def __init__(self, task: str, config: dict):
@@ -560,8 +702,9 @@ class CCLMForXGQA(CCLM):
         self.register_buffer("answer_atts", torch.zeros(0, 0, dtype=torch.long), persistent=False)
         self.register_buffer("answer_labels", torch.zeros(0, dtype=torch.long), persistent=False)
 
-    def set_answer_list(self, answer_ids: torch.Tensor, answer_atts: torch.Tensor,
-                        labels: torch.Tensor | None = None) -> None:
+    def set_answer_list(
+        self, answer_ids: torch.Tensor, answer_atts: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> None:
         """Candidates in ranking order (docs/reference_facts.md#F-cclm-answer-list); labels[i]: the label id
         predict() returns for candidate i (default: i)."""
         self.answer_ids = answer_ids.to(self.answer_ids.device)
@@ -578,34 +721,48 @@ class CCLMForXGQA(CCLM):
         # that decides first-token ties at the top-k prune; predictions map back to our label ids
         ans2label, _ = data.load_answer_vocab(data_root)
         answers = list(ans2label)
-        self.set_answer_list(*data.encode_texts(tokenizer, answers, None),
-                             labels=torch.tensor([ans2label[a] for a in answers]))
+        self.set_answer_list(
+            *data.encode_texts(tokenizer, answers, None), labels=torch.tensor([ans2label[a] for a in answers])
+        )
 
     def question_states(self, batch: dict) -> torch.Tensor:
         return self.fuse(batch)
 
-    def answer_nll(self, answer_ids: torch.Tensor, answer_atts: torch.Tensor, states: torch.Tensor,
-                   state_atts: torch.Tensor) -> torch.Tensor:
+    def answer_nll(
+        self, answer_ids: torch.Tensor, answer_atts: torch.Tensor, states: torch.Tensor, state_atts: torch.Tensor
+    ) -> torch.Tensor:
         """Per answer: SUM of token NLLs of the shifted targets (answer tokens and </s>; pads ignored)."""
         logits = self.text_decoder(answer_ids, answer_atts, states, state_atts)
         targets = answer_ids.masked_fill(answer_ids == self.config["pad_token_id"], -100)[:, 1:]
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                              reduction="none")
+        nll = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
+        )
         return nll.view(answer_ids.shape[0], -1).sum(dim=1)
 
     def per_answer_loss(self, batch: dict) -> torch.Tensor:
         states = self.question_states(batch)
         k = torch.as_tensor(batch["k"], device=states.device)
-        return self.answer_nll(batch["answer_ids"], batch["answer_atts"], states.repeat_interleave(k, dim=0),
-                               batch["text_atts"].repeat_interleave(k, dim=0))
+        return self.answer_nll(
+            batch["answer_ids"],
+            batch["answer_atts"],
+            states.repeat_interleave(k, dim=0),
+            batch["text_atts"].repeat_interleave(k, dim=0),
+        )
 
     def loss(self, batch: dict) -> torch.Tensor:
         """sum(weights * per-answer NLL) / number of questions (XVLMPlusForVQA.forward(train=True))."""
         return (batch["weights"] * self.per_answer_loss(batch)).sum() / batch["images"].shape[0]
 
     @torch.no_grad()
-    def rank_answers(self, states: torch.Tensor, state_atts: torch.Tensor, answer_ids: torch.Tensor,
-                     answer_atts: torch.Tensor, k: int, details: bool = False):
+    def rank_answers(
+        self,
+        states: torch.Tensor,
+        state_atts: torch.Tensor,
+        answer_ids: torch.Tensor,
+        answer_atts: torch.Tensor,
+        k: int,
+        details: bool = False,
+    ):
         """X2-VLM's rank_answer (docs/reference_facts.md#F-cclm-xgqa-rank): prune candidates to the top k by
         first-token probability, then score = log p(first token) - summed NLL of the whole answer (first
         token counted twice)."""
@@ -617,16 +774,25 @@ class CCLMForXGQA(CCLM):
         top_probs, top_ids = prob_first.topk(k, dim=1)
         ids = answer_ids[top_ids.reshape(-1)]
         atts = answer_atts[top_ids.reshape(-1)]
-        nll = self.answer_nll(ids, atts, states.repeat_interleave(k, dim=0),
-                              state_atts.repeat_interleave(k, dim=0)).view(n, k)
+        nll = self.answer_nll(
+            ids, atts, states.repeat_interleave(k, dim=0), state_atts.repeat_interleave(k, dim=0)
+        ).view(n, k)
         seq_logprob = top_probs.log() - nll
         probs, rerank = F.softmax(seq_logprob, dim=-1).topk(k, dim=1)
         ranked = torch.gather(top_ids, 1, rerank)
         if not details:
             return ranked, probs
-        return ranked, probs, {"first_token_logits": first_logits, "prob_first_token_all": prob_first,
-                               "topk_ids_before_rerank": top_ids, "answer_loss_topk": nll,
-                               "seq_logprob_topk": seq_logprob}
+        return (
+            ranked,
+            probs,
+            {
+                "first_token_logits": first_logits,
+                "prob_first_token_all": prob_first,
+                "topk_ids_before_rerank": top_ids,
+                "answer_loss_topk": nll,
+                "seq_logprob_topk": seq_logprob,
+            },
+        )
 
     @torch.no_grad()
     def predict(self, batch: dict) -> torch.Tensor:
@@ -640,7 +806,9 @@ class CCLMForXGQA(CCLM):
         # the reference evaluates 4 questions per batch); per-question results do not depend on it
         step = max(1, self.RANK_SEQUENCES // k)
         for s in range(0, states.shape[0], step):
-            ranked, probs = self.rank_answers(states[s:s + step], atts[s:s + step], self.answer_ids, self.answer_atts, k)
+            ranked, probs = self.rank_answers(
+                states[s : s + step], atts[s : s + step], self.answer_ids, self.answer_atts, k
+            )
             engine.require_finite(probs, "answer scores")
             preds.append(ranked.gather(1, probs.argmax(dim=1, keepdim=True)).squeeze(1))
         return self.answer_labels[torch.cat(preds)]
@@ -664,13 +832,18 @@ def layer_layout(task: str, config: dict | None = None) -> freeze.LayerLayout:
     return freeze.layout_from_rules(
         cfg["text_layers"] + cfg["cross_layers"],
         layer_rules=[("text_encoder.encoder.layer.", 0, 1), ("cross_encoder.encoder.layer.", cfg["text_layers"], 1)],
-        module_rules=[("text_encoder.embeddings.", "embeddings"), ("vision_encoder.", "vision_encoder"),
-                      ("text_decoder.", "answer_decoder")],
+        module_rules=[
+            ("text_encoder.embeddings.", "embeddings"),
+            ("vision_encoder.", "vision_encoder"),
+            ("text_decoder.", "answer_decoder"),
+        ],
         default_module="head",  # cls_head / itm_head / vision_proj / text_proj / temp
-        task_head_modules=("head", "answer_decoder"))
+        task_head_modules=("head", "answer_decoder"),
+    )
 
 
 # ---------------------------------------------------------------- checkpoints
+
 
 def resize_rel_pos_bias_table(table: torch.Tensor, dst_grid: int, num_extra: int = 3) -> torch.Tensor:
     """X2-VLM beit2.interpolate_pos_embed (docs/reference_facts.md#F-cclm-relpos-resize) for one [(2G-1)^2+3, heads]
@@ -678,6 +851,7 @@ def resize_rel_pos_bias_table(table: torch.Tensor, dst_grid: int, num_extra: int
     integer offsets; float64 (scipy interp2d 'cubic' == RectBivariateSpline(kx=ky=3, s=0) on a regular
     grid), cast to float32."""
     from scipy.interpolate import RectBivariateSpline
+
     src_size = int((table.shape[0] - num_extra) ** 0.5)
     dst_size = 2 * dst_grid - 1
     if src_size == dst_size:
@@ -697,9 +871,14 @@ def resize_rel_pos_bias_table(table: torch.Tensor, dst_grid: int, num_extra: int
     t = dst_size // 2
     target = np.arange(-t, t + 0.1, 1.0)
     grid = table[:-num_extra].detach().float().cpu().numpy().astype(np.float64)
-    heads = [torch.from_numpy(RectBivariateSpline(coords, coords, grid[:, h].reshape(src_size, src_size),
-                                                  kx=3, ky=3, s=0)(target, target).astype(np.float32)).reshape(-1, 1)
-             for h in range(table.shape[1])]
+    heads = [
+        torch.from_numpy(
+            RectBivariateSpline(coords, coords, grid[:, h].reshape(src_size, src_size), kx=3, ky=3, s=0)(
+                target, target
+            ).astype(np.float32)
+        ).reshape(-1, 1)
+        for h in range(table.shape[1])
+    ]
     return torch.cat([torch.cat(heads, dim=1).to(table.device, table.dtype), table[-num_extra:]], dim=0)
 
 
@@ -714,7 +893,8 @@ def _starts(key: str, prefixes) -> bool:
 
 def _is_decoder_cross_kv(key: str) -> bool:
     return key.startswith("text_decoder.bert.encoder.layer.") and (
-        ".crossattention.self.key." in key or ".crossattention.self.value." in key)
+        ".crossattention.self.key." in key or ".crossattention.self.value." in key
+    )
 
 
 PRETRAINING = "CCLM pretraining"  # the plan's format name for the released cclm_x2vlm_base.th
@@ -725,8 +905,9 @@ UNUSED = "unused_pretrain_key"  # ... and for a checkpoint key the model does no
 INTERPOLATE = "interpolate_224_to_384"  # a copy through resize_rel_pos_bias_table
 
 
-def plan_pretrained(ckpt_shapes: dict[str, tuple], model_shapes: dict[str, tuple], buffers: set[str], task: str,
-                    source: str = "") -> engine.LoadPlan:
+def plan_pretrained(
+    ckpt_shapes: dict[str, tuple], model_shapes: dict[str, tuple], buffers: set[str], task: str, source: str = ""
+) -> engine.LoadPlan:
     """How each fine-tuning key gets its value from the CCLM pretraining checkpoint, as the reference's
     load_pretrained(is_eval=False) does (docs/reference_facts.md#F-cclm-load-pretrained): copies under the same
     name, the xGQA decoder's layers from the cross encoder, the ViT's relative position tables interpolated to the
@@ -741,7 +922,7 @@ def plan_pretrained(ckpt_shapes: dict[str, tuple], model_shapes: dict[str, tuple
     for key, shape in model_shapes.items():
         src = key
         if task == "xgqa" and key.startswith("text_decoder.bert.encoder.layer."):
-            src = "cross_encoder." + key[len("text_decoder.bert."):]  # decoder = copy of the cross encoder
+            src = "cross_encoder." + key[len("text_decoder.bert.") :]  # decoder = copy of the cross encoder
         if fresh_kv and _is_decoder_cross_kv(key):
             plan.initialised.append((key, NEW_RANDOM_INIT))
         elif "relative_position_index" in key:
@@ -775,8 +956,9 @@ def x2vlm_rows(plan: engine.LoadPlan, model_keys) -> list[tuple[str, str, str]]:
     return rows + [("-", why, key) for key, why in plan.dropped]
 
 
-def pretrained_load_plan(ckpt_shapes: dict[str, tuple], model_shapes: dict[str, tuple], buffers: set[str],
-                         task: str) -> list[tuple[str, str, str]]:
+def pretrained_load_plan(
+    ckpt_shapes: dict[str, tuple], model_shapes: dict[str, tuple], buffers: set[str], task: str
+) -> list[tuple[str, str, str]]:
     """plan_pretrained as X2-VLM's rows (x2vlm_rows). Raises ValueError naming the first key that fits none of
     the rules."""
     plan = plan_pretrained(ckpt_shapes, model_shapes, buffers, task)
@@ -799,7 +981,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path}: expected a state_dict or {{'model': state_dict, ...}}")
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     meta = ck.get("meta") if isinstance(ck, dict) and isinstance(ck.get("meta"), dict) else None
     return state, meta
 
@@ -813,26 +995,36 @@ def load_pretrained(model: CCLM, state: dict[str, torch.Tensor], source: str = "
     load_pretrained(is_eval=False) does; returns a readable report."""
     own = model.state_dict()
     buffers = {n for n, _ in model.named_buffers() if n in own}
-    plan = plan_pretrained({k: tuple(v.shape) for k, v in state.items()}, {k: tuple(v.shape) for k, v in own.items()},
-                           buffers, model.task, source)
+    plan = plan_pretrained(
+        {k: tuple(v.shape) for k, v in state.items()},
+        {k: tuple(v.shape) for k, v in own.items()},
+        buffers,
+        model.task,
+        source,
+    )
     grid = model.config["image_res"] // model.config["patch_size"]
-    engine.apply_load_plan(model, state, plan, {
-        INTERPOLATE: lambda ours, src: ours.copy_(resize_rel_pos_bias_table(src.float(), grid))})
+    engine.apply_load_plan(
+        model, state, plan, {INTERPOLATE: lambda ours, src: ours.copy_(resize_rel_pos_bias_table(src.float(), grid))}
+    )
     rows = x2vlm_rows(plan, own)
     counts: dict[str, int] = {}
     for _, a, _ in rows:
         counts[a] = counts.get(a, 0) + 1
     new = [k for k, a, _ in rows if a == NEW_RANDOM_INIT]
     unused = [s for _, a, s in rows if a == UNUSED]
-    return (f"loaded pretrained CCLM into {model.task}: " + ", ".join(f"{a} {n}" for a, n in counts.items())
-            + f"\n  new (random init): {', '.join(new) or 'none'}\n  unused checkpoint keys: {', '.join(unused) or 'none'}")
+    return (
+        f"loaded pretrained CCLM into {model.task}: "
+        + ", ".join(f"{a} {n}" for a, n in counts.items())
+        + f"\n  new (random init): {', '.join(new) or 'none'}\n  unused checkpoint keys: {', '.join(unused) or 'none'}"
+    )
 
 
 def load_finetuned(model: CCLM, state: dict[str, torch.Tensor], source: str = "checkpoint") -> str:
     """A fine-tuned state_dict of the reference layout (or ours): loaded as is (reference is_eval=True)."""
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    plan = engine.plan_same_names({k: tuple(v.shape) for k, v in state.items()}, own, f"{model.task} model layout",
-                                  source)
+    plan = engine.plan_same_names(
+        {k: tuple(v.shape) for k, v in state.items()}, own, f"{model.task} model layout", source
+    )
     engine.apply_load_plan(model, state, plan)
     return f"loaded fine-tuned {model.task} weights from {source}: {len(state)} entries"
 
@@ -875,9 +1067,15 @@ def lr_mult_prefixes(task: str, from_pretraining: bool, config: dict | None = No
     if not from_pretraining:
         return ()
     cfg = config or CONFIGS["base"]
-    fresh_kv = () if task != "xgqa" or cfg["vision_width"] == cfg["hidden_size"] else tuple(
-        f"text_decoder.bert.encoder.layer.{i}.crossattention.self.{kv}."
-        for i in range(cfg["dec_layers"]) for kv in ("key", "value"))
+    fresh_kv = (
+        ()
+        if task != "xgqa" or cfg["vision_width"] == cfg["hidden_size"]
+        else tuple(
+            f"text_decoder.bert.encoder.layer.{i}.crossattention.self.{kv}."
+            for i in range(cfg["dec_layers"])
+            for kv in ("key", "value")
+        )
+    )
     return NEW_KEYS[task] + fresh_kv
 
 
@@ -906,18 +1104,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = engine.ArgumentParser(description=__doc__)
     engine.add_common_args(p, DEFAULTS)
     c = p.add_argument_group("CCLM (train_cclm.py)")
-    c.add_argument("--checkpoint", default=None,
-                   help="initial weights: the released cclm_x2vlm_base.th (pretraining layout, mapped as X2-VLM does), "
-                        "a fine-tuned reference checkpoint of this task, or a model_final.pt of ours")
+    c.add_argument(
+        "--checkpoint",
+        default=None,
+        help="initial weights: the released cclm_x2vlm_base.th (pretraining layout, mapped as X2-VLM does), "
+        "a fine-tuned reference checkpoint of this task, or a model_final.pt of ours",
+    )
     c.add_argument("--images", default=None, help="image root (gqa/, flickr30k/, coco/ below it; see data.py)")
-    c.add_argument("--model-config", default=None,
-                   help="tiny | base | a config json (default: the --checkpoint's own config if it is ours, else base)")
+    c.add_argument(
+        "--model-config",
+        default=None,
+        help="tiny | base | a config json (default: the --checkpoint's own config if it is ours, else base)",
+    )
     c.add_argument("--tokenizer", default="xlm-roberta-base", help="XLM-R tokenizer folder or cached hub id")
     c.add_argument("--image-res", type=int, default=None, help="override the config's image resolution (paper: 384)")
     c.add_argument("--vision-lr", type=float, default=VISION_LR, help="peak lr of the ViT (paper: 2e-5)")
-    c.add_argument("--lr-mult", type=float, default=2.0,
-                   help="LR factor of the newly initialised parameters (X2-VLM's lr_mult 2: XVNLI cls_head; xGQA decoder "
-                        "embeddings and LM head when starting from the pretraining checkpoint); 1 = off")
+    c.add_argument(
+        "--lr-mult",
+        type=float,
+        default=2.0,
+        help="LR factor of the newly initialised parameters (X2-VLM's lr_mult 2: XVNLI cls_head; xGQA decoder "
+        "embeddings and LM head when starting from the pretraining checkpoint); 1 = off",
+    )
     c.add_argument("--eval-batch-size", type=int, default=32, help="examples per evaluation forward")
     c.add_argument("--no-eval", action="store_true", help="skip the per-epoch evaluation")
     return p
@@ -937,9 +1145,14 @@ def model_config_from_args(args, meta: dict | None = None) -> dict:
     if args.dropout is not None:  # all three stochastic parts (the reference's ViT uses drop path only)
         config.update(dropout=args.dropout, attn_dropout=args.dropout, vision_drop_path=args.dropout)
     if config["image_res"] % config["patch_size"]:
-        raise SystemExit(f"error: image resolution {config['image_res']} is not a multiple of the patch size {config['patch_size']}")
-    engine.check_heads(config, [("hidden_size", "text_heads"), ("hidden_size", "cross_heads"),
-                                ("vision_width", "vision_heads")], args.model_config or "(the checkpoint's config)")
+        raise SystemExit(
+            f"error: image resolution {config['image_res']} is not a multiple of the patch size {config['patch_size']}"
+        )
+    engine.check_heads(
+        config,
+        [("hidden_size", "text_heads"), ("hidden_size", "cross_heads"), ("vision_width", "vision_heads")],
+        args.model_config or "(the checkpoint's config)",
+    )
     return config
 
 
@@ -948,8 +1161,9 @@ def build_train_dataset(args, config: dict):
     GQA train, XVNLI train, Flickr30k train); every image file is checked first (ValueError)."""
     examples = data.load_split(args.data_root, args.task, args.train_split, args.train_lang)
     data.check_inputs(examples, images=args.images, sample=data.VERIFY_SAMPLE)  # fail before training, not mid-epoch
-    return data.IMAGES.dataset(args.task, examples, images=args.images, train=True, image_res=config["image_res"],
-                               seed=args.seed)
+    return data.IMAGES.dataset(
+        args.task, examples, images=args.images, train=True, image_res=config["image_res"], seed=args.seed
+    )
 
 
 def read_checkpoint_arg(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -967,8 +1181,9 @@ def load_checkpoint_arg(model: CCLM, state: dict[str, torch.Tensor], path: str) 
 
 
 @engine.exits_on_bad_input
-def main(argv: list[str] | None = None, *, dist: engine.DistInfo | None = None,
-         on_evaluated: Callable | None = None) -> None:
+def main(
+    argv: list[str] | None = None, *, dist: engine.DistInfo | None = None, on_evaluated: Callable | None = None
+) -> None:
     """train_cclm.py's command line (argv: its arguments). dist: a process group the caller set up and ends itself
     (eval_zeroshot fewshot runs several trainings and an evaluation in one); on_evaluated: engine.train's hook."""
     args = engine.parse_args(build_parser(), argv, DEFAULTS)
@@ -988,7 +1203,9 @@ def main(argv: list[str] | None = None, *, dist: engine.DistInfo | None = None,
         if not args.data_root:
             raise SystemExit("error: --data-root is required (folder holding IGLUE's datasets/)")
         if not args.images or not os.path.isdir(args.images):
-            raise SystemExit(f"error: --images {args.images!r} is not a folder (image root with gqa/, flickr30k/, coco/)")
+            raise SystemExit(
+                f"error: --images {args.images!r} is not a folder (image root with gqa/, flickr30k/, coco/)"
+            )
         if resuming:  # the run's own config (its checkpoint's meta) unless --model-config says otherwise
             meta = engine.read_torch_file(run_dir / engine.CHECKPOINT, mmap=True).get("meta")
         elif args.checkpoint:
@@ -1016,17 +1233,41 @@ def main(argv: list[str] | None = None, *, dist: engine.DistInfo | None = None,
         with engine.about("data"):
             model.prepare_task(args.data_root, tokenizer)  # xgqa: the 1,842 candidate answers predict() ranks
             train_ds = build_train_dataset(args, config)
-            evaluate_fn = None if args.no_eval else engine.trainer_evaluate_fn(
-                "cclm", args, tokenizer, dist, images=args.images, image_res=config["image_res"])
+            evaluate_fn = (
+                None
+                if args.no_eval
+                else engine.trainer_evaluate_fn(
+                    "cclm", args, tokenizer, dist, images=args.images, image_res=config["image_res"]
+                )
+            )
         loader = engine.build_train_loader(train_ds, args, dist, data.IMAGES.collate(args.task, tokenizer, train=True))
-        meta = {**engine.base_meta("cclm", args, config, tokenizer), "vision_lr": args.vision_lr,
-                "lr_mult": args.lr_mult, "lr_mult_prefixes": list(large_lr)}
+        meta = {
+            **engine.base_meta("cclm", args, config, tokenizer),
+            "vision_lr": args.vision_lr,
+            "lr_mult": args.lr_mult,
+            "lr_mult_prefixes": list(large_lr),
+        }
         if dist.is_main:
-            print(f"optimizer (X2-VLM's rules): lr x{args.lr_mult:g} for {', '.join(large_lr) or 'no parameters'}; "
-                  f"no weight decay on names containing {', '.join(X2VLM_NO_DECAY_SUBSTRINGS)}", flush=True)
-        engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist,
-                     module_lr={"vision_encoder": args.vision_lr}, no_decay=x2vlm_no_decay,
-                     lr_mult=lr_mult_rule(large_lr, args.lr_mult), on_evaluated=on_evaluated, run_dir=run_dir)
+            print(
+                f"optimizer (X2-VLM's rules): lr x{args.lr_mult:g} for {', '.join(large_lr) or 'no parameters'}; "
+                f"no weight decay on names containing {', '.join(X2VLM_NO_DECAY_SUBSTRINGS)}",
+                flush=True,
+            )
+        engine.train(
+            args,
+            model,
+            layout,
+            schedule,
+            loader,
+            evaluate_fn,
+            meta,
+            dist,
+            module_lr={"vision_encoder": args.vision_lr},
+            no_decay=x2vlm_no_decay,
+            lr_mult=lr_mult_rule(large_lr, args.lr_mult),
+            on_evaluated=on_evaluated,
+            run_dir=run_dir,
+        )
     finally:
         engine.cleanup_distributed(end_group=owns_group)
 

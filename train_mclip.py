@@ -37,6 +37,7 @@ ranks against 1 within tests/parity.py's tolerance; validation and test R@1 are 
 With dropout each rank draws its own masks, so the runs differ as two seeds do. --resume is bitwise exact with the
 same number of processes (each rank's RNG is in the checkpoint) and refused with another.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,13 @@ ROUTINES = {  # routine: (text kind trained and tested on, alignment partner kin
 # Test text of PECTVLM's run_cross.py, the script its published run scripts call: validation follows the routine
 # (trainer.py) but the final test swaps the text of baselines/method1 and method2/3 (an older trainer's naming).
 # Reproduced only under --test-text run_cross; the default tests on the text the routine trains and validates on.
-RUN_CROSS_TEST_TEXT = {"baseline1": "to_en", "method1": "to_en", "method2": "native", "baseline2": "native",
-                       "method3": "native"}
+RUN_CROSS_TEST_TEXT = {
+    "baseline1": "to_en",
+    "method1": "to_en",
+    "method2": "native",
+    "baseline2": "native",
+    "method3": "native",
+}
 ALIGN_LOSSES = ("mse", "contrastive", "contrastive_with_image")
 PETS = ("full", "lora", "lora_cross", "adapter", "compacter", "prompt", "none")
 # LoRA targets: run_XTD.py's (the paper's 0.16%) and run_cross.py's, the script PECTVLM's published run scripts call
@@ -79,24 +85,54 @@ LORA_TARGETS = {"lora": ["query", "value"], "lora_cross": ["query", "key", "valu
 
 TEXT_CONFIGS = {
     # xlm-roberta-large's config.json: the text tower of M-CLIP/XLM-Roberta-Large-Vit-L-14 (out_dim 768)
-    "large": {"vocab_size": 250002, "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
-              "intermediate_size": 4096, "max_position_embeddings": 514, "type_vocab_size": 1,
-              "layer_norm_eps": 1e-5, "out_dim": 768},
-    "tiny": {"vocab_size": 1000, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-             "intermediate_size": 64, "max_position_embeddings": 66, "type_vocab_size": 1,
-             "layer_norm_eps": 1e-5, "out_dim": 16},
+    "large": {
+        "vocab_size": 250002,
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+        "max_position_embeddings": 514,
+        "type_vocab_size": 1,
+        "layer_norm_eps": 1e-5,
+        "out_dim": 768,
+    },
+    "tiny": {
+        "vocab_size": 1000,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 66,
+        "type_vocab_size": 1,
+        "layer_norm_eps": 1e-5,
+        "out_dim": 16,
+    },
 }
 # The reference's published run scripts (PECTVLM scripts/de.sh, scripts/grid_method*/<lang>.sh): Adam, weight
 # decay 0, no warm-up, 50 epochs, batch 5, validation every 5 steps, eval batch 100, seed 1, XTD split seed 42,
 # n_shot 50, lr 1e-4 and alignment ratio 0.5 (scripts/de.sh; the grids search lr {5e-5, 1e-4, 2e-4} and ratio
 # {0.003 ... 0.5}, and the paper does not report the chosen values). LoRA r 8: the paper's (0.16%); those scripts
 # pass --lora_r 1. run_XTD.py's argparse defaults differ (batch 4, every 4 steps, lr 1e-3, ratio 1.0).
-DEFAULTS = {"lr": 1e-4, "epochs": 50, "batch_size": 5, "eval_steps": 5, "eval_batch_size": 100, "split_seed": 42,
-            "seed": 1, "align_ratio": 0.5, "lora_r": 8, "lora_alpha": 16, "adapter_dim": 24, "soft_tokens": 4,
-            "compacter_reduction": 16, "phm_dim": 4}
+DEFAULTS = {
+    "lr": 1e-4,
+    "epochs": 50,
+    "batch_size": 5,
+    "eval_steps": 5,
+    "eval_batch_size": 100,
+    "split_seed": 42,
+    "seed": 1,
+    "align_ratio": 0.5,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "adapter_dim": 24,
+    "soft_tokens": 4,
+    "compacter_reduction": 16,
+    "phm_dim": 4,
+}
 
 
 # ---------------------------------------------------------------------------------------------- model
+
 
 def text_config(name_or_dict: str | dict, dropout: float | None = None) -> tuple[XLMRobertaConfig, int]:
     """(XLMRobertaConfig, output dim) of a named config or a dict of TEXT_CONFIGS' keys. dropout None: XLM-R's
@@ -105,8 +141,9 @@ def text_config(name_or_dict: str | dict, dropout: float | None = None) -> tuple
     out_dim = cfg.pop("out_dim")
     if dropout is not None:
         cfg.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    return XLMRobertaConfig(pad_token_id=data.PAD_ID, bos_token_id=data.BOS_ID, eos_token_id=data.EOS_ID,
-                            **cfg), out_dim
+    return XLMRobertaConfig(
+        pad_token_id=data.PAD_ID, bos_token_id=data.BOS_ID, eos_token_id=data.EOS_ID, **cfg
+    ), out_dim
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -165,6 +202,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         path = found[0]
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
+
         try:
             return load_file(str(path))
         except Exception as e:
@@ -183,8 +221,10 @@ def load_text_weights(model: MCLIPText, state: dict[str, torch.Tensor], source: 
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{source}: not an M-CLIP text state dict of this config (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
+        raise ValueError(
+            f"{source}: not an M-CLIP text state dict of this config (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the model {tuple(own[k].shape)}")
@@ -192,6 +232,7 @@ def load_text_weights(model: MCLIPText, state: dict[str, torch.Tensor], source: 
 
 
 # ---------------------------------------------------------------------------------------------- PET
+
 
 class BottleneckAdapter(nn.Module):
     """y + up(gelu_new(down(y))) after a linear layer (OpenDelta's AdapterLayer: weights N(0, 0.01), biases 0).
@@ -267,6 +308,7 @@ def add_lora(model: MCLIPText, r: int, alpha: int, targets: Sequence[str] = ("qu
     """peft LoRA on every layer's modules named by targets (the reference: OpenDelta LoRA r 8, alpha 16, dropout 0;
     A Kaiming-uniform, B zero, as peft's default)."""
     from peft import LoraConfig, inject_adapter_in_model
+
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias="none")
     inject_adapter_in_model(cfg, model.transformer)
 
@@ -303,8 +345,11 @@ def apply_pet(model: MCLIPText, pet: str, args, tokenizer=None) -> None:
         add_soft_prompt(model, tokenizer, args.soft_prefix, args.soft_tokens)
     for name, p in model.named_parameters():  # peft marks its own modules trainable; keep exactly ours
         with_ln = pet in ("lora", "lora_cross", "adapter", "compacter") and _is_output_ln(name)
-        p.requires_grad_(_is_pet_param(name, pet) or with_ln
-                         or (pet == "lora_cross" and name.startswith(("LinearTransformation.", "transformer.pooler."))))
+        p.requires_grad_(
+            _is_pet_param(name, pet)
+            or with_ln
+            or (pet == "lora_cross" and name.startswith(("LinearTransformation.", "transformer.pooler.")))
+        )
     model.tuned = [n for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -315,9 +360,13 @@ def _is_output_ln(name: str) -> bool:
 
 
 def _is_pet_param(name: str, pet: str) -> bool:
-    return {"lora": ".lora_" in name, "lora_cross": ".lora_" in name, "adapter": ".adapter." in name,
-            "compacter": ".adapter." in name,
-            "prompt": name.startswith("prompt.")}.get(pet, False)
+    return {
+        "lora": ".lora_" in name,
+        "lora_cross": ".lora_" in name,
+        "adapter": ".adapter." in name,
+        "compacter": ".adapter." in name,
+        "prompt": name.startswith("prompt."),
+    }.get(pet, False)
 
 
 def tuned_params(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -344,6 +393,7 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------- loss and metric
 
+
 def l2_normalise(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True)  # the reference's form (no epsilon)
 
@@ -355,8 +405,9 @@ def symmetric_ce(a_n: torch.Tensor, b_n: torch.Tensor, scale: float = LOGIT_SCAL
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
-def routine_loss(image: torch.Tensor, text: torch.Tensor, partner: torch.Tensor | None, align: str,
-                 ratio: float) -> torch.Tensor:
+def routine_loss(
+    image: torch.Tensor, text: torch.Tensor, partner: torch.Tensor | None, align: str, ratio: float
+) -> torch.Tensor:
     """The reference's loss (trainer.py): image-text symmetric CE on the routine's text, plus ratio x the
     alignment term between the text and its partner (routines with one)."""
     image_n, text_n = l2_normalise(image.to(text.dtype)), l2_normalise(text)  # the reference: .float()
@@ -390,6 +441,7 @@ def disparity(scores: dict[str, float]) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------- images
 
+
 def clip_preprocess(img: Image.Image, size: int) -> torch.Tensor:
     """OpenAI CLIP's transform: resize the short side to size (bicubic), centre crop, ToTensor, CLIP Normalize."""
     w, h = img.size
@@ -408,7 +460,7 @@ def encode_images(vision, paths: Sequence[Path], batch_size: int = 64, device: s
     size = vision.config.image_size
     out = []
     for i in range(0, len(paths), batch_size):
-        pix = torch.stack([clip_preprocess(data.load_image(p), size) for p in paths[i:i + batch_size]])
+        pix = torch.stack([clip_preprocess(data.load_image(p), size) for p in paths[i : i + batch_size]])
         out.append(vision(pixel_values=pix.to(device)).image_embeds.float().cpu())
     return torch.cat(out) if out else torch.zeros(0, vision.config.projection_dim)
 
@@ -438,8 +490,9 @@ def image_feature_table(splits: dict[str, data.RetrievalSplit], args) -> dict[st
     return compute_image_features(needed, args.images, args.clip_vision)
 
 
-def compute_image_features(names: Sequence[str], image_root: str | Path, clip_vision: str | Path,
-                           device: str = "cpu") -> dict[str, torch.Tensor]:
+def compute_image_features(
+    names: Sequence[str], image_root: str | Path, clip_vision: str | Path, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
     """CLIP image embeddings of image_root/name for every name; every file is checked before any compute.
     clip_vision: a CLIPVisionModelWithProjection folder or OpenAI's full CLIP release (openai/clip-vit-large-patch14,
     CLIPModel weights: transformers takes its vision tower and projection)."""
@@ -458,6 +511,7 @@ def load_clip_vision(folder: str | Path):
     projection width from the vision sub-config instead of CLIPConfig.projection_dim and silently re-initialises
     a projection of the wrong shape. Every vision key must be present with its shape."""
     from transformers import AutoConfig, CLIPConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
+
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as e:
@@ -477,8 +531,9 @@ def load_clip_vision(folder: str | Path):
         raise ValueError(f"--clip-vision {folder}: weights lack {len(missing)} vision key(s), e.g. {missing[0]!r}")
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"--clip-vision {folder}: {k} has shape {tuple(v.shape)}, "
-                             f"the config {tuple(own[k].shape)}")
+            raise ValueError(
+                f"--clip-vision {folder}: {k} has shape {tuple(v.shape)}, the config {tuple(own[k].shape)}"
+            )
     model.load_state_dict(state)
     return model.eval()
 
@@ -489,6 +544,7 @@ def write_image_features(path: str | Path, table: dict[str, torch.Tensor]) -> No
 
 
 # ---------------------------------------------------------------------------------------------- training
+
 
 def batch_texts(texts: Sequence[str], prompt: str | None) -> list[str]:
     """A hard prompt is the prefix text before each caption (the paper's English hard prompt)."""
@@ -502,8 +558,17 @@ def encode(model: MCLIPText, tokenizer, texts: Sequence[str], device) -> torch.T
 
 
 @torch.no_grad()
-def evaluate(model: MCLIPText, tokenizer, split: data.RetrievalSplit, images: dict[str, torch.Tensor], kind: str,
-             lang: str, args, device, dist: engine.DistInfo | None = None) -> dict[str, float]:
+def evaluate(
+    model: MCLIPText,
+    tokenizer,
+    split: data.RetrievalSplit,
+    images: dict[str, torch.Tensor],
+    kind: str,
+    lang: str,
+    args,
+    device,
+    dist: engine.DistInfo | None = None,
+) -> dict[str, float]:
     """R@1 of the split's images against its captions of (kind, lang), texts in chunks of --eval-batch-size.
     Under torchrun each rank encodes its share of the chunks: the chunks (and so their padding) are those of one
     process, so every rank gets the one-process result exactly."""
@@ -512,7 +577,7 @@ def evaluate(model: MCLIPText, tokenizer, split: data.RetrievalSplit, images: di
     texts = batch_texts(split.captions(kind, lang), args.hard_prompt)
     starts = range(0, len(texts), args.eval_batch_size)
     mine = [starts[c] for c in engine.shard(len(starts), dist)]
-    feats = [encode(model, tokenizer, texts[i:i + args.eval_batch_size], device).float().cpu() for i in mine]
+    feats = [encode(model, tokenizer, texts[i : i + args.eval_batch_size], device).float().cpu() for i in mine]
     feats = engine.gather(feats, dist)
     model.train(was_training)
     image = torch.stack([images[p] for p in split.images])
@@ -529,8 +594,16 @@ def cosine_no_warmup(total_steps: int) -> Callable[[int], float]:
     return lambda step: max(0.0, 0.5 * (1.0 + math.cos(math.pi * step / max(1, total_steps))))
 
 
-def train_step(model, tokenizer, split: data.RetrievalSplit, idx: list[int], images, args, device,
-               dist: engine.DistInfo | None = None) -> torch.Tensor:
+def train_step(
+    model,
+    tokenizer,
+    split: data.RetrievalSplit,
+    idx: list[int],
+    images,
+    args,
+    device,
+    dist: engine.DistInfo | None = None,
+) -> torch.Tensor:
     """The loss of the global batch idx. Under torchrun each rank encodes its shard of idx (engine.shard) and the
     text embeddings of all ranks are gathered with gradient (GatherRows), so every rank computes the loss of the
     whole batch (its in-batch negatives included): the one-process loss. Image features are cached, so each rank
@@ -539,14 +612,15 @@ def train_step(model, tokenizer, split: data.RetrievalSplit, idx: list[int], ima
     # the reference computes image features under no_grad: the image tower is frozen and gets no gradient
     image = torch.stack([images[split.images[i]] for i in idx]).detach().to(device)
     sizes = shard_sizes(len(idx), dist)
-    start = sum(sizes[:dist.rank]) if sizes else 0
-    mine = idx[start:start + sizes[dist.rank]] if sizes else idx
+    start = sum(sizes[: dist.rank]) if sizes else 0
+    mine = idx[start : start + sizes[dist.rank]] if sizes else idx
     texts = lambda kind: batch_texts([split.captions(kind, args.lang)[i] for i in mine], args.hard_prompt)  # noqa
 
     def embed(kind: str) -> torch.Tensor:
         if not mine:  # a last batch smaller than the world leaves this rank without rows
             return torch.zeros(0, model.LinearTransformation.out_features, device=device, requires_grad=True)
         return encode(model, tokenizer, texts(kind), device)
+
     text = embed(main_kind) if not sizes else GatherRows.apply(embed(main_kind), sizes, dist.rank)
     partner = None
     if partner_kind:
@@ -570,9 +644,10 @@ class GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
         import torch.distributed as tdist
+
         width = max(sizes)
         padded = x.new_zeros((width, *x.shape[1:]))
-        padded[:len(x)] = x
+        padded[: len(x)] = x
         parts = [torch.empty_like(padded) for _ in sizes]
         tdist.all_gather(parts, padded)
         ctx.start, ctx.n = sum(sizes[:rank]), len(x)
@@ -580,7 +655,7 @@ class GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad[ctx.start:ctx.start + ctx.n], None, None
+        return grad[ctx.start : ctx.start + ctx.n], None, None
 
 
 def sum_gradients(params: Sequence[nn.Parameter], dist: "engine.DistInfo | None") -> None:
@@ -588,6 +663,7 @@ def sum_gradients(params: Sequence[nn.Parameter], dist: "engine.DistInfo | None"
     on some rank gets the sum (zeros standing in where a rank has none, e.g. an empty shard); one with a gradient
     on no rank keeps None, as in one process (Adam then skips it)."""
     import torch.distributed as tdist
+
     if dist is None or not dist.distributed:
         return
     params = [p for p in params if p.requires_grad]
@@ -603,21 +679,22 @@ def sum_gradients(params: Sequence[nn.Parameter], dist: "engine.DistInfo | None"
     tdist.all_reduce(flat)
     offset = 0
     for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
         offset += p.numel()
 
 
 @dataclass
 class Progress:
-    epoch: int = 0           # epochs completed
-    step: int = 0            # optimizer steps done
-    best: float = -1.0       # best validation mean R@1
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps done
+    best: float = -1.0  # best validation mean R@1
     best_step: int = -1
-    metrics_size: int = 0    # bytes of metrics.jsonl at the last checkpoint
+    metrics_size: int = 0  # bytes of metrics.jsonl at the last checkpoint
 
 
-def fit(model, tokenizer, splits, images, args, run_dir: Path, log, device,
-        dist: engine.DistInfo | None = None) -> dict[str, torch.Tensor]:
+def fit(
+    model, tokenizer, splits, images, args, run_dir: Path, log, device, dist: engine.DistInfo | None = None
+) -> dict[str, torch.Tensor]:
     """The reference's loop (trainer.train): step, validate every --eval-steps steps, keep the best state.
     Under torchrun: --batch-size is the global batch, sharded over the ranks (train_step); gradients are summed
     over the ranks (sum_gradients), so every rank takes the one-process step and the ranks stay equal; rank 0
@@ -642,7 +719,7 @@ def fit(model, tokenizer, splits, images, args, run_dir: Path, log, device,
         for b in range(0, n, args.batch_size):
             if schedule is not None:
                 freeze.apply_schedule(model, layout, schedule, epoch, prog.step)
-            idx = order[b:b + args.batch_size]
+            idx = order[b : b + args.batch_size]
             loss = train_step(model, tokenizer, splits["train"], idx, images, args, device, dist)
             loss.backward()
             sum_gradients(list(tuned_params(model).values()), dist)
@@ -651,8 +728,9 @@ def fit(model, tokenizer, splits, images, args, run_dir: Path, log, device,
             optimizer.zero_grad(set_to_none=True)
             prog.step += 1
             engine.fault_point("step")
-            log.write({"type": "train", "epoch": epoch, "step": prog.step, "loss": loss.item(),
-                       "lr": sched.get_last_lr()[0]})
+            log.write(
+                {"type": "train", "epoch": epoch, "step": prog.step, "loss": loss.item(), "lr": sched.get_last_lr()[0]}
+            )
             if prog.step % args.eval_steps == 0:
                 val = evaluate(model, tokenizer, splits["val"], images, main_kind, args.lang, args, device, dist)
                 log.write({"type": "val", "epoch": epoch, "step": prog.step, **val})
@@ -662,9 +740,18 @@ def fit(model, tokenizer, splits, images, args, run_dir: Path, log, device,
         prog.metrics_size = log.size()
         rngs = engine.gather([engine.rng_state(device)], dist)  # every rank's: each has its own dropout stream
         if dist.is_main:
-            engine.save_checkpoint(ckpt, {"model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                                          "scheduler": sched.state_dict(), "rng": rngs, "world": dist.world,
-                                          "progress": vars(prog), "best_state": best_state})
+            engine.save_checkpoint(
+                ckpt,
+                {
+                    "model": trainable_state(model),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": rngs,
+                    "world": dist.world,
+                    "progress": vars(prog),
+                    "best_state": best_state,
+                },
+            )
         engine.barrier(dist)  # no rank runs ahead of a checkpoint it might have to resume from
         engine.fault_point("epoch_end")
     return best_state
@@ -674,9 +761,15 @@ def mclip_layout(model: MCLIPText) -> "freeze.LayerLayout":
     """The text tower's layers for freeze.py: XLM-R's encoder layers; embeddings, pooler and the projection
     (the "head") outside them."""
     return freeze.layout_from_rules(
-        model.transformer.config.num_hidden_layers, [("transformer.encoder.layer.", 0, 1)],
-        [("transformer.embeddings.", "embeddings"), ("transformer.pooler.", "pooler"),
-         ("LinearTransformation.", "head")], task_head_modules=("head",))
+        model.transformer.config.num_hidden_layers,
+        [("transformer.encoder.layer.", 0, 1)],
+        [
+            ("transformer.embeddings.", "embeddings"),
+            ("transformer.pooler.", "pooler"),
+            ("LinearTransformation.", "head"),
+        ],
+        task_head_modules=("head",),
+    )
 
 
 def freeze_plan(model: MCLIPText, args) -> tuple["freeze.LayerLayout | None", "freeze.Schedule | None"]:
@@ -693,8 +786,10 @@ def resume_from(ckpt: Path, model, optimizer, sched, log, device, dist) -> tuple
     rank's dropout stream is part of the state, so the result would not be the uninterrupted run's."""
     state = engine.load_checkpoint(ckpt)
     if state.get("world", 1) != dist.world:
-        raise ValueError(f"{ckpt}: saved by {state.get('world', 1)} process(es), resumed with {dist.world}; "
-                         f"--resume with the same number of processes")
+        raise ValueError(
+            f"{ckpt}: saved by {state.get('world', 1)} process(es), resumed with {dist.world}; "
+            f"--resume with the same number of processes"
+        )
     load_trainable(model, state["model"], str(ckpt))
     optimizer.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
@@ -718,6 +813,7 @@ def load_trainable(model: nn.Module, state: dict[str, torch.Tensor], source: str
 
 # ---------------------------------------------------------------------------------------------- CLI
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = engine.ArgumentParser(description=__doc__)
     d = DEFAULTS
@@ -728,41 +824,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align-loss", choices=ALIGN_LOSSES, default="mse")
     p.add_argument("--align-ratio", type=float, default=d["align_ratio"], help="weight of the alignment term")
     p.add_argument("--pet", choices=PETS, default="lora", help="none = zero-shot (no training)")
-    p.add_argument("--n-shot", type=int, default=50, help="XTD: train/val images (50: 50/50/900); Multi30K: train "
-                                                          "subsample (0 = full data)")
+    p.add_argument(
+        "--n-shot",
+        type=int,
+        default=50,
+        help="XTD: train/val images (50: 50/50/900); Multi30K: train subsample (0 = full data)",
+    )
     p.add_argument("--split-seed", type=int, default=d["split_seed"])
-    p.add_argument("--test-text", choices=("routine", "run_cross"), default="routine",
-                   help="routine: test on the text the routine trains on; run_cross: PECTVLM run_cross.py's mapping "
-                        "(baseline1/method1 tested on MT->en, baseline2/method2/method3 on the native text)")
+    p.add_argument(
+        "--test-text",
+        choices=("routine", "run_cross"),
+        default="routine",
+        help="routine: test on the text the routine trains on; run_cross: PECTVLM run_cross.py's mapping "
+        "(baseline1/method1 tested on MT->en, baseline2/method2/method3 on the native text)",
+    )
     p.add_argument("--hard-prompt", default=None, help="text put before every caption, e.g. 'a photo of'")
     p.add_argument("--soft-prefix", default=None, help="--pet prompt: initialise from this text's token embeddings")
     p.add_argument("--soft-tokens", type=int, default=d["soft_tokens"], help="--pet prompt without --soft-prefix")
     p.add_argument("--lora-r", type=int, default=d["lora_r"])
     p.add_argument("--lora-alpha", type=int, default=d["lora_alpha"])
     p.add_argument("--adapter-dim", type=int, default=d["adapter_dim"])
-    p.add_argument("--compacter-reduction", type=int, default=d["compacter_reduction"],
-                   help="Compacter bottleneck = width / this")
+    p.add_argument(
+        "--compacter-reduction", type=int, default=d["compacter_reduction"], help="Compacter bottleneck = width / this"
+    )
     p.add_argument("--phm-dim", type=int, default=d["phm_dim"], help="Compacter's n (hypercomplex division)")
     p.add_argument("--text-config", default="large", help="large | tiny | a json of TEXT_CONFIGS keys")
     p.add_argument("--text-checkpoint", default=None, help="M-CLIP text weights (folder or file); none = random")
     p.add_argument("--tokenizer", required=True, help="XLM-R tokenizer folder (M-CLIP's release ships one)")
     p.add_argument("--image-features", default=None, help="{'names', 'features'} torch file of CLIP image embeddings")
     p.add_argument("--images", default=None, help="image root (XTD: train2014/ val2014/; Multi30K: flickr30k-images/)")
-    p.add_argument("--clip-vision", default=None,
-                   help="CLIP release folder (openai/clip-vit-large-patch14) or a CLIPVisionModelWithProjection one")
+    p.add_argument(
+        "--clip-vision",
+        default=None,
+        help="CLIP release folder (openai/clip-vit-large-patch14) or a CLIPVisionModelWithProjection one",
+    )
     p.add_argument("--epochs", type=int, default=d["epochs"])
     p.add_argument("--batch-size", type=int, default=d["batch_size"])
     p.add_argument("--lr", type=float, default=d["lr"])
     p.add_argument("--eval-steps", type=int, default=d["eval_steps"])
     p.add_argument("--eval-batch-size", type=int, default=d["eval_batch_size"])
     p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument("--dropout", type=float, default=None,
-                   help="text tower dropout (hidden and attention); default: XLM-R's 0.1, as the reference trains. "
-                        "0: torchrun over N processes takes the one-process steps (within float rounding)")
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=None,
+        help="text tower dropout (hidden and attention); default: XLM-R's 0.1, as the reference trains. "
+        "0: torchrun over N processes takes the one-process steps (within float rounding)",
+    )
     p.add_argument("--output-dir", required=True)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--load-pet", default=None, help="model_final.pt of an earlier run: start from its module "
-                                                      "(with --epochs 0: evaluate it)")
+    p.add_argument(
+        "--load-pet",
+        default=None,
+        help="model_final.pt of an earlier run: start from its module (with --epochs 0: evaluate it)",
+    )
     freeze.add_policy_args(p)
     return p
 
@@ -789,9 +904,11 @@ def check_schedule(args, n_train: int) -> None:
         return
     steps = math.ceil(n_train / args.batch_size) * args.epochs
     if steps < args.eval_steps:
-        raise ValueError(f"{steps} optimizer steps ({n_train} training examples, --batch-size {args.batch_size}, "
-                         f"--epochs {args.epochs}) never reach --eval-steps {args.eval_steps}: nothing would be "
-                         f"validated")
+        raise ValueError(
+            f"{steps} optimizer steps ({n_train} training examples, --batch-size {args.batch_size}, "
+            f"--epochs {args.epochs}) never reach --eval-steps {args.eval_steps}: nothing would be "
+            f"validated"
+        )
 
 
 def resolve_text_config(name: str) -> str | dict:
@@ -851,8 +968,10 @@ def run(args, dist: "engine.DistInfo") -> dict:
             raise SystemExit(f"error: {e}") from None
     width = next(iter(images.values())).shape[0]
     if width != model.LinearTransformation.out_features:
-        raise SystemExit(f"error: image features are {width}-d, the text tower's output "
-                         f"{model.LinearTransformation.out_features}-d (another CLIP than this M-CLIP was made for?)")
+        raise SystemExit(
+            f"error: image features are {width}-d, the text tower's output "
+            f"{model.LinearTransformation.out_features}-d (another CLIP than this M-CLIP was made for?)"
+        )
     try:
         apply_pet(model, args.pet, args, tokenizer)
     except ValueError as e:
@@ -869,8 +988,15 @@ def run(args, dist: "engine.DistInfo") -> dict:
     elif dist.is_main:
         log.truncate(0)
         (run_dir / engine.ARGS).write_text(json.dumps(engine.json_safe(vars(args)), indent=1) + "\n")
-        log.write({"type": "params", "trainable": trainable, "base": base, "share_pct": 100 * trainable / base,
-                   "world": dist.world})
+        log.write(
+            {
+                "type": "params",
+                "trainable": trainable,
+                "base": base,
+                "share_pct": 100 * trainable / base,
+                "world": dist.world,
+            }
+        )
     best = trainable_state(model)
     if args.pet != "none" and args.epochs > 0:
         try:
@@ -881,10 +1007,19 @@ def run(args, dist: "engine.DistInfo") -> dict:
     test_kind = ROUTINES[args.routine][0] if args.test_text == "routine" else RUN_CROSS_TEST_TEXT[args.routine]
     test = evaluate(model, tokenizer, splits["test"], images, test_kind, args.lang, args, device, dist)
     log.write({"type": "test", **test})
-    meta = {"model": "mclip", "text_config": config, "pet": args.pet, "routine": args.routine, "lang": args.lang,
-            "dataset": args.dataset, "n_shot": args.n_shot, "test_text": test_kind, "trainable": trainable,
-            "base": base,
-            "args": engine.json_safe(vars(args))}
+    meta = {
+        "model": "mclip",
+        "text_config": config,
+        "pet": args.pet,
+        "routine": args.routine,
+        "lang": args.lang,
+        "dataset": args.dataset,
+        "n_shot": args.n_shot,
+        "test_text": test_kind,
+        "trainable": trainable,
+        "base": base,
+        "args": engine.json_safe(vars(args)),
+    }
     result = {**{k: v for k, v in meta.items() if k != "args"}, "test": test}
     if dist.is_main:
         engine.save_checkpoint(run_dir / engine.FINAL, {"model": best, "meta": meta})
@@ -895,11 +1030,39 @@ def run(args, dist: "engine.DistInfo") -> dict:
 
 
 # Arguments that must not change between a run and its --resume (they change the result; paths may move).
-RESUME_KEYS = ("dataset", "lang", "routine", "align_loss", "align_ratio", "pet", "n_shot", "split_seed",
-               "hard_prompt", "soft_prefix", "soft_tokens", "lora_r", "lora_alpha", "adapter_dim",
-               "compacter_reduction", "phm_dim", "text_config", "epochs", "batch_size", "lr", "eval_steps",
-               "eval_batch_size", "seed", "dropout", "policy", "suf_k", "unfreeze_every", "unfreeze_unit",
-               "llrd_decay", "top_layers", "freeze_embeddings")
+RESUME_KEYS = (
+    "dataset",
+    "lang",
+    "routine",
+    "align_loss",
+    "align_ratio",
+    "pet",
+    "n_shot",
+    "split_seed",
+    "hard_prompt",
+    "soft_prefix",
+    "soft_tokens",
+    "lora_r",
+    "lora_alpha",
+    "adapter_dim",
+    "compacter_reduction",
+    "phm_dim",
+    "text_config",
+    "epochs",
+    "batch_size",
+    "lr",
+    "eval_steps",
+    "eval_batch_size",
+    "seed",
+    "dropout",
+    "policy",
+    "suf_k",
+    "unfreeze_every",
+    "unfreeze_unit",
+    "llrd_decay",
+    "top_layers",
+    "freeze_embeddings",
+)
 
 
 def check_resume_args(args, run_dir: Path) -> None:
@@ -911,8 +1074,9 @@ def check_resume_args(args, run_dir: Path) -> None:
     for key in RESUME_KEYS:
         if key in saved and saved[key] != engine.json_safe(getattr(args, key)):
             flag = "--" + key.replace("_", "-")
-            raise SystemExit(f"error: --resume: {flag} was {saved[key]!r} in {run_dir / engine.ARGS}, "
-                             f"now {getattr(args, key)!r}")
+            raise SystemExit(
+                f"error: --resume: {flag} was {saved[key]!r} in {run_dir / engine.ARGS}, now {getattr(args, key)!r}"
+            )
 
 
 def load_pet_file(model: MCLIPText, path: str, pet: str) -> None:
@@ -921,8 +1085,10 @@ def load_pet_file(model: MCLIPText, path: str, pet: str) -> None:
         obj = engine.load_checkpoint(path)
         meta = obj.get("meta", {}) if isinstance(obj, dict) else {}
         if meta.get("model") != "mclip" or meta.get("pet") != pet:
-            raise ValueError(f"{path}: not a train_mclip.py --pet {pet} module (meta: model {meta.get('model')!r}, "
-                             f"pet {meta.get('pet')!r})")
+            raise ValueError(
+                f"{path}: not a train_mclip.py --pet {pet} module (meta: model {meta.get('model')!r}, "
+                f"pet {meta.get('pet')!r})"
+            )
         load_trainable(model, obj["model"], path)
     except ValueError as e:
         raise SystemExit(f"error: --load-pet {e}") from None
@@ -967,18 +1133,24 @@ def write_json_atomic(path: Path, obj) -> None:
 # Multilingual-CLIP's baseline, across the 11 languages of XTD and Multi30K, in zero-shot, few-shot and full data.
 # Our seed material holds no per-language numbers (nor the baseline's range / std), so none are printed.
 REPORTED_DROP = {"range": 5.0, "std": 1.5}
-REPORTED_LINE = ("paper (arXiv 2305.03510, as our seed summary states it): multilingual disparity down by > 5 points "
-                 "of range and > 1.5 points of std vs the baseline, on XTD and Multi30K, zero-shot, few-shot and full "
-                 "data; our seed material has no per-language numbers, so none are printed beside ours")
+REPORTED_LINE = (
+    "paper (arXiv 2305.03510, as our seed summary states it): multilingual disparity down by > 5 points "
+    "of range and > 1.5 points of std vs the baseline, on XTD and Multi30K, zero-shot, few-shot and full "
+    "data; our seed material has no per-language numbers, so none are printed beside ours"
+)
 
 
 def table_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = engine.ArgumentParser(prog="train_mclip.py table",
-                                description="Per-language test R@1, average, range and std of train_mclip.py runs.")
+    p = engine.ArgumentParser(
+        prog="train_mclip.py table", description="Per-language test R@1, average, range and std of train_mclip.py runs."
+    )
     p.add_argument("runs", nargs="+", help="run folders (each with results.json)")
-    p.add_argument("--baseline", default=None,
-                   help="a group as this table names it (e.g. xtd/baseline1/none/50/test:native): every other group "
-                        "of its dataset gets its change of range and std against it")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="a group as this table names it (e.g. xtd/baseline1/none/50/test:native): every other group "
+        "of its dataset gets its change of range and std against it",
+    )
     return p.parse_args(argv)
 
 
@@ -999,15 +1171,18 @@ def read_groups(run_dirs: Sequence[str]) -> dict[str, dict[str, float]]:
     return {"/".join(map(str, k)): v for k, v in sorted(groups.items())}
 
 
-def against_baseline(stats: dict[str, float], scores: dict[str, float], base_stats: dict[str, float],
-                     base_scores: dict[str, float]) -> dict:
+def against_baseline(
+    stats: dict[str, float], scores: dict[str, float], base_stats: dict[str, float], base_scores: dict[str, float]
+) -> dict:
     """Change of range and std (run - baseline; negative = less disparity) and whether each drop exceeds the
     paper's reported one. Only over the same languages: range and std of other language sets do not compare."""
     if set(scores) != set(base_scores):
         return {"error": f"languages differ ({','.join(sorted(scores))} vs {','.join(sorted(base_scores))})"}
     change = {f"{m}_change": stats[m] - base_stats[m] for m in REPORTED_DROP}
-    return {**change, **{f"{m}_drop_exceeds_reported": -change[f"{m}_change"] > drop
-                         for m, drop in REPORTED_DROP.items()}}
+    return {
+        **change,
+        **{f"{m}_drop_exceeds_reported": -change[f"{m}_change"] > drop for m, drop in REPORTED_DROP.items()},
+    }
 
 
 def print_table(argv: Sequence[str]) -> dict:
@@ -1017,8 +1192,7 @@ def print_table(argv: Sequence[str]) -> dict:
     args = table_args(argv)
     groups = read_groups(args.runs)
     if args.baseline is not None and args.baseline not in groups:
-        raise SystemExit(f"error: --baseline {args.baseline}: no such group among the runs "
-                         f"(have {', '.join(groups)})")
+        raise SystemExit(f"error: --baseline {args.baseline}: no such group among the runs (have {', '.join(groups)})")
     stats = {name: disparity(scores) for name, scores in groups.items()}
     out = {}
     print(REPORTED_LINE)
@@ -1037,9 +1211,12 @@ def print_table(argv: Sequence[str]) -> dict:
             print(f"  vs {base}: not compared: {vs['error']}")
             continue
         verdict = lambda m: "exceeds" if vs[f"{m}_drop_exceeds_reported"] else "does not exceed"  # noqa: E731
-        print(f"  vs {base}: range {vs['range_change']:+.2f} ({verdict('range')} the reported drop of 5), "
-              f"std {vs['std_change']:+.2f} ({verdict('std')} the reported drop of 1.5)")
+        print(
+            f"  vs {base}: range {vs['range_change']:+.2f} ({verdict('range')} the reported drop of 5), "
+            f"std {vs['std_change']:+.2f} ({verdict('std')} the reported drop of 1.5)"
+        )
     return out
+
 
 if __name__ == "__main__":
     engine.run_main(main)

@@ -10,6 +10,7 @@ checkpoints"; choices: README.md, "Choices where the paper and the references ar
       --checkpoint uc2_checkpoint_200000.bin --tokenizer xlm-roberta-base --output-dir runs/uc2-xgqa-suf
   python train_uc2.py --task xgqa --policy suf --model-config base --print-schedule
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,18 +36,52 @@ VOLTA_TASK_KEY = {"xgqa": "TASK15", "xvnli": "TASK19", "xflickrco": "TASK8"}
 
 CONFIGS: dict[str, dict] = {
     # VOLTA's config/uc2_base.json, which IGLUE's UC2 runs use (docs/reference_facts.md#F-uc2-config).
-    "base": dict(vocab_size=250002, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
-                 max_position_embeddings=514, type_vocab_size=2, pad_token_id=1, layer_norm_eps=1e-5,
-                 v_feature_size=2048, num_locs=7, pooler_size=768, clf_hidden_size=768, num_answers=1842,
-                 hidden_dropout=0.1, attention_dropout=0.1, classifier_dropout=0.1, initializer_range=0.02,
-                 attn_implementation="sdpa", retrieval_loss="triplet"),
+    "base": dict(
+        vocab_size=250002,
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        intermediate_size=3072,
+        max_position_embeddings=514,
+        type_vocab_size=2,
+        pad_token_id=1,
+        layer_norm_eps=1e-5,
+        v_feature_size=2048,
+        num_locs=7,
+        pooler_size=768,
+        clf_hidden_size=768,
+        num_answers=1842,
+        hidden_dropout=0.1,
+        attention_dropout=0.1,
+        classifier_dropout=0.1,
+        initializer_range=0.02,
+        attn_implementation="sdpa",
+        retrieval_loss="triplet",
+    ),
     # CPU-seconds size for tests/demo. Still 12 layers so every schedule is the paper's; region
     # features stay 2048-d so real and synthetic feature files fit unchanged.
-    "tiny": dict(vocab_size=4096, hidden_size=32, num_layers=12, num_heads=2, intermediate_size=64,
-                 max_position_embeddings=514, type_vocab_size=2, pad_token_id=1, layer_norm_eps=1e-5,
-                 v_feature_size=2048, num_locs=7, pooler_size=32, clf_hidden_size=32, num_answers=1842,
-                 hidden_dropout=0.1, attention_dropout=0.1, classifier_dropout=0.1, initializer_range=0.02,
-                 attn_implementation="sdpa", retrieval_loss="triplet"),
+    "tiny": dict(
+        vocab_size=4096,
+        hidden_size=32,
+        num_layers=12,
+        num_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=514,
+        type_vocab_size=2,
+        pad_token_id=1,
+        layer_norm_eps=1e-5,
+        v_feature_size=2048,
+        num_locs=7,
+        pooler_size=32,
+        clf_hidden_size=32,
+        num_answers=1842,
+        hidden_dropout=0.1,
+        attention_dropout=0.1,
+        classifier_dropout=0.1,
+        initializer_range=0.02,
+        attn_implementation="sdpa",
+        retrieval_loss="triplet",
+    ),
 }
 
 
@@ -60,8 +95,13 @@ VOLTA_ACTS = ("gelu", "relu", "swish")
 def _check_volta_uc2_layout(volta: dict, n: int) -> None:
     """UC2 = every sublayer shared by text and image with one LayerNorm, attention at 2k and FFN at 2k+1."""
     attn, ffn, every = list(range(0, 2 * n, 2)), list(range(1, 2 * n, 2)), list(range(2 * n))
-    want = {**{k: attn for k in ("tt_attn_sublayers", "tv_attn_sublayers", "vt_attn_sublayers", "vv_attn_sublayers")},
-            "t_ff_sublayers": ffn, "v_ff_sublayers": ffn, "shared_sublayers": every, "single_ln_sublayers": every}
+    want = {
+        **{k: attn for k in ("tt_attn_sublayers", "tv_attn_sublayers", "vt_attn_sublayers", "vv_attn_sublayers")},
+        "t_ff_sublayers": ffn,
+        "v_ff_sublayers": ffn,
+        "shared_sublayers": every,
+        "single_ln_sublayers": every,
+    }
     for key, value in want.items():
         if sorted(volta.get(key, value)) != value:
             raise ValueError(f"VOLTA config: {key} = {volta[key]} is not UC2's single-stream layout {value}")
@@ -72,8 +112,10 @@ def _check_volta_uc2_layout(volta: dict, n: int) -> None:
         for s in subs:
             t, v = text.get(str(s), volta.get(base)), image.get(str(s), volta.get(f"v_{base}", volta.get(base)))
             if t != v:
-                raise ValueError(f"VOLTA config: sublayer {s}: {key} {t} (text) != {v} (image); "
-                                 "UC2 shares every weight between text and image")
+                raise ValueError(
+                    f"VOLTA config: sublayer {s}: {key} {t} (text) != {v} (image); "
+                    "UC2 shares every weight between text and image"
+                )
 
 
 def _volta_per_layer(volta: dict, key: str, sublayers: list[int], default: int) -> list[int] | None:
@@ -93,23 +135,34 @@ def config_from_volta(volta: dict, **overrides) -> dict:
     if volta.get("hidden_act", "gelu") not in VOLTA_ACTS:
         raise ValueError(f"VOLTA config: hidden_act {volta['hidden_act']!r} is none of VOLTA's {VOLTA_ACTS}")
     cfg = dict(CONFIGS["base"])
-    cfg.update(vocab_size=volta["vocab_size"], hidden_size=volta["hidden_size"], num_layers=n,
-               num_heads=volta["num_attention_heads"], intermediate_size=volta["intermediate_size"],
-               max_position_embeddings=volta["max_position_embeddings"], type_vocab_size=volta["type_vocab_size"],
-               pad_token_id=volta.get("pad_token_id", 1), layer_norm_eps=volta["layer_norm_eps"],
-               v_feature_size=volta["v_feature_size"], num_locs=volta["num_locs"], pooler_size=volta["pooler_size"],
-               clf_hidden_size=volta["clf_hidden_size"], hidden_dropout=volta["hidden_dropout_prob"],
-               attention_dropout=volta["attention_probs_dropout_prob"],
-               initializer_range=volta.get("initializer_range", 0.02))
+    cfg.update(
+        vocab_size=volta["vocab_size"],
+        hidden_size=volta["hidden_size"],
+        num_layers=n,
+        num_heads=volta["num_attention_heads"],
+        intermediate_size=volta["intermediate_size"],
+        max_position_embeddings=volta["max_position_embeddings"],
+        type_vocab_size=volta["type_vocab_size"],
+        pad_token_id=volta.get("pad_token_id", 1),
+        layer_norm_eps=volta["layer_norm_eps"],
+        v_feature_size=volta["v_feature_size"],
+        num_locs=volta["num_locs"],
+        pooler_size=volta["pooler_size"],
+        clf_hidden_size=volta["clf_hidden_size"],
+        hidden_dropout=volta["hidden_dropout_prob"],
+        attention_dropout=volta["attention_probs_dropout_prob"],
+        initializer_range=volta.get("initializer_range", 0.02),
+    )
     if volta.get("hidden_act", "gelu") != "gelu":
         cfg["hidden_act"] = volta["hidden_act"]
     if volta.get("fusion_act", "relu") != "relu":
         cfg["pooler_act"] = "tanh"  # VOLTA's text pooler: ReLU for "relu", Tanh for any other value
     attn, ffn = list(range(0, 2 * n, 2)), list(range(1, 2 * n, 2))
-    for ours, theirs, subs, default in (("layer_attn_sizes", "sublayer2attn_hidden_size", attn, cfg["hidden_size"]),
-                                        ("layer_num_heads", "sublayer2num_attention_heads", attn, cfg["num_heads"]),
-                                        ("layer_intermediate_sizes", "sublayer2intermediate_size", ffn,
-                                         cfg["intermediate_size"])):
+    for ours, theirs, subs, default in (
+        ("layer_attn_sizes", "sublayer2attn_hidden_size", attn, cfg["hidden_size"]),
+        ("layer_num_heads", "sublayer2num_attention_heads", attn, cfg["num_heads"]),
+        ("layer_intermediate_sizes", "sublayer2intermediate_size", ffn, cfg["intermediate_size"]),
+    ):
         per_layer = _volta_per_layer(volta, theirs, subs, default)
         if per_layer is not None:
             cfg[ours] = per_layer
@@ -128,6 +181,7 @@ def resolve_config(name_or_path: str) -> dict:
 
 
 # ============================================================================ model
+
 
 class UC2Embeddings(nn.Module):
     """Text: LN(word + RoBERTa position + token_type[0]); regions: v_LN(img_LN(W f) + loc_LN(W s) + token_type[1])."""
@@ -151,12 +205,18 @@ class UC2Embeddings(nn.Module):
     def forward(self, input_ids, features, spatials):
         real = input_ids.ne(self.pad_token_id).long()
         positions = torch.cumsum(real, 1) * real + self.pad_token_id  # pads -> 1, tokens -> 2, 3, ...
-        text = self.word_embeddings(input_ids) + self.position_embeddings(positions) \
-            + self.token_type_embeddings(torch.zeros_like(input_ids))  # IGLUE's segment ids are all 0
+        text = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(positions)
+            + self.token_type_embeddings(torch.zeros_like(input_ids))
+        )  # IGLUE's segment ids are all 0
         text = self.dropout(self.LayerNorm(text))
         region_type = self.token_type_embeddings.weight[1]
-        image = self.image_layer_norm(self.image_embeddings(features)) \
-            + self.image_location_layer_norm(self.image_location_embeddings(spatials)) + region_type
+        image = (
+            self.image_layer_norm(self.image_embeddings(features))
+            + self.image_location_layer_norm(self.image_location_embeddings(spatials))
+            + region_type
+        )
         image = self.v_dropout(self.v_LayerNorm(image))
         return text, image
 
@@ -168,12 +228,18 @@ def _layer_value(c: dict, key: str, layer: int, default_key: str) -> int:
 
 def _xlmr_layer_config(c: dict, layer: int = 0) -> XLMRobertaConfig:
     heads = _layer_value(c, "layer_num_heads", layer, "num_heads")
-    xc = XLMRobertaConfig(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_hidden_layers=c["num_layers"],
-                          # HF checks hidden % heads; a width that differs from hidden is set by _set_attention_width
-                          num_attention_heads=heads if c["hidden_size"] % heads == 0 else 1,
-                          intermediate_size=_layer_value(c, "layer_intermediate_sizes", layer, "intermediate_size"),
-                          hidden_act=c.get("hidden_act", "gelu"), hidden_dropout_prob=c["hidden_dropout"],
-                          attention_probs_dropout_prob=c["attention_dropout"], layer_norm_eps=c["layer_norm_eps"])
+    xc = XLMRobertaConfig(
+        vocab_size=c["vocab_size"],
+        hidden_size=c["hidden_size"],
+        num_hidden_layers=c["num_layers"],
+        # HF checks hidden % heads; a width that differs from hidden is set by _set_attention_width
+        num_attention_heads=heads if c["hidden_size"] % heads == 0 else 1,
+        intermediate_size=_layer_value(c, "layer_intermediate_sizes", layer, "intermediate_size"),
+        hidden_act=c.get("hidden_act", "gelu"),
+        hidden_dropout_prob=c["hidden_dropout"],
+        attention_probs_dropout_prob=c["attention_dropout"],
+        layer_norm_eps=c["layer_norm_eps"],
+    )
     xc._attn_implementation = c.get("attn_implementation", "sdpa")
     return xc
 
@@ -184,7 +250,7 @@ def _set_attention_width(layer: XLMRobertaLayer, hidden: int, width: int, heads:
         raise ValueError(f"config: attention width {width} is not a multiple of its {heads} heads")
     att = layer.attention.self
     att.num_attention_heads, att.attention_head_size, att.all_head_size = heads, width // heads, width
-    att.scaling = att.attention_head_size ** -0.5
+    att.scaling = att.attention_head_size**-0.5
     att.query, att.key, att.value = (nn.Linear(hidden, width) for _ in range(3))
     layer.attention.output.dense = nn.Linear(width, hidden)
 
@@ -219,9 +285,12 @@ class UC2Encoder(nn.Module):
 def _make_head(task: str, c: dict) -> nn.Module:
     p = c["pooler_size"]
     if task == "xgqa":  # VOLTA "VL-classifier-GQA": SimpleClassifier
-        return nn.Sequential(nn.Linear(p, c["clf_hidden_size"]), nn.GELU(),
-                             nn.LayerNorm(c["clf_hidden_size"], eps=c["layer_norm_eps"]),
-                             nn.Linear(c["clf_hidden_size"], c["num_answers"]))
+        return nn.Sequential(
+            nn.Linear(p, c["clf_hidden_size"]),
+            nn.GELU(),
+            nn.LayerNorm(c["clf_hidden_size"], eps=c["layer_norm_eps"]),
+            nn.Linear(c["clf_hidden_size"], c["num_answers"]),
+        )
     if task == "xvnli":  # "VL-tri-classifier"
         return nn.Linear(p, 3)
     if task == "xflickrco":  # "VL-logit"
@@ -275,8 +344,13 @@ class UC2(nn.Module):
         pooled = torch.tanh(pooled) if self.config.get("pooler_act", "relu") == "tanh" else F.relu(pooled)
         if trace is not None:
             n = text.shape[1]
-            trace.update(embedding_t=text, embedding_v=image, pooled_output_t=pooled,
-                         sublayer_outputs_t=[s[:, :n] for s in subs], sublayer_outputs_v=[s[:, n:] for s in subs])
+            trace.update(
+                embedding_t=text,
+                embedding_v=image,
+                pooled_output_t=pooled,
+                sublayer_outputs_t=[s[:, :n] for s in subs],
+                sublayer_outputs_v=[s[:, n:] for s in subs],
+            )
         return pooled
 
     def forward(self, input_ids, attention_mask, features, spatials, image_mask, trace: dict | None = None):
@@ -287,7 +361,9 @@ class UC2(nn.Module):
     def _flat(batch: dict) -> list[torch.Tensor]:
         """The 5 input tensors with leading batch dims ([B] or VOLTA's grouped [B,4]) flattened."""
         lead = batch["input_ids"].dim() - 1
-        return [batch[k].flatten(0, lead - 1) for k in ("input_ids", "attention_mask", "features", "spatials", "image_mask")]
+        return [
+            batch[k].flatten(0, lead - 1) for k in ("input_ids", "attention_mask", "features", "spatials", "image_mask")
+        ]
 
     def _run(self, batch: dict, trace: dict | None = None):
         return self(*self._flat(batch), trace=trace)
@@ -301,7 +377,9 @@ class UC2(nn.Module):
             return F.binary_cross_entropy_with_logits(self._run(batch).float(), batch["target"])
         scores = self.pair_scores(batch).float()  # [B,4]: positive first, then 3 negatives
         if scores.dim() != 2:
-            raise ValueError(f"xflickrco training batch must be grouped [B,4,...], got input_ids {tuple(batch['input_ids'].shape)}")
+            raise ValueError(
+                f"xflickrco training batch must be grouped [B,4,...], got input_ids {tuple(batch['input_ids'].shape)}"
+            )
         return retrieval_loss(scores, self.config.get("retrieval_loss", "triplet"))
 
     def predict(self, batch: dict) -> torch.Tensor:
@@ -320,15 +398,16 @@ class UC2(nn.Module):
         return self._run(batch).view(batch["input_ids"].shape[:-1])
 
     # ---- evaluation protocol (engine.evaluate_task)
-    tie_order = "volta"   # VOLTA's eval_retrieval.py ranks in np.argsort(-s) order (engine.reference_order)
-    unscored = None       # every (caption, image) pair is scored
+    tie_order = "volta"  # VOLTA's eval_retrieval.py ranks in np.argsort(-s) order (engine.reference_order)
+    unscored = None  # every (caption, image) pair is scored
 
     def prepare_task(self, data_root, tokenizer) -> None:
         """Task data the model needs before predicting: none (UC2's heads classify over fixed label sets)."""
 
     @torch.no_grad()
-    def retrieval_scores(self, images, captions, batches: Callable, dist, device, opts, encoded: dict | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    def retrieval_scores(
+        self, images, captions, batches: Callable, dist, device, opts, encoded: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """VOLTA's protocol on a retrieval test set (data.RetrievalImages / RetrievalCaptions): the VL logit of
         every (caption, image) pair; every rank holds all images and scores its shard of the captions.
         batches(dataset, indices, progress label or None) iterates collated batches; opts: engine.RetrievalOptions
@@ -336,17 +415,27 @@ class UC2(nn.Module):
         img_batches = list(batches(images, range(len(images)), None))
         feats = {k: torch.cat([b[k] for b in img_batches]) for k in ("features", "spatials", "image_mask")}
         cap_batches = list(batches(captions, engine.shard(len(captions), dist), "captions"))
-        texts = {"input_ids": engine.pad_cat([b["input_ids"] for b in cap_batches], value=1) if cap_batches
-                 else torch.ones(0, 1, dtype=torch.long),
-                 "attention_mask": engine.pad_cat([b["attention_mask"] for b in cap_batches]) if cap_batches
-                 else torch.zeros(0, 1, dtype=torch.long)}
+        texts = {
+            "input_ids": engine.pad_cat([b["input_ids"] for b in cap_batches], value=1)
+            if cap_batches
+            else torch.ones(0, 1, dtype=torch.long),
+            "attention_mask": engine.pad_cat([b["attention_mask"] for b in cap_batches])
+            if cap_batches
+            else torch.zeros(0, 1, dtype=torch.long),
+        }
         rows = self.score_all_pairs(feats, texts, opts.pair_batch, device, opts.amp)
         scores = torch.cat(list(engine.gather([rows], dist)))
         return scores.t(), scores
 
     @torch.no_grad()
-    def score_all_pairs(self, images: dict[str, torch.Tensor], texts: dict[str, torch.Tensor], pair_batch: int = 1024,
-                        device="cpu", amp: str = "off") -> torch.Tensor:
+    def score_all_pairs(
+        self,
+        images: dict[str, torch.Tensor],
+        texts: dict[str, torch.Tensor],
+        pair_batch: int = 1024,
+        device="cpu",
+        amp: str = "off",
+    ) -> torch.Tensor:
         """The VL logit of EVERY (caption, image) pair, scored `pair_batch` pairs per forward. images: stacked
         features/spatials/image_mask [n_img, R, ...]; texts: stacked input_ids/attention_mask [n_txt, L].
         Returns [n_txt, n_img] (on CPU, float32)."""
@@ -358,12 +447,16 @@ class UC2(nn.Module):
         for start in range(0, total, pair_batch):
             pair = torch.arange(start, min(start + pair_batch, total), device=device)
             t, i = pair // n_img, pair % n_img
-            length = int(texts["attention_mask"][t].sum(1).max())   # trim padding common to the batch
-            batch = {"input_ids": texts["input_ids"][t, :length], "attention_mask": texts["attention_mask"][t, :length],
-                     "features": images["features"][i], "spatials": images["spatials"][i],
-                     "image_mask": images["image_mask"][i]}
+            length = int(texts["attention_mask"][t].sum(1).max())  # trim padding common to the batch
+            batch = {
+                "input_ids": texts["input_ids"][t, :length],
+                "attention_mask": texts["attention_mask"][t, :length],
+                "features": images["features"][i],
+                "spatials": images["spatials"][i],
+                "image_mask": images["image_mask"][i],
+            }
             with engine.autocast_for(device, amp):
-                out[start:start + len(pair)] = self.pair_scores(batch).float().reshape(-1).cpu()
+                out[start : start + len(pair)] = self.pair_scores(batch).float().reshape(-1).cpu()
         return out.view(n_txt, n_img)
 
 
@@ -382,8 +475,9 @@ def build_model(task: str, config: dict) -> UC2:
 def layer_layout(task: str, config: dict | None = None) -> freeze.LayerLayout:
     """12 XLM-R layers; text+image embeddings = "embeddings"; pooler and task head = "head" (always trainable)."""
     n = (config or CONFIGS["base"])["num_layers"]
-    return freeze.layout_from_rules(n, [("encoder.layer.", 0, 1)],
-                                    [("embeddings.", "embeddings"), ("pooler.", "head"), ("head.", "head")])
+    return freeze.layout_from_rules(
+        n, [("encoder.layer.", 0, 1)], [("embeddings.", "embeddings"), ("pooler.", "head"), ("head.", "head")]
+    )
 
 
 # ============================================================================ checkpoints
@@ -397,25 +491,50 @@ def layer_layout(task: str, config: dict | None = None) -> freeze.LayerLayout:
 #   ours      checkpoints written by this script (engine format, or a plain state dict of our names)
 
 # VOLTA pre-training heads kept in uc2_checkpoint_200000.bin; no part of the task model.
-VOLTA_PRETRAIN_HEADS = tuple(f"cls.{k}" for k in (
-    "predictions.bias", "predictions.transform.dense.weight", "predictions.transform.dense.bias",
-    "predictions.transform.LayerNorm.weight", "predictions.transform.LayerNorm.bias", "predictions.decoder.weight",
-    "bi_seq_relationship.weight", "bi_seq_relationship.bias", "imagePredictions.transform.dense.weight",
-    "imagePredictions.transform.dense.bias", "imagePredictions.transform.LayerNorm.weight",
-    "imagePredictions.transform.LayerNorm.bias", "imagePredictions.decoder_dict.0.weight",
-    "imagePredictions.decoder_dict.0.bias"))
+VOLTA_PRETRAIN_HEADS = tuple(
+    f"cls.{k}"
+    for k in (
+        "predictions.bias",
+        "predictions.transform.dense.weight",
+        "predictions.transform.dense.bias",
+        "predictions.transform.LayerNorm.weight",
+        "predictions.transform.LayerNorm.bias",
+        "predictions.decoder.weight",
+        "bi_seq_relationship.weight",
+        "bi_seq_relationship.bias",
+        "imagePredictions.transform.dense.weight",
+        "imagePredictions.transform.dense.bias",
+        "imagePredictions.transform.LayerNorm.weight",
+        "imagePredictions.transform.LayerNorm.bias",
+        "imagePredictions.decoder_dict.0.weight",
+        "imagePredictions.decoder_dict.0.bias",
+    )
+)
 
-_VOLTA_EMB = {"word_embeddings": "word_embeddings", "position_embeddings": "position_embeddings",
-              "new_token_type_embeddings": "token_type_embeddings", "LayerNorm": "LayerNorm",
-              "image_embeddings": "image_embeddings", "image_location_embeddings": "image_location_embeddings",
-              "image_layer_norm": "image_layer_norm", "image_location_layer_norm": "image_location_layer_norm",
-              "v_LayerNorm": "v_LayerNorm"}
+_VOLTA_EMB = {
+    "word_embeddings": "word_embeddings",
+    "position_embeddings": "position_embeddings",
+    "new_token_type_embeddings": "token_type_embeddings",
+    "LayerNorm": "LayerNorm",
+    "image_embeddings": "image_embeddings",
+    "image_location_embeddings": "image_location_embeddings",
+    "image_layer_norm": "image_layer_norm",
+    "image_location_layer_norm": "image_location_layer_norm",
+    "v_LayerNorm": "v_LayerNorm",
+}
 # VOLTA sublayer 2k (attention) / 2k+1 (FFN) -> our layer k; v_* twins are aliases of the text weights.
-_VOLTA_ATTN = {"attention_self.query": "attention.self.query", "attention_self.key": "attention.self.key",
-               "attention_self.value": "attention.self.value", "attention_output.dense": "attention.output.dense",
-               "attention_output.LayerNorm": "attention.output.LayerNorm"}
-_VOLTA_FFN = {"intermediate.dense": "intermediate.dense", "output.dense": "output.dense",
-              "output.LayerNorm": "output.LayerNorm"}
+_VOLTA_ATTN = {
+    "attention_self.query": "attention.self.query",
+    "attention_self.key": "attention.self.key",
+    "attention_self.value": "attention.self.value",
+    "attention_output.dense": "attention.output.dense",
+    "attention_output.LayerNorm": "attention.output.LayerNorm",
+}
+_VOLTA_FFN = {
+    "intermediate.dense": "intermediate.dense",
+    "output.dense": "output.dense",
+    "output.LayerNorm": "output.LayerNorm",
+}
 _V_TWIN = re.compile(r"^(attention_self|attention_output|intermediate|output)\.v_(\w+)$")
 
 
@@ -423,7 +542,10 @@ def volta_key(key: str, task: str) -> tuple[str, str]:
     """Classify one VOLTA state-dict key: ("map", our_key) | ("alias", canonical VOLTA key) |
     ("drop", reason) | ("head", our_key) | ("unknown", "")."""
     if key in VOLTA_PRETRAIN_HEADS:
-        return "drop", "VOLTA pre-training head (MLM/ITM/region class); unused by the task model, as in VOLTA's from_pretrained"
+        return (
+            "drop",
+            "VOLTA pre-training head (MLM/ITM/region class); unused by the task model, as in VOLTA's from_pretrained",
+        )
     if key == "bert.embeddings.image_token_type_embeddings.weight":
         return "alias", "bert.embeddings.new_token_type_embeddings.weight"
     m = re.match(r"^bert\.embeddings\.(\w+)\.(weight|bias)$", key)
@@ -455,19 +577,30 @@ def volta_key(key: str, task: str) -> tuple[str, str]:
 def _original_to_volta(key: str) -> str:
     """UC2 original key -> the name VOLTA's convert_uc2.py gives it (its rename rules, in its order:
     docs/reference_facts.md#F-uc2-convert)."""
-    for a, b in (("roberta", "bert"), ("img_embeddings", "embeddings"), ("img_linear", "image_embeddings"),
-                 ("pos_linear", "image_location_embeddings"), ("img_layer_norm", "image_layer_norm"),
-                 ("pos_layer_norm", "image_location_layer_norm"), ("attention.self", "attention_self"),
-                 ("attention.output", "attention_output")):
+    for a, b in (
+        ("roberta", "bert"),
+        ("img_embeddings", "embeddings"),
+        ("img_linear", "image_embeddings"),
+        ("pos_linear", "image_location_embeddings"),
+        ("img_layer_norm", "image_layer_norm"),
+        ("pos_layer_norm", "image_location_layer_norm"),
+        ("attention.self", "attention_self"),
+        ("attention.output", "attention_output"),
+    ):
         key = key.replace(a, b)
     if ".layer." in key:
         parts = key.split(".")
         n = int(parts[3])
         parts[3] = str(2 * n + int(".intermediate." in key or ".output." in key))
         key = ".".join(parts)
-    for a, b in (("pooler", "t_pooler"), ("cls.dense", "cls.predictions.transform.dense"),
-                 ("cls.layer_norm", "cls.predictions.transform.LayerNorm"), ("cls.bias", "cls.predictions.bias"),
-                 ("cls.decoder", "cls.predictions.decoder"), ("itm_output", "cls.bi_seq_relationship")):
+    for a, b in (
+        ("pooler", "t_pooler"),
+        ("cls.dense", "cls.predictions.transform.dense"),
+        ("cls.layer_norm", "cls.predictions.transform.LayerNorm"),
+        ("cls.bias", "cls.predictions.bias"),
+        ("cls.decoder", "cls.predictions.decoder"),
+        ("itm_output", "cls.bi_seq_relationship"),
+    ):
         key = key.replace(a, b)
     return key
 
@@ -484,8 +617,9 @@ def detect_format(keys: list[str]) -> str:
     raise ValueError(f"unrecognised checkpoint layout (first keys: {keys[:3]})")
 
 
-def plan_load(source: dict[str, tuple], target: dict[str, tuple], task: str, fmt: str | None = None,
-              name: str = "") -> engine.LoadPlan:
+def plan_load(
+    source: dict[str, tuple], target: dict[str, tuple], task: str, fmt: str | None = None, name: str = ""
+) -> engine.LoadPlan:
     """Plan loading a state dict with key->shape `source` (file order) into a model with `target`
     key->shape. Shapes are tuples; -1 entries (unknown sizes in manifests) only appear in dropped keys."""
     fmt = fmt or detect_format(list(source))
@@ -501,8 +635,9 @@ def plan_load(source: dict[str, tuple], target: dict[str, tuple], task: str, fmt
     else:
         raise ValueError(f"unknown checkpoint format {fmt!r}")
     head_from_file = any(dst.startswith("head.") for dst in plan.copy)
-    return engine.finish_load_plan(plan, source, target, fresh=lambda key: _fresh_reason(fmt, key, head_from_file),
-                                   fits={"row0": _row0_fits})
+    return engine.finish_load_plan(
+        plan, source, target, fresh=lambda key: _fresh_reason(fmt, key, head_from_file), fits={"row0": _row0_fits}
+    )
 
 
 def _fresh_reason(fmt: str, key: str, head_from_file: bool) -> str | None:
@@ -571,8 +706,13 @@ def _plan_original(plan: engine.LoadPlan, source: dict, task: str) -> None:
     for k in source:  # file order: a later key overwrites an earlier one, as in the converter
         v = _original_to_volta(k)
         if v in by_volta:
-            plan.dropped.append((by_volta[v], f"overwritten by {k}: both become {v} in VOLTA's convert_uc2.py "
-                                              f"and the later key wins (documented collision, kept as VOLTA has it)"))
+            plan.dropped.append(
+                (
+                    by_volta[v],
+                    f"overwritten by {k}: both become {v} in VOLTA's convert_uc2.py "
+                    f"and the later key wins (documented collision, kept as VOLTA has it)",
+                )
+            )
         by_volta[v] = k
     shown = set(by_volta.values())
     for k in source:
@@ -591,17 +731,23 @@ def _plan_original(plan: engine.LoadPlan, source: dict, task: str) -> None:
     if "embeddings.v_LayerNorm.weight" not in plan.copy:
         for wb, val in (("weight", 1.0), ("bias", 0.0)):
             plan.constant[f"embeddings.v_LayerNorm.{wb}"] = val
-            plan.initialised.append((f"embeddings.v_LayerNorm.{wb}",
-                                     f"no source: VOLTA's converter leaves it at construction value {val:g}"))
+            plan.initialised.append(
+                (
+                    f"embeddings.v_LayerNorm.{wb}",
+                    f"no source: VOLTA's converter leaves it at construction value {val:g}",
+                )
+            )
     if any("roberta.img_embeddings.LayerNorm" in k for k in source):
-        plan.notes.append("embeddings.LayerNorm holds UC2's image-embedding LayerNorm (VOLTA converter name collision, "
-                          "reproduced on purpose); embeddings.v_LayerNorm is 1/0")
+        plan.notes.append(
+            "embeddings.LayerNorm holds UC2's image-embedding LayerNorm (VOLTA converter name collision, "
+            "reproduced on purpose); embeddings.v_LayerNorm is 1/0"
+        )
 
 
 def _plan_xlmr(plan: engine.LoadPlan, source: dict) -> None:
     """Hugging Face xlm-roberta-base (XLMRobertaModel or ...ForMaskedLM): text embeddings, layers, pooler."""
     for k in source:
-        s = k[len("roberta."):] if k.startswith("roberta.") else k
+        s = k[len("roberta.") :] if k.startswith("roberta.") else k
         if s.startswith("lm_head.") or s.endswith(("position_ids", "token_type_ids")):
             plan.dropped.append((k, "not part of UC2 (MLM head / buffer)"))
         elif s == "embeddings.token_type_embeddings.weight":
@@ -619,6 +765,7 @@ def _plan_xlmr(plan: engine.LoadPlan, source: dict) -> None:
 
 # ---- reading files
 
+
 def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict in file order, extra) from any supported file or folder (HF folders: model.safetensors
     or pytorch_model.bin). extra holds our checkpoint metadata ("meta") when present."""
@@ -631,6 +778,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         raise ValueError(f"{path}: checkpoint file not found")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
+
         return dict(load_file(path)), {}
     try:
         obj = engine.read_torch_file(path)  # weights only; IGLUE's pickled tbLogger becomes an inert stand-in
@@ -647,9 +795,11 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         obj = obj["model"]
         engine.check_checkpoint_model(extra.get("meta"), "uc2", path)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: no state dict found (top-level keys: {list(obj)[:6] if isinstance(obj, dict) else type(obj)})")
+        raise ValueError(
+            f"{path}: no state dict found (top-level keys: {list(obj)[:6] if isinstance(obj, dict) else type(obj)})"
+        )
     if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return dict(obj), extra
 
 
@@ -703,24 +853,44 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_common_args(p, DEFAULTS)
     u = p.add_argument_group("UC2 (train_uc2.py)")
     u.add_argument("--model-config", default="base", help="tiny | base | our config json | a VOLTA UC2 config json")
-    u.add_argument("--checkpoint", default=None,
-                   help="initial weights: IGLUE's VOLTA UC2 file (pre-trained or fine-tuned, .bin/.tar), UC2's original "
-                        "model_step_*.pt, an xlm-roberta-base folder (text side only), or a model_final.pt of ours")
-    u.add_argument("--features", nargs="+", default=[],
-                   help="region-feature files: image-keyed LMDB/H5 (all are searched per image id); for xgqa a GQA "
-                        "serialized (per-question) LMDB is the training set")
+    u.add_argument(
+        "--checkpoint",
+        default=None,
+        help="initial weights: IGLUE's VOLTA UC2 file (pre-trained or fine-tuned, .bin/.tar), UC2's original "
+        "model_step_*.pt, an xlm-roberta-base folder (text side only), or a model_final.pt of ours",
+    )
+    u.add_argument(
+        "--features",
+        nargs="+",
+        default=[],
+        help="region-feature files: image-keyed LMDB/H5 (all are searched per image id); for xgqa a GQA "
+        "serialized (per-question) LMDB is the training set",
+    )
     u.add_argument("--max-regions", type=int, default=36, help="regions per image (IGLUE's UC2 runs: 36)")
-    u.add_argument("--hard-negatives", default=None,
-                   help="xflickrco: VOLTA's hard_negative.pkl for the 4th pair (default: <datasets>/flickr30k/hard_negative.pkl "
-                        "if present; without it the 4th pair uses a random image, with a warning)")
-    u.add_argument("--retrieval-negatives", choices=data.RETRIEVAL_NEGATIVES, default="volta",
-                   help="xflickrco: volta = VOLTA's RetrievalDataset exactly, as IGLUE's UC2 runs (both negative "
-                        "captions are among the file's first 5, a VOLTA bug); corrected = captions of the drawn "
-                        "random / hard-pool images, never the positive's own image")
-    u.add_argument("--retrieval-loss", choices=("triplet", "ce"), default="triplet",
-                   help="xflickrco: triplet on sigmoid scores, margin 0.2 (IGLUE's UC2 runs) or VOLTA's task-config cross-entropy")
+    u.add_argument(
+        "--hard-negatives",
+        default=None,
+        help="xflickrco: VOLTA's hard_negative.pkl for the 4th pair (default: <datasets>/flickr30k/hard_negative.pkl "
+        "if present; without it the 4th pair uses a random image, with a warning)",
+    )
+    u.add_argument(
+        "--retrieval-negatives",
+        choices=data.RETRIEVAL_NEGATIVES,
+        default="volta",
+        help="xflickrco: volta = VOLTA's RetrievalDataset exactly, as IGLUE's UC2 runs (both negative "
+        "captions are among the file's first 5, a VOLTA bug); corrected = captions of the drawn "
+        "random / hard-pool images, never the positive's own image",
+    )
+    u.add_argument(
+        "--retrieval-loss",
+        choices=("triplet", "ce"),
+        default="triplet",
+        help="xflickrco: triplet on sigmoid scores, margin 0.2 (IGLUE's UC2 runs) or VOLTA's task-config cross-entropy",
+    )
     u.add_argument("--tokenizer", default="xlm-roberta-base", help="XLM-R tokenizer folder or cached hub id")
-    u.add_argument("--eval-batch-size", type=int, default=128, help="examples (retrieval: caption-image pairs) per eval forward")
+    u.add_argument(
+        "--eval-batch-size", type=int, default=128, help="examples (retrieval: caption-image pairs) per eval forward"
+    )
     u.add_argument("--no-eval", action="store_true", help="skip the per-epoch evaluation")
     return p
 
@@ -795,9 +965,16 @@ def build_train_dataset(args, features: FeatureSet | None, serialized: list[str]
     # IGLUE's training split (engine's --train-split default "train"): GQA train (LXMERT json) or its serialized
     # LMDB, XVNLI en/train.jsonl, Flickr30k train_ann.jsonl
     examples = data.load_split(args.data_root, args.task, args.train_split, args.train_lang)
-    return data.REGION_FEATURES.dataset(args.task, examples, features=features, train=True,
-                                        max_regions=args.max_regions, seed=args.seed,
-                                        hard_negatives=args.hard_negatives, negatives=args.retrieval_negatives)
+    return data.REGION_FEATURES.dataset(
+        args.task,
+        examples,
+        features=features,
+        train=True,
+        max_regions=args.max_regions,
+        seed=args.seed,
+        hard_negatives=args.hard_negatives,
+        negatives=args.retrieval_negatives,
+    )
 
 
 def checked_train_dataset(args, features: FeatureSet | None, serialized: list[str]):
@@ -824,8 +1001,10 @@ def model_config_from_args(args) -> dict:
     # data.py reads IGLUE's region files: 2048-d features, 7 location values (VOLTA's datasets pad to 2048 too)
     for key, have in (("v_feature_size", data.FEATURE_DIM), ("num_locs", 7)):
         if config[key] != have:
-            raise SystemExit(f"error: --model-config {args.model_config}: {key} = {config[key]}, but the region "
-                             f"features this script reads have {have}")
+            raise SystemExit(
+                f"error: --model-config {args.model_config}: {key} = {config[key]}, but the region "
+                f"features this script reads have {have}"
+            )
     engine.check_heads(config, [("hidden_size", "num_heads")], args.model_config)
     config["retrieval_loss"] = args.retrieval_loss
     if args.dropout is not None:
@@ -834,8 +1013,9 @@ def model_config_from_args(args) -> dict:
 
 
 @engine.exits_on_bad_input
-def main(argv: list[str] | None = None, *, dist: engine.DistInfo | None = None,
-         on_evaluated: Callable | None = None) -> None:
+def main(
+    argv: list[str] | None = None, *, dist: engine.DistInfo | None = None, on_evaluated: Callable | None = None
+) -> None:
     """train_uc2.py's command line (argv: its arguments). dist: a process group the caller set up and ends itself
     (eval_zeroshot fewshot runs several trainings and an evaluation in one); on_evaluated: engine.train's hook."""
     args = engine.parse_args(build_parser(), argv, DEFAULTS)
@@ -844,10 +1024,13 @@ def main(argv: list[str] | None = None, *, dist: engine.DistInfo | None = None,
     schedule = freeze.schedule_from_args(args, layout.num_layers)
 
     if args.print_schedule:
+
         def count_train() -> int:
             return len(build_train_dataset(args, *open_feature_files(args.features)))
-        return engine.print_schedule_only(build_model, config, layout, schedule, args, count_train,
-                                          "--data-root/--features")
+
+        return engine.print_schedule_only(
+            build_model, config, layout, schedule, args, count_train, "--data-root/--features"
+        )
 
     owns_group = dist is None
     dist = engine.setup_distributed() if owns_group else dist
@@ -862,8 +1045,13 @@ def main(argv: list[str] | None = None, *, dist: engine.DistInfo | None = None,
         model = build_model(args.task, config)
         if args.checkpoint and not engine.resuming(args, run_dir):  # a run killed before epoch 1 ended starts anew
             plan, extra = load_checkpoint_arg(model, args.checkpoint)
-            engine.check_tokenizer_vocab(tokenizer, config["vocab_size"], args.tokenizer, args.checkpoint,
-                                         extra.get("meta", {}) if plan.fmt == "ours" else None)  # None: released weights
+            engine.check_tokenizer_vocab(
+                tokenizer,
+                config["vocab_size"],
+                args.tokenizer,
+                args.checkpoint,
+                extra.get("meta", {}) if plan.fmt == "ours" else None,
+            )  # None: released weights
             if dist.is_main:
                 print(plan.report(), flush=True)
                 (run_dir / "load_report.txt").write_text(plan.report(verbose=True) + "\n")
@@ -873,23 +1061,46 @@ def main(argv: list[str] | None = None, *, dist: engine.DistInfo | None = None,
         if args.task == "xflickrco":
             args.hard_negatives = find_hard_negatives(args)  # recorded in args.json
             if args.hard_negatives is None and dist.is_main:
-                print("warning: no hard_negative.pkl (give --hard-negatives, or put it in <datasets>/flickr30k/): "
-                      "the 4th pair of each caption uses a random other image, not VOLTA's hard negatives",
-                      file=sys.stderr, flush=True)
+                print(
+                    "warning: no hard_negative.pkl (give --hard-negatives, or put it in <datasets>/flickr30k/): "
+                    "the 4th pair of each caption uses a random other image, not VOLTA's hard negatives",
+                    file=sys.stderr,
+                    flush=True,
+                )
         train_ds = checked_train_dataset(args, features, serialized)
-        loader = engine.build_train_loader(train_ds, args, dist, data.UC2Collate(args.task, tokenizer, train=True,
-                                                                          num_answers=config["num_answers"]))
+        loader = engine.build_train_loader(
+            train_ds, args, dist, data.UC2Collate(args.task, tokenizer, train=True, num_answers=config["num_answers"])
+        )
         evaluate_fn = None
         if not args.no_eval:
             if features is None:
-                raise SystemExit("error: evaluation needs image-keyed --features for the test images (or pass --no-eval)")
+                raise SystemExit(
+                    "error: evaluation needs image-keyed --features for the test images (or pass --no-eval)"
+                )
             with engine.about("evaluation data"):
-                evaluate_fn = engine.trainer_evaluate_fn("uc2", args, tokenizer, dist, features=features,
-                                                         max_regions=args.max_regions,
-                                                         pair_batch=args.eval_batch_size)
+                evaluate_fn = engine.trainer_evaluate_fn(
+                    "uc2",
+                    args,
+                    tokenizer,
+                    dist,
+                    features=features,
+                    max_regions=args.max_regions,
+                    pair_batch=args.eval_batch_size,
+                )
         meta = {**engine.base_meta("uc2", args, config, tokenizer), "max_regions": args.max_regions}
-        engine.train(args, model, layout, schedule, loader, evaluate_fn, meta, dist,
-                     no_decay=NO_DECAY_RULES[args.recipe], on_evaluated=on_evaluated, run_dir=run_dir)
+        engine.train(
+            args,
+            model,
+            layout,
+            schedule,
+            loader,
+            evaluate_fn,
+            meta,
+            dist,
+            no_decay=NO_DECAY_RULES[args.recipe],
+            on_evaluated=on_evaluated,
+            run_dir=run_dir,
+        )
     finally:
         engine.cleanup_distributed(end_group=owns_group)
 

@@ -20,6 +20,7 @@ Run folder: args.json, metrics.jsonl, checkpoint_last.pt (engine's resume state,
 head), model_final.pt (the UC2 task model as train_uc2 writes it, "cl_head" beside it, meta["xvlmaml"]),
 results.json / IGLUE CSVs of the final zero-shot evaluation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,20 +48,52 @@ CL_EMBEDS = ("separate", "joint")
 
 def _read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
 INNER_PARAMS = ("all", "top")
 # Arguments that change the result: a --resume must repeat them (engine.RESUME_KEYS covers the rest).
-MAML_RESUME_KEYS = ("variant", "inner_lr", "inner_steps", "first_order", "cl_weight", "inner_terms", "outer_terms",
-                    "cl_embed", "cl_dim", "cl_temperature", "cl_asymmetric", "cl_keep_same_image", "inner_params",
-                    "inner_top_layers", "aux_lang", "aux_split", "support_size", "query_size", "en_batch_size",
-                    "en_split", "meta_batch", "iters_per_epoch", "init")
-DEFAULTS = {"epochs": 1, "iters_per_epoch": 500, "lr": 1e-5, "inner_lr": 1e-4, "support_size": 16, "query_size": 16,
-            "en_batch_size": 32, "meta_batch": 1}
+MAML_RESUME_KEYS = (
+    "variant",
+    "inner_lr",
+    "inner_steps",
+    "first_order",
+    "cl_weight",
+    "inner_terms",
+    "outer_terms",
+    "cl_embed",
+    "cl_dim",
+    "cl_temperature",
+    "cl_asymmetric",
+    "cl_keep_same_image",
+    "inner_params",
+    "inner_top_layers",
+    "aux_lang",
+    "aux_split",
+    "support_size",
+    "query_size",
+    "en_batch_size",
+    "en_split",
+    "meta_batch",
+    "iters_per_epoch",
+    "init",
+)
+DEFAULTS = {
+    "epochs": 1,
+    "iters_per_epoch": 500,
+    "lr": 1e-5,
+    "inner_lr": 1e-4,
+    "support_size": 16,
+    "query_size": 16,
+    "en_batch_size": 32,
+    "meta_batch": 1,
+}
 
 
 # ============================================================================ model
 
+
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return ((1.0 - mask.to(dtype)) * -10000.0)[:, None, None, :]   # UC2.encode's (VOLTA's) key mask
+    return ((1.0 - mask.to(dtype)) * -10000.0)[:, None, None, :]  # UC2.encode's (VOLTA's) key mask
 
 
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -91,7 +124,7 @@ def pair_embeddings(model: U.UC2, pairs: dict, mode: str) -> tuple[torch.Tensor,
     if mode == "joint":
         keep = torch.cat([pairs["attention_mask"], pairs["image_mask"]], 1)
         h = model.encoder(torch.cat([text, image], 1), _additive(keep, text.dtype))
-        return _masked_mean(h[:, text.shape[1]:], pairs["image_mask"]), h[:, 0]
+        return _masked_mean(h[:, text.shape[1] :], pairs["image_mask"]), h[:, 0]
     raise ValueError(f"--cl-embed must be one of {', '.join(CL_EMBEDS)}, got {mode!r}")
 
 
@@ -106,8 +139,11 @@ class XVLModel(nn.Module):
 
     # parameters each loss term reads (by name prefix): the contrastive loss never reaches UC2's pooler
     # and task head, the task losses never reach the contrastive head
-    TERM_PREFIXES = {"cl": ("model.embeddings.", "model.encoder.", "cl_head."), "task_aux": ("model.",),
-                     "task_en": ("model.",)}
+    TERM_PREFIXES = {
+        "cl": ("model.embeddings.", "model.encoder.", "cl_head."),
+        "task_aux": ("model.",),
+        "task_en": ("model.",),
+    }
 
     def used_by(self, name: str, terms: Sequence[str]) -> bool:
         return any(name.startswith(p) for t in terms for p in self.TERM_PREFIXES[t])
@@ -121,9 +157,11 @@ class XVLModel(nn.Module):
     def forward(self, batch: dict, terms: Sequence[str] = ("cl",), cl_weight: float = 1.0) -> torch.Tensor:
         total = None
         for term in terms:
-            loss = {"cl": lambda: cl_weight * self.cl_loss(batch["aux"]),
-                    "task_aux": lambda: self.model.loss(batch["aux"]),
-                    "task_en": lambda: self.model.loss(batch["en"])}[term]()
+            loss = {
+                "cl": lambda: cl_weight * self.cl_loss(batch["aux"]),
+                "task_aux": lambda: self.model.loss(batch["aux"]),
+                "task_en": lambda: self.model.loss(batch["en"]),
+            }[term]()
             total = loss if total is None else total + loss
         return total
 
@@ -131,23 +169,28 @@ class XVLModel(nn.Module):
 def xvl_layout(base: freeze.LayerLayout) -> freeze.LayerLayout:
     """UC2's layout under the "model." prefix; the contrastive head is a task head (it trains under every
     policy, top included: without it the contrastive loss has no output)."""
+
     def layer_of(name: str) -> int | None:
-        return base.layer_of(name[len("model."):]) if name.startswith("model.") else None
+        return base.layer_of(name[len("model.") :]) if name.startswith("model.") else None
 
     def module_of(name: str) -> str:
-        return base.module_of(name[len("model."):]) if name.startswith("model.") else "cl_head"
-    return freeze.LayerLayout(base.num_layers, layer_of, module_of, base.embedding_modules,
-                              tuple(base.task_head_modules) + ("cl_head",))
+        return base.module_of(name[len("model.") :]) if name.startswith("model.") else "cl_head"
+
+    return freeze.LayerLayout(
+        base.num_layers, layer_of, module_of, base.embedding_modules, tuple(base.task_head_modules) + ("cl_head",)
+    )
 
 
 # ============================================================================ episodes
+
 
 def episode_rng(seed: int, iteration: int, episode: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, iteration, episode, stream])
 
 
-def episode_indices(seed: int, iteration: int, episode: int, pool: int, support: int, query: int,
-                    en_pool: int = 0, en_batch: int = 0) -> tuple[list[int], list[int], list[int]]:
+def episode_indices(
+    seed: int, iteration: int, episode: int, pool: int, support: int, query: int, en_pool: int = 0, en_batch: int = 0
+) -> tuple[list[int], list[int], list[int]]:
     """(support, query, English) example indices of one episode: support and query disjoint draws from
     the auxiliary pool, the English batch (variant full) from the English training set; a function of
     (seed, iteration, episode) only."""
@@ -178,20 +221,35 @@ class Episodes:
     def __call__(self, iteration: int, episodes: range) -> Iterator[tuple[dict, dict]]:
         a = self.args
         for e in episodes:
-            s, q, en = episode_indices(a.seed, iteration, e, len(self.aux_ds), a.support_size, a.query_size,
-                                       len(self.en_ds) if self.en_ds is not None else 0,
-                                       a.en_batch_size if self.en_ds is not None else 0)
+            s, q, en = episode_indices(
+                a.seed,
+                iteration,
+                e,
+                len(self.aux_ds),
+                a.support_size,
+                a.query_size,
+                len(self.en_ds) if self.en_ds is not None else 0,
+                a.en_batch_size if self.en_ds is not None else 0,
+            )
             support, query = {"aux": self._batch(self.aux_ds, s)}, {"aux": self._batch(self.aux_ds, q)}
             if en:
                 query["en"] = self._batch(self.en_ds, en)
-            torch.manual_seed(episode_seed(a.seed, iteration, e))   # dropout of this episode (inside fork_rng)
+            torch.manual_seed(episode_seed(a.seed, iteration, e))  # dropout of this episode (inside fork_rng)
             yield support, query
 
 
 # ============================================================================ one meta-step
 
-def meta_step(net: XVLModel, cfg: M.MamlConfig, episodes: Iterator[tuple[dict, dict]], n_total: int,
-              adapt_names: Sequence[str], dist: engine.DistInfo, device: torch.device) -> tuple[list[float], int]:
+
+def meta_step(
+    net: XVLModel,
+    cfg: M.MamlConfig,
+    episodes: Iterator[tuple[dict, dict]],
+    n_total: int,
+    adapt_names: Sequence[str],
+    dist: engine.DistInfo,
+    device: torch.device,
+) -> tuple[list[float], int]:
     """Meta-gradients of this rank's episodes into p.grad of the trainable parameters the losses read,
     summed over ranks and divided by the iteration's episode count (n_total). Returns (this rank's episode
     losses, number of non-finite ones). Under torch.random.fork_rng: the global torch stream is untouched.
@@ -214,9 +272,11 @@ def _attention_for(cfg: M.MamlConfig):
     """Second order differentiates attention twice; torch's fused SDPA kernels have no double backward,
     the math one has (same result up to rounding)."""
     from contextlib import nullcontext
+
     if cfg.first_order or cfg.inner_steps == 0:
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
     return sdpa_kernel(SDPBackend.MATH)
 
 
@@ -227,24 +287,36 @@ def all_reduce_grads(params: list[nn.Parameter]) -> None:
     offset = 0
     for p in params:
         n = p.grad.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
         offset += n
 
 
 # ============================================================================ CLI
 
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     i = p.add_argument_group("initial weights (one of)")
-    i.add_argument("--run", "--run-dir", dest="run", default=None,
-                   help="English-fine-tuned run folder of train_uc2.py (model_final.pt): task and config from it")
-    i.add_argument("--checkpoint", default=None,
-                   help="pre-trained UC2 checkpoint (any format train_uc2 reads); needs --task and --model-config")
+    i.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        default=None,
+        help="English-fine-tuned run folder of train_uc2.py (model_final.pt): task and config from it",
+    )
+    i.add_argument(
+        "--checkpoint",
+        default=None,
+        help="pre-trained UC2 checkpoint (any format train_uc2 reads); needs --task and --model-config",
+    )
     i.add_argument("--task", choices=engine.TASKS, default=None)
     i.add_argument("--model-config", default="base", help="with --checkpoint: tiny | base | config json")
     a = p.add_argument_group("auxiliary language")
     a.add_argument("--aux-lang", required=True, help="auxiliary language whose IGLUE data the meta-training reads")
-    a.add_argument("--aux-split", default=None,
-                   help="its split (default: dev if it has one, else its largest few-shot train_<n>; never test)")
+    a.add_argument(
+        "--aux-split",
+        default=None,
+        help="its split (default: dev if it has one, else its largest few-shot train_<n>; never test)",
+    )
     a.add_argument("--en-split", default="train", help="variant full: the English training split of the task loss")
     m = p.add_argument_group("XVL-MAML (maml.py)")
     m.add_argument("--variant", choices=M.VARIANTS, default="full")
@@ -254,21 +326,36 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--cl-weight", type=float, default=1.0, help="lambda on the contrastive loss")
     m.add_argument("--inner-terms", nargs="+", choices=M.TERMS, default=None, help="override the variant's inner loss")
     m.add_argument("--outer-terms", nargs="+", choices=M.TERMS, default=None, help="override the variant's outer loss")
-    m.add_argument("--cl-embed", choices=CL_EMBEDS, default="separate",
-                   help="UC2 image/text embeddings: separate text-only/image-only passes, or the joint pass")
+    m.add_argument(
+        "--cl-embed",
+        choices=CL_EMBEDS,
+        default="separate",
+        help="UC2 image/text embeddings: separate text-only/image-only passes, or the joint pass",
+    )
     m.add_argument("--cl-dim", type=int, default=256, help="projection size of the contrastive head")
     m.add_argument("--cl-temperature", type=float, default=0.07)
     m.add_argument("--cl-asymmetric", action="store_true", help="image->text InfoNCE only (default: symmetric)")
-    m.add_argument("--cl-keep-same-image", action="store_true",
-                   help="count pairs sharing an image as negatives (default: masked out)")
-    m.add_argument("--inner-params", choices=INNER_PARAMS, default="all",
-                   help="all trainable parameters adapt in the inner loop, or only the top layers + heads")
+    m.add_argument(
+        "--cl-keep-same-image",
+        action="store_true",
+        help="count pairs sharing an image as negatives (default: masked out)",
+    )
+    m.add_argument(
+        "--inner-params",
+        choices=INNER_PARAMS,
+        default="all",
+        help="all trainable parameters adapt in the inner loop, or only the top layers + heads",
+    )
     m.add_argument("--inner-top-layers", type=int, default=3, help="--inner-params top: encoder layers adapted")
     m.add_argument("--support-size", type=int, default=DEFAULTS["support_size"])
     m.add_argument("--query-size", type=int, default=DEFAULTS["query_size"])
     m.add_argument("--en-batch-size", type=int, default=DEFAULTS["en_batch_size"], help="variant full: English batch")
-    m.add_argument("--meta-batch", type=int, default=DEFAULTS["meta_batch"],
-                   help="episodes per meta-update (a multiple of the process count)")
+    m.add_argument(
+        "--meta-batch",
+        type=int,
+        default=DEFAULTS["meta_batch"],
+        help="episodes per meta-update (a multiple of the process count)",
+    )
     o = p.add_argument_group("outer optimisation")
     o.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="blocks of --iters-per-epoch meta-updates")
     o.add_argument("--iters-per-epoch", type=int, default=DEFAULTS["iters_per_epoch"])
@@ -293,10 +380,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--eval-batch-size", type=int, default=64)
     r.add_argument("--num-workers", type=int, default=0, help="evaluation loader workers")
     r.add_argument("--no-eval", action="store_true", help="skip every evaluation (per epoch and final)")
-    r.add_argument("--epoch-eval-split", default="test",
-                   help="split evaluated in --eval-langs after every epoch, into metrics.jsonl (the per-epoch curves "
-                        "of eval_zeroshot plot/figures; the last epoch's is repeated by the final evaluation, which "
-                        "writes results.json); none: only the final evaluation")
+    r.add_argument(
+        "--epoch-eval-split",
+        default="test",
+        help="split evaluated in --eval-langs after every epoch, into metrics.jsonl (the per-epoch curves "
+        "of eval_zeroshot plot/figures; the last epoch's is repeated by the final evaluation, which "
+        "writes results.json); none: only the final evaluation",
+    )
     freeze.add_policy_args(p)
 
 
@@ -316,10 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def maml_config(args) -> M.MamlConfig:
     try:
-        return M.MamlConfig(variant=args.variant, inner_lr=args.inner_lr, inner_steps=args.inner_steps,
-                            first_order=args.first_order, cl_weight=args.cl_weight,
-                            inner_terms=tuple(args.inner_terms) if args.inner_terms else None,
-                            outer_terms=tuple(args.outer_terms) if args.outer_terms else None)
+        return M.MamlConfig(
+            variant=args.variant,
+            inner_lr=args.inner_lr,
+            inner_steps=args.inner_steps,
+            first_order=args.first_order,
+            cl_weight=args.cl_weight,
+            inner_terms=tuple(args.inner_terms) if args.inner_terms else None,
+            outer_terms=tuple(args.outer_terms) if args.outer_terms else None,
+        )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -329,8 +424,10 @@ def check_args(args, dist: engine.DistInfo) -> None:
         if getattr(args, name) <= 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.meta_batch % dist.world:
-        raise SystemExit(f"error: --meta-batch {args.meta_batch} must be a multiple of the {dist.world} processes "
-                         "(each episode runs whole on one process)")
+        raise SystemExit(
+            f"error: --meta-batch {args.meta_batch} must be a multiple of the {dist.world} processes "
+            "(each episode runs whole on one process)"
+        )
     if bool(args.run) == bool(args.checkpoint):
         raise SystemExit("error: give exactly one of --run RUN_DIR (English-fine-tuned) or --checkpoint FILE")
     if args.checkpoint and not args.task:
@@ -374,17 +471,23 @@ def aux_split(args) -> str:
     elif args.aux_lang in data.available_langs(args.data_root, args.task, "dev"):
         split = "dev"
     else:
-        shots = [s for s in data.available_splits(args.data_root, args.task)
-                 if s.startswith("train_") and args.aux_lang in data.available_langs(args.data_root, args.task, s)]
+        shots = [
+            s
+            for s in data.available_splits(args.data_root, args.task)
+            if s.startswith("train_") and args.aux_lang in data.available_langs(args.data_root, args.task, s)
+        ]
         if not shots:
-            raise SystemExit(f"error: {args.task}: language {args.aux_lang!r} has no dev or few-shot train_<n> split "
-                             f"under {args.data_root}")
+            raise SystemExit(
+                f"error: {args.task}: language {args.aux_lang!r} has no dev or few-shot train_<n> split "
+                f"under {args.data_root}"
+            )
         split = max(shots, key=_shot_count)
     if "test" in split:
         raise SystemExit(f"error: --aux-split {split}: test data is never meta-trained on (use dev or train_<n>)")
     if args.aux_lang not in data.available_langs(args.data_root, args.task, split):
-        raise SystemExit(f"error: {args.task}: no split {split!r} for language {args.aux_lang!r} "
-                         f"under {args.data_root}")
+        raise SystemExit(
+            f"error: {args.task}: no split {split!r} for language {args.aux_lang!r} under {args.data_root}"
+        )
     return split
 
 
@@ -393,7 +496,7 @@ def build_model(args, meta: dict, dist) -> tuple[XVLModel, dict, object]:
     if args.dropout is not None:
         config.update(hidden_dropout=args.dropout, attention_dropout=args.dropout, classifier_dropout=args.dropout)
     tokenizer = engine.load_tokenizer(args, config["vocab_size"])
-    engine.seed_everything(args.seed)   # identical contrastive-head init on every rank
+    engine.seed_everything(args.seed)  # identical contrastive-head init on every rank
     model = U.build_model(args.task, config)
     try:
         state, extra = U.read_checkpoint(args.init)
@@ -401,8 +504,13 @@ def build_model(args, meta: dict, dist) -> tuple[XVLModel, dict, object]:
     except ValueError as e:
         raise SystemExit(f"error: {args.init}: {str(e).splitlines()[0]}") from None
     # released weights: XLM-R's vocabulary; ours (an English run): the tokenizer recorded in its meta
-    engine.check_tokenizer_vocab(tokenizer, config["vocab_size"], args.tokenizer, args.init,
-                                 extra.get("meta", {}) if plan.fmt == "ours" else None)
+    engine.check_tokenizer_vocab(
+        tokenizer,
+        config["vocab_size"],
+        args.tokenizer,
+        args.init,
+        extra.get("meta", {}) if plan.fmt == "ours" else None,
+    )
     if dist.is_main:
         print(plan.report(), flush=True)
     head = M.ContrastiveHead(config["hidden_size"], args.cl_dim, args.cl_temperature, not args.cl_asymmetric)
@@ -420,21 +528,39 @@ def build_data(args, tokenizer):
         data.check_inputs(aux, features=features)
         # xFlickrCo: VOLTA's hard negatives exist for Flickr30k's training images only, so the auxiliary pool
         # draws random negatives (read only by a task_aux retrieval loss; the contrastive loss uses the positives)
-        aux_ds = data.make_dataset("uc2", args.task, aux, features=features, train=True, max_regions=args.max_regions,
-                                   seed=args.seed, hard_negatives=None, negatives="volta")
+        aux_ds = data.make_dataset(
+            "uc2",
+            args.task,
+            aux,
+            features=features,
+            train=True,
+            max_regions=args.max_regions,
+            seed=args.seed,
+            hard_negatives=None,
+            negatives="volta",
+        )
         en_ds = None
         if "task_en" in maml_config(args).outer + maml_config(args).inner:
             hard = U.find_hard_negatives(argparse.Namespace(**{**vars(args), "hard_negatives": None}))
-            en_args = argparse.Namespace(**{**vars(args), "train_split": args.en_split, "train_lang": "en",
-                                            "hard_negatives": hard, "retrieval_negatives": "volta"})
+            en_args = argparse.Namespace(
+                **{
+                    **vars(args),
+                    "train_split": args.en_split,
+                    "train_lang": "en",
+                    "hard_negatives": hard,
+                    "retrieval_negatives": "volta",
+                }
+            )
             en_ds = U.build_train_dataset(en_args, features, serialized)
             if isinstance(en_ds, data.UC2Dataset):
                 data.check_inputs(en_ds.examples, features=features)
     except ValueError as e:
         raise SystemExit(f"error: training data: {e}") from None
     if args.support_size + args.query_size > len(aux_ds):
-        raise SystemExit(f"error: --support-size {args.support_size} + --query-size {args.query_size} exceed the "
-                         f"{len(aux_ds)} examples of {args.aux_lang} {args.aux_split}")
+        raise SystemExit(
+            f"error: --support-size {args.support_size} + --query-size {args.query_size} exceed the "
+            f"{len(aux_ds)} examples of {args.aux_lang} {args.aux_split}"
+        )
     if en_ds is not None and args.en_batch_size > len(en_ds):
         raise SystemExit(f"error: --en-batch-size {args.en_batch_size} exceeds the {len(en_ds)} English examples")
     return aux_ds, en_ds, data.UC2Collate(args.task, tokenizer, train=True), features
@@ -447,8 +573,10 @@ def check_resume_args(args, run_dir: Path) -> None:
     saved = json.loads(saved_path.read_text())
     for key in MAML_RESUME_KEYS:
         if key in saved and engine.json_safe(getattr(args, key, None)) != saved[key]:
-            raise SystemExit(f"error: --resume: --{key.replace('_', '-')} is {getattr(args, key, None)!r} but the run "
-                             f"in {run_dir} used {saved[key]!r}; resume with the same settings")
+            raise SystemExit(
+                f"error: --resume: --{key.replace('_', '-')} is {getattr(args, key, None)!r} but the run "
+                f"in {run_dir} used {saved[key]!r}; resume with the same settings"
+            )
 
 
 def train(args, dist: engine.DistInfo) -> Path:
@@ -460,20 +588,39 @@ def train(args, dist: engine.DistInfo) -> Path:
         raise SystemExit("error: --data-root is required (folder holding IGLUE's datasets/)")
     args.max_regions = args.max_regions or 36
     args.aux_split = aux_split(args)
-    check_resume_args(args, run_dir)   # after the defaults derived from the data are filled in
+    check_resume_args(args, run_dir)  # after the defaults derived from the data are filled in
     cfg = maml_config(args)
-    args.recipe, args.langs = "paper", args.eval_langs   # what engine.base_meta / run_meta record
+    args.recipe, args.langs = "paper", args.eval_langs  # what engine.base_meta / run_meta record
     net, config, tokenizer = build_model(args, meta0, dist)
     aux_ds, en_ds, collate, features = build_data(args, tokenizer)
     evaluate_fn = epoch_evaluate_fn(args, tokenizer, features, dist)
     layout = xvl_layout(U.layer_layout(args.task, config))
     schedule = freeze.schedule_from_args(args, layout.num_layers)
-    meta = {**engine.base_meta("uc2", args, config, tokenizer), "max_regions": args.max_regions,
-            "xvlmaml": {**cfg.to_dict(), "aux_lang": args.aux_lang, "aux_split": args.aux_split,
-                        "init": args.init, "init_policy": meta0.get("policy") if args.run else None,
-                        "cl_embed": args.cl_embed, "inner_params": args.inner_params}}
-    _meta_train(args, net, layout, schedule, cfg, Episodes(args, aux_ds, en_ds, collate, dist.device),
-                meta, dist, run_dir, evaluate_fn)
+    meta = {
+        **engine.base_meta("uc2", args, config, tokenizer),
+        "max_regions": args.max_regions,
+        "xvlmaml": {
+            **cfg.to_dict(),
+            "aux_lang": args.aux_lang,
+            "aux_split": args.aux_split,
+            "init": args.init,
+            "init_policy": meta0.get("policy") if args.run else None,
+            "cl_embed": args.cl_embed,
+            "inner_params": args.inner_params,
+        },
+    }
+    _meta_train(
+        args,
+        net,
+        layout,
+        schedule,
+        cfg,
+        Episodes(args, aux_ds, en_ds, collate, dist.device),
+        meta,
+        dist,
+        run_dir,
+        evaluate_fn,
+    )
     return run_dir
 
 
@@ -482,21 +629,36 @@ def epoch_evaluate_fn(args, tokenizer, features, dist):
     Every feature key of the evaluated languages is checked now, before meta-training."""
     if args.no_eval or args.epoch_eval_split == "none":
         return None
-    ns = argparse.Namespace(task=args.task, data_root=args.data_root, langs=args.eval_langs,
-                            eval_split=args.epoch_eval_split, eval_batch_size=args.eval_batch_size,
-                            num_workers=args.num_workers)
+    ns = argparse.Namespace(
+        task=args.task,
+        data_root=args.data_root,
+        langs=args.eval_langs,
+        eval_split=args.epoch_eval_split,
+        eval_batch_size=args.eval_batch_size,
+        num_workers=args.num_workers,
+    )
     try:
-        return engine.trainer_evaluate_fn("uc2", ns, tokenizer, dist, features=features,
-                                             max_regions=args.max_regions)
+        return engine.trainer_evaluate_fn("uc2", ns, tokenizer, dist, features=features, max_regions=args.max_regions)
     except ValueError as e:
         raise SystemExit(f"error: evaluation data: {e}") from None
 
 
-def _meta_train(args, net: XVLModel, layout, schedule, cfg: M.MamlConfig, episodes: Episodes, meta: dict,
-                dist: engine.DistInfo, run_dir: Path, evaluate_fn=None) -> None:
+def _meta_train(
+    args,
+    net: XVLModel,
+    layout,
+    schedule,
+    cfg: M.MamlConfig,
+    episodes: Episodes,
+    meta: dict,
+    dist: engine.DistInfo,
+    run_dir: Path,
+    evaluate_fn=None,
+) -> None:
     net.to(dist.device)
-    optimizer, lr_sched = engine.build_optimizer(net, layout, schedule, args,
-                                                 total_steps=args.epochs * args.iters_per_epoch)
+    optimizer, lr_sched = engine.build_optimizer(
+        net, layout, schedule, args, total_steps=args.epochs * args.iters_per_epoch
+    )
     log = engine.MetricsLog(run_dir / engine.METRICS, dist.is_main)
     engine._fault_counts.clear()
     if engine.resuming(args, run_dir):
@@ -506,42 +668,67 @@ def _meta_train(args, net: XVLModel, layout, schedule, cfg: M.MamlConfig, episod
     names = [n for n, _ in net.named_parameters()]
     for epoch in range(prog.epoch, args.epochs):
         net.train()
-        bar = tqdm(total=args.iters_per_epoch, desc=f"xvl-maml epoch {epoch + 1}/{args.epochs}",
-                   disable=not dist.is_main, dynamic_ncols=True)
+        bar = tqdm(
+            total=args.iters_per_epoch,
+            desc=f"xvl-maml epoch {epoch + 1}/{args.epochs}",
+            disable=not dist.is_main,
+            dynamic_ncols=True,
+        )
         window: list[float] = []
         for i in range(args.iters_per_epoch):
             freeze.apply_schedule(net, layout, schedule, epoch, prog.step)
             trainable = [n for n in names if net.get_parameter(n).requires_grad]
-            adapt = M.adapt_names_for(trainable, layout.layer_of, layout.num_layers, args.inner_params,
-                                      args.inner_top_layers, lambda n: layout.layer_of(n) is None
-                                      and layout.module_of(n) in layout.embedding_modules)
-            losses, n_bad = meta_step(net, cfg, episodes(prog.step, my_episodes(args.meta_batch, dist)),
-                                      args.meta_batch, adapt, dist, dist.device)
+            adapt = M.adapt_names_for(
+                trainable,
+                layout.layer_of,
+                layout.num_layers,
+                args.inner_params,
+                args.inner_top_layers,
+                lambda n: layout.layer_of(n) is None and layout.module_of(n) in layout.embedding_modules,
+            )
+            losses, n_bad = meta_step(
+                net,
+                cfg,
+                episodes(prog.step, my_episodes(args.meta_batch, dist)),
+                args.meta_batch,
+                adapt,
+                dist,
+                dist.device,
+            )
             window += [x for x in losses if math.isfinite(x)]
-            ok, _, lr, grad_norm = engine.optimizer_step(net, optimizer, lr_sched, None, args.clip_grad,
-                                                         torch.tensor(float(n_bad), device=dist.device), dist)
+            ok, _, lr, grad_norm = engine.optimizer_step(
+                net, optimizer, lr_sched, None, args.clip_grad, torch.tensor(float(n_bad), device=dist.device), dist
+            )
             engine.count_step(prog, ok, False, epoch, args, run_dir, dist)
             engine.fault_point("step")
             bar.update(1)
             if (args.log_every and prog.step % args.log_every == 0) or i == args.iters_per_epoch - 1:
                 loss = _mean_over_ranks(window, dist)
-                log.write({**engine.train_record(epoch, prog, loss, lr, grad_norm, net, schedule),
-                           "meta_loss": loss, "adapted_params": sum(net.get_parameter(n).numel() for n in adapt)})
+                log.write(
+                    {
+                        **engine.train_record(epoch, prog, loss, lr, grad_norm, net, schedule),
+                        "meta_loss": loss,
+                        "adapted_params": sum(net.get_parameter(n).numel() for n in adapt),
+                    }
+                )
                 bar.set_postfix(meta_loss=f"{loss:.4f}" if loss is not None else "nan", lr=f"{lr:.2e}")
                 window = []
         bar.close()
-        if evaluate_fn is not None:   # the UC2 task model, as the trainers evaluate it
+        if evaluate_fn is not None:  # the UC2 task model, as the trainers evaluate it
             results = engine.evaluate(evaluate_fn, net.model, epoch)
             engine.log_eval(log, results, epoch, prog.step, args.epoch_eval_split, dist)
         prog.epoch = epoch + 1
         prog.metrics_offset = log.size()
-        engine.save_training_state(run_dir / engine.CHECKPOINT, net, optimizer, lr_sched, None, prog, args, meta,
-                                   schedule, dist)
+        engine.save_training_state(
+            run_dir / engine.CHECKPOINT, net, optimizer, lr_sched, None, prog, args, meta, schedule, dist
+        )
         engine.fault_point("epoch_end")
     if dist.is_main:
         final_meta = {**engine.run_meta(meta, schedule, prog, args), "policy": setup_name(meta["xvlmaml"], schedule)}
-        engine.save_checkpoint(run_dir / engine.FINAL, {"model": net.model.state_dict(),
-                                                        "cl_head": net.cl_head.state_dict(), "meta": final_meta})
+        engine.save_checkpoint(
+            run_dir / engine.FINAL,
+            {"model": net.model.state_dict(), "cl_head": net.cl_head.state_dict(), "meta": final_meta},
+        )
         print(f"done: {run_dir / engine.FINAL}", flush=True)
     engine.barrier(dist)
 
@@ -552,8 +739,11 @@ def setup_name(xvl: dict, schedule: freeze.Schedule) -> str:
     English run fine-tuned with policy full; xvlmaml-de+suf/from-suf; .../from-pretrained), never averaged
     into the rows of plainly fine-tuned runs (meta["schedule"] keeps the freeze policy)."""
     init = xvl.get("init_policy") or "pretrained"
-    return (f"xvlmaml-{xvl['aux_lang']}" + ("" if schedule.policy == "full" else f"+{schedule.policy}")
-            + ("" if init == "full" else f"/from-{init}"))
+    return (
+        f"xvlmaml-{xvl['aux_lang']}"
+        + ("" if schedule.policy == "full" else f"+{schedule.policy}")
+        + ("" if init == "full" else f"/from-{init}")
+    )
 
 
 def _mean_over_ranks(values: list[float], dist: engine.DistInfo) -> float | None:
@@ -565,11 +755,26 @@ def _mean_over_ranks(values: list[float], dist: engine.DistInfo) -> float | None
 
 def evaluate(args, run_dir: Path, dist: engine.DistInfo) -> int:
     """The existing zero-shot evaluation of model_final.pt in every language (results.json, IGLUE CSVs)."""
-    eargs = argparse.Namespace(run=str(run_dir), checkpoint=None, output_dir=None, model_name=None,
-                               data_root=args.data_root, features=args.features, images=None,
-                               tokenizer=args.tokenizer, max_regions=args.max_regions, langs=args.eval_langs,
-                               split="test", translate_test=False, batch_size=args.eval_batch_size,
-                               num_workers=args.num_workers, amp="off", k_test=None, pair_batch=1024, itm_batch=128)
+    eargs = argparse.Namespace(
+        run=str(run_dir),
+        checkpoint=None,
+        output_dir=None,
+        model_name=None,
+        data_root=args.data_root,
+        features=args.features,
+        images=None,
+        tokenizer=args.tokenizer,
+        max_regions=args.max_regions,
+        langs=args.eval_langs,
+        split="test",
+        translate_test=False,
+        batch_size=args.eval_batch_size,
+        num_workers=args.num_workers,
+        amp="off",
+        k_test=None,
+        pair_batch=1024,
+        itm_batch=128,
+    )
     return Z._evaluate(eargs, dist)
 
 
@@ -580,23 +785,36 @@ def cmd_train(args, dist: engine.DistInfo) -> int:
 
 # ============================================================================ auxiliary x target matrix
 
+
 def matrix_table(task: str, results: dict[str, dict], baseline: dict | None = None) -> dict:
     """{"metric", "targets", "rows": {aux: {target: score}}, "baseline": {target: score} | None}; the score is
     accuracy (retrieval: mean of tr_r1 and ir_r1)."""
+
     def score(m: dict) -> float:
         return Z.selection_score(task, m)
+
     targets = engine.ordered_langs({t for langs in results.values() for t in langs})
     rows = {aux: {t: score(langs[t]) for t in targets if t in langs} for aux, langs in results.items()}
     base = {t: score(m) for t, m in baseline.items()} if baseline else None
-    return {"task": task, "metric": "mean(tr_r1, ir_r1)" if task == "xflickrco" else "accuracy",
-            "targets": targets, "rows": rows, "baseline": base}
+    return {
+        "task": task,
+        "metric": "mean(tr_r1, ir_r1)" if task == "xflickrco" else "accuracy",
+        "targets": targets,
+        "rows": rows,
+        "baseline": base,
+    }
 
 
 def format_matrix(t: dict) -> str:
     head = "| aux \\ target | " + " | ".join(t["targets"]) + " |"
-    lines = [f"{t['task']} XVL-MAML, {t['metric']} (rows: auxiliary language; * = the auxiliary language itself"
-             + ("; in brackets: minus the initial model" if t["baseline"] else "") + ")", "", head,
-             "|" + "---|" * (len(t["targets"]) + 1)]
+    lines = [
+        f"{t['task']} XVL-MAML, {t['metric']} (rows: auxiliary language; * = the auxiliary language itself"
+        + ("; in brackets: minus the initial model" if t["baseline"] else "")
+        + ")",
+        "",
+        head,
+        "|" + "---|" * (len(t["targets"]) + 1),
+    ]
     for aux, row in t["rows"].items():
         cells = []
         for target in t["targets"]:

@@ -12,6 +12,7 @@ more. Also times both (a CPU's bf16 speed says nothing about a GPU's).
 
     python bench/eval_precision.py [--quick] [--out bench/results/eval_precision.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,11 @@ def compare(fp32: tuple[torch.Tensor, torch.Tensor], low: tuple[torch.Tensor, to
     diff = (low[1][scored] - ref).abs().max().item()
     a = engine.recall_metrics(*fp32, range(n), unscored=unscored)
     b = engine.recall_metrics(*low, range(n), unscored=unscored)
-    return {"rel_max_diff": diff / max((ref.max() - ref.min()).item(), 1e-12),
-            "top1_agree": (fp32[1].argmax(1) == low[1].argmax(1)).double().mean().item(),
-            "recall_delta": {k: b[k] - a[k] for k in a if k.endswith(("_r1", "_r5", "_r10"))}}
+    return {
+        "rel_max_diff": diff / max((ref.max() - ref.min()).item(), 1e-12),
+        "top1_agree": (fp32[1].argmax(1) == low[1].argmax(1)).double().mean().item(),
+        "recall_delta": {k: b[k] - a[k] for k in a if k.endswith(("_r1", "_r5", "_r10"))},
+    }
 
 
 def timed(fn):
@@ -70,8 +73,8 @@ def bench_cclm(n: int, k: int) -> dict:
     model = train_cclm.build_model("xflickrco", cfg).eval()
     images = torch.randn(n, 3, cfg["image_res"], cfg["image_res"], generator=gen)
     ids, atts = random_captions(n, cfg["vocab_size"], gen)
-    img = [{"images": images[s:s + 16]} for s in range(0, n, 16)]
-    txt = [{"text_ids": ids[s:s + 16], "text_atts": atts[s:s + 16]} for s in range(0, n, 16)]
+    img = [{"images": images[s : s + 16]} for s in range(0, n, 16)]
+    txt = [{"text_ids": ids[s : s + 16], "text_atts": atts[s : s + 16]} for s in range(0, n, 16)]
     out = {}
     for amp in ("off", "bf16"):
         out[amp], out[f"seconds_{amp}"] = timed(lambda: model.rerank_scores(img, txt, 0, n, n, k=k, amp=amp))
@@ -89,11 +92,20 @@ def main(argv=None) -> int:
     res = {"uc2": bench_uc2(n), "cclm": bench_cclm(n, k=8 if args.quick else 16)}
     for name, r in res.items():
         worst = max(abs(v) for v in r["recall_delta"].values())
-        print(f"{name} tiny random, {r['images']} images: bf16 autocast vs fp32: max score change "
-              f"{r['rel_max_diff']:.2%} of the score range, best image agrees for {r['top1_agree']:.1%} of captions, "
-              f"largest recall change {worst:.2f} points; time fp32 {r['seconds_off']:.2f} s, bf16 {r['seconds_bf16']:.2f} s")
-    out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "quick": args.quick, **res}
+        print(
+            f"{name} tiny random, {r['images']} images: bf16 autocast vs fp32: max score change "
+            f"{r['rel_max_diff']:.2%} of the score range, best image agrees for {r['top1_agree']:.1%} of captions, "
+            f"largest recall change {worst:.2f} points; time fp32 {r['seconds_off']:.2f} s, bf16 "
+            f"{r['seconds_bf16']:.2f} s"
+        )
+    out = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+        **res,
+    }
     engine.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

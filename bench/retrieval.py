@@ -22,6 +22,7 @@ directions not deducted; caption length 30 tokens: stated assumptions), and both
 
     python bench/retrieval.py [--quick] [--out bench/results/retrieval.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,19 +83,34 @@ def bench_uc2(n: int, pair_batch: int, regions: int) -> dict:
         for t in range(n):
             length = int(texts["attention_mask"][t].sum())
             for i in range(n):
-                pair = {"input_ids": texts["input_ids"][t:t + 1, :length],
-                        "attention_mask": texts["attention_mask"][t:t + 1, :length],
-                        **{k: v[i:i + 1] for k, v in images.items()}}
+                pair = {
+                    "input_ids": texts["input_ids"][t : t + 1, :length],
+                    "attention_mask": texts["attention_mask"][t : t + 1, :length],
+                    **{k: v[i : i + 1] for k, v in images.items()},
+                }
                 naive[t, i] = model.pair_scores(pair).reshape(())
     t_naive = time.perf_counter() - t0
-    return {"images": n, "captions": n, "pairs": n * n, "pair_batch": pair_batch, "regions": regions,
-            "optimized": {"seconds": t_fast, "pair_scores_calls": fast_counts[0]["pair_scores"],
-                          "pairs_scored": fast_counts[1]["pair_scores"]},
-            "naive": {"seconds": t_naive, "pair_scores_calls": counter.calls["pair_scores"],
-                      "pairs_scored": counter.rows["pair_scores"]},
-            "speedup": t_naive / t_fast, "max_abs_score_diff": (fast - naive).abs().max().item(),
-            "score_std": naive.std().item(),  # a tiny random model's scores are close: the gate is relative to this
-            "counts_ok": fast_counts[1]["pair_scores"] == n * n}
+    return {
+        "images": n,
+        "captions": n,
+        "pairs": n * n,
+        "pair_batch": pair_batch,
+        "regions": regions,
+        "optimized": {
+            "seconds": t_fast,
+            "pair_scores_calls": fast_counts[0]["pair_scores"],
+            "pairs_scored": fast_counts[1]["pair_scores"],
+        },
+        "naive": {
+            "seconds": t_naive,
+            "pair_scores_calls": counter.calls["pair_scores"],
+            "pairs_scored": counter.rows["pair_scores"],
+        },
+        "speedup": t_naive / t_fast,
+        "max_abs_score_diff": (fast - naive).abs().max().item(),
+        "score_std": naive.std().item(),  # a tiny random model's scores are close: the gate is relative to this
+        "counts_ok": fast_counts[1]["pair_scores"] == n * n,
+    }
 
 
 def bench_cclm(n: int, k: int, itm_batch: int) -> dict:
@@ -106,26 +122,26 @@ def bench_cclm(n: int, k: int, itm_batch: int) -> dict:
     images = torch.randn(n, 3, cfg["image_res"], cfg["image_res"], generator=gen)
     ids, atts = random_captions(n, cfg["vocab_size"], gen)
     batch = 16
-    image_batches = [{"images": images[s:s + batch]} for s in range(0, n, batch)]
-    text_batches = [{"text_ids": ids[s:s + batch], "text_atts": atts[s:s + batch]} for s in range(0, n, batch)]
+    image_batches = [{"images": images[s : s + batch]} for s in range(0, n, batch)]
+    text_batches = [{"text_ids": ids[s : s + batch], "text_atts": atts[s : s + batch]} for s in range(0, n, batch)]
     t0 = time.perf_counter()
     i2t, t2i = model.rerank_scores(image_batches, text_batches, 0, n, n, k=k, itm_batch=itm_batch)
     t_fast = time.perf_counter() - t0
     fast = {"calls": dict(counter.calls), "rows": dict(counter.rows)}
     counter.reset()
     t0 = time.perf_counter()
-    with torch.no_grad():   # naive: the same candidates (same ITC prefilter), every pair re-encoded
-        image_feat = torch.cat([model.encode_images(images[i:i + 1])[1] for i in range(n)])
-        text_feat = torch.cat([model.encode_texts(ids[t:t + 1], atts[t:t + 1])[1] for t in range(n)])
+    with torch.no_grad():  # naive: the same candidates (same ITC prefilter), every pair re-encoded
+        image_feat = torch.cat([model.encode_images(images[i : i + 1])[1] for i in range(n)])
+        text_feat = torch.cat([model.encode_texts(ids[t : t + 1], atts[t : t + 1])[1] for t in range(n)])
         sims = image_feat @ text_feat.t()
         n_i2t = torch.full((n, n), train_cclm.UNSCORED)
         n_t2i = torch.full((n, n), train_cclm.UNSCORED)
 
         def pair_score(i: int, t: int) -> float:
             length = int(atts[t].sum())
-            v, _ = model.encode_images(images[i:i + 1])
-            s, _ = model.encode_texts(ids[t:t + 1, :length], atts[t:t + 1, :length])
-            return model.itm_scores(v, s, atts[t:t + 1, :length]).item()
+            v, _ = model.encode_images(images[i : i + 1])
+            s, _ = model.encode_texts(ids[t : t + 1, :length], atts[t : t + 1, :length])
+            return model.itm_scores(v, s, atts[t : t + 1, :length]).item()
 
         for i in range(n):
             for t in sims[i].topk(k).indices.tolist():
@@ -136,20 +152,29 @@ def bench_cclm(n: int, k: int, itm_batch: int) -> dict:
     t_naive = time.perf_counter() - t0
     naive = {"calls": dict(counter.calls), "rows": dict(counter.rows)}
     unscored = train_cclm.UNSCORED
-    distinct = int(((i2t != unscored) | (t2i.t() != unscored)).sum())   # pairs in either direction's top k
+    distinct = int(((i2t != unscored) | (t2i.t() != unscored)).sum())  # pairs in either direction's top k
     expected = {"encode_images": n, "encode_texts": n, "itm_image_kv": n, "itm_scores_with_image_kv": distinct}
-    return {"images": n, "captions": n, "k": k, "itm_batch": itm_batch,
-            "optimized": {"seconds": t_fast, **fast}, "naive": {"seconds": t_naive, **naive},
-            "expected_rows": expected, "speedup": t_naive / t_fast,
-            "max_abs_score_diff": max((i2t - n_i2t).abs().max().item(), (t2i - n_t2i).abs().max().item()),
-            "counts_ok": all(fast["rows"][m] == v for m, v in expected.items()),
-            "itm_per_query": fast["rows"]["itm_scores_with_image_kv"] / (2 * n)}
+    return {
+        "images": n,
+        "captions": n,
+        "k": k,
+        "itm_batch": itm_batch,
+        "optimized": {"seconds": t_fast, **fast},
+        "naive": {"seconds": t_naive, **naive},
+        "expected_rows": expected,
+        "speedup": t_naive / t_fast,
+        "max_abs_score_diff": max((i2t - n_i2t).abs().max().item(), (t2i - n_t2i).abs().max().item()),
+        "counts_ok": all(fast["rows"][m] == v for m, v in expected.items()),
+        "itm_per_query": fast["rows"]["itm_scores_with_image_kv"] / (2 * n),
+    }
 
 
 def itm_base_inputs(pairs: int, text_len: int, cfg: dict, device="cpu") -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(2)
     tokens = (cfg["image_res"] // cfg["patch_size"]) ** 2 + 1
-    make = (lambda *s: torch.empty(*s, device="meta")) if device == "meta" else (lambda *s: torch.randn(*s, generator=gen))
+    make = (
+        (lambda *s: torch.empty(*s, device="meta")) if device == "meta" else (lambda *s: torch.randn(*s, generator=gen))
+    )
     vis, text = make(1, tokens, cfg["hidden_size"]), make(pairs, text_len, cfg["hidden_size"])
     atts = torch.ones(pairs, text_len, dtype=torch.long, device=device)
     return vis, text, atts
@@ -158,8 +183,10 @@ def itm_base_inputs(pairs: int, text_len: int, cfg: dict, device="cpu") -> tuple
 def itm_both_ways(cross: torch.nn.Module, vis: torch.Tensor, text: torch.Tensor, atts: torch.Tensor):
     """(X2-VLM: the image's states expanded to every pair, fusion per pair; ours: keys/values once)."""
     pairs = text.shape[0]
-    return (lambda: cross(text, atts, vis.expand(pairs, -1, -1)),
-            lambda: train_cclm.image_kv_fusion(cross, text, atts, train_cclm.image_keys_values(cross, vis)))
+    return (
+        lambda: cross(text, atts, vis.expand(pairs, -1, -1)),
+        lambda: train_cclm.image_kv_fusion(cross, text, atts, train_cclm.image_keys_values(cross, vis)),
+    )
 
 
 def flops(fn) -> int:
@@ -179,14 +206,23 @@ def bench_cclm_itm_base(count_pairs: int, time_pairs: int, text_len: int) -> dic
     cross = train_cclm.CrossEncoder(cfg).eval()
     x2vlm, ours = itm_both_ways(cross, *itm_base_inputs(time_pairs, text_len, cfg))
     with torch.no_grad():
-        ours()   # warm-up (allocator, kernels), both paths alike
+        ours()  # warm-up (allocator, kernels), both paths alike
         x2vlm()
         (a, t_x2vlm), (b, t_ours) = timed(x2vlm), timed(ours)
-    return {"pairs_per_image_counted": count_pairs, "pairs_timed": time_pairs, "text_len": text_len,
-            "image_tokens": (cfg["image_res"] // cfg["patch_size"]) ** 2 + 1,
-            "flops_x2vlm": f_x2vlm, "flops_ours": f_ours, "flop_reduction": f_x2vlm / f_ours,
-            "seconds_x2vlm": t_x2vlm, "seconds_ours": t_ours, "time_reduction": t_x2vlm / t_ours,
-            "max_abs_diff": (a - b).abs().max().item(), "max_abs": a.abs().max().item()}
+    return {
+        "pairs_per_image_counted": count_pairs,
+        "pairs_timed": time_pairs,
+        "text_len": text_len,
+        "image_tokens": (cfg["image_res"] // cfg["patch_size"]) ** 2 + 1,
+        "flops_x2vlm": f_x2vlm,
+        "flops_ours": f_ours,
+        "flop_reduction": f_x2vlm / f_ours,
+        "seconds_x2vlm": t_x2vlm,
+        "seconds_ours": t_ours,
+        "time_reduction": t_x2vlm / t_ours,
+        "max_abs_diff": (a - b).abs().max().item(),
+        "max_abs": a.abs().max().item(),
+    }
 
 
 def timed(fn):
@@ -199,48 +235,81 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "retrieval.json"))
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: tiny models are dominated by per-call overhead, which extra "
-                        "threads on a shared machine only inflate)")
-    p.add_argument("--itm-time-pairs", type=int, default=None,
-                   help="pairs of one image timed at base size, both ways (default 16; --quick 4)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: tiny models are dominated by per-call overhead, which extra "
+        "threads on a shared machine only inflate)",
+    )
+    p.add_argument(
+        "--itm-time-pairs",
+        type=int,
+        default=None,
+        help="pairs of one image timed at base size, both ways (default 16; --quick 4)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     uc2_n, cclm_n, k = (12, 24, 8) if args.quick else (40, 64, 16)
     uc2 = bench_uc2(uc2_n, pair_batch=256, regions=36)
     cclm = bench_cclm(cclm_n, k=k, itm_batch=128)
     itm = bench_cclm_itm_base(256, args.itm_time_pairs or (4 if args.quick else 16), text_len=30)
-    out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(), "cpu": platform.processor(),
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick,
-           "uc2": uc2, "cclm": cclm, "cclm_itm_base": itm}
+    out = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": platform.platform(),
+        "cpu": platform.processor(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+        "uc2": uc2,
+        "cclm": cclm,
+        "cclm_itm_base": itm,
+    }
     print(f"UC2 all pairs ({uc2_n} images x {uc2_n} captions = {uc2['pairs']} pairs, tiny model):")
-    print(f"  optimized: {uc2['optimized']['pair_scores_calls']:5d} forwards ({uc2['pair_batch']} pairs each), "
-          f"{uc2['optimized']['pairs_scored']} pairs, {uc2['optimized']['seconds']:.2f} s")
-    print(f"  naive:     {uc2['naive']['pair_scores_calls']:5d} forwards (1 pair each), "
-          f"{uc2['naive']['pairs_scored']} pairs, {uc2['naive']['seconds']:.2f} s   speed-up x{uc2['speedup']:.1f}, "
-          f"max |score diff| {uc2['max_abs_score_diff']:.1e}")
+    print(
+        f"  optimized: {uc2['optimized']['pair_scores_calls']:5d} forwards ({uc2['pair_batch']} pairs each), "
+        f"{uc2['optimized']['pairs_scored']} pairs, {uc2['optimized']['seconds']:.2f} s"
+    )
+    print(
+        f"  naive:     {uc2['naive']['pair_scores_calls']:5d} forwards (1 pair each), "
+        f"{uc2['naive']['pairs_scored']} pairs, {uc2['naive']['seconds']:.2f} s   speed-up x{uc2['speedup']:.1f}, "
+        f"max |score diff| {uc2['max_abs_score_diff']:.1e}"
+    )
     o, nv = cclm["optimized"], cclm["naive"]
     print(f"CCLM prefilter + re-rank ({cclm_n} images, {cclm_n} captions, k={k}, tiny model):")
     for name, r in (("optimized", o), ("naive", nv)):
-        print(f"  {name + ':':10s} image encoder {r['rows']['encode_images']:5d} images in {r['calls']['encode_images']:4d} calls, "
-              f"text encoder {r['rows']['encode_texts']:5d} captions in {r['calls']['encode_texts']:4d} calls, "
-              f"ITM head {r['rows']['itm_scores'] + r['rows']['itm_scores_with_image_kv']:5d} pairs in "
-              f"{r['calls']['itm_scores'] + r['calls']['itm_scores_with_image_kv']:4d} calls "
-              f"(image keys/values {r['rows']['itm_image_kv']} times), {r['seconds']:.2f} s")
-    print(f"  optimized ITM pairs per query: {cclm['itm_per_query']:g} (k = {k}, each distinct pair once); expected rows {cclm['expected_rows']}; "
-          f"speed-up x{cclm['speedup']:.1f}, max |score diff| {cclm['max_abs_score_diff']:.1e}")
-    print(f"CCLM ITM re-rank, base size ({itm['image_tokens']} image tokens, captions of {itm['text_len']} tokens), "
-          f"per image with {itm['pairs_per_image_counted']} candidate pairs: X2-VLM's procedure "
-          f"{itm['flops_x2vlm'] / 1e12:.2f} TFLOP, ours {itm['flops_ours'] / 1e12:.2f} TFLOP: "
-          f"x{itm['flop_reduction']:.2f} fewer FLOPs; timed on {itm['pairs_timed']} pairs: "
-          f"{itm['seconds_x2vlm']:.2f} s vs {itm['seconds_ours']:.2f} s (x{itm['time_reduction']:.2f}), "
-          f"max |diff| {itm['max_abs_diff']:.1e}")
+        print(
+            f"  {name + ':':10s} image encoder {r['rows']['encode_images']:5d} images in "
+            f"{r['calls']['encode_images']:4d} calls, "
+            f"text encoder {r['rows']['encode_texts']:5d} captions in {r['calls']['encode_texts']:4d} calls, "
+            f"ITM head {r['rows']['itm_scores'] + r['rows']['itm_scores_with_image_kv']:5d} pairs in "
+            f"{r['calls']['itm_scores'] + r['calls']['itm_scores_with_image_kv']:4d} calls "
+            f"(image keys/values {r['rows']['itm_image_kv']} times), {r['seconds']:.2f} s"
+        )
+    print(
+        f"  optimized ITM pairs per query: {cclm['itm_per_query']:g} (k = {k}, each distinct pair once); "
+        f"expected rows {cclm['expected_rows']}; "
+        f"speed-up x{cclm['speedup']:.1f}, max |score diff| {cclm['max_abs_score_diff']:.1e}"
+    )
+    print(
+        f"CCLM ITM re-rank, base size ({itm['image_tokens']} image tokens, captions of {itm['text_len']} tokens), "
+        f"per image with {itm['pairs_per_image_counted']} candidate pairs: X2-VLM's procedure "
+        f"{itm['flops_x2vlm'] / 1e12:.2f} TFLOP, ours {itm['flops_ours'] / 1e12:.2f} TFLOP: "
+        f"x{itm['flop_reduction']:.2f} fewer FLOPs; timed on {itm['pairs_timed']} pairs: "
+        f"{itm['seconds_x2vlm']:.2f} s vs {itm['seconds_ours']:.2f} s (x{itm['time_reduction']:.2f}), "
+        f"max |diff| {itm['max_abs_diff']:.1e}"
+    )
     engine.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
     # UC2: within 1e-3 of the scores' spread (a pair misaligned by one image moves them by ~1x the spread);
     # CCLM: unscored entries are -100 in both, so a different candidate set would differ by ~100
-    ok = (uc2["counts_ok"] and cclm["counts_ok"] and uc2["max_abs_score_diff"] < 1e-3 * uc2["score_std"]
-          and cclm["max_abs_score_diff"] < 1e-4 and itm["max_abs_diff"] <= 1e-5 + 2e-6 * itm["max_abs"])
+    ok = (
+        uc2["counts_ok"]
+        and cclm["counts_ok"]
+        and uc2["max_abs_score_diff"] < 1e-3 * uc2["score_std"]
+        and cclm["max_abs_score_diff"] < 1e-4
+        and itm["max_abs_diff"] <= 1e-5 + 2e-6 * itm["max_abs"]
+    )
     if not ok:
         print("FAILED: counts or scores differ from the protocol", file=sys.stderr)
     return 0 if ok else 1

@@ -14,6 +14,7 @@ the micro-batch: lower --micro-batch-size if a step does not fit).
 
     python bench/run_cost.py [--out bench/results/run_cost.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,26 +33,35 @@ import freeze  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2  # noqa: E402
 
-GPUS = {"A100": 312e12, "H100": 989e12}   # bf16 dense peak FLOP/s
-MFU = 0.4                                   # assumed sustained fraction of the peak
-N, L = 2, 24                                # samples counted, text tokens
+GPUS = {"A100": 312e12, "H100": 989e12}  # bf16 dense peak FLOP/s
+MFU = 0.4  # assumed sustained fraction of the peak
+N, L = 2, 24  # samples counted, text tokens
 
 
 def uc2_model_and_batch():
     cfg = dict(train_uc2.CONFIGS["base"])
     model = train_uc2.build_model("xgqa", cfg)
-    batch = {"input_ids": torch.ones(N, L, dtype=torch.long), "attention_mask": torch.ones(N, L, dtype=torch.long),
-             "features": torch.empty(N, 37, cfg["v_feature_size"]), "spatials": torch.empty(N, 37, cfg["num_locs"]),
-             "image_mask": torch.ones(N, 37, dtype=torch.long), "target": torch.zeros(N, cfg["num_answers"]),
-             "label": torch.zeros(N, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.ones(N, L, dtype=torch.long),
+        "attention_mask": torch.ones(N, L, dtype=torch.long),
+        "features": torch.empty(N, 37, cfg["v_feature_size"]),
+        "spatials": torch.empty(N, 37, cfg["num_locs"]),
+        "image_mask": torch.ones(N, 37, dtype=torch.long),
+        "target": torch.zeros(N, cfg["num_answers"]),
+        "label": torch.zeros(N, dtype=torch.long),
+    }
     return model, train_uc2.layer_layout("xgqa", cfg), batch
 
 
 def cclm_model_and_batch():
     cfg = dict(train_cclm.CONFIGS["base"])
     model = train_cclm.build_model("xvnli", cfg)
-    batch = {"images": torch.empty(N, 3, cfg["image_res"], cfg["image_res"]), "text_ids": torch.ones(N, L, dtype=torch.long),
-             "text_atts": torch.ones(N, L, dtype=torch.long), "label": torch.zeros(N, dtype=torch.long)}
+    batch = {
+        "images": torch.empty(N, 3, cfg["image_res"], cfg["image_res"]),
+        "text_ids": torch.ones(N, L, dtype=torch.long),
+        "text_atts": torch.ones(N, L, dtype=torch.long),
+        "label": torch.zeros(N, dtype=torch.long),
+    }
     return model, train_cclm.layer_layout("xvnli", cfg), batch
 
 
@@ -68,10 +78,13 @@ def estimate(name: str, build) -> dict:
     with FlopCounterMode(display=False) as counter:
         model.loss(batch).backward()
     flops = counter.get_total_flops() / N
-    return {"model": name, "train_flops_per_sample": flops,
-            "hours_per_100k_samples": {gpu: 1e5 * flops / (peak * MFU) / 3600 for gpu, peak in GPUS.items()},
-            "memory_gib_weights_grads_adamw": {p: memory_bytes(model, layout, p) / 2 ** 30 for p in ("full", "suf")},
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        "model": name,
+        "train_flops_per_sample": flops,
+        "hours_per_100k_samples": {gpu: 1e5 * flops / (peak * MFU) / 3600 for gpu, peak in GPUS.items()},
+        "memory_gib_weights_grads_adamw": {p: memory_bytes(model, layout, p) / 2**30 for p in ("full", "suf")},
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def main(argv=None) -> int:
@@ -82,12 +95,19 @@ def main(argv=None) -> int:
     print(f"ESTIMATES (counted FLOPs at {MFU:.0%} of the bf16 peak; memory without activations):")
     for r in rows:
         h, m = r["hours_per_100k_samples"], r["memory_gib_weights_grads_adamw"]
-        print(f"  {r['model']}: {r['train_flops_per_sample'] / 1e9:.0f} GFLOP per training sample; per 100k samples "
-              f"A100 {h['A100'] * 60:.1f} min, H100 {h['H100'] * 60:.1f} min; weights+grads+AdamW "
-              f"{m['full']:.1f} GiB full fine-tuning, {m['suf']:.1f} GiB in SUF's first stage "
-              f"({r['parameters'] / 1e6:.0f}M parameters)")
-    out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__, "mfu": MFU, "peak": GPUS,
-           "estimates": rows}
+        print(
+            f"  {r['model']}: {r['train_flops_per_sample'] / 1e9:.0f} GFLOP per training sample; per 100k samples "
+            f"A100 {h['A100'] * 60:.1f} min, H100 {h['H100'] * 60:.1f} min; weights+grads+AdamW "
+            f"{m['full']:.1f} GiB full fine-tuning, {m['suf']:.1f} GiB in SUF's first stage "
+            f"({r['parameters'] / 1e6:.0f}M parameters)"
+        )
+    out = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "torch": torch.__version__,
+        "mfu": MFU,
+        "peak": GPUS,
+        "estimates": rows,
+    }
     engine.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -30,6 +30,7 @@ its result. Exit status 1 when a median deviation is off by more than --toleranc
 parameters that got gradients differ from those freeze.describe_schedule says train (checked in --quick
 as well).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,7 +67,7 @@ class WorkCounter(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.fwd = self.input_grad = self.weight_grad = 0
-        self.embedding_grad = 0   # elements of dense embedding-table gradients
+        self.embedding_grad = 0  # elements of dense embedding-table gradients
         self.uncounted: set[str] = set()
 
     def _operands(self, flops: int, *operands) -> None:
@@ -119,9 +120,14 @@ def count_work(model: nn.Module, loss_fn, batch) -> dict:
     if wc.uncounted:
         print(f"warning: uncounted matmul-like functions {sorted(wc.uncounted)}", file=sys.stderr)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return {"fwd_flops": wc.fwd, "input_grad_flops": wc.input_grad, "weight_grad_flops": wc.weight_grad,
-            "embedding_grad_elems": wc.embedding_grad, "trainable_params": sum(p.numel() for p in trainable),
-            "trainable_big_params": sum(p.numel() for p in trainable if p.numel() * p.element_size() > BIG_TENSOR_BYTES)}
+    return {
+        "fwd_flops": wc.fwd,
+        "input_grad_flops": wc.input_grad,
+        "weight_grad_flops": wc.weight_grad,
+        "embedding_grad_elems": wc.embedding_grad,
+        "trainable_params": sum(p.numel() for p in trainable),
+        "trainable_big_params": sum(p.numel() for p in trainable if p.numel() * p.element_size() > BIG_TENSOR_BYTES),
+    }
 
 
 # ---------------------------------------------------------------- timing
@@ -174,7 +180,9 @@ def adamw(params, lr: float, weight_decay: float, fused: bool) -> torch.optim.Ad
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def big_tensor_adamw_seconds_per_elem(model: nn.Module, reps: int, lr: float, weight_decay: float, fused: bool) -> float:
+def big_tensor_adamw_seconds_per_elem(
+    model: nn.Module, reps: int, lr: float, weight_decay: float, fused: bool
+) -> float:
     """Isolated AdamW update of the largest parameter (the word-embedding table) with a fresh dense
     gradient each step, as in training; 0 when no tensor is that big."""
     big = max(model.parameters(), key=lambda p: p.numel())
@@ -194,24 +202,47 @@ def big_tensor_adamw_seconds_per_elem(model: nn.Module, reps: int, lr: float, we
     return statistics.median(times) / w.numel()
 
 
-def bench_model(name: str, model: nn.Module, layout: freeze.LayerLayout, loss_fn, batch, *, tokens: int,
-                suf_k: int = 3, reps: int = 5, lr: float = 1e-6, weight_decay: float = 0.01, fused: bool = True) -> dict:
+def bench_model(
+    name: str,
+    model: nn.Module,
+    layout: freeze.LayerLayout,
+    loss_fn,
+    batch,
+    *,
+    tokens: int,
+    suf_k: int = 3,
+    reps: int = 5,
+    lr: float = 1e-6,
+    weight_decay: float = 0.01,
+    fused: bool = True,
+) -> dict:
     n = layout.num_layers
     stages = math.ceil(n / suf_k)
     configs = [("full", freeze.Schedule("full", n), 0)]
     for frozen_emb in (False, True):
         # the last SUF stage with trainable embeddings IS full fine-tuning: not timed twice
         for s in range(stages if frozen_emb else stages - 1):
-            configs.append((f"suf stage {s} (epoch {s + 1})" + (" +frozen emb" if frozen_emb else ""),
-                            freeze.Schedule("suf", n, suf_k=suf_k, freeze_embeddings=frozen_emb), s))
+            configs.append(
+                (
+                    f"suf stage {s} (epoch {s + 1})" + (" +frozen emb" if frozen_emb else ""),
+                    freeze.Schedule("suf", n, suf_k=suf_k, freeze_embeddings=frozen_emb),
+                    s,
+                )
+            )
     model.train()
     rows = []
     for label, sched, epoch in configs:  # count the work each configuration should do
         freeze.apply_schedule(model, layout, sched, epoch)
-        rows.append({"model": name, "config": label, "trainable_layers": sched.trainable_layers(epoch),
-                     "embeddings_trainable": not sched.freeze_embeddings,
-                     "scheduled_params": freeze.describe_schedule(model, layout, sched, epoch + 1)[-1]["trainable_params"],
-                     **count_work(model, loss_fn, batch)})
+        rows.append(
+            {
+                "model": name,
+                "config": label,
+                "trainable_layers": sched.trainable_layers(epoch),
+                "embeddings_trainable": not sched.freeze_embeddings,
+                "scheduled_params": freeze.describe_schedule(model, layout, sched, epoch + 1)[-1]["trainable_params"],
+                **count_work(model, loss_fn, batch),
+            }
+        )
     c_opt_big = big_tensor_adamw_seconds_per_elem(model, reps, lr, weight_decay, fused)
 
     # one optimizer over every parameter, built once, as in training (engine.build_optimizer)
@@ -220,7 +251,7 @@ def bench_model(name: str, model: nn.Module, layout: freeze.LayerLayout, loss_fn
     full_again = []  # full fine-tuning runs twice per repetition: every ratio's denominator is the mean
     for r in range(reps + 1):  # interleaved: each repetition runs every configuration once, order rotated
         order = list(range(len(configs)))
-        order = order[r % len(order):] + order[:r % len(order)]
+        order = order[r % len(order) :] + order[: r % len(order)]
         order.insert((order.index(0) + len(order) // 2) % len(order), -1)  # half a cycle from the first
         for i in order:
             label, sched, epoch = configs[max(i, 0)]
@@ -231,8 +262,9 @@ def bench_model(name: str, model: nn.Module, layout: freeze.LayerLayout, loss_fn
             elif i >= 0:  # warm-up repetition (allocates the state); the state this configuration updates:
                 updated = [p for p in model.parameters() if p.grad is not None]
                 rows[i]["updated_params"] = sum(p.numel() for p in updated)
-                rows[i]["optimizer_state_bytes"] = sum(v.numel() * v.element_size() for p in updated
-                                                       for v in opt.state[p].values() if torch.is_tensor(v))
+                rows[i]["optimizer_state_bytes"] = sum(
+                    v.numel() * v.element_size() for p in updated for v in opt.state[p].values() if torch.is_tensor(v)
+                )
     freeze.apply_schedule(model, layout, configs[0][1], 0)
 
     c_emb = embedding_grad_seconds_per_elem(model, tokens, reps)
@@ -240,10 +272,13 @@ def bench_model(name: str, model: nn.Module, layout: freeze.LayerLayout, loss_fn
     times[0] = times[0] + full_again
     for row, t in zip(rows, times):
         row["fwd_s"], row["bwd_s"], row["opt_s"], row["wall_s"], row["page_faults"] = (
-            statistics.median(x[i] for x in t) for i in range(5))
+            statistics.median(x[i] for x in t) for i in range(5)
+        )
         row["step_s"] = statistics.median(sum(x[:3]) for x in t)
         # side by side: ratio to the full steps of the same repetition, then the median
-        row["measured_ratio"] = statistics.median(2 * sum(x[:3]) / (sum(f[:3]) + sum(g[:3])) for x, (f, g) in zip(t, full_pairs))
+        row["measured_ratio"] = statistics.median(
+            2 * sum(x[:3]) / (sum(f[:3]) + sum(g[:3])) for x, (f, g) in zip(t, full_pairs)
+        )
         row["wall_ratio"] = statistics.median(2 * x[3] / (f[3] + g[3]) for x, (f, g) in zip(t, full_pairs))
     full = rows[0]
     bwd_flops = lambda r: r["input_grad_flops"] + r["weight_grad_flops"]  # noqa: E731
@@ -252,14 +287,25 @@ def bench_model(name: str, model: nn.Module, layout: freeze.LayerLayout, loss_fn
     c_opt = max(full["opt_s"] - c_opt_big * full["trainable_big_params"], 0.0) / max(small(full), 1)
     fwd = statistics.median(r["fwd_s"] for r in rows)  # the forward is the same work everywhere
     for row in rows:
-        row["predicted_s"] = (fwd + c_flop * bwd_flops(row) + c_emb * row["embedding_grad_elems"]
-                              + c_opt * small(row) + c_opt_big * row["trainable_big_params"])
+        row["predicted_s"] = (
+            fwd
+            + c_flop * bwd_flops(row)
+            + c_emb * row["embedding_grad_elems"]
+            + c_opt * small(row)
+            + c_opt_big * row["trainable_big_params"]
+        )
     for row in rows:
         row["predicted_ratio"] = row["predicted_s"] / full["predicted_s"]
         row["deviation"] = row["measured_ratio"] / row["predicted_ratio"] - 1
-    return {"rows": rows, "calibration": {"s_per_gflop_backward": c_flop * 1e9, "s_per_mparam_adamw": c_opt * 1e6,
-                                          "s_per_mparam_adamw_big_tensor": c_opt_big * 1e6,
-                                          "s_per_melem_embedding_grad": c_emb * 1e6}}
+    return {
+        "rows": rows,
+        "calibration": {
+            "s_per_gflop_backward": c_flop * 1e9,
+            "s_per_mparam_adamw": c_opt * 1e6,
+            "s_per_mparam_adamw_big_tensor": c_opt_big * 1e6,
+            "s_per_melem_embedding_grad": c_emb * 1e6,
+        },
+    }
 
 
 def median_of_attempts(attempts: list[dict]) -> dict:
@@ -283,16 +329,21 @@ def median_of_attempts(attempts: list[dict]) -> dict:
 
 
 def print_table(rows: list[dict], tolerance: float) -> None:
-    hdr = (f"{'model':5} {'config':38} {'layers':>6} {'emb':>4} {'trainable':>11} {'opt state':>9} "
-           f"{'step s':>7} {'measured':>8} {'predicted':>9} {'dev':>6}  dev per attempt")
+    hdr = (
+        f"{'model':5} {'config':38} {'layers':>6} {'emb':>4} {'trainable':>11} {'opt state':>9} "
+        f"{'step s':>7} {'measured':>8} {'predicted':>9} {'dev':>6}  dev per attempt"
+    )
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         flag = "" if abs(r["deviation"]) <= tolerance else "  <-- off by more than tolerance"
-        print(f"{r['model']:5} {r['config']:38} {len(r['trainable_layers']):>6} {'yes' if r['embeddings_trainable'] else 'no':>4} "
-              f"{r['trainable_params'] / 1e6:>10.1f}M {r['optimizer_state_bytes'] / 2**20:>7.0f}MB "
-              f"{r['step_s']:>7.3f} {r['measured_ratio']:>8.3f} {r['predicted_ratio']:>9.3f} {r['deviation']:>+6.1%}  "
-              f"{' '.join(format(a['deviation'], '+.1%') for a in r['attempts'])}{flag}")
+        print(
+            f"{r['model']:5} {r['config']:38} {len(r['trainable_layers']):>6} "
+            f"{'yes' if r['embeddings_trainable'] else 'no':>4} "
+            f"{r['trainable_params'] / 1e6:>10.1f}M {r['optimizer_state_bytes'] / 2**20:>7.0f}MB "
+            f"{r['step_s']:>7.3f} {r['measured_ratio']:>8.3f} {r['predicted_ratio']:>9.3f} {r['deviation']:>+6.1%}  "
+            f"{' '.join(format(a['deviation'], '+.1%') for a in r['attempts'])}{flag}"
+        )
 
 
 # ---------------------------------------------------------------- the real models
@@ -304,6 +355,7 @@ def keep_heap_memory() -> None:
     page-faulted in again, a cost that depends on the allocator's history, not on the work."""
     try:
         import ctypes
+
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (glibc's maximum on 64-bit)
@@ -332,24 +384,36 @@ def fit_vocab(build, cfg: dict, budget: int) -> int:
 
 def uc2_setup(quick: bool, batch: int, vocab: int | None, budget: int):
     import train_uc2
+
     task, L, R = "xgqa", 24, 37  # 36 regions + the global image feature, as IGLUE's UC2 features
     cfg = dict(train_uc2.CONFIGS["tiny" if quick else "base"])
     cfg["vocab_size"] = vocab or fit_vocab(lambda c: train_uc2.build_model(task, c), cfg, budget)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, cfg["vocab_size"], (batch, L), generator=g)
     ids[:, 0], ids[:, -1] = 0, 2
-    b = {"input_ids": ids, "attention_mask": torch.ones(batch, L, dtype=torch.long),
-         "features": torch.randn(batch, R, cfg["v_feature_size"], generator=g),
-         "spatials": torch.rand(batch, R, cfg["num_locs"], generator=g), "image_mask": torch.ones(batch, R, dtype=torch.long),
-         "target": (torch.rand(batch, cfg["num_answers"], generator=g) > 0.999).float(),
-         "label": torch.zeros(batch, dtype=torch.long)}
-    reduced = {"config": "tiny" if quick else "base", "task": task, "vocab_size": cfg["vocab_size"],
-               "batch": f"{batch} (paper 256)", "text_tokens": L, "regions": R}
+    b = {
+        "input_ids": ids,
+        "attention_mask": torch.ones(batch, L, dtype=torch.long),
+        "features": torch.randn(batch, R, cfg["v_feature_size"], generator=g),
+        "spatials": torch.rand(batch, R, cfg["num_locs"], generator=g),
+        "image_mask": torch.ones(batch, R, dtype=torch.long),
+        "target": (torch.rand(batch, cfg["num_answers"], generator=g) > 0.999).float(),
+        "label": torch.zeros(batch, dtype=torch.long),
+    }
+    reduced = {
+        "config": "tiny" if quick else "base",
+        "task": task,
+        "vocab_size": cfg["vocab_size"],
+        "batch": f"{batch} (paper 256)",
+        "text_tokens": L,
+        "regions": R,
+    }
     return train_uc2.build_model(task, cfg), train_uc2.layer_layout(task, cfg), b, batch * L, reduced
 
 
 def cclm_setup(quick: bool, batch: int, vocab: int | None, budget: int, image_res: int):
     import train_cclm
+
     task, L = "xvnli", 24  # xGQA would add its always-trainable 6-layer answer decoder: ratios only nearer 1
     cfg = dict(train_cclm.CONFIGS["tiny" if quick else "base"])
     if not quick:
@@ -358,10 +422,20 @@ def cclm_setup(quick: bool, batch: int, vocab: int | None, budget: int, image_re
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, cfg["vocab_size"], (batch, L), generator=g)
     ids[:, 0], ids[:, -1] = 0, 2
-    b = {"images": torch.randn(batch, 3, cfg["image_res"], cfg["image_res"], generator=g), "text_ids": ids,
-         "text_atts": torch.ones(batch, L, dtype=torch.long), "label": torch.randint(0, 3, (batch,), generator=g)}
-    reduced = {"config": "tiny" if quick else "base", "task": task, "vocab_size": cfg["vocab_size"],
-               "batch": f"{batch} (paper 144)", "text_tokens": L, "image_res": f"{cfg['image_res']} (paper 384)"}
+    b = {
+        "images": torch.randn(batch, 3, cfg["image_res"], cfg["image_res"], generator=g),
+        "text_ids": ids,
+        "text_atts": torch.ones(batch, L, dtype=torch.long),
+        "label": torch.randint(0, 3, (batch,), generator=g),
+    }
+    reduced = {
+        "config": "tiny" if quick else "base",
+        "task": task,
+        "vocab_size": cfg["vocab_size"],
+        "batch": f"{batch} (paper 144)",
+        "text_tokens": L,
+        "image_res": f"{cfg['image_res']} (paper 384)",
+    }
     return train_cclm.build_model(task, cfg), train_cclm.layer_layout(task, cfg), b, batch * L, reduced
 
 
@@ -370,17 +444,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: tiny configs, 2 repetitions, not gated")
     p.add_argument("--models", nargs="+", choices=("uc2", "cclm"), default=["uc2", "cclm"])
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per configuration (default 5, quick 2)")
-    p.add_argument("--attempts", type=int, default=None,
-                   help="independent measurements per model, all kept and reported; medians gated (default 3, quick 1)")
+    p.add_argument(
+        "--attempts",
+        type=int,
+        default=None,
+        help="independent measurements per model, all kept and reported; medians gated (default 3, quick 1)",
+    )
     p.add_argument("--uc2-batch", type=int, default=4)
     p.add_argument("--cclm-batch", type=int, default=2)
-    p.add_argument("--cclm-image-res", type=int, default=128, help="CCLM image size (paper 384; ViT cost grows with its square)")
-    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the largest <= 250002 that fits memory)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads; steps are timed in process CPU seconds, which other jobs on a shared "
-                        "machine barely disturb when single-threaded")
-    p.add_argument("--adamw", choices=("fused", "default"), default="fused",
-                   help="AdamW implementation (default = torch's per-tensor CPU loop with temporaries)")
+    p.add_argument(
+        "--cclm-image-res", type=int, default=128, help="CCLM image size (paper 384; ViT cost grows with its square)"
+    )
+    p.add_argument(
+        "--vocab", type=int, default=None, help="vocabulary size (default: the largest <= 250002 that fits memory)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; steps are timed in process CPU seconds, which other jobs on a shared "
+        "machine barely disturb when single-threaded",
+    )
+    p.add_argument(
+        "--adamw",
+        choices=("fused", "default"),
+        default="fused",
+        help="AdamW implementation (default = torch's per-tensor CPU loop with temporaries)",
+    )
     p.add_argument("--suf-k", type=int, default=3)
     p.add_argument("--tolerance", type=float, default=0.10)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "suf_step.json"))
@@ -401,12 +491,27 @@ def main(argv: list[str] | None = None) -> int:
         if name == "uc2":
             model, layout, batch, tokens, reduced = uc2_setup(args.quick, args.uc2_batch, args.vocab, budget)
         else:
-            model, layout, batch, tokens, reduced = cclm_setup(args.quick, args.cclm_batch, args.vocab, budget, args.cclm_image_res)
+            model, layout, batch, tokens, reduced = cclm_setup(
+                args.quick, args.cclm_batch, args.vocab, budget, args.cclm_image_res
+            )
         print(f"{name}: {reduced}", flush=True)
         # a fixed number of attempts, whatever their results (a shared machine's load varies for minutes)
-        res = median_of_attempts([bench_model(name, model, layout, lambda m, b: m.loss(b), batch, tokens=tokens,
-                                              suf_k=args.suf_k, reps=reps, fused=args.adamw == "fused")
-                                  for _ in range(attempts)])
+        res = median_of_attempts(
+            [
+                bench_model(
+                    name,
+                    model,
+                    layout,
+                    lambda m, b: m.loss(b),
+                    batch,
+                    tokens=tokens,
+                    suf_k=args.suf_k,
+                    reps=reps,
+                    fused=args.adamw == "fused",
+                )
+                for _ in range(attempts)
+            ]
+        )
         reduced["attempts"] = attempts
         del model
         reduced["seconds"] = round(time.perf_counter() - t0, 1)
@@ -420,29 +525,75 @@ def main(argv: list[str] | None = None) -> int:
     wrong = [r for r in rows if not r["scheduled_params"] == r["trainable_params"] == r["updated_params"]]
     gated = not args.quick
     ok = not (bad and gated) and not wrong
-    print(f"\nstep time = process CPU seconds with {args.threads} torch thread(s), median of {reps} interleaved repetitions; "
-          f"measured = median of per-repetition ratios to full fine-tuning; predicted = counted work (see bench/suf_step.py "
-          f"docstring); measured, predicted, dev: medians over {attempts} attempt(s), every attempt's dev listed.")
+    print(
+        f"\nstep time = process CPU seconds with {args.threads} torch thread(s), median of {reps} interleaved "
+        "repetitions; "
+        "measured = median of per-repetition ratios to full fine-tuning; predicted = counted work (see "
+        "bench/suf_step.py "
+        f"docstring); measured, predicted, dev: medians over {attempts} attempt(s), every attempt's dev listed."
+    )
     for r in wrong:
-        print(f"ERROR {r['model']} {r['config']}: schedule says {r['scheduled_params']} trainable parameters, "
-              f"{r['trainable_params']} require grad, {r['updated_params']} got a gradient")
+        print(
+            f"ERROR {r['model']} {r['config']}: schedule says {r['scheduled_params']} trainable parameters, "
+            f"{r['trainable_params']} require grad, {r['updated_params']} got a gradient"
+        )
     if bad:
-        print(f"{len(bad)} configuration(s) off the prediction by more than {args.tolerance:.0%} (median of the attempts)"
-              + ("" if gated else " (--quick: not gated)"))
-    result = {"bench": "suf_step", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "ok": ok, "gated": gated,
-              "tolerance": args.tolerance,
-              "config": {"quick": args.quick, "reps": reps, "attempts": attempts, "torch_threads": args.threads,
-                         "suf_k": args.suf_k, "adamw": args.adamw,
-                         "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-                         "torch": torch.__version__, "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()),
-                         "models": setups, "calibration": calibration},
-              "columns": ["model", "config", "layers", "embeddings", "trainable_params", "optimizer_state_MB",
-                          "step_s", "measured_ratio", "predicted_ratio", "deviation", "deviation_per_attempt"],
-              "table": [[r["model"], r["config"], len(r["trainable_layers"]), r["embeddings_trainable"], r["trainable_params"],
-                         round(r["optimizer_state_bytes"] / 2**20, 1), round(r["step_s"], 4), round(r["measured_ratio"], 3),
-                         round(r["predicted_ratio"], 3), round(r["deviation"], 3),
-                         [round(a["deviation"], 3) for a in r["attempts"]]] for r in rows],
-              "rows": rows}
+        print(
+            f"{len(bad)} configuration(s) off the prediction by more than {args.tolerance:.0%} (median of the attempts)"
+            + ("" if gated else " (--quick: not gated)")
+        )
+    result = {
+        "bench": "suf_step",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "ok": ok,
+        "gated": gated,
+        "tolerance": args.tolerance,
+        "config": {
+            "quick": args.quick,
+            "reps": reps,
+            "attempts": attempts,
+            "torch_threads": args.threads,
+            "suf_k": args.suf_k,
+            "adamw": args.adamw,
+            "cpu_count": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "loadavg_start": load_start,
+            "loadavg_end": list(os.getloadavg()),
+            "models": setups,
+            "calibration": calibration,
+        },
+        "columns": [
+            "model",
+            "config",
+            "layers",
+            "embeddings",
+            "trainable_params",
+            "optimizer_state_MB",
+            "step_s",
+            "measured_ratio",
+            "predicted_ratio",
+            "deviation",
+            "deviation_per_attempt",
+        ],
+        "table": [
+            [
+                r["model"],
+                r["config"],
+                len(r["trainable_layers"]),
+                r["embeddings_trainable"],
+                r["trainable_params"],
+                round(r["optimizer_state_bytes"] / 2**20, 1),
+                round(r["step_s"], 4),
+                round(r["measured_ratio"], 3),
+                round(r["predicted_ratio"], 3),
+                round(r["deviation"], 3),
+                [round(a["deviation"], 3) for a in r["attempts"]],
+            ]
+            for r in rows
+        ],
+        "rows": rows,
+    }
     out = Path(args.out)
     engine.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

@@ -23,6 +23,7 @@ every adapted parameter (theta') and of its gradient alive in the graph until th
 base with every parameter adapted (--inner-params all), that is at least 2 x 4 bytes x (the parameter count,
 counted here on the meta device) per inner step, before activations.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,17 +55,28 @@ CONFIGS = {
 
 
 def model_config(hidden: int) -> dict:
-    return {**U.CONFIGS["tiny"], "hidden_size": hidden, "num_heads": 4, "intermediate_size": 4 * hidden,
-            "pooler_size": hidden, "clf_hidden_size": hidden}
+    return {
+        **U.CONFIGS["tiny"],
+        "hidden_size": hidden,
+        "num_heads": 4,
+        "intermediate_size": 4 * hidden,
+        "pooler_size": hidden,
+        "clf_hidden_size": hidden,
+    }
 
 
 def synthetic_batch(n: int, seed: int, vocab: int, tokens: int = 20, regions: int = 36) -> dict:
     g = torch.Generator().manual_seed(seed)
     label = torch.randint(0, 3, (n,), generator=g)
-    return {"input_ids": torch.randint(5, vocab, (n, tokens), generator=g), "attention_mask": torch.ones(n, tokens),
-            "features": torch.randn(n, regions, 2048, generator=g), "spatials": torch.rand(n, regions, 7, generator=g),
-            "image_mask": torch.ones(n, regions), "target": torch.nn.functional.one_hot(label, 3).float(),
-            "label": label}
+    return {
+        "input_ids": torch.randint(5, vocab, (n, tokens), generator=g),
+        "attention_mask": torch.ones(n, tokens),
+        "features": torch.randn(n, regions, 2048, generator=g),
+        "spatials": torch.rand(n, regions, 7, generator=g),
+        "image_mask": torch.ones(n, regions),
+        "target": torch.nn.functional.one_hot(label, 3).float(),
+        "label": label,
+    }
 
 
 class Setup:
@@ -88,18 +100,23 @@ class Setup:
         if spec and "task_en" in self.cfg.outer:
             self.query["en"] = self.en
         names = [n for n, _ in self.net.named_parameters()]
-        self.adapt = M.adapt_names_for(names, self.layout.layer_of, self.layout.num_layers,
-                                       spec.get("inner_params", "all"), 3,
-                                       lambda n: self.layout.layer_of(n) is None
-                                       and self.layout.module_of(n) in self.layout.embedding_modules)
+        self.adapt = M.adapt_names_for(
+            names,
+            self.layout.layer_of,
+            self.layout.num_layers,
+            spec.get("inner_params", "all"),
+            3,
+            lambda n: self.layout.layer_of(n) is None and self.layout.module_of(n) in self.layout.embedding_modules,
+        )
         self.dist = engine.DistInfo()
 
     def step(self) -> None:
         if self.cfg is None:
             self.net.model.loss(self.en).backward()
         else:
-            X.meta_step(self.net, self.cfg, iter([(self.support, self.query)]), 1, self.adapt, self.dist,
-                        torch.device("cpu"))
+            X.meta_step(
+                self.net, self.cfg, iter([(self.support, self.query)]), 1, self.adapt, self.dist, torch.device("cpu")
+            )
         engine.optimizer_step(self.net, self.opt, self.sched, None, 0.0, torch.zeros(()), self.dist)
 
 
@@ -114,14 +131,17 @@ def measure_time(setups: dict[str, Setup], rounds: int) -> dict:
     seconds: dict[str, list[float]] = {n: [] for n in CONFIGS}
     order = list(CONFIGS)
     for r in range(rounds):
-        rot = order[r % len(order):] + order[:r % len(order)]
+        rot = order[r % len(order) :] + order[: r % len(order)]
         t = {n: timed(setups[n]) for n in rot}
         for n in CONFIGS:
             seconds[n].append(t[n])
         for n in ratios:
             ratios[n].append(t[n] / t["plain"])
-    return {"median_ratio_to_plain": {n: statistics.median(v) for n, v in ratios.items()},
-            "round_ratios": ratios, "median_seconds": {n: statistics.median(v) for n, v in seconds.items()}}
+    return {
+        "median_ratio_to_plain": {n: statistics.median(v) for n, v in ratios.items()},
+        "round_ratios": ratios,
+        "median_seconds": {n: statistics.median(v) for n, v in seconds.items()},
+    }
 
 
 def step_peak_bytes(setup: Setup) -> int:
@@ -139,8 +159,11 @@ def step_peak_bytes(setup: Setup) -> int:
 def measure_memory(setups: dict[str, Setup]) -> dict:
     peak = {n: step_peak_bytes(s) for n, s in setups.items()}
     params = sum(p.numel() * p.element_size() for p in setups["plain"].net.parameters())
-    return {"step_peak_mib": {n: v / 2**20 for n, v in peak.items()}, "param_mib": params / 2**20,
-            "step_peak_ratio_to_plain": {n: v / max(peak["plain"], 1) for n, v in peak.items()}}
+    return {
+        "step_peak_mib": {n: v / 2**20 for n, v in peak.items()},
+        "param_mib": params / 2**20,
+        "step_peak_ratio_to_plain": {n: v / max(peak["plain"], 1) for n, v in peak.items()},
+    }
 
 
 def full_scale() -> dict:
@@ -149,11 +172,14 @@ def full_scale() -> dict:
     n = sum(p.numel() for p in m.parameters())
     emb = sum(p.numel() for name, p in m.named_parameters() if name.startswith("embeddings."))
     gib = 4 / 2**30
-    return {"uc2_base_params": n, "embedding_params": emb,
-            "second_order_extra_gib_per_inner_step_all_params": round(2 * n * gib, 2),
-            "second_order_extra_gib_per_inner_step_without_embeddings": round(2 * (n - emb) * gib, 2),
-            "note": "lower bounds (theta' and the inner gradient, fp32), before the activations of the inner "
-                    "backward that second order also keeps; --inner-params top skips the embeddings"}
+    return {
+        "uc2_base_params": n,
+        "embedding_params": emb,
+        "second_order_extra_gib_per_inner_step_all_params": round(2 * n * gib, 2),
+        "second_order_extra_gib_per_inner_step_without_embeddings": round(2 * (n - emb) * gib, 2),
+        "note": "lower bounds (theta' and the inner gradient, fp32), before the activations of the inner "
+        "backward that second order also keeps; --inner-params top skips the embeddings",
+    }
 
 
 def main() -> int:
@@ -167,11 +193,19 @@ def main() -> int:
     torch.set_num_threads(1)
     if args.quick:
         args.hidden, args.batch, args.rounds = 32, 4, 2
-    res = {"benchmark": "xvlmaml_step", "hidden": args.hidden, "batch": args.batch, "rounds": args.rounds,
-           "layers": 12, "vocab": U.CONFIGS["tiny"]["vocab_size"], "tokens": 20, "regions": 36,
-           "full_scale": full_scale()}
+    res = {
+        "benchmark": "xvlmaml_step",
+        "hidden": args.hidden,
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "layers": 12,
+        "vocab": U.CONFIGS["tiny"]["vocab_size"],
+        "tokens": 20,
+        "regions": 36,
+        "full_scale": full_scale(),
+    }
     setups = {n: Setup(n, args.hidden, args.batch) for n in CONFIGS}
-    for s in setups.values():   # warm-up (allocator, optimizer state)
+    for s in setups.values():  # warm-up (allocator, optimizer state)
         s.step()
     res["memory"] = measure_memory(setups)
     res["time"] = measure_time(setups, args.rounds)
@@ -182,10 +216,12 @@ def main() -> int:
         ratio = 1.0 if n == "plain" else t["median_ratio_to_plain"][n]
         print(f"{n:15s} {t['median_seconds'][n]:10.3f} {ratio:12.2f} {mem['step_peak_ratio_to_plain'][n]:20.2f}")
     fs = res["full_scale"]
-    print(f"full scale (UC2 base, {fs['uc2_base_params']:,} parameters, {fs['embedding_params']:,} in the embeddings): "
-          f"second order keeps >= {fs['second_order_extra_gib_per_inner_step_all_params']} GiB per inner step with "
-          f"every parameter adapted, >= {fs['second_order_extra_gib_per_inner_step_without_embeddings']} GiB without "
-          "the embeddings, before activations")
+    print(
+        f"full scale (UC2 base, {fs['uc2_base_params']:,} parameters, {fs['embedding_params']:,} in the embeddings): "
+        f"second order keeps >= {fs['second_order_extra_gib_per_inner_step_all_params']} GiB per inner step with "
+        f"every parameter adapted, >= {fs['second_order_extra_gib_per_inner_step_without_embeddings']} GiB without "
+        "the embeddings, before activations"
+    )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")

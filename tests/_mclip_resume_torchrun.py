@@ -1,6 +1,7 @@
 """Under torchrun, for tests/test_mclip.py: in one process group, an uninterrupted train_mclip.py run into
 <output-dir>/whole, a run into <output-dir>/cut that fails on every rank right after its first epoch's checkpoint
 (SUF_FAULT raise:epoch_end:1), and that run's --resume. Arguments: train_mclip.py's (its --output-dir the parent)."""
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,7 @@ def parsed(argv: list[str], out: Path, *extra: str):
 
 def main(argv: list[str]) -> None:
     base = Path(argv[argv.index("--output-dir") + 1])
-    rest = argv[:argv.index("--output-dir")] + argv[argv.index("--output-dir") + 2:]
+    rest = argv[: argv.index("--output-dir")] + argv[argv.index("--output-dir") + 2 :]
     dist = engine.setup_distributed()
     try:
         M.run(parsed(rest, base / "whole"), dist)

@@ -9,6 +9,7 @@ differently cannot move the pins) and synthetic region features / images written
 Regenerate the pins (only when behaviour changes on purpose; see tests/fixtures/recipes/README.md):
     python tests/_recipes.py --regen
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,22 +35,73 @@ REGIONS = 4
 TRAINERS = {"uc2": train_uc2.main, "cclm": train_cclm.main}
 # Every run: 2 epochs (SUF's trainable set changes at epoch 2) x 3 steps, a loss record per step, the
 # model's own dropout on, no per-epoch evaluation, random initialisation from --seed.
-COMMON = ["--model-config", "tiny", "--epochs", "2", "--max-steps-per-epoch", "3", "--log-every", "1", "--seed", "0",
-          "--no-eval", "--num-workers", "0", "--amp", "off"]
+COMMON = [
+    "--model-config",
+    "tiny",
+    "--epochs",
+    "2",
+    "--max-steps-per-epoch",
+    "3",
+    "--log-every",
+    "1",
+    "--seed",
+    "0",
+    "--no-eval",
+    "--num-workers",
+    "0",
+    "--amp",
+    "off",
+]
 # name -> (model, flags). lr larger than the paper's so that 6 steps move a random tiny model measurably
 # (a 1% lr change must leave the tolerance: test_a_one_percent_lr_change_fails_the_pin); UC2 xflickrco's
 # triplet loss sits at its margin (0.2) from a random start and needs 3e-2 for that.
 RECIPES = {
-    "uc2_xgqa_full": ("uc2", ["--task", "xgqa", "--policy", "full", "--train-split", "testdev", "--batch-size", "8",
-                              "--lr", "1e-3"]),
-    "uc2_xgqa_suf": ("uc2", ["--task", "xgqa", "--policy", "suf", "--train-split", "testdev", "--batch-size", "8",
-                             "--lr", "1e-3"]),
-    "uc2_xflickrco_suf": ("uc2", ["--task", "xflickrco", "--policy", "suf", "--train-split", "valid",
-                                  "--batch-size", "4", "--lr", "3e-2"]),
-    "cclm_xgqa_suf": ("cclm", ["--task", "xgqa", "--policy", "suf", "--train-split", "train_5", "--batch-size", "4",
-                               "--micro-batch-size", "2", "--lr", "1e-4"]),
-    "cclm_xflickrco_suf": ("cclm", ["--task", "xflickrco", "--policy", "suf", "--train-split", "valid",
-                                    "--batch-size", "6", "--micro-batch-size", "3", "--lr", "1e-4"]),
+    "uc2_xgqa_full": (
+        "uc2",
+        ["--task", "xgqa", "--policy", "full", "--train-split", "testdev", "--batch-size", "8", "--lr", "1e-3"],
+    ),
+    "uc2_xgqa_suf": (
+        "uc2",
+        ["--task", "xgqa", "--policy", "suf", "--train-split", "testdev", "--batch-size", "8", "--lr", "1e-3"],
+    ),
+    "uc2_xflickrco_suf": (
+        "uc2",
+        ["--task", "xflickrco", "--policy", "suf", "--train-split", "valid", "--batch-size", "4", "--lr", "3e-2"],
+    ),
+    "cclm_xgqa_suf": (
+        "cclm",
+        [
+            "--task",
+            "xgqa",
+            "--policy",
+            "suf",
+            "--train-split",
+            "train_5",
+            "--batch-size",
+            "4",
+            "--micro-batch-size",
+            "2",
+            "--lr",
+            "1e-4",
+        ],
+    ),
+    "cclm_xflickrco_suf": (
+        "cclm",
+        [
+            "--task",
+            "xflickrco",
+            "--policy",
+            "suf",
+            "--train-split",
+            "valid",
+            "--batch-size",
+            "6",
+            "--micro-batch-size",
+            "3",
+            "--lr",
+            "1e-4",
+        ],
+    ),
 }
 TRAIN_SPLITS = {("xgqa", "testdev"), ("xgqa", "train_5"), ("xflickrco", "valid")}
 
@@ -73,10 +125,23 @@ def write_inputs(workdir: Path) -> None:
 
 def argv(name: str, workdir: Path, out: Path, *extra: str) -> list[str]:
     model, flags = RECIPES[name]
-    inputs = (["--features", str(workdir / "features"), "--max-regions", str(REGIONS)] if model == "uc2"
-              else ["--images", str(workdir / "images")])
-    return [*COMMON, *flags, "--data-root", str(IGLUE), "--tokenizer", str(TOKENIZER), *inputs,
-            "--output-dir", str(out), *extra]
+    inputs = (
+        ["--features", str(workdir / "features"), "--max-regions", str(REGIONS)]
+        if model == "uc2"
+        else ["--images", str(workdir / "images")]
+    )
+    return [
+        *COMMON,
+        *flags,
+        "--data-root",
+        str(IGLUE),
+        "--tokenizer",
+        str(TOKENIZER),
+        *inputs,
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def step_losses(run: Path) -> list[tuple[int, float]]:
@@ -104,14 +169,23 @@ def regenerate(workdir: Path) -> dict:
     import PIL
     import tokenizers
     import torch
+
     write_inputs(workdir)
     pins = {name: {"flags": RECIPES[name][1], "steps": run(name, workdir, workdir / name)} for name in RECIPES}
     why = "only when behaviour changes on purpose: tests/fixtures/recipes/README.md"
-    return {"regenerate": f"python tests/_recipes.py --regen ({why})",
-            "produced_with": {"torch": torch.__version__, "numpy": numpy.__version__, "Pillow": PIL.__version__,
-                              "tokenizers": tokenizers.__version__, "python": platform.python_version(),
-                              "cpu_capability": torch.backends.cpu.get_cpu_capability()},
-            "common_flags": COMMON, "recipes": pins}
+    return {
+        "regenerate": f"python tests/_recipes.py --regen ({why})",
+        "produced_with": {
+            "torch": torch.__version__,
+            "numpy": numpy.__version__,
+            "Pillow": PIL.__version__,
+            "tokenizers": tokenizers.__version__,
+            "python": platform.python_version(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },
+        "common_flags": COMMON,
+        "recipes": pins,
+    }
 
 
 def dumps(pins: dict) -> str:
@@ -123,14 +197,19 @@ def dumps(pins: dict) -> str:
 
 def main() -> None:
     import tempfile
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--regen", action="store_true", help=f"rewrite {EXPECTED.relative_to(ROOT)} from the current code")
-    p.add_argument("--tokenizer", action="store_true",
-                   help=f"also retrain {TOKENIZER.relative_to(ROOT)} (moves every pin: only with a reason)")
+    p.add_argument(
+        "--tokenizer",
+        action="store_true",
+        help=f"also retrain {TOKENIZER.relative_to(ROOT)} (moves every pin: only with a reason)",
+    )
     args = p.parse_args()
     if not args.regen:
         p.error("nothing to do without --regen")
     import torch
+
     torch.set_num_threads(1)  # as the suite runs (tests/conftest.py)
     if args.tokenizer or not TOKENIZER.exists():
         make_tokenizer()

@@ -9,6 +9,7 @@ group; "dropout" = full with --dropout 0.1),
 Per variant it writes hashes.rank<r>.json (parameter hash after every optimizer step) and
 eval_ids.epoch<e>.json (the gathered evaluation ids, rank 0).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,9 @@ class ToyModel(nn.Module):
     def __init__(self, layers: int = 4, dropout: float = 0.0):
         super().__init__()
         self.embeddings = nn.Linear(DIM, DIM)
-        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(DIM, DIM), nn.GELU(), nn.Dropout(dropout), nn.LayerNorm(DIM))
-                                    for _ in range(layers))
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(DIM, DIM), nn.GELU(), nn.Dropout(dropout), nn.LayerNorm(DIM)) for _ in range(layers)
+        )
         self.head = nn.Linear(DIM, CLASSES)
 
     def forward(self, x):
@@ -93,17 +95,21 @@ def make_evaluate(data: ToyData, dist: engine.DistInfo, out: Path):
         if dist.is_main:
             (out / f"eval_ids.epoch{epoch}.json").write_text(json.dumps([i for i, _ in rows]))
         correct = sum(c for _, c in rows)
-        results = {"en": {"accuracy": 100.0 * correct / len(rows), "n": len(rows)},
-                   "de": {"accuracy": 100.0 * (len(rows) - correct) / len(rows), "n": len(rows)}}
+        results = {
+            "en": {"accuracy": 100.0 * correct / len(rows), "n": len(rows)},
+            "de": {"accuracy": 100.0 * (len(rows) - correct) / len(rows), "n": len(rows)},
+        }
         return {lang: m for lang, m in results.items() if langs is None or lang in langs}
+
     return evaluate
 
 
 def run_one(args: argparse.Namespace, dist: engine.DistInfo) -> None:
     schedule = freeze.schedule_from_args(args, args.layers)
     if args.print_schedule:  # as the trainers do it
-        return engine.print_schedule_only(lambda task, config: ToyModel(args.layers), {}, layout(args.layers), schedule,
-                                          args, lambda: args.n_train)
+        return engine.print_schedule_only(
+            lambda task, config: ToyModel(args.layers), {}, layout(args.layers), schedule, args, lambda: args.n_train
+        )
     out = engine.check_run_dir(args, dist)
     engine.seed_everything(args.seed)
     model = ToyModel(args.layers, args.dropout or 0.0)
@@ -112,9 +118,18 @@ def run_one(args: argparse.Namespace, dist: engine.DistInfo) -> None:
     hashes: list[str] = []
     meta = {"model": "toy", "task": args.task, "config": {"layers": args.layers, "dim": DIM}}
     try:
-        engine.train(args, model, layout(args.layers), schedule, loader,
-                     make_evaluate(ToyData(args.n_eval, args.seed + 1), dist, out), meta, dist,
-                     on_step=lambda m, step: hashes.append(param_hash(m)), run_dir=out)
+        engine.train(
+            args,
+            model,
+            layout(args.layers),
+            schedule,
+            loader,
+            make_evaluate(ToyData(args.n_eval, args.seed + 1), dist, out),
+            meta,
+            dist,
+            on_step=lambda m, step: hashes.append(param_hash(m)),
+            run_dir=out,
+        )
     finally:
         if out.is_dir():
             (out / f"hashes.rank{dist.rank}.json").write_text(json.dumps(hashes))

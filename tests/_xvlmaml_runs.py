@@ -3,6 +3,7 @@ group on the same store can read the first one's addresses and fail to connect).
 
   python -m torch.distributed.run --nproc_per_node 2 tests/_xvlmaml_runs.py :: ARGS1 :: ARGS2 ...
 """
+
 import sys
 from pathlib import Path
 

@@ -1,5 +1,6 @@
 """CallCounter: counts a model's calls to its retrieval building blocks (tests and bench/retrieval.py check the
 scoring protocols with it)."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -11,6 +12,7 @@ class CallCounter:
     """Counts, per method, the calls a model's own methods receive and the rows (images / captions / pairs) that
     went through them. The counting wrappers are set on the model instance (they shadow the class's methods), so
     calls the model makes on itself (retrieval_scores -> encode_images, ...) are counted too."""
+
     METHODS = ("encode_images", "encode_texts", "itm_scores", "pair_scores", "itm_image_kv", "itm_scores_with_image_kv")
 
     def __init__(self, model: torch.nn.Module):
@@ -31,4 +33,5 @@ class CallCounter:
             first = args[0] if args else next(iter(kwargs.values()))
             self.rows[name] += first["input_ids"].shape[0] if isinstance(first, dict) else first.shape[0]
             return fn(*args, **kwargs)
+
         return counted

@@ -1,5 +1,6 @@
 """Suite-wide settings: tiny models run fastest on one thread (2 shared cores: a second intra-op
 thread makes tiny steps ~10x slower under contention), and subprocesses inherit it."""
+
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")

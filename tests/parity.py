@@ -6,6 +6,7 @@ with the magnitude: |ours - ref| <= ATOL + RTOL * |ref| elementwise. RTOL = 2e-6
 (2**-23 = 1.19e-7), ATOL = 1e-5 covers values near zero that come out of cancelling larger terms.
 Integer outputs (ranks, indices, answer ids, labels) must be equal.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,5 +35,7 @@ def assert_matches_reference(name: str, got, want) -> None:
         return
     err = parity_error(got, want)
     worst = ((got.detach().double().cpu() - want.double()).abs().max().item()) if want.numel() else 0.0
-    assert err <= 1.0, (f"{name}: max abs error {worst:.3g} exceeds {ATOL:g} + {RTOL:g}*|ref| "
-                        f"(worst element at {err:.2f}x its tolerance)")
+    assert err <= 1.0, (
+        f"{name}: max abs error {worst:.3g} exceeds {ATOL:g} + {RTOL:g}*|ref| "
+        f"(worst element at {err:.2f}x its tolerance)"
+    )

@@ -8,6 +8,7 @@ crash would take pytest down, or where the exact terminal output matters) with t
 sample, a tiny tokenizer and synthetic region features. Most of them resume a "paused" run (epoch 1 of 2
 done) with the bad input, and check that its folder is byte-identical afterwards.
 """
+
 import base64
 import json
 import os
@@ -34,17 +35,42 @@ CATALOGUE = ROOT / "docs" / "bad_input.md"
 XVNLI_EN = "XVNLI/annotations/en"
 
 
-
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def cli(env: dict, out: Path, *extra: str, features=None, root=IGLUE, tokenizer=None) -> list[str]:
-    return ["--task", "xvnli", "--model-config", "tiny", "--data-root", str(root),
-            "--features", str(features or env["feats"]), "--tokenizer", str(tokenizer or env["tok"]),
-            "--train-split", "train_48", "--eval-split", "test", "--langs", "en", "--max-regions", "4",
-            "--num-workers", "0", "--batch-size", "8", "--epochs", "2", "--max-steps-per-epoch", "1",
-            "--output-dir", str(out), *extra]
+    return [
+        "--task",
+        "xvnli",
+        "--model-config",
+        "tiny",
+        "--data-root",
+        str(root),
+        "--features",
+        str(features or env["feats"]),
+        "--tokenizer",
+        str(tokenizer or env["tok"]),
+        "--train-split",
+        "train_48",
+        "--eval-split",
+        "test",
+        "--langs",
+        "en",
+        "--max-regions",
+        "4",
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--max-steps-per-epoch",
+        "1",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def fails(argv: list[str]) -> str:
@@ -78,8 +104,14 @@ def env(tmp_path_factory):
     test = data.load_split(IGLUE, "xvnli", "test", "en")
     data.make_tiny_tokenizer([e.text for e in train + test], base / "tok", vocab_size=300)
     data.write_synthetic_features(base / "feats", {e.image for e in train + test}, num_boxes=4)
-    env = {"base": base, "tok": base / "tok", "feats": base / "feats", "paused": base / "paused",
-           "train": train, "test": test}
+    env = {
+        "base": base,
+        "tok": base / "tok",
+        "feats": base / "feats",
+        "paused": base / "paused",
+        "train": train,
+        "test": test,
+    }
     os.environ["SUF_FAULT"] = "raise:epoch_end:1"  # stop after epoch 1's checkpoint, as a killed run would
     try:
         with pytest.raises(RuntimeError, match="SUF_FAULT"):
@@ -100,13 +132,23 @@ def env(tmp_path_factory):
     sub_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     script = [sys.executable, str(ROOT / "train_uc2.py")]
     env["procs"] = {
-        "truncated_lmdb": subprocess.Popen(script + cli(env, base / "paused_lmdb", "--resume", features=truncated), env=sub_env,
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        "truncated_lmdb": subprocess.Popen(
+            script + cli(env, base / "paused_lmdb", "--resume", features=truncated),
+            env=sub_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
         "truncated_lmdb_inventory": subprocess.Popen(
             [sys.executable, str(ROOT / "data.py"), "--data-root", str(IGLUE), "--features", str(truncated)],
-            env=sub_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-        "existing_run": subprocess.Popen(script + cli(env, env["paused"]), env=sub_env,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+            env=sub_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+        "existing_run": subprocess.Popen(
+            script + cli(env, env["paused"]), env=sub_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ),
     }
     yield env
     for p in env["procs"].values():
@@ -121,6 +163,7 @@ def finished(env: dict, name: str) -> tuple[int, str]:
 
 
 # ------------------------------------------------------------------------------------------ images (CCLM)
+
 
 def test_missing_image_fails_fast(env, tmp_path):
     images = tmp_path / "images"
@@ -144,8 +187,11 @@ def test_corrupt_image_names_the_file(env, tmp_path):
     paths = data.write_synthetic_images(images, [e.image_file for e in exs[:2]], size=(160, 120))
     jpeg = paths[1].read_bytes()
     paths[0].write_bytes(b"this is not a JPEG")
-    for case, (path, content) in {"not_an_image": (paths[0], None), "header_cut": (paths[1], jpeg[:150]),
-                                  "body_cut": (paths[1], jpeg[: len(jpeg) * 3 // 4])}.items():
+    for case, (path, content) in {
+        "not_an_image": (paths[0], None),
+        "header_cut": (paths[1], jpeg[:150]),
+        "body_cut": (paths[1], jpeg[: len(jpeg) * 3 // 4]),
+    }.items():
         if content is not None:
             path.write_bytes(content)
         before = snapshot(images)
@@ -156,20 +202,27 @@ def test_corrupt_image_names_the_file(env, tmp_path):
             with pytest.raises(ValueError) as e:
                 ds[0 if case == "not_an_image" else 1]
             msg = str(e.value)
-            assert "\n" not in msg and msg.startswith(f"image file {path} is corrupt or not an image (") and \
-                f"(referenced by {XVNLI_EN}/test.jsonl:" in msg, (case, msg)
+            assert (
+                "\n" not in msg
+                and msg.startswith(f"image file {path} is corrupt or not an image (")
+                and f"(referenced by {XVNLI_EN}/test.jsonl:" in msg
+            ), (case, msg)
         assert snapshot(images) == before
 
 
 # ------------------------------------------------------------------------------------------ region features (UC2)
+
 
 def test_truncated_lmdb_is_one_line_error_not_a_crash(env):
     data_mdb = env["truncated"] / "data.mdb"
     for name, prefix in (("truncated_lmdb", "error: --features: "), ("truncated_lmdb_inventory", "error: ")):
         rc, err = finished(env, name)
         assert rc == 1, (name, rc, err[-2000:])  # not -7 (SIGBUS from reading the mmap past its end)
-        assert re.fullmatch(re.escape(f"{prefix}{data_mdb}: LMDB file is truncated (") + r".* bytes, its header needs .*\)"
-                            r"; copy or download it again", last_line(err)), err[-2000:]
+        assert re.fullmatch(
+            re.escape(f"{prefix}{data_mdb}: LMDB file is truncated (") + r".* bytes, its header needs .*\)"
+            r"; copy or download it again",
+            last_line(err),
+        ), err[-2000:]
     assert snapshot(env["truncated"]) == env["truncated_files"]  # opened read-only, lock-free
     assert snapshot(env["base"] / "paused_lmdb") == env["paused_files"]
 
@@ -181,8 +234,9 @@ def test_corrupt_h5_features_are_one_line_error(env, tmp_path, case):
     h5.write_bytes(real[:5000] if case == "truncated_h5" else b"not an HDF5 file")
     before = h5.read_bytes()
     msg = fails(cli(env, tmp_path / "run", features=h5))
-    assert re.fullmatch(re.escape(f"error: --features: {h5}: cannot open as HDF5 (") + r".+\); copy or download it again",
-                        msg), msg
+    assert re.fullmatch(
+        re.escape(f"error: --features: {h5}: cannot open as HDF5 (") + r".+\); copy or download it again", msg
+    ), msg
     assert h5.read_bytes() == before
     assert_nothing_written(tmp_path / "run")
 
@@ -190,16 +244,25 @@ def test_corrupt_h5_features_are_one_line_error(env, tmp_path, case):
 def test_missing_feature_key_fails_before_training(env, tmp_path):
     train_keys = {e.image for e in env["train"]}
     eval_only = sorted({e.image for e in env["test"]} - train_keys)
-    for name, drop, where, split in (("train", sorted(train_keys)[0], "training data", "train_48"),
-                                     ("eval", eval_only[0], "evaluation data", "test")):
-        feats = data.write_synthetic_features(tmp_path / name, ({e.image for e in env["train"] + env["test"]} - {drop}),
-                                              num_boxes=4)
+    for name, drop, where, split in (
+        ("train", sorted(train_keys)[0], "training data", "train_48"),
+        ("eval", eval_only[0], "evaluation data", "test"),
+    ):
+        feats = data.write_synthetic_features(
+            tmp_path / name, ({e.image for e in env["train"] + env["test"]} - {drop}), num_boxes=4
+        )
         msg = resume_fails(env, features=feats)
-        assert re.fullmatch(re.escape(f"error: {where}: feature key '{drop}' not found in {feats} (referenced by "
-                                      f"{XVNLI_EN}/{split}.jsonl:") + r"\d+, example .*\); 1 of \d+ images missing", msg), msg
+        assert re.fullmatch(
+            re.escape(
+                f"error: {where}: feature key '{drop}' not found in {feats} (referenced by {XVNLI_EN}/{split}.jsonl:"
+            )
+            + r"\d+, example .*\); 1 of \d+ images missing",
+            msg,
+        ), msg
 
 
 # ------------------------------------------------------------------------------------------ annotations
+
 
 def _annotation_root(tmp_path: Path, text: str) -> Path:
     root = tmp_path / "iglue"
@@ -229,10 +292,15 @@ def test_bad_annotation_file(env, tmp_path, case):
 def test_wrong_data_root(env, tmp_path, case):
     if case == "missing_root":
         msg = resume_fails(env, root=tmp_path / "nope")
-        assert msg == f"error: training data: data root {tmp_path / 'nope'} does not exist (expected an IGLUE checkout holding datasets/)"
+        assert (
+            msg == f"error: training data: data root {tmp_path / 'nope'} does not exist (expected an IGLUE "
+            "checkout holding datasets/)"
+        )
     elif case == "no_datasets_folder":
         msg = resume_fails(env, root=tmp_path)
-        assert msg.startswith(f"error: training data: data root {tmp_path}: expected folder {tmp_path / 'datasets'}"), msg
+        assert msg.startswith(f"error: training data: data root {tmp_path}: expected folder {tmp_path / 'datasets'}"), (
+            msg
+        )
     else:
         msg = resume_fails(env, features=tmp_path / "feats.lmdb")
         assert msg == f"error: --features {tmp_path / 'feats.lmdb'} does not exist"
@@ -240,8 +308,11 @@ def test_wrong_data_root(env, tmp_path, case):
 
 # ------------------------------------------------------------------------------------------ checkpoints, tokenizer
 
+
 def _cclm_state_dict() -> dict:
-    keys = [line.split("\t")[0] for line in (ROOT / "tests/fixtures/cclm/ft_xvnli.keys.tsv").read_text().splitlines()[:40]]
+    keys = [
+        line.split("\t")[0] for line in (ROOT / "tests/fixtures/cclm/ft_xvnli.keys.tsv").read_text().splitlines()[:40]
+    ]
     return {k: torch.zeros(2) for k in keys}
 
 
@@ -251,7 +322,9 @@ def test_checkpoint_of_the_wrong_model(env, tmp_path, case):
     if case == "cclm_state_dict":  # e.g. X2-VLM/CCLM weights given to the UC2 trainer
         ckpt = tmp_path / "cclm_xvnli.th"
         torch.save(_cclm_state_dict(), ckpt)
-        expected = re.escape(f"error: --checkpoint: {ckpt}: unrecognised checkpoint layout (first keys: ['vision_encoder.")
+        expected = re.escape(
+            f"error: --checkpoint: {ckpt}: unrecognised checkpoint layout (first keys: ['vision_encoder."
+        )
         argv = cli(env, out, "--checkpoint", str(ckpt))
     else:  # our xvnli checkpoint given to an xgqa run: heads differ
         ckpt = env["paused"] / "checkpoint_last.pt"
@@ -271,14 +344,31 @@ def test_checkpoint_of_our_other_model_is_named(env, tmp_path, case):
         ckpt = env["paused"] / "checkpoint_last.pt"
         (tmp_path / "images").mkdir()
         with pytest.raises(SystemExit) as e:
-            train_cclm.main(["--task", "xvnli", "--data-root", str(IGLUE), "--images", str(tmp_path / "images"),
-                             "--tokenizer", str(env["tok"]), "--checkpoint", str(ckpt), "--output-dir", str(out)])
+            train_cclm.main(
+                [
+                    "--task",
+                    "xvnli",
+                    "--data-root",
+                    str(IGLUE),
+                    "--images",
+                    str(tmp_path / "images"),
+                    "--tokenizer",
+                    str(env["tok"]),
+                    "--checkpoint",
+                    str(ckpt),
+                    "--output-dir",
+                    str(out),
+                ]
+            )
         msg, want = str(e.value), (ckpt, "uc2", "cclm")
     else:
         ckpt = tmp_path / "cclm_run.pt"
         torch.save({"model": _cclm_state_dict(), "meta": {"model": "cclm"}}, ckpt)
         msg, want = fails(cli(env, out, "--checkpoint", str(ckpt))), (ckpt, "cclm", "uc2")
-    assert msg == f"error: --checkpoint: checkpoint {want[0]} holds a {want[1]} model, not {want[2]}; give a {want[2]} checkpoint"
+    assert (
+        msg == f"error: --checkpoint: checkpoint {want[0]} holds a {want[1]} model, not {want[2]}; give a "
+        f"{want[2]} checkpoint"
+    )
     assert_nothing_written(out)
 
 
@@ -290,8 +380,22 @@ def test_unreadable_checkpoint(env, tmp_path, case):
     if case.startswith("cclm"):
         (tmp_path / "images").mkdir()
         with pytest.raises(SystemExit) as e:
-            train_cclm.main(["--task", "xvnli", "--data-root", str(IGLUE), "--images", str(tmp_path / "images"),
-                             "--tokenizer", str(env["tok"]), "--checkpoint", str(ckpt), "--output-dir", str(tmp_path / "run")])
+            train_cclm.main(
+                [
+                    "--task",
+                    "xvnli",
+                    "--data-root",
+                    str(IGLUE),
+                    "--images",
+                    str(tmp_path / "images"),
+                    "--tokenizer",
+                    str(env["tok"]),
+                    "--checkpoint",
+                    str(ckpt),
+                    "--output-dir",
+                    str(tmp_path / "run"),
+                ]
+            )
         msg = str(e.value)
     else:
         msg = fails(cli(env, tmp_path / "run", "--checkpoint", str(ckpt)))
@@ -305,11 +409,15 @@ def test_checkpoint_with_mismatched_shapes(env, tmp_path, capsys, case):
     other = {**U.CONFIGS["tiny"], "intermediate_size": 48}
     if case == "checkpoint":
         ckpt = tmp_path / "model_final.pt"
-        torch.save({"model": U.build_model("xvnli", other).state_dict(), "meta": {"model": "uc2", "config": other}}, ckpt)
+        torch.save(
+            {"model": U.build_model("xvnli", other).state_dict(), "meta": {"model": "uc2", "config": other}}, ckpt
+        )
         before = ckpt.read_bytes()
         msg = fails(cli(env, tmp_path / "run", "--checkpoint", str(ckpt)))
-        assert msg.startswith(f"error: --checkpoint: {ckpt}: checkpoint (ours): encoder.layer.0.intermediate.dense.weight "
-                              "[48, 32] -> encoder.layer.0.intermediate.dense.weight [64, 32] (0 missing, 0 unexpected, "), msg
+        assert msg.startswith(
+            f"error: --checkpoint: {ckpt}: checkpoint (ours): encoder.layer.0.intermediate.dense.weight "
+            "[48, 32] -> encoder.layer.0.intermediate.dense.weight [64, 32] (0 missing, 0 unexpected, "
+        ), msg
         assert "  SHAPE    encoder.layer.11.output.dense.weight [32, 48]" in capsys.readouterr().err  # the full report
         assert ckpt.read_bytes() == before
         assert_nothing_written(tmp_path / "run")
@@ -318,8 +426,10 @@ def test_checkpoint_with_mismatched_shapes(env, tmp_path, capsys, case):
         config.write_text(json.dumps(other))
         ckpt = env["paused"] / "checkpoint_last.pt"
         msg = fails(cli(env, env["paused"], "--resume", "--model-config", str(config)))
-        assert msg.startswith(f"error: --resume: {ckpt} does not fit this model (size mismatch for "
-                              "encoder.layer.0.intermediate.dense.weight"), msg
+        assert msg.startswith(
+            f"error: --resume: {ckpt} does not fit this model (size mismatch for "
+            "encoder.layer.0.intermediate.dense.weight"
+        ), msg
         assert snapshot(env["paused"]) == env["paused_files"]
 
 
@@ -342,33 +452,60 @@ def test_tokenizer_with_the_same_size_but_another_vocabulary(env, tmp_path, case
     if case == "same_size_checkpoint":
         ckpt = env["paused"] / "checkpoint_last.pt"
         msg = fails(cli(env, tmp_path / "run", "--checkpoint", str(ckpt), tokenizer=other))
-        assert msg == (f"error: --tokenizer {other} is not the tokenizer checkpoint {ckpt} was trained with (same size, "
-                       f"different vocabulary: fingerprint {now} vs {was}); use the tokenizer the checkpoint was trained with")
+        assert msg == (
+            f"error: --tokenizer {other} is not the tokenizer checkpoint {ckpt} was trained with (same size, "
+            f"different vocabulary: fingerprint {now} vs {was}); use the tokenizer the checkpoint was trained with"
+        )
         assert_nothing_written(tmp_path / "run")
     else:
         run = tmp_path / "paused"
         shutil.copytree(env["paused"], run)
         before = snapshot(run)
         msg = fails(cli(env, run, "--resume", tokenizer=other))
-        assert msg == (f"error: --resume: --tokenizer {other} is not the tokenizer the run in {run / 'checkpoint_last.pt'} "
-                       f"was trained with (vocabulary fingerprint {now} vs {was}); resume with that tokenizer")
+        assert msg == (
+            f"error: --resume: --tokenizer {other} is not the tokenizer the run in {run / 'checkpoint_last.pt'} "
+            f"was trained with (vocabulary fingerprint {now} vs {was}); resume with that tokenizer"
+        )
         assert snapshot(run) == before
 
 
 @pytest.mark.parametrize("case", ["checkpoint", "config", "cclm_checkpoint"])
 def test_tokenizer_vocabulary_mismatch(env, tmp_path, case):
-    if case == "cclm_checkpoint":  # train_cclm: a checkpoint of ours records the size of the tokenizer it was trained with
+    if (
+        case == "cclm_checkpoint"
+    ):  # train_cclm: a checkpoint of ours records the size of the tokenizer it was trained with
         config = train_cclm.CONFIGS["tiny"]
         ckpt = tmp_path / "cclm.pt"
         trained = len(data.load_tokenizer(env["tok"]))
-        torch.save({"model": train_cclm.build_model("xvnli", config).state_dict(),
-                    "meta": {"model": "cclm", "config": config, "tokenizer_size": trained + 1}}, ckpt)
+        torch.save(
+            {
+                "model": train_cclm.build_model("xvnli", config).state_dict(),
+                "meta": {"model": "cclm", "config": config, "tokenizer_size": trained + 1},
+            },
+            ckpt,
+        )
         (tmp_path / "images").mkdir()
         with pytest.raises(SystemExit) as e:
-            train_cclm.main(["--task", "xvnli", "--data-root", str(IGLUE), "--images", str(tmp_path / "images"),
-                             "--tokenizer", str(env["tok"]), "--checkpoint", str(ckpt), "--output-dir", str(tmp_path / "run")])
-        assert str(e.value) == (f"error: --tokenizer {env['tok']} has {trained} ids but checkpoint {ckpt} was trained with "
-                                f"a {trained + 1}-id tokenizer; use the tokenizer the checkpoint was trained with")
+            train_cclm.main(
+                [
+                    "--task",
+                    "xvnli",
+                    "--data-root",
+                    str(IGLUE),
+                    "--images",
+                    str(tmp_path / "images"),
+                    "--tokenizer",
+                    str(env["tok"]),
+                    "--checkpoint",
+                    str(ckpt),
+                    "--output-dir",
+                    str(tmp_path / "run"),
+                ]
+            )
+        assert str(e.value) == (
+            f"error: --tokenizer {env['tok']} has {trained} ids but checkpoint {ckpt} was trained with "
+            f"a {trained + 1}-id tokenizer; use the tokenizer the checkpoint was trained with"
+        )
     elif case == "checkpoint":  # the paused run's weights were trained with env["tok"]; give another vocabulary
         other = tmp_path / "tok"
         data.make_tiny_tokenizer([e.text for e in env["train"]], other, vocab_size=200)
@@ -376,38 +513,60 @@ def test_tokenizer_vocabulary_mismatch(env, tmp_path, case):
         assert n != trained
         ckpt = env["paused"] / "checkpoint_last.pt"
         msg = fails(cli(env, tmp_path / "run", "--checkpoint", str(ckpt), tokenizer=other))
-        assert msg == (f"error: --tokenizer {other} has {n} ids but checkpoint {ckpt} was trained with a {trained}-id "
-                       "tokenizer; use the tokenizer the checkpoint was trained with")
+        assert msg == (
+            f"error: --tokenizer {other} has {n} ids but checkpoint {ckpt} was trained with a {trained}-id "
+            "tokenizer; use the tokenizer the checkpoint was trained with"
+        )
     else:  # more ids than the model has embedding rows
         config = tmp_path / "small_vocab.json"
         config.write_text(json.dumps({**U.CONFIGS["tiny"], "vocab_size": 100}))
         n = len(data.load_tokenizer(env["tok"]))
         msg = fails(cli(env, tmp_path / "run", "--model-config", str(config)))
-        assert msg == (f"error: --tokenizer {env['tok']} has {n} ids but the model config's vocab_size is 100 "
-                       "(ids >= 100 have no embedding); use a matching tokenizer or config")
+        assert msg == (
+            f"error: --tokenizer {env['tok']} has {n} ids but the model config's vocab_size is 100 "
+            "(ids >= 100 have no embedding); use a matching tokenizer or config"
+        )
     assert_nothing_written(tmp_path / "run")
 
 
 # ------------------------------------------------------------------------------------------ run folder
 
+
 def test_existing_run_folder_without_resume(env):
     rc, err = finished(env, "existing_run")
     assert rc == 1, err[-2000:]
-    assert last_line(err) == (f"error: {env['paused']} already holds a run (checkpoint_last.pt, metrics.jsonl, args.json); "
-                              "pass --resume to continue it or choose another --output-dir")
+    assert last_line(err) == (
+        f"error: {env['paused']} already holds a run (checkpoint_last.pt, metrics.jsonl, args.json); "
+        "pass --resume to continue it or choose another --output-dir"
+    )
     assert snapshot(env["paused"]) == env["paused_files"]
 
 
 # ------------------------------------------------------------------------------------------ CLI numbers, model config
 
-@pytest.mark.parametrize("case", ["epochs_0", "negative_lr", "negative_weight_decay", "warmup_above_1", "max_regions_0",
-                                  "negative_workers", "nan_lr"])
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "epochs_0",
+        "negative_lr",
+        "negative_weight_decay",
+        "warmup_above_1",
+        "max_regions_0",
+        "negative_workers",
+        "nan_lr",
+    ],
+)
 def test_cli_number_out_of_range_is_refused_before_anything_is_written(env, tmp_path, case):
-    flag, value, rule = {"epochs_0": ("--epochs", "0", ">= 1"), "negative_lr": ("--lr", "-1", ">= 0"),
-                         "negative_weight_decay": ("--weight-decay", "-5", ">= 0"),
-                         "warmup_above_1": ("--warmup-ratio", "2", "in [0, 1]"),
-                         "max_regions_0": ("--max-regions", "0", ">= 1"),
-                         "negative_workers": ("--num-workers", "-1", ">= 0"), "nan_lr": ("--lr", "nan", ">= 0")}[case]
+    flag, value, rule = {
+        "epochs_0": ("--epochs", "0", ">= 1"),
+        "negative_lr": ("--lr", "-1", ">= 0"),
+        "negative_weight_decay": ("--weight-decay", "-5", ">= 0"),
+        "warmup_above_1": ("--warmup-ratio", "2", "in [0, 1]"),
+        "max_regions_0": ("--max-regions", "0", ">= 1"),
+        "negative_workers": ("--num-workers", "-1", ">= 0"),
+        "nan_lr": ("--lr", "nan", ">= 0"),
+    }[case]
     msg = fails(cli(env, tmp_path / "run", flag, value))
     assert msg == f"error: {flag} {value} is out of range: must be {rule}", msg
     assert not (tmp_path / "run").exists()
@@ -419,33 +578,55 @@ def test_heads_not_dividing_the_hidden_size(env, tmp_path, case):
     if case == "uc2_heads":
         config.write_text(json.dumps({**U.CONFIGS["tiny"], "num_heads": 3}))
         msg = fails(cli(env, tmp_path / "run", "--model-config", str(config)))
-        assert msg == (f"error: --model-config {config}: hidden_size 32 is not divisible by num_heads 3 (each "
-                       "attention head takes hidden_size / num_heads dimensions)"), msg
+        assert msg == (
+            f"error: --model-config {config}: hidden_size 32 is not divisible by num_heads 3 (each "
+            "attention head takes hidden_size / num_heads dimensions)"
+        ), msg
         assert not (tmp_path / "run").exists()
     else:
         config.write_text(json.dumps({**train_cclm.CONFIGS["tiny"], "cross_heads": 5}))
         (tmp_path / "images").mkdir()
         with pytest.raises(SystemExit) as e:
-            train_cclm.main(["--task", "xvnli", "--data-root", str(IGLUE), "--images", str(tmp_path / "images"),
-                             "--tokenizer", str(env["tok"]), "--model-config", str(config),
-                             "--output-dir", str(tmp_path / "run")])
-        assert str(e.value) == (f"error: --model-config {config}: hidden_size 32 is not divisible by cross_heads 5 "
-                                "(each attention head takes hidden_size / cross_heads dimensions)")
+            train_cclm.main(
+                [
+                    "--task",
+                    "xvnli",
+                    "--data-root",
+                    str(IGLUE),
+                    "--images",
+                    str(tmp_path / "images"),
+                    "--tokenizer",
+                    str(env["tok"]),
+                    "--model-config",
+                    str(config),
+                    "--output-dir",
+                    str(tmp_path / "run"),
+                ]
+            )
+        assert str(e.value) == (
+            f"error: --model-config {config}: hidden_size 32 is not divisible by cross_heads 5 "
+            "(each attention head takes hidden_size / cross_heads dimensions)"
+        )
         assert_nothing_written(tmp_path / "run")
 
 
 # ------------------------------------------------------------------------------------------ annotation values
 
+
 @pytest.mark.parametrize("case", ["null_text", "list_text", "number_text"])
 def test_text_field_that_is_not_a_string(env, tmp_path, case):
     lines = (IGLUE / "datasets" / XVNLI_EN / "train_48.jsonl").read_text().splitlines()
     bad = json.loads(lines[1])
-    bad["sentence2"], shown = {"null_text": (None, "NoneType null"), "list_text": (["a", "b"], 'list ["a", "b"]'),
-                               "number_text": (12345, "int 12345")}[case]
+    bad["sentence2"], shown = {
+        "null_text": (None, "NoneType null"),
+        "list_text": (["a", "b"], 'list ["a", "b"]'),
+        "number_text": (12345, "int 12345"),
+    }[case]
     root = _annotation_root(tmp_path, "\n".join([lines[0], json.dumps(bad)] + lines[2:]))
     msg = resume_fails(env, root=root)
     assert msg.startswith("error: training data: ") and msg.endswith(
-        f"train_48.jsonl:2: field 'sentence2' must be a string, got {shown}"), msg
+        f"train_48.jsonl:2: field 'sentence2' must be a string, got {shown}"
+    ), msg
 
 
 def test_split_whose_labels_are_all_unknown(env, tmp_path):
@@ -453,8 +634,10 @@ def test_split_whose_labels_are_all_unknown(env, tmp_path):
     root = _annotation_root(tmp_path, "\n".join(json.dumps({**obj, "gold_label": "-"}) for obj in lines))
     msg = resume_fails(env, root=root)
     path = root / "datasets" / XVNLI_EN / "train_48.jsonl"
-    assert msg == (f"error: training data: {path}: none of the {len(lines)} examples has a known label (every "
-                   "gold_label is '-'); wrong file or answer vocabulary?"), msg
+    assert msg == (
+        f"error: training data: {path}: none of the {len(lines)} examples has a known label (every "
+        "gold_label is '-'); wrong file or answer vocabulary?"
+    ), msg
 
 
 def test_invalid_utf8_names_file_and_line(env, tmp_path):
@@ -463,15 +646,18 @@ def test_invalid_utf8_names_file_and_line(env, tmp_path):
     path = root / "datasets" / XVNLI_EN / "train_48.jsonl"
     path.write_bytes("\n".join(lines[:2]).encode() + b'\n{"sentence2": "caf\xe9"}\n')  # Latin-1, not UTF-8
     msg = resume_fails(env, root=root)
-    assert msg == (f"error: training data: {path}:3: invalid UTF-8 (byte 0xe9 at column 19); the file must be UTF-8 "
-                   "encoded"), msg
+    assert msg == (
+        f"error: training data: {path}:3: invalid UTF-8 (byte 0xe9 at column 19); the file must be UTF-8 encoded"
+    ), msg
 
 
 # ------------------------------------------------------------------------------------------ feature records
 
+
 def _lmdb_put(feats: Path, key: str, value: bytes | None) -> None:
     """Overwrite (None: delete) one record of a feature LMDB, keeping its `keys` entry."""
     import lmdb
+
     lmdb_env = lmdb.open(str(feats), map_size=1 << 28)
     with lmdb_env.begin(write=True) as txn:
         if value is None:
@@ -483,6 +669,7 @@ def _lmdb_put(feats: Path, key: str, value: bytes | None) -> None:
 
 def _record_of(feats: Path, key: str) -> dict:
     import lmdb
+
     lmdb_env = lmdb.open(str(feats), readonly=True, lock=False)
     with lmdb_env.begin() as txn:
         record = pickle.loads(txn.get(key.encode()))
@@ -498,15 +685,27 @@ def _damaged_features(env, tmp_path: Path, case: str) -> tuple[Path, str, str]:
     rec = _record_of(feats, key)
     four_by_1024 = rec["features"][:2].reshape(4, 1024)
     value, tail = {
-        "wrong_width": ({**rec, "features": four_by_1024},
-                        "features is a float32 array of shape [4, 1024]; expected a float array of shape [N, 2048]"),
-        "wrong_width_base64": ({**rec, "features": base64.b64encode(four_by_1024.tobytes()),
-                                "boxes": base64.b64encode(rec["boxes"].tobytes())},
-                               "2 feature rows of 2048 but 4 boxes"),
-        "integer_dtype": ({**rec, "features": rec["features"].astype("int64")},
-                          "features is a int64 array of shape [4, 2048]; expected a float array of shape [N, 2048]"),
-        "no_record": (None, "is listed in its keys but has no record (a damaged or incomplete copy); copy or download "
-                            "the features again"),
+        "wrong_width": (
+            {**rec, "features": four_by_1024},
+            "features is a float32 array of shape [4, 1024]; expected a float array of shape [N, 2048]",
+        ),
+        "wrong_width_base64": (
+            {
+                **rec,
+                "features": base64.b64encode(four_by_1024.tobytes()),
+                "boxes": base64.b64encode(rec["boxes"].tobytes()),
+            },
+            "2 feature rows of 2048 but 4 boxes",
+        ),
+        "integer_dtype": (
+            {**rec, "features": rec["features"].astype("int64")},
+            "features is a int64 array of shape [4, 2048]; expected a float array of shape [N, 2048]",
+        ),
+        "no_record": (
+            None,
+            "is listed in its keys but has no record (a damaged or incomplete copy); copy or download "
+            "the features again",
+        ),
         "bit_rot": (b"\x80\x04\x95\x00garbage", "not a readable pickle of plain data"),
         "nan_values": ({**rec, "features": np.full_like(rec["features"], np.nan)}, "holds NaN or inf values"),
     }[case]
@@ -514,17 +713,22 @@ def _damaged_features(env, tmp_path: Path, case: str) -> tuple[Path, str, str]:
     return feats, key, tail
 
 
-@pytest.mark.parametrize("case", ["wrong_width", "wrong_width_base64", "integer_dtype", "no_record", "bit_rot",
-                                  "nan_values"])
+@pytest.mark.parametrize(
+    "case", ["wrong_width", "wrong_width_base64", "integer_dtype", "no_record", "bit_rot", "nan_values"]
+)
 def test_bad_feature_record_is_one_line_error_naming_the_key(env, tmp_path, case):
     feats, key, tail = _damaged_features(env, tmp_path, case)
     msg = resume_fails(env, features=feats)  # the start-up check decodes the training records
     assert msg.startswith(f"error: training data: {feats}: feature ") and f"{key!r}" in msg and tail in msg, msg
-    assert re.search(rf"\(referenced by {XVNLI_EN}/train_48\.jsonl:\d+, example .*\); 1 of \d+ feature records "
-                     r"checked are bad \(python data\.py --verify lists them all\)$", msg), msg
+    assert re.search(
+        rf"\(referenced by {XVNLI_EN}/train_48\.jsonl:\d+, example .*\); 1 of \d+ feature records "
+        r"checked are bad \(python data\.py --verify lists them all\)$",
+        msg,
+    ), msg
     if case != "nan_values":  # reading it for a batch (in a worker, mid-epoch) is the same one line
-        ds = data.make_dataset("uc2", "xvnli", [e for e in env["train"] if e.image == key], features=str(feats),
-                               max_regions=4)
+        ds = data.make_dataset(
+            "uc2", "xvnli", [e for e in env["train"] if e.image == key], features=str(feats), max_regions=4
+        )
         with pytest.raises(data.BadInput) as e:
             ds[0]
         assert tail in str(e.value) and f"{key!r}" in str(e.value) and "\n" not in str(e.value)
@@ -535,15 +739,20 @@ def test_keys_entry_that_does_not_decode(env, tmp_path):
     shutil.copytree(env["feats"], feats)
     _lmdb_put(feats, "keys", b"\x80\x04\x95\x00rotten")
     msg = resume_fails(env, features=feats)
-    assert re.fullmatch(re.escape(f"error: --features: {feats} entry 'keys': not a readable pickle of plain data (")
-                        + r"\w+: .*\)", msg), msg
+    assert re.fullmatch(
+        re.escape(f"error: --features: {feats} entry 'keys': not a readable pickle of plain data (") + r"\w+: .*\)", msg
+    ), msg
 
 
 def test_bad_record_in_a_loader_worker_is_one_line(env, tmp_path):
     feats, key, tail = _damaged_features(env, tmp_path, "wrong_width")
     exs = [e for e in env["train"] if e.image == key][:1]
-    loader = data.BatchLoader(data.make_dataset("uc2", "xvnli", exs, features=str(feats), max_regions=4),
-                              batch_size=1, num_workers=1, collate_fn=lambda items: {"n": len(items)})
+    loader = data.BatchLoader(
+        data.make_dataset("uc2", "xvnli", exs, features=str(feats), max_regions=4),
+        batch_size=1,
+        num_workers=1,
+        collate_fn=lambda items: {"n": len(items)},
+    )
     with pytest.raises(data.BadInput) as e:
         next(iter(loader))
     msg = str(e.value)
@@ -568,8 +777,9 @@ def test_verify_reports_every_bad_record_and_image(env, tmp_path, capsys):
     assert any(f"feature record {other!r} holds NaN or inf values" in b for b in bad)
     assert any(f"image file {paths[0]} is corrupt or not an image (UnidentifiedImageError" in b for b in bad)
     n_keys = len(data.open_features(feats).keys())
-    assert last_line(err) == (f"error: --verify: 3 bad of {n_keys} feature records and {len(files)} images checked "
-                              "(listed above)"), err
+    assert last_line(err) == (
+        f"error: --verify: 3 bad of {n_keys} feature records and {len(files)} images checked (listed above)"
+    ), err
     assert snapshot(tmp_path) == before
 
 
@@ -583,20 +793,42 @@ def test_corrupt_test_image_stops_the_run_before_training(env, tmp_path):
     test_only = sorted({e.image_file for e in env["test"]} - {e.image_file for e in train})[0]
     paths[test_only].write_bytes(b"this is not a JPEG")
     with pytest.raises(SystemExit) as e:
-        train_cclm.main(["--task", "xvnli", "--data-root", str(IGLUE), "--images", str(images), "--tokenizer",
-                         str(env["tok"]), "--model-config", "tiny", "--train-split", "train_48", "--langs", "en",
-                         "--num-workers", "0", "--output-dir", str(tmp_path / "run")])
+        train_cclm.main(
+            [
+                "--task",
+                "xvnli",
+                "--data-root",
+                str(IGLUE),
+                "--images",
+                str(images),
+                "--tokenizer",
+                str(env["tok"]),
+                "--model-config",
+                "tiny",
+                "--train-split",
+                "train_48",
+                "--langs",
+                "en",
+                "--num-workers",
+                "0",
+                "--output-dir",
+                str(tmp_path / "run"),
+            ]
+        )
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"error: data: image file {paths[test_only]} is corrupt or not an image ("
-                                              "UnidentifiedImageError"), msg
+    assert "\n" not in msg and msg.startswith(
+        f"error: data: image file {paths[test_only]} is corrupt or not an image (UnidentifiedImageError"
+    ), msg
     assert re.search(rf"\(referenced by {XVNLI_EN}/test\.jsonl:\d+, example .*\); 1 of \d+ images checked are bad", msg)
     assert_nothing_written(tmp_path / "run")
 
 
 # ------------------------------------------------------------------------------------------ evaluation results
 
+
 def test_nan_logits_at_evaluation_are_an_error_not_an_accuracy(env, tmp_path):
     import eval_zeroshot
+
     run = tmp_path / "paused"
     shutil.copytree(env["paused"], run)
     ckpt = engine.load_checkpoint(run / "checkpoint_last.pt")
@@ -613,8 +845,11 @@ def test_nan_logits_at_evaluation_are_an_error_not_an_accuracy(env, tmp_path):
 
 def test_table_marks_an_unfinished_run(env, capsys):
     import eval_zeroshot
-    lines = [{"type": "eval", "epoch": 1, "step": 1, "lang": lang, "split": "test", "accuracy": 50.0}
-             for lang in ("en", "ar")]
+
+    lines = [
+        {"type": "eval", "epoch": 1, "step": 1, "lang": lang, "split": "test", "accuracy": 50.0}
+        for lang in ("en", "ar")
+    ]
     paused = env["base"] / "paused_with_eval"
     shutil.copytree(env["paused"], paused)
     with open(paused / "metrics.jsonl", "a") as f:
@@ -626,6 +861,7 @@ def test_table_marks_an_unfinished_run(env, capsys):
 
 
 # ------------------------------------------------------------------------------------------ the catalogue itself
+
 
 def test_catalogue_matches_the_tests():
     """Every test named in docs/bad_input.md exists (function, and parameter id when given), and every
@@ -644,5 +880,7 @@ def test_catalogue_matches_the_tests():
             assert param is None or param == "" or f'"{param}"' in src, f"{path}::{func}[{param}]: no such parameter"
             if path == "tests/test_bad_input.py":
                 named.add(func)
-    here = set(re.findall(r"^def (test_\w+)\(", Path(__file__).read_text(), re.M)) - {"test_catalogue_matches_the_tests"}
+    here = set(re.findall(r"^def (test_\w+)\(", Path(__file__).read_text(), re.M)) - {
+        "test_catalogue_matches_the_tests"
+    }
     assert here <= named, f"tests missing from the catalogue: {sorted(here - named)}"

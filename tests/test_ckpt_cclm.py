@@ -1,5 +1,6 @@
 """CCLM checkpoint layout and mapping: the full-size models (built on the meta device, nothing
 allocated) against the reference manifests, and the pretrained -> fine-tuning mapping on small models."""
+
 from __future__ import annotations
 
 import sys
@@ -73,8 +74,15 @@ def test_mapping_errors_name_the_key() -> None:
 
 
 def small(image_res: int, vision_width: int = 32) -> dict:
-    return {**train_cclm.CONFIGS["tiny"], "image_res": image_res, "text_layers": 2, "cross_layers": 2,
-            "dec_layers": 2, "vocab_size": 50, "vision_width": vision_width}
+    return {
+        **train_cclm.CONFIGS["tiny"],
+        "image_res": image_res,
+        "text_layers": 2,
+        "cross_layers": 2,
+        "dec_layers": 2,
+        "vocab_size": 50,
+        "vision_width": vision_width,
+    }
 
 
 def fake_pretraining_state(tmp_path: Path, vision_width: int = 32) -> tuple[Path, dict]:
@@ -112,12 +120,12 @@ def test_load_pretrained_values(tmp_path: Path, vision_width: int) -> None:
     assert "interpolate_224_to_384 2" in report and "copy_renamed" in report and "bbox_head.0.weight" in report
     after = model.state_dict()
     fresh_kv = vision_width != small(64)["hidden_size"]
-    assert (f"new_random_init {12 + 8 * fresh_kv}" in report), report
+    assert f"new_random_init {12 + 8 * fresh_kv}" in report, report
     for k, v in after.items():
         if fresh_kv and train_cclm._is_decoder_cross_kv(k):
             assert torch.equal(v, before[k]), k
         elif k.startswith("text_decoder.bert.encoder."):
-            assert torch.equal(v, pre["cross_encoder." + k[len("text_decoder.bert."):]]), k
+            assert torch.equal(v, pre["cross_encoder." + k[len("text_decoder.bert.") :]]), k
         elif "relative_position_bias_table" in k:
             assert v.shape[0] == 7 * 7 + 3
             assert torch.equal(v, train_cclm.resize_rel_pos_bias_table(pre[k], 4)), k
@@ -168,8 +176,17 @@ def test_layout_18_layers(task: str) -> None:
 
 # X2-VLM optim.create_optimizer, as written there: no weight decay when any of these strings occurs in the name;
 # lr * lr_mult (2, the CCLM fine-tuning configs) for model.init_params; the ViT at the paper's 2e-5.
-X2VLM_NO_DECAY = {"bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight",
-                  "norm1.bias", "norm1.weight", "norm2.bias", "norm2.weight"}
+X2VLM_NO_DECAY = {
+    "bias",
+    "LayerNorm.bias",
+    "LayerNorm.weight",
+    "norm.bias",
+    "norm.weight",
+    "norm1.bias",
+    "norm1.weight",
+    "norm2.bias",
+    "norm2.weight",
+}
 # The second name of each tied tensor (decoder weight/bias tied to the decoder's word embeddings /
 # predictions.bias: docs/reference_facts.md#F-cclm-xgqa-decoder-tied); named_parameters() and so create_optimizer
 # see the first only.
@@ -180,8 +197,11 @@ LR, VISION_LR, WD, LR_MULT = 3e-5, 2e-5, 0.01, 2.0
 def x2vlm_expected_groups(task: str) -> dict[str, tuple[float, float]]:
     """name -> (lr, weight decay) by X2-VLM's rules over the manifest's parameters. init_params = the keys
     its loader reports missing from the pretraining checkpoint (new_random_init) that are parameter names."""
-    params = [k for k, (_, dtype) in read_keys(f"ft_{task}.keys.tsv").items()
-              if dtype == "float32" and k not in TIED_SECOND_NAMES]
+    params = [
+        k
+        for k, (_, dtype) in read_keys(f"ft_{task}.keys.tsv").items()
+        if dtype == "float32" and k not in TIED_SECOND_NAMES
+    ]
     rows = [line.split("\t") for line in (FIX / f"ft_{task}.init_from_pretrain.tsv").read_text().splitlines()[1:]]
     init_params = {key for key, action, _ in rows if action == "new_random_init"} & set(params)
     out = {}
@@ -196,9 +216,16 @@ def x2vlm_expected_groups(task: str) -> dict[str, tuple[float, float]]:
 def test_optimizer_groups_follow_x2vlm_rules_on_the_released_layout(task: str) -> None:
     model = meta_model(task)
     layout = train_cclm.layer_layout(task)
-    groups = freeze.param_groups(model, layout, freeze.Schedule("full", layout.num_layers), LR, WD,
-                                 {"vision_encoder": VISION_LR}, no_decay=train_cclm.x2vlm_no_decay,
-                                 lr_mult=train_cclm.lr_mult_rule(train_cclm.lr_mult_prefixes(task, True), LR_MULT))
+    groups = freeze.param_groups(
+        model,
+        layout,
+        freeze.Schedule("full", layout.num_layers),
+        LR,
+        WD,
+        {"vision_encoder": VISION_LR},
+        no_decay=train_cclm.x2vlm_no_decay,
+        lr_mult=train_cclm.lr_mult_rule(train_cclm.lr_mult_prefixes(task, True), LR_MULT),
+    )
     names = {id(p): n for n, p in model.named_parameters()}
     got = {names[id(p)]: (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
     want = x2vlm_expected_groups(task)
@@ -234,8 +261,11 @@ def test_lr_mult_covers_exactly_the_parameters_loading_leaves_fresh(vision_width
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     pre_shapes = {k: tuple(v.shape) for k, v in pre.state_dict().items()}
     buffers = {k for k, _ in model.named_buffers()}
-    fresh = {k for k, action, _ in train_cclm.pretrained_load_plan(pre_shapes, shapes, buffers, "xgqa")
-             if action == "new_random_init"}
+    fresh = {
+        k
+        for k, action, _ in train_cclm.pretrained_load_plan(pre_shapes, shapes, buffers, "xgqa")
+        if action == "new_random_init"
+    }
     rule = train_cclm.lr_mult_rule(train_cclm.lr_mult_prefixes("xgqa", True, cfg), 2.0)
     params = {k for k, _ in model.named_parameters()}  # optimizer's view: no buffers, tied tensors once
     doubled = {k for k in params if rule(k) == 2.0}

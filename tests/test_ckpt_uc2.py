@@ -3,6 +3,7 @@
 Full-size layouts are checked on the meta device (no memory); loading real tensors is checked with
 tiny files that follow the same manifests (all widths shrunk, key order kept).
 """
+
 import pickle
 import sys
 import types
@@ -49,6 +50,7 @@ def canonical(volta_key: str, task: str) -> str:
 
 # ---------------------------------------------------------------- full-size layouts (meta device)
 
+
 @pytest.mark.parametrize("task", U.TASKS)
 def test_volta_pretrained_manifest(task):
     src, target = manifest("uc2_volta_pretrained"), shapes(meta_model(task))
@@ -65,9 +67,11 @@ def test_volta_pretrained_manifest(task):
     for dst, (s, _) in plan.copy.items():
         if dst.startswith("encoder.layer."):
             assert int(s.split(".")[3]) // 2 == int(dst.split(".")[2])
-    assert sum(torch.Size(target[k]).numel() for k in plan.copy) + \
-        sum(torch.Size(src[k]).numel() for k, _ in plan.dropped if k != "cls.predictions.decoder.weight") \
-        == 282_295_765  # README: 282,295,765 parameters in the file (decoder = word embeddings, counted once)
+    assert (
+        sum(torch.Size(target[k]).numel() for k in plan.copy)
+        + sum(torch.Size(src[k]).numel() for k, _ in plan.dropped if k != "cls.predictions.decoder.weight")
+        == 282_295_765
+    )  # README: 282,295,765 parameters in the file (decoder = word embeddings, counted once)
 
 
 @pytest.mark.parametrize("task", U.TASKS)
@@ -76,7 +80,9 @@ def test_volta_finetuned_manifest(task):
     plan = U.plan_load(src, target, task, name=FT_MANIFEST[task])
     assert plan.ok and not plan.dropped and not plan.initialised and not plan.notes, plan.report()
     assert set(plan.copy) == set(target) and len(plan.aliases) == 193
-    assert {s for s, _ in plan.copy.values() if s.startswith("clfs_dict.")} == {k for k in src if k.startswith("clfs_dict.")}
+    assert {s for s, _ in plan.copy.values() if s.startswith("clfs_dict.")} == {
+        k for k in src if k.startswith("clfs_dict.")
+    }
     # a head of another task is an error naming the key, never silently dropped
     for other in U.TASKS:
         if other != task:
@@ -113,9 +119,14 @@ def test_original_manifest_matches_volta_converter():
     assert got == expected_sources
     # the documented collision: VOLTA's text-embedding LN comes from UC2's image-embedding LN
     assert got["embeddings.LayerNorm.weight"] == "roberta.img_embeddings.LayerNorm.weight"
-    assert "roberta.embeddings.LayerNorm.weight" in dropped and "overwritten" in dropped["roberta.embeddings.LayerNorm.weight"]
-    assert {k for k, _ in plan.initialised} == {k for k in target if k.startswith("head.")} | \
-        {"embeddings.v_LayerNorm.weight", "embeddings.v_LayerNorm.bias"}
+    assert (
+        "roberta.embeddings.LayerNorm.weight" in dropped
+        and "overwritten" in dropped["roberta.embeddings.LayerNorm.weight"]
+    )
+    assert {k for k, _ in plan.initialised} == {k for k in target if k.startswith("head.")} | {
+        "embeddings.v_LayerNorm.weight",
+        "embeddings.v_LayerNorm.bias",
+    }
     assert any("collision" in n for n in plan.notes)
 
 
@@ -170,7 +181,9 @@ def test_load_original_fp16_file(tmp_path):
     assert torch.equal(ours["embeddings.LayerNorm.bias"], sd["roberta.img_embeddings.LayerNorm.bias"].float())
     assert torch.equal(ours["embeddings.v_LayerNorm.weight"], torch.ones(TINY["hidden_size"]))
     assert torch.equal(ours["embeddings.v_LayerNorm.bias"], torch.zeros(TINY["hidden_size"]))
-    assert torch.equal(ours["encoder.layer.11.output.dense.weight"], sd["roberta.encoder.layer.11.output.dense.weight"].float())
+    assert torch.equal(
+        ours["encoder.layer.11.output.dense.weight"], sd["roberta.encoder.layer.11.output.dense.weight"].float()
+    )
 
 
 def test_original_and_volta_files_give_the_same_model(tmp_path):
@@ -180,7 +193,17 @@ def test_original_and_volta_files_give_the_same_model(tmp_path):
     sources = {v: o for v, o, _ in original_to_volta_rows() if v != "-"}
     for k, t in tiny_tensors("uc2_volta_pretrained").items():
         o = sources[k]
-        volta[k] = orig[o].float() if o != "-" else (torch.ones_like(t) if k.endswith("LayerNorm.weight") else torch.zeros_like(t) if "v_LayerNorm" in k else t)
+        volta[k] = (
+            orig[o].float()
+            if o != "-"
+            else (
+                torch.ones_like(t)
+                if k.endswith("LayerNorm.weight")
+                else torch.zeros_like(t)
+                if "v_LayerNorm" in k
+                else t
+            )
+        )
     a, b = U.build_model("xvnli", TINY), U.build_model("xvnli", TINY)
     U.load_into(a, orig)
     U.load_into(b, volta)
@@ -202,14 +225,24 @@ def test_load_volta_files_and_iglue_tar_without_volta(tmp_path):
 
         def __getstate__(self):
             return dict(self.__dict__)
+
     tbLogger.__module__, tbLogger.__qualname__ = "volta.train_utils", "tbLogger"
     mod.tbLogger = tbLogger
     sys.modules["volta"], sys.modules["volta.train_utils"] = types.ModuleType("volta"), mod
     try:
         opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
-        torch.save({"model_state_dict": sd, "optimizer_state_dict": opt.state_dict(), "scheduler_state_dict": {},
-                    "global_step": 10, "epoch_id": 3, "tb_logger": tbLogger(), "score": 0.5},
-                   tmp_path / "pytorch_ckpt_latest.tar")
+        torch.save(
+            {
+                "model_state_dict": sd,
+                "optimizer_state_dict": opt.state_dict(),
+                "scheduler_state_dict": {},
+                "global_step": 10,
+                "epoch_id": 3,
+                "tb_logger": tbLogger(),
+                "score": 0.5,
+            },
+            tmp_path / "pytorch_ckpt_latest.tar",
+        )
     finally:
         del sys.modules["volta"], sys.modules["volta.train_utils"]
     with pytest.raises(pickle.UnpicklingError):
@@ -223,22 +256,37 @@ def test_load_volta_files_and_iglue_tar_without_volta(tmp_path):
         assert plan.ok and not plan.initialised
         ours = model.state_dict()
         assert torch.equal(ours["head.3.weight"], sd["clfs_dict.TASK15.logit_fc.3.weight"])
-        assert torch.equal(ours["encoder.layer.4.attention.self.key.bias"], sd["bert.encoder.layer.8.attention_self.key.bias"])
-        assert torch.equal(ours["embeddings.token_type_embeddings.weight"], sd["bert.embeddings.new_token_type_embeddings.weight"])
+        assert torch.equal(
+            ours["encoder.layer.4.attention.self.key.bias"], sd["bert.encoder.layer.8.attention_self.key.bias"]
+        )
+        assert torch.equal(
+            ours["embeddings.token_type_embeddings.weight"], sd["bert.embeddings.new_token_type_embeddings.weight"]
+        )
     # aliases must really be aliases
-    sd["bert.encoder.layer.0.attention_self.v_query.weight"] = sd["bert.encoder.layer.0.attention_self.v_query.weight"] + 1
+    sd["bert.encoder.layer.0.attention_self.v_query.weight"] = (
+        sd["bert.encoder.layer.0.attention_self.v_query.weight"] + 1
+    )
     with pytest.raises(ValueError, match="v_query"):
         U.load_into(U.build_model("xgqa", TINY), sd)
 
 
 def test_text_side_from_xlm_roberta_folder(tmp_path):
     from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
+
     c = TINY
     torch.manual_seed(0)
-    hf = XLMRobertaForMaskedLM(XLMRobertaConfig(
-        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_hidden_layers=c["num_layers"],
-        num_attention_heads=c["num_heads"], intermediate_size=c["intermediate_size"],
-        max_position_embeddings=c["max_position_embeddings"], type_vocab_size=1, layer_norm_eps=c["layer_norm_eps"])).eval()
+    hf = XLMRobertaForMaskedLM(
+        XLMRobertaConfig(
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            num_hidden_layers=c["num_layers"],
+            num_attention_heads=c["num_heads"],
+            intermediate_size=c["intermediate_size"],
+            max_position_embeddings=c["max_position_embeddings"],
+            type_vocab_size=1,
+            layer_norm_eps=c["layer_norm_eps"],
+        )
+    ).eval()
     hf.save_pretrained(tmp_path / "xlm-roberta-base")
     model = U.build_model("xvnli", c).eval()
     plan = U.load_into(model, str(tmp_path / "xlm-roberta-base"))
@@ -250,7 +298,9 @@ def test_text_side_from_xlm_roberta_folder(tmp_path):
     mask = ids.ne(1).long()
     trace = {}
     with torch.no_grad():
-        model.encode(ids, mask, torch.randn(2, 3, 2048), torch.rand(2, 3, 7), torch.zeros(2, 3, dtype=torch.long), trace=trace)
+        model.encode(
+            ids, mask, torch.randn(2, 3, 2048), torch.rand(2, 3, 7), torch.zeros(2, 3, dtype=torch.long), trace=trace
+        )
         ref = hf.roberta(input_ids=ids, attention_mask=mask).last_hidden_state
     got = trace["sublayer_outputs_t"][-1]
     assert_matches_reference("text stream vs XLM-R", got[mask.bool()], ref[mask.bool()])
@@ -258,8 +308,10 @@ def test_text_side_from_xlm_roberta_folder(tmp_path):
 
 def test_our_checkpoint_roundtrip(tmp_path):
     model = U.build_model("xflickrco", TINY)
-    torch.save({"model": model.state_dict(), "meta": {"model": "uc2", "task": "xflickrco", "config": TINY}},
-               tmp_path / "model_final.pt")
+    torch.save(
+        {"model": model.state_dict(), "meta": {"model": "uc2", "task": "xflickrco", "config": TINY}},
+        tmp_path / "model_final.pt",
+    )
     other = U.build_model("xflickrco", TINY)
     plan = U.load_into(other, str(tmp_path / "model_final.pt"))
     assert plan.fmt == "ours" and plan.ok and len(plan.copy) == len(model.state_dict())
@@ -273,4 +325,8 @@ def test_iglue_no_decay_rule_on_our_names():
         volta_rule = any(s in volta for s in ("bias", "LayerNorm.bias", "LayerNorm.weight"))
         assert U.iglue_no_decay(ours) == volta_rule, (ours, volta)
     decayed_vectors = sorted(k for k in target if len(target[k]) == 1 and not U.iglue_no_decay(k))
-    assert decayed_vectors == ["embeddings.image_layer_norm.weight", "embeddings.image_location_layer_norm.weight", "head.2.weight"]
+    assert decayed_vectors == [
+        "embeddings.image_layer_norm.weight",
+        "embeddings.image_location_layer_norm.weight",
+        "head.2.weight",
+    ]

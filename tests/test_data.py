@@ -1,4 +1,5 @@
 """Tests of data.py on the real IGLUE sample and the UC2/CCLM reference fixtures (tests/fixtures only)."""
+
 import io
 import itertools
 import json
@@ -34,8 +35,10 @@ XFLICKRCO_LANGS = ["de", "en", "es", "id", "ja", "ru", "tr", "zh"]
 
 # --------------------------------------------------------------------------------------------- helpers
 
+
 class FakeTokenizer:
     """Maps known texts to fixed ids (the reference fixtures' stand-in tokenizer output)."""
+
     pad_token_id = 1
 
     def __init__(self, table):
@@ -47,9 +50,17 @@ class FakeTokenizer:
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    texts = [ex.text for t, s, l in [("xgqa", "dev", "en"), ("xgqa", "dev", "de"), ("xvnli", "test", "en"),
-                                      ("xflickrco", "valid", "en"), ("xflickrco", "test", "zh")]
-             for ex in data.load_split(ROOT, t, s, l)]
+    texts = [
+        ex.text
+        for t, s, l in [
+            ("xgqa", "dev", "en"),
+            ("xgqa", "dev", "de"),
+            ("xvnli", "test", "en"),
+            ("xflickrco", "valid", "en"),
+            ("xflickrco", "test", "zh"),
+        ]
+        for ex in data.load_split(ROOT, t, s, l)
+    ]
     out = tmp_path_factory.mktemp("tok")
     data.make_tiny_tokenizer(texts, out, vocab_size=400)
     return data.load_tokenizer(out)
@@ -76,6 +87,7 @@ def ids(task, split, lang, **kw):
 
 
 # --------------------------------------------------------------------------------------------- annotations
+
 
 def test_discovery():
     assert data.available_splits(ROOT, "xgqa") == ["dev", "testdev", "train_5"]
@@ -109,11 +121,18 @@ def test_xgqa_dev_and_few_shot_parallel():
             assert [ex.id for ex in exs] == [ex.id for ex in ref], (split, lang)
             assert [ex.image for ex in exs] == [ex.image for ex in ref]
             assert [ex.gold for ex in exs] == [ex.gold for ex in ref]
-            assert all(ex.lang == lang and ex.label == ans2label[ex.gold] and ex.scores == {ex.label: 1.0} for ex in exs)
+            assert all(
+                ex.lang == lang and ex.label == ans2label[ex.gold] and ex.scores == {ex.label: 1.0} for ex in exs
+            )
             assert {ex.qtype for ex in exs} <= {"verify", "query", "choose", "logical", "compare"}
         assert sum(ex.qtype == "query" for ex in ref) == (62 if split == "dev" else 86)
     de = data.load_split(ROOT, "xgqa", "dev", "de")[0]
-    assert (de.id, de.image, de.image_file, de.text) == ("201640614", "n235859", "gqa/n235859.jpg", "Wer trägt das Kleid?")
+    assert (de.id, de.image, de.image_file, de.text) == (
+        "201640614",
+        "n235859",
+        "gqa/n235859.jpg",
+        "Wer trägt das Kleid?",
+    )
 
 
 def test_gqa_testdev_list_format():
@@ -127,13 +146,20 @@ def test_xvnli_parallel_and_translate_test():
     ref = data.load_split(ROOT, "xvnli", "test", "en")
     assert len(ref) == 90 and len({ex.image for ex in ref}) == 30
     assert (ref[0].id, ref[0].image, ref[0].image_file, ref[0].text, ref[0].gold, ref[0].label) == (
-        "759822302.jpg#2r1c", "759822302", "flickr30k/759822302.jpg", "He is wearing the newspaper on his head.",
-        "contradiction", 0)
+        "759822302.jpg#2r1c",
+        "759822302",
+        "flickr30k/759822302.jpg",
+        "He is wearing the newspaper on his head.",
+        "contradiction",
+        0,
+    )
     assert sum(ex.gold == "-" for ex in ref) == 1 and all((ex.label == -1) == (ex.gold == "-") for ex in ref)
     for lang in XVNLI_LANGS:
         exs = data.load_split(ROOT, "xvnli", "test", lang)
         assert [ex.id for ex in exs] == [ex.id for ex in ref] and [ex.gold for ex in exs] == [ex.gold for ex in ref]
-        assert len(ids("xvnli", "train_48", lang)) == 60 and ids("xvnli", "train_48", lang) == ids("xvnli", "train_48", "en")
+        assert len(ids("xvnli", "train_48", lang)) == 60 and ids("xvnli", "train_48", lang) == ids(
+            "xvnli", "train_48", "en"
+        )
     for lang in ["ar", "es", "fr", "ru"]:
         mt = data.load_split(ROOT, "xvnli", "test", lang, translate_test=True)
         assert [ex.id for ex in mt] == [ex.id for ex in ref] and [ex.gold for ex in mt] == [ex.gold for ex in ref]
@@ -151,14 +177,21 @@ def test_xflickrco_and_flickr30k():
     valid = data.load_split(ROOT, "xflickrco", "valid", "en")
     assert len(valid) == 300 and len({ex.image for ex in valid}) == 60
     assert all(sum(e.image == ex.image for e in valid) == 5 for ex in valid[::5])
-    assert (valid[0].id, valid[0].image, valid[0].image_file) == ("1018148011#0", "1018148011", "flickr30k/1018148011.jpg")
+    assert (valid[0].id, valid[0].image, valid[0].image_file) == (
+        "1018148011#0",
+        "1018148011",
+        "flickr30k/1018148011.jpg",
+    )
 
 
 def test_retrieval_line_without_captions_takes_no_image_index(tmp_path):
     folder = tmp_path / "datasets" / "xFlickrCO" / "annotations" / "de"
     folder.mkdir(parents=True)
-    lines = [{"sentences": [], "id": "A", "img_path": "A.jpg"}, {"sentences": ["ein hund"], "id": "B", "img_path": "B.jpg"},
-             {"sentences": ["eine katze"], "id": "C", "img_path": "C.jpg"}]
+    lines = [
+        {"sentences": [], "id": "A", "img_path": "A.jpg"},
+        {"sentences": ["ein hund"], "id": "B", "img_path": "B.jpg"},
+        {"sentences": ["eine katze"], "id": "C", "img_path": "C.jpg"},
+    ]
     (folder / "test.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     exs = data.load_split(tmp_path, "xflickrco", "test", "de")
     assert [(ex.image, ex.label) for ex in exs] == [("B.jpg", 0), ("C.jpg", 1)]  # gold indices = image items
@@ -182,15 +215,25 @@ def test_oov_answer_is_label_minus_one(tmp_path, tokenizer):
 
 # --------------------------------------------------------------------------------------------- region features
 
-@pytest.mark.parametrize("path,expected", [("features_fixture.lmdb", "features_fixture_expected.pt"),
-                                           ("features_fixture.h5", "features_fixture_expected.pt"),
-                                           ("features_fixture_x101.lmdb", "features_fixture_x101_expected.pt")])
+
+@pytest.mark.parametrize(
+    "path,expected",
+    [
+        ("features_fixture.lmdb", "features_fixture_expected.pt"),
+        ("features_fixture.h5", "features_fixture_expected.pt"),
+        ("features_fixture_x101.lmdb", "features_fixture_x101_expected.pt"),
+    ],
+)
 def test_region_features_match_volta(path, expected):
     exp = torch.load(FEAT / expected)
     meta = json.loads((FEAT / "features_fixture_meta.json").read_text())
     kind = "x101" if "x101" in path else "h5"
-    sizes = {k: (tuple(s), n) for k, s, n in zip(meta[f"ids_{kind}"], meta[f"sizes_wh_{kind}"],
-                                                 meta["num_rows_x101" if kind == "x101" else "num_boxes_h5"])}
+    sizes = {
+        k: (tuple(s), n)
+        for k, s, n in zip(
+            meta[f"ids_{kind}"], meta[f"sizes_wh_{kind}"], meta["num_rows_x101" if kind == "x101" else "num_boxes_h5"]
+        )
+    }
     reader = data.open_features(FEAT / path)
     assert reader.keys() == set(exp["order"]) == set(sizes)
     for key, e in exp["images"].items():
@@ -230,9 +273,13 @@ def test_serialized_gqa_matches_volta():
     ds36 = data.SerializedGQADataset(FEAT / "gqa_serialized_fixture.lmdb", max_regions=36)
     for i, rec in enumerate(recs):
         if not rec["ok_36"]:
-            assert torch.equal(data.pad_regions(*ds36[i]["regions"], 36)["spatials"], feats_exp[rec["image_id"]]["spatials_36"])
-    assert data.make_dataset("uc2", "xgqa", None, features=str(FEAT / "gqa_serialized_fixture.lmdb")).__class__ \
+            assert torch.equal(
+                data.pad_regions(*ds36[i]["regions"], 36)["spatials"], feats_exp[rec["image_id"]]["spatials_36"]
+            )
+    assert (
+        data.make_dataset("uc2", "xgqa", None, features=str(FEAT / "gqa_serialized_fixture.lmdb")).__class__
         is data.SerializedGQADataset
+    )
 
 
 def test_lmdb_opened_lazily_per_worker(synthetic):
@@ -240,8 +287,13 @@ def test_lmdb_opened_lazily_per_worker(synthetic):
     ds = data.UC2Dataset(exs, str(synthetic["features"]), "xvnli")
     state = pickle.loads(pickle.dumps(ds.reader))
     assert state._handle is None
-    loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=data.UC2Collate("xvnli", FakeTokenizer(
-        {ex.text: [0, 5, 2] for ex in exs})), multiprocessing_context="fork")
+    loader = DataLoader(
+        ds,
+        batch_size=4,
+        num_workers=2,
+        collate_fn=data.UC2Collate("xvnli", FakeTokenizer({ex.text: [0, 5, 2] for ex in exs})),
+        multiprocessing_context="fork",
+    )
     batches = list(loader)
     assert [b["image_mask"].sum(1).tolist() for b in batches] == [[5] * 4] * 2
     serial = [data.UC2Collate("xvnli", FakeTokenizer({ex.text: [0, 5, 2] for ex in exs}))([ds[i] for i in range(4, 8)])]
@@ -250,6 +302,7 @@ def test_lmdb_opened_lazily_per_worker(synthetic):
 
 def test_synthetic_features_format(tmp_path):
     import lmdb
+
     data.write_synthetic_features(tmp_path / "f.lmdb", ["b", "a", 3], num_boxes=4, seed=0)
     env = lmdb.open(str(tmp_path / "f.lmdb"), readonly=True, lock=False)
     with env.begin() as txn:
@@ -262,6 +315,7 @@ def test_synthetic_features_format(tmp_path):
 
 # --------------------------------------------------------------------------------------------- images and text
 
+
 def test_cclm_eval_transform_matches_reference(tmp_path):
     ref = torch.load(FEAT / "cclm_preprocess.pt")
     for i, raw in enumerate(ref["raw_images_uint8_hwc"]):
@@ -270,7 +324,9 @@ def test_cclm_eval_transform_matches_reference(tmp_path):
         out = data.eval_transform(data.load_image(path), ref["image_res"])
         assert out.shape == ref["images"][i].shape
         assert_matches_reference(f"image {i}", out, ref["images"][i])
-    assert torch.allclose(torch.tensor(data.CLIP_MEAN), ref["mean"]) and torch.allclose(torch.tensor(data.CLIP_STD), ref["std"])
+    assert torch.allclose(torch.tensor(data.CLIP_MEAN), ref["mean"]) and torch.allclose(
+        torch.tensor(data.CLIP_STD), ref["std"]
+    )
 
 
 def test_train_transform_seeded():
@@ -293,13 +349,17 @@ def test_text_cleaning():
 
 
 def test_tokenizer_padding_and_truncation(tokenizer, tmp_path):
-    assert (tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<s>"), tokenizer.convert_tokens_to_ids("</s>"),
-            tokenizer.unk_token_id) == (1, 0, 2, 3)
+    assert (
+        tokenizer.pad_token_id,
+        tokenizer.convert_tokens_to_ids("<s>"),
+        tokenizer.convert_tokens_to_ids("</s>"),
+        tokenizer.unk_token_id,
+    ) == (1, 0, 2, 3)
     texts = ["a cat", "a man rides a bicycle down the road next to a red car"]
     ids, mask = data.encode_texts(tokenizer, texts)
     full = tokenizer(texts)["input_ids"]
     assert ids.shape == (2, len(full[1])) and ids.dtype == mask.dtype == torch.long
-    assert ids[0, :len(full[0])].tolist() == full[0] and (ids[0, len(full[0]):] == 1).all()
+    assert ids[0, : len(full[0])].tolist() == full[0] and (ids[0, len(full[0]) :] == 1).all()
     assert mask.sum(1).tolist() == [len(full[0]), len(full[1])]
     tokenizer(texts, truncation=True, max_length=4)  # an HF call leaves truncation state in the fast backend
     assert torch.equal(data.encode_texts(tokenizer, texts)[0], ids)
@@ -312,8 +372,13 @@ def test_tokenizer_padding_and_truncation(tokenizer, tmp_path):
 def test_encode_texts_ids_equal_the_fast_backend_on_every_fixture_text(tokenizer):
     """encode_texts tokenises through the tokenizer's public call; its ids are those the Rust backend gives
     directly (what data.py used before), on every text of every fixture file, with and without truncation."""
-    texts = [ex.text for task in data.TASKS for split in data.available_splits(ROOT, task)
-             for lang in data.available_langs(ROOT, task, split) for ex in data.load_split(ROOT, task, split, lang)]
+    texts = [
+        ex.text
+        for task in data.TASKS
+        for split in data.available_splits(ROOT, task)
+        for lang in data.available_langs(ROOT, task, split)
+        for ex in data.load_split(ROOT, task, split, lang)
+    ]
     backend = tokenizer._tokenizer
     backend.no_truncation()
     backend.no_padding()
@@ -322,12 +387,13 @@ def test_encode_texts_ids_equal_the_fast_backend_on_every_fixture_text(tokenizer
     assert len(texts) > 300
     for max_len in (None, 40, 6):
         for i in range(0, len(texts), 64):
-            ids, mask = data.encode_texts(tokenizer, texts[i:i + 64], max_len)
-            rows = [w if max_len is None or len(w) <= max_len else w[:max_len - 1] + w[-1:] for w in want[i:i + 64]]
+            ids, mask = data.encode_texts(tokenizer, texts[i : i + 64], max_len)
+            rows = [w if max_len is None or len(w) <= max_len else w[: max_len - 1] + w[-1:] for w in want[i : i + 64]]
             assert [row[m.bool()].tolist() for row, m in zip(ids, mask)] == rows
 
 
 # --------------------------------------------------------------------------------------------- batches
+
 
 def _check(batch, spec):
     for key, (shape, dtype) in spec.items():
@@ -342,8 +408,17 @@ def test_uc2_batches(synthetic, tokenizer):
         ds = data.make_dataset("uc2", task, exs, features=f)
         b = data.make_collate("uc2", task, tokenizer)([ds[i] for i in range(3)])
         L = b["input_ids"].shape[1]
-        _check(b, {"input_ids": ((3, L), i64), "attention_mask": ((3, L), i64), "features": ((3, 36, 2048), f32),
-                   "spatials": ((3, 36, 7), f32), "image_mask": ((3, 36), i64), "label": ((3,), i64)})
+        _check(
+            b,
+            {
+                "input_ids": ((3, L), i64),
+                "attention_mask": ((3, L), i64),
+                "features": ((3, 36, 2048), f32),
+                "spatials": ((3, 36, 7), f32),
+                "image_mask": ((3, 36), i64),
+                "label": ((3,), i64),
+            },
+        )
         assert b["id"] == [ex.id for ex in exs] and b["lang"] == lang and b["image_mask"].sum(1).tolist() == [5] * 3
         if task == "xgqa":
             _check(b, {"target": ((3, 1842), f32)})
@@ -360,8 +435,16 @@ def test_uc2_batches(synthetic, tokenizer):
     ds = data.make_dataset("uc2", "xflickrco", exs, features=f, train=True, seed=3)
     b = data.make_collate("uc2", "xflickrco", tokenizer, train=True)([ds[i] for i in range(2)])
     L = b["input_ids"].shape[2]
-    _check(b, {"input_ids": ((2, 4, L), i64), "attention_mask": ((2, 4, L), i64), "features": ((2, 4, 36, 2048), f32),
-               "spatials": ((2, 4, 36, 7), f32), "image_mask": ((2, 4, 36), i64)})
+    _check(
+        b,
+        {
+            "input_ids": ((2, 4, L), i64),
+            "attention_mask": ((2, 4, L), i64),
+            "features": ((2, 4, 36, 2048), f32),
+            "spatials": ((2, 4, 36, 7), f32),
+            "image_mask": ((2, 4, 36), i64),
+        },
+    )
     assert L <= 80
     # retrieval eval: images and captions separately, each once
     images, captions = data.make_retrieval_eval("uc2", data.load_split(ROOT, "xflickrco", "test", "ja"), features=f)
@@ -379,9 +462,16 @@ def test_cclm_batches(synthetic, tokenizer):
     q = data.load_split(ROOT, "xgqa", "dev", "en")[:3]
     train = data.make_dataset("cclm", "xgqa", q, images=im, train=True, image_res=32)
     b = data.make_collate("cclm", "xgqa", tokenizer, train=True)([train[i] for i in range(3)])
-    _check(b, {"images": ((3, 32, 32, 3), u8), "text_ids": ((3, b["text_ids"].shape[1]), i64),
-               "answer_ids": ((3, b["answer_ids"].shape[1]), i64), "answer_atts": ((3, b["answer_ids"].shape[1]), i64),
-               "weights": ((3,), f32)})
+    _check(
+        b,
+        {
+            "images": ((3, 32, 32, 3), u8),
+            "text_ids": ((3, b["text_ids"].shape[1]), i64),
+            "answer_ids": ((3, b["answer_ids"].shape[1]), i64),
+            "answer_atts": ((3, b["answer_ids"].shape[1]), i64),
+            "weights": ((3,), f32),
+        },
+    )
     assert b["k"] == [1, 1, 1] and b["text_ids"].shape[1] <= 40
     ev = data.make_dataset("cclm", "xgqa", q, images=im, image_res=32)
     b = data.make_collate("cclm", "xgqa", tokenizer)([ev[i] for i in range(3)])
@@ -396,8 +486,9 @@ def test_cclm_batches(synthetic, tokenizer):
     ds = data.make_dataset("cclm", "xflickrco", ret, images=im, train=True, image_res=32)
     b = data.make_collate("cclm", "xflickrco", tokenizer, train=True)([ds[i] for i in (0, 1, 5)])
     assert b["idx"].tolist() == [0, 0, 1] and b["images"].shape == (3, 32, 32, 3)
-    images, captions = data.make_retrieval_eval("cclm", data.load_split(ROOT, "xflickrco", "test", "de"), images=im,
-                                                image_res=32)
+    images, captions = data.make_retrieval_eval(
+        "cclm", data.load_split(ROOT, "xflickrco", "test", "de"), images=im, image_res=32
+    )
     col = data.make_collate("cclm", "xflickrco", tokenizer)
     bi, bc = col([images[i] for i in (19, 20)]), col([captions[i] for i in (0, 39)])
     assert bi["images"].shape == (2, 32, 32, 3) and bi["image_index"].tolist() == [19, 20]
@@ -436,8 +527,14 @@ def test_retrieval_negatives_never_the_positive_image(synthetic, tmp_path):
     pool = np.array([[i, i, (i + 1) % 60, (i + 2) % 60] for i in range(60)])
     with open(tmp_path / "hard_negative.pkl", "wb") as fh:
         pickle.dump({"train_image_list": [int(k) for k in keys], "train_hard_pool": pool}, fh)
-    ds = data.UC2Dataset(exs, str(synthetic["features"]), "xflickrco", train=True, negatives="corrected",
-                         hard_negatives=tmp_path / "hard_negative.pkl")
+    ds = data.UC2Dataset(
+        exs,
+        str(synthetic["features"]),
+        "xflickrco",
+        train=True,
+        negatives="corrected",
+        hard_negatives=tmp_path / "hard_negative.pkl",
+    )
     for i in range(0, len(exs), 7):
         it = ds[i]
         img = keys.index(exs[i].image)
@@ -466,8 +563,9 @@ def test_volta_negatives_equal_voltas_own_draws_for_the_same_generator_states(sy
     for d in VOLTA_DRAWS["draws"][branch]:
         i = d["index"]
         img = ds.image_of[i]
-        img2, cap2, img3, img4, cap4 = ds._volta_negatives(random.Random(d["py_seed"]),
-                                                           np.random.RandomState(d["np_seed"]), img)
+        img2, cap2, img3, img4, cap4 = ds._volta_negatives(
+            random.Random(d["py_seed"]), np.random.RandomState(d["np_seed"]), img
+        )
         assert [i, cap2, i, cap4] == d["captions"], d
         assert [keys[j] for j in (img, img, img3, img)] == [str(x) for x in d["images"]], d
         assert [keys[img2], keys[img4]] == [str(x) for x in d["caption_images_drawn"]], d
@@ -485,8 +583,14 @@ def test_volta_negative_captions_are_always_among_the_files_first_five(synthetic
         assert it["caption_images"][1::2] == [0, 0]  # entries 0..4 are the first image's captions
         assert it["image_indices"][2] != ds.image_of[i]
     assert seen == {0, 1, 2, 3, 4}
-    corrected = data.UC2Dataset(ds.examples, ds.reader, "xflickrco", train=True, negatives="corrected",
-                                hard_negatives={k: VOLTA_DRAWS[k] for k in ("train_image_list", "train_hard_pool")})
+    corrected = data.UC2Dataset(
+        ds.examples,
+        ds.reader,
+        "xflickrco",
+        train=True,
+        negatives="corrected",
+        hard_negatives={k: VOLTA_DRAWS[k] for k in ("train_image_list", "train_hard_pool")},
+    )
     assert max(c for i in range(len(ds)) for c in corrected[i]["caption_indices"][1::2]) > 4
 
 
@@ -511,8 +615,11 @@ def test_volta_negatives_maps_one_draw_sequence_to_global_caption_indices(synthe
     img = ds.image_of[40]  # image 8; draws: image 8 again (redrawn), image 20, caption 4, image 8, image 31, caption 2
     img2, cap2, img3, img4, cap4 = ds._volta_negatives(Scripted([8, 20, 4, 8, 31, 2]), Pos(), img)
     assert (img2, cap2, img3, cap4) == (20, 4, 31, 2)
-    pool_image = VOLTA_DRAWS["train_image_list"][VOLTA_DRAWS["train_hard_pool"][
-        [int(k) for k in VOLTA_DRAWS["train_image_list"]].index(int(ds.image_keys[img]))][3]]
+    pool_image = VOLTA_DRAWS["train_image_list"][
+        VOLTA_DRAWS["train_hard_pool"][
+            [int(k) for k in VOLTA_DRAWS["train_image_list"]].index(int(ds.image_keys[img]))
+        ][3]
+    ]
     assert ds.image_keys[img4] == str(pool_image)  # pool position 3 of the image's row
     assert ds.volta_count[img4] == 5  # range(5) is what the last choice saw
 
@@ -525,12 +632,15 @@ def test_volta_negatives_refuse_a_pool_without_the_training_images(synthetic):
     data.UC2Dataset(exs, str(synthetic["features"]), "xflickrco", train=True, hard_negatives=hn, negatives="corrected")
 
 
-@pytest.mark.parametrize("case, message", [
-    ("short_row", "the train_hard_pool row of image .* has fewer than 2 entries"),
-    ("unknown_image", "names an image that is not in the training annotations"),
-    ("not_a_dict", r"expected a dict \(VOLTA's hard_negative.pkl\), got list"),
-    ("missing_key", "missing 'train_hard_pool'"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("short_row", "the train_hard_pool row of image .* has fewer than 2 entries"),
+        ("unknown_image", "names an image that is not in the training annotations"),
+        ("not_a_dict", r"expected a dict \(VOLTA's hard_negative.pkl\), got list"),
+        ("missing_key", "missing 'train_hard_pool'"),
+    ],
+)
 def test_malformed_hard_negative_file_is_refused_naming_it(synthetic, tmp_path, case, message):
     n = len(VOLTA_DRAWS["train_image_list"])
     hn = {"train_image_list": VOLTA_DRAWS["train_image_list"], "train_hard_pool": [[0, 1]] * n}
@@ -565,6 +675,7 @@ def test_set_epoch_determinism(synthetic):
 
         def draws():
             return [ds[i]["caption_indices"] + ds[i]["image_indices"] for i in range(20)]
+
         first = draws()
         assert first == draws()
         ds.set_epoch(1)
@@ -581,13 +692,16 @@ def test_set_epoch_determinism(synthetic):
 
 # --------------------------------------------------------------------------------------------- batch memory
 
+
 def _batch_sources(synthetic, tokenizer):
     """(dataset, collate) of UC2 region-feature batches and of CCLM image batches (xGQA training: answer lists)."""
     exs = data.load_split(ROOT, "xvnli", "test", "en")[:24]
     uc2 = data.UC2Dataset(exs, str(synthetic["features"]), "xvnli"), data.UC2Collate("xvnli", tokenizer)
     q = data.load_split(ROOT, "xgqa", "dev", "en")[:24]
-    cclm = (data.CCLMDataset(q, str(synthetic["images"]), "xgqa", train=True, image_res=16),
-            data.CCLMCollate("xgqa", tokenizer, train=True))
+    cclm = (
+        data.CCLMDataset(q, str(synthetic["images"]), "xgqa", train=True, image_res=16),
+        data.CCLMCollate("xgqa", tokenizer, train=True),
+    )
     return {"uc2": uc2, "cclm": cclm}
 
 
@@ -707,17 +821,25 @@ def test_batches_that_outgrow_the_slabs_stay_correct(workers):
 
 # --------------------------------------------------------------------------------------------- inventory and errors
 
+
 def test_inventory_reports_removed_image(synthetic, tmp_path):
     images = tmp_path / "images"
     shutil.copytree(synthetic["images"], images)
     os.remove(images / "coco/COCO_val2014_000000560623.jpg")
     out = io.StringIO()
     with redirect_stdout(out):
-        assert data.main(["--data-root", str(ROOT), "--images", str(images), "--features", str(synthetic["features"]),
-                          "--json"]) == 0
+        assert (
+            data.main(
+                ["--data-root", str(ROOT), "--images", str(images), "--features", str(synthetic["features"]), "--json"]
+            )
+            == 0
+        )
     inv = json.loads(out.getvalue())
-    assert inv["xflickrco"]["test"]["de"] == {"examples": 40, "images": 40,
-                                              "missing": ["coco/COCO_val2014_000000560623.jpg"]}
+    assert inv["xflickrco"]["test"]["de"] == {
+        "examples": 40,
+        "images": 40,
+        "missing": ["coco/COCO_val2014_000000560623.jpg"],
+    }
     assert inv["xgqa"]["dev"]["ko"] == {"examples": 120, "images": 42, "missing": []}
     assert inv["xvnli"]["test_translate_test"]["ar"]["examples"] == 90
     assert inv["xflickrco"]["valid"]["en"] == {"examples": 300, "images": 60, "missing": []}
@@ -773,8 +895,12 @@ def test_inventory_lists_xtd10_and_multi30k_beside_iglue(tmp_path):
 
 
 def test_cli_exit_code():
-    res = subprocess.run([sys.executable, str(Path(data.__file__)), "--data-root", str(ROOT)], capture_output=True,
-                         text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, str(Path(data.__file__)), "--data-root", str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert "xflickrco" in res.stdout and "examples" in res.stdout
 
@@ -812,7 +938,9 @@ def test_bad_annotation_errors(tmp_path):
     with pytest.raises(ValueError, match=r"test\.jsonl:1: missing field 'img_path'"):
         data.load_split(root, "xflickrco", "test", "de")
     shutil.copytree(ROOT / "datasets/gqa", tmp_path / "e/datasets/gqa")
-    root = _root_with(tmp_path / "e", "xGQA/annotations/few_shot/de/dev.json", '{"1": {"question": "q",\n "imageId": }}')
+    root = _root_with(
+        tmp_path / "e", "xGQA/annotations/few_shot/de/dev.json", '{"1": {"question": "q",\n "imageId": }}'
+    )
     with pytest.raises(ValueError, match=r"dev\.json:2: malformed JSON"):
         data.load_split(root, "xgqa", "dev", "de")
     root = _root_with(tmp_path / "f", "xGQA/annotations/few_shot/de/dev.json", "")
@@ -825,7 +953,9 @@ def test_wrong_data_root_errors(tmp_path):
         data.dataset_dir(tmp_path / "nope")
     with pytest.raises(ValueError, match=r"expected folder .*datasets .*is missing"):
         data.dataset_dir(tmp_path)
-    root = _root_with(tmp_path, "XVNLI/annotations/en/test.jsonl", (ROOT / "datasets/XVNLI/annotations/en/test.jsonl").read_text())
+    root = _root_with(
+        tmp_path, "XVNLI/annotations/en/test.jsonl", (ROOT / "datasets/XVNLI/annotations/en/test.jsonl").read_text()
+    )
     with pytest.raises(ValueError, match=r"xflickrco: expected folder .*xFlickrCO/annotations is missing"):
         data.load_split(root, "xflickrco", "test", "de")
     with pytest.raises(ValueError, match=r"no split 'dev'.*found: test"):
@@ -839,8 +969,12 @@ def test_wrong_data_root_errors(tmp_path):
 def test_inventory_cli_into_a_closed_pipe_ends_quietly():
     """`python data.py --json | head`: the reader going away is not a traceback."""
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, str(root / "data.py"), "--data-root", str(root / "tests/fixtures/iglue"),
-                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=root)
-    proc.stdout.close()   # before it writes: its first print meets a pipe without a reader
+    proc = subprocess.Popen(
+        [sys.executable, str(root / "data.py"), "--data-root", str(root / "tests/fixtures/iglue"), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=root,
+    )
+    proc.stdout.close()  # before it writes: its first print meets a pipe without a reader
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == ""

@@ -4,6 +4,7 @@ schedule change of every policy. The toy trainer tests/_toy_train.py drives the 
 
 The subprocess runs (killed runs, torchrun) start together in the `launches` fixture and run while
 the in-process tests do, to keep the file fast on 2 cores."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,13 +33,53 @@ toy = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(toy)
 
 # SUF: 4 toy layers, k=1 -> the trainable set changes at every epoch; dropout on so RNG state matters.
-RESUME_ARGS = ["--task", "xvnli", "--policy", "suf", "--suf-k", "1", "--epochs", "3", "--batch-size", "12",
-               "--micro-batch-size", "4", "--num-workers", "0", "--dropout", "0.1", "--n-train", "48",
-               "--eval-every", "1"]
+RESUME_ARGS = [
+    "--task",
+    "xvnli",
+    "--policy",
+    "suf",
+    "--suf-k",
+    "1",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "12",
+    "--micro-batch-size",
+    "4",
+    "--num-workers",
+    "0",
+    "--dropout",
+    "0.1",
+    "--n-train",
+    "48",
+    "--eval-every",
+    "1",
+]
 # torchrun: global batch 12 = 2 x 3 x 2 = 2 x 2 x 3; 11 eval items shard unevenly over 2 and 3 ranks.
-DIST_ARGS = ["--task", "xvnli", "--suf-k", "1", "--top-layers", "2", "--epochs", "2",
-             "--batch-size", "12", "--micro-batch-size", "2", "--max-steps-per-epoch", "3", "--num-workers", "0",
-             "--dropout", "0", "--n-eval", "11", "--eval-every", "1"]
+DIST_ARGS = [
+    "--task",
+    "xvnli",
+    "--suf-k",
+    "1",
+    "--top-layers",
+    "2",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "12",
+    "--micro-batch-size",
+    "2",
+    "--max-steps-per-epoch",
+    "3",
+    "--num-workers",
+    "0",
+    "--dropout",
+    "0",
+    "--n-eval",
+    "11",
+    "--eval-every",
+    "1",
+]
 VARIANTS = ["full", "suf", "suf-step", "llrd", "top"]
 DROPOUT = "dropout"  # variant: full fine-tuning with --dropout 0.1 (masks drawn per rank)
 KILLS = {"mid_epoch": "kill:step:6", "mid_save": "kill:save_mid:2", "after_unfreeze": "kill:unfreeze:2"}
@@ -103,12 +144,29 @@ def launches(tmp_path_factory):
     base = tmp_path_factory.mktemp("launch")
     procs = {}
     for name, fault in KILLS.items():
-        procs[name] = Launch([sys.executable, str(TOY), *RESUME_ARGS, "--output-dir", str(base / name)],
-                             {**ENV, "SUF_FAULT": fault})
+        procs[name] = Launch(
+            [sys.executable, str(TOY), *RESUME_ARGS, "--output-dir", str(base / name)], {**ENV, "SUF_FAULT": fault}
+        )
     for n, fail in FAIL.items():
-        procs[n] = Launch([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(TOY),
-                           *DIST_ARGS, "--output-dir", str(base / f"torchrun{n}"), "--variants", *VARIANTS, DROPOUT, "--fail", fail],
-                          {**ENV, "SUF_DIST_TIMEOUT": str(DIST_TIMEOUT)})
+        procs[n] = Launch(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={n}",
+                str(TOY),
+                *DIST_ARGS,
+                "--output-dir",
+                str(base / f"torchrun{n}"),
+                "--variants",
+                *VARIANTS,
+                DROPOUT,
+                "--fail",
+                fail,
+            ],
+            {**ENV, "SUF_DIST_TIMEOUT": str(DIST_TIMEOUT)},
+        )
     yield base, procs
     for launch in procs.values():
         if launch.proc.poll() is None:
@@ -124,6 +182,7 @@ def reference(tmp_path_factory, launches) -> Path:
 
 # ------------------------------------------------------------------------------------------ resume
 
+
 def test_metrics_jsonl_and_final_checkpoint(reference):
     records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["type"] == "train"]
@@ -135,7 +194,11 @@ def test_metrics_jsonl_and_final_checkpoint(reference):
     assert {(r["epoch"], r["lang"]) for r in evals} == {(e, lang) for e in (1, 2, 3) for lang in ("en", "de")}
     assert all(r["split"] == "test" and r["n"] == 10 and 0 <= r["accuracy"] <= 100 for r in evals)
     final = engine.load_checkpoint(reference / "model_final.pt")
-    assert final["meta"]["policy"] == "suf" and final["meta"]["epoch"] == 3 and final["meta"]["config"] == {"layers": 4, "dim": 8}
+    assert (
+        final["meta"]["policy"] == "suf"
+        and final["meta"]["epoch"] == 3
+        and final["meta"]["config"] == {"layers": 4, "dim": 8}
+    )
     assert json.loads((reference / "args.json").read_text())["lr"] == 1e-2
 
 
@@ -178,8 +241,9 @@ def test_resume_from_corrupt_checkpoint_is_one_line_error(tmp_path, reference):
     assert ckpt.read_bytes() == before
 
 
-@pytest.mark.parametrize("flag,value,saved", [("--lr", "0.02", "0.01"), ("--dropout", "0.2", "0.1"),
-                                              ("--amp", "bf16", "'auto'")])
+@pytest.mark.parametrize(
+    "flag,value,saved", [("--lr", "0.02", "0.01"), ("--dropout", "0.2", "0.1"), ("--amp", "bf16", "'auto'")]
+)
 def test_resume_with_changed_settings_errors(tmp_path, reference, flag, value, saved):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
@@ -188,6 +252,7 @@ def test_resume_with_changed_settings_errors(tmp_path, reference, flag, value, s
 
 
 # ------------------------------------------------------------------------------------------ run folder
+
 
 def test_existing_run_folder_without_resume_errors(reference):
     before = {p.name: p.read_bytes() for p in reference.iterdir()}
@@ -211,6 +276,7 @@ def test_resume_without_a_run_errors(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ non-finite loss
+
 
 def test_nonfinite_loss_is_skipped_and_counted(tmp_path, capsys):
     run(tmp_path, "--policy", "full", "--epochs", "2", "--nan-index", "5")
@@ -242,6 +308,7 @@ def test_amp_modes_train(tmp_path, amp):
 
 # ------------------------------------------------------------------------------------------ distributed
 
+
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory, launches) -> Path:
     out = tmp_path_factory.mktemp("single")
@@ -263,17 +330,26 @@ def test_torchrun_ranks_agree_match_single_process_and_fail_fast(world, launches
         for epoch in (1, 2):  # uneven shards: every eval item exactly once, in order
             assert json.loads((runs / variant / f"eval_ids.epoch{epoch}.json").read_text()) == list(range(11))
         evals = [line for line in (runs / variant / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
-        assert evals == [line for line in (single_process / variant / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+        assert evals == [
+            line for line in (single_process / variant / "metrics.jsonl").read_text().splitlines() if '"eval"' in line
+        ]
+
     def trained_layers(variant):
-        return [r["trainable_layers"] for r in map(json.loads, (runs / variant / "metrics.jsonl").read_text().splitlines())
-                if r["type"] == "train"]
-    assert trained_layers("suf") == [[3], [2, 3]]                 # changed between epochs
+        return [
+            r["trainable_layers"]
+            for r in map(json.loads, (runs / variant / "metrics.jsonl").read_text().splitlines())
+            if r["type"] == "train"
+        ]
+
+    assert trained_layers("suf") == [[3], [2, 3]]  # changed between epochs
     assert trained_layers("suf-step") == [[1, 2, 3], [0, 1, 2, 3]]  # changed at steps 1, 2, 3
     # then rank 1 raised (or hung): the whole run must exit non-zero, within the collective timeout
     assert rc != 0, out
     started = float(out.split("toy: failure phase ")[1].split()[0])
     assert end - started < DIST_TIMEOUT + 30, out
-    assert ("injected failure" in out) if FAIL[world] == "raise" else ("Timed out" in out or "timed out" in out.lower()), out
+    assert (
+        ("injected failure" in out) if FAIL[world] == "raise" else ("Timed out" in out or "timed out" in out.lower())
+    ), out
 
 
 @pytest.mark.parametrize("world", sorted(FAIL))
@@ -304,11 +380,14 @@ def test_each_rank_seeds_its_own_random_stream(tmp_path):
     process group; a non-main rank writes nothing.)"""
     args = argparse.Namespace(seed=7)
     for rank in (0, 1, 2):
-        engine.start_fresh(tmp_path, args, engine.DistInfo(rank=rank, world=1), engine.MetricsLog(tmp_path / "m", False))
+        engine.start_fresh(
+            tmp_path, args, engine.DistInfo(rank=rank, world=1), engine.MetricsLog(tmp_path / "m", False)
+        )
         assert torch.initial_seed() == 7 + rank
 
 
 # ------------------------------------------------------------------------------------------ units
+
 
 def test_shard_covers_every_index_once():
     for world in range(1, 5):
@@ -327,8 +406,10 @@ def test_global_batches_identical_for_any_world_size():
             per_rank.append(list(s))
             assert len(per_rank[-1]) == len(s)
         accum = 12 // (micro * world)
-        steps = [[i for a in range(k * accum, (k + 1) * accum) for r in range(world) for i in per_rank[r][a]]
-                 for k in range(len(per_rank[0]) // accum)]
+        steps = [
+            [i for a in range(k * accum, (k + 1) * accum) for r in range(world) for i in per_rank[r][a]]
+            for k in range(len(per_rank[0]) // accum)
+        ]
         return steps
 
     ref = global_batches(1, 12, 0)
@@ -362,15 +443,20 @@ def test_linear_warmup_then_decay():
 
 
 def test_args_defaults_recipe_and_user_values():
-    defaults = {"model": "m", "xgqa": {"lr": 4e-5, "batch_size": 256}, "xvnli": {"lr": 2e-5, "batch_size": 128},
-                "recipes": {"iglue": {"weight_decay": 1e-4, "adam_eps": 1e-6, "clip_grad": 1.0}}}
+    defaults = {
+        "model": "m",
+        "xgqa": {"lr": 4e-5, "batch_size": 256},
+        "xvnli": {"lr": 2e-5, "batch_size": 128},
+        "recipes": {"iglue": {"weight_decay": 1e-4, "adam_eps": 1e-6, "clip_grad": 1.0}},
+    }
     parser = engine.ArgumentParser()
     engine.add_common_args(parser, defaults)
     a = engine.parse_args(parser, ["--task", "xgqa", "--langs", "en,de", "id"], defaults)
     assert (a.epochs, a.lr, a.batch_size, a.weight_decay, a.clip_grad, a.warmup_ratio) == (5, 4e-5, 256, 0.01, 0.0, 0.1)
     assert a.langs == ["en", "de", "id"] and a.output_dir == "runs/m_xgqa_full_seed42"
-    b = engine.parse_args(parser, ["--task", "xvnli", "--recipe", "iglue", "--weight-decay", "0.05", "--epochs", "2"],
-                          defaults)
+    b = engine.parse_args(
+        parser, ["--task", "xvnli", "--recipe", "iglue", "--weight-decay", "0.05", "--epochs", "2"], defaults
+    )
     assert (b.epochs, b.lr, b.weight_decay, b.adam_eps, b.clip_grad) == (2, 2e-5, 0.05, 1e-6, 1.0)
     with pytest.raises(SystemExit, match="--lr has no default for task xflickrco"):
         engine.parse_args(parser, ["--task", "xflickrco"], defaults)
@@ -388,12 +474,16 @@ def test_loader_workers_do_not_change_the_result(tmp_path):
     for workers in ("0", "2"):
         run(tmp_path / workers, "--policy", "full", "--epochs", "2", "--num-workers", workers, "--log-every", "3")
     assert_bitwise(tmp_path / "0", tmp_path / "2")
-    steps = [json.loads(line)["step"] for line in (tmp_path / "2" / "metrics.jsonl").read_text().splitlines()
-             if '"train"' in line]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "2" / "metrics.jsonl").read_text().splitlines()
+        if '"train"' in line
+    ]
     assert steps == [3, 4, 6, 8]  # every --log-every steps and at each epoch end
 
 
 # ------------------------------------------------------------------------------------------ recipe hooks
+
 
 def test_no_decay_rule_hook_reaches_the_optimizer():
     model, lay = toy.ToyModel(), toy.layout(4)
@@ -415,8 +505,11 @@ def test_no_decay_rule_hook_reaches_the_optimizer():
 def test_schedule_epochs_stretches_the_lr_schedule(tmp_path):
     # 48 examples / batch 12 = 4 steps per epoch; 2 epochs trained, schedule for 5: 20 steps, 2 warm-up
     run(tmp_path / "long", "--policy", "full", "--epochs", "2", "--schedule-epochs", "5", "--log-every", "1")
-    lrs = [json.loads(line)["lr"] for line in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()
-           if '"train"' in line]
+    lrs = [
+        json.loads(line)["lr"]
+        for line in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()
+        if '"train"' in line
+    ]
     factor = engine.linear_warmup_decay(2, 20)
     assert lrs == pytest.approx([1e-2 * factor(s) for s in range(8)]) and lrs[-1] > 0.5e-2
     assert json.loads((tmp_path / "long" / "args.json").read_text())["schedule_epochs"] == 5
@@ -426,10 +519,22 @@ def test_schedule_epochs_stretches_the_lr_schedule(tmp_path):
     with pytest.raises(SystemExit, match="--schedule-epochs 1 is shorter than --epochs 3"):
         engine.parse_args(parser, ["--task", "xgqa", "--epochs", "3", "--schedule-epochs", "1"], toy.DEFAULTS)
     with pytest.raises(SystemExit, match="--resume: --schedule-epochs is 6 but the run .* used 5"):
-        run(tmp_path / "long", "--policy", "full", "--epochs", "2", "--schedule-epochs", "6", "--log-every", "1", "--resume")
+        run(
+            tmp_path / "long",
+            "--policy",
+            "full",
+            "--epochs",
+            "2",
+            "--schedule-epochs",
+            "6",
+            "--log-every",
+            "1",
+            "--resume",
+        )
 
 
 # ------------------------------------------------------------------------------------- a run folder is never destroyed
+
 
 def run_files(run_dir: Path) -> dict[str, bytes]:
     return {f: (run_dir / f).read_bytes() for f in engine.RUN_FILES if (run_dir / f).exists()}
@@ -457,6 +562,7 @@ def test_crash_in_evaluation_loses_no_training_and_resume_reruns_it(tmp_path, re
 def test_evaluation_error_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     def nan_eval(model, epoch):
         raise FloatingPointError("non-finite logits (NaN or inf) for 2 of 4 examples of a batch")
+
     monkeypatch.setattr(toy, "make_evaluate", lambda *a: nan_eval)
     msg = one_line_exit(tmp_path, "--epochs", "1")
     assert msg.startswith("error: evaluation after epoch 1: non-finite logits") and "--resume" in msg, msg
@@ -468,8 +574,9 @@ def test_failed_checkpoint_write_removes_its_tmp_and_says_so(tmp_path, monkeypat
     monkeypatch.setenv("SUF_FAULT", "enospc:save_mid:2")  # the disk fills up writing epoch 2's checkpoint
     msg = one_line_exit(tmp_path)
     ckpt = tmp_path / "checkpoint_last.pt"
-    assert msg == (f"error: cannot write checkpoint {ckpt}: No space left on device; removed the partial "
-                   "checkpoint_last.pt.tmp"), msg
+    assert msg == (
+        f"error: cannot write checkpoint {ckpt}: No space left on device; removed the partial checkpoint_last.pt.tmp"
+    ), msg
     assert not (tmp_path / "checkpoint_last.pt.tmp").exists()
     assert engine.load_checkpoint(ckpt)["progress"]["epoch"] == 1  # the previous one is intact
     assert not (tmp_path / "model_final.pt").exists()
@@ -489,13 +596,17 @@ def test_resume_without_checkpoint_of_a_run_with_results_is_refused(tmp_path, re
     before = run_files(run_dir)
     msg = one_line_exit(run_dir, "--resume", "--lr", "0.02")
     if case == "finished":
-        assert msg == (f"error: --resume: {run_dir} holds a finished run (model_final.pt, metrics.jsonl, args.json) "
-                       f"but no checkpoint_last.pt to continue from; nothing was changed: its model is "
-                       f"{run_dir / 'model_final.pt'}; to train again choose another --output-dir")
+        assert msg == (
+            f"error: --resume: {run_dir} holds a finished run (model_final.pt, metrics.jsonl, args.json) "
+            f"but no checkpoint_last.pt to continue from; nothing was changed: its model is "
+            f"{run_dir / 'model_final.pt'}; to train again choose another --output-dir"
+        )
     else:
-        assert msg == (f"error: --resume: {run_dir} holds a run that completed 2 epoch(s) (metrics.jsonl, args.json) "
-                       f"but its checkpoint_last.pt is gone; nothing was changed: restore checkpoint_last.pt to "
-                       f"continue, or choose another --output-dir")
+        assert msg == (
+            f"error: --resume: {run_dir} holds a run that completed 2 epoch(s) (metrics.jsonl, args.json) "
+            f"but its checkpoint_last.pt is gone; nothing was changed: restore checkpoint_last.pt to "
+            f"continue, or choose another --output-dir"
+        )
     assert run_files(run_dir) == before
 
 
@@ -510,9 +621,11 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, reference, capsys):
 
 def test_run_without_a_finite_step_fails_and_writes_no_final_model(tmp_path):
     msg = one_line_exit(tmp_path, "--epochs", "1", "--nan-from-epoch", "0", "--max-nonfinite", "100")
-    assert msg == ("error: the run made no finite optimizer step (4 steps: 4 non-finite, 0 skipped by the fp16 "
-                   "scaler); model_final.pt not written (its weights would be the initial ones); check the data, "
-                   "--lr and --amp")
+    assert msg == (
+        "error: the run made no finite optimizer step (4 steps: 4 non-finite, 0 skipped by the fp16 "
+        "scaler); model_final.pt not written (its weights would be the initial ones); check the data, "
+        "--lr and --amp"
+    )
     assert not (tmp_path / "model_final.pt").exists()
 
 
@@ -520,8 +633,12 @@ def test_second_process_on_a_run_folder_is_refused_and_a_killed_ones_lock_is_not
     """A real run holds the folder: a second one (fresh or --resume) is refused with the holder's pid; once the
     holder is SIGKILLed, the kernel has dropped its lock and --resume continues."""
     run_dir = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, str(TOY), *RESUME_ARGS, "--output-dir", str(run_dir)],
-                              env={**ENV, "SUF_FAULT": "hang:step:6"}, stderr=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, str(TOY), *RESUME_ARGS, "--output-dir", str(run_dir)],
+        env={**ENV, "SUF_FAULT": "hang:step:6"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for line in holder.stderr:  # epoch 1 checkpointed, hanging in epoch 2
             if "SUF_FAULT: hang" in line:
@@ -529,8 +646,10 @@ def test_second_process_on_a_run_folder_is_refused_and_a_killed_ones_lock_is_not
         before = run_files(run_dir)
         for extra in ((), ("--resume",)):
             msg = one_line_exit(run_dir, *extra)
-            assert msg == (f"error: {run_dir} is in use by another process (pid {holder.pid}); wait for it to end, "
-                           "or choose another --output-dir"), msg
+            assert msg == (
+                f"error: {run_dir} is in use by another process (pid {holder.pid}); wait for it to end, "
+                "or choose another --output-dir"
+            ), msg
         assert run_files(run_dir) == before
     finally:
         holder.kill()
@@ -539,39 +658,48 @@ def test_second_process_on_a_run_folder_is_refused_and_a_killed_ones_lock_is_not
     assert engine.load_checkpoint(run_dir / "model_final.pt")["meta"]["epoch"] == 3
 
 
-
 def test_bad_training_record_mid_epoch_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     """A bad record the start-up sample missed, met in epoch 2: one line (the loader's data.BadInput), and
     epoch 1's checkpoint is the one to resume from."""
     import data
+
     read = toy.ToyData.__getitem__
 
     def getitem(self, i):
         if self.epoch == 1 and i == 7 and len(self) == 48:
-            raise data.BadInput("feats.lmdb: feature record '7': features is a float32 array of shape [4, 1024]; "
-                                "expected a float array of shape [N, 2048]")
+            raise data.BadInput(
+                "feats.lmdb: feature record '7': features is a float32 array of shape [4, 1024]; "
+                "expected a float array of shape [N, 2048]"
+            )
         return read(self, i)
+
     monkeypatch.setattr(toy.ToyData, "__getitem__", getitem)
     msg = one_line_exit(tmp_path)
-    assert msg == ("error: training data: feats.lmdb: feature record '7': features is a float32 array of shape "
-                   "[4, 1024]; expected a float array of shape [N, 2048]; last good checkpoint: "
-                   f"{tmp_path / 'checkpoint_last.pt'} (after epoch 1)"), msg
+    assert msg == (
+        "error: training data: feats.lmdb: feature record '7': features is a float32 array of shape "
+        "[4, 1024]; expected a float array of shape [N, 2048]; last good checkpoint: "
+        f"{tmp_path / 'checkpoint_last.pt'} (after epoch 1)"
+    ), msg
     assert engine.load_checkpoint(tmp_path / "checkpoint_last.pt")["progress"]["epoch"] == 1
 
 
-# ------------------------------------------------------------------------------------------ schedule once per stage, console
+# ------------------------------------------------------------------------------ schedule once per stage, console
+
 
 def count_calls(monkeypatch, module, name: str) -> list:
     calls, original = [], getattr(module, name)
 
     def counted(*args, **kwargs):
-        calls.append(args[3:])   # (epoch, step)
+        calls.append(args[3:])  # (epoch, step)
         return original(*args, **kwargs)
+
     monkeypatch.setattr(module, name, counted)
     return calls
 
 
-@pytest.mark.parametrize("unit, stages", [("epoch", [(0, 0), (1, 4), (2, 8)]), ("step", [(0, 0), (0, 1), (0, 2), (0, 3)])])
+@pytest.mark.parametrize(
+    "unit, stages", [("epoch", [(0, 0), (1, 4), (2, 8)]), ("step", [(0, 0), (0, 1), (0, 2), (0, 3)])]
+)
 def test_schedule_is_applied_once_per_stage_not_every_step(tmp_path, monkeypatch, unit, stages):
     """12 optimizer steps; SUF k=1 over 4 layers changes the trainable set 3 times per epoch unit, 4 per step unit
     (--unfreeze-every 1 step: layers join at steps 0-3, then everything trains)."""
@@ -597,8 +725,11 @@ def test_console_names_each_trainable_set_once_and_one_metric_per_language(tmp_p
     changes = [line for line in out if " train; " in line]
     total = sum(p.numel() for p in toy.ToyModel().parameters())
     per_layer = sum(p.numel() for p in toy.ToyModel().layers[0].parameters())
-    assert changes == [f"epoch {e}: {'layers' if e > 1 else 'layer'} {3 - e + 1}{'–3' if e > 1 else ''} + embeddings, head train; "
-                       f"{total - (4 - e) * per_layer} trainable of {total}" for e in (1, 2, 3)]
+    assert changes == [
+        f"epoch {e}: {'layers' if e > 1 else 'layer'} {3 - e + 1}{'–3' if e > 1 else ''} + embeddings, head train; "
+        f"{total - (4 - e) * per_layer} trainable of {total}"
+        for e in (1, 2, 3)
+    ]
     epochs = [line for line in out if line.startswith("epoch ") and " test accuracy: " in line]
     assert len(epochs) == 3 and all(line.split(": ", 1)[1].count(" ") == 3 for line in epochs)  # "en x de y"
 
@@ -618,18 +749,22 @@ def test_data_wait_counts_only_time_inside_next():
     waits = engine.DataWait(iter([1, 2]))
     start = time.perf_counter()
     assert next(waits) == 1
-    time.sleep(0.01)   # the "step": not waiting
+    time.sleep(0.01)  # the "step": not waiting
     waits.end_step(start)
     record = waits.record()
     assert record["data_wait_frac"] < 0.5 and record["step_s"] >= 0.01
-    assert waits.wait_time == waits.step_time == 0.0 and waits.steps == 0   # reset for the next record
+    assert waits.wait_time == waits.step_time == 0.0 and waits.steps == 0  # reset for the next record
 
 
 # ------------------------------------------------------------------------------------------ evaluation cost
 
+
 def eval_epochs(run_dir: Path) -> list[tuple[int, str]]:
-    return [(r["epoch"], r["lang"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if r["type"] == "eval"]
+    return [
+        (r["epoch"], r["lang"])
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if r["type"] == "eval"
+    ]
 
 
 def test_default_evaluates_only_after_the_last_epoch(tmp_path):
@@ -651,12 +786,15 @@ def test_evaluation_runs_under_the_runs_amp_dtype(tmp_path, monkeypatch):
     def evaluate_fn(model, epoch):
         seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.is_grad_enabled()))
         return {}
+
     engine.evaluate(evaluate_fn, toy.ToyModel(), 0, amp_dtype=torch.bfloat16)
     engine.evaluate(evaluate_fn, toy.ToyModel(), 0)
     assert seen == [(True, torch.bfloat16, False), (False, torch.get_autocast_dtype("cpu"), False)]
     passed = []
     original = engine.evaluate
-    monkeypatch.setattr(engine, "evaluate", lambda fn, model, epoch, **kw: passed.append(kw) or original(fn, model, epoch, **kw))
+    monkeypatch.setattr(
+        engine, "evaluate", lambda fn, model, epoch, **kw: passed.append(kw) or original(fn, model, epoch, **kw)
+    )
     run(tmp_path / "amp", "--amp", "bf16", "--epochs", "1")
     run(tmp_path / "fp32", "--amp", "bf16", "--epochs", "1", "--eval-fp32")
     assert passed == [{"amp_dtype": torch.bfloat16, "langs": None}, {"amp_dtype": None, "langs": None}]
@@ -664,10 +802,11 @@ def test_evaluation_runs_under_the_runs_amp_dtype(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ loader workers, CLI
 
+
 def test_default_workers_share_the_cpus_among_the_nodes_processes():
     assert engine.default_num_workers(cpus=2, procs_per_node=1) == 1
     assert engine.default_num_workers(cpus=32, procs_per_node=4) == 7
-    assert engine.default_num_workers(cpus=96, procs_per_node=1) == 16    # capped
+    assert engine.default_num_workers(cpus=96, procs_per_node=1) == 16  # capped
     assert engine.default_num_workers(cpus=4, procs_per_node=8) == 0
     parser = engine.ArgumentParser()
     engine.add_common_args(parser, toy.DEFAULTS)
@@ -691,9 +830,23 @@ def test_help_shows_defaults_and_argument_errors_are_one_line_on_rank_0_only(cap
 
 def test_design_card_command_under_torchrun_prints_one_error_line():
     """`torchrun --nproc_per_node 4 train_cclm.py --policy suf` (2 ranks here): one line naming --task."""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "train_cclm.py"), "--policy", "suf"], env=ENV, capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "train_cclm.py"),
+            "--policy",
+            "suf",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     mine = [line for line in (proc.stdout + proc.stderr).splitlines() if "train_cclm.py: error" in line]
     assert proc.returncode != 0 and len(mine) == 1 and "--task" in mine[0]
     assert "usage:" not in proc.stdout + proc.stderr
@@ -702,6 +855,7 @@ def test_design_card_command_under_torchrun_prints_one_error_line():
 def test_run_main_prints_an_error_exit_once(capsys, monkeypatch):
     def main():
         raise SystemExit("error: --data-root x: no such folder")
+
     for rank, printed in (("0", "error: --data-root x: no such folder\n"), ("1", "")):
         monkeypatch.setenv("RANK", rank)
         with pytest.raises(SystemExit) as e:
@@ -734,7 +888,9 @@ def test_bad_input_ends_main_as_one_line_naming_the_input_once(capsys, monkeypat
 def test_trainable_summary_names_frozen_modules_and_full_training():
     model, lay = toy.ToyModel(), toy.layout(4)
     total = sum(p.numel() for p in model.parameters())
-    assert freeze.trainable_summary(model, lay, freeze.Schedule("full", 4), 0) == \
-        f"all layers + embeddings, head train; {total} trainable of {total}"
+    assert (
+        freeze.trainable_summary(model, lay, freeze.Schedule("full", 4), 0)
+        == f"all layers + embeddings, head train; {total} trainable of {total}"
+    )
     top = freeze.trainable_summary(model, lay, freeze.Schedule("top", 4, top_layers=2), 0)
     assert top.startswith("layers 2–3 + head train (embeddings frozen); ")

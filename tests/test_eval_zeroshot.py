@@ -1,5 +1,6 @@
 """eval_zeroshot: metrics as IGLUE defines them, retrieval protocols (UC2 all pairs, CCLM k-prefilter),
 distributed exactness, [CLS] similarity, figures, tables, the evaluate CLI on the shipped sample, few-shot."""
+
 from __future__ import annotations
 
 import json
@@ -29,12 +30,13 @@ CCLM_PARITY = FIX / "cclm" / "parity_a"
 
 # ------------------------------------------------------------------ metrics
 
+
 def test_accuracy_per_type_adds_up_and_oov_counts_wrong():
     rng = random.Random(0)
     n = 257
     labels = [rng.choice([-1, 0, 1, 2, 3]) for _ in range(n)]
     preds = [l if rng.random() < 0.5 and l >= 0 else rng.choice([0, 1, 2, 3]) for l in labels]
-    preds[labels.index(-1)] = -1       # even a "-1 prediction" never matches an OOV gold answer
+    preds[labels.index(-1)] = -1  # even a "-1 prediction" never matches an OOV gold answer
     qtypes = [rng.choice(engine.QTYPES) for _ in range(n)]
     m = engine.classification_metrics(preds, labels, qtypes)
     correct = sum(p == l and l >= 0 for p, l in zip(preds, labels))
@@ -47,10 +49,14 @@ def test_accuracy_per_type_adds_up_and_oov_counts_wrong():
 
 def test_recall_at_k_hand_made():
     # 3 images, 4 captions (image 0 has two captions); rows of S = captions, columns = images
-    S = torch.tensor([[0.9, 0.1, 0.0],    # cap0 -> img0 rank 0
-                      [0.2, 0.8, 0.1],    # cap1 -> img0 rank 1
-                      [0.3, 0.1, 0.2],    # cap2 -> img1 rank 2
-                      [0.0, 0.5, 0.4]])   # cap3 -> img2 rank 1
+    S = torch.tensor(
+        [
+            [0.9, 0.1, 0.0],  # cap0 -> img0 rank 0
+            [0.2, 0.8, 0.1],  # cap1 -> img0 rank 1
+            [0.3, 0.1, 0.2],  # cap2 -> img1 rank 2
+            [0.0, 0.5, 0.4],
+        ]
+    )  # cap3 -> img2 rank 1
     txt2img = [0, 0, 1, 2]
     m = engine.recall_metrics(S.t(), S, txt2img)
     tr, ir = engine.retrieval_ranks(S.t(), S, txt2img)
@@ -61,7 +67,7 @@ def test_recall_at_k_hand_made():
     assert engine.retrieval_ranks(S.t(), S, txt2img, ties="x2vlm")[0].tolist() == [0, 2, 0]
     assert m["ir_r1"] == pytest.approx(25.0) and m["ir_r5"] == 100.0
     assert m["tr_r1"] == pytest.approx(200 / 3) and m["tr_r10"] == 100.0
-    assert m["ir_medr"] == 2.0 and m["ir_meanr"] == pytest.approx(2.0)   # floor(median [0,1,1,2])+1, mean+1
+    assert m["ir_medr"] == 2.0 and m["ir_meanr"] == pytest.approx(2.0)  # floor(median [0,1,1,2])+1, mean+1
     # unscored (-100) gold entries rank after every scored candidate
     i2t = torch.tensor([[-100.0, 1.0], [2.0, -100.0]])
     t2i = torch.tensor([[-100.0, 3.0], [4.0, -100.0]])
@@ -94,9 +100,10 @@ json.dump(out, open(d + "/ranks.json", "w"))
 
 def _reference_scoring(tmp_path, **cases) -> dict:
     import numpy as np
+
     try:
         from numpy._core._multiarray_umath import __cpu_dispatch__
-    except ImportError:   # numpy < 2
+    except ImportError:  # numpy < 2
         from numpy.core._multiarray_umath import __cpu_dispatch__
     np.savez(tmp_path / "cases.npz", **cases)
     env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": " ".join(__cpu_dispatch__)}
@@ -106,9 +113,13 @@ def _reference_scoring(tmp_path, **cases) -> dict:
 
 def test_numpy_argsort_is_numpys_portable_introsort(tmp_path):
     import numpy as np
+
     rng = np.random.default_rng(3)
-    arrays = [rng.integers(0, int(rng.integers(1, 40)), size=int(n)).astype(dt)
-              for n in rng.integers(1, 700, size=60) for dt in (np.float32, np.float64)]
+    arrays = [
+        rng.integers(0, int(rng.integers(1, 40)), size=int(n)).astype(dt)
+        for n in rng.integers(1, 700, size=60)
+        for dt in (np.float32, np.float64)
+    ]
     arrays[5][::7] = np.nan
     arrays += [np.zeros(100), np.arange(300, 0, -1.0), np.tile([2.0, 1.0, 1.0], 90)]
     # McIlroy's adversary against median-of-3 quicksort: drives a partition below the depth limit (heapsort path)
@@ -122,6 +133,7 @@ def _median_of_3_killer(n: int):
     """Values on which the introsort's quicksort degrades (McIlroy, "A killer adversary for quicksort"): the
     comparisons are answered lazily while engine.numpy_argsort runs, freezing values only when needed."""
     import numpy as np
+
     gas = n
     val = [gas] * n
     nsolid = [0]
@@ -132,9 +144,11 @@ def _median_of_3_killer(n: int):
         x, y = a, b
         if val[x] == gas and val[y] == gas:
             if x == candidate[0]:
-                val[x] = nsolid[0]; nsolid[0] += 1
+                val[x] = nsolid[0]
+                nsolid[0] += 1
             else:
-                val[y] = nsolid[0]; nsolid[0] += 1
+                val[y] = nsolid[0]
+                nsolid[0] += 1
         if val[x] == gas:
             candidate[0] = x
         elif val[y] == gas:
@@ -147,14 +161,15 @@ def _median_of_3_killer(n: int):
     def heap(v, a, pl, pr):
         calls["heap"] += 1
         return real_heap(v, a, pl, pr)
+
     engine._less, engine._heapsort = (lambda p, q: less(int(p), int(q))), heap
     try:
         engine.numpy_argsort(idx)
     finally:
         engine._less, engine._heapsort = real_less, real_heap
-    assert calls["heap"] > 0   # the heapsort branch is exercised
+    assert calls["heap"] > 0  # the heapsort branch is exercised
     out = np.array(val, dtype=np.float64)
-    out[out == gas] = gas   # never compared: the largest
+    out[out == gas] = gas  # never compared: the largest
     return out
 
 
@@ -163,17 +178,18 @@ def _real_retrieval_cases():
     caption text gives duplicate captions equal scores; coarse score levels add ties across captions."""
     import numpy as np
     import data
+
     rng = np.random.default_rng(11)
     cases = {}
     for lang in ("en", "de", "ja"):
         exs = data.load_split(FIX / "iglue", "xflickrco", "test", lang)
-        exs = exs + exs[:9]   # repeat captions of 9 images as captions of further images: duplicate texts
+        exs = exs + exs[:9]  # repeat captions of 9 images as captions of further images: duplicate texts
         txt2img = np.array([ex.label for ex in exs[:40]] + list(range(40, 49)))
         texts = [ex.text for ex in exs]
         level = {t: rng.integers(0, 4, size=49) for t in dict.fromkeys(texts)}
-        t2i = np.stack([level[t] for t in texts]).astype(np.float32)   # [captions, images]
+        t2i = np.stack([level[t] for t in texts]).astype(np.float32)  # [captions, images]
         cases[f"t2i_{lang}"], cases[f"i2t_{lang}"], cases[f"txt2img_{lang}"] = t2i, t2i.T.copy(), txt2img
-        pre = t2i.copy()   # CCLM: k=20 prefilter, the rest UNSCORED (-100), scored independently per direction
+        pre = t2i.copy()  # CCLM: k=20 prefilter, the rest UNSCORED (-100), scored independently per direction
         i2t = t2i.T.copy() + 0.5
         for m in (pre, i2t):
             cut = np.argsort(-m, axis=1, kind="stable")[:, 20:]
@@ -184,6 +200,7 @@ def _real_retrieval_cases():
 
 def test_retrieval_ties_are_ranked_as_each_reference_ranks_them(tmp_path):
     import numpy as np
+
     cases = _real_retrieval_cases()
     ref = _reference_scoring(tmp_path, **cases)
     differ = 0
@@ -192,25 +209,28 @@ def test_retrieval_ties_are_ranked_as_each_reference_ranks_them(tmp_path):
         txt2img = cases["txt2img_" + name].tolist()
         unscored = train_cclm.UNSCORED if name.endswith("k") else None
         # VOLTA has one caption x image matrix (both directions read it); CCLM's prefiltered pair is X2-VLM's only
-        for ties in (engine.TIE_ORDERS if unscored is None else ["x2vlm"]):
+        for ties in engine.TIE_ORDERS if unscored is None else ["x2vlm"]:
             tr, ir = engine.retrieval_ranks(i2t, t2i, txt2img, unscored=unscored, ties=ties)
             want_tr, want_ir = ref[name][ties]
             if unscored is None:
                 assert tr.tolist() == want_tr and ir.tolist() == want_ir, (name, ties)
-            else:   # golds the prefilter dropped rank behind their ties (ours), anywhere among them (X2-VLM)
+            else:  # golds the prefilter dropped rank behind their ties (ours), anywhere among them (X2-VLM)
                 gold_ir = t2i[torch.arange(len(txt2img)), torch.tensor(txt2img)]
                 kept = gold_ir != train_cclm.UNSCORED
                 assert ir[kept].tolist() == np.asarray(want_ir)[kept.numpy()].tolist(), (name, ties)
                 gold_tr = i2t[torch.tensor(txt2img), torch.arange(len(txt2img))]
-                kept = [i for i in range(len(tr)) if all(gold_tr[c] != train_cclm.UNSCORED
-                                                          for c in range(len(txt2img)) if txt2img[c] == i)]
+                kept = [
+                    i
+                    for i in range(len(tr))
+                    if all(gold_tr[c] != train_cclm.UNSCORED for c in range(len(txt2img)) if txt2img[c] == i)
+                ]
                 assert len(kept) > 5 and [tr[i].item() for i in kept] == [want_tr[i] for i in kept], (name, ties)
                 m = engine.recall_metrics(i2t, t2i, txt2img, unscored=unscored, ties=ties)
-                for k in engine.RECALL_KS:   # k_test = 20 >= 10: every recall is the reference's
+                for k in engine.RECALL_KS:  # k_test = 20 >= 10: every recall is the reference's
                     assert m[f"ir_r{k}"] == pytest.approx(100 * np.mean(np.asarray(want_ir) < k), abs=1e-9)
                     assert m[f"tr_r{k}"] == pytest.approx(100 * np.mean(np.asarray(want_tr) < k), abs=1e-9)
         differ += ref[name]["volta"] != ref[name]["x2vlm"]
-    assert differ   # the two references' tie orders differ on these cases: the choice of order matters
+    assert differ  # the two references' tie orders differ on these cases: the choice of order matters
 
 
 def test_gold_outside_the_top_k_prefilter_is_never_retrieved():
@@ -218,19 +238,20 @@ def test_gold_outside_the_top_k_prefilter_is_never_retrieved():
     its ties with the other unscored entries."""
     n, k = 20, 3
     S = torch.full((n, n), train_cclm.UNSCORED)
-    for i in range(n):   # the k kept candidates of every caption / image are never its gold
+    for i in range(n):  # the k kept candidates of every caption / image are never its gold
         for j in range(k):
             S[i, (i + 1 + j) % n] = 1.0 + j
     m = engine.recall_metrics(S.t(), S, list(range(n)), unscored=train_cclm.UNSCORED)
     assert all(m[f"{side}_r{r}"] == 0.0 for side in ("tr", "ir") for r in engine.RECALL_KS)
     tr, ir = engine.retrieval_ranks(S.t(), S, list(range(n)), unscored=train_cclm.UNSCORED)
     assert ir.tolist() == [n - 1] * n and tr.tolist() == [n - 1] * n
-    S[0, 0] = 5.0   # a kept gold scored above the others: rank 0 as before
+    S[0, 0] = 5.0  # a kept gold scored above the others: rank 0 as before
     assert engine.retrieval_ranks(S.t(), S, list(range(n)), unscored=train_cclm.UNSCORED)[1][0] == 0
 
 
 def _uc2_parity_model():
     import train_uc2
+
     cfg = train_uc2.config_from_volta(json.loads((UC2_PARITY / "volta_config.json").read_text()))
     model = train_uc2.build_model("xflickrco", cfg).eval()
     train_uc2.load_into(model, str(UC2_PARITY / "retrieval" / "pytorch_model.bin"))
@@ -244,7 +265,7 @@ def test_uc2_all_pairs_matches_volta_eval_retrieval():
     out = torch.load(UC2_PARITY / "retrieval" / "outputs.pt")
     imgs = {k: inp["eval_images"][k] for k in ("features", "spatials", "image_mask")}
     caps = {k: inp["eval_captions"][k] for k in ("input_ids", "attention_mask")}
-    for pair_batch in (1, 4, 1024):   # batching must not matter
+    for pair_batch in (1, 4, 1024):  # batching must not matter
         S = model.score_all_pairs(imgs, caps, pair_batch=pair_batch)
         assert_matches_reference(f"score matrix (pair_batch {pair_batch})", S, out["eval_score_matrix"])
     ref = json.loads((UC2_PARITY / "retrieval" / "eval_retrieval_metrics.json").read_text())
@@ -258,7 +279,8 @@ def test_uc2_all_pairs_matches_volta_eval_retrieval():
 
 def _cclm_parity_model():
     sys.path.insert(0, str(ROOT / "tests"))
-    import test_parity_cclm   # the CCLM owner's fixture loader (config from model_config.json)
+    import test_parity_cclm  # the CCLM owner's fixture loader (config from model_config.json)
+
     model, inputs, outputs = test_parity_cclm.load(CCLM_PARITY, "xflickrco")
     return model, inputs, outputs
 
@@ -271,7 +293,7 @@ def test_cclm_prefilter_rerank_matches_reference(k):
     model, x, out = _cclm_parity_model()
     counted = CallCounter(model.eval())
     imgs = [{"images": x["images"][:2]}, {"images": x["images"][2:]}]
-    txts = [{"text_ids": x["text_ids"][i:i + 4], "text_atts": x["text_atts"][i:i + 4]} for i in (0, 4)]
+    txts = [{"text_ids": x["text_ids"][i : i + 4], "text_atts": x["text_atts"][i : i + 4]} for i in (0, 4)]
     i2t, t2i = model.rerank_scores(imgs, txts, 0, 3, 6, k=k, itm_batch=5)
     want_i2t = out[f"eval_k{k}_score_matrix_i2t"] if k < 10 else out["itm_score_all_pairs"]
     want_t2i = out[f"eval_k{k}_score_matrix_t2i"] if k < 10 else out["itm_score_all_pairs"].t()
@@ -279,13 +301,20 @@ def test_cclm_prefilter_rerank_matches_reference(k):
     assert_matches_reference("t2i", t2i, want_t2i)
     per_query = min(k, 6) * 3 + min(k, 3) * 6
     distinct = int(((i2t != train_cclm.UNSCORED) | (t2i.t() != train_cclm.UNSCORED)).sum())
-    assert distinct < per_query   # the two directions' candidates overlap
-    assert counted.rows == {"encode_images": 3, "encode_texts": 6, "itm_scores": 0, "pair_scores": 0,
-                            "itm_image_kv": 3, "itm_scores_with_image_kv": distinct}
-    assert counted.calls["itm_image_kv"] == 3   # once per image, both directions together
+    assert distinct < per_query  # the two directions' candidates overlap
+    assert counted.rows == {
+        "encode_images": 3,
+        "encode_texts": 6,
+        "itm_scores": 0,
+        "pair_scores": 0,
+        "itm_image_kv": 3,
+        "itm_scores_with_image_kv": distinct,
+    }
+    assert counted.calls["itm_image_kv"] == 3  # once per image, both directions together
 
 
 # ------------------------------------------------------------------ [CLS] similarity
+
 
 def test_cls_similarity_identical_inputs_all_ones_and_unpaired_exact():
     g = torch.Generator().manual_seed(0)
@@ -306,7 +335,7 @@ def test_cls_similarity_identical_inputs_all_ones_and_unpaired_exact():
 
 # ------------------------------------------------------------------ the shipped IGLUE sample, tiny real models
 
-TASK_SPLIT = {"xgqa": "dev", "xvnli": "test", "xflickrco": "test"}   # the sample has no xGQA test.json
+TASK_SPLIT = {"xgqa": "dev", "xvnli": "test", "xflickrco": "test"}  # the sample has no xGQA test.json
 MT_EXTRA = {  # the sample ships translate-test files for XVNLI only; for the other tasks we add some in
     # IGLUE's layout (machine-translated to English = the English file, same ids)
     "xgqa": [("xGQA/annotations/few_shot/en/dev.json", "xGQA/annotations_machine-translate/few_shot/{}/dev.json")],
@@ -314,27 +343,47 @@ MT_EXTRA = {  # the sample ships translate-test files for XVNLI only; for the ot
 }
 
 
-def _save_run(run: Path, model_name: str, task: str, config: dict, env: dict, seed: int = 0, policy: str = "full") -> Path:
+def _save_run(
+    run: Path, model_name: str, task: str, config: dict, env: dict, seed: int = 0, policy: str = "full"
+) -> Path:
     import engine
+
     script = __import__(f"train_{model_name}")
     torch.manual_seed(seed)
     model = script.build_model(task, config)
-    if model_name == "uc2" and task == "xgqa":   # a random model answers nothing right; make it say "yes"
+    if model_name == "uc2" and task == "xgqa":  # a random model answers nothing right; make it say "yes"
         import data
+
         yes = data.load_answer_vocab(env["data_root"])[0]["yes"]
         with torch.no_grad():
             model.head[-1].bias[yes] = 10.0
     run.mkdir(parents=True, exist_ok=True)
-    meta = {"model": model_name, "task": task, "config": config, "policy": policy,
-            "schedule": {"policy": policy, "suf_k": 3}, "tokenizer": env["tokenizer"], "epoch": 1}
+    meta = {
+        "model": model_name,
+        "task": task,
+        "config": config,
+        "policy": policy,
+        "schedule": {"policy": policy, "suf_k": 3},
+        "tokenizer": env["tokenizer"],
+        "epoch": 1,
+    }
     engine.save_checkpoint(run / "model_final.pt", {"model": model.state_dict(), "meta": meta})
-    (run / "args.json").write_text(json.dumps({"data_root": env["data_root"], "features": env["features"],
-                                               "images": env["images"], "max_regions": env["max_regions"],
-                                               "task": task, "policy": policy}))
+    (run / "args.json").write_text(
+        json.dumps(
+            {
+                "data_root": env["data_root"],
+                "features": env["features"],
+                "images": env["images"],
+                "max_regions": env["max_regions"],
+                "task": task,
+                "policy": policy,
+            }
+        )
+    )
     return run
 
 
-TRIM = {"xgqa": 40, "xvnli": 44, "xflickrco": 20}   # examples kept per test file: sizes not divisible by 3
+TRIM = {"xgqa": 40, "xvnli": 44, "xflickrco": 20}  # examples kept per test file: sizes not divisible by 3
 
 
 def _trim_sample(ds: Path) -> None:
@@ -342,10 +391,13 @@ def _trim_sample(ds: Path) -> None:
     sample's real files, made small enough for CPU tests on a busy machine."""
     for f in ds.glob("xGQA/annotations*/few_shot/*/dev.json"):
         d = json.loads(f.read_text())
-        f.write_text(json.dumps({k: d[k] for k in list(d)[:TRIM["xgqa"]]}))
-    for task, pattern in (("xvnli", "XVNLI/annotations*/*/test*.jsonl"), ("xflickrco", "xFlickrCO/annotations*/*/test*.jsonl")):
+        f.write_text(json.dumps({k: d[k] for k in list(d)[: TRIM["xgqa"]]}))
+    for task, pattern in (
+        ("xvnli", "XVNLI/annotations*/*/test*.jsonl"),
+        ("xflickrco", "xFlickrCO/annotations*/*/test*.jsonl"),
+    ):
         for f in ds.glob(pattern):
-            f.write_text("".join(f.read_text().splitlines(keepends=True)[:TRIM[task]]))
+            f.write_text("".join(f.read_text().splitlines(keepends=True)[: TRIM[task]]))
 
 
 @pytest.fixture(scope="module")
@@ -360,6 +412,7 @@ def make_env(tmp: Path) -> dict:
     import data
     import train_cclm
     import train_uc2
+
     root = tmp / "iglue"
     shutil.copytree(FIX / "iglue", root)
     ds = root / "datasets"
@@ -376,15 +429,24 @@ def make_env(tmp: Path) -> dict:
                 for ex in data.load_split(root, task, split, lang):
                     keys.add(ex.image)
                     files.add(ex.image_file)
-                    texts += [ex.text] if lang == "en" else []   # a 1000-id vocabulary cannot hold every script
+                    texts += [ex.text] if lang == "en" else []  # a 1000-id vocabulary cannot hold every script
     features = data.write_synthetic_features(tmp / "features.lmdb", keys, num_boxes=6)
     data.write_synthetic_images(tmp / "images", sorted(files), size=(40, 32))
     _, label2ans = data.load_answer_vocab(root)
     data.make_tiny_tokenizer(texts + label2ans, tmp / "tokenizer", vocab_size=800)
-    e = {"data_root": str(root), "features": str(features), "images": str(tmp / "images"),
-         "tokenizer": str(tmp / "tokenizer"), "max_regions": 6, "tmp": tmp}
-    e["runs"] = {(m, t): _save_run(tmp / "runs" / f"{m}-{t}", m, t, dict(s.CONFIGS["tiny"]), e)
-                 for m, s in (("uc2", train_uc2), ("cclm", train_cclm)) for t in E.TASKS}
+    e = {
+        "data_root": str(root),
+        "features": str(features),
+        "images": str(tmp / "images"),
+        "tokenizer": str(tmp / "tokenizer"),
+        "max_regions": 6,
+        "tmp": tmp,
+    }
+    e["runs"] = {
+        (m, t): _save_run(tmp / "runs" / f"{m}-{t}", m, t, dict(s.CONFIGS["tiny"]), e)
+        for m, s in (("uc2", train_uc2), ("cclm", train_cclm))
+        for t in E.TASKS
+    }
     return e
 
 
@@ -394,7 +456,7 @@ def _parse_printed(text: str) -> dict[str, dict[str, float]]:
     head = next(i for i, l in enumerate(lines) if l.startswith("metric"))
     cols = lines[head].split()[1:]
     out = {}
-    for line in lines[head + 1:]:
+    for line in lines[head + 1 :]:
         parts = line.split()
         if not parts or parts[0] == "n" or parts[0].startswith("avg"):
             break
@@ -407,24 +469,34 @@ def test_table_falls_back_only_to_epoch_metrics_of_the_same_split(env, tmp_path)
     run.mkdir()
     for name in ("args.json", "model_final.pt"):
         shutil.copy(env["runs"][("uc2", "xvnli")] / name, run / name)
-    lines = [{"type": "eval", "epoch": 1, "step": 3, "lang": "de", "split": "dev", "accuracy": 80.0},
-             {"type": "eval", "epoch": 2, "step": 6, "lang": "de", "split": "dev", "accuracy": 90.0}]
+    lines = [
+        {"type": "eval", "epoch": 1, "step": 3, "lang": "de", "split": "dev", "accuracy": 80.0},
+        {"type": "eval", "epoch": 2, "step": 6, "lang": "de", "split": "dev", "accuracy": 90.0},
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    assert E.run_results(run, "test") is None   # dev numbers never stand in for test numbers
+    assert E.run_results(run, "test") is None  # dev numbers never stand in for test numbers
     dev = E.run_results(run, "dev")
     assert dev["langs"] == {"de": {"accuracy": 90.0}} and dev["source"] == "metrics.jsonl epoch 2 (dev)"
     with pytest.raises(SystemExit, match="none of the 1 run folder.s. has test results"):
-        E.main(["table", str(run)])   # an empty table is not a success
+        E.main(["table", str(run)])  # an empty table is not a success
     assert E.main(["table", "--split", "dev", str(run)]) == 0
 
 
-@pytest.mark.parametrize("command, flag", [("similarity", "--translate-test"), ("similarity", "--k-test"),
-                                           ("similarity", "--pair-batch"), ("similarity", "--itm-batch"),
-                                           ("figures", "--itm-batch"), ("fewshot", "--langs")])
+@pytest.mark.parametrize(
+    "command, flag",
+    [
+        ("similarity", "--translate-test"),
+        ("similarity", "--k-test"),
+        ("similarity", "--pair-batch"),
+        ("similarity", "--itm-batch"),
+        ("figures", "--itm-batch"),
+        ("fewshot", "--langs"),
+    ],
+)
 def test_commands_offer_no_flag_they_would_ignore(command, flag, capsys):
     helps = E.build_parser()._subparsers._group_actions[0].choices[command].format_help()
     assert flag + " " not in helps and flag + "\n" not in helps
-    assert "(default: 64)" in helps   # --batch-size: --help shows defaults
+    assert "(default: 64)" in helps  # --batch-size: --help shows defaults
 
 
 def test_partial_and_dev_evaluations_keep_the_test_results(env, tmp_path):
@@ -452,6 +524,7 @@ def test_partial_and_dev_evaluations_keep_the_test_results(env, tmp_path):
 @pytest.mark.parametrize("task", E.TASKS)
 def test_evaluate_every_language_and_translate_test(env, model_name, task, capsys):
     import data
+
     run = env["runs"][(model_name, task)]
     split = TASK_SPLIT[task]
     for mt in (False, True):
@@ -463,7 +536,7 @@ def test_evaluate_every_language_and_translate_test(env, model_name, task, capsy
         assert set(res["langs"]) == langs and res["translate_test"] == mt
         if mt:
             assert all("annotations_machine-translate" in res["files"][l] for l in langs - {"en"})
-        for metric, row in printed.items():   # the printed table shows exactly results.json's numbers
+        for metric, row in printed.items():  # the printed table shows exactly results.json's numbers
             for lang, value in row.items():
                 want = E.zs_average(res["langs"], metric) if lang == "avg" else res["langs"][lang][metric]
                 assert value == pytest.approx(want, abs=0.0051), (metric, lang)
@@ -471,14 +544,14 @@ def test_evaluate_every_language_and_translate_test(env, model_name, task, capsy
             assert res["summary"][m]["avg"] == pytest.approx(E.zs_average(res["langs"], m))
             csv_file = run / E.csv_name(task, m, 0, mt, split)
             header, row, n_row = (line.split(",") for line in csv_file.read_text().splitlines())
-            assert header == ["model"] + E.csv_langs(task) + ["avg"]   # IGLUE's columns, whatever was evaluated
+            assert header == ["model"] + E.csv_langs(task) + ["avg"]  # IGLUE's columns, whatever was evaluated
             complete = set(E.TARGET_LANGS[task]) <= set(res["langs"])
             assert float(row[-1]) == (pytest.approx(E.zs_average(res["langs"], m)) if complete else -1.0)
             for lang, value, n in zip(header[1:-1], row[1:-1], n_row[1:-1]):
                 want = res["langs"].get(lang)
                 assert float(value) == (pytest.approx(want[m]) if want else -1.0)
                 assert int(n) == (E.csv_n(task, want, m) if want else -1)
-        if task != "xflickrco":   # per-example predictions, as VOLTA's eval_task.py writes them
+        if task != "xflickrco":  # per-example predictions, as VOLTA's eval_task.py writes them
             rec = {"split": split, "translate_test": mt, "shots": 0}
             names = E.label_names(model_name, task, env["data_root"])
             for lang in res["langs"]:
@@ -487,7 +560,7 @@ def test_evaluate_every_language_and_translate_test(env, model_name, task, capsy
                 exs = data.load_split(env["data_root"], task, split, lang, translate_test=mt and lang != "en")
                 exs = [ex for ex in exs if model_name == "uc2" or ex.gold != data.XVNLI_NO_GOLD]  # X2-VLM drops "-"
                 assert [r[key] for r in rows] == [ex.id for ex in exs] and all(r[value] in names for r in rows)
-                if task == "xgqa":   # GQA_score.py's rule on its own inputs reproduces our accuracy
+                if task == "xgqa":  # GQA_score.py's rule on its own inputs reproduces our accuracy
                     gold = {ex.id: ex.gold for ex in exs}
                     score = 100 * sum(r["prediction"] == gold[r["questionId"]] for r in rows) / len(rows)
                     assert score == pytest.approx(res["langs"][lang]["accuracy"], abs=1e-9)
@@ -504,8 +577,11 @@ def test_xvnli_counts_every_pair_for_uc2_and_drops_unlabelled_pairs_for_cclm(env
     """IGLUE's UC2 numbers are k / 1,164 (all pairs of a real test file, 14 labelled "-", counted wrong);
     X2-VLM scores the 1,150 labelled ones. The trimmed sample: 44 pairs per language, one labelled "-"."""
     import data
-    n_dash = {lang: sum(ex.gold == data.XVNLI_NO_GOLD
-                        for ex in data.load_split(env["data_root"], "xvnli", "test", lang)) for lang in ("en", "ar")}
+
+    n_dash = {
+        lang: sum(ex.gold == data.XVNLI_NO_GOLD for ex in data.load_split(env["data_root"], "xvnli", "test", lang))
+        for lang in ("en", "ar")
+    }
     assert n_dash == {"en": 1, "ar": 1}
     for model_name, want in (("uc2", 44), ("cclm", 43)):
         run = env["runs"][(model_name, "xvnli")]
@@ -513,13 +589,14 @@ def test_xvnli_counts_every_pair_for_uc2_and_drops_unlabelled_pairs_for_cclm(env
         res = json.loads((run / "results.json").read_text())["test"]["langs"]
         assert res["en"]["n"] == res["ar"]["n"] == want
         n_row = (run / "XVNLI_0.csv").read_text().splitlines()[2].split(",")
-        assert n_row[:3] == ["n", str(want), str(want)]   # columns en, ar
+        assert n_row[:3] == ["n", str(want), str(want)]  # columns en, ar
 
 
 def test_failed_evaluation_keeps_the_good_result(env, tmp_path, capsys):
     """--checkpoint + --output-dir; a run that fails midway (feature file lacking an image) exits with one
     line naming the key and leaves the earlier results.json and CSV byte for byte."""
     import data
+
     ckpt = env["runs"][("uc2", "xvnli")] / "model_final.pt"
     out = tmp_path / "eval"
     out.mkdir()
@@ -538,31 +615,55 @@ def test_failed_evaluation_keeps_the_good_result(env, tmp_path, capsys):
 
 # Languages whose captions the English-trained tiny tokenizer keeps apart: scripts it cannot encode
 # become runs of <unk>, i.e. identical captions with exactly tied scores, ranked by float noise.
-DIST_RUNS = [("uc2", "xgqa", ["en", "ko"]), ("uc2", "xflickrco", ["en"]), ("cclm", "xflickrco", ["en", "de"]),
-             ("cclm", "xvnli", ["ar"])]
+DIST_RUNS = [
+    ("uc2", "xgqa", ["en", "ko"]),
+    ("uc2", "xflickrco", ["en"]),
+    ("cclm", "xflickrco", ["en", "de"]),
+    ("cclm", "xvnli", ["ar"]),
+]
 
 
 def _evaluate_runs(env: dict, dist=None) -> dict:
     """The library path the trainers use: load, build the sets, evaluate_task; plus Figure 4 features."""
     import data
+
     out = {}
     for model_name, task, langs in DIST_RUNS:
         model, meta = E.load_model(env["runs"][(model_name, task)] / "model_final.pt")
         tok = data.load_tokenizer(env["tokenizer"])
         model.prepare_task(env["data_root"], tok)
-        sets = engine.build_eval_sets(model_name, task, env["data_root"], tok, langs, TASK_SPLIT[task],
-                                      features=env["features"], images=env["images"], max_regions=env["max_regions"],
-                                      image_res=meta["config"].get("image_res", 384))
+        sets = engine.build_eval_sets(
+            model_name,
+            task,
+            env["data_root"],
+            tok,
+            langs,
+            TASK_SPLIT[task],
+            features=env["features"],
+            images=env["images"],
+            max_regions=env["max_regions"],
+            image_res=meta["config"].get("image_res", 384),
+        )
         out[f"{model_name}-{task}"] = engine.evaluate_task(model, task, sets, dist, batch_size=5, k_test=7)
         if task == "xgqa":
-            sets = engine.build_eval_sets(model_name, task, env["data_root"], tok, ["en", "de", "zh"], "dev", True,
-                                          features=env["features"], max_regions=env["max_regions"])
+            sets = engine.build_eval_sets(
+                model_name,
+                task,
+                env["data_root"],
+                tok,
+                ["en", "de", "zh"],
+                "dev",
+                True,
+                features=env["features"],
+                max_regions=env["max_regions"],
+            )
             out["similarity"] = E.similarity_for(model, sets, dist, batch_size=5)
     return out
 
 
 def _dist_worker(spec_file: str, out_file: str) -> None:
     import engine
+
     spec = json.loads(Path(spec_file).read_text())
     spec["runs"] = {tuple(k.split("|")): Path(v) for k, v in spec["runs"].items()}
     dist = engine.setup_distributed()
@@ -578,22 +679,42 @@ def test_three_process_gloo_evaluation_equals_single_process(env, tmp_path):
     spec = {k: v for k, v in env.items() if k not in ("runs", "tmp")}
     spec["runs"] = {"|".join(k): str(v) for k, v in env["runs"].items()}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3",
-           __file__, "--dist-worker", str(tmp_path / "spec.json"), str(tmp_path / "out.json")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "SUF_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "SUF_DIST_TIMEOUT": "240"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "3",
+        __file__,
+        "--dist-worker",
+        str(tmp_path / "spec.json"),
+        str(tmp_path / "out.json"),
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SUF_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "SUF_DIST_TIMEOUT": "240"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     multi = json.loads((tmp_path / "out.json").read_text())
     single = json.loads(json.dumps(_evaluate_runs(env)))
-    for key in single:   # metrics exactly equal
+    for key in single:  # metrics exactly equal
         if key != "similarity":
             assert multi[key] == single[key], key
     # similarities are float means of features computed in other batches: equal to rounding
-    assert torch.allclose(torch.tensor(multi["similarity"]["matrix"]), torch.tensor(single["similarity"]["matrix"]), atol=1e-9)
+    assert torch.allclose(
+        torch.tensor(multi["similarity"]["matrix"]), torch.tensor(single["similarity"]["matrix"]), atol=1e-9
+    )
     assert multi["similarity"]["unpaired"] == pytest.approx(single["similarity"]["unpaired"], abs=1e-9)
-    sim = single["similarity"]   # de/zh translate-test files = the English file: identical inputs
+    sim = single["similarity"]  # de/zh translate-test files = the English file: identical inputs
     assert sim["langs"] == ["de", "en", "zh"]
-    assert torch.allclose(torch.tensor(sim["matrix"], dtype=torch.float64), torch.ones(3, 3, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(
+        torch.tensor(sim["matrix"], dtype=torch.float64), torch.ones(3, 3, dtype=torch.float64), atol=1e-6
+    )
 
 
 def test_similarity_cli_writes_json_and_heatmap(env, capsys):
@@ -607,7 +728,10 @@ def test_similarity_cli_writes_json_and_heatmap(env, capsys):
 
 # ------------------------------------------------------------------ figures 2/3 and tables from run folders
 
-def _fake_run(folder: Path, model: str, task: str, policy: str, langs: list[str], epochs: int, seed: int, **extra) -> Path:
+
+def _fake_run(
+    folder: Path, model: str, task: str, policy: str, langs: list[str], epochs: int, seed: int, **extra
+) -> Path:
     """A run folder as engine.train leaves it: args.json + metrics.jsonl (one eval line per epoch and language)."""
     rng = random.Random(seed)
     folder.mkdir(parents=True)
@@ -645,8 +769,10 @@ def test_plots_written_with_their_numbers(tmp_path, capsys):
     assert numbers[str(suf)]["series"]["accuracy"]["ko"] == [ev["ko"]["accuracy"] for _, ev in logged]
     assert numbers[str(suf)]["series"]["accuracy"]["avg"][-1] == pytest.approx(E.zs_average(logged[-1][1], "accuracy"))
     rows = (tmp_path / "fig" / "fig3_per_qtype.csv").read_text().splitlines()
-    assert rows[0] == "run,epoch,lang,metric,value" and len(rows) == 1 + 2 * 5 * 5 * 9   # runs x types x epochs x (8 langs + avg)
-    assert E.main(["plot", str(ret)]) == 0   # retrieval: TR and IR rows, no question types
+    assert (
+        rows[0] == "run,epoch,lang,metric,value" and len(rows) == 1 + 2 * 5 * 5 * 9
+    )  # runs x types x epochs x (8 langs + avg)
+    assert E.main(["plot", str(ret)]) == 0  # retrieval: TR and IR rows, no question types
     assert (ret / "fig2_per_language.png").is_file() and not (ret / "fig3_per_qtype.png").exists()
 
 
@@ -654,12 +780,44 @@ def test_real_training_run_curves_evaluation_and_table(env, tmp_path, capsys):
     """A real (tiny) SUF run of train_uc2.py logs per-epoch evaluations through evaluate-style metrics;
     plot turns them into Figures 2/3, evaluate + table read the same run folder."""
     import train_uc2
+
     run = tmp_path / "uc2-xgqa-suf"
-    train_uc2.main(["--task", "xgqa", "--policy", "suf", "--model-config", "tiny", "--data-root", env["data_root"],
-                    "--features", env["features"], "--max-regions", str(env["max_regions"]), "--tokenizer", env["tokenizer"],
-                    "--train-split", "train_5", "--epochs", "2", "--batch-size", "4", "--max-steps-per-epoch", "1",
-                    "--eval-split", "dev", "--langs", "en,de,ko", "--output-dir", str(run), "--num-workers", "0",
-                    "--eval-every", "1"])
+    train_uc2.main(
+        [
+            "--task",
+            "xgqa",
+            "--policy",
+            "suf",
+            "--model-config",
+            "tiny",
+            "--data-root",
+            env["data_root"],
+            "--features",
+            env["features"],
+            "--max-regions",
+            str(env["max_regions"]),
+            "--tokenizer",
+            env["tokenizer"],
+            "--train-split",
+            "train_5",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--max-steps-per-epoch",
+            "1",
+            "--eval-split",
+            "dev",
+            "--langs",
+            "en,de,ko",
+            "--output-dir",
+            str(run),
+            "--num-workers",
+            "0",
+            "--eval-every",
+            "1",
+        ]
+    )
     logged = E.read_epoch_metrics(run)
     assert [e for e, _ in logged] == [1, 2] and set(logged[0][1]) == {"en", "de", "ko"}
     assert E.main(["plot", str(run)]) == 0
@@ -669,26 +827,48 @@ def test_real_training_run_curves_evaluation_and_table(env, tmp_path, capsys):
     assert E.main(["--run", str(run), "--split", "dev", "--langs", "en", "de", "ko", "--num-workers", "0"]) == 0
     res = json.loads((run / "results.json").read_text())["dev"]
     assert res["policy"] == "suf" and res["epoch"] == 2
-    for lang in ("en", "de", "ko"):   # the final checkpoint's evaluation = the trainer's last-epoch one
+    for lang in ("en", "de", "ko"):  # the final checkpoint's evaluation = the trainer's last-epoch one
         assert res["langs"][lang]["accuracy"] == pytest.approx(logged[-1][1][lang]["accuracy"])
     t = E.build_tables([run], split="dev")
     assert t["table1"][0]["setup"] == "UC2+SUF" and t["table1"][0]["cells"]["xgqa:accuracy"]["paper_avg"] == 41.3
 
 
 def test_table_layout_with_paper_numbers(tmp_path, capsys):
-    runs = [_fake_run(tmp_path / f"{m}-{t}-{p}", m, t, p, langs, 2, i)
-            for i, (m, t, p, langs) in enumerate([("uc2", "xgqa", "full", XGQA_LANGS), ("uc2", "xgqa", "suf", XGQA_LANGS),
-                                                  ("cclm", "xvnli", "suf", ["en", "ar", "es", "fr", "ru"]),
-                                                  ("cclm", "xgqa", "top", XGQA_LANGS),
-                                                  ("cclm", "xflickrco", "full", ["en", "de", "es"])])]
-    runs[3].joinpath("args.json").write_text(json.dumps({"task": "xgqa", "policy": "top", "model": "cclm", "top_layers": 6}))
+    runs = [
+        _fake_run(tmp_path / f"{m}-{t}-{p}", m, t, p, langs, 2, i)
+        for i, (m, t, p, langs) in enumerate(
+            [
+                ("uc2", "xgqa", "full", XGQA_LANGS),
+                ("uc2", "xgqa", "suf", XGQA_LANGS),
+                ("cclm", "xvnli", "suf", ["en", "ar", "es", "fr", "ru"]),
+                ("cclm", "xgqa", "top", XGQA_LANGS),
+                ("cclm", "xflickrco", "full", ["en", "de", "es"]),
+            ]
+        )
+    ]
+    runs[3].joinpath("args.json").write_text(
+        json.dumps({"task": "xgqa", "policy": "top", "model": "cclm", "top_layers": 6})
+    )
     # a few-shot run (results.json as `fewshot` writes it) after UC2 + SUF
     fs = tmp_path / "uc2-xgqa-suf-fewshot48-de"
     fs.mkdir()
-    (fs / "results.json").write_text(json.dumps({"test": {"model": "uc2", "task": "xgqa", "policy": "full", "shots": "48",
-                                                          "fewshot_lang": "de", "init_policy": "suf",
-                                                          "split": "test", "translate_test": False,
-                                                          "langs": {"de": {"accuracy": 47.0, "n": 10}}}}))
+    (fs / "results.json").write_text(
+        json.dumps(
+            {
+                "test": {
+                    "model": "uc2",
+                    "task": "xgqa",
+                    "policy": "full",
+                    "shots": "48",
+                    "fewshot_lang": "de",
+                    "init_policy": "suf",
+                    "split": "test",
+                    "translate_test": False,
+                    "langs": {"de": {"accuracy": 47.0, "n": 10}},
+                }
+            }
+        )
+    )
     assert E.main(["table", *map(str, runs), str(fs), "--per-language", "--out", str(tmp_path / "t.json")]) == 0
     out = capsys.readouterr().out
     t = json.loads((tmp_path / "t.json").read_text())
@@ -700,7 +880,9 @@ def test_table_layout_with_paper_numbers(tmp_path, capsys):
     assert f"{cell['avg']:.1f} (41.3)" in out and "UC2+SUF" in out
     assert {r["setup"]: r["paper_avg"] for r in t["table2"]} == {"CCLM+top6": 49.7}
     t3 = {r["setup"]: r for r in t["table3"]}
-    assert t3["SUF"]["few_shot"] == 47.0 and t3["SUF"]["few_shot_langs"] == ["de"] and t3["SUF"]["paper_few_shot"] == 46.7
+    assert (
+        t3["SUF"]["few_shot"] == 47.0 and t3["SUF"]["few_shot_langs"] == ["de"] and t3["SUF"]["paper_few_shot"] == 46.7
+    )
     assert "Per language (xgqa:accuracy)" in out
 
 
@@ -708,29 +890,45 @@ def test_iglue_csv_keeps_iglues_columns_and_writes_minus_one_for_missing_languag
     """IGLUE's results/get_<task>_zero.py: columns model,en,<LANGS>,avg; a language without a result is -1.0."""
     per_lang = {"en": {"accuracy": 60.0, "n": 1164}, "de": {"accuracy": 40.0, "n": 1164}}
     header, row, n_row = (line.split(",") for line in E.iglue_csv("xgqa", per_lang, "m", "accuracy").splitlines())
-    assert header == ["model", "en", "bn", "de", "id", "ko", "pt", "ru", "zh", "avg"]   # get_xgqa_zero.py's LANGS
+    assert header == ["model", "en", "bn", "de", "id", "ko", "pt", "ru", "zh", "avg"]  # get_xgqa_zero.py's LANGS
     assert row == ["m", "60.0", "-1.0", "40.0", "-1.0", "-1.0", "-1.0", "-1.0", "-1.0", "-1.0"]
     assert n_row == ["n", "1164", "-1", "1164", "-1", "-1", "-1", "-1", "-1", ""]
-    full = {l: {"tr_r1": float(i), "ir_r1": 0.0, "n_images": 2000 - (l == "de"), "n_captions": 2000}
-            for i, l in enumerate(E.csv_langs("xflickrco"))}
+    full = {
+        l: {"tr_r1": float(i), "ir_r1": 0.0, "n_images": 2000 - (l == "de"), "n_captions": 2000}
+        for i, l in enumerate(E.csv_langs("xflickrco"))
+    }
     header, row, n_row = (line.split(",") for line in E.iglue_csv("xflickrco", full, "m", "tr_r1").splitlines())
-    assert header[1:-1] == ["en", "de", "es", "id", "ja", "ru", "tr", "zh"]            # get_xflickrco_zero.py's
+    assert header[1:-1] == ["en", "de", "es", "id", "ja", "ru", "tr", "zh"]  # get_xflickrco_zero.py's
     assert float(row[-1]) == pytest.approx(sum(range(1, 8)) / 7) and n_row[2] == "1999"
     few = E.iglue_csv("xvnli", {"fr": {"accuracy": 50.0, "n": 1164}}, "m", "accuracy", shots="48").splitlines()
-    assert few[0] == "model,ar,es,fr,ru,avg" and few[1] == "m,-1.0,-1.0,50.0,-1.0,-1.0"   # get_xvnli_few.py's
+    assert few[0] == "model,ar,es,fr,ru,avg" and few[1] == "m,-1.0,-1.0,50.0,-1.0,-1.0"  # get_xvnli_few.py's
 
 
 def test_fewshot_runs_of_one_english_run_merge_into_one_iglue_row(tmp_path):
     runs = []
-    for i, (init, lang, acc) in enumerate([("uc2-xgqa-suf", "de", 47.0), ("uc2-xgqa-suf", "ko", 41.0),
-                                           ("uc2-xgqa-full", "de", 45.0)]):
+    for i, (init, lang, acc) in enumerate(
+        [("uc2-xgqa-suf", "de", 47.0), ("uc2-xgqa-suf", "ko", 41.0), ("uc2-xgqa-full", "de", 45.0)]
+    ):
         fs = tmp_path / f"{init}-fewshot48-{lang}"
         fs.mkdir()
         (fs / "fewshot.json").write_text(json.dumps({"init_checkpoint": str(tmp_path / init / "model_final.pt")}))
-        (fs / "results.json").write_text(json.dumps({"test": {
-            "model": "uc2", "task": "xgqa", "policy": "full", "shots": "48", "fewshot_lang": lang,
-            "init_policy": init.split("-")[-1], "split": "test", "translate_test": False,
-            "langs": {lang: {"accuracy": acc, "n": 9666}}}}))
+        (fs / "results.json").write_text(
+            json.dumps(
+                {
+                    "test": {
+                        "model": "uc2",
+                        "task": "xgqa",
+                        "policy": "full",
+                        "shots": "48",
+                        "fewshot_lang": lang,
+                        "init_policy": init.split("-")[-1],
+                        "split": "test",
+                        "translate_test": False,
+                        "langs": {lang: {"accuracy": acc, "n": 9666}},
+                    }
+                }
+            )
+        )
         runs.append(fs)
     zs = _fake_run(tmp_path / "uc2-xgqa-suf", "uc2", "xgqa", "suf", XGQA_LANGS, 2, 0)
     assert E.main(["table", *map(str, runs + [zs]), "--iglue-csv", str(tmp_path / "csv")]) == 0
@@ -750,37 +948,69 @@ def test_cclm_answer_candidates_in_x2vlms_order_predictions_are_label_ids(env):
     label2ans order) decides which candidates survive first-token ties at the top-k prune."""
     import data
     import train_cclm
+
     model = train_cclm.build_model("xgqa", dict(train_cclm.CONFIGS["tiny"]))
     tok = data.load_tokenizer(env["tokenizer"])
     model.prepare_task(env["data_root"], tok)
     ans2label, label2ans = data.load_answer_vocab(env["data_root"])
     keys = json.loads((Path(env["data_root"]) / "datasets/gqa/annotations/trainval_ans2label.json").read_text())
-    assert list(keys) != label2ans   # the two orders differ in the real files
+    assert list(keys) != label2ans  # the two orders differ in the real files
     want_ids, _ = data.encode_texts(tok, list(keys), None)
     assert torch.equal(model.answer_ids, want_ids)
     assert model.answer_labels.tolist() == [ans2label[a] for a in keys]
 
-    def first_candidate(states, atts, ids, att, k):   # rank position 0 of the list first for every question
+    def first_candidate(states, atts, ids, att, k):  # rank position 0 of the list first for every question
         n = states.shape[0]
         return torch.zeros(n, k, dtype=torch.long), torch.eye(k)[0].repeat(n, 1)
+
     model.rank_answers = first_candidate
-    batch = {"images": torch.zeros(2, 3, 32, 32), "text_ids": torch.tensor([[0, 5, 2], [0, 6, 2]]),
-             "text_atts": torch.ones(2, 3, dtype=torch.long)}
+    batch = {
+        "images": torch.zeros(2, 3, 32, 32),
+        "text_ids": torch.tensor([[0, 5, 2], [0, 6, 2]]),
+        "text_atts": torch.ones(2, 3, dtype=torch.long),
+    }
     model.question_states = lambda b: torch.zeros(2, 3, model.config["hidden_size"])
     assert model.predict(batch).tolist() == [ans2label[next(iter(keys))]] * 2
 
 
 # ------------------------------------------------------------------ few-shot (Table 3)
 
+
 def test_fewshot_from_english_checkpoint(env, tmp_path, capsys):
     """Standard fine-tuning of the English run on German's IGLUE few-shot split, checkpoint selected on
     German dev, German results reported the usual way (results.json, IGLUE CSV, Table 3)."""
     import engine
+
     init = env["runs"][("uc2", "xgqa")]
     out = tmp_path / "uc2-xgqa-full-fewshot5-de"
-    argv = ["fewshot", "--run", str(init), "--lang", "de", "--shots", "5", "--output-dir", str(out), "--lrs", "1e-3",
-            "--epochs", "2", "--fs-batch-size", "4", "--split", "dev", "--num-workers", "0",
-            "--trainer-args", "--max-steps-per-epoch", "2", "--num-workers", "0", "--eval-batch-size", "16"]
+    argv = [
+        "fewshot",
+        "--run",
+        str(init),
+        "--lang",
+        "de",
+        "--shots",
+        "5",
+        "--output-dir",
+        str(out),
+        "--lrs",
+        "1e-3",
+        "--epochs",
+        "2",
+        "--fs-batch-size",
+        "4",
+        "--split",
+        "dev",
+        "--num-workers",
+        "0",
+        "--trainer-args",
+        "--max-steps-per-epoch",
+        "2",
+        "--num-workers",
+        "0",
+        "--eval-batch-size",
+        "16",
+    ]
     assert E.main(argv) == 0
     info = json.loads((out / "fewshot.json").read_text())
     assert info["selection"] == {"split": "dev", "lang": "de", "metric": "accuracy"} and info["init_policy"] == "full"
@@ -790,11 +1020,11 @@ def test_fewshot_from_english_checkpoint(env, tmp_path, capsys):
     assert best["score"] == max(logged.values()) == logged[best["epoch"]]
     res = json.loads((out / "results.json").read_text())["dev"]
     assert set(res["langs"]) == {"de"} and res["shots"] == "5" and res["fewshot_lang"] == "de"
-    assert res["langs"]["de"]["accuracy"] == pytest.approx(best["score"])   # selected on the same split here
+    assert res["langs"]["de"]["accuracy"] == pytest.approx(best["score"])  # selected on the same split here
     assert (out / "xGQA_5.dev.csv").is_file() and not (out / "xGQA_5.csv").exists()  # dev numbers, named so
     trained = engine.load_checkpoint(best["checkpoint"])["model"]
     start = engine.load_checkpoint(init / "model_final.pt")["model"]
-    assert any(not torch.equal(trained[k], start[k]) for k in start)   # it did train
+    assert any(not torch.equal(trained[k], start[k]) for k in start)  # it did train
     t3 = {r["setup"]: r for r in E.build_tables([init, out], split="dev")["table3"]}
     assert t3["Standard"]["few_shot_langs"] == ["de"]
 
@@ -804,17 +1034,58 @@ def test_fewshot_under_torchrun_matches_one_process(env, tmp_path):
     process group fewshot sets up (the trainer's main(dist=...) leaves it open); the result equals the one-process
     run's."""
     import engine
+
     init = env["runs"][("uc2", "xgqa")]
-    args = ["--run-dir", str(init), "--lang", "de",  # --run-dir: torchrun takes a bare --run for its --run-path
-            "--shots", "5", "--lrs", "1e-3", "--epochs", "2", "--fs-batch-size", "4",
-            "--split", "dev", "--num-workers", "0", "--trainer-args", "--max-steps-per-epoch", "2", "--num-workers", "0",
-            "--eval-batch-size", "16", "--dropout", "0"]
+    args = [
+        "--run-dir",
+        str(init),
+        "--lang",
+        "de",  # --run-dir: torchrun takes a bare --run for its --run-path
+        "--shots",
+        "5",
+        "--lrs",
+        "1e-3",
+        "--epochs",
+        "2",
+        "--fs-batch-size",
+        "4",
+        "--split",
+        "dev",
+        "--num-workers",
+        "0",
+        "--trainer-args",
+        "--max-steps-per-epoch",
+        "2",
+        "--num-workers",
+        "0",
+        "--eval-batch-size",
+        "16",
+        "--dropout",
+        "0",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     assert E.main(["fewshot", *args[:10], "--output-dir", str(one), *args[10:]]) == 0
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "eval_zeroshot.py"), "fewshot", *args[:10], "--output-dir", str(two), *args[10:]],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "SUF_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "SUF_DIST_TIMEOUT": "240"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "eval_zeroshot.py"),
+            "fewshot",
+            *args[:10],
+            "--output-dir",
+            str(two),
+            *args[10:],
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SUF_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "SUF_DIST_TIMEOUT": "240"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = (json.loads((d / "fewshot.json").read_text()) for d in (one, two))
     assert [t["epoch"] for t in a["trials"]] == [t["epoch"] for t in b["trials"]]
@@ -834,15 +1105,24 @@ def test_cclm_retrieval_encodes_shared_test_images_once_across_languages(env):
     """xFlickrCo's languages caption the same images: the second language reuses the first's image encodings
     and gets the numbers it gets when evaluated alone."""
     import data
+
     model, meta = E.load_model(env["runs"][("cclm", "xflickrco")] / "model_final.pt")
     tok = data.load_tokenizer(env["tokenizer"])
     model.prepare_task(env["data_root"], tok)
-    sets = engine.build_eval_sets("cclm", "xflickrco", env["data_root"], tok, ["en", "de"], "test",
-                                  images=env["images"], image_res=meta["config"]["image_res"])
+    sets = engine.build_eval_sets(
+        "cclm",
+        "xflickrco",
+        env["data_root"],
+        tok,
+        ["en", "de"],
+        "test",
+        images=env["images"],
+        image_res=meta["config"]["image_res"],
+    )
     assert [e.image for e in sets["en"].images.items] == [e.image for e in sets["de"].images.items]
     counted = CallCounter(model.eval())
     both = engine.evaluate_task(model, "xflickrco", sets, batch_size=5, k_test=7)
-    assert counted.rows["encode_images"] == len(sets["en"].images)   # once, not once per language
+    assert counted.rows["encode_images"] == len(sets["en"].images)  # once, not once per language
     alone = engine.evaluate_task(model, "xflickrco", {"de": sets["de"]}, batch_size=5, k_test=7)
     assert both["de"] == alone["de"]
 
@@ -852,11 +1132,32 @@ def test_released_uc2_checkpoint_evaluates_without_our_meta(env, tmp_path):
     as it is; results.json records policy "released"."""
     sys.path.insert(0, str(ROOT / "tests"))
     import test_ckpt_uc2
+
     ckpt = tmp_path / "pytorch_model_best.bin"
     torch.save(test_ckpt_uc2.tiny_tensors("uc2_volta_ft_gqa"), ckpt)
-    args = ["evaluate", "--checkpoint", str(ckpt), "--released-task", "xgqa", "--released-config", "tiny",
-            "--data-root", env["data_root"], "--features", env["features"], "--max-regions", str(env["max_regions"]),
-            "--tokenizer", env["tokenizer"], "--split", "dev", "--langs", "en", "--num-workers", "0"]
+    args = [
+        "evaluate",
+        "--checkpoint",
+        str(ckpt),
+        "--released-task",
+        "xgqa",
+        "--released-config",
+        "tiny",
+        "--data-root",
+        env["data_root"],
+        "--features",
+        env["features"],
+        "--max-regions",
+        str(env["max_regions"]),
+        "--tokenizer",
+        env["tokenizer"],
+        "--split",
+        "dev",
+        "--langs",
+        "en",
+        "--num-workers",
+        "0",
+    ]
     assert E.main(args) == 0
     record = json.loads((tmp_path / "results.json").read_text())["dev"]
     assert record["policy"] == "released" and record["model"] == "uc2" and 0 <= record["langs"]["en"]["accuracy"] <= 100
@@ -869,10 +1170,18 @@ def test_trainer_per_epoch_evaluation_takes_eval_langs(env):
     refuses, before training, a language outside --langs."""
     import argparse
     import data
+
     model, _ = E.load_model(env["runs"][("uc2", "xvnli")] / "model_final.pt")
     tok = data.load_tokenizer(env["tokenizer"])
-    args = argparse.Namespace(task="xvnli", data_root=env["data_root"], langs=["en", "ar"], eval_split="test",
-                              eval_langs=["ar"], eval_batch_size=16, num_workers=0)
+    args = argparse.Namespace(
+        task="xvnli",
+        data_root=env["data_root"],
+        langs=["en", "ar"],
+        eval_split="test",
+        eval_langs=["ar"],
+        eval_batch_size=16,
+        num_workers=0,
+    )
     fn = engine.trainer_evaluate_fn("uc2", args, tok, None, features=env["features"], max_regions=env["max_regions"])
     assert list(fn(model, 1, langs=["ar"])) == ["ar"]
     assert list(fn(model, 1)) == ["en", "ar"]

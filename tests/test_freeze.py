@@ -1,5 +1,6 @@
 """freeze.py: the paper's schedules, LLRD rates, argument errors, and what the optimizer does to
 frozen / newly unfrozen parameters. Tiny synthetic models with UC2's and CCLM's layer layouts."""
+
 import argparse
 import copy
 import json
@@ -45,9 +46,12 @@ class TinyUC2(nn.Module):
 
 
 UC2_LAYOUT = freeze.layout_from_rules(
-    12, [("bert.encoder.layer.", 0, 2)],
+    12,
+    [("bert.encoder.layer.", 0, 2)],
     [("bert.embeddings.", "embeddings"), ("bert.v_embeddings.", "image_embeddings"), ("bert.t_pooler.", "pooler")],
-    default_module="head", embedding_modules=("embeddings", "image_embeddings"))
+    default_module="head",
+    embedding_modules=("embeddings", "image_embeddings"),
+)
 
 
 class TinyCCLM(nn.Module):
@@ -55,22 +59,35 @@ class TinyCCLM(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.vision_encoder = nn.ModuleDict({"patch_embed": nn.Linear(6, W), "blocks": nn.ModuleList(block() for _ in range(2))})
+        self.vision_encoder = nn.ModuleDict(
+            {"patch_embed": nn.Linear(6, W), "blocks": nn.ModuleList(block() for _ in range(2))}
+        )
         self.text_encoder = nn.Module()
-        self.text_encoder.embeddings = nn.ModuleDict({"word_embeddings": nn.Embedding(11, W), "LayerNorm": nn.LayerNorm(W)})
+        self.text_encoder.embeddings = nn.ModuleDict(
+            {"word_embeddings": nn.Embedding(11, W), "LayerNorm": nn.LayerNorm(W)}
+        )
         self.text_encoder.encoder = nn.Module()
         self.text_encoder.encoder.layer = nn.ModuleList(block() for _ in range(12))
         self.cross_encoder = nn.Module()
         self.cross_encoder.encoder = nn.Module()
         self.cross_encoder.encoder.layer = nn.ModuleList(block() for _ in range(6))
-        self.text_decoder = nn.ModuleDict({"bert": nn.ModuleDict({"encoder": nn.ModuleDict({"layer": nn.ModuleList([block()])})})})
+        self.text_decoder = nn.ModuleDict(
+            {"bert": nn.ModuleDict({"encoder": nn.ModuleDict({"layer": nn.ModuleList([block()])})})}
+        )
         self.cls_head = nn.Linear(W, 3)
 
 
 CCLM_LAYOUT = freeze.layout_from_rules(
-    18, [("text_encoder.encoder.layer.", 0, 1), ("cross_encoder.encoder.layer.", 12, 1)],
-    [("text_encoder.embeddings.", "embeddings"), ("vision_encoder.", "vision_encoder"),
-     ("text_decoder.", "answer_decoder"), ("cls_head.", "head")], task_head_modules=("head", "answer_decoder"))
+    18,
+    [("text_encoder.encoder.layer.", 0, 1), ("cross_encoder.encoder.layer.", 12, 1)],
+    [
+        ("text_encoder.embeddings.", "embeddings"),
+        ("vision_encoder.", "vision_encoder"),
+        ("text_decoder.", "answer_decoder"),
+        ("cls_head.", "head"),
+    ],
+    task_head_modules=("head", "answer_decoder"),
+)
 
 
 def layers_by_epoch(model, layout, schedule, epochs):
@@ -78,6 +95,7 @@ def layers_by_epoch(model, layout, schedule, epochs):
 
 
 # ------------------------------------------------------------------ the paper's schedules
+
 
 def test_layouts_map_names():
     assert UC2_LAYOUT.layer_of("bert.encoder.layer.23.dense.weight") == 11
@@ -112,7 +130,9 @@ def test_top6_cclm_trains_only_the_cross_modal_layers_and_the_task_head():
     m = TinyCCLM()
     freeze.apply_schedule(m, CCLM_LAYOUT, Schedule("top", 18, top_layers=6), 0)
     trains = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert trains == {n for n, _ in m.named_parameters() if n.split(".")[0] in ("cross_encoder", "cls_head", "text_decoder")}
+    assert trains == {
+        n for n, _ in m.named_parameters() if n.split(".")[0] in ("cross_encoder", "cls_head", "text_decoder")
+    }
     text = freeze.format_schedule(rows)
     assert "task head (answer_decoder, head)" in text and "frozen: embeddings, vision_encoder" in text
 
@@ -121,7 +141,10 @@ def test_top_policy_freezes_what_suf_keeps_trainable():
     m = TinyUC2()
     freeze.apply_schedule(m, UC2_LAYOUT, Schedule("top", 12, top_layers=2), 0)
     assert {n.split(".")[0] + "." + n.split(".")[1] for n, p in m.named_parameters() if p.requires_grad} == {
-        "bert.encoder", "clfs.weight", "clfs.bias"}
+        "bert.encoder",
+        "clfs.weight",
+        "clfs.bias",
+    }
     assert not any(p.requires_grad for p in m.bert.embeddings.parameters())
     assert not any(p.requires_grad for p in m.bert.t_pooler.parameters())  # "pooler" is not this layout's task head
 
@@ -155,7 +178,9 @@ def test_describe_counts_params_and_embeddings_choice():
     assert all(r["trainable_params"] + r["frozen_params"] == total for r in rows)
     assert rows[0]["frozen_modules"] == ["embeddings", "image_embeddings"]
     assert not rows[-1]["embeddings_trainable"]
-    emb = sum(p.numel() for p in m.bert.embeddings.parameters()) + sum(p.numel() for p in m.bert.v_embeddings.parameters())
+    emb = sum(p.numel() for p in m.bert.embeddings.parameters()) + sum(
+        p.numel() for p in m.bert.v_embeddings.parameters()
+    )
     assert rows[-1]["frozen_params"] == emb
     assert "embeddings FROZEN" in freeze.format_schedule(rows)
     m2 = copy.deepcopy(m)
@@ -175,17 +200,19 @@ def test_apply_schedule_reports_changes_only():
 
 # ------------------------------------------------------------------ LLRD
 
+
 def test_llrd_exact_rates_cclm():
     lr, d = 3e-5, 0.88
-    groups = freeze.param_groups(TinyCCLM(), CCLM_LAYOUT, Schedule("llrd", 18, llrd_decay=d), lr, 0.01,
-                                 module_lr={"vision_encoder": 2e-5})
+    groups = freeze.param_groups(
+        TinyCCLM(), CCLM_LAYOUT, Schedule("llrd", 18, llrd_decay=d), lr, 0.01, module_lr={"vision_encoder": 2e-5}
+    )
     by = {g["name"]: g["lr"] for g in groups}
     for j in range(18):
         assert by[f"layer_{j:02d}.decay"] == pytest.approx(lr * d ** (17 - j), rel=1e-12)
         assert by[f"layer_{j:02d}.no_decay"] == by[f"layer_{j:02d}.decay"]
     assert by["layer_17.decay"] == lr
-    assert by["layer_00.decay"] == pytest.approx(lr * 0.88 ** 17)
-    assert by["embeddings.decay"] == pytest.approx(lr * d ** 18)
+    assert by["layer_00.decay"] == pytest.approx(lr * 0.88**17)
+    assert by["embeddings.decay"] == pytest.approx(lr * d**18)
     assert by["vision_encoder.decay"] == 2e-5 and by["answer_decoder.decay"] == lr and by["head.decay"] == lr
 
 
@@ -193,15 +220,18 @@ def test_lr_mult_composes_with_llrd_and_module_lr():
     """X2-VLM's lr_mult (newly initialised parameters) multiplies whatever LLRD and module_lr give;
     every group holds one lr, so a multiplied parameter gets its own group."""
     lr, d = 3e-5, 0.88
-    mult = lambda name: 2.0 if name.startswith(("cls_head.", "cross_encoder.encoder.layer.5.", "vision_encoder.patch")) else 1.0  # noqa: E731
+    mult = lambda name: (
+        2.0 if name.startswith(("cls_head.", "cross_encoder.encoder.layer.5.", "vision_encoder.patch")) else 1.0
+    )  # noqa: E731
     m = TinyCCLM()
-    groups = freeze.param_groups(m, CCLM_LAYOUT, Schedule("llrd", 18, llrd_decay=d), lr, 0.01,
-                                 module_lr={"vision_encoder": 2e-5}, lr_mult=mult)
+    groups = freeze.param_groups(
+        m, CCLM_LAYOUT, Schedule("llrd", 18, llrd_decay=d), lr, 0.01, module_lr={"vision_encoder": 2e-5}, lr_mult=mult
+    )
     by = {g["name"]: g["lr"] for g in groups}
     assert by["head.lr_x2.decay"] == 2 * lr and "head.decay" not in by
     assert by["layer_17.lr_x2.decay"] == 2 * lr and "layer_17.decay" not in by  # top layer: undecayed
     assert by["layer_16.decay"] == pytest.approx(lr * d)
-    assert by["embeddings.decay"] == pytest.approx(lr * d ** 18)
+    assert by["embeddings.decay"] == pytest.approx(lr * d**18)
     assert by["vision_encoder.lr_x2.decay"] == 2 * 2e-5 and by["vision_encoder.decay"] == 2e-5
     names = {id(p): n for n, p in m.named_parameters()}
     for g in groups:
@@ -210,8 +240,13 @@ def test_lr_mult_composes_with_llrd_and_module_lr():
 
 
 def test_non_llrd_groups_use_base_lr():
-    groups = freeze.param_groups(TinyCCLM(), CCLM_LAYOUT, Schedule("suf", 18), 3e-5, 0.01, module_lr={"vision_encoder": 2e-5})
-    assert {g["name"]: g["lr"] for g in groups if g["lr"] != 3e-5} == {"vision_encoder.decay": 2e-5, "vision_encoder.no_decay": 2e-5}
+    groups = freeze.param_groups(
+        TinyCCLM(), CCLM_LAYOUT, Schedule("suf", 18), 3e-5, 0.01, module_lr={"vision_encoder": 2e-5}
+    )
+    assert {g["name"]: g["lr"] for g in groups if g["lr"] != 3e-5} == {
+        "vision_encoder.decay": 2e-5,
+        "vision_encoder.no_decay": 2e-5,
+    }
 
 
 def test_groups_cover_every_parameter_once_and_no_decay_on_1d():
@@ -227,7 +262,9 @@ def test_groups_cover_every_parameter_once_and_no_decay_on_1d():
 
 def test_lambdalr_keeps_group_ratios():
     m = TinyCCLM()
-    opt = torch.optim.AdamW(freeze.param_groups(m, CCLM_LAYOUT, Schedule("llrd", 18), 1e-3, 0.01, {"vision_encoder": 5e-4}))
+    opt = torch.optim.AdamW(
+        freeze.param_groups(m, CCLM_LAYOUT, Schedule("llrd", 18), 1e-3, 0.01, {"vision_encoder": 5e-4})
+    )
     base = [g["lr"] for g in opt.param_groups]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 * (s + 1))
     for _ in range(3):
@@ -240,21 +277,25 @@ def test_lambdalr_keeps_group_ratios():
 
 # ------------------------------------------------------------------ argument errors
 
+
 def parse(*argv):
     p = argparse.ArgumentParser()
     freeze.add_policy_args(p)
     return p.parse_args(list(argv))
 
 
-@pytest.mark.parametrize("argv, msg", [
-    (("--policy", "suf", "--suf-k", "0"), "--suf-k"),
-    (("--policy", "suf", "--suf-k", "-2"), "--suf-k"),
-    (("--policy", "llrd", "--llrd-decay", "0"), "--llrd-decay"),
-    (("--policy", "llrd", "--llrd-decay", "1.5"), "--llrd-decay"),
-    (("--policy", "top", "--top-layers", "13"), "--top-layers 13 exceeds"),
-    (("--policy", "top", "--top-layers", "0"), "--top-layers"),
-    (("--policy", "suf", "--unfreeze-every", "0"), "--unfreeze-every"),
-])
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (("--policy", "suf", "--suf-k", "0"), "--suf-k"),
+        (("--policy", "suf", "--suf-k", "-2"), "--suf-k"),
+        (("--policy", "llrd", "--llrd-decay", "0"), "--llrd-decay"),
+        (("--policy", "llrd", "--llrd-decay", "1.5"), "--llrd-decay"),
+        (("--policy", "top", "--top-layers", "13"), "--top-layers 13 exceeds"),
+        (("--policy", "top", "--top-layers", "0"), "--top-layers"),
+        (("--policy", "suf", "--unfreeze-every", "0"), "--unfreeze-every"),
+    ],
+)
 def test_bad_arguments_one_line_error(argv, msg):
     with pytest.raises(SystemExit) as e:
         freeze.schedule_from_args(parse(*argv), 12)
@@ -272,7 +313,9 @@ def test_unknown_policy_rejected(capsys):
 def test_good_arguments_and_d_equal_one():
     s = freeze.schedule_from_args(parse("--policy", "llrd", "--llrd-decay", "1"), 12)
     assert s.layer_lr_scale(0, None) == 1.0
-    assert freeze.schedule_from_args(parse("--policy", "suf", "--suf-k", "20"), 12).trainable_layers(0) == list(range(12))
+    assert freeze.schedule_from_args(parse("--policy", "suf", "--suf-k", "20"), 12).trainable_layers(0) == list(
+        range(12)
+    )
 
 
 def test_layout_errors():
@@ -288,9 +331,14 @@ def test_layout_errors():
 
 # ------------------------------------------------------------------ what the optimizer does
 
+
 def batch(step):
     g = torch.Generator().manual_seed(step)
-    return torch.randint(0, 11, (3, 5), generator=g), torch.randn(3, 2, 6, generator=g), torch.randint(0, 3, (3,), generator=g)
+    return (
+        torch.randint(0, 11, (3, 5), generator=g),
+        torch.randn(3, 2, 6, generator=g),
+        torch.randint(0, 3, (3,), generator=g),
+    )
 
 
 def train_step(model, opt, step):
@@ -389,14 +437,31 @@ def test_no_decay_rule_hook():
 
 # ------------------------------------------------------------------ bench smoke run (no timing assertions)
 
+
 def test_bench_suf_step_quick_smoke(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
+
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "suf_step.json"
-    proc = subprocess.run([sys.executable, str(root / "bench" / "suf_step.py"), "--quick", "--reps", "1", "--attempts", "2",
-                           "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "bench" / "suf_step.py"),
+            "--quick",
+            "--reps",
+            "1",
+            "--attempts",
+            "2",
+            "--out",
+            str(out),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "measured" in proc.stdout and "predicted" in proc.stdout
     res = json.loads(out.read_text())
@@ -407,28 +472,40 @@ def test_bench_suf_step_quick_smoke(tmp_path):
         assert r["measured_ratio"] > 0 and r["predicted_ratio"] > 0
         assert r["scheduled_params"] == r["trainable_params"] == r["updated_params"]
     frozen = [r for r in rows if not r["embeddings_trainable"]]
-    assert all(r["optimizer_state_bytes"] < next(f for f in rows if f["model"] == r["model"])["optimizer_state_bytes"]
-               for r in frozen)
+    assert all(
+        r["optimizer_state_bytes"] < next(f for f in rows if f["model"] == r["model"])["optimizer_state_bytes"]
+        for r in frozen
+    )
     # every attempt is kept and reported; the gated numbers are their medians (never a retry kept for passing)
     import statistics
+
     assert res["config"]["attempts"] == 2 and all(len(r["attempts"]) == 2 for r in rows)
     for r in rows:
         for key in ("measured_ratio", "predicted_ratio", "deviation"):
             assert r[key] == statistics.median(a[key] for a in r["attempts"])
     sys.path.insert(0, str(root / "bench"))
     import table
+
     text = table.build(tmp_path)
     stage0 = next(r for r in rows if r["model"] == "uc2" and r["config"].startswith("suf stage 0"))
-    assert "median of 2 attempts: " + ", ".join(f"{a['measured_ratio']:.2f}x ({a['deviation']:+.0%})"
-                                                for a in stage0["attempts"]) in text
+    assert (
+        "median of 2 attempts: "
+        + ", ".join(f"{a['measured_ratio']:.2f}x ({a['deviation']:+.0%})" for a in stage0["attempts"])
+        in text
+    )
 
 
 def test_bench_table_says_when_old_results_kept_a_retry():
     import sys
     from pathlib import Path
+
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     import table
-    old = {"ok": False, "rows": [], "config": {"models": {"cclm": {"attempt_1_max_deviation": 0.1035,
-                                                                    "attempt_2_max_deviation": 0.1212}}}}
+
+    old = {
+        "ok": False,
+        "rows": [],
+        "config": {"models": {"cclm": {"attempt_1_max_deviation": 0.1035, "attempt_2_max_deviation": 0.1212}}},
+    }
     rows = table.suf_step(old)
     assert any("attempt 1 10.3%, attempt 2 12.1%" in r[2] and "attempt 2's only" in r[2] for r in rows)

@@ -1,5 +1,6 @@
 """Every experiment of the paper is one make target: `make -n` shows the exact command, and a
 target whose inputs are missing stops before training, naming them."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,11 @@ def test_table1_target_prints_the_training_command(model, target):
     assert out.returncode == 0, out.stderr
     cmd = out.stdout.strip().splitlines()[-1]
     visual = "--features data/features" if model == "uc2" else "--images data/images"
-    assert cmd == (f".venv/bin/python -m torch.distributed.run --standalone --nproc_per_node 4 train_{model}.py "
-                   f"--task {task} --policy {policy} --data-root /d {visual} --checkpoint /c "
-                   f"--tokenizer xlm-roberta-base --eval-every 1 --output-dir runs/{model}-{target}")
+    assert cmd == (
+        f".venv/bin/python -m torch.distributed.run --standalone --nproc_per_node 4 train_{model}.py "
+        f"--task {task} --policy {policy} --data-root /d {visual} --checkpoint /c "
+        f"--tokenizer xlm-roberta-base --eval-every 1 --output-dir runs/{model}-{target}"
+    )
 
 
 def test_llrd_sweep_runs_the_papers_four_decays():
@@ -45,8 +48,13 @@ def test_other_paper_targets_print_their_commands():
 
 
 def test_target_with_missing_inputs_fails_before_training_naming_them(tmp_path):
-    out = make("xgqa-suf", f"DATA={tmp_path}/iglue", f"FEATURES={tmp_path}/feats", f"CKPT={tmp_path}/c.bin",
-               f"OUT={tmp_path}/runs")
+    out = make(
+        "xgqa-suf",
+        f"DATA={tmp_path}/iglue",
+        f"FEATURES={tmp_path}/feats",
+        f"CKPT={tmp_path}/c.bin",
+        f"OUT={tmp_path}/runs",
+    )
     assert out.returncode != 0
     assert f"{tmp_path}/iglue/datasets" in out.stderr and f"{tmp_path}/feats" in out.stderr
     assert "train_uc2.py" not in out.stdout and not (tmp_path / "runs").exists()
@@ -59,10 +67,22 @@ def test_unknown_model_is_refused():
 
 def test_eval_takes_the_runs_own_inputs_unless_given():
     assert make("-n", "eval", "RUN=runs/r").stdout.splitlines()[-1].split() == [
-        ".venv/bin/python", "eval_zeroshot.py", "evaluate", "--run-dir", "runs/r"]
+        ".venv/bin/python",
+        "eval_zeroshot.py",
+        "evaluate",
+        "--run-dir",
+        "runs/r",
+    ]
     given = make("-n", "translate-test", "RUN=runs/r", "DATA=/d", "TOKENIZER=/t", "EXTRA=--amp bf16").stdout
-    assert given.splitlines()[-1].split()[-7:] == ["--translate-test", "--data-root", "/d", "--tokenizer", "/t",
-                                                   "--amp", "bf16"]
+    assert given.splitlines()[-1].split()[-7:] == [
+        "--translate-test",
+        "--data-root",
+        "/d",
+        "--tokenizer",
+        "/t",
+        "--amp",
+        "bf16",
+    ]
     assert "--features" not in given and "--images" not in given
     out = make("eval")
     assert out.returncode != 0 and "RUN= names the run folder" in out.stderr
@@ -87,6 +107,8 @@ def test_missing_python_is_named_with_the_way_out(tmp_path):
 def test_sanity_evaluates_the_released_uc2_xgqa_checkpoint_beside_iglues_row():
     out = make("-n", "sanity", "CKPT_FT=/ft/pytorch_model_best.bin", "DATA=/d", "FEATURES=/f")
     assert out.returncode == 0, out.stderr
-    assert ("eval_zeroshot.py evaluate --checkpoint /ft/pytorch_model_best.bin --released-task xgqa --data-root /d "
-            "--features /f") in out.stdout
+    assert (
+        "eval_zeroshot.py evaluate --checkpoint /ft/pytorch_model_best.bin --released-task xgqa --data-root /d "
+        "--features /f"
+    ) in out.stdout
     assert "en 55.19, avg 29.35" in out.stdout

@@ -5,6 +5,7 @@ processes equal to one, and a tiny end-to-end run on the shipped fixtures.
 Data: the IGLUE sample in tests/fixtures/iglue (XVNLI: English and French train_48 / test), a tiny
 tokenizer trained on it and synthetic region features (data.write_synthetic_features).
 """
+
 import json
 import math
 import os
@@ -33,6 +34,7 @@ REGIONS = 6
 
 # ---------------------------------------------------------------- meta-gradient, float64
 
+
 class ScalarLinear(nn.Module):
     """y_hat = w x, loss 1/2 (w x - y)^2."""
 
@@ -60,7 +62,7 @@ CASES = [(0.7, 1.3, -0.4, 0.9, 2.1, 0.05), (-1.2, 2.0, 0.5, -0.3, 1.0, 0.2), (0.
 @pytest.mark.parametrize("w,xs,ys,xq,yq,a", CASES)
 def test_second_order_meta_gradient_of_scalar_linear_model_is_closed_form(w, xs, ys, xq, yq, a):
     w1 = w - a * xs * (w * xs - ys)
-    expected = (1 - a * xs ** 2) * xq * (w1 * xq - yq)
+    expected = (1 - a * xs**2) * xq * (w1 * xq - yq)
     assert scalar_meta_grad(w, xs, ys, xq, yq, a, first_order=False) == pytest.approx(expected, rel=1e-12, abs=1e-12)
 
 
@@ -73,6 +75,7 @@ def test_first_order_meta_gradient_of_scalar_linear_model_is_closed_form(w, xs, 
 
 class FlatMLP(nn.Module):
     """A 3-4-1 tanh MLP whose weights are ONE flat parameter, so torch.func.hessian gives the full Hessian."""
+
     SHAPES = ((4, 3), (4,), (1, 4), (1,))
 
     def __init__(self, seed: int = 0):
@@ -87,7 +90,7 @@ class FlatMLP(nn.Module):
         parts, i = [], 0
         for s in cls.SHAPES:
             k = math.prod(s)
-            parts.append(theta[i:i + k].view(s))
+            parts.append(theta[i : i + k].view(s))
             i += k
         w1, b1, w2, b2 = parts
         return ((torch.tanh(x @ w1.T + b1) @ w2.T + b2).squeeze(-1) - y).pow(2).mean()
@@ -144,6 +147,7 @@ def test_first_and_second_order_differ_when_the_support_loss_is_curved():
 def test_parameters_outside_adapt_names_get_only_their_outer_gradient():
     """A parameter the inner loop does not adapt enters theta' unchanged: its meta-gradient is the plain
     outer gradient at theta' (here: w2 of a two-parameter linear model, inner adapts w1 only)."""
+
     class Two(nn.Module):
         def __init__(self):
             super().__init__()
@@ -153,25 +157,33 @@ def test_parameters_outside_adapt_names_get_only_their_outer_gradient():
         def forward(self, b):
             x, y = b
             return 0.5 * (self.w1 * x + self.w2 - y) ** 2
+
     m = Two()
     f = M.module_objective(m)
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     (xs, ys), (xq, yq), a = (t(1.5), t(0.2)), (t(-0.7), t(1.1)), 0.1
-    g, _ = M.meta_gradient(f, f, dict(m.named_parameters()), [((xs, ys), (xq, yq))], ["w1"],
-                           M.MamlConfig(variant="unsupervised", inner_lr=a))
+    g, _ = M.meta_gradient(
+        f,
+        f,
+        dict(m.named_parameters()),
+        [((xs, ys), (xq, yq))],
+        ["w1"],
+        M.MamlConfig(variant="unsupervised", inner_lr=a),
+    )
     w1p = 0.5 - a * xs * (0.5 * xs - 0.8 - ys)
     rq = w1p * xq - 0.8 - yq
-    assert g["w1"].item() == pytest.approx(((1 - a * xs ** 2) * xq * rq).item(), rel=1e-12)
+    assert g["w1"].item() == pytest.approx(((1 - a * xs**2) * xq * rq).item(), rel=1e-12)
     assert g["w2"].item() == pytest.approx((rq - a * xs * xq * rq).item(), rel=1e-12)  # d w1'/d w2 = -a xs
 
 
 # ---------------------------------------------------------------- contrastive loss
 
+
 def test_contrastive_loss_on_a_hand_computed_case():
     image = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    text = torch.tensor([[2.0, 0.0], [3.0, 0.0]], dtype=torch.float64)   # both texts along image 0
+    text = torch.tensor([[2.0, 0.0], [3.0, 0.0]], dtype=torch.float64)  # both texts along image 0
     # cosine logits (temperature 1): [[1, 1], [0, 0]]
-    i2t = math.log(2)                                                   # rows: ties, then ties
+    i2t = math.log(2)  # rows: ties, then ties
     t2i = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))) / 2  # columns [1, 0] and [1, 0], targets 0 and 1
     assert M.contrastive_loss(image, text, 1.0, symmetric=False).item() == pytest.approx(i2t, rel=1e-12)
     assert M.contrastive_loss(image, text, 1.0).item() == pytest.approx((i2t + t2i) / 2, rel=1e-12)
@@ -188,16 +200,21 @@ def test_contrastive_loss_of_identical_embeddings_is_log_n(n):
     v = torch.randn(1, 8, dtype=torch.float64).expand(n, 8)
     head = M.ContrastiveHead(8, 4).double()
     assert M.contrastive_loss(v, v * 3.0, 0.07).item() == pytest.approx(math.log(n), rel=1e-12)
-    assert head(v, v).item() == pytest.approx(math.log(n), rel=1e-12)   # projections of identical rows: identical
+    assert head(v, v).item() == pytest.approx(math.log(n), rel=1e-12)  # projections of identical rows: identical
 
 
 # ---------------------------------------------------------------- UC2 wiring (xvlmaml.py), no data files
 
+
 def synthetic_pairs(n=4, tokens=5, regions=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(5, 100, (n, tokens), generator=g), "attention_mask": torch.ones(n, tokens),
-            "features": torch.randn(n, regions, 2048, generator=g), "spatials": torch.rand(n, regions, 7, generator=g),
-            "image_mask": torch.ones(n, regions)}
+    return {
+        "input_ids": torch.randint(5, 100, (n, tokens), generator=g),
+        "attention_mask": torch.ones(n, tokens),
+        "features": torch.randn(n, regions, 2048, generator=g),
+        "spatials": torch.rand(n, regions, 7, generator=g),
+        "image_mask": torch.ones(n, regions),
+    }
 
 
 def tiny_uc2():
@@ -233,17 +250,24 @@ def test_inner_params_top_adapts_the_top_layers_and_heads_but_not_the_embeddings
     names = [n for n, _ in net.named_parameters()]
     emb = lambda n: layout.layer_of(n) is None and layout.module_of(n) in layout.embedding_modules  # noqa: E731
     top = M.adapt_names_for(names, layout.layer_of, layout.num_layers, "top", 2, emb)
-    expected = [n for n in names if n.startswith(("model.encoder.layer.10.", "model.encoder.layer.11.", "model.pooler.",
-                                                  "model.head.", "cl_head."))]
+    expected = [
+        n
+        for n in names
+        if n.startswith(
+            ("model.encoder.layer.10.", "model.encoder.layer.11.", "model.pooler.", "model.head.", "cl_head.")
+        )
+    ]
     assert top == expected and not any(n.startswith("model.embeddings.") for n in top)
     assert M.adapt_names_for(names, layout.layer_of, layout.num_layers, "all", 2, emb) == names
 
 
 # ---------------------------------------------------------------- on UC2 and the IGLUE fixtures
 
-SAMPLE_SPLITS = {"xvnli": (("train_48", "en"), ("train_48", "fr"), ("test", "en"), ("test", "fr"), ("test", "ar")),
-                 "xgqa": (("testdev", "en"), ("dev", "de")),
-                 "xflickrco": (("valid", "en"), ("train_10", "de"), ("test", "en"), ("test", "de"))}
+SAMPLE_SPLITS = {
+    "xvnli": (("train_48", "en"), ("train_48", "fr"), ("test", "en"), ("test", "fr"), ("test", "ar")),
+    "xgqa": (("testdev", "en"), ("dev", "de")),
+    "xflickrco": (("valid", "en"), ("train_10", "de"), ("test", "en"), ("test", "de")),
+}
 
 
 @pytest.fixture(scope="module")
@@ -271,18 +295,53 @@ def sample(tmp_path_factory):
 
 
 def train_argv(sample, out, *extra):
-    return ["train", "--checkpoint", str(sample / "init.pt"), "--task", "xvnli", "--model-config", "tiny",
-            "--aux-lang", "fr", "--en-split", "train_48", "--data-root", str(IGLUE),
-            "--features", str(sample / "feats"),
-            "--tokenizer", str(sample / "tok"), "--max-regions", str(REGIONS), "--support-size", "3",
-            "--query-size", "3", "--en-batch-size", "3", "--iters-per-epoch", "2", "--epochs", "2", "--lr", "1e-3",
-            "--inner-lr", "1e-2", "--output-dir", str(out), "--no-eval", *extra]
+    return [
+        "train",
+        "--checkpoint",
+        str(sample / "init.pt"),
+        "--task",
+        "xvnli",
+        "--model-config",
+        "tiny",
+        "--aux-lang",
+        "fr",
+        "--en-split",
+        "train_48",
+        "--data-root",
+        str(IGLUE),
+        "--features",
+        str(sample / "feats"),
+        "--tokenizer",
+        str(sample / "tok"),
+        "--max-regions",
+        str(REGIONS),
+        "--support-size",
+        "3",
+        "--query-size",
+        "3",
+        "--en-batch-size",
+        "3",
+        "--iters-per-epoch",
+        "2",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-3",
+        "--inner-lr",
+        "1e-2",
+        "--output-dir",
+        str(out),
+        "--no-eval",
+        *extra,
+    ]
 
 
 def final_state(run):
     ck = engine.load_checkpoint(Path(run) / engine.FINAL)
-    return {**{f"model.{k}": v for k, v in ck["model"].items()},
-            **{f"cl_head.{k}": v for k, v in ck["cl_head"].items()}}
+    return {
+        **{f"model.{k}": v for k, v in ck["model"].items()},
+        **{f"cl_head.{k}": v for k, v in ck["cl_head"].items()},
+    }
 
 
 def test_frozen_parameters_stay_bitwise_unchanged_and_trainable_ones_move(sample, tmp_path):
@@ -333,23 +392,41 @@ def test_two_gloo_processes_equal_one_process_in_first_and_second_order(sample, 
     processes: with episodes (and their dropout) seeded by (seed, iteration, episode), 2 processes
     give the weights of 1, in second order too (no collective sits inside the differentiated graph)."""
     orders = {"second": [], "first": ["--first-order"]}
-    argvs = {o: lambda name, o=o: train_argv(sample, tmp_path / f"{name}-{o}", "--meta-batch", "2", "--epochs", "1",
-                                             *orders[o]) for o in orders}
+    argvs = {
+        o: lambda name, o=o: train_argv(
+            sample, tmp_path / f"{name}-{o}", "--meta-batch", "2", "--epochs", "1", *orders[o]
+        )
+        for o in orders
+    }
     for o in orders:
         X.main(argvs[o]("one"))
     runs = [a for o in orders for a in ["::", *argvs[o]("two")]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SUF_DEVICE": "cpu"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(ROOT / "tests" / "_xvlmaml_runs.py"), *runs], cwd=ROOT, env=env, capture_output=True,
-                         text=True)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "tests" / "_xvlmaml_runs.py"),
+            *runs,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     for o in orders:
         a, b = final_state(tmp_path / f"one-{o}"), final_state(tmp_path / f"two-{o}")
         assert a.keys() == b.keys()
         # bitwise: one process sums (0 + g_0/2) + g_1/2, two processes all-reduce g_0/2 + g_1/2
         assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
-    assert not all(torch.equal(final_state(tmp_path / "one-first")[k], v)
-                   for k, v in final_state(tmp_path / "one-second").items())
+    assert not all(
+        torch.equal(final_state(tmp_path / "one-first")[k], v) for k, v in final_state(tmp_path / "one-second").items()
+    )
 
 
 def test_test_split_and_english_auxiliary_are_refused(sample, tmp_path):
@@ -365,14 +442,63 @@ def test_matrix_from_an_english_run_folder_trains_evaluates_and_tabulates(sample
     it (task, config and data from its folder), the existing zero-shot evaluation in every language,
     the auxiliary x target matrix."""
     en = tmp_path / "en"
-    U.main(["--task", "xvnli", "--model-config", "tiny", "--checkpoint", str(sample / "init.pt"),
-            "--data-root", str(IGLUE), "--features", str(sample / "feats"), "--tokenizer", str(sample / "tok"),
-            "--train-split", "train_48", "--max-regions", str(REGIONS), "--num-workers", "0", "--epochs", "1",
-            "--batch-size", "4", "--max-steps-per-epoch", "1", "--no-eval", "--output-dir", str(en)])
+    U.main(
+        [
+            "--task",
+            "xvnli",
+            "--model-config",
+            "tiny",
+            "--checkpoint",
+            str(sample / "init.pt"),
+            "--data-root",
+            str(IGLUE),
+            "--features",
+            str(sample / "feats"),
+            "--tokenizer",
+            str(sample / "tok"),
+            "--train-split",
+            "train_48",
+            "--max-regions",
+            str(REGIONS),
+            "--num-workers",
+            "0",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--max-steps-per-epoch",
+            "1",
+            "--no-eval",
+            "--output-dir",
+            str(en),
+        ]
+    )
     out = tmp_path / "mx"
-    X.main(["matrix", "--run", str(en), "--aux-langs", "fr", "--en-split", "train_48", "--support-size", "3",
-            "--query-size", "3", "--en-batch-size", "3", "--iters-per-epoch", "1", "--eval-langs", "en", "fr", "ar",
-            "--output-dir", str(out)])
+    X.main(
+        [
+            "matrix",
+            "--run",
+            str(en),
+            "--aux-langs",
+            "fr",
+            "--en-split",
+            "train_48",
+            "--support-size",
+            "3",
+            "--query-size",
+            "3",
+            "--en-batch-size",
+            "3",
+            "--iters-per-epoch",
+            "1",
+            "--eval-langs",
+            "en",
+            "fr",
+            "ar",
+            "--output-dir",
+            str(out),
+        ]
+    )
     run = out / "aux-fr"
     model, meta = Z.load_model(run / engine.FINAL)
     assert meta["task"] == "xvnli"
@@ -386,8 +512,9 @@ def test_matrix_from_an_english_run_folder_trains_evaluates_and_tabulates(sample
     assert "| fr |" in (out / "matrix.md").read_text()
     lines = [json.loads(line) for line in (run / engine.METRICS).read_text().splitlines()]
     assert [r for r in lines if r["type"] == "train"] and all(
-        math.isfinite(r["meta_loss"]) for r in lines if r["type"] == "train")
-    assert {r["lang"] for r in lines if r["type"] == "eval"} == {"en", "fr", "ar"}   # the per-epoch curves
+        math.isfinite(r["meta_loss"]) for r in lines if r["type"] == "train"
+    )
+    assert {r["lang"] for r in lines if r["type"] == "eval"} == {"en", "fr", "ar"}  # the per-epoch curves
     # its own setup in the paper's tables, never averaged into plainly fine-tuned UC2 rows
     assert res["policy"] == "xvlmaml-fr"
     assert [row["setup"] for row in Z.build_tables([run])["table1"]] == ["UC2+xvlmaml-fr"]
@@ -399,11 +526,42 @@ def test_other_tasks_meta_train_from_their_auxiliary_split(sample, tmp_path, tas
     variant's retrieval loss on all four); xGQA: the auxiliary pool defaults to the language's dev split
     and many questions share an image (masked out of each other's negatives)."""
     out = tmp_path / task
-    X.main(["train", "--checkpoint", str(sample / f"init-{task}.pt"), "--task", task, "--model-config", "tiny",
-            "--aux-lang", "de", "--en-split", en_split, "--variant", variant, "--data-root", str(sample / "root"),
-            "--features", str(sample / "feats"), "--tokenizer", str(sample / "tok"), "--max-regions", str(REGIONS),
-            "--support-size", "4", "--query-size", "4", "--en-batch-size", "4", "--iters-per-epoch", "2",
-            "--output-dir", str(out), "--no-eval"])
+    X.main(
+        [
+            "train",
+            "--checkpoint",
+            str(sample / f"init-{task}.pt"),
+            "--task",
+            task,
+            "--model-config",
+            "tiny",
+            "--aux-lang",
+            "de",
+            "--en-split",
+            en_split,
+            "--variant",
+            variant,
+            "--data-root",
+            str(sample / "root"),
+            "--features",
+            str(sample / "feats"),
+            "--tokenizer",
+            str(sample / "tok"),
+            "--max-regions",
+            str(REGIONS),
+            "--support-size",
+            "4",
+            "--query-size",
+            "4",
+            "--en-batch-size",
+            "4",
+            "--iters-per-epoch",
+            "2",
+            "--output-dir",
+            str(out),
+            "--no-eval",
+        ]
+    )
     meta = engine.load_checkpoint(out / engine.FINAL)["meta"]
     assert meta["xvlmaml"]["aux_split"] == {"xflickrco": "train_10", "xgqa": "dev"}[task]
     assert meta["xvlmaml"]["outer_terms"] == (["task_aux", "cl"] if variant == "supervised" else ["task_en", "cl"])
@@ -412,8 +570,9 @@ def test_other_tasks_meta_train_from_their_auxiliary_split(sample, tmp_path, tas
 
 
 def test_make_targets_print_the_xvlmaml_command():
-    out = subprocess.run(["make", "--no-print-directory", "-n", "xvlmaml-xgqa", "AUX=de"], cwd=ROOT,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["make", "--no-print-directory", "-n", "xvlmaml-xgqa", "AUX=de"], cwd=ROOT, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     cmd = out.stdout.strip().splitlines()[-1]
     assert "xvlmaml.py train --run runs/uc2-xgqa-full --aux-lang de" in cmd

@@ -1,6 +1,7 @@
 """train_mclip.py: M-CLIP text tower parity with the reference MultilingualCLIP, the reference loss and its
 gradients, mean pooling, PET (LoRA / adapter / soft and hard prompts) freezing and identities, trainable shares
 on the real shapes, the loaders' errors, a tiny end-to-end run and bitwise resume."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ import train_mclip as M  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures" / "mclip"
-PET_ARGS = argparse.Namespace(lora_r=8, lora_alpha=16, adapter_dim=4, soft_prefix=None, soft_tokens=3,
-                              compacter_reduction=2, phm_dim=4)
+PET_ARGS = argparse.Namespace(
+    lora_r=8, lora_alpha=16, adapter_dim=4, soft_prefix=None, soft_tokens=3, compacter_reduction=2, phm_dim=4
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +49,12 @@ def ids(*rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.full((len(rows), width), data.PAD_ID)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
-        x[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+        x[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
     return x, mask
 
 
 # ---------------------------------------------------------------- parity with the reference
+
 
 def test_text_tower_matches_reference_multilingual_clip(ref):
     model, tok, texts, want = ref
@@ -77,6 +80,7 @@ def test_text_weights_of_another_layout_are_a_one_line_error(ref):
 
 # ---------------------------------------------------------------- trainable shares on the real shapes
 
+
 @pytest.mark.parametrize("pet,trainable,pct", [("lora", 884_736, 0.158), ("adapter", 2_507_904, 0.447)])
 def test_trainable_share_on_real_xlmr_large_shapes(pet, trainable, pct):
     with torch.device("meta"):
@@ -90,18 +94,25 @@ def test_trainable_share_on_real_xlmr_large_shapes(pet, trainable, pct):
 def test_lora_trains_query_value_and_output_layer_norms_only():
     names = [n for n, p in tiny_model(pet="lora").named_parameters() if p.requires_grad]
     kinds = {n.split("layer.")[1].split(".", 1)[1].replace(".default", "") for n in names}
-    assert kinds == {"attention.self.query.lora_A.weight", "attention.self.query.lora_B.weight",
-                     "attention.self.value.lora_A.weight", "attention.self.value.lora_B.weight",
-                     "attention.output.LayerNorm.weight", "attention.output.LayerNorm.bias",
-                     "output.LayerNorm.weight", "output.LayerNorm.bias"}
+    assert kinds == {
+        "attention.self.query.lora_A.weight",
+        "attention.self.query.lora_B.weight",
+        "attention.self.value.lora_A.weight",
+        "attention.self.value.lora_B.weight",
+        "attention.output.LayerNorm.weight",
+        "attention.output.LayerNorm.bias",
+        "output.LayerNorm.weight",
+        "output.LayerNorm.bias",
+    }
     assert len(names) == 2 * len(kinds)  # both tiny layers; never the embeddings' LayerNorm or the projection
 
 
 # ---------------------------------------------------------------- loss, metric
 
+
 def test_symmetric_loss_on_hand_computed_case():
     image = torch.tensor([[3.0, 4.0], [0.0, 2.0]], dtype=torch.float64)  # normalised: [.6, .8], [0, 1]
-    text = torch.tensor([[1.0, 0.0], [0.0, 5.0]], dtype=torch.float64)   # normalised: [1, 0], [0, 1]
+    text = torch.tensor([[1.0, 0.0], [0.0, 5.0]], dtype=torch.float64)  # normalised: [1, 0], [0, 1]
     # logits = 100 * [[.6, .8], [0, 1]] = [[60, 80], [0, 100]]; rows: CE(60 | 60, 80), CE(100 | 0, 100);
     # columns: CE(60 | 60, 0), CE(100 | 80, 100)
     lse = lambda a, b: max(a, b) + math.log1p(math.exp(-abs(a - b)))  # noqa: E731
@@ -123,8 +134,10 @@ def test_alignment_terms_send_gradient_to_the_branches_the_reference_does():
     assert torch.allclose(partner.grad, 2.0 * 2 * (partner - text).detach() / text.numel(), rtol=0, atol=1e-15)
     # contrastive (partner vs text) and contrastive_with_image (image vs partner): the partner's gradient is that of
     # its own term alone
-    terms = {"contrastive": lambda p: M.symmetric_ce(M.l2_normalise(p), M.l2_normalise(text.detach())),
-             "contrastive_with_image": lambda p: M.symmetric_ce(M.l2_normalise(image.detach()), M.l2_normalise(p))}
+    terms = {
+        "contrastive": lambda p: M.symmetric_ce(M.l2_normalise(p), M.l2_normalise(text.detach())),
+        "contrastive_with_image": lambda p: M.symmetric_ce(M.l2_normalise(image.detach()), M.l2_normalise(p)),
+    }
     for align, term in terms.items():
         p, p2 = (partner.detach().clone().requires_grad_() for _ in range(2))
         M.routine_loss(image.detach(), text.detach(), p, align, 1.0).backward()
@@ -136,8 +149,9 @@ def test_alignment_terms_send_gradient_to_the_branches_the_reference_does():
 
 def test_image_features_get_no_gradient_through_the_loss_in_training(tmp_path):
     model = tiny_model(pet="adapter")
-    split = data.RetrievalSplit(["a.jpg", "b.jpg"], {"native": {"en": ["a b", "c d"], "de": ["e f", "g h"]},
-                                                  "to_en": {"de": ["a c", "b d"]}})
+    split = data.RetrievalSplit(
+        ["a.jpg", "b.jpg"], {"native": {"en": ["a b", "c d"], "de": ["e f", "g h"]}, "to_en": {"de": ["a c", "b d"]}}
+    )
     tok = data.make_tiny_tokenizer(["a b c d e f g h"] * 5, tmp_path / "tok", vocab_size=40)
     feats = {n: torch.randn(16, requires_grad=True) for n in split.images}
     args = argparse.Namespace(routine="method3", lang="de", hard_prompt=None, align_loss="mse", align_ratio=1.0)
@@ -160,6 +174,7 @@ def test_recall_at_1_and_disparity_on_hand_cases():
 
 
 # ---------------------------------------------------------------- pooling, PET identities and freezing
+
 
 def test_mean_pooling_ignores_padding():
     model = tiny_model().eval()
@@ -197,6 +212,7 @@ def test_pet_freezes_everything_else_bitwise(pet):
 
 def test_lora_with_zero_B_equals_base_bitwise_and_merged_equals_unmerged():
     from peft.tuners.lora import LoraLayer
+
     base = tiny_model(seed=1).eval()
     lora = tiny_model(seed=1, pet="lora").eval()
     x, mask = ids([0, 5, 6, 7, 2], [0, 8, 2])
@@ -249,9 +265,17 @@ def test_soft_prompt_from_prefix_equals_the_hard_prompt_on_unpadded_input(tmp_pa
 
 def test_clip_image_tower_is_the_same_in_train_and_eval_mode(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
     torch.manual_seed(0)
-    cfg = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8, projection_dim=12)
+    cfg = CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=12,
+    )
     vision = CLIPVisionModelWithProjection(cfg)
     paths = data.write_synthetic_images(tmp_path, ["a.jpg", "b.png"], size=(50, 40))
     with torch.no_grad():
@@ -272,8 +296,11 @@ def write_xtd(root: Path, n: int = 12) -> list[str]:
     names = [f"COCO_val2014_{i:012d}.jpg" for i in range(n)]
     (root / "all").mkdir(parents=True)
     (root / "all" / "test_image_names.txt").write_text("\n".join(names) + "\n")
-    for kind, pattern in [("native", "all/test_1kcaptions_{}.txt"), ("from_en", "translated_from_en/{}.txt"),
-                          ("to_en", "translated_to_en/{}.txt")]:
+    for kind, pattern in [
+        ("native", "all/test_1kcaptions_{}.txt"),
+        ("from_en", "translated_from_en/{}.txt"),
+        ("to_en", "translated_to_en/{}.txt"),
+    ]:
         for lang, words in LANG_WORDS.items():
             w = words.split()
             lines = [" ".join(w[(i * k) % len(w)] for k in range(1, 5)) + f" {kind[:2]}" for i in range(n)]
@@ -295,12 +322,15 @@ def test_xtd_loader_reads_pectvlm_layout_and_splits_like_run_xtd(tmp_path):
     assert splits["val"].captions("en", "de") == [full.texts["native"]["en"][i] for i in perm[3:6]]
 
 
-@pytest.mark.parametrize("damage,match", [
-    (lambda p: p.write_text("a\nb\n"), r"test_1kcaptions_de\.txt: 2 lines, expected 12"),
-    (lambda p: p.write_text("a\n\nb\n" + "c\n" * 9), r"test_1kcaptions_de\.txt:2: empty line"),
-    (lambda p: p.write_bytes(b"a\n\xff\xfe\n" * 6), r"test_1kcaptions_de\.txt:2: not UTF-8"),
-    (lambda p: p.unlink(), r"test_1kcaptions_de\.txt: file not found"),
-])
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        (lambda p: p.write_text("a\nb\n"), r"test_1kcaptions_de\.txt: 2 lines, expected 12"),
+        (lambda p: p.write_text("a\n\nb\n" + "c\n" * 9), r"test_1kcaptions_de\.txt:2: empty line"),
+        (lambda p: p.write_bytes(b"a\n\xff\xfe\n" * 6), r"test_1kcaptions_de\.txt:2: not UTF-8"),
+        (lambda p: p.unlink(), r"test_1kcaptions_de\.txt: file not found"),
+    ],
+)
 def test_bad_xtd_caption_file_is_a_one_line_error_naming_it(tmp_path, damage, match):
     write_xtd(tmp_path)
     damage(tmp_path / "all" / "test_1kcaptions_de.txt")
@@ -333,6 +363,7 @@ def test_multi30k_loader_reads_task1_layout(tmp_path):
 
 # ---------------------------------------------------------------- end to end, resume
 
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("xtd")
@@ -345,10 +376,39 @@ def world(tmp_path_factory):
 
 
 def cli(world: Path, out: Path, *extra: str) -> list[str]:
-    return ["--dataset", "xtd", "--data-root", str(world / "XTD10"), "--lang", "de", "--routine", "method3",
-            "--pet", "lora", "--n-shot", "3", "--text-config", "tiny", "--tokenizer", str(world / "tok"),
-            "--image-features", str(world / "feats.pt"), "--epochs", "2", "--batch-size", "2", "--eval-steps", "2",
-            "--lr", "1e-2", "--seed", "0", "--output-dir", str(out), *extra]
+    return [
+        "--dataset",
+        "xtd",
+        "--data-root",
+        str(world / "XTD10"),
+        "--lang",
+        "de",
+        "--routine",
+        "method3",
+        "--pet",
+        "lora",
+        "--n-shot",
+        "3",
+        "--text-config",
+        "tiny",
+        "--tokenizer",
+        str(world / "tok"),
+        "--image-features",
+        str(world / "feats.pt"),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "2",
+        "--eval-steps",
+        "2",
+        "--lr",
+        "1e-2",
+        "--seed",
+        "0",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def lines(run: Path, kind: str) -> list[dict]:
@@ -408,18 +468,46 @@ def test_missing_image_features_are_named_before_training(world, tmp_path):
 
 def test_features_command_reads_openai_clip_release_layout_and_feeds_a_run(world, tmp_path):
     from transformers import CLIPConfig, CLIPModel
+
     torch.manual_seed(0)
-    cfg = CLIPConfig(text_config={"vocab_size": 50, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                                  "num_attention_heads": 2, "max_position_embeddings": 20},
-                     vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-                                    "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-                     projection_dim=16)
+    cfg = CLIPConfig(
+        text_config={
+            "vocab_size": 50,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 20,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
     clip = CLIPModel(cfg).eval()
     clip.save_pretrained(tmp_path / "clip")  # the layout of openai/clip-vit-large-patch14: the whole CLIPModel
     names = data.load_xtd(world / "XTD10", ["en"]).images
     paths = data.write_synthetic_images(tmp_path / "coco", names, size=(40, 36))
-    M.main(["features", "--dataset", "xtd", "--data-root", str(world / "XTD10"), "--images", str(tmp_path / "coco"),
-            "--clip-vision", str(tmp_path / "clip"), "--out", str(tmp_path / "f.pt")])
+    M.main(
+        [
+            "features",
+            "--dataset",
+            "xtd",
+            "--data-root",
+            str(world / "XTD10"),
+            "--images",
+            str(tmp_path / "coco"),
+            "--clip-vision",
+            str(tmp_path / "clip"),
+            "--out",
+            str(tmp_path / "f.pt"),
+        ]
+    )
     table = M.read_image_features(tmp_path / "f.pt")
     with torch.no_grad():
         pix = torch.stack([M.clip_preprocess(data.load_image(p), 32) for p in paths[:2]])
@@ -429,8 +517,21 @@ def test_features_command_reads_openai_clip_release_layout_and_feeds_a_run(world
     result = M.main(cli(world, tmp_path / "run", "--image-features", str(tmp_path / "f.pt"), "--epochs", "1"))
     assert result["test"]["mean_r1"] >= 0
     with pytest.raises(SystemExit, match="exists"):
-        M.main(["features", "--dataset", "xtd", "--data-root", str(world / "XTD10"), "--images", "x",
-                "--clip-vision", "y", "--out", str(tmp_path / "f.pt")])
+        M.main(
+            [
+                "features",
+                "--dataset",
+                "xtd",
+                "--data-root",
+                str(world / "XTD10"),
+                "--images",
+                "x",
+                "--clip-vision",
+                "y",
+                "--out",
+                str(tmp_path / "f.pt"),
+            ]
+        )
     cfg_file = tmp_path / "clip" / "config.json"
     cfg_file.write_text(cfg_file.read_text().replace('"projection_dim": 16', '"projection_dim": 8'))
     with pytest.raises(ValueError, match=r"clip: visual_projection\.weight has shape \(16, 16\), the config \(8, 16\)"):
@@ -439,11 +540,18 @@ def test_features_command_reads_openai_clip_release_layout_and_feeds_a_run(world
 
 # ---------------------------------------------------------------- make targets
 
+
 def make(*args: str, env_lang: str = "C.UTF-8"):
     import os
     import subprocess
-    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "LANG": env_lang})
+
+    return subprocess.run(
+        ["make", "--no-print-directory", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LANG": env_lang},
+    )
 
 
 def test_pet_xtd_target_prints_the_run_and_ignores_the_locale_lang():
@@ -451,7 +559,8 @@ def test_pet_xtd_target_prints_the_run_and_ignores_the_locale_lang():
     assert out.stdout.splitlines()[-1].strip() == (
         ".venv/bin/python train_mclip.py --dataset xtd --data-root /x --lang fr --routine method1 --align-loss mse "
         "--pet adapter --text-checkpoint /m --tokenizer /m --n-shot 50 "
-        "--image-features runs/features/xtd-clip-vitl14.pt --output-dir runs/mclip-xtd50-fr-method1-adapter")
+        "--image-features runs/features/xtd-clip-vitl14.pt --output-dir runs/mclip-xtd50-fr-method1-adapter"
+    )
     assert "--lang de " in make("-n", "pet-xtd", env_lang="fr_FR.UTF-8").stdout  # the locale is not a language
     grid = [l for l in make("-n", "pet-xtd-grid").stdout.splitlines() if "train_mclip.py" in l]
     assert [l.split("--lang ")[1].split()[0] for l in grid] == list(data.XTD_LANGS)
@@ -471,6 +580,7 @@ def test_pet_target_with_missing_inputs_fails_naming_them(tmp_path):
 
 
 # ---------------------------------------------------------------- Compacter
+
 
 def test_phm_weight_is_the_sum_of_kronecker_products():
     torch.manual_seed(0)
@@ -501,13 +611,15 @@ def test_compacter_share_on_real_shapes():
     # and up 64->1024 (64 + 64 + 1024 + 1024) = 3,392 x 48 = 162,816, + 98,304 LayerNorm = 261,120 (the paper's 0.05%)
     with torch.device("meta"):
         model = M.build_text_model("large")
-        M.apply_pet(model, "compacter", argparse.Namespace(**{**vars(PET_ARGS), "compacter_reduction": 16,
-                                                              "phm_dim": 4}))
+        M.apply_pet(
+            model, "compacter", argparse.Namespace(**{**vars(PET_ARGS), "compacter_reduction": 16, "phm_dim": 4})
+        )
     got, base = M.count_params(model)
     assert (got, base) == (261_120, 560_677_632) and round(100 * got / base, 3) == 0.047
 
 
 # ---------------------------------------------------------------- freeze policies on the text tower
+
 
 def test_suf_on_the_text_tower_keeps_lower_layers_frozen_in_the_first_stage(world, tmp_path):
     M.main(cli(world, tmp_path / "suf", "--pet", "full", "--policy", "suf", "--suf-k", "1", "--epochs", "1"))
@@ -547,8 +659,10 @@ def test_a_saved_language_module_reloads_and_reproduces_its_test_score(world, tm
 
 
 def test_image_features_file_that_pickles_an_object_is_refused_unrun(world, tmp_path):
-    torch.save({"names": ["val2014/x.jpg"], "features": torch.zeros(1, 16), "extra": argparse.Namespace(a=1)},
-               tmp_path / "evil.pt")
+    torch.save(
+        {"names": ["val2014/x.jpg"], "features": torch.zeros(1, 16), "extra": argparse.Namespace(a=1)},
+        tmp_path / "evil.pt",
+    )
     with pytest.raises(SystemExit, match=r"evil\.pt: refused to load: .*nothing in this file was run"):
         M.main(cli(world, tmp_path / "run", "--image-features", str(tmp_path / "evil.pt")))
 
@@ -556,8 +670,15 @@ def test_image_features_file_that_pickles_an_object_is_refused_unrun(world, tmp_
 @pytest.mark.parametrize("size", [(50, 40), (37, 61), (32, 32), (225, 224)])
 def test_clip_preprocess_equals_openai_clips_torchvision_transform(tmp_path, size):
     from torchvision import transforms as T
-    openai = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
-                        T.Normalize(data.CLIP_MEAN, data.CLIP_STD)])  # clip/clip.py _transform(n_px), RGB input
+
+    openai = T.Compose(
+        [
+            T.Resize(32, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(32),
+            T.ToTensor(),
+            T.Normalize(data.CLIP_MEAN, data.CLIP_STD),
+        ]
+    )  # clip/clip.py _transform(n_px), RGB input
     img = data.load_image(data.write_synthetic_images(tmp_path, ["a.png"], size=size)[0])
     assert torch.equal(M.clip_preprocess(img, 32), openai(img))
 
@@ -570,13 +691,21 @@ def test_image_features_of_another_width_are_refused_before_training(world, tmp_
     assert not (tmp_path / "run" / engine.METRICS).exists()
 
 
-@pytest.mark.parametrize("routine,main,partner", [
-    ("baseline1", "native-de", None), ("method1", "native-de", "native-en"), ("method2", "native-de", "from_en-de"),
-    ("baseline2", "to_en-de", None), ("method3", "to_en-de", "native-en")])
+@pytest.mark.parametrize(
+    "routine,main,partner",
+    [
+        ("baseline1", "native-de", None),
+        ("method1", "native-de", "native-en"),
+        ("method2", "native-de", "from_en-de"),
+        ("baseline2", "to_en-de", None),
+        ("method3", "to_en-de", "native-en"),
+    ],
+)
 def test_each_routine_trains_on_its_text_and_aligns_with_its_partner(routine, main, partner, monkeypatch):
     kinds = {"native": ("en", "de"), "from_en": ("de",), "to_en": ("de",)}
-    split = data.RetrievalSplit(["a", "b", "c"], {k: {l: [f"{k}-{l}-{i}" for i in range(3)] for l in ls}
-                                               for k, ls in kinds.items()})
+    split = data.RetrievalSplit(
+        ["a", "b", "c"], {k: {l: [f"{k}-{l}-{i}" for i in range(3)] for l in ls} for k, ls in kinds.items()}
+    )
     seen = []
     fake_encode = lambda model, tok, texts, device: seen.append(list(texts)) or torch.randn(2, 4)  # noqa: E731
     monkeypatch.setattr(M, "encode", fake_encode)
@@ -585,17 +714,24 @@ def test_each_routine_trains_on_its_text_and_aligns_with_its_partner(routine, ma
     assert seen == [[f"{main}-2", f"{main}-0"]] + ([[f"{partner}-2", f"{partner}-0"]] if partner else [])
 
 
-@pytest.mark.parametrize("routine,extra,kinds_seen", [
-    ("method2", [], ["native", "native"]), ("method3", [], ["to_en", "to_en"]),
-    ("method3", ["--test-text", "run_cross"], ["to_en", "native"]),      # PECTVLM run_cross.py's test text
-    ("baseline1", ["--test-text", "run_cross"], ["native", "to_en"])])
-def test_validation_and_test_use_the_text_the_routine_trains_on(world, tmp_path, monkeypatch, routine, extra,
-                                                                kinds_seen):
+@pytest.mark.parametrize(
+    "routine,extra,kinds_seen",
+    [
+        ("method2", [], ["native", "native"]),
+        ("method3", [], ["to_en", "to_en"]),
+        ("method3", ["--test-text", "run_cross"], ["to_en", "native"]),  # PECTVLM run_cross.py's test text
+        ("baseline1", ["--test-text", "run_cross"], ["native", "to_en"]),
+    ],
+)
+def test_validation_and_test_use_the_text_the_routine_trains_on(
+    world, tmp_path, monkeypatch, routine, extra, kinds_seen
+):
     kinds, evaluate = [], M.evaluate
 
     def spy(model, tok, split, images, k, lang, args, device, dist=None):
         kinds.append((k, lang))
         return evaluate(model, tok, split, images, k, lang, args, device, dist)
+
     monkeypatch.setattr(M, "evaluate", spy)
     M.main(cli(world, tmp_path / "run", "--routine", routine, "--epochs", "1", *extra))
     assert kinds == [(k, "de") for k in kinds_seen]  # one validation (step 2), then the test
@@ -604,9 +740,17 @@ def test_validation_and_test_use_the_text_the_routine_trains_on(world, tmp_path,
 def test_table_prints_per_language_scores_with_disparity_and_the_xtd_caveat(tmp_path, capsys):
     for lang, score in [("en", 60.0), ("de", 50.0), ("ja", 40.0)]:
         (tmp_path / lang).mkdir()
-        M.write_json_atomic(tmp_path / lang / "results.json", {
-            "dataset": "xtd", "routine": "method3", "pet": "lora", "n_shot": 50, "lang": lang,
-            "test": {"mean_r1": score}})
+        M.write_json_atomic(
+            tmp_path / lang / "results.json",
+            {
+                "dataset": "xtd",
+                "routine": "method3",
+                "pet": "lora",
+                "n_shot": 50,
+                "lang": lang,
+                "test": {"mean_r1": score},
+            },
+        )
     out = M.main(["table", *(str(tmp_path / l) for l in ("en", "de", "ja"))])
     row = out["xtd/method3/lora/50"]
     assert row["avg"] == pytest.approx(50.0) and row["range"] == pytest.approx(20.0)
@@ -622,16 +766,26 @@ def _write_results(folder: Path, routine: str, scores: dict[str, float]) -> list
     for lang, score in scores.items():
         run = folder / f"{routine}-{lang}"
         run.mkdir(parents=True)
-        M.write_json_atomic(run / "results.json", {"dataset": "xtd", "routine": routine, "pet": "lora", "n_shot": 50,
-                                                   "test_text": "to_en", "lang": lang, "test": {"mean_r1": score}})
+        M.write_json_atomic(
+            run / "results.json",
+            {
+                "dataset": "xtd",
+                "routine": routine,
+                "pet": "lora",
+                "n_shot": 50,
+                "test_text": "to_en",
+                "lang": lang,
+                "test": {"mean_r1": score},
+            },
+        )
         runs.append(str(run))
     return runs
 
 
 def test_table_prints_the_reported_drops_and_each_groups_change_against_a_named_baseline(tmp_path, capsys):
     base = _write_results(tmp_path, "baseline2", {"en": 60.0, "de": 40.0, "fr": 50.0})  # range 20, std 8.165
-    ours = _write_results(tmp_path, "method3", {"en": 60.0, "de": 52.0, "fr": 56.0})    # range 8, std 3.266
-    small = _write_results(tmp_path, "method1", {"en": 60.0, "de": 44.0, "fr": 52.0})   # range 16, std 6.532
+    ours = _write_results(tmp_path, "method3", {"en": 60.0, "de": 52.0, "fr": 56.0})  # range 8, std 3.266
+    small = _write_results(tmp_path, "method1", {"en": 60.0, "de": 44.0, "fr": 52.0})  # range 16, std 6.532
     out = M.main(["table", *base, *ours, *small, "--baseline", "xtd/baseline2/lora/50/test:to_en"])
     vs = out["xtd/method3/lora/50/test:to_en"]["vs_baseline"]
     assert vs["range_change"] == pytest.approx(-12.0)
@@ -642,8 +796,10 @@ def test_table_prints_the_reported_drops_and_each_groups_change_against_a_named_
     assert "vs_baseline" not in out["xtd/baseline2/lora/50/test:to_en"]
     printed = capsys.readouterr().out
     assert printed.startswith("paper (arXiv 2305.03510") and "no per-language numbers" in printed
-    assert ("  vs xtd/baseline2/lora/50/test:to_en: range -12.00 (exceeds the reported drop of 5), "
-            "std -4.90 (exceeds the reported drop of 1.5)") in printed
+    assert (
+        "  vs xtd/baseline2/lora/50/test:to_en: range -12.00 (exceeds the reported drop of 5), "
+        "std -4.90 (exceeds the reported drop of 1.5)"
+    ) in printed
     assert "range -4.00 (does not exceed the reported drop of 5)" in printed
     with pytest.raises(SystemExit, match="--baseline xtd/x: no such group among the runs"):
         M.main(["table", *ours, "--baseline", "xtd/x"])
@@ -655,18 +811,27 @@ def test_table_prints_the_reported_drops_and_each_groups_change_against_a_named_
 
 
 def test_a_run_that_would_never_validate_is_refused_before_training(world, tmp_path):
-    with pytest.raises(SystemExit, match=r"2 optimizer steps \(3 training examples, --batch-size 2, --epochs 1\) "
-                                         r"never reach --eval-steps 5"):
+    with pytest.raises(
+        SystemExit,
+        match=r"2 optimizer steps \(3 training examples, --batch-size 2, --epochs 1\) "
+        r"never reach --eval-steps 5",
+    ):
         M.main(cli(world, tmp_path / "run", "--epochs", "1", "--eval-steps", "5"))
 
 
-@pytest.mark.parametrize("extra,key", [
-    (["--pet", "adapter", "--adapter-dim", "4"], "transformer.encoder.layer.1.output.dense.adapter.up_proj.weight"),
-    (["--pet", "compacter", "--compacter-reduction", "2"],
-     "transformer.encoder.layer.0.output.dense.adapter.up_sampler.b"),
-    (["--pet", "prompt", "--soft-prefix", "dog cat"], "prompt.embeds"),
-    (["--pet", "full", "--policy", "llrd"], "transformer.embeddings.word_embeddings.weight"),
-    (["--pet", "full", "--policy", "top", "--top-layers", "1"], "LinearTransformation.weight")])
+@pytest.mark.parametrize(
+    "extra,key",
+    [
+        (["--pet", "adapter", "--adapter-dim", "4"], "transformer.encoder.layer.1.output.dense.adapter.up_proj.weight"),
+        (
+            ["--pet", "compacter", "--compacter-reduction", "2"],
+            "transformer.encoder.layer.0.output.dense.adapter.up_sampler.b",
+        ),
+        (["--pet", "prompt", "--soft-prefix", "dog cat"], "prompt.embeds"),
+        (["--pet", "full", "--policy", "llrd"], "transformer.embeddings.word_embeddings.weight"),
+        (["--pet", "full", "--policy", "top", "--top-layers", "1"], "LinearTransformation.weight"),
+    ],
+)
 def test_every_tuning_method_runs_end_to_end_and_saves_its_module(world, tmp_path, extra, key):
     M.main(cli(world, tmp_path / "run", "--epochs", "1", *extra))
     saved = torch.load(tmp_path / "run" / engine.FINAL, weights_only=True)
@@ -691,13 +856,40 @@ def test_torchrun_two_processes_take_the_one_process_steps(world, tmp_path):
     the weights after every step equal one process's within tests/parity.py's tolerance; rank 0 alone writes."""
     import os
     import subprocess
-    common = ("--n-shot", "4", "--batch-size", "3", "--eval-steps", "2", "--dropout", "0", "--pet", "lora_cross",
-              "--lora-r", "2")
+
+    common = (
+        "--n-shot",
+        "4",
+        "--batch-size",
+        "3",
+        "--eval-steps",
+        "2",
+        "--dropout",
+        "0",
+        "--pet",
+        "lora_cross",
+        "--lora-r",
+        "2",
+    )
     one = M.main(cli(world, tmp_path / "one", *common))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "train_mclip.py"), *cli(world, tmp_path / "two", *common)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "train_mclip.py"),
+            *cli(world, tmp_path / "two", *common),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('"mean_r1"') == 1  # one result line: rank 0's
     for name in (engine.CHECKPOINT, engine.FINAL):  # the last state and the best validated one
@@ -724,11 +916,25 @@ def test_torchrun_resume_with_dropout_is_bitwise_exact(world, tmp_path):
     bitwise equal to the uninterrupted one (every rank's RNG restored), metrics.jsonl included."""
     import os
     import subprocess
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "tests" / "_mclip_resume_torchrun.py"),
-                           *cli(world, tmp_path, "--n-shot", "4", "--batch-size", "3", "--epochs", "3")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "tests" / "_mclip_resume_torchrun.py"),
+            *cli(world, tmp_path, "--n-shot", "4", "--batch-size", "3", "--epochs", "3"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in (engine.CHECKPOINT, engine.FINAL):
         a, b = (torch.load(tmp_path / r / name, weights_only=True)["model"] for r in ("whole", "cut"))
@@ -741,8 +947,21 @@ def test_torchrun_resume_with_dropout_is_bitwise_exact(world, tmp_path):
 def test_features_command_under_torchrun_is_refused_before_anything_is_written(world, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="features runs in one process"):
-        M.main(["features", "--dataset", "xtd", "--data-root", str(world / "XTD10"), "--images", "x",
-                "--clip-vision", "y", "--out", str(tmp_path / "f.pt")])
+        M.main(
+            [
+                "features",
+                "--dataset",
+                "xtd",
+                "--data-root",
+                str(world / "XTD10"),
+                "--images",
+                "x",
+                "--clip-vision",
+                "y",
+                "--out",
+                str(tmp_path / "f.pt"),
+            ]
+        )
     assert not (tmp_path / "f.pt").exists()
 
 

@@ -1,6 +1,7 @@
 """CCLM parity with the reference (X2-VLM run with random weights, fixtures/cclm/README.md): every float output within
 tests/parity.py's tolerance, integers exact. Fixture folders: $PARITY_FIXTURES (os.pathsep-separated) or every
 shipped tests/fixtures/cclm/parity_* set; all dimensions come from each folder's model_config.json."""
+
 from __future__ import annotations
 
 import json
@@ -34,22 +35,42 @@ CASES = [(d, t) for d in fixture_dirs() for t in ("xvnli", "xflickrco", "xgqa", 
 
 def config_from_fixture(model_config: dict) -> dict:
     """Our config dict from a parity model_config.json (reference config + small HF config files)."""
-    ref, dims, text, cross = (model_config["reference_config"], model_config["dims"],
-                              model_config["hf_text_config_json"], model_config["hf_cross_config_json"])
+    ref, dims, text, cross = (
+        model_config["reference_config"],
+        model_config["dims"],
+        model_config["hf_text_config_json"],
+        model_config["hf_cross_config_json"],
+    )
     v = dims["vision"]
-    return {**train_cclm.CONFIGS["base"],
-            "image_res": v["image_res"], "patch_size": v["patch_size"], "vision_width": v["width"],
-            "vision_depth": v["depth"], "vision_heads": v["heads"], "vision_mlp_ratio": v["mlp_hidden"] / v["width"],
-            "vocab_size": text["vocab_size"], "hidden_size": text["hidden_size"], "pad_token_id": text["pad_token_id"],
-            "text_layers": ref["text_num_hidden_layers"], "text_heads": text["num_attention_heads"],
-            "text_intermediate": text["intermediate_size"], "text_max_positions": text["max_position_embeddings"],
-            "text_type_vocab": text["type_vocab_size"], "text_ln_eps": text["layer_norm_eps"],
-            "cross_layers": ref["cross_num_hidden_layers"], "cross_heads": cross["num_attention_heads"],
-            "cross_intermediate": cross["intermediate_size"], "cross_ln_eps": cross["layer_norm_eps"],
-            "dec_layers": ref.get("num_dec_layers", ref["cross_num_hidden_layers"]),
-            "dec_max_positions": cross["max_position_embeddings"], "dec_type_vocab": cross["type_vocab_size"],
-            "embed_dim": ref.get("embed_dim", 256), "temp": ref.get("temp", 0.07),
-            "k_test": ref.get("k_test", 128), "num_labels": ref.get("num_labels", 3)}
+    return {
+        **train_cclm.CONFIGS["base"],
+        "image_res": v["image_res"],
+        "patch_size": v["patch_size"],
+        "vision_width": v["width"],
+        "vision_depth": v["depth"],
+        "vision_heads": v["heads"],
+        "vision_mlp_ratio": v["mlp_hidden"] / v["width"],
+        "vocab_size": text["vocab_size"],
+        "hidden_size": text["hidden_size"],
+        "pad_token_id": text["pad_token_id"],
+        "text_layers": ref["text_num_hidden_layers"],
+        "text_heads": text["num_attention_heads"],
+        "text_intermediate": text["intermediate_size"],
+        "text_max_positions": text["max_position_embeddings"],
+        "text_type_vocab": text["type_vocab_size"],
+        "text_ln_eps": text["layer_norm_eps"],
+        "cross_layers": ref["cross_num_hidden_layers"],
+        "cross_heads": cross["num_attention_heads"],
+        "cross_intermediate": cross["intermediate_size"],
+        "cross_ln_eps": cross["layer_norm_eps"],
+        "dec_layers": ref.get("num_dec_layers", ref["cross_num_hidden_layers"]),
+        "dec_max_positions": cross["max_position_embeddings"],
+        "dec_type_vocab": cross["type_vocab_size"],
+        "embed_dim": ref.get("embed_dim", 256),
+        "temp": ref.get("temp", 0.07),
+        "k_test": ref.get("k_test", 128),
+        "num_labels": ref.get("num_labels", 3),
+    }
 
 
 def load(folder: Path, task: str):
@@ -89,9 +110,13 @@ def check_xflickrco(folder: Path) -> None:
     close("image_feat", image_feat, out["image_feat"])
     close("text_feat", text_feat, out["text_feat"])
     n_img, n_txt = len(image_feat), len(text_feat)
-    logits = torch.stack([model.itm_logits(v[i:i + 1].expand(n_txt, -1, -1), t, x["text_atts"]) for i in range(n_img)])
+    logits = torch.stack(
+        [model.itm_logits(v[i : i + 1].expand(n_txt, -1, -1), t, x["text_atts"]) for i in range(n_img)]
+    )
     close("itm_logits_all_pairs", logits, out["itm_logits_all_pairs"])
-    scores = torch.stack([model.itm_scores(v[i:i + 1].expand(n_txt, -1, -1), t, x["text_atts"]) for i in range(n_img)])
+    scores = torch.stack(
+        [model.itm_scores(v[i : i + 1].expand(n_txt, -1, -1), t, x["text_atts"]) for i in range(n_img)]
+    )
     close("itm_score_all_pairs", scores, out["itm_score_all_pairs"])
     ks = [int(m.group(1)) for m in map(re.compile(r"eval_k(\d+)_score_matrix_i2t$").match, out) if m]
     assert ks, "fixture has no eval_k<k>_score_matrix_i2t output"
@@ -113,8 +138,9 @@ def check_xgqa(folder: Path) -> None:
     states = model.question_states(batch)
     close("question_states", states, out["question_states"])
     k = int(x["k_test"])
-    ranked, probs, d = model.rank_answers(states, x["question_atts"], x["answer_list_ids"], x["answer_list_atts"],
-                                          k, details=True)
+    ranked, probs, d = model.rank_answers(
+        states, x["question_atts"], x["answer_list_ids"], x["answer_list_atts"], k, details=True
+    )
     close("topk_ids", ranked, out["topk_ids"])
     close("topk_probs", probs, out["topk_probs"])
     for name in ("first_token_logits", "prob_first_token_all", "topk_ids_before_rerank", "answer_loss_topk"):
@@ -125,16 +151,23 @@ def check_xgqa(folder: Path) -> None:
     model.RANK_SEQUENCES = k  # predict ranks one question at a time: same answers
     close("pred_index (one question per chunk)", model.predict(batch), out["pred_index"])
     n_all = len(x["answer_list_ids"])
-    ranked_all, probs_all, d_all = model.rank_answers(states, x["question_atts"], x["answer_list_ids"],
-                                                      x["answer_list_atts"], n_all, details=True)
+    ranked_all, probs_all, d_all = model.rank_answers(
+        states, x["question_atts"], x["answer_list_ids"], x["answer_list_atts"], n_all, details=True
+    )
     close("kall_topk_ids", ranked_all, out["kall_topk_ids"])
     close("kall_topk_probs", probs_all, out["kall_topk_probs"])
     seq_all = torch.empty_like(out["seq_logprob_all"])
     seq_all.scatter_(1, d_all["topk_ids_before_rerank"], d_all["seq_logprob_topk"])
     close("seq_logprob_all", seq_all, out["seq_logprob_all"])
-    train = {"images": x["train_images"], "text_ids": x["train_question_ids"], "text_atts": x["train_question_atts"],
-             "answer_ids": x["train_answer_ids"], "answer_atts": x["train_answer_atts"],
-             "weights": x["train_weights"], "k": x["train_k"].tolist()}
+    train = {
+        "images": x["train_images"],
+        "text_ids": x["train_question_ids"],
+        "text_atts": x["train_question_atts"],
+        "answer_ids": x["train_answer_ids"],
+        "answer_atts": x["train_answer_atts"],
+        "weights": x["train_weights"],
+        "k": x["train_k"].tolist(),
+    }
     close("train_per_answer_loss", model.per_answer_loss(train), out["train_per_answer_loss"])
     close("train_loss", model.loss(train), out["train_loss"])
 
@@ -142,9 +175,12 @@ def check_xgqa(folder: Path) -> None:
 def check_preprocess(folder: Path) -> None:
     import data  # data.py's eval transform (PIL bicubic resize, ToTensor, CLIP Normalize)
     from PIL import Image
+
     d = torch.load(folder / "preprocess.pt", weights_only=True)
     res = int(d["image_res"])
-    got = torch.stack([data.eval_transform(Image.fromarray(img.numpy(), "RGB"), res) for img in d["raw_images_uint8_hwc"]])
+    got = torch.stack(
+        [data.eval_transform(Image.fromarray(img.numpy(), "RGB"), res) for img in d["raw_images_uint8_hwc"]]
+    )
     close("mean", torch.tensor(data.CLIP_MEAN, dtype=torch.float64), d["mean"].double())
     close("std", torch.tensor(data.CLIP_STD, dtype=torch.float64), d["std"].double())
     close("images", got, d["images"])

@@ -3,6 +3,7 @@
 Fixture folders: $PARITY_FIXTURES (os.pathsep-separated) or every tests/fixtures/uc2/parity_* folder (set A,
 set B with other dimensions, ...). Every dimension comes from the folder's own volta_config.json / model_dims.json.
 """
+
 import json
 import math
 import os
@@ -61,8 +62,14 @@ def _recall_metrics(scores: np.ndarray) -> dict:
     tr = np.array([int(np.where(np.argsort(scores[:, i])[::-1] == i)[0][0]) for i in range(n_img)])
 
     def stats(r):
-        return {"r1": 100 * np.mean(r < 1), "r5": 100 * np.mean(r < 5), "r10": 100 * np.mean(r < 10),
-                "medr": math.floor(np.median(r)) + 1, "meanr": r.mean() + 1}
+        return {
+            "r1": 100 * np.mean(r < 1),
+            "r5": 100 * np.mean(r < 5),
+            "r10": 100 * np.mean(r < 10),
+            "medr": math.floor(np.median(r)) + 1,
+            "meanr": r.mean() + 1,
+        }
+
     return {"image_retrieval": stats(ir), "text_retrieval": stats(tr), "ir_ranks": ir.tolist(), "tr_ranks": tr.tolist()}
 
 
@@ -106,7 +113,9 @@ def test_parity_uc2(folder: Path, task_dir: str):
                 caps, imgs = inp["eval_captions"], inp["eval_images"]
                 nc, ni = caps["input_ids"].shape[0], imgs["features"].shape[0]
                 pairs = {k: caps[k].repeat_interleave(ni, 0) for k in ("input_ids", "attention_mask")}
-                pairs.update({k: imgs[k].repeat(nc, *[1] * (imgs[k].dim() - 1)) for k in ("features", "spatials", "image_mask")})
+                pairs.update(
+                    {k: imgs[k].repeat(nc, *[1] * (imgs[k].dim() - 1)) for k in ("features", "spatials", "image_mask")}
+                )
                 matrix = model.pair_scores(pairs).view(nc, ni)
                 _close("eval_score_matrix", matrix, out["eval_score_matrix"])
                 # the evaluation code path (UC2.score_all_pairs trims common padding)
@@ -121,4 +130,6 @@ def test_parity_uc2(folder: Path, task_dir: str):
         for side, prefix in (("image_retrieval", "ir"), ("text_retrieval", "tr")):
             for k, v in ref[side].items():
                 assert abs(got[side][k] - v) < 1e-3, f"{side} {k}: {got[side][k]} vs {v}"
-                assert abs(ez_got[f"{prefix}_{k}"] - v) < 1e-3, f"recall_metrics {prefix}_{k}: {ez_got[f'{prefix}_{k}']} vs {v}"
+                assert abs(ez_got[f"{prefix}_{k}"] - v) < 1e-3, (
+                    f"recall_metrics {prefix}_{k}: {ez_got[f'{prefix}_{k}']} vs {v}"
+                )

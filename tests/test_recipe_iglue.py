@@ -1,5 +1,6 @@
 """`train_uc2.py --recipe iglue`: IGLUE/VOLTA's name-based no-decay rule and 20-epoch LR schedule reach the
 optimizer of a real (tiny) run; the paper recipe keeps the ndim<=1 rule and a schedule as long as training."""
+
 import json
 import sys
 from pathlib import Path
@@ -14,9 +15,11 @@ import freeze  # noqa: E402
 import train_uc2 as U  # noqa: E402
 
 IGLUE = ROOT / "tests" / "fixtures" / "iglue"
-DECAYED_BY_IGLUE_ONLY = {"embeddings.image_layer_norm.weight", "embeddings.image_location_layer_norm.weight",
-                         "head.2.weight"}  # the GQA head's LayerNorm
-
+DECAYED_BY_IGLUE_ONLY = {
+    "embeddings.image_layer_norm.weight",
+    "embeddings.image_location_layer_norm.weight",
+    "head.2.weight",
+}  # the GQA head's LayerNorm
 
 
 def train(tmp_path, recipe: str) -> Path:
@@ -25,10 +28,39 @@ def train(tmp_path, recipe: str) -> Path:
         data.make_tiny_tokenizer([e.text for e in exs], tmp_path / "tok", vocab_size=300)
         data.write_synthetic_features(tmp_path / "feats", {e.image for e in exs}, num_boxes=4)
     out = tmp_path / recipe
-    U.main(["--task", "xgqa", "--model-config", "tiny", "--data-root", str(IGLUE), "--features", str(tmp_path / "feats"),
-            "--tokenizer", str(tmp_path / "tok"), "--train-split", "testdev", "--max-regions", "4", "--num-workers", "0",
-            "--recipe", recipe, "--epochs", "1", "--batch-size", "8", "--max-steps-per-epoch", "2", "--log-every", "1",
-            "--no-eval", "--output-dir", str(out)])
+    U.main(
+        [
+            "--task",
+            "xgqa",
+            "--model-config",
+            "tiny",
+            "--data-root",
+            str(IGLUE),
+            "--features",
+            str(tmp_path / "feats"),
+            "--tokenizer",
+            str(tmp_path / "tok"),
+            "--train-split",
+            "testdev",
+            "--max-regions",
+            "4",
+            "--num-workers",
+            "0",
+            "--recipe",
+            recipe,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--max-steps-per-epoch",
+            "2",
+            "--log-every",
+            "1",
+            "--no-eval",
+            "--output-dir",
+            str(out),
+        ]
+    )
     return out
 
 
@@ -37,8 +69,9 @@ def exempt_names(run: Path, rule) -> set[str]:
     exactly freeze.param_groups(..., no_decay=rule)'s (checkpoints keep group names/sizes, not param names)."""
     model = U.build_model("xgqa", U.CONFIGS["tiny"])
     names = {id(p): n for n, p in model.named_parameters()}
-    want = freeze.param_groups(model, U.layer_layout("xgqa", U.CONFIGS["tiny"]), freeze.Schedule("full", 12), 1.0, 1.0,
-                               no_decay=rule)
+    want = freeze.param_groups(
+        model, U.layer_layout("xgqa", U.CONFIGS["tiny"]), freeze.Schedule("full", 12), 1.0, 1.0, no_decay=rule
+    )
     got = engine.load_checkpoint(run / "checkpoint_last.pt")["optimizer"]["param_groups"]
     assert [(g["name"], len(g["params"])) for g in got] == [(g["name"], len(g["params"])) for g in want]
     assert all((g["weight_decay"] == 0.0) == g["name"].endswith(".no_decay") for g in got)
@@ -60,8 +93,12 @@ def test_recipe_iglue_no_decay_rule_and_20_epoch_schedule(tmp_path):
     assert exempt_names(paper, None) == one_d
     exempt = exempt_names(iglue, U.NO_DECAY_RULES["iglue"])
     assert exempt == one_d - DECAYED_BY_IGLUE_ONLY
-    assert {"embeddings.LayerNorm.weight", "embeddings.v_LayerNorm.weight",
-            "encoder.layer.0.attention.output.LayerNorm.weight", "head.2.bias"} <= exempt
+    assert {
+        "embeddings.LayerNorm.weight",
+        "embeddings.v_LayerNorm.weight",
+        "encoder.layer.0.attention.output.LayerNorm.weight",
+        "head.2.bias",
+    } <= exempt
 
     # 2 optimizer steps of a 1-epoch run: the paper's schedule is 2 steps long (1 warm-up), IGLUE's 40 (4 warm-up)
     assert lrs(paper) == pytest.approx([0.0, 4e-5])

@@ -6,6 +6,7 @@ tolerance, and a run stopped mid-way and resumed logs the same losses bit for bi
 A loss that moves here moved for a reason: a change meant to keep behaviour must keep these numbers. When a
 change of behaviour is intended, regenerate (tests/fixtures/recipes/README.md) and say so in the commit.
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,8 +47,9 @@ def assert_matches_pin(name: str, got: list[tuple[int, float]]) -> None:
 @pytest.mark.parametrize("name", sorted(R.RECIPES))
 def test_per_step_losses_match_the_pinned_values(name: str, uninterrupted: Callable) -> None:
     pin = PINS["recipes"].get(name)
-    assert pin is not None and pin["flags"] == R.RECIPES[name][1] and PINS["common_flags"] == R.COMMON, \
+    assert pin is not None and pin["flags"] == R.RECIPES[name][1] and PINS["common_flags"] == R.COMMON, (
         f"{name}: the recipe differs from the one pinned: regenerate (tests/fixtures/recipes/README.md)"
+    )
     assert_matches_pin(name, uninterrupted(name))
 
 
@@ -62,8 +64,9 @@ def test_a_one_percent_lr_change_fails_the_pin(name: str, workdir: Path) -> None
 
 
 @pytest.mark.parametrize("name", RESUMED)
-def test_resume_mid_run_logs_the_same_per_step_losses_bitwise(name: str, workdir: Path, uninterrupted: Callable,
-                                                               monkeypatch) -> None:
+def test_resume_mid_run_logs_the_same_per_step_losses_bitwise(
+    name: str, workdir: Path, uninterrupted: Callable, monkeypatch
+) -> None:
     """Stopped after step 5 (mid epoch 2), resumed from the epoch-1 checkpoint: steps 4-6 are redone and every
     logged loss equals the uninterrupted run's exactly (dropout, sampled negatives and data order restored)."""
     cut = workdir / f"{name}_cut"

@@ -1,6 +1,7 @@
 """The code's citations of reference behaviour point into docs/reference_facts.md: every cited fact id exists
 there, and no file cites a path a user's clone does not have (the team's ../shared/ notes) or a section of a
 README that is not ours."""
+
 from __future__ import annotations
 
 import re
@@ -26,6 +27,11 @@ def test_every_cited_fact_exists_in_the_facts_file() -> None:
 
 def test_no_code_cites_a_path_or_section_users_do_not_have() -> None:
     here = Path(__file__).name
-    found = [f"{p.name}:{i}: {line.strip()}" for p in code_files() if p.name != here
-             for i, line in enumerate(p.read_text().splitlines(), 1) if UNREACHABLE.search(line)]
+    found = [
+        f"{p.name}:{i}: {line.strip()}"
+        for p in code_files()
+        if p.name != here
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if UNREACHABLE.search(line)
+    ]
     assert not found, "\n".join(found)

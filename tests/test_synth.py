@@ -1,4 +1,5 @@
 """The synthetic multilingual world (synth_world.py) and its UC2-style pretraining (synth_pretrain.py)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,11 @@ def world(tmp_path_factory) -> Path:
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith("lock.mdb")}
+    return {
+        str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.endswith("lock.mdb")
+    }
 
 
 def test_generator_writes_identical_files_from_the_same_config(world, tmp_path):
@@ -82,8 +86,9 @@ def test_data_reads_the_world_as_iglue(world):
     test = data.load_split(world, "xgqa", "test", "sw")
     assert {e.qtype for e in test} <= {"query", "verify", "choose", "logical", "compare"}
     feats = data.open_features(world / "features.lmdb")
-    assert feats.keys() == {e.image for e in train} | {e.image for e in test} | \
-        {e.image for e in data.load_split(world, "xgqa", "valid", "en")}
+    assert feats.keys() == {e.image for e in train} | {e.image for e in test} | {
+        e.image for e in data.load_split(world, "xgqa", "valid", "en")
+    }
     data.check_inputs(train, features=feats)
     tok = data.load_tokenizer(world / "tokenizer")
     ds = data.make_dataset("uc2", "xgqa", test, features=feats, max_regions=3)
@@ -97,8 +102,12 @@ def test_region_features_encode_the_scene(world):
     cfg, books = TINY, sw.codebooks(TINY)
     feats = data.open_features(world / "features.lmdb")
     scenes = {key: scene for key, scene, _ in sw.task_scenes(cfg)}
-    protos = {(s, c, z): books["shape"][s] + books["colour"][c] + books["size"][z]
-              for s in range(len(sw.SHAPES)) for c in range(len(sw.COLOURS)) for z in range(len(sw.SIZES))}
+    protos = {
+        (s, c, z): books["shape"][s] + books["colour"][c] + books["size"][z]
+        for s in range(len(sw.SHAPES))
+        for c in range(len(sw.COLOURS))
+        for z in range(len(sw.SIZES))
+    }
     keys, mat = list(protos), torch.from_numpy(np.stack(list(protos.values())))
     for key in ["test00000", "train00003"]:
         f, boxes, w, h = feats.get(key)
@@ -130,6 +139,7 @@ def test_tiny_end_to_end_pretrain_finetune_two_policies_evaluate_table(world, tm
     """pretrain (3 steps) -> the real train_uc2 with full and suf -> per-epoch evaluation in every language ->
     the study's paired comparison and report."""
     import synth_study
+
     ckpt = tmp_path / "p.bin"
     synth_pretrain.pretrain(world, 0, 3, ckpt, batch_size=8, eval_every=0, log=lambda s: None, probe_n=8)
     runs = {}
@@ -143,15 +153,24 @@ def test_tiny_end_to_end_pretrain_finetune_two_policies_evaluate_table(world, tm
     cmp = synth_study.compare(results, ["full", "suf"])["suf"]
     want = synth_study.non_en_avg(runs["suf"]) - synth_study.non_en_avg(runs["full"])
     assert cmp["avg"]["mean"] == pytest.approx(want) and cmp["avg"]["lo"] == pytest.approx(want)
-    study = {"world": TINY.to_dict(), "pretrain_seeds": [0], "finetune_seeds": [0], "lr": 1e-3, "pretrain_steps": 3,
-             "summary": synth_study.summary_rows(results), "comparisons": {"suf": cmp}, "premise": {},
-             "floors": synth_study.majority_floor(world)}
+    study = {
+        "world": TINY.to_dict(),
+        "pretrain_seeds": [0],
+        "finetune_seeds": [0],
+        "lr": 1e-3,
+        "pretrain_steps": 3,
+        "summary": synth_study.summary_rows(results),
+        "comparisons": {"suf": cmp},
+        "premise": {},
+        "floors": synth_study.majority_floor(world),
+    }
     report = synth_study.format_report(study)
     assert "| suf − full (n=1) |" in report and "too few pairs" in report and "| full |" in report
 
 
 def test_paired_bootstrap_interval_covers_the_spread_of_seeds():
     import synth_study
+
     diffs = {0: {0: 1.0, 1: 3.0}, 1: {0: 5.0, 1: 7.0}, 2: {0: 2.0, 1: 4.0}}
     got = synth_study.paired_bootstrap(diffs, n=2000)
     assert got["mean"] == pytest.approx(22 / 6) and got["n_pairs"] == 6
@@ -166,13 +185,15 @@ def test_shipped_world_checkpoint_is_what_make_synth_pretrain_writes():
     import subprocess
 
     import synth_study
+
     root = Path(__file__).resolve().parents[1]
     ckpt = root / "tests" / "fixtures" / "synth" / "pretrain_seed0.bin"
     meta = json.loads(ckpt.with_suffix(".json").read_text())
     assert meta["world"] == sw.WorldConfig().to_dict()
     assert (meta["seed"], meta["steps"]) == (0, synth_study.PRETRAIN_STEPS)
-    make = subprocess.run(["make", "-n", "--no-print-directory", "synth-pretrain"], cwd=root, capture_output=True,
-                          text=True).stdout
+    make = subprocess.run(
+        ["make", "-n", "--no-print-directory", "synth-pretrain"], cwd=root, capture_output=True, text=True
+    ).stdout
     assert f"--seed 0 --steps {synth_study.PRETRAIN_STEPS} " in make and str(ckpt.relative_to(root)) in make
     vocab = len(sw.SPECIALS) + len(sw.all_words(sw.lexicons(sw.WorldConfig())))
     config = {**train_uc2.CONFIGS["base"], **sw.model_config(vocab)}
@@ -185,6 +206,7 @@ def test_language_id_probe_on_s_state_has_no_token_identity_shortcut(world):
     is exactly at chance (0.2) at the embeddings and can only rise through attention; the mean-word-state probe
     reads the disjoint vocabularies and is near perfect from the embeddings on, even untrained."""
     import synth_study
+
     torch.manual_seed(0)
     config = train_uc2.resolve_config(str(world / "model_config.json"))
     model = synth_pretrain.PretrainUC2(config).eval()
@@ -198,10 +220,15 @@ def test_language_id_probe_on_s_state_has_no_token_identity_shortcut(world):
 
 def test_english_premise_needs_every_full_run_15_points_above_its_blind_floor():
     import synth_study
-    study = {"premise": {0: {"blind": {"en": 40.0}}, 1: {"blind": {"en": 38.0}}},
-             "results": {"full": {0: {0: {"en": 80.0}, 1: {"en": 56.0}}, 1: {0: {"en": 70.0}}}}}
-    assert synth_study.english_premise(study) == {0: {"margins": [40.0, 16.0], "holds": True},
-                                                  1: {"margins": [32.0], "holds": True}}
+
+    study = {
+        "premise": {0: {"blind": {"en": 40.0}}, 1: {"blind": {"en": 38.0}}},
+        "results": {"full": {0: {0: {"en": 80.0}, 1: {"en": 56.0}}, 1: {0: {"en": 70.0}}}},
+    }
+    assert synth_study.english_premise(study) == {
+        0: {"margins": [40.0, 16.0], "holds": True},
+        1: {"margins": [32.0], "holds": True},
+    }
     assert synth_study.premise_note(study).startswith("English premise HOLDS")
     study["results"]["full"][0][1]["en"] = 54.0
     assert not synth_study.english_premise(study)[0]["holds"]

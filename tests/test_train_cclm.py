@@ -2,6 +2,7 @@
 every task under every policy learns a fixed batch, the real pipeline runs per task, 2-process
 gloo == 1 process through a schedule change, stop + --resume is bitwise exact, and
 --print-schedule pins CCLM's 18-layer schedules."""
+
 from __future__ import annotations
 
 import json
@@ -42,9 +43,27 @@ def env(tmp_path_factory):
 
 
 def cli(env: Path, task: str, out: Path, *extra: str) -> list[str]:
-    return ["--task", task, "--data-root", str(IGLUE), "--images", str(env / "images"), "--tokenizer", str(env / "tok"),
-            "--model-config", "tiny", "--train-split", TRAIN[task], "--num-workers", "0", "--seed", "0",
-            "--output-dir", str(out), *extra]
+    return [
+        "--task",
+        task,
+        "--data-root",
+        str(IGLUE),
+        "--images",
+        str(env / "images"),
+        "--tokenizer",
+        str(env / "tok"),
+        "--model-config",
+        "tiny",
+        "--train-split",
+        TRAIN[task],
+        "--num-workers",
+        "0",
+        "--seed",
+        "0",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def final_state(run: Path) -> dict[str, torch.Tensor]:
@@ -53,11 +72,15 @@ def final_state(run: Path) -> dict[str, torch.Tensor]:
 
 def records(run: Path, kind: str) -> list[dict]:
     """metrics.jsonl records of a kind, without the wall-clock measurements (no two runs share those)."""
-    return [{k: v for k, v in r.items() if k not in engine.DataWait.KEYS}
-            for r in map(json.loads, (run / engine.METRICS).read_text().splitlines()) if r["type"] == kind]
+    return [
+        {k: v for k, v in r.items() if k not in engine.DataWait.KEYS}
+        for r in map(json.loads, (run / engine.METRICS).read_text().splitlines())
+        if r["type"] == kind
+    ]
 
 
 # ---------------------------------------------------------------- schedules
+
 
 def schedule_rows(capsys, task: str, *extra: str) -> list[dict]:
     train_cclm.main(["--task", task, "--print-schedule", "--json", *extra])  # base on the meta device
@@ -76,20 +99,23 @@ def test_print_schedule_pins_cclm_schedules(capsys) -> None:
     assert "answer_decoder" in gqa[0]["always_trainable"]
     top = schedule_rows(capsys, "xgqa", "--policy", "top")
     assert all(r["trainable_layers"] == list(range(12, 18)) for r in top)  # m=6: the cross-modal layers
-    assert top[0]["frozen_modules"] == ["embeddings", "vision_encoder"] and top[0]["always_trainable"] == ["answer_decoder"]
+    assert top[0]["frozen_modules"] == ["embeddings", "vision_encoder"] and top[0]["always_trainable"] == [
+        "answer_decoder"
+    ]
     vnli_top = schedule_rows(capsys, "xvnli", "--policy", "top")
     assert vnli_top[0]["always_trainable"] == vnli_top[0]["task_head_modules"] == ["head"]
     llrd = schedule_rows(capsys, "xflickrco", "--policy", "llrd")
-    assert llrd[0]["layer_lr_scale"][-1] == 1.0 and llrd[0]["layer_lr_scale"][0] == pytest.approx(0.88 ** 17)
+    assert llrd[0]["layer_lr_scale"][-1] == 1.0 and llrd[0]["layer_lr_scale"][0] == pytest.approx(0.88**17)
 
 
 # ---------------------------------------------------------------- every task x policy learns
+
 
 def fixed_batch(env: Path, task: str, n: int = 6) -> dict:
     tok = data.load_tokenizer(env / "tok")
     examples = data.load_split(IGLUE, task, TRAIN[task], "en")
     # xflickrco: 5 captions per image in the file; take n-1 images and a 2nd caption of the first
-    examples = examples[0::5][:n - 1] + examples[1:2] if task == "xflickrco" else examples[:n]
+    examples = examples[0::5][: n - 1] + examples[1:2] if task == "xflickrco" else examples[:n]
     ds = data.make_dataset("cclm", task, examples, images=env / "images", train=True, image_res=32, seed=0)
     return data.CCLMCollate(task, tok, train=True)([ds[i] for i in range(len(ds))])
 
@@ -125,10 +151,32 @@ def test_fixed_batch_loss_falls(env: Path, task: str, policy: str) -> None:
 
 # ---------------------------------------------------------------- the real pipeline
 
+
 def test_xgqa_pipeline_with_eval(env: Path, tmp_path: Path) -> None:
     out = tmp_path / "xgqa"
-    train_cclm.main(cli(env, "xgqa", out, "--policy", "suf", "--epochs", "2", "--batch-size", "4",
-                        "--micro-batch-size", "2", "--max-steps-per-epoch", "2", "--eval-split", "dev", "--langs", "en", "--eval-every", "1"))
+    train_cclm.main(
+        cli(
+            env,
+            "xgqa",
+            out,
+            "--policy",
+            "suf",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--micro-batch-size",
+            "2",
+            "--max-steps-per-epoch",
+            "2",
+            "--eval-split",
+            "dev",
+            "--langs",
+            "en",
+            "--eval-every",
+            "1",
+        )
+    )
     evals = records(out, "eval")
     assert [(r["epoch"], r["lang"]) for r in evals] == [(1, "en"), (2, "en")]
     assert 0.0 <= evals[-1]["accuracy"] <= 100.0
@@ -152,29 +200,62 @@ def assert_x2vlm_optimizer_groups(run: Path, task: str) -> None:
     config = {**train_cclm.CONFIGS["tiny"], "image_res": 32}
     model, layout = train_cclm.build_model(task, config), train_cclm.layer_layout(task, config)
     args = json.loads((run / engine.ARGS).read_text())
-    want = freeze.param_groups(model, layout, freeze.Schedule("suf", layout.num_layers), args["lr"], args["weight_decay"],
-                               {"vision_encoder": args["vision_lr"]}, train_cclm.x2vlm_no_decay,
-                               train_cclm.lr_mult_rule(("cls_head.",), 2.0))
+    want = freeze.param_groups(
+        model,
+        layout,
+        freeze.Schedule("suf", layout.num_layers),
+        args["lr"],
+        args["weight_decay"],
+        {"vision_encoder": args["vision_lr"]},
+        train_cclm.x2vlm_no_decay,
+        train_cclm.lr_mult_rule(("cls_head.",), 2.0),
+    )
     got = engine.load_checkpoint(run / engine.CHECKPOINT)["optimizer"]["param_groups"]
-    assert [(g["name"], len(g["params"]), g["initial_lr"], g["weight_decay"]) for g in got] == \
-        [(g["name"], len(g["params"]), g["lr"], g["weight_decay"]) for g in want]
+    assert [(g["name"], len(g["params"]), g["initial_lr"], g["weight_decay"]) for g in got] == [
+        (g["name"], len(g["params"]), g["lr"], g["weight_decay"]) for g in want
+    ]
     assert {g["name"] for g in got} >= {"head.lr_x2.decay", "head.lr_x2.no_decay"}
 
 
 def test_ddp_two_processes_match_one(env: Path, tmp_path: Path) -> None:
     """xvnli (no sampled negatives), dropout 0, SUF: the trainable set changes at epoch 2. The 2-process run
     loads with a worker per rank (batches through BatchLoader slabs), the 1-process run in the main process."""
-    common = ("--policy", "suf", "--epochs", "2", "--batch-size", "8", "--micro-batch-size", "4",
-              "--max-steps-per-epoch", "2", "--dropout", "0")
+    common = (
+        "--policy",
+        "suf",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--micro-batch-size",
+        "4",
+        "--max-steps-per-epoch",
+        "2",
+        "--dropout",
+        "0",
+    )
     one = tmp_path / "one"
     train_cclm.main(cli(env, "xvnli", one, *common, "--eval-split", "test", "--langs", "en", "ar"))
     assert {r["lang"] for r in records(one, "eval")} == {"en", "ar"}
     assert_x2vlm_optimizer_groups(one, "xvnli")
     two = tmp_path / "two"
     envvars = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "train_cclm.py"), *cli(env, "xvnli", two, *common, "--no-eval", "--num-workers", "1")],
-                          env=envvars, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "train_cclm.py"),
+            *cli(env, "xvnli", two, *common, "--no-eval", "--num-workers", "1"),
+        ],
+        env=envvars,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = final_state(one), final_state(two)
     for k in a:
@@ -187,8 +268,19 @@ def test_ddp_two_processes_match_one(env: Path, tmp_path: Path) -> None:
 
 def test_stop_and_resume_is_bitwise_exact(env: Path, tmp_path: Path, monkeypatch) -> None:
     """xflickrco: dropout on and hard negatives drawn from the torch RNG, both restored by --resume."""
-    common = ("--policy", "suf", "--epochs", "2", "--batch-size", "6", "--micro-batch-size", "3",
-              "--max-steps-per-epoch", "2", "--no-eval")
+    common = (
+        "--policy",
+        "suf",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "6",
+        "--micro-batch-size",
+        "3",
+        "--max-steps-per-epoch",
+        "2",
+        "--no-eval",
+    )
     full = tmp_path / "full"
     train_cclm.main(cli(env, "xflickrco", full, *common))
     cut = tmp_path / "cut"
@@ -209,8 +301,10 @@ def test_stop_and_resume_is_bitwise_exact(env: Path, tmp_path: Path, monkeypatch
 
 def test_cli_errors_are_one_line(env: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--images"):
-        train_cclm.main(cli(env, "xvnli", tmp_path / "a", "--no-eval")[:4] + ["--images", str(tmp_path / "none"),
-                                                                               "--output-dir", str(tmp_path / "a")])
+        train_cclm.main(
+            cli(env, "xvnli", tmp_path / "a", "--no-eval")[:4]
+            + ["--images", str(tmp_path / "none"), "--output-dir", str(tmp_path / "a")]
+        )
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"hidden_size": 32, "vision_widht": 32}))
     with pytest.raises(SystemExit, match="unknown key 'vision_widht'"):

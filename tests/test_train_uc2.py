@@ -4,6 +4,7 @@ process, resume is bitwise exact, and --print-schedule pins UC2's schedule.
 Data: the IGLUE annotation sample in tests/fixtures/iglue, a tiny tokenizer trained on it and
 synthetic region features (data.write_synthetic_features) for every image it references.
 """
+
 import argparse
 import json
 import os
@@ -30,7 +31,6 @@ EVAL_LANGS = {"xgqa": ["en", "de"], "xvnli": ["en", "ar"], "xflickrco": ["en", "
 REGIONS = 10
 
 
-
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     out = tmp_path_factory.mktemp("uc2_sample")
@@ -48,9 +48,29 @@ def sample(tmp_path_factory):
 
 def cli(task, sample, out, *extra):
     train, test = SPLITS[task]
-    return ["--task", task, "--model-config", "tiny", "--data-root", str(IGLUE), "--features", str(sample / "feats"),
-            "--tokenizer", str(sample / "tok"), "--train-split", train, "--eval-split", test,
-            "--max-regions", str(REGIONS), "--num-workers", "0", "--output-dir", str(out), *extra]
+    return [
+        "--task",
+        task,
+        "--model-config",
+        "tiny",
+        "--data-root",
+        str(IGLUE),
+        "--features",
+        str(sample / "feats"),
+        "--tokenizer",
+        str(sample / "tok"),
+        "--train-split",
+        train,
+        "--eval-split",
+        test,
+        "--max-regions",
+        str(REGIONS),
+        "--num-workers",
+        "0",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def fixed_batch(task, sample, n=4):
@@ -91,13 +111,39 @@ def final_weights(run: Path) -> dict:
 
 
 def test_torchrun_two_processes_equal_one(sample, tmp_path):
-    common = ["--policy", "suf", "--epochs", "2", "--batch-size", "8", "--max-steps-per-epoch", "2",
-              "--dropout", "0", "--no-eval", "--seed", "3"]
+    common = [
+        "--policy",
+        "suf",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--max-steps-per-epoch",
+        "2",
+        "--dropout",
+        "0",
+        "--no-eval",
+        "--seed",
+        "3",
+    ]
     U.main(cli("xgqa", sample, tmp_path / "one", *common))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "train_uc2.py"), *cli("xgqa", sample, tmp_path / "two", *common)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "train_uc2.py"),
+            *cli("xgqa", sample, tmp_path / "two", *common),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     start = U.build_model("xgqa", U.CONFIGS["tiny"]).state_dict()
@@ -110,8 +156,24 @@ def test_torchrun_two_processes_equal_one(sample, tmp_path):
 
 
 def test_resume_after_epoch_one_is_bitwise_equal(sample, tmp_path, monkeypatch):
-    common = ["--policy", "suf", "--epochs", "2", "--batch-size", "4", "--max-steps-per-epoch", "2",
-              "--eval-batch-size", "400", "--langs", "de", "--seed", "5", "--eval-every", "1"]
+    common = [
+        "--policy",
+        "suf",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-steps-per-epoch",
+        "2",
+        "--eval-batch-size",
+        "400",
+        "--langs",
+        "de",
+        "--seed",
+        "5",
+        "--eval-every",
+        "1",
+    ]
     U.main(cli("xflickrco", sample, tmp_path / "full", *common))
     monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
     with pytest.raises(RuntimeError, match="SUF_FAULT"):
@@ -121,8 +183,13 @@ def test_resume_after_epoch_one_is_bitwise_equal(sample, tmp_path, monkeypatch):
     U.main(cli("xflickrco", sample, tmp_path / "cut", *common, "--resume"))
     a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    logs = [[{k: v for k, v in json.loads(line).items() if k not in engine.DataWait.KEYS}   # wall-clock aside
-             for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("full", "cut")]
+    logs = [
+        [
+            {k: v for k, v in json.loads(line).items() if k not in engine.DataWait.KEYS}  # wall-clock aside
+            for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
+        ]
+        for r in ("full", "cut")
+    ]
     assert logs[0] == logs[1]
     evals = [r for r in logs[0] if r["type"] == "eval"]
     assert [(r["epoch"], r["lang"]) for r in evals] == [(1, "de"), (2, "de")]
@@ -135,8 +202,19 @@ def test_resume_after_epoch_one_is_bitwise_equal(sample, tmp_path, monkeypatch):
 
 def test_resume_before_the_first_checkpoint_loads_the_checkpoint(sample, tmp_path, monkeypatch):
     """A run killed in epoch 1 has no checkpoint_last.pt: --resume starts it anew, from --checkpoint."""
-    common = ["--policy", "suf", "--epochs", "1", "--batch-size", "4", "--max-steps-per-epoch", "2", "--no-eval",
-              "--seed", "3"]
+    common = [
+        "--policy",
+        "suf",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--max-steps-per-epoch",
+        "2",
+        "--no-eval",
+        "--seed",
+        "3",
+    ]
     U.main(cli("xvnli", sample, tmp_path / "init", *common, "--seed", "4"))  # weights to start from
     start = ["--checkpoint", str(tmp_path / "init" / "model_final.pt")]
     U.main(cli("xvnli", sample, tmp_path / "whole", *common, *start))
@@ -160,15 +238,32 @@ def test_xflickrco_training_finds_volta_hard_negatives(sample, tmp_path, capsys)
     (root / "flickr30k").mkdir()
     for d in (IGLUE / "datasets" / "flickr30k").iterdir():
         (root / "flickr30k" / d.name).symlink_to(d)
-    common = ["--data-root", str(root.parent), "--policy", "full", "--epochs", "1", "--batch-size", "4",
-              "--max-steps-per-epoch", "1", "--no-eval"]
+    common = [
+        "--data-root",
+        str(root.parent),
+        "--policy",
+        "full",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--max-steps-per-epoch",
+        "1",
+        "--no-eval",
+    ]
     U.main(cli("xflickrco", sample, tmp_path / "without", *common))
     assert "warning: no hard_negative.pkl" in capsys.readouterr().err
     assert json.loads((tmp_path / "without" / "args.json").read_text())["hard_negatives"] is None
     keys = list(dict.fromkeys(e.image for e in data.load_split(IGLUE, "xflickrco", SPLITS["xflickrco"][0], "en")))
     pkl = root / "flickr30k" / "hard_negative.pkl"
-    pkl.write_bytes(pickle.dumps({"train_image_list": [int(k) for k in keys],
-                                  "train_hard_pool": np.array([[i, (i + 1) % len(keys)] for i in range(len(keys))])}))
+    pkl.write_bytes(
+        pickle.dumps(
+            {
+                "train_image_list": [int(k) for k in keys],
+                "train_hard_pool": np.array([[i, (i + 1) % len(keys)] for i in range(len(keys))]),
+            }
+        )
+    )
     U.main(cli("xflickrco", sample, tmp_path / "with", *common))
     assert "hard_negative.pkl" not in capsys.readouterr().err
     args = json.loads((tmp_path / "with" / "args.json").read_text())
@@ -182,8 +277,13 @@ def test_print_schedule_pins_uc2_suf(config, capsys):
     U.main(["--task", "xgqa", "--policy", "suf", "--model-config", config, "--print-schedule", "--json"])
     rows = json.loads(capsys.readouterr().out)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
-    assert [r["trainable_layers"] for r in rows] == [list(range(9, 12)), list(range(6, 12)), list(range(3, 12)),
-                                                     list(range(12)), list(range(12))]
+    assert [r["trainable_layers"] for r in rows] == [
+        list(range(9, 12)),
+        list(range(6, 12)),
+        list(range(3, 12)),
+        list(range(12)),
+        list(range(12)),
+    ]
     assert all(r["always_trainable"] == ["embeddings", "head"] and r["embeddings_trainable"] for r in rows)
     if config == "base":
         assert rows[-1]["trainable_params"] == 281_637_426 and rows[0]["frozen_params"] == 9 * 7_087_872
@@ -208,8 +308,19 @@ def test_feature_set_reads_each_key_from_the_file_holding_it(tmp_path):
     assert fs.get("3", max_rows=2)[0].shape == (2, 2048)
     with pytest.raises(KeyError):
         fs.get("4")
-    exs = [data.Example(task="xvnli", lang="en", id=f"p{k}", image=k, image_file=f"flickr30k/{k}.jpg", text="a dog",
-                        label=0, source=f"t:{k}") for k in ("1", "3")]
+    exs = [
+        data.Example(
+            task="xvnli",
+            lang="en",
+            id=f"p{k}",
+            image=k,
+            image_file=f"flickr30k/{k}.jpg",
+            text="a dog",
+            label=0,
+            source=f"t:{k}",
+        )
+        for k in ("1", "3")
+    ]
     data.check_inputs(exs, features=fs, sample=None)
     assert data.REGION_FEATURES.dataset("xvnli", exs, features=fs, max_regions=8)[1]["regions"][0].shape == (6, 2048)
     with pytest.raises(data.BadInput, match="'4' not found"):

@@ -5,6 +5,7 @@ creates a marker file: the tests check that first, so a payload that rotted woul
 vacuously) and must refuse them with a one-line error naming the file, the marker never created. Legitimate files of
 every real format keep loading exactly as plain pickle / torch.load read them.
 """
+
 import collections
 import io
 import os
@@ -36,6 +37,7 @@ TINY = U.CONFIGS["tiny"]
 
 # ---------------------------------------------------------------------------------------------------- payloads
 
+
 class _Reduce:
     """Pickles as a call of `fn(*args)`, which plain pickle performs when loading."""
 
@@ -52,8 +54,12 @@ def _touch_code(marker: Path) -> str:
 
 def reduce_payloads(marker: Path) -> dict[str, object]:
     """Objects whose unpickling creates `marker` (os.system, exec, eval, subprocess)."""
-    return {"os_system": _Reduce(os.system, f"touch {marker}"), "exec": _Reduce(exec, _touch_code(marker)),
-            "eval": _Reduce(eval, _touch_code(marker)), "subprocess": _Reduce(subprocess.call, ["touch", str(marker)])}
+    return {
+        "os_system": _Reduce(os.system, f"touch {marker}"),
+        "exec": _Reduce(exec, _touch_code(marker)),
+        "eval": _Reduce(eval, _touch_code(marker)),
+        "subprocess": _Reduce(subprocess.call, ["touch", str(marker)]),
+    }
 
 
 def _short_str(text: str) -> bytes:  # SHORT_BINUNICODE
@@ -66,17 +72,24 @@ def dotted_gadgets(marker: Path, module: str = "torch._utils", name: str = "_reb
     nothing on the stack (POP), so it can be prepended to a real pickle stream."""
     code = _touch_code(marker)
     call = _short_str("exec") + b"\x85R" + _short_str(code) + b"\x85R0"
-    return {"stack_global_p4": b"\x80\x04" + _short_str(module) + _short_str(name) + b"\x93" + call,
-            "global_p4": b"\x80\x04c" + f"{module}\n{name}\n".encode() + call,
-            "global_p2": b"\x80\x02c" + f"{module}\n{name}\n".encode() + call}
+    return {
+        "stack_global_p4": b"\x80\x04" + _short_str(module) + _short_str(name) + b"\x93" + call,
+        "global_p4": b"\x80\x04c" + f"{module}\n{name}\n".encode() + call,
+        "global_p2": b"\x80\x02c" + f"{module}\n{name}\n".encode() + call,
+    }
 
 
 def all_pickle_payloads(marker: Path) -> dict[str, bytes]:
-    out = {f"{kind}_p{proto}": pickle.dumps({"features": obj}, protocol=proto)
-           for kind, obj in reduce_payloads(marker).items() for proto in range(6)}
-    for module, name in (("torch._utils", "_rebuild_tensor.__builtins__.get"),
-                         ("numpy.core.multiarray", "_reconstruct.__self__.__builtins__.get"),
-                         ("collections", "OrderedDict.__init__.__globals__.get")):
+    out = {
+        f"{kind}_p{proto}": pickle.dumps({"features": obj}, protocol=proto)
+        for kind, obj in reduce_payloads(marker).items()
+        for proto in range(6)
+    }
+    for module, name in (
+        ("torch._utils", "_rebuild_tensor.__builtins__.get"),
+        ("numpy.core.multiarray", "_reconstruct.__self__.__builtins__.get"),
+        ("collections", "OrderedDict.__init__.__globals__.get"),
+    ):
         for form, blob in dotted_gadgets(marker, module, name).items():
             out[f"dotted_{module}_{form}"] = blob + b"N."
     return out
@@ -110,6 +123,7 @@ def refused(call, where: str, marker: Path, unsafe: bool = True) -> str:
 
 # ------------------------------------------------------------------------------------------ pickles in data files
 
+
 def test_unpickle_data_refuses_every_payload_and_names_the_file(tmp_path):
     marker = tmp_path / "marker"
     for name, payload in all_pickle_payloads(marker).items():
@@ -121,10 +135,12 @@ def test_unpickle_data_refuses_every_payload_and_names_the_file(tmp_path):
 def _forged_numpy_payloads() -> dict[str, bytes]:
     """numpy pickles whose dtype would make numpy read raw bytes as object pointers, or hold objects."""
     forged_state = (3, "<", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 8, 63)
-    return {"object_array": pickle.dumps(np.array([1, "a"], dtype=object)),
-            "forged_dtype": pickle.dumps(_BuildDtype("f4", forged_state), protocol=2),
-            "forged_unicode_flags": pickle.dumps(_BuildDtype("U5", (3, "<", None, None, None, 400, 4, 63)), protocol=4),
-            "structured": pickle.dumps(np.zeros(2, dtype=[("a", "f4"), ("b", "i8")]))}
+    return {
+        "object_array": pickle.dumps(np.array([1, "a"], dtype=object)),
+        "forged_dtype": pickle.dumps(_BuildDtype("f4", forged_state), protocol=2),
+        "forged_unicode_flags": pickle.dumps(_BuildDtype("U5", (3, "<", None, None, None, 400, 4, 63)), protocol=4),
+        "structured": pickle.dumps(np.zeros(2, dtype=[("a", "f4"), ("b", "i8")])),
+    }
 
 
 class _BuildDtype:
@@ -143,28 +159,54 @@ def test_forged_numpy_dtypes_and_object_arrays_are_refused(tmp_path):
     evil = pickle.loads(forged["forged_dtype"])
     assert evil.hasobject and evil.kind == "f"
     for name, payload in forged.items():
-        refused(lambda: data.unpickle_data(payload, f"x.pkl ({name})"), f"x.pkl ({name})", tmp_path / "none",
-                unsafe=False)
+        refused(
+            lambda: data.unpickle_data(payload, f"x.pkl ({name})"), f"x.pkl ({name})", tmp_path / "none", unsafe=False
+        )
 
 
 def _plain_objects() -> dict:
     f32 = np.arange(12, dtype=np.float32).reshape(3, 4)
-    return {"features": f32, "boxes": np.asfortranarray(f32), "every_other": f32[::2], "big_endian": f32.astype(">f4"),
-            "i8": np.arange(5), "bool": np.array([True, False]), "u": np.array(["ab", "ü"]),
-            "s": np.array([b"x", b"yz"]),
-            "empty": np.zeros((0, 2048), np.float32), "f16": np.ones(3, np.float16), "c": np.array([1 + 2j]),
-            "img_w": np.int64(500), "img_h": np.int32(375), "conf": np.float32(0.5), "flag": np.bool_(True),
-            "img_id": "1000092795", "key": b"1000092795", "empty_bytes": b"", "none": None, "float": 1.5,
-            "big_int": 2 ** 70, "nested": [(1, 2.5), {"a": [b"k"]}], "od": collections.OrderedDict(b=1, a=2),
-            "set": {1, 2}, "frozen": frozenset({"a"}), "text": "é日本"}
+    return {
+        "features": f32,
+        "boxes": np.asfortranarray(f32),
+        "every_other": f32[::2],
+        "big_endian": f32.astype(">f4"),
+        "i8": np.arange(5),
+        "bool": np.array([True, False]),
+        "u": np.array(["ab", "ü"]),
+        "s": np.array([b"x", b"yz"]),
+        "empty": np.zeros((0, 2048), np.float32),
+        "f16": np.ones(3, np.float16),
+        "c": np.array([1 + 2j]),
+        "img_w": np.int64(500),
+        "img_h": np.int32(375),
+        "conf": np.float32(0.5),
+        "flag": np.bool_(True),
+        "img_id": "1000092795",
+        "key": b"1000092795",
+        "empty_bytes": b"",
+        "none": None,
+        "float": 1.5,
+        "big_int": 2**70,
+        "nested": [(1, 2.5), {"a": [b"k"]}],
+        "od": collections.OrderedDict(b=1, a=2),
+        "set": {1, 2},
+        "frozen": frozenset({"a"}),
+        "text": "é日本",
+    }
 
 
 def _same(a, b) -> bool:
     if type(a) is not type(b):
         return False
     if isinstance(a, np.ndarray):
-        return a.dtype == b.dtype and a.shape == b.shape and a.strides == b.strides and np.array_equal(a, b) \
+        return (
+            a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.strides == b.strides
+            and np.array_equal(a, b)
             and a.flags.writeable == b.flags.writeable
+        )
     if isinstance(a, np.generic):
         return a.dtype == b.dtype and a == b
     if isinstance(a, dict):
@@ -203,14 +245,28 @@ def test_numpy_1x_module_names_load(tmp_path):
 def _python2_hard_negatives(pool: np.ndarray, image_ids: list[int]) -> bytes:
     """A protocol-2 pickle as Python 2 + numpy 1.x wrote VOLTA's hard_negative.pkl: py2 `str` (SHORT_BINSTRING)
     raw array bytes and dtype codes, which Python 3 reads only with encoding="latin1"."""
+
     def bstr(b: bytes) -> bytes:
         return (b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + len(b).to_bytes(4, "little")) + b
+
     assert pool.dtype == np.float64 and pool.ndim == 2
     shape = b"K" + bytes([pool.shape[0]]) + b"K" + bytes([pool.shape[1]]) + b"\x86"
-    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + bstr(b"b") + b"\x87R"
-             + b"(K\x01" + shape + b"cnumpy\ndtype\n" + bstr(b"f8") + b"K\x00K\x01\x87R"
-             + b"(K\x03" + bstr(b"<") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
-             + b"\x89" + bstr(pool.tobytes()) + b"tb")
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85"
+        + bstr(b"b")
+        + b"\x87R"
+        + b"(K\x01"
+        + shape
+        + b"cnumpy\ndtype\n"
+        + bstr(b"f8")
+        + b"K\x00K\x01\x87R"
+        + b"(K\x03"
+        + bstr(b"<")
+        + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+        + b"\x89"
+        + bstr(pool.tobytes())
+        + b"tb"
+    )
     ids = b"]" + b"(" + b"".join(b"J" + int(i).to_bytes(4, "little") for i in image_ids) + b"e"
     return b"\x80\x02}(" + bstr(b"train_hard_pool") + array + bstr(b"train_image_list") + ids + b"u."
 
@@ -259,8 +315,13 @@ def test_feature_inventory_cli_refuses_a_payload(tmp_path):
     payload = dotted_gadgets(marker)["stack_global_p4"] + b"N."
     assert_live(payload, marker, "dotted_torch._utils_stack_global_p4")
     path = _features_with(tmp_path, b"keys", payload)
-    proc = subprocess.run([sys.executable, str(ROOT / "data.py"), "--data-root", str(IGLUE), "--features", str(path)],
-                          capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "data.py"), "--data-root", str(IGLUE), "--features", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and last.startswith("error: ") and f"{path} entry 'keys': refused" in last, proc.stderr
     assert "Traceback" not in proc.stderr and not marker.exists()
@@ -285,6 +346,7 @@ def test_hard_negative_and_vocabulary_pickles_never_run(tmp_path):
 
 # ------------------------------------------------------------------------------------------ torch files
 
+
 def _write_zip_with_prefix(src: Path, dst: Path, prefix: bytes) -> None:
     """`src`, a torch zip checkpoint, with `prefix` prepended to its data.pkl (every other record unchanged)."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
@@ -305,11 +367,13 @@ def _live_torch(path: Path, marker: Path) -> None:
 
 
 def _readers(path: Path) -> dict:
-    return {"train_uc2.read_checkpoint": lambda: U.read_checkpoint(str(path)),
-            "train_uc2.load_into": lambda: U.load_into(U.build_model("xgqa", TINY), str(path)),
-            "train_cclm.read_checkpoint": lambda: train_cclm.read_checkpoint(str(path)),
-            "engine.load_checkpoint": lambda: engine.load_checkpoint(path),
-            "eval_zeroshot.load_meta": lambda: eval_zeroshot.load_meta(path)}
+    return {
+        "train_uc2.read_checkpoint": lambda: U.read_checkpoint(str(path)),
+        "train_uc2.load_into": lambda: U.load_into(U.build_model("xgqa", TINY), str(path)),
+        "train_cclm.read_checkpoint": lambda: train_cclm.read_checkpoint(str(path)),
+        "engine.load_checkpoint": lambda: engine.load_checkpoint(path),
+        "eval_zeroshot.load_meta": lambda: eval_zeroshot.load_meta(path),
+    }
 
 
 def _volta_state_dict() -> dict:
@@ -357,10 +421,24 @@ def test_checkpoint_cli_refuses_a_payload_before_writing(tmp_path):
     data.make_tiny_tokenizer([e.text for e in train], tmp_path / "tok", vocab_size=300)
     feats = data.write_synthetic_features(tmp_path / "feats", {e.image for e in train}, num_boxes=2)
     (tmp_path / "images").mkdir()
-    common = ["--task", "xvnli", "--data-root", str(IGLUE), "--tokenizer", str(tmp_path / "tok"),
-              "--train-split", "train_48", "--langs", "en", "--checkpoint", str(ckpt)]
-    for name, main, extra in (("uc2", U.main, ["--model-config", "tiny", "--features", str(feats)]),
-                              ("cclm", train_cclm.main, ["--images", str(tmp_path / "images")])):
+    common = [
+        "--task",
+        "xvnli",
+        "--data-root",
+        str(IGLUE),
+        "--tokenizer",
+        str(tmp_path / "tok"),
+        "--train-split",
+        "train_48",
+        "--langs",
+        "en",
+        "--checkpoint",
+        str(ckpt),
+    ]
+    for name, main, extra in (
+        ("uc2", U.main, ["--model-config", "tiny", "--features", str(feats)]),
+        ("cclm", train_cclm.main, ["--images", str(tmp_path / "images")]),
+    ):
         out = tmp_path / f"run_{name}"
         with pytest.raises(SystemExit) as e:
             main(common + extra + ["--output-dir", str(out)])
@@ -381,17 +459,35 @@ def test_iglue_training_checkpoint_loads_with_volta_state(tmp_path, layout):
     params[0].grad = torch.ones(2)
     opt.step()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    tb_state = {"save_logger": True, "log_dir": "logs/x", "txt_dir": "save/x", "task_id2name": {"TASK15": "GQA"},
-                "task_ids": ["TASK15"], "task_loss": {"TASK15": 1.25}, "task_num_iters": {"TASK15": 100},
-                "epochId": 3, "gradient_accumulation_steps": 4, "task_score_val": {"TASK15": 0.5}}
+    tb_state = {
+        "save_logger": True,
+        "log_dir": "logs/x",
+        "txt_dir": "save/x",
+        "task_id2name": {"TASK15": "GQA"},
+        "task_ids": ["TASK15"],
+        "task_loss": {"TASK15": 1.25},
+        "task_num_iters": {"TASK15": 100},
+        "epochId": 3,
+        "gradient_accumulation_steps": 4,
+        "task_score_val": {"TASK15": 0.5},
+    }
     volta = _volta_tblogger_module()
     try:
         logger = volta.tbLogger()
         logger.__dict__.update(tb_state, logger="SummaryWriter", txt_f="file")
-        torch.save({"model_state_dict": sd, "optimizer_state_dict": opt.state_dict(),
-                    "scheduler_state_dict": sched.state_dict(), "global_step": 10, "epoch_id": 3,
-                    "tb_logger": logger, "score": 0.5}, tmp_path / "pytorch_ckpt_latest.tar",
-                   _use_new_zipfile_serialization=layout == "zip")
+        torch.save(
+            {
+                "model_state_dict": sd,
+                "optimizer_state_dict": opt.state_dict(),
+                "scheduler_state_dict": sched.state_dict(),
+                "global_step": 10,
+                "epoch_id": 3,
+                "tb_logger": logger,
+                "score": 0.5,
+            },
+            tmp_path / "pytorch_ckpt_latest.tar",
+            _use_new_zipfile_serialization=layout == "zip",
+        )
     finally:
         del sys.modules["volta"], sys.modules["volta.train_utils"]
     with pytest.raises(pickle.UnpicklingError):  # what plain weights-only torch.load says about it
@@ -406,6 +502,7 @@ def test_iglue_training_checkpoint_loads_with_volta_state(tmp_path, layout):
 def _volta_tblogger_module():
     """A module named volta.train_utils with a tbLogger whose __getstate__ drops its writer and file, as VOLTA's."""
     import types
+
     mod = types.ModuleType("volta.train_utils")
 
     class tbLogger:  # noqa: N801  (VOLTA's name)
@@ -413,6 +510,7 @@ def _volta_tblogger_module():
             d = dict(self.__dict__)
             del d["logger"], d["txt_f"]
             return d
+
     tbLogger.__module__, tbLogger.__qualname__ = "volta.train_utils", "tbLogger"
     mod.tbLogger = tbLogger
     sys.modules["volta"], sys.modules["volta.train_utils"] = types.ModuleType("volta"), mod
@@ -421,16 +519,18 @@ def _volta_tblogger_module():
 
 # ------------------------------------------------------------------------------------------ images
 
+
 def _png_declaring(path: Path, width: int, height: int) -> Path:
     """A 1x1 PNG whose header claims width x height (PIL reads only the header on open)."""
     import struct
     import zlib
+
     buf = io.BytesIO()
     Image.new("L", (1, 1)).save(buf, "PNG")
     blob = bytearray(buf.getvalue())
     ihdr = blob.index(b"IHDR")
-    blob[ihdr + 4: ihdr + 12] = struct.pack(">II", width, height)
-    blob[ihdr + 17: ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(blob[ihdr: ihdr + 17])))
+    blob[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    blob[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(blob[ihdr : ihdr + 17])))
     path.write_bytes(bytes(blob))
     return path
 
@@ -458,17 +558,20 @@ def _annotation_root(tmp_path: Path, xflickrco_path: str, xvnli_id: str, gqa_ima
     (ds / "xFlickrCO" / "annotations" / "en").mkdir(parents=True)
     (ds / "xFlickrCO" / "annotations" / "en" / "test.jsonl").write_text(
         '{"sentences": ["a dog"], "id": "1", "img_path": "1.jpg"}\n'
-        f'{{"sentences": ["a cat"], "id": "2", "img_path": "{xflickrco_path}"}}\n')
+        f'{{"sentences": ["a cat"], "id": "2", "img_path": "{xflickrco_path}"}}\n'
+    )
     (ds / "XVNLI" / "annotations" / "en").mkdir(parents=True)
     (ds / "XVNLI" / "annotations" / "en" / "test.jsonl").write_text(
         '{"gold_label": "neutral", "sentence2": "x", "pairID": "p1", "Flikr30kID": "1"}\n'
-        f'{{"gold_label": "neutral", "sentence2": "y", "pairID": "p2", "Flikr30kID": "{xvnli_id}"}}\n')
+        f'{{"gold_label": "neutral", "sentence2": "y", "pairID": "p2", "Flikr30kID": "{xvnli_id}"}}\n'
+    )
     (ds / "gqa" / "annotations").mkdir(parents=True)
     for f in ("trainval_ans2label.json", "trainval_label2ans.json"):
         (ds / "gqa" / "annotations" / f).write_bytes((IGLUE / "datasets" / "gqa" / "annotations" / f).read_bytes())
     (ds / "gqa" / "annotations" / "testdev.json").write_text(
         f'[{{"img_id": "1", "label": {{"no": 1.0}}, "question_id": "q1", "sent": "a?"}}, '
-        f'{{"img_id": "{gqa_image}", "label": {{"no": 1.0}}, "question_id": "q2", "sent": "b?"}}]')
+        f'{{"img_id": "{gqa_image}", "label": {{"no": 1.0}}, "question_id": "q2", "sent": "b?"}}]'
+    )
     return tmp_path / "root"
 
 
@@ -482,20 +585,29 @@ def test_image_paths_from_annotations_stay_inside_the_image_root(tmp_path, how):
         root = _annotation_root(tmp_path, "../../outside.jpg", "1.x/../../../outside", "../../outside")
     else:  # (an XVNLI id cannot be absolute: int(id.split(".")[0]) must parse)
         root = _annotation_root(tmp_path, str(outside), "1.x/../../../outside", str(outside.with_suffix("")))
-    for task, split, rel in (("xflickrco", "test", "xFlickrCO/annotations/en/test.jsonl:2"),
-                             ("xvnli", "test", "XVNLI/annotations/en/test.jsonl:2"),
-                             ("xgqa", "testdev", "gqa/annotations/testdev.json item 1")):
+    for task, split, rel in (
+        ("xflickrco", "test", "xFlickrCO/annotations/en/test.jsonl:2"),
+        ("xvnli", "test", "XVNLI/annotations/en/test.jsonl:2"),
+        ("xgqa", "testdev", "gqa/annotations/testdev.json item 1"),
+    ):
         exs = data.load_split(root, task, split, "en")
         bad = next(e for e in exs if e.source == rel)
-        assert os.path.samefile(os.path.join(images, *bad.image_file.split("/", 1)), outside), \
+        assert os.path.samefile(os.path.join(images, *bad.image_file.split("/", 1)), outside), (
             "the unconfined path would reach the image"
-        for call in (lambda: data.check_inputs(exs, images=images),
-                     lambda: data.CCLMDataset(exs, images, task, image_res=32)[exs.index(bad)]):
+        )
+        for call in (
+            lambda: data.check_inputs(exs, images=images),
+            lambda: data.CCLMDataset(exs, images, task, image_res=32)[exs.index(bad)],
+        ):
             with pytest.raises(ValueError) as e:
                 call()
             msg = str(e.value)
-            assert msg.startswith(f"image path {bad.image_file.partition('/')[2]!r} is not a file inside the image "
-                                  f"folder ") and f"(referenced by {rel}, example {bad.id})" in msg, msg
+            assert (
+                msg.startswith(
+                    f"image path {bad.image_file.partition('/')[2]!r} is not a file inside the image folder "
+                )
+                and f"(referenced by {rel}, example {bad.id})" in msg
+            ), msg
         assert data.CCLMDataset(exs, images, task, image_res=32)[0]["pixels"].shape == (32, 32, 3)
 
 

@@ -3,6 +3,7 @@
 The numbers themselves are checked against VOLTA's outputs by tests/test_parity_uc2.py (set B has per-layer sizes,
 swish and a tanh pooler); here: the config mapping, the refusals, and the round trip through our own config json.
 """
+
 import json
 import sys
 from pathlib import Path
@@ -41,21 +42,25 @@ def test_our_config_json_with_per_layer_sizes_resolves_back(tmp_path):
     assert U.resolve_config(str(path)) == cfg
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"shared_sublayers": [0, 1, 2, 3]}, "shared_sublayers"),  # sublayers 4, 5 with separate image weights
-    ({"single_ln_sublayers": [0, 1, 3, 4, 5]}, "single_ln_sublayers"),
-    ({"sublayer2v_intermediate_size": {"3": 40}}, "sublayer 3: intermediate_size 52 (text) != 40"),
-    ({"v_num_attention_heads": 4}, "num_attention_heads"),
-    ({"hidden_act": "tanh"}, "hidden_act 'tanh'"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"shared_sublayers": [0, 1, 2, 3]}, "shared_sublayers"),  # sublayers 4, 5 with separate image weights
+        ({"single_ln_sublayers": [0, 1, 3, 4, 5]}, "single_ln_sublayers"),
+        ({"sublayer2v_intermediate_size": {"3": 40}}, "sublayer 3: intermediate_size 52 (text) != 40"),
+        ({"v_num_attention_heads": 4}, "num_attention_heads"),
+        ({"hidden_act": "tanh"}, "hidden_act 'tanh'"),
+    ],
+)
 def test_volta_configs_that_are_not_uc2_are_refused_by_key(change, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         U.config_from_volta({**_volta("parity_b"), **change})
 
 
 def test_cli_refuses_a_model_config_whose_region_sizes_the_feature_files_cannot_feed():
-    args = SimpleNamespace(model_config=str(FIX / "parity_b" / "volta_config.json"), retrieval_loss="triplet",
-                           dropout=None)
+    args = SimpleNamespace(
+        model_config=str(FIX / "parity_b" / "volta_config.json"), retrieval_loss="triplet", dropout=None
+    )
     with pytest.raises(SystemExit, match="v_feature_size = 20"):
         U.model_config_from_args(args)
     args.model_config = str(FIX / "parity_a" / "volta_config.json")
