@@ -27,6 +27,8 @@ import torch.nn.functional as F
 import synth_pretrain as sp
 import synth_world as sw
 import train_uc2
+import data
+import eval_zeroshot
 
 ROOT = Path(__file__).resolve().parent
 POLICY_ARGS = {
@@ -241,7 +243,6 @@ def translation_retrieval(model, world: Path, tok) -> dict[str, list[float]]:
     questions by cosine of mean-pooled text-only states centred per language (pitfall 8). A hit: the retrieved
     question is a translation of the same English text (many questions share a text across scenes).
     "chance": the hit rate of a random pick."""
-    import data
 
     texts = {lang: [e.text for e in data.load_split(world, "xgqa", "test", lang)] for lang in sw.LANGS}
     states = {lang: layer_text_states(model, tok, t, None) for lang, t in texts.items()}
@@ -614,7 +615,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     report = format_report(study)
     (out / "RESULTS.md").write_text(report)
-    import eval_zeroshot  # the real Figure 2/3/4 commands on seed (first, first)'s full and SUF runs
 
     first = (args.pretrain_seeds[0], args.finetune_seeds[0])
     figs = [str(where[(pol, *first)]) for pol in ("full", "suf") if pol in args.policies]

@@ -56,6 +56,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import engine  # noqa: E402
+import train_cclm  # noqa: E402
+import train_uc2  # noqa: E402
 
 TARGET = 0.9
 
@@ -196,8 +198,6 @@ FEED_MARGIN = 1.5  # loader rate / consumer rate asked for
 def train_flops_per_sample(model_name: str) -> float:
     """Forward + backward FLOPs of one XVNLI training sample of the base-size model (meta device)."""
     from torch.utils.flop_counter import FlopCounterMode
-    import train_cclm
-    import train_uc2
 
     n, length = 2, 40
     text = {

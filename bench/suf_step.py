@@ -51,6 +51,8 @@ from torch.overrides import TorchFunctionMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import freeze  # noqa: E402
 import engine  # noqa: E402
+import train_cclm  # noqa: E402
+import train_uc2  # noqa: E402
 
 # ---------------------------------------------------------------- counting the work
 
@@ -383,7 +385,6 @@ def fit_vocab(build, cfg: dict, budget: int) -> int:
 
 
 def uc2_setup(quick: bool, batch: int, vocab: int | None, budget: int):
-    import train_uc2
 
     task, L, R = "xgqa", 24, 37  # 36 regions + the global image feature, as IGLUE's UC2 features
     cfg = dict(train_uc2.CONFIGS["tiny" if quick else "base"])
@@ -412,7 +413,6 @@ def uc2_setup(quick: bool, batch: int, vocab: int | None, budget: int):
 
 
 def cclm_setup(quick: bool, batch: int, vocab: int | None, budget: int, image_res: int):
-    import train_cclm
 
     task, L = "xvnli", 24  # xGQA would add its always-trainable 6-layer answer decoder: ratios only nearer 1
     cfg = dict(train_cclm.CONFIGS["tiny" if quick else "base"])
