@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import data
+import eval_zeroshot
 import synth_pretrain as sp
 import synth_world as sw
 import train_uc2
-import data
-import eval_zeroshot
 
 ROOT = Path(__file__).resolve().parent
 POLICY_ARGS = {
