@@ -1698,8 +1698,7 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike):
 def make_tiny_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 1000):
     """Small sentencepiece-style (Unigram + Metaspace) tokenizer with XLM-R's special ids, saved as a
     PreTrainedTokenizerFast folder that load_tokenizer(out_dir) loads."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     tok = Tokenizer(models.Unigram())
@@ -1710,6 +1709,18 @@ def make_tiny_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_
         vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False
     )
     tok.train_from_iterator([t for t in texts if t], trainer)
+    fast = save_xlmr_style_tokenizer(tok, out_dir)
+    _check_special_ids(fast, "tiny")
+    return fast
+
+
+def save_xlmr_style_tokenizer(tok, out_dir: str | Path):
+    """A `tokenizers` Tokenizer whose vocabulary starts with <s> <pad> </s> <unk> <mask>, given XLM-R's template
+    (<s> A </s>, <s> A </s> </s> B </s>) and special tokens, saved as a PreTrainedTokenizerFast folder that
+    load_tokenizer(out_dir) loads (the tiny test tokenizer and the synthetic world's word-level one)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", BOS_ID), ("</s>", EOS_ID)]
     )
@@ -1724,7 +1735,6 @@ def make_tiny_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_
         mask_token="<mask>",
         model_max_length=512,
     )
-    _check_special_ids(fast, "tiny")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))
     return fast

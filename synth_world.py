@@ -437,32 +437,14 @@ def all_words(lex: dict[str, dict[str, str]]) -> list[str]:
 def write_tokenizer(lex: dict[str, dict[str, str]], out_dir: Path):
     """Word-level tokenizer (tokenizers library) over every language, XLM-R's special ids, saved as a
     transformers tokenizer folder (data.load_tokenizer reads it)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {t: i for i, t in enumerate(SPECIALS)}
     for w in all_words(lex):
         vocab[w] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>",
-        pair="<s> $A </s> </s> $B </s>",
-        special_tokens=[("<s>", data.BOS_ID), ("</s>", data.EOS_ID)],
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        cls_token="<s>",
-        sep_token="</s>",
-        mask_token="<mask>",
-        model_max_length=512,
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(out_dir))
+    data.save_xlmr_style_tokenizer(tok, out_dir)
     return data.load_tokenizer(out_dir)
 
 
