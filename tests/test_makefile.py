@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from _make import run_make
+
 ROOT = Path(__file__).resolve().parents[1]
 TABLE1 = [f"{t}-{p}" for t in ("xgqa", "xvnli", "xflickrco") for p in ("full", "suf")]
 
 
 def make(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True)
+    return run_make(*args)
 
 
 @pytest.mark.parametrize("model", ["uc2", "cclm"])

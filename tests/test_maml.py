@@ -21,6 +21,7 @@ from torch.func import grad, hessian
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _make import run_make  # noqa: E402
 import data  # noqa: E402
 import engine  # noqa: E402
 import eval_zeroshot as Z  # noqa: E402
@@ -570,9 +571,7 @@ def test_other_tasks_meta_train_from_their_auxiliary_split(sample, tmp_path, tas
 
 
 def test_make_targets_print_the_xvlmaml_command():
-    out = subprocess.run(
-        ["make", "--no-print-directory", "-n", "xvlmaml-xgqa", "AUX=de"], cwd=ROOT, capture_output=True, text=True
-    )
+    out = run_make("-n", "xvlmaml-xgqa", "AUX=de")
     assert out.returncode == 0, out.stderr
     cmd = out.stdout.strip().splitlines()[-1]
     assert "xvlmaml.py train --run runs/uc2-xgqa-full --aux-lang de" in cmd

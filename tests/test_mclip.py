@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import data  # noqa: E402
+from _make import run_make  # noqa: E402
 import engine  # noqa: E402
 import train_mclip as M  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
@@ -542,16 +543,7 @@ def test_features_command_reads_openai_clip_release_layout_and_feeds_a_run(world
 
 
 def make(*args: str, env_lang: str = "C.UTF-8"):
-    import os
-    import subprocess
-
-    return subprocess.run(
-        ["make", "--no-print-directory", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "LANG": env_lang},
-    )
+    return run_make(*args, env={"LANG": env_lang})
 
 
 def test_pet_xtd_target_prints_the_run_and_ignores_the_locale_lang():
