@@ -1161,7 +1161,7 @@ def read_groups(run_dirs: Sequence[str]) -> dict[str, dict[str, float]]:
         path = Path(d) / "results.json"
         if not path.is_file():
             raise SystemExit(f"error: {path}: no results (run unfinished?)")
-        r = json.loads(path.read_text())
+        r = data.read_json(path, annotations=False)
         key = (r["dataset"], r["routine"], r["pet"], r["n_shot"])
         key += (f"test:{r['test_text']}",) if "test_text" in r else ()
         scores = groups.setdefault(key, {})

@@ -58,30 +58,17 @@ CONFIGS: dict[str, dict] = {
         attn_implementation="sdpa",
         retrieval_loss="triplet",
     ),
-    # CPU-seconds size for tests/demo. Still 12 layers so every schedule is the paper's; region
-    # features stay 2048-d so real and synthetic feature files fit unchanged.
-    "tiny": dict(
-        vocab_size=4096,
-        hidden_size=32,
-        num_layers=12,
-        num_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=514,
-        type_vocab_size=2,
-        pad_token_id=1,
-        layer_norm_eps=1e-5,
-        v_feature_size=2048,
-        num_locs=7,
-        pooler_size=32,
-        clf_hidden_size=32,
-        num_answers=1842,
-        hidden_dropout=0.1,
-        attention_dropout=0.1,
-        classifier_dropout=0.1,
-        initializer_range=0.02,
-        attn_implementation="sdpa",
-        retrieval_loss="triplet",
-    ),
+}
+# CPU-seconds size for tests/demo. Still 12 layers so every schedule is the paper's; region
+# features stay 2048-d so real and synthetic feature files fit unchanged.
+CONFIGS["tiny"] = {
+    **CONFIGS["base"],
+    "vocab_size": 4096,
+    "hidden_size": 32,
+    "num_heads": 2,
+    "intermediate_size": 64,
+    "pooler_size": 32,
+    "clf_hidden_size": 32,
 }
 
 

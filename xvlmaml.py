@@ -46,10 +46,6 @@ import train_uc2 as U
 CL_EMBEDS = ("separate", "joint")
 
 
-def _read_json(path: Path):
-    return json.loads(Path(path).read_text())
-
-
 INNER_PARAMS = ("all", "top")
 # Arguments that change the result: a --resume must repeat them (engine.RESUME_KEYS covers the rest).
 MAML_RESUME_KEYS = (
@@ -570,7 +566,7 @@ def check_resume_args(args, run_dir: Path) -> None:
     saved_path = run_dir / engine.ARGS
     if not (args.resume and saved_path.is_file()):
         return
-    saved = json.loads(saved_path.read_text())
+    saved = data.read_json(saved_path, annotations=False)
     for key in MAML_RESUME_KEYS:
         if key in saved and engine.json_safe(getattr(args, key, None)) != saved[key]:
             raise SystemExit(
@@ -849,11 +845,11 @@ def cmd_matrix(args, dist: engine.DistInfo) -> int:
         engine.barrier(dist)
         if not done.is_file():
             raise SystemExit(f"error: {run}: no results.json (run without --no-eval to fill the matrix)")
-        record = _read_json(done)["test"]
+        record = data.read_json(done, annotations=False)["test"]
         results[aux], task = record["langs"], record["task"]
     baseline = None
     if args.run and (Path(args.run) / "results.json").is_file():
-        baseline = _read_json(Path(args.run) / "results.json").get("test", {}).get("langs")
+        baseline = data.read_json(Path(args.run) / "results.json", annotations=False).get("test", {}).get("langs")
     table = matrix_table(task, results, baseline)
     if dist.is_main:
         engine.atomic_write_text(out / "matrix.json", json.dumps(table, indent=1) + "\n")
