@@ -415,6 +415,15 @@ def _text(value, where: str, key: str) -> str:
     return value
 
 
+def _ident(value, where: str, key: str) -> str:
+    """An identifier (question, pair, image id) is a JSON string or integer: null or a list would become "None" or
+    "[1]" in prediction files and feature lookups."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        shown = json.dumps(value)[:60]
+        raise ValueError(f"{where}: field {key!r} must be a string or an integer, got {type(value).__name__} {shown}")
+    return str(value)
+
+
 def _answer_scores(value, where: str) -> dict[str, float]:
     """GQA's training-format label {answer: score}: anything else (a list would become {'n': 'o'} through dict(),
     a string score a late float() error) is an error naming the item."""
@@ -497,8 +506,8 @@ def _load_gqa(path: Path, rel: str, lang: str, ds: Path) -> list[Example]:
             out.append(
                 _gqa_example(
                     lang,
-                    str(_field(q, "question_id", where)),
-                    str(_field(q, "img_id", where)),
+                    _ident(_field(q, "question_id", where), where, "question_id"),
+                    _ident(_field(q, "img_id", where), where, "img_id"),
                     _text(_field(q, "sent", where), where, "sent"),
                     answers,
                     gold,
@@ -518,7 +527,7 @@ def _load_gqa(path: Path, rel: str, lang: str, ds: Path) -> list[Example]:
                 _gqa_example(
                     lang,
                     str(qid),
-                    str(_field(q, "imageId", where)),
+                    _ident(_field(q, "imageId", where), where, "imageId"),
                     _text(_field(q, "question", where), where, "question"),
                     {gold: 1.0},
                     gold,
@@ -557,7 +566,7 @@ def _load_xvnli(path: Path, rel: str, lang: str) -> list[Example]:
         gold = _field(obj, "gold_label", where)
         if gold not in XVNLI_LABELS_UC2 and gold != XVNLI_NO_GOLD:
             raise ValueError(f"{where}: unknown gold_label {gold!r} (expected entailment, neutral, contradiction or -)")
-        flickr_id = str(_field(obj, "Flikr30kID", where))
+        flickr_id = _ident(_field(obj, "Flikr30kID", where), where, "Flikr30kID")
         try:
             key = str(int(flickr_id.split(".")[0]))  # VOLTA: int(Flikr30kID.split(".")[0])
         except ValueError:
@@ -566,7 +575,7 @@ def _load_xvnli(path: Path, rel: str, lang: str) -> list[Example]:
             Example(
                 task="xvnli",
                 lang=lang,
-                id=str(_field(obj, "pairID", where)),
+                id=_ident(_field(obj, "pairID", where), where, "pairID"),
                 image=key,
                 image_file=f"{IMAGE_SUBDIRS['flickr30k']}/{flickr_id}.jpg",
                 text=_text(_field(obj, "sentence2", where), where, "sentence2"),
@@ -583,11 +592,11 @@ def _load_retrieval(path: Path, rel: str, lang: str, xflickrco_keys: bool) -> li
     out, image_index = [], {}
     for n, obj in read_jsonl(path):
         where = f"{path}:{n}"
-        img_path = str(_field(obj, "img_path", where))
+        img_path = _text(_field(obj, "img_path", where), where, "img_path")
         sentences = _field(obj, "sentences", where)
         if not isinstance(sentences, list):
             raise ValueError(f"{where}: 'sentences' must be a list of captions")
-        image_id = str(_field(obj, "id", where))
+        image_id = _ident(_field(obj, "id", where), where, "id")
         if xflickrco_keys:  # xFlickr&CO features are keyed by img_path verbatim (IGLUE's boxes36 H5)
             key = img_path
             sub = IMAGE_SUBDIRS["coco"] if "COCO" in img_path else IMAGE_SUBDIRS["flickr30k"]

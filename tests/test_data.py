@@ -668,6 +668,31 @@ def test_gqa_label_that_is_not_answer_scores_is_refused_naming_the_item(tmp_path
         data.load_split(tmp_path, "xgqa", "testdev", "en")
 
 
+@pytest.mark.parametrize("value", [None, ["q1"], True, 1.5])
+@pytest.mark.parametrize("key", ["question_id", "img_id"])
+def test_gqa_identifier_that_is_not_a_string_or_integer_is_refused_naming_the_item(tmp_path, key, value):
+    ds = tmp_path / "datasets"
+    shutil.copytree(ROOT / "datasets", ds)
+    path = ds / "gqa" / "annotations" / "testdev.json"
+    items = json.loads(path.read_text())
+    items[3][key] = value  # null would have become the id "None" in prediction files
+    path.write_text(json.dumps(items))
+    with pytest.raises(
+        ValueError, match=f"^{re.escape(str(path))} item 3: field '{key}' must be a string or an integer"
+    ):
+        data.load_split(tmp_path, "xgqa", "testdev", "en")
+
+
+def test_integer_identifiers_are_read_as_their_decimal_strings(tmp_path):
+    ds = tmp_path / "datasets"
+    shutil.copytree(ROOT / "datasets", ds)
+    path = ds / "gqa" / "annotations" / "testdev.json"
+    items = json.loads(path.read_text())
+    items[3]["question_id"] = 20240512
+    path.write_text(json.dumps(items))
+    assert data.load_split(tmp_path, "xgqa", "testdev", "en")[3].id == "20240512"
+
+
 def test_set_epoch_determinism(synthetic):
     exs = data.load_split(ROOT, "xflickrco", "valid", "en")
     for negatives in data.RETRIEVAL_NEGATIVES:
