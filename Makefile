@@ -23,6 +23,7 @@ CKPT_FT   ?= checkpoints/uc2_iglue_xgqa/pytorch_model_best.bin
 EXTRA     ?=
 LANG_FS   ?= de
 SHOTS     ?= 48
+TEST_WORKERS ?= auto
 
 ifeq ($(NPROC),1)
 LAUNCH := $(PY)
@@ -71,8 +72,10 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 ## test            the whole test suite (CPU, tiny models, shipped fixtures)
+# pytest-xdist (requirements.txt) spreads test files over TEST_WORKERS processes (auto: one per CPU, at most 4);
+# TEST_WORKERS=0 runs in one process. An environment without xdist (PY=) runs in one process.
 test: $(INSTALL)
-	$(PY) -m pytest -q tests $(EXTRA)
+	$(PY) -m pytest -q $$($(PY) -c "import xdist" 2>/dev/null && echo "-n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile") tests $(EXTRA)
 
 ## demo            SUF vs standard fine-tuning of a small pretrained UC2 in the synthetic world (docs/synthetic.md)
 demo: $(INSTALL)

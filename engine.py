@@ -18,6 +18,12 @@ Run folder (--output-dir): args.json, metrics.jsonl, checkpoint_last.pt (resume 
 atomically after every epoch, before its evaluation), model_final.pt ({"model": state_dict, "meta": ...}).
 Rank 0 holds an flock on the folder while it runs: a second process on the same folder is refused.
 
+Sections, in file order (each opens with a "# ---" rule): CLI (parser, argument checks, two-stage parse_args);
+distributed; data order (seeded samplers, loaders); optimizer, AMP; checkpoints (reading torch files, the
+tokenizer fingerprint); load plans; run folder, metrics; fault injection (tests); the loop (train, the step,
+resume); evaluation (metrics; running a model over examples; results files and tables; evaluation sets and
+evaluate_task).
+
 Environment: SUF_DIST_TIMEOUT (seconds, default 600) for collectives; SUF_DEVICE=cpu forces CPU;
 SUF_FAULT injects failures for tests (see fault_point; inert unless set).
 """
