@@ -36,6 +36,9 @@ take the steps of one process over the same global batch within float rounding (
 ranks against 1 within tests/parity.py's tolerance; validation and test R@1 are exactly the one-process ones).
 With dropout each rank draws its own masks, so the runs differ as two seeds do. --resume is bitwise exact with the
 same number of processes (each rank's RNG is in the checkpoint) and refused with another.
+--amp as the other trainers (engine.setup_amp; auto = bf16 on GPUs that have it, off on CPU): autocast over the text
+tower, the loss's similarities in float32; fp16 steps through engine.optimizer_step's GradScaler (state in
+checkpoint_last.pt, skipped steps counted in metrics.jsonl). Validation and test run in float32 unless --eval-amp.
 """
 
 from __future__ import annotations
