@@ -26,6 +26,12 @@ BF16_UNIT = 2.0**-8  # bf16's unit roundoff (8 significant bits)
 RTOL_BF16_LOSS = 4 * BF16_UNIT
 
 
+@pytest.fixture(autouse=True)
+def on_the_cpu(monkeypatch):
+    """These tests pin the CPU's behaviour (auto = off there; CPU fp16), on a machine with a GPU too."""
+    monkeypatch.setenv("SUF_DEVICE", "cpu")
+
+
 def linear_output_dtypes(run) -> set[tuple[bool, torch.dtype]]:
     """{(module in training mode, output dtype)} of every nn.Linear forward while run() executes."""
     seen: set[tuple[bool, torch.dtype]] = set()
@@ -183,7 +189,7 @@ def test_mclip_fp16_under_torchrun_takes_the_one_process_scaler_decisions(world,
     common = ("--n-shot", "4", "--batch-size", "3", "--eval-steps", "2", "--dropout", "0", "--epochs", "1")
     common += ("--pet", "lora_cross", "--lora-r", "2", "--amp", "fp16")
     MC.main(cli(world, tmp_path / "one", *common))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "SUF_DEVICE": "cpu"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
         [*torchrun, str(Path(MC.__file__)), *cli(world, tmp_path / "two", *common)],
