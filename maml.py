@@ -108,7 +108,13 @@ def contrastive_loss(
         raise ValueError(
             f"contrastive_loss: image {tuple(image.shape)} and text {tuple(text.shape)} must both be [N, d]"
         )
-    logits = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T / temperature
+    # Under autocast (--amp bf16) the projections run in bf16 but the similarities do not: bf16 keeps 8
+    # significant bits, so cos / 0.07 (up to |14.3|) would be rounded in steps of up to 1/16, which the softmax
+    # reads as odds x1.06. Cast up, autocast off for this matmul (N x N x d flops); cross_entropy is float32
+    # under autocast by itself (on its float32 list), so it needs no cast of ours.
+    up = torch.promote_types(image.dtype, torch.float32)  # float32, or float64 where given (the exact tests)
+    with torch.autocast(image.device.type, enabled=False):
+        logits = F.normalize(image.to(up), dim=-1) @ F.normalize(text.to(up), dim=-1).T / temperature
     if groups is not None:
         same = groups[:, None] == groups[None, :]
         same.fill_diagonal_(False)

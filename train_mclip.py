@@ -36,6 +36,9 @@ take the steps of one process over the same global batch within float rounding (
 ranks against 1 within tests/parity.py's tolerance; validation and test R@1 are exactly the one-process ones).
 With dropout each rank draws its own masks, so the runs differ as two seeds do. --resume is bitwise exact with the
 same number of processes (each rank's RNG is in the checkpoint) and refused with another.
+--amp as the other trainers (engine.setup_amp; auto = bf16 on GPUs that have it, off on CPU): autocast over the text
+tower, the loss's similarities in float32; fp16 steps through engine.optimizer_step's GradScaler (state in
+checkpoint_last.pt, skipped steps counted in metrics.jsonl). Validation and test run in float32 unless --eval-amp.
 """
 
 from __future__ import annotations
@@ -399,8 +402,16 @@ def l2_normalise(x: torch.Tensor) -> torch.Tensor:
 
 
 def symmetric_ce(a_n: torch.Tensor, b_n: torch.Tensor, scale: float = LOGIT_SCALE) -> torch.Tensor:
-    """(CE(scale a b^T, diag) + CE(scale b a^T, diag)) / 2 of L2-normalised rows a_n, b_n."""
-    logits = scale * a_n @ b_n.T
+    """(CE(scale a b^T, diag) + CE(scale b a^T, diag)) / 2 of L2-normalised rows a_n, b_n; the similarities in
+    float32 under AMP too."""
+    # Under --amp autocast would run this matmul in bf16/fp16. bf16 keeps 8 significant bits: logits of
+    # 100 x cos (up to |100|) would be rounded in steps of up to 0.5 (fp16: 1/16), and the softmax reads a
+    # logit change of 0.5 as odds x1.65. So the similarity is float32 (B x B x D flops, nothing next to the
+    # tower). The cross-entropy needs no cast of ours: autocast runs cross_entropy in float32 itself (on its
+    # float32 list, CPU and CUDA), and here its input is float32 already.
+    up = torch.promote_types(a_n.dtype, torch.float32)  # float32, or float64 where given (the exact tests)
+    with torch.autocast(a_n.device.type, enabled=False):
+        logits = scale * a_n.to(up) @ b_n.to(up).T
     labels = torch.arange(len(a_n), device=a_n.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
@@ -577,7 +588,8 @@ def evaluate(
     texts = batch_texts(split.captions(kind, lang), args.hard_prompt)
     starts = range(0, len(texts), args.eval_batch_size)
     mine = [starts[c] for c in engine.shard(len(starts), dist)]
-    feats = [encode(model, tokenizer, texts[i : i + args.eval_batch_size], device).float().cpu() for i in mine]
+    with engine.autocast_for(device, getattr(args, "eval_amp", "off")):  # float32 unless --eval-amp
+        feats = [encode(model, tokenizer, texts[i : i + args.eval_batch_size], device).float().cpu() for i in mine]
     feats = engine.gather(feats, dist)
     model.train(was_training)
     image = torch.stack([images[p] for p in split.images])
@@ -619,7 +631,8 @@ def train_step(
     def embed(kind: str) -> torch.Tensor:
         if not mine:  # a last batch smaller than the world leaves this rank without rows
             return torch.zeros(0, model.LinearTransformation.out_features, device=device, requires_grad=True)
-        return encode(model, tokenizer, texts(kind), device)
+        # the tower runs under the caller's autocast (--amp); its output goes to the gather and the loss in float32
+        return encode(model, tokenizer, texts(kind), device).float()
 
     text = embed(main_kind) if not sizes else GatherRows.apply(embed(main_kind), sizes, dist.rank)
     partner = None
@@ -690,6 +703,8 @@ class Progress:
     best: float = -1.0  # best validation mean R@1
     best_step: int = -1
     metrics_size: int = 0  # bytes of metrics.jsonl at the last checkpoint
+    nonfinite_steps: int = 0  # updates skipped for a non-finite loss or gradient (engine.optimizer_step)
+    amp_skipped_steps: int = 0  # --amp fp16: updates the GradScaler skipped on an overflow (scale lowered)
 
 
 def fit(
@@ -708,10 +723,11 @@ def fit(
     n = len(splits["train"].images)
     steps_per_epoch = math.ceil(n / args.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_no_warmup(steps_per_epoch * args.epochs))
+    amp_dtype, scaler = engine.setup_amp(args.amp, device)
     prog, best_state = Progress(), trainable_state(model)
     ckpt = run_dir / engine.CHECKPOINT
     if args.resume and ckpt.is_file():
-        prog, best_state = resume_from(ckpt, model, optimizer, sched, log, device, dist)
+        prog, best_state = resume_from(ckpt, model, optimizer, sched, scaler, log, device, dist)
     main_kind = ROUTINES[args.routine][0]
     model.train()
     for epoch in range(prog.epoch, args.epochs):
@@ -720,17 +736,21 @@ def fit(
             if schedule is not None:
                 freeze.apply_schedule(model, layout, schedule, epoch, prog.step)
             idx = order[b : b + args.batch_size]
-            loss = train_step(model, tokenizer, splits["train"], idx, images, args, device, dist)
-            loss.backward()
+            with engine.autocast(device, amp_dtype):
+                loss = train_step(model, tokenizer, splits["train"], idx, images, args, device, dist)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            # every rank holds the loss of the whole batch: the same finiteness, the same summed (scaled)
+            # gradients, so the GradScaler takes the same decision (and scale) on every rank
             sum_gradients(list(tuned_params(model).values()), dist)
-            optimizer.step()
-            sched.step()
-            optimizer.zero_grad(set_to_none=True)
+            n_bad = (~torch.isfinite(loss.detach())).float()
+            # engine's step: unscale (fp16), skip a non-finite update, step or let the GradScaler skip, zero_grad,
+            # LR schedule (no clipping: the reference clips nothing)
+            ok, amp_skipped, _, _ = engine.optimizer_step(model, optimizer, sched, scaler, 0.0, n_bad, dist)
             prog.step += 1
+            prog.nonfinite_steps += not ok
+            prog.amp_skipped_steps += amp_skipped
             engine.fault_point("step")
-            log.write(
-                {"type": "train", "epoch": epoch, "step": prog.step, "loss": loss.item(), "lr": sched.get_last_lr()[0]}
-            )
+            log.write(train_record(epoch, prog, loss, sched.get_last_lr()[0]))
             if prog.step % args.eval_steps == 0:
                 val = evaluate(model, tokenizer, splits["val"], images, main_kind, args.lang, args, device, dist)
                 log.write({"type": "val", "epoch": epoch, "step": prog.step, **val})
@@ -746,6 +766,7 @@ def fit(
                     "model": trainable_state(model),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                     "rng": rngs,
                     "world": dist.world,
                     "progress": vars(prog),
@@ -781,7 +802,19 @@ def freeze_plan(model: MCLIPText, args) -> tuple["freeze.LayerLayout | None", "f
     return layout, freeze.schedule_from_args(args, layout.num_layers)
 
 
-def resume_from(ckpt: Path, model, optimizer, sched, log, device, dist) -> tuple[Progress, dict]:
+def train_record(epoch: int, prog: Progress, loss: torch.Tensor, lr: float) -> dict:
+    return {
+        "type": "train",
+        "epoch": epoch,
+        "step": prog.step,
+        "loss": loss.item(),
+        "lr": lr,
+        "nonfinite_steps": prog.nonfinite_steps,
+        "amp_skipped_steps": prog.amp_skipped_steps,
+    }
+
+
+def resume_from(ckpt: Path, model, optimizer, sched, scaler, log, device, dist) -> tuple[Progress, dict]:
     """Every rank reads the checkpoint and takes its own RNG state. Another number of processes is refused: each
     rank's dropout stream is part of the state, so the result would not be the uninterrupted run's."""
     state = engine.load_checkpoint(ckpt)
@@ -793,6 +826,8 @@ def resume_from(ckpt: Path, model, optimizer, sched, log, device, dist) -> tuple
     load_trainable(model, state["model"], str(ckpt))
     optimizer.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler") is not None:  # --amp fp16 (the resume check keeps --amp)
+        scaler.load_state_dict(state["scaler"])
     rngs = [state["rng"]] if isinstance(state["rng"], dict) else state["rng"]  # one process's, before torchrun
     engine.set_rng_state(rngs[dist.rank], device)
     prog = Progress(**state["progress"])
@@ -870,6 +905,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="text tower dropout (hidden and attention); default: XLM-R's 0.1, as the reference trains. "
         "0: torchrun over N processes takes the one-process steps (within float rounding)",
+    )
+    p.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "off"),
+        default="auto",
+        help="training precision, as the other trainers: auto = bf16 on GPUs that support it, else off (always "
+        "off on CPU); fp16 uses a GradScaler (its state is in checkpoint_last.pt)",
+    )
+    p.add_argument(
+        "--eval-amp",
+        choices=("off", "bf16", "fp16"),
+        default="off",
+        help="validation and test precision (default float32: the best state is chosen on exact scores)",
     )
     p.add_argument("--output-dir", required=True)
     p.add_argument("--resume", action="store_true")
@@ -1062,6 +1110,8 @@ RESUME_KEYS = (
     "llrd_decay",
     "top_layers",
     "freeze_embeddings",
+    "amp",
+    "eval_amp",
 )
 
 

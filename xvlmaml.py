@@ -72,6 +72,8 @@ MAML_RESUME_KEYS = (
     "meta_batch",
     "iters_per_epoch",
     "init",
+    "amp",
+    "eval_amp",
 )
 DEFAULTS = {
     "epochs": 1,
@@ -245,18 +247,21 @@ def meta_step(
     adapt_names: Sequence[str],
     dist: engine.DistInfo,
     device: torch.device,
+    amp_dtype: torch.dtype | None = None,
 ) -> tuple[list[float], int]:
     """Meta-gradients of this rank's episodes into p.grad of the trainable parameters the losses read,
     summed over ranks and divided by the iteration's episode count (n_total). Returns (this rank's episode
     losses, number of non-finite ones). Under torch.random.fork_rng: the global torch stream is untouched.
     A trainable parameter no loss reads (the task head under variant unsupervised) gets no .grad at all:
-    AdamW then skips it (a zero gradient would still apply weight decay to it)."""
+    AdamW then skips it (a zero gradient would still apply weight decay to it). amp_dtype: autocast (--amp bf16)
+    over both loops' forwards and the torch.func gradients through them; the meta-gradients stay float32."""
     terms = tuple(cfg.inner) + tuple(cfg.outer)
     trainable = {n: p for n, p in net.named_parameters() if p.requires_grad and net.used_by(n, terms)}
     adapt_names = [n for n in adapt_names if n in trainable]
     inner = M.module_objective(net, terms=cfg.inner, cl_weight=cfg.cl_weight)
     outer = M.module_objective(net, terms=cfg.outer, cl_weight=cfg.cl_weight)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _attention_for(cfg):
+    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    with rng, _attention_for(cfg), engine.autocast(device, amp_dtype):
         grads, losses = M.meta_gradient(inner, outer, trainable, episodes, adapt_names, cfg, scale=1.0 / n_total)
     M.accumulate_grads(trainable, grads)
     if dist.distributed:
@@ -363,6 +368,19 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--clip-grad", type=float, default=engine.ENGINE_DEFAULTS["clip_grad"])
     o.add_argument("--max-nonfinite", type=int, default=20)
     o.add_argument("--dropout", type=float, default=None, help="override the model config's dropout")
+    o.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "off"),
+        default="auto",
+        help="meta-training precision, as the trainers: auto = bf16 on GPUs that support it, else off (always off "
+        "on CPU); fp16 is refused (see check_args)",
+    )
+    o.add_argument(
+        "--eval-amp",
+        choices=("off", "bf16", "fp16"),
+        default="off",
+        help="precision of the per-epoch and final evaluations (default float32)",
+    )
     r = p.add_argument_group("run")
     r.add_argument("--output-dir", required=True)
     r.add_argument("--resume", action="store_true")
@@ -430,6 +448,11 @@ def check_args(args, dist: engine.DistInfo) -> None:
         raise SystemExit("error: --checkpoint needs --task")
     if args.aux_lang == "en":
         raise SystemExit("error: --aux-lang en: the auxiliary language must differ from the source language English")
+    if args.amp == "fp16":  # a GradScaler scales the loss it differentiates; theta' must use the unscaled inner grad
+        raise SystemExit(
+            "error: --amp fp16 is not supported by XVL-MAML: the inner update needs the unscaled inner gradient "
+            "inside the torch.func graph, which a GradScaler does not provide; use --amp bf16 (no scaler) or off"
+        )
 
 
 def resolve_init(args) -> dict:
@@ -652,6 +675,7 @@ def _meta_train(
     evaluate_fn=None,
 ) -> None:
     net.to(dist.device)
+    amp_dtype, _ = engine.setup_amp(args.amp, dist.device)  # no GradScaler: fp16 is refused in check_args
     optimizer, lr_sched = engine.build_optimizer(
         net, layout, schedule, args, total_steps=args.epochs * args.iters_per_epoch
     )
@@ -690,6 +714,7 @@ def _meta_train(
                 adapt,
                 dist,
                 dist.device,
+                amp_dtype,
             )
             window += [x for x in losses if math.isfinite(x)]
             ok, _, lr, grad_norm = engine.optimizer_step(
@@ -711,7 +736,7 @@ def _meta_train(
                 window = []
         bar.close()
         if evaluate_fn is not None:  # the UC2 task model, as the trainers evaluate it
-            results = engine.evaluate(evaluate_fn, net.model, epoch)
+            results = engine.evaluate(evaluate_fn, net.model, epoch, amp_dtype=engine.AMP_DTYPES[args.eval_amp])
             engine.log_eval(log, results, epoch, prog.step, args.epoch_eval_split, dist)
         prog.epoch = epoch + 1
         prog.metrics_offset = log.size()
@@ -766,7 +791,7 @@ def evaluate(args, run_dir: Path, dist: engine.DistInfo) -> int:
         translate_test=False,
         batch_size=args.eval_batch_size,
         num_workers=args.num_workers,
-        amp="off",
+        amp=args.eval_amp,
         k_test=None,
         pair_batch=1024,
         itm_batch=128,
