@@ -123,7 +123,8 @@ def test_mclip_resume_with_another_amp_is_refused(world, tmp_path, monkeypatch):
         MC.main(cli(world, tmp_path / "cut", "--resume", "--amp", "off"))
 
 
-def test_mclip_help_lists_amp(capsys):
+def test_mclip_trains_in_float32_unless_asked_as_the_reference_and_help_lists_amp(capsys):
+    assert MC.build_parser().get_default("amp") == "off"  # the published numbers are float32 training
     with pytest.raises(SystemExit):
         MC.main(["--help"])
     out = capsys.readouterr().out
