@@ -424,7 +424,7 @@ def summary(scores: dict[str, float]) -> dict[str, float]:
     return {"target_avg": float(np.mean(targets)), **train_mclip.disparity(scores)}
 
 
-def compare(res: dict, base: str, langs) -> dict:
+def compare(res: dict, base: str, langs, resamples: int = 10_000) -> dict:
     """Every arm - base, paired on (pretraining seed, fine-tuning seed): target average, range, std, per language."""
     out = {}
     for arm, by_p in res.items():
@@ -442,7 +442,7 @@ def compare(res: dict, base: str, langs) -> dict:
                 for lang in langs:
                     table.setdefault(lang, {}).setdefault(p, {})[f] = scores[lang] - other[lang]
         if table:
-            out[arm] = {m: nested_bootstrap(v) for m, v in table.items()}
+            out[arm] = {m: nested_bootstrap(v, resamples) for m, v in table.items()}
     return out
 
 
@@ -463,10 +463,10 @@ def fmt_diff(d: dict) -> str:
     return f"{d['mean']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]{mark}"
 
 
-def report(out: Path, arms, langs, pseeds, fseeds, premise: list[dict], extra: dict) -> dict:
+def report(out: Path, arms, langs, pseeds, fseeds, premise: list[dict], extra: dict, resamples: int = 10_000) -> dict:
     res = collect(out, arms, langs, pseeds, fseeds)
     table = mean_table(res, langs)
-    comps = {base: compare(res, base, langs) for base in ("suf", "full")}
+    comps = {base: compare(res, base, langs, resamples) for base in ("suf", "full")}
     lines = ["# Synthetic M-CLIP study (docs/synthetic.md, Study 2)", ""]
     lines += ["Premise (zero-shot mean R@1 on held-out scenes, per pretraining seed):", ""]
     for pr in premise:
@@ -498,6 +498,14 @@ def report(out: Path, arms, langs, pseeds, fseeds, premise: list[dict], extra: d
 # ---------------------------------------------------------------------------------------------- main
 
 
+def compute(out: Path, pseeds: Sequence[int]) -> dict:
+    """CPU seconds (one thread each) of the fine-tuning runs (timing.jsonl, every call) and of pretraining."""
+    timing = out / "timing.jsonl"
+    runs = [json.loads(line) for line in timing.read_text().splitlines()] if timing.is_file() else []
+    pre = {s: json.loads((out / f"text_seed{s}" / "pretrain.json").read_text())["cpu_s"] for s in pseeds}
+    return {"runs": len(runs), "runs_cpu_s": round(sum(r["cpu_s"] for r in runs), 1), "pretrain_cpu_s": pre}
+
+
 def load_world_config(world: str | None, seed: int) -> sw.WorldConfig:
     if world is None:
         return sw.WorldConfig(seed=seed)
@@ -518,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2, help="fine-tuning processes at once (one thread each)")
     p.add_argument("--pretrain-only", action="store_true", help="stop after pretraining and the premise checks")
     p.add_argument("--report-only", action="store_true", help="only collect finished runs and report")
+    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples per interval (protocol: 10,000)")
     p.add_argument("--record", action="store_true", help=f"also write the record {RECORD.relative_to(ROOT)}")
     p.add_argument("--config", default=None, help="json of StudyConfig fields to override (tests: a tiny study)")
     return p
@@ -532,7 +541,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     world_cfg = load_world_config(args.world, 0)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    start = time.time()
     if not args.report_only:
         prepare(world_cfg, cfg, out)
         with ProcessPoolExecutor(max_workers=min(args.jobs, len(args.pretrain_seeds))) as pool:
@@ -549,8 +557,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not args.report_only:
         jobs = job_list(out, cfg, args.arms, args.langs, args.pretrain_seeds, args.finetune_seeds)
         run_jobs(jobs, args.jobs, out / "timing.jsonl")
-    extra = {"config": asdict(cfg), "arms": {a: ARMS[a] for a in args.arms}, "wall_s_this_call": time.time() - start}
-    record = report(out, args.arms, args.langs, args.pretrain_seeds, args.finetune_seeds, premise, extra)
+    extra = {
+        "config": asdict(cfg),
+        "arms": {a: ARMS[a] for a in args.arms},
+        "compute": compute(out, args.pretrain_seeds),
+    }
+    record = report(
+        out, args.arms, args.langs, args.pretrain_seeds, args.finetune_seeds, premise, extra, args.resamples
+    )
     if args.record:
         RECORD.write_text(json.dumps(record, indent=1) + "\n")
     return record

@@ -45,7 +45,18 @@ def study(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("mclip") / "study"
     cfg = out.parent / "tiny.json"
     cfg.write_text(json.dumps(TINY))
-    argv = ["--out", str(out), "--config", str(cfg), "--pretrain-seeds", "0", "--finetune-seeds", "1"]
+    argv = [
+        "--out",
+        str(out),
+        "--config",
+        str(cfg),
+        "--pretrain-seeds",
+        "0",
+        "--finetune-seeds",
+        "1",
+        "--resamples",
+        "200",
+    ]
     record = sm.main(argv + ["--langs", "en", "rl", "--arms", "zeroshot", "lora", "full", "suf", "--jobs", "1"])
     return out, record
 
