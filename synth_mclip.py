@@ -10,8 +10,9 @@ Study 2). From a synthetic world (synth_world.py) it writes:
 - an M-CLIP-like text tower per pretraining seed: a 4-layer XLM-R (hidden 64) of the world's vocabulary + mean
   pooling + LinearTransformation, trained CLIP-style (symmetric InfoNCE with a learned temperature) against the
   frozen image features on captions of every language with English the majority language and `lo` at 1/20 of
-  English, saved in the released M-CLIP layout (a folder with model.safetensors of transformer.* / LinearTransformation.* keys, the
-  tokenizer, text_config.json), so train_mclip.py --text-checkpoint and --tokenizer load it unchanged;
+  English, saved in the released M-CLIP layout (a folder with model.safetensors of transformer.* /
+  LinearTransformation.* keys, the tokenizer, text_config.json), so train_mclip.py --text-checkpoint and
+  --tokenizer load it unchanged;
 
 then checks the premise (zero-shot R@1 per language on held-out scenes), runs the arms through train_mclip.main and
 reports per-language R@1, the disparity (average, range, std) and paired differences with nested bootstrap intervals.
