@@ -20,7 +20,7 @@ M30K_LANGS  := en de fr cs
 mclip_require = @missing=""; for p in $(1); do [ -e "$$p" ] || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "error: missing input(s):$$missing (set XTD=, MULTI30K=, COCO=, FLICKR=, MCLIP=, CLIP_VISION=, XTD_FEATS= or M30K_FEATS=; see README)" >&2; exit 2; fi
 MCLIP_ARGS   = --routine $(ROUTINE) --align-loss $(ALIGN) --pet $(PET) --text-checkpoint $(MCLIP) --tokenizer $(MCLIP)
-.PHONY: mclip-help pet-features-xtd pet-features-multi30k pet-xtd pet-multi30k pet-xtd-grid pet-multi30k-grid pet-table
+.PHONY: mclip-help synth-mclip pet-features-xtd pet-features-multi30k pet-xtd pet-multi30k pet-xtd-grid pet-multi30k-grid pet-table
 
 ## pet-features-xtd   CLIP ViT-L/14 image features of XTD10 (COCO=train2014/ val2014/ folder), once for all runs
 pet-features-xtd:
@@ -53,6 +53,11 @@ pet-multi30k-grid:
 pet-table:
 	$(call mclip_require,$(OUT))
 	$(PY) train_mclip.py table $(OUT)/mclip-*/ $(if $(BASELINE),--baseline $(BASELINE))
+
+## synth-mclip       the method in the synthetic world vs SUF, with intervals (docs/synthetic.md Study 2; SYNTH=synth_out)
+synth-mclip: $(INSTALL)
+	@[ -e $(SYNTH)/world/world.json ] || $(PY) synth_world.py --out $(SYNTH)/world
+	$(PY) synth_mclip.py --world $(SYNTH)/world --out $(SYNTH)/mclip --record
 
 # `make help` lists these targets too (an extra prerequisite of the Makefile's help target)
 help: mclip-help

@@ -933,7 +933,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     langs = data.XTD_LANGS if args.dataset == "xtd" else data.MULTI30K_LANGS
-    if args.lang not in langs:
+    # a set in XTD10's layout with other languages (the synthetic world's, synth_mclip.py) has its caption file
+    other_xtd = args.dataset == "xtd" and Path(args.data_root, data.XTD_FILES["native"].format(args.lang)).is_file()
+    if args.lang not in langs and not other_xtd:
         raise SystemExit(f"error: --lang {args.lang}: {args.dataset} has {', '.join(langs)}")
     for name in ("epochs", "batch_size", "eval_steps", "eval_batch_size"):
         if getattr(args, name) < (0 if name == "epochs" else 1):
