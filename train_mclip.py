@@ -1067,6 +1067,7 @@ def run(args, dist: "engine.DistInfo") -> dict:
         "dataset": args.dataset,
         "n_shot": args.n_shot,
         "test_text": test_kind,
+        "policy": args.policy,
         "trainable": trainable,
         "base": base,
         "args": engine.json_safe(vars(args)),
@@ -1208,7 +1209,8 @@ def table_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def read_groups(run_dirs: Sequence[str]) -> dict[str, dict[str, float]]:
-    """{group name: {lang: test mean R@1}}; group = dataset/routine/pet/n_shot[/test:<text kind>]."""
+    """{group name: {lang: test mean R@1}}; group = dataset/routine/pet/n_shot[/test:<text kind>][/policy:<p>]
+    (the policy is named when it is not full: `--pet full --policy suf` runs are a group of their own)."""
     groups: dict[tuple, dict[str, float]] = {}
     for d in run_dirs:
         path = Path(d) / "results.json"
@@ -1217,6 +1219,7 @@ def read_groups(run_dirs: Sequence[str]) -> dict[str, dict[str, float]]:
         r = data.read_json(path, annotations=False)
         key = (r["dataset"], r["routine"], r["pet"], r["n_shot"])
         key += (f"test:{r['test_text']}",) if "test_text" in r else ()
+        key += (f"policy:{r['policy']}",) if r.get("policy", "full") != "full" else ()
         scores = groups.setdefault(key, {})
         if r["lang"] in scores:
             raise SystemExit(f"error: {path}: a second {r['lang']} run of group {'/'.join(map(str, key))}")

@@ -774,6 +774,21 @@ def _write_results(folder: Path, routine: str, scores: dict[str, float]) -> list
     return runs
 
 
+def test_table_keeps_runs_of_another_freeze_policy_in_a_group_of_their_own(tmp_path):
+    runs = []
+    for policy, score in (("full", 50.0), ("suf", 47.0), (None, 45.0)):  # None: a results.json without the key
+        run = tmp_path / f"{policy}-de"
+        run.mkdir()
+        result = {"dataset": "xtd", "routine": "method1", "pet": "full", "n_shot": 50, "lang": "de"}
+        result.update({"test": {"mean_r1": score}, **({"policy": policy} if policy else {})})
+        M.write_json_atomic(run / "results.json", result)
+        runs.append(str(run))
+    out = M.main(["table", runs[0], runs[1]])
+    assert out["xtd/method1/full/50"]["de"] == 50.0 and out["xtd/method1/full/50/policy:suf"]["de"] == 47.0
+    with pytest.raises(SystemExit, match="a second de run of group xtd/method1/full/50$"):
+        M.main(["table", runs[0], runs[2]])  # no policy recorded = full
+
+
 def test_table_prints_the_reported_drops_and_each_groups_change_against_a_named_baseline(tmp_path, capsys):
     base = _write_results(tmp_path, "baseline2", {"en": 60.0, "de": 40.0, "fr": 50.0})  # range 20, std 8.165
     ours = _write_results(tmp_path, "method3", {"en": 60.0, "de": 52.0, "fr": 56.0})  # range 8, std 3.266
