@@ -138,7 +138,7 @@ def targets_avg(acc: dict[str, float], aux: str) -> float:
     return float(np.mean([v for lang, v in acc.items() if lang not in ("en", aux)]))
 
 
-def paired(results: dict, a: str, b: str, aux: str) -> dict:
+def paired(results: dict, a: str, b: str, aux: str, n_boot: int = 10_000) -> dict:
     """Paired differences a - b on (pretraining seed, fine-tuning seed): the target average, the non-English
     average (auxiliary included) and each language, with synth_study's two-level bootstrap intervals."""
     table: dict = {"targets": {}, "non_en": {}, **{lang: {} for lang in sw.LANGS}}
@@ -151,7 +151,7 @@ def paired(results: dict, a: str, b: str, aux: str) -> dict:
             table["non_en"].setdefault(ps, {})[fs] = ss.non_en_avg(acc) - ss.non_en_avg(base)
             for lang in sw.LANGS:
                 table[lang].setdefault(ps, {})[fs] = acc[lang] - base[lang]
-    return {k: ss.paired_bootstrap(v) for k, v in table.items()} if table["targets"] else {}
+    return {k: ss.paired_bootstrap(v, n=n_boot) for k, v in table.items()} if table["targets"] else {}
 
 
 def study(
@@ -164,6 +164,7 @@ def study(
     iters: int | None = None,
     workers: int = 2,
     runner: Runner = ss.parallel,
+    n_boot: int = 10_000,
 ) -> dict:
     """Run what is missing (headline runs first, then the controls, then the matrix of the first pair), then
     collect and compare. The study's full and SUF runs of every pair must exist (make synth)."""
@@ -191,10 +192,12 @@ def study(
     todo = [job for group in jobs.values() for job in group if not _evaluated(job)]
     print(f"xvl-maml: {len(todo)} run(s) to do ...", flush=True)
     runner(todo, workers)
-    return collect(out, pairs, jobs, matrix_aux, mdir, runs / f"full-p{ps0}-f{fs0}")
+    return collect(out, pairs, jobs, matrix_aux, mdir, runs / f"full-p{ps0}-f{fs0}", n_boot)
 
 
-def collect(out: Path, pairs, jobs: dict, matrix_aux: Sequence[str], mdir: Path, first_full: Path) -> dict:
+def collect(
+    out: Path, pairs, jobs: dict, matrix_aux: Sequence[str], mdir: Path, first_full: Path, n_boot: int = 10_000
+) -> dict:
     results: dict = {k: {} for k in ("full", "suf", "xvlmaml", "control")}
     for ps, fs in pairs:
         for pol in BASELINES:
@@ -206,7 +209,7 @@ def collect(out: Path, pairs, jobs: dict, matrix_aux: Sequence[str], mdir: Path,
         kind: [c for c in (job_cpu_seconds(log) for _, log in group) if c is not None] for kind, group in jobs.items()
     }
     comparisons = {
-        f"{a} - {b}": paired(results, a, b, AUX)
+        f"{a} - {b}": paired(results, a, b, AUX, n_boot)
         for a, b in (("xvlmaml", "full"), ("xvlmaml", "suf"), ("control", "full"), ("xvlmaml", "control"))
     }
     matrix = None

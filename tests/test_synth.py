@@ -322,3 +322,48 @@ def test_english_premise_needs_every_full_run_15_points_above_its_blind_floor():
     study["results"]["full"][0][1]["en"] = 54.0
     assert not synth_study.english_premise(study)[0]["holds"]
     assert "FAILS" in synth_study.premise_note(study) and "not evidence" in synth_study.premise_note(study)
+
+
+def test_synth_xvlmaml_continues_the_study_runs_and_reports_paired_comparisons(tmp_path):
+    """A tiny study folder (world + full and SUF runs of one seed pair) -> synth_xvlmaml: the auxiliary data is
+    added, XVL-MAML and the contrastive-weight-0 control run through the real xvlmaml.py (a head of the world's 14
+    answers), the report holds the comparison rows and the matrix; differences are the runs' own; a second call
+    runs nothing and reports the same."""
+    import synth_study
+    import synth_xvlmaml as sx
+    import xvlmaml
+
+    out = tmp_path / "study"
+    world = out / "world"
+    sw.build_world(world, TINY)
+    for policy in sx.BASELINES:  # from random initialisation: what is measured here is the plumbing
+        cmd, _ = synth_study.finetune_job(world, None, policy, 0, 1e-3, out / "runs" / f"{policy}-p0-f0", max_steps=1)
+        train_uc2.main(cmd[2:] + ["--epochs", "1", "--batch-size", "8", "--eval-every", "1"])
+    ran = []
+
+    def in_process(jobs, workers):
+        for cmd, _ in jobs:
+            ran.append(cmd)
+            assert xvlmaml.main(cmd[2:] + ["--support-size", "4", "--query-size", "4", "--en-batch-size", "4"]) == 0
+
+    rep = sx.study(out, [0], [0], matrix_aux=("rl",), iters=1, runner=in_process, n_boot=100)
+    assert (world / sw.AUX_FEATURES).is_dir() and len(ran) == 2  # xvlmaml, control (the matrix row rl is xvlmaml)
+    assert ran[1][ran[1].index("--cl-weight") + 1] == "0.0" and ran[0][ran[0].index("--aux-lang") + 1] == "rl"
+    full, xvl = rep["results"]["full"][0][0], rep["results"]["xvlmaml"][0][0]
+    assert set(xvl) == set(sw.LANGS)
+    want = sx.targets_avg(xvl, "rl") - sx.targets_avg(full, "rl")
+    assert sx.targets_avg(xvl, "rl") == pytest.approx(np.mean([xvl[x] for x in ("sw", "cr", "lo")]))
+    got = rep["comparisons"]["xvlmaml - full"]["targets"]
+    assert got["mean"] == pytest.approx(want) and got["n_pairs"] == 1
+    assert set(rep["comparisons"]) == {"xvlmaml - full", "xvlmaml - suf", "control - full", "xvlmaml - control"}
+    assert rep["matrix"]["rows"] == {"rl": pytest.approx(xvl)} and rep["matrix"]["baseline"] == pytest.approx(full)
+    report = sx.format_report(rep)
+    for row in ("| xvlmaml − full (n=1) |", "| xvlmaml − suf (n=1) |", "| control − full (n=1) |"):
+        assert row.replace(" (n=1)", " | 1") in report
+    assert "too few pairs" in report and "Auxiliary x target matrix" in report
+    record = tmp_path / "record.json"
+    record.write_text(json.dumps({"design": "d", "comparisons": {"suf": {}}}))
+    sx.record(rep, record)
+    rec = json.loads(record.read_text())
+    assert rec["comparisons"] == {"suf": {}} and rec["xvlmaml"]["comparisons"].keys() == rep["comparisons"].keys()
+    assert sx.study(out, [0], [0], matrix_aux=("rl",), iters=1, runner=in_process, n_boot=100) == rep and len(ran) == 2
