@@ -437,7 +437,7 @@ def resolve_init(args) -> dict:
     if not args.run:
         args.init = str(args.checkpoint)
         return {}
-    init = Z._run_checkpoint(Path(args.run))
+    init = Z.run_checkpoint(Path(args.run))
     try:
         meta = Z.load_meta(init)
     except ValueError as e:
@@ -447,7 +447,7 @@ def resolve_init(args) -> dict:
     if args.task and args.task != meta["task"]:
         raise SystemExit(f"error: --task {args.task} but the run {args.run} is {meta['task']}")
     args.task, args.init = meta["task"], str(init)
-    run_args = Z._run_args(Path(args.run))
+    run_args = Z.read_run_args(Path(args.run))
     for key in ("data_root", "features", "tokenizer", "max_regions"):
         if getattr(args, key) is None:
             setattr(args, key, run_args.get(key, meta.get(key)))
@@ -517,7 +517,7 @@ def build_data(args, tokenizer, num_answers: int = data.NUM_ANSWERS):
     """(auxiliary pool, English training set or None, collate); every feature key checked now. num_answers: the
     model's answer-head width (config["num_answers"]), the width of the xGQA training targets."""
     try:
-        serialized, keyed = U._split_features(args.features or [])
+        serialized, keyed = U.split_features(args.features or [])
         features = U.FeatureSet(keyed) if keyed else None
         if features is None:
             raise SystemExit("error: --features is required (image-keyed region-feature LMDB/H5)")
@@ -772,7 +772,7 @@ def evaluate(args, run_dir: Path, dist: engine.DistInfo) -> int:
         pair_batch=1024,
         itm_batch=128,
     )
-    return Z._evaluate(eargs, dist)
+    return Z.evaluate(eargs, dist)
 
 
 def cmd_train(args, dist: engine.DistInfo) -> int:
