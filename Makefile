@@ -55,7 +55,7 @@ need_run = @[ -n "$(RUN)" ] || { echo "error: RUN= names the run folder to evalu
 RUN_PATHS = $(RUN) $(call given,DATA,$(DATA)/datasets) $(call given,FEATURES,$(FEATURES)) $(call given,IMAGES,$(IMAGES))
 INPUTS = $(DATA)/datasets $(VISUAL) $(CKPT)
 
-.PHONY: install test demo bench help synth synth-world synth-pretrain table1 figures eval translate-test sanity \
+.PHONY: install test demo bench help synth synth-world synth-pretrain synth-xvlmaml table1 figures eval translate-test sanity \
 	xgqa-full xgqa-suf xvnli-full xvnli-suf xflickrco-full xflickrco-suf \
 	xgqa-llrd-sweep xgqa-llrd-0.98 xgqa-llrd-0.95 xgqa-llrd-0.88 xgqa-llrd-0.75 xgqa-top6 \
 	fewshot-xgqa-full fewshot-xgqa-suf
@@ -93,6 +93,10 @@ synth-pretrain: $(INSTALL)
 ## synth           the whole study: premise checks, 4 policies x 2 pretraining x 2 fine-tuning seeds (< 1 h, 2 cores)
 synth: $(INSTALL)
 	$(PY) synth_study.py --out $(SYNTH) --checkpoint tests/fixtures/synth/pretrain_seed0.bin --lr 3e-4 --record
+
+## synth-xvlmaml   XVL-MAML vs full and SUF on the study's seed pairs (docs/synthetic.md A8; after make synth)
+synth-xvlmaml: $(INSTALL)
+	$(PY) synth_xvlmaml.py --out $(SYNTH) --record
 
 ## bench           every bench/ script, one table in bench/results/TABLE.md
 bench: $(INSTALL)

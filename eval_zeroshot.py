@@ -958,7 +958,8 @@ def load_released_uc2(path: str | Path, task: str, config: str = "base", device=
     return model.to(device).eval(), {"model": "uc2", "task": task, "config": cfg, "policy": "released"}
 
 
-def _run_checkpoint(run: Path) -> Path:
+def run_checkpoint(run: Path) -> Path:
+    """The model of a run folder: model_final.pt, else the resume checkpoint."""
     for name in (engine.FINAL, engine.CHECKPOINT):
         if (run / name).is_file():
             return run / name
@@ -1005,7 +1006,8 @@ def _data_args(
         e.add_argument("--itm-batch", type=int, default=128, help="CCLM retrieval: pairs per ITM forward")
 
 
-def _run_args(run: Path | None) -> dict:
+def read_run_args(run: Path | None) -> dict:
+    """A run folder's args.json ({} when there is none)."""
     path = run / engine.ARGS if run is not None else None
     return data.read_json(path, annotations=False) if path is not None and path.is_file() else {}
 
@@ -1030,23 +1032,25 @@ def _resolve_data(args, run_args: dict, meta: dict) -> None:
 def cmd_evaluate(args) -> int:
     dist = engine.setup_distributed()
     try:
-        return _evaluate(args, dist)
+        return evaluate(args, dist)
     finally:
         engine.cleanup_distributed()
 
 
-def _evaluate(args, dist) -> int:
+def evaluate(args: argparse.Namespace, dist: engine.DistInfo) -> int:
+    """Zero-shot evaluation of --run's final model (or --checkpoint) in --langs, in the caller's process group:
+    the evaluate command's body (xvlmaml's final evaluation calls it); writes results.json and the IGLUE CSVs."""
     if bool(args.run) == bool(args.checkpoint):
         raise SystemExit("error: give exactly one of --run RUN_DIR or --checkpoint FILE")
     run = Path(args.run) if args.run else None
-    ckpt = _run_checkpoint(run) if run else Path(args.checkpoint)
+    ckpt = run_checkpoint(run) if run else Path(args.checkpoint)
     out_dir = Path(args.output_dir) if args.output_dir else (run or ckpt.parent)
     try:
         if getattr(args, "released_task", None):
             model, meta = load_released_uc2(ckpt, args.released_task, args.released_config, dist.device)
         else:
             model, meta = load_model(ckpt, dist.device)
-        _resolve_data(args, _run_args(run or ckpt.parent), meta)
+        _resolve_data(args, read_run_args(run or ckpt.parent), meta)
         tokenizer = data.load_tokenizer(args.tokenizer)
         model.prepare_task(args.data_root, tokenizer)
         task = meta["task"]
@@ -1135,12 +1139,12 @@ def cmd_similarity(args) -> int:
     dist = engine.setup_distributed()
     run = Path(args.run)
     try:
-        model, meta = load_model(_run_checkpoint(run), dist.device)
+        model, meta = load_model(run_checkpoint(run), dist.device)
         if meta["task"] not in ("xgqa", "xvnli"):
             raise SystemExit(
                 f"error: similarity needs an xgqa or xvnli run (translation-parallel examples), {run} is {meta['task']}"
             )
-        _resolve_data(args, _run_args(run), meta)
+        _resolve_data(args, read_run_args(run), meta)
         tokenizer = data.load_tokenizer(args.tokenizer)
         sets = engine.build_eval_sets(
             meta["model"],
@@ -1165,7 +1169,7 @@ def cmd_similarity(args) -> int:
             task=meta["task"],
             policy=meta.get("policy"),
             split=args.split,
-            checkpoint=str(_run_checkpoint(run)),
+            checkpoint=str(run_checkpoint(run)),
         )
         engine.atomic_write_text(out / "fig4_cls_similarity.json", json.dumps(sim, indent=1) + "\n")
         plot_similarity(
@@ -1351,13 +1355,13 @@ def cmd_fewshot(args) -> int:
 def _fewshot(args, dist: engine.DistInfo) -> int:
     if bool(args.run) == bool(args.checkpoint):
         raise SystemExit("error: give exactly one of --run RUN_DIR or --checkpoint FILE")
-    init = _run_checkpoint(Path(args.run)) if args.run else Path(args.checkpoint)
+    init = run_checkpoint(Path(args.run)) if args.run else Path(args.checkpoint)
     try:
         meta = load_meta(init)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     task, model_name = meta["task"], meta["model"]
-    _resolve_data(args, _run_args(init.parent), meta)
+    _resolve_data(args, read_run_args(init.parent), meta)
     train_split = f"train_{args.shots}"
     if args.lang not in data.available_langs(args.data_root, task, train_split):
         raise SystemExit(
@@ -1451,7 +1455,7 @@ def _fewshot(args, dist: engine.DistInfo) -> int:
             "translate_test": False,
         }
     )
-    return _evaluate(eargs, dist)
+    return evaluate(eargs, dist)
 
 
 def _fewshot_trial(run_dir: Path, task: str, sel_lang: str | None, lr: float) -> dict:

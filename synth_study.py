@@ -601,6 +601,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"world {study['world']['version']}, {len(args.pretrain_seeds)} pretraining x "
             f"{len(args.finetune_seeds)} fine-tuning seeds, lr {lr}, batch {FT['batch_size']}"
         )
+        kept = {k: v for k, v in json.loads(RECORD.read_text()).items() if k == "xvlmaml"} if RECORD.is_file() else {}
         RECORD.write_text(
             json.dumps(
                 {
@@ -608,6 +609,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "note": premise_note(study),
                     "summary": study["summary"],
                     "comparisons": study["comparisons"],
+                    **kept,  # synth_xvlmaml.py's entry (its own command writes it)
                 },
                 indent=1,
             )

@@ -371,36 +371,34 @@ def write_task(cfg: WorldConfig, out: Path, lex: dict) -> dict[str, list[dict]]:
             ],
         )
     for lang in LANGS:
-        _dump_json(
-            ds / "xGQA" / "annotations" / "few_shot" / lang / "test.json",
-            {
-                q["qid"]: {
-                    "question": render(q["sentence"], lang, lex),
-                    "imageId": q["image"],
-                    "answer": q["answer"],
-                    "types": {"structural": QTYPES[q["kind"]], "semantic": "attr", "detailed": q["kind"]},
-                }
-                for q in sets["test"]
-            },
-        )
+        _dump_json(ds / "xGQA" / "annotations" / "few_shot" / lang / "test.json", _native_gqa(sets["test"], lang, lex))
     return sets
 
 
-def task_scenes(cfg: WorldConfig) -> Iterator[tuple[str, list[Obj], np.random.Generator]]:
-    for stream, n in (("train", cfg.train_scenes), ("valid", cfg.valid_scenes), ("test", cfg.test_scenes)):
+def task_streams(cfg: WorldConfig) -> tuple[tuple[str, int], ...]:
+    return (("train", cfg.train_scenes), ("valid", cfg.valid_scenes), ("test", cfg.test_scenes))
+
+
+def task_scenes(
+    cfg: WorldConfig, streams: Sequence[tuple[str, int]] | None = None
+) -> Iterator[tuple[str, list[Obj], np.random.Generator]]:
+    for stream, n in task_streams(cfg) if streams is None else streams:
         for i in range(n):
             rng = scene_rng(cfg, stream, i)
             feature_rng = np.random.default_rng([cfg.seed, 13, zlib.crc32(stream.encode()), i])
             yield f"{stream}{i:05d}", sample_scene(rng, cfg), feature_rng
 
 
-def write_features(cfg: WorldConfig, path: Path, blind: bool = False) -> Path:
+def write_features(
+    cfg: WorldConfig, path: Path, blind: bool = False, streams: Sequence[tuple[str, int]] | None = None
+) -> Path:
     """Region-feature LMDB in IGLUE's h5_to_lmdb.py layout (pickled dict per image id + `keys`).
-    blind: every region's features are zero (boxes kept): the question-only floor's input."""
+    blind: every region's features are zero (boxes kept): the question-only floor's input.
+    streams: (scene stream, scene count) pairs (default: the task's train, valid, test)."""
     import lmdb
 
     books = codebooks(cfg)
-    items = list(task_scenes(cfg))
+    items = list(task_scenes(cfg, streams))
     path.mkdir(parents=True, exist_ok=True)
     per_image = cfg.max_objects * (data.FEATURE_DIM * 4 + 64) + 2048
     env = lmdb.open(str(path), map_size=2 * per_image * len(items) + (1 << 22))
@@ -422,6 +420,63 @@ def write_features(cfg: WorldConfig, path: Path, blind: bool = False) -> Path:
         txn.put(b"keys", pickle.dumps([k.encode() for k, _, _ in items], protocol=4))
     env.close()
     return path
+
+
+# ---------------------------------------------------------------------------------------------- auxiliary data
+# XVL-MAML (xvlmaml.py, docs/synthetic.md amendment A8) meta-trains on an auxiliary language's xGQA dev split.
+# Written by add_auxiliary, never by build_world: a world without it is byte-identical to the worlds the study's
+# runs and the shipped fixtures were made from. Its own scene stream ("aux") and its own LMDB, so no existing file
+# changes. Sizes are constants, not WorldConfig fields: a new field would change world.json and the world record
+# the shipped pretraining checkpoint carries.
+AUX_STREAM = "aux"
+AUX_SCENES = 200  # as the English dev split (valid)
+AUX_QUESTIONS_PER_SCENE = 3
+AUX_FEATURES = "features_aux.lmdb"
+
+
+def auxiliary_questions(cfg: WorldConfig) -> list[dict]:
+    return task_questions(cfg, AUX_STREAM, AUX_SCENES, AUX_QUESTIONS_PER_SCENE)
+
+
+def _native_gqa(questions: list[dict], lang: str, lex: dict) -> dict:
+    """xGQA's file format (GQA native, structural question types) of questions rendered in `lang`."""
+    return {
+        q["qid"]: {
+            "question": render(q["sentence"], lang, lex),
+            "imageId": q["image"],
+            "answer": q["answer"],
+            "types": {"structural": QTYPES[q["kind"]], "semantic": "attr", "detailed": q["kind"]},
+        }
+        for q in questions
+    }
+
+
+def add_auxiliary(world: Path) -> Path:
+    """Write xGQA/annotations/few_shot/<lang>/dev.json in every language (exact translations: the same question
+    ids, scenes and answers) and their region features in <world>/features_aux.lmdb; the scenes come from their
+    own stream, so they are new images (not train/valid/test, not pretraining scenes). Idempotent: a world that
+    already has features_aux.lmdb (written last) is left as it is. Returns the LMDB's path."""
+    world = Path(world)
+    if not (world / "world.json").is_file():
+        raise SystemExit(f"error: {world}: no world.json (not a complete synthetic world)")
+    lmdb_path = world / AUX_FEATURES
+    if lmdb_path.exists():
+        return lmdb_path
+    cfg = load_config(world)
+    lex = lexicons(cfg)
+    questions = auxiliary_questions(cfg)
+    for lang in LANGS:
+        _dump_json(
+            world / "datasets" / "xGQA" / "annotations" / "few_shot" / lang / "dev.json",
+            _native_gqa(questions, lang, lex),
+        )
+    partial = world / (AUX_FEATURES + ".partial")
+    if partial.exists():  # an interrupted earlier call
+        for f in partial.iterdir():
+            f.unlink()
+    write_features(cfg, partial, streams=((AUX_STREAM, AUX_SCENES),))
+    partial.rename(lmdb_path)
+    return lmdb_path
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -493,9 +548,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="world folder to create (must not hold a world yet)")
     p.add_argument("--seed", type=int, default=0, help="world seed (codebooks, lexicons, task scenes)")
+    p.add_argument(
+        "--aux",
+        action="store_true",
+        help="add the auxiliary-language dev splits (XVL-MAML) to the world at --out, building it first if absent",
+    )
     args = p.parse_args(argv)
-    build_world(Path(args.out), WorldConfig(seed=args.seed))
-    print(f"world written to {args.out}")
+    if not (args.aux and (Path(args.out) / "world.json").is_file()):
+        build_world(Path(args.out), WorldConfig(seed=args.seed))
+        print(f"world written to {args.out}")
+    if args.aux:
+        print(f"auxiliary dev splits and features written: {add_auxiliary(Path(args.out))}")
 
 
 if __name__ == "__main__":

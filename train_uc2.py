@@ -915,7 +915,8 @@ class FeatureSet:
         return self._reader_for(key).regions(key, max_regions)
 
 
-def _split_features(paths: list[str]) -> tuple[list[str], list[str]]:
+def split_features(paths: list[str]) -> tuple[list[str], list[str]]:
+    """--features: (serialized GQA LMDBs, image-keyed files); a missing path is a one-line error."""
     for p in paths:
         if not os.path.exists(p):
             raise SystemExit(f"error: --features {p} does not exist")
@@ -926,7 +927,7 @@ def _split_features(paths: list[str]) -> tuple[list[str], list[str]]:
 def open_feature_files(paths: list[str]) -> tuple[FeatureSet | None, list[str]]:
     """--features: the image-keyed files as one FeatureSet (None: there are none) and the serialized GQA LMDBs."""
     with engine.about("--features"):  # unreadable / truncated LMDB or H5
-        serialized, keyed = _split_features(paths)
+        serialized, keyed = split_features(paths)
         return (FeatureSet(keyed) if keyed else None), serialized
 
 

@@ -460,7 +460,7 @@ def resolve_init(args) -> dict:
     if not args.run:
         args.init = str(args.checkpoint)
         return {}
-    init = Z._run_checkpoint(Path(args.run))
+    init = Z.run_checkpoint(Path(args.run))
     try:
         meta = Z.load_meta(init)
     except ValueError as e:
@@ -470,7 +470,7 @@ def resolve_init(args) -> dict:
     if args.task and args.task != meta["task"]:
         raise SystemExit(f"error: --task {args.task} but the run {args.run} is {meta['task']}")
     args.task, args.init = meta["task"], str(init)
-    run_args = Z._run_args(Path(args.run))
+    run_args = Z.read_run_args(Path(args.run))
     for key in ("data_root", "features", "tokenizer", "max_regions"):
         if getattr(args, key) is None:
             setattr(args, key, run_args.get(key, meta.get(key)))
@@ -536,10 +536,11 @@ def build_model(args, meta: dict, dist) -> tuple[XVLModel, dict, object]:
     return XVLModel(model, head, args.cl_embed, not args.cl_keep_same_image), config, tokenizer
 
 
-def build_data(args, tokenizer):
-    """(auxiliary pool, English training set or None, collate); every feature key checked now."""
+def build_data(args, tokenizer, num_answers: int = data.NUM_ANSWERS):
+    """(auxiliary pool, English training set or None, collate); every feature key checked now. num_answers: the
+    model's answer-head width (config["num_answers"]), the width of the xGQA training targets."""
     try:
-        serialized, keyed = U._split_features(args.features or [])
+        serialized, keyed = U.split_features(args.features or [])
         features = U.FeatureSet(keyed) if keyed else None
         if features is None:
             raise SystemExit("error: --features is required (image-keyed region-feature LMDB/H5)")
@@ -582,7 +583,7 @@ def build_data(args, tokenizer):
         )
     if en_ds is not None and args.en_batch_size > len(en_ds):
         raise SystemExit(f"error: --en-batch-size {args.en_batch_size} exceeds the {len(en_ds)} English examples")
-    return aux_ds, en_ds, data.UC2Collate(args.task, tokenizer, train=True), features
+    return aux_ds, en_ds, data.UC2Collate(args.task, tokenizer, train=True, num_answers=num_answers), features
 
 
 def check_resume_args(args, run_dir: Path) -> None:
@@ -611,7 +612,7 @@ def train(args, dist: engine.DistInfo) -> Path:
     cfg = maml_config(args)
     args.recipe, args.langs = "paper", args.eval_langs  # what engine.base_meta / run_meta record
     net, config, tokenizer = build_model(args, meta0, dist)
-    aux_ds, en_ds, collate, features = build_data(args, tokenizer)
+    aux_ds, en_ds, collate, features = build_data(args, tokenizer, config["num_answers"])
     evaluate_fn = epoch_evaluate_fn(args, tokenizer, features, dist)
     layout = xvl_layout(U.layer_layout(args.task, config))
     schedule = freeze.schedule_from_args(args, layout.num_layers)
@@ -796,7 +797,7 @@ def evaluate(args, run_dir: Path, dist: engine.DistInfo) -> int:
         pair_batch=1024,
         itm_batch=128,
     )
-    return Z._evaluate(eargs, dist)
+    return Z.evaluate(eargs, dist)
 
 
 def cmd_train(args, dist: engine.DistInfo) -> int:

@@ -44,6 +44,95 @@ def test_generator_writes_identical_files_from_the_same_config(world, tmp_path):
     assert _digest(other)[train] != _digest(world)[train]
 
 
+# Record digests of the TINY world as synth_world wrote it before the auxiliary data existed (commit 26bc9c8),
+# computed from file bytes (annotations, lexicon, config, world record) and decoded region records (LMDBs: the
+# container's bytes depend on the lmdb library, the records do not). The tokenizer file is left out: its bytes
+# are the tokenizers library's serialisation, and add_auxiliary does not touch it.
+TINY_DIGESTS_BEFORE_AUX = {
+    "datasets/gqa/annotations/train.json": "b2aa2775a096cfbcc1d263ca64d5b5beedfccb0d",
+    "datasets/gqa/annotations/trainval_ans2label.json": "cfef601cc930ebcafa620a4f5440c366b46e7480",
+    "datasets/gqa/annotations/trainval_label2ans.json": "e5c28e083052585962cfbda593a18e497e654048",
+    "datasets/gqa/annotations/valid.json": "d33ed875fc99224bc32de9c95cb9452e0c2dac1d",
+    "datasets/xGQA/annotations/few_shot/cr/test.json": "fd23a71aab94ddcb8ae669b8c6a438cfa3b527d0",
+    "datasets/xGQA/annotations/few_shot/en/test.json": "21fa730ab8605047138743552321dacedbc3f62d",
+    "datasets/xGQA/annotations/few_shot/lo/test.json": "2ec7b2b8327d7f30fe2a0621a4506df8b5386fd0",
+    "datasets/xGQA/annotations/few_shot/rl/test.json": "a47d23b821e556254e429d5eaa43d79adb2cc8df",
+    "datasets/xGQA/annotations/few_shot/sw/test.json": "9bf1ef9d4bbb92d1c9b3e2d9d731ac0a54f7b278",
+    "lexicon.json": "54524824e6fc0067e7ad759e344097aa4c95e17c",
+    "model_config.json": "25e0d76c4a79a52592bebf41389b2e26e71945c1",
+    "world.json": "b019f6839562d0d4cd6bdb717583e075cee99568",
+    "features.lmdb": "8a8dbc629f755f904900a46598aa2d109140e730",
+    "features_blind.lmdb": "c7e310926504e0fb24ee4ca93ae45ffc74605c26",
+}
+
+
+def _record_digests(folder: Path) -> dict[str, str]:
+    out = {
+        str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix != ".mdb" and p.parent.name != "tokenizer"
+    }
+    for db in sorted(folder.glob("*.lmdb")):
+        reader, h = data.open_features(db), hashlib.sha1()
+        for key in sorted(reader.keys()):
+            feats, boxes, w, hgt = reader.get(key)
+            h.update(key.encode() + np.ascontiguousarray(feats).tobytes() + np.ascontiguousarray(boxes).tobytes())
+            h.update(f"{w} {hgt}".encode())
+        out[db.name] = h.hexdigest()
+    return out
+
+
+def test_auxiliary_data_leaves_every_existing_record_of_the_world_as_it_was(tmp_path):
+    """build_world writes what it wrote before the auxiliary data existed; add_auxiliary only adds files (the
+    five dev.json and features_aux.lmdb), so the study's runs and the shipped fixtures stay valid."""
+    w = tmp_path / "w"
+    sw.build_world(w, TINY)
+    assert _record_digests(w) == TINY_DIGESTS_BEFORE_AUX
+    sw.add_auxiliary(w)
+    after = _record_digests(w)
+    added = {f"datasets/xGQA/annotations/few_shot/{lang}/dev.json" for lang in sw.LANGS} | {sw.AUX_FEATURES}
+    assert set(after) - set(TINY_DIGESTS_BEFORE_AUX) == added
+    assert {k: after[k] for k in TINY_DIGESTS_BEFORE_AUX} == TINY_DIGESTS_BEFORE_AUX
+    sw.add_auxiliary(w)  # a second call is a no-op
+    assert _record_digests(w) == after
+
+
+def test_auxiliary_dev_splits_are_translations_on_new_scenes(tmp_path):
+    """dev.json in every language: the same ids, images, answers and question types, each text the English one in
+    that language's words; its images are in features_aux.lmdb only, none a task or pretraining scene."""
+    w = tmp_path / "w"
+    sw.build_world(w, TINY)
+    sw.add_auxiliary(w)
+    lex = json.loads((w / "lexicon.json").read_text())
+    back = {lang: {v: k for k, v in table.items()} for lang, table in lex.items()}
+    en = data.load_split(w, "xgqa", "dev", "en")
+    assert len(en) == sw.AUX_SCENES * sw.AUX_QUESTIONS_PER_SCENE
+    assert data.available_langs(w, "xgqa", "dev") == sorted(sw.LANGS)
+    for lang in sw.LANGS:
+        got = data.load_split(w, "xgqa", "dev", lang)
+        assert [(e.id, e.image, e.gold, e.qtype) for e in got] == [(e.id, e.image, e.gold, e.qtype) for e in en]
+        for e_en, e in zip(en, got):
+            words = [x if x in sw.SHARED else back[lang][x] for x in e.text.split()]
+            assert Counter(words) == Counter(e_en.text.split())
+    aux = data.open_features(w / sw.AUX_FEATURES)
+    task = data.open_features(w / "features.lmdb")
+    images = {e.image for e in en}
+    assert aux.keys() == images and not images & task.keys()
+    test_images = {e.image for e in data.load_split(w, "xgqa", "test", "en")}
+    assert not images & test_images
+    # pretraining draws scenes from its own streams ([world seed, pretraining seed, stream, step]); none of its
+    # scene ids is an image id, and the auxiliary regions are drawn from the "aux" stream's own generators
+    scenes = {k: s for k, s, _ in sw.task_scenes(TINY, ((sw.AUX_STREAM, sw.AUX_SCENES),))}
+    f, _, _, _ = aux.get("aux00000")
+    assert f.shape == (len(scenes["aux00000"]), data.FEATURE_DIM)
+    train_uc2.FeatureSet([str(w / "features.lmdb"), str(w / sw.AUX_FEATURES)])  # the pair xvlmaml reads
+
+
+def test_add_auxiliary_refuses_a_folder_without_a_world(tmp_path):
+    with pytest.raises(SystemExit, match="no world.json"):
+        sw.add_auxiliary(tmp_path)
+
+
 def test_build_world_refuses_an_existing_world(world):
     with pytest.raises(SystemExit, match="already holds a world"):
         sw.build_world(world, TINY)
@@ -233,3 +322,48 @@ def test_english_premise_needs_every_full_run_15_points_above_its_blind_floor():
     study["results"]["full"][0][1]["en"] = 54.0
     assert not synth_study.english_premise(study)[0]["holds"]
     assert "FAILS" in synth_study.premise_note(study) and "not evidence" in synth_study.premise_note(study)
+
+
+def test_synth_xvlmaml_continues_the_study_runs_and_reports_paired_comparisons(tmp_path):
+    """A tiny study folder (world + full and SUF runs of one seed pair) -> synth_xvlmaml: the auxiliary data is
+    added, XVL-MAML and the contrastive-weight-0 control run through the real xvlmaml.py (a head of the world's 14
+    answers), the report holds the comparison rows and the matrix; differences are the runs' own; a second call
+    runs nothing and reports the same."""
+    import synth_study
+    import synth_xvlmaml as sx
+    import xvlmaml
+
+    out = tmp_path / "study"
+    world = out / "world"
+    sw.build_world(world, TINY)
+    for policy in sx.BASELINES:  # from random initialisation: what is measured here is the plumbing
+        cmd, _ = synth_study.finetune_job(world, None, policy, 0, 1e-3, out / "runs" / f"{policy}-p0-f0", max_steps=1)
+        train_uc2.main(cmd[2:] + ["--epochs", "1", "--batch-size", "8", "--eval-every", "1"])
+    ran = []
+
+    def in_process(jobs, workers):
+        for cmd, _ in jobs:
+            ran.append(cmd)
+            assert xvlmaml.main(cmd[2:] + ["--support-size", "4", "--query-size", "4", "--en-batch-size", "4"]) == 0
+
+    rep = sx.study(out, [0], [0], matrix_aux=("rl",), iters=1, runner=in_process, n_boot=100)
+    assert (world / sw.AUX_FEATURES).is_dir() and len(ran) == 2  # xvlmaml, control (the matrix row rl is xvlmaml)
+    assert ran[1][ran[1].index("--cl-weight") + 1] == "0.0" and ran[0][ran[0].index("--aux-lang") + 1] == "rl"
+    full, xvl = rep["results"]["full"][0][0], rep["results"]["xvlmaml"][0][0]
+    assert set(xvl) == set(sw.LANGS)
+    want = sx.targets_avg(xvl, "rl") - sx.targets_avg(full, "rl")
+    assert sx.targets_avg(xvl, "rl") == pytest.approx(np.mean([xvl[x] for x in ("sw", "cr", "lo")]))
+    got = rep["comparisons"]["xvlmaml - full"]["targets"]
+    assert got["mean"] == pytest.approx(want) and got["n_pairs"] == 1
+    assert set(rep["comparisons"]) == {"xvlmaml - full", "xvlmaml - suf", "control - full", "xvlmaml - control"}
+    assert rep["matrix"]["rows"] == {"rl": pytest.approx(xvl)} and rep["matrix"]["baseline"] == pytest.approx(full)
+    report = sx.format_report(rep)
+    for row in ("| xvlmaml − full (n=1) |", "| xvlmaml − suf (n=1) |", "| control − full (n=1) |"):
+        assert row.replace(" (n=1)", " | 1") in report
+    assert "too few pairs" in report and "Auxiliary x target matrix" in report
+    record = tmp_path / "record.json"
+    record.write_text(json.dumps({"design": "d", "comparisons": {"suf": {}}}))
+    sx.record(rep, record)
+    rec = json.loads(record.read_text())
+    assert rec["comparisons"] == {"suf": {}} and rec["xvlmaml"]["comparisons"].keys() == rep["comparisons"].keys()
+    assert sx.study(out, [0], [0], matrix_aux=("rl",), iters=1, runner=in_process, n_boot=100) == rep and len(ran) == 2
