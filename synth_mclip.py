@@ -15,7 +15,8 @@ Study 2). From a synthetic world (synth_world.py) it writes:
   --tokenizer load it unchanged;
 
 then checks the premise (zero-shot R@1 per language on held-out scenes), runs the arms through train_mclip.main and
-reports per-language R@1, the disparity (average, range, std) and paired differences with nested bootstrap intervals.
+reports per-language R@1, the disparity (average, range, std) and paired differences with two-level bootstrap
+intervals (synth_study.paired_bootstrap, as Study 1).
 
   python synth_mclip.py --world synth_out/world --out synth_out/mclip --record     # make synth-mclip
 """
@@ -40,6 +41,7 @@ import torch.nn as nn
 
 import data
 import engine
+import synth_study as ss
 import synth_world as sw
 import train_mclip
 
@@ -382,26 +384,6 @@ def run_jobs(jobs: list[list[str]], n_jobs: int, timing: Path) -> None:
 # ---------------------------------------------------------------------------------------------- report
 
 
-def nested_bootstrap(diffs: dict, n: int = 10_000, seed: int = 0) -> dict:
-    """Mean of the leaves of a nested {outer seed: {inner seed: value}} (any depth) and a bootstrap 95% interval
-    that resamples every level within the one above (synth_study.paired_bootstrap's two levels, same draws)."""
-    rng = np.random.default_rng(seed)
-
-    def leaves(node) -> list[float]:
-        return [x for _, v in sorted(node.items()) for x in leaves(v)] if isinstance(node, dict) else [node]
-
-    def resample(node) -> float:
-        kids = [v for _, v in sorted(node.items())]
-        if not isinstance(kids[0], dict):
-            vals = np.array(kids, dtype=np.float64)
-            return float(vals[rng.integers(0, len(vals), len(vals))].mean())
-        return float(np.mean([resample(kids[j]) for j in rng.integers(0, len(kids), len(kids))]))
-
-    stats = np.array([resample(diffs) for _ in range(n)])
-    lo, hi = np.percentile(stats, [2.5, 97.5])
-    return {"mean": float(np.mean(leaves(diffs))), "lo": float(lo), "hi": float(hi), "n_pairs": len(leaves(diffs))}
-
-
 def collect(out: Path, arms, langs, pseeds, fseeds) -> dict:
     """arm -> pseed -> fseed -> {lang: test mean R@1} of finished runs (zero-shot repeated for every fseed)."""
     res: dict = {}
@@ -443,7 +425,7 @@ def compare(res: dict, base: str, langs, resamples: int = 10_000) -> dict:
                 for lang in langs:
                     table.setdefault(lang, {}).setdefault(p, {})[f] = scores[lang] - other[lang]
         if table:
-            out[arm] = {m: nested_bootstrap(v, resamples) for m, v in table.items()}
+            out[arm] = {m: ss.paired_bootstrap(v, resamples) for m, v in table.items()}
     return out
 
 
@@ -482,7 +464,7 @@ def report(out: Path, arms, langs, pseeds, fseeds, premise: list[dict], extra: d
             f"| {arm} | {row['n']} | {cells} | {row['target_avg']:.1f} | {row['range']:.1f} | {row['std']:.1f} |"
         )
     for base, comp in comps.items():
-        lines += ["", f"Paired differences arm - {base} (nested bootstrap 95% interval; * = excludes 0):", ""]
+        lines += ["", f"Paired differences arm - {base} (two-level bootstrap 95% interval; * = excludes 0):", ""]
         cols = ["target_avg", "range", "std", *[l for l in langs if l != "en"]]
         lines += ["| arm | pairs | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
         for arm, c in comp.items():

@@ -129,11 +129,6 @@ def test_pretrained_text_checkpoint_loads_into_train_mclips_model_with_no_missin
     assert data.load_tokenizer(folder).convert_tokens_to_ids("<pad>") == data.PAD_ID
 
 
-def test_nested_bootstrap_on_two_levels_equals_synth_studys_paired_bootstrap():
-    diffs = {0: {1: 1.5, 2: -0.5}, 1: {1: 2.0, 2: 3.0}, 2: {1: 0.25, 2: 1.0}}
-    assert sm.nested_bootstrap(diffs, n=500) == synth_study.paired_bootstrap(diffs, n=500)
-
-
 def test_train_mclip_accepts_a_non_xtd_language_only_where_its_caption_file_exists(study, tmp_path):
     out, _ = study
     root = out / "data" / "XTD10"
