@@ -261,8 +261,8 @@ def _uc2_parity_model():
 def test_uc2_all_pairs_matches_volta_eval_retrieval():
     """Our batched all-pairs scoring + R@K on the UC2 parity model = IGLUE's eval_retrieval.py output."""
     model = _uc2_parity_model()
-    inp = torch.load(UC2_PARITY / "retrieval" / "inputs.pt")
-    out = torch.load(UC2_PARITY / "retrieval" / "outputs.pt")
+    inp = torch.load(UC2_PARITY / "retrieval" / "inputs.pt", weights_only=True)
+    out = torch.load(UC2_PARITY / "retrieval" / "outputs.pt", weights_only=True)
     imgs = {k: inp["eval_images"][k] for k in ("features", "spatials", "image_mask")}
     caps = {k: inp["eval_captions"][k] for k in ("input_ids", "attention_mask")}
     for pair_batch in (1, 4, 1024):  # batching must not matter
