@@ -55,7 +55,7 @@ need_run = @[ -n "$(RUN)" ] || { echo "error: RUN= names the run folder to evalu
 RUN_PATHS = $(RUN) $(call given,DATA,$(DATA)/datasets) $(call given,FEATURES,$(FEATURES)) $(call given,IMAGES,$(IMAGES))
 INPUTS = $(DATA)/datasets $(VISUAL) $(CKPT)
 
-.PHONY: install test demo bench help synth synth-world synth-pretrain synth-xvlmaml table1 figures eval translate-test sanity \
+.PHONY: install test test-unit test-system demo bench help synth synth-world synth-pretrain synth-xvlmaml table1 figures eval translate-test sanity \
 	xgqa-full xgqa-suf xvnli-full xvnli-suf xflickrco-full xflickrco-suf \
 	xgqa-llrd-sweep xgqa-llrd-0.98 xgqa-llrd-0.95 xgqa-llrd-0.88 xgqa-llrd-0.75 xgqa-top6 \
 	fewshot-xgqa-full fewshot-xgqa-suf
@@ -74,8 +74,18 @@ $(VENV)/.installed: requirements.txt
 ## test            the whole test suite (CPU, tiny models, shipped fixtures)
 # pytest-xdist (requirements.txt) spreads test files over TEST_WORKERS processes (auto: one per CPU, at most 4);
 # TEST_WORKERS=0 runs in one process. An environment without xdist (PY=) runs in one process.
+# Time limits scale with SUF_TEST_TIMEOUT_SCALE (default 1) and with the load per core (tests/_timeouts.py).
+XDIST = $$($(PY) -c "import xdist" 2>/dev/null && echo "-n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile")
 test: $(INSTALL)
-	$(PY) -m pytest -q $$($(PY) -c "import xdist" 2>/dev/null && echo "-n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile") tests $(EXTRA)
+	$(PY) -m pytest -q $(XDIST) tests $(EXTRA)
+
+## test-unit       the fast in-process tests alone (pytest -m "not system")
+test-unit: $(INSTALL)
+	$(PY) -m pytest -q $(XDIST) -m "not system" tests $(EXTRA)
+
+## test-system     the tests that start processes alone: torchrun, SIGKILL, make, CLIs (pytest -m system)
+test-system: $(INSTALL)
+	$(PY) -m pytest -q $(XDIST) -m system tests $(EXTRA)
 
 ## demo            SUF vs standard fine-tuning of a small pretrained UC2 in the synthetic world (docs/synthetic.md)
 demo: $(INSTALL)

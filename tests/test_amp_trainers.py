@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _timeouts import scaled
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine  # noqa: E402
 import maml  # noqa: E402
@@ -177,6 +179,7 @@ def test_xvlmaml_help_lists_amp(capsys):
     assert "--amp {auto,bf16,fp16,off}" in out and "--eval-amp {off,bf16,fp16}" in out
 
 
+@pytest.mark.system
 def test_mclip_fp16_under_torchrun_takes_the_one_process_scaler_decisions(world, tmp_path):
     """2 gloo ranks, --dropout 0, uneven shards (2 + 1, then 1 + an empty one): every rank holds the loss of the
     whole batch and the summed gradients, so the GradScaler skips the same steps with the same scale as one
@@ -197,7 +200,7 @@ def test_mclip_fp16_under_torchrun_takes_the_one_process_scaler_decisions(world,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=scaled(300),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (torch.load(tmp_path / r / engine.CHECKPOINT, weights_only=True) for r in ("one", "two"))

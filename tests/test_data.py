@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from _timeouts import scaled
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import fastload  # noqa: E402
@@ -919,12 +921,13 @@ def test_inventory_lists_xtd10_and_multi30k_beside_iglue(tmp_path):
     assert "ERROR " in printed and "xgqa" not in printed
 
 
+@pytest.mark.system
 def test_cli_exit_code():
     res = subprocess.run(
         [sys.executable, str(Path(data.__file__)), "--data-root", str(ROOT)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled(120),
     )
     assert res.returncode == 0, res.stderr
     assert "xflickrco" in res.stdout and "examples" in res.stdout
@@ -991,6 +994,7 @@ def test_wrong_data_root_errors(tmp_path):
         data.main(["--data-root", str(tmp_path / "datasets" / "XVNLI")])
 
 
+@pytest.mark.system
 def test_inventory_cli_into_a_closed_pipe_ends_quietly():
     """`python data.py --json | head`: the reader going away is not a traceback."""
     root = Path(__file__).resolve().parents[1]
@@ -1002,4 +1006,4 @@ def test_inventory_cli_into_a_closed_pipe_ends_quietly():
     )
     proc.stdout.close()  # before it writes: its first print meets a pipe without a reader
     err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 141 and err == ""
+    assert proc.wait(timeout=scaled(120)) == 141 and err == ""

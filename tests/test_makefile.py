@@ -11,6 +11,7 @@ from _make import run_make
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE1 = [f"{t}-{p}" for t in ("xgqa", "xvnli", "xflickrco") for p in ("full", "suf")]
+pytestmark = pytest.mark.system  # every test runs make
 
 
 def make(*args: str) -> subprocess.CompletedProcess:

@@ -388,6 +388,7 @@ def test_resume_with_other_maml_settings_is_refused(sample, tmp_path, monkeypatc
         X.main(train_argv(sample, tmp_path / "r", "--resume", "--inner-lr", "0.5"))
 
 
+@pytest.mark.system
 def test_two_gloo_processes_equal_one_process_in_first_and_second_order(sample, tmp_path):
     """Each process runs its share of the episodes whole and the meta-gradients are summed over
     processes: with episodes (and their dropout) seeded by (seed, iteration, episode), 2 processes
@@ -570,6 +571,7 @@ def test_other_tasks_meta_train_from_their_auxiliary_split(sample, tmp_path, tas
     assert losses and all(math.isfinite(x) for x in losses)
 
 
+@pytest.mark.system
 def test_make_targets_print_the_xvlmaml_command():
     out = run_make("-n", "xvlmaml-xgqa", "AUX=de")
     assert out.returncode == 0, out.stderr

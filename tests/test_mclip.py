@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _timeouts import scaled
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
@@ -546,6 +548,7 @@ def make(*args: str, env_lang: str = "C.UTF-8"):
     return run_make(*args, env={"LANG": env_lang})
 
 
+@pytest.mark.system
 def test_pet_xtd_target_prints_the_run_and_ignores_the_locale_lang():
     out = make("-n", "pet-xtd", "LANG=fr", "ROUTINE=method1", "PET=adapter", "MCLIP=/m", "XTD=/x")
     assert out.stdout.splitlines()[-1].strip() == (
@@ -558,6 +561,7 @@ def test_pet_xtd_target_prints_the_run_and_ignores_the_locale_lang():
     assert [l.split("--lang ")[1].split()[0] for l in grid] == list(data.XTD_LANGS)
 
 
+@pytest.mark.system
 def test_pet_table_target_passes_a_named_baseline(tmp_path):
     (tmp_path / "runs").mkdir()
     plain = make("-n", "pet-table", f"OUT={tmp_path}/runs").stdout.splitlines()[-1].rstrip()
@@ -566,6 +570,7 @@ def test_pet_table_target_passes_a_named_baseline(tmp_path):
     assert named.endswith(f"train_mclip.py table {tmp_path}/runs/mclip-*/ --baseline xtd/baseline1/none/50")
 
 
+@pytest.mark.system
 def test_pet_target_with_missing_inputs_fails_naming_them(tmp_path):
     out = make("pet-multi30k", f"MULTI30K={tmp_path}/m", f"OUT={tmp_path}/runs")
     assert out.returncode != 0 and f"{tmp_path}/m " in out.stderr and "train_mclip.py" not in out.stdout
@@ -857,6 +862,7 @@ def test_run_cross_lora_variant_trains_its_modules_and_share_on_real_shapes():
     assert M.count_params(model) == (196_608 + 98_304 + 1_049_600 + 787_200, 560_677_632)
 
 
+@pytest.mark.system
 def test_torchrun_two_processes_take_the_one_process_steps(world, tmp_path):
     """2 gloo ranks, --dropout 0, a global batch of 3 (shards of 2 + 1, then a last batch of 1: 1 + an empty one),
     method3 (text and English partner both gathered), run_cross's LoRA (its pooler gets no gradient on any rank):
@@ -895,7 +901,7 @@ def test_torchrun_two_processes_take_the_one_process_steps(world, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=scaled(300),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('"mean_r1"') == 1  # one result line: rank 0's
@@ -918,6 +924,7 @@ def test_torchrun_two_processes_take_the_one_process_steps(world, tmp_path):
     assert json.loads((tmp_path / "two" / "results.json").read_text())["test"] == one["test"]
 
 
+@pytest.mark.system
 def test_torchrun_resume_with_dropout_is_bitwise_exact(world, tmp_path):
     """2 gloo ranks with dropout on (each rank its own masks): a run cut after its first epoch and resumed ends
     bitwise equal to the uninterrupted one (every rank's RNG restored), metrics.jsonl included."""
@@ -940,7 +947,7 @@ def test_torchrun_resume_with_dropout_is_bitwise_exact(world, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=scaled(300),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in (engine.CHECKPOINT, engine.FINAL):

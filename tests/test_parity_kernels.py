@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.system  # a pytest process per kernel set
 ROOT = Path(__file__).resolve().parents[1]
 PARITY_TESTS = [
     "tests/test_parity_uc2.py",

@@ -268,6 +268,7 @@ def test_paired_bootstrap_interval_covers_the_spread_of_seeds():
     assert same["lo"] == same["hi"] == 2.0
 
 
+@pytest.mark.system
 def test_shipped_world_checkpoint_is_what_make_synth_pretrain_writes():
     """tests/fixtures/synth/pretrain_seed0.bin: its record names the default world, seed 0 and the study's step
     count, `make synth-pretrain` writes it with those, and it fits the default world's tokenizer and config."""

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _timeouts import scaled
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
@@ -217,6 +219,7 @@ def assert_x2vlm_optimizer_groups(run: Path, task: str) -> None:
     assert {g["name"] for g in got} >= {"head.lr_x2.decay", "head.lr_x2.no_decay"}
 
 
+@pytest.mark.system
 def test_ddp_two_processes_match_one(env: Path, tmp_path: Path) -> None:
     """xvnli (no sampled negatives), dropout 0, SUF: the trainable set changes at epoch 2. The 2-process run
     loads with a worker per rank (batches through BatchLoader slabs), the 1-process run in the main process."""
@@ -254,7 +257,7 @@ def test_ddp_two_processes_match_one(env: Path, tmp_path: Path) -> None:
         env=envvars,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=scaled(240),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = final_state(one), final_state(two)

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from _timeouts import scaled
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
@@ -110,6 +112,7 @@ def final_weights(run: Path) -> dict:
     return torch.load(run / "model_final.pt", weights_only=True)["model"]
 
 
+@pytest.mark.system
 def test_torchrun_two_processes_equal_one(sample, tmp_path):
     common = [
         "--policy",
@@ -142,7 +145,7 @@ def test_torchrun_two_processes_equal_one(sample, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=scaled(300),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")

@@ -23,6 +23,8 @@ import pytest
 import torch
 from PIL import Image
 
+from _timeouts import scaled
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
@@ -309,6 +311,7 @@ def test_feature_lmdb_payloads_never_run(tmp_path, entry):
         data._close_lmdb(str(path))
 
 
+@pytest.mark.system
 def test_feature_inventory_cli_refuses_a_payload(tmp_path):
     """`python data.py --features ...`, the README's first command on a download."""
     marker = tmp_path / "marker"
@@ -319,7 +322,7 @@ def test_feature_inventory_cli_refuses_a_payload(tmp_path):
         [sys.executable, str(ROOT / "data.py"), "--data-root", str(IGLUE), "--features", str(path)],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=scaled(240),
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     last = proc.stderr.strip().splitlines()[-1]
