@@ -108,16 +108,13 @@ synth: $(INSTALL)
 synth-xvlmaml: $(INSTALL)
 	$(PY) synth_xvlmaml.py --out $(SYNTH) --record
 
-## bench           every bench/ script, one table in bench/results/TABLE.md
+## bench           every bench/ script (bench/README.md), their table in docs/benchmarks.md
 bench: $(INSTALL)
-	$(PY) bench/suf_step.py --out bench/results/suf_step.json
-	$(PY) bench/retrieval.py --out bench/results/retrieval.json
-	$(PY) bench/data_throughput.py --out bench/results/data_throughput.json
-	$(PY) bench/padding.py --out bench/results/padding.json
-	$(PY) bench/eval_precision.py --out bench/results/eval_precision.json
-	$(PY) bench/run_cost.py --out bench/results/run_cost.json
-	$(PY) bench/xvlmaml_step.py --out bench/results/xvlmaml_step.json
-	$(PY) bench/table.py bench/results
+	$(PY) -m bench.suf_step --out bench/results/suf_step.json
+	$(PY) -m bench.retrieval --out bench/results/retrieval.json
+	$(PY) -m bench.eval_precision --out bench/results/eval_precision.json
+	$(PY) -m bench.run_cost --out bench/results/run_cost.json
+	$(PY) -m bench.table bench/results
 
 # ---- Table 1: standard fine-tuning vs SUF, both models, three tasks ----
 define TRAIN_RULE

@@ -10,27 +10,21 @@ float32 and under bf16 autocast:
 Random weights give near-tied scores, the hardest case for agreement; trained models separate their scores
 more. Also times both (a CPU's bf16 speed says nothing about a GPU's).
 
-    python bench/eval_precision.py [--quick] [--out bench/results/eval_precision.json]
+    python -m bench.eval_precision [--quick] [--out bench/results/eval_precision.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
-import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-import engine  # noqa: E402
-import train_cclm  # noqa: E402
-import train_uc2  # noqa: E402
-from retrieval import random_captions, uc2_inputs  # noqa: E402
+import engine
+import train_cclm
+import train_uc2
+from bench import _common
+from bench.retrieval import random_captions, uc2_inputs
 
 
 def compare(fp32: tuple[torch.Tensor, torch.Tensor], low: tuple[torch.Tensor, torch.Tensor], unscored=None) -> dict:
@@ -48,12 +42,6 @@ def compare(fp32: tuple[torch.Tensor, torch.Tensor], low: tuple[torch.Tensor, to
     }
 
 
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
-
-
 def bench_uc2(n: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -61,7 +49,7 @@ def bench_uc2(n: int) -> dict:
     images, texts = uc2_inputs(n, 36, model.config["vocab_size"], gen)
     out = {}
     for amp in ("off", "bf16"):
-        s, out[f"seconds_{amp}"] = timed(lambda: model.score_all_pairs(images, texts, pair_batch=256, amp=amp))
+        s, out[f"seconds_{amp}"] = _common.timed(lambda: model.score_all_pairs(images, texts, pair_batch=256, amp=amp))
         out[amp] = (s.t(), s)
     return {"images": n, **compare(out.pop("off"), out.pop("bf16")), **out}
 
@@ -77,14 +65,14 @@ def bench_cclm(n: int, k: int) -> dict:
     txt = [{"text_ids": ids[s : s + 16], "text_atts": atts[s : s + 16]} for s in range(0, n, 16)]
     out = {}
     for amp in ("off", "bf16"):
-        out[amp], out[f"seconds_{amp}"] = timed(lambda: model.rerank_scores(img, txt, 0, n, n, k=k, amp=amp))
+        out[amp], out[f"seconds_{amp}"] = _common.timed(lambda: model.rerank_scores(img, txt, 0, n, n, k=k, amp=amp))
     return {"images": n, "k": k, **compare(out.pop("off"), out.pop("bf16"), unscored=train_cclm.UNSCORED), **out}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes (seconds)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "eval_precision.json"))
+    p.add_argument("--out", default=str(_common.RESULTS / "eval_precision.json"))
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -99,15 +87,13 @@ def main(argv=None) -> int:
             f"{r['seconds_bf16']:.2f} s"
         )
     out = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": platform.platform(),
+        **_common.run_info(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "quick": args.quick,
         **res,
     }
-    engine.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    _common.write_result(args.out, out)
     return 0
 
 

@@ -20,28 +20,22 @@ for the pairs one image gets in the protocol (k = 128 per direction: 2k = 256 pa
 directions not deducted; caption length 30 tokens: stated assumptions), and both timed side by side on
 --itm-time-pairs pairs. Exits 1 if the two differ by more than the parity tolerance.
 
-    python bench/retrieval.py [--quick] [--out bench/results/retrieval.json]
+    python -m bench.retrieval [--quick] [--out bench/results/retrieval.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-import engine  # noqa: E402
-import train_cclm  # noqa: E402
-import train_uc2  # noqa: E402
-from call_counter import CallCounter  # noqa: E402
+import train_cclm
+import train_uc2
+from bench import _common
+from bench.call_counter import CallCounter
 
 
 def random_captions(n: int, vocab: int, gen: torch.Generator, max_len: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +202,7 @@ def bench_cclm_itm_base(count_pairs: int, time_pairs: int, text_len: int) -> dic
     with torch.no_grad():
         ours()  # warm-up (allocator, kernels), both paths alike
         x2vlm()
-        (a, t_x2vlm), (b, t_ours) = timed(x2vlm), timed(ours)
+        (a, t_x2vlm), (b, t_ours) = _common.timed(x2vlm), _common.timed(ours)
     return {
         "pairs_per_image_counted": count_pairs,
         "pairs_timed": time_pairs,
@@ -225,16 +219,10 @@ def bench_cclm_itm_base(count_pairs: int, time_pairs: int, text_len: int) -> dic
     }
 
 
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes (seconds)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "retrieval.json"))
+    p.add_argument("--out", default=str(_common.RESULTS / "retrieval.json"))
     p.add_argument(
         "--threads",
         type=int,
@@ -255,9 +243,7 @@ def main(argv=None) -> int:
     cclm = bench_cclm(cclm_n, k=k, itm_batch=128)
     itm = bench_cclm_itm_base(256, args.itm_time_pairs or (4 if args.quick else 16), text_len=30)
     out = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": platform.platform(),
-        "cpu": platform.processor(),
+        **_common.run_info(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "quick": args.quick,
@@ -299,8 +285,7 @@ def main(argv=None) -> int:
         f"{itm['seconds_x2vlm']:.2f} s vs {itm['seconds_ours']:.2f} s (x{itm['time_reduction']:.2f}), "
         f"max |diff| {itm['max_abs_diff']:.1e}"
     )
-    engine.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    _common.write_result(args.out, out)
     # UC2: within 1e-3 of the scores' spread (a pair misaligned by one image moves them by ~1x the spread);
     # CCLM: unscored entries are -100 in both, so a different candidate set would differ by ~100
     ok = (

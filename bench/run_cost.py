@@ -12,26 +12,21 @@ Memory: float32 weights + gradients + AdamW's two moments (16 bytes per trainabl
 one) under full fine-tuning and in SUF's first stage (k = 3); activations are NOT included (they grow with
 the micro-batch: lower --micro-batch-size if a step does not fit).
 
-    python bench/run_cost.py [--out bench/results/run_cost.json]
+    python -m bench.run_cost [--out bench/results/run_cost.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import engine  # noqa: E402
-import freeze  # noqa: E402
-import train_cclm  # noqa: E402
-import train_uc2  # noqa: E402
+import freeze
+import train_cclm
+import train_uc2
+from bench import _common
 
 GPUS = {"A100": 312e12, "H100": 989e12}  # bf16 dense peak FLOP/s
 MFU = 0.4  # assumed sustained fraction of the peak
@@ -89,7 +84,7 @@ def estimate(name: str, build) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "run_cost.json"))
+    p.add_argument("--out", default=str(_common.RESULTS / "run_cost.json"))
     args = p.parse_args(argv)
     rows = [estimate("UC2 xGQA", uc2_model_and_batch), estimate("CCLM XVNLI", cclm_model_and_batch)]
     print(f"ESTIMATES (counted FLOPs at {MFU:.0%} of the bf16 peak; memory without activations):")
@@ -102,14 +97,13 @@ def main(argv=None) -> int:
             f"({r['parameters'] / 1e6:.0f}M parameters)"
         )
     out = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **_common.run_info(),
         "torch": torch.__version__,
         "mfu": MFU,
         "peak": GPUS,
         "estimates": rows,
     }
-    engine.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    _common.write_result(args.out, out)
     return 0
 
 

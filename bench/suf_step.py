@@ -1,6 +1,6 @@
 """Training-step cost of every SUF stage relative to full fine-tuning, UC2 and CCLM, on CPU.
 
-    .venv/bin/python bench/suf_step.py [--quick] [--models uc2 cclm] [--out bench/results/suf_step.json]
+    .venv/bin/python -m bench.suf_step [--quick] [--models uc2 cclm] [--out bench/results/suf_step.json]
 
 Real models (train_uc2 / train_cclm build_model + layer_layout) at base widths; what is reduced to fit a
 shared 2-core machine in a few minutes (batch, text length, CCLM image size, vocabulary only if memory
@@ -34,10 +34,8 @@ as well).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -48,11 +46,10 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import freeze  # noqa: E402
-import engine  # noqa: E402
-import train_cclm  # noqa: E402
-import train_uc2  # noqa: E402
+import freeze
+import train_cclm
+import train_uc2
+from bench import _common
 
 # ---------------------------------------------------------------- counting the work
 
@@ -473,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--suf-k", type=int, default=3)
     p.add_argument("--tolerance", type=float, default=0.10)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "suf_step.json"))
+    p.add_argument("--out", default=str(_common.RESULTS / "suf_step.json"))
     args = p.parse_args(argv)
     if args.suf_k <= 0 or any(v is not None and v <= 0 for v in (args.reps, args.attempts)) or args.threads <= 0:
         p.error("--suf-k, --reps, --attempts and --threads must be > 0")
@@ -544,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     result = {
         "bench": "suf_step",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        **_common.run_info(),
         "ok": ok,
         "gated": gated,
         "tolerance": args.tolerance,
@@ -556,7 +553,6 @@ def main(argv: list[str] | None = None) -> int:
             "suf_k": args.suf_k,
             "adamw": args.adamw,
             "cpu_count": os.cpu_count(),
-            "machine": platform.processor() or platform.machine(),
             "torch": torch.__version__,
             "loadavg_start": load_start,
             "loadavg_end": list(os.getloadavg()),
@@ -594,9 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "rows": rows,
     }
-    out = Path(args.out)
-    engine.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    _common.write_result(Path(args.out), result)
     return 0 if ok else 1
 
 

@@ -1,9 +1,10 @@
-"""One Markdown table from every bench/results/*.json (make bench): SUF step-time ratios and optimizer state
-(bench/suf_step.py), retrieval encoder calls and speed-up (bench/retrieval.py), data-loader ratios
-(bench/data_throughput.py), dynamic padding savings (bench/padding.py); any other JSON is listed generically.
-Writes <results>/TABLE.md with the date and the machine, and prints it.
+"""The table of docs/benchmarks.md from bench/results/*.json (make bench): SUF step-time ratios and optimizer
+state (bench/suf_step.py), retrieval encoder calls, FLOPs and speed-up (bench/retrieval.py), bf16 against
+float32 evaluation (bench/eval_precision.py), run-cost estimates (bench/run_cost.py); any other JSON is listed
+generically. Rewrites the part of docs/benchmarks.md between its two table markers, with the date and the
+machine, and prints it.
 
-    .venv/bin/python bench/table.py [bench/results] [--out bench/results/TABLE.md]
+    .venv/bin/python -m bench.table [bench/results] [--out docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -11,35 +12,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import sys
-from importlib import metadata
 from pathlib import Path
 
+from bench import _common
+
 Row = tuple[str, str, str]  # benchmark, what, result
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    try:
-        torch = metadata.version("torch")
-    except metadata.PackageNotFoundError:
-        torch = "not installed"
-    load = "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (
-        f"{cpu_model()}, {os.cpu_count()} cores, torch {torch}, Python {platform.python_version()}, "
-        f"{platform.system()} (load average now {load})"
-    )
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- table: make bench writes from here -->", "<!-- table: to here -->"
 
 
 # ---------------------------------------------------------------- one function per bench
@@ -182,95 +162,6 @@ def run_cost(res: dict) -> list[Row]:
     ]
 
 
-def data_throughput(res: dict) -> list[Row]:
-    out, cfg = [], res.get("config", {})
-    for key, name in (("region_features", "region features (UC2)"), ("images", "images (CCLM)")):
-        r = res.get(key)
-        if not r:
-            continue
-        us = r.get("us_per_sample", {})
-        parts = [f"raw read+decode {r['raw_per_s']:,.0f}/s"]
-        if "tokenize" in us:
-            parts.append(f"tokenize {us['tokenize']:.0f} us/sample")
-        if "in_process_loader" in us:
-            parts.append(
-                f"in-process loader {us['in_process_loader']:.0f} us/sample (tokenizer "
-                f"{r['tokenizer_share_of_in_process_loader']:.0%} of it)"
-            )
-        if "ceiling_ratio" in r:
-            parts.append(f"ceiling for a loader that reads as raw and tokenises {r['ceiling_ratio']:.2f}x")
-        out.append(("Data loader", f"{name}, batch {cfg.get('batch_size', '?')}", "; ".join(parts)))
-        for w, lw in r.get("loader", {}).items():
-            result = (
-                f"{lw['samples_per_s']:,.0f} samples/s; per worker {lw['per_worker_ratio']:.2f}x raw read+decode "
-                f"({'meets' if lw['meets_target'] else 'misses'} the {cfg.get('target_ratio', 0.9):.0%} target)"
-            )
-            if "per_worker_ratio_vs_raw_plus_tokenize" in lw:
-                result += f", {lw['per_worker_ratio_vs_raw_plus_tokenize']:.2f}x read+decode+tokenize"
-            if "transport_us_per_sample" in lw:
-                result += f"; worker transport {lw['transport_us_per_sample']:.0f} us/sample"
-            if "plain_dataloader" in lw:  # the same pipeline through torch's own transport, same run
-                pl = lw["plain_dataloader"]
-                result += (
-                    f"; plain DataLoader {pl['samples_per_s']:,.0f} samples/s "
-                    f"(slabs {lw['slab_over_plain']:.2f}x plain); main-thread CPU per batch "
-                    f"{lw['main_thread_cpu_us_per_batch']:,.0f} us (slabs) vs "
-                    f"{pl['main_thread_cpu_us_per_batch']:,.0f} us (plain)"
-                )
-            if lw.get("contended"):
-                result += " (contended: fewer cores than workers + main)"
-            out.append(("Data loader", f"{name}, {w} worker{'s' if w != '1' else ''}", result))
-    tok = res.get("tokenizer_public_call")
-    if tok:
-        out.append(
-            (
-                "Data loader",
-                "tokenising: the tokenizer's public call (data.encode_texts) vs its Rust backend",
-                f"{tok['call_over_backend']:.2f}x the backend's texts/s; tokenising is "
-                f"{tok['share_of_in_process_uc2_loader']:.0%} of the in-process UC2 loader "
-                f"({tok['share_of_in_process_uc2_loader_backend']:.0%} with the backend)",
-            )
-        )
-    feed = res.get("feeding", {})
-    for key in ("region_features", "region_features_plain", "images_eval", "images_eval_plain", "images_train"):
-        if key in feed:
-            f = feed[key]
-            out.append(
-                (
-                    "Data loader",
-                    f"feeding one GPU: {key} (consumer rate modelled from counted FLOPs)",
-                    f"{f['per_worker_samples_per_s']:,.0f} samples/s per worker here; "
-                    + "; ".join(
-                        f"{g} consumes {f[g]['consumer_samples_per_s']:,.0f}/s: {f[g]['workers_needed']} workers "
-                        f"for 1.5x"
-                        for g in ("A100", "H100")
-                        if g in f
-                    ),
-                )
-            )
-    return out
-
-
-def padding(res: dict) -> list[Row]:
-    out = []
-    for r in res.get("rows", []):
-        batch = f"batch {r.get('batch_size', res.get('config', {}).get('batch_size', '?'))}"
-        if r.get("one_batch_per_lang"):
-            batch += ": one batch per language, the sample has fewer examples"
-        out.append(
-            (
-                "Dynamic padding",
-                f"{r['model'].upper()} {r['task']} {r['split']} text ({r['examples']:,} examples, {batch})",
-                f"{r['dynamic_tokens']:,} tokens vs {r['fixed_tokens']:,} padded to "
-                f"{r['max_len'] if r['max_len'] is not None else 'the longest'} ({r['saving']:.0%} fewer; "
-                f"real tokens {r['real_tokens']:,})",
-            )
-        )
-    if tok := res.get("config", {}).get("tokenizer"):
-        out.append(("Dynamic padding", "tokenizer", tok))
-    return out
-
-
 def generic(res, bench: str, prefix: str = "", limit: int = 30) -> list[Row]:
     """Scalars of any other result file, as key paths."""
     out: list[Row] = []
@@ -282,14 +173,7 @@ def generic(res, bench: str, prefix: str = "", limit: int = 30) -> list[Row]:
     return out[:limit]
 
 
-RENDER = {
-    "suf_step": suf_step,
-    "retrieval": retrieval,
-    "data_throughput": data_throughput,
-    "padding": padding,
-    "eval_precision": eval_precision,
-    "run_cost": run_cost,
-}
+RENDER = {"suf_step": suf_step, "retrieval": retrieval, "eval_precision": eval_precision, "run_cost": run_cost}
 
 
 def source_date(path: Path, res) -> str:
@@ -318,9 +202,7 @@ def build(results: Path) -> str:
         sources.append(f"`{path.name}` ({source_date(path, res)})")
     esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
     lines = [
-        "# Benchmarks",
-        "",
-        f"Table written {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} on {machine()}.",
+        f"Table written {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} on {_common.machine()}.",
         f"Sources: {', '.join(sources) or 'none'}. CPU timings on a shared machine: compare ratios measured "
         "in one run, "
         f"not absolute times across runs.",
@@ -332,21 +214,27 @@ def build(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def into_page(page: str, table: str) -> str:
+    """The page with the text between its markers replaced by the table."""
+    if BEGIN not in page or END not in page.split(BEGIN, 1)[1]:
+        raise SystemExit(f"error: {PAGE} lacks the lines {BEGIN} ... {END} that mark where the table goes")
+    head, rest = page.split(BEGIN, 1)
+    return f"{head}{BEGIN}\n{table}{END}{rest.split(END, 1)[1]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "results", nargs="?", default=str(Path(__file__).parent / "results"), help="folder of result JSON files"
-    )
-    p.add_argument("--out", default=None, help="default: <results>/TABLE.md")
+    p.add_argument("results", nargs="?", default=str(_common.RESULTS), help="folder of result JSON files")
+    p.add_argument("--out", default=str(PAGE), help="the page whose marked table is rewritten (default %(default)s)")
     args = p.parse_args(argv)
     results = Path(args.results)
     if not results.is_dir():
         raise SystemExit(f"error: results folder {results} does not exist (run the bench/ scripts first: make bench)")
     table = build(results)
-    out = Path(args.out) if args.out else results / "TABLE.md"
-    out.write_text(table)
+    out = Path(args.out)
+    out.write_text(into_page(out.read_text(), table))
     print(table, end="")
-    print(f"wrote {out}")
+    print(f"wrote the table into {out}")
     return 0
 
 

@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from _timeouts import scaled
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import engine  # noqa: E402
 import eval_zeroshot as E  # noqa: E402
 import train_cclm  # noqa: E402
-from call_counter import CallCounter  # noqa: E402
+from bench.call_counter import CallCounter  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures"
@@ -673,6 +675,7 @@ def _dist_worker(spec_file: str, out_file: str) -> None:
     engine.cleanup_distributed()
 
 
+@pytest.mark.system
 def test_three_process_gloo_evaluation_equals_single_process(env, tmp_path):
     """Uneven shards (40, 20, 44 examples over 3 ranks), classification, both retrieval protocols and the
     [CLS] features: torchrun -np 3 on gloo gives exactly the single-process numbers."""
@@ -696,8 +699,8 @@ def test_three_process_gloo_evaluation_equals_single_process(env, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
-        env={**os.environ, "SUF_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "SUF_DIST_TIMEOUT": "240"},
+        timeout=scaled(300),
+        env={**os.environ, "SUF_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "SUF_DIST_TIMEOUT": str(scaled(240))},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     multi = json.loads((tmp_path / "out.json").read_text())
@@ -1029,6 +1032,7 @@ def test_fewshot_from_english_checkpoint(env, tmp_path, capsys):
     assert t3["Standard"]["few_shot_langs"] == ["de"]
 
 
+@pytest.mark.system
 def test_fewshot_under_torchrun_matches_one_process(env, tmp_path):
     """`eval_zeroshot.py fewshot` under torchrun (2 gloo ranks): the trainings and the evaluation run in the one
     process group fewshot sets up (the trainer's main(dist=...) leaves it open); the result equals the one-process
@@ -1083,8 +1087,8 @@ def test_fewshot_under_torchrun_matches_one_process(env, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
-        env={**os.environ, "SUF_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "SUF_DIST_TIMEOUT": "240"},
+        timeout=scaled(300),
+        env={**os.environ, "SUF_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "SUF_DIST_TIMEOUT": str(scaled(240))},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = (json.loads((d / "fewshot.json").read_text()) for d in (one, two))

@@ -9,8 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+from _timeouts import scaled
+
 import freeze
 from freeze import Schedule
+from bench import table
 
 W = 4
 
@@ -438,6 +441,7 @@ def test_no_decay_rule_hook():
 # ------------------------------------------------------------------ bench smoke run (no timing assertions)
 
 
+@pytest.mark.system
 def test_bench_suf_step_quick_smoke(tmp_path):
     import subprocess
     import sys
@@ -448,7 +452,8 @@ def test_bench_suf_step_quick_smoke(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            str(root / "bench" / "suf_step.py"),
+            "-m",
+            "bench.suf_step",
             "--quick",
             "--reps",
             "1",
@@ -460,7 +465,7 @@ def test_bench_suf_step_quick_smoke(tmp_path):
         cwd=root,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=scaled(300),
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "measured" in proc.stdout and "predicted" in proc.stdout
@@ -483,9 +488,6 @@ def test_bench_suf_step_quick_smoke(tmp_path):
     for r in rows:
         for key in ("measured_ratio", "predicted_ratio", "deviation"):
             assert r[key] == statistics.median(a[key] for a in r["attempts"])
-    sys.path.insert(0, str(root / "bench"))
-    import table
-
     text = table.build(tmp_path)
     stage0 = next(r for r in rows if r["model"] == "uc2" and r["config"].startswith("suf stage 0"))
     assert (
@@ -496,12 +498,6 @@ def test_bench_suf_step_quick_smoke(tmp_path):
 
 
 def test_bench_table_says_when_old_results_kept_a_retry():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    import table
-
     old = {
         "ok": False,
         "rows": [],

@@ -1,5 +1,5 @@
-"""CallCounter: counts a model's calls to its retrieval building blocks (tests and bench/retrieval.py check the
-scoring protocols with it)."""
+"""CallCounter: counts a model's calls to its retrieval building blocks (bench/retrieval.py and the tests check
+the scoring protocols with it; it lives here because bench/ must not import tests/)."""
 
 from __future__ import annotations
 
