@@ -77,11 +77,11 @@ $(VENV)/.installed: requirements.txt
 test: $(INSTALL)
 	$(PY) -m pytest -q $$($(PY) -c "import xdist" 2>/dev/null && echo "-n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile") tests $(EXTRA)
 
-## demo            SUF vs standard fine-tuning of a small pretrained UC2 in the synthetic world (docs/synthetic.md)
+## demo            SUF vs standard fine-tuning of a small pretrained UC2 in the synthetic world (docs/synthetic/results.md)
 demo: $(INSTALL)
 	$(PY) demo.py --out demo_out $(EXTRA)
 
-# ---- the synthetic multilingual world (docs/synthetic.md) ----
+# ---- the synthetic multilingual world (docs/synthetic/protocol.md) ----
 SYNTH ?= synth_out
 ## synth-world     write the synthetic world (IGLUE layout, features, tokenizer) to SYNTH=synth_out/world
 synth-world: $(INSTALL)
@@ -94,7 +94,7 @@ synth-pretrain: $(INSTALL)
 synth: $(INSTALL)
 	$(PY) synth_study.py --out $(SYNTH) --checkpoint tests/fixtures/synth/pretrain_seed0.bin --lr 3e-4 --record
 
-## synth-xvlmaml   XVL-MAML vs full and SUF on the study's seed pairs (docs/synthetic.md A8; after make synth)
+## synth-xvlmaml   XVL-MAML vs full and SUF on the study's seed pairs (docs/synthetic/protocol.md A8; after make synth)
 synth-xvlmaml: $(INSTALL)
 	$(PY) synth_xvlmaml.py --out $(SYNTH) --record
 
