@@ -87,11 +87,11 @@ test-unit: $(INSTALL)
 test-system: $(INSTALL)
 	$(PY) -m pytest -q $(XDIST) -m system tests $(EXTRA)
 
-## demo            SUF vs standard fine-tuning of a small pretrained UC2 in the synthetic world (docs/synthetic.md)
+## demo            SUF vs standard fine-tuning of a small pretrained UC2 in the synthetic world (docs/synthetic/results.md)
 demo: $(INSTALL)
 	$(PY) demo.py --out demo_out $(EXTRA)
 
-# ---- the synthetic multilingual world (docs/synthetic.md) ----
+# ---- the synthetic multilingual world (docs/synthetic/protocol.md) ----
 SYNTH ?= synth_out
 ## synth-world     write the synthetic world (IGLUE layout, features, tokenizer) to SYNTH=synth_out/world
 synth-world: $(INSTALL)
@@ -104,7 +104,7 @@ synth-pretrain: $(INSTALL)
 synth: $(INSTALL)
 	$(PY) synth_study.py --out $(SYNTH) --checkpoint tests/fixtures/synth/pretrain_seed0.bin --lr 3e-4 --record
 
-## synth-xvlmaml   XVL-MAML vs full and SUF on the study's seed pairs (docs/synthetic.md A8; after make synth)
+## synth-xvlmaml   XVL-MAML vs full and SUF on the study's seed pairs (docs/synthetic/protocol.md A8; after make synth)
 synth-xvlmaml: $(INSTALL)
 	$(PY) synth_xvlmaml.py --out $(SYNTH) --record
 

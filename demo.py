@@ -1,4 +1,4 @@
-"""Embedded demo: the synthetic-world study of docs/synthetic.md at its smallest.
+"""Embedded demo: the synthetic-world study of docs/synthetic/ at its smallest.
 
 A seeded world of simple scenes (region features = codebook vectors + noise) described in English and
 four languages derived from it (relabelled `rl`, + adjective-noun swap `sw`, + clause reordering `cr`,
@@ -9,7 +9,7 @@ evaluating zero-shot in every language after every epoch, and the real `eval_zer
 table and writes Figures 2-4. To fit 3 minutes on 2 cores the demo trains 200 of the study's 375 steps per
 epoch (batch 16, lr 3e-4 as the study; SUF still unfreezes one stage per epoch). One pretraining seed and one
 fine-tuning seed at a smaller budget: differences between the two runs printed here are NOT evidence
-either way; the study's paired differences with their intervals (`make synth`, docs/synthetic.md) are
+either way; the study's paired differences with their intervals (`make synth`, docs/synthetic/results.md) are
 printed at the end.
 """
 
@@ -28,10 +28,10 @@ import train_uc2
 
 ROOT = Path(__file__).resolve().parent
 CHECKPOINT = ROOT / "tests" / "fixtures" / "synth" / "pretrain_seed0.bin"
-# 200 of the study's 375 steps per epoch: whole epochs take ~140 s of CPU per run; with the world, schedules
-# and figures (~90 s of CPU in one process) 250 steps measured 274 s of CPU, ~185 s on 2 idle cores (docs/synthetic.md)
+# 200 of the study's 375 steps per epoch (docs/synthetic/log.md, r6): whole epochs take ~140 s of CPU per run; with
+# the world, schedules and figures (~90 s of CPU in one process) 250 steps measured 274 s of CPU, ~185 s on 2 idle cores
 DEMO_STEPS = 200
-HEADLINE = ROOT / "docs" / "synthetic_results.json"  # written by `make synth` (synth_study.py --record)
+HEADLINE = ROOT / "docs" / "synthetic" / "results.json"  # written by `make synth` (synth_study.py --record)
 
 
 def print_epochs(runs: dict[str, Path]) -> None:

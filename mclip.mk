@@ -54,7 +54,7 @@ pet-table:
 	$(call mclip_require,$(OUT))
 	$(PY) train_mclip.py table $(OUT)/mclip-*/ $(if $(BASELINE),--baseline $(BASELINE))
 
-## synth-mclip       the method in the synthetic world vs SUF, with intervals (docs/synthetic.md Study 2; SYNTH=synth_out)
+## synth-mclip       the method in the synthetic world vs SUF, with intervals (docs/synthetic/protocol.md Study 2; SYNTH=synth_out)
 synth-mclip: $(INSTALL)
 	@[ -e $(SYNTH)/world/world.json ] || $(PY) synth_world.py --out $(SYNTH)/world
 	$(PY) synth_mclip.py --world $(SYNTH)/world --out $(SYNTH)/mclip --record

@@ -1,4 +1,4 @@
-"""Translation-based alignment + PET vs SUF on a synthetic Multilingual-CLIP (issue 18; protocol: docs/synthetic.md,
+"""Translation-based alignment + PET vs SUF on a synthetic Multilingual-CLIP (issue 18; docs/synthetic/protocol.md,
 Study 2). From a synthetic world (synth_world.py) it writes:
 
 - an XTD10-like retrieval set in PECTVLM's layout (train_mclip.py --dataset xtd reads it unchanged): one caption
@@ -46,7 +46,7 @@ import synth_world as sw
 import train_mclip
 
 ROOT = Path(__file__).resolve().parent
-RECORD = ROOT / "docs" / "synthetic_mclip_results.json"
+RECORD = ROOT / "docs" / "synthetic" / "mclip_results.json"
 TARGETS = sw.LANGS[1:]
 # English the majority language (M-CLIP's teacher and CLIP's training text are English), lo at 1/20 of English as
 # the world's low-resource language; the other three at half of English. Our choice (protocol, Study 2).
@@ -72,7 +72,7 @@ LANG_ORDER = ("rl", "sw", "cr", "lo", "en")
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """Sizes and budgets of the study (docs/synthetic.md, Study 2: fixed before any comparison)."""
+    """Sizes and budgets of the study (docs/synthetic/protocol.md, Study 2: fixed before any comparison)."""
 
     retrieval_scenes: int = 1000  # XTD10's 1,000 images
     premise_scenes: int = 500  # held-out scenes of the premise checks (not the retrieval set)
@@ -450,7 +450,7 @@ def report(out: Path, arms, langs, pseeds, fseeds, premise: list[dict], extra: d
     res = collect(out, arms, langs, pseeds, fseeds)
     table = mean_table(res, langs)
     comps = {base: compare(res, base, langs, resamples) for base in ("suf", "full")}
-    lines = ["# Synthetic M-CLIP study (docs/synthetic.md, Study 2)", ""]
+    lines = ["# Synthetic M-CLIP study (docs/synthetic/protocol.md, Study 2)", ""]
     lines += ["Premise (zero-shot mean R@1 on held-out scenes, per pretraining seed):", ""]
     for pr in premise:
         cells = " ".join(f"{l} {v:.1f}" for l, v in pr["r1"].items())

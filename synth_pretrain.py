@@ -1,4 +1,4 @@
-"""UC2-style pretraining of the project's own UC2 model on the synthetic world (issue 16; docs/synthetic.md).
+"""UC2-style pretraining of the project's own UC2 model on the synthetic world (issue 16; docs/synthetic/).
 
 Objectives, one per step in a fixed cycle (UNITER/UC2 task sampling): masked language modelling with the
 image (MLM), translation language modelling on parallel text (en + its exact translation + image, UC2's
@@ -32,7 +32,7 @@ OBJECTIVES = ("mlm", "itm", "mrm", "tlm", "mlm")  # one optimizer step each, cyc
 OBJECTIVES_SINGLE = ("mrm", "itm", "mlm")  # the curriculum's one-object stage: cross-modal objectives first
 NUM_REGION_CLASSES = len(sw.SHAPES) * len(sw.COLOURS)
 MASK_PROB = 0.15
-# Grounding curriculum (docs/synthetic.md log, w1 attempt 1: without it nothing was grounded after 500 steps):
+# Grounding curriculum (docs/synthetic/log.md, w1 attempt 1: without it nothing was grounded after 500 steps):
 # the first SINGLE_FRAC of the steps use one-object scenes, where a masked colour word can only come from the
 # one region. Its steps cycle OBJECTIVES_SINGLE (w1 attempt 2, single stage with the full cycle: MRM/ITM still at
 # chance after 400 steps, while MRM alone on one-object scenes learned within ~100 steps at lr 1e-3). Dropout is

@@ -1,4 +1,4 @@
-"""The synthetic-world study of docs/synthetic.md: premise checks, then full / SUF / LLRD / top fine-tuned on
+"""The synthetic-world study of docs/synthetic/: premise checks, then full / SUF / LLRD / top fine-tuned on
 English through the real train_uc2.py, evaluated zero-shot in every language after every epoch; paired
 differences of the non-English average with two-level bootstrap 95% intervals; figures through the real
 eval_zeroshot.py.
@@ -39,9 +39,9 @@ POLICY_ARGS = {
 }
 LR_GRID = (1e-4, 3e-4, 1e-3)
 FT = {"epochs": 5, "batch_size": 16, "max_regions": 3}  # protocol 1.4; batch 16: amendment A7 (English dev, run r5)
-PRETRAIN_STEPS = 3000  # fixed on pretraining seed 0's grounding checks before any policy ran (docs/synthetic.md log)
-STUDY_LR = 3e-4  # the English-dev selection (docs/synthetic.md run r2); the demo uses it
-RECORD = ROOT / "docs" / "synthetic_results.json"
+PRETRAIN_STEPS = 3000  # fixed on pretraining seed 0's grounding checks before any policy ran (docs/synthetic/log.md)
+STUDY_LR = 3e-4  # the English-dev selection (docs/synthetic/log.md run r2); the demo uses it
+RECORD = ROOT / "docs" / "synthetic" / "results.json"
 
 
 # ---------------------------------------------------------------------------------------------- jobs
@@ -542,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"lr selected on English dev: {lr} ({dev})", flush=True)
     jobs, where = [], {}
     # seed-major, full and SUF first: an interrupted study leaves whole (pretraining, fine-tuning) pairs of the
-    # headline comparison (docs/synthetic.md, amendment A1)
+    # headline comparison (docs/synthetic/protocol.md, amendment A1)
     groups = [
         [p for p in args.policies if p in ("full", "suf")],
         [p for p in args.policies if p not in ("full", "suf")],

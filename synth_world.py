@@ -1,4 +1,4 @@
-"""A synthetic multilingual visual world in IGLUE's own formats (issue 16; protocol: docs/synthetic.md).
+"""A synthetic multilingual visual world in IGLUE's own formats (issue 16; protocol: docs/synthetic/protocol.md).
 
 Scenes of 2-3 objects (shape, colour, size, horizontal slot) whose region features are fixed random
 codebook vectors plus noise; English text from a small grammar and four languages derived from it
@@ -423,7 +423,7 @@ def write_features(
 
 
 # ---------------------------------------------------------------------------------------------- auxiliary data
-# XVL-MAML (xvlmaml.py, docs/synthetic.md amendment A8) meta-trains on an auxiliary language's xGQA dev split.
+# XVL-MAML (xvlmaml.py, docs/synthetic/protocol.md amendment A8) meta-trains on an auxiliary language's xGQA dev split.
 # Written by add_auxiliary, never by build_world: a world without it is byte-identical to the worlds the study's
 # runs and the shipped fixtures were made from. Its own scene stream ("aux") and its own LMDB, so no existing file
 # changes. Sizes are constants, not WorldConfig fields: a new field would change world.json and the world record

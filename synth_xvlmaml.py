@@ -1,4 +1,4 @@
-"""XVL-MAML in the synthetic world (docs/synthetic.md amendment A8): the real xvlmaml.py continues each English
+"""XVL-MAML in the synthetic world (docs/synthetic/protocol.md A8): the real xvlmaml.py continues each English
 run of policy full of a finished study (`make synth`), meta-trains with the auxiliary language's dev split
 (synth_world.add_auxiliary), is evaluated zero-shot in every language by the existing evaluation, and is compared,
 paired on (pretraining seed, fine-tuning seed), with the study's full and SUF runs (their epoch-5 accuracies):
@@ -239,7 +239,7 @@ def format_report(rep: dict) -> str:
     targets = [lang for lang in langs[1:] if lang != aux]
     h = rep["hparams"]
     lines = [
-        "# XVL-MAML in the synthetic world (docs/synthetic.md amendment A8)",
+        "# XVL-MAML in the synthetic world (docs/synthetic/protocol.md amendment A8)",
         "",
         f"auxiliary language {aux} (its dev split); variant {h['variant']}; {h['epochs']} x {h['iters_per_epoch']} "
         f"meta-updates, lr {h['lr']:g}, inner lr {h['inner_lr']:g}, English batch {h['en_batch_size']}; continued "

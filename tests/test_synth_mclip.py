@@ -1,4 +1,4 @@
-"""The synthetic M-CLIP study (synth_mclip.py; docs/synthetic.md, Study 2) on a tiny world and tiny towers."""
+"""The synthetic M-CLIP study (synth_mclip.py; docs/synthetic/protocol.md, Study 2) on a tiny world and tiny towers."""
 
 from __future__ import annotations
 
