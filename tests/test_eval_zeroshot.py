@@ -21,6 +21,7 @@ import engine  # noqa: E402
 import eval_zeroshot as E  # noqa: E402
 import train_cclm  # noqa: E402
 from call_counter import CallCounter  # noqa: E402
+from formats import volta  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures"
@@ -252,9 +253,9 @@ def test_gold_outside_the_top_k_prefilter_is_never_retrieved():
 def _uc2_parity_model():
     import train_uc2
 
-    cfg = train_uc2.config_from_volta(json.loads((UC2_PARITY / "volta_config.json").read_text()))
+    cfg = volta.config_from_volta(json.loads((UC2_PARITY / "volta_config.json").read_text()), train_uc2.CONFIGS["base"])
     model = train_uc2.build_model("xflickrco", cfg).eval()
-    train_uc2.load_into(model, str(UC2_PARITY / "retrieval" / "pytorch_model.bin"))
+    volta.load_into(model, str(UC2_PARITY / "retrieval" / "pytorch_model.bin"))
     return model
 
 

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
 import train_uc2 as U  # noqa: E402
+from formats import volta  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -41,7 +42,7 @@ def _cases():
 
 
 def _config(folder: Path) -> dict:
-    cfg = U.config_from_volta(json.loads((folder / "volta_config.json").read_text()))
+    cfg = volta.config_from_volta(json.loads((folder / "volta_config.json").read_text()), U.CONFIGS["base"])
     dims = folder / "model_dims.json"
     if dims.is_file():
         d = json.loads(dims.read_text())
@@ -81,7 +82,7 @@ def test_parity_uc2(folder: Path, task_dir: str):
     out = torch.load(folder / task_dir / "outputs.pt")
     for attn in ("sdpa", "eager"):
         model = U.build_model(task, {**_config(folder), "attn_implementation": attn}).eval()
-        plan = U.load_into(model, str(folder / task_dir / "pytorch_model.bin"))
+        plan = volta.load_into(model, str(folder / task_dir / "pytorch_model.bin"))
         assert plan.fmt == "volta" and plan.ok and not plan.initialised, plan.report()
         trace = {}
         with torch.no_grad():
