@@ -516,6 +516,41 @@ def broadcast_object(obj, dist: DistInfo):
     return box[0]
 
 
+def _world_size() -> int:
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows in rank order (row counts may differ: padded to the largest, then cut).
+    Backward sums every rank's gradient of the gathered tensor and returns this rank's rows: the
+    ranks compute the same loss, so after DDP's averaging the gradient equals the 1-process one."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        n = torch.tensor([x.shape[0]], device=x.device)
+        sizes = [torch.zeros_like(n) for _ in range(_world_size())]
+        tdist.all_gather(sizes, n)
+        sizes = [int(s) for s in sizes]
+        pad = max(sizes) - x.shape[0]
+        xp = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x.contiguous()
+        parts = [torch.empty_like(xp) for _ in sizes]
+        tdist.all_gather(parts, xp)
+        ctx.start, ctx.n = sum(sizes[: tdist.get_rank()]), x.shape[0]
+        return torch.cat([t[:s] for t, s in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        tdist.all_reduce(grad)
+        return grad[ctx.start : ctx.start + ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of x, differentiable: CCLM's in-batch negatives from every rank (X2-VLM's allgather;
+    see _GatherRows for the gradient)."""
+    return x if _world_size() == 1 else _GatherRows.apply(x)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -30,7 +30,7 @@ import engine  # noqa: E402
 import eval_zeroshot  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2 as U  # noqa: E402
-from formats import volta  # noqa: E402
+from formats import volta, x2vlm  # noqa: E402
 
 IGLUE = ROOT / "tests" / "fixtures" / "iglue"
 TINY = U.CONFIGS["tiny"]
@@ -371,7 +371,7 @@ def _readers(path: Path) -> dict:
     return {
         "formats.volta.read_checkpoint": lambda: volta.read_checkpoint(str(path)),
         "formats.volta.load_into": lambda: volta.load_into(U.build_model("xgqa", TINY), str(path)),
-        "train_cclm.read_checkpoint": lambda: train_cclm.read_checkpoint(str(path)),
+        "formats.x2vlm.read_checkpoint": lambda: x2vlm.read_checkpoint(str(path)),
         "engine.load_checkpoint": lambda: engine.load_checkpoint(path),
         "eval_zeroshot.load_meta": lambda: eval_zeroshot.load_meta(path),
     }
