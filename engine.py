@@ -61,6 +61,7 @@ from tqdm import tqdm
 
 import data
 import freeze
+from inspection import what_trains
 
 TASKS = data.TASKS  # the one task table (data.py)
 RECIPES = ("paper", "iglue")
@@ -1694,7 +1695,7 @@ def trainable_line(
 ) -> str:
     """ "epoch 2: layers 6-11 + embeddings, head train; 97.3M trainable" (printed when the trainable set changes)."""
     where = f"epoch {epoch + 1}" + (f", step {step}" if step % steps_per_epoch else "")
-    return f"{where}: {freeze.trainable_summary(model, layout, schedule, epoch, step)}"
+    return f"{where}: {what_trains.trainable_summary(model, layout, schedule, epoch, step)}"
 
 
 class DataWait:
@@ -1833,8 +1834,8 @@ def resume(
 
 
 def print_schedule(model, layout, schedule, args, steps_per_epoch: int | None = None) -> None:
-    rows = freeze.describe_schedule(model, layout, schedule, args.epochs, steps_per_epoch)
-    print(json.dumps(rows, indent=1) if args.json else freeze.format_schedule(rows), flush=True)
+    rows = what_trains.describe_schedule(model, layout, schedule, args.epochs, steps_per_epoch)
+    print(json.dumps(rows, indent=1) if args.json else what_trains.format_schedule(rows), flush=True)
 
 
 def print_schedule_only(
