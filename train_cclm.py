@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,7 @@ import data
 import engine
 import freeze
 from formats import x2vlm
+from scoring import retrieval_protocols
 
 TASKS = data.TASKS
 UNSCORED = -100.0  # X2-VLM: retrieval matrix entries outside the k_test prefilter
@@ -496,161 +497,9 @@ class CCLMForRetrieval(CCLM):
     def retrieval_scores(
         self, images, captions, batches: Callable, dist, device, opts, encoded: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """X2-VLM's protocol on a retrieval test set (data.RetrievalImages / RetrievalCaptions): rerank_scores over
-        this rank's shard of the images and of the captions. batches(dataset, indices, progress label or None)
-        iterates collated batches; opts: engine.RetrievalOptions (k_test, itm_batch, amp). `encoded`: a cache
-        kept across the languages of one evaluation (xFlickrCo's languages share their test images: each
-        image is encoded once). Returns (score_i2t [n_img, n_txt], score_t2i [n_txt, n_img]), on every rank."""
-        n_img, n_txt = len(images), len(captions)
-        caption_batches = batches(captions, engine.shard(n_txt, dist), "captions")
-        img_shard = engine.shard(n_img, dist)
-        key = (tuple(images.items[i].image for i in img_shard), getattr(images, "image_res", None))
-        if encoded is not None and key in encoded:
-            image_batches = encoded[key]
-        else:
-            image_batches = _recorded(batches(images, img_shard, "images"), kept := [])
-            if encoded is not None:
-                encoded.clear()  # one language's images at a time: the memory a single evaluation holds anyway
-                encoded[key] = kept
-        k = opts.k_test if opts.k_test is not None else int(self.config.get("k_test", 128))
-        return self.rerank_scores(
-            image_batches,
-            caption_batches,
-            img_shard.start,
-            n_img,
-            n_txt,
-            k=k,
-            itm_batch=opts.itm_batch,
-            dist=dist,
-            device=device,
-            amp=opts.amp,
-        )
-
-    @torch.no_grad()
-    def rerank_scores(
-        self,
-        image_batches: Iterable[dict],
-        text_batches: Iterable[dict],
-        image_offset: int,
-        n_images: int,
-        n_texts: int,
-        k: int = 128,
-        itm_batch: int = 128,
-        dist=None,
-        device="cpu",
-        amp: str = "off",
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """CCLM/X2-VLM protocol: every image and every caption is encoded once (this rank: its shard of
-        each); ITC similarity image_feat @ text_feat.T; for every image the top-k captions and for every
-        caption the top-k images are re-scored with the ITM head; all other entries are -100.
-        Returns score_i2t [n_images, n_texts], score_t2i [n_texts, n_images] (CPU, float32), identical
-        on every rank. Only ITC features and text states travel between ranks; a pair is ITM-scored on
-        the rank that holds its image's encoder states. k is capped at the candidate count (the
-        reference would fail for k > n; the sample has 40 images). Each image's cross-attention keys/values
-        are computed once for all its candidates (_itm_by_image; X2-VLM recomputes them per pair)."""
-        vis, img_feat = [], []
-        for b in image_batches:
-            if "encoded" in b:  # encoded for another language's test set of the same images (evaluate_task)
-                v, f = b["encoded"]
-            else:
-                with engine.autocast_for(device, amp):
-                    v, f = self.encode_images(b["images"].to(device))
-                b["encoded"] = (v, f)
-            vis.append(v)
-            img_feat.append(f.float())
-        txt_states, txt_atts, txt_feat = [], [], []
-        for b in text_batches:
-            ids, atts = b["text_ids"].to(device), b["text_atts"].to(device)
-            with engine.autocast_for(device, amp):
-                s, f = self.encode_texts(ids, atts)
-            txt_states.append(s.cpu())
-            txt_atts.append(atts.cpu())
-            txt_feat.append(f.float().cpu())
-        n_local = sum(v.shape[0] for v in vis)
-        vis = torch.cat(vis) if vis else None
-        local_feat = torch.cat(img_feat).cpu() if img_feat else torch.empty(0, 0)
-        image_feat = torch.cat([t for t in engine.gather([local_feat], dist) if t.numel()]).to(device)
-        text_states = engine.pad_cat(engine.gather([engine.pad_cat(txt_states)] if txt_states else [], dist)).to(device)
-        text_atts = engine.pad_cat(engine.gather([engine.pad_cat(txt_atts)] if txt_atts else [], dist)).to(device)
-        text_feat = torch.cat(engine.gather([torch.cat(txt_feat)] if txt_feat else [], dist)).to(device)
-        if image_feat.shape[0] != n_images or text_feat.shape[0] != n_texts:
-            raise ValueError(
-                f"encoded {image_feat.shape[0]} images / {text_feat.shape[0]} captions, expected {n_images} / {n_texts}"
-            )
-        sims = image_feat @ text_feat.t()
-
-        triples = []  # (direction, row, col, score) computed on this rank
-        if n_local:
-            k_i2t = min(k, n_texts)
-            top_t = sims[image_offset : image_offset + n_local].topk(k_i2t, dim=1).indices  # [n_local, k]
-            li = torch.arange(n_local, device=device).repeat_interleave(k_i2t)
-            t = top_t.reshape(-1)
-            k_t2i = min(k, n_images)
-            top_i = sims.t().topk(k_t2i, dim=1).indices  # [n_texts, k]
-            t_all = torch.arange(n_texts, device=device).repeat_interleave(k_t2i)
-            img = top_i.reshape(-1)
-            mine = (img >= image_offset) & (img < image_offset + n_local)
-            both = self._itm_by_image(
-                vis,
-                torch.cat([li, img[mine] - image_offset]),
-                torch.cat([t, t_all[mine]]),
-                text_states,
-                text_atts,
-                itm_batch,
-                device,
-                amp,
-            )
-            s_i2t, s_t2i = both[: len(li)], both[len(li) :]
-            triples.append(("i2t", (li + image_offset).cpu(), t.cpu(), s_i2t))
-            triples.append(("t2i", t_all[mine].cpu(), img[mine].cpu(), s_t2i))
-        score_i2t = torch.full((n_images, n_texts), UNSCORED)
-        score_t2i = torch.full((n_texts, n_images), UNSCORED)
-        for direction, rows, cols, vals in engine.gather(triples, dist):
-            (score_i2t if direction == "i2t" else score_t2i)[rows, cols] = vals
-        return score_i2t, score_t2i
-
-    def _itm_by_image(
-        self,
-        vis: torch.Tensor,
-        img: torch.Tensor,
-        txt: torch.Tensor,
-        text_states: torch.Tensor,
-        text_atts: torch.Tensor,
-        itm_batch: int,
-        device,
-        amp: str,
-    ) -> torch.Tensor:
-        """ITM scores (CPU, float32) of the pairs (vis[img[j]], text txt[j]), as self.itm_scores gives them, but
-        each image's cross-attention keys/values are computed once (self.itm_image_kv) for all its candidate
-        captions, and a pair asked for twice (both directions' top-k) is scored once. X2-VLM recomputes the
-        keys/values over the image's tokens for every pair: most of the re-rank's work (bench/retrieval.py)."""
-        n_txt = text_states.shape[0]
-        pairs, where = torch.unique(img * n_txt + txt, return_inverse=True)  # sorted: grouped by image
-        p_img, p_txt = pairs // n_txt, pairs % n_txt
-        scores = torch.empty(len(pairs))
-        images, counts = torch.unique_consecutive(p_img, return_counts=True)
-        start = 0
-        for i, c in zip(images.tolist(), counts.tolist()):
-            with engine.autocast_for(device, amp):
-                kv = self.itm_image_kv(vis[i : i + 1])
-            for s in range(start, start + c, itm_batch):
-                t = p_txt[s : min(s + itm_batch, start + c)]
-                atts = text_atts[t]
-                length = int(atts.sum(1).max())
-                with engine.autocast_for(device, amp):
-                    scores[s : s + len(t)] = (
-                        self.itm_scores_with_image_kv(text_states[t, :length], atts[:, :length], kv).float().cpu()
-                    )
-            start += c
-        return scores[where.cpu()]
-
-
-def _recorded(batches: Iterable[dict], kept: list):
-    """Yield the batches, keeping each (rerank_scores stores its encoding in it; the pixels are dropped after)."""
-    for b in batches:
-        kept.append(b)
-        yield b
-        b.pop("images", None)
+        """X2-VLM's protocol: ITC top-k prefilter, ITM re-rank, each image and caption encoded once
+        (scoring.retrieval_protocols)."""
+        return retrieval_protocols.x2vlm_retrieval_scores(self, images, captions, batches, dist, device, opts, encoded)
 
 
 class CCLMForXGQA(CCLM):

@@ -27,6 +27,7 @@ import data
 import engine
 import freeze
 from formats import feature_sets, volta
+from scoring import retrieval_protocols
 
 TASKS = data.TASKS
 
@@ -309,56 +310,8 @@ class UC2(nn.Module):
     def retrieval_scores(
         self, images, captions, batches: Callable, dist, device, opts, encoded: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """VOLTA's protocol on a retrieval test set (data.RetrievalImages / RetrievalCaptions): the VL logit of
-        every (caption, image) pair; every rank holds all images and scores its shard of the captions.
-        batches(dataset, indices, progress label or None) iterates collated batches; opts: engine.RetrievalOptions
-        (pair_batch, amp). Returns (score_i2t [n_img, n_txt], score_t2i [n_txt, n_img]), on every rank."""
-        img_batches = list(batches(images, range(len(images)), None))
-        feats = {k: torch.cat([b[k] for b in img_batches]) for k in ("features", "spatials", "image_mask")}
-        cap_batches = list(batches(captions, engine.shard(len(captions), dist), "captions"))
-        texts = {
-            "input_ids": engine.pad_cat([b["input_ids"] for b in cap_batches], value=1)
-            if cap_batches
-            else torch.ones(0, 1, dtype=torch.long),
-            "attention_mask": engine.pad_cat([b["attention_mask"] for b in cap_batches])
-            if cap_batches
-            else torch.zeros(0, 1, dtype=torch.long),
-        }
-        rows = self.score_all_pairs(feats, texts, opts.pair_batch, device, opts.amp)
-        scores = torch.cat(list(engine.gather([rows], dist)))
-        return scores.t(), scores
-
-    @torch.no_grad()
-    def score_all_pairs(
-        self,
-        images: dict[str, torch.Tensor],
-        texts: dict[str, torch.Tensor],
-        pair_batch: int = 1024,
-        device="cpu",
-        amp: str = "off",
-    ) -> torch.Tensor:
-        """The VL logit of EVERY (caption, image) pair, scored `pair_batch` pairs per forward. images: stacked
-        features/spatials/image_mask [n_img, R, ...]; texts: stacked input_ids/attention_mask [n_txt, L].
-        Returns [n_txt, n_img] (on CPU, float32)."""
-        images = engine.to_device(images, device)
-        texts = engine.to_device(texts, device)
-        n_img, n_txt = images["features"].shape[0], texts["input_ids"].shape[0]
-        total = n_img * n_txt
-        out = torch.empty(total)
-        for start in range(0, total, pair_batch):
-            pair = torch.arange(start, min(start + pair_batch, total), device=device)
-            t, i = pair // n_img, pair % n_img
-            length = int(texts["attention_mask"][t].sum(1).max())  # trim padding common to the batch
-            batch = {
-                "input_ids": texts["input_ids"][t, :length],
-                "attention_mask": texts["attention_mask"][t, :length],
-                "features": images["features"][i],
-                "spatials": images["spatials"][i],
-                "image_mask": images["image_mask"][i],
-            }
-            with engine.autocast_for(device, amp):
-                out[start : start + len(pair)] = self.pair_scores(batch).float().reshape(-1).cpu()
-        return out.view(n_txt, n_img)
+        """VOLTA's protocol: the VL logit of every (caption, image) pair (scoring.retrieval_protocols)."""
+        return retrieval_protocols.volta_retrieval_scores(self, images, captions, batches, dist, device, opts, encoded)
 
 
 def retrieval_loss(scores: torch.Tensor, kind: str) -> torch.Tensor:

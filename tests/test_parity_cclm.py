@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_cclm  # noqa: E402
 from formats import x2vlm  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
+from scoring import retrieval_protocols  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -124,7 +125,7 @@ def check_xflickrco(folder: Path) -> None:
     close("sims_matrix", image_feat @ text_feat.t(), out["sims_matrix"])
     for k in ks:
         texts = [{"text_ids": x["text_ids"], "text_atts": x["text_atts"]}]
-        i2t, t2i = model.rerank_scores([{"images": x["images"]}], texts, 0, n_img, n_txt, k=k)
+        i2t, t2i = retrieval_protocols.rerank_scores(model, [{"images": x["images"]}], texts, 0, n_img, n_txt, k=k)
         close(f"eval_k{k}_score_matrix_i2t", i2t, out[f"eval_k{k}_score_matrix_i2t"])
         close(f"eval_k{k}_score_matrix_t2i", t2i, out[f"eval_k{k}_score_matrix_t2i"])
     _, tr_img = model.encode_images(x["images"][x["train_image_index"]])
