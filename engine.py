@@ -61,6 +61,7 @@ from tqdm import tqdm
 
 import data
 import freeze
+from inspection import what_trains
 
 TASKS = data.TASKS  # the one task table (data.py)
 RECIPES = ("paper", "iglue")
@@ -514,6 +515,41 @@ def broadcast_object(obj, dist: DistInfo):
     box = [obj]
     tdist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _world_size() -> int:
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows in rank order (row counts may differ: padded to the largest, then cut).
+    Backward sums every rank's gradient of the gathered tensor and returns this rank's rows: the
+    ranks compute the same loss, so after DDP's averaging the gradient equals the 1-process one."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        n = torch.tensor([x.shape[0]], device=x.device)
+        sizes = [torch.zeros_like(n) for _ in range(_world_size())]
+        tdist.all_gather(sizes, n)
+        sizes = [int(s) for s in sizes]
+        pad = max(sizes) - x.shape[0]
+        xp = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x.contiguous()
+        parts = [torch.empty_like(xp) for _ in sizes]
+        tdist.all_gather(parts, xp)
+        ctx.start, ctx.n = sum(sizes[: tdist.get_rank()]), x.shape[0]
+        return torch.cat([t[:s] for t, s in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        tdist.all_reduce(grad)
+        return grad[ctx.start : ctx.start + ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of x, differentiable: CCLM's in-batch negatives from every rank (X2-VLM's allgather;
+    see _GatherRows for the gradient)."""
+    return x if _world_size() == 1 else _GatherRows.apply(x)
 
 
 def seed_everything(seed: int) -> None:
@@ -1659,7 +1695,7 @@ def trainable_line(
 ) -> str:
     """ "epoch 2: layers 6-11 + embeddings, head train; 97.3M trainable" (printed when the trainable set changes)."""
     where = f"epoch {epoch + 1}" + (f", step {step}" if step % steps_per_epoch else "")
-    return f"{where}: {freeze.trainable_summary(model, layout, schedule, epoch, step)}"
+    return f"{where}: {what_trains.trainable_summary(model, layout, schedule, epoch, step)}"
 
 
 class DataWait:
@@ -1798,8 +1834,8 @@ def resume(
 
 
 def print_schedule(model, layout, schedule, args, steps_per_epoch: int | None = None) -> None:
-    rows = freeze.describe_schedule(model, layout, schedule, args.epochs, steps_per_epoch)
-    print(json.dumps(rows, indent=1) if args.json else freeze.format_schedule(rows), flush=True)
+    rows = what_trains.describe_schedule(model, layout, schedule, args.epochs, steps_per_epoch)
+    print(json.dumps(rows, indent=1) if args.json else what_trains.format_schedule(rows), flush=True)
 
 
 def print_schedule_only(

@@ -34,6 +34,7 @@ import data
 import engine
 import train_cclm
 import train_uc2
+from formats import feature_sets, volta
 
 TASKS = data.TASKS
 MODEL_SCRIPTS = {"uc2": train_uc2, "cclm": train_cclm}  # meta["model"] -> the script that builds it
@@ -911,13 +912,13 @@ def format_tables(t: dict, per_language: bool = False) -> str:
 
 def feature_reader(features):
     """--features as the trainers take it (one path or several): the image-keyed files (a per-question
-    serialized GQA LMDB holds no test images), several searched in order (train_uc2.FeatureSet)."""
+    serialized GQA LMDB holds no test images), several searched in order (formats.feature_sets.FeatureSet)."""
     if features is None or not isinstance(features, (list, tuple)):
         return features
     keyed = [str(p) for p in features if not data.is_serialized_lmdb(p)]
     if len(keyed) <= 1:
         return keyed[0] if keyed else None
-    return train_uc2.FeatureSet(keyed)
+    return feature_sets.FeatureSet(keyed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -947,7 +948,7 @@ def load_released_uc2(path: str | Path, task: str, config: str = "base", device=
     cfg = train_uc2.resolve_config(config)
     model = train_uc2.build_model(task, cfg)
     try:
-        plan = train_uc2.load_into(model, str(path))
+        plan = volta.load_into(model, str(path))
     except ValueError as e:  # its first line names the file and the first bad key; the plan follows
         raise ValueError(f"{str(e).splitlines()[0]} (is it a fine-tuned UC2 {task} checkpoint?)") from None
     if plan.initialised:

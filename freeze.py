@@ -23,6 +23,8 @@ GLOBAL optimizer steps from the start of training; a stage that would pass the b
 simply trains all layers. Under top, the task head (LayerLayout.task_head_modules: what must train
 for the task to have an output, e.g. CCLM's randomly initialised XVNLI head or its xGQA answer
 decoder) trains although the paper says only "the top 6 cross-modal layers" train.
+
+What trains when, shown without touching the model (--print-schedule, the run's log): inspection/what_trains.py.
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def layout_from_rules(
     return LayerLayout(num_layers, layer_of, module_of, tuple(embedding_modules), tuple(task_head_modules))
 
 
-def _locate(model: nn.Module, layout: LayerLayout) -> list[tuple[str, nn.Parameter, int | None, str | None]]:
+def locate(model: nn.Module, layout: LayerLayout) -> list[tuple[str, nn.Parameter, int | None, str | None]]:
     """(name, param, layer, module) for every parameter; checks the layout covers every layer."""
     out, seen = [], set()
     for name, p in model.named_parameters():
@@ -167,12 +169,14 @@ def _locate(model: nn.Module, layout: LayerLayout) -> list[tuple[str, nn.Paramet
     return out
 
 
-def _check(layout: LayerLayout, schedule: Schedule) -> None:
+def check_layout(layout: LayerLayout, schedule: Schedule) -> None:
+    """The schedule and the layout must count the same encoder layers."""
     if layout.num_layers != schedule.num_layers:
         raise ValueError(f"schedule is for {schedule.num_layers} layers but the layout declares {layout.num_layers}")
 
 
-def _trains(layer: int | None, module: str | None, layers: set[int], layout: LayerLayout, schedule: Schedule) -> bool:
+def trains(layer: int | None, module: str | None, layers: set[int], layout: LayerLayout, schedule: Schedule) -> bool:
+    """Whether a parameter in encoder `layer` (or, layer None, in module `module`) trains while `layers` do."""
     if layer is not None:
         return layer in layers
     if schedule.policy == "top":
@@ -252,11 +256,11 @@ def param_groups(
     e.g. IGLUE/VOLTA's name-based rule for --recipe iglue, X2-VLM's for CCLM).
     lr_mult(name) -> factor on top of the (LLRD-scaled) base lr, e.g. X2-VLM's lr_mult 2 for newly
     initialised parameters; a parameter with factor != 1 gets its own group ("<unit>.lr_x2.decay")."""
-    _check(layout, schedule)
+    check_layout(layout, schedule)
     module_lr = module_lr or {}
     rule = no_decay or no_decay_ndim
     groups: dict[str, dict] = {}
-    for name, p, layer, module in _locate(model, layout):
+    for name, p, layer, module in locate(model, layout):
         exempt = bool(rule(name, p))
         mult = float(lr_mult(name)) if lr_mult is not None else 1.0
         key = (
@@ -279,136 +283,14 @@ def param_groups(
 def apply_schedule(model: nn.Module, layout: LayerLayout, schedule: Schedule, epoch: int, step: int = 0) -> bool:
     """Set requires_grad for (0-based) epoch and global step; True iff the trainable set changed
     (the trainer must then re-wrap DDP)."""
-    _check(layout, schedule)
+    check_layout(layout, schedule)
     layers = set(schedule.trainable_layers(epoch, step))
     changed = False
-    for _, p, layer, module in _locate(model, layout):
-        train = _trains(layer, module, layers, layout, schedule)
+    for _, p, layer, module in locate(model, layout):
+        train = trains(layer, module, layers, layout, schedule)
         if p.requires_grad != train:
             p.requires_grad_(train)
             changed = True
         if not train:
             p.grad = None  # a stale gradient would let AdamW keep updating/decaying a frozen parameter
     return changed
-
-
-def _row(located, layout: LayerLayout, schedule: Schedule, epoch: int, step: int) -> dict:
-    layers = schedule.trainable_layers(epoch, step)
-    train_modules, frozen_modules = set(), set()
-    counts = {True: 0, False: 0}
-    for _, p, layer, module in located:
-        t = _trains(layer, module, set(layers), layout, schedule)
-        if layer is None:
-            (train_modules if t else frozen_modules).add(module)
-        counts[t] += p.numel()
-    row = {
-        "epoch": epoch + 1,
-        "stage": schedule.stage(epoch, step),
-        "trainable_layers": layers,
-        "frozen_layers": [i for i in range(schedule.num_layers) if i not in layers],
-        "always_trainable": sorted(train_modules),
-        "frozen_modules": sorted(frozen_modules),
-        "embeddings_trainable": not any(m in frozen_modules for m in layout.embedding_modules),
-        "trainable_params": counts[True],
-        "frozen_params": counts[False],
-    }
-    if schedule.policy == "top":
-        row["task_head_modules"] = sorted(m for m in layout.task_head_modules if m in train_modules)
-    if schedule.policy == "llrd":
-        row["layer_lr_scale"] = [schedule.layer_lr_scale(i, None) for i in range(schedule.num_layers)]
-        row["embedding_lr_scale"] = schedule.llrd_decay**schedule.num_layers
-    return row
-
-
-def describe_schedule(
-    model: nn.Module, layout: LayerLayout, schedule: Schedule, epochs: int, steps_per_epoch: int | None = None
-) -> list[dict]:
-    """What trains when, without touching the model. One row per epoch (1-based "epoch").
-
-    With unfreeze_unit == "step" (needs steps_per_epoch) an epoch in which the trainable set changes
-    gets one row per stage it spans, each with "first_step"/"last_step" (global, 0-based, inclusive);
-    with unit epoch every row covers its whole epoch (first/last_step given when steps_per_epoch is)."""
-    _check(layout, schedule)
-    located = _locate(model, layout)
-    rows = []
-    for epoch in range(epochs):
-        if schedule.unfreeze_unit == "step" and schedule.policy == "suf":
-            if not steps_per_epoch or steps_per_epoch <= 0:
-                raise ValueError("describe_schedule: --unfreeze-unit step needs steps_per_epoch > 0")
-            start, end = epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch  # end exclusive
-            s = start
-            while s < end:
-                nxt = min(end, (schedule.stage(epoch, s) + 1) * schedule.unfreeze_every)
-                if len(schedule.trainable_layers(epoch, s)) == schedule.num_layers:
-                    nxt = end  # fully unfrozen: nothing changes any more
-                rows.append({**_row(located, layout, schedule, epoch, s), "first_step": s, "last_step": nxt - 1})
-                s = nxt
-        else:
-            row = _row(located, layout, schedule, epoch, 0)
-            if steps_per_epoch:
-                row.update(first_step=epoch * steps_per_epoch, last_step=(epoch + 1) * steps_per_epoch - 1)
-            rows.append(row)
-    return rows
-
-
-def _span(ls: list[int]) -> str:
-    if len(ls) <= 1:
-        return str(ls[0]) if ls else "none"
-    return f"{ls[0]}\u2013{ls[-1]}" if ls == list(range(ls[0], ls[-1] + 1)) else ",".join(map(str, ls))
-
-
-def trainable_summary(model: nn.Module, layout: LayerLayout, schedule: Schedule, epoch: int, step: int = 0) -> str:
-    """One line for the console: "layers 6\u201311 + embeddings, head train; 97.3M trainable" (what trains at
-    epoch/step by the schedule, whether or not apply_schedule has run)."""
-    _check(layout, schedule)
-    r = _row(_locate(model, layout), layout, schedule, epoch, step)
-    layers = r["trainable_layers"]
-    what = (
-        "all layers" if len(layers) == schedule.num_layers else f"layer{'s' if len(layers) > 1 else ''} {_span(layers)}"
-    )
-    others = ", ".join(r["always_trainable"])
-    frozen = f" ({', '.join(r['frozen_modules'])} frozen)" if r["frozen_modules"] else ""
-    return (
-        f"{what}{' + ' + others if others else ''} train{frozen}; "
-        f"{_count(r['trainable_params'])} trainable of {_count(r['trainable_params'] + r['frozen_params'])}"
-    )
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e6:.1f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e3 else str(n))
-
-
-def format_schedule(rows: list[dict]) -> str:
-    """Human-readable table of describe_schedule rows (for --print-schedule)."""
-
-    def span(ls: list[int]) -> str:
-        return (
-            "none"
-            if not ls
-            else (f"{ls[0]}-{ls[-1]}" if ls == list(range(ls[0], ls[-1] + 1)) else ",".join(map(str, ls)))
-        )
-
-    lines = []
-    head = next((r["task_head_modules"] for r in rows if "task_head_modules" in r), None)
-    if head is not None:
-        lines.append(
-            f"policy top: only the top layers and the task head ({', '.join(head) or 'none'}) train; "
-            "everything else is frozen. The task head trains so that the task has an output (our choice: "
-            "the paper says only the top layers train)"
-        )
-    for r in rows:
-        steps = f" steps {r['first_step']}-{r['last_step']}" if "first_step" in r else ""
-        line = (
-            f"epoch {r['epoch']}{steps}: layers {span(r['trainable_layers'])} + "
-            f"{', '.join(r['always_trainable']) or 'nothing else'}"
-            f"{' (frozen: ' + ', '.join(r['frozen_modules']) + ')' if r['frozen_modules'] else ''}; "
-            f"embeddings {'train' if r['embeddings_trainable'] else 'FROZEN'}; "
-            f"{r['trainable_params']:,} trainable / {r['frozen_params']:,} frozen params"
-        )
-        if "layer_lr_scale" in r:
-            line += (
-                f"; lr scale bottom..top {r['layer_lr_scale'][0]:.4g}..{r['layer_lr_scale'][-1]:.4g}, "
-                f"embeddings {r['embedding_lr_scale']:.4g}"
-            )
-        lines.append(line)
-    return "\n".join(lines)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import data
 import synth_world as sw
 import train_uc2
+from formats import volta
 
 OBJECTIVES = ("mlm", "itm", "mrm", "tlm", "mlm")  # one optimizer step each, cycled
 OBJECTIVES_SINGLE = ("mrm", "itm", "mlm")  # the curriculum's one-object stage: cross-modal objectives first
@@ -83,8 +84,8 @@ class PretrainUC2(nn.Module):
 
 
 def volta_name(our_key: str) -> str:
-    """Our UC2 key -> the VOLTA key train_uc2.volta_key maps back to it (checked by the caller)."""
-    inv_emb = {v: k for k, v in train_uc2._VOLTA_EMB.items()}
+    """Our UC2 key -> the VOLTA key formats.volta.volta_key maps back to it (checked by the caller)."""
+    inv_emb = {v: k for k, v in volta.VOLTA_EMB.items()}
     parts = our_key.split(".")
     if parts[0] == "embeddings":
         return f"bert.embeddings.{inv_emb[parts[1]]}.{parts[2]}"
@@ -92,7 +93,7 @@ def volta_name(our_key: str) -> str:
         return f"bert.t_pooler.dense.{parts[1]}"
     if parts[0] == "encoder":
         k, module, wb = int(parts[2]), ".".join(parts[3:-1]), parts[-1]
-        for table, sub in ((train_uc2._VOLTA_ATTN, 2 * k), (train_uc2._VOLTA_FFN, 2 * k + 1)):
+        for table, sub in ((volta.VOLTA_ATTN, 2 * k), (volta.VOLTA_FFN, 2 * k + 1)):
             inv = {v: key for key, v in table.items()}
             if module in inv:
                 return f"bert.encoder.layer.{sub}.{inv[module]}.{wb}"
@@ -115,7 +116,7 @@ def volta_state_dict(model: PretrainUC2) -> dict[str, torch.Tensor]:
         if k.startswith("head."):
             continue  # a pre-trained checkpoint has no task head
         name = volta_name(k)
-        assert train_uc2.volta_key(name, "xgqa") == ("map", k), (k, name)
+        assert volta.volta_key(name, "xgqa") == ("map", k), (k, name)
         out[name] = v.detach().clone()
     heads = dict(model.named_parameters())
     for ours, theirs in HEAD_NAMES.items():
@@ -127,10 +128,10 @@ def volta_state_dict(model: PretrainUC2) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(path: str | Path, config: dict) -> PretrainUC2:
-    """A checkpoint written by this script, back into PretrainUC2 (encoder through train_uc2.load_into)."""
-    sd, _ = train_uc2.read_checkpoint(str(path))
+    """A checkpoint written by this script, back into PretrainUC2 (encoder through formats.volta.load_into)."""
+    sd, _ = volta.read_checkpoint(str(path))
     model = PretrainUC2(config)
-    train_uc2.load_into(model.uc2, sd)
+    volta.load_into(model.uc2, sd)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for ours, theirs in HEAD_NAMES.items():

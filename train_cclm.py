@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Iterable
+from typing import Callable
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.beit import Beit
@@ -39,6 +37,8 @@ from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaEmbed
 import data
 import engine
 import freeze
+from formats import x2vlm
+from scoring import retrieval_protocols
 
 TASKS = data.TASKS
 UNSCORED = -100.0  # X2-VLM: retrieval matrix entries outside the k_test prefilter
@@ -405,40 +405,6 @@ class CCLMForXVNLI(CCLM):
         return engine.require_finite(self.logits(batch), "logits").argmax(dim=1)
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-class _GatherRows(torch.autograd.Function):
-    """All ranks' rows in rank order (row counts may differ: padded to the largest, then cut).
-    Backward sums every rank's gradient of the gathered tensor and returns this rank's rows: the
-    ranks compute the same loss, so after DDP's averaging the gradient equals the 1-process one."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        n = torch.tensor([x.shape[0]], device=x.device)
-        sizes = [torch.zeros_like(n) for _ in range(_world())]
-        dist.all_gather(sizes, n)
-        sizes = [int(s) for s in sizes]
-        pad = max(sizes) - x.shape[0]
-        xp = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x.contiguous()
-        parts = [torch.empty_like(xp) for _ in sizes]
-        dist.all_gather(parts, xp)
-        ctx.start, ctx.n = sum(sizes[: dist.get_rank()]), x.shape[0]
-        return torch.cat([t[:s] for t, s in zip(parts, sizes)])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.start : ctx.start + ctx.n]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """In-batch negatives from every rank (X2-VLM's allgather; see _GatherRows for the gradient)."""
-    return x if _world() == 1 else _GatherRows.apply(x)
-
-
 class CCLMForRetrieval(CCLM):
     def __init__(self, task: str, config: dict):
         super().__init__(task, config)
@@ -480,8 +446,8 @@ class CCLMForRetrieval(CCLM):
 
     def contrastive_loss(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """In-batch (all ranks) ITC; targets spread uniformly over pairs sharing an image id."""
-        image_all, text_all = gather_with_grad(image_feat), gather_with_grad(text_feat)
-        idx_all = gather_with_grad(idx.view(-1, 1))
+        image_all, text_all = engine.gather_with_grad(image_feat), engine.gather_with_grad(text_feat)
+        idx_all = engine.gather_with_grad(idx.view(-1, 1))
         logits = image_all @ text_all.t() / self.temp
         pos = torch.eq(idx_all, idx_all.t()).float()
         targets = pos / pos.sum(dim=1, keepdim=True)
@@ -531,161 +497,9 @@ class CCLMForRetrieval(CCLM):
     def retrieval_scores(
         self, images, captions, batches: Callable, dist, device, opts, encoded: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """X2-VLM's protocol on a retrieval test set (data.RetrievalImages / RetrievalCaptions): rerank_scores over
-        this rank's shard of the images and of the captions. batches(dataset, indices, progress label or None)
-        iterates collated batches; opts: engine.RetrievalOptions (k_test, itm_batch, amp). `encoded`: a cache
-        kept across the languages of one evaluation (xFlickrCo's languages share their test images: each
-        image is encoded once). Returns (score_i2t [n_img, n_txt], score_t2i [n_txt, n_img]), on every rank."""
-        n_img, n_txt = len(images), len(captions)
-        caption_batches = batches(captions, engine.shard(n_txt, dist), "captions")
-        img_shard = engine.shard(n_img, dist)
-        key = (tuple(images.items[i].image for i in img_shard), getattr(images, "image_res", None))
-        if encoded is not None and key in encoded:
-            image_batches = encoded[key]
-        else:
-            image_batches = _recorded(batches(images, img_shard, "images"), kept := [])
-            if encoded is not None:
-                encoded.clear()  # one language's images at a time: the memory a single evaluation holds anyway
-                encoded[key] = kept
-        k = opts.k_test if opts.k_test is not None else int(self.config.get("k_test", 128))
-        return self.rerank_scores(
-            image_batches,
-            caption_batches,
-            img_shard.start,
-            n_img,
-            n_txt,
-            k=k,
-            itm_batch=opts.itm_batch,
-            dist=dist,
-            device=device,
-            amp=opts.amp,
-        )
-
-    @torch.no_grad()
-    def rerank_scores(
-        self,
-        image_batches: Iterable[dict],
-        text_batches: Iterable[dict],
-        image_offset: int,
-        n_images: int,
-        n_texts: int,
-        k: int = 128,
-        itm_batch: int = 128,
-        dist=None,
-        device="cpu",
-        amp: str = "off",
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """CCLM/X2-VLM protocol: every image and every caption is encoded once (this rank: its shard of
-        each); ITC similarity image_feat @ text_feat.T; for every image the top-k captions and for every
-        caption the top-k images are re-scored with the ITM head; all other entries are -100.
-        Returns score_i2t [n_images, n_texts], score_t2i [n_texts, n_images] (CPU, float32), identical
-        on every rank. Only ITC features and text states travel between ranks; a pair is ITM-scored on
-        the rank that holds its image's encoder states. k is capped at the candidate count (the
-        reference would fail for k > n; the sample has 40 images). Each image's cross-attention keys/values
-        are computed once for all its candidates (_itm_by_image; X2-VLM recomputes them per pair)."""
-        vis, img_feat = [], []
-        for b in image_batches:
-            if "encoded" in b:  # encoded for another language's test set of the same images (evaluate_task)
-                v, f = b["encoded"]
-            else:
-                with engine.autocast_for(device, amp):
-                    v, f = self.encode_images(b["images"].to(device))
-                b["encoded"] = (v, f)
-            vis.append(v)
-            img_feat.append(f.float())
-        txt_states, txt_atts, txt_feat = [], [], []
-        for b in text_batches:
-            ids, atts = b["text_ids"].to(device), b["text_atts"].to(device)
-            with engine.autocast_for(device, amp):
-                s, f = self.encode_texts(ids, atts)
-            txt_states.append(s.cpu())
-            txt_atts.append(atts.cpu())
-            txt_feat.append(f.float().cpu())
-        n_local = sum(v.shape[0] for v in vis)
-        vis = torch.cat(vis) if vis else None
-        local_feat = torch.cat(img_feat).cpu() if img_feat else torch.empty(0, 0)
-        image_feat = torch.cat([t for t in engine.gather([local_feat], dist) if t.numel()]).to(device)
-        text_states = engine.pad_cat(engine.gather([engine.pad_cat(txt_states)] if txt_states else [], dist)).to(device)
-        text_atts = engine.pad_cat(engine.gather([engine.pad_cat(txt_atts)] if txt_atts else [], dist)).to(device)
-        text_feat = torch.cat(engine.gather([torch.cat(txt_feat)] if txt_feat else [], dist)).to(device)
-        if image_feat.shape[0] != n_images or text_feat.shape[0] != n_texts:
-            raise ValueError(
-                f"encoded {image_feat.shape[0]} images / {text_feat.shape[0]} captions, expected {n_images} / {n_texts}"
-            )
-        sims = image_feat @ text_feat.t()
-
-        triples = []  # (direction, row, col, score) computed on this rank
-        if n_local:
-            k_i2t = min(k, n_texts)
-            top_t = sims[image_offset : image_offset + n_local].topk(k_i2t, dim=1).indices  # [n_local, k]
-            li = torch.arange(n_local, device=device).repeat_interleave(k_i2t)
-            t = top_t.reshape(-1)
-            k_t2i = min(k, n_images)
-            top_i = sims.t().topk(k_t2i, dim=1).indices  # [n_texts, k]
-            t_all = torch.arange(n_texts, device=device).repeat_interleave(k_t2i)
-            img = top_i.reshape(-1)
-            mine = (img >= image_offset) & (img < image_offset + n_local)
-            both = self._itm_by_image(
-                vis,
-                torch.cat([li, img[mine] - image_offset]),
-                torch.cat([t, t_all[mine]]),
-                text_states,
-                text_atts,
-                itm_batch,
-                device,
-                amp,
-            )
-            s_i2t, s_t2i = both[: len(li)], both[len(li) :]
-            triples.append(("i2t", (li + image_offset).cpu(), t.cpu(), s_i2t))
-            triples.append(("t2i", t_all[mine].cpu(), img[mine].cpu(), s_t2i))
-        score_i2t = torch.full((n_images, n_texts), UNSCORED)
-        score_t2i = torch.full((n_texts, n_images), UNSCORED)
-        for direction, rows, cols, vals in engine.gather(triples, dist):
-            (score_i2t if direction == "i2t" else score_t2i)[rows, cols] = vals
-        return score_i2t, score_t2i
-
-    def _itm_by_image(
-        self,
-        vis: torch.Tensor,
-        img: torch.Tensor,
-        txt: torch.Tensor,
-        text_states: torch.Tensor,
-        text_atts: torch.Tensor,
-        itm_batch: int,
-        device,
-        amp: str,
-    ) -> torch.Tensor:
-        """ITM scores (CPU, float32) of the pairs (vis[img[j]], text txt[j]), as self.itm_scores gives them, but
-        each image's cross-attention keys/values are computed once (self.itm_image_kv) for all its candidate
-        captions, and a pair asked for twice (both directions' top-k) is scored once. X2-VLM recomputes the
-        keys/values over the image's tokens for every pair: most of the re-rank's work (bench/retrieval.py)."""
-        n_txt = text_states.shape[0]
-        pairs, where = torch.unique(img * n_txt + txt, return_inverse=True)  # sorted: grouped by image
-        p_img, p_txt = pairs // n_txt, pairs % n_txt
-        scores = torch.empty(len(pairs))
-        images, counts = torch.unique_consecutive(p_img, return_counts=True)
-        start = 0
-        for i, c in zip(images.tolist(), counts.tolist()):
-            with engine.autocast_for(device, amp):
-                kv = self.itm_image_kv(vis[i : i + 1])
-            for s in range(start, start + c, itm_batch):
-                t = p_txt[s : min(s + itm_batch, start + c)]
-                atts = text_atts[t]
-                length = int(atts.sum(1).max())
-                with engine.autocast_for(device, amp):
-                    scores[s : s + len(t)] = (
-                        self.itm_scores_with_image_kv(text_states[t, :length], atts[:, :length], kv).float().cpu()
-                    )
-            start += c
-        return scores[where.cpu()]
-
-
-def _recorded(batches: Iterable[dict], kept: list):
-    """Yield the batches, keeping each (rerank_scores stores its encoding in it; the pixels are dropped after)."""
-    for b in batches:
-        kept.append(b)
-        yield b
-        b.pop("images", None)
+        """X2-VLM's protocol: ITC top-k prefilter, ITM re-rank, each image and caption encoded once
+        (scoring.retrieval_protocols)."""
+        return retrieval_protocols.x2vlm_retrieval_scores(self, images, captions, batches, dist, device, opts, encoded)
 
 
 class CCLMForXGQA(CCLM):
@@ -842,205 +656,6 @@ def layer_layout(task: str, config: dict | None = None) -> freeze.LayerLayout:
     )
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def resize_rel_pos_bias_table(table: torch.Tensor, dst_grid: int, num_extra: int = 3) -> torch.Tensor:
-    """X2-VLM beit2.interpolate_pos_embed (docs/reference_facts.md#F-cclm-relpos-resize) for one [(2G-1)^2+3, heads]
-    table: bicubic spline through the source grid placed at geometric-progression coordinates, sampled at
-    integer offsets; float64 (scipy interp2d 'cubic' == RectBivariateSpline(kx=ky=3, s=0) on a regular
-    grid), cast to float32."""
-    from scipy.interpolate import RectBivariateSpline
-
-    src_size = int((table.shape[0] - num_extra) ** 0.5)
-    dst_size = 2 * dst_grid - 1
-    if src_size == dst_size:
-        return table.clone()
-    left, right = 1.01, 1.5
-    while right - left > 1e-6:  # q with 1 + q + ... + q^(src//2 - 1) ~ dst//2 (reference bisection)
-        q = (left + right) / 2.0
-        if (1.0 - q ** (src_size // 2)) / (1.0 - q) > dst_size // 2:
-            right = q
-        else:
-            left = q
-    dis, cur = [], 1.0
-    for i in range(src_size // 2):
-        dis.append(cur)
-        cur += q ** (i + 1)
-    coords = np.array([-d for d in reversed(dis)] + [0.0] + dis)
-    t = dst_size // 2
-    target = np.arange(-t, t + 0.1, 1.0)
-    grid = table[:-num_extra].detach().float().cpu().numpy().astype(np.float64)
-    heads = [
-        torch.from_numpy(
-            RectBivariateSpline(coords, coords, grid[:, h].reshape(src_size, src_size), kx=3, ky=3, s=0)(
-                target, target
-            ).astype(np.float32)
-        ).reshape(-1, 1)
-        for h in range(table.shape[1])
-    ]
-    return torch.cat([torch.cat(heads, dim=1).to(table.device, table.dtype), table[-num_extra:]], dim=0)
-
-
-NEW_KEYS = {"xvnli": ("cls_head.",), "xgqa": ("text_decoder.bert.embeddings.", "text_decoder.cls."), "xflickrco": ()}
-PRETRAIN_ONLY = ("bbox_head.", "mlm_head.")
-RETRIEVAL_KEYS = ("temp", "vision_proj.", "text_proj.", "itm_head.")
-
-
-def _starts(key: str, prefixes) -> bool:
-    return any(key == p or key.startswith(p) for p in prefixes)
-
-
-def _is_decoder_cross_kv(key: str) -> bool:
-    return key.startswith("text_decoder.bert.encoder.layer.") and (
-        ".crossattention.self.key." in key or ".crossattention.self.value." in key
-    )
-
-
-PRETRAINING = "CCLM pretraining"  # the plan's format name for the released cclm_x2vlm_base.th
-# X2-VLM's names (ft_<task>.init_from_pretrain.tsv) for the model keys a pretraining plan leaves as they are
-NEW_RANDOM_INIT, OWN_BUFFER = "new_random_init", "model_buffer_not_in_ckpt"
-KEEP_BUFFER = "drop_from_ckpt_keep_model_buffer"  # the checkpoint's (224) index buffer is dropped, the model's kept
-UNUSED = "unused_pretrain_key"  # ... and for a checkpoint key the model does not use
-INTERPOLATE = "interpolate_224_to_384"  # a copy through resize_rel_pos_bias_table
-
-
-def plan_pretrained(
-    ckpt_shapes: dict[str, tuple], model_shapes: dict[str, tuple], buffers: set[str], task: str, source: str = ""
-) -> engine.LoadPlan:
-    """How each fine-tuning key gets its value from the CCLM pretraining checkpoint, as the reference's
-    load_pretrained(is_eval=False) does (docs/reference_facts.md#F-cclm-load-pretrained): copies under the same
-    name, the xGQA decoder's layers from the cross encoder, the ViT's relative position tables interpolated to the
-    new grid;
-    the task's new keys and the model's buffers keep their values (reasons: X2-VLM's action names); the
-    pretraining-only keys are dropped. Shapes only, so it runs on meta tensors; check with raise_if_bad."""
-    plan = engine.LoadPlan(PRETRAINING, source)
-    # XVLMPlusForVQA.load_pretrained copies no cross-attention key/value (weights and biases) into the
-    # decoder when its K/V input width (hidden) differs from the cross encoder's (vision_width)
-    kv = "encoder.layer.0.crossattention.self.key.weight"
-    fresh_kv = task == "xgqa" and model_shapes.get("text_decoder.bert." + kv) != model_shapes.get("cross_encoder." + kv)
-    for key, shape in model_shapes.items():
-        src = key
-        if task == "xgqa" and key.startswith("text_decoder.bert.encoder.layer."):
-            src = "cross_encoder." + key[len("text_decoder.bert.") :]  # decoder = copy of the cross encoder
-        if fresh_kv and _is_decoder_cross_kv(key):
-            plan.initialised.append((key, NEW_RANDOM_INIT))
-        elif "relative_position_index" in key:
-            plan.initialised.append((key, KEEP_BUFFER if key in ckpt_shapes else OWN_BUFFER))
-        elif src in ckpt_shapes:
-            resized = "relative_position_bias_table" in key and tuple(ckpt_shapes[src]) != tuple(shape)
-            plan.copy[key] = (src, INTERPOLATE if resized else "full")
-        elif key in buffers:
-            plan.initialised.append((key, OWN_BUFFER))
-        elif _starts(key, NEW_KEYS[task]):
-            plan.initialised.append((key, NEW_RANDOM_INIT))
-        # else: no rule places it: finish_load_plan reports it missing
-    used = {src for src, _ in plan.copy.values()} | {key for key, why in plan.initialised if why == KEEP_BUFFER}
-    allowed_unused = PRETRAIN_ONLY + (() if task == "xflickrco" else RETRIEVAL_KEYS)
-    for key in sorted(set(ckpt_shapes) - used):
-        (plan.dropped.append((key, UNUSED)) if _starts(key, allowed_unused) else plan.unexpected.append(key))
-    return engine.finish_load_plan(plan, ckpt_shapes, model_shapes, fits={INTERPOLATE: lambda s, t: s[1:] == t[1:]})
-
-
-def x2vlm_rows(plan: engine.LoadPlan, model_keys) -> list[tuple[str, str, str]]:
-    """A pretraining plan as X2-VLM's rows (finetune_key, action, pretrain_key) of ft_<task>.init_from_pretrain.tsv:
-    model keys first (in model order), then ("-", "unused_pretrain_key", key)."""
-    kept = dict(plan.initialised)
-    rows = []
-    for key in model_keys:
-        if key in plan.copy:
-            src, how = plan.copy[key]
-            rows.append((key, how if how != "full" else "load_same_name" if src == key else "copy_renamed", src))
-        else:
-            rows.append((key, kept[key], key if kept[key] == KEEP_BUFFER else "-"))
-    return rows + [("-", why, key) for key, why in plan.dropped]
-
-
-def pretrained_load_plan(
-    ckpt_shapes: dict[str, tuple], model_shapes: dict[str, tuple], buffers: set[str], task: str
-) -> list[tuple[str, str, str]]:
-    """plan_pretrained as X2-VLM's rows (x2vlm_rows). Raises ValueError naming the first key that fits none of
-    the rules."""
-    plan = plan_pretrained(ckpt_shapes, model_shapes, buffers, task)
-    plan.raise_if_bad()
-    return x2vlm_rows(plan, model_shapes)
-
-
-def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(state_dict, our run meta or None) from {'model': state_dict, 'meta' | 'config': ...} (ours /
-    the reference's) or a bare state_dict."""
-    try:
-        ck = engine.read_torch_file(path)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: checkpoint file not found") from None
-    except engine.UnsafeCheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any unpickling problem: one line naming the file
-        raise ValueError(f"{path}: cannot read checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    state = ck["model"] if isinstance(ck, dict) and "model" in ck else ck
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint {path}: expected a state_dict or {{'model': state_dict, ...}}")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    meta = ck.get("meta") if isinstance(ck, dict) and isinstance(ck.get("meta"), dict) else None
-    return state, meta
-
-
-def is_pretraining_state(state: dict) -> bool:
-    return any(_starts(k, PRETRAIN_ONLY) for k in state)
-
-
-def load_pretrained(model: CCLM, state: dict[str, torch.Tensor], source: str = "") -> str:
-    """Initialise a fine-tuning model from the CCLM pretraining state_dict exactly as the reference's
-    load_pretrained(is_eval=False) does; returns a readable report."""
-    own = model.state_dict()
-    buffers = {n for n, _ in model.named_buffers() if n in own}
-    plan = plan_pretrained(
-        {k: tuple(v.shape) for k, v in state.items()},
-        {k: tuple(v.shape) for k, v in own.items()},
-        buffers,
-        model.task,
-        source,
-    )
-    grid = model.config["image_res"] // model.config["patch_size"]
-    engine.apply_load_plan(
-        model, state, plan, {INTERPOLATE: lambda ours, src: ours.copy_(resize_rel_pos_bias_table(src.float(), grid))}
-    )
-    rows = x2vlm_rows(plan, own)
-    counts: dict[str, int] = {}
-    for _, a, _ in rows:
-        counts[a] = counts.get(a, 0) + 1
-    new = [k for k, a, _ in rows if a == NEW_RANDOM_INIT]
-    unused = [s for _, a, s in rows if a == UNUSED]
-    return (
-        f"loaded pretrained CCLM into {model.task}: "
-        + ", ".join(f"{a} {n}" for a, n in counts.items())
-        + f"\n  new (random init): {', '.join(new) or 'none'}\n  unused checkpoint keys: {', '.join(unused) or 'none'}"
-    )
-
-
-def load_finetuned(model: CCLM, state: dict[str, torch.Tensor], source: str = "checkpoint") -> str:
-    """A fine-tuned state_dict of the reference layout (or ours): loaded as is (reference is_eval=True)."""
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    plan = engine.plan_same_names(
-        {k: tuple(v.shape) for k, v in state.items()}, own, f"{model.task} model layout", source
-    )
-    engine.apply_load_plan(model, state, plan)
-    return f"loaded fine-tuned {model.task} weights from {source}: {len(state)} entries"
-
-
-def load_checkpoint(model: CCLM, path: str) -> str:
-    """The released pretraining checkpoint (mapped: docs/reference_facts.md#F-cclm-load-pretrained) or a
-    fine-tuned one (as is)."""
-    return load_state(model, read_checkpoint(path)[0], f"checkpoint {path}")
-
-
-def load_state(model: CCLM, state: dict[str, torch.Tensor], source: str) -> str:
-    if is_pretraining_state(state):
-        return load_pretrained(model, state, source)
-    return load_finetuned(model, state, source=source)
-
-
 # ---------------------------------------------------------------- optimizer (X2-VLM's create_optimizer)
 
 # X2-VLM's create_optimizer exempts a parameter from weight decay when one of its no-decay strings occurs
@@ -1060,10 +675,10 @@ def lr_mult_prefixes(task: str, from_pretraining: bool, config: dict | None = No
     (set when the model is built); xGQA's decoder embeddings and LM head when the loaded checkpoint lacks them,
     i.e. from the pretraining checkpoint (or no checkpoint), not from a fine-tuned one, and then also the
     decoder's cross-attention key/value where vision_width != hidden_size (not copied from the checkpoint, see
-    pretrained_load_plan); retrieval none (its heads come from pretraining). Tied names count once: xGQA has 10
+    formats.x2vlm.plan_pretrained); retrieval none (its heads come from pretraining). Tied names count once: xGQA has 10
     such parameters at equal widths, XVNLI 6."""
     if task == "xvnli":
-        return NEW_KEYS["xvnli"]
+        return x2vlm.NEW_KEYS["xvnli"]
     if not from_pretraining:
         return ()
     cfg = config or CONFIGS["base"]
@@ -1076,12 +691,12 @@ def lr_mult_prefixes(task: str, from_pretraining: bool, config: dict | None = No
             for kv in ("key", "value")
         )
     )
-    return NEW_KEYS[task] + fresh_kv
+    return x2vlm.NEW_KEYS[task] + fresh_kv
 
 
 def lr_mult_rule(prefixes: tuple[str, ...], mult: float):
     """name -> LR factor for freeze.param_groups: mult for the given prefixes, 1 elsewhere."""
-    return lambda name: mult if _starts(name, prefixes) else 1.0
+    return lambda name: mult if any(name == p or name.startswith(p) for p in prefixes) else 1.0
 
 
 # ---------------------------------------------------------------- training entry point
@@ -1169,15 +784,15 @@ def build_train_dataset(args, config: dict):
 def read_checkpoint_arg(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     """--checkpoint's (state_dict, our run meta or None); a checkpoint of our other model is refused."""
     with engine.about("--checkpoint", path):
-        state, meta = read_checkpoint(path)
+        state, meta = x2vlm.read_checkpoint(path)
         engine.check_checkpoint_model(meta, "cclm", path)
     return state, meta
 
 
 def load_checkpoint_arg(model: CCLM, state: dict[str, torch.Tensor], path: str) -> str:
-    """--checkpoint's state into `model` (load_state); returns the report."""
+    """--checkpoint's state into `model` (formats.x2vlm.load_state); returns the report."""
     with engine.about("--checkpoint", path):
-        return load_state(model, state, f"checkpoint {path}")
+        return x2vlm.load_state(model, state, f"checkpoint {path}")
 
 
 @engine.exits_on_bad_input
@@ -1217,7 +832,7 @@ def main(
         if resuming:  # the optimizer groups of the run itself (its checkpoint holds their state)
             large_lr = tuple((meta or {}).get("lr_mult_prefixes", ()))
         else:
-            large_lr = lr_mult_prefixes(args.task, state is None or is_pretraining_state(state), config)
+            large_lr = lr_mult_prefixes(args.task, state is None or x2vlm.is_pretraining_state(state), config)
 
         engine.seed_everything(args.seed)  # identical initial weights on every rank
         model = build_model(args.task, config)

@@ -14,10 +14,7 @@ checkpoints"; choices: README.md, "Choices where the paper and the references ar
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -29,10 +26,10 @@ from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaLayer
 import data
 import engine
 import freeze
+from formats import feature_sets, volta
+from scoring import retrieval_protocols
 
 TASKS = data.TASKS
-# VOLTA task keys of IGLUE's task configs (GQA, XVNLI, Flickr30k retrieval).
-VOLTA_TASK_KEY = {"xgqa": "TASK15", "xvnli": "TASK19", "xflickrco": "TASK8"}
 
 CONFIGS: dict[str, dict] = {
     # VOLTA's config/uc2_base.json, which IGLUE's UC2 runs use (docs/reference_facts.md#F-uc2-config).
@@ -76,95 +73,13 @@ CONFIGS["tiny"] = {
 # (VOLTA hidden_act: gelu | relu | swish), the pooler activation (VOLTA fusion_act: relu, anything else tanh) and
 # per-layer attention width / head count / FFN width (VOLTA's sublayer2* overrides), as lists over layers.
 OPTIONAL_CONFIG_KEYS = ("hidden_act", "pooler_act", "layer_attn_sizes", "layer_num_heads", "layer_intermediate_sizes")
-VOLTA_ACTS = ("gelu", "relu", "swish")
-
-
-def _check_volta_uc2_layout(volta: dict, n: int) -> None:
-    """UC2 = every sublayer shared by text and image with one LayerNorm, attention at 2k and FFN at 2k+1."""
-    attn, ffn, every = list(range(0, 2 * n, 2)), list(range(1, 2 * n, 2)), list(range(2 * n))
-    want = {
-        **{k: attn for k in ("tt_attn_sublayers", "tv_attn_sublayers", "vt_attn_sublayers", "vv_attn_sublayers")},
-        "t_ff_sublayers": ffn,
-        "v_ff_sublayers": ffn,
-        "shared_sublayers": every,
-        "single_ln_sublayers": every,
-    }
-    for key, value in want.items():
-        if sorted(volta.get(key, value)) != value:
-            raise ValueError(f"VOLTA config: {key} = {volta[key]} is not UC2's single-stream layout {value}")
-    # VOLTA asserts these text/image sizes equal in shared sublayers (v_hidden_act is unused there: no check)
-    for key, subs in (("attn_hidden_size", attn), ("num_attention_heads", attn), ("intermediate_size", ffn)):
-        base = "hidden_size" if key == "attn_hidden_size" else key
-        text, image = volta.get(f"sublayer2{key}") or {}, volta.get(f"sublayer2v_{key}") or {}
-        for s in subs:
-            t, v = text.get(str(s), volta.get(base)), image.get(str(s), volta.get(f"v_{base}", volta.get(base)))
-            if t != v:
-                raise ValueError(
-                    f"VOLTA config: sublayer {s}: {key} {t} (text) != {v} (image); "
-                    "UC2 shares every weight between text and image"
-                )
-
-
-def _volta_per_layer(volta: dict, key: str, sublayers: list[int], default: int) -> list[int] | None:
-    """VOLTA's per-sublayer override dict (keys = sublayer numbers as strings) as a list over our layers."""
-    table = volta.get(key) or {}
-    values = [int(table.get(str(s), default)) for s in sublayers]
-    return None if all(v == default for v in values) else values
-
-
-def config_from_volta(volta: dict, **overrides) -> dict:
-    """Our config dict from a VOLTA BertConfig json (e.g. config/uc2_base.json, parity_a/volta_config.json)."""
-    sublayers = volta.get("bert_layer2attn_sublayer") or {str(i): s for i, s in enumerate(volta["tt_attn_sublayers"])}
-    if volta.get("fusion_method", "text") != "text" or volta.get("image_embeddings", "uc2") != "uc2":
-        raise ValueError("VOLTA config is not a UC2 config (need fusion_method 'text', image_embeddings 'uc2')")
-    n = len(sublayers)
-    _check_volta_uc2_layout(volta, n)
-    if volta.get("hidden_act", "gelu") not in VOLTA_ACTS:
-        raise ValueError(f"VOLTA config: hidden_act {volta['hidden_act']!r} is none of VOLTA's {VOLTA_ACTS}")
-    cfg = dict(CONFIGS["base"])
-    cfg.update(
-        vocab_size=volta["vocab_size"],
-        hidden_size=volta["hidden_size"],
-        num_layers=n,
-        num_heads=volta["num_attention_heads"],
-        intermediate_size=volta["intermediate_size"],
-        max_position_embeddings=volta["max_position_embeddings"],
-        type_vocab_size=volta["type_vocab_size"],
-        pad_token_id=volta.get("pad_token_id", 1),
-        layer_norm_eps=volta["layer_norm_eps"],
-        v_feature_size=volta["v_feature_size"],
-        num_locs=volta["num_locs"],
-        pooler_size=volta["pooler_size"],
-        clf_hidden_size=volta["clf_hidden_size"],
-        hidden_dropout=volta["hidden_dropout_prob"],
-        attention_dropout=volta["attention_probs_dropout_prob"],
-        initializer_range=volta.get("initializer_range", 0.02),
-    )
-    if volta.get("hidden_act", "gelu") != "gelu":
-        cfg["hidden_act"] = volta["hidden_act"]
-    if volta.get("fusion_act", "relu") != "relu":
-        cfg["pooler_act"] = "tanh"  # VOLTA's text pooler: ReLU for "relu", Tanh for any other value
-    attn, ffn = list(range(0, 2 * n, 2)), list(range(1, 2 * n, 2))
-    for ours, theirs, subs, default in (
-        ("layer_attn_sizes", "sublayer2attn_hidden_size", attn, cfg["hidden_size"]),
-        ("layer_num_heads", "sublayer2num_attention_heads", attn, cfg["num_heads"]),
-        ("layer_intermediate_sizes", "sublayer2intermediate_size", ffn, cfg["intermediate_size"]),
-    ):
-        per_layer = _volta_per_layer(volta, theirs, subs, default)
-        if per_layer is not None:
-            cfg[ours] = per_layer
-    cfg.update(overrides)
-    return cfg
-
-
-def _volta_config(d: dict) -> dict | None:
-    """Our config from a VOLTA UC2 config json; None for a config json of ours."""
-    return config_from_volta(d) if "tt_attn_sublayers" in d or "bert_layer2attn_sublayer" in d else None
 
 
 def resolve_config(name_or_path: str) -> dict:
     """'tiny' | 'base' | path to our config json or to a VOLTA UC2 config json."""
-    return engine.read_model_config(name_or_path, CONFIGS, OPTIONAL_CONFIG_KEYS, foreign=_volta_config)
+    return engine.read_model_config(
+        name_or_path, CONFIGS, OPTIONAL_CONFIG_KEYS, foreign=lambda d: volta.config_if_volta(d, CONFIGS["base"])
+    )
 
 
 # ============================================================================ model
@@ -395,56 +310,8 @@ class UC2(nn.Module):
     def retrieval_scores(
         self, images, captions, batches: Callable, dist, device, opts, encoded: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """VOLTA's protocol on a retrieval test set (data.RetrievalImages / RetrievalCaptions): the VL logit of
-        every (caption, image) pair; every rank holds all images and scores its shard of the captions.
-        batches(dataset, indices, progress label or None) iterates collated batches; opts: engine.RetrievalOptions
-        (pair_batch, amp). Returns (score_i2t [n_img, n_txt], score_t2i [n_txt, n_img]), on every rank."""
-        img_batches = list(batches(images, range(len(images)), None))
-        feats = {k: torch.cat([b[k] for b in img_batches]) for k in ("features", "spatials", "image_mask")}
-        cap_batches = list(batches(captions, engine.shard(len(captions), dist), "captions"))
-        texts = {
-            "input_ids": engine.pad_cat([b["input_ids"] for b in cap_batches], value=1)
-            if cap_batches
-            else torch.ones(0, 1, dtype=torch.long),
-            "attention_mask": engine.pad_cat([b["attention_mask"] for b in cap_batches])
-            if cap_batches
-            else torch.zeros(0, 1, dtype=torch.long),
-        }
-        rows = self.score_all_pairs(feats, texts, opts.pair_batch, device, opts.amp)
-        scores = torch.cat(list(engine.gather([rows], dist)))
-        return scores.t(), scores
-
-    @torch.no_grad()
-    def score_all_pairs(
-        self,
-        images: dict[str, torch.Tensor],
-        texts: dict[str, torch.Tensor],
-        pair_batch: int = 1024,
-        device="cpu",
-        amp: str = "off",
-    ) -> torch.Tensor:
-        """The VL logit of EVERY (caption, image) pair, scored `pair_batch` pairs per forward. images: stacked
-        features/spatials/image_mask [n_img, R, ...]; texts: stacked input_ids/attention_mask [n_txt, L].
-        Returns [n_txt, n_img] (on CPU, float32)."""
-        images = engine.to_device(images, device)
-        texts = engine.to_device(texts, device)
-        n_img, n_txt = images["features"].shape[0], texts["input_ids"].shape[0]
-        total = n_img * n_txt
-        out = torch.empty(total)
-        for start in range(0, total, pair_batch):
-            pair = torch.arange(start, min(start + pair_batch, total), device=device)
-            t, i = pair // n_img, pair % n_img
-            length = int(texts["attention_mask"][t].sum(1).max())  # trim padding common to the batch
-            batch = {
-                "input_ids": texts["input_ids"][t, :length],
-                "attention_mask": texts["attention_mask"][t, :length],
-                "features": images["features"][i],
-                "spatials": images["spatials"][i],
-                "image_mask": images["image_mask"][i],
-            }
-            with engine.autocast_for(device, amp):
-                out[start : start + len(pair)] = self.pair_scores(batch).float().reshape(-1).cpu()
-        return out.view(n_txt, n_img)
+        """VOLTA's protocol: the VL logit of every (caption, image) pair (scoring.retrieval_protocols)."""
+        return retrieval_protocols.volta_retrieval_scores(self, images, captions, batches, dist, device, opts, encoded)
 
 
 def retrieval_loss(scores: torch.Tensor, kind: str) -> torch.Tensor:
@@ -465,348 +332,6 @@ def layer_layout(task: str, config: dict | None = None) -> freeze.LayerLayout:
     return freeze.layout_from_rules(
         n, [("encoder.layer.", 0, 1)], [("embeddings.", "embeddings"), ("pooler.", "head"), ("head.", "head")]
     )
-
-
-# ============================================================================ checkpoints
-#
-# Formats read (auto-detected):
-#   volta     IGLUE's VOLTA files: pre-trained uc2_checkpoint_200000.bin, fine-tuned pytorch_model_*.bin
-#             (plain state dicts, alias keys), pytorch_ckpt_latest.tar (wrapped, with a pickled tbLogger)
-#   original  UC2's own model_step_200000.pt (VLXLMRForPretraining, fp16 or fp32), renamed exactly as
-#             VOLTA's convert_uc2.py does, collision included (docs/reference_facts.md#F-uc2-convert)
-#   xlmr      a Hugging Face xlm-roberta-base folder/file: text side only
-#   ours      checkpoints written by this script (engine format, or a plain state dict of our names)
-
-# VOLTA pre-training heads kept in uc2_checkpoint_200000.bin; no part of the task model.
-VOLTA_PRETRAIN_HEADS = tuple(
-    f"cls.{k}"
-    for k in (
-        "predictions.bias",
-        "predictions.transform.dense.weight",
-        "predictions.transform.dense.bias",
-        "predictions.transform.LayerNorm.weight",
-        "predictions.transform.LayerNorm.bias",
-        "predictions.decoder.weight",
-        "bi_seq_relationship.weight",
-        "bi_seq_relationship.bias",
-        "imagePredictions.transform.dense.weight",
-        "imagePredictions.transform.dense.bias",
-        "imagePredictions.transform.LayerNorm.weight",
-        "imagePredictions.transform.LayerNorm.bias",
-        "imagePredictions.decoder_dict.0.weight",
-        "imagePredictions.decoder_dict.0.bias",
-    )
-)
-
-_VOLTA_EMB = {
-    "word_embeddings": "word_embeddings",
-    "position_embeddings": "position_embeddings",
-    "new_token_type_embeddings": "token_type_embeddings",
-    "LayerNorm": "LayerNorm",
-    "image_embeddings": "image_embeddings",
-    "image_location_embeddings": "image_location_embeddings",
-    "image_layer_norm": "image_layer_norm",
-    "image_location_layer_norm": "image_location_layer_norm",
-    "v_LayerNorm": "v_LayerNorm",
-}
-# VOLTA sublayer 2k (attention) / 2k+1 (FFN) -> our layer k; v_* twins are aliases of the text weights.
-_VOLTA_ATTN = {
-    "attention_self.query": "attention.self.query",
-    "attention_self.key": "attention.self.key",
-    "attention_self.value": "attention.self.value",
-    "attention_output.dense": "attention.output.dense",
-    "attention_output.LayerNorm": "attention.output.LayerNorm",
-}
-_VOLTA_FFN = {
-    "intermediate.dense": "intermediate.dense",
-    "output.dense": "output.dense",
-    "output.LayerNorm": "output.LayerNorm",
-}
-_V_TWIN = re.compile(r"^(attention_self|attention_output|intermediate|output)\.v_(\w+)$")
-
-
-def volta_key(key: str, task: str) -> tuple[str, str]:
-    """Classify one VOLTA state-dict key: ("map", our_key) | ("alias", canonical VOLTA key) |
-    ("drop", reason) | ("head", our_key) | ("unknown", "")."""
-    if key in VOLTA_PRETRAIN_HEADS:
-        return (
-            "drop",
-            "VOLTA pre-training head (MLM/ITM/region class); unused by the task model, as in VOLTA's from_pretrained",
-        )
-    if key == "bert.embeddings.image_token_type_embeddings.weight":
-        return "alias", "bert.embeddings.new_token_type_embeddings.weight"
-    m = re.match(r"^bert\.embeddings\.(\w+)\.(weight|bias)$", key)
-    if m and m.group(1) in _VOLTA_EMB:
-        return "map", f"embeddings.{_VOLTA_EMB[m.group(1)]}.{m.group(2)}"
-    m = re.match(r"^bert\.t_pooler\.dense\.(weight|bias)$", key)
-    if m:
-        return "map", f"pooler.{m.group(1)}"
-    m = re.match(r"^bert\.encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", key)
-    if m:
-        sub, module, wb = int(m.group(1)), m.group(2), m.group(3)
-        twin = _V_TWIN.match(module)
-        if twin:
-            return "alias", f"bert.encoder.layer.{sub}.{twin.group(1)}.{twin.group(2)}.{wb}"
-        table = _VOLTA_ATTN if sub % 2 == 0 else _VOLTA_FFN
-        if module in table:
-            return "map", f"encoder.layer.{sub // 2}.{table[module]}.{wb}"
-        return "unknown", ""
-    m = re.match(r"^clfs_dict\.(\w+)\.(.+)$", key)
-    if m:
-        rest = m.group(2)
-        if task == "xgqa":
-            g = re.match(r"^logit_fc\.(\d)\.(weight|bias)$", rest)
-            return ("head", f"head.{g.group(1)}.{g.group(2)}") if g else ("unknown", "")
-        return ("head", f"head.{rest}") if rest in ("weight", "bias") else ("unknown", "")
-    return "unknown", ""
-
-
-def _original_to_volta(key: str) -> str:
-    """UC2 original key -> the name VOLTA's convert_uc2.py gives it (its rename rules, in its order:
-    docs/reference_facts.md#F-uc2-convert)."""
-    for a, b in (
-        ("roberta", "bert"),
-        ("img_embeddings", "embeddings"),
-        ("img_linear", "image_embeddings"),
-        ("pos_linear", "image_location_embeddings"),
-        ("img_layer_norm", "image_layer_norm"),
-        ("pos_layer_norm", "image_location_layer_norm"),
-        ("attention.self", "attention_self"),
-        ("attention.output", "attention_output"),
-    ):
-        key = key.replace(a, b)
-    if ".layer." in key:
-        parts = key.split(".")
-        n = int(parts[3])
-        parts[3] = str(2 * n + int(".intermediate." in key or ".output." in key))
-        key = ".".join(parts)
-    for a, b in (
-        ("pooler", "t_pooler"),
-        ("cls.dense", "cls.predictions.transform.dense"),
-        ("cls.layer_norm", "cls.predictions.transform.LayerNorm"),
-        ("cls.bias", "cls.predictions.bias"),
-        ("cls.decoder", "cls.predictions.decoder"),
-        ("itm_output", "cls.bi_seq_relationship"),
-    ):
-        key = key.replace(a, b)
-    return key
-
-
-def detect_format(keys: list[str]) -> str:
-    if any(k.startswith("bert.") for k in keys):
-        return "volta"
-    if any(k.startswith("roberta.img_embeddings.") for k in keys):
-        return "original"
-    if any(k.startswith("embeddings.image_embeddings.") for k in keys):
-        return "ours"
-    if any(k.startswith(("roberta.", "embeddings.word_embeddings.")) for k in keys):
-        return "xlmr"
-    raise ValueError(f"unrecognised checkpoint layout (first keys: {keys[:3]})")
-
-
-def plan_load(
-    source: dict[str, tuple], target: dict[str, tuple], task: str, fmt: str | None = None, name: str = ""
-) -> engine.LoadPlan:
-    """Plan loading a state dict with key->shape `source` (file order) into a model with `target`
-    key->shape. Shapes are tuples; -1 entries (unknown sizes in manifests) only appear in dropped keys."""
-    fmt = fmt or detect_format(list(source))
-    if fmt == "ours":
-        return engine.plan_same_names(source, target, fmt, name)
-    plan = engine.LoadPlan(fmt, name)
-    if fmt == "volta":
-        _plan_volta(plan, source, task)
-    elif fmt == "original":
-        _plan_original(plan, source, task)
-    elif fmt == "xlmr":
-        _plan_xlmr(plan, source)
-    else:
-        raise ValueError(f"unknown checkpoint format {fmt!r}")
-    head_from_file = any(dst.startswith("head.") for dst in plan.copy)
-    return engine.finish_load_plan(
-        plan, source, target, fresh=lambda key: _fresh_reason(fmt, key, head_from_file), fits={"row0": _row0_fits}
-    )
-
-
-def _fresh_reason(fmt: str, key: str, head_from_file: bool) -> str | None:
-    """Why our `key`, which the released file lacks, keeps its VOLTA initialisation (None: it must not lack it)."""
-    if not head_from_file and key.startswith("head."):
-        return "task head, VOLTA init (N(0,0.02) weights, zero bias, LayerNorm 1/0)"
-    if fmt == "xlmr" and key.startswith(("embeddings.image", "embeddings.v_LayerNorm")):
-        return "image side: not in XLM-R, VOLTA init"
-    if fmt == "xlmr" and key.startswith("pooler."):  # XLMRobertaForMaskedLM files have no pooler
-        return "pooler: not in this XLM-R file, VOLTA init"
-    return None
-
-
-def _row0_fits(source: tuple, ours: tuple) -> bool:
-    """XLM-R's token-type table (1 row) fits the first rows of ours (2)."""
-    return len(source) == 2 and source[1] == ours[1] and source[0] <= ours[0]
-
-
-def _copy_row0(ours: torch.Tensor, source: torch.Tensor) -> None:
-    ours[: source.shape[0]].copy_(source)
-
-
-def _plan_volta(plan: engine.LoadPlan, source: dict, task: str) -> None:
-    heads = sorted({k.split(".")[1] for k in source if k.startswith("clfs_dict.")})
-    if len(heads) > 1:
-        plan.notes.append(f"file holds several task heads {heads}; using {VOLTA_TASK_KEY[task]}")
-    for k in source:
-        kind, val = volta_key(k, task)
-        if kind == "head":
-            key = k.split(".")[1]
-            want = VOLTA_TASK_KEY[task] if len(heads) > 1 else heads[0]
-            if key != want:
-                plan.dropped.append((k, f"head of another task ({key}); this model is {task}"))
-                continue
-            if key != VOLTA_TASK_KEY[task]:
-                plan.notes.append(f"task head {key} used for {task} (IGLUE's key is {VOLTA_TASK_KEY[task]})")
-            kind = "map"
-        if kind == "map":
-            if val in plan.copy:
-                plan.unexpected.append(k)  # two sources for one parameter: not a VOLTA UC2 file
-            else:
-                plan.copy[val] = (k, "full")
-        elif kind == "alias":
-            plan.aliases.append((k, val))
-            if val not in source:
-                plan.unexpected.append(k)
-        elif kind == "drop":
-            plan.dropped.append((k, val))
-        else:
-            plan.unexpected.append(k)
-    plan.notes[:] = sorted(set(plan.notes))
-
-
-def _plan_original(plan: engine.LoadPlan, source: dict, task: str) -> None:
-    """UC2's model_step_200000.pt, mapped as VOLTA's convert_uc2.py maps it (then VOLTA -> ours).
-
-    Faithful, not fixed: the converter renames both roberta.embeddings.LayerNorm.* (UC2's text
-    embedding LN) and roberta.img_embeddings.LayerNorm.* (UC2's LN over the summed image embedding)
-    to bert.embeddings.LayerNorm.*; the later key in the file (the image one) wins. So IGLUE's VOLTA
-    UC2 normalises *text* embeddings with UC2's *image* LN, UC2's text LN is lost, and nothing feeds
-    VOLTA's v_LayerNorm (the image-embedding LN), which keeps its construction values 1/0. We
-    reproduce exactly that (embeddings.LayerNorm <- the later colliding key; embeddings.v_LayerNorm
-    = 1/0) so that a model built from the original file equals one built from IGLUE's VOLTA file.
-    """
-    by_volta: dict[str, str] = {}
-    for k in source:  # file order: a later key overwrites an earlier one, as in the converter
-        v = _original_to_volta(k)
-        if v in by_volta:
-            plan.dropped.append(
-                (
-                    by_volta[v],
-                    f"overwritten by {k}: both become {v} in VOLTA's convert_uc2.py "
-                    f"and the later key wins (documented collision, kept as VOLTA has it)",
-                )
-            )
-        by_volta[v] = k
-    shown = set(by_volta.values())
-    for k in source:
-        if k not in shown:
-            continue
-        v = _original_to_volta(k)
-        kind, val = volta_key(v, task)
-        if kind == "map":
-            plan.copy[val] = (k, "full")
-        elif kind == "drop":
-            plan.dropped.append((k, f"becomes {v}: {val}"))
-        elif kind == "alias":  # cannot happen with UC2's names; keep the report honest if it does
-            plan.unexpected.append(k)
-        else:
-            plan.dropped.append((k, f"becomes {v}, which VOLTA's model does not have (converter omits it)"))
-    if "embeddings.v_LayerNorm.weight" not in plan.copy:
-        for wb, val in (("weight", 1.0), ("bias", 0.0)):
-            plan.constant[f"embeddings.v_LayerNorm.{wb}"] = val
-            plan.initialised.append(
-                (
-                    f"embeddings.v_LayerNorm.{wb}",
-                    f"no source: VOLTA's converter leaves it at construction value {val:g}",
-                )
-            )
-    if any("roberta.img_embeddings.LayerNorm" in k for k in source):
-        plan.notes.append(
-            "embeddings.LayerNorm holds UC2's image-embedding LayerNorm (VOLTA converter name collision, "
-            "reproduced on purpose); embeddings.v_LayerNorm is 1/0"
-        )
-
-
-def _plan_xlmr(plan: engine.LoadPlan, source: dict) -> None:
-    """Hugging Face xlm-roberta-base (XLMRobertaModel or ...ForMaskedLM): text embeddings, layers, pooler."""
-    for k in source:
-        s = k[len("roberta.") :] if k.startswith("roberta.") else k
-        if s.startswith("lm_head.") or s.endswith(("position_ids", "token_type_ids")):
-            plan.dropped.append((k, "not part of UC2 (MLM head / buffer)"))
-        elif s == "embeddings.token_type_embeddings.weight":
-            # XLM-R has one token type; UC2 has two (row 1 = regions). Our choice (the paper is
-            # silent): copy XLM-R's row into row 0, keep row 1 at VOLTA init.
-            plan.copy["embeddings.token_type_embeddings.weight"] = (k, "row0")
-            plan.initialised.append(("embeddings.token_type_embeddings.weight[1:]", "region token type: VOLTA init"))
-        elif s.startswith("pooler.dense."):
-            plan.copy["pooler." + s.split(".")[-1]] = (k, "full")
-        elif s.startswith(("embeddings.", "encoder.layer.")):
-            plan.copy[s] = (k, "full")
-        else:
-            plan.unexpected.append(k)
-
-
-# ---- reading files
-
-
-def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict in file order, extra) from any supported file or folder (HF folders: model.safetensors
-    or pytorch_model.bin). extra holds our checkpoint metadata ("meta") when present."""
-    if os.path.isdir(path):
-        for fname in ("model.safetensors", "pytorch_model.bin"):
-            if os.path.isfile(os.path.join(path, fname)):
-                return read_checkpoint(os.path.join(path, fname))
-        raise ValueError(f"{path}: folder has no model.safetensors or pytorch_model.bin")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: checkpoint file not found")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return dict(load_file(path)), {}
-    try:
-        obj = engine.read_torch_file(path)  # weights only; IGLUE's pickled tbLogger becomes an inert stand-in
-    except engine.UnsafeCheckpointError:
-        raise
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read checkpoint: {e}") from None
-    extra: dict = {}
-    if isinstance(obj, dict) and "model_state_dict" in obj:  # VOLTA pytorch_ckpt_latest.tar
-        extra = {k: v for k, v in obj.items() if k != "model_state_dict"}
-        obj = obj["model_state_dict"]
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # ours (engine)
-        extra = {k: v for k, v in obj.items() if k != "model"}
-        obj = obj["model"]
-        engine.check_checkpoint_model(extra.get("meta"), "uc2", path)
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(
-            f"{path}: no state dict found (top-level keys: {list(obj)[:6] if isinstance(obj, dict) else type(obj)})"
-        )
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return dict(obj), extra
-
-
-def load_into(model: UC2, path_or_sd: str | dict, fmt: str | None = None) -> engine.LoadPlan:
-    """Load a checkpoint into `model` (in place); returns the plan (print plan.report()).
-    Raises ValueError naming the first missing/unexpected/mis-shaped key."""
-    if isinstance(path_or_sd, str):
-        sd, _ = read_checkpoint(path_or_sd)
-        name = path_or_sd
-    else:
-        sd, name = path_or_sd, ""
-    target = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    plan = plan_load({k: tuple(v.shape) for k, v in sd.items()}, target, model.task, fmt, name)
-    plan.raise_if_bad()
-    for alias, of in plan.aliases:  # VOLTA files store aliases as one tensor; differing values = not a VOLTA file
-        if not torch.equal(sd[alias], sd[of]):
-            raise ValueError(f"{name or 'checkpoint'}: alias key {alias!r} differs from {of!r}")
-    # original UC2 is fp16: the copy casts to fp32 as VOLTA's converter does
-    engine.apply_load_plan(model, sd, plan, {"row0": _copy_row0})
-    return plan
 
 
 # ============================================================================ training
@@ -882,53 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class FeatureSet:
-    """Several image-keyed readers (data.open_features) searched in order, e.g. Flickr30k train +
-    xFlickr&CO test features. The per-image reader methods (get, kept_regions, regions) go to the reader
-    holding the key."""
-
-    def __init__(self, paths: list[str]):
-        self.readers = [data.open_features(p) for p in paths]
-        self.path = ", ".join(paths)
-        for r in self.readers:  # open each now: an unreadable file is an error here, not in the first batch
-            data.feature_keys(r)
-
-    def keys(self) -> set[str]:
-        return set().union(*(r.keys() for r in self.readers))
-
-    def __contains__(self, key) -> bool:
-        return any(key in r for r in self.readers)
-
-    def _reader_for(self, key):
-        for r in self.readers:
-            if key in r:
-                return r
-        raise KeyError(key)
-
-    def get(self, key, max_rows: int | None = None) -> tuple:  # (features, boxes, img_w, img_h)
-        return self._reader_for(key).get(key, max_rows)
-
-    def kept_regions(self, key, max_regions: int) -> tuple:  # (features, locations)
-        return self._reader_for(key).kept_regions(key, max_regions)
-
-    def regions(self, key, max_regions: int) -> dict[str, torch.Tensor]:
-        return self._reader_for(key).regions(key, max_regions)
-
-
-def split_features(paths: list[str]) -> tuple[list[str], list[str]]:
-    """--features: (serialized GQA LMDBs, image-keyed files); a missing path is a one-line error."""
-    for p in paths:
-        if not os.path.exists(p):
-            raise SystemExit(f"error: --features {p} does not exist")
-    serialized = [p for p in paths if data.is_serialized_lmdb(p)]
-    return serialized, [p for p in paths if p not in serialized]
-
-
-def open_feature_files(paths: list[str]) -> tuple[FeatureSet | None, list[str]]:
+def open_feature_files(paths: list[str]) -> tuple[feature_sets.FeatureSet | None, list[str]]:
     """--features: the image-keyed files as one FeatureSet (None: there are none) and the serialized GQA LMDBs."""
     with engine.about("--features"):  # unreadable / truncated LMDB or H5
-        serialized, keyed = split_features(paths)
-        return (FeatureSet(keyed) if keyed else None), serialized
+        serialized, keyed = feature_sets.split_features(paths)
+        return (feature_sets.FeatureSet(keyed) if keyed else None), serialized
 
 
 def find_hard_negatives(args) -> str | None:
@@ -943,7 +426,7 @@ def find_hard_negatives(args) -> str | None:
     return str(found) if found.is_file() else None
 
 
-def build_train_dataset(args, features: FeatureSet | None, serialized: list[str]):
+def build_train_dataset(args, features: feature_sets.FeatureSet | None, serialized: list[str]):
     if args.task == "xgqa" and serialized:
         if len(serialized) > 1:
             raise SystemExit(f"error: several serialized GQA LMDBs given ({serialized}); give the training one")
@@ -965,7 +448,7 @@ def build_train_dataset(args, features: FeatureSet | None, serialized: list[str]
     )
 
 
-def checked_train_dataset(args, features: FeatureSet | None, serialized: list[str]):
+def checked_train_dataset(args, features: feature_sets.FeatureSet | None, serialized: list[str]):
     """build_train_dataset with its examples' region features checked now, before training, not mid-epoch."""
     with engine.about("training data"):
         train_ds = build_train_dataset(args, features, serialized)
@@ -978,8 +461,8 @@ def load_checkpoint_arg(model: UC2, path: str) -> tuple[engine.LoadPlan, dict]:
     """--checkpoint into `model`: (the plan, the file's extra). A bad plan's key-by-key report follows the
     error's first line (engine.exits_on_bad_input prints it above the error)."""
     with engine.about("--checkpoint", path):
-        state, extra = read_checkpoint(path)
-        plan = load_into(model, state)
+        state, extra = volta.read_checkpoint(path)
+        plan = volta.load_into(model, state)
     plan.source = path
     return plan, extra
 

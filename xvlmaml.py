@@ -42,6 +42,7 @@ import eval_zeroshot as Z
 import freeze
 import maml as M
 import train_uc2 as U
+from formats import feature_sets, volta
 
 CL_EMBEDS = ("separate", "joint")
 
@@ -518,8 +519,8 @@ def build_model(args, meta: dict, dist) -> tuple[XVLModel, dict, object]:
     engine.seed_everything(args.seed)  # identical contrastive-head init on every rank
     model = U.build_model(args.task, config)
     try:
-        state, extra = U.read_checkpoint(args.init)
-        plan = U.load_into(model, state)
+        state, extra = volta.read_checkpoint(args.init)
+        plan = volta.load_into(model, state)
     except ValueError as e:
         raise SystemExit(f"error: {args.init}: {str(e).splitlines()[0]}") from None
     # released weights: XLM-R's vocabulary; ours (an English run): the tokenizer recorded in its meta
@@ -540,8 +541,8 @@ def build_data(args, tokenizer, num_answers: int = data.NUM_ANSWERS):
     """(auxiliary pool, English training set or None, collate); every feature key checked now. num_answers: the
     model's answer-head width (config["num_answers"]), the width of the xGQA training targets."""
     try:
-        serialized, keyed = U.split_features(args.features or [])
-        features = U.FeatureSet(keyed) if keyed else None
+        serialized, keyed = feature_sets.split_features(args.features or [])
+        features = feature_sets.FeatureSet(keyed) if keyed else None
         if features is None:
             raise SystemExit("error: --features is required (image-keyed region-feature LMDB/H5)")
         aux = data.load_split(args.data_root, args.task, args.aux_split, args.aux_lang)

@@ -25,6 +25,7 @@ import train_cclm
 import train_uc2
 from bench import _common
 from bench.retrieval import random_captions, uc2_inputs
+from scoring import retrieval_protocols
 
 
 def compare(fp32: tuple[torch.Tensor, torch.Tensor], low: tuple[torch.Tensor, torch.Tensor], unscored=None) -> dict:
@@ -49,7 +50,9 @@ def bench_uc2(n: int) -> dict:
     images, texts = uc2_inputs(n, 36, model.config["vocab_size"], gen)
     out = {}
     for amp in ("off", "bf16"):
-        s, out[f"seconds_{amp}"] = _common.timed(lambda: model.score_all_pairs(images, texts, pair_batch=256, amp=amp))
+        s, out[f"seconds_{amp}"] = _common.timed(
+            lambda: retrieval_protocols.score_all_pairs(model, images, texts, pair_batch=256, amp=amp)
+        )
         out[amp] = (s.t(), s)
     return {"images": n, **compare(out.pop("off"), out.pop("bf16")), **out}
 
@@ -65,7 +68,9 @@ def bench_cclm(n: int, k: int) -> dict:
     txt = [{"text_ids": ids[s : s + 16], "text_atts": atts[s : s + 16]} for s in range(0, n, 16)]
     out = {}
     for amp in ("off", "bf16"):
-        out[amp], out[f"seconds_{amp}"] = _common.timed(lambda: model.rerank_scores(img, txt, 0, n, n, k=k, amp=amp))
+        out[amp], out[f"seconds_{amp}"] = _common.timed(
+            lambda: retrieval_protocols.rerank_scores(model, img, txt, 0, n, n, k=k, amp=amp)
+        )
     return {"images": n, "k": k, **compare(out.pop("off"), out.pop("bf16"), unscored=train_cclm.UNSCORED), **out}
 
 

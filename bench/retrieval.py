@@ -2,9 +2,9 @@
 
 On randomly initialised tiny UC2 and CCLM models (train_uc2/train_cclm CONFIGS["tiny"]) and random
 images/captions, measured side by side in one run (same process, same inputs):
-  UC2   every (caption, image) pair scored (the protocol): UC2.score_all_pairs with
+  UC2   every (caption, image) pair scored (the protocol): scoring.retrieval_protocols.score_all_pairs with
         --pair-batch pairs per forward vs one pair_scores forward per pair.
-  CCLM  CCLMForRetrieval.rerank_scores: each image and caption encoded once, ITC top-k prefilter,
+  CCLM  scoring.retrieval_protocols.rerank_scores: each image and caption encoded once, ITC top-k prefilter,
         ITM head on k candidates per query in both directions; vs the same candidates scored by a
         per-pair loop that re-encodes the image and the caption of every pair.
 Prints how many times each encoder / head ran (calls and rows) and the time of both paths, checks
@@ -15,7 +15,7 @@ otherwise.
 CCLM ITM re-rank at base size (CONFIGS["base"]: 6 fusion layers, width 768, 577 image tokens at 384 px):
 X2-VLM's own evaluation procedure (xFlickrCO.evaluation: the image's states repeated for its k candidate
 captions, the fusion run on every pair: cross-attention keys/values recomputed per pair) against ours
-(CCLMForRetrieval._itm_by_image: keys/values once per image). FLOPs counted with torch's FlopCounterMode
+(scoring.retrieval_protocols._itm_by_image: keys/values once per image). FLOPs counted with torch's FlopCounterMode
 for the pairs one image gets in the protocol (k = 128 per direction: 2k = 256 pairs, overlap between the
 directions not deducted; caption length 30 tokens: stated assumptions), and both timed side by side on
 --itm-time-pairs pairs. Exits 1 if the two differ by more than the parity tolerance.
@@ -36,6 +36,7 @@ import train_cclm
 import train_uc2
 from bench import _common
 from bench.call_counter import CallCounter
+from scoring import retrieval_protocols
 
 
 def random_captions(n: int, vocab: int, gen: torch.Generator, max_len: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +68,7 @@ def bench_uc2(n: int, pair_batch: int, regions: int) -> dict:
     counter = CallCounter(model)
     images, texts = uc2_inputs(n, regions, model.config["vocab_size"], gen)
     t0 = time.perf_counter()
-    fast = model.score_all_pairs(images, texts, pair_batch=pair_batch)
+    fast = retrieval_protocols.score_all_pairs(model, images, texts, pair_batch=pair_batch)
     t_fast = time.perf_counter() - t0
     fast_counts = dict(counter.calls), dict(counter.rows)
     counter.reset()
@@ -119,7 +120,7 @@ def bench_cclm(n: int, k: int, itm_batch: int) -> dict:
     image_batches = [{"images": images[s : s + batch]} for s in range(0, n, batch)]
     text_batches = [{"text_ids": ids[s : s + batch], "text_atts": atts[s : s + batch]} for s in range(0, n, batch)]
     t0 = time.perf_counter()
-    i2t, t2i = model.rerank_scores(image_batches, text_batches, 0, n, n, k=k, itm_batch=itm_batch)
+    i2t, t2i = retrieval_protocols.rerank_scores(model, image_batches, text_batches, 0, n, n, k=k, itm_batch=itm_batch)
     t_fast = time.perf_counter() - t0
     fast = {"calls": dict(counter.calls), "rows": dict(counter.rows)}
     counter.reset()

@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import freeze  # noqa: E402
 import train_cclm  # noqa: E402
+from formats import x2vlm  # noqa: E402
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "cclm"
 TASKS = ("xgqa", "xvnli", "xflickrco")
@@ -51,7 +52,7 @@ def test_pretrained_mapping_equals_reference(task: str) -> None:
     pre = {k: s for k, (s, _) in read_keys("pretrain_cclm_x2vlm_base.keys.tsv").items()}
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     buffers = {n for n, _ in model.named_buffers() if n in own}
-    plan = train_cclm.pretrained_load_plan(pre, own, buffers, task)
+    plan = x2vlm.pretrained_load_plan(pre, own, buffers, task)
     lines = (FIX / f"ft_{task}.init_from_pretrain.tsv").read_text().splitlines()
     want = [tuple(line.split("\t")) for line in lines[1:]]
     assert Counter(a for _, a, _ in plan) == Counter(a for _, a, _ in want)
@@ -63,14 +64,14 @@ def test_mapping_errors_name_the_key() -> None:
     pre = {k: s for k, (s, _) in read_keys("pretrain_cclm_x2vlm_base.keys.tsv").items()}
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="surprise.weight"):
-        train_cclm.pretrained_load_plan({**pre, "surprise.weight": (3,)}, own, set(), "xvnli")
+        x2vlm.pretrained_load_plan({**pre, "surprise.weight": (3,)}, own, set(), "xvnli")
     missing = dict(pre)
     del missing["cross_encoder.encoder.layer.5.output.dense.bias"]
     with pytest.raises(ValueError, match=r"cross_encoder\.encoder\.layer\.5\.output\.dense\.bias"):
-        train_cclm.pretrained_load_plan(missing, own, set(), "xvnli")
+        x2vlm.pretrained_load_plan(missing, own, set(), "xvnli")
     bad = {**pre, "text_encoder.embeddings.word_embeddings.weight": (10, 768)}
     with pytest.raises(ValueError, match="word_embeddings"):
-        train_cclm.pretrained_load_plan(bad, own, set(), "xvnli")
+        x2vlm.pretrained_load_plan(bad, own, set(), "xvnli")
 
 
 def small(image_res: int, vision_width: int = 32) -> dict:
@@ -116,19 +117,19 @@ def test_load_pretrained_values(tmp_path: Path, vision_width: int) -> None:
     path, pre = fake_pretraining_state(tmp_path, vision_width)
     model = train_cclm.build_model("xgqa", small(64, vision_width))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = train_cclm.load_checkpoint(model, str(path))
+    report = x2vlm.load_checkpoint(model, str(path))
     assert "interpolate_224_to_384 2" in report and "copy_renamed" in report and "bbox_head.0.weight" in report
     after = model.state_dict()
     fresh_kv = vision_width != small(64)["hidden_size"]
     assert f"new_random_init {12 + 8 * fresh_kv}" in report, report
     for k, v in after.items():
-        if fresh_kv and train_cclm._is_decoder_cross_kv(k):
+        if fresh_kv and x2vlm._is_decoder_cross_kv(k):
             assert torch.equal(v, before[k]), k
         elif k.startswith("text_decoder.bert.encoder."):
             assert torch.equal(v, pre["cross_encoder." + k[len("text_decoder.bert.") :]]), k
         elif "relative_position_bias_table" in k:
             assert v.shape[0] == 7 * 7 + 3
-            assert torch.equal(v, train_cclm.resize_rel_pos_bias_table(pre[k], 4)), k
+            assert torch.equal(v, x2vlm.resize_rel_pos_bias_table(pre[k], 4)), k
             assert torch.equal(v[-3:], pre[k][-3:])
         elif "relative_position_index" in k or k.startswith(("text_decoder.bert.embeddings.", "text_decoder.cls.")):
             assert torch.equal(v, before[k]), k  # the model's own buffer / fresh init
@@ -144,13 +145,13 @@ def test_finetuned_roundtrip_and_errors(tmp_path: Path) -> None:
     for name in ("ft.pt", "bare.pt"):
         torch.manual_seed(2)
         b = train_cclm.build_model("xvnli", small(32))
-        train_cclm.load_checkpoint(b, str(tmp_path / name))
+        x2vlm.load_checkpoint(b, str(tmp_path / name))
         assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     c = train_cclm.build_model("xflickrco", small(32))
     with pytest.raises(ValueError, match="missing key .temp. .11 missing, 6 unexpected"):
-        train_cclm.load_checkpoint(c, str(tmp_path / "ft.pt"))
+        x2vlm.load_checkpoint(c, str(tmp_path / "ft.pt"))
     with pytest.raises(ValueError, match="nope.pt"):
-        train_cclm.load_checkpoint(c, str(tmp_path / "nope.pt"))
+        x2vlm.load_checkpoint(c, str(tmp_path / "nope.pt"))
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -263,11 +264,11 @@ def test_lr_mult_covers_exactly_the_parameters_loading_leaves_fresh(vision_width
     buffers = {k for k, _ in model.named_buffers()}
     fresh = {
         k
-        for k, action, _ in train_cclm.pretrained_load_plan(pre_shapes, shapes, buffers, "xgqa")
+        for k, action, _ in x2vlm.pretrained_load_plan(pre_shapes, shapes, buffers, "xgqa")
         if action == "new_random_init"
     }
     rule = train_cclm.lr_mult_rule(train_cclm.lr_mult_prefixes("xgqa", True, cfg), 2.0)
     params = {k for k, _ in model.named_parameters()}  # optimizer's view: no buffers, tied tensors once
     doubled = {k for k in params if rule(k) == 2.0}
     assert doubled == fresh & params
-    assert any(train_cclm._is_decoder_cross_kv(k) for k in doubled) == (vision_width != cfg["hidden_size"])
+    assert any(x2vlm._is_decoder_cross_kv(k) for k in doubled) == (vision_width != cfg["hidden_size"])

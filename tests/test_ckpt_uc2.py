@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_uc2 as U  # noqa: E402
+from formats import volta as V  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "uc2"
@@ -44,8 +45,8 @@ def shapes(model) -> dict[str, tuple]:
 
 
 def canonical(volta_key: str, task: str) -> str:
-    kind, val = U.volta_key(volta_key, task)
-    return U.volta_key(val, task)[1] if kind == "alias" else val
+    kind, val = V.volta_key(volta_key, task)
+    return V.volta_key(val, task)[1] if kind == "alias" else val
 
 
 # ---------------------------------------------------------------- full-size layouts (meta device)
@@ -55,7 +56,7 @@ def canonical(volta_key: str, task: str) -> str:
 def test_volta_pretrained_manifest(task):
     src, target = manifest("uc2_volta_pretrained"), shapes(meta_model(task))
     assert len(src) == 416
-    plan = U.plan_load(src, target, task, name="uc2_checkpoint_200000.bin")
+    plan = V.plan_load(src, target, task, name="uc2_checkpoint_200000.bin")
     assert plan.fmt == "volta" and plan.ok, plan.report()
     # README: 194 alias keys (193 v_*/image token-type twins + the MLM decoder = word embeddings),
     # 222 distinct tensors; the 14 cls.* keys (13 distinct tensors) are dropped
@@ -77,7 +78,7 @@ def test_volta_pretrained_manifest(task):
 @pytest.mark.parametrize("task", U.TASKS)
 def test_volta_finetuned_manifest(task):
     src, target = manifest(FT_MANIFEST[task]), shapes(meta_model(task))
-    plan = U.plan_load(src, target, task, name=FT_MANIFEST[task])
+    plan = V.plan_load(src, target, task, name=FT_MANIFEST[task])
     assert plan.ok and not plan.dropped and not plan.initialised and not plan.notes, plan.report()
     assert set(plan.copy) == set(target) and len(plan.aliases) == 193
     assert {s for s, _ in plan.copy.values() if s.startswith("clfs_dict.")} == {
@@ -86,7 +87,7 @@ def test_volta_finetuned_manifest(task):
     # a head of another task is an error naming the key, never silently dropped
     for other in U.TASKS:
         if other != task:
-            bad = U.plan_load(src, shapes(meta_model(other)), other, name=FT_MANIFEST[task])
+            bad = V.plan_load(src, shapes(meta_model(other)), other, name=FT_MANIFEST[task])
             assert not bad.ok
             with pytest.raises(ValueError, match="clfs_dict|head"):
                 bad.raise_if_bad()
@@ -97,7 +98,7 @@ def test_original_manifest_matches_volta_converter():
     assert len(src) == 238
     target = shapes(meta_model("xgqa"))
     # N_vis keys are dropped before any shape matters; give them a size for the plan
-    plan = U.plan_load({k: tuple(7 if d == -1 else d for d in s) for k, s in src.items()}, target, "xgqa")
+    plan = V.plan_load({k: tuple(7 if d == -1 else d for d in s) for k, s in src.items()}, target, "xgqa")
     assert plan.fmt == "original" and plan.ok, plan.report()
     dropped = dict(plan.dropped)
     expected_sources = {}
@@ -105,7 +106,7 @@ def test_original_manifest_matches_volta_converter():
         if volta == "-":
             assert original in dropped, f"{original} should be dropped ({note})"
             continue
-        kind, ours = U.volta_key(volta, "xgqa")
+        kind, ours = V.volta_key(volta, "xgqa")
         if kind == "drop":  # VOLTA pre-training heads: the task model drops them
             continue
         ours = canonical(volta, "xgqa")
@@ -134,15 +135,15 @@ def test_missing_and_unexpected_are_errors():
     src, target = manifest("uc2_volta_ft_xvnli"), shapes(meta_model("xvnli"))
     del src["bert.encoder.layer.5.output.dense.weight"]
     with pytest.raises(ValueError, match="encoder.layer.2.output.dense.weight"):
-        U.plan_load(src, target, "xvnli").raise_if_bad()
+        V.plan_load(src, target, "xvnli").raise_if_bad()
     src = manifest("uc2_volta_ft_xvnli")
     src["bert.encoder.layer.3.extra.weight"] = (4,)
     with pytest.raises(ValueError, match="bert.encoder.layer.3.extra.weight"):
-        U.plan_load(src, target, "xvnli").raise_if_bad()
+        V.plan_load(src, target, "xvnli").raise_if_bad()
     src = manifest("uc2_volta_ft_xvnli")
     src["bert.embeddings.position_embeddings.weight"] = (512, 768)
     with pytest.raises(ValueError, match="position_embeddings"):
-        U.plan_load(src, target, "xvnli").raise_if_bad()
+        V.plan_load(src, target, "xvnli").raise_if_bad()
 
 
 # ---------------------------------------------------------------- real tensors, tiny widths
@@ -157,7 +158,7 @@ def tiny_tensors(name: str, dtype=torch.float32, seed=0) -> dict[str, torch.Tens
     src = manifest(name)
     out = {}
     for k, s in src.items():
-        kind, of = U.volta_key(k, "xgqa") if k.startswith(("bert.", "cls.")) else ("", "")
+        kind, of = V.volta_key(k, "xgqa") if k.startswith(("bert.", "cls.")) else ("", "")
         if kind == "alias":
             out[k] = out[of]
         elif k == "cls.predictions.decoder.weight":
@@ -172,7 +173,7 @@ def test_load_original_fp16_file(tmp_path):
     path = tmp_path / "model_step_200000.pt"
     torch.save(sd, path)
     model = U.build_model("xgqa", TINY)
-    plan = U.load_into(model, str(path))
+    plan = V.load_into(model, str(path))
     assert plan.ok
     ours = model.state_dict()
     assert all(v.dtype == torch.float32 for v in ours.values())
@@ -205,8 +206,8 @@ def test_original_and_volta_files_give_the_same_model(tmp_path):
             )
         )
     a, b = U.build_model("xvnli", TINY), U.build_model("xvnli", TINY)
-    U.load_into(a, orig)
-    U.load_into(b, volta)
+    V.load_into(a, orig)
+    V.load_into(b, volta)
     sa, sb = a.state_dict(), b.state_dict()
     for k in sa:
         if not k.startswith("head."):
@@ -247,12 +248,12 @@ def test_load_volta_files_and_iglue_tar_without_volta(tmp_path):
         del sys.modules["volta"], sys.modules["volta.train_utils"]
     with pytest.raises(pickle.UnpicklingError):
         torch.load(tmp_path / "pytorch_ckpt_latest.tar", weights_only=True)
-    state, extra = U.read_checkpoint(str(tmp_path / "pytorch_ckpt_latest.tar"))
+    state, extra = V.read_checkpoint(str(tmp_path / "pytorch_ckpt_latest.tar"))
     assert extra["epoch_id"] == 3 and extra["tb_logger"].state["epochId"] == 3
     assert type(extra["tb_logger"]) is U.engine.VoltaTbLogger  # an inert stand-in: no VOLTA code exists to run
     for name in ("pytorch_model_best.bin", "pytorch_ckpt_latest.tar"):
         model = U.build_model("xgqa", TINY)
-        plan = U.load_into(model, str(tmp_path / name))
+        plan = V.load_into(model, str(tmp_path / name))
         assert plan.ok and not plan.initialised
         ours = model.state_dict()
         assert torch.equal(ours["head.3.weight"], sd["clfs_dict.TASK15.logit_fc.3.weight"])
@@ -267,7 +268,7 @@ def test_load_volta_files_and_iglue_tar_without_volta(tmp_path):
         sd["bert.encoder.layer.0.attention_self.v_query.weight"] + 1
     )
     with pytest.raises(ValueError, match="v_query"):
-        U.load_into(U.build_model("xgqa", TINY), sd)
+        V.load_into(U.build_model("xgqa", TINY), sd)
 
 
 def test_text_side_from_xlm_roberta_folder(tmp_path):
@@ -289,7 +290,7 @@ def test_text_side_from_xlm_roberta_folder(tmp_path):
     ).eval()
     hf.save_pretrained(tmp_path / "xlm-roberta-base")
     model = U.build_model("xvnli", c).eval()
-    plan = U.load_into(model, str(tmp_path / "xlm-roberta-base"))
+    plan = V.load_into(model, str(tmp_path / "xlm-roberta-base"))
     assert plan.fmt == "xlmr" and plan.ok, plan.report()
     assert any(k.startswith("embeddings.image_embeddings") for k, _ in plan.initialised)
     assert any(k.startswith("pooler.") for k, _ in plan.initialised)
@@ -313,14 +314,14 @@ def test_our_checkpoint_roundtrip(tmp_path):
         tmp_path / "model_final.pt",
     )
     other = U.build_model("xflickrco", TINY)
-    plan = U.load_into(other, str(tmp_path / "model_final.pt"))
+    plan = V.load_into(other, str(tmp_path / "model_final.pt"))
     assert plan.fmt == "ours" and plan.ok and len(plan.copy) == len(model.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
 
 
 def test_iglue_no_decay_rule_on_our_names():
     src, target = manifest("uc2_volta_ft_gqa"), shapes(meta_model("xgqa"))
-    plan = U.plan_load(src, target, "xgqa")
+    plan = V.plan_load(src, target, "xgqa")
     for ours, (volta, _) in plan.copy.items():
         volta_rule = any(s in volta for s in ("bias", "LayerNorm.bias", "LayerNorm.weight"))
         assert U.iglue_no_decay(ours) == volta_rule, (ours, volta)

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import engine  # noqa: E402
 import freeze  # noqa: E402
+from inspection import what_trains  # noqa: E402
 
 TOY = ROOT / "tests" / "_toy_train.py"
 _spec = importlib.util.spec_from_file_location("_toy_train", TOY)
@@ -902,8 +903,8 @@ def test_trainable_summary_names_frozen_modules_and_full_training():
     model, lay = toy.ToyModel(), toy.layout(4)
     total = sum(p.numel() for p in model.parameters())
     assert (
-        freeze.trainable_summary(model, lay, freeze.Schedule("full", 4), 0)
+        what_trains.trainable_summary(model, lay, freeze.Schedule("full", 4), 0)
         == f"all layers + embeddings, head train; {total} trainable of {total}"
     )
-    top = freeze.trainable_summary(model, lay, freeze.Schedule("top", 4, top_layers=2), 0)
+    top = what_trains.trainable_summary(model, lay, freeze.Schedule("top", 4, top_layers=2), 0)
     assert top.startswith("layers 2–3 + head train (embeddings frozen); ")

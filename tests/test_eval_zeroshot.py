@@ -23,6 +23,8 @@ import engine  # noqa: E402
 import eval_zeroshot as E  # noqa: E402
 import train_cclm  # noqa: E402
 from bench.call_counter import CallCounter  # noqa: E402
+from formats import volta  # noqa: E402
+from scoring import retrieval_protocols  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures"
@@ -254,9 +256,9 @@ def test_gold_outside_the_top_k_prefilter_is_never_retrieved():
 def _uc2_parity_model():
     import train_uc2
 
-    cfg = train_uc2.config_from_volta(json.loads((UC2_PARITY / "volta_config.json").read_text()))
+    cfg = volta.config_from_volta(json.loads((UC2_PARITY / "volta_config.json").read_text()), train_uc2.CONFIGS["base"])
     model = train_uc2.build_model("xflickrco", cfg).eval()
-    train_uc2.load_into(model, str(UC2_PARITY / "retrieval" / "pytorch_model.bin"))
+    volta.load_into(model, str(UC2_PARITY / "retrieval" / "pytorch_model.bin"))
     return model
 
 
@@ -268,7 +270,7 @@ def test_uc2_all_pairs_matches_volta_eval_retrieval():
     imgs = {k: inp["eval_images"][k] for k in ("features", "spatials", "image_mask")}
     caps = {k: inp["eval_captions"][k] for k in ("input_ids", "attention_mask")}
     for pair_batch in (1, 4, 1024):  # batching must not matter
-        S = model.score_all_pairs(imgs, caps, pair_batch=pair_batch)
+        S = retrieval_protocols.score_all_pairs(model, imgs, caps, pair_batch=pair_batch)
         assert_matches_reference(f"score matrix (pair_batch {pair_batch})", S, out["eval_score_matrix"])
     ref = json.loads((UC2_PARITY / "retrieval" / "eval_retrieval_metrics.json").read_text())
     tr, ir = engine.retrieval_ranks(S.t(), S, [0, 1, 2])
@@ -296,7 +298,7 @@ def test_cclm_prefilter_rerank_matches_reference(k):
     counted = CallCounter(model.eval())
     imgs = [{"images": x["images"][:2]}, {"images": x["images"][2:]}]
     txts = [{"text_ids": x["text_ids"][i : i + 4], "text_atts": x["text_atts"][i : i + 4]} for i in (0, 4)]
-    i2t, t2i = model.rerank_scores(imgs, txts, 0, 3, 6, k=k, itm_batch=5)
+    i2t, t2i = retrieval_protocols.rerank_scores(model, imgs, txts, 0, 3, 6, k=k, itm_batch=5)
     want_i2t = out[f"eval_k{k}_score_matrix_i2t"] if k < 10 else out["itm_score_all_pairs"]
     want_t2i = out[f"eval_k{k}_score_matrix_t2i"] if k < 10 else out["itm_score_all_pairs"].t()
     assert_matches_reference("i2t", i2t, want_i2t)

@@ -14,6 +14,7 @@ from _timeouts import scaled
 import freeze
 from freeze import Schedule
 from bench import table
+from inspection import what_trains
 
 W = 4
 
@@ -94,7 +95,7 @@ CCLM_LAYOUT = freeze.layout_from_rules(
 
 
 def layers_by_epoch(model, layout, schedule, epochs):
-    return [r["trainable_layers"] for r in freeze.describe_schedule(model, layout, schedule, epochs)]
+    return [r["trainable_layers"] for r in what_trains.describe_schedule(model, layout, schedule, epochs)]
 
 
 # ------------------------------------------------------------------ the paper's schedules
@@ -115,7 +116,7 @@ def test_uc2_suf_k3():
 
 
 def test_cclm_suf_k3_bottom_layers_never_train_in_5_epochs():
-    rows = freeze.describe_schedule(TinyCCLM(), CCLM_LAYOUT, Schedule("suf", 18), 10)
+    rows = what_trains.describe_schedule(TinyCCLM(), CCLM_LAYOUT, Schedule("suf", 18), 10)
     assert rows[0]["trainable_layers"] == [15, 16, 17]
     assert [len(r["trainable_layers"]) for r in rows] == [3, 6, 9, 12, 15, 18, 18, 18, 18, 18]
     assert all(i not in r["trainable_layers"] for r in rows[:5] for i in (0, 1, 2))  # xGQA: 5 epochs
@@ -126,7 +127,7 @@ def test_cclm_suf_k3_bottom_layers_never_train_in_5_epochs():
 def test_top6_cclm_trains_only_the_cross_modal_layers_and_the_task_head():
     """Table 2 "CM only": the 6 cross-modal layers train and the rest is frozen (text layers, text
     embeddings, ViT); only the task head (classifier, xGQA answer decoder) trains besides them."""
-    rows = freeze.describe_schedule(TinyCCLM(), CCLM_LAYOUT, Schedule("top", 18, top_layers=6), 5)
+    rows = what_trains.describe_schedule(TinyCCLM(), CCLM_LAYOUT, Schedule("top", 18, top_layers=6), 5)
     assert all(r["trainable_layers"] == list(range(12, 18)) for r in rows)
     assert rows[0]["always_trainable"] == rows[0]["task_head_modules"] == ["answer_decoder", "head"]
     assert rows[0]["frozen_modules"] == ["embeddings", "vision_encoder"] and not rows[0]["embeddings_trainable"]
@@ -136,7 +137,7 @@ def test_top6_cclm_trains_only_the_cross_modal_layers_and_the_task_head():
     assert trains == {
         n for n, _ in m.named_parameters() if n.split(".")[0] in ("cross_encoder", "cls_head", "text_decoder")
     }
-    text = freeze.format_schedule(rows)
+    text = what_trains.format_schedule(rows)
     assert "task head (answer_decoder, head)" in text and "frozen: embeddings, vision_encoder" in text
 
 
@@ -154,7 +155,7 @@ def test_top_policy_freezes_what_suf_keeps_trainable():
 
 def test_full_and_llrd_train_everything():
     for policy in ("full", "llrd"):
-        rows = freeze.describe_schedule(TinyUC2(), UC2_LAYOUT, Schedule(policy, 12), 3)
+        rows = what_trains.describe_schedule(TinyUC2(), UC2_LAYOUT, Schedule(policy, 12), 3)
         assert all(r["trainable_layers"] == list(range(12)) and r["frozen_params"] == 0 for r in rows)
 
 
@@ -166,17 +167,17 @@ def test_unfreeze_every_two_epochs():
 def test_step_unit_schedule():
     s = Schedule("suf", 12, suf_k=3, unfreeze_every=5, unfreeze_unit="step")
     assert [len(s.trainable_layers(0, step)) for step in (0, 4, 5, 9, 10, 15, 100)] == [3, 3, 6, 6, 9, 12, 12]
-    rows = freeze.describe_schedule(TinyUC2(), UC2_LAYOUT, s, epochs=3, steps_per_epoch=8)
+    rows = what_trains.describe_schedule(TinyUC2(), UC2_LAYOUT, s, epochs=3, steps_per_epoch=8)
     spans = [(r["epoch"], r["first_step"], r["last_step"], len(r["trainable_layers"])) for r in rows]
     assert spans == [(1, 0, 4, 3), (1, 5, 7, 6), (2, 8, 9, 6), (2, 10, 14, 9), (2, 15, 15, 12), (3, 16, 23, 12)]
     with pytest.raises(ValueError, match="steps_per_epoch"):
-        freeze.describe_schedule(TinyUC2(), UC2_LAYOUT, s, epochs=3)
+        what_trains.describe_schedule(TinyUC2(), UC2_LAYOUT, s, epochs=3)
 
 
 def test_describe_counts_params_and_embeddings_choice():
     m = TinyUC2()
     total = sum(p.numel() for p in m.parameters())
-    rows = freeze.describe_schedule(m, UC2_LAYOUT, Schedule("suf", 12, freeze_embeddings=True), 4)
+    rows = what_trains.describe_schedule(m, UC2_LAYOUT, Schedule("suf", 12, freeze_embeddings=True), 4)
     json.dumps(rows)
     assert all(r["trainable_params"] + r["frozen_params"] == total for r in rows)
     assert rows[0]["frozen_modules"] == ["embeddings", "image_embeddings"]
@@ -185,7 +186,7 @@ def test_describe_counts_params_and_embeddings_choice():
         p.numel() for p in m.bert.v_embeddings.parameters()
     )
     assert rows[-1]["frozen_params"] == emb
-    assert "embeddings FROZEN" in freeze.format_schedule(rows)
+    assert "embeddings FROZEN" in what_trains.format_schedule(rows)
     m2 = copy.deepcopy(m)
     assert freeze.apply_schedule(m2, UC2_LAYOUT, Schedule("suf", 12, freeze_embeddings=True), 3)
     assert not any(p.requires_grad for p in m2.bert.embeddings.parameters())
@@ -329,7 +330,7 @@ def test_layout_errors():
         freeze.apply_schedule(TinyUC2(), UC2_LAYOUT, Schedule("full", 13), 0)
     strict = freeze.layout_from_rules(12, [("bert.encoder.layer.", 0, 2)], [("bert.", "embeddings")])
     with pytest.raises(ValueError, match="clfs.weight"):
-        freeze.describe_schedule(TinyUC2(), strict, Schedule("full", 12), 1)
+        what_trains.describe_schedule(TinyUC2(), strict, Schedule("full", 12), 1)
 
 
 # ------------------------------------------------------------------ what the optimizer does

@@ -15,7 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_cclm  # noqa: E402
+from formats import x2vlm  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
+from scoring import retrieval_protocols  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -76,7 +78,7 @@ def config_from_fixture(model_config: dict) -> dict:
 def load(folder: Path, task: str):
     mc = json.loads((folder / task / "model_config.json").read_text())
     model = train_cclm.build_model(task, config_from_fixture(mc)).eval()
-    print(train_cclm.load_checkpoint(model, str(folder / task / "checkpoint.th")))
+    print(x2vlm.load_checkpoint(model, str(folder / task / "checkpoint.th")))
     inputs = torch.load(folder / task / "inputs.pt", weights_only=True)
     outputs = torch.load(folder / task / "outputs.pt", weights_only=True)
     return model, inputs, outputs
@@ -123,7 +125,7 @@ def check_xflickrco(folder: Path) -> None:
     close("sims_matrix", image_feat @ text_feat.t(), out["sims_matrix"])
     for k in ks:
         texts = [{"text_ids": x["text_ids"], "text_atts": x["text_atts"]}]
-        i2t, t2i = model.rerank_scores([{"images": x["images"]}], texts, 0, n_img, n_txt, k=k)
+        i2t, t2i = retrieval_protocols.rerank_scores(model, [{"images": x["images"]}], texts, 0, n_img, n_txt, k=k)
         close(f"eval_k{k}_score_matrix_i2t", i2t, out[f"eval_k{k}_score_matrix_i2t"])
         close(f"eval_k{k}_score_matrix_t2i", t2i, out[f"eval_k{k}_score_matrix_t2i"])
     _, tr_img = model.encode_images(x["images"][x["train_image_index"]])
@@ -188,7 +190,7 @@ def check_preprocess(folder: Path) -> None:
 
 def check_relpos(folder: Path) -> None:
     d = torch.load(folder / "relpos_resize_224_to_384.pt", weights_only=True)
-    got = train_cclm.resize_rel_pos_bias_table(d["src_table_224"], int(d["dst_grid"]), int(d["num_extra_tokens"]))
+    got = x2vlm.resize_rel_pos_bias_table(d["src_table_224"], int(d["dst_grid"]), int(d["num_extra_tokens"]))
     close("dst_table_384", got, d["dst_table_384"])
 
 

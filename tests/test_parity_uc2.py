@@ -17,7 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
 import train_uc2 as U  # noqa: E402
+from formats import volta  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
+from scoring import retrieval_protocols  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TASK_DIRS = {"gqa": "xgqa", "xvnli": "xvnli", "retrieval": "xflickrco"}
@@ -41,7 +43,7 @@ def _cases():
 
 
 def _config(folder: Path) -> dict:
-    cfg = U.config_from_volta(json.loads((folder / "volta_config.json").read_text()))
+    cfg = volta.config_from_volta(json.loads((folder / "volta_config.json").read_text()), U.CONFIGS["base"])
     dims = folder / "model_dims.json"
     if dims.is_file():
         d = json.loads(dims.read_text())
@@ -81,7 +83,7 @@ def test_parity_uc2(folder: Path, task_dir: str):
     out = torch.load(folder / task_dir / "outputs.pt")
     for attn in ("sdpa", "eager"):
         model = U.build_model(task, {**_config(folder), "attn_implementation": attn}).eval()
-        plan = U.load_into(model, str(folder / task_dir / "pytorch_model.bin"))
+        plan = volta.load_into(model, str(folder / task_dir / "pytorch_model.bin"))
         assert plan.fmt == "volta" and plan.ok and not plan.initialised, plan.report()
         trace = {}
         with torch.no_grad():
@@ -118,9 +120,9 @@ def test_parity_uc2(folder: Path, task_dir: str):
                 )
                 matrix = model.pair_scores(pairs).view(nc, ni)
                 _close("eval_score_matrix", matrix, out["eval_score_matrix"])
-                # the evaluation code path (UC2.score_all_pairs trims common padding)
-                ez_matrix = model.score_all_pairs(imgs, caps, pair_batch=4)
-                _close("UC2.score_all_pairs", ez_matrix, out["eval_score_matrix"])
+                # the evaluation code path (scoring.retrieval_protocols.score_all_pairs trims common padding)
+                ez_matrix = retrieval_protocols.score_all_pairs(model, imgs, caps, pair_batch=4)
+                _close("scoring.retrieval_protocols.score_all_pairs", ez_matrix, out["eval_score_matrix"])
     metrics_file = folder / task_dir / "eval_retrieval_metrics.json"
     if task == "xflickrco" and metrics_file.is_file():
         ref = json.loads(metrics_file.read_text())

@@ -15,6 +15,7 @@ import data
 import synth_pretrain
 import synth_world as sw
 import train_uc2
+from formats import feature_sets, volta
 
 TINY = sw.WorldConfig(train_scenes=24, valid_scenes=6, test_scenes=10)
 
@@ -125,7 +126,7 @@ def test_auxiliary_dev_splits_are_translations_on_new_scenes(tmp_path):
     scenes = {k: s for k, s, _ in sw.task_scenes(TINY, ((sw.AUX_STREAM, sw.AUX_SCENES),))}
     f, _, _, _ = aux.get("aux00000")
     assert f.shape == (len(scenes["aux00000"]), data.FEATURE_DIM)
-    train_uc2.FeatureSet([str(w / "features.lmdb"), str(w / sw.AUX_FEATURES)])  # the pair xvlmaml reads
+    feature_sets.FeatureSet([str(w / "features.lmdb"), str(w / sw.AUX_FEATURES)])  # the pair xvlmaml reads
 
 
 def test_add_auxiliary_refuses_a_folder_without_a_world(tmp_path):
@@ -216,10 +217,10 @@ def test_pretraining_is_deterministic_and_train_uc2_loads_it(world, tmp_path):
     assert set(a["final"]) >= {"itm_acc", "mrm_acc", "attr_en", "attr_lo"}
     config = train_uc2.resolve_config(str(world / "model_config.json"))
     model = train_uc2.build_model("xgqa", config)
-    plan = train_uc2.load_into(model, str(tmp_path / "a.bin"))
+    plan = volta.load_into(model, str(tmp_path / "a.bin"))
     assert plan.fmt == "volta" and plan.ok
     assert {k for k, _ in plan.initialised} == {k for k in model.state_dict() if k.startswith("head.")}
-    assert len(plan.dropped) == len(train_uc2.VOLTA_PRETRAIN_HEADS)
+    assert len(plan.dropped) == len(volta.VOLTA_PRETRAIN_HEADS)
     back = synth_pretrain.volta_state_dict(synth_pretrain.load_pretrained(tmp_path / "a.bin", config))
     assert back.keys() == sd_a.keys() and all(torch.equal(back[k], sd_a[k]) for k in sd_a)
 
@@ -288,7 +289,7 @@ def test_shipped_world_checkpoint_is_what_make_synth_pretrain_writes():
     vocab = len(sw.SPECIALS) + len(sw.all_words(sw.lexicons(sw.WorldConfig())))
     config = {**train_uc2.CONFIGS["base"], **sw.model_config(vocab)}
     model = train_uc2.build_model("xgqa", config)
-    assert train_uc2.load_into(model, str(ckpt)).ok
+    assert volta.load_into(model, str(ckpt)).ok
 
 
 def test_language_id_probe_on_s_state_has_no_token_identity_shortcut(world):

@@ -22,6 +22,7 @@ import data  # noqa: E402
 import engine  # noqa: E402
 import freeze  # noqa: E402
 import train_cclm  # noqa: E402
+from formats import x2vlm  # noqa: E402
 
 IGLUE = ROOT / "tests" / "fixtures" / "iglue"
 TRAIN = {"xgqa": "train_5", "xvnli": "train_48", "xflickrco": "valid"}
@@ -188,7 +189,7 @@ def test_xgqa_pipeline_with_eval(env: Path, tmp_path: Path) -> None:
     assert meta["model"] == "cclm" and meta["task"] == "xgqa" and meta["config"]["image_res"] == 32
     # the final checkpoint rebuilds a model that predicts
     model = train_cclm.build_model("xgqa", meta["config"]).eval()
-    train_cclm.load_checkpoint(model, str(out / engine.FINAL))
+    x2vlm.load_checkpoint(model, str(out / engine.FINAL))
     model.prepare_task(IGLUE, data.load_tokenizer(env / "tok"))
     assert model.answer_ids.shape[0] == data.NUM_ANSWERS
     batch = fixed_batch(env, "xgqa", 2)

@@ -26,6 +26,7 @@ import data  # noqa: E402
 import engine  # noqa: E402
 import freeze  # noqa: E402
 import train_uc2 as U  # noqa: E402
+from formats import feature_sets, volta  # noqa: E402
 
 IGLUE = ROOT / "tests" / "fixtures" / "iglue"
 SPLITS = {"xgqa": ("testdev", "dev"), "xvnli": ("train_48", "test"), "xflickrco": ("valid", "test")}
@@ -200,7 +201,7 @@ def test_resume_after_epoch_one_is_bitwise_equal(sample, tmp_path, monkeypatch):
     meta = torch.load(tmp_path / "cut" / "model_final.pt", weights_only=True)["meta"]
     assert meta["model"] == "uc2" and meta["config"]["hidden_size"] == 32 and meta["task"] == "xflickrco"
     rebuilt = U.build_model(meta["task"], meta["config"])
-    assert U.load_into(rebuilt, str(tmp_path / "cut" / "model_final.pt")).ok
+    assert volta.load_into(rebuilt, str(tmp_path / "cut" / "model_final.pt")).ok
 
 
 def test_resume_before_the_first_checkpoint_loads_the_checkpoint(sample, tmp_path, monkeypatch):
@@ -300,7 +301,7 @@ def test_feature_set_reads_each_key_from_the_file_holding_it(tmp_path):
     the key, an unknown key is a KeyError, and datasets and the start-up check read through it."""
     data.write_synthetic_features(tmp_path / "a", ["1", "2"], num_boxes=4, seed=1)
     data.write_synthetic_features(tmp_path / "b", ["3"], num_boxes=6, seed=2)
-    fs = U.FeatureSet([str(tmp_path / "a"), str(tmp_path / "b")])
+    fs = feature_sets.FeatureSet([str(tmp_path / "a"), str(tmp_path / "b")])
     a, b = data.open_features(tmp_path / "a"), data.open_features(tmp_path / "b")
     assert fs.keys() == {"1", "2", "3"} and "3" in fs and "4" not in fs
     for key, reader in (("2", a), ("3", b)):

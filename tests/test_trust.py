@@ -32,6 +32,7 @@ import engine  # noqa: E402
 import eval_zeroshot  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2 as U  # noqa: E402
+from formats import volta, x2vlm  # noqa: E402
 
 IGLUE = ROOT / "tests" / "fixtures" / "iglue"
 TINY = U.CONFIGS["tiny"]
@@ -371,9 +372,9 @@ def _live_torch(path: Path, marker: Path) -> None:
 
 def _readers(path: Path) -> dict:
     return {
-        "train_uc2.read_checkpoint": lambda: U.read_checkpoint(str(path)),
-        "train_uc2.load_into": lambda: U.load_into(U.build_model("xgqa", TINY), str(path)),
-        "train_cclm.read_checkpoint": lambda: train_cclm.read_checkpoint(str(path)),
+        "formats.volta.read_checkpoint": lambda: volta.read_checkpoint(str(path)),
+        "formats.volta.load_into": lambda: volta.load_into(U.build_model("xgqa", TINY), str(path)),
+        "formats.x2vlm.read_checkpoint": lambda: x2vlm.read_checkpoint(str(path)),
         "engine.load_checkpoint": lambda: engine.load_checkpoint(path),
         "eval_zeroshot.load_meta": lambda: eval_zeroshot.load_meta(path),
     }
@@ -412,7 +413,7 @@ def test_gadget_in_an_xlm_roberta_folder_never_runs(tmp_path):
     torch.save(_volta_state_dict(), tmp_path / "real.bin")
     _write_zip_with_prefix(tmp_path / "real.bin", folder / "pytorch_model.bin", dotted_gadgets(marker)["global_p4"])
     _live_torch(folder / "pytorch_model.bin", marker)
-    refused(lambda: U.read_checkpoint(str(folder)), str(folder / "pytorch_model.bin"), marker)
+    refused(lambda: volta.read_checkpoint(str(folder)), str(folder / "pytorch_model.bin"), marker)
 
 
 def test_checkpoint_cli_refuses_a_payload_before_writing(tmp_path):
@@ -474,9 +475,9 @@ def test_iglue_training_checkpoint_loads_with_volta_state(tmp_path, layout):
         "gradient_accumulation_steps": 4,
         "task_score_val": {"TASK15": 0.5},
     }
-    volta = _volta_tblogger_module()
+    fake_volta = _volta_tblogger_module()
     try:
-        logger = volta.tbLogger()
+        logger = fake_volta.tbLogger()
         logger.__dict__.update(tb_state, logger="SummaryWriter", txt_f="file")
         torch.save(
             {
@@ -495,7 +496,7 @@ def test_iglue_training_checkpoint_loads_with_volta_state(tmp_path, layout):
         del sys.modules["volta"], sys.modules["volta.train_utils"]
     with pytest.raises(pickle.UnpicklingError):  # what plain weights-only torch.load says about it
         torch.load(tmp_path / "pytorch_ckpt_latest.tar", weights_only=True)
-    state, extra = U.read_checkpoint(str(tmp_path / "pytorch_ckpt_latest.tar"))
+    state, extra = volta.read_checkpoint(str(tmp_path / "pytorch_ckpt_latest.tar"))
     assert all(torch.equal(state[k], sd[k]) for k in sd) and extra["epoch_id"] == 3 and extra["score"] == 0.5
     assert type(extra["tb_logger"]) is engine.VoltaTbLogger and extra["tb_logger"].state == tb_state
     assert extra["optimizer_state_dict"]["param_groups"][0]["betas"] == (0.9, 0.999)

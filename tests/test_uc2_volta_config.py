@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_uc2 as U  # noqa: E402
+from formats import volta  # noqa: E402
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "uc2"
 
@@ -22,7 +23,7 @@ def _volta(name: str) -> dict:
 
 
 def test_volta_per_sublayer_sizes_and_activations_become_per_layer_config():
-    cfg = U.config_from_volta(_volta("parity_b"))
+    cfg = volta.config_from_volta(_volta("parity_b"), U.CONFIGS["base"])
     assert (cfg["num_layers"], cfg["hidden_size"], cfg["num_heads"], cfg["intermediate_size"]) == (3, 24, 3, 52)
     assert cfg["layer_attn_sizes"] == [24, 32, 24] and cfg["layer_num_heads"] == [3, 4, 3]
     assert cfg["layer_intermediate_sizes"] == [52, 52, 36]
@@ -31,12 +32,12 @@ def test_volta_per_sublayer_sizes_and_activations_become_per_layer_config():
     att = model.encoder.layer[1].attention.self
     assert (att.num_attention_heads, att.attention_head_size, tuple(att.query.weight.shape)) == (4, 8, (32, 24))
     assert tuple(model.encoder.layer[2].intermediate.dense.weight.shape) == (36, 24)
-    uniform = U.config_from_volta(_volta("parity_a"))
+    uniform = volta.config_from_volta(_volta("parity_a"), U.CONFIGS["base"])
     assert not set(U.OPTIONAL_CONFIG_KEYS) & set(uniform)  # uc2_base-like configs stay as before
 
 
 def test_our_config_json_with_per_layer_sizes_resolves_back(tmp_path):
-    cfg = U.config_from_volta(_volta("parity_b"))
+    cfg = volta.config_from_volta(_volta("parity_b"), U.CONFIGS["base"])
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
     assert U.resolve_config(str(path)) == cfg
@@ -54,7 +55,7 @@ def test_our_config_json_with_per_layer_sizes_resolves_back(tmp_path):
 )
 def test_volta_configs_that_are_not_uc2_are_refused_by_key(change, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        U.config_from_volta({**_volta("parity_b"), **change})
+        volta.config_from_volta({**_volta("parity_b"), **change}, U.CONFIGS["base"])
 
 
 def test_cli_refuses_a_model_config_whose_region_sizes_the_feature_files_cannot_feed():
