@@ -4,7 +4,7 @@
 
 A reduced UC2 (train_uc2's model, 12 layers, --hidden wide, 4,096-token vocabulary; synthetic XVNLI
 batches of --batch examples, 20 tokens, 36 regions) so that it fits a shared 2-core machine in minutes.
-Configurations (xvlmaml.py's real code path, meta_step + AdamW through engine.optimizer_step):
+Configurations (comparisons/xvlmaml/xvlmaml.py's real code path, meta_step + AdamW through engine.optimizer_step):
   plain          one fine-tuning step: task loss on one batch, backward, AdamW (the baseline)
   fo_full        first-order XVL-MAML, variant full (inner: contrastive on the support batch; outer: task loss on
                  an English batch + contrastive on the query batch, at theta')
@@ -40,9 +40,9 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import engine  # noqa: E402
 import freeze  # noqa: E402
-import maml as M  # noqa: E402
 import train_uc2 as U  # noqa: E402
-import xvlmaml as X  # noqa: E402
+from comparisons.xvlmaml import maml as M  # noqa: E402
+from comparisons.xvlmaml import xvlmaml as X  # noqa: E402
 
 CONFIGS = {
     "plain": None,

@@ -1,6 +1,6 @@
-"""train_mclip.py: M-CLIP text tower parity with the reference MultilingualCLIP, the reference loss and its
-gradients, mean pooling, PET (LoRA / adapter / soft and hard prompts) freezing and identities, trainable shares
-on the real shapes, the loaders' errors, a tiny end-to-end run and bitwise resume."""
+"""comparisons/mclip/train_mclip.py: M-CLIP text tower parity with the reference MultilingualCLIP, the reference
+loss and its gradients, mean pooling, PET (LoRA / adapter / soft and hard prompts) freezing and identities,
+trainable shares on the real shapes, the loaders' errors, a tiny end-to-end run and bitwise resume."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import data  # noqa: E402
 from _make import run_make  # noqa: E402
 import engine  # noqa: E402
-import train_mclip as M  # noqa: E402
+from comparisons.mclip import train_mclip as M  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures" / "mclip"
@@ -549,26 +549,29 @@ def make(*args: str, env_lang: str = "C.UTF-8"):
 def test_pet_xtd_target_prints_the_run_and_ignores_the_locale_lang():
     out = make("-n", "pet-xtd", "LANG=fr", "ROUTINE=method1", "PET=adapter", "MCLIP=/m", "XTD=/x")
     assert out.stdout.splitlines()[-1].strip() == (
-        ".venv/bin/python train_mclip.py --dataset xtd --data-root /x --lang fr --routine method1 --align-loss mse "
+        ".venv/bin/python -m comparisons.mclip.train_mclip --dataset xtd --data-root /x --lang fr --routine method1 "
+        "--align-loss mse "
         "--pet adapter --text-checkpoint /m --tokenizer /m --n-shot 50 "
         "--image-features runs/features/xtd-clip-vitl14.pt --output-dir runs/mclip-xtd50-fr-method1-adapter"
     )
     assert "--lang de " in make("-n", "pet-xtd", env_lang="fr_FR.UTF-8").stdout  # the locale is not a language
-    grid = [l for l in make("-n", "pet-xtd-grid").stdout.splitlines() if "train_mclip.py" in l]
+    grid = [l for l in make("-n", "pet-xtd-grid").stdout.splitlines() if "comparisons.mclip.train_mclip" in l]
     assert [l.split("--lang ")[1].split()[0] for l in grid] == list(data.XTD_LANGS)
 
 
 def test_pet_table_target_passes_a_named_baseline(tmp_path):
     (tmp_path / "runs").mkdir()
     plain = make("-n", "pet-table", f"OUT={tmp_path}/runs").stdout.splitlines()[-1].rstrip()
-    assert plain.endswith(f"train_mclip.py table {tmp_path}/runs/mclip-*/")
+    assert plain.endswith(f"-m comparisons.mclip.train_mclip table {tmp_path}/runs/mclip-*/")
     named = make("-n", "pet-table", f"OUT={tmp_path}/runs", "BASELINE=xtd/baseline1/none/50").stdout.splitlines()[-1]
-    assert named.endswith(f"train_mclip.py table {tmp_path}/runs/mclip-*/ --baseline xtd/baseline1/none/50")
+    assert named.endswith(
+        f"-m comparisons.mclip.train_mclip table {tmp_path}/runs/mclip-*/ --baseline xtd/baseline1/none/50"
+    )
 
 
 def test_pet_target_with_missing_inputs_fails_naming_them(tmp_path):
     out = make("pet-multi30k", f"MULTI30K={tmp_path}/m", f"OUT={tmp_path}/runs")
-    assert out.returncode != 0 and f"{tmp_path}/m " in out.stderr and "train_mclip.py" not in out.stdout
+    assert out.returncode != 0 and f"{tmp_path}/m " in out.stderr and "comparisons.mclip.train_mclip" not in out.stdout
 
 
 # ---------------------------------------------------------------- Compacter
@@ -888,7 +891,8 @@ def test_torchrun_two_processes_take_the_one_process_steps(world, tmp_path):
             "--standalone",
             "--nproc_per_node",
             "2",
-            str(ROOT / "train_mclip.py"),
+            "-m",
+            "comparisons.mclip.train_mclip",
             *cli(world, tmp_path / "two", *common),
         ],
         cwd=ROOT,

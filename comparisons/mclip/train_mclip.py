@@ -19,21 +19,22 @@ align_from_to_en/, "the reference" below). One run adapts the M-CLIP text tower 
 - training: Adam (weight decay 0), cosine schedule without warm-up, validation every --eval-steps optimizer steps,
   the best validation state (``>=``, as the reference: the latest of equal scores) is tested.
 
-    python train_mclip.py --dataset xtd --data-root XTD10 --lang de --routine method3 --pet lora \
+    python -m comparisons.mclip.train_mclip --dataset xtd --data-root XTD10 --lang de --routine method3 --pet lora \
         --text-checkpoint M-CLIP-XLM-Roberta-Large-Vit-L-14 --tokenizer M-CLIP-XLM-Roberta-Large-Vit-L-14 \
         --image-features xtd_vitl14.pt --output-dir runs/mclip-xtd-de-method3-lora
-    python train_mclip.py table runs/mclip-xtd-*      # per-language R@1, average, range, std
-    python train_mclip.py features --dataset xtd --data-root XTD10 --images COCO2014 \
+    python -m comparisons.mclip.train_mclip table runs/mclip-xtd-*      # per-language R@1, average, range, std
+    python -m comparisons.mclip.train_mclip features --dataset xtd --data-root XTD10 --images COCO2014 \
         --clip-vision clip-vit-large-patch14 --out xtd_vitl14.pt   # the frozen image tower, once
 
 Run folder: args.json, metrics.jsonl (train / val / test records), checkpoint_last.pt (resume state after every
 epoch), model_final.pt ({"model": the best validation state of the trainable parameters only, i.e. the
 language's PET module, "meta": ...}), results.json (test R@1 of the best state).
-Under torchrun (`python -m torch.distributed.run --nproc_per_node N train_mclip.py ...`) --batch-size is the global
-batch: each rank encodes its shard, the text embeddings are gathered with gradient for the in-batch negatives and
-the alignment term, gradients are summed over the ranks, rank 0 writes the run folder. With --dropout 0, N processes
-take the steps of one process over the same global batch within float rounding (tests/test_mclip.py checks 2 gloo
-ranks against 1 within tests/parity.py's tolerance; validation and test R@1 are exactly the one-process ones).
+Under torchrun (`python -m torch.distributed.run --nproc_per_node N -m comparisons.mclip.train_mclip ...`)
+--batch-size is the global batch: each rank encodes its shard, the text embeddings are gathered with gradient for
+the in-batch negatives and the alignment term, gradients are summed over the ranks, rank 0 writes the run folder.
+With --dropout 0, N processes take the steps of one process over the same global batch within float rounding
+(tests/test_mclip.py checks 2 gloo ranks against 1 within tests/parity.py's tolerance; validation and test R@1 are
+exactly the one-process ones).
 With dropout each rank draws its own masks, so the runs differ as two seeds do. --resume is bitwise exact with the
 same number of processes (each rank's RNG is in the checkpoint) and refused with another.
 --amp (default off = float32, as the reference trains; auto/bf16/fp16 as the other trainers through
@@ -933,7 +934,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     langs = data.XTD_LANGS if args.dataset == "xtd" else data.MULTI30K_LANGS
-    # a set in XTD10's layout with other languages (the synthetic world's, synth_mclip.py) has its caption file
+    # a set in XTD10's layout with other languages (the synthetic world's, synthetic/mclip_study.py) has its caption
+    # file
     other_xtd = args.dataset == "xtd" and Path(args.data_root, data.XTD_FILES["native"].format(args.lang)).is_file()
     if args.lang not in langs and not other_xtd:
         raise SystemExit(f"error: --lang {args.lang}: {args.dataset} has {', '.join(langs)}")
