@@ -735,16 +735,17 @@ def test_validation_and_test_use_the_text_the_routine_trains_on(
 def test_table_prints_per_language_scores_with_disparity_and_the_xtd_caveat(tmp_path, capsys):
     for lang, score in [("en", 60.0), ("de", 50.0), ("ja", 40.0)]:
         (tmp_path / lang).mkdir()
-        M.write_json_atomic(
-            tmp_path / lang / "results.json",
-            {
-                "dataset": "xtd",
-                "routine": "method3",
-                "pet": "lora",
-                "n_shot": 50,
-                "lang": lang,
-                "test": {"mean_r1": score},
-            },
+        (tmp_path / lang / "results.json").write_text(
+            json.dumps(
+                {
+                    "dataset": "xtd",
+                    "routine": "method3",
+                    "pet": "lora",
+                    "n_shot": 50,
+                    "lang": lang,
+                    "test": {"mean_r1": score},
+                }
+            )
         )
     out = M.main(["table", *(str(tmp_path / l) for l in ("en", "de", "ja"))])
     row = out["xtd/method3/lora/50"]
@@ -761,17 +762,18 @@ def _write_results(folder: Path, routine: str, scores: dict[str, float]) -> list
     for lang, score in scores.items():
         run = folder / f"{routine}-{lang}"
         run.mkdir(parents=True)
-        M.write_json_atomic(
-            run / "results.json",
-            {
-                "dataset": "xtd",
-                "routine": routine,
-                "pet": "lora",
-                "n_shot": 50,
-                "test_text": "to_en",
-                "lang": lang,
-                "test": {"mean_r1": score},
-            },
+        (run / "results.json").write_text(
+            json.dumps(
+                {
+                    "dataset": "xtd",
+                    "routine": routine,
+                    "pet": "lora",
+                    "n_shot": 50,
+                    "test_text": "to_en",
+                    "lang": lang,
+                    "test": {"mean_r1": score},
+                }
+            )
         )
         runs.append(str(run))
     return runs
@@ -784,7 +786,7 @@ def test_table_keeps_runs_of_another_freeze_policy_in_a_group_of_their_own(tmp_p
         run.mkdir()
         result = {"dataset": "xtd", "routine": "method1", "pet": "full", "n_shot": 50, "lang": "de"}
         result.update({"test": {"mean_r1": score}, **({"policy": policy} if policy else {})})
-        M.write_json_atomic(run / "results.json", result)
+        (run / "results.json").write_text(json.dumps(result))
         runs.append(str(run))
     out = M.main(["table", runs[0], runs[1]])
     assert out["xtd/method1/full/50"]["de"] == 50.0 and out["xtd/method1/full/50/policy:suf"]["de"] == 47.0
