@@ -999,6 +999,27 @@ def test_resume_with_another_world_size_is_refused_and_the_older_rng_format_resu
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_checkpoint_of_the_counters_before_engine_progress_resumes_bitwise(world, tmp_path, monkeypatch):
+    """Checkpoints written before this trainer used engine.Progress held the best score and step among the counters
+    (and metrics_size for engine's metrics_offset): they resume to the uninterrupted run's state."""
+    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
+    monkeypatch.setattr(engine, "_fault_counts", {})
+    with pytest.raises(RuntimeError, match="injected failure"):
+        M.main(cli(world, tmp_path / "cut"))
+    monkeypatch.delenv("SUF_FAULT")
+    state = torch.load(tmp_path / "cut" / engine.CHECKPOINT, weights_only=True)
+    new = state["progress"]
+    old = {k: new[k] for k in ("epoch", "step", "nonfinite_steps", "amp_skipped_steps")}
+    old.update(best=state["best"]["r1"], best_step=state["best"]["step"], metrics_size=new["metrics_offset"])
+    older = {k: v for k, v in state.items() if k != "best"}
+    engine.save_checkpoint(tmp_path / "cut" / engine.CHECKPOINT, {**older, "progress": old})
+    M.main(cli(world, tmp_path / "cut", "--resume"))
+    M.main(cli(world, tmp_path / "whole"))
+    a, b = (torch.load(tmp_path / r / engine.FINAL, weights_only=True)["model"] for r in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "whole" / engine.METRICS).read_text() == (tmp_path / "cut" / engine.METRICS).read_text()
+
+
 def test_released_mclip_folder_layout_loads(tmp_path, ref):
     """M-CLIP's release: a folder with pytorch_model.bin (saved by transformers 4, with the position_ids buffer)."""
     model, tok, texts, want = ref

@@ -31,7 +31,7 @@ epoch), model_final.pt ({"model": the best validation state of the trainable par
 language's PET module, "meta": ...}), results.json (test R@1 of the best state).
 Under torchrun (`python -m torch.distributed.run --nproc_per_node N -m comparisons.mclip.train_mclip ...`)
 --batch-size is the global batch: each rank encodes its shard, the text embeddings are gathered with gradient for
-the in-batch negatives and the alignment term, gradients are averaged over the ranks, rank 0 writes the run folder.
+the in-batch negatives and the alignment term, gradients are summed over the ranks, rank 0 writes the run folder.
 With --dropout 0, N processes take the steps of one process over the same global batch within float rounding
 (tests/test_mclip.py checks 2 gloo ranks against 1 within tests/parity.py's tolerance; validation and test R@1 are
 exactly the one-process ones).
@@ -649,13 +649,10 @@ def shard_sizes(n: int, dist: "engine.DistInfo | None") -> list[int]:
     return [len(engine.shard(n, engine.DistInfo(rank=r, world=dist.world))) for r in range(dist.world)]
 
 
-def average_gradients(params: Sequence[nn.Parameter], dist: "engine.DistInfo | None") -> None:
-    """Average each trainable parameter's gradient over the ranks (one flat all-reduce, then / world: DDP's mean).
-    Every rank computes the loss of the whole batch and engine.gather_with_grad's backward sums the ranks'
-    gradients of the gathered rows, so a rank's rows carry world x their one-process gradient and the mean over the
-    ranks is the one-process gradient. A parameter with a gradient on some rank gets the mean (zeros standing in
-    where a rank has none, e.g. an empty shard); one with a gradient on no rank keeps None, as in one process (Adam
-    then skips it)."""
+def sum_gradients(params: Sequence[nn.Parameter], dist: "engine.DistInfo | None") -> None:
+    """Sum each trainable parameter's gradient over the ranks (one flat all-reduce). A parameter with a gradient
+    on some rank gets the sum (zeros standing in where a rank has none, e.g. an empty shard); one with a gradient
+    on no rank keeps None, as in one process (Adam then skips it)."""
     import torch.distributed as tdist
 
     if dist is None or not dist.distributed:
@@ -671,7 +668,6 @@ def average_gradients(params: Sequence[nn.Parameter], dist: "engine.DistInfo | N
         return
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
     tdist.all_reduce(flat)
-    flat /= dist.world
     offset = 0
     for p in params:
         p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
@@ -683,8 +679,8 @@ def fit(
 ) -> dict[str, torch.Tensor]:
     """The reference's loop (trainer.train): step, validate every --eval-steps steps, keep the best state.
     Under torchrun: --batch-size is the global batch, sharded over the ranks (train_step); gradients are
-    averaged over the ranks (average_gradients), so every rank takes the one-process step and the ranks stay
-    equal; rank 0 writes metrics and checkpoints, which hold every rank's RNG state."""
+    summed over the ranks (sum_gradients), so every rank takes the one-process step and the ranks stay equal;
+    rank 0 writes metrics and checkpoints, which hold every rank's RNG state."""
     dist = dist or engine.DistInfo()
     layout, schedule = freeze_plan(model, args)
     if schedule is None:
@@ -711,10 +707,13 @@ def fit(
             idx = order[b : b + args.batch_size]
             with engine.autocast(device, amp_dtype):
                 loss = train_step(model, tokenizer, splits["train"], idx, images, args, device, dist)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            # every rank holds the loss of the whole batch and engine.gather_with_grad's backward sums the ranks'
+            # gradients of the gathered rows: each rank backpropagates 1/world of it, so its rows get their
+            # one-process gradient (exactly, for a power-of-two world) before the text tower's (fp16) backward
+            ((scaler.scale(loss) if scaler is not None else loss) / dist.world).backward()
             # every rank holds the loss of the whole batch: the same finiteness, the same summed (scaled)
             # gradients, so the GradScaler takes the same decision (and scale) on every rank
-            average_gradients(list(tuned_params(model).values()), dist)
+            sum_gradients(list(tuned_params(model).values()), dist)
             n_bad = (~torch.isfinite(loss.detach())).float()
             # engine's step: unscale (fp16), skip a non-finite update, step or let the GradScaler skip, zero_grad,
             # LR schedule (no clipping: the reference clips nothing)
