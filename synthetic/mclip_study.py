@@ -19,6 +19,8 @@ reports per-language R@1, the disparity (average, range, std) and paired differe
 intervals (synthetic.study.paired_bootstrap, as Study 1).
 
   python -m synthetic.mclip_study --world synth_out/world --out synth_out/mclip --record     # make synth-mclip
+
+Off the reading path: a study in the synthetic world (synthetic/README.md); nothing on the card imports it.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ region). The checkpoint is written in VOLTA's key layout with VOLTA's pre-traini
 `train_uc2.py --checkpoint` loads it as it loads IGLUE's uc2_checkpoint_200000.bin.
 
   python -m synthetic.pretrain --world synth_out/world --seed 0 --steps 3000 --out synth_out/pretrain-s0.bin
+
+Off the reading path: the synthetic world's tooling (synthetic/README.md); nothing on the card imports it.
 """
 
 from __future__ import annotations

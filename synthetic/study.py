@@ -5,6 +5,8 @@ eval_zeroshot.py.
 
   python -m synthetic.study --out synth_out                      # make synth: world, pretraining, checks, study
   python -m synthetic.study --out synth_out --pretrain-seeds 0 --finetune-seeds 0 --policies full suf   # smaller
+
+Off the reading path: a study in the synthetic world (synthetic/README.md); nothing on the card imports it.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ eval_zeroshot.py read it unchanged:
   python -m synthetic.world --out synth_out/world     # datasets/, features.lmdb, tokenizer/, model_config.json
 
 Everything is a function of WorldConfig (seed included): the same config writes byte-identical files.
+
+Off the reading path: the synthetic world's tooling (synthetic/README.md); nothing on the card imports it.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ Also, as secondary results: a control that runs the same command with the contra
 is then the identity and the outer loss the English task loss alone: the same number of extra English updates at
 the same learning rate, without the auxiliary language), and the auxiliary x target matrix of xvlmaml.py for the
 first seed pair.
+
+Off the reading path: a study in the synthetic world (synthetic/README.md); nothing on the card imports it.
 """
 
 from __future__ import annotations

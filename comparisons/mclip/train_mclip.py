@@ -41,6 +41,8 @@ same number of processes (each rank's RNG is in the checkpoint) and refused with
 engine.setup_amp): autocast over the text tower, the loss's similarities in float32; fp16 steps through
 engine.optimizer_step's GradScaler (state in checkpoint_last.pt, skipped steps counted in metrics.jsonl).
 Validation and test run in float32 unless --eval-amp.
+
+Off the reading path: a comparison system (comparisons/README.md); nothing on the card imports it.
 """
 
 from __future__ import annotations

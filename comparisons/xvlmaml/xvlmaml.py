@@ -22,6 +22,8 @@ the episodes whole, meta-gradients all-reduced) equal one process.
 Run folder: args.json, metrics.jsonl, checkpoint_last.pt (engine's resume state, with the contrastive
 head), model_final.pt (the UC2 task model as train_uc2 writes it, "cl_head" beside it, meta["xvlmaml"]),
 results.json / IGLUE CSVs of the final zero-shot evaluation.
+
+Off the reading path: a comparison system (comparisons/README.md); nothing on the card imports it.
 """
 
 from __future__ import annotations
