@@ -89,24 +89,24 @@ test-system: $(INSTALL)
 
 ## demo            SUF vs standard fine-tuning of a small pretrained UC2 in the synthetic world (docs/synthetic/results.md)
 demo: $(INSTALL)
-	$(PY) demo.py --out demo_out $(EXTRA)
+	$(PY) -m synthetic.demo --out demo_out $(EXTRA)
 
 # ---- the synthetic multilingual world (docs/synthetic/protocol.md) ----
 SYNTH ?= synth_out
 ## synth-world     write the synthetic world (IGLUE layout, features, tokenizer) to SYNTH=synth_out/world
 synth-world: $(INSTALL)
-	$(PY) synth_world.py --out $(SYNTH)/world
+	$(PY) -m synthetic.world --out $(SYNTH)/world
 ## synth-pretrain  regenerate the shipped world checkpoint tests/fixtures/synth/pretrain_seed0.bin (one core)
 synth-pretrain: $(INSTALL)
-	@[ -e $(SYNTH)/world/world.json ] || $(PY) synth_world.py --out $(SYNTH)/world
-	$(PY) synth_pretrain.py --world $(SYNTH)/world --seed 0 --steps 3000 --eval-every 300 --out tests/fixtures/synth/pretrain_seed0.bin
+	@[ -e $(SYNTH)/world/world.json ] || $(PY) -m synthetic.world --out $(SYNTH)/world
+	$(PY) -m synthetic.pretrain --world $(SYNTH)/world --seed 0 --steps 3000 --eval-every 300 --out tests/fixtures/synth/pretrain_seed0.bin
 ## synth           the whole study: premise checks, 4 policies x 2 pretraining x 2 fine-tuning seeds (< 1 h, 2 cores)
 synth: $(INSTALL)
-	$(PY) synth_study.py --out $(SYNTH) --checkpoint tests/fixtures/synth/pretrain_seed0.bin --lr 3e-4 --record
+	$(PY) -m synthetic.study --out $(SYNTH) --checkpoint tests/fixtures/synth/pretrain_seed0.bin --lr 3e-4 --record
 
 ## synth-xvlmaml   XVL-MAML vs full and SUF on the study's seed pairs (docs/synthetic/protocol.md A8; after make synth)
 synth-xvlmaml: $(INSTALL)
-	$(PY) synth_xvlmaml.py --out $(SYNTH) --record
+	$(PY) -m synthetic.xvlmaml_study --out $(SYNTH) --record
 
 ## bench           every bench/ script (bench/README.md), their table in docs/benchmarks.md
 bench: $(INSTALL)
@@ -135,8 +135,8 @@ $(foreach d,0.98 0.95 0.88 0.75,$(eval $(call LLRD_RULE,$(d))))
 ## xgqa-llrd-sweep  layer-wise LR decay d = 0.98, 0.95, 0.88, 0.75 (Figure 5)
 xgqa-llrd-sweep: xgqa-llrd-0.98 xgqa-llrd-0.95 xgqa-llrd-0.88 xgqa-llrd-0.75
 
-# Multilingual-CLIP + translation-based alignment + PET (train_mclip.py): its targets live in mclip.mk
-include mclip.mk
+# Multilingual-CLIP + translation-based alignment + PET (comparisons/mclip/): its targets live in comparisons/mclip/mclip.mk
+include comparisons/mclip/mclip.mk
 
 # ---- Table 2: CCLM, only the 6 cross-modal layers train (+ the answer decoder, the task's output), the rest frozen ----
 ## xgqa-top6       train only the top 6 layers + task head, rest frozen (CCLM: "CM only", Table 2)
@@ -192,6 +192,6 @@ define XVLMAML_RULE
 xvlmaml-$(1):
 	@[ -n "$$(AUX)" ] || { echo "error: set AUX=<auxiliary language>, e.g. make xvlmaml-$(1) AUX=de" >&2; exit 2; }
 	$$(call require,$$(DATA)/datasets $$(FEATURES) $$(OUT)/uc2-$(1)-$$(FROM)/model_final.pt)
-	$$(LAUNCH) xvlmaml.py train --run $$(OUT)/uc2-$(1)-$$(FROM) --aux-lang $$(AUX) --data-root $$(DATA) --features $$(FEATURES) --tokenizer $$(TOKENIZER) --output-dir $$(OUT)/uc2-$(1)-$$(FROM)-xvlmaml-$$(AUX) $$(EXTRA)
+	$$(LAUNCH) -m comparisons.xvlmaml.xvlmaml train --run $$(OUT)/uc2-$(1)-$$(FROM) --aux-lang $$(AUX) --data-root $$(DATA) --features $$(FEATURES) --tokenizer $$(TOKENIZER) --output-dir $$(OUT)/uc2-$(1)-$$(FROM)-xvlmaml-$$(AUX) $$(EXTRA)
 endef
 $(foreach t,xgqa xvnli xflickrco,$(eval $(call XVLMAML_RULE,$(t))))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
-import train_mclip as M  # noqa: E402
+from comparisons.mclip import train_mclip as M  # noqa: E402
 
 
 def parsed(argv: list[str], out: Path, *extra: str):

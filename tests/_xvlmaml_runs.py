@@ -1,5 +1,5 @@
-"""Runner for tests/test_maml.py under torchrun: several `xvlmaml.py` commands in ONE process group (a second
-group on the same store can read the first one's addresses and fail to connect).
+"""Runner for tests/test_maml.py under torchrun: several `comparisons/xvlmaml/xvlmaml.py` commands in ONE process
+group (a second group on the same store can read the first one's addresses and fail to connect).
 
   python -m torch.distributed.run --nproc_per_node 2 tests/_xvlmaml_runs.py :: ARGS1 :: ARGS2 ...
 """
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
-import xvlmaml  # noqa: E402
+from comparisons.xvlmaml import xvlmaml  # noqa: E402
 
 
 def split_runs(argv: list[str]) -> list[list[str]]:

@@ -1,4 +1,5 @@
-"""--amp in the two trainers outside engine.train: train_mclip.py (M-CLIP + PET) and xvlmaml.py (XVL-MAML on UC2).
+"""--amp in the two trainers outside engine.train: comparisons/mclip/train_mclip.py (M-CLIP + PET) and
+comparisons/xvlmaml/xvlmaml.py (XVL-MAML on UC2).
 Both reuse engine's AMP (setup_amp, autocast, optimizer_step's GradScaler handling, autocast_for); these tests pin
 that autocast is applied where it should be and nowhere else, and what fp16 / resume do with it."""
 
@@ -15,9 +16,9 @@ from _timeouts import scaled
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine  # noqa: E402
-import maml  # noqa: E402
-import train_mclip as MC  # noqa: E402
-import xvlmaml as X  # noqa: E402
+from comparisons.mclip import train_mclip as MC  # noqa: E402
+from comparisons.xvlmaml import maml  # noqa: E402
+from comparisons.xvlmaml import xvlmaml as X  # noqa: E402
 from test_maml import final_state, sample, train_argv  # noqa: E402,F401  (sample: a module fixture)
 from parity import assert_matches_reference  # noqa: E402
 from test_mclip import cli, lines, world  # noqa: E402,F401  (world: a module fixture)
@@ -196,7 +197,8 @@ def test_mclip_fp16_under_torchrun_takes_the_one_process_scaler_decisions(world,
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "SUF_DEVICE": "cpu"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
-        [*torchrun, str(Path(MC.__file__)), *cli(world, tmp_path / "two", *common)],
+        [*torchrun, "-m", "comparisons.mclip.train_mclip", *cli(world, tmp_path / "two", *common)],
+        cwd=Path(__file__).resolve().parents[1],
         env=env,
         capture_output=True,
         text=True,

@@ -1,5 +1,5 @@
-"""XVL-MAML (maml.py, xvlmaml.py): the meta-gradient against closed forms and torch.func references in
-float64, the contrastive loss by hand, frozen parameters untouched, bitwise-exact resume, two gloo
+"""XVL-MAML (comparisons/xvlmaml/maml.py, xvlmaml.py): the meta-gradient against closed forms and torch.func
+references in float64, the contrastive loss by hand, frozen parameters untouched, bitwise-exact resume, two gloo
 processes equal to one, and a tiny end-to-end run on the shipped fixtures.
 
 Data: the IGLUE sample in tests/fixtures/iglue (XVNLI: English and French train_48 / test), a tiny
@@ -25,9 +25,9 @@ from _make import run_make  # noqa: E402
 import data  # noqa: E402
 import engine  # noqa: E402
 import eval_zeroshot as Z  # noqa: E402
-import maml as M  # noqa: E402
 import train_uc2 as U  # noqa: E402
-import xvlmaml as X  # noqa: E402
+from comparisons.xvlmaml import maml as M  # noqa: E402
+from comparisons.xvlmaml import xvlmaml as X  # noqa: E402
 
 IGLUE = ROOT / "tests" / "fixtures" / "iglue"
 REGIONS = 6
@@ -576,5 +576,5 @@ def test_make_targets_print_the_xvlmaml_command():
     out = run_make("-n", "xvlmaml-xgqa", "AUX=de")
     assert out.returncode == 0, out.stderr
     cmd = out.stdout.strip().splitlines()[-1]
-    assert "xvlmaml.py train --run runs/uc2-xgqa-full --aux-lang de" in cmd
+    assert "-m comparisons.xvlmaml.xvlmaml train --run runs/uc2-xgqa-full --aux-lang de" in cmd
     assert cmd.endswith("--output-dir runs/uc2-xgqa-full-xvlmaml-de")

@@ -1,6 +1,6 @@
-"""train_mclip.py: M-CLIP text tower parity with the reference MultilingualCLIP, the reference loss and its
-gradients, mean pooling, PET (LoRA / adapter / soft and hard prompts) freezing and identities, trainable shares
-on the real shapes, the loaders' errors, a tiny end-to-end run and bitwise resume."""
+"""comparisons/mclip/train_mclip.py: M-CLIP text tower parity with the reference MultilingualCLIP, the reference
+loss and its gradients, mean pooling, PET (LoRA / adapter / soft and hard prompts) freezing and identities,
+trainable shares on the real shapes, the loaders' errors, a tiny end-to-end run and bitwise resume."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import data  # noqa: E402
 from _make import run_make  # noqa: E402
 import engine  # noqa: E402
-import train_mclip as M  # noqa: E402
+from comparisons.mclip import train_mclip as M  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures" / "mclip"
@@ -552,12 +552,13 @@ def make(*args: str, env_lang: str = "C.UTF-8"):
 def test_pet_xtd_target_prints_the_run_and_ignores_the_locale_lang():
     out = make("-n", "pet-xtd", "LANG=fr", "ROUTINE=method1", "PET=adapter", "MCLIP=/m", "XTD=/x")
     assert out.stdout.splitlines()[-1].strip() == (
-        ".venv/bin/python train_mclip.py --dataset xtd --data-root /x --lang fr --routine method1 --align-loss mse "
+        ".venv/bin/python -m comparisons.mclip.train_mclip --dataset xtd --data-root /x --lang fr --routine method1 "
+        "--align-loss mse "
         "--pet adapter --text-checkpoint /m --tokenizer /m --n-shot 50 "
         "--image-features runs/features/xtd-clip-vitl14.pt --output-dir runs/mclip-xtd50-fr-method1-adapter"
     )
     assert "--lang de " in make("-n", "pet-xtd", env_lang="fr_FR.UTF-8").stdout  # the locale is not a language
-    grid = [l for l in make("-n", "pet-xtd-grid").stdout.splitlines() if "train_mclip.py" in l]
+    grid = [l for l in make("-n", "pet-xtd-grid").stdout.splitlines() if "comparisons.mclip.train_mclip" in l]
     assert [l.split("--lang ")[1].split()[0] for l in grid] == list(data.XTD_LANGS)
 
 
@@ -565,15 +566,17 @@ def test_pet_xtd_target_prints_the_run_and_ignores_the_locale_lang():
 def test_pet_table_target_passes_a_named_baseline(tmp_path):
     (tmp_path / "runs").mkdir()
     plain = make("-n", "pet-table", f"OUT={tmp_path}/runs").stdout.splitlines()[-1].rstrip()
-    assert plain.endswith(f"train_mclip.py table {tmp_path}/runs/mclip-*/")
+    assert plain.endswith(f"-m comparisons.mclip.train_mclip table {tmp_path}/runs/mclip-*/")
     named = make("-n", "pet-table", f"OUT={tmp_path}/runs", "BASELINE=xtd/baseline1/none/50").stdout.splitlines()[-1]
-    assert named.endswith(f"train_mclip.py table {tmp_path}/runs/mclip-*/ --baseline xtd/baseline1/none/50")
+    assert named.endswith(
+        f"-m comparisons.mclip.train_mclip table {tmp_path}/runs/mclip-*/ --baseline xtd/baseline1/none/50"
+    )
 
 
 @pytest.mark.system
 def test_pet_target_with_missing_inputs_fails_naming_them(tmp_path):
     out = make("pet-multi30k", f"MULTI30K={tmp_path}/m", f"OUT={tmp_path}/runs")
-    assert out.returncode != 0 and f"{tmp_path}/m " in out.stderr and "train_mclip.py" not in out.stdout
+    assert out.returncode != 0 and f"{tmp_path}/m " in out.stderr and "comparisons.mclip.train_mclip" not in out.stdout
 
 
 # ---------------------------------------------------------------- Compacter
@@ -737,16 +740,17 @@ def test_validation_and_test_use_the_text_the_routine_trains_on(
 def test_table_prints_per_language_scores_with_disparity_and_the_xtd_caveat(tmp_path, capsys):
     for lang, score in [("en", 60.0), ("de", 50.0), ("ja", 40.0)]:
         (tmp_path / lang).mkdir()
-        M.write_json_atomic(
-            tmp_path / lang / "results.json",
-            {
-                "dataset": "xtd",
-                "routine": "method3",
-                "pet": "lora",
-                "n_shot": 50,
-                "lang": lang,
-                "test": {"mean_r1": score},
-            },
+        (tmp_path / lang / "results.json").write_text(
+            json.dumps(
+                {
+                    "dataset": "xtd",
+                    "routine": "method3",
+                    "pet": "lora",
+                    "n_shot": 50,
+                    "lang": lang,
+                    "test": {"mean_r1": score},
+                }
+            )
         )
     out = M.main(["table", *(str(tmp_path / l) for l in ("en", "de", "ja"))])
     row = out["xtd/method3/lora/50"]
@@ -763,17 +767,18 @@ def _write_results(folder: Path, routine: str, scores: dict[str, float]) -> list
     for lang, score in scores.items():
         run = folder / f"{routine}-{lang}"
         run.mkdir(parents=True)
-        M.write_json_atomic(
-            run / "results.json",
-            {
-                "dataset": "xtd",
-                "routine": routine,
-                "pet": "lora",
-                "n_shot": 50,
-                "test_text": "to_en",
-                "lang": lang,
-                "test": {"mean_r1": score},
-            },
+        (run / "results.json").write_text(
+            json.dumps(
+                {
+                    "dataset": "xtd",
+                    "routine": routine,
+                    "pet": "lora",
+                    "n_shot": 50,
+                    "test_text": "to_en",
+                    "lang": lang,
+                    "test": {"mean_r1": score},
+                }
+            )
         )
         runs.append(str(run))
     return runs
@@ -786,7 +791,7 @@ def test_table_keeps_runs_of_another_freeze_policy_in_a_group_of_their_own(tmp_p
         run.mkdir()
         result = {"dataset": "xtd", "routine": "method1", "pet": "full", "n_shot": 50, "lang": "de"}
         result.update({"test": {"mean_r1": score}, **({"policy": policy} if policy else {})})
-        M.write_json_atomic(run / "results.json", result)
+        (run / "results.json").write_text(json.dumps(result))
         runs.append(str(run))
     out = M.main(["table", runs[0], runs[1]])
     assert out["xtd/method1/full/50"]["de"] == 50.0 and out["xtd/method1/full/50/policy:suf"]["de"] == 47.0
@@ -894,7 +899,8 @@ def test_torchrun_two_processes_take_the_one_process_steps(world, tmp_path):
             "--standalone",
             "--nproc_per_node",
             "2",
-            str(ROOT / "train_mclip.py"),
+            "-m",
+            "comparisons.mclip.train_mclip",
             *cli(world, tmp_path / "two", *common),
         ],
         cwd=ROOT,
@@ -998,6 +1004,27 @@ def test_resume_with_another_world_size_is_refused_and_the_older_rng_format_resu
     M.main(cli(world, tmp_path / "whole"))
     a, b = (torch.load(tmp_path / r / engine.FINAL, weights_only=True)["model"] for r in ("whole", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_of_the_counters_before_engine_progress_resumes_bitwise(world, tmp_path, monkeypatch):
+    """Checkpoints written before this trainer used engine.Progress held the best score and step among the counters
+    (and metrics_size for engine's metrics_offset): they resume to the uninterrupted run's state."""
+    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
+    monkeypatch.setattr(engine, "_fault_counts", {})
+    with pytest.raises(RuntimeError, match="injected failure"):
+        M.main(cli(world, tmp_path / "cut"))
+    monkeypatch.delenv("SUF_FAULT")
+    state = torch.load(tmp_path / "cut" / engine.CHECKPOINT, weights_only=True)
+    new = state["progress"]
+    old = {k: new[k] for k in ("epoch", "step", "nonfinite_steps", "amp_skipped_steps")}
+    old.update(best=state["best"]["r1"], best_step=state["best"]["step"], metrics_size=new["metrics_offset"])
+    older = {k: v for k, v in state.items() if k != "best"}
+    engine.save_checkpoint(tmp_path / "cut" / engine.CHECKPOINT, {**older, "progress": old})
+    M.main(cli(world, tmp_path / "cut", "--resume"))
+    M.main(cli(world, tmp_path / "whole"))
+    a, b = (torch.load(tmp_path / r / engine.FINAL, weights_only=True)["model"] for r in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "whole" / engine.METRICS).read_text() == (tmp_path / "cut" / engine.METRICS).read_text()
 
 
 def test_released_mclip_folder_layout_loads(tmp_path, ref):

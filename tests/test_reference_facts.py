@@ -14,7 +14,9 @@ UNREACHABLE = re.compile(r"/work/shared|\.\./shared/|shared/reference|README §"
 
 
 def code_files() -> list[Path]:
-    return sorted([*ROOT.glob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "bench").glob("*.py")])
+    packages = [d for d in ROOT.iterdir() if (d / "__init__.py").is_file()]  # comparisons/, synthetic/, ...
+    nested = [p for d in packages for p in d.rglob("*.py")]
+    return sorted([*ROOT.glob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "bench").glob("*.py"), *nested])
 
 
 def test_every_cited_fact_exists_in_the_facts_file() -> None:

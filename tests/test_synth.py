@@ -1,4 +1,4 @@
-"""The synthetic multilingual world (synth_world.py) and its UC2-style pretraining (synth_pretrain.py)."""
+"""The synthetic multilingual world (synthetic/world.py) and its UC2-style pretraining (synthetic/pretrain.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ import pytest
 import torch
 
 import data
-import synth_pretrain
-import synth_world as sw
 import train_uc2
+from comparisons.xvlmaml import xvlmaml
+from synthetic import pretrain as synth_pretrain
+from synthetic import study as synth_study
+from synthetic import world as sw
+from synthetic import xvlmaml_study as sx
 from formats import feature_sets, volta
 
 TINY = sw.WorldConfig(train_scenes=24, valid_scenes=6, test_scenes=10)
@@ -228,8 +231,6 @@ def test_pretraining_is_deterministic_and_train_uc2_loads_it(world, tmp_path):
 def test_tiny_end_to_end_pretrain_finetune_two_policies_evaluate_table(world, tmp_path):
     """pretrain (3 steps) -> the real train_uc2 with full and suf -> per-epoch evaluation in every language ->
     the study's paired comparison and report."""
-    import synth_study
-
     ckpt = tmp_path / "p.bin"
     synth_pretrain.pretrain(world, 0, 3, ckpt, batch_size=8, eval_every=0, log=lambda s: None, probe_n=8)
     runs = {}
@@ -259,8 +260,6 @@ def test_tiny_end_to_end_pretrain_finetune_two_policies_evaluate_table(world, tm
 
 
 def test_paired_bootstrap_interval_covers_the_spread_of_seeds():
-    import synth_study
-
     diffs = {0: {0: 1.0, 1: 3.0}, 1: {0: 5.0, 1: 7.0}, 2: {0: 2.0, 1: 4.0}}
     got = synth_study.paired_bootstrap(diffs, n=2000)
     assert got["mean"] == pytest.approx(22 / 6) and got["n_pairs"] == 6
@@ -274,8 +273,6 @@ def test_shipped_world_checkpoint_is_what_make_synth_pretrain_writes():
     """tests/fixtures/synth/pretrain_seed0.bin: its record names the default world, seed 0 and the study's step
     count, `make synth-pretrain` writes it with those, and it fits the default world's tokenizer and config."""
     import subprocess
-
-    import synth_study
 
     root = Path(__file__).resolve().parents[1]
     ckpt = root / "tests" / "fixtures" / "synth" / "pretrain_seed0.bin"
@@ -296,8 +293,6 @@ def test_language_id_probe_on_s_state_has_no_token_identity_shortcut(world):
     """Parallel texts: the <s> input is the same token at the same position in every language, so the <s> probe
     is exactly at chance (0.2) at the embeddings and can only rise through attention; the mean-word-state probe
     reads the disjoint vocabularies and is near perfect from the embeddings on, even untrained."""
-    import synth_study
-
     torch.manual_seed(0)
     config = train_uc2.resolve_config(str(world / "model_config.json"))
     model = synth_pretrain.PretrainUC2(config).eval()
@@ -310,8 +305,6 @@ def test_language_id_probe_on_s_state_has_no_token_identity_shortcut(world):
 
 
 def test_english_premise_needs_every_full_run_15_points_above_its_blind_floor():
-    import synth_study
-
     study = {
         "premise": {0: {"blind": {"en": 40.0}}, 1: {"blind": {"en": 38.0}}},
         "results": {"full": {0: {0: {"en": 80.0}, 1: {"en": 56.0}}, 1: {0: {"en": 70.0}}}},
@@ -331,10 +324,6 @@ def test_synth_xvlmaml_continues_the_study_runs_and_reports_paired_comparisons(t
     added, XVL-MAML and the contrastive-weight-0 control run through the real xvlmaml.py (a head of the world's 14
     answers), the report holds the comparison rows and the matrix; differences are the runs' own; a second call
     runs nothing and reports the same."""
-    import synth_study
-    import synth_xvlmaml as sx
-    import xvlmaml
-
     out = tmp_path / "study"
     world = out / "world"
     sw.build_world(world, TINY)
@@ -346,7 +335,7 @@ def test_synth_xvlmaml_continues_the_study_runs_and_reports_paired_comparisons(t
     def in_process(jobs, workers):
         for cmd, _ in jobs:
             ran.append(cmd)
-            assert xvlmaml.main(cmd[2:] + ["--support-size", "4", "--query-size", "4", "--en-batch-size", "4"]) == 0
+            assert xvlmaml.main(cmd[3:] + ["--support-size", "4", "--query-size", "4", "--en-batch-size", "4"]) == 0
 
     rep = sx.study(out, [0], [0], matrix_aux=("rl",), iters=1, runner=in_process, n_boot=100)
     assert (world / sw.AUX_FEATURES).is_dir() and len(ran) == 2  # xvlmaml, control (the matrix row rl is xvlmaml)

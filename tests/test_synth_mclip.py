@@ -1,4 +1,5 @@
-"""The synthetic M-CLIP study (synth_mclip.py; docs/synthetic/protocol.md, Study 2) on a tiny world and tiny towers."""
+"""The synthetic M-CLIP study (synthetic/mclip_study.py; docs/synthetic/protocol.md, Study 2) on a tiny world and
+tiny towers."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import torch
 
 import data
 import engine
-import synth_mclip as sm
-import synth_study
-import synth_world as sw
-import train_mclip
+from comparisons.mclip import train_mclip
+from synthetic import mclip_study as sm
+from synthetic import study as synth_study
+from synthetic import world as sw
 
 TINY = {
     "retrieval_scenes": 30,

@@ -1,4 +1,4 @@
-# Multilingual-CLIP: translation-based alignment + parameter-efficient tuning (train_mclip.py; README section).
+# Multilingual-CLIP: translation-based alignment + parameter-efficient tuning (comparisons/mclip/train_mclip.py; README section).
 # Included by the Makefile after its common variables (PY, OUT, EXTRA).
 # LANG= is read from the command line only (the environment's LANG is the locale).
 XTD         ?= data/XTD10
@@ -25,22 +25,22 @@ MCLIP_ARGS   = --routine $(ROUTINE) --align-loss $(ALIGN) --pet $(PET) --text-ch
 ## pet-features-xtd   CLIP ViT-L/14 image features of XTD10 (COCO=train2014/ val2014/ folder), once for all runs
 pet-features-xtd:
 	$(call mclip_require,$(XTD) $(COCO) $(CLIP_VISION))
-	$(PY) train_mclip.py features --dataset xtd --data-root $(XTD) --images $(COCO) --clip-vision $(CLIP_VISION) --out $(XTD_FEATS)
+	$(PY) -m comparisons.mclip.train_mclip features --dataset xtd --data-root $(XTD) --images $(COCO) --clip-vision $(CLIP_VISION) --out $(XTD_FEATS)
 
 ## pet-features-multi30k  the same for Multi30K (FLICKR= folder holding flickr30k-images/)
 pet-features-multi30k:
 	$(call mclip_require,$(MULTI30K) $(FLICKR) $(CLIP_VISION))
-	$(PY) train_mclip.py features --dataset multi30k --data-root $(MULTI30K) --images $(FLICKR) --clip-vision $(CLIP_VISION) --out $(M30K_FEATS)
+	$(PY) -m comparisons.mclip.train_mclip features --dataset multi30k --data-root $(MULTI30K) --images $(FLICKR) --clip-vision $(CLIP_VISION) --out $(M30K_FEATS)
 
 ## pet-xtd            one XTD10 run: LANG= ROUTINE=baseline1..method3 PET=lora|lora_cross|adapter|compacter|prompt|full|none NSHOT=50
 pet-xtd:
 	$(call mclip_require,$(XTD) $(MCLIP) $(XTD_FEATS))
-	$(PY) train_mclip.py --dataset xtd --data-root $(XTD) --lang $(PET_LANG) $(MCLIP_ARGS) --n-shot $(NSHOT) --image-features $(XTD_FEATS) --output-dir $(OUT)/mclip-xtd$(NSHOT)-$(PET_LANG)-$(ROUTINE)-$(PET) $(EXTRA)
+	$(PY) -m comparisons.mclip.train_mclip --dataset xtd --data-root $(XTD) --lang $(PET_LANG) $(MCLIP_ARGS) --n-shot $(NSHOT) --image-features $(XTD_FEATS) --output-dir $(OUT)/mclip-xtd$(NSHOT)-$(PET_LANG)-$(ROUTINE)-$(PET) $(EXTRA)
 
 ## pet-multi30k       one Multi30K run (M30K_SHOT=0: full data)
 pet-multi30k:
 	$(call mclip_require,$(MULTI30K) $(MCLIP) $(M30K_FEATS))
-	$(PY) train_mclip.py --dataset multi30k --data-root $(MULTI30K) --lang $(PET_LANG) $(MCLIP_ARGS) --n-shot $(M30K_SHOT) --image-features $(M30K_FEATS) --output-dir $(OUT)/mclip-multi30k$(M30K_SHOT)-$(PET_LANG)-$(ROUTINE)-$(PET) $(EXTRA)
+	$(PY) -m comparisons.mclip.train_mclip --dataset multi30k --data-root $(MULTI30K) --lang $(PET_LANG) $(MCLIP_ARGS) --n-shot $(M30K_SHOT) --image-features $(M30K_FEATS) --output-dir $(OUT)/mclip-multi30k$(M30K_SHOT)-$(PET_LANG)-$(ROUTINE)-$(PET) $(EXTRA)
 
 ## pet-xtd-grid       pet-xtd for all 11 XTD10 languages (same ROUTINE= PET=)
 pet-xtd-grid:
@@ -52,14 +52,14 @@ pet-multi30k-grid:
 ## pet-table          per-language R@1, average, range and std of every mclip run under OUT=, the paper's reported drops; BASELINE=<group> adds each group's change of range and std against it
 pet-table:
 	$(call mclip_require,$(OUT))
-	$(PY) train_mclip.py table $(OUT)/mclip-*/ $(if $(BASELINE),--baseline $(BASELINE))
+	$(PY) -m comparisons.mclip.train_mclip table $(OUT)/mclip-*/ $(if $(BASELINE),--baseline $(BASELINE))
 
 ## synth-mclip       the method in the synthetic world vs SUF, with intervals (docs/synthetic/protocol.md Study 2; SYNTH=synth_out)
 synth-mclip: $(INSTALL)
-	@[ -e $(SYNTH)/world/world.json ] || $(PY) synth_world.py --out $(SYNTH)/world
-	$(PY) synth_mclip.py --world $(SYNTH)/world --out $(SYNTH)/mclip --record
+	@[ -e $(SYNTH)/world/world.json ] || $(PY) -m synthetic.world --out $(SYNTH)/world
+	$(PY) -m synthetic.mclip_study --world $(SYNTH)/world --out $(SYNTH)/mclip --record
 
 # `make help` lists these targets too (an extra prerequisite of the Makefile's help target)
 help: mclip-help
 mclip-help:
-	@grep -E '^## ' mclip.mk | sed 's/^## //'
+	@grep -E '^## ' comparisons/mclip/mclip.mk | sed 's/^## //'

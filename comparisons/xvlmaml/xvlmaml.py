@@ -3,11 +3,14 @@ language's IGLUE few-shot/dev data, then evaluate zero-shot in every language (e
 The algorithm itself is maml.py; this file wires it to UC2, IGLUE data, freeze policies and run folders.
 
   # continue an English-fine-tuned run (as `eval_zeroshot.py fewshot` does), auxiliary language German
-  python xvlmaml.py train --run runs/uc2-xgqa-full --aux-lang de --features FEATS --output-dir runs/uc2-xgqa-xvlmaml-de
+  python -m comparisons.xvlmaml.xvlmaml train --run runs/uc2-xgqa-full --aux-lang de --features FEATS \
+      --output-dir runs/uc2-xgqa-xvlmaml-de
   # or start from the pre-trained checkpoint
-  python xvlmaml.py train --task xvnli --checkpoint uc2_checkpoint_200000.bin --aux-lang fr --data-root DATA ...
+  python -m comparisons.xvlmaml.xvlmaml train --task xvnli --checkpoint uc2_checkpoint_200000.bin \
+      --aux-lang fr --data-root DATA ...
   # auxiliary x target matrix (one run per auxiliary language, a table of target-language scores)
-  python xvlmaml.py matrix --run runs/uc2-xgqa-full --aux-langs de pt ru --output-dir runs/uc2-xgqa-xvlmaml
+  python -m comparisons.xvlmaml.xvlmaml matrix --run runs/uc2-xgqa-full --aux-langs de pt ru \
+      --output-dir runs/uc2-xgqa-xvlmaml
 
 Data: the auxiliary pool is --aux-split of --aux-lang (default: its dev split if it has one, else its
 largest few-shot train_<n>); a test split is refused (the target's test data is never trained on).
@@ -19,6 +22,8 @@ the episodes whole, meta-gradients all-reduced) equal one process.
 Run folder: args.json, metrics.jsonl, checkpoint_last.pt (engine's resume state, with the contrastive
 head), model_final.pt (the UC2 task model as train_uc2 writes it, "cl_head" beside it, meta["xvlmaml"]),
 results.json / IGLUE CSVs of the final zero-shot evaluation.
+
+Off the reading path: a comparison system (comparisons/README.md); nothing on the card imports it.
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ import data
 import engine
 import eval_zeroshot as Z
 import freeze
-import maml as M
 import train_uc2 as U
+from comparisons.xvlmaml import maml as M
 from formats import feature_sets, volta
 
 CL_EMBEDS = ("separate", "joint")

@@ -3,8 +3,10 @@ English through the real train_uc2.py, evaluated zero-shot in every language aft
 differences of the non-English average with two-level bootstrap 95% intervals; figures through the real
 eval_zeroshot.py.
 
-  python synth_study.py --out synth_out                      # make synth: world, pretraining, checks, study
-  python synth_study.py --out synth_out --pretrain-seeds 0 --finetune-seeds 0 --policies full suf   # smaller
+  python -m synthetic.study --out synth_out                      # make synth: world, pretraining, checks, study
+  python -m synthetic.study --out synth_out --pretrain-seeds 0 --finetune-seeds 0 --policies full suf   # smaller
+
+Off the reading path: a study in the synthetic world (synthetic/README.md); nothing on the card imports it.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ import torch.nn.functional as F
 
 import data
 import eval_zeroshot
-import synth_pretrain as sp
-import synth_world as sw
 import train_uc2
+from synthetic import pretrain as sp
+from synthetic import world as sw
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 POLICY_ARGS = {
     "full": [],
     "suf": ["--suf-k", "3", "--unfreeze-every", "1"],
@@ -74,7 +76,8 @@ def pretrain_job(world: Path, seed: int, steps: int, ckpt: Path) -> tuple[list[s
     return (
         [
             sys.executable,
-            str(ROOT / "synth_pretrain.py"),
+            "-m",
+            "synthetic.pretrain",
             "--world",
             str(world),
             "--seed",
@@ -609,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "note": premise_note(study),
                     "summary": study["summary"],
                     "comparisons": study["comparisons"],
-                    **kept,  # synth_xvlmaml.py's entry (its own command writes it)
+                    **kept,  # synthetic/xvlmaml_study.py's entry (its own command writes it)
                 },
                 indent=1,
             )

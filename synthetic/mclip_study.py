@@ -1,10 +1,10 @@
-"""Translation-based alignment + PET vs SUF on a synthetic Multilingual-CLIP (issue 18; docs/synthetic/protocol.md,
-Study 2). From a synthetic world (synth_world.py) it writes:
+"""Translation-based alignment + PET vs SUF on a synthetic Multilingual-CLIP (issue 18;
+protocol: docs/synthetic/protocol.md, Study 2). From a synthetic world (synthetic/world.py) it writes:
 
-- an XTD10-like retrieval set in PECTVLM's layout (train_mclip.py --dataset xtd reads it unchanged): one caption
-  per image and language, all/test_1kcaptions_<lang>.txt, and the "machine translations" translated_from_en/<lang>.txt
-  and translated_to_en/<lang>.txt, which in this world are **exact** translations (every language is a
-  deterministic rendering of the same English sentence);
+- an XTD10-like retrieval set in PECTVLM's layout (comparisons/mclip/train_mclip.py --dataset xtd reads it
+  unchanged): one caption per image and language, all/test_1kcaptions_<lang>.txt, and the "machine translations"
+  translated_from_en/<lang>.txt and translated_to_en/<lang>.txt, which in this world are **exact** translations
+  (every language is a deterministic rendering of the same English sentence);
 - a frozen "image tower": tanh of a fixed random projection of the slot-ordered region features, the
   {'names', 'features'} file train_mclip.py --image-features reads;
 - an M-CLIP-like text tower per pretraining seed: a 4-layer XLM-R (hidden 64) of the world's vocabulary + mean
@@ -16,9 +16,11 @@ Study 2). From a synthetic world (synth_world.py) it writes:
 
 then checks the premise (zero-shot R@1 per language on held-out scenes), runs the arms through train_mclip.main and
 reports per-language R@1, the disparity (average, range, std) and paired differences with two-level bootstrap
-intervals (synth_study.paired_bootstrap, as Study 1).
+intervals (synthetic.study.paired_bootstrap, as Study 1).
 
-  python synth_mclip.py --world synth_out/world --out synth_out/mclip --record     # make synth-mclip
+  python -m synthetic.mclip_study --world synth_out/world --out synth_out/mclip --record     # make synth-mclip
+
+Off the reading path: a study in the synthetic world (synthetic/README.md); nothing on the card imports it.
 """
 
 from __future__ import annotations
@@ -41,11 +43,11 @@ import torch.nn as nn
 
 import data
 import engine
-import synth_study as ss
-import synth_world as sw
-import train_mclip
+from comparisons.mclip import train_mclip
+from synthetic import study as ss
+from synthetic import world as sw
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "docs" / "synthetic" / "mclip_results.json"
 TARGETS = sw.LANGS[1:]
 # English the majority language (M-CLIP's teacher and CLIP's training text are English), lo at 1/20 of English as
@@ -129,7 +131,7 @@ def draw_scenes(cfg: sw.WorldConfig, stream: str, n: int, exclude: set) -> list[
 
 def partial_caption(scene: Sequence[sw.Obj], rng: np.random.Generator) -> sw.Sentence:
     """A caption of 1..n of the scene's objects (left to right, colour and slot always, size half the time), in
-    synth_world.caption's grammar (cr reverses the conjuncts). Partial, as COCO's captions are: a full description
+    synthetic.world.caption's grammar (cr reverses the conjuncts). Partial, as COCO's captions are: a full description
     makes retrieval among 900 scenes trivial (log: pretraining attempt 1, R@1 >= 98.7 in every language)."""
     k = int(rng.integers(1, len(scene) + 1))
     objs = [scene[i] for i in sorted(rng.choice(len(scene), k, replace=False))]
@@ -494,13 +496,15 @@ def load_world_config(world: str | None, seed: int) -> sw.WorldConfig:
         return sw.WorldConfig(seed=seed)
     path = Path(world) / "world.json"
     if not path.is_file():
-        raise SystemExit(f"error: --world {world}: no world.json (write one with synth_world.py --out {world})")
+        raise SystemExit(
+            f"error: --world {world}: no world.json (write one with python -m synthetic.world --out {world})"
+        )
     return sw.load_config(Path(world))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world", default=None, help="a synth_world.py folder (its world.json); default: WorldConfig()")
+    p.add_argument("--world", default=None, help="a synthetic/world.py folder (its world.json); default: WorldConfig()")
     p.add_argument("--out", required=True, help="study folder (resumable: finished steps are kept)")
     p.add_argument("--pretrain-seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--finetune-seeds", type=int, nargs="+", default=[1, 2])

@@ -25,6 +25,8 @@ contrastive only in every variant (--inner-terms adds the auxiliary task loss); 
 the symmetric (image->text and text->image) InfoNCE over in-batch pairs, with cosine similarity and a
 fixed temperature 0.07 and 256-d projections (ALBEF/CLIP's usual values); pairs sharing an image are
 not used as each other's negatives (mask_same_image).
+
+Off the reading path: a comparison system (comparisons/README.md); nothing on the card imports it.
 """
 
 from __future__ import annotations

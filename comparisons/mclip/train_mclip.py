@@ -19,27 +19,30 @@ align_from_to_en/, "the reference" below). One run adapts the M-CLIP text tower 
 - training: Adam (weight decay 0), cosine schedule without warm-up, validation every --eval-steps optimizer steps,
   the best validation state (``>=``, as the reference: the latest of equal scores) is tested.
 
-    python train_mclip.py --dataset xtd --data-root XTD10 --lang de --routine method3 --pet lora \
+    python -m comparisons.mclip.train_mclip --dataset xtd --data-root XTD10 --lang de --routine method3 --pet lora \
         --text-checkpoint M-CLIP-XLM-Roberta-Large-Vit-L-14 --tokenizer M-CLIP-XLM-Roberta-Large-Vit-L-14 \
         --image-features xtd_vitl14.pt --output-dir runs/mclip-xtd-de-method3-lora
-    python train_mclip.py table runs/mclip-xtd-*      # per-language R@1, average, range, std
-    python train_mclip.py features --dataset xtd --data-root XTD10 --images COCO2014 \
+    python -m comparisons.mclip.train_mclip table runs/mclip-xtd-*      # per-language R@1, average, range, std
+    python -m comparisons.mclip.train_mclip features --dataset xtd --data-root XTD10 --images COCO2014 \
         --clip-vision clip-vit-large-patch14 --out xtd_vitl14.pt   # the frozen image tower, once
 
 Run folder: args.json, metrics.jsonl (train / val / test records), checkpoint_last.pt (resume state after every
 epoch), model_final.pt ({"model": the best validation state of the trainable parameters only, i.e. the
 language's PET module, "meta": ...}), results.json (test R@1 of the best state).
-Under torchrun (`python -m torch.distributed.run --nproc_per_node N train_mclip.py ...`) --batch-size is the global
-batch: each rank encodes its shard, the text embeddings are gathered with gradient for the in-batch negatives and
-the alignment term, gradients are summed over the ranks, rank 0 writes the run folder. With --dropout 0, N processes
-take the steps of one process over the same global batch within float rounding (tests/test_mclip.py checks 2 gloo
-ranks against 1 within tests/parity.py's tolerance; validation and test R@1 are exactly the one-process ones).
+Under torchrun (`python -m torch.distributed.run --nproc_per_node N -m comparisons.mclip.train_mclip ...`)
+--batch-size is the global batch: each rank encodes its shard, the text embeddings are gathered with gradient for
+the in-batch negatives and the alignment term, gradients are summed over the ranks, rank 0 writes the run folder.
+With --dropout 0, N processes take the steps of one process over the same global batch within float rounding
+(tests/test_mclip.py checks 2 gloo ranks against 1 within tests/parity.py's tolerance; validation and test R@1 are
+exactly the one-process ones).
 With dropout each rank draws its own masks, so the runs differ as two seeds do. --resume is bitwise exact with the
 same number of processes (each rank's RNG is in the checkpoint) and refused with another.
 --amp (default off = float32, as the reference trains; auto/bf16/fp16 as the other trainers through
 engine.setup_amp): autocast over the text tower, the loss's similarities in float32; fp16 steps through
 engine.optimizer_step's GradScaler (state in checkpoint_last.pt, skipped steps counted in metrics.jsonl).
 Validation and test run in float32 unless --eval-amp.
+
+Off the reading path: a comparison system (comparisons/README.md); nothing on the card imports it.
 """
 
 from __future__ import annotations
@@ -49,7 +52,6 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -618,8 +620,8 @@ def train_step(
     dist: engine.DistInfo | None = None,
 ) -> torch.Tensor:
     """The loss of the global batch idx. Under torchrun each rank encodes its shard of idx (engine.shard) and the
-    text embeddings of all ranks are gathered with gradient (GatherRows), so every rank computes the loss of the
-    whole batch (its in-batch negatives included): the one-process loss. Image features are cached, so each rank
+    text embeddings of all ranks are gathered with gradient (engine.gather_with_grad), so every rank computes the loss
+    of the whole batch (its in-batch negatives included): the one-process loss. Image features are cached, so each rank
     takes the whole batch's from its table."""
     main_kind, partner_kind = ROUTINES[args.routine]
     # the reference computes image features under no_grad: the image tower is frozen and gets no gradient
@@ -635,10 +637,10 @@ def train_step(
         # the tower runs under the caller's autocast (--amp); its output goes to the gather and the loss in float32
         return encode(model, tokenizer, texts(kind), device).float()
 
-    text = embed(main_kind) if not sizes else GatherRows.apply(embed(main_kind), sizes, dist.rank)
+    text = embed(main_kind) if not sizes else engine.gather_with_grad(embed(main_kind))
     partner = None
     if partner_kind:
-        partner = embed(partner_kind) if not sizes else GatherRows.apply(embed(partner_kind), sizes, dist.rank)
+        partner = embed(partner_kind) if not sizes else engine.gather_with_grad(embed(partner_kind))
     return routine_loss(image, text, partner, args.align_loss, args.align_ratio)
 
 
@@ -647,29 +649,6 @@ def shard_sizes(n: int, dist: "engine.DistInfo | None") -> list[int]:
     if dist is None or not dist.distributed:
         return []
     return [len(engine.shard(n, engine.DistInfo(rank=r, world=dist.world))) for r in range(dist.world)]
-
-
-class GatherRows(torch.autograd.Function):
-    """Every rank's rows [n_r, D] in rank order (shards may differ by one row: padded to the largest, then cut).
-    Backward returns this rank's slice of the gradient of the gathered tensor, without communication: every rank
-    computes the same loss of the whole batch, so that slice is the full gradient w.r.t. this rank's rows, and
-    sum_gradients (a sum, not DDP's mean) then gives the parameters the one-process gradient."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
-        import torch.distributed as tdist
-
-        width = max(sizes)
-        padded = x.new_zeros((width, *x.shape[1:]))
-        padded[: len(x)] = x
-        parts = [torch.empty_like(padded) for _ in sizes]
-        tdist.all_gather(parts, padded)
-        ctx.start, ctx.n = sum(sizes[:rank]), len(x)
-        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad[ctx.start : ctx.start + ctx.n], None, None
 
 
 def sum_gradients(params: Sequence[nn.Parameter], dist: "engine.DistInfo | None") -> None:
@@ -697,24 +676,13 @@ def sum_gradients(params: Sequence[nn.Parameter], dist: "engine.DistInfo | None"
         offset += p.numel()
 
 
-@dataclass
-class Progress:
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps done
-    best: float = -1.0  # best validation mean R@1
-    best_step: int = -1
-    metrics_size: int = 0  # bytes of metrics.jsonl at the last checkpoint
-    nonfinite_steps: int = 0  # updates skipped for a non-finite loss or gradient (engine.optimizer_step)
-    amp_skipped_steps: int = 0  # --amp fp16: updates the GradScaler skipped on an overflow (scale lowered)
-
-
 def fit(
     model, tokenizer, splits, images, args, run_dir: Path, log, device, dist: engine.DistInfo | None = None
 ) -> dict[str, torch.Tensor]:
     """The reference's loop (trainer.train): step, validate every --eval-steps steps, keep the best state.
-    Under torchrun: --batch-size is the global batch, sharded over the ranks (train_step); gradients are summed
-    over the ranks (sum_gradients), so every rank takes the one-process step and the ranks stay equal; rank 0
-    writes metrics and checkpoints, which hold every rank's RNG state."""
+    Under torchrun: --batch-size is the global batch, sharded over the ranks (train_step); gradients are
+    summed over the ranks (sum_gradients), so every rank takes the one-process step and the ranks stay equal;
+    rank 0 writes metrics and checkpoints, which hold every rank's RNG state."""
     dist = dist or engine.DistInfo()
     layout, schedule = freeze_plan(model, args)
     if schedule is None:
@@ -725,10 +693,12 @@ def fit(
     steps_per_epoch = math.ceil(n / args.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_no_warmup(steps_per_epoch * args.epochs))
     amp_dtype, scaler = engine.setup_amp(args.amp, device)
-    prog, best_state = Progress(), trainable_state(model)
+    # engine's counters (epoch, step, nonfinite_steps, amp_skipped_steps, metrics_offset); best: the best validation
+    # mean R@1, the step it was reached at and that state of the trainable parameters
+    prog, best = engine.Progress(), {"r1": -1.0, "step": -1, "state": trainable_state(model)}
     ckpt = run_dir / engine.CHECKPOINT
     if args.resume and ckpt.is_file():
-        prog, best_state = resume_from(ckpt, model, optimizer, sched, scaler, log, device, dist)
+        prog, best = resume_from(ckpt, model, optimizer, sched, scaler, log, device, dist)
     main_kind = ROUTINES[args.routine][0]
     model.train()
     for epoch in range(prog.epoch, args.epochs):
@@ -739,7 +709,10 @@ def fit(
             idx = order[b : b + args.batch_size]
             with engine.autocast(device, amp_dtype):
                 loss = train_step(model, tokenizer, splits["train"], idx, images, args, device, dist)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            # every rank holds the loss of the whole batch and engine.gather_with_grad's backward sums the ranks'
+            # gradients of the gathered rows: each rank backpropagates 1/world of it, so its rows get their
+            # one-process gradient (exactly, for a power-of-two world) before the text tower's (fp16) backward
+            ((scaler.scale(loss) if scaler is not None else loss) / dist.world).backward()
             # every rank holds the loss of the whole batch: the same finiteness, the same summed (scaled)
             # gradients, so the GradScaler takes the same decision (and scale) on every rank
             sum_gradients(list(tuned_params(model).values()), dist)
@@ -755,10 +728,10 @@ def fit(
             if prog.step % args.eval_steps == 0:
                 val = evaluate(model, tokenizer, splits["val"], images, main_kind, args.lang, args, device, dist)
                 log.write({"type": "val", "epoch": epoch, "step": prog.step, **val})
-                if val["mean_r1"] >= prog.best:
-                    prog.best, prog.best_step, best_state = val["mean_r1"], prog.step, trainable_state(model)
+                if val["mean_r1"] >= best["r1"]:
+                    best = {"r1": val["mean_r1"], "step": prog.step, "state": trainable_state(model)}
         prog.epoch = epoch + 1
-        prog.metrics_size = log.size()
+        prog.metrics_offset = log.size()
         rngs = engine.gather([engine.rng_state(device)], dist)  # every rank's: each has its own dropout stream
         if dist.is_main:
             engine.save_checkpoint(
@@ -771,12 +744,13 @@ def fit(
                     "rng": rngs,
                     "world": dist.world,
                     "progress": vars(prog),
-                    "best_state": best_state,
+                    "best": {"r1": best["r1"], "step": best["step"]},
+                    "best_state": best["state"],
                 },
             )
         engine.barrier(dist)  # no rank runs ahead of a checkpoint it might have to resume from
         engine.fault_point("epoch_end")
-    return best_state
+    return best["state"]
 
 
 def mclip_layout(model: MCLIPText) -> "freeze.LayerLayout":
@@ -803,7 +777,7 @@ def freeze_plan(model: MCLIPText, args) -> tuple["freeze.LayerLayout | None", "f
     return layout, freeze.schedule_from_args(args, layout.num_layers)
 
 
-def train_record(epoch: int, prog: Progress, loss: torch.Tensor, lr: float) -> dict:
+def train_record(epoch: int, prog: engine.Progress, loss: torch.Tensor, lr: float) -> dict:
     return {
         "type": "train",
         "epoch": epoch,
@@ -815,7 +789,7 @@ def train_record(epoch: int, prog: Progress, loss: torch.Tensor, lr: float) -> d
     }
 
 
-def resume_from(ckpt: Path, model, optimizer, sched, scaler, log, device, dist) -> tuple[Progress, dict]:
+def resume_from(ckpt: Path, model, optimizer, sched, scaler, log, device, dist) -> tuple[engine.Progress, dict]:
     """Every rank reads the checkpoint and takes its own RNG state. Another number of processes is refused: each
     rank's dropout stream is part of the state, so the result would not be the uninterrupted run's."""
     state = engine.load_checkpoint(ckpt)
@@ -831,9 +805,13 @@ def resume_from(ckpt: Path, model, optimizer, sched, scaler, log, device, dist) 
         scaler.load_state_dict(state["scaler"])
     rngs = [state["rng"]] if isinstance(state["rng"], dict) else state["rng"]  # one process's, before torchrun
     engine.set_rng_state(rngs[dist.rank], device)
-    prog = Progress(**state["progress"])
-    log.truncate(prog.metrics_size)
-    return prog, state["best_state"]
+    counters = dict(state["progress"])
+    if "metrics_size" in counters:  # written before engine.Progress: the best score and step were counters too
+        counters["metrics_offset"] = counters.pop("metrics_size")
+        state["best"] = {"r1": counters.pop("best"), "step": counters.pop("best_step")}
+    prog = engine.Progress(**counters)
+    log.truncate(prog.metrics_offset)
+    return prog, {**state["best"], "state": state["best_state"]}
 
 
 def load_trainable(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -933,7 +911,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     langs = data.XTD_LANGS if args.dataset == "xtd" else data.MULTI30K_LANGS
-    # a set in XTD10's layout with other languages (the synthetic world's, synth_mclip.py) has its caption file
+    # a set in XTD10's layout with other languages (the synthetic world's, synthetic/mclip_study.py) has its caption
+    # file
     other_xtd = args.dataset == "xtd" and Path(args.data_root, data.XTD_FILES["native"].format(args.lang)).is_file()
     if args.lang not in langs and not other_xtd:
         raise SystemExit(f"error: --lang {args.lang}: {args.dataset} has {', '.join(langs)}")
@@ -1075,7 +1054,7 @@ def run(args, dist: "engine.DistInfo") -> dict:
     result = {**{k: v for k, v in meta.items() if k != "args"}, "test": test}
     if dist.is_main:
         engine.save_checkpoint(run_dir / engine.FINAL, {"model": best, "meta": meta})
-        write_json_atomic(run_dir / "results.json", result)
+        engine.atomic_write_text(run_dir / "results.json", json.dumps(result, indent=1, default=str) + "\n")
         print(json.dumps({"lang": args.lang, "routine": args.routine, "pet": args.pet, **test}))
     engine.barrier(dist)
     return result
@@ -1175,12 +1154,6 @@ def features_main(argv: Sequence[str]) -> dict:
     write_image_features(a.out, table)
     print(f"{len(table)} image features -> {a.out}")
     return table
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    tmp.replace(path)
 
 
 # The paper's reported improvement, as our seed summary states it (arXiv 2305.03510's abstract and results): vs

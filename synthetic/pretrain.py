@@ -6,7 +6,9 @@ TLM/VTLM), image-text matching (ITM), masked region classification (MRM: shape a
 region). The checkpoint is written in VOLTA's key layout with VOLTA's pre-training-head names, so
 `train_uc2.py --checkpoint` loads it as it loads IGLUE's uc2_checkpoint_200000.bin.
 
-  python synth_pretrain.py --world synth_out/world --seed 0 --steps 3000 --out synth_out/pretrain-s0.bin
+  python -m synthetic.pretrain --world synth_out/world --seed 0 --steps 3000 --out synth_out/pretrain-s0.bin
+
+Off the reading path: the synthetic world's tooling (synthetic/README.md); nothing on the card imports it.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-import synth_world as sw
 import train_uc2
 from formats import volta
+from synthetic import world as sw
 
 OBJECTIVES = ("mlm", "itm", "mrm", "tlm", "mlm")  # one optimizer step each, cycled
 OBJECTIVES_SINGLE = ("mrm", "itm", "mlm")  # the curriculum's one-object stage: cross-modal objectives first
@@ -415,7 +417,7 @@ def pretrain(
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world", required=True, help="folder written by synth_world.py")
+    p.add_argument("--world", required=True, help="folder written by python -m synthetic.world")
     p.add_argument("--seed", type=int, default=0, help="pretraining seed (initial weights, data order, masking)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)

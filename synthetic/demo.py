@@ -22,16 +22,16 @@ import time
 from pathlib import Path
 
 import eval_zeroshot
-import synth_study
-import synth_world
 import train_uc2
+from synthetic import study as synth_study
+from synthetic import world as synth_world
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "tests" / "fixtures" / "synth" / "pretrain_seed0.bin"
 # 200 of the study's 375 steps per epoch (docs/synthetic/log.md, r6): whole epochs take ~140 s of CPU per run; with
 # the world, schedules and figures (~90 s of CPU in one process) 250 steps measured 274 s of CPU, ~185 s on 2 idle cores
 DEMO_STEPS = 200
-HEADLINE = ROOT / "docs" / "synthetic" / "results.json"  # written by `make synth` (synth_study.py --record)
+HEADLINE = ROOT / "docs" / "synthetic" / "results.json"  # written by `make synth` (python -m synthetic.study --record)
 
 
 def print_epochs(runs: dict[str, Path]) -> None:

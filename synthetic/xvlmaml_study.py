@@ -1,14 +1,16 @@
-"""XVL-MAML in the synthetic world (docs/synthetic/protocol.md A8): the real xvlmaml.py continues each English
-run of policy full of a finished study (`make synth`), meta-trains with the auxiliary language's dev split
-(synth_world.add_auxiliary), is evaluated zero-shot in every language by the existing evaluation, and is compared,
+"""XVL-MAML in the synthetic world (docs/synthetic/protocol.md amendment A8): the real
+comparisons/xvlmaml/xvlmaml.py continues each English run of policy full of a finished study (`make synth`), meta-trains with the auxiliary language's dev split
+(synthetic.world.add_auxiliary), is evaluated zero-shot in every language by the existing evaluation, and is compared,
 paired on (pretraining seed, fine-tuning seed), with the study's full and SUF runs (their epoch-5 accuracies):
 
-  python synth_xvlmaml.py --out synth_out --record       # make synth-xvlmaml (after make synth)
+  python -m synthetic.xvlmaml_study --out synth_out --record       # make synth-xvlmaml (after make synth)
 
 Also, as secondary results: a control that runs the same command with the contrastive weight 0 (the inner update
 is then the identity and the outer loss the English task loss alone: the same number of extra English updates at
 the same learning rate, without the auxiliary language), and the auxiliary x target matrix of xvlmaml.py for the
 first seed pair.
+
+Off the reading path: a study in the synthetic world (synthetic/README.md); nothing on the card imports it.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 import data
-import synth_study as ss
-import synth_world as sw
 import train_uc2
-import xvlmaml
+from comparisons.xvlmaml import xvlmaml
+from synthetic import study as ss
+from synthetic import world as sw
 
 AUX = "rl"  # the headline auxiliary language (amendment A8: why rl)
 MATRIX_AUX = ("rl", "sw", "cr", "lo")
@@ -69,7 +71,8 @@ def xvlmaml_job(
     h = HPARAMS
     cmd = [
         sys.executable,
-        str(ss.ROOT / "xvlmaml.py"),
+        "-m",
+        "comparisons.xvlmaml.xvlmaml",
         "train",
         "--run",
         str(init_run),
@@ -128,7 +131,7 @@ def final_results(run: Path) -> dict[str, float]:
 
 
 def job_cpu_seconds(log: Path) -> float | None:
-    """CPU seconds synth_study.run_job appended to a job's log; None when the job ran another way."""
+    """CPU seconds synthetic.study.run_job appended to a job's log; None when the job ran another way."""
     found = re.findall(r"\[job: cpu ([0-9.]+) s", log.read_text()) if log.is_file() else []
     return float(found[-1]) if found else None
 
@@ -140,7 +143,7 @@ def targets_avg(acc: dict[str, float], aux: str) -> float:
 
 def paired(results: dict, a: str, b: str, aux: str, n_boot: int = 10_000) -> dict:
     """Paired differences a - b on (pretraining seed, fine-tuning seed): the target average, the non-English
-    average (auxiliary included) and each language, with synth_study's two-level bootstrap intervals."""
+    average (auxiliary included) and each language, with synthetic.study's two-level bootstrap intervals."""
     table: dict = {"targets": {}, "non_en": {}, **{lang: {} for lang in sw.LANGS}}
     for ps, by_f in results[a].items():
         for fs, acc in by_f.items():
@@ -173,7 +176,9 @@ def study(
     missing = [runs / f"{pol}-p{ps}-f{fs}" for ps, fs in pairs for pol in BASELINES]
     missing = [r for r in missing if not (r / "model_final.pt").is_file()]
     if missing:
-        raise SystemExit(f"error: no finished study run {missing[0]} (run `make synth` / synth_study.py first)")
+        raise SystemExit(
+            f"error: no finished study run {missing[0]} (run `make synth` / python -m synthetic.study first)"
+        )
     sw.add_auxiliary(world)
     jobs = {"xvlmaml": [], "control": [], "matrix": []}
     for ps, fs in pairs:
@@ -320,7 +325,7 @@ def _print_jobs(jobs: list[tuple[list[str], Path]], workers: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="synth_out", help="the study folder of synth_study.py (world/, runs/)")
+    p.add_argument("--out", default="synth_out", help="the study folder of synthetic/study.py (world/, runs/)")
     p.add_argument("--pretrain-seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--finetune-seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--no-control", action="store_true", help="skip the contrastive-weight-0 control runs")

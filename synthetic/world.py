@@ -7,9 +7,11 @@ only special tokens, digits and punctuation; a word-level tokenizer over all of 
 task written exactly where and how IGLUE stores xGQA, so the real data.py / train_uc2.py /
 eval_zeroshot.py read it unchanged:
 
-  python synth_world.py --out synth_out/world     # datasets/, features.lmdb, tokenizer/, model_config.json
+  python -m synthetic.world --out synth_out/world     # datasets/, features.lmdb, tokenizer/, model_config.json
 
 Everything is a function of WorldConfig (seed included): the same config writes byte-identical files.
+
+Off the reading path: the synthetic world's tooling (synthetic/README.md); nothing on the card imports it.
 """
 
 from __future__ import annotations
@@ -423,7 +425,8 @@ def write_features(
 
 
 # ---------------------------------------------------------------------------------------------- auxiliary data
-# XVL-MAML (xvlmaml.py, docs/synthetic/protocol.md amendment A8) meta-trains on an auxiliary language's xGQA dev split.
+# XVL-MAML (comparisons/xvlmaml/xvlmaml.py, docs/synthetic/protocol.md amendment A8) meta-trains on an
+# auxiliary language's xGQA dev split.
 # Written by add_auxiliary, never by build_world: a world without it is byte-identical to the worlds the study's
 # runs and the shipped fixtures were made from. Its own scene stream ("aux") and its own LMDB, so no existing file
 # changes. Sizes are constants, not WorldConfig fields: a new field would change world.json and the world record
