@@ -1,6 +1,7 @@
 """XVL-MAML in the synthetic world (docs/synthetic/protocol.md amendment A8): the real
-comparisons/xvlmaml/xvlmaml.py continues each English run of policy full of a finished study (`make synth`), meta-trains with the auxiliary language's dev split
-(synthetic.world.add_auxiliary), is evaluated zero-shot in every language by the existing evaluation, and is compared,
+comparisons/xvlmaml/xvlmaml.py continues each English run of policy full of a finished study (`make synth`),
+meta-trains with the auxiliary language's dev split (synthetic.world.add_auxiliary), is evaluated zero-shot in every
+language by the existing evaluation, and is compared,
 paired on (pretraining seed, fine-tuning seed), with the study's full and SUF runs (their epoch-5 accuracies):
 
   python -m synthetic.xvlmaml_study --out synth_out --record       # make synth-xvlmaml (after make synth)
