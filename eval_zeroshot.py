@@ -11,7 +11,7 @@ analyses (Figures 2-4, Tables 1-3), for UC2 and CCLM checkpoints written by trai
   python eval_zeroshot.py figures RUN [RUN ...]      plot + similarity
   python eval_zeroshot.py table RUN [RUN ...]        Tables 1-3 layout, the paper's numbers beside ours
 
-Metrics are percentages, as IGLUE and the paper report them. The evaluation itself (engine.evaluate_task, each
+Metrics are percentages, as IGLUE and the paper report them. The evaluation itself (scoring.evaluate.evaluate_task, each
 model answering through its own predict / retrieval_scores) is the one the trainers run after every epoch.
 """
 
@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 import data
 import engine
+import scoring.evaluate
+import scoring.metrics
 import train_cclm
 import train_uc2
 
@@ -190,7 +192,7 @@ def cls_records(model: torch.nn.Module, batches: Iterable[dict], device, amp: st
     """(id, final [CLS] vector) per example: model.cls_features, the classifier's input."""
     records = []
     for batch in batches:
-        with engine.autocast_for(device, amp):
+        with scoring.evaluate.autocast_for(device, amp):
             feats = model.cls_features(engine.to_device(batch, device)).float().cpu()
         records += [(str(i), f) for i, f in zip(batch["id"], feats)]
     return records
@@ -236,7 +238,7 @@ def zs_average(per_lang: dict[str, dict], metric: str) -> float:
 
 def summarize(task: str, per_lang: dict[str, dict]) -> dict[str, dict]:
     """{main metric: {"en": .., "avg": .., "langs": [non-English languages averaged]}}."""
-    targets = [l for l in engine.ordered_langs(per_lang) if l != "en"]
+    targets = [l for l in scoring.metrics.ordered_langs(per_lang) if l != "en"]
     return {
         m: {"en": per_lang.get("en", {}).get(m, float("nan")), "avg": zs_average(per_lang, m), "langs": targets}
         for m in MAIN_METRICS[task]
@@ -246,15 +248,15 @@ def summarize(task: str, per_lang: dict[str, dict]) -> dict[str, dict]:
 def table_rows(task: str, per_lang: dict[str, dict]) -> list[str]:
     """Metrics shown by `evaluate` (the same numbers results.json holds, 2 decimals)."""
     if task == "xflickrco":
-        return [f"{d}_r{k}" for d in ("tr", "ir") for k in engine.RECALL_KS]
+        return [f"{d}_r{k}" for d in ("tr", "ir") for k in scoring.metrics.RECALL_KS]
     rows = ["accuracy"]
     if task == "xgqa":
-        rows += [f"accuracy_{t}" for t in engine.QTYPES]
+        rows += [f"accuracy_{t}" for t in scoring.metrics.QTYPES]
     return rows
 
 
 def format_table(task: str, per_lang: dict[str, dict], title: str = "") -> str:
-    langs = engine.ordered_langs(per_lang)
+    langs = scoring.metrics.ordered_langs(per_lang)
     rows = table_rows(task, per_lang)
     head = ["metric"] + langs + ["avg"]
     lines = [title] if title else []
@@ -378,7 +380,9 @@ def write_results(out_dir: str | Path, record: dict, model_name: str) -> Path:
     engine.atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
     for metric in MAIN_METRICS[record["task"]]:
         name = csv_name(record["task"], metric, record.get("shots", 0), record["translate_test"], record["split"])
-        extra = [l for l in engine.ordered_langs(record["langs"]) if l not in ("en",) + TARGET_LANGS[record["task"]]]
+        extra = [
+            l for l in scoring.metrics.ordered_langs(record["langs"]) if l not in ("en",) + TARGET_LANGS[record["task"]]
+        ]
         engine.atomic_write_text(
             out_dir / name,
             iglue_csv(record["task"], record["langs"], model_name, metric, record.get("shots", 0), extra),
@@ -507,7 +511,7 @@ def curves(runs: Sequence[str | Path]) -> dict:
         epochs = read_epoch_metrics(run)
         if not epochs:
             raise ValueError(f"{Path(run) / 'metrics.jsonl'}: no per-epoch evaluation lines")
-        langs = engine.ordered_langs({l for _, ev in epochs for l in ev})
+        langs = scoring.metrics.ordered_langs({l for _, ev in epochs for l in ev})
         metrics = sorted({m for _, ev in epochs for lm in ev.values() for m in lm})
         series = {m: {l: [ev.get(l, {}).get(m, float("nan")) for _, ev in epochs] for l in langs} for m in metrics}
         for m in metrics:
@@ -587,7 +591,7 @@ def plot_curves(runs: Sequence[str | Path], out_dir: str | Path, tag: str = "") 
     written.append(stem.with_suffix(".png"))
     if task == "xgqa":
         stem = out_dir / f"fig3_per_qtype{tag}"
-        metrics = [f"accuracy_{t}" for t in engine.QTYPES]
+        metrics = [f"accuracy_{t}" for t in scoring.metrics.QTYPES]
         fig, axes = plt.subplots(1, len(data), figsize=(5 * len(data), 3.6), squeeze=False, sharey="row")
         for col, d in enumerate(data.values()):
             ax = axes[0][col]
@@ -801,7 +805,7 @@ def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
             rs = [r for r in groups[key] if r.get("task") == task]
             if not rs:
                 continue
-            langs = engine.ordered_langs({l for r in rs for l in r["langs"]})
+            langs = scoring.metrics.ordered_langs({l for r in rs for l in r["langs"]})
             paper = paper_rows.get((key[0], key[1])) if key[2] is None and key[3] is None else None
             per_lang.setdefault(f"{task}:{metric}", []).append(
                 {
@@ -899,7 +903,7 @@ def format_tables(t: dict, per_language: bool = False) -> str:
         out += ["", "! unfinished runs (their last evaluated epoch is shown):"] + [f"  {u}" for u in t["unfinished"]]
     if per_language:
         for name, rows in t["per_language"].items():
-            langs = engine.ordered_langs({l for r in rows for l in r["ours"]})
+            langs = scoring.metrics.ordered_langs({l for r in rows for l in r["ours"]})
             out += ["", f"Per language ({name}), ours (paper):", f"{'setup':<20}" + "".join(f"{l:>13}" for l in langs)]
             out += [
                 f"{r['setup']:<20}"
@@ -1054,7 +1058,7 @@ def evaluate(args: argparse.Namespace, dist: engine.DistInfo) -> int:
         tokenizer = data.load_tokenizer(args.tokenizer)
         model.prepare_task(args.data_root, tokenizer)
         task = meta["task"]
-        sets = engine.build_eval_sets(
+        sets = scoring.evaluate.build_eval_sets(
             meta["model"],
             task,
             args.data_root,
@@ -1072,7 +1076,7 @@ def evaluate(args: argparse.Namespace, dist: engine.DistInfo) -> int:
     start = time.time()
     preds: dict[str, list] = {}
     try:  # bad data found while evaluating (e.g. a missing feature key or image): one line, nothing written
-        results = engine.evaluate_task(
+        results = scoring.evaluate.evaluate_task(
             model,
             task,
             sets,
@@ -1146,7 +1150,7 @@ def cmd_similarity(args) -> int:
             )
         _resolve_data(args, read_run_args(run), meta)
         tokenizer = data.load_tokenizer(args.tokenizer)
-        sets = engine.build_eval_sets(
+        sets = scoring.evaluate.build_eval_sets(
             meta["model"],
             meta["task"],
             args.data_root,
@@ -1191,7 +1195,7 @@ def cmd_similarity(args) -> int:
 @torch.no_grad()
 def similarity_for(
     model: torch.nn.Module,
-    sets: dict[str, engine.EvalSet],
+    sets: dict[str, scoring.evaluate.EvalSet],
     dist=None,
     *,
     batch_size: int = 64,
@@ -1199,11 +1203,13 @@ def similarity_for(
     amp: str = "off",
 ) -> dict:
     """cls_similarity over the [CLS] features of every language's test set (sharded + gathered)."""
-    model = engine.unwrap(model).eval()
-    device = engine.model_device(model, dist)
+    model = scoring.evaluate.unwrap(model).eval()
+    device = scoring.evaluate.model_device(model, dist)
     feats = {}
     for lang, s in sets.items():
-        loader = engine.eval_loader(s.dataset, engine.shard(len(s.dataset), dist), s.collate, batch_size, num_workers)
+        loader = scoring.evaluate.eval_loader(
+            s.dataset, engine.shard(len(s.dataset), dist), s.collate, batch_size, num_workers
+        )
         feats[lang] = dict(engine.gather(cls_records(model, loader, device, amp), dist))
     return cls_similarity(feats)
 
@@ -1502,7 +1508,7 @@ class BestCheckpoint:
                     "selection_score": score,
                 }
                 engine.save_checkpoint(
-                    self.run_dir / "model_best.pt", {"model": engine.unwrap(model).state_dict(), "meta": meta}
+                    self.run_dir / "model_best.pt", {"model": scoring.evaluate.unwrap(model).state_dict(), "meta": meta}
                 )
 
 

@@ -39,6 +39,7 @@ from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaEmbed
 import data
 import engine
 import freeze
+import scoring.evaluate
 
 TASKS = data.TASKS
 UNSCORED = -100.0  # X2-VLM: retrieval matrix entries outside the k_test prefilter
@@ -386,7 +387,7 @@ class CCLM(nn.Module):
         return self.fuse(batch)[:, 0]
 
     def prepare_task(self, data_root, tokenizer) -> None:
-        """Task data the model needs before predicting (engine.evaluate_task): none, but see CCLMForXGQA."""
+        """Task data the model needs before predicting (scoring.evaluate.evaluate_task): none, but see CCLMForXGQA."""
 
 
 class CCLMForXVNLI(CCLM):
@@ -523,8 +524,8 @@ class CCLMForRetrieval(CCLM):
         itm = self.matching_loss(v, image_feat, t, batch["text_atts"], text_feat, batch["idx"])
         return itc + itm
 
-    # ---- evaluation protocol (engine.evaluate_task)
-    tie_order = "x2vlm"  # X2-VLM's itm_eval ranks in np.argsort(s)[::-1] order (engine.reference_order)
+    # ---- evaluation protocol (scoring.evaluate.evaluate_task)
+    tie_order = "x2vlm"  # X2-VLM's itm_eval ranks in np.argsort(s)[::-1] order (scoring.metrics.reference_order)
     unscored = UNSCORED
 
     @torch.no_grad()
@@ -533,7 +534,7 @@ class CCLMForRetrieval(CCLM):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """X2-VLM's protocol on a retrieval test set (data.RetrievalImages / RetrievalCaptions): rerank_scores over
         this rank's shard of the images and of the captions. batches(dataset, indices, progress label or None)
-        iterates collated batches; opts: engine.RetrievalOptions (k_test, itm_batch, amp). `encoded`: a cache
+        iterates collated batches; opts: scoring.evaluate.RetrievalOptions (k_test, itm_batch, amp). `encoded`: a cache
         kept across the languages of one evaluation (xFlickrCo's languages share their test images: each
         image is encoded once). Returns (score_i2t [n_img, n_txt], score_t2i [n_txt, n_img]), on every rank."""
         n_img, n_txt = len(images), len(captions)
@@ -588,7 +589,7 @@ class CCLMForRetrieval(CCLM):
             if "encoded" in b:  # encoded for another language's test set of the same images (evaluate_task)
                 v, f = b["encoded"]
             else:
-                with engine.autocast_for(device, amp):
+                with scoring.evaluate.autocast_for(device, amp):
                     v, f = self.encode_images(b["images"].to(device))
                 b["encoded"] = (v, f)
             vis.append(v)
@@ -596,7 +597,7 @@ class CCLMForRetrieval(CCLM):
         txt_states, txt_atts, txt_feat = [], [], []
         for b in text_batches:
             ids, atts = b["text_ids"].to(device), b["text_atts"].to(device)
-            with engine.autocast_for(device, amp):
+            with scoring.evaluate.autocast_for(device, amp):
                 s, f = self.encode_texts(ids, atts)
             txt_states.append(s.cpu())
             txt_atts.append(atts.cpu())
@@ -605,8 +606,12 @@ class CCLMForRetrieval(CCLM):
         vis = torch.cat(vis) if vis else None
         local_feat = torch.cat(img_feat).cpu() if img_feat else torch.empty(0, 0)
         image_feat = torch.cat([t for t in engine.gather([local_feat], dist) if t.numel()]).to(device)
-        text_states = engine.pad_cat(engine.gather([engine.pad_cat(txt_states)] if txt_states else [], dist)).to(device)
-        text_atts = engine.pad_cat(engine.gather([engine.pad_cat(txt_atts)] if txt_atts else [], dist)).to(device)
+        text_states = scoring.evaluate.pad_cat(
+            engine.gather([scoring.evaluate.pad_cat(txt_states)] if txt_states else [], dist)
+        ).to(device)
+        text_atts = scoring.evaluate.pad_cat(
+            engine.gather([scoring.evaluate.pad_cat(txt_atts)] if txt_atts else [], dist)
+        ).to(device)
         text_feat = torch.cat(engine.gather([torch.cat(txt_feat)] if txt_feat else [], dist)).to(device)
         if image_feat.shape[0] != n_images or text_feat.shape[0] != n_texts:
             raise ValueError(
@@ -666,13 +671,13 @@ class CCLMForRetrieval(CCLM):
         images, counts = torch.unique_consecutive(p_img, return_counts=True)
         start = 0
         for i, c in zip(images.tolist(), counts.tolist()):
-            with engine.autocast_for(device, amp):
+            with scoring.evaluate.autocast_for(device, amp):
                 kv = self.itm_image_kv(vis[i : i + 1])
             for s in range(start, start + c, itm_batch):
                 t = p_txt[s : min(s + itm_batch, start + c)]
                 atts = text_atts[t]
                 length = int(atts.sum(1).max())
-                with engine.autocast_for(device, amp):
+                with scoring.evaluate.autocast_for(device, amp):
                     scores[s : s + len(t)] = (
                         self.itm_scores_with_image_kv(text_states[t, :length], atts[:, :length], kv).float().cpu()
                     )
@@ -1236,7 +1241,7 @@ def main(
             evaluate_fn = (
                 None
                 if args.no_eval
-                else engine.trainer_evaluate_fn(
+                else scoring.evaluate.trainer_evaluate_fn(
                     "cclm", args, tokenizer, dist, images=args.images, image_res=config["image_res"]
                 )
             )

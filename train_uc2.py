@@ -29,6 +29,7 @@ from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaLayer
 import data
 import engine
 import freeze
+import scoring.evaluate
 
 TASKS = data.TASKS
 # VOLTA task keys of IGLUE's task configs (GQA, XVNLI, Flickr30k retrieval).
@@ -384,8 +385,8 @@ class UC2(nn.Module):
             raise ValueError(f"pair_scores() needs the xflickrco model, this one is {self.task}")
         return self._run(batch).view(batch["input_ids"].shape[:-1])
 
-    # ---- evaluation protocol (engine.evaluate_task)
-    tie_order = "volta"  # VOLTA's eval_retrieval.py ranks in np.argsort(-s) order (engine.reference_order)
+    # ---- evaluation protocol (scoring.evaluate.evaluate_task)
+    tie_order = "volta"  # VOLTA's eval_retrieval.py ranks in np.argsort(-s) order (scoring.metrics.reference_order)
     unscored = None  # every (caption, image) pair is scored
 
     def prepare_task(self, data_root, tokenizer) -> None:
@@ -397,16 +398,16 @@ class UC2(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """VOLTA's protocol on a retrieval test set (data.RetrievalImages / RetrievalCaptions): the VL logit of
         every (caption, image) pair; every rank holds all images and scores its shard of the captions.
-        batches(dataset, indices, progress label or None) iterates collated batches; opts: engine.RetrievalOptions
+        batches(dataset, indices, progress label or None) iterates collated batches; opts: scoring.evaluate.RetrievalOptions
         (pair_batch, amp). Returns (score_i2t [n_img, n_txt], score_t2i [n_txt, n_img]), on every rank."""
         img_batches = list(batches(images, range(len(images)), None))
         feats = {k: torch.cat([b[k] for b in img_batches]) for k in ("features", "spatials", "image_mask")}
         cap_batches = list(batches(captions, engine.shard(len(captions), dist), "captions"))
         texts = {
-            "input_ids": engine.pad_cat([b["input_ids"] for b in cap_batches], value=1)
+            "input_ids": scoring.evaluate.pad_cat([b["input_ids"] for b in cap_batches], value=1)
             if cap_batches
             else torch.ones(0, 1, dtype=torch.long),
-            "attention_mask": engine.pad_cat([b["attention_mask"] for b in cap_batches])
+            "attention_mask": scoring.evaluate.pad_cat([b["attention_mask"] for b in cap_batches])
             if cap_batches
             else torch.zeros(0, 1, dtype=torch.long),
         }
@@ -442,7 +443,7 @@ class UC2(nn.Module):
                 "spatials": images["spatials"][i],
                 "image_mask": images["image_mask"][i],
             }
-            with engine.autocast_for(device, amp):
+            with scoring.evaluate.autocast_for(device, amp):
                 out[start : start + len(pair)] = self.pair_scores(batch).float().reshape(-1).cpu()
         return out.view(n_txt, n_img)
 
@@ -1066,7 +1067,7 @@ def main(
                     "error: evaluation needs image-keyed --features for the test images (or pass --no-eval)"
                 )
             with engine.about("evaluation data"):
-                evaluate_fn = engine.trainer_evaluate_fn(
+                evaluate_fn = scoring.evaluate.trainer_evaluate_fn(
                     "uc2",
                     args,
                     tokenizer,

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import engine  # noqa: E402
+import scoring.metrics  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2  # noqa: E402
 from retrieval import random_captions, uc2_inputs  # noqa: E402
@@ -39,8 +40,8 @@ def compare(fp32: tuple[torch.Tensor, torch.Tensor], low: tuple[torch.Tensor, to
     scored = fp32[1] != train_cclm.UNSCORED if unscored is not None else torch.ones_like(fp32[1], dtype=torch.bool)
     ref = fp32[1][scored]
     diff = (low[1][scored] - ref).abs().max().item()
-    a = engine.recall_metrics(*fp32, range(n), unscored=unscored)
-    b = engine.recall_metrics(*low, range(n), unscored=unscored)
+    a = scoring.metrics.recall_metrics(*fp32, range(n), unscored=unscored)
+    b = scoring.metrics.recall_metrics(*low, range(n), unscored=unscored)
     return {
         "rel_max_diff": diff / max((ref.max() - ref.min()).item(), 1e-12),
         "top1_agree": (fp32[1].argmax(1) == low[1].argmax(1)).double().mean().item(),

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import engine  # noqa: E402
+import scoring.metrics  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2 as U  # noqa: E402
 
@@ -840,7 +841,7 @@ def test_nan_logits_at_evaluation_are_an_error_not_an_accuracy(env, tmp_path):
     assert str(e.value).startswith("error: non-finite logits (NaN or inf) for ") and "\n" not in str(e.value)
     assert snapshot(run) == before  # no results.json, no CSV
     with pytest.raises(FloatingPointError, match="non-finite retrieval scores"):
-        engine.recall_metrics(torch.tensor([[1.0, float("nan")]]), torch.tensor([[1.0], [2.0]]), [0])
+        scoring.metrics.recall_metrics(torch.tensor([[1.0, float("nan")]]), torch.tensor([[1.0], [2.0]]), [0])
 
 
 def test_table_marks_an_unfinished_run(env, capsys):

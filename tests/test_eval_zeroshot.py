@@ -17,8 +17,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import engine  # noqa: E402
 import eval_zeroshot as E  # noqa: E402
+import scoring.evaluate  # noqa: E402
+import scoring.metrics  # noqa: E402
 import train_cclm  # noqa: E402
 from call_counter import CallCounter  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
@@ -37,14 +38,14 @@ def test_accuracy_per_type_adds_up_and_oov_counts_wrong():
     labels = [rng.choice([-1, 0, 1, 2, 3]) for _ in range(n)]
     preds = [l if rng.random() < 0.5 and l >= 0 else rng.choice([0, 1, 2, 3]) for l in labels]
     preds[labels.index(-1)] = -1  # even a "-1 prediction" never matches an OOV gold answer
-    qtypes = [rng.choice(engine.QTYPES) for _ in range(n)]
-    m = engine.classification_metrics(preds, labels, qtypes)
+    qtypes = [rng.choice(scoring.metrics.QTYPES) for _ in range(n)]
+    m = scoring.metrics.classification_metrics(preds, labels, qtypes)
     correct = sum(p == l and l >= 0 for p, l in zip(preds, labels))
     assert m["n"] == n and m["accuracy"] == pytest.approx(100 * correct / n, abs=1e-12)
-    assert sum(m[f"n_{t}"] for t in engine.QTYPES) == n
-    weighted = sum(m[f"n_{t}"] * m[f"accuracy_{t}"] for t in engine.QTYPES) / n
+    assert sum(m[f"n_{t}"] for t in scoring.metrics.QTYPES) == n
+    weighted = sum(m[f"n_{t}"] * m[f"accuracy_{t}"] for t in scoring.metrics.QTYPES) / n
     assert weighted == pytest.approx(m["accuracy"], abs=1e-9)
-    assert engine.classification_metrics([0, 1], [-1, -1])["accuracy"] == 0.0
+    assert scoring.metrics.classification_metrics([0, 1], [-1, -1])["accuracy"] == 0.0
 
 
 def test_recall_at_k_hand_made():
@@ -58,20 +59,20 @@ def test_recall_at_k_hand_made():
         ]
     )  # cap3 -> img2 rank 1
     txt2img = [0, 0, 1, 2]
-    m = engine.recall_metrics(S.t(), S, txt2img)
-    tr, ir = engine.retrieval_ranks(S.t(), S, txt2img)
+    m = scoring.metrics.recall_metrics(S.t(), S, txt2img)
+    tr, ir = scoring.metrics.retrieval_ranks(S.t(), S, txt2img)
     assert ir.tolist() == [0, 1, 2, 1]
     # img0: captions sorted 0.9 (cap0) ...: best caption rank 0; img1: 0.8 cap1, 0.5 cap3, then the tie at 0.1:
     # VOLTA's np.argsort(-s) = [1, 3, 0, 2] puts cap2 4th (rank 3); X2-VLM's argsort(s)[::-1] = [1, 3, 2, 0]: rank 2
     assert tr.tolist() == [0, 3, 0]
-    assert engine.retrieval_ranks(S.t(), S, txt2img, ties="x2vlm")[0].tolist() == [0, 2, 0]
+    assert scoring.metrics.retrieval_ranks(S.t(), S, txt2img, ties="x2vlm")[0].tolist() == [0, 2, 0]
     assert m["ir_r1"] == pytest.approx(25.0) and m["ir_r5"] == 100.0
     assert m["tr_r1"] == pytest.approx(200 / 3) and m["tr_r10"] == 100.0
     assert m["ir_medr"] == 2.0 and m["ir_meanr"] == pytest.approx(2.0)  # floor(median [0,1,1,2])+1, mean+1
     # unscored (-100) gold entries rank after every scored candidate
     i2t = torch.tensor([[-100.0, 1.0], [2.0, -100.0]])
     t2i = torch.tensor([[-100.0, 3.0], [4.0, -100.0]])
-    tr, ir = engine.retrieval_ranks(i2t, t2i, [0, 1])
+    tr, ir = scoring.metrics.retrieval_ranks(i2t, t2i, [0, 1])
     assert tr.tolist() == [1, 1] and ir.tolist() == [1, 1]
 
 
@@ -125,13 +126,13 @@ def test_numpy_argsort_is_numpys_portable_introsort(tmp_path):
     # McIlroy's adversary against median-of-3 quicksort: drives a partition below the depth limit (heapsort path)
     arrays.append(_median_of_3_killer(1024))
     cases = {f"sort{i:03d}": a for i, a in enumerate(arrays)}
-    got = [engine.numpy_argsort(cases[k]) for k in sorted(cases)]
+    got = [scoring.metrics.numpy_argsort(cases[k]) for k in sorted(cases)]
     assert got == _reference_scoring(tmp_path, **cases)["argsort"]
 
 
 def _median_of_3_killer(n: int):
     """Values on which the introsort's quicksort degrades (McIlroy, "A killer adversary for quicksort"): the
-    comparisons are answered lazily while engine.numpy_argsort runs, freezing values only when needed."""
+    comparisons are answered lazily while scoring.metrics.numpy_argsort runs, freezing values only when needed."""
     import numpy as np
 
     gas = n
@@ -155,18 +156,18 @@ def _median_of_3_killer(n: int):
             candidate[0] = y
         return val[x] < val[y]
 
-    real_less, real_heap = engine._less, engine._heapsort
+    real_less, real_heap = scoring.metrics._less, scoring.metrics._heapsort
     idx = list(range(n))
 
     def heap(v, a, pl, pr):
         calls["heap"] += 1
         return real_heap(v, a, pl, pr)
 
-    engine._less, engine._heapsort = (lambda p, q: less(int(p), int(q))), heap
+    scoring.metrics._less, scoring.metrics._heapsort = (lambda p, q: less(int(p), int(q))), heap
     try:
-        engine.numpy_argsort(idx)
+        scoring.metrics.numpy_argsort(idx)
     finally:
-        engine._less, engine._heapsort = real_less, real_heap
+        scoring.metrics._less, scoring.metrics._heapsort = real_less, real_heap
     assert calls["heap"] > 0  # the heapsort branch is exercised
     out = np.array(val, dtype=np.float64)
     out[out == gas] = gas  # never compared: the largest
@@ -209,8 +210,8 @@ def test_retrieval_ties_are_ranked_as_each_reference_ranks_them(tmp_path):
         txt2img = cases["txt2img_" + name].tolist()
         unscored = train_cclm.UNSCORED if name.endswith("k") else None
         # VOLTA has one caption x image matrix (both directions read it); CCLM's prefiltered pair is X2-VLM's only
-        for ties in engine.TIE_ORDERS if unscored is None else ["x2vlm"]:
-            tr, ir = engine.retrieval_ranks(i2t, t2i, txt2img, unscored=unscored, ties=ties)
+        for ties in scoring.metrics.TIE_ORDERS if unscored is None else ["x2vlm"]:
+            tr, ir = scoring.metrics.retrieval_ranks(i2t, t2i, txt2img, unscored=unscored, ties=ties)
             want_tr, want_ir = ref[name][ties]
             if unscored is None:
                 assert tr.tolist() == want_tr and ir.tolist() == want_ir, (name, ties)
@@ -225,8 +226,8 @@ def test_retrieval_ties_are_ranked_as_each_reference_ranks_them(tmp_path):
                     if all(gold_tr[c] != train_cclm.UNSCORED for c in range(len(txt2img)) if txt2img[c] == i)
                 ]
                 assert len(kept) > 5 and [tr[i].item() for i in kept] == [want_tr[i] for i in kept], (name, ties)
-                m = engine.recall_metrics(i2t, t2i, txt2img, unscored=unscored, ties=ties)
-                for k in engine.RECALL_KS:  # k_test = 20 >= 10: every recall is the reference's
+                m = scoring.metrics.recall_metrics(i2t, t2i, txt2img, unscored=unscored, ties=ties)
+                for k in scoring.metrics.RECALL_KS:  # k_test = 20 >= 10: every recall is the reference's
                     assert m[f"ir_r{k}"] == pytest.approx(100 * np.mean(np.asarray(want_ir) < k), abs=1e-9)
                     assert m[f"tr_r{k}"] == pytest.approx(100 * np.mean(np.asarray(want_tr) < k), abs=1e-9)
         differ += ref[name]["volta"] != ref[name]["x2vlm"]
@@ -241,12 +242,12 @@ def test_gold_outside_the_top_k_prefilter_is_never_retrieved():
     for i in range(n):  # the k kept candidates of every caption / image are never its gold
         for j in range(k):
             S[i, (i + 1 + j) % n] = 1.0 + j
-    m = engine.recall_metrics(S.t(), S, list(range(n)), unscored=train_cclm.UNSCORED)
-    assert all(m[f"{side}_r{r}"] == 0.0 for side in ("tr", "ir") for r in engine.RECALL_KS)
-    tr, ir = engine.retrieval_ranks(S.t(), S, list(range(n)), unscored=train_cclm.UNSCORED)
+    m = scoring.metrics.recall_metrics(S.t(), S, list(range(n)), unscored=train_cclm.UNSCORED)
+    assert all(m[f"{side}_r{r}"] == 0.0 for side in ("tr", "ir") for r in scoring.metrics.RECALL_KS)
+    tr, ir = scoring.metrics.retrieval_ranks(S.t(), S, list(range(n)), unscored=train_cclm.UNSCORED)
     assert ir.tolist() == [n - 1] * n and tr.tolist() == [n - 1] * n
     S[0, 0] = 5.0  # a kept gold scored above the others: rank 0 as before
-    assert engine.retrieval_ranks(S.t(), S, list(range(n)), unscored=train_cclm.UNSCORED)[1][0] == 0
+    assert scoring.metrics.retrieval_ranks(S.t(), S, list(range(n)), unscored=train_cclm.UNSCORED)[1][0] == 0
 
 
 def _uc2_parity_model():
@@ -269,9 +270,9 @@ def test_uc2_all_pairs_matches_volta_eval_retrieval():
         S = model.score_all_pairs(imgs, caps, pair_batch=pair_batch)
         assert_matches_reference(f"score matrix (pair_batch {pair_batch})", S, out["eval_score_matrix"])
     ref = json.loads((UC2_PARITY / "retrieval" / "eval_retrieval_metrics.json").read_text())
-    tr, ir = engine.retrieval_ranks(S.t(), S, [0, 1, 2])
+    tr, ir = scoring.metrics.retrieval_ranks(S.t(), S, [0, 1, 2])
     assert ir.tolist() == ref["ir_ranks_from_matrix"] and tr.tolist() == ref["tr_ranks_from_matrix"]
-    m = engine.recall_metrics(S.t(), S, [0, 1, 2])
+    m = scoring.metrics.recall_metrics(S.t(), S, [0, 1, 2])
     for side, prefix in (("image_retrieval", "ir"), ("text_retrieval", "tr")):
         for key, val in ref[side].items():
             assert m[f"{prefix}_{key}"] == pytest.approx(val, abs=1e-3), (side, key)
@@ -566,8 +567,8 @@ def test_evaluate_every_language_and_translate_test(env, model_name, task, capsy
                     assert score == pytest.approx(res["langs"][lang]["accuracy"], abs=1e-9)
         if task == "xgqa":
             for lm in res["langs"].values():
-                assert sum(lm[f"n_{t}"] for t in engine.QTYPES) + lm.get("n_other", 0) == lm["n"]
-                total = sum(lm[f"n_{t}"] * lm[f"accuracy_{t}"] for t in engine.QTYPES if lm[f"n_{t}"])
+                assert sum(lm[f"n_{t}"] for t in scoring.metrics.QTYPES) + lm.get("n_other", 0) == lm["n"]
+                total = sum(lm[f"n_{t}"] * lm[f"accuracy_{t}"] for t in scoring.metrics.QTYPES if lm[f"n_{t}"])
                 assert total / lm["n"] == pytest.approx(lm["accuracy"], abs=1e-9)
     # the translate-test evaluation did not replace the plain one
     assert set(json.loads((run / "results.json").read_text())) == {split, split + ".mt"}
@@ -632,7 +633,7 @@ def _evaluate_runs(env: dict, dist=None) -> dict:
         model, meta = E.load_model(env["runs"][(model_name, task)] / "model_final.pt")
         tok = data.load_tokenizer(env["tokenizer"])
         model.prepare_task(env["data_root"], tok)
-        sets = engine.build_eval_sets(
+        sets = scoring.evaluate.build_eval_sets(
             model_name,
             task,
             env["data_root"],
@@ -644,9 +645,9 @@ def _evaluate_runs(env: dict, dist=None) -> dict:
             max_regions=env["max_regions"],
             image_res=meta["config"].get("image_res", 384),
         )
-        out[f"{model_name}-{task}"] = engine.evaluate_task(model, task, sets, dist, batch_size=5, k_test=7)
+        out[f"{model_name}-{task}"] = scoring.evaluate.evaluate_task(model, task, sets, dist, batch_size=5, k_test=7)
         if task == "xgqa":
-            sets = engine.build_eval_sets(
+            sets = scoring.evaluate.build_eval_sets(
                 model_name,
                 task,
                 env["data_root"],
@@ -742,13 +743,13 @@ def _fake_run(
             if task == "xflickrco":
                 m = {f"{d}_r{k}": rng.uniform(0, 100) for d in ("tr", "ir") for k in (1, 5, 10)}
             else:
-                counts = {t: rng.randint(1, 30) for t in engine.QTYPES}
-                correct = {t: rng.randint(0, counts[t]) for t in engine.QTYPES}
+                counts = {t: rng.randint(1, 30) for t in scoring.metrics.QTYPES}
+                correct = {t: rng.randint(0, counts[t]) for t in scoring.metrics.QTYPES}
                 n = sum(counts.values())
                 m = {"accuracy": 100 * sum(correct.values()) / n, "n": n}
                 if task == "xgqa":
-                    m.update({f"accuracy_{t}": 100 * correct[t] / counts[t] for t in engine.QTYPES})
-                    m.update({f"n_{t}": counts[t] for t in engine.QTYPES})
+                    m.update({f"accuracy_{t}": 100 * correct[t] / counts[t] for t in scoring.metrics.QTYPES})
+                    m.update({f"n_{t}": counts[t] for t in scoring.metrics.QTYPES})
             lines.append(json.dumps({"type": "eval", "epoch": e, "step": 3 * e, "lang": lang, "split": "test", **m}))
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return folder
@@ -1109,7 +1110,7 @@ def test_cclm_retrieval_encodes_shared_test_images_once_across_languages(env):
     model, meta = E.load_model(env["runs"][("cclm", "xflickrco")] / "model_final.pt")
     tok = data.load_tokenizer(env["tokenizer"])
     model.prepare_task(env["data_root"], tok)
-    sets = engine.build_eval_sets(
+    sets = scoring.evaluate.build_eval_sets(
         "cclm",
         "xflickrco",
         env["data_root"],
@@ -1121,9 +1122,9 @@ def test_cclm_retrieval_encodes_shared_test_images_once_across_languages(env):
     )
     assert [e.image for e in sets["en"].images.items] == [e.image for e in sets["de"].images.items]
     counted = CallCounter(model.eval())
-    both = engine.evaluate_task(model, "xflickrco", sets, batch_size=5, k_test=7)
+    both = scoring.evaluate.evaluate_task(model, "xflickrco", sets, batch_size=5, k_test=7)
     assert counted.rows["encode_images"] == len(sets["en"].images)  # once, not once per language
-    alone = engine.evaluate_task(model, "xflickrco", {"de": sets["de"]}, batch_size=5, k_test=7)
+    alone = scoring.evaluate.evaluate_task(model, "xflickrco", {"de": sets["de"]}, batch_size=5, k_test=7)
     assert both["de"] == alone["de"]
 
 
@@ -1182,9 +1183,13 @@ def test_trainer_per_epoch_evaluation_takes_eval_langs(env):
         eval_batch_size=16,
         num_workers=0,
     )
-    fn = engine.trainer_evaluate_fn("uc2", args, tok, None, features=env["features"], max_regions=env["max_regions"])
+    fn = scoring.evaluate.trainer_evaluate_fn(
+        "uc2", args, tok, None, features=env["features"], max_regions=env["max_regions"]
+    )
     assert list(fn(model, 1, langs=["ar"])) == ["ar"]
     assert list(fn(model, 1)) == ["en", "ar"]
     args.eval_langs = ["ko"]
     with pytest.raises(ValueError, match="--eval-langs ko: not among the evaluated languages"):
-        engine.trainer_evaluate_fn("uc2", args, tok, None, features=env["features"], max_regions=env["max_regions"])
+        scoring.evaluate.trainer_evaluate_fn(
+            "uc2", args, tok, None, features=env["features"], max_regions=env["max_regions"]
+        )
