@@ -241,3 +241,52 @@ def ordered_langs(langs: Iterable[str]) -> list[str]:
     """English first, then the target languages alphabetically (IGLUE's results/ column order)."""
     langs = set(langs)
     return (["en"] if "en" in langs else []) + sorted(langs - {"en"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-language summaries: results.json's "summary" and the table `eval_zeroshot.py evaluate` prints
+
+MAIN_METRICS = {"xgqa": ("accuracy",), "xvnli": ("accuracy",), "xflickrco": ("tr_r1", "ir_r1")}
+
+
+def zs_average(per_lang: dict[str, dict], metric: str) -> float:
+    """The paper's ZS-XLT number: the mean over the non-English languages."""
+    vals = [m[metric] for l, m in per_lang.items() if l != "en" and metric in m]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def summarize(task: str, per_lang: dict[str, dict]) -> dict[str, dict]:
+    """{main metric: {"en": .., "avg": .., "langs": [non-English languages averaged]}}."""
+    targets = [l for l in ordered_langs(per_lang) if l != "en"]
+    return {
+        m: {"en": per_lang.get("en", {}).get(m, float("nan")), "avg": zs_average(per_lang, m), "langs": targets}
+        for m in MAIN_METRICS[task]
+    }
+
+
+def table_rows(task: str, per_lang: dict[str, dict]) -> list[str]:
+    """Metrics shown by `evaluate` (the same numbers results.json holds, 2 decimals)."""
+    if task == "xflickrco":
+        return [f"{d}_r{k}" for d in ("tr", "ir") for k in RECALL_KS]
+    rows = ["accuracy"]
+    if task == "xgqa":
+        rows += [f"accuracy_{t}" for t in QTYPES]
+    return rows
+
+
+def format_table(task: str, per_lang: dict[str, dict], title: str = "") -> str:
+    langs = ordered_langs(per_lang)
+    rows = table_rows(task, per_lang)
+    head = ["metric"] + langs + ["avg"]
+    lines = [title] if title else []
+    width = max(len(r) for r in rows + ["metric"])
+    lines.append(f"{head[0]:<{width}} " + " ".join(f"{h:>7}" for h in head[1:]))
+    for r in rows:
+        vals = [per_lang[l].get(r, float("nan")) for l in langs] + [zs_average(per_lang, r)]
+        lines.append(f"{r:<{width}} " + " ".join(f"{v:7.2f}" for v in vals))
+    lines.append(
+        f"{'n':<{width}} "
+        + " ".join(f"{int(per_lang[l].get('n', per_lang[l].get('n_captions', 0))):>7d}" for l in langs)
+    )
+    lines.append("avg = mean over the non-English languages (the paper's ZS-XLT number)")
+    return "\n".join(lines)

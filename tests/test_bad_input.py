@@ -845,7 +845,7 @@ def test_nan_logits_at_evaluation_are_an_error_not_an_accuracy(env, tmp_path):
 
 
 def test_table_marks_an_unfinished_run(env, capsys):
-    import eval_zeroshot
+    import report.__main__ as report_cli
 
     lines = [
         {"type": "eval", "epoch": 1, "step": 1, "lang": lang, "split": "test", "accuracy": 50.0}
@@ -855,7 +855,7 @@ def test_table_marks_an_unfinished_run(env, capsys):
     shutil.copytree(env["paused"], paused)
     with open(paused / "metrics.jsonl", "a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in lines))
-    assert eval_zeroshot.main(["table", str(paused)]) == 0
+    assert report_cli.main(["table", str(paused)]) == 0
     out = capsys.readouterr().out
     assert "50.0! " in out and "! = from a run that has not finished" in out
     assert f"metrics.jsonl epoch 1 (test) of {paused}: epoch 1 of 2, no model_final.pt" in out

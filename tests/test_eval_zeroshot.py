@@ -18,9 +18,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import eval_zeroshot as E  # noqa: E402
+import report.__main__ as report_cli  # noqa: E402
+import report.figures  # noqa: E402
+import report.runs  # noqa: E402
+import report.tables  # noqa: E402
 import scoring.evaluate  # noqa: E402
 import scoring.metrics  # noqa: E402
 import train_cclm  # noqa: E402
+from formats import iglue  # noqa: E402
 from call_counter import CallCounter  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
@@ -320,11 +325,11 @@ def test_cclm_prefilter_rerank_matches_reference(k):
 def test_cls_similarity_identical_inputs_all_ones_and_unpaired_exact():
     g = torch.Generator().manual_seed(0)
     base = {f"q{i}": torch.randn(8, generator=g) for i in range(7)}
-    same = E.cls_similarity({l: dict(base) for l in ("en", "de", "bn")})
+    same = report.figures.cls_similarity({l: dict(base) for l in ("en", "de", "bn")})
     assert torch.allclose(torch.tensor(same["matrix"], dtype=torch.float64), torch.ones(3, 3, dtype=torch.float64))
     feats = {l: {i: torch.randn(8, generator=g) for i in base} for l in ("en", "de")}
     feats["de"].pop("q0")
-    sim = E.cls_similarity(feats)
+    sim = report.figures.cls_similarity(feats)
     assert sim["langs"] == ["de", "en"] and sim["n_pairs"] == [[6, 6], [6, 7]]
     cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))
     pairs = [cos(feats["en"][i], feats["de"][i]) for i in feats["de"]]
@@ -475,12 +480,12 @@ def test_table_falls_back_only_to_epoch_metrics_of_the_same_split(env, tmp_path)
         {"type": "eval", "epoch": 2, "step": 6, "lang": "de", "split": "dev", "accuracy": 90.0},
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    assert E.run_results(run, "test") is None  # dev numbers never stand in for test numbers
-    dev = E.run_results(run, "dev")
+    assert report.runs.run_results(run, "test") is None  # dev numbers never stand in for test numbers
+    dev = report.runs.run_results(run, "dev")
     assert dev["langs"] == {"de": {"accuracy": 90.0}} and dev["source"] == "metrics.jsonl epoch 2 (dev)"
     with pytest.raises(SystemExit, match="none of the 1 run folder.s. has test results"):
-        E.main(["table", str(run)])  # an empty table is not a success
-    assert E.main(["table", "--split", "dev", str(run)]) == 0
+        report_cli.main(["table", str(run)])  # an empty table is not a success
+    assert report_cli.main(["table", "--split", "dev", str(run)]) == 0
 
 
 @pytest.mark.parametrize(
@@ -495,9 +500,30 @@ def test_table_falls_back_only_to_epoch_metrics_of_the_same_split(env, tmp_path)
     ],
 )
 def test_commands_offer_no_flag_they_would_ignore(command, flag, capsys):
-    helps = E.build_parser()._subparsers._group_actions[0].choices[command].format_help()
+    parser = E.build_parser() if command == "fewshot" else report_cli.build_parser()
+    helps = parser._subparsers._group_actions[0].choices[command].format_help()
     assert flag + " " not in helps and flag + "\n" not in helps
     assert "(default: 64)" in helps  # --batch-size: --help shows defaults
+
+
+@pytest.mark.parametrize("command", ["table", "figures", "plot", "similarity"])
+def test_report_commands_say_where_they_went(command, capsys):
+    """The reports moved to `python -m report`: the old command prints one line saying so and exits 2."""
+    assert E.main([command, "runs/a b"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"eval_zeroshot.py {command} moved: python -m report {command} 'runs/a b'"
+    ]
+
+
+def test_report_runs_as_a_module_and_the_old_entry_point_exits_2(tmp_path):
+    def run(*argv):
+        return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+
+    help_ = run("-m", "report", "--help")
+    assert help_.returncode == 0 and all(c in help_.stdout for c in ("table", "figures", "plot", "similarity"))
+    old = run("eval_zeroshot.py", "table", "--per-language", str(tmp_path))
+    assert old.returncode == 2
+    assert old.stderr.strip() == f"eval_zeroshot.py table moved: python -m report table --per-language {tmp_path}"
 
 
 def test_partial_and_dev_evaluations_keep_the_test_results(env, tmp_path):
@@ -539,24 +565,24 @@ def test_evaluate_every_language_and_translate_test(env, model_name, task, capsy
             assert all("annotations_machine-translate" in res["files"][l] for l in langs - {"en"})
         for metric, row in printed.items():  # the printed table shows exactly results.json's numbers
             for lang, value in row.items():
-                want = E.zs_average(res["langs"], metric) if lang == "avg" else res["langs"][lang][metric]
+                want = scoring.metrics.zs_average(res["langs"], metric) if lang == "avg" else res["langs"][lang][metric]
                 assert value == pytest.approx(want, abs=0.0051), (metric, lang)
-        for m in E.MAIN_METRICS[task]:
-            assert res["summary"][m]["avg"] == pytest.approx(E.zs_average(res["langs"], m))
-            csv_file = run / E.csv_name(task, m, 0, mt, split)
+        for m in scoring.metrics.MAIN_METRICS[task]:
+            assert res["summary"][m]["avg"] == pytest.approx(scoring.metrics.zs_average(res["langs"], m))
+            csv_file = run / iglue.csv_name(task, m, 0, mt, split)
             header, row, n_row = (line.split(",") for line in csv_file.read_text().splitlines())
-            assert header == ["model"] + E.csv_langs(task) + ["avg"]  # IGLUE's columns, whatever was evaluated
-            complete = set(E.TARGET_LANGS[task]) <= set(res["langs"])
-            assert float(row[-1]) == (pytest.approx(E.zs_average(res["langs"], m)) if complete else -1.0)
+            assert header == ["model"] + iglue.csv_langs(task) + ["avg"]  # IGLUE's columns, whatever was evaluated
+            complete = set(iglue.TARGET_LANGS[task]) <= set(res["langs"])
+            assert float(row[-1]) == (pytest.approx(scoring.metrics.zs_average(res["langs"], m)) if complete else -1.0)
             for lang, value, n in zip(header[1:-1], row[1:-1], n_row[1:-1]):
                 want = res["langs"].get(lang)
                 assert float(value) == (pytest.approx(want[m]) if want else -1.0)
-                assert int(n) == (E.csv_n(task, want, m) if want else -1)
+                assert int(n) == (iglue.csv_n(task, want, m) if want else -1)
         if task != "xflickrco":  # per-example predictions, as VOLTA's eval_task.py writes them
             rec = {"split": split, "translate_test": mt, "shots": 0}
             names = E.label_names(model_name, task, env["data_root"])
             for lang in res["langs"]:
-                rows = json.loads((run / E.predictions_name(rec, lang)).read_text())
+                rows = json.loads((run / iglue.predictions_name(rec, lang)).read_text())
                 key, value = ("questionId", "prediction") if task == "xgqa" else ("question_id", "answer")
                 exs = data.load_split(env["data_root"], task, split, lang, translate_test=mt and lang != "en")
                 exs = [ex for ex in exs if model_name == "uc2" or ex.gold != data.XVNLI_NO_GOLD]  # X2-VLM drops "-"
@@ -658,7 +684,7 @@ def _evaluate_runs(env: dict, dist=None) -> dict:
                 features=env["features"],
                 max_regions=env["max_regions"],
             )
-            out["similarity"] = E.similarity_for(model, sets, dist, batch_size=5)
+            out["similarity"] = report.figures.similarity_for(model, sets, dist, batch_size=5)
     return out
 
 
@@ -720,7 +746,7 @@ def test_three_process_gloo_evaluation_equals_single_process(env, tmp_path):
 
 def test_similarity_cli_writes_json_and_heatmap(env, capsys):
     run = env["runs"][("uc2", "xvnli")]
-    assert E.main(["similarity", "--run", str(run), "--num-workers", "0", "--batch-size", "16"]) == 0
+    assert report_cli.main(["similarity", "--run", str(run), "--num-workers", "0", "--batch-size", "16"]) == 0
     sim = json.loads((run / "fig4_cls_similarity.json").read_text())
     assert sim["langs"] == ["ar", "en", "es", "fr", "ru"] and (run / "fig4_cls_similarity.png").stat().st_size > 0
     assert all(abs(sim["matrix"][i][i] - 1) < 1e-6 for i in range(5)) and -1 <= sim["unpaired"] <= 1
@@ -762,18 +788,20 @@ def test_plots_written_with_their_numbers(tmp_path, capsys):
     full = _fake_run(tmp_path / "cclm-xgqa-full", "cclm", "xgqa", "full", XGQA_LANGS, 5, 1)
     suf = _fake_run(tmp_path / "cclm-xgqa-suf", "cclm", "xgqa", "suf", XGQA_LANGS, 5, 2)
     ret = _fake_run(tmp_path / "uc2-xflickrco-suf", "uc2", "xflickrco", "suf", ["en", "de", "ja"], 3, 3)
-    assert E.main(["plot", str(full), str(suf), "--out", str(tmp_path / "fig")]) == 0
+    assert report_cli.main(["plot", str(full), str(suf), "--out", str(tmp_path / "fig")]) == 0
     for name in ("fig2_per_language", "fig3_per_qtype"):
         assert (tmp_path / "fig" / f"{name}.png").stat().st_size > 0
     numbers = json.loads((tmp_path / "fig" / "fig2_per_language.json").read_text())
     logged = E.read_epoch_metrics(suf)
     assert numbers[str(suf)]["series"]["accuracy"]["ko"] == [ev["ko"]["accuracy"] for _, ev in logged]
-    assert numbers[str(suf)]["series"]["accuracy"]["avg"][-1] == pytest.approx(E.zs_average(logged[-1][1], "accuracy"))
+    assert numbers[str(suf)]["series"]["accuracy"]["avg"][-1] == pytest.approx(
+        scoring.metrics.zs_average(logged[-1][1], "accuracy")
+    )
     rows = (tmp_path / "fig" / "fig3_per_qtype.csv").read_text().splitlines()
     assert (
         rows[0] == "run,epoch,lang,metric,value" and len(rows) == 1 + 2 * 5 * 5 * 9
     )  # runs x types x epochs x (8 langs + avg)
-    assert E.main(["plot", str(ret)]) == 0  # retrieval: TR and IR rows, no question types
+    assert report_cli.main(["plot", str(ret)]) == 0  # retrieval: TR and IR rows, no question types
     assert (ret / "fig2_per_language.png").is_file() and not (ret / "fig3_per_qtype.png").exists()
 
 
@@ -821,7 +849,7 @@ def test_real_training_run_curves_evaluation_and_table(env, tmp_path, capsys):
     )
     logged = E.read_epoch_metrics(run)
     assert [e for e, _ in logged] == [1, 2] and set(logged[0][1]) == {"en", "de", "ko"}
-    assert E.main(["plot", str(run)]) == 0
+    assert report_cli.main(["plot", str(run)]) == 0
     fig3 = json.loads((run / "fig3_per_qtype.json").read_text())[str(run)]
     assert fig3["series"]["accuracy_verify"]["de"] == [ev["de"]["accuracy_verify"] for _, ev in logged]
     assert (run / "fig2_per_language.png").is_file() and (run / "fig3_per_qtype.png").is_file()
@@ -830,7 +858,7 @@ def test_real_training_run_curves_evaluation_and_table(env, tmp_path, capsys):
     assert res["policy"] == "suf" and res["epoch"] == 2
     for lang in ("en", "de", "ko"):  # the final checkpoint's evaluation = the trainer's last-epoch one
         assert res["langs"][lang]["accuracy"] == pytest.approx(logged[-1][1][lang]["accuracy"])
-    t = E.build_tables([run], split="dev")
+    t = report.tables.build_tables([run], split="dev")
     assert t["table1"][0]["setup"] == "UC2+SUF" and t["table1"][0]["cells"]["xgqa:accuracy"]["paper_avg"] == 41.3
 
 
@@ -870,13 +898,15 @@ def test_table_layout_with_paper_numbers(tmp_path, capsys):
             }
         )
     )
-    assert E.main(["table", *map(str, runs), str(fs), "--per-language", "--out", str(tmp_path / "t.json")]) == 0
+    assert (
+        report_cli.main(["table", *map(str, runs), str(fs), "--per-language", "--out", str(tmp_path / "t.json")]) == 0
+    )
     out = capsys.readouterr().out
     t = json.loads((tmp_path / "t.json").read_text())
     row = {r["setup"]: r for r in t["table1"]}
     last = E.read_epoch_metrics(runs[1])[-1][1]
     cell = row["UC2+SUF"]["cells"]["xgqa:accuracy"]
-    assert cell["avg"] == pytest.approx(E.zs_average(last, "accuracy")) and cell["paper_avg"] == 41.3
+    assert cell["avg"] == pytest.approx(scoring.metrics.zs_average(last, "accuracy")) and cell["paper_avg"] == 41.3
     assert row["CCLM"]["cells"]["xflickrco:ir_r1"]["paper_en"] == 78.0
     assert f"{cell['avg']:.1f} (41.3)" in out and "UC2+SUF" in out
     assert {r["setup"]: r["paper_avg"] for r in t["table2"]} == {"CCLM+top6": 49.7}
@@ -890,18 +920,18 @@ def test_table_layout_with_paper_numbers(tmp_path, capsys):
 def test_iglue_csv_keeps_iglues_columns_and_writes_minus_one_for_missing_languages():
     """IGLUE's results/get_<task>_zero.py: columns model,en,<LANGS>,avg; a language without a result is -1.0."""
     per_lang = {"en": {"accuracy": 60.0, "n": 1164}, "de": {"accuracy": 40.0, "n": 1164}}
-    header, row, n_row = (line.split(",") for line in E.iglue_csv("xgqa", per_lang, "m", "accuracy").splitlines())
+    header, row, n_row = (line.split(",") for line in iglue.iglue_csv("xgqa", per_lang, "m", "accuracy").splitlines())
     assert header == ["model", "en", "bn", "de", "id", "ko", "pt", "ru", "zh", "avg"]  # get_xgqa_zero.py's LANGS
     assert row == ["m", "60.0", "-1.0", "40.0", "-1.0", "-1.0", "-1.0", "-1.0", "-1.0", "-1.0"]
     assert n_row == ["n", "1164", "-1", "1164", "-1", "-1", "-1", "-1", "-1", ""]
     full = {
         l: {"tr_r1": float(i), "ir_r1": 0.0, "n_images": 2000 - (l == "de"), "n_captions": 2000}
-        for i, l in enumerate(E.csv_langs("xflickrco"))
+        for i, l in enumerate(iglue.csv_langs("xflickrco"))
     }
-    header, row, n_row = (line.split(",") for line in E.iglue_csv("xflickrco", full, "m", "tr_r1").splitlines())
+    header, row, n_row = (line.split(",") for line in iglue.iglue_csv("xflickrco", full, "m", "tr_r1").splitlines())
     assert header[1:-1] == ["en", "de", "es", "id", "ja", "ru", "tr", "zh"]  # get_xflickrco_zero.py's
     assert float(row[-1]) == pytest.approx(sum(range(1, 8)) / 7) and n_row[2] == "1999"
-    few = E.iglue_csv("xvnli", {"fr": {"accuracy": 50.0, "n": 1164}}, "m", "accuracy", shots="48").splitlines()
+    few = iglue.iglue_csv("xvnli", {"fr": {"accuracy": 50.0, "n": 1164}}, "m", "accuracy", shots="48").splitlines()
     assert few[0] == "model,ar,es,fr,ru,avg" and few[1] == "m,-1.0,-1.0,50.0,-1.0,-1.0"  # get_xvnli_few.py's
 
 
@@ -932,7 +962,7 @@ def test_fewshot_runs_of_one_english_run_merge_into_one_iglue_row(tmp_path):
         )
         runs.append(fs)
     zs = _fake_run(tmp_path / "uc2-xgqa-suf", "uc2", "xgqa", "suf", XGQA_LANGS, 2, 0)
-    assert E.main(["table", *map(str, runs + [zs]), "--iglue-csv", str(tmp_path / "csv")]) == 0
+    assert report_cli.main(["table", *map(str, runs + [zs]), "--iglue-csv", str(tmp_path / "csv")]) == 0
     lines = (tmp_path / "csv" / "xGQA_48.csv").read_text().splitlines()
     assert lines[0] == "model,bn,de,id,ko,pt,ru,zh,avg"
     assert lines[1] == "uc2-xgqa-suf,-1.0,47.0,-1.0,41.0,-1.0,-1.0,-1.0,-1.0"
@@ -941,7 +971,7 @@ def test_fewshot_runs_of_one_english_run_merge_into_one_iglue_row(tmp_path):
     zero = (tmp_path / "csv" / "xGQA_0.csv").read_text().splitlines()
     last = E.read_epoch_metrics(zs)[-1][1]
     assert zero[0].startswith("model,en,bn") and zero[1].split(",")[0] == "uc2-xgqa-suf"
-    assert float(zero[1].split(",")[-1]) == pytest.approx(E.zs_average(last, "accuracy"))
+    assert float(zero[1].split(",")[-1]) == pytest.approx(scoring.metrics.zs_average(last, "accuracy"))
 
 
 def test_cclm_answer_candidates_in_x2vlms_order_predictions_are_label_ids(env):
@@ -1026,7 +1056,7 @@ def test_fewshot_from_english_checkpoint(env, tmp_path, capsys):
     trained = engine.load_checkpoint(best["checkpoint"])["model"]
     start = engine.load_checkpoint(init / "model_final.pt")["model"]
     assert any(not torch.equal(trained[k], start[k]) for k in start)  # it did train
-    t3 = {r["setup"]: r for r in E.build_tables([init, out], split="dev")["table3"]}
+    t3 = {r["setup"]: r for r in report.tables.build_tables([init, out], split="dev")["table3"]}
     assert t3["Standard"]["few_shot_langs"] == ["de"]
 
 
