@@ -398,8 +398,9 @@ class UC2(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """VOLTA's protocol on a retrieval test set (data.RetrievalImages / RetrievalCaptions): the VL logit of
         every (caption, image) pair; every rank holds all images and scores its shard of the captions.
-        batches(dataset, indices, progress label or None) iterates collated batches; opts: scoring.evaluate.RetrievalOptions
-        (pair_batch, amp). Returns (score_i2t [n_img, n_txt], score_t2i [n_txt, n_img]), on every rank."""
+        batches(dataset, indices, progress label or None) iterates collated batches; opts:
+        scoring.evaluate.RetrievalOptions (pair_batch, amp). Returns (score_i2t [n_img, n_txt], score_t2i [n_txt,
+        n_img]), on every rank."""
         img_batches = list(batches(images, range(len(images)), None))
         feats = {k: torch.cat([b[k] for b in img_batches]) for k in ("features", "spatials", "image_mask")}
         cap_batches = list(batches(captions, engine.shard(len(captions), dist), "captions"))
