@@ -175,12 +175,12 @@ sanity:
 ## table1          Tables 1 (2/3 where runs exist) and the per-language Tables 4-6 from every run under OUT=, beside the paper's numbers
 table1:
 	$(call require,$(OUT))
-	$(PY) eval_zeroshot.py table --per-language $(OUT)/*/ $(EXTRA)
+	$(PY) -m report table --per-language $(OUT)/*/ $(EXTRA)
 
 ## figures         Figures 2, 3 (per-epoch curves) and 4 (CLS similarity) for every run under OUT= (inputs: each run's args.json)
 figures:
 	$(call require,$(OUT))
-	$(PY) eval_zeroshot.py figures $(OUT)/*/ $(strip $(RUN_INPUTS)) $(EXTRA)
+	$(PY) -m report figures $(OUT)/*/ $(strip $(RUN_INPUTS)) $(EXTRA)
 
 # ---- XVL-MAML (Hu et al. 2023; README "XVL-MAML"), UC2 only: meta-train the English run OUT/uc2-<task>-FROM
 # with auxiliary language AUX's IGLUE dev/few-shot data, then zero-shot in every language ----

@@ -39,6 +39,7 @@ import engine
 import freeze
 from formats import x2vlm
 from scoring import retrieval_protocols
+import scoring.evaluate
 
 TASKS = data.TASKS
 UNSCORED = -100.0  # X2-VLM: retrieval matrix entries outside the k_test prefilter
@@ -386,7 +387,7 @@ class CCLM(nn.Module):
         return self.fuse(batch)[:, 0]
 
     def prepare_task(self, data_root, tokenizer) -> None:
-        """Task data the model needs before predicting (engine.evaluate_task): none, but see CCLMForXGQA."""
+        """Task data the model needs before predicting (scoring.evaluate.evaluate_task): none, but see CCLMForXGQA."""
 
 
 class CCLMForXVNLI(CCLM):
@@ -489,8 +490,8 @@ class CCLMForRetrieval(CCLM):
         itm = self.matching_loss(v, image_feat, t, batch["text_atts"], text_feat, batch["idx"])
         return itc + itm
 
-    # ---- evaluation protocol (engine.evaluate_task)
-    tie_order = "x2vlm"  # X2-VLM's itm_eval ranks in np.argsort(s)[::-1] order (engine.reference_order)
+    # ---- evaluation protocol (scoring.evaluate.evaluate_task)
+    tie_order = "x2vlm"  # X2-VLM's itm_eval ranks in np.argsort(s)[::-1] order (scoring.metrics.reference_order)
     unscored = UNSCORED
 
     @torch.no_grad()
@@ -851,7 +852,7 @@ def main(
             evaluate_fn = (
                 None
                 if args.no_eval
-                else engine.trainer_evaluate_fn(
+                else scoring.evaluate.trainer_evaluate_fn(
                     "cclm", args, tokenizer, dist, images=args.images, image_res=config["image_res"]
                 )
             )

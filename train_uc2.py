@@ -28,6 +28,7 @@ import engine
 import freeze
 from formats import feature_sets, volta
 from scoring import retrieval_protocols
+import scoring.evaluate
 
 TASKS = data.TASKS
 
@@ -299,8 +300,8 @@ class UC2(nn.Module):
             raise ValueError(f"pair_scores() needs the xflickrco model, this one is {self.task}")
         return self._run(batch).view(batch["input_ids"].shape[:-1])
 
-    # ---- evaluation protocol (engine.evaluate_task)
-    tie_order = "volta"  # VOLTA's eval_retrieval.py ranks in np.argsort(-s) order (engine.reference_order)
+    # ---- evaluation protocol (scoring.evaluate.evaluate_task)
+    tie_order = "volta"  # VOLTA's eval_retrieval.py ranks in np.argsort(-s) order (scoring.metrics.reference_order)
     unscored = None  # every (caption, image) pair is scored
 
     def prepare_task(self, data_root, tokenizer) -> None:
@@ -549,7 +550,7 @@ def main(
                     "error: evaluation needs image-keyed --features for the test images (or pass --no-eval)"
                 )
             with engine.about("evaluation data"):
-                evaluate_fn = engine.trainer_evaluate_fn(
+                evaluate_fn = scoring.evaluate.trainer_evaluate_fn(
                     "uc2",
                     args,
                     tokenizer,

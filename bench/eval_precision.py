@@ -26,6 +26,7 @@ import train_uc2
 from bench import _common
 from bench.retrieval import random_captions, uc2_inputs
 from scoring import retrieval_protocols
+import scoring.metrics
 
 
 def compare(fp32: tuple[torch.Tensor, torch.Tensor], low: tuple[torch.Tensor, torch.Tensor], unscored=None) -> dict:
@@ -34,8 +35,8 @@ def compare(fp32: tuple[torch.Tensor, torch.Tensor], low: tuple[torch.Tensor, to
     scored = fp32[1] != train_cclm.UNSCORED if unscored is not None else torch.ones_like(fp32[1], dtype=torch.bool)
     ref = fp32[1][scored]
     diff = (low[1][scored] - ref).abs().max().item()
-    a = engine.recall_metrics(*fp32, range(n), unscored=unscored)
-    b = engine.recall_metrics(*low, range(n), unscored=unscored)
+    a = scoring.metrics.recall_metrics(*fp32, range(n), unscored=unscored)
+    b = scoring.metrics.recall_metrics(*low, range(n), unscored=unscored)
     return {
         "rel_max_diff": diff / max((ref.max() - ref.min()).item(), 1e-12),
         "top1_agree": (fp32[1].argmax(1) == low[1].argmax(1)).double().mean().item(),

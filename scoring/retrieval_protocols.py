@@ -24,16 +24,16 @@ def volta_retrieval_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """VOLTA's protocol on a retrieval test set (data.RetrievalImages / RetrievalCaptions): the VL logit of
     every (caption, image) pair; every rank holds all images and scores its shard of the captions.
-    batches(dataset, indices, progress label or None) iterates collated batches; opts: engine.RetrievalOptions
+    batches(dataset, indices, progress label or None) iterates collated batches; opts: scoring.evaluate.RetrievalOptions
     (pair_batch, amp). Returns (score_i2t [n_img, n_txt], score_t2i [n_txt, n_img]), on every rank."""
     img_batches = list(batches(images, range(len(images)), None))
     feats = {k: torch.cat([b[k] for b in img_batches]) for k in ("features", "spatials", "image_mask")}
     cap_batches = list(batches(captions, engine.shard(len(captions), dist), "captions"))
     texts = {
-        "input_ids": engine.pad_cat([b["input_ids"] for b in cap_batches], value=1)
+        "input_ids": scoring.evaluate.pad_cat([b["input_ids"] for b in cap_batches], value=1)
         if cap_batches
         else torch.ones(0, 1, dtype=torch.long),
-        "attention_mask": engine.pad_cat([b["attention_mask"] for b in cap_batches])
+        "attention_mask": scoring.evaluate.pad_cat([b["attention_mask"] for b in cap_batches])
         if cap_batches
         else torch.zeros(0, 1, dtype=torch.long),
     }
@@ -70,7 +70,7 @@ def score_all_pairs(
             "spatials": images["spatials"][i],
             "image_mask": images["image_mask"][i],
         }
-        with engine.autocast_for(device, amp):
+        with scoring.evaluate.autocast_for(device, amp):
             out[start : start + len(pair)] = model.pair_scores(batch).float().reshape(-1).cpu()
     return out.view(n_txt, n_img)
 
@@ -84,7 +84,7 @@ def x2vlm_retrieval_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """X2-VLM's protocol on a retrieval test set (data.RetrievalImages / RetrievalCaptions): rerank_scores over
     this rank's shard of the images and of the captions. batches(dataset, indices, progress label or None)
-    iterates collated batches; opts: engine.RetrievalOptions (k_test, itm_batch, amp). `encoded`: a cache
+    iterates collated batches; opts: scoring.evaluate.RetrievalOptions (k_test, itm_batch, amp). `encoded`: a cache
     kept across the languages of one evaluation (xFlickrCo's languages share their test images: each
     image is encoded once). Returns (score_i2t [n_img, n_txt], score_t2i [n_txt, n_img]), on every rank."""
     n_img, n_txt = len(images), len(captions)
@@ -141,7 +141,7 @@ def rerank_scores(
         if "encoded" in b:  # encoded for another language's test set of the same images (evaluate_task)
             v, f = b["encoded"]
         else:
-            with engine.autocast_for(device, amp):
+            with scoring.evaluate.autocast_for(device, amp):
                 v, f = model.encode_images(b["images"].to(device))
             b["encoded"] = (v, f)
         vis.append(v)
@@ -149,7 +149,7 @@ def rerank_scores(
     txt_states, txt_atts, txt_feat = [], [], []
     for b in text_batches:
         ids, atts = b["text_ids"].to(device), b["text_atts"].to(device)
-        with engine.autocast_for(device, amp):
+        with scoring.evaluate.autocast_for(device, amp):
             s, f = model.encode_texts(ids, atts)
         txt_states.append(s.cpu())
         txt_atts.append(atts.cpu())
@@ -158,8 +158,12 @@ def rerank_scores(
     vis = torch.cat(vis) if vis else None
     local_feat = torch.cat(img_feat).cpu() if img_feat else torch.empty(0, 0)
     image_feat = torch.cat([t for t in engine.gather([local_feat], dist) if t.numel()]).to(device)
-    text_states = engine.pad_cat(engine.gather([engine.pad_cat(txt_states)] if txt_states else [], dist)).to(device)
-    text_atts = engine.pad_cat(engine.gather([engine.pad_cat(txt_atts)] if txt_atts else [], dist)).to(device)
+    text_states = scoring.evaluate.pad_cat(
+        engine.gather([scoring.evaluate.pad_cat(txt_states)] if txt_states else [], dist)
+    ).to(device)
+    text_atts = scoring.evaluate.pad_cat(
+        engine.gather([scoring.evaluate.pad_cat(txt_atts)] if txt_atts else [], dist)
+    ).to(device)
     text_feat = torch.cat(engine.gather([torch.cat(txt_feat)] if txt_feat else [], dist)).to(device)
     if image_feat.shape[0] != n_images or text_feat.shape[0] != n_texts:
         raise ValueError(
@@ -221,13 +225,13 @@ def _itm_by_image(
     images, counts = torch.unique_consecutive(p_img, return_counts=True)
     start = 0
     for i, c in zip(images.tolist(), counts.tolist()):
-        with engine.autocast_for(device, amp):
+        with scoring.evaluate.autocast_for(device, amp):
             kv = model.itm_image_kv(vis[i : i + 1])
         for s in range(start, start + c, itm_batch):
             t = p_txt[s : min(s + itm_batch, start + c)]
             atts = text_atts[t]
             length = int(atts.sum(1).max())
-            with engine.autocast_for(device, amp):
+            with scoring.evaluate.autocast_for(device, amp):
                 scores[s : s + len(t)] = (
                     model.itm_scores_with_image_kv(text_states[t, :length], atts[:, :length], kv).float().cpu()
                 )

@@ -1,7 +1,7 @@
 """The synthetic-world study of docs/synthetic/: premise checks, then full / SUF / LLRD / top fine-tuned on
 English through the real train_uc2.py, evaluated zero-shot in every language after every epoch; paired
 differences of the non-English average with two-level bootstrap 95% intervals; figures through the real
-eval_zeroshot.py.
+`python -m report figures`.
 
   python -m synthetic.study --out synth_out                      # make synth: world, pretraining, checks, study
   python -m synthetic.study --out synth_out --pretrain-seeds 0 --finetune-seeds 0 --policies full suf   # smaller
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-import eval_zeroshot
+from report import cli as report_cli
 import train_uc2
 from synthetic import pretrain as sp
 from synthetic import world as sw
@@ -623,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     first = (args.pretrain_seeds[0], args.finetune_seeds[0])
     figs = [str(where[(pol, *first)]) for pol in ("full", "suf") if pol in args.policies]
-    eval_zeroshot.main(["figures", *figs, "--out", str(out / "figures"), "--num-workers", "0"])
+    report_cli.main(["figures", *figs, "--out", str(out / "figures"), "--num-workers", "0"])
     print(report)
     print(
         f"study finished in {time.time() - start:.0f} s; {out / 'RESULTS.md'}, {out / 'study.json'}, {out / 'figures'}"

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import engine  # noqa: E402
+import scoring.metrics  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2 as U  # noqa: E402
 
@@ -847,11 +848,11 @@ def test_nan_logits_at_evaluation_are_an_error_not_an_accuracy(env, tmp_path):
     assert str(e.value).startswith("error: non-finite logits (NaN or inf) for ") and "\n" not in str(e.value)
     assert snapshot(run) == before  # no results.json, no CSV
     with pytest.raises(FloatingPointError, match="non-finite retrieval scores"):
-        engine.recall_metrics(torch.tensor([[1.0, float("nan")]]), torch.tensor([[1.0], [2.0]]), [0])
+        scoring.metrics.recall_metrics(torch.tensor([[1.0, float("nan")]]), torch.tensor([[1.0], [2.0]]), [0])
 
 
 def test_table_marks_an_unfinished_run(env, capsys):
-    import eval_zeroshot
+    from report import cli as report_cli
 
     lines = [
         {"type": "eval", "epoch": 1, "step": 1, "lang": lang, "split": "test", "accuracy": 50.0}
@@ -861,7 +862,7 @@ def test_table_marks_an_unfinished_run(env, capsys):
     shutil.copytree(env["paused"], paused)
     with open(paused / "metrics.jsonl", "a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in lines))
-    assert eval_zeroshot.main(["table", str(paused)]) == 0
+    assert report_cli.main(["table", str(paused)]) == 0
     out = capsys.readouterr().out
     assert "50.0! " in out and "! = from a run that has not finished" in out
     assert f"metrics.jsonl epoch 1 (test) of {paused}: epoch 1 of 2, no model_final.pt" in out

@@ -19,12 +19,18 @@ from _timeouts import scaled
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import engine  # noqa: E402
 import eval_zeroshot as E  # noqa: E402
+from report import cli as report_cli  # noqa: E402
+import report.figures  # noqa: E402
+import report.runs  # noqa: E402
+import report.tables  # noqa: E402
+import scoring.evaluate  # noqa: E402
+import scoring.metrics  # noqa: E402
 import train_cclm  # noqa: E402
 from bench.call_counter import CallCounter  # noqa: E402
 from formats import volta  # noqa: E402
 from scoring import retrieval_protocols  # noqa: E402
+from formats import iglue  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures"
@@ -41,14 +47,14 @@ def test_accuracy_per_type_adds_up_and_oov_counts_wrong():
     labels = [rng.choice([-1, 0, 1, 2, 3]) for _ in range(n)]
     preds = [l if rng.random() < 0.5 and l >= 0 else rng.choice([0, 1, 2, 3]) for l in labels]
     preds[labels.index(-1)] = -1  # even a "-1 prediction" never matches an OOV gold answer
-    qtypes = [rng.choice(engine.QTYPES) for _ in range(n)]
-    m = engine.classification_metrics(preds, labels, qtypes)
+    qtypes = [rng.choice(scoring.metrics.QTYPES) for _ in range(n)]
+    m = scoring.metrics.classification_metrics(preds, labels, qtypes)
     correct = sum(p == l and l >= 0 for p, l in zip(preds, labels))
     assert m["n"] == n and m["accuracy"] == pytest.approx(100 * correct / n, abs=1e-12)
-    assert sum(m[f"n_{t}"] for t in engine.QTYPES) == n
-    weighted = sum(m[f"n_{t}"] * m[f"accuracy_{t}"] for t in engine.QTYPES) / n
+    assert sum(m[f"n_{t}"] for t in scoring.metrics.QTYPES) == n
+    weighted = sum(m[f"n_{t}"] * m[f"accuracy_{t}"] for t in scoring.metrics.QTYPES) / n
     assert weighted == pytest.approx(m["accuracy"], abs=1e-9)
-    assert engine.classification_metrics([0, 1], [-1, -1])["accuracy"] == 0.0
+    assert scoring.metrics.classification_metrics([0, 1], [-1, -1])["accuracy"] == 0.0
 
 
 def test_recall_at_k_hand_made():
@@ -62,20 +68,20 @@ def test_recall_at_k_hand_made():
         ]
     )  # cap3 -> img2 rank 1
     txt2img = [0, 0, 1, 2]
-    m = engine.recall_metrics(S.t(), S, txt2img)
-    tr, ir = engine.retrieval_ranks(S.t(), S, txt2img)
+    m = scoring.metrics.recall_metrics(S.t(), S, txt2img)
+    tr, ir = scoring.metrics.retrieval_ranks(S.t(), S, txt2img)
     assert ir.tolist() == [0, 1, 2, 1]
     # img0: captions sorted 0.9 (cap0) ...: best caption rank 0; img1: 0.8 cap1, 0.5 cap3, then the tie at 0.1:
     # VOLTA's np.argsort(-s) = [1, 3, 0, 2] puts cap2 4th (rank 3); X2-VLM's argsort(s)[::-1] = [1, 3, 2, 0]: rank 2
     assert tr.tolist() == [0, 3, 0]
-    assert engine.retrieval_ranks(S.t(), S, txt2img, ties="x2vlm")[0].tolist() == [0, 2, 0]
+    assert scoring.metrics.retrieval_ranks(S.t(), S, txt2img, ties="x2vlm")[0].tolist() == [0, 2, 0]
     assert m["ir_r1"] == pytest.approx(25.0) and m["ir_r5"] == 100.0
     assert m["tr_r1"] == pytest.approx(200 / 3) and m["tr_r10"] == 100.0
     assert m["ir_medr"] == 2.0 and m["ir_meanr"] == pytest.approx(2.0)  # floor(median [0,1,1,2])+1, mean+1
     # unscored (-100) gold entries rank after every scored candidate
     i2t = torch.tensor([[-100.0, 1.0], [2.0, -100.0]])
     t2i = torch.tensor([[-100.0, 3.0], [4.0, -100.0]])
-    tr, ir = engine.retrieval_ranks(i2t, t2i, [0, 1])
+    tr, ir = scoring.metrics.retrieval_ranks(i2t, t2i, [0, 1])
     assert tr.tolist() == [1, 1] and ir.tolist() == [1, 1]
 
 
@@ -129,13 +135,13 @@ def test_numpy_argsort_is_numpys_portable_introsort(tmp_path):
     # McIlroy's adversary against median-of-3 quicksort: drives a partition below the depth limit (heapsort path)
     arrays.append(_median_of_3_killer(1024))
     cases = {f"sort{i:03d}": a for i, a in enumerate(arrays)}
-    got = [engine.numpy_argsort(cases[k]) for k in sorted(cases)]
+    got = [scoring.metrics.numpy_argsort(cases[k]) for k in sorted(cases)]
     assert got == _reference_scoring(tmp_path, **cases)["argsort"]
 
 
 def _median_of_3_killer(n: int):
     """Values on which the introsort's quicksort degrades (McIlroy, "A killer adversary for quicksort"): the
-    comparisons are answered lazily while engine.numpy_argsort runs, freezing values only when needed."""
+    comparisons are answered lazily while scoring.metrics.numpy_argsort runs, freezing values only when needed."""
     import numpy as np
 
     gas = n
@@ -159,18 +165,18 @@ def _median_of_3_killer(n: int):
             candidate[0] = y
         return val[x] < val[y]
 
-    real_less, real_heap = engine._less, engine._heapsort
+    real_less, real_heap = scoring.metrics._less, scoring.metrics._heapsort
     idx = list(range(n))
 
     def heap(v, a, pl, pr):
         calls["heap"] += 1
         return real_heap(v, a, pl, pr)
 
-    engine._less, engine._heapsort = (lambda p, q: less(int(p), int(q))), heap
+    scoring.metrics._less, scoring.metrics._heapsort = (lambda p, q: less(int(p), int(q))), heap
     try:
-        engine.numpy_argsort(idx)
+        scoring.metrics.numpy_argsort(idx)
     finally:
-        engine._less, engine._heapsort = real_less, real_heap
+        scoring.metrics._less, scoring.metrics._heapsort = real_less, real_heap
     assert calls["heap"] > 0  # the heapsort branch is exercised
     out = np.array(val, dtype=np.float64)
     out[out == gas] = gas  # never compared: the largest
@@ -213,8 +219,8 @@ def test_retrieval_ties_are_ranked_as_each_reference_ranks_them(tmp_path):
         txt2img = cases["txt2img_" + name].tolist()
         unscored = train_cclm.UNSCORED if name.endswith("k") else None
         # VOLTA has one caption x image matrix (both directions read it); CCLM's prefiltered pair is X2-VLM's only
-        for ties in engine.TIE_ORDERS if unscored is None else ["x2vlm"]:
-            tr, ir = engine.retrieval_ranks(i2t, t2i, txt2img, unscored=unscored, ties=ties)
+        for ties in scoring.metrics.TIE_ORDERS if unscored is None else ["x2vlm"]:
+            tr, ir = scoring.metrics.retrieval_ranks(i2t, t2i, txt2img, unscored=unscored, ties=ties)
             want_tr, want_ir = ref[name][ties]
             if unscored is None:
                 assert tr.tolist() == want_tr and ir.tolist() == want_ir, (name, ties)
@@ -229,8 +235,8 @@ def test_retrieval_ties_are_ranked_as_each_reference_ranks_them(tmp_path):
                     if all(gold_tr[c] != train_cclm.UNSCORED for c in range(len(txt2img)) if txt2img[c] == i)
                 ]
                 assert len(kept) > 5 and [tr[i].item() for i in kept] == [want_tr[i] for i in kept], (name, ties)
-                m = engine.recall_metrics(i2t, t2i, txt2img, unscored=unscored, ties=ties)
-                for k in engine.RECALL_KS:  # k_test = 20 >= 10: every recall is the reference's
+                m = scoring.metrics.recall_metrics(i2t, t2i, txt2img, unscored=unscored, ties=ties)
+                for k in scoring.metrics.RECALL_KS:  # k_test = 20 >= 10: every recall is the reference's
                     assert m[f"ir_r{k}"] == pytest.approx(100 * np.mean(np.asarray(want_ir) < k), abs=1e-9)
                     assert m[f"tr_r{k}"] == pytest.approx(100 * np.mean(np.asarray(want_tr) < k), abs=1e-9)
         differ += ref[name]["volta"] != ref[name]["x2vlm"]
@@ -245,12 +251,12 @@ def test_gold_outside_the_top_k_prefilter_is_never_retrieved():
     for i in range(n):  # the k kept candidates of every caption / image are never its gold
         for j in range(k):
             S[i, (i + 1 + j) % n] = 1.0 + j
-    m = engine.recall_metrics(S.t(), S, list(range(n)), unscored=train_cclm.UNSCORED)
-    assert all(m[f"{side}_r{r}"] == 0.0 for side in ("tr", "ir") for r in engine.RECALL_KS)
-    tr, ir = engine.retrieval_ranks(S.t(), S, list(range(n)), unscored=train_cclm.UNSCORED)
+    m = scoring.metrics.recall_metrics(S.t(), S, list(range(n)), unscored=train_cclm.UNSCORED)
+    assert all(m[f"{side}_r{r}"] == 0.0 for side in ("tr", "ir") for r in scoring.metrics.RECALL_KS)
+    tr, ir = scoring.metrics.retrieval_ranks(S.t(), S, list(range(n)), unscored=train_cclm.UNSCORED)
     assert ir.tolist() == [n - 1] * n and tr.tolist() == [n - 1] * n
     S[0, 0] = 5.0  # a kept gold scored above the others: rank 0 as before
-    assert engine.retrieval_ranks(S.t(), S, list(range(n)), unscored=train_cclm.UNSCORED)[1][0] == 0
+    assert scoring.metrics.retrieval_ranks(S.t(), S, list(range(n)), unscored=train_cclm.UNSCORED)[1][0] == 0
 
 
 def _uc2_parity_model():
@@ -273,9 +279,9 @@ def test_uc2_all_pairs_matches_volta_eval_retrieval():
         S = retrieval_protocols.score_all_pairs(model, imgs, caps, pair_batch=pair_batch)
         assert_matches_reference(f"score matrix (pair_batch {pair_batch})", S, out["eval_score_matrix"])
     ref = json.loads((UC2_PARITY / "retrieval" / "eval_retrieval_metrics.json").read_text())
-    tr, ir = engine.retrieval_ranks(S.t(), S, [0, 1, 2])
+    tr, ir = scoring.metrics.retrieval_ranks(S.t(), S, [0, 1, 2])
     assert ir.tolist() == ref["ir_ranks_from_matrix"] and tr.tolist() == ref["tr_ranks_from_matrix"]
-    m = engine.recall_metrics(S.t(), S, [0, 1, 2])
+    m = scoring.metrics.recall_metrics(S.t(), S, [0, 1, 2])
     for side, prefix in (("image_retrieval", "ir"), ("text_retrieval", "tr")):
         for key, val in ref[side].items():
             assert m[f"{prefix}_{key}"] == pytest.approx(val, abs=1e-3), (side, key)
@@ -323,11 +329,11 @@ def test_cclm_prefilter_rerank_matches_reference(k):
 def test_cls_similarity_identical_inputs_all_ones_and_unpaired_exact():
     g = torch.Generator().manual_seed(0)
     base = {f"q{i}": torch.randn(8, generator=g) for i in range(7)}
-    same = E.cls_similarity({l: dict(base) for l in ("en", "de", "bn")})
+    same = report.figures.cls_similarity({l: dict(base) for l in ("en", "de", "bn")})
     assert torch.allclose(torch.tensor(same["matrix"], dtype=torch.float64), torch.ones(3, 3, dtype=torch.float64))
     feats = {l: {i: torch.randn(8, generator=g) for i in base} for l in ("en", "de")}
     feats["de"].pop("q0")
-    sim = E.cls_similarity(feats)
+    sim = report.figures.cls_similarity(feats)
     assert sim["langs"] == ["de", "en"] and sim["n_pairs"] == [[6, 6], [6, 7]]
     cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))
     pairs = [cos(feats["en"][i], feats["de"][i]) for i in feats["de"]]
@@ -478,12 +484,12 @@ def test_table_falls_back_only_to_epoch_metrics_of_the_same_split(env, tmp_path)
         {"type": "eval", "epoch": 2, "step": 6, "lang": "de", "split": "dev", "accuracy": 90.0},
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    assert E.run_results(run, "test") is None  # dev numbers never stand in for test numbers
-    dev = E.run_results(run, "dev")
+    assert report.runs.run_results(run, "test") is None  # dev numbers never stand in for test numbers
+    dev = report.runs.run_results(run, "dev")
     assert dev["langs"] == {"de": {"accuracy": 90.0}} and dev["source"] == "metrics.jsonl epoch 2 (dev)"
     with pytest.raises(SystemExit, match="none of the 1 run folder.s. has test results"):
-        E.main(["table", str(run)])  # an empty table is not a success
-    assert E.main(["table", "--split", "dev", str(run)]) == 0
+        report_cli.main(["table", str(run)])  # an empty table is not a success
+    assert report_cli.main(["table", "--split", "dev", str(run)]) == 0
 
 
 @pytest.mark.parametrize(
@@ -498,9 +504,30 @@ def test_table_falls_back_only_to_epoch_metrics_of_the_same_split(env, tmp_path)
     ],
 )
 def test_commands_offer_no_flag_they_would_ignore(command, flag, capsys):
-    helps = E.build_parser()._subparsers._group_actions[0].choices[command].format_help()
+    parser = E.build_parser() if command == "fewshot" else report_cli.build_parser()
+    helps = parser._subparsers._group_actions[0].choices[command].format_help()
     assert flag + " " not in helps and flag + "\n" not in helps
     assert "(default: 64)" in helps  # --batch-size: --help shows defaults
+
+
+@pytest.mark.parametrize("command", ["table", "figures", "plot", "similarity"])
+def test_report_commands_say_where_they_went(command, capsys):
+    """The reports moved to `python -m report`: the old command prints one line saying so and exits 2."""
+    assert E.main([command, "runs/a b"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"eval_zeroshot.py {command} moved: python -m report {command} 'runs/a b'"
+    ]
+
+
+def test_report_runs_as_a_module_and_the_old_entry_point_exits_2(tmp_path):
+    def run(*argv):
+        return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+
+    help_ = run("-m", "report", "--help")
+    assert help_.returncode == 0 and all(c in help_.stdout for c in ("table", "figures", "plot", "similarity"))
+    old = run("eval_zeroshot.py", "table", "--per-language", str(tmp_path))
+    assert old.returncode == 2
+    assert old.stderr.strip() == f"eval_zeroshot.py table moved: python -m report table --per-language {tmp_path}"
 
 
 def test_partial_and_dev_evaluations_keep_the_test_results(env, tmp_path):
@@ -542,24 +569,24 @@ def test_evaluate_every_language_and_translate_test(env, model_name, task, capsy
             assert all("annotations_machine-translate" in res["files"][l] for l in langs - {"en"})
         for metric, row in printed.items():  # the printed table shows exactly results.json's numbers
             for lang, value in row.items():
-                want = E.zs_average(res["langs"], metric) if lang == "avg" else res["langs"][lang][metric]
+                want = scoring.metrics.zs_average(res["langs"], metric) if lang == "avg" else res["langs"][lang][metric]
                 assert value == pytest.approx(want, abs=0.0051), (metric, lang)
-        for m in E.MAIN_METRICS[task]:
-            assert res["summary"][m]["avg"] == pytest.approx(E.zs_average(res["langs"], m))
-            csv_file = run / E.csv_name(task, m, 0, mt, split)
+        for m in scoring.metrics.MAIN_METRICS[task]:
+            assert res["summary"][m]["avg"] == pytest.approx(scoring.metrics.zs_average(res["langs"], m))
+            csv_file = run / iglue.csv_name(task, m, 0, mt, split)
             header, row, n_row = (line.split(",") for line in csv_file.read_text().splitlines())
-            assert header == ["model"] + E.csv_langs(task) + ["avg"]  # IGLUE's columns, whatever was evaluated
-            complete = set(E.TARGET_LANGS[task]) <= set(res["langs"])
-            assert float(row[-1]) == (pytest.approx(E.zs_average(res["langs"], m)) if complete else -1.0)
+            assert header == ["model"] + iglue.csv_langs(task) + ["avg"]  # IGLUE's columns, whatever was evaluated
+            complete = set(iglue.TARGET_LANGS[task]) <= set(res["langs"])
+            assert float(row[-1]) == (pytest.approx(scoring.metrics.zs_average(res["langs"], m)) if complete else -1.0)
             for lang, value, n in zip(header[1:-1], row[1:-1], n_row[1:-1]):
                 want = res["langs"].get(lang)
                 assert float(value) == (pytest.approx(want[m]) if want else -1.0)
-                assert int(n) == (E.csv_n(task, want, m) if want else -1)
+                assert int(n) == (iglue.csv_n(task, want, m) if want else -1)
         if task != "xflickrco":  # per-example predictions, as VOLTA's eval_task.py writes them
             rec = {"split": split, "translate_test": mt, "shots": 0}
             names = E.label_names(model_name, task, env["data_root"])
             for lang in res["langs"]:
-                rows = json.loads((run / E.predictions_name(rec, lang)).read_text())
+                rows = json.loads((run / iglue.predictions_name(rec, lang)).read_text())
                 key, value = ("questionId", "prediction") if task == "xgqa" else ("question_id", "answer")
                 exs = data.load_split(env["data_root"], task, split, lang, translate_test=mt and lang != "en")
                 exs = [ex for ex in exs if model_name == "uc2" or ex.gold != data.XVNLI_NO_GOLD]  # X2-VLM drops "-"
@@ -570,8 +597,8 @@ def test_evaluate_every_language_and_translate_test(env, model_name, task, capsy
                     assert score == pytest.approx(res["langs"][lang]["accuracy"], abs=1e-9)
         if task == "xgqa":
             for lm in res["langs"].values():
-                assert sum(lm[f"n_{t}"] for t in engine.QTYPES) + lm.get("n_other", 0) == lm["n"]
-                total = sum(lm[f"n_{t}"] * lm[f"accuracy_{t}"] for t in engine.QTYPES if lm[f"n_{t}"])
+                assert sum(lm[f"n_{t}"] for t in scoring.metrics.QTYPES) + lm.get("n_other", 0) == lm["n"]
+                total = sum(lm[f"n_{t}"] * lm[f"accuracy_{t}"] for t in scoring.metrics.QTYPES if lm[f"n_{t}"])
                 assert total / lm["n"] == pytest.approx(lm["accuracy"], abs=1e-9)
     # the translate-test evaluation did not replace the plain one
     assert set(json.loads((run / "results.json").read_text())) == {split, split + ".mt"}
@@ -636,7 +663,7 @@ def _evaluate_runs(env: dict, dist=None) -> dict:
         model, meta = E.load_model(env["runs"][(model_name, task)] / "model_final.pt")
         tok = data.load_tokenizer(env["tokenizer"])
         model.prepare_task(env["data_root"], tok)
-        sets = engine.build_eval_sets(
+        sets = scoring.evaluate.build_eval_sets(
             model_name,
             task,
             env["data_root"],
@@ -648,9 +675,9 @@ def _evaluate_runs(env: dict, dist=None) -> dict:
             max_regions=env["max_regions"],
             image_res=meta["config"].get("image_res", 384),
         )
-        out[f"{model_name}-{task}"] = engine.evaluate_task(model, task, sets, dist, batch_size=5, k_test=7)
+        out[f"{model_name}-{task}"] = scoring.evaluate.evaluate_task(model, task, sets, dist, batch_size=5, k_test=7)
         if task == "xgqa":
-            sets = engine.build_eval_sets(
+            sets = scoring.evaluate.build_eval_sets(
                 model_name,
                 task,
                 env["data_root"],
@@ -661,7 +688,7 @@ def _evaluate_runs(env: dict, dist=None) -> dict:
                 features=env["features"],
                 max_regions=env["max_regions"],
             )
-            out["similarity"] = E.similarity_for(model, sets, dist, batch_size=5)
+            out["similarity"] = report.figures.similarity_for(model, sets, dist, batch_size=5)
     return out
 
 
@@ -724,7 +751,7 @@ def test_three_process_gloo_evaluation_equals_single_process(env, tmp_path):
 
 def test_similarity_cli_writes_json_and_heatmap(env, capsys):
     run = env["runs"][("uc2", "xvnli")]
-    assert E.main(["similarity", "--run", str(run), "--num-workers", "0", "--batch-size", "16"]) == 0
+    assert report_cli.main(["similarity", "--run", str(run), "--num-workers", "0", "--batch-size", "16"]) == 0
     sim = json.loads((run / "fig4_cls_similarity.json").read_text())
     assert sim["langs"] == ["ar", "en", "es", "fr", "ru"] and (run / "fig4_cls_similarity.png").stat().st_size > 0
     assert all(abs(sim["matrix"][i][i] - 1) < 1e-6 for i in range(5)) and -1 <= sim["unpaired"] <= 1
@@ -747,13 +774,13 @@ def _fake_run(
             if task == "xflickrco":
                 m = {f"{d}_r{k}": rng.uniform(0, 100) for d in ("tr", "ir") for k in (1, 5, 10)}
             else:
-                counts = {t: rng.randint(1, 30) for t in engine.QTYPES}
-                correct = {t: rng.randint(0, counts[t]) for t in engine.QTYPES}
+                counts = {t: rng.randint(1, 30) for t in scoring.metrics.QTYPES}
+                correct = {t: rng.randint(0, counts[t]) for t in scoring.metrics.QTYPES}
                 n = sum(counts.values())
                 m = {"accuracy": 100 * sum(correct.values()) / n, "n": n}
                 if task == "xgqa":
-                    m.update({f"accuracy_{t}": 100 * correct[t] / counts[t] for t in engine.QTYPES})
-                    m.update({f"n_{t}": counts[t] for t in engine.QTYPES})
+                    m.update({f"accuracy_{t}": 100 * correct[t] / counts[t] for t in scoring.metrics.QTYPES})
+                    m.update({f"n_{t}": counts[t] for t in scoring.metrics.QTYPES})
             lines.append(json.dumps({"type": "eval", "epoch": e, "step": 3 * e, "lang": lang, "split": "test", **m}))
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return folder
@@ -766,18 +793,20 @@ def test_plots_written_with_their_numbers(tmp_path, capsys):
     full = _fake_run(tmp_path / "cclm-xgqa-full", "cclm", "xgqa", "full", XGQA_LANGS, 5, 1)
     suf = _fake_run(tmp_path / "cclm-xgqa-suf", "cclm", "xgqa", "suf", XGQA_LANGS, 5, 2)
     ret = _fake_run(tmp_path / "uc2-xflickrco-suf", "uc2", "xflickrco", "suf", ["en", "de", "ja"], 3, 3)
-    assert E.main(["plot", str(full), str(suf), "--out", str(tmp_path / "fig")]) == 0
+    assert report_cli.main(["plot", str(full), str(suf), "--out", str(tmp_path / "fig")]) == 0
     for name in ("fig2_per_language", "fig3_per_qtype"):
         assert (tmp_path / "fig" / f"{name}.png").stat().st_size > 0
     numbers = json.loads((tmp_path / "fig" / "fig2_per_language.json").read_text())
     logged = E.read_epoch_metrics(suf)
     assert numbers[str(suf)]["series"]["accuracy"]["ko"] == [ev["ko"]["accuracy"] for _, ev in logged]
-    assert numbers[str(suf)]["series"]["accuracy"]["avg"][-1] == pytest.approx(E.zs_average(logged[-1][1], "accuracy"))
+    assert numbers[str(suf)]["series"]["accuracy"]["avg"][-1] == pytest.approx(
+        scoring.metrics.zs_average(logged[-1][1], "accuracy")
+    )
     rows = (tmp_path / "fig" / "fig3_per_qtype.csv").read_text().splitlines()
     assert (
         rows[0] == "run,epoch,lang,metric,value" and len(rows) == 1 + 2 * 5 * 5 * 9
     )  # runs x types x epochs x (8 langs + avg)
-    assert E.main(["plot", str(ret)]) == 0  # retrieval: TR and IR rows, no question types
+    assert report_cli.main(["plot", str(ret)]) == 0  # retrieval: TR and IR rows, no question types
     assert (ret / "fig2_per_language.png").is_file() and not (ret / "fig3_per_qtype.png").exists()
 
 
@@ -825,7 +854,7 @@ def test_real_training_run_curves_evaluation_and_table(env, tmp_path, capsys):
     )
     logged = E.read_epoch_metrics(run)
     assert [e for e, _ in logged] == [1, 2] and set(logged[0][1]) == {"en", "de", "ko"}
-    assert E.main(["plot", str(run)]) == 0
+    assert report_cli.main(["plot", str(run)]) == 0
     fig3 = json.loads((run / "fig3_per_qtype.json").read_text())[str(run)]
     assert fig3["series"]["accuracy_verify"]["de"] == [ev["de"]["accuracy_verify"] for _, ev in logged]
     assert (run / "fig2_per_language.png").is_file() and (run / "fig3_per_qtype.png").is_file()
@@ -834,7 +863,7 @@ def test_real_training_run_curves_evaluation_and_table(env, tmp_path, capsys):
     assert res["policy"] == "suf" and res["epoch"] == 2
     for lang in ("en", "de", "ko"):  # the final checkpoint's evaluation = the trainer's last-epoch one
         assert res["langs"][lang]["accuracy"] == pytest.approx(logged[-1][1][lang]["accuracy"])
-    t = E.build_tables([run], split="dev")
+    t = report.tables.build_tables([run], split="dev")
     assert t["table1"][0]["setup"] == "UC2+SUF" and t["table1"][0]["cells"]["xgqa:accuracy"]["paper_avg"] == 41.3
 
 
@@ -874,13 +903,15 @@ def test_table_layout_with_paper_numbers(tmp_path, capsys):
             }
         )
     )
-    assert E.main(["table", *map(str, runs), str(fs), "--per-language", "--out", str(tmp_path / "t.json")]) == 0
+    assert (
+        report_cli.main(["table", *map(str, runs), str(fs), "--per-language", "--out", str(tmp_path / "t.json")]) == 0
+    )
     out = capsys.readouterr().out
     t = json.loads((tmp_path / "t.json").read_text())
     row = {r["setup"]: r for r in t["table1"]}
     last = E.read_epoch_metrics(runs[1])[-1][1]
     cell = row["UC2+SUF"]["cells"]["xgqa:accuracy"]
-    assert cell["avg"] == pytest.approx(E.zs_average(last, "accuracy")) and cell["paper_avg"] == 41.3
+    assert cell["avg"] == pytest.approx(scoring.metrics.zs_average(last, "accuracy")) and cell["paper_avg"] == 41.3
     assert row["CCLM"]["cells"]["xflickrco:ir_r1"]["paper_en"] == 78.0
     assert f"{cell['avg']:.1f} (41.3)" in out and "UC2+SUF" in out
     assert {r["setup"]: r["paper_avg"] for r in t["table2"]} == {"CCLM+top6": 49.7}
@@ -894,18 +925,18 @@ def test_table_layout_with_paper_numbers(tmp_path, capsys):
 def test_iglue_csv_keeps_iglues_columns_and_writes_minus_one_for_missing_languages():
     """IGLUE's results/get_<task>_zero.py: columns model,en,<LANGS>,avg; a language without a result is -1.0."""
     per_lang = {"en": {"accuracy": 60.0, "n": 1164}, "de": {"accuracy": 40.0, "n": 1164}}
-    header, row, n_row = (line.split(",") for line in E.iglue_csv("xgqa", per_lang, "m", "accuracy").splitlines())
+    header, row, n_row = (line.split(",") for line in iglue.iglue_csv("xgqa", per_lang, "m", "accuracy").splitlines())
     assert header == ["model", "en", "bn", "de", "id", "ko", "pt", "ru", "zh", "avg"]  # get_xgqa_zero.py's LANGS
     assert row == ["m", "60.0", "-1.0", "40.0", "-1.0", "-1.0", "-1.0", "-1.0", "-1.0", "-1.0"]
     assert n_row == ["n", "1164", "-1", "1164", "-1", "-1", "-1", "-1", "-1", ""]
     full = {
         l: {"tr_r1": float(i), "ir_r1": 0.0, "n_images": 2000 - (l == "de"), "n_captions": 2000}
-        for i, l in enumerate(E.csv_langs("xflickrco"))
+        for i, l in enumerate(iglue.csv_langs("xflickrco"))
     }
-    header, row, n_row = (line.split(",") for line in E.iglue_csv("xflickrco", full, "m", "tr_r1").splitlines())
+    header, row, n_row = (line.split(",") for line in iglue.iglue_csv("xflickrco", full, "m", "tr_r1").splitlines())
     assert header[1:-1] == ["en", "de", "es", "id", "ja", "ru", "tr", "zh"]  # get_xflickrco_zero.py's
     assert float(row[-1]) == pytest.approx(sum(range(1, 8)) / 7) and n_row[2] == "1999"
-    few = E.iglue_csv("xvnli", {"fr": {"accuracy": 50.0, "n": 1164}}, "m", "accuracy", shots="48").splitlines()
+    few = iglue.iglue_csv("xvnli", {"fr": {"accuracy": 50.0, "n": 1164}}, "m", "accuracy", shots="48").splitlines()
     assert few[0] == "model,ar,es,fr,ru,avg" and few[1] == "m,-1.0,-1.0,50.0,-1.0,-1.0"  # get_xvnli_few.py's
 
 
@@ -936,7 +967,7 @@ def test_fewshot_runs_of_one_english_run_merge_into_one_iglue_row(tmp_path):
         )
         runs.append(fs)
     zs = _fake_run(tmp_path / "uc2-xgqa-suf", "uc2", "xgqa", "suf", XGQA_LANGS, 2, 0)
-    assert E.main(["table", *map(str, runs + [zs]), "--iglue-csv", str(tmp_path / "csv")]) == 0
+    assert report_cli.main(["table", *map(str, runs + [zs]), "--iglue-csv", str(tmp_path / "csv")]) == 0
     lines = (tmp_path / "csv" / "xGQA_48.csv").read_text().splitlines()
     assert lines[0] == "model,bn,de,id,ko,pt,ru,zh,avg"
     assert lines[1] == "uc2-xgqa-suf,-1.0,47.0,-1.0,41.0,-1.0,-1.0,-1.0,-1.0"
@@ -945,7 +976,7 @@ def test_fewshot_runs_of_one_english_run_merge_into_one_iglue_row(tmp_path):
     zero = (tmp_path / "csv" / "xGQA_0.csv").read_text().splitlines()
     last = E.read_epoch_metrics(zs)[-1][1]
     assert zero[0].startswith("model,en,bn") and zero[1].split(",")[0] == "uc2-xgqa-suf"
-    assert float(zero[1].split(",")[-1]) == pytest.approx(E.zs_average(last, "accuracy"))
+    assert float(zero[1].split(",")[-1]) == pytest.approx(scoring.metrics.zs_average(last, "accuracy"))
 
 
 def test_cclm_answer_candidates_in_x2vlms_order_predictions_are_label_ids(env):
@@ -1030,7 +1061,7 @@ def test_fewshot_from_english_checkpoint(env, tmp_path, capsys):
     trained = engine.load_checkpoint(best["checkpoint"])["model"]
     start = engine.load_checkpoint(init / "model_final.pt")["model"]
     assert any(not torch.equal(trained[k], start[k]) for k in start)  # it did train
-    t3 = {r["setup"]: r for r in E.build_tables([init, out], split="dev")["table3"]}
+    t3 = {r["setup"]: r for r in report.tables.build_tables([init, out], split="dev")["table3"]}
     assert t3["Standard"]["few_shot_langs"] == ["de"]
 
 
@@ -1115,7 +1146,7 @@ def test_cclm_retrieval_encodes_shared_test_images_once_across_languages(env):
     model, meta = E.load_model(env["runs"][("cclm", "xflickrco")] / "model_final.pt")
     tok = data.load_tokenizer(env["tokenizer"])
     model.prepare_task(env["data_root"], tok)
-    sets = engine.build_eval_sets(
+    sets = scoring.evaluate.build_eval_sets(
         "cclm",
         "xflickrco",
         env["data_root"],
@@ -1127,9 +1158,9 @@ def test_cclm_retrieval_encodes_shared_test_images_once_across_languages(env):
     )
     assert [e.image for e in sets["en"].images.items] == [e.image for e in sets["de"].images.items]
     counted = CallCounter(model.eval())
-    both = engine.evaluate_task(model, "xflickrco", sets, batch_size=5, k_test=7)
+    both = scoring.evaluate.evaluate_task(model, "xflickrco", sets, batch_size=5, k_test=7)
     assert counted.rows["encode_images"] == len(sets["en"].images)  # once, not once per language
-    alone = engine.evaluate_task(model, "xflickrco", {"de": sets["de"]}, batch_size=5, k_test=7)
+    alone = scoring.evaluate.evaluate_task(model, "xflickrco", {"de": sets["de"]}, batch_size=5, k_test=7)
     assert both["de"] == alone["de"]
 
 
@@ -1188,9 +1219,13 @@ def test_trainer_per_epoch_evaluation_takes_eval_langs(env):
         eval_batch_size=16,
         num_workers=0,
     )
-    fn = engine.trainer_evaluate_fn("uc2", args, tok, None, features=env["features"], max_regions=env["max_regions"])
+    fn = scoring.evaluate.trainer_evaluate_fn(
+        "uc2", args, tok, None, features=env["features"], max_regions=env["max_regions"]
+    )
     assert list(fn(model, 1, langs=["ar"])) == ["ar"]
     assert list(fn(model, 1)) == ["en", "ar"]
     args.eval_langs = ["ko"]
     with pytest.raises(ValueError, match="--eval-langs ko: not among the evaluated languages"):
-        engine.trainer_evaluate_fn("uc2", args, tok, None, features=env["features"], max_regions=env["max_regions"])
+        scoring.evaluate.trainer_evaluate_fn(
+            "uc2", args, tok, None, features=env["features"], max_regions=env["max_regions"]
+        )

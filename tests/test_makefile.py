@@ -46,8 +46,8 @@ def test_other_paper_targets_print_their_commands():
     fewshot = make("-n", "fewshot-xgqa-suf", "LANG_FS=bn").stdout.splitlines()[-1]
     assert "eval_zeroshot.py fewshot --checkpoint runs/uc2-xgqa-suf/model_final.pt --lang bn --shots 48" in fewshot
     assert "--translate-test" in make("-n", "translate-test", "RUN=runs/r").stdout
-    assert "eval_zeroshot.py table --per-language runs/*/" in make("-n", "table1").stdout
-    assert "eval_zeroshot.py figures runs/*/" in make("-n", "figures").stdout
+    assert "-m report table --per-language runs/*/" in make("-n", "table1").stdout
+    assert "-m report figures runs/*/" in make("-n", "figures").stdout
 
 
 def test_target_with_missing_inputs_fails_before_training_naming_them(tmp_path):

@@ -25,6 +25,7 @@ from _make import run_make  # noqa: E402
 import data  # noqa: E402
 import engine  # noqa: E402
 import eval_zeroshot as Z  # noqa: E402
+import report.tables  # noqa: E402
 import train_uc2 as U  # noqa: E402
 from comparisons.xvlmaml import maml as M  # noqa: E402
 from comparisons.xvlmaml import xvlmaml as X  # noqa: E402
@@ -519,7 +520,7 @@ def test_matrix_from_an_english_run_folder_trains_evaluates_and_tabulates(sample
     assert {r["lang"] for r in lines if r["type"] == "eval"} == {"en", "fr", "ar"}  # the per-epoch curves
     # its own setup in the paper's tables, never averaged into plainly fine-tuned UC2 rows
     assert res["policy"] == "xvlmaml-fr"
-    assert [row["setup"] for row in Z.build_tables([run])["table1"]] == ["UC2+xvlmaml-fr"]
+    assert [row["setup"] for row in report.tables.build_tables([run])["table1"]] == ["UC2+xvlmaml-fr"]
 
 
 @pytest.mark.parametrize("task,en_split,variant", [("xflickrco", "valid", "supervised"), ("xgqa", "testdev", "full")])

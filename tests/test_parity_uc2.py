@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import engine  # noqa: E402
+import scoring.metrics  # noqa: E402
 import train_uc2 as U  # noqa: E402
 from formats import volta  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
@@ -128,7 +128,7 @@ def test_parity_uc2(folder: Path, task_dir: str):
         ref = json.loads(metrics_file.read_text())
         got = _recall_metrics(matrix.numpy())
         assert got["ir_ranks"] == ref["ir_ranks_from_matrix"] and got["tr_ranks"] == ref["tr_ranks_from_matrix"]
-        ez_got = engine.recall_metrics(matrix.T, matrix, list(range(matrix.shape[0])))
+        ez_got = scoring.metrics.recall_metrics(matrix.T, matrix, list(range(matrix.shape[0])))
         for side, prefix in (("image_retrieval", "ir"), ("text_retrieval", "tr")):
             for k, v in ref[side].items():
                 assert abs(got[side][k] - v) < 1e-3, f"{side} {k}: {got[side][k]} vs {v}"

@@ -65,6 +65,7 @@ from transformers import XLMRobertaConfig, XLMRobertaModel
 import data
 import engine
 import freeze
+import scoring.evaluate
 
 LOGIT_SCALE = 100.0  # the reference's fixed scale (trainer.py), not CLIP's learned one
 ROUTINES = {  # routine: (text kind trained and tested on, alignment partner kind or None)
@@ -591,7 +592,7 @@ def evaluate(
     texts = batch_texts(split.captions(kind, lang), args.hard_prompt)
     starts = range(0, len(texts), args.eval_batch_size)
     mine = [starts[c] for c in engine.shard(len(starts), dist)]
-    with engine.autocast_for(device, getattr(args, "eval_amp", "off")):  # float32 unless --eval-amp
+    with scoring.evaluate.autocast_for(device, getattr(args, "eval_amp", "off")):  # float32 unless --eval-amp
         feats = [encode(model, tokenizer, texts[i : i + args.eval_batch_size], device).float().cpu() for i in mine]
     feats = engine.gather(feats, dist)
     model.train(was_training)

@@ -45,6 +45,8 @@ import data
 import engine
 import eval_zeroshot as Z
 import freeze
+import scoring.evaluate
+import scoring.metrics
 import train_uc2 as U
 from comparisons.xvlmaml import maml as M
 from formats import feature_sets, volta
@@ -651,7 +653,7 @@ def train(args, dist: engine.DistInfo) -> Path:
 
 
 def epoch_evaluate_fn(args, tokenizer, features, dist):
-    """The trainers' per-epoch evaluation (engine.trainer_evaluate_fn) on --epoch-eval-split; None when off.
+    """The trainers' per-epoch evaluation (scoring.evaluate.trainer_evaluate_fn) on --epoch-eval-split; None when off.
     Every feature key of the evaluated languages is checked now, before meta-training."""
     if args.no_eval or args.epoch_eval_split == "none":
         return None
@@ -664,7 +666,9 @@ def epoch_evaluate_fn(args, tokenizer, features, dist):
         num_workers=args.num_workers,
     )
     try:
-        return engine.trainer_evaluate_fn("uc2", ns, tokenizer, dist, features=features, max_regions=args.max_regions)
+        return scoring.evaluate.trainer_evaluate_fn(
+            "uc2", ns, tokenizer, dist, features=features, max_regions=args.max_regions
+        )
     except ValueError as e:
         raise SystemExit(f"error: evaluation data: {e}") from None
 
@@ -743,7 +747,9 @@ def _meta_train(
                 window = []
         bar.close()
         if evaluate_fn is not None:  # the UC2 task model, as the trainers evaluate it
-            results = engine.evaluate(evaluate_fn, net.model, epoch, amp_dtype=engine.AMP_DTYPES[args.eval_amp])
+            results = engine.evaluate(
+                evaluate_fn, net.model, epoch, amp_dtype=scoring.evaluate.AMP_DTYPES[args.eval_amp]
+            )
             engine.log_eval(log, results, epoch, prog.step, args.epoch_eval_split, dist)
         prog.epoch = epoch + 1
         prog.metrics_offset = log.size()
@@ -821,7 +827,7 @@ def matrix_table(task: str, results: dict[str, dict], baseline: dict | None = No
     def score(m: dict) -> float:
         return Z.selection_score(task, m)
 
-    targets = engine.ordered_langs({t for langs in results.values() for t in langs})
+    targets = scoring.metrics.ordered_langs({t for langs in results.values() for t in langs})
     rows = {aux: {t: score(langs[t]) for t in targets if t in langs} for aux, langs in results.items()}
     base = {t: score(m) for t, m in baseline.items()} if baseline else None
     return {
