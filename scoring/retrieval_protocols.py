@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 import torch
 
 import engine
+import scoring.evaluate
 
 # ---------------------------------------------------------------- UC2 (VOLTA's eval_retrieval.py)
 
