@@ -20,7 +20,6 @@ import sys
 
 import torch
 
-import engine
 import train_cclm
 import train_uc2
 from bench import _common

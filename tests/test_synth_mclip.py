@@ -15,7 +15,6 @@ import data
 import engine
 from comparisons.mclip import train_mclip
 from synthetic import mclip_study as sm
-from synthetic import study as synth_study
 from synthetic import world as sw
 
 TINY = {
