@@ -60,6 +60,8 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
 import data
+from formats.bad_input import BadInput
+from formats import inventory
 import freeze
 
 TASKS = data.TASKS  # the one task table (data.py)
@@ -394,7 +396,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def exits_on_bad_input(main: Callable) -> Callable:
-    """Decorator for a script's main(argv): a ValueError (how this project reports bad input: data.BadInput,
+    """Decorator for a script's main(argv): a ValueError (how this project reports bad input: BadInput,
     checkpoint, config and annotation errors) ends it as SystemExit("error: <first line>"), so main() reads top to
     bottom with no try/except. Lines after the first (a load plan's key-by-key report) go to stderr first, from
     rank 0. Where the message must say which input it is about, raise it inside `about(flag)`."""
@@ -427,7 +429,7 @@ def run_main(main: Callable[[], object]) -> None:
     """A script's entry point: an "error: ..." exit is printed once (rank 0), not by every torchrun rank;
     a closed stdout (`... | head`) ends the program quietly."""
     try:
-        code = data.exit_quietly_on_broken_pipe(main)
+        code = inventory.exit_quietly_on_broken_pipe(main)
     except SystemExit as e:
         if isinstance(e.code, str):
             if is_rank0_process():
@@ -1458,7 +1460,7 @@ def train_epochs(
                     fault_point("unfreeze")
             try:
                 step_loss, n_bad = forward_backward(net, batches, accum, amp_dtype, scaler, dist.device)
-            except data.BadInput as e:
+            except BadInput as e:
                 raise SystemExit(f"error: training data: {e}; {_last_checkpoint(prog, run_dir)}") from None
             loss_sum += step_loss
             n_finite += accum - n_bad  # before optimizer_step sums n_bad over ranks
@@ -1525,7 +1527,7 @@ def run_evaluation(
     try:
         eval_dtype = None if getattr(args, "eval_fp32", False) else amp_dtype
         results = evaluate(evaluate_fn, model, epoch, amp_dtype=eval_dtype, langs=epoch_eval_langs(args, epoch))
-    except (data.BadInput, FloatingPointError) as e:
+    except (BadInput, FloatingPointError) as e:
         raise SystemExit(
             f"error: evaluation after epoch {epoch + 1}: {e}; the epoch's checkpoint "
             f"{run_dir / CHECKPOINT} is kept: fix it and --resume (the evaluation is run again)"
@@ -2139,7 +2141,7 @@ class EvalSet:
     images: Any = None
     captions: Any = None
     source: str = ""
-    examples: Sequence = ()  # the annotations read (data.check_inputs)
+    examples: Sequence = ()  # the annotations read (inventory.check_inputs)
 
 
 def eval_langs(data_root, task: str, split: str = "test", langs=None, translate_test: bool = False) -> list[str]:
@@ -2226,9 +2228,9 @@ def trainer_evaluate_fn(
         image_res=image_res,
     )
     for s in sets.values():
-        data.check_inputs(s.examples, features=features, images=images)
+        inventory.check_inputs(s.examples, features=features, images=images)
     # every evaluation image decoded once (languages share them): a corrupt one stops the run now, not after epoch 1
-    data.check_inputs([ex for s in sets.values() for ex in s.examples], features=features, images=images, sample=None)
+    inventory.check_inputs([ex for s in sets.values() for ex in s.examples], features=features, images=images, sample=None)
     unknown = [lang for lang in getattr(args, "eval_langs", None) or [] if lang not in sets]
     if unknown:
         raise ValueError(

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+from formats.features import is_serialized_lmdb
 import engine
 import train_cclm
 import train_uc2
@@ -914,7 +915,7 @@ def feature_reader(features):
     serialized GQA LMDB holds no test images), several searched in order (train_uc2.FeatureSet)."""
     if features is None or not isinstance(features, (list, tuple)):
         return features
-    keyed = [str(p) for p in features if not data.is_serialized_lmdb(p)]
+    keyed = [str(p) for p in features if not is_serialized_lmdb(p)]
     if len(keyed) <= 1:
         return keyed[0] if keyed else None
     return train_uc2.FeatureSet(keyed)

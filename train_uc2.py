@@ -27,6 +27,8 @@ from transformers.models.xlm_roberta.configuration_xlm_roberta import XLMRoberta
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaLayer
 
 import data
+from formats.features import FEATURE_DIM, feature_keys, is_serialized_lmdb, open_features
+from formats import inventory
 import engine
 import freeze
 
@@ -883,15 +885,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class FeatureSet:
-    """Several image-keyed readers (data.open_features) searched in order, e.g. Flickr30k train +
+    """Several image-keyed readers (open_features) searched in order, e.g. Flickr30k train +
     xFlickr&CO test features. The per-image reader methods (get, kept_regions, regions) go to the reader
     holding the key."""
 
     def __init__(self, paths: list[str]):
-        self.readers = [data.open_features(p) for p in paths]
+        self.readers = [open_features(p) for p in paths]
         self.path = ", ".join(paths)
         for r in self.readers:  # open each now: an unreadable file is an error here, not in the first batch
-            data.feature_keys(r)
+            feature_keys(r)
 
     def keys(self) -> set[str]:
         return set().union(*(r.keys() for r in self.readers))
@@ -920,7 +922,7 @@ def split_features(paths: list[str]) -> tuple[list[str], list[str]]:
     for p in paths:
         if not os.path.exists(p):
             raise SystemExit(f"error: --features {p} does not exist")
-    serialized = [p for p in paths if data.is_serialized_lmdb(p)]
+    serialized = [p for p in paths if is_serialized_lmdb(p)]
     return serialized, [p for p in paths if p not in serialized]
 
 
@@ -970,7 +972,7 @@ def checked_train_dataset(args, features: FeatureSet | None, serialized: list[st
     with engine.about("training data"):
         train_ds = build_train_dataset(args, features, serialized)
         if isinstance(train_ds, data.UC2Dataset):
-            data.check_inputs(train_ds.examples, features=features, sample=data.VERIFY_SAMPLE)
+            inventory.check_inputs(train_ds.examples, features=features, sample=inventory.VERIFY_SAMPLE)
         return train_ds
 
 
@@ -987,7 +989,7 @@ def load_checkpoint_arg(model: UC2, path: str) -> tuple[engine.LoadPlan, dict]:
 def model_config_from_args(args) -> dict:
     config = resolve_config(args.model_config)
     # data.py reads IGLUE's region files: 2048-d features, 7 location values (VOLTA's datasets pad to 2048 too)
-    for key, have in (("v_feature_size", data.FEATURE_DIM), ("num_locs", 7)):
+    for key, have in (("v_feature_size", FEATURE_DIM), ("num_locs", 7)):
         if config[key] != have:
             raise SystemExit(
                 f"error: --model-config {args.model_config}: {key} = {config[key]}, but the region "

@@ -55,6 +55,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+from formats.features import _open_lmdb  # noqa: E402
+from synthetic import fixtures  # noqa: E402
 import engine  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2  # noqa: E402
@@ -88,7 +90,7 @@ def rate(n: int, fn) -> tuple[float, float]:
 
 
 def raw_lmdb(path: str, keys: list[str]) -> None:
-    env = data._open_lmdb(path)
+    env = _open_lmdb(path)
     with env.begin() as txn:
         for k in keys:
             pickle.loads(txn.get(k.encode()))
@@ -284,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         exs_feat, exs_img = synthetic_examples(n_feat), synthetic_examples(n_img)
-        data.write_synthetic_features(tmp / "feats.lmdb", [ex.image for ex in exs_feat], num_boxes=36)
-        data.write_synthetic_images(tmp / "images", [ex.image_file for ex in exs_img], size=(500, 375))
-        tok = data.make_tiny_tokenizer([ex.text for ex in exs_feat], tmp / "tok", vocab_size=200)
+        fixtures.write_synthetic_features(tmp / "feats.lmdb", [ex.image for ex in exs_feat], num_boxes=36)
+        fixtures.write_synthetic_images(tmp / "images", [ex.image_file for ex in exs_img], size=(500, 375))
+        tok = fixtures.make_tiny_tokenizer([ex.text for ex in exs_feat], tmp / "tok", vocab_size=200)
 
         feat_ds = data.UC2Dataset(exs_feat, str(tmp / "feats.lmdb"), "xvnli")
         img_ds = data.CCLMDataset(exs_img, str(tmp / "images"), "xvnli", image_res=args.image_res)

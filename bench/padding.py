@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+from synthetic import fixtures  # noqa: E402
 import engine  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "iglue"
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             tok, tok_name = data.load_tokenizer(args.tokenizer), args.tokenizer
         else:
             texts = [t for (task, _), exs in splits.items() for m in ("uc2", "cclm") for t in model_texts(m, task, exs)]
-            tok = data.make_tiny_tokenizer(texts, tmp, vocab_size=8000)
+            tok = fixtures.make_tiny_tokenizer(texts, tmp, vocab_size=8000)
             tok_name = f"Unigram trained on the sample's eval texts ({len(tok)} ids; XLM-R not available offline)"
     rows = []
     for batch_size in args.batch_size:
