@@ -2230,7 +2230,9 @@ def trainer_evaluate_fn(
     for s in sets.values():
         inventory.check_inputs(s.examples, features=features, images=images)
     # every evaluation image decoded once (languages share them): a corrupt one stops the run now, not after epoch 1
-    inventory.check_inputs([ex for s in sets.values() for ex in s.examples], features=features, images=images, sample=None)
+    inventory.check_inputs(
+        [ex for s in sets.values() for ex in s.examples], features=features, images=images, sample=None
+    )
     unknown = [lang for lang in getattr(args, "eval_langs", None) or [] if lang not in sets]
     if unknown:
         raise ValueError(

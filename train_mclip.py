@@ -1167,7 +1167,9 @@ def features_main(argv: Sequence[str]) -> dict:
         if a.dataset == "xtd":
             names = xtd_data.load_xtd(a.data_root, ["en"]).images
         else:
-            names = sorted({n for s in xtd_data.MULTI30K_SPLITS for n in xtd_data.load_multi30k(a.data_root, s, ["en"]).images})
+            names = sorted(
+                {n for s in xtd_data.MULTI30K_SPLITS for n in xtd_data.load_multi30k(a.data_root, s, ["en"]).images}
+            )
         cuda = torch.cuda.is_available() and os.environ.get("SUF_DEVICE", "") != "cpu"
         table = compute_image_features(names, a.images, a.clip_vision, "cuda" if cuda else "cpu")
     except ValueError as e:

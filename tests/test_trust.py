@@ -163,9 +163,7 @@ def test_forged_numpy_dtypes_and_object_arrays_are_refused(tmp_path):
     evil = pickle.loads(forged["forged_dtype"])
     assert evil.hasobject and evil.kind == "f"
     for name, payload in forged.items():
-        refused(
-            lambda: unpickle_data(payload, f"x.pkl ({name})"), f"x.pkl ({name})", tmp_path / "none", unsafe=False
-        )
+        refused(lambda: unpickle_data(payload, f"x.pkl ({name})"), f"x.pkl ({name})", tmp_path / "none", unsafe=False)
 
 
 def _plain_objects() -> dict:
