@@ -1,11 +1,8 @@
-"""IGLUE data for UC2 (region features) and CCLM (images): annotations, features, images, text, batches.
+"""IGLUE data for UC2 (region features) and CCLM (images): annotations, datasets, transforms, text, batches.
 
-Sections, in file order: annotation files; translation retrieval sets (XTD10, Multi30K); region features (UC2);
-pickles inside downloaded files (what the feature and vocabulary readers unpickle); images (CCLM); text; datasets
-(and the fail-fast input checks); collate; model inputs (one interface per model); loader; inventory CLI. The
-batch transport the loader uses lives in fastload.py.
-
-Public API (everything else is private):
+Sections, in file order: annotation files; images (CCLM); text; datasets; collate; model inputs; loader.
+Below it, in formats/: the feature stores (features.py), the restricted unpickler (pickles.py) and the data
+inventory / pre-flight checks (inventory.py, `python -m formats.inventory --data-root DIR`).
 
 Annotations
   TASKS, Example                    task names; one uniform record per question / pair / caption
@@ -16,67 +13,27 @@ Annotations
   load_split(root, task, split, lang, translate_test=False) -> list[Example]
   load_answer_vocab(root) -> (ans2label, label2ans)   the 1,842 GQA answers
   XVNLI_LABELS_UC2 / XVNLI_LABELS_CCLM  class order of each model (VOLTA / X2-VLM)
-Translation retrieval sets (train_mclip.py: XTD10, Multi30K with PECTVLM's machine translations)
-  RetrievalSplit(images, texts)     images + {text kind: {lang: one caption per image}}; kinds native, from_en
-                                    (English captions MT into lang), to_en (lang's captions MT into English)
-  load_xtd(root, langs) / xtd_splits(full, n_shot, seed)   XTD10 and run_XTD.py's 50 / 50 / 900 split
-  load_multi30k(root, split, langs) / multi30k_splits(root, langs, n_shot, seed)   Multi30K task 1
-  read_lines(path, expect)          caption file lines; one-line ValueError naming file:line
-  XTD_LANGS, MULTI30K_LANGS, MULTI30K_SPLITS
-Region features (UC2)
-  open_features(path) -> reader     per-image LMDB (h5_to_lmdb or X101 base64) or the H5 file; opened lazily in
-                                    each process (read-only, no lock, no readahead); reader.keys(), key in reader,
-                                    reader.get(key) -> (features, boxes, w, h), reader.regions(key, R) -> padded tensors
-  feature_keys(reader)              reader.keys(), an undecodable `keys` entry a one-line BadInput naming the file
-  is_serialized_lmdb(path)          True for IGLUE's per-question GQA LMDB (tensorpack format)
-  box_locations(boxes, w, h) / pad_regions(features, locations, max_regions)   VOLTA's 7-value boxes + padding
-  SerializedGQA(path)               tensorpack/msgpack per-question LMDB (GQA train/val), no tensorpack needed
-  decode_serialized(buf)            msgpack + msgpack_numpy value decoder
-  write_synthetic_features(path, image_ids, num_boxes=36, seed=0)   h5_to_lmdb-format LMDB for tests/demo
-Pickles in downloaded files (README "Trust model")
-  unpickle_data(buf, where) / read_pickle(path)   plain data and numpy arrays only; any other name in the pickle
-                                    is refused (UnsafePickleError, a ValueError naming `where`), nothing is called
-  plain_dtype(spec)                 np.dtype of a plain numeric/bytes/str type, else ValueError
 Images (CCLM)
-  CLIP_MEAN, CLIP_STD, load_image(path), eval_transform(img, res), train_transform(img, res, rng, flip)
-  IMAGE_MAX_PIXELS                  decompression-bomb limit: load_image refuses larger images before decoding
-  normalize_images(uint8 batch images) -> float32 model input (CCLM batches carry uint8 pixels)
-  write_synthetic_images(folder, relpaths, size=(128, 96), seed=0)
+  load_image(path) (refuses more than IMAGE_MAX_PIXELS before decoding), eval_transform(img, res),
+  train_transform(img, res, rng, flip), normalize_images(uint8 batch images) -> float32 model input
 Text
-  pre_caption(text, max_words) / pre_question(text, max_words)   X2-VLM text cleaning
-  load_tokenizer(path_or_hub_id), make_tiny_tokenizer(texts, out_dir, vocab_size=1000)
+  pre_caption / pre_question(text, max_words)   X2-VLM text cleaning; load_tokenizer(path_or_hub_id)
   encode_texts(tokenizer, texts, max_len) -> (ids, mask)   pad to longest, truncation keeps </s>
-  MAX_TEXT_LEN                      {(model, task, train): max tokens or None}
-Datasets and batches (contract keys)
-  UC2Dataset, SerializedGQADataset, CCLMDataset       training/eval datasets with set_epoch(epoch); item i is
-                                    always example i (stable order and ids, for sharded evaluation)
-  RetrievalImages, RetrievalCaptions                   retrieval eval: each image / caption once; image item i
-                                    is the image with index i (== Example.label of its captions)
-  UC2Collate(task, tokenizer, train) / CCLMCollate(task, tokenizer, train)
-                                    dataset items -> contract batches (tokenising here, i.e. in the workers);
-                                    retrieval eval batches: images (+ image_index, id = image key) or captions
-                                    (input_ids/attention_mask or text_ids/text_atts + image_index = gold image)
-  Retrieval negatives: UC2 training items draw them as VOLTA's RetrievalDataset does (negatives="volta",
-  the default: captions are always among the file's first few, see UC2Dataset) or as VOLTA meant to
-  (negatives="corrected": never the positive's own image); CCLM batches may hold two captions of one image:
-  `idx` (image index) lets the loss treat them as positives, as X2-VLM does.
-  load_hard_negatives(path)         IGLUE/VOLTA hard_negative.pkl (train_image_list, train_hard_pool)
-  check_inputs(examples, features=None, images=None, sample=0)   fail fast before training: one-line ValueError
-                                    naming the first missing feature key / image file, its annotation line, and the
-                                    count; sample: decode that many records / image headers too (None: all)
+Datasets and batches (item i is always example i: stable order and ids, for sharded evaluation)
+  UC2Dataset, SerializedGQADataset, CCLMDataset   training/eval datasets with set_epoch(epoch)
+  RetrievalImages, RetrievalCaptions   retrieval eval: each image / caption once; image item i is the image with
+                                    index i (== Example.label of its captions)
+  UC2Collate / CCLMCollate(task, tokenizer, train)   items -> contract batches (tokenising in the workers)
+  Retrieval negatives: UC2 training items draw them as VOLTA's RetrievalDataset does (negatives="volta") or as
+  VOLTA meant to ("corrected"); CCLM batches may hold two captions of one image: `idx` (image index) lets the
+  loss treat them as positives, as X2-VLM does.
 Model inputs (what a model reads beside text; no model-name branches anywhere else in this file)
-  REGION_FEATURES (UC2) / IMAGES (CCLM), each with .dataset(task, examples, ...), .retrieval_eval(examples, ...),
-                                    .collate(task, tokenizer, train); model_inputs("uc2" / "cclm") -> one of them
-  make_dataset(model, task, examples, ...), make_retrieval_eval(model, examples, ...),
-  make_collate(model, task, tokenizer, train)   the same, for callers that hold the model's name
+  REGION_FEATURES (UC2) / IMAGES (CCLM): .dataset(task, examples, ...), .retrieval_eval(examples, ...),
+  .collate(task, tokenizer, train); model_inputs("uc2" / "cclm"); make_dataset / make_retrieval_eval /
+  make_collate(model, ...) the same, for callers that hold the model's name
 Loader
-  BatchLoader(dataset, collate_fn=..., **DataLoader arguments)   a DataLoader (batches through fastload's reused
-                                    shared-memory slabs) whose worker BadInput reaches the caller as one line
-CLI
-  inventory(root, features=(), images=None) and
-      `python data.py --data-root DIR [--features ...] [--images DIR] [--json]`
-  verify(root, features=(), images=None) and `... --verify`: decode every feature record and image header
-  BadInput                          ValueError of a bad record / image / annotation line (one line, also from workers)
+  BatchLoader(dataset, collate_fn=..., **DataLoader arguments)   a torch DataLoader whose worker BadInput (a bad
+                                    record / image / annotation line) reaches the caller as one line
 
 Image folder layout expected by CCLM (`--images ROOT`; symlink your downloads into it):
   ROOT/gqa/<imageId>.jpg                         GQA images (images.zip), used by GQA/xGQA
@@ -87,16 +44,11 @@ Image folder layout expected by CCLM (`--images ROOT`; symlink your downloads in
 
 from __future__ import annotations
 
-import argparse
-import base64
-import collections
 import functools
-import io
 import itertools
 import json
 import math
 import os
-import pickle
 import random
 import re
 import sys
@@ -108,9 +60,20 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageFile
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-import fastload
+from formats import x2vlm_randaugment
+from formats.bad_input import BadInput
+from formats.features import (
+    FEATURE_DIM,
+    SerializedGQA,
+    as_reader,
+    batch_regions,
+    box_locations,
+    is_serialized_lmdb,
+    read_record,
+)
+from formats.pickles import read_pickle
 
 ImageFile.LOAD_TRUNCATED_IMAGES = True  # as the X2-VLM loaders do
 # Decompression-bomb guard: a sub-MB PNG can declare 30,000 x 30,000 pixels (GBs once decoded). load_image
@@ -126,7 +89,6 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG includes m
 TASKS = ("xgqa", "xvnli", "xflickrco")
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 NUM_ANSWERS = 1842
-FEATURE_DIM = 2048
 XVNLI_LABELS_UC2 = ("contradiction", "neutral", "entailment")  # VOLTA LABEL_MAP order
 XVNLI_LABELS_CCLM = ("contradiction", "entailment", "neutral")  # X2-VLM label_mapper order
 XVNLI_NO_GOLD = "-"  # SNLI-style "no consensus" label present in the real files (VOLTA: zero target)
@@ -159,16 +121,9 @@ CCLM_MAX_WORDS = {
     ("xflickrco", False): 80,
 }
 
-
 # ----------------------------------------------------------------------------------------------
 # Annotation files
 # ----------------------------------------------------------------------------------------------
-
-
-class BadInput(ValueError):
-    """An input file is bad (record, image, annotation): the message is one line naming the file and the key
-    or annotation line. Raised in a DataLoader worker, it reaches the main process as one line too
-    (BatchLoader), so the trainers can stop with that line instead of a worker traceback."""
 
 
 @dataclass(slots=True)
@@ -626,815 +581,6 @@ def _load_retrieval(path: Path, rel: str, lang: str, xflickrco_keys: bool) -> li
 
 
 # ----------------------------------------------------------------------------------------------
-# Translation retrieval sets: XTD10 and Multi30K with PECTVLM's machine translations (train_mclip.py)
-# ----------------------------------------------------------------------------------------------
-
-XTD_LANGS = ("en", "de", "fr", "es", "it", "jp", "ko", "pl", "ru", "tr", "zh")
-MULTI30K_LANGS = ("en", "de", "fr", "cs")
-MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
-# Folder names the inventory looks for under --data-root (mclip.mk's defaults XTD=data/XTD10,
-# MULTI30K=data/multi30k-dataset).
-RETRIEVAL_SET_DIRS = {"xtd10": "XTD10", "multi30k": "multi30k-dataset"}
-# text kind -> XTD10 file pattern (PECTVLM layout): captions, English captions machine-translated into the
-# language, the language's captions machine-translated into English
-XTD_FILES = {
-    "native": "all/test_1kcaptions_{}.txt",
-    "from_en": "translated_from_en/{}.txt",
-    "to_en": "translated_to_en/{}.txt",
-}
-MULTI30K_DIRS = {"native": "raw", "from_en": "translated_from_en", "to_en": "translated_to_en"}
-
-
-@dataclass
-class RetrievalSplit:
-    """Images (paths relative to the image root) and, per text kind and language, one caption per image."""
-
-    images: list[str]
-    texts: dict[str, dict[str, list[str]]] = field(default_factory=dict)
-
-    def subset(self, idx: Sequence[int]) -> "RetrievalSplit":
-        return RetrievalSplit(
-            [self.images[i] for i in idx],
-            {k: {l: [t[i] for i in idx] for l, t in d.items()} for k, d in self.texts.items()},
-        )
-
-    def captions(self, kind: str, lang: str) -> list[str]:
-        """kind "en": the English captions (the alignment partner of method1 / method3)."""
-        if kind == "en":
-            return self.texts["native"]["en"]
-        return self.texts[kind][lang]
-
-
-def read_lines(path: Path, expect: int | None = None) -> list[str]:
-    """Stripped lines of a UTF-8 text file; an empty line, a wrong count or bad bytes is a one-line ValueError
-    naming the file (and the line)."""
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
-    raw = path.read_bytes()
-    try:
-        lines = [s.strip() for s in raw.decode("utf-8").strip("\n").split("\n")]
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for i, s in enumerate(lines, 1):
-        if not s:
-            raise ValueError(f"{path}:{i}: empty line")
-    if expect is not None and len(lines) != expect:
-        raise ValueError(f"{path}: {len(lines)} lines, expected {expect} (one per image)")
-    return lines
-
-
-def xtd_image_path(name: str) -> str:
-    """XTD10 image names are COCO 2014 file names: COCO_train2014_x.jpg -> train2014/COCO_train2014_x.jpg."""
-    parts = name.split("#")[0].split("_")
-    if len(parts) < 3 or not parts[1].startswith(("train", "val")):
-        raise ValueError(f"XTD10 image name {name!r} is not a COCO 2014 file name")
-    return f"{parts[1]}/{name.split('#')[0]}"
-
-
-def _xtd_images(root: Path) -> list[str]:
-    path = root / "all" / "test_image_names.txt"
-    names = read_lines(path)
-    images = []
-    for i, n in enumerate(names, 1):
-        try:
-            images.append(xtd_image_path(n))
-        except ValueError as e:
-            raise ValueError(f"{path}:{i}: {e}") from None
-    return images
-
-
-def load_xtd(root: str | os.PathLike, langs: Sequence[str] = XTD_LANGS) -> RetrievalSplit:
-    """XTD10 in PECTVLM's layout: all/test_image_names.txt, all/test_1kcaptions_<lang>.txt and the machine
-    translations translated_from_en/<lang>.txt (English captions into lang), translated_to_en/<lang>.txt."""
-    root = Path(root)
-    images = _xtd_images(root)
-    texts = {k: {l: read_lines(root / f.format(l), len(images)) for l in langs} for k, f in XTD_FILES.items()}
-    if "en" not in langs:
-        texts["native"]["en"] = read_lines(root / XTD_FILES["native"].format("en"), len(images))
-    return RetrievalSplit(images, texts)
-
-
-def load_multi30k(root: str | os.PathLike, split: str, langs: Sequence[str] = MULTI30K_LANGS) -> RetrievalSplit:
-    """Multi30K task 1 in PECTVLM's layout under data/task1/: image_splits/<split>.txt, raw/<split>.<lang> and
-    translated_from_en/<split>.<lang>, translated_to_en/<split>.<lang>; images are flickr30k-images/<name>."""
-    base = Path(root) / "data" / "task1"
-    name = MULTI30K_SPLITS[split]
-    images = [f"flickr30k-images/{n}" for n in read_lines(base / "image_splits" / f"{name}.txt")]
-    texts = {k: {l: read_lines(base / d / f"{name}.{l}", len(images)) for l in langs} for k, d in MULTI30K_DIRS.items()}
-    return RetrievalSplit(images, texts)
-
-
-def xtd_splits(full: RetrievalSplit, n_shot: int, seed: int) -> dict[str, RetrievalSplit]:
-    """run_XTD.py's split: a permutation by torch.Generator(seed); train = first n_shot, val = next n_shot,
-    test = the rest, in permutation order (50-shot: 50 / 50 / 900). n_shot 0: everything is test."""
-    perm = torch.randperm(len(full.images), generator=torch.Generator().manual_seed(seed)).tolist()
-    if 2 * n_shot >= len(perm):
-        raise ValueError(f"--n-shot {n_shot}: XTD10 has {len(perm)} images, too few for train + val + test")
-    return {
-        "train": full.subset(perm[:n_shot]),
-        "val": full.subset(perm[n_shot : 2 * n_shot]),
-        "test": full.subset(perm[2 * n_shot :]),
-    }
-
-
-def multi30k_splits(root, langs: Sequence[str], n_shot: int | None, seed: int) -> dict[str, RetrievalSplit]:
-    """train / val / test_2016_flickr; with n_shot, train is subsampled as PECTVLM's load_file_from_task
-    (first n of a permutation by torch.Generator(seed)). Our choice: val stays whole (reference silent)."""
-    splits = {s: load_multi30k(root, s, langs) for s in MULTI30K_SPLITS}
-    if n_shot:
-        perm = torch.randperm(len(splits["train"].images), generator=torch.Generator().manual_seed(seed)).tolist()
-        splits["train"] = splits["train"].subset(perm[:n_shot])
-    return splits
-
-
-def _retrieval_entry(path: Path, images: list[str]) -> dict:
-    try:
-        return {"examples": len(read_lines(path, len(images))), "images": len(images), "missing": None}
-    except ValueError as e:
-        return {"error": str(e)}
-
-
-def _suffixed(split: str, kind: str) -> str:
-    return split if kind == "native" else f"{split}_translated_{kind}"
-
-
-def retrieval_set_inventory(name: str, root: Path) -> dict:
-    """split[_translated_from_en | _translated_to_en] -> lang -> {"examples", "images", "missing": None} of an
-    XTD10 ("xtd10", one split "all") or Multi30K folder; a file that fails to load gets {"error": message}."""
-    out: dict = {}
-    if name == "xtd10":
-        try:
-            images = _xtd_images(root)
-        except ValueError as e:
-            return {"all": {"*": {"error": str(e)}}}
-        langs = sorted(p.name[len("test_1kcaptions_") : -4] for p in (root / "all").glob("test_1kcaptions_*.txt"))
-        for kind, pattern in XTD_FILES.items():
-            for lang in langs:
-                path = root / pattern.format(lang)
-                if kind == "native" or path.exists():
-                    out.setdefault(_suffixed("all", kind), {})[lang] = _retrieval_entry(path, images)
-        return out
-    base = root / "data" / "task1"
-    for split, file_name in MULTI30K_SPLITS.items():
-        try:
-            images = [f"flickr30k-images/{n}" for n in read_lines(base / "image_splits" / f"{file_name}.txt")]
-        except ValueError as e:
-            out[split] = {"*": {"error": str(e)}}
-            continue
-        for kind, folder in MULTI30K_DIRS.items():
-            for path in sorted((base / folder).glob(f"{file_name}.*")):
-                lang = path.name[len(file_name) + 1 :]
-                out.setdefault(_suffixed(split, kind), {})[lang] = _retrieval_entry(path, images)
-    return out
-
-
-def retrieval_set_roots(data_root) -> dict[str, Path]:
-    """{"xtd10" / "multi30k": folder} of the translation retrieval sets present under data_root."""
-    root = Path(data_root)
-    return {name: root / d for name, d in RETRIEVAL_SET_DIRS.items() if (root / d).is_dir()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Region features (UC2)
-# ----------------------------------------------------------------------------------------------
-
-
-def box_locations(boxes: np.ndarray, img_w: int, img_h: int) -> np.ndarray:
-    """VOLTA's 7-value location per box, float32: x1/W, y1/H, x2/W, y2/H, w/W, h/H, relative area."""
-    loc = np.empty((boxes.shape[0], 7), dtype=np.float32)
-    loc[:, :4] = boxes
-    # the float32 operations of VOLTA's ImageFeaturesH5Reader, element by element, so results are bit-identical
-    # (x1/W, y1/H, x2/W, y2/H in one division by float32 [W, H, W, H]: W and H are exact in float32)
-    loc[:, 6] = (loc[:, 3] - loc[:, 1]) * (loc[:, 2] - loc[:, 0]) / (float(img_w) * float(img_h))
-    np.divide(loc[:, :4], np.array([img_w, img_h, img_w, img_h], dtype=np.float32), out=loc[:, :4])
-    np.subtract(loc[:, 2:4], loc[:, 0:2], out=loc[:, 4:6])
-    return loc
-
-
-def pad_regions(features: np.ndarray, locations: np.ndarray, max_regions: int) -> dict[str, torch.Tensor]:
-    """First min(N, R) regions in file order, zero padding after; image_mask 1 on kept regions."""
-    return _batch_regions([(features, locations)], max_regions, ())
-
-
-def _batch_regions(regions: Sequence[tuple[np.ndarray, np.ndarray]], max_regions: int, lead: tuple) -> dict:
-    """(features [n,2048], locations [n,7]) per image -> padded lead+[R,2048], lead+[R,7], lead+[R] tensors,
-    written once into the batch buffers (rows after n are zero, image_mask 1 on the first n)."""
-    shape = (len(regions), max_regions)
-    feats = fastload.batch_empty(shape + (FEATURE_DIM,), torch.float32)
-    spatials = fastload.batch_empty(shape + (7,), torch.float32)
-    mask = fastload.batch_empty(shape, torch.long)
-    f, sp, m = feats.numpy(), spatials.numpy(), mask.numpy()  # numpy copies: sources may be read-only buffers
-    for i, (feat, loc) in enumerate(regions):
-        n = min(len(feat), max_regions)
-        f[i, :n], f[i, n:] = feat[:n], 0
-        sp[i, :n], sp[i, n:] = loc[:n], 0
-        m[i, :n], m[i, n:] = 1, 0
-    out = lead or (len(regions),)
-    return {
-        "features": feats.view(*out, max_regions, FEATURE_DIM) if lead else feats[0],
-        "spatials": spatials.view(*out, max_regions, 7) if lead else spatials[0],
-        "image_mask": mask.view(*out, max_regions) if lead else mask[0],
-    }
-
-
-class _LazyHandle:
-    """Opens its file on first use in each process (DataLoader workers never share a parent's handle)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = str(path)
-        self._handle, self._pid = None, None
-
-    def _open(self):
-        raise NotImplementedError
-
-    @property
-    def handle(self):
-        if self._handle is None or self._pid != os.getpid():
-            self._handle, self._pid = self._open(), os.getpid()
-        return self._handle
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_handle"], state["_pid"] = None, None
-        return state
-
-
-_LMDB_ENVS: dict[str, tuple[int, Any]] = {}
-
-
-def _open_lmdb(path: str):
-    """Read-only, lock-free, no-readahead LMDB environment, opened once per (path, process)."""
-    import lmdb
-
-    key = os.path.abspath(path)
-    pid, env = _LMDB_ENVS.get(key, (None, None))
-    if env is not None and pid == os.getpid():
-        return env
-    if env is not None:  # inherited through fork: never use the parent's handle, release the child's copy
-        try:
-            env.close()
-        except lmdb.Error:
-            pass
-    if not os.path.exists(path):
-        raise ValueError(f"feature file {path} does not exist")
-    try:
-        env = lmdb.open(
-            path,
-            subdir=os.path.isdir(path),
-            readonly=True,
-            lock=False,
-            readahead=False,
-            meminit=False,
-            max_readers=2048,
-        )
-    except lmdb.Error as e:
-        raise ValueError(f"{path}: cannot open as LMDB ({e})") from None
-    _check_lmdb_size(env, path)
-    _LMDB_ENVS[key] = (os.getpid(), env)
-    return env
-
-
-def _check_lmdb_size(env, path: str) -> None:
-    """A truncated data.mdb (interrupted copy/download) is mmapped and would kill the process with SIGBUS
-    on the first read past its end: compare the file size with the last page its header says is in use."""
-    data_file = os.path.join(path, "data.mdb") if os.path.isdir(path) else path
-    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-    size = os.path.getsize(data_file)
-    if size < need:
-        env.close()
-        raise ValueError(
-            f"{data_file}: LMDB file is truncated ({size:,} bytes, its header needs {need:,}); "
-            f"copy or download it again"
-        )
-
-
-def _close_lmdb(path: str) -> None:
-    pid, env = _LMDB_ENVS.pop(os.path.abspath(path), (None, None))
-    if env is not None:
-        env.close()
-
-
-class LMDBRegionFeatures(_LazyHandle):
-    """Per-image LMDB as VOLTA reads it: `keys` entry + pickled dict per image id, with numpy arrays
-    (h5_to_lmdb.py, boxes36) or base64 float32 bytes (npy_to_lmdb.py, X101):
-    docs/reference_facts.md#F-uc2-feature-files."""
-
-    def _open(self):
-        return _open_lmdb(self.path)
-
-    def keys(self) -> set[str]:
-        if getattr(self, "_keys", None) is None:
-            with self.handle.begin() as txn:
-                raw = txn.get(b"keys")
-            if raw is None:
-                raise ValueError(
-                    f"{self.path}: no 'keys' entry; not an image-keyed feature LMDB "
-                    f"(a per-question GQA serialized LMDB is read with SerializedGQA)"
-                )
-            keys = unpickle_data(raw, f"{self.path} entry 'keys'")
-            self._keys = {k.decode() if isinstance(k, bytes) else str(k) for k in keys}
-        return self._keys
-
-    def __contains__(self, key) -> bool:
-        return str(key) in self.keys()
-
-    def get(self, key, max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray, int, int]:
-        """(features [N,2048] f32, boxes [N,4] f32 pixels, img_w, img_h), the first max_rows rows only if given;
-        KeyError if absent."""
-        with self.handle.begin(buffers=True) as txn:
-            raw = txn.get(str(key).encode())
-            if raw is None:
-                raise KeyError(str(key))
-            item = unpickle_data(raw, f"{self.path}: feature record {str(key)!r}")
-        rows = slice(None, max_rows)
-        return _record_arrays(self.path, key, item, rows)
-
-    def regions(self, key, max_regions: int) -> dict[str, torch.Tensor]:
-        return pad_regions(*self.kept_regions(key, max_regions), max_regions)
-
-    def kept_regions(self, key, max_regions: int) -> tuple[np.ndarray, np.ndarray]:
-        """(features [n,2048], locations [n,7]) of the first n = min(N, max_regions) boxes."""
-        feats, boxes, w, h = self.get(key, max_regions)
-        return feats, box_locations(boxes, w, h)
-
-
-_RECORD_FIELDS = ("features", "boxes", "img_w", "img_h")
-
-
-def _record_arrays(path: str, key, item, rows: slice) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """(features [N,2048], boxes [N,4] float32, img_w, img_h) of a decoded record, checked: a record of another
-    width (4x1024 is not 2x2048), dtype or row count, or without its fields, is a BadInput naming file and key."""
-    where = f"{path}: feature record {str(key)!r}"
-    if not isinstance(item, dict) or not all(k in item for k in _RECORD_FIELDS):
-        have = sorted(map(str, item))[:8] if isinstance(item, dict) else type(item).__name__
-        raise BadInput(f"{where}: expected a dict with {', '.join(_RECORD_FIELDS)}; got {have}")
-    feats = _as_rows(item["features"], FEATURE_DIM, where, "features")
-    boxes = _as_rows(item["boxes"], 4, where, "boxes")
-    if len(feats) != len(boxes):
-        raise BadInput(f"{where}: {len(feats)} feature rows of {FEATURE_DIM} but {len(boxes)} boxes")
-    width, height = _image_side(item["img_w"], where, "img_w"), _image_side(item["img_h"], where, "img_h")
-    return feats[rows], boxes[rows], width, height
-
-
-def _as_rows(value, width: int, where: str = "", name: str = "") -> np.ndarray:
-    # X101 LMDBs store base64 text of raw float32; h5_to_lmdb stores the arrays themselves (used directly,
-    # instead of VOLTA's try-b64decode-then-fall-back: docs/reference_facts.md#F-uc2-feature-b64).
-    if isinstance(value, (bytes, str)):
-        try:
-            raw = base64.b64decode(value, validate=True)
-        except ValueError as e:
-            raise BadInput(f"{where}: {name} is not valid base64 ({e})") from None
-        if len(raw) % (4 * width):
-            raise BadInput(f"{where}: {name} holds {len(raw)} bytes, not whole float32 rows of {width}")
-        return np.frombuffer(raw, dtype=np.float32).reshape(-1, width)
-    if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.ndim != 2 or value.shape[1] != width:
-        shown = (
-            f"{value.dtype} array of shape {list(value.shape)}"
-            if isinstance(value, np.ndarray)
-            else type(value).__name__
-        )
-        raise BadInput(f"{where}: {name} is a {shown}; expected a float array of shape [N, {width}]")
-    return np.asarray(value, dtype=np.float32)
-
-
-def _image_side(value, where: str, name: str) -> int:
-    ok = isinstance(value, (int, np.integer)) or (
-        isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind in "iu"
-    )
-    if not ok or isinstance(value, bool) or int(value) < 1:
-        raise BadInput(f"{where}: {name} is {value!r}; expected a positive integer (pixels)")
-    return int(value)
-
-
-class H5RegionFeatures(_LazyHandle):
-    """IGLUE's distributed boxes36 H5: one group per image id (features, boxes, img_w, img_h, ...)."""
-
-    def _open(self):
-        import h5py
-
-        if not os.path.isfile(self.path):
-            raise ValueError(f"feature file {self.path} does not exist")
-        try:
-            return h5py.File(self.path, "r")
-        except OSError as e:  # truncated (interrupted copy) or not HDF5 at all
-            raise ValueError(f"{self.path}: cannot open as HDF5 ({e}); copy or download it again") from None
-
-    def keys(self) -> set[str]:
-        if getattr(self, "_keys", None) is None:
-            self._keys = set(self.handle.keys())
-        return self._keys
-
-    def __contains__(self, key) -> bool:
-        return str(key) in self.keys()
-
-    def get(self, key, max_rows: int | None = None):
-        key = str(key)
-        if key not in self.keys():
-            raise KeyError(key)
-        g = self.handle[key]
-        where = f"{self.path}: feature record {key!r}"
-        if not all(k in g for k in _RECORD_FIELDS):
-            raise BadInput(f"{where}: expected datasets {', '.join(_RECORD_FIELDS)}; got {sorted(g)[:8]}")
-        shapes = (g["features"].shape, g["boxes"].shape)
-        if any(len(shape) != 2 for shape in shapes) or shapes[0][0] != shapes[1][0]:
-            raise BadInput(
-                f"{where}: features of shape {list(shapes[0])} and boxes of shape {list(shapes[1])}; "
-                f"expected [N, {FEATURE_DIM}] and [N, 4]"
-            )
-        rows = slice(None, max_rows)  # h5py reads only these rows
-        item = {
-            "features": g["features"][rows],
-            "boxes": g["boxes"][rows],
-            "img_w": g["img_w"][()],
-            "img_h": g["img_h"][()],
-        }
-        return _record_arrays(self.path, key, item, slice(None))
-
-    regions = LMDBRegionFeatures.regions
-    kept_regions = LMDBRegionFeatures.kept_regions
-
-
-def feature_keys(reader) -> set[str]:
-    """reader.keys(); a `keys` entry that does not decode (bit rot) is a one-line BadInput naming the file."""
-    try:
-        return reader.keys()
-    except ValueError:
-        raise
-    except Exception as e:  # noqa: BLE001 - undecodable bytes: pickle raises many types
-        detail = (str(e).strip().splitlines() or [""])[0][:160]
-        raise BadInput(
-            f"{reader.path}: its 'keys' entry cannot be decoded ({type(e).__name__}: {detail}); "
-            "copy or download the features again"
-        ) from None
-
-
-def open_features(path: str | os.PathLike) -> LMDBRegionFeatures | H5RegionFeatures:
-    """Image-keyed region-feature reader for an LMDB (folder or file) or an .h5/.hdf5 file; opened lazily."""
-    path = str(path)
-    if not os.path.exists(path):
-        raise ValueError(f"feature path {path} does not exist")
-    if path.endswith((".h5", ".hdf5")):
-        return H5RegionFeatures(path)
-    return LMDBRegionFeatures(path)
-
-
-def is_serialized_lmdb(path: str | os.PathLike) -> bool:
-    """True for a tensorpack per-question LMDB (has `__keys__`, no `keys`)."""
-    path = str(path)
-    if path.endswith((".h5", ".hdf5")) or not os.path.exists(path):
-        return False
-    was_open = _LMDB_ENVS.get(os.path.abspath(path), (None,))[0] == os.getpid()
-    with _open_lmdb(path).begin() as txn:
-        serialized = txn.get(b"__keys__") is not None and txn.get(b"keys") is None
-    if not was_open:  # keep the main process free of LMDB handles: workers open their own
-        _close_lmdb(path)
-    return serialized
-
-
-def _msgpack_numpy_hook(obj: dict):
-    # msgpack_numpy (0.4.x) writes arrays as {b"nd": True, b"type", b"kind", b"shape", b"data"} and numpy
-    # scalars as {b"nd": False, b"type", b"data"}; the maps have bytes keys, so plain dicts never match.
-    if b"nd" not in obj:
-        return obj
-    if obj.get(b"kind") not in (None, b""):
-        raise ValueError(f"structured numpy dtype (kind {obj[b'kind']!r}) is not supported")
-    dtype = plain_dtype(obj[b"type"], "msgpack_numpy array")  # never an object dtype from a file
-    if obj[b"nd"]:
-        return np.frombuffer(obj[b"data"], dtype=dtype).reshape(obj[b"shape"])
-    return np.frombuffer(obj[b"data"], dtype=dtype)[0]
-
-
-def decode_serialized(buf: bytes) -> Any:
-    """tensorpack 0.9.4 `loads`: msgpack with msgpack_numpy maps, decoded with the plain msgpack package."""
-    import msgpack
-
-    big = 10**9
-    return msgpack.unpackb(
-        buf,
-        raw=False,
-        object_hook=_msgpack_numpy_hook,
-        strict_map_key=False,
-        max_bin_len=big,
-        max_array_len=big,
-        max_map_len=big,
-        max_str_len=big,
-    )
-
-
-class SerializedGQA(_LazyHandle):
-    """IGLUE's GQA train/val LMDB: one record per question (image arrays + `img_id` + `entry`), keys
-    b"%08d", plus `__keys__`. Record i = i-th key in LMDB order (VOLTA's shuffle=False cursor order)."""
-
-    def _open(self):
-        return _open_lmdb(self.path)
-
-    def keys(self) -> list[bytes]:
-        if getattr(self, "_keys", None) is None:
-            with self.handle.begin() as txn:
-                raw = txn.get(b"__keys__")
-            if raw is None:
-                raise ValueError(f"{self.path}: no '__keys__' entry; not a tensorpack serialized LMDB")
-            self._keys = sorted(decode_serialized(raw))
-        return self._keys
-
-    def __len__(self) -> int:
-        return len(self.keys())
-
-    def record(self, i: int) -> dict:
-        key = self.keys()[i]
-        with self.handle.begin() as txn:
-            raw = txn.get(key)
-        if raw is None:
-            raise ValueError(f"{self.path}: record {key!r} listed in __keys__ is missing")
-        rec = decode_serialized(raw)
-        rec["key"] = key.decode()
-        return rec
-
-
-def write_synthetic_features(
-    path: str | os.PathLike, image_ids: Iterable, num_boxes: int = 36, seed: int = 0, feature_dim: int = FEATURE_DIM
-) -> Path:
-    """Random features in the real h5_to_lmdb.py format (pickled dict per image id + `keys` entry)."""
-    import lmdb
-
-    ids = sorted({str(i) for i in image_ids})
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    per_image = num_boxes * (feature_dim * 4 + 64) + 4096
-    env = lmdb.open(str(path), map_size=max(1 << 24, 2 * per_image * len(ids) + (1 << 20)))
-    rng = np.random.default_rng(seed)
-    with env.begin(write=True) as txn:
-        for image_id in ids:
-            w, h = int(rng.integers(200, 640)), int(rng.integers(200, 640))
-            x1 = rng.uniform(0, w * 0.6, num_boxes).astype(np.float32)
-            y1 = rng.uniform(0, h * 0.6, num_boxes).astype(np.float32)
-            x2 = np.minimum(x1 + rng.uniform(8, w * 0.4, num_boxes), w - 1).astype(np.float32)
-            y2 = np.minimum(y1 + rng.uniform(8, h * 0.4, num_boxes), h - 1).astype(np.float32)
-            item = {
-                "attr_conf": rng.random(num_boxes, dtype=np.float32),
-                "attr_id": rng.integers(0, 400, num_boxes).astype(np.int64),
-                "boxes": np.stack([x1, y1, x2, y2], 1),
-                "features": np.maximum(rng.standard_normal((num_boxes, feature_dim), dtype=np.float32), 0),
-                "img_h": np.int64(h),
-                "img_w": np.int64(w),
-                "obj_conf": rng.random(num_boxes, dtype=np.float32),
-                "obj_id": rng.integers(0, 1600, num_boxes).astype(np.int64),
-                "img_id": image_id,
-            }
-            txn.put(image_id.encode(), pickle.dumps(item))
-        txn.put(b"keys", pickle.dumps([i.encode() for i in ids]))
-    env.close()
-    return path
-
-
-# ----------------------------------------------------------------------------------------------
-# Pickles inside downloaded files (feature LMDB records and `keys`, hard_negative.pkl, vocabularies)
-# ----------------------------------------------------------------------------------------------
-# Unpickling calls whatever function the file names. These files need none beyond numpy's array, dtype and
-# scalar rebuilders and a few builtin containers, so the unpickler below resolves exactly those (numpy 1.x
-# and 2.x module names, Python 2 names) to our own checking functions, and refuses every other name. numpy's
-# dtype.__setstate__ would accept a forged state (object fields on a float type: raw bytes read as pointers),
-# so dtypes and arrays are rebuilt by us from validated parts, never by numpy's setstate on forged input.
-
-
-class UnsafePickleError(ValueError):
-    """A downloaded pickle names a function or class that no data file needs; nothing was called."""
-
-
-PLAIN_DTYPE_KINDS = "biufcSU"  # bool, ints, floats, complex, bytes and str: no objects, no structs
-
-
-def plain_dtype(spec: str, where: str = "dtype") -> np.dtype:
-    """np.dtype(spec) if it is a plain numeric/bytes/str type (no object, struct, sub-array); else ValueError."""
-    if type(spec) is not str:
-        raise ValueError(f"{where}: dtype spec must be a string, got {type(spec).__name__}")
-    dt = _PLAIN_DTYPES.get(spec)
-    if dt is None:
-        dt = np.dtype(spec)
-        if dt.kind not in PLAIN_DTYPE_KINDS or dt.fields is not None or dt.subdtype is not None or dt.hasobject:
-            raise ValueError(f"{where}: dtype {spec!r} is not a plain numeric or string type")
-        if len(_PLAIN_DTYPES) < 1024:
-            _PLAIN_DTYPES[spec] = dt
-    return dt
-
-
-_PLAIN_DTYPES: dict[str, np.dtype] = {}  # spec -> checked dtype (a feature file repeats the same few)
-_NATIVE_ORDER = "<" if sys.byteorder == "little" else ">"
-
-
-class _NdarrayMarker:
-    """Stands for numpy.ndarray, the class argument of _reconstruct; not callable, holds no state."""
-
-    __slots__ = ()
-
-
-_NDARRAY = _NdarrayMarker()
-
-
-class _PickledDtype:
-    """A dtype being unpickled: built from its spec, then its pickled state may only set the byte order."""
-
-    __slots__ = ("dtype", "_built")
-
-    def __init__(self, spec, align=False, copy=True):
-        self.dtype, self._built = plain_dtype(spec, "pickled dtype"), False
-
-    def __setstate__(self, state):
-        if self._built or not isinstance(state, tuple) or len(state) not in (8, 9) or state[0] not in (3, 4):
-            raise ValueError("malformed dtype state")
-        endian, subarray, names, fields, elsize, alignment = state[1:7]
-        if (subarray, names, fields) != (None, None, None) or (len(state) == 9 and state[8] is not None):
-            raise ValueError("dtype state with fields, sub-arrays or metadata")
-        if elsize not in (-1, self.dtype.itemsize) or alignment not in (-1, self.dtype.alignment):
-            raise ValueError(f"dtype state with item size {elsize} / alignment {alignment} for {self.dtype}")
-        if endian not in ("<", ">", "=", "|"):
-            raise ValueError(f"dtype state with byte order {endian!r}")
-        if endian in "<>" and endian != _NATIVE_ORDER and self.dtype.byteorder != "|":
-            self.dtype = self.dtype.newbyteorder(endian)
-        self._built = True
-
-
-def _shape(shape) -> tuple[int, ...]:
-    if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape):
-        raise ValueError(f"array shape {shape!r} is not a tuple of non-negative ints")
-    return shape
-
-
-def _raw_bytes(raw) -> bytes | bytearray:
-    if isinstance(raw, str):  # Python 2 pickles read with encoding="latin1"
-        return raw.encode("latin1")
-    if not isinstance(raw, (bytes, bytearray)):
-        raise ValueError(f"array data must be bytes, got {type(raw).__name__}")
-    return raw
-
-
-class _PickledArray:
-    """An ndarray being unpickled (numpy's _reconstruct + BUILD); replaced by `array` once loading ends."""
-
-    __slots__ = ("array",)
-
-    def __init__(self):
-        self.array = None
-
-    def __setstate__(self, state):
-        # numpy's setstate checks shape and data size itself; what it must not see is a forged dtype
-        if self.array is not None or type(state) is not tuple or len(state) not in (4, 5):
-            raise ValueError("malformed array state")
-        if len(state) == 5 and state[0] != 1:
-            raise ValueError(f"array state version {state[0]!r}")
-        shape, dtype, fortran, raw = state[-4:]
-        if type(dtype) is not _PickledDtype or type(shape) is not tuple or type(raw) not in (bytes, bytearray, str):
-            raise ValueError("malformed array state")
-        arr = np.empty(0, np.uint8)
-        arr.__setstate__((1, shape, dtype.dtype, fortran, raw))
-        self.array = arr
-
-
-def _pickle_reconstruct(cls, shape, typecode):
-    if not isinstance(cls, _NdarrayMarker):
-        raise ValueError("_reconstruct of a class other than numpy.ndarray")
-    return _PickledArray()
-
-
-def _pickle_scalar(dtype, raw):
-    if not isinstance(dtype, _PickledDtype):
-        raise ValueError("numpy scalar without a dtype")
-    raw = _raw_bytes(raw)
-    if len(raw) != dtype.dtype.itemsize:
-        raise ValueError(f"numpy scalar of {len(raw)} bytes for {dtype.dtype}")
-    return np.frombuffer(raw, dtype.dtype)[0]
-
-
-def _pickle_frombuffer(buf, dtype, shape, order):  # numpy's pickle protocol 5 path for contiguous arrays
-    if not isinstance(dtype, _PickledDtype) or not isinstance(buf, (bytes, bytearray)) or order not in ("C", "F"):
-        raise ValueError("malformed protocol-5 array")
-    shape = _shape(shape)
-    if len(buf) != math.prod(shape) * dtype.dtype.itemsize:
-        raise ValueError(f"array data of {len(buf)} bytes for shape {shape} of {dtype.dtype}")
-    arr = np.frombuffer(buf, dtype.dtype)
-    return arr.reshape(shape[::-1]).T if order == "F" else arr.reshape(shape)
-
-
-def _pickle_latin1(text, encoding):  # how protocols 0-2 store bytes: _codecs.encode(str, "latin1")
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise ValueError(f"_codecs.encode with {encoding!r}")
-    return text.encode("latin1")
-
-
-def _pickle_empty_bytes(*args):  # protocols 0-2 store b"" as bytes()
-    if args:
-        raise ValueError("bytes() with arguments")
-    return b""
-
-
-def _pickle_container(kind):
-    def build(*args):
-        if len(args) > 1 or (args and not isinstance(args[0], (list, tuple, dict, set, frozenset))):
-            raise ValueError(f"{kind.__name__}() with arguments {type(args).__name__}")
-        return kind(*args)
-
-    return build
-
-
-_NUMPY_CORE = ("numpy.core", "numpy._core")  # numpy 1.x / 2.x module names in pickles
-_PICKLE_GLOBALS = {
-    **{(f"{m}.multiarray", "_reconstruct"): _pickle_reconstruct for m in _NUMPY_CORE},
-    **{(f"{m}.multiarray", "scalar"): _pickle_scalar for m in _NUMPY_CORE},
-    **{(f"{m}.numeric", "_frombuffer"): _pickle_frombuffer for m in _NUMPY_CORE},
-    ("numpy", "dtype"): _PickledDtype,
-    ("_codecs", "encode"): _pickle_latin1,
-    **{(b, "bytes"): _pickle_empty_bytes for b in ("builtins", "__builtin__")},
-    **{(b, k.__name__): _pickle_container(k) for b in ("builtins", "__builtin__") for k in (set, frozenset)},
-    ("collections", "OrderedDict"): _pickle_container(collections.OrderedDict),
-}
-
-
-class _DataUnpickler(pickle.Unpickler):
-    """pickle.Unpickler that resolves only _PICKLE_GLOBALS (exact module and name) and numpy.ndarray."""
-
-    numpy_seen = False  # set once a numpy name is resolved: only then can placeholders need replacing
-
-    def find_class(self, module: str, name: str):
-        self.numpy_seen = self.numpy_seen or module.startswith("numpy")
-        if (module, name) == ("numpy", "ndarray"):
-            return _NDARRAY
-        fn = _PICKLE_GLOBALS.get((module, name))
-        if fn is None:
-            raise UnsafePickleError(f"{module}.{name}")
-        # a fresh function per lookup: a BUILD on it (setattr) cannot alter the shared checking functions
-        return lambda *args: fn(*args)
-
-
-def _resolve_pickled(obj, seen: set):
-    """obj with every _PickledArray / _PickledDtype replaced by its ndarray / dtype (containers in place)."""
-    kind = type(obj)
-    if kind is _PickledArray:
-        if obj.array is None:
-            raise ValueError("array without its data")
-        return obj.array
-    if kind is _PickledDtype:
-        return obj.dtype
-    if kind in (list, dict, collections.OrderedDict):
-        if id(obj) in seen:
-            return obj
-        seen.add(id(obj))
-        if kind is list:
-            obj[:] = [_resolve_pickled(x, seen) for x in obj]
-        else:
-            if any(type(k) in (_PickledArray, _PickledDtype) for k in obj):
-                raise ValueError("numpy object as a dict key")
-            for k, v in obj.items():
-                obj[k] = _resolve_pickled(v, seen)
-        return obj
-    if kind is tuple:
-        new = tuple(_resolve_pickled(x, seen) for x in obj)
-        return obj if all(a is b for a, b in zip(new, obj)) else new
-    if kind in (set, frozenset) and any(type(x) in (_PickledArray, _PickledDtype) for x in obj):
-        raise ValueError("numpy object in a set")
-    return obj
-
-
-def unpickle_data(buf: bytes | memoryview, where: str) -> Any:
-    """Plain data (builtin containers, numbers, strings, bytes, numpy arrays/scalars) from a pickle found in a
-    downloaded file; anything else is a one-line ValueError naming `where` (UnsafePickleError when the pickle
-    asks for a function or class: nothing named in it is called). Python 2 pickles whose str are not ASCII
-    are read as latin-1, as numpy advises for them."""
-    try:
-        try:
-            unpickler = _DataUnpickler(io.BytesIO(buf))
-            obj = unpickler.load()
-        except UnicodeDecodeError:
-            unpickler = _DataUnpickler(io.BytesIO(buf), encoding="latin1")
-            obj = unpickler.load()
-        return _resolve_pickled(obj, set()) if unpickler.numpy_seen else obj
-    except UnsafePickleError as e:
-        raise UnsafePickleError(
-            f"{where}: refused to unpickle: it asks for {e}, which no data file needs (only "
-            f"containers, numbers, strings and numpy arrays are read; nothing was run)"
-        ) from None
-    except (
-        pickle.UnpicklingError,
-        ValueError,
-        TypeError,
-        EOFError,
-        AttributeError,
-        IndexError,
-        KeyError,
-        OverflowError,
-        MemoryError,
-        RecursionError,
-    ) as e:
-        detail = (str(e).strip().splitlines() or [""])[0][:200]
-        raise BadInput(f"{where}: not a readable pickle of plain data ({type(e).__name__}: {detail})") from None
-
-
-def read_pickle(path: str | os.PathLike) -> Any:
-    """unpickle_data of a whole file."""
-    return unpickle_data(Path(path).read_bytes(), str(path))
-
-
-# ----------------------------------------------------------------------------------------------
 # Images (CCLM)
 # ----------------------------------------------------------------------------------------------
 
@@ -1491,136 +637,12 @@ def eval_transform(img: Image.Image, res: int = 384) -> torch.Tensor:
     return normalize_images(_eval_pixels(img, res))
 
 
-def _random_resized_crop_box(
-    rng: np.random.Generator, width: int, height: int, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)
-) -> tuple[int, int, int, int]:
-    """torchvision RandomResizedCrop.get_params with our generator -> (top, left, h, w)."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-# RandomAugment(2, 7) of X2-VLM with its 10 ops. Same op list, level (7/10), probabilities (each of the 2
-# sampled ops applied with p=0.5) and parameters; pixel ops written in numpy with the reference's formulas,
-# geometric ops with PIL's bilinear affine (the reference uses cv2.warpAffine: sub-pixel results may differ).
-# What the reference does: docs/reference_facts.md#F-cclm-randaugment
-_AUG_OPS = (
-    "Identity",
-    "AutoContrast",
-    "Equalize",
-    "Brightness",
-    "Sharpness",
-    "ShearX",
-    "ShearY",
-    "TranslateX",
-    "TranslateY",
-    "Rotate",
-)
-_AUG_LEVEL, _AUG_MAX_LEVEL, _AUG_FILL = 7, 10, (128, 128, 128)
-
-
-def _autocontrast(arr: np.ndarray) -> np.ndarray:
-    # the intended per-channel stretch; the reference negates the channel minimum as a uint8 (-low wraps to
-    # 256 - low), which turns any channel whose minimum is above 0 almost white: a bug we do not copy
-    # (docs/reference_facts.md#F-cclm-randaugment, README)
-    out = arr.copy()
-    for c in range(arr.shape[2]):
-        ch = arr[:, :, c]
-        lo, hi = int(ch.min()), int(ch.max())
-        if hi > lo:
-            scale = 255.0 / (hi - lo)
-            table = np.clip(np.arange(256) * scale - lo * scale, 0, 255).astype(np.uint8)
-            out[:, :, c] = table[ch]
-    return out
-
-
-def _equalize(arr: np.ndarray) -> np.ndarray:
-    out = arr.copy()
-    for c in range(arr.shape[2]):
-        ch = arr[:, :, c]
-        hist = np.bincount(ch.ravel(), minlength=256).astype(np.float32)
-        nonzero = hist[hist != 0]
-        step = np.sum(nonzero[:-1]) // 255
-        if step == 0:
-            continue
-        n = np.empty_like(hist)
-        n[0] = step // 2
-        n[1:] = hist[:-1]
-        out[:, :, c] = (np.cumsum(n) // step).clip(0, 255).astype(np.uint8)[ch]
-    return out
-
-
-def _sharpness(arr: np.ndarray, factor: float) -> np.ndarray:
-    if arr.shape[0] < 3 or arr.shape[1] < 3:
-        return arr
-    x = arr.astype(np.float32)
-    win = sum(x[i : i + x.shape[0] - 2, j : j + x.shape[1] - 2] for i in range(3) for j in range(3))
-    centre = x[1:-1, 1:-1]
-    degenerate = np.clip(np.rint((win + 4 * centre) / 13), 0, 255)  # 3x3 kernel of ones, centre 5, /13
-    out = arr.copy()
-    # the reference casts without clipping (platform-dependent wrap-around); we clip to [0, 255]
-    out[1:-1, 1:-1] = np.clip(degenerate + factor * (centre - degenerate), 0, 255).astype(np.uint8)
-    return out
-
-
-def _random_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    mag = _AUG_LEVEL / _AUG_MAX_LEVEL
-    for name in rng.choice(_AUG_OPS, 2):
-        if rng.random() > 0.5:
-            continue
-        if name == "Identity":
-            continue
-        if name in ("AutoContrast", "Equalize", "Brightness", "Sharpness"):
-            arr = np.asarray(img)
-            if name == "AutoContrast":
-                arr = _autocontrast(arr)
-            elif name == "Equalize":
-                arr = _equalize(arr)
-            elif name == "Brightness":
-                table = (np.arange(256, dtype=np.float32) * (mag * 1.8 + 0.1)).clip(0, 255).astype(np.uint8)
-                arr = table[arr]
-            else:
-                arr = _sharpness(arr, mag * 1.8 + 0.1)
-            img = Image.fromarray(arr)
-            continue
-        if name in ("ShearX", "ShearY"):
-            s = mag * 0.3 * (-1 if rng.random() > 0.5 else 1)
-            data = (1, -s, 0, 0, 1, 0) if name == "ShearX" else (1, 0, 0, -s, 1, 0)
-        elif name in ("TranslateX", "TranslateY"):
-            t = mag * 10.0 * (-1 if rng.random() > 0.5 else 1)  # translate_const 10 pixels
-            data = (1, 0, t, 0, 1, 0) if name == "TranslateX" else (1, 0, 0, 0, 1, t)
-        else:  # Rotate
-            deg = mag * 30 * (-1 if rng.random() < 0.5 else 1)
-            img = img.rotate(
-                deg, resample=Image.Resampling.BILINEAR, center=(img.width / 2, img.height / 2), fillcolor=_AUG_FILL
-            )
-            continue
-        img = img.transform(
-            img.size, Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR, fillcolor=_AUG_FILL
-        )
-    return img
-
-
 def _train_pixels(img: Image.Image, res: int, rng: np.random.Generator, flip: bool) -> torch.Tensor:
-    top, left, h, w = _random_resized_crop_box(rng, img.width, img.height)
+    top, left, h, w = x2vlm_randaugment.random_resized_crop_box(rng, img.width, img.height)
     img = img.crop((left, top, left + w, top + h)).resize((res, res), Image.Resampling.BICUBIC)
     if flip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return _pixels(_random_augment(img, rng))
+    return _pixels(x2vlm_randaugment.random_augment(img, rng))
 
 
 def train_transform(img: Image.Image, res: int, rng: np.random.Generator, flip: bool) -> torch.Tensor:
@@ -1629,26 +651,10 @@ def train_transform(img: Image.Image, res: int, rng: np.random.Generator, flip: 
     return normalize_images(_train_pixels(img, res, rng, flip))
 
 
-def write_synthetic_images(
-    folder: str | os.PathLike, relpaths: Iterable[str], size=(128, 96), seed: int = 0
-) -> list[Path]:
-    """Smooth random RGB images (JPEG or PNG by extension) at folder/relpath; size int or (W, H)."""
-    w, h = (size, size) if isinstance(size, int) else size
-    out = []
-    for i, rel in enumerate(relpaths):
-        rng = np.random.default_rng([seed, i])
-        small = rng.integers(0, 256, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
-        img = Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR)
-        path = Path(folder) / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        img.save(path, quality=90) if path.suffix.lower() in (".jpg", ".jpeg") else img.save(path)
-        out.append(path)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Text
 # ----------------------------------------------------------------------------------------------
+
 
 _PUNCT = re.compile(r"([,.'!?\"()*#:;~])")
 
@@ -1676,7 +682,7 @@ def pre_question(question: str, max_words: int) -> str:
     return text
 
 
-def _check_special_ids(tok, name: str) -> None:
+def check_special_ids(tok, name: str) -> None:
     got = {
         "<s>": tok.convert_tokens_to_ids("<s>"),
         "<pad>": tok.pad_token_id,
@@ -1700,53 +706,8 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike):
             f"tokenizer {name!r} not found locally: give a folder with tokenizer files (e.g. a saved "
             f"xlm-roberta-base tokenizer) or a hub id already in the local HF cache"
         ) from None
-    _check_special_ids(tok, name)
+    check_special_ids(tok, name)
     return tok
-
-
-def make_tiny_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 1000):
-    """Small sentencepiece-style (Unigram + Metaspace) tokenizer with XLM-R's special ids, saved as a
-    PreTrainedTokenizerFast folder that load_tokenizer(out_dir) loads."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False
-    )
-    tok.train_from_iterator([t for t in texts if t], trainer)
-    fast = save_xlmr_style_tokenizer(tok, out_dir)
-    _check_special_ids(fast, "tiny")
-    return fast
-
-
-def save_xlmr_style_tokenizer(tok, out_dir: str | Path):
-    """A `tokenizers` Tokenizer whose vocabulary starts with <s> <pad> </s> <unk> <mask>, given XLM-R's template
-    (<s> A </s>, <s> A </s> </s> B </s>) and special tokens, saved as a PreTrainedTokenizerFast folder that
-    load_tokenizer(out_dir) loads (the tiny test tokenizer and the synthetic world's word-level one)."""
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
-
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", BOS_ID), ("</s>", EOS_ID)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        cls_token="<s>",
-        sep_token="</s>",
-        mask_token="<mask>",
-        model_max_length=512,
-    )
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(out_dir))
-    return fast
 
 
 def encode_texts(tokenizer, texts: Sequence[str], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1776,133 +737,11 @@ def _rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
-def _missing_feature_error(key: str, ex: Example, where: str) -> ValueError:
-    return BadInput(f"feature key {key!r} not found in {where} (referenced by {ex.source}, example {ex.id})")
-
-
-def _referenced(ex: Example | None) -> str:
-    return f" (referenced by {ex.source}, example {ex.id})" if ex is not None else ""
-
-
-def _read_record(reader, key: str, ex: Example | None, read: str = "kept_regions", *args):
-    """reader.<read>(key, *args) with every failure of the record a one-line BadInput naming file, key and
-    (ex) annotation line: a key listed in the `keys` entry without a record, a record of the wrong
-    shape, or one that does not decode at all (bit rot: pickle raises many types)."""
-    try:
-        return getattr(reader, read)(key, *args)
-    except KeyError:
-        if key in reader:
-            raise BadInput(
-                f"{reader.path}: feature key {key!r} is listed in its keys but has no record (a damaged "
-                f"or incomplete copy); copy or download the features again{_referenced(ex)}"
-            ) from None
-        raise _missing_feature_error(key, ex, reader.path) from None
-    except BadInput as e:
-        raise BadInput(f"{e}{_referenced(ex)}") from None
-    except Exception as e:  # noqa: BLE001 - undecodable bytes
-        detail = (str(e).strip().splitlines() or [""])[0][:160]
-        raise BadInput(
-            f"{reader.path}: feature record {key!r} cannot be decoded ({type(e).__name__}: {detail}); "
-            f"copy or download the features again{_referenced(ex)}"
-        ) from None
-
-
 def _read_regions(reader, ex: Example, max_regions: int, key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    return _read_record(reader, ex.image if key is None else key, ex, "kept_regions", max_regions)
+    return read_record(reader, ex.image if key is None else key, ex, "kept_regions", max_regions)
 
 
-def _as_reader(features):
-    if features is None:
-        raise ValueError("region features are required for UC2 (give --features)")
-    if isinstance(features, (str, os.PathLike)):
-        if is_serialized_lmdb(features):
-            raise ValueError(
-                f"{features} is a per-question GQA serialized LMDB: use SerializedGQADataset "
-                f"(GQA train/val only), not an image-keyed reader"
-            )
-        return open_features(features)
-    return features
-
-
-def check_inputs(examples: Sequence[Example], *, features=None, images=None, sample: int | None = 0) -> None:
-    """Fail fast, before any training: ValueError naming the first example whose region features (key not in
-    `features`, a reader/path/FeatureSet) or image file (under `images`) is missing, with its annotation
-    line and how many distinct images are missing (`python data.py ... --features/--images` lists them).
-    sample: also decode that many distinct records / image headers (None: all; 0: none), BadInput naming the
-    first bad one and the count (`python data.py --verify` lists every one)."""
-    reader = _as_reader(features) if features is not None else None
-    if images is not None:  # every example's own path (two may share an image key but name different files)
-        for ex in examples:
-            _image_path(images, ex.image_file, ex)
-    if reader is not None:
-        feature_keys(reader)  # a keys entry that does not decode: one line naming the file
-    distinct = _distinct_images(examples)
-    missing = []
-    for ex in distinct:
-        if reader is not None and ex.image not in reader:
-            missing.append(str(_missing_feature_error(ex.image, ex, reader.path)))
-        elif images is not None and not os.path.isfile(path := _image_path(images, ex.image_file, ex)):
-            missing.append(f"image file {path} not found (referenced by {ex.source}, example {ex.id})")
-    if missing:
-        raise ValueError(f"{missing[0]}; {len(missing)} of {len(distinct)} images missing")
-    if sample != 0 and (reader is not None or images is not None):
-        chosen = _spread(distinct, sample)
-        bad = [
-            problem
-            for ex in chosen
-            if (
-                problem := _record_problem(reader, ex.image, ex)
-                if reader is not None
-                else _image_problem(_image_path(images, ex.image_file), ex)
-            )
-        ]
-        if bad:
-            raise BadInput(
-                f"{bad[0]}; {len(bad)} of {len(chosen)} {'feature records' if reader else 'images'} "
-                f"checked are bad (python data.py --verify lists them all)"
-            )
-
-
-# Start-up check of the trainers: distinct training images decoded (a spread sample; all for evaluation).
-VERIFY_SAMPLE = 1000
-
-
-def _spread(items: Sequence, sample: int | None) -> Sequence:
-    """All items (sample None or >= len), else `sample` of them evenly spread (no random state touched)."""
-    if sample is None or sample >= len(items):
-        return items
-    return [items[i] for i in np.linspace(0, len(items) - 1, sample).round().astype(int)]
-
-
-def _record_problem(reader, key: str, ex: Example | None = None) -> str | None:
-    """None if the feature record decodes (shape, dtype, sizes) to finite values, else a one-line reason."""
-    try:
-        feats, boxes, _, _ = _read_record(reader, key, ex, "get")
-    except BadInput as e:
-        return str(e)
-    if not (np.isfinite(feats).all() and np.isfinite(boxes).all()):
-        return f"{reader.path}: feature record {key!r} holds NaN or inf values{_referenced(ex)}"
-    return None
-
-
-def _image_problem(path: str, ex: Example | None = None) -> str | None:
-    """None if the file's header reads as an image of positive size within PIL's pixel cap, else a reason.
-    (The pixels are not decoded: a cut-off body still loads, grey, as in X2-VLM.)"""
-    try:
-        with Image.open(path) as img:
-            fmt, (w, h) = img.format, img.size
-    except FileNotFoundError:
-        return f"image file {path} not found{_referenced(ex)}"
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for damaged headers
-        reason = str(e).replace(f"'{path}'", "").replace(str(path), "").strip(" :")
-        return f"image file {path} is corrupt or not an image ({type(e).__name__}: {reason}){_referenced(ex)}"
-    cap = Image.MAX_IMAGE_PIXELS
-    if fmt is None or w < 1 or h < 1 or (cap and w * h > cap):
-        return f"image file {path}: {fmt} image of {w}x{h} pixels is empty or over the {cap} pixel cap{_referenced(ex)}"
-    return None
-
-
-def _image_path(images, rel: str, ex: Example | None = None) -> str:
+def image_path(images, rel: str, ex: Example | None = None) -> str:
     """<images root>/<subfolder>/<name> for an Example's image_file "<subfolder>/<name>". The name comes from
     the annotation file, so it must stay inside its subfolder: absolute names and ".." that climb out are an
     error naming the annotation line. (Resolved lexically: folders or files the user symlinked in are read
@@ -1919,7 +758,7 @@ def _image_path(images, rel: str, ex: Example | None = None) -> str:
 
 
 def _open_image(images, ex: Example) -> Image.Image:
-    path = _image_path(images, ex.image_file, ex)
+    path = image_path(images, ex.image_file, ex)
     try:
         return load_image(path)
     except FileNotFoundError:
@@ -1984,7 +823,7 @@ class UC2Dataset(_EpochDataset):
         if negatives not in RETRIEVAL_NEGATIVES:
             raise ValueError(f"unknown retrieval negatives {negatives!r}; expected one of {RETRIEVAL_NEGATIVES}")
         self.examples, self.task, self.train = list(examples), task, train
-        self.reader, self.max_regions, self.seed = _as_reader(features), max_regions, seed
+        self.reader, self.max_regions, self.seed = as_reader(features), max_regions, seed
         self.negatives = negatives
         self.retrieval_train = task == "xflickrco" and train
         if self.retrieval_train:
@@ -2233,7 +1072,7 @@ class CCLMDataset(_EpochDataset):
         return item
 
 
-def _distinct_images(examples: Sequence[Example]) -> list[Example]:
+def distinct_images(examples: Sequence[Example]) -> list[Example]:
     """First example of each image, in first-appearance order (its position == Example.label)."""
     seen, out = set(), []
     for ex in examples:
@@ -2248,7 +1087,7 @@ class RetrievalImages(Dataset):
     fields(example) -> the item's visual fields (a ModelInputs' image_fields: regions or pixels)."""
 
     def __init__(self, examples: Sequence[Example], fields: Callable[[Example], dict], image_res: int = 384):
-        self.items, self.fields, self.image_res = _distinct_images(examples), fields, image_res
+        self.items, self.fields, self.image_res = distinct_images(examples), fields, image_res
 
     def __len__(self) -> int:
         return len(self.items)
@@ -2319,14 +1158,14 @@ def _xgqa_labels(exs: Sequence[Example], num_answers: int | None = None) -> dict
 def _item_images(items) -> torch.Tensor:
     """uint8 [B, H, W, 3] (normalize_images turns them into the model's input)."""
     pixels = [it["pixels"] for it in items]
-    out = fastload.batch_empty((len(pixels), *pixels[0].shape), torch.uint8)
+    out = torch.empty((len(pixels), *pixels[0].shape), dtype=torch.uint8)
     for row, p in zip(out, pixels):
         row.copy_(p)
     return out
 
 
 def _item_regions(items) -> dict:
-    return _batch_regions([it["regions"] for it in items], items[0]["max_regions"], (len(items),))
+    return batch_regions([it["regions"] for it in items], items[0]["max_regions"], (len(items),))
 
 
 class UC2Collate:
@@ -2351,7 +1190,7 @@ class UC2Collate:
             ids, mask = encode_texts(self.tokenizer, [t for it in items for t in it["texts"]], self.max_len)
             batch["input_ids"], batch["attention_mask"] = ids.view(len(items), 4, -1), mask.view(len(items), 4, -1)
             regions = [r for it in items for r in it["regions"]]
-            batch.update(_batch_regions(regions, items[0]["max_regions"], (len(items), 4)))  # [B, 4, ...]
+            batch.update(batch_regions(regions, items[0]["max_regions"], (len(items), 4)))  # [B, 4, ...]
             return batch
         batch["input_ids"], batch["attention_mask"] = encode_texts(
             self.tokenizer, [it["text"] for it in items], self.max_len
@@ -2451,7 +1290,7 @@ class RegionFeatureInputs:
         self, examples: Sequence[Example], *, features=None, images=None, max_regions: int = 36, image_res: int = 384
     ) -> tuple[RetrievalImages, RetrievalCaptions]:
         """Every image and caption of the split, an empty caption included (VOLTA scores it as <s></s>)."""
-        fields = functools.partial(_region_fields, _as_reader(features), max_regions)
+        fields = functools.partial(_region_fields, as_reader(features), max_regions)
         return RetrievalImages(examples, fields, image_res), RetrievalCaptions(examples)
 
     def collate(self, task: str, tokenizer, train: bool = False) -> UC2Collate:
@@ -2541,10 +1380,9 @@ def _worker_error_line(message: str) -> str:
     return last.split(f"{BadInput.__name__}: ", 1)[-1]
 
 
-class BatchLoader(fastload.BatchLoader):
-    """The loader of training and evaluation: a torch DataLoader (same arguments, same batches) whose batches
-    travel through reused shared-memory slabs (fastload.py says why), and whose BadInput raised in a worker
-    reaches the caller as its own one line, not torch's worker traceback."""
+class BatchLoader(DataLoader):
+    """The loader of training and evaluation: a torch DataLoader (same arguments, same batches) whose BadInput
+    raised in a worker reaches the caller as its own one line, not torch's worker traceback."""
 
     def __iter__(self):
         try:
@@ -2553,180 +1391,9 @@ class BatchLoader(fastload.BatchLoader):
             raise BadInput(_worker_error_line(str(e))) from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Inventory CLI
-# ----------------------------------------------------------------------------------------------
-
-
-def _feature_keys(paths: Sequence[str]) -> tuple[set[str], list[str]]:
-    keys, notes = set(), []
-    for p in paths:
-        if is_serialized_lmdb(p):
-            notes.append(
-                f"{p}: per-question serialized GQA LMDB ({len(SerializedGQA(p))} records; holds its own "
-                f"questions, so annotation image ids are not checked against it)"
-            )
-            continue
-        keys |= feature_keys(open_features(p))
-    return keys, notes
-
-
-def inventory(data_root, features: Sequence[str] = (), images=None) -> dict:
-    """task -> split -> lang -> {"examples", "images", "missing"} (translate-test splits get the suffix
-    "_translate_test"); "missing" lists absent feature keys / image files (relative paths), or is None
-    when neither features nor images were given. A file that fails to load gets {"error": message}.
-    XTD10/ and multi30k-dataset/ under data_root are listed too ("xtd10", "multi30k": their caption and
-    machine-translation files; "missing" None: their images are train_mclip.py features' to check); a data_root
-    holding only those needs no IGLUE datasets/ folder."""
-    retrieval = retrieval_set_roots(data_root)
-    try:
-        ds = dataset_dir(data_root)
-    except ValueError:
-        if not retrieval:
-            raise
-        ds = None
-    keys, notes = _feature_keys(features) if features else (None, [])
-    out: dict = {}
-    for task, split, lang, mt in _annotation_files(ds) if ds is not None else ():
-        entry = out.setdefault(task, {}).setdefault(f"{split}_translate_test" if mt else split, {})
-        try:
-            exs = load_split(ds, task, split, lang, mt)
-        except ValueError as e:
-            entry[lang] = {"error": str(e)}
-            continue
-        distinct = _distinct_images(exs)
-        missing = None if keys is None and images is None else []
-        if keys is not None:
-            missing += sorted(ex.image for ex in distinct if ex.image not in keys)
-        if images is not None:
-            missing += sorted(
-                ex.image_file for ex in distinct if not os.path.isfile(_image_path(images, ex.image_file, ex))
-            )
-        entry[lang] = {"examples": len(exs), "images": len(distinct), "missing": missing}
-    out.update({name: retrieval_set_inventory(name, root) for name, root in retrieval.items()})
-    if notes:
-        out["notes"] = notes
-    return out
-
-
-def _print_inventory(inv: dict) -> None:
-    for task, splits in inv.items():
-        if task == "notes":
-            continue
-        print(task)
-        for split, langs in splits.items():
-            for lang, info in langs.items():
-                if "error" in info:
-                    print(f"  {split:<24} {lang:<4} ERROR {info['error']}")
-                    continue
-                miss = info["missing"]
-                more = "" if miss is None else f"  missing {len(miss)}"
-                if miss:
-                    more += f" ({', '.join(miss[:5])}{', ...' if len(miss) > 5 else ''})"
-                print(f"  {split:<24} {lang:<4} examples {info['examples']:>7}  images {info['images']:>6}{more}")
-    for note in inv.get("notes", []):
-        print(f"note: {note}")
-
-
-def verify(data_root, features: Sequence[str] = (), images=None) -> tuple[list[str], dict[str, int]]:
-    """Decode every record of each image-keyed feature file (shape, dtype, finite values) and the header of every
-    image file the annotations under data_root reference (format, size, pixel cap). Returns (one line per bad
-    record / image, {"feature records": checked, "images": checked}). Missing files are the inventory's."""
-    bad, counts = [], {"feature records": 0, "images": 0}
-    for path in features:
-        if is_serialized_lmdb(path):
-            continue  # per-question GQA records: read by SerializedGQA, not checked here
-        reader = open_features(path)
-        for key in sorted(feature_keys(reader)):
-            counts["feature records"] += 1
-            if problem := _record_problem(reader, key):
-                bad.append(problem)
-    seen: set[str] = set()
-    for ex in _referenced_images(data_root) if images is not None else ():
-        path = _image_path(images, ex.image_file)
-        if path in seen or not os.path.isfile(path):  # missing files: the inventory's
-            continue
-        seen.add(path)
-        counts["images"] += 1
-        if problem := _image_problem(path, ex):
-            bad.append(problem)
-    return bad, counts
-
-
-def _annotation_files(ds: Path) -> Iterable[tuple[str, str, str, bool]]:
-    """(task, split, lang, translate_test) of every annotation file under the datasets folder ds."""
-    for task in TASKS:
-        for mt in (False, True):
-            for split in available_splits(ds, task, mt):
-                for lang in available_langs(ds, task, split, mt):
-                    yield task, split, lang, mt
-
-
-def _referenced_images(data_root) -> Iterable[Example]:
-    """The first example of each image of every annotation file that loads (the inventory reports the others)."""
-    ds = dataset_dir(data_root)
-    for task, split, lang, mt in _annotation_files(ds):
-        try:
-            yield from _distinct_images(load_split(ds, task, split, lang, mt))
-        except ValueError:
-            continue
-
-
-def _print_verify(bad: list[str], counts: dict[str, int]) -> int:
-    for line in bad:
-        print(f"bad: {line}")
-    checked = " and ".join(f"{n} {what}" for what, n in counts.items() if n) or "nothing"
-    if bad:
-        print(f"error: --verify: {len(bad)} bad of {checked} checked (listed above)", file=sys.stderr)
-        return 1
-    print(f"verify: all {checked} are good")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description="Inventory of an IGLUE checkout: examples, images and missing "
-        "feature keys / image files per task, split and language; XTD10/ "
-        "and multi30k-dataset/ under --data-root are listed too."
-    )
-    p.add_argument(
-        "--verify",
-        action="store_true",
-        help="also decode every feature record (shape, dtype, finite values) and every referenced image's "
-        "header (format, size); lists every bad one, exit status 1 if any",
-    )
-    p.add_argument(
-        "--data-root",
-        required=True,
-        help="folder holding datasets/ (an IGLUE checkout) and/or XTD10/, multi30k-dataset/ (train_mclip.py's sets)",
-    )
-    p.add_argument(
-        "--features", nargs="+", default=[], help="region-feature LMDB(s) / H5 file(s) to check keys against"
-    )
-    p.add_argument("--images", default=None, help="images root (gqa/, flickr30k/, coco/ inside) to check files against")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    args = p.parse_args(argv)
-    try:
-        inv = inventory(args.data_root, args.features, args.images)
-        if args.json:
-            print(json.dumps(inv, indent=1, ensure_ascii=False))
-        else:
-            _print_inventory(inv)
-        return _print_verify(*verify(args.data_root, args.features, args.images)) if args.verify else 0
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-
-
-def exit_quietly_on_broken_pipe(main: Callable[[], object]) -> object:
-    """main() for a command-line tool whose output may be cut short (`python data.py --json | head`): the
-    reader closing the pipe ends the program quietly (exit 141 = 128 + SIGPIPE, as a shell reports it)."""
-    try:
-        return main()
-    except BrokenPipeError:
-        # stdout points at devnull from here, so the interpreter's final flush does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(141) from None
-
-
 if __name__ == "__main__":
-    sys.exit(exit_quietly_on_broken_pipe(main))
+    print(
+        "data.py --data-root/--verify moved: python -m formats.inventory --data-root DIR [--verify] ...",
+        file=sys.stderr,
+    )
+    sys.exit(2)

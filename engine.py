@@ -58,6 +58,8 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import data
+from formats.bad_input import BadInput
+from formats import inventory
 import freeze
 from inspection import what_trains
 
@@ -393,7 +395,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def exits_on_bad_input(main: Callable) -> Callable:
-    """Decorator for a script's main(argv): a ValueError (how this project reports bad input: data.BadInput,
+    """Decorator for a script's main(argv): a ValueError (how this project reports bad input: BadInput,
     checkpoint, config and annotation errors) ends it as SystemExit("error: <first line>"), so main() reads top to
     bottom with no try/except. Lines after the first (a load plan's key-by-key report) go to stderr first, from
     rank 0. Where the message must say which input it is about, raise it inside `about(flag)`."""
@@ -426,7 +428,7 @@ def run_main(main: Callable[[], object]) -> None:
     """A script's entry point: an "error: ..." exit is printed once (rank 0), not by every torchrun rank;
     a closed stdout (`... | head`) ends the program quietly."""
     try:
-        code = data.exit_quietly_on_broken_pipe(main)
+        code = inventory.exit_quietly_on_broken_pipe(main)
     except SystemExit as e:
         if isinstance(e.code, str):
             if is_rank0_process():
@@ -1492,7 +1494,7 @@ def train_epochs(
                     fault_point("unfreeze")
             try:
                 step_loss, n_bad = forward_backward(net, batches, accum, amp_dtype, scaler, dist.device)
-            except data.BadInput as e:
+            except BadInput as e:
                 raise SystemExit(f"error: training data: {e}; {_last_checkpoint(prog, run_dir)}") from None
             loss_sum += step_loss
             n_finite += accum - n_bad  # before optimizer_step sums n_bad over ranks
@@ -1559,7 +1561,7 @@ def run_evaluation(
     try:
         eval_dtype = None if getattr(args, "eval_fp32", False) else amp_dtype
         results = evaluate(evaluate_fn, model, epoch, amp_dtype=eval_dtype, langs=epoch_eval_langs(args, epoch))
-    except (data.BadInput, FloatingPointError) as e:
+    except (BadInput, FloatingPointError) as e:
         raise SystemExit(
             f"error: evaluation after epoch {epoch + 1}: {e}; the epoch's checkpoint "
             f"{run_dir / CHECKPOINT} is kept: fix it and --resume (the evaluation is run again)"

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 import data
+from formats.features import is_serialized_lmdb
 import engine
 import scoring.evaluate
 import scoring.metrics
@@ -130,7 +131,7 @@ def feature_reader(features):
     serialized GQA LMDB holds no test images), several searched in order (formats.feature_sets.FeatureSet)."""
     if features is None or not isinstance(features, (list, tuple)):
         return features
-    keyed = [str(p) for p in features if not data.is_serialized_lmdb(p)]
+    keyed = [str(p) for p in features if not is_serialized_lmdb(p)]
     if len(keyed) <= 1:
         return keyed[0] if keyed else None
     return feature_sets.FeatureSet(keyed)

@@ -24,6 +24,8 @@ from transformers.models.xlm_roberta.configuration_xlm_roberta import XLMRoberta
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaLayer
 
 import data
+from formats.features import FEATURE_DIM
+from formats import inventory
 import engine
 import freeze
 from formats import feature_sets, volta
@@ -454,7 +456,7 @@ def checked_train_dataset(args, features: feature_sets.FeatureSet | None, serial
     with engine.about("training data"):
         train_ds = build_train_dataset(args, features, serialized)
         if isinstance(train_ds, data.UC2Dataset):
-            data.check_inputs(train_ds.examples, features=features, sample=data.VERIFY_SAMPLE)
+            inventory.check_inputs(train_ds.examples, features=features, sample=inventory.VERIFY_SAMPLE)
         return train_ds
 
 
@@ -471,7 +473,7 @@ def load_checkpoint_arg(model: UC2, path: str) -> tuple[engine.LoadPlan, dict]:
 def model_config_from_args(args) -> dict:
     config = resolve_config(args.model_config)
     # data.py reads IGLUE's region files: 2048-d features, 7 location values (VOLTA's datasets pad to 2048 too)
-    for key, have in (("v_feature_size", data.FEATURE_DIM), ("num_locs", 7)):
+    for key, have in (("v_feature_size", FEATURE_DIM), ("num_locs", 7)):
         if config[key] != have:
             raise SystemExit(
                 f"error: --model-config {args.model_config}: {key} = {config[key]}, but the region "

@@ -1,7 +1,7 @@
 """Several region-feature files read as one: UC2's --features (e.g. Flickr30k train + xFlickr&CO test features).
 
 Not on the reading path: train_uc2.py opens its --features with `FeatureSet(paths)` after `split_features`
-sorted out the serialized (per-question) GQA LMDBs; the readers themselves are data.open_features'.
+sorted out the serialized (per-question) GQA LMDBs; the readers themselves are features.open_features'.
 """
 
 from __future__ import annotations
@@ -10,19 +10,19 @@ import os
 
 import torch
 
-import data
+from formats import features
 
 
 class FeatureSet:
-    """Several image-keyed readers (data.open_features) searched in order, e.g. Flickr30k train +
+    """Several image-keyed readers (features.open_features) searched in order, e.g. Flickr30k train +
     xFlickr&CO test features. The per-image reader methods (get, kept_regions, regions) go to the reader
     holding the key."""
 
     def __init__(self, paths: list[str]):
-        self.readers = [data.open_features(p) for p in paths]
+        self.readers = [features.open_features(p) for p in paths]
         self.path = ", ".join(paths)
         for r in self.readers:  # open each now: an unreadable file is an error here, not in the first batch
-            data.feature_keys(r)
+            features.feature_keys(r)
 
     def keys(self) -> set[str]:
         return set().union(*(r.keys() for r in self.readers))
@@ -51,5 +51,5 @@ def split_features(paths: list[str]) -> tuple[list[str], list[str]]:
     for p in paths:
         if not os.path.exists(p):
             raise SystemExit(f"error: --features {p} does not exist")
-    serialized = [p for p in paths if data.is_serialized_lmdb(p)]
+    serialized = [p for p in paths if features.is_serialized_lmdb(p)]
     return serialized, [p for p in paths if p not in serialized]

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 import data
 import engine
+from formats import inventory
 from scoring import metrics
 
 
@@ -69,7 +70,7 @@ class EvalSet:
     images: Any = None
     captions: Any = None
     source: str = ""
-    examples: Sequence = ()  # the annotations read (data.check_inputs)
+    examples: Sequence = ()  # the annotations read (inventory.check_inputs)
 
 
 def eval_langs(data_root, task: str, split: str = "test", langs=None, translate_test: bool = False) -> list[str]:
@@ -156,9 +157,11 @@ def trainer_evaluate_fn(
         image_res=image_res,
     )
     for s in sets.values():
-        data.check_inputs(s.examples, features=features, images=images)
+        inventory.check_inputs(s.examples, features=features, images=images)
     # every evaluation image decoded once (languages share them): a corrupt one stops the run now, not after epoch 1
-    data.check_inputs([ex for s in sets.values() for ex in s.examples], features=features, images=images, sample=None)
+    inventory.check_inputs(
+        [ex for s in sets.values() for ex in s.examples], features=features, images=images, sample=None
+    )
     unknown = [lang for lang in getattr(args, "eval_langs", None) or [] if lang not in sets]
     if unknown:
         raise ValueError(

@@ -42,6 +42,8 @@ import torch
 import torch.nn as nn
 
 import data
+from formats.features import FEATURE_DIM
+from comparisons.mclip import xtd_data
 import engine
 from comparisons.mclip import train_mclip
 from synthetic import study as ss
@@ -53,7 +55,7 @@ TARGETS = sw.LANGS[1:]
 # English the majority language (M-CLIP's teacher and CLIP's training text are English), lo at 1/20 of English as
 # the world's low-resource language; the other three at half of English. Our choice (protocol, Study 2).
 PRETRAIN_LANG_WEIGHTS = {"en": 1.0, "rl": 0.5, "sw": 0.5, "cr": 0.5, "lo": 0.05}
-SLOT_DIM = data.FEATURE_DIM
+SLOT_DIM = FEATURE_DIM
 # Study arms -> train_mclip.py arguments (beyond the common ones). method1: target text <-> its exact English
 # translation (MSE); method3 with exact translations trains and tests on English text (translate-test).
 ARMS = {
@@ -163,7 +165,7 @@ def image_tower(scene: Sequence[sw.Obj], regions: np.ndarray, weights: np.ndarra
 
 
 def image_name(i: int) -> str:
-    """XTD10 names its images by COCO 2014 file name (<prefix>_<train|val...>_<id>.jpg), which data.load_xtd
+    """XTD10 names its images by COCO 2014 file name (<prefix>_<train|val...>_<id>.jpg), which xtd_data.load_xtd
     requires; ours say that they are synthetic."""
     return f"synth_val_{i:05d}.jpg"
 
@@ -174,18 +176,18 @@ def image_name(i: int) -> str:
 def write_retrieval_set(
     root: Path, scenes: list[tuple[list[sw.Obj], np.ndarray]], sentences: list[sw.Sentence], lex: dict, weights
 ) -> dict[str, torch.Tensor]:
-    """PECTVLM's XTD10 layout under root (what data.load_xtd reads) and the image features {image path: row}."""
+    """PECTVLM's XTD10 layout under root (what xtd_data.load_xtd reads) and the image features {image path: row}."""
     names = [image_name(i) for i in range(len(scenes))]
     files = {"all/test_image_names.txt": names}
     for lang in sw.LANGS:
         native = [sw.render(s, lang, lex) for s in sentences]
-        files[data.XTD_FILES["native"].format(lang)] = native
-        files[data.XTD_FILES["from_en"].format(lang)] = native  # exact translation of the English caption
-        files[data.XTD_FILES["to_en"].format(lang)] = [sw.render(s, "en", lex) for s in sentences]  # exact
+        files[xtd_data.XTD_FILES["native"].format(lang)] = native
+        files[xtd_data.XTD_FILES["from_en"].format(lang)] = native  # exact translation of the English caption
+        files[xtd_data.XTD_FILES["to_en"].format(lang)] = [sw.render(s, "en", lex) for s in sentences]  # exact
     for rel, lines in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {data.xtd_image_path(n): image_tower(sc, reg, weights) for n, (sc, reg) in zip(names, scenes)}
+    return {xtd_data.xtd_image_path(n): image_tower(sc, reg, weights) for n, (sc, reg) in zip(names, scenes)}
 
 
 def text_config(cfg: StudyConfig, vocab_size: int) -> dict:
@@ -246,7 +248,7 @@ def zero_shot_r1(model, tok, captions: dict[str, list[str]], image: torch.Tensor
 
 
 def premise_captions(d: Path) -> dict[str, list[str]]:
-    return data.load_xtd(d / "premise", list(sw.LANGS)).texts["native"]
+    return xtd_data.load_xtd(d / "premise", list(sw.LANGS)).texts["native"]
 
 
 def pretrain(out: Path, cfg: StudyConfig, seed: int) -> Path:

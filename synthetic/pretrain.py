@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+from formats.features import box_locations, pad_regions
 import train_uc2
 from formats import volta
 from synthetic import world as sw
@@ -212,8 +213,8 @@ class Corpus:
 
 def regions_batch(regions, max_regions: int) -> dict:
     feats = [f for f, _ in regions]
-    locs = [data.box_locations(b, sw.IMG_W, sw.IMG_H) for _, b in regions]
-    padded = [data.pad_regions(f, l, max_regions) for f, l in zip(feats, locs)]
+    locs = [box_locations(b, sw.IMG_W, sw.IMG_H) for _, b in regions]
+    padded = [pad_regions(f, l, max_regions) for f, l in zip(feats, locs)]
     return {k: torch.stack([p[k] for p in padded]) for k in padded[0]}
 
 

@@ -27,6 +27,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 import data
+from formats.features import FEATURE_DIM
+from synthetic import fixtures
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart")
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange")
@@ -120,7 +122,7 @@ def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> list[Obj]:
 
 def codebooks(cfg: WorldConfig) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([cfg.seed, 7])
-    dim = data.FEATURE_DIM
+    dim = FEATURE_DIM
     return {
         "shape": rng.standard_normal((len(SHAPES), dim), dtype=np.float32),
         "colour": rng.standard_normal((len(COLOURS), dim), dtype=np.float32),
@@ -402,7 +404,7 @@ def write_features(
     books = codebooks(cfg)
     items = list(task_scenes(cfg, streams))
     path.mkdir(parents=True, exist_ok=True)
-    per_image = cfg.max_objects * (data.FEATURE_DIM * 4 + 64) + 2048
+    per_image = cfg.max_objects * (FEATURE_DIM * 4 + 64) + 2048
     env = lmdb.open(str(path), map_size=2 * per_image * len(items) + (1 << 22))
     with env.begin(write=True) as txn:
         for key, scene, rng in items:
@@ -502,7 +504,7 @@ def write_tokenizer(lex: dict[str, dict[str, str]], out_dir: Path):
         vocab[w] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    data.save_xlmr_style_tokenizer(tok, out_dir)
+    fixtures.save_xlmr_style_tokenizer(tok, out_dir)
     return data.load_tokenizer(out_dir)
 
 

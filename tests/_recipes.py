@@ -24,6 +24,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # as tests/conftest.py: the
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+from synthetic import fixtures  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2  # noqa: E402
 
@@ -113,14 +114,14 @@ def training_examples() -> list:
 def make_tokenizer() -> None:
     """The shipped tokenizer: trained once on the recipes' texts and xGQA's answers (CCLM generates them)."""
     _, answers = data.load_answer_vocab(IGLUE)
-    data.make_tiny_tokenizer([ex.text for ex in training_examples()] + answers, TOKENIZER, vocab_size=400)
+    fixtures.make_tiny_tokenizer([ex.text for ex in training_examples()] + answers, TOKENIZER, vocab_size=400)
 
 
 def write_inputs(workdir: Path) -> None:
     """Synthetic region features (UC2) and images (CCLM) for every image of the recipes' training splits."""
     examples = training_examples()
-    data.write_synthetic_features(workdir / "features", {ex.image for ex in examples}, num_boxes=REGIONS)
-    data.write_synthetic_images(workdir / "images", sorted({ex.image_file for ex in examples}), size=(48, 40))
+    fixtures.write_synthetic_features(workdir / "features", {ex.image for ex in examples}, num_boxes=REGIONS)
+    fixtures.write_synthetic_images(workdir / "images", sorted({ex.image_file for ex in examples}), size=(48, 40))
 
 
 def argv(name: str, workdir: Path, out: Path, *extra: str) -> list[str]:

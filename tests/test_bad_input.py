@@ -28,6 +28,10 @@ from _timeouts import scaled
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+from formats.features import open_features  # noqa: E402
+from formats.bad_input import BadInput  # noqa: E402
+from synthetic import fixtures  # noqa: E402
+from formats import inventory  # noqa: E402
 import engine  # noqa: E402
 import scoring.metrics  # noqa: E402
 import train_cclm  # noqa: E402
@@ -105,8 +109,8 @@ def env(tmp_path_factory, system_tests_run):
     base = tmp_path_factory.mktemp("bad_input")
     train = data.load_split(IGLUE, "xvnli", "train_48", "en")
     test = data.load_split(IGLUE, "xvnli", "test", "en")
-    data.make_tiny_tokenizer([e.text for e in train + test], base / "tok", vocab_size=300)
-    data.write_synthetic_features(base / "feats", {e.image for e in train + test}, num_boxes=4)
+    fixtures.make_tiny_tokenizer([e.text for e in train + test], base / "tok", vocab_size=300)
+    fixtures.write_synthetic_features(base / "feats", {e.image for e in train + test}, num_boxes=4)
     env = {
         "base": base,
         "tok": base / "tok",
@@ -146,7 +150,7 @@ def env(tmp_path_factory, system_tests_run):
             text=True,
         ),
         "truncated_lmdb_inventory": subprocess.Popen(
-            [sys.executable, str(ROOT / "data.py"), "--data-root", str(IGLUE), "--features", str(truncated)],
+            [sys.executable, "-m", "formats.inventory", "--data-root", str(IGLUE), "--features", str(truncated)],
             env=sub_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -174,12 +178,12 @@ def finished(env: dict, name: str) -> tuple[int, str]:
 def test_missing_image_fails_fast(env, tmp_path):
     images = tmp_path / "images"
     files = [e.image_file for e in env["test"]]
-    data.write_synthetic_images(images, files, size=(16, 12))
+    fixtures.write_synthetic_images(images, files, size=(16, 12))
     gone = images / env["test"][3].image_file
     gone.unlink()
     before = snapshot(images)
     with pytest.raises(ValueError) as e:
-        data.check_inputs(env["test"], images=images)
+        inventory.check_inputs(env["test"], images=images)
     msg = str(e.value)
     assert "\n" not in msg and f"image file {gone} not found (referenced by {XVNLI_EN}/test.jsonl:" in msg
     assert msg.endswith(f"1 of {len(set(files))} images missing")
@@ -190,7 +194,7 @@ def test_corrupt_image_names_the_file(env, tmp_path):
     images = tmp_path / "images"
     first = env["test"][0]
     exs = [first] + [next(e for e in env["test"] if e.image != first.image)] * 2  # two images
-    paths = data.write_synthetic_images(images, [e.image_file for e in exs[:2]], size=(160, 120))
+    paths = fixtures.write_synthetic_images(images, [e.image_file for e in exs[:2]], size=(160, 120))
     jpeg = paths[1].read_bytes()
     paths[0].write_bytes(b"this is not a JPEG")
     for case, (path, content) in {
@@ -255,7 +259,7 @@ def test_missing_feature_key_fails_before_training(env, tmp_path):
         ("train", sorted(train_keys)[0], "training data", "train_48"),
         ("eval", eval_only[0], "evaluation data", "test"),
     ):
-        feats = data.write_synthetic_features(
+        feats = fixtures.write_synthetic_features(
             tmp_path / name, ({e.image for e in env["train"] + env["test"]} - {drop}), num_boxes=4
         )
         msg = resume_fails(env, features=feats)
@@ -515,7 +519,7 @@ def test_tokenizer_vocabulary_mismatch(env, tmp_path, case):
         )
     elif case == "checkpoint":  # the paused run's weights were trained with env["tok"]; give another vocabulary
         other = tmp_path / "tok"
-        data.make_tiny_tokenizer([e.text for e in env["train"]], other, vocab_size=200)
+        fixtures.make_tiny_tokenizer([e.text for e in env["train"]], other, vocab_size=200)
         n, trained = len(data.load_tokenizer(other)), len(data.load_tokenizer(env["tok"]))
         assert n != trained
         ckpt = env["paused"] / "checkpoint_last.pt"
@@ -730,14 +734,14 @@ def test_bad_feature_record_is_one_line_error_naming_the_key(env, tmp_path, case
     assert msg.startswith(f"error: training data: {feats}: feature ") and f"{key!r}" in msg and tail in msg, msg
     assert re.search(
         rf"\(referenced by {XVNLI_EN}/train_48\.jsonl:\d+, example .*\); 1 of \d+ feature records "
-        r"checked are bad \(python data\.py --verify lists them all\)$",
+        r"checked are bad \(python -m formats\.inventory --verify lists them all\)$",
         msg,
     ), msg
     if case != "nan_values":  # reading it for a batch (in a worker, mid-epoch) is the same one line
         ds = data.make_dataset(
             "uc2", "xvnli", [e for e in env["train"] if e.image == key], features=str(feats), max_regions=4
         )
-        with pytest.raises(data.BadInput) as e:
+        with pytest.raises(BadInput) as e:
             ds[0]
         assert tail in str(e.value) and f"{key!r}" in str(e.value) and "\n" not in str(e.value)
 
@@ -761,7 +765,7 @@ def test_bad_record_in_a_loader_worker_is_one_line(env, tmp_path):
         num_workers=1,
         collate_fn=lambda items: {"n": len(items)},
     )
-    with pytest.raises(data.BadInput) as e:
+    with pytest.raises(BadInput) as e:
         next(iter(loader))
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"{feats}: feature record {key!r}: {tail}"), msg
@@ -774,17 +778,17 @@ def test_verify_reports_every_bad_record_and_image(env, tmp_path, capsys):
     _lmdb_put(feats, other, pickle.dumps({**rec, "features": np.full_like(rec["features"], np.inf)}))
     images = tmp_path / "images"
     files = sorted({e.image_file for e in env["train"] + env["test"]})
-    paths = data.write_synthetic_images(images, files, size=(16, 12))
+    paths = fixtures.write_synthetic_images(images, files, size=(16, 12))
     paths[0].write_bytes(b"this is not a JPEG")
     before = snapshot(tmp_path)
-    rc = data.main(["--data-root", str(IGLUE), "--features", str(feats), "--images", str(images), "--verify"])
+    rc = inventory.main(["--data-root", str(IGLUE), "--features", str(feats), "--images", str(images), "--verify"])
     out, err = capsys.readouterr()
     bad = [line for line in out.splitlines() if line.startswith("bad: ")]
     assert rc == 1 and len(bad) == 3, out
     assert any(f"feature record {key!r}: features is a float32 array of shape [4, 1024]" in b for b in bad)
     assert any(f"feature record {other!r} holds NaN or inf values" in b for b in bad)
     assert any(f"image file {paths[0]} is corrupt or not an image (UnidentifiedImageError" in b for b in bad)
-    n_keys = len(data.open_features(feats).keys())
+    n_keys = len(open_features(feats).keys())
     assert last_line(err) == (
         f"error: --verify: 3 bad of {n_keys} feature records and {len(files)} images checked (listed above)"
     ), err
@@ -797,7 +801,7 @@ def test_corrupt_test_image_stops_the_run_before_training(env, tmp_path):
     images = tmp_path / "images"
     train = data.load_split(IGLUE, "xvnli", "train_48", "en")
     files = sorted({e.image_file for e in train + env["test"]})
-    paths = dict(zip(files, data.write_synthetic_images(images, files, size=(16, 12))))
+    paths = dict(zip(files, fixtures.write_synthetic_images(images, files, size=(16, 12))))
     test_only = sorted({e.image_file for e in env["test"]} - {e.image_file for e in train})[0]
     paths[test_only].write_bytes(b"this is not a JPEG")
     with pytest.raises(SystemExit) as e:

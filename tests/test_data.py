@@ -24,7 +24,10 @@ from _timeouts import scaled
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import fastload  # noqa: E402
+from formats.features import box_locations, is_serialized_lmdb, open_features, pad_regions  # noqa: E402
+from comparisons.mclip import xtd_data  # noqa: E402
+from synthetic import fixtures  # noqa: E402
+from formats import inventory  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures"
@@ -64,7 +67,7 @@ def tokenizer(tmp_path_factory):
         for ex in data.load_split(ROOT, t, s, l)
     ]
     out = tmp_path_factory.mktemp("tok")
-    data.make_tiny_tokenizer(texts, out, vocab_size=400)
+    fixtures.make_tiny_tokenizer(texts, out, vocab_size=400)
     return data.load_tokenizer(out)
 
 
@@ -79,8 +82,8 @@ def synthetic(tmp_path_factory):
                 for ex in data.load_split(ROOT, task, split, lang):
                     keys.add(ex.image)
                     files.add(ex.image_file)
-    data.write_synthetic_features(base / "feats.lmdb", keys, num_boxes=5, seed=1)
-    data.write_synthetic_images(base / "images", sorted(files), size=(40, 30))
+    fixtures.write_synthetic_features(base / "feats.lmdb", keys, num_boxes=5, seed=1)
+    fixtures.write_synthetic_images(base / "images", sorted(files), size=(40, 30))
     return {"features": base / "feats.lmdb", "images": base / "images", "keys": keys, "files": files}
 
 
@@ -209,7 +212,7 @@ def test_oov_answer_is_label_minus_one(tmp_path, tokenizer):
     (root / "xGQA/annotations/few_shot/en/test.json").write_text(json.dumps(q))
     exs = data.load_split(tmp_path, "xgqa", "test", "en")
     assert exs[0].label == -1 and exs[0].scores == {} and exs[1].label >= 0
-    data.write_synthetic_features(tmp_path / "f.lmdb", [ex.image for ex in exs[:2]], num_boxes=2)
+    fixtures.write_synthetic_features(tmp_path / "f.lmdb", [ex.image for ex in exs[:2]], num_boxes=2)
     ds = data.UC2Dataset(exs[:2], str(tmp_path / "f.lmdb"), "xgqa")
     batch = data.UC2Collate("xgqa", tokenizer)([ds[0], ds[1]])
     assert batch["label"][0] == -1 and batch["target"][0].sum() == 0 and batch["target"][1].sum() == 1
@@ -236,12 +239,12 @@ def test_region_features_match_volta(path, expected):
             meta[f"ids_{kind}"], meta[f"sizes_wh_{kind}"], meta["num_rows_x101" if kind == "x101" else "num_boxes_h5"]
         )
     }
-    reader = data.open_features(FEAT / path)
+    reader = open_features(FEAT / path)
     assert reader.keys() == set(exp["order"]) == set(sizes)
     for key, e in exp["images"].items():
         feats, boxes, w, h = reader.get(key)
         assert len(feats) == e["reader_num_boxes"] and sizes[key] == ((w, h), len(feats))
-        assert torch.equal(torch.from_numpy(data.box_locations(boxes, w, h)), e["reader_image_location"])
+        assert torch.equal(torch.from_numpy(box_locations(boxes, w, h)), e["reader_image_location"])
         for r in (36, 100):
             out = reader.regions(key, r)
             n = e[f"num_boxes_{r}"]
@@ -256,7 +259,7 @@ def test_serialized_gqa_matches_volta():
     feats_exp = torch.load(FEAT / "features_fixture_expected.pt")["images"]
     recs = exp["records"]
     tok = FakeTokenizer({r["question"]: r["token_ids"] for r in recs})
-    assert data.is_serialized_lmdb(FEAT / "gqa_serialized_fixture.lmdb")
+    assert is_serialized_lmdb(FEAT / "gqa_serialized_fixture.lmdb")
     for r, b in ((100, exp["batch_100"]), (36, exp["batch_36"])):
         ds = data.SerializedGQADataset(FEAT / "gqa_serialized_fixture.lmdb", max_regions=r)
         assert len(ds) == 12
@@ -276,7 +279,7 @@ def test_serialized_gqa_matches_volta():
     for i, rec in enumerate(recs):
         if not rec["ok_36"]:
             assert torch.equal(
-                data.pad_regions(*ds36[i]["regions"], 36)["spatials"], feats_exp[rec["image_id"]]["spatials_36"]
+                pad_regions(*ds36[i]["regions"], 36)["spatials"], feats_exp[rec["image_id"]]["spatials_36"]
             )
     assert (
         data.make_dataset("uc2", "xgqa", None, features=str(FEAT / "gqa_serialized_fixture.lmdb")).__class__
@@ -305,7 +308,7 @@ def test_lmdb_opened_lazily_per_worker(synthetic):
 def test_synthetic_features_format(tmp_path):
     import lmdb
 
-    data.write_synthetic_features(tmp_path / "f.lmdb", ["b", "a", 3], num_boxes=4, seed=0)
+    fixtures.write_synthetic_features(tmp_path / "f.lmdb", ["b", "a", 3], num_boxes=4, seed=0)
     env = lmdb.open(str(tmp_path / "f.lmdb"), readonly=True, lock=False)
     with env.begin() as txn:
         assert pickle.loads(txn.get(b"keys")) == [b"3", b"a", b"b"]
@@ -750,7 +753,7 @@ def test_batch_loader_gives_the_dataloader_batches(synthetic, tokenizer, workers
     for ds, collate in sources.values():
         want = list(DataLoader(ds, batch_size=4, collate_fn=collate))
         got = data.BatchLoader(ds, batch_size=4, collate_fn=collate, **kwargs)
-        for _ in range(2):  # a second epoch reuses the slabs of the first (0 workers) or starts new workers
+        for _ in range(2):  # a second epoch: the same batches again (new workers)
             batches = list(got)
             assert len(batches) == len(want)
             for w, g in zip(want, batches):
@@ -765,27 +768,16 @@ def test_kept_batches_and_views_are_never_overwritten(synthetic, tokenizer, work
     for i, b in enumerate(data.BatchLoader(ds, batch_size=2, collate_fn=collate, num_workers=workers)):
         if i % 3 == 0:  # the whole batch
             kept[i] = b
-        elif i % 3 == 1:  # only a view and a numpy view: they hold the slab as well
+        elif i % 3 == 1:  # only a view and a numpy view of the batch
             kept[i] = {"features": b["features"][1:], "spatials": b["spatials"].numpy()}
-        # i % 3 == 2: dropped, so its slab is written again by a later batch
-    assert len(kept) == 8  # 12 batches, far more than the 3-4 slabs of a producer
+        # i % 3 == 2: dropped (its memory may be reused by a later batch)
+    assert len(kept) == 8  # 12 batches
     for i, b in kept.items():
         if i % 3 == 0:
             _assert_same_batch(want[i], b)
         else:
             assert torch.equal(b["features"], want[i]["features"][1:])
             assert np.array_equal(b["spatials"], want[i]["spatials"].numpy())
-
-
-@pytest.mark.parametrize("workers", [0, 1])
-def test_dropped_batches_free_their_slab_for_reuse(synthetic, tokenizer, workers):
-    ds, collate = _batch_sources(synthetic, tokenizer)["uc2"]
-    storages = set()
-    for b in data.BatchLoader(ds, batch_size=2, collate_fn=collate, num_workers=workers):
-        storages.add(b["features"].untyped_storage().data_ptr())
-    # the first batch goes torch's way (the slab size is not known yet); then 12 batches cycle through the
-    # producer's slabs: 3 in the main process, prefetch (2) + 2 in a worker
-    assert 2 <= len(storages) <= (4 if workers == 0 else 5)
 
 
 @pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")
@@ -797,53 +789,16 @@ def test_two_live_iterations_of_one_loader_and_pin_memory_without_accelerator(sy
     first, second = iter(loader), iter(loader)  # pin_memory: ignored without an accelerator, as DataLoader does
     seen = {"first": 0, "second": 0}
 
-    def check(name, batches, n=None):  # batches are dropped as they are checked: their slabs are reused
+    def check(name, batches, n=None):  # batches are dropped as they are checked
         for b in itertools.islice(batches, n):
             _assert_same_batch(want[seen[name]], b)
             seen[name] += 1
 
     check("first", first, 1)
-    check("second", second, 5)  # the second iteration has mapped slabs ...
+    check("second", second, 5)  # the second iteration is under way ...
     check("first", first)  # ... when the first ends: it must forget only its own
     check("second", second)
     assert seen == {"first": len(want), "second": len(want)}
-
-
-class _GrowingBatches(torch.utils.data.Dataset):
-    """Item i asks for an i-row tensor in the batch: batches outgrow the slabs sized by the earlier ones."""
-
-    def __len__(self):
-        return 12
-
-    def __getitem__(self, i):
-        return i
-
-
-def _growing_collate(items):
-    rows = max(items) + 1
-    out = fastload.batch_empty((len(items), rows, 100_000), torch.float32)  # 0.4 MB a row: slabs of MBs
-    for k, i in enumerate(items):
-        out[k] = float(i)
-    return {"x": out, "items": list(items)}
-
-
-@pytest.mark.parametrize("workers", [0, 1])
-def test_batches_that_outgrow_the_slabs_stay_correct(workers):
-    def check(b, j):
-        assert b["items"] == [2 * j, 2 * j + 1]
-        want = torch.tensor(b["items"], dtype=torch.float32)[:, None, None].expand(2, 2 * j + 2, 100_000)
-        assert torch.equal(b["x"], want)
-
-    loader = data.BatchLoader(_GrowingBatches(), batch_size=2, collate_fn=_growing_collate, num_workers=workers)
-    kept = list(loader)  # all kept: every later batch needs a new slab or torch's path
-    for j, b in enumerate(kept):
-        check(b, j)
-    for j, b in enumerate(loader):  # dropped one by one: too-small free slabs are replaced by larger ones
-        check(b, j)
-    storages = set()
-    for j, b in enumerate(data.BatchLoader(_GrowingBatches(), batch_size=2, collate_fn=_growing_collate)):
-        storages.add(b["x"].untyped_storage().data_ptr())
-    assert len(storages) > 1  # slabs were made (the first batch alone goes torch's way)
 
 
 # --------------------------------------------------------------------------------------------- inventory and errors
@@ -856,7 +811,7 @@ def test_inventory_reports_removed_image(synthetic, tmp_path):
     out = io.StringIO()
     with redirect_stdout(out):
         assert (
-            data.main(
+            inventory.main(
                 ["--data-root", str(ROOT), "--images", str(images), "--features", str(synthetic["features"]), "--json"]
             )
             == 0
@@ -870,9 +825,9 @@ def test_inventory_reports_removed_image(synthetic, tmp_path):
     assert inv["xgqa"]["dev"]["ko"] == {"examples": 120, "images": 42, "missing": []}
     assert inv["xvnli"]["test_translate_test"]["ar"]["examples"] == 90
     assert inv["xflickrco"]["valid"]["en"] == {"examples": 300, "images": 60, "missing": []}
-    inv = data.inventory(ROOT, features=[str(FEAT / "features_fixture.lmdb")])
+    inv = inventory.inventory(ROOT, features=[str(FEAT / "features_fixture.lmdb")])
     assert "759822302" not in inv["xvnli"]["test"]["en"]["missing"] and len(inv["xvnli"]["test"]["en"]["missing"]) == 29
-    assert data.inventory(ROOT)["xgqa"]["testdev"]["en"] == {"examples": 300, "images": 175, "missing": None}
+    assert inventory.inventory(ROOT)["xgqa"]["testdev"]["en"] == {"examples": 300, "images": 175, "missing": None}
 
 
 def _write_translation_sets(root: Path) -> None:
@@ -887,7 +842,7 @@ def _write_translation_sets(root: Path) -> None:
         (xtd / folder).mkdir()
         (xtd / folder / "de.txt").write_text("x\ny\nz\n")
     base = root / "multi30k-dataset" / "data" / "task1"
-    for name in data.MULTI30K_SPLITS.values():
+    for name in xtd_data.MULTI30K_SPLITS.values():
         (base / "image_splits").mkdir(parents=True, exist_ok=True)
         (base / "image_splits" / f"{name}.txt").write_text("1.jpg\n2.jpg\n")
         for folder in ("raw", "translated_to_en"):
@@ -902,7 +857,7 @@ def test_inventory_lists_xtd10_and_multi30k_beside_iglue(tmp_path):
     _write_translation_sets(tmp_path)
     out = io.StringIO()
     with redirect_stdout(out):
-        assert data.main(["--data-root", str(tmp_path), "--json"]) == 0
+        assert inventory.main(["--data-root", str(tmp_path), "--json"]) == 0
     inv = json.loads(out.getvalue())
     assert inv["xgqa"]["testdev"]["en"] == {"examples": 300, "images": 175, "missing": None}  # IGLUE still there
     assert set(inv["xtd10"]) == {"all", "all_translated_from_en", "all_translated_to_en"}
@@ -915,7 +870,7 @@ def test_inventory_lists_xtd10_and_multi30k_beside_iglue(tmp_path):
     shutil.rmtree(tmp_path / "datasets")  # the translation sets alone: no IGLUE folder needed
     out = io.StringIO()
     with redirect_stdout(out):
-        assert data.main(["--data-root", str(tmp_path)]) == 0
+        assert inventory.main(["--data-root", str(tmp_path)]) == 0
     printed = out.getvalue()
     assert "xtd10\n  all                      de   examples       3  images      3\n" in printed
     assert "ERROR " in printed and "xgqa" not in printed
@@ -924,7 +879,8 @@ def test_inventory_lists_xtd10_and_multi30k_beside_iglue(tmp_path):
 @pytest.mark.system
 def test_cli_exit_code():
     res = subprocess.run(
-        [sys.executable, str(Path(data.__file__)), "--data-root", str(ROOT)],
+        [sys.executable, "-m", "formats.inventory", "--data-root", str(ROOT)],
+        cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
         text=True,
         timeout=scaled(120),
@@ -937,7 +893,7 @@ def test_missing_image_and_feature_errors(synthetic, tmp_path):
     exs = data.load_split(ROOT, "xvnli", "test", "en")[:2]
     with pytest.raises(ValueError, match=r"759822302\.jpg.*XVNLI/annotations/en/test\.jsonl:1.*759822302\.jpg#2r1c"):
         data.CCLMDataset(exs, str(tmp_path), "xvnli")[0]
-    data.write_synthetic_features(tmp_path / "f.lmdb", ["1"], num_boxes=2)
+    fixtures.write_synthetic_features(tmp_path / "f.lmdb", ["1"], num_boxes=2)
     with pytest.raises(ValueError, match=r"'759822302'.*f\.lmdb.*test\.jsonl:1.*759822302\.jpg#2r1c"):
         data.UC2Dataset(exs, str(tmp_path / "f.lmdb"), "xvnli")[0]
 
@@ -991,15 +947,31 @@ def test_wrong_data_root_errors(tmp_path):
     with pytest.raises(ValueError, match=r"language 'de'.*found: en"):
         data.load_split(root, "xvnli", "test", "de")
     with pytest.raises(SystemExit, match="expected folder"):
-        data.main(["--data-root", str(tmp_path / "datasets" / "XVNLI")])
+        inventory.main(["--data-root", str(tmp_path / "datasets" / "XVNLI")])
+
+
+def test_old_data_py_entry_point_says_where_the_inventory_went():
+    """`python data.py --verify ...` (the inventory's old entry point): one line naming the new one, exit 2."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "data.py"), "--data-root", str(root / "tests/fixtures/iglue"), "--verify"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "data.py --data-root/--verify moved: python -m formats.inventory --data-root DIR [--verify] ..."
+    ]
 
 
 @pytest.mark.system
 def test_inventory_cli_into_a_closed_pipe_ends_quietly():
-    """`python data.py --json | head`: the reader going away is not a traceback."""
+    """`python -m formats.inventory --json | head`: the reader going away is not a traceback."""
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(
-        [sys.executable, str(root / "data.py"), "--data-root", str(root / "tests/fixtures/iglue"), "--json"],
+        [sys.executable, "-m", "formats.inventory", "--data-root", str(root / "tests/fixtures/iglue"), "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=root,

@@ -672,15 +672,15 @@ def test_second_process_on_a_run_folder_is_refused_and_a_killed_ones_lock_is_not
 
 
 def test_bad_training_record_mid_epoch_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    """A bad record the start-up sample missed, met in epoch 2: one line (the loader's data.BadInput), and
+    """A bad record the start-up sample missed, met in epoch 2: one line (the loader's BadInput), and
     epoch 1's checkpoint is the one to resume from."""
-    import data
+    from formats.bad_input import BadInput
 
     read = toy.ToyData.__getitem__
 
     def getitem(self, i):
         if self.epoch == 1 and i == 7 and len(self) == 48:
-            raise data.BadInput(
+            raise BadInput(
                 "feats.lmdb: feature record '7': features is a float32 array of shape [4, 1024]; "
                 "expected a float array of shape [N, 2048]"
             )

@@ -31,6 +31,7 @@ from bench.call_counter import CallCounter  # noqa: E402
 from formats import volta  # noqa: E402
 from scoring import retrieval_protocols  # noqa: E402
 from formats import iglue  # noqa: E402
+from synthetic import fixtures  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures"
@@ -440,10 +441,10 @@ def make_env(tmp: Path) -> dict:
                     keys.add(ex.image)
                     files.add(ex.image_file)
                     texts += [ex.text] if lang == "en" else []  # a 1000-id vocabulary cannot hold every script
-    features = data.write_synthetic_features(tmp / "features.lmdb", keys, num_boxes=6)
-    data.write_synthetic_images(tmp / "images", sorted(files), size=(40, 32))
+    features = fixtures.write_synthetic_features(tmp / "features.lmdb", keys, num_boxes=6)
+    fixtures.write_synthetic_images(tmp / "images", sorted(files), size=(40, 32))
     _, label2ans = data.load_answer_vocab(root)
-    data.make_tiny_tokenizer(texts + label2ans, tmp / "tokenizer", vocab_size=800)
+    fixtures.make_tiny_tokenizer(texts + label2ans, tmp / "tokenizer", vocab_size=800)
     e = {
         "data_root": str(root),
         "features": str(features),
@@ -636,7 +637,7 @@ def test_failed_evaluation_keeps_the_good_result(env, tmp_path, capsys):
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     assert set(before) == {"results.json", "XVNLI_0.csv", "test_en_0_result.json", "test_ar_0_result.json"}
     keys = {ex.image for ex in data.load_split(env["data_root"], "xvnli", "test", "en")}
-    partial = data.write_synthetic_features(tmp_path / "partial.lmdb", sorted(keys)[:-1], num_boxes=6)
+    partial = fixtures.write_synthetic_features(tmp_path / "partial.lmdb", sorted(keys)[:-1], num_boxes=6)
     with pytest.raises(SystemExit, match="not found in"):
         E.main(base + ["--features", str(partial)])
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before

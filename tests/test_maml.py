@@ -3,7 +3,7 @@ references in float64, the contrastive loss by hand, frozen parameters untouched
 processes equal to one, and a tiny end-to-end run on the shipped fixtures.
 
 Data: the IGLUE sample in tests/fixtures/iglue (XVNLI: English and French train_48 / test), a tiny
-tokenizer trained on it and synthetic region features (data.write_synthetic_features).
+tokenizer trained on it and synthetic region features (fixtures.write_synthetic_features).
 """
 
 import json
@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from _make import run_make  # noqa: E402
 import data  # noqa: E402
+from synthetic import fixtures  # noqa: E402
 import engine  # noqa: E402
 import eval_zeroshot as Z  # noqa: E402
 import report.tables  # noqa: E402
@@ -287,8 +288,8 @@ def sample(tmp_path_factory):
             exs = data.load_split(out / "root", task, split, lang)
             texts += [e.text for e in exs]
             ids |= {e.image for e in exs}
-    data.make_tiny_tokenizer(texts, out / "tok", vocab_size=500)
-    data.write_synthetic_features(out / "feats", ids, num_boxes=REGIONS)
+    fixtures.make_tiny_tokenizer(texts, out / "tok", vocab_size=500)
+    fixtures.write_synthetic_features(out / "feats", ids, num_boxes=REGIONS)
     for task in SAMPLE_SPLITS:
         torch.manual_seed(0)
         engine.save_checkpoint(out / f"init-{task}.pt", {"model": U.build_model(task, U.CONFIGS["tiny"]).state_dict()})

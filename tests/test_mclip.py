@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import data  # noqa: E402
+from comparisons.mclip import xtd_data  # noqa: E402
+from synthetic import fixtures  # noqa: E402
 from _make import run_make  # noqa: E402
 import engine  # noqa: E402
 from comparisons.mclip import train_mclip as M  # noqa: E402
@@ -152,10 +154,10 @@ def test_alignment_terms_send_gradient_to_the_branches_the_reference_does():
 
 def test_image_features_get_no_gradient_through_the_loss_in_training(tmp_path):
     model = tiny_model(pet="adapter")
-    split = data.RetrievalSplit(
+    split = xtd_data.RetrievalSplit(
         ["a.jpg", "b.jpg"], {"native": {"en": ["a b", "c d"], "de": ["e f", "g h"]}, "to_en": {"de": ["a c", "b d"]}}
     )
-    tok = data.make_tiny_tokenizer(["a b c d e f g h"] * 5, tmp_path / "tok", vocab_size=40)
+    tok = fixtures.make_tiny_tokenizer(["a b c d e f g h"] * 5, tmp_path / "tok", vocab_size=40)
     feats = {n: torch.randn(16, requires_grad=True) for n in split.images}
     args = argparse.Namespace(routine="method3", lang="de", hard_prompt=None, align_loss="mse", align_ratio=1.0)
     M.train_step(model, tok, split, [0, 1], feats, args, "cpu").backward()
@@ -255,7 +257,7 @@ def test_soft_prompt_goes_after_bos_and_extends_the_mask():
 
 
 def test_soft_prompt_from_prefix_equals_the_hard_prompt_on_unpadded_input(tmp_path):
-    tok = data.make_tiny_tokenizer(["a photo of a dog on the beach"] * 5, tmp_path / "tok", vocab_size=40)
+    tok = fixtures.make_tiny_tokenizer(["a photo of a dog on the beach"] * 5, tmp_path / "tok", vocab_size=40)
     prefix_ids = data.encode_texts(tok, ["a photo of"])[0][0, 1:-1].tolist()
     text_ids = data.encode_texts(tok, ["a dog"])[0][0].tolist()
     base = tiny_model(seed=3).eval()
@@ -280,7 +282,7 @@ def test_clip_image_tower_is_the_same_in_train_and_eval_mode(tmp_path):
         projection_dim=12,
     )
     vision = CLIPVisionModelWithProjection(cfg)
-    paths = data.write_synthetic_images(tmp_path, ["a.jpg", "b.png"], size=(50, 40))
+    paths = fixtures.write_synthetic_images(tmp_path, ["a.jpg", "b.png"], size=(50, 40))
     with torch.no_grad():
         vision.train()
         train = M.encode_images(vision, paths)
@@ -310,14 +312,14 @@ def write_xtd(root: Path, n: int = 12) -> list[str]:
             path = root / pattern.format(lang)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("\n".join(lines) + "\n")
-    return [data.xtd_image_path(x) for x in names]
+    return [xtd_data.xtd_image_path(x) for x in names]
 
 
 def test_xtd_loader_reads_pectvlm_layout_and_splits_like_run_xtd(tmp_path):
     images = write_xtd(tmp_path)
-    full = data.load_xtd(tmp_path, ["de", "en"])
+    full = xtd_data.load_xtd(tmp_path, ["de", "en"])
     assert full.images == images and images[0] == "val2014/COCO_val2014_000000000000.jpg"
-    splits = data.xtd_splits(full, 3, 42)
+    splits = xtd_data.xtd_splits(full, 3, 42)
     perm = torch.randperm(12, generator=torch.Generator().manual_seed(42)).tolist()
     assert splits["train"].images == [images[i] for i in perm[:3]]
     assert [len(s.images) for s in splits.values()] == [3, 3, 6]
@@ -338,7 +340,7 @@ def test_bad_xtd_caption_file_is_a_one_line_error_naming_it(tmp_path, damage, ma
     write_xtd(tmp_path)
     damage(tmp_path / "all" / "test_1kcaptions_de.txt")
     with pytest.raises(ValueError, match=match):
-        data.load_xtd(tmp_path, ["de", "en"])
+        xtd_data.load_xtd(tmp_path, ["de", "en"])
 
 
 def test_xtd_image_name_that_is_not_a_coco_file_name_is_an_error_naming_its_line(tmp_path):
@@ -346,22 +348,22 @@ def test_xtd_image_name_that_is_not_a_coco_file_name_is_an_error_naming_its_line
     names = tmp_path / "all" / "test_image_names.txt"
     names.write_text(names.read_text().replace("COCO_val2014_000000000002.jpg", "dog.jpg"))
     with pytest.raises(ValueError, match=r"test_image_names\.txt:3: XTD10 image name 'dog\.jpg' is not a COCO 2014"):
-        data.load_xtd(tmp_path, ["de", "en"])
+        xtd_data.load_xtd(tmp_path, ["de", "en"])
 
 
 def test_multi30k_loader_reads_task1_layout(tmp_path):
     base = tmp_path / "data" / "task1"
-    for split, name in data.MULTI30K_SPLITS.items():
+    for split, name in xtd_data.MULTI30K_SPLITS.items():
         (base / "image_splits").mkdir(parents=True, exist_ok=True)
         (base / "image_splits" / f"{name}.txt").write_text("1.jpg\n2.jpg\n")
         for d in ("raw", "translated_from_en", "translated_to_en"):
             (base / d).mkdir(exist_ok=True)
             for lang in ("en", "cs"):
                 (base / d / f"{name}.{lang}").write_text(f"{d} {lang} one\n{d} {lang} two\n")
-    splits = data.multi30k_splits(tmp_path, ["cs", "en"], None, 42)
+    splits = xtd_data.multi30k_splits(tmp_path, ["cs", "en"], None, 42)
     assert splits["test"].images == ["flickr30k-images/1.jpg", "flickr30k-images/2.jpg"]
     assert splits["val"].captions("to_en", "cs") == ["translated_to_en cs one", "translated_to_en cs two"]
-    assert len(data.multi30k_splits(tmp_path, ["cs", "en"], 1, 42)["train"].images) == 1
+    assert len(xtd_data.multi30k_splits(tmp_path, ["cs", "en"], 1, 42)["train"].images) == 1
 
 
 # ---------------------------------------------------------------- end to end, resume
@@ -372,7 +374,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("xtd")
     images = write_xtd(root / "XTD10")
     texts = [l for p in (root / "XTD10").rglob("*.txt") for l in p.read_text().splitlines()]
-    data.make_tiny_tokenizer(texts * 3 + ["a photo of"], root / "tok", vocab_size=60)
+    fixtures.make_tiny_tokenizer(texts * 3 + ["a photo of"], root / "tok", vocab_size=60)
     torch.manual_seed(0)
     torch.save({"names": images, "features": torch.randn(len(images), 16)}, root / "feats.pt")
     return root
@@ -494,8 +496,8 @@ def test_features_command_reads_openai_clip_release_layout_and_feeds_a_run(world
     )
     clip = CLIPModel(cfg).eval()
     clip.save_pretrained(tmp_path / "clip")  # the layout of openai/clip-vit-large-patch14: the whole CLIPModel
-    names = data.load_xtd(world / "XTD10", ["en"]).images
-    paths = data.write_synthetic_images(tmp_path / "coco", names, size=(40, 36))
+    names = xtd_data.load_xtd(world / "XTD10", ["en"]).images
+    paths = fixtures.write_synthetic_images(tmp_path / "coco", names, size=(40, 36))
     M.main(
         [
             "features",
@@ -559,7 +561,7 @@ def test_pet_xtd_target_prints_the_run_and_ignores_the_locale_lang():
     )
     assert "--lang de " in make("-n", "pet-xtd", env_lang="fr_FR.UTF-8").stdout  # the locale is not a language
     grid = [l for l in make("-n", "pet-xtd-grid").stdout.splitlines() if "comparisons.mclip.train_mclip" in l]
-    assert [l.split("--lang ")[1].split()[0] for l in grid] == list(data.XTD_LANGS)
+    assert [l.split("--lang ")[1].split()[0] for l in grid] == list(xtd_data.XTD_LANGS)
 
 
 @pytest.mark.system
@@ -679,12 +681,12 @@ def test_clip_preprocess_equals_openai_clips_torchvision_transform(tmp_path, siz
             T.Normalize(data.CLIP_MEAN, data.CLIP_STD),
         ]
     )  # clip/clip.py _transform(n_px), RGB input
-    img = data.load_image(data.write_synthetic_images(tmp_path, ["a.png"], size=size)[0])
+    img = data.load_image(fixtures.write_synthetic_images(tmp_path, ["a.png"], size=size)[0])
     assert torch.equal(M.clip_preprocess(img, 32), openai(img))
 
 
 def test_image_features_of_another_width_are_refused_before_training(world, tmp_path):
-    names = data.load_xtd(world / "XTD10", ["en"]).images
+    names = xtd_data.load_xtd(world / "XTD10", ["en"]).images
     torch.save({"names": names, "features": torch.zeros(len(names), 12)}, tmp_path / "f.pt")
     with pytest.raises(SystemExit, match="image features are 12-d, the text tower's output 16-d"):
         M.main(cli(world, tmp_path / "run", "--image-features", str(tmp_path / "f.pt")))
@@ -703,7 +705,7 @@ def test_image_features_of_another_width_are_refused_before_training(world, tmp_
 )
 def test_each_routine_trains_on_its_text_and_aligns_with_its_partner(routine, main, partner, monkeypatch):
     kinds = {"native": ("en", "de"), "from_en": ("de",), "to_en": ("de",)}
-    split = data.RetrievalSplit(
+    split = xtd_data.RetrievalSplit(
         ["a", "b", "c"], {k: {l: [f"{k}-{l}-{i}" for i in range(3)] for l in ls} for k, ls in kinds.items()}
     )
     seen = []

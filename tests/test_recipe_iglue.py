@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+from synthetic import fixtures  # noqa: E402
 import engine  # noqa: E402
 import freeze  # noqa: E402
 import train_uc2 as U  # noqa: E402
@@ -25,8 +26,8 @@ DECAYED_BY_IGLUE_ONLY = {
 def train(tmp_path, recipe: str) -> Path:
     if not (tmp_path / "tok").exists():
         exs = data.load_split(IGLUE, "xgqa", "testdev", "en")
-        data.make_tiny_tokenizer([e.text for e in exs], tmp_path / "tok", vocab_size=300)
-        data.write_synthetic_features(tmp_path / "feats", {e.image for e in exs}, num_boxes=4)
+        fixtures.make_tiny_tokenizer([e.text for e in exs], tmp_path / "tok", vocab_size=300)
+        fixtures.write_synthetic_features(tmp_path / "feats", {e.image for e in exs}, num_boxes=4)
     out = tmp_path / recipe
     U.main(
         [

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import data
+from formats.features import FEATURE_DIM, open_features
+from formats import inventory
 import train_uc2
 from comparisons.xvlmaml import xvlmaml
 from synthetic import pretrain as synth_pretrain
@@ -77,7 +79,7 @@ def _record_digests(folder: Path) -> dict[str, str]:
         if p.is_file() and p.suffix != ".mdb" and p.parent.name != "tokenizer"
     }
     for db in sorted(folder.glob("*.lmdb")):
-        reader, h = data.open_features(db), hashlib.sha1()
+        reader, h = open_features(db), hashlib.sha1()
         for key in sorted(reader.keys()):
             feats, boxes, w, hgt = reader.get(key)
             h.update(key.encode() + np.ascontiguousarray(feats).tobytes() + np.ascontiguousarray(boxes).tobytes())
@@ -118,8 +120,8 @@ def test_auxiliary_dev_splits_are_translations_on_new_scenes(tmp_path):
         for e_en, e in zip(en, got):
             words = [x if x in sw.SHARED else back[lang][x] for x in e.text.split()]
             assert Counter(words) == Counter(e_en.text.split())
-    aux = data.open_features(w / sw.AUX_FEATURES)
-    task = data.open_features(w / "features.lmdb")
+    aux = open_features(w / sw.AUX_FEATURES)
+    task = open_features(w / "features.lmdb")
     images = {e.image for e in en}
     assert aux.keys() == images and not images & task.keys()
     test_images = {e.image for e in data.load_split(w, "xgqa", "test", "en")}
@@ -128,7 +130,7 @@ def test_auxiliary_dev_splits_are_translations_on_new_scenes(tmp_path):
     # scene ids is an image id, and the auxiliary regions are drawn from the "aux" stream's own generators
     scenes = {k: s for k, s, _ in sw.task_scenes(TINY, ((sw.AUX_STREAM, sw.AUX_SCENES),))}
     f, _, _, _ = aux.get("aux00000")
-    assert f.shape == (len(scenes["aux00000"]), data.FEATURE_DIM)
+    assert f.shape == (len(scenes["aux00000"]), FEATURE_DIM)
     feature_sets.FeatureSet([str(w / "features.lmdb"), str(w / sw.AUX_FEATURES)])  # the pair xvlmaml reads
 
 
@@ -178,22 +180,22 @@ def test_data_reads_the_world_as_iglue(world):
     assert all(e.label >= 0 and e.scores == {e.label: 1.0} for e in train)  # every answer in the vocabulary
     test = data.load_split(world, "xgqa", "test", "sw")
     assert {e.qtype for e in test} <= {"query", "verify", "choose", "logical", "compare"}
-    feats = data.open_features(world / "features.lmdb")
+    feats = open_features(world / "features.lmdb")
     assert feats.keys() == {e.image for e in train} | {e.image for e in test} | {
         e.image for e in data.load_split(world, "xgqa", "valid", "en")
     }
-    data.check_inputs(train, features=feats)
+    inventory.check_inputs(train, features=feats)
     tok = data.load_tokenizer(world / "tokenizer")
     ds = data.make_dataset("uc2", "xgqa", test, features=feats, max_regions=3)
     batch = data.UC2Collate("xgqa", tok)([ds[i] for i in range(4)])
-    assert batch["features"].shape == (4, 3, data.FEATURE_DIM) and batch["spatials"].shape == (4, 3, 7)
+    assert batch["features"].shape == (4, 3, FEATURE_DIM) and batch["spatials"].shape == (4, 3, 7)
     assert batch["target"].sum(1).tolist() == [1.0] * 4
 
 
 def test_region_features_encode_the_scene(world):
     """Each region is its object's codebook sum plus noise: the nearest codebook sum is the object itself."""
     cfg, books = TINY, sw.codebooks(TINY)
-    feats = data.open_features(world / "features.lmdb")
+    feats = open_features(world / "features.lmdb")
     scenes = {key: scene for key, scene, _ in sw.task_scenes(cfg)}
     protos = {
         (s, c, z): books["shape"][s] + books["colour"][c] + books["size"][z]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+from comparisons.mclip import xtd_data
 import engine
 from comparisons.mclip import train_mclip
 from synthetic import mclip_study as sm
@@ -79,8 +80,8 @@ def test_written_xtd_files_are_read_by_the_xtd_loader_with_the_same_captions(stu
     cfg, lex = sw.WorldConfig(), sw.lexicons(sw.WorldConfig())
     scenes = sm.draw_scenes(cfg, "mclip_retrieval", TINY["retrieval_scenes"], set())
     sents = [sm.partial_caption(s, sm.caption_rng(cfg, "mclip_retrieval", i)) for i, (s, _) in enumerate(scenes)]
-    got = data.load_xtd(out / "data" / "XTD10", list(sw.LANGS))
-    assert got.images == [data.xtd_image_path(sm.image_name(i)) for i in range(len(scenes))]
+    got = xtd_data.load_xtd(out / "data" / "XTD10", list(sw.LANGS))
+    assert got.images == [xtd_data.xtd_image_path(sm.image_name(i)) for i in range(len(scenes))]
     english = [sw.render(s, "en", lex) for s in sents]
     for lang in sw.LANGS:
         native = [sw.render(s, lang, lex) for s in sents]
@@ -112,7 +113,7 @@ def test_image_tower_is_a_deterministic_function_of_the_region_features(study, t
     second = engine.load_checkpoint(again / "data" / "image_features.pt")
     assert first["names"] == second["names"] and torch.equal(first["features"], second["features"])
     table = train_mclip.read_image_features(out / "data" / "image_features.pt")
-    assert torch.equal(table[data.xtd_image_path(sm.image_name(0))], a)
+    assert torch.equal(table[xtd_data.xtd_image_path(sm.image_name(0))], a)
 
 
 def test_pretrained_text_checkpoint_loads_into_train_mclips_model_with_no_missing_or_unexpected_keys(study):

@@ -19,6 +19,7 @@ from _timeouts import scaled
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+from synthetic import fixtures  # noqa: E402
 import engine  # noqa: E402
 import freeze  # noqa: E402
 import train_cclm  # noqa: E402
@@ -39,9 +40,9 @@ def env(tmp_path_factory):
         eval_split, langs = EVAL[task]
         for lang in langs:
             examples += data.load_split(IGLUE, task, eval_split, lang)
-    data.write_synthetic_images(root / "images", sorted({ex.image_file for ex in examples}), size=(48, 40))
+    fixtures.write_synthetic_images(root / "images", sorted({ex.image_file for ex in examples}), size=(48, 40))
     _, answers = data.load_answer_vocab(IGLUE)
-    data.make_tiny_tokenizer([ex.text for ex in examples] + answers, root / "tok", vocab_size=1000)
+    fixtures.make_tiny_tokenizer([ex.text for ex in examples] + answers, root / "tok", vocab_size=1000)
     return root
 
 

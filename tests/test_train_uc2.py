@@ -2,7 +2,7 @@
 process, resume is bitwise exact, and --print-schedule pins UC2's schedule.
 
 Data: the IGLUE annotation sample in tests/fixtures/iglue, a tiny tokenizer trained on it and
-synthetic region features (data.write_synthetic_features) for every image it references.
+synthetic region features (fixtures.write_synthetic_features) for every image it references.
 """
 
 import argparse
@@ -23,6 +23,10 @@ from _timeouts import scaled
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+from formats.features import open_features  # noqa: E402
+from formats.bad_input import BadInput  # noqa: E402
+from synthetic import fixtures  # noqa: E402
+from formats import inventory  # noqa: E402
 import engine  # noqa: E402
 import freeze  # noqa: E402
 import train_uc2 as U  # noqa: E402
@@ -44,8 +48,8 @@ def sample(tmp_path_factory):
                 exs = data.load_split(IGLUE, task, split, lang)
                 texts += [e.text for e in exs]
                 ids |= {e.image for e in exs}
-    data.make_tiny_tokenizer(texts, out / "tok", vocab_size=1000)
-    data.write_synthetic_features(out / "feats", ids, num_boxes=REGIONS)
+    fixtures.make_tiny_tokenizer(texts, out / "tok", vocab_size=1000)
+    fixtures.write_synthetic_features(out / "feats", ids, num_boxes=REGIONS)
     return out
 
 
@@ -299,10 +303,10 @@ def test_print_schedule_pins_uc2_suf(config, capsys):
 def test_feature_set_reads_each_key_from_the_file_holding_it(tmp_path):
     """FeatureSet (several --features files): keys, `in`, get / kept_regions / regions go to the file that holds
     the key, an unknown key is a KeyError, and datasets and the start-up check read through it."""
-    data.write_synthetic_features(tmp_path / "a", ["1", "2"], num_boxes=4, seed=1)
-    data.write_synthetic_features(tmp_path / "b", ["3"], num_boxes=6, seed=2)
+    fixtures.write_synthetic_features(tmp_path / "a", ["1", "2"], num_boxes=4, seed=1)
+    fixtures.write_synthetic_features(tmp_path / "b", ["3"], num_boxes=6, seed=2)
     fs = feature_sets.FeatureSet([str(tmp_path / "a"), str(tmp_path / "b")])
-    a, b = data.open_features(tmp_path / "a"), data.open_features(tmp_path / "b")
+    a, b = open_features(tmp_path / "a"), open_features(tmp_path / "b")
     assert fs.keys() == {"1", "2", "3"} and "3" in fs and "4" not in fs
     for key, reader in (("2", a), ("3", b)):
         want, got = reader.get(key), fs.get(key)
@@ -325,7 +329,7 @@ def test_feature_set_reads_each_key_from_the_file_holding_it(tmp_path):
         )
         for k in ("1", "3")
     ]
-    data.check_inputs(exs, features=fs, sample=None)
+    inventory.check_inputs(exs, features=fs, sample=None)
     assert data.REGION_FEATURES.dataset("xvnli", exs, features=fs, max_regions=8)[1]["regions"][0].shape == (6, 2048)
-    with pytest.raises(data.BadInput, match="'4' not found"):
+    with pytest.raises(BadInput, match="'4' not found"):
         data.REGION_FEATURES.dataset("xvnli", [replace(exs[0], image="4")], features=fs)[0]

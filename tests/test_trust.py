@@ -28,6 +28,10 @@ from _timeouts import scaled
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+from formats.features import _close_lmdb, open_features  # noqa: E402
+from formats.pickles import UnsafePickleError, unpickle_data  # noqa: E402
+from synthetic import fixtures  # noqa: E402
+from formats import inventory  # noqa: E402
 import engine  # noqa: E402
 import eval_zeroshot  # noqa: E402
 import train_cclm  # noqa: E402
@@ -120,7 +124,7 @@ def refused(call, where: str, marker: Path, unsafe: bool = True) -> str:
     assert "\n" not in msg and where in msg, msg
     assert not marker.exists(), f"payload ran: {msg}"
     if unsafe:
-        assert isinstance(e.value, (data.UnsafePickleError, engine.UnsafeCheckpointError)) or "refused" in msg, msg
+        assert isinstance(e.value, (UnsafePickleError, engine.UnsafeCheckpointError)) or "refused" in msg, msg
     return msg
 
 
@@ -131,7 +135,7 @@ def test_unpickle_data_refuses_every_payload_and_names_the_file(tmp_path):
     marker = tmp_path / "marker"
     for name, payload in all_pickle_payloads(marker).items():
         assert_live(payload, marker, name)
-        msg = refused(lambda: data.unpickle_data(payload, "some.lmdb record '42'"), "some.lmdb record '42'", marker)
+        msg = refused(lambda: unpickle_data(payload, "some.lmdb record '42'"), "some.lmdb record '42'", marker)
         assert msg.startswith("some.lmdb record '42': refused to unpickle: it asks for "), (name, msg)
 
 
@@ -162,9 +166,7 @@ def test_forged_numpy_dtypes_and_object_arrays_are_refused(tmp_path):
     evil = pickle.loads(forged["forged_dtype"])
     assert evil.hasobject and evil.kind == "f"
     for name, payload in forged.items():
-        refused(
-            lambda: data.unpickle_data(payload, f"x.pkl ({name})"), f"x.pkl ({name})", tmp_path / "none", unsafe=False
-        )
+        refused(lambda: unpickle_data(payload, f"x.pkl ({name})"), f"x.pkl ({name})", tmp_path / "none", unsafe=False)
 
 
 def _plain_objects() -> dict:
@@ -222,10 +224,10 @@ def _same(a, b) -> bool:
 @pytest.mark.parametrize("proto", range(6))
 def test_plain_data_pickles_load_exactly_as_pickle_does(proto):
     blob = pickle.dumps(_plain_objects(), protocol=proto)
-    ours, theirs = data.unpickle_data(blob, "x"), pickle.loads(blob)
+    ours, theirs = unpickle_data(blob, "x"), pickle.loads(blob)
     assert _same(ours, theirs)
     shared = [np.ones(2)] * 2  # one array referenced twice (pickle memo) stays one array
-    got = data.unpickle_data(pickle.dumps(shared, protocol=proto), "x")
+    got = unpickle_data(pickle.dumps(shared, protocol=proto), "x")
     assert got[0] is got[1]
 
 
@@ -233,7 +235,7 @@ def test_numpy_1x_module_names_load(tmp_path):
     """Files written under numpy 1.x name numpy.core.multiarray (IGLUE's LMDBs; the fixture LMDBs are such files)."""
     blob = pickle.dumps({"a": np.arange(3.0), "s": np.int64(7)}, protocol=2)
     assert b"numpy._core" in blob
-    got = data.unpickle_data(blob.replace(b"numpy._core", b"numpy.core"), "x")
+    got = unpickle_data(blob.replace(b"numpy._core", b"numpy.core"), "x")
     assert np.array_equal(got["a"], np.arange(3.0)) and got["s"] == 7
     # a copy: py-lmdb refuses a second handle on an environment another test of this process still holds
     copy = shutil.copytree(ROOT / "tests/fixtures/features/features_fixture.lmdb", tmp_path / "copy.lmdb")
@@ -242,7 +244,7 @@ def test_numpy_1x_module_names_load(tmp_path):
         raw = txn.get(b"1000092795")
     env.close()
     assert b"numpy.core.multiarray" in raw
-    assert _same(data.unpickle_data(raw, "x"), pickle.loads(raw))
+    assert _same(unpickle_data(raw, "x"), pickle.loads(raw))
 
 
 def _python2_hard_negatives(pool: np.ndarray, image_ids: list[int]) -> bytes:
@@ -287,12 +289,12 @@ def test_python2_hard_negative_pickle_loads(tmp_path):
 
 
 def _features_with(tmp_path: Path, key: bytes, payload: bytes) -> Path:
-    path = data.write_synthetic_features(tmp_path / "feats", ["1", "2"], num_boxes=2)
+    path = fixtures.write_synthetic_features(tmp_path / "feats", ["1", "2"], num_boxes=2)
     env = lmdb.open(str(path), map_size=1 << 24)
     with env.begin(write=True) as txn:
         txn.put(key, payload)
     env.close()
-    data._close_lmdb(str(path))
+    _close_lmdb(str(path))
     return path
 
 
@@ -303,24 +305,25 @@ def test_feature_lmdb_payloads_never_run(tmp_path, entry):
         assert_live(payload, marker, name)
         case = tmp_path / name
         path = _features_with(case, b"1" if entry == "record" else b"keys", payload)
-        reader = data.open_features(path)
+        reader = open_features(path)
         if entry == "record":
             assert "1" in reader
             refused(lambda: reader.get("1"), f"{path}: feature record '1': refused to unpickle", marker)
         else:
             refused(lambda: "1" in reader, f"{path} entry 'keys': refused to unpickle", marker)
-        data._close_lmdb(str(path))
+        _close_lmdb(str(path))
 
 
 @pytest.mark.system
 def test_feature_inventory_cli_refuses_a_payload(tmp_path):
-    """`python data.py --features ...`, the README's first command on a download."""
+    """`python -m formats.inventory --features ...`, the README's first command on a download."""
     marker = tmp_path / "marker"
     payload = dotted_gadgets(marker)["stack_global_p4"] + b"N."
     assert_live(payload, marker, "dotted_torch._utils_stack_global_p4")
     path = _features_with(tmp_path, b"keys", payload)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "data.py"), "--data-root", str(IGLUE), "--features", str(path)],
+        [sys.executable, "-m", "formats.inventory", "--data-root", str(IGLUE), "--features", str(path)],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=scaled(240),
@@ -422,8 +425,8 @@ def test_checkpoint_cli_refuses_a_payload_before_writing(tmp_path):
     torch.save(_volta_state_dict(), tmp_path / "real.bin")
     _write_zip_with_prefix(tmp_path / "real.bin", ckpt, dotted_gadgets(marker)["stack_global_p4"])
     train = data.load_split(IGLUE, "xvnli", "train_48", "en")
-    data.make_tiny_tokenizer([e.text for e in train], tmp_path / "tok", vocab_size=300)
-    feats = data.write_synthetic_features(tmp_path / "feats", {e.image for e in train}, num_boxes=2)
+    fixtures.make_tiny_tokenizer([e.text for e in train], tmp_path / "tok", vocab_size=300)
+    feats = fixtures.write_synthetic_features(tmp_path / "feats", {e.image for e in train}, num_boxes=2)
     (tmp_path / "images").mkdir()
     common = [
         "--task",
@@ -582,8 +585,8 @@ def _annotation_root(tmp_path: Path, xflickrco_path: str, xvnli_id: str, gqa_ima
 @pytest.mark.parametrize("how", ["dotdot", "absolute"])
 def test_image_paths_from_annotations_stay_inside_the_image_root(tmp_path, how):
     images = tmp_path / "images"
-    data.write_synthetic_images(images, ["flickr30k/1.jpg", "gqa/1.jpg"], size=(16, 12))
-    outside = data.write_synthetic_images(tmp_path, ["outside.jpg"], size=(16, 12))[0]  # a real image out there
+    fixtures.write_synthetic_images(images, ["flickr30k/1.jpg", "gqa/1.jpg"], size=(16, 12))
+    outside = fixtures.write_synthetic_images(tmp_path, ["outside.jpg"], size=(16, 12))[0]  # a real image out there
     (images / "flickr30k" / "1.x").mkdir()  # XVNLI ids must start "<int>.": climbing out needs a folder there
     if how == "dotdot":
         root = _annotation_root(tmp_path, "../../outside.jpg", "1.x/../../../outside", "../../outside")
@@ -600,7 +603,7 @@ def test_image_paths_from_annotations_stay_inside_the_image_root(tmp_path, how):
             "the unconfined path would reach the image"
         )
         for call in (
-            lambda: data.check_inputs(exs, images=images),
+            lambda: inventory.check_inputs(exs, images=images),
             lambda: data.CCLMDataset(exs, images, task, image_res=32)[exs.index(bad)],
         ):
             with pytest.raises(ValueError) as e:

@@ -63,6 +63,7 @@ from PIL import Image
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
 import data
+from comparisons.mclip import xtd_data
 import engine
 import freeze
 import scoring.evaluate
@@ -491,7 +492,7 @@ def read_image_features(path: str | Path) -> dict[str, torch.Tensor]:
     return {n: feats[i].float() for i, n in enumerate(names)}
 
 
-def image_feature_table(splits: dict[str, data.RetrievalSplit], args) -> dict[str, torch.Tensor]:
+def image_feature_table(splits: dict[str, xtd_data.RetrievalSplit], args) -> dict[str, torch.Tensor]:
     """Every split's image features, from --image-features, or computed once with --clip-vision over --images."""
     needed = sorted({p for s in splits.values() for p in s.images})
     if args.image_features:
@@ -576,7 +577,7 @@ def encode(model: MCLIPText, tokenizer, texts: Sequence[str], device) -> torch.T
 def evaluate(
     model: MCLIPText,
     tokenizer,
-    split: data.RetrievalSplit,
+    split: xtd_data.RetrievalSplit,
     images: dict[str, torch.Tensor],
     kind: str,
     lang: str,
@@ -613,7 +614,7 @@ def cosine_no_warmup(total_steps: int) -> Callable[[int], float]:
 def train_step(
     model,
     tokenizer,
-    split: data.RetrievalSplit,
+    split: xtd_data.RetrievalSplit,
     idx: list[int],
     images,
     args,
@@ -911,10 +912,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
-    langs = data.XTD_LANGS if args.dataset == "xtd" else data.MULTI30K_LANGS
+    langs = xtd_data.XTD_LANGS if args.dataset == "xtd" else xtd_data.MULTI30K_LANGS
     # a set in XTD10's layout with other languages (the synthetic world's, synthetic/mclip_study.py) has its caption
     # file
-    other_xtd = args.dataset == "xtd" and Path(args.data_root, data.XTD_FILES["native"].format(args.lang)).is_file()
+    other_xtd = args.dataset == "xtd" and Path(args.data_root, xtd_data.XTD_FILES["native"].format(args.lang)).is_file()
     if args.lang not in langs and not other_xtd:
         raise SystemExit(f"error: --lang {args.lang}: {args.dataset} has {', '.join(langs)}")
     for name in ("epochs", "batch_size", "eval_steps", "eval_batch_size"):
@@ -955,11 +956,11 @@ def resolve_text_config(name: str) -> str | dict:
     return cfg
 
 
-def load_splits(args) -> dict[str, data.RetrievalSplit]:
+def load_splits(args) -> dict[str, xtd_data.RetrievalSplit]:
     langs = sorted({args.lang, "en"})
     if args.dataset == "xtd":
-        return data.xtd_splits(data.load_xtd(args.data_root, langs), args.n_shot, args.split_seed)
-    return data.multi30k_splits(args.data_root, langs, args.n_shot, args.split_seed)
+        return xtd_data.xtd_splits(xtd_data.load_xtd(args.data_root, langs), args.n_shot, args.split_seed)
+    return xtd_data.multi30k_splits(args.data_root, langs, args.n_shot, args.split_seed)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -1144,9 +1145,11 @@ def features_main(argv: Sequence[str]) -> dict:
         raise SystemExit(f"error: --out {a.out} exists; remove it or choose another path")
     try:
         if a.dataset == "xtd":
-            names = data.load_xtd(a.data_root, ["en"]).images
+            names = xtd_data.load_xtd(a.data_root, ["en"]).images
         else:
-            names = sorted({n for s in data.MULTI30K_SPLITS for n in data.load_multi30k(a.data_root, s, ["en"]).images})
+            names = sorted(
+                {n for s in xtd_data.MULTI30K_SPLITS for n in xtd_data.load_multi30k(a.data_root, s, ["en"]).images}
+            )
         cuda = torch.cuda.is_available() and os.environ.get("SUF_DEVICE", "") != "cpu"
         table = compute_image_features(names, a.images, a.clip_vision, "cuda" if cuda else "cpu")
     except ValueError as e:

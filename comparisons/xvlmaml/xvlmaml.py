@@ -42,6 +42,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
+from formats import inventory
 import engine
 import eval_zeroshot as Z
 import freeze
@@ -553,7 +554,7 @@ def build_data(args, tokenizer, num_answers: int = data.NUM_ANSWERS):
         if features is None:
             raise SystemExit("error: --features is required (image-keyed region-feature LMDB/H5)")
         aux = data.load_split(args.data_root, args.task, args.aux_split, args.aux_lang)
-        data.check_inputs(aux, features=features)
+        inventory.check_inputs(aux, features=features)
         # xFlickrCo: VOLTA's hard negatives exist for Flickr30k's training images only, so the auxiliary pool
         # draws random negatives (read only by a task_aux retrieval loss; the contrastive loss uses the positives)
         aux_ds = data.make_dataset(
@@ -581,7 +582,7 @@ def build_data(args, tokenizer, num_answers: int = data.NUM_ANSWERS):
             )
             en_ds = U.build_train_dataset(en_args, features, serialized)
             if isinstance(en_ds, data.UC2Dataset):
-                data.check_inputs(en_ds.examples, features=features)
+                inventory.check_inputs(en_ds.examples, features=features)
     except ValueError as e:
         raise SystemExit(f"error: training data: {e}") from None
     if args.support_size + args.query_size > len(aux_ds):

@@ -1,0 +1,186 @@
+"""Translation retrieval sets of the M-CLIP comparison (train_mclip.py): XTD10 and Multi30K with PECTVLM's
+machine translations, their splits, and their listing in the data inventory (formats/inventory.py).
+
+Not on the reading path: only the Multilingual-CLIP + PET comparison reads these sets.
+
+  RetrievalSplit(images, texts)     images + {text kind: {lang: one caption per image}}; kinds native, from_en
+                                    (English captions MT into lang), to_en (lang's captions MT into English)
+  load_xtd(root, langs) / xtd_splits(full, n_shot, seed)   XTD10 and run_XTD.py's 50 / 50 / 900 split
+  load_multi30k(root, split, langs) / multi30k_splits(root, langs, n_shot, seed)   Multi30K task 1
+  read_lines(path, expect)          caption file lines; one-line ValueError naming file:line
+  XTD_LANGS, MULTI30K_LANGS, MULTI30K_SPLITS
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+XTD_LANGS = ("en", "de", "fr", "es", "it", "jp", "ko", "pl", "ru", "tr", "zh")
+MULTI30K_LANGS = ("en", "de", "fr", "cs")
+MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
+# Folder names the inventory looks for under --data-root (mclip.mk's defaults XTD=data/XTD10,
+# MULTI30K=data/multi30k-dataset).
+RETRIEVAL_SET_DIRS = {"xtd10": "XTD10", "multi30k": "multi30k-dataset"}
+# text kind -> XTD10 file pattern (PECTVLM layout): captions, English captions machine-translated into the
+# language, the language's captions machine-translated into English
+XTD_FILES = {
+    "native": "all/test_1kcaptions_{}.txt",
+    "from_en": "translated_from_en/{}.txt",
+    "to_en": "translated_to_en/{}.txt",
+}
+MULTI30K_DIRS = {"native": "raw", "from_en": "translated_from_en", "to_en": "translated_to_en"}
+
+
+@dataclass
+class RetrievalSplit:
+    """Images (paths relative to the image root) and, per text kind and language, one caption per image."""
+
+    images: list[str]
+    texts: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+    def subset(self, idx: Sequence[int]) -> "RetrievalSplit":
+        return RetrievalSplit(
+            [self.images[i] for i in idx],
+            {k: {l: [t[i] for i in idx] for l, t in d.items()} for k, d in self.texts.items()},
+        )
+
+    def captions(self, kind: str, lang: str) -> list[str]:
+        """kind "en": the English captions (the alignment partner of method1 / method3)."""
+        if kind == "en":
+            return self.texts["native"]["en"]
+        return self.texts[kind][lang]
+
+
+def read_lines(path: Path, expect: int | None = None) -> list[str]:
+    """Stripped lines of a UTF-8 text file; an empty line, a wrong count or bad bytes is a one-line ValueError
+    naming the file (and the line)."""
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    raw = path.read_bytes()
+    try:
+        lines = [s.strip() for s in raw.decode("utf-8").strip("\n").split("\n")]
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for i, s in enumerate(lines, 1):
+        if not s:
+            raise ValueError(f"{path}:{i}: empty line")
+    if expect is not None and len(lines) != expect:
+        raise ValueError(f"{path}: {len(lines)} lines, expected {expect} (one per image)")
+    return lines
+
+
+def xtd_image_path(name: str) -> str:
+    """XTD10 image names are COCO 2014 file names: COCO_train2014_x.jpg -> train2014/COCO_train2014_x.jpg."""
+    parts = name.split("#")[0].split("_")
+    if len(parts) < 3 or not parts[1].startswith(("train", "val")):
+        raise ValueError(f"XTD10 image name {name!r} is not a COCO 2014 file name")
+    return f"{parts[1]}/{name.split('#')[0]}"
+
+
+def _xtd_images(root: Path) -> list[str]:
+    path = root / "all" / "test_image_names.txt"
+    names = read_lines(path)
+    images = []
+    for i, n in enumerate(names, 1):
+        try:
+            images.append(xtd_image_path(n))
+        except ValueError as e:
+            raise ValueError(f"{path}:{i}: {e}") from None
+    return images
+
+
+def load_xtd(root: str | os.PathLike, langs: Sequence[str] = XTD_LANGS) -> RetrievalSplit:
+    """XTD10 in PECTVLM's layout: all/test_image_names.txt, all/test_1kcaptions_<lang>.txt and the machine
+    translations translated_from_en/<lang>.txt (English captions into lang), translated_to_en/<lang>.txt."""
+    root = Path(root)
+    images = _xtd_images(root)
+    texts = {k: {l: read_lines(root / f.format(l), len(images)) for l in langs} for k, f in XTD_FILES.items()}
+    if "en" not in langs:
+        texts["native"]["en"] = read_lines(root / XTD_FILES["native"].format("en"), len(images))
+    return RetrievalSplit(images, texts)
+
+
+def load_multi30k(root: str | os.PathLike, split: str, langs: Sequence[str] = MULTI30K_LANGS) -> RetrievalSplit:
+    """Multi30K task 1 in PECTVLM's layout under data/task1/: image_splits/<split>.txt, raw/<split>.<lang> and
+    translated_from_en/<split>.<lang>, translated_to_en/<split>.<lang>; images are flickr30k-images/<name>."""
+    base = Path(root) / "data" / "task1"
+    name = MULTI30K_SPLITS[split]
+    images = [f"flickr30k-images/{n}" for n in read_lines(base / "image_splits" / f"{name}.txt")]
+    texts = {k: {l: read_lines(base / d / f"{name}.{l}", len(images)) for l in langs} for k, d in MULTI30K_DIRS.items()}
+    return RetrievalSplit(images, texts)
+
+
+def xtd_splits(full: RetrievalSplit, n_shot: int, seed: int) -> dict[str, RetrievalSplit]:
+    """run_XTD.py's split: a permutation by torch.Generator(seed); train = first n_shot, val = next n_shot,
+    test = the rest, in permutation order (50-shot: 50 / 50 / 900). n_shot 0: everything is test."""
+    perm = torch.randperm(len(full.images), generator=torch.Generator().manual_seed(seed)).tolist()
+    if 2 * n_shot >= len(perm):
+        raise ValueError(f"--n-shot {n_shot}: XTD10 has {len(perm)} images, too few for train + val + test")
+    return {
+        "train": full.subset(perm[:n_shot]),
+        "val": full.subset(perm[n_shot : 2 * n_shot]),
+        "test": full.subset(perm[2 * n_shot :]),
+    }
+
+
+def multi30k_splits(root, langs: Sequence[str], n_shot: int | None, seed: int) -> dict[str, RetrievalSplit]:
+    """train / val / test_2016_flickr; with n_shot, train is subsampled as PECTVLM's load_file_from_task
+    (first n of a permutation by torch.Generator(seed)). Our choice: val stays whole (reference silent)."""
+    splits = {s: load_multi30k(root, s, langs) for s in MULTI30K_SPLITS}
+    if n_shot:
+        perm = torch.randperm(len(splits["train"].images), generator=torch.Generator().manual_seed(seed)).tolist()
+        splits["train"] = splits["train"].subset(perm[:n_shot])
+    return splits
+
+
+def _retrieval_entry(path: Path, images: list[str]) -> dict:
+    try:
+        return {"examples": len(read_lines(path, len(images))), "images": len(images), "missing": None}
+    except ValueError as e:
+        return {"error": str(e)}
+
+
+def _suffixed(split: str, kind: str) -> str:
+    return split if kind == "native" else f"{split}_translated_{kind}"
+
+
+def retrieval_set_inventory(name: str, root: Path) -> dict:
+    """split[_translated_from_en | _translated_to_en] -> lang -> {"examples", "images", "missing": None} of an
+    XTD10 ("xtd10", one split "all") or Multi30K folder; a file that fails to load gets {"error": message}."""
+    out: dict = {}
+    if name == "xtd10":
+        try:
+            images = _xtd_images(root)
+        except ValueError as e:
+            return {"all": {"*": {"error": str(e)}}}
+        langs = sorted(p.name[len("test_1kcaptions_") : -4] for p in (root / "all").glob("test_1kcaptions_*.txt"))
+        for kind, pattern in XTD_FILES.items():
+            for lang in langs:
+                path = root / pattern.format(lang)
+                if kind == "native" or path.exists():
+                    out.setdefault(_suffixed("all", kind), {})[lang] = _retrieval_entry(path, images)
+        return out
+    base = root / "data" / "task1"
+    for split, file_name in MULTI30K_SPLITS.items():
+        try:
+            images = [f"flickr30k-images/{n}" for n in read_lines(base / "image_splits" / f"{file_name}.txt")]
+        except ValueError as e:
+            out[split] = {"*": {"error": str(e)}}
+            continue
+        for kind, folder in MULTI30K_DIRS.items():
+            for path in sorted((base / folder).glob(f"{file_name}.*")):
+                lang = path.name[len(file_name) + 1 :]
+                out.setdefault(_suffixed(split, kind), {})[lang] = _retrieval_entry(path, images)
+    return out
+
+
+def retrieval_set_roots(data_root) -> dict[str, Path]:
+    """{"xtd10" / "multi30k": folder} of the translation retrieval sets present under data_root."""
+    root = Path(data_root)
+    return {name: root / d for name, d in RETRIEVAL_SET_DIRS.items() if (root / d).is_dir()}
