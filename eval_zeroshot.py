@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import data
 import engine
+from formats import run_folder, torch_files
 import train_cclm
 import train_uc2
 
@@ -375,11 +376,11 @@ def write_results(out_dir: str | Path, record: dict, model_name: str) -> Path:
             "files": {**prev.get("files", {}), **record.get("files", {})},
         }
     results[key] = record
-    engine.atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
+    run_folder.atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
     for metric in MAIN_METRICS[record["task"]]:
         name = csv_name(record["task"], metric, record.get("shots", 0), record["translate_test"], record["split"])
         extra = [l for l in engine.ordered_langs(record["langs"]) if l not in ("en",) + TARGET_LANGS[record["task"]]]
-        engine.atomic_write_text(
+        run_folder.atomic_write_text(
             out_dir / name,
             iglue_csv(record["task"], record["langs"], model_name, metric, record.get("shots", 0), extra),
         )
@@ -441,7 +442,7 @@ def run_info(run: str | Path) -> dict:
 
 def load_meta(path: str | Path) -> dict:
     """The metadata dict of a checkpoint, memory-mapped so the weights are not read."""
-    ckpt = engine.load_checkpoint(path, mmap=True)
+    ckpt = torch_files.load_checkpoint(path, mmap=True)
     meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: no 'meta' dict in the checkpoint (not written by train_uc2/train_cclm?)")
@@ -523,7 +524,7 @@ def curves(runs: Sequence[str | Path]) -> dict:
 
 
 def _write_curve_numbers(data: dict, metrics: Sequence[str], stem: Path) -> None:
-    engine.atomic_write_text(
+    run_folder.atomic_write_text(
         stem.with_suffix(".json"),
         json.dumps(
             {
@@ -546,7 +547,7 @@ def _write_curve_numbers(data: dict, metrics: Sequence[str], stem: Path) -> None
             for lang, vals in d["series"].get(m, {}).items():
                 for e, v in zip(d["epochs"], vals):
                     w.writerow([Path(r).name, e, lang, m, v])
-    engine.atomic_write_text(stem.with_suffix(".csv"), buf.getvalue())
+    run_folder.atomic_write_text(stem.with_suffix(".csv"), buf.getvalue())
 
 
 def plot_curves(runs: Sequence[str | Path], out_dir: str | Path, tag: str = "") -> list[Path]:
@@ -650,7 +651,9 @@ def run_results(run: str | Path, split: str = "test") -> dict | None:
     res = data.read_json(run / "results.json", annotations=False) if (run / "results.json").exists() else {}
     if split in res:
         ckpt = str(res[split].get("checkpoint", ""))
-        unfinished = f"evaluated {ckpt} (epoch {res[split].get('epoch')})" if ckpt.endswith(engine.CHECKPOINT) else None
+        unfinished = (
+            f"evaluated {ckpt} (epoch {res[split].get('epoch')})" if ckpt.endswith(run_folder.CHECKPOINT) else None
+        )
         return {**info, "langs": res[split]["langs"], "source": f"results.json[{split}]", "unfinished": unfinished}
     if (run / "metrics.jsonl").exists():
         epochs = read_epoch_metrics(run, split)
@@ -668,12 +671,12 @@ def run_results(run: str | Path, split: str = "test") -> dict | None:
 def _unfinished(run: Path, last_epoch: int) -> str | None:
     """Why a run's last evaluated epoch is not its final result (None: finished): no model_final.pt while a
     checkpoint_last.pt shows it stopped (or paused), or fewer epochs evaluated than args.json planned."""
-    if (run / engine.FINAL).exists():
+    if (run / run_folder.FINAL).exists():
         return None
     args = data.read_json(run / "args.json", annotations=False) if (run / "args.json").exists() else {}
     planned = args.get("epochs")
-    if (run / engine.CHECKPOINT).exists() or (planned and last_epoch < planned):
-        return f"epoch {last_epoch} of {planned or '?'}, no {engine.FINAL}"
+    if (run / run_folder.CHECKPOINT).exists() or (planned and last_epoch < planned):
+        return f"epoch {last_epoch} of {planned or '?'}, no {run_folder.FINAL}"
     return None
 
 
@@ -927,7 +930,7 @@ def feature_reader(features):
 def load_model(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the task model from a checkpoint written by train_uc2/train_cclm ({"model", "meta"}):
     meta["model"] picks the script (MODEL_SCRIPTS), build_model(meta["task"], meta["config"])."""
-    state = engine.load_checkpoint(path)
+    state = torch_files.load_checkpoint(path)
     meta = state.get("meta") if isinstance(state, dict) else None
     if not isinstance(meta, dict) or meta.get("model") not in ("uc2", "cclm") or "config" not in meta:
         raise ValueError(f"{path}: no meta with model uc2|cclm and config (not a train_uc2/train_cclm checkpoint)")
@@ -960,10 +963,10 @@ def load_released_uc2(path: str | Path, task: str, config: str = "base", device=
 
 def run_checkpoint(run: Path) -> Path:
     """The model of a run folder: model_final.pt, else the resume checkpoint."""
-    for name in (engine.FINAL, engine.CHECKPOINT):
+    for name in (run_folder.FINAL, run_folder.CHECKPOINT):
         if (run / name).is_file():
             return run / name
-    raise SystemExit(f"error: {run}: no {engine.FINAL} or {engine.CHECKPOINT} (not a finished run folder?)")
+    raise SystemExit(f"error: {run}: no {run_folder.FINAL} or {run_folder.CHECKPOINT} (not a finished run folder?)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1008,7 +1011,7 @@ def _data_args(
 
 def read_run_args(run: Path | None) -> dict:
     """A run folder's args.json ({} when there is none)."""
-    path = run / engine.ARGS if run is not None else None
+    path = run / run_folder.ARGS if run is not None else None
     return data.read_json(path, annotations=False) if path is not None and path.is_file() else {}
 
 
@@ -1122,7 +1125,7 @@ def evaluate(args: argparse.Namespace, dist: engine.DistInfo) -> int:
         path = write_results(out_dir, record, name)
         names = label_names(meta["model"], task, args.data_root) if preds else []
         for lang, rows in preds.items():
-            engine.atomic_write_text(out_dir / predictions_name(record, lang), predictions_json(task, rows, names))
+            run_folder.atomic_write_text(out_dir / predictions_name(record, lang), predictions_json(task, rows, names))
         print(
             f"wrote {path} [{eval_key(args.split, args.translate_test)}] and "
             + ", ".join(
@@ -1171,7 +1174,7 @@ def cmd_similarity(args) -> int:
             split=args.split,
             checkpoint=str(run_checkpoint(run)),
         )
-        engine.atomic_write_text(out / "fig4_cls_similarity.json", json.dumps(sim, indent=1) + "\n")
+        run_folder.atomic_write_text(out / "fig4_cls_similarity.json", json.dumps(sim, indent=1) + "\n")
         plot_similarity(
             sim,
             out / "fig4_cls_similarity.png",
@@ -1216,11 +1219,11 @@ def cmd_plot(args) -> int:
 
 
 def _plot(args) -> int:
-    runs = [Path(r) for r in args.runs if (Path(r) / engine.METRICS).is_file()]
+    runs = [Path(r) for r in args.runs if (Path(r) / run_folder.METRICS).is_file()]
     for r in sorted(set(map(Path, args.runs)) - set(runs)):
-        print(f"note: {r} has no {engine.METRICS}: no curves", file=sys.stderr)
+        print(f"note: {r} has no {run_folder.METRICS}: no curves", file=sys.stderr)
     if not runs:
-        raise SystemExit(f"error: none of the folders given holds a {engine.METRICS}")
+        raise SystemExit(f"error: none of the folders given holds a {run_folder.METRICS}")
     groups: dict[tuple, list] = {}
     for r in runs:
         info = run_info(r)
@@ -1237,7 +1240,7 @@ def cmd_figures(args) -> int:
     """plot for all runs; similarity for every xgqa/xvnli run whose data is reachable."""
     cmd_plot(args)
     for r in args.runs:
-        if not (Path(r) / engine.FINAL).is_file() and not (Path(r) / engine.CHECKPOINT).is_file():
+        if not (Path(r) / run_folder.FINAL).is_file() and not (Path(r) / run_folder.CHECKPOINT).is_file():
             continue
         info = run_info(r)
         if info.get("task") not in ("xgqa", "xvnli"):
@@ -1257,7 +1260,7 @@ def cmd_table(args) -> int:
         if len(missing) == len(runs):
             raise SystemExit(
                 f"error: none of the {len(runs)} run folder(s) has {args.split} results (results.json "
-                f"or {args.split} evaluations in {engine.METRICS}); evaluate them first (make eval RUN=...)"
+                f"or {args.split} evaluations in {run_folder.METRICS}); evaluate them first (make eval RUN=...)"
             )
         for r in missing:
             print(f"note: {r} has no {args.split} results: not in the tables", file=sys.stderr)
@@ -1266,11 +1269,11 @@ def cmd_table(args) -> int:
         raise SystemExit(f"error: {e}") from None
     print(format_tables(tables, args.per_language))
     if args.out:
-        engine.atomic_write_text(args.out, json.dumps(tables, indent=1) + "\n")
+        run_folder.atomic_write_text(args.out, json.dumps(tables, indent=1) + "\n")
         print(f"wrote {args.out}")
     if args.iglue_csv:
         for name, text in merged_iglue_csvs([Path(r) for r in args.runs], args.split).items():
-            engine.atomic_write_text(Path(args.iglue_csv) / name, text)
+            run_folder.atomic_write_text(Path(args.iglue_csv) / name, text)
             print(f"wrote {Path(args.iglue_csv) / name}")
     return 0
 
@@ -1374,7 +1377,7 @@ def _fewshot(args, dist: engine.DistInfo) -> int:
     out.mkdir(parents=True, exist_ok=True)
     script = MODEL_SCRIPTS[model_name]
     config_file = out / "model_config.json"  # the English run's architecture, whatever its config name
-    engine.atomic_write_text(config_file, json.dumps(meta["config"], indent=1) + "\n")
+    run_folder.atomic_write_text(config_file, json.dumps(meta["config"], indent=1) + "\n")
     trials = []
     for lr in args.lrs:
         run_dir = out / f"lr{lr:g}"
@@ -1417,10 +1420,10 @@ def _fewshot(args, dist: engine.DistInfo) -> int:
             argv += ["--images", str(args.images)] if args.images else []
         argv += ["--eval-split", sel_split, "--langs", sel_lang, "--eval-every", "1"] if sel_split else ["--no-eval"]
         argv += list(args.trainer_args)
-        if (run_dir / engine.FINAL).is_file():
+        if (run_dir / run_folder.FINAL).is_file():
             print(f"few-shot lr {lr:g}: {run_dir} already finished, reusing it", flush=True)
         else:
-            if (run_dir / engine.CHECKPOINT).is_file():
+            if (run_dir / run_folder.CHECKPOINT).is_file():
                 argv.append("--resume")
             print(f"few-shot lr {lr:g}: train_{model_name}.py " + " ".join(argv), flush=True)
             keep_best = BestCheckpoint(run_dir, task, sel_lang, meta, {"shots": args.shots, "fewshot_lang": args.lang})
@@ -1443,7 +1446,7 @@ def _fewshot(args, dist: engine.DistInfo) -> int:
         "trials": trials,
         "best": best,
     }
-    engine.atomic_write_text(out / "fewshot.json", json.dumps(info, indent=1) + "\n")
+    run_folder.atomic_write_text(out / "fewshot.json", json.dumps(info, indent=1) + "\n")
     print(f"few-shot: best lr {best['lr']:g}, epoch {best['epoch']} ({best['checkpoint']})", flush=True)
     eargs = argparse.Namespace(
         **{
@@ -1460,7 +1463,7 @@ def _fewshot(args, dist: engine.DistInfo) -> int:
 
 def _fewshot_trial(run_dir: Path, task: str, sel_lang: str | None, lr: float) -> dict:
     """Best epoch of one learning rate: by the selection split (model_best.pt), else the last epoch."""
-    epochs = read_epoch_metrics(run_dir) if (run_dir / engine.METRICS).is_file() else []
+    epochs = read_epoch_metrics(run_dir) if (run_dir / run_folder.METRICS).is_file() else []
     scored = [(selection_score(task, ev[sel_lang]), e) for e, ev in epochs if sel_lang and sel_lang in ev]
     if scored and (run_dir / "model_best.pt").is_file():
         score, epoch = max(scored, key=lambda t: (t[0], -t[1]))  # earliest epoch among equal scores
@@ -1469,7 +1472,7 @@ def _fewshot_trial(run_dir: Path, task: str, sel_lang: str | None, lr: float) ->
         "lr": lr,
         "epoch": epochs[-1][0] if epochs else None,
         "score": float("nan"),
-        "checkpoint": str(run_dir / engine.FINAL),
+        "checkpoint": str(run_dir / run_folder.FINAL),
     }
 
 
@@ -1480,7 +1483,7 @@ class BestCheckpoint:
     def __init__(self, run_dir: Path, task: str, lang: str | None, meta: dict, fewshot: dict):
         self.run_dir, self.task, self.lang, self.meta, self.fewshot = run_dir, task, lang, meta, fewshot
         self.best = -math.inf  # a resumed run: the best epoch logged so far
-        if lang and (run_dir / engine.METRICS).is_file() and (run_dir / "model_best.pt").is_file():
+        if lang and (run_dir / run_folder.METRICS).is_file() and (run_dir / "model_best.pt").is_file():
             self.best = max(
                 [selection_score(task, ev[lang]) for _, ev in read_epoch_metrics(run_dir) if lang in ev],
                 default=-math.inf,
@@ -1501,7 +1504,7 @@ class BestCheckpoint:
                     "fewshot": self.fewshot,
                     "selection_score": score,
                 }
-                engine.save_checkpoint(
+                run_folder.save_checkpoint(
                     self.run_dir / "model_best.pt", {"model": engine.unwrap(model).state_dict(), "meta": meta}
                 )
 

@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import engine  # noqa: E402
+from formats import run_folder  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2  # noqa: E402
 
@@ -445,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{feed['default_num_workers_8_gpus']} per process"
     )
     out = Path(args.out)
-    engine.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    run_folder.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import engine  # noqa: E402
+from formats import run_folder  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2  # noqa: E402
 from retrieval import random_captions, uc2_inputs  # noqa: E402
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
         "quick": args.quick,
         **res,
     }
-    engine.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
+    run_folder.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

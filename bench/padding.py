@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import engine  # noqa: E402
+from formats import run_folder  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "iglue"
 EVAL_SPLIT = {"xgqa": "dev", "xvnli": "test", "xflickrco": "test"}
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['dynamic_tokens']:>8} {r['fixed_tokens']:>8} {r['saving']:>7.1%}"
         )
     out = Path(args.out)
-    engine.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    run_folder.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-import engine  # noqa: E402
+from formats import run_folder  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2  # noqa: E402
 from call_counter import CallCounter  # noqa: E402
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
         f"{itm['seconds_x2vlm']:.2f} s vs {itm['seconds_ours']:.2f} s (x{itm['time_reduction']:.2f}), "
         f"max |diff| {itm['max_abs_diff']:.1e}"
     )
-    engine.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
+    run_folder.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
     # UC2: within 1e-3 of the scores' spread (a pair misaligned by one image moves them by ~1x the spread);
     # CCLM: unscored entries are -100 in both, so a different candidate set would differ by ~100

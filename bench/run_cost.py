@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import engine  # noqa: E402
+from formats import run_folder  # noqa: E402
 import freeze  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2  # noqa: E402
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         "peak": GPUS,
         "estimates": rows,
     }
-    engine.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
+    run_folder.atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

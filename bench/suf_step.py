@@ -50,7 +50,7 @@ from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import freeze  # noqa: E402
-import engine  # noqa: E402
+from formats import run_folder  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2  # noqa: E402
 
@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     out = Path(args.out)
-    engine.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    run_folder.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return 0 if ok else 1
 

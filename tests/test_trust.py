@@ -26,7 +26,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
-import engine  # noqa: E402
+from formats import run_folder, torch_files  # noqa: E402
 import eval_zeroshot  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2 as U  # noqa: E402
@@ -117,7 +117,7 @@ def refused(call, where: str, marker: Path, unsafe: bool = True) -> str:
     assert "\n" not in msg and where in msg, msg
     assert not marker.exists(), f"payload ran: {msg}"
     if unsafe:
-        assert isinstance(e.value, (data.UnsafePickleError, engine.UnsafeCheckpointError)) or "refused" in msg, msg
+        assert isinstance(e.value, (data.UnsafePickleError, torch_files.UnsafeCheckpointError)) or "refused" in msg, msg
     return msg
 
 
@@ -371,7 +371,7 @@ def _readers(path: Path) -> dict:
         "train_uc2.read_checkpoint": lambda: U.read_checkpoint(str(path)),
         "train_uc2.load_into": lambda: U.load_into(U.build_model("xgqa", TINY), str(path)),
         "train_cclm.read_checkpoint": lambda: train_cclm.read_checkpoint(str(path)),
-        "engine.load_checkpoint": lambda: engine.load_checkpoint(path),
+        "torch_files.load_checkpoint": lambda: torch_files.load_checkpoint(path),
         "eval_zeroshot.load_meta": lambda: eval_zeroshot.load_meta(path),
     }
 
@@ -445,7 +445,7 @@ def test_checkpoint_cli_refuses_a_payload_before_writing(tmp_path):
         msg = str(e.value)
         assert msg.startswith(f"error: --checkpoint: {ckpt}: refused to load: ") and "\n" not in msg, msg
         assert not marker.exists()
-        assert not any((out / f).exists() for f in engine.RUN_FILES)
+        assert not any((out / f).exists() for f in run_folder.RUN_FILES)
 
 
 @pytest.mark.parametrize("layout", ["zip", "legacy"])
@@ -494,7 +494,7 @@ def test_iglue_training_checkpoint_loads_with_volta_state(tmp_path, layout):
         torch.load(tmp_path / "pytorch_ckpt_latest.tar", weights_only=True)
     state, extra = U.read_checkpoint(str(tmp_path / "pytorch_ckpt_latest.tar"))
     assert all(torch.equal(state[k], sd[k]) for k in sd) and extra["epoch_id"] == 3 and extra["score"] == 0.5
-    assert type(extra["tb_logger"]) is engine.VoltaTbLogger and extra["tb_logger"].state == tb_state
+    assert type(extra["tb_logger"]) is torch_files.VoltaTbLogger and extra["tb_logger"].state == tb_state
     assert extra["optimizer_state_dict"]["param_groups"][0]["betas"] == (0.9, 0.999)
     assert torch.equal(extra["optimizer_state_dict"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
 
