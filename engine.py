@@ -60,8 +60,6 @@ from formats import run_folder, tokenizer_check, torch_files
 
 TASKS = data.TASKS  # the one task table (data.py)
 RECIPES = ("paper", "iglue")
-CHECKPOINT, FINAL, METRICS, ARGS = "checkpoint_last.pt", "model_final.pt", "metrics.jsonl", "args.json"
-RUN_FILES = (CHECKPOINT, FINAL, METRICS, ARGS)
 
 # Paper section 4: same epochs for both models; AdamW, weight decay 0.01, 10% linear warm-up.
 TASK_DEFAULTS = {"xgqa": {"epochs": 5}, "xvnli": {"epochs": 10}, "xflickrco": {"epochs": 10}}
