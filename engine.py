@@ -19,32 +19,28 @@ atomically after every epoch, before its evaluation), model_final.pt ({"model": 
 Rank 0 holds an flock on the folder while it runs: a second process on the same folder is refused.
 
 Sections, in file order (each opens with a "# ---" rule): CLI (parser, argument checks, two-stage parse_args);
-distributed; data order (seeded samplers, loaders); optimizer, AMP; checkpoints (reading torch files, the
-tokenizer fingerprint); load plans; run folder, metrics; fault injection (tests); the loop (train, the step,
-resume). The evaluation it runs after every epoch (evaluate_fn) is scoring/evaluate.py's.
+distributed; data order (seeded samplers, loaders); optimizer, AMP; the loop (train, the step); after an epoch:
+its evaluation; run folder, checkpoints, resume; --print-schedule. The evaluation it runs after every epoch
+(evaluate_fn) is scoring/evaluate.py's; the files themselves (torch files, load plans, the run folder's files and
+lock, the tokenizer check) are formats/'s.
 
-Environment: SUF_DIST_TIMEOUT (seconds, default 600) for collectives; SUF_DEVICE=cpu forces CPU;
-SUF_FAULT injects failures for tests (see fault_point; inert unless set).
+Environment: SUF_DIST_TIMEOUT (seconds, default 600) for collectives; SUF_DEVICE=cpu forces CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
-import fcntl
 import functools
 import hashlib
 import json
 import math
 import os
-import pickle
 import random
-import signal
 import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Sequence
@@ -58,15 +54,13 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import data
-from formats.bad_input import BadInput
-from formats import inventory
 import freeze
+from formats import inventory, run_folder, tokenizer_check, torch_files
+from formats.bad_input import BadInput
 from inspection import what_trains
 
 TASKS = data.TASKS  # the one task table (data.py)
 RECIPES = ("paper", "iglue")
-CHECKPOINT, FINAL, METRICS, ARGS = "checkpoint_last.pt", "model_final.pt", "metrics.jsonl", "args.json"
-RUN_FILES = (CHECKPOINT, FINAL, METRICS, ARGS)
 
 # Paper section 4: same epochs for both models; AdamW, weight decay 0.01, 10% linear warm-up.
 TASK_DEFAULTS = {"xgqa": {"epochs": 5}, "xvnli": {"epochs": 10}, "xflickrco": {"epochs": 10}}
@@ -480,7 +474,7 @@ def cleanup_distributed(end_group: bool = True) -> None:
     """Releases this process's run-folder locks (the trainers call it in `finally`, so a failed run never keeps
     its folder locked in-process) and ends the process group, unless end_group is False: a caller that set the
     group up and runs more in it (eval_zeroshot fewshot: several trainings, then the evaluation) ends it itself."""
-    release_run_dirs()
+    run_folder.release_run_dirs()
     if end_group and tdist.is_initialized():
         tdist.destroy_process_group()
 
@@ -704,519 +698,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def check_checkpoint_model(meta: dict | None, model_name: str, path) -> None:
-    """Our checkpoints name their model: one of another model is refused (ValueError) before keys are compared."""
-    if meta and meta.get("model") not in (None, model_name):
-        raise ValueError(
-            f"checkpoint {path} holds a {meta['model']} model, not {model_name}; give a {model_name} checkpoint"
-        )
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """12 hex digits of sha1 over the vocabulary (id, token): tells two tokenizers of the same size apart."""
-    h = hashlib.sha1()
-    for token, i in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
-        h.update(f"{i}\t{token}\n".encode())
-    return h.hexdigest()[:12]
-
-
-def check_tokenizer_vocab(
-    tokenizer,
-    embedding_rows: int,
-    tokenizer_name: str,
-    checkpoint: str | None = None,
-    checkpoint_meta: dict | None = None,
-) -> None:
-    """One-line SystemExit when the tokenizer cannot belong to the model: more ids than embedding rows
-    (out of range), or not the tokenizer `checkpoint` was trained with: released / reference weights
-    (checkpoint_meta None) were trained with XLM-R's full vocabulary (embedding_rows ids); ours record its
-    size and vocabulary fingerprint (tokenizer_size, tokenizer_vocab) in checkpoint_meta (absent: unknown).
-    A different vocabulary would silently map tokens to the wrong pre-trained rows. Random-init models
-    (tiny config, tests) may have spare rows. Both trainers call it after loading weights."""
-    if checkpoint is None:
-        trained = {}
-    elif checkpoint_meta is None:  # released / reference weights
-        trained = {"tokenizer_size": embedding_rows}
-    else:
-        trained = checkpoint_meta
-    n, trained_ids, trained_vocab = len(tokenizer), trained.get("tokenizer_size"), trained.get("tokenizer_vocab")
-    if trained_ids is not None and n != trained_ids:
-        raise SystemExit(
-            f"error: --tokenizer {tokenizer_name} has {n} ids but checkpoint {checkpoint} was trained with "
-            f"a {trained_ids}-id tokenizer; use the tokenizer the checkpoint was trained with"
-        )
-    vocab = tokenizer_fingerprint(tokenizer) if trained_vocab is not None else None
-    if vocab != trained_vocab:
-        raise SystemExit(
-            f"error: --tokenizer {tokenizer_name} is not the tokenizer checkpoint {checkpoint} was trained "
-            f"with (same size, different vocabulary: fingerprint {vocab} vs {trained_vocab}); "
-            f"use the tokenizer the checkpoint was trained with"
-        )
-    if n > embedding_rows:
-        raise SystemExit(
-            f"error: --tokenizer {tokenizer_name} has {n} ids but the model config's vocab_size is "
-            f"{embedding_rows} (ids >= {embedding_rows} have no embedding); use a matching tokenizer or config"
-        )
-
-
-def load_tokenizer(args: argparse.Namespace, embedding_rows: int):
-    """--tokenizer (data.load_tokenizer), checked against the model's embedding rows; one-line SystemExit."""
-    try:
-        tokenizer = data.load_tokenizer(args.tokenizer)
-    except ValueError as e:
-        raise SystemExit(f"error: --tokenizer: {e}") from None
-    check_tokenizer_vocab(tokenizer, embedding_rows, args.tokenizer)
-    return tokenizer
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """tmp + os.replace: a crash mid-write never leaves a truncated file in place of a good one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-class CheckpointWriteError(ValueError):
-    """save_checkpoint could not write (disk full, ...); one line naming the file."""
-
-
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Atomic: write <path>.tmp in the same folder, fsync, os.replace. A crash leaves the old file intact."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            # Test hook: a SIGKILL mid-write leaves a partial tmp file; model that before dying.
-            fault_point("save_mid", before=lambda: f.truncate(f.tell() // 2))
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
-    except OSError as e:  # e.g. disk full: the partial tmp file would only fill it further
-        removed = ""
-        try:
-            tmp.unlink()
-            removed = f"; removed the partial {tmp.name}"
-        except FileNotFoundError:
-            pass
-        except OSError as e2:
-            removed = f"; could not remove the partial {tmp} ({e2.strerror or e2}): delete it"
-        raise CheckpointWriteError(f"cannot write checkpoint {path}: {e.strerror or e}{removed}") from None
-
-
-def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
-    """read_torch_file; a missing, truncated or corrupt file is a one-line ValueError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} not found")
-    try:
-        return read_torch_file(path, map_location=map_location, mmap=mmap)
-    except UnsafeCheckpointError:
-        raise
-    except Exception as e:  # torch raises many types for damaged files (RuntimeError, EOFError, UnpicklingError...)
-        detail = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {detail})") from None
-
-
-class ForeignState:
-    """Inert stand-in for an object whose class a released checkpoint pickles but this project does not have:
-    the pickled state is kept as plain data (`.state`); none of the original class's code exists here to run."""
-
-    __slots__ = ("state",)
-
-    def __setstate__(self, state) -> None:
-        self.state = state
-
-
-class VoltaTbLogger(ForeignState):
-    """volta.train_utils.tbLogger, pickled into IGLUE/VOLTA's pytorch_ckpt_latest.tar by train_utils.save (its
-    __getstate__ keeps counters, task names and paths: ints, floats, strings, dicts)."""
-
-    __slots__ = ()
-
-
-# (stand-in, the exact name the file pickles): the only classes read_torch_file admits beyond torch's own
-FOREIGN_CHECKPOINT_CLASSES = [(VoltaTbLogger, "volta.train_utils.tbLogger")]
-
-
-_TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-
-
-class UnsafeCheckpointError(ValueError):
-    """A torch file asks for a function or class outside the weights-only allowlist; nothing of it was run."""
-
-
-def _weights_only_reason(e: Exception) -> str:
-    """The informative part of torch's multi-line weights-only refusal, in one line."""
-    keep = []
-    for line in str(e).splitlines():
-        line = line.split("WeightsUnpickler error:", 1)[-1].strip()
-        if line and not line.startswith(("Weights only load failed", "Check the documentation", "Please file")):
-            keep.append(line)
-    return " ".join(keep)[:300] or type(e).__name__
-
-
-def read_torch_file(path: str | Path, map_location="cpu", mmap: bool = False):
-    """The one reader of torch files in this project (our checkpoints, VOLTA/IGLUE .bin/.tar, original UC2 .pt,
-    X2-VLM .th, Hugging Face pytorch_model.bin): torch.load(weights_only=True), i.e. tensors and plain data
-    only, plus FOREIGN_CHECKPOINT_CLASSES as inert stand-ins. A file that asks for anything else raises
-    UnsafeCheckpointError naming it; other failures (missing, truncated) propagate for the caller to word."""
-    if _TORCH_VERSION < (2, 6):  # weights_only could be escaped before 2.6 (CVE-2025-32434)
-        raise RuntimeError(
-            f"torch {torch.__version__} cannot read checkpoints safely; install requirements.txt's torch"
-        )
-    try:
-        with torch.serialization.safe_globals(FOREIGN_CHECKPOINT_CLASSES), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # torch's note for protocol > 2
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise
-        raise UnsafeCheckpointError(
-            f"{path}: refused to load: {_weights_only_reason(e)} (torch files are read with weights_only=True: "
-            f"tensors and plain data only; nothing in this file was run)"
-        ) from None
-
-
-# ---------------------------------------------------------------------------------------------- load plans
-
-
-@dataclass
-class LoadPlan:
-    """How a checkpoint's keys become a model's state. A trainer's rule table fills it (train_uc2.plan_load,
-    train_cclm.plan_pretrained), finish_load_plan completes it, apply_load_plan carries it out, report() says
-    what happened to every key. `copy`: our key -> (source key, how); how "full" = the tensor as it is, any other
-    name = a transform the trainer gives apply_load_plan (and, for its shape check, finish_load_plan)."""
-
-    fmt: str
-    source: str = ""
-    copy: dict[str, tuple[str, str]] = field(default_factory=dict)
-    aliases: list[tuple[str, str]] = field(default_factory=list)  # (source key, key it duplicates)
-    dropped: list[tuple[str, str]] = field(default_factory=list)  # (source key, reason)
-    initialised: list[tuple[str, str]] = field(default_factory=list)  # (our key, how/why): keeps the model's value
-    constant: dict[str, float] = field(default_factory=dict)  # our key -> fill value
-    missing: list[str] = field(default_factory=list)  # our keys with no source: error
-    unexpected: list[str] = field(default_factory=list)  # source keys we cannot place: error
-    mismatched: list[str] = field(default_factory=list)  # shape errors, readable
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def report(self, verbose: bool = False) -> str:
-        lines = [
-            f"checkpoint {self.source or '(in memory)'}: format {self.fmt}; {len(self.copy)} parameters loaded, "
-            f"{len(self.aliases)} alias keys, {len(self.dropped)} dropped, {len(self.initialised)} initialised "
-            f"fresh, {len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.mismatched)} "
-            "shape mismatches"
-        ]
-        lines += [f"  note: {n}" for n in self.notes]
-        if verbose:
-            lines += [
-                f"  loaded   {dst} <- {src}{'' if how == 'full' else ' [' + how + ']'}"
-                for dst, (src, how) in self.copy.items()
-            ]
-            lines += [f"  alias    {src} (same tensor as {of})" for src, of in self.aliases]
-        lines += [f"  dropped  {k}: {why}" for k, why in self.dropped]
-        lines += [f"  init     {k}: {why}" for k, why in self.initialised]
-        lines += [f"  MISSING  {k}" for k in self.missing]
-        lines += [f"  UNEXPECTED {k}" for k in self.unexpected]
-        lines += [f"  SHAPE    {m}" for m in self.mismatched]
-        return "\n".join(lines)
-
-    def raise_if_bad(self) -> None:
-        """ValueError naming the first missing / unexpected / mis-shaped key; the report follows its first line."""
-        if not self.ok:
-            first = (
-                (self.missing and f"missing key {self.missing[0]!r}")
-                or (self.unexpected and f"unexpected key {self.unexpected[0]!r}")
-                or self.mismatched[0]
-            )
-            raise ValueError(
-                f"{self.source or 'checkpoint'} ({self.fmt}): {first} "
-                f"({len(self.missing)} missing, {len(self.unexpected)} unexpected, "
-                f"{len(self.mismatched)} shape mismatches)\n{self.report()}"
-            )
-
-
-ShapeFits = Callable[[tuple, tuple], bool]  # (source shape, our shape) -> can `how` copy it
-
-
-def finish_load_plan(
-    plan: LoadPlan,
-    source: dict[str, tuple],
-    target: dict[str, tuple],
-    fresh: Callable[[str], str | None] = lambda key: None,
-    fits: dict[str, ShapeFits] | None = None,
-) -> LoadPlan:
-    """Complete a plan of `source` (key -> shape) into a model of `target` (key -> shape): an our-key the rules
-    placed nowhere keeps its initial value if fresh(key) gives the reason, else it is missing; every copy is
-    checked by shape (fits[how]; "full": equal shapes) and a copy to no key of ours is unexpected."""
-    placed = set(plan.copy) | set(plan.constant) | {k for k, _ in plan.initialised}
-    for k in target:
-        if k not in placed:
-            why = fresh(k)
-            (plan.missing.append(k) if why is None else plan.initialised.append((k, why)))
-    fits = {"full": lambda s, t: s == t, **(fits or {})}
-    for dst, (src, how) in plan.copy.items():
-        if dst not in target:
-            plan.unexpected.append(src)
-            continue
-        s, t = tuple(source[src]), tuple(target[dst])
-        if not fits[how](s, t):
-            plan.mismatched.append(f"{src} {list(s)} -> {dst} {list(t)}")
-    plan.copy = {d: v for d, v in plan.copy.items() if d in target}
-    return plan
-
-
-def plan_same_names(source: dict[str, tuple], target: dict[str, tuple], fmt: str, name: str = "") -> LoadPlan:
-    """A checkpoint of the model's own layout (ours, or a fine-tuned reference one): every key copied as it is."""
-    plan = LoadPlan(fmt, name)
-    for k in source:
-        (plan.copy.__setitem__(k, (k, "full")) if k in target else plan.unexpected.append(k))
-    return finish_load_plan(plan, source, target)
-
-
-Transform = Callable[[torch.Tensor, torch.Tensor], None]  # (our tensor, source tensor): writes ours in place
-
-
-def apply_load_plan(
-    model: nn.Module, state: dict[str, torch.Tensor], plan: LoadPlan, transforms: dict[str, Transform] | None = None
-) -> None:
-    """Carry out a checked plan in place: copies (cast to our dtype; how != "full" through transforms[how]) and
-    constants. Keys the plan initialises keep the model's values."""
-    plan.raise_if_bad()
-    ours = model.state_dict()
-    transforms = {"full": lambda dst, src: dst.copy_(src), **(transforms or {})}
-    with torch.no_grad():
-        for dst, (src, how) in plan.copy.items():
-            transforms[how](ours[dst], state[src])
-        for dst, value in plan.constant.items():
-            ours[dst].fill_(value)
-
-
-def rng_state(device: torch.device) -> dict:
-    """This process's RNG states (CUDA: its own device only), in types torch.load(weights_only=True) accepts."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-    }
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-# ---------------------------------------------------------------------------------------------- run folder, metrics
-
-
-def resuming(args: argparse.Namespace, run_dir: Path) -> bool:
-    """--resume with a checkpoint to resume from. --resume of a run killed before its first checkpoint starts
-    afresh (engine.train), so the trainer must load --checkpoint as for a new run."""
-    return bool(args.resume) and (Path(run_dir) / CHECKPOINT).exists()
-
-
-def check_run_dir(args: argparse.Namespace, dist: DistInfo) -> Path:
-    """One-line SystemExit (on every rank) if --output-dir is in use by another process, holds a run and
-    --resume is not given, holds nothing to resume (or a run whose checkpoint is gone), or is not writable.
-    Rank 0 then holds the folder's lock until release_run_dirs() (engine.train and cleanup_distributed call
-    it). Writes no file; call it once, as early as you like, and give its result to train(run_dir=).
-    With --print-schedule nothing is checked."""
-    run_dir = Path(args.output_dir)
-    if getattr(args, "print_schedule", False):
-        return run_dir
-    problem = _run_dir_problem(run_dir, args.resume) if dist.is_main else None
-    problem = broadcast_object(problem, dist)
-    if problem:
-        raise SystemExit(f"error: {problem}")
-    return run_dir
-
-
-def _run_dir_problem(run_dir: Path, resume: bool) -> str | None:
-    problem = _lock_run_dir(run_dir) if run_dir.is_dir() else None  # first: another process may be writing it
-    existing = [f for f in RUN_FILES if (run_dir / f).exists()]
-    if problem:
-        return problem
-    if existing and not resume:
-        problem = (
-            f"{run_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it or "
-            "choose another --output-dir"
-        )
-    elif resume and not existing:
-        problem = f"--resume: {run_dir} holds no run to resume (no {CHECKPOINT} or {ARGS})"
-    elif resume:
-        problem = _no_checkpoint_problem(run_dir, existing)
-    if problem is None:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / f".write_test.{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            problem = f"cannot write to --output-dir {run_dir}: {e.strerror or e}"
-    problem = problem or _lock_run_dir(run_dir)
-    if problem:
-        release_run_dirs(run_dir)
-    return problem
-
-
-def _no_checkpoint_problem(run_dir: Path, existing: list[str]) -> str | None:
-    """--resume without checkpoint_last.pt: a run killed before its first checkpoint starts afresh (nothing of
-    it is worth keeping); a finished run, or one that completed an epoch, is refused: starting afresh would
-    truncate its metrics and replace its model."""
-    if CHECKPOINT in existing:
-        return None
-    have = ", ".join(existing)
-    if FINAL in existing:
-        return (
-            f"--resume: {run_dir} holds a finished run ({have}) but no {CHECKPOINT} to continue from; "
-            f"nothing was changed: its model is {run_dir / FINAL}; to train again choose another --output-dir"
-        )
-    done = _epochs_logged(run_dir / METRICS)
-    if done:
-        return (
-            f"--resume: {run_dir} holds a run that completed {done} epoch(s) ({have}) but its {CHECKPOINT} "
-            f"is gone; nothing was changed: restore {CHECKPOINT} to continue, or choose another --output-dir"
-        )
-    return None
-
-
-def _epochs_logged(path: Path) -> int:
-    """Epochs metrics.jsonl shows completed: an eval record of epoch e, or a train record of epoch e + 1."""
-    done = 0
-    if path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-                done = max(done, int(rec["epoch"]) - (rec.get("type") == "train"))
-            except (ValueError, KeyError, TypeError):
-                continue  # a half-written last line
-    return done
-
-
-# Run folders this process holds the lock of: resolved path -> fd of the folder (flock on the folder itself,
-# so no lock file joins the run's files). The kernel drops the lock when the process dies: never stale.
-_RUN_LOCKS: dict[str, int] = {}
-
-
-def _lock_run_dir(run_dir: Path) -> str | None:
-    key = str(run_dir.resolve())
-    if key in _RUN_LOCKS:  # this process already holds it (the trainer checked, engine.train checks again)
-        return None
-    fd = os.open(run_dir, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return None  # a file system without flock: run unlocked rather than not at all
-        return (
-            f"{run_dir} is in use by another process ({_lock_holder(run_dir)}); wait for it to end, or "
-            "choose another --output-dir"
-        )
-    _RUN_LOCKS[key] = fd
-    return None
-
-
-def _lock_holder(run_dir: Path) -> str:
-    """'pid N' of the process holding the folder's flock (Linux /proc/locks), else 'pid unknown'."""
-    st = os.stat(run_dir)
-    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    try:
-        for line in Path("/proc/locks").read_text().splitlines():
-            fields = line.split()
-            if "FLOCK" in fields and "->" not in fields and inode in fields:
-                return f"pid {fields[fields.index(inode) - 1]}"
-    except OSError:
-        pass
-    return "pid unknown"
-
-
-def release_run_dirs(run_dir: Path | None = None) -> None:
-    """Release this process's lock on run_dir (None: on every run folder it holds)."""
-    keys = list(_RUN_LOCKS) if run_dir is None else [str(Path(run_dir).resolve())]
-    for key in keys:
-        fd = _RUN_LOCKS.pop(key, None)
-        if fd is not None:
-            os.close(fd)
-
-
-class MetricsLog:
-    """metrics.jsonl, one JSON object per line, written by rank 0 only."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record, default=float) + "\n")
-
-    def size(self) -> int:
-        return self.path.stat().st_size if self.path.exists() else 0
-
-    def truncate(self, size: int) -> None:
-        """Drop what a killed run logged after its last checkpoint (and any half-written line)."""
-        if self.enabled and self.size() > size:
-            os.truncate(self.path, size)
-
-
-# ---------------------------------------------------------------------------------------------- fault injection (tests)
-
-_fault_counts: dict[str, int] = {}
-
-
-def fault_point(name: str, before: Callable[[], object] | None = None) -> None:
-    """Test hook, inert unless SUF_FAULT="<kill|raise|hang|enospc>:<point>:<n>[:<rank>]" is set: act the n-th
-    time this process reaches `point` (step: after an optimizer step; unfreeze: after the trainable set
-    changed; save_mid: inside save_checkpoint before the tmp file is complete; evaluate: after the epoch's
-    checkpoint, before its evaluation; epoch_end: after the epoch's checkpoint and evaluation). enospc
-    raises OSError(ENOSPC) (save_mid: a disk that filled up mid-write)."""
-    spec = os.environ.get("SUF_FAULT")
-    if not spec:
-        return
-    action, point, n, *rank = spec.split(":")
-    _fault_counts[name] = _fault_counts.get(name, 0) + 1
-    if point != name or _fault_counts[name] != int(n) or (rank and int(rank[0]) != int(os.environ.get("RANK", 0))):
-        return
-    if before is not None:
-        before()
-    print(f"SUF_FAULT: {action} at {name} #{n}", file=sys.stderr, flush=True)
-    if action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif action == "raise":
-        raise RuntimeError(f"SUF_FAULT: injected failure at {name} #{n}")
-    elif action == "hang":
-        time.sleep(3600)
-    elif action == "enospc":  # a full disk, as the write would see it
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
 # ---------------------------------------------------------------------------------------------- the loop
 
 
 @dataclass
 class Progress:
-    """Loop counters; saved in the checkpoint and restored by --resume."""
+    """The loop's counters; saved in the checkpoint and restored by --resume (engine.train; XVL-MAML's and
+    M-CLIP's loops keep theirs in it too)."""
 
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps done = global 0-based index of the next step
@@ -1227,6 +715,134 @@ class Progress:
     # The checkpoint is written before the epoch's evaluation: True when that evaluation is still to log (a
     # resume re-runs it first). Older checkpoints, written after it, lack the field: False.
     eval_pending: bool = False
+
+
+def train(
+    args: argparse.Namespace,
+    model: nn.Module,
+    layout: freeze.LayerLayout,
+    schedule: freeze.Schedule,
+    train_loader: DataLoader,
+    evaluate_fn: Callable | None,
+    meta: dict,
+    dist: DistInfo,
+    *,
+    module_lr: dict[str, float] | None = None,
+    on_step: Callable[[nn.Module, int], None] | None = None,
+    no_decay: Callable[[str, nn.Parameter], bool] | None = None,
+    lr_mult: Callable[[str], float] | None = None,
+    on_evaluated: Callable | None = None,
+    run_dir: Path | None = None,
+) -> None:
+    """The epoch loop (see module docstring). evaluate_fn(model, epoch 1-based) -> {lang: {metric: value}}
+    is called on every rank after every epoch; on_step(model, steps_done) after every optimizer step;
+    no_decay(name, param): the recipe's weight-decay exemption rule (default: freeze.no_decay_ndim);
+    lr_mult(name): per-parameter LR factor (default 1; see freeze.param_groups); on_evaluated(model, epoch
+    0-based, results, dist) on every rank after each evaluation (eval_zeroshot fewshot keeps the best epoch
+    with it); run_dir: what the caller's check_run_dir returned (the trainers check before building
+    anything), None: checked here."""
+    run_dir = check_run_dir(args, dist) if run_dir is None else run_dir
+    try:
+        _, accum = micro_and_accum(args, dist)
+        steps_per_epoch = len(train_loader) // accum
+        if steps_per_epoch == 0:
+            raise SystemExit(f"error: the training set gives no full global batch of {args.batch_size} examples")
+        if args.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
+        if getattr(args, "print_schedule", False):  # the trainers print it before building anything
+            raise ValueError("engine.train with --print-schedule: call engine.print_schedule_only instead")
+        model.to(dist.device)
+        # The LR schedule spans --schedule-epochs (default --epochs); IGLUE's longer one stops before reaching 0.
+        total = (getattr(args, "schedule_epochs", None) or args.epochs) * steps_per_epoch
+        optimizer, lr_sched = build_optimizer(
+            model, layout, schedule, args, module_lr, no_decay=no_decay, lr_mult=lr_mult, total_steps=total
+        )
+        amp_dtype, scaler = setup_amp(args.amp, dist.device)
+        log = run_folder.MetricsLog(run_dir / run_folder.METRICS, dist.is_main)
+        checkpoint, final = run_dir / run_folder.CHECKPOINT, run_dir / run_folder.FINAL
+        if run_folder.resuming(args, run_dir):
+            prog = resume(checkpoint, model, optimizer, lr_sched, scaler, args, dist, log, meta)
+            if prog.epoch >= args.epochs and final.exists():  # finished: keep every file
+                if dist.is_main:
+                    print(f"nothing to do: {run_dir} finished its {args.epochs} epochs ({final})", flush=True)
+                return
+            log.truncate(prog.metrics_offset)  # what a killed run logged after its checkpoint
+            # stopped between the checkpoint and the end of its evaluation (prog.eval_pending): run it now
+            run_evaluation(
+                evaluate_fn,
+                model,
+                prog.epoch - 1,
+                prog,
+                args,
+                log,
+                run_dir,
+                dist,
+                amp_dtype,
+                on_evaluated,
+                resumed=True,
+            )
+        else:
+            prog = start_fresh(run_dir, args, dist, log)
+
+        net, applied = None, None  # the (DDP-)wrapped model and the stage whose trainable set it was built over
+        for epoch in range(prog.epoch, args.epochs):
+            set_epoch(train_loader, epoch)
+            model.train()
+            batches = DataWait(iter(train_loader))
+            totals = torch.zeros(2, device=dist.device)  # (loss sum, finite micro-batches) since the last record
+            desc = f"epoch {epoch + 1}/{args.epochs}"
+            bar = tqdm(total=steps_per_epoch, desc=desc, disable=not dist.is_main, dynamic_ncols=True)
+            for i in range(steps_per_epoch):
+                step_start = time.perf_counter()
+                # requires_grad is set once per stage (the trainable layers fully determine it): --unfreeze-unit
+                # epoch and step alike; a resumed run applies its stage on its first step.
+                stage, changed = tuple(schedule.trainable_layers(epoch, prog.step)), False
+                if stage != applied:
+                    changed = freeze.apply_schedule(model, layout, schedule, epoch, prog.step)
+                    if dist.is_main and (changed or applied is None):
+                        tqdm.write(trainable_line(model, layout, schedule, epoch, prog.step, steps_per_epoch))
+                    applied = stage
+                if changed or net is None:
+                    net = None  # frees the old DDP (refcount) and its reducer's autograd hooks before new ones
+                    net = wrap_for_training(model, dist, args.ddp_find_unused)
+                try:
+                    step_loss, n_bad = forward_backward(net, batches, accum, amp_dtype, scaler, dist.device)
+                except BadInput as e:
+                    raise SystemExit(f"error: training data: {e}; {_last_checkpoint(prog, run_dir)}") from None
+                totals += torch.stack([step_loss, accum - n_bad])  # before optimizer_step sums n_bad over ranks
+                ok, amp_skipped, lr, grad_norm = optimizer_step(
+                    model, optimizer, lr_sched, scaler, args.clip_grad, n_bad, dist
+                )
+                count_step(prog, ok, amp_skipped, epoch, args, run_dir, dist)  # stops after --max-nonfinite in a row
+                if on_step is not None:
+                    on_step(model, prog.step)
+                bar.update(1)
+                batches.end_step(step_start)
+                if (args.log_every and prog.step % args.log_every == 0) or i == steps_per_epoch - 1:
+                    loss = mean_loss(totals, dist)
+                    log.write({**train_record(epoch, prog, loss, lr, grad_norm, model, schedule), **batches.record()})
+                    shown = f"{loss:.4f}" if loss is not None else "nan"
+                    bar.set_postfix(loss=shown, lr=f"{lr:.2e}", data_wait=f"{batches.last_fraction:.0%}")
+                    totals.zero_()
+            bar.close()
+            del batches
+            # The epoch's checkpoint, then its evaluation: a crash in the evaluation loses no training (--resume
+            # re-runs it).
+            prog.epoch, prog.metrics_offset = epoch + 1, log.size()
+            prog.eval_pending = evaluate_fn is not None and evaluation_due(args, epoch)
+            save_training_state(checkpoint, model, optimizer, lr_sched, scaler, prog, args, meta, schedule, dist)
+            run_evaluation(evaluate_fn, model, epoch, prog, args, log, run_dir, dist, amp_dtype, on_evaluated)
+
+        check_made_progress(prog, run_dir)  # on every rank: the counters are the same everywhere
+        if dist.is_main:
+            state = {"model": model.state_dict(), "meta": run_meta(meta, schedule, prog, args)}
+            run_folder.save_checkpoint(final, state)
+            print(f"done: {final}", flush=True)
+        barrier(dist)
+    except run_folder.CheckpointWriteError as e:  # disk full, ...: the previous checkpoint is intact
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        run_folder.release_run_dirs(run_dir)
 
 
 class LossOf(nn.Module):
@@ -1316,280 +932,6 @@ def optimizer_step(
     return ok, amp_skipped, lr, grad_norm
 
 
-def require_finite(t: torch.Tensor, what: str) -> torch.Tensor:
-    """t, or FloatingPointError when it holds NaN/inf: at evaluation a NaN logit must not become an accuracy
-    (argmax of NaN is an arbitrary class). Rows = examples."""
-    bad = ~torch.isfinite(t)
-    if bad.any():
-        rows = bad.reshape(bad.shape[0], -1).any(1) if t.dim() else bad.reshape(1)
-        raise FloatingPointError(
-            f"non-finite {what} (NaN or inf) for {int(rows.sum())} of {rows.numel()} examples of a batch"
-        )
-    return t
-
-
-def mean_loss(loss_sum: torch.Tensor, n: torch.Tensor, dist: DistInfo) -> float | None:
-    total = torch.stack([loss_sum, n]).double()
-    if dist.distributed:
-        tdist.all_reduce(total)
-    return (total[0] / total[1]).item() if total[1] > 0 else None
-
-
-def train(
-    args: argparse.Namespace,
-    model: nn.Module,
-    layout: freeze.LayerLayout,
-    schedule: freeze.Schedule,
-    train_loader: DataLoader,
-    evaluate_fn: Callable | None,
-    meta: dict,
-    dist: DistInfo,
-    *,
-    module_lr: dict[str, float] | None = None,
-    on_step: Callable[[nn.Module, int], None] | None = None,
-    no_decay: Callable[[str, nn.Parameter], bool] | None = None,
-    lr_mult: Callable[[str], float] | None = None,
-    on_evaluated: Callable | None = None,
-    run_dir: Path | None = None,
-) -> None:
-    """The epoch loop (see module docstring). evaluate_fn(model, epoch 1-based) -> {lang: {metric: value}}
-    is called on every rank after every epoch; on_step(model, steps_done) after every optimizer step;
-    no_decay(name, param): the recipe's weight-decay exemption rule (default: freeze.no_decay_ndim);
-    lr_mult(name): per-parameter LR factor (default 1; see freeze.param_groups); on_evaluated(model, epoch
-    0-based, results, dist) on every rank after each evaluation (eval_zeroshot fewshot keeps the best epoch
-    with it); run_dir: what the caller's check_run_dir returned (the trainers check before building
-    anything), None: checked here."""
-    run_dir = check_run_dir(args, dist) if run_dir is None else run_dir
-    try:
-        _, accum = micro_and_accum(args, dist)
-        steps_per_epoch = len(train_loader) // accum
-        if steps_per_epoch == 0:
-            raise SystemExit(f"error: the training set gives no full global batch of {args.batch_size} examples")
-        if args.max_steps_per_epoch:
-            steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
-        if getattr(args, "print_schedule", False):  # the trainers print it before building anything
-            raise ValueError("engine.train with --print-schedule: call engine.print_schedule_only instead")
-
-        model.to(dist.device)
-        # The LR schedule spans --schedule-epochs (default --epochs); IGLUE's longer one stops before reaching 0.
-        schedule_epochs = getattr(args, "schedule_epochs", None) or args.epochs
-        optimizer, lr_sched = build_optimizer(
-            model,
-            layout,
-            schedule,
-            args,
-            module_lr,
-            no_decay=no_decay,
-            lr_mult=lr_mult,
-            total_steps=schedule_epochs * steps_per_epoch,
-        )
-        amp_dtype, scaler = setup_amp(args.amp, dist.device)
-        log = MetricsLog(run_dir / METRICS, dist.is_main)
-        _fault_counts.clear()
-        if resuming(args, run_dir):
-            prog = resume(run_dir / CHECKPOINT, model, optimizer, lr_sched, scaler, args, dist, log, meta)
-            if prog.epoch >= args.epochs and (run_dir / FINAL).exists():  # finished: keep every file as it is
-                if dist.is_main:
-                    print(f"nothing to do: {run_dir} finished its {args.epochs} epochs ({run_dir / FINAL})", flush=True)
-                return
-            log.truncate(prog.metrics_offset)  # what a killed run logged after its checkpoint
-            if prog.eval_pending:  # stopped between the checkpoint and the end of its evaluation
-                run_evaluation(
-                    evaluate_fn,
-                    model,
-                    prog.epoch - 1,
-                    prog.step,
-                    args,
-                    log,
-                    run_dir,
-                    dist,
-                    amp_dtype,
-                    resumed=True,
-                    on_evaluated=on_evaluated,
-                )
-        else:
-            prog = start_fresh(run_dir, args, dist, log)
-        train_epochs(
-            args,
-            model,
-            layout,
-            schedule,
-            train_loader,
-            evaluate_fn,
-            meta,
-            dist,
-            optimizer,
-            lr_sched,
-            (amp_dtype, scaler),
-            steps_per_epoch,
-            accum,
-            log,
-            prog,
-            run_dir,
-            on_step,
-            on_evaluated,
-        )
-        check_made_progress(prog, run_dir)  # on every rank: the counters are the same everywhere
-        if dist.is_main:
-            final = {"model": model.state_dict(), "meta": run_meta(meta, schedule, prog, args)}
-            save_checkpoint(run_dir / FINAL, final)
-            print(f"done: {run_dir / FINAL}", flush=True)
-        barrier(dist)
-    except CheckpointWriteError as e:  # disk full, ...: the previous checkpoint is intact
-        raise SystemExit(f"error: {e}") from None
-    finally:
-        release_run_dirs(run_dir)
-
-
-def train_epochs(
-    args,
-    model,
-    layout,
-    schedule,
-    train_loader,
-    evaluate_fn,
-    meta,
-    dist: DistInfo,
-    optimizer,
-    lr_sched,
-    amp: tuple,
-    steps_per_epoch: int,
-    accum: int,
-    log: MetricsLog,
-    prog: Progress,
-    run_dir: Path,
-    on_step,
-    on_evaluated=None,
-) -> None:
-    """Epochs prog.epoch .. args.epochs - 1: train, checkpoint, then evaluate (a crash in the evaluation loses
-    no training: --resume re-runs it)."""
-    amp_dtype, scaler = amp
-    net, applied = None, None
-    for epoch in range(prog.epoch, args.epochs):
-        set_epoch(train_loader, epoch)
-        model.train()
-        batches = DataWait(iter(train_loader))
-        loss_sum, n_finite = (
-            torch.zeros((), device=dist.device),
-            torch.zeros((), device=dist.device),
-        )  # since last record
-        bar = tqdm(
-            total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not dist.is_main, dynamic_ncols=True
-        )
-        for i in range(steps_per_epoch):
-            step_start = time.perf_counter()
-            # requires_grad is set once per stage (the trainable layers fully determine it): --unfreeze-unit
-            # epoch and step alike; a resumed run applies its stage on its first step.
-            stage = tuple(schedule.trainable_layers(epoch, prog.step))
-            changed = False
-            if stage != applied:
-                changed = freeze.apply_schedule(model, layout, schedule, epoch, prog.step)
-                if dist.is_main and (changed or applied is None):
-                    tqdm.write(trainable_line(model, layout, schedule, epoch, prog.step, steps_per_epoch))
-                applied = stage
-            if changed or net is None:
-                net = None  # frees the old DDP (refcount) and its reducer's autograd hooks before a new one registers
-                net = wrap_for_training(model, dist, args.ddp_find_unused)
-                if changed:
-                    fault_point("unfreeze")
-            try:
-                step_loss, n_bad = forward_backward(net, batches, accum, amp_dtype, scaler, dist.device)
-            except BadInput as e:
-                raise SystemExit(f"error: training data: {e}; {_last_checkpoint(prog, run_dir)}") from None
-            loss_sum += step_loss
-            n_finite += accum - n_bad  # before optimizer_step sums n_bad over ranks
-            ok, amp_skipped, lr, grad_norm = optimizer_step(
-                model, optimizer, lr_sched, scaler, args.clip_grad, n_bad, dist
-            )
-            count_step(prog, ok, amp_skipped, epoch, args, run_dir, dist)  # stops after too many non-finite in a row
-            if on_step is not None:
-                on_step(model, prog.step)
-            fault_point("step")
-            bar.update(1)
-            batches.end_step(step_start)
-            if (args.log_every and prog.step % args.log_every == 0) or i == steps_per_epoch - 1:
-                loss = mean_loss(loss_sum, n_finite, dist)
-                log.write({**train_record(epoch, prog, loss, lr, grad_norm, model, schedule), **batches.record()})
-                bar.set_postfix(
-                    loss=f"{loss:.4f}" if loss is not None else "nan",
-                    lr=f"{lr:.2e}",
-                    data_wait=f"{batches.last_fraction:.0%}",
-                )
-                loss_sum.zero_(), n_finite.zero_()
-        bar.close()
-        del batches
-
-        prog.epoch = epoch + 1
-        prog.metrics_offset = log.size()
-        prog.eval_pending = evaluate_fn is not None and evaluation_due(args, epoch)
-        save_training_state(run_dir / CHECKPOINT, model, optimizer, lr_sched, scaler, prog, args, meta, schedule, dist)
-        if prog.eval_pending:
-            run_evaluation(
-                evaluate_fn, model, epoch, prog.step, args, log, run_dir, dist, amp_dtype, on_evaluated=on_evaluated
-            )
-        fault_point("epoch_end")
-
-
-def run_evaluation(
-    evaluate_fn: Callable | None,
-    model: nn.Module,
-    epoch: int,
-    step: int,
-    args,
-    log: MetricsLog,
-    run_dir: Path,
-    dist: DistInfo,
-    amp_dtype: torch.dtype | None,
-    resumed: bool = False,
-    on_evaluated: Callable | None = None,
-) -> None:
-    """Epoch `epoch` (0-based)'s evaluation (under the run's AMP dtype unless --eval-fp32; --eval-langs before
-    the last epoch), logged; its checkpoint is already written. Bad evaluation data
-    or a non-finite model output is a one-line error (the checkpoint stays; --resume re-runs it)."""
-    if evaluate_fn is None:
-        if resumed and dist.is_main:
-            print(
-                f"warning: epoch {epoch + 1}'s evaluation was not run (the run stopped before it; resumed with "
-                "--no-eval)",
-                file=sys.stderr,
-                flush=True,
-            )
-        return
-    if resumed and dist.is_main:
-        print(f"re-running epoch {epoch + 1}'s evaluation (the run stopped after the epoch's checkpoint)", flush=True)
-    fault_point("evaluate")
-    try:
-        eval_dtype = None if getattr(args, "eval_fp32", False) else amp_dtype
-        results = evaluate(evaluate_fn, model, epoch, amp_dtype=eval_dtype, langs=epoch_eval_langs(args, epoch))
-    except (BadInput, FloatingPointError) as e:
-        raise SystemExit(
-            f"error: evaluation after epoch {epoch + 1}: {e}; the epoch's checkpoint "
-            f"{run_dir / CHECKPOINT} is kept: fix it and --resume (the evaluation is run again)"
-        ) from None
-    if on_evaluated is not None:
-        on_evaluated(model, epoch, results, dist)
-    log_eval(log, results, epoch, step, args.eval_split, dist)
-
-
-def _last_checkpoint(prog: Progress, run_dir: Path) -> str:
-    return (
-        f"last good checkpoint: {run_dir / CHECKPOINT} (after epoch {prog.epoch})"
-        if prog.epoch
-        else "last good checkpoint: none (no epoch completed)"
-    )
-
-
-def check_made_progress(prog: Progress, run_dir: Path) -> None:
-    """A run none of whose optimizer steps updated the weights ends with an error and no model_final.pt."""
-    updates = prog.step - prog.nonfinite_steps - prog.amp_skipped_steps
-    if updates <= 0:
-        raise SystemExit(
-            f"error: the run made no finite optimizer step ({prog.step} steps: {prog.nonfinite_steps} "
-            f"non-finite, {prog.amp_skipped_steps} skipped by the fp16 scaler); {FINAL} not written "
-            f"(its weights would be the initial ones); check the data, --lr and --amp"
-        )
-
-
 def count_step(prog: Progress, ok: bool, amp_skipped: bool, epoch: int, args, run_dir: Path, dist: DistInfo) -> None:
     prog.step += 1
     prog.amp_skipped_steps += amp_skipped
@@ -1637,65 +979,31 @@ def train_record(
     }
 
 
-def evaluation_due(args, epoch: int) -> bool:
-    """After the last epoch always; before it every --eval-every epochs (0: never)."""
-    every = getattr(args, "eval_every", 1)
-    return epoch == args.epochs - 1 or (every > 0 and (epoch + 1) % every == 0)
+def mean_loss(totals: torch.Tensor, dist: DistInfo) -> float | None:
+    """(loss sum, number of finite micro-batches) over all ranks -> their mean loss (None: none was finite)."""
+    total = totals.double()
+    if dist.distributed:
+        tdist.all_reduce(total)
+    return (total[0] / total[1]).item() if total[1] > 0 else None
 
 
-def epoch_eval_langs(args, epoch: int) -> list[str] | None:
-    """--eval-langs for the per-epoch evaluations; None (every language) for the last epoch's."""
-    return None if epoch == args.epochs - 1 else getattr(args, "eval_langs", None)
+def check_made_progress(prog: Progress, run_dir: Path) -> None:
+    """A run none of whose optimizer steps updated the weights ends with an error and no model_final.pt."""
+    updates = prog.step - prog.nonfinite_steps - prog.amp_skipped_steps
+    if updates <= 0:
+        raise SystemExit(
+            f"error: the run made no finite optimizer step ({prog.step} steps: {prog.nonfinite_steps} "
+            f"non-finite, {prog.amp_skipped_steps} skipped by the fp16 scaler); {run_folder.FINAL} not written "
+            f"(its weights would be the initial ones); check the data, --lr and --amp"
+        )
 
 
-def evaluate(
-    evaluate_fn: Callable,
-    model: nn.Module,
-    epoch: int,
-    amp_dtype: torch.dtype | None = None,
-    langs: list[str] | None = None,
-) -> dict:
-    """evaluate_fn runs on every rank (it shards with shard/gather itself), in eval mode, no grad, under the
-    run's autocast dtype (--amp; the difference to float32 is measured in bench/eval_precision.py). langs,
-    when given, is passed on as evaluate_fn(model, epoch, langs=langs)."""
-    model.eval()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with torch.no_grad(), autocast(device, amp_dtype):
-        results = evaluate_fn(model, epoch + 1, langs=langs) if langs else evaluate_fn(model, epoch + 1)
-    model.train()
-    return results or {}
-
-
-def log_eval(log: MetricsLog, results: dict, epoch: int, step: int, split: str, dist: DistInfo) -> None:
-    for lang, metrics in results.items():
-        log.write({"type": "eval", "epoch": epoch + 1, "step": step, "lang": lang, "split": split, **metrics})
-    if dist.is_main and results:
-        print(epoch_line(results, epoch, split), flush=True)
-
-
-# The console's per-epoch metric(s) of a task; everything else is in metrics.jsonl.
-CONSOLE_METRICS = (("accuracy",), ("ir_r1", "tr_r1"))
-
-
-def epoch_line(results: dict, epoch: int, split: str) -> str:
-    """ "epoch 2 test accuracy: en 55.19 de 30.12 ..." (the task's metric per language)."""
-    first = next(iter(results.values()))
-    names = next((m for m in CONSOLE_METRICS if all(k in first for k in m)), None)
-    if names is None:  # an unknown task: its first float metric
-        names = tuple(k for k, v in first.items() if isinstance(v, float))[:1]
-    parts = [
-        f"{name}: " + " ".join(f"{lang} {m.get(name, float('nan')):.2f}" for lang, m in results.items())
-        for name in names
-    ]
-    return f"epoch {epoch + 1} {split} " + "; ".join(parts)
-
-
-def trainable_line(
-    model: nn.Module, layout: freeze.LayerLayout, schedule: freeze.Schedule, epoch: int, step: int, steps_per_epoch: int
-) -> str:
-    """ "epoch 2: layers 6-11 + embeddings, head train; 97.3M trainable" (printed when the trainable set changes)."""
-    where = f"epoch {epoch + 1}" + (f", step {step}" if step % steps_per_epoch else "")
-    return f"{where}: {what_trains.trainable_summary(model, layout, schedule, epoch, step)}"
+def _last_checkpoint(prog: Progress, run_dir: Path) -> str:
+    return (
+        f"last good checkpoint: {run_dir / run_folder.CHECKPOINT} (after epoch {prog.epoch})"
+        if prog.epoch
+        else "last good checkpoint: none (no epoch completed)"
+    )
 
 
 class DataWait:
@@ -1730,6 +1038,167 @@ class DataWait:
         return out
 
 
+# -------------------------------------------------------------------------------- after an epoch: its evaluation
+
+
+def evaluation_due(args, epoch: int) -> bool:
+    """After the last epoch always; before it every --eval-every epochs (0: never)."""
+    every = getattr(args, "eval_every", 1)
+    return epoch == args.epochs - 1 or (every > 0 and (epoch + 1) % every == 0)
+
+
+def run_evaluation(
+    evaluate_fn: Callable | None,
+    model: nn.Module,
+    epoch: int,
+    prog: Progress,
+    args,
+    log: run_folder.MetricsLog,
+    run_dir: Path,
+    dist: DistInfo,
+    amp_dtype: torch.dtype | None,
+    on_evaluated: Callable | None = None,
+    resumed: bool = False,
+) -> None:
+    """Epoch `epoch` (0-based)'s evaluation if prog.eval_pending (under the run's AMP dtype unless --eval-fp32;
+    --eval-langs before the last epoch, every language after it), logged; its checkpoint is already written.
+    Bad evaluation data or a non-finite model output is a one-line error (the checkpoint stays; --resume re-runs
+    it). resumed: the run stopped between that checkpoint and the end of this evaluation."""
+    if not prog.eval_pending:
+        return
+    if evaluate_fn is None:
+        if resumed and dist.is_main:
+            print(
+                f"warning: epoch {epoch + 1}'s evaluation was not run (the run stopped before it; resumed with "
+                "--no-eval)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return
+    if resumed and dist.is_main:
+        print(f"re-running epoch {epoch + 1}'s evaluation (the run stopped after the epoch's checkpoint)", flush=True)
+    try:
+        eval_dtype = None if getattr(args, "eval_fp32", False) else amp_dtype
+        langs = None if epoch == args.epochs - 1 else getattr(args, "eval_langs", None)
+        results = evaluate(evaluate_fn, model, epoch, amp_dtype=eval_dtype, langs=langs)
+    except (BadInput, FloatingPointError) as e:
+        raise SystemExit(
+            f"error: evaluation after epoch {epoch + 1}: {e}; the epoch's checkpoint "
+            f"{run_dir / run_folder.CHECKPOINT} is kept: fix it and --resume (the evaluation is run again)"
+        ) from None
+    if on_evaluated is not None:
+        on_evaluated(model, epoch, results, dist)
+    log_eval(log, results, epoch, prog.step, args.eval_split, dist)
+
+
+def evaluate(
+    evaluate_fn: Callable,
+    model: nn.Module,
+    epoch: int,
+    amp_dtype: torch.dtype | None = None,
+    langs: list[str] | None = None,
+) -> dict:
+    """evaluate_fn runs on every rank (it shards with shard/gather itself), in eval mode, no grad, under the
+    run's autocast dtype (--amp; the difference to float32 is measured in bench/eval_precision.py). langs,
+    when given, is passed on as evaluate_fn(model, epoch, langs=langs)."""
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.no_grad(), autocast(device, amp_dtype):
+        results = evaluate_fn(model, epoch + 1, langs=langs) if langs else evaluate_fn(model, epoch + 1)
+    model.train()
+    return results or {}
+
+
+def log_eval(log: run_folder.MetricsLog, results: dict, epoch: int, step: int, split: str, dist: DistInfo) -> None:
+    for lang, metrics in results.items():
+        log.write({"type": "eval", "epoch": epoch + 1, "step": step, "lang": lang, "split": split, **metrics})
+    if dist.is_main and results:
+        print(epoch_line(results, epoch, split), flush=True)
+
+
+# The console's per-epoch metric(s) of a task; everything else is in metrics.jsonl.
+CONSOLE_METRICS = (("accuracy",), ("ir_r1", "tr_r1"))
+
+
+def epoch_line(results: dict, epoch: int, split: str) -> str:
+    """ "epoch 2 test accuracy: en 55.19 de 30.12 ..." (the task's metric per language)."""
+    first = next(iter(results.values()))
+    names = next((m for m in CONSOLE_METRICS if all(k in first for k in m)), None)
+    if names is None:  # an unknown task: its first float metric
+        names = tuple(k for k, v in first.items() if isinstance(v, float))[:1]
+    parts = [
+        f"{name}: " + " ".join(f"{lang} {m.get(name, float('nan')):.2f}" for lang, m in results.items())
+        for name in names
+    ]
+    return f"epoch {epoch + 1} {split} " + "; ".join(parts)
+
+
+def trainable_line(
+    model: nn.Module, layout: freeze.LayerLayout, schedule: freeze.Schedule, epoch: int, step: int, steps_per_epoch: int
+) -> str:
+    """ "epoch 2: layers 6-11 + embeddings, head train; 97.3M trainable" (printed when the trainable set changes)."""
+    where = f"epoch {epoch + 1}" + (f", step {step}" if step % steps_per_epoch else "")
+    return f"{where}: {what_trains.trainable_summary(model, layout, schedule, epoch, step)}"
+
+
+def require_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    """t, or FloatingPointError when it holds NaN/inf: at evaluation a NaN logit must not become an accuracy
+    (argmax of NaN is an arbitrary class). Rows = examples."""
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        rows = bad.reshape(bad.shape[0], -1).any(1) if t.dim() else bad.reshape(1)
+        raise FloatingPointError(
+            f"non-finite {what} (NaN or inf) for {int(rows.sum())} of {rows.numel()} examples of a batch"
+        )
+    return t
+
+
+# -------------------------------------------------------------------------------- run folder, checkpoints, resume
+
+
+def check_run_dir(args: argparse.Namespace, dist: DistInfo) -> Path:
+    """One-line SystemExit (on every rank) if --output-dir cannot take this run (run_folder.run_dir_problem: in
+    use by another process, holds a run and --resume is not given, holds nothing to resume, not writable). Rank 0
+    then holds the folder's lock until run_folder.release_run_dirs() (engine.train and cleanup_distributed call
+    it). Writes no file; call it once, as early as you like, and give its result to train(run_dir=).
+    With --print-schedule nothing is checked."""
+    run_dir = Path(args.output_dir)
+    if getattr(args, "print_schedule", False):
+        return run_dir
+    problem = run_folder.run_dir_problem(run_dir, args.resume) if dist.is_main else None
+    problem = broadcast_object(problem, dist)
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    return run_dir
+
+
+def load_tokenizer(args: argparse.Namespace, embedding_rows: int):
+    """--tokenizer (data.load_tokenizer), checked against the model's embedding rows; one-line SystemExit."""
+    try:
+        tokenizer = data.load_tokenizer(args.tokenizer)
+    except ValueError as e:
+        raise SystemExit(f"error: --tokenizer: {e}") from None
+    tokenizer_check.check_tokenizer_vocab(tokenizer, embedding_rows, args.tokenizer)
+    return tokenizer
+
+
+def base_meta(model_name: str, args: argparse.Namespace, config: dict, tokenizer) -> dict:
+    """Checkpoint meta both trainers record (engine.train adds policy/schedule/epoch/...). tokenizer_size and
+    tokenizer_vocab (fingerprint): the vocabulary the weights are trained with, checked on --resume and when
+    the checkpoint is loaded again."""
+    return {
+        "model": model_name,
+        "task": args.task,
+        "config": config,
+        "tokenizer": args.tokenizer,
+        "tokenizer_size": len(tokenizer),
+        "tokenizer_vocab": tokenizer_check.tokenizer_fingerprint(tokenizer),
+        "checkpoint": args.checkpoint,
+        "recipe": args.recipe,
+        "langs": args.langs,
+    }
+
+
 def run_meta(meta: dict, schedule: freeze.Schedule, prog: Progress, args) -> dict:
     return {
         **meta,
@@ -1744,20 +1213,11 @@ def run_meta(meta: dict, schedule: freeze.Schedule, prog: Progress, args) -> dic
 
 
 def save_training_state(
-    path: Path,
-    model,
-    optimizer,
-    lr_sched,
-    scaler,
-    prog: Progress,
-    args,
-    meta: dict,
-    schedule: freeze.Schedule,
-    dist: DistInfo,
+    path: Path, model, optimizer, lr_sched, scaler, prog: Progress, args, meta: dict, schedule, dist: DistInfo
 ) -> None:
     rngs = gather([rng_state(dist.device)], dist)  # every rank's, so a resumed rank continues its own stream
     if dist.is_main:
-        save_checkpoint(
+        run_folder.save_checkpoint(
             path,
             {
                 "model": model.state_dict(),
@@ -1766,36 +1226,52 @@ def save_training_state(
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rngs,
                 "progress": asdict(prog),
-                "args": json_safe(vars(args)),
+                "args": run_folder.json_safe(vars(args)),
                 "meta": run_meta(meta, schedule, prog, args),
             },
         )
     barrier(dist)
 
 
-def json_safe(obj):
-    return json.loads(json.dumps(obj, default=str))
+def rng_state(device: torch.device) -> dict:
+    """This process's RNG states (CUDA: its own device only), in types torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
 
 
-def start_fresh(run_dir: Path, args, dist: DistInfo, log: MetricsLog) -> Progress:
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def start_fresh(run_dir: Path, args, dist: DistInfo, log: run_folder.MetricsLog) -> Progress:
     seed_everything(args.seed + dist.rank)  # dropout etc.; per rank, as is usual
     if dist.is_main:
         log.truncate(0)  # --resume of a run killed before its first checkpoint
-        (run_dir / ARGS).write_text(json.dumps(json_safe(vars(args)), indent=1) + "\n")
+        (run_dir / run_folder.ARGS).write_text(json.dumps(run_folder.json_safe(vars(args)), indent=1) + "\n")
     barrier(dist)
     return Progress()
 
 
 def resume(
-    path: Path, model, optimizer, lr_sched, scaler, args, dist: DistInfo, log: MetricsLog, meta: dict | None = None
+    path: Path, model, optimizer, lr_sched, scaler, args, dist: DistInfo, log: run_folder.MetricsLog, meta=None
 ) -> Progress:
     try:
-        ckpt = load_checkpoint(path)
+        ckpt = torch_files.load_checkpoint(path)
     except ValueError as e:
         raise SystemExit(f"error: --resume: {e}") from None
     saved = ckpt["args"]
     for key in RESUME_KEYS:
-        if key in saved and json_safe(getattr(args, key, None)) != saved[key]:
+        if key in saved and run_folder.json_safe(getattr(args, key, None)) != saved[key]:
             raise SystemExit(
                 f"error: --resume: --{key.replace('_', '-')} is {getattr(args, key, None)!r} but the run in "
                 f"{path} used {saved[key]!r}; resume with the same settings"
@@ -1833,6 +1309,9 @@ def resume(
     return prog
 
 
+# ---------------------------------------------------------------------------------------------- --print-schedule
+
+
 def print_schedule(model, layout, schedule, args, steps_per_epoch: int | None = None) -> None:
     rows = what_trains.describe_schedule(model, layout, schedule, args.epochs, steps_per_epoch)
     print(json.dumps(rows, indent=1) if args.json else what_trains.format_schedule(rows), flush=True)
@@ -1858,20 +1337,3 @@ def print_schedule_only(
     with torch.device("meta"):
         model = build_model(args.task, config)
     print_schedule(model, layout, schedule, args, steps)
-
-
-def base_meta(model_name: str, args: argparse.Namespace, config: dict, tokenizer) -> dict:
-    """Checkpoint meta both trainers record (engine.train adds policy/schedule/epoch/...). tokenizer_size and
-    tokenizer_vocab (fingerprint): the vocabulary the weights are trained with, checked on --resume and when
-    the checkpoint is loaded again."""
-    return {
-        "model": model_name,
-        "task": args.task,
-        "config": config,
-        "tokenizer": args.tokenizer,
-        "tokenizer_size": len(tokenizer),
-        "tokenizer_vocab": tokenizer_fingerprint(tokenizer),
-        "checkpoint": args.checkpoint,
-        "recipe": args.recipe,
-        "langs": args.langs,
-    }

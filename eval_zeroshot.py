@@ -32,6 +32,7 @@ import scoring.evaluate
 import scoring.metrics
 import train_cclm
 import train_uc2
+from formats import run_folder, torch_files
 from formats import feature_sets, iglue, volta
 
 TASKS = data.TASKS
@@ -72,12 +73,12 @@ def write_results(out_dir: str | Path, record: dict, model_name: str) -> Path:
             "files": {**prev.get("files", {}), **record.get("files", {})},
         }
     results[key] = record
-    engine.atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
+    run_folder.atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
     task, langs, shots = record["task"], record["langs"], record.get("shots", 0)
     extra = [l for l in scoring.metrics.ordered_langs(langs) if l not in ("en",) + iglue.TARGET_LANGS[task]]
     for metric in scoring.metrics.MAIN_METRICS[task]:
         name = iglue.csv_name(task, metric, shots, record["translate_test"], record["split"])
-        engine.atomic_write_text(out_dir / name, iglue.iglue_csv(task, langs, model_name, metric, shots, extra))
+        run_folder.atomic_write_text(out_dir / name, iglue.iglue_csv(task, langs, model_name, metric, shots, extra))
     return path
 
 
@@ -93,7 +94,7 @@ def checkpoint_file_id(path: str | Path) -> str:
 
 def load_meta(path: str | Path) -> dict:
     """The metadata dict of a checkpoint, memory-mapped so the weights are not read."""
-    ckpt = engine.load_checkpoint(path, mmap=True)
+    ckpt = torch_files.load_checkpoint(path, mmap=True)
     meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: no 'meta' dict in the checkpoint (not written by train_uc2/train_cclm?)")
@@ -144,7 +145,7 @@ def feature_reader(features):
 def load_model(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the task model from a checkpoint written by train_uc2/train_cclm ({"model", "meta"}):
     meta["model"] picks the script (MODEL_SCRIPTS), build_model(meta["task"], meta["config"])."""
-    state = engine.load_checkpoint(path)
+    state = torch_files.load_checkpoint(path)
     meta = state.get("meta") if isinstance(state, dict) else None
     if not isinstance(meta, dict) or meta.get("model") not in ("uc2", "cclm") or "config" not in meta:
         raise ValueError(f"{path}: no meta with model uc2|cclm and config (not a train_uc2/train_cclm checkpoint)")
@@ -177,10 +178,10 @@ def load_released_uc2(path: str | Path, task: str, config: str = "base", device=
 
 def run_checkpoint(run: Path) -> Path:
     """The model of a run folder: model_final.pt, else the resume checkpoint."""
-    for name in (engine.FINAL, engine.CHECKPOINT):
+    for name in (run_folder.FINAL, run_folder.CHECKPOINT):
         if (run / name).is_file():
             return run / name
-    raise SystemExit(f"error: {run}: no {engine.FINAL} or {engine.CHECKPOINT} (not a finished run folder?)")
+    raise SystemExit(f"error: {run}: no {run_folder.FINAL} or {run_folder.CHECKPOINT} (not a finished run folder?)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def add_data_args(
 
 def read_run_args(run: Path | None) -> dict:
     """A run folder's args.json ({} when there is none)."""
-    path = run / engine.ARGS if run is not None else None
+    path = run / run_folder.ARGS if run is not None else None
     return data.read_json(path, annotations=False) if path is not None and path.is_file() else {}
 
 
@@ -331,7 +332,7 @@ def evaluate(args: argparse.Namespace, dist: engine.DistInfo) -> int:
         path = write_results(out_dir, record, name)
         names = label_names(meta["model"], task, args.data_root) if preds else []
         for lang, rows in preds.items():
-            engine.atomic_write_text(
+            run_folder.atomic_write_text(
                 out_dir / iglue.predictions_name(record, lang), iglue.predictions_json(task, rows, names)
             )
         metrics = scoring.metrics.MAIN_METRICS[task]
@@ -430,7 +431,7 @@ def run_fewshot(args: argparse.Namespace, dist: engine.DistInfo) -> int:
     out.mkdir(parents=True, exist_ok=True)
     script = MODEL_SCRIPTS[model_name]
     config_file = out / "model_config.json"  # the English run's architecture, whatever its config name
-    engine.atomic_write_text(config_file, json.dumps(meta["config"], indent=1) + "\n")
+    run_folder.atomic_write_text(config_file, json.dumps(meta["config"], indent=1) + "\n")
     trials = []
     for lr in args.lrs:
         run_dir = out / f"lr{lr:g}"
@@ -456,10 +457,10 @@ def run_fewshot(args: argparse.Namespace, dist: engine.DistInfo) -> int:
             argv += ["--images", str(args.images)] if args.images else []
         argv += ["--eval-split", sel_split, "--langs", sel_lang, "--eval-every", "1"] if sel_split else ["--no-eval"]
         argv += list(args.trainer_args)
-        if (run_dir / engine.FINAL).is_file():
+        if (run_dir / run_folder.FINAL).is_file():
             print(f"few-shot lr {lr:g}: {run_dir} already finished, reusing it", flush=True)
         else:
-            if (run_dir / engine.CHECKPOINT).is_file():
+            if (run_dir / run_folder.CHECKPOINT).is_file():
                 argv.append("--resume")
             print(f"few-shot lr {lr:g}: train_{model_name}.py " + " ".join(argv), flush=True)
             keep_best = BestCheckpoint(run_dir, task, sel_lang, meta, {"shots": args.shots, "fewshot_lang": args.lang})
@@ -482,7 +483,7 @@ def run_fewshot(args: argparse.Namespace, dist: engine.DistInfo) -> int:
         "trials": trials,
         "best": best,
     }
-    engine.atomic_write_text(out / "fewshot.json", json.dumps(info, indent=1) + "\n")
+    run_folder.atomic_write_text(out / "fewshot.json", json.dumps(info, indent=1) + "\n")
     print(f"few-shot: best lr {best['lr']:g}, epoch {best['epoch']} ({best['checkpoint']})", flush=True)
     eargs = argparse.Namespace(
         **{
@@ -499,7 +500,7 @@ def run_fewshot(args: argparse.Namespace, dist: engine.DistInfo) -> int:
 
 def _fewshot_trial(run_dir: Path, task: str, sel_lang: str | None, lr: float) -> dict:
     """Best epoch of one learning rate: by the selection split (model_best.pt), else the last epoch."""
-    epochs = read_epoch_metrics(run_dir) if (run_dir / engine.METRICS).is_file() else []
+    epochs = read_epoch_metrics(run_dir) if (run_dir / run_folder.METRICS).is_file() else []
     scored = [(selection_score(task, ev[sel_lang]), e) for e, ev in epochs if sel_lang and sel_lang in ev]
     if scored and (run_dir / "model_best.pt").is_file():
         score, epoch = max(scored, key=lambda t: (t[0], -t[1]))  # earliest epoch among equal scores
@@ -508,7 +509,7 @@ def _fewshot_trial(run_dir: Path, task: str, sel_lang: str | None, lr: float) ->
         "lr": lr,
         "epoch": epochs[-1][0] if epochs else None,
         "score": float("nan"),
-        "checkpoint": str(run_dir / engine.FINAL),
+        "checkpoint": str(run_dir / run_folder.FINAL),
     }
 
 
@@ -519,7 +520,7 @@ class BestCheckpoint:
     def __init__(self, run_dir: Path, task: str, lang: str | None, meta: dict, fewshot: dict):
         self.run_dir, self.task, self.lang, self.meta, self.fewshot = run_dir, task, lang, meta, fewshot
         self.best = -math.inf  # a resumed run: the best epoch logged so far
-        if lang and (run_dir / engine.METRICS).is_file() and (run_dir / "model_best.pt").is_file():
+        if lang and (run_dir / run_folder.METRICS).is_file() and (run_dir / "model_best.pt").is_file():
             self.best = max(
                 [selection_score(task, ev[lang]) for _, ev in read_epoch_metrics(run_dir) if lang in ev],
                 default=-math.inf,
@@ -540,7 +541,7 @@ class BestCheckpoint:
                     "fewshot": self.fewshot,
                     "selection_score": score,
                 }
-                engine.save_checkpoint(
+                run_folder.save_checkpoint(
                     self.run_dir / "model_best.pt", {"model": scoring.evaluate.unwrap(model).state_dict(), "meta": meta}
                 )
 

@@ -37,6 +37,7 @@ from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaEmbed
 import data
 from formats import inventory
 import engine
+from formats import load_plan, run_folder, tokenizer_check, torch_files
 import freeze
 from formats import x2vlm
 from scoring import retrieval_protocols
@@ -789,7 +790,7 @@ def read_checkpoint_arg(path: str) -> tuple[dict[str, torch.Tensor], dict | None
     """--checkpoint's (state_dict, our run meta or None); a checkpoint of our other model is refused."""
     with engine.about("--checkpoint", path):
         state, meta = x2vlm.read_checkpoint(path)
-        engine.check_checkpoint_model(meta, "cclm", path)
+        load_plan.check_checkpoint_model(meta, "cclm", path)
     return state, meta
 
 
@@ -818,7 +819,7 @@ def main(
     dist = engine.setup_distributed() if owns_group else dist
     try:
         run_dir = engine.check_run_dir(args, dist)
-        resuming = engine.resuming(args, run_dir)
+        resuming = run_folder.resuming(args, run_dir)
         if not args.data_root:
             raise SystemExit("error: --data-root is required (folder holding IGLUE's datasets/)")
         if not args.images or not os.path.isdir(args.images):
@@ -826,7 +827,7 @@ def main(
                 f"error: --images {args.images!r} is not a folder (image root with gqa/, flickr30k/, coco/)"
             )
         if resuming:  # the run's own config (its checkpoint's meta) unless --model-config says otherwise
-            meta = engine.read_torch_file(run_dir / engine.CHECKPOINT, mmap=True).get("meta")
+            meta = torch_files.read_torch_file(run_dir / run_folder.CHECKPOINT, mmap=True).get("meta")
         elif args.checkpoint:
             state, meta = read_checkpoint_arg(args.checkpoint)
         config = model_config_from_args(args, meta)
@@ -843,7 +844,9 @@ def main(
         if state is not None:
             report = load_checkpoint_arg(model, state, args.checkpoint)
             del state
-            engine.check_tokenizer_vocab(tokenizer, config["vocab_size"], args.tokenizer, args.checkpoint, meta)
+            tokenizer_check.check_tokenizer_vocab(
+                tokenizer, config["vocab_size"], args.tokenizer, args.checkpoint, meta
+            )
             if dist.is_main:
                 print(report, flush=True)
                 (run_dir / "load_report.txt").write_text(report + "\n")

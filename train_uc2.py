@@ -27,6 +27,7 @@ import data
 from formats.features import FEATURE_DIM
 from formats import inventory
 import engine
+from formats import load_plan, run_folder, tokenizer_check
 import freeze
 from formats import feature_sets, volta
 from scoring import retrieval_protocols
@@ -460,7 +461,7 @@ def checked_train_dataset(args, features: feature_sets.FeatureSet | None, serial
         return train_ds
 
 
-def load_checkpoint_arg(model: UC2, path: str) -> tuple[engine.LoadPlan, dict]:
+def load_checkpoint_arg(model: UC2, path: str) -> tuple[load_plan.LoadPlan, dict]:
     """--checkpoint into `model`: (the plan, the file's extra). A bad plan's key-by-key report follows the
     error's first line (engine.exits_on_bad_input prints it above the error)."""
     with engine.about("--checkpoint", path):
@@ -517,9 +518,9 @@ def main(
 
         engine.seed_everything(args.seed)  # identical initial weights on every rank
         model = build_model(args.task, config)
-        if args.checkpoint and not engine.resuming(args, run_dir):  # a run killed before epoch 1 ended starts anew
+        if args.checkpoint and not run_folder.resuming(args, run_dir):  # a run killed before epoch 1 ended starts anew
             plan, extra = load_checkpoint_arg(model, args.checkpoint)
-            engine.check_tokenizer_vocab(
+            tokenizer_check.check_tokenizer_vocab(
                 tokenizer,
                 config["vocab_size"],
                 args.tokenizer,

@@ -10,7 +10,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-import engine
+from formats import run_folder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -50,5 +50,5 @@ def timed(fn):
 
 
 def write_result(out: str | Path, result: dict) -> None:
-    engine.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    run_folder.atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

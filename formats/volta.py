@@ -21,7 +21,8 @@ import re
 import torch
 import torch.nn as nn
 
-import engine
+from formats import load_plan
+from formats import torch_files
 
 # VOLTA task keys of IGLUE's task configs (GQA, XVNLI, Flickr30k retrieval).
 VOLTA_TASK_KEY = {"xgqa": "TASK15", "xvnli": "TASK19", "xflickrco": "TASK8"}
@@ -246,13 +247,13 @@ def detect_format(keys: list[str]) -> str:
 
 def plan_load(
     source: dict[str, tuple], target: dict[str, tuple], task: str, fmt: str | None = None, name: str = ""
-) -> engine.LoadPlan:
+) -> load_plan.LoadPlan:
     """Plan loading a state dict with key->shape `source` (file order) into a model with `target`
     key->shape. Shapes are tuples; -1 entries (unknown sizes in manifests) only appear in dropped keys."""
     fmt = fmt or detect_format(list(source))
     if fmt == "ours":
-        return engine.plan_same_names(source, target, fmt, name)
-    plan = engine.LoadPlan(fmt, name)
+        return load_plan.plan_same_names(source, target, fmt, name)
+    plan = load_plan.LoadPlan(fmt, name)
     if fmt == "volta":
         _plan_volta(plan, source, task)
     elif fmt == "original":
@@ -262,7 +263,7 @@ def plan_load(
     else:
         raise ValueError(f"unknown checkpoint format {fmt!r}")
     head_from_file = any(dst.startswith("head.") for dst in plan.copy)
-    return engine.finish_load_plan(
+    return load_plan.finish_load_plan(
         plan, source, target, fresh=lambda key: _fresh_reason(fmt, key, head_from_file), fits={"row0": _row0_fits}
     )
 
@@ -287,7 +288,7 @@ def _copy_row0(ours: torch.Tensor, source: torch.Tensor) -> None:
     ours[: source.shape[0]].copy_(source)
 
 
-def _plan_volta(plan: engine.LoadPlan, source: dict, task: str) -> None:
+def _plan_volta(plan: load_plan.LoadPlan, source: dict, task: str) -> None:
     heads = sorted({k.split(".")[1] for k in source if k.startswith("clfs_dict.")})
     if len(heads) > 1:
         plan.notes.append(f"file holds several task heads {heads}; using {VOLTA_TASK_KEY[task]}")
@@ -318,7 +319,7 @@ def _plan_volta(plan: engine.LoadPlan, source: dict, task: str) -> None:
     plan.notes[:] = sorted(set(plan.notes))
 
 
-def _plan_original(plan: engine.LoadPlan, source: dict, task: str) -> None:
+def _plan_original(plan: load_plan.LoadPlan, source: dict, task: str) -> None:
     """UC2's model_step_200000.pt, mapped as VOLTA's convert_uc2.py maps it (then VOLTA -> ours).
 
     Faithful, not fixed: the converter renames both roberta.embeddings.LayerNorm.* (UC2's text
@@ -371,7 +372,7 @@ def _plan_original(plan: engine.LoadPlan, source: dict, task: str) -> None:
         )
 
 
-def _plan_xlmr(plan: engine.LoadPlan, source: dict) -> None:
+def _plan_xlmr(plan: load_plan.LoadPlan, source: dict) -> None:
     """Hugging Face xlm-roberta-base (XLMRobertaModel or ...ForMaskedLM): text embeddings, layers, pooler."""
     for k in source:
         s = k[len("roberta.") :] if k.startswith("roberta.") else k
@@ -408,8 +409,8 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
 
         return dict(load_file(path)), {}
     try:
-        obj = engine.read_torch_file(path)  # weights only; IGLUE's pickled tbLogger becomes an inert stand-in
-    except engine.UnsafeCheckpointError:
+        obj = torch_files.read_torch_file(path)  # weights only; IGLUE's pickled tbLogger becomes an inert stand-in
+    except torch_files.UnsafeCheckpointError:
         raise
     except Exception as e:
         raise ValueError(f"{path}: cannot read checkpoint: {e}") from None
@@ -420,7 +421,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # ours (engine)
         extra = {k: v for k, v in obj.items() if k != "model"}
         obj = obj["model"]
-        engine.check_checkpoint_model(extra.get("meta"), "uc2", path)
+        load_plan.check_checkpoint_model(extra.get("meta"), "uc2", path)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(
             f"{path}: no state dict found (top-level keys: {list(obj)[:6] if isinstance(obj, dict) else type(obj)})"
@@ -430,7 +431,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     return dict(obj), extra
 
 
-def load_into(model: nn.Module, path_or_sd: str | dict, fmt: str | None = None) -> engine.LoadPlan:
+def load_into(model: nn.Module, path_or_sd: str | dict, fmt: str | None = None) -> load_plan.LoadPlan:
     """Load a checkpoint into `model` (in place); returns the plan (print plan.report()).
     Raises ValueError naming the first missing/unexpected/mis-shaped key."""
     if isinstance(path_or_sd, str):
@@ -445,5 +446,5 @@ def load_into(model: nn.Module, path_or_sd: str | dict, fmt: str | None = None) 
         if not torch.equal(sd[alias], sd[of]):
             raise ValueError(f"{name or 'checkpoint'}: alias key {alias!r} differs from {of!r}")
     # original UC2 is fp16: the copy casts to fp32 as VOLTA's converter does
-    engine.apply_load_plan(model, sd, plan, {"row0": _copy_row0})
+    load_plan.apply_load_plan(model, sd, plan, {"row0": _copy_row0})
     return plan

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import engine
+from formats import load_plan
+from formats import torch_files
 
 
 def resize_rel_pos_bias_table(table: torch.Tensor, dst_grid: int, num_extra: int = 3) -> torch.Tensor:
@@ -78,14 +79,14 @@ INTERPOLATE = "interpolate_224_to_384"  # a copy through resize_rel_pos_bias_tab
 
 def plan_pretrained(
     ckpt_shapes: dict[str, tuple], model_shapes: dict[str, tuple], buffers: set[str], task: str, source: str = ""
-) -> engine.LoadPlan:
+) -> load_plan.LoadPlan:
     """How each fine-tuning key gets its value from the CCLM pretraining checkpoint, as the reference's
     load_pretrained(is_eval=False) does (docs/reference_facts.md#F-cclm-load-pretrained): copies under the same
     name, the xGQA decoder's layers from the cross encoder, the ViT's relative position tables interpolated to the
     new grid;
     the task's new keys and the model's buffers keep their values (reasons: X2-VLM's action names); the
     pretraining-only keys are dropped. Shapes only, so it runs on meta tensors; check with raise_if_bad."""
-    plan = engine.LoadPlan(PRETRAINING, source)
+    plan = load_plan.LoadPlan(PRETRAINING, source)
     # XVLMPlusForVQA.load_pretrained copies no cross-attention key/value (weights and biases) into the
     # decoder when its K/V input width (hidden) differs from the cross encoder's (vision_width)
     kv = "encoder.layer.0.crossattention.self.key.weight"
@@ -110,10 +111,10 @@ def plan_pretrained(
     allowed_unused = PRETRAIN_ONLY + (() if task == "xflickrco" else RETRIEVAL_KEYS)
     for key in sorted(set(ckpt_shapes) - used):
         (plan.dropped.append((key, UNUSED)) if _starts(key, allowed_unused) else plan.unexpected.append(key))
-    return engine.finish_load_plan(plan, ckpt_shapes, model_shapes, fits={INTERPOLATE: lambda s, t: s[1:] == t[1:]})
+    return load_plan.finish_load_plan(plan, ckpt_shapes, model_shapes, fits={INTERPOLATE: lambda s, t: s[1:] == t[1:]})
 
 
-def x2vlm_rows(plan: engine.LoadPlan, model_keys) -> list[tuple[str, str, str]]:
+def x2vlm_rows(plan: load_plan.LoadPlan, model_keys) -> list[tuple[str, str, str]]:
     """A pretraining plan as X2-VLM's rows (finetune_key, action, pretrain_key) of ft_<task>.init_from_pretrain.tsv:
     model keys first (in model order), then ("-", "unused_pretrain_key", key)."""
     kept = dict(plan.initialised)
@@ -141,10 +142,10 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(state_dict, our run meta or None) from {'model': state_dict, 'meta' | 'config': ...} (ours /
     the reference's) or a bare state_dict."""
     try:
-        ck = engine.read_torch_file(path)
+        ck = torch_files.read_torch_file(path)
     except FileNotFoundError:
         raise ValueError(f"{path}: checkpoint file not found") from None
-    except engine.UnsafeCheckpointError:
+    except torch_files.UnsafeCheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - any unpickling problem: one line naming the file
         raise ValueError(f"{path}: cannot read checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
@@ -174,7 +175,7 @@ def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], source: st
         source,
     )
     grid = model.config["image_res"] // model.config["patch_size"]
-    engine.apply_load_plan(
+    load_plan.apply_load_plan(
         model, state, plan, {INTERPOLATE: lambda ours, src: ours.copy_(resize_rel_pos_bias_table(src.float(), grid))}
     )
     rows = x2vlm_rows(plan, own)
@@ -193,10 +194,10 @@ def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], source: st
 def load_finetuned(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> str:
     """A fine-tuned state_dict of the reference layout (or ours): loaded as is (reference is_eval=True)."""
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    plan = engine.plan_same_names(
+    plan = load_plan.plan_same_names(
         {k: tuple(v.shape) for k, v in state.items()}, own, f"{model.task} model layout", source
     )
-    engine.apply_load_plan(model, state, plan)
+    load_plan.apply_load_plan(model, state, plan)
     return f"loaded fine-tuned {model.task} weights from {source}: {len(state)} entries"
 
 

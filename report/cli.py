@@ -21,6 +21,7 @@ import eval_zeroshot
 import scoring.evaluate
 from report import figures, tables
 from report import runs as report_runs
+from formats import run_folder
 
 
 def cmd_similarity(args) -> int:
@@ -62,7 +63,7 @@ def cmd_similarity(args) -> int:
             split=args.split,
             checkpoint=str(eval_zeroshot.run_checkpoint(run)),
         )
-        engine.atomic_write_text(out / "fig4_cls_similarity.json", json.dumps(sim, indent=1) + "\n")
+        run_folder.atomic_write_text(out / "fig4_cls_similarity.json", json.dumps(sim, indent=1) + "\n")
         figures.plot_similarity(
             sim,
             out / "fig4_cls_similarity.png",
@@ -87,11 +88,11 @@ def cmd_plot(args) -> int:
 
 
 def _plot(args) -> int:
-    runs = [Path(r) for r in args.runs if (Path(r) / engine.METRICS).is_file()]
+    runs = [Path(r) for r in args.runs if (Path(r) / run_folder.METRICS).is_file()]
     for r in sorted(set(map(Path, args.runs)) - set(runs)):
-        print(f"note: {r} has no {engine.METRICS}: no curves", file=sys.stderr)
+        print(f"note: {r} has no {run_folder.METRICS}: no curves", file=sys.stderr)
     if not runs:
-        raise SystemExit(f"error: none of the folders given holds a {engine.METRICS}")
+        raise SystemExit(f"error: none of the folders given holds a {run_folder.METRICS}")
     groups: dict[tuple, list] = {}
     for r in runs:
         info = report_runs.run_info(r)
@@ -108,7 +109,7 @@ def cmd_figures(args) -> int:
     """plot for all runs; similarity for every xgqa/xvnli run whose data is reachable."""
     cmd_plot(args)
     for r in args.runs:
-        if not (Path(r) / engine.FINAL).is_file() and not (Path(r) / engine.CHECKPOINT).is_file():
+        if not (Path(r) / run_folder.FINAL).is_file() and not (Path(r) / run_folder.CHECKPOINT).is_file():
             continue
         info = report_runs.run_info(r)
         if info.get("task") not in ("xgqa", "xvnli"):
@@ -128,7 +129,7 @@ def cmd_table(args) -> int:
         if len(missing) == len(runs):
             raise SystemExit(
                 f"error: none of the {len(runs)} run folder(s) has {args.split} results (results.json "
-                f"or {args.split} evaluations in {engine.METRICS}); evaluate them first (make eval RUN=...)"
+                f"or {args.split} evaluations in {run_folder.METRICS}); evaluate them first (make eval RUN=...)"
             )
         for r in missing:
             print(f"note: {r} has no {args.split} results: not in the tables", file=sys.stderr)
@@ -137,11 +138,11 @@ def cmd_table(args) -> int:
         raise SystemExit(f"error: {e}") from None
     print(tables.format_tables(built, args.per_language))
     if args.out:
-        engine.atomic_write_text(args.out, json.dumps(built, indent=1) + "\n")
+        run_folder.atomic_write_text(args.out, json.dumps(built, indent=1) + "\n")
         print(f"wrote {args.out}")
     if args.iglue_csv:
         for name, text in tables.merged_iglue_csvs([Path(r) for r in args.runs], args.split).items():
-            engine.atomic_write_text(Path(args.iglue_csv) / name, text)
+            run_folder.atomic_write_text(Path(args.iglue_csv) / name, text)
             print(f"wrote {Path(args.iglue_csv) / name}")
     return 0
 

@@ -22,6 +22,7 @@ import eval_zeroshot
 import scoring.evaluate
 import scoring.metrics
 from report import runs as report_runs
+from formats import run_folder
 
 
 def _plt():
@@ -66,7 +67,7 @@ def curves(runs: Sequence[str | Path]) -> dict:
 
 
 def _write_curve_numbers(data: dict, metrics: Sequence[str], stem: Path) -> None:
-    engine.atomic_write_text(
+    run_folder.atomic_write_text(
         stem.with_suffix(".json"),
         json.dumps(
             {
@@ -89,7 +90,7 @@ def _write_curve_numbers(data: dict, metrics: Sequence[str], stem: Path) -> None
             for lang, vals in d["series"].get(m, {}).items():
                 for e, v in zip(d["epochs"], vals):
                     w.writerow([Path(r).name, e, lang, m, v])
-    engine.atomic_write_text(stem.with_suffix(".csv"), buf.getvalue())
+    run_folder.atomic_write_text(stem.with_suffix(".csv"), buf.getvalue())
 
 
 def plot_curves(runs: Sequence[str | Path], out_dir: str | Path, tag: str = "") -> list[Path]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import data
-import engine
 import eval_zeroshot
+from formats import run_folder
 
 
 def run_info(run: str | Path) -> dict:
@@ -65,7 +65,9 @@ def run_results(run: str | Path, split: str = "test") -> dict | None:
     res = data.read_json(run / "results.json", annotations=False) if (run / "results.json").exists() else {}
     if split in res:
         ckpt = str(res[split].get("checkpoint", ""))
-        unfinished = f"evaluated {ckpt} (epoch {res[split].get('epoch')})" if ckpt.endswith(engine.CHECKPOINT) else None
+        unfinished = (
+            f"evaluated {ckpt} (epoch {res[split].get('epoch')})" if ckpt.endswith(run_folder.CHECKPOINT) else None
+        )
         return {**info, "langs": res[split]["langs"], "source": f"results.json[{split}]", "unfinished": unfinished}
     if (run / "metrics.jsonl").exists():
         epochs = eval_zeroshot.read_epoch_metrics(run, split)
@@ -83,10 +85,10 @@ def run_results(run: str | Path, split: str = "test") -> dict | None:
 def _unfinished(run: Path, last_epoch: int) -> str | None:
     """Why a run's last evaluated epoch is not its final result (None: finished): no model_final.pt while a
     checkpoint_last.pt shows it stopped (or paused), or fewer epochs evaluated than args.json planned."""
-    if (run / engine.FINAL).exists():
+    if (run / run_folder.FINAL).exists():
         return None
     args = data.read_json(run / "args.json", annotations=False) if (run / "args.json").exists() else {}
     planned = args.get("epochs")
-    if (run / engine.CHECKPOINT).exists() or (planned and last_epoch < planned):
-        return f"epoch {last_epoch} of {planned or '?'}, no {engine.FINAL}"
+    if (run / run_folder.CHECKPOINT).exists() or (planned and last_epoch < planned):
+        return f"epoch {last_epoch} of {planned or '?'}, no {run_folder.FINAL}"
     return None

@@ -48,6 +48,7 @@ import engine
 from comparisons.mclip import train_mclip
 from synthetic import study as ss
 from synthetic import world as sw
+from formats import run_folder, torch_files
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "docs" / "synthetic" / "mclip_results.json"
@@ -216,13 +217,13 @@ def prepare(world_cfg: sw.WorldConfig, cfg: StudyConfig, out: Path) -> dict:
     write_retrieval_set(d / "premise", premise, caps("mclip_premise", premise), lex, weights)
     premise_feats = [image_tower(s, r, weights) for s, r in premise]
     pool_feats = [image_tower(s, r, weights) for s, r in pool]
-    engine.save_checkpoint(d / "premise_features.pt", {"features": torch.stack(premise_feats)})
+    run_folder.save_checkpoint(d / "premise_features.pt", {"features": torch.stack(premise_feats)})
     draws = [
         [partial_caption(s, caption_rng(world_cfg, "mclip_pretrain", i, k)) for k in range(cfg.pretrain_captions)]
         for i, (s, _) in enumerate(pool)
     ]
     captions = {l: [[sw.render(c, l, lex) for c in cs] for cs in draws] for l in sw.LANGS}
-    engine.save_checkpoint(d / "pretrain_pool.pt", {"features": torch.stack(pool_feats), "captions": captions})
+    run_folder.save_checkpoint(d / "pretrain_pool.pt", {"features": torch.stack(pool_feats), "captions": captions})
     tok = sw.write_tokenizer(lex, d / "tokenizer")
     (d / "text_config.json").write_text(json.dumps(text_config(cfg, len(tok)), indent=1) + "\n")
     info = {"world": world_cfg.to_dict(), "study": asdict(cfg), "vocab_size": len(tok)}
@@ -261,9 +262,9 @@ def pretrain(out: Path, cfg: StudyConfig, seed: int) -> Path:
     config = json.loads((d / "text_config.json").read_text())
     engine.seed_everything(seed)
     model = train_mclip.build_text_model(config)  # XLM-R's dropout 0.1
-    pool = engine.load_checkpoint(d / "pretrain_pool.pt")
+    pool = torch_files.load_checkpoint(d / "pretrain_pool.pt")
     image_n = train_mclip.l2_normalise(pool["features"])
-    premise_image = engine.load_checkpoint(d / "premise_features.pt")["features"]
+    premise_image = torch_files.load_checkpoint(d / "premise_features.pt")["features"]
     captions = premise_captions(d)
     log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature, learned, capped at 100
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
@@ -315,7 +316,7 @@ def premise_check(out: Path, seed: int) -> dict:
     d, folder = out / "data", out / f"text_seed{seed}"
     model = train_mclip.build_text_model(json.loads((d / "text_config.json").read_text()), dropout=0.0)
     train_mclip.load_text_weights(model, train_mclip.read_state_dict(folder), str(folder))
-    image = engine.load_checkpoint(d / "premise_features.pt")["features"]
+    image = torch_files.load_checkpoint(d / "premise_features.pt")["features"]
     r1 = zero_shot_r1(model, data.load_tokenizer(folder), premise_captions(d), image)
     chance = 100.0 / len(image)
     checks = {
@@ -373,7 +374,7 @@ def job_list(out, cfg, arms, langs, pseeds, fseeds) -> list[list[str]]:
                     rd = run_dir(out, arm, lang, p, f)
                     if (rd / "results.json").is_file():
                         continue
-                    jobs.append(argv + (["--resume"] if (rd / engine.ARGS).is_file() and arm != "zeroshot" else []))
+                    jobs.append(argv + (["--resume"] if (rd / run_folder.ARGS).is_file() and arm != "zeroshot" else []))
     return jobs
 
 

@@ -16,7 +16,6 @@ import argparse
 import copy
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _faults  # noqa: E402
 import engine  # noqa: E402
 import freeze  # noqa: E402
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             a.output_dir = str(Path(args.output_dir) / variant)
             if variant == "fail":
                 a.policy = "full"
-                os.environ["SUF_FAULT"] = f"{args.fail}:step:2:1"
+                _faults.install(f"{args.fail}:step:2:1")  # for the rest of the process
                 print(f"toy: failure phase {time.time()}", flush=True)
             run_one(a, dist)
     finally:

@@ -15,10 +15,11 @@ import torch
 from _timeouts import scaled
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import engine  # noqa: E402
+import _faults  # noqa: E402
 from comparisons.mclip import train_mclip as MC  # noqa: E402
 from comparisons.xvlmaml import maml  # noqa: E402
 from comparisons.xvlmaml import xvlmaml as X  # noqa: E402
+from formats import run_folder  # noqa: E402
 from test_maml import final_state, sample, train_argv  # noqa: E402,F401  (sample: a module fixture)
 from parity import assert_matches_reference  # noqa: E402
 from test_mclip import cli, lines, world  # noqa: E402,F401  (world: a module fixture)
@@ -51,12 +52,10 @@ def linear_output_dtypes(run) -> set[tuple[bool, torch.dtype]]:
     return seen
 
 
-def cut_after_first_epoch(monkeypatch, run) -> None:
-    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
-    monkeypatch.setattr(engine, "_fault_counts", {})
-    with pytest.raises(RuntimeError, match="injected failure"):
-        run()
-    monkeypatch.delenv("SUF_FAULT")
+def cut_after_first_epoch(monkeypatch, run, loop) -> None:
+    with _faults.injected("raise:epoch_end:1", loop):
+        with pytest.raises(RuntimeError, match="injected failure"):
+            run()
 
 
 # ---------------------------------------------------------------- the float32 similarities of both losses
@@ -107,21 +106,21 @@ def test_mclip_fp16_resume_is_bitwise_exact_with_the_scaler_state(world, tmp_pat
     without the scaler's state would start again from 65536 and take other steps."""
     argv = lambda name, *extra: cli(world, tmp_path / name, "--epochs", "3", "--amp", "fp16", *extra)  # noqa
     MC.main(argv("whole"))
-    cut_after_first_epoch(monkeypatch, lambda: MC.main(argv("cut")))
-    saved = torch.load(tmp_path / "cut" / engine.CHECKPOINT, weights_only=True)["scaler"]
+    cut_after_first_epoch(monkeypatch, lambda: MC.main(argv("cut")), _faults.MCLIP)
+    saved = torch.load(tmp_path / "cut" / run_folder.CHECKPOINT, weights_only=True)["scaler"]
     assert saved["scale"] < 65536.0  # the state to restore is not the initial one
     MC.main(argv("cut", "--resume"))
-    a, b = (torch.load(tmp_path / r / engine.FINAL, weights_only=True)["model"] for r in ("whole", "cut"))
+    a, b = (torch.load(tmp_path / r / run_folder.FINAL, weights_only=True)["model"] for r in ("whole", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "whole" / engine.METRICS).read_text() == (tmp_path / "cut" / engine.METRICS).read_text()
+    assert (tmp_path / "whole" / run_folder.METRICS).read_text() == (tmp_path / "cut" / run_folder.METRICS).read_text()
     # every skipped step halved the scale (growth needs 2000 good steps in a row): the count is exact
     skipped = lines(tmp_path / "whole", "train")[-1]["amp_skipped_steps"]
-    scale = torch.load(tmp_path / "whole" / engine.CHECKPOINT, weights_only=True)["scaler"]["scale"]
+    scale = torch.load(tmp_path / "whole" / run_folder.CHECKPOINT, weights_only=True)["scaler"]["scale"]
     assert skipped > 0 and scale == 65536.0 * 0.5**skipped
 
 
 def test_mclip_resume_with_another_amp_is_refused(world, tmp_path, monkeypatch):
-    cut_after_first_epoch(monkeypatch, lambda: MC.main(cli(world, tmp_path / "cut", "--amp", "bf16")))
+    cut_after_first_epoch(monkeypatch, lambda: MC.main(cli(world, tmp_path / "cut", "--amp", "bf16")), _faults.MCLIP)
     with pytest.raises(SystemExit, match=r"^error: --resume: --amp was 'bf16' in \S+args\.json, now 'off'$"):
         MC.main(cli(world, tmp_path / "cut", "--resume", "--amp", "off"))
 
@@ -148,7 +147,7 @@ def test_xvlmaml_bf16_autocasts_both_loops_and_its_meta_loss_is_the_float32_one_
     dtypes, loss = {}, {}
     for amp in ("auto", "bf16"):  # auto: off on CPU
         dtypes[amp] = linear_output_dtypes(lambda: X.main(one_iteration(sample, tmp_path / amp, "--amp", amp, *order)))
-        loss[amp] = json.loads((tmp_path / amp / engine.METRICS).read_text().splitlines()[0])["meta_loss"]
+        loss[amp] = json.loads((tmp_path / amp / run_folder.METRICS).read_text().splitlines()[0])["meta_loss"]
     assert dtypes == {"auto": {(True, torch.float32)}, "bf16": {(True, torch.bfloat16)}}
     assert loss["bf16"] != loss["auto"] and loss["bf16"] == pytest.approx(loss["auto"], rel=RTOL_BF16_LOSS)
 
@@ -164,13 +163,13 @@ def test_xvlmaml_bf16_resume_is_bitwise_exact_and_another_amp_is_refused(sample,
         sample, tmp_path / name, "--epochs", "2", "--iters-per-epoch", "1", "--first-order", "--amp", "bf16", *extra
     )
     X.main(argv("whole"))
-    cut_after_first_epoch(monkeypatch, lambda: X.main(argv("cut")))
+    cut_after_first_epoch(monkeypatch, lambda: X.main(argv("cut")), _faults.XVLMAML)
     with pytest.raises(SystemExit, match=r"^error: --resume: --amp is 'off' but the run in \S+ used 'bf16'"):
         X.main([*argv("cut", "--resume"), "--amp", "off"])
     X.main(argv("cut", "--resume"))
     a, b = final_state(tmp_path / "whole"), final_state(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "whole" / engine.METRICS).read_text() == (tmp_path / "cut" / engine.METRICS).read_text()
+    assert (tmp_path / "whole" / run_folder.METRICS).read_text() == (tmp_path / "cut" / run_folder.METRICS).read_text()
 
 
 def test_xvlmaml_help_lists_amp(capsys):
@@ -205,7 +204,7 @@ def test_mclip_fp16_under_torchrun_takes_the_one_process_scaler_decisions(world,
         timeout=scaled(300),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = (torch.load(tmp_path / r / engine.CHECKPOINT, weights_only=True) for r in ("one", "two"))
+    one, two = (torch.load(tmp_path / r / run_folder.CHECKPOINT, weights_only=True) for r in ("one", "two"))
     assert one["scaler"] == two["scaler"] and one["scaler"]["scale"] < 65536.0  # a skip happened, on both
     train = [lines(tmp_path / r, "train") for r in ("one", "two")]
     assert [r["amp_skipped_steps"] for r in train[0]] == [r["amp_skipped_steps"] for r in train[1]]

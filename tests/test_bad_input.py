@@ -27,13 +27,14 @@ from _timeouts import scaled
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import _faults  # noqa: E402
 import data  # noqa: E402
 from formats.features import open_features  # noqa: E402
 from formats.bad_input import BadInput  # noqa: E402
 from synthetic import fixtures  # noqa: E402
 from formats import inventory  # noqa: E402
-import engine  # noqa: E402
 import scoring.metrics  # noqa: E402
+from formats import run_folder, tokenizer_check, torch_files  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2 as U  # noqa: E402
 
@@ -97,7 +98,7 @@ def resume_fails(env: dict, **kw) -> str:
 
 
 def assert_nothing_written(out: Path) -> None:
-    assert not any((out / f).exists() for f in engine.RUN_FILES), sorted(os.listdir(out))
+    assert not any((out / f).exists() for f in run_folder.RUN_FILES), sorted(os.listdir(out))
 
 
 def last_line(text: str) -> str:
@@ -119,12 +120,9 @@ def env(tmp_path_factory, system_tests_run):
         "train": train,
         "test": test,
     }
-    os.environ["SUF_FAULT"] = "raise:epoch_end:1"  # stop after epoch 1's checkpoint, as a killed run would
-    try:
+    with _faults.injected("raise:epoch_end:1"):  # stop after epoch 1's checkpoint, as a killed run would
         with pytest.raises(RuntimeError, match="SUF_FAULT"):
             U.main(cli(env, env["paused"], "--no-eval"))
-    finally:
-        del os.environ["SUF_FAULT"]
     env["paused_files"] = snapshot(env["paused"])
     assert sorted(env["paused_files"]) == ["args.json", "checkpoint_last.pt", "metrics.jsonl"]
 
@@ -458,8 +456,8 @@ def same_size_other_vocabulary(tok: Path, out: Path) -> Path:
 def test_tokenizer_with_the_same_size_but_another_vocabulary(env, tmp_path, case):
     other = same_size_other_vocabulary(env["tok"], tmp_path / "tok")
     assert len(data.load_tokenizer(other)) == len(data.load_tokenizer(env["tok"]))
-    was = engine.tokenizer_fingerprint(data.load_tokenizer(env["tok"]))
-    now = engine.tokenizer_fingerprint(data.load_tokenizer(other))
+    was = tokenizer_check.tokenizer_fingerprint(data.load_tokenizer(env["tok"]))
+    now = tokenizer_check.tokenizer_fingerprint(data.load_tokenizer(other))
     if case == "same_size_checkpoint":
         ckpt = env["paused"] / "checkpoint_last.pt"
         msg = fails(cli(env, tmp_path / "run", "--checkpoint", str(ckpt), tokenizer=other))
@@ -843,7 +841,7 @@ def test_nan_logits_at_evaluation_are_an_error_not_an_accuracy(env, tmp_path):
 
     run = tmp_path / "paused"
     shutil.copytree(env["paused"], run)
-    ckpt = engine.load_checkpoint(run / "checkpoint_last.pt")
+    ckpt = torch_files.load_checkpoint(run / "checkpoint_last.pt")
     ckpt["model"] = {k: v * float("nan") if k.startswith("head.") else v for k, v in ckpt["model"].items()}
     torch.save(ckpt, run / "checkpoint_last.pt")
     before = snapshot(run)

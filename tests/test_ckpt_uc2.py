@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_uc2 as U  # noqa: E402
 from formats import volta as V  # noqa: E402
+from formats import torch_files  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "uc2"
@@ -250,7 +251,7 @@ def test_load_volta_files_and_iglue_tar_without_volta(tmp_path):
         torch.load(tmp_path / "pytorch_ckpt_latest.tar", weights_only=True)
     state, extra = V.read_checkpoint(str(tmp_path / "pytorch_ckpt_latest.tar"))
     assert extra["epoch_id"] == 3 and extra["tb_logger"].state["epochId"] == 3
-    assert type(extra["tb_logger"]) is U.engine.VoltaTbLogger  # an inert stand-in: no VOLTA code exists to run
+    assert type(extra["tb_logger"]) is torch_files.VoltaTbLogger  # an inert stand-in: no VOLTA code exists to run
     for name in ("pytorch_model_best.bin", "pytorch_ckpt_latest.tar"):
         model = U.build_model("xgqa", TINY)
         plan = V.load_into(model, str(tmp_path / name))

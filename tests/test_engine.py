@@ -27,10 +27,13 @@ from _timeouts import scaled
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import engine  # noqa: E402
+from formats import run_folder, torch_files  # noqa: E402
 import freeze  # noqa: E402
 from inspection import what_trains  # noqa: E402
+import _faults  # noqa: E402
 
 TOY = ROOT / "tests" / "_toy_train.py"
+FAULTS = ROOT / "tests" / "_faults.py"  # python FAULTS SPEC script ARGS: script with a fault installed
 _spec = importlib.util.spec_from_file_location("_toy_train", TOY)
 toy = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(toy)
@@ -94,7 +97,6 @@ ENV = {**os.environ, "SUF_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
 @pytest.fixture(autouse=True)
 def _cpu_env(monkeypatch):
     monkeypatch.setenv("SUF_DEVICE", "cpu")
-    monkeypatch.delenv("SUF_FAULT", raising=False)
 
 
 def run(out: Path, *extra: str, base=RESUME_ARGS) -> None:
@@ -102,7 +104,7 @@ def run(out: Path, *extra: str, base=RESUME_ARGS) -> None:
 
 
 def weights(run_dir: Path) -> dict:
-    return engine.load_checkpoint(run_dir / "model_final.pt")["model"]
+    return torch_files.load_checkpoint(run_dir / "model_final.pt")["model"]
 
 
 def assert_bitwise(a: Path, b: Path) -> None:
@@ -154,7 +156,7 @@ def launches(tmp_path_factory, system_tests_run):
     dist_timeout = scaled(DIST_TIMEOUT)  # the healthy steps' collectives must not time out on a loaded machine
     for name, fault in KILLS.items():
         procs[name] = Launch(
-            [sys.executable, str(TOY), *RESUME_ARGS, "--output-dir", str(base / name)], {**ENV, "SUF_FAULT": fault}
+            [sys.executable, str(FAULTS), fault, str(TOY), *RESUME_ARGS, "--output-dir", str(base / name)], ENV
         )
     for n, fail in FAIL.items():
         procs[n] = Launch(
@@ -202,7 +204,7 @@ def test_metrics_jsonl_and_final_checkpoint(reference):
     assert all(r["nonfinite_steps"] == 0 and r["loss"] > 0 and r["lr"] > 0 and r["grad_norm"] > 0 for r in train)
     assert {(r["epoch"], r["lang"]) for r in evals} == {(e, lang) for e in (1, 2, 3) for lang in ("en", "de")}
     assert all(r["split"] == "test" and r["n"] == 10 and 0 <= r["accuracy"] <= 100 for r in evals)
-    final = engine.load_checkpoint(reference / "model_final.pt")
+    final = torch_files.load_checkpoint(reference / "model_final.pt")
     assert (
         final["meta"]["policy"] == "suf"
         and final["meta"]["epoch"] == 3
@@ -212,11 +214,11 @@ def test_metrics_jsonl_and_final_checkpoint(reference):
 
 
 def test_resume_after_epoch_1_is_bitwise_equal(tmp_path, reference, monkeypatch):
-    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
+    undo_fault = _faults.install("raise:epoch_end:1", monkeypatch=monkeypatch)
     with pytest.raises(RuntimeError, match="SUF_FAULT"):
         run(tmp_path)
-    assert engine.load_checkpoint(tmp_path / "checkpoint_last.pt")["progress"]["epoch"] == 1
-    monkeypatch.delenv("SUF_FAULT")
+    assert torch_files.load_checkpoint(tmp_path / "checkpoint_last.pt")["progress"]["epoch"] == 1
+    undo_fault()
     run(tmp_path, "--resume")
     assert_bitwise(reference, tmp_path)
 
@@ -229,11 +231,11 @@ def test_sigkill_then_resume_is_bitwise_equal(case, launches, reference):
     assert rc == -signal.SIGKILL, out
     run_dir = base / case
     assert not (run_dir / "model_final.pt").exists()
-    last = engine.load_checkpoint(run_dir / "checkpoint_last.pt")  # the last complete one always loads
+    last = torch_files.load_checkpoint(run_dir / "checkpoint_last.pt")  # the last complete one always loads
     assert last["progress"]["epoch"] == 1
     if case == "mid_save":  # died writing epoch 2's checkpoint: only the tmp file is damaged
         with pytest.raises(ValueError, match=r"checkpoint_last\.pt\.tmp is truncated or corrupt"):
-            engine.load_checkpoint(run_dir / "checkpoint_last.pt.tmp")
+            torch_files.load_checkpoint(run_dir / "checkpoint_last.pt.tmp")
     run(run_dir, "--resume")
     assert_bitwise(reference, run_dir)
 
@@ -303,7 +305,7 @@ def test_many_nonfinite_in_a_row_stop_with_checkpoint_intact(tmp_path):
         run(tmp_path, "--nan-from-epoch", "1", "--max-nonfinite", "3")
     msg = str(e.value)
     assert "3 non-finite losses in a row at epoch 2" in msg and "checkpoint_last.pt (after epoch 1)" in msg
-    ckpt = engine.load_checkpoint(tmp_path / "checkpoint_last.pt")
+    ckpt = torch_files.load_checkpoint(tmp_path / "checkpoint_last.pt")
     assert ckpt["progress"]["epoch"] == 1 and not (tmp_path / "model_final.pt").exists()
     assert all(torch.isfinite(w).all() for w in ckpt["model"].values())
 
@@ -311,7 +313,7 @@ def test_many_nonfinite_in_a_row_stop_with_checkpoint_intact(tmp_path):
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_modes_train(tmp_path, amp):
     run(tmp_path, "--amp", amp, "--epochs", "1", "--clip-grad", "1.0")
-    ckpt = engine.load_checkpoint(tmp_path / "checkpoint_last.pt")
+    ckpt = torch_files.load_checkpoint(tmp_path / "checkpoint_last.pt")
     assert (ckpt["scaler"] is not None) == (amp == "fp16")
     assert all(torch.isfinite(w).all() for w in weights(tmp_path).values())
 
@@ -393,7 +395,7 @@ def test_each_rank_seeds_its_own_random_stream(tmp_path):
     args = argparse.Namespace(seed=7)
     for rank in (0, 1, 2):
         engine.start_fresh(
-            tmp_path, args, engine.DistInfo(rank=rank, world=1), engine.MetricsLog(tmp_path / "m", False)
+            tmp_path, args, engine.DistInfo(rank=rank, world=1), run_folder.MetricsLog(tmp_path / "m", False)
         )
         assert torch.initial_seed() == 7 + rank
 
@@ -549,7 +551,7 @@ def test_schedule_epochs_stretches_the_lr_schedule(tmp_path):
 
 
 def run_files(run_dir: Path) -> dict[str, bytes]:
-    return {f: (run_dir / f).read_bytes() for f in engine.RUN_FILES if (run_dir / f).exists()}
+    return {f: (run_dir / f).read_bytes() for f in run_folder.RUN_FILES if (run_dir / f).exists()}
 
 
 def one_line_exit(*argv: str) -> str:
@@ -561,12 +563,13 @@ def one_line_exit(*argv: str) -> str:
 
 
 def test_crash_in_evaluation_loses_no_training_and_resume_reruns_it(tmp_path, reference, monkeypatch):
-    monkeypatch.setenv("SUF_FAULT", "raise:evaluate:2")  # epoch 2's evaluation fails (a corrupt test image, ...)
+    # epoch 2's evaluation fails (a corrupt test image, ...)
+    undo_fault = _faults.install("raise:evaluate:2", monkeypatch=monkeypatch)
     with pytest.raises(RuntimeError, match="SUF_FAULT"):
         run(tmp_path)
-    progress = engine.load_checkpoint(tmp_path / "checkpoint_last.pt")["progress"]
+    progress = torch_files.load_checkpoint(tmp_path / "checkpoint_last.pt")["progress"]
     assert progress["epoch"] == 2 and progress["eval_pending"]  # epoch 2's training is kept
-    monkeypatch.delenv("SUF_FAULT")
+    undo_fault()
     run(tmp_path, "--resume")
     assert_bitwise(reference, tmp_path)  # weights and metrics.jsonl (epoch 2's evaluation logged once)
 
@@ -578,19 +581,20 @@ def test_evaluation_error_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeyp
     monkeypatch.setattr(toy, "make_evaluate", lambda *a: nan_eval)
     msg = one_line_exit(tmp_path, "--epochs", "1")
     assert msg.startswith("error: evaluation after epoch 1: non-finite logits") and "--resume" in msg, msg
-    assert engine.load_checkpoint(tmp_path / "checkpoint_last.pt")["progress"]["epoch"] == 1
+    assert torch_files.load_checkpoint(tmp_path / "checkpoint_last.pt")["progress"]["epoch"] == 1
     assert not (tmp_path / "model_final.pt").exists()
 
 
 def test_failed_checkpoint_write_removes_its_tmp_and_says_so(tmp_path, monkeypatch):
-    monkeypatch.setenv("SUF_FAULT", "enospc:save_mid:2")  # the disk fills up writing epoch 2's checkpoint
+    # the disk fills up writing epoch 2's checkpoint
+    _faults.install("enospc:save_mid:2", monkeypatch=monkeypatch)
     msg = one_line_exit(tmp_path)
     ckpt = tmp_path / "checkpoint_last.pt"
     assert msg == (
         f"error: cannot write checkpoint {ckpt}: No space left on device; removed the partial checkpoint_last.pt.tmp"
     ), msg
     assert not (tmp_path / "checkpoint_last.pt.tmp").exists()
-    assert engine.load_checkpoint(ckpt)["progress"]["epoch"] == 1  # the previous one is intact
+    assert torch_files.load_checkpoint(ckpt)["progress"]["epoch"] == 1  # the previous one is intact
     assert not (tmp_path / "model_final.pt").exists()
 
 
@@ -600,10 +604,10 @@ def test_resume_without_checkpoint_of_a_run_with_results_is_refused(tmp_path, re
     if case == "finished":  # checkpoint_last.pt deleted to save space
         shutil.copytree(reference, run_dir)
     else:  # killed in epoch 3: two epochs done, then its checkpoint deleted
-        monkeypatch.setenv("SUF_FAULT", "raise:step:10")
+        undo_fault = _faults.install("raise:step:10", monkeypatch=monkeypatch)
         with pytest.raises(RuntimeError, match="SUF_FAULT"):
             run(run_dir)
-        monkeypatch.delenv("SUF_FAULT")
+        undo_fault()
     (run_dir / "checkpoint_last.pt").unlink()
     before = run_files(run_dir)
     msg = one_line_exit(run_dir, "--resume", "--lr", "0.02")
@@ -647,8 +651,8 @@ def test_second_process_on_a_run_folder_is_refused_and_a_killed_ones_lock_is_not
     holder is SIGKILLed, the kernel has dropped its lock and --resume continues."""
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, str(TOY), *RESUME_ARGS, "--output-dir", str(run_dir)],
-        env={**ENV, "SUF_FAULT": "hang:step:6"},
+        [sys.executable, str(FAULTS), "hang:step:6", str(TOY), *RESUME_ARGS, "--output-dir", str(run_dir)],
+        env=ENV,
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -668,7 +672,7 @@ def test_second_process_on_a_run_folder_is_refused_and_a_killed_ones_lock_is_not
         holder.kill()
         holder.wait()
     run(run_dir, "--resume")
-    assert engine.load_checkpoint(run_dir / "model_final.pt")["meta"]["epoch"] == 3
+    assert torch_files.load_checkpoint(run_dir / "model_final.pt")["meta"]["epoch"] == 3
 
 
 def test_bad_training_record_mid_epoch_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):
@@ -693,7 +697,7 @@ def test_bad_training_record_mid_epoch_is_one_line_and_keeps_the_checkpoint(tmp_
         "[4, 1024]; expected a float array of shape [N, 2048]; last good checkpoint: "
         f"{tmp_path / 'checkpoint_last.pt'} (after epoch 1)"
     ), msg
-    assert engine.load_checkpoint(tmp_path / "checkpoint_last.pt")["progress"]["epoch"] == 1
+    assert torch_files.load_checkpoint(tmp_path / "checkpoint_last.pt")["progress"]["epoch"] == 1
 
 
 # ------------------------------------------------------------------------------ schedule once per stage, console
@@ -722,10 +726,10 @@ def test_schedule_is_applied_once_per_stage_not_every_step(tmp_path, monkeypatch
 
 
 def test_resumed_run_applies_its_stage_on_its_first_step(tmp_path, reference, monkeypatch):
-    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:2")
+    undo_fault = _faults.install("raise:epoch_end:2", monkeypatch=monkeypatch)
     with pytest.raises(RuntimeError, match="SUF_FAULT"):
         run(tmp_path)
-    monkeypatch.delenv("SUF_FAULT")
+    undo_fault()
     calls = count_calls(monkeypatch, freeze, "apply_schedule")
     run(tmp_path, "--resume")
     assert calls == [(2, 8)]

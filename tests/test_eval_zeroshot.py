@@ -19,6 +19,7 @@ from _timeouts import scaled
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from formats import run_folder, torch_files  # noqa: E402
 import eval_zeroshot as E  # noqa: E402
 from report import cli as report_cli  # noqa: E402
 import report.figures  # noqa: E402
@@ -357,8 +358,6 @@ MT_EXTRA = {  # the sample ships translate-test files for XVNLI only; for the ot
 def _save_run(
     run: Path, model_name: str, task: str, config: dict, env: dict, seed: int = 0, policy: str = "full"
 ) -> Path:
-    import engine
-
     script = __import__(f"train_{model_name}")
     torch.manual_seed(seed)
     model = script.build_model(task, config)
@@ -378,7 +377,7 @@ def _save_run(
         "tokenizer": env["tokenizer"],
         "epoch": 1,
     }
-    engine.save_checkpoint(run / "model_final.pt", {"model": model.state_dict(), "meta": meta})
+    run_folder.save_checkpoint(run / "model_final.pt", {"model": model.state_dict(), "meta": meta})
     (run / "args.json").write_text(
         json.dumps(
             {
@@ -1016,7 +1015,6 @@ def test_cclm_answer_candidates_in_x2vlms_order_predictions_are_label_ids(env):
 def test_fewshot_from_english_checkpoint(env, tmp_path, capsys):
     """Standard fine-tuning of the English run on German's IGLUE few-shot split, checkpoint selected on
     German dev, German results reported the usual way (results.json, IGLUE CSV, Table 3)."""
-    import engine
 
     init = env["runs"][("uc2", "xgqa")]
     out = tmp_path / "uc2-xgqa-full-fewshot5-de"
@@ -1059,8 +1057,8 @@ def test_fewshot_from_english_checkpoint(env, tmp_path, capsys):
     assert set(res["langs"]) == {"de"} and res["shots"] == "5" and res["fewshot_lang"] == "de"
     assert res["langs"]["de"]["accuracy"] == pytest.approx(best["score"])  # selected on the same split here
     assert (out / "xGQA_5.dev.csv").is_file() and not (out / "xGQA_5.csv").exists()  # dev numbers, named so
-    trained = engine.load_checkpoint(best["checkpoint"])["model"]
-    start = engine.load_checkpoint(init / "model_final.pt")["model"]
+    trained = torch_files.load_checkpoint(best["checkpoint"])["model"]
+    start = torch_files.load_checkpoint(init / "model_final.pt")["model"]
     assert any(not torch.equal(trained[k], start[k]) for k in start)  # it did train
     t3 = {r["setup"]: r for r in report.tables.build_tables([init, out], split="dev")["table3"]}
     assert t3["Standard"]["few_shot_langs"] == ["de"]
@@ -1071,7 +1069,6 @@ def test_fewshot_under_torchrun_matches_one_process(env, tmp_path):
     """`eval_zeroshot.py fewshot` under torchrun (2 gloo ranks): the trainings and the evaluation run in the one
     process group fewshot sets up (the trainer's main(dist=...) leaves it open); the result equals the one-process
     run's."""
-    import engine
 
     init = env["runs"][("uc2", "xgqa")]
     args = [
@@ -1128,7 +1125,7 @@ def test_fewshot_under_torchrun_matches_one_process(env, tmp_path):
     a, b = (json.loads((d / "fewshot.json").read_text()) for d in (one, two))
     assert [t["epoch"] for t in a["trials"]] == [t["epoch"] for t in b["trials"]]
     assert [t["score"] for t in a["trials"]] == pytest.approx([t["score"] for t in b["trials"]])
-    wa, wb = (engine.load_checkpoint(x["best"]["checkpoint"])["model"] for x in (a, b))
+    wa, wb = (torch_files.load_checkpoint(x["best"]["checkpoint"])["model"] for x in (a, b))
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-5, msg=k)
     ra, rb = (json.loads((d / "results.json").read_text())["dev"]["langs"] for d in (one, two))

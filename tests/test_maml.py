@@ -22,9 +22,10 @@ from torch.func import grad, hessian
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from _make import run_make  # noqa: E402
+import _faults  # noqa: E402
 import data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
-import engine  # noqa: E402
+from formats import run_folder, torch_files  # noqa: E402
 import eval_zeroshot as Z  # noqa: E402
 import report.tables  # noqa: E402
 import train_uc2 as U  # noqa: E402
@@ -292,7 +293,9 @@ def sample(tmp_path_factory):
     fixtures.write_synthetic_features(out / "feats", ids, num_boxes=REGIONS)
     for task in SAMPLE_SPLITS:
         torch.manual_seed(0)
-        engine.save_checkpoint(out / f"init-{task}.pt", {"model": U.build_model(task, U.CONFIGS["tiny"]).state_dict()})
+        run_folder.save_checkpoint(
+            out / f"init-{task}.pt", {"model": U.build_model(task, U.CONFIGS["tiny"]).state_dict()}
+        )
     shutil.copy(out / "init-xvnli.pt", out / "init.pt")
     return out
 
@@ -340,7 +343,7 @@ def train_argv(sample, out, *extra):
 
 
 def final_state(run):
-    ck = engine.load_checkpoint(Path(run) / engine.FINAL)
+    ck = torch_files.load_checkpoint(Path(run) / run_folder.FINAL)
     return {
         **{f"model.{k}": v for k, v in ck["model"].items()},
         **{f"cl_head.{k}": v for k, v in ck["cl_head"].items()},
@@ -349,8 +352,8 @@ def final_state(run):
 
 def test_frozen_parameters_stay_bitwise_unchanged_and_trainable_ones_move(sample, tmp_path):
     X.main(train_argv(sample, tmp_path / "r", "--policy", "top", "--top-layers", "2"))
-    init = engine.load_checkpoint(sample / "init.pt")["model"]
-    final = engine.load_checkpoint(tmp_path / "r" / engine.FINAL)["model"]
+    init = torch_files.load_checkpoint(sample / "init.pt")["model"]
+    final = torch_files.load_checkpoint(tmp_path / "r" / run_folder.FINAL)["model"]
     top = ("encoder.layer.10.", "encoder.layer.11.", "pooler.", "head.")  # UC2 layout: pooler is "head"
     frozen = [k for k in init if not k.startswith(top)]
     assert frozen and all(torch.equal(init[k], final[k]) for k in frozen)
@@ -361,8 +364,8 @@ def test_unsupervised_variant_leaves_the_task_head_bitwise_unchanged(sample, tmp
     """No loss of variant unsupervised reads the pooler and task head: they get no gradient, so AdamW's
     weight decay must not touch them either."""
     X.main(train_argv(sample, tmp_path / "r", "--variant", "unsupervised"))
-    init = engine.load_checkpoint(sample / "init.pt")["model"]
-    final = engine.load_checkpoint(tmp_path / "r" / engine.FINAL)["model"]
+    init = torch_files.load_checkpoint(sample / "init.pt")["model"]
+    final = torch_files.load_checkpoint(tmp_path / "r" / run_folder.FINAL)["model"]
     head = [k for k in init if k.startswith(("pooler.", "head."))]
     assert head and all(torch.equal(init[k], final[k]) for k in head)
     assert not torch.equal(init["encoder.layer.11.output.dense.weight"], final["encoder.layer.11.output.dense.weight"])
@@ -370,22 +373,22 @@ def test_unsupervised_variant_leaves_the_task_head_bitwise_unchanged(sample, tmp
 
 def test_resume_after_a_crash_is_bitwise_exact(sample, tmp_path, monkeypatch):
     X.main(train_argv(sample, tmp_path / "whole"))
-    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
+    undo_fault = _faults.install("raise:epoch_end:1", _faults.XVLMAML, monkeypatch=monkeypatch)
     with pytest.raises(RuntimeError, match="injected failure"):
         X.main(train_argv(sample, tmp_path / "cut"))
-    monkeypatch.delenv("SUF_FAULT")
-    assert not (tmp_path / "cut" / engine.FINAL).exists()
+    undo_fault()
+    assert not (tmp_path / "cut" / run_folder.FINAL).exists()
     X.main(train_argv(sample, tmp_path / "cut", "--resume"))
     a, b = final_state(tmp_path / "whole"), final_state(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "whole" / engine.METRICS).read_text() == (tmp_path / "cut" / engine.METRICS).read_text()
+    assert (tmp_path / "whole" / run_folder.METRICS).read_text() == (tmp_path / "cut" / run_folder.METRICS).read_text()
 
 
 def test_resume_with_other_maml_settings_is_refused(sample, tmp_path, monkeypatch):
-    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
+    undo_fault = _faults.install("raise:epoch_end:1", _faults.XVLMAML, monkeypatch=monkeypatch)
     with pytest.raises(RuntimeError):
         X.main(train_argv(sample, tmp_path / "r"))
-    monkeypatch.delenv("SUF_FAULT")
+    undo_fault()
     with pytest.raises(SystemExit, match="--inner-lr"):
         X.main(train_argv(sample, tmp_path / "r", "--resume", "--inner-lr", "0.5"))
 
@@ -438,7 +441,7 @@ def test_test_split_and_english_auxiliary_are_refused(sample, tmp_path):
         X.main(train_argv(sample, tmp_path / "a", "--aux-split", "test"))
     with pytest.raises(SystemExit, match="auxiliary language must differ"):
         X.main(train_argv(sample, tmp_path / "b", "--aux-lang", "en"))
-    assert not (tmp_path / "a" / engine.METRICS).exists()
+    assert not (tmp_path / "a" / run_folder.METRICS).exists()
 
 
 def test_matrix_from_an_english_run_folder_trains_evaluates_and_tabulates(sample, tmp_path):
@@ -504,17 +507,17 @@ def test_matrix_from_an_english_run_folder_trains_evaluates_and_tabulates(sample
         ]
     )
     run = out / "aux-fr"
-    model, meta = Z.load_model(run / engine.FINAL)
+    model, meta = Z.load_model(run / run_folder.FINAL)
     assert meta["task"] == "xvnli"
     assert meta["xvlmaml"]["aux_lang"] == "fr" and meta["xvlmaml"]["aux_split"] == "train_48"
-    assert meta["xvlmaml"]["init"] == str(en / engine.FINAL)
+    assert meta["xvlmaml"]["init"] == str(en / run_folder.FINAL)
     res = json.loads((run / "results.json").read_text())["test"]
     assert set(res["langs"]) == {"en", "fr", "ar"} and res["langs"]["fr"]["n"] == 90
     table = json.loads((out / "matrix.json").read_text())
     assert table["targets"] == ["en", "ar", "fr"]
     assert table["rows"]["fr"]["ar"] == pytest.approx(res["langs"]["ar"]["accuracy"])
     assert "| fr |" in (out / "matrix.md").read_text()
-    lines = [json.loads(line) for line in (run / engine.METRICS).read_text().splitlines()]
+    lines = [json.loads(line) for line in (run / run_folder.METRICS).read_text().splitlines()]
     assert [r for r in lines if r["type"] == "train"] and all(
         math.isfinite(r["meta_loss"]) for r in lines if r["type"] == "train"
     )
@@ -566,10 +569,10 @@ def test_other_tasks_meta_train_from_their_auxiliary_split(sample, tmp_path, tas
             "--no-eval",
         ]
     )
-    meta = engine.load_checkpoint(out / engine.FINAL)["meta"]
+    meta = torch_files.load_checkpoint(out / run_folder.FINAL)["meta"]
     assert meta["xvlmaml"]["aux_split"] == {"xflickrco": "train_10", "xgqa": "dev"}[task]
     assert meta["xvlmaml"]["outer_terms"] == (["task_aux", "cl"] if variant == "supervised" else ["task_en", "cl"])
-    losses = [json.loads(line)["meta_loss"] for line in (out / engine.METRICS).read_text().splitlines()]
+    losses = [json.loads(line)["meta_loss"] for line in (out / run_folder.METRICS).read_text().splitlines()]
     assert losses and all(math.isfinite(x) for x in losses)
 
 

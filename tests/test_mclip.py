@@ -23,8 +23,10 @@ import data  # noqa: E402
 from comparisons.mclip import xtd_data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
 from _make import run_make  # noqa: E402
+import _faults  # noqa: E402
 import engine  # noqa: E402
 from comparisons.mclip import train_mclip as M  # noqa: E402
+from formats import run_folder  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures" / "mclip"
@@ -417,7 +419,7 @@ def cli(world: Path, out: Path, *extra: str) -> list[str]:
 
 
 def lines(run: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (run / engine.METRICS).read_text().splitlines()) if r["type"] == kind]
+    return [r for r in map(json.loads, (run / run_folder.METRICS).read_text().splitlines()) if r["type"] == kind]
 
 
 def test_tiny_run_trains_validates_and_tests_the_best_state(world, tmp_path):
@@ -426,10 +428,10 @@ def test_tiny_run_trains_validates_and_tests_the_best_state(world, tmp_path):
     train, val = lines(run, "train"), lines(run, "val")
     assert len(train) == 4 and [v["step"] for v in val] == [2, 4]  # 2 epochs x ceil(3 / 2) steps
     assert train[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to zero, no warm-up
-    final = torch.load(run / engine.FINAL, weights_only=True)
+    final = torch.load(run / run_folder.FINAL, weights_only=True)
     assert all(".lora_" in k or "LayerNorm" in k for k in final["model"])  # the language's PET module only
     # the tested state is the best validation one (ties: the latest), a trained one (LoRA B starts at zero)
-    last = torch.load(run / engine.CHECKPOINT, weights_only=True)["model"]
+    last = torch.load(run / run_folder.CHECKPOINT, weights_only=True)["model"]
     best_is_last = val[-1]["mean_r1"] >= max(v["mean_r1"] for v in val)
     assert all(torch.equal(final["model"][k], last[k]) for k in last) == best_is_last
     assert any(v.any() for k, v in final["model"].items() if "lora_B" in k)
@@ -453,16 +455,15 @@ def test_zero_shot_with_a_hard_prompt_trains_nothing(world, tmp_path):
 @pytest.mark.parametrize("fault", ["raise:epoch_end:2", "raise:step:6"])  # after a checkpoint; mid-epoch 3
 def test_resume_after_a_failure_is_bitwise_exact(world, tmp_path, monkeypatch, fault):
     M.main(cli(world, tmp_path / "whole", "--epochs", "3"))
-    monkeypatch.setenv("SUF_FAULT", fault)
-    monkeypatch.setattr(engine, "_fault_counts", {})
+    undo_fault = _faults.install(fault, _faults.MCLIP, monkeypatch=monkeypatch)
     with pytest.raises(RuntimeError, match="injected failure"):
         M.main(cli(world, tmp_path / "cut", "--epochs", "3"))
-    monkeypatch.delenv("SUF_FAULT")
+    undo_fault()
     M.main(cli(world, tmp_path / "cut", "--epochs", "3", "--resume"))
-    a = torch.load(tmp_path / "whole" / engine.FINAL, weights_only=True)["model"]
-    b = torch.load(tmp_path / "cut" / engine.FINAL, weights_only=True)["model"]
+    a = torch.load(tmp_path / "whole" / run_folder.FINAL, weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / run_folder.FINAL, weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "whole" / engine.METRICS).read_text() == (tmp_path / "cut" / engine.METRICS).read_text()
+    assert (tmp_path / "whole" / run_folder.METRICS).read_text() == (tmp_path / "cut" / run_folder.METRICS).read_text()
 
 
 def test_missing_image_features_are_named_before_training(world, tmp_path):
@@ -625,7 +626,7 @@ def test_compacter_share_on_real_shapes():
 
 def test_suf_on_the_text_tower_keeps_lower_layers_frozen_in_the_first_stage(world, tmp_path):
     M.main(cli(world, tmp_path / "suf", "--pet", "full", "--policy", "suf", "--suf-k", "1", "--epochs", "1"))
-    best = torch.load(tmp_path / "suf" / engine.FINAL, weights_only=True)["model"]
+    best = torch.load(tmp_path / "suf" / run_folder.FINAL, weights_only=True)["model"]
     engine.seed_everything(0)
     init = M.build_text_model("tiny").state_dict()
     assert best.keys() == dict(M.build_text_model("tiny").named_parameters()).keys()  # --pet full: the whole tower
@@ -641,23 +642,22 @@ def test_a_freeze_policy_needs_full_tuning(world, tmp_path):
 
 
 def test_resume_with_a_changed_argument_is_refused(world, tmp_path, monkeypatch):
-    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
-    monkeypatch.setattr(engine, "_fault_counts", {})
+    undo_fault = _faults.install("raise:epoch_end:1", _faults.MCLIP, monkeypatch=monkeypatch)
     with pytest.raises(RuntimeError, match="injected failure"):
         M.main(cli(world, tmp_path / "cut"))
-    monkeypatch.delenv("SUF_FAULT")
+    undo_fault()
     with pytest.raises(SystemExit, match=r"--resume: --lr was 0\.01 in .*args\.json, now 0\.02"):
         M.main(cli(world, tmp_path / "cut", "--resume", "--lr", "0.02"))
 
 
 def test_a_saved_language_module_reloads_and_reproduces_its_test_score(world, tmp_path):
     trained = M.main(cli(world, tmp_path / "a"))
-    again = M.main(cli(world, tmp_path / "b", "--epochs", "0", "--load-pet", str(tmp_path / "a" / engine.FINAL)))
+    again = M.main(cli(world, tmp_path / "b", "--epochs", "0", "--load-pet", str(tmp_path / "a" / run_folder.FINAL)))
     assert again["test"] == trained["test"]
-    a, b = (torch.load(tmp_path / r / engine.FINAL, weights_only=True)["model"] for r in "ab")
+    a, b = (torch.load(tmp_path / r / run_folder.FINAL, weights_only=True)["model"] for r in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(SystemExit, match=r"--load-pet .*model_final\.pt: not a train_mclip\.py --pet adapter module"):
-        M.main(cli(world, tmp_path / "c", "--pet", "adapter", "--load-pet", str(tmp_path / "a" / engine.FINAL)))
+        M.main(cli(world, tmp_path / "c", "--pet", "adapter", "--load-pet", str(tmp_path / "a" / run_folder.FINAL)))
 
 
 def test_image_features_file_that_pickles_an_object_is_refused_unrun(world, tmp_path):
@@ -690,7 +690,7 @@ def test_image_features_of_another_width_are_refused_before_training(world, tmp_
     torch.save({"names": names, "features": torch.zeros(len(names), 12)}, tmp_path / "f.pt")
     with pytest.raises(SystemExit, match="image features are 12-d, the text tower's output 16-d"):
         M.main(cli(world, tmp_path / "run", "--image-features", str(tmp_path / "f.pt")))
-    assert not (tmp_path / "run" / engine.METRICS).exists()
+    assert not (tmp_path / "run" / run_folder.METRICS).exists()
 
 
 @pytest.mark.parametrize(
@@ -853,7 +853,7 @@ def test_a_run_that_would_never_validate_is_refused_before_training(world, tmp_p
 )
 def test_every_tuning_method_runs_end_to_end_and_saves_its_module(world, tmp_path, extra, key):
     M.main(cli(world, tmp_path / "run", "--epochs", "1", *extra))
-    saved = torch.load(tmp_path / "run" / engine.FINAL, weights_only=True)
+    saved = torch.load(tmp_path / "run" / run_folder.FINAL, weights_only=True)
     assert key in saved["model"] and saved["meta"]["pet"] == extra[1]
 
 
@@ -913,13 +913,13 @@ def test_torchrun_two_processes_take_the_one_process_steps(world, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('"mean_r1"') == 1  # one result line: rank 0's
-    for name in (engine.CHECKPOINT, engine.FINAL):  # the last state and the best validated one
+    for name in (run_folder.CHECKPOINT, run_folder.FINAL):  # the last state and the best validated one
         a, b = (torch.load(tmp_path / r / name, weights_only=True)["model"] for r in ("one", "two"))
         assert a.keys() == b.keys() and any(".lora_B" in k for k in a)
         for k in a:
             assert_matches_reference(f"{name} {k}", b[k], a[k])
     start = tiny_model(seed=0, pet="lora_cross", lora_r=2).state_dict()
-    last = torch.load(tmp_path / "one" / engine.CHECKPOINT, weights_only=True)
+    last = torch.load(tmp_path / "one" / run_folder.CHECKPOINT, weights_only=True)
     pooler = "transformer.pooler.dense.weight"  # unused by the loss: no gradient on any rank, as in one process
     assert torch.equal(last["model"][pooler], start[pooler])
     assert [r["step"] for r in lines(tmp_path / "two", "train")] == [1, 2, 3, 4]
@@ -927,7 +927,7 @@ def test_torchrun_two_processes_take_the_one_process_steps(world, tmp_path):
         assert lines(tmp_path / "two", kind) == lines(tmp_path / "one", kind)
     losses = [[r["loss"] for r in lines(tmp_path / r, "train")] for r in ("one", "two")]
     assert losses[1] == pytest.approx(losses[0], rel=RTOL_LOSS)
-    state = torch.load(tmp_path / "two" / engine.CHECKPOINT, weights_only=True)
+    state = torch.load(tmp_path / "two" / run_folder.CHECKPOINT, weights_only=True)
     assert state["world"] == 2 and len(state["rng"]) == 2 and len(last["rng"]) == 1
     assert json.loads((tmp_path / "two" / "results.json").read_text())["test"] == one["test"]
 
@@ -958,11 +958,11 @@ def test_torchrun_resume_with_dropout_is_bitwise_exact(world, tmp_path):
         timeout=scaled(300),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in (engine.CHECKPOINT, engine.FINAL):
+    for name in (run_folder.CHECKPOINT, run_folder.FINAL):
         a, b = (torch.load(tmp_path / r / name, weights_only=True)["model"] for r in ("whole", "cut"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    assert (tmp_path / "whole" / engine.METRICS).read_text() == (tmp_path / "cut" / engine.METRICS).read_text()
-    rng = torch.load(tmp_path / "cut" / engine.CHECKPOINT, weights_only=True)["rng"]
+    assert (tmp_path / "whole" / run_folder.METRICS).read_text() == (tmp_path / "cut" / run_folder.METRICS).read_text()
+    rng = torch.load(tmp_path / "cut" / run_folder.CHECKPOINT, weights_only=True)["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # two dropout streams
 
 
@@ -991,42 +991,40 @@ RTOL_LOSS = 1e-5  # a float32 loss summed in another order (shards padded to the
 
 
 def test_resume_with_another_world_size_is_refused_and_the_older_rng_format_resumes(world, tmp_path, monkeypatch):
-    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
-    monkeypatch.setattr(engine, "_fault_counts", {})
+    undo_fault = _faults.install("raise:epoch_end:1", _faults.MCLIP, monkeypatch=monkeypatch)
     with pytest.raises(RuntimeError, match="injected failure"):
         M.main(cli(world, tmp_path / "cut"))
-    monkeypatch.delenv("SUF_FAULT")
-    state = torch.load(tmp_path / "cut" / engine.CHECKPOINT, weights_only=True)
-    engine.save_checkpoint(tmp_path / "cut" / engine.CHECKPOINT, {**state, "world": 2, "rng": state["rng"] * 2})
+    undo_fault()
+    state = torch.load(tmp_path / "cut" / run_folder.CHECKPOINT, weights_only=True)
+    run_folder.save_checkpoint(tmp_path / "cut" / run_folder.CHECKPOINT, {**state, "world": 2, "rng": state["rng"] * 2})
     with pytest.raises(SystemExit, match=r"checkpoint_last\.pt: saved by 2 process\(es\), resumed with 1"):
         M.main(cli(world, tmp_path / "cut", "--resume"))
     older = {k: v for k, v in state.items() if k != "world"}  # this trainer's format before torchrun: one RNG state
-    engine.save_checkpoint(tmp_path / "cut" / engine.CHECKPOINT, {**older, "rng": state["rng"][0]})
+    run_folder.save_checkpoint(tmp_path / "cut" / run_folder.CHECKPOINT, {**older, "rng": state["rng"][0]})
     M.main(cli(world, tmp_path / "cut", "--resume"))
     M.main(cli(world, tmp_path / "whole"))
-    a, b = (torch.load(tmp_path / r / engine.FINAL, weights_only=True)["model"] for r in ("whole", "cut"))
+    a, b = (torch.load(tmp_path / r / run_folder.FINAL, weights_only=True)["model"] for r in ("whole", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_checkpoint_of_the_counters_before_engine_progress_resumes_bitwise(world, tmp_path, monkeypatch):
     """Checkpoints written before this trainer used engine.Progress held the best score and step among the counters
     (and metrics_size for engine's metrics_offset): they resume to the uninterrupted run's state."""
-    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
-    monkeypatch.setattr(engine, "_fault_counts", {})
+    undo_fault = _faults.install("raise:epoch_end:1", _faults.MCLIP, monkeypatch=monkeypatch)
     with pytest.raises(RuntimeError, match="injected failure"):
         M.main(cli(world, tmp_path / "cut"))
-    monkeypatch.delenv("SUF_FAULT")
-    state = torch.load(tmp_path / "cut" / engine.CHECKPOINT, weights_only=True)
+    undo_fault()
+    state = torch.load(tmp_path / "cut" / run_folder.CHECKPOINT, weights_only=True)
     new = state["progress"]
     old = {k: new[k] for k in ("epoch", "step", "nonfinite_steps", "amp_skipped_steps")}
     old.update(best=state["best"]["r1"], best_step=state["best"]["step"], metrics_size=new["metrics_offset"])
     older = {k: v for k, v in state.items() if k != "best"}
-    engine.save_checkpoint(tmp_path / "cut" / engine.CHECKPOINT, {**older, "progress": old})
+    run_folder.save_checkpoint(tmp_path / "cut" / run_folder.CHECKPOINT, {**older, "progress": old})
     M.main(cli(world, tmp_path / "cut", "--resume"))
     M.main(cli(world, tmp_path / "whole"))
-    a, b = (torch.load(tmp_path / r / engine.FINAL, weights_only=True)["model"] for r in ("whole", "cut"))
+    a, b = (torch.load(tmp_path / r / run_folder.FINAL, weights_only=True)["model"] for r in ("whole", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (tmp_path / "whole" / engine.METRICS).read_text() == (tmp_path / "cut" / engine.METRICS).read_text()
+    assert (tmp_path / "whole" / run_folder.METRICS).read_text() == (tmp_path / "cut" / run_folder.METRICS).read_text()
 
 
 def test_released_mclip_folder_layout_loads(tmp_path, ref):

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
-import engine  # noqa: E402
+from formats import torch_files  # noqa: E402
 import freeze  # noqa: E402
 import train_uc2 as U  # noqa: E402
 
@@ -73,7 +73,7 @@ def exempt_names(run: Path, rule) -> set[str]:
     want = freeze.param_groups(
         model, U.layer_layout("xgqa", U.CONFIGS["tiny"]), freeze.Schedule("full", 12), 1.0, 1.0, no_decay=rule
     )
-    got = engine.load_checkpoint(run / "checkpoint_last.pt")["optimizer"]["param_groups"]
+    got = torch_files.load_checkpoint(run / "checkpoint_last.pt")["optimizer"]["param_groups"]
     assert [(g["name"], len(g["params"])) for g in got] == [(g["name"], len(g["params"])) for g in want]
     assert all((g["weight_decay"] == 0.0) == g["name"].endswith(".no_decay") for g in got)
     return {names[id(p)] for g in want if g["name"].endswith(".no_decay") for p in g["params"]}

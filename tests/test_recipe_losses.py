@@ -17,6 +17,7 @@ from typing import Callable
 import pytest
 import torch
 
+import _faults
 import _recipes as R
 from parity import assert_matches_reference
 
@@ -70,9 +71,9 @@ def test_resume_mid_run_logs_the_same_per_step_losses_bitwise(
     """Stopped after step 5 (mid epoch 2), resumed from the epoch-1 checkpoint: steps 4-6 are redone and every
     logged loss equals the uninterrupted run's exactly (dropout, sampled negatives and data order restored)."""
     cut = workdir / f"{name}_cut"
-    monkeypatch.setenv("SUF_FAULT", "raise:step:5")
+    undo_fault = _faults.install("raise:step:5", monkeypatch=monkeypatch)
     with pytest.raises(RuntimeError, match="SUF_FAULT"):
         R.run(name, workdir, cut)
     assert [step for step, _ in R.step_losses(cut)] == [1, 2, 3, 4]
-    monkeypatch.delenv("SUF_FAULT")
+    undo_fault()
     assert R.run(name, workdir, cut, "--resume") == uninterrupted(name)

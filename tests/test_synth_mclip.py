@@ -13,10 +13,10 @@ import torch
 
 import data
 from comparisons.mclip import xtd_data
-import engine
 from comparisons.mclip import train_mclip
 from synthetic import mclip_study as sm
 from synthetic import world as sw
+from formats import run_folder, torch_files
 
 TINY = {
     "retrieval_scenes": 30,
@@ -71,7 +71,7 @@ def test_tiny_study_runs_every_arm_and_writes_the_report_with_its_comparison_row
     assert set(record["comparisons"]["suf"]["lora"]) >= {"target_avg", "range", "std", "rl"}
     saved = json.loads((out / "results.json").read_text())
     assert saved["comparisons"] == json.loads(json.dumps(record["comparisons"]))
-    suf_args = json.loads((out / "runs" / "suf-rl-p0f1" / engine.ARGS).read_text())
+    suf_args = json.loads((out / "runs" / "suf-rl-p0f1" / run_folder.ARGS).read_text())
     assert (suf_args["policy"], suf_args["pet"], suf_args["routine"]) == ("suf", "full", "method1")
 
 
@@ -109,8 +109,8 @@ def test_image_tower_is_a_deterministic_function_of_the_region_features(study, t
     assert not torch.equal(a, sm.image_tower(other, other_regions, weights))
     again = tmp_path / "again"
     sm.prepare(cfg, replace(sm.StudyConfig(), **TINY), again)
-    first = engine.load_checkpoint(out / "data" / "image_features.pt")
-    second = engine.load_checkpoint(again / "data" / "image_features.pt")
+    first = torch_files.load_checkpoint(out / "data" / "image_features.pt")
+    second = torch_files.load_checkpoint(again / "data" / "image_features.pt")
     assert first["names"] == second["names"] and torch.equal(first["features"], second["features"])
     table = train_mclip.read_image_features(out / "data" / "image_features.pt")
     assert torch.equal(table[xtd_data.xtd_image_path(sm.image_name(0))], a)

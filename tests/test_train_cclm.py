@@ -21,9 +21,11 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
 import engine  # noqa: E402
+from formats import run_folder, torch_files  # noqa: E402
 import freeze  # noqa: E402
 import train_cclm  # noqa: E402
 from formats import x2vlm  # noqa: E402
+import _faults  # noqa: E402
 
 IGLUE = ROOT / "tests" / "fixtures" / "iglue"
 TRAIN = {"xgqa": "train_5", "xvnli": "train_48", "xflickrco": "valid"}
@@ -71,14 +73,14 @@ def cli(env: Path, task: str, out: Path, *extra: str) -> list[str]:
 
 
 def final_state(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / engine.FINAL, map_location="cpu", weights_only=True)["model"]
+    return torch.load(run / run_folder.FINAL, map_location="cpu", weights_only=True)["model"]
 
 
 def records(run: Path, kind: str) -> list[dict]:
     """metrics.jsonl records of a kind, without the wall-clock measurements (no two runs share those)."""
     return [
         {k: v for k, v in r.items() if k not in engine.DataWait.KEYS}
-        for r in map(json.loads, (run / engine.METRICS).read_text().splitlines())
+        for r in map(json.loads, (run / run_folder.METRICS).read_text().splitlines())
         if r["type"] == kind
     ]
 
@@ -186,11 +188,11 @@ def test_xgqa_pipeline_with_eval(env: Path, tmp_path: Path) -> None:
     assert 0.0 <= evals[-1]["accuracy"] <= 100.0
     train = records(out, "train")
     assert [r["trainable_layers"][0] for r in train] == [15, 12]
-    meta = torch.load(out / engine.FINAL, map_location="cpu", weights_only=True)["meta"]
+    meta = torch.load(out / run_folder.FINAL, map_location="cpu", weights_only=True)["meta"]
     assert meta["model"] == "cclm" and meta["task"] == "xgqa" and meta["config"]["image_res"] == 32
     # the final checkpoint rebuilds a model that predicts
     model = train_cclm.build_model("xgqa", meta["config"]).eval()
-    x2vlm.load_checkpoint(model, str(out / engine.FINAL))
+    x2vlm.load_checkpoint(model, str(out / run_folder.FINAL))
     model.prepare_task(IGLUE, data.load_tokenizer(env / "tok"))
     assert model.answer_ids.shape[0] == data.NUM_ANSWERS
     batch = fixed_batch(env, "xgqa", 2)
@@ -203,7 +205,7 @@ def assert_x2vlm_optimizer_groups(run: Path, task: str) -> None:
     head; tests/test_ckpt_cclm.py checks those rules on the released layout): group names, sizes, peak lrs."""
     config = {**train_cclm.CONFIGS["tiny"], "image_res": 32}
     model, layout = train_cclm.build_model(task, config), train_cclm.layer_layout(task, config)
-    args = json.loads((run / engine.ARGS).read_text())
+    args = json.loads((run / run_folder.ARGS).read_text())
     want = freeze.param_groups(
         model,
         layout,
@@ -214,7 +216,7 @@ def assert_x2vlm_optimizer_groups(run: Path, task: str) -> None:
         train_cclm.x2vlm_no_decay,
         train_cclm.lr_mult_rule(("cls_head.",), 2.0),
     )
-    got = engine.load_checkpoint(run / engine.CHECKPOINT)["optimizer"]["param_groups"]
+    got = torch_files.load_checkpoint(run / run_folder.CHECKPOINT)["optimizer"]["param_groups"]
     assert [(g["name"], len(g["params"]), g["initial_lr"], g["weight_decay"]) for g in got] == [
         (g["name"], len(g["params"]), g["lr"], g["weight_decay"]) for g in want
     ]
@@ -289,11 +291,11 @@ def test_stop_and_resume_is_bitwise_exact(env: Path, tmp_path: Path, monkeypatch
     full = tmp_path / "full"
     train_cclm.main(cli(env, "xflickrco", full, *common))
     cut = tmp_path / "cut"
-    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
+    undo_fault = _faults.install("raise:epoch_end:1", monkeypatch=monkeypatch)
     with pytest.raises(RuntimeError, match="SUF_FAULT"):
         train_cclm.main(cli(env, "xflickrco", cut, *common))
-    assert not (cut / engine.FINAL).exists()
-    monkeypatch.delenv("SUF_FAULT")
+    assert not (cut / run_folder.FINAL).exists()
+    undo_fault()
     train_cclm.main(cli(env, "xflickrco", cut, *common, "--resume"))
     a, b = final_state(full), final_state(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

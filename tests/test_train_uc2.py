@@ -28,9 +28,11 @@ from formats.bad_input import BadInput  # noqa: E402
 from synthetic import fixtures  # noqa: E402
 from formats import inventory  # noqa: E402
 import engine  # noqa: E402
+from formats import run_folder  # noqa: E402
 import freeze  # noqa: E402
 import train_uc2 as U  # noqa: E402
 from formats import feature_sets, volta  # noqa: E402
+import _faults  # noqa: E402
 
 IGLUE = ROOT / "tests" / "fixtures" / "iglue"
 SPLITS = {"xgqa": ("testdev", "dev"), "xvnli": ("train_48", "test"), "xflickrco": ("valid", "test")}
@@ -183,11 +185,11 @@ def test_resume_after_epoch_one_is_bitwise_equal(sample, tmp_path, monkeypatch):
         "1",
     ]
     U.main(cli("xflickrco", sample, tmp_path / "full", *common))
-    monkeypatch.setenv("SUF_FAULT", "raise:epoch_end:1")
+    undo_fault = _faults.install("raise:epoch_end:1", monkeypatch=monkeypatch)
     with pytest.raises(RuntimeError, match="SUF_FAULT"):
         U.main(cli("xflickrco", sample, tmp_path / "cut", *common))
     assert not (tmp_path / "cut" / "model_final.pt").exists()
-    monkeypatch.delenv("SUF_FAULT")
+    undo_fault()
     U.main(cli("xflickrco", sample, tmp_path / "cut", *common, "--resume"))
     a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -226,11 +228,11 @@ def test_resume_before_the_first_checkpoint_loads_the_checkpoint(sample, tmp_pat
     U.main(cli("xvnli", sample, tmp_path / "init", *common, "--seed", "4"))  # weights to start from
     start = ["--checkpoint", str(tmp_path / "init" / "model_final.pt")]
     U.main(cli("xvnli", sample, tmp_path / "whole", *common, *start))
-    monkeypatch.setenv("SUF_FAULT", "raise:step:1")
+    undo_fault = _faults.install("raise:step:1", monkeypatch=monkeypatch)
     with pytest.raises(RuntimeError, match="SUF_FAULT"):
         U.main(cli("xvnli", sample, tmp_path / "cut", *common, *start))
-    assert not (tmp_path / "cut" / engine.CHECKPOINT).exists()
-    monkeypatch.delenv("SUF_FAULT")
+    assert not (tmp_path / "cut" / run_folder.CHECKPOINT).exists()
+    undo_fault()
     U.main(cli("xvnli", sample, tmp_path / "cut", *common, *start, "--resume"))
     a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)

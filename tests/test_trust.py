@@ -32,7 +32,7 @@ from formats.features import _close_lmdb, open_features  # noqa: E402
 from formats.pickles import UnsafePickleError, unpickle_data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
 from formats import inventory  # noqa: E402
-import engine  # noqa: E402
+from formats import run_folder, torch_files  # noqa: E402
 import eval_zeroshot  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2 as U  # noqa: E402
@@ -124,7 +124,7 @@ def refused(call, where: str, marker: Path, unsafe: bool = True) -> str:
     assert "\n" not in msg and where in msg, msg
     assert not marker.exists(), f"payload ran: {msg}"
     if unsafe:
-        assert isinstance(e.value, (UnsafePickleError, engine.UnsafeCheckpointError)) or "refused" in msg, msg
+        assert isinstance(e.value, (UnsafePickleError, torch_files.UnsafeCheckpointError)) or "refused" in msg, msg
     return msg
 
 
@@ -378,7 +378,7 @@ def _readers(path: Path) -> dict:
         "formats.volta.read_checkpoint": lambda: volta.read_checkpoint(str(path)),
         "formats.volta.load_into": lambda: volta.load_into(U.build_model("xgqa", TINY), str(path)),
         "formats.x2vlm.read_checkpoint": lambda: x2vlm.read_checkpoint(str(path)),
-        "engine.load_checkpoint": lambda: engine.load_checkpoint(path),
+        "formats.torch_files.load_checkpoint": lambda: torch_files.load_checkpoint(path),
         "eval_zeroshot.load_meta": lambda: eval_zeroshot.load_meta(path),
     }
 
@@ -452,7 +452,7 @@ def test_checkpoint_cli_refuses_a_payload_before_writing(tmp_path):
         msg = str(e.value)
         assert msg.startswith(f"error: --checkpoint: {ckpt}: refused to load: ") and "\n" not in msg, msg
         assert not marker.exists()
-        assert not any((out / f).exists() for f in engine.RUN_FILES)
+        assert not any((out / f).exists() for f in run_folder.RUN_FILES)
 
 
 @pytest.mark.parametrize("layout", ["zip", "legacy"])
@@ -501,7 +501,7 @@ def test_iglue_training_checkpoint_loads_with_volta_state(tmp_path, layout):
         torch.load(tmp_path / "pytorch_ckpt_latest.tar", weights_only=True)
     state, extra = volta.read_checkpoint(str(tmp_path / "pytorch_ckpt_latest.tar"))
     assert all(torch.equal(state[k], sd[k]) for k in sd) and extra["epoch_id"] == 3 and extra["score"] == 0.5
-    assert type(extra["tb_logger"]) is engine.VoltaTbLogger and extra["tb_logger"].state == tb_state
+    assert type(extra["tb_logger"]) is torch_files.VoltaTbLogger and extra["tb_logger"].state == tb_state
     assert extra["optimizer_state_dict"]["param_groups"][0]["betas"] == (0.9, 0.999)
     assert torch.equal(extra["optimizer_state_dict"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
 

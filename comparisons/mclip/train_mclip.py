@@ -65,6 +65,7 @@ from transformers import XLMRobertaConfig, XLMRobertaModel
 import data
 from comparisons.mclip import xtd_data
 import engine
+from formats import run_folder, torch_files
 import freeze
 import scoring.evaluate
 
@@ -215,7 +216,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as e:
             raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    state = engine.load_checkpoint(path)
+    state = torch_files.load_checkpoint(path)
     state = state.get("model", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
@@ -483,7 +484,7 @@ def encode_images(vision, paths: Sequence[Path], batch_size: int = 64, device: s
 
 def read_image_features(path: str | Path) -> dict[str, torch.Tensor]:
     """A features file {"names": [image path, ...], "features": FloatTensor [N, D]} -> {name: row}."""
-    obj = engine.load_checkpoint(path)
+    obj = torch_files.load_checkpoint(path)
     if not isinstance(obj, dict) or "names" not in obj or "features" not in obj:
         raise ValueError(f"{path}: expected a dict with 'names' and 'features'")
     names, feats = list(obj["names"]), obj["features"]
@@ -556,7 +557,7 @@ def load_clip_vision(folder: str | Path):
 
 def write_image_features(path: str | Path, table: dict[str, torch.Tensor]) -> None:
     names = sorted(table)
-    engine.save_checkpoint(path, {"names": names, "features": torch.stack([table[n] for n in names])})
+    run_folder.save_checkpoint(path, {"names": names, "features": torch.stack([table[n] for n in names])})
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -698,7 +699,7 @@ def fit(
     # engine's counters (epoch, step, nonfinite_steps, amp_skipped_steps, metrics_offset); best: the best validation
     # mean R@1, the step it was reached at and that state of the trainable parameters
     prog, best = engine.Progress(), {"r1": -1.0, "step": -1, "state": trainable_state(model)}
-    ckpt = run_dir / engine.CHECKPOINT
+    ckpt = run_dir / run_folder.CHECKPOINT
     if args.resume and ckpt.is_file():
         prog, best = resume_from(ckpt, model, optimizer, sched, scaler, log, device, dist)
     main_kind = ROUTINES[args.routine][0]
@@ -725,7 +726,6 @@ def fit(
             prog.step += 1
             prog.nonfinite_steps += not ok
             prog.amp_skipped_steps += amp_skipped
-            engine.fault_point("step")
             log.write(train_record(epoch, prog, loss, sched.get_last_lr()[0]))
             if prog.step % args.eval_steps == 0:
                 val = evaluate(model, tokenizer, splits["val"], images, main_kind, args.lang, args, device, dist)
@@ -736,7 +736,7 @@ def fit(
         prog.metrics_offset = log.size()
         rngs = engine.gather([engine.rng_state(device)], dist)  # every rank's: each has its own dropout stream
         if dist.is_main:
-            engine.save_checkpoint(
+            run_folder.save_checkpoint(
                 ckpt,
                 {
                     "model": trainable_state(model),
@@ -751,7 +751,6 @@ def fit(
                 },
             )
         engine.barrier(dist)  # no rank runs ahead of a checkpoint it might have to resume from
-        engine.fault_point("epoch_end")
     return best["state"]
 
 
@@ -794,7 +793,7 @@ def train_record(epoch: int, prog: engine.Progress, loss: torch.Tensor, lr: floa
 def resume_from(ckpt: Path, model, optimizer, sched, scaler, log, device, dist) -> tuple[engine.Progress, dict]:
     """Every rank reads the checkpoint and takes its own RNG state. Another number of processes is refused: each
     rank's dropout stream is part of the state, so the result would not be the uninterrupted run's."""
-    state = engine.load_checkpoint(ckpt)
+    state = torch_files.load_checkpoint(ckpt)
     if state.get("world", 1) != dist.world:
         raise ValueError(
             f"{ckpt}: saved by {state.get('world', 1)} process(es), resumed with {dist.world}; "
@@ -1014,12 +1013,12 @@ def run(args, dist: "engine.DistInfo") -> dict:
     if dist.distributed:  # each rank its own dropout stream (a resumed run restores each; see resume_from)
         engine.seed_everything(args.seed * 1_000_003 + 7919 * (dist.rank + 1))
     trainable, base = count_params(model)
-    log = engine.MetricsLog(run_dir / engine.METRICS, dist.is_main)
-    if engine.resuming(args, run_dir):
+    log = run_folder.MetricsLog(run_dir / run_folder.METRICS, dist.is_main)
+    if run_folder.resuming(args, run_dir):
         check_resume_args(args, run_dir)
     elif dist.is_main:
         log.truncate(0)
-        (run_dir / engine.ARGS).write_text(json.dumps(engine.json_safe(vars(args)), indent=1) + "\n")
+        (run_dir / run_folder.ARGS).write_text(json.dumps(run_folder.json_safe(vars(args)), indent=1) + "\n")
         log.write(
             {
                 "type": "params",
@@ -1051,12 +1050,12 @@ def run(args, dist: "engine.DistInfo") -> dict:
         "policy": args.policy,
         "trainable": trainable,
         "base": base,
-        "args": engine.json_safe(vars(args)),
+        "args": run_folder.json_safe(vars(args)),
     }
     result = {**{k: v for k, v in meta.items() if k != "args"}, "test": test}
     if dist.is_main:
-        engine.save_checkpoint(run_dir / engine.FINAL, {"model": best, "meta": meta})
-        engine.atomic_write_text(run_dir / "results.json", json.dumps(result, indent=1, default=str) + "\n")
+        run_folder.save_checkpoint(run_dir / run_folder.FINAL, {"model": best, "meta": meta})
+        run_folder.atomic_write_text(run_dir / "results.json", json.dumps(result, indent=1, default=str) + "\n")
         print(json.dumps({"lang": args.lang, "routine": args.routine, "pet": args.pet, **test}))
     engine.barrier(dist)
     return result
@@ -1103,21 +1102,21 @@ RESUME_KEYS = (
 def check_resume_args(args, run_dir: Path) -> None:
     """One-line SystemExit if --resume changes an argument the interrupted run was started with."""
     try:
-        saved = json.loads((run_dir / engine.ARGS).read_text())
+        saved = json.loads((run_dir / run_folder.ARGS).read_text())
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --resume: cannot read {run_dir / engine.ARGS} ({e})") from None
+        raise SystemExit(f"error: --resume: cannot read {run_dir / run_folder.ARGS} ({e})") from None
     for key in RESUME_KEYS:
-        if key in saved and saved[key] != engine.json_safe(getattr(args, key)):
+        if key in saved and saved[key] != run_folder.json_safe(getattr(args, key)):
             flag = "--" + key.replace("_", "-")
             raise SystemExit(
-                f"error: --resume: {flag} was {saved[key]!r} in {run_dir / engine.ARGS}, now {getattr(args, key)!r}"
+                f"error: --resume: {flag} was {saved[key]!r} in {run_dir / run_folder.ARGS}, now {getattr(args, key)!r}"
             )
 
 
 def load_pet_file(model: MCLIPText, path: str, pet: str) -> None:
     """Start from a saved language module (model_final.pt of an earlier run with the same --pet)."""
     try:
-        obj = engine.load_checkpoint(path)
+        obj = torch_files.load_checkpoint(path)
         meta = obj.get("meta", {}) if isinstance(obj, dict) else {}
         if meta.get("model") != "mclip" or meta.get("pet") != pet:
             raise ValueError(

@@ -44,6 +44,7 @@ from tqdm import tqdm
 import data
 from formats import inventory
 import engine
+from formats import run_folder, tokenizer_check
 import eval_zeroshot as Z
 import freeze
 import scoring.evaluate
@@ -532,7 +533,7 @@ def build_model(args, meta: dict, dist) -> tuple[XVLModel, dict, object]:
     except ValueError as e:
         raise SystemExit(f"error: {args.init}: {str(e).splitlines()[0]}") from None
     # released weights: XLM-R's vocabulary; ours (an English run): the tokenizer recorded in its meta
-    engine.check_tokenizer_vocab(
+    tokenizer_check.check_tokenizer_vocab(
         tokenizer,
         config["vocab_size"],
         args.tokenizer,
@@ -596,12 +597,12 @@ def build_data(args, tokenizer, num_answers: int = data.NUM_ANSWERS):
 
 
 def check_resume_args(args, run_dir: Path) -> None:
-    saved_path = run_dir / engine.ARGS
+    saved_path = run_dir / run_folder.ARGS
     if not (args.resume and saved_path.is_file()):
         return
     saved = data.read_json(saved_path, annotations=False)
     for key in MAML_RESUME_KEYS:
-        if key in saved and engine.json_safe(getattr(args, key, None)) != saved[key]:
+        if key in saved and run_folder.json_safe(getattr(args, key, None)) != saved[key]:
             raise SystemExit(
                 f"error: --resume: --{key.replace('_', '-')} is {getattr(args, key, None)!r} but the run "
                 f"in {run_dir} used {saved[key]!r}; resume with the same settings"
@@ -691,10 +692,9 @@ def _meta_train(
     optimizer, lr_sched = engine.build_optimizer(
         net, layout, schedule, args, total_steps=args.epochs * args.iters_per_epoch
     )
-    log = engine.MetricsLog(run_dir / engine.METRICS, dist.is_main)
-    engine._fault_counts.clear()
-    if engine.resuming(args, run_dir):
-        prog = engine.resume(run_dir / engine.CHECKPOINT, net, optimizer, lr_sched, None, args, dist, log, meta)
+    log = run_folder.MetricsLog(run_dir / run_folder.METRICS, dist.is_main)
+    if run_folder.resuming(args, run_dir):
+        prog = engine.resume(run_dir / run_folder.CHECKPOINT, net, optimizer, lr_sched, None, args, dist, log, meta)
     else:
         prog = engine.start_fresh(run_dir, args, dist, log)
     names = [n for n, _ in net.named_parameters()]
@@ -733,7 +733,6 @@ def _meta_train(
                 net, optimizer, lr_sched, None, args.clip_grad, torch.tensor(float(n_bad), device=dist.device), dist
             )
             engine.count_step(prog, ok, False, epoch, args, run_dir, dist)
-            engine.fault_point("step")
             bar.update(1)
             if (args.log_every and prog.step % args.log_every == 0) or i == args.iters_per_epoch - 1:
                 loss = _mean_over_ranks(window, dist)
@@ -755,16 +754,15 @@ def _meta_train(
         prog.epoch = epoch + 1
         prog.metrics_offset = log.size()
         engine.save_training_state(
-            run_dir / engine.CHECKPOINT, net, optimizer, lr_sched, None, prog, args, meta, schedule, dist
+            run_dir / run_folder.CHECKPOINT, net, optimizer, lr_sched, None, prog, args, meta, schedule, dist
         )
-        engine.fault_point("epoch_end")
     if dist.is_main:
         final_meta = {**engine.run_meta(meta, schedule, prog, args), "policy": setup_name(meta["xvlmaml"], schedule)}
-        engine.save_checkpoint(
-            run_dir / engine.FINAL,
+        run_folder.save_checkpoint(
+            run_dir / run_folder.FINAL,
             {"model": net.model.state_dict(), "cl_head": net.cl_head.state_dict(), "meta": final_meta},
         )
-        print(f"done: {run_dir / engine.FINAL}", flush=True)
+        print(f"done: {run_dir / run_folder.FINAL}", flush=True)
     engine.barrier(dist)
 
 
@@ -875,9 +873,9 @@ def cmd_matrix(args, dist: engine.DistInfo) -> int:
         if done.is_file() and dist.is_main:
             print(f"matrix: {run} already evaluated, reusing it", flush=True)
         if not done.is_file():
-            if (run / engine.CHECKPOINT).is_file() or (run / engine.FINAL).is_file():
+            if (run / run_folder.CHECKPOINT).is_file() or (run / run_folder.FINAL).is_file():
                 sub.resume = True
-            if not (run / engine.FINAL).is_file():
+            if not (run / run_folder.FINAL).is_file():
                 train(sub, dist)
             if not sub.no_eval:
                 evaluate(sub, run, dist)
@@ -891,8 +889,8 @@ def cmd_matrix(args, dist: engine.DistInfo) -> int:
         baseline = data.read_json(Path(args.run) / "results.json", annotations=False).get("test", {}).get("langs")
     table = matrix_table(task, results, baseline)
     if dist.is_main:
-        engine.atomic_write_text(out / "matrix.json", json.dumps(table, indent=1) + "\n")
-        engine.atomic_write_text(out / "matrix.md", format_matrix(table) + "\n")
+        run_folder.atomic_write_text(out / "matrix.json", json.dumps(table, indent=1) + "\n")
+        run_folder.atomic_write_text(out / "matrix.md", format_matrix(table) + "\n")
         print(format_matrix(table), flush=True)
     return 0
 
