@@ -447,6 +447,7 @@ def test_args_defaults_recipe_and_user_values():
     defaults = {
         ("paper", "xgqa"): {"epochs": 5, "lr": 4e-5, "batch_size": 256},
         ("paper", "xvnli"): {"epochs": 10, "lr": 2e-5, "batch_size": 128},
+        ("paper", "xflickrco"): {"epochs": 10},  # no lr, no batch size
         ("iglue", "xgqa"): {"epochs": 5, "lr": 4e-5, "batch_size": 256, **iglue},
         ("iglue", "xvnli"): {"epochs": 10, "lr": 2e-5, "batch_size": 128, **iglue},
     }
