@@ -811,6 +811,18 @@ def load_into(model: UC2, path_or_sd: str | dict, fmt: str | None = None) -> eng
 
 # ============================================================================ training
 
+
+def iglue_no_decay(name: str) -> bool:
+    """IGLUE/VOLTA's no-decay rule (VOLTA name contains "bias", "LayerNorm.bias" or "LayerNorm.weight"),
+    on our names: unlike freeze.param_groups' ndim<=1 rule it DOES decay image_layer_norm.weight,
+    image_location_layer_norm.weight and the GQA head's LayerNorm weight (head.2.weight). Used by --recipe iglue
+    (NO_DECAY_RULES); the paper recipe keeps freeze.param_groups' ndim<=1 rule."""
+    return name.endswith(".bias") or ".LayerNorm." in name or "v_LayerNorm." in name
+
+
+NO_DECAY_RULES = {"paper": None, "iglue": lambda name, p: iglue_no_decay(name)}  # --recipe -> engine.train(no_decay=)
+
+
 # The defaults that depend on --recipe and --task (every other default is in its add_argument, here or in
 # engine.add_common_args). Paper, section 4 ("we follow IGLUE for training UC2"): epochs 5/10/10, lr 4e-5/2e-5/2e-5,
 # batch 256/128/64 captions; AdamW, weight decay 0.01, 10% linear warm-up (engine's defaults). --recipe iglue: IGLUE's
@@ -825,17 +837,6 @@ DEFAULTS = {
     ("iglue", "xvnli"): dict(epochs=10, lr=2e-5, batch_size=128, **IGLUE_OPTIM),
     ("iglue", "xflickrco"): dict(epochs=10, lr=2e-5, batch_size=64, **IGLUE_OPTIM),
 }
-
-
-def iglue_no_decay(name: str) -> bool:
-    """IGLUE/VOLTA's no-decay rule (VOLTA name contains "bias", "LayerNorm.bias" or "LayerNorm.weight"),
-    on our names: unlike freeze.param_groups' ndim<=1 rule it DOES decay image_layer_norm.weight,
-    image_location_layer_norm.weight and the GQA head's LayerNorm weight (head.2.weight). Used by --recipe iglue
-    (NO_DECAY_RULES); the paper recipe keeps freeze.param_groups' ndim<=1 rule."""
-    return name.endswith(".bias") or ".LayerNorm." in name or "v_LayerNorm." in name
-
-
-NO_DECAY_RULES = {"paper": None, "iglue": lambda name, p: iglue_no_decay(name)}  # --recipe -> engine.train(no_decay=)
 
 
 def build_parser() -> argparse.ArgumentParser:
