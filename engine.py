@@ -4,7 +4,7 @@ non-finite-loss guard, per-epoch evaluation, metrics.jsonl, atomic checkpoints, 
 checkpoint's keys onto a model) and exact resume.
 
 A trainer's main() is (decorated with engine.exits_on_bad_input: bad input ends it as one "error: ..." line):
-    args = engine.parse_args(parser, argv, DEFAULTS)   # after engine.add_common_args(parser, DEFAULTS)
+    args = engine.parse_args(parser, argv, DEFAULTS, "uc2")   # after engine.add_common_args(parser, DEFAULTS)
     dist = engine.setup_distributed()
     run_dir = engine.check_run_dir(args, dist)  # before anything is built: a bad --output-dir costs nothing
     engine.seed_everything(args.seed)     # identical model init on every rank
@@ -60,75 +60,34 @@ from formats.bad_input import BadInput
 from inspection import what_trains
 
 TASKS = data.TASKS  # the one task table (data.py)
-RECIPES = ("paper", "iglue")
+RECIPES = ("paper", "iglue")  # paper: the paper's stated settings; iglue: IGLUE's released scripts' values
 
-# Paper section 4: same epochs for both models; AdamW, weight decay 0.01, 10% linear warm-up.
-TASK_DEFAULTS = {"xgqa": {"epochs": 5}, "xvnli": {"epochs": 10}, "xflickrco": {"epochs": 10}}
-ENGINE_DEFAULTS = {
-    "weight_decay": 0.01,
-    "adam_eps": 1e-8,  # paper silent: torch/HF AdamW default
-    "adam_betas": [0.9, 0.999],  # paper silent: torch/HF AdamW default
-    "clip_grad": 0.0,  # paper silent (mentions no clipping): off; IGLUE's UC2 recipe uses 1.0
-    "warmup_ratio": 0.1,
-}
-# Arguments that must not change between a run and its --resume (they change the result).
-# (A key a trainer lacks is skipped: max_regions, retrieval_loss/_negatives are UC2's, vision_lr and lr_mult
-# CCLM's. Data paths may move: not here.)
-RESUME_KEYS = (
-    "task",
-    "seed",
-    "epochs",
-    "lr",
-    "batch_size",
-    "weight_decay",
-    "adam_eps",
-    "adam_betas",
-    "clip_grad",
-    "warmup_ratio",
-    "schedule_epochs",
-    "recipe",
-    "max_steps_per_epoch",
-    "policy",
-    "suf_k",
-    "unfreeze_every",
-    "unfreeze_unit",
-    "top_layers",
-    "llrd_decay",
-    "freeze_embeddings",
-    "train_split",
-    "train_lang",
-    "dropout",
-    "amp",
-    "max_regions",
-    "retrieval_loss",
-    "retrieval_negatives",
-    "vision_lr",
-    "lr_mult",
+# Arguments a --resume must repeat (they change the result; data paths may move), compared by check_resume_args
+# with the run's saved ones. A key a trainer lacks is skipped: max_regions, retrieval_loss/_negatives are UC2's,
+# vision_lr and lr_mult CCLM's; the comparison systems add theirs to this list next to their parsers.
+RESUME_KEYS = tuple(
+    """task seed epochs lr batch_size weight_decay adam_eps adam_betas clip_grad warmup_ratio schedule_epochs recipe
+    max_steps_per_epoch policy suf_k unfreeze_every unfreeze_unit top_layers llrd_decay freeze_embeddings train_split
+    train_lang dropout amp max_regions retrieval_loss retrieval_negatives vision_lr lr_mult""".split()
 )
-
 
 # Ranges of numeric arguments, checked right after parsing (before anything is written). A key the parser
 # lacks, or left at None (optional), is skipped: max_regions is UC2's, image_res / vision_lr CCLM's.
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_NOT_NEGATIVE = (lambda v: v >= 0 and math.isfinite(v), ">= 0")
 ARG_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "epochs": (lambda v: v >= 1, ">= 1"),
-    "schedule_epochs": (lambda v: v >= 1, ">= 1"),
-    "lr": (lambda v: v >= 0 and math.isfinite(v), ">= 0"),
-    "vision_lr": (lambda v: v >= 0 and math.isfinite(v), ">= 0"),
-    "weight_decay": (lambda v: v >= 0 and math.isfinite(v), ">= 0"),
+    **dict.fromkeys(("epochs", "schedule_epochs"), _AT_LEAST_1),
+    **dict.fromkeys(("lr", "vision_lr", "weight_decay"), _NOT_NEGATIVE),
     "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "adam_eps": (lambda v: v > 0 and math.isfinite(v), "> 0"),
     "adam_betas": (lambda v: all(0 <= b < 1 for b in v), "each in [0, 1)"),
     "clip_grad": (lambda v: v >= 0 and math.isfinite(v), ">= 0 (0 = off)"),
     "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "batch_size": (lambda v: v >= 1, ">= 1"),
-    "micro_batch_size": (lambda v: v >= 1, ">= 1"),
-    "grad_accum": (lambda v: v >= 1, ">= 1"),
-    "eval_batch_size": (lambda v: v >= 1, ">= 1"),
-    "max_regions": (lambda v: v >= 1, ">= 1"),
-    "image_res": (lambda v: v >= 1, ">= 1"),
-    "num_workers": (lambda v: v >= 0, ">= 0"),
-    "max_steps_per_epoch": (lambda v: v >= 1, ">= 1"),
-    "max_nonfinite": (lambda v: v >= 1, ">= 1"),
+    **dict.fromkeys(
+        "batch_size micro_batch_size grad_accum eval_batch_size max_regions image_res".split(), _AT_LEAST_1
+    ),
+    "num_workers": _NOT_NEGATIVE,
+    **dict.fromkeys(("max_steps_per_epoch", "max_nonfinite"), _AT_LEAST_1),
     "log_every": (lambda v: v >= 0, ">= 0 (0 = only at epoch ends)"),
 }
 
@@ -140,6 +99,18 @@ def check_arg_ranges(args: argparse.Namespace) -> None:
         if value is not None and not ok(value):
             shown = " ".join(f"{v:g}" for v in value) if isinstance(value, (list, tuple)) else f"{value:g}"
             raise SystemExit(f"error: --{key.replace('_', '-')} {shown} is out of range: must be {rule}")
+
+
+def check_resume_args(args: argparse.Namespace, saved: dict, keys: Sequence[str], run: object) -> None:
+    """--resume: one-line SystemExit naming the first of `keys` whose value differs from the run's `saved` arguments
+    (args.json, or a checkpoint's "args"); a key the run did not save is skipped. The one comparison of every
+    trainer: engine.resume passes RESUME_KEYS, the comparison systems RESUME_KEYS plus their own."""
+    for key in keys:
+        if key in saved and run_folder.json_safe(getattr(args, key, None)) != saved[key]:
+            raise SystemExit(
+                f"error: --resume: --{key.replace('_', '-')} is {getattr(args, key, None)!r} but the run in "
+                f"{run} used {saved[key]!r}; resume with the same settings"
+            )
 
 
 def read_model_config(
@@ -184,20 +155,26 @@ def check_heads(config: dict, pairs: list[tuple[str, str]], source: str) -> None
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def add_common_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
-    """Adds the run/optimizer/AMP/data arguments and freeze.add_policy_args.
+def table_help(defaults: dict, key: str, text: str) -> str:
+    """--help of an argument a trainer's DEFAULTS table sets: text + "; default: xgqa 5, xvnli 10, xflickrco 10"
+    (the paper recipe's, per task), then another recipe's where they differ ("; --recipe iglue: 20")."""
+    paper = {t: row[key] for (r, t), row in defaults.items() if r == "paper" and key in row}
+    for recipe in RECIPES:
+        rows = {t: v[key] for (r, t), v in defaults.items() if r == recipe and key in v and v[key] != paper.get(t)}
+        rows = paper if recipe == "paper" else rows
+        values = {str(v) for v in rows.values()}
+        shown = values.pop() if len(values) == 1 else ", ".join(f"{t} {v}" for t, v in rows.items())
+        text += f"; {'default' if recipe == 'paper' else '--recipe ' + recipe}: {shown}" if rows else ""
+    return text
 
-    defaults: {"<task>": {"lr": ..., "batch_size": ..., "epochs": ...}, "recipes": {"iglue": {...}},
-    "model": "uc2" (run-folder prefix), any other key: default of that argument}. Arguments left at
-    None by the user are filled by parse_args (the second stage): --recipe values, then the task's, then the
-    other keys, then the engine's (paper) defaults.
-    """
+
+def add_common_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    """Adds the run/optimizer/AMP/data arguments and freeze.add_policy_args. defaults: the trainer's table
+    {(recipe, task): {argument: value}}, what depends on --recipe / --task (parse_args); --help shows it."""
     g = parser.add_argument_group("run (engine.py)")
     g.add_argument("--task", choices=TASKS, required=True)
     g.add_argument("--data-root", default=None, help="IGLUE data folder (see data.py)")
-    g.add_argument(
-        "--langs", nargs="+", default=None, help="evaluation languages, e.g. en de or en,de (default: all of the task)"
-    )
+    g.add_argument("--langs", nargs="+", default=None, help="evaluation languages, e.g. en de or en,de (default: all)")
     g.add_argument("--eval-split", default="test", help="split evaluated (per epoch with --eval-every, and at the end)")
     g.add_argument(
         "--eval-every",
@@ -206,59 +183,43 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
         help="also evaluate after every N-th epoch (1: the paper's per-epoch curves, Figures 2-3); "
         "0: only after the last epoch, which always evaluates every language",
     )
+    g.add_argument("--eval-fp32", action="store_true", help="evaluate in float32 although --amp trains in bf16/fp16")
     g.add_argument(
-        "--eval-fp32",
-        action="store_true",
-        help="evaluate in float32 although --amp trains in bf16/fp16 (default: the run's AMP dtype; "
-        "bench/eval_precision.py measures the difference)",
-    )
-    g.add_argument(
-        "--eval-langs",
-        nargs="+",
-        default=None,
-        help="languages of the per-epoch evaluations (default: those of --langs); the last epoch's "
-        "evaluation always covers every --langs language",
+        "--eval-langs", nargs="+", default=None, help="languages of per-epoch evaluations (default: --langs)"
     )
     g.add_argument("--train-split", default="train", help="training split (IGLUE: train; few-shot: train_<shots>)")
-    g.add_argument(
-        "--train-lang", default="en", help="language of the training split (zero-shot: en; few-shot: the target)"
-    )
+    g.add_argument("--train-lang", default="en", help="training language (zero-shot: en; few-shot: the target)")
     g.add_argument("--output-dir", default=None, help="run folder (default runs/<model>_<task>_<policy>_seed<seed>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from checkpoint_last.pt")
     g.add_argument("--seed", type=int, default=42, help="model initialisation, data order, dropout, negatives")
+    have = ", ".join(sorted({r for r, _ in defaults}, key=RECIPES.index))
     g.add_argument(
         "--recipe",
         choices=RECIPES,
         default="paper",
-        help="paper: the paper's stated settings; iglue: IGLUE's released scripts' values",
+        help=f"paper: the paper's stated settings; iglue: IGLUE's released scripts' values (this model has: {have})",
     )
+    # Paper section 4: AdamW, weight decay 0.01, 10% linear warm-up; silent on eps and betas (torch/HF AdamW's)
+    # and on clipping (off; IGLUE's UC2 recipe uses 1.0).
     o = parser.add_argument_group("optimisation (engine.py)")
-    o.add_argument("--epochs", type=int, default=None, help="default per task: 5/10/10 (xgqa/xvnli/xflickrco)")
-    o.add_argument("--lr", type=float, default=None, help="peak learning rate (default per task)")
-    o.add_argument("--batch-size", type=int, default=None, help="effective (global) batch size (default per task)")
+    o.add_argument("--epochs", type=int, default=None, help=table_help(defaults, "epochs", "epochs trained"))
+    o.add_argument("--lr", type=float, default=None, help=table_help(defaults, "lr", "peak learning rate"))
+    o.add_argument("--batch-size", type=int, default=None, help=table_help(defaults, "batch_size", "global batch"))
+    o.add_argument("--micro-batch-size", type=int, default=None, help="per-process batch per forward pass")
+    o.add_argument("--grad-accum", type=int, default=None, help="accumulation steps (default: batch / micro / world)")
+    o.add_argument("--weight-decay", type=float, default=0.01, help=table_help(defaults, "weight_decay", "AdamW's"))
+    o.add_argument("--adam-eps", type=float, default=1e-8, help=table_help(defaults, "adam_eps", "AdamW's eps"))
+    o.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW's betas")
     o.add_argument(
-        "--micro-batch-size",
-        type=int,
-        default=None,
-        help="per-process batch per forward pass; accumulation = batch / (micro x processes)",
+        "--clip-grad", type=float, default=0.0, help=table_help(defaults, "clip_grad", "max grad norm; 0: off")
     )
-    o.add_argument("--grad-accum", type=int, default=None, help="alternative to --micro-batch-size: accumulation steps")
-    o.add_argument("--weight-decay", type=float, default=None, help="AdamW decoupled weight decay (paper: 0.01)")
-    o.add_argument("--adam-eps", type=float, default=None, help="AdamW eps (default 1e-8)")
-    betas = defaults.get("adam_betas", ENGINE_DEFAULTS["adam_betas"])
-    o.add_argument(
-        "--adam-betas", type=float, nargs=2, default=None, help=f"AdamW betas (default {betas[0]:g} {betas[1]:g})"
-    )
-    o.add_argument("--clip-grad", type=float, default=None, help="max gradient norm, 0 = off (default off)")
-    o.add_argument(
-        "--warmup-ratio", type=float, default=None, help="linear warm-up fraction of all optimizer steps (paper: 0.1)"
-    )
+    o.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up fraction of all optimizer steps")
     o.add_argument(
         "--schedule-epochs",
         type=int,
         default=None,
-        help="length of the warm-up/decay LR schedule in epochs (default: --epochs, the paper's; IGLUE's "
-        "UC2 runs use 20 while training stops at 5/10/10, so their LR never reaches 0)",
+        help=table_help(defaults, "schedule_epochs", "length of the LR schedule in epochs (default: --epochs)")
+        + "; IGLUE's UC2 runs train 5/10/10 epochs of a 20-epoch schedule: their LR never reaches 0",
     )
     o.add_argument(
         "--amp",
@@ -268,80 +229,50 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     )
     o.add_argument("--dropout", type=float, default=None, help="override the model config's dropout probabilities")
     o.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many non-finite losses in a row")
-    o.add_argument(
-        "--ddp-find-unused",
-        action="store_true",
-        help="DDP find_unused_parameters (models with unused trainable params)",
-    )
+    o.add_argument("--ddp-find-unused", action="store_true", help="DDP's find_unused_parameters (unused params)")
     r = parser.add_argument_group("loop control (engine.py)")
     r.add_argument(
         "--num-workers",
         type=int,
         default=None,
-        help="data-loader workers per process (default: the CPUs this process may use divided by the "
-        "processes per node, minus one for the training loop, at most 16)",
+        help="data-loader workers per process (default: this process's share of the node's CPUs, minus one, <= 16)",
     )
     r.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap optimizer steps per epoch (tests, demo)")
-    r.add_argument(
-        "--log-every",
-        type=int,
-        default=50,
-        help="train record in metrics.jsonl every N optimizer steps (and at epoch end)",
-    )
+    r.add_argument("--log-every", type=int, default=50, help="train record every N optimizer steps (and at epoch end)")
     r.add_argument("--print-schedule", action="store_true", help="print what trains when, then exit")
     r.add_argument("--json", action="store_true", help="machine-readable (JSON) output for --print-schedule")
     freeze.add_policy_args(parser)
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, defaults: dict) -> argparse.Namespace:
-    """Two stages: argparse reads the command line, then resolve_args fills what the user left at None from
-    `defaults` (add_common_args: the defaults depend on --task and --recipe, which argparse cannot express)."""
-    return resolve_args(parser.parse_args(argv), defaults)
-
-
-def resolve_args(args: argparse.Namespace, defaults: dict) -> argparse.Namespace:
-    """Fill arguments the user left at None (see add_common_args); idempotent."""
-    recipes = defaults.get("recipes", {})
-    if args.recipe != "paper" and args.recipe not in recipes:
-        raise SystemExit(
-            f"error: --recipe {args.recipe} is not defined for this model (have: "
-            f"paper{''.join(', ' + r for r in recipes)})"
-        )
-    recipe = recipes.get(args.recipe, {})
-    general = {k: v for k, v in defaults.items() if k not in TASKS and k not in ("recipes", "model")}
-    layers = [
-        recipe.get(args.task, {}),
-        {k: v for k, v in recipe.items() if k not in TASKS},
-        defaults.get(args.task, {}),
-        TASK_DEFAULTS[args.task],
-        general,
-        ENGINE_DEFAULTS,
-    ]
-    for layer in layers:
-        for key, value in layer.items():
-            if getattr(args, key, None) is None:
-                setattr(args, key, value)
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, defaults: dict, model: str):
+    """argparse, with the (--recipe, --task) row of the trainer's DEFAULTS table in place of argparse's defaults
+    (argparse cannot make a default depend on another argument; the user's values still win), then the checks.
+    model: the run-folder prefix (runs/<model>_<task>_<policy>_seed<seed>)."""
+    first = argparse.ArgumentParser(add_help=False)  # only to read --task and --recipe
+    first.add_argument("--task")
+    first.add_argument("--recipe", default="paper")
+    chosen = first.parse_known_args(argv)[0]
+    args = parser.parse_args(argv, argparse.Namespace(**defaults.get((chosen.recipe, chosen.task), {})))
+    if args.recipe not in {r for r, _ in defaults}:
+        have = ", ".join(sorted({r for r, _ in defaults}, key=RECIPES.index))
+        raise SystemExit(f"error: --recipe {args.recipe} is not defined for this model (have: {have})")
     for key in ("epochs", "lr", "batch_size"):
         if getattr(args, key) is None:
             raise SystemExit(f"error: --{key.replace('_', '-')} has no default for task {args.task}; pass it")
-    if args.schedule_epochs is None:
-        args.schedule_epochs = args.epochs
+    args.schedule_epochs = args.epochs if args.schedule_epochs is None else args.schedule_epochs
     check_arg_ranges(args)
     if args.schedule_epochs < args.epochs:
         raise SystemExit(
             f"error: --schedule-epochs {args.schedule_epochs} is shorter than --epochs {args.epochs} "
             f"(the learning rate would sit at 0 for the last epochs); pass --schedule-epochs >= --epochs"
         )
-    if args.langs:
-        args.langs = [lang for item in args.langs for lang in item.split(",") if lang]
-    if getattr(args, "eval_langs", None):
-        args.eval_langs = [lang for item in args.eval_langs for lang in item.split(",") if lang]
-    if getattr(args, "eval_every", 0) < 0:
+    split = lambda items: items and [lang for item in items for lang in item.split(",") if lang]  # noqa: E731
+    args.langs, args.eval_langs = split(args.langs), split(args.eval_langs)
+    if args.eval_every < 0:
         raise SystemExit(f"error: --eval-every must be >= 0, got {args.eval_every}")
-    if getattr(args, "num_workers", 0) is None:
-        args.num_workers = default_num_workers()
+    args.num_workers = default_num_workers() if args.num_workers is None else args.num_workers
     if args.output_dir is None:
-        args.output_dir = f"runs/{defaults.get('model', 'run')}_{args.task}_{args.policy}_seed{args.seed}"
+        args.output_dir = f"runs/{model}_{args.task}_{args.policy}_seed{args.seed}"
     args.adam_betas = list(args.adam_betas)
     return args
 
@@ -351,9 +282,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) or "default" in text.lower():
-            return text
-        return text + " (default: %(default)s)"
+        hidden = any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text.lower()
+        return text if hidden or not action.option_strings else text + " (default: %(default)s)"
 
 
 def default_num_workers(cpus: int | None = None, procs_per_node: int | None = None, cap: int = 16) -> int:
@@ -1269,13 +1199,7 @@ def resume(
         ckpt = torch_files.load_checkpoint(path)
     except ValueError as e:
         raise SystemExit(f"error: --resume: {e}") from None
-    saved = ckpt["args"]
-    for key in RESUME_KEYS:
-        if key in saved and run_folder.json_safe(getattr(args, key, None)) != saved[key]:
-            raise SystemExit(
-                f"error: --resume: --{key.replace('_', '-')} is {getattr(args, key, None)!r} but the run in "
-                f"{path} used {saved[key]!r}; resume with the same settings"
-            )
+    check_resume_args(args, ckpt["args"], RESUME_KEYS, path)
     was, now = (ckpt.get("meta") or {}).get("tokenizer_vocab"), (meta or {}).get("tokenizer_vocab")
     if was is not None and now is not None and was != now:  # the path may differ (moved folder); the vocabulary not
         raise SystemExit(

@@ -704,23 +704,22 @@ def lr_mult_rule(prefixes: tuple[str, ...], mult: float):
 
 # ---------------------------------------------------------------- training entry point
 
-# Paper §4: lr 2e-5 for the ViT and 3e-5 for the rest; effective batch 256/144/128 (xGQA/XVNLI/
-# xFlickrCo) via gradient accumulation; epochs 5/10/10, AdamW wd 0.01, 10% warm-up (engine defaults).
+# The defaults that depend on --task (no --recipe iglue for CCLM; every other default is in its add_argument, here
+# or in engine.add_common_args). Paper §4: lr 2e-5 for the ViT (--vision-lr) and 3e-5 for the rest; effective batch
+# 256/144/128 (xGQA/XVNLI/xFlickrCo) via gradient accumulation; epochs 5/10/10, AdamW wd 0.01, 10% warm-up.
 DEFAULTS = {
-    "model": "cclm",
-    "xgqa": {"lr": 3e-5, "batch_size": 256},
-    "xvnli": {"lr": 3e-5, "batch_size": 144},
-    "xflickrco": {"lr": 3e-5, "batch_size": 128},
-    # paper silent: AdamW betas and eps 1e-8 of X2-VLM's create_optimizer (docs/reference_facts.md#F-cclm-optimizer);
-    # its no-decay rule (x2vlm_no_decay) and lr_mult 2 (--lr-mult) are wired in main
-    "adam_betas": [0.9, 0.98],
+    ("paper", "xgqa"): dict(epochs=5, lr=3e-5, batch_size=256),
+    ("paper", "xvnli"): dict(epochs=10, lr=3e-5, batch_size=144),
+    ("paper", "xflickrco"): dict(epochs=10, lr=3e-5, batch_size=128),
 }
-VISION_LR = 2e-5
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = engine.ArgumentParser(description=__doc__)
     engine.add_common_args(p, DEFAULTS)
+    # paper silent: AdamW betas of X2-VLM's create_optimizer (docs/reference_facts.md#F-cclm-optimizer); its no-decay
+    # rule (x2vlm_no_decay) and lr_mult 2 (--lr-mult) are wired in main
+    p.set_defaults(adam_betas=[0.9, 0.98])
     c = p.add_argument_group("CCLM (train_cclm.py)")
     c.add_argument(
         "--checkpoint",
@@ -736,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--tokenizer", default="xlm-roberta-base", help="XLM-R tokenizer folder or cached hub id")
     c.add_argument("--image-res", type=int, default=None, help="override the config's image resolution (paper: 384)")
-    c.add_argument("--vision-lr", type=float, default=VISION_LR, help="peak lr of the ViT (paper: 2e-5)")
+    c.add_argument("--vision-lr", type=float, default=2e-5, help="peak lr of the ViT (paper: 2e-5)")
     c.add_argument(
         "--lr-mult",
         type=float,
@@ -806,7 +805,7 @@ def main(
 ) -> None:
     """train_cclm.py's command line (argv: its arguments). dist: a process group the caller set up and ends itself
     (eval_zeroshot fewshot runs several trainings and an evaluation in one); on_evaluated: engine.train's hook."""
-    args = engine.parse_args(build_parser(), argv, DEFAULTS)
+    args = engine.parse_args(build_parser(), argv, DEFAULTS, "cclm")
     state, meta = None, None
     if args.print_schedule:
         config = model_config_from_args(args)

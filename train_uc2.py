@@ -340,18 +340,6 @@ def layer_layout(task: str, config: dict | None = None) -> freeze.LayerLayout:
 
 # ============================================================================ training
 
-# Paper, section 4 ("we follow IGLUE for training UC2"): epochs 5/10/10, lr 4e-5/2e-5/2e-5, batch
-# 256/128/64 captions; AdamW, weight decay 0.01, 10% linear warm-up (engine defaults).
-DEFAULTS = {
-    "model": "uc2",
-    "xgqa": {"epochs": 5, "lr": 4e-5, "batch_size": 256},
-    "xvnli": {"epochs": 10, "lr": 2e-5, "batch_size": 128},
-    "xflickrco": {"epochs": 10, "lr": 2e-5, "batch_size": 64},
-    # IGLUE's UC2 scripts/configs (docs/reference_facts.md#F-uc2-iglue-optim): AdamW eps 1e-6, wd 1e-4, clip 1.0,
-    # LR schedule length 20 epochs (optim_train_epochs); no-decay rule: iglue_no_decay (wired in main).
-    "recipes": {"iglue": {"weight_decay": 1e-4, "adam_eps": 1e-6, "clip_grad": 1.0, "schedule_epochs": 20}},
-}
-
 
 def iglue_no_decay(name: str) -> bool:
     """IGLUE/VOLTA's no-decay rule (VOLTA name contains "bias", "LayerNorm.bias" or "LayerNorm.weight"),
@@ -362,6 +350,22 @@ def iglue_no_decay(name: str) -> bool:
 
 
 NO_DECAY_RULES = {"paper": None, "iglue": lambda name, p: iglue_no_decay(name)}  # --recipe -> engine.train(no_decay=)
+
+
+# The defaults that depend on --recipe and --task (every other default is in its add_argument, here or in
+# engine.add_common_args). Paper, section 4 ("we follow IGLUE for training UC2"): epochs 5/10/10, lr 4e-5/2e-5/2e-5,
+# batch 256/128/64 captions; AdamW, weight decay 0.01, 10% linear warm-up (engine's defaults). --recipe iglue: IGLUE's
+# UC2 scripts/configs (docs/reference_facts.md#F-uc2-iglue-optim): AdamW eps 1e-6, wd 1e-4, clip 1.0, LR schedule
+# length 20 epochs (optim_train_epochs); no-decay rule: iglue_no_decay (wired in main).
+IGLUE_OPTIM = dict(weight_decay=1e-4, adam_eps=1e-6, clip_grad=1.0, schedule_epochs=20)
+DEFAULTS = {
+    ("paper", "xgqa"): dict(epochs=5, lr=4e-5, batch_size=256),
+    ("paper", "xvnli"): dict(epochs=10, lr=2e-5, batch_size=128),
+    ("paper", "xflickrco"): dict(epochs=10, lr=2e-5, batch_size=64),
+    ("iglue", "xgqa"): dict(epochs=5, lr=4e-5, batch_size=256, **IGLUE_OPTIM),
+    ("iglue", "xvnli"): dict(epochs=10, lr=2e-5, batch_size=128, **IGLUE_OPTIM),
+    ("iglue", "xflickrco"): dict(epochs=10, lr=2e-5, batch_size=64, **IGLUE_OPTIM),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -493,7 +497,7 @@ def main(
 ) -> None:
     """train_uc2.py's command line (argv: its arguments). dist: a process group the caller set up and ends itself
     (eval_zeroshot fewshot runs several trainings and an evaluation in one); on_evaluated: engine.train's hook."""
-    args = engine.parse_args(build_parser(), argv, DEFAULTS)
+    args = engine.parse_args(build_parser(), argv, DEFAULTS, "uc2")
     config = model_config_from_args(args)
     layout = layer_layout(args.task, config)
     schedule = freeze.schedule_from_args(args, layout.num_layers)

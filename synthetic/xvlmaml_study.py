@@ -39,7 +39,7 @@ MATRIX_AUX = ("rl", "sw", "cr", "lo")
 # chosen on English dev, run r5) to IGLUE's UC2 xGQA lr (4e-5); the English batch is the world's fine-tuning
 # batch; everything else (500 meta-updates, support/query 16, one second-order inner step, lambda 1, separate
 # embeddings, 256-d head, temperature 0.07) is xvlmaml's default.
-LR_SCALE = ss.STUDY_LR / train_uc2.DEFAULTS["xgqa"]["lr"]  # 7.5
+LR_SCALE = ss.STUDY_LR / train_uc2.DEFAULTS["paper", "xgqa"]["lr"]  # 7.5
 
 
 def _scaled(lr: float) -> float:

@@ -30,7 +30,7 @@ import engine  # noqa: E402
 import freeze  # noqa: E402
 
 DIM, CLASSES = 8, 3
-DEFAULTS = {"model": "toy", **{t: {"lr": 1e-2, "batch_size": 12, "epochs": 3} for t in engine.TASKS}}
+DEFAULTS = {("paper", t): dict(lr=1e-2, batch_size=12, epochs=3) for t in engine.TASKS}
 
 
 class ToyModel(nn.Module):
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-eval", type=int, default=10)
     parser.add_argument("--nan-index", type=int, nargs="*", default=())
     parser.add_argument("--nan-from-epoch", type=int, default=None)
-    args = engine.parse_args(parser, argv, DEFAULTS)
+    args = engine.parse_args(parser, argv, DEFAULTS, "toy")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # same float results in-process and in subprocesses; 2 shared cores
     try:

@@ -457,23 +457,25 @@ def test_linear_warmup_then_decay():
 
 
 def test_args_defaults_recipe_and_user_values():
+    iglue = {"weight_decay": 1e-4, "adam_eps": 1e-6, "clip_grad": 1.0}
     defaults = {
-        "model": "m",
-        "xgqa": {"lr": 4e-5, "batch_size": 256},
-        "xvnli": {"lr": 2e-5, "batch_size": 128},
-        "recipes": {"iglue": {"weight_decay": 1e-4, "adam_eps": 1e-6, "clip_grad": 1.0}},
+        ("paper", "xgqa"): {"epochs": 5, "lr": 4e-5, "batch_size": 256},
+        ("paper", "xvnli"): {"epochs": 10, "lr": 2e-5, "batch_size": 128},
+        ("paper", "xflickrco"): {"epochs": 10},  # no lr, no batch size
+        ("iglue", "xgqa"): {"epochs": 5, "lr": 4e-5, "batch_size": 256, **iglue},
+        ("iglue", "xvnli"): {"epochs": 10, "lr": 2e-5, "batch_size": 128, **iglue},
     }
     parser = engine.ArgumentParser()
     engine.add_common_args(parser, defaults)
-    a = engine.parse_args(parser, ["--task", "xgqa", "--langs", "en,de", "id"], defaults)
+    a = engine.parse_args(parser, ["--task", "xgqa", "--langs", "en,de", "id"], defaults, "m")
     assert (a.epochs, a.lr, a.batch_size, a.weight_decay, a.clip_grad, a.warmup_ratio) == (5, 4e-5, 256, 0.01, 0.0, 0.1)
     assert a.langs == ["en", "de", "id"] and a.output_dir == "runs/m_xgqa_full_seed42"
     b = engine.parse_args(
-        parser, ["--task", "xvnli", "--recipe", "iglue", "--weight-decay", "0.05", "--epochs", "2"], defaults
+        parser, ["--task", "xvnli", "--recipe", "iglue", "--weight-decay", "0.05", "--epochs", "2"], defaults, "m"
     )
     assert (b.epochs, b.lr, b.weight_decay, b.adam_eps, b.clip_grad) == (2, 2e-5, 0.05, 1e-6, 1.0)
     with pytest.raises(SystemExit, match="--lr has no default for task xflickrco"):
-        engine.parse_args(parser, ["--task", "xflickrco"], defaults)
+        engine.parse_args(parser, ["--task", "xflickrco"], defaults, "m")
 
 
 def test_print_schedule_writes_nothing(tmp_path, capsys):
@@ -529,9 +531,11 @@ def test_schedule_epochs_stretches_the_lr_schedule(tmp_path):
     assert json.loads((tmp_path / "long" / "args.json").read_text())["schedule_epochs"] == 5
     parser = engine.ArgumentParser()
     engine.add_common_args(parser, toy.DEFAULTS)
-    assert engine.parse_args(parser, ["--task", "xgqa", "--epochs", "3"], toy.DEFAULTS).schedule_epochs == 3  # --epochs
+    assert (
+        engine.parse_args(parser, ["--task", "xgqa", "--epochs", "3"], toy.DEFAULTS, "toy").schedule_epochs == 3
+    )  # --epochs
     with pytest.raises(SystemExit, match="--schedule-epochs 1 is shorter than --epochs 3"):
-        engine.parse_args(parser, ["--task", "xgqa", "--epochs", "3", "--schedule-epochs", "1"], toy.DEFAULTS)
+        engine.parse_args(parser, ["--task", "xgqa", "--epochs", "3", "--schedule-epochs", "1"], toy.DEFAULTS, "toy")
     with pytest.raises(SystemExit, match="--resume: --schedule-epochs is 6 but the run .* used 5"):
         run(
             tmp_path / "long",
@@ -789,7 +793,7 @@ def test_default_evaluates_only_after_the_last_epoch(tmp_path):
     assert eval_epochs(tmp_path) == [(3, "en"), (3, "de")]
     parser = engine.ArgumentParser()
     engine.add_common_args(parser, toy.DEFAULTS)
-    assert engine.parse_args(parser, ["--task", "xgqa"], toy.DEFAULTS).eval_every == 0
+    assert engine.parse_args(parser, ["--task", "xgqa"], toy.DEFAULTS, "toy").eval_every == 0
 
 
 def test_eval_every_and_eval_langs_the_last_epoch_is_complete(tmp_path):
@@ -827,8 +831,10 @@ def test_default_workers_share_the_cpus_among_the_nodes_processes():
     assert engine.default_num_workers(cpus=4, procs_per_node=8) == 0
     parser = engine.ArgumentParser()
     engine.add_common_args(parser, toy.DEFAULTS)
-    assert engine.parse_args(parser, ["--task", "xgqa"], toy.DEFAULTS).num_workers == engine.default_num_workers()
-    assert engine.parse_args(parser, ["--task", "xgqa", "--num-workers", "3"], toy.DEFAULTS).num_workers == 3
+    assert (
+        engine.parse_args(parser, ["--task", "xgqa"], toy.DEFAULTS, "toy").num_workers == engine.default_num_workers()
+    )
+    assert engine.parse_args(parser, ["--task", "xgqa", "--num-workers", "3"], toy.DEFAULTS, "toy").num_workers == 3
 
 
 def test_help_shows_defaults_and_argument_errors_are_one_line_on_rank_0_only(capsys, monkeypatch):

@@ -646,7 +646,7 @@ def test_resume_with_a_changed_argument_is_refused(world, tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="injected failure"):
         M.main(cli(world, tmp_path / "cut"))
     undo_fault()
-    with pytest.raises(SystemExit, match=r"--resume: --lr was 0\.01 in .*args\.json, now 0\.02"):
+    with pytest.raises(SystemExit, match=r"--resume: --lr is 0\.02 but the run in .*args\.json used 0\.01"):
         M.main(cli(world, tmp_path / "cut", "--resume", "--lr", "0.02"))
 
 

@@ -134,7 +134,7 @@ def test_fixed_batch_loss_falls(env: Path, task: str, policy: str) -> None:
     if task == "xflickrco" and policy == "top":
         lr = 3e-4  # only projections, temp and the cross layers move (encoders frozen): larger steps stay stable
     argv = ["--task", task, "--policy", policy, "--lr", str(lr), "--warmup-ratio", "0"]
-    args = engine.parse_args(train_cclm.build_parser(), argv, train_cclm.DEFAULTS)
+    args = engine.parse_args(train_cclm.build_parser(), argv, train_cclm.DEFAULTS, "cclm")
     config = {**train_cclm.CONFIGS["tiny"], "dropout": 0.0, "attn_dropout": 0.0, "vision_drop_path": 0.0}
     torch.manual_seed(0)
     model = train_cclm.build_model(task, config)

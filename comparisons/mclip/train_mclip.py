@@ -117,29 +117,6 @@ TEXT_CONFIGS = {
         "out_dim": 16,
     },
 }
-# The reference's published run scripts (PECTVLM scripts/de.sh, scripts/grid_method*/<lang>.sh): Adam, weight
-# decay 0, no warm-up, 50 epochs, batch 5, validation every 5 steps, eval batch 100, seed 1, XTD split seed 42,
-# n_shot 50, lr 1e-4 and alignment ratio 0.5 (scripts/de.sh; the grids search lr {5e-5, 1e-4, 2e-4} and ratio
-# {0.003 ... 0.5}, and the paper does not report the chosen values). LoRA r 8: the paper's (0.16%); those scripts
-# pass --lora_r 1. run_XTD.py's argparse defaults differ (batch 4, every 4 steps, lr 1e-3, ratio 1.0).
-DEFAULTS = {
-    "lr": 1e-4,
-    "epochs": 50,
-    "batch_size": 5,
-    "eval_steps": 5,
-    "eval_batch_size": 100,
-    "split_seed": 42,
-    "seed": 1,
-    "align_ratio": 0.5,
-    "lora_r": 8,
-    "lora_alpha": 16,
-    "adapter_dim": 24,
-    "soft_tokens": 4,
-    "compacter_reduction": 16,
-    "phm_dim": 4,
-}
-
-
 # ---------------------------------------------------------------------------------------------- model
 
 
@@ -829,6 +806,29 @@ def load_trainable(model: nn.Module, state: dict[str, torch.Tensor], source: str
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+# The reference's published run scripts (PECTVLM scripts/de.sh, scripts/grid_method*/<lang>.sh): Adam, weight
+# decay 0, no warm-up, 50 epochs, batch 5, validation every 5 steps, eval batch 100, seed 1, XTD split seed 42,
+# n_shot 50, lr 1e-4 and alignment ratio 0.5 (scripts/de.sh; the grids search lr {5e-5, 1e-4, 2e-4} and ratio
+# {0.003 ... 0.5}, and the paper does not report the chosen values). LoRA r 8: the paper's (0.16%); those scripts
+# pass --lora_r 1. run_XTD.py's argparse defaults differ (batch 4, every 4 steps, lr 1e-3, ratio 1.0).
+DEFAULTS = {
+    "lr": 1e-4,
+    "epochs": 50,
+    "batch_size": 5,
+    "eval_steps": 5,
+    "eval_batch_size": 100,
+    "split_seed": 42,
+    "seed": 1,
+    "align_ratio": 0.5,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "adapter_dim": 24,
+    "soft_tokens": 4,
+    "compacter_reduction": 16,
+    "phm_dim": 4,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = engine.ArgumentParser(description=__doc__)
     d = DEFAULTS
@@ -908,6 +908,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     freeze.add_policy_args(p)
     return p
+
+
+# Arguments a --resume must repeat (they change the result; paths may move): engine's (those this parser has) and
+# ours; engine.check_resume_args compares them with the run's args.json.
+RESUME_KEYS = engine.RESUME_KEYS + tuple(
+    """dataset lang routine align_loss align_ratio pet n_shot split_seed hard_prompt soft_prefix soft_tokens lora_r
+    lora_alpha adapter_dim compacter_reduction phm_dim text_config eval_steps eval_batch_size eval_amp""".split()
+)
+
+
+def check_resume_args(args, run_dir: Path) -> None:
+    """One-line SystemExit if --resume changes an argument the interrupted run was started with."""
+    try:
+        saved = json.loads((run_dir / run_folder.ARGS).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --resume: cannot read {run_dir / run_folder.ARGS} ({e})") from None
+    engine.check_resume_args(args, saved, RESUME_KEYS, run_dir / run_folder.ARGS)
 
 
 def check_args(args) -> None:
@@ -1059,58 +1076,6 @@ def run(args, dist: "engine.DistInfo") -> dict:
         print(json.dumps({"lang": args.lang, "routine": args.routine, "pet": args.pet, **test}))
     engine.barrier(dist)
     return result
-
-
-# Arguments that must not change between a run and its --resume (they change the result; paths may move).
-RESUME_KEYS = (
-    "dataset",
-    "lang",
-    "routine",
-    "align_loss",
-    "align_ratio",
-    "pet",
-    "n_shot",
-    "split_seed",
-    "hard_prompt",
-    "soft_prefix",
-    "soft_tokens",
-    "lora_r",
-    "lora_alpha",
-    "adapter_dim",
-    "compacter_reduction",
-    "phm_dim",
-    "text_config",
-    "epochs",
-    "batch_size",
-    "lr",
-    "eval_steps",
-    "eval_batch_size",
-    "seed",
-    "dropout",
-    "policy",
-    "suf_k",
-    "unfreeze_every",
-    "unfreeze_unit",
-    "llrd_decay",
-    "top_layers",
-    "freeze_embeddings",
-    "amp",
-    "eval_amp",
-)
-
-
-def check_resume_args(args, run_dir: Path) -> None:
-    """One-line SystemExit if --resume changes an argument the interrupted run was started with."""
-    try:
-        saved = json.loads((run_dir / run_folder.ARGS).read_text())
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --resume: cannot read {run_dir / run_folder.ARGS} ({e})") from None
-    for key in RESUME_KEYS:
-        if key in saved and saved[key] != run_folder.json_safe(getattr(args, key)):
-            flag = "--" + key.replace("_", "-")
-            raise SystemExit(
-                f"error: --resume: {flag} was {saved[key]!r} in {run_dir / run_folder.ARGS}, now {getattr(args, key)!r}"
-            )
 
 
 def load_pet_file(model: MCLIPText, path: str, pet: str) -> None:

@@ -57,46 +57,6 @@ CL_EMBEDS = ("separate", "joint")
 
 
 INNER_PARAMS = ("all", "top")
-# Arguments that change the result: a --resume must repeat them (engine.RESUME_KEYS covers the rest).
-MAML_RESUME_KEYS = (
-    "variant",
-    "inner_lr",
-    "inner_steps",
-    "first_order",
-    "cl_weight",
-    "inner_terms",
-    "outer_terms",
-    "cl_embed",
-    "cl_dim",
-    "cl_temperature",
-    "cl_asymmetric",
-    "cl_keep_same_image",
-    "inner_params",
-    "inner_top_layers",
-    "aux_lang",
-    "aux_split",
-    "support_size",
-    "query_size",
-    "en_batch_size",
-    "en_split",
-    "meta_batch",
-    "iters_per_epoch",
-    "init",
-    "amp",
-    "eval_amp",
-)
-DEFAULTS = {
-    "epochs": 1,
-    "iters_per_epoch": 500,
-    "lr": 1e-5,
-    "inner_lr": 1e-4,
-    "support_size": 16,
-    "query_size": 16,
-    "en_batch_size": 32,
-    "meta_batch": 1,
-}
-
-
 # ============================================================================ model
 
 
@@ -305,6 +265,19 @@ def all_reduce_grads(params: list[nn.Parameter]) -> None:
 # ============================================================================ CLI
 
 
+# The defaults synthetic/xvlmaml_study scales (the others are in their add_argument below).
+DEFAULTS = {
+    "epochs": 1,
+    "iters_per_epoch": 500,
+    "lr": 1e-5,
+    "inner_lr": 1e-4,
+    "support_size": 16,
+    "query_size": 16,
+    "en_batch_size": 32,
+    "meta_batch": 1,
+}
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     i = p.add_argument_group("initial weights (one of)")
     i.add_argument(
@@ -371,11 +344,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="blocks of --iters-per-epoch meta-updates")
     o.add_argument("--iters-per-epoch", type=int, default=DEFAULTS["iters_per_epoch"])
     o.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="beta: AdamW's peak learning rate")
-    o.add_argument("--weight-decay", type=float, default=engine.ENGINE_DEFAULTS["weight_decay"])
-    o.add_argument("--adam-eps", type=float, default=engine.ENGINE_DEFAULTS["adam_eps"])
-    o.add_argument("--adam-betas", type=float, nargs=2, default=engine.ENGINE_DEFAULTS["adam_betas"])
-    o.add_argument("--warmup-ratio", type=float, default=engine.ENGINE_DEFAULTS["warmup_ratio"])
-    o.add_argument("--clip-grad", type=float, default=engine.ENGINE_DEFAULTS["clip_grad"])
+    o.add_argument("--weight-decay", type=float, default=0.01)  # the trainers' (engine.add_common_args)
+    o.add_argument("--adam-eps", type=float, default=1e-8)
+    o.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999])
+    o.add_argument("--warmup-ratio", type=float, default=0.1)
+    o.add_argument("--clip-grad", type=float, default=0.0)
     o.add_argument("--max-nonfinite", type=int, default=20)
     o.add_argument("--dropout", type=float, default=None, help="override the model config's dropout")
     o.add_argument(
@@ -596,17 +569,18 @@ def build_data(args, tokenizer, num_answers: int = data.NUM_ANSWERS):
     return aux_ds, en_ds, data.UC2Collate(args.task, tokenizer, train=True, num_answers=num_answers), features
 
 
+# Arguments a --resume must repeat (they change the result): engine's (those this parser has) and ours.
+RESUME_KEYS = engine.RESUME_KEYS + tuple(
+    """variant inner_lr inner_steps first_order cl_weight inner_terms outer_terms cl_embed cl_dim cl_temperature
+    cl_asymmetric cl_keep_same_image inner_params inner_top_layers aux_lang aux_split support_size query_size
+    en_batch_size en_split meta_batch iters_per_epoch init eval_amp""".split()
+)
+
+
 def check_resume_args(args, run_dir: Path) -> None:
     saved_path = run_dir / run_folder.ARGS
-    if not (args.resume and saved_path.is_file()):
-        return
-    saved = data.read_json(saved_path, annotations=False)
-    for key in MAML_RESUME_KEYS:
-        if key in saved and run_folder.json_safe(getattr(args, key, None)) != saved[key]:
-            raise SystemExit(
-                f"error: --resume: --{key.replace('_', '-')} is {getattr(args, key, None)!r} but the run "
-                f"in {run_dir} used {saved[key]!r}; resume with the same settings"
-            )
+    if args.resume and saved_path.is_file():
+        engine.check_resume_args(args, data.read_json(saved_path, annotations=False), RESUME_KEYS, run_dir)
 
 
 def train(args, dist: engine.DistInfo) -> Path:
@@ -618,9 +592,9 @@ def train(args, dist: engine.DistInfo) -> Path:
         raise SystemExit("error: --data-root is required (folder holding IGLUE's datasets/)")
     args.max_regions = args.max_regions or 36
     args.aux_split = aux_split(args)
+    args.recipe, args.langs = "paper", args.eval_langs  # what engine.base_meta / run_meta record
     check_resume_args(args, run_dir)  # after the defaults derived from the data are filled in
     cfg = maml_config(args)
-    args.recipe, args.langs = "paper", args.eval_langs  # what engine.base_meta / run_meta record
     net, config, tokenizer = build_model(args, meta0, dist)
     aux_ds, en_ds, collate, features = build_data(args, tokenizer, config["num_answers"])
     evaluate_fn = epoch_evaluate_fn(args, tokenizer, features, dist)
