@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import data
+from formats import readers
 import freeze
 from formats import inventory, run_folder, tokenizer_check, torch_files
 from formats.bad_input import BadInput
@@ -155,7 +156,7 @@ def read_model_config(
     if not os.path.isfile(name):
         raise SystemExit(f"error: --model-config {name!r}: not one of {', '.join(configs)} and no such file")
     try:
-        cfg = data.read_json(name, annotations=False)
+        cfg = readers.read_json(name, annotations=False)
     except ValueError as e:
         raise SystemExit(f"error: --model-config {e}") from None
     if not isinstance(cfg, dict):

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 import data
+from formats import readers
 from formats.features import is_serialized_lmdb
 import engine
 import scoring.evaluate
@@ -61,7 +62,7 @@ def write_results(out_dir: str | Path, record: dict, model_name: str) -> Path:
     an earlier evaluation of the same checkpoint file (`--langs de` after a full evaluation)."""
     out_dir = Path(out_dir)
     path = out_dir / "results.json"
-    results = data.read_json(path, annotations=False) if path.exists() else {}
+    results = readers.read_json(path, annotations=False) if path.exists() else {}
     key = eval_key(record["split"], record["translate_test"])
     prev = results.get(key)
     if prev and prev.get("checkpoint_file") == record.get("checkpoint_file") and record.get("checkpoint_file"):
@@ -227,7 +228,7 @@ def add_data_args(
 def read_run_args(run: Path | None) -> dict:
     """A run folder's args.json ({} when there is none)."""
     path = run / run_folder.ARGS if run is not None else None
-    return data.read_json(path, annotations=False) if path is not None and path.is_file() else {}
+    return readers.read_json(path, annotations=False) if path is not None and path.is_file() else {}
 
 
 def resolve_data_args(args, run_args: dict, meta: dict) -> None:
@@ -299,7 +300,7 @@ def evaluate(args: argparse.Namespace, dist: engine.DistInfo) -> int:
         raise SystemExit(f"error: {e}") from None
     if dist.is_main:
         fewshot_file = out_dir / "fewshot.json"
-        fewshot = data.read_json(fewshot_file, annotations=False) if fewshot_file.is_file() else {}
+        fewshot = readers.read_json(fewshot_file, annotations=False) if fewshot_file.is_file() else {}
         sched = meta.get("schedule") or {}
         record = {
             "model": meta["model"],

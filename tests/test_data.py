@@ -24,6 +24,7 @@ from _timeouts import scaled
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+from formats import readers  # noqa: E402
 from formats.features import box_locations, is_serialized_lmdb, open_features, pad_regions  # noqa: E402
 from comparisons.mclip import xtd_data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
@@ -326,7 +327,7 @@ def test_cclm_eval_transform_matches_reference(tmp_path):
     for i, raw in enumerate(ref["raw_images_uint8_hwc"]):
         path = tmp_path / f"{i}.png"  # stored losslessly and read back, as the reference did
         Image.fromarray(raw.numpy()).save(path)
-        out = data.eval_transform(data.load_image(path), ref["image_res"])
+        out = data.eval_transform(readers.load_image(path), ref["image_res"])
         assert out.shape == ref["images"][i].shape
         assert_matches_reference(f"image {i}", out, ref["images"][i])
     assert torch.allclose(torch.tensor(data.CLIP_MEAN), ref["mean"]) and torch.allclose(
@@ -503,7 +504,7 @@ def test_cclm_batches(synthetic, tokenizer):
     assert data.normalize_images(normalised) is normalised
     for row, i in enumerate((19, 20)):  # batch + normalize_images == the per-image reference transform, bit for bit
         ex = images.items[i]
-        assert torch.equal(normalised[row], data.eval_transform(data.load_image(Path(im) / ex.image_file), 32))
+        assert torch.equal(normalised[row], data.eval_transform(readers.load_image(Path(im) / ex.image_file), 32))
     assert bi["image_key"] == ["1131056918.jpg", "COCO_val2014_000000391895.jpg"]
     assert bc["text_ids"].dtype == i64 and bc["image_index"].tolist() == [0, 39] and bc["text_ids"].shape[1] <= 80
 
@@ -564,11 +565,11 @@ def _volta_fixture_dataset(synthetic, with_pool: bool) -> data.UC2Dataset:
 def test_volta_negatives_equal_voltas_own_draws_for_the_same_generator_states(synthetic, branch):
     ds = _volta_fixture_dataset(synthetic, with_pool=branch == "train")
     assert ds.negatives == "volta"  # the default: what IGLUE's UC2 runs trained with
-    keys = ds.image_keys
+    keys = ds.retrieval.image_keys
     for d in VOLTA_DRAWS["draws"][branch]:
         i = d["index"]
-        img = ds.image_of[i]
-        img2, cap2, img3, img4, cap4 = ds._volta_negatives(
+        img = ds.retrieval.image_of[i]
+        img2, cap2, img3, img4, cap4 = ds.retrieval.volta(
             random.Random(d["py_seed"]), np.random.RandomState(d["np_seed"]), img
         )
         assert [i, cap2, i, cap4] == d["captions"], d
@@ -586,7 +587,7 @@ def test_volta_negative_captions_are_always_among_the_files_first_five(synthetic
         seen.update(it["caption_indices"][1::2])
         assert it["texts"][1::2] == [ds.examples[c].text for c in it["caption_indices"][1::2]]
         assert it["caption_images"][1::2] == [0, 0]  # entries 0..4 are the first image's captions
-        assert it["image_indices"][2] != ds.image_of[i]
+        assert it["image_indices"][2] != ds.retrieval.image_of[i]
     assert seen == {0, 1, 2, 3, 4}
     corrected = data.UC2Dataset(
         ds.examples,
@@ -617,16 +618,17 @@ def test_volta_negatives_maps_one_draw_sequence_to_global_caption_indices(synthe
             assert (lo, hi) == (1, 6)
             return 3
 
-    img = ds.image_of[40]  # image 8; draws: image 8 again (redrawn), image 20, caption 4, image 8, image 31, caption 2
-    img2, cap2, img3, img4, cap4 = ds._volta_negatives(Scripted([8, 20, 4, 8, 31, 2]), Pos(), img)
+    # image 8; draws: image 8 again (redrawn), image 20, caption 4, image 8, image 31, caption 2
+    img = ds.retrieval.image_of[40]
+    img2, cap2, img3, img4, cap4 = ds.retrieval.volta(Scripted([8, 20, 4, 8, 31, 2]), Pos(), img)
     assert (img2, cap2, img3, cap4) == (20, 4, 31, 2)
     pool_image = VOLTA_DRAWS["train_image_list"][
         VOLTA_DRAWS["train_hard_pool"][
-            [int(k) for k in VOLTA_DRAWS["train_image_list"]].index(int(ds.image_keys[img]))
+            [int(k) for k in VOLTA_DRAWS["train_image_list"]].index(int(ds.retrieval.image_keys[img]))
         ][3]
     ]
-    assert ds.image_keys[img4] == str(pool_image)  # pool position 3 of the image's row
-    assert ds.volta_count[img4] == 5  # range(5) is what the last choice saw
+    assert ds.retrieval.image_keys[img4] == str(pool_image)  # pool position 3 of the image's row
+    assert ds.retrieval.volta_count[img4] == 5  # range(5) is what the last choice saw
 
 
 def test_volta_negatives_refuse_a_pool_without_the_training_images(synthetic):

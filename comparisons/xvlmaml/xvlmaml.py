@@ -42,6 +42,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
+from formats import readers
 from formats import inventory
 import engine
 from formats import run_folder, tokenizer_check
@@ -600,7 +601,7 @@ def check_resume_args(args, run_dir: Path) -> None:
     saved_path = run_dir / run_folder.ARGS
     if not (args.resume and saved_path.is_file()):
         return
-    saved = data.read_json(saved_path, annotations=False)
+    saved = readers.read_json(saved_path, annotations=False)
     for key in MAML_RESUME_KEYS:
         if key in saved and run_folder.json_safe(getattr(args, key, None)) != saved[key]:
             raise SystemExit(
@@ -882,11 +883,11 @@ def cmd_matrix(args, dist: engine.DistInfo) -> int:
         engine.barrier(dist)
         if not done.is_file():
             raise SystemExit(f"error: {run}: no results.json (run without --no-eval to fill the matrix)")
-        record = data.read_json(done, annotations=False)["test"]
+        record = readers.read_json(done, annotations=False)["test"]
         results[aux], task = record["langs"], record["task"]
     baseline = None
     if args.run and (Path(args.run) / "results.json").is_file():
-        baseline = data.read_json(Path(args.run) / "results.json", annotations=False).get("test", {}).get("langs")
+        baseline = readers.read_json(Path(args.run) / "results.json", annotations=False).get("test", {}).get("langs")
     table = matrix_table(task, results, baseline)
     if dist.is_main:
         run_folder.atomic_write_text(out / "matrix.json", json.dumps(table, indent=1) + "\n")
