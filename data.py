@@ -7,11 +7,8 @@ checks/: the pre-flight checks of the trainers and the data inventory (`python -
 
 Annotations
   TASKS, Example                    task names; one uniform record per question / pair / caption
-  dataset_dir(data_root)            the IGLUE `datasets/` folder (one-line error naming what is missing)
-  available_splits(root, task, translate_test=False) / available_langs(root, task, split, translate_test=False)
   select_langs(requested, available) parse `--langs` ("de,ko" / list / None = all) against what exists
-  split_file(root, task, split, lang, translate_test=False) -> Path of the annotation file
-  load_split(root, task, split, lang, translate_test=False) -> list[Example]
+  load_split(root, task, split, lang, translate_test=False) -> list[Example]   (the file: formats/iglue_layout.py)
   load_answer_vocab(root) -> (ans2label, label2ans)   the 1,842 GQA answers
   XVNLI_LABELS_UC2 / XVNLI_LABELS_CCLM  class order of each model (VOLTA / X2-VLM)
 Images (CCLM)
@@ -61,7 +58,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from formats import readers, volta_negatives, x2vlm_randaugment
+from formats import iglue_layout, readers, volta_negatives, x2vlm_randaugment
 from formats.bad_input import BadInput
 from formats.features import (
     FEATURE_DIM,
@@ -133,141 +130,6 @@ class Example:
     source: str = ""  # "<file>:<line>" or "<file> question <id>" for error messages
 
 
-def dataset_dir(data_root: str | os.PathLike) -> Path:
-    """The folder holding gqa/, xGQA/, XVNLI/, flickr30k/, xFlickrCO/ (data_root/datasets or data_root)."""
-    root = Path(data_root)
-    if not root.is_dir():
-        raise ValueError(f"data root {root} does not exist (expected an IGLUE checkout holding datasets/)")
-    for cand in (root / "datasets", root):
-        if any((cand / d).is_dir() for d in ("gqa", "xGQA", "XVNLI", "flickr30k", "xFlickrCO")):
-            return cand
-    raise ValueError(
-        f"data root {root}: expected folder {root / 'datasets'} (with gqa/, xGQA/, XVNLI/, "
-        f"flickr30k/, xFlickrCO/ inside, as in an IGLUE checkout) is missing"
-    )
-
-
-def _task_dirs(ds: Path, task: str, translate_test: bool) -> list[Path]:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    sub = "annotations_machine-translate" if translate_test else "annotations"
-    return {
-        "xgqa": [ds / "gqa" / "annotations", ds / "xGQA" / sub],
-        "xvnli": [ds / "XVNLI" / sub],
-        "xflickrco": [ds / "flickr30k" / "annotations", ds / "xFlickrCO" / sub],
-    }[task]
-
-
-def _require_task_dir(ds: Path, task: str, translate_test: bool) -> None:
-    dirs = _task_dirs(ds, task, translate_test)
-    if translate_test and task != "xvnli":
-        dirs = dirs[1:]
-    if not any(d.is_dir() for d in dirs):
-        raise ValueError(f"{task}: expected folder {dirs[-1]} is missing under data root {ds}")
-
-
-def _lang_dirs(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-
-
-def _candidates(ds: Path, task: str, split: str, lang: str, translate_test: bool) -> list[Path]:
-    """Annotation file locations for (task, split, lang), most likely first."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    mt = "annotations_machine-translate"
-    if task == "xgqa":
-        if split in ("train", "valid", "testdev"):  # English GQA, LXMERT list format
-            return [] if translate_test or lang != "en" else [ds / "gqa" / "annotations" / f"{split}.json"]
-        if split == "testdev_zs":  # the original xGQA paper's zero-shot test split
-            name = f"testdev_balanced_questions_{lang}"
-            if translate_test:
-                return [
-                    ds / "xGQA" / mt / "zero_shot" / f"{name}.json",
-                    ds / "xGQA" / mt / "zero_shot" / f"{name}_gmt.json",
-                ]
-            return [ds / "xGQA" / "annotations" / "zero_shot" / f"{name}.json"]
-        if translate_test:
-            return [
-                ds / "xGQA" / mt / "few_shot" / lang / f"{split}.json",
-                ds / "xGQA" / mt / "few_shot" / lang / f"{split}_gmt.json",
-            ]
-        return [ds / "xGQA" / "annotations" / "few_shot" / lang / f"{split}.json"]
-    if task == "xvnli":
-        sub = mt if translate_test else "annotations"
-        return [ds / "XVNLI" / sub / lang / f"{split}.jsonl", ds / "XVNLI" / sub / lang / f"{split}_gmt.jsonl"]
-    if split in ("train", "valid") and not translate_test:  # English Flickr30k (5 captions per image)
-        return [ds / "flickr30k" / "annotations" / f"{split}_ann.jsonl"] if lang == "en" else []
-    sub = mt if translate_test else "annotations"
-    return [ds / "xFlickrCO" / sub / lang / f"{split}_gmt.jsonl", ds / "xFlickrCO" / sub / lang / f"{split}.jsonl"]
-
-
-def _split_name(path: Path) -> str:
-    stem = path.name.split(".")[0]
-    return stem[:-4] if stem.endswith("_gmt") else stem
-
-
-def available_splits(data_root, task: str, translate_test: bool = False) -> list[str]:
-    """Split names that have at least one annotation file (discovered from the files present)."""
-    ds = dataset_dir(data_root)
-    found: set[str] = set()
-    mt = "annotations_machine-translate"
-    if task == "xgqa":
-        for s in ("train", "valid", "testdev"):
-            if not translate_test and (ds / "gqa" / "annotations" / f"{s}.json").is_file():
-                found.add(s)
-        base = ds / "xGQA" / (mt if translate_test else "annotations")
-        found |= {_split_name(p) for p in (base / "few_shot").glob("*/*.json")}
-        if any((base / "zero_shot").glob("testdev_balanced_questions_*.json")):
-            found.add("testdev_zs")
-    elif task == "xvnli":
-        found |= {_split_name(p) for p in (ds / "XVNLI" / (mt if translate_test else "annotations")).glob("*/*.jsonl")}
-    elif task == "xflickrco":
-        for s in ("train", "valid"):
-            if not translate_test and (ds / "flickr30k" / "annotations" / f"{s}_ann.jsonl").is_file():
-                found.add(s)
-        found |= {
-            _split_name(p) for p in (ds / "xFlickrCO" / (mt if translate_test else "annotations")).glob("*/*.jsonl")
-        }
-    else:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    return sorted(found, key=_split_sort_key)
-
-
-def _split_sort_key(s: str):
-    order = {"train": 0, "valid": 1, "dev": 2, "testdev": 3, "test": 4, "testdev_zs": 5}
-    m = re.fullmatch(r"train_(\d+)(x\d+)?", s)
-    return (order.get(s, 6), int(m.group(1)) if m else 0, s)
-
-
-def available_langs(data_root, task: str, split: str, translate_test: bool = False) -> list[str]:
-    """Languages whose annotation file for (task, split) exists."""
-    ds = dataset_dir(data_root)
-    langs = set()
-    folders = {
-        "xgqa": [ds / "xGQA" / "annotations" / "few_shot"],
-        "xvnli": [ds / "XVNLI" / "annotations", ds / "XVNLI" / "annotations_machine-translate"],
-        "xflickrco": [ds / "xFlickrCO" / "annotations", ds / "xFlickrCO" / "annotations_machine-translate"],
-    }
-    if task not in folders:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    candidates = {"en"} | {l for f in folders[task] for l in _lang_dirs(f)}
-    if task == "xgqa":
-        for base in (
-            ds / "xGQA" / "annotations" / "zero_shot",
-            ds / "xGQA" / "annotations_machine-translate" / "zero_shot",
-        ):
-            candidates |= (
-                {p.stem.split("_")[-1] for p in base.glob("testdev_balanced_questions_*.json")}
-                if base.is_dir()
-                else set()
-            )
-        candidates |= set(_lang_dirs(ds / "xGQA" / "annotations_machine-translate" / "few_shot"))
-    for lang in candidates:
-        if any(p.is_file() for p in _candidates(ds, task, split, lang, translate_test)):
-            langs.add(lang)
-    return sorted(langs)
-
-
 def select_langs(requested: str | Sequence[str] | None, available: Sequence[str]) -> list[str]:
     """`--langs` value ("de,ko", ["de", "ko"], "all" or None) -> languages, checked against `available`."""
     if requested is None or requested == "all" or requested == ["all"]:
@@ -277,25 +139,6 @@ def select_langs(requested: str | Sequence[str] | None, available: Sequence[str]
     if unknown:
         raise ValueError(f"language(s) {', '.join(unknown)} not available; found: {', '.join(available) or 'none'}")
     return wanted
-
-
-def split_file(data_root, task: str, split: str, lang: str, translate_test: bool = False) -> Path:
-    ds = dataset_dir(data_root)
-    _require_task_dir(ds, task, translate_test)
-    for path in _candidates(ds, task, split, lang, translate_test):
-        if path.is_file():
-            return path
-    splits = available_splits(ds, task, translate_test)
-    if split not in splits:
-        raise ValueError(
-            f"{task}: no {'translate-test ' if translate_test else ''}split {split!r} under {ds}; "
-            f"found: {', '.join(splits) or 'none'}"
-        )
-    langs = available_langs(ds, task, split, translate_test)
-    raise ValueError(
-        f"{task} {split}: no {'translate-test ' if translate_test else ''}file for language {lang!r} "
-        f"under {ds}; languages found: {', '.join(langs) or 'none'}"
-    )
 
 
 def _field(obj: dict, key: str, where: str):
@@ -347,7 +190,7 @@ def _require_known_labels(examples: list, path: Path, what: str) -> list:
 
 def load_answer_vocab(data_root) -> tuple[dict[str, int], list[str]]:
     """GQA answer vocabulary (trainval_ans2label/label2ans .json, or VOLTA's .pkl) -> (ans2label, label2ans)."""
-    folder = dataset_dir(data_root) / "gqa" / "annotations"
+    folder = iglue_layout.dataset_dir(data_root) / "gqa" / "annotations"
     for ext, load in ((".json", readers.read_json), (".pkl", read_pickle)):
         a2l, l2a = folder / f"trainval_ans2label{ext}", folder / f"trainval_label2ans{ext}"
         if a2l.is_file() and l2a.is_file():
@@ -377,8 +220,8 @@ def _rel(path: Path, ds: Path) -> str:
 
 def load_split(data_root, task: str, split: str, lang: str, translate_test: bool = False) -> list[Example]:
     """All examples of one annotation file, in file order."""
-    ds = dataset_dir(data_root)
-    path = split_file(ds, task, split, lang, translate_test)
+    ds = iglue_layout.dataset_dir(data_root)
+    path = iglue_layout.split_file(ds, task, split, lang, translate_test)
     rel = _rel(path, ds)
     if task == "xgqa":
         return _require_known_labels(
@@ -661,37 +504,6 @@ def _read_regions(reader, ex: Example, max_regions: int, key: str | None = None)
     return read_record(reader, ex.image if key is None else key, ex, "kept_regions", max_regions)
 
 
-def image_path(images, rel: str, ex: Example | None = None) -> str:
-    """<images root>/<subfolder>/<name> for an Example's image_file "<subfolder>/<name>". The name comes from
-    the annotation file, so it must stay inside its subfolder: absolute names and ".." that climb out are an
-    error naming the annotation line. (Resolved lexically: folders or files the user symlinked in are read
-    where they point.)"""
-    if images is None:
-        raise ValueError("an images root is required for CCLM (give --images)")
-    sub, _, name = rel.partition("/")
-    folder = images[sub] if isinstance(images, dict) else os.path.join(str(images), sub)
-    clean = os.path.normpath(name) if name and "\0" not in name else ""
-    if not clean or os.path.isabs(clean) or clean == "." or clean.split(os.sep)[0] == "..":
-        where = f" (referenced by {ex.source}, example {ex.id})" if ex is not None else ""
-        raise ValueError(f"image path {name!r} is not a file inside the image folder {folder}{where}")
-    return os.path.join(folder, clean)
-
-
-def _open_image(images, ex: Example) -> Image.Image:
-    path = image_path(images, ex.image_file, ex)
-    try:
-        return readers.load_image(path)
-    except FileNotFoundError:
-        raise BadInput(f"image file {path} not found (referenced by {ex.source}, example {ex.id})") from None
-    except ValueError as e:  # readers.load_image's own one-line refusals
-        raise BadInput(f"{e} (referenced by {ex.source}, example {ex.id})") from None
-    except OSError as e:  # PIL: not an image / header cut off ("Truncated File Read" names no file)
-        raise BadInput(
-            f"image file {path} is corrupt or not an image ({e.__class__.__name__}: "
-            f"{str(e).replace(str(path), '').strip(' :')}) (referenced by {ex.source}, example {ex.id})"
-        ) from None
-
-
 class _EpochDataset(Dataset):
     seed: int = 0
     epoch: int = 0
@@ -839,7 +651,7 @@ class CCLMDataset(_EpochDataset):
 
     def __getitem__(self, index: int) -> dict:
         ex = self.examples[index]
-        img = _open_image(self.images, ex)
+        img = readers.open_image(self.images, ex)
         item = {"kind": "example", "example": ex}
         try:
             item["text"] = (pre_question if self.task == "xgqa" else pre_caption)(ex.text, self.max_words)
@@ -1125,7 +937,7 @@ def _region_fields(reader, max_regions: int, ex: Example) -> dict:
 
 
 def _pixel_fields(images, image_res: int, ex: Example) -> dict:
-    return {"pixels": _eval_pixels(_open_image(images, ex), image_res)}  # uint8; the model normalises
+    return {"pixels": _eval_pixels(readers.open_image(images, ex), image_res)}  # uint8; the model normalises
 
 
 REGION_FEATURES, IMAGES = RegionFeatureInputs(), ImageInputs()
@@ -1180,7 +992,7 @@ class BatchLoader(DataLoader):
 
 if __name__ == "__main__":
     print(
-        "data.py --data-root/--verify moved: python -m formats.inventory --data-root DIR [--verify] ...",
+        "data.py --data-root/--verify moved: python -m checks.inventory --data-root DIR [--verify] ...",
         file=sys.stderr,
     )
     sys.exit(2)

@@ -56,7 +56,7 @@ from tqdm import tqdm
 import data
 from formats import readers
 import freeze
-from formats import inventory, run_folder, tokenizer_check, torch_files
+from formats import cli, run_folder, tokenizer_check, torch_files
 from formats.bad_input import BadInput
 from inspection import what_trains
 
@@ -423,7 +423,7 @@ def run_main(main: Callable[[], object]) -> None:
     """A script's entry point: an "error: ..." exit is printed once (rank 0), not by every torchrun rank;
     a closed stdout (`... | head`) ends the program quietly."""
     try:
-        code = inventory.exit_quietly_on_broken_pipe(main)
+        code = cli.exit_quietly_on_broken_pipe(main)
     except SystemExit as e:
         if isinstance(e.code, str):
             if is_rank0_process():

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 import data
+from formats import iglue_layout
 from formats import readers
 from formats.features import is_serialized_lmdb
 import engine
@@ -391,12 +392,12 @@ def selection_split(data_root, task: str, lang: str, requested: str | None) -> t
     on a 4-way proxy of Flickr30k valid; full retrieval on it every epoch would cost more than the
     training)."""
     if requested:
-        return requested, lang if lang in data.available_langs(data_root, task, requested) else "en"
+        return requested, lang if lang in iglue_layout.available_langs(data_root, task, requested) else "en"
     if task == "xflickrco":
         return None, None
-    if lang in data.available_langs(data_root, task, "dev"):
+    if lang in iglue_layout.available_langs(data_root, task, "dev"):
         return "dev", lang
-    if "en" in data.available_langs(data_root, task, "dev"):
+    if "en" in iglue_layout.available_langs(data_root, task, "dev"):
         return "dev", "en"
     return None, None
 
@@ -421,11 +422,11 @@ def run_fewshot(args: argparse.Namespace, dist: engine.DistInfo) -> int:
     task, model_name = meta["task"], meta["model"]
     resolve_data_args(args, read_run_args(init.parent), meta)
     train_split = f"train_{args.shots}"
-    if args.lang not in data.available_langs(args.data_root, task, train_split):
+    if args.lang not in iglue_layout.available_langs(args.data_root, task, train_split):
         raise SystemExit(
             f"error: {task}: no few-shot split {train_split!r} for language {args.lang!r} under "
             f"{args.data_root}; languages with it: "
-            f"{', '.join(data.available_langs(args.data_root, task, train_split)) or 'none'}"
+            f"{', '.join(iglue_layout.available_langs(args.data_root, task, train_split)) or 'none'}"
         )
     sel_split, sel_lang = selection_split(args.data_root, task, args.lang, args.select_split)
     out = Path(args.output_dir)

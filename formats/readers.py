@@ -1,9 +1,12 @@
 """Safe readers of downloaded text and image files: JSON and JSON lines with one-line errors naming file and
-line, and images with a decompression-bomb guard, opened in photo formats only.
+line; images with a decompression-bomb guard, opened in photo formats only, from paths that stay inside the
+images root whatever an annotation file names.
 
   read_json(path, annotations=True)   whole-file JSON (annotations: empty is an error); results/args files too
   read_jsonl(path) -> [(line number, object)]   JSON lines, blank lines skipped
   load_image(path) -> RGB image       refuses more than IMAGE_MAX_PIXELS before decoding; IMAGE_FORMATS only
+  image_path(images, rel, ex=None)  an annotation's image file under the images root, never outside it
+  open_image(images, ex)            load_image of an Example's image; failures are one BadInput line naming it
 Importing it sets PIL's own guards for every reader: Image.MAX_IMAGE_PIXELS = IMAGE_MAX_PIXELS, and
 ImageFile.LOAD_TRUNCATED_IMAGES (a cut-off image body loads, its missing part grey, as in X2-VLM).
 
@@ -101,3 +104,36 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             img.load()
             return img
         return img.convert("RGB")
+
+
+def image_path(images, rel: str, ex=None) -> str:
+    """<images root>/<subfolder>/<name> for an Example's image_file "<subfolder>/<name>" (images: the root, or
+    {subfolder: folder}; the layout is data.py's). The name comes from the annotation file, so it must stay
+    inside its subfolder: absolute names and ".." that climb out are an error naming the annotation line.
+    (Resolved lexically: folders or files the user symlinked in are read where they point.)"""
+    if images is None:
+        raise ValueError("an images root is required for CCLM (give --images)")
+    sub, _, name = rel.partition("/")
+    folder = images[sub] if isinstance(images, dict) else os.path.join(str(images), sub)
+    clean = os.path.normpath(name) if name and "\0" not in name else ""
+    if not clean or os.path.isabs(clean) or clean == "." or clean.split(os.sep)[0] == "..":
+        where = f" (referenced by {ex.source}, example {ex.id})" if ex is not None else ""
+        raise ValueError(f"image path {name!r} is not a file inside the image folder {folder}{where}")
+    return os.path.join(folder, clean)
+
+
+def open_image(images, ex) -> Image.Image:
+    """load_image of an Example's image file (image_path); every failure is one BadInput line naming the file
+    and the annotation line (ex.source, ex.id) that referenced it."""
+    path = image_path(images, ex.image_file, ex)
+    try:
+        return load_image(path)
+    except FileNotFoundError:
+        raise BadInput(f"image file {path} not found (referenced by {ex.source}, example {ex.id})") from None
+    except ValueError as e:  # load_image's own one-line refusals
+        raise BadInput(f"{e} (referenced by {ex.source}, example {ex.id})") from None
+    except OSError as e:  # PIL: not an image / header cut off ("Truncated File Read" names no file)
+        raise BadInput(
+            f"image file {path} is corrupt or not an image ({e.__class__.__name__}: "
+            f"{str(e).replace(str(path), '').strip(' :')}) (referenced by {ex.source}, example {ex.id})"
+        ) from None

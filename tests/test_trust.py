@@ -33,7 +33,7 @@ from formats import volta_negatives  # noqa: E402
 from formats.features import _close_lmdb, open_features  # noqa: E402
 from formats.pickles import UnsafePickleError, unpickle_data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
-from formats import inventory  # noqa: E402
+from checks import preflight  # noqa: E402
 from formats import run_folder, torch_files  # noqa: E402
 import eval_zeroshot  # noqa: E402
 import train_cclm  # noqa: E402
@@ -318,13 +318,13 @@ def test_feature_lmdb_payloads_never_run(tmp_path, entry):
 
 @pytest.mark.system
 def test_feature_inventory_cli_refuses_a_payload(tmp_path):
-    """`python -m formats.inventory --features ...`, the README's first command on a download."""
+    """`python -m checks.inventory --features ...`, the README's first command on a download."""
     marker = tmp_path / "marker"
     payload = dotted_gadgets(marker)["stack_global_p4"] + b"N."
     assert_live(payload, marker, "dotted_torch._utils_stack_global_p4")
     path = _features_with(tmp_path, b"keys", payload)
     proc = subprocess.run(
-        [sys.executable, "-m", "formats.inventory", "--data-root", str(IGLUE), "--features", str(path)],
+        [sys.executable, "-m", "checks.inventory", "--data-root", str(IGLUE), "--features", str(path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -605,7 +605,7 @@ def test_image_paths_from_annotations_stay_inside_the_image_root(tmp_path, how):
             "the unconfined path would reach the image"
         )
         for call in (
-            lambda: inventory.check_inputs(exs, images=images),
+            lambda: preflight.check_inputs(exs, images=images),
             lambda: data.CCLMDataset(exs, images, task, image_res=32)[exs.index(bad)],
         ):
             with pytest.raises(ValueError) as e:

@@ -42,8 +42,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
+from formats import iglue_layout
 from formats import readers
-from formats import inventory
+from checks import preflight
 import engine
 from formats import run_folder, tokenizer_check
 import eval_zeroshot as Z
@@ -498,13 +499,13 @@ def aux_split(args) -> str:
     """--aux-split, else dev when the auxiliary language has it, else its largest few-shot train_<n>."""
     if args.aux_split:
         split = args.aux_split
-    elif args.aux_lang in data.available_langs(args.data_root, args.task, "dev"):
+    elif args.aux_lang in iglue_layout.available_langs(args.data_root, args.task, "dev"):
         split = "dev"
     else:
         shots = [
             s
-            for s in data.available_splits(args.data_root, args.task)
-            if s.startswith("train_") and args.aux_lang in data.available_langs(args.data_root, args.task, s)
+            for s in iglue_layout.available_splits(args.data_root, args.task)
+            if s.startswith("train_") and args.aux_lang in iglue_layout.available_langs(args.data_root, args.task, s)
         ]
         if not shots:
             raise SystemExit(
@@ -514,7 +515,7 @@ def aux_split(args) -> str:
         split = max(shots, key=_shot_count)
     if "test" in split:
         raise SystemExit(f"error: --aux-split {split}: test data is never meta-trained on (use dev or train_<n>)")
-    if args.aux_lang not in data.available_langs(args.data_root, args.task, split):
+    if args.aux_lang not in iglue_layout.available_langs(args.data_root, args.task, split):
         raise SystemExit(
             f"error: {args.task}: no split {split!r} for language {args.aux_lang!r} under {args.data_root}"
         )
@@ -556,7 +557,7 @@ def build_data(args, tokenizer, num_answers: int = data.NUM_ANSWERS):
         if features is None:
             raise SystemExit("error: --features is required (image-keyed region-feature LMDB/H5)")
         aux = data.load_split(args.data_root, args.task, args.aux_split, args.aux_lang)
-        inventory.check_inputs(aux, features=features)
+        preflight.check_inputs(aux, features=features)
         # xFlickrCo: VOLTA's hard negatives exist for Flickr30k's training images only, so the auxiliary pool
         # draws random negatives (read only by a task_aux retrieval loss; the contrastive loss uses the positives)
         aux_ds = data.make_dataset(
@@ -584,7 +585,7 @@ def build_data(args, tokenizer, num_answers: int = data.NUM_ANSWERS):
             )
             en_ds = U.build_train_dataset(en_args, features, serialized)
             if isinstance(en_ds, data.UC2Dataset):
-                inventory.check_inputs(en_ds.examples, features=features)
+                preflight.check_inputs(en_ds.examples, features=features)
     except ValueError as e:
         raise SystemExit(f"error: training data: {e}") from None
     if args.support_size + args.query_size > len(aux_ds):
