@@ -1,21 +1,19 @@
 """IGLUE data for UC2 (region features) and CCLM (images): annotations, datasets, transforms, text, batches.
 
 Sections, in file order: annotation files; images (CCLM); text; datasets; collate; model inputs; loader.
-Below it, in formats/: the feature stores (features.py), the restricted unpickler (pickles.py) and the data
-inventory / pre-flight checks (inventory.py, `python -m formats.inventory --data-root DIR`).
+Below it, in formats/: the safe readers of JSON and image files (readers.py), the feature stores (features.py),
+the restricted unpickler (pickles.py), VOLTA's retrieval-negative sampling (volta_negatives.py). Above it, in
+checks/: the pre-flight checks of the trainers and the data inventory (`python -m checks.inventory --data-root DIR`).
 
 Annotations
   TASKS, Example                    task names; one uniform record per question / pair / caption
-  dataset_dir(data_root)            the IGLUE `datasets/` folder (one-line error naming what is missing)
-  available_splits(root, task, translate_test=False) / available_langs(root, task, split, translate_test=False)
   select_langs(requested, available) parse `--langs` ("de,ko" / list / None = all) against what exists
-  split_file(root, task, split, lang, translate_test=False) -> Path of the annotation file
-  load_split(root, task, split, lang, translate_test=False) -> list[Example]
+  load_split(root, task, split, lang, translate_test=False) -> list[Example]   (the file: formats/iglue_layout.py)
   load_answer_vocab(root) -> (ans2label, label2ans)   the 1,842 GQA answers
   XVNLI_LABELS_UC2 / XVNLI_LABELS_CCLM  class order of each model (VOLTA / X2-VLM)
 Images (CCLM)
-  load_image(path) (refuses more than IMAGE_MAX_PIXELS before decoding), eval_transform(img, res),
-  train_transform(img, res, rng, flip), normalize_images(uint8 batch images) -> float32 model input
+  eval_transform(img, res), train_transform(img, res, rng, flip) (img: formats.readers.load_image's),
+  normalize_images(uint8 batch images) -> float32 model input
 Text
   pre_caption / pre_question(text, max_words)   X2-VLM text cleaning; load_tokenizer(path_or_hub_id)
   encode_texts(tokenizer, texts, max_len) -> (ids, mask)   pad to longest, truncation keeps </s>
@@ -24,9 +22,9 @@ Datasets and batches (item i is always example i: stable order and ids, for shar
   RetrievalImages, RetrievalCaptions   retrieval eval: each image / caption once; image item i is the image with
                                     index i (== Example.label of its captions)
   UC2Collate / CCLMCollate(task, tokenizer, train)   items -> contract batches (tokenising in the workers)
-  Retrieval negatives: UC2 training items draw them as VOLTA's RetrievalDataset does (negatives="volta") or as
-  VOLTA meant to ("corrected"); CCLM batches may hold two captions of one image: `idx` (image index) lets the
-  loss treat them as positives, as X2-VLM does.
+  Retrieval negatives: UC2 training items draw them as VOLTA's RetrievalDataset does (negatives="volta") or
+  as VOLTA meant to ("corrected"; formats/volta_negatives.py); CCLM batches may hold two captions of one image:
+  `idx` (image index) lets the loss treat them as positives, as X2-VLM does.
 Model inputs (what a model reads beside text; no model-name branches anywhere else in this file)
   REGION_FEATURES (UC2) / IMAGES (CCLM): .dataset(task, examples, ...), .retrieval_eval(examples, ...),
   .collate(task, tokenizer, train); model_inputs("uc2" / "cclm"); make_dataset / make_retrieval_eval /
@@ -49,20 +47,18 @@ import itertools
 import json
 import math
 import os
-import random
 import re
 import sys
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from formats import x2vlm_randaugment
+from formats import iglue_layout, readers, volta_negatives, x2vlm_randaugment
 from formats.bad_input import BadInput
 from formats.features import (
     FEATURE_DIM,
@@ -74,17 +70,6 @@ from formats.features import (
     read_record,
 )
 from formats.pickles import read_pickle
-
-ImageFile.LOAD_TRUNCATED_IMAGES = True  # as the X2-VLM loaders do
-# Decompression-bomb guard: a sub-MB PNG can declare 30,000 x 30,000 pixels (GBs once decoded). load_image
-# refuses anything above this many pixels before decoding; PIL's own check stays on as a backstop for other
-# readers (it warns above the limit and refuses above twice it). Real inputs are far below: COCO images are at
-# most 640 px a side, Flickr30k's at most 500 px, GQA's Visual Genome images are web-sized photos.
-IMAGE_MAX_PIXELS = 40_000_000
-Image.MAX_IMAGE_PIXELS = IMAGE_MAX_PIXELS
-# Photo formats only: PIL would hand an EPS file to Ghostscript (an external program) and parses many exotic
-# formats nobody downloads for these datasets (all JPEG), so load_image does not even try those.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG includes multi-picture (MPO) files
 
 TASKS = ("xgqa", "xvnli", "xflickrco")
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -145,141 +130,6 @@ class Example:
     source: str = ""  # "<file>:<line>" or "<file> question <id>" for error messages
 
 
-def dataset_dir(data_root: str | os.PathLike) -> Path:
-    """The folder holding gqa/, xGQA/, XVNLI/, flickr30k/, xFlickrCO/ (data_root/datasets or data_root)."""
-    root = Path(data_root)
-    if not root.is_dir():
-        raise ValueError(f"data root {root} does not exist (expected an IGLUE checkout holding datasets/)")
-    for cand in (root / "datasets", root):
-        if any((cand / d).is_dir() for d in ("gqa", "xGQA", "XVNLI", "flickr30k", "xFlickrCO")):
-            return cand
-    raise ValueError(
-        f"data root {root}: expected folder {root / 'datasets'} (with gqa/, xGQA/, XVNLI/, "
-        f"flickr30k/, xFlickrCO/ inside, as in an IGLUE checkout) is missing"
-    )
-
-
-def _task_dirs(ds: Path, task: str, translate_test: bool) -> list[Path]:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    sub = "annotations_machine-translate" if translate_test else "annotations"
-    return {
-        "xgqa": [ds / "gqa" / "annotations", ds / "xGQA" / sub],
-        "xvnli": [ds / "XVNLI" / sub],
-        "xflickrco": [ds / "flickr30k" / "annotations", ds / "xFlickrCO" / sub],
-    }[task]
-
-
-def _require_task_dir(ds: Path, task: str, translate_test: bool) -> None:
-    dirs = _task_dirs(ds, task, translate_test)
-    if translate_test and task != "xvnli":
-        dirs = dirs[1:]
-    if not any(d.is_dir() for d in dirs):
-        raise ValueError(f"{task}: expected folder {dirs[-1]} is missing under data root {ds}")
-
-
-def _lang_dirs(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-
-
-def _candidates(ds: Path, task: str, split: str, lang: str, translate_test: bool) -> list[Path]:
-    """Annotation file locations for (task, split, lang), most likely first."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    mt = "annotations_machine-translate"
-    if task == "xgqa":
-        if split in ("train", "valid", "testdev"):  # English GQA, LXMERT list format
-            return [] if translate_test or lang != "en" else [ds / "gqa" / "annotations" / f"{split}.json"]
-        if split == "testdev_zs":  # the original xGQA paper's zero-shot test split
-            name = f"testdev_balanced_questions_{lang}"
-            if translate_test:
-                return [
-                    ds / "xGQA" / mt / "zero_shot" / f"{name}.json",
-                    ds / "xGQA" / mt / "zero_shot" / f"{name}_gmt.json",
-                ]
-            return [ds / "xGQA" / "annotations" / "zero_shot" / f"{name}.json"]
-        if translate_test:
-            return [
-                ds / "xGQA" / mt / "few_shot" / lang / f"{split}.json",
-                ds / "xGQA" / mt / "few_shot" / lang / f"{split}_gmt.json",
-            ]
-        return [ds / "xGQA" / "annotations" / "few_shot" / lang / f"{split}.json"]
-    if task == "xvnli":
-        sub = mt if translate_test else "annotations"
-        return [ds / "XVNLI" / sub / lang / f"{split}.jsonl", ds / "XVNLI" / sub / lang / f"{split}_gmt.jsonl"]
-    if split in ("train", "valid") and not translate_test:  # English Flickr30k (5 captions per image)
-        return [ds / "flickr30k" / "annotations" / f"{split}_ann.jsonl"] if lang == "en" else []
-    sub = mt if translate_test else "annotations"
-    return [ds / "xFlickrCO" / sub / lang / f"{split}_gmt.jsonl", ds / "xFlickrCO" / sub / lang / f"{split}.jsonl"]
-
-
-def _split_name(path: Path) -> str:
-    stem = path.name.split(".")[0]
-    return stem[:-4] if stem.endswith("_gmt") else stem
-
-
-def available_splits(data_root, task: str, translate_test: bool = False) -> list[str]:
-    """Split names that have at least one annotation file (discovered from the files present)."""
-    ds = dataset_dir(data_root)
-    found: set[str] = set()
-    mt = "annotations_machine-translate"
-    if task == "xgqa":
-        for s in ("train", "valid", "testdev"):
-            if not translate_test and (ds / "gqa" / "annotations" / f"{s}.json").is_file():
-                found.add(s)
-        base = ds / "xGQA" / (mt if translate_test else "annotations")
-        found |= {_split_name(p) for p in (base / "few_shot").glob("*/*.json")}
-        if any((base / "zero_shot").glob("testdev_balanced_questions_*.json")):
-            found.add("testdev_zs")
-    elif task == "xvnli":
-        found |= {_split_name(p) for p in (ds / "XVNLI" / (mt if translate_test else "annotations")).glob("*/*.jsonl")}
-    elif task == "xflickrco":
-        for s in ("train", "valid"):
-            if not translate_test and (ds / "flickr30k" / "annotations" / f"{s}_ann.jsonl").is_file():
-                found.add(s)
-        found |= {
-            _split_name(p) for p in (ds / "xFlickrCO" / (mt if translate_test else "annotations")).glob("*/*.jsonl")
-        }
-    else:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    return sorted(found, key=_split_sort_key)
-
-
-def _split_sort_key(s: str):
-    order = {"train": 0, "valid": 1, "dev": 2, "testdev": 3, "test": 4, "testdev_zs": 5}
-    m = re.fullmatch(r"train_(\d+)(x\d+)?", s)
-    return (order.get(s, 6), int(m.group(1)) if m else 0, s)
-
-
-def available_langs(data_root, task: str, split: str, translate_test: bool = False) -> list[str]:
-    """Languages whose annotation file for (task, split) exists."""
-    ds = dataset_dir(data_root)
-    langs = set()
-    folders = {
-        "xgqa": [ds / "xGQA" / "annotations" / "few_shot"],
-        "xvnli": [ds / "XVNLI" / "annotations", ds / "XVNLI" / "annotations_machine-translate"],
-        "xflickrco": [ds / "xFlickrCO" / "annotations", ds / "xFlickrCO" / "annotations_machine-translate"],
-    }
-    if task not in folders:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    candidates = {"en"} | {l for f in folders[task] for l in _lang_dirs(f)}
-    if task == "xgqa":
-        for base in (
-            ds / "xGQA" / "annotations" / "zero_shot",
-            ds / "xGQA" / "annotations_machine-translate" / "zero_shot",
-        ):
-            candidates |= (
-                {p.stem.split("_")[-1] for p in base.glob("testdev_balanced_questions_*.json")}
-                if base.is_dir()
-                else set()
-            )
-        candidates |= set(_lang_dirs(ds / "xGQA" / "annotations_machine-translate" / "few_shot"))
-    for lang in candidates:
-        if any(p.is_file() for p in _candidates(ds, task, split, lang, translate_test)):
-            langs.add(lang)
-    return sorted(langs)
-
-
 def select_langs(requested: str | Sequence[str] | None, available: Sequence[str]) -> list[str]:
     """`--langs` value ("de,ko", ["de", "ko"], "all" or None) -> languages, checked against `available`."""
     if requested is None or requested == "all" or requested == ["all"]:
@@ -289,71 +139,6 @@ def select_langs(requested: str | Sequence[str] | None, available: Sequence[str]
     if unknown:
         raise ValueError(f"language(s) {', '.join(unknown)} not available; found: {', '.join(available) or 'none'}")
     return wanted
-
-
-def split_file(data_root, task: str, split: str, lang: str, translate_test: bool = False) -> Path:
-    ds = dataset_dir(data_root)
-    _require_task_dir(ds, task, translate_test)
-    for path in _candidates(ds, task, split, lang, translate_test):
-        if path.is_file():
-            return path
-    splits = available_splits(ds, task, translate_test)
-    if split not in splits:
-        raise ValueError(
-            f"{task}: no {'translate-test ' if translate_test else ''}split {split!r} under {ds}; "
-            f"found: {', '.join(splits) or 'none'}"
-        )
-    langs = available_langs(ds, task, split, translate_test)
-    raise ValueError(
-        f"{task} {split}: no {'translate-test ' if translate_test else ''}file for language {lang!r} "
-        f"under {ds}; languages found: {', '.join(langs) or 'none'}"
-    )
-
-
-def _decode_utf8(raw: bytes, path, line: int | None = None) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        n = line if line is not None else raw.count(b"\n", 0, e.start) + 1
-        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1)
-        raise BadInput(
-            f"{path}:{n}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column {col + 1}); the file must be UTF-8 encoded"
-        ) from None
-
-
-def read_json(path: Path, annotations: bool = True) -> Any:
-    """Whole-file JSON with one-line errors naming file and line. annotations: an empty file or an empty
-    top-level value is an error (an annotation file without examples); False for results/args/meta files."""
-    text = _decode_utf8(Path(path).read_bytes(), path)
-    if annotations and not text.strip():
-        raise ValueError(f"{path}: annotation file is empty")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
-    if annotations and not data:
-        raise ValueError(f"{path}: annotation file holds no examples")
-    return data
-
-
-def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """JSON lines as (line number, object); blank lines skipped; one-line errors naming file and line."""
-    out = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            line = _decode_utf8(raw, path, n)
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg}, column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
-            out.append((n, obj))
-    if not out:
-        raise ValueError(f"{path}: annotation file is empty")
-    return out
 
 
 def _field(obj: dict, key: str, where: str):
@@ -405,8 +190,8 @@ def _require_known_labels(examples: list, path: Path, what: str) -> list:
 
 def load_answer_vocab(data_root) -> tuple[dict[str, int], list[str]]:
     """GQA answer vocabulary (trainval_ans2label/label2ans .json, or VOLTA's .pkl) -> (ans2label, label2ans)."""
-    folder = dataset_dir(data_root) / "gqa" / "annotations"
-    for ext, load in ((".json", read_json), (".pkl", read_pickle)):
+    folder = iglue_layout.dataset_dir(data_root) / "gqa" / "annotations"
+    for ext, load in ((".json", readers.read_json), (".pkl", read_pickle)):
         a2l, l2a = folder / f"trainval_ans2label{ext}", folder / f"trainval_label2ans{ext}"
         if a2l.is_file() and l2a.is_file():
             ans2label, label2ans = load(a2l), load(l2a)
@@ -435,8 +220,8 @@ def _rel(path: Path, ds: Path) -> str:
 
 def load_split(data_root, task: str, split: str, lang: str, translate_test: bool = False) -> list[Example]:
     """All examples of one annotation file, in file order."""
-    ds = dataset_dir(data_root)
-    path = split_file(ds, task, split, lang, translate_test)
+    ds = iglue_layout.dataset_dir(data_root)
+    path = iglue_layout.split_file(ds, task, split, lang, translate_test)
     rel = _rel(path, ds)
     if task == "xgqa":
         return _require_known_labels(
@@ -448,7 +233,7 @@ def load_split(data_root, task: str, split: str, lang: str, translate_test: bool
 
 
 def _load_gqa(path: Path, rel: str, lang: str, ds: Path) -> list[Example]:
-    data = read_json(path)
+    data = readers.read_json(path)
     ans2label, _ = load_answer_vocab(ds)
     out = []
     if isinstance(data, list):  # LXMERT/IGLUE training format: img_id, label {answer: score}, question_id, sent
@@ -516,7 +301,7 @@ def _gqa_example(lang, qid, image_id, question, answers, gold, qtype, source, an
 
 def _load_xvnli(path: Path, rel: str, lang: str) -> list[Example]:
     out = []
-    for n, obj in read_jsonl(path):
+    for n, obj in readers.read_jsonl(path):
         where = f"{path}:{n}"
         gold = _field(obj, "gold_label", where)
         if gold not in XVNLI_LABELS_UC2 and gold != XVNLI_NO_GOLD:
@@ -545,7 +330,7 @@ def _load_xvnli(path: Path, rel: str, lang: str) -> list[Example]:
 def _load_retrieval(path: Path, rel: str, lang: str, xflickrco_keys: bool) -> list[Example]:
     """One Example per caption; label = index of its image in the split (first-appearance order)."""
     out, image_index = [], {}
-    for n, obj in read_jsonl(path):
+    for n, obj in readers.read_jsonl(path):
         where = f"{path}:{n}"
         img_path = _text(_field(obj, "img_path", where), where, "img_path")
         sentences = _field(obj, "sentences", where)
@@ -583,28 +368,6 @@ def _load_retrieval(path: Path, rel: str, lang: str, xflickrco_keys: bool) -> li
 # ----------------------------------------------------------------------------------------------
 # Images (CCLM)
 # ----------------------------------------------------------------------------------------------
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decoded RGB image (Image.open + convert("RGB"); already-RGB files skip the copy convert makes).
-    An image of more than IMAGE_MAX_PIXELS pixels is a ValueError naming the file, raised before decoding."""
-    with warnings.catch_warnings():  # PIL warns above its limit (ours) and refuses above twice it
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(path, formats=IMAGE_FORMATS)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ValueError(f"image file {path}: refused as a decompression bomb ({e})") from None
-    if img.width * img.height > IMAGE_MAX_PIXELS:
-        img.close()
-        raise ValueError(
-            f"image file {path}: refused as a decompression bomb ({img.width} x {img.height} = "
-            f"{img.width * img.height:,} pixels; limit data.IMAGE_MAX_PIXELS = {IMAGE_MAX_PIXELS:,})"
-        )
-    with img:
-        if img.mode == "RGB":
-            img.load()
-            return img
-        return img.convert("RGB")
 
 
 def _pixels(img: Image.Image) -> torch.Tensor:
@@ -741,37 +504,6 @@ def _read_regions(reader, ex: Example, max_regions: int, key: str | None = None)
     return read_record(reader, ex.image if key is None else key, ex, "kept_regions", max_regions)
 
 
-def image_path(images, rel: str, ex: Example | None = None) -> str:
-    """<images root>/<subfolder>/<name> for an Example's image_file "<subfolder>/<name>". The name comes from
-    the annotation file, so it must stay inside its subfolder: absolute names and ".." that climb out are an
-    error naming the annotation line. (Resolved lexically: folders or files the user symlinked in are read
-    where they point.)"""
-    if images is None:
-        raise ValueError("an images root is required for CCLM (give --images)")
-    sub, _, name = rel.partition("/")
-    folder = images[sub] if isinstance(images, dict) else os.path.join(str(images), sub)
-    clean = os.path.normpath(name) if name and "\0" not in name else ""
-    if not clean or os.path.isabs(clean) or clean == "." or clean.split(os.sep)[0] == "..":
-        where = f" (referenced by {ex.source}, example {ex.id})" if ex is not None else ""
-        raise ValueError(f"image path {name!r} is not a file inside the image folder {folder}{where}")
-    return os.path.join(folder, clean)
-
-
-def _open_image(images, ex: Example) -> Image.Image:
-    path = image_path(images, ex.image_file, ex)
-    try:
-        return load_image(path)
-    except FileNotFoundError:
-        raise BadInput(f"image file {path} not found (referenced by {ex.source}, example {ex.id})") from None
-    except ValueError as e:  # load_image's own one-line refusals
-        raise BadInput(f"{e} (referenced by {ex.source}, example {ex.id})") from None
-    except OSError as e:  # PIL: not an image / header cut off ("Truncated File Read" names no file)
-        raise BadInput(
-            f"image file {path} is corrupt or not an image ({e.__class__.__name__}: "
-            f"{str(e).replace(str(path), '').strip(' :')}) (referenced by {ex.source}, example {ex.id})"
-        ) from None
-
-
 class _EpochDataset(Dataset):
     seed: int = 0
     epoch: int = 0
@@ -780,31 +512,14 @@ class _EpochDataset(Dataset):
         self.epoch = int(epoch)
 
 
-RETRIEVAL_NEGATIVES = ("volta", "corrected")
-
-
-def _volta_rngs(seed: int, epoch: int, index: int) -> tuple[random.Random, np.random.RandomState]:
-    """The two generators VOLTA's sampler draws from (python's random, numpy's legacy RandomState), seeded per
-    (seed, epoch, index) like every other dataset draw, never the global ones (exact resume, any worker count)."""
-    py_seed, np_seed = np.random.SeedSequence([seed, epoch, index]).generate_state(2)
-    return random.Random(int(py_seed)), np.random.RandomState(int(np_seed))
+RETRIEVAL_NEGATIVES = ("volta", "corrected")  # how retrieval negatives are drawn: formats/volta_negatives.py
 
 
 class UC2Dataset(_EpochDataset):
     """Region-feature examples. xgqa/xvnli items: one (text, image) pair. xflickrco training items: VOLTA's
     4 pairs per caption: (image, caption), (image, a "random" caption), (another image, caption),
-    (image, a "hard" caption), drawn by one of RETRIEVAL_NEGATIVES:
-
-    * "volta" (default; what IGLUE's UC2 numbers were trained with): VOLTA's RetrievalDataset exactly. It keeps,
-      per image, the list 0..n-1 (n = captions on the image's annotation line) and uses an entry of it as an
-      index into the *global* caption list, so both negative captions are always among the file's first n
-      (Flickr30k: 5) captions, whatever image was drawn; the drawn image (random, or from the hard pool) only
-      decides how many of those first captions are candidates. Pair 2 and 4 can therefore be the positive
-      itself. The draws are VOLTA's calls in VOLTA's order on a python random.Random and a numpy RandomState
-      (_volta_negatives); VOLTA uses the global generators of each DataLoader worker, we seed both per
-      (seed, epoch, index). Without a hard-negative pool, pair 4 is drawn as VOLTA's non-train branch does.
-    * "corrected": captions of the drawn images themselves (a random other image; a hard-pool image, an entry
-      equal to the image itself skipped, else a random other image), so no pair is a false negative."""
+    (image, a "hard" caption), drawn by one of RETRIEVAL_NEGATIVES: "volta" (default) draws them as VOLTA's
+    RetrievalDataset does, quirks included, "corrected" as VOLTA meant to (formats/volta_negatives.py)."""
 
     def __init__(
         self,
@@ -825,68 +540,18 @@ class UC2Dataset(_EpochDataset):
         self.examples, self.task, self.train = list(examples), task, train
         self.reader, self.max_regions, self.seed = as_reader(features), max_regions, seed
         self.negatives = negatives
-        self.retrieval_train = task == "xflickrco" and train
-        if self.retrieval_train:
-            self._setup_retrieval(hard_negatives)
-
-    def _setup_retrieval(self, hard_negatives) -> None:
-        index_of: dict[str, int] = {}
-        self.image_of: list[int] = []  # our image index of each caption
-        self.captions_of: list[list[int]] = []  # caption indices of each image
-        last_line: dict[int, str] = {}
-        self.volta_count: list[int] = []  # VOLTA's len(imgid2entry[image]): captions on the image's last line
-        for i, ex in enumerate(self.examples):
-            j = index_of.setdefault(ex.image, len(index_of))
-            if j == len(self.captions_of):
-                self.captions_of.append([])
-                self.volta_count.append(0)
-            self.captions_of[j].append(i)
-            self.image_of.append(j)
-            if last_line.get(j) != ex.source:  # a new line of the same image restarts VOLTA's count at 0
-                last_line[j], self.volta_count[j] = ex.source, 0
-            self.volta_count[j] += 1
-        self.image_keys = list(index_of)
-        if len(self.image_keys) < 2:
-            raise ValueError("retrieval training needs captions of at least 2 images")
-        self.hard_pool = None
-        if hard_negatives is not None:
-            where = hard_negatives if isinstance(hard_negatives, (str, os.PathLike)) else "hard_negatives"
-            hn = (
-                load_hard_negatives(hard_negatives)
-                if isinstance(hard_negatives, (str, os.PathLike))
-                else hard_negatives
-            )
-            ours = {k: i for i, k in enumerate(self.image_keys)}
-            pool_ids = [str(x) for x in hn["train_image_list"]]
-            # pool row of each of our images, with pool entries translated to our image indices (-1 = unknown)
-            to_ours = np.array([ours.get(k, -1) for k in pool_ids])
-            self.hard_pool = {
-                ours[k]: _pool_row(to_ours, hn["train_hard_pool"], r, where)
-                for r, k in enumerate(pool_ids)
-                if k in ours
-            }
-            if self.negatives == "volta":
-                self._check_volta_pool(where)
-
-    def _check_volta_pool(self, where) -> None:
-        """VOLTA looks up every training image's pool row and every drawn pool image's captions (KeyError
-        mid-epoch otherwise) and draws from positions 1.. of a row: refuse such a file before training."""
-        for j, key in enumerate(self.image_keys):
-            row = self.hard_pool.get(j)
-            if row is None:
-                raise ValueError(f"{where}: training image {key} has no row in train_hard_pool")
-            if len(row) < 2 or (row[1:] < 0).any():
-                raise ValueError(
-                    f"{where}: the train_hard_pool row of image {key} has fewer than 2 entries or "
-                    f"names an image that is not in the training annotations"
-                )
+        self.retrieval = (
+            volta_negatives.RetrievalNegatives(self.examples, hard_negatives, negatives)
+            if task == "xflickrco" and train
+            else None
+        )
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict:
         ex = self.examples[index]
-        if not self.retrieval_train:
+        if self.retrieval is None:
             return {
                 "kind": "example",
                 "example": ex,
@@ -894,92 +559,26 @@ class UC2Dataset(_EpochDataset):
                 "max_regions": self.max_regions,
                 "regions": _read_regions(self.reader, ex, self.max_regions),
             }
-        img = self.image_of[index]
+        negs = self.retrieval
+        img = negs.image_of[index]
         if self.negatives == "volta":
-            _, cap_other, rand_img, _, cap_hard = self._volta_negatives(*_volta_rngs(self.seed, self.epoch, index), img)
+            rngs = volta_negatives.volta_rngs(self.seed, self.epoch, index)
+            _, cap_other, rand_img, _, cap_hard = negs.volta(*rngs, img)
         else:
-            cap_other, rand_img, cap_hard = self._corrected_negatives(_rng(self.seed, self.epoch, index), img)
+            cap_other, rand_img, cap_hard = negs.corrected(_rng(self.seed, self.epoch, index), img)
         pos = _read_regions(self.reader, ex, self.max_regions)
-        neg = _read_regions(self.reader, ex, self.max_regions, key=self.image_keys[rand_img])
+        neg = _read_regions(self.reader, ex, self.max_regions, key=negs.image_keys[rand_img])
         other, hard = self.examples[cap_other], self.examples[cap_hard]
         return {
             "kind": "retrieval_train",
             "example": ex,
             "texts": [ex.text, other.text, ex.text, hard.text],
             "image_indices": [img, img, rand_img, img],
-            "caption_images": [img, self.image_of[cap_other], img, self.image_of[cap_hard]],
+            "caption_images": [img, negs.image_of[cap_other], img, negs.image_of[cap_hard]],
             "caption_indices": [index, cap_other, index, cap_hard],
             "regions": [pos, pos, neg, pos],
             "max_regions": self.max_regions,
         }
-
-    def _volta_negatives(
-        self, py: random.Random, nprs: np.random.RandomState, img: int
-    ) -> tuple[int, int, int, int, int]:
-        """(image drawn for pair 2, caption index of pair 2, image of pair 3, image drawn for pair 4, caption
-        index of pair 4) by the calls of VOLTA's RetrievalDataset.__getitem__, in its order (random.choice over
-        the image list / over range(n); np.random.randint for the pool position): the same generator states
-        give the same indices as VOLTA's code (tests/fixtures/volta_negatives)."""
-        img2 = self._volta_other_image(py, img)
-        cap2 = py.choice(range(self.volta_count[img2]))  # VOLTA's bug: an index into the global caption list
-        img3 = self._volta_other_image(py, img)
-        if self.hard_pool is not None:
-            row = self.hard_pool[img]
-            img4 = int(row[nprs.randint(1, len(row))])  # no check against img, as VOLTA
-        else:
-            img4 = self._volta_other_image(py, img)
-        cap4 = py.choice(range(self.volta_count[img4]))
-        return img2, cap2, img3, img4, cap4
-
-    def _volta_other_image(self, py: random.Random, img: int) -> int:
-        """VOLTA: random.choice(image_id_list) again until it is not the positive's image."""
-        while True:
-            j = py.choice(range(len(self.image_keys)))
-            if j != img:
-                return j
-
-    def _corrected_negatives(self, rng: np.random.Generator, img: int) -> tuple[int, int, int]:
-        other = self._other_image(rng, img)
-        rand_img = self._other_image(rng, img)
-        hard = self._hard_negative(rng, img)
-        return int(rng.choice(self.captions_of[other])), rand_img, int(rng.choice(self.captions_of[hard]))
-
-    def _other_image(self, rng, img: int) -> int:
-        j = int(rng.integers(0, len(self.image_keys) - 1))
-        return j + (j >= img)  # uniform over all images except img
-
-    def _hard_negative(self, rng, img: int) -> int:
-        pool = None if self.hard_pool is None else self.hard_pool.get(img)
-        if pool is not None and len(pool) > 1:
-            # VOLTA draws from positions 1..end of the image's pool (position 0 is the image itself)
-            cand = pool[1:][(pool[1:] >= 0) & (pool[1:] != img)]
-            if len(cand):
-                return int(cand[rng.integers(0, len(cand))])
-        return self._other_image(rng, img)
-
-
-def _pool_row(to_ours: np.ndarray, pool: Sequence, r: int, where) -> np.ndarray:
-    """Row r of train_hard_pool as our image indices; a position outside train_image_list is -1 (unknown)."""
-    try:
-        row = np.asarray(pool[r], dtype=np.int64).reshape(-1)
-    except (IndexError, TypeError, ValueError):
-        raise ValueError(
-            f"{where}: train_hard_pool has no row {r} of integer image positions "
-            f"(train_image_list has {len(to_ours)} images)"
-        ) from None
-    inside = (row >= 0) & (row < len(to_ours))
-    return np.where(inside, to_ours[np.where(inside, row, 0)], -1)
-
-
-def load_hard_negatives(path: str | os.PathLike) -> dict:
-    """VOLTA's hard_negative.pkl: {"train_image_list": [image ids], "train_hard_pool": [[pool indices]], ...}."""
-    hn = read_pickle(path)
-    if not isinstance(hn, dict):
-        raise ValueError(f"{path}: expected a dict (VOLTA's hard_negative.pkl), got {type(hn).__name__}")
-    for key in ("train_image_list", "train_hard_pool"):
-        if key not in hn:
-            raise ValueError(f"{path}: missing {key!r} (expected VOLTA's hard_negative.pkl)")
-    return hn
 
 
 class SerializedGQADataset(_EpochDataset):
@@ -1052,7 +651,7 @@ class CCLMDataset(_EpochDataset):
 
     def __getitem__(self, index: int) -> dict:
         ex = self.examples[index]
-        img = _open_image(self.images, ex)
+        img = readers.open_image(self.images, ex)
         item = {"kind": "example", "example": ex}
         try:
             item["text"] = (pre_question if self.task == "xgqa" else pre_caption)(ex.text, self.max_words)
@@ -1338,7 +937,7 @@ def _region_fields(reader, max_regions: int, ex: Example) -> dict:
 
 
 def _pixel_fields(images, image_res: int, ex: Example) -> dict:
-    return {"pixels": _eval_pixels(_open_image(images, ex), image_res)}  # uint8; the model normalises
+    return {"pixels": _eval_pixels(readers.open_image(images, ex), image_res)}  # uint8; the model normalises
 
 
 REGION_FEATURES, IMAGES = RegionFeatureInputs(), ImageInputs()
@@ -1393,7 +992,7 @@ class BatchLoader(DataLoader):
 
 if __name__ == "__main__":
     print(
-        "data.py --data-root/--verify moved: python -m formats.inventory --data-root DIR [--verify] ...",
+        "data.py --data-root/--verify moved: python -m checks.inventory --data-root DIR [--verify] ...",
         file=sys.stderr,
     )
     sys.exit(2)

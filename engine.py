@@ -54,8 +54,9 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import data
+from formats import readers
 import freeze
-from formats import inventory, run_folder, tokenizer_check, torch_files
+from formats import cli, run_folder, tokenizer_check, torch_files
 from formats.bad_input import BadInput
 from inspection import what_trains
 
@@ -126,7 +127,7 @@ def read_model_config(
     if not os.path.isfile(name):
         raise SystemExit(f"error: --model-config {name!r}: not one of {', '.join(configs)} and no such file")
     try:
-        cfg = data.read_json(name, annotations=False)
+        cfg = readers.read_json(name, annotations=False)
     except ValueError as e:
         raise SystemExit(f"error: --model-config {e}") from None
     if not isinstance(cfg, dict):
@@ -352,7 +353,7 @@ def run_main(main: Callable[[], object]) -> None:
     """A script's entry point: an "error: ..." exit is printed once (rank 0), not by every torchrun rank;
     a closed stdout (`... | head`) ends the program quietly."""
     try:
-        code = inventory.exit_quietly_on_broken_pipe(main)
+        code = cli.exit_quietly_on_broken_pipe(main)
     except SystemExit as e:
         if isinstance(e.code, str):
             if is_rank0_process():

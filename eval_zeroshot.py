@@ -26,6 +26,8 @@ from typing import Sequence
 import torch
 
 import data
+from formats import iglue_layout
+from formats import readers
 from formats.features import is_serialized_lmdb
 import engine
 import scoring.evaluate
@@ -61,7 +63,7 @@ def write_results(out_dir: str | Path, record: dict, model_name: str) -> Path:
     an earlier evaluation of the same checkpoint file (`--langs de` after a full evaluation)."""
     out_dir = Path(out_dir)
     path = out_dir / "results.json"
-    results = data.read_json(path, annotations=False) if path.exists() else {}
+    results = readers.read_json(path, annotations=False) if path.exists() else {}
     key = eval_key(record["split"], record["translate_test"])
     prev = results.get(key)
     if prev and prev.get("checkpoint_file") == record.get("checkpoint_file") and record.get("checkpoint_file"):
@@ -227,7 +229,7 @@ def add_data_args(
 def read_run_args(run: Path | None) -> dict:
     """A run folder's args.json ({} when there is none)."""
     path = run / run_folder.ARGS if run is not None else None
-    return data.read_json(path, annotations=False) if path is not None and path.is_file() else {}
+    return readers.read_json(path, annotations=False) if path is not None and path.is_file() else {}
 
 
 def resolve_data_args(args, run_args: dict, meta: dict) -> None:
@@ -299,7 +301,7 @@ def evaluate(args: argparse.Namespace, dist: engine.DistInfo) -> int:
         raise SystemExit(f"error: {e}") from None
     if dist.is_main:
         fewshot_file = out_dir / "fewshot.json"
-        fewshot = data.read_json(fewshot_file, annotations=False) if fewshot_file.is_file() else {}
+        fewshot = readers.read_json(fewshot_file, annotations=False) if fewshot_file.is_file() else {}
         sched = meta.get("schedule") or {}
         record = {
             "model": meta["model"],
@@ -390,12 +392,12 @@ def selection_split(data_root, task: str, lang: str, requested: str | None) -> t
     on a 4-way proxy of Flickr30k valid; full retrieval on it every epoch would cost more than the
     training)."""
     if requested:
-        return requested, lang if lang in data.available_langs(data_root, task, requested) else "en"
+        return requested, lang if lang in iglue_layout.available_langs(data_root, task, requested) else "en"
     if task == "xflickrco":
         return None, None
-    if lang in data.available_langs(data_root, task, "dev"):
+    if lang in iglue_layout.available_langs(data_root, task, "dev"):
         return "dev", lang
-    if "en" in data.available_langs(data_root, task, "dev"):
+    if "en" in iglue_layout.available_langs(data_root, task, "dev"):
         return "dev", "en"
     return None, None
 
@@ -420,11 +422,11 @@ def run_fewshot(args: argparse.Namespace, dist: engine.DistInfo) -> int:
     task, model_name = meta["task"], meta["model"]
     resolve_data_args(args, read_run_args(init.parent), meta)
     train_split = f"train_{args.shots}"
-    if args.lang not in data.available_langs(args.data_root, task, train_split):
+    if args.lang not in iglue_layout.available_langs(args.data_root, task, train_split):
         raise SystemExit(
             f"error: {task}: no few-shot split {train_split!r} for language {args.lang!r} under "
             f"{args.data_root}; languages with it: "
-            f"{', '.join(data.available_langs(args.data_root, task, train_split)) or 'none'}"
+            f"{', '.join(iglue_layout.available_langs(args.data_root, task, train_split)) or 'none'}"
         )
     sel_split, sel_lang = selection_split(args.data_root, task, args.lang, args.select_split)
     out = Path(args.output_dir)

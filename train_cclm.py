@@ -35,7 +35,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaEmbeddings
 
 import data
-from formats import inventory
+from checks import preflight
 import engine
 from formats import load_plan, run_folder, tokenizer_check, torch_files
 import freeze
@@ -777,8 +777,8 @@ def build_train_dataset(args, config: dict):
     """The --train-split of --train-lang (engine's defaults: IGLUE's English train split of each task:
     GQA train, XVNLI train, Flickr30k train); every image file is checked first (ValueError)."""
     examples = data.load_split(args.data_root, args.task, args.train_split, args.train_lang)
-    inventory.check_inputs(
-        examples, images=args.images, sample=inventory.VERIFY_SAMPLE
+    preflight.check_inputs(
+        examples, images=args.images, sample=preflight.VERIFY_SAMPLE
     )  # fail before training, not mid-epoch
     return data.IMAGES.dataset(
         args.task, examples, images=args.images, train=True, image_res=config["image_res"], seed=args.seed

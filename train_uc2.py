@@ -24,8 +24,9 @@ from transformers.models.xlm_roberta.configuration_xlm_roberta import XLMRoberta
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaLayer
 
 import data
+from formats import iglue_layout
 from formats.features import FEATURE_DIM
-from formats import inventory
+from checks import preflight
 import engine
 from formats import load_plan, run_folder, tokenizer_check
 import freeze
@@ -428,7 +429,7 @@ def find_hard_negatives(args) -> str | None:
     if args.hard_negatives or args.task != "xflickrco":
         return args.hard_negatives
     try:
-        found = data.dataset_dir(args.data_root) / "flickr30k" / "hard_negative.pkl"
+        found = iglue_layout.dataset_dir(args.data_root) / "flickr30k" / "hard_negative.pkl"
     except ValueError:
         return None
     return str(found) if found.is_file() else None
@@ -461,7 +462,7 @@ def checked_train_dataset(args, features: feature_sets.FeatureSet | None, serial
     with engine.about("training data"):
         train_ds = build_train_dataset(args, features, serialized)
         if isinstance(train_ds, data.UC2Dataset):
-            inventory.check_inputs(train_ds.examples, features=features, sample=inventory.VERIFY_SAMPLE)
+            preflight.check_inputs(train_ds.examples, features=features, sample=preflight.VERIFY_SAMPLE)
         return train_ds
 
 

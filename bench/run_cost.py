@@ -6,7 +6,7 @@ FlopCounterMode counts the forward + backward FLOPs of one training sample:
   CCLM XVNLI batch (384 px, 24 text tokens; xGQA adds the 6-layer answer decoder, xFlickrCo the ITM
        negatives: both cost more per sample than this row).
 Time per 100,000 training samples = FLOPs / (assumed 40% of the bf16 dense peak: A100 312, H100 989 TFLOP/s);
-multiply by your training-set size (`python -m formats.inventory --data-root DIR` prints it) and the epochs. Evaluation
+multiply by your training-set size (`python -m checks.inventory --data-root DIR` prints it) and the epochs. Evaluation
 is extra (see README: per-epoch evaluation is off by default).
 Memory: float32 weights + gradients + AdamW's two moments (16 bytes per trainable parameter, 4 per frozen
 one) under full fine-tuning and in SUF's first stage (k = 3); activations are NOT included (they grow with

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import data
+from formats import readers
 import eval_zeroshot
 from formats import run_folder
 
@@ -22,7 +22,7 @@ def run_info(run: str | Path) -> dict:
     info: dict = {}
     res = run / "results.json"
     if res.exists():
-        for rec in data.read_json(res, annotations=False).values():
+        for rec in readers.read_json(res, annotations=False).values():
             info.update(
                 {
                     k: rec.get(k)
@@ -41,7 +41,7 @@ def run_info(run: str | Path) -> dict:
             )
             break
     if not {"model", "task", "policy"} <= set(info):
-        args = data.read_json(run / "args.json", annotations=False) if (run / "args.json").exists() else {}
+        args = readers.read_json(run / "args.json", annotations=False) if (run / "args.json").exists() else {}
         meta = {}
         for name in ("model_final.pt", "checkpoint_last.pt"):
             if (run / name).exists() and "model" not in args:
@@ -49,7 +49,7 @@ def run_info(run: str | Path) -> dict:
                 break
         for k in ("model", "task", "policy", "llrd_decay", "top_layers"):
             info.setdefault(k, args.get(k, meta.get(k)))
-        fs = data.read_json(run / "fewshot.json", annotations=False) if (run / "fewshot.json").exists() else {}
+        fs = readers.read_json(run / "fewshot.json", annotations=False) if (run / "fewshot.json").exists() else {}
         for k in ("shots", "fewshot_lang", "init_policy"):
             if fs.get(k) is not None:
                 info.setdefault(k, fs[k])
@@ -62,7 +62,7 @@ def run_results(run: str | Path, split: str = "test") -> dict | None:
     epoch of metrics.jsonl evaluated on that split (the evaluation the trainer ran after its final epoch)."""
     run = Path(run)
     info = run_info(run)
-    res = data.read_json(run / "results.json", annotations=False) if (run / "results.json").exists() else {}
+    res = readers.read_json(run / "results.json", annotations=False) if (run / "results.json").exists() else {}
     if split in res:
         ckpt = str(res[split].get("checkpoint", ""))
         unfinished = (
@@ -87,7 +87,7 @@ def _unfinished(run: Path, last_epoch: int) -> str | None:
     checkpoint_last.pt shows it stopped (or paused), or fewer epochs evaluated than args.json planned."""
     if (run / run_folder.FINAL).exists():
         return None
-    args = data.read_json(run / "args.json", annotations=False) if (run / "args.json").exists() else {}
+    args = readers.read_json(run / "args.json", annotations=False) if (run / "args.json").exists() else {}
     planned = args.get("epochs")
     if (run / run_folder.CHECKPOINT).exists() or (planned and last_epoch < planned):
         return f"epoch {last_epoch} of {planned or '?'}, no {run_folder.FINAL}"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 import data
+from formats import readers
 import scoring.metrics
 from formats import iglue
 from report import runs as report_runs
@@ -185,7 +186,7 @@ def merged_iglue_csvs(runs: Sequence[str | Path], split: str = "test") -> dict[s
         fewshot = iglue.is_fewshot(shots)
         setup = Path(run).name
         if fewshot and (Path(run) / "fewshot.json").is_file():
-            info = data.read_json(Path(run) / "fewshot.json", annotations=False)
+            info = readers.read_json(Path(run) / "fewshot.json", annotations=False)
             setup = Path(info.get("init_checkpoint", run)).parent.name
         langs = (
             {r["fewshot_lang"]: r["langs"][r["fewshot_lang"]]}

@@ -15,8 +15,9 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 import data
+from formats import iglue_layout
 import engine
-from formats import inventory
+from checks import preflight
 from scoring import metrics
 
 
@@ -70,17 +71,17 @@ class EvalSet:
     images: Any = None
     captions: Any = None
     source: str = ""
-    examples: Sequence = ()  # the annotations read (inventory.check_inputs)
+    examples: Sequence = ()  # the annotations read (preflight.check_inputs)
 
 
 def eval_langs(data_root, task: str, split: str = "test", langs=None, translate_test: bool = False) -> list[str]:
     """Languages of (task, split) found under data_root (`langs` selects). With translate_test the
     English test set is the original one (IGLUE's .mt results keep the English column)."""
-    found = set(data.available_langs(data_root, task, split, translate_test))
+    found = set(iglue_layout.available_langs(data_root, task, split, translate_test))
     if translate_test:
-        found = (found - {"en"}) | ({"en"} & set(data.available_langs(data_root, task, split)))
+        found = (found - {"en"}) | ({"en"} & set(iglue_layout.available_langs(data_root, task, split)))
     if not found:
-        splits = ", ".join(data.available_splits(data_root, task, translate_test)) or "none"
+        splits = ", ".join(iglue_layout.available_splits(data_root, task, translate_test)) or "none"
         raise ValueError(
             f"{task}: no {'translate-test ' if translate_test else ''}{split!r} files under "
             f"{data_root}; splits found: {splits}"
@@ -108,7 +109,7 @@ def build_eval_sets(
     for lang in eval_langs(data_root, task, split, langs, translate_test):
         mt = translate_test and lang != "en"
         examples = data.load_split(data_root, task, split, lang, translate_test=mt)
-        source = str(data.split_file(data_root, task, split, lang, translate_test=mt))
+        source = str(iglue_layout.split_file(data_root, task, split, lang, translate_test=mt))
         if task == "xflickrco":
             imgs, caps = data.make_retrieval_eval(
                 model_name, examples, features=features, images=images, max_regions=max_regions, image_res=image_res
@@ -157,9 +158,9 @@ def trainer_evaluate_fn(
         image_res=image_res,
     )
     for s in sets.values():
-        inventory.check_inputs(s.examples, features=features, images=images)
+        preflight.check_inputs(s.examples, features=features, images=images)
     # every evaluation image decoded once (languages share them): a corrupt one stops the run now, not after epoch 1
-    inventory.check_inputs(
+    preflight.check_inputs(
         [ex for s in sets.values() for ex in s.examples], features=features, images=images, sample=None
     )
     unknown = [lang for lang in getattr(args, "eval_langs", None) or [] if lang not in sets]

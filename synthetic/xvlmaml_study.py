@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-import data
+from formats import readers
 import train_uc2
 from comparisons.xvlmaml import xvlmaml
 from synthetic import study as ss
@@ -127,7 +127,7 @@ def final_results(run: Path) -> dict[str, float]:
     """lang -> accuracy of the final zero-shot evaluation (results.json) of an xvlmaml run."""
     return {
         lang: m["accuracy"]
-        for lang, m in data.read_json(run / "results.json", annotations=False)["test"]["langs"].items()
+        for lang, m in readers.read_json(run / "results.json", annotations=False)["test"]["langs"].items()
     }
 
 
@@ -221,7 +221,7 @@ def collect(
     matrix = None
     done = {aux: mdir / f"aux-{aux}" / "results.json" for aux in matrix_aux}
     if matrix_aux and all(p.is_file() for p in done.values()):
-        langs = {aux: data.read_json(p, annotations=False)["test"]["langs"] for aux, p in done.items()}
+        langs = {aux: readers.read_json(p, annotations=False)["test"]["langs"] for aux, p in done.items()}
         base = {lang: {"accuracy": acc} for lang, acc in ss.final_accuracy(first_full).items()}
         matrix = xvlmaml.matrix_table("xgqa", langs, base)
     return {

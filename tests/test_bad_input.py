@@ -32,7 +32,8 @@ import data  # noqa: E402
 from formats.features import open_features  # noqa: E402
 from formats.bad_input import BadInput  # noqa: E402
 from synthetic import fixtures  # noqa: E402
-from formats import inventory  # noqa: E402
+from checks import inventory  # noqa: E402
+from checks import preflight  # noqa: E402
 import scoring.metrics  # noqa: E402
 from formats import run_folder, tokenizer_check, torch_files  # noqa: E402
 import train_cclm  # noqa: E402
@@ -148,7 +149,7 @@ def env(tmp_path_factory, system_tests_run):
             text=True,
         ),
         "truncated_lmdb_inventory": subprocess.Popen(
-            [sys.executable, "-m", "formats.inventory", "--data-root", str(IGLUE), "--features", str(truncated)],
+            [sys.executable, "-m", "checks.inventory", "--data-root", str(IGLUE), "--features", str(truncated)],
             env=sub_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -181,7 +182,7 @@ def test_missing_image_fails_fast(env, tmp_path):
     gone.unlink()
     before = snapshot(images)
     with pytest.raises(ValueError) as e:
-        inventory.check_inputs(env["test"], images=images)
+        preflight.check_inputs(env["test"], images=images)
     msg = str(e.value)
     assert "\n" not in msg and f"image file {gone} not found (referenced by {XVNLI_EN}/test.jsonl:" in msg
     assert msg.endswith(f"1 of {len(set(files))} images missing")
@@ -732,7 +733,7 @@ def test_bad_feature_record_is_one_line_error_naming_the_key(env, tmp_path, case
     assert msg.startswith(f"error: training data: {feats}: feature ") and f"{key!r}" in msg and tail in msg, msg
     assert re.search(
         rf"\(referenced by {XVNLI_EN}/train_48\.jsonl:\d+, example .*\); 1 of \d+ feature records "
-        r"checked are bad \(python -m formats\.inventory --verify lists them all\)$",
+        r"checked are bad \(python -m checks\.inventory --verify lists them all\)$",
         msg,
     ), msg
     if case != "nan_values":  # reading it for a batch (in a worker, mid-epoch) is the same one line

@@ -24,10 +24,12 @@ from _timeouts import scaled
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+from formats import iglue_layout  # noqa: E402
+from formats import readers  # noqa: E402
 from formats.features import box_locations, is_serialized_lmdb, open_features, pad_regions  # noqa: E402
 from comparisons.mclip import xtd_data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
-from formats import inventory  # noqa: E402
+from checks import inventory  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures"
@@ -77,8 +79,8 @@ def synthetic(tmp_path_factory):
     base = tmp_path_factory.mktemp("synthetic")
     keys, files = set(), set()
     for task in data.TASKS:
-        for split in data.available_splits(ROOT, task):
-            for lang in data.available_langs(ROOT, task, split):
+        for split in iglue_layout.available_splits(ROOT, task):
+            for lang in iglue_layout.available_langs(ROOT, task, split):
                 for ex in data.load_split(ROOT, task, split, lang):
                     keys.add(ex.image)
                     files.add(ex.image_file)
@@ -95,15 +97,15 @@ def ids(task, split, lang, **kw):
 
 
 def test_discovery():
-    assert data.available_splits(ROOT, "xgqa") == ["dev", "testdev", "train_5"]
-    assert data.available_splits(ROOT, "xvnli") == ["test", "train_48"]
-    assert data.available_splits(ROOT, "xvnli", translate_test=True) == ["test"]
-    assert data.available_splits(ROOT, "xflickrco") == ["valid", "test"]
-    assert data.available_langs(ROOT, "xgqa", "dev") == XGQA_LANGS
-    assert data.available_langs(ROOT, "xgqa", "testdev") == ["en"]
-    assert data.available_langs(ROOT, "xvnli", "test") == XVNLI_LANGS
-    assert data.available_langs(ROOT, "xvnli", "test", translate_test=True) == ["ar", "es", "fr", "ru"]
-    assert data.available_langs(ROOT, "xflickrco", "test") == XFLICKRCO_LANGS
+    assert iglue_layout.available_splits(ROOT, "xgqa") == ["dev", "testdev", "train_5"]
+    assert iglue_layout.available_splits(ROOT, "xvnli") == ["test", "train_48"]
+    assert iglue_layout.available_splits(ROOT, "xvnli", translate_test=True) == ["test"]
+    assert iglue_layout.available_splits(ROOT, "xflickrco") == ["valid", "test"]
+    assert iglue_layout.available_langs(ROOT, "xgqa", "dev") == XGQA_LANGS
+    assert iglue_layout.available_langs(ROOT, "xgqa", "testdev") == ["en"]
+    assert iglue_layout.available_langs(ROOT, "xvnli", "test") == XVNLI_LANGS
+    assert iglue_layout.available_langs(ROOT, "xvnli", "test", translate_test=True) == ["ar", "es", "fr", "ru"]
+    assert iglue_layout.available_langs(ROOT, "xflickrco", "test") == XFLICKRCO_LANGS
     assert data.select_langs("de,ko", XGQA_LANGS) == ["de", "ko"]
     assert data.select_langs(None, XGQA_LANGS) == XGQA_LANGS
     with pytest.raises(ValueError, match="xx"):
@@ -326,7 +328,7 @@ def test_cclm_eval_transform_matches_reference(tmp_path):
     for i, raw in enumerate(ref["raw_images_uint8_hwc"]):
         path = tmp_path / f"{i}.png"  # stored losslessly and read back, as the reference did
         Image.fromarray(raw.numpy()).save(path)
-        out = data.eval_transform(data.load_image(path), ref["image_res"])
+        out = data.eval_transform(readers.load_image(path), ref["image_res"])
         assert out.shape == ref["images"][i].shape
         assert_matches_reference(f"image {i}", out, ref["images"][i])
     assert torch.allclose(torch.tensor(data.CLIP_MEAN), ref["mean"]) and torch.allclose(
@@ -380,8 +382,8 @@ def test_encode_texts_ids_equal_the_fast_backend_on_every_fixture_text(tokenizer
     texts = [
         ex.text
         for task in data.TASKS
-        for split in data.available_splits(ROOT, task)
-        for lang in data.available_langs(ROOT, task, split)
+        for split in iglue_layout.available_splits(ROOT, task)
+        for lang in iglue_layout.available_langs(ROOT, task, split)
         for ex in data.load_split(ROOT, task, split, lang)
     ]
     backend = tokenizer._tokenizer
@@ -503,7 +505,7 @@ def test_cclm_batches(synthetic, tokenizer):
     assert data.normalize_images(normalised) is normalised
     for row, i in enumerate((19, 20)):  # batch + normalize_images == the per-image reference transform, bit for bit
         ex = images.items[i]
-        assert torch.equal(normalised[row], data.eval_transform(data.load_image(Path(im) / ex.image_file), 32))
+        assert torch.equal(normalised[row], data.eval_transform(readers.load_image(Path(im) / ex.image_file), 32))
     assert bi["image_key"] == ["1131056918.jpg", "COCO_val2014_000000391895.jpg"]
     assert bc["text_ids"].dtype == i64 and bc["image_index"].tolist() == [0, 39] and bc["text_ids"].shape[1] <= 80
 
@@ -564,11 +566,11 @@ def _volta_fixture_dataset(synthetic, with_pool: bool) -> data.UC2Dataset:
 def test_volta_negatives_equal_voltas_own_draws_for_the_same_generator_states(synthetic, branch):
     ds = _volta_fixture_dataset(synthetic, with_pool=branch == "train")
     assert ds.negatives == "volta"  # the default: what IGLUE's UC2 runs trained with
-    keys = ds.image_keys
+    keys = ds.retrieval.image_keys
     for d in VOLTA_DRAWS["draws"][branch]:
         i = d["index"]
-        img = ds.image_of[i]
-        img2, cap2, img3, img4, cap4 = ds._volta_negatives(
+        img = ds.retrieval.image_of[i]
+        img2, cap2, img3, img4, cap4 = ds.retrieval.volta(
             random.Random(d["py_seed"]), np.random.RandomState(d["np_seed"]), img
         )
         assert [i, cap2, i, cap4] == d["captions"], d
@@ -586,7 +588,7 @@ def test_volta_negative_captions_are_always_among_the_files_first_five(synthetic
         seen.update(it["caption_indices"][1::2])
         assert it["texts"][1::2] == [ds.examples[c].text for c in it["caption_indices"][1::2]]
         assert it["caption_images"][1::2] == [0, 0]  # entries 0..4 are the first image's captions
-        assert it["image_indices"][2] != ds.image_of[i]
+        assert it["image_indices"][2] != ds.retrieval.image_of[i]
     assert seen == {0, 1, 2, 3, 4}
     corrected = data.UC2Dataset(
         ds.examples,
@@ -617,16 +619,17 @@ def test_volta_negatives_maps_one_draw_sequence_to_global_caption_indices(synthe
             assert (lo, hi) == (1, 6)
             return 3
 
-    img = ds.image_of[40]  # image 8; draws: image 8 again (redrawn), image 20, caption 4, image 8, image 31, caption 2
-    img2, cap2, img3, img4, cap4 = ds._volta_negatives(Scripted([8, 20, 4, 8, 31, 2]), Pos(), img)
+    # image 8; draws: image 8 again (redrawn), image 20, caption 4, image 8, image 31, caption 2
+    img = ds.retrieval.image_of[40]
+    img2, cap2, img3, img4, cap4 = ds.retrieval.volta(Scripted([8, 20, 4, 8, 31, 2]), Pos(), img)
     assert (img2, cap2, img3, cap4) == (20, 4, 31, 2)
     pool_image = VOLTA_DRAWS["train_image_list"][
         VOLTA_DRAWS["train_hard_pool"][
-            [int(k) for k in VOLTA_DRAWS["train_image_list"]].index(int(ds.image_keys[img]))
+            [int(k) for k in VOLTA_DRAWS["train_image_list"]].index(int(ds.retrieval.image_keys[img]))
         ][3]
     ]
-    assert ds.image_keys[img4] == str(pool_image)  # pool position 3 of the image's row
-    assert ds.volta_count[img4] == 5  # range(5) is what the last choice saw
+    assert ds.retrieval.image_keys[img4] == str(pool_image)  # pool position 3 of the image's row
+    assert ds.retrieval.volta_count[img4] == 5  # range(5) is what the last choice saw
 
 
 def test_volta_negatives_refuse_a_pool_without_the_training_images(synthetic):
@@ -855,10 +858,12 @@ def _write_translation_sets(root: Path) -> None:
 def test_inventory_lists_xtd10_and_multi30k_beside_iglue(tmp_path):
     shutil.copytree(ROOT / "datasets", tmp_path / "datasets")
     _write_translation_sets(tmp_path)
-    out = io.StringIO()
-    with redirect_stdout(out):
-        assert inventory.main(["--data-root", str(tmp_path), "--json"]) == 0
-    inv = json.loads(out.getvalue())
+    inv = {}
+    for main in (inventory.main, xtd_data.main):  # IGLUE's inventory; M-CLIP's sets' (comparisons/mclip)
+        out = io.StringIO()
+        with redirect_stdout(out):
+            assert main(["--data-root", str(tmp_path), "--json"]) == 0
+        inv.update(json.loads(out.getvalue()))
     assert inv["xgqa"]["testdev"]["en"] == {"examples": 300, "images": 175, "missing": None}  # IGLUE still there
     assert set(inv["xtd10"]) == {"all", "all_translated_from_en", "all_translated_to_en"}
     assert inv["xtd10"]["all"] == {lang: {"examples": 3, "images": 3, "missing": None} for lang in ("de", "en", "fr")}
@@ -870,16 +875,25 @@ def test_inventory_lists_xtd10_and_multi30k_beside_iglue(tmp_path):
     shutil.rmtree(tmp_path / "datasets")  # the translation sets alone: no IGLUE folder needed
     out = io.StringIO()
     with redirect_stdout(out):
-        assert inventory.main(["--data-root", str(tmp_path)]) == 0
+        assert xtd_data.main(["--data-root", str(tmp_path)]) == 0
     printed = out.getvalue()
     assert "xtd10\n  all                      de   examples       3  images      3\n" in printed
     assert "ERROR " in printed and "xgqa" not in printed
 
 
+def test_iglue_layout_names_the_tasks_of_data_py():
+    assert iglue_layout._TASKS == data.TASKS  # formats/ does not import data: the two must agree
+
+
+def test_translation_set_inventory_without_the_sets_is_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: data root .*: no XTD10/ or multi30k-dataset/ inside"):
+        xtd_data.main(["--data-root", str(tmp_path)])
+
+
 @pytest.mark.system
 def test_cli_exit_code():
     res = subprocess.run(
-        [sys.executable, "-m", "formats.inventory", "--data-root", str(ROOT)],
+        [sys.executable, "-m", "checks.inventory", "--data-root", str(ROOT)],
         cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
         text=True,
@@ -934,9 +948,9 @@ def test_bad_annotation_errors(tmp_path):
 
 def test_wrong_data_root_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        data.dataset_dir(tmp_path / "nope")
+        iglue_layout.dataset_dir(tmp_path / "nope")
     with pytest.raises(ValueError, match=r"expected folder .*datasets .*is missing"):
-        data.dataset_dir(tmp_path)
+        iglue_layout.dataset_dir(tmp_path)
     root = _root_with(
         tmp_path, "XVNLI/annotations/en/test.jsonl", (ROOT / "datasets/XVNLI/annotations/en/test.jsonl").read_text()
     )
@@ -962,16 +976,16 @@ def test_old_data_py_entry_point_says_where_the_inventory_went():
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
-        "data.py --data-root/--verify moved: python -m formats.inventory --data-root DIR [--verify] ..."
+        "data.py --data-root/--verify moved: python -m checks.inventory --data-root DIR [--verify] ..."
     ]
 
 
 @pytest.mark.system
 def test_inventory_cli_into_a_closed_pipe_ends_quietly():
-    """`python -m formats.inventory --json | head`: the reader going away is not a traceback."""
+    """`python -m checks.inventory --json | head`: the reader going away is not a traceback."""
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "formats.inventory", "--data-root", str(root / "tests/fixtures/iglue"), "--json"],
+        [sys.executable, "-m", "checks.inventory", "--data-root", str(root / "tests/fixtures/iglue"), "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=root,

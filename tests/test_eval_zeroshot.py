@@ -32,6 +32,7 @@ from bench.call_counter import CallCounter  # noqa: E402
 from formats import volta  # noqa: E402
 from scoring import retrieval_protocols  # noqa: E402
 from formats import iglue  # noqa: E402
+from formats import iglue_layout  # noqa: E402
 from synthetic import fixtures  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
@@ -434,8 +435,8 @@ def make_env(tmp: Path) -> dict:
     _trim_sample(ds)
     keys, files, texts = set(), set(), []
     for task in E.TASKS:
-        for split in data.available_splits(root, task):
-            for lang in data.available_langs(root, task, split):
+        for split in iglue_layout.available_splits(root, task):
+            for lang in iglue_layout.available_langs(root, task, split):
                 for ex in data.load_split(root, task, split, lang):
                     keys.add(ex.image)
                     files.add(ex.image_file)
@@ -563,7 +564,7 @@ def test_evaluate_every_language_and_translate_test(env, model_name, task, capsy
         assert E.main(argv + (["--translate-test"] if mt else [])) == 0
         printed = _parse_printed(capsys.readouterr().out)
         res = json.loads((run / "results.json").read_text())[split + (".mt" if mt else "")]
-        langs = set(data.available_langs(env["data_root"], task, split, translate_test=mt)) | {"en"}
+        langs = set(iglue_layout.available_langs(env["data_root"], task, split, translate_test=mt)) | {"en"}
         assert set(res["langs"]) == langs and res["translate_test"] == mt
         if mt:
             assert all("annotations_machine-translate" in res["files"][l] for l in langs - {"en"})

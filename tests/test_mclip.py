@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import data  # noqa: E402
+from formats import readers  # noqa: E402
 from comparisons.mclip import xtd_data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
 from _make import run_make  # noqa: E402
@@ -291,7 +292,7 @@ def test_clip_image_tower_is_the_same_in_train_and_eval_mode(tmp_path):
         vision.eval()
         assert torch.equal(M.encode_images(vision, paths), train)
     assert train.shape == (2, 12)
-    assert M.clip_preprocess(data.load_image(paths[0]), 32).shape == (3, 32, 32)
+    assert M.clip_preprocess(readers.load_image(paths[0]), 32).shape == (3, 32, 32)
 
 
 # ---------------------------------------------------------------- data
@@ -516,7 +517,7 @@ def test_features_command_reads_openai_clip_release_layout_and_feeds_a_run(world
     )
     table = M.read_image_features(tmp_path / "f.pt")
     with torch.no_grad():
-        pix = torch.stack([M.clip_preprocess(data.load_image(p), 32) for p in paths[:2]])
+        pix = torch.stack([M.clip_preprocess(readers.load_image(p), 32) for p in paths[:2]])
         want = clip.get_image_features(pixel_values=pix)
     want = getattr(want, "pooler_output", want)
     assert_matches_reference("CLIP image embeddings", torch.stack([table[n] for n in names[:2]]), want)
@@ -681,7 +682,7 @@ def test_clip_preprocess_equals_openai_clips_torchvision_transform(tmp_path, siz
             T.Normalize(data.CLIP_MEAN, data.CLIP_STD),
         ]
     )  # clip/clip.py _transform(n_px), RGB input
-    img = data.load_image(fixtures.write_synthetic_images(tmp_path, ["a.png"], size=size)[0])
+    img = readers.load_image(fixtures.write_synthetic_images(tmp_path, ["a.png"], size=size)[0])
     assert torch.equal(M.clip_preprocess(img, 32), openai(img))
 
 

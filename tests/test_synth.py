@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import data
+from formats import iglue_layout
 from formats.features import FEATURE_DIM, open_features
-from formats import inventory
+from checks import preflight
 import train_uc2
 from comparisons.xvlmaml import xvlmaml
 from synthetic import pretrain as synth_pretrain
@@ -113,7 +114,7 @@ def test_auxiliary_dev_splits_are_translations_on_new_scenes(tmp_path):
     back = {lang: {v: k for k, v in table.items()} for lang, table in lex.items()}
     en = data.load_split(w, "xgqa", "dev", "en")
     assert len(en) == sw.AUX_SCENES * sw.AUX_QUESTIONS_PER_SCENE
-    assert data.available_langs(w, "xgqa", "dev") == sorted(sw.LANGS)
+    assert iglue_layout.available_langs(w, "xgqa", "dev") == sorted(sw.LANGS)
     for lang in sw.LANGS:
         got = data.load_split(w, "xgqa", "dev", lang)
         assert [(e.id, e.image, e.gold, e.qtype) for e in got] == [(e.id, e.image, e.gold, e.qtype) for e in en]
@@ -173,8 +174,8 @@ def test_languages_share_only_specials_digits_and_punctuation(world):
 
 
 def test_data_reads_the_world_as_iglue(world):
-    assert data.available_splits(world, "xgqa") == ["train", "valid", "test"]
-    assert data.available_langs(world, "xgqa", "test") == sorted(sw.LANGS)
+    assert iglue_layout.available_splits(world, "xgqa") == ["train", "valid", "test"]
+    assert iglue_layout.available_langs(world, "xgqa", "test") == sorted(sw.LANGS)
     train = data.load_split(world, "xgqa", "train", "en")
     assert len(train) == TINY.train_scenes * TINY.train_questions_per_scene
     assert all(e.label >= 0 and e.scores == {e.label: 1.0} for e in train)  # every answer in the vocabulary
@@ -184,7 +185,7 @@ def test_data_reads_the_world_as_iglue(world):
     assert feats.keys() == {e.image for e in train} | {e.image for e in test} | {
         e.image for e in data.load_split(world, "xgqa", "valid", "en")
     }
-    inventory.check_inputs(train, features=feats)
+    preflight.check_inputs(train, features=feats)
     tok = data.load_tokenizer(world / "tokenizer")
     ds = data.make_dataset("uc2", "xgqa", test, features=feats, max_regions=3)
     batch = data.UC2Collate("xgqa", tok)([ds[i] for i in range(4)])

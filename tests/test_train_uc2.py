@@ -26,7 +26,7 @@ import data  # noqa: E402
 from formats.features import open_features  # noqa: E402
 from formats.bad_input import BadInput  # noqa: E402
 from synthetic import fixtures  # noqa: E402
-from formats import inventory  # noqa: E402
+from checks import preflight  # noqa: E402
 import engine  # noqa: E402
 from formats import run_folder  # noqa: E402
 import freeze  # noqa: E402
@@ -331,7 +331,7 @@ def test_feature_set_reads_each_key_from_the_file_holding_it(tmp_path):
         )
         for k in ("1", "3")
     ]
-    inventory.check_inputs(exs, features=fs, sample=None)
+    preflight.check_inputs(exs, features=fs, sample=None)
     assert data.REGION_FEATURES.dataset("xvnli", exs, features=fs, max_regions=8)[1]["regions"][0].shape == (6, 2048)
     with pytest.raises(BadInput, match="'4' not found"):
         data.REGION_FEATURES.dataset("xvnli", [replace(exs[0], image="4")], features=fs)[0]

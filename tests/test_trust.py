@@ -28,10 +28,12 @@ from _timeouts import scaled
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+from formats import readers  # noqa: E402
+from formats import volta_negatives  # noqa: E402
 from formats.features import _close_lmdb, open_features  # noqa: E402
 from formats.pickles import UnsafePickleError, unpickle_data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
-from formats import inventory  # noqa: E402
+from checks import preflight  # noqa: E402
 from formats import run_folder, torch_files  # noqa: E402
 import eval_zeroshot  # noqa: E402
 import train_cclm  # noqa: E402
@@ -284,7 +286,7 @@ def test_python2_hard_negative_pickle_loads(tmp_path):
     plain = pickle.loads(blob, encoding="latin1")  # what VOLTA's reader got
     path = tmp_path / "hard_negative.pkl"
     path.write_bytes(blob)
-    hn = data.load_hard_negatives(path)
+    hn = volta_negatives.load_hard_negatives(path)
     assert _same(hn, plain) and np.array_equal(hn["train_hard_pool"], pool) and hn["train_image_list"] == [11, 22, 33]
 
 
@@ -316,13 +318,13 @@ def test_feature_lmdb_payloads_never_run(tmp_path, entry):
 
 @pytest.mark.system
 def test_feature_inventory_cli_refuses_a_payload(tmp_path):
-    """`python -m formats.inventory --features ...`, the README's first command on a download."""
+    """`python -m checks.inventory --features ...`, the README's first command on a download."""
     marker = tmp_path / "marker"
     payload = dotted_gadgets(marker)["stack_global_p4"] + b"N."
     assert_live(payload, marker, "dotted_torch._utils_stack_global_p4")
     path = _features_with(tmp_path, b"keys", payload)
     proc = subprocess.run(
-        [sys.executable, "-m", "formats.inventory", "--data-root", str(IGLUE), "--features", str(path)],
+        [sys.executable, "-m", "checks.inventory", "--data-root", str(IGLUE), "--features", str(path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -343,7 +345,7 @@ def test_hard_negative_and_vocabulary_pickles_never_run(tmp_path):
         assert_live(payload, marker, name)
         hn = tmp_path / "hard_negative.pkl"
         hn.write_bytes(payload)
-        refused(lambda: data.load_hard_negatives(hn), f"{hn}: refused to unpickle", marker)
+        refused(lambda: volta_negatives.load_hard_negatives(hn), f"{hn}: refused to unpickle", marker)
         (ann / "trainval_ans2label.pkl").write_bytes(pickle.dumps({"yes": 0, "no": 1}))
         (ann / "trainval_label2ans.pkl").write_bytes(payload)
         refused(lambda: data.load_answer_vocab(tmp_path / "root"), f"{ann / 'trainval_label2ans.pkl'}: refused", marker)
@@ -545,11 +547,11 @@ def _png_declaring(path: Path, width: int, height: int) -> Path:
 def test_decompression_bombs_are_refused_before_decoding(tmp_path):
     over = tmp_path / "over.png"  # a real image just over the cap: decodes (to 144 MB RGB) if the cap is gone
     Image.new("1", (8000, 6000)).save(over)
-    assert os.path.getsize(over) < 200_000 and 8000 * 6000 > data.IMAGE_MAX_PIXELS
+    assert os.path.getsize(over) < 200_000 and 8000 * 6000 > readers.IMAGE_MAX_PIXELS
     huge = _png_declaring(tmp_path / "huge.png", 30_000, 30_000)  # the probe's size: PIL's own backstop fires
     for path in (over, huge):
         with pytest.raises(ValueError) as e:
-            data.load_image(path)
+            readers.load_image(path)
         msg = str(e.value)
         assert msg.startswith(f"image file {path}: refused as a decompression bomb (") and "\n" not in msg, msg
     (tmp_path / "images" / "flickr30k").mkdir(parents=True)
@@ -557,7 +559,7 @@ def test_decompression_bombs_are_refused_before_decoding(tmp_path):
     os.replace(over, tmp_path / "images" / ex.image_file)
     with pytest.raises(ValueError, match=rf"decompression bomb .*\(referenced by XVNLI/annotations/en/test.jsonl:1, "):
         data.CCLMDataset([ex], tmp_path / "images", "xvnli", image_res=32)[0]
-    assert Image.MAX_IMAGE_PIXELS == data.IMAGE_MAX_PIXELS  # PIL's own guard stays on for every other reader
+    assert Image.MAX_IMAGE_PIXELS == readers.IMAGE_MAX_PIXELS  # PIL's own guard stays on for every other reader
 
 
 def _annotation_root(tmp_path: Path, xflickrco_path: str, xvnli_id: str, gqa_image: str) -> Path:
@@ -603,7 +605,7 @@ def test_image_paths_from_annotations_stay_inside_the_image_root(tmp_path, how):
             "the unconfined path would reach the image"
         )
         for call in (
-            lambda: inventory.check_inputs(exs, images=images),
+            lambda: preflight.check_inputs(exs, images=images),
             lambda: data.CCLMDataset(exs, images, task, image_res=32)[exs.index(bad)],
         ):
             with pytest.raises(ValueError) as e:

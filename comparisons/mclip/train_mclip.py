@@ -63,6 +63,7 @@ from PIL import Image
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
 import data
+from formats import readers
 from comparisons.mclip import xtd_data
 import engine
 from formats import run_folder, torch_files
@@ -454,7 +455,7 @@ def encode_images(vision, paths: Sequence[Path], batch_size: int = 64, device: s
     size = vision.config.image_size
     out = []
     for i in range(0, len(paths), batch_size):
-        pix = torch.stack([clip_preprocess(data.load_image(p), size) for p in paths[i : i + batch_size]])
+        pix = torch.stack([clip_preprocess(readers.load_image(p), size) for p in paths[i : i + batch_size]])
         out.append(vision(pixel_values=pix.to(device)).image_embeds.float().cpu())
     return torch.cat(out) if out else torch.zeros(0, vision.config.projection_dim)
 
@@ -1157,7 +1158,7 @@ def read_groups(run_dirs: Sequence[str]) -> dict[str, dict[str, float]]:
         path = Path(d) / "results.json"
         if not path.is_file():
             raise SystemExit(f"error: {path}: no results (run unfinished?)")
-        r = data.read_json(path, annotations=False)
+        r = readers.read_json(path, annotations=False)
         key = (r["dataset"], r["routine"], r["pet"], r["n_shot"])
         key += (f"test:{r['test_text']}",) if "test_text" in r else ()
         key += (f"policy:{r['policy']}",) if r.get("policy", "full") != "full" else ()

@@ -1,5 +1,5 @@
 """Translation retrieval sets of the M-CLIP comparison (train_mclip.py): XTD10 and Multi30K with PECTVLM's
-machine translations, their splits, and their listing in the data inventory (formats/inventory.py).
+machine translations, their splits, and their inventory (`python -m comparisons.mclip.xtd_data --data-root DIR`).
 
 Not on the reading path: only the Multilingual-CLIP + PET comparison reads these sets.
 
@@ -8,17 +8,25 @@ Not on the reading path: only the Multilingual-CLIP + PET comparison reads these
   load_xtd(root, langs) / xtd_splits(full, n_shot, seed)   XTD10 and run_XTD.py's 50 / 50 / 900 split
   load_multi30k(root, split, langs) / multi30k_splits(root, langs, n_shot, seed)   Multi30K task 1
   read_lines(path, expect)          caption file lines; one-line ValueError naming file:line
+  inventory(data_root)              XTD10/ and multi30k-dataset/ under data_root: examples and images per split,
+                                    text kind and language (the IGLUE inventory's format: checks/inventory.py)
   XTD_LANGS, MULTI30K_LANGS, MULTI30K_SPLITS
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from checks.inventory import print_inventory
+from formats import cli
 
 XTD_LANGS = ("en", "de", "fr", "es", "it", "jp", "ko", "pl", "ru", "tr", "zh")
 MULTI30K_LANGS = ("en", "de", "fr", "cs")
@@ -184,3 +192,36 @@ def retrieval_set_roots(data_root) -> dict[str, Path]:
     """{"xtd10" / "multi30k": folder} of the translation retrieval sets present under data_root."""
     root = Path(data_root)
     return {name: root / d for name, d in RETRIEVAL_SET_DIRS.items() if (root / d).is_dir()}
+
+
+def inventory(data_root) -> dict:
+    """{"xtd10" / "multi30k": retrieval_set_inventory} of the sets under data_root ("missing" None: their images
+    are train_mclip.py features' to check); a ValueError when neither folder is there."""
+    found = retrieval_set_roots(data_root)
+    if not found:
+        dirs = " or ".join(f"{d}/" for d in RETRIEVAL_SET_DIRS.values())
+        raise ValueError(f"data root {data_root}: no {dirs} inside (mclip.mk's XTD / MULTI30K folders)")
+    return {name: retrieval_set_inventory(name, root) for name, root in found.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description="Inventory of M-CLIP's translation retrieval sets: examples and images per split, text kind "
+        "and language of XTD10/ and multi30k-dataset/ under --data-root (IGLUE's: python -m checks.inventory)."
+    )
+    p.add_argument("--data-root", required=True, help="folder holding XTD10/ and/or multi30k-dataset/")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    args = p.parse_args(argv)
+    try:
+        inv = inventory(args.data_root)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if args.json:
+        print(json.dumps(inv, indent=1, ensure_ascii=False))
+    else:
+        print_inventory(inv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.exit_quietly_on_broken_pipe(main))

@@ -42,7 +42,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
-from formats import inventory
+from formats import iglue_layout
+from formats import readers
+from checks import preflight
 import engine
 from formats import run_folder, tokenizer_check
 import eval_zeroshot as Z
@@ -470,13 +472,13 @@ def aux_split(args) -> str:
     """--aux-split, else dev when the auxiliary language has it, else its largest few-shot train_<n>."""
     if args.aux_split:
         split = args.aux_split
-    elif args.aux_lang in data.available_langs(args.data_root, args.task, "dev"):
+    elif args.aux_lang in iglue_layout.available_langs(args.data_root, args.task, "dev"):
         split = "dev"
     else:
         shots = [
             s
-            for s in data.available_splits(args.data_root, args.task)
-            if s.startswith("train_") and args.aux_lang in data.available_langs(args.data_root, args.task, s)
+            for s in iglue_layout.available_splits(args.data_root, args.task)
+            if s.startswith("train_") and args.aux_lang in iglue_layout.available_langs(args.data_root, args.task, s)
         ]
         if not shots:
             raise SystemExit(
@@ -486,7 +488,7 @@ def aux_split(args) -> str:
         split = max(shots, key=_shot_count)
     if "test" in split:
         raise SystemExit(f"error: --aux-split {split}: test data is never meta-trained on (use dev or train_<n>)")
-    if args.aux_lang not in data.available_langs(args.data_root, args.task, split):
+    if args.aux_lang not in iglue_layout.available_langs(args.data_root, args.task, split):
         raise SystemExit(
             f"error: {args.task}: no split {split!r} for language {args.aux_lang!r} under {args.data_root}"
         )
@@ -528,7 +530,7 @@ def build_data(args, tokenizer, num_answers: int = data.NUM_ANSWERS):
         if features is None:
             raise SystemExit("error: --features is required (image-keyed region-feature LMDB/H5)")
         aux = data.load_split(args.data_root, args.task, args.aux_split, args.aux_lang)
-        inventory.check_inputs(aux, features=features)
+        preflight.check_inputs(aux, features=features)
         # xFlickrCo: VOLTA's hard negatives exist for Flickr30k's training images only, so the auxiliary pool
         # draws random negatives (read only by a task_aux retrieval loss; the contrastive loss uses the positives)
         aux_ds = data.make_dataset(
@@ -556,7 +558,7 @@ def build_data(args, tokenizer, num_answers: int = data.NUM_ANSWERS):
             )
             en_ds = U.build_train_dataset(en_args, features, serialized)
             if isinstance(en_ds, data.UC2Dataset):
-                inventory.check_inputs(en_ds.examples, features=features)
+                preflight.check_inputs(en_ds.examples, features=features)
     except ValueError as e:
         raise SystemExit(f"error: training data: {e}") from None
     if args.support_size + args.query_size > len(aux_ds):
@@ -580,7 +582,7 @@ RESUME_KEYS = engine.RESUME_KEYS + tuple(
 def check_resume_args(args, run_dir: Path) -> None:
     saved_path = run_dir / run_folder.ARGS
     if args.resume and saved_path.is_file():
-        engine.check_resume_args(args, data.read_json(saved_path, annotations=False), RESUME_KEYS, run_dir)
+        engine.check_resume_args(args, readers.read_json(saved_path, annotations=False), RESUME_KEYS, run_dir)
 
 
 def train(args, dist: engine.DistInfo) -> Path:
@@ -856,11 +858,11 @@ def cmd_matrix(args, dist: engine.DistInfo) -> int:
         engine.barrier(dist)
         if not done.is_file():
             raise SystemExit(f"error: {run}: no results.json (run without --no-eval to fill the matrix)")
-        record = data.read_json(done, annotations=False)["test"]
+        record = readers.read_json(done, annotations=False)["test"]
         results[aux], task = record["langs"], record["task"]
     baseline = None
     if args.run and (Path(args.run) / "results.json").is_file():
-        baseline = data.read_json(Path(args.run) / "results.json", annotations=False).get("test", {}).get("langs")
+        baseline = readers.read_json(Path(args.run) / "results.json", annotations=False).get("test", {}).get("langs")
     table = matrix_table(task, results, baseline)
     if dist.is_main:
         run_folder.atomic_write_text(out / "matrix.json", json.dumps(table, indent=1) + "\n")
