@@ -80,25 +80,6 @@ CONFIGS: dict[str, dict] = {
         "num_labels": 3,
     },
 }
-# CPU-seconds size shared by tests, demo and Makefile: real layer counts (12 text + 6 cross, 6
-# decoder layers) so schedules are the paper's; tiny widths, a 2x2 patch grid, small vocabulary.
-CONFIGS["tiny"] = {
-    **CONFIGS["base"],
-    "image_res": 32,
-    "vision_width": 32,
-    "vision_depth": 2,
-    "vision_heads": 2,
-    "vocab_size": 1000,
-    "hidden_size": 32,
-    "text_heads": 2,
-    "text_intermediate": 64,
-    "text_max_positions": 130,
-    "cross_heads": 2,
-    "cross_intermediate": 64,
-    "dec_max_positions": 64,
-    "embed_dim": 16,
-    "k_test": 16,
-}
 
 
 # ---------------------------------------------------------------- encoders
@@ -731,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--model-config",
         default=None,
-        help="tiny | base | a config json (default: the --checkpoint's own config if it is ours, else base)",
+        help="base | a config json (default: the --checkpoint's own config if it is ours, else base)",
     )
     c.add_argument("--tokenizer", default="xlm-roberta-base", help="XLM-R tokenizer folder or cached hub id")
     c.add_argument("--image-res", type=int, default=None, help="override the config's image resolution (paper: 384)")
@@ -749,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(name: str | None, meta: dict | None = None) -> dict:
-    """'tiny' | 'base' | a config json of ours; None: the checkpoint meta's config, else base."""
+    """'base' | a config json of ours (its keys over base); None: the checkpoint meta's config, else base."""
     if name is None:
         return dict(meta["config"]) if meta and "config" in meta else dict(CONFIGS["base"])
     return engine.read_model_config(name, CONFIGS)

@@ -61,17 +61,6 @@ CONFIGS: dict[str, dict] = {
         retrieval_loss="triplet",
     ),
 }
-# CPU-seconds size for tests/demo. Still 12 layers so every schedule is the paper's; region
-# features stay 2048-d so real and synthetic feature files fit unchanged.
-CONFIGS["tiny"] = {
-    **CONFIGS["base"],
-    "vocab_size": 4096,
-    "hidden_size": 32,
-    "num_heads": 2,
-    "intermediate_size": 64,
-    "pooler_size": 32,
-    "clf_hidden_size": 32,
-}
 
 
 # Config keys VOLTA's UC2 config space needs beyond CONFIGS (absent = the uc2_base value): the FFN activation
@@ -81,7 +70,7 @@ OPTIONAL_CONFIG_KEYS = ("hidden_act", "pooler_act", "layer_attn_sizes", "layer_n
 
 
 def resolve_config(name_or_path: str) -> dict:
-    """'tiny' | 'base' | path to our config json or to a VOLTA UC2 config json."""
+    """'base' | path to our config json (its keys over base) or to a VOLTA UC2 config json."""
     return engine.read_model_config(
         name_or_path, CONFIGS, OPTIONAL_CONFIG_KEYS, foreign=lambda d: volta.config_if_volta(d, CONFIGS["base"])
     )
@@ -373,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = engine.ArgumentParser(description=__doc__)
     engine.add_common_args(p, DEFAULTS)
     u = p.add_argument_group("UC2 (train_uc2.py)")
-    u.add_argument("--model-config", default="base", help="tiny | base | our config json | a VOLTA UC2 config json")
+    u.add_argument("--model-config", default="base", help="base | our config json | a VOLTA UC2 config json")
     u.add_argument(
         "--checkpoint",
         default=None,

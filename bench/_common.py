@@ -13,6 +13,11 @@ from pathlib import Path
 from formats import run_folder
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The tests' tiny model configs (tests/fixtures/configs: the keys they change over the trainer's base config),
+# read by path as data files: bench/ imports nothing from tests/.
+TINY_CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "configs"
+UC2_TINY = str(TINY_CONFIGS / "uc2_tiny.json")
+CCLM_TINY = str(TINY_CONFIGS / "cclm_tiny.json")
 
 
 def cpu_model() -> str:

@@ -2,7 +2,7 @@
 
 engine.train evaluates under the run's AMP dtype (bf16 on GPUs that have it). This measures, side by side
 in one run on this CPU (bf16 autocast exists on CPU too), the retrieval score matrices of randomly
-initialised tiny UC2 and CCLM models (train_*.CONFIGS["tiny"], bench/retrieval.py's random inputs) in
+initialised tiny UC2 and CCLM models (tests/fixtures/configs, bench/retrieval.py's random inputs) in
 float32 and under bf16 autocast:
   rel_max_diff   max |score_bf16 - score_fp32| / (max - min of the fp32 scores)
   top1_agree     fraction of captions whose best image is the same in both (image retrieval R@1 view)
@@ -46,7 +46,7 @@ def compare(fp32: tuple[torch.Tensor, torch.Tensor], low: tuple[torch.Tensor, to
 def bench_uc2(n: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = train_uc2.build_model("xflickrco", dict(train_uc2.CONFIGS["tiny"])).eval()
+    model = train_uc2.build_model("xflickrco", train_uc2.resolve_config(_common.UC2_TINY)).eval()
     images, texts = uc2_inputs(n, 36, model.config["vocab_size"], gen)
     out = {}
     for amp in ("off", "bf16"):
@@ -60,7 +60,7 @@ def bench_uc2(n: int) -> dict:
 def bench_cclm(n: int, k: int) -> dict:
     gen = torch.Generator().manual_seed(1)
     torch.manual_seed(1)
-    cfg = dict(train_cclm.CONFIGS["tiny"])
+    cfg = train_cclm.resolve_config(_common.CCLM_TINY)
     model = train_cclm.build_model("xflickrco", cfg).eval()
     images = torch.randn(n, 3, cfg["image_res"], cfg["image_res"], generator=gen)
     ids, atts = random_captions(n, cfg["vocab_size"], gen)

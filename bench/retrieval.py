@@ -1,6 +1,6 @@
 """Retrieval evaluation cost: the optimized protocols of the models against a naive per-pair loop.
 
-On randomly initialised tiny UC2 and CCLM models (train_uc2/train_cclm CONFIGS["tiny"]) and random
+On randomly initialised tiny UC2 and CCLM models (tests/fixtures/configs/{uc2,cclm}_tiny.json) and random
 images/captions, measured side by side in one run (same process, same inputs):
   UC2   every (caption, image) pair scored (the protocol): scoring.retrieval_protocols.score_all_pairs with
         --pair-batch pairs per forward vs one pair_scores forward per pair.
@@ -64,7 +64,7 @@ def uc2_inputs(n: int, regions: int, vocab: int, gen: torch.Generator) -> tuple[
 def bench_uc2(n: int, pair_batch: int, regions: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = train_uc2.build_model("xflickrco", dict(train_uc2.CONFIGS["tiny"])).eval()
+    model = train_uc2.build_model("xflickrco", train_uc2.resolve_config(_common.UC2_TINY)).eval()
     counter = CallCounter(model)
     images, texts = uc2_inputs(n, regions, model.config["vocab_size"], gen)
     t0 = time.perf_counter()
@@ -111,7 +111,7 @@ def bench_uc2(n: int, pair_batch: int, regions: int) -> dict:
 def bench_cclm(n: int, k: int, itm_batch: int) -> dict:
     gen = torch.Generator().manual_seed(1)
     torch.manual_seed(1)
-    cfg = dict(train_cclm.CONFIGS["tiny"])
+    cfg = train_cclm.resolve_config(_common.CCLM_TINY)
     model = train_cclm.build_model("xflickrco", cfg).eval()
     counter = CallCounter(model)
     images = torch.randn(n, 3, cfg["image_res"], cfg["image_res"], generator=gen)

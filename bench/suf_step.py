@@ -387,7 +387,7 @@ def fit_vocab(build, cfg: dict, budget: int) -> int:
 def uc2_setup(quick: bool, batch: int, vocab: int | None, budget: int):
 
     task, L, R = "xgqa", 24, 37  # 36 regions + the global image feature, as IGLUE's UC2 features
-    cfg = dict(train_uc2.CONFIGS["tiny" if quick else "base"])
+    cfg = train_uc2.resolve_config(_common.UC2_TINY if quick else "base")
     cfg["vocab_size"] = vocab or fit_vocab(lambda c: train_uc2.build_model(task, c), cfg, budget)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, cfg["vocab_size"], (batch, L), generator=g)
@@ -415,7 +415,7 @@ def uc2_setup(quick: bool, batch: int, vocab: int | None, budget: int):
 def cclm_setup(quick: bool, batch: int, vocab: int | None, budget: int, image_res: int):
 
     task, L = "xvnli", 24  # xGQA would add its always-trainable 6-layer answer decoder: ratios only nearer 1
-    cfg = dict(train_cclm.CONFIGS["tiny" if quick else "base"])
+    cfg = train_cclm.resolve_config(_common.CCLM_TINY if quick else "base")
     if not quick:
         cfg["image_res"] = image_res
     cfg["vocab_size"] = vocab or fit_vocab(lambda c: train_cclm.build_model(task, c), cfg, budget)

@@ -23,6 +23,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # as tests/conftest.py: the
     os.environ.setdefault(_var, "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import _configs  # noqa: E402
 import data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
 import train_cclm  # noqa: E402
@@ -34,11 +35,11 @@ TOKENIZER = FIXTURES / "tokenizer"
 EXPECTED = FIXTURES / "expected_losses.json"
 REGIONS = 4
 TRAINERS = {"uc2": train_uc2.main, "cclm": train_cclm.main}
+# Each model's tiny config (tests/fixtures/configs), as --model-config.
+MODEL_CONFIGS = {"uc2": _configs.UC2_TINY, "cclm": _configs.CCLM_TINY}
 # Every run: 2 epochs (SUF's trainable set changes at epoch 2) x 3 steps, a loss record per step, the
 # model's own dropout on, no per-epoch evaluation, random initialisation from --seed.
 COMMON = [
-    "--model-config",
-    "tiny",
     "--epochs",
     "2",
     "--max-steps-per-epoch",
@@ -132,6 +133,8 @@ def argv(name: str, workdir: Path, out: Path, *extra: str) -> list[str]:
         else ["--images", str(workdir / "images")]
     )
     return [
+        "--model-config",
+        MODEL_CONFIGS[model],
         *COMMON,
         *flags,
         "--data-root",
@@ -165,6 +168,11 @@ def run(name: str, workdir: Path, out: Path, *extra: str) -> list[tuple[int, flo
     return step_losses(out)
 
 
+def pinned_model_configs() -> dict[str, str]:
+    """model -> its --model-config file relative to the repository root, as the pins record it."""
+    return {model: Path(path).relative_to(ROOT).as_posix() for model, path in MODEL_CONFIGS.items()}
+
+
 def regenerate(workdir: Path) -> dict:
     import numpy
     import PIL
@@ -184,6 +192,7 @@ def regenerate(workdir: Path) -> dict:
             "python": platform.python_version(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         },
+        "model_configs": pinned_model_configs(),
         "common_flags": COMMON,
         "recipes": pins,
     }

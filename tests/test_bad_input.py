@@ -27,6 +27,7 @@ from _timeouts import scaled
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _configs import CCLM_TINY, UC2_TINY  # noqa: E402
 import _faults  # noqa: E402
 import data  # noqa: E402
 from formats.features import open_features  # noqa: E402
@@ -53,7 +54,7 @@ def cli(env: dict, out: Path, *extra: str, features=None, root=IGLUE, tokenizer=
         "--task",
         "xvnli",
         "--model-config",
-        "tiny",
+        UC2_TINY,
         "--data-root",
         str(root),
         "--features",
@@ -416,7 +417,7 @@ def test_unreadable_checkpoint(env, tmp_path, case):
 
 @pytest.mark.parametrize("case", ["checkpoint", "resume"])
 def test_checkpoint_with_mismatched_shapes(env, tmp_path, capsys, case):
-    other = {**U.CONFIGS["tiny"], "intermediate_size": 48}
+    other = {**U.resolve_config(UC2_TINY), "intermediate_size": 48}
     if case == "checkpoint":
         ckpt = tmp_path / "model_final.pt"
         torch.save(
@@ -484,7 +485,7 @@ def test_tokenizer_vocabulary_mismatch(env, tmp_path, case):
     if (
         case == "cclm_checkpoint"
     ):  # train_cclm: a checkpoint of ours records the size of the tokenizer it was trained with
-        config = train_cclm.CONFIGS["tiny"]
+        config = train_cclm.resolve_config(CCLM_TINY)
         ckpt = tmp_path / "cclm.pt"
         trained = len(data.load_tokenizer(env["tok"]))
         torch.save(
@@ -529,7 +530,7 @@ def test_tokenizer_vocabulary_mismatch(env, tmp_path, case):
         )
     else:  # more ids than the model has embedding rows
         config = tmp_path / "small_vocab.json"
-        config.write_text(json.dumps({**U.CONFIGS["tiny"], "vocab_size": 100}))
+        config.write_text(json.dumps({**U.resolve_config(UC2_TINY), "vocab_size": 100}))
         n = len(data.load_tokenizer(env["tok"]))
         msg = fails(cli(env, tmp_path / "run", "--model-config", str(config)))
         assert msg == (
@@ -587,7 +588,7 @@ def test_cli_number_out_of_range_is_refused_before_anything_is_written(env, tmp_
 def test_heads_not_dividing_the_hidden_size(env, tmp_path, case):
     config = tmp_path / "config.json"
     if case == "uc2_heads":
-        config.write_text(json.dumps({**U.CONFIGS["tiny"], "num_heads": 3}))
+        config.write_text(json.dumps({**U.resolve_config(UC2_TINY), "num_heads": 3}))
         msg = fails(cli(env, tmp_path / "run", "--model-config", str(config)))
         assert msg == (
             f"error: --model-config {config}: hidden_size 32 is not divisible by num_heads 3 (each "
@@ -595,7 +596,7 @@ def test_heads_not_dividing_the_hidden_size(env, tmp_path, case):
         ), msg
         assert not (tmp_path / "run").exists()
     else:
-        config.write_text(json.dumps({**train_cclm.CONFIGS["tiny"], "cross_heads": 5}))
+        config.write_text(json.dumps({**train_cclm.resolve_config(CCLM_TINY), "cross_heads": 5}))
         (tmp_path / "images").mkdir()
         with pytest.raises(SystemExit) as e:
             train_cclm.main(
@@ -815,7 +816,7 @@ def test_corrupt_test_image_stops_the_run_before_training(env, tmp_path):
                 "--tokenizer",
                 str(env["tok"]),
                 "--model-config",
-                "tiny",
+                CCLM_TINY,
                 "--train-split",
                 "train_48",
                 "--langs",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _configs import CCLM_TINY  # noqa: E402
 import freeze  # noqa: E402
 import train_cclm  # noqa: E402
 from formats import x2vlm  # noqa: E402
@@ -76,7 +77,7 @@ def test_mapping_errors_name_the_key() -> None:
 
 def small(image_res: int, vision_width: int = 32) -> dict:
     return {
-        **train_cclm.CONFIGS["tiny"],
+        **train_cclm.resolve_config(CCLM_TINY),
         "image_res": image_res,
         "text_layers": 2,
         "cross_layers": 2,

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _configs import UC2_TINY  # noqa: E402
 import train_uc2 as U  # noqa: E402
 from formats import volta as V  # noqa: E402
 from formats import torch_files  # noqa: E402
@@ -149,7 +150,7 @@ def test_missing_and_unexpected_are_errors():
 
 # ---------------------------------------------------------------- real tensors, tiny widths
 
-TINY = U.CONFIGS["tiny"]
+TINY = U.resolve_config(UC2_TINY)
 SHRINK = {768: TINY["hidden_size"], 3072: TINY["intermediate_size"], 250002: TINY["vocab_size"], -1: 7}
 
 

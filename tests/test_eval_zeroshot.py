@@ -19,6 +19,7 @@ from _timeouts import scaled
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _configs import CCLM_TINY, UC2_TINY  # noqa: E402
 from formats import run_folder, torch_files  # noqa: E402
 import eval_zeroshot as E  # noqa: E402
 from report import cli as report_cli  # noqa: E402
@@ -454,8 +455,8 @@ def make_env(tmp: Path) -> dict:
         "tmp": tmp,
     }
     e["runs"] = {
-        (m, t): _save_run(tmp / "runs" / f"{m}-{t}", m, t, dict(s.CONFIGS["tiny"]), e)
-        for m, s in (("uc2", train_uc2), ("cclm", train_cclm))
+        (m, t): _save_run(tmp / "runs" / f"{m}-{t}", m, t, s.resolve_config(path), e)
+        for m, s, path in (("uc2", train_uc2, UC2_TINY), ("cclm", train_cclm, CCLM_TINY))
         for t in E.TASKS
     }
     return e
@@ -824,7 +825,7 @@ def test_real_training_run_curves_evaluation_and_table(env, tmp_path, capsys):
             "--policy",
             "suf",
             "--model-config",
-            "tiny",
+            UC2_TINY,
             "--data-root",
             env["data_root"],
             "--features",
@@ -986,7 +987,7 @@ def test_cclm_answer_candidates_in_x2vlms_order_predictions_are_label_ids(env):
     import data
     import train_cclm
 
-    model = train_cclm.build_model("xgqa", dict(train_cclm.CONFIGS["tiny"]))
+    model = train_cclm.build_model("xgqa", train_cclm.resolve_config(CCLM_TINY))
     tok = data.load_tokenizer(env["tokenizer"])
     model.prepare_task(env["data_root"], tok)
     ans2label, label2ans = data.load_answer_vocab(env["data_root"])
@@ -1178,7 +1179,7 @@ def test_released_uc2_checkpoint_evaluates_without_our_meta(env, tmp_path):
         "--released-task",
         "xgqa",
         "--released-config",
-        "tiny",
+        UC2_TINY,
         "--data-root",
         env["data_root"],
         "--features",

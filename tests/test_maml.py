@@ -21,6 +21,7 @@ from torch.func import grad, hessian
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _configs import UC2_TINY  # noqa: E402
 from _make import run_make  # noqa: E402
 import _faults  # noqa: E402
 import data  # noqa: E402
@@ -223,7 +224,7 @@ def synthetic_pairs(n=4, tokens=5, regions=3, seed=0):
 
 def tiny_uc2():
     torch.manual_seed(0)
-    config = {**U.CONFIGS["tiny"], "hidden_dropout": 0.0, "attention_dropout": 0.0, "classifier_dropout": 0.0}
+    config = {**U.resolve_config(UC2_TINY), "hidden_dropout": 0.0, "attention_dropout": 0.0, "classifier_dropout": 0.0}
     return U.build_model("xflickrco", config).eval()
 
 
@@ -250,7 +251,7 @@ def test_contrastive_loss_of_a_grouped_retrieval_batch_uses_its_positive_pairs()
 
 def test_inner_params_top_adapts_the_top_layers_and_heads_but_not_the_embeddings():
     net = X.XVLModel(tiny_uc2(), M.ContrastiveHead(32, 8), "separate")
-    layout = X.xvl_layout(U.layer_layout("xflickrco", U.CONFIGS["tiny"]))
+    layout = X.xvl_layout(U.layer_layout("xflickrco", U.resolve_config(UC2_TINY)))
     names = [n for n, _ in net.named_parameters()]
     emb = lambda n: layout.layer_of(n) is None and layout.module_of(n) in layout.embedding_modules  # noqa: E731
     top = M.adapt_names_for(names, layout.layer_of, layout.num_layers, "top", 2, emb)
@@ -294,7 +295,7 @@ def sample(tmp_path_factory):
     for task in SAMPLE_SPLITS:
         torch.manual_seed(0)
         run_folder.save_checkpoint(
-            out / f"init-{task}.pt", {"model": U.build_model(task, U.CONFIGS["tiny"]).state_dict()}
+            out / f"init-{task}.pt", {"model": U.build_model(task, U.resolve_config(UC2_TINY)).state_dict()}
         )
     shutil.copy(out / "init-xvnli.pt", out / "init.pt")
     return out
@@ -308,7 +309,7 @@ def train_argv(sample, out, *extra):
         "--task",
         "xvnli",
         "--model-config",
-        "tiny",
+        UC2_TINY,
         "--aux-lang",
         "fr",
         "--en-split",
@@ -454,7 +455,7 @@ def test_matrix_from_an_english_run_folder_trains_evaluates_and_tabulates(sample
             "--task",
             "xvnli",
             "--model-config",
-            "tiny",
+            UC2_TINY,
             "--checkpoint",
             str(sample / "init.pt"),
             "--data-root",
@@ -541,7 +542,7 @@ def test_other_tasks_meta_train_from_their_auxiliary_split(sample, tmp_path, tas
             "--task",
             task,
             "--model-config",
-            "tiny",
+            UC2_TINY,
             "--aux-lang",
             "de",
             "--en-split",

@@ -9,6 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _configs import UC2_TINY  # noqa: E402
 import data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
 from formats import torch_files  # noqa: E402
@@ -34,7 +35,7 @@ def train(tmp_path, recipe: str) -> Path:
             "--task",
             "xgqa",
             "--model-config",
-            "tiny",
+            UC2_TINY,
             "--data-root",
             str(IGLUE),
             "--features",
@@ -68,10 +69,10 @@ def train(tmp_path, recipe: str) -> Path:
 def exempt_names(run: Path, rule) -> set[str]:
     """Names of the parameters the run's optimizer does not decay, after checking that its param groups are
     exactly freeze.param_groups(..., no_decay=rule)'s (checkpoints keep group names/sizes, not param names)."""
-    model = U.build_model("xgqa", U.CONFIGS["tiny"])
+    model = U.build_model("xgqa", U.resolve_config(UC2_TINY))
     names = {id(p): n for n, p in model.named_parameters()}
     want = freeze.param_groups(
-        model, U.layer_layout("xgqa", U.CONFIGS["tiny"]), freeze.Schedule("full", 12), 1.0, 1.0, no_decay=rule
+        model, U.layer_layout("xgqa", U.resolve_config(UC2_TINY)), freeze.Schedule("full", 12), 1.0, 1.0, no_decay=rule
     )
     got = torch_files.load_checkpoint(run / "checkpoint_last.pt")["optimizer"]["param_groups"]
     assert [(g["name"], len(g["params"])) for g in got] == [(g["name"], len(g["params"])) for g in want]
@@ -89,7 +90,7 @@ def test_recipe_iglue_no_decay_rule_and_20_epoch_schedule(tmp_path):
     assert (args["schedule_epochs"], args["weight_decay"], args["adam_eps"], args["clip_grad"]) == (20, 1e-4, 1e-6, 1.0)
     assert json.loads((paper / "args.json").read_text())["schedule_epochs"] == 1
 
-    model = U.build_model("xgqa", U.CONFIGS["tiny"])
+    model = U.build_model("xgqa", U.resolve_config(UC2_TINY))
     one_d = {n for n, p in model.named_parameters() if p.ndim <= 1}
     assert exempt_names(paper, None) == one_d
     exempt = exempt_names(iglue, U.NO_DECAY_RULES["iglue"])

@@ -48,9 +48,12 @@ def assert_matches_pin(name: str, got: list[tuple[int, float]]) -> None:
 @pytest.mark.parametrize("name", sorted(R.RECIPES))
 def test_per_step_losses_match_the_pinned_values(name: str, uninterrupted: Callable) -> None:
     pin = PINS["recipes"].get(name)
-    assert pin is not None and pin["flags"] == R.RECIPES[name][1] and PINS["common_flags"] == R.COMMON, (
-        f"{name}: the recipe differs from the one pinned: regenerate (tests/fixtures/recipes/README.md)"
-    )
+    assert (
+        pin is not None
+        and pin["flags"] == R.RECIPES[name][1]
+        and PINS["common_flags"] == R.COMMON
+        and PINS["model_configs"] == R.pinned_model_configs()
+    ), f"{name}: the recipe differs from the one pinned: regenerate (tests/fixtures/recipes/README.md)"
     assert_matches_pin(name, uninterrupted(name))
 
 

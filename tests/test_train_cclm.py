@@ -18,6 +18,7 @@ from _timeouts import scaled
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _configs import CCLM_TINY  # noqa: E402
 import data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
 import engine  # noqa: E402
@@ -59,7 +60,7 @@ def cli(env: Path, task: str, out: Path, *extra: str) -> list[str]:
         "--tokenizer",
         str(env / "tok"),
         "--model-config",
-        "tiny",
+        CCLM_TINY,
         "--train-split",
         TRAIN[task],
         "--num-workers",
@@ -135,7 +136,7 @@ def test_fixed_batch_loss_falls(env: Path, task: str, policy: str) -> None:
         lr = 3e-4  # only projections, temp and the cross layers move (encoders frozen): larger steps stay stable
     argv = ["--task", task, "--policy", policy, "--lr", str(lr), "--warmup-ratio", "0"]
     args = engine.parse_args(train_cclm.build_parser(), argv, train_cclm.DEFAULTS, "cclm")
-    config = {**train_cclm.CONFIGS["tiny"], "dropout": 0.0, "attn_dropout": 0.0, "vision_drop_path": 0.0}
+    config = {**train_cclm.resolve_config(CCLM_TINY), "dropout": 0.0, "attn_dropout": 0.0, "vision_drop_path": 0.0}
     torch.manual_seed(0)
     model = train_cclm.build_model(task, config)
     layout = train_cclm.layer_layout(task, config)
@@ -203,7 +204,7 @@ def test_xgqa_pipeline_with_eval(env: Path, tmp_path: Path) -> None:
 def assert_x2vlm_optimizer_groups(run: Path, task: str) -> None:
     """The trainer's optimizer is built with X2-VLM's rules (train_cclm.x2vlm_no_decay, lr_mult 2 for the new
     head; tests/test_ckpt_cclm.py checks those rules on the released layout): group names, sizes, peak lrs."""
-    config = {**train_cclm.CONFIGS["tiny"], "image_res": 32}
+    config = {**train_cclm.resolve_config(CCLM_TINY), "image_res": 32}
     model, layout = train_cclm.build_model(task, config), train_cclm.layer_layout(task, config)
     args = json.loads((run / run_folder.ARGS).read_text())
     want = freeze.param_groups(

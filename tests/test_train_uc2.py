@@ -22,6 +22,7 @@ from _timeouts import scaled
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _configs import UC2_TINY  # noqa: E402
 import data  # noqa: E402
 from formats.features import open_features  # noqa: E402
 from formats.bad_input import BadInput  # noqa: E402
@@ -61,7 +62,7 @@ def cli(task, sample, out, *extra):
         "--task",
         task,
         "--model-config",
-        "tiny",
+        UC2_TINY,
         "--data-root",
         str(IGLUE),
         "--features",
@@ -93,7 +94,7 @@ def fixed_batch(task, sample, n=4):
 @pytest.mark.parametrize("task", U.TASKS)
 def test_loss_falls_on_a_fixed_batch(task, policy, sample):
     torch.manual_seed(0)
-    config = {**U.CONFIGS["tiny"], "hidden_dropout": 0.0, "attention_dropout": 0.0, "classifier_dropout": 0.0}
+    config = {**U.resolve_config(UC2_TINY), "hidden_dropout": 0.0, "attention_dropout": 0.0, "classifier_dropout": 0.0}
     model = U.build_model(task, config)
     layout = U.layer_layout(task, config)
     schedule = freeze.Schedule(policy=policy, num_layers=layout.num_layers)
@@ -156,7 +157,7 @@ def test_torchrun_two_processes_equal_one(sample, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
-    start = U.build_model("xgqa", U.CONFIGS["tiny"]).state_dict()
+    start = U.build_model("xgqa", U.resolve_config(UC2_TINY)).state_dict()
     moved = [k for k in one if not torch.equal(one[k], start[k])]
     assert any(k.startswith("encoder.layer.6.") for k in moved), "the second SUF stage never trained"
     for k in one:
@@ -282,7 +283,7 @@ def test_xflickrco_training_finds_volta_hard_negatives(sample, tmp_path, capsys)
         U.main(cli("xflickrco", sample, tmp_path / "with", *common, "--retrieval-negatives", "corrected", "--resume"))
 
 
-@pytest.mark.parametrize("config", ["base", "tiny"])
+@pytest.mark.parametrize("config", ["base", pytest.param(UC2_TINY, id="tiny")])
 def test_print_schedule_pins_uc2_suf(config, capsys):
     U.main(["--task", "xgqa", "--policy", "suf", "--model-config", config, "--print-schedule", "--json"])
     rows = json.loads(capsys.readouterr().out)

@@ -27,6 +27,7 @@ from _timeouts import scaled
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _configs import UC2_TINY  # noqa: E402
 import data  # noqa: E402
 from formats import readers  # noqa: E402
 from formats import volta_negatives  # noqa: E402
@@ -41,7 +42,7 @@ import train_uc2 as U  # noqa: E402
 from formats import volta, x2vlm  # noqa: E402
 
 IGLUE = ROOT / "tests" / "fixtures" / "iglue"
-TINY = U.CONFIGS["tiny"]
+TINY = U.resolve_config(UC2_TINY)
 
 
 # ---------------------------------------------------------------------------------------------------- payloads
@@ -445,7 +446,7 @@ def test_checkpoint_cli_refuses_a_payload_before_writing(tmp_path):
         str(ckpt),
     ]
     for name, main, extra in (
-        ("uc2", U.main, ["--model-config", "tiny", "--features", str(feats)]),
+        ("uc2", U.main, ["--model-config", UC2_TINY, "--features", str(feats)]),
         ("cclm", train_cclm.main, ["--images", str(tmp_path / "images")]),
     ):
         out = tmp_path / f"run_{name}"

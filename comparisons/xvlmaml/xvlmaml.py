@@ -295,7 +295,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         help="pre-trained UC2 checkpoint (any format train_uc2 reads); needs --task and --model-config",
     )
     i.add_argument("--task", choices=engine.TASKS, default=None)
-    i.add_argument("--model-config", default="base", help="with --checkpoint: tiny | base | config json")
+    i.add_argument("--model-config", default="base", help="with --checkpoint: base | config json")
     a = p.add_argument_group("auxiliary language")
     a.add_argument("--aux-lang", required=True, help="auxiliary language whose IGLUE data the meta-training reads")
     a.add_argument(
