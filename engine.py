@@ -1,9 +1,9 @@
-"""Training loop shared by train_uc2.py and train_cclm.py: common CLI, distributed setup, data order,
-AdamW + warm-up/decay, AMP, gradient accumulation, scheduled unfreezing with DDP re-wrapping,
-non-finite-loss guard, per-epoch evaluation, metrics.jsonl, atomic checkpoints, load plans (a reference
-checkpoint's keys onto a model) and exact resume.
+"""The training loop shared by train_uc2.py and train_cclm.py, and what it stands on: the common CLI (arguments with
+their defaults in sight, range checks, the two-stage parse_args), distributed setup, the data order, AdamW +
+warm-up/decay, AMP, the epoch loop (gradient accumulation, scheduled unfreezing with DDP re-wrapping, the
+non-finite-loss stop) and save / exact resume.
 
-A trainer's main() is (decorated with engine.exits_on_bad_input: bad input ends it as one "error: ..." line):
+A trainer's main() is (decorated with console.cli.exits_on_bad_input: bad input ends it as one "error: ..." line):
     args = engine.parse_args(parser, argv, DEFAULTS, "uc2")   # after engine.add_common_args(parser, DEFAULTS)
     dist = engine.setup_distributed()
     run_dir = engine.check_run_dir(args, dist)  # before anything is built: a bad --output-dir costs nothing
@@ -18,11 +18,11 @@ Run folder (--output-dir): args.json, metrics.jsonl, checkpoint_last.pt (resume 
 atomically after every epoch, before its evaluation), model_final.pt ({"model": state_dict, "meta": ...}).
 Rank 0 holds an flock on the folder while it runs: a second process on the same folder is refused.
 
-Sections, in file order (each opens with a "# ---" rule): CLI (parser, argument checks, two-stage parse_args);
-distributed; data order (seeded samplers, loaders); optimizer, AMP; the loop (train, the step); after an epoch:
-its evaluation; run folder, checkpoints, resume; --print-schedule. The evaluation it runs after every epoch
-(evaluate_fn) is scoring/evaluate.py's; the files themselves (torch files, load plans, the run folder's files and
-lock, the tokenizer check) are formats/'s.
+Sections, in file order (each opens with a "# ---- " rule): CLI; distributed; data order; optimizer, AMP; the
+training loop (train, forward_backward, optimizer_step, the step bookkeeping); run folder, checkpoints, resume.
+What the loop calls but a reader need not read is one call into a folder: training/ (ranks and devices, the DDP
+wrapper, the loop's counters, the evaluation after an epoch), console/ (--help, one-line errors, what a run prints),
+formats/ (torch files, the run folder's files and lock, the tokenizer check); evaluate_fn is scoring/evaluate.py's.
 
 Environment: SUF_DIST_TIMEOUT (seconds, default 600) for collectives; SUF_DEVICE=cpu forces CPU.
 """
@@ -30,8 +30,6 @@ Environment: SUF_DIST_TIMEOUT (seconds, default 600) for collectives; SUF_DEVICE
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
 import json
 import math
 import os
@@ -39,8 +37,8 @@ import random
 import sys
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Sequence
@@ -54,11 +52,16 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import data
-from formats import readers
 import freeze
-from formats import cli, run_folder, tokenizer_check, torch_files
+from console import what_trains
+from formats import run_folder, tokenizer_check, torch_files
 from formats.bad_input import BadInput
-from inspection import what_trains
+from training import after_epoch, devices, progress
+from training.devices import DistInfo
+from training.progress import Progress
+
+# ---- CLI ---------------------------------------------------------------------------------------------------
+
 
 TASKS = data.TASKS  # the one task table (data.py)
 RECIPES = ("paper", "iglue")  # paper: the paper's stated settings; iglue: IGLUE's released scripts' values
@@ -112,48 +115,6 @@ def check_resume_args(args: argparse.Namespace, saved: dict, keys: Sequence[str]
                 f"error: --resume: --{key.replace('_', '-')} is {getattr(args, key, None)!r} but the run in "
                 f"{run} used {saved[key]!r}; resume with the same settings"
             )
-
-
-def read_model_config(
-    name: str,
-    configs: dict[str, dict],
-    optional: Sequence[str] = (),
-    foreign: Callable[[dict], dict | None] | None = None,
-) -> dict:
-    """--model-config NAME|FILE: a copy of configs[NAME], or a JSON file whose keys override configs["base"];
-    foreign(d) converts a file in another format (UC2: VOLTA's config) and returns None for one of ours."""
-    if name in configs:
-        return dict(configs[name])
-    if not os.path.isfile(name):
-        raise SystemExit(f"error: --model-config {name!r}: not one of {', '.join(configs)} and no such file")
-    try:
-        cfg = readers.read_json(name, annotations=False)
-    except ValueError as e:
-        raise SystemExit(f"error: --model-config {e}") from None
-    if not isinstance(cfg, dict):
-        raise SystemExit(f"error: --model-config {name}: expected a JSON object of config keys")
-    converted = foreign(cfg) if foreign is not None else None
-    if converted is not None:
-        return converted
-    unknown = sorted(set(cfg) - set(configs["base"]) - set(optional))
-    if unknown:
-        raise SystemExit(f"error: --model-config {name}: unknown key {unknown[0]!r}")
-    return {**configs["base"], **cfg}
-
-
-def check_heads(config: dict, pairs: list[tuple[str, str]], source: str) -> None:
-    """One-line SystemExit when a width of the model config is not divisible by its number of attention heads
-    (torch would fail later, deep in the first forward pass). pairs: (width key, heads key)."""
-    for width, heads in pairs:
-        w, h = config.get(width), config.get(heads)
-        if not (isinstance(w, int) and isinstance(h, int) and w >= 1 and h >= 1 and w % h == 0):
-            raise SystemExit(
-                f"error: --model-config {source}: {width} {w} is not divisible by {heads} {h} "
-                f"(each attention head takes {width} / {heads} dimensions)"
-            )
-
-
-# ---------------------------------------------------------------------------------------------- CLI
 
 
 def table_help(defaults: dict, key: str, text: str) -> str:
@@ -278,15 +239,6 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, defaults
     return args
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help with each option's default (unless the help text already states it, or it is resolved later)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        hidden = any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text.lower()
-        return text if hidden or not action.option_strings else text + " (default: %(default)s)"
-
-
 def default_num_workers(cpus: int | None = None, procs_per_node: int | None = None, cap: int = 16) -> int:
     """Loader workers per process: the CPUs this process may use shared among the node's processes, one
     left for the training loop itself. Our choice: one slow core decodes ~5k UC2 samples/s (~4.4k/s feed an
@@ -299,88 +251,7 @@ def default_num_workers(cpus: int | None = None, procs_per_node: int | None = No
     return max(0, min(cap, cpus // max(procs_per_node, 1) - 1))
 
 
-def is_rank0_process() -> bool:
-    """True in a single process and in torchrun's rank 0 (usable before the process group exists)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """Our scripts' parser: --help with defaults (HelpFormatter), and command-line errors as one line printed by
-    rank 0 only (torchrun starts the script once per rank: argparse would print the whole usage from every rank).
-    Subcommand parsers are of this class too (argparse makes them with the parent's class)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        if is_rank0_process():
-            print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
-        raise SystemExit(2)
-
-
-def exits_on_bad_input(main: Callable) -> Callable:
-    """Decorator for a script's main(argv): a ValueError (how this project reports bad input: BadInput,
-    checkpoint, config and annotation errors) ends it as SystemExit("error: <first line>"), so main() reads top to
-    bottom with no try/except. Lines after the first (a load plan's key-by-key report) go to stderr first, from
-    rank 0. Where the message must say which input it is about, raise it inside `about(flag)`."""
-
-    @functools.wraps(main)
-    def one_line(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except ValueError as e:
-            first, _, details = str(e).partition("\n")
-            if details and is_rank0_process():
-                print(details, file=sys.stderr, flush=True)
-            raise SystemExit(f"error: {first}") from None
-
-    return one_line
-
-
-@contextmanager
-def about(what: str, value: object = None):
-    """ValueErrors raised inside say which input they are about: "what: value: message" ("what: message" when
-    value is None or the message names it already), e.g. about("--checkpoint", args.checkpoint)."""
-    try:
-        yield
-    except ValueError as e:
-        named = "" if value is None or str(value) in str(e).partition("\n")[0] else f"{value}: "
-        raise ValueError(f"{what}: {named}{e}") from None
-
-
-def run_main(main: Callable[[], object]) -> None:
-    """A script's entry point: an "error: ..." exit is printed once (rank 0), not by every torchrun rank;
-    a closed stdout (`... | head`) ends the program quietly."""
-    try:
-        code = cli.exit_quietly_on_broken_pipe(main)
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            if is_rank0_process():
-                print(e.code, file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
-        raise
-    if isinstance(code, int) and code:
-        raise SystemExit(code)
-
-
-# ---------------------------------------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+# ---- distributed -------------------------------------------------------------------------------------------
 
 
 def setup_distributed() -> DistInfo:
@@ -415,75 +286,13 @@ def barrier(dist: DistInfo) -> None:
         tdist.barrier()
 
 
-def shard(n: int, dist: DistInfo | None) -> range:
-    """This rank's contiguous slice of range(n); the first n % world ranks get one extra item."""
-    if dist is None or not dist.distributed:
-        return range(n)
-    base, extra = divmod(n, dist.world)
-    start = dist.rank * base + min(dist.rank, extra)
-    return range(start, start + base + (dist.rank < extra))
-
-
-def gather(items: list, dist: DistInfo | None) -> list:
-    """Every rank's list concatenated in rank order (on every rank): with shard() each item once, in order."""
-    if dist is None or not dist.distributed:
-        return list(items)
-    parts: list = [None] * dist.world
-    tdist.all_gather_object(parts, list(items))
-    return [x for part in parts for x in part]
-
-
-def broadcast_object(obj, dist: DistInfo):
-    """rank 0's obj on every rank."""
-    if not dist.distributed:
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _world_size() -> int:
-    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
-
-
-class _GatherRows(torch.autograd.Function):
-    """All ranks' rows in rank order (row counts may differ: padded to the largest, then cut).
-    Backward sums every rank's gradient of the gathered tensor and returns this rank's rows: the
-    ranks compute the same loss, so after DDP's averaging the gradient equals the 1-process one."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        n = torch.tensor([x.shape[0]], device=x.device)
-        sizes = [torch.zeros_like(n) for _ in range(_world_size())]
-        tdist.all_gather(sizes, n)
-        sizes = [int(s) for s in sizes]
-        pad = max(sizes) - x.shape[0]
-        xp = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x.contiguous()
-        parts = [torch.empty_like(xp) for _ in sizes]
-        tdist.all_gather(parts, xp)
-        ctx.start, ctx.n = sum(sizes[: tdist.get_rank()]), x.shape[0]
-        return torch.cat([t[:s] for t, s in zip(parts, sizes)])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        tdist.all_reduce(grad)
-        return grad[ctx.start : ctx.start + ctx.n]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows of x, differentiable: CCLM's in-batch negatives from every rank (X2-VLM's allgather;
-    see _GatherRows for the gradient)."""
-    return x if _world_size() == 1 else _GatherRows.apply(x)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-# ---------------------------------------------------------------------------------------------- data order
+# ---- data order --------------------------------------------------------------------------------------------
 
 
 def micro_and_accum(args: argparse.Namespace, dist: DistInfo) -> tuple[int, int]:
@@ -560,17 +369,7 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
             obj.set_epoch(epoch)
 
 
-def to_device(batch, device: torch.device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
-# ---------------------------------------------------------------------------------------------- optimizer, AMP
+# ---- optimizer, AMP ----------------------------------------------------------------------------------------
 
 
 def linear_warmup_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -625,27 +424,7 @@ def setup_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, torc
     return torch.float16, torch.amp.GradScaler(device.type)
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-# ---------------------------------------------------------------------------------------------- the loop
-
-
-@dataclass
-class Progress:
-    """The loop's counters; saved in the checkpoint and restored by --resume (engine.train; XVL-MAML's and
-    M-CLIP's loops keep theirs in it too)."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps done = global 0-based index of the next step
-    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient
-    nonfinite_in_a_row: int = 0
-    amp_skipped_steps: int = 0  # fp16 GradScaler overflow skips (scale lowered; not an error)
-    metrics_offset: int = 0  # metrics.jsonl size at the checkpoint
-    # The checkpoint is written before the epoch's evaluation: True when that evaluation is still to log (a
-    # resume re-runs it first). Older checkpoints, written after it, lack the field: False.
-    eval_pending: bool = False
+# ---- the training loop -------------------------------------------------------------------------------------
 
 
 def train(
@@ -681,7 +460,7 @@ def train(
         if args.max_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
         if getattr(args, "print_schedule", False):  # the trainers print it before building anything
-            raise ValueError("engine.train with --print-schedule: call engine.print_schedule_only instead")
+            raise ValueError("engine.train with --print-schedule: call what_trains.print_schedule_only instead")
         model.to(dist.device)
         # The LR schedule spans --schedule-epochs (default --epochs); IGLUE's longer one stops before reaching 0.
         total = (getattr(args, "schedule_epochs", None) or args.epochs) * steps_per_epoch
@@ -699,7 +478,7 @@ def train(
                 return
             log.truncate(prog.metrics_offset)  # what a killed run logged after its checkpoint
             # stopped between the checkpoint and the end of its evaluation (prog.eval_pending): run it now
-            run_evaluation(
+            after_epoch.run_evaluation(
                 evaluate_fn,
                 model,
                 prog.epoch - 1,
@@ -719,7 +498,7 @@ def train(
         for epoch in range(prog.epoch, args.epochs):
             set_epoch(train_loader, epoch)
             model.train()
-            batches = DataWait(iter(train_loader))
+            batches = progress.DataWait(iter(train_loader))
             totals = torch.zeros(2, device=dist.device)  # (loss sum, finite micro-batches) since the last record
             desc = f"epoch {epoch + 1}/{args.epochs}"
             bar = tqdm(total=steps_per_epoch, desc=desc, disable=not dist.is_main, dynamic_ncols=True)
@@ -731,15 +510,17 @@ def train(
                 if stage != applied:
                     changed = freeze.apply_schedule(model, layout, schedule, epoch, prog.step)
                     if dist.is_main and (changed or applied is None):
-                        tqdm.write(trainable_line(model, layout, schedule, epoch, prog.step, steps_per_epoch))
+                        tqdm.write(
+                            what_trains.trainable_line(model, layout, schedule, epoch, prog.step, steps_per_epoch)
+                        )
                     applied = stage
                 if changed or net is None:
                     net = None  # frees the old DDP (refcount) and its reducer's autograd hooks before new ones
-                    net = wrap_for_training(model, dist, args.ddp_find_unused)
+                    net = devices.wrap_for_training(model, dist, args.ddp_find_unused)
                 try:
                     step_loss, n_bad = forward_backward(net, batches, accum, amp_dtype, scaler, dist.device)
                 except BadInput as e:
-                    raise SystemExit(f"error: training data: {e}; {_last_checkpoint(prog, run_dir)}") from None
+                    raise SystemExit(f"error: training data: {e}; {progress.last_checkpoint(prog, run_dir)}") from None
                 totals += torch.stack([step_loss, accum - n_bad])  # before optimizer_step sums n_bad over ranks
                 ok, amp_skipped, lr, grad_norm = optimizer_step(
                     model, optimizer, lr_sched, scaler, args.clip_grad, n_bad, dist
@@ -760,13 +541,15 @@ def train(
             # The epoch's checkpoint, then its evaluation: a crash in the evaluation loses no training (--resume
             # re-runs it).
             prog.epoch, prog.metrics_offset = epoch + 1, log.size()
-            prog.eval_pending = evaluate_fn is not None and evaluation_due(args, epoch)
+            prog.eval_pending = evaluate_fn is not None and after_epoch.evaluation_due(args, epoch)
             save_training_state(checkpoint, model, optimizer, lr_sched, scaler, prog, args, meta, schedule, dist)
-            run_evaluation(evaluate_fn, model, epoch, prog, args, log, run_dir, dist, amp_dtype, on_evaluated)
+            after_epoch.run_evaluation(
+                evaluate_fn, model, epoch, prog, args, log, run_dir, dist, amp_dtype, on_evaluated
+            )
 
-        check_made_progress(prog, run_dir)  # on every rank: the counters are the same everywhere
+        progress.check_made_progress(prog, run_dir)  # on every rank: the counters are the same everywhere
         if dist.is_main:
-            state = {"model": model.state_dict(), "meta": run_meta(meta, schedule, prog, args)}
+            state = {"model": model.state_dict(), "meta": run_folder.run_meta(meta, schedule, prog, args)}
             run_folder.save_checkpoint(final, state)
             print(f"done: {final}", flush=True)
         barrier(dist)
@@ -774,37 +557,6 @@ def train(
         raise SystemExit(f"error: {e}") from None
     finally:
         run_folder.release_run_dirs(run_dir)
-
-
-class LossOf(nn.Module):
-    """DDP syncs gradients only for work done inside its forward(): route model.loss(batch) through it."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch):
-        return self.model.loss(batch)
-
-
-def wrap_for_training(model: nn.Module, dist: DistInfo, find_unused: bool) -> nn.Module:
-    """(Re-)build the DDP wrapper over the parameters that require grad NOW."""
-    net = LossOf(model)
-    if not dist.distributed:
-        return net
-    trainable = "\n".join(n for n, p in model.named_parameters() if p.requires_grad)
-    digests = gather([hashlib.sha1(trainable.encode()).hexdigest()[:12]], dist)
-    if len(set(digests)) > 1:
-        raise RuntimeError(
-            f"ranks disagree on the trainable parameters (per-rank digests {digests}); "
-            "the schedule must depend only on (epoch, step)"
-        )
-    return DDP(
-        net,
-        device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
-        forward_sync_buffers=False,
-        find_unused_parameters=find_unused,
-    )
 
 
 def forward_backward(
@@ -815,10 +567,10 @@ def forward_backward(
     loss_sum = torch.zeros((), device=device)
     n_bad = torch.zeros((), device=device)
     for i in range(accum):
-        batch = to_device(next(batches), device)
+        batch = devices.to_device(next(batches), device)
         last = i == accum - 1
         with nullcontext() if last or not isinstance(net, DDP) else net.no_sync():
-            with autocast(device, amp_dtype):
+            with devices.autocast(device, amp_dtype):
                 loss = net(batch).float()
             scaled = loss / accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -881,7 +633,7 @@ def count_step(prog: Progress, ok: bool, amp_skipped: bool, epoch: int, args, ru
     if prog.nonfinite_in_a_row >= args.max_nonfinite:
         raise SystemExit(
             f"error: stopping: {prog.nonfinite_in_a_row} non-finite losses in a row at epoch {epoch + 1}, "
-            f"step {prog.step} (--max-nonfinite {args.max_nonfinite}); {_last_checkpoint(prog, run_dir)}"
+            f"step {prog.step} (--max-nonfinite {args.max_nonfinite}); {progress.last_checkpoint(prog, run_dir)}"
         )
 
 
@@ -918,173 +670,7 @@ def mean_loss(totals: torch.Tensor, dist: DistInfo) -> float | None:
     return (total[0] / total[1]).item() if total[1] > 0 else None
 
 
-def check_made_progress(prog: Progress, run_dir: Path) -> None:
-    """A run none of whose optimizer steps updated the weights ends with an error and no model_final.pt."""
-    updates = prog.step - prog.nonfinite_steps - prog.amp_skipped_steps
-    if updates <= 0:
-        raise SystemExit(
-            f"error: the run made no finite optimizer step ({prog.step} steps: {prog.nonfinite_steps} "
-            f"non-finite, {prog.amp_skipped_steps} skipped by the fp16 scaler); {run_folder.FINAL} not written "
-            f"(its weights would be the initial ones); check the data, --lr and --amp"
-        )
-
-
-def _last_checkpoint(prog: Progress, run_dir: Path) -> str:
-    return (
-        f"last good checkpoint: {run_dir / run_folder.CHECKPOINT} (after epoch {prog.epoch})"
-        if prog.epoch
-        else "last good checkpoint: none (no epoch completed)"
-    )
-
-
-class DataWait:
-    """The training batches' iterator, timing how long the loop waits for each batch. record() -> the
-    fraction of step time since the last record spent waiting (data_wait_frac; near 0: the loader keeps up)."""
-
-    KEYS = ("data_wait_frac", "step_s")
-
-    def __init__(self, batches):
-        self.batches, self.wait_time, self.step_time, self.steps, self.last_fraction = batches, 0.0, 0.0, 0, 0.0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        start = time.perf_counter()
-        try:
-            return next(self.batches)
-        finally:
-            self.wait_time += time.perf_counter() - start
-
-    def end_step(self, started: float) -> None:
-        self.step_time += time.perf_counter() - started
-        self.steps += 1
-
-    def record(self) -> dict:
-        steps = max(self.steps, 1)
-        self.last_fraction = self.wait_time / self.step_time if self.step_time > 0 else 0.0
-        out = {"data_wait_frac": round(self.last_fraction, 4), "step_s": round(self.step_time / steps, 6)}
-        self.wait_time = self.step_time = 0.0
-        self.steps = 0
-        return out
-
-
-# -------------------------------------------------------------------------------- after an epoch: its evaluation
-
-
-def evaluation_due(args, epoch: int) -> bool:
-    """After the last epoch always; before it every --eval-every epochs (0: never)."""
-    every = getattr(args, "eval_every", 1)
-    return epoch == args.epochs - 1 or (every > 0 and (epoch + 1) % every == 0)
-
-
-def run_evaluation(
-    evaluate_fn: Callable | None,
-    model: nn.Module,
-    epoch: int,
-    prog: Progress,
-    args,
-    log: run_folder.MetricsLog,
-    run_dir: Path,
-    dist: DistInfo,
-    amp_dtype: torch.dtype | None,
-    on_evaluated: Callable | None = None,
-    resumed: bool = False,
-) -> None:
-    """Epoch `epoch` (0-based)'s evaluation if prog.eval_pending (under the run's AMP dtype unless --eval-fp32;
-    --eval-langs before the last epoch, every language after it), logged; its checkpoint is already written.
-    Bad evaluation data or a non-finite model output is a one-line error (the checkpoint stays; --resume re-runs
-    it). resumed: the run stopped between that checkpoint and the end of this evaluation."""
-    if not prog.eval_pending:
-        return
-    if evaluate_fn is None:
-        if resumed and dist.is_main:
-            print(
-                f"warning: epoch {epoch + 1}'s evaluation was not run (the run stopped before it; resumed with "
-                "--no-eval)",
-                file=sys.stderr,
-                flush=True,
-            )
-        return
-    if resumed and dist.is_main:
-        print(f"re-running epoch {epoch + 1}'s evaluation (the run stopped after the epoch's checkpoint)", flush=True)
-    try:
-        eval_dtype = None if getattr(args, "eval_fp32", False) else amp_dtype
-        langs = None if epoch == args.epochs - 1 else getattr(args, "eval_langs", None)
-        results = evaluate(evaluate_fn, model, epoch, amp_dtype=eval_dtype, langs=langs)
-    except (BadInput, FloatingPointError) as e:
-        raise SystemExit(
-            f"error: evaluation after epoch {epoch + 1}: {e}; the epoch's checkpoint "
-            f"{run_dir / run_folder.CHECKPOINT} is kept: fix it and --resume (the evaluation is run again)"
-        ) from None
-    if on_evaluated is not None:
-        on_evaluated(model, epoch, results, dist)
-    log_eval(log, results, epoch, prog.step, args.eval_split, dist)
-
-
-def evaluate(
-    evaluate_fn: Callable,
-    model: nn.Module,
-    epoch: int,
-    amp_dtype: torch.dtype | None = None,
-    langs: list[str] | None = None,
-) -> dict:
-    """evaluate_fn runs on every rank (it shards with shard/gather itself), in eval mode, no grad, under the
-    run's autocast dtype (--amp; the difference to float32 is measured in bench/eval_precision.py). langs,
-    when given, is passed on as evaluate_fn(model, epoch, langs=langs)."""
-    model.eval()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with torch.no_grad(), autocast(device, amp_dtype):
-        results = evaluate_fn(model, epoch + 1, langs=langs) if langs else evaluate_fn(model, epoch + 1)
-    model.train()
-    return results or {}
-
-
-def log_eval(log: run_folder.MetricsLog, results: dict, epoch: int, step: int, split: str, dist: DistInfo) -> None:
-    for lang, metrics in results.items():
-        log.write({"type": "eval", "epoch": epoch + 1, "step": step, "lang": lang, "split": split, **metrics})
-    if dist.is_main and results:
-        print(epoch_line(results, epoch, split), flush=True)
-
-
-# The console's per-epoch metric(s) of a task; everything else is in metrics.jsonl.
-CONSOLE_METRICS = (("accuracy",), ("ir_r1", "tr_r1"))
-
-
-def epoch_line(results: dict, epoch: int, split: str) -> str:
-    """ "epoch 2 test accuracy: en 55.19 de 30.12 ..." (the task's metric per language)."""
-    first = next(iter(results.values()))
-    names = next((m for m in CONSOLE_METRICS if all(k in first for k in m)), None)
-    if names is None:  # an unknown task: its first float metric
-        names = tuple(k for k, v in first.items() if isinstance(v, float))[:1]
-    parts = [
-        f"{name}: " + " ".join(f"{lang} {m.get(name, float('nan')):.2f}" for lang, m in results.items())
-        for name in names
-    ]
-    return f"epoch {epoch + 1} {split} " + "; ".join(parts)
-
-
-def trainable_line(
-    model: nn.Module, layout: freeze.LayerLayout, schedule: freeze.Schedule, epoch: int, step: int, steps_per_epoch: int
-) -> str:
-    """ "epoch 2: layers 6-11 + embeddings, head train; 97.3M trainable" (printed when the trainable set changes)."""
-    where = f"epoch {epoch + 1}" + (f", step {step}" if step % steps_per_epoch else "")
-    return f"{where}: {what_trains.trainable_summary(model, layout, schedule, epoch, step)}"
-
-
-def require_finite(t: torch.Tensor, what: str) -> torch.Tensor:
-    """t, or FloatingPointError when it holds NaN/inf: at evaluation a NaN logit must not become an accuracy
-    (argmax of NaN is an arbitrary class). Rows = examples."""
-    bad = ~torch.isfinite(t)
-    if bad.any():
-        rows = bad.reshape(bad.shape[0], -1).any(1) if t.dim() else bad.reshape(1)
-        raise FloatingPointError(
-            f"non-finite {what} (NaN or inf) for {int(rows.sum())} of {rows.numel()} examples of a batch"
-        )
-    return t
-
-
-# -------------------------------------------------------------------------------- run folder, checkpoints, resume
+# ---- run folder, checkpoints, resume -----------------------------------------------------------------------
 
 
 def check_run_dir(args: argparse.Namespace, dist: DistInfo) -> Path:
@@ -1097,7 +683,7 @@ def check_run_dir(args: argparse.Namespace, dist: DistInfo) -> Path:
     if getattr(args, "print_schedule", False):
         return run_dir
     problem = run_folder.run_dir_problem(run_dir, args.resume) if dist.is_main else None
-    problem = broadcast_object(problem, dist)
+    problem = devices.broadcast_object(problem, dist)
     if problem:
         raise SystemExit(f"error: {problem}")
     return run_dir
@@ -1113,40 +699,10 @@ def load_tokenizer(args: argparse.Namespace, embedding_rows: int):
     return tokenizer
 
 
-def base_meta(model_name: str, args: argparse.Namespace, config: dict, tokenizer) -> dict:
-    """Checkpoint meta both trainers record (engine.train adds policy/schedule/epoch/...). tokenizer_size and
-    tokenizer_vocab (fingerprint): the vocabulary the weights are trained with, checked on --resume and when
-    the checkpoint is loaded again."""
-    return {
-        "model": model_name,
-        "task": args.task,
-        "config": config,
-        "tokenizer": args.tokenizer,
-        "tokenizer_size": len(tokenizer),
-        "tokenizer_vocab": tokenizer_check.tokenizer_fingerprint(tokenizer),
-        "checkpoint": args.checkpoint,
-        "recipe": args.recipe,
-        "langs": args.langs,
-    }
-
-
-def run_meta(meta: dict, schedule: freeze.Schedule, prog: Progress, args) -> dict:
-    return {
-        **meta,
-        "policy": schedule.policy,
-        "schedule": schedule.to_dict(),
-        "epoch": prog.epoch,
-        "step": prog.step,
-        "stage": schedule.stage(max(prog.epoch - 1, 0), max(prog.step - 1, 0)),
-        "task": meta.get("task", args.task),
-        "langs": meta.get("langs", args.langs),
-    }
-
-
 def save_training_state(
     path: Path, model, optimizer, lr_sched, scaler, prog: Progress, args, meta: dict, schedule, dist: DistInfo
 ) -> None:
-    rngs = gather([rng_state(dist.device)], dist)  # every rank's, so a resumed rank continues its own stream
+    rngs = devices.gather([rng_state(dist.device)], dist)  # every rank's, so a resumed rank continues its own stream
     if dist.is_main:
         run_folder.save_checkpoint(
             path,
@@ -1158,7 +714,7 @@ def save_training_state(
                 "rng": rngs,
                 "progress": asdict(prog),
                 "args": run_folder.json_safe(vars(args)),
-                "meta": run_meta(meta, schedule, prog, args),
+                "meta": run_folder.run_meta(meta, schedule, prog, args),
             },
         )
     barrier(dist)
@@ -1232,33 +788,3 @@ def resume(
     if dist.is_main:
         print(f"resumed {path} after epoch {prog.epoch} (step {prog.step})", flush=True)
     return prog
-
-
-# ---------------------------------------------------------------------------------------------- --print-schedule
-
-
-def print_schedule(model, layout, schedule, args, steps_per_epoch: int | None = None) -> None:
-    rows = what_trains.describe_schedule(model, layout, schedule, args.epochs, steps_per_epoch)
-    print(json.dumps(rows, indent=1) if args.json else what_trains.format_schedule(rows), flush=True)
-
-
-def print_schedule_only(
-    build_model: Callable[[str, dict], nn.Module],
-    config: dict,
-    layout: freeze.LayerLayout,
-    schedule: freeze.Schedule,
-    args: argparse.Namespace,
-    count_train: Callable[[], int],
-    data_hint: str = "--data-root",
-) -> None:
-    """The trainers' --print-schedule: no weights, the model built on the meta device (instant even for
-    base). Only a step-unit SUF schedule needs the data: count_train() = training examples."""
-    steps = None
-    if schedule.policy == "suf" and schedule.unfreeze_unit == "step":
-        if not args.data_root:
-            raise SystemExit(f"error: --print-schedule with --unfreeze-unit step needs {data_hint} (steps per epoch)")
-        steps = count_train() // args.batch_size
-        steps = min(steps, args.max_steps_per_epoch) if args.max_steps_per_epoch else steps
-    with torch.device("meta"):
-        model = build_model(args.task, config)
-    print_schedule(model, layout, schedule, args, steps)

@@ -26,16 +26,15 @@ from typing import Sequence
 import torch
 
 import data
-from formats import iglue_layout
-from formats import readers
-from formats.features import is_serialized_lmdb
 import engine
 import scoring.evaluate
 import scoring.metrics
 import train_cclm
 import train_uc2
-from formats import run_folder, torch_files
-from formats import feature_sets, iglue, volta
+from console import cli
+from formats import feature_sets, iglue, iglue_layout, readers, run_folder, torch_files, volta
+from formats.features import is_serialized_lmdb
+from training import devices
 
 TASKS = data.TASKS
 MODEL_SCRIPTS = {"uc2": train_uc2, "cclm": train_cclm}  # meta["model"] -> the script that builds it
@@ -249,7 +248,7 @@ def resolve_data_args(args, run_args: dict, meta: dict) -> None:
         raise SystemExit("error: --tokenizer not given and not in the checkpoint meta / args.json")
 
 
-def evaluate(args: argparse.Namespace, dist: engine.DistInfo) -> int:
+def evaluate(args: argparse.Namespace, dist: devices.DistInfo) -> int:
     """Zero-shot evaluation of --run's final model (or --checkpoint) in --langs, in the caller's process group:
     the evaluate command's body (xvlmaml's final evaluation calls it); writes results.json and the IGLUE CSVs."""
     if bool(args.run) == bool(args.checkpoint):
@@ -409,7 +408,7 @@ def selection_score(task: str, metrics: dict) -> float:
     return metrics["accuracy"]
 
 
-def run_fewshot(args: argparse.Namespace, dist: engine.DistInfo) -> int:
+def run_fewshot(args: argparse.Namespace, dist: devices.DistInfo) -> int:
     """The fewshot command: one training per learning rate (the trainer's main in this process group), the best
     epoch kept (BestCheckpoint), then `evaluate` of it in --eval-langs; writes fewshot.json beside the results."""
     if bool(args.run) == bool(args.checkpoint):
@@ -528,7 +527,7 @@ class BestCheckpoint:
                 default=-math.inf,
             )
 
-    def __call__(self, model: torch.nn.Module, epoch: int, results: dict, dist: engine.DistInfo) -> None:
+    def __call__(self, model: torch.nn.Module, epoch: int, results: dict, dist: devices.DistInfo) -> None:
         """epoch: 0-based; called on every rank after the epoch's evaluation, rank 0 writes."""
         if not self.lang or self.lang not in results:
             return
@@ -553,7 +552,7 @@ MOVED = ("plot", "similarity", "figures", "table")  # the reports: python -m rep
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = engine.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     ev = sub.add_parser("evaluate", help="zero-shot / translate-test evaluation of a run in every language")
     ev.add_argument(
@@ -580,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@engine.exits_on_bad_input
+@cli.exits_on_bad_input
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in MOVED:
@@ -599,4 +598,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    engine.run_main(main)
+    cli.run_main(main)

@@ -24,7 +24,7 @@ simply trains all layers. Under top, the task head (LayerLayout.task_head_module
 for the task to have an output, e.g. CCLM's randomly initialised XVNLI head or its xGQA answer
 decoder) trains although the paper says only "the top 6 cross-modal layers" train.
 
-What trains when, shown without touching the model (--print-schedule, the run's log): inspection/what_trains.py.
+What trains when, shown without touching the model (--print-schedule, the run's log): console/what_trains.py.
 """
 
 from __future__ import annotations

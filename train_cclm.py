@@ -37,11 +37,14 @@ from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaEmbed
 import data
 from checks import preflight
 import engine
-from formats import load_plan, run_folder, tokenizer_check, torch_files
+from console import cli, what_trains
+from formats import load_plan, model_config, run_folder, tokenizer_check, torch_files
 import freeze
 from formats import x2vlm
 from scoring import retrieval_protocols
 import scoring.evaluate
+import scoring.metrics
+from training import devices
 
 TASKS = data.TASKS
 UNSCORED = -100.0  # X2-VLM: retrieval matrix entries outside the k_test prefilter
@@ -386,7 +389,7 @@ class CCLMForXVNLI(CCLM):
 
     @torch.no_grad()
     def predict(self, batch: dict) -> torch.Tensor:
-        return engine.require_finite(self.logits(batch), "logits").argmax(dim=1)
+        return scoring.metrics.require_finite(self.logits(batch), "logits").argmax(dim=1)
 
 
 class CCLMForRetrieval(CCLM):
@@ -430,8 +433,8 @@ class CCLMForRetrieval(CCLM):
 
     def contrastive_loss(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """In-batch (all ranks) ITC; targets spread uniformly over pairs sharing an image id."""
-        image_all, text_all = engine.gather_with_grad(image_feat), engine.gather_with_grad(text_feat)
-        idx_all = engine.gather_with_grad(idx.view(-1, 1))
+        image_all, text_all = devices.gather_with_grad(image_feat), devices.gather_with_grad(text_feat)
+        idx_all = devices.gather_with_grad(idx.view(-1, 1))
         logits = image_all @ text_all.t() / self.temp
         pos = torch.eq(idx_all, idx_all.t()).float()
         targets = pos / pos.sum(dim=1, keepdim=True)
@@ -607,7 +610,7 @@ class CCLMForXGQA(CCLM):
             ranked, probs = self.rank_answers(
                 states[s : s + step], atts[s : s + step], self.answer_ids, self.answer_atts, k
             )
-            engine.require_finite(probs, "answer scores")
+            scoring.metrics.require_finite(probs, "answer scores")
             preds.append(ranked.gather(1, probs.argmax(dim=1, keepdim=True)).squeeze(1))
         return self.answer_labels[torch.cat(preds)]
 
@@ -696,7 +699,7 @@ DEFAULTS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = engine.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     engine.add_common_args(p, DEFAULTS)
     # paper silent: AdamW betas of X2-VLM's create_optimizer (docs/reference_facts.md#F-cclm-optimizer); its no-decay
     # rule (x2vlm_no_decay) and lr_mult 2 (--lr-mult) are wired in main
@@ -733,7 +736,7 @@ def resolve_config(name: str | None, meta: dict | None = None) -> dict:
     """'base' | a config json of ours (its keys over base); None: the checkpoint meta's config, else base."""
     if name is None:
         return dict(meta["config"]) if meta and "config" in meta else dict(CONFIGS["base"])
-    return engine.read_model_config(name, CONFIGS)
+    return model_config.read_model_config(name, CONFIGS)
 
 
 def model_config_from_args(args, meta: dict | None = None) -> dict:
@@ -746,7 +749,7 @@ def model_config_from_args(args, meta: dict | None = None) -> dict:
         raise SystemExit(
             f"error: image resolution {config['image_res']} is not a multiple of the patch size {config['patch_size']}"
         )
-    engine.check_heads(
+    model_config.check_heads(
         config,
         [("hidden_size", "text_heads"), ("hidden_size", "cross_heads"), ("vision_width", "vision_heads")],
         args.model_config or "(the checkpoint's config)",
@@ -768,7 +771,7 @@ def build_train_dataset(args, config: dict):
 
 def read_checkpoint_arg(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     """--checkpoint's (state_dict, our run meta or None); a checkpoint of our other model is refused."""
-    with engine.about("--checkpoint", path):
+    with cli.about("--checkpoint", path):
         state, meta = x2vlm.read_checkpoint(path)
         load_plan.check_checkpoint_model(meta, "cclm", path)
     return state, meta
@@ -776,13 +779,13 @@ def read_checkpoint_arg(path: str) -> tuple[dict[str, torch.Tensor], dict | None
 
 def load_checkpoint_arg(model: CCLM, state: dict[str, torch.Tensor], path: str) -> str:
     """--checkpoint's state into `model` (formats.x2vlm.load_state); returns the report."""
-    with engine.about("--checkpoint", path):
+    with cli.about("--checkpoint", path):
         return x2vlm.load_state(model, state, f"checkpoint {path}")
 
 
-@engine.exits_on_bad_input
+@cli.exits_on_bad_input
 def main(
-    argv: list[str] | None = None, *, dist: engine.DistInfo | None = None, on_evaluated: Callable | None = None
+    argv: list[str] | None = None, *, dist: devices.DistInfo | None = None, on_evaluated: Callable | None = None
 ) -> None:
     """train_cclm.py's command line (argv: its arguments). dist: a process group the caller set up and ends itself
     (eval_zeroshot fewshot runs several trainings and an evaluation in one); on_evaluated: engine.train's hook."""
@@ -793,7 +796,7 @@ def main(
         layout = layer_layout(args.task, config)
         schedule = freeze.schedule_from_args(args, layout.num_layers)
         count_train = lambda: len(data.load_split(args.data_root, args.task, args.train_split, args.train_lang))  # noqa: E731
-        return engine.print_schedule_only(build_model, config, layout, schedule, args, count_train)
+        return what_trains.print_schedule_only(build_model, config, layout, schedule, args, count_train)
 
     owns_group = dist is None
     dist = engine.setup_distributed() if owns_group else dist
@@ -832,7 +835,7 @@ def main(
                 (run_dir / "load_report.txt").write_text(report + "\n")
         elif not args.checkpoint and dist.is_main:
             print("warning: no --checkpoint: training from random initialisation", file=sys.stderr, flush=True)
-        with engine.about("data"):
+        with cli.about("data"):
             model.prepare_task(args.data_root, tokenizer)  # xgqa: the 1,842 candidate answers predict() ranks
             train_ds = build_train_dataset(args, config)
             evaluate_fn = (
@@ -844,7 +847,7 @@ def main(
             )
         loader = engine.build_train_loader(train_ds, args, dist, data.IMAGES.collate(args.task, tokenizer, train=True))
         meta = {
-            **engine.base_meta("cclm", args, config, tokenizer),
+            **run_folder.base_meta("cclm", args, config, tokenizer),
             "vision_lr": args.vision_lr,
             "lr_mult": args.lr_mult,
             "lr_mult_prefixes": list(large_lr),
@@ -875,4 +878,4 @@ def main(
 
 
 if __name__ == "__main__":
-    engine.run_main(main)
+    cli.run_main(main)

@@ -28,11 +28,14 @@ from formats import iglue_layout
 from formats.features import FEATURE_DIM
 from checks import preflight
 import engine
-from formats import load_plan, run_folder, tokenizer_check
+from console import cli, what_trains
+from formats import load_plan, model_config, run_folder, tokenizer_check
 import freeze
 from formats import feature_sets, volta
 from scoring import retrieval_protocols
 import scoring.evaluate
+import scoring.metrics
+from training import devices
 
 TASKS = data.TASKS
 
@@ -71,7 +74,7 @@ OPTIONAL_CONFIG_KEYS = ("hidden_act", "pooler_act", "layer_attn_sizes", "layer_n
 
 def resolve_config(name_or_path: str) -> dict:
     """'base' | path to our config json (its keys over base) or to a VOLTA UC2 config json."""
-    return engine.read_model_config(
+    return model_config.read_model_config(
         name_or_path, CONFIGS, OPTIONAL_CONFIG_KEYS, foreign=lambda d: volta.config_if_volta(d, CONFIGS["base"])
     )
 
@@ -281,7 +284,7 @@ class UC2(nn.Module):
     def predict(self, batch: dict) -> torch.Tensor:
         if self.task == "xflickrco":
             raise ValueError("predict() is for xgqa/xvnli; retrieval uses pair_scores()")
-        return engine.require_finite(self._run(batch), "logits").argmax(-1)
+        return scoring.metrics.require_finite(self._run(batch), "logits").argmax(-1)
 
     def cls_features(self, batch: dict) -> torch.Tensor:
         """Pooled output (VOLTA's pooled_output_t, before dropout): the classifier's input."""
@@ -359,7 +362,7 @@ DEFAULTS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = engine.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     engine.add_common_args(p, DEFAULTS)
     u = p.add_argument_group("UC2 (train_uc2.py)")
     u.add_argument("--model-config", default="base", help="base | our config json | a VOLTA UC2 config json")
@@ -407,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def open_feature_files(paths: list[str]) -> tuple[feature_sets.FeatureSet | None, list[str]]:
     """--features: the image-keyed files as one FeatureSet (None: there are none) and the serialized GQA LMDBs."""
-    with engine.about("--features"):  # unreadable / truncated LMDB or H5
+    with cli.about("--features"):  # unreadable / truncated LMDB or H5
         serialized, keyed = feature_sets.split_features(paths)
         return (feature_sets.FeatureSet(keyed) if keyed else None), serialized
 
@@ -448,7 +451,7 @@ def build_train_dataset(args, features: feature_sets.FeatureSet | None, serializ
 
 def checked_train_dataset(args, features: feature_sets.FeatureSet | None, serialized: list[str]):
     """build_train_dataset with its examples' region features checked now, before training, not mid-epoch."""
-    with engine.about("training data"):
+    with cli.about("training data"):
         train_ds = build_train_dataset(args, features, serialized)
         if isinstance(train_ds, data.UC2Dataset):
             preflight.check_inputs(train_ds.examples, features=features, sample=preflight.VERIFY_SAMPLE)
@@ -457,8 +460,8 @@ def checked_train_dataset(args, features: feature_sets.FeatureSet | None, serial
 
 def load_checkpoint_arg(model: UC2, path: str) -> tuple[load_plan.LoadPlan, dict]:
     """--checkpoint into `model`: (the plan, the file's extra). A bad plan's key-by-key report follows the
-    error's first line (engine.exits_on_bad_input prints it above the error)."""
-    with engine.about("--checkpoint", path):
+    error's first line (console.cli.exits_on_bad_input prints it above the error)."""
+    with cli.about("--checkpoint", path):
         state, extra = volta.read_checkpoint(path)
         plan = volta.load_into(model, state)
     plan.source = path
@@ -474,16 +477,16 @@ def model_config_from_args(args) -> dict:
                 f"error: --model-config {args.model_config}: {key} = {config[key]}, but the region "
                 f"features this script reads have {have}"
             )
-    engine.check_heads(config, [("hidden_size", "num_heads")], args.model_config)
+    model_config.check_heads(config, [("hidden_size", "num_heads")], args.model_config)
     config["retrieval_loss"] = args.retrieval_loss
     if args.dropout is not None:
         config.update(hidden_dropout=args.dropout, attention_dropout=args.dropout, classifier_dropout=args.dropout)
     return config
 
 
-@engine.exits_on_bad_input
+@cli.exits_on_bad_input
 def main(
-    argv: list[str] | None = None, *, dist: engine.DistInfo | None = None, on_evaluated: Callable | None = None
+    argv: list[str] | None = None, *, dist: devices.DistInfo | None = None, on_evaluated: Callable | None = None
 ) -> None:
     """train_uc2.py's command line (argv: its arguments). dist: a process group the caller set up and ends itself
     (eval_zeroshot fewshot runs several trainings and an evaluation in one); on_evaluated: engine.train's hook."""
@@ -497,7 +500,7 @@ def main(
         def count_train() -> int:
             return len(build_train_dataset(args, *open_feature_files(args.features)))
 
-        return engine.print_schedule_only(
+        return what_trains.print_schedule_only(
             build_model, config, layout, schedule, args, count_train, "--data-root/--features"
         )
 
@@ -546,7 +549,7 @@ def main(
                 raise SystemExit(
                     "error: evaluation needs image-keyed --features for the test images (or pass --no-eval)"
                 )
-            with engine.about("evaluation data"):
+            with cli.about("evaluation data"):
                 evaluate_fn = scoring.evaluate.trainer_evaluate_fn(
                     "uc2",
                     args,
@@ -556,7 +559,7 @@ def main(
                     max_regions=args.max_regions,
                     pair_batch=args.eval_batch_size,
                 )
-        meta = {**engine.base_meta("uc2", args, config, tokenizer), "max_regions": args.max_regions}
+        meta = {**run_folder.base_meta("uc2", args, config, tokenizer), "max_regions": args.max_regions}
         engine.train(
             args,
             model,
@@ -575,4 +578,4 @@ def main(
 
 
 if __name__ == "__main__":
-    engine.run_main(main)
+    cli.run_main(main)

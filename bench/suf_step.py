@@ -27,7 +27,7 @@ Every model is measured in a fixed number of attempts (--attempts, default 3; ea
 interleaved measurement as above); the table reports, per configuration, the median over the attempts
 and every attempt's ratio and deviation, all of them kept: no attempt is repeated or dropped because of
 its result. Exit status 1 when a median deviation is off by more than --tolerance (10%), or when the
-parameters that got gradients differ from those inspection.what_trains.describe_schedule says train (checked in --quick
+parameters that got gradients differ from those console.what_trains.describe_schedule says train (checked in --quick
 as well).
 """
 
@@ -50,7 +50,7 @@ import freeze
 import train_cclm
 import train_uc2
 from bench import _common
-from inspection import what_trains
+from console import what_trains
 
 # ---------------------------------------------------------------- counting the work
 

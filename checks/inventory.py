@@ -20,7 +20,8 @@ from typing import Iterable, Sequence
 
 import data
 from checks.preflight import image_problem, record_problem
-from formats import cli, iglue_layout, readers
+from console import cli
+from formats import iglue_layout, readers
 from formats.features import SerializedGQA, feature_keys, is_serialized_lmdb, open_features
 
 

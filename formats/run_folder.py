@@ -1,7 +1,8 @@
 """A run folder (--output-dir) and its files: args.json, metrics.jsonl (MetricsLog), checkpoint_last.pt and
 model_final.pt (save_checkpoint: atomic and durable), the checks before a run starts or resumes in it
 (run_dir_problem: never destroy a run), and the lock that keeps a second process out (an flock on the folder,
-dropped by the kernel when its holder dies). atomic_write_text is the project's one atomic writer of text files.
+dropped by the kernel when its holder dies), and what a checkpoint records about its run (base_meta, run_meta).
+atomic_write_text is the project's one atomic writer of text files.
 
 Not on the reading path: engine.py's loop and check_run_dir make single calls here.
 """
@@ -15,6 +16,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from formats import tokenizer_check
 
 CHECKPOINT, FINAL, METRICS, ARGS = "checkpoint_last.pt", "model_final.pt", "metrics.jsonl", "args.json"
 RUN_FILES = (CHECKPOINT, FINAL, METRICS, ARGS)
@@ -200,3 +203,38 @@ class MetricsLog:
         """Drop what a killed run logged after its last checkpoint (and any half-written line)."""
         if self.enabled and self.size() > size:
             os.truncate(self.path, size)
+
+
+# ---------------------------------------------------------------- a checkpoint's meta
+
+
+def base_meta(model_name: str, args, config: dict, tokenizer) -> dict:
+    """Checkpoint meta both trainers record (engine.train adds policy/schedule/epoch/...). tokenizer_size and
+    tokenizer_vocab (fingerprint): the vocabulary the weights are trained with, checked on --resume and when
+    the checkpoint is loaded again."""
+    return {
+        "model": model_name,
+        "task": args.task,
+        "config": config,
+        "tokenizer": args.tokenizer,
+        "tokenizer_size": len(tokenizer),
+        "tokenizer_vocab": tokenizer_check.tokenizer_fingerprint(tokenizer),
+        "checkpoint": args.checkpoint,
+        "recipe": args.recipe,
+        "langs": args.langs,
+    }
+
+
+def run_meta(meta: dict, schedule, prog, args) -> dict:
+    """A checkpoint's meta: base_meta's, plus where the run stands (schedule: its freeze.Schedule; prog: its
+    training.progress.Progress)."""
+    return {
+        **meta,
+        "policy": schedule.policy,
+        "schedule": schedule.to_dict(),
+        "epoch": prog.epoch,
+        "step": prog.step,
+        "stage": schedule.stage(max(prog.epoch - 1, 0), max(prog.step - 1, 0)),
+        "task": meta.get("task", args.task),
+        "langs": meta.get("langs", args.langs),
+    }

@@ -1,6 +1,6 @@
 """`python -m report ...`: the command line of report/cli.py."""
 
-import engine
+import console.cli
 from report import cli
 
-engine.run_main(cli.main)
+console.cli.run_main(cli.main)

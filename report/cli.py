@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 import data
+import console.cli
 import engine
 import eval_zeroshot
 import scoring.evaluate
@@ -148,7 +149,7 @@ def cmd_table(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = engine.ArgumentParser(prog="python -m report", description=__doc__)
+    p = console.cli.ArgumentParser(prog="python -m report", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("similarity", help="Figure 4: [CLS] similarity of translation-parallel examples")
     sim.add_argument("--run", "--run-dir", dest="run", required=True, help="run folder (--run-dir under torchrun)")
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@engine.exits_on_bad_input
+@console.cli.exits_on_bad_input
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     commands = {"plot": cmd_plot, "similarity": cmd_similarity, "figures": cmd_figures, "table": cmd_table}

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-import engine
+from training import devices
 import eval_zeroshot
 import scoring.evaluate
 import scoring.metrics
@@ -188,7 +188,7 @@ def cls_records(model: torch.nn.Module, batches: Iterable[dict], device, amp: st
     records = []
     for batch in batches:
         with scoring.evaluate.autocast_for(device, amp):
-            feats = model.cls_features(engine.to_device(batch, device)).float().cpu()
+            feats = model.cls_features(devices.to_device(batch, device)).float().cpu()
         records += [(str(i), f) for i, f in zip(batch["id"], feats)]
     return records
 
@@ -241,7 +241,7 @@ def similarity_for(
     feats = {}
     for lang, s in sets.items():
         loader = scoring.evaluate.eval_loader(
-            s.dataset, engine.shard(len(s.dataset), dist), s.collate, batch_size, num_workers
+            s.dataset, devices.shard(len(s.dataset), dist), s.collate, batch_size, num_workers
         )
-        feats[lang] = dict(engine.gather(cls_records(model, loader, device, amp), dist))
+        feats[lang] = dict(devices.gather(cls_records(model, loader, device, amp), dist))
     return cls_similarity(feats)

@@ -15,9 +15,9 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 import data
-from formats import iglue_layout
-import engine
 from checks import preflight
+from formats import iglue_layout
+from training import devices
 from scoring import metrics
 
 
@@ -31,7 +31,7 @@ AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def autocast_for(device: torch.device | str, amp: str = "off"):
     """Evaluation precision: float32 unless asked (--amp bf16|fp16; our choice: exact numbers by default)."""
-    return engine.autocast(torch.device(device), AMP_DTYPES[amp])
+    return devices.autocast(torch.device(device), AMP_DTYPES[amp])
 
 
 def pad_cat(tensors: Sequence[torch.Tensor], value: float = 0) -> torch.Tensor:
@@ -48,7 +48,7 @@ def predict_records(model: torch.nn.Module, batches: Iterable[dict], device, amp
     records = []
     for batch in batches:
         with autocast_for(device, amp):
-            pred = model.predict(engine.to_device(batch, device)).cpu().tolist()
+            pred = model.predict(devices.to_device(batch, device)).cpu().tolist()
         labels = batch["label"].tolist()
         qtypes = batch.get("qtype") or [""] * len(labels)
         records += [(str(i), int(p), int(l), str(q)) for i, p, l, q in zip(batch["id"], pred, labels, qtypes)]
@@ -242,11 +242,11 @@ def evaluate_task(
                 results[lang] = _evaluate_retrieval(model, s, dist, device, batch_size, num_workers, opts, encoded)
                 continue
             n = len(s.dataset)
-            mine = engine.shard(n, dist)
+            mine = devices.shard(n, dist)
             loader = eval_loader(s.dataset, mine, s.collate, batch_size, num_workers)
             batches = _progress(loader, f"{task} {lang}", dist)
             local = predict_records(model, batches, device, amp)
-            records = engine.gather(list(zip(mine, local, strict=True)), dist)
+            records = devices.gather(list(zip(mine, local, strict=True)), dist)
             if sorted(i for i, _ in records) != list(range(n)):  # every example exactly once
                 raise RuntimeError(f"{task} {lang}: gathered {len(records)} predictions for {n} examples")
             ids, preds, labels, qtypes = zip(*(r for _, r in sorted(records)))

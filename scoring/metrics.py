@@ -290,3 +290,15 @@ def format_table(task: str, per_lang: dict[str, dict], title: str = "") -> str:
     )
     lines.append("avg = mean over the non-English languages (the paper's ZS-XLT number)")
     return "\n".join(lines)
+
+
+def require_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    """t, or FloatingPointError when it holds NaN/inf: at evaluation a NaN logit must not become an accuracy
+    (argmax of NaN is an arbitrary class). Rows = examples."""
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        rows = bad.reshape(bad.shape[0], -1).any(1) if t.dim() else bad.reshape(1)
+        raise FloatingPointError(
+            f"non-finite {what} (NaN or inf) for {int(rows.sum())} of {rows.numel()} examples of a batch"
+        )
+    return t

@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 
 import torch
 
-import engine
+from training import devices
 import scoring.evaluate
 
 # ---------------------------------------------------------------- UC2 (VOLTA's eval_retrieval.py)
@@ -29,7 +29,7 @@ def volta_retrieval_scores(
     (pair_batch, amp). Returns (score_i2t [n_img, n_txt], score_t2i [n_txt, n_img]), on every rank."""
     img_batches = list(batches(images, range(len(images)), None))
     feats = {k: torch.cat([b[k] for b in img_batches]) for k in ("features", "spatials", "image_mask")}
-    cap_batches = list(batches(captions, engine.shard(len(captions), dist), "captions"))
+    cap_batches = list(batches(captions, devices.shard(len(captions), dist), "captions"))
     texts = {
         "input_ids": scoring.evaluate.pad_cat([b["input_ids"] for b in cap_batches], value=1)
         if cap_batches
@@ -39,7 +39,7 @@ def volta_retrieval_scores(
         else torch.zeros(0, 1, dtype=torch.long),
     }
     rows = score_all_pairs(model, feats, texts, opts.pair_batch, device, opts.amp)
-    scores = torch.cat(list(engine.gather([rows], dist)))
+    scores = torch.cat(list(devices.gather([rows], dist)))
     return scores.t(), scores
 
 
@@ -55,8 +55,8 @@ def score_all_pairs(
     """The VL logit of EVERY (caption, image) pair, scored `pair_batch` pairs per forward. images: stacked
     features/spatials/image_mask [n_img, R, ...]; texts: stacked input_ids/attention_mask [n_txt, L].
     Returns [n_txt, n_img] (on CPU, float32)."""
-    images = engine.to_device(images, device)
-    texts = engine.to_device(texts, device)
+    images = devices.to_device(images, device)
+    texts = devices.to_device(texts, device)
     n_img, n_txt = images["features"].shape[0], texts["input_ids"].shape[0]
     total = n_img * n_txt
     out = torch.empty(total)
@@ -89,8 +89,8 @@ def x2vlm_retrieval_scores(
     kept across the languages of one evaluation (xFlickrCo's languages share their test images: each
     image is encoded once). Returns (score_i2t [n_img, n_txt], score_t2i [n_txt, n_img]), on every rank."""
     n_img, n_txt = len(images), len(captions)
-    caption_batches = batches(captions, engine.shard(n_txt, dist), "captions")
-    img_shard = engine.shard(n_img, dist)
+    caption_batches = batches(captions, devices.shard(n_txt, dist), "captions")
+    img_shard = devices.shard(n_img, dist)
     key = (tuple(images.items[i].image for i in img_shard), getattr(images, "image_res", None))
     if encoded is not None and key in encoded:
         image_batches = encoded[key]
@@ -158,14 +158,14 @@ def rerank_scores(
     n_local = sum(v.shape[0] for v in vis)
     vis = torch.cat(vis) if vis else None
     local_feat = torch.cat(img_feat).cpu() if img_feat else torch.empty(0, 0)
-    image_feat = torch.cat([t for t in engine.gather([local_feat], dist) if t.numel()]).to(device)
+    image_feat = torch.cat([t for t in devices.gather([local_feat], dist) if t.numel()]).to(device)
     text_states = scoring.evaluate.pad_cat(
-        engine.gather([scoring.evaluate.pad_cat(txt_states)] if txt_states else [], dist)
+        devices.gather([scoring.evaluate.pad_cat(txt_states)] if txt_states else [], dist)
     ).to(device)
     text_atts = scoring.evaluate.pad_cat(
-        engine.gather([scoring.evaluate.pad_cat(txt_atts)] if txt_atts else [], dist)
+        devices.gather([scoring.evaluate.pad_cat(txt_atts)] if txt_atts else [], dist)
     ).to(device)
-    text_feat = torch.cat(engine.gather([torch.cat(txt_feat)] if txt_feat else [], dist)).to(device)
+    text_feat = torch.cat(devices.gather([torch.cat(txt_feat)] if txt_feat else [], dist)).to(device)
     if image_feat.shape[0] != n_images or text_feat.shape[0] != n_texts:
         raise ValueError(
             f"encoded {image_feat.shape[0]} images / {text_feat.shape[0]} captions, expected {n_images} / {n_texts}"
@@ -199,7 +199,7 @@ def rerank_scores(
         triples.append(("t2i", t_all[mine].cpu(), img[mine].cpu(), s_t2i))
     score_i2t = torch.full((n_images, n_texts), model.unscored)
     score_t2i = torch.full((n_texts, n_images), model.unscored)
-    for direction, rows, cols, vals in engine.gather(triples, dist):
+    for direction, rows, cols, vals in devices.gather(triples, dist):
         (score_i2t if direction == "i2t" else score_t2i)[rows, cols] = vals
     return score_i2t, score_t2i
 

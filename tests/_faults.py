@@ -6,7 +6,7 @@ Spec "<kill|raise|hang|enospc>:<point>:<n>[:<rank>]" (rank: act only in torchrun
   unfreeze   after the trainable set changed (freeze.apply_schedule returned True)
   save_mid   inside save_checkpoint, the checkpoint's .tmp written but not yet fsynced: first cut to half, as a
              SIGKILL mid-write leaves it (enospc: a disk that filled up mid-write)
-  evaluate   before an epoch's evaluation (engine.evaluate)
+  evaluate   before an epoch's evaluation (training.after_epoch.evaluate)
   epoch_end  after the epoch's checkpoint and its evaluation; where that is differs per loop (the `loop` tables)
 kill: SIGKILL; raise: RuntimeError("SUF_FAULT: injected failure ..."); hang: sleep an hour; enospc: OSError(ENOSPC).
 
@@ -30,9 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
 import freeze  # noqa: E402
+from training import after_epoch  # noqa: E402
 
 # epoch_end per loop: (module, function) whose return ends an epoch there
-ENGINE = {"epoch_end": (engine, "run_evaluation")}  # engine.train calls it after every epoch's checkpoint
+ENGINE = {"epoch_end": (after_epoch, "run_evaluation")}  # engine.train calls it after every epoch's checkpoint
 XVLMAML = {"epoch_end": (engine, "save_training_state")}  # comparisons' xvlmaml: evaluation, then checkpoint
 MCLIP = {"epoch_end": (engine, "barrier")}  # train_mclip: its checkpoint, then a barrier (its only other: the end)
 
@@ -77,7 +78,7 @@ def install(spec: str, loop: dict = ENGINE, monkeypatch=None):
         module, name = {
             "step": (engine, "optimizer_step"),
             "unfreeze": (freeze, "apply_schedule"),
-            "evaluate": (engine, "evaluate"),
+            "evaluate": (after_epoch, "evaluate"),
             "epoch_end": loop["epoch_end"],
         }[point]
         original = getattr(module, name)

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _faults  # noqa: E402
 import engine  # noqa: E402
+from console import cli, what_trains  # noqa: E402
+from training import devices  # noqa: E402
 import freeze  # noqa: E402
 
 DIM, CLASSES = 8, 3
@@ -87,11 +89,11 @@ def param_hash(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def make_evaluate(data: ToyData, dist: engine.DistInfo, out: Path):
+def make_evaluate(data: ToyData, dist: devices.DistInfo, out: Path):
     def evaluate(model, epoch, langs=None):
-        idx = list(engine.shard(len(data), dist))
+        idx = list(devices.shard(len(data), dist))
         pred = model(data.x[idx]).argmax(1) if idx else torch.zeros(0, dtype=torch.long)
-        rows = engine.gather([(i, int(p == data.y[i])) for i, p in zip(idx, pred.tolist())], dist)
+        rows = devices.gather([(i, int(p == data.y[i])) for i, p in zip(idx, pred.tolist())], dist)
         if dist.is_main:
             (out / f"eval_ids.epoch{epoch}.json").write_text(json.dumps([i for i, _ in rows]))
         correct = sum(c for _, c in rows)
@@ -104,10 +106,10 @@ def make_evaluate(data: ToyData, dist: engine.DistInfo, out: Path):
     return evaluate
 
 
-def run_one(args: argparse.Namespace, dist: engine.DistInfo) -> None:
+def run_one(args: argparse.Namespace, dist: devices.DistInfo) -> None:
     schedule = freeze.schedule_from_args(args, args.layers)
     if args.print_schedule:  # as the trainers do it
-        return engine.print_schedule_only(
+        return what_trains.print_schedule_only(
             lambda task, config: ToyModel(args.layers), {}, layout(args.layers), schedule, args, lambda: args.n_train
         )
     out = engine.check_run_dir(args, dist)
@@ -136,7 +138,7 @@ def run_one(args: argparse.Namespace, dist: engine.DistInfo) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = engine.ArgumentParser(description=__doc__)
+    parser = cli.ArgumentParser(description=__doc__)
     engine.add_common_args(parser, DEFAULTS)
     parser.add_argument("--variants", nargs="+", default=None)
     parser.add_argument("--fail", choices=("raise", "hang"), default=None)

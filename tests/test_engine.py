@@ -27,9 +27,10 @@ from _timeouts import scaled
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import engine  # noqa: E402
-from formats import run_folder, torch_files  # noqa: E402
 import freeze  # noqa: E402
-from inspection import what_trains  # noqa: E402
+from console import cli, what_trains  # noqa: E402
+from formats import run_folder, torch_files  # noqa: E402
+from training import after_epoch, devices, progress  # noqa: E402
 import _faults  # noqa: E402
 
 TOY = ROOT / "tests" / "_toy_train.py"
@@ -119,7 +120,7 @@ def assert_bitwise(a: Path, b: Path) -> None:
 def logged(run_dir: Path) -> list[dict]:
     """metrics.jsonl without the wall-clock measurements (data wait, step time), which no two runs share."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in engine.DataWait.KEYS} for r in records]
+    return [{k: v for k, v in r.items() if k not in progress.DataWait.KEYS} for r in records]
 
 
 class Launch:
@@ -395,7 +396,7 @@ def test_each_rank_seeds_its_own_random_stream(tmp_path):
     args = argparse.Namespace(seed=7)
     for rank in (0, 1, 2):
         engine.start_fresh(
-            tmp_path, args, engine.DistInfo(rank=rank, world=1), run_folder.MetricsLog(tmp_path / "m", False)
+            tmp_path, args, devices.DistInfo(rank=rank, world=1), run_folder.MetricsLog(tmp_path / "m", False)
         )
         assert torch.initial_seed() == 7 + rank
 
@@ -406,7 +407,7 @@ def test_each_rank_seeds_its_own_random_stream(tmp_path):
 def test_shard_covers_every_index_once():
     for world in range(1, 5):
         for n in range(12):
-            parts = [engine.shard(n, engine.DistInfo(rank=r, world=world)) for r in range(world)]
+            parts = [devices.shard(n, devices.DistInfo(rank=r, world=world)) for r in range(world)]
             assert [i for p in parts for i in p] == list(range(n))
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
@@ -415,7 +416,7 @@ def test_global_batches_identical_for_any_world_size():
     def global_batches(world: int, micro: int, epoch: int) -> list[list[int]]:
         per_rank = []
         for r in range(world):
-            s = engine.GlobalBatchSampler(50, 12, micro, engine.DistInfo(rank=r, world=world), seed=3)
+            s = engine.GlobalBatchSampler(50, 12, micro, devices.DistInfo(rank=r, world=world), seed=3)
             s.set_epoch(epoch)
             per_rank.append(list(s))
             assert len(per_rank[-1]) == len(s)
@@ -436,14 +437,14 @@ def test_global_batches_identical_for_any_world_size():
 def test_set_epoch_reaches_sampler_and_dataset():
     data = toy.ToyData(24, 0)
     args = argparse.Namespace(batch_size=12, micro_batch_size=None, grad_accum=None, seed=0, num_workers=0)
-    loader = engine.build_train_loader(data, args, engine.DistInfo())
+    loader = engine.build_train_loader(data, args, devices.DistInfo())
     engine.set_epoch(loader, 2)
     assert data.epoch == 2 and loader.batch_sampler.epoch == 2
 
 
 def test_micro_and_accum():
     ns = lambda **kw: argparse.Namespace(**{"batch_size": 12, "micro_batch_size": None, "grad_accum": None, **kw})  # noqa: E731
-    world2 = engine.DistInfo(rank=0, world=2)
+    world2 = devices.DistInfo(rank=0, world=2)
     assert engine.micro_and_accum(ns(), world2) == (6, 1)
     assert engine.micro_and_accum(ns(micro_batch_size=2), world2) == (2, 3)
     assert engine.micro_and_accum(ns(grad_accum=2), world2) == (3, 2)
@@ -465,7 +466,7 @@ def test_args_defaults_recipe_and_user_values():
         ("iglue", "xgqa"): {"epochs": 5, "lr": 4e-5, "batch_size": 256, **iglue},
         ("iglue", "xvnli"): {"epochs": 10, "lr": 2e-5, "batch_size": 128, **iglue},
     }
-    parser = engine.ArgumentParser()
+    parser = cli.ArgumentParser()
     engine.add_common_args(parser, defaults)
     a = engine.parse_args(parser, ["--task", "xgqa", "--langs", "en,de", "id"], defaults, "m")
     assert (a.epochs, a.lr, a.batch_size, a.weight_decay, a.clip_grad, a.warmup_ratio) == (5, 4e-5, 256, 0.01, 0.0, 0.1)
@@ -529,7 +530,7 @@ def test_schedule_epochs_stretches_the_lr_schedule(tmp_path):
     factor = engine.linear_warmup_decay(2, 20)
     assert lrs == pytest.approx([1e-2 * factor(s) for s in range(8)]) and lrs[-1] > 0.5e-2
     assert json.loads((tmp_path / "long" / "args.json").read_text())["schedule_epochs"] == 5
-    parser = engine.ArgumentParser()
+    parser = cli.ArgumentParser()
     engine.add_common_args(parser, toy.DEFAULTS)
     assert (
         engine.parse_args(parser, ["--task", "xgqa", "--epochs", "3"], toy.DEFAULTS, "toy").schedule_epochs == 3
@@ -767,7 +768,7 @@ def test_metrics_log_the_fraction_of_step_time_spent_waiting_for_data(reference)
 
 
 def test_data_wait_counts_only_time_inside_next():
-    waits = engine.DataWait(iter([1, 2]))
+    waits = progress.DataWait(iter([1, 2]))
     start = time.perf_counter()
     assert next(waits) == 1
     time.sleep(0.01)  # the "step": not waiting
@@ -791,7 +792,7 @@ def eval_epochs(run_dir: Path) -> list[tuple[int, str]]:
 def test_default_evaluates_only_after_the_last_epoch(tmp_path):
     run(tmp_path, "--eval-every", "0")
     assert eval_epochs(tmp_path) == [(3, "en"), (3, "de")]
-    parser = engine.ArgumentParser()
+    parser = cli.ArgumentParser()
     engine.add_common_args(parser, toy.DEFAULTS)
     assert engine.parse_args(parser, ["--task", "xgqa"], toy.DEFAULTS, "toy").eval_every == 0
 
@@ -808,13 +809,13 @@ def test_evaluation_runs_under_the_runs_amp_dtype(tmp_path, monkeypatch):
         seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.is_grad_enabled()))
         return {}
 
-    engine.evaluate(evaluate_fn, toy.ToyModel(), 0, amp_dtype=torch.bfloat16)
-    engine.evaluate(evaluate_fn, toy.ToyModel(), 0)
+    after_epoch.evaluate(evaluate_fn, toy.ToyModel(), 0, amp_dtype=torch.bfloat16)
+    after_epoch.evaluate(evaluate_fn, toy.ToyModel(), 0)
     assert seen == [(True, torch.bfloat16, False), (False, torch.get_autocast_dtype("cpu"), False)]
     passed = []
-    original = engine.evaluate
+    original = after_epoch.evaluate
     monkeypatch.setattr(
-        engine, "evaluate", lambda fn, model, epoch, **kw: passed.append(kw) or original(fn, model, epoch, **kw)
+        after_epoch, "evaluate", lambda fn, model, epoch, **kw: passed.append(kw) or original(fn, model, epoch, **kw)
     )
     run(tmp_path / "amp", "--amp", "bf16", "--epochs", "1")
     run(tmp_path / "fp32", "--amp", "bf16", "--epochs", "1", "--eval-fp32")
@@ -829,7 +830,7 @@ def test_default_workers_share_the_cpus_among_the_nodes_processes():
     assert engine.default_num_workers(cpus=32, procs_per_node=4) == 7
     assert engine.default_num_workers(cpus=96, procs_per_node=1) == 16  # capped
     assert engine.default_num_workers(cpus=4, procs_per_node=8) == 0
-    parser = engine.ArgumentParser()
+    parser = cli.ArgumentParser()
     engine.add_common_args(parser, toy.DEFAULTS)
     assert (
         engine.parse_args(parser, ["--task", "xgqa"], toy.DEFAULTS, "toy").num_workers == engine.default_num_workers()
@@ -838,7 +839,7 @@ def test_default_workers_share_the_cpus_among_the_nodes_processes():
 
 
 def test_help_shows_defaults_and_argument_errors_are_one_line_on_rank_0_only(capsys, monkeypatch):
-    parser = engine.ArgumentParser(prog="t")
+    parser = cli.ArgumentParser(prog="t")
     engine.add_common_args(parser, toy.DEFAULTS)
     text = parser.format_help()
     assert "(default: 42)" in text and "(default: full)" in text
@@ -883,19 +884,19 @@ def test_run_main_prints_an_error_exit_once(capsys, monkeypatch):
     for rank, printed in (("0", "error: --data-root x: no such folder\n"), ("1", "")):
         monkeypatch.setenv("RANK", rank)
         with pytest.raises(SystemExit) as e:
-            engine.run_main(main)
+            cli.run_main(main)
         assert e.value.code == 1 and capsys.readouterr().err == printed
 
 
 def test_bad_input_ends_main_as_one_line_naming_the_input_once(capsys, monkeypatch):
-    @engine.exits_on_bad_input
+    @cli.exits_on_bad_input
     def main(path: str):
-        with engine.about("--checkpoint", path):
+        with cli.about("--checkpoint", path):
             raise ValueError(f"{path}: missing key 'head.0.weight'\n  MISSING  head.0.weight")
 
-    @engine.exits_on_bad_input
+    @cli.exits_on_bad_input
     def main_unnamed(path: str):
-        with engine.about("--checkpoint", path):
+        with cli.about("--checkpoint", path):
             raise ValueError("checkpoint (ours): missing key 'x'")
 
     for rank, details in (("0", "  MISSING  head.0.weight\n"), ("1", "")):

@@ -14,7 +14,7 @@ from _timeouts import scaled
 import freeze
 from freeze import Schedule
 from bench import table
-from inspection import what_trains
+from console import what_trains
 
 W = 4
 

@@ -1009,8 +1009,8 @@ def test_resume_with_another_world_size_is_refused_and_the_older_rng_format_resu
 
 
 def test_a_checkpoint_of_the_counters_before_engine_progress_resumes_bitwise(world, tmp_path, monkeypatch):
-    """Checkpoints written before this trainer used engine.Progress held the best score and step among the counters
-    (and metrics_size for engine's metrics_offset): they resume to the uninterrupted run's state."""
+    """Checkpoints written before this trainer used training.progress.Progress held the best score and step among the
+    counters (and metrics_size for engine's metrics_offset): they resume to the uninterrupted run's state."""
     undo_fault = _faults.install("raise:epoch_end:1", _faults.MCLIP, monkeypatch=monkeypatch)
     with pytest.raises(RuntimeError, match="injected failure"):
         M.main(cli(world, tmp_path / "cut"))

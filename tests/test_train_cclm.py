@@ -22,6 +22,7 @@ from _configs import CCLM_TINY  # noqa: E402
 import data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
 import engine  # noqa: E402
+from training import progress  # noqa: E402
 from formats import run_folder, torch_files  # noqa: E402
 import freeze  # noqa: E402
 import train_cclm  # noqa: E402
@@ -80,7 +81,7 @@ def final_state(run: Path) -> dict[str, torch.Tensor]:
 def records(run: Path, kind: str) -> list[dict]:
     """metrics.jsonl records of a kind, without the wall-clock measurements (no two runs share those)."""
     return [
-        {k: v for k, v in r.items() if k not in engine.DataWait.KEYS}
+        {k: v for k, v in r.items() if k not in progress.DataWait.KEYS}
         for r in map(json.loads, (run / run_folder.METRICS).read_text().splitlines())
         if r["type"] == kind
     ]

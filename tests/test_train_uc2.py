@@ -29,6 +29,7 @@ from formats.bad_input import BadInput  # noqa: E402
 from synthetic import fixtures  # noqa: E402
 from checks import preflight  # noqa: E402
 import engine  # noqa: E402
+from training import progress  # noqa: E402
 from formats import run_folder  # noqa: E402
 import freeze  # noqa: E402
 import train_uc2 as U  # noqa: E402
@@ -196,7 +197,7 @@ def test_resume_after_epoch_one_is_bitwise_equal(sample, tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     logs = [
         [
-            {k: v for k, v in json.loads(line).items() if k not in engine.DataWait.KEYS}  # wall-clock aside
+            {k: v for k, v in json.loads(line).items() if k not in progress.DataWait.KEYS}  # wall-clock aside
             for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
         ]
         for r in ("full", "cut")

@@ -66,6 +66,8 @@ import data
 from formats import readers
 from comparisons.mclip import xtd_data
 import engine
+from console import cli
+from training import devices, progress
 from formats import run_folder, torch_files
 import freeze
 import scoring.evaluate
@@ -562,7 +564,7 @@ def evaluate(
     lang: str,
     args,
     device,
-    dist: engine.DistInfo | None = None,
+    dist: devices.DistInfo | None = None,
 ) -> dict[str, float]:
     """R@1 of the split's images against its captions of (kind, lang), texts in chunks of --eval-batch-size.
     Under torchrun each rank encodes its share of the chunks: the chunks (and so their padding) are those of one
@@ -571,10 +573,10 @@ def evaluate(
     model.eval()
     texts = batch_texts(split.captions(kind, lang), args.hard_prompt)
     starts = range(0, len(texts), args.eval_batch_size)
-    mine = [starts[c] for c in engine.shard(len(starts), dist)]
+    mine = [starts[c] for c in devices.shard(len(starts), dist)]
     with scoring.evaluate.autocast_for(device, getattr(args, "eval_amp", "off")):  # float32 unless --eval-amp
         feats = [encode(model, tokenizer, texts[i : i + args.eval_batch_size], device).float().cpu() for i in mine]
-    feats = engine.gather(feats, dist)
+    feats = devices.gather(feats, dist)
     model.train(was_training)
     image = torch.stack([images[p] for p in split.images])
     return recall_at_1(image, torch.cat(feats))
@@ -598,10 +600,10 @@ def train_step(
     images,
     args,
     device,
-    dist: engine.DistInfo | None = None,
+    dist: devices.DistInfo | None = None,
 ) -> torch.Tensor:
-    """The loss of the global batch idx. Under torchrun each rank encodes its shard of idx (engine.shard) and the
-    text embeddings of all ranks are gathered with gradient (engine.gather_with_grad), so every rank computes the loss
+    """The loss of the global batch idx. Under torchrun each rank encodes its shard of idx (devices.shard) and the
+    text embeddings of all ranks are gathered with gradient (devices.gather_with_grad), so every rank computes the loss
     of the whole batch (its in-batch negatives included): the one-process loss. Image features are cached, so each rank
     takes the whole batch's from its table."""
     main_kind, partner_kind = ROUTINES[args.routine]
@@ -618,21 +620,21 @@ def train_step(
         # the tower runs under the caller's autocast (--amp); its output goes to the gather and the loss in float32
         return encode(model, tokenizer, texts(kind), device).float()
 
-    text = embed(main_kind) if not sizes else engine.gather_with_grad(embed(main_kind))
+    text = embed(main_kind) if not sizes else devices.gather_with_grad(embed(main_kind))
     partner = None
     if partner_kind:
-        partner = embed(partner_kind) if not sizes else engine.gather_with_grad(embed(partner_kind))
+        partner = embed(partner_kind) if not sizes else devices.gather_with_grad(embed(partner_kind))
     return routine_loss(image, text, partner, args.align_loss, args.align_ratio)
 
 
-def shard_sizes(n: int, dist: "engine.DistInfo | None") -> list[int]:
-    """Rows of each rank's shard of a batch of n (engine.shard's split); [] in one process."""
+def shard_sizes(n: int, dist: "devices.DistInfo | None") -> list[int]:
+    """Rows of each rank's shard of a batch of n (devices.shard's split); [] in one process."""
     if dist is None or not dist.distributed:
         return []
-    return [len(engine.shard(n, engine.DistInfo(rank=r, world=dist.world))) for r in range(dist.world)]
+    return [len(devices.shard(n, devices.DistInfo(rank=r, world=dist.world))) for r in range(dist.world)]
 
 
-def sum_gradients(params: Sequence[nn.Parameter], dist: "engine.DistInfo | None") -> None:
+def sum_gradients(params: Sequence[nn.Parameter], dist: "devices.DistInfo | None") -> None:
     """Sum each trainable parameter's gradient over the ranks (one flat all-reduce). A parameter with a gradient
     on some rank gets the sum (zeros standing in where a rank has none, e.g. an empty shard); one with a gradient
     on no rank keeps None, as in one process (Adam then skips it)."""
@@ -658,13 +660,13 @@ def sum_gradients(params: Sequence[nn.Parameter], dist: "engine.DistInfo | None"
 
 
 def fit(
-    model, tokenizer, splits, images, args, run_dir: Path, log, device, dist: engine.DistInfo | None = None
+    model, tokenizer, splits, images, args, run_dir: Path, log, device, dist: devices.DistInfo | None = None
 ) -> dict[str, torch.Tensor]:
     """The reference's loop (trainer.train): step, validate every --eval-steps steps, keep the best state.
     Under torchrun: --batch-size is the global batch, sharded over the ranks (train_step); gradients are
     summed over the ranks (sum_gradients), so every rank takes the one-process step and the ranks stay equal;
     rank 0 writes metrics and checkpoints, which hold every rank's RNG state."""
-    dist = dist or engine.DistInfo()
+    dist = dist or devices.DistInfo()
     layout, schedule = freeze_plan(model, args)
     if schedule is None:
         optimizer = torch.optim.Adam(tuned_params(model).values(), lr=args.lr, weight_decay=0.0)
@@ -676,7 +678,7 @@ def fit(
     amp_dtype, scaler = engine.setup_amp(args.amp, device)
     # engine's counters (epoch, step, nonfinite_steps, amp_skipped_steps, metrics_offset); best: the best validation
     # mean R@1, the step it was reached at and that state of the trainable parameters
-    prog, best = engine.Progress(), {"r1": -1.0, "step": -1, "state": trainable_state(model)}
+    prog, best = progress.Progress(), {"r1": -1.0, "step": -1, "state": trainable_state(model)}
     ckpt = run_dir / run_folder.CHECKPOINT
     if args.resume and ckpt.is_file():
         prog, best = resume_from(ckpt, model, optimizer, sched, scaler, log, device, dist)
@@ -688,9 +690,9 @@ def fit(
             if schedule is not None:
                 freeze.apply_schedule(model, layout, schedule, epoch, prog.step)
             idx = order[b : b + args.batch_size]
-            with engine.autocast(device, amp_dtype):
+            with devices.autocast(device, amp_dtype):
                 loss = train_step(model, tokenizer, splits["train"], idx, images, args, device, dist)
-            # every rank holds the loss of the whole batch and engine.gather_with_grad's backward sums the ranks'
+            # every rank holds the loss of the whole batch and devices.gather_with_grad's backward sums the ranks'
             # gradients of the gathered rows: each rank backpropagates 1/world of it, so its rows get their
             # one-process gradient (exactly, for a power-of-two world) before the text tower's (fp16) backward
             ((scaler.scale(loss) if scaler is not None else loss) / dist.world).backward()
@@ -712,7 +714,7 @@ def fit(
                     best = {"r1": val["mean_r1"], "step": prog.step, "state": trainable_state(model)}
         prog.epoch = epoch + 1
         prog.metrics_offset = log.size()
-        rngs = engine.gather([engine.rng_state(device)], dist)  # every rank's: each has its own dropout stream
+        rngs = devices.gather([engine.rng_state(device)], dist)  # every rank's: each has its own dropout stream
         if dist.is_main:
             run_folder.save_checkpoint(
                 ckpt,
@@ -756,7 +758,7 @@ def freeze_plan(model: MCLIPText, args) -> tuple["freeze.LayerLayout | None", "f
     return layout, freeze.schedule_from_args(args, layout.num_layers)
 
 
-def train_record(epoch: int, prog: engine.Progress, loss: torch.Tensor, lr: float) -> dict:
+def train_record(epoch: int, prog: progress.Progress, loss: torch.Tensor, lr: float) -> dict:
     return {
         "type": "train",
         "epoch": epoch,
@@ -768,7 +770,7 @@ def train_record(epoch: int, prog: engine.Progress, loss: torch.Tensor, lr: floa
     }
 
 
-def resume_from(ckpt: Path, model, optimizer, sched, scaler, log, device, dist) -> tuple[engine.Progress, dict]:
+def resume_from(ckpt: Path, model, optimizer, sched, scaler, log, device, dist) -> tuple[progress.Progress, dict]:
     """Every rank reads the checkpoint and takes its own RNG state. Another number of processes is refused: each
     rank's dropout stream is part of the state, so the result would not be the uninterrupted run's."""
     state = torch_files.load_checkpoint(ckpt)
@@ -785,10 +787,10 @@ def resume_from(ckpt: Path, model, optimizer, sched, scaler, log, device, dist) 
     rngs = [state["rng"]] if isinstance(state["rng"], dict) else state["rng"]  # one process's, before torchrun
     engine.set_rng_state(rngs[dist.rank], device)
     counters = dict(state["progress"])
-    if "metrics_size" in counters:  # written before engine.Progress: the best score and step were counters too
+    if "metrics_size" in counters:  # written before Progress (training/progress.py): best score and step were counters
         counters["metrics_offset"] = counters.pop("metrics_size")
         state["best"] = {"r1": counters.pop("best"), "step": counters.pop("best_step")}
-    prog = engine.Progress(**counters)
+    prog = progress.Progress(**counters)
     log.truncate(prog.metrics_offset)
     return prog, {**state["best"], "state": state["best_state"]}
 
@@ -831,7 +833,7 @@ DEFAULTS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = engine.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     d = DEFAULTS
     p.add_argument("--dataset", choices=("xtd", "multi30k"), required=True)
     p.add_argument("--data-root", required=True, help="XTD10 or multi30k-dataset folder (PECTVLM layout)")
@@ -995,7 +997,7 @@ def main(argv: list[str] | None = None) -> dict:
         engine.cleanup_distributed()
 
 
-def run(args, dist: "engine.DistInfo") -> dict:
+def run(args, dist: "devices.DistInfo") -> dict:
     """One language's run, in one process or as one of torchrun's ranks (each holds the whole model and the
     image-feature table; --batch-size is the global batch)."""
     run_dir = engine.check_run_dir(args, dist)
@@ -1097,7 +1099,7 @@ def load_pet_file(model: MCLIPText, path: str, pet: str) -> None:
 def features_main(argv: Sequence[str]) -> dict:
     """`train_mclip.py features`: the --image-features file of every image of a dataset's splits (the image tower
     is frozen and dropout-free, so one file serves every run, language, routine and PET method)."""
-    p = engine.ArgumentParser(prog="train_mclip.py features")
+    p = cli.ArgumentParser(prog="train_mclip.py features")
     p.add_argument("--dataset", choices=("xtd", "multi30k"), required=True)
     p.add_argument("--data-root", required=True)
     p.add_argument("--images", required=True)
@@ -1137,7 +1139,7 @@ REPORTED_LINE = (
 
 
 def table_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = engine.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="train_mclip.py table", description="Per-language test R@1, average, range and std of train_mclip.py runs."
     )
     p.add_argument("runs", nargs="+", help="run folders (each with results.json)")
@@ -1217,4 +1219,4 @@ def print_table(argv: Sequence[str]) -> dict:
 
 
 if __name__ == "__main__":
-    engine.run_main(main)
+    cli.run_main(main)

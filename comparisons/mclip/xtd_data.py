@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from checks.inventory import print_inventory
-from formats import cli
+from console import cli
 
 XTD_LANGS = ("en", "de", "fr", "es", "it", "jp", "ko", "pl", "ru", "tr", "zh")
 MULTI30K_LANGS = ("en", "de", "fr", "cs")

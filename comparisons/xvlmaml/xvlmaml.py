@@ -46,6 +46,8 @@ from formats import iglue_layout
 from formats import readers
 from checks import preflight
 import engine
+from console import cli
+from training import after_epoch, devices
 from formats import run_folder, tokenizer_check
 import eval_zeroshot as Z
 import freeze
@@ -173,7 +175,7 @@ def episode_seed(seed: int, iteration: int, episode: int) -> int:
     return int(episode_rng(seed, iteration, episode, 2).integers(2**62))
 
 
-def my_episodes(meta_batch: int, dist: engine.DistInfo) -> range:
+def my_episodes(meta_batch: int, dist: devices.DistInfo) -> range:
     """This rank's episodes of an iteration: a contiguous share, each episode whole on one rank."""
     per = meta_batch // dist.world
     return range(dist.rank * per, (dist.rank + 1) * per)
@@ -186,7 +188,7 @@ class Episodes:
         self.args, self.aux_ds, self.en_ds, self.collate, self.device = args, aux_ds, en_ds, collate, device
 
     def _batch(self, ds, idx: list[int]) -> dict:
-        return engine.to_device(self.collate([ds[i] for i in idx]), self.device)
+        return devices.to_device(self.collate([ds[i] for i in idx]), self.device)
 
     def __call__(self, iteration: int, episodes: range) -> Iterator[tuple[dict, dict]]:
         a = self.args
@@ -217,7 +219,7 @@ def meta_step(
     episodes: Iterator[tuple[dict, dict]],
     n_total: int,
     adapt_names: Sequence[str],
-    dist: engine.DistInfo,
+    dist: devices.DistInfo,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
 ) -> tuple[list[float], int]:
@@ -233,7 +235,7 @@ def meta_step(
     inner = M.module_objective(net, terms=cfg.inner, cl_weight=cfg.cl_weight)
     outer = M.module_objective(net, terms=cfg.outer, cl_weight=cfg.cl_weight)
     rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-    with rng, _attention_for(cfg), engine.autocast(device, amp_dtype):
+    with rng, _attention_for(cfg), devices.autocast(device, amp_dtype):
         grads, losses = M.meta_gradient(inner, outer, trainable, episodes, adapt_names, cfg, scale=1.0 / n_total)
     M.accumulate_grads(trainable, grads)
     if dist.distributed:
@@ -390,7 +392,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = engine.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     add_train_args(sub.add_parser("train", help="meta-train with one auxiliary language, then evaluate"))
     mx = sub.add_parser("matrix", help="one run per auxiliary language; auxiliary x target table")
@@ -418,7 +420,7 @@ def maml_config(args) -> M.MamlConfig:
         raise SystemExit(f"error: {e}") from None
 
 
-def check_args(args, dist: engine.DistInfo) -> None:
+def check_args(args, dist: devices.DistInfo) -> None:
     for name in ("support_size", "query_size", "meta_batch", "iters_per_epoch", "epochs", "en_batch_size"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -585,7 +587,7 @@ def check_resume_args(args, run_dir: Path) -> None:
         engine.check_resume_args(args, readers.read_json(saved_path, annotations=False), RESUME_KEYS, run_dir)
 
 
-def train(args, dist: engine.DistInfo) -> Path:
+def train(args, dist: devices.DistInfo) -> Path:
     """Meta-train (resumable) in the caller's process group; returns the run folder holding model_final.pt."""
     check_args(args, dist)
     meta0 = resolve_init(args)
@@ -594,7 +596,7 @@ def train(args, dist: engine.DistInfo) -> Path:
         raise SystemExit("error: --data-root is required (folder holding IGLUE's datasets/)")
     args.max_regions = args.max_regions or 36
     args.aux_split = aux_split(args)
-    args.recipe, args.langs = "paper", args.eval_langs  # what engine.base_meta / run_meta record
+    args.recipe, args.langs = "paper", args.eval_langs  # what run_folder.base_meta / run_meta record
     check_resume_args(args, run_dir)  # after the defaults derived from the data are filled in
     cfg = maml_config(args)
     net, config, tokenizer = build_model(args, meta0, dist)
@@ -603,7 +605,7 @@ def train(args, dist: engine.DistInfo) -> Path:
     layout = xvl_layout(U.layer_layout(args.task, config))
     schedule = freeze.schedule_from_args(args, layout.num_layers)
     meta = {
-        **engine.base_meta("uc2", args, config, tokenizer),
+        **run_folder.base_meta("uc2", args, config, tokenizer),
         "max_regions": args.max_regions,
         "xvlmaml": {
             **cfg.to_dict(),
@@ -659,7 +661,7 @@ def _meta_train(
     cfg: M.MamlConfig,
     episodes: Episodes,
     meta: dict,
-    dist: engine.DistInfo,
+    dist: devices.DistInfo,
     run_dir: Path,
     evaluate_fn=None,
 ) -> None:
@@ -723,17 +725,20 @@ def _meta_train(
                 window = []
         bar.close()
         if evaluate_fn is not None:  # the UC2 task model, as the trainers evaluate it
-            results = engine.evaluate(
+            results = after_epoch.evaluate(
                 evaluate_fn, net.model, epoch, amp_dtype=scoring.evaluate.AMP_DTYPES[args.eval_amp]
             )
-            engine.log_eval(log, results, epoch, prog.step, args.epoch_eval_split, dist)
+            after_epoch.log_eval(log, results, epoch, prog.step, args.epoch_eval_split, dist)
         prog.epoch = epoch + 1
         prog.metrics_offset = log.size()
         engine.save_training_state(
             run_dir / run_folder.CHECKPOINT, net, optimizer, lr_sched, None, prog, args, meta, schedule, dist
         )
     if dist.is_main:
-        final_meta = {**engine.run_meta(meta, schedule, prog, args), "policy": setup_name(meta["xvlmaml"], schedule)}
+        final_meta = {
+            **run_folder.run_meta(meta, schedule, prog, args),
+            "policy": setup_name(meta["xvlmaml"], schedule),
+        }
         run_folder.save_checkpoint(
             run_dir / run_folder.FINAL,
             {"model": net.model.state_dict(), "cl_head": net.cl_head.state_dict(), "meta": final_meta},
@@ -755,14 +760,14 @@ def setup_name(xvl: dict, schedule: freeze.Schedule) -> str:
     )
 
 
-def _mean_over_ranks(values: list[float], dist: engine.DistInfo) -> float | None:
+def _mean_over_ranks(values: list[float], dist: devices.DistInfo) -> float | None:
     total = torch.tensor([sum(values), len(values)], dtype=torch.float64)
     if dist.distributed:
         tdist.all_reduce(total)
     return (total[0] / total[1]).item() if total[1] > 0 else None
 
 
-def evaluate(args, run_dir: Path, dist: engine.DistInfo) -> int:
+def evaluate(args, run_dir: Path, dist: devices.DistInfo) -> int:
     """The existing zero-shot evaluation of model_final.pt in every language (results.json, IGLUE CSVs)."""
     eargs = argparse.Namespace(
         run=str(run_dir),
@@ -787,7 +792,7 @@ def evaluate(args, run_dir: Path, dist: engine.DistInfo) -> int:
     return Z.evaluate(eargs, dist)
 
 
-def cmd_train(args, dist: engine.DistInfo) -> int:
+def cmd_train(args, dist: devices.DistInfo) -> int:
     run_dir = train(args, dist)
     return 0 if args.no_eval else evaluate(args, run_dir, dist)
 
@@ -839,7 +844,7 @@ def format_matrix(t: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_matrix(args, dist: engine.DistInfo) -> int:
+def cmd_matrix(args, dist: devices.DistInfo) -> int:
     out = Path(args.output_dir)
     results, task = {}, args.task
     for aux in args.aux_langs:
@@ -871,7 +876,7 @@ def cmd_matrix(args, dist: engine.DistInfo) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None, *, dist: engine.DistInfo | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, dist: devices.DistInfo | None = None) -> int:
     """dist: the caller's process group (several commands in one group); None: set up and end one here.
     Under torchrun every training and evaluation of a command shares ONE group: a second group on the
     same store can read the first one's addresses and fail to connect."""

@@ -1,5 +1,6 @@
-"""What trains when, shown without touching the model: --print-schedule's rows and table, and the line a run prints
-when its trainable set changes.
+"""What trains when, shown without touching the model: --print-schedule's rows and table (print_schedule_only: the
+trainers' --print-schedule, the model built on the meta device), and the line a run prints when its trainable set
+changes (trainable_line).
 
 Not on the reading path: freeze.py decides which parameters train (Schedule.trainable_layers, freeze.trains);
 this module only counts and words it, for a person checking a schedule before paying for a run.
@@ -7,6 +8,11 @@ this module only counts and words it, for a person checking a schedule before pa
 
 from __future__ import annotations
 
+import argparse
+import json
+from typing import Callable
+
+import torch
 import torch.nn as nn
 
 import freeze
@@ -126,3 +132,38 @@ def format_schedule(rows: list[dict]) -> str:
             )
         lines.append(line)
     return "\n".join(lines)
+
+
+def trainable_line(
+    model: nn.Module, layout: freeze.LayerLayout, schedule: freeze.Schedule, epoch: int, step: int, steps_per_epoch: int
+) -> str:
+    """ "epoch 2: layers 6-11 + embeddings, head train; 97.3M trainable" (printed when the trainable set changes)."""
+    where = f"epoch {epoch + 1}" + (f", step {step}" if step % steps_per_epoch else "")
+    return f"{where}: {trainable_summary(model, layout, schedule, epoch, step)}"
+
+
+def print_schedule(model, layout, schedule, args, steps_per_epoch: int | None = None) -> None:
+    rows = describe_schedule(model, layout, schedule, args.epochs, steps_per_epoch)
+    print(json.dumps(rows, indent=1) if args.json else format_schedule(rows), flush=True)
+
+
+def print_schedule_only(
+    build_model: Callable[[str, dict], nn.Module],
+    config: dict,
+    layout: freeze.LayerLayout,
+    schedule: freeze.Schedule,
+    args: argparse.Namespace,
+    count_train: Callable[[], int],
+    data_hint: str = "--data-root",
+) -> None:
+    """The trainers' --print-schedule: no weights, the model built on the meta device (instant even for
+    base). Only a step-unit SUF schedule needs the data: count_train() = training examples."""
+    steps = None
+    if schedule.policy == "suf" and schedule.unfreeze_unit == "step":
+        if not args.data_root:
+            raise SystemExit(f"error: --print-schedule with --unfreeze-unit step needs {data_hint} (steps per epoch)")
+        steps = count_train() // args.batch_size
+        steps = min(steps, args.max_steps_per_epoch) if args.max_steps_per_epoch else steps
+    with torch.device("meta"):
+        model = build_model(args.task, config)
+    print_schedule(model, layout, schedule, args, steps)

@@ -1,0 +1,97 @@
+"""After an epoch: its evaluation. engine.train writes the epoch's checkpoint first, then calls run_evaluation:
+the trainer's evaluate_fn (scoring/evaluate.py) in eval mode under the run's autocast dtype, its records in
+metrics.jsonl and one line on the console; a crash or bad evaluation data loses no training (--resume re-runs it).
+
+Not on the reading path: engine.py's loop makes one call here after every epoch's checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from console import cli
+from formats import run_folder
+from formats.bad_input import BadInput
+from training import devices
+from training.devices import DistInfo
+from training.progress import Progress
+
+
+def evaluation_due(args, epoch: int) -> bool:
+    """After the last epoch always; before it every --eval-every epochs (0: never)."""
+    every = getattr(args, "eval_every", 1)
+    return epoch == args.epochs - 1 or (every > 0 and (epoch + 1) % every == 0)
+
+
+def run_evaluation(
+    evaluate_fn: Callable | None,
+    model: nn.Module,
+    epoch: int,
+    prog: Progress,
+    args,
+    log: run_folder.MetricsLog,
+    run_dir: Path,
+    dist: DistInfo,
+    amp_dtype: torch.dtype | None,
+    on_evaluated: Callable | None = None,
+    resumed: bool = False,
+) -> None:
+    """Epoch `epoch` (0-based)'s evaluation if prog.eval_pending (under the run's AMP dtype unless --eval-fp32;
+    --eval-langs before the last epoch, every language after it), logged; its checkpoint is already written.
+    Bad evaluation data or a non-finite model output is a one-line error (the checkpoint stays; --resume re-runs
+    it). resumed: the run stopped between that checkpoint and the end of this evaluation."""
+    if not prog.eval_pending:
+        return
+    if evaluate_fn is None:
+        if resumed and dist.is_main:
+            print(
+                f"warning: epoch {epoch + 1}'s evaluation was not run (the run stopped before it; resumed with "
+                "--no-eval)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return
+    if resumed and dist.is_main:
+        print(f"re-running epoch {epoch + 1}'s evaluation (the run stopped after the epoch's checkpoint)", flush=True)
+    try:
+        eval_dtype = None if getattr(args, "eval_fp32", False) else amp_dtype
+        langs = None if epoch == args.epochs - 1 else getattr(args, "eval_langs", None)
+        results = evaluate(evaluate_fn, model, epoch, amp_dtype=eval_dtype, langs=langs)
+    except (BadInput, FloatingPointError) as e:
+        raise SystemExit(
+            f"error: evaluation after epoch {epoch + 1}: {e}; the epoch's checkpoint "
+            f"{run_dir / run_folder.CHECKPOINT} is kept: fix it and --resume (the evaluation is run again)"
+        ) from None
+    if on_evaluated is not None:
+        on_evaluated(model, epoch, results, dist)
+    log_eval(log, results, epoch, prog.step, args.eval_split, dist)
+
+
+def evaluate(
+    evaluate_fn: Callable,
+    model: nn.Module,
+    epoch: int,
+    amp_dtype: torch.dtype | None = None,
+    langs: list[str] | None = None,
+) -> dict:
+    """evaluate_fn runs on every rank (it shards with shard/gather itself), in eval mode, no grad, under the
+    run's autocast dtype (--amp; the difference to float32 is measured in bench/eval_precision.py). langs,
+    when given, is passed on as evaluate_fn(model, epoch, langs=langs)."""
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.no_grad(), devices.autocast(device, amp_dtype):
+        results = evaluate_fn(model, epoch + 1, langs=langs) if langs else evaluate_fn(model, epoch + 1)
+    model.train()
+    return results or {}
+
+
+def log_eval(log: run_folder.MetricsLog, results: dict, epoch: int, step: int, split: str, dist: DistInfo) -> None:
+    for lang, metrics in results.items():
+        log.write({"type": "eval", "epoch": epoch + 1, "step": step, "lang": lang, "split": split, **metrics})
+    if dist.is_main and results:
+        print(cli.epoch_line(results, epoch, split), flush=True)
