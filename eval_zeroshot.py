@@ -36,7 +36,6 @@ from formats import feature_sets, iglue, iglue_layout, readers, run_folder, torc
 from formats.features import is_serialized_lmdb
 from training import devices
 
-TASKS = data.TASKS
 MODEL_SCRIPTS = {"uc2": train_uc2, "cclm": train_cclm}  # meta["model"] -> the script that builds it
 
 

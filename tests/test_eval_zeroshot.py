@@ -435,7 +435,7 @@ def make_env(tmp: Path) -> dict:
                 shutil.copy(ds / src, ds / dst.format(lang))
     _trim_sample(ds)
     keys, files, texts = set(), set(), []
-    for task in E.TASKS:
+    for task in data.TASKS:
         for split in iglue_layout.available_splits(root, task):
             for lang in iglue_layout.available_langs(root, task, split):
                 for ex in data.load_split(root, task, split, lang):
@@ -457,7 +457,7 @@ def make_env(tmp: Path) -> dict:
     e["runs"] = {
         (m, t): _save_run(tmp / "runs" / f"{m}-{t}", m, t, s.resolve_config(path), e)
         for m, s, path in (("uc2", train_uc2, UC2_TINY), ("cclm", train_cclm, CCLM_TINY))
-        for t in E.TASKS
+        for t in data.TASKS
     }
     return e
 
@@ -554,7 +554,7 @@ def test_partial_and_dev_evaluations_keep_the_test_results(env, tmp_path):
 
 
 @pytest.mark.parametrize("model_name", ["uc2", "cclm"])
-@pytest.mark.parametrize("task", E.TASKS)
+@pytest.mark.parametrize("task", data.TASKS)
 def test_evaluate_every_language_and_translate_test(env, model_name, task, capsys):
     import data
 
