@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from _configs import CCLM_TINY, UC2_TINY  # noqa: E402
 from formats import run_folder, torch_files  # noqa: E402
+import data  # noqa: E402
 import eval_zeroshot as E  # noqa: E402
 from report import cli as report_cli  # noqa: E402
 import report.figures  # noqa: E402
