@@ -27,6 +27,7 @@ import math
 import os
 import pickle
 import reprlib
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -384,6 +385,7 @@ def unpickle_data(buf: bytes | memoryview, where: str) -> Any:
         ) from None
     except (
         pickle.UnpicklingError,
+        struct.error,  # Python's pickle machine on a field cut short
         ValueError,
         TypeError,
         EOFError,
