@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from formats.bad_input import BadInput
-from formats.pickles import plain_dtype, unpickle_data
+from formats.pickles import plain_dtype, short_repr, unpickle_data
 
 FEATURE_DIM = 2048
 
@@ -189,7 +189,9 @@ def _record_arrays(path: str, key, item, rows: slice) -> tuple[np.ndarray, np.nd
     width (4x1024 is not 2x2048), dtype or row count, or without its fields, is a BadInput naming file and key."""
     where = f"{path}: feature record {str(key)!r}"
     if not isinstance(item, dict) or not all(k in item for k in _RECORD_FIELDS):
-        have = sorted(map(str, item))[:8] if isinstance(item, dict) else type(item).__name__
+        have = (
+            [short_repr(k, 40) for k in sorted(map(str, item))[:8]] if isinstance(item, dict) else type(item).__name__
+        )
         raise BadInput(f"{where}: expected a dict with {', '.join(_RECORD_FIELDS)}; got {have}")
     feats = _as_rows(item["features"], FEATURE_DIM, where, "features")
     boxes = _as_rows(item["boxes"], 4, where, "boxes")
@@ -225,7 +227,7 @@ def _image_side(value, where: str, name: str) -> int:
         isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind in "iu"
     )
     if not ok or isinstance(value, bool) or int(value) < 1:
-        raise BadInput(f"{where}: {name} is {value!r}; expected a positive integer (pixels)")
+        raise BadInput(f"{where}: {name} is {short_repr(value)}; expected a positive integer (pixels)")
     return int(value)
 
 

@@ -8,6 +8,15 @@ scalar rebuilders and a few builtin containers, so the unpickler below resolves 
 and 2.x module names, Python 2 names) to our own checking functions, and refuses every other name. numpy's
 dtype.__setstate__ would accept a forged state (object fields on a float type: raw bytes read as pointers),
 so dtypes and arrays are rebuilt by us from validated parts, never by numpy's setstate on forged input.
+
+Work is linear in the file's size, whatever the file holds. Through its memo a pickle of a few hundred bytes can
+describe a tuple DAG with 2^60 paths: anything that walks it as a tree (a hash, a repr, a comparison) never ends.
+So the pickle machine is Python's own (pickle._Unpickler) with the opcodes that hash changed to admit only
+scalar dict keys and set members (str, bytes, small int, float, bool, None: hashing them is linear and their
+collisions are not chosen by the file); the object read is then walked once, memoised, and refused when it is
+nested deeper than MAX_DEPTH or its tree (every path counted) exceeds MAX_TREE_NODES + TREE_NODES_PER_BYTE x the
+file's size; what our rebuilders copy (sets, arrays, bytes) is charged against BUILT_BYTES_PER_BYTE x the file's
+size + 1 MiB. Error messages show untrusted values through short_repr (at most 200 characters).
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ import io
 import math
 import os
 import pickle
+import reprlib
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +41,28 @@ class UnsafePickleError(ValueError):
     """A downloaded pickle names a function or class that no data file needs; nothing was called."""
 
 
+MAX_DEPTH = 64  # nesting of containers; data files nest 2-4 deep
+MAX_TREE_NODES, TREE_NODES_PER_BYTE = 1_000_000, 16  # the object read, every shared sub-object counted per path
+BUILT_BYTES_PER_BYTE = 4  # sets, arrays, bytes our rebuilders make: each copies a part of the file once
+_KEY_TYPES = (str, bytes, float, bool, type(None))
+_SMALL_INT = 2**61 - 1  # |int| below it: hash(x) == x (but -1), so no two keys the file chooses collide
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 3, 60, 60, 60
+_SHORT.maxtuple = _SHORT.maxlist = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxfrozenset = 6
+
+
+def short_repr(value, limit: int = 200) -> str:
+    """repr(value) for an error message about an untrusted value: bounded work and at most `limit` characters
+    (nested containers, long strings and huge ints are elided with '...')."""
+    try:
+        text = _SHORT.repr(value)
+    except Exception:  # a huge int (str() refuses > 4300 digits), a broken object
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 PLAIN_DTYPE_KINDS = "biufcSU"  # bool, ints, floats, complex, bytes and str: no objects, no structs
 
 
@@ -41,7 +74,7 @@ def plain_dtype(spec: str, where: str = "dtype") -> np.dtype:
     if dt is None:
         dt = np.dtype(spec)
         if dt.kind not in PLAIN_DTYPE_KINDS or dt.fields is not None or dt.subdtype is not None or dt.hasobject:
-            raise ValueError(f"{where}: dtype {spec!r} is not a plain numeric or string type")
+            raise ValueError(f"{where}: dtype {short_repr(spec)} is not a plain numeric or string type")
         if len(_PLAIN_DTYPES) < 1024:
             _PLAIN_DTYPES[spec] = dt
     return dt
@@ -75,9 +108,11 @@ class _PickledDtype:
         if (subarray, names, fields) != (None, None, None) or (len(state) == 9 and state[8] is not None):
             raise ValueError("dtype state with fields, sub-arrays or metadata")
         if elsize not in (-1, self.dtype.itemsize) or alignment not in (-1, self.dtype.alignment):
-            raise ValueError(f"dtype state with item size {elsize} / alignment {alignment} for {self.dtype}")
+            raise ValueError(
+                f"dtype state with item size {short_repr(elsize)} / alignment {short_repr(alignment)} for {self.dtype}"
+            )
         if endian not in ("<", ">", "=", "|"):
-            raise ValueError(f"dtype state with byte order {endian!r}")
+            raise ValueError(f"dtype state with byte order {short_repr(endian)}")
         if endian in "<>" and endian != _NATIVE_ORDER and self.dtype.byteorder != "|":
             self.dtype = self.dtype.newbyteorder(endian)
         self._built = True
@@ -85,7 +120,7 @@ class _PickledDtype:
 
 def _shape(shape) -> tuple[int, ...]:
     if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape):
-        raise ValueError(f"array shape {shape!r} is not a tuple of non-negative ints")
+        raise ValueError(f"array shape {short_repr(shape)} is not a tuple of non-negative ints")
     return shape
 
 
@@ -110,7 +145,7 @@ class _PickledArray:
         if self.array is not None or type(state) is not tuple or len(state) not in (4, 5):
             raise ValueError("malformed array state")
         if len(state) == 5 and state[0] != 1:
-            raise ValueError(f"array state version {state[0]!r}")
+            raise ValueError(f"array state version {short_repr(state[0])}")
         shape, dtype, fortran, raw = state[-4:]
         if type(dtype) is not _PickledDtype or type(shape) is not tuple or type(raw) not in (bytes, bytearray, str):
             raise ValueError("malformed array state")
@@ -139,14 +174,14 @@ def _pickle_frombuffer(buf, dtype, shape, order):  # numpy's pickle protocol 5 p
         raise ValueError("malformed protocol-5 array")
     shape = _shape(shape)
     if len(buf) != math.prod(shape) * dtype.dtype.itemsize:
-        raise ValueError(f"array data of {len(buf)} bytes for shape {shape} of {dtype.dtype}")
+        raise ValueError(f"array data of {len(buf)} bytes for shape {short_repr(shape)} of {dtype.dtype}")
     arr = np.frombuffer(buf, dtype.dtype)
     return arr.reshape(shape[::-1]).T if order == "F" else arr.reshape(shape)
 
 
 def _pickle_latin1(text, encoding):  # how protocols 0-2 store bytes: _codecs.encode(str, "latin1")
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise ValueError(f"_codecs.encode with {encoding!r}")
+        raise ValueError(f"_codecs.encode with {short_repr(encoding)}")
     return text.encode("latin1")
 
 
@@ -160,9 +195,26 @@ def _pickle_container(kind):
     def build(*args):
         if len(args) > 1 or (args and not isinstance(args[0], (list, tuple, dict, set, frozenset))):
             raise ValueError(f"{kind.__name__}() with arguments {type(args).__name__}")
+        if args and not isinstance(args[0], dict):  # dict keys were checked when the dict was built
+            if kind is collections.OrderedDict:  # Python 2 pickles an OrderedDict as a list of [key, value]
+                if not all(type(p) in (list, tuple) and len(p) == 2 for p in args[0]):
+                    raise ValueError("OrderedDict() of items that are not [key, value] pairs")
+                _check_keys((p[0] for p in args[0]), "dict key")
+            else:
+                _check_keys(args[0], "set member")
         return kind(*args)
 
     return build
+
+
+def _check_keys(keys, what: str) -> None:
+    """Dict keys and set members must be scalars (_KEY_TYPES, small ints): hashing one is linear in its size and
+    the file cannot make two collide (a tuple key can be a DAG whose hash never ends)."""
+    for k in keys:
+        kind = type(k)
+        if kind not in _KEY_TYPES and not (kind is int and -_SMALL_INT < k < _SMALL_INT):
+            shown = f"an int of {k.bit_length()} bits" if kind is int else f"of type {kind.__name__}"
+            raise ValueError(f"a {what} {shown} (data files key by strings, bytes and numbers)")
 
 
 _NUMPY_CORE = ("numpy.core", "numpy._core")  # numpy 1.x / 2.x module names in pickles
@@ -178,49 +230,140 @@ _PICKLE_GLOBALS = {
 }
 
 
-class _DataUnpickler(pickle.Unpickler):
-    """pickle.Unpickler that resolves only _PICKLE_GLOBALS (exact module and name) and numpy.ndarray."""
+def _load_setitem(self):
+    value, key = self.stack.pop(), self.stack.pop()
+    _load_setitems_of(self, [key, value])
 
-    numpy_seen = False  # set once a numpy name is resolved: only then can placeholders need replacing
+
+def _load_setitems(self):
+    _load_setitems_of(self, self.pop_mark())
+
+
+def _load_setitems_of(self, items):
+    target = self.stack[-1]
+    if type(target) not in (dict, collections.OrderedDict):
+        raise ValueError(f"SETITEMS on a {type(target).__name__}")
+    _check_keys(items[::2], "dict key")
+    for i in range(0, len(items), 2):
+        target[items[i]] = items[i + 1]
+
+
+def _load_dict(self):
+    items = self.pop_mark()
+    _check_keys(items[::2], "dict key")
+    self.append({items[i]: items[i + 1] for i in range(0, len(items), 2)})
+
+
+def _load_additems(self):
+    items = self.pop_mark()
+    if type(self.stack[-1]) is not set:
+        raise ValueError(f"ADDITEMS on a {type(self.stack[-1]).__name__}")
+    _check_keys(items, "set member")
+    self.stack[-1].update(items)
+
+
+def _load_frozenset(self):
+    items = self.pop_mark()
+    _check_keys(items, "set member")
+    self.append(frozenset(items))
+
+
+def _load_build(self):
+    state, inst = self.stack[-1], self.stack[-2]
+    if type(inst) is _PickledArray and type(state) is tuple and state:
+        self.charge(len(state[-1]) if isinstance(state[-1], (bytes, bytearray, str)) else 0)
+    pickle._Unpickler.load_build(self)
+
+
+class _DataUnpickler(pickle._Unpickler):
+    """Python's pickle machine resolving only _PICKLE_GLOBALS (exact module and name) and numpy.ndarray, with
+    scalar dict keys and set members only, and a budget for what the rebuilders copy."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.SETITEM[0]], dispatch[pickle.SETITEMS[0]] = _load_setitem, _load_setitems
+    dispatch[pickle.DICT[0]], dispatch[pickle.ADDITEMS[0]] = _load_dict, _load_additems
+    dispatch[pickle.FROZENSET[0]], dispatch[pickle.BUILD[0]] = _load_frozenset, _load_build
+
+    def __init__(self, buf, size: int, **kwargs):
+        super().__init__(buf, **kwargs)
+        self.budget = BUILT_BYTES_PER_BYTE * size + 2**20
+
+    def charge(self, n: int) -> None:
+        self.budget -= n
+        if self.budget < 0:
+            raise ValueError(
+                f"its sets, arrays and bytes would take more than {BUILT_BYTES_PER_BYTE} x the pickle's size "
+                "(shared parts copied over and over)"
+            )
 
     def find_class(self, module: str, name: str):
-        self.numpy_seen = self.numpy_seen or module.startswith("numpy")
         if (module, name) == ("numpy", "ndarray"):
             return _NDARRAY
         fn = _PICKLE_GLOBALS.get((module, name))
         if fn is None:
-            raise UnsafePickleError(f"{module}.{name}")
+            raise UnsafePickleError(f"{module}.{name}"[:200])
+
         # a fresh function per lookup: a BUILD on it (setattr) cannot alter the shared checking functions
-        return lambda *args: fn(*args)
+        def call(*args):
+            out = fn(*args)
+            self.charge(out.nbytes if isinstance(out, np.ndarray) else len(out) if hasattr(out, "__len__") else 1)
+            return out
+
+        return call
 
 
-def _resolve_pickled(obj, seen: set):
-    """obj with every _PickledArray / _PickledDtype replaced by its ndarray / dtype (containers in place)."""
-    kind = type(obj)
-    if kind is _PickledArray:
-        if obj.array is None:
-            raise ValueError("array without its data")
-        return obj.array
-    if kind is _PickledDtype:
-        return obj.dtype
-    if kind in (list, dict, collections.OrderedDict):
-        if id(obj) in seen:
-            return obj
-        seen.add(id(obj))
+class _Finish:
+    """One memoised walk over what the unpickler built: replaces every _PickledArray / _PickledDtype by its
+    ndarray / dtype (lists and dicts in place, tuples rebuilt once), refuses nesting deeper than MAX_DEPTH and a
+    tree (shared sub-objects counted once per path) larger than `max_nodes`. Each object is visited once."""
+
+    def __init__(self, max_nodes: int):
+        self.max_nodes = max_nodes
+        self.done: dict[int, tuple[Any, int]] = {}  # id -> (resolved object, tree size); `keep` holds the ids' objects
+        self.keep: list = []
+
+    def __call__(self, obj, depth: int = 0):
+        kind = type(obj)
+        if kind is _PickledArray:
+            if obj.array is None:
+                raise ValueError("array without its data")
+            return obj.array, 1
+        if kind is _PickledDtype:
+            return obj.dtype, 1
+        if kind not in (list, dict, collections.OrderedDict, tuple, set, frozenset):
+            return obj, 1
+        hit = self.done.get(id(obj))
+        if hit is not None:
+            return hit
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"containers nested more than {MAX_DEPTH} deep")
+        self.keep.append(obj)
+        orig = obj
+        self.done[id(obj)] = (obj, 1)  # a cycle back to obj (a list holding itself) counts once
+        size = 1
         if kind is list:
-            obj[:] = [_resolve_pickled(x, seen) for x in obj]
-        else:
-            if any(type(k) in (_PickledArray, _PickledDtype) for k in obj):
-                raise ValueError("numpy object as a dict key")
+            for i, x in enumerate(obj):
+                obj[i], n = self(x, depth + 1)
+                size += n
+        elif kind is tuple:
+            parts = [self(x, depth + 1) for x in obj]
+            size += sum(n for _, n in parts)
+            if any(new is not old for (new, _), old in zip(parts, obj)):
+                obj = tuple(new for new, _ in parts)
+        elif kind in (dict, collections.OrderedDict):
+            size += len(obj)  # keys: scalars (checked when the dict was built)
             for k, v in obj.items():
-                obj[k] = _resolve_pickled(v, seen)
-        return obj
-    if kind is tuple:
-        new = tuple(_resolve_pickled(x, seen) for x in obj)
-        return obj if all(a is b for a, b in zip(new, obj)) else new
-    if kind in (set, frozenset) and any(type(x) in (_PickledArray, _PickledDtype) for x in obj):
-        raise ValueError("numpy object in a set")
-    return obj
+                obj[k], n = self(v, depth + 1)
+                size += n
+        else:
+            size += len(obj)  # set members: scalars
+        if size > self.max_nodes:
+            raise ValueError(
+                f"its object tree has more than {self.max_nodes} nodes (shared parts counted per use; "
+                f"at most {MAX_TREE_NODES} + {TREE_NODES_PER_BYTE} x the pickle's size are read)"
+            )
+        self.done[id(orig)] = (obj, size)
+        return obj, size
 
 
 def unpickle_data(buf: bytes | memoryview, where: str) -> Any:
@@ -229,13 +372,12 @@ def unpickle_data(buf: bytes | memoryview, where: str) -> Any:
     asks for a function or class: nothing named in it is called). Python 2 pickles whose str are not ASCII
     are read as latin-1, as numpy advises for them."""
     try:
+        size = len(buf) if isinstance(buf, bytes) else memoryview(buf).nbytes
         try:
-            unpickler = _DataUnpickler(io.BytesIO(buf))
-            obj = unpickler.load()
+            obj = _DataUnpickler(io.BytesIO(buf), size).load()
         except UnicodeDecodeError:
-            unpickler = _DataUnpickler(io.BytesIO(buf), encoding="latin1")
-            obj = unpickler.load()
-        return _resolve_pickled(obj, set()) if unpickler.numpy_seen else obj
+            obj = _DataUnpickler(io.BytesIO(buf), size, encoding="latin1").load()
+        return _Finish(MAX_TREE_NODES + TREE_NODES_PER_BYTE * size)(obj)[0]
     except UnsafePickleError as e:
         raise UnsafePickleError(
             f"{where}: refused to unpickle: it asks for {e}, which no data file needs (only "
@@ -243,6 +385,7 @@ def unpickle_data(buf: bytes | memoryview, where: str) -> Any:
         ) from None
     except (
         pickle.UnpicklingError,
+        struct.error,  # Python's pickle machine on a field cut short
         ValueError,
         TypeError,
         EOFError,

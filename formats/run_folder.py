@@ -24,12 +24,16 @@ RUN_FILES = (CHECKPOINT, FINAL, METRICS, ARGS)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """tmp + os.replace: a crash mid-write never leaves a truncated file in place of a good one."""
+    """tmp + os.replace: a crash mid-write never leaves a truncated file in place of a good one. A failed write
+    (disk full, file too large, ...) is a CheckpointWriteError naming the file and the cause; no .tmp is left."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointWriteError(f"cannot write {path}: {_write_failure(e)}{_remove_partial(tmp)}") from None
 
 
 def json_safe(obj):
@@ -37,11 +41,37 @@ def json_safe(obj):
 
 
 class CheckpointWriteError(ValueError):
-    """save_checkpoint could not write (disk full, ...); one line naming the file."""
+    """save_checkpoint or atomic_write_text could not write (disk full, ...); one line naming the file."""
+
+
+def _write_failure(e: BaseException) -> str:
+    """The cause of a failed write in one line: the OSError's reason (disk full, file too large), also when torch
+    wrapped it in a RuntimeError (torch.save reports a failed write as 'unexpected pos ...', the OSError its
+    write raised is the exception's context); else the first line of the error itself."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e.strerror or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        e = e.__cause__ or e.__context__
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
+def _remove_partial(tmp: Path) -> str:
+    """Remove the partial tmp file of a failed write (it would only fill the disk further); what was done."""
+    try:
+        tmp.unlink()
+        return f"; removed the partial {tmp.name}"
+    except FileNotFoundError:
+        return ""
+    except OSError as e:
+        return f"; could not remove the partial {tmp} ({e.strerror or e}): delete it"
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Atomic: write <path>.tmp in the same folder, fsync, os.replace. A crash leaves the old file intact."""
+    """Atomic: write <path>.tmp in the same folder, fsync, os.replace. A crash leaves the old file intact. A failed
+    write (disk full, file too large, ...; from the OS or from torch.save, which words an OSError as a
+    RuntimeError) is a one-line CheckpointWriteError naming the file and the cause, and removes the .tmp."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -55,16 +85,13 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
             os.fsync(dir_fd)  # make the rename itself durable
         finally:
             os.close(dir_fd)
-    except OSError as e:  # e.g. disk full: the partial tmp file would only fill it further
-        removed = ""
-        try:
-            tmp.unlink()
-            removed = f"; removed the partial {tmp.name}"
-        except FileNotFoundError:
-            pass
-        except OSError as e2:
-            removed = f"; could not remove the partial {tmp} ({e2.strerror or e2}): delete it"
-        raise CheckpointWriteError(f"cannot write checkpoint {path}: {e.strerror or e}{removed}") from None
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch.save's wording of a failed write
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {path}: {_write_failure(e)}{_remove_partial(tmp)}"
+        ) from None
+    except BaseException:  # not a write failure (a state torch cannot save, an interrupt): no partial file either
+        _remove_partial(tmp)
+        raise
 
 
 def resuming(args, run_dir: Path) -> bool:

@@ -7,8 +7,11 @@ Not on the reading path: the trainers and engine's resume make one call here.
 
 from __future__ import annotations
 
+import os
 import pickle
+import struct
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -52,15 +55,77 @@ def _weights_only_reason(e: Exception) -> str:
     return " ".join(keep)[:300] or type(e).__name__
 
 
+# A torch zip's entries may be deflated: torch allocates each entry's declared uncompressed size, so a 390 KB file
+# can ask for 400 MB. torch.save stores entries uncompressed (total = the file's size) and weights recompressed by
+# a zip tool shrink by far less than half, so what the entries declare may be at most this (deflate reaches 1000x):
+def unpacked_bound(file_size: int) -> int:
+    return 2 * file_size + 64 * 2**20
+
+
+class OversizedFileError(ValueError):
+    """A weights file declares more bytes than its size allows (unpacked_bound, a safetensors header length)."""
+
+
+def _check_zip_sizes(path) -> None:
+    """A torch zip whose entries declare more than unpacked_bound(file size) bytes is an OversizedFileError."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return  # not a zip: torch's legacy format, stored raw (or not a torch file: torch says so)
+            with zipfile.ZipFile(f) as z:
+                declared = sum(i.file_size for i in z.infolist())
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return  # torch reports a missing or damaged file in its own words
+    if declared > unpacked_bound(size):
+        raise OversizedFileError(
+            f"{path}: its zip entries declare {declared} bytes unpacked, more than 2 x its {size} bytes + 64 MiB "
+            f"(a compressed torch file; torch.save never compresses): refused before unpacking"
+        )
+
+
+def read_safetensors(path: str | Path) -> dict:
+    """safetensors.torch.load_file, its header length checked against the file first (an 8-byte length field of
+    2^62, or one past the file's end, is refused before anything is read); every failure is one ValueError line."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(head) < 8:
+        raise ValueError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8 or n > SAFETENSORS_MAX_HEADER:
+        raise OversizedFileError(
+            f"{path}: safetensors header length {n} bytes is past the end of the file ({size} bytes) or above "
+            f"{SAFETENSORS_MAX_HEADER}; a damaged or not a safetensors file"
+        )
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError (not a ValueError), OSError, ...
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {detail})") from None
+
+
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+
+
 def read_torch_file(path: str | Path, map_location="cpu", mmap: bool = False):
     """The one reader of torch files in this project (our checkpoints, VOLTA/IGLUE .bin/.tar, original UC2 .pt,
     X2-VLM .th, Hugging Face pytorch_model.bin): torch.load(weights_only=True), i.e. tensors and plain data
     only, plus FOREIGN_CHECKPOINT_CLASSES as inert stand-ins. A file that asks for anything else raises
-    UnsafeCheckpointError naming it; other failures (missing, truncated) propagate for the caller to word."""
+    UnsafeCheckpointError naming it; a zip whose entries declare more than unpacked_bound(its size) is an
+    OversizedFileError naming it; other failures (missing, truncated) propagate for the caller to word."""
     if _TORCH_VERSION < (2, 6):  # weights_only could be escaped before 2.6 (CVE-2025-32434)
         raise RuntimeError(
             f"torch {torch.__version__} cannot read checkpoints safely; install requirements.txt's torch"
         )
+    if isinstance(path, (str, os.PathLike)):
+        _check_zip_sizes(path)
     try:
         with torch.serialization.safe_globals(FOREIGN_CHECKPOINT_CLASSES), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # torch's note for protocol > 2
@@ -82,6 +147,8 @@ def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) ->
     try:
         return read_torch_file(path, map_location=map_location, mmap=mmap)
     except UnsafeCheckpointError:
+        raise
+    except OversizedFileError:
         raise
     except Exception as e:  # torch raises many types for damaged files (RuntimeError, EOFError, UnpicklingError...)
         detail = (str(e).strip().splitlines() or [""])[0][:200]

@@ -405,12 +405,10 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     if not os.path.isfile(path):
         raise ValueError(f"{path}: checkpoint file not found")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return dict(load_file(path)), {}
+        return dict(torch_files.read_safetensors(path)), {}
     try:
         obj = torch_files.read_torch_file(path)  # weights only; IGLUE's pickled tbLogger becomes an inert stand-in
-    except torch_files.UnsafeCheckpointError:
+    except (torch_files.UnsafeCheckpointError, torch_files.OversizedFileError):
         raise
     except Exception as e:
         raise ValueError(f"{path}: cannot read checkpoint: {e}") from None

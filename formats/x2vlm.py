@@ -145,7 +145,7 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
         ck = torch_files.read_torch_file(path)
     except FileNotFoundError:
         raise ValueError(f"{path}: checkpoint file not found") from None
-    except torch_files.UnsafeCheckpointError:
+    except (torch_files.UnsafeCheckpointError, torch_files.OversizedFileError):
         raise
     except Exception as e:  # noqa: BLE001 - any unpickling problem: one line naming the file
         raise ValueError(f"{path}: cannot read checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None

@@ -603,6 +603,51 @@ def test_failed_checkpoint_write_removes_its_tmp_and_says_so(tmp_path, monkeypat
     assert not (tmp_path / "model_final.pt").exists()
 
 
+_FULL_DISK = """
+import os, resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG, as on a full disk with ENOSPC
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))  # args.json, metrics.jsonl fit; a checkpoint does not
+sys.argv = sys.argv[1:]
+if sys.argv[0] == "save":
+    sys.path.insert(0, sys.argv[1])
+    import torch
+    from formats import run_folder
+    for write in (
+        lambda: run_folder.atomic_write_text(sys.argv[2] + ".json", "x" * 100_000),
+        lambda: run_folder.save_checkpoint(sys.argv[2], {"w": torch.zeros(100_000)}),
+    ):
+        try:
+            write()
+        except run_folder.CheckpointWriteError as e:
+            print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python tests/_toy_train.py` has it
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("writer", ["save_checkpoint", "toy_trainer"])
+def test_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_tmp(tmp_path, writer):
+    """A real failed write (a file-size limit: torch.save's write gets EFBIG, which torch rewords as a
+    RuntimeError 'unexpected pos ...'): one line naming the file and the OS's cause, exit status 1, no .tmp."""
+    if writer == "save_checkpoint":
+        argv, ckpt = ["save", str(ROOT), str(tmp_path / "x.pt")], tmp_path / "x.pt"
+    else:
+        argv, ckpt = [str(TOY), *RESUME_ARGS, "--output-dir", str(tmp_path)], tmp_path / "checkpoint_last.pt"
+    proc = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, *argv], capture_output=True, text=True, timeout=scaled(120), env=ENV
+    )
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last == (
+        f"error: cannot write checkpoint {ckpt}: File too large; removed the partial {ckpt.name}.tmp"
+    ), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    if writer == "save_checkpoint":  # the one atomic writer of text files (args.json, results.json, ...) too
+        text = proc.stderr.strip().splitlines()[-2]
+        assert text.startswith(f"error: cannot write {ckpt}.json: File too large; removed the partial .x.pt.json.tmp")
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] and not ckpt.exists()
+
+
 @pytest.mark.parametrize("case", ["finished", "started"])
 def test_resume_without_checkpoint_of_a_run_with_results_is_refused(tmp_path, reference, monkeypatch, case):
     run_dir = tmp_path / "run"

@@ -317,6 +317,109 @@ def test_feature_lmdb_payloads_never_run(tmp_path, entry):
         _close_lmdb(str(path))
 
 
+def _dag_body(levels: int = 60) -> bytes:
+    """Pickle opcodes (no PROTO, no STOP) pushing t = (t', t') nested `levels` deep: ~5 bytes a level through the
+    memo, 2^levels paths for anything that walks it as a tree."""
+    dag = ()
+    for _ in range(levels):
+        dag = (dag, dag)
+    return pickle.dumps(dag, protocol=2)[2:-1]
+
+
+def _pickle_bombs() -> dict[str, tuple[bytes, str]]:
+    """name -> (a small pickle that hangs or exhausts memory when read as a tree, what the refusal says)."""
+    dag = _dag_body()
+    numbers = pickle.dumps(list(range(30_000)), protocol=2)[2:-1]
+    array = pickle.dumps(np.zeros(1), protocol=2)[2:-1]  # its memo entries are overwritten by the DAG's, once used
+    return {
+        "dag_with_an_array": (b"\x80\x02]" + array + b"a" + dag + b"a.", "object tree has more than"),
+        "dag_as_dict_key": (b"\x80\x02}" + dag + b"K\x01s.", "a dict key of type tuple"),
+        "dag_in_a_set": (b"\x80\x02c__builtin__\nset\n]" + dag + b"a\x85R.", "a set member of type tuple"),
+        "dag_in_an_error_message": (
+            b"\x80\x02cnumpy.core.numeric\n_frombuffer\n(C\x00cnumpy\ndtype\nU\x02f4\x85R" + dag + b"U\x01CtR.",
+            "array shape ((((...)",
+        ),
+        "nested_100k_deep": (b"\x80\x02" + b"]" * 100_000 + b"a" * 99_999 + b".", "nested more than 64 deep"),
+        "one_list_copied_30k_times": (
+            b"\x80\x02" + numbers + b"r\x00\x00\x00\x00" + b"c__builtin__\nset\nh\x00\x85R0" * 30_000 + b"N.",
+            "would take more than 4 x the pickle's size",
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(_pickle_bombs()))
+def test_pickle_bombs_are_refused_in_linear_time(tmp_path, name):
+    """A few hundred bytes that, walked as a tree, never end (2^60 paths through the memo), recurse 100k deep or
+    copy one list 30,000 times: refused in well under a second, one line naming the file, whatever reads it. The
+    read runs in a subprocess with a deadline: without the bounds it hangs."""
+    blob, expected = _pickle_bombs()[name]
+    path = tmp_path / "hard_negative.pkl"
+    path.write_bytes(blob)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from formats.pickles import read_pickle\n"
+        "try: read_pickle(sys.argv[2]); print('read')\nexcept ValueError as e: print(e)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT), str(path)], capture_output=True, text=True, timeout=scaled(20)
+    )
+    msg = proc.stdout.strip()
+    assert proc.returncode == 0 and msg.startswith(f"{path}: not a readable pickle of plain data"), (proc.stderr, msg)
+    assert expected in msg and "\n" not in msg and len(msg) < 500, msg
+
+
+def test_feature_record_errors_show_untrusted_values_shortened(tmp_path):
+    """A record whose img_w is a list of 100,000 numbers: the error shows 200 characters of it, not 600 KB."""
+    record = {"features": np.zeros((2, 2048), np.float32), "boxes": np.zeros((2, 4), np.float32)}
+    path = _features_with(tmp_path, b"1", pickle.dumps({**record, "img_w": list(range(100_000)), "img_h": 5}))
+    with pytest.raises(ValueError) as e:
+        open_features(path).get("1")
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: feature record '1': img_w is [0, 1, 2, 3, 4, 5, ...]") and len(msg) < 400, msg
+    _close_lmdb(str(path))
+
+
+def test_torch_zip_that_unpacks_far_beyond_its_size_is_refused(tmp_path):
+    """A torch file recompressed with deflate: ~100 KB on disk, 100 MB unpacked (torch allocates what the zip's
+    entries declare). Refused before unpacking, by read_torch_file and so by every reader of checkpoints."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(25_000_000)}, buf)
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    del buf
+    size = path.stat().st_size
+    assert size < 1_000_000
+    expected = f"{path}: its zip entries declare 100000"  # 100,000,000 bytes of weights + torch's small records
+    for read in (
+        torch_files.read_torch_file,
+        torch_files.load_checkpoint,
+        volta.read_checkpoint,
+        x2vlm.read_checkpoint,
+    ):
+        with pytest.raises(torch_files.OversizedFileError) as e:
+            read(str(path))
+        msg = str(e.value)
+        assert msg.startswith(expected) and f"its {size} bytes" in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("case", ["length_2_62", "length_past_the_end"])
+def test_safetensors_header_length_beyond_the_file_is_refused(tmp_path, case):
+    """The 8-byte header length of a .safetensors file is checked against the file before anything is read; the
+    refusal is one ValueError line naming the file (the library's own error is not a ValueError: a traceback)."""
+    path = tmp_path / "model.safetensors"
+    length = 2**62 if case == "length_2_62" else 1000
+    path.write_bytes(length.to_bytes(8, "little") + b"{}")
+    for read in (volta.read_checkpoint, torch_files.read_safetensors):
+        with pytest.raises(torch_files.OversizedFileError) as e:
+            read(str(path))
+        msg = str(e.value)
+        assert msg.startswith(
+            f"{path}: safetensors header length {length} bytes is past the end of the file (10 bytes)"
+        )
+        assert "\n" not in msg, msg
+
+
 @pytest.mark.system
 def test_feature_inventory_cli_refuses_a_payload(tmp_path):
     """`python -m checks.inventory --features ...`, the README's first command on a download."""

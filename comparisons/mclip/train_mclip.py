@@ -190,12 +190,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path}: holds neither model.safetensors nor pytorch_model.bin")
         path = found[0]
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        return torch_files.read_safetensors(path)
     state = torch_files.load_checkpoint(path)
     state = state.get("model", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
