@@ -329,9 +329,11 @@ def _own_h5_object(parent, name: str, where: str, what: str):
         outside = f"an external link to {_short(link.filename)}:{_short(link.path)}"
     else:
         obj = parent[name]
-        if not isinstance(obj, h5py.Dataset):
+        if obj.file.filename != parent.file.filename:  # a soft link through an external one
+            outside = f"a link into {_short(obj.file.filename)}"
+        elif not isinstance(obj, h5py.Dataset):
             return obj
-        if obj.external:
+        elif obj.external:
             outside = f"external storage in {_short(obj.external[0][0])}"
         elif obj.is_virtual:
             outside = f"a virtual dataset mapped from {_short(obj.virtual_sources()[0].file_name)}"

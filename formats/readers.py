@@ -62,17 +62,29 @@ def _unreadable_json(text: str, path, e: Exception, line: int | None = None) -> 
     bare = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)  # strings blanked (they hold no newline, bracket or number)
     limit = sys.get_int_max_str_digits()
     if isinstance(e, RecursionError):  # the line where the nesting is deepest
-        b = np.frombuffer(bare.encode(), dtype=np.uint8).astype(np.int8)
-        depth = np.cumsum((b == ord("[")) | (b == ord("{")), dtype=np.int64) - np.cumsum(
-            (b == ord("]")) | (b == ord("}"))
-        )
-        at = int(np.argmax(depth)) if len(depth) else 0
-        where = line or bare.count("\n", 0, at) + 1
-        return f"{path}:{where}: JSON nested too deeply to read ({int(depth.max(initial=0)):,} levels)"
+        depth, at = _deepest(bare.encode())
+        where = line or bare.encode().count(b"\n", 0, at) + 1
+        return f"{path}:{where}: JSON nested too deeply to read ({depth:,} levels)"
     if limit and (found := re.search(rf"\d{{{limit + 1},}}", bare)):
         where = line or bare.count("\n", 0, found.start()) + 1
         return f"{path}:{where}: a number of {len(found.group()):,} digits (more than the {limit:,} Python reads)"
     return f"{path}{f':{line}' if line else ''}: JSON that cannot be read ({type(e).__name__}: {str(e)[:160]})"
+
+
+def _deepest(raw: bytes, chunk: int = 1 << 24) -> tuple[int, int]:
+    """(deepest bracket nesting, its byte offset) of JSON text whose strings are blanked, in bounded memory."""
+    step = np.zeros(256, dtype=np.int8)
+    step[[ord("["), ord("{")]], step[[ord("]"), ord("}")]] = 1, -1
+    best, at, base = 0, 0, 0
+    for start in range(0, len(raw), chunk):
+        depth = base + np.cumsum(
+            step[np.frombuffer(raw, np.uint8, min(chunk, len(raw) - start), start)], dtype=np.int64
+        )
+        i = int(np.argmax(depth))
+        if depth[i] > best:
+            best, at = int(depth[i]), start + i
+        base = int(depth[-1])
+    return best, at
 
 
 def read_json(path: Path, annotations: bool = True) -> Any:
