@@ -58,7 +58,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from formats import iglue_layout, readers, volta_negatives, x2vlm_randaugment
+from formats import iglue_layout, readers, split_checks, volta_negatives, x2vlm_randaugment
 from formats.bad_input import BadInput
 from formats.features import (
     FEATURE_DIM,
@@ -224,12 +224,14 @@ def load_split(data_root, task: str, split: str, lang: str, translate_test: bool
     path = iglue_layout.split_file(ds, task, split, lang, translate_test)
     rel = _rel(path, ds)
     if task == "xgqa":
-        return _require_known_labels(
+        exs = _require_known_labels(
             _load_gqa(path, rel, lang, ds), path, "every answer is outside the 1,842-answer vocabulary"
         )
-    if task == "xvnli":
-        return _require_known_labels(_load_xvnli(path, rel, lang), path, "every gold_label is '-'")
-    return _load_retrieval(path, rel, lang, xflickrco_keys=path.parent.parent.parent.name == "xFlickrCO")
+    elif task == "xvnli":
+        exs = _require_known_labels(_load_xvnli(path, rel, lang), path, "every gold_label is '-'")
+    else:
+        exs = _load_retrieval(path, rel, lang, xflickrco_keys=path.parent.parent.parent.name == "xFlickrCO")
+    return split_checks.unique_ids(exs, path, task, split)  # a repeated id in a scored split: an error
 
 
 def _load_gqa(path: Path, rel: str, lang: str, ds: Path) -> list[Example]:

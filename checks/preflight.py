@@ -18,7 +18,6 @@ import os
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
 import data
 from formats import readers
@@ -88,17 +87,20 @@ def record_problem(reader, key: str, ex: data.Example | None = None) -> str | No
 
 
 def image_problem(path: str, ex: data.Example | None = None) -> str | None:
-    """None if the file's header reads as an image of positive size within PIL's pixel cap, else a reason.
-    (The pixels are not decoded: a cut-off body still loads, grey, as in X2-VLM.)"""
+    """None if the file's header reads as an image of positive size within the pixel cap, in one of the formats the
+    loaders read (formats.readers.open_photo, as they open it), else a reason. (The pixels are not decoded: a
+    cut-off body still loads, grey, as in X2-VLM.)"""
     try:
-        with Image.open(path) as img:
+        with readers.open_photo(path) as img:
             fmt, (w, h) = img.format, img.size
     except FileNotFoundError:
         return f"image file {path} not found{referenced(ex)}"
+    except ValueError as e:  # open_photo's own one-line refusal (a decompression bomb)
+        return f"{e}{referenced(ex)}"
     except Exception as e:  # noqa: BLE001 - PIL raises many types for damaged headers
         reason = str(e).replace(f"'{path}'", "").replace(str(path), "").strip(" :")
         return f"image file {path} is corrupt or not an image ({type(e).__name__}: {reason}){referenced(ex)}"
-    cap = Image.MAX_IMAGE_PIXELS
+    cap = readers.IMAGE_MAX_PIXELS
     if fmt is None or w < 1 or h < 1 or (cap and w * h > cap):
         return f"image file {path}: {fmt} image of {w}x{h} pixels is empty or over the {cap} pixel cap{referenced(ex)}"
     return None

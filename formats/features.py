@@ -198,7 +198,33 @@ def _record_arrays(path: str, key, item, rows: slice) -> tuple[np.ndarray, np.nd
     if len(feats) != len(boxes):
         raise BadInput(f"{where}: {len(feats)} feature rows of {FEATURE_DIM} but {len(boxes)} boxes")
     width, height = _image_side(item["img_w"], where, "img_w"), _image_side(item["img_h"], where, "img_h")
+    _check_boxes(boxes, width, height, where)
     return feats[rows], boxes[rows], width, height
+
+
+# Largest image side a record may declare (pixels): real ones are a few hundred (COCO <= 640, Flickr30k <= 500).
+MAX_IMAGE_SIDE = 100_000
+# How far a box may reach outside its image, as a fraction of the image side (at least BOX_SLACK_MIN_PX pixels):
+# detectors clip their boxes to the image ([0, side - 1]), so only rounding of rescaled coordinates is allowed.
+BOX_SLACK, BOX_SLACK_MIN_PX = 0.01, 2.0
+
+
+def _check_boxes(boxes: np.ndarray, width: int, height: int, where: str) -> None:
+    """A record without boxes (VOLTA would feed the model padding only), or with a box reaching outside its image
+    by more than the slack (a 1e6 box is read as a location 1000s of image widths away), is a BadInput naming it.
+    NaN / inf boxes are checks.preflight.record_problem's (not finite)."""
+    if len(boxes) == 0:
+        raise BadInput(f"{where}: holds no boxes (0 regions); expected at least one box per image")
+    side = np.array([width, height, width, height], dtype=np.float64)
+    slack = np.maximum(side * BOX_SLACK, BOX_SLACK_MIN_PX)
+    out = (boxes < -slack) | (boxes > side + slack)
+    if out.any():
+        row = int(np.argmax(out.any(axis=1)))
+        box = ", ".join(f"{v:.6g}" for v in boxes[row].tolist())
+        raise BadInput(
+            f"{where}: box {row} [{box}] lies outside its {width}x{height} image (x1 y1 x2 y2 in pixels, "
+            f"{int(out.any(axis=1).sum())} of {len(boxes)} boxes; allowed: {BOX_SLACK:.0%} of the side beyond it)"
+        )
 
 
 def _as_rows(value, width: int, where: str = "", name: str = "") -> np.ndarray:
@@ -226,9 +252,18 @@ def _image_side(value, where: str, name: str) -> int:
     ok = isinstance(value, (int, np.integer)) or (
         isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind in "iu"
     )
-    if not ok or isinstance(value, bool) or int(value) < 1:
-        raise BadInput(f"{where}: {name} is {short_repr(value)}; expected a positive integer (pixels)")
+    if not ok or isinstance(value, bool) or not 1 <= int(value) <= MAX_IMAGE_SIDE:
+        raise BadInput(
+            f"{where}: {name} is {_shown(value)}; expected a positive integer of pixels, at most {MAX_IMAGE_SIDE:,}"
+        )
     return int(value)
+
+
+def _shown(value) -> str:
+    """A value from a file, shown bounded: an integer of thousands of digits by its size, anything else cut."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and abs(int(value)) >= 10**18:
+        return f"an integer of about {int(abs(int(value)).bit_length() * 0.30103) + 1:,} digits"
+    return short_repr(value, 80)
 
 
 class H5RegionFeatures(_LazyHandle):
@@ -256,10 +291,12 @@ class H5RegionFeatures(_LazyHandle):
         key = str(key)
         if key not in self.keys():
             raise KeyError(key)
-        g = self.handle[key]
         where = f"{self.path}: feature record {key!r}"
+        g = _own_h5_object(self.handle, key, where, "its group")
         if not all(k in g for k in _RECORD_FIELDS):
             raise BadInput(f"{where}: expected datasets {', '.join(_RECORD_FIELDS)}; got {sorted(g)[:8]}")
+        for name in _RECORD_FIELDS:
+            _own_h5_object(g, name, where, f"dataset {name!r}")
         shapes = (g["features"].shape, g["boxes"].shape)
         if any(len(shape) != 2 for shape in shapes) or shapes[0][0] != shapes[1][0]:
             raise BadInput(
@@ -277,6 +314,38 @@ class H5RegionFeatures(_LazyHandle):
 
     regions = LMDBRegionFeatures.regions
     kept_regions = LMDBRegionFeatures.kept_regions
+
+
+def _own_h5_object(parent, name: str, where: str, what: str):
+    """parent[name], refused unless its data lies inside this HDF5 file: an external link (to another HDF5 file),
+    a dataset with external storage (raw bytes of any file, e.g. /etc/passwd, read as features) or a virtual
+    dataset (mapped from other files) is a BadInput naming the file, the record and the dataset."""
+    import h5py
+
+    link = parent.get(name, getlink=True)
+    if isinstance(link, h5py.ExternalLink):
+        outside = f"an external link to {_short(link.filename)}:{_short(link.path)}"
+    else:
+        obj = parent[name]
+        if obj.file.filename != parent.file.filename:  # a soft link through an external one
+            outside = f"a link into {_short(obj.file.filename)}"
+        elif not isinstance(obj, h5py.Dataset):
+            return obj
+        elif obj.external:
+            outside = f"external storage in {_short(obj.external[0][0])}"
+        elif obj.is_virtual:
+            outside = f"a virtual dataset mapped from {_short(obj.virtual_sources()[0].file_name)}"
+        else:
+            return obj
+    raise BadInput(
+        f"{where}: {what} lies outside this file ({outside}); refused: feature files are read only for their own data"
+    )
+
+
+def _short(value) -> str:
+    """An untrusted name from a file, shown bounded (200 characters at most)."""
+    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    return repr(text if len(text) <= 200 else text[:200] + "...")
 
 
 def feature_keys(reader) -> set[str]:

@@ -4,7 +4,9 @@ images root whatever an annotation file names.
 
   read_json(path, annotations=True)   whole-file JSON (annotations: empty is an error); results/args files too
   read_jsonl(path) -> [(line number, object)]   JSON lines, blank lines skipped
-  load_image(path) -> RGB image       refuses more than IMAGE_MAX_PIXELS before decoding; IMAGE_FORMATS only
+  open_photo(path) -> PIL image (header read, not decoded)   IMAGE_FORMATS only, IMAGE_MAX_PIXELS at most: the ONE
+                                    way our code opens an image file (the loaders, the pre-check, --verify)
+  load_image(path) -> RGB image       open_photo, decoded
   image_path(images, rel, ex=None)  an annotation's image file under the images root, never outside it
   open_image(images, ex)            load_image of an Example's image; failures are one BadInput line naming it
 Importing it sets PIL's own guards for every reader: Image.MAX_IMAGE_PIXELS = IMAGE_MAX_PIXELS, and
@@ -18,11 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageFile
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from formats.bad_input import BadInput
 
@@ -33,9 +38,11 @@ ImageFile.LOAD_TRUNCATED_IMAGES = True  # as the X2-VLM loaders do
 # most 640 px a side, Flickr30k's at most 500 px, GQA's Visual Genome images are web-sized photos.
 IMAGE_MAX_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = IMAGE_MAX_PIXELS
-# Photo formats only: PIL would hand an EPS file to Ghostscript (an external program) and parses many exotic
-# formats nobody downloads for these datasets (all JPEG), so load_image does not even try those.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG includes multi-picture (MPO) files
+# The formats our images come in, and only those are parsed: Flickr30k, COCO and GQA's Visual Genome images (every
+# IGLUE task read here, and M-CLIP's XTD10 / Multi30K) are JPEG; PNG for images written by tools (the synthetic
+# world, tests). No loader needs another one (WebP, GIF, BMP, TIFF: none of these datasets ships them), and PIL
+# would hand an EPS file to Ghostscript (an external program) and parses ~40 other formats with their own code.
+IMAGE_FORMATS = ("JPEG", "PNG")  # JPEG includes multi-picture (MPO) files
 
 
 def _decode_utf8(raw: bytes, path, line: int | None = None) -> str:
@@ -49,6 +56,37 @@ def _decode_utf8(raw: bytes, path, line: int | None = None) -> str:
         ) from None
 
 
+def _unreadable_json(text: str, path, e: Exception, line: int | None = None) -> str:
+    """The one-line reason valid JSON could not be read, naming file and line: nesting deeper than Python's
+    recursion allows (RecursionError), or an integer of more digits than Python converts (ValueError)."""
+    bare = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)  # strings blanked (they hold no newline, bracket or number)
+    limit = sys.get_int_max_str_digits()
+    if isinstance(e, RecursionError):  # the line where the nesting is deepest
+        depth, at = _deepest(bare.encode())
+        where = line or bare.encode().count(b"\n", 0, at) + 1
+        return f"{path}:{where}: JSON nested too deeply to read ({depth:,} levels)"
+    if limit and (found := re.search(rf"\d{{{limit + 1},}}", bare)):
+        where = line or bare.count("\n", 0, found.start()) + 1
+        return f"{path}:{where}: a number of {len(found.group()):,} digits (more than the {limit:,} Python reads)"
+    return f"{path}{f':{line}' if line else ''}: JSON that cannot be read ({type(e).__name__}: {str(e)[:160]})"
+
+
+def _deepest(raw: bytes, chunk: int = 1 << 24) -> tuple[int, int]:
+    """(deepest bracket nesting, its byte offset) of JSON text whose strings are blanked, in bounded memory."""
+    step = np.zeros(256, dtype=np.int8)
+    step[[ord("["), ord("{")]], step[[ord("]"), ord("}")]] = 1, -1
+    best, at, base = 0, 0, 0
+    for start in range(0, len(raw), chunk):
+        depth = base + np.cumsum(
+            step[np.frombuffer(raw, np.uint8, min(chunk, len(raw) - start), start)], dtype=np.int64
+        )
+        i = int(np.argmax(depth))
+        if depth[i] > best:
+            best, at = int(depth[i]), start + i
+        base = int(depth[-1])
+    return best, at
+
+
 def read_json(path: Path, annotations: bool = True) -> Any:
     """Whole-file JSON with one-line errors naming file and line. annotations: an empty file or an empty
     top-level value is an error (an annotation file without examples); False for results/args/meta files."""
@@ -59,6 +97,8 @@ def read_json(path: Path, annotations: bool = True) -> Any:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+    except (RecursionError, ValueError) as e:  # nested too deeply; an integer of more digits than Python reads
+        raise ValueError(_unreadable_json(text, path, e)) from None
     if annotations and not data:
         raise ValueError(f"{path}: annotation file holds no examples")
     return data
@@ -76,6 +116,8 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: malformed JSON line ({e.msg}, column {e.colno})") from None
+            except (RecursionError, ValueError) as e:
+                raise ValueError(_unreadable_json(line, path, e, n)) from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
             out.append((n, obj))
@@ -84,21 +126,55 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return out
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decoded RGB image (Image.open + convert("RGB"); already-RGB files skip the copy convert makes).
-    An image of more than IMAGE_MAX_PIXELS pixels is a ValueError naming the file, raised before decoding."""
+def _other_format(path) -> str:
+    """The name of the format whose signature the file's first bytes carry (PIL's byte-prefix tests only: nothing
+    is parsed), or "" when none does."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return ""
+    Image.init()
+    for name, (_, accept) in Image.OPEN.items():
+        try:
+            if name not in IMAGE_FORMATS and accept is not None and accept(head):
+                return name
+        except Exception:  # noqa: BLE001, S112 - a prefix test that needs more bytes: not this format
+            continue
+    return ""
+
+
+def open_photo(path: str | os.PathLike) -> Image.Image:
+    """The file opened as an image (its header read, pixels not decoded) in one of IMAGE_FORMATS only: a file in
+    another format (an EPS named .jpg) is an UnidentifiedImageError saying which format its header is, never
+    parsed. More than IMAGE_MAX_PIXELS pixels is a ValueError naming the file. The one way our code opens an
+    image: load_image (the loaders), checks.preflight.image_problem (the pre-check, checks.inventory --verify)."""
     with warnings.catch_warnings():  # PIL warns above its limit (ours) and refuses above twice it
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(path, formats=IMAGE_FORMATS)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ValueError(f"image file {path}: refused as a decompression bomb ({e})") from None
+        except UnidentifiedImageError:
+            if not (other := _other_format(path)):
+                raise
+            raise UnidentifiedImageError(
+                f"cannot identify image file as {' or '.join(IMAGE_FORMATS)}: its header is {other}'s, a format "
+                "that is never parsed"
+            ) from None
     if img.width * img.height > IMAGE_MAX_PIXELS:
         img.close()
         raise ValueError(
             f"image file {path}: refused as a decompression bomb ({img.width} x {img.height} = "
             f"{img.width * img.height:,} pixels; limit formats.readers.IMAGE_MAX_PIXELS = {IMAGE_MAX_PIXELS:,})"
         )
+    return img
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Decoded RGB image (open_photo + convert("RGB"); already-RGB files skip the copy convert makes).
+    An image of more than IMAGE_MAX_PIXELS pixels is a ValueError naming the file, raised before decoding."""
+    img = open_photo(path)
     with img:
         if img.mode == "RGB":
             img.load()

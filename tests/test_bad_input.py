@@ -663,6 +663,76 @@ def test_invalid_utf8_names_file_and_line(env, tmp_path):
     ), msg
 
 
+@pytest.mark.parametrize("case", ["repeated_id", "all_identical_ids"])
+def test_repeated_ids_in_a_test_split_are_refused(env, tmp_path, case):
+    """A test pair listed twice (or every pairID the same) would be scored twice: refused before training, naming
+    the file and both records."""
+    root = _annotation_root(tmp_path, (IGLUE / "datasets" / XVNLI_EN / "train_48.jsonl").read_text())
+    path = root / "datasets" / XVNLI_EN / "test.jsonl"
+    objs = [json.loads(line) for line in path.read_text().splitlines()]
+    first = objs[0 if case == "all_identical_ids" else 1]["pairID"]
+    for i, obj in enumerate(objs):
+        if case == "all_identical_ids" or i == 3:
+            obj["pairID"] = first
+    path.write_text("".join(json.dumps(obj) + "\n" for obj in objs))
+    (a, b), repeats = ((1, 2), len(objs) - 1) if case == "all_identical_ids" else ((2, 4), 1)
+    msg = resume_fails(env, root=root)
+    assert msg == (
+        f"error: evaluation data: {path}: example id {first!r} repeats ({XVNLI_EN}/test.jsonl:{a} and "
+        f"{XVNLI_EN}/test.jsonl:{b}; "
+        f"{repeats} of {len(objs)} examples repeat an earlier id); ids must be unique in xvnli split 'test' (each "
+        "example is scored once, by its id)"
+    ), msg
+
+
+def test_which_splits_must_have_unique_ids(tmp_path):
+    """GQA's question ids are unique in every split (training ones too); XVNLI / retrieval training splits may repeat
+    an id (it is never scored); every evaluation split must not."""
+    root = tmp_path / "iglue"
+    shutil.copytree(IGLUE / "datasets", root / "datasets")
+    ds = root / "datasets"
+    train48 = ds / XVNLI_EN / "train_48.jsonl"
+    objs = [json.loads(line) for line in train48.read_text().splitlines()]
+    objs[2]["pairID"] = objs[0]["pairID"]
+    train48.write_text("".join(json.dumps(obj) + "\n" for obj in objs))
+    assert len(data.load_split(root, "xvnli", "train_48", "en")) == len(objs)  # a training split may repeat
+    xfl = ds / "xFlickrCO" / "annotations" / "de" / "test.jsonl"
+    lines = xfl.read_text().splitlines()
+    xfl.write_text("\n".join(lines + lines[:1]) + "\n")
+    with pytest.raises(ValueError, match=r"example id '.*#0' repeats \(xFlickrCO/annotations/de/test.jsonl:1 and "):
+        data.load_split(root, "xflickrco", "test", "de")
+    testdev = ds / "gqa" / "annotations" / "testdev.json"
+    qs = json.loads(testdev.read_text())
+    qs[5]["question_id"] = qs[4]["question_id"]
+    (ds / "gqa" / "annotations" / "train.json").write_text(json.dumps(qs))
+    with pytest.raises(ValueError, match=r"repeats \(gqa/annotations/train.json item 4 and gqa/annotations/train"):
+        data.load_split(root, "xgqa", "train", "en")
+
+
+@pytest.mark.parametrize("case", ["deep_nesting", "long_number"])
+def test_json_python_cannot_read_is_one_line_naming_file_and_line(env, tmp_path, case):
+    """100,000 nested brackets (a RecursionError in json) and a 5,000-digit integer (beyond Python's conversion
+    limit): one line naming the file and line, from JSON lines (the trainer) and whole-file JSON (GQA) alike."""
+    value, tail = {
+        "deep_nesting": ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply to read (100,001 levels)"),
+        "long_number": ("9" * 5000, "a number of 5,000 digits (more than the 4,300 Python reads)"),
+    }[case]
+    lines = (IGLUE / "datasets" / XVNLI_EN / "train_48.jsonl").read_text().splitlines()
+    obj = json.loads(lines[2])
+    text = json.dumps(obj)[:-1] + f', "extra": {value}}}'
+    root = _annotation_root(tmp_path, "\n".join(lines[:2] + [text] + lines[3:]))
+    msg = resume_fails(env, root=root)
+    assert msg == f"error: training data: {root / 'datasets' / XVNLI_EN / 'train_48.jsonl'}:3: {tail}", msg
+    gqa = tmp_path / "gqa"
+    shutil.copytree(IGLUE / "datasets" / "gqa", gqa / "datasets" / "gqa")
+    testdev = gqa / "datasets" / "gqa" / "annotations" / "testdev.json"
+    items = json.loads(testdev.read_text())
+    testdev.write_text("[\n" + ",\n".join(json.dumps(q) for q in items[:3]) + f',\n{{"sent": {value}}}]')
+    with pytest.raises(ValueError) as e:
+        data.load_split(gqa, "xgqa", "testdev", "en")
+    assert str(e.value) == f"{testdev}:5: {tail.replace('100,001', '100,002')}"  # inside the list and the object
+
+
 # ------------------------------------------------------------------------------------------ feature records
 
 
@@ -720,13 +790,37 @@ def _damaged_features(env, tmp_path: Path, case: str) -> tuple[Path, str, str]:
         ),
         "bit_rot": (b"\x80\x04\x95\x00garbage", "not a readable pickle of plain data"),
         "nan_values": ({**rec, "features": np.full_like(rec["features"], np.nan)}, "holds NaN or inf values"),
+        "box_outside_image": (
+            {**rec, "boxes": rec["boxes"] + np.float32(1e6)},
+            f"lies outside its {int(rec['img_w'])}x{int(rec['img_h'])} image (x1 y1 x2 y2 in pixels, 4 of 4 boxes; "
+            "allowed: 1% of the side beyond it)",
+        ),
+        "huge_image_size": (
+            {**rec, "img_w": 10**30},
+            "img_w is an integer of about 31 digits; expected a positive integer of pixels, at most 100,000",
+        ),
+        "no_boxes": (
+            {**rec, "features": rec["features"][:0], "boxes": rec["boxes"][:0]},
+            "holds no boxes (0 regions); expected at least one box per image",
+        ),
     }[case]
     _lmdb_put(feats, key, value if value is None or isinstance(value, bytes) else pickle.dumps(value))
     return feats, key, tail
 
 
 @pytest.mark.parametrize(
-    "case", ["wrong_width", "wrong_width_base64", "integer_dtype", "no_record", "bit_rot", "nan_values"]
+    "case",
+    [
+        "wrong_width",
+        "wrong_width_base64",
+        "integer_dtype",
+        "no_record",
+        "bit_rot",
+        "nan_values",
+        "box_outside_image",
+        "huge_image_size",
+        "no_boxes",
+    ],
 )
 def test_bad_feature_record_is_one_line_error_naming_the_key(env, tmp_path, case):
     feats, key, tail = _damaged_features(env, tmp_path, case)

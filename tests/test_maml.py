@@ -9,6 +9,7 @@ tokenizer trained on it and synthetic region features (fixtures.write_synthetic_
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -435,6 +436,34 @@ def test_two_gloo_processes_equal_one_process_in_first_and_second_order(sample, 
     assert not all(
         torch.equal(final_state(tmp_path / "one-first")[k], v) for k, v in final_state(tmp_path / "one-second").items()
     )
+
+
+def test_bad_record_of_the_auxiliary_split_stops_the_run_before_training(sample, tmp_path):
+    """Every feature record of the auxiliary split is decoded before meta-training (as the trainers' evaluation
+    records): a bad one is the start-up check's one line, not an error mid-training."""
+    import pickle
+
+    import lmdb
+
+    feats = tmp_path / "feats"
+    shutil.copytree(sample / "feats", feats)
+    aux = data.load_split(IGLUE, "xvnli", "train_48", "fr")
+    key = sorted({e.image for e in aux})[-1]
+    env = lmdb.open(str(feats), map_size=1 << 28)
+    with env.begin(write=True) as txn:
+        rec = pickle.loads(txn.get(key.encode()))
+        txn.put(key.encode(), pickle.dumps({**rec, "features": rec["features"][:2].reshape(-1, 1024)}))
+    env.close()
+    with pytest.raises(SystemExit) as e:
+        X.main(train_argv(sample, tmp_path / "r", "--features", str(feats)))
+    msg = str(e.value)
+    assert msg.startswith(f"error: training data: {feats}: feature record {key!r}: features is a float32 array"), msg
+    assert re.search(
+        r"\(referenced by XVNLI/annotations/fr/train_48\.jsonl:\d+, example .*\); 1 of \d+ feature records "
+        r"checked are bad \(python -m checks\.inventory --verify lists them all\)$",
+        msg,
+    ), msg
+    assert not (tmp_path / "r" / run_folder.METRICS).exists()
 
 
 def test_test_split_and_english_auxiliary_are_refused(sample, tmp_path):

@@ -31,10 +31,11 @@ from _configs import UC2_TINY  # noqa: E402
 import data  # noqa: E402
 from formats import readers  # noqa: E402
 from formats import volta_negatives  # noqa: E402
+from formats.bad_input import BadInput  # noqa: E402
 from formats.features import _close_lmdb, open_features  # noqa: E402
 from formats.pickles import UnsafePickleError, unpickle_data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
-from checks import preflight  # noqa: E402
+from checks import inventory, preflight  # noqa: E402
 from formats import run_folder, torch_files  # noqa: E402
 import eval_zeroshot  # noqa: E402
 import train_cclm  # noqa: E402
@@ -722,6 +723,91 @@ def test_image_paths_from_annotations_stay_inside_the_image_root(tmp_path, how):
                 and f"(referenced by {rel}, example {bad.id})" in msg
             ), msg
         assert data.CCLMDataset(exs, images, task, image_res=32)[0]["pixels"].shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "GIF"])
+def test_images_in_other_formats_are_refused_by_verify_the_pre_check_and_the_loader(tmp_path, capsys, fmt):
+    """An EPS (PIL would run Ghostscript on it) or GIF file named .jpg: JPEG and PNG are the formats IGLUE's images
+    come in, and the one rule (formats.readers.open_photo) refuses anything else, unparsed, in all three places."""
+    exs = data.load_split(IGLUE, "xvnli", "test", "en")
+    images = tmp_path / "images"
+    files = sorted({e.image_file for e in exs})
+    paths = fixtures.write_synthetic_images(images, files, size=(16, 12))
+    Image.new("RGB", (8, 8)).save(paths[0], fmt)
+    bad = next(e for e in exs if e.image_file == files[0])
+    expected = (
+        f"image file {paths[0]} is corrupt or not an image (UnidentifiedImageError: cannot identify image file as "
+        f"JPEG or PNG: its header is {fmt}'s, a format that is never parsed) (referenced by {bad.source}, example "
+    )
+    with pytest.raises(BadInput) as e:
+        preflight.check_inputs(exs, images=images, sample=None)
+    assert str(e.value).startswith(expected) and str(e.value).endswith(
+        f"; 1 of {len(files)} images checked are bad (python -m checks.inventory --verify lists them all)"
+    ), e.value
+    with pytest.raises(BadInput) as e:
+        data.CCLMDataset([bad], images, "xvnli", image_res=32)[0]
+    assert str(e.value).startswith(expected), e.value
+    assert inventory.main(["--data-root", str(IGLUE), "--images", str(images), "--verify"]) == 1
+    out = capsys.readouterr().out
+    bad_lines = [line for line in out.splitlines() if line.startswith("bad: ")]
+    assert len(bad_lines) == 1 and bad_lines[0].startswith(f"bad: {expected[: expected.index('(referenced by')]}"), out
+
+
+@pytest.mark.parametrize("how", ["external_storage", "virtual_dataset", "external_link", "soft_link_outside"])
+def test_h5_features_that_point_outside_their_file_are_refused(tmp_path, capsys, how):
+    """An HDF5 feature file whose dataset keeps its bytes in another file (external storage: any file, read as
+    features), maps them from one (a virtual dataset) or links to one: refused by the reader, so by the
+    pre-check and --verify too, naming the file, the record and the dataset."""
+    import h5py
+
+    exs = data.load_split(IGLUE, "xvnli", "test", "en")
+    keys = sorted({e.image for e in exs})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.bin"
+    secret.write_bytes(np.arange(4 * 2048, dtype=np.float32).tobytes())
+    with h5py.File(outside / "other.h5", "w") as f:
+        f["x"] = np.ones((4, 2048), np.float32)
+    h5 = tmp_path / "feats.h5"
+    with h5py.File(h5, "w") as f:
+        for key in keys:
+            g = f.create_group(key)
+            if key != keys[0]:
+                g["features"] = np.ones((4, 2048), np.float32)
+            elif how == "external_storage":
+                g.create_dataset("features", (4, 2048), np.float32, external=[(str(secret), 0, 4 * 2048 * 4)])
+            elif how == "virtual_dataset":
+                layout = h5py.VirtualLayout((4, 2048), np.float32)
+                layout[:] = h5py.VirtualSource(str(outside / "other.h5"), "x", (4, 2048))
+                g.create_virtual_dataset("features", layout)
+            elif how == "external_link":
+                g["features"] = h5py.ExternalLink(str(outside / "other.h5"), "/x")
+            else:  # a link inside the file that resolves through an external one
+                f["elsewhere"] = h5py.ExternalLink(str(outside / "other.h5"), "/")
+                g["features"] = h5py.SoftLink("/elsewhere/x")
+            g["boxes"] = np.array([[0, 0, 5, 5]] * 4, np.float32)
+            g["img_w"], g["img_h"] = 10, 10
+    tail = {
+        "external_storage": f"external storage in {str(secret)!r}",
+        "virtual_dataset": f"a virtual dataset mapped from {str(outside / 'other.h5')!r}",
+        "external_link": f"an external link to {str(outside / 'other.h5')!r}:'/x'",
+        "soft_link_outside": f"a link into {str(outside / 'other.h5')!r}",
+    }[how]
+    expected = (
+        f"{h5}: feature record {keys[0]!r}: dataset 'features' lies outside this file ({tail}); refused: feature "
+        "files are read only for their own data"
+    )
+    with pytest.raises(BadInput) as e:
+        open_features(h5).get(keys[0])
+    assert str(e.value) == expected
+    assert open_features(h5).get(keys[1])[0].shape == (4, 2048)
+    with pytest.raises(BadInput) as e:
+        preflight.check_inputs(exs, features=str(h5), sample=None)
+    assert str(e.value).startswith(expected + " (referenced by XVNLI/annotations/en/test.jsonl:"), e.value
+    assert inventory.main(["--data-root", str(IGLUE), "--features", str(h5), "--verify"]) == 1
+    out = capsys.readouterr().out
+    bad = [line for line in out.splitlines() if line.startswith("bad: ")]
+    assert f"bad: {expected}" in bad and len(bad) == 1 + (how == "soft_link_outside"), out  # + the link's own entry
 
 
 def test_images_in_non_photo_formats_are_not_parsed(tmp_path):

@@ -524,15 +524,16 @@ def build_model(args, meta: dict, dist) -> tuple[XVLModel, dict, object]:
 
 
 def build_data(args, tokenizer, num_answers: int = data.NUM_ANSWERS):
-    """(auxiliary pool, English training set or None, collate); every feature key checked now. num_answers: the
-    model's answer-head width (config["num_answers"]), the width of the xGQA training targets."""
+    """(auxiliary pool, English training set or None, collate); every feature key checked now, and every auxiliary
+    record (1,000 English ones) decoded. num_answers: the model's answer-head width (config["num_answers"]), the
+    width of the xGQA training targets."""
     try:
         serialized, keyed = feature_sets.split_features(args.features or [])
         features = feature_sets.FeatureSet(keyed) if keyed else None
         if features is None:
             raise SystemExit("error: --features is required (image-keyed region-feature LMDB/H5)")
         aux = data.load_split(args.data_root, args.task, args.aux_split, args.aux_lang)
-        preflight.check_inputs(aux, features=features)
+        preflight.check_inputs(aux, features=features, sample=None)  # every record decoded now, not mid-training
         # xFlickrCo: VOLTA's hard negatives exist for Flickr30k's training images only, so the auxiliary pool
         # draws random negatives (read only by a task_aux retrieval loss; the contrastive loss uses the positives)
         aux_ds = data.make_dataset(
@@ -560,7 +561,7 @@ def build_data(args, tokenizer, num_answers: int = data.NUM_ANSWERS):
             )
             en_ds = U.build_train_dataset(en_args, features, serialized)
             if isinstance(en_ds, data.UC2Dataset):
-                preflight.check_inputs(en_ds.examples, features=features)
+                preflight.check_inputs(en_ds.examples, features=features, sample=preflight.VERIFY_SAMPLE)
     except ValueError as e:
         raise SystemExit(f"error: training data: {e}") from None
     if args.support_size + args.query_size > len(aux_ds):
