@@ -76,29 +76,31 @@ RESUME_KEYS = tuple(
 )
 
 # Ranges of numeric arguments, checked right after parsing (before anything is written). A key the parser
-# lacks, or left at None (optional), is skipped: max_regions is UC2's, image_res / vision_lr CCLM's.
-_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
-_NOT_NEGATIVE = (lambda v: v >= 0 and math.isfinite(v), ">= 0")
+# lacks, or left at None (optional), is skipped: max_regions is UC2's, image_res / vision_lr CCLM's. The comparison
+# systems pass theirs beside these (check_arg_ranges(args, extra)), built from the same rules.
+AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+NOT_NEGATIVE = (lambda v: v >= 0 and math.isfinite(v), ">= 0")
+POSITIVE = (lambda v: v > 0 and math.isfinite(v), "> 0")
 ARG_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
-    **dict.fromkeys(("epochs", "schedule_epochs"), _AT_LEAST_1),
-    **dict.fromkeys(("lr", "vision_lr", "weight_decay"), _NOT_NEGATIVE),
+    **dict.fromkeys(("epochs", "schedule_epochs", "suf_k", "unfreeze_every", "top_layers"), AT_LEAST_1),
+    **dict.fromkeys(("lr", "vision_lr", "weight_decay"), NOT_NEGATIVE),
+    **dict.fromkeys(("adam_eps", "lr_mult"), POSITIVE),
     "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "adam_eps": (lambda v: v > 0 and math.isfinite(v), "> 0"),
+    "llrd_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "adam_betas": (lambda v: all(0 <= b < 1 for b in v), "each in [0, 1)"),
     "clip_grad": (lambda v: v >= 0 and math.isfinite(v), ">= 0 (0 = off)"),
     "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    **dict.fromkeys(
-        "batch_size micro_batch_size grad_accum eval_batch_size max_regions image_res".split(), _AT_LEAST_1
-    ),
-    "num_workers": _NOT_NEGATIVE,
-    **dict.fromkeys(("max_steps_per_epoch", "max_nonfinite"), _AT_LEAST_1),
+    **dict.fromkeys("batch_size micro_batch_size grad_accum eval_batch_size max_regions image_res".split(), AT_LEAST_1),
+    "num_workers": NOT_NEGATIVE,
+    **dict.fromkeys(("max_steps_per_epoch", "max_nonfinite"), AT_LEAST_1),
     "log_every": (lambda v: v >= 0, ">= 0 (0 = only at epoch ends)"),
 }
 
 
-def check_arg_ranges(args: argparse.Namespace) -> None:
-    """One-line SystemExit naming the first numeric argument outside its range (ARG_RULES)."""
-    for key, (ok, rule) in ARG_RULES.items():
+def check_arg_ranges(args: argparse.Namespace, extra: dict | None = None) -> None:
+    """One-line SystemExit naming the first numeric argument outside its range (ARG_RULES, then `extra`: a
+    comparison system's own; every trainer calls this right after parsing)."""
+    for key, (ok, rule) in {**ARG_RULES, **(extra or {})}.items():
         value = getattr(args, key, None)
         if value is not None and not ok(value):
             shown = " ".join(f"{v:g}" for v in value) if isinstance(value, (list, tuple)) else f"{value:g}"

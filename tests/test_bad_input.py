@@ -567,6 +567,8 @@ def test_existing_run_folder_without_resume(env):
         "max_regions_0",
         "negative_workers",
         "nan_lr",
+        "llrd_decay_0",
+        "suf_k_0",
     ],
 )
 def test_cli_number_out_of_range_is_refused_before_anything_is_written(env, tmp_path, case):
@@ -578,6 +580,8 @@ def test_cli_number_out_of_range_is_refused_before_anything_is_written(env, tmp_
         "max_regions_0": ("--max-regions", "0", ">= 1"),
         "negative_workers": ("--num-workers", "-1", ">= 0"),
         "nan_lr": ("--lr", "nan", ">= 0"),
+        "llrd_decay_0": ("--llrd-decay", "0", "in (0, 1]"),
+        "suf_k_0": ("--suf-k", "0", ">= 1"),
     }[case]
     msg = fails(cli(env, tmp_path / "run", flag, value))
     assert msg == f"error: {flag} {value} is out of range: must be {rule}", msg

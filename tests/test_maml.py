@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from _configs import UC2_TINY  # noqa: E402
 from _make import run_make  # noqa: E402
 import _faults  # noqa: E402
+import _guard  # noqa: E402
 import data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
 from formats import run_folder, torch_files  # noqa: E402
@@ -613,3 +614,42 @@ def test_make_targets_print_the_xvlmaml_command():
     cmd = out.stdout.strip().splitlines()[-1]
     assert "-m comparisons.xvlmaml.xvlmaml train --run runs/uc2-xgqa-full --aux-lang de" in cmd
     assert cmd.endswith("--output-dir runs/uc2-xgqa-full-xvlmaml-de")
+
+
+@pytest.mark.parametrize("case", ["nan_lr", "cl_temperature_0", "epochs_0", "negative_inner_lr", "nan_cl_weight"])
+def test_every_numeric_flag_is_range_checked_naming_it(sample, tmp_path, case):
+    """engine.check_arg_ranges with XVL-MAML's rules, right after parsing (--lr nan and --cl-temperature 0 were
+    tracebacks)."""
+    flag, value, rule = {
+        "nan_lr": ("--lr", "nan", ">= 0"),
+        "cl_temperature_0": ("--cl-temperature", "0", "> 0"),
+        "epochs_0": ("--epochs", "0", ">= 1"),
+        "negative_inner_lr": ("--inner-lr", "-1", ">= 0"),
+        "nan_cl_weight": ("--cl-weight", "nan", ">= 0"),
+    }[case]
+    with pytest.raises(SystemExit) as e:
+        X.main(train_argv(sample, tmp_path / "r", flag, value))
+    assert str(e.value) == f"error: {flag} {value} is out of range: must be {rule}"
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("case", ["evaluation", "no_finite_step"])
+def test_non_finite_run_writes_no_result(sample, tmp_path, monkeypatch, capsys, case):
+    """The trainers' guard: NaN logits at the per-epoch evaluation (a traceback before), or a run none of whose
+    meta-steps was finite (model_final.pt and results.json of the initial weights before), end as one line, exit
+    status 1, with no model_final.pt and no results.json."""
+    when = "evaluating" if case == "evaluation" else "training"
+    monkeypatch.setattr(U.UC2, "_run", _guard.nan_output(U.UC2._run, when))
+    run = tmp_path / "r"
+    argv = [a for a in train_argv(sample, run) if a != "--no-eval"] + ["--eval-langs", "en"]
+    code, line = _guard.exit_line(X.main, argv, capsys)
+    assert code == 1, line
+    if case == "evaluation":
+        assert line.startswith("error: evaluation after epoch 1: non-finite logits (NaN or inf) for "), line
+        assert line.endswith("; last good checkpoint: none (no epoch completed)"), line
+    else:
+        assert line == (
+            "error: the run made no finite optimizer step (4 steps: 4 non-finite, 0 skipped by the fp16 scaler); "
+            "model_final.pt not written (its weights would be the initial ones); check the data, --lr and --amp"
+        )
+    assert _guard.results_written(run) == []

@@ -25,6 +25,7 @@ from comparisons.mclip import xtd_data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
 from _make import run_make  # noqa: E402
 import _faults  # noqa: E402
+import _guard  # noqa: E402
 import engine  # noqa: E402
 from comparisons.mclip import train_mclip as M  # noqa: E402
 from formats import run_folder  # noqa: E402
@@ -653,7 +654,7 @@ def test_resume_with_a_changed_argument_is_refused(world, tmp_path, monkeypatch)
 
 def test_a_saved_language_module_reloads_and_reproduces_its_test_score(world, tmp_path):
     trained = M.main(cli(world, tmp_path / "a"))
-    again = M.main(cli(world, tmp_path / "b", "--epochs", "0", "--load-pet", str(tmp_path / "a" / run_folder.FINAL)))
+    again = M.main(cli(world, tmp_path / "b", "--eval-only", "--load-pet", str(tmp_path / "a" / run_folder.FINAL)))
     assert again["test"] == trained["test"]
     a, b = (torch.load(tmp_path / r / run_folder.FINAL, weights_only=True)["model"] for r in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -1041,3 +1042,66 @@ def test_released_mclip_folder_layout_loads(tmp_path, ref):
         assert_matches_reference("released layout", M.encode(fresh, tok, texts, "cpu"), want["embeddings"])
     with pytest.raises(ValueError, match="holds neither model.safetensors nor pytorch_model.bin"):
         M.read_state_dict(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["epochs_0", "negative_lr", "nan_align_ratio", "eval_steps_0", "negative_dropout", "lora_r_0"],
+)
+def test_every_numeric_flag_is_range_checked_naming_it(world, tmp_path, case):
+    """engine.check_arg_ranges with M-CLIP's rules, right after parsing: the flag at fault is named (--lr -1 was
+    refused as a --resume error, --epochs 0 and --align-ratio nan accepted)."""
+    flag, value, rule = {
+        "epochs_0": ("--epochs", "0", ">= 1"),
+        "negative_lr": ("--lr", "-1", ">= 0"),
+        "nan_align_ratio": ("--align-ratio", "nan", ">= 0"),
+        "eval_steps_0": ("--eval-steps", "0", ">= 1"),
+        "negative_dropout": ("--dropout", "-0.5", "in [0, 1)"),
+        "lora_r_0": ("--lora-r", "0", ">= 1"),
+    }[case]
+    with pytest.raises(SystemExit) as e:
+        M.main(cli(world, tmp_path / "run", flag, value))
+    assert str(e.value) == f"error: {flag} {value} is out of range: must be {rule}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_nan_image_features_are_refused_before_training(world, tmp_path):
+    names = torch_names(world)
+    torch.save({"names": names, "features": torch.full((len(names), 16), float("nan"))}, tmp_path / "nan.pt")
+    with pytest.raises(SystemExit) as e:
+        M.main(cli(world, tmp_path / "run", "--image-features", str(tmp_path / "nan.pt")))
+    assert str(e.value) == (
+        f"error: {tmp_path / 'nan.pt'}: the features of 12 image(s) hold NaN or inf, e.g. {sorted(names)[0]!r}"
+    )
+    assert not (tmp_path / "run" / run_folder.METRICS).exists()
+
+
+def torch_names(world: Path) -> list[str]:
+    return list(torch.load(world / "feats.pt", weights_only=True)["names"])
+
+
+@pytest.mark.parametrize("case", ["validation", "test", "no_finite_step"])
+def test_non_finite_run_writes_no_result(world, tmp_path, monkeypatch, capsys, case):
+    """The trainers' guard: NaN scores at validation or test (all-NaN image features used to give test R@1 = 100),
+    or a run none of whose steps was finite (--align-ratio nan used to give the untrained model's numbers), end as
+    one line, exit status 1, with no model_final.pt, no results.json and no test record."""
+    if case == "no_finite_step":
+        monkeypatch.setattr(M, "routine_loss", lambda *a: torch.tensor(float("nan"), requires_grad=True))
+    else:
+        monkeypatch.setattr(M.MCLIPText, "forward", _guard.nan_output(M.MCLIPText.forward))
+    run = tmp_path / "run"
+    code, line = _guard.exit_line(M.main, cli(world, run, *(["--pet", "none"] if case == "test" else [])), capsys)
+    assert code == 1, line
+    assert (
+        line
+        == {
+            "validation": "error: validation at step 2: non-finite image-text similarities (NaN or inf) for 3 of 3 "
+            "examples of a batch; model_final.pt and results.json not written",
+            "test": "error: test: non-finite image-text similarities (NaN or inf) for 6 of 6 examples of a batch; "
+            "model_final.pt and results.json not written",
+            "no_finite_step": "error: the run made no finite optimizer step (4 steps: 4 non-finite, 0 skipped by the "
+            "fp16 scaler); model_final.pt not written (its weights would be the initial ones); check the data, --lr "
+            "and --amp",
+        }[case]
+    )
+    assert _guard.results_written(run) == [] and lines(run, "test") == []

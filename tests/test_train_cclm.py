@@ -28,6 +28,7 @@ import freeze  # noqa: E402
 import train_cclm  # noqa: E402
 from formats import x2vlm  # noqa: E402
 import _faults  # noqa: E402
+import _guard  # noqa: E402
 
 IGLUE = ROOT / "tests" / "fixtures" / "iglue"
 TRAIN = {"xgqa": "train_5", "xvnli": "train_48", "xflickrco": "valid"}
@@ -320,3 +321,14 @@ def test_cli_errors_are_one_line(env: Path, tmp_path: Path) -> None:
         train_cclm.main(cli(env, "xvnli", tmp_path / "b", "--no-eval") + ["--model-config", str(bad)])
     with pytest.raises(SystemExit, match="nope.th"):
         train_cclm.main(cli(env, "xvnli", tmp_path / "c", "--no-eval", "--checkpoint", str(tmp_path / "nope.th")))
+
+
+def test_non_finite_run_writes_no_result(env: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The trainers' guard: NaN logits at the final evaluation end the run as one line, exit status 1, with no
+    model_final.pt, no results.json and no evaluation record."""
+    monkeypatch.setattr(train_cclm.CCLMForXVNLI, "logits", _guard.nan_output(train_cclm.CCLMForXVNLI.logits))
+    run = tmp_path / "run"
+    argv = cli(env, "xvnli", run, "--epochs", "1", "--batch-size", "4", "--max-steps-per-epoch", "1", "--langs", "en")
+    code, line = _guard.exit_line(train_cclm.main, argv, capsys)
+    assert code == 1 and line.startswith("error: evaluation after epoch 1: non-finite logits (NaN or inf) for "), line
+    assert _guard.results_written(run) == [] and '"type": "eval"' not in (run / run_folder.METRICS).read_text()

@@ -35,6 +35,7 @@ import freeze  # noqa: E402
 import train_uc2 as U  # noqa: E402
 from formats import feature_sets, volta  # noqa: E402
 import _faults  # noqa: E402
+import _guard  # noqa: E402
 
 IGLUE = ROOT / "tests" / "fixtures" / "iglue"
 SPLITS = {"xgqa": ("testdev", "dev"), "xvnli": ("train_48", "test"), "xflickrco": ("valid", "test")}
@@ -337,3 +338,17 @@ def test_feature_set_reads_each_key_from_the_file_holding_it(tmp_path):
     assert data.REGION_FEATURES.dataset("xvnli", exs, features=fs, max_regions=8)[1]["regions"][0].shape == (6, 2048)
     with pytest.raises(BadInput, match="'4' not found"):
         data.REGION_FEATURES.dataset("xvnli", [replace(exs[0], image="4")], features=fs)[0]
+
+
+def test_non_finite_run_writes_no_result(sample, tmp_path, monkeypatch, capsys):
+    """The trainers' guard: NaN logits at the final evaluation end the run as one line, exit status 1, with no
+    model_final.pt, no results.json and no evaluation record."""
+    monkeypatch.setattr(U.UC2, "_run", _guard.nan_output(U.UC2._run))
+    run = tmp_path / "run"
+    argv = cli(
+        "xvnli", sample, run, "--epochs", "1", "--batch-size", "4", "--max-steps-per-epoch", "1", "--langs", "en"
+    )
+    code, line = _guard.exit_line(U.main, argv, capsys)
+    assert code == 1 and line.startswith("error: evaluation after epoch 1: non-finite logits (NaN or inf) for "), line
+    assert f"the epoch's checkpoint {run / run_folder.CHECKPOINT} is kept" in line
+    assert _guard.results_written(run) == [] and '"type": "eval"' not in (run / run_folder.METRICS).read_text()

@@ -58,18 +58,28 @@ def run_evaluation(
         return
     if resumed and dist.is_main:
         print(f"re-running epoch {epoch + 1}'s evaluation (the run stopped after the epoch's checkpoint)", flush=True)
-    try:
-        eval_dtype = None if getattr(args, "eval_fp32", False) else amp_dtype
-        langs = None if epoch == args.epochs - 1 else getattr(args, "eval_langs", None)
-        results = evaluate(evaluate_fn, model, epoch, amp_dtype=eval_dtype, langs=langs)
-    except (BadInput, FloatingPointError) as e:
-        raise SystemExit(
-            f"error: evaluation after epoch {epoch + 1}: {e}; the epoch's checkpoint "
-            f"{run_dir / run_folder.CHECKPOINT} is kept: fix it and --resume (the evaluation is run again)"
-        ) from None
+    eval_dtype = None if getattr(args, "eval_fp32", False) else amp_dtype
+    langs = None if epoch == args.epochs - 1 else getattr(args, "eval_langs", None)
+    kept = (
+        f"the epoch's checkpoint {run_dir / run_folder.CHECKPOINT} is kept: fix it and --resume (the evaluation "
+        "is run again)"
+    )
+    results = evaluate_or_stop(evaluate_fn, model, epoch, kept, amp_dtype=eval_dtype, langs=langs)
     if on_evaluated is not None:
         on_evaluated(model, epoch, results, dist)
     log_eval(log, results, epoch, prog.step, args.eval_split, dist)
+
+
+def evaluate_or_stop(
+    evaluate_fn: Callable, model: nn.Module, epoch: int, kept: str, amp_dtype=None, langs=None
+) -> dict:
+    """evaluate(), under the guard every trainer evaluates with: bad evaluation data or a non-finite model output
+    (scoring.metrics.require_finite, recall_metrics) ends the run as one line, before any of it is logged and
+    before any result (model_final.pt, results.json) is written. kept: what the line says is kept."""
+    try:
+        return evaluate(evaluate_fn, model, epoch, amp_dtype=amp_dtype, langs=langs)
+    except (BadInput, FloatingPointError) as e:
+        raise SystemExit(f"error: evaluation after epoch {epoch + 1}: {e}; {kept}") from None
 
 
 def evaluate(

@@ -63,7 +63,8 @@ class DataWait:
 
 
 def check_made_progress(prog: Progress, run_dir: Path) -> None:
-    """A run none of whose optimizer steps updated the weights ends with an error and no model_final.pt."""
+    """A run none of whose optimizer steps updated the weights ends with an error and no model_final.pt (nor
+    results.json): every trainer calls it before writing a result (engine.train, M-CLIP's fit, XVL-MAML's loop)."""
     updates = prog.step - prog.nonfinite_steps - prog.amp_skipped_steps
     if updates <= 0:
         raise SystemExit(

@@ -71,6 +71,7 @@ from training import devices, progress
 from formats import run_folder, torch_files
 import freeze
 import scoring.evaluate
+import scoring.metrics
 
 LOGIT_SCALE = 100.0  # the reference's fixed scale (trainer.py), not CLIP's learned one
 ROUTINES = {  # routine: (text kind trained and tested on, alignment partner kind or None)
@@ -419,6 +420,7 @@ def recall_at_1(image: torch.Tensor, text: torch.Tensor) -> dict[str, float]:
     """Image i matches text i. i2t / t2i R@1 and their mean (the paper's metric), in percent. A tie with the
     match counts as a hit (the reference's topk leaves ties to the kernel; with float scores they do not occur)."""
     sim = l2_normalise(image.float()) @ l2_normalise(text.float()).T
+    scoring.metrics.require_finite(sim, "image-text similarities")  # NaN would rank as a hit: R@1 100
     diag = sim.diagonal()
     i2t = (sim > diag[:, None]).sum(1).eq(0).double().mean().item() * 100
     t2i = (sim > diag[None, :]).sum(0).eq(0).double().mean().item() * 100
@@ -476,10 +478,15 @@ def image_feature_table(splits: dict[str, xtd_data.RetrievalSplit], args) -> dic
         missing = [p for p in needed if p not in table]
         if missing:
             raise ValueError(f"{args.image_features}: no features for {len(missing)} image(s), e.g. {missing[0]!r}")
-        return table
-    if not (args.images and args.clip_vision):
-        raise ValueError("give --image-features, or --images with --clip-vision")
-    return compute_image_features(needed, args.images, args.clip_vision)
+    else:
+        if not (args.images and args.clip_vision):
+            raise ValueError("give --image-features, or --images with --clip-vision")
+        table = compute_image_features(needed, args.images, args.clip_vision)
+    bad = [p for p in needed if not torch.isfinite(table[p]).all()]
+    if bad:
+        source = args.image_features or f"--clip-vision {args.clip_vision}"
+        raise ValueError(f"{source}: the features of {len(bad)} image(s) hold NaN or inf, e.g. {bad[0]!r}")
+    return table
 
 
 def compute_image_features(
@@ -676,7 +683,10 @@ def fit(
     prog, best = progress.Progress(), {"r1": -1.0, "step": -1, "state": trainable_state(model)}
     ckpt = run_dir / run_folder.CHECKPOINT
     if args.resume and ckpt.is_file():
-        prog, best = resume_from(ckpt, model, optimizer, sched, scaler, log, device, dist)
+        try:
+            prog, best = resume_from(ckpt, model, optimizer, sched, scaler, log, device, dist)
+        except ValueError as e:
+            raise SystemExit(f"error: --resume: {e}") from None
     main_kind = ROUTINES[args.routine][0]
     model.train()
     for epoch in range(prog.epoch, args.epochs):
@@ -703,7 +713,10 @@ def fit(
             prog.amp_skipped_steps += amp_skipped
             log.write(train_record(epoch, prog, loss, sched.get_last_lr()[0]))
             if prog.step % args.eval_steps == 0:
-                val = evaluate(model, tokenizer, splits["val"], images, main_kind, args.lang, args, device, dist)
+                try:
+                    val = evaluate(model, tokenizer, splits["val"], images, main_kind, args.lang, args, device, dist)
+                except FloatingPointError as e:
+                    raise FloatingPointError(f"validation at step {prog.step}: {e}") from None
                 log.write({"type": "val", "epoch": epoch, "step": prog.step, **val})
                 if val["mean_r1"] >= best["r1"]:
                     best = {"r1": val["mean_r1"], "step": prog.step, "state": trainable_state(model)}
@@ -726,6 +739,7 @@ def fit(
                 },
             )
         engine.barrier(dist)  # no rank runs ahead of a checkpoint it might have to resume from
+    progress.check_made_progress(prog, run_dir)  # the trainers' guard: no result from a run without a finite step
     return best["state"]
 
 
@@ -902,7 +916,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--load-pet",
         default=None,
-        help="model_final.pt of an earlier run: start from its module (with --epochs 0: evaluate it)",
+        help="model_final.pt of an earlier run: start from its module (with --eval-only: evaluate it)",
+    )
+    p.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="train nothing: test the module as loaded (--load-pet) or initialised; --epochs stays >= 1",
     )
     freeze.add_policy_args(p)
     return p
@@ -925,18 +944,25 @@ def check_resume_args(args, run_dir: Path) -> None:
     engine.check_resume_args(args, saved, RESUME_KEYS, run_dir / run_folder.ARGS)
 
 
+# Ranges of M-CLIP's own numbers, checked with engine's (epochs, lr, batch sizes, dropout, ...) by the trainers' one
+# check (engine.check_arg_ranges) right after parsing.
+ARG_RULES = {
+    "align_ratio": engine.NOT_NEGATIVE,
+    "n_shot": engine.NOT_NEGATIVE,
+    **dict.fromkeys(
+        "eval_steps soft_tokens lora_r lora_alpha adapter_dim compacter_reduction phm_dim".split(), engine.AT_LEAST_1
+    ),
+}
+
+
 def check_args(args) -> None:
+    engine.check_arg_ranges(args, ARG_RULES)
     langs = xtd_data.XTD_LANGS if args.dataset == "xtd" else xtd_data.MULTI30K_LANGS
     # a set in XTD10's layout with other languages (the synthetic world's, synthetic/mclip_study.py) has its caption
     # file
     other_xtd = args.dataset == "xtd" and Path(args.data_root, xtd_data.XTD_FILES["native"].format(args.lang)).is_file()
     if args.lang not in langs and not other_xtd:
         raise SystemExit(f"error: --lang {args.lang}: {args.dataset} has {', '.join(langs)}")
-    for name in ("epochs", "batch_size", "eval_steps", "eval_batch_size"):
-        if getattr(args, name) < (0 if name == "epochs" else 1):
-            raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)} is out of range")
-    if args.dropout is not None and not 0 <= args.dropout < 1:
-        raise SystemExit(f"error: --dropout {args.dropout} is out of range [0, 1)")
     if args.policy != "full" and args.pet != "full":
         raise SystemExit(f"error: --policy {args.policy} schedules the whole text tower: it needs --pet full")
     if args.pet != "none" and args.n_shot == 0 and args.dataset == "xtd":
@@ -946,7 +972,7 @@ def check_args(args) -> None:
 def check_schedule(args, n_train: int) -> None:
     """A run must validate at least once: the state it tests is the best validated one (the reference would fail
     loading a best checkpoint it never wrote)."""
-    if args.pet == "none" or args.epochs == 0:
+    if args.pet == "none" or args.eval_only:
         return
     steps = math.ceil(n_train / args.batch_size) * args.epochs
     if steps < args.eval_steps:
@@ -1044,14 +1070,17 @@ def run(args, dist: "devices.DistInfo") -> dict:
             }
         )
     best = trainable_state(model)
-    if args.pet != "none" and args.epochs > 0:
-        try:
-            best = fit(model, tokenizer, splits, images, args, run_dir, log, device, dist)
-        except ValueError as e:
-            raise SystemExit(f"error: --resume: {e}") from None
-        load_trainable(model, best, "best validation state")
     test_kind = ROUTINES[args.routine][0] if args.test_text == "routine" else RUN_CROSS_TEST_TEXT[args.routine]
-    test = evaluate(model, tokenizer, splits["test"], images, test_kind, args.lang, args, device, dist)
+    try:  # non-finite scores (validation or test) end the run as one line: no model_final.pt, no results.json
+        if args.pet != "none" and not args.eval_only:
+            best = fit(model, tokenizer, splits, images, args, run_dir, log, device, dist)
+            load_trainable(model, best, "best validation state")
+        try:
+            test = evaluate(model, tokenizer, splits["test"], images, test_kind, args.lang, args, device, dist)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"test: {e}") from None
+    except (ValueError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}; {run_folder.FINAL} and results.json not written") from None
     log.write({"type": "test", **test})
     meta = {
         "model": "mclip",

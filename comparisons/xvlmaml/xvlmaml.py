@@ -47,7 +47,7 @@ from formats import readers
 from checks import preflight
 import engine
 from console import cli
-from training import after_epoch, devices
+from training import after_epoch, devices, progress
 from formats import run_folder, tokenizer_check
 import eval_zeroshot as Z
 import freeze
@@ -420,10 +420,22 @@ def maml_config(args) -> M.MamlConfig:
         raise SystemExit(f"error: {e}") from None
 
 
+# Ranges of XVL-MAML's own numbers, checked with engine's (epochs, lr, AdamW's, batch sizes, ...) by the trainers'
+# one check (engine.check_arg_ranges) right after parsing.
+ARG_RULES = {
+    "inner_lr": engine.NOT_NEGATIVE,  # 0: the plain gradient of the outer loss
+    "inner_steps": (lambda v: v >= 0, ">= 0"),
+    "cl_weight": engine.NOT_NEGATIVE,
+    "cl_temperature": engine.POSITIVE,
+    **dict.fromkeys(
+        "cl_dim inner_top_layers support_size query_size en_batch_size meta_batch iters_per_epoch".split(),
+        engine.AT_LEAST_1,
+    ),
+}
+
+
 def check_args(args, dist: devices.DistInfo) -> None:
-    for name in ("support_size", "query_size", "meta_batch", "iters_per_epoch", "epochs", "en_batch_size"):
-        if getattr(args, name) <= 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    engine.check_arg_ranges(args, ARG_RULES)
     if args.meta_batch % dist.world:
         raise SystemExit(
             f"error: --meta-batch {args.meta_batch} must be a multiple of the {dist.world} processes "
@@ -726,15 +738,16 @@ def _meta_train(
                 window = []
         bar.close()
         if evaluate_fn is not None:  # the UC2 task model, as the trainers evaluate it
-            results = after_epoch.evaluate(
-                evaluate_fn, net.model, epoch, amp_dtype=scoring.evaluate.AMP_DTYPES[args.eval_amp]
-            )
+            kept = progress.last_checkpoint(prog, run_dir)  # this epoch's is written after its evaluation
+            amp = scoring.evaluate.AMP_DTYPES[args.eval_amp]
+            results = after_epoch.evaluate_or_stop(evaluate_fn, net.model, epoch, kept, amp_dtype=amp)
             after_epoch.log_eval(log, results, epoch, prog.step, args.epoch_eval_split, dist)
         prog.epoch = epoch + 1
         prog.metrics_offset = log.size()
         engine.save_training_state(
             run_dir / run_folder.CHECKPOINT, net, optimizer, lr_sched, None, prog, args, meta, schedule, dist
         )
+    progress.check_made_progress(prog, run_dir)  # the trainers' guard: no result from a run without a finite step
     if dist.is_main:
         final_meta = {
             **run_folder.run_meta(meta, schedule, prog, args),
@@ -882,6 +895,7 @@ def main(argv: Sequence[str] | None = None, *, dist: devices.DistInfo | None = N
     Under torchrun every training and evaluation of a command shares ONE group: a second group on the
     same store can read the first one's addresses and fail to connect."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    engine.check_arg_ranges(args, ARG_RULES)  # before anything is read or written (train repeats it)
     command = {"train": cmd_train, "matrix": cmd_matrix}[args.command]
     if dist is not None:
         return command(args, dist)
