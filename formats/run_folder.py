@@ -220,8 +220,14 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record, default=float) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record, default=float) + "\n")
+            except OSError as e:  # disk full: a half-written line is dropped by --resume (truncate)
+                raise CheckpointWriteError(
+                    f"cannot write {self.path}: {_write_failure(e)}; the last checkpoint is intact (--resume drops "
+                    "the partial line)"
+                ) from None
 
     def size(self) -> int:
         return self.path.stat().st_size if self.path.exists() else 0

@@ -626,6 +626,19 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full (every write: ENOSPC)")
+def test_full_disk_while_logging_metrics_is_one_line_naming_the_file():
+    """metrics.jsonl on a full disk (/dev/full: a real ENOSPC at flush) is the same one-line CheckpointWriteError the
+    loop turns into `error: ...`, not an OSError traceback."""
+    log = run_folder.MetricsLog(Path("/dev/full"), enabled=True)
+    with pytest.raises(run_folder.CheckpointWriteError) as e:
+        log.write({"type": "train", "loss": 0.5})
+    assert str(e.value) == (
+        "cannot write /dev/full: No space left on device; the last checkpoint is intact (--resume drops the partial "
+        "line)"
+    )
+
+
 @pytest.mark.parametrize("writer", ["save_checkpoint", "toy_trainer"])
 def test_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_tmp(tmp_path, writer):
     """A real failed write (a file-size limit: torch.save's write gets EFBIG, which torch rewords as a
