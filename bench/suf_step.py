@@ -509,7 +509,8 @@ def table_share(timed: dict, model: str, paper_batch: int) -> dict | None:
 
 
 def count_only(args) -> int:
-    res: dict = {"bench": "suf_step_flops", **_common.run_info(), "suf_k": args.suf_k, "models": {}}
+    res: dict = {"bench": "suf_step_flops", **_common.run_info(), "suf_k": args.suf_k}
+    details = []  # a list: bench/table.py lists only the scalars above it (the first stage's ratios, the check)
     specs = [("uc2", None, 256)] if "uc2" in args.models else []
     specs += [("cclm", r, 144) for r in sorted({128, args.cclm_image_res, 384})] if "cclm" in args.models else []
     timed_path = Path(args.timed)
@@ -521,15 +522,16 @@ def count_only(args) -> int:
             model, layout, batch, _, info = cclm_setup(False, args.cclm_batch, 250002, 0, res_px, meta=True)
         key = name if res_px is None else f"{name}_{res_px}px"
         rows = flop_ratios(model, layout, batch, args.suf_k)
-        res["models"][key] = {"setup": info, "rows": rows, "table_cost": table_share(timed, name, paper_batch)}
+        share = table_share(timed, name, paper_batch)
+        details.append({"model": key, "setup": info, "rows": rows, "table_cost": share})
         first = next(r for r in rows if r["config"] == "suf stage 0 (epoch 1)")
-        res[f"{key}_suf_stage1_flop_ratio"] = round(first["flop_ratio"], 4)  # the scalars bench/table.py lists
+        res[f"{key}_suf_stage1_flop_ratio"] = round(first["flop_ratio"], 4)
         print(f"{key}: " + ", ".join(f"{r['config']} {r['flop_ratio']:.3f}" for r in rows))
-        share = res["models"][key]["table_cost"]
         if share and res_px in (None, 128):
             print(f"  from {timed_path}: {share}")
     res["rowwise_adamw"] = rowwise_adamw_check()
     print(f"row-wise AdamW: {res['rowwise_adamw']}")
+    res["models"] = details
     _common.write_result(Path(args.out), res)
     return 0
 
