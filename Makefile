@@ -116,6 +116,11 @@ bench: $(INSTALL)
 	$(PY) -m bench.run_cost --out bench/results/run_cost.json
 	$(PY) -m bench.table bench/results
 
+## gpu-check       on a GPU (< 5 min): AMP steps, CPU-vs-GPU loss, SUF time/memory, loader, torchrun (bench/gpu_check.py)
+.PHONY: gpu-check
+gpu-check: $(INSTALL)
+	$(PY) -m bench.gpu_check --out bench/results/gpu_check.json
+
 # ---- Table 1: standard fine-tuning vs SUF, both models, three tasks ----
 define TRAIN_RULE
 ## $(1)-$(2)  train $$(MODEL) on English $(1) with policy $(2), evaluate all languages after every epoch

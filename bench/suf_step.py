@@ -34,6 +34,7 @@ as well).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import resource
@@ -202,6 +203,23 @@ def big_tensor_adamw_seconds_per_elem(
     return statistics.median(times) / w.numel()
 
 
+def schedules(n: int, suf_k: int) -> list[tuple[str, freeze.Schedule, int]]:
+    """(label, schedule, epoch) of full fine-tuning, every SUF stage, and every stage with --freeze-embeddings."""
+    stages = math.ceil(n / suf_k)
+    configs = [("full", freeze.Schedule("full", n), 0)]
+    for frozen_emb in (False, True):
+        # the last SUF stage with trainable embeddings IS full fine-tuning: not timed twice
+        for s in range(stages if frozen_emb else stages - 1):
+            configs.append(
+                (
+                    f"suf stage {s} (epoch {s + 1})" + (" +frozen emb" if frozen_emb else ""),
+                    freeze.Schedule("suf", n, suf_k=suf_k, freeze_embeddings=frozen_emb),
+                    s,
+                )
+            )
+    return configs
+
+
 def bench_model(
     name: str,
     model: nn.Module,
@@ -216,19 +234,7 @@ def bench_model(
     weight_decay: float = 0.01,
     fused: bool = True,
 ) -> dict:
-    n = layout.num_layers
-    stages = math.ceil(n / suf_k)
-    configs = [("full", freeze.Schedule("full", n), 0)]
-    for frozen_emb in (False, True):
-        # the last SUF stage with trainable embeddings IS full fine-tuning: not timed twice
-        for s in range(stages if frozen_emb else stages - 1):
-            configs.append(
-                (
-                    f"suf stage {s} (epoch {s + 1})" + (" +frozen emb" if frozen_emb else ""),
-                    freeze.Schedule("suf", n, suf_k=suf_k, freeze_embeddings=frozen_emb),
-                    s,
-                )
-            )
+    configs = schedules(layout.num_layers, suf_k)
     model.train()
     rows = []
     for label, sched, epoch in configs:  # count the work each configuration should do
@@ -384,7 +390,16 @@ def fit_vocab(build, cfg: dict, budget: int) -> int:
     return max(1000, min(cfg["vocab_size"], fit))
 
 
-def uc2_setup(quick: bool, batch: int, vocab: int | None, budget: int):
+def on_device(build, batch: dict, meta: bool):
+    """(model, batch) as built, or on the meta device (shapes only: what counting the work needs, in no memory)."""
+    if not meta:
+        return build(), batch
+    with torch.device("meta"):
+        model = build()
+    return model, {k: v.to("meta") for k, v in batch.items()}
+
+
+def uc2_setup(quick: bool, batch: int, vocab: int | None, budget: int, meta: bool = False):
 
     task, L, R = "xgqa", 24, 37  # 36 regions + the global image feature, as IGLUE's UC2 features
     cfg = train_uc2.resolve_config(_common.UC2_TINY if quick else "base")
@@ -409,10 +424,11 @@ def uc2_setup(quick: bool, batch: int, vocab: int | None, budget: int):
         "text_tokens": L,
         "regions": R,
     }
-    return train_uc2.build_model(task, cfg), train_uc2.layer_layout(task, cfg), b, batch * L, reduced
+    model, b = on_device(lambda: train_uc2.build_model(task, cfg), b, meta)
+    return model, train_uc2.layer_layout(task, cfg), b, batch * L, reduced
 
 
-def cclm_setup(quick: bool, batch: int, vocab: int | None, budget: int, image_res: int):
+def cclm_setup(quick: bool, batch: int, vocab: int | None, budget: int, image_res: int, meta: bool = False):
 
     task, L = "xvnli", 24  # xGQA would add its always-trainable 6-layer answer decoder: ratios only nearer 1
     cfg = train_cclm.resolve_config(_common.CCLM_TINY if quick else "base")
@@ -436,7 +452,138 @@ def cclm_setup(quick: bool, batch: int, vocab: int | None, budget: int, image_re
         "text_tokens": L,
         "image_res": f"{cfg['image_res']} (paper 384)",
     }
-    return train_cclm.build_model(task, cfg), train_cclm.layer_layout(task, cfg), b, batch * L, reduced
+    model, b = on_device(lambda: train_cclm.build_model(task, cfg), b, meta)
+    return model, train_cclm.layer_layout(task, cfg), b, batch * L, reduced
+
+
+# ---------------------------------------------------------------- counted FLOPs only (no timing)
+
+
+def flop_ratios(model: nn.Module, layout: freeze.LayerLayout, batch, suf_k: int) -> list[dict]:
+    """Per configuration of schedules(): the counted matmul FLOPs of a training step (forward, input and weight
+    gradients) relative to full fine-tuning: the limit of what SUF can save in compute, before any optimizer or
+    per-step cost. Runs on meta tensors as well (shapes are all it needs)."""
+    rows = []
+    model.train()
+    for label, sched, epoch in schedules(layout.num_layers, suf_k):
+        freeze.apply_schedule(model, layout, sched, epoch)
+        w = count_work(model, lambda m, b: m.loss(b), batch)
+        rows.append({"config": label, **w, "flops": w["fwd_flops"] + w["input_grad_flops"] + w["weight_grad_flops"]})
+    for r in rows:
+        r["flop_ratio"] = r["flops"] / rows[0]["flops"]
+    return rows
+
+
+def table_share(timed: dict, model: str, paper_batch: int) -> dict | None:
+    """From a timed result (bench/results/suf_step.json): the per-step cost of the word-embedding table under
+    SUF's first stage (its dense gradient and its AdamW update: neither depends on the batch) as a share of the
+    step, and the predicted stage-1 ratio at the bench's batch and at the paper's (the FLOP terms scaled by the
+    batch, the table's cost not)."""
+    rows = {r["config"]: r for r in timed.get("rows", []) if r.get("model") == model}
+    cal = timed.get("config", {}).get("calibration", {}).get(model)
+    full, first = rows.get("full"), rows.get("suf stage 0 (epoch 1)")
+    if not (full and first and cal):
+        return None
+    cal = cal[0] if isinstance(cal, list) else cal
+    setup = timed["config"]["models"][model]
+    batch = int(str(setup["batch"]).split()[0])
+
+    def parts(r: dict) -> tuple[float, float]:
+        table = (
+            cal["s_per_melem_embedding_grad"] * r["embedding_grad_elems"]
+            + cal["s_per_mparam_adamw_big_tensor"] * r["trainable_big_params"]
+        ) / 1e6
+        return r["predicted_s"] - table, table  # (what scales with the batch, the table's per-step cost)
+
+    (fs, ft), (ss, st) = parts(full), parts(first)
+    k = paper_batch / batch
+    return {
+        "batch": batch,
+        "paper_batch": paper_batch,
+        "table_s_per_step": st,
+        "table_share_of_stage1_step": st / (ss + st),
+        "predicted_stage1_ratio": (ss + st) / (fs + ft),
+        "predicted_stage1_ratio_without_table": ss / fs,
+        "predicted_stage1_ratio_at_paper_batch": (k * ss + st) / (k * fs + ft),
+    }
+
+
+def count_only(args) -> int:
+    res: dict = {"bench": "suf_step_flops", **_common.run_info(), "suf_k": args.suf_k}
+    details = []  # a list: bench/table.py lists only the scalars above it (the first stage's ratios, the check)
+    specs = [("uc2", None, 256)] if "uc2" in args.models else []
+    specs += [("cclm", r, 144) for r in sorted({128, args.cclm_image_res, 384})] if "cclm" in args.models else []
+    timed_path = Path(args.timed)
+    timed = json.loads(timed_path.read_text()) if timed_path.exists() else {}
+    for name, res_px, paper_batch in specs:
+        if name == "uc2":
+            model, layout, batch, _, info = uc2_setup(False, args.uc2_batch, 250002, 0, meta=True)
+        else:
+            model, layout, batch, _, info = cclm_setup(False, args.cclm_batch, 250002, 0, res_px, meta=True)
+        key = name if res_px is None else f"{name}_{res_px}px"
+        rows = flop_ratios(model, layout, batch, args.suf_k)
+        share = table_share(timed, name, paper_batch)
+        details.append({"model": key, "setup": info, "rows": rows, "table_cost": share})
+        first = next(r for r in rows if r["config"] == "suf stage 0 (epoch 1)")
+        res[f"{key}_suf_stage1_flop_ratio"] = round(first["flop_ratio"], 4)
+        print(f"{key}: " + ", ".join(f"{r['config']} {r['flop_ratio']:.3f}" for r in rows))
+        if share and res_px in (None, 128):
+            print(f"  from {timed_path}: {share}")
+    res["rowwise_adamw"] = rowwise_adamw_check()
+    print(f"row-wise AdamW: {res['rowwise_adamw']}")
+    res["models"] = details
+    _common.write_result(Path(args.out), res)
+    return 0
+
+
+def lazy_adamw_step(w, m, v, g, rows, step: int, lr: float, betas, eps: float, wd: float) -> None:
+    """AdamW on the given rows only (a row-wise / sparse update, as torch.optim.SparseAdam does plus decoupled
+    weight decay): the other rows keep their weights and moments. Equals torch's AdamW when every row is given."""
+    b1, b2 = betas
+    m[rows] = b1 * m[rows] + (1 - b1) * g[rows]
+    v[rows] = b2 * v[rows] + (1 - b2) * g[rows] ** 2
+    w[rows] *= 1 - lr * wd
+    denom = (v[rows] / (1 - b2**step)).sqrt() + eps
+    w[rows] -= lr / (1 - b1**step) * m[rows] / denom
+
+
+def rowwise_adamw_check(n_rows: int = 8, dim: int = 4, steps: int = 4, seed: int = 0) -> dict:
+    """Does a row-wise update of an embedding table reproduce AdamW? A tiny table: step 1 gives every row a
+    gradient, later steps only rows 0-1 (a batch's tokens). torch's AdamW still moves rows 2.. (their first
+    moment keeps decaying into updates, and decoupled weight decay shrinks every row every step); a row-wise
+    update does not, so the two part. Control: with every row in every step the row-wise update equals AdamW."""
+    lr, betas, eps, wd = 1e-2, (0.9, 0.999), 1e-8, 0.01
+    gen = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(n_rows, dim, generator=gen)
+    grads = [torch.randn(n_rows, dim, generator=gen) for _ in range(steps)]
+    touched = [torch.arange(n_rows)] + [torch.tensor([0, 1])] * (steps - 1)
+
+    def run(rows_per_step, weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+        ref = w0.clone().requires_grad_()
+        opt = torch.optim.AdamW([ref], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
+        lazy, m, v = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
+        for step, (g, rows) in enumerate(zip(grads, rows_per_step), 1):
+            dense = torch.zeros_like(g)
+            dense[rows] = g[rows]  # nn.Embedding's dense gradient: zero rows where no token was
+            ref.grad = dense
+            opt.step()
+            lazy_adamw_step(lazy, m, v, dense, rows, step, lr, betas, eps, weight_decay)
+        return ref.detach(), lazy
+
+    ref, lazy = run(touched, wd)
+    ref_nowd, lazy_nowd = run(touched, 0.0)
+    ctrl_ref, ctrl_lazy = run([torch.arange(n_rows)] * steps, wd)
+    after_first = run(touched[:1], wd)[0]
+    idle = slice(2, None)
+    return {
+        "rows_without_gradient_moved_by_adamw": float((ref[idle] - after_first[idle]).abs().max()),
+        "rows_without_gradient_moved_by_adamw_no_decay": float(
+            (ref_nowd[idle] - run(touched[:1], 0.0)[0][idle]).abs().max()
+        ),
+        "rowwise_vs_adamw_max_difference": float((ref - lazy).abs().max()),
+        "rowwise_vs_adamw_max_difference_no_decay": float((ref_nowd - lazy_nowd).abs().max()),
+        "control_all_rows_max_difference": float((ctrl_ref - ctrl_lazy).abs().max()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -473,8 +620,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--suf-k", type=int, default=3)
     p.add_argument("--tolerance", type=float, default=0.10)
-    p.add_argument("--out", default=str(_common.RESULTS / "suf_step.json"))
+    p.add_argument(
+        "--out", default=None, help="default bench/results/suf_step.json (--count-only: suf_step_flops.json)"
+    )
+    p.add_argument(
+        "--count-only",
+        action="store_true",
+        help="no timing: counted-FLOP ratios of every configuration at base width (meta tensors; CCLM at 128 px and "
+        "the paper's 384 px), the word-embedding table's per-step share from --timed, the row-wise AdamW check",
+    )
+    p.add_argument("--timed", default=str(_common.RESULTS / "suf_step.json"), help="--count-only: a timed result")
     args = p.parse_args(argv)
+    if args.count_only:
+        args.out = args.out or str(_common.RESULTS / "suf_step_flops.json")
+        return count_only(args)
+    args.out = args.out or str(_common.RESULTS / "suf_step.json")
     if args.suf_k <= 0 or any(v is not None and v <= 0 for v in (args.reps, args.attempts)) or args.threads <= 0:
         p.error("--suf-k, --reps, --attempts and --threads must be > 0")
     reps = args.reps or (2 if args.quick else 5)
