@@ -34,6 +34,7 @@ LAYERS = [
     ("checks.", 2),
     ("engine", 2),
     ("scoring.", 2),
+    ("integrations.", 2),
     ("train_uc2", 3),
     ("train_cclm", 3),
     ("eval_zeroshot", 4),
@@ -42,7 +43,8 @@ LAYERS = [
     ("synthetic.", 5),
     ("bench.", 6),
 ]
-PACKAGES = ("formats", "checks", "console", "training", "scoring", "report", "comparisons", "synthetic", "bench")
+PACKAGES = ("formats", "checks", "console", "training", "scoring", "integrations", "report", "comparisons")
+PACKAGES += ("synthetic", "bench")
 TOP = ("data", "freeze", "engine", "train_uc2", "train_cclm", "eval_zeroshot")
 
 
