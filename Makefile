@@ -60,10 +60,18 @@ INPUTS = $(DATA)/datasets $(VISUAL) $(CKPT)
 	xgqa-llrd-sweep xgqa-llrd-0.98 xgqa-llrd-0.95 xgqa-llrd-0.88 xgqa-llrd-0.75 xgqa-top6 \
 	fewshot-xgqa-full fewshot-xgqa-suf
 
+# `make help`: the paper's experiments first, then the comparison systems, then the rest (tests, benches, ...).
+HELP_LINES = grep -hE '^\#\# ' $(1) | grep -v '\$$(' | sed 's/^\#\# /  /'
+HELP_PAPER = '^  (xgqa-llrd-sweep|xgqa-top6|eval|translate-test|sanity|table1|figures) '
 help:
-	@grep -E '^## ' Makefile | grep -v '\$$(' | sed 's/^## //'
-	@echo "{xgqa,xvnli,xflickrco}-{full,suf}  train MODEL= on English with the policy, evaluate every language each epoch"
-	@echo "fewshot-xgqa-{full,suf}  continue OUT/MODEL-xgqa-<policy> on LANG_FS=<lang>'s SHOTS=48-shot split"
+	@echo "The paper's experiments (README \"Running the real experiment\"):"
+	@echo "  {xgqa,xvnli,xflickrco}-{full,suf}  train MODEL= on English with the policy, evaluate every language each epoch"
+	@echo "  fewshot-xgqa-{full,suf}  continue OUT/MODEL-xgqa-<policy> on LANG_FS=<lang>'s SHOTS=48-shot split"
+	@$(call HELP_LINES,Makefile) | grep -E $(HELP_PAPER)
+	@echo "The comparison systems (docs/xvlmaml.md, docs/mclip.md):"
+	@$(call HELP_LINES,Makefile comparisons/mclip/mclip.mk) | grep -E '^  (xvlmaml-|pet-|synth-mclip)'
+	@echo "Tests, benchmarks, the synthetic world:"
+	@$(call HELP_LINES,Makefile) | grep -vE $(HELP_PAPER) | grep -vE '^  xvlmaml-'
 
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -159,7 +167,7 @@ endef
 $(foreach p,full suf,$(eval $(call FEWSHOT_RULE,$(p))))
 
 # ---- evaluation of one run ----
-## eval            zero-shot evaluation of RUN= in every language of its task (inputs: the run's args.json unless DATA=/FEATURES=/IMAGES=/TOKENIZER= given)
+## eval            zero-shot evaluation of RUN= on the run's own split and languages (its args.json: --eval-split, --langs; inputs too unless DATA=/FEATURES=/IMAGES=/TOKENIZER= given)
 eval:
 	$(need_run)
 	$(call require,$(RUN_PATHS))

@@ -497,12 +497,13 @@ def train(
             prog = start_fresh(run_dir, args, dist, log)
 
         net, applied = None, None  # the (DDP-)wrapped model and the stage whose trainable set it was built over
+        clock = after_epoch.run_clock(args, prog.epoch, evaluate_fn)  # the whole run's ETA on the console
         for epoch in range(prog.epoch, args.epochs):
             set_epoch(train_loader, epoch)
             model.train()
             batches = progress.DataWait(iter(train_loader))
             totals = torch.zeros(2, device=dist.device)  # (loss sum, finite micro-batches) since the last record
-            desc = f"epoch {epoch + 1}/{args.epochs}"
+            desc = clock.epoch_desc(epoch)  # "epoch 3/5, run ETA 1h12m"
             bar = tqdm(total=steps_per_epoch, desc=desc, disable=not dist.is_main, dynamic_ncols=True)
             for i in range(steps_per_epoch):
                 step_start = time.perf_counter()
@@ -546,7 +547,7 @@ def train(
             prog.eval_pending = evaluate_fn is not None and after_epoch.evaluation_due(args, epoch)
             save_training_state(checkpoint, model, optimizer, lr_sched, scaler, prog, args, meta, schedule, dist)
             after_epoch.run_evaluation(
-                evaluate_fn, model, epoch, prog, args, log, run_dir, dist, amp_dtype, on_evaluated
+                evaluate_fn, model, epoch, prog, args, log, run_dir, dist, amp_dtype, on_evaluated, clock=clock
             )
 
         progress.check_made_progress(prog, run_dir)  # on every rank: the counters are the same everywhere

@@ -206,7 +206,7 @@ def add_data_args(
     e = p.add_argument_group("evaluation")
     if langs:
         e.add_argument("--langs", nargs="+", default=None, help="languages (default: all found)")
-    e.add_argument("--split", default="test", help="IGLUE split (xGQA's IGLUE test = few_shot/<lang>/test.json)")
+    e.add_argument("--split", default=None, help="IGLUE split (default: the run's --eval-split, else test)")
     if translate_test:
         e.add_argument(
             "--translate-test", action="store_true", help="IGLUE's machine-translated test files (English: original)"
@@ -231,14 +231,14 @@ def read_run_args(run: Path | None) -> dict:
 
 
 def resolve_data_args(args, run_args: dict, meta: dict) -> None:
-    """Fill data arguments left unset from the run's args.json / the checkpoint meta."""
-    for key in ("data_root", "features", "images", "max_regions"):
-        if getattr(args, key) is None:
-            setattr(args, key, run_args.get(key, meta.get(key)))
+    """Fill data and evaluation arguments left unset from the run's args.json / the checkpoint meta."""
+    for key in ("data_root", "features", "images", "max_regions", "split", "langs"):  # fewshot has no --langs
+        if getattr(args, key, "") is None:  # --split: the run's --eval-split
+            setattr(args, key, run_args.get("eval_split" if key == "split" else key, meta.get(key)))
+    args.split = args.split or "test"
     if args.tokenizer is None:
         args.tokenizer = meta.get("tokenizer") or run_args.get("tokenizer")
-    if isinstance(args.features, str):
-        args.features = [args.features]
+    args.features = [args.features] if isinstance(args.features, str) else args.features
     if args.max_regions is None:
         args.max_regions = 36
     if not args.data_root:

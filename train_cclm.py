@@ -728,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
         "embeddings and LM head when starting from the pretraining checkpoint); 1 = off",
     )
     c.add_argument("--eval-batch-size", type=int, default=32, help="examples per evaluation forward")
-    c.add_argument("--no-eval", action="store_true", help="skip the per-epoch evaluation")
+    c.add_argument("--no-eval", action="store_true", help="skip every evaluation, per-epoch and final (no curves)")
     return p
 
 

@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument(
         "--eval-batch-size", type=int, default=128, help="examples (retrieval: caption-image pairs) per eval forward"
     )
-    u.add_argument("--no-eval", action="store_true", help="skip the per-epoch evaluation")
+    u.add_argument("--no-eval", action="store_true", help="skip every evaluation, per-epoch and final (no curves)")
     return p
 
 

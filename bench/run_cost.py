@@ -12,6 +12,14 @@ Memory: float32 weights + gradients + AdamW's two moments (16 bytes per trainabl
 one) under full fine-tuning and in SUF's first stage (k = 3); activations are NOT included (they grow with
 the micro-batch: lower --micro-batch-size if a step does not fit).
 
+Per experiment (the Table 1 make targets, docs/reproducing.md's table): training = the paper's training-set
+size x epochs x the counted FLOPs of one training sample of that task; evaluation = the test sets of IGLUE's
+languages x the counted forward FLOPs per test example (UC2 xFlickrCo: every caption-image pair; CCLM xFlickrCo:
+every image and caption encoded once, then k = 128 ITM pairs per image and per caption), once per epoch
+(--eval-every 1, what the targets pass) or once at the end. CCLM xGQA counts the XVNLI-style sample (its
+answer decoder adds more: a lower bound) and CCLM xFlickrCo the ITC pass plus 3 ITM pairs per sample. Assumed:
+40% of the bf16 peak throughout (evaluation included; float32 evaluation without TF32 is far slower).
+
     python -m bench.run_cost [--out bench/results/run_cost.json]
 """
 
@@ -82,6 +90,127 @@ def estimate(name: str, build) -> dict:
     }
 
 
+# The paper's data (IGLUE's files): English training examples, test examples per language (xFlickrCo: images and
+# captions), epochs of the paper's recipe (train_*.DEFAULTS). Check yours: python -m checks.inventory --data-root DIR.
+TRAIN = {"xgqa": 943_000, "xvnli": 529_527, "xflickrco": 145_000}
+TEST = {"xgqa": 9_666, "xvnli": 1_164, "xflickrco": 2_000}
+LANGS = {"xgqa": 8, "xvnli": 5, "xflickrco": 8}  # English + IGLUE's target languages (formats.iglue.TARGET_LANGS)
+EPOCHS = {"xgqa": 5, "xvnli": 10, "xflickrco": 10}
+K_TEST = 128  # CCLM's ITM re-rank: candidates per image and per caption
+
+
+def counted(fn) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def uc2_costs(task: str) -> tuple[float, float]:
+    """(training FLOPs per sample, forward FLOPs per test example or caption-image pair) of UC2 on `task`."""
+    cfg = dict(train_uc2.CONFIGS["base"])
+    with torch.device("meta"):
+        model = train_uc2.build_model(task, cfg)
+        group = (N, 4) if task == "xflickrco" else (N,)  # VOLTA's retrieval sample: 1 positive + 3 negatives
+        batch = {
+            "input_ids": torch.ones(*group, L, dtype=torch.long),
+            "attention_mask": torch.ones(*group, L, dtype=torch.long),
+            "features": torch.empty(*group, 37, cfg["v_feature_size"]),
+            "spatials": torch.empty(*group, 37, cfg["num_locs"]),
+            "image_mask": torch.ones(*group, 37, dtype=torch.long),
+            "target": torch.zeros(N, {"xgqa": cfg["num_answers"], "xvnli": 3}.get(task, 1)),
+        }
+        flat = {k: v.flatten(0, len(group) - 1) for k, v in batch.items() if k != "target"}
+        model.train()
+        train = counted(lambda: model.loss(batch).backward()) / N
+        model.eval()
+        with torch.no_grad():
+            test = counted(lambda: model(**flat)) / flat["input_ids"].shape[0]
+    return train, test
+
+
+def cclm_costs() -> dict:
+    """Counted FLOPs of CCLM's pieces: a training sample (XVNLI), a test example's forward, one image / one caption
+    encoded, and one ITM pair scored with its image's keys/values (per image: those keys/values)."""
+    cfg = dict(train_cclm.CONFIGS["base"])
+    with torch.device("meta"):
+        model, _, batch = cclm_model_and_batch()
+        retrieval = train_cclm.build_model("xflickrco", cfg)
+        model.train()
+        train = counted(lambda: model.loss(batch).backward()) / N
+        model.eval()
+        retrieval.eval()
+        with torch.no_grad():
+            test = counted(lambda: model.logits(batch)) / N
+            image = counted(lambda: retrieval.encode_images(batch["images"])) / N
+            text = counted(lambda: retrieval.encode_texts(batch["text_ids"], batch["text_atts"])) / N
+            v, _ = retrieval.encode_images(batch["images"][:1])
+            t, _ = retrieval.encode_texts(batch["text_ids"], batch["text_atts"])
+            kv_flops = counted(lambda: retrieval.itm_image_kv(v))
+            kv = retrieval.itm_image_kv(v)
+            pair = counted(lambda: retrieval.itm_scores_with_image_kv(t, batch["text_atts"], kv)) / N
+    return {"train": train, "test": test, "image": image, "text": text, "image_kv": kv_flops, "itm_pair": pair}
+
+
+def experiments() -> list[dict]:
+    """FLOPs of each Table 1 experiment: training, one evaluation of every language, and the run's total with the
+    evaluation after every epoch (the make targets) or only after the last."""
+    c = cclm_costs()
+    rows = []
+    for model in ("uc2", "cclm"):
+        for task in ("xgqa", "xvnli", "xflickrco"):
+            n, langs = TEST[task], LANGS[task]
+            if model == "uc2":
+                train, test = uc2_costs(task)
+                one_eval = langs * n * (n if task == "xflickrco" else 1) * test
+            else:
+                # xFlickrCo training: the ITC pass (image and caption encoded) and 3 ITM pairs per sample, backward
+                # included (x3); the evaluation encodes the test images once for all languages (they share them)
+                pair = c["itm_pair"] + c["image_kv"]
+                train = c["train"] if task != "xflickrco" else 3 * (c["image"] + c["text"] + 3 * pair)
+                per_lang = n * (c["text"] + c["image_kv"]) + 2 * n * K_TEST * c["itm_pair"]
+                one_eval = n * c["image"] + langs * per_lang if task == "xflickrco" else langs * n * c["test"]
+            training = TRAIN[task] * EPOCHS[task] * train
+            rows.append(
+                {
+                    "model": model,
+                    "task": task,
+                    "lower_bound": model == "cclm" and task == "xgqa",
+                    "train_flops_per_sample": train,
+                    "training_flops": training,
+                    "one_evaluation_flops": one_eval,
+                    "hours": {
+                        gpu: {
+                            "training": training / (peak * MFU) / 3600,
+                            "evaluation_every_epoch": EPOCHS[task] * one_eval / (peak * MFU) / 3600,
+                            "evaluation_at_the_end": one_eval / (peak * MFU) / 3600,
+                        }
+                        for gpu, peak in GPUS.items()
+                    },
+                }
+            )
+    return rows
+
+
+def hours(x: float) -> str:
+    return "< 0.01" if x < 0.01 else f"{x:.2f}" if x < 10 else f"{x:.0f}"
+
+
+def experiment_table(runs: list[dict]) -> str:
+    """docs/reproducing.md's table: GPU hours per Table 1 experiment (one GPU; n GPUs: about 1/n)."""
+    out = [
+        "| experiment | training A100 / H100 | evaluation every epoch (the make target) | evaluation at the end only |",
+        "|---|---|---|---|",
+    ]
+    for r in runs:
+        a, h, bound = r["hours"]["A100"], r["hours"]["H100"], "≥ " if r["lower_bound"] else ""
+        cells = [
+            f"{bound}{hours(a[k])} / {hours(h[k])}"
+            for k in ("training", "evaluation_every_epoch", "evaluation_at_the_end")
+        ]
+        out.append(f"| `make {r['task']}-{{full,suf}} MODEL={r['model']}` | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(_common.RESULTS / "run_cost.json"))
@@ -96,12 +225,16 @@ def main(argv=None) -> int:
             f"{m['full']:.1f} GiB full fine-tuning, {m['suf']:.1f} GiB in SUF's first stage "
             f"({r['parameters'] / 1e6:.0f}M parameters)"
         )
+    runs = experiments()
+    print(experiment_table(runs))
     out = {
         **_common.run_info(),
         "torch": torch.__version__,
         "mfu": MFU,
         "peak": GPUS,
         "estimates": rows,
+        "data": {"train": TRAIN, "test": TEST, "langs": LANGS, "epochs": EPOCHS, "k_test": K_TEST},
+        "experiments": runs,
     }
     _common.write_result(args.out, out)
     return 0

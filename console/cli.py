@@ -94,8 +94,9 @@ def run_main(main: Callable[[], object]) -> None:
 CONSOLE_METRICS = (("accuracy",), ("ir_r1", "tr_r1"))
 
 
-def epoch_line(results: dict, epoch: int, split: str) -> str:
-    """ "epoch 2 test accuracy: en 55.19 de 30.12 ..." (the task's metric per language)."""
+def epoch_line(results: dict, epoch: int, split: str, epochs: int | None = None, note: str = "") -> str:
+    """ "epoch 2/5 (run ETA 1h12m) test accuracy: en 55.19 de 30.12 ..." (the task's metric per language; the
+    number of epochs and the note when given)."""
     first = next(iter(results.values()))
     names = next((m for m in CONSOLE_METRICS if all(k in first for k in m)), None)
     if names is None:  # an unknown task: its first float metric
@@ -104,7 +105,8 @@ def epoch_line(results: dict, epoch: int, split: str) -> str:
         f"{name}: " + " ".join(f"{lang} {m.get(name, float('nan')):.2f}" for lang, m in results.items())
         for name in names
     ]
-    return f"epoch {epoch + 1} {split} " + "; ".join(parts)
+    head = f"epoch {epoch + 1}" + (f"/{epochs}" if epochs else "") + (f" ({note})" if note else "")
+    return f"{head} {split} " + "; ".join(parts)
 
 
 def exit_quietly_on_broken_pipe(main: Callable[[], object]) -> object:

@@ -83,17 +83,29 @@ def cmd_similarity(args) -> int:
 
 def cmd_plot(args) -> int:
     try:
-        return _plot(args)
+        runs = runs_with_curves(args.runs)
+        if not runs:
+            raise SystemExit(f"error: none of the folders given has per-epoch evaluations in a {run_folder.METRICS}")
+        return _plot(args, runs)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
 
-def _plot(args) -> int:
-    runs = [Path(r) for r in args.runs if (Path(r) / run_folder.METRICS).is_file()]
-    for r in sorted(set(map(Path, args.runs)) - set(runs)):
-        print(f"note: {r} has no {run_folder.METRICS}: no curves", file=sys.stderr)
-    if not runs:
-        raise SystemExit(f"error: none of the folders given holds a {run_folder.METRICS}")
+def runs_with_curves(folders: Sequence[str]) -> list[Path]:
+    """The run folders whose metrics.jsonl holds evaluation lines (the curves' points); every other one is named
+    on stderr and skipped (a --no-eval run has none)."""
+    runs = []
+    for r in map(Path, folders):
+        if not (r / run_folder.METRICS).is_file():
+            print(f"note: {r} has no {run_folder.METRICS}: no curves", file=sys.stderr)
+        elif not eval_zeroshot.read_epoch_metrics(r):
+            print(f"note: {r} has no evaluation in its {run_folder.METRICS} (--no-eval?): no curves", file=sys.stderr)
+        else:
+            runs.append(r)
+    return runs
+
+
+def _plot(args, runs: list[Path]) -> int:
     groups: dict[tuple, list] = {}
     for r in runs:
         info = report_runs.run_info(r)
@@ -107,8 +119,16 @@ def _plot(args) -> int:
 
 
 def cmd_figures(args) -> int:
-    """plot for all runs; similarity for every xgqa/xvnli run whose data is reachable."""
-    cmd_plot(args)
+    """plot for every run with evaluations (the others named and skipped); similarity for every xgqa/xvnli run whose
+    data is reachable."""
+    try:
+        runs = runs_with_curves(args.runs)
+        if runs:
+            _plot(args, runs)
+        else:
+            print("note: no run has evaluations: no Figures 2-3", file=sys.stderr)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     for r in args.runs:
         if not (Path(r) / run_folder.FINAL).is_file() and not (Path(r) / run_folder.CHECKPOINT).is_file():
             continue

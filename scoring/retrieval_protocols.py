@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
+from tqdm import tqdm
 
+from console import cli
 from training import devices
 import scoring.evaluate
 
@@ -60,7 +62,7 @@ def score_all_pairs(
     n_img, n_txt = images["features"].shape[0], texts["input_ids"].shape[0]
     total = n_img * n_txt
     out = torch.empty(total)
-    for start in range(0, total, pair_batch):
+    for start in _bar(range(0, total, pair_batch), f"scoring {n_txt} captions x {n_img} images"):
         pair = torch.arange(start, min(start + pair_batch, total), device=device)
         t, i = pair // n_img, pair % n_img
         length = int(texts["attention_mask"][t].sum(1).max())  # trim padding common to the batch
@@ -225,7 +227,7 @@ def _itm_by_image(
     scores = torch.empty(len(pairs))
     images, counts = torch.unique_consecutive(p_img, return_counts=True)
     start = 0
-    for i, c in zip(images.tolist(), counts.tolist()):
+    for i, c in _bar(zip(images.tolist(), counts.tolist()), "ITM re-rank (images)", len(images)):
         with scoring.evaluate.autocast_for(device, amp):
             kv = model.itm_image_kv(vis[i : i + 1])
         for s in range(start, start + c, itm_batch):
@@ -246,3 +248,10 @@ def _recorded(batches: Iterable[dict], kept: list):
         kept.append(b)
         yield b
         b.pop("images", None)
+
+
+def _bar(iterable, desc: str, total: int | None = None):
+    """A progress bar with ETA over a scoring loop, on rank 0 only; drawn once the loop has run 2 s (hours on the
+    real test sets; short ones stay quiet)."""
+    rank0 = cli.is_rank0_process()
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, delay=2, disable=not rank0)

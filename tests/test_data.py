@@ -972,7 +972,7 @@ def test_old_data_py_entry_point_says_where_the_inventory_went():
         capture_output=True,
         text=True,
         cwd=root,
-        timeout=120,
+        timeout=scaled(120),
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [

@@ -813,6 +813,22 @@ def test_plots_written_with_their_numbers(tmp_path, capsys):
     assert (ret / "fig2_per_language.png").is_file() and not (ret / "fig3_per_qtype.png").exists()
 
 
+def test_figures_skip_and_name_runs_without_evaluations(tmp_path, capsys):
+    """`make figures` over OUT/*/: a --no-eval run (metrics.jsonl with training lines only) is named and skipped,
+    the other runs still get their curves; `plot` of such runs alone is an error naming why."""
+    evaluated = _fake_run(tmp_path / "uc2-xgqa-suf", "uc2", "xgqa", "suf", XGQA_LANGS, 2, 1)
+    no_eval = _fake_run(tmp_path / "uc2-xgqa-full", "uc2", "xgqa", "full", XGQA_LANGS, 0, 2)
+    assert report_cli.main(["figures", str(evaluated), str(no_eval), "--out", str(tmp_path / "fig")]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {no_eval} has no evaluation in its metrics.jsonl (--no-eval?): no curves" in err
+    assert str(evaluated) not in err.replace(f"Figure 4 skipped for {evaluated}", "")
+    numbers = json.loads((tmp_path / "fig" / "fig2_per_language.json").read_text())
+    assert list(numbers) == [str(evaluated)]
+    assert report_cli.main(["figures", str(no_eval)]) == 0 and "no Figures 2-3" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="none of the folders given has per-epoch evaluations"):
+        report_cli.main(["plot", str(no_eval)])
+
+
 def test_real_training_run_curves_evaluation_and_table(env, tmp_path, capsys):
     """A real (tiny) SUF run of train_uc2.py logs per-epoch evaluations through evaluate-style metrics;
     plot turns them into Figures 2/3, evaluate + table read the same run folder."""
@@ -861,9 +877,10 @@ def test_real_training_run_curves_evaluation_and_table(env, tmp_path, capsys):
     fig3 = json.loads((run / "fig3_per_qtype.json").read_text())[str(run)]
     assert fig3["series"]["accuracy_verify"]["de"] == [ev["de"]["accuracy_verify"] for _, ev in logged]
     assert (run / "fig2_per_language.png").is_file() and (run / "fig3_per_qtype.png").is_file()
-    assert E.main(["--run", str(run), "--split", "dev", "--langs", "en", "de", "ko", "--num-workers", "0"]) == 0
+    # `make eval RUN=`: no --split or --langs: the run's own (--eval-split dev, --langs en,de,ko from its args.json)
+    assert E.main(["--run", str(run), "--num-workers", "0"]) == 0
     res = json.loads((run / "results.json").read_text())["dev"]
-    assert res["policy"] == "suf" and res["epoch"] == 2
+    assert res["policy"] == "suf" and res["epoch"] == 2 and set(res["langs"]) == {"en", "de", "ko"}
     for lang in ("en", "de", "ko"):  # the final checkpoint's evaluation = the trainer's last-epoch one
         assert res["langs"][lang]["accuracy"] == pytest.approx(logged[-1][1][lang]["accuracy"])
     t = report.tables.build_tables([run], split="dev")

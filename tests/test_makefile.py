@@ -115,3 +115,40 @@ def test_sanity_evaluates_the_released_uc2_xgqa_checkpoint_beside_iglues_row():
         "--features /f"
     ) in out.stdout
     assert "en 55.19, avg 29.35" in out.stdout
+
+
+def test_help_opens_with_the_papers_experiments_and_lists_every_target_once():
+    out = make("help")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("The paper's experiments") and "{xgqa,xvnli,xflickrco}-{full,suf}" in lines[1]
+    heads = [i for i, line in enumerate(lines) if not line.startswith("  ")]
+    assert [lines[i].split(" (")[0].rstrip(":") for i in heads] == [
+        "The paper's experiments",
+        "The comparison systems",
+        "Tests, benchmarks, the synthetic world",
+    ]
+    section = {line.split()[0]: sum(h <= i for h in heads) for i, line in enumerate(lines) if line.startswith("  ")}
+    assert section["xgqa-top6"] == section["figures"] == 1
+    assert section["xvlmaml-{xgqa,xvnli,xflickrco}"] == section["pet-xtd"] == 2 and section["test"] == 3
+    documented = [
+        line.split()[1]
+        for f in ("Makefile", "comparisons/mclip/mclip.mk")
+        for line in (ROOT / f).read_text().splitlines()
+        if line.startswith("## ") and "$(" not in line
+    ]
+    shown = [line.split()[0] for line in lines if line.startswith("  ")]
+    assert sorted(shown) == sorted(documented + ["{xgqa,xvnli,xflickrco}-{full,suf}", "fewshot-xgqa-{full,suf}"])
+
+
+def test_readme_torchrun_example_is_the_command_its_make_target_runs():
+    """README's example: the make line, then 'the command it runs' (torchrun = python -m torch.distributed.run)."""
+    for page in ("README.md", "docs/reproducing.md"):
+        text = (ROOT / page).read_text()
+        block = text.split("```bash\nmake xgqa-suf ", 1)[1].split("```", 1)[0]
+        make_line, rest = block.split("\n", 1)
+        torchrun = " ".join(rest.replace("\\\n", " ").split())
+        out = make("-n", "xgqa-suf", *make_line.split())
+        assert out.returncode == 0, out.stderr
+        ran = out.stdout.strip().splitlines()[-1].replace(".venv/bin/python -m torch.distributed.run", "torchrun")
+        assert torchrun == " ".join(ran.split()), page

@@ -19,13 +19,18 @@ from formats import run_folder
 from formats.bad_input import BadInput
 from training import devices
 from training.devices import DistInfo
-from training.progress import Progress
+from training.progress import Progress, RunClock
 
 
 def evaluation_due(args, epoch: int) -> bool:
     """After the last epoch always; before it every --eval-every epochs (0: never)."""
     every = getattr(args, "eval_every", 1)
     return epoch == args.epochs - 1 or (every > 0 and (epoch + 1) % every == 0)
+
+
+def run_clock(args, first_epoch: int, evaluate_fn: Callable | None) -> RunClock:
+    """The whole-run ETA engine.train shows (training.progress.RunClock), knowing which epochs evaluate."""
+    return RunClock(args, first_epoch, lambda epoch: evaluate_fn is not None and evaluation_due(args, epoch))
 
 
 def run_evaluation(
@@ -40,11 +45,15 @@ def run_evaluation(
     amp_dtype: torch.dtype | None,
     on_evaluated: Callable | None = None,
     resumed: bool = False,
+    clock: RunClock | None = None,
 ) -> None:
     """Epoch `epoch` (0-based)'s evaluation if prog.eval_pending (under the run's AMP dtype unless --eval-fp32;
     --eval-langs before the last epoch, every language after it), logged; its checkpoint is already written.
     Bad evaluation data or a non-finite model output is a one-line error (the checkpoint stays; --resume re-runs
-    it). resumed: the run stopped between that checkpoint and the end of this evaluation."""
+    it). resumed: the run stopped between that checkpoint and the end of this evaluation. clock: the run's ETA
+    (run_clock): the epoch's training time ends here, the evaluation is timed, the epoch line shows the ETA."""
+    if clock is not None:
+        clock.trained_epoch()
     if not prog.eval_pending:
         return
     if evaluate_fn is None:
@@ -65,9 +74,11 @@ def run_evaluation(
         "is run again)"
     )
     results = evaluate_or_stop(evaluate_fn, model, epoch, kept, amp_dtype=eval_dtype, langs=langs)
+    if clock is not None:
+        clock.evaluated(len(results), all_langs=langs is None)
     if on_evaluated is not None:
         on_evaluated(model, epoch, results, dist)
-    log_eval(log, results, epoch, prog.step, args.eval_split, dist)
+    log_eval(log, results, epoch, prog.step, args.eval_split, dist, clock)
 
 
 def evaluate_or_stop(
@@ -100,8 +111,11 @@ def evaluate(
     return results or {}
 
 
-def log_eval(log: run_folder.MetricsLog, results: dict, epoch: int, step: int, split: str, dist: DistInfo) -> None:
+def log_eval(
+    log: run_folder.MetricsLog, results: dict, epoch: int, step: int, split: str, dist: DistInfo, clock=None
+) -> None:
     for lang, metrics in results.items():
         log.write({"type": "eval", "epoch": epoch + 1, "step": step, "lang": lang, "split": split, **metrics})
     if dist.is_main and results:
-        print(cli.epoch_line(results, epoch, split), flush=True)
+        of, note = (clock.epochs, clock.note(epoch)) if clock is not None else (None, "")
+        print(cli.epoch_line(results, epoch, split, of, note), flush=True)

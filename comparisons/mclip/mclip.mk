@@ -59,7 +59,6 @@ synth-mclip: $(INSTALL)
 	@[ -e $(SYNTH)/world/world.json ] || $(PY) -m synthetic.world --out $(SYNTH)/world
 	$(PY) -m synthetic.mclip_study --world $(SYNTH)/world --out $(SYNTH)/mclip --record
 
-# `make help` lists these targets too (an extra prerequisite of the Makefile's help target)
-help: mclip-help
+# `make help` lists these targets too (the Makefile's help target reads this file's ## lines); mclip-help alone:
 mclip-help:
 	@grep -E '^## ' comparisons/mclip/mclip.mk | sed 's/^## //'
