@@ -117,6 +117,7 @@ bench: $(INSTALL)
 	$(PY) -m bench.retrieval --out bench/results/retrieval.json
 	$(PY) -m bench.eval_precision --out bench/results/eval_precision.json
 	$(PY) -m bench.run_cost --out bench/results/run_cost.json
+	$(PY) -m bench.eval_cost --out bench/results/eval_cost.json
 	$(PY) -m bench.table bench/results
 
 # ---- Table 1: standard fine-tuning vs SUF, both models, three tasks ----
