@@ -214,6 +214,7 @@ def add_data_args(
     e.add_argument("--batch-size", type=int, default=64, help="examples per forward")
     e.add_argument("--num-workers", type=int, default=2, help="data-loader workers")
     e.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="precision (default float32)")
+    after_epoch.add_tf32_arg(e)
     if retrieval:
         e.add_argument(
             "--k-test", type=int, default=None, help="CCLM retrieval prefilter size (default: model config, 128)"
@@ -572,7 +573,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--released-config", default="base", help="its UC2 config (train_uc2.py --model-config)")
     add_data_args(ev)
-    after_epoch.add_tf32_arg(ev)
     fs = sub.add_parser("fewshot", help="few-shot fine-tuning of an English-trained checkpoint on one language")
     add_fewshot_args(fs)
     return p
