@@ -147,7 +147,7 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
         help="also evaluate after every N-th epoch (1: the paper's per-epoch curves, Figures 2-3); "
         "0: only after the last epoch, which always evaluates every language",
     )
-    g.add_argument("--eval-fp32", action="store_true", help="evaluate in float32 although --amp trains in bf16/fp16")
+    after_epoch.add_precision_args(g)  # --eval-fp32, --eval-tf32
     g.add_argument(
         "--eval-langs", nargs="+", default=None, help="languages of per-epoch evaluations (default: --langs)"
     )

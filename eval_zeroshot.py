@@ -34,7 +34,7 @@ import train_uc2
 from console import cli
 from formats import feature_sets, iglue, iglue_layout, readers, run_folder, torch_files, volta
 from formats.features import is_serialized_lmdb
-from training import devices
+from training import after_epoch, devices
 
 MODEL_SCRIPTS = {"uc2": train_uc2, "cclm": train_cclm}  # meta["model"] -> the script that builds it
 
@@ -213,9 +213,8 @@ def add_data_args(
         )
     e.add_argument("--batch-size", type=int, default=64, help="examples per forward")
     e.add_argument("--num-workers", type=int, default=2, help="data-loader workers")
-    e.add_argument(
-        "--amp", choices=("off", "bf16", "fp16"), default="off", help="evaluation precision (default float32)"
-    )
+    e.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="precision (default float32)")
+    after_epoch.add_tf32_arg(e)
     if retrieval:
         e.add_argument(
             "--k-test", type=int, default=None, help="CCLM retrieval prefilter size (default: model config, 128)"
@@ -290,6 +289,7 @@ def evaluate(args: argparse.Namespace, dist: devices.DistInfo) -> int:
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             amp=args.amp,
+            tf32=args.eval_tf32,
             k_test=args.k_test,
             pair_batch=args.pair_batch,
             itm_batch=args.itm_batch,

@@ -41,7 +41,7 @@ from console import cli, what_trains
 from formats import load_plan, model_config, run_folder, tokenizer_check, torch_files
 import freeze
 from formats import x2vlm
-from scoring import retrieval_protocols
+from scoring import answer_ranking, retrieval_protocols
 import scoring.evaluate
 import scoring.metrics
 from training import devices
@@ -307,16 +307,15 @@ class AnswerDecoder(nn.Module):
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
         self.cls.predictions.decoder.bias = self.cls.predictions.bias
 
-    def forward(
-        self, ids: torch.Tensor, atts: torch.Tensor | None, states: torch.Tensor, state_atts: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, atts: torch.Tensor | None, states, state_atts, rows=None) -> torch.Tensor:
+        """Logits [B, L, vocab]; rows (indices into the B*L positions): only theirs, [len(rows), vocab]."""
         x = self.bert.embeddings(input_ids=ids)
         atts = torch.ones_like(ids) if atts is None else atts
         mask = self_attention_mask(atts, x.dtype, causal=True)
         smask = cross_attention_mask(state_atts, x.dtype)
         for layer in self.bert.encoder.layer:
             x = layer(x, attention_mask=mask, encoder_hidden_states=states, encoder_attention_mask=smask)
-        return self.cls.predictions(x)
+        return self.cls.predictions(x if rows is None else x.flatten(0, 1)[rows])
 
 
 def build_mlp(dim: int, out: int) -> nn.Sequential:
@@ -575,9 +574,7 @@ class CCLMForXGQA(CCLM):
         top_probs, top_ids = prob_first.topk(k, dim=1)
         ids = answer_ids[top_ids.reshape(-1)]
         atts = answer_atts[top_ids.reshape(-1)]
-        nll = self.answer_nll(
-            ids, atts, states.repeat_interleave(k, dim=0), state_atts.repeat_interleave(k, dim=0)
-        ).view(n, k)
+        nll = answer_ranking.answer_nll(self.text_decoder, ids, atts, states, state_atts, self.config["pad_token_id"])
         seq_logprob = top_probs.log() - nll
         probs, rerank = F.softmax(seq_logprob, dim=-1).topk(k, dim=1)
         ranked = torch.gather(top_ids, 1, rerank)

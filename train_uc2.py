@@ -234,6 +234,10 @@ class UC2(nn.Module):
     def encode(self, input_ids, attention_mask, features, spatials, image_mask, trace: dict | None = None):
         """Pooled output [N, pooler_size]; with `trace` a dict, also fills embedding_t/v and sublayer_outputs_t/v."""
         text, image = self.embeddings(input_ids, features, spatials)
+        return self.encode_embedded(text, attention_mask, image, image_mask, trace)
+
+    def encode_embedded(self, text, attention_mask, image, image_mask, trace: dict | None = None):
+        """encode() after the embeddings layer (scoring.retrieval_protocols embeds each caption and image once)."""
         hidden = torch.cat([text, image], 1)
         keep = torch.cat([attention_mask, image_mask], 1).to(hidden.dtype)
         additive = ((1.0 - keep) * -10000.0)[:, None, None, :]  # VOLTA's mask over keys

@@ -13,7 +13,15 @@ class CallCounter:
     went through them. The counting wrappers are set on the model instance (they shadow the class's methods), so
     calls the model makes on itself (retrieval_scores -> encode_images, ...) are counted too."""
 
-    METHODS = ("encode_images", "encode_texts", "itm_scores", "pair_scores", "itm_image_kv", "itm_scores_with_image_kv")
+    METHODS = (
+        "encode_images",
+        "encode_texts",
+        "itm_scores",
+        "pair_scores",
+        "encode_embedded",
+        "itm_image_kv",
+        "itm_scores_with_image_kv",
+    )
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -22,10 +30,18 @@ class CallCounter:
         for m in self.METHODS:
             if hasattr(model, m):
                 setattr(model, m, self._counted(m, getattr(model, m)))
+        self.embedded = {"captions": 0, "images": 0}  # UC2: rows through its embeddings layer, per modality
+        if isinstance(getattr(model, "embeddings", None), torch.nn.Module):
+            model.embeddings.register_forward_hook(self._count_embedded)
+
+    def _count_embedded(self, module, inputs, output) -> None:
+        self.embedded["captions"] += inputs[0].shape[0]
+        self.embedded["images"] += inputs[1].shape[0]
 
     def reset(self) -> None:
         self.calls = dict.fromkeys(self.calls, 0)
         self.rows = dict.fromkeys(self.rows, 0)
+        self.embedded = dict.fromkeys(self.embedded, 0)
 
     def _counted(self, name: str, fn: Callable) -> Callable:
         def counted(*args, **kwargs):

@@ -162,6 +162,42 @@ def run_cost(res: dict) -> list[Row]:
     ]
 
 
+def eval_cost(res: dict) -> list[Row]:
+    u, c, t = res["uc2"], res["cclm"], res["tf32"]
+    rows = [
+        (
+            "eval_cost",
+            f"{m.upper()} xFlickrCo per-epoch languages (English per epoch, all at the end)",
+            f"{r['evaluations_now']} test-set evaluations per {r['epochs']}-epoch run instead of "
+            f"{r['evaluations_before']} (x{r['ratio']:.2f} fewer)",
+        )
+        for m, r in res["langs"].items()
+    ]
+    rows.append(
+        (
+            "eval_cost",
+            f"UC2 all-pairs retrieval, base size, {u['images']} x {u['captions']} (embeddings once, length order)",
+            f"x{u['flops_before'] / u['flops_now']:.3f} fewer FLOPs ({u['flops_before'] / 1e15:.2f} -> "
+            f"{u['flops_now'] / 1e15:.2f} PFLOP); scores max |diff| {u['max_abs_diff']:.1e} "
+            f"({u['tol']:.2f} of the parity tolerance)",
+        )
+    )
+    rows.append(
+        (
+            "eval_cost",
+            f"CCLM xGQA answer ranking, base size, {c['candidates']} candidates (LM head at scored positions)",
+            f"x{c['flops_before'] / c['flops_now']:.2f} fewer FLOPs, x{c['seconds_before'] / c['seconds_now']:.2f} "
+            f"faster; scores bitwise equal: {'yes' if c['bitwise_equal'] else 'NO'}",
+        )
+    )
+    tf32 = (
+        f"{t['device']}: x{t['seconds_fp32'] / t['seconds_tf32']:.2f} faster, max |diff| {t['max_abs_diff']:.1e}"
+        if t.get("measured")
+        else f"not measured ({t.get('why', 'no GPU')})"
+    )
+    return rows + [("eval_cost", "TF32 float32 evaluation (--eval-tf32)", tf32)]
+
+
 def generic(res, bench: str, prefix: str = "", limit: int = 30) -> list[Row]:
     """Scalars of any other result file, as key paths."""
     out: list[Row] = []
@@ -173,7 +209,13 @@ def generic(res, bench: str, prefix: str = "", limit: int = 30) -> list[Row]:
     return out[:limit]
 
 
-RENDER = {"suf_step": suf_step, "retrieval": retrieval, "eval_precision": eval_precision, "run_cost": run_cost}
+RENDER = {
+    "suf_step": suf_step,
+    "retrieval": retrieval,
+    "eval_precision": eval_precision,
+    "run_cost": run_cost,
+    "eval_cost": eval_cost,
+}
 
 
 def source_date(path: Path, res) -> str:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 import data
 from checks import preflight
 from formats import iglue_layout
-from training import devices
+from training import after_epoch, devices
 from scoring import metrics
 
 
@@ -180,6 +180,7 @@ def trainer_evaluate_fn(
             num_workers=args.num_workers,
             pair_batch=pair_batch,
             langs=langs,
+            tf32=getattr(args, "eval_tf32", True),
         )
 
     return evaluate_fn
@@ -223,38 +224,41 @@ def evaluate_task(
     itm_batch: int = 128,
     langs: Sequence[str] | None = None,
     predictions: dict | None = None,
+    tf32: bool = True,
 ) -> dict[str, dict]:
     """{lang: metrics} on every rank. Each rank runs its shard of every test set; gather
     assembles the predictions (retrieval: the score matrices), so every example counts exactly once and
     the numbers equal a single-process run. The model is put in eval mode and restored afterwards.
-    `predictions` (xgqa/xvnli): filled with {lang: [(example id, predicted label), ...]} in file order."""
+    `predictions` (xgqa/xvnli): filled with {lang: [(example id, predicted label), ...]} in file order.
+    tf32: float32 matmuls in TF32 on a CUDA GPU that has it (--eval-tf32; training.after_epoch.tf32_matmuls)."""
     model = unwrap(model)
     was_training = model.training
     model.eval()
     device = model_device(model, dist)
     results = {}
     encoded: dict = {}  # retrieval: the model's cache across languages (CCLM: the last language's encoded images)
-    try:
-        for lang in langs or metrics.ordered_langs(sets):
-            s = sets[lang]
-            if task == "xflickrco":
-                opts = RetrievalOptions(amp, pair_batch, k_test, itm_batch)
-                results[lang] = _evaluate_retrieval(model, s, dist, device, batch_size, num_workers, opts, encoded)
-                continue
-            n = len(s.dataset)
-            mine = devices.shard(n, dist)
-            loader = eval_loader(s.dataset, mine, s.collate, batch_size, num_workers)
-            batches = _progress(loader, f"{task} {lang}", dist)
-            local = predict_records(model, batches, device, amp)
-            records = devices.gather(list(zip(mine, local, strict=True)), dist)
-            if sorted(i for i, _ in records) != list(range(n)):  # every example exactly once
-                raise RuntimeError(f"{task} {lang}: gathered {len(records)} predictions for {n} examples")
-            ids, preds, labels, qtypes = zip(*(r for _, r in sorted(records)))
-            results[lang] = metrics.classification_metrics(preds, labels, qtypes if task == "xgqa" else None)
-            if predictions is not None:
-                predictions[lang] = list(zip(ids, preds))
-    finally:
-        model.train(was_training)
+    with after_epoch.tf32_matmuls(device, tf32):
+        try:
+            for lang in langs or metrics.ordered_langs(sets):
+                s = sets[lang]
+                if task == "xflickrco":
+                    opts = RetrievalOptions(amp, pair_batch, k_test, itm_batch)
+                    results[lang] = _evaluate_retrieval(model, s, dist, device, batch_size, num_workers, opts, encoded)
+                    continue
+                n = len(s.dataset)
+                mine = devices.shard(n, dist)
+                loader = eval_loader(s.dataset, mine, s.collate, batch_size, num_workers)
+                batches = _progress(loader, f"{task} {lang}", dist)
+                local = predict_records(model, batches, device, amp)
+                records = devices.gather(list(zip(mine, local, strict=True)), dist)
+                if sorted(i for i, _ in records) != list(range(n)):  # every example exactly once
+                    raise RuntimeError(f"{task} {lang}: gathered {len(records)} predictions for {n} examples")
+                ids, preds, labels, qtypes = zip(*(r for _, r in sorted(records)))
+                results[lang] = metrics.classification_metrics(preds, labels, qtypes if task == "xgqa" else None)
+                if predictions is not None:
+                    predictions[lang] = list(zip(ids, preds))
+        finally:
+            model.train(was_training)
     return results
 
 

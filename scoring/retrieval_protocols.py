@@ -56,25 +56,31 @@ def score_all_pairs(
 ) -> torch.Tensor:
     """The VL logit of EVERY (caption, image) pair, scored `pair_batch` pairs per forward. images: stacked
     features/spatials/image_mask [n_img, R, ...]; texts: stacked input_ids/attention_mask [n_txt, L].
-    Returns [n_txt, n_img] (on CPU, float32)."""
+    Returns [n_txt, n_img] (on CPU, float32).
+
+    UC2 is single-stream (text and regions go through one transformer together), so only its embeddings layer
+    is per modality: each caption's text embeddings and each image's region embeddings are computed once here
+    (VOLTA recomputes both for every pair) and the pairs stream through model.encode_embedded at full batch,
+    captions in length order (stable) so that a batch's captions share their length and little padding is run.
+    Padded keys are masked (-10000): the scores equal VOLTA's within the parity tolerance (tests)."""
     images = devices.to_device(images, device)
     texts = devices.to_device(texts, device)
     n_img, n_txt = images["features"].shape[0], texts["input_ids"].shape[0]
     total = n_img * n_txt
     out = torch.empty(total)
+    with scoring.evaluate.autocast_for(device, amp):
+        text_emb, image_emb = model.embeddings(texts["input_ids"], images["features"], images["spatials"])
+    lengths = texts["attention_mask"].sum(1)
+    order = torch.argsort(lengths, stable=True)  # captions of similar length share a batch
     for start in _bar(range(0, total, pair_batch), f"scoring {n_txt} captions x {n_img} images"):
         pair = torch.arange(start, min(start + pair_batch, total), device=device)
-        t, i = pair // n_img, pair % n_img
-        length = int(texts["attention_mask"][t].sum(1).max())  # trim padding common to the batch
-        batch = {
-            "input_ids": texts["input_ids"][t, :length],
-            "attention_mask": texts["attention_mask"][t, :length],
-            "features": images["features"][i],
-            "spatials": images["spatials"][i],
-            "image_mask": images["image_mask"][i],
-        }
+        t, i = order[pair // n_img], pair % n_img
+        length = int(lengths[t].max())  # trim padding common to the batch
         with scoring.evaluate.autocast_for(device, amp):
-            out[start : start + len(pair)] = model.pair_scores(batch).float().reshape(-1).cpu()
+            pooled = model.encode_embedded(
+                text_emb[t, :length], texts["attention_mask"][t, :length], image_emb[i], images["image_mask"][i]
+            )
+            out[(t * n_img + i).cpu()] = model.head(model.dropout(pooled)).float().reshape(-1).cpu()
     return out.view(n_txt, n_img)
 
 

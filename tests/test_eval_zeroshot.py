@@ -322,6 +322,7 @@ def test_cclm_prefilter_rerank_matches_reference(k):
         "encode_texts": 6,
         "itm_scores": 0,
         "pair_scores": 0,
+        "encode_embedded": 0,
         "itm_image_kv": 3,
         "itm_scores_with_image_kv": distinct,
     }

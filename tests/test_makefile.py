@@ -26,11 +26,21 @@ def test_table1_target_prints_the_training_command(model, target):
     assert out.returncode == 0, out.stderr
     cmd = out.stdout.strip().splitlines()[-1]
     visual = "--features data/features" if model == "uc2" else "--images data/images"
+    per_epoch = " --eval-langs en" if task == "xflickrco" else ""  # all-pairs retrieval: English per epoch
     assert cmd == (
         f".venv/bin/python -m torch.distributed.run --standalone --nproc_per_node 4 train_{model}.py "
         f"--task {task} --policy {policy} --data-root /d {visual} --checkpoint /c "
-        f"--tokenizer xlm-roberta-base --eval-every 1 --output-dir runs/{model}-{target}"
+        f"--tokenizer xlm-roberta-base --eval-every 1{per_epoch} --output-dir runs/{model}-{target}"
     )
+
+
+def test_xflickrco_evaluates_the_asked_languages_per_epoch_and_every_language_when_emptied():
+    """Per-epoch retrieval languages come from XFLICKRCO_EPOCH_LANGS (default en); empty: no --eval-langs, so
+    every language after every epoch (the trainer's last epoch evaluates every language either way)."""
+    asked = make("-n", "xflickrco-suf", "XFLICKRCO_EPOCH_LANGS=en de").stdout.splitlines()[-1]
+    assert "--eval-every 1 --eval-langs en de --output-dir" in asked
+    every = make("-n", "xflickrco-suf", "XFLICKRCO_EPOCH_LANGS=").stdout.splitlines()[-1]
+    assert "--eval-every 1 --output-dir" in every and "--eval-langs" not in every
 
 
 def test_llrd_sweep_runs_the_papers_four_decays():

@@ -7,7 +7,9 @@ Not on the reading path: engine.py's loop makes one call here after every epoch'
 
 from __future__ import annotations
 
+import argparse
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +22,47 @@ from formats.bad_input import BadInput
 from training import devices
 from training.devices import DistInfo
 from training.progress import Progress, RunClock
+
+
+def add_precision_args(group) -> None:
+    """--eval-fp32 and --eval-tf32 (engine.add_common_args' run group)."""
+    group.add_argument(
+        "--eval-fp32", action="store_true", help="evaluate in float32 although --amp trains in bf16/fp16"
+    )
+    add_tf32_arg(group)
+
+
+def add_tf32_arg(group) -> None:
+    """--eval-tf32/--no-eval-tf32 (the trainers' evaluation and eval_zeroshot.py evaluate)."""
+    group.add_argument(
+        "--eval-tf32",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="float32 evaluation on an Ampere or newer CUDA GPU uses TF32 matmuls (10-bit mantissa inputs, "
+        "float32 accumulation; up to 8x the float32 throughput); --no-eval-tf32: strict float32. No effect on CPU "
+        "(docs/choices.md)",
+    )
+
+
+def tf32_available(device: torch.device | str) -> bool:
+    """TF32 exists on CUDA devices of compute capability 8.0 (Ampere) and later."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+@contextmanager
+def tf32_matmuls(device: torch.device | str, enabled: bool = True):
+    """TF32 for CUDA matmuls and convolutions inside the block where enabled and the device has it (the previous
+    settings are restored after); elsewhere (CPU, older GPUs, enabled=False) nothing changes."""
+    if not (enabled and tf32_available(device)):
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def evaluation_due(args, epoch: int) -> bool:
