@@ -203,6 +203,8 @@ def generic(res, bench: str, prefix: str = "", limit: int = 30) -> list[Row]:
     out: list[Row] = []
     if isinstance(res, dict):
         for k, v in res.items():
+            if not prefix and k in ("bench", "date", "machine"):  # in the Sources line and the table's heading
+                continue
             out += generic(v, bench, f"{prefix}{k}.", limit)
     elif isinstance(res, (int, float, str, bool)) or res is None:
         out.append((bench, prefix.rstrip("."), f"{res:.4g}" if isinstance(res, float) else str(res)))

@@ -35,6 +35,8 @@ def test_experiment_hours_follow_from_the_stated_data_sizes_and_peak():
         for gpu, h in r["hours"].items():
             assert h["training"] == pytest.approx(r["training_flops"] / speed[gpu], rel=1e-12)
             assert h["evaluation_every_epoch"] == pytest.approx(run_cost.EPOCHS[task] * h["evaluation_at_the_end"])
+            evaluations = run_cost.EPOCHS[task] if task != "xflickrco" else (run_cost.EPOCHS[task] - 1) / 8 + 1
+            assert h["evaluation_make_target"] == pytest.approx(evaluations * h["evaluation_at_the_end"])
     uc2 = {r["task"]: r for r in RESULT["experiments"] if r["model"] == "uc2"}
     # all-pairs retrieval: 8 languages x 2,000 x 2,000 pairs, each a forward of a third of a 4-pair training sample
     pairs = 8 * 2_000 * 2_000
