@@ -37,3 +37,84 @@ def test_no_code_cites_a_path_or_section_users_do_not_have() -> None:
         if UNREACHABLE.search(line)
     ]
     assert not found, "\n".join(found)
+
+
+# ---------------------------------------------------------------- M-CLIP / PET: the reference's hyperparameters
+# Each value with the line it comes from (PECTVLM 22b7594 = eric-ai-lab/PECTVLM, OpenDelta 067eed2 =
+# thunlp/OpenDelta v0.3.2, which PECTVLM's requirement.txt leaves unpinned); docs/reference_facts.md#F-pectvlm-args,
+# #F-opendelta-compacter-act. Each test checks what the code builds or parses, so changing the value fails it.
+
+import math  # noqa: E402
+import sys  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+from comparisons.mclip import train_mclip as M  # noqa: E402
+
+BASE_ARGV = ["--dataset", "xtd", "--data-root", "x", "--lang", "de", "--tokenizer", "t", "--output-dir", "o"]
+REFERENCE_DEFAULTS = {
+    "lora_r": (8, "PECTVLM run_XTD.py:33 --lora_r 8 (the paper's LoRA)"),
+    "lora_alpha": (16, "OpenDelta opendelta/delta_models/lora.py:57 LoraConfig lora_alpha=16 (PECTVLM sets none)"),
+    "adapter_dim": (24, "PECTVLM run_XTD.py:34 --adapter_bottleneck_dim 24"),
+    "compacter_reduction": (16, "PECTVLM run_XTD.py:35 --compacter_reduction_factor 16"),
+    "phm_dim": (4, "OpenDelta opendelta/delta_models/compacter.py:151 hypercomplex_division=4"),
+    "compacter_act": ("relu", "OpenDelta compacter.py:147 CompacterConfig non_linearity='relu'"),
+    "soft_tokens": (4, "PECTVLM run_XTD.py:37 --soft_token_num 4"),
+    "epochs": (50, "PECTVLM scripts/de.sh:9 --epoch 50"),
+    "batch_size": (5, "PECTVLM scripts/de.sh:10 --train_bs 5"),
+    "eval_batch_size": (100, "PECTVLM scripts/de.sh:11 --eval_bs 100"),
+    "eval_steps": (5, "PECTVLM scripts/de.sh:12 --eval_steps 5"),
+    "lr": (1e-4, "PECTVLM scripts/de.sh:13 --text_lr 1e-4"),
+    "seed": (1, "PECTVLM scripts/de.sh:14 --seed 1"),
+    "align_loss": ("mse", "PECTVLM scripts/de.sh:16 --text_loss_strategy mse"),
+    "align_ratio": (0.5, "PECTVLM scripts/de.sh:17 --text_loss_ratio 0.5"),
+    "split_seed": (42, "PECTVLM run_XTD.py:49 --split_seed 42"),
+}
+
+
+def test_mclip_command_line_defaults_are_the_references_values():
+    args = vars(M.parse_args(BASE_ARGV))
+    wrong = {k: (args[k], want, src) for k, (want, src) in REFERENCE_DEFAULTS.items() if args[k] != want}
+    assert not wrong, wrong
+
+
+def _tiny(pet: str, **over):
+    args = M.parse_args([*BASE_ARGV, *(f"--{k.replace('_', '-')}={v}" for k, v in over.items())])
+    torch.manual_seed(0)
+    model = M.build_text_model("tiny")
+    M.apply_pet(model, pet, args)
+    return model
+
+
+def test_lora_scaling_is_alpha_over_r_with_openDeltas_alpha_16():
+    # OpenDelta lora.py:36 scaling = lora_alpha / r; peft the same: 16 / 8 = 2 at the defaults
+    model = _tiny("lora")
+    scalings = {v for m in model.modules() if isinstance(getattr(m, "scaling", None), dict) for v in m.scaling.values()}
+    assert scalings == {16 / 8}
+
+
+def test_adapter_weights_start_at_std_0_01_and_zero_biases():
+    # OpenDelta opendelta/delta_models/adapter.py:109-111: weight N(0, 0.01), bias 0
+    torch.manual_seed(0)
+    a = M.BottleneckAdapter(1024, 24)
+    for lin in (a.down_proj, a.up_proj):
+        assert math.isclose(float(lin.weight.std()), 0.01, rel_tol=0.05) and not lin.bias.any()
+
+
+def test_compacter_rule_starts_at_std_0_01_and_runs_relu():
+    # OpenDelta layers/hypercomplex_linear.py:184 phm_rule N(0, 0.01) (phm_c_init 'normal'); compacter.py:147
+    torch.manual_seed(0)
+    phm = M.PHMLinear(1024, 64, n=4)
+    big = torch.stack([M.PHMLinear(1024, 64, n=4).phm_rule for _ in range(50)])
+    assert math.isclose(float(big.std()), 0.01, rel_tol=0.1) and not phm.b.any()
+    assert M.Compacter(8, reduction=2, n=4).act == "relu"
+
+
+def test_soft_prompt_without_prefix_starts_at_std_0_02():
+    # PECTVLM run_XTD.py:249 "std": 0.02
+    torch.manual_seed(0)
+    model = M.build_text_model("tiny")
+    M.add_soft_prompt(model, None, None, 2000)
+    prompt = [p for n, p in model.named_parameters() if "soft" in n or "prompt" in n]
+    assert prompt and math.isclose(float(prompt[0].std()), 0.02, rel_tol=0.05)
