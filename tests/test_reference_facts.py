@@ -99,7 +99,7 @@ def test_adapter_weights_start_at_std_0_01_and_zero_biases():
     torch.manual_seed(0)
     a = M.BottleneckAdapter(1024, 24)
     for lin in (a.down_proj, a.up_proj):
-        assert math.isclose(float(lin.weight.std()), 0.01, rel_tol=0.05) and not lin.bias.any()
+        assert math.isclose(float(lin.weight.detach().std()), 0.01, rel_tol=0.05) and not lin.bias.any()
 
 
 def test_compacter_rule_starts_at_std_0_01_and_runs_relu():
@@ -117,4 +117,55 @@ def test_soft_prompt_without_prefix_starts_at_std_0_02():
     model = M.build_text_model("tiny")
     M.add_soft_prompt(model, None, None, 2000)
     prompt = [p for n, p in model.named_parameters() if "soft" in n or "prompt" in n]
-    assert prompt and math.isclose(float(prompt[0].std()), 0.02, rel_tol=0.05)
+    assert prompt and math.isclose(float(prompt[0].detach().std()), 0.02, rel_tol=0.05)
+
+
+# ---------------------------------------------------------------- reporting beside the references' logs
+import json  # noqa: E402
+
+from report import tables  # noqa: E402
+
+
+def _run(tmp_path, name: str, model: str, task: str, langs: dict, args: dict | None = None) -> str:
+    run = tmp_path / name
+    run.mkdir()
+    rec = {"model": model, "task": task, "policy": "full", "split": "test", "langs": langs}
+    (run / "results.json").write_text(json.dumps({"test": rec}))
+    if args is not None:
+        (run / "args.json").write_text(json.dumps(args))
+    return str(run)
+
+
+def _notes(runs) -> list[str]:
+    t = tables.build_tables(runs)
+    assert all(n in tables.format_tables(t) for n in t["footnotes"])
+    return t["footnotes"]
+
+
+ALL_XVNLI = {l: {"accuracy": 50.0, "n": 4} for l in ("en", "ar", "es", "fr", "ru")}
+
+
+def test_cclm_xvnli_is_also_given_as_x2vlms_log_prints_it_over_n_plus_1(tmp_path):
+    langs = {**ALL_XVNLI, "fr": {"accuracy": 25.0, "n": 4}}
+    notes = _notes([_run(tmp_path, "c", "cclm", "xvnli", langs), _run(tmp_path, "u", "uc2", "xvnli", ALL_XVNLI)])
+    # 50% of 4 = 2 correct: X2-VLM prints 2 / 5; ZS: (40 + 40 + 20 + 40) / 4
+    assert notes == ["CCLM XVNLI as X2-VLM's log prints it (correct / (n + 1); ours / n): EN 40.0, ZS 35.0"]
+
+
+def test_a_missing_language_is_footnoted_with_iglues_own_average_counting_it_as_minus_1(tmp_path):
+    langs = {"en": {"accuracy": 60.0, "n": 4}, "fr": {"accuracy": 41.0, "n": 4}}
+    notes = _notes([_run(tmp_path, "u", "uc2", "xvnli", langs)])
+    assert notes == [
+        "* UC2 xvnli accuracy: our ZS averages the languages evaluated; IGLUE's own averaging counts each missing "
+        "language as -1.0: 9.5"  # (41 - 1 - 1 - 1) / 4
+    ]
+    assert _notes([_run(tmp_path, "all", "uc2", "xvnli", ALL_XVNLI)]) == []
+
+
+def test_cclm_retrieval_names_the_img_path_dedup_and_a_k_test_below_10(tmp_path):
+    langs = {l: {"tr_r1": 10.0, "ir_r1": 10.0, "n": 8} for l in ("en", *tables.iglue.TARGET_LANGS["xflickrco"])}
+    plain = _notes([_run(tmp_path, "a", "cclm", "xflickrco", langs, {"k_test": 128})])
+    assert len(plain) == 1 and "repeated img_path is scored as one image here" in plain[0]
+    small = _notes([_run(tmp_path, "b", "cclm", "xflickrco", langs, {"k_test": 5})])
+    assert len(small) == 2 and small[1].startswith("CCLM xFlickrCO with k_test 5 < 10: a gold outside")
+    assert _notes([_run(tmp_path, "c", "uc2", "xflickrco", langs, {"k_test": 5})]) == []
