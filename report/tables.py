@@ -174,7 +174,10 @@ def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
 
 # ---------------------------------------------------------------- beside the references' logs
 # Where our numbers and the ones the references' own code prints differ by protocol, not by model: each is named
-# under the tables (issue 26 item 5), with the reference's figure where it can be computed from ours.
+# under the tables (issue 26 item 5), with the reference's figure where it can be computed from ours. X2-VLM's
+# XVNLI meter: docs/reference_facts.md#F-cclm-xvnli-accuracy; its k_test prefilter and argsort ranks:
+# docs/reference_facts.md#F-cclm-retrieval-eval, docs/reference_facts.md#F-retrieval-ranks; IGLUE's -1.0 cells:
+# formats/iglue.py (merged_iglue_csvs above writes them too).
 
 
 def _x2vlm_xvnli(langs: dict) -> dict[str, float]:

@@ -1167,3 +1167,13 @@ def test_presets_hold_the_published_scripts_values():
     assert (de["align_ratio"], de["routine"], de["test_text"]) == (0.5, "method1", "run_cross")
     d = M.DEFAULTS  # the mixed default: run_XTD.py's LoRA with de.sh's numbers
     assert (d["lora_r"], d["lr"], d["align_ratio"], d["batch_size"], d["eval_steps"]) == (8, 1e-4, 0.5, 5, 5)
+
+
+def test_a_compacter_run_from_before_compacter_act_resumes_only_with_the_gelu_new_it_ran(tmp_path):
+    base = ["--dataset", "xtd", "--data-root", "x", "--lang", "de", "--tokenizer", "t", "--output-dir", "o"]
+    args = M.parse_args([*base, "--pet", "compacter"])
+    saved = {k: v for k, v in run_folder.json_safe(vars(args)).items() if k != "compacter_act"}
+    (tmp_path / run_folder.ARGS).write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match="--compacter-act is 'relu' but the run in .* used 'gelu_new'"):
+        M.check_resume_args(args, tmp_path)
+    M.check_resume_args(M.parse_args([*base, "--pet", "compacter", "--compacter-act", "gelu_new"]), tmp_path)

@@ -1028,6 +1028,8 @@ def check_resume_args(args, run_dir: Path) -> None:
         saved = json.loads((run_dir / run_folder.ARGS).read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --resume: cannot read {run_dir / run_folder.ARGS} ({e})") from None
+    if saved.get("pet") == "compacter" and "compacter_act" not in saved:
+        saved = {**saved, "compacter_act": "gelu_new"}  # runs started before --compacter-act ran gelu_new
     engine.check_resume_args(args, saved, RESUME_KEYS, run_dir / run_folder.ARGS)
 
 
