@@ -31,6 +31,191 @@ VOLTA_TASK_KEY = {"xgqa": "TASK15", "xvnli": "TASK19", "xflickrco": "TASK8"}
 
 VOLTA_ACTS = ("gelu", "relu", "swish")
 
+# VOLTA's BertConfig defaults (volta/config.py:223-287): BertConfig.from_json_file starts from these and sets every
+# key of the json over them (config.py:394-408), so a key a json leaves out takes this value
+# (docs/reference_facts.md#F-volta-config-keys).
+VOLTA_DEFAULTS = {
+    "hidden_size": 768,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "pooler_size": 768,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "do_lower_case": True,
+    "pad_token_id": 0,
+    "layer_norm_eps": 1e-12,
+    "num_locs": 5,
+    "max_boxes": 36,
+    "v_coordinate_embeddings_dim": None,
+    "add_global_imgfeat": None,
+    "image_embeddings": "vilbert",
+    "initializer_range": 0.02,
+    "v_feature_size": 2048,
+    "v_hidden_size": 768,
+    "v_num_attention_heads": 12,
+    "v_intermediate_size": 3072,
+    "v_pooler_size": 1024,
+    "v_attention_probs_dropout_prob": 0.1,
+    "v_hidden_act": "gelu",
+    "v_hidden_dropout_prob": 0.1,
+    "v_initializer_range": 0.2,
+    "visual_target_weights": {"0": 1},
+    "qa_task_weight": 0.0,
+    "qa_num_answers": 0,
+    "fixed_layers": [],
+    "fusion_method": "mul",
+    "fusion_act": "relu",
+    "objective": 0,
+    "clf_hidden_size": 1536,
+    "m_encoder": None,
+    "m_layer": 0,
+    "v_layers": [],
+    "has_mapping": "linear",
+    "has_mapping_bias": False,
+    "load_x_model": False,
+    "fixed_embs": None,
+    "image_head_ln": True,
+    "bert_model": "bert-base-uncased",
+    "itm_dim": 2,
+    "visualization": False,
+    "tt_attn_sublayers": [],
+    "tv_attn_sublayers": [],
+    "vt_attn_sublayers": [],
+    "vv_attn_sublayers": [],
+    "t_ff_sublayers": [],
+    "v_ff_sublayers": [],
+    "shared_sublayers": [],
+    "single_ln_sublayers": [],
+    "sublayer2attn_hidden_size": {},
+    "sublayer2num_attention_heads": {},
+    "sublayer2intermediate_size": {},
+    "sublayer2v_attn_hidden_size": {},
+    "sublayer2v_num_attention_heads": {},
+    "sublayer2v_intermediate_size": {},
+    "bert_layer2attn_sublayer": {},
+    "bert_layer2ff_sublayer": {},
+    "norm_embeddings": False,
+}
+
+_UNUSED_PRETRAIN = "read only by VOLTA's pre-training heads/losses (BertForVLPreTraining), no part of the task model"
+_SHARED = "UC2 shares every sublayer, so VOLTA aliases the image weights/dropouts/activation to the text ones"
+# What config_from_volta does with every key of VOLTA's config schema, plus `model` (IGLUE's uc2_base.json sets it;
+# train_task.py:202-203 sets it from bert_model): ("map", our key) carried over; ("check", what) refused with a
+# one-line error naming the key and value unless it holds what UC2 needs; ("unused", why) VOLTA's UC2 task model,
+# its task datasets and its tokenizer never read it, so it changes no input and no number.
+VOLTA_CONFIG_KEYS: dict[str, tuple[str, str]] = {
+    "vocab_size": ("map", "vocab_size"),
+    "hidden_size": ("map", "hidden_size"),
+    "num_attention_heads": ("map", "num_heads"),
+    "intermediate_size": ("map", "intermediate_size"),
+    "pooler_size": ("map", "pooler_size"),
+    "hidden_act": ("map", "hidden_act"),
+    "hidden_dropout_prob": ("map", "hidden_dropout"),
+    "attention_probs_dropout_prob": ("map", "attention_dropout"),
+    "max_position_embeddings": ("map", "max_position_embeddings"),
+    "type_vocab_size": ("map", "type_vocab_size"),
+    "pad_token_id": ("map", "pad_token_id"),
+    "layer_norm_eps": ("map", "layer_norm_eps"),
+    "initializer_range": ("map", "initializer_range"),
+    "num_locs": ("map", "num_locs"),
+    "v_feature_size": ("map", "v_feature_size"),
+    "clf_hidden_size": ("map", "clf_hidden_size"),
+    "fusion_act": ("map", "pooler_act"),
+    "sublayer2attn_hidden_size": ("map", "layer_attn_sizes"),
+    "sublayer2num_attention_heads": ("map", "layer_num_heads"),
+    "sublayer2intermediate_size": ("map", "layer_intermediate_sizes"),
+    "do_lower_case": ("check", "false: VOLTA hands it to the tokenizer (task_utils.py:300); ours never lowercases"),
+    "bert_model": ("check", "an XLM-R tokenizer name: VOLTA tokenizes with it (task_utils.py:300)"),
+    "add_global_imgfeat": ("check", "null: 'first'/'last' add a mean-of-regions box to every image"),
+    "norm_embeddings": ("check", "false: true L2-normalises every region feature and box vector"),
+    "fixed_layers": ("check", "[]: VOLTA freezes the parameters it names (train_utils.py:255-260); use --freeze"),
+    "fusion_method": ("check", "'text' (UC2's pooled text head)"),
+    "image_embeddings": ("check", "'uc2' (UC2's shared embeddings)"),
+    "v_hidden_size": ("check", "= hidden_size: " + _SHARED),
+    "v_num_attention_heads": ("check", "= num_attention_heads: " + _SHARED),
+    "v_intermediate_size": ("check", "= intermediate_size: " + _SHARED),
+    "sublayer2v_attn_hidden_size": ("check", "= the text size of each sublayer: " + _SHARED),
+    "sublayer2v_num_attention_heads": ("check", "= the text heads of each sublayer: " + _SHARED),
+    "sublayer2v_intermediate_size": ("check", "= the text size of each sublayer: " + _SHARED),
+    "tt_attn_sublayers": ("check", "attention at every even sublayer"),
+    "tv_attn_sublayers": ("check", "attention at every even sublayer"),
+    "vt_attn_sublayers": ("check", "attention at every even sublayer"),
+    "vv_attn_sublayers": ("check", "attention at every even sublayer"),
+    "t_ff_sublayers": ("check", "feed-forward at every odd sublayer"),
+    "v_ff_sublayers": ("check", "feed-forward at every odd sublayer"),
+    "shared_sublayers": ("check", "every sublayer"),
+    "single_ln_sublayers": ("check", "every sublayer"),
+    "bert_layer2attn_sublayer": ("check", "layer k -> sublayer 2k (gives the layer count where present)"),
+    "bert_layer2ff_sublayer": ("check", "layer k -> sublayer 2k+1"),
+    "v_attention_probs_dropout_prob": ("unused", _SHARED + " (encoders.py:205-209)"),
+    "v_hidden_dropout_prob": ("unused", _SHARED + " (encoders.py:387-391); UC2Embeddings uses hidden_dropout_prob"),
+    "v_hidden_act": ("unused", _SHARED + " (encoders.py:474-475)"),
+    "v_pooler_size": ("unused", "only the image pooler reads it, which fusion_method 'text' leaves out"),
+    "v_initializer_range": ("unused", "no VOLTA code reads it"),
+    "v_coordinate_embeddings_dim": ("unused", "read only by VL-BERT's embeddings"),
+    "max_boxes": ("unused", "no VOLTA code reads it (the task config's max_region_num sets the boxes)"),
+    "visual_target_weights": ("unused", _UNUSED_PRETRAIN),
+    "qa_task_weight": ("unused", _UNUSED_PRETRAIN),
+    "qa_num_answers": ("unused", _UNUSED_PRETRAIN),
+    "objective": ("unused", "pre-training only (train_concap.py)"),
+    "image_head_ln": ("unused", _UNUSED_PRETRAIN),
+    "itm_dim": ("unused", _UNUSED_PRETRAIN),
+    "visualization": ("unused", "only returns attention maps; changes no output"),
+    "m_encoder": ("unused", "no VOLTA code reads it"),
+    "m_layer": ("unused", "no VOLTA code reads it"),
+    "v_layers": ("unused", "pre-training only (train_concap_wiki.py)"),
+    "has_mapping": ("unused", "no VOLTA code reads it"),
+    "has_mapping_bias": ("unused", "no VOLTA code reads it"),
+    "load_x_model": ("unused", "no VOLTA code reads it"),
+    "fixed_embs": ("unused", "no VOLTA code reads it"),
+    "model": ("unused", "UC2Embeddings stores it and never reads it (embeddings.py:571)"),
+}
+
+
+def _refuse(key: str, value, why: str) -> None:
+    raise ValueError(f"VOLTA config: {key} = {value!r} is not supported: {why}")
+
+
+def _check_volta_inputs(volta: dict) -> None:
+    """Keys that change UC2's inputs (tokens, regions) or what trains: UC2's value or a one-line refusal."""
+    unknown = sorted(set(volta) - set(VOLTA_CONFIG_KEYS))
+    if unknown:
+        _refuse(unknown[0], volta[unknown[0]], "not a key of VOLTA's BertConfig (volta/config.py); remove it")
+    if "vocab_size" not in volta:
+        raise ValueError("VOLTA config: vocab_size is missing (VOLTA's BertConfig has no default for it)")
+    v = {**VOLTA_DEFAULTS, **volta}
+    if v["add_global_imgfeat"] is not None:
+        _refuse(
+            "add_global_imgfeat",
+            v["add_global_imgfeat"],
+            "VOLTA's readers then add a mean-of-regions box with location [0,0,1,1,1,...] to every image "
+            "(_image_features_reader.py:177-203); ours read the regions as stored (IGLUE's UC2 config sets null)",
+        )
+    if v["norm_embeddings"]:
+        _refuse(
+            "norm_embeddings",
+            v["norm_embeddings"],
+            "VOLTA's reader then L2-normalises every region feature and location vector "
+            "(_image_features_reader.py:171-174); ours do not (IGLUE's UC2 config leaves it false)",
+        )
+    if v["do_lower_case"]:
+        _refuse(
+            "do_lower_case",
+            v["do_lower_case"],
+            "VOLTA passes it to its tokenizer (task_utils.py:300; its default is true); our XLM-R tokenizer "
+            "never lowercases: set it false as IGLUE's uc2_base.json does",
+        )
+    if "xlm-roberta" not in str(v["bert_model"]):
+        _refuse("bert_model", v["bert_model"], "VOLTA tokenizes with it; UC2 needs an XLM-R tokenizer")
+    if v["fixed_layers"]:
+        _refuse("fixed_layers", v["fixed_layers"], "VOLTA freezes those parameters; say it with --freeze instead")
+    n_ff = v["bert_layer2ff_sublayer"]
+    if any(int(s) != 2 * int(k) + 1 for k, s in n_ff.items()):
+        _refuse("bert_layer2ff_sublayer", n_ff, "UC2's layer k is feed-forward sublayer 2k+1")
+
 
 def _check_volta_uc2_layout(volta: dict, n: int) -> None:
     """UC2 = every sublayer shared by text and image with one LayerNorm, attention at 2k and FFN at 2k+1."""
@@ -67,13 +252,20 @@ def _volta_per_layer(volta: dict, key: str, sublayers: list[int], default: int) 
 
 def config_from_volta(volta: dict, base: dict, **overrides) -> dict:
     """Our config dict from a VOLTA BertConfig json (e.g. config/uc2_base.json, parity_a/volta_config.json); keys
-    VOLTA's config does not hold (heads, losses, attention kernel) come from `base` (train_uc2.CONFIGS["base"])."""
-    sublayers = volta.get("bert_layer2attn_sublayer") or {str(i): s for i, s in enumerate(volta["tt_attn_sublayers"])}
-    if volta.get("fusion_method", "text") != "text" or volta.get("image_embeddings", "uc2") != "uc2":
-        raise ValueError("VOLTA config is not a UC2 config (need fusion_method 'text', image_embeddings 'uc2')")
+    VOLTA's config does not hold (heads, losses, attention kernel) come from `base` (train_uc2.CONFIGS["base"]).
+    A key the json leaves out takes VOLTA's default, as BertConfig.from_json_file does; every key is mapped,
+    checked or known unused (VOLTA_CONFIG_KEYS): anything else is refused with a one-line error naming it."""
+    _check_volta_inputs(volta)
+    volta = {**VOLTA_DEFAULTS, **volta}
+    sublayers = volta["bert_layer2attn_sublayer"] or {str(i): s for i, s in enumerate(volta["tt_attn_sublayers"])}
+    if volta["fusion_method"] != "text" or volta["image_embeddings"] != "uc2":
+        raise ValueError(
+            f"VOLTA config is not a UC2 config: fusion_method = {volta['fusion_method']!r}, image_embeddings = "
+            f"{volta['image_embeddings']!r} (UC2 needs 'text' and 'uc2')"
+        )
     n = len(sublayers)
     _check_volta_uc2_layout(volta, n)
-    if volta.get("hidden_act", "gelu") not in VOLTA_ACTS:
+    if volta["hidden_act"] not in VOLTA_ACTS:
         raise ValueError(f"VOLTA config: hidden_act {volta['hidden_act']!r} is none of VOLTA's {VOLTA_ACTS}")
     cfg = dict(base)
     cfg.update(
@@ -84,7 +276,7 @@ def config_from_volta(volta: dict, base: dict, **overrides) -> dict:
         intermediate_size=volta["intermediate_size"],
         max_position_embeddings=volta["max_position_embeddings"],
         type_vocab_size=volta["type_vocab_size"],
-        pad_token_id=volta.get("pad_token_id", 1),
+        pad_token_id=volta["pad_token_id"],
         layer_norm_eps=volta["layer_norm_eps"],
         v_feature_size=volta["v_feature_size"],
         num_locs=volta["num_locs"],
@@ -92,11 +284,11 @@ def config_from_volta(volta: dict, base: dict, **overrides) -> dict:
         clf_hidden_size=volta["clf_hidden_size"],
         hidden_dropout=volta["hidden_dropout_prob"],
         attention_dropout=volta["attention_probs_dropout_prob"],
-        initializer_range=volta.get("initializer_range", 0.02),
+        initializer_range=volta["initializer_range"],
     )
-    if volta.get("hidden_act", "gelu") != "gelu":
+    if volta["hidden_act"] != "gelu":
         cfg["hidden_act"] = volta["hidden_act"]
-    if volta.get("fusion_act", "relu") != "relu":
+    if volta["fusion_act"] != "relu":
         cfg["pooler_act"] = "tanh"  # VOLTA's text pooler: ReLU for "relu", Tanh for any other value
     attn, ffn = list(range(0, 2 * n, 2)), list(range(1, 2 * n, 2))
     for ours, theirs, subs, default in (

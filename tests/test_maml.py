@@ -533,6 +533,8 @@ def test_matrix_from_an_english_run_folder_trains_evaluates_and_tabulates(sample
             "en",
             "fr",
             "ar",
+            "--epoch-eval-split",
+            "test",  # the fixture has no dev split
             "--output-dir",
             str(out),
         ]
@@ -642,6 +644,7 @@ def test_non_finite_run_writes_no_result(sample, tmp_path, monkeypatch, capsys, 
     monkeypatch.setattr(U.UC2, "_run", _guard.nan_output(U.UC2._run, when))
     run = tmp_path / "r"
     argv = [a for a in train_argv(sample, run) if a != "--no-eval"] + ["--eval-langs", "en"]
+    argv += ["--epoch-eval-split", "test"]  # the fixture has no dev split
     code, line = _guard.exit_line(X.main, argv, capsys)
     assert code == 1, line
     if case == "evaluation":
@@ -653,3 +656,47 @@ def test_non_finite_run_writes_no_result(sample, tmp_path, monkeypatch, capsys, 
             "model_final.pt not written (its weights would be the initial ones); check the data, --lr and --amp"
         )
     assert _guard.results_written(run) == []
+
+
+def _root_with_dev(tmp_path: Path) -> Path:
+    """The IGLUE fixture plus a dev split for en and fr (the first 6 lines of each test file)."""
+    root = tmp_path / "iglue"
+    shutil.copytree(IGLUE, root)
+    for lang in ("en", "fr"):
+        folder = root / "datasets" / "XVNLI" / "annotations" / lang
+        (folder / "dev.jsonl").write_text("".join((folder / "test.jsonl").read_text().splitlines(True)[:6]))
+    return root
+
+
+def test_every_epoch_is_evaluated_on_dev_and_test_once_at_the_end(sample, tmp_path):
+    run = tmp_path / "r"
+    argv = [a for a in train_argv(sample, run, "--data-root", str(_root_with_dev(tmp_path))) if a != "--no-eval"]
+    X.main(argv + ["--eval-langs", "en", "fr"])
+    lines = [json.loads(line) for line in (run / run_folder.METRICS).read_text().splitlines()]
+    evals = [r for r in lines if r["type"] == "eval"]
+    assert {(r["epoch"], r["lang"], r["split"], r["n"]) for r in evals} == {
+        (e, lang, "dev", 6) for e in (1, 2) for lang in ("en", "fr")
+    }
+    res = json.loads((run / "results.json").read_text())
+    assert set(res) >= {"test"} and res["test"]["langs"]["fr"]["n"] == 90
+
+
+def test_per_epoch_dev_evaluation_without_dev_files_is_refused_before_meta_training(sample, tmp_path, capsys):
+    run = tmp_path / "r"
+    argv = [a for a in train_argv(sample, run) if a != "--no-eval"] + ["--eval-langs", "en"]
+    code, line = _guard.exit_line(X.main, argv, capsys)
+    assert code == 1 and line.startswith("error: evaluation data: xvnli: no 'dev' files under "), line
+    assert line.endswith(
+        "(the per-epoch evaluation reads --epoch-eval-split dev; --epoch-eval-split none turns it off)"
+    )
+    assert not (run / run_folder.FINAL).exists()
+
+
+def test_a_cclm_run_is_refused_saying_what_is_not_wired(sample, tmp_path, capsys):
+    run = tmp_path / "cclm-run"
+    run.mkdir()
+    run_folder.save_checkpoint(run / run_folder.FINAL, {"model": {}, "meta": {"model": "cclm", "task": "xvnli"}})
+    argv = ["train", "--run", str(run), "--aux-lang", "fr", "--output-dir", str(tmp_path / "out")]
+    code, line = _guard.exit_line(X.main, argv, capsys)
+    assert code == 1 and line == f"error: --run {run}: a cclm run; {X.CCLM_NOT_WIRED}", line
+    assert "CCLM's structure would allow it" in line and not (tmp_path / "out").exists()

@@ -33,7 +33,14 @@ from parity import assert_matches_reference  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures" / "mclip"
 PET_ARGS = argparse.Namespace(
-    lora_r=8, lora_alpha=16, adapter_dim=4, soft_prefix=None, soft_tokens=3, compacter_reduction=2, phm_dim=4
+    lora_r=8,
+    lora_alpha=16,
+    adapter_dim=4,
+    soft_prefix=None,
+    soft_tokens=3,
+    compacter_reduction=2,
+    phm_dim=4,
+    compacter_act="relu",
 )
 
 
@@ -400,6 +407,7 @@ def cli(world: Path, out: Path, *extra: str) -> list[str]:
         "3",
         "--text-config",
         "tiny",
+        "--random-init",
         "--tokenizer",
         str(world / "tok"),
         "--image-features",
@@ -1105,3 +1113,67 @@ def test_non_finite_run_writes_no_result(world, tmp_path, monkeypatch, capsys, c
         }[case]
     )
     assert _guard.results_written(run) == [] and lines(run, "test") == []
+
+
+def test_compacter_runs_relu_as_opendelta_applied_it_with_gelu_new_as_the_named_option():
+    # OpenDelta's CompacterConfig default non_linearity 'relu' overrides CompacterModel's 'gelu_new'
+    # (docs/reference_facts.md#F-opendelta-compacter-act)
+    assert M.build_parser().get_default("compacter_act") == "relu"
+    torch.manual_seed(0)
+    comp = M.Compacter(8, reduction=2, n=4)
+    y = torch.randn(3, 8)
+    with torch.no_grad():
+        want = y + comp.up_sampler(torch.relu(comp.down_sampler(y)))
+        assert torch.equal(comp(y), want)
+        comp.act = "gelu_new"
+        gelu = y + comp.up_sampler(torch.nn.functional.gelu(comp.down_sampler(y), approximate="tanh"))
+        assert torch.equal(comp(y), gelu) and not torch.equal(gelu, want)
+    model = tiny_model(seed=1, pet="compacter", compacter_reduction=2, compacter_act="gelu_new")
+    assert {m.act for m in model.modules() if isinstance(m, M.Compacter)} == {"gelu_new"}
+
+
+def test_a_missing_text_checkpoint_is_refused_unless_random_init_is_given(world, tmp_path):
+    argv = [a for a in cli(world, tmp_path / "run") if a != "--random-init"]
+    with pytest.raises(SystemExit, match="^error: no --text-checkpoint: .* or --random-init"):
+        M.main(argv)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit, match="--random-init and --text-checkpoint"):
+        M.main(cli(world, tmp_path / "run", "--text-checkpoint", str(tmp_path)))
+
+
+@pytest.mark.parametrize("preset", sorted(M.PRESETS))
+def test_each_preset_gives_its_published_scripts_settings_and_an_explicit_flag_wins(preset):
+    base = ["--dataset", "xtd", "--data-root", "x", "--lang", "de", "--tokenizer", "t", "--output-dir", "o"]
+    args = vars(M.parse_args([*base, "--preset", preset]))
+    assert {k: args[k] for k in M.PRESETS[preset]} == M.PRESETS[preset]
+    assert M.parse_args([*base, "--preset", preset, "--lr", "0.5"]).lr == 0.5
+    plain = vars(M.parse_args(base))
+    assert {k for k in M.PRESETS[preset] if plain[k] != args[k]}  # every preset differs from the mixed default
+
+
+def test_presets_hold_the_published_scripts_values():
+    # PECTVLM 22b7594: run_XTD.py:33,39-52; run_cross.py:29-44, 216-221; scripts/de.sh:3-19
+    xtd, cross, de = M.PRESETS["run_xtd"], M.PRESETS["run_cross"], M.PRESETS["de_sh"]
+    assert (xtd["lora_r"], xtd["batch_size"], xtd["eval_steps"], xtd["eval_batch_size"], xtd["lr"]) == (
+        8,
+        4,
+        4,
+        200,
+        1e-3,
+    )
+    assert (xtd["align_ratio"], xtd["pet"], xtd["test_text"]) == (1.0, "lora", "routine")
+    assert (cross["lora_r"], cross["lr"], cross["align_ratio"], cross["pet"]) == (1, 1e-3, 1.0, "lora_cross")
+    assert (de["lora_r"], de["batch_size"], de["eval_steps"], de["eval_batch_size"], de["lr"]) == (1, 5, 5, 100, 1e-4)
+    assert (de["align_ratio"], de["routine"], de["test_text"]) == (0.5, "method1", "run_cross")
+    d = M.DEFAULTS  # the mixed default: run_XTD.py's LoRA with de.sh's numbers
+    assert (d["lora_r"], d["lr"], d["align_ratio"], d["batch_size"], d["eval_steps"]) == (8, 1e-4, 0.5, 5, 5)
+
+
+def test_a_compacter_run_from_before_compacter_act_resumes_only_with_the_gelu_new_it_ran(tmp_path):
+    base = ["--dataset", "xtd", "--data-root", "x", "--lang", "de", "--tokenizer", "t", "--output-dir", "o"]
+    args = M.parse_args([*base, "--pet", "compacter"])
+    saved = {k: v for k, v in run_folder.json_safe(vars(args)).items() if k != "compacter_act"}
+    (tmp_path / run_folder.ARGS).write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match="--compacter-act is 'relu' but the run in .* used 'gelu_new'"):
+        M.check_resume_args(args, tmp_path)
+    M.check_resume_args(M.parse_args([*base, "--pet", "compacter", "--compacter-act", "gelu_new"]), tmp_path)

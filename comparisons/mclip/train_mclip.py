@@ -263,17 +263,25 @@ class PHMLinear(nn.Module):
         return x @ self.weight() + self.b
 
 
-class Compacter(nn.Module):
-    """y + up(gelu_new(down(y))) with PHM down (dim -> dim / reduction) and up projections (OpenDelta's
-    HyperComplexAdapterLayer; written here: neither peft nor a transformers-5 package has it)."""
+# Compacter's activation. The reference builds Compacter through OpenDelta's AutoDeltaConfig -> CompacterConfig,
+# whose non_linearity defaults to 'relu', and from_config passes it to CompacterModel, overriding that class's own
+# default 'gelu_new' (docs/reference_facts.md#F-opendelta-compacter-act): the reference ran ReLU.
+COMPACTER_ACTS = {"relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 
-    def __init__(self, dim: int, reduction: int = 16, n: int = 4):
+
+class Compacter(nn.Module):
+    """y + up(act(down(y))) with PHM down (dim -> dim / reduction) and up projections (OpenDelta's
+    HyperComplexAdapterLayer; written here: neither peft nor a transformers-5 package has it). act: ReLU as the
+    reference ran it, or gelu_new (CompacterModel's own default, which the reference's config overrides)."""
+
+    def __init__(self, dim: int, reduction: int = 16, n: int = 4, act: str = "relu"):
         super().__init__()
         self.down_sampler = PHMLinear(dim, dim // reduction, n)
         self.up_sampler = PHMLinear(dim // reduction, dim, n)
+        self.act = act
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return y + self.up_sampler(F.gelu(self.down_sampler(y), approximate="tanh"))
+        return y + self.up_sampler(COMPACTER_ACTS[self.act](self.down_sampler(y)))
 
 
 def _run_adapter(module: nn.Linear, inputs, output: torch.Tensor) -> torch.Tensor:
@@ -325,7 +333,7 @@ def apply_pet(model: MCLIPText, pet: str, args, tokenizer=None) -> None:
     elif pet == "adapter":
         add_adapters(model, lambda width: BottleneckAdapter(width, args.adapter_dim))
     elif pet == "compacter":
-        add_adapters(model, lambda width: Compacter(width, args.compacter_reduction, args.phm_dim))
+        add_adapters(model, lambda width: Compacter(width, args.compacter_reduction, args.phm_dim, args.compacter_act))
     elif pet == "prompt":
         add_soft_prompt(model, tokenizer, args.soft_prefix, args.soft_tokens)
     for name, p in model.named_parameters():  # peft marks its own modules trainable; keep exactly ours
@@ -840,6 +848,67 @@ DEFAULTS = {
     "phm_dim": 4,
 }
 
+# Where the defaults come from: they mix two of the reference's scripts: run_XTD.py's LoRA (r 8, query/value,
+# LinearTransformation frozen) with scripts/de.sh's numbers for run_cross.py (lr 1e-4, ratio 0.5, batch 5, validation
+# every 5 steps, eval batch 100). --preset NAME gives one published script's settings instead (a flag given on the
+# command line still wins); docs/mclip.md#presets. Values: PECTVLM 22b7594 (docs/reference_facts.md#F-pectvlm-args).
+PRESETS = {
+    # align_from_to_en/run_XTD.py's argparse defaults (:29-52) with --delta_tuning (its LoRA: r 8 on query/value)
+    "run_xtd": {
+        "pet": "lora",
+        "lora_r": 8,
+        "epochs": 50,
+        "batch_size": 4,
+        "eval_batch_size": 200,
+        "eval_steps": 4,
+        "lr": 1e-3,
+        "seed": 1,
+        "split_seed": 42,
+        "align_loss": "mse",
+        "align_ratio": 1.0,
+        "test_text": "routine",
+    },
+    # align_from_to_en/run_cross.py's argparse defaults (:26-44) with --delta_tuning (LoRA r 1 on query, key, value,
+    # attention.output.dense; LinearTransformation and pooler trained too; its test-text mapping)
+    "run_cross": {
+        "pet": "lora_cross",
+        "lora_r": 1,
+        "epochs": 50,
+        "batch_size": 4,
+        "eval_batch_size": 200,
+        "eval_steps": 4,
+        "lr": 1e-3,
+        "seed": 1,
+        "align_loss": "mse",
+        "align_ratio": 1.0,
+        "test_text": "run_cross",
+    },
+    # scripts/de.sh (:3-19; the other languages' <lang>.sh alike): run_cross.py with these flags
+    "de_sh": {
+        "pet": "lora_cross",
+        "lora_r": 1,
+        "routine": "method1",
+        "epochs": 50,
+        "batch_size": 5,
+        "eval_batch_size": 100,
+        "eval_steps": 5,
+        "lr": 1e-4,
+        "seed": 1,
+        "align_loss": "mse",
+        "align_ratio": 0.5,
+        "test_text": "run_cross",
+    },
+}
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """build_parser's arguments, with --preset's values as the defaults (flags given explicitly win)."""
+    parser = build_parser()
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset:
+        parser.set_defaults(**PRESETS[preset])
+    return parser.parse_args(argv)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(description=__doc__)
@@ -847,6 +916,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=("xtd", "multi30k"), required=True)
     p.add_argument("--data-root", required=True, help="XTD10 or multi30k-dataset folder (PECTVLM layout)")
     p.add_argument("--lang", required=True, help="target language of this run")
+    p.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default=None,
+        help="one published PECTVLM script's settings (run_xtd: run_XTD.py's defaults; run_cross: run_cross.py's; "
+        "de_sh: scripts/<lang>.sh). Default: run_XTD.py's LoRA r 8 with scripts/de.sh's lr 1e-4, ratio 0.5, batch 5",
+    )
     p.add_argument("--routine", choices=tuple(ROUTINES), default="method3")
     p.add_argument("--align-loss", choices=ALIGN_LOSSES, default="mse")
     p.add_argument("--align-ratio", type=float, default=d["align_ratio"], help="weight of the alignment term")
@@ -875,8 +951,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--compacter-reduction", type=int, default=d["compacter_reduction"], help="Compacter bottleneck = width / this"
     )
     p.add_argument("--phm-dim", type=int, default=d["phm_dim"], help="Compacter's n (hypercomplex division)")
+    p.add_argument(
+        "--compacter-act",
+        choices=tuple(COMPACTER_ACTS),
+        default="relu",
+        help="Compacter's activation: relu as the reference ran it (OpenDelta's CompacterConfig default); gelu_new "
+        "= CompacterModel's own default, which that config overrides",
+    )
     p.add_argument("--text-config", default="large", help="large | tiny | a json of TEXT_CONFIGS keys")
-    p.add_argument("--text-checkpoint", default=None, help="M-CLIP text weights (folder or file); none = random")
+    p.add_argument("--text-checkpoint", default=None, help="M-CLIP text weights (folder or file)")
+    p.add_argument(
+        "--random-init", action="store_true", help="train a randomly initialised text tower (no --text-checkpoint)"
+    )
     p.add_argument("--tokenizer", required=True, help="XLM-R tokenizer folder (M-CLIP's release ships one)")
     p.add_argument("--image-features", default=None, help="{'names', 'features'} torch file of CLIP image embeddings")
     p.add_argument("--images", default=None, help="image root (XTD: train2014/ val2014/; Multi30K: flickr30k-images/)")
@@ -931,7 +1017,8 @@ def build_parser() -> argparse.ArgumentParser:
 # ours; engine.check_resume_args compares them with the run's args.json.
 RESUME_KEYS = engine.RESUME_KEYS + tuple(
     """dataset lang routine align_loss align_ratio pet n_shot split_seed hard_prompt soft_prefix soft_tokens lora_r
-    lora_alpha adapter_dim compacter_reduction phm_dim text_config eval_steps eval_batch_size eval_amp""".split()
+    lora_alpha adapter_dim compacter_reduction compacter_act phm_dim text_config eval_steps eval_batch_size
+    eval_amp""".split()
 )
 
 
@@ -941,6 +1028,8 @@ def check_resume_args(args, run_dir: Path) -> None:
         saved = json.loads((run_dir / run_folder.ARGS).read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --resume: cannot read {run_dir / run_folder.ARGS} ({e})") from None
+    if saved.get("pet") == "compacter" and "compacter_act" not in saved:
+        saved = {**saved, "compacter_act": "gelu_new"}  # runs started before --compacter-act ran gelu_new
     engine.check_resume_args(args, saved, RESUME_KEYS, run_dir / run_folder.ARGS)
 
 
@@ -957,6 +1046,8 @@ ARG_RULES = {
 
 def check_args(args) -> None:
     engine.check_arg_ranges(args, ARG_RULES)
+    if args.random_init and args.text_checkpoint:
+        raise SystemExit("error: --random-init and --text-checkpoint: give one (random weights or M-CLIP's)")
     langs = xtd_data.XTD_LANGS if args.dataset == "xtd" else xtd_data.MULTI30K_LANGS
     # a set in XTD10's layout with other languages (the synthetic world's, synthetic/mclip_study.py) has its caption
     # file
@@ -1009,8 +1100,13 @@ def main(argv: list[str] | None = None) -> dict:
         return print_table(argv[1:])
     if argv[:1] == ["features"]:
         return features_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     check_args(args)
+    if not (args.text_checkpoint or args.random_init):
+        raise SystemExit(
+            "error: no --text-checkpoint: give M-CLIP's text weights (the release folder), or --random-init to "
+            "train a randomly initialised text tower"
+        )
     dist = engine.setup_distributed()
     try:
         return run(args, dist)

@@ -308,7 +308,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     a.add_argument("--en-split", default="train", help="variant full: the English training split of the task loss")
     m = p.add_argument_group("XVL-MAML (maml.py)")
     m.add_argument("--variant", choices=M.VARIANTS, default="full")
-    m.add_argument("--inner-lr", type=float, default=DEFAULTS["inner_lr"], help="alpha, plain SGD")
+    m.add_argument(
+        "--inner-lr",
+        type=float,
+        default=DEFAULTS["inner_lr"],
+        help="alpha, plain SGD (the paper gives none): 1e-4 moves UC2's weights by ~1e-5 of their norm, so the "
+        "default is close to multi-task training on the outer losses; docs/xvlmaml.md#inner-step",
+    )
     m.add_argument("--inner-steps", type=int, default=1)
     m.add_argument("--first-order", action="store_true", help="FOMAML: no gradient through the inner gradient")
     m.add_argument("--cl-weight", type=float, default=1.0, help="lambda on the contrastive loss")
@@ -383,10 +389,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--no-eval", action="store_true", help="skip every evaluation (per epoch and final)")
     r.add_argument(
         "--epoch-eval-split",
-        default="test",
-        help="split evaluated in --eval-langs after every epoch, into metrics.jsonl (the per-epoch curves "
-        "of eval_zeroshot plot/figures; the last epoch's is repeated by the final evaluation, which "
-        "writes results.json); none: only the final evaluation",
+        default="dev",
+        help="split evaluated after every epoch in those --eval-langs that have it, into metrics.jsonl (the "
+        "per-epoch curves of eval_zeroshot plot/figures; logged, never used to pick a state); test is evaluated "
+        "once, at the end, into results.json; none: only the final evaluation",
     )
     freeze.add_policy_args(p)
 
@@ -454,6 +460,15 @@ def check_args(args, dist: devices.DistInfo) -> None:
         )
 
 
+# Why XVL-MAML does not run CCLM (docs/xvlmaml.md#cclm): the model would allow it, this file is not wired for it.
+CCLM_NOT_WIRED = (
+    "XVL-MAML is wired for UC2 only: CCLM's structure would allow it (its text_proj / vision_proj give the "
+    "contrastive embeddings, maml.py is model-agnostic), but the episodes here are UC2 region-feature batches "
+    "(data.UC2Collate), the embeddings UC2's shared-encoder passes (pair_embeddings) and the task losses and "
+    "layer layout UC2's; CCLM's image batches, losses and layout are not wired in"
+)
+
+
 def resolve_init(args) -> dict:
     """Fill task / config / data arguments from the English run (args.json, checkpoint meta)."""
     if not args.run:
@@ -465,7 +480,7 @@ def resolve_init(args) -> dict:
     except ValueError as e:
         raise SystemExit(f"error: --run: {e}") from None
     if meta.get("model") != "uc2":
-        raise SystemExit(f"error: --run {args.run}: a {meta.get('model')} run; XVL-MAML is wired for UC2 only")
+        raise SystemExit(f"error: --run {args.run}: a {meta.get('model')} run; {CCLM_NOT_WIRED}")
     if args.task and args.task != meta["task"]:
         raise SystemExit(f"error: --task {args.task} but the run {args.run} is {meta['task']}")
     args.task, args.init = meta["task"], str(init)
@@ -663,7 +678,12 @@ def epoch_evaluate_fn(args, tokenizer, features, dist):
             "uc2", ns, tokenizer, dist, features=features, max_regions=args.max_regions
         )
     except ValueError as e:
-        raise SystemExit(f"error: evaluation data: {e}") from None
+        hint = (
+            " (the per-epoch evaluation reads --epoch-eval-split dev; --epoch-eval-split none turns it off)"
+            if args.epoch_eval_split == "dev"
+            else ""
+        )
+        raise SystemExit(f"error: evaluation data: {e}{hint}") from None
 
 
 def _meta_train(
