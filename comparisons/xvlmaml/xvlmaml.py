@@ -374,6 +374,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         default="off",
         help="precision of the per-epoch and final evaluations (default float32)",
     )
+    after_epoch.add_tf32_arg(o)
     r = p.add_argument_group("run")
     r.add_argument("--output-dir", required=True)
     r.add_argument("--resume", action="store_true")
@@ -819,6 +820,7 @@ def evaluate(args, run_dir: Path, dist: devices.DistInfo) -> int:
         batch_size=args.eval_batch_size,
         num_workers=args.num_workers,
         amp=args.eval_amp,
+        eval_tf32=args.eval_tf32,
         k_test=None,
         pair_batch=1024,
         itm_batch=128,
