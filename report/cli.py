@@ -157,7 +157,7 @@ def cmd_table(args) -> int:
         built = tables.build_tables(runs, args.split)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    print(tables.format_tables(built, args.per_language))
+    print(tables.format_tables(built, args.per_language, paper=not args.no_paper))
     if args.out:
         run_folder.atomic_write_text(args.out, json.dumps(built, indent=1) + "\n")
         print(f"wrote {args.out}")
@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("runs", nargs="+")
     tb.add_argument("--split", default="test", help="results.json entry to use (default test)")
     tb.add_argument("--per-language", action="store_true", help="also per-language tables (paper Tables 4-6)")
+    tb.add_argument(
+        "--no-paper", action="store_true", help="leave the paper's numbers out (runs outside its setting: synthetic)"
+    )
     tb.add_argument("--out", default=None, help="also write the tables as JSON here")
     tb.add_argument(
         "--iglue-csv",

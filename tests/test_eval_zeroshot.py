@@ -1248,3 +1248,18 @@ def test_trainer_per_epoch_evaluation_takes_eval_langs(env):
         scoring.evaluate.trainer_evaluate_fn(
             "uc2", args, tok, None, features=env["features"], max_regions=env["max_regions"]
         )
+
+
+def test_table_without_the_papers_numbers_prints_ours_alone(tmp_path, capsys):
+    """`report table --no-paper` (the demo's synthetic runs): no paper number in parentheses beside ours, in Table 1
+    and the per-language tables; the default keeps them."""
+    runs = [
+        _fake_run(tmp_path / f"uc2-xgqa-{p}", "uc2", "xgqa", p, XGQA_LANGS, 2, i) for i, p in enumerate(("full", "suf"))
+    ]
+    assert report_cli.main(["table", *map(str, runs), "--per-language", "--no-paper"]) == 0
+    bare = capsys.readouterr().out
+    assert "Table 1: ours. " in bare and "Per language (xgqa:accuracy), ours:" in bare
+    assert "(paper)" not in bare and "(41.3)" not in bare and "(31.9)" not in bare
+    assert report_cli.main(["table", *map(str, runs), "--per-language"]) == 0
+    full = capsys.readouterr().out
+    assert "Table 1: ours (paper)." in full and "(41.3)" in full
