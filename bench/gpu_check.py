@@ -25,7 +25,6 @@ report is written whatever fails; exit status 1 when a section failed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -45,7 +44,7 @@ import engine
 import freeze
 from bench import _common, suf_step
 from synthetic import fixtures
-from training import devices
+from training import after_epoch, devices
 
 ROOT = Path(__file__).resolve().parents[1]
 IGLUE = ROOT / "tests" / "fixtures" / "iglue"  # the shipped IGLUE annotation sample, read as data
@@ -188,18 +187,8 @@ def skipped(name: str, width: str, precision: str | None, reason: str) -> dict:
     return row if precision is None else {**row, "precision": precision}
 
 
-@contextlib.contextmanager
-def no_tf32():
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-
-
 def eval_loss(model, batch, device, dtype) -> float:
-    with torch.no_grad(), no_tf32(), devices.autocast(device, dtype):
+    with torch.no_grad(), after_epoch.tf32_matmuls(device, False), devices.autocast(device, dtype):
         return model.loss(devices.to_device(batch, device)).float().item()
 
 

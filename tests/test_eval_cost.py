@@ -130,6 +130,22 @@ def test_tf32_is_on_only_inside_evaluation_where_the_device_has_it_and_it_is_ask
     assert torch.backends.cuda.matmul.allow_tf32 is False  # restored after the evaluation
 
 
+def test_no_eval_tf32_is_strict_float32_even_where_tf32_was_switched_on(monkeypatch):
+    """--no-eval-tf32 on a TF32 GPU: matmuls and cuDNN convolutions (TF32 by cuDNN's default) in float32 during the
+    evaluation, whatever the process had set; the settings come back after."""
+    monkeypatch.setattr(after_epoch, "tf32_available", lambda device: True)  # as on an Ampere GPU
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # torch's flags: no monkeypatch
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with after_epoch.tf32_matmuls("cuda", enabled=False):
+            inside = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        after = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert inside == (False, False)
+    assert after == (True, True)
+
+
 def test_tf32_does_nothing_on_cpu_and_the_trainers_can_turn_it_off(tf32_off):
     assert not after_epoch.tf32_available("cpu")
     model = _RecordsTF32()

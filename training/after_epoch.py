@@ -52,13 +52,14 @@ def tf32_available(device: torch.device | str) -> bool:
 
 @contextmanager
 def tf32_matmuls(device: torch.device | str, enabled: bool = True):
-    """TF32 for CUDA matmuls and convolutions inside the block where enabled and the device has it (the previous
-    settings are restored after); elsewhere (CPU, older GPUs, enabled=False) nothing changes."""
-    if not (enabled and tf32_available(device)):
+    """On a device that has TF32: TF32 for CUDA matmuls and convolutions inside the block when enabled, strict
+    float32 when not (cuDNN's convolutions default to TF32, so off must be said); the previous settings are
+    restored after. Elsewhere (CPU, older GPUs) nothing changes."""
+    if not tf32_available(device):
         yield
         return
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
         yield
     finally:
