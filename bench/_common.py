@@ -1,5 +1,5 @@
-"""What every bench shares: the machine a result was measured on, a wall-clock timer, and writing the result
-file (bench/results/<bench>.json, which `python -m bench.table` turns into docs/benchmarks.md's table)."""
+"""What every bench shares: the machine a result was measured on, a wall-clock timer, a FLOP counter, and writing
+the result file (bench/results/<bench>.json, which `python -m bench.table` turns into docs/benchmarks.md's table)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import platform
 import time
 from importlib import metadata
 from pathlib import Path
+
+from torch.utils.flop_counter import FlopCounterMode
 
 from formats import run_folder
 
@@ -52,6 +54,13 @@ def timed(fn):
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
+
+
+def flops(fn) -> int:
+    """The FLOPs torch counts for fn() (its matmuls, convolutions and attention: torch.utils.flop_counter)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def write_result(out: str | Path, result: dict) -> None:

@@ -30,7 +30,6 @@ import sys
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import train_cclm
 import train_uc2
@@ -40,12 +39,6 @@ from scoring import answer_ranking, retrieval_protocols
 from training import after_epoch
 
 REGIONS = 37
-
-
-def flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 # ---------------------------------------------------------------- per-epoch languages
@@ -102,10 +95,12 @@ def uc2_flops(n: int, pair_batch: int, seed: int = 0) -> dict:
         return lambda: model.head(model.dropout(model.encode_embedded(t, m, v, vm)))
 
     lengths = torch.randint(10, 41, (n,), generator=torch.Generator().manual_seed(seed))
-    per_pair_old = {L: flops(lambda L=L: model.pair_scores(pair_input(1, L))) for L in range(10, 41)}
-    per_pair_new = {L: flops(embedded(1, L)) for L in range(10, 41)}
+    per_pair_old = {L: _common.flops(lambda L=L: model.pair_scores(pair_input(1, L))) for L in range(10, 41)}
+    per_pair_new = {L: _common.flops(embedded(1, L)) for L in range(10, 41)}
     b = pair_input(1, 40)
-    embed_img = flops(lambda: model.embeddings(b["input_ids"], b["features"], b["spatials"])) * n  # text: lookups
+    embed_img = (
+        _common.flops(lambda: model.embeddings(b["input_ids"], b["features"], b["spatials"])) * n
+    )  # text: lookups
 
     def schedule(order: torch.Tensor, per_pair: dict) -> int:
         total = 0
@@ -171,7 +166,7 @@ def cclm_ranking(k: int, seed: int = 0) -> dict:
     def now():
         return answer_ranking.answer_nll(decoder, ids, atts, states, state_atts, pad)
 
-    f_before, f_now = flops(before), flops(now)
+    f_before, f_now = _common.flops(before), _common.flops(now)
     before(), now()  # warm-up
     (a, t_before), (b, t_now) = _common.timed(before), _common.timed(now)
     return {

@@ -31,7 +31,6 @@ import sys
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import train_cclm
 import train_uc2
@@ -190,19 +189,13 @@ def itm_both_ways(cross: torch.nn.Module, vis: torch.Tensor, text: torch.Tensor,
     )
 
 
-def flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def bench_cclm_itm_base(count_pairs: int, time_pairs: int, text_len: int) -> dict:
     """The ITM re-rank's fusion at base size: FLOPs per image (count_pairs candidates) and time side by side."""
     cfg = dict(train_cclm.CONFIGS["base"])
     with torch.device("meta"):
         meta_cross = train_cclm.CrossEncoder(cfg).eval()
     x2vlm, ours = itm_both_ways(meta_cross, *itm_base_inputs(count_pairs, text_len, cfg, "meta"))
-    f_x2vlm, f_ours = flops(x2vlm), flops(ours)
+    f_x2vlm, f_ours = _common.flops(x2vlm), _common.flops(ours)
     torch.manual_seed(0)
     cross = train_cclm.CrossEncoder(cfg).eval()
     x2vlm, ours = itm_both_ways(cross, *itm_base_inputs(time_pairs, text_len, cfg))

@@ -29,7 +29,6 @@ import argparse
 import sys
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import freeze
 import train_cclm
@@ -78,9 +77,7 @@ def estimate(name: str, build) -> dict:
     with torch.device("meta"):
         model, layout, batch = build()
     model.train()
-    with FlopCounterMode(display=False) as counter:
-        model.loss(batch).backward()
-    flops = counter.get_total_flops() / N
+    flops = _common.flops(lambda: model.loss(batch).backward()) / N
     return {
         "model": name,
         "train_flops_per_sample": flops,
@@ -101,12 +98,6 @@ EPOCHS = {"xgqa": 5, "xvnli": 10, "xflickrco": 10}
 K_TEST = 128  # CCLM's ITM re-rank: candidates per image and per caption
 
 
-def counted(fn) -> float:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def uc2_costs(task: str) -> tuple[float, float]:
     """(training FLOPs per sample, forward FLOPs per test example or caption-image pair) of UC2 on `task`."""
     cfg = dict(train_uc2.CONFIGS["base"])
@@ -123,10 +114,10 @@ def uc2_costs(task: str) -> tuple[float, float]:
         }
         flat = {k: v.flatten(0, len(group) - 1) for k, v in batch.items() if k != "target"}
         model.train()
-        train = counted(lambda: model.loss(batch).backward()) / N
+        train = _common.flops(lambda: model.loss(batch).backward()) / N
         model.eval()
         with torch.no_grad():
-            test = counted(lambda: model(**flat)) / flat["input_ids"].shape[0]
+            test = _common.flops(lambda: model(**flat)) / flat["input_ids"].shape[0]
     return train, test
 
 
@@ -138,18 +129,18 @@ def cclm_costs() -> dict:
         model, _, batch = cclm_model_and_batch()
         retrieval = train_cclm.build_model("xflickrco", cfg)
         model.train()
-        train = counted(lambda: model.loss(batch).backward()) / N
+        train = _common.flops(lambda: model.loss(batch).backward()) / N
         model.eval()
         retrieval.eval()
         with torch.no_grad():
-            test = counted(lambda: model.logits(batch)) / N
-            image = counted(lambda: retrieval.encode_images(batch["images"])) / N
-            text = counted(lambda: retrieval.encode_texts(batch["text_ids"], batch["text_atts"])) / N
+            test = _common.flops(lambda: model.logits(batch)) / N
+            image = _common.flops(lambda: retrieval.encode_images(batch["images"])) / N
+            text = _common.flops(lambda: retrieval.encode_texts(batch["text_ids"], batch["text_atts"])) / N
             v, _ = retrieval.encode_images(batch["images"][:1])
             t, _ = retrieval.encode_texts(batch["text_ids"], batch["text_atts"])
-            kv_flops = counted(lambda: retrieval.itm_image_kv(v))
+            kv_flops = _common.flops(lambda: retrieval.itm_image_kv(v))
             kv = retrieval.itm_image_kv(v)
-            pair = counted(lambda: retrieval.itm_scores_with_image_kv(t, batch["text_atts"], kv)) / N
+            pair = _common.flops(lambda: retrieval.itm_scores_with_image_kv(t, batch["text_atts"], kv)) / N
     return {"train": train, "test": test, "image": image, "text": text, "image_kv": kv_flops, "itm_pair": pair}
 
 
