@@ -71,7 +71,7 @@ from formats.features import (
 )
 from formats.pickles import read_pickle
 
-TASKS = ("xgqa", "xvnli", "xflickrco")
+TASKS = iglue_layout.TASKS  # the one task table: IGLUE's tasks, with their files' layout
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 NUM_ANSWERS = 1842
 XVNLI_LABELS_UC2 = ("contradiction", "neutral", "entailment")  # VOLTA LABEL_MAP order

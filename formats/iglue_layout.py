@@ -15,7 +15,12 @@ import os
 import re
 from pathlib import Path
 
-_TASKS = ("xgqa", "xvnli", "xflickrco")  # data.TASKS (formats/ does not import data; tests/test_data.py compares)
+TASKS = ("xgqa", "xvnli", "xflickrco")  # IGLUE's tasks we run: the one task table (data.TASKS is this)
+
+
+def _require_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
 
 
 def dataset_dir(data_root: str | os.PathLike) -> Path:
@@ -33,8 +38,7 @@ def dataset_dir(data_root: str | os.PathLike) -> Path:
 
 
 def _task_dirs(ds: Path, task: str, translate_test: bool) -> list[Path]:
-    if task not in _TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(_TASKS)}")
+    _require_task(task)
     sub = "annotations_machine-translate" if translate_test else "annotations"
     return {
         "xgqa": [ds / "gqa" / "annotations", ds / "xGQA" / sub],
@@ -57,8 +61,7 @@ def _lang_dirs(folder: Path) -> list[str]:
 
 def _candidates(ds: Path, task: str, split: str, lang: str, translate_test: bool) -> list[Path]:
     """Annotation file locations for (task, split, lang), most likely first."""
-    if task not in _TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(_TASKS)}")
+    _require_task(task)
     mt = "annotations_machine-translate"
     if task == "xgqa":
         if split in ("train", "valid", "testdev"):  # English GQA, LXMERT list format
@@ -94,6 +97,7 @@ def _split_name(path: Path) -> str:
 def available_splits(data_root, task: str, translate_test: bool = False) -> list[str]:
     """Split names that have at least one annotation file (discovered from the files present)."""
     ds = dataset_dir(data_root)
+    _require_task(task)
     found: set[str] = set()
     mt = "annotations_machine-translate"
     if task == "xgqa":
@@ -113,8 +117,6 @@ def available_splits(data_root, task: str, translate_test: bool = False) -> list
         found |= {
             _split_name(p) for p in (ds / "xFlickrCO" / (mt if translate_test else "annotations")).glob("*/*.jsonl")
         }
-    else:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(_TASKS)}")
     return sorted(found, key=_split_sort_key)
 
 
@@ -133,8 +135,7 @@ def available_langs(data_root, task: str, split: str, translate_test: bool = Fal
         "xvnli": [ds / "XVNLI" / "annotations", ds / "XVNLI" / "annotations_machine-translate"],
         "xflickrco": [ds / "xFlickrCO" / "annotations", ds / "xFlickrCO" / "annotations_machine-translate"],
     }
-    if task not in folders:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(_TASKS)}")
+    _require_task(task)
     candidates = {"en"} | {l for f in folders[task] for l in _lang_dirs(f)}
     if task == "xgqa":
         for base in (
