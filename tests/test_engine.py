@@ -628,7 +628,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full (every write: ENOSPC)")
 def test_full_disk_while_logging_metrics_is_one_line_naming_the_file():
     """metrics.jsonl on a full disk (/dev/full: a real ENOSPC at flush) is the same one-line CheckpointWriteError the
     loop turns into `error: ...`, not an OSError traceback."""
