@@ -232,7 +232,7 @@ def test_oov_answer_is_label_minus_one(tmp_path, tokenizer):
     ],
 )
 def test_region_features_match_volta(path, expected):
-    exp = torch.load(FEAT / expected)
+    exp = torch.load(FEAT / expected, weights_only=True)
     meta = json.loads((FEAT / "features_fixture_meta.json").read_text())
     kind = "x101" if "x101" in path else "h5"
     sizes = {
@@ -257,8 +257,8 @@ def test_region_features_match_volta(path, expected):
 
 
 def test_serialized_gqa_matches_volta():
-    exp = torch.load(FEAT / "gqa_serialized_fixture_expected.pt")
-    feats_exp = torch.load(FEAT / "features_fixture_expected.pt")["images"]
+    exp = torch.load(FEAT / "gqa_serialized_fixture_expected.pt", weights_only=True)
+    feats_exp = torch.load(FEAT / "features_fixture_expected.pt", weights_only=True)["images"]
     recs = exp["records"]
     tok = FakeTokenizer({r["question"]: r["token_ids"] for r in recs})
     assert is_serialized_lmdb(FEAT / "gqa_serialized_fixture.lmdb")
@@ -324,7 +324,7 @@ def test_synthetic_features_format(tmp_path):
 
 
 def test_cclm_eval_transform_matches_reference(tmp_path):
-    ref = torch.load(FEAT / "cclm_preprocess.pt")
+    ref = torch.load(FEAT / "cclm_preprocess.pt", weights_only=True)
     for i, raw in enumerate(ref["raw_images_uint8_hwc"]):
         path = tmp_path / f"{i}.png"  # stored losslessly and read back, as the reference did
         Image.fromarray(raw.numpy()).save(path)

@@ -79,8 +79,8 @@ def _recall_metrics(scores: np.ndarray) -> dict:
 def test_parity_uc2(folder: Path, task_dir: str):
     assert (folder / task_dir).is_dir(), f"fixture folder {folder} has no task folders {sorted(TASK_DIRS)}"
     task = TASK_DIRS[task_dir]
-    inp = torch.load(folder / task_dir / "inputs.pt")
-    out = torch.load(folder / task_dir / "outputs.pt")
+    inp = torch.load(folder / task_dir / "inputs.pt", weights_only=True)
+    out = torch.load(folder / task_dir / "outputs.pt", weights_only=True)
     for attn in ("sdpa", "eager"):
         model = U.build_model(task, {**_config(folder), "attn_implementation": attn}).eval()
         plan = volta.load_into(model, str(folder / task_dir / "pytorch_model.bin"))

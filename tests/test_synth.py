@@ -218,7 +218,7 @@ def test_pretraining_is_deterministic_and_train_uc2_loads_it(world, tmp_path):
     kw = dict(batch_size=8, eval_every=0, log=lambda s: None, probe_n=8)
     a = synth_pretrain.pretrain(world, 0, 5, tmp_path / "a.bin", **kw)
     synth_pretrain.pretrain(world, 0, 5, tmp_path / "b.bin", **kw)
-    sd_a, sd_b = torch.load(tmp_path / "a.bin"), torch.load(tmp_path / "b.bin")
+    sd_a, sd_b = torch.load(tmp_path / "a.bin", weights_only=True), torch.load(tmp_path / "b.bin", weights_only=True)
     assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
     assert set(a["final"]) >= {"itm_acc", "mrm_acc", "attr_en", "attr_lo"}
     config = train_uc2.resolve_config(str(world / "model_config.json"))
