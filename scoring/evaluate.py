@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 import data
 from checks import preflight
+from console import cli
 from formats import iglue_layout
 from training import after_epoch, devices
 from scoring import metrics
@@ -197,9 +198,11 @@ def eval_loader(dataset, indices, collate, batch_size: int, num_workers: int):
     )
 
 
-def _progress(batches, desc: str, dist):
-    """A progress bar over evaluation batches, on rank 0 only (it goes away when done)."""
-    return tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=dist is not None and not dist.is_main)
+def progress(iterable, desc: str, dist=None, total: int | None = None, delay: float = 0.0):
+    """The evaluation's progress bar (with its ETA), on rank 0 only (dist None: torchrun's RANK), gone when done;
+    delay: drawn only once the loop has run that many seconds (short loops stay quiet)."""
+    rank0 = dist.is_main if dist is not None else cli.is_rank0_process()
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, delay=delay, disable=not rank0)
 
 
 def model_device(model: torch.nn.Module, dist) -> torch.device:
@@ -248,7 +251,7 @@ def evaluate_task(
                 n = len(s.dataset)
                 mine = devices.shard(n, dist)
                 loader = eval_loader(s.dataset, mine, s.collate, batch_size, num_workers)
-                batches = _progress(loader, f"{task} {lang}", dist)
+                batches = progress(loader, f"{task} {lang}", dist)
                 local = predict_records(model, batches, device, amp)
                 records = devices.gather(list(zip(mine, local, strict=True)), dist)
                 if sorted(i for i, _ in records) != list(range(n)):  # every example exactly once
@@ -290,7 +293,7 @@ def _evaluate_retrieval(
 
     def batches(dataset, indices, what: str | None):
         loader = eval_loader(dataset, indices, s.collate, batch_size, num_workers)
-        return loader if what is None else _progress(loader, f"xflickrco {s.lang} {what}", dist)
+        return loader if what is None else progress(loader, f"xflickrco {s.lang} {what}", dist)
 
     i2t, t2i = model.retrieval_scores(s.images, s.captions, batches, dist, device, opts, encoded)
     if i2t.shape != (n_img, n_txt) or t2i.shape != (n_txt, n_img):

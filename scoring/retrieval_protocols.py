@@ -12,9 +12,7 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
-from tqdm import tqdm
 
-from console import cli
 from training import devices
 import scoring.evaluate
 
@@ -72,7 +70,9 @@ def score_all_pairs(
         text_emb, image_emb = model.embeddings(texts["input_ids"], images["features"], images["spatials"])
     lengths = texts["attention_mask"].sum(1)
     order = torch.argsort(lengths, stable=True)  # captions of similar length share a batch
-    for start in _bar(range(0, total, pair_batch), f"scoring {n_txt} captions x {n_img} images"):
+    for start in scoring.evaluate.progress(
+        range(0, total, pair_batch), f"scoring {n_txt} captions x {n_img} images", delay=2
+    ):
         pair = torch.arange(start, min(start + pair_batch, total), device=device)
         t, i = order[pair // n_img], pair % n_img
         length = int(lengths[t].max())  # trim padding common to the batch
@@ -233,7 +233,9 @@ def _itm_by_image(
     scores = torch.empty(len(pairs))
     images, counts = torch.unique_consecutive(p_img, return_counts=True)
     start = 0
-    for i, c in _bar(zip(images.tolist(), counts.tolist()), "ITM re-rank (images)", len(images)):
+    for i, c in scoring.evaluate.progress(
+        zip(images.tolist(), counts.tolist()), "ITM re-rank", total=len(images), delay=2
+    ):
         with scoring.evaluate.autocast_for(device, amp):
             kv = model.itm_image_kv(vis[i : i + 1])
         for s in range(start, start + c, itm_batch):
@@ -254,10 +256,3 @@ def _recorded(batches: Iterable[dict], kept: list):
         kept.append(b)
         yield b
         b.pop("images", None)
-
-
-def _bar(iterable, desc: str, total: int | None = None):
-    """A progress bar with ETA over a scoring loop, on rank 0 only; drawn once the loop has run 2 s (hours on the
-    real test sets; short ones stay quiet)."""
-    rank0 = cli.is_rank0_process()
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, delay=2, disable=not rank0)

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from console import cli  # noqa: E402
-from scoring import retrieval_protocols  # noqa: E402
+import scoring.evaluate  # noqa: E402
 from training import after_epoch, progress  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("_toy_train", ROOT / "tests" / "_toy_train.py")
@@ -108,5 +108,5 @@ def test_training_shows_the_run_eta_in_the_epoch_lines(tmp_path, capsys, monkeyp
 @pytest.mark.parametrize("rank, shown", [("0", True), ("1", False)])
 def test_retrieval_scoring_bar_is_drawn_by_rank_0_only(monkeypatch, rank, shown):
     monkeypatch.setenv("RANK", rank)
-    bar = retrieval_protocols._bar(range(3), "scoring")
+    bar = scoring.evaluate.progress(range(3), "scoring", delay=2)  # what the retrieval protocols draw
     assert bar.disable is not shown and list(bar) == [0, 1, 2]
