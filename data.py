@@ -1,9 +1,10 @@
-"""IGLUE data for UC2 (region features) and CCLM (images): annotations, datasets, transforms, text, batches.
+"""IGLUE data for UC2 (region features) and CCLM (images): annotations, datasets, text, batches.
 
-Sections, in file order: annotation files; images (CCLM); text; datasets; collate; model inputs; loader.
+Sections, in file order: annotation files; text; datasets; collate; model inputs; loader.
 Below it, in formats/: the safe readers of JSON and image files (readers.py), the feature stores (features.py),
-the restricted unpickler (pickles.py), VOLTA's retrieval-negative sampling (volta_negatives.py). Above it, in
-checks/: the pre-flight checks of the trainers and the data inventory (`python -m checks.inventory --data-root DIR`).
+X2-VLM's image transforms and text cleaning (x2vlm_inputs.py), the restricted unpickler (pickles.py), VOLTA's
+retrieval-negative sampling (volta_negatives.py). Above it, in checks/: the pre-flight checks of the trainers and
+the data inventory (`python -m checks.inventory --data-root DIR`).
 
 Annotations
   TASKS, Example                    task names; one uniform record per question / pair / caption
@@ -11,11 +12,8 @@ Annotations
   load_split(root, task, split, lang, translate_test=False) -> list[Example]   (the file: formats/iglue_layout.py)
   load_answer_vocab(root) -> (ans2label, label2ans)   the 1,842 GQA answers
   XVNLI_LABELS_UC2 / XVNLI_LABELS_CCLM  class order of each model (VOLTA / X2-VLM)
-Images (CCLM)
-  eval_transform(img, res), train_transform(img, res, rng, flip) (img: formats.readers.load_image's),
-  normalize_images(uint8 batch images) -> float32 model input
 Text
-  pre_caption / pre_question(text, max_words)   X2-VLM text cleaning; load_tokenizer(path_or_hub_id)
+  load_tokenizer(path_or_hub_id)    (X2-VLM's text cleaning and image transforms: formats/x2vlm_inputs.py)
   encode_texts(tokenizer, texts, max_len) -> (ids, mask)   pad to longest, truncation keeps </s>
 Datasets and batches (item i is always example i: stable order and ids, for sharded evaluation)
   UC2Dataset, SerializedGQADataset, CCLMDataset   training/eval datasets with set_epoch(epoch)
@@ -47,7 +45,6 @@ import itertools
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -58,7 +55,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from formats import iglue_layout, readers, split_checks, volta_negatives, x2vlm_randaugment
+from formats import iglue_layout, readers, split_checks, volta_negatives, x2vlm_inputs
 from formats.bad_input import BadInput
 from formats.features import (
     FEATURE_DIM,
@@ -77,8 +74,6 @@ NUM_ANSWERS = 1842
 XVNLI_LABELS_UC2 = ("contradiction", "neutral", "entailment")  # VOLTA LABEL_MAP order
 XVNLI_LABELS_CCLM = ("contradiction", "entailment", "neutral")  # X2-VLM label_mapper order
 XVNLI_NO_GOLD = "-"  # SNLI-style "no consensus" label present in the real files (VOLTA: zero target)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SUBDIRS = {"gqa": "gqa", "flickr30k": "flickr30k", "coco": "coco"}
 
 # Max text lengths in tokens incl. <s>/</s> (None = no truncation), as each reference tokenises.
@@ -368,83 +363,8 @@ def _load_retrieval(path: Path, rel: str, lang: str, xflickrco_keys: bool) -> li
 
 
 # ----------------------------------------------------------------------------------------------
-# Images (CCLM)
-# ----------------------------------------------------------------------------------------------
-
-
-def _pixels(img: Image.Image) -> torch.Tensor:
-    """uint8 [H, W, 3] of an RGB image (PIL's layout; normalize_images makes ToTensor's [3, H, W] floats)."""
-    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
-
-
-_MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None, None]
-_STD = torch.tensor(CLIP_STD, dtype=torch.float32)[:, None, None]
-
-
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels [..., H, W, 3], as CCLM batches carry them, -> ToTensor + CLIP Normalize: float32
-    [..., 3, H, W] with torchvision's float32 ops in its order (x / 255, - mean, / std), on the pixels' device.
-    Float input is already normalised and returned as it is. Batches stay uint8 and in PIL's layout until the
-    model (train_cclm.VisionEncoder) normalises them: the loader copies a quarter of the bytes, with plain
-    memcpy, and the transpose and float work run on the accelerator."""
-    if images.dtype != torch.uint8:
-        return images
-    x = images.movedim(-1, -3).to(torch.float32, memory_format=torch.contiguous_format)
-    return x.div_(255).sub_(_MEAN.to(x.device)).div_(_STD.to(x.device))
-
-
-def _eval_pixels(img: Image.Image, res: int) -> torch.Tensor:
-    return _pixels(img.resize((res, res), Image.Resampling.BICUBIC))
-
-
-def eval_transform(img: Image.Image, res: int = 384) -> torch.Tensor:
-    """X2-VLM test transform: Resize((res, res)) bicubic (PIL, antialiased), ToTensor, CLIP Normalize."""
-    return normalize_images(_eval_pixels(img, res))
-
-
-def _train_pixels(img: Image.Image, res: int, rng: np.random.Generator, flip: bool) -> torch.Tensor:
-    top, left, h, w = x2vlm_randaugment.random_resized_crop_box(rng, img.width, img.height)
-    img = img.crop((left, top, left + w, top + h)).resize((res, res), Image.Resampling.BICUBIC)
-    if flip and rng.random() < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return _pixels(x2vlm_randaugment.random_augment(img, rng))
-
-
-def train_transform(img: Image.Image, res: int, rng: np.random.Generator, flip: bool) -> torch.Tensor:
-    """X2-VLM train transform: RandomResizedCrop(res, scale (0.5, 1)) bicubic, horizontal flip p=0.5 when
-    `flip` (XVNLI, xFlickr&CO; xGQA flips before, in the dataset), RandomAugment(2, 7), ToTensor, Normalize."""
-    return normalize_images(_train_pixels(img, res, rng, flip))
-
-
-# ----------------------------------------------------------------------------------------------
 # Text
 # ----------------------------------------------------------------------------------------------
-
-
-_PUNCT = re.compile(r"([,.'!?\"()*#:;~])")
-
-
-def pre_caption(caption: str, max_words: int) -> str:
-    """X2-VLM caption/hypothesis cleaning: lower, punctuation -> space, '-' '/' -> space, <person> -> person,
-    collapse whitespace, strip, keep the first `max_words` words."""
-    text = _PUNCT.sub(" ", caption.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
-    text = re.sub(r"\s{2,}", " ", text).rstrip("\n").strip(" ")
-    words = text.split(" ")
-    if len(words) > max_words:
-        text = " ".join(words[:max_words])
-    if not text:
-        raise ValueError(f"text is empty after cleaning (raw: {caption!r})")
-    return text
-
-
-def pre_question(question: str, max_words: int) -> str:
-    """X2-VLM question cleaning: lower, punctuation -> space, '-' '/' -> space, right-strip spaces, keep the
-    first `max_words` space-separated pieces (whitespace runs are not collapsed, as in the reference)."""
-    text = _PUNCT.sub(" ", question.lower()).replace("-", " ").replace("/", " ").rstrip(" ")
-    words = text.split(" ")
-    if len(words) > max_words:
-        text = " ".join(words[:max_words])
-    return text
 
 
 def check_special_ids(tok, name: str) -> None:
@@ -656,11 +576,12 @@ class CCLMDataset(_EpochDataset):
         img = readers.open_image(self.images, ex)
         item = {"kind": "example", "example": ex}
         try:
-            item["text"] = (pre_question if self.task == "xgqa" else pre_caption)(ex.text, self.max_words)
+            clean = x2vlm_inputs.pre_question if self.task == "xgqa" else x2vlm_inputs.pre_caption
+            item["text"] = clean(ex.text, self.max_words)
         except ValueError as e:
             raise ValueError(f"{ex.source} (example {ex.id}): {e}") from None
         if not self.train:
-            item["pixels"] = _eval_pixels(img, self.image_res)  # uint8; the model normalises (normalize_images)
+            item["pixels"] = x2vlm_inputs.eval_pixels(img, self.image_res)  # uint8; the model normalises
             return item
         rng = _rng(self.seed, self.epoch, index)
         if self.task == "xgqa":
@@ -669,7 +590,7 @@ class CCLMDataset(_EpochDataset):
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             answers = list(ex.answers)
             item["answers"], item["weights"] = answers, [1.0 / len(answers)] * len(answers)
-        item["pixels"] = _train_pixels(img, self.image_res, rng, flip=self.task != "xgqa")
+        item["pixels"] = x2vlm_inputs.train_pixels(img, self.image_res, rng, flip=self.task != "xgqa")
         return item
 
 
@@ -926,7 +847,7 @@ class ImageInputs:
         """An annotation line whose captions are all empty is skipped, as X2-VLM's xflickrco_eval_dataset does
         (IGLUE's de and id test files have one each: 1,999 images there)."""
         examples = _without_empty_lines(examples)
-        clean = functools.partial(pre_caption, max_words=CCLM_MAX_WORDS[("xflickrco", False)])
+        clean = functools.partial(x2vlm_inputs.pre_caption, max_words=CCLM_MAX_WORDS[("xflickrco", False)])
         fields = functools.partial(_pixel_fields, images, image_res)
         return RetrievalImages(examples, fields, image_res), RetrievalCaptions(examples, clean)
 
@@ -939,7 +860,7 @@ def _region_fields(reader, max_regions: int, ex: Example) -> dict:
 
 
 def _pixel_fields(images, image_res: int, ex: Example) -> dict:
-    return {"pixels": _eval_pixels(readers.open_image(images, ex), image_res)}  # uint8; the model normalises
+    return {"pixels": x2vlm_inputs.eval_pixels(readers.open_image(images, ex), image_res)}  # uint8
 
 
 REGION_FEATURES, IMAGES = RegionFeatureInputs(), ImageInputs()

@@ -25,7 +25,7 @@ from _timeouts import scaled
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 from formats import iglue_layout  # noqa: E402
-from formats import readers  # noqa: E402
+from formats import readers, x2vlm_inputs  # noqa: E402
 from formats.features import box_locations, is_serialized_lmdb, open_features, pad_regions  # noqa: E402
 from comparisons.mclip import xtd_data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
@@ -328,31 +328,33 @@ def test_cclm_eval_transform_matches_reference(tmp_path):
     for i, raw in enumerate(ref["raw_images_uint8_hwc"]):
         path = tmp_path / f"{i}.png"  # stored losslessly and read back, as the reference did
         Image.fromarray(raw.numpy()).save(path)
-        out = data.eval_transform(readers.load_image(path), ref["image_res"])
+        out = x2vlm_inputs.eval_transform(readers.load_image(path), ref["image_res"])
         assert out.shape == ref["images"][i].shape
         assert_matches_reference(f"image {i}", out, ref["images"][i])
-    assert torch.allclose(torch.tensor(data.CLIP_MEAN), ref["mean"]) and torch.allclose(
-        torch.tensor(data.CLIP_STD), ref["std"]
+    assert torch.allclose(torch.tensor(x2vlm_inputs.CLIP_MEAN), ref["mean"]) and torch.allclose(
+        torch.tensor(x2vlm_inputs.CLIP_STD), ref["std"]
     )
 
 
 def test_train_transform_seeded():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
-    a = data.train_transform(img, 32, np.random.default_rng([0, 1, 2]), flip=True)
-    b = data.train_transform(img, 32, np.random.default_rng([0, 1, 2]), flip=True)
-    c = data.train_transform(img, 32, np.random.default_rng([0, 2, 2]), flip=True)
+    a = x2vlm_inputs.train_transform(img, 32, np.random.default_rng([0, 1, 2]), flip=True)
+    b = x2vlm_inputs.train_transform(img, 32, np.random.default_rng([0, 1, 2]), flip=True)
+    c = x2vlm_inputs.train_transform(img, 32, np.random.default_rng([0, 2, 2]), flip=True)
     assert a.shape == (3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
     for seed in range(30):  # every augmentation op runs on odd sizes without error
-        data.train_transform(img, 17, np.random.default_rng(seed), flip=True)
+        x2vlm_inputs.train_transform(img, 17, np.random.default_rng(seed), flip=True)
 
 
 def test_text_cleaning():
-    assert data.pre_caption("A <person> in a Red-Shirt, runs!!  Fast.", 80) == "a person in a red shirt runs fast"
-    assert data.pre_caption("one two three four", 2) == "one two"
-    assert data.pre_question("Is the man to the LEFT of the car?", 50) == "is the man to the left of the car"
-    assert data.pre_question("a  b c d", 3) == "a  b"  # whitespace runs are not collapsed in questions
+    assert (
+        x2vlm_inputs.pre_caption("A <person> in a Red-Shirt, runs!!  Fast.", 80) == "a person in a red shirt runs fast"
+    )
+    assert x2vlm_inputs.pre_caption("one two three four", 2) == "one two"
+    assert x2vlm_inputs.pre_question("Is the man to the LEFT of the car?", 50) == "is the man to the left of the car"
+    assert x2vlm_inputs.pre_question("a  b c d", 3) == "a  b"  # whitespace runs are not collapsed in questions
     with pytest.raises(ValueError, match="empty"):
-        data.pre_caption("...", 80)
+        x2vlm_inputs.pre_caption("...", 80)
 
 
 def test_tokenizer_padding_and_truncation(tokenizer, tmp_path):
@@ -500,12 +502,14 @@ def test_cclm_batches(synthetic, tokenizer):
     bi, bc = col([images[i] for i in (19, 20)]), col([captions[i] for i in (0, 39)])
     assert bi["images"].shape == (2, 32, 32, 3) and bi["image_index"].tolist() == [19, 20]
     assert bi["images"].dtype == u8  # normalised by the model (normalize_images), on its device
-    normalised = data.normalize_images(bi["images"])
+    normalised = x2vlm_inputs.normalize_images(bi["images"])
     assert normalised.shape == (2, 3, 32, 32) and normalised.dtype == f32 and normalised.is_contiguous()
-    assert data.normalize_images(normalised) is normalised
+    assert x2vlm_inputs.normalize_images(normalised) is normalised
     for row, i in enumerate((19, 20)):  # batch + normalize_images == the per-image reference transform, bit for bit
         ex = images.items[i]
-        assert torch.equal(normalised[row], data.eval_transform(readers.load_image(Path(im) / ex.image_file), 32))
+        assert torch.equal(
+            normalised[row], x2vlm_inputs.eval_transform(readers.load_image(Path(im) / ex.image_file), 32)
+        )
     assert bi["image_key"] == ["1131056918.jpg", "COCO_val2014_000000391895.jpg"]
     assert bc["text_ids"].dtype == i64 and bc["image_index"].tolist() == [0, 39] and bc["text_ids"].shape[1] <= 80
 
