@@ -56,6 +56,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from formats import iglue_layout, readers, split_checks, volta_negatives, x2vlm_inputs
+from formats import annotation_fields as fields
 from formats.bad_input import BadInput
 from formats.features import (
     FEATURE_DIM,
@@ -134,29 +135,6 @@ def select_langs(requested: str | Sequence[str] | None, available: Sequence[str]
     if unknown:
         raise ValueError(f"language(s) {', '.join(unknown)} not available; found: {', '.join(available) or 'none'}")
     return wanted
-
-
-def _field(obj: dict, key: str, where: str):
-    if key not in obj:
-        raise ValueError(f"{where}: missing field {key!r}")
-    return obj[key]
-
-
-def _text(value, where: str, key: str) -> str:
-    """A text field must be a JSON string: null, a number or a list would be trained on as "None", "12345"..."""
-    if not isinstance(value, str):
-        shown = json.dumps(value)[:60]
-        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__} {shown}")
-    return value
-
-
-def _ident(value, where: str, key: str) -> str:
-    """An identifier (question, pair, image id) is a JSON string or integer: null or a list would become "None" or
-    "[1]" in prediction files and feature lookups."""
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        shown = json.dumps(value)[:60]
-        raise ValueError(f"{where}: field {key!r} must be a string or an integer, got {type(value).__name__} {shown}")
-    return str(value)
 
 
 def _answer_scores(value, where: str) -> dict[str, float]:
@@ -238,14 +216,14 @@ def _load_gqa(path: Path, rel: str, lang: str, ds: Path) -> list[Example]:
             where = f"{path} item {i}"
             if not isinstance(q, dict):
                 raise ValueError(f"{where}: expected an object, got {type(q).__name__}")
-            answers = _answer_scores(_field(q, "label", where), where)
+            answers = _answer_scores(fields.field(q, "label", where), where)
             gold = max(answers, key=answers.get) if answers else ""
             out.append(
                 _gqa_example(
                     lang,
-                    _ident(_field(q, "question_id", where), where, "question_id"),
-                    _ident(_field(q, "img_id", where), where, "img_id"),
-                    _text(_field(q, "sent", where), where, "sent"),
+                    fields.ident(fields.field(q, "question_id", where), where, "question_id"),
+                    fields.ident(fields.field(q, "img_id", where), where, "img_id"),
+                    fields.text(fields.field(q, "sent", where), where, "sent"),
                     answers,
                     gold,
                     "",
@@ -258,14 +236,14 @@ def _load_gqa(path: Path, rel: str, lang: str, ds: Path) -> list[Example]:
             where = f"{path} question {qid}"
             if not isinstance(q, dict):
                 raise ValueError(f"{where}: expected an object, got {type(q).__name__}")
-            gold = _text(_field(q, "answer", where), where, "answer")
+            gold = fields.text(fields.field(q, "answer", where), where, "answer")
             qtype = (q.get("types") or {}).get("structural", "")
             out.append(
                 _gqa_example(
                     lang,
                     str(qid),
-                    _ident(_field(q, "imageId", where), where, "imageId"),
-                    _text(_field(q, "question", where), where, "question"),
+                    fields.ident(fields.field(q, "imageId", where), where, "imageId"),
+                    fields.text(fields.field(q, "question", where), where, "question"),
                     {gold: 1.0},
                     gold,
                     qtype,
@@ -300,10 +278,10 @@ def _load_xvnli(path: Path, rel: str, lang: str) -> list[Example]:
     out = []
     for n, obj in readers.read_jsonl(path):
         where = f"{path}:{n}"
-        gold = _field(obj, "gold_label", where)
+        gold = fields.field(obj, "gold_label", where)
         if gold not in XVNLI_LABELS_UC2 and gold != XVNLI_NO_GOLD:
             raise ValueError(f"{where}: unknown gold_label {gold!r} (expected entailment, neutral, contradiction or -)")
-        flickr_id = _ident(_field(obj, "Flikr30kID", where), where, "Flikr30kID")
+        flickr_id = fields.ident(fields.field(obj, "Flikr30kID", where), where, "Flikr30kID")
         try:
             key = str(int(flickr_id.split(".")[0]))  # VOLTA: int(Flikr30kID.split(".")[0])
         except ValueError:
@@ -312,10 +290,10 @@ def _load_xvnli(path: Path, rel: str, lang: str) -> list[Example]:
             Example(
                 task="xvnli",
                 lang=lang,
-                id=_ident(_field(obj, "pairID", where), where, "pairID"),
+                id=fields.ident(fields.field(obj, "pairID", where), where, "pairID"),
                 image=key,
                 image_file=f"{IMAGE_SUBDIRS['flickr30k']}/{flickr_id}.jpg",
-                text=_text(_field(obj, "sentence2", where), where, "sentence2"),
+                text=fields.text(fields.field(obj, "sentence2", where), where, "sentence2"),
                 label=XVNLI_LABELS_UC2.index(gold) if gold != XVNLI_NO_GOLD else -1,
                 gold=gold,
                 source=f"{rel}:{n}",
@@ -329,11 +307,11 @@ def _load_retrieval(path: Path, rel: str, lang: str, xflickrco_keys: bool) -> li
     out, image_index = [], {}
     for n, obj in readers.read_jsonl(path):
         where = f"{path}:{n}"
-        img_path = _text(_field(obj, "img_path", where), where, "img_path")
-        sentences = _field(obj, "sentences", where)
+        img_path = fields.text(fields.field(obj, "img_path", where), where, "img_path")
+        sentences = fields.field(obj, "sentences", where)
         if not isinstance(sentences, list):
             raise ValueError(f"{where}: 'sentences' must be a list of captions")
-        image_id = _ident(_field(obj, "id", where), where, "id")
+        image_id = fields.ident(fields.field(obj, "id", where), where, "id")
         if xflickrco_keys:  # xFlickr&CO features are keyed by img_path verbatim (IGLUE's boxes36 H5)
             key = img_path
             sub = IMAGE_SUBDIRS["coco"] if "COCO" in img_path else IMAGE_SUBDIRS["flickr30k"]
@@ -354,7 +332,7 @@ def _load_retrieval(path: Path, rel: str, lang: str, xflickrco_keys: bool) -> li
                     id=f"{image_id}#{k}",
                     image=key,
                     image_file=f"{sub}/{img_path}",
-                    text=_text(caption, where, f"sentences[{k}]"),
+                    text=fields.text(caption, where, f"sentences[{k}]"),
                     label=idx,
                     source=f"{rel}:{n}",
                 )
