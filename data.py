@@ -10,6 +10,7 @@ Annotations
   TASKS, Example                    task names; one uniform record per question / pair / caption
   select_langs(requested, available) parse `--langs` ("de,ko" / list / None = all) against what exists
   load_split(root, task, split, lang, translate_test=False) -> list[Example]   (the file: formats/iglue_layout.py)
+  right_image(ex)                   a marvl pair's right image as an Example (image / image_file = the right one)
   load_answer_vocab(root) -> (ans2label, label2ans)   the 1,842 GQA answers
   XVNLI_LABELS_UC2 / XVNLI_LABELS_CCLM  class order of each model (VOLTA / X2-VLM)
 Text
@@ -35,7 +36,9 @@ Image folder layout expected by CCLM (`--images ROOT`; symlink your downloads in
   ROOT/gqa/<imageId>.jpg                         GQA images (images.zip), used by GQA/xGQA
   ROOT/flickr30k/<flickr id>.jpg                 Flickr30k images, used by XVNLI, Flickr30k, xFlickr&CO
   ROOT/coco/COCO_val2014_<12 digits>.jpg         COCO val2014, used by the COCO half of xFlickr&CO
-(or pass images={"gqa": DIR, "flickr30k": DIR, "coco": DIR} to the datasets).
+  ROOT/nlvr2/{train/<directory>,dev,test1}/<identifier prefix>-img{0,1}.png   NLVR2 (marvl's English splits)
+  ROOT/marvl/<lang>/images/<concept number>/<file>, ROOT/marvl_fewshot/<lang>/all/<file>   MaRVL (X2-VLM's layout)
+(or pass images={"gqa": DIR, "flickr30k": DIR, "coco": DIR, ...} to the datasets).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from formats import iglue_layout, readers, split_checks, volta_negatives, x2vlm_inputs
+from formats import iglue_layout, nlvr2_marvl, readers, split_checks, volta_negatives, x2vlm_inputs
 from formats import annotation_fields as fields
 from formats.bad_input import BadInput
 from formats.features import (
@@ -85,12 +88,16 @@ MAX_TEXT_LEN = {
     ("uc2", "xvnli", False): 80,
     ("uc2", "xflickrco", True): 80,
     ("uc2", "xflickrco", False): 80,
+    ("uc2", "marvl", True): 80,
+    ("uc2", "marvl", False): 80,
     ("cclm", "xgqa", True): 40,
     ("cclm", "xgqa", False): None,
     ("cclm", "xvnli", True): 80,
     ("cclm", "xvnli", False): None,
     ("cclm", "xflickrco", True): 80,
     ("cclm", "xflickrco", False): 80,
+    ("cclm", "marvl", True): None,  # X2-VLM's MARVL.py: tokenizer(text, padding="longest"), no truncation
+    ("cclm", "marvl", False): None,
 }
 # X2-VLM word limits of pre_question / pre_caption.
 CCLM_MAX_WORDS = {
@@ -100,6 +107,8 @@ CCLM_MAX_WORDS = {
     ("xvnli", False): 80,
     ("xflickrco", True): 80,
     ("xflickrco", False): 80,
+    ("marvl", True): 30,  # X2-VLM's nlvr_dataset: max_words = 30
+    ("marvl", False): 30,
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -109,21 +118,24 @@ CCLM_MAX_WORDS = {
 
 @dataclass(slots=True)
 class Example:
-    """One question (xgqa), premise-image/hypothesis pair (xvnli) or caption (xflickrco)."""
+    """One question (xgqa), premise-image/hypothesis pair (xvnli), caption (xflickrco) or caption about an image
+    pair (marvl: image / image_file the left image, image2 / image2_file the right one)."""
 
     task: str
     lang: str
-    id: str  # question_id / pairID / "<image id>#<caption number>"
+    id: str  # question_id / pairID / "<image id>#<caption number>" / NLVR2 identifier, MaRVL id
     image: str  # region-feature key exactly as VOLTA looks it up
     image_file: str  # image path relative to the images root (see module docstring)
-    text: str  # raw question / hypothesis (sentence2) / caption
+    text: str  # raw question / hypothesis (sentence2) / caption (NLVR2 sentence, MaRVL caption)
     label: int = -1  # xgqa: answer index (-1 = gold answer outside the 1,842); xvnli: index in
-    # XVNLI_LABELS_UC2 (-1 for "-"); xflickrco: index of the image in the split
-    gold: str = ""  # xgqa: gold answer string; xvnli: gold_label
+    # XVNLI_LABELS_UC2 (-1 for "-"); xflickrco: index of the image in the split; marvl: 1 true, 0 false
+    gold: str = ""  # xgqa: gold answer string; xvnli: gold_label; marvl: "True" / "False"
     scores: dict = field(default_factory=dict)  # xgqa: {answer index: soft score} (in-vocabulary only)
     answers: dict = field(default_factory=dict)  # xgqa: {answer string: score} as in the file
     qtype: str = ""  # xgqa: types.structural (verify/query/choose/logical/compare) when given
     source: str = ""  # "<file>:<line>" or "<file> question <id>" for error messages
+    image2: str = ""  # marvl: the right image's region-feature key ("" for one-image tasks)
+    image2_file: str = ""  # marvl: the right image's file, relative to the images root
 
 
 def select_langs(requested: str | Sequence[str] | None, available: Sequence[str]) -> list[str]:
@@ -202,6 +214,8 @@ def load_split(data_root, task: str, split: str, lang: str, translate_test: bool
         )
     elif task == "xvnli":
         exs = _require_known_labels(_load_xvnli(path, rel, lang), path, "every gold_label is '-'")
+    elif task == "marvl":
+        exs = _load_pairs(path, rel, lang, few_shot=path.parent.parent.name == "few_shot")
     else:
         exs = _load_retrieval(path, rel, lang, xflickrco_keys=path.parent.parent.parent.name == "xFlickrCO")
     return split_checks.unique_ids(exs, path, task, split)  # a repeated id in a scored split: an error
@@ -300,6 +314,22 @@ def _load_xvnli(path: Path, rel: str, lang: str) -> list[Example]:
             )
         )
     return out
+
+
+def _load_pairs(path: Path, rel: str, lang: str, few_shot: bool) -> list[Example]:
+    """NLVR2 (nlvr2/annotations/*.jsonl) or MaRVL lines: formats/nlvr2_marvl.py reads each."""
+    if path.parent.parent.name == "nlvr2":
+        read = nlvr2_marvl.nlvr2_pair
+    else:
+        read = functools.partial(nlvr2_marvl.marvl_pair, few_shot=few_shot)
+    return [
+        Example("marvl", lang, source=f"{rel}:{n}", **read(obj, f"{path}:{n}")) for n, obj in readers.read_jsonl(path)
+    ]
+
+
+def right_image(ex: Example) -> Example:
+    """A pair's right image as an Example (image / image_file the right one; its errors name the right image)."""
+    return replace(ex, image=ex.image2, image_file=ex.image2_file, source=f"{ex.source} (right image)")
 
 
 def _load_retrieval(path: Path, rel: str, lang: str, xflickrco_keys: bool) -> list[Example]:
@@ -452,12 +482,15 @@ class UC2Dataset(_EpochDataset):
     def __getitem__(self, index: int) -> dict:
         ex = self.examples[index]
         if self.retrieval is None:
+            regions = _read_regions(self.reader, ex, self.max_regions)
+            if self.task == "marvl":  # the pair's two images: [left, right]
+                regions = [regions, _read_regions(self.reader, right_image(ex), self.max_regions)]
             return {
                 "kind": "example",
                 "example": ex,
                 "text": ex.text,
                 "max_regions": self.max_regions,
-                "regions": _read_regions(self.reader, ex, self.max_regions),
+                "regions": regions,
             }
         negs = self.retrieval
         img = negs.image_of[index]
@@ -552,6 +585,7 @@ class CCLMDataset(_EpochDataset):
     def __getitem__(self, index: int) -> dict:
         ex = self.examples[index]
         img = readers.open_image(self.images, ex)
+        img2 = readers.open_image(self.images, right_image(ex)) if self.task == "marvl" else None
         item = {"kind": "example", "example": ex}
         try:
             clean = x2vlm_inputs.pre_question if self.task == "xgqa" else x2vlm_inputs.pre_caption
@@ -560,6 +594,8 @@ class CCLMDataset(_EpochDataset):
             raise ValueError(f"{ex.source} (example {ex.id}): {e}") from None
         if not self.train:
             item["pixels"] = x2vlm_inputs.eval_pixels(img, self.image_res)  # uint8; the model normalises
+            if img2 is not None:  # marvl: the right image, as the left
+                item["pixels2"] = x2vlm_inputs.eval_pixels(img2, self.image_res)
             return item
         rng = _rng(self.seed, self.epoch, index)
         if self.task == "xgqa":
@@ -569,13 +605,16 @@ class CCLMDataset(_EpochDataset):
             answers = list(ex.answers)
             item["answers"], item["weights"] = answers, [1.0 / len(answers)] * len(answers)
         item["pixels"] = x2vlm_inputs.train_pixels(img, self.image_res, rng, flip=self.task != "xgqa")
+        if img2 is not None:  # marvl: X2-VLM's nlvr_dataset transforms each image on its own (draws after the left)
+            item["pixels2"] = x2vlm_inputs.train_pixels(img2, self.image_res, rng, flip=True)
         return item
 
 
 def distinct_images(examples: Sequence[Example]) -> list[Example]:
-    """First example of each image, in first-appearance order (its position == Example.label)."""
+    """First example of each image, in first-appearance order (its position == Example.label); a pair's right
+    image (marvl) counts too, as right_image(ex)."""
     seen, out = set(), []
-    for ex in examples:
+    for ex in itertools.chain.from_iterable((e, right_image(e)) if e.image2 else (e,) for e in examples):
         if ex.image not in seen:
             seen.add(ex.image)
             out.append(ex)
@@ -655,9 +694,9 @@ def _xgqa_labels(exs: Sequence[Example], num_answers: int | None = None) -> dict
     return out
 
 
-def _item_images(items) -> torch.Tensor:
+def _item_images(items, key: str = "pixels") -> torch.Tensor:
     """uint8 [B, H, W, 3] (normalize_images turns them into the model's input)."""
-    pixels = [it["pixels"] for it in items]
+    pixels = [it[key] for it in items]
     out = torch.empty((len(pixels), *pixels[0].shape), dtype=torch.uint8)
     for row, p in zip(out, pixels):
         row.copy_(p)
@@ -698,6 +737,14 @@ class UC2Collate:
         if kind == "caption":
             batch["image_index"] = torch.tensor([it["image_index"] for it in items], dtype=torch.long)
             return batch
+        if self.task == "marvl":  # VOLTA's process "nlvr": the caption with each image, grouped by pair
+            batch["input_ids"] = batch["input_ids"][:, None].repeat(1, 2, 1)  # [B, 2, L]
+            batch["attention_mask"] = batch["attention_mask"][:, None].repeat(1, 2, 1)
+            regions = [r for it in items for r in it["regions"]]
+            batch.update(batch_regions(regions, items[0]["max_regions"], (len(items), 2)))  # [B, 2, ...]
+            batch["label"] = torch.tensor([ex.label for ex in exs], dtype=torch.long)
+            batch["target"] = torch.nn.functional.one_hot(batch["label"], 2).float()  # VOLTA's target.scatter_
+            return batch
         batch.update(_item_regions(items))
         if self.task == "xgqa":
             batch.update(_xgqa_labels(exs, self.num_answers))
@@ -731,7 +778,10 @@ class CCLMCollate:
             batch["image_index"] = torch.tensor([it["image_index"] for it in items], dtype=torch.long)
             return batch
         batch["images"] = _item_images(items)
-        if self.task == "xgqa":
+        if self.task == "marvl":  # [2B, ...]: all left images, then all right ones (X2-VLM's MARVL.py torch.cat)
+            batch["images"] = torch.cat([batch["images"], _item_images(items, "pixels2")])
+            batch["label"] = torch.tensor([ex.label for ex in exs], dtype=torch.long)
+        elif self.task == "xgqa":
             if self.train:
                 answers = [a for it in items for a in it["answers"]]
                 batch["answer_ids"], batch["answer_atts"] = encode_texts(self.tokenizer, answers, None)
