@@ -24,7 +24,7 @@ from _timeouts import scaled
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-from formats import iglue_layout  # noqa: E402
+from formats import iglue, iglue_layout  # noqa: E402
 from formats import readers, x2vlm_inputs  # noqa: E402
 from formats.features import box_locations, is_serialized_lmdb, open_features, pad_regions  # noqa: E402
 from comparisons.mclip import xtd_data  # noqa: E402
@@ -1206,3 +1206,14 @@ def test_marvl_verify_decodes_both_images_of_every_pair(synthetic, tmp_path):
     bad, counts = inventory.verify(ROOT, images=images)
     assert len(bad) == 1 and str(images / ex.image2_file) in bad[0] and "(right image)" in bad[0]
     assert counts["images"] == len(synthetic["files"])
+
+
+def test_marvl_results_csv_has_iglue_columns_zero_and_few_shot():
+    per_lang = {l: {"accuracy": 50.0 + i, "n": 30} for i, l in enumerate(["en", *MARVL_LANGS])}
+    header, row, n_row = (line.split(",") for line in iglue.iglue_csv("marvl", per_lang, "m", "accuracy").splitlines())
+    assert header == ["model", "en", "id", "sw", "ta", "tr", "zh", "avg"]  # IGLUE's results/marvl/MaRVL_0.csv
+    assert float(row[-1]) == sum(51.0 + i for i in range(5)) / 5 and n_row[1:-1] == ["30"] * 6
+    few = iglue.iglue_csv("marvl", {l: per_lang[l] for l in ("id", "tr", "zh")}, "m", "accuracy", shots=10)
+    assert few.splitlines()[0] == "model,id,tr,zh,avg"  # MaRVL_10.csv: the three few-shot languages
+    assert float(few.splitlines()[1].split(",")[-1]) == (51.0 + 54.0 + 55.0) / 3
+    assert iglue.csv_name("marvl", "accuracy", 0, True) == "MaRVL_0.mt.csv"
