@@ -1,21 +1,20 @@
-"""IGLUE data for UC2 (region features) and CCLM (images): annotations, datasets, transforms, text, batches.
+"""IGLUE data for UC2 (region features) and CCLM (images): annotations, datasets, text, batches.
 
-Sections, in file order: annotation files; images (CCLM); text; datasets; collate; model inputs; loader.
+Sections, in file order: annotation files; text; datasets; collate; model inputs; loader.
 Below it, in formats/: the safe readers of JSON and image files (readers.py), the feature stores (features.py),
-the restricted unpickler (pickles.py), VOLTA's retrieval-negative sampling (volta_negatives.py). Above it, in
-checks/: the pre-flight checks of the trainers and the data inventory (`python -m checks.inventory --data-root DIR`).
+X2-VLM's image transforms and text cleaning (x2vlm_inputs.py), the restricted unpickler (pickles.py), VOLTA's
+retrieval-negative sampling (volta_negatives.py). Above it, in checks/: the pre-flight checks of the trainers and
+the data inventory (`python -m checks.inventory --data-root DIR`).
 
 Annotations
   TASKS, Example                    task names; one uniform record per question / pair / caption
   select_langs(requested, available) parse `--langs` ("de,ko" / list / None = all) against what exists
   load_split(root, task, split, lang, translate_test=False) -> list[Example]   (the file: formats/iglue_layout.py)
+  right_image(ex)                   a marvl pair's right image as an Example (image / image_file = the right one)
   load_answer_vocab(root) -> (ans2label, label2ans)   the 1,842 GQA answers
   XVNLI_LABELS_UC2 / XVNLI_LABELS_CCLM  class order of each model (VOLTA / X2-VLM)
-Images (CCLM)
-  eval_transform(img, res), train_transform(img, res, rng, flip) (img: formats.readers.load_image's),
-  normalize_images(uint8 batch images) -> float32 model input
 Text
-  pre_caption / pre_question(text, max_words)   X2-VLM text cleaning; load_tokenizer(path_or_hub_id)
+  load_tokenizer(path_or_hub_id)    (X2-VLM's text cleaning and image transforms: formats/x2vlm_inputs.py)
   encode_texts(tokenizer, texts, max_len) -> (ids, mask)   pad to longest, truncation keeps </s>
 Datasets and batches (item i is always example i: stable order and ids, for sharded evaluation)
   UC2Dataset, SerializedGQADataset, CCLMDataset   training/eval datasets with set_epoch(epoch)
@@ -37,7 +36,9 @@ Image folder layout expected by CCLM (`--images ROOT`; symlink your downloads in
   ROOT/gqa/<imageId>.jpg                         GQA images (images.zip), used by GQA/xGQA
   ROOT/flickr30k/<flickr id>.jpg                 Flickr30k images, used by XVNLI, Flickr30k, xFlickr&CO
   ROOT/coco/COCO_val2014_<12 digits>.jpg         COCO val2014, used by the COCO half of xFlickr&CO
-(or pass images={"gqa": DIR, "flickr30k": DIR, "coco": DIR} to the datasets).
+  ROOT/nlvr2/{train/<directory>,dev,test1}/<identifier prefix>-img{0,1}.png   NLVR2 (marvl's English splits)
+  ROOT/marvl/<lang>/images/<concept number>/<file>, ROOT/marvl_fewshot/<lang>/all/<file>   MaRVL (X2-VLM's layout)
+(or pass images={"gqa": DIR, "flickr30k": DIR, "coco": DIR, ...} to the datasets).
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ import itertools
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -58,7 +58,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from formats import iglue_layout, readers, split_checks, volta_negatives, x2vlm_randaugment
+from formats import iglue_layout, nlvr2_marvl, readers, split_checks, volta_negatives, x2vlm_inputs
+from formats import annotation_fields as fields
 from formats.bad_input import BadInput
 from formats.features import (
     FEATURE_DIM,
@@ -77,8 +78,6 @@ NUM_ANSWERS = 1842
 XVNLI_LABELS_UC2 = ("contradiction", "neutral", "entailment")  # VOLTA LABEL_MAP order
 XVNLI_LABELS_CCLM = ("contradiction", "entailment", "neutral")  # X2-VLM label_mapper order
 XVNLI_NO_GOLD = "-"  # SNLI-style "no consensus" label present in the real files (VOLTA: zero target)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SUBDIRS = {"gqa": "gqa", "flickr30k": "flickr30k", "coco": "coco"}
 
 # Max text lengths in tokens incl. <s>/</s> (None = no truncation), as each reference tokenises.
@@ -89,12 +88,16 @@ MAX_TEXT_LEN = {
     ("uc2", "xvnli", False): 80,
     ("uc2", "xflickrco", True): 80,
     ("uc2", "xflickrco", False): 80,
+    ("uc2", "marvl", True): 80,
+    ("uc2", "marvl", False): 80,
     ("cclm", "xgqa", True): 40,
     ("cclm", "xgqa", False): None,
     ("cclm", "xvnli", True): 80,
     ("cclm", "xvnli", False): None,
     ("cclm", "xflickrco", True): 80,
     ("cclm", "xflickrco", False): 80,
+    ("cclm", "marvl", True): None,  # X2-VLM's MARVL.py: tokenizer(text, padding="longest"), no truncation
+    ("cclm", "marvl", False): None,
 }
 # X2-VLM word limits of pre_question / pre_caption.
 CCLM_MAX_WORDS = {
@@ -104,6 +107,8 @@ CCLM_MAX_WORDS = {
     ("xvnli", False): 80,
     ("xflickrco", True): 80,
     ("xflickrco", False): 80,
+    ("marvl", True): 30,  # X2-VLM's nlvr_dataset: max_words = 30
+    ("marvl", False): 30,
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -113,21 +118,24 @@ CCLM_MAX_WORDS = {
 
 @dataclass(slots=True)
 class Example:
-    """One question (xgqa), premise-image/hypothesis pair (xvnli) or caption (xflickrco)."""
+    """One question (xgqa), premise-image/hypothesis pair (xvnli), caption (xflickrco) or caption about an image
+    pair (marvl: image / image_file the left image, image2 / image2_file the right one)."""
 
     task: str
     lang: str
-    id: str  # question_id / pairID / "<image id>#<caption number>"
+    id: str  # question_id / pairID / "<image id>#<caption number>" / NLVR2 identifier, MaRVL id
     image: str  # region-feature key exactly as VOLTA looks it up
     image_file: str  # image path relative to the images root (see module docstring)
-    text: str  # raw question / hypothesis (sentence2) / caption
+    text: str  # raw question / hypothesis (sentence2) / caption (NLVR2 sentence, MaRVL caption)
     label: int = -1  # xgqa: answer index (-1 = gold answer outside the 1,842); xvnli: index in
-    # XVNLI_LABELS_UC2 (-1 for "-"); xflickrco: index of the image in the split
-    gold: str = ""  # xgqa: gold answer string; xvnli: gold_label
+    # XVNLI_LABELS_UC2 (-1 for "-"); xflickrco: index of the image in the split; marvl: 1 true, 0 false
+    gold: str = ""  # xgqa: gold answer string; xvnli: gold_label; marvl: "True" / "False"
     scores: dict = field(default_factory=dict)  # xgqa: {answer index: soft score} (in-vocabulary only)
     answers: dict = field(default_factory=dict)  # xgqa: {answer string: score} as in the file
     qtype: str = ""  # xgqa: types.structural (verify/query/choose/logical/compare) when given
     source: str = ""  # "<file>:<line>" or "<file> question <id>" for error messages
+    image2: str = ""  # marvl: the right image's region-feature key ("" for one-image tasks)
+    image2_file: str = ""  # marvl: the right image's file, relative to the images root
 
 
 def select_langs(requested: str | Sequence[str] | None, available: Sequence[str]) -> list[str]:
@@ -139,29 +147,6 @@ def select_langs(requested: str | Sequence[str] | None, available: Sequence[str]
     if unknown:
         raise ValueError(f"language(s) {', '.join(unknown)} not available; found: {', '.join(available) or 'none'}")
     return wanted
-
-
-def _field(obj: dict, key: str, where: str):
-    if key not in obj:
-        raise ValueError(f"{where}: missing field {key!r}")
-    return obj[key]
-
-
-def _text(value, where: str, key: str) -> str:
-    """A text field must be a JSON string: null, a number or a list would be trained on as "None", "12345"..."""
-    if not isinstance(value, str):
-        shown = json.dumps(value)[:60]
-        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__} {shown}")
-    return value
-
-
-def _ident(value, where: str, key: str) -> str:
-    """An identifier (question, pair, image id) is a JSON string or integer: null or a list would become "None" or
-    "[1]" in prediction files and feature lookups."""
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        shown = json.dumps(value)[:60]
-        raise ValueError(f"{where}: field {key!r} must be a string or an integer, got {type(value).__name__} {shown}")
-    return str(value)
 
 
 def _answer_scores(value, where: str) -> dict[str, float]:
@@ -229,6 +214,8 @@ def load_split(data_root, task: str, split: str, lang: str, translate_test: bool
         )
     elif task == "xvnli":
         exs = _require_known_labels(_load_xvnli(path, rel, lang), path, "every gold_label is '-'")
+    elif task == "marvl":
+        exs = _load_pairs(path, rel, lang, few_shot=path.parent.parent.name == "few_shot")
     else:
         exs = _load_retrieval(path, rel, lang, xflickrco_keys=path.parent.parent.parent.name == "xFlickrCO")
     return split_checks.unique_ids(exs, path, task, split)  # a repeated id in a scored split: an error
@@ -243,14 +230,14 @@ def _load_gqa(path: Path, rel: str, lang: str, ds: Path) -> list[Example]:
             where = f"{path} item {i}"
             if not isinstance(q, dict):
                 raise ValueError(f"{where}: expected an object, got {type(q).__name__}")
-            answers = _answer_scores(_field(q, "label", where), where)
+            answers = _answer_scores(fields.field(q, "label", where), where)
             gold = max(answers, key=answers.get) if answers else ""
             out.append(
                 _gqa_example(
                     lang,
-                    _ident(_field(q, "question_id", where), where, "question_id"),
-                    _ident(_field(q, "img_id", where), where, "img_id"),
-                    _text(_field(q, "sent", where), where, "sent"),
+                    fields.ident(fields.field(q, "question_id", where), where, "question_id"),
+                    fields.ident(fields.field(q, "img_id", where), where, "img_id"),
+                    fields.text(fields.field(q, "sent", where), where, "sent"),
                     answers,
                     gold,
                     "",
@@ -263,14 +250,14 @@ def _load_gqa(path: Path, rel: str, lang: str, ds: Path) -> list[Example]:
             where = f"{path} question {qid}"
             if not isinstance(q, dict):
                 raise ValueError(f"{where}: expected an object, got {type(q).__name__}")
-            gold = _text(_field(q, "answer", where), where, "answer")
+            gold = fields.text(fields.field(q, "answer", where), where, "answer")
             qtype = (q.get("types") or {}).get("structural", "")
             out.append(
                 _gqa_example(
                     lang,
                     str(qid),
-                    _ident(_field(q, "imageId", where), where, "imageId"),
-                    _text(_field(q, "question", where), where, "question"),
+                    fields.ident(fields.field(q, "imageId", where), where, "imageId"),
+                    fields.text(fields.field(q, "question", where), where, "question"),
                     {gold: 1.0},
                     gold,
                     qtype,
@@ -305,10 +292,10 @@ def _load_xvnli(path: Path, rel: str, lang: str) -> list[Example]:
     out = []
     for n, obj in readers.read_jsonl(path):
         where = f"{path}:{n}"
-        gold = _field(obj, "gold_label", where)
+        gold = fields.field(obj, "gold_label", where)
         if gold not in XVNLI_LABELS_UC2 and gold != XVNLI_NO_GOLD:
             raise ValueError(f"{where}: unknown gold_label {gold!r} (expected entailment, neutral, contradiction or -)")
-        flickr_id = _ident(_field(obj, "Flikr30kID", where), where, "Flikr30kID")
+        flickr_id = fields.ident(fields.field(obj, "Flikr30kID", where), where, "Flikr30kID")
         try:
             key = str(int(flickr_id.split(".")[0]))  # VOLTA: int(Flikr30kID.split(".")[0])
         except ValueError:
@@ -317,10 +304,10 @@ def _load_xvnli(path: Path, rel: str, lang: str) -> list[Example]:
             Example(
                 task="xvnli",
                 lang=lang,
-                id=_ident(_field(obj, "pairID", where), where, "pairID"),
+                id=fields.ident(fields.field(obj, "pairID", where), where, "pairID"),
                 image=key,
                 image_file=f"{IMAGE_SUBDIRS['flickr30k']}/{flickr_id}.jpg",
-                text=_text(_field(obj, "sentence2", where), where, "sentence2"),
+                text=fields.text(fields.field(obj, "sentence2", where), where, "sentence2"),
                 label=XVNLI_LABELS_UC2.index(gold) if gold != XVNLI_NO_GOLD else -1,
                 gold=gold,
                 source=f"{rel}:{n}",
@@ -329,16 +316,32 @@ def _load_xvnli(path: Path, rel: str, lang: str) -> list[Example]:
     return out
 
 
+def _load_pairs(path: Path, rel: str, lang: str, few_shot: bool) -> list[Example]:
+    """NLVR2 (nlvr2/annotations/*.jsonl) or MaRVL lines: formats/nlvr2_marvl.py reads each."""
+    if path.parent.parent.name == "nlvr2":
+        read = nlvr2_marvl.nlvr2_pair
+    else:
+        read = functools.partial(nlvr2_marvl.marvl_pair, few_shot=few_shot)
+    return [
+        Example("marvl", lang, source=f"{rel}:{n}", **read(obj, f"{path}:{n}")) for n, obj in readers.read_jsonl(path)
+    ]
+
+
+def right_image(ex: Example) -> Example:
+    """A pair's right image as an Example (image / image_file the right one; its errors name the right image)."""
+    return replace(ex, image=ex.image2, image_file=ex.image2_file, source=f"{ex.source} (right image)")
+
+
 def _load_retrieval(path: Path, rel: str, lang: str, xflickrco_keys: bool) -> list[Example]:
     """One Example per caption; label = index of its image in the split (first-appearance order)."""
     out, image_index = [], {}
     for n, obj in readers.read_jsonl(path):
         where = f"{path}:{n}"
-        img_path = _text(_field(obj, "img_path", where), where, "img_path")
-        sentences = _field(obj, "sentences", where)
+        img_path = fields.text(fields.field(obj, "img_path", where), where, "img_path")
+        sentences = fields.field(obj, "sentences", where)
         if not isinstance(sentences, list):
             raise ValueError(f"{where}: 'sentences' must be a list of captions")
-        image_id = _ident(_field(obj, "id", where), where, "id")
+        image_id = fields.ident(fields.field(obj, "id", where), where, "id")
         if xflickrco_keys:  # xFlickr&CO features are keyed by img_path verbatim (IGLUE's boxes36 H5)
             key = img_path
             sub = IMAGE_SUBDIRS["coco"] if "COCO" in img_path else IMAGE_SUBDIRS["flickr30k"]
@@ -359,7 +362,7 @@ def _load_retrieval(path: Path, rel: str, lang: str, xflickrco_keys: bool) -> li
                     id=f"{image_id}#{k}",
                     image=key,
                     image_file=f"{sub}/{img_path}",
-                    text=_text(caption, where, f"sentences[{k}]"),
+                    text=fields.text(caption, where, f"sentences[{k}]"),
                     label=idx,
                     source=f"{rel}:{n}",
                 )
@@ -368,83 +371,8 @@ def _load_retrieval(path: Path, rel: str, lang: str, xflickrco_keys: bool) -> li
 
 
 # ----------------------------------------------------------------------------------------------
-# Images (CCLM)
-# ----------------------------------------------------------------------------------------------
-
-
-def _pixels(img: Image.Image) -> torch.Tensor:
-    """uint8 [H, W, 3] of an RGB image (PIL's layout; normalize_images makes ToTensor's [3, H, W] floats)."""
-    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
-
-
-_MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None, None]
-_STD = torch.tensor(CLIP_STD, dtype=torch.float32)[:, None, None]
-
-
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels [..., H, W, 3], as CCLM batches carry them, -> ToTensor + CLIP Normalize: float32
-    [..., 3, H, W] with torchvision's float32 ops in its order (x / 255, - mean, / std), on the pixels' device.
-    Float input is already normalised and returned as it is. Batches stay uint8 and in PIL's layout until the
-    model (train_cclm.VisionEncoder) normalises them: the loader copies a quarter of the bytes, with plain
-    memcpy, and the transpose and float work run on the accelerator."""
-    if images.dtype != torch.uint8:
-        return images
-    x = images.movedim(-1, -3).to(torch.float32, memory_format=torch.contiguous_format)
-    return x.div_(255).sub_(_MEAN.to(x.device)).div_(_STD.to(x.device))
-
-
-def _eval_pixels(img: Image.Image, res: int) -> torch.Tensor:
-    return _pixels(img.resize((res, res), Image.Resampling.BICUBIC))
-
-
-def eval_transform(img: Image.Image, res: int = 384) -> torch.Tensor:
-    """X2-VLM test transform: Resize((res, res)) bicubic (PIL, antialiased), ToTensor, CLIP Normalize."""
-    return normalize_images(_eval_pixels(img, res))
-
-
-def _train_pixels(img: Image.Image, res: int, rng: np.random.Generator, flip: bool) -> torch.Tensor:
-    top, left, h, w = x2vlm_randaugment.random_resized_crop_box(rng, img.width, img.height)
-    img = img.crop((left, top, left + w, top + h)).resize((res, res), Image.Resampling.BICUBIC)
-    if flip and rng.random() < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return _pixels(x2vlm_randaugment.random_augment(img, rng))
-
-
-def train_transform(img: Image.Image, res: int, rng: np.random.Generator, flip: bool) -> torch.Tensor:
-    """X2-VLM train transform: RandomResizedCrop(res, scale (0.5, 1)) bicubic, horizontal flip p=0.5 when
-    `flip` (XVNLI, xFlickr&CO; xGQA flips before, in the dataset), RandomAugment(2, 7), ToTensor, Normalize."""
-    return normalize_images(_train_pixels(img, res, rng, flip))
-
-
-# ----------------------------------------------------------------------------------------------
 # Text
 # ----------------------------------------------------------------------------------------------
-
-
-_PUNCT = re.compile(r"([,.'!?\"()*#:;~])")
-
-
-def pre_caption(caption: str, max_words: int) -> str:
-    """X2-VLM caption/hypothesis cleaning: lower, punctuation -> space, '-' '/' -> space, <person> -> person,
-    collapse whitespace, strip, keep the first `max_words` words."""
-    text = _PUNCT.sub(" ", caption.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
-    text = re.sub(r"\s{2,}", " ", text).rstrip("\n").strip(" ")
-    words = text.split(" ")
-    if len(words) > max_words:
-        text = " ".join(words[:max_words])
-    if not text:
-        raise ValueError(f"text is empty after cleaning (raw: {caption!r})")
-    return text
-
-
-def pre_question(question: str, max_words: int) -> str:
-    """X2-VLM question cleaning: lower, punctuation -> space, '-' '/' -> space, right-strip spaces, keep the
-    first `max_words` space-separated pieces (whitespace runs are not collapsed, as in the reference)."""
-    text = _PUNCT.sub(" ", question.lower()).replace("-", " ").replace("/", " ").rstrip(" ")
-    words = text.split(" ")
-    if len(words) > max_words:
-        text = " ".join(words[:max_words])
-    return text
 
 
 def check_special_ids(tok, name: str) -> None:
@@ -554,12 +482,15 @@ class UC2Dataset(_EpochDataset):
     def __getitem__(self, index: int) -> dict:
         ex = self.examples[index]
         if self.retrieval is None:
+            regions = _read_regions(self.reader, ex, self.max_regions)
+            if self.task == "marvl":  # the pair's two images: [left, right]
+                regions = [regions, _read_regions(self.reader, right_image(ex), self.max_regions)]
             return {
                 "kind": "example",
                 "example": ex,
                 "text": ex.text,
                 "max_regions": self.max_regions,
-                "regions": _read_regions(self.reader, ex, self.max_regions),
+                "regions": regions,
             }
         negs = self.retrieval
         img = negs.image_of[index]
@@ -654,13 +585,17 @@ class CCLMDataset(_EpochDataset):
     def __getitem__(self, index: int) -> dict:
         ex = self.examples[index]
         img = readers.open_image(self.images, ex)
+        img2 = readers.open_image(self.images, right_image(ex)) if self.task == "marvl" else None
         item = {"kind": "example", "example": ex}
         try:
-            item["text"] = (pre_question if self.task == "xgqa" else pre_caption)(ex.text, self.max_words)
+            clean = x2vlm_inputs.pre_question if self.task == "xgqa" else x2vlm_inputs.pre_caption
+            item["text"] = clean(ex.text, self.max_words)
         except ValueError as e:
             raise ValueError(f"{ex.source} (example {ex.id}): {e}") from None
         if not self.train:
-            item["pixels"] = _eval_pixels(img, self.image_res)  # uint8; the model normalises (normalize_images)
+            item["pixels"] = x2vlm_inputs.eval_pixels(img, self.image_res)  # uint8; the model normalises
+            if img2 is not None:  # marvl: the right image, as the left
+                item["pixels2"] = x2vlm_inputs.eval_pixels(img2, self.image_res)
             return item
         rng = _rng(self.seed, self.epoch, index)
         if self.task == "xgqa":
@@ -669,14 +604,17 @@ class CCLMDataset(_EpochDataset):
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             answers = list(ex.answers)
             item["answers"], item["weights"] = answers, [1.0 / len(answers)] * len(answers)
-        item["pixels"] = _train_pixels(img, self.image_res, rng, flip=self.task != "xgqa")
+        item["pixels"] = x2vlm_inputs.train_pixels(img, self.image_res, rng, flip=self.task != "xgqa")
+        if img2 is not None:  # marvl: X2-VLM's nlvr_dataset transforms each image on its own (draws after the left)
+            item["pixels2"] = x2vlm_inputs.train_pixels(img2, self.image_res, rng, flip=True)
         return item
 
 
 def distinct_images(examples: Sequence[Example]) -> list[Example]:
-    """First example of each image, in first-appearance order (its position == Example.label)."""
+    """First example of each image, in first-appearance order (its position == Example.label); a pair's right
+    image (marvl) counts too, as right_image(ex)."""
     seen, out = set(), []
-    for ex in examples:
+    for ex in itertools.chain.from_iterable((e, right_image(e)) if e.image2 else (e,) for e in examples):
         if ex.image not in seen:
             seen.add(ex.image)
             out.append(ex)
@@ -756,9 +694,9 @@ def _xgqa_labels(exs: Sequence[Example], num_answers: int | None = None) -> dict
     return out
 
 
-def _item_images(items) -> torch.Tensor:
+def _item_images(items, key: str = "pixels") -> torch.Tensor:
     """uint8 [B, H, W, 3] (normalize_images turns them into the model's input)."""
-    pixels = [it["pixels"] for it in items]
+    pixels = [it[key] for it in items]
     out = torch.empty((len(pixels), *pixels[0].shape), dtype=torch.uint8)
     for row, p in zip(out, pixels):
         row.copy_(p)
@@ -799,6 +737,14 @@ class UC2Collate:
         if kind == "caption":
             batch["image_index"] = torch.tensor([it["image_index"] for it in items], dtype=torch.long)
             return batch
+        if self.task == "marvl":  # VOLTA's process "nlvr": the caption with each image, grouped by pair
+            batch["input_ids"] = batch["input_ids"][:, None].repeat(1, 2, 1)  # [B, 2, L]
+            batch["attention_mask"] = batch["attention_mask"][:, None].repeat(1, 2, 1)
+            regions = [r for it in items for r in it["regions"]]
+            batch.update(batch_regions(regions, items[0]["max_regions"], (len(items), 2)))  # [B, 2, ...]
+            batch["label"] = torch.tensor([ex.label for ex in exs], dtype=torch.long)
+            batch["target"] = torch.nn.functional.one_hot(batch["label"], 2).float()  # VOLTA's target.scatter_
+            return batch
         batch.update(_item_regions(items))
         if self.task == "xgqa":
             batch.update(_xgqa_labels(exs, self.num_answers))
@@ -832,7 +778,10 @@ class CCLMCollate:
             batch["image_index"] = torch.tensor([it["image_index"] for it in items], dtype=torch.long)
             return batch
         batch["images"] = _item_images(items)
-        if self.task == "xgqa":
+        if self.task == "marvl":  # [2B, ...]: all left images, then all right ones (X2-VLM's MARVL.py torch.cat)
+            batch["images"] = torch.cat([batch["images"], _item_images(items, "pixels2")])
+            batch["label"] = torch.tensor([ex.label for ex in exs], dtype=torch.long)
+        elif self.task == "xgqa":
             if self.train:
                 answers = [a for it in items for a in it["answers"]]
                 batch["answer_ids"], batch["answer_atts"] = encode_texts(self.tokenizer, answers, None)
@@ -926,7 +875,7 @@ class ImageInputs:
         """An annotation line whose captions are all empty is skipped, as X2-VLM's xflickrco_eval_dataset does
         (IGLUE's de and id test files have one each: 1,999 images there)."""
         examples = _without_empty_lines(examples)
-        clean = functools.partial(pre_caption, max_words=CCLM_MAX_WORDS[("xflickrco", False)])
+        clean = functools.partial(x2vlm_inputs.pre_caption, max_words=CCLM_MAX_WORDS[("xflickrco", False)])
         fields = functools.partial(_pixel_fields, images, image_res)
         return RetrievalImages(examples, fields, image_res), RetrievalCaptions(examples, clean)
 
@@ -939,7 +888,7 @@ def _region_fields(reader, max_regions: int, ex: Example) -> dict:
 
 
 def _pixel_fields(images, image_res: int, ex: Example) -> dict:
-    return {"pixels": _eval_pixels(readers.open_image(images, ex), image_res)}  # uint8; the model normalises
+    return {"pixels": x2vlm_inputs.eval_pixels(readers.open_image(images, ex), image_res)}  # uint8
 
 
 REGION_FEATURES, IMAGES = RegionFeatureInputs(), ImageInputs()

@@ -39,9 +39,9 @@ def _feature_keys(paths: Sequence[str]) -> tuple[set[str], list[str]]:
 
 
 def inventory(data_root, features: Sequence[str] = (), images=None) -> dict:
-    """task -> split -> lang -> {"examples", "images", "missing"} (translate-test splits get the suffix
-    "_translate_test"); "missing" lists absent feature keys / image files (relative paths), or is None
-    when neither features nor images were given. A file that fails to load gets {"error": message}."""
+    """task -> split -> lang -> {"examples", "images", "missing"} (images: both of each marvl pair; translate-test
+    splits get the suffix "_translate_test"); "missing" lists absent feature keys / image files (relative paths),
+    or is None when neither features nor images were given. A file that fails to load gets {"error": message}."""
     ds = iglue_layout.dataset_dir(data_root)
     keys, notes = _feature_keys(features) if features else (None, [])
     out: dict = {}
@@ -160,7 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--features", nargs="+", default=[], help="region-feature LMDB(s) / H5 file(s) to check keys against"
     )
-    p.add_argument("--images", default=None, help="images root (gqa/, flickr30k/, coco/ inside) to check files against")
+    p.add_argument(
+        "--images",
+        default=None,
+        help="images root (gqa/, flickr30k/, coco/, nlvr2/, marvl/, marvl_fewshot/ inside) to check files against",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
     try:

@@ -13,13 +13,16 @@ import json
 from typing import Sequence
 
 # IGLUE's results/ file stems (model,en,<langs>,avg rows); "_ir"/"_tr" for retrieval.
-CSV_STEM = {"xgqa": "xGQA", "xvnli": "XVNLI", "xflickrco": "xFlickrCO"}
+CSV_STEM = {"xgqa": "xGQA", "xvnli": "XVNLI", "xflickrco": "xFlickrCO", "marvl": "MaRVL"}
 # IGLUE's target languages (test sets; the paper's ZS-XLT averages run over all of them)
 TARGET_LANGS = {
     "xgqa": ("bn", "de", "id", "ko", "pt", "ru", "zh"),
     "xvnli": ("ar", "es", "fr", "ru"),
     "xflickrco": ("de", "es", "id", "ja", "ru", "tr", "zh"),
+    "marvl": ("id", "sw", "ta", "tr", "zh"),
 }
+# Few-shot columns where IGLUE has few-shot data in fewer languages (results/marvl/MaRVL_<shots>.csv: id, tr, zh)
+FEWSHOT_LANGS = {"marvl": ("id", "tr", "zh")}
 
 
 MISSING = -1.0  # IGLUE's results/ scripts write -1.0 for a language without a result and keep its column
@@ -27,8 +30,11 @@ N_ROW = "n"  # second CSV row: how many examples each number is over
 
 
 def csv_langs(task: str, shots: int | str = 0) -> list[str]:
-    """IGLUE's results/ columns: en + the target languages (zero-shot); the target languages only (few-shot)."""
-    return (["en"] if not is_fewshot(shots) else []) + list(TARGET_LANGS[task])
+    """IGLUE's results/ columns: en + the target languages (zero-shot); the target languages that have few-shot
+    data (few-shot)."""
+    if is_fewshot(shots):
+        return list(FEWSHOT_LANGS.get(task, TARGET_LANGS[task]))
+    return ["en"] + list(TARGET_LANGS[task])
 
 
 def is_fewshot(shots: int | str) -> bool:

@@ -1,5 +1,9 @@
 """Where an IGLUE checkout keeps its annotation files: the datasets/ folder, the splits and languages present,
 and the file of one (task, split, language), original or machine-translated ("translate-test", _gmt files).
+MaRVL (task "marvl") is NLVR2 in English (splits train / dev / test, the last NLVR2's test-P; dev also in the
+languages IGLUE machine-translated it to, nlvr2/annotations/dev-<lang>_gmt.jsonl) and MaRVL in id, sw, ta, tr, zh
+(split test: marvl/zero_shot/annotations/marvl-<lang>.jsonl; translate-test: annotations_machine-translate/
+marvl-<lang>_gmt.jsonl; few-shot train_<k>, k in 1, 2, 4, 10, 10x2: few_shot/annotations/marvl-<lang>_train<k>.jsonl).
 
   dataset_dir(data_root)            the IGLUE `datasets/` folder (one-line error naming what is missing)
   available_splits(root, task, translate_test=False) / available_langs(root, task, split, translate_test=False)
@@ -15,7 +19,9 @@ import os
 import re
 from pathlib import Path
 
-TASKS = ("xgqa", "xvnli", "xflickrco")  # IGLUE's tasks we run: the one task table (data.TASKS is this)
+TASKS = ("xgqa", "xvnli", "xflickrco", "marvl")  # IGLUE's tasks we run: the one task table (data.TASKS is this)
+TASK_FOLDERS = ("gqa", "xGQA", "XVNLI", "flickr30k", "xFlickrCO", "nlvr2", "marvl")  # under datasets/
+MARVL_FILE = re.compile(r"marvl-([a-z]+)(?:_train(\w+)|_gmt)?\.jsonl")  # marvl-<lang>[_train<k>|_gmt].jsonl
 
 
 def _require_task(task: str) -> None:
@@ -24,16 +30,17 @@ def _require_task(task: str) -> None:
 
 
 def dataset_dir(data_root: str | os.PathLike) -> Path:
-    """The folder holding gqa/, xGQA/, XVNLI/, flickr30k/, xFlickrCO/ (data_root/datasets or data_root)."""
+    """The folder holding gqa/, xGQA/, XVNLI/, flickr30k/, xFlickrCO/, nlvr2/, marvl/ (data_root/datasets or
+    data_root); any one of them is enough."""
     root = Path(data_root)
     if not root.is_dir():
         raise ValueError(f"data root {root} does not exist (expected an IGLUE checkout holding datasets/)")
     for cand in (root / "datasets", root):
-        if any((cand / d).is_dir() for d in ("gqa", "xGQA", "XVNLI", "flickr30k", "xFlickrCO")):
+        if any((cand / d).is_dir() for d in TASK_FOLDERS):
             return cand
     raise ValueError(
         f"data root {root}: expected folder {root / 'datasets'} (with gqa/, xGQA/, XVNLI/, "
-        f"flickr30k/, xFlickrCO/ inside, as in an IGLUE checkout) is missing"
+        f"flickr30k/, xFlickrCO/, nlvr2/, marvl/ inside, as in an IGLUE checkout) is missing"
     )
 
 
@@ -44,13 +51,18 @@ def _task_dirs(ds: Path, task: str, translate_test: bool) -> list[Path]:
         "xgqa": [ds / "gqa" / "annotations", ds / "xGQA" / sub],
         "xvnli": [ds / "XVNLI" / sub],
         "xflickrco": [ds / "flickr30k" / "annotations", ds / "xFlickrCO" / sub],
+        "marvl": [
+            ds / "nlvr2" / "annotations",
+            ds / "marvl" / "few_shot" / "annotations",
+            ds / "marvl" / "zero_shot" / sub,
+        ],
     }[task]
 
 
 def _require_task_dir(ds: Path, task: str, translate_test: bool) -> None:
     dirs = _task_dirs(ds, task, translate_test)
     if translate_test and task != "xvnli":
-        dirs = dirs[1:]
+        dirs = dirs[-1:]
     if not any(d.is_dir() for d in dirs):
         raise ValueError(f"{task}: expected folder {dirs[-1]} is missing under data root {ds}")
 
@@ -83,10 +95,46 @@ def _candidates(ds: Path, task: str, split: str, lang: str, translate_test: bool
     if task == "xvnli":
         sub = mt if translate_test else "annotations"
         return [ds / "XVNLI" / sub / lang / f"{split}.jsonl", ds / "XVNLI" / sub / lang / f"{split}_gmt.jsonl"]
+    if task == "marvl":
+        return _marvl_candidates(ds, split, lang, translate_test)
     if split in ("train", "valid") and not translate_test:  # English Flickr30k (5 captions per image)
         return [ds / "flickr30k" / "annotations" / f"{split}_ann.jsonl"] if lang == "en" else []
     sub = mt if translate_test else "annotations"
     return [ds / "xFlickrCO" / sub / lang / f"{split}_gmt.jsonl", ds / "xFlickrCO" / sub / lang / f"{split}.jsonl"]
+
+
+def _marvl_candidates(ds: Path, split: str, lang: str, translate_test: bool) -> list[Path]:
+    nlvr2, marvl = ds / "nlvr2" / "annotations", ds / "marvl"
+    if translate_test:  # MaRVL's test captions machine-translated to English
+        return [marvl / "zero_shot" / "annotations_machine-translate" / f"marvl-{lang}_gmt.jsonl"] * (split == "test")
+    if lang == "en":  # NLVR2: English training, dev and test (test-P)
+        return [nlvr2 / f"{split}.jsonl"] if split in ("train", "dev", "test") else []
+    if split == "dev":  # NLVR2 dev machine-translated into the language
+        return [nlvr2 / f"dev-{lang}_gmt.jsonl"]
+    if split == "test":
+        return [marvl / "zero_shot" / "annotations" / f"marvl-{lang}.jsonl"]
+    if split.startswith("train_"):
+        return [marvl / "few_shot" / "annotations" / f"marvl-{lang}_train{split[len('train_') :]}.jsonl"]
+    return []
+
+
+def _marvl_files(ds: Path, translate_test: bool) -> list[tuple[str, str]]:
+    """(split, lang) of every NLVR2 / MaRVL annotation file present."""
+    nlvr2, marvl = ds / "nlvr2" / "annotations", ds / "marvl"
+    if translate_test:
+        folders = [marvl / "zero_shot" / "annotations_machine-translate"]
+    else:
+        folders = [marvl / "zero_shot" / "annotations", marvl / "few_shot" / "annotations"]
+    found = [
+        ("test", m.group(1)) if m.group(2) is None else (f"train_{m.group(2)}", m.group(1))
+        for f in folders
+        for p in sorted(f.glob("marvl-*.jsonl"))
+        if (m := MARVL_FILE.fullmatch(p.name))
+    ]
+    if not translate_test:
+        found += [(s, "en") for s in ("train", "dev", "test") if (nlvr2 / f"{s}.jsonl").is_file()]
+        found += [("dev", p.name[4:-10]) for p in sorted(nlvr2.glob("dev-*_gmt.jsonl"))]
+    return found
 
 
 def _split_name(path: Path) -> str:
@@ -117,6 +165,8 @@ def available_splits(data_root, task: str, translate_test: bool = False) -> list
         found |= {
             _split_name(p) for p in (ds / "xFlickrCO" / (mt if translate_test else "annotations")).glob("*/*.jsonl")
         }
+    elif task == "marvl":
+        found |= {split for split, _ in _marvl_files(ds, translate_test)}
     return sorted(found, key=_split_sort_key)
 
 
@@ -136,6 +186,8 @@ def available_langs(data_root, task: str, split: str, translate_test: bool = Fal
         "xflickrco": [ds / "xFlickrCO" / "annotations", ds / "xFlickrCO" / "annotations_machine-translate"],
     }
     _require_task(task)
+    if task == "marvl":
+        return sorted({lang for s, lang in _marvl_files(ds, translate_test) if s == split})
     candidates = {"en"} | {l for f in folders[task] for l in _lang_dirs(f)}
     if task == "xgqa":
         for base in (

@@ -970,6 +970,109 @@ def test_table_marks_an_unfinished_run(env, capsys):
     assert f"metrics.jsonl epoch 1 (test) of {paused}: epoch 1 of 2, no model_final.pt" in out
 
 
+# ------------------------------------------------------------------------------------------ marvl (NLVR2 + MaRVL pairs)
+
+MARVL_TEST_ZH = "marvl/zero_shot/annotations/marvl-zh.jsonl"
+NLVR2_DEV = "nlvr2/annotations/dev.jsonl"
+
+
+def _pair_root(tmp_path: Path, name: str, edit) -> tuple[Path, Path]:
+    """A checkout of the sample's nlvr2/ and marvl/ whose file `name` has its third line changed by edit(obj)."""
+    root = tmp_path / "iglue"
+    for folder in ("nlvr2", "marvl"):
+        shutil.copytree(IGLUE / "datasets" / folder, root / "datasets" / folder)
+    path = root / "datasets" / name
+    lines = path.read_text().splitlines()
+    obj = json.loads(lines[2])
+    edit(obj)
+    lines[2] = json.dumps(obj, ensure_ascii=False)
+    path.write_text("\n".join(lines) + "\n")
+    return root, path
+
+
+PAIR_LINE_CASES = {  # case: (file, edit, split, lang, the message after "<file>:3: ")
+    "marvl_string_label": (
+        MARVL_TEST_ZH,
+        lambda o: o.update(label="true"),
+        "test",
+        "zh",
+        'field \'label\' must be true or false (a JSON boolean), got "true"',
+    ),
+    "marvl_number_label": (
+        MARVL_TEST_ZH,
+        lambda o: o.update(label=1),
+        "test",
+        "zh",
+        "field 'label' must be true or false (a JSON boolean), got 1",
+    ),
+    "nlvr2_boolean_label": (
+        NLVR2_DEV,
+        lambda o: o.update(label=True),
+        "dev",
+        "en",
+        'field \'label\' must be "True" or "False" (NLVR2), got true',
+    ),
+    "nlvr2_lowercase_label": (
+        NLVR2_DEV,
+        lambda o: o.update(label="false"),
+        "dev",
+        "en",
+        'field \'label\' must be "True" or "False" (NLVR2), got "false"',
+    ),
+    "same_image": (
+        MARVL_TEST_ZH,
+        lambda o: o.update(right_img=o["left_img"]),
+        "test",
+        "zh",
+        "left_img '82-4.jpg' and right_img '82-4.jpg' are the same image (feature key '82-4'); a pair needs two images",
+    ),
+    "same_feature_key": (
+        MARVL_TEST_ZH,
+        lambda o: o.update(right_img=o["left_img"].replace(".jpg", ".png")),
+        "test",
+        "zh",
+        "left_img '82-4.jpg' and right_img '82-4.png' are the same image (feature key '82-4'); a pair needs two images",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PAIR_LINE_CASES))
+def test_pair_line_with_a_label_that_is_not_a_boolean_or_one_image_twice(tmp_path, case):
+    name, edit, split, lang, expected = PAIR_LINE_CASES[case]
+    root, path = _pair_root(tmp_path, name, edit)
+    before = snapshot(root)
+    with pytest.raises(ValueError) as e:
+        data.load_split(root, "marvl", split, lang)
+    assert str(e.value) == f"{path}:3: {expected}"
+    assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("case", ["marvl_right_image_file", "nlvr2_left_image_file", "marvl_right_feature_key"])
+def test_missing_image_of_a_pair_fails_fast(tmp_path, case):
+    name, split, lang = (NLVR2_DEV, "dev", "en") if case.startswith("nlvr2") else (MARVL_TEST_ZH, "test", "zh")
+    exs = data.load_split(IGLUE, "marvl", split, lang)
+    gone = exs[2]
+    left = (gone.image, gone.image_file, "")
+    key, rel, side = left if "left" in case else (gone.image2, gone.image2_file, " (right image)")
+    images = tmp_path / "images"
+    files = {f for e in exs for f in (e.image_file, e.image2_file)}
+    fixtures.write_synthetic_images(images, sorted(files - {rel}), size=(16, 12))
+    keys = {k for e in exs for k in (e.image, e.image2)}
+    before = snapshot(images)
+    with pytest.raises(ValueError) as e:
+        if case.endswith("feature_key"):
+            feats = fixtures.write_synthetic_features(tmp_path / "feats", keys - {key}, num_boxes=2)
+            preflight.check_inputs(exs, features=feats)
+        else:
+            preflight.check_inputs(exs, images=images)
+    msg = str(e.value)
+    what = f"image file {images / rel} not found"
+    if case.endswith("feature_key"):
+        what = f"feature key '{key}' not found in {feats}"
+    assert msg == f"{what} (referenced by {name}:3{side}, example {gone.id}); 1 of {len(keys)} images missing", msg
+    assert snapshot(images) == before
+
+
 # ------------------------------------------------------------------------------------------ the catalogue itself
 
 

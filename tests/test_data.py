@@ -24,12 +24,12 @@ from _timeouts import scaled
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-from formats import iglue_layout  # noqa: E402
-from formats import readers  # noqa: E402
+from formats import iglue, iglue_layout  # noqa: E402
+from formats import readers, x2vlm_inputs  # noqa: E402
 from formats.features import box_locations, is_serialized_lmdb, open_features, pad_regions  # noqa: E402
 from comparisons.mclip import xtd_data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
-from checks import inventory  # noqa: E402
+from checks import inventory, preflight  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures"
@@ -65,6 +65,8 @@ def tokenizer(tmp_path_factory):
             ("xvnli", "test", "en"),
             ("xflickrco", "valid", "en"),
             ("xflickrco", "test", "zh"),
+            ("marvl", "dev", "en"),
+            ("marvl", "test", "zh"),
         ]
         for ex in data.load_split(ROOT, t, s, l)
     ]
@@ -82,8 +84,8 @@ def synthetic(tmp_path_factory):
         for split in iglue_layout.available_splits(ROOT, task):
             for lang in iglue_layout.available_langs(ROOT, task, split):
                 for ex in data.load_split(ROOT, task, split, lang):
-                    keys.add(ex.image)
-                    files.add(ex.image_file)
+                    keys |= {ex.image, ex.image2} - {""}
+                    files |= {ex.image_file, ex.image2_file} - {""}
     fixtures.write_synthetic_features(base / "feats.lmdb", keys, num_boxes=5, seed=1)
     fixtures.write_synthetic_images(base / "images", sorted(files), size=(40, 30))
     return {"features": base / "feats.lmdb", "images": base / "images", "keys": keys, "files": files}
@@ -328,31 +330,33 @@ def test_cclm_eval_transform_matches_reference(tmp_path):
     for i, raw in enumerate(ref["raw_images_uint8_hwc"]):
         path = tmp_path / f"{i}.png"  # stored losslessly and read back, as the reference did
         Image.fromarray(raw.numpy()).save(path)
-        out = data.eval_transform(readers.load_image(path), ref["image_res"])
+        out = x2vlm_inputs.eval_transform(readers.load_image(path), ref["image_res"])
         assert out.shape == ref["images"][i].shape
         assert_matches_reference(f"image {i}", out, ref["images"][i])
-    assert torch.allclose(torch.tensor(data.CLIP_MEAN), ref["mean"]) and torch.allclose(
-        torch.tensor(data.CLIP_STD), ref["std"]
+    assert torch.allclose(torch.tensor(x2vlm_inputs.CLIP_MEAN), ref["mean"]) and torch.allclose(
+        torch.tensor(x2vlm_inputs.CLIP_STD), ref["std"]
     )
 
 
 def test_train_transform_seeded():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
-    a = data.train_transform(img, 32, np.random.default_rng([0, 1, 2]), flip=True)
-    b = data.train_transform(img, 32, np.random.default_rng([0, 1, 2]), flip=True)
-    c = data.train_transform(img, 32, np.random.default_rng([0, 2, 2]), flip=True)
+    a = x2vlm_inputs.train_transform(img, 32, np.random.default_rng([0, 1, 2]), flip=True)
+    b = x2vlm_inputs.train_transform(img, 32, np.random.default_rng([0, 1, 2]), flip=True)
+    c = x2vlm_inputs.train_transform(img, 32, np.random.default_rng([0, 2, 2]), flip=True)
     assert a.shape == (3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
     for seed in range(30):  # every augmentation op runs on odd sizes without error
-        data.train_transform(img, 17, np.random.default_rng(seed), flip=True)
+        x2vlm_inputs.train_transform(img, 17, np.random.default_rng(seed), flip=True)
 
 
 def test_text_cleaning():
-    assert data.pre_caption("A <person> in a Red-Shirt, runs!!  Fast.", 80) == "a person in a red shirt runs fast"
-    assert data.pre_caption("one two three four", 2) == "one two"
-    assert data.pre_question("Is the man to the LEFT of the car?", 50) == "is the man to the left of the car"
-    assert data.pre_question("a  b c d", 3) == "a  b"  # whitespace runs are not collapsed in questions
+    assert (
+        x2vlm_inputs.pre_caption("A <person> in a Red-Shirt, runs!!  Fast.", 80) == "a person in a red shirt runs fast"
+    )
+    assert x2vlm_inputs.pre_caption("one two three four", 2) == "one two"
+    assert x2vlm_inputs.pre_question("Is the man to the LEFT of the car?", 50) == "is the man to the left of the car"
+    assert x2vlm_inputs.pre_question("a  b c d", 3) == "a  b"  # whitespace runs are not collapsed in questions
     with pytest.raises(ValueError, match="empty"):
-        data.pre_caption("...", 80)
+        x2vlm_inputs.pre_caption("...", 80)
 
 
 def test_tokenizer_padding_and_truncation(tokenizer, tmp_path):
@@ -500,12 +504,14 @@ def test_cclm_batches(synthetic, tokenizer):
     bi, bc = col([images[i] for i in (19, 20)]), col([captions[i] for i in (0, 39)])
     assert bi["images"].shape == (2, 32, 32, 3) and bi["image_index"].tolist() == [19, 20]
     assert bi["images"].dtype == u8  # normalised by the model (normalize_images), on its device
-    normalised = data.normalize_images(bi["images"])
+    normalised = x2vlm_inputs.normalize_images(bi["images"])
     assert normalised.shape == (2, 3, 32, 32) and normalised.dtype == f32 and normalised.is_contiguous()
-    assert data.normalize_images(normalised) is normalised
+    assert x2vlm_inputs.normalize_images(normalised) is normalised
     for row, i in enumerate((19, 20)):  # batch + normalize_images == the per-image reference transform, bit for bit
         ex = images.items[i]
-        assert torch.equal(normalised[row], data.eval_transform(readers.load_image(Path(im) / ex.image_file), 32))
+        assert torch.equal(
+            normalised[row], x2vlm_inputs.eval_transform(readers.load_image(Path(im) / ex.image_file), 32)
+        )
     assert bi["image_key"] == ["1131056918.jpg", "COCO_val2014_000000391895.jpg"]
     assert bc["text_ids"].dtype == i64 and bc["image_index"].tolist() == [0, 39] and bc["text_ids"].shape[1] <= 80
 
@@ -993,3 +999,221 @@ def test_inventory_cli_into_a_closed_pipe_ends_quietly():
     proc.stdout.close()  # before it writes: its first print meets a pipe without a reader
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=scaled(120)) == 141 and err == ""
+
+
+# --------------------------------------------------------------------------------------------- marvl (NLVR2 + MaRVL)
+
+MARVL_LANGS = ["id", "sw", "ta", "tr", "zh"]
+
+
+def test_marvl_discovery_covers_nlvr2_marvl_translate_test_and_few_shot():
+    assert iglue_layout.available_splits(ROOT, "marvl") == [
+        "dev",
+        "test",
+        "train_1",
+        "train_2",
+        "train_4",
+        "train_10",
+        "train_10x2",
+    ]
+    assert iglue_layout.available_splits(ROOT, "marvl", translate_test=True) == ["test"]
+    assert iglue_layout.available_langs(ROOT, "marvl", "test") == ["en"] + MARVL_LANGS
+    assert iglue_layout.available_langs(ROOT, "marvl", "test", translate_test=True) == MARVL_LANGS
+    assert iglue_layout.available_langs(ROOT, "marvl", "dev") == ["en", "id", "sw", "tr", "zh"]  # no dev-ta_gmt
+    assert iglue_layout.available_langs(ROOT, "marvl", "train_10x2") == ["id", "tr", "zh"]
+    ds = ROOT / "datasets"
+    assert iglue_layout.split_file(ROOT, "marvl", "test", "en") == ds / "nlvr2/annotations/test.jsonl"
+    assert iglue_layout.split_file(ROOT, "marvl", "dev", "sw") == ds / "nlvr2/annotations/dev-sw_gmt.jsonl"
+    assert iglue_layout.split_file(ROOT, "marvl", "test", "ta") == ds / "marvl/zero_shot/annotations/marvl-ta.jsonl"
+    assert (
+        iglue_layout.split_file(ROOT, "marvl", "test", "ta", translate_test=True)
+        == ds / "marvl/zero_shot/annotations_machine-translate/marvl-ta_gmt.jsonl"
+    )
+    assert (
+        iglue_layout.split_file(ROOT, "marvl", "train_10x2", "zh")
+        == ds / "marvl/few_shot/annotations/marvl-zh_train10x2.jsonl"
+    )
+    with pytest.raises(ValueError, match=r"marvl: no split 'train' under .*; found: dev, test, train_1"):
+        iglue_layout.split_file(ROOT, "marvl", "train", "en")  # NLVR2 train.jsonl is not in the sample
+    with pytest.raises(ValueError, match=r"marvl test: no file for language 'de' .*found: en, id, sw, ta, tr, zh"):
+        iglue_layout.split_file(ROOT, "marvl", "test", "de")
+
+
+def test_marvl_checkout_with_only_nlvr2_and_marvl_folders(tmp_path):
+    for name in ("nlvr2", "marvl"):
+        shutil.copytree(ROOT / "datasets" / name, tmp_path / "datasets" / name)
+    assert iglue_layout.dataset_dir(tmp_path) == tmp_path / "datasets"
+    assert len(data.load_split(tmp_path, "marvl", "test", "sw")) == 30
+    shutil.rmtree(tmp_path / "datasets" / "marvl")
+    assert iglue_layout.available_splits(tmp_path, "marvl") == ["dev", "test"]
+    with pytest.raises(ValueError, match="marvl: expected folder .*annotations_machine-translate is missing"):
+        data.load_split(tmp_path, "marvl", "test", "sw", translate_test=True)
+
+
+def test_nlvr2_real_files_keys_labels_and_image_files():
+    dev = data.load_split(ROOT, "marvl", "dev", "en")
+    test = data.load_split(ROOT, "marvl", "test", "en")
+    assert (len(dev), dev[0].id, dev[-1].id, sum(ex.label for ex in dev)) == (60, "dev-850-0-0", "dev-876-1-0", 31)
+    assert (len(test), test[0].id, test[-1].id) == (60, "test1-0-1-0", "test1-653-0-1")
+    first = dev[0]  # "label": "False", identifier dev-850-0-0
+    assert (first.label, first.gold, first.lang, first.task) == (0, "False", "en", "marvl")
+    assert first.text.startswith("The right image shows a curving walkway")
+    assert (first.image, first.image2) == ("dev-850-0-img0", "dev-850-0-img1")  # VOLTA's keys
+    assert (first.image_file, first.image2_file) == ("nlvr2/dev/dev-850-0-img0.png", "nlvr2/dev/dev-850-0-img1.png")
+    assert (test[-1].image, test[-1].image_file) == ("test1-653-0-img0", "nlvr2/test1/test1-653-0-img0.png")
+    raw = [json.loads(l) for l in (ROOT / "datasets/nlvr2/annotations/dev.jsonl").read_text().splitlines()]
+    assert [ex.label for ex in dev] == [int(r["label"] == "True") for r in raw]
+    assert first.source == "nlvr2/annotations/dev.jsonl:1"
+    assert len(data.distinct_images(dev)) == 68  # two sentences of one pair share its images
+    # dev machine-translated into each language: the same pairs, images and labels, translated sentences
+    for lang in ("id", "sw", "tr", "zh"):
+        mt = data.load_split(ROOT, "marvl", "dev", lang)
+        assert [(e.id, e.image, e.image2, e.label) for e in mt] == [(e.id, e.image, e.image2, e.label) for e in dev]
+        assert mt[0].lang == lang and mt[0].text != first.text
+
+
+def test_nlvr2_training_image_files_sit_in_their_directory(tmp_path):
+    line = json.loads((ROOT / "datasets/nlvr2/annotations/dev.jsonl").read_text().splitlines()[0])
+    line.update(identifier="train-10171-0-0", directory=76)
+    (tmp_path / "datasets/nlvr2/annotations").mkdir(parents=True)
+    (tmp_path / "datasets/nlvr2/annotations/train.jsonl").write_text(json.dumps(line) + "\n")
+    (ex,) = data.load_split(tmp_path, "marvl", "train", "en")
+    assert (ex.image, ex.image2) == ("train-10171-0-img0", "train-10171-0-img1")
+    assert ex.image_file == "nlvr2/train/76/train-10171-0-img0.png"
+
+
+def test_marvl_real_files_keys_labels_translate_test_and_few_shot():
+    expected = {  # lang: (first id, last id, true labels, first pair's VOLTA keys)
+        "id": ("id-0", "id-29", 15, ("39-0", "39-11")),
+        "sw": ("sw-0", "sw-29", 16, ("81-5", "81-11")),
+        "ta": ("ta-0", "ta-29", 15, ("26-6", "26-3")),
+        "tr": ("tr-0", "tr-29", 15, ("42-9", "42-5")),
+        "zh": ("zh-0", "zh-29", 15, ("82-6", "82-1")),
+    }
+    for lang, (first_id, last_id, trues, keys) in expected.items():
+        exs = data.load_split(ROOT, "marvl", "test", lang)
+        assert (len(exs), exs[0].id, exs[-1].id, sum(e.label for e in exs)) == (30, first_id, last_id, trues)
+        assert (exs[0].image, exs[0].image2) == keys and len(data.distinct_images(exs)) == 60
+        n = keys[0].split("-")[0]  # X2-VLM: <lang>/images/<left_img.split("-")[0]>/<left_img>
+        assert exs[0].image_file == f"marvl/{lang}/images/{n}/{keys[0]}.jpg"
+        mt = data.load_split(ROOT, "marvl", "test", lang, translate_test=True)
+        assert [(e.id, e.image, e.image2, e.image_file, e.label) for e in mt] == [
+            (e.id, e.image, e.image2, e.image_file, e.label) for e in exs
+        ]
+    first = data.load_split(ROOT, "marvl", "test", "id")[0]
+    assert first.text.startswith("Panci di salah satu foto") and (first.label, first.gold) == (1, "True")
+    mt = data.load_split(ROOT, "marvl", "test", "id", translate_test=True)[0]
+    assert mt.text.startswith("The pot in one photo is above") and mt.source.endswith("marvl-id_gmt.jsonl:1")
+    sizes = {"train_1": 4, "train_2": 8, "train_4": 16, "train_10": 40, "train_10x2": 80}
+    for split, n in sizes.items():
+        for lang in ("id", "tr", "zh"):
+            assert len(data.load_split(ROOT, "marvl", split, lang)) == n
+    few = data.load_split(ROOT, "marvl", "train_1", "id")  # left_img "39-Panci/39-n-5.jpg"
+    assert (few[0].image, few[0].image2) == ("39-n-5", "39-n-2")
+    assert few[0].image_file == "marvl_fewshot/id/all/39-n-5.jpg"  # X2-VLM's few-shot layout: the base name
+    assert [e.label for e in few] == [1, 0, 0, 1] and few[-1].id == "id-3"  # true, false, false, true
+
+
+def test_marvl_uc2_batches_are_voltas_nlvr_layout(synthetic, tokenizer):
+    f, i64, f32 = str(synthetic["features"]), torch.long, torch.float32
+    exs = data.load_split(ROOT, "marvl", "test", "zh")[:3]
+    for train in (False, True):
+        ds = data.make_dataset("uc2", "marvl", exs, features=f, train=train, max_regions=36)
+        b = data.make_collate("uc2", "marvl", tokenizer, train=train)([ds[i] for i in range(3)])
+        L = b["input_ids"].shape[2]
+        _check(
+            b,
+            {
+                "input_ids": ((3, 2, L), i64),
+                "attention_mask": ((3, 2, L), i64),
+                "features": ((3, 2, 36, 2048), f32),
+                "spatials": ((3, 2, 36, 7), f32),
+                "image_mask": ((3, 2, 36), i64),
+                "target": ((3, 2), f32),
+                "label": ((3,), i64),
+            },
+        )
+        assert L <= 80 and b["id"] == ["zh-0", "zh-1", "zh-2"] and b["lang"] == "zh"
+        assert torch.equal(b["input_ids"][:, 0], b["input_ids"][:, 1])  # the caption with each image
+        ids, _ = data.encode_texts(tokenizer, [ex.text for ex in exs], 80)
+        assert torch.equal(b["input_ids"][:, 0], ids)
+        assert b["label"].tolist() == [ex.label for ex in exs]
+        assert b["target"].tolist() == [[1.0 - ex.label, float(ex.label)] for ex in exs]  # one-hot
+    reader = open_features(f)
+    for i, ex in enumerate(exs):  # slot 0 = the left image's regions, slot 1 = the right's
+        for slot, key in enumerate((ex.image, ex.image2)):
+            feats, locs = reader.kept_regions(key, 36)
+            n = len(feats)
+            assert torch.equal(b["features"][i, slot, :n], torch.from_numpy(np.asarray(feats, dtype=np.float32)))
+            assert torch.equal(b["spatials"][i, slot, :n], torch.from_numpy(np.asarray(locs, dtype=np.float32)))
+            assert (
+                b["image_mask"][i, slot].tolist() == [1] * n + [0] * (36 - n) and not b["features"][i, slot, n:].any()
+            )
+
+
+def test_marvl_cclm_batches_hold_left_images_then_right_images(synthetic, tokenizer):
+    im, u8 = str(synthetic["images"]), torch.uint8
+    exs = data.load_split(ROOT, "marvl", "dev", "en")[:3]
+    ev = data.make_dataset("cclm", "marvl", exs, images=im, image_res=32)
+    b = data.make_collate("cclm", "marvl", tokenizer)([ev[i] for i in range(3)])
+    assert b["images"].shape == (6, 32, 32, 3) and b["images"].dtype == u8
+    assert b["text_ids"].shape == b["text_atts"].shape and b["text_ids"].shape[0] == 3
+    assert b["label"].tolist() == [ex.label for ex in exs] and b["id"] == [ex.id for ex in exs]
+    for i, ex in enumerate(exs):  # rows 0..B-1 the left images, B..2B-1 the right ones (X2-VLM's torch.cat)
+        for row, rel in ((i, ex.image_file), (3 + i, ex.image2_file)):
+            ref = x2vlm_inputs.eval_transform(readers.load_image(Path(im) / rel), 32)
+            assert torch.equal(x2vlm_inputs.normalize_images(b["images"][row]), ref)
+    clean = [x2vlm_inputs.pre_caption(ex.text, 30) for ex in exs]  # X2-VLM's nlvr_dataset: max_words 30
+    assert torch.equal(b["text_ids"], data.encode_texts(tokenizer, clean, None)[0])
+    long = replace(exs[0], text=" ".join(f"w{i}" for i in range(40)))
+    assert ev.__class__([long], im, "marvl", image_res=32)[0]["text"] == " ".join(f"w{i}" for i in range(30))
+    tr = data.make_dataset("cclm", "marvl", exs, images=im, train=True, image_res=32, seed=5)
+    a, again = tr[1], tr[1]
+    assert torch.equal(a["pixels"], again["pixels"]) and torch.equal(a["pixels2"], again["pixels2"])
+    tr.set_epoch(1)
+    assert not torch.equal(tr[1]["pixels"], a["pixels"])
+    bt = data.make_collate("cclm", "marvl", tokenizer, train=True)([tr[i] for i in range(3)])
+    assert bt["images"].shape == (6, 32, 32, 3) and bt["label"].tolist() == [ex.label for ex in exs]
+
+
+def test_marvl_pair_of_missing_right_image_is_named_by_preflight_and_inventory(synthetic, tmp_path):
+    exs = data.load_split(ROOT, "marvl", "test", "tr")
+    right = exs[4]
+    images = tmp_path / "images"
+    shutil.copytree(synthetic["images"], images)
+    os.remove(images / right.image2_file)
+    with pytest.raises(ValueError) as e:
+        preflight.check_inputs(exs, images=images)
+    assert str(e.value) == (
+        f"image file {images / right.image2_file} not found (referenced by marvl/zero_shot/annotations/"
+        f"marvl-tr.jsonl:5 (right image), example tr-4); 1 of 60 images missing"
+    )
+    feats = fixtures.write_synthetic_features(tmp_path / "f", synthetic["keys"] - {right.image2}, num_boxes=3)
+    with pytest.raises(ValueError, match=rf"feature key '{right.image2}' not found .*marvl-tr.jsonl:5 \(right image\)"):
+        preflight.check_inputs(exs, features=feats)
+    inv = inventory.inventory(ROOT, images=images)["marvl"]
+    assert inv["test"]["tr"] == {"examples": 30, "images": 60, "missing": [right.image2_file]}
+    assert inv["test_translate_test"]["tr"]["missing"] == [right.image2_file]
+    assert inv["test"]["en"] == {"examples": 60, "images": 70, "missing": []}
+    assert inv["train_10x2"]["zh"] == {"examples": 80, "images": 90, "missing": []}
+
+
+def test_marvl_verify_decodes_both_images_of_every_pair(synthetic, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(synthetic["images"], images)
+    ex = data.load_split(ROOT, "marvl", "test", "sw")[2]
+    (images / ex.image2_file).write_bytes(b"not an image")
+    bad, counts = inventory.verify(ROOT, images=images)
+    assert len(bad) == 1 and str(images / ex.image2_file) in bad[0] and "(right image)" in bad[0]
+    assert counts["images"] == len(synthetic["files"])
+
+
+def test_marvl_results_csv_has_iglue_columns_zero_and_few_shot():
+    per_lang = {l: {"accuracy": 50.0 + i, "n": 30} for i, l in enumerate(["en", *MARVL_LANGS])}
+    header, row, n_row = (line.split(",") for line in iglue.iglue_csv("marvl", per_lang, "m", "accuracy").splitlines())
+    assert header == ["model", "en", "id", "sw", "ta", "tr", "zh", "avg"]  # IGLUE's results/marvl/MaRVL_0.csv
+    assert float(row[-1]) == sum(51.0 + i for i in range(5)) / 5 and n_row[1:-1] == ["30"] * 6
+    few = iglue.iglue_csv("marvl", {l: per_lang[l] for l in ("id", "tr", "zh")}, "m", "accuracy", shots=10)
+    assert few.splitlines()[0] == "model,id,tr,zh,avg"  # MaRVL_10.csv: the three few-shot languages
+    assert float(few.splitlines()[1].split(",")[-1]) == (51.0 + 54.0 + 55.0) / 3
+    assert iglue.csv_name("marvl", "accuracy", 0, True) == "MaRVL_0.mt.csv"

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import data  # noqa: E402
-from formats import readers  # noqa: E402
+from formats import readers, x2vlm_inputs  # noqa: E402
 from comparisons.mclip import xtd_data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
 from _make import run_make  # noqa: E402
@@ -688,7 +688,7 @@ def test_clip_preprocess_equals_openai_clips_torchvision_transform(tmp_path, siz
             T.Resize(32, interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(32),
             T.ToTensor(),
-            T.Normalize(data.CLIP_MEAN, data.CLIP_STD),
+            T.Normalize(x2vlm_inputs.CLIP_MEAN, x2vlm_inputs.CLIP_STD),
         ]
     )  # clip/clip.py _transform(n_px), RGB input
     img = readers.load_image(fixtures.write_synthetic_images(tmp_path, ["a.png"], size=size)[0])

@@ -63,7 +63,7 @@ from PIL import Image
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
 import data
-from formats import readers
+from formats import readers, x2vlm_inputs
 from comparisons.mclip import xtd_data
 import engine
 from console import cli
@@ -453,7 +453,7 @@ def clip_preprocess(img: Image.Image, size: int) -> torch.Tensor:
     img = img.resize(new, Image.Resampling.BICUBIC)
     left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
     img = img.crop((left, top, left + size, top + size))
-    return data.normalize_images(torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)))
+    return x2vlm_inputs.normalize_images(torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)))
 
 
 @torch.no_grad()
