@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-TASKS = ("xgqa", "xvnli", "xflickrco")  # IGLUE's tasks we run: the one task table (data.TASKS is this)
+TASKS = ("xgqa", "xvnli", "xflickrco", "marvl")  # IGLUE's tasks we run: the one task table (data.TASKS is this)
 
 
 def _require_task(task: str) -> None:
