@@ -396,6 +396,8 @@ class CCLMForMaRVL(CCLMForXVNLI):
     then all right), the cross encoder once per half, each call running the text encoder (get_cross_embeds with
     text_ids: with dropout the two text passes draw different masks); cls_head on [left ; right] position 0."""
 
+    images_per_example = 2  # every text and cross layer runs once per image (console.what_trains)
+
     def __init__(self, task: str, config: dict):
         CCLM.__init__(self, task, config)
         self.cls_head = build_mlp(2 * config["hidden_size"], 2)

@@ -213,6 +213,7 @@ class UC2(nn.Module):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
         self.task, self.config = task, dict(config)
+        self.images_per_example = 2 if task == "marvl" else 1  # marvl: each layer runs once per image of the pair
         self.embeddings = UC2Embeddings(config)
         self.encoder = UC2Encoder(config)
         self.pooler = nn.Linear(config["hidden_size"], config["pooler_size"])
