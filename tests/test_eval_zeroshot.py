@@ -1297,3 +1297,24 @@ def test_marvl_results_are_written_in_iglue_layout(tmp_path):
         {"id": "p1", "sentence": "caption 1", "prediction": 1, "label": 1},
         {"id": "p2", "sentence": "caption 2", "prediction": 0, "label": 0},
     ]
+
+
+def test_marvl_table_shows_ours_and_iglues_uc2_row_only_as_a_reference(tmp_path, capsys):
+    """MaRVL runs get their own table (the paper has no MaRVL numbers: no paper cell); IGLUE's published UC2 row
+    (57.28 zero-shot, 63.09 translate-test, 70.56 English) is printed under it, labelled a reference."""
+    marvl_langs = ["en", "id", "sw", "ta", "tr", "zh"]
+    runs = [
+        _fake_run(tmp_path / f"uc2-marvl-{p}", "uc2", "marvl", p, marvl_langs, 2, i)
+        for i, p in enumerate(("full", "suf"))
+    ]
+    runs.append(_fake_run(tmp_path / "cclm-marvl-suf", "cclm", "marvl", "suf", ["en", "id"], 1, 5))
+    t = report.tables.build_tables(runs)
+    rows = {r["setup"]: r for r in t["marvl"]}
+    last = E.read_epoch_metrics(runs[1])[-1][1]
+    assert rows["UC2+SUF"]["avg"] == pytest.approx(scoring.metrics.zs_average(last, "accuracy"))
+    assert rows["UC2+SUF"]["en"] == last["en"]["accuracy"] and not rows["UC2+SUF"]["partial"]
+    assert rows["CCLM+SUF"]["partial"] and set(rows) == {"UC2", "UC2+SUF", "CCLM+SUF"}
+    out = report.tables.format_tables(t)
+    assert "MaRVL (IGLUE's fourth task; the paper reports none): ours." in out
+    assert "reference, not ours: IGLUE's UC2 (results/marvl): EN 70.56, ZS 57.28, translate-test ZS 63.09" in out
+    assert f"{rows['UC2+SUF']['avg']:.1f}" in out and "(57.3)" not in out  # never a paper-style cell beside ours
