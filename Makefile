@@ -59,9 +59,9 @@ RUN_PATHS = $(RUN) $(call given,DATA,$(DATA)/datasets) $(call given,FEATURES,$(F
 INPUTS = $(DATA)/datasets $(VISUAL) $(CKPT)
 
 .PHONY: install test test-unit test-system demo bench help synth synth-world synth-pretrain synth-xvlmaml table1 figures eval translate-test sanity \
-	xgqa-full xgqa-suf xvnli-full xvnli-suf xflickrco-full xflickrco-suf \
+	xgqa-full xgqa-suf xvnli-full xvnli-suf xflickrco-full xflickrco-suf marvl-full marvl-suf \
 	xgqa-llrd-sweep xgqa-llrd-0.98 xgqa-llrd-0.95 xgqa-llrd-0.88 xgqa-llrd-0.75 xgqa-top6 \
-	fewshot-xgqa-full fewshot-xgqa-suf
+	fewshot-xgqa-full fewshot-xgqa-suf fewshot-marvl-full fewshot-marvl-suf translate-test-marvl-full translate-test-marvl-suf
 
 # `make help`: the paper's experiments first, then the comparison systems, then the rest (tests, benches, ...).
 HELP_LINES = grep -hE '^\#\# ' $(1) | grep -v '\$$(' | sed 's/^\#\# /  /'
@@ -71,6 +71,10 @@ help:
 	@echo "  {xgqa,xvnli,xflickrco}-{full,suf}  train MODEL= on English with the policy, evaluate after every epoch (xflickrco: English; every language at the end)"
 	@echo "  fewshot-xgqa-{full,suf}  continue OUT/MODEL-xgqa-<policy> on LANG_FS=<lang>'s SHOTS=48-shot split"
 	@$(call HELP_LINES,Makefile) | grep -E $(HELP_PAPER)
+	@echo "MaRVL, IGLUE's fourth task (not in the paper; docs/reproducing.md#marvl):"
+	@echo "  marvl-{full,suf}  train MODEL= on English NLVR2 with the policy, evaluate en (NLVR2 test) and id sw ta tr zh after every epoch"
+	@echo "  translate-test-marvl-{full,suf}  OUT/MODEL-marvl-<policy> on MaRVL's machine-translated test files"
+	@echo "  fewshot-marvl-{full,suf}  continue OUT/MODEL-marvl-<policy> on LANG_FS=id|tr|zh's SHOTS=1|2|4|10|10x2 split (default id, 10x2)"
 	@echo "The comparison systems (docs/xvlmaml.md, docs/mclip.md):"
 	@$(call HELP_LINES,Makefile comparisons/mclip/mclip.mk) | grep -E '^  (xvlmaml-|pet-|synth-mclip)'
 	@echo "Tests, benchmarks, the synthetic world:"
@@ -140,7 +144,7 @@ $(1)-$(2):
 	$$(call require,$$(INPUTS))
 	$$(LAUNCH) train_$$(MODEL).py --task $(1) --policy $(2) $$(COMMON) --eval-every 1$(if $(filter xflickrco,$(1)),$$(if $$(XFLICKRCO_EPOCH_LANGS), --eval-langs $$(XFLICKRCO_EPOCH_LANGS))) --output-dir $$(OUT)/$$(MODEL)-$(1)-$(2) $$(EXTRA)
 endef
-$(foreach t,xgqa xvnli xflickrco,$(foreach p,full suf,$(eval $(call TRAIN_RULE,$(t),$(p)))))
+$(foreach t,xgqa xvnli xflickrco marvl,$(foreach p,full suf,$(eval $(call TRAIN_RULE,$(t),$(p)))))
 
 # ---- Figure 5: layer-wise learning-rate decay on xGQA (the paper ran it with CCLM) ----
 define LLRD_RULE
@@ -169,6 +173,22 @@ fewshot-xgqa-$(1):
 	$$(LAUNCH) eval_zeroshot.py fewshot --checkpoint $$(OUT)/$$(MODEL)-xgqa-$(1)/model_final.pt --lang $$(LANG_FS) --shots $$(SHOTS) --data-root $$(DATA) $$(VISUAL_ARG) --tokenizer $$(TOKENIZER) --output-dir $$(OUT)/$$(MODEL)-xgqa-$(1)-fewshot$$(SHOTS)-$$(LANG_FS) $$(EXTRA)
 endef
 $(foreach p,full suf,$(eval $(call FEWSHOT_RULE,$(p))))
+# ---- MaRVL (issue 25; docs/reproducing.md "MaRVL"): translate-test and few-shot of OUT/MODEL-marvl-<policy> ----
+# IGLUE's MaRVL few-shot (experiments/few_shot/uc2/marvl): splits id, tr, zh in 1, 2, 4, 10, 10x2 shots, batch 32,
+# selected on NLVR2 dev; a LANG_FS= / SHOTS= given on the command line replaces the defaults id / 10x2.
+MARVL_LANG  = $(or $(call given,LANG_FS,$(LANG_FS)),id)
+MARVL_SHOTS = $(or $(call given,SHOTS,$(SHOTS)),10x2)
+define MARVL_RULE
+## translate-test-marvl-$(1)  $(OUT)/$$(MODEL)-marvl-$(1) on MaRVL's machine-translated test files (English: NLVR2 test)
+translate-test-marvl-$(1):
+	$$(call require,$$(OUT)/$$(MODEL)-marvl-$(1)/model_final.pt $$(filter-out $$(RUN),$$(RUN_PATHS)))
+	$$(LAUNCH) eval_zeroshot.py evaluate --run-dir $$(OUT)/$$(MODEL)-marvl-$(1) --translate-test $$(strip $$(RUN_INPUTS)) $$(EXTRA)
+## fewshot-marvl-$(1)  continue $(OUT)/$$(MODEL)-marvl-$(1) on LANG_FS=id|tr|zh's SHOTS=1|2|4|10|10x2 split (IGLUE's batch 32)
+fewshot-marvl-$(1):
+	$$(call require,$$(DATA)/datasets $$(VISUAL) $$(OUT)/$$(MODEL)-marvl-$(1)/model_final.pt)
+	$$(LAUNCH) eval_zeroshot.py fewshot --checkpoint $$(OUT)/$$(MODEL)-marvl-$(1)/model_final.pt --lang $$(MARVL_LANG) --shots $$(MARVL_SHOTS) --fs-batch-size 32 --data-root $$(DATA) $$(VISUAL_ARG) --tokenizer $$(TOKENIZER) --output-dir $$(OUT)/$$(MODEL)-marvl-$(1)-fewshot$$(MARVL_SHOTS)-$$(MARVL_LANG) $$(EXTRA)
+endef
+$(foreach p,full suf,$(eval $(call MARVL_RULE,$(p))))
 
 # ---- evaluation of one run ----
 ## eval            zero-shot evaluation of RUN= on the run's own split and languages (its args.json: --eval-split, --langs; inputs too unless DATA=/FEATURES=/IMAGES=/TOKENIZER= given)

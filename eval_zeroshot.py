@@ -29,6 +29,7 @@ import data
 import engine
 import scoring.evaluate
 import scoring.metrics
+import scoring.results
 import train_cclm
 import train_uc2
 from console import cli
@@ -37,55 +38,6 @@ from formats.features import is_serialized_lmdb
 from training import after_epoch, devices
 
 MODEL_SCRIPTS = {"uc2": train_uc2, "cclm": train_cclm}  # meta["model"] -> the script that builds it
-
-
-# ---------------------------------------------------------------------------------------------
-# Results files: results.json, IGLUE's CSVs and per-example predictions (formats/iglue.py)
-
-
-def eval_key(split: str, translate_test: bool) -> str:
-    return split + (".mt" if translate_test else "")
-
-
-def label_names(model_name: str, task: str, data_root) -> list[str]:
-    """Name of each label id the model predicts: the GQA answers (label2ans) or the model's XVNLI class order."""
-    if task == "xgqa":
-        return data.load_answer_vocab(data_root)[1]
-    return list(data.XVNLI_LABELS_UC2 if model_name == "uc2" else data.XVNLI_LABELS_CCLM)
-
-
-def write_results(out_dir: str | Path, record: dict, model_name: str) -> Path:
-    """Merge one evaluation into out_dir/results.json under its key (split[.mt]) and write the
-    IGLUE CSV(s). Called only after the evaluation finished, so a failed run never replaces a good
-    result; other keys (e.g. translate-test next to test) are kept, and so are the other languages of
-    an earlier evaluation of the same checkpoint file (`--langs de` after a full evaluation)."""
-    out_dir = Path(out_dir)
-    path = out_dir / "results.json"
-    results = readers.read_json(path, annotations=False) if path.exists() else {}
-    key = eval_key(record["split"], record["translate_test"])
-    prev = results.get(key)
-    if prev and prev.get("checkpoint_file") == record.get("checkpoint_file") and record.get("checkpoint_file"):
-        langs = {**prev["langs"], **record["langs"]}
-        record = {
-            **record,
-            "langs": langs,
-            "summary": scoring.metrics.summarize(record["task"], langs),
-            "files": {**prev.get("files", {}), **record.get("files", {})},
-        }
-    results[key] = record
-    run_folder.atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True) + "\n")
-    task, langs, shots = record["task"], record["langs"], record.get("shots", 0)
-    extra = [l for l in scoring.metrics.ordered_langs(langs) if l not in ("en",) + iglue.TARGET_LANGS[task]]
-    for metric in scoring.metrics.MAIN_METRICS[task]:
-        name = iglue.csv_name(task, metric, shots, record["translate_test"], record["split"])
-        run_folder.atomic_write_text(out_dir / name, iglue.iglue_csv(task, langs, model_name, metric, shots, extra))
-    return path
-
-
-def checkpoint_file_id(path: str | Path) -> str:
-    """Which checkpoint file an evaluation used: path, size and modification time (a re-trained run differs)."""
-    st = Path(path).stat()
-    return f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +267,7 @@ def evaluate(args: argparse.Namespace, dist: devices.DistInfo) -> int:
             "init_policy": fewshot.get("init_policy"),
             "checkpoint": str(ckpt),
             "epoch": meta.get("epoch"),
-            "checkpoint_file": checkpoint_file_id(ckpt),
+            "checkpoint_file": scoring.results.checkpoint_file_id(ckpt),
             "langs": results,
             "summary": scoring.metrics.summarize(task, results),
             "files": {l: s.source for l, s in sets.items()},
@@ -329,15 +281,12 @@ def evaluate(args: argparse.Namespace, dist: devices.DistInfo) -> int:
             f"{' translate-test' if args.translate_test else ''} ({ckpt}, epoch {meta.get('epoch')})"
         )
         print(scoring.metrics.format_table(task, results, title), flush=True)
-        path = write_results(out_dir, record, name)
-        names = label_names(meta["model"], task, args.data_root) if preds else []
-        for lang, rows in preds.items():
-            run_folder.atomic_write_text(
-                out_dir / iglue.predictions_name(record, lang), iglue.predictions_json(task, rows, names)
-            )
+        path = scoring.results.write_results(out_dir, record, name)
+        names = scoring.results.label_names(meta["model"], task, args.data_root) if preds else []
+        scoring.results.write_predictions(out_dir, record, preds, {l: s.examples for l, s in sets.items()}, names)
         metrics = scoring.metrics.MAIN_METRICS[task]
         csvs = ", ".join(iglue.csv_name(task, m, record["shots"], args.translate_test, args.split) for m in metrics)
-        print(f"wrote {path} [{eval_key(args.split, args.translate_test)}] and {csvs}", flush=True)
+        print(f"wrote {path} [{scoring.results.eval_key(args.split, args.translate_test)}] and {csvs}", flush=True)
     engine.barrier(dist)
     return 0
 

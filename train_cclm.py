@@ -391,6 +391,24 @@ class CCLMForXVNLI(CCLM):
         return scoring.metrics.require_finite(self.logits(batch), "logits").argmax(dim=1)
 
 
+class CCLMForMaRVL(CCLMForXVNLI):
+    """X2-VLM's XVLMPlusForMARVL (models/model_classification.py): the ViT once over the 2B images (all left,
+    then all right), the cross encoder once per half, each call running the text encoder (get_cross_embeds with
+    text_ids: with dropout the two text passes draw different masks); cls_head on [left ; right] position 0."""
+
+    images_per_example = 2  # every text and cross layer runs once per image (console.what_trains)
+
+    def __init__(self, task: str, config: dict):
+        CCLM.__init__(self, task, config)
+        self.cls_head = build_mlp(2 * config["hidden_size"], 2)
+
+    def cls_features(self, batch: dict) -> torch.Tensor:
+        """The head's input [B, 2 * hidden]: position 0 of the cross encoder over (text, left), (text, right)."""
+        ids, atts = batch["text_ids"], batch["text_atts"]
+        halves = torch.split(self.vision_encoder(batch["images"]), ids.shape[0])
+        return torch.cat([self.cross_embeds(v, self.text_encoder(ids, atts), atts)[:, 0] for v in halves], dim=-1)
+
+
 class CCLMForRetrieval(CCLM):
     def __init__(self, task: str, config: dict):
         super().__init__(task, config)
@@ -612,7 +630,7 @@ class CCLMForXGQA(CCLM):
         return self.answer_labels[torch.cat(preds)]
 
 
-MODEL_CLASSES = {"xvnli": CCLMForXVNLI, "xflickrco": CCLMForRetrieval, "xgqa": CCLMForXGQA}
+MODEL_CLASSES = {"xvnli": CCLMForXVNLI, "xflickrco": CCLMForRetrieval, "xgqa": CCLMForXGQA, "marvl": CCLMForMaRVL}
 
 
 def build_model(task: str, config: dict) -> CCLM:
@@ -655,14 +673,14 @@ def x2vlm_no_decay(name: str, param: nn.Parameter | None = None) -> bool:
 
 
 def lr_mult_prefixes(task: str, from_pretraining: bool, config: dict | None = None) -> tuple[str, ...]:
-    """Parameters X2-VLM trains at lr * lr_mult (its model.init_params after loading): XVNLI's cls_head always
-    (set when the model is built); xGQA's decoder embeddings and LM head when the loaded checkpoint lacks them,
+    """Parameters X2-VLM trains at lr * lr_mult (its model.init_params after loading): XVNLI's and MaRVL's cls_head
+    always (set when the model is built); xGQA's decoder embeddings and LM head when the loaded checkpoint lacks them,
     i.e. from the pretraining checkpoint (or no checkpoint), not from a fine-tuned one, and then also the
     decoder's cross-attention key/value where vision_width != hidden_size (not copied from the checkpoint, see
     formats.x2vlm.plan_pretrained); retrieval none (its heads come from pretraining). Tied names count once: xGQA has 10
     such parameters at equal widths, XVNLI 6."""
-    if task == "xvnli":
-        return x2vlm.NEW_KEYS["xvnli"]
+    if task in ("xvnli", "marvl"):  # their cls_head: X2-VLM's init_params, set when the model is built
+        return x2vlm.NEW_KEYS[task]
     if not from_pretraining:
         return ()
     cfg = config or CONFIGS["base"]
@@ -692,6 +710,7 @@ DEFAULTS = {
     ("paper", "xgqa"): dict(epochs=5, lr=3e-5, batch_size=256),
     ("paper", "xvnli"): dict(epochs=10, lr=3e-5, batch_size=144),
     ("paper", "xflickrco"): dict(epochs=10, lr=3e-5, batch_size=128),
+    ("paper", "marvl"): dict(epochs=10, lr=3e-5, batch_size=128),  # paper silent: CCLM's MaRVL run (choices.md)
 }
 
 

@@ -183,12 +183,13 @@ class UC2Encoder(nn.Module):
 
 def _make_head(task: str, c: dict) -> nn.Module:
     p = c["pooler_size"]
-    if task == "xgqa":  # VOLTA "VL-classifier-GQA": SimpleClassifier
+    if task in ("xgqa", "marvl"):  # VOLTA SimpleClassifier: "VL-classifier-GQA"; "VL-binary-classifier" (NLVR2
+        n_in, n_out = (p, c["num_answers"]) if task == "xgqa" else (2 * p, 2)  # pair: both pooled outputs, 2 classes)
         return nn.Sequential(
-            nn.Linear(p, c["clf_hidden_size"]),
+            nn.Linear(n_in, c["clf_hidden_size"]),
             nn.GELU(),
             nn.LayerNorm(c["clf_hidden_size"], eps=c["layer_norm_eps"]),
-            nn.Linear(c["clf_hidden_size"], c["num_answers"]),
+            nn.Linear(c["clf_hidden_size"], n_out),
         )
     if task == "xvnli":  # "VL-tri-classifier"
         return nn.Linear(p, 3)
@@ -212,6 +213,7 @@ class UC2(nn.Module):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
         self.task, self.config = task, dict(config)
+        self.images_per_example = 2 if task == "marvl" else 1  # marvl: each layer runs once per image of the pair
         self.embeddings = UC2Embeddings(config)
         self.encoder = UC2Encoder(config)
         self.pooler = nn.Linear(config["hidden_size"], config["pooler_size"])
@@ -257,12 +259,14 @@ class UC2(nn.Module):
         return pooled
 
     def forward(self, input_ids, attention_mask, features, spatials, image_mask, trace: dict | None = None):
-        """Head output for N pairs: [N,1842] (xgqa), [N,3] (xvnli), [N,1] (xflickrco)."""
-        return self.head(self.dropout(self.encode(input_ids, attention_mask, features, spatials, image_mask, trace)))
+        """Head output for N pairs: [N,1842] (xgqa), [N,3] (xvnli), [N,1] (xflickrco); marvl: N = 2B rows (left,
+        right of each example), [B,2] from dropout(pooled).view(-1, 2 * pooler_size), as VOLTA's NLVR2 head."""
+        pooled = self.dropout(self.encode(input_ids, attention_mask, features, spatials, image_mask, trace))
+        return self.head(pooled.view(-1, 2 * pooled.shape[1]) if self.task == "marvl" else pooled)
 
     @staticmethod
     def _flat(batch: dict) -> list[torch.Tensor]:
-        """The 5 input tensors with leading batch dims ([B] or VOLTA's grouped [B,4]) flattened."""
+        """The 5 input tensors with leading batch dims ([B] or VOLTA's grouped [B,4] / marvl [B,2]) flattened."""
         lead = batch["input_ids"].dim() - 1
         return [
             batch[k].flatten(0, lead - 1) for k in ("input_ids", "attention_mask", "features", "spatials", "image_mask")
@@ -276,7 +280,7 @@ class UC2(nn.Module):
         if self.task == "xgqa":  # BCE averaged over batch and labels, times the number of labels
             target = batch["target"]
             return F.binary_cross_entropy_with_logits(self._run(batch).float(), target) * target.shape[1]
-        if self.task == "xvnli":  # BCE averaged, NOT scaled (VOLTA's VL-tri-classifier)
+        if self.task in ("xvnli", "marvl"):  # BCE averaged, NOT scaled (VOLTA's VL-tri- / VL-binary-classifier)
             return F.binary_cross_entropy_with_logits(self._run(batch).float(), batch["target"])
         scores = self.pair_scores(batch).float()  # [B,4]: positive first, then 3 negatives
         if scores.dim() != 2:
@@ -359,9 +363,11 @@ DEFAULTS = {
     ("paper", "xgqa"): dict(epochs=5, lr=4e-5, batch_size=256),
     ("paper", "xvnli"): dict(epochs=10, lr=2e-5, batch_size=128),
     ("paper", "xflickrco"): dict(epochs=10, lr=2e-5, batch_size=64),
+    ("paper", "marvl"): dict(epochs=20, lr=1e-5, batch_size=64),  # paper silent: IGLUE's NLVR2 (TASK12), choices.md
     ("iglue", "xgqa"): dict(epochs=5, lr=4e-5, batch_size=256, **IGLUE_OPTIM),
     ("iglue", "xvnli"): dict(epochs=10, lr=2e-5, batch_size=128, **IGLUE_OPTIM),
     ("iglue", "xflickrco"): dict(epochs=10, lr=2e-5, batch_size=64, **IGLUE_OPTIM),
+    ("iglue", "marvl"): dict(epochs=20, lr=1e-5, batch_size=64, **IGLUE_OPTIM),
 }
 
 

@@ -142,9 +142,28 @@ def trainable_line(
     return f"{where}: {trainable_summary(model, layout, schedule, epoch, step)}"
 
 
+def two_image_rows(model: nn.Module, layout: LayerLayout, rows: list[dict]) -> str:
+    """A model that reads an example's images one at a time (MaRVL: `images_per_example` 2) runs every layer
+    once per image with one set of weights: layer j is still one layer (frozen in both passes or training on the
+    sum of both passes' gradients). Adds that to the rows; returns the sentence for the table."""
+    n = getattr(model, "images_per_example", 1)
+    if n == 1:
+        return ""
+    head = sorted(
+        {name.split(".")[0] for name, _, _, m in freeze.locate(model, layout) if m in layout.task_head_modules}
+    )
+    for r in rows:
+        r.update(passes_per_layer=n, task_head=head)
+    return (
+        f"{n} images per example: every layer runs once per image with the same weights (layer j is one layer: "
+        f"frozen in every pass, or trained on the sum of their gradients); task head: {', '.join(head)}\n"
+    )
+
+
 def print_schedule(model, layout, schedule, args, steps_per_epoch: int | None = None) -> None:
     rows = describe_schedule(model, layout, schedule, args.epochs, steps_per_epoch)
-    print(json.dumps(rows, indent=1) if args.json else format_schedule(rows), flush=True)
+    note = two_image_rows(model, layout, rows)
+    print(json.dumps(rows, indent=1) if args.json else note + format_schedule(rows), flush=True)
 
 
 def print_schedule_only(

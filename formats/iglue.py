@@ -19,9 +19,9 @@ TARGET_LANGS = {
     "xgqa": ("bn", "de", "id", "ko", "pt", "ru", "zh"),
     "xvnli": ("ar", "es", "fr", "ru"),
     "xflickrco": ("de", "es", "id", "ja", "ru", "tr", "zh"),
-    "marvl": ("id", "sw", "ta", "tr", "zh"),
+    "marvl": ("id", "sw", "ta", "tr", "zh"),  # English: NLVR2's test-P (results/get_marvl_zero.py)
 }
-# Few-shot columns where IGLUE has few-shot data in fewer languages (results/marvl/MaRVL_<shots>.csv: id, tr, zh)
+# IGLUE's few-shot CSV columns where they are fewer (MaRVL's few-shot splits exist in id, tr, zh: get_marvl_few.py)
 FEWSHOT_LANGS = {"marvl": ("id", "tr", "zh")}
 
 
@@ -30,11 +30,13 @@ N_ROW = "n"  # second CSV row: how many examples each number is over
 
 
 def csv_langs(task: str, shots: int | str = 0) -> list[str]:
-    """IGLUE's results/ columns: en + the target languages (zero-shot); the target languages that have few-shot
-    data (few-shot)."""
-    if is_fewshot(shots):
-        return list(FEWSHOT_LANGS.get(task, TARGET_LANGS[task]))
-    return ["en"] + list(TARGET_LANGS[task])
+    """IGLUE's results/ columns: en + the target languages (zero-shot); the target languages only (few-shot)."""
+    return (["en"] if not is_fewshot(shots) else []) + list(target_langs(task, shots))
+
+
+def target_langs(task: str, shots: int | str = 0) -> tuple[str, ...]:
+    """The languages IGLUE's avg runs over: every test language, few-shot only those with a few-shot split."""
+    return FEWSHOT_LANGS.get(task, TARGET_LANGS[task]) if is_fewshot(shots) else TARGET_LANGS[task]
 
 
 def is_fewshot(shots: int | str) -> bool:
@@ -63,7 +65,7 @@ def iglue_csv(
     have a result, else -1.0 (IGLUE's formula would average the -1.0s in). Languages outside IGLUE's list
     (extra_langs, e.g. a dev split's) are appended before avg."""
     langs = csv_langs(task, shots) + [l for l in extra_langs if l not in csv_langs(task, shots)]
-    targets = [l for l in TARGET_LANGS[task] if l in langs]
+    targets = list(target_langs(task, shots))
     values = {l: float(per_lang[l][metric]) if l in per_lang and metric in per_lang[l] else MISSING for l in langs}
     avg = sum(values[l] for l in targets) / len(targets) if all(l in per_lang for l in targets) else MISSING
     buf = io.StringIO()
@@ -90,12 +92,17 @@ def predictions_name(record: dict, lang: str) -> str:
     return f"{record['split']}_{lang}{mt}_{record.get('shots', 0)}_result.json"
 
 
-def predictions_json(task: str, preds: Sequence[tuple[str, int]], names: Sequence[str]) -> str:
+def predictions_json(task: str, preds: Sequence[tuple[str, int]], names: Sequence[str], examples=None) -> str:
     """One language's per-example predictions as VOLTA's eval_task.py writes them
     (docs/reference_facts.md#F-uc2-eval-outputs): xGQA (VL-classifier-GQA)
     [{"questionId", "prediction": answer}], the input of GQA_score.py and of IGLUE's xGQA analysis notebook;
-    XVNLI (VL-classifier) [{"question_id": pairID, "answer": entailment|neutral|contradiction}]. names[label]:
-    the answer / class name of each label id of the model (see label_names)."""
+    XVNLI (VL-classifier) [{"question_id": pairID, "answer": entailment|neutral|contradiction}]; MaRVL / NLVR2
+    (VL-binary-classifier, volta/task_utils.py) [{"sentence", "prediction": 0|1, "label": 0|1}] plus our "id"
+    (examples: {id: Example} for the sentence and gold label). names[label]: the answer / class name of each label
+    id of the model (scoring.results.label_names)."""
+    if task == "marvl":
+        rows = [(examples[i], p) for i, p in preds]
+        return json.dumps([{"id": e.id, "sentence": e.text, "prediction": p, "label": e.label} for e, p in rows]) + "\n"
     if task not in ("xgqa", "xvnli"):
         raise ValueError(f"no per-example predictions file for {task}")
     key, value = ("questionId", "prediction") if task == "xgqa" else ("question_id", "answer")

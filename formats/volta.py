@@ -24,8 +24,8 @@ import torch.nn as nn
 from formats import load_plan
 from formats import torch_files
 
-# VOLTA task keys of IGLUE's task configs (GQA, XVNLI, Flickr30k retrieval).
-VOLTA_TASK_KEY = {"xgqa": "TASK15", "xvnli": "TASK19", "xflickrco": "TASK8"}
+# VOLTA task keys of IGLUE's task configs (GQA, XVNLI, Flickr30k retrieval, NLVR2 = MaRVL's English training).
+VOLTA_TASK_KEY = {"xgqa": "TASK15", "xvnli": "TASK19", "xflickrco": "TASK8", "marvl": "TASK12"}
 
 # ---------------------------------------------------------------- VOLTA config json -> our config
 
@@ -387,7 +387,7 @@ def volta_key(key: str, task: str) -> tuple[str, str]:
     m = re.match(r"^clfs_dict\.(\w+)\.(.+)$", key)
     if m:
         rest = m.group(2)
-        if task == "xgqa":
+        if task in ("xgqa", "marvl"):  # SimpleClassifier's logit_fc (VL-classifier-GQA, VL-binary-classifier)
             g = re.match(r"^logit_fc\.(\d)\.(weight|bias)$", rest)
             return ("head", f"head.{g.group(1)}.{g.group(2)}") if g else ("unknown", "")
         return ("head", f"head.{rest}") if rest in ("weight", "bias") else ("unknown", "")

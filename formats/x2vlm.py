@@ -54,7 +54,13 @@ def resize_rel_pos_bias_table(table: torch.Tensor, dst_grid: int, num_extra: int
     return torch.cat([torch.cat(heads, dim=1).to(table.device, table.dtype), table[-num_extra:]], dim=0)
 
 
-NEW_KEYS = {"xvnli": ("cls_head.",), "xgqa": ("text_decoder.bert.embeddings.", "text_decoder.cls."), "xflickrco": ()}
+# the keys each task model adds to the pretraining checkpoint's (X2-VLM's init_params: random init, lr x lr_mult)
+NEW_KEYS = {
+    "xvnli": ("cls_head.",),
+    "xgqa": ("text_decoder.bert.embeddings.", "text_decoder.cls."),
+    "xflickrco": (),
+    "marvl": ("cls_head.",),  # XVLMPlusForMARVL's build_mlp(2 * text_width, 2)
+}
 PRETRAIN_ONLY = ("bbox_head.", "mlm_head.")
 RETRIEVAL_KEYS = ("temp", "vision_proj.", "text_proj.", "itm_head.")
 

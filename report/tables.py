@@ -25,6 +25,7 @@ PAPER_TABLE3 = {k: tuple(v) for k, v in PAPER["table3"].items()}
 PAPER_PER_LANG = {
     tuple(k.split()): {tuple(s.split()): d for s, d in rows.items()} for k, rows in PAPER["per_language"].items()
 }
+IGLUE_MARVL = PAPER["iglue_marvl"]  # IGLUE's published UC2 row: a reference, neither the paper's nor ours
 PAPER_FIG4_UNPAIRED = {tuple(k.split()): v for k, v in PAPER["fig4_unpaired"].items()}
 
 
@@ -161,8 +162,19 @@ def build_tables(runs: Sequence[str | Path], split: str = "test") -> dict:
                     "paper": paper,
                 }
             )
+    marvl = [  # MaRVL (not in the paper): ours per setup, IGLUE's UC2 row printed under it as a reference
+        {
+            "setup": _setup_name(groups[k][0]),
+            **dict(zip(("en", "avg"), en_avg(groups[k], "marvl", "accuracy"))),
+            "partial": partial(groups[k], "marvl"),
+            "unfinished": unfinished(groups[k], "marvl"),
+        }
+        for k in order
+        if any(r.get("task") == "marvl" for r in groups[k])
+    ]
     unfinished_runs = [f"{r['source']} of {r['run']}: {r['unfinished']}" for r in recs if r.get("unfinished")]
     return {
+        "marvl": marvl,
         "table1": table1,
         "table2": table2,
         "table3": table3,
@@ -320,6 +332,23 @@ def format_tables(t: dict, per_language: bool = False, paper: bool = True) -> st
             f"{cell(r['few_shot'], r['paper_few_shot']):>15}  {','.join(r['few_shot_langs']) or '-'}"
             for r in t["table3"]
         ]
+    if t.get("marvl"):
+        ref = IGLUE_MARVL["uc2"]
+        out += [
+            "",
+            "MaRVL (IGLUE's fourth task; the paper reports none): ours. EN = NLVR2 test-P, ZS = mean over id, sw, ta, "
+            "tr, zh.",
+            f"{'setup':<20}{'en':>15}{'avg':>15}",
+        ]
+        out += [
+            f"{r['setup']:<20}{_cell(r['en'], None, unfinished=r['unfinished']):>15}"
+            f"{_cell(r['avg'], None, r['partial'], r['unfinished']):>15}"
+            for r in t["marvl"]
+        ]
+        out.append(
+            f"reference, not ours: IGLUE's UC2 (results/marvl): EN {ref['zero_shot']['en']:.2f}, ZS "
+            f"{ref['zero_shot']['avg']:.2f}, translate-test ZS {ref['translate_test']['avg']:.2f}"
+        )
     if t.get("unfinished"):
         out += ["", "! unfinished runs (their last evaluated epoch is shown):"] + [f"  {u}" for u in t["unfinished"]]
     if t.get("footnotes"):

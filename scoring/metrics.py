@@ -246,7 +246,7 @@ def ordered_langs(langs: Iterable[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Per-language summaries: results.json's "summary" and the table `eval_zeroshot.py evaluate` prints
 
-MAIN_METRICS = {"xgqa": ("accuracy",), "xvnli": ("accuracy",), "xflickrco": ("tr_r1", "ir_r1")}
+MAIN_METRICS = {"xgqa": ("accuracy",), "xvnli": ("accuracy",), "xflickrco": ("tr_r1", "ir_r1"), "marvl": ("accuracy",)}
 
 
 def zs_average(per_lang: dict[str, dict], metric: str) -> float:

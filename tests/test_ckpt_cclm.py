@@ -155,7 +155,7 @@ def test_finetuned_roundtrip_and_errors(tmp_path: Path) -> None:
         x2vlm.load_checkpoint(c, str(tmp_path / "nope.pt"))
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", TASKS + ("marvl",))
 def test_layout_18_layers(task: str) -> None:
     model = meta_model(task)
     layout = train_cclm.layer_layout(task)
@@ -273,3 +273,49 @@ def test_lr_mult_covers_exactly_the_parameters_loading_leaves_fresh(vision_width
     doubled = {k for k in params if rule(k) == 2.0}
     assert doubled == fresh & params
     assert any(x2vlm._is_decoder_cross_kv(k) for k in doubled) == (vision_width != cfg["hidden_size"])
+
+
+# ---------------------------------------------------------------- MaRVL (X2-VLM's XVLMPlusForMARVL)
+
+
+def marvl_head_layout(hidden: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    """XVLMPlusForMARVL's cls_head = build_mlp(text_width * 2, 2): Linear(2h, 4h), LayerNorm, GELU, Linear(4h, 2)."""
+    shapes = {"0.weight": (4 * hidden, 2 * hidden), "0.bias": (4 * hidden,), "1.weight": (4 * hidden,)}
+    shapes |= {"1.bias": (4 * hidden,), "3.weight": (2, 4 * hidden), "3.bias": (2,)}
+    return {f"cls_head.{k}": (v, "float32") for k, v in shapes.items()}
+
+
+def test_marvl_layout_is_the_xvnli_trunk_with_a_pair_head() -> None:
+    """XVLMPlusForMARVL and XVLMPlus4XVNLI share XVLMPlusBase's trunk (no matching/contrastive heads); only the
+    classifier differs: it reads [left ; right] (2 x 768) and has 2 classes."""
+    trunk = {k: v for k, v in read_keys("ft_xvnli.keys.tsv").items() if not k.startswith("cls_head.")}
+    assert layout_of(meta_model("marvl")) == trunk | marvl_head_layout(768)
+
+
+def test_marvl_from_pretraining_maps_as_xvnli_with_cls_head_new() -> None:
+    """X2-VLM's load_pretrained is XVLMPlusBase's for both models: every trunk key is initialised as for XVNLI
+    (its observed rows), and the six cls_head tensors are new_random_init, trained at lr x lr_mult."""
+    model = meta_model("marvl")
+    pre = {k: s for k, (s, _) in read_keys("pretrain_cclm_x2vlm_base.keys.tsv").items()}
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    plan = x2vlm.pretrained_load_plan(pre, own, {n for n, _ in model.named_buffers() if n in own}, "marvl")
+    rows = [tuple(line.split("\t")) for line in (FIX / "ft_xvnli.init_from_pretrain.tsv").read_text().splitlines()[1:]]
+    assert sorted(plan) == sorted(rows)  # same keys (cls_head's shapes differ, not its action)
+    assert {k for k, a, _ in plan if a == "new_random_init"} == set(marvl_head_layout(768))
+    prefixes = train_cclm.lr_mult_prefixes("marvl", from_pretraining=True)
+    assert prefixes == train_cclm.lr_mult_prefixes("marvl", from_pretraining=False) == ("cls_head.",)
+    rule = train_cclm.lr_mult_rule(prefixes, LR_MULT)
+    assert {n for n, _ in model.named_parameters() if rule(n) == LR_MULT} == set(marvl_head_layout(768))
+
+
+def test_marvl_finetuned_file_loads_as_is_and_an_xvnli_one_is_refused(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    a = train_cclm.build_model("marvl", small(32))
+    torch.save({"model": a.state_dict()}, tmp_path / "marvl.th")
+    torch.manual_seed(2)
+    b = train_cclm.build_model("marvl", small(32))
+    assert "loaded fine-tuned marvl" in x2vlm.load_checkpoint(b, str(tmp_path / "marvl.th"))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    torch.save({"model": train_cclm.build_model("xvnli", small(32)).state_dict()}, tmp_path / "xvnli.th")
+    with pytest.raises(ValueError, match="cls_head.0.weight"):
+        x2vlm.load_checkpoint(b, str(tmp_path / "xvnli.th"))

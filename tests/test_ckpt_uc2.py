@@ -77,7 +77,7 @@ def test_volta_pretrained_manifest(task):
     )  # README: 282,295,765 parameters in the file (decoder = word embeddings, counted once)
 
 
-@pytest.mark.parametrize("task", U.TASKS)
+@pytest.mark.parametrize("task", sorted(FT_MANIFEST))  # IGLUE's released fine-tuned files (marvl: below)
 def test_volta_finetuned_manifest(task):
     src, target = manifest(FT_MANIFEST[task]), shapes(meta_model(task))
     plan = V.plan_load(src, target, task, name=FT_MANIFEST[task])
@@ -333,3 +333,40 @@ def test_iglue_no_decay_rule_on_our_names():
         "embeddings.image_location_layer_norm.weight",
         "head.2.weight",
     ]
+
+
+# ---------------------------------------------------------------- MaRVL: VOLTA's NLVR2 head (TASK12)
+
+
+def nlvr2_head(pooler: int, hidden: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """VOLTA's VL-binary-classifier: SimpleClassifier(pooler_size * 2, clf_hidden_size, 2): logit_fc 0 (Linear),
+    1 (GeLU), 2 (LayerNorm), 3 (Linear), under clfs_dict.TASK12 (IGLUE's NLVR2 task id). Built from VOLTA's
+    definition (volta/encoders.py), not read from a released file."""
+    shapes = {"0.weight": (hidden, 2 * pooler), "0.bias": (hidden,), "2.weight": (hidden,), "2.bias": (hidden,)}
+    shapes |= {"3.weight": (2, hidden), "3.bias": (2,)}
+    return {f"clfs_dict.TASK12.logit_fc.{k}": torch.randn(v, generator=g) for k, v in shapes.items()}
+
+
+def test_marvl_head_is_new_from_the_pretrained_file_and_loaded_from_an_nlvr2_file():
+    """From uc2_checkpoint_200000.bin the pair classifier (head.0/2/3: 2 x pooler inputs, 2 outputs) is reported
+    new, VOLTA init; from a fine-tuned NLVR2 file (TASK12) every key is copied, the head included."""
+    plan = V.plan_load(manifest("uc2_volta_pretrained"), shapes(meta_model("marvl")), "marvl")
+    assert plan.ok and dict(plan.initialised) == {
+        k: "task head, VOLTA init (N(0,0.02) weights, zero bias, LayerNorm 1/0)"
+        for k in ("head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias", "head.3.weight", "head.3.bias")
+    }
+    assert shapes(meta_model("marvl"))["head.0.weight"] == (768, 2 * 768)
+    assert "head.0.weight" in plan.report(verbose=True)
+    sd = {k: v for k, v in tiny_tensors("uc2_volta_ft_gqa").items() if not k.startswith("clfs_dict.")}
+    sd |= nlvr2_head(TINY["pooler_size"], TINY["clf_hidden_size"], torch.Generator().manual_seed(3))
+    model = U.build_model("marvl", TINY)
+    plan = V.load_into(model, sd)
+    assert plan.ok and not plan.initialised and not plan.notes, plan.report()
+    ours = model.state_dict()
+    for i in ("0", "2", "3"):
+        assert torch.equal(ours[f"head.{i}.weight"], sd[f"clfs_dict.TASK12.logit_fc.{i}.weight"])
+    # an NLVR2 head is not an XVNLI or GQA head: loading it into those models fails, naming the key
+    for other in ("xvnli", "xgqa"):
+        bad = V.plan_load({k: tuple(v.shape) for k, v in sd.items()}, shapes(U.build_model(other, TINY)), other)
+        with pytest.raises(ValueError, match="clfs_dict|head"):
+            bad.raise_if_bad()

@@ -29,6 +29,7 @@ import report.runs  # noqa: E402
 import report.tables  # noqa: E402
 import scoring.evaluate  # noqa: E402
 import scoring.metrics  # noqa: E402
+import scoring.results  # noqa: E402
 import train_cclm  # noqa: E402
 from bench.call_counter import CallCounter  # noqa: E402
 from formats import volta  # noqa: E402
@@ -556,7 +557,7 @@ def test_partial_and_dev_evaluations_keep_the_test_results(env, tmp_path):
 
 
 @pytest.mark.parametrize("model_name", ["uc2", "cclm"])
-@pytest.mark.parametrize("task", data.TASKS)
+@pytest.mark.parametrize("task", sorted(TASK_SPLIT))  # marvl: when the shipped sample has its files (TASK_SPLIT)
 def test_evaluate_every_language_and_translate_test(env, model_name, task, capsys):
     import data
 
@@ -588,7 +589,7 @@ def test_evaluate_every_language_and_translate_test(env, model_name, task, capsy
                 assert int(n) == (iglue.csv_n(task, want, m) if want else -1)
         if task != "xflickrco":  # per-example predictions, as VOLTA's eval_task.py writes them
             rec = {"split": split, "translate_test": mt, "shots": 0}
-            names = E.label_names(model_name, task, env["data_root"])
+            names = scoring.results.label_names(model_name, task, env["data_root"])
             for lang in res["langs"]:
                 rows = json.loads((run / iglue.predictions_name(rec, lang)).read_text())
                 key, value = ("questionId", "prediction") if task == "xgqa" else ("question_id", "answer")
@@ -1263,3 +1264,57 @@ def test_table_without_the_papers_numbers_prints_ours_alone(tmp_path, capsys):
     assert report_cli.main(["table", *map(str, runs), "--per-language"]) == 0
     full = capsys.readouterr().out
     assert "Table 1: ours (paper)." in full and "(41.3)" in full
+
+
+# ---------------------------------------------------------------- MaRVL results in IGLUE's layout
+
+
+def test_marvl_results_are_written_in_iglue_layout(tmp_path):
+    """IGLUE's results/get_marvl_zero.py columns (model,en,id,sw,ta,tr,zh,avg: MaRVL_0.csv, MaRVL_0.mt.csv for
+    translate-test) and get_marvl_few.py's (model,id,tr,zh,avg: MaRVL_<shots>.csv); avg over the target languages;
+    per-example predictions as VOLTA's VL-binary-classifier results (sentence, prediction, label)."""
+    langs = {
+        l: {"accuracy": a, "n": 100 + i}
+        for i, (l, a) in enumerate(zip(("en", "id", "sw", "ta", "tr", "zh"), range(50, 56)))
+    }
+    rec = {"task": "marvl", "split": "test", "translate_test": False, "langs": langs, "shots": 0}
+    scoring.results.write_results(tmp_path, rec, "uc2-marvl-suf")
+    header, row, n_row = (line.split(",") for line in (tmp_path / "MaRVL_0.csv").read_text().splitlines())
+    assert header == ["model", "en", "id", "sw", "ta", "tr", "zh", "avg"]
+    assert row == ["uc2-marvl-suf", "50.0", "51.0", "52.0", "53.0", "54.0", "55.0", "53.0"]
+    assert n_row == ["n", "100", "101", "102", "103", "104", "105", ""]
+    scoring.results.write_results(tmp_path, {**rec, "translate_test": True}, "uc2-marvl-suf")
+    assert (tmp_path / "MaRVL_0.mt.csv").read_text().splitlines()[0] == "model,en,id,sw,ta,tr,zh,avg"
+    few = {**rec, "shots": "10x2", "langs": {"tr": {"accuracy": 60.0, "n": 9}}}
+    scoring.results.write_results(tmp_path / "fs", few, "uc2-marvl-full")
+    header, row, _ = (line.split(",") for line in (tmp_path / "fs" / "MaRVL_10x2.csv").read_text().splitlines())
+    assert header == ["model", "id", "tr", "zh", "avg"] and row == ["uc2-marvl-full", "-1.0", "60.0", "-1.0", "-1.0"]
+    exs = [data.Example("marvl", "id", f"p{i}", "img", "img.png", f"caption {i}", label=i % 2) for i in range(3)]
+    scoring.results.write_predictions(tmp_path, rec, {"id": [("p0", 1), ("p1", 1), ("p2", 0)]}, {"id": exs}, [])
+    rows = json.loads((tmp_path / "test_id_0_result.json").read_text())
+    assert rows == [
+        {"id": "p0", "sentence": "caption 0", "prediction": 1, "label": 0},
+        {"id": "p1", "sentence": "caption 1", "prediction": 1, "label": 1},
+        {"id": "p2", "sentence": "caption 2", "prediction": 0, "label": 0},
+    ]
+
+
+def test_marvl_table_shows_ours_and_iglues_uc2_row_only_as_a_reference(tmp_path, capsys):
+    """MaRVL runs get their own table (the paper has no MaRVL numbers: no paper cell); IGLUE's published UC2 row
+    (57.28 zero-shot, 63.09 translate-test, 70.56 English) is printed under it, labelled a reference."""
+    marvl_langs = ["en", "id", "sw", "ta", "tr", "zh"]
+    runs = [
+        _fake_run(tmp_path / f"uc2-marvl-{p}", "uc2", "marvl", p, marvl_langs, 2, i)
+        for i, p in enumerate(("full", "suf"))
+    ]
+    runs.append(_fake_run(tmp_path / "cclm-marvl-suf", "cclm", "marvl", "suf", ["en", "id"], 1, 5))
+    t = report.tables.build_tables(runs)
+    rows = {r["setup"]: r for r in t["marvl"]}
+    last = E.read_epoch_metrics(runs[1])[-1][1]
+    assert rows["UC2+SUF"]["avg"] == pytest.approx(scoring.metrics.zs_average(last, "accuracy"))
+    assert rows["UC2+SUF"]["en"] == last["en"]["accuracy"] and not rows["UC2+SUF"]["partial"]
+    assert rows["CCLM+SUF"]["partial"] and set(rows) == {"UC2", "UC2+SUF", "CCLM+SUF"}
+    out = report.tables.format_tables(t)
+    assert "MaRVL (IGLUE's fourth task; the paper reports none): ours." in out
+    assert "reference, not ours: IGLUE's UC2 (results/marvl): EN 70.56, ZS 57.28, translate-test ZS 63.09" in out
+    assert f"{rows['UC2+SUF']['avg']:.1f}" in out and "(57.3)" not in out  # never a paper-style cell beside ours

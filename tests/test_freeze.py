@@ -506,3 +506,84 @@ def test_bench_table_says_when_old_results_kept_a_retry():
     }
     rows = table.suf_step(old)
     assert any("attempt 1 10.3%, attempt 2 12.1%" in r[2] and "attempt 2's only" in r[2] for r in rows)
+
+
+# ---------------------------------------------------------------- MaRVL: layers that run once per image of a pair
+
+import train_cclm  # noqa: E402
+import train_uc2  # noqa: E402
+from _configs import CCLM_TINY, UC2_TINY  # noqa: E402
+from _marvl_batches import cclm_batch, uc2_batch, uc2_slot  # noqa: E402
+
+NO_DROPOUT = {
+    "uc2": dict(hidden_dropout=0.0, attention_dropout=0.0, classifier_dropout=0.0),
+    "cclm": dict(dropout=0.0, attn_dropout=0.0, vision_drop_path=0.0, text_layers=2, cross_layers=2),
+}
+
+
+def marvl(model_name: str):
+    """(tiny marvl model, its layout, a synthetic batch); CCLM with 2 text + 2 cross layers."""
+    trainer = train_uc2 if model_name == "uc2" else train_cclm
+    config = {**trainer.resolve_config(UC2_TINY if model_name == "uc2" else CCLM_TINY), **NO_DROPOUT[model_name]}
+    torch.manual_seed(0)
+    model = trainer.build_model("marvl", config)
+    batch = uc2_batch(config) if model_name == "uc2" else cclm_batch(config)
+    return model, trainer.layer_layout("marvl", config), batch
+
+
+@pytest.mark.parametrize("model_name", ["uc2", "cclm"])
+def test_two_image_suf_freezes_a_layer_in_both_passes_and_unfreezes_top_down(model_name):
+    """Stage by stage (k = 1): the frozen layers get no gradient from either image's pass, every trainable layer
+    and the task head (UC2: pooler + pair classifier; CCLM: cls_head) get one, and the trainable set grows from
+    the top layer down."""
+    model, layout, batch = marvl(model_name)
+    n = layout.num_layers
+    schedule = Schedule("suf", n, suf_k=1)
+    head = ("pooler.", "head.") if model_name == "uc2" else ("cls_head.",)
+    for epoch in range(n):
+        freeze.apply_schedule(model, layout, schedule, epoch)
+        model.zero_grad(set_to_none=True)
+        model.loss(batch).backward()
+        assert schedule.trainable_layers(epoch) == list(range(n - 1 - epoch, n))
+        for name, p in model.named_parameters():
+            layer = layout.layer_of(name)
+            if layer is not None and layer < n - 1 - epoch:
+                assert not p.requires_grad and p.grad is None, (epoch, name)
+            elif layer is not None or name.startswith(head):
+                assert p.grad is not None and p.grad.abs().sum() > 0, (epoch, name)
+
+
+def uc2_two_copy_grads(model, batch) -> tuple[dict, dict]:
+    """The loss with the left rows through `model` and the right rows through a copy: each copy's gradient is
+    one pass's share."""
+    twin = copy.deepcopy(model)
+    pooled = torch.cat([model.encode(*uc2_slot(batch, 0)), twin.encode(*uc2_slot(batch, 1))], -1)
+    torch.nn.functional.binary_cross_entropy_with_logits(model.head(pooled), batch["target"]).backward()
+    return {n: p.grad for n, p in model.named_parameters()}, {n: p.grad for n, p in twin.named_parameters()}
+
+
+def cclm_two_copy_grads(model, batch) -> tuple[dict, dict]:
+    twin = copy.deepcopy(model)
+    ids, atts, b = batch["text_ids"], batch["text_atts"], batch["text_ids"].shape[0]
+    v = model.vision_encoder(batch["images"])
+    left = model.cross_embeds(v[:b], model.text_encoder(ids, atts), atts)[:, 0]
+    right = twin.cross_embeds(v[b:], twin.text_encoder(ids, atts), atts)[:, 0]
+    torch.nn.functional.cross_entropy(model.cls_head(torch.cat([left, right], -1)), batch["label"]).backward()
+    return {n: p.grad for n, p in model.named_parameters()}, {n: p.grad for n, p in twin.named_parameters()}
+
+
+@pytest.mark.parametrize("model_name", ["uc2", "cclm"])
+def test_two_image_layer_gradient_is_the_sum_of_both_passes(model_name):
+    """One set of weights per layer: its gradient from the pair model equals the sum of what the left pass and
+    the right pass contribute (measured by sending the right pass through a copy of the model)."""
+    model, layout, batch = marvl(model_name)
+    model.eval()
+    left, right = (uc2_two_copy_grads if model_name == "uc2" else cclm_two_copy_grads)(copy.deepcopy(model), batch)
+    model.loss(batch).backward()
+    checked = 0
+    for name, p in model.named_parameters():
+        if layout.layer_of(name) is not None:
+            assert right[name] is not None and right[name].abs().sum() > 0, name  # the right pass reaches it
+            torch.testing.assert_close(p.grad, left[name] + right[name], rtol=1e-4, atol=1e-6)
+            checked += 1
+    assert checked > 0

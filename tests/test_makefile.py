@@ -34,6 +34,31 @@ def test_table1_target_prints_the_training_command(model, target):
     )
 
 
+@pytest.mark.parametrize("model", ["uc2", "cclm"])
+@pytest.mark.parametrize("policy", ["full", "suf"])
+def test_marvl_targets_print_training_translate_test_and_fewshot_commands(model, policy):
+    """make marvl-{full,suf} trains on NLVR2 like the Table 1 targets; translate-test-marvl-<policy> evaluates that
+    run on the _gmt files; fewshot-marvl-<policy> continues it on a MaRVL few-shot split (IGLUE: id, tr, zh; batch
+    32), defaults id / 10x2 unless LANG_FS= / SHOTS= are given."""
+    visual = "--features data/features" if model == "uc2" else "--images data/images"
+    train = make("-n", f"marvl-{policy}", f"MODEL={model}", "DATA=/d", "CKPT=/c").stdout.splitlines()[-1]
+    assert train == (
+        f".venv/bin/python train_{model}.py --task marvl --policy {policy} --data-root /d {visual} --checkpoint /c "
+        f"--tokenizer xlm-roberta-base --eval-every 1 --output-dir runs/{model}-marvl-{policy} "
+    )
+    mt = make("-n", f"translate-test-marvl-{policy}", f"MODEL={model}").stdout.splitlines()[-1].split()
+    assert mt == [".venv/bin/python", "eval_zeroshot.py", "evaluate", "--run-dir", f"runs/{model}-marvl-{policy}"] + [
+        "--translate-test"
+    ]
+    fs = make("-n", f"fewshot-marvl-{policy}", f"MODEL={model}").stdout.splitlines()[-1]
+    assert (
+        f"eval_zeroshot.py fewshot --checkpoint runs/{model}-marvl-{policy}/model_final.pt --lang id --shots 10x2 "
+        f"--fs-batch-size 32 --data-root data/iglue {visual}"
+    ) in fs and fs.split("--output-dir ")[1].split()[0] == f"runs/{model}-marvl-{policy}-fewshot10x2-id"
+    zh = make("-n", f"fewshot-marvl-{policy}", f"MODEL={model}", "LANG_FS=zh", "SHOTS=4").stdout.splitlines()[-1]
+    assert "--lang zh --shots 4 " in zh and "-fewshot4-zh" in zh
+
+
 def test_xflickrco_evaluates_the_asked_languages_per_epoch_and_every_language_when_emptied():
     """Per-epoch retrieval languages come from XFLICKRCO_EPOCH_LANGS (default en); empty: no --eval-langs, so
     every language after every epoch (the trainer's last epoch evaluates every language either way)."""
@@ -135,12 +160,14 @@ def test_help_opens_with_the_papers_experiments_and_lists_every_target_once():
     heads = [i for i, line in enumerate(lines) if not line.startswith("  ")]
     assert [lines[i].split(" (")[0].rstrip(":") for i in heads] == [
         "The paper's experiments",
+        "MaRVL, IGLUE's fourth task",
         "The comparison systems",
         "Tests, benchmarks, the synthetic world",
     ]
     section = {line.split()[0]: sum(h <= i for h in heads) for i, line in enumerate(lines) if line.startswith("  ")}
     assert section["xgqa-top6"] == section["figures"] == 1
-    assert section["xvlmaml-{xgqa,xvnli,xflickrco}"] == section["pet-xtd"] == 2 and section["test"] == 3
+    assert section["marvl-{full,suf}"] == section["fewshot-marvl-{full,suf}"] == 2
+    assert section["xvlmaml-{xgqa,xvnli,xflickrco}"] == section["pet-xtd"] == 3 and section["test"] == 4
     documented = [
         line.split()[1]
         for f in ("Makefile", "comparisons/mclip/mclip.mk")
@@ -148,7 +175,10 @@ def test_help_opens_with_the_papers_experiments_and_lists_every_target_once():
         if line.startswith("## ") and "$(" not in line
     ]
     shown = [line.split()[0] for line in lines if line.startswith("  ")]
-    assert sorted(shown) == sorted(documented + ["{xgqa,xvnli,xflickrco}-{full,suf}", "fewshot-xgqa-{full,suf}"])
+    marvl = ["marvl-{full,suf}", "translate-test-marvl-{full,suf}", "fewshot-marvl-{full,suf}"]
+    assert sorted(shown) == sorted(
+        documented + ["{xgqa,xvnli,xflickrco}-{full,suf}", "fewshot-xgqa-{full,suf}"] + marvl
+    )
 
 
 def test_readme_torchrun_example_is_the_command_its_make_target_runs():

@@ -36,6 +36,7 @@ import train_uc2 as U  # noqa: E402
 from formats import feature_sets, volta  # noqa: E402
 import _faults  # noqa: E402
 import _guard  # noqa: E402
+from _marvl_batches import uc2_batch, uc2_slot, uc2_swapped  # noqa: E402
 
 IGLUE = ROOT / "tests" / "fixtures" / "iglue"
 SPLITS = {"xgqa": ("testdev", "dev"), "xvnli": ("train_48", "test"), "xflickrco": ("valid", "test")}
@@ -104,7 +105,8 @@ def test_loss_falls_on_a_fixed_batch(task, policy, sample):
     opt, sched = engine.build_optimizer(model, layout, schedule, args, total_steps=1000)
     freeze.apply_schedule(model, layout, schedule, epoch=0)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    batch = fixed_batch(task, sample)
+    # marvl: a synthetic batch in the contract's layout until the shipped sample has MaRVL files (SPLITS)
+    batch = fixed_batch(task, sample) if task in SPLITS else uc2_batch(config, b=4)
     losses = []
     for _ in range(6):
         loss = model.loss(batch)
@@ -352,3 +354,67 @@ def test_non_finite_run_writes_no_result(sample, tmp_path, monkeypatch, capsys):
     assert code == 1 and line.startswith("error: evaluation after epoch 1: non-finite logits (NaN or inf) for "), line
     assert f"the epoch's checkpoint {run / run_folder.CHECKPOINT} is kept" in line
     assert _guard.results_written(run) == [] and '"type": "eval"' not in (run / run_folder.METRICS).read_text()
+
+
+# ---------------------------------------------------------------- MaRVL: VOLTA's NLVR2 model on the pair
+
+
+def marvl_model(seed: int = 0) -> U.UC2:
+    torch.manual_seed(seed)
+    return U.build_model("marvl", U.resolve_config(UC2_TINY)).eval()
+
+
+def test_marvl_logits_are_the_pair_classifier_on_left_then_right():
+    """VOLTA's VL-binary-classifier: the 2B rows (left, right of each example) are encoded separately and
+    dropout(pooled).view(-1, 2 * pooler) feeds SimpleClassifier(2 * pooler, clf_hidden, 2): per example the left
+    image's pooled output, then the right's. Swapping the images swaps the two halves of the head's input."""
+    model, batch = marvl_model(), uc2_batch(U.resolve_config(UC2_TINY))
+    with torch.no_grad():
+        logits = model._run(batch)
+        left, right = model.encode(*uc2_slot(batch, 0)), model.encode(*uc2_slot(batch, 1))
+        swapped = model._run(uc2_swapped(batch))
+        assert logits.shape == (3, 2) and model.predict(batch).tolist() == logits.argmax(-1).tolist()
+        torch.testing.assert_close(logits, model.head(torch.cat([left, right], -1)))
+        torch.testing.assert_close(swapped, model.head(torch.cat([right, left], -1)))
+        assert not torch.allclose(swapped, logits)
+        # loss: VOLTA's BCEWithLogits against the one-hot target, mean over batch and both classes, unscaled
+        torch.testing.assert_close(
+            model.loss(batch), torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["target"])
+        )
+        assert model.cls_features(batch).shape == (6, 32)  # pooled output per image row
+
+
+def test_marvl_dropout_acts_on_each_image_row_before_the_pair_is_joined():
+    """In training the classifier's dropout masks the 2B pooled rows (VOLTA: self.dropout(pooled_output_t), then
+    the view): with only that dropout active, the logits are the head on the masked rows, joined per pair."""
+    model = marvl_model()
+    model.dropout.train()
+    batch = uc2_batch(U.resolve_config(UC2_TINY))
+    with torch.no_grad():
+        pooled = model.encode(*U.UC2._flat(batch))
+        torch.manual_seed(5)
+        got = model._run(batch)
+        torch.manual_seed(5)
+        want = model.head(model.dropout(pooled).view(-1, 2 * pooled.shape[1]))
+    torch.testing.assert_close(got, want)
+
+
+def test_marvl_defaults_and_help():
+    """IGLUE's NLVR2 task config (TASK12: lr 1e-5, batch 64, 20 epochs) for both recipes (the paper is silent on
+    MaRVL), IGLUE's optimizer flags under --recipe iglue; --help lists the marvl defaults."""
+    assert U.DEFAULTS[("paper", "marvl")] == dict(epochs=20, lr=1e-5, batch_size=64)
+    assert U.DEFAULTS[("iglue", "marvl")] == dict(epochs=20, lr=1e-5, batch_size=64, **U.IGLUE_OPTIM)
+    args = engine.parse_args(U.build_parser(), ["--task", "marvl", "--print-schedule"], U.DEFAULTS, "uc2")
+    assert (args.epochs, args.lr, args.batch_size, args.max_regions) == (20, 1e-5, 64, 36)
+    text = U.build_parser().format_help()
+    assert "marvl 20" in text and "marvl 1e-05" in text and "marvl 64" in text
+
+
+def test_print_schedule_shows_the_two_image_layout(capsys):
+    U.main(["--task", "marvl", "--policy", "suf", "--model-config", UC2_TINY, "--print-schedule", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 20 and [len(r["trainable_layers"]) for r in rows[:5]] == [3, 6, 9, 12, 12]
+    assert all(r["passes_per_layer"] == 2 and r["task_head"] == ["head", "pooler"] for r in rows)
+    U.main(["--task", "marvl", "--policy", "top", "--model-config", UC2_TINY, "--print-schedule"])
+    out = capsys.readouterr().out
+    assert out.startswith("2 images per example: every layer runs once per image") and "task head: head, pooler" in out
