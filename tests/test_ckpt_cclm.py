@@ -18,6 +18,8 @@ from formats import x2vlm  # noqa: E402
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "cclm"
 TASKS = ("xgqa", "xvnli", "xflickrco")
+# full-size layouts observed by running the reference (ft_<task>.keys.tsv / .init_from_pretrain.tsv): MaRVL too
+REFERENCE_LAYOUTS = TASKS + ("marvl",)
 
 
 def read_keys(name: str) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -37,7 +39,7 @@ def layout_of(model) -> dict[str, tuple[tuple[int, ...], str]]:
     return {k: (tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", REFERENCE_LAYOUTS)
 def test_base_layout_equals_reference(task: str) -> None:
     model = meta_model(task)
     assert layout_of(model) == read_keys(f"ft_{task}.keys.tsv")
@@ -47,7 +49,7 @@ def test_base_layout_equals_reference(task: str) -> None:
         assert dec.cls.predictions.decoder.bias is dec.cls.predictions.bias
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", REFERENCE_LAYOUTS)
 def test_pretrained_mapping_equals_reference(task: str) -> None:
     model = meta_model(task)
     pre = {k: s for k, (s, _) in read_keys("pretrain_cclm_x2vlm_base.keys.tsv").items()}
@@ -214,7 +216,7 @@ def x2vlm_expected_groups(task: str) -> dict[str, tuple[float, float]]:
     return out
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", REFERENCE_LAYOUTS)
 def test_optimizer_groups_follow_x2vlm_rules_on_the_released_layout(task: str) -> None:
     model = meta_model(task)
     layout = train_cclm.layer_layout(task)
@@ -234,13 +236,15 @@ def test_optimizer_groups_follow_x2vlm_rules_on_the_released_layout(task: str) -
     assert got.keys() == want.keys()
     assert {n for n in got if got[n] != want[n]} == set()
     doubled = sum(lr == LR * LR_MULT for lr, _ in want.values())
-    assert doubled == {"xgqa": 10, "xvnli": 6, "xflickrco": 0}[task]  # docs/reference_facts.md#F-cclm-load-pretrained
+    assert (
+        doubled == {"xgqa": 10, "xvnli": 6, "xflickrco": 0, "marvl": 6}[task]
+    )  # docs/reference_facts.md#F-cclm-load-pretrained
     # the four reversals of the former ndim rule, named
     assert got["vision_encoder.blocks.0.attn.relative_position_bias_table"][1] == 0.0
     assert got["vision_encoder.blocks.0.gamma_1"][1] == WD
     if task == "xflickrco":
         assert got["temp"][1] == WD and got["itm_head.1.weight"][1] == WD
-    if task == "xvnli":
+    if task in ("xvnli", "marvl"):
         assert got["cls_head.1.weight"] == (LR * LR_MULT, WD)
 
 

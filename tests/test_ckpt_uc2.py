@@ -20,7 +20,13 @@ from formats import torch_files  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "uc2"
-FT_MANIFEST = {"xgqa": "uc2_volta_ft_gqa", "xvnli": "uc2_volta_ft_xvnli", "xflickrco": "uc2_volta_ft_retrieval"}
+# VOLTA's BertForVLTasks layouts per task (marvl: IGLUE's NLVR2 entry TASK12, VL-binary-classifier)
+FT_MANIFEST = {
+    "xgqa": "uc2_volta_ft_gqa",
+    "xvnli": "uc2_volta_ft_xvnli",
+    "xflickrco": "uc2_volta_ft_retrieval",
+    "marvl": "uc2_volta_ft_nlvr2",
+}
 
 
 def manifest(name: str) -> dict[str, tuple]:

@@ -32,7 +32,9 @@ def fixture_dirs() -> list[Path]:
     return [Path(p) for p in env.split(os.pathsep) if p and not (Path(p) / "volta_config.json").is_file()]
 
 
+# marvl (two-image, X2-VLM's XVLMPlusForMARVL) only where the set has it: sets made before it are not parametrised
 CASES = [(d, t) for d in fixture_dirs() for t in ("xvnli", "xflickrco", "xgqa", "preprocess", "relpos")]
+CASES += [(d, "marvl") for d in fixture_dirs() if (d / "marvl").is_dir()]
 
 
 def config_from_fixture(model_config: dict) -> dict:
@@ -100,6 +102,28 @@ def check_xvnli(folder: Path) -> None:
     n, correct = len(pred), (pred == x["targets"]).sum().item()
     assert abs(correct / (n + 1) - out["accuracy"].item()) < 1e-6
     assert 0 <= correct / n <= 1
+
+
+def check_marvl(folder: Path) -> None:
+    """X2-VLM MARVL.py: images = [all left ; all right]; the cross encoder (text encoder inside) once per half;
+    cls_head on [left CLS ; right CLS]; evaluate() prints n_correct / (B + 1) (SmoothedValue's dummy update)."""
+    model, x, out = load(folder, "marvl")
+    batch = {"images": x["images"], "text_ids": x["text_ids"], "text_atts": x["text_atts"], "label": x["targets"]}
+    ids, atts = x["text_ids"], x["text_atts"]
+    v = model.vision_encoder(x["images"])
+    close("vision_embeds", v, out["vision_embeds"])
+    left, right = torch.split(v, len(ids))
+    close("cross_embeds_left", model.cross_embeds(left, model.text_encoder(ids, atts), atts), out["cross_embeds_left"])
+    close(
+        "cross_embeds_right", model.cross_embeds(right, model.text_encoder(ids, atts), atts), out["cross_embeds_right"]
+    )
+    close("output_cls", model.cls_features(batch), out["output_cls"])
+    close("logits", model.logits(batch), out["logits"])
+    pred = model.predict(batch)
+    close("pred", pred, out["pred"])
+    close("loss", model.loss(batch), out["loss"])
+    n, correct = len(pred), (pred == x["targets"]).sum().item()
+    assert abs(correct / (n + 1) - out["accuracy"].item()) < 1e-6
 
 
 def check_xflickrco(folder: Path) -> None:

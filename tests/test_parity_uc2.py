@@ -22,7 +22,7 @@ from parity import assert_matches_reference  # noqa: E402
 from scoring import retrieval_protocols  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-TASK_DIRS = {"gqa": "xgqa", "xvnli": "xvnli", "retrieval": "xflickrco"}
+TASK_DIRS = {"gqa": "xgqa", "xvnli": "xvnli", "retrieval": "xflickrco", "marvl": "marvl"}  # marvl: TASK12 (NLVR2)
 
 
 def _folders() -> list[Path]:
@@ -95,8 +95,8 @@ def test_parity_uc2(folder: Path, task_dir: str):
                 assert len(trace[k]) == len(out[k])
                 for i, (a, b) in enumerate(zip(trace[k], out[k])):
                     _close(f"{attn} {k}[{i}]", a, b)
-            b = inp["input_ids"].shape[0]
-            if task in ("xgqa", "xvnli"):
+            b = inp["input_ids"].shape[0]  # marvl: B pairs (VOLTA's batch_size before its nlvr reshape to 2B rows)
+            if task in ("xgqa", "xvnli", "marvl"):
                 batch = {**inp, "target": inp["target"]}
                 _close("loss_train", model.loss(batch), out["loss_train"])
                 _close("loss_val", model.loss(batch), out["loss_val"])
@@ -104,6 +104,9 @@ def test_parity_uc2(folder: Path, task_dir: str):
                 hit = inp["target"].gather(1, model.predict(batch)[:, None]).sum()
                 _close("batch_score_train", hit / b, out["batch_score_train"])
                 _close("batch_score_val", hit, out["batch_score_val"])
+                if task == "marvl":  # the pair's class (1 = True); VOLTA's target is its one-hot
+                    assert torch.equal(inp["target"].argmax(1), inp["label"])
+                    _close("predict", model.predict(batch), out["logits"].argmax(1))
             else:
                 scores = model.pair_scores(inp)
                 _close("scores_grouped", scores, out["scores_grouped"])
