@@ -316,6 +316,89 @@ def write_features(cfg: W.WorldConfig, pcfg: PairsConfig, path: Path, blind: boo
     return path
 
 
+# ---------------------------------------------------------------------------------------------- images
+# For CCLM, which reads pixels: each scene drawn (its objects' shapes in their colours and sizes, at their slots),
+# saved where formats/nlvr2_marvl.py looks for the files of a line under an images root (<world>/images):
+# nlvr2/<split>/<prefix>-img<k>.png, marvl/<lang>/images/<set>/<left_img>, marvl_fewshot/<lang>/all/<name>.
+RGB = {
+    "red": (220, 30, 30),
+    "blue": (30, 60, 220),
+    "green": (30, 170, 50),
+    "yellow": (235, 220, 40),
+    "purple": (140, 40, 170),
+    "orange": (245, 140, 20),
+}
+IMAGES = "images"
+
+
+def draw_scene(scene: Sequence[W.Obj], width: int = 96):
+    """The scene as a PIL image width x (2/3 width): grey ground, each object in its slot's third."""
+    from PIL import Image, ImageDraw
+
+    h = width * W.IMG_H // W.IMG_W
+    img = Image.new("RGB", (width, h), (128, 128, 128))
+    d = ImageDraw.Draw(img)
+    for o in scene:
+        cx, cy = (o.slot + 0.5) * width / 3, h / 2
+        r = width / 3 * (0.18 if o.size == 0 else 0.4)
+        fill, shape = RGB[W.COLOURS[o.colour]], W.SHAPES[o.shape]
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if shape == "circle":
+            d.ellipse(box, fill=fill)
+        elif shape == "square":
+            d.rectangle(box, fill=fill)
+        elif shape == "triangle":
+            d.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+        elif shape == "star":
+            d.regular_polygon((cx, cy, r), 5, fill=fill)
+            d.regular_polygon((cx, cy, r), 5, rotation=36, fill=fill)
+        elif shape == "cross":
+            d.rectangle((cx - r, cy - r / 3, cx + r, cy + r / 3), fill=fill)
+            d.rectangle((cx - r / 3, cy - r, cx + r / 3, cy + r), fill=fill)
+        else:  # heart
+            d.ellipse((cx - r, cy - r, cx, cy), fill=fill)
+            d.ellipse((cx, cy - r, cx + r, cy), fill=fill)
+            d.polygon([(cx - r, cy - r / 2), (cx + r, cy - r / 2), (cx, cy + r)], fill=fill)
+    return img
+
+
+def image_files(cfg: W.WorldConfig, pcfg: PairsConfig) -> list[tuple[str, list]]:
+    """(path under the images root, scene) of every image file of the task, per language for MaRVL."""
+    out = []
+    for stream, n in streams(pcfg).items():
+        for s, (_, pairs) in enumerate(sets_of(cfg, stream, n)):
+            for p, pair in enumerate(pairs):
+                for side in (0, 1):
+                    if stream != "fewshot":
+                        prefix = NLVR2_PREFIX[stream]
+                        out.append((f"nlvr2/{prefix}/{prefix}-{s}-{p}-img{side}.png", pair[side]))
+                    for lang in (x for x in W.LANGS if x != "en"):
+                        if stream == "test":
+                            out.append((f"marvl/{lang}/images/{s}/{marvl_image(s, p, side, False)}", pair[side]))
+                        if stream == "fewshot":
+                            out.append((f"marvl_fewshot/{lang}/all/{marvl_image(s, p, side, True)}", pair[side]))
+    return out
+
+
+def add_images(world: Path, pcfg: PairsConfig | None = None, width: int = 96) -> Path:
+    """Draw every image of the two-image task under <world>/images (CCLM's --images root); idempotent (the folder
+    is renamed into place when complete). Returns the images root."""
+    world = Path(world)
+    root = world / IMAGES
+    if root.is_dir():
+        return root
+    if not (world / RECORD).is_file():
+        raise SystemExit(f"error: {world}: no {RECORD} (add the two-image task first: python -m synthetic.pairs)")
+    pcfg = pcfg or PairsConfig(**{k: v for k, v in json.loads((world / RECORD).read_text())["config"].items()})
+    partial = world / (IMAGES + ".partial")
+    for rel, scene in image_files(W.load_config(world), pcfg):
+        path = partial / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draw_scene(scene, width).save(path, **({"quality": 95} if path.suffix == ".jpg" else {}))
+    partial.rename(root)
+    return root
+
+
 # ---------------------------------------------------------------------------------------------- the task files
 
 
@@ -382,8 +465,11 @@ def add_pairs(world: Path, pcfg: PairsConfig = PairsConfig()) -> dict:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", required=True, help="a world built by python -m synthetic.world")
+    p.add_argument("--images", action="store_true", help="also draw every image under <world>/images (for CCLM)")
     args = p.parse_args(argv)
     record = add_pairs(Path(args.world))
+    if args.images:
+        print(f"images drawn under {add_images(Path(args.world))}")
     for rel, r in record["files"].items():
         print(
             f"{rel}: {r['lines']} pairs, {r['true']} true, text-only floor {r['text_only_floor']:.3f}, "

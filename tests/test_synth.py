@@ -533,3 +533,25 @@ def test_add_pairs_is_deterministic_per_seed_and_adds_only_its_own_files(pair_wo
         assert _record_digests(other)[rel] != _record_digests(pair_world)[rel]
     with pytest.raises(SystemExit, match="no world.json"):
         sp.add_pairs(tmp_path / "nothing")
+
+
+def test_pair_images_are_drawn_where_the_loaders_look_and_show_the_scene(pair_world):
+    """add_images writes one file per image of every line (NLVR2 per split, MaRVL per language and few-shot), under
+    the paths formats/nlvr2_marvl.py gives; each object's colour is at its slot's centre, the rest is ground."""
+    root = sp.add_images(pair_world)
+    files = sp.image_files(TINY, TINY_PAIRS)
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*.*")) == sorted(rel for rel, _ in files)
+    assert (root / "nlvr2" / "test1" / "test1-0-0-img0.png").is_file()
+    assert (root / "marvl" / "sw" / "images" / "0" / "0-1.jpg").is_file()
+    assert (root / "marvl_fewshot" / "cr" / "all" / "0-n-0.jpg").is_file()
+    from PIL import Image
+
+    for rel, scene in files[:40]:
+        img = np.asarray(Image.open(root / rel).convert("RGB"), dtype=int)
+        h, w, _ = img.shape
+        for slot in range(len(sw.SLOTS)):
+            got = img[h // 2, int((slot + 0.5) * w / 3)]
+            obj = [o for o in scene if o.slot == slot]
+            want = sp.RGB[sw.COLOURS[obj[0].colour]] if obj else (128, 128, 128)
+            assert np.abs(got - np.array(want)).max() <= 24, (rel, slot)
+    assert sp.add_images(pair_world) == root  # a second call is a no-op
