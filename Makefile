@@ -221,14 +221,15 @@ figures:
 
 # ---- XVL-MAML (Hu et al. 2023; README "XVL-MAML"), UC2 only: meta-train the English run OUT/uc2-<task>-FROM
 # with auxiliary language AUX's IGLUE dev/few-shot data, then zero-shot in every language ----
-.PHONY: xvlmaml-xgqa xvlmaml-xvnli xvlmaml-xflickrco
+.PHONY: xvlmaml-xgqa xvlmaml-xvnli xvlmaml-xflickrco xvlmaml-marvl
 AUX  ?=
 FROM ?= full
 ## xvlmaml-{xgqa,xvnli,xflickrco}  XVL-MAML continuing OUT/uc2-<task>-FROM (default full) with auxiliary language AUX=<lang>
+## xvlmaml-marvl  the same on MaRVL (OUT/uc2-marvl-FROM, AUX's NLVR2 dev-<lang>_gmt or MaRVL few-shot data)
 define XVLMAML_RULE
 xvlmaml-$(1):
 	@[ -n "$$(AUX)" ] || { echo "error: set AUX=<auxiliary language>, e.g. make xvlmaml-$(1) AUX=de" >&2; exit 2; }
 	$$(call require,$$(DATA)/datasets $$(FEATURES) $$(OUT)/uc2-$(1)-$$(FROM)/model_final.pt)
 	$$(LAUNCH) -m comparisons.xvlmaml.xvlmaml train --run $$(OUT)/uc2-$(1)-$$(FROM) --aux-lang $$(AUX) --data-root $$(DATA) --features $$(FEATURES) --tokenizer $$(TOKENIZER) --output-dir $$(OUT)/uc2-$(1)-$$(FROM)-xvlmaml-$$(AUX) $$(EXTRA)
 endef
-$(foreach t,xgqa xvnli xflickrco,$(eval $(call XVLMAML_RULE,$(t))))
+$(foreach t,xgqa xvnli xflickrco marvl,$(eval $(call XVLMAML_RULE,$(t))))

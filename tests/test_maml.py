@@ -251,6 +251,54 @@ def test_contrastive_loss_of_a_grouped_retrieval_batch_uses_its_positive_pairs()
     assert torch.equal(net(({"aux": grouped}), ("cl",)), net({"aux": pos}, ("cl",)))
 
 
+def marvl_batch(n=3, tokens=5, regions=3, seed=3) -> dict:
+    """A batch in the contract's marvl layout (VOLTA's process: nlvr): the caption twice [B,2,L], the left and
+    right images [B,2,R,...], target [B,2] one-hot, label [B]."""
+    left, right = synthetic_pairs(n, tokens, regions, seed), synthetic_pairs(n, tokens, regions, seed + 1)
+    label = torch.arange(n) % 2
+    return {
+        **{k: torch.stack([left[k], left[k]], 1) for k in ("input_ids", "attention_mask")},
+        **{k: torch.stack([left[k], right[k]], 1) for k in ("features", "spatials", "image_mask")},
+        "target": torch.nn.functional.one_hot(label, 2).float(),
+        "label": label,
+    }
+
+
+@pytest.mark.parametrize("mode", X.CL_EMBEDS)
+def test_marvl_batch_contrasts_its_caption_with_the_mean_of_its_two_images(mode):
+    """A marvl pair's image embedding is the mean of its left and right images' embeddings (each pooled as one
+    image is), its text embedding the caption's (joint: the mean of the caption's two passes)."""
+    model, batch = tiny_uc2(), marvl_batch()
+    pairs = X.positive_pairs(batch, "marvl")
+    assert pairs["input_ids"].shape == (3, 5) and pairs["features"].shape == (3, 2, 3, 2048)
+    img, txt = X.pair_embeddings(model, pairs, mode)
+    one = {k: pairs[k] for k in ("input_ids", "attention_mask")}
+    per_image = [
+        X.pair_embeddings(model, {**one, **{k: pairs[k][:, i] for k in ("features", "spatials", "image_mask")}}, mode)
+        for i in (0, 1)
+    ]
+    assert img.shape == txt.shape == (3, 32)
+    torch.testing.assert_close(img, (per_image[0][0] + per_image[1][0]) / 2)
+    torch.testing.assert_close(txt, (per_image[0][1] + per_image[1][1]) / 2)
+    if mode == "separate":
+        torch.testing.assert_close(txt, per_image[0][1])  # the caption alone: the same whatever the images
+
+
+def test_pairs_sharing_a_statement_are_not_each_others_negatives():
+    """NLVR2 / MaRVL judge one statement on several image pairs: text_groups masks pairs with the same text, as
+    groups masks pairs with the same image; either mask alone, and both, leave nothing to contrast here."""
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    text = torch.tensor([[2.0, 0.0], [3.0, 0.0]], dtype=torch.float64)
+    same = torch.tensor([4, 4])
+    assert M.contrastive_loss(image, text, 1.0, text_groups=same).item() == pytest.approx(0.0, abs=1e-12)
+    assert M.contrastive_loss(image, text, 1.0, torch.tensor([0, 1]), True, same).item() == pytest.approx(0.0)
+    three = torch.eye(3, dtype=torch.float64)
+    apart = M.contrastive_loss(three, three, 1.0, text_groups=torch.tensor([0, 1, 2]))
+    assert apart.item() == pytest.approx(M.contrastive_loss(three, three, 1.0).item(), rel=1e-12)
+    masked = M.contrastive_loss(three, three, 1.0, text_groups=torch.tensor([0, 0, 2]))
+    assert masked.item() < apart.item()  # rows 0 and 1 lose their negative 1 / 0
+
+
 def test_inner_params_top_adapts_the_top_layers_and_heads_but_not_the_embeddings():
     net = X.XVLModel(tiny_uc2(), M.ContrastiveHead(32, 8), "separate")
     layout = X.xvl_layout(U.layer_layout("xflickrco", U.resolve_config(UC2_TINY)))

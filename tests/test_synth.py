@@ -17,6 +17,7 @@ from formats.features import FEATURE_DIM, open_features
 from checks import preflight
 import train_uc2
 from comparisons.xvlmaml import xvlmaml
+from synthetic import pairs as sp
 from synthetic import pretrain as synth_pretrain
 from synthetic import study as synth_study
 from synthetic import world as sw
@@ -361,3 +362,196 @@ def test_synth_xvlmaml_continues_the_study_runs_and_reports_paired_comparisons(t
     rec = json.loads(record.read_text())
     assert rec["comparisons"] == {"suf": {}} and rec["xvlmaml"]["comparisons"].keys() == rep["comparisons"].keys()
     assert sx.study(out, [0], [0], matrix_aux=("rl",), iters=1, runner=in_process, n_boot=100) == rep and len(ran) == 2
+
+
+# ---------------------------------------------------------------------------------------------- the two-image task
+# synthetic/pairs.py (issue 25 item 5): NLVR2 (English) and MaRVL (the world's other languages) in IGLUE's layouts.
+
+# The keys and value types of the first line of IGLUE's real files (e-bug/iglue datasets/: nlvr2/annotations/dev.jsonl,
+# marvl/zero_shot/annotations/marvl-id.jsonl, its _gmt twin and marvl/few_shot/annotations/marvl-id_train1.jsonl
+# have these exactly; annotator_info is a dict of annotator_id, country_of_birth, country_of_residence (str),
+# gender (str), age (int)).
+REAL_NLVR2 = dict.fromkeys("sentence left_url writer label right_url synset query identifier".split(), "str")
+REAL_NLVR2 |= {"validation": "dict", "extra_validations": "dict"}
+REAL_MARVL = dict.fromkeys("concept language caption left_img right_img chapter id".split(), "str")
+REAL_MARVL |= {"annotator_info": "dict", "label": "bool"}
+REAL_ANNOTATOR = dict.fromkeys("annotator_id country_of_birth country_of_residence gender".split(), "str") | {
+    "age": "int"
+}
+TINY_PAIRS = sp.PairsConfig(train_sets=12, dev_sets=4, test_sets=5)
+
+
+@pytest.fixture(scope="module")
+def pair_world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pairs") / "w"
+    sw.build_world(out, TINY)
+    sp.add_pairs(out, TINY_PAIRS)
+    return out
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _types(line: dict) -> dict:
+    return {k: type(v).__name__ for k, v in line.items()}
+
+
+def test_pair_files_have_the_real_nlvr2_and_marvl_line_layouts(pair_world):
+    """Every file holds the keys of IGLUE's real file of its kind, with the same value types: NLVR2 labels the
+    strings "True"/"False", MaRVL labels JSON booleans; identifiers and image names as the real ones."""
+    ds = pair_world / "datasets"
+    nl_files = [ds / "nlvr2" / "annotations" / f"{s}.jsonl" for s in ("train", "dev", "test")]
+    nl_files += [ds / "nlvr2" / "annotations" / f"dev-{lang}_gmt.jsonl" for lang in sw.LANGS if lang != "en"]
+    for f in nl_files:
+        for line in _jsonl(f):
+            assert _types(line) == REAL_NLVR2, f
+            assert line["label"] in ("True", "False")
+            split, s, p, n = line["identifier"].split("-")
+            assert split == f.name.split(".")[0].split("-")[0].replace("test", "test1") and n == "0"
+    for lang in (x for x in sw.LANGS if x != "en"):
+        zs = ds / "marvl" / "zero_shot"
+        for f in (
+            zs / "annotations" / f"marvl-{lang}.jsonl",
+            zs / "annotations_machine-translate" / f"marvl-{lang}_gmt.jsonl",
+            *(ds / "marvl" / "few_shot" / "annotations" / f"marvl-{lang}_train{n}.jsonl" for n in (1, 10)),
+        ):
+            lines = _jsonl(f)
+            assert [x["id"] for x in lines] == [f"{lang}-{i}" for i in range(len(lines))]
+            for line in lines:
+                assert _types(line) == REAL_MARVL and _types(line["annotator_info"]) == REAL_ANNOTATOR, f
+                assert line["language"] == lang and isinstance(line["label"], bool)
+                assert line["concept"].split("-")[0].isdigit()
+                assert line["left_img"].endswith(".jpg") and line["left_img"] != line["right_img"]
+                if "few_shot" in f.parts:
+                    assert line["left_img"].startswith(line["concept"] + "/")
+    assert len(_jsonl(ds / "marvl" / "few_shot" / "annotations" / "marvl-rl_train10.jsonl")) == 40  # as IGLUE's
+
+
+def test_every_pair_image_has_region_features_keyed_as_volta_looks_them_up(pair_world):
+    """VOLTA's nlvr2_dataset: NLVR2 images are the identifier minus its last part + -img0/-img1, MaRVL images the
+    stem of left_img/right_img; each key's regions are its scene's objects; MaRVL's test images are NLVR2's test
+    images under MaRVL's names (the same features), and the blind store keeps boxes with zero features."""
+    ds = pair_world / "datasets"
+    feats = open_features(pair_world / sp.FEATURES)
+    blind = open_features(pair_world / sp.FEATURES_BLIND)
+    want = set()
+    for f in (ds / "nlvr2" / "annotations").glob("*.jsonl"):
+        for line in _jsonl(f):
+            base = "-".join(line["identifier"].split("-")[:-1])
+            want |= {base + "-img0", base + "-img1"}
+    for f in (ds / "marvl").rglob("*.jsonl"):
+        for line in _jsonl(f):
+            want |= {line[k].split("/")[-1].split(".")[0] for k in ("left_img", "right_img")}
+    assert feats.keys() == want == blind.keys()
+    scenes = {key: scene for key, scene, _ in sp.images(TINY, TINY_PAIRS)}
+    for key in ("test1-0-0-img1", "0-1", "train-3-2-img0", "2-n-5"):
+        f, boxes, w, h = feats.get(key)
+        assert f.shape == (len(scenes[key]), FEATURE_DIM) and (w, h) == (sw.IMG_W, sw.IMG_H)
+        fb, bb, _, _ = blind.get(key)
+        assert not fb.any() and np.array_equal(bb, boxes)
+    a, b = feats.get("test1-4-3-img1"), feats.get(sp.image_key(sp.marvl_image(4, 3, 1, False)))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_pair_labels_are_balanced_and_the_statement_alone_says_nothing(pair_world):
+    """Two true and two false pairs per statement (NLVR2's sets): half of every file is true, and the best
+    text-only classifier (each statement's majority label) scores exactly 0.5 in every language."""
+    record = json.loads((pair_world / sp.RECORD).read_text())
+    assert len(record["files"]) == 3 + 2 * (len(sw.LANGS) - 1)
+    for rel, r in record["files"].items():
+        assert r["true"] * 2 == r["lines"] and r["text_only_floor"] == 0.5, rel
+        assert 0.5 <= r["one_image_bound"] <= 0.75
+    ds = pair_world / "datasets"
+    for lang in sw.LANGS[1:]:
+        lines = _jsonl(ds / "marvl" / "zero_shot" / "annotations" / f"marvl-{lang}.jsonl")
+        assert sp.text_only_floor(lines, "caption") == 0.5
+        assert sp.one_image_bound(lines, "chapter") == record["files"][f"marvl/marvl-{lang}.jsonl"]["one_image_bound"]
+
+
+def test_a_pair_statement_needs_both_images():
+    """The label is the statement's truth on the two scenes; a one-image baseline (a table from what one image
+    tells about the statement to the majority label, fit on 3,000 sets, scored on 3,000 others) stays within
+    sampling error of the bound ONE_IMAGE_BOUND gives (count 0.75, colour 0.5), far below the two-image 1.0."""
+    fit, held = sp.sets_of(TINY, "bound-fit", 3000), sp.sets_of(TINY, "bound-held", 3000)
+
+    def rows(sets):
+        for st, pairs in sets:
+            for left, right, label in pairs:
+                assert sp.holds(st, left, right) == label
+                for side, scene in enumerate((left, right)):
+                    yield (st, side, sp.one_image_view(st, scene, side)), label
+
+    table: dict = {}
+    for key, label in rows(fit):
+        table.setdefault(key, []).append(label)
+    by_kind: dict[str, list] = {k: [] for k in sp.KINDS}
+    for key, label in rows(held):
+        votes = table.get(key, [])
+        guess = sum(votes) * 2 > len(votes) if votes else True
+        by_kind[key[0].kind].append(guess == label)
+    for kind, hits in by_kind.items():
+        n = len(hits)
+        assert n > 5000
+        assert sum(hits) / n <= sp.ONE_IMAGE_BOUND[kind] + 3 * (0.25 / n) ** 0.5, kind
+        assert sum(hits) / n >= sp.ONE_IMAGE_BOUND[kind] - 5 * (0.25 / n) ** 0.5, kind  # the bound is reached
+    assert {st.kind for st, _ in fit} == set(sp.KINDS)
+
+
+def test_marvl_captions_are_exact_translations_of_the_english_test_statements(pair_world):
+    """marvl-<lang>.jsonl: NLVR2 test's pairs and labels, each caption the English statement in that language's
+    words; the machine-translated files hold the English statement itself."""
+    lex = json.loads((pair_world / "lexicon.json").read_text())
+    back = {lang: {v: k for k, v in table.items()} for lang, table in lex.items()}
+    ds = pair_world / "datasets"
+    en = _jsonl(ds / "nlvr2" / "annotations" / "test.jsonl")
+    for lang in sw.LANGS[1:]:
+        got = _jsonl(ds / "marvl" / "zero_shot" / "annotations" / f"marvl-{lang}.jsonl")
+        mt = _jsonl(ds / "marvl" / "zero_shot" / "annotations_machine-translate" / f"marvl-{lang}_gmt.jsonl")
+        assert [str(x["label"]) for x in got] == [x["label"] for x in en]
+        for e, m, x in zip(en, got, mt):
+            words = [w if w in sw.SHARED else back[lang][w] for w in m["caption"].split()]
+            assert Counter(words) == Counter(e["sentence"].split())
+            assert x["caption"] == e["sentence"] and {**x, "caption": None} == {**m, "caption": None}
+    tok = data.load_tokenizer(pair_world / "tokenizer")  # the world's tokenizer knows every word
+    for f in (ds / "marvl" / "zero_shot" / "annotations").glob("*.jsonl"):
+        assert data.UNK_ID not in tok(" ".join(x["caption"] for x in _jsonl(f)))["input_ids"]
+
+
+def test_add_pairs_is_deterministic_per_seed_and_adds_only_its_own_files(pair_world, tmp_path):
+    again = tmp_path / "w"
+    sw.build_world(again, TINY)
+    sp.add_pairs(again, TINY_PAIRS)
+    assert _record_digests(again) == _record_digests(pair_world)
+    assert {k: v for k, v in _record_digests(again).items() if k in TINY_DIGESTS_BEFORE_AUX} == TINY_DIGESTS_BEFORE_AUX
+    sp.add_pairs(again, TINY_PAIRS)  # a second call is a no-op
+    assert _record_digests(again) == _record_digests(pair_world)
+    other = tmp_path / "o"
+    sw.build_world(other, sw.WorldConfig(**{**TINY.to_dict(), "seed": 1}))
+    sp.add_pairs(other, TINY_PAIRS)
+    for rel in ("datasets/nlvr2/annotations/train.jsonl", sp.FEATURES):
+        assert _record_digests(other)[rel] != _record_digests(pair_world)[rel]
+    with pytest.raises(SystemExit, match="no world.json"):
+        sp.add_pairs(tmp_path / "nothing")
+
+
+def test_pair_images_are_drawn_where_the_loaders_look_and_show_the_scene(pair_world):
+    """add_images writes one file per image of every line (NLVR2 per split, MaRVL per language and few-shot), under
+    the paths formats/nlvr2_marvl.py gives; each object's colour is at its slot's centre, the rest is ground."""
+    root = sp.add_images(pair_world)
+    files = sp.image_files(TINY, TINY_PAIRS)
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*.*")) == sorted(rel for rel, _ in files)
+    assert (root / "nlvr2" / "test1" / "test1-0-0-img0.png").is_file()
+    assert (root / "marvl" / "sw" / "images" / "0" / "0-1.jpg").is_file()
+    assert (root / "marvl_fewshot" / "cr" / "all" / "0-n-0.jpg").is_file()
+    from PIL import Image
+
+    for rel, scene in files[:40]:
+        img = np.asarray(Image.open(root / rel).convert("RGB"), dtype=int)
+        h, w, _ = img.shape
+        for slot in range(len(sw.SLOTS)):
+            got = img[h // 2, int((slot + 0.5) * w / 3)]
+            obj = [o for o in scene if o.slot == slot]
+            want = sp.RGB[sw.COLOURS[obj[0].colour]] if obj else (128, 128, 128)
+            assert np.abs(got - np.array(want)).max() <= 24, (rel, slot)
+    assert sp.add_images(pair_world) == root  # a second call is a no-op

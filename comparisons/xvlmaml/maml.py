@@ -101,11 +101,14 @@ def contrastive_loss(
     temperature: float,
     groups: torch.Tensor | None = None,
     symmetric: bool = True,
+    text_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE over a batch of N (image, text) pairs: pair i is the positive of row/column i, every other
     pair in the batch a negative. Cosine similarity / temperature; symmetric: mean of the image->text and
     text->image cross-entropies (else image->text only). groups [N] (optional): pairs with equal ids
-    share an image and are then not each other's negatives (masked out, not counted as positives)."""
+    share an image and are then not each other's negatives (masked out, not counted as positives); text_groups
+    [N] (optional) the same for pairs whose texts are equal (MaRVL / NLVR2: one statement for a set of image
+    pairs)."""
     if image.shape != text.shape or image.dim() != 2:
         raise ValueError(
             f"contrastive_loss: image {tuple(image.shape)} and text {tuple(text.shape)} must both be [N, d]"
@@ -117,8 +120,10 @@ def contrastive_loss(
     up = torch.promote_types(image.dtype, torch.float32)  # float32, or float64 where given (the exact tests)
     with torch.autocast(image.device.type, enabled=False):
         logits = F.normalize(image.to(up), dim=-1) @ F.normalize(text.to(up), dim=-1).T / temperature
-    if groups is not None:
-        same = groups[:, None] == groups[None, :]
+    if groups is not None or text_groups is not None:
+        same = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        for g in (x for x in (groups, text_groups) if x is not None):
+            same |= g[:, None] == g[None, :]
         same.fill_diagonal_(False)
         logits = logits.masked_fill(same, float("-inf"))
     target = torch.arange(logits.shape[0], device=logits.device)
@@ -138,8 +143,16 @@ class ContrastiveHead(nn.Module):
         self.text_proj = nn.Linear(dim_in, dim_out)
         self.temperature, self.symmetric = temperature, symmetric
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
-        return contrastive_loss(self.image_proj(image), self.text_proj(text), self.temperature, groups, self.symmetric)
+    def forward(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        groups: torch.Tensor | None = None,
+        text_groups: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return contrastive_loss(
+            self.image_proj(image), self.text_proj(text), self.temperature, groups, self.symmetric, text_groups
+        )
 
 
 def groups_of(rows: torch.Tensor) -> torch.Tensor:

@@ -73,9 +73,13 @@ def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-def positive_pairs(batch: dict) -> dict:
-    """The (text, image) pairs of a batch: a grouped retrieval batch [B,4,...] keeps slot 0 (the positive)."""
+def positive_pairs(batch: dict, task: str = "") -> dict:
+    """The (text, image) pairs of a batch: a grouped retrieval batch [B,4,...] keeps slot 0 (the positive); a marvl
+    batch (VOLTA's nlvr layout: the caption twice [B,2,L], the two images [B,2,R,...]) pairs its caption (slot 0)
+    with both images of the pair."""
     keys = ("input_ids", "attention_mask", "features", "spatials", "image_mask")
+    if task == "marvl":
+        return {**{k: batch[k][:, 0] for k in keys[:2]}, **{k: batch[k] for k in keys[2:]}}
     if batch["input_ids"].dim() == 3:
         return {k: batch[k][:, 0] for k in keys}
     return {k: batch[k] for k in keys}
@@ -87,17 +91,30 @@ def pair_embeddings(model: U.UC2, pairs: dict, mode: str) -> tuple[torch.Tensor,
       token's final state, image = the mean of the valid regions' final states (no cross-modal leak, as
       the separate encoders of the contrastive models the seed describes); two extra encoder passes.
     joint: one joint pass over [text ; regions], the same two poolings of its states (cheaper; each
-      embedding has already seen its own pair's other modality)."""
-    text, image = model.embeddings(pairs["input_ids"], pairs["features"], pairs["spatials"])
+      embedding has already seen its own pair's other modality).
+    Two images per text (marvl: features [N,2,R,F]): each image is pooled as above (joint: its own pass with the
+    text, as the model's view(2B) rows) and the pair's image embedding is the mean of the two; the text embedding
+    the mean over the two passes (separate: the same text-only state twice). Our choice: the seed does not say
+    how XVL-MAML contrasts a statement with an image pair."""
+    k = pairs["features"].shape[1] if pairs["features"].dim() == 4 else 1
+    feats, spatials, image_mask = (
+        pairs[x].flatten(0, 1) if k > 1 else pairs[x] for x in ("features", "spatials", "image_mask")
+    )
+    ids, att = (pairs[x].repeat_interleave(k, 0) for x in ("input_ids", "attention_mask"))
+    text, image = model.embeddings(ids, feats, spatials)
     if mode == "separate":
-        ht = model.encoder(text, _additive(pairs["attention_mask"], text.dtype))
-        hi = model.encoder(image, _additive(pairs["image_mask"], image.dtype))
-        return _masked_mean(hi, pairs["image_mask"]), ht[:, 0]
-    if mode == "joint":
-        keep = torch.cat([pairs["attention_mask"], pairs["image_mask"]], 1)
+        ht = model.encoder(text, _additive(att, text.dtype))
+        hi = model.encoder(image, _additive(image_mask, image.dtype))
+        img, txt = _masked_mean(hi, image_mask), ht[:, 0]
+    elif mode == "joint":
+        keep = torch.cat([att, image_mask], 1)
         h = model.encoder(torch.cat([text, image], 1), _additive(keep, text.dtype))
-        return _masked_mean(h[:, text.shape[1] :], pairs["image_mask"]), h[:, 0]
-    raise ValueError(f"--cl-embed must be one of {', '.join(CL_EMBEDS)}, got {mode!r}")
+        img, txt = _masked_mean(h[:, text.shape[1] :], image_mask), h[:, 0]
+    else:
+        raise ValueError(f"--cl-embed must be one of {', '.join(CL_EMBEDS)}, got {mode!r}")
+    if k > 1:
+        img, txt = (x.view(-1, k, x.shape[-1]).mean(1) for x in (img, txt))
+    return img, txt
 
 
 class XVLModel(nn.Module):
@@ -121,10 +138,12 @@ class XVLModel(nn.Module):
         return any(name.startswith(p) for t in terms for p in self.TERM_PREFIXES[t])
 
     def cl_loss(self, batch: dict) -> torch.Tensor:
-        pairs = positive_pairs(batch)
+        pairs = positive_pairs(batch, self.model.task)
         image, text = pair_embeddings(self.model, pairs, self.cl_embed)
-        groups = M.groups_of(pairs["features"]) if self.mask_same_image else None
-        return self.cl_head(image.float(), text.float(), groups)
+        groups = M.groups_of(pairs["features"]) if self.mask_same_image else None  # marvl: the same image pair
+        # marvl: NLVR2 and MaRVL write one statement for a set of image pairs; pairs sharing it are not negatives
+        texts = M.groups_of(pairs["input_ids"]) if self.mask_same_image and self.model.task == "marvl" else None
+        return self.cl_head(image.float(), text.float(), groups, texts)
 
     def forward(self, batch: dict, terms: Sequence[str] = ("cl",), cl_weight: float = 1.0) -> torch.Tensor:
         total = None
@@ -461,12 +480,14 @@ def check_args(args, dist: devices.DistInfo) -> None:
         )
 
 
-# Why XVL-MAML does not run CCLM (docs/xvlmaml.md#cclm): the model would allow it, this file is not wired for it.
+# Why XVL-MAML does not run CCLM (docs/xvlmaml.md#cclm): the model would allow it, this file is not wired for it;
+# the two-image CCLM model (marvl) changes nothing in that.
 CCLM_NOT_WIRED = (
     "XVL-MAML is wired for UC2 only: CCLM's structure would allow it (its text_proj / vision_proj give the "
     "contrastive embeddings, maml.py is model-agnostic), but the episodes here are UC2 region-feature batches "
     "(data.UC2Collate), the embeddings UC2's shared-encoder passes (pair_embeddings) and the task losses and "
-    "layer layout UC2's; CCLM's image batches, losses and layout are not wired in"
+    "layer layout UC2's; CCLM's image batches, losses and layout are not wired in (MaRVL's two-image CCLM too: "
+    "it adds a second image per example to the same missing wiring)"
 )
 
 
