@@ -17,7 +17,7 @@ Text
   load_tokenizer(path_or_hub_id)    (X2-VLM's text cleaning and image transforms: formats/x2vlm_inputs.py)
   encode_texts(tokenizer, texts, max_len) -> (ids, mask)   pad to longest, truncation keeps </s>
 Datasets and batches (item i is always example i: stable order and ids, for sharded evaluation)
-  UC2Dataset, SerializedGQADataset, CCLMDataset   training/eval datasets with set_epoch(epoch)
+  UC2Dataset, SerializedGQADataset / SerializedNLVR2Dataset (IGLUE's serialized LMDBs), CCLMDataset   with set_epoch
   RetrievalImages, RetrievalCaptions   retrieval eval: each image / caption once; image item i is the image with
                                     index i (== Example.label of its captions)
   UC2Collate / CCLMCollate(task, tokenizer, train)   items -> contract batches (tokenising in the workers)
@@ -58,7 +58,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from formats import iglue_layout, nlvr2_marvl, readers, split_checks, volta_negatives, x2vlm_inputs
+from formats import iglue_layout, nlvr2_marvl, nlvr2_serialized, readers, split_checks, volta_negatives, x2vlm_inputs
 from formats import annotation_fields as fields
 from formats.bad_input import BadInput
 from formats.features import (
@@ -69,6 +69,7 @@ from formats.features import (
     box_locations,
     is_serialized_lmdb,
     read_record,
+    serialized_task,
 )
 from formats.pickles import read_pickle
 
@@ -553,6 +554,32 @@ class SerializedGQADataset(_EpochDataset):
         }
 
 
+class SerializedNLVR2Dataset(_EpochDataset):
+    """UC2 marvl training / dev straight from IGLUE's serialized NLVR2 LMDB (formats/nlvr2_serialized.py): sentence,
+    label and both images' features come from each record, as VOLTA's NLVR2Loader takes them (no annotation
+    file). Items match UC2Dataset's marvl items; Example.image_file is "" (the record holds the features)."""
+
+    def __init__(self, path: str | os.PathLike, max_regions: int = 36, lang: str = "en"):
+        self.db, self.max_regions, self.lang = nlvr2_serialized.SerializedNLVR2(path), max_regions, lang
+        self.db.check()  # a spread sample of records now, not mid-epoch (each record is checked when read too)
+
+    def __len__(self) -> int:
+        return len(self.db)
+
+    def __getitem__(self, index: int) -> dict:
+        p = self.db.pair(index, self.max_regions)
+        source = f"{self.db.path} record {p['key']}"
+        ex = Example("marvl", self.lang, p["id"], p["image"], "", p["text"], p["label"], p["gold"], source=source)
+        ex.image2 = p["image2"]
+        return {
+            "kind": "example",
+            "example": ex,
+            "text": ex.text,
+            "max_regions": self.max_regions,
+            "regions": p["regions"],
+        }
+
+
 def _left_or_right_in(question: str, answers: Iterable[str]) -> bool:
     # X2-VLM's careful_hflip test: plain case-sensitive substring match on the raw question and answers
     return any("left" in s or "right" in s for s in [question, *answers])
@@ -708,7 +735,7 @@ def _item_regions(items) -> dict:
 
 
 class UC2Collate:
-    """Items of UC2Dataset / SerializedGQADataset / RetrievalImages / RetrievalCaptions -> contract batch."""
+    """Items of UC2Dataset / Serialized*Dataset / RetrievalImages / RetrievalCaptions -> contract batch."""
 
     def __init__(
         self, task: str, tokenizer, train: bool = False, max_len: int | None = -1, num_answers: int = NUM_ANSWERS
@@ -821,10 +848,13 @@ class RegionFeatureInputs:
         hard_negatives=None,
         negatives: str = "volta",
     ) -> Dataset:
-        """UC2Dataset; for xgqa with a serialized LMDB as `features`, a SerializedGQADataset (the LMDB holds
-        the questions; `examples` is then ignored)."""
-        if task == "xgqa" and isinstance(features, (str, os.PathLike)) and is_serialized_lmdb(features):
-            return SerializedGQADataset(features, max_regions=max_regions)
+        """UC2Dataset; with a serialized LMDB as `features` (IGLUE's GQA or NLVR2 training / dev files hold the
+        questions or sentences too; `examples` is then ignored) a SerializedGQADataset / SerializedNLVR2Dataset."""
+        if isinstance(features, (str, os.PathLike)) and is_serialized_lmdb(features):
+            if (kind := serialized_task(features)) != task:
+                raise BadInput(f"{features} is a serialized LMDB of {kind} records, not of {task}'s")
+            serialized = SerializedGQADataset if task == "xgqa" else SerializedNLVR2Dataset
+            return serialized(features, max_regions=max_regions)
         return UC2Dataset(
             examples,
             features,

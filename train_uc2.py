@@ -386,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--features",
         nargs="+",
         default=[],
-        help="region-feature files: image-keyed LMDB/H5 (all are searched per image id); for xgqa a GQA "
-        "serialized (per-question) LMDB is the training set",
+        help="region-feature files: image-keyed LMDB/H5 (all are searched per image id); IGLUE's serialized "
+        "GQA (xgqa) / NLVR2 (marvl) LMDB is the training set",
     )
     u.add_argument("--max-regions", type=int, default=36, help="regions per image (IGLUE's UC2 runs: 36)")
     u.add_argument(
@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def open_feature_files(paths: list[str]) -> tuple[feature_sets.FeatureSet | None, list[str]]:
-    """--features: the image-keyed files as one FeatureSet (None: there are none) and the serialized GQA LMDBs."""
+    """--features: the image-keyed files as one FeatureSet (None: there are none) and the serialized LMDBs."""
     with cli.about("--features"):  # unreadable / truncated LMDB or H5
         serialized, keyed = feature_sets.split_features(paths)
         return (feature_sets.FeatureSet(keyed) if keyed else None), serialized
@@ -438,10 +438,10 @@ def find_hard_negatives(args) -> str | None:
 
 
 def build_train_dataset(args, features: feature_sets.FeatureSet | None, serialized: list[str]):
-    if args.task == "xgqa" and serialized:
+    if serialized:  # IGLUE's serialized GQA / NLVR2 LMDB: the training set itself (xgqa / marvl)
         if len(serialized) > 1:
-            raise SystemExit(f"error: several serialized GQA LMDBs given ({serialized}); give the training one")
-        return data.REGION_FEATURES.dataset("xgqa", None, features=serialized[0], max_regions=args.max_regions)
+            raise SystemExit(f"error: several serialized LMDBs given ({serialized}); give the training one")
+        return data.REGION_FEATURES.dataset(args.task, None, features=serialized[0], max_regions=args.max_regions)
     if features is None:
         raise SystemExit("error: --features is required (image-keyed region-feature LMDB/H5)")
     # IGLUE's training split (engine's --train-split default "train"): GQA train (LXMERT json) or its serialized

@@ -22,16 +22,22 @@ import data
 from checks.preflight import image_problem, record_problem
 from console import cli
 from formats import iglue_layout, readers
-from formats.features import SerializedGQA, feature_keys, is_serialized_lmdb, open_features
+from formats.bad_input import BadInput
+from formats.features import SerializedRecords, feature_keys, is_serialized_lmdb, open_features, serialized_task
+from formats.nlvr2_serialized import SerializedNLVR2
+
+
+SERIALIZED_KINDS = {"xgqa": ("GQA (per-question)", "questions"), "marvl": ("NLVR2 (per-sentence)", "sentences")}
 
 
 def _feature_keys(paths: Sequence[str]) -> tuple[set[str], list[str]]:
     keys, notes = set(), []
     for p in paths:
         if is_serialized_lmdb(p):
+            what = SERIALIZED_KINDS[serialized_task(p)]
             notes.append(
-                f"{p}: per-question serialized GQA LMDB ({len(SerializedGQA(p))} records; holds its own "
-                f"questions, so annotation image ids are not checked against it)"
+                f"{p}: serialized {what[0]} LMDB ({len(SerializedRecords(p))} records; holds its own "
+                f"{what[1]}, so annotation image ids are not checked against it)"
             )
             continue
         keys |= feature_keys(open_features(p))
@@ -92,7 +98,11 @@ def verify(data_root, features: Sequence[str] = (), images=None) -> tuple[list[s
     bad, counts = [], {"feature records": 0, "images": 0}
     for path in features:
         if is_serialized_lmdb(path):
-            continue  # per-question GQA records: read by SerializedGQA, not checked here
+            if serialized_task(path) == "marvl":  # NLVR2 pair records: each checked as the dataset reads it
+                db = SerializedNLVR2(path)
+                counts["feature records"] += len(db)
+                bad += [problem for i in range(len(db)) if (problem := _pair_problem(db, i))]
+            continue  # per-question GQA records: read by SerializedGQADataset, not checked here
         reader = open_features(path)
         for key in sorted(feature_keys(reader)):
             counts["feature records"] += 1
@@ -108,6 +118,14 @@ def verify(data_root, features: Sequence[str] = (), images=None) -> tuple[list[s
         if problem := image_problem(path, ex):
             bad.append(problem)
     return bad, counts
+
+
+def _pair_problem(db: SerializedNLVR2, i: int) -> str | None:
+    try:
+        db.pair(i)
+    except BadInput as e:
+        return str(e)
+    return None
 
 
 def _annotation_files(ds: Path) -> Iterable[tuple[str, str, str, bool]]:

@@ -1,7 +1,8 @@
 """Several region-feature files read as one: UC2's --features (e.g. Flickr30k train + xFlickr&CO test features).
 
 Not on the reading path: train_uc2.py opens its --features with `FeatureSet(paths)` after `split_features`
-sorted out the serialized (per-question) GQA LMDBs; the readers themselves are features.open_features'.
+sorted out IGLUE's serialized LMDBs (GQA questions, NLVR2 pairs: training / dev sets of their own); the readers
+themselves are features.open_features'.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class FeatureSet:
 
 
 def split_features(paths: list[str]) -> tuple[list[str], list[str]]:
-    """--features: (serialized GQA LMDBs, image-keyed files); a missing path is a one-line error."""
+    """--features: (serialized GQA / NLVR2 LMDBs, image-keyed files); a missing path is a one-line error."""
     for p in paths:
         if not os.path.exists(p):
             raise SystemExit(f"error: --features {p} does not exist")

@@ -1,5 +1,6 @@
 """Region-feature stores of UC2 (VOLTA's formats): per-image LMDB (h5_to_lmdb.py pickles or X101 base64),
-IGLUE's boxes36 H5 file, and the tensorpack / msgpack per-question GQA LMDB; VOLTA's box locations and padding.
+IGLUE's boxes36 H5 file, and the tensorpack / msgpack serialized LMDBs (GQA questions, NLVR2 pairs); VOLTA's box
+locations and padding.
 
 Not on the reading path: data.py's UC2 datasets read features through open_features / read_record and get
 (features [N, 2048], locations [N, 7]) per image. Readers open their file lazily in each process (read-only,
@@ -152,7 +153,7 @@ class LMDBRegionFeatures(_LazyHandle):
             if raw is None:
                 raise ValueError(
                     f"{self.path}: no 'keys' entry; not an image-keyed feature LMDB "
-                    f"(a per-question GQA serialized LMDB is read with SerializedGQA)"
+                    f"(a serialized LMDB, GQA's or NLVR2's, is a training / dev set of its own)"
                 )
             keys = unpickle_data(raw, f"{self.path} entry 'keys'")
             self._keys = {k.decode() if isinstance(k, bytes) else str(k) for k in keys}
@@ -184,10 +185,11 @@ class LMDBRegionFeatures(_LazyHandle):
 _RECORD_FIELDS = ("features", "boxes", "img_w", "img_h")
 
 
-def _record_arrays(path: str, key, item, rows: slice) -> tuple[np.ndarray, np.ndarray, int, int]:
+def _record_arrays(path: str, key, item, rows: slice, where: str = "") -> tuple[np.ndarray, np.ndarray, int, int]:
     """(features [N,2048], boxes [N,4] float32, img_w, img_h) of a decoded record, checked: a record of another
-    width (4x1024 is not 2x2048), dtype or row count, or without its fields, is a BadInput naming file and key."""
-    where = f"{path}: feature record {str(key)!r}"
+    width (4x1024 is not 2x2048), dtype or row count, or without its fields, is a BadInput naming file and key
+    (`where`: how the messages name it; default "<path>: feature record '<key>'")."""
+    where = where or f"{path}: feature record {str(key)!r}"
     if not isinstance(item, dict) or not all(k in item for k in _RECORD_FIELDS):
         have = (
             [short_repr(k, 40) for k in sorted(map(str, item))[:8]] if isinstance(item, dict) else type(item).__name__
@@ -415,9 +417,9 @@ def decode_serialized(buf: bytes) -> Any:
     )
 
 
-class SerializedGQA(_LazyHandle):
-    """IGLUE's GQA train/val LMDB: one record per question (image arrays + `img_id` + `entry`), keys
-    b"%08d", plus `__keys__`. Record i = i-th key in LMDB order (VOLTA's shuffle=False cursor order)."""
+class SerializedRecords(_LazyHandle):
+    """A tensorpack LMDBSerializer file (VOLTA's task format 'serialized_lmdb'): records under keys b"%08d" in
+    write order, listed by `__keys__`. Record i = the i-th key in LMDB order (VOLTA's shuffle=False cursor order)."""
 
     def _open(self):
         return _open_lmdb(self.path)
@@ -435,14 +437,50 @@ class SerializedGQA(_LazyHandle):
         return len(self.keys())
 
     def record(self, i: int) -> dict:
+        """Record i decoded, with "key" (its LMDB key) added; one that is missing or does not decode to a map is a
+        BadInput naming the file and the key."""
         key = self.keys()[i]
+        where = f"{self.path}: record {key.decode(errors='replace')!r}"
         with self.handle.begin() as txn:
             raw = txn.get(key)
         if raw is None:
-            raise ValueError(f"{self.path}: record {key!r} listed in __keys__ is missing")
-        rec = decode_serialized(raw)
-        rec["key"] = key.decode()
+            raise BadInput(f"{where}: listed in __keys__ but missing; copy or download the file again")
+        try:
+            rec = decode_serialized(raw)
+        except Exception as e:  # noqa: BLE001 - undecodable bytes: msgpack raises many types
+            detail = (str(e).strip().splitlines() or [""])[0][:160]
+            raise BadInput(
+                f"{where}: cannot be decoded ({type(e).__name__}{': ' + detail if detail else ''}); "
+                "copy or download the file again"
+            ) from None
+        if not isinstance(rec, dict):
+            raise BadInput(f"{where}: a {type(rec).__name__}, not a map of fields")
+        rec["key"] = key.decode(errors="replace")
         return rec
+
+
+class SerializedGQA(SerializedRecords):
+    """IGLUE's GQA train/val LMDB: one record per question (image arrays + `img_id` + `entry`)."""
+
+
+def serialized_task(path: str | os.PathLike) -> str:
+    """The task a serialized LMDB's records are for, from its first record: "xgqa" (IGLUE's GQA: `entry`) or
+    "marvl" (IGLUE's NLVR2: `features_0` / `features_1`, formats/nlvr2_serialized.py); anything else a BadInput."""
+    db = SerializedRecords(path)
+    if not len(db):
+        raise BadInput(f"{path}: a serialized LMDB without records")
+    rec = db.record(0)
+    for task, field in SERIALIZED_TASKS.items():
+        if field in rec:
+            return task
+    have = ", ".join(short_repr(k, 40) for k in sorted(map(str, rec))[:8])
+    raise BadInput(
+        f"{path}: record {rec['key']!r} is neither a GQA question record ('entry') nor an NLVR2 pair record "
+        f"('features_0'); fields: {have}"
+    )
+
+
+SERIALIZED_TASKS = {"xgqa": "entry", "marvl": "features_0"}  # task: the field its records have
 
 
 def referenced(ex) -> str:
@@ -484,8 +522,8 @@ def as_reader(features):
     if isinstance(features, (str, os.PathLike)):
         if is_serialized_lmdb(features):
             raise ValueError(
-                f"{features} is a per-question GQA serialized LMDB: use SerializedGQADataset "
-                f"(GQA train/val only), not an image-keyed reader"
+                f"{features} is a serialized (per-question / per-sentence) LMDB: it is a training / dev set "
+                f"(data.REGION_FEATURES.dataset), not an image-keyed reader"
             )
         return open_features(features)
     return features

@@ -9,6 +9,7 @@ sample, a tiny tokenizer and synthetic region features. Most of them resume a "p
 done) with the bad input, and check that its folder is byte-identical afterwards.
 """
 
+import argparse
 import base64
 import json
 import os
@@ -39,6 +40,8 @@ import scoring.metrics  # noqa: E402
 from formats import run_folder, tokenizer_check, torch_files  # noqa: E402
 import train_cclm  # noqa: E402
 import train_uc2 as U  # noqa: E402
+import _serialized_lmdb as serialized_lmdb  # noqa: E402
+from formats import nlvr2_serialized  # noqa: E402
 
 IGLUE = ROOT / "tests" / "fixtures" / "iglue"
 CATALOGUE = ROOT / "docs" / "bad_input.md"
@@ -1071,6 +1074,57 @@ def test_missing_image_of_a_pair_fails_fast(tmp_path, case):
         what = f"feature key '{key}' not found in {feats}"
     assert msg == f"{what} (referenced by {name}:3{side}, example {gone.id}); 1 of {len(keys)} images missing", msg
     assert snapshot(images) == before
+
+
+# ------------------------------------------------------------------------------------------ serialized NLVR2 records
+
+SERIALIZED_NLVR2_CASES = {  # case: (edit of record 2, the message after "<file>: record '00000002'")
+    "missing_field": (lambda r: r.pop("img_w_1"), ": no field 'img_w_1' (an NLVR2 pair record has "),
+    "wrong_width": (
+        lambda r: r.update(features_0=r["features_0"].reshape(-1, 1024)),
+        " (left image, the *_0 fields): features is a float32 array of shape [6, 1024]; expected a float array of "
+        "shape [N, 2048]",
+    ),
+    "nan_values": (
+        lambda r: r.update(features_1=np.full_like(r["features_1"], np.nan)),
+        " (right image, the *_1 fields): holds NaN or inf values",
+    ),
+    "box_outside_image": (
+        lambda r: r.update(boxes_0=r["boxes_0"] + np.float32(1e6)),
+        " (left image, the *_0 fields): box 0 [",
+    ),
+    "label_not_boolean": (lambda r: r.update(labels=[2]), ": labels is [2]; expected [0] or [1] (false / true)"),
+    "label_string": (lambda r: r.update(labels=["True"]), ": labels is ['True']; expected [0] or [1] (false / true)"),
+    "same_image": (
+        lambda r: r.update(img_id_1=r["img_id_0"]),
+        ": img_id_0 and img_id_1 are both 'dev-850-3-img0'; a pair needs two images",
+    ),
+    "bit_rot": (None, ": cannot be decoded ("),
+}
+
+
+@pytest.mark.parametrize("case", list(SERIALIZED_NLVR2_CASES))
+def test_bad_serialized_nlvr2_record_is_one_line_naming_file_and_record(tmp_path, case):
+    exs = data.load_split(IGLUE, "marvl", "dev", "en")[:4]
+    feats = fixtures.write_synthetic_features(tmp_path / "feats", {k for e in exs for k in (e.image, e.image2)}, 3)
+    records = serialized_lmdb.nlvr2_records(exs, feats)
+    edit, tail = SERIALIZED_NLVR2_CASES[case]
+    raw = {2: b"\xc1 rotten"} if edit is None else {}
+    if edit is not None:
+        edit(records[2])
+    path = serialized_lmdb.write_serialized(tmp_path / "nlvr2-train_boxes36.lmdb", records, raw)
+    before = snapshot(path)
+    head = f"{path}: record '00000002'{tail}"
+    with pytest.raises(BadInput) as e:  # reading the record (for a batch, in a worker or not)
+        nlvr2_serialized.SerializedNLVR2(path).pair(2)
+    assert str(e.value).startswith(head) and "\n" not in str(e.value), str(e.value)
+    args = argparse.Namespace(task="marvl", max_regions=36)
+    with pytest.raises(ValueError) as e:  # train_uc2 --task marvl --features <it>: before training
+        U.checked_train_dataset(args, *U.open_feature_files([str(path)]))
+    msg = str(e.value)
+    assert msg.startswith(f"training data: {head}") and msg.endswith("; 1 of 4 records checked are bad"), msg
+    assert "\n" not in msg and snapshot(path) == before
+    assert [line.startswith(head) for line in inventory.verify(IGLUE, [str(path)])[0]] == [True]
 
 
 # ------------------------------------------------------------------------------------------ the catalogue itself

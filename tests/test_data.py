@@ -1,5 +1,6 @@
 """Tests of data.py on the real IGLUE sample and the UC2/CCLM reference fixtures (tests/fixtures only)."""
 
+import argparse
 import io
 import itertools
 import json
@@ -26,11 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 from formats import iglue, iglue_layout  # noqa: E402
 from formats import readers, x2vlm_inputs  # noqa: E402
-from formats.features import box_locations, is_serialized_lmdb, open_features, pad_regions  # noqa: E402
+from formats import feature_sets  # noqa: E402
+from formats.features import box_locations, decode_serialized, is_serialized_lmdb, open_features  # noqa: E402
+from formats.features import SerializedRecords, pad_regions, serialized_task  # noqa: E402
 from comparisons.mclip import xtd_data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
 from checks import inventory, preflight  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
+import _serialized_lmdb as serialized_lmdb  # noqa: E402
+import train_uc2 as U  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures"
 ROOT = FIX / "iglue"
@@ -1217,3 +1222,71 @@ def test_marvl_results_csv_has_iglue_columns_zero_and_few_shot():
     assert few.splitlines()[0] == "model,id,tr,zh,avg"  # MaRVL_10.csv: the three few-shot languages
     assert float(few.splitlines()[1].split(",")[-1]) == (51.0 + 54.0 + 55.0) / 3
     assert iglue.csv_name("marvl", "accuracy", 0, True) == "MaRVL_0.mt.csv"
+
+
+# --------------------------------------------------------------------------------------------- marvl: serialized LMDB
+
+
+def test_serialized_writer_reproduces_tensorpacks_bytes():
+    """tests/_serialized_lmdb.py encodes as tensorpack 0.9.4 + msgpack_numpy: every entry of the GQA fixture that
+    tensorpack wrote re-encodes to the same bytes, so the NLVR2 LMDBs the tests write are in its exact layout."""
+    with SerializedRecords(FEAT / "gqa_serialized_fixture.lmdb").handle.begin() as txn:  # the reader's own handle
+        entries = [(bytes(k), bytes(v)) for k, v in txn.cursor()]
+    assert len(entries) == 13 and entries[-1][0] == b"__keys__"
+    for _, raw in entries:
+        assert serialized_lmdb.dumps(decode_serialized(raw)) == raw
+
+
+@pytest.mark.parametrize("max_regions", [36, 4])
+def test_serialized_nlvr2_items_match_the_image_keyed_path(synthetic, tokenizer, tmp_path, max_regions):
+    exs = data.load_split(ROOT, "marvl", "dev", "en")[:10]
+    path = serialized_lmdb.write_serialized(
+        tmp_path / "nlvr2-train_boxes36.lmdb", serialized_lmdb.nlvr2_records(exs, synthetic["features"], b64={3})
+    )
+    assert is_serialized_lmdb(path) and serialized_task(path) == "marvl"
+    assert feature_sets.split_features([str(path), str(synthetic["features"])]) == (
+        [str(path)],
+        [str(synthetic["features"])],
+    )
+    ser = data.make_dataset("uc2", "marvl", None, features=str(path), max_regions=max_regions)
+    keyed = data.make_dataset("uc2", "marvl", exs, features=str(synthetic["features"]), max_regions=max_regions)
+    assert isinstance(ser, data.SerializedNLVR2Dataset) and len(ser) == len(keyed) == 10
+    for i, ex in enumerate(exs):
+        a, b = ser[i], keyed[i]
+        assert a.keys() == b.keys() and (a["kind"], a["text"], a["max_regions"]) == (b["kind"], b["text"], max_regions)
+        assert a["example"] == replace(ex, image_file="", image2_file="", source=f"{path} record {i:08}")
+        for (fa, la), (fb, lb) in zip(a["regions"], b["regions"], strict=True):  # left, right
+            assert len(fa) == min(5, max_regions) and np.array_equal(fa, fb) and np.array_equal(la, lb)
+    collate = data.UC2Collate("marvl", tokenizer, train=True)
+    got, want = collate([ser[i] for i in range(10)]), collate([keyed[i] for i in range(10)])
+    assert got.keys() == want.keys() and got["id"] == [ex.id for ex in exs] and got["lang"] == "en"
+    for k, v in want.items():
+        assert torch.equal(got[k], v) if isinstance(v, torch.Tensor) else got[k] == v, k
+    assert got["features"].shape == (10, 2, max_regions, 2048) and got["label"].tolist() == [e.label for e in exs]
+    # train_uc2 --task marvl --features <serialized LMDB>: the training set is the LMDB's records
+    args = argparse.Namespace(task="marvl", max_regions=max_regions)
+    train_ds = U.checked_train_dataset(args, *U.open_feature_files([str(path)]))
+    assert isinstance(train_ds, data.SerializedNLVR2Dataset) and train_ds[9]["example"].id == exs[9].id
+    with pytest.raises(ValueError, match=r"is a serialized LMDB of marvl records, not of xvnli's"):
+        data.make_dataset("uc2", "xvnli", None, features=str(path))
+    with pytest.raises(ValueError, match=r"gqa_serialized_fixture.lmdb is a serialized LMDB of xgqa records, not"):
+        data.make_dataset("uc2", "marvl", None, features=str(FEAT / "gqa_serialized_fixture.lmdb"))
+
+
+def test_serialized_nlvr2_lmdb_in_inventory_and_verify(synthetic, tmp_path):
+    exs = data.load_split(ROOT, "marvl", "dev", "en")[:4]
+    records = serialized_lmdb.nlvr2_records(exs, synthetic["features"])
+    path = serialized_lmdb.write_serialized(tmp_path / "nlvr2-dev_boxes36.lmdb", records)
+    inv = inventory.inventory(ROOT, [str(path), str(synthetic["features"])])
+    assert inv["notes"] == [
+        f"{path}: serialized NLVR2 (per-sentence) LMDB (4 records; holds its own sentences, so annotation image "
+        f"ids are not checked against it)"
+    ]
+    assert inv["marvl"]["dev"]["en"]["missing"] == []
+    assert inventory.verify(ROOT, [str(path)]) == ([], {"feature records": 4, "images": 0})
+    records[2]["labels"] = ["True"]
+    bad_path = serialized_lmdb.write_serialized(tmp_path / "bad.lmdb", records)
+    assert inventory.verify(ROOT, [str(bad_path)]) == (
+        [f"{bad_path}: record '00000002': labels is ['True']; expected [0] or [1] (false / true)"],
+        {"feature records": 4, "images": 0},
+    )
