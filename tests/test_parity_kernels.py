@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PARITY_TESTS = [
     "tests/test_parity_uc2.py",
     "tests/test_parity_cclm.py",
+    "tests/test_train_step_parity.py",
     "tests/test_recipe_losses.py::test_per_step_losses_match_the_pinned_values",
 ]
 OTHER_CAPABILITIES = [c for c in ("default", "avx2") if c.upper() != torch.backends.cpu.get_cpu_capability()]
