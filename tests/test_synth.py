@@ -361,3 +361,96 @@ def test_synth_xvlmaml_continues_the_study_runs_and_reports_paired_comparisons(t
     rec = json.loads(record.read_text())
     assert rec["comparisons"] == {"suf": {}} and rec["xvlmaml"]["comparisons"].keys() == rep["comparisons"].keys()
     assert sx.study(out, [0], [0], matrix_aux=("rl",), iters=1, runner=in_process, n_boot=100) == rep and len(ran) == 2
+
+
+# ---- the corrected analysis (synthetic/analysis.py): hand-computed values; t quantiles from a printed table
+# (t_{0.975,1} = 12.7062, t_{0.975,3} = 3.18245, t_{0.975,4} = 2.77645, t_{0.80,4} = 0.94096)
+
+
+def test_t_interval_matches_the_hand_computed_student_interval():
+    from synthetic import analysis
+
+    got = analysis.t_interval([1.0, 2.0, 3.0, 4.0])  # mean 2.5, s = 1.29099, s/sqrt(4) = 0.645497
+    assert (got["n"], got["df"]) == (4, 3)
+    assert got["t"] == pytest.approx(3.18245, abs=1e-5)
+    assert (got["lo"], got["hi"]) == pytest.approx((2.5 - 3.18245 * 0.645497, 2.5 + 3.18245 * 0.645497), abs=1e-4)
+    two = analysis.t_interval([1.0, 3.0])  # s = sqrt(2), s/sqrt(2) = 1: half-width = t_{0.975,1}
+    assert (two["lo"], two["hi"]) == pytest.approx((2 - 12.7062, 2 + 12.7062), abs=1e-3)
+    one = analysis.t_interval([5.0])
+    assert one["mean"] == 5.0 and one["lo"] is None and one["hi"] is None
+
+
+def test_detectable_effect_is_the_t_power_formula_over_pretraining_seeds():
+    from synthetic import analysis
+
+    assert analysis.detectable_effect(2.0, 5) == pytest.approx((2.77645 + 0.94096) * 2.0 / 5**0.5, abs=1e-4)
+    assert analysis.detectable_effect(2.0, 1) is None and analysis.detectable_effect(None, 5) is None
+
+
+def test_analysis_averages_fine_tuning_seeds_within_each_pretraining_seed_before_the_interval():
+    """A crossed 2 x 2 design with Study 1's SUF - full pattern (per pair -3.4, +1.8 / -2.6, +2.9): the unit
+    means are -0.8 and +0.15, the interval is over those two values (t with 1 df), not over the 4 pairs."""
+    from synthetic import analysis
+
+    def run(en, rl):
+        return {"en": en, "rl": rl}
+
+    record = {
+        "per_run": {
+            "full": {"0": {"0": run(80, 60.0), "1": run(80, 60.0)}, "1": {"2": run(80, 60.0), "3": run(80, 60.0)}},
+            "suf": {"0": {"0": run(81, 56.6), "1": run(79, 61.8)}, "1": {"2": run(80, 57.4), "3": run(80, 62.9)}},
+        },
+        "analysis": {
+            "metrics": {"non_en_avg": {"op": "mean", "of": ["rl"]}, "spread": {"op": "range", "of": ["en", "rl"]}},
+            "comparisons": [["suf", "full"]],
+            "report_metrics": ["non_en_avg", "en", "spread"],
+            "headline": "non_en_avg",
+        },
+    }
+    res = analysis.analyse(record)["comparisons"]["suf - full"]
+    head = res["non_en_avg"]
+    assert head["pairs"]["0"] == pytest.approx({"0": -3.4, "1": 1.8})
+    assert head["seed_means"] == pytest.approx({"0": -0.8, "1": 0.15})
+    u = head["unit"]
+    half = 12.7062 * abs(-0.8 - 0.15) / 2**0.5 / 2**0.5  # s = |d| / sqrt(2); s / sqrt(n)
+    assert u["n"] == 2 and (u["lo"], u["hi"]) == pytest.approx((-0.325 - half, -0.325 + half), abs=1e-3)
+    assert head["pairs_t"]["n"] == 4 and head["pair_range"] == pytest.approx([-3.4, 2.9])
+    assert res["en"]["seed_means"] == pytest.approx({"0": 0.0, "1": 0.0})
+    assert res["spread"]["pairs"]["0"]["0"] == pytest.approx((81 - 56.6) - 20)  # range of en, rl: computed
+    report = analysis.format_report(analysis.analyse(record))
+    assert "| suf − full | p0f0 -3.40 p0f1 +1.80" in report and "no detectable difference" in report
+
+
+def test_analysis_reads_a_recorded_metric_and_skips_one_the_record_cannot_give():
+    from synthetic import analysis
+
+    record = {
+        "per_run": {
+            "full": {
+                "0": {"0": {"en": 80.0, "rl": 70.0, "sw": 60.0}},
+                "1": {"0": {"en": 82.0, "rl": 72.0, "sw": 64.0}},
+            },
+            "llrd": {"0": {"0": {"en": 79.0, "non_en_avg": 66.0}}, "1": {"0": {"en": 84.0, "non_en_avg": 70.0}}},
+        },
+        "analysis": {
+            "metrics": {"non_en_avg": {"op": "mean", "of": ["rl", "sw"]}},
+            "comparisons": [["llrd", "full"]],
+            "report_metrics": ["non_en_avg", "en", "rl"],
+            "headline": "non_en_avg",
+        },
+    }
+    res = analysis.analyse(record)["comparisons"]["llrd - full"]
+    assert res["non_en_avg"]["seed_means"] == pytest.approx({"0": 66.0 - 65.0, "1": 70.0 - 68.0})
+    assert "rl" not in res  # llrd's runs hold no rl value: no comparison, not a zero
+
+
+def test_analysis_cli_refuses_a_record_without_per_run_values(tmp_path):
+    from synthetic import analysis
+
+    bad = tmp_path / "r.json"
+    bad.write_text(json.dumps({"comparisons": {}}))
+    with pytest.raises(SystemExit, match=r"r\.json: no 'per_run' key"):
+        analysis.main([str(bad)])
+    bad.write_text("{\n oops")
+    with pytest.raises(SystemExit, match=r"r\.json:2: not JSON"):
+        analysis.main([str(bad)])
