@@ -454,3 +454,25 @@ def test_analysis_cli_refuses_a_record_without_per_run_values(tmp_path):
     bad.write_text("{\n oops")
     with pytest.raises(SystemExit, match=r"r\.json:2: not JSON"):
         analysis.main([str(bad)])
+
+
+def test_every_interval_in_the_readme_is_re_derived_from_the_records_in_the_repository():
+    """README's synthetic-study intervals come from docs/synthetic/{study1_record,mclip_results}.json through
+    synthetic.analysis (the pretraining seed as the unit), not from the withdrawn bootstrap."""
+    from synthetic import analysis
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+
+    def cell(name: str, comparison: str, metric: str) -> str:
+        rec = json.loads((root / "docs" / "synthetic" / name).read_text())
+        return analysis.cell(analysis.analyse(rec)["comparisons"][comparison][metric]).replace("-", "−")
+
+    for name, comparison, metric in (
+        ("study1_record.json", "suf - full", "non_en_avg"),
+        ("study1_record.json", "llrd - full", "non_en_avg"),
+        ("study1_record.json", "xvlmaml - full", "target_avg"),
+        ("mclip_results.json", "suf - full", "target_avg"),
+    ):
+        assert cell(name, comparison, metric) in " ".join(readme.split())
+    assert "[−3.0, +2.3]" not in readme and "~3 points" not in readme
