@@ -20,8 +20,9 @@ The method (fixed for Study 3 in docs/synthetic/protocol_study3.md, applied here
 
 A record holds `per_run`: arm -> pretraining seed -> fine-tuning seed -> {metric or language: value}, and an
 `analysis` spec: `metrics` (name -> {"op": mean | range | std, "of": [languages]}; a name found in a run's dict is
-read directly), `comparisons` ([a, b] pairs), `report_metrics`, `headline` and `headline_of` (comparison -> its own
-headline metric, e.g. XVL-MAML's target average). Study 2's record
+read directly), `comparisons` ([a, b] = a - b, or [a, b, c, d] = (a - b) - (c - d), an interaction),
+`report_metrics`, `headline` and `headline_of` (comparison -> its own headline metric, e.g. XVL-MAML's target
+average). Study 2's record
 (synthetic/mclip_study.py) has no spec: MCLIP_SPEC is its protocol's (2.1).
 
 Off the reading path: a study in the synthetic world (synthetic/README.md); nothing on the card imports it.
@@ -134,20 +135,43 @@ def compare(table: dict[str, dict[str, float]]) -> dict:
     }
 
 
+def interaction_table(per_run: dict, arms: Sequence[str], metric: str, spec: dict) -> dict[str, dict[str, float]]:
+    """(a - b) - (c - d) on the same (pretraining seed, fine-tuning seed): a difference of paired differences."""
+    a, b, c, d = arms
+    first, second = pair_table(per_run, a, b, metric, spec), pair_table(per_run, c, d, metric, spec)
+    out: dict = {}
+    for ps, by_f in first.items():
+        for fs, v in by_f.items():
+            if fs in second.get(ps, {}):
+                out.setdefault(ps, {})[fs] = v - second[ps][fs]
+    return out
+
+
+def comparison_name(arms: Sequence[str]) -> str:
+    return f"{arms[0]} - {arms[1]}" if len(arms) == 2 else f"({arms[0]} - {arms[1]}) - ({arms[2]} - {arms[3]})"
+
+
 def analyse(record: dict) -> dict:
+    """Every comparison of the spec: [a, b] = a - b; [a, b, c, d] = (a - b) - (c - d) (an interaction)."""
     spec = spec_of(record)
     per_run = record["per_run"]
     out: dict = {}
-    for a, b in spec["comparisons"]:
-        if a == b or a not in per_run or b not in per_run:
+    for arms in spec["comparisons"]:
+        if len(arms) not in (2, 4):
+            raise SystemExit(f"error: comparison {arms}: give [a, b] or [a, b, c, d]")
+        if len(set(arms[:2])) < 2 or any(a not in per_run for a in arms):
             continue
         res = {}
         for m in spec["report_metrics"]:
-            table = pair_table(per_run, a, b, m, spec)
+            table = (
+                pair_table(per_run, arms[0], arms[1], m, spec)
+                if len(arms) == 2
+                else interaction_table(per_run, arms, m, spec)
+            )
             if table:
                 res[m] = compare(table)
         if res:
-            out[f"{a} - {b}"] = res
+            out[comparison_name(arms)] = res
     return {"headline": spec["headline"], "headline_of": spec.get("headline_of", {}), "comparisons": out}
 
 
