@@ -58,7 +58,7 @@ need_run = @[ -n "$(RUN)" ] || { echo "error: RUN= names the run folder to evalu
 RUN_PATHS = $(RUN) $(call given,DATA,$(DATA)/datasets) $(call given,FEATURES,$(FEATURES)) $(call given,IMAGES,$(IMAGES))
 INPUTS = $(DATA)/datasets $(VISUAL) $(CKPT)
 
-.PHONY: install test test-unit test-system demo bench help synth synth-world synth-pretrain synth-xvlmaml table1 figures eval translate-test sanity \
+.PHONY: install test test-unit test-system demo bench help synth synth-small synth-study1 synth-world synth-pretrain synth-xvlmaml table1 figures eval translate-test sanity \
 	xgqa-full xgqa-suf xvnli-full xvnli-suf xflickrco-full xflickrco-suf marvl-full marvl-suf \
 	xgqa-llrd-sweep xgqa-llrd-0.98 xgqa-llrd-0.95 xgqa-llrd-0.88 xgqa-llrd-0.75 xgqa-top6 \
 	fewshot-xgqa-full fewshot-xgqa-suf fewshot-marvl-full fewshot-marvl-suf translate-test-marvl-full translate-test-marvl-suf
@@ -115,11 +115,17 @@ synth-world: $(INSTALL)
 synth-pretrain: $(INSTALL)
 	@[ -e $(SYNTH)/world/world.json ] || $(PY) -m synthetic.world --out $(SYNTH)/world
 	$(PY) -m synthetic.pretrain --world $(SYNTH)/world --seed 0 --steps 3000 --eval-every 300 --out tests/fixtures/synth/pretrain_seed0.bin
-## synth           the whole study: premise checks, 4 policies x 2 pretraining x 2 fine-tuning seeds (< 1 h, 2 cores)
+## synth           Study 3, the whole design (docs/synthetic/protocol_study3.md; ~2 h 40 min estimated, 2 cores)
 synth: $(INSTALL)
+	$(PY) -m synthetic.study3 --out $(SYNTH) --record
+## synth-small     Study 3 at its smallest: 2 pretraining seeds x 1, base strength, full and SUF (~15 min, 2 cores)
+synth-small: $(INSTALL)
+	$(PY) -m synthetic.study3 --out $(SYNTH)/small --small
+## synth-study1    Study 1 as it ran (4 policies x 2 pretraining x 2 fine-tuning seeds, crossed; ~27 min, 2 cores)
+synth-study1: $(INSTALL)
 	$(PY) -m synthetic.study --out $(SYNTH) --checkpoint tests/fixtures/synth/pretrain_seed0.bin --lr 3e-4 --record
 
-## synth-xvlmaml   XVL-MAML vs full and SUF on the study's seed pairs (docs/synthetic/protocol.md A8; after make synth)
+## synth-xvlmaml   XVL-MAML vs full and SUF on Study 1's seed pairs (docs/synthetic/protocol.md A8; after make synth-study1)
 synth-xvlmaml: $(INSTALL)
 	$(PY) -m synthetic.xvlmaml_study --out $(SYNTH) --record
 

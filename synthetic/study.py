@@ -241,13 +241,13 @@ def _probe_accuracy(x: torch.Tensor, y: torch.Tensor, classes: int, group: torch
         return float(((x[te] @ w + b).argmax(1) == y[te]).float().mean())
 
 
-def translation_retrieval(model, world: Path, tok) -> dict[str, list[float]]:
-    """Per language X != en, per layer: top-1 retrieval, for each English test question, among all X test
+def translation_retrieval(model, world: Path, tok, split: str = "test") -> dict[str, list[float]]:
+    """Per language X != en, per layer: top-1 retrieval, for each English question of `split`, among all X
     questions by cosine of mean-pooled text-only states centred per language (pitfall 8). A hit: the retrieved
     question is a translation of the same English text (many questions share a text across scenes).
     "chance": the hit rate of a random pick."""
 
-    texts = {lang: [e.text for e in data.load_split(world, "xgqa", "test", lang)] for lang in sw.LANGS}
+    texts = {lang: [e.text for e in data.load_split(world, "xgqa", split, lang)] for lang in sw.LANGS}
     states = {lang: layer_text_states(model, tok, t, None) for lang, t in texts.items()}
     en = np.array(texts["en"])
     same = torch.from_numpy(en[:, None] == en[None, :])

@@ -555,3 +555,221 @@ def test_pair_images_are_drawn_where_the_loaders_look_and_show_the_scene(pair_wo
             want = sp.RGB[sw.COLOURS[obj[0].colour]] if obj else (128, 128, 128)
             assert np.abs(got - np.array(want)).max() <= 24, (rel, slot)
     assert sp.add_images(pair_world) == root  # a second call is a no-op
+
+
+# ---- the corrected analysis (synthetic/analysis.py): hand-computed values; t quantiles from a printed table
+# (t_{0.975,1} = 12.7062, t_{0.975,3} = 3.18245, t_{0.975,4} = 2.77645, t_{0.80,4} = 0.94096)
+
+
+def test_t_interval_matches_the_hand_computed_student_interval():
+    from synthetic import analysis
+
+    got = analysis.t_interval([1.0, 2.0, 3.0, 4.0])  # mean 2.5, s = 1.29099, s/sqrt(4) = 0.645497
+    assert (got["n"], got["df"]) == (4, 3)
+    assert got["t"] == pytest.approx(3.18245, abs=1e-5)
+    assert (got["lo"], got["hi"]) == pytest.approx((2.5 - 3.18245 * 0.645497, 2.5 + 3.18245 * 0.645497), abs=1e-4)
+    two = analysis.t_interval([1.0, 3.0])  # s = sqrt(2), s/sqrt(2) = 1: half-width = t_{0.975,1}
+    assert (two["lo"], two["hi"]) == pytest.approx((2 - 12.7062, 2 + 12.7062), abs=1e-3)
+    one = analysis.t_interval([5.0])
+    assert one["mean"] == 5.0 and one["lo"] is None and one["hi"] is None
+
+
+def test_detectable_effect_is_the_t_power_formula_over_pretraining_seeds():
+    from synthetic import analysis
+
+    assert analysis.detectable_effect(2.0, 5) == pytest.approx((2.77645 + 0.94096) * 2.0 / 5**0.5, abs=1e-4)
+    assert analysis.detectable_effect(2.0, 1) is None and analysis.detectable_effect(None, 5) is None
+
+
+def test_analysis_averages_fine_tuning_seeds_within_each_pretraining_seed_before_the_interval():
+    """A crossed 2 x 2 design with Study 1's SUF - full pattern (per pair -3.4, +1.8 / -2.6, +2.9): the unit
+    means are -0.8 and +0.15, the interval is over those two values (t with 1 df), not over the 4 pairs."""
+    from synthetic import analysis
+
+    def run(en, rl):
+        return {"en": en, "rl": rl}
+
+    record = {
+        "per_run": {
+            "full": {"0": {"0": run(80, 60.0), "1": run(80, 60.0)}, "1": {"2": run(80, 60.0), "3": run(80, 60.0)}},
+            "suf": {"0": {"0": run(81, 56.6), "1": run(79, 61.8)}, "1": {"2": run(80, 57.4), "3": run(80, 62.9)}},
+        },
+        "analysis": {
+            "metrics": {"non_en_avg": {"op": "mean", "of": ["rl"]}, "spread": {"op": "range", "of": ["en", "rl"]}},
+            "comparisons": [["suf", "full"]],
+            "report_metrics": ["non_en_avg", "en", "spread"],
+            "headline": "non_en_avg",
+        },
+    }
+    res = analysis.analyse(record)["comparisons"]["suf - full"]
+    head = res["non_en_avg"]
+    assert head["pairs"]["0"] == pytest.approx({"0": -3.4, "1": 1.8})
+    assert head["seed_means"] == pytest.approx({"0": -0.8, "1": 0.15})
+    u = head["unit"]
+    half = 12.7062 * abs(-0.8 - 0.15) / 2**0.5 / 2**0.5  # s = |d| / sqrt(2); s / sqrt(n)
+    assert u["n"] == 2 and (u["lo"], u["hi"]) == pytest.approx((-0.325 - half, -0.325 + half), abs=1e-3)
+    assert head["pairs_t"]["n"] == 4 and head["pair_range"] == pytest.approx([-3.4, 2.9])
+    assert res["en"]["seed_means"] == pytest.approx({"0": 0.0, "1": 0.0})
+    assert res["spread"]["pairs"]["0"]["0"] == pytest.approx((81 - 56.6) - 20)  # range of en, rl: computed
+    report = analysis.format_report(analysis.analyse(record))
+    assert "| suf − full | p0f0 -3.40 p0f1 +1.80" in report and "no detectable difference" in report
+
+
+def test_analysis_reads_a_recorded_metric_and_skips_one_the_record_cannot_give():
+    from synthetic import analysis
+
+    record = {
+        "per_run": {
+            "full": {
+                "0": {"0": {"en": 80.0, "rl": 70.0, "sw": 60.0}},
+                "1": {"0": {"en": 82.0, "rl": 72.0, "sw": 64.0}},
+            },
+            "llrd": {"0": {"0": {"en": 79.0, "non_en_avg": 66.0}}, "1": {"0": {"en": 84.0, "non_en_avg": 70.0}}},
+        },
+        "analysis": {
+            "metrics": {"non_en_avg": {"op": "mean", "of": ["rl", "sw"]}},
+            "comparisons": [["llrd", "full"]],
+            "report_metrics": ["non_en_avg", "en", "rl"],
+            "headline": "non_en_avg",
+        },
+    }
+    res = analysis.analyse(record)["comparisons"]["llrd - full"]
+    assert res["non_en_avg"]["seed_means"] == pytest.approx({"0": 66.0 - 65.0, "1": 70.0 - 68.0})
+    assert "rl" not in res  # llrd's runs hold no rl value: no comparison, not a zero
+
+
+def test_analysis_cli_refuses_a_record_without_per_run_values(tmp_path):
+    from synthetic import analysis
+
+    bad = tmp_path / "r.json"
+    bad.write_text(json.dumps({"comparisons": {}}))
+    with pytest.raises(SystemExit, match=r"r\.json: no 'per_run' key"):
+        analysis.main([str(bad)])
+    bad.write_text("{\n oops")
+    with pytest.raises(SystemExit, match=r"r\.json:2: not JSON"):
+        analysis.main([str(bad)])
+
+
+def test_every_interval_in_the_readme_is_re_derived_from_the_records_in_the_repository():
+    """README's synthetic-study intervals come from docs/synthetic/{study1_record,mclip_results}.json through
+    synthetic.analysis (the pretraining seed as the unit), not from the withdrawn bootstrap."""
+    from synthetic import analysis
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+
+    def cell(name: str, comparison: str, metric: str) -> str:
+        rec = json.loads((root / "docs" / "synthetic" / name).read_text())
+        return analysis.cell(analysis.analyse(rec)["comparisons"][comparison][metric]).replace("-", "−")
+
+    for name, comparison, metric in (
+        ("study1_record.json", "suf - full", "non_en_avg"),
+        ("study1_record.json", "llrd - full", "non_en_avg"),
+        ("study1_record.json", "xvlmaml - full", "target_avg"),
+        ("mclip_results.json", "suf - full", "target_avg"),
+    ):
+        assert cell(name, comparison, metric) in " ".join(readme.split())
+    assert "[−3.0, +2.3]" not in readme and "~3 points" not in readme
+
+
+# ---- Study 3 (synthetic/study3.py, premise.py, lpft.py; docs/synthetic/protocol_study3.md)
+
+
+def test_study3_design_nests_fine_tuning_seeds_and_builds_every_arm(tmp_path):
+    from synthetic import study3
+
+    seeds = [fs for ps in study3.PRETRAIN_SEEDS for fs in study3.finetune_seeds(ps)]
+    assert len(study3.PRETRAIN_SEEDS) >= 5 and len(seeds) == len(set(seeds)) == 2 * len(study3.PRETRAIN_SEEDS)
+    d = study3.Design(tmp_path, study3.PRETRAIN_SEEDS, 2, tuple(study3.STRENGTHS), study3.POLICIES, tmp_path / "p0.bin")
+    jobs = d.jobs(d.pretrain_seeds, list(d.strengths), d.policies)
+    probes = [cmd for cmd, _ in jobs if "synthetic.lpft" in cmd]
+    runs = {Path(cmd[cmd.index("--output-dir") + 1]).name: cmd for cmd, _ in jobs if "--output-dir" in cmd}
+    assert len(probes) == 10 and jobs[0][0] == probes[0]  # the probes first: LP-FT's second phase reads them
+    # 9 arms (4 policies x 2 embeddings + top) x 2 strengths x 10 pairs, + a blind floor per seed and strength
+    assert len(runs) == 9 * 2 * 10 + 5 * 2
+    frozen, trained = runs["suf-frozen-strong-p3-f106"], runs["suf-trained-strong-p3-f106"]
+    assert "--freeze-embeddings" in frozen and "--freeze-embeddings" not in trained
+    assert frozen[frozen.index("--lr") + 1] == "0.001" and frozen[frozen.index("--seed") + 1] == "106"
+    lp = runs["lpft-trained-base-p3-f107"]
+    assert lp[lp.index("--policy") + 1] == "full" and lp[lp.index("--checkpoint") + 1].endswith("lp-p3-f107.pt")
+    top = runs["top-frozen-base-p0-f100"]
+    assert top[top.index("--policy") + 1] == "top" and "--freeze-embeddings" not in top  # top freezes them itself
+    assert "top-trained-base-p0-f100" not in runs
+    spec = study3.analysis_spec(list(study3.STRENGTHS), study3.POLICIES)
+    assert spec["comparisons"][0] == ["suf-trained-base", "full-trained-base"]  # the headline
+    assert ["suf-trained-strong", "full-trained-strong", "suf-trained-base", "full-trained-base"] in spec["comparisons"]
+    assert ["suf-frozen-base", "full-frozen-base", "suf-trained-base", "full-trained-base"] in spec["comparisons"]
+
+
+def test_premise_verdicts_apply_the_protocols_thresholds():
+    from synthetic import premise
+
+    def checks(drop, swap, shift, en):
+        return {
+            "alignment": {"mean_drop": [0.5] + [drop] * 12},  # layer 0 (embeddings) does not count
+            "swap_back": {"0-2": {"gain_non_en": swap}},
+            "embedding_shift": {"gain_non_en": shift},
+            "dev": {"en": en},
+        }
+
+    v = premise.verdicts([checks(0.12, 1.5, 0.0, 70.0), checks(0.10, 0.5, 2.0, 60.0)], blind_dev_en=49.0)
+    assert v["P0_english"] and v["english_margin"] == pytest.approx(16.0)
+    assert v["P1_alignment_erodes"] and v["max_mean_drop"] == pytest.approx(0.11)
+    assert v["P2_swap_back_helps"] and v["layer_premise"] and v["embedding_channel_open"]
+    v = premise.verdicts([checks(0.09, 0.9, 0.9, 70.0)], blind_dev_en=56.0)
+    assert not (v["P0_english"] or v["P1_alignment_erodes"] or v["P2_swap_back_helps"] or v["layer_premise"])
+    assert not v["embedding_channel_open"]
+
+
+def test_embedding_shift_gives_each_foreign_word_its_translations_shift_and_swap_back_restores_layers():
+    from synthetic import premise
+
+    config = train_uc2.resolve_config(str(Path(__file__).resolve().parent / "fixtures" / "configs" / "uc2_tiny.json"))
+    torch.manual_seed(0)
+    pre = train_uc2.build_model("xgqa", config)
+    torch.manual_seed(1)
+    ft = train_uc2.build_model("xgqa", config)
+    pairs = {"rl": [(7, 5)], "sw": [(9, 5)]}
+    shifted = premise.embedding_shift(ft, pre, pairs)
+    e_ft, e_pre, e_new = (m.state_dict()[premise.EMB] for m in (ft, pre, shifted))
+    assert torch.allclose(e_new[7], e_ft[7] + e_ft[5] - e_pre[5]) and torch.allclose(
+        e_new[9], e_ft[9] + e_ft[5] - e_pre[5]
+    )
+    assert torch.equal(e_new[5], e_ft[5]) and torch.equal(e_new[8], e_ft[8])
+    swapped = premise.swap_layers(ft, pre, (0,))
+    for k, v in swapped.state_dict().items():
+        assert torch.equal(v, (pre if k.startswith("encoder.layer.0.") else ft).state_dict()[k]), k
+    moved = premise.row_movement(ft, pre, pairs)
+    assert set(moved) == {"en", "rl", "sw"} and moved["rl"] > 0
+
+
+@pytest.mark.system
+def test_study3_small_runs_end_to_end_and_its_record_re_derives_every_interval(tmp_path):
+    """make synth-small's code path on a tiny world (2 pretraining seeds of 2 steps, 1 step per epoch): LP-FT's
+    probe loads into the trainer whole, the premise checks run on the auxiliary dev splits, and the record holds
+    per-run, per-epoch and premise numbers from which synthetic.analysis gives the recorded intervals."""
+    from synthetic import analysis, lpft, study3
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({k: v for k, v in TINY.to_dict().items() if k != "version"}))
+    out = tmp_path / "s3"
+    study3.main(
+        ["--out", str(out), "--small", "--pretrain-steps", "2", "--max-steps-per-epoch", "1"]
+        + ["--checkpoint", str(out / "pretrain" / "seed0.bin"), "--world-config", str(cfg), "--workers", "1"]
+    )
+    rec = json.loads((out / "record.json").read_text())
+    assert set(rec["per_run"]) == {"full-trained-base", "full-frozen-base", "suf-trained-base", "suf-frozen-base"}
+    assert set(rec["per_run"]["suf-trained-base"]) == {"0", "1"}
+    assert set(rec["per_epoch"]["full-frozen-base"]["1"]["102"]) == {str(e) for e in range(1, 6)}
+    cell = rec["premise"]["0"]["base"]["frozen"]
+    assert len(cell["100"]["alignment"]["pre"]["cr"]) == 13 and "layer_premise" in cell["verdicts"]
+    assert analysis.analyse(rec) == json.loads(json.dumps(rec["intervals"]))
+    assert "suf-trained-base − full-trained-base" in (out / "RESULTS.md").read_text()
+    # LP-FT: the probed head is what the trainer loads (nothing initialised fresh)
+    lp = tmp_path / "lp.pt"
+    lpft.probe(out / "world", out / "pretrain" / "seed0.bin", 3, lp)
+    model = train_uc2.build_model("xgqa", train_uc2.resolve_config(str(out / "world" / "model_config.json")))
+    plan, _ = train_uc2.load_checkpoint_arg(model, str(lp))
+    assert plan.ok and torch.equal(
+        model.state_dict()["head.3.weight"], torch.load(lp, weights_only=True)["model"]["head.3.weight"]
+    )
