@@ -14,6 +14,7 @@ import torch
 import data
 import eval_zeroshot
 from formats import iglue, iglue_layout
+import scoring.evaluate
 from formats.features import FEATURE_DIM, open_features
 from checks import preflight
 import train_cclm
@@ -631,5 +632,17 @@ def test_tiny_marvl_suf_run_end_to_end_zero_shot_and_translate_test_in_every_lan
             acc = 100 * sum(r["prediction"] == r["label"] for r in rows) / n_test
             assert len(rows) == n_test and record["langs"][lang]["accuracy"] == pytest.approx(acc)
             preds[lang, mt] = [r["prediction"] for r in rows]
-    if model_name == "uc2":  # translate-test inputs are English's: the same statement, the same region features
+    if model_name == "uc2":  # translate-test inputs are English's: the same statement, the same pair of features
         assert all(preds[lang, True] == preds["en", False] for lang in sw.LANGS)
+        # the tiny run predicts one class everywhere, so compare what the pair head reads: the pooled rows
+        model, _ = eval_zeroshot.load_model(out / "model_final.pt")
+        pooled = {}
+        for mt in (False, True):
+            sets = scoring.evaluate.build_eval_sets("uc2", "marvl", w, tok, None, "test", mt, features=w / sp.FEATURES)
+            for lang, s in sets.items():
+                with torch.no_grad():
+                    pooled[lang, mt] = model.eval().cls_features(s.collate([s.dataset[i] for i in range(n_test)]))
+        en = pooled["en", False]
+        assert en.shape == (2 * n_test, 32) and not torch.allclose(en[0::2], en[1::2])  # left and right images
+        for lang in set(sw.LANGS) - {"en"}:
+            assert torch.equal(pooled[lang, True], en) and not torch.allclose(pooled[lang, False], en)
