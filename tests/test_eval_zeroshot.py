@@ -352,7 +352,7 @@ def test_cls_similarity_identical_inputs_all_ones_and_unpaired_exact():
 
 # ------------------------------------------------------------------ the shipped IGLUE sample, tiny real models
 
-TASK_SPLIT = {"xgqa": "dev", "xvnli": "test", "xflickrco": "test"}  # the sample has no xGQA test.json
+TASK_SPLIT = {"xgqa": "dev", "xvnli": "test", "xflickrco": "test", "marvl": "test"}  # no xGQA test.json in the sample
 MT_EXTRA = {  # the sample ships translate-test files for XVNLI only; for the other tasks we add some in
     # IGLUE's layout (machine-translated to English = the English file, same ids)
     "xgqa": [("xGQA/annotations/few_shot/en/dev.json", "xGQA/annotations_machine-translate/few_shot/{}/dev.json")],
@@ -442,8 +442,8 @@ def make_env(tmp: Path) -> dict:
         for split in iglue_layout.available_splits(root, task):
             for lang in iglue_layout.available_langs(root, task, split):
                 for ex in data.load_split(root, task, split, lang):
-                    keys.add(ex.image)
-                    files.add(ex.image_file)
+                    keys |= {ex.image, ex.image2} - {""}  # marvl: the right image of the pair too
+                    files |= {ex.image_file, ex.image2_file} - {""}
                     texts += [ex.text] if lang == "en" else []  # a 1000-id vocabulary cannot hold every script
     features = fixtures.write_synthetic_features(tmp / "features.lmdb", keys, num_boxes=6)
     fixtures.write_synthetic_images(tmp / "images", sorted(files), size=(40, 32))
@@ -557,7 +557,7 @@ def test_partial_and_dev_evaluations_keep_the_test_results(env, tmp_path):
 
 
 @pytest.mark.parametrize("model_name", ["uc2", "cclm"])
-@pytest.mark.parametrize("task", sorted(TASK_SPLIT))  # marvl: when the shipped sample has its files (TASK_SPLIT)
+@pytest.mark.parametrize("task", sorted(TASK_SPLIT))
 def test_evaluate_every_language_and_translate_test(env, model_name, task, capsys):
     import data
 
@@ -592,10 +592,17 @@ def test_evaluate_every_language_and_translate_test(env, model_name, task, capsy
             names = scoring.results.label_names(model_name, task, env["data_root"])
             for lang in res["langs"]:
                 rows = json.loads((run / iglue.predictions_name(rec, lang)).read_text())
-                key, value = ("questionId", "prediction") if task == "xgqa" else ("question_id", "answer")
+                key, value = {"xgqa": ("questionId", "prediction"), "marvl": ("id", "prediction")}.get(
+                    task, ("question_id", "answer")
+                )
                 exs = data.load_split(env["data_root"], task, split, lang, translate_test=mt and lang != "en")
                 exs = [ex for ex in exs if model_name == "uc2" or ex.gold != data.XVNLI_NO_GOLD]  # X2-VLM drops "-"
-                assert [r[key] for r in rows] == [ex.id for ex in exs] and all(r[value] in names for r in rows)
+                assert [r[key] for r in rows] == [ex.id for ex in exs]
+                assert all(str(r[value]) in names for r in rows)  # marvl: VOLTA's class index 0 / 1
+                if task == "marvl":  # VOLTA's VL-binary-classifier rows: the sentence and gold label beside each
+                    assert [(r["sentence"], r["label"]) for r in rows] == [(ex.text, ex.label) for ex in exs]
+                    score = 100 * sum(r["prediction"] == r["label"] for r in rows) / len(rows)
+                    assert score == pytest.approx(res["langs"][lang]["accuracy"], abs=1e-9)
                 if task == "xgqa":  # GQA_score.py's rule on its own inputs reproduces our accuracy
                     gold = {ex.id: ex.gold for ex in exs}
                     score = 100 * sum(r["prediction"] == gold[r["questionId"]] for r in rows) / len(rows)

@@ -34,6 +34,7 @@ import report.tables  # noqa: E402
 import train_uc2 as U  # noqa: E402
 from comparisons.xvlmaml import maml as M  # noqa: E402
 from comparisons.xvlmaml import xvlmaml as X  # noqa: E402
+from training import devices  # noqa: E402
 
 IGLUE = ROOT / "tests" / "fixtures" / "iglue"
 REGIONS = 6
@@ -314,6 +315,45 @@ def test_inner_params_top_adapts_the_top_layers_and_heads_but_not_the_embeddings
     ]
     assert top == expected and not any(n.startswith("model.embeddings.") for n in top)
     assert M.adapt_names_for(names, layout.layer_of, layout.num_layers, "all", 2, emb) == names
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_meta_step_on_the_marvl_pair_model_is_the_gradient_through_the_adapted_parameters(first_order):
+    """One XVL-MAML meta-step (variant full: inner contrastive loss on the auxiliary pairs, outer English task loss +
+    contrastive on the query) on train_uc2.build_model("marvl") with batches in the contract's marvl layout, against
+    plain autograd: theta' = theta - alpha * grad of the inner loss (one SGD step by hand; second order: kept in the
+    graph, create_graph), p.grad = d outer(theta') / d theta. The pair head (head.*, fed both pooled images) and the
+    pooler get their outer gradient only: the contrastive loss never reads them, so theta' = theta there."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    config = {**U.resolve_config(UC2_TINY), "hidden_dropout": 0.0, "attention_dropout": 0.0, "classifier_dropout": 0.0}
+    net = X.XVLModel(U.build_model("marvl", config), M.ContrastiveHead(32, 8), "separate").eval()
+    support = {"aux": marvl_batch(n=4, seed=11)}
+    query = {"aux": marvl_batch(n=4, seed=13), "en": marvl_batch(n=4, seed=17)}
+    cfg = M.MamlConfig(variant="full", inner_lr=0.5, first_order=first_order)
+    params = dict(net.named_parameters())
+    names = list(params)
+    losses, bad = X.meta_step(net, cfg, iter([(support, query)]), 1, names, devices.DistInfo(), torch.device("cpu"))
+    got = {n: p.grad for n, p in params.items()}
+    assert bad == 0 and all(g is not None for g in got.values())
+    assert got["model.head.0.weight"].shape[1] == 2 * config["pooler_size"]  # VOLTA's pair classifier
+    cl_reads = [n for n in names if net.used_by(n, ("cl",))]
+    assert cl_reads and not any(n.startswith(("model.head.", "model.pooler.")) for n in cl_reads)
+    outer = M.module_objective(net, terms=cfg.outer)
+    with sdpa_kernel(SDPBackend.MATH):  # double backward through attention (second order)
+        step = torch.autograd.grad(net(support, ("cl",)), [params[n] for n in cl_reads], create_graph=not first_order)
+        fast = dict(params) | {n: params[n] - cfg.inner_lr * g for n, g in zip(cl_reads, step)}
+        meta_loss = outer(fast, query)
+        want = dict(zip(names, torch.autograd.grad(meta_loss, [params[n] for n in names])))
+    assert losses[0] == pytest.approx(meta_loss.item(), rel=1e-5)
+    for n in names:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+    if not first_order:  # the second-order term is there: not the gradient at theta' alone
+        q = "model.encoder.layer.0.attention.self.query.weight"
+        fo = {n: t.detach().requires_grad_() for n, t in fast.items()}
+        fo_grad = torch.autograd.grad(outer(fo, query), fo[q])[0]
+        assert not torch.allclose(got[q], fo_grad, rtol=1e-3, atol=1e-6)
 
 
 # ---------------------------------------------------------------- on UC2 and the IGLUE fixtures

@@ -39,8 +39,14 @@ import _guard  # noqa: E402
 from _marvl_batches import uc2_batch, uc2_slot, uc2_swapped  # noqa: E402
 
 IGLUE = ROOT / "tests" / "fixtures" / "iglue"
-SPLITS = {"xgqa": ("testdev", "dev"), "xvnli": ("train_48", "test"), "xflickrco": ("valid", "test")}
-EVAL_LANGS = {"xgqa": ["en", "de"], "xvnli": ["en", "ar"], "xflickrco": ["en", "de"]}
+# marvl: the sample has no NLVR2 train.jsonl (IGLUE stores it as a large-file pointer); its 60 dev lines train here
+SPLITS = {
+    "xgqa": ("testdev", "dev"),
+    "xvnli": ("train_48", "test"),
+    "xflickrco": ("valid", "test"),
+    "marvl": ("dev", "test"),
+}
+EVAL_LANGS = {"xgqa": ["en", "de"], "xvnli": ["en", "ar"], "xflickrco": ["en", "de"], "marvl": ["en", "id"]}
 REGIONS = 10
 
 
@@ -53,7 +59,7 @@ def sample(tmp_path_factory):
             for lang in langs:
                 exs = data.load_split(IGLUE, task, split, lang)
                 texts += [e.text for e in exs]
-                ids |= {e.image for e in exs}
+                ids |= {e.image for e in exs} | {e.image2 for e in exs if e.image2}  # marvl: the right image too
     fixtures.make_tiny_tokenizer(texts, out / "tok", vocab_size=1000)
     fixtures.write_synthetic_features(out / "feats", ids, num_boxes=REGIONS)
     return out
@@ -105,8 +111,7 @@ def test_loss_falls_on_a_fixed_batch(task, policy, sample):
     opt, sched = engine.build_optimizer(model, layout, schedule, args, total_steps=1000)
     freeze.apply_schedule(model, layout, schedule, epoch=0)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    # marvl: a synthetic batch in the contract's layout until the shipped sample has MaRVL files (SPLITS)
-    batch = fixed_batch(task, sample) if task in SPLITS else uc2_batch(config, b=4)
+    batch = fixed_batch(task, sample)
     losses = []
     for _ in range(6):
         loss = model.loss(batch)
@@ -170,7 +175,8 @@ def test_torchrun_two_processes_equal_one(sample, tmp_path):
     assert [r["trainable_layers"] for r in trained if r["type"] == "train"] == [[9, 10, 11], [6, 7, 8, 9, 10, 11]]
 
 
-def test_resume_after_epoch_one_is_bitwise_equal(sample, tmp_path, monkeypatch):
+@pytest.mark.parametrize("task", ["xflickrco", "marvl"])  # xflickrco: VOLTA's hard negatives; marvl: image pairs
+def test_resume_after_epoch_one_is_bitwise_equal(task, sample, tmp_path, monkeypatch):
     common = [
         "--policy",
         "suf",
@@ -183,19 +189,19 @@ def test_resume_after_epoch_one_is_bitwise_equal(sample, tmp_path, monkeypatch):
         "--eval-batch-size",
         "400",
         "--langs",
-        "de",
+        EVAL_LANGS[task][1],
         "--seed",
         "5",
         "--eval-every",
         "1",
     ]
-    U.main(cli("xflickrco", sample, tmp_path / "full", *common))
+    U.main(cli(task, sample, tmp_path / "full", *common))
     undo_fault = _faults.install("raise:epoch_end:1", monkeypatch=monkeypatch)
     with pytest.raises(RuntimeError, match="SUF_FAULT"):
-        U.main(cli("xflickrco", sample, tmp_path / "cut", *common))
+        U.main(cli(task, sample, tmp_path / "cut", *common))
     assert not (tmp_path / "cut" / "model_final.pt").exists()
     undo_fault()
-    U.main(cli("xflickrco", sample, tmp_path / "cut", *common, "--resume"))
+    U.main(cli(task, sample, tmp_path / "cut", *common, "--resume"))
     a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     logs = [
@@ -207,10 +213,13 @@ def test_resume_after_epoch_one_is_bitwise_equal(sample, tmp_path, monkeypatch):
     ]
     assert logs[0] == logs[1]
     evals = [r for r in logs[0] if r["type"] == "eval"]
-    assert [(r["epoch"], r["lang"]) for r in evals] == [(1, "de"), (2, "de")]
-    assert all(0 <= r["tr_r1"] <= 100 and r["n_images"] == 40 for r in evals)
+    assert [(r["epoch"], r["lang"]) for r in evals] == [(1, EVAL_LANGS[task][1]), (2, EVAL_LANGS[task][1])]
+    if task == "xflickrco":
+        assert all(0 <= r["tr_r1"] <= 100 and r["n_images"] == 40 for r in evals)
+    else:  # the sample's 30 MaRVL-id pairs
+        assert all(0 <= r["accuracy"] <= 100 and r["n"] == 30 for r in evals)
     meta = torch.load(tmp_path / "cut" / "model_final.pt", weights_only=True)["meta"]
-    assert meta["model"] == "uc2" and meta["config"]["hidden_size"] == 32 and meta["task"] == "xflickrco"
+    assert meta["model"] == "uc2" and meta["config"]["hidden_size"] == 32 and meta["task"] == task
     rebuilt = U.build_model(meta["task"], meta["config"])
     assert volta.load_into(rebuilt, str(tmp_path / "cut" / "model_final.pt")).ok
 
