@@ -15,10 +15,12 @@ protocol: docs/synthetic/protocol.md, Study 2). From a synthetic world (syntheti
   --tokenizer load it unchanged;
 
 then checks the premise (zero-shot R@1 per language on held-out scenes), runs the arms through train_mclip.main and
-reports per-language R@1, the disparity (average, range, std) and paired differences with two-level bootstrap
-intervals (synthetic.study.paired_bootstrap, as Study 1).
+reports per-language R@1, the disparity (average, range, std) and paired differences analysed by synthetic.analysis
+(the pretraining seed is the unit of replication: a Student t 95% interval over the per-pretraining-seed means, n
+stated, the per-pair table beside it, the smallest detectable effect; docs/synthetic/reanalysis.md).
 
   python -m synthetic.mclip_study --world synth_out/world --out synth_out/mclip --record     # make synth-mclip
+  python -m synthetic.mclip_study --from-record docs/synthetic/mclip_results.json --out DIR   # no training
 
 Off the reading path: a study in the synthetic world (synthetic/README.md); nothing on the card imports it.
 """
@@ -46,9 +48,10 @@ from formats.features import FEATURE_DIM
 from comparisons.mclip import xtd_data
 import engine
 from comparisons.mclip import train_mclip
+from synthetic import analysis
 from synthetic import study as ss
 from synthetic import world as sw
-from formats import run_folder, torch_files
+from formats import readers, run_folder, torch_files
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "docs" / "synthetic" / "mclip_results.json"
@@ -412,26 +415,31 @@ def summary(scores: dict[str, float]) -> dict[str, float]:
     return {"target_avg": float(np.mean(targets)), **train_mclip.disparity(scores)}
 
 
-def compare(res: dict, base: str, langs, resamples: int = 10_000) -> dict:
-    """Every arm - base, paired on (pretraining seed, fine-tuning seed): target average, range, std, per language."""
-    out = {}
-    for arm, by_p in res.items():
-        if arm == base or base not in res:
-            continue
-        table: dict = {}
-        for p, by_f in by_p.items():
-            for f, scores in by_f.items():
-                other = res[base].get(p, {}).get(f)
-                if other is None:
-                    continue
-                a, b = summary(scores), summary(other)
-                for m in ("target_avg", "range", "std"):
-                    table.setdefault(m, {}).setdefault(p, {})[f] = a[m] - b[m]
-                for lang in langs:
-                    table.setdefault(lang, {}).setdefault(p, {})[f] = scores[lang] - other[lang]
-        if table:
-            out[arm] = {m: ss.paired_bootstrap(v, resamples) for m, v in table.items()}
-    return out
+BASES = ("suf", "full")
+
+
+def analysis_spec(langs: Sequence[str]) -> dict:
+    """Protocol 2.1's comparisons (every arm - SUF, every arm - full; headline: the target average over the
+    non-English languages; range and std across all languages, ddof 0), for synthetic.analysis. With every language
+    it is synthetic.analysis.MCLIP_SPEC."""
+    targets = [lang for lang in LANG_ORDER if lang in langs and lang != "en"]
+    every = [lang for lang in sw.LANGS if lang in langs]
+    return {
+        "metrics": {
+            "target_avg": {"op": "mean", "of": targets},
+            "range": {"op": "range", "of": every},
+            "std": {"op": "std", "of": every},
+        },
+        "comparisons": [[a, b] for b in BASES for a in ("zeroshot", "lora", "adapter", "full", "suf", "lora_m3")],
+        "report_metrics": ["target_avg", "range", "std", *targets, *(["en"] if "en" in langs else [])],
+        "headline": "target_avg",
+    }
+
+
+def compare(res: dict, langs: Sequence[str]) -> dict:
+    """Every arm - SUF and every arm - full, paired on (pretraining seed, fine-tuning seed), the pretraining seed as
+    the unit (synthetic.analysis); zero-shot is paired with each fine-tuning seed's runs by repetition."""
+    return analysis.analyse({"per_run": res, "analysis": analysis_spec(langs)})
 
 
 def mean_table(res: dict, langs) -> dict:
@@ -446,38 +454,65 @@ def mean_table(res: dict, langs) -> dict:
     return out
 
 
-def fmt_diff(d: dict) -> str:
-    mark = " *" if d["lo"] > 0 or d["hi"] < 0 else ""
-    return f"{d['mean']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]{mark}"
+def build_record(res: dict, langs: Sequence[str], premise: list[dict], extra: dict) -> dict:
+    """The study's record: premise, means, every run (per_run), the analysis spec and its intervals."""
+    return {
+        "premise": premise,
+        "table": mean_table(res, langs),
+        "per_run": res,
+        "analysis": analysis_spec(langs),
+        "intervals": compare(res, langs),
+        **extra,
+    }
 
 
-def report(out: Path, arms, langs, pseeds, fseeds, premise: list[dict], extra: dict, resamples: int = 10_000) -> dict:
-    res = collect(out, arms, langs, pseeds, fseeds)
-    table = mean_table(res, langs)
-    comps = {base: compare(res, base, langs, resamples) for base in ("suf", "full")}
+def format_report(record: dict, langs: Sequence[str]) -> str:
     lines = ["# Synthetic M-CLIP study (docs/synthetic/protocol.md, Study 2)", ""]
+    if record.get("source"):
+        lines += [f"Made without training from the per-run values of `{record['source']}`.", ""]
     lines += ["Premise (zero-shot mean R@1 on held-out scenes, per pretraining seed):", ""]
-    for pr in premise:
+    for pr in record["premise"]:
         cells = " ".join(f"{l} {v:.1f}" for l, v in pr["r1"].items())
         lines.append(f"- seed {pr['seed']}: {cells} (chance {pr['chance']:.2f}); holds: {pr['holds']} {pr['checks']}")
     lines += ["", "Test mean R@1 (i2t, t2i), mean over runs; target avg = non-English; range/std across languages:", ""]
     head = "| arm | n | " + " | ".join(langs) + " | target avg | range | std |"
     lines += [head, "|" + "---|" * (len(langs) + 5)]
-    for arm, row in table.items():
+    for arm, row in record["table"].items():
         cells = " | ".join(f"{row[l]:.1f}" for l in langs)
         lines.append(
             f"| {arm} | {row['n']} | {cells} | {row['target_avg']:.1f} | {row['range']:.1f} | {row['std']:.1f} |"
         )
-    for base, comp in comps.items():
-        lines += ["", f"Paired differences arm - {base} (two-level bootstrap 95% interval; * = excludes 0):", ""]
-        cols = ["target_avg", "range", "std", *[l for l in langs if l != "en"]]
-        lines += ["| arm | pairs | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
-        for arm, c in comp.items():
-            cells = " | ".join(fmt_diff(c[m]) for m in cols if m in c)
-            lines.append(f"| {arm} - {base} | {c['target_avg']['n_pairs']} | {cells} |")
-    text = "\n".join(lines) + "\n"
+    lines += ["", *ss.intervals_section(record["intervals"], "Paired differences arm − SUF and arm − full")]
+    return "\n".join(lines) + "\n"
+
+
+def report(out: Path, arms, langs, pseeds, fseeds, premise: list[dict], extra: dict) -> dict:
+    record = build_record(collect(out, arms, langs, pseeds, fseeds), langs, premise, extra)
+    text = format_report(record, langs)
     (out / "RESULTS.md").write_text(text)
-    record = {"premise": premise, "table": table, "comparisons": comps, "per_run": res, **extra}
+    (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(text)
+    return record
+
+
+def from_record(source: Path, out: Path) -> dict:
+    """No training: the report and record re-made from a record's per-run values (e.g. docs/synthetic/
+    mclip_results.json), its premise, config, arms and compute kept; written to out/RESULTS.md, out/results.json."""
+    if not source.is_file():
+        raise SystemExit(f"error: {source}: no such record")
+    try:
+        old = readers.read_json(source, annotations=False)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not old.get("per_run"):
+        raise SystemExit(f"error: {source}: no 'per_run' key (the analysis needs every run's numbers)")
+    run = next(iter(next(iter(next(iter(old["per_run"].values())).values())).values()))
+    langs = [lang for lang in LANG_ORDER if lang in run]
+    extra = {k: old[k] for k in ("config", "arms", "compute") if k in old}
+    record = build_record(old["per_run"], langs, old.get("premise", []), extra)
+    text = format_report({**record, "source": str(source)}, langs)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "RESULTS.md").write_text(text)
     (out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
     print(text)
     return record
@@ -516,7 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2, help="fine-tuning processes at once (one thread each)")
     p.add_argument("--pretrain-only", action="store_true", help="stop after pretraining and the premise checks")
     p.add_argument("--report-only", action="store_true", help="only collect finished runs and report")
-    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples per interval (protocol: 10,000)")
+    p.add_argument(
+        "--from-record", default=None, help="no training: re-make the report and record from a record's per-run values"
+    )
     p.add_argument("--record", action="store_true", help=f"also write the record {RECORD.relative_to(ROOT)}")
     p.add_argument("--config", default=None, help="json of StudyConfig fields to override (tests: a tiny study)")
     return p
@@ -528,6 +565,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.config:
         cfg = replace(cfg, **json.loads(Path(args.config).read_text()))
     out = Path(args.out)
+    if args.from_record:
+        record = from_record(Path(args.from_record), out)
+        if args.record:
+            RECORD.write_text(json.dumps(record, indent=1) + "\n")
+        return record
     world_cfg = load_world_config(args.world, 0)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -552,9 +594,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "arms": {a: ARMS[a] for a in args.arms},
         "compute": compute(out, args.pretrain_seeds),
     }
-    record = report(
-        out, args.arms, args.langs, args.pretrain_seeds, args.finetune_seeds, premise, extra, args.resamples
-    )
+    record = report(out, args.arms, args.langs, args.pretrain_seeds, args.finetune_seeds, premise, extra)
     if args.record:
         RECORD.write_text(json.dumps(record, indent=1) + "\n")
     return record

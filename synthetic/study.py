@@ -1,10 +1,12 @@
 """The synthetic-world study of docs/synthetic/: premise checks, then full / SUF / LLRD / top fine-tuned on
 English through the real train_uc2.py, evaluated zero-shot in every language after every epoch; paired
-differences of the non-English average with two-level bootstrap 95% intervals; figures through the real
-`python -m report figures`.
+differences policy - full analysed by synthetic.analysis (the pretraining seed is the unit of replication: a
+Student t 95% interval over the per-pretraining-seed means, n stated, the per-pair table beside it, the smallest
+detectable effect; docs/synthetic/reanalysis.md); figures through the real `python -m report figures`.
 
   python -m synthetic.study --out synth_out                      # make synth: world, pretraining, checks, study
   python -m synthetic.study --out synth_out --pretrain-seeds 0 --finetune-seeds 0 --policies full suf   # smaller
+  python -m synthetic.study --from-record docs/synthetic/study1_record.json --record   # no training: re-derive
 
 Off the reading path: a study in the synthetic world (synthetic/README.md); nothing on the card imports it.
 """
@@ -27,8 +29,10 @@ import torch
 import torch.nn.functional as F
 
 import data
+from formats import readers
 from report import cli as report_cli
 import train_uc2
+from synthetic import analysis
 from synthetic import pretrain as sp
 from synthetic import world as sw
 
@@ -295,20 +299,6 @@ def premise_checks(world: Path, ckpt: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- statistics
 
 
-def paired_bootstrap(diffs: dict[int, dict[int, float]], n: int = 10_000, seed: int = 0) -> dict:
-    """diffs: pretraining seed -> fine-tuning seed -> paired difference. Mean and a two-level bootstrap 95%
-    interval (resample pretraining seeds, then fine-tuning seeds within each)."""
-    rng = np.random.default_rng(seed)
-    groups = [np.array(list(v.values())) for _, v in sorted(diffs.items())]
-    mean = float(np.mean([x for g in groups for x in g]))
-    stats = np.empty(n)
-    for i in range(n):
-        picked = [groups[j] for j in rng.integers(0, len(groups), len(groups))]
-        stats[i] = np.mean([g[rng.integers(0, len(g), len(g))].mean() for g in picked])
-    lo, hi = np.percentile(stats, [2.5, 97.5])
-    return {"mean": mean, "lo": float(lo), "hi": float(hi), "n_pairs": sum(len(g) for g in groups)}
-
-
 def collect(where: dict, policies: Sequence[str]) -> dict:
     """policy -> pseed -> fseed -> final accuracies, for the finished runs only (compare() pairs them)."""
     results: dict = {pol: defaultdict(dict) for pol in policies}
@@ -322,24 +312,20 @@ def non_en_avg(acc: dict[str, float]) -> float:
     return float(np.mean([v for k, v in acc.items() if k != "en"]))
 
 
+def analysis_spec(policies: Sequence[str]) -> dict:
+    """Protocol 1.4's comparisons (every policy - full; headline: the non-English average), for synthetic.analysis."""
+    return {
+        "metrics": {"non_en_avg": {"op": "mean", "of": list(sw.LANGS[1:])}},
+        "comparisons": [[pol, "full"] for pol in policies if pol != "full"],
+        "report_metrics": ["non_en_avg", *sw.LANGS],
+        "headline": "non_en_avg",
+    }
+
+
 def compare(results: dict, policies: Sequence[str]) -> dict:
-    """results: policy -> pseed -> fseed -> {lang: acc}. Paired differences policy - full."""
-    out = {}
-    for pol in policies:
-        if pol == "full":
-            continue
-        table = {"avg": {}, **{lang: {} for lang in sw.LANGS}}
-        for ps, by_f in results[pol].items():
-            for fs, acc in by_f.items():
-                base = results["full"].get(ps, {}).get(fs)
-                if base is None:  # not finished: no pair
-                    continue
-                table["avg"].setdefault(ps, {})[fs] = non_en_avg(acc) - non_en_avg(base)
-                for lang in sw.LANGS:
-                    table[lang].setdefault(ps, {})[fs] = acc[lang] - base[lang]
-        if table["avg"]:
-            out[pol] = {k: paired_bootstrap(v) for k, v in table.items()}
-    return out
+    """results: policy -> pseed -> fseed -> {lang: acc} (a run may hold a recorded metric, e.g. non_en_avg, instead
+    of languages). Paired differences policy - full, the pretraining seed as the unit (synthetic.analysis)."""
+    return analysis.analyse({"per_run": results, "analysis": analysis_spec(policies)})
 
 
 def summary_rows(results: dict) -> dict:
@@ -388,6 +374,15 @@ def premise_note(study: dict) -> str:
     )
 
 
+def intervals_section(result: dict, title: str) -> list[str]:
+    """The corrected analysis (synthetic.analysis.analyse's result) as a report section: the per-pair table, the
+    per-pretraining-seed means, n, the t interval over them, the smallest detectable effect, every metric."""
+    if not result.get("comparisons"):
+        return [f"## {title}", "", "No finished pair of runs: nothing to compare."]
+    text = analysis.format_report(result, f"{title} (pretraining seed = unit of replication)")
+    return ["#" + line if line.startswith("#") else line for line in text.rstrip("\n").split("\n")]
+
+
 def format_report(study: dict) -> str:
     lines = [
         "# Synthetic-world study results",
@@ -410,30 +405,7 @@ def format_report(study: dict) -> str:
             + " | ".join(f"{r[l]:.1f}" for l in sw.LANGS[1:])
             + f" | {r['runs']} |"
         )
-    lines += [
-        "",
-        "## Paired differences vs full (mean [bootstrap 95% interval])",
-        "",
-        "| policy | non-en avg | en | " + " | ".join(sw.LANGS[1:]) + " | effect? |",
-        "|---|---|---|" + "---|" * len(sw.LANGS[1:]) + "---|",
-    ]
-    for pol, c in study["comparisons"].items():
-        cell = lambda d: f"{d['mean']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]"
-        if c["avg"]["n_pairs"] < 2:
-            effect = "too few pairs for an interval"
-        else:
-            effect = "yes" if c["avg"]["lo"] > 0 or c["avg"]["hi"] < 0 else "no detectable difference"
-        lines.append(
-            f"| {pol} − full (n={c['avg']['n_pairs']}) | {cell(c['avg'])} | {cell(c['en'])} | "
-            + " | ".join(cell(c[l]) for l in sw.LANGS[1:])
-            + f" | {effect} |"
-        )
-    if len(study["pretrain_seeds"]) < 2:
-        lines += [
-            "",
-            "One pretraining seed: the intervals cover fine-tuning-seed variation only, not the (larger, "
-            "pitfall 3) pretraining-seed variation.",
-        ]
+    lines += ["", *intervals_section(study["intervals"], "Paired differences vs full")]
     lines += ["", "## Premise checks", ""]
     for ps, chk in study["premise"].items():
         g = chk["grounding"]
@@ -473,6 +445,59 @@ def format_report(study: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_record(design: str, note: str, summary: dict, per_run: dict, policies: Sequence[str], **extra) -> dict:
+    """The study's record (RECORD): every run's final accuracies (per_run), the analysis spec and its result (the
+    pretraining seed as the unit), the means; the "xvlmaml" entry of synthetic/xvlmaml_study.py is kept."""
+    kept = {k: v for k, v in json.loads(RECORD.read_text()).items() if k == "xvlmaml"} if RECORD.is_file() else {}
+    rec = {
+        "design": design,
+        "note": note,
+        "summary": summary,
+        **extra,
+        "per_run": per_run,
+        "analysis": analysis_spec(policies),
+        "intervals": compare(per_run, policies),
+        **kept,  # synthetic/xvlmaml_study.py's entry (its own command writes it)
+    }
+    RECORD.write_text(json.dumps(rec, indent=1) + "\n")
+    return rec
+
+
+def from_record(source: Path, record: bool) -> str:
+    """No training: the paired differences of the policies whose per-run values a record holds (e.g.
+    docs/synthetic/study1_record.json, transcribed from the tables that hold them); with `record`, RECORD's intervals
+    are replaced by these (its design, note and means kept). A policy with no per-run values gets no interval."""
+    if not source.is_file():
+        raise SystemExit(f"error: {source}: no such record")
+    try:
+        src = readers.read_json(source, annotations=False)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if "per_run" not in src:
+        raise SystemExit(f"error: {source}: no 'per_run' key (the analysis needs every run's numbers)")
+    policies = [p for p in POLICY_ARGS if p in src["per_run"]]
+    if "full" not in policies:
+        raise SystemExit(f"error: {source}: no runs of policy full (every comparison is policy - full)")
+    per_run = {p: src["per_run"][p] for p in policies}
+    missing = [p for p in POLICY_ARGS if p not in policies]
+    note = (
+        f"per-run values from {source.name}"
+        + (
+            f"; no per-run values of {', '.join(missing)} in it: no interval for {', '.join(missing)}"
+            if missing
+            else ""
+        )
+        + "".join(f"; {k}: {v}" for k, v in src.get("source", {}).items() if set(k.split(", ")) & set(policies))
+    )
+    if record:
+        old = json.loads(RECORD.read_text()) if RECORD.is_file() else {}
+        write_record(
+            old.get("design", ""), old.get("note", ""), old.get("summary", {}), per_run, policies, per_run_source=note
+        )
+    lines = intervals_section(compare(per_run, policies), "Paired differences vs full")
+    return "\n".join([*lines, "", f"Source: {note}."]) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -501,9 +526,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="no training: report the finished runs (pairs where both policies finished)",
     )
     p.add_argument(
-        "--record", action="store_true", help=f"also write the headline to {RECORD.relative_to(ROOT)} (demo prints it)"
+        "--record",
+        action="store_true",
+        help=f"also write the record (per run, intervals) to {RECORD.relative_to(ROOT)}",
+    )
+    p.add_argument(
+        "--from-record",
+        default=None,
+        help="no training: the paired differences of a record's per-run values (with --record: into the record)",
     )
     args = p.parse_args(argv)
+    if args.from_record:
+        print(from_record(Path(args.from_record), args.record), end="")
+        return
     start, out = time.time(), Path(args.out)
     world = out / "world"
     if not (world / "world.json").exists():
@@ -594,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "floors": majority_floor(world),
         "summary": summary_rows(results),
         "results": results,
-        "comparisons": compare(results, args.policies) if "full" in args.policies else {},
+        "intervals": compare(results, args.policies) if "full" in args.policies else {},
     }
     if not args.no_floors and (runs / "randinit-full-f0" / "model_final.pt").exists():
         study["random_init"] = final_accuracy(runs / "randinit-full-f0")
@@ -604,20 +639,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"world {study['world']['version']}, {len(args.pretrain_seeds)} pretraining x "
             f"{len(args.finetune_seeds)} fine-tuning seeds, lr {lr}, batch {FT['batch_size']}"
         )
-        kept = {k: v for k, v in json.loads(RECORD.read_text()).items() if k == "xvlmaml"} if RECORD.is_file() else {}
-        RECORD.write_text(
-            json.dumps(
-                {
-                    "design": design,
-                    "note": premise_note(study),
-                    "summary": study["summary"],
-                    "comparisons": study["comparisons"],
-                    **kept,  # synthetic/xvlmaml_study.py's entry (its own command writes it)
-                },
-                indent=1,
-            )
-            + "\n"
-        )
+        write_record(design, premise_note(study), study["summary"], results, args.policies)
     report = format_report(study)
     (out / "RESULTS.md").write_text(report)
 

@@ -2,9 +2,12 @@
 comparisons/xvlmaml/xvlmaml.py continues each English run of policy full of a finished study (`make synth`),
 meta-trains with the auxiliary language's dev split (synthetic.world.add_auxiliary), is evaluated zero-shot in every
 language by the existing evaluation, and is compared,
-paired on (pretraining seed, fine-tuning seed), with the study's full and SUF runs (their epoch-5 accuracies):
+paired on (pretraining seed, fine-tuning seed), with the study's full and SUF runs (their epoch-5 accuracies), by
+synthetic.analysis (the pretraining seed is the unit of replication: a Student t 95% interval over the
+per-pretraining-seed means, n stated, the per-pair table beside it; docs/synthetic/reanalysis.md):
 
   python -m synthetic.xvlmaml_study --out synth_out --record       # make synth-xvlmaml (after make synth)
+  python -m synthetic.xvlmaml_study --from-record docs/synthetic/study1_record.json --out DIR   # no training
 
 Also, as secondary results: a control that runs the same command with the contrastive weight 0 (the inner update
 is then the identity and the outer loss the English task loss alone: the same number of extra English updates at
@@ -30,6 +33,7 @@ import numpy as np
 from formats import readers
 import train_uc2
 from comparisons.xvlmaml import xvlmaml
+from synthetic import analysis
 from synthetic import study as ss
 from synthetic import world as sw
 
@@ -142,20 +146,27 @@ def targets_avg(acc: dict[str, float], aux: str) -> float:
     return float(np.mean([v for lang, v in acc.items() if lang not in ("en", aux)]))
 
 
-def paired(results: dict, a: str, b: str, aux: str, n_boot: int = 10_000) -> dict:
-    """Paired differences a - b on (pretraining seed, fine-tuning seed): the target average, the non-English
-    average (auxiliary included) and each language, with synthetic.study's two-level bootstrap intervals."""
-    table: dict = {"targets": {}, "non_en": {}, **{lang: {} for lang in sw.LANGS}}
-    for ps, by_f in results[a].items():
-        for fs, acc in by_f.items():
-            base = results[b].get(ps, {}).get(fs)
-            if base is None:
-                continue
-            table["targets"].setdefault(ps, {})[fs] = targets_avg(acc, aux) - targets_avg(base, aux)
-            table["non_en"].setdefault(ps, {})[fs] = ss.non_en_avg(acc) - ss.non_en_avg(base)
-            for lang in sw.LANGS:
-                table[lang].setdefault(ps, {})[fs] = acc[lang] - base[lang]
-    return {k: ss.paired_bootstrap(v, n=n_boot) for k, v in table.items()} if table["targets"] else {}
+COMPARISONS = (("xvlmaml", "full"), ("xvlmaml", "suf"), ("control", "full"), ("xvlmaml", "control"))
+
+
+def analysis_spec(aux: str) -> dict:
+    """A8 item 5 and 7a: the target average (headline; non-English, auxiliary excluded), the non-English average
+    (auxiliary included) and every language, for synthetic.analysis."""
+    return {
+        "metrics": {
+            "target_avg": {"op": "mean", "of": [lang for lang in sw.LANGS[1:] if lang != aux]},
+            "non_en_avg": {"op": "mean", "of": list(sw.LANGS[1:])},
+        },
+        "comparisons": [list(c) for c in COMPARISONS],
+        "report_metrics": ["target_avg", "non_en_avg", *sw.LANGS],
+        "headline": "target_avg",
+    }
+
+
+def compare(results: dict, aux: str) -> dict:
+    """Paired differences on (pretraining seed, fine-tuning seed), the pretraining seed as the unit
+    (synthetic.analysis); a comparison whose runs are missing is left out."""
+    return analysis.analyse({"per_run": results, "analysis": analysis_spec(aux)})
 
 
 def study(
@@ -168,7 +179,6 @@ def study(
     iters: int | None = None,
     workers: int = 2,
     runner: Runner = ss.parallel,
-    n_boot: int = 10_000,
 ) -> dict:
     """Run what is missing (headline runs first, then the controls, then the matrix of the first pair), then
     collect and compare. The study's full and SUF runs of every pair must exist (make synth)."""
@@ -198,12 +208,10 @@ def study(
     todo = [job for group in jobs.values() for job in group if not _evaluated(job)]
     print(f"xvl-maml: {len(todo)} run(s) to do ...", flush=True)
     runner(todo, workers)
-    return collect(out, pairs, jobs, matrix_aux, mdir, runs / f"full-p{ps0}-f{fs0}", n_boot)
+    return collect(out, pairs, jobs, matrix_aux, mdir, runs / f"full-p{ps0}-f{fs0}")
 
 
-def collect(
-    out: Path, pairs, jobs: dict, matrix_aux: Sequence[str], mdir: Path, first_full: Path, n_boot: int = 10_000
-) -> dict:
+def collect(out: Path, pairs, jobs: dict, matrix_aux: Sequence[str], mdir: Path, first_full: Path) -> dict:
     results: dict = {k: {} for k in ("full", "suf", "xvlmaml", "control")}
     for ps, fs in pairs:
         for pol in BASELINES:
@@ -213,10 +221,6 @@ def collect(
                 results[kind].setdefault(ps, {})[fs] = final_results(run)
     cost = {
         kind: [c for c in (job_cpu_seconds(log) for _, log in group) if c is not None] for kind, group in jobs.items()
-    }
-    comparisons = {
-        f"{a} - {b}": paired(results, a, b, AUX, n_boot)
-        for a, b in (("xvlmaml", "full"), ("xvlmaml", "suf"), ("control", "full"), ("xvlmaml", "control"))
     }
     matrix = None
     done = {aux: mdir / f"aux-{aux}" / "results.json" for aux in matrix_aux}
@@ -229,15 +233,11 @@ def collect(
         "hparams": HPARAMS,
         "pairs": [list(p) for p in pairs],
         "results": {k: v for k, v in results.items() if v},
-        "comparisons": {k: v for k, v in comparisons.items() if v},
+        "intervals": compare({k: v for k, v in results.items() if v}, AUX),
         "matrix": matrix,
         "matrix_pair": list(pairs[0]),
         "cpu_seconds": cost,
     }
-
-
-def _cell(d: dict) -> str:
-    return f"{d['mean']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]"
 
 
 def format_report(rep: dict) -> str:
@@ -251,6 +251,7 @@ def format_report(rep: dict) -> str:
         f"meta-updates, lr {h['lr']:g}, inner lr {h['inner_lr']:g}, English batch {h['en_batch_size']}; continued "
         "from each English run of policy full; test accuracy, final evaluation. Headline: the target average = "
         f"mean over {', '.join(targets)} (non-English, auxiliary excluded).",
+        *(["", f"Made without training from the per-run values of `{rep['source']}`."] if rep.get("source") else []),
         "",
         "## Accuracy per run",
         "",
@@ -275,30 +276,20 @@ def format_report(rep: dict) -> str:
             + " | ".join(f"{mean[lang]:.1f}" for lang in langs[1:])
             + f" | {float(np.mean([targets_avg(a, aux) for a in accs])):.1f} |"
         )
-    lines += [
-        "",
-        "## Paired differences (mean [two-level bootstrap 95% interval])",
-        "",
-        "| comparison | n | target avg | non-en avg | en | " + " | ".join(langs[1:]) + " | effect (target avg)? |",
-        "|---|---|---|---|---|" + "---|" * len(langs[1:]) + "---|",
-    ]
-    for name, c in rep["comparisons"].items():
-        n = c["targets"]["n_pairs"]
-        if n < 2:
-            effect = "too few pairs for an interval"
-        else:
-            effect = "yes" if c["targets"]["lo"] > 0 or c["targets"]["hi"] < 0 else "no detectable difference"
-        lines.append(
-            f"| {name.replace(' - ', ' − ')} | {n} | {_cell(c['targets'])} | {_cell(c['non_en'])} | {_cell(c['en'])} | "
-            + " | ".join(_cell(c[lang]) for lang in langs[1:])
-            + f" | {effect} |"
-        )
+    lines += ["", *ss.intervals_section(rep["intervals"], "Paired differences")]
     if rep["matrix"]:
         ps, fs = rep["matrix_pair"]
         lines += ["", f"## Auxiliary x target matrix (secondary; one seed pair: p{ps} f{fs}; no interval)", ""]
         lines.append(xvlmaml.format_matrix(rep["matrix"]))
     cost = rep["cpu_seconds"]
-    if any(cost.values()):
+    if cost is None:
+        lines += [
+            "",
+            "## Cost",
+            "",
+            "Not in the record this report was made from (each job's log holds its CPU seconds).",
+        ]
+    elif any(cost.values()):
         lines += ["", "## Cost (CPU seconds per job, one thread)", ""]
         for kind, secs in cost.items():
             if secs:
@@ -313,10 +304,41 @@ def record(rep: dict, path: Path = ss.RECORD) -> None:
         "design": f"aux {rep['aux']}, pairs {rep['pairs']}, "
         + ", ".join(f"{k} {v}" for k, v in rep["hparams"].items()),
         "headline": "target average = mean over the non-English languages other than the auxiliary",
-        "comparisons": rep["comparisons"],
+        "per_run": rep["results"],
+        "analysis": analysis_spec(rep["aux"]),
+        "intervals": rep["intervals"],
         "matrix": rep["matrix"],
     }
     path.write_text(json.dumps(rec, indent=1) + "\n")
+
+
+def from_record(source: Path) -> dict:
+    """No training: the report of the runs a record holds per run (e.g. docs/synthetic/study1_record.json, which
+    transcribes r7's full and SUF and r8's XVL-MAML and control exactly); the matrix is the study record's
+    (RECORD, entry xvlmaml), the jobs' CPU seconds are in no record (cpu_seconds None)."""
+    if not source.is_file():
+        raise SystemExit(f"error: {source}: no such record")
+    try:
+        src = readers.read_json(source, annotations=False)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    kinds = ("full", "suf", "xvlmaml", "control")
+    if not all(k in src.get("per_run", {}) for k in kinds[:3]):
+        raise SystemExit(f"error: {source}: 'per_run' needs the runs of {', '.join(kinds[:3])}")
+    results = {k: src["per_run"][k] for k in kinds if k in src["per_run"]}
+    pairs = sorted((int(ps), int(fs)) for ps, by_f in results["xvlmaml"].items() for fs in by_f)
+    old = readers.read_json(ss.RECORD, annotations=False).get("xvlmaml", {}) if ss.RECORD.is_file() else {}
+    return {
+        "aux": AUX,
+        "hparams": HPARAMS,
+        "pairs": [list(p) for p in pairs],
+        "results": results,
+        "intervals": compare(results, AUX),
+        "matrix": old.get("matrix"),
+        "matrix_pair": list(pairs[0]),
+        "cpu_seconds": None,
+        "source": str(source),
+    }
 
 
 def _print_jobs(jobs: list[tuple[list[str], Path]], workers: int) -> None:
@@ -334,18 +356,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2, help="parallel one-thread jobs (2 cores: 2)")
     p.add_argument("--record", action="store_true", help=f"add the comparisons to {ss.RECORD.relative_to(ss.ROOT)}")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do, run nothing")
+    p.add_argument("--from-record", default=None, help="no training: report the runs a record holds per run")
     args = p.parse_args(argv)
     start, out = time.time(), Path(args.out)
     runner = _print_jobs if args.dry_run else ss.parallel
-    rep = study(
-        out,
-        args.pretrain_seeds,
-        args.finetune_seeds,
-        control=not args.no_control,
-        matrix_aux=args.matrix_aux,
-        workers=args.workers,
-        runner=runner,
-    )
+    if args.from_record:
+        rep = from_record(Path(args.from_record))
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        rep = study(
+            out,
+            args.pretrain_seeds,
+            args.finetune_seeds,
+            control=not args.no_control,
+            matrix_aux=args.matrix_aux,
+            workers=args.workers,
+            runner=runner,
+        )
     if args.dry_run:
         return
     (out / "xvlmaml.json").write_text(json.dumps(rep, indent=1) + "\n")

@@ -22,6 +22,7 @@ import train_uc2
 from _configs import CCLM_TINY, UC2_TINY
 from comparisons.xvlmaml import xvlmaml
 from synthetic import pairs as sp
+from synthetic import analysis
 from synthetic import pretrain as synth_pretrain
 from synthetic import study as synth_study
 from synthetic import world as sw
@@ -249,9 +250,11 @@ def test_tiny_end_to_end_pretrain_finetune_two_policies_evaluate_table(world, tm
         assert set(runs[policy]) == set(sw.LANGS)
         assert sorted(synth_study.evals(tmp_path / policy)) == [1, 2]
     results = {pol: {0: {0: acc}} for pol, acc in runs.items()}
-    cmp = synth_study.compare(results, ["full", "suf"])["suf"]
+    result = synth_study.compare(results, ["full", "suf"])
+    cmp = result["comparisons"]["suf - full"]
     want = synth_study.non_en_avg(runs["suf"]) - synth_study.non_en_avg(runs["full"])
-    assert cmp["avg"]["mean"] == pytest.approx(want) and cmp["avg"]["lo"] == pytest.approx(want)
+    assert cmp["non_en_avg"]["pairs"] == {"0": {"0": pytest.approx(want)}}
+    assert cmp["non_en_avg"]["unit"]["n"] == 1 and cmp["non_en_avg"]["unit"]["lo"] is None  # one seed: no interval
     study = {
         "world": TINY.to_dict(),
         "pretrain_seeds": [0],
@@ -259,21 +262,136 @@ def test_tiny_end_to_end_pretrain_finetune_two_policies_evaluate_table(world, tm
         "lr": 1e-3,
         "pretrain_steps": 3,
         "summary": synth_study.summary_rows(results),
-        "comparisons": {"suf": cmp},
+        "intervals": result,
         "premise": {},
         "floors": synth_study.majority_floor(world),
     }
     report = synth_study.format_report(study)
-    assert "| suf − full (n=1) |" in report and "too few pairs" in report and "| full |" in report
+    assert f"| suf − full | p0f0 {want:+.2f} | p0 {want:+.2f} | 1 | {want:+.1f} (n = 1: no interval) |" in report
+    assert "no interval (one pretraining seed)" in report and "| full |" in report and "bootstrap" not in report
 
 
-def test_paired_bootstrap_interval_covers_the_spread_of_seeds():
+def _t95(values: list[float]) -> tuple[float, float]:
+    """Student t 95% interval, computed here from scipy's quantile (not through synthetic.analysis)."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / len(x) ** 0.5
+    return float(x.mean() - half), float(x.mean() + half)
+
+
+def test_study_compare_is_a_t_interval_over_pretraining_seed_means_not_over_pairs():
+    """Three pretraining seeds x two fine-tuning seeds: the interval is over the 3 seed means (df 2), with the
+    per-pair table beside it; languages give the non-English average."""
     diffs = {0: {0: 1.0, 1: 3.0}, 1: {0: 5.0, 1: 7.0}, 2: {0: 2.0, 1: 4.0}}
-    got = synth_study.paired_bootstrap(diffs, n=2000)
-    assert got["mean"] == pytest.approx(22 / 6) and got["n_pairs"] == 6
-    assert 1.0 <= got["lo"] < got["mean"] < got["hi"] <= 7.0
-    same = synth_study.paired_bootstrap({0: {0: 2.0}, 1: {0: 2.0}}, n=100)
-    assert same["lo"] == same["hi"] == 2.0
+    base = {lang: 50.0 for lang in sw.LANGS}
+    results = {
+        "full": {ps: {fs: dict(base) for fs in by_f} for ps, by_f in diffs.items()},
+        "suf": {
+            ps: {fs: {**base, **{l: 50.0 + d for l in sw.LANGS[1:]}} for fs, d in by_f.items()}
+            for ps, by_f in diffs.items()
+        },
+    }
+    got = synth_study.compare(results, ["full", "suf"])["comparisons"]["suf - full"]["non_en_avg"]
+    assert got["seed_means"] == pytest.approx({"0": 2.0, "1": 6.0, "2": 3.0})
+    assert got["unit"]["n"] == 3 and (got["unit"]["lo"], got["unit"]["hi"]) == pytest.approx(_t95([2.0, 6.0, 3.0]))
+    assert got["pairs"]["1"] == pytest.approx({"0": 5.0, "1": 7.0})
+    assert not hasattr(synth_study, "paired_bootstrap")  # the withdrawn two-level bootstrap is gone
+
+
+def _seed_mean_diffs(per_run: dict, a: str, b: str, of: list[str]) -> list[float]:
+    """Per pretraining seed: the mean over its fine-tuning seeds of a - b on the average of `of` (by hand)."""
+    out = []
+    for ps, by_f in sorted(per_run[a].items()):
+        d = [np.mean([run[x] for x in of]) - np.mean([per_run[b][ps][fs][x] for x in of]) for fs, run in by_f.items()]
+        out.append(float(np.mean(d)))
+    return out
+
+
+def test_shipped_records_hold_the_corrected_intervals_of_their_own_per_run_values():
+    """docs/synthetic/results.json (Study 1 and its xvlmaml entry) and mclip_results.json (Study 2): every interval
+    they hold is the t interval over the pretraining-seed means of the per-run values beside it (re-derived here by
+    hand), no withdrawn bootstrap interval is left, and the transcribed study1_record.json gives the same."""
+    root = Path(__file__).resolve().parents[1] / "docs" / "synthetic"
+    study1 = json.loads((root / "results.json").read_text())
+    mclip = json.loads((root / "mclip_results.json").read_text())
+    source = json.loads((root / "study1_record.json").read_text())["per_run"]
+    cases = [
+        (study1, "suf", "full", "non_en_avg", ["rl", "sw", "cr", "lo"]),
+        (study1["xvlmaml"], "xvlmaml", "full", "target_avg", ["sw", "cr", "lo"]),
+        (study1["xvlmaml"], "control", "full", "target_avg", ["sw", "cr", "lo"]),
+        (mclip, "lora", "suf", "target_avg", ["rl", "sw", "cr", "lo"]),
+        (mclip, "suf", "full", "target_avg", ["rl", "sw", "cr", "lo"]),
+    ]
+    for rec, a, b, metric, of in cases:
+        means = _seed_mean_diffs(rec["per_run"], a, b, of)
+        unit = rec["intervals"]["comparisons"][f"{a} - {b}"][metric]["unit"]
+        assert unit["n"] == len(means) == 2 and (unit["lo"], unit["hi"]) == pytest.approx(_t95(means)), (a, b)
+    for a in ("full", "suf", "llrd"):
+        assert study1["per_run"][a] == source[a]
+    for a in ("xvlmaml", "control"):
+        assert study1["xvlmaml"]["per_run"][a] == source[a]
+    llrd = study1["intervals"]["comparisons"]["llrd - full"]["non_en_avg"]["seed_means"]
+    assert llrd == pytest.approx(
+        {
+            ps: np.mean(
+                [
+                    run["non_en_avg"] - np.mean([source["full"][ps][fs][x] for x in ("rl", "sw", "cr", "lo")])
+                    for fs, run in by_f.items()
+                ]
+            )
+            for ps, by_f in source["llrd"].items()
+        }
+    )
+    assert "top - full" not in study1["intervals"]["comparisons"] and "no interval for top" in study1["per_run_source"]
+    for rec in (study1, study1["xvlmaml"], mclip):
+        assert "comparisons" not in rec and "n_pairs" not in json.dumps(rec)
+
+
+def test_from_record_re_derives_the_shipped_intervals_without_training_and_refuses_a_record_without_runs(tmp_path):
+    """synthetic.study / xvlmaml_study --from-record: the transcribed per-run values give exactly the intervals the
+    shipped record holds; a record without per-run values, or without runs of full, is a one-line error."""
+    root = Path(__file__).resolve().parents[1] / "docs" / "synthetic"
+    shipped = json.loads((root / "results.json").read_text())
+    text = synth_study.from_record(root / "study1_record.json", record=False)
+    suf = shipped["intervals"]["comparisons"]["suf - full"]["non_en_avg"]
+    assert f"| 2 | {analysis.cell(suf)} |" in text and "no interval for top" in text
+    rep = sx.from_record(root / "study1_record.json")
+    assert json.loads(json.dumps(rep["intervals"])) == shipped["xvlmaml"]["intervals"]
+    assert rep["cpu_seconds"] is None and "## Cost" in sx.format_report(rep)
+    bad = tmp_path / "r.json"
+    for content, match in (
+        ({"source": {}}, r"r\.json: no 'per_run' key"),
+        ({"per_run": {"suf": {}}}, r"r\.json: no runs of policy full"),
+    ):
+        bad.write_text(json.dumps(content))
+        with pytest.raises(SystemExit, match=match):
+            synth_study.from_record(bad, record=False)
+    with pytest.raises(SystemExit, match=r"r\.json: 'per_run' needs the runs of full, suf, xvlmaml"):
+        sx.from_record(bad)
+    with pytest.raises(SystemExit, match=r"gone\.json: no such record"):
+        synth_study.from_record(tmp_path / "gone.json", record=False)
+
+
+def test_regenerated_reports_print_the_records_intervals():
+    """docs/synthetic/results_session3.md and results_xvlmaml.md carry the cells of the corrected analysis of
+    results.json's per-run values (n = 2), not the withdrawn bootstrap's."""
+    root = Path(__file__).resolve().parents[1] / "docs" / "synthetic"
+    rec = json.loads((root / "results.json").read_text())
+    for name, entry, comparison, metric in (
+        ("results_session3.md", rec, "suf - full", "non_en_avg"),
+        ("results_session3.md", rec, "llrd - full", "non_en_avg"),
+        ("results_xvlmaml.md", rec["xvlmaml"], "xvlmaml - full", "target_avg"),
+        ("results_xvlmaml.md", rec["xvlmaml"], "xvlmaml - control", "target_avg"),
+    ):
+        c = analysis.analyse({"per_run": entry["per_run"], "analysis": entry["analysis"]})["comparisons"][comparison]
+        row = f"| {comparison.replace(' - ', ' − ')} | " + " ".join(
+            f"p{ps}f{fs} {v:+.2f}" for ps, by_f in c[metric]["pairs"].items() for fs, v in by_f.items()
+        )
+        text = (root / name).read_text()
+        assert row in text and f"| 2 | {analysis.cell(c[metric])} |" in text, (name, comparison)
+    assert "[-2.3, +0.9]" not in (root / "results_xvlmaml.md").read_text()
+    assert "[-3.0, +2.3]" not in (root / "results_session3.md").read_text()
 
 
 @pytest.mark.system
@@ -345,27 +463,34 @@ def test_synth_xvlmaml_continues_the_study_runs_and_reports_paired_comparisons(t
             ran.append(cmd)
             assert xvlmaml.main(cmd[3:] + ["--support-size", "4", "--query-size", "4", "--en-batch-size", "4"]) == 0
 
-    rep = sx.study(out, [0], [0], matrix_aux=("rl",), iters=1, runner=in_process, n_boot=100)
+    rep = sx.study(out, [0], [0], matrix_aux=("rl",), iters=1, runner=in_process)
     assert (world / sw.AUX_FEATURES).is_dir() and len(ran) == 2  # xvlmaml, control (the matrix row rl is xvlmaml)
     assert ran[1][ran[1].index("--cl-weight") + 1] == "0.0" and ran[0][ran[0].index("--aux-lang") + 1] == "rl"
     full, xvl = rep["results"]["full"][0][0], rep["results"]["xvlmaml"][0][0]
     assert set(xvl) == set(sw.LANGS)
     want = sx.targets_avg(xvl, "rl") - sx.targets_avg(full, "rl")
     assert sx.targets_avg(xvl, "rl") == pytest.approx(np.mean([xvl[x] for x in ("sw", "cr", "lo")]))
-    got = rep["comparisons"]["xvlmaml - full"]["targets"]
-    assert got["mean"] == pytest.approx(want) and got["n_pairs"] == 1
-    assert set(rep["comparisons"]) == {"xvlmaml - full", "xvlmaml - suf", "control - full", "xvlmaml - control"}
+    got = rep["intervals"]["comparisons"]["xvlmaml - full"]["target_avg"]
+    assert got["pairs"] == {"0": {"0": pytest.approx(want)}} and got["unit"]["n"] == 1 and got["unit"]["lo"] is None
+    assert set(rep["intervals"]["comparisons"]) == {
+        "xvlmaml - full",
+        "xvlmaml - suf",
+        "control - full",
+        "xvlmaml - control",
+    }
     assert rep["matrix"]["rows"] == {"rl": pytest.approx(xvl)} and rep["matrix"]["baseline"] == pytest.approx(full)
     report = sx.format_report(rep)
-    for row in ("| xvlmaml − full (n=1) |", "| xvlmaml − suf (n=1) |", "| control − full (n=1) |"):
-        assert row.replace(" (n=1)", " | 1") in report
-    assert "too few pairs" in report and "Auxiliary x target matrix" in report
+    assert f"| xvlmaml − full | p0f0 {want:+.2f} | p0 {want:+.2f} | 1 | {want:+.1f} (n = 1: no interval) |" in report
+    for row in ("| xvlmaml − suf | p0f0 ", "| control − full | p0f0 ", "| xvlmaml − control | p0f0 "):
+        assert row in report
+    assert "no interval (one pretraining seed)" in report and "Auxiliary x target matrix" in report
     record = tmp_path / "record.json"
     record.write_text(json.dumps({"design": "d", "comparisons": {"suf": {}}}))
     sx.record(rep, record)
     rec = json.loads(record.read_text())
-    assert rec["comparisons"] == {"suf": {}} and rec["xvlmaml"]["comparisons"].keys() == rep["comparisons"].keys()
-    assert sx.study(out, [0], [0], matrix_aux=("rl",), iters=1, runner=in_process, n_boot=100) == rep and len(ran) == 2
+    assert rec["comparisons"] == {"suf": {}} and rec["xvlmaml"]["intervals"] == json.loads(json.dumps(rep["intervals"]))
+    assert rec["xvlmaml"]["per_run"]["xvlmaml"] == {"0": {"0": pytest.approx(xvl)}}
+    assert sx.study(out, [0], [0], matrix_aux=("rl",), iters=1, runner=in_process) == rep and len(ran) == 2
 
 
 # ---------------------------------------------------------------------------------------------- the two-image task
@@ -658,6 +783,29 @@ def test_analysis_cli_refuses_a_record_without_per_run_values(tmp_path):
     bad.write_text("{\n oops")
     with pytest.raises(SystemExit, match=r"r\.json:2: not JSON"):
         analysis.main([str(bad)])
+
+
+def test_comparison_pages_quote_the_corrected_intervals_of_the_records():
+    """docs/xvlmaml.md and docs/mclip.md state the intervals synthetic.analysis derives from the shipped records'
+    per-run values, and none of the withdrawn bootstrap intervals they used to quote."""
+    root = Path(__file__).resolve().parents[1]
+    study1 = json.loads((root / "docs" / "synthetic" / "results.json").read_text())["xvlmaml"]
+    mclip = json.loads((root / "docs" / "synthetic" / "mclip_results.json").read_text())
+
+    def cell(rec: dict, comparison: str, metric: str) -> str:
+        c = analysis.analyse({"per_run": rec["per_run"], "analysis": rec["analysis"]})["comparisons"][comparison]
+        return analysis.cell(c[metric]).replace("-", "−")
+
+    pages = {name: " ".join((root / "docs" / name).read_text().split()) for name in ("xvlmaml.md", "mclip.md")}
+    for name, rec, comparison, metric in (
+        ("xvlmaml.md", study1, "xvlmaml - full", "target_avg"),
+        ("xvlmaml.md", study1, "control - full", "target_avg"),
+        ("mclip.md", mclip, "suf - full", "target_avg"),
+        ("mclip.md", mclip, "lora - suf", "target_avg"),
+    ):
+        assert cell(rec, comparison, metric) in pages[name], (name, comparison)
+    assert "(two-level bootstrap 95% intervals)" not in pages["xvlmaml.md"]
+    assert "intervals exclude 0: PET harms less" not in pages["mclip.md"]
 
 
 def test_every_interval_in_the_readme_is_re_derived_from_the_records_in_the_repository():

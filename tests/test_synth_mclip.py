@@ -14,6 +14,7 @@ import torch
 import data
 from comparisons.mclip import xtd_data
 from comparisons.mclip import train_mclip
+from synthetic import analysis
 from synthetic import mclip_study as sm
 from synthetic import world as sw
 from formats import run_folder, torch_files
@@ -55,8 +56,6 @@ def study(tmp_path_factory) -> tuple[Path, dict]:
         "0",
         "--finetune-seeds",
         "1",
-        "--resamples",
-        "200",
     ]
     record = sm.main(argv + ["--langs", "en", "rl", "--arms", "zeroshot", "lora", "full", "suf", "--jobs", "1"])
     return out, record
@@ -65,14 +64,39 @@ def study(tmp_path_factory) -> tuple[Path, dict]:
 def test_tiny_study_runs_every_arm_and_writes_the_report_with_its_comparison_rows(study):
     out, record = study
     text = (out / "RESULTS.md").read_text()
-    for row in ("| lora - suf |", "| full - suf |", "| zeroshot - suf |", "| suf - full |", "| lora - full |"):
+    for name in ("lora - suf", "full - suf", "zeroshot - suf", "suf - full", "lora - full"):
+        a, b = name.split(" - ")
+        diff = record["intervals"]["comparisons"][name]["target_avg"]["pairs"]["0"]["1"]
+        runs = record["per_run"]
+        assert diff == pytest.approx(runs[a][0][1]["rl"] - runs[b][0][1]["rl"])  # rl: the only target language here
+        row = f"| {a} − {b} | p0f1 {diff:+.2f} | p0 {diff:+.2f} | 1 | {diff:+.1f} (n = 1: no interval) |"
         assert row in text
+    assert "bootstrap" not in text and "no interval (one pretraining seed)" in text
     assert set(record["table"]) == {"zeroshot", "lora", "full", "suf"}
-    assert set(record["comparisons"]["suf"]["lora"]) >= {"target_avg", "range", "std", "rl"}
+    assert set(record["intervals"]["comparisons"]["lora - suf"]) >= {"target_avg", "range", "std", "rl", "en"}
     saved = json.loads((out / "results.json").read_text())
-    assert saved["comparisons"] == json.loads(json.dumps(record["comparisons"]))
+    assert saved["intervals"] == json.loads(json.dumps(record["intervals"])) and "comparisons" not in saved
     suf_args = json.loads((out / "runs" / "suf-rl-p0f1" / run_folder.ARGS).read_text())
     assert (suf_args["policy"], suf_args["pet"], suf_args["routine"]) == ("suf", "full", "method1")
+
+
+def test_analysis_spec_of_every_language_is_the_protocols(study):
+    """With every language the study's spec is synthetic.analysis.MCLIP_SPEC (protocol 2.1), which the re-analysis
+    of docs/synthetic/mclip_results.json used; with fewer, its metrics read only the languages that ran."""
+    assert sm.analysis_spec(sm.LANG_ORDER) == analysis.MCLIP_SPEC
+    small = sm.analysis_spec(["en", "rl"])
+    assert small["metrics"]["target_avg"]["of"] == ["rl"] and small["metrics"]["range"]["of"] == ["en", "rl"]
+
+
+def test_report_re_made_from_the_record_equals_the_studys_own(study, tmp_path):
+    """--from-record (no training) gives the record and the intervals the study wrote from its run folders."""
+    out, record = study
+    again = sm.main(["--from-record", str(out / "results.json"), "--out", str(tmp_path / "again")])
+    assert json.loads(json.dumps(again)) == json.loads((out / "results.json").read_text())
+    section = [(d / "RESULTS.md").read_text().split("## Paired differences")[1] for d in (tmp_path / "again", out)]
+    assert section[0] == section[1]
+    with pytest.raises(SystemExit, match=r"nothing\.json: no such record"):
+        sm.main(["--from-record", str(tmp_path / "nothing.json"), "--out", str(tmp_path / "x")])
 
 
 def test_written_xtd_files_are_read_by_the_xtd_loader_with_the_same_captions(study):
