@@ -56,7 +56,7 @@ import freeze
 from console import what_trains
 from formats import run_folder, tokenizer_check, torch_files
 from formats.bad_input import BadInput
-from training import after_epoch, devices, progress
+from training import after_epoch, devices, optim, progress
 from training.devices import DistInfo
 from training.progress import Progress
 
@@ -72,7 +72,7 @@ RECIPES = ("paper", "iglue")  # paper: the paper's stated settings; iglue: IGLUE
 RESUME_KEYS = tuple(
     """task seed epochs lr batch_size weight_decay adam_eps adam_betas clip_grad warmup_ratio schedule_epochs recipe
     max_steps_per_epoch policy suf_k unfreeze_every unfreeze_unit top_layers llrd_decay freeze_embeddings train_split
-    train_lang dropout amp max_regions retrieval_loss retrieval_negatives vision_lr lr_mult""".split()
+    train_lang dropout amp max_regions retrieval_loss retrieval_negatives vision_lr lr_mult adamw""".split()
 )
 
 # Ranges of numeric arguments, checked right after parsing (before anything is written). A key the parser
@@ -109,8 +109,10 @@ def check_arg_ranges(args: argparse.Namespace, extra: dict | None = None) -> Non
 
 def check_resume_args(args: argparse.Namespace, saved: dict, keys: Sequence[str], run: object) -> None:
     """--resume: one-line SystemExit naming the first of `keys` whose value differs from the run's `saved` arguments
-    (args.json, or a checkpoint's "args"); a key the run did not save is skipped. The one comparison of every
-    trainer: engine.resume passes RESUME_KEYS, the comparison systems RESUME_KEYS plus their own."""
+    (args.json, or a checkpoint's "args"); a key the run did not save is skipped (an option added later takes the
+    value such a run ran with, optim.BEFORE_THE_OPTION). The one comparison of every trainer: engine.resume passes
+    RESUME_KEYS, the comparison systems RESUME_KEYS plus their own."""
+    optim.as_before_the_option(args, saved)
     for key in keys:
         if key in saved and run_folder.json_safe(getattr(args, key, None)) != saved[key]:
             raise SystemExit(
@@ -174,6 +176,7 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     o.add_argument("--weight-decay", type=float, default=0.01, help=table_help(defaults, "weight_decay", "AdamW's"))
     o.add_argument("--adam-eps", type=float, default=1e-8, help=table_help(defaults, "adam_eps", "AdamW's eps"))
     o.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW's betas")
+    optim.add_arg(o, "reference")  # --adamw: the references' AdamW update (training/optim.py, docs/choices.md)
     o.add_argument(
         "--clip-grad", type=float, default=0.0, help=table_help(defaults, "clip_grad", "max grad norm; 0: off")
     )
@@ -407,6 +410,7 @@ def build_optimizer(
     optimizer = torch.optim.AdamW(
         groups, lr=args.lr, betas=tuple(args.adam_betas), eps=args.adam_eps, weight_decay=args.weight_decay, fused=fused
     )
+    optim.set_update(optimizer, args.adamw)
     if total_steps is None:
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     warmup = math.ceil(args.warmup_ratio * total_steps)
@@ -602,14 +606,15 @@ def optimizer_step(
     ok = n_bad.item() == 0 and (scaler is not None or math.isfinite(grad_norm))
     lr = max(g["lr"] for g in optimizer.param_groups)
     amp_skipped = False
-    if scaler is not None:
-        scale = scaler.get_scale()
-        if ok:
-            scaler.step(optimizer)  # skips by itself on inf/nan gradients
-        scaler.update()
-        amp_skipped = ok and scaler.get_scale() < scale
-    elif ok:
-        optimizer.step()
+    with optim.reference_update(optimizer):  # --adamw reference: the references' eps and decay order
+        if scaler is not None:
+            scale = scaler.get_scale()
+            if ok:
+                scaler.step(optimizer)  # skips by itself on inf/nan gradients
+            scaler.update()
+            amp_skipped = ok and scaler.get_scale() < scale
+        elif ok:
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     # Skipped steps still advance the LR schedule: it stays tied to the data seen (paper silent).
     with warnings.catch_warnings():

@@ -82,7 +82,9 @@ def setup(name: str, width: str, batch: int, image_res: int):
 
 
 def optim_args(lr: float = 1e-5) -> argparse.Namespace:
-    return argparse.Namespace(lr=lr, weight_decay=0.01, adam_eps=1e-8, adam_betas=[0.9, 0.999], warmup_ratio=0.0)
+    return argparse.Namespace(
+        lr=lr, weight_decay=0.01, adam_eps=1e-8, adam_betas=[0.9, 0.999], warmup_ratio=0.0, adamw="reference"
+    )  # the trainers' default --adamw
 
 
 def sync(device: torch.device) -> None:

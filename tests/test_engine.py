@@ -506,7 +506,9 @@ def test_loader_workers_do_not_change_the_result(tmp_path):
 
 def test_no_decay_rule_hook_reaches_the_optimizer():
     model, lay = toy.ToyModel(), toy.layout(4)
-    args = argparse.Namespace(lr=1e-2, weight_decay=0.1, adam_eps=1e-8, adam_betas=[0.9, 0.999], warmup_ratio=0.1)
+    args = argparse.Namespace(
+        lr=1e-2, weight_decay=0.1, adam_eps=1e-8, adam_betas=[0.9, 0.999], warmup_ratio=0.1, adamw="reference"
+    )
     names = {id(p): n for n, p in model.named_parameters()}
 
     def exempt(opt) -> set[str]:

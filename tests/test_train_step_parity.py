@@ -6,7 +6,8 @@ IGLUE's no-decay rule) on parity_a's XVNLI model. We drive the trainer's own pie
 engine.parse_args with train_uc2's --recipe iglue defaults, freeze.param_groups via engine.build_optimizer with
 train_uc2's no-decay rule, engine's LR schedule, engine.forward_backward / optimizer_step, the model's loss.
 Compared within tests/parity.py's tolerance: every micro-batch loss, every step's LR and gradient norm (before
-clipping), every weight after the last step.
+clipping), every weight after the last step. Two reference runs each: with the AdamW the reference ran (our default
+--adamw reference) and with torch's AdamW swapped in (our --adamw torch).
 
 CCLM: X2-VLM's XVNLI.train() ran 4 steps with its create_optimizer (weight-decay and lr_mult groups, ViT LR) and
 create_scheduler on CCLM parity_a's XVNLI model; we drive train_cclm's rules (x2vlm_no_decay, lr_mult_rule,
@@ -51,7 +52,7 @@ class _LossRecorder(torch.nn.Module):
         return loss
 
 
-def _run_steps(model, layout, args, batches, n_micro, no_decay=None, lr_mult=None, module_lr=None, eps_per_step=None):
+def _run_steps(model, layout, args, batches, n_micro, no_decay=None, lr_mult=None, module_lr=None):
     """The loop body of engine.train, on a fixed batch list: returns (micro losses, LRs, grad norms)."""
     dist = devices.DistInfo()
     _, accum = engine.micro_and_accum(args, dist)
@@ -64,10 +65,7 @@ def _run_steps(model, layout, args, batches, n_micro, no_decay=None, lr_mult=Non
     net = _LossRecorder(devices.wrap_for_training(model, dist, args.ddp_find_unused))
     model.train()
     it, lrs, norms = iter(batches), [], []
-    for step in range(n_micro // accum):
-        if eps_per_step is not None:
-            for g in optimizer.param_groups:
-                g["eps"] = eps_per_step(step + 1)
+    for _ in range(n_micro // accum):
         _, n_bad = engine.forward_backward(net, it, accum, None, None, dist.device)
         ok, _, lr, grad_norm = engine.optimizer_step(model, optimizer, lr_sched, None, args.clip_grad, n_bad, dist)
         assert ok
@@ -79,9 +77,10 @@ def _run_steps(model, layout, args, batches, n_micro, no_decay=None, lr_mult=Non
 # ---------------------------------------------------------------- UC2 (VOLTA / IGLUE)
 
 
-def _uc2_args(hp: dict, extra: list[str]) -> object:
+def _uc2_args(hp: dict, variant: str, extra: list[str]) -> object:
     argv = [
         "--task", "xvnli", "--recipe", "iglue", "--model-config", str(UC2_SET / "volta_config.json"),
+        "--adamw", variant,
         "--lr", str(hp["lr"]), "--weight-decay", str(hp["weight_decay"]),
         "--batch-size", "4", "--micro-batch-size", "2", "--epochs", "1",
         "--schedule-epochs", str(hp["optim_train_epochs"]), "--dropout", str(hp["dropout"]),
@@ -97,11 +96,12 @@ def _uc2_model(config: dict, weights: Path) -> torch.nn.Module:
     return model
 
 
-def run_uc2(run: str, extra: list[str] = (), attn: str = "sdpa", eps_as_reference: bool = False) -> dict:
-    """Our trainer on the fixture's micro-batches. extra: more train_uc2 arguments (the mutation checks use it)."""
+def run_uc2(run: str, variant: str = "reference", extra: list[str] = (), attn: str = "sdpa") -> dict:
+    """Our trainer on the fixture's micro-batches with --adamw `variant`. extra: more train_uc2
+    arguments (the mutation checks use it)."""
     meta = json.loads((UC2_STEPS / f"{run}_meta.json").read_text())
     hp = meta["hyperparameters"]
-    args = _uc2_args(hp, list(extra))
+    args = _uc2_args(hp, variant, list(extra))
     # what --recipe iglue must give (train_uc2.IGLUE_OPTIM): the reference run's optimizer settings
     assert (args.adam_eps, args.adam_betas, args.warmup_ratio) == (hp["adam_epsilon"], hp["adam_betas"], 0.1) or extra
     assert (args.clip_grad, engine.micro_and_accum(args, devices.DistInfo())[1]) == (1.0, 2) or extra
@@ -109,21 +109,8 @@ def run_uc2(run: str, extra: list[str] = (), attn: str = "sdpa", eps_as_referenc
     model = _uc2_model(config, UC2_SET / "xvnli" / "pytorch_model.bin")
     inp = torch.load(UC2_SET / "xvnli" / "inputs.pt", weights_only=True)
     batches = [{k: inp[k][torch.tensor(ix)] for k in UC2_KEYS} for ix in meta["micro_batches"]]
-    b2 = args.adam_betas[1]
-    # pytorch-transformers' AdamW adds eps to sqrt(v) BEFORE the bias correction: torch's AdamW with
-    # eps / sqrt(1 - beta2^t) at step t is the same update (docs/choices.md, "AdamW eps placement")
-    eps = (lambda t: args.adam_eps / (1 - b2**t) ** 0.5) if eps_as_reference else None
-    losses, lrs, norms = _run_steps(
-        model,
-        U.layer_layout("xvnli", config),
-        args,
-        batches,
-        len(batches),
-        U.NO_DECAY_RULES[args.recipe],
-        None,
-        None,
-        eps,
-    )
+    layout = U.layer_layout("xvnli", config)
+    losses, lrs, norms = _run_steps(model, layout, args, batches, len(batches), U.NO_DECAY_RULES[args.recipe])
     return {"micro_losses": losses, "lrs": lrs, "grad_norms": norms, "model": model, "config": config}
 
 
@@ -140,24 +127,21 @@ def _check_all(got: dict, ref: dict, ref_weights: Path) -> None:
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_uc2_training_steps_match_volta_train_task(attn: str) -> None:
-    """4 steps of VOLTA's loop (torch's AdamW in it, see the fixture README): losses, LRs, norms, weights."""
-    ref = torch.load(UC2_STEPS / "torch_adamw_steps.pt", weights_only=True)
-    _check_all(run_uc2("torch_adamw", attn=attn), ref, UC2_STEPS / "torch_adamw_weights_after_step4.bin")
-
-
-def test_uc2_iglue_adamw_differs_from_ours_only_by_its_eps_placement() -> None:
-    """IGLUE ran pytorch-transformers' AdamW. Ours (torch's) moves the weights measurably differently in 4 steps;
-    with that AdamW's eps placement emulated per step, the weights are IGLUE's within the parity tolerance."""
+def test_uc2_training_steps_match_volta_train_task_as_iglue_ran_it(attn: str) -> None:
+    """4 steps of VOLTA's loop with the AdamW IGLUE ran (pytorch-transformers': eps before the bias correction,
+    weight decay after the update) and ours with the default --adamw reference: losses, LRs, norms, weights."""
     ref = torch.load(UC2_STEPS / "iglue_adamw_steps.pt", weights_only=True)
-    ref_weights = UC2_STEPS / "iglue_adamw_weights_after_step4.bin"
-    plain = run_uc2("iglue_adamw")
-    err, _ = _weights_error(plain["model"], plain["config"], ref_weights)
-    assert err > 50, f"the eps placement was expected to show (docs/choices.md); weights within {err:.2f}x"
-    emulated = run_uc2("iglue_adamw", eps_as_reference=True)
-    assert_matches_reference("lrs", emulated["lrs"], ref["lrs"])
-    err, name = _weights_error(emulated["model"], emulated["config"], ref_weights)
-    assert err <= 1.0, f"weights after step 4 (eps emulated): {name} at {err:.2f}x the parity tolerance"
+    _check_all(run_uc2("iglue_adamw", attn=attn), ref, UC2_STEPS / "iglue_adamw_weights_after_step4.bin")
+
+
+def test_uc2_torch_adamw_matches_volta_train_task_with_torch_adamw() -> None:
+    """The same loop with torch's AdamW swapped in (the fixture README) and ours with --adamw torch: losses, LRs,
+    norms, weights. Against IGLUE's own AdamW, torch's ends measurably elsewhere in 4 steps (docs/choices.md)."""
+    ref = torch.load(UC2_STEPS / "torch_adamw_steps.pt", weights_only=True)
+    got = run_uc2("torch_adamw", "torch")
+    _check_all(got, ref, UC2_STEPS / "torch_adamw_weights_after_step4.bin")
+    err, _ = _weights_error(got["model"], got["config"], UC2_STEPS / "iglue_adamw_weights_after_step4.bin")
+    assert err > 50, f"the AdamW difference was expected to show against IGLUE's; weights within {err:.2f}x"
 
 
 # ---------------------------------------------------------------- CCLM (X2-VLM)
@@ -166,16 +150,17 @@ CCLM_SET = HERE / "fixtures" / "cclm" / "parity_a" / "xvnli"
 CCLM_STEPS = HERE / "fixtures" / "cclm" / "train_steps"
 
 
-def run_cclm(run: str, extra: list[str] = (), eps_as_reference: bool = False) -> dict:
-    """Our CCLM trainer's pieces on the fixture's batches, each reference batch of 4 as 2 micro-batches of 2
-    (X2-VLM has no accumulation: its mean cross-entropy over 4 is the mean of two halves' means)."""
+def run_cclm(run: str, variant: str = "reference", extra: list[str] = ()) -> dict:
+    """Our CCLM trainer's pieces (--adamw `variant`) on the fixture's batches, each reference batch
+    of 4 as 2 micro-batches of 2 (X2-VLM has no accumulation: its mean cross-entropy over 4 is the mean of two
+    halves' means)."""
     meta = json.loads((CCLM_STEPS / f"{run}_meta.json").read_text())
     hp = meta["hyperparameters"]
     argv = [
         "--task", "xvnli", "--lr", str(hp["lr"]), "--vision-lr", str(hp["vision_lr"]),
         "--lr-mult", str(hp["lr_mult"]), "--weight-decay", str(hp["weight_decay"]),
         "--batch-size", "4", "--micro-batch-size", "2", "--epochs", "1", "--schedule-epochs", str(hp["epochs"]),
-        "--dropout", str(hp["dropout"]), "--output-dir", "unused",
+        "--dropout", str(hp["dropout"]), "--output-dir", "unused", "--adamw", variant,
     ]  # fmt: skip
     args = engine.parse_args(C.build_parser(), argv + list(extra), C.DEFAULTS, "cclm")
     assert (args.adam_eps, args.adam_betas, args.clip_grad) == (hp["adam_eps"], hp["adam_betas"], 0.0) or extra
@@ -194,13 +179,11 @@ def run_cclm(run: str, extra: list[str] = (), eps_as_reference: bool = False) ->
                 {"images": x["images"][ix], "text_ids": x["text_ids"][ix][:, :n], "text_atts": atts[:, :n],
                  "label": x["targets"][ix]}
             )  # fmt: skip
-    b2 = args.adam_betas[1]
-    eps = (lambda t: args.adam_eps / (1 - b2**t) ** 0.5) if eps_as_reference else None
     large_lr = C.lr_mult_prefixes("xvnli", True, config)
     layout = C.layer_layout("xvnli", config)
     losses, lrs, _ = _run_steps(
         model, layout, args, batches, len(batches), C.x2vlm_no_decay, C.lr_mult_rule(large_lr, args.lr_mult),
-        {"vision_encoder": args.vision_lr}, eps,
+        {"vision_encoder": args.vision_lr},
     )  # fmt: skip
     # per-parameter LR of each step, from the groups as built (the schedule multiplies every group alike)
     schedule = freeze.schedule_from_args(args, layout.num_layers)
@@ -228,27 +211,26 @@ def _cclm_weights_error(model, ref_file: Path) -> tuple[float, str]:
     return max((parity_error(ours[k], v), k) for k, v in ref.items() if not _is_key_bias(k))
 
 
-def test_cclm_training_steps_match_x2vlm_xvnli_train() -> None:
-    """4 steps of X2-VLM's XVNLI.train (torch's AdamW in it): losses, every parameter's LR and weight decay at
-    every step, every weight after the last step."""
-    meta = json.loads((CCLM_STEPS / "torch_adamw_meta.json").read_text())
-    ref = torch.load(CCLM_STEPS / "torch_adamw_steps.pt", weights_only=True)
-    got = run_cclm("torch_adamw")
+def _check_cclm(got: dict, run: str) -> None:
+    """Losses, every parameter's LR and weight decay at every step, every weight after the last step."""
+    meta = json.loads((CCLM_STEPS / f"{run}_meta.json").read_text())
+    ref = torch.load(CCLM_STEPS / f"{run}_steps.pt", weights_only=True)
     assert_matches_reference("losses", got["losses"], ref["losses"])
     factor = got["lrs"] / got["lrs"].max()  # the schedule's factor per step (optimizer_step reports the largest LR)
     for name, (group, wd) in meta["param_group_and_weight_decay"].items():
         lr, our_wd = got["per_param"][name]
         assert our_wd == wd, f"{name}: weight decay {our_wd}, X2-VLM {wd}"
         assert_matches_reference(f"{name} LR per step", lr * factor, ref["group_lrs"][:, group])
-    err, name = _cclm_weights_error(got["model"], CCLM_STEPS / "torch_adamw_weights_after_step4.th")
+    err, name = _cclm_weights_error(got["model"], CCLM_STEPS / f"{run}_weights_after_step4.th")
     assert err <= 1.0, f"weights after step 4: {name} at {err:.2f}x the parity tolerance"
 
 
-def test_cclm_x2vlm_adamw_matches_ours_with_its_eps_placement() -> None:
-    """X2-VLM ran transformers' AdamW (eps added before the bias correction, as pytorch-transformers'): with that
-    placement emulated per step our weights are its weights within the tolerance (its eps 1e-8 makes the difference
-    small here: docs/choices.md). Weights only: the emulation rounds differently, and the last loss amplifies
-    that to about the tolerance; the exact-formula run above checks the losses."""
-    got = run_cclm("x2vlm_adamw", eps_as_reference=True)
-    err, name = _cclm_weights_error(got["model"], CCLM_STEPS / "x2vlm_adamw_weights_after_step4.th")
-    assert err <= 1.0, f"weights after step 4 (eps emulated): {name} at {err:.2f}x the parity tolerance"
+def test_cclm_training_steps_match_x2vlm_xvnli_train_as_x2vlm_ran_it() -> None:
+    """4 steps of X2-VLM's XVNLI.train with the AdamW it ran (transformers': eps before the bias correction, weight
+    decay after the update) and ours with the default --adamw reference."""
+    _check_cclm(run_cclm("x2vlm_adamw"), "x2vlm_adamw")
+
+
+def test_cclm_torch_adamw_matches_x2vlm_xvnli_train_with_torch_adamw() -> None:
+    """The same loop with torch's AdamW swapped in and ours with --adamw torch."""
+    _check_cclm(run_cclm("torch_adamw", "torch"), "torch_adamw")

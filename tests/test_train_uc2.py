@@ -107,7 +107,9 @@ def test_loss_falls_on_a_fixed_batch(task, policy, sample):
     model = U.build_model(task, config)
     layout = U.layer_layout(task, config)
     schedule = freeze.Schedule(policy=policy, num_layers=layout.num_layers)
-    args = argparse.Namespace(lr=1e-3, weight_decay=0.01, adam_eps=1e-8, adam_betas=[0.9, 0.999], warmup_ratio=0.0)
+    args = argparse.Namespace(
+        lr=1e-3, weight_decay=0.01, adam_eps=1e-8, adam_betas=[0.9, 0.999], warmup_ratio=0.0, adamw="reference"
+    )
     opt, sched = engine.build_optimizer(model, layout, schedule, args, total_steps=1000)
     freeze.apply_schedule(model, layout, schedule, epoch=0)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

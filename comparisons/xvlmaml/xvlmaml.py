@@ -47,7 +47,7 @@ from formats import readers
 from checks import preflight
 import engine
 from console import cli
-from training import after_epoch, devices, progress
+from training import after_epoch, devices, optim, progress
 from formats import run_folder, tokenizer_check
 import eval_zeroshot as Z
 import freeze
@@ -376,6 +376,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--weight-decay", type=float, default=0.01)  # the trainers' (engine.add_common_args)
     o.add_argument("--adam-eps", type=float, default=1e-8)
     o.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.999])
+    optim.add_arg(o, "torch")  # --adamw; no public XVL-MAML code: torch's, as every run before the option
     o.add_argument("--warmup-ratio", type=float, default=0.1)
     o.add_argument("--clip-grad", type=float, default=0.0)
     o.add_argument("--max-nonfinite", type=int, default=20)
