@@ -133,6 +133,10 @@ def finetune_job(
         str(FT["batch_size"]),
         "--lr",
         str(lr),
+        # torch's AdamW, as every recorded synthetic run used (the trainers' default became the references'
+        # placement after these records: docs/choices.md); Study 3's protocol fixed Study 1's settings
+        "--adamw",
+        "torch",
         "--max-regions",
         str(FT["max_regions"]),
         "--num-workers",

@@ -237,6 +237,14 @@ def test_pretraining_is_deterministic_and_train_uc2_loads_it(world, tmp_path):
     assert back.keys() == sd_a.keys() and all(torch.equal(back[k], sd_a[k]) for k in sd_a)
 
 
+def test_study_jobs_pin_torch_adamw_as_every_recorded_synthetic_run_used(tmp_path):
+    """The trainers' default is the references' AdamW; the studies' records were made with torch's, so their
+    jobs (Study 1, Study 3, the demo) name it, and the records stay reproducible from main."""
+    cmd, _ = synth_study.finetune_job(tmp_path, None, "suf", 0, 1e-3, tmp_path / "run")
+    assert cmd[cmd.index("--adamw") + 1] == "torch"
+    assert train_uc2.build_parser().parse_args(["--task", "xgqa"]).adamw == "reference"
+
+
 def test_tiny_end_to_end_pretrain_finetune_two_policies_evaluate_table(world, tmp_path):
     """pretrain (3 steps) -> the real train_uc2 with full and suf -> per-epoch evaluation in every language ->
     the study's paired comparison and report."""
