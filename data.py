@@ -1,10 +1,11 @@
-"""IGLUE data for UC2 (region features) and CCLM (images): annotations, datasets, text, batches.
+"""IGLUE data for UC2 (region features) and CCLM (images): annotations, datasets, transforms, text, batches.
 
-Sections, in file order: annotation files; text; datasets; collate; model inputs; loader.
+Sections, in file order: annotation files; text; transforms; datasets; collate; model inputs.
 Below it, in formats/: the safe readers of JSON and image files (readers.py), the feature stores (features.py),
-X2-VLM's image transforms and text cleaning (x2vlm_inputs.py), the restricted unpickler (pickles.py), VOLTA's
-retrieval-negative sampling (volta_negatives.py). Above it, in checks/: the pre-flight checks of the trainers and
-the data inventory (`python -m checks.inventory --data-root DIR`).
+tokenizer loading (tokenizer_check.py), X2-VLM's text cleaning (x2vlm_text.py) and RandAugment
+(x2vlm_randaugment.py), the restricted unpickler (pickles.py), VOLTA's retrieval-negative sampling
+(volta_negatives.py); in training/: the loader (loaders.BatchLoader). Above it, in checks/: the pre-flight checks
+of the trainers and the data inventory (`python -m checks.inventory --data-root DIR`).
 
 Annotations
   TASKS, Example                    task names; one uniform record per question / pair / caption
@@ -14,8 +15,9 @@ Annotations
   load_answer_vocab(root) -> (ans2label, label2ans)   the 1,842 GQA answers
   XVNLI_LABELS_UC2 / XVNLI_LABELS_CCLM  class order of each model (VOLTA / X2-VLM)
 Text
-  load_tokenizer(path_or_hub_id)    (X2-VLM's text cleaning and image transforms: formats/x2vlm_inputs.py)
   encode_texts(tokenizer, texts, max_len) -> (ids, mask)   pad to longest, truncation keeps </s>
+Transforms (X2-VLM's, for CCLM: uint8 pixels in batches, the model normalises)
+  eval_pixels / train_pixels(img, res[, rng, flip]); normalize_images; eval_transform / train_transform (composed)
 Datasets and batches (item i is always example i: stable order and ids, for sharded evaluation)
   UC2Dataset, SerializedGQADataset / SerializedNLVR2Dataset (IGLUE's serialized LMDBs), CCLMDataset   with set_epoch
   RetrievalImages, RetrievalCaptions   retrieval eval: each image / caption once; image item i is the image with
@@ -28,9 +30,6 @@ Model inputs (what a model reads beside text; no model-name branches anywhere el
   REGION_FEATURES (UC2) / IMAGES (CCLM): .dataset(task, examples, ...), .retrieval_eval(examples, ...),
   .collate(task, tokenizer, train); model_inputs("uc2" / "cclm"); make_dataset / make_retrieval_eval /
   make_collate(model, ...) the same, for callers that hold the model's name
-Loader
-  BatchLoader(dataset, collate_fn=..., **DataLoader arguments)   a torch DataLoader whose worker BadInput (a bad
-                                    record / image / annotation line) reaches the caller as one line
 
 Image folder layout expected by CCLM (`--images ROOT`; symlink your downloads into it):
   ROOT/gqa/<imageId>.jpg                         GQA images (images.zip), used by GQA/xGQA
@@ -56,9 +55,10 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from formats import iglue_layout, nlvr2_marvl, nlvr2_serialized, readers, split_checks, volta_negatives, x2vlm_inputs
+from formats import iglue_layout, nlvr2_marvl, nlvr2_serialized, readers, split_checks, volta_negatives
+from formats import tokenizer_check, x2vlm_randaugment, x2vlm_text
 from formats import annotation_fields as fields
 from formats.bad_input import BadInput
 from formats.features import (
@@ -74,7 +74,7 @@ from formats.features import (
 from formats.pickles import read_pickle
 
 TASKS = iglue_layout.TASKS  # the one task table: IGLUE's tasks, with their files' layout
-BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+BOS_ID, PAD_ID, EOS_ID, UNK_ID = tokenizer_check.XLMR_SPECIAL_IDS.values()
 NUM_ANSWERS = 1842
 XVNLI_LABELS_UC2 = ("contradiction", "neutral", "entailment")  # VOLTA LABEL_MAP order
 XVNLI_LABELS_CCLM = ("contradiction", "entailment", "neutral")  # X2-VLM label_mapper order
@@ -376,34 +376,6 @@ def _load_retrieval(path: Path, rel: str, lang: str, xflickrco_keys: bool) -> li
 # ----------------------------------------------------------------------------------------------
 
 
-def check_special_ids(tok, name: str) -> None:
-    got = {
-        "<s>": tok.convert_tokens_to_ids("<s>"),
-        "<pad>": tok.pad_token_id,
-        "</s>": tok.convert_tokens_to_ids("</s>"),
-        "<unk>": tok.unk_token_id,
-    }
-    want = {"<s>": BOS_ID, "<pad>": PAD_ID, "</s>": EOS_ID, "<unk>": UNK_ID}
-    if got != want:
-        raise ValueError(f"tokenizer {name}: special ids {got} differ from XLM-R's {want}")
-
-
-def load_tokenizer(path_or_hub_id: str | os.PathLike):
-    """XLM-R tokenizer from a local folder or the local Hugging Face cache (never downloads)."""
-    from transformers import AutoTokenizer
-
-    name = str(path_or_hub_id)
-    try:
-        tok = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
-    except Exception:
-        raise ValueError(
-            f"tokenizer {name!r} not found locally: give a folder with tokenizer files (e.g. a saved "
-            f"xlm-roberta-base tokenizer) or a hub id already in the local HF cache"
-        ) from None
-    check_special_ids(tok, name)
-    return tok
-
-
 def encode_texts(tokenizer, texts: Sequence[str], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids [B, L] (L = longest in the batch, right-padded with the pad id) and attention mask [B, L].
     Sequences longer than max_len keep <s>, the first max_len-2 ids and </s> (VOLTA / HF truncation)."""
@@ -419,6 +391,58 @@ def encode_texts(tokenizer, texts: Sequence[str], max_len: int | None = None) ->
     out = np.full((len(ids), length), pad, dtype=np.int64)
     out[mask] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
     return torch.from_numpy(out), torch.from_numpy(mask.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms (X2-VLM's, for CCLM's images; RandAugment itself: formats/x2vlm_randaugment.py)
+# ----------------------------------------------------------------------------------------------
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def pixels(img: Image.Image) -> torch.Tensor:
+    """uint8 [H, W, 3] of an RGB image (PIL's layout; normalize_images makes ToTensor's [3, H, W] floats)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
+
+
+_MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None, None]
+_STD = torch.tensor(CLIP_STD, dtype=torch.float32)[:, None, None]
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [..., H, W, 3], as CCLM batches carry them, -> ToTensor + CLIP Normalize: float32
+    [..., 3, H, W] with torchvision's float32 ops in its order (x / 255, - mean, / std), on the pixels' device.
+    Float input is already normalised and returned as it is. Batches stay uint8 and in PIL's layout until the
+    model (train_cclm.VisionEncoder) normalises them: the loader copies a quarter of the bytes, with plain
+    memcpy, and the transpose and float work run on the accelerator."""
+    if images.dtype != torch.uint8:
+        return images
+    x = images.movedim(-1, -3).to(torch.float32, memory_format=torch.contiguous_format)
+    return x.div_(255).sub_(_MEAN.to(x.device)).div_(_STD.to(x.device))
+
+
+def eval_pixels(img: Image.Image, res: int) -> torch.Tensor:
+    return pixels(img.resize((res, res), Image.Resampling.BICUBIC))
+
+
+def eval_transform(img: Image.Image, res: int = 384) -> torch.Tensor:
+    """X2-VLM test transform: Resize((res, res)) bicubic (PIL, antialiased), ToTensor, CLIP Normalize."""
+    return normalize_images(eval_pixels(img, res))
+
+
+def train_pixels(img: Image.Image, res: int, rng: np.random.Generator, flip: bool) -> torch.Tensor:
+    top, left, h, w = x2vlm_randaugment.random_resized_crop_box(rng, img.width, img.height)
+    img = img.crop((left, top, left + w, top + h)).resize((res, res), Image.Resampling.BICUBIC)
+    if flip and rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return pixels(x2vlm_randaugment.random_augment(img, rng))
+
+
+def train_transform(img: Image.Image, res: int, rng: np.random.Generator, flip: bool) -> torch.Tensor:
+    """X2-VLM train transform: RandomResizedCrop(res, scale (0.5, 1)) bicubic, horizontal flip p=0.5 when
+    `flip` (XVNLI, xFlickr&CO; xGQA flips before, in the dataset), RandomAugment(2, 7), ToTensor, Normalize."""
+    return normalize_images(train_pixels(img, res, rng, flip))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -615,14 +639,14 @@ class CCLMDataset(_EpochDataset):
         img2 = readers.open_image(self.images, right_image(ex)) if self.task == "marvl" else None
         item = {"kind": "example", "example": ex}
         try:
-            clean = x2vlm_inputs.pre_question if self.task == "xgqa" else x2vlm_inputs.pre_caption
+            clean = x2vlm_text.pre_question if self.task == "xgqa" else x2vlm_text.pre_caption
             item["text"] = clean(ex.text, self.max_words)
         except ValueError as e:
             raise ValueError(f"{ex.source} (example {ex.id}): {e}") from None
         if not self.train:
-            item["pixels"] = x2vlm_inputs.eval_pixels(img, self.image_res)  # uint8; the model normalises
+            item["pixels"] = eval_pixels(img, self.image_res)  # uint8; the model normalises
             if img2 is not None:  # marvl: the right image, as the left
-                item["pixels2"] = x2vlm_inputs.eval_pixels(img2, self.image_res)
+                item["pixels2"] = eval_pixels(img2, self.image_res)
             return item
         rng = _rng(self.seed, self.epoch, index)
         if self.task == "xgqa":
@@ -631,9 +655,9 @@ class CCLMDataset(_EpochDataset):
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             answers = list(ex.answers)
             item["answers"], item["weights"] = answers, [1.0 / len(answers)] * len(answers)
-        item["pixels"] = x2vlm_inputs.train_pixels(img, self.image_res, rng, flip=self.task != "xgqa")
+        item["pixels"] = train_pixels(img, self.image_res, rng, flip=self.task != "xgqa")
         if img2 is not None:  # marvl: X2-VLM's nlvr_dataset transforms each image on its own (draws after the left)
-            item["pixels2"] = x2vlm_inputs.train_pixels(img2, self.image_res, rng, flip=True)
+            item["pixels2"] = train_pixels(img2, self.image_res, rng, flip=True)
         return item
 
 
@@ -905,7 +929,7 @@ class ImageInputs:
         """An annotation line whose captions are all empty is skipped, as X2-VLM's xflickrco_eval_dataset does
         (IGLUE's de and id test files have one each: 1,999 images there)."""
         examples = _without_empty_lines(examples)
-        clean = functools.partial(x2vlm_inputs.pre_caption, max_words=CCLM_MAX_WORDS[("xflickrco", False)])
+        clean = functools.partial(x2vlm_text.pre_caption, max_words=CCLM_MAX_WORDS[("xflickrco", False)])
         fields = functools.partial(_pixel_fields, images, image_res)
         return RetrievalImages(examples, fields, image_res), RetrievalCaptions(examples, clean)
 
@@ -918,7 +942,7 @@ def _region_fields(reader, max_regions: int, ex: Example) -> dict:
 
 
 def _pixel_fields(images, image_res: int, ex: Example) -> dict:
-    return {"pixels": x2vlm_inputs.eval_pixels(readers.open_image(images, ex), image_res)}  # uint8
+    return {"pixels": eval_pixels(readers.open_image(images, ex), image_res)}  # uint8
 
 
 REGION_FEATURES, IMAGES = RegionFeatureInputs(), ImageInputs()
@@ -945,30 +969,6 @@ def make_retrieval_eval(model: str, examples: Sequence[Example], **kwargs) -> tu
 def make_collate(model: str, task: str, tokenizer, train: bool = False) -> UC2Collate | CCLMCollate:
     """model_inputs(model).collate(task, tokenizer, train)."""
     return model_inputs(model).collate(task, tokenizer, train)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loader
-# ----------------------------------------------------------------------------------------------
-
-
-def _worker_error_line(message: str) -> str:
-    """BadInput's own message out of torch's 'Caught BadInput in DataLoader worker ... Traceback ...' text."""
-    if "Traceback" not in message:
-        return message
-    last = message.rstrip().splitlines()[-1]
-    return last.split(f"{BadInput.__name__}: ", 1)[-1]
-
-
-class BatchLoader(DataLoader):
-    """The loader of training and evaluation: a torch DataLoader (same arguments, same batches) whose BadInput
-    raised in a worker reaches the caller as its own one line, not torch's worker traceback."""
-
-    def __iter__(self):
-        try:
-            yield from super().__iter__()
-        except BadInput as e:
-            raise BadInput(_worker_error_line(str(e))) from None
 
 
 if __name__ == "__main__":

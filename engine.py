@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import data
+from training import loaders
 import freeze
 from console import what_trains
 from formats import run_folder, tokenizer_check, torch_files
@@ -248,7 +249,7 @@ def default_num_workers(cpus: int | None = None, procs_per_node: int | None = No
     """Loader workers per process: the CPUs this process may use shared among the node's processes, one
     left for the training loop itself. Our choice: one slow core decodes ~5k UC2 samples/s (~4.4k/s feed an
     A100) but only ~100-130 CCLM training images/s (~340/s feed an A100), so CCLM wants every core it can
-    get; the cap bounds the shared memory the workers' batches hold (data.BatchLoader)."""
+    get; the cap bounds the shared memory the workers' batches hold (loaders.BatchLoader)."""
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if procs_per_node is None:
@@ -357,7 +358,7 @@ def build_train_loader(
     micro, _ = micro_and_accum(args, dist)
     sampler = GlobalBatchSampler(len(dataset), args.batch_size, micro, dist, args.seed)
     # Non-persistent workers: each epoch's workers copy the dataset after set_epoch(epoch).
-    return data.BatchLoader(
+    return loaders.BatchLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=args.num_workers,
@@ -698,9 +699,9 @@ def check_run_dir(args: argparse.Namespace, dist: DistInfo) -> Path:
 
 
 def load_tokenizer(args: argparse.Namespace, embedding_rows: int):
-    """--tokenizer (data.load_tokenizer), checked against the model's embedding rows; one-line SystemExit."""
+    """--tokenizer (tokenizer_check.load_tokenizer), checked against the model's embedding rows; one-line SystemExit."""
     try:
-        tokenizer = data.load_tokenizer(args.tokenizer)
+        tokenizer = tokenizer_check.load_tokenizer(args.tokenizer)
     except ValueError as e:
         raise SystemExit(f"error: --tokenizer: {e}") from None
     tokenizer_check.check_tokenizer_vocab(tokenizer, embedding_rows, args.tokenizer)

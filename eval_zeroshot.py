@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-import data
+from formats import tokenizer_check
 import engine
 import scoring.evaluate
 import scoring.metrics
@@ -212,7 +212,7 @@ def evaluate(args: argparse.Namespace, dist: devices.DistInfo) -> int:
         else:
             model, meta = load_model(ckpt, dist.device)
         resolve_data_args(args, read_run_args(run or ckpt.parent), meta)
-        tokenizer = data.load_tokenizer(args.tokenizer)
+        tokenizer = tokenizer_check.load_tokenizer(args.tokenizer)
         model.prepare_task(args.data_root, tokenizer)
         task = meta["task"]
         sets = scoring.evaluate.build_eval_sets(

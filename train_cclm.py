@@ -40,7 +40,7 @@ import engine
 from console import cli, what_trains
 from formats import load_plan, model_config, run_folder, tokenizer_check, torch_files
 import freeze
-from formats import x2vlm, x2vlm_inputs
+from formats import x2vlm
 from scoring import answer_ranking, retrieval_protocols
 import scoring.evaluate
 import scoring.metrics
@@ -113,8 +113,8 @@ class VisionEncoder(Beit):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: a batch's uint8 pixels [B, H, W, 3] (normalised here, on their device) or normalised float
-        [B, 3, H, W] (x2vlm_inputs.eval_transform, the parity fixtures)."""
-        x = self.patch_embed(x2vlm_inputs.normalize_images(images))
+        [B, 3, H, W] (data.eval_transform, the parity fixtures)."""
+        x = self.patch_embed(data.normalize_images(images))
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         for blk in self.blocks:
             x = blk(x)

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 import data
+from formats import tokenizer_check
 import engine
 import freeze
 from bench import _common, suf_step
@@ -288,7 +289,7 @@ def loader_data(folder: Path, gpu: bool) -> dict:
 def section_loader(ctx: dict) -> dict:
     rows, gpu = [], ctx["gpu"]
     exs = loader_data(ctx["tmp"], gpu)
-    tok = data.load_tokenizer(ctx["tmp"] / "tok")
+    tok = tokenizer_check.load_tokenizer(ctx["tmp"] / "tok")
     workers = engine.default_num_workers() if gpu else min(1, engine.default_num_workers())
     dist = devices.DistInfo(device=ctx["device"])
     for name in MODELS:

@@ -1,4 +1,5 @@
-"""Which tokenizer a checkpoint was trained with: tokenizer_fingerprint (recorded in our checkpoints' meta) and
+"""Loading a tokenizer safely (local files only, no remote code; XLM-R's special ids checked: load_tokenizer) and
+which tokenizer a checkpoint was trained with: tokenizer_fingerprint (recorded in our checkpoints' meta) and
 check_tokenizer_vocab (a tokenizer that cannot belong to the model is a one-line error: out-of-range ids, or not
 the vocabulary the weights were trained with, which would silently map tokens to the wrong rows).
 
@@ -8,6 +9,9 @@ Not on the reading path: the trainers call check_tokenizer_vocab once, after loa
 from __future__ import annotations
 
 import hashlib
+import os
+
+XLMR_SPECIAL_IDS = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}  # data.BOS_ID, PAD_ID, EOS_ID, UNK_ID
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -55,3 +59,32 @@ def check_tokenizer_vocab(
             f"error: --tokenizer {tokenizer_name} has {n} ids but the model config's vocab_size is "
             f"{embedding_rows} (ids >= {embedding_rows} have no embedding); use a matching tokenizer or config"
         )
+
+
+def check_special_ids(tok, name: str) -> None:
+    """A tokenizer whose special ids are not XLM-R's (every model here embeds with XLM-R's ids): ValueError."""
+    got = {
+        "<s>": tok.convert_tokens_to_ids("<s>"),
+        "<pad>": tok.pad_token_id,
+        "</s>": tok.convert_tokens_to_ids("</s>"),
+        "<unk>": tok.unk_token_id,
+    }
+    want = XLMR_SPECIAL_IDS
+    if got != want:
+        raise ValueError(f"tokenizer {name}: special ids {got} differ from XLM-R's {want}")
+
+
+def load_tokenizer(path_or_hub_id: str | os.PathLike):
+    """XLM-R tokenizer from a local folder or the local Hugging Face cache (never downloads)."""
+    from transformers import AutoTokenizer
+
+    name = str(path_or_hub_id)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
+    except Exception:
+        raise ValueError(
+            f"tokenizer {name!r} not found locally: give a folder with tokenizer files (e.g. a saved "
+            f"xlm-roberta-base tokenizer) or a hub id already in the local HF cache"
+        ) from None
+    check_special_ids(tok, name)
+    return tok

@@ -1,7 +1,7 @@
 """X2-VLM's training augmentation reproduced for parity: torchvision's RandomResizedCrop box draw and X2-VLM's
 RandomAugment(2, 7) with its 10 ops, driven by a numpy Generator (data.py seeds it per (seed, epoch, index)).
 
-Not on the reading path: x2vlm_inputs.train_pixels calls random_resized_crop_box and random_augment. Where we
+Not on the reading path: data.train_pixels calls random_resized_crop_box and random_augment. Where we
 differ from the reference (its AutoContrast wrap-around bug, unclipped Sharpness):
 docs/reference_facts.md#F-cclm-randaugment.
 """

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import data
+from formats import tokenizer_check
 import console.cli
 import engine
 import eval_zeroshot
@@ -36,7 +36,7 @@ def cmd_similarity(args) -> int:
                 f"error: similarity needs an xgqa or xvnli run (translation-parallel examples), {run} is {meta['task']}"
             )
         eval_zeroshot.resolve_data_args(args, eval_zeroshot.read_run_args(run), meta)
-        tokenizer = data.load_tokenizer(args.tokenizer)
+        tokenizer = tokenizer_check.load_tokenizer(args.tokenizer)
         sets = scoring.evaluate.build_eval_sets(
             meta["model"],
             meta["task"],

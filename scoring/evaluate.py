@@ -15,6 +15,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 import data
+from training import loaders
 from checks import preflight
 from console import cli
 from formats import iglue_layout
@@ -188,7 +189,7 @@ def trainer_evaluate_fn(
 
 
 def eval_loader(dataset, indices, collate, batch_size: int, num_workers: int):
-    return data.BatchLoader(
+    return loaders.BatchLoader(
         Subset(dataset, list(indices)),
         batch_size=batch_size,
         shuffle=False,

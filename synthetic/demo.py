@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-import data
+from formats import tokenizer_check
 import eval_zeroshot
 import scoring.evaluate
 from report import cli as report_cli
@@ -127,7 +127,7 @@ def similarity_with_pretrained(world: Path, runs: dict[str, Path], out: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tok = data.load_tokenizer(str(world / "tokenizer"))
+    tok = tokenizer_check.load_tokenizer(str(world / "tokenizer"))
     sets = scoring.evaluate.build_eval_sets(
         "uc2", "xgqa", world, tok, split="test", features=str(world / "features.lmdb"), max_regions=3
     )

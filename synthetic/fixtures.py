@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 import data
+from formats import tokenizer_check
 from formats.features import FEATURE_DIM
 
 
@@ -86,7 +87,7 @@ def make_tiny_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_
     )
     tok.train_from_iterator([t for t in texts if t], trainer)
     fast = save_xlmr_style_tokenizer(tok, out_dir)
-    data.check_special_ids(fast, "tiny")
+    tokenizer_check.check_special_ids(fast, "tiny")
     return fast
 
 

@@ -79,7 +79,7 @@ def probe(world: Path, checkpoint: Path, seed: int, out: Path) -> dict:
     torch.manual_seed(seed)  # the head's initial weights
     model = train_uc2.build_model("xgqa", config)
     train_uc2.load_checkpoint_arg(model, str(checkpoint))
-    tok = data.load_tokenizer(str(world / "tokenizer"))
+    tok = tokenizer_check.load_tokenizer(str(world / "tokenizer"))
     x, target = pooled_features(model, world, tok, config["num_answers"])
     losses = train_head(model.head, x, target, config["classifier_dropout"], seed)
     info = {"checkpoint": str(checkpoint), "seed": seed, **PROBE, "loss": losses, "seconds": time.time() - start}

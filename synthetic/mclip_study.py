@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import data
+from formats import tokenizer_check
 from formats.features import FEATURE_DIM
 from comparisons.mclip import xtd_data
 import engine
@@ -261,7 +261,7 @@ def pretrain(out: Path, cfg: StudyConfig, seed: int) -> Path:
     if (dest / "pretrain.json").is_file():
         return dest
     torch.set_num_threads(1)
-    tok = data.load_tokenizer(d / "tokenizer")
+    tok = tokenizer_check.load_tokenizer(d / "tokenizer")
     config = json.loads((d / "text_config.json").read_text())
     engine.seed_everything(seed)
     model = train_mclip.build_text_model(config)  # XLM-R's dropout 0.1
@@ -320,7 +320,7 @@ def premise_check(out: Path, seed: int) -> dict:
     model = train_mclip.build_text_model(json.loads((d / "text_config.json").read_text()), dropout=0.0)
     train_mclip.load_text_weights(model, train_mclip.read_state_dict(folder), str(folder))
     image = torch_files.load_checkpoint(d / "premise_features.pt")["features"]
-    r1 = zero_shot_r1(model, data.load_tokenizer(folder), premise_captions(d), image)
+    r1 = zero_shot_r1(model, tokenizer_check.load_tokenizer(folder), premise_captions(d), image)
     chance = 100.0 / len(image)
     checks = {
         "every_language_at_least_5": min(r1.values()) >= 5.0,

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-import data
+from formats import tokenizer_check
 import eval_zeroshot
 import scoring.evaluate
 from synthetic import pretrain as sp
@@ -118,7 +118,7 @@ def check_run(world: Path, pretrained: Path, run: Path, blind_run: Path | None =
     sw.add_auxiliary(world)
     ft, meta = eval_zeroshot.load_model(eval_zeroshot.run_checkpoint(run))
     config = meta["config"]
-    tok = data.load_tokenizer(str(world / "tokenizer"))
+    tok = tokenizer_check.load_tokenizer(str(world / "tokenizer"))
     pre_full = sp.load_pretrained(pretrained, config).eval()
     pre = copy.deepcopy(ft)  # the task model with the pretrained encoder (the head is ft's: unused by C1)
     pre.load_state_dict(

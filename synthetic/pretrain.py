@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
+from formats import tokenizer_check
 from formats.features import box_locations, pad_regions
 import train_uc2
 from formats import volta
@@ -154,7 +154,7 @@ class Corpus:
         self.cfg = sw.load_config(world)
         self.lex = json.loads((world / "lexicon.json").read_text())
         self.books = sw.codebooks(self.cfg)
-        self.tok = data.load_tokenizer(world / "tokenizer")
+        self.tok = tokenizer_check.load_tokenizer(world / "tokenizer")
         self.seed = seed
         w = self.cfg.lang_weights
         self.langs = list(sw.LANGS)

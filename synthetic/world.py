@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-import data
+from formats import tokenizer_check
 from formats.features import FEATURE_DIM
 from synthetic import fixtures
 
@@ -496,7 +496,7 @@ def all_words(lex: dict[str, dict[str, str]]) -> list[str]:
 
 def write_tokenizer(lex: dict[str, dict[str, str]], out_dir: Path):
     """Word-level tokenizer (tokenizers library) over every language, XLM-R's special ids, saved as a
-    transformers tokenizer folder (data.load_tokenizer reads it)."""
+    transformers tokenizer folder (tokenizer_check.load_tokenizer reads it)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {t: i for i, t in enumerate(SPECIALS)}
@@ -505,7 +505,7 @@ def write_tokenizer(lex: dict[str, dict[str, str]], out_dir: Path):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fixtures.save_xlmr_style_tokenizer(tok, out_dir)
-    return data.load_tokenizer(out_dir)
+    return tokenizer_check.load_tokenizer(out_dir)
 
 
 def model_config(vocab_size: int) -> dict:

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from _configs import CCLM_TINY, UC2_TINY  # noqa: E402
 import _faults  # noqa: E402
 import data  # noqa: E402
+from training import loaders  # noqa: E402
 from formats.features import open_features  # noqa: E402
 from formats.bad_input import BadInput  # noqa: E402
 from synthetic import fixtures  # noqa: E402
@@ -460,9 +461,9 @@ def same_size_other_vocabulary(tok: Path, out: Path) -> Path:
 @pytest.mark.parametrize("case", ["same_size_checkpoint", "same_size_resume"])
 def test_tokenizer_with_the_same_size_but_another_vocabulary(env, tmp_path, case):
     other = same_size_other_vocabulary(env["tok"], tmp_path / "tok")
-    assert len(data.load_tokenizer(other)) == len(data.load_tokenizer(env["tok"]))
-    was = tokenizer_check.tokenizer_fingerprint(data.load_tokenizer(env["tok"]))
-    now = tokenizer_check.tokenizer_fingerprint(data.load_tokenizer(other))
+    assert len(tokenizer_check.load_tokenizer(other)) == len(tokenizer_check.load_tokenizer(env["tok"]))
+    was = tokenizer_check.tokenizer_fingerprint(tokenizer_check.load_tokenizer(env["tok"]))
+    now = tokenizer_check.tokenizer_fingerprint(tokenizer_check.load_tokenizer(other))
     if case == "same_size_checkpoint":
         ckpt = env["paused"] / "checkpoint_last.pt"
         msg = fails(cli(env, tmp_path / "run", "--checkpoint", str(ckpt), tokenizer=other))
@@ -490,7 +491,7 @@ def test_tokenizer_vocabulary_mismatch(env, tmp_path, case):
     ):  # train_cclm: a checkpoint of ours records the size of the tokenizer it was trained with
         config = train_cclm.resolve_config(CCLM_TINY)
         ckpt = tmp_path / "cclm.pt"
-        trained = len(data.load_tokenizer(env["tok"]))
+        trained = len(tokenizer_check.load_tokenizer(env["tok"]))
         torch.save(
             {
                 "model": train_cclm.build_model("xvnli", config).state_dict(),
@@ -523,7 +524,7 @@ def test_tokenizer_vocabulary_mismatch(env, tmp_path, case):
     elif case == "checkpoint":  # the paused run's weights were trained with env["tok"]; give another vocabulary
         other = tmp_path / "tok"
         fixtures.make_tiny_tokenizer([e.text for e in env["train"]], other, vocab_size=200)
-        n, trained = len(data.load_tokenizer(other)), len(data.load_tokenizer(env["tok"]))
+        n, trained = len(tokenizer_check.load_tokenizer(other)), len(tokenizer_check.load_tokenizer(env["tok"]))
         assert n != trained
         ckpt = env["paused"] / "checkpoint_last.pt"
         msg = fails(cli(env, tmp_path / "run", "--checkpoint", str(ckpt), tokenizer=other))
@@ -534,7 +535,7 @@ def test_tokenizer_vocabulary_mismatch(env, tmp_path, case):
     else:  # more ids than the model has embedding rows
         config = tmp_path / "small_vocab.json"
         config.write_text(json.dumps({**U.resolve_config(UC2_TINY), "vocab_size": 100}))
-        n = len(data.load_tokenizer(env["tok"]))
+        n = len(tokenizer_check.load_tokenizer(env["tok"]))
         msg = fails(cli(env, tmp_path / "run", "--model-config", str(config)))
         assert msg == (
             f"error: --tokenizer {env['tok']} has {n} ids but the model config's vocab_size is 100 "
@@ -860,7 +861,7 @@ def test_keys_entry_that_does_not_decode(env, tmp_path):
 def test_bad_record_in_a_loader_worker_is_one_line(env, tmp_path):
     feats, key, tail = _damaged_features(env, tmp_path, "wrong_width")
     exs = [e for e in env["train"] if e.image == key][:1]
-    loader = data.BatchLoader(
+    loader = loaders.BatchLoader(
         data.make_dataset("uc2", "xvnli", exs, features=str(feats), max_regions=4),
         batch_size=1,
         num_workers=1,

@@ -25,8 +25,10 @@ from _timeouts import scaled
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+from training import loaders  # noqa: E402
+from formats import tokenizer_check  # noqa: E402
 from formats import iglue, iglue_layout  # noqa: E402
-from formats import readers, x2vlm_inputs  # noqa: E402
+from formats import readers, x2vlm_text  # noqa: E402
 from formats import feature_sets  # noqa: E402
 from formats.features import box_locations, decode_serialized, is_serialized_lmdb, open_features  # noqa: E402
 from formats.features import SerializedRecords, pad_regions, serialized_task  # noqa: E402
@@ -77,7 +79,7 @@ def tokenizer(tmp_path_factory):
     ]
     out = tmp_path_factory.mktemp("tok")
     fixtures.make_tiny_tokenizer(texts, out, vocab_size=400)
-    return data.load_tokenizer(out)
+    return tokenizer_check.load_tokenizer(out)
 
 
 @pytest.fixture(scope="module")
@@ -335,33 +337,31 @@ def test_cclm_eval_transform_matches_reference(tmp_path):
     for i, raw in enumerate(ref["raw_images_uint8_hwc"]):
         path = tmp_path / f"{i}.png"  # stored losslessly and read back, as the reference did
         Image.fromarray(raw.numpy()).save(path)
-        out = x2vlm_inputs.eval_transform(readers.load_image(path), ref["image_res"])
+        out = data.eval_transform(readers.load_image(path), ref["image_res"])
         assert out.shape == ref["images"][i].shape
         assert_matches_reference(f"image {i}", out, ref["images"][i])
-    assert torch.allclose(torch.tensor(x2vlm_inputs.CLIP_MEAN), ref["mean"]) and torch.allclose(
-        torch.tensor(x2vlm_inputs.CLIP_STD), ref["std"]
+    assert torch.allclose(torch.tensor(data.CLIP_MEAN), ref["mean"]) and torch.allclose(
+        torch.tensor(data.CLIP_STD), ref["std"]
     )
 
 
 def test_train_transform_seeded():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
-    a = x2vlm_inputs.train_transform(img, 32, np.random.default_rng([0, 1, 2]), flip=True)
-    b = x2vlm_inputs.train_transform(img, 32, np.random.default_rng([0, 1, 2]), flip=True)
-    c = x2vlm_inputs.train_transform(img, 32, np.random.default_rng([0, 2, 2]), flip=True)
+    a = data.train_transform(img, 32, np.random.default_rng([0, 1, 2]), flip=True)
+    b = data.train_transform(img, 32, np.random.default_rng([0, 1, 2]), flip=True)
+    c = data.train_transform(img, 32, np.random.default_rng([0, 2, 2]), flip=True)
     assert a.shape == (3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
     for seed in range(30):  # every augmentation op runs on odd sizes without error
-        x2vlm_inputs.train_transform(img, 17, np.random.default_rng(seed), flip=True)
+        data.train_transform(img, 17, np.random.default_rng(seed), flip=True)
 
 
 def test_text_cleaning():
-    assert (
-        x2vlm_inputs.pre_caption("A <person> in a Red-Shirt, runs!!  Fast.", 80) == "a person in a red shirt runs fast"
-    )
-    assert x2vlm_inputs.pre_caption("one two three four", 2) == "one two"
-    assert x2vlm_inputs.pre_question("Is the man to the LEFT of the car?", 50) == "is the man to the left of the car"
-    assert x2vlm_inputs.pre_question("a  b c d", 3) == "a  b"  # whitespace runs are not collapsed in questions
+    assert x2vlm_text.pre_caption("A <person> in a Red-Shirt, runs!!  Fast.", 80) == "a person in a red shirt runs fast"
+    assert x2vlm_text.pre_caption("one two three four", 2) == "one two"
+    assert x2vlm_text.pre_question("Is the man to the LEFT of the car?", 50) == "is the man to the left of the car"
+    assert x2vlm_text.pre_question("a  b c d", 3) == "a  b"  # whitespace runs are not collapsed in questions
     with pytest.raises(ValueError, match="empty"):
-        x2vlm_inputs.pre_caption("...", 80)
+        x2vlm_text.pre_caption("...", 80)
 
 
 def test_tokenizer_padding_and_truncation(tokenizer, tmp_path):
@@ -382,7 +382,7 @@ def test_tokenizer_padding_and_truncation(tokenizer, tmp_path):
     short, smask = data.encode_texts(tokenizer, texts, max_len=6)
     assert short.shape == (2, 6) and short[1].tolist() == full[1][:5] + [2] and smask[1].all()
     with pytest.raises(ValueError, match="no-such-tokenizer"):
-        data.load_tokenizer(tmp_path / "no-such-tokenizer")
+        tokenizer_check.load_tokenizer(tmp_path / "no-such-tokenizer")
 
 
 def test_encode_texts_ids_equal_the_fast_backend_on_every_fixture_text(tokenizer):
@@ -509,14 +509,12 @@ def test_cclm_batches(synthetic, tokenizer):
     bi, bc = col([images[i] for i in (19, 20)]), col([captions[i] for i in (0, 39)])
     assert bi["images"].shape == (2, 32, 32, 3) and bi["image_index"].tolist() == [19, 20]
     assert bi["images"].dtype == u8  # normalised by the model (normalize_images), on its device
-    normalised = x2vlm_inputs.normalize_images(bi["images"])
+    normalised = data.normalize_images(bi["images"])
     assert normalised.shape == (2, 3, 32, 32) and normalised.dtype == f32 and normalised.is_contiguous()
-    assert x2vlm_inputs.normalize_images(normalised) is normalised
+    assert data.normalize_images(normalised) is normalised
     for row, i in enumerate((19, 20)):  # batch + normalize_images == the per-image reference transform, bit for bit
         ex = images.items[i]
-        assert torch.equal(
-            normalised[row], x2vlm_inputs.eval_transform(readers.load_image(Path(im) / ex.image_file), 32)
-        )
+        assert torch.equal(normalised[row], data.eval_transform(readers.load_image(Path(im) / ex.image_file), 32))
     assert bi["image_key"] == ["1131056918.jpg", "COCO_val2014_000000391895.jpg"]
     assert bc["text_ids"].dtype == i64 and bc["image_index"].tolist() == [0, 39] and bc["text_ids"].shape[1] <= 80
 
@@ -766,7 +764,7 @@ def test_batch_loader_gives_the_dataloader_batches(synthetic, tokenizer, workers
     kwargs = {"num_workers": 1, "multiprocessing_context": "spawn"} if workers == "spawn" else {"num_workers": workers}
     for ds, collate in sources.values():
         want = list(DataLoader(ds, batch_size=4, collate_fn=collate))
-        got = data.BatchLoader(ds, batch_size=4, collate_fn=collate, **kwargs)
+        got = loaders.BatchLoader(ds, batch_size=4, collate_fn=collate, **kwargs)
         for _ in range(2):  # a second epoch: the same batches again (new workers)
             batches = list(got)
             assert len(batches) == len(want)
@@ -779,7 +777,7 @@ def test_kept_batches_and_views_are_never_overwritten(synthetic, tokenizer, work
     ds, collate = _batch_sources(synthetic, tokenizer)["uc2"]
     want = list(DataLoader(ds, batch_size=2, collate_fn=collate))
     kept = {}
-    for i, b in enumerate(data.BatchLoader(ds, batch_size=2, collate_fn=collate, num_workers=workers)):
+    for i, b in enumerate(loaders.BatchLoader(ds, batch_size=2, collate_fn=collate, num_workers=workers)):
         if i % 3 == 0:  # the whole batch
             kept[i] = b
         elif i % 3 == 1:  # only a view and a numpy view of the batch
@@ -799,7 +797,7 @@ def test_kept_batches_and_views_are_never_overwritten(synthetic, tokenizer, work
 def test_two_live_iterations_of_one_loader_and_pin_memory_without_accelerator(synthetic, tokenizer, workers):
     ds, collate = _batch_sources(synthetic, tokenizer)["uc2"]
     want = list(DataLoader(ds, batch_size=2, collate_fn=collate))
-    loader = data.BatchLoader(ds, batch_size=2, collate_fn=collate, num_workers=workers, pin_memory=True)
+    loader = loaders.BatchLoader(ds, batch_size=2, collate_fn=collate, num_workers=workers, pin_memory=True)
     first, second = iter(loader), iter(loader)  # pin_memory: ignored without an accelerator, as DataLoader does
     seen = {"first": 0, "second": 0}
 
@@ -1166,9 +1164,9 @@ def test_marvl_cclm_batches_hold_left_images_then_right_images(synthetic, tokeni
     assert b["label"].tolist() == [ex.label for ex in exs] and b["id"] == [ex.id for ex in exs]
     for i, ex in enumerate(exs):  # rows 0..B-1 the left images, B..2B-1 the right ones (X2-VLM's torch.cat)
         for row, rel in ((i, ex.image_file), (3 + i, ex.image2_file)):
-            ref = x2vlm_inputs.eval_transform(readers.load_image(Path(im) / rel), 32)
-            assert torch.equal(x2vlm_inputs.normalize_images(b["images"][row]), ref)
-    clean = [x2vlm_inputs.pre_caption(ex.text, 30) for ex in exs]  # X2-VLM's nlvr_dataset: max_words 30
+            ref = data.eval_transform(readers.load_image(Path(im) / rel), 32)
+            assert torch.equal(data.normalize_images(b["images"][row]), ref)
+    clean = [x2vlm_text.pre_caption(ex.text, 30) for ex in exs]  # X2-VLM's nlvr_dataset: max_words 30
     assert torch.equal(b["text_ids"], data.encode_texts(tokenizer, clean, None)[0])
     long = replace(exs[0], text=" ".join(f"w{i}" for i in range(40)))
     assert ev.__class__([long], im, "marvl", image_res=32)[0]["text"] == " ".join(f"w{i}" for i in range(30))

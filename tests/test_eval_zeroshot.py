@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 from _configs import CCLM_TINY, UC2_TINY  # noqa: E402
 from formats import run_folder, torch_files  # noqa: E402
 import data  # noqa: E402
+from formats import tokenizer_check  # noqa: E402
 import eval_zeroshot as E  # noqa: E402
 from report import cli as report_cli  # noqa: E402
 import report.figures  # noqa: E402
@@ -668,12 +669,11 @@ DIST_RUNS = [
 
 def _evaluate_runs(env: dict, dist=None) -> dict:
     """The library path the trainers use: load, build the sets, evaluate_task; plus Figure 4 features."""
-    import data
 
     out = {}
     for model_name, task, langs in DIST_RUNS:
         model, meta = E.load_model(env["runs"][(model_name, task)] / "model_final.pt")
-        tok = data.load_tokenizer(env["tokenizer"])
+        tok = tokenizer_check.load_tokenizer(env["tokenizer"])
         model.prepare_task(env["data_root"], tok)
         sets = scoring.evaluate.build_eval_sets(
             model_name,
@@ -1015,7 +1015,7 @@ def test_cclm_answer_candidates_in_x2vlms_order_predictions_are_label_ids(env):
     import train_cclm
 
     model = train_cclm.build_model("xgqa", train_cclm.resolve_config(CCLM_TINY))
-    tok = data.load_tokenizer(env["tokenizer"])
+    tok = tokenizer_check.load_tokenizer(env["tokenizer"])
     model.prepare_task(env["data_root"], tok)
     ans2label, label2ans = data.load_answer_vocab(env["data_root"])
     keys = json.loads((Path(env["data_root"]) / "datasets/gqa/annotations/trainval_ans2label.json").read_text())
@@ -1168,10 +1168,9 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--dist-worker"]:
 def test_cclm_retrieval_encodes_shared_test_images_once_across_languages(env):
     """xFlickrCo's languages caption the same images: the second language reuses the first's image encodings
     and gets the numbers it gets when evaluated alone."""
-    import data
 
     model, meta = E.load_model(env["runs"][("cclm", "xflickrco")] / "model_final.pt")
-    tok = data.load_tokenizer(env["tokenizer"])
+    tok = tokenizer_check.load_tokenizer(env["tokenizer"])
     model.prepare_task(env["data_root"], tok)
     sets = scoring.evaluate.build_eval_sets(
         "cclm",
@@ -1233,10 +1232,9 @@ def test_trainer_per_epoch_evaluation_takes_eval_langs(env):
     """The trainers' evaluate_fn evaluates only the languages engine.train asks for (--eval-langs) and
     refuses, before training, a language outside --langs."""
     import argparse
-    import data
 
     model, _ = E.load_model(env["runs"][("uc2", "xvnli")] / "model_final.pt")
-    tok = data.load_tokenizer(env["tokenizer"])
+    tok = tokenizer_check.load_tokenizer(env["tokenizer"])
     args = argparse.Namespace(
         task="xvnli",
         data_root=env["data_root"],

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import data  # noqa: E402
-from formats import readers, x2vlm_inputs  # noqa: E402
+from formats import tokenizer_check  # noqa: E402
+from formats import readers  # noqa: E402
 from comparisons.mclip import xtd_data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
 from _make import run_make  # noqa: E402
@@ -49,7 +50,12 @@ def ref():
     inputs = json.loads((FIX / "inputs.json").read_text())
     model = M.build_text_model(inputs["text_config"]).eval()
     M.load_text_weights(model, load_file(str(FIX / "weights.safetensors")), "fixture")
-    return model, data.load_tokenizer(FIX / "tokenizer"), inputs["texts"], load_file(str(FIX / "outputs.safetensors"))
+    return (
+        model,
+        tokenizer_check.load_tokenizer(FIX / "tokenizer"),
+        inputs["texts"],
+        load_file(str(FIX / "outputs.safetensors")),
+    )
 
 
 def tiny_model(seed: int = 0, pet: str | None = None, tokenizer=None, **over) -> M.MCLIPText:
@@ -688,7 +694,7 @@ def test_clip_preprocess_equals_openai_clips_torchvision_transform(tmp_path, siz
             T.Resize(32, interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(32),
             T.ToTensor(),
-            T.Normalize(x2vlm_inputs.CLIP_MEAN, x2vlm_inputs.CLIP_STD),
+            T.Normalize(data.CLIP_MEAN, data.CLIP_STD),
         ]
     )  # clip/clip.py _transform(n_px), RGB input
     img = readers.load_image(fixtures.write_synthetic_images(tmp_path, ["a.png"], size=size)[0])

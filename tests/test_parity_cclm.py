@@ -14,8 +14,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
 import train_cclm  # noqa: E402
-from formats import x2vlm, x2vlm_inputs  # noqa: E402
+from formats import x2vlm  # noqa: E402
 from parity import assert_matches_reference  # noqa: E402
 from scoring import retrieval_protocols  # noqa: E402
 
@@ -199,16 +200,16 @@ def check_xgqa(folder: Path) -> None:
 
 
 def check_preprocess(folder: Path) -> None:
-    # formats.x2vlm_inputs: the eval transform (PIL bicubic resize, ToTensor, CLIP Normalize)
+    # data: the eval transform (PIL bicubic resize, ToTensor, CLIP Normalize)
     from PIL import Image
 
     d = torch.load(folder / "preprocess.pt", weights_only=True)
     res = int(d["image_res"])
     got = torch.stack(
-        [x2vlm_inputs.eval_transform(Image.fromarray(img.numpy(), "RGB"), res) for img in d["raw_images_uint8_hwc"]]
+        [data.eval_transform(Image.fromarray(img.numpy(), "RGB"), res) for img in d["raw_images_uint8_hwc"]]
     )
-    close("mean", torch.tensor(x2vlm_inputs.CLIP_MEAN, dtype=torch.float64), d["mean"].double())
-    close("std", torch.tensor(x2vlm_inputs.CLIP_STD, dtype=torch.float64), d["std"].double())
+    close("mean", torch.tensor(data.CLIP_MEAN, dtype=torch.float64), d["mean"].double())
+    close("std", torch.tensor(data.CLIP_STD, dtype=torch.float64), d["std"].double())
     close("images", got, d["images"])
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+from formats import tokenizer_check
 import eval_zeroshot
 from formats import iglue, iglue_layout
 import scoring.evaluate
@@ -172,7 +173,7 @@ def test_languages_share_only_specials_digits_and_punctuation(world):
         for b in sw.LANGS:
             if a < b:
                 assert not vocab[a] & vocab[b], (a, b)
-    tok = data.load_tokenizer(world / "tokenizer")
+    tok = tokenizer_check.load_tokenizer(world / "tokenizer")
     for lang in sw.LANGS:  # every word of every language is one token, none unknown
         text = " ".join(sorted(vocab[lang]))
         ids = tok(text)["input_ids"][1:-1]
@@ -192,7 +193,7 @@ def test_data_reads_the_world_as_iglue(world):
         e.image for e in data.load_split(world, "xgqa", "valid", "en")
     }
     preflight.check_inputs(train, features=feats)
-    tok = data.load_tokenizer(world / "tokenizer")
+    tok = tokenizer_check.load_tokenizer(world / "tokenizer")
     ds = data.make_dataset("uc2", "xgqa", test, features=feats, max_regions=3)
     batch = data.UC2Collate("xgqa", tok)([ds[i] for i in range(4)])
     assert batch["features"].shape == (4, 3, FEATURE_DIM) and batch["spatials"].shape == (4, 3, 7)
@@ -656,7 +657,7 @@ def test_marvl_captions_are_exact_translations_of_the_english_test_statements(pa
             words = [w if w in sw.SHARED else back[lang][w] for w in m["caption"].split()]
             assert Counter(words) == Counter(e["sentence"].split())
             assert x["caption"] == e["sentence"] and {**x, "caption": None} == {**m, "caption": None}
-    tok = data.load_tokenizer(pair_world / "tokenizer")  # the world's tokenizer knows every word
+    tok = tokenizer_check.load_tokenizer(pair_world / "tokenizer")  # the world's tokenizer knows every word
     for f in (ds / "marvl" / "zero_shot" / "annotations").glob("*.jsonl"):
         assert data.UNK_ID not in tok(" ".join(x["caption"] for x in _jsonl(f)))["input_ids"]
 
@@ -959,7 +960,7 @@ def test_tiny_marvl_suf_run_end_to_end_zero_shot_and_translate_test_in_every_lan
     per-language accuracy in results.json, MaRVL_0.csv / MaRVL_0.mt.csv in IGLUE's columns, and VOLTA's
     per-example predictions file of each language, whose rows are the annotation file's and give the accuracy."""
     w, out = pair_world, tmp_path / model_name
-    tok = data.load_tokenizer(w / "tokenizer")
+    tok = tokenizer_check.load_tokenizer(w / "tokenizer")
     argv = ["--task", "marvl", "--policy", "suf", "--data-root", str(w), "--tokenizer", str(w / "tokenizer")]
     argv += ["--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--num-workers", "0", "--seed", "0"]
     argv += ["--amp", "off", "--eval-split", "dev", "--eval-every", "1", "--output-dir", str(out)]

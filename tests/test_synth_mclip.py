@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+from formats import tokenizer_check
 from comparisons.mclip import xtd_data
 from comparisons.mclip import train_mclip
 from synthetic import analysis
@@ -151,7 +152,7 @@ def test_pretrained_text_checkpoint_loads_into_train_mclips_model_with_no_missin
     assert all(k.startswith(("transformer.", "LinearTransformation.")) for k in saved)
     train_mclip.load_text_weights(model, train_mclip.read_state_dict(folder), str(folder))
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
-    assert data.load_tokenizer(folder).convert_tokens_to_ids("<pad>") == data.PAD_ID
+    assert tokenizer_check.load_tokenizer(folder).convert_tokens_to_ids("<pad>") == data.PAD_ID
 
 
 def test_train_mclip_accepts_a_non_xtd_language_only_where_its_caption_file_exists(study, tmp_path):

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from _configs import CCLM_TINY  # noqa: E402
 import data  # noqa: E402
+from formats import tokenizer_check  # noqa: E402
 from synthetic import fixtures  # noqa: E402
 import engine  # noqa: E402
 from training import progress  # noqa: E402
@@ -129,7 +130,7 @@ def test_print_schedule_pins_cclm_schedules(capsys) -> None:
 
 
 def fixed_batch(env: Path, task: str, n: int = 6) -> dict:
-    tok = data.load_tokenizer(env / "tok")
+    tok = tokenizer_check.load_tokenizer(env / "tok")
     examples = data.load_split(IGLUE, task, TRAIN[task], "en")
     # xflickrco: 5 captions per image in the file; take n-1 images and a 2nd caption of the first
     examples = examples[0::5][: n - 1] + examples[1:2] if task == "xflickrco" else examples[:n]
@@ -204,7 +205,7 @@ def test_xgqa_pipeline_with_eval(env: Path, tmp_path: Path) -> None:
     # the final checkpoint rebuilds a model that predicts
     model = train_cclm.build_model("xgqa", meta["config"]).eval()
     x2vlm.load_checkpoint(model, str(out / run_folder.FINAL))
-    model.prepare_task(IGLUE, data.load_tokenizer(env / "tok"))
+    model.prepare_task(IGLUE, tokenizer_check.load_tokenizer(env / "tok"))
     assert model.answer_ids.shape[0] == data.NUM_ANSWERS
     batch = fixed_batch(env, "xgqa", 2)
     with torch.no_grad():

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from _configs import UC2_TINY  # noqa: E402
 import data  # noqa: E402
+from formats import tokenizer_check  # noqa: E402
 from formats.features import open_features  # noqa: E402
 from formats.bad_input import BadInput  # noqa: E402
 from synthetic import fixtures  # noqa: E402
@@ -93,7 +94,7 @@ def cli(task, sample, out, *extra):
 
 
 def fixed_batch(task, sample, n=4):
-    tok = data.load_tokenizer(sample / "tok")
+    tok = tokenizer_check.load_tokenizer(sample / "tok")
     exs = data.load_split(IGLUE, task, SPLITS[task][0], "en")
     ds = data.make_dataset("uc2", task, exs, features=str(sample / "feats"), train=True, max_regions=REGIONS)
     return data.UC2Collate(task, tok, train=True)([ds[i] for i in range(n)])

@@ -63,7 +63,8 @@ from PIL import Image
 from transformers import XLMRobertaConfig, XLMRobertaModel
 
 import data
-from formats import readers, x2vlm_inputs
+from formats import tokenizer_check
+from formats import readers
 from comparisons.mclip import xtd_data
 import engine
 from console import cli
@@ -453,7 +454,7 @@ def clip_preprocess(img: Image.Image, size: int) -> torch.Tensor:
     img = img.resize(new, Image.Resampling.BICUBIC)
     left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
     img = img.crop((left, top, left + size, top + size))
-    return x2vlm_inputs.normalize_images(torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)))
+    return data.normalize_images(torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)))
 
 
 @torch.no_grad()
@@ -1123,7 +1124,7 @@ def run(args, dist: "devices.DistInfo") -> dict:
         splits = load_splits(args)
         check_schedule(args, len(splits["train"].images))
         images = image_feature_table(splits, args)
-        tokenizer = data.load_tokenizer(args.tokenizer)
+        tokenizer = tokenizer_check.load_tokenizer(args.tokenizer)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     config = resolve_text_config(args.text_config)
