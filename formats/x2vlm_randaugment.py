@@ -39,7 +39,8 @@ def random_resized_crop_box(
 
 # RandomAugment(2, 7) of X2-VLM with its 10 ops. Same op list, level (7/10), probabilities (each of the 2
 # sampled ops applied with p=0.5) and parameters; pixel ops written in numpy with the reference's formulas,
-# geometric ops with PIL's bilinear affine (the reference uses cv2.warpAffine: sub-pixel results may differ).
+# geometric ops with PIL's bilinear affine mapping the pixels cv2.warpAffine maps (the reference's), whose
+# interpolation rounds differently (+-2 levels, and the pixels along the fill border: docs/choices.md).
 # What the reference does: docs/reference_facts.md#F-cclm-randaugment
 _AUG_OPS = (
     "Identity",
@@ -122,15 +123,16 @@ def random_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
             continue
         if name in ("ShearX", "ShearY"):
             s = mag * 0.3 * (-1 if rng.random() > 0.5 else 1)
-            data = (1, -s, 0, 0, 1, 0) if name == "ShearX" else (1, 0, 0, -s, 1, 0)
+            # cv2 maps pixel indices, PIL pixel centres (index + 0.5): the + s/2 term makes PIL's map cv2's
+            # (without it every row is shifted by s/2 pixel: tests/test_train_step_parity.py)
+            data = (1, -s, s / 2, 0, 1, 0) if name == "ShearX" else (1, 0, 0, -s, 1, s / 2)
         elif name in ("TranslateX", "TranslateY"):
             t = mag * 10.0 * (-1 if rng.random() > 0.5 else 1)  # translate_const 10 pixels
             data = (1, 0, t, 0, 1, 0) if name == "TranslateX" else (1, 0, 0, 0, 1, t)
         else:  # Rotate
             deg = mag * 30 * (-1 if rng.random() < 0.5 else 1)
-            img = img.rotate(
-                deg, resample=Image.Resampling.BILINEAR, center=(img.width / 2, img.height / 2), fillcolor=_AUG_FILL
-            )
+            centre = (img.width / 2 + 0.5, img.height / 2 + 0.5)  # cv2's centre (W/2, H/2) in pixel indices
+            img = img.rotate(deg, resample=Image.Resampling.BILINEAR, center=centre, fillcolor=_AUG_FILL)
             continue
         img = img.transform(
             img.size, Image.Transform.AFFINE, data, resample=Image.Resampling.BILINEAR, fillcolor=_AUG_FILL
