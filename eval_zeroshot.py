@@ -262,6 +262,7 @@ def evaluate(args: argparse.Namespace, dist: devices.DistInfo) -> int:
             "suf_k": sched.get("suf_k"),
             "split": args.split,
             "translate_test": args.translate_test,
+            "k_test": args.k_test,  # CCLM's retrieval prefilter (None: the model config's); report's k_test note
             "shots": fewshot.get("shots", 0),
             "fewshot_lang": fewshot.get("fewshot_lang"),
             "init_policy": fewshot.get("init_policy"),

@@ -1190,6 +1190,22 @@ def test_cclm_retrieval_encodes_shared_test_images_once_across_languages(env):
     assert both["de"] == alone["de"]
 
 
+def test_an_evaluation_with_k_test_below_10_gets_the_reports_k_test_footnote(env, tmp_path, capsys):
+    """evaluate records --k-test in results.json, where the report's k_test < 10 footnote reads it: present for
+    --k-test 5, absent for the default (the model config's 128)."""
+    notes = {}
+    for name, extra in (("k5", ["--k-test", "5"]), ("default", [])):
+        run = tmp_path / name
+        shutil.copytree(env["runs"][("cclm", "xflickrco")], run)
+        argv = ["--run", str(run), "--split", "test", "--langs", "en", "--num-workers", "0", "--batch-size", "16"]
+        assert E.main(argv + extra) == 0
+        capsys.readouterr()
+        assert json.loads((run / "results.json").read_text())["test"]["k_test"] == (5 if extra else None)
+        notes[name] = [n for n in report.tables.build_tables([run])["footnotes"] if "k_test" in n]
+    assert len(notes["k5"]) == 1 and "with k_test 5 < 10" in notes["k5"][0]
+    assert notes["default"] == []
+
+
 def test_released_uc2_checkpoint_evaluates_without_our_meta(env, tmp_path):
     """`make sanity`'s path: IGLUE's VOLTA-format fine-tuned UC2 xGQA file (here at tiny widths) is evaluated
     as it is; results.json records policy "released"."""

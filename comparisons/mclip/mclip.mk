@@ -20,7 +20,7 @@ M30K_LANGS  := en de fr cs
 mclip_require = @missing=""; for p in $(1); do [ -e "$$p" ] || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "error: missing input(s):$$missing (set XTD=, MULTI30K=, COCO=, FLICKR=, MCLIP=, CLIP_VISION=, XTD_FEATS= or M30K_FEATS=; see README)" >&2; exit 2; fi
 MCLIP_ARGS   = --routine $(ROUTINE) --align-loss $(ALIGN) --pet $(PET) --text-checkpoint $(MCLIP) --tokenizer $(MCLIP)
-.PHONY: mclip-help synth-mclip pet-features-xtd pet-features-multi30k pet-xtd pet-multi30k pet-xtd-grid pet-multi30k-grid pet-table
+.PHONY: mclip-help synth-mclip pet-features-xtd pet-features-multi30k pet-xtd pet-multi30k pet-xtd-grid pet-multi30k-grid pet-table pet-clip-en-xtd
 
 ## pet-features-xtd   CLIP ViT-L/14 image features of XTD10 (COCO=train2014/ val2014/ folder), once for all runs
 pet-features-xtd:
@@ -62,3 +62,8 @@ synth-mclip: $(INSTALL)
 # `make help` lists these targets too (the Makefile's help target reads this file's ## lines); mclip-help alone:
 mclip-help:
 	@grep -E '^## ' comparisons/mclip/mclip.mk | sed 's/^## //'
+
+## pet-clip-en-xtd    the reference's English-CLIP baseline (run_mono_XTD.py): CLIP ViT-L/14's own text tower on LANG='s MT->en captions (ROUTINE=method3|baseline2; baseline1: native), no training
+pet-clip-en-xtd:
+	$(call mclip_require,$(XTD) $(CLIP_VISION) $(XTD_FEATS))
+	$(PY) -m comparisons.mclip.translate_test --dataset xtd --data-root $(XTD) --lang $(PET_LANG) --routine $(ROUTINE) --n-shot $(NSHOT) --clip $(CLIP_VISION) --image-features $(XTD_FEATS) --output-dir $(OUT)/mclip-clipen-xtd$(NSHOT)-$(PET_LANG)-$(ROUTINE)

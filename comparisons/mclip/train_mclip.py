@@ -93,6 +93,13 @@ RUN_CROSS_TEST_TEXT = {
     "method3": "native",
 }
 ALIGN_LOSSES = ("mse", "contrastive", "contrastive_with_image")
+# --dataset: its languages. multi30k = Multi30K task 1 (translations), multi30k_task2 = task 2 (independent
+# descriptions, the first of 5 per image as PECTVLM's run_choose_pet_task2.py loads them; xtd_data)
+DATASETS = {
+    "xtd": xtd_data.XTD_LANGS,
+    "multi30k": xtd_data.MULTI30K_LANGS,
+    "multi30k_task2": xtd_data.MULTI30K_TASK2_LANGS,
+}
 PETS = ("full", "lora", "lora_cross", "adapter", "compacter", "prompt", "none")
 # LoRA targets: run_XTD.py's (the paper's 0.16%) and run_cross.py's, the script PECTVLM's published run scripts call
 LORA_TARGETS = {"lora": ["query", "value"], "lora_cross": ["query", "key", "value", "attention.output.dense"]}
@@ -914,7 +921,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(description=__doc__)
     d = DEFAULTS
-    p.add_argument("--dataset", choices=("xtd", "multi30k"), required=True)
+    p.add_argument("--dataset", choices=tuple(DATASETS), required=True, help="multi30k: task 1; multi30k_task2")
     p.add_argument("--data-root", required=True, help="XTD10 or multi30k-dataset folder (PECTVLM layout)")
     p.add_argument("--lang", required=True, help="target language of this run")
     p.add_argument(
@@ -1049,7 +1056,7 @@ def check_args(args) -> None:
     engine.check_arg_ranges(args, ARG_RULES)
     if args.random_init and args.text_checkpoint:
         raise SystemExit("error: --random-init and --text-checkpoint: give one (random weights or M-CLIP's)")
-    langs = xtd_data.XTD_LANGS if args.dataset == "xtd" else xtd_data.MULTI30K_LANGS
+    langs = DATASETS[args.dataset]
     # a set in XTD10's layout with other languages (the synthetic world's, synthetic/mclip_study.py) has its caption
     # file
     other_xtd = args.dataset == "xtd" and Path(args.data_root, xtd_data.XTD_FILES["native"].format(args.lang)).is_file()
@@ -1092,7 +1099,8 @@ def load_splits(args) -> dict[str, xtd_data.RetrievalSplit]:
     langs = sorted({args.lang, "en"})
     if args.dataset == "xtd":
         return xtd_data.xtd_splits(xtd_data.load_xtd(args.data_root, langs), args.n_shot, args.split_seed)
-    return xtd_data.multi30k_splits(args.data_root, langs, args.n_shot, args.split_seed)
+    task = 2 if args.dataset == "multi30k_task2" else 1
+    return xtd_data.multi30k_splits(args.data_root, langs, args.n_shot, args.split_seed, task)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -1221,7 +1229,7 @@ def features_main(argv: Sequence[str]) -> dict:
     """`train_mclip.py features`: the --image-features file of every image of a dataset's splits (the image tower
     is frozen and dropout-free, so one file serves every run, language, routine and PET method)."""
     p = cli.ArgumentParser(prog="train_mclip.py features")
-    p.add_argument("--dataset", choices=("xtd", "multi30k"), required=True)
+    p.add_argument("--dataset", choices=tuple(DATASETS), required=True)
     p.add_argument("--data-root", required=True)
     p.add_argument("--images", required=True)
     p.add_argument("--clip-vision", required=True)
@@ -1235,9 +1243,9 @@ def features_main(argv: Sequence[str]) -> dict:
         if a.dataset == "xtd":
             names = xtd_data.load_xtd(a.data_root, ["en"]).images
         else:
-            names = sorted(
-                {n for s in xtd_data.MULTI30K_SPLITS for n in xtd_data.load_multi30k(a.data_root, s, ["en"]).images}
-            )
+            task = 2 if a.dataset == "multi30k_task2" else 1
+            splits = [xtd_data.load_multi30k(a.data_root, s, ["en"], task) for s in xtd_data.MULTI30K_SPLITS]
+            names = sorted({n for split in splits for n in split.images})
         cuda = torch.cuda.is_available() and os.environ.get("SUF_DEVICE", "") != "cpu"
         table = compute_image_features(names, a.images, a.clip_vision, "cuda" if cuda else "cpu")
     except ValueError as e:

@@ -6,11 +6,12 @@ Not on the reading path: only the Multilingual-CLIP + PET comparison reads these
   RetrievalSplit(images, texts)     images + {text kind: {lang: one caption per image}}; kinds native, from_en
                                     (English captions MT into lang), to_en (lang's captions MT into English)
   load_xtd(root, langs) / xtd_splits(full, n_shot, seed)   XTD10 and run_XTD.py's 50 / 50 / 900 split
-  load_multi30k(root, split, langs) / multi30k_splits(root, langs, n_shot, seed)   Multi30K task 1
+  load_multi30k(root, split, langs, task) / multi30k_splits(root, langs, n_shot, seed, task)   Multi30K task 1
+                                    (translations) or task 2 (independent descriptions; the reference's first of 5)
   read_lines(path, expect)          caption file lines; one-line ValueError naming file:line
   inventory(data_root)              XTD10/ and multi30k-dataset/ under data_root: examples and images per split,
                                     text kind and language (the IGLUE inventory's format: checks/inventory.py)
-  XTD_LANGS, MULTI30K_LANGS, MULTI30K_SPLITS
+  XTD_LANGS, MULTI30K_LANGS, MULTI30K_SPLITS, MULTI30K_TASK2_LANGS, MULTI30K_TASK2_SPLITS
 """
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ XTD_FILES = {
     "to_en": "translated_to_en/{}.txt",
 }
 MULTI30K_DIRS = {"native": "raw", "from_en": "translated_from_en", "to_en": "translated_to_en"}
+# Multi30K task 2 (independent descriptions, 5 per image, English and German; multi30k/dataset data/task2/) as
+# PECTVLM's load_datasets.FILE_PARH_TASK2 reads it: split -> (image list, caption file stem); the captions of
+# description d are <stem>.<d>.<lang> in raw/, translated_from_en/, translated_to_en/ (as task 1's folders).
+MULTI30K_TASK2_LANGS = ("en", "de")
+MULTI30K_TASK2_SPLITS = {
+    "train": ("train_images", "train"),
+    "val": ("val_images", "val"),
+    "test": ("test_2016_images", "test_2016"),
+}
+# load_file_task2(split, idx=1): every caller leaves idx at 1, so the reference trains and tests on the first of
+# the five descriptions of each image (run_choose_pet_task2.py, run_mono_task2.py).
+MULTI30K_TASK2_DESCRIPTION = 1
 
 
 @dataclass
@@ -68,7 +81,9 @@ def read_lines(path: Path, expect: int | None = None) -> list[str]:
     """Stripped lines of a UTF-8 text file; an empty line, a wrong count or bad bytes is a one-line ValueError
     naming the file (and the line)."""
     if not path.is_file():
-        raise ValueError(f"{path}: file not found")
+        gz = path.with_name(path.name + ".gz")  # multi30k/dataset ships its caption files gzipped
+        hint = f" ({gz.name} is: gunzip it, the reference reads plain text)" if gz.is_file() else ""
+        raise ValueError(f"{path}: file not found{hint}")
     raw = path.read_bytes()
     try:
         lines = [s.strip() for s in raw.decode("utf-8").strip("\n").split("\n")]
@@ -114,13 +129,35 @@ def load_xtd(root: str | os.PathLike, langs: Sequence[str] = XTD_LANGS) -> Retri
     return RetrievalSplit(images, texts)
 
 
-def load_multi30k(root: str | os.PathLike, split: str, langs: Sequence[str] = MULTI30K_LANGS) -> RetrievalSplit:
+def load_multi30k(
+    root: str | os.PathLike,
+    split: str,
+    langs: Sequence[str] = MULTI30K_LANGS,
+    task: int = 1,
+    description: int = MULTI30K_TASK2_DESCRIPTION,
+) -> RetrievalSplit:
     """Multi30K task 1 in PECTVLM's layout under data/task1/: image_splits/<split>.txt, raw/<split>.<lang> and
-    translated_from_en/<split>.<lang>, translated_to_en/<split>.<lang>; images are flickr30k-images/<name>."""
+    translated_from_en/<split>.<lang>, translated_to_en/<split>.<lang>; images are flickr30k-images/<name>.
+    task 2: data/task2/image_splits/<split>_images.txt and <folder>/<stem>.<description>.<lang> (see
+    MULTI30K_TASK2_SPLITS), one description per image as the reference loads it."""
+    if task == 2:
+        return _load_multi30k_task2(Path(root) / "data" / "task2", split, langs, description)
     base = Path(root) / "data" / "task1"
     name = MULTI30K_SPLITS[split]
     images = [f"flickr30k-images/{n}" for n in read_lines(base / "image_splits" / f"{name}.txt")]
     texts = {k: {l: read_lines(base / d / f"{name}.{l}", len(images)) for l in langs} for k, d in MULTI30K_DIRS.items()}
+    return RetrievalSplit(images, texts)
+
+
+def _load_multi30k_task2(base: Path, split: str, langs: Sequence[str], description: int) -> RetrievalSplit:
+    image_list, stem = MULTI30K_TASK2_SPLITS[split]
+    if not 1 <= description <= 5:
+        raise ValueError(f"Multi30K task 2 has descriptions 1..5 per image, not {description}")
+    images = [f"flickr30k-images/{n}" for n in read_lines(base / "image_splits" / f"{image_list}.txt")]
+    texts = {
+        k: {l: read_lines(base / d / f"{stem}.{description}.{l}", len(images)) for l in langs}
+        for k, d in MULTI30K_DIRS.items()
+    }
     return RetrievalSplit(images, texts)
 
 
@@ -137,10 +174,13 @@ def xtd_splits(full: RetrievalSplit, n_shot: int, seed: int) -> dict[str, Retrie
     }
 
 
-def multi30k_splits(root, langs: Sequence[str], n_shot: int | None, seed: int) -> dict[str, RetrievalSplit]:
-    """train / val / test_2016_flickr; with n_shot, train is subsampled as PECTVLM's load_file_from_task
-    (first n of a permutation by torch.Generator(seed)). Our choice: val stays whole (reference silent)."""
-    splits = {s: load_multi30k(root, s, langs) for s in MULTI30K_SPLITS}
+def multi30k_splits(
+    root, langs: Sequence[str], n_shot: int | None, seed: int, task: int = 1
+) -> dict[str, RetrievalSplit]:
+    """train / val / test_2016_flickr (task 2: test_2016); with n_shot, train is subsampled as PECTVLM's
+    load_file_from_task (first n of a permutation by torch.Generator(seed)). Our choice: val stays whole (reference
+    silent for task 1; run_choose_pet_task2.py keeps val and test whole)."""
+    splits = {s: load_multi30k(root, s, langs, task) for s in MULTI30K_SPLITS}
     if n_shot:
         perm = torch.randperm(len(splits["train"].images), generator=torch.Generator().manual_seed(seed)).tolist()
         splits["train"] = splits["train"].subset(perm[:n_shot])
@@ -174,17 +214,24 @@ def retrieval_set_inventory(name: str, root: Path) -> dict:
                 if kind == "native" or path.exists():
                     out.setdefault(_suffixed("all", kind), {})[lang] = _retrieval_entry(path, images)
         return out
-    base = root / "data" / "task1"
-    for split, file_name in MULTI30K_SPLITS.items():
-        try:
-            images = [f"flickr30k-images/{n}" for n in read_lines(base / "image_splits" / f"{file_name}.txt")]
-        except ValueError as e:
-            out[split] = {"*": {"error": str(e)}}
-            continue
-        for kind, folder in MULTI30K_DIRS.items():
-            for path in sorted((base / folder).glob(f"{file_name}.*")):
-                lang = path.name[len(file_name) + 1 :]
-                out.setdefault(_suffixed(split, kind), {})[lang] = _retrieval_entry(path, images)
+    tasks = [("", "task1", {s: (f, f) for s, f in MULTI30K_SPLITS.items()})]
+    if (root / "data" / "task2").is_dir():  # task 2's splits as "task2_<split>", its first description
+        tasks.append(("task2_", "task2", MULTI30K_TASK2_SPLITS))
+    for prefix, task, splits in tasks:
+        base = root / "data" / task
+        for split, (image_list, stem) in splits.items():
+            stem += f".{MULTI30K_TASK2_DESCRIPTION}" if prefix else ""
+            try:
+                images = [f"flickr30k-images/{n}" for n in read_lines(base / "image_splits" / f"{image_list}.txt")]
+            except ValueError as e:
+                out[prefix + split] = {"*": {"error": str(e)}}
+                continue
+            for kind, folder in MULTI30K_DIRS.items():
+                for path in sorted((base / folder).glob(f"{stem}.*")):
+                    lang = path.name[len(stem) + 1 :]
+                    if lang.endswith(".gz"):
+                        continue
+                    out.setdefault(_suffixed(prefix + split, kind), {})[lang] = _retrieval_entry(path, images)
     return out
 
 
