@@ -39,6 +39,8 @@ from typing import Sequence
 import numpy as np
 from scipy import stats
 
+from formats import readers
+
 ALPHA, POWER = 0.05, 0.8
 MCLIP_SPEC = {  # docs/synthetic/protocol.md 2.1: target average over rl sw cr lo; range and std over all 5 (ddof 0)
     "metrics": {
@@ -237,6 +239,16 @@ def format_report(result: dict, title: str = "Re-analysis") -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_record(path: Path) -> dict:
+    """A study record (JSON); a missing or malformed file is a one-line SystemExit naming it (and the line)."""
+    if not path.is_file():
+        raise SystemExit(f"error: {path}: no such record")
+    try:
+        return readers.read_json(path, annotations=False)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("record", help="a study record (JSON with per_run)")
@@ -244,12 +256,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--json", default=None, help="also write the analysis (every number) here as JSON")
     args = p.parse_args(argv)
     path = Path(args.record)
-    if not path.is_file():
-        raise SystemExit(f"error: {path}: no such record")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {path}:{e.lineno}: not JSON ({e.msg})") from None
+    record = read_record(path)
     if "per_run" not in record:
         raise SystemExit(f"error: {path}: no 'per_run' key (the analysis needs every run's numbers)")
     result = analyse(record)

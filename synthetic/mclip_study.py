@@ -51,7 +51,7 @@ from comparisons.mclip import train_mclip
 from synthetic import analysis
 from synthetic import study as ss
 from synthetic import world as sw
-from formats import readers, run_folder, torch_files
+from formats import run_folder, torch_files
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "docs" / "synthetic" / "mclip_results.json"
@@ -498,12 +498,7 @@ def report(out: Path, arms, langs, pseeds, fseeds, premise: list[dict], extra: d
 def from_record(source: Path, out: Path) -> dict:
     """No training: the report and record re-made from a record's per-run values (e.g. docs/synthetic/
     mclip_results.json), its premise, config, arms and compute kept; written to out/RESULTS.md, out/results.json."""
-    if not source.is_file():
-        raise SystemExit(f"error: {source}: no such record")
-    try:
-        old = readers.read_json(source, annotations=False)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    old = analysis.read_record(source)
     if not old.get("per_run"):
         raise SystemExit(f"error: {source}: no 'per_run' key (the analysis needs every run's numbers)")
     run = next(iter(next(iter(next(iter(old["per_run"].values())).values())).values()))

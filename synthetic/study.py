@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 import data
-from formats import readers
 from report import cli as report_cli
 import train_uc2
 from synthetic import analysis
@@ -471,12 +470,7 @@ def from_record(source: Path, record: bool) -> str:
     """No training: the paired differences of the policies whose per-run values a record holds (e.g.
     docs/synthetic/study1_record.json, transcribed from the tables that hold them); with `record`, RECORD's intervals
     are replaced by these (its design, note and means kept). A policy with no per-run values gets no interval."""
-    if not source.is_file():
-        raise SystemExit(f"error: {source}: no such record")
-    try:
-        src = readers.read_json(source, annotations=False)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    src = analysis.read_record(source)
     if "per_run" not in src:
         raise SystemExit(f"error: {source}: no 'per_run' key (the analysis needs every run's numbers)")
     policies = [p for p in POLICY_ARGS if p in src["per_run"]]

@@ -316,12 +316,7 @@ def from_record(source: Path) -> dict:
     """No training: the report of the runs a record holds per run (e.g. docs/synthetic/study1_record.json, which
     transcribes r7's full and SUF and r8's XVL-MAML and control exactly); the matrix is the study record's
     (RECORD, entry xvlmaml), the jobs' CPU seconds are in no record (cpu_seconds None)."""
-    if not source.is_file():
-        raise SystemExit(f"error: {source}: no such record")
-    try:
-        src = readers.read_json(source, annotations=False)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    src = analysis.read_record(source)
     kinds = ("full", "suf", "xvlmaml", "control")
     if not all(k in src.get("per_run", {}) for k in kinds[:3]):
         raise SystemExit(f"error: {source}: 'per_run' needs the runs of {', '.join(kinds[:3])}")

@@ -790,7 +790,7 @@ def test_analysis_cli_refuses_a_record_without_per_run_values(tmp_path):
     with pytest.raises(SystemExit, match=r"r\.json: no 'per_run' key"):
         analysis.main([str(bad)])
     bad.write_text("{\n oops")
-    with pytest.raises(SystemExit, match=r"r\.json:2: not JSON"):
+    with pytest.raises(SystemExit, match=r"r\.json:2: malformed JSON"):
         analysis.main([str(bad)])
 
 
