@@ -1,7 +1,7 @@
 """PECTVLM's other experiments beside the M-CLIP routines: Multi30K task 2 (xtd_data, train_mclip --dataset
-multi30k_task2) and the English-CLIP translate-test baseline (comparisons/mclip/translate_test.py, run_mono_XTD.py),
-at tiny size: files written in the real layouts, a random tiny CLIP release folder in OpenAI's whole-CLIPModel
-layout."""
+multi30k_task2), the English-CLIP translate-test baseline (comparisons/mclip/translate_test.py, run_mono_XTD.py) and
+run_XTD.py's --tuning_head (train_mclip --tuning-head), at tiny size: files written in the real layouts, a random tiny
+CLIP release folder in OpenAI's whole-CLIPModel layout; their make targets."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from comparisons.mclip import train_mclip as M  # noqa: E402
 from comparisons.mclip import translate_test as TT  # noqa: E402
 from comparisons.mclip import xtd_data  # noqa: E402
 from synthetic import fixtures  # noqa: E402
-from test_mclip import make, write_xtd  # noqa: E402
+from test_mclip import cli, lines, make, write_xtd  # noqa: E402
 
 # ---------------------------------------------------------------- Multi30K task 2
 
@@ -230,3 +230,159 @@ def test_pet_clip_en_target_prints_the_reference_baseline_run():
         "--routine method3 --n-shot 50 --clip /c --image-features runs/features/xtd-clip-vitl14.pt "
         "--output-dir runs/mclip-clipen-xtd50-fr-method3"
     )
+
+
+@pytest.mark.system
+def test_multi30k_task2_targets_print_its_features_and_runs():
+    feats = make("-n", "pet-features-multi30k-task2", "MULTI30K=/m", "FLICKR=/f", "CLIP_VISION=/c")
+    assert feats.stdout.splitlines()[-1].strip() == (
+        ".venv/bin/python -m comparisons.mclip.train_mclip features --dataset multi30k_task2 --data-root /m "
+        "--images /f --clip-vision /c --out runs/features/multi30k-task2-clip-vitl14.pt"
+    )
+    run = make("-n", "pet-multi30k-task2", "LANG=de", "PET=adapter", "MCLIP=/w", "MULTI30K=/m", "M30K_SHOT=100")
+    assert run.stdout.splitlines()[-1].strip() == (
+        ".venv/bin/python -m comparisons.mclip.train_mclip --dataset multi30k_task2 --data-root /m --lang de "
+        "--routine method3 --align-loss mse --pet adapter --text-checkpoint /w --tokenizer /w --n-shot 100 "
+        "--image-features runs/features/multi30k-task2-clip-vitl14.pt "
+        "--output-dir runs/mclip-multi30k_task2-100-de-method3-adapter"
+    )
+    grid = [l for l in make("-n", "pet-multi30k-task2-grid").stdout.splitlines() if "train_mclip" in l]
+    assert [l.split("--lang ")[1].split()[0] for l in grid] == list(xtd_data.MULTI30K_TASK2_LANGS)
+
+
+@pytest.mark.system
+@pytest.mark.parametrize(
+    "target,dataset,feats,out",
+    [
+        ("pet-clip-en-multi30k", "multi30k", "multi30k-clip-vitl14.pt", "mclip-clipen-multi30k0-de-baseline2"),
+        (
+            "pet-clip-en-multi30k-task2",
+            "multi30k_task2",
+            "multi30k-task2-clip-vitl14.pt",
+            "mclip-clipen-multi30k_task2-0-de-baseline2",
+        ),
+    ],
+)
+def test_english_clip_multi30k_targets_print_the_reference_baseline_run(target, dataset, feats, out):
+    """run_mono_task1.py / run_mono_task2.py: the whole test split (M30K_SHOT only names the group, as the M-CLIP
+    runs it is compared with)."""
+    res = make("-n", target, "LANG=de", "ROUTINE=baseline2", "CLIP_VISION=/c", "MULTI30K=/m")
+    assert res.stdout.splitlines()[-1].strip() == (
+        f".venv/bin/python -m comparisons.mclip.translate_test --dataset {dataset} --data-root /m --lang de "
+        f"--routine baseline2 --n-shot 0 --clip /c --image-features runs/features/{feats} --output-dir runs/{out}"
+    )
+
+
+@pytest.mark.system
+def test_multi30k_task2_targets_with_missing_inputs_fail_naming_them(tmp_path):
+    for target in ("pet-multi30k-task2", "pet-clip-en-multi30k-task2", "pet-features-multi30k-task2"):
+        out = make(target, f"MULTI30K={tmp_path}/m", f"OUT={tmp_path}/runs")
+        assert out.returncode != 0 and f"{tmp_path}/m " in out.stderr and "comparisons.mclip" not in out.stdout
+
+
+# ---------------------------------------------------------------- --tuning-head (run_XTD.py --tuning_head)
+
+
+@pytest.fixture(scope="module")
+def head_world(tmp_path_factory):
+    """test_mclip's XTD10 world, plus a tiny text checkpoint: the head's starting weights are known."""
+    root = tmp_path_factory.mktemp("head")
+    images = write_xtd(root / "XTD10")
+    texts = [l for p in (root / "XTD10").rglob("*.txt") for l in p.read_text().splitlines()]
+    fixtures.make_tiny_tokenizer(texts * 3, root / "tok", vocab_size=60)
+    torch.manual_seed(0)
+    torch.save({"names": images, "features": torch.randn(len(images), 16)}, root / "feats.pt")
+    torch.manual_seed(3)
+    torch.save(M.build_text_model("tiny").state_dict(), root / "text.pt")
+    return root
+
+
+def head_cli(world: Path, out: Path, *extra: str) -> list[str]:
+    argv = cli(world, out, *extra)
+    i = argv.index("--random-init")
+    return [*argv[:i], "--text-checkpoint", str(world / "text.pt"), *argv[i + 1 :]]
+
+
+def checkpoint(run: Path) -> dict:
+    return torch.load(run / "checkpoint_last.pt", weights_only=False)
+
+
+def test_tuning_head_reference_trains_exactly_what_off_trains(head_world, tmp_path):
+    """run_XTD.py sets requires_grad on the pooler and LinearTransformation modules, not their parameters: its head
+    group (lr 3e-6) is empty, so every step's loss and every weight are those of the run without the flag."""
+    off, ref = tmp_path / "off", tmp_path / "ref"
+    M.main(head_cli(head_world, off))
+    M.main(head_cli(head_world, ref, "--tuning-head", "reference"))
+    assert [r["loss"] for r in lines(ref, "train")] == [r["loss"] for r in lines(off, "train")]
+    assert [r["lr"] for r in lines(ref, "train")] == [r["lr"] for r in lines(off, "train")]
+    assert len(lines(off, "train")) == 4
+    for name in ("checkpoint_last.pt", "model_final.pt"):
+        a, b = (torch.load(r / name, weights_only=False)["model"] for r in (off, ref))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert not any(k.startswith(M.HEAD_PREFIXES) for k in b)
+    groups = checkpoint(ref)["optimizer"]["param_groups"]
+    assert [len(g["params"]) for g in groups] == [0, len(checkpoint(off)["optimizer"]["param_groups"][0]["params"])]
+    assert groups[0]["initial_lr"] == 3e-6 and groups[1]["initial_lr"] == 1e-2
+    assert lines(ref, "test") == lines(off, "test")
+
+
+def test_tuning_head_corrected_trains_the_projection_at_the_head_lr_and_nothing_else_differently(head_world, tmp_path):
+    """One step (3 training images, batch 3): LinearTransformation moves by exactly Adam's first step at 3e-6 (from
+    the optimizer's own moments), the pooler not at all (M-CLIP's mean pooling gives it no gradient), every PET
+    parameter as without the option, bitwise."""
+    one = ("--epochs", "1", "--batch-size", "3", "--eval-steps", "1")
+    off, cor = tmp_path / "off", tmp_path / "cor"
+    M.main(head_cli(head_world, off, *one))
+    result = M.main(head_cli(head_world, cor, *one, "--tuning-head", "corrected"))
+    start = torch.load(head_world / "text.pt")
+    ck, ck_off = checkpoint(cor), checkpoint(off)
+    state = ck["model"]
+    head = [k for k in state if k.startswith(M.HEAD_PREFIXES)]
+    assert sorted(head) == sorted(k for k in start if k.startswith(M.HEAD_PREFIXES))
+    assert ck_off["model"].keys() == set(state) - set(head)
+    assert all(torch.equal(state[k], ck_off["model"][k]) for k in ck_off["model"])  # the PET group as before
+    groups = ck["optimizer"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [3e-6, 1e-2] and len(groups[0]["params"]) == len(head)
+    assert len(groups[1]["params"]) == len(ck_off["optimizer"]["param_groups"][0]["params"])
+    opt_state = ck["optimizer"]["state"]
+    beta1, beta2 = 0.9, 0.999
+    for pid, name in zip(groups[0]["params"], head):
+        if name.startswith("transformer.pooler."):
+            assert pid not in opt_state and torch.equal(state[name], start[name])  # no gradient: Adam skips it
+            continue
+        m, v = opt_state[pid]["exp_avg"], opt_state[pid]["exp_avg_sq"]
+        step = 3e-6 * (m / (1 - beta1)) / ((v / (1 - beta2)).sqrt() + 1e-8)
+        torch.testing.assert_close(state[name], start[name] - step, rtol=0, atol=1e-7)
+        moved = (state[name] - start[name]).abs()
+        assert moved.max() <= 3e-6 * 1.01 and (moved > 1e-6).float().mean() > 0.9
+    assert M.read_groups([str(cor)]).keys() == {"xtd/method3/lora/3/test:to_en/head:corrected"}
+    head_size = sum(start[k].numel() for k in head)
+    assert result["trainable"] == json.loads((off / "results.json").read_text())["trainable"] + head_size
+    # the saved module holds the head: it reloads under --tuning-head corrected, and only there
+    reload = ("--load-pet", str(cor / "model_final.pt"), "--eval-only")
+    again = M.main(head_cli(head_world, tmp_path / "eval", *one, *reload, "--tuning-head", "corrected"))
+    assert again["test"] == result["test"]
+    with pytest.raises(SystemExit, match="trainable parameters differ from this --pet setting"):
+        M.main(head_cli(head_world, tmp_path / "eval_off", *one, *reload))
+    # four steps: the --lr group follows the same schedule as without the option
+    M.main(head_cli(head_world, tmp_path / "off4"))
+    M.main(head_cli(head_world, tmp_path / "cor4", "--tuning-head", "corrected"))
+    assert [r["lr"] for r in lines(tmp_path / "cor4", "train")] == [r["lr"] for r in lines(tmp_path / "off4", "train")]
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (("--pet", "none"), "--tuning-head corrected: --pet none trains nothing"),
+        (("--pet", "full", "--policy", "suf"), "--tuning-head corrected with --policy suf: the policy sets"),
+        (("--pet", "full"), "--tuning-head reference with --pet full: the pooler and LinearTransformation already"),
+        (("--pet", "lora_cross"), "--tuning-head reference with --pet lora_cross: the pooler"),
+        (("--head-lr", "-1"), "--head-lr -1 is out of range: must be >= 0"),
+    ],
+    ids=["pet_none", "policy_suf", "reference_full", "reference_lora_cross", "negative_head_lr"],
+)
+def test_tuning_head_where_it_cannot_apply_is_refused_before_anything_is_written(head_world, tmp_path, extra, match):
+    mode = "reference" if "reference" in match else "corrected"
+    with pytest.raises(SystemExit, match=match):
+        M.main(head_cli(head_world, tmp_path / "run", "--tuning-head", mode, *extra))
+    assert not (tmp_path / "run").exists()

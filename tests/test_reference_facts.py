@@ -70,6 +70,8 @@ REFERENCE_DEFAULTS = {
     "align_loss": ("mse", "PECTVLM scripts/de.sh:16 --text_loss_strategy mse"),
     "align_ratio": (0.5, "PECTVLM scripts/de.sh:17 --text_loss_ratio 0.5"),
     "split_seed": (42, "PECTVLM run_XTD.py:49 --split_seed 42"),
+    "head_lr": (3e-6, "PECTVLM run_XTD.py:31 --head_lr 3e-6 (--tuning_head's group)"),
+    "tuning_head": ("off", "PECTVLM run_XTD.py:30 --tuning_head store_true (off unless given)"),
 }
 
 

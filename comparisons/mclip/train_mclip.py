@@ -17,7 +17,9 @@ align_from_to_en/, "the reference" below). One run adapts the M-CLIP text tower 
 - PET: full fine-tuning, LoRA (peft), bottleneck adapters, Compacter, soft prompts (after <s>), hard prompts (a text
   prefix);
 - training: Adam (weight decay 0), cosine schedule without warm-up, validation every --eval-steps optimizer steps,
-  the best validation state (``>=``, as the reference: the latest of equal scores) is tested.
+  the best validation state (``>=``, as the reference: the latest of equal scores) is tested; --tuning-head
+  reference / corrected: run_XTD.py's --tuning_head as it ran (an empty head group: trains what off trains) / the
+  pooler and LinearTransformation trained at --head-lr 3e-6 in a group of their own.
 
     python -m comparisons.mclip.train_mclip --dataset xtd --data-root XTD10 --lang de --routine method3 --pet lora \
         --text-checkpoint M-CLIP-XLM-Roberta-Large-Vit-L-14 --tokenizer M-CLIP-XLM-Roberta-Large-Vit-L-14 \
@@ -376,6 +378,44 @@ def tuned_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if n in names}
 
 
+# --tuning-head (run_XTD.py --tuning_head, its head group at --head_lr 3e-6; docs/reference_facts.md#F-pectvlm-args):
+# off = without the flag; reference = what the flag does: it sets the attribute requires_grad on the pooler and
+# LinearTransformation modules, not on their parameters, so its head group is empty and the run trains exactly what
+# it trains without the flag; corrected = those parameters train, in a group of their own at --head-lr.
+TUNING_HEAD = ("off", "reference", "corrected")
+HEAD_PREFIXES = ("transformer.pooler.", "LinearTransformation.")
+
+
+def apply_tuning_head(model: MCLIPText, mode: str) -> None:
+    """--tuning-head corrected: the pooler's and LinearTransformation's parameters join the tuned ones (saved in the
+    run's state with the PET module). M-CLIP pools by the mean, so the pooler never gets a gradient (Adam skips it):
+    of the head, only LinearTransformation moves. off / reference: nothing changes."""
+    if mode != "corrected":
+        return
+    for name, p in model.named_parameters():
+        if name.startswith(HEAD_PREFIXES):
+            p.requires_grad_(True)
+    tuned = set(model.tuned) | {n for n, _ in model.named_parameters() if n.startswith(HEAD_PREFIXES)}
+    model.tuned = [n for n, _ in model.named_parameters() if n in tuned]
+
+
+def optimizer_groups(model: MCLIPText, args) -> list[dict]:
+    """Adam's parameter groups without a freeze schedule. off: one group at --lr. reference: run_XTD.py's two
+    groups (:302-318), the head first: {trainable parameters named pooler / LinearTransformation, --head-lr} (empty:
+    the flag trained none of them) and {every trainable parameter, --lr}; corrected: {the head, --head-lr} and
+    {the rest, --lr}. The head group comes first in both, as the reference orders them."""
+    params = tuned_params(model)
+    mode = getattr(args, "tuning_head", "off")
+    if mode == "off":
+        return [{"params": list(params.values()), "lr": args.lr}]
+    if mode == "reference":  # the reference's own selection, by substring of the name
+        head = [p for n, p in params.items() if "pooler" in n or "LinearTransformation" in n]
+        return [{"params": head, "lr": args.head_lr}, {"params": list(params.values()), "lr": args.lr}]
+    head = [p for n, p in params.items() if n.startswith(HEAD_PREFIXES)]
+    rest = [p for n, p in params.items() if not n.startswith(HEAD_PREFIXES)]
+    return [{"params": head, "lr": args.head_lr}, {"params": rest, "lr": args.lr}]
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tuned parameters (a language's PET module, or the whole tower under --pet full), copied to the CPU
     (the best state of a full fine-tuning run would otherwise hold a second tower in accelerator memory)."""
@@ -687,12 +727,13 @@ def fit(
     dist = dist or devices.DistInfo()
     layout, schedule = freeze_plan(model, args)
     if schedule is None:
-        optimizer = torch.optim.Adam(tuned_params(model).values(), lr=args.lr, weight_decay=0.0)
+        optimizer = torch.optim.Adam(optimizer_groups(model, args), lr=args.lr, weight_decay=0.0)
     else:  # every parameter in fixed groups; frozen ones get no gradient, so Adam skips them
         optimizer = torch.optim.Adam(freeze.param_groups(model, layout, schedule, args.lr, 0.0), weight_decay=0.0)
     n = len(splits["train"].images)
     steps_per_epoch = math.ceil(n / args.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_no_warmup(steps_per_epoch * args.epochs))
+    logged = -1 if getattr(args, "tuning_head", "off") != "off" else 0  # the --lr group's (after the head's)
     amp_dtype, scaler = engine.setup_amp(args.amp, device)
     # engine's counters (epoch, step, nonfinite_steps, amp_skipped_steps, metrics_offset); best: the best validation
     # mean R@1, the step it was reached at and that state of the trainable parameters
@@ -727,7 +768,7 @@ def fit(
             prog.step += 1
             prog.nonfinite_steps += not ok
             prog.amp_skipped_steps += amp_skipped
-            log.write(train_record(epoch, prog, loss, sched.get_last_lr()[0]))
+            log.write(train_record(epoch, prog, loss, sched.get_last_lr()[logged]))
             if prog.step % args.eval_steps == 0:
                 try:
                     val = evaluate(model, tokenizer, splits["val"], images, main_kind, args.lang, args, device, dist)
@@ -854,6 +895,7 @@ DEFAULTS = {
     "soft_tokens": 4,
     "compacter_reduction": 16,
     "phm_dim": 4,
+    "head_lr": 3e-6,  # run_XTD.py --head_lr (:31), used by --tuning-head
 }
 
 # Where the defaults come from: they mix two of the reference's scripts: run_XTD.py's LoRA (r 8, query/value,
@@ -966,6 +1008,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Compacter's activation: relu as the reference ran it (OpenDelta's CompacterConfig default); gelu_new "
         "= CompacterModel's own default, which that config overrides",
     )
+    p.add_argument(
+        "--tuning-head",
+        choices=TUNING_HEAD,
+        default="off",
+        help="run_XTD.py's --tuning_head: reference = as it ran (its head group at --head-lr is empty: trains what off "
+        "trains); corrected = the pooler and LinearTransformation train at --head-lr in a group of their own",
+    )
+    p.add_argument("--head-lr", type=float, default=d["head_lr"], help="--tuning-head's group (run_XTD.py's 3e-6)")
     p.add_argument("--text-config", default="large", help="large | tiny | a json of TEXT_CONFIGS keys")
     p.add_argument("--text-checkpoint", default=None, help="M-CLIP text weights (folder or file)")
     p.add_argument(
@@ -1026,7 +1076,7 @@ def build_parser() -> argparse.ArgumentParser:
 RESUME_KEYS = engine.RESUME_KEYS + tuple(
     """dataset lang routine align_loss align_ratio pet n_shot split_seed hard_prompt soft_prefix soft_tokens lora_r
     lora_alpha adapter_dim compacter_reduction compacter_act phm_dim text_config eval_steps eval_batch_size
-    eval_amp""".split()
+    eval_amp tuning_head head_lr""".split()
 )
 
 
@@ -1046,6 +1096,7 @@ def check_resume_args(args, run_dir: Path) -> None:
 ARG_RULES = {
     "align_ratio": engine.NOT_NEGATIVE,
     "n_shot": engine.NOT_NEGATIVE,
+    "head_lr": engine.NOT_NEGATIVE,
     **dict.fromkeys(
         "eval_steps soft_tokens lora_r lora_alpha adapter_dim compacter_reduction phm_dim".split(), engine.AT_LEAST_1
     ),
@@ -1064,8 +1115,26 @@ def check_args(args) -> None:
         raise SystemExit(f"error: --lang {args.lang}: {args.dataset} has {', '.join(langs)}")
     if args.policy != "full" and args.pet != "full":
         raise SystemExit(f"error: --policy {args.policy} schedules the whole text tower: it needs --pet full")
+    check_tuning_head(args)
     if args.pet != "none" and args.n_shot == 0 and args.dataset == "xtd":
         raise SystemExit("error: XTD10 has no training split without --n-shot; use --pet none for zero-shot")
+
+
+def check_tuning_head(args) -> None:
+    """--tuning-head: only where run_XTD.py's flag could run, or where the corrected head group is defined."""
+    mode = args.tuning_head
+    if mode == "off":
+        return
+    if args.pet == "none":  # (with --eval-only, corrected names the module --load-pet holds: PET + head)
+        raise SystemExit(f"error: --tuning-head {mode}: --pet none trains nothing")
+    if args.policy != "full":
+        raise SystemExit(f"error: --tuning-head {mode} with --policy {args.policy}: the policy sets the head's lr")
+    if mode == "reference" and args.pet in ("full", "lora_cross"):
+        # run_XTD.py would put the trainable pooler / LinearTransformation in both of its groups: torch refuses
+        raise SystemExit(
+            f"error: --tuning-head reference with --pet {args.pet}: the pooler and LinearTransformation already "
+            f"train, so run_XTD.py's two groups would share them (torch refuses); use --tuning-head corrected"
+        )
 
 
 def check_schedule(args, n_train: int) -> None:
@@ -1151,6 +1220,7 @@ def run(args, dist: "devices.DistInfo") -> dict:
         )
     try:
         apply_pet(model, args.pet, args, tokenizer)
+        apply_tuning_head(model, args.tuning_head)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if args.load_pet:
@@ -1197,6 +1267,7 @@ def run(args, dist: "devices.DistInfo") -> dict:
         "n_shot": args.n_shot,
         "test_text": test_kind,
         "policy": args.policy,
+        "tuning_head": args.tuning_head,
         "trainable": trainable,
         "base": base,
         "args": run_folder.json_safe(vars(args)),
@@ -1283,7 +1354,8 @@ def table_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def read_groups(run_dirs: Sequence[str]) -> dict[str, dict[str, float]]:
     """{group name: {lang: test mean R@1}}; group = dataset/routine/pet/n_shot[/test:<text kind>][/policy:<p>]
-    (the policy is named when it is not full: `--pet full --policy suf` runs are a group of their own)."""
+    [/head:<--tuning-head>] (the policy is named when it is not full: `--pet full --policy suf` runs are a group of
+    their own; so are --tuning-head reference / corrected runs)."""
     groups: dict[tuple, dict[str, float]] = {}
     for d in run_dirs:
         path = Path(d) / "results.json"
@@ -1293,6 +1365,7 @@ def read_groups(run_dirs: Sequence[str]) -> dict[str, dict[str, float]]:
         key = (r["dataset"], r["routine"], r["pet"], r["n_shot"])
         key += (f"test:{r['test_text']}",) if "test_text" in r else ()
         key += (f"policy:{r['policy']}",) if r.get("policy", "full") != "full" else ()
+        key += (f"head:{r['tuning_head']}",) if r.get("tuning_head", "off") != "off" else ()
         scores = groups.setdefault(key, {})
         if r["lang"] in scores:
             raise SystemExit(f"error: {path}: a second {r['lang']} run of group {'/'.join(map(str, key))}")
