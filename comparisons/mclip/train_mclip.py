@@ -561,34 +561,44 @@ def compute_image_features(
 
 
 def load_clip_vision(folder: str | Path):
-    """CLIPVisionModelWithProjection from a CLIP release folder (config.json + weights), in eval mode.
-    Loaded here rather than by from_pretrained: from a whole-CLIPModel release (OpenAI's layout) it takes the
-    projection width from the vision sub-config instead of CLIPConfig.projection_dim and silently re-initialises
-    a projection of the wrong shape. Every vision key must be present with its shape."""
-    from transformers import AutoConfig, CLIPConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
+    """CLIPVisionModelWithProjection from a CLIP release folder (config.json + weights), in eval mode."""
+    return load_clip_tower(folder, "vision", "--clip-vision")
 
+
+def load_clip_tower(folder: str | Path, tower: str, flag: str):
+    """CLIP{Vision,Text}ModelWithProjection (tower "vision" / "text") of a CLIP release folder, in eval mode.
+    Loaded here rather than by from_pretrained: from a whole-CLIPModel release (OpenAI's layout) it takes the
+    projection width from the tower's sub-config instead of CLIPConfig.projection_dim and silently re-initialises
+    a projection of the wrong shape. Every key of the tower must be present with its shape (flag names the option
+    in the one-line errors)."""
+    import transformers
+    from transformers import AutoConfig, CLIPConfig
+
+    name = tower.capitalize()
+    tower_config, model_class = (
+        getattr(transformers, f"CLIP{name}Config"),
+        getattr(transformers, f"CLIP{name}ModelWithProjection"),
+    )
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ValueError(f"--clip-vision {folder}: no readable config.json ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{flag} {folder}: no readable config.json ({str(e).splitlines()[0]})") from None
     if isinstance(config, CLIPConfig):
-        vcfg = config.vision_config
-        vcfg.projection_dim = config.projection_dim
-    elif isinstance(config, CLIPVisionConfig):
-        vcfg = config
+        sub = getattr(config, f"{tower}_config")
+        sub.projection_dim = config.projection_dim
+    elif isinstance(config, tower_config):
+        sub = config
     else:
-        raise ValueError(f"--clip-vision {folder}: config is {type(config).__name__}, not a CLIP config")
-    model = CLIPVisionModelWithProjection(vcfg)
+        raise ValueError(f"{flag} {folder}: config is {type(config).__name__}, not a CLIP config")
+    model = model_class(sub)
     own = model.state_dict()
     state = {k: v for k, v in read_state_dict(folder).items() if k in own}
     missing = sorted(set(own) - set(state))
     if missing:
-        raise ValueError(f"--clip-vision {folder}: weights lack {len(missing)} vision key(s), e.g. {missing[0]!r}")
+        raise ValueError(f"{flag} {folder}: weights lack {len(missing)} {tower} key(s), e.g. {missing[0]!r}")
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(
-                f"--clip-vision {folder}: {k} has shape {tuple(v.shape)}, the config {tuple(own[k].shape)}"
-            )
+            raise ValueError(f"{flag} {folder}: {k} has shape {tuple(v.shape)}, the config {tuple(own[k].shape)}")
     model.load_state_dict(state)
     return model.eval()
 

@@ -54,34 +54,14 @@ def load_clip_text(folder: str | Path):
     """(CLIPTextModelWithProjection in eval mode, tokenizer) of a CLIP release folder: OpenAI's whole-CLIPModel
     layout (text_model.*, text_projection.weight beside the vision keys) or a text-only one. Every text key must be
     there with its shape: one-line ValueError otherwise."""
-    from transformers import AutoConfig, AutoTokenizer, CLIPConfig, CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import AutoTokenizer
 
-    try:
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--clip {folder}: no readable config.json ({str(e).splitlines()[0]})") from None
-    if isinstance(config, CLIPConfig):
-        tcfg = config.text_config
-        tcfg.projection_dim = config.projection_dim
-    elif isinstance(config, CLIPTextConfig):
-        tcfg = config
-    else:
-        raise ValueError(f"--clip {folder}: config is {type(config).__name__}, not a CLIP config")
-    model = CLIPTextModelWithProjection(tcfg)
-    own = model.state_dict()
-    state = {k: v for k, v in T.read_state_dict(folder).items() if k in own}
-    missing = sorted(set(own) - set(state))
-    if missing:
-        raise ValueError(f"--clip {folder}: weights lack {len(missing)} text key(s), e.g. {missing[0]!r}")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"--clip {folder}: {k} has shape {tuple(v.shape)}, the config {tuple(own[k].shape)}")
-    model.load_state_dict(state)
+    model = T.load_clip_tower(folder, "text", "--clip")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"--clip {folder}: no readable CLIP tokenizer ({str(e).splitlines()[0]})") from None
-    return model.eval(), tokenizer
+    return model, tokenizer
 
 
 @torch.no_grad()
