@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         help="region-feature files: image-keyed LMDB/H5 (all are searched per image id); IGLUE's serialized "
-        "GQA (xgqa) / NLVR2 (marvl) LMDB is the training set",
+        "GQA (xgqa) / NLVR2 (marvl) LMDB is the training set; marvl: + its dev file (named dev) for --eval-split dev",
     )
     u.add_argument("--max-regions", type=int, default=36, help="regions per image (IGLUE's UC2 runs: 36)")
     u.add_argument(
@@ -438,10 +438,9 @@ def find_hard_negatives(args) -> str | None:
 
 
 def build_train_dataset(args, features: feature_sets.FeatureSet | None, serialized: list[str]):
-    if serialized:  # IGLUE's serialized GQA / NLVR2 LMDB: the training set itself (xgqa / marvl)
-        if len(serialized) > 1:
-            raise SystemExit(f"error: several serialized LMDBs given ({serialized}); give the training one")
-        return data.REGION_FEATURES.dataset(args.task, None, features=serialized[0], max_regions=args.max_regions)
+    if serialized:  # IGLUE's serialized GQA / NLVR2 LMDB: the training set itself (xgqa / marvl; marvl: + a dev file)
+        train = feature_sets.serialized_roles(args.task, serialized)[0]
+        return data.REGION_FEATURES.dataset(args.task, None, features=train, max_regions=args.max_regions)
     if features is None:
         raise SystemExit("error: --features is required (image-keyed region-feature LMDB/H5)")
     # IGLUE's training split (engine's --train-split default "train"): GQA train (LXMERT json) or its serialized
@@ -555,10 +554,6 @@ def main(
         )
         evaluate_fn = None
         if not args.no_eval:
-            if features is None:
-                raise SystemExit(
-                    "error: evaluation needs image-keyed --features for the test images (or pass --no-eval)"
-                )
             with cli.about("evaluation data"):
                 evaluate_fn = scoring.evaluate.trainer_evaluate_fn(
                     "uc2",
@@ -566,6 +561,7 @@ def main(
                     tokenizer,
                     dist,
                     features=features,
+                    serialized=serialized,
                     max_regions=args.max_regions,
                     pair_batch=args.eval_batch_size,
                 )

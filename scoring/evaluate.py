@@ -18,7 +18,7 @@ import data
 from training import loaders
 from checks import preflight
 from console import cli
-from formats import iglue_layout
+from formats import feature_sets, iglue_layout
 from training import after_epoch, devices
 from scoring import metrics
 
@@ -103,13 +103,27 @@ def build_eval_sets(
     images=None,
     max_regions: int = 36,
     image_res: int = 384,
+    dev_lmdb=None,
 ) -> dict[str, EvalSet]:
     """{lang: EvalSet} for every language of (task, split) under data_root (or `langs`). features: the
-    image-keyed region-feature reader UC2 reads the test images from (a path or train_uc2.FeatureSet)."""
+    image-keyed region-feature reader UC2 reads the test images from (a path or train_uc2.FeatureSet).
+    dev_lmdb (UC2 marvl, split dev): IGLUE's serialized NLVR2 dev file, English dev itself (serialized_dev_set)."""
     collate = data.make_collate(model_name, task, tokenizer, train=False)
     sets = {}
-    for lang in eval_langs(data_root, task, split, langs, translate_test):
+    if dev_lmdb is not None:
+        chosen = serialized_dev_langs(dev_lmdb, data_root, task, split, langs)
+    else:
+        chosen = eval_langs(data_root, task, split, langs, translate_test)
+    for lang in chosen:
         mt = translate_test and lang != "en"
+        if dev_lmdb is not None and lang == "en":
+            sets[lang] = serialized_dev_set(dev_lmdb, collate, max_regions)
+            continue
+        if model_name == "uc2" and features is None:
+            raise ValueError(
+                f"{task} {split} {lang}: UC2 reads its images' region features from image-keyed --features, and none "
+                "were given (a trainer runs without evaluating with --no-eval)"
+            )
         examples = data.load_split(data_root, task, split, lang, translate_test=mt)
         source = str(iglue_layout.split_file(data_root, task, split, lang, translate_test=mt))
         if task == "xflickrco":
@@ -132,6 +146,31 @@ def build_eval_sets(
     return sets
 
 
+def serialized_dev_set(path, collate: Callable, max_regions: int) -> EvalSet:
+    """English dev (IGLUE's val_split for NLVR2) from IGLUE's serialized NLVR2 dev LMDB, as VOLTA validates: ids,
+    sentences, labels and both images' features from the records (data.SerializedNLVR2Dataset), no annotation
+    file. `examples` stays empty: no annotation's feature keys to check (the records themselves are checked)."""
+    ds = data.make_dataset("uc2", "marvl", None, max_regions=max_regions, features=str(path))
+    return EvalSet("en", "dev", False, collate, dataset=ds, source=str(path))
+
+
+def serialized_dev_langs(path, data_root, task: str, split: str, langs) -> list[str]:
+    """The dev languages beside a serialized English dev file: en (the file) and the other dev languages under
+    data_root (NLVR2 dev machine-translated, `dev-<lang>_gmt.jsonl`, image-keyed) that `langs` selects."""
+    if task != "marvl" or split != "dev":
+        raise ValueError(
+            f"{path}: a serialized NLVR2 dev file is evaluated with --task marvl --eval-split dev, not {task} {split}"
+        )
+    try:
+        found = set(iglue_layout.available_langs(data_root, task, split)) | {"en"}
+    except ValueError:  # no datasets/ folder under data_root: the serialized file is the whole dev set
+        found = {"en"}
+    chosen = metrics.ordered_langs(data.select_langs(langs, metrics.ordered_langs(found)))
+    if "en" not in chosen:
+        raise ValueError(f"{path}: a serialized NLVR2 dev file is English dev, but --langs leaves en out")
+    return chosen
+
+
 def trainer_evaluate_fn(
     model_name: str,
     args: argparse.Namespace,
@@ -143,10 +182,13 @@ def trainer_evaluate_fn(
     max_regions: int = 36,
     image_res: int = 384,
     pair_batch: int = 1024,
+    serialized: Sequence[str] = (),
 ) -> Callable:
     """The trainers' per-epoch evaluate_fn(model, epoch) -> {lang: metrics}: evaluate_task on --eval-split of
     --langs, sharded over ranks. Every feature key / image file is checked now (ValueError): a missing
-    one stops the run before training, not after its first epoch."""
+    one stops the run before training, not after its first epoch. serialized: UC2's serialized LMDBs from
+    --features; a dev file among them (feature_sets.serialized_roles) is English dev, every record decoded now."""
+    dev_lmdb = feature_sets.serialized_roles(args.task, list(serialized))[1]
     sets = build_eval_sets(
         model_name,
         args.task,
@@ -158,7 +200,10 @@ def trainer_evaluate_fn(
         images=images,
         max_regions=max_regions,
         image_res=image_res,
+        dev_lmdb=dev_lmdb,
     )
+    if dev_lmdb is not None:
+        sets["en"].dataset.db.check(sample=None)
     for s in sets.values():
         preflight.check_inputs(s.examples, features=features, images=images)
     # every evaluation image decoded once (languages share them): a corrupt one stops the run now, not after epoch 1

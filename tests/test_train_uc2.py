@@ -9,6 +9,8 @@ import argparse
 import json
 import os
 import pickle
+import re
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -38,6 +40,8 @@ from formats import feature_sets, volta  # noqa: E402
 import _faults  # noqa: E402
 import _guard  # noqa: E402
 from _marvl_batches import uc2_batch, uc2_slot, uc2_swapped  # noqa: E402
+import _serialized_lmdb as serialized_lmdb  # noqa: E402
+import scoring.evaluate  # noqa: E402
 
 IGLUE = ROOT / "tests" / "fixtures" / "iglue"
 # marvl: the sample has no NLVR2 train.jsonl (IGLUE stores it as a large-file pointer); its 60 dev lines train here
@@ -430,3 +434,119 @@ def test_print_schedule_shows_the_two_image_layout(capsys):
     U.main(["--task", "marvl", "--policy", "top", "--model-config", UC2_TINY, "--print-schedule"])
     out = capsys.readouterr().out
     assert out.startswith("2 images per example: every layer runs once per image") and "task head: head, pooler" in out
+
+
+# ------------------------------------------------------------------- marvl: IGLUE's serialized NLVR2 train + dev files
+
+
+def serialized_cli(sample, out, files, *extra):
+    """cli("marvl", ...) with --features `files` (serialized LMDBs, then any image-keyed ones), --eval-split dev."""
+    argv = cli("marvl", sample, out, *extra)
+    at = argv.index("--features") + 1
+    argv[at : at + 1] = [str(f) for f in files]
+    argv[argv.index("--eval-split") + 1] = "dev"
+    return argv
+
+
+@pytest.fixture(scope="module")
+def nlvr2_lmdbs(sample, tmp_path_factory):
+    """IGLUE's serialized NLVR2 files as its VOLTA config names them: training = the sample's first 40 dev lines,
+    dev = all 60 (records of the sample's annotation lines, features from the image-keyed sample file)."""
+    out, exs = tmp_path_factory.mktemp("nlvr2_lmdb"), data.load_split(IGLUE, "marvl", "dev", "en")
+    write = serialized_lmdb.write_serialized
+    train = write(out / "nlvr2-train_boxes36.lmdb", serialized_lmdb.nlvr2_records(exs[:40], sample / "feats"))
+    return train, write(out / "nlvr2-dev_boxes36.lmdb", serialized_lmdb.nlvr2_records(exs, sample / "feats"))
+
+
+def test_marvl_trains_and_evaluates_dev_from_iglues_serialized_files(sample, nlvr2_lmdbs, tmp_path):
+    """--features nlvr2-train_boxes36.lmdb nlvr2-dev_boxes36.lmdb --eval-split dev: training from the training file,
+    English dev from the dev file after every epoch, no image-keyed file needed; the dev accuracy logged equals the
+    final model's on the image-keyed equivalent (the same records as annotation lines, the same features), example
+    by example. With image-keyed features too, the other dev languages (dev-<lang>_gmt) are evaluated beside it."""
+    common = ["--policy", "full", "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--dropout", "0", "--seed", "2"]
+    run = tmp_path / "run"
+    U.main(serialized_cli(sample, run, nlvr2_lmdbs, *common, "--eval-every", "1", "--langs", "en"))
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in logged if r["type"] == "eval"]
+    assert [(r["epoch"], r["lang"], r["split"], r["n"]) for r in evals] == [(1, "en", "dev", 60), (2, "en", "dev", 60)]
+    assert sum(r["type"] == "train" for r in logged) == 2
+    model = U.build_model("marvl", U.resolve_config(UC2_TINY))
+    assert volta.load_into(model, str(run / "model_final.pt")).ok
+    tok = tokenizer_check.load_tokenizer(sample / "tok")
+    keyed = scoring.evaluate.build_eval_sets(
+        "uc2", "marvl", IGLUE, tok, ["en"], "dev", features=str(sample / "feats"), max_regions=REGIONS
+    )
+    ser = scoring.evaluate.build_eval_sets(
+        "uc2", "marvl", IGLUE, tok, ["en"], "dev", max_regions=REGIONS, dev_lmdb=nlvr2_lmdbs[1]
+    )
+    assert isinstance(ser["en"].dataset, data.SerializedNLVR2Dataset) and isinstance(
+        keyed["en"].dataset, data.UC2Dataset
+    )
+    (pk, ps) = ({}, {})
+    got_keyed = scoring.evaluate.evaluate_task(model, "marvl", keyed, predictions=pk)
+    got_ser = scoring.evaluate.evaluate_task(model, "marvl", ser, predictions=ps)
+    assert got_keyed == got_ser and got_keyed["en"]["accuracy"] == evals[-1]["accuracy"]
+    with torch.no_grad():  # beyond the argmax: the same logits, example by example
+        logits = [model.eval()._run(s["en"].collate([s["en"].dataset[i] for i in range(60)])) for s in (keyed, ser)]
+    assert torch.equal(*logits) and logits[0].std(0).min() > 0
+    assert pk == ps and [i for i, _ in ps["en"]] == [ex.id for ex in data.load_split(IGLUE, "marvl", "dev", "en")]
+    # the image-keyed file beside them: English dev from the serialized file, MaRVL-id's dev (NLVR2 dev translated)
+    # image-keyed; the training file stays the serialized one
+    both = tmp_path / "both"
+    U.main(serialized_cli(sample, both, [*nlvr2_lmdbs, sample / "feats"], *common, "--langs", "en", "id"))
+    final = [json.loads(line) for line in (both / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["lang"], r["n"]) for r in final if r["type"] == "eval"] == [
+        ("en", 60),
+        ("id", len(data.load_split(IGLUE, "marvl", "dev", "id"))),
+    ]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "two_training_files",
+        "two_dev_files",
+        "dev_file_alone",
+        "three_files",
+        "dev_file_of_gqa",
+        "dev_file_with_test_split",
+    ],
+)
+def test_bad_serialized_nlvr2_file_combination_is_one_line(case, sample, nlvr2_lmdbs, tmp_path):
+    """Which serialized NLVR2 file is which goes by name (IGLUE's nlvr2-train_* / nlvr2-dev_*): two training files,
+    two dev files, a dev file alone, three files, a dev file holding GQA records, or a dev file with --eval-split test
+    (it is English dev) are each one line before training; no checkpoint or metrics are written."""
+    train, dev = nlvr2_lmdbs
+    copy = lambda src, name: shutil.copytree(src, tmp_path / name)  # noqa: E731
+    files, split, want = {
+        "two_training_files": (
+            [train, copy(train, "nlvr2-train2_boxes36.lmdb")],
+            "dev",
+            r"two training files \(neither is named dev\)",
+        ),
+        "two_dev_files": ([dev, copy(dev, "nlvr2-dev_X101.lmdb")], "dev", r"two dev files"),
+        "dev_file_alone": ([dev], "dev", r"a dev file and no training file"),
+        "three_files": (
+            [train, dev, copy(dev, "nlvr2-dev_copy.lmdb")],
+            "dev",
+            r"several serialized LMDBs given \(.*\); give the training one and at most the dev one",
+        ),
+        "dev_file_of_gqa": (
+            [train, copy(ROOT / "tests/fixtures/features/gqa_serialized_fixture.lmdb", "gqa-dev_boxes36.lmdb")],
+            "dev",
+            r"evaluation data: .*gqa-dev_boxes36.lmdb is a serialized LMDB of xgqa records, not of marvl's",
+        ),
+        "dev_file_with_test_split": (
+            [train, dev],
+            "test",
+            r"evaluation data: .*nlvr2-dev_boxes36.lmdb: a serialized NLVR2 dev file is evaluated with --task marvl "
+            r"--eval-split dev, not marvl test",
+        ),
+    }[case]
+    argv = serialized_cli(sample, tmp_path / "run", files, "--epochs", "1", "--langs", "en")
+    argv[argv.index("--eval-split") + 1] = split
+    with pytest.raises(SystemExit) as e:
+        U.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg and re.search(want, msg), msg
+    assert not any((tmp_path / "run").glob("*.pt")) and not (tmp_path / "run" / "metrics.jsonl").exists()
