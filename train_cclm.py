@@ -40,7 +40,7 @@ import engine
 from console import cli, what_trains
 from formats import load_plan, model_config, run_folder, tokenizer_check, torch_files
 import freeze
-from formats import x2vlm
+from formats import x2vlm, x2vlm_drop_path
 from scoring import answer_ranking, retrieval_protocols
 import scoring.evaluate
 import scoring.metrics
@@ -110,6 +110,7 @@ class VisionEncoder(Beit):
         )
         for blk in self.blocks:  # the reference state_dict holds the index buffers: keep them persistent
             blk.attn.register_buffer("relative_position_index", blk.attn.relative_position_index, persistent=True)
+        x2vlm_drop_path.use_reference_draws(self)  # drop path masks drawn as X2-VLM's ViT draws them
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: a batch's uint8 pixels [B, H, W, 3] (normalised here, on their device) or normalised float

@@ -11,7 +11,9 @@ clipping), every weight after the last step. Two reference runs each: with the A
 
 CCLM: X2-VLM's XVNLI.train() ran 4 steps with its create_optimizer (weight-decay and lr_mult groups, ViT LR) and
 create_scheduler on CCLM parity_a's XVNLI model; we drive train_cclm's rules (x2vlm_no_decay, lr_mult_rule,
-module_lr) through the same engine pieces, each reference batch as 2 accumulated micro-batches.
+module_lr) through the same engine pieces, each reference batch as 2 accumulated micro-batches. With X2-VLM's dropout
+on (0.1: text and cross hidden and attention dropout, the ViT's drop path) under its seed, each batch as one
+micro-batch: the same masks drawn in the same order (the same generator state after every forward).
 
 CCLM retrieval's ITM hard negatives: X2-VLM's get_hard_negatives under torch.manual_seed draws the same indices as our
 matching_loss, with the same loss and generator state after. CCLM's training images: X2-VLM's train transform's
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +39,7 @@ import engine  # noqa: E402
 import freeze  # noqa: E402
 import train_cclm as C  # noqa: E402
 import train_uc2 as U  # noqa: E402
-from formats import volta, x2vlm, x2vlm_randaugment  # noqa: E402
+from formats import volta, x2vlm, x2vlm_drop_path, x2vlm_randaugment  # noqa: E402
 from parity import assert_matches_reference, parity_error  # noqa: E402
 from test_parity_cclm import config_from_fixture  # noqa: E402
 from training import devices  # noqa: E402
@@ -52,11 +55,12 @@ class _LossRecorder(torch.nn.Module):
 
     def __init__(self, net: torch.nn.Module):
         super().__init__()
-        self.net, self.losses = net, []
+        self.net, self.losses, self.rng_after = net, [], []
 
     def forward(self, batch):
         loss = self.net(batch)
         self.losses.append(loss.detach().double())
+        self.rng_after.append(_state_sha256())  # torch's generator after the forward: what dropout drew
         return loss
 
 
@@ -79,6 +83,7 @@ def _run_steps(model, layout, args, batches, n_micro, no_decay=None, lr_mult=Non
         assert ok
         lrs.append(lr)
         norms.append(grad_norm)
+    _run_steps.rng_after = net.rng_after
     return torch.stack(net.losses), torch.tensor(lrs, dtype=torch.float64), torch.tensor(norms, dtype=torch.float64)
 
 
@@ -158,28 +163,32 @@ CCLM_SET = HERE / "fixtures" / "cclm" / "parity_a" / "xvnli"
 CCLM_STEPS = HERE / "fixtures" / "cclm" / "train_steps"
 
 
-def run_cclm(run: str, variant: str = "reference", extra: list[str] = ()) -> dict:
-    """Our CCLM trainer's pieces (--adamw `variant`) on the fixture's batches, each reference batch
-    of 4 as 2 micro-batches of 2 (X2-VLM has no accumulation: its mean cross-entropy over 4 is the mean of two
-    halves' means)."""
+def run_cclm(run: str, variant: str = "reference", extra: list[str] = (), micro: int = 2) -> dict:
+    """Our CCLM trainer's pieces (--adamw `variant`, --dropout as the run's) on the fixture's batches, each
+    reference batch of 4 as micro-batches of `micro` (X2-VLM has no accumulation: its mean cross-entropy over 4 is
+    the mean of two halves' means; with dropout only 1 x 4 draws X2-VLM's masks), torch seeded as X2-VLM's loader."""
     meta = json.loads((CCLM_STEPS / f"{run}_meta.json").read_text())
     hp = meta["hyperparameters"]
-    argv = [
-        "--task", "xvnli", "--lr", str(hp["lr"]), "--vision-lr", str(hp["vision_lr"]),
-        "--lr-mult", str(hp["lr_mult"]), "--weight-decay", str(hp["weight_decay"]),
-        "--batch-size", "4", "--micro-batch-size", "2", "--epochs", "1", "--schedule-epochs", str(hp["epochs"]),
-        "--dropout", str(hp["dropout"]), "--output-dir", "unused", "--adamw", variant,
-    ]  # fmt: skip
-    args = engine.parse_args(C.build_parser(), argv + list(extra), C.DEFAULTS, "cclm")
-    assert (args.adam_eps, args.adam_betas, args.clip_grad) == (hp["adam_eps"], hp["adam_betas"], 0.0) or extra
     mc = json.loads((CCLM_SET / "model_config.json").read_text())
-    config = {**config_from_fixture(mc), "dropout": 0.0, "attn_dropout": 0.0, "vision_drop_path": 0.0}
+    with tempfile.TemporaryDirectory() as tmp:  # set A's sizes as a --model-config file
+        (Path(tmp) / "set_a.json").write_text(json.dumps(config_from_fixture(mc)))
+        argv = [
+            "--task", "xvnli", "--lr", str(hp["lr"]), "--vision-lr", str(hp["vision_lr"]),
+            "--lr-mult", str(hp["lr_mult"]), "--weight-decay", str(hp["weight_decay"]),
+            "--batch-size", "4", "--micro-batch-size", str(micro), "--epochs", "1",
+            "--schedule-epochs", str(hp["epochs"]), "--dropout", str(hp["dropout"]), "--output-dir", "unused",
+            "--adamw", variant, "--model-config", str(Path(tmp) / "set_a.json"),
+        ]  # fmt: skip
+        args = engine.parse_args(C.build_parser(), argv + list(extra), C.DEFAULTS, "cclm")
+        config = C.model_config_from_args(args)  # --dropout: text/cross dropouts and the ViT's drop path
+    assert (args.adam_eps, args.adam_betas, args.clip_grad) == (hp["adam_eps"], hp["adam_betas"], 0.0) or extra
+    assert hp["dropout"] == hp.get("drop_path", hp["dropout"]) == config["vision_drop_path"] or extra
     model = C.build_model("xvnli", config)
     x2vlm.load_checkpoint(model, str(CCLM_SET / "checkpoint.th"))
     x = torch.load(CCLM_SET / "inputs.pt", weights_only=True)
     batches = []
     for b in meta["batches"]:
-        for half in (b[:2], b[2:]):
+        for half in (b[i : i + micro] for i in range(0, len(b), micro)):
             ix = torch.tensor(half)
             atts = x["text_atts"][ix]
             n = int(atts.sum(1).max())  # padded to the longest, as data.py's collate and X2-VLM's tokenizer call
@@ -189,6 +198,7 @@ def run_cclm(run: str, variant: str = "reference", extra: list[str] = ()) -> dic
             )  # fmt: skip
     large_lr = C.lr_mult_prefixes("xvnli", True, config)
     layout = C.layer_layout("xvnli", config)
+    torch.manual_seed(hp["seed"])  # X2-VLM's run: its loader's __iter__, after the optimizer is built
     losses, lrs, _ = _run_steps(
         model, layout, args, batches, len(batches), C.x2vlm_no_decay, C.lr_mult_rule(large_lr, args.lr_mult),
         {"vision_encoder": args.vision_lr},
@@ -201,7 +211,10 @@ def run_cclm(run: str, variant: str = "reference", extra: list[str] = ()) -> dic
     )  # fmt: skip
     peak = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
     named = {n: peak[id(p)] for n, p in model.named_parameters()}
-    return {"losses": losses.view(-1, 2).mean(1), "lrs": lrs, "model": model, "per_param": named, "config": config}
+    return {
+        "losses": losses.view(-1, 4 // micro).mean(1), "lrs": lrs, "model": model, "per_param": named,
+        "config": config, "rng_after": _run_steps.rng_after,
+    }  # fmt: skip
 
 
 # An attention key bias adds q.b to every score of a query: softmax ignores it, so its exact gradient is 0 and the
@@ -213,13 +226,15 @@ def _is_key_bias(name: str) -> bool:
 
 
 def _cclm_weights_error(model, ref_file: Path) -> tuple[float, str]:
-    ref = torch.load(ref_file, weights_only=True)["model"]
-    ours = model.state_dict()
+    """Every weight; a file with a `stride` holds every stride-th element of each flattened tensor."""
+    ref = torch.load(ref_file, weights_only=True)
+    stride, ref = ref.get("stride", 1), ref["model"]
+    ours = {k: v.flatten()[::stride] if stride > 1 else v for k, v in model.state_dict().items()}
     assert set(ref) == set(ours), sorted(set(ref) ^ set(ours))
     return max((parity_error(ours[k], v), k) for k, v in ref.items() if not _is_key_bias(k))
 
 
-def _check_cclm(got: dict, run: str) -> None:
+def _check_cclm(got: dict, run: str, weights: str = "weights_after_step4.th") -> None:
     """Losses, every parameter's LR and weight decay at every step, every weight after the last step."""
     meta = json.loads((CCLM_STEPS / f"{run}_meta.json").read_text())
     ref = torch.load(CCLM_STEPS / f"{run}_steps.pt", weights_only=True)
@@ -229,7 +244,7 @@ def _check_cclm(got: dict, run: str) -> None:
         lr, our_wd = got["per_param"][name]
         assert our_wd == wd, f"{name}: weight decay {our_wd}, X2-VLM {wd}"
         assert_matches_reference(f"{name} LR per step", lr * factor, ref["group_lrs"][:, group])
-    err, name = _cclm_weights_error(got["model"], CCLM_STEPS / f"{run}_weights_after_step4.th")
+    err, name = _cclm_weights_error(got["model"], CCLM_STEPS / f"{run}_{weights}")
     assert err <= 1.0, f"weights after step 4: {name} at {err:.2f}x the parity tolerance"
 
 
@@ -242,6 +257,37 @@ def test_cclm_training_steps_match_x2vlm_xvnli_train_as_x2vlm_ran_it() -> None:
 def test_cclm_torch_adamw_matches_x2vlm_xvnli_train_with_torch_adamw() -> None:
     """The same loop with torch's AdamW swapped in and ours with --adamw torch."""
     _check_cclm(run_cclm("torch_adamw", "torch"), "torch_adamw")
+
+
+DROPOUT_WEIGHTS = "weights_after_step4_every4th.th"
+
+
+def test_cclm_training_steps_with_dropout_match_x2vlm_draw_for_draw() -> None:
+    """X2-VLM's XVNLI.train with its dropout on (0.1: text and cross hidden/attention dropout, the ViT's drop path),
+    torch seeded by its loader: ours with --dropout 0.1 under the same seed draws the same masks (the generator
+    in the same state after every forward: vision, text, cross in X2-VLM's order and shapes; eager attention) and
+    gives the same losses, LRs and weights (every 4th element of each tensor stored)."""
+    got = run_cclm("x2vlm_dropout", micro=4)
+    meta = json.loads((CCLM_STEPS / "x2vlm_dropout_meta.json").read_text())
+    for step, (ours, ref) in enumerate(zip(got["rng_after"], meta["rng_after_forward_sha256"], strict=True)):
+        assert ours == ref, f"step {step + 1}: torch's generator after the forward differs from X2-VLM's"
+    _check_cclm(got, "x2vlm_dropout", DROPOUT_WEIGHTS)
+
+
+@pytest.mark.parametrize("mutation", ["timm_drop_path", "dropout_0.2"])
+def test_cclm_dropout_steps_leave_x2vlm_with_other_draws(mutation: str, monkeypatch) -> None:
+    """What the dropout comparison catches: timm's own DropPath (same distribution, drawn with bernoulli_: other
+    masks from the first ViT block with a rate on, and other text/cross masks after it) or another rate."""
+    extra = []
+    if mutation == "timm_drop_path":
+        monkeypatch.setattr(x2vlm_drop_path, "use_reference_draws", lambda vit: None)
+    else:
+        extra = ["--dropout", "0.2"]
+    got = run_cclm("x2vlm_dropout", extra=extra, micro=4)
+    meta = json.loads((CCLM_STEPS / "x2vlm_dropout_meta.json").read_text())
+    assert got["rng_after"][0] != meta["rng_after_forward_sha256"][0] or mutation == "dropout_0.2"
+    ref = torch.load(CCLM_STEPS / "x2vlm_dropout_steps.pt", weights_only=True)
+    assert parity_error(got["losses"], ref["losses"]) > 100, "the other draws were expected to change the losses"
 
 
 # ---------------------------------------------------------------- CCLM retrieval: ITM hard negatives (X2-VLM)
