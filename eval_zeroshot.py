@@ -227,6 +227,7 @@ def evaluate(args: argparse.Namespace, dist: devices.DistInfo) -> int:
             images=args.images,
             max_regions=args.max_regions,
             image_res=meta["config"].get("image_res", 384),
+            dev_lmdb=scoring.evaluate.serialized_dev_file(task, args.split, args.features),  # UC2 marvl dev, xgqa valid
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -284,7 +285,7 @@ def evaluate(args: argparse.Namespace, dist: devices.DistInfo) -> int:
         print(scoring.metrics.format_table(task, results, title), flush=True)
         path = scoring.results.write_results(out_dir, record, name)
         names = scoring.results.label_names(meta["model"], task, args.data_root) if preds else []
-        scoring.results.write_predictions(out_dir, record, preds, {l: s.examples for l, s in sets.items()}, names)
+        scoring.results.write_predictions(out_dir, record, preds, scoring.evaluate.set_examples(sets), names)
         metrics = scoring.metrics.MAIN_METRICS[task]
         csvs = ", ".join(iglue.csv_name(task, m, record["shots"], args.translate_test, args.split) for m in metrics)
         print(f"wrote {path} [{scoring.results.eval_key(args.split, args.translate_test)}] and {csvs}", flush=True)

@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         help="region-feature files: image-keyed LMDB/H5 (all are searched per image id); IGLUE's serialized "
-        "GQA (xgqa) / NLVR2 (marvl) LMDB is the training set; marvl: + its dev file (named dev) for --eval-split dev",
+        "GQA (xgqa) / NLVR2 (marvl) LMDB is the training set, + the valid / dev one for --eval-split valid / dev",
     )
     u.add_argument("--max-regions", type=int, default=36, help="regions per image (IGLUE's UC2 runs: 36)")
     u.add_argument(
@@ -438,7 +438,7 @@ def find_hard_negatives(args) -> str | None:
 
 
 def build_train_dataset(args, features: feature_sets.FeatureSet | None, serialized: list[str]):
-    if serialized:  # IGLUE's serialized GQA / NLVR2 LMDB: the training set itself (xgqa / marvl; marvl: + a dev file)
+    if serialized:  # IGLUE's serialized GQA / NLVR2 LMDB: the training set itself (xgqa / marvl; + a dev file)
         train = feature_sets.serialized_roles(args.task, serialized)[0]
         return data.REGION_FEATURES.dataset(args.task, None, features=train, max_regions=args.max_regions)
     if features is None:

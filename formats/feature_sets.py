@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import NamedTuple
 
 import torch
 
@@ -57,39 +58,54 @@ def split_features(paths: list[str]) -> tuple[list[str], list[str]]:
     return serialized, [p for p in paths if p not in serialized]
 
 
-DEV_WORD = "dev"  # IGLUE's VOLTA config (iglue_trainval_tasks_*.yml): nlvr2-train_boxes36.lmdb, nlvr2-dev_boxes36.lmdb
+class SerializedDev(NamedTuple):
+    """How a task's serialized dev file is told from its training file (named_dev) and evaluated."""
+
+    split: str  # the --eval-split it is evaluated for
+    words: tuple[str, ...]  # a dev file's name holds one of them
+    noun: str  # what the messages call it
+    data: str  # whose records
+    train_name: str  # IGLUE's training file (UC2, 36 boxes)
+    dev_name: str  # IGLUE's dev file
 
 
-def named_dev(path: str) -> bool:
-    """True when the file's name holds the word "dev" between -, _, . or its ends, as IGLUE names its serialized NLVR2
-    dev file (nlvr2-dev_boxes36.lmdb, nlvr2-dev_X101.lmdb); the records themselves do not say their split."""
-    return DEV_WORD in re.split(r"[-_.]", os.path.basename(os.path.normpath(path)))
+# From IGLUE's VOLTA config (iglue_trainval_tasks_{boxes36,X101}.yml): NLVR2 val_split dev, GQA val_split val (our xgqa
+# split "valid": LXMERT's valid.json questions, the file IGLUE names gqa-valid_*.lmdb)
+SERIALIZED_DEV = {
+    "marvl": SerializedDev("dev", ("dev",), "dev", "NLVR2", "nlvr2-train_boxes36.lmdb", "nlvr2-dev_boxes36.lmdb"),
+    "xgqa": SerializedDev(
+        "valid", ("valid", "val"), "validation", "GQA", "gqa-train_boxes36.lmdb", "gqa-valid_boxes36.lmdb"
+    ),
+}
 
 
-def serialized_roles(task: str, serialized: list[str]) -> tuple[str | None, str | None]:
-    """(training file, dev file) among --features' serialized LMDBs (None: not given). xgqa: one file, the training
-    set. marvl (our choice, docs/data.md): the training file and at most one dev file, told apart by name alone
-    (named_dev): the file named "dev" is the dev set, the other the training set; anything else is a one-line error."""
-    given = " ".join(serialized)
+def named_dev(path: str, task: str = "marvl") -> bool:
+    """True when the file's name holds one of the task's dev words between -, _, . or its ends, as IGLUE names its
+    serialized dev files (nlvr2-dev_boxes36.lmdb, nlvr2-dev_X101.lmdb; gqa-valid_boxes36.lmdb); the records
+    themselves do not say their split."""
+    return bool(set(SERIALIZED_DEV[task].words) & set(re.split(r"[-_.]", os.path.basename(os.path.normpath(path)))))
+
+
+def serialized_roles(task: str, serialized: list[str], training: bool = True) -> tuple[str | None, str | None]:
+    """(training file, dev file) among --features' serialized LMDBs (None: not given). marvl and xgqa (our choice,
+    docs/data.md): the training file and at most one dev file (xgqa: the validation file), told apart by name alone
+    (named_dev): the file named "dev" (xgqa: "valid" / "val") is the dev set, the other the training set; anything
+    else is a one-line error. training=False (an evaluation): the dev file may come alone."""
+    given, dev_of = " ".join(serialized), SERIALIZED_DEV.get(task)
     if not serialized:
         return None, None
-    if task != "marvl" or len(serialized) > 2:
+    if dev_of is None or len(serialized) > 2:
         if len(serialized) > 1:
-            raise SystemExit(
-                f"error: several serialized LMDBs given ({given}); give the training one"
-                + (" and at most the dev one (nlvr2-dev_*.lmdb)" if task == "marvl" else "")
-            )
+            also = f" and at most the {dev_of.noun} one ({dev_of.dev_name.split('_')[0]}_*.lmdb)" if dev_of else ""
+            raise SystemExit(f"error: several serialized LMDBs given ({given}); give the training one{also}")
         return serialized[0], None
-    dev = [p for p in serialized if named_dev(p)]
+    dev = [p for p in serialized if named_dev(p, task)]
     train = [p for p in serialized if p not in dev]
-    if len(train) != 1 or len(dev) > 1:
-        what = {
-            0: "two training files (neither is named dev)",
-            1: "a dev file and no training file",
-            2: "two dev files",
-        }
+    if len(train) > 1 or len(dev) > 1 or (training and not train):
+        what = {0: f"two training files (neither is named {' or '.join(dev_of.words)})", 2: f"two {dev_of.noun} files"}
         raise SystemExit(
-            f"error: --features {given}: {what[len(dev)]}; serialized NLVR2 files are told apart by name, as IGLUE "
-            "names them: the training file (nlvr2-train_boxes36.lmdb) and at most one dev file (nlvr2-dev_boxes36.lmdb)"
+            f"error: --features {given}: {what.get(len(dev), f'a {dev_of.noun} file and no training file')}; "
+            f"serialized {dev_of.data} files are told apart by name, as IGLUE names them: the training file "
+            f"({dev_of.train_name}) and at most one {dev_of.noun} file ({dev_of.dev_name})"
         )
-    return train[0], (dev[0] if dev else None)
+    return (train[0] if train else None), (dev[0] if dev else None)

@@ -19,6 +19,7 @@ from training import loaders
 from checks import preflight
 from console import cli
 from formats import feature_sets, iglue_layout
+from formats.bad_input import BadInput
 from training import after_epoch, devices
 from scoring import metrics
 
@@ -107,7 +108,8 @@ def build_eval_sets(
 ) -> dict[str, EvalSet]:
     """{lang: EvalSet} for every language of (task, split) under data_root (or `langs`). features: the
     image-keyed region-feature reader UC2 reads the test images from (a path or train_uc2.FeatureSet).
-    dev_lmdb (UC2 marvl, split dev): IGLUE's serialized NLVR2 dev file, English dev itself (serialized_dev_set)."""
+    dev_lmdb (UC2 marvl, split dev; xgqa, split valid): IGLUE's serialized NLVR2 dev / GQA validation file, English
+    dev / valid itself (serialized_dev_set)."""
     collate = data.make_collate(model_name, task, tokenizer, train=False)
     sets = {}
     if dev_lmdb is not None:
@@ -117,7 +119,7 @@ def build_eval_sets(
     for lang in chosen:
         mt = translate_test and lang != "en"
         if dev_lmdb is not None and lang == "en":
-            sets[lang] = serialized_dev_set(dev_lmdb, collate, max_regions)
+            sets[lang] = serialized_dev_set(dev_lmdb, task, collate, max_regions)
             continue
         if model_name == "uc2" and features is None:
             raise ValueError(
@@ -146,29 +148,63 @@ def build_eval_sets(
     return sets
 
 
-def serialized_dev_set(path, collate: Callable, max_regions: int) -> EvalSet:
-    """English dev (IGLUE's val_split for NLVR2) from IGLUE's serialized NLVR2 dev LMDB, as VOLTA validates: ids,
-    sentences, labels and both images' features from the records (data.SerializedNLVR2Dataset), no annotation
-    file. `examples` stays empty: no annotation's feature keys to check (the records themselves are checked)."""
-    ds = data.make_dataset("uc2", "marvl", None, max_regions=max_regions, features=str(path))
-    return EvalSet("en", "dev", False, collate, dataset=ds, source=str(path))
+def serialized_dev_set(path, task: str, collate: Callable, max_regions: int) -> EvalSet:
+    """English dev (IGLUE's val_split: NLVR2 dev, GQA val) from IGLUE's serialized NLVR2 dev / GQA validation LMDB, as
+    VOLTA validates: ids, texts, labels and the images' features from the records (data.SerializedNLVR2Dataset /
+    SerializedGQADataset), no annotation file. `examples` stays empty: no annotation's feature keys to check (the
+    records themselves are checked, check_serialized_set)."""
+    ds = data.make_dataset("uc2", task, None, max_regions=max_regions, features=str(path))
+    return EvalSet("en", feature_sets.SERIALIZED_DEV[task].split, False, collate, dataset=ds, source=str(path))
 
 
 def serialized_dev_langs(path, data_root, task: str, split: str, langs) -> list[str]:
-    """The dev languages beside a serialized English dev file: en (the file) and the other dev languages under
-    data_root (NLVR2 dev machine-translated, `dev-<lang>_gmt.jsonl`, image-keyed) that `langs` selects."""
-    if task != "marvl" or split != "dev":
-        raise ValueError(
-            f"{path}: a serialized NLVR2 dev file is evaluated with --task marvl --eval-split dev, not {task} {split}"
-        )
+    """The languages beside a serialized English dev file: en (the file) and the other languages of the split under
+    data_root (marvl: NLVR2 dev machine-translated, `dev-<lang>_gmt.jsonl`, image-keyed) that `langs` selects."""
+    dev_of = feature_sets.SERIALIZED_DEV.get(task)
+    if dev_of is None or split != dev_of.split:
+        which = f"a serialized {dev_of.data} {dev_of.noun} file" if dev_of else "a serialized dev file"
+        how = f"--task {task} --eval-split {dev_of.split}" if dev_of else "--task marvl --eval-split dev"
+        raise ValueError(f"{path}: {which} is evaluated with {how}, not {task} {split}")
     try:
         found = set(iglue_layout.available_langs(data_root, task, split)) | {"en"}
     except ValueError:  # no datasets/ folder under data_root: the serialized file is the whole dev set
         found = {"en"}
     chosen = metrics.ordered_langs(data.select_langs(langs, metrics.ordered_langs(found)))
     if "en" not in chosen:
-        raise ValueError(f"{path}: a serialized NLVR2 dev file is English dev, but --langs leaves en out")
+        raise ValueError(f"{path}: a serialized {dev_of.data} {dev_of.noun} file is English, but --langs leaves en out")
     return chosen
+
+
+def check_serialized_set(dataset) -> None:
+    """Every record of a serialized dev set decoded now (a bad one stops the run before training, not after its first
+    epoch): NLVR2's checks (nlvr2_serialized.check), GQA's items read; a GQA record lacking a field is one line."""
+    if isinstance(dataset, data.SerializedNLVR2Dataset):
+        return dataset.db.check(sample=None)
+    for i in range(len(dataset)):
+        try:
+            dataset[i]
+        except BadInput:
+            raise
+        except (KeyError, TypeError, ValueError) as e:  # a missing field, a field of the wrong kind or shape
+            key = dataset.db.keys()[i].decode(errors="replace")
+            detail = (str(e).strip().splitlines() or [""])[0][:160]
+            raise BadInput(
+                f"{dataset.db.path}: record {key!r}: not a GQA question record ({type(e).__name__} {detail})"
+            )
+
+
+def serialized_dev_file(task: str, split: str, paths) -> str | None:
+    """eval_zeroshot: the serialized dev file among a run's --features (serialized_roles, training file optional)
+    English `split` is read from; None for a split it does not hold (a test split is read image-keyed)."""
+    dev_of = feature_sets.SERIALIZED_DEV.get(task)
+    if dev_of is None or split != dev_of.split or not paths:
+        return None
+    return feature_sets.serialized_roles(task, feature_sets.split_features(list(paths))[0], training=False)[1]
+
+
+def set_examples(sets: dict[str, EvalSet]) -> dict[str, Sequence]:
+    """{lang: the examples evaluated} for the predictions files: the annotations read, a serialized set's records."""
+    return {l: s.examples or [s.dataset[i]["example"] for i in range(len(s.dataset or ()))] for l, s in sets.items()}
 
 
 def trainer_evaluate_fn(
@@ -203,7 +239,7 @@ def trainer_evaluate_fn(
         dev_lmdb=dev_lmdb,
     )
     if dev_lmdb is not None:
-        sets["en"].dataset.db.check(sample=None)
+        check_serialized_set(sets["en"].dataset)
     for s in sets.values():
         preflight.check_inputs(s.examples, features=features, images=images)
     # every evaluation image decoded once (languages share them): a corrupt one stops the run now, not after epoch 1

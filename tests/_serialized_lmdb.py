@@ -56,3 +56,17 @@ def nlvr2_records(exs, feats, b64: set = frozenset()) -> list[dict]:
             rec.update({f"img_h_{side}": np.int64(h), f"img_id_{side}": key, f"obj_id_{side}": np.arange(3)})
         out.append(rec)
     return out
+
+
+def gqa_records(exs, feats) -> list[dict]:
+    """IGLUE's serialized GQA records (data.SerializedGQADataset; the fields of the fixture tensorpack wrote,
+    tests/fixtures/features/gqa_serialized_fixture.lmdb) of the xgqa examples `exs`: question, answer label ids and
+    scores from the examples, the image's arrays from the image-keyed features `feats`."""
+    reader, out = open_features(feats), []
+    for ex in exs:
+        f, b, w, h = reader.get(ex.image)
+        entry = {"image_id": ex.image, "labels": list(ex.scores), "scores": list(ex.scores.values())}
+        entry.update({"question_id": ex.id, "question": ex.text})
+        rec = {"features": f, "boxes": b, "img_w": np.int64(w), "img_h": np.int64(h), "obj_id": np.arange(len(b))}
+        out.append({**rec, "img_id": ex.image, "entry": entry})
+    return out

@@ -550,3 +550,156 @@ def test_bad_serialized_nlvr2_file_combination_is_one_line(case, sample, nlvr2_l
     msg = str(e.value.code)
     assert msg.startswith("error: ") and "\n" not in msg and re.search(want, msg), msg
     assert not any((tmp_path / "run").glob("*.pt")) and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def zeroshot_results(run, *extra) -> dict:
+    """eval_zeroshot.py evaluate --run `run` (data arguments from its args.json unless `extra` gives them): the
+    results.json record of the split evaluated and that split's per-example English predictions file."""
+    import eval_zeroshot
+
+    assert eval_zeroshot.main(["evaluate", "--run", str(run), "--num-workers", "0", *extra]) == 0
+    split = (
+        extra[extra.index("--split") + 1]
+        if "--split" in extra
+        else json.loads((run / "args.json").read_text())["eval_split"]
+    )
+    record = json.loads((run / "results.json").read_text())[split]
+    return {**record, "predictions": json.loads((run / f"{split}_en_0_result.json").read_text())}
+
+
+def test_eval_zeroshot_dev_of_a_serialized_marvl_run_reads_the_dev_file(sample, nlvr2_lmdbs, tmp_path):
+    """eval_zeroshot.py evaluate --split dev of a run trained from IGLUE's serialized NLVR2 files reads English dev
+    from the run's serialized dev file (no annotation or image-keyed file needed) and reproduces the accuracy the
+    trainer logged; --split test reads image-keyed files, the dev file among --features notwithstanding."""
+    run = tmp_path / "run"
+    common = ["--policy", "full", "--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--dropout", "0", "--seed", "3"]
+    U.main(serialized_cli(sample, run, nlvr2_lmdbs, *common, "--langs", "en"))
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (final,) = [r for r in logged if r["type"] == "eval"]
+    dev = zeroshot_results(run)  # --split dev, --features and --langs en from args.json
+    assert dev["split"] == "dev" and dev["files"] == {"en": str(nlvr2_lmdbs[1])}
+    assert dev["langs"]["en"]["accuracy"] == final["accuracy"] and dev["langs"]["en"]["n"] == 60
+    exs = data.load_split(IGLUE, "marvl", "dev", "en")
+    assert [(p["id"], p["sentence"], p["label"]) for p in dev["predictions"]] == [(e.id, e.text, e.label) for e in exs]
+    test = zeroshot_results(run, "--split", "test", "--features", *map(str, nlvr2_lmdbs), str(sample / "feats"))
+    assert test["files"]["en"].endswith("test.jsonl") and test["langs"]["en"]["n"] == len(
+        data.load_split(IGLUE, "marvl", "test", "en")
+    )
+
+
+# ------------------------------------------------------------------- xgqa: IGLUE's serialized GQA train + valid files
+
+
+def gqa_serialized_cli(sample, out, files, *extra):
+    """cli("xgqa", ...) with --features `files` (serialized GQA LMDBs), --eval-split valid, English only."""
+    argv = cli("xgqa", sample, out, "--langs", "en", *extra)
+    at = argv.index("--features") + 1
+    argv[at : at + 1] = [str(f) for f in files]
+    argv[argv.index("--eval-split") + 1] = "valid"
+    return argv
+
+
+@pytest.fixture(scope="module")
+def gqa_lmdbs(sample, tmp_path_factory):
+    """IGLUE's serialized GQA files as its VOLTA config names them: training = the sample's first 128 GQA testdev
+    questions, validation = all 300 (records of the sample's annotation lines, features from the sample file)."""
+    out, exs = tmp_path_factory.mktemp("gqa_lmdb"), data.load_split(IGLUE, "xgqa", "testdev", "en")
+    write = serialized_lmdb.write_serialized
+    train = write(out / "gqa-train_boxes36.lmdb", serialized_lmdb.gqa_records(exs[:128], sample / "feats"))
+    return train, write(out / "gqa-valid_boxes36.lmdb", serialized_lmdb.gqa_records(exs, sample / "feats"))
+
+
+def test_xgqa_trains_and_validates_from_iglues_serialized_files(sample, gqa_lmdbs, tmp_path):
+    """--features gqa-train_boxes36.lmdb gqa-valid_boxes36.lmdb --eval-split valid: training from the training file,
+    English valid from the validation file after every epoch (VOLTA's val_split), no annotation or image-keyed file
+    needed; the accuracy logged equals the final model's on the image-keyed equivalent (the same questions as
+    annotation lines, the same features), prediction by prediction, and eval_zeroshot.py reproduces it."""
+    common = ["--policy", "full", "--epochs", "2", "--batch-size", "16", "--lr", "1e-2", "--dropout", "0"]
+    run = tmp_path / "run"
+    U.main(gqa_serialized_cli(sample, run, gqa_lmdbs, *common, "--seed", "2", "--eval-every", "1"))
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in logged if r["type"] == "eval"]
+    assert [(r["epoch"], r["lang"], r["split"], r["n"]) for r in evals] == [
+        (1, "en", "valid", 300),
+        (2, "en", "valid", 300),
+    ]
+    model = U.build_model("xgqa", U.resolve_config(UC2_TINY))
+    assert volta.load_into(model, str(run / "model_final.pt")).ok
+    tok = tokenizer_check.load_tokenizer(sample / "tok")
+    keyed = scoring.evaluate.build_eval_sets(
+        "uc2", "xgqa", IGLUE, tok, ["en"], "testdev", features=str(sample / "feats"), max_regions=REGIONS
+    )
+    ser = scoring.evaluate.build_eval_sets(
+        "uc2", "xgqa", IGLUE, tok, ["en"], "valid", max_regions=REGIONS, dev_lmdb=gqa_lmdbs[1]
+    )
+    assert isinstance(ser["en"].dataset, data.SerializedGQADataset) and isinstance(keyed["en"].dataset, data.UC2Dataset)
+    (pk, ps) = ({}, {})
+    got_keyed = scoring.evaluate.evaluate_task(model, "xgqa", keyed, predictions=pk)
+    got_ser = scoring.evaluate.evaluate_task(model, "xgqa", ser, predictions=ps)
+    same = lambda m: {k: v for k, v in m["en"].items() if v == v}  # noqa: E731 - NaN (no question of a type) aside
+    assert same(got_keyed) == same(got_ser) and got_keyed["en"]["accuracy"] == evals[-1]["accuracy"] > 0
+    with torch.no_grad():  # beyond the argmax: the same logits, question by question
+        logits = [model.eval()._run(s["en"].collate([s["en"].dataset[i] for i in range(300)])) for s in (keyed, ser)]
+    assert torch.equal(*logits) and logits[0].std(0).max() > 0 and pk == ps
+    valid = zeroshot_results(run)  # --split valid from args.json
+    assert same(valid["langs"]) == same(got_ser) and valid["files"] == {"en": str(gqa_lmdbs[1])}
+    assert [p["questionId"] for p in valid["predictions"]] == [i for i, _ in ps["en"]]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["two_training_files", "two_validation_files", "validation_file_alone", "three_files", "valid_with_another_split"]
+    + ["valid_file_of_nlvr2", "valid_record_without_question"],
+)
+def test_bad_serialized_gqa_file_combination_is_one_line(case, sample, gqa_lmdbs, nlvr2_lmdbs, tmp_path):
+    """As marvl's: the serialized GQA files are told apart by name (IGLUE's gqa-train_* / gqa-valid_*; val too): two
+    training files, two validation files, a validation file alone, three files, a validation file with another
+    --eval-split or holding NLVR2 records, and a validation record without its question are each one line before
+    training; no checkpoint or metrics are written."""
+    train, valid = gqa_lmdbs
+    copy = lambda src, name: shutil.copytree(src, tmp_path / name)  # noqa: E731
+    bad = None
+    if case == "valid_record_without_question":
+        records = serialized_lmdb.gqa_records(data.load_split(IGLUE, "xgqa", "testdev", "en")[:8], sample / "feats")
+        del records[5]["entry"]["question"]
+        bad = serialized_lmdb.write_serialized(tmp_path / "gqa-valid_boxes36.lmdb", records)
+    files, split, want = {
+        "two_training_files": (
+            [train, copy(train, "gqa-train2_boxes36.lmdb")],
+            "valid",
+            r"two training files \(neither "
+            r"is named valid or val\); serialized GQA files are told apart by name, as IGLUE names them",
+        ),
+        "two_validation_files": ([valid, copy(valid, "gqa-val_X101.lmdb")], "valid", r"two validation files"),
+        "validation_file_alone": ([valid], "valid", r"a validation file and no training file"),
+        "three_files": (
+            [train, valid, copy(valid, "gqa-val.lmdb")],
+            "valid",
+            r"several serialized LMDBs given \(.*\); "
+            r"give the training one and at most the validation one \(gqa-valid_\*\.lmdb\)",
+        ),
+        "valid_with_another_split": (
+            [train, valid],
+            "dev",
+            r"evaluation data: .*gqa-valid_boxes36.lmdb: a serialized GQA "
+            r"validation file is evaluated with --task xgqa --eval-split valid, not xgqa dev",
+        ),
+        "valid_file_of_nlvr2": (
+            [train, copy(nlvr2_lmdbs[1], "nlvr2-valid.lmdb")],
+            "valid",
+            r"evaluation data: "
+            r".*nlvr2-valid.lmdb is a serialized LMDB of marvl records, not of xgqa's",
+        ),
+        "valid_record_without_question": (
+            [train, bad],
+            "valid",
+            r"evaluation data: .*gqa-valid_boxes36.lmdb: record '00000005': not a GQA question record \(KeyError ",
+        ),
+    }[case]
+    argv = gqa_serialized_cli(sample, tmp_path / "run", files, "--epochs", "1")
+    argv[argv.index("--eval-split") + 1] = split
+    with pytest.raises(SystemExit) as e:
+        U.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg and re.search(want, msg), msg
+    assert not any((tmp_path / "run").glob("*.pt")) and not (tmp_path / "run" / "metrics.jsonl").exists()
