@@ -439,12 +439,13 @@ def test_print_schedule_shows_the_two_image_layout(capsys):
 # ------------------------------------------------------------------- marvl: IGLUE's serialized NLVR2 train + dev files
 
 
-def serialized_cli(sample, out, files, *extra):
-    """cli("marvl", ...) with --features `files` (serialized LMDBs, then any image-keyed ones), --eval-split dev."""
-    argv = cli("marvl", sample, out, *extra)
+def serialized_cli(sample, out, files, *extra, task: str = "marvl"):
+    """cli(task, ...) with --features `files` (serialized LMDBs, then any image-keyed ones) and the split the
+    serialized dev file serves: marvl dev, xgqa valid (English only)."""
+    argv = cli(task, sample, out, *(("--langs", "en") if task == "xgqa" else ()), *extra)
     at = argv.index("--features") + 1
     argv[at : at + 1] = [str(f) for f in files]
-    argv[argv.index("--eval-split") + 1] = "dev"
+    argv[argv.index("--eval-split") + 1] = {"marvl": "dev", "xgqa": "valid"}[task]
     return argv
 
 
@@ -590,15 +591,6 @@ def test_eval_zeroshot_dev_of_a_serialized_marvl_run_reads_the_dev_file(sample, 
 # ------------------------------------------------------------------- xgqa: IGLUE's serialized GQA train + valid files
 
 
-def gqa_serialized_cli(sample, out, files, *extra):
-    """cli("xgqa", ...) with --features `files` (serialized GQA LMDBs), --eval-split valid, English only."""
-    argv = cli("xgqa", sample, out, "--langs", "en", *extra)
-    at = argv.index("--features") + 1
-    argv[at : at + 1] = [str(f) for f in files]
-    argv[argv.index("--eval-split") + 1] = "valid"
-    return argv
-
-
 @pytest.fixture(scope="module")
 def gqa_lmdbs(sample, tmp_path_factory):
     """IGLUE's serialized GQA files as its VOLTA config names them: training = the sample's first 128 GQA testdev
@@ -616,7 +608,7 @@ def test_xgqa_trains_and_validates_from_iglues_serialized_files(sample, gqa_lmdb
     annotation lines, the same features), prediction by prediction, and eval_zeroshot.py reproduces it."""
     common = ["--policy", "full", "--epochs", "2", "--batch-size", "16", "--lr", "1e-2", "--dropout", "0"]
     run = tmp_path / "run"
-    U.main(gqa_serialized_cli(sample, run, gqa_lmdbs, *common, "--seed", "2", "--eval-every", "1"))
+    U.main(serialized_cli(sample, run, gqa_lmdbs, *common, "--seed", "2", "--eval-every", "1", task="xgqa"))
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in logged if r["type"] == "eval"]
     assert [(r["epoch"], r["lang"], r["split"], r["n"]) for r in evals] == [
@@ -696,7 +688,7 @@ def test_bad_serialized_gqa_file_combination_is_one_line(case, sample, gqa_lmdbs
             r"evaluation data: .*gqa-valid_boxes36.lmdb: record '00000005': not a GQA question record \(KeyError ",
         ),
     }[case]
-    argv = gqa_serialized_cli(sample, tmp_path / "run", files, "--epochs", "1")
+    argv = serialized_cli(sample, tmp_path / "run", files, "--epochs", "1", task="xgqa")
     argv[argv.index("--eval-split") + 1] = split
     with pytest.raises(SystemExit) as e:
         U.main(argv)
