@@ -95,12 +95,17 @@ def check_xvnli(folder: Path) -> None:
     batch = {"images": x["images"], "text_ids": x["text_ids"], "text_atts": x["text_atts"], "label": x["targets"]}
     close("vision_embeds", model.vision_encoder(x["images"]), out["vision_embeds"])
     close("cross_embeds", model.fuse(batch), out["cross_embeds"])
+    check_classifier(model, batch, out)
+
+
+def check_classifier(model, batch: dict, out: dict) -> None:
+    """Logits, predictions, loss and the accuracy the reference's evaluate() prints: n_correct / (N + 1)
+    (SmoothedValue's dummy first update; we report n_correct / N)."""
     close("logits", model.logits(batch), out["logits"])
     pred = model.predict(batch)
     close("pred", pred, out["pred"])
     close("loss", model.loss(batch), out["loss"])
-    # the reference prints n_correct / (N + 1) (SmoothedValue's dummy first update); we report n_correct / N
-    n, correct = len(pred), (pred == x["targets"]).sum().item()
+    n, correct = len(pred), (pred == batch["label"]).sum().item()
     assert abs(correct / (n + 1) - out["accuracy"].item()) < 1e-6
     assert 0 <= correct / n <= 1
 
@@ -119,12 +124,7 @@ def check_marvl(folder: Path) -> None:
         "cross_embeds_right", model.cross_embeds(right, model.text_encoder(ids, atts), atts), out["cross_embeds_right"]
     )
     close("output_cls", model.cls_features(batch), out["output_cls"])
-    close("logits", model.logits(batch), out["logits"])
-    pred = model.predict(batch)
-    close("pred", pred, out["pred"])
-    close("loss", model.loss(batch), out["loss"])
-    n, correct = len(pred), (pred == x["targets"]).sum().item()
-    assert abs(correct / (n + 1) - out["accuracy"].item()) < 1e-6
+    check_classifier(model, batch, out)
 
 
 def check_xflickrco(folder: Path) -> None:
