@@ -183,7 +183,7 @@ def test_english_clip_scores_the_routines_text_of_the_xtd_test_split(xtd_world, 
     with torch.no_grad():
         text = model.get_text_features(input_ids=ids)
         text = getattr(text, "pooler_output", text)
-    feats = torch.load(w / "feats.pt")
+    feats = torch.load(w / "feats.pt", weights_only=True)
     image = torch.stack([feats["features"][feats["names"].index(p)] for p in split.images])
     assert result["test"]["mean_r1"] == pytest.approx(reference_recall(image, text), abs=1e-9)
     assert result["test"] == M.recall_at_1(image, text)
@@ -304,7 +304,7 @@ def head_cli(world: Path, out: Path, *extra: str) -> list[str]:
 
 
 def checkpoint(run: Path) -> dict:
-    return torch.load(run / "checkpoint_last.pt", weights_only=False)
+    return torch.load(run / "checkpoint_last.pt", weights_only=True)
 
 
 def test_tuning_head_reference_trains_exactly_what_off_trains(head_world, tmp_path):
@@ -317,7 +317,7 @@ def test_tuning_head_reference_trains_exactly_what_off_trains(head_world, tmp_pa
     assert [r["lr"] for r in lines(ref, "train")] == [r["lr"] for r in lines(off, "train")]
     assert len(lines(off, "train")) == 4
     for name in ("checkpoint_last.pt", "model_final.pt"):
-        a, b = (torch.load(r / name, weights_only=False)["model"] for r in (off, ref))
+        a, b = (torch.load(r / name, weights_only=True)["model"] for r in (off, ref))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         assert not any(k.startswith(M.HEAD_PREFIXES) for k in b)
     groups = checkpoint(ref)["optimizer"]["param_groups"]
@@ -334,7 +334,7 @@ def test_tuning_head_corrected_trains_the_projection_at_the_head_lr_and_nothing_
     off, cor = tmp_path / "off", tmp_path / "cor"
     M.main(head_cli(head_world, off, *one))
     result = M.main(head_cli(head_world, cor, *one, "--tuning-head", "corrected"))
-    start = torch.load(head_world / "text.pt")
+    start = torch.load(head_world / "text.pt", weights_only=True)
     ck, ck_off = checkpoint(cor), checkpoint(off)
     state = ck["model"]
     head = [k for k in state if k.startswith(M.HEAD_PREFIXES)]
