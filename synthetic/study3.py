@@ -33,7 +33,7 @@ from synthetic.xvlmaml_study import job_cpu_seconds
 ROOT = ss.ROOT
 RECORD = ROOT / "docs" / "synthetic" / "study3_record.json"
 PROTOCOL = "docs/synthetic/protocol_study3.md"
-STRENGTHS = {"base": 3e-4, "strong": 1e-3}  # protocol section 3
+STRENGTHS = {"base": 3e-4, "mid": 1e-3, "strong": 1e-3}  # protocol section 3; mid: amendment A2 (exploratory)
 STRONG_FALLBACK = {"premise": 2e-3, "english": 6e-4}  # protocol section 5, applied once
 POLICIES = ("full", "suf", "llrd", "lpft", "top")
 EMBEDDINGS = ("trained", "frozen")
@@ -117,23 +117,25 @@ class Design:
         return cmd + ["--seed", str(fs), "--out", str(out)], out.with_suffix(".log")
 
     def jobs(self, pretrain_seeds, strengths, policies, random_init=False) -> list[tuple[list[str], Path]]:
-        """Probes first (LP-FT's second phase needs them), then full and the floors, then the rest."""
-        probes, first, rest = [], [], [self.random_init(s) for s in strengths] if random_init else []
-        for ps in pretrain_seeds:
-            for fs in finetune_seeds(ps, self.per_seed):
-                if "lpft" in policies:
-                    probes.append(self.probe(ps, fs))
-                for pol, emb, s in arms(policies, strengths):
+        """Probes first (LP-FT's second phase needs them); then strength by strength in the design's order (base,
+        the headline's, first: amendment A2), full and the floors before the rest."""
+        seeds = [(ps, fs) for ps in pretrain_seeds for fs in finetune_seeds(ps, self.per_seed)]
+        out = [self.probe(ps, fs) for ps, fs in seeds] if "lpft" in policies else []
+        for s in [s for s in self.strengths if s in strengths]:
+            first, rest = [], [self.random_init(s)] if random_init else []
+            for ps, fs in seeds:
+                for pol, emb, _ in arms(policies, [s]):
                     (first if pol == "full" else rest).append(self.finetune(pol, emb, s, ps, fs))
-            first += [self.blind(s, ps) for s in strengths]
-        return [j for j in probes + first + rest if j is not None]
+            first += [self.blind(s, ps) for ps in pretrain_seeds]
+            out += first + rest
+        return [j for j in out if j is not None]
 
 
-def premise_cells(d: Design, pretrain_seeds) -> dict:
+def premise_cells(d: Design, pretrain_seeds, strengths: Sequence[str] | None = None) -> dict:
     """pretraining seed -> strength -> embeddings -> {fine-tuning seed: checks, "verdicts": ...}; cached per run."""
     out: dict = {}
     for ps in pretrain_seeds:
-        for s in d.strengths:
+        for s in strengths or d.strengths:
             blind = d.run_dir(f"blind-{s}", ps, finetune_seeds(ps)[0])
             for emb in EMBEDDINGS:
                 checks, blind_en = {}, None
@@ -151,10 +153,24 @@ def premise_cells(d: Design, pretrain_seeds) -> dict:
 
 
 def calibrate(d: Design, workers: int) -> dict:
-    """Protocol section 5: seed 0's full runs, floors and checks; the strong fallback once, mechanically."""
-    p0 = d.pretrain_seeds[:1]
-    ss.parallel(d.jobs(p0, list(d.strengths), ["full"]), workers)
-    cells = premise_cells(d, p0)[str(p0[0])]
+    """Protocol section 5: seed 0's full runs, floors and checks; the strong fallback once, mechanically. The decision
+    is stored in <out>/calibration.json and read back on restart (the moved runs must not be judged again)."""
+    p0, stored = d.pretrain_seeds[:1], d.out / "calibration.json"
+    judged = [s for s in ("base", "strong") if s in d.strengths]  # mid (amendment A2) plays no part
+    if stored.is_file():
+        fallback = json.loads(stored.read_text())["fallback"]
+        if fallback:
+            d.strengths["strong"] = fallback["strong_lr"]
+        print(f"calibration: stored decision {fallback} ({stored})", flush=True)
+        return {"fallback": fallback, "cells": premise_cells(d, p0, judged)[str(p0[0])]}
+    decided = calibrate_once(d, p0, judged, workers)
+    stored.write_text(json.dumps({"fallback": decided["fallback"]}, indent=1) + "\n")
+    return decided
+
+
+def calibrate_once(d: Design, p0: list[int], judged: list[str], workers: int) -> dict:
+    ss.parallel(d.jobs(p0, judged, ["full"]), workers)
+    cells = premise_cells(d, p0, judged)[str(p0[0])]
     if "strong" not in d.strengths or any(c["verdicts"]["layer_premise"] for s in cells.values() for c in s.values()):
         return {"fallback": None, "cells": cells}
     english_fails = not all(c["verdicts"]["P0_english"] for c in cells["strong"].values())
@@ -170,7 +186,7 @@ def calibrate(d: Design, workers: int) -> dict:
     ss.parallel(d.jobs(p0, ["strong"], ["full"]), workers)
     return {
         "fallback": {"reason": reason, "strong_lr": d.strengths["strong"]},
-        "cells": premise_cells(d, p0)[str(p0[0])],
+        "cells": premise_cells(d, p0, judged)[str(p0[0])],
     }
 
 
@@ -208,10 +224,10 @@ def analysis_spec(strengths: Sequence[str], policies: Sequence[str]) -> dict:
             comps.append(
                 [arm(p, "frozen", s), arm("full", "frozen", s), arm(p, "trained", s), arm("full", "trained", s)]
             )
-    if "strong" in strengths and "base" in strengths:
+    for hi in [s for s in ("mid", "strong") if s in strengths and "base" in strengths]:  # mid: amendment A2
         for e in EMBEDDINGS:
             for p in others + (["top"] if "top" in policies else []):
-                comps.append([arm(p, e, "strong"), arm("full", e, "strong"), arm(p, e, "base"), arm("full", e, "base")])
+                comps.append([arm(p, e, hi), arm("full", e, hi), arm(p, e, "base"), arm("full", e, "base")])
     head = [arm("suf", "trained", "base"), arm("full", "trained", "base")]
     comps.sort(key=lambda c: c != head)  # the headline first
     return {
