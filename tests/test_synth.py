@@ -852,8 +852,13 @@ def test_study3_design_nests_fine_tuning_seeds_and_builds_every_arm(tmp_path):
     probes = [cmd for cmd, _ in jobs if "synthetic.lpft" in cmd]
     runs = {Path(cmd[cmd.index("--output-dir") + 1]).name: cmd for cmd, _ in jobs if "--output-dir" in cmd}
     assert len(probes) == 10 and jobs[0][0] == probes[0]  # the probes first: LP-FT's second phase reads them
-    # 9 arms (4 policies x 2 embeddings + top) x 2 strengths x 10 pairs, + a blind floor per seed and strength
-    assert len(runs) == 9 * 2 * 10 + 5 * 2
+    # 9 arms (4 policies x 2 embeddings + top) x 3 strengths (mid: amendment A2) x 10 pairs, + a blind floor per
+    # seed and strength; strength by strength, base (the headline's) first
+    assert len(runs) == 9 * 3 * 10 + 5 * 3
+    order = [name.split("-")[1 if name.startswith("blind") else 2] for name in runs]
+    assert order == sorted(order, key=["base", "mid", "strong"].index)
+    mid = runs["llrd-trained-mid-p2-f105"]
+    assert mid[mid.index("--lr") + 1] == "0.001" and mid[mid.index("--seed") + 1] == "105"
     frozen, trained = runs["suf-frozen-strong-p3-f106"], runs["suf-trained-strong-p3-f106"]
     assert "--freeze-embeddings" in frozen and "--freeze-embeddings" not in trained
     assert frozen[frozen.index("--lr") + 1] == "0.001" and frozen[frozen.index("--seed") + 1] == "106"
@@ -866,6 +871,19 @@ def test_study3_design_nests_fine_tuning_seeds_and_builds_every_arm(tmp_path):
     assert spec["comparisons"][0] == ["suf-trained-base", "full-trained-base"]  # the headline
     assert ["suf-trained-strong", "full-trained-strong", "suf-trained-base", "full-trained-base"] in spec["comparisons"]
     assert ["suf-frozen-base", "full-frozen-base", "suf-trained-base", "full-trained-base"] in spec["comparisons"]
+    assert ["top-frozen-mid", "full-frozen-mid", "top-frozen-base", "full-frozen-base"] in spec["comparisons"]
+
+
+def test_study3_restart_applies_the_stored_calibration_and_never_judges_the_moved_runs_again(tmp_path, monkeypatch):
+    from synthetic import study3
+
+    d = study3.Design(tmp_path, [0], 2, tuple(study3.STRENGTHS), study3.POLICIES, tmp_path / "p0.bin")
+    (tmp_path / "calibration.json").write_text(json.dumps({"fallback": {"reason": "premise", "strong_lr": 0.002}}))
+    judged = []
+    monkeypatch.setattr(study3, "premise_cells", lambda d, seeds, strengths: judged.append(strengths) or {"0": {}})
+    monkeypatch.setattr(study3.ss, "parallel", lambda *a: pytest.fail("a restart must not run calibration again"))
+    assert study3.calibrate(d, 1)["fallback"] == {"reason": "premise", "strong_lr": 0.002}
+    assert d.strengths == {"base": 3e-4, "mid": 1e-3, "strong": 2e-3} and judged == [["base", "strong"]]
 
 
 def test_premise_verdicts_apply_the_protocols_thresholds():
