@@ -27,6 +27,7 @@ from synthetic import analysis
 from synthetic import lpft
 from synthetic import premise
 from synthetic import study as ss
+from synthetic import study3_report
 from synthetic import world as sw
 from synthetic.xvlmaml_study import job_cpu_seconds
 
@@ -244,26 +245,6 @@ def git_commit(path: str | None = None) -> str:
     return res.stdout.strip() or "unknown"
 
 
-def premise_report(prem: dict) -> list[str]:
-    lines = [
-        "## Premise checks (policy full; auxiliary dev splits; thresholds: protocol_study3.md section 4)",
-        "",
-        "| pretraining seed | strength | embeddings | English margin | max alignment drop | swap-back 0-2 | "
-        "embedding shift | layer premise |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for ps, by_s in prem.items():
-        for s, by_e in by_s.items():
-            for e, cell in by_e.items():
-                v = cell["verdicts"]
-                margin = "–" if v["english_margin"] is None else f"{v['english_margin']:+.1f}"
-                lines.append(
-                    f"| {ps} | {s} | {e} | {margin} | {v['max_mean_drop']:.2f} | {v['swap_back_gain']:+.1f} | "
-                    f"{v['embedding_shift_gain']:+.1f} | {'holds' if v['layer_premise'] else 'fails'} |"
-                )
-    return lines
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="synth3_out", help="study folder (world/, pretrain/, runs/, record.json)")
@@ -328,8 +309,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     record["intervals"] = analysis.analyse(record)
     record["compute"] = {"cpu_seconds": cpu, "wall_seconds": time.time() - start}
     (out / "record.json").write_text(json.dumps(record, indent=1) + "\n")
-    report = analysis.format_report(record["intervals"], "Study 3: paired differences (pretraining seed = unit)")
-    report += "\n" + "\n".join(premise_report(prem)) + "\n"
+    report = study3_report.render(record)
     (out / "RESULTS.md").write_text(report)
     if args.record:
         RECORD.write_text(json.dumps(record, indent=1) + "\n")

@@ -928,6 +928,80 @@ def test_embedding_shift_gives_each_foreign_word_its_translations_shift_and_swap
     assert set(moved) == {"en", "rl", "sw"} and moved["rl"] > 0
 
 
+def _study3_record(premise_holds: dict[tuple[str, str], int]) -> dict:
+    """A Study 3-shaped record: 5 pretraining seeds x 2 fine-tuning seeds; the layer premise holds in the first k
+    seeds of a cell (premise_holds[(strength, embeddings)] = k)."""
+    from synthetic import study3
+
+    rng = np.random.default_rng(0)
+    strengths = {"base": 3e-4, "mid": 1e-3, "strong": 2e-3}
+    seeds = {str(ps): [str(fs) for fs in study3.finetune_seeds(ps)] for ps in range(5)}
+    per_run = {
+        study3.arm(pol, emb, s): {
+            ps: {fs: {lang: float(rng.uniform(40, 90)) for lang in sw.LANGS} for fs in fss} for ps, fss in seeds.items()
+        }
+        for pol, emb, s in study3.arms(study3.POLICIES, list(strengths))
+    }
+
+    def verdicts(holds: bool) -> dict:
+        return {
+            "P0_english": True,
+            "english_margin": 40.0,
+            "P1_alignment_erodes": True,
+            "max_mean_drop": 0.4,
+            "P2_swap_back_helps": holds,
+            "swap_back_gain": 2.0 if holds else -5.0,
+            "embedding_channel_open": True,
+            "embedding_shift_gain": 7.0,
+            "layer_premise": holds,
+        }
+
+    premise = {
+        ps: {
+            s: {e: {"verdicts": verdicts(int(ps) < premise_holds.get((s, e), 0))} for e in study3.EMBEDDINGS}
+            for s in strengths
+        }
+        for ps in seeds
+    }
+    run = {lang: 30.0 for lang in sw.LANGS}
+    return {
+        "design": {"strengths": strengths},
+        "per_run": per_run,
+        "premise": premise,
+        "floors": {"answer_prior": {"per_template_majority": 30.0}, "blind": {"0": {"base": run}}, "random_init": {}},
+        "analysis": study3.analysis_spec(list(strengths), study3.POLICIES),
+    }
+
+
+def test_study3_report_reads_each_cell_by_the_protocols_rule_and_quotes_the_records_intervals():
+    from synthetic import study3_report
+
+    record = _study3_record({("base", "trained"): 4, ("base", "frozen"): 3})
+    text = study3_report.render(record)
+    result = analysis.analyse(record)
+    head = analysis.cell(result["comparisons"]["suf-trained-base - full-trained-base"]["non_en_avg"])
+    assert f"SUF − full on the non-English average: **{head.replace('-', '−')}**" in text
+    rows = {tuple(r.split(" | ")[:2]): r for r in text.splitlines() if r.startswith("| base (")}
+    assert (
+        "4/5 |" in rows[("| base (0.0003)", "trained")]
+        and "a test of SUF's mechanism" in rows[("| base (0.0003)", "trained")]
+    )
+    assert (
+        "3/5 |" in rows[("| base (0.0003)", "frozen")]
+        and "does not hold the premise" in rows[("| base (0.0003)", "frozen")]
+    )
+    assert "`mid` lr 0.001, exploratory (amendment A2" in text
+    dose = analysis.cell(
+        result["comparisons"]["(suf-trained-mid - full-trained-mid) - (suf-trained-base - full-trained-base)"][
+            "non_en_avg"
+        ]
+    )
+    assert (
+        f"| (suf-trained-mid − full-trained-mid) − (suf-trained-base − full-trained-base) | {dose.replace('-', '−')}"
+        in text
+    )
+
+
 @pytest.mark.system
 def test_study3_small_runs_end_to_end_and_its_record_re_derives_every_interval(tmp_path):
     """make synth-small's code path on a tiny world (2 pretraining seeds of 2 steps, 1 step per epoch): LP-FT's
