@@ -34,6 +34,7 @@ from report import figures
 import train_uc2
 from synthetic import analysis
 from synthetic import study as synth_study
+from synthetic import study3_report
 from synthetic import world as synth_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,8 @@ CHECKPOINT = ROOT / "tests" / "fixtures" / "synth" / "pretrain_seed0.bin"
 # 200 of the study's 375 steps per epoch (docs/synthetic/log.md, r6): whole epochs take ~140 s of CPU per run; with
 # the world, schedules and figures (~90 s of CPU in one process) 250 steps measured 274 s of CPU, ~185 s on 2 idle cores
 DEMO_STEPS = 200
-STUDY_RECORD = ROOT / "docs" / "synthetic" / "study1_record.json"  # Study 1's per-run values (reanalysis.md)
+STUDY_RECORD = ROOT / "docs" / "synthetic" / "study3_record.json"  # Study 3's per-run values (protocol_study3.md)
+HEAD = ("suf-trained-base", "full-trained-base")  # its confirmatory headline (protocol_study3.md section 6)
 
 
 def print_epochs(runs: dict[str, Path]) -> None:
@@ -59,37 +61,42 @@ def print_epochs(runs: dict[str, Path]) -> None:
             )
 
 
-def print_headline() -> None:
-    """Study 1's SUF - full from its per-run record, with the pretraining seed as the unit; and what one pair shows."""
-    if not STUDY_RECORD.is_file():
-        print(f"\nno study record ({STUDY_RECORD.relative_to(ROOT)}): see docs/synthetic/reanalysis.md")
-        return
-    rec = json.loads(STUDY_RECORD.read_text())
-    c = analysis.analyse(rec)["comparisons"]["suf - full"]["non_en_avg"]
+def headline(rec: dict) -> str:
+    """Study 3's confirmatory headline (SUF - full, base strength, embeddings trained) from its per-run record,
+    with the pretraining seed as the unit, how the protocol lets it be read, and what one pair shows."""
+    c = analysis.analyse(rec)["comparisons"][f"{HEAD[0]} - {HEAD[1]}"]["non_en_avg"]
     u, pairs = c["unit"], [v for by_f in c["pairs"].values() for v in by_f.values()]
-    full_en = [r["en"] for by_f in rec["per_run"]["full"].values() for r in by_f.values()]
-    print(
-        f"\n=== what the study found (Study 1: {u['n']} pretraining seeds x 2 fine-tuning seeds, whole epochs) ==="
-        f"\n  SUF - full, non-English average: {u['mean']:+.1f}, t 95% interval over the {u['n']} pretraining-seed "
-        f"means [{u['lo']:+.1f}, {u['hi']:+.1f}]; smallest effect this design detects (80% power): "
-        f"{c['detectable']:.1f} points. No detectable difference."
-        f"\n  Its {len(pairs)} pairs ranged from {min(pairs):+.1f} to {max(pairs):+.1f}: the difference between the "
-        "two runs above is one such pair, at a smaller budget, and no interval can be drawn from it."
+    full_en = [r["en"] for by_f in rec["per_run"][HEAD[1]].values() for r in by_f.values()]
+    premise = study3_report.premise_cell(rec, "base", "trained")
+    return (
+        f"\n=== what the study found (Study 3: {u['n']} pretraining seeds x 2 fine-tuning seeds each, whole epochs) ==="
+        f"\n  SUF - full, non-English average (base strength, embeddings trained): {u['mean']:+.1f}, t 95% interval"
+        f" over the {u['n']} pretraining-seed means [{u['lo']:+.1f}, {u['hi']:+.1f}]; smallest effect this design"
+        f" detects (80% power): {c['detectable']:.1f} points: {analysis.verdict(c)}."
+        f"\n  Its {len(pairs)} pairs ranged from {min(pairs):+.1f} to {max(pairs):+.1f}: the difference between the"
+        " two runs above is one such pair, at a smaller budget, and no interval can be drawn from it."
         f"\n  The study's full runs reached {np.mean(full_en):.1f} in English on average; the demo's are under-trained."
-        "\n  Caveat (issue 24): in this world the forgetting runs through the word embeddings, not the layers SUF"
-        "\n  protects; Study 3 (docs/synthetic/protocol_study3.md) checks that premise first."
-        "\n  Details: docs/synthetic/reanalysis.md"
+        f"\n  Premise (policy full): the layer forgetting SUF targets holds for {premise['holds']} of"
+        f" {premise['seeds']} pretraining seeds in this cell; reading (protocol rule): {premise['reading']}."
+        "\n  Details: docs/synthetic/study3.md"
     )
 
 
+def print_headline() -> None:
+    if not STUDY_RECORD.is_file():
+        print(f"\nno study record ({STUDY_RECORD.relative_to(ROOT)}): see docs/synthetic/study3.md")
+        return
+    print(headline(json.loads(STUDY_RECORD.read_text())))
+
+
 def floors() -> dict[str, dict[str, float]]:
-    """Per-language floors for the figures: pretraining seed 0's blind (question-only) run of the study (whole
-    epochs), random initialisation and the answer prior, from the study's record."""
+    """Per-language floors for the figures, from Study 3's record: pretraining seed 0's blind (question-only) run
+    and random initialisation at the study's base strength (whole epochs), and the answer prior."""
     f = json.loads(STUDY_RECORD.read_text())["floors"] if STUDY_RECORD.is_file() else {}
     out = {}
     if f:
-        out["blind (question-only), study budget"] = f["blind"]["0"]
-        out["random init, study budget"] = f["random_init"]
+        out["blind (question-only), study budget"] = f["blind"]["0"]["base"]
+        out["random init, study budget"] = f["random_init"]["base"]
         out["answer prior"] = {lang: f["answer_prior"]["per_template_majority"] for lang in synth_world.LANGS}
     return out
 

@@ -968,7 +968,11 @@ def _study3_record(premise_holds: dict[tuple[str, str], int]) -> dict:
         "design": {"strengths": strengths},
         "per_run": per_run,
         "premise": premise,
-        "floors": {"answer_prior": {"per_template_majority": 30.0}, "blind": {"0": {"base": run}}, "random_init": {}},
+        "floors": {
+            "answer_prior": {"per_template_majority": 30.0},
+            "blind": {"0": {"base": run}},
+            "random_init": {"base": {**run, "en": 25.0}},
+        },
         "analysis": study3.analysis_spec(list(strengths), study3.POLICIES),
     }
 
@@ -1000,6 +1004,27 @@ def test_study3_report_reads_each_cell_by_the_protocols_rule_and_quotes_the_reco
         f"| (suf-trained-mid − full-trained-mid) − (suf-trained-base − full-trained-base) | {dose.replace('-', '−')}"
         in text
     )
+
+
+def test_demo_prints_study3s_headline_and_reading_and_draws_its_floors_from_the_record(tmp_path, monkeypatch, capsys):
+    from synthetic import demo
+
+    record = _study3_record({("base", "trained"): 3})
+    path = tmp_path / "study3_record.json"
+    path.write_text(json.dumps(record))
+    monkeypatch.setattr(demo, "STUDY_RECORD", path)
+    demo.print_headline()
+    out = " ".join(capsys.readouterr().out.split())
+    c = analysis.analyse(record)["comparisons"]["suf-trained-base - full-trained-base"]["non_en_avg"]
+    u = c["unit"]
+    assert f"{u['mean']:+.1f}, t 95% interval over the 5 pretraining-seed means [{u['lo']:+.1f}, {u['hi']:+.1f}]" in out
+    assert (
+        "holds for 3 of 5 pretraining seeds in this cell; reading (protocol rule): the world does not hold the premise"
+        in out
+    )
+    assert "(" + "31.9" + ")" not in out and "paper" not in out  # synthetic numbers never beside the paper's
+    fl = demo.floors()
+    assert fl["random init, study budget"]["en"] == 25.0 and fl["blind (question-only), study budget"]["rl"] == 30.0
 
 
 @pytest.mark.system
