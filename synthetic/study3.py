@@ -56,6 +56,13 @@ def arms(policies: Sequence[str], strengths: Sequence[str]) -> list[tuple[str, s
     return [(p, e, s) for s in strengths for p in policies for e in EMBEDDINGS if not (p == "top" and e == "trained")]
 
 
+def resume_if_interrupted(cmd: list[str]) -> list[str]:
+    """A run stopped before its end (its folder holds checkpoint_last.pt, no model_final.pt) continues from its last
+    epoch's checkpoint: the trainers' --resume is bitwise exact, so the finished run equals an uninterrupted one."""
+    run = Path(cmd[cmd.index("--output-dir") + 1])
+    return cmd + ["--resume"] if (run / "checkpoint_last.pt").is_file() else cmd
+
+
 class Design:
     def __init__(self, out: Path, pretrain_seeds, per_seed: int, strengths, policies, checkpoint0: Path, steps=None):
         self.out, self.world, self.runs = out, out / "world", out / "runs"
@@ -74,13 +81,13 @@ class Design:
         ckpt = self.runs / f"lp-p{ps}-f{fs}.pt" if policy == "lpft" else self.ckpts[ps]
         pol = "full" if policy == "lpft" else policy
         cmd, log = ss.finetune_job(self.world, ckpt, pol, fs, self.strengths[strength], run, max_steps=self.max_steps)
-        return (cmd + ["--freeze-embeddings"] if emb == "frozen" and policy != "top" else cmd), log
+        return resume_if_interrupted(cmd + ["--freeze-embeddings"] if emb == "frozen" and policy != "top" else cmd), log
 
     def blind(self, strength: str, ps: int) -> tuple[list[str], Path] | None:
         run = self.run_dir(f"blind-{strength}", ps, finetune_seeds(ps)[0])
         if (run / "model_final.pt").is_file():
             return None
-        return ss.finetune_job(
+        cmd, log = ss.finetune_job(
             self.world,
             self.ckpts[ps],
             "full",
@@ -90,12 +97,16 @@ class Design:
             features="features_blind.lmdb",
             max_steps=self.max_steps,
         )
+        return resume_if_interrupted(cmd), log
 
     def random_init(self, strength: str) -> tuple[list[str], Path] | None:
         run = self.runs / f"randinit-{strength}-f100"
         if (run / "model_final.pt").is_file():
             return None
-        return ss.finetune_job(self.world, None, "full", 100, self.strengths[strength], run, max_steps=self.max_steps)
+        cmd, log = ss.finetune_job(
+            self.world, None, "full", 100, self.strengths[strength], run, max_steps=self.max_steps
+        )
+        return resume_if_interrupted(cmd), log
 
     def floors(self) -> dict:
         """The blind runs' and random initialisation's final test accuracies, and the answer priors."""
