@@ -928,6 +928,20 @@ def test_embedding_shift_gives_each_foreign_word_its_translations_shift_and_swap
     assert set(moved) == {"en", "rl", "sw"} and moved["rl"] > 0
 
 
+def test_study3_resumes_a_run_interrupted_before_its_end_and_starts_the_others_fresh(tmp_path):
+    from synthetic import study3
+
+    d = study3.Design(tmp_path, [0], 2, ("base",), study3.POLICIES, tmp_path / "p0.bin")
+    stopped = d.run_dir("suf-trained-base", 0, 100)
+    stopped.mkdir(parents=True)
+    (stopped / "checkpoint_last.pt").write_bytes(b"")
+    assert d.finetune("suf", "trained", "base", 0, 100)[0][-1] == "--resume"
+    assert "--resume" not in d.finetune("suf", "trained", "base", 0, 101)[0]
+    assert "--resume" not in d.blind("base", 0)[0]
+    (stopped / "model_final.pt").write_bytes(b"")
+    assert d.finetune("suf", "trained", "base", 0, 100) is None  # finished: never run again
+
+
 def _study3_record(premise_holds: dict[tuple[str, str], int]) -> dict:
     """A Study 3-shaped record: 5 pretraining seeds x 2 fine-tuning seeds; the layer premise holds in the first k
     seeds of a cell (premise_holds[(strength, embeddings)] = k)."""
