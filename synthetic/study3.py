@@ -154,11 +154,15 @@ def premise_cells(d: Design, pretrain_seeds, strengths: Sequence[str] | None = N
                 for fs in finetune_seeds(ps, d.per_seed):
                     run = d.run_dir(arm("full", emb, s), ps, fs)
                     cache = run / "premise.json"
+                    if not (run / "model_final.pt").is_file() or not (blind / "model_final.pt").is_file():
+                        continue  # not finished (a --record-only record lists it under "missing")
                     if not cache.is_file():
                         res = premise.check_run(d.world, d.ckpts[ps], run, blind)
                         cache.write_text(json.dumps(res, indent=1) + "\n")
                     checks[str(fs)] = json.loads(cache.read_text())
                     blind_en = checks[str(fs)].get("blind_dev_en")
+                if not checks:
+                    continue
                 cell = {**checks, "verdicts": premise.verdicts(list(checks.values()), blind_en)}
                 out.setdefault(str(ps), {}).setdefault(s, {})[emb] = cell
     return out
@@ -267,6 +271,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--world-config", default=None, help="(tests) a WorldConfig JSON instead of the default world")
     p.add_argument("--workers", type=int, default=2, help="parallel one-thread jobs (2 cores: 2)")
     p.add_argument("--record", action="store_true", help=f"copy the record to {RECORD.relative_to(ROOT)}")
+    p.add_argument(
+        "--record-only",
+        action="store_true",
+        help="train nothing: the record and report of the runs finished so far (the rest listed under 'missing')",
+    )
     args = p.parse_args(argv)
     start, out = time.time(), Path(args.out)
     small = SMALL if args.small else {}
@@ -290,8 +299,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ss.parallel(todo, args.workers)
     calibration = calibrate(d, args.workers)
     jobs = d.jobs(d.pretrain_seeds, list(d.strengths), d.policies, random_init=not args.small)
-    print(f"fine-tuning {len(jobs)} job(s) ...", flush=True)
-    ss.parallel(jobs, args.workers)
+    missing = [log.with_suffix("").name for _, log in jobs] if args.record_only else []
+    print(f"fine-tuning {0 if args.record_only else len(jobs)} job(s); not run: {len(missing)} ...", flush=True)
+    ss.parallel([] if args.record_only else jobs, args.workers)
     prem = premise_cells(d, d.pretrain_seeds)
     per_run, per_epoch, cpu = collect(d)
     spec = analysis_spec(list(d.strengths), d.policies)
@@ -311,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "small": bool(args.small),
         },
         "calibration": {"fallback": calibration["fallback"]},
+        "missing": missing,
         "premise": prem,
         "floors": d.floors(),
         "per_run": per_run,
