@@ -42,7 +42,7 @@ def non_en(run: dict) -> float:
 
 def premise_cell(record: dict, strength: str, emb: str) -> dict:
     """The cell's verdicts over its pretraining seeds: how many hold the layer premise, and the checks' means."""
-    cells = [by_s[strength][emb]["verdicts"] for by_s in record["premise"].values() if strength in by_s]
+    cells = [by_s[strength][emb]["verdicts"] for by_s in record["premise"].values() if emb in by_s.get(strength, {})]
     if not cells:
         return {}
     mean = lambda key: float(np.mean([c[key] for c in cells if c[key] is not None]))  # noqa: E731
@@ -181,6 +181,15 @@ def render(record: dict) -> str:
         + "; ".join(f"`{s}` lr {record['design']['strengths'][s]:g}, {STATUS[s]}" for s in strengths)
         + ".",
         "",
+        *(
+            [
+                f"**Not run: {len(record['missing'])} of the design's runs** (the record's `missing`); every table "
+                "below holds the runs that finished.",
+                "",
+            ]
+            if record.get("missing")
+            else []
+        ),
         "## Headline (confirmatory): SUF − full, base strength, embeddings trained",
         "",
     ]
