@@ -1063,6 +1063,14 @@ def test_study3_small_runs_end_to_end_and_its_record_re_derives_every_interval(t
     assert len(cell["100"]["alignment"]["pre"]["cr"]) == 13 and "layer_premise" in cell["verdicts"]
     assert analysis.analyse(rec) == json.loads(json.dumps(rec["intervals"]))
     assert "suf-trained-base − full-trained-base" in (out / "RESULTS.md").read_text()
+    # --record-only: trains nothing; a run without its final model is left out and listed as missing
+    (out / "runs" / "suf-frozen-base-p1-f102" / "model_final.pt").unlink()
+    study3.main(
+        ["--out", str(out), "--small", "--record-only", "--checkpoint", str(out / "pretrain" / "seed0.bin")]
+        + ["--world-config", str(cfg), "--max-steps-per-epoch", "1"]
+    )
+    partial = json.loads((out / "record.json").read_text())
+    assert partial["missing"] == ["suf-frozen-base-p1-f102"] and set(partial["per_run"]["suf-frozen-base"]) == {"0"}
     # LP-FT: the probed head is what the trainer loads (nothing initialised fresh)
     lp = tmp_path / "lp.pt"
     lpft.probe(out / "world", out / "pretrain" / "seed0.bin", 3, lp)
