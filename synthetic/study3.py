@@ -57,10 +57,11 @@ def arms(policies: Sequence[str], strengths: Sequence[str]) -> list[tuple[str, s
 
 
 def resume_if_interrupted(cmd: list[str]) -> list[str]:
-    """A run stopped before its end (its folder holds checkpoint_last.pt, no model_final.pt) continues from its last
-    epoch's checkpoint: the trainers' --resume is bitwise exact, so the finished run equals an uninterrupted one."""
+    """A run stopped before its end (its folder holds args.json, no model_final.pt) continues from its last epoch's
+    checkpoint, or starts afresh when it stopped before the first (the trainers' --resume; bitwise exact, so the
+    finished run equals an uninterrupted one)."""
     run = Path(cmd[cmd.index("--output-dir") + 1])
-    return cmd + ["--resume"] if (run / "checkpoint_last.pt").is_file() else cmd
+    return cmd + ["--resume"] if (run / "args.json").is_file() or (run / "checkpoint_last.pt").is_file() else cmd
 
 
 class Design:
