@@ -936,7 +936,11 @@ def test_study3_resumes_a_run_interrupted_before_its_end_and_starts_the_others_f
     stopped.mkdir(parents=True)
     (stopped / "checkpoint_last.pt").write_bytes(b"")
     assert d.finetune("suf", "trained", "base", 0, 100)[0][-1] == "--resume"
-    assert "--resume" not in d.finetune("suf", "trained", "base", 0, 101)[0]
+    assert "--resume" not in d.finetune("suf", "frozen", "base", 0, 101)[0]
+    early = d.run_dir("suf-trained-base", 0, 101)  # stopped before its first checkpoint: --resume starts it afresh
+    early.mkdir()
+    (early / "args.json").write_text("{}")
+    assert d.finetune("suf", "trained", "base", 0, 101)[0][-1] == "--resume"
     assert "--resume" not in d.blind("base", 0)[0]
     (stopped / "model_final.pt").write_bytes(b"")
     assert d.finetune("suf", "trained", "base", 0, 100) is None  # finished: never run again
