@@ -118,7 +118,7 @@ synth-pretrain: $(INSTALL)
 ## synth           Study 3, the whole design (docs/synthetic/protocol_study3.md; ~2 h 40 min estimated, 2 cores)
 synth: $(INSTALL)
 	$(PY) -m synthetic.study3 --out $(SYNTH) --record
-## synth-small     Study 3 at its smallest: 2 pretraining seeds x 1, base strength, full and SUF (~15 min, 2 cores)
+## synth-small     Study 3 at its smallest: 2 pretraining seeds x 1, base strength, full, SUF and LP-FT (~25 min, 2 cores)
 synth-small: $(INSTALL)
 	$(PY) -m synthetic.study3 --out $(SYNTH)/small --small
 ## synth-study1    Study 1 as it ran (4 policies x 2 pretraining x 2 fine-tuning seeds, crossed; ~27 min, 2 cores)

@@ -39,7 +39,12 @@ STRONG_FALLBACK = {"premise": 2e-3, "english": 6e-4}  # protocol section 5, appl
 POLICIES = ("full", "suf", "llrd", "lpft", "top")
 EMBEDDINGS = ("trained", "frozen")
 PRETRAIN_SEEDS = (0, 1, 2, 3, 4)
-SMALL = {"pretrain_seeds": (0, 1), "finetune_per_seed": 1, "strengths": ("base",), "policies": ("full", "suf")}
+SMALL = {  # make synth-small; LP-FT: amendment A3
+    "pretrain_seeds": (0, 1),
+    "finetune_per_seed": 1,
+    "strengths": ("base",),
+    "policies": ("full", "suf", "lpft"),
+}
 
 
 def finetune_seeds(ps: int, per_seed: int = 2) -> list[int]:
@@ -264,7 +269,7 @@ def git_commit(path: str | None = None) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="synth3_out", help="study folder (world/, pretrain/, runs/, record.json)")
-    p.add_argument("--small", action="store_true", help="make synth-small: 2 pretraining seeds x 1, base, full/suf")
+    p.add_argument("--small", action="store_true", help="make synth-small (SMALL)")
     p.add_argument("--pretrain-seeds", type=int, nargs="+", default=None, help="(tests) override the design's")
     p.add_argument("--checkpoint", default=str(ROOT / "tests" / "fixtures" / "synth" / "pretrain_seed0.bin"))
     p.add_argument("--pretrain-steps", type=int, default=ss.PRETRAIN_STEPS)

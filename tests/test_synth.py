@@ -1060,7 +1060,7 @@ def test_study3_small_runs_end_to_end_and_its_record_re_derives_every_interval(t
         + ["--checkpoint", str(out / "pretrain" / "seed0.bin"), "--world-config", str(cfg), "--workers", "1"]
     )
     rec = json.loads((out / "record.json").read_text())
-    assert set(rec["per_run"]) == {"full-trained-base", "full-frozen-base", "suf-trained-base", "suf-frozen-base"}
+    assert set(rec["per_run"]) == {f"{p}-{e}-base" for p in ("full", "suf", "lpft") for e in ("trained", "frozen")}
     assert set(rec["per_run"]["suf-trained-base"]) == {"0", "1"}
     assert set(rec["per_epoch"]["full-frozen-base"]["1"]["102"]) == {str(e) for e in range(1, 6)}
     cell = rec["premise"]["0"]["base"]["frozen"]
