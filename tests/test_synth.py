@@ -817,9 +817,29 @@ def test_comparison_pages_quote_the_corrected_intervals_of_the_records():
     assert "intervals exclude 0: PET harms less" not in pages["mclip.md"]
 
 
+def test_study3_report_page_is_what_its_record_renders_and_quotes_its_premise_and_headline():
+    """docs/synthetic/study3.md is regenerated from docs/synthetic/study3_record.json alone (no training), and the
+    record holds every run of the design with its premise checks and intervals."""
+    from synthetic import study3, study3_report
+
+    root = Path(__file__).resolve().parents[1] / "docs" / "synthetic"
+    record = json.loads((root / "study3_record.json").read_text())
+    assert (root / "study3.md").read_text() == study3_report.render(record)
+    assert record["intervals"] == json.loads(json.dumps(analysis.analyse(record)))
+    arms = {study3.arm(p, e, s) for p, e, s in study3.arms(study3.POLICIES, list(record["design"]["strengths"]))}
+    assert set(record["per_run"]) == arms and not record["missing"]
+    for name, by_p in record["per_run"].items():
+        assert {ps: set(by_f) for ps, by_f in by_p.items()} == {
+            str(ps): {str(fs) for fs in study3.finetune_seeds(ps)} for ps in study3.PRETRAIN_SEEDS
+        }, name
+    cell = record["premise"]["0"]["base"]["trained"]
+    assert len(cell["100"]["alignment"]["pre"]["cr"]) == 13 and cell["verdicts"]["layer_premise"] is False
+
+
 def test_every_interval_in_the_readme_is_re_derived_from_the_records_in_the_repository():
-    """README's synthetic-study intervals come from docs/synthetic/{study1_record,mclip_results}.json through
-    synthetic.analysis (the pretraining seed as the unit), not from the withdrawn bootstrap."""
+    """README's synthetic-study intervals come from docs/synthetic/{study1,study3}_record.json and
+    mclip_results.json through synthetic.analysis (the pretraining seed as the unit), not from the withdrawn
+    bootstrap."""
     from synthetic import analysis
 
     root = Path(__file__).resolve().parents[1]
@@ -831,9 +851,14 @@ def test_every_interval_in_the_readme_is_re_derived_from_the_records_in_the_repo
 
     for name, comparison, metric in (
         ("study1_record.json", "suf - full", "non_en_avg"),
-        ("study1_record.json", "llrd - full", "non_en_avg"),
         ("study1_record.json", "xvlmaml - full", "target_avg"),
         ("mclip_results.json", "suf - full", "target_avg"),
+        ("study3_record.json", "suf-trained-base - full-trained-base", "non_en_avg"),
+        ("study3_record.json", "suf-frozen-base - full-frozen-base", "non_en_avg"),
+        ("study3_record.json", "llrd-trained-base - full-trained-base", "non_en_avg"),
+        ("study3_record.json", "top-frozen-base - full-trained-base", "non_en_avg"),
+        ("study3_record.json", "lpft-trained-base - full-trained-base", "non_en_avg"),
+        README_DOSE
     ):
         assert cell(name, comparison, metric) in " ".join(readme.split())
     assert "[−3.0, +2.3]" not in readme and "~3 points" not in readme
