@@ -28,6 +28,7 @@ from synthetic import lpft
 from synthetic import premise
 from synthetic import study as ss
 from synthetic import study3_report
+from synthetic.study3_report import arm
 from synthetic import world as sw
 from synthetic.xvlmaml_study import job_cpu_seconds
 
@@ -50,10 +51,6 @@ SMALL = {  # make synth-small; LP-FT: amendment A3
 def finetune_seeds(ps: int, per_seed: int = 2) -> list[int]:
     """Distinct per pretraining seed (protocol section 3: nested, not crossed)."""
     return [100 + 2 * ps + i for i in range(per_seed)]
-
-
-def arm(policy: str, emb: str, strength: str) -> str:
-    return f"{policy}-{'frozen' if policy == 'top' else emb}-{strength}"
 
 
 def arms(policies: Sequence[str], strengths: Sequence[str]) -> list[tuple[str, str, str]]:
@@ -80,39 +77,35 @@ class Design:
     def run_dir(self, name: str, ps: int, fs: int) -> Path:
         return self.runs / f"{name}-p{ps}-f{fs}"
 
+    def finetune_job(self, ckpt, policy: str, fs: int, strength: str, run: Path, **kw) -> tuple[list[str], Path]:
+        """synthetic.study's fine-tuning job at this design's lr and step cap; an interrupted run resumes."""
+        cmd, log = ss.finetune_job(
+            self.world, ckpt, policy, fs, self.strengths[strength], run, max_steps=self.max_steps, **kw
+        )
+        return resume_if_interrupted(cmd), log
+
     def finetune(self, policy: str, emb: str, strength: str, ps: int, fs: int) -> tuple[list[str], Path] | None:
         run = self.run_dir(arm(policy, emb, strength), ps, fs)
         if (run / "model_final.pt").is_file():
             return None
         ckpt = self.runs / f"lp-p{ps}-f{fs}.pt" if policy == "lpft" else self.ckpts[ps]
         pol = "full" if policy == "lpft" else policy
-        cmd, log = ss.finetune_job(self.world, ckpt, pol, fs, self.strengths[strength], run, max_steps=self.max_steps)
-        return resume_if_interrupted(cmd + ["--freeze-embeddings"] if emb == "frozen" and policy != "top" else cmd), log
+        cmd, log = self.finetune_job(ckpt, pol, fs, strength, run)
+        return (cmd + ["--freeze-embeddings"] if emb == "frozen" and policy != "top" else cmd), log
 
     def blind(self, strength: str, ps: int) -> tuple[list[str], Path] | None:
         run = self.run_dir(f"blind-{strength}", ps, finetune_seeds(ps)[0])
         if (run / "model_final.pt").is_file():
             return None
-        cmd, log = ss.finetune_job(
-            self.world,
-            self.ckpts[ps],
-            "full",
-            finetune_seeds(ps)[0],
-            self.strengths[strength],
-            run,
-            features="features_blind.lmdb",
-            max_steps=self.max_steps,
+        return self.finetune_job(
+            self.ckpts[ps], "full", finetune_seeds(ps)[0], strength, run, features="features_blind.lmdb"
         )
-        return resume_if_interrupted(cmd), log
 
     def random_init(self, strength: str) -> tuple[list[str], Path] | None:
         run = self.runs / f"randinit-{strength}-f100"
         if (run / "model_final.pt").is_file():
             return None
-        cmd, log = ss.finetune_job(
-            self.world, None, "full", 100, self.strengths[strength], run, max_steps=self.max_steps
-        )
-        return resume_if_interrupted(cmd), log
+        return self.finetune_job(None, "full", 100, strength, run)
 
     def floors(self) -> dict:
         """The blind runs' and random initialisation's final test accuracies, and the answer priors."""

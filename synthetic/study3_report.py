@@ -19,8 +19,9 @@ from typing import Sequence
 import numpy as np
 
 from synthetic import analysis
+from synthetic import world as sw
 
-LANGS = ("en", "rl", "sw", "cr", "lo")
+LANGS = sw.LANGS
 POLICIES = ("suf", "llrd", "lpft", "top")
 NAMES = {"suf": "SUF", "llrd": "LLRD", "lpft": "LP-FT", "top": "top"}
 STATUS = {
@@ -32,7 +33,9 @@ HEADLINE = "suf-trained-base - full-trained-base"
 READ_MIN_SEEDS = 4  # protocol section 5's reading rule: the layer premise in >= 4 of the 5 pretraining seeds
 
 
-def arm_name(policy: str, emb: str, strength: str) -> str:
+def arm(policy: str, emb: str, strength: str) -> str:
+    """An arm's name in the record, e.g. suf-trained-base; top is one arm per strength (its policy freezes the
+    embeddings)."""
     return f"{policy}-{'frozen' if policy == 'top' else emb}-{strength}"
 
 
@@ -89,7 +92,7 @@ def accuracy_table(record: dict, strengths: Sequence[str]) -> list[str]:
     for s in strengths:
         for pol in ("full", *POLICIES):
             for e in ("trained", "frozen"):
-                name = arm_name(pol, e, s)
+                name = arm(pol, e, s)
                 if pol == "top" and e == "trained" or name not in record["per_run"]:
                     continue
                 runs = [r for by_f in record["per_run"][name].values() for r in by_f.values()]
@@ -116,8 +119,8 @@ def policy_table(record: dict, result: dict, strengths: Sequence[str]) -> list[s
     lines = [head, "|---|---|" + "---|" * (len(POLICIES) + 1)]
     for s in strengths:
         for e in ("trained", "frozen"):
-            cells = [comparison_cell(result, f"{arm_name(p, e, s)} - {arm_name('full', e, s)}") for p in POLICIES]
-            suf = result["comparisons"].get(f"{arm_name('suf', e, s)} - {arm_name('full', e, s)}", {})
+            cells = [comparison_cell(result, f"{arm(p, e, s)} - {arm('full', e, s)}") for p in POLICIES]
+            suf = result["comparisons"].get(f"{arm('suf', e, s)} - {arm('full', e, s)}", {})
             det = suf.get("non_en_avg", {}).get("detectable")
             lines.append(f"| {s} | {e} | " + " | ".join(cells) + f" | {'–' if det is None else f'{det:.1f}'} |")
     return lines
